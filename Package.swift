@@ -1,0 +1,66 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Layout, kernel side first:
+//   bpf/                 C eBPF programs (one file per attach point) and their headers;
+//                        bpf/include/weft_abi.h is the only definition of kernel/user structs.
+//   Plugins/BPFCompiler  runs clang -target bpf on every build and embeds the objects.
+//   Sources/CLibbpf      Debian's libbpf, plus the few C inline helpers Swift needs.
+//   Sources/WeftCore     manifests, validation, desired state, map plans: pure Swift.
+//   Sources/WeftKernel   libbpf loader, pins, typed map wrappers: the only raw pointers.
+//   Sources/WeftAgent    the node daemon: config watch, reconcile loop, status server.
+//   Sources/WeftLab      the network-namespace sandbox the demo, tests and benches run in.
+//   Sources/weft         the one executable: argument parsing only.
+let swiftSettings: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "weft",
+    platforms: [.macOS(.v15)],
+    products: [.executable(name: "weft", targets: ["weft"])],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.1.0"),
+    ],
+    targets: [
+        .plugin(name: "BPFCompiler", capability: .buildTool(), path: "Plugins/BPFCompiler"),
+        .systemLibrary(name: "CLibbpf", path: "Sources/CLibbpf", pkgConfig: "libbpf",
+                       providers: [.apt(["libbpf-dev"])]),
+        // The kernel/user ABI header, straight from bpf/include, as a C module.
+        .target(name: "WeftABI", path: "bpf",
+                exclude: ["lib", "programs"],
+                sources: ["abi"],
+                publicHeadersPath: "include"),
+        .target(name: "CWeftSys", path: "Sources/CWeftSys"),
+        .target(name: "WeftCore",
+                dependencies: [.product(name: "Yams", package: "Yams")],
+                swiftSettings: swiftSettings),
+        .target(name: "WeftKernel",
+                dependencies: ["CLibbpf", "WeftABI", "WeftCore",
+                               .product(name: "Logging", package: "swift-log")],
+                swiftSettings: swiftSettings,
+                plugins: ["BPFCompiler"]),
+        .target(name: "WeftAgent",
+                dependencies: ["WeftCore", "WeftKernel",
+                               .product(name: "Logging", package: "swift-log"),
+                               .product(name: "NIOCore", package: "swift-nio"),
+                               .product(name: "NIOPosix", package: "swift-nio"),
+                               .product(name: "NIOHTTP1", package: "swift-nio"),
+                               .product(name: "Prometheus", package: "swift-prometheus")],
+                swiftSettings: swiftSettings),
+        .target(name: "WeftLab",
+                dependencies: ["WeftCore", "WeftKernel", "CWeftSys",
+                               .product(name: "Logging", package: "swift-log")],
+                swiftSettings: swiftSettings),
+        .executableTarget(name: "weft",
+                          dependencies: ["WeftCore", "WeftKernel", "WeftAgent", "WeftLab",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                         .product(name: "Logging", package: "swift-log")],
+                          swiftSettings: swiftSettings),
+        .testTarget(name: "WeftCoreTests", dependencies: ["WeftCore"], swiftSettings: swiftSettings),
+        .testTarget(name: "WeftKernelTests", dependencies: ["WeftKernel", "WeftCore"], swiftSettings: swiftSettings),
+        .testTarget(name: "WeftEndToEndTests", dependencies: ["WeftCore"], swiftSettings: swiftSettings),
+    ]
+)

@@ -1,0 +1,5 @@
+#define _GNU_SOURCE
+#include <sched.h>
+#include "weft_sys.h"
+
+int weft_setns_net(int fd) { return setns(fd, CLONE_NEWNET); }

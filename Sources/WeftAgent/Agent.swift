@@ -1,0 +1,152 @@
+import Foundation
+import Glibc
+import Logging
+import NIOPosix
+import Synchronization
+import WeftCore
+import WeftKernel
+
+/// `weft agent`: the node daemon. Its control work runs on one thread — a
+/// poll() loop over the config watcher and the signal pipe — so the
+/// reconcile path needs no locks; the status server runs on NIO threads and
+/// only reads a Mutex-guarded snapshot and the pinned maps.
+public enum Agent {
+    public static func run(_ configuration: AgentConfiguration, logger: Logger) throws {
+        try Host.preflight()
+        try Host.ensureBPFFS()
+        guard let cgroupMount = Host.cgroup2Mount() else { throw PreflightError("no cgroup v2 mount") }
+        let cgroup = configuration.cgroupPath ?? cgroupMount
+        guard cgroup.hasPrefix(cgroupMount) else {
+            throw PreflightError("--cgroup \(cgroup) is not inside the cgroup v2 mount \(cgroupMount)")
+        }
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: cgroup, isDirectory: &isDir), isDir.boolValue else {
+            throw PreflightError("--cgroup \(cgroup) does not exist")
+        }
+        guard FileManager.default.fileExists(atPath: configuration.configDirectory, isDirectory: &isDir), isDir.boolValue else {
+            throw PreflightError("--config \(configuration.configDirectory) is not a directory")
+        }
+        let (host, port) = try parseAddress(configuration.metricsAddress)
+        let signals = try SignalPipe([SIGTERM, SIGINT, SIGHUP])
+
+        let pinDirectory = configuration.resolvedPinDirectory
+        let datapath = try Datapath.attach(pinDirectory: pinDirectory, cgroupPath: cgroup, logger: logger)
+        let maps = try ServiceMaps(pinDirectory: pinDirectory)
+
+        var initial = AgentStatus(node: configuration.node, pid: getpid(), configDirectory: configuration.configDirectory,
+                                  cgroup: cgroup, pinDirectory: pinDirectory)
+        initial.programs = datapath.programs.map { .init(name: $0.name, state: $0.state.rawValue, programID: $0.programID) }
+        let status = SharedStatus(initial)
+        let reconciler = try Reconciler(configuration: configuration, maps: maps, status: status, logger: logger)
+        let watcher = try ConfigWatcher(directory: configuration.configDirectory)
+        reconciler.reconcile()
+
+        let fill = Mutex((services: 0, backends: 0))
+        fill.withLock { $0 = reconciler.mapFill }
+        let metrics = AgentMetrics(maps: maps, status: status, fill: { fill.withLock { $0 } })
+        let runDirectory = configuration.resolvedRunDirectory
+        try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let server = StatusServer(group: group)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let socketPath = AgentConfiguration.statusSocket(runDirectory: runDirectory)
+        try server.start(host: host, port: port, unixSocket: socketPath) { path in
+            switch path {
+            case "/metrics":
+                return (.ok, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
+            case "/status":
+                let body = (try? encoder.encode(status.withLock { $0 })).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+                return (.ok, "application/json", body + "\n")
+            case "/healthz":
+                return (.ok, "text/plain", "ok\n")
+            default:
+                return (.notFound, "text/plain", "not found: try /metrics, /status or /healthz\n")
+            }
+        }
+        logger.notice("agent running", metadata: [
+            "node": "\(configuration.node)", "cgroup": "\(cgroup)", "pins": "\(pinDirectory)",
+            "metrics": "\(configuration.metricsAddress)", "status_socket": "\(socketPath)",
+        ])
+
+        // The control loop. A file event arms a short debounce; when it
+        // expires the directory is re-read whole.
+        var fds = [pollfd(fd: watcher.fd, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: signals.readFD, events: Int16(POLLIN), revents: 0)]
+        var deadline: ContinuousClock.Instant?
+        var retryAfterFailure = false
+        loop: while true {
+            var timeout: Int32 = retryAfterFailure ? 1000 : -1
+            if let deadline {
+                let left = deadline - .now
+                timeout = max(0, Int32(left.seconds * 1000))
+            }
+            let n = poll(&fds, nfds_t(fds.count), timeout)
+            if n < 0 && errno != EINTR { throw AgentError("poll: \(String(cString: strerror(errno)))") }
+            if fds[1].revents != 0 {
+                let signal = signals.take()
+                logger.notice("signal \(signal): exiting; pinned programs and maps stay in force")
+                break loop
+            }
+            if fds[0].revents != 0, watcher.drain() {
+                deadline = .now + configuration.debounce
+                continue
+            }
+            if let d = deadline, d <= .now || n == 0 {
+                deadline = nil
+                retryAfterFailure = !reconciler.reconcile() && status.withLock { $0.configErrors.first?.hasPrefix("kernel:") ?? false }
+                fill.withLock { $0 = reconciler.mapFill }
+            } else if n == 0 && retryAfterFailure {
+                retryAfterFailure = !reconciler.reconcile()
+                fill.withLock { $0 = reconciler.mapFill }
+            }
+        }
+        server.stop()
+        try? FileManager.default.removeItem(atPath: socketPath)
+        try? group.syncShutdownGracefully()
+    }
+
+    static func parseAddress(_ text: String) throws(PreflightError) -> (String, Int) {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+              (0...65535).contains(port) else {
+            throw PreflightError("--metrics-addr \(text) is not HOST:PORT")
+        }
+        return (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
+    }
+}
+
+/// Turns SIGTERM/SIGINT/SIGHUP into a readable fd for the poll loop (the
+/// self-pipe trick: write() is async-signal-safe).
+final class SignalPipe {
+    let readFD: Int32
+
+    init(_ signals: [Int32]) throws(AgentError) {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw AgentError("pipe: \(String(cString: strerror(errno)))") }
+        for fd in fds {
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(fd, F_SETFL, O_NONBLOCK)
+        }
+        readFD = fds[0]
+        signalPipeWriteFD = fds[1]
+        for signal in signals {
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { number in
+                var byte = UInt8(truncatingIfNeeded: number)
+                _ = write(signalPipeWriteFD, &byte, 1)
+            }
+            sigaction(signal, &action, nil)
+        }
+    }
+
+    /// The signal that arrived.
+    func take() -> Int32 {
+        var byte: UInt8 = 0
+        _ = read(readFD, &byte, 1)
+        return Int32(byte)
+    }
+}
+
+/// Written once before any handler is installed; read only by the handler.
+nonisolated(unsafe) private var signalPipeWriteFD: Int32 = -1

@@ -1,0 +1,33 @@
+import Foundation
+import WeftKernel
+
+/// Everything `weft agent` is told on its command line, with defaults made
+/// explicit.
+public struct AgentConfiguration: Sendable {
+    /// Directory of manifests: the cluster's desired state, the same on every node.
+    public var configDirectory: String
+    /// This node's name; Workloads with `spec.node` equal to it are local.
+    public var node: String
+    /// cgroup v2 directory whose subtree is this node's pods. Default: the
+    /// root of the cgroup v2 mount (the whole host).
+    public var cgroupPath: String?
+    /// Host:port for /metrics and /status. Default 127.0.0.1:15020.
+    public var metricsAddress: String = "127.0.0.1:15020"
+    /// bpffs directory for this node's pins. Default /sys/fs/bpf/weft/<node>.
+    public var pinDirectory: String?
+    /// Directory for the agent's unix status socket. Default /run/weft/<node>.
+    public var runDirectory: String?
+    /// Quiet period after a file event before the directory is re-read, so a
+    /// multi-file `weft apply` lands as one change.
+    public var debounce: Duration = .milliseconds(10)
+
+    public init(configDirectory: String, node: String) {
+        self.configDirectory = configDirectory
+        self.node = node
+    }
+
+    public var resolvedPinDirectory: String { pinDirectory ?? Datapath.defaultPinDirectory(node: node) }
+    public var resolvedRunDirectory: String { runDirectory ?? Self.runDirectory(node: node) }
+    public static func runDirectory(node: String) -> String { "/run/weft/\(node)" }
+    public static func statusSocket(runDirectory: String) -> String { runDirectory + "/agent.sock" }
+}

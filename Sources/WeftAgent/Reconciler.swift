@@ -1,0 +1,103 @@
+import Foundation
+import Logging
+import Synchronization
+import WeftCore
+import WeftKernel
+
+/// The one path from config to kernel: read the manifests, validate the set
+/// whole, compute the desired service table, diff it against what the maps
+/// hold, write the difference in a safe order. A refused set changes nothing.
+final class Reconciler {
+    private let configuration: AgentConfiguration
+    private let maps: ServiceMaps
+    private let cache = ManifestCache()
+    private let logger: Logger
+    let status: SharedStatus
+    /// What the kernel's service maps hold, as of the last successful write.
+    private var applied: ServiceMapSnapshot
+    private var inForce: ClusterState?
+    /// Set when a write failed part-way: the next pass re-reads the kernel.
+    private var kernelUncertain = false
+
+    init(configuration: AgentConfiguration, maps: ServiceMaps, status: SharedStatus, logger: Logger) throws {
+        self.configuration = configuration
+        self.maps = maps
+        self.status = status
+        self.logger = logger
+        // Adopt: start from what the pinned maps hold (a previous agent's
+        // work), so an unchanged config writes nothing.
+        self.applied = try maps.snapshot()
+    }
+
+    /// Entries currently in the service and backend maps.
+    var mapFill: (services: Int, backends: Int) { (applied.slots.count, applied.backends.count) }
+
+    /// Returns false when the config was refused or a write failed.
+    @discardableResult
+    func reconcile() -> Bool {
+        let start = ContinuousClock.now
+        let state: ClusterState
+        switch cache.load(directory: configuration.configDirectory) {
+        case .failure(let errors):
+            for error in errors.errors { logger.error("config refused: \(error)") }
+            logger.error("config refused: \(errors.errors.count) error(s); generation \(status.withLock { $0.generation }) stays in force")
+            status.withLock { $0.configErrors = errors.errors.map(\.description) }
+            return false
+        case .success(let s):
+            state = s
+        }
+        do {
+            if kernelUncertain {
+                applied = try maps.snapshot()
+                kernelUncertain = false
+            }
+            let table = ServiceTable(state)
+            let (target, writes) = ServiceMapPlanner.plan(desired: table, current: applied)
+            do {
+                try maps.apply(writes)
+            } catch {
+                kernelUncertain = true
+                throw error
+            }
+            applied = target
+            let seconds = (ContinuousClock.now - start).seconds
+            let changed = inForce != state
+            inForce = state
+            status.withLock { s in
+                if changed || s.generation == 0 {
+                    s.generation += 1
+                    s.appliedAt = Date().timeIntervalSince1970
+                }
+                s.configErrors = []
+                s.lastWrites = writes.count
+                s.lastReconcileSeconds = seconds
+                s.services = table.entries.sorted { $0.key < $1.key }
+                    .map { AgentStatus.ServiceName(frontend: $0.key.description, name: $0.value.name) }
+                s.workloads = state.workloads.map {
+                    AgentStatus.WorkloadStatus(name: $0.metadata.qualifiedName, node: $0.node,
+                                               address: $0.address.description,
+                                               serviceAccount: $0.serviceAccount, labels: $0.metadata.labels)
+                }
+            }
+            if !writes.isEmpty || changed {
+                logger.info("config in force", metadata: [
+                    "generation": "\(status.withLock { $0.generation })", "services": "\(state.services.count)",
+                    "workloads": "\(state.workloads.count)", "map_writes": "\(writes.count)",
+                    "seconds": "\(String(format: "%.4f", seconds))",
+                ])
+            }
+            return true
+        } catch {
+            logger.error("writing the service maps failed: \(error); will retry from the kernel's state")
+            status.withLock { $0.configErrors = ["kernel: \(error)"] }
+            return false
+        }
+    }
+}
+
+extension Duration {
+    var seconds: Double {
+        let (s, attos) = components
+        return Double(s) + Double(attos) / 1e18
+    }
+}

@@ -1,0 +1,73 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// Serves the agent's read-only endpoints over HTTP/1.1, on the metrics
+/// address and on a unix socket (which `weft status` / `weft get` use: it
+/// reaches the agent whatever network namespace the agent runs in).
+///   GET /metrics   Prometheus text exposition
+///   GET /status    AgentStatus as JSON
+///   GET /healthz   "ok"
+final class StatusServer {
+    typealias Render = @Sendable (_ path: String) -> (status: HTTPResponseStatus, contentType: String, body: String)
+
+    private let group: MultiThreadedEventLoopGroup
+    private var channels: [Channel] = []
+
+    init(group: MultiThreadedEventLoopGroup) { self.group = group }
+
+    func start(host: String, port: Int, unixSocket: String, render: @escaping Render) throws {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.pipeline.configureHTTPServerPipeline().flatMap {
+                    channel.pipeline.addHandler(StatusHandler(render: render))
+                }
+            }
+        channels.append(try bootstrap.bind(host: host, port: port).wait())
+        try? FileManager.default.removeItem(atPath: unixSocket)
+        channels.append(try bootstrap.bind(unixDomainSocketPath: unixSocket).wait())
+        chmod(unixSocket, 0o600)
+    }
+
+    func stop() {
+        for channel in channels { try? channel.close().wait() }
+    }
+}
+
+final class StatusHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let render: StatusServer.Render
+    private var head: HTTPRequestHead?
+
+    init(render: @escaping StatusServer.Render) { self.render = render }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            head = h
+        case .body:
+            break
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            let path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
+            let response = head.method == .GET ? render(path) : (.methodNotAllowed, "text/plain", "GET only\n")
+            var buffer = context.channel.allocator.buffer(capacity: response.body.utf8.count)
+            buffer.writeString(response.body)
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: response.contentType)
+            headers.add(name: "Content-Length", value: "\(buffer.readableBytes)")
+            let keepAlive = head.isKeepAlive
+            if !keepAlive { headers.add(name: "Connection", value: "close") }
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: response.status, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+                if !keepAlive { context.close(promise: nil) }
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+import Yams
+
+/// A strict, path-tracking view of one YAML mapping. Every read names the
+/// field it reads, so an error can say exactly which one is wrong; `finish()`
+/// rejects any key nobody read, which is how unknown fields become errors.
+struct FieldReader {
+    let location: DocumentLocation
+    let path: String
+    private let pairs: [(key: String, value: Node, line: Int?)]
+    private var read: Set<String> = []
+
+    init(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) {
+        self.location = location
+        self.path = path
+        guard case .mapping(let mapping) = node else {
+            throw ManifestError(location, field: path, "expected a mapping, got \(Self.describe(node))",
+                                line: node.mark?.line)
+        }
+        var pairs: [(String, Node, Int?)] = []
+        var seen: Set<String> = []
+        for (key, value) in mapping {
+            guard case .scalar(let scalar) = key else {
+                throw ManifestError(location, field: path, "mapping keys must be strings", line: key.mark?.line)
+            }
+            guard seen.insert(scalar.string).inserted else {
+                throw ManifestError(location, field: Self.join(path, scalar.string), "duplicate key",
+                                    line: key.mark?.line)
+            }
+            pairs.append((scalar.string, value, key.mark?.line))
+        }
+        self.pairs = pairs
+    }
+
+    static func join(_ path: String, _ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
+
+    static func describe(_ node: Node) -> String {
+        switch node {
+        case .mapping: return "a mapping"
+        case .sequence: return "a list"
+        case .alias: return "an alias"
+        case .scalar:
+            switch node.tagName {
+            case .int: return "a number"
+            case .float: return "a number"
+            case .bool: return "a boolean"
+            case .null: return "null"
+            default: return "a string"
+            }
+        }
+    }
+
+    func field(_ key: String) -> String { Self.join(path, key) }
+
+    func error(_ key: String, _ reason: String) -> ManifestError {
+        let line = pairs.first { $0.key == key }?.line
+        return ManifestError(location, field: field(key), reason, line: line)
+    }
+
+    /// The raw node for `key`, marking it read. A YAML null counts as absent.
+    mutating func node(_ key: String) -> Node? {
+        read.insert(key)
+        guard let node = pairs.first(where: { $0.key == key })?.value else { return nil }
+        if case .scalar = node, node.tagName == .null { return nil }
+        return node
+    }
+
+    mutating func required(_ key: String) throws(ManifestError) -> Node {
+        guard let node = node(key) else { throw error(key, "required field is missing") }
+        return node
+    }
+
+    mutating func string(_ key: String) throws(ManifestError) -> String? {
+        guard let node = node(key) else { return nil }
+        return try Self.string(node, at: location, path: field(key))
+    }
+
+    mutating func requiredString(_ key: String) throws(ManifestError) -> String {
+        guard let value = try string(key) else { throw error(key, "required field is missing") }
+        guard !value.isEmpty else { throw error(key, "must not be empty") }
+        return value
+    }
+
+    mutating func int(_ key: String) throws(ManifestError) -> Int? {
+        guard let node = node(key) else { return nil }
+        return try Self.int(node, at: location, path: field(key))
+    }
+
+    mutating func mapping(_ key: String) throws(ManifestError) -> FieldReader? {
+        guard let node = node(key) else { return nil }
+        return try FieldReader(node, at: location, path: field(key))
+    }
+
+    mutating func list(_ key: String) throws(ManifestError) -> [(path: String, node: Node)]? {
+        guard let node = node(key) else { return nil }
+        guard case .sequence(let sequence) = node else {
+            throw error(key, "expected a list, got \(Self.describe(node))")
+        }
+        return sequence.enumerated().map { ("\(field(key))[\($0.offset)]", $0.element) }
+    }
+
+    /// A `map[string]string`, as labels, annotations and selectors are.
+    mutating func stringMap(_ key: String) throws(ManifestError) -> [String: String]? {
+        guard let node = node(key) else { return nil }
+        let map = try FieldReader(node, at: location, path: field(key))
+        var out: [String: String] = [:]
+        for pair in map.pairs {
+            out[pair.key] = try Self.string(pair.value, at: location, path: map.field(pair.key))
+        }
+        return out
+    }
+
+    /// Keys present in the mapping, in document order.
+    var keys: [String] { pairs.map(\.key) }
+
+    /// Marks a field as known without reading it (accepted and ignored).
+    mutating func ignore(_ keys: String...) { read.formUnion(keys) }
+
+    /// Fails on the first key that no reader asked for.
+    func finish() throws(ManifestError) {
+        if let unknown = pairs.first(where: { !read.contains($0.key) }) {
+            throw error(unknown.key, "unknown field")
+        }
+    }
+
+    static func string(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) -> String {
+        guard case .scalar(let scalar) = node, node.tagName == .str else {
+            throw ManifestError(location, field: path, "expected a string, got \(describe(node))",
+                                line: node.mark?.line)
+        }
+        return scalar.string
+    }
+
+    static func int(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) -> Int {
+        guard case .scalar = node, node.tagName == .int, let value = node.int else {
+            throw ManifestError(location, field: path, "expected an integer, got \(describe(node))",
+                                line: node.mark?.line)
+        }
+        return value
+    }
+}
+
+extension Node {
+    /// The node's resolved YAML tag (str, int, bool, null, ...).
+    var tagName: Tag.Name { Tag.Name(rawValue: tag.rawValue) }
+}

@@ -1,0 +1,64 @@
+/// An IPv4 address, held in host byte order. Parsing is strict dotted-quad
+/// (no leading zeros, no shorthand), as Kubernetes validates addresses.
+public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var value: UInt32
+
+    public init(_ value: UInt32) { self.value = value }
+
+    public init?(_ text: some StringProtocol) {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 4 else { return nil }
+        var value: UInt32 = 0
+        for part in parts {
+            guard (1...3).contains(part.count), part.allSatisfy({ $0.isASCII && $0.isNumber }),
+                  part.count == 1 || part.first != "0",
+                  let octet = UInt8(part) else { return nil }
+            value = value << 8 | UInt32(octet)
+        }
+        self.value = value
+    }
+
+    /// The address in network byte order, as the kernel stores it.
+    public var networkOrder: UInt32 { value.bigEndian }
+
+    public init(networkOrder: UInt32) { self.value = UInt32(bigEndian: networkOrder) }
+
+    public var octets: (UInt8, UInt8, UInt8, UInt8) {
+        (UInt8(value >> 24), UInt8(value >> 16 & 0xff), UInt8(value >> 8 & 0xff), UInt8(value & 0xff))
+    }
+
+    public var description: String {
+        let o = octets
+        return "\(o.0).\(o.1).\(o.2).\(o.3)"
+    }
+
+    public static func < (lhs: IPv4Address, rhs: IPv4Address) -> Bool { lhs.value < rhs.value }
+}
+
+/// An IPv4 prefix such as 198.18.0.0/16.
+public struct IPv4Prefix: Hashable, Sendable, CustomStringConvertible {
+    public var address: IPv4Address
+    public var length: Int
+
+    public init?(_ text: some StringProtocol) {
+        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, let address = IPv4Address(parts[0]),
+              parts[1].allSatisfy({ $0.isASCII && $0.isNumber }),
+              let length = Int(parts[1]), (0...32).contains(length) else { return nil }
+        self.init(address: address, length: length)
+        guard self.address == address else { return nil }  // host bits set
+    }
+
+    public init(address: IPv4Address, length: Int) {
+        self.length = length
+        self.address = IPv4Address(address.value & Self.mask(length))
+    }
+
+    static func mask(_ length: Int) -> UInt32 { length == 0 ? 0 : ~UInt32(0) << (32 - length) }
+
+    public func contains(_ other: IPv4Address) -> Bool {
+        other.value & Self.mask(length) == address.value
+    }
+
+    public var description: String { "\(address)/\(length)" }
+}

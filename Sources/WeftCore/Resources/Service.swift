@@ -1,0 +1,140 @@
+import Yams
+
+/// A `v1 Service` of type ClusterIP: a virtual address whose ports the kernel
+/// load-balances over the Workloads its selector picks.
+public struct Service: Hashable, Sendable {
+    public var metadata: ObjectMeta
+    /// nil for a headless Service (`clusterIP: None`): no virtual address.
+    public var clusterIP: IPv4Address?
+    /// nil: no selector, so no automatic backends (as in Kubernetes).
+    public var selector: [String: String]?
+    public var ports: [ServicePort]
+
+    public init(metadata: ObjectMeta, clusterIP: IPv4Address?, selector: [String: String]?, ports: [ServicePort]) {
+        self.metadata = metadata
+        self.clusterIP = clusterIP
+        self.selector = selector
+        self.ports = ports
+    }
+}
+
+public struct ServicePort: Hashable, Sendable {
+    public var name: String?
+    public var port: UInt16
+    public var targetPort: TargetPort
+    public var transport: TransportProtocol
+    public var appProtocol: String?
+
+    public init(name: String? = nil, port: UInt16, targetPort: TargetPort? = nil,
+                transport: TransportProtocol = .tcp, appProtocol: String? = nil) {
+        self.name = name
+        self.port = port
+        self.targetPort = targetPort ?? .number(port)
+        self.transport = transport
+        self.appProtocol = appProtocol
+    }
+}
+
+/// `targetPort`: a number, or the name of a port each backend declares.
+public enum TargetPort: Hashable, Sendable, CustomStringConvertible {
+    case number(UInt16)
+    case name(String)
+
+    public var description: String {
+        switch self {
+        case .number(let n): "\(n)"
+        case .name(let s): s
+        }
+    }
+}
+
+extension Service {
+    init(spec node: Node, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+        var spec = try FieldReader(node, at: location, path: "spec")
+        if let type = try spec.string("type"), type != "ClusterIP" {
+            throw spec.error("type", "only type ClusterIP is supported, got \"\(type)\"")
+        }
+        var clusterIP: IPv4Address?
+        let ipText = try spec.string("clusterIP")
+        switch ipText {
+        case nil:
+            throw spec.error("clusterIP", "required field is missing: Weft does not allocate clusterIPs, give one (lab range 198.19.0.0/16) or None")
+        case "None"?:
+            clusterIP = nil
+        case let text?:
+            guard let ip = IPv4Address(text) else {
+                throw spec.error("clusterIP", "\"\(text)\" is not an IPv4 address")
+            }
+            clusterIP = ip
+        }
+        if let ips = try spec.list("clusterIPs") {
+            let texts = try ips.map { (path, node) throws(ManifestError) in
+                try FieldReader.string(node, at: location, path: path)
+            }
+            if texts != [ipText ?? ""] {
+                throw spec.error("clusterIPs", "must equal [clusterIP] (IPv4 single-stack only)")
+            }
+        }
+        let selector = try spec.stringMap("selector")
+        if let selector {
+            for (key, value) in selector {
+                try Validation.labelKey(key, field: spec.field("selector"), at: location)
+                try Validation.labelValue(value, field: "\(spec.field("selector")).\(key)", at: location)
+            }
+        }
+        guard let portNodes = try spec.list("ports"), !portNodes.isEmpty else {
+            throw spec.error("ports", "a Service needs at least one port")
+        }
+        var ports: [ServicePort] = []
+        for (path, node) in portNodes {
+            let port = try ServicePort(node, path: path, at: location)
+            if portNodes.count > 1, port.name == nil {
+                throw ManifestError(location, field: "\(path).name", "required when a Service has more than one port")
+            }
+            if let name = port.name, ports.contains(where: { $0.name == name }) {
+                throw ManifestError(location, field: "\(path).name", "duplicate port name \"\(name)\"")
+            }
+            if ports.contains(where: { $0.port == port.port && $0.transport == port.transport }) {
+                throw ManifestError(location, field: "\(path).port", "duplicate port \(port.port)/\(port.transport.rawValue)")
+            }
+            ports.append(port)
+        }
+        // Accepted for compatibility with exported manifests; they do not change
+        // how a ClusterIP Service is load-balanced here.
+        spec.ignore("ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy")
+        if let affinity = try spec.string("sessionAffinity"), affinity != "None" {
+            throw spec.error("sessionAffinity", "only None is supported, got \"\(affinity)\"")
+        }
+        try spec.finish()
+        self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports)
+    }
+}
+
+extension ServicePort {
+    init(_ node: Node, path: String, at location: DocumentLocation) throws(ManifestError) {
+        var r = try FieldReader(node, at: location, path: path)
+        let name = try r.string("name")
+        if let name { try Validation.portName(name, field: r.field("name"), at: location) }
+        guard let number = try r.int("port") else { throw r.error("port", "required field is missing") }
+        let port = try Validation.port(number, field: r.field("port"), at: location)
+        var target: TargetPort?
+        if let targetNode = r.node("targetPort") {
+            if targetNode.tagName == .int {
+                let n = try FieldReader.int(targetNode, at: location, path: r.field("targetPort"))
+                target = .number(try Validation.port(n, field: r.field("targetPort"), at: location))
+            } else {
+                let s = try FieldReader.string(targetNode, at: location, path: r.field("targetPort"))
+                try Validation.portName(s, field: r.field("targetPort"), at: location)
+                target = .name(s)
+            }
+        }
+        let transport = try Validation.transportProtocol(try r.string("protocol"), field: r.field("protocol"), at: location)
+        if transport == .sctp {
+            throw r.error("protocol", "SCTP Services are not load-balanced by Weft; use TCP or UDP")
+        }
+        let appProtocol = try r.string("appProtocol")
+        r.ignore("nodePort")
+        try r.finish()
+        self.init(name: name, port: port, targetPort: target, transport: transport, appProtocol: appProtocol)
+    }
+}

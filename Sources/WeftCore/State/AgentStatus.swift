@@ -1,0 +1,75 @@
+/// What an agent reports about itself on /status: the config generation in
+/// force, the errors of the last rejected change, the datapath's programs, and
+/// the names behind the kernel's service ids. `weft status` and `weft get`
+/// read it; the kernel's own view comes from the pinned maps.
+public struct AgentStatus: Codable, Sendable {
+    public struct ProgramStatus: Codable, Sendable {
+        public var name: String
+        public var state: String
+        public var programID: UInt32
+        public init(name: String, state: String, programID: UInt32) {
+            self.name = name
+            self.state = state
+            self.programID = programID
+        }
+    }
+
+    public struct ServiceName: Codable, Sendable {
+        public var frontend: String
+        public var name: String
+        public init(frontend: String, name: String) {
+            self.frontend = frontend
+            self.name = name
+        }
+    }
+
+    public struct WorkloadStatus: Codable, Sendable {
+        public var name: String
+        public var node: String
+        public var address: String
+        public var serviceAccount: String
+        public var labels: [String: String]
+        public init(name: String, node: String, address: String, serviceAccount: String, labels: [String: String]) {
+            self.name = name
+            self.node = node
+            self.address = address
+            self.serviceAccount = serviceAccount
+            self.labels = labels
+        }
+    }
+
+    public var node: String
+    public var pid: Int32
+    public var configDirectory: String
+    public var cgroup: String
+    public var pinDirectory: String
+    /// Increments each time a new valid config is put in force.
+    public var generation: Int
+    /// Unix time the current generation went in force.
+    public var appliedAt: Double
+    /// `file:doc:field: reason` lines of the last change that was refused;
+    /// empty when the files on disk are the ones in force.
+    public var configErrors: [String]
+    public var programs: [ProgramStatus]
+    public var services: [ServiceName]
+    public var workloads: [WorkloadStatus]
+    /// Map writes the last reconcile made, and how long it took.
+    public var lastWrites: Int
+    public var lastReconcileSeconds: Double
+
+    public init(node: String, pid: Int32, configDirectory: String, cgroup: String, pinDirectory: String) {
+        self.node = node
+        self.pid = pid
+        self.configDirectory = configDirectory
+        self.cgroup = cgroup
+        self.pinDirectory = pinDirectory
+        generation = 0
+        appliedAt = 0
+        configErrors = []
+        programs = []
+        services = []
+        workloads = []
+        lastWrites = 0
+        lastReconcileSeconds = 0
+    }
+}

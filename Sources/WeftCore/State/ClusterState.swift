@@ -1,0 +1,74 @@
+/// A whole, validated set of manifests: what the cluster should look like.
+/// Built only through `ClusterState.build`, which checks the documents against
+/// each other (duplicate names, clusterIPs, addresses); a set with any error
+/// yields no state at all, so nothing is ever half-applied.
+public struct ClusterState: Hashable, Sendable {
+    public private(set) var services: [Service]
+    public private(set) var workloads: [Workload]
+
+    public init() {
+        services = []
+        workloads = []
+    }
+
+    public static func build(_ resources: [LocatedResource]) -> Result<ClusterState, ManifestErrors> {
+        var state = ClusterState()
+        var errors: [ManifestError] = []
+        var names: [String: DocumentLocation] = [:]
+        var clusterIPs: [IPv4Address: (String, DocumentLocation)] = [:]
+        var addresses: [IPv4Address: (String, DocumentLocation)] = [:]
+        for located in resources {
+            let resource = located.resource
+            let key = "\(resource.kind) \(resource.metadata.qualifiedName)"
+            if let first = names[key] {
+                errors.append(ManifestError(located.location, field: "metadata.name",
+                                            "\(key) is already defined at \(first)"))
+                continue
+            }
+            names[key] = located.location
+            switch resource {
+            case .service(let service):
+                if let ip = service.clusterIP {
+                    if let (other, at) = clusterIPs[ip] {
+                        errors.append(ManifestError(located.location, field: "spec.clusterIP",
+                                                    "clusterIP \(ip) is already used by Service \(other) at \(at)"))
+                        continue
+                    }
+                    clusterIPs[ip] = (service.metadata.qualifiedName, located.location)
+                }
+                state.services.append(service)
+            case .workload(let workload):
+                if let (other, at) = addresses[workload.address] {
+                    errors.append(ManifestError(located.location, field: "spec.address",
+                                                "address \(workload.address) is already used by Workload \(other) at \(at)"))
+                    continue
+                }
+                addresses[workload.address] = (workload.metadata.qualifiedName, located.location)
+                state.workloads.append(workload)
+            }
+        }
+        // A Workload address may not be a Service clusterIP: connect() would be
+        // load-balanced away from the pod.
+        for located in resources {
+            if case .workload(let w) = located.resource, let (svc, _) = clusterIPs[w.address] {
+                errors.append(ManifestError(located.location, field: "spec.address",
+                                            "address \(w.address) is the clusterIP of Service \(svc)"))
+            }
+        }
+        guard errors.isEmpty else { return .failure(ManifestErrors(errors)) }
+        state.services.sort { $0.metadata.qualifiedName < $1.metadata.qualifiedName }
+        state.workloads.sort { $0.metadata.qualifiedName < $1.metadata.qualifiedName }
+        return .success(state)
+    }
+
+    /// The Workloads a Service selects: same namespace, every selector label
+    /// matching. A Service with no selector (or an empty one) selects nothing,
+    /// as in Kubernetes, where its endpoints would be managed by hand.
+    public func backends(of service: Service) -> [Workload] {
+        guard let selector = service.selector, !selector.isEmpty else { return [] }
+        return workloads.filter { w in
+            w.metadata.namespace == service.metadata.namespace
+                && selector.allSatisfy { w.metadata.labels[$0.key] == $0.value }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+/// A Service port as the kernel keys it: clusterIP, port, protocol.
+public struct Frontend: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var vip: IPv4Address
+    public var port: UInt16
+    public var transport: TransportProtocol
+
+    public init(vip: IPv4Address, port: UInt16, transport: TransportProtocol) {
+        self.vip = vip
+        self.port = port
+        self.transport = transport
+    }
+
+    public var description: String { "\(vip):\(port)/\(transport.rawValue)" }
+
+    public static func < (a: Frontend, b: Frontend) -> Bool {
+        (a.vip, a.port, a.transport.ipProtocol) < (b.vip, b.port, b.transport.ipProtocol)
+    }
+}
+
+/// Where a connection is sent: a pod address and the resolved targetPort.
+public struct BackendAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var address: IPv4Address
+    public var port: UInt16
+    public var transport: TransportProtocol
+
+    public init(address: IPv4Address, port: UInt16, transport: TransportProtocol) {
+        self.address = address
+        self.port = port
+        self.transport = transport
+    }
+
+    public var description: String { "\(address):\(port)" }
+
+    public static func < (a: BackendAddress, b: BackendAddress) -> Bool {
+        (a.address, a.port, a.transport.ipProtocol) < (b.address, b.port, b.transport.ipProtocol)
+    }
+}
+
+/// The desired service table: every Service port with a clusterIP, and the
+/// backends the kernel should choose from for it.
+public struct ServiceTable: Hashable, Sendable {
+    public struct Entry: Hashable, Sendable {
+        /// `namespace/name:port`, for people.
+        public var name: String
+        public var backends: [BackendAddress]
+        /// Set when the port needs the node proxy (issue #4); always false here.
+        public var needsProxy: Bool
+    }
+
+    public var entries: [Frontend: Entry]
+
+    public init(entries: [Frontend: Entry] = [:]) { self.entries = entries }
+
+    /// Kubernetes' endpoints rules: a selected Workload backs a Service port
+    /// when it resolves the port's targetPort (a named targetPort is looked up
+    /// per Workload, so replicas may listen on different numbers).
+    public init(_ state: ClusterState) {
+        var entries: [Frontend: Entry] = [:]
+        let index = SelectorIndex(state.workloads)
+        for service in state.services {
+            guard let vip = service.clusterIP else { continue }
+            let selected = index.select(namespace: service.metadata.namespace, selector: service.selector)
+            for port in service.ports {
+                let backends = selected.compactMap { w -> BackendAddress? in
+                    guard let target = w.resolve(port.targetPort, transport: port.transport) else { return nil }
+                    return BackendAddress(address: w.address, port: target, transport: port.transport)
+                }
+                let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
+                entries[Frontend(vip: vip, port: port.port, transport: port.transport)] =
+                    Entry(name: service.metadata.qualifiedName + label,
+                          backends: Array(Set(backends)).sorted(), needsProxy: false)
+            }
+        }
+        self.entries = entries
+    }
+}
+
+/// Workloads indexed by namespace and `key=value` label, so a selector costs
+/// the size of its smallest matching label set rather than a scan of every
+/// workload (10,000 Services over 100,000 Workloads stays linear).
+struct SelectorIndex {
+    private var byLabel: [String: [String: [Int]]] = [:]
+    private let workloads: [Workload]
+
+    init(_ workloads: [Workload]) {
+        self.workloads = workloads
+        for (i, w) in workloads.enumerated() {
+            for (key, value) in w.metadata.labels {
+                byLabel[w.metadata.namespace, default: [:]]["\(key)=\(value)", default: []].append(i)
+            }
+        }
+    }
+
+    /// Same answer as ClusterState.backends(of:), in selector-index time.
+    func select(namespace: String, selector: [String: String]?) -> [Workload] {
+        guard let selector, !selector.isEmpty, let labels = byLabel[namespace] else { return [] }
+        var smallest: [Int]?
+        for (key, value) in selector {
+            guard let list = labels["\(key)=\(value)"] else { return [] }
+            if list.count < (smallest?.count ?? Int.max) { smallest = list }
+        }
+        return (smallest ?? []).map { workloads[$0] }.filter { w in
+            selector.allSatisfy { w.metadata.labels[$0.key] == $0.value }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+import CLibbpf
+import Glibc
+
+/// A typed view of one BPF map, opened from its pin. Keys and values are the
+/// ABI structs from weft_abi.h, so the layout is the kernel's by construction.
+/// Owns its fd and closes it when released.
+public final class BPFMap<Key: BitwiseCopyable, Value: BitwiseCopyable>: @unchecked Sendable {
+    // @unchecked: the fd is immutable after init and the kernel serialises map
+    // operations; nothing else is stored.
+    public let fd: Int32
+    public let path: String
+
+    public init(pinned path: String) throws(KernelError) {
+        let fd = bpf_obj_get(path)
+        try KernelError.check(fd, "open pinned map \(path)")
+        self.fd = fd
+        self.path = path
+        var maxEntries: UInt32 = 0, keySize: UInt32 = 0, valueSize: UInt32 = 0
+        try KernelError.check(weft_map_info(fd, &maxEntries, &keySize, &valueSize), "inspect map \(path)")
+        guard keySize == MemoryLayout<Key>.size else {
+            close(fd)
+            throw KernelError("map \(path) has key size \(keySize), this weft expects \(MemoryLayout<Key>.size)", errno: EINVAL)
+        }
+        self.capacity = Int(maxEntries)
+    }
+
+    deinit { close(fd) }
+
+    /// max_entries of the map (0 for socket storage, which has none).
+    public let capacity: Int
+
+    public func lookup(_ key: Key) throws(KernelError) -> Value? {
+        var key = key
+        var value = zeroed(Value.self)
+        let rc = bpf_map_lookup_elem(fd, &key, &value)
+        if rc == -ENOENT { return nil }
+        try KernelError.check(rc, "lookup in \(path)")
+        return value
+    }
+
+    public func update(_ key: Key, _ value: Value) throws(KernelError) {
+        var key = key, value = value
+        try KernelError.check(bpf_map_update_elem(fd, &key, &value, UInt64(BPF_ANY)), "update \(path)")
+    }
+
+    /// Deletes `key`; true if it was there.
+    @discardableResult
+    public func delete(_ key: Key) throws(KernelError) -> Bool {
+        var key = key
+        let rc = bpf_map_delete_elem(fd, &key)
+        if rc == -ENOENT { return false }
+        try KernelError.check(rc, "delete from \(path)")
+        return true
+    }
+
+    /// Every key, walked with BPF_MAP_GET_NEXT_KEY.
+    public func keys() throws(KernelError) -> [Key] {
+        var out: [Key] = []
+        var next = zeroed(Key.self)
+        var rc = bpf_map_get_next_key(fd, nil, &next)
+        while rc == 0 {
+            out.append(next)
+            var current = next
+            rc = bpf_map_get_next_key(fd, &current, &next)
+        }
+        if rc != -ENOENT { try KernelError.check(rc, "iterate \(path)") }
+        return out
+    }
+
+    /// Every entry; keys deleted between the walk and the lookup are skipped.
+    public func entries() throws(KernelError) -> [(key: Key, value: Value)] {
+        var out: [(Key, Value)] = []
+        for key in try keys() {
+            if let value = try lookup(key) { out.append((key, value)) }
+        }
+        return out
+    }
+
+    public func count() throws(KernelError) -> Int { try keys().count }
+}
+
+/// An all-zero value of a plain C struct (padding included), for out-parameters.
+func zeroed<T: BitwiseCopyable>(_: T.Type = T.self) -> T {
+    withUnsafeTemporaryAllocation(of: T.self, capacity: 1) { buffer in
+        UnsafeMutableRawBufferPointer(buffer).initializeMemory(as: UInt8.self, repeating: 0)
+        return buffer[0]
+    }
+}
+
+/// A BPF_MAP_TYPE_PERCPU_ARRAY of u64 counters, summed over CPUs on read.
+public final class PerCPUCounters: @unchecked Sendable {
+    public let fd: Int32
+    public let path: String
+    private let cpus: Int
+
+    public init(pinned path: String) throws(KernelError) {
+        let fd = bpf_obj_get(path)
+        try KernelError.check(fd, "open pinned map \(path)")
+        let cpus = libbpf_num_possible_cpus()
+        if cpus <= 0 {
+            close(fd)
+            throw KernelError("count possible CPUs", errno: -cpus)
+        }
+        self.fd = fd
+        self.path = path
+        self.cpus = Int(cpus)
+    }
+
+    deinit { close(fd) }
+
+    /// The sum over all CPUs of counter `index`.
+    public func sum(_ index: UInt32) throws(KernelError) -> UInt64 {
+        var key = index
+        var values = [UInt64](repeating: 0, count: cpus)
+        let rc = values.withUnsafeMutableBytes { bpf_map_lookup_elem(fd, &key, $0.baseAddress) }
+        try KernelError.check(rc, "read counters \(path)")
+        return values.reduce(0, &+)
+    }
+}

@@ -1,0 +1,64 @@
+import Foundation
+import Glibc
+
+/// Facts about the host the datapath depends on, read from /proc and /sys.
+public enum Host {
+    /// Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup on unified
+    /// hosts, /sys/fs/cgroup/unified on hybrid ones. nil without cgroup v2.
+    public static func cgroup2Mount(mounts: String? = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) -> String? {
+        mountPoints(ofType: "cgroup2", in: mounts ?? "").first
+    }
+
+    public static func mountPoints(ofType type: String, in mounts: String) -> [String] {
+        mounts.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ")
+            guard fields.count >= 3, fields[2] == type else { return nil }
+            // /proc/mounts escapes spaces as \040.
+            return fields[1].replacingOccurrences(of: "\\040", with: " ")
+        }
+    }
+
+    public static let bpffsRoot = "/sys/fs/bpf"
+
+    /// Mounts bpffs at /sys/fs/bpf when nothing of type bpf is mounted there.
+    public static func ensureBPFFS() throws(PreflightError) {
+        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+        if mountPoints(ofType: "bpf", in: mounts).contains(bpffsRoot) { return }
+        if mount("bpf", bpffsRoot, "bpf", 0, nil) != 0 {
+            throw PreflightError("bpffs is not mounted at \(bpffsRoot) and mounting it failed: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// The cgroup id the kernel reports for a cgroup v2 directory: its inode.
+    public static func cgroupID(_ path: String) -> UInt64? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return UInt64(st.st_ino)
+    }
+
+    /// Effective capabilities of this process, from /proc/self/status.
+    static func effectiveCapabilities() -> UInt64 {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
+              let value = UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16)
+        else { return 0 }
+        return value
+    }
+
+    static let capNetAdmin: UInt64 = 12, capSysAdmin: UInt64 = 21, capBPF: UInt64 = 39
+
+    /// Refuses, with one sentence, a host the agent cannot work on.
+    public static func preflight() throws(PreflightError) {
+        let caps = effectiveCapabilities()
+        func has(_ cap: UInt64) -> Bool { caps & (1 << cap) != 0 }
+        guard (has(capBPF) || has(capSysAdmin)) && has(capNetAdmin) && (has(capSysAdmin) || geteuid() == 0) else {
+            throw PreflightError("weft agent needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load eBPF programs; run it as root.")
+        }
+        guard cgroup2Mount() != nil else {
+            throw PreflightError("no cgroup v2 hierarchy is mounted (see /proc/mounts); weft attaches its programs to cgroup v2, so mount one (e.g. at /sys/fs/cgroup/unified).")
+        }
+        guard FileManager.default.fileExists(atPath: "/sys/kernel/btf/vmlinux") else {
+            throw PreflightError("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); weft needs a kernel built with CONFIG_DEBUG_INFO_BTF=y.")
+        }
+    }
+}

@@ -1,0 +1,86 @@
+import CLibbpf
+import WeftABI
+import WeftCore
+
+/// The service and backend maps, read and written in WeftCore's terms. The
+/// conversion to and from the ABI structs happens here and nowhere else.
+public final class ServiceMaps: Sendable {
+    public let services: BPFMap<weft_service_key, weft_service_value>
+    public let backends: BPFMap<UInt32, weft_backend>
+    public let lbStats: PerCPUCounters
+
+    public init(pinDirectory: String) throws(KernelError) {
+        let dir = Datapath.mapDirectory(pinDirectory)
+        services = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_SERVICES)")
+        backends = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_BACKENDS)")
+        lbStats = try PerCPUCounters(pinned: "\(dir)/\(WEFT_MAP_LB_STATS)")
+    }
+
+    /// What the kernel holds now. Entries that do not decode (a protocol we
+    /// never write) are returned as they are so a plan deletes them.
+    public func snapshot() throws(KernelError) -> ServiceMapSnapshot {
+        var snapshot = ServiceMapSnapshot()
+        for (key, value) in try services.entries() {
+            guard let k = Self.decode(key) else { continue }
+            snapshot.slots[k] = .init(backendID: value.backend_id, serviceID: value.service_id,
+                                      count: value.count, flags: value.flags)
+        }
+        for (id, backend) in try backends.entries() {
+            guard let transport = TransportProtocol(ipProtocol: backend.proto) else { continue }
+            snapshot.backends[id] = BackendAddress(address: IPv4Address(networkOrder: backend.addr),
+                                                   port: UInt16(bigEndian: backend.port), transport: transport)
+        }
+        return snapshot
+    }
+
+    /// Carries out a plan's writes in order. Stops at the first failure and
+    /// reports it; the next reconcile starts from what the kernel then holds.
+    public func apply(_ writes: [ServiceMapWrite]) throws(KernelError) {
+        for write in writes {
+            switch write {
+            case .putBackend(let id, let address):
+                var b = weft_backend()
+                b.addr = address.address.networkOrder
+                b.port = address.port.bigEndian
+                b.proto = address.transport.ipProtocol
+                try backends.update(id, b)
+            case .putSlot(let key, let value):
+                var v = weft_service_value()
+                v.backend_id = value.backendID
+                v.service_id = value.serviceID
+                v.count = value.count
+                v.flags = value.flags
+                try services.update(Self.encode(key), v)
+            case .deleteSlot(let key):
+                try services.delete(Self.encode(key))
+            case .deleteBackend(let id):
+                try backends.delete(id)
+            }
+        }
+    }
+
+    static func encode(_ key: ServiceMapSnapshot.SlotKey) -> weft_service_key {
+        var k = weft_service_key()
+        k.vip = key.frontend.vip.networkOrder
+        k.port = key.frontend.port.bigEndian
+        k.proto = key.frontend.transport.ipProtocol
+        k.slot = key.slot
+        return k
+    }
+
+    static func decode(_ key: weft_service_key) -> ServiceMapSnapshot.SlotKey? {
+        guard let transport = TransportProtocol(ipProtocol: key.proto) else { return nil }
+        return .init(Frontend(vip: IPv4Address(networkOrder: key.vip), port: UInt16(bigEndian: key.port),
+                              transport: transport), slot: key.slot)
+    }
+
+    /// The connect-time load balancer's event counters, by name.
+    public func lbEvents() throws(KernelError) -> [(name: String, value: UInt64)] {
+        let names: [(weft_lb_event, String)] = [
+            (WEFT_LB_TRANSLATED, "translated"), (WEFT_LB_NO_BACKEND, "no_backend"),
+            (WEFT_LB_SLOT_MISSING, "slot_missing"), (WEFT_LB_BACKEND_MISSING, "backend_missing"),
+            (WEFT_LB_PEER_RESTORED, "peer_restored"),
+        ]
+        return try names.map { (event, name) throws(KernelError) in (name, try lbStats.sum(event.rawValue)) }
+    }
+}

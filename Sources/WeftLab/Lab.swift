@@ -1,0 +1,192 @@
+import Foundation
+import Glibc
+import WeftCore
+import WeftKernel
+
+/// `weft lab`: nodes and pods as network namespaces and cgroups on this
+/// machine, one `weft agent` per node. One lab at a time; its record lives in
+/// /run/weft/lab/state.json, written before anything is created so that
+/// `weft lab down` can always find what to remove.
+public enum Lab {
+    public static let runDirectory = "/run/weft/lab"
+    static var statePath: String { "\(runDirectory)/state.json" }
+    public static var logDirectory: String { "\(runDirectory)/logs" }
+
+    public static func loadPlan() -> LabPlan? {
+        guard let data = FileManager.default.contents(atPath: statePath) else { return nil }
+        return try? JSONDecoder().decode(LabPlan.self, from: data)
+    }
+
+    static func save(_ plan: LabPlan) throws {
+        try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try encoder.encode(plan).write(to: URL(fileURLWithPath: statePath), options: .atomic)
+    }
+
+    /// Builds the lab, starts pods and agents, waits for the agents to serve.
+    public static func up(configDirectory: String, nodes: Int, weftBinary: String,
+                          say: (String) -> Void) throws -> LabPlan {
+        try Host.preflight()
+        try Host.ensureBPFFS()
+        guard loadPlan() == nil else { throw LabError("a lab is already up; run `weft lab down` first") }
+        guard let mount = Host.cgroup2Mount() else { throw LabError("no cgroup v2 mount") }
+        let config = URL(fileURLWithPath: configDirectory).standardizedFileURL.path
+        let state: ClusterState
+        switch ManifestSource.load(paths: [config]) {
+        case .success(let s): state = s
+        case .failure(let errors): throw LabError("the lab's manifests are invalid:\n\(errors)")
+        }
+        var plan = try LabPlan.make(state: state, configDirectory: config, nodeCount: nodes, cgroupMount: mount)
+        try save(plan)
+        do {
+            for (netns, lines) in plan.networkBatches() {
+                let prefix = netns.map { ["-n", $0] } ?? []
+                try ProcessRunner.run(["ip"] + prefix + ["-batch", "-"], input: lines.joined(separator: "\n") + "\n")
+            }
+            for node in plan.nodes {
+                try ProcessRunner.run(["ip", "netns", "exec", node.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            }
+            say("network: fabric + \(plan.nodes.count) node(s) + \(plan.pods.count) pod(s) in 198.18.0.0/16")
+            for path in plan.nodes.flatMap({ [$0.cgroup, $0.agentCgroup] }) + plan.pods.map(\.cgroup) {
+                try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            }
+            try FileManager.default.createDirectory(atPath: logDirectory, withIntermediateDirectories: true)
+            for i in plan.nodes.indices {
+                let node = plan.nodes[i]
+                plan.nodes[i].agentPid = try spawn(
+                    weftBinary, netns: node.netns, cgroup: node.agentCgroup, log: "\(logDirectory)/agent-\(node.name).log",
+                    command: [weftBinary, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup],
+                    environment: [:])
+                try save(plan)
+            }
+            for node in plan.nodes {
+                try waitForAgent(node: node.name, pid: node.agentPid ?? 0)
+                say("agent \(node.name): running (pid \(node.agentPid ?? 0)), programs attached to \(node.cgroup)")
+            }
+            for i in plan.pods.indices {
+                let pod = plan.pods[i]
+                guard let command = pod.command else { continue }
+                let parts = pod.name.split(separator: "/").map(String.init)
+                plan.pods[i].pid = try spawn(
+                    weftBinary, netns: pod.netns, cgroup: pod.cgroup,
+                    log: "\(logDirectory)/pod-\(parts.joined(separator: "-")).log",
+                    command: ["/bin/sh", "-c", command],
+                    environment: ["WEFT_POD_NAME": parts.last ?? "", "WEFT_POD_NAMESPACE": parts.first ?? "",
+                                  "WEFT_POD_IP": pod.address, "WEFT_NODE": pod.node])
+                try save(plan)
+            }
+            say("pods: \(plan.pods.map { "\($0.name)@\($0.node)=\($0.address)" }.joined(separator: ", "))")
+        } catch {
+            say("lab up failed: \(error); tearing down what was created")
+            down(say: { _ in })
+            throw error
+        }
+        return plan
+    }
+
+    /// Starts `command` detached, in a netns and cgroup, through
+    /// `weft lab run-in` (which joins them and execs).
+    static func spawn(_ weft: String, netns: String, cgroup: String, log: String, command: [String],
+                      environment: [String: String]) throws -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: weft)
+        process.arguments = ["lab", "run-in", "--netns", netns, "--cgroup", cgroup, "--"] + command
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        process.currentDirectoryURL = URL(fileURLWithPath: loadPlan()?.configDirectory ?? "/")
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = FileHandle(forWritingAtPath: log)
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return process.processIdentifier
+    }
+
+    static func waitForAgent(node: String, pid: Int32) throws {
+        let socket = "/run/weft/\(node)/agent.sock"
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            if kill(pid, 0) != 0 {
+                let log = (try? String(contentsOfFile: "\(logDirectory)/agent-\(node).log", encoding: .utf8)) ?? ""
+                throw LabError("agent \(node) exited during start:\n\(log.suffix(2000))")
+            }
+            if (try? UnixHTTP.get(socket: socket, path: "/healthz")) != nil { return }
+            usleep(20_000)
+        }
+        throw LabError("agent \(node) did not come up within 30 s (see \(logDirectory)/agent-\(node).log)")
+    }
+
+    /// Removes every trace of the lab: processes (by pid, found in the lab's
+    /// own cgroups), network namespaces, cgroups, pins. Works from the state
+    /// file, and sweeps `weft-` namespaces and lab cgroups even without it.
+    public static func down(say: (String) -> Void) {
+        let plan = loadPlan()
+        let mount = Host.cgroup2Mount() ?? "/sys/fs/cgroup"
+        let roots = ["\(mount)/weft-lab", "\(mount)/weft-lab-agents"]
+        // Agents first (SIGTERM: they exit leaving pins, which go below), then pods.
+        var pids = Set(plan?.nodes.compactMap(\.agentPid) ?? [])
+        pids.formUnion(plan?.pods.compactMap(\.pid) ?? [])
+        for root in roots { pids.formUnion(pidsUnder(root)) }
+        terminate(pids)
+        for root in roots { removeCgroups(root) }
+        let netns = ((try? ProcessRunner.run(["ip", "netns", "list"])) ?? "")
+            .split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
+            .filter { $0.hasPrefix("weft-") }
+        for name in netns { _ = try? ProcessRunner.run(["ip", "netns", "delete", name]) }
+        for node in plan?.nodes ?? [] {
+            try? Datapath.uninstall(pinDirectory: Datapath.defaultPinDirectory(node: node.name))
+            try? FileManager.default.removeItem(atPath: "/run/weft/\(node.name)")
+        }
+        try? FileManager.default.removeItem(atPath: runDirectory)
+        say("lab down: \(pids.count) process(es), \(netns.count) network namespace(s), cgroups and pins removed")
+    }
+
+    static func pidsUnder(_ root: String) -> Set<Int32> {
+        var out: Set<Int32> = []
+        guard let walker = FileManager.default.enumerator(atPath: root) else { return out }
+        var dirs = [root]
+        while let sub = walker.nextObject() as? String { dirs.append("\(root)/\(sub)") }
+        for dir in dirs where !dir.hasSuffix("cgroup.procs") {
+            let procs = (try? String(contentsOfFile: "\(dir)/cgroup.procs", encoding: .utf8)) ?? ""
+            out.formUnion(procs.split(separator: "\n").compactMap { Int32($0) })
+        }
+        return out
+    }
+
+    static func terminate(_ pids: Set<Int32>) {
+        for pid in pids { kill(pid, SIGTERM) }
+        let deadline = Date().addingTimeInterval(3)
+        var alive = pids
+        while !alive.isEmpty && Date() < deadline {
+            for pid in alive { _ = waitpid(pid, nil, WNOHANG) }
+            alive = alive.filter { kill($0, 0) == 0 && !isZombie($0) }
+            if !alive.isEmpty { usleep(20_000) }
+        }
+        for pid in alive { kill(pid, SIGKILL) }
+        for pid in alive { _ = waitpid(pid, nil, WNOHANG) }
+    }
+
+    static func isZombie(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return true }
+        return stat[stat.index(close, offsetBy: 2)] == "Z"
+    }
+
+    /// rmdir bottom-up; a cgroup directory is removed with rmdir, not unlink.
+    static func removeCgroups(_ root: String) {
+        guard FileManager.default.fileExists(atPath: root) else { return }
+        var dirs: [String] = [root]
+        if let walker = FileManager.default.enumerator(atPath: root) {
+            while let sub = walker.nextObject() as? String {
+                var isDir: ObjCBool = false
+                if FileManager.default.fileExists(atPath: "\(root)/\(sub)", isDirectory: &isDir), isDir.boolValue {
+                    dirs.append("\(root)/\(sub)")
+                }
+            }
+        }
+        for dir in dirs.sorted(by: { $0.count > $1.count }) {
+            for _ in 0..<50 where rmdir(dir) != 0 && errno == EBUSY { usleep(20_000) }
+        }
+    }
+}

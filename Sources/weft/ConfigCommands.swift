@@ -1,0 +1,65 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+
+struct ValidateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "validate", abstract: "Check manifests; print file:doc:field: reason for each problem.")
+
+    @Option(name: .shortAndLong, help: "A manifest file or directory (repeatable).") var file: [String]
+
+    func run() throws {
+        switch ManifestSource.load(paths: file) {
+        case .success(let state):
+            print("valid: \(state.services.count) Service(s), \(state.workloads.count) Workload(s)")
+        case .failure(let errors):
+            FileHandle.standardError.write(Data((errors.description + "\n").utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct ApplyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "apply",
+        abstract: "Validate manifests together with --config's, then install them there atomically.",
+        discussion: """
+            The new files are checked together with everything already in DIR; on any error nothing \
+            is written. Files are written beside their destination under a hidden name, synced, \
+            then renamed into place, so a watching agent never reads a partial file and sees the \
+            whole set within one debounce window.
+            """)
+
+    @Option(name: .shortAndLong, help: "A manifest file or directory.") var file: String
+    @Option(help: "The config directory the agents watch.") var config: String
+
+    func run() throws {
+        let incoming = try ManifestSource.files(at: file)
+        guard !incoming.isEmpty else { throw ValidationError("\(file) holds no manifest files") }
+        let names = incoming.map { ($0 as NSString).lastPathComponent }
+        guard Set(names).count == names.count else { throw ValidationError("two files named alike in \(file)") }
+        let kept = try ManifestSource.files(at: config).filter { !names.contains(($0 as NSString).lastPathComponent) }
+        if case .failure(let errors) = ManifestSource.load(paths: kept + incoming) {
+            FileHandle.standardError.write(Data((errors.description + "\nnothing applied\n").utf8))
+            throw ExitCode(1)
+        }
+        var staged: [(String, String)] = []
+        defer { for (tmp, _) in staged { try? FileManager.default.removeItem(atPath: tmp) } }
+        for (source, name) in zip(incoming, names) {
+            let tmp = (config as NSString).appendingPathComponent(".weft-apply-\(getpid())-\(name)")
+            let data = try Data(contentsOf: URL(fileURLWithPath: source))
+            guard FileManager.default.createFile(atPath: tmp, contents: data),
+                  let handle = FileHandle(forUpdatingAtPath: tmp) else {
+                throw ValidationError("cannot write \(tmp)")
+            }
+            try handle.synchronize()
+            try handle.close()
+            staged.append((tmp, (config as NSString).appendingPathComponent(name)))
+        }
+        for (tmp, destination) in staged where rename(tmp, destination) != 0 {
+            throw ValidationError("rename to \(destination): \(String(cString: strerror(errno)))")
+        }
+        staged = []
+        print("applied \(names.count) file(s) to \(config): \(names.joined(separator: ", "))")
+    }
+}

@@ -1,0 +1,122 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftKernel
+import WeftLab
+
+/// The nodes whose pins exist on this machine, or the one asked for.
+func nodes(_ node: String?) throws -> [String] {
+    if let node { return [node] }
+    let found = ((try? FileManager.default.contentsOfDirectory(atPath: "\(Host.bpffsRoot)/weft")) ?? []).sorted()
+    guard !found.isEmpty else { throw ValidationError("no weft datapath is pinned under \(Host.bpffsRoot)/weft; is an agent running?") }
+    return found
+}
+
+func agentStatus(node: String) -> Result<AgentStatus, UnixHTTP.Failure> {
+    Result { () throws(UnixHTTP.Failure) -> String in
+        try UnixHTTP.get(socket: "/run/weft/\(node)/agent.sock", path: "/status")
+    }.flatMap { body in
+        (try? JSONDecoder().decode(AgentStatus.self, from: Data(body.utf8))).map(Result.success)
+            ?? .failure(UnixHTTP.Failure(description: "agent sent an unreadable status"))
+    }
+}
+
+func table(_ rows: [[String]]) -> String {
+    guard let header = rows.first else { return "" }
+    let widths = header.indices.map { i in rows.map { $0.count > i ? $0[i].count : 0 }.max() ?? 0 }
+    return rows.map { row in
+        row.enumerated().map { i, cell in i == row.count - 1 ? cell : cell.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+            .joined(separator: "  ")
+    }.joined(separator: "\n")
+}
+
+struct GetCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "get", abstract: "Show what is in force: services (from the pinned maps) or workloads.")
+
+    enum Kind: String, ExpressibleByArgument, CaseIterable { case services, workloads }
+
+    @Argument(help: "services | workloads") var kind: Kind
+    @Option(help: "Node to read (default: every node pinned on this machine).") var node: String?
+    @Option(name: .shortAndLong, help: "Output: table or json.") var output = "table"
+
+    func run() throws {
+        var json: [[String: Any]] = []
+        var rows: [[String]] = []
+        for node in try nodes(node) {
+            let maps = try ServiceMaps(pinDirectory: Datapath.defaultPinDirectory(node: node))
+            let snapshot = try maps.snapshot()
+            let status = try? agentStatus(node: node).get()
+            switch kind {
+            case .services:
+                let names = Dictionary((status?.services ?? []).map { ($0.frontend, $0.name) }, uniquingKeysWith: { a, _ in a })
+                if rows.isEmpty { rows.append(["NODE", "SERVICE", "FRONTEND", "BACKENDS"]) }
+                for f in snapshot.frontends {
+                    let backends = f.backends.map { $0?.description ?? "(missing)" }
+                    let name = names[f.frontend.description] ?? (status == nil ? "? (agent unreachable)" : "? (not in agent's config)")
+                    rows.append([node, name, f.frontend.description, backends.isEmpty ? "none (connect fails: ECONNREFUSED)" : backends.joined(separator: ", ")])
+                    json.append(["node": node, "service": name, "frontend": f.frontend.description,
+                                 "serviceID": f.serviceID, "backends": backends])
+                }
+            case .workloads:
+                guard let status else { throw ValidationError("workloads come from the agent, and agent \(node) is not reachable") }
+                let inKernel = Set(snapshot.backends.values.map(\.address.description))
+                if rows.isEmpty { rows.append(["NODE", "WORKLOAD", "ON", "ADDRESS", "SERVICEACCOUNT", "BACKEND-IN-KERNEL", "LABELS"]) }
+                for w in status.workloads {
+                    let labels = w.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+                    rows.append([node, w.name, w.node, w.address, w.serviceAccount, inKernel.contains(w.address) ? "yes" : "no", labels])
+                    json.append(["node": node, "workload": w.name, "on": w.node, "address": w.address,
+                                 "serviceAccount": w.serviceAccount, "backendInKernel": inKernel.contains(w.address), "labels": w.labels])
+                }
+            }
+        }
+        if output == "json" {
+            let data = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print(rows.count <= 1 ? "no \(kind.rawValue) in force" : table(rows))
+        }
+    }
+}
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show each agent's config generation, errors, programs and map fill.")
+
+    @Option(help: "Node to read (default: every node pinned on this machine).") var node: String?
+
+    func run() throws {
+        var healthy = true
+        for node in try nodes(node) {
+            let pins = Datapath.defaultPinDirectory(node: node)
+            let maps = try? ServiceMaps(pinDirectory: pins)
+            let snapshot = try? maps?.snapshot()
+            print("node \(node)")
+            print("  pins:       \(pins)")
+            if let snapshot {
+                print("  kernel:     \(snapshot.frontends.count) service port(s), \(snapshot.backends.count) backend(s) in the pinned maps")
+            }
+            if let events = try? maps?.lbEvents() {
+                print("  lb events:  " + events.map { "\($0.name)=\($0.value)" }.joined(separator: " "))
+            }
+            switch agentStatus(node: node) {
+            case .failure(let error):
+                healthy = false
+                print("  agent:      NOT RUNNING (\(error)); the pinned datapath stays in force")
+            case .success(let s):
+                print("  agent:      running, pid \(s.pid), config \(s.configDirectory), cgroup \(s.cgroup)")
+                let when = Date(timeIntervalSince1970: s.appliedAt).formatted(.iso8601)
+                print("  generation: \(s.generation), in force since \(when); last reconcile \(s.lastWrites) map write(s) in \(String(format: "%.1f", s.lastReconcileSeconds * 1000)) ms")
+                print("  programs:   " + s.programs.map { "\($0.name) (\($0.state), id \($0.programID))" }.joined(separator: ", "))
+                if s.configErrors.isEmpty {
+                    print("  config:     ok")
+                } else {
+                    healthy = false
+                    print("  config:     REFUSED, generation \(s.generation) stays in force:")
+                    for e in s.configErrors { print("    \(e)") }
+                }
+            }
+        }
+        if !healthy { throw ExitCode(1) }
+    }
+}

@@ -1,0 +1,14 @@
+import ArgumentParser
+
+// The one binary. Each subcommand parses its arguments and hands over to a
+// module: WeftAgent runs the node daemon, WeftCore validates, WeftLab builds
+// the sandbox, WeftKernel reads the pinned maps.
+struct Weft: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weft",
+        abstract: "A sidecarless service mesh: eBPF in the kernel, one Swift proxy per node.",
+        subcommands: [AgentCommand.self, ValidateCommand.self, ApplyCommand.self, GetCommand.self,
+                      StatusCommand.self, LabCommand.self])
+}
+
+Weft.main()

@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Giving a translated socket back the address its application dialed. */
+#ifndef WEFT_BPF_ORIGIN_H
+#define WEFT_BPF_ORIGIN_H
+
+#include "counters.h"
+
+static __always_inline void origin_restore(struct bpf_sock_addr *ctx)
+{
+	struct weft_sock_origin *origin;
+
+	if (!ctx->sk)
+		return;
+	origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, 0);
+	if (!origin)
+		return;
+	ctx->user_ip4 = origin->vip;
+	ctx->user_port = (__u32)origin->port;
+	lb_count(WEFT_LB_PEER_RESTORED);
+}
+
+#endif

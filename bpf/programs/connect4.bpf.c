@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * cgroup/connect4: socket-level load balancing. A connect() to a Service
+ * clusterIP:port is rewritten, before the kernel sends anything, to a backend
+ * pod's address:targetPort. The socket then talks to the pod directly: no NAT
+ * per packet, no conntrack entry, and the reply path needs no translation.
+ * The dialed address is kept in socket storage for getpeername4/recvmsg4.
+ */
+#include "service.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+SEC("cgroup/connect4")
+int weft_connect4(struct bpf_sock_addr *ctx)
+{
+	__u8 proto = ctx->protocol;
+	__be32 vip = ctx->user_ip4;
+	/* user_port holds the port in network order in its low 16 bits. */
+	__be16 port = (__be16)ctx->user_port;
+	enum weft_lb_event event = WEFT_LB_TRANSLATED;
+	struct weft_service_value *svc;
+	struct weft_backend *backend;
+	struct weft_sock_origin *origin;
+	__u32 backend_id = 0;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+
+	svc = service_lookup(vip, port, proto);
+	if (!svc) {
+		/* A UDP socket may be re-connected from a VIP to a plain
+		 * address: forget the old origin so recvmsg stops rewriting. */
+		if (proto == IPPROTO_UDP && ctx->sk)
+			bpf_sk_storage_delete(&weft_sock_origin, ctx->sk);
+		return SYS_PROCEED;
+	}
+
+	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
+	if (!backend) {
+		lb_count(event);
+		/* Fail at connect() with the error a closed port gives, so the
+		 * client tries elsewhere at once instead of waiting for a SYN
+		 * timeout (bpf_set_retval: cgroup hooks, Linux 5.18+). */
+		bpf_set_retval(-ECONNREFUSED);
+		return SYS_REJECT;
+	}
+
+	if (ctx->sk) {
+		origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0,
+					    BPF_SK_STORAGE_GET_F_CREATE);
+		if (origin) {
+			origin->vip = vip;
+			origin->port = port;
+			origin->service_id = svc->service_id;
+			origin->backend_id = backend_id;
+		}
+	}
+
+	ctx->user_ip4 = backend->addr;
+	ctx->user_port = (__u32)backend->port;
+	lb_count(WEFT_LB_TRANSLATED);
+	return SYS_PROCEED;
+}
