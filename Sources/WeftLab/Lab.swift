@@ -94,13 +94,35 @@ public enum Lab {
         process.arguments = ["lab", "run-in", "--netns", netns, "--cgroup", cgroup, "--"] + command
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         process.currentDirectoryURL = URL(fileURLWithPath: loadPlan()?.configDirectory ?? "/")
-        FileManager.default.createFile(atPath: log, contents: nil)
+        if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
         let handle = FileHandle(forWritingAtPath: log)
+        _ = try? handle?.seekToEnd()
         process.standardOutput = handle
         process.standardError = handle
         process.standardInput = FileHandle.nullDevice
         try process.run()
         return process.processIdentifier
+    }
+
+    /// Stops a node's agent (SIGTERM, or SIGKILL to simulate a crash) and
+    /// starts a new one over the same pins, as a restart or upgrade would.
+    public static func restartAgent(node name: String, kill9: Bool, weftBinary: String) throws -> (old: Int32, new: Int32) {
+        guard var plan = loadPlan() else { throw LabError("no lab is up") }
+        guard let i = plan.nodes.firstIndex(where: { $0.name == name }) else { throw LabError("no node \(name) in the lab") }
+        let node = plan.nodes[i]
+        let old = node.agentPid ?? 0
+        if old > 0 {
+            kill(old, kill9 ? SIGKILL : SIGTERM)
+            for _ in 0..<250 where kill(old, 0) == 0 && !isZombie(old) { usleep(20_000) }
+        }
+        let new = try spawn(weftBinary, netns: node.netns, cgroup: node.agentCgroup,
+                            log: "\(logDirectory)/agent-\(name).log",
+                            command: [weftBinary, "agent", "--config", plan.configDirectory, "--node", name, "--cgroup", node.cgroup],
+                            environment: [:])
+        plan.nodes[i].agentPid = new
+        try save(plan)
+        try waitForAgent(node: name, pid: new)
+        return (old, new)
     }
 
     static func waitForAgent(node: String, pid: Int32) throws {
@@ -139,6 +161,9 @@ public enum Lab {
             try? FileManager.default.removeItem(atPath: "/run/weft/\(node.name)")
         }
         try? FileManager.default.removeItem(atPath: runDirectory)
+        if (try? FileManager.default.contentsOfDirectory(atPath: "/run/weft"))?.isEmpty == true {
+            try? FileManager.default.removeItem(atPath: "/run/weft")
+        }
         say("lab down: \(pids.count) process(es), \(netns.count) network namespace(s), cgroups and pins removed")
     }
 

@@ -5,7 +5,7 @@ import WeftLab
 struct LabCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lab", abstract: "A sandbox of nodes and pods in network namespaces, one agent per node.",
-        subcommands: [Up.self, Down.self, Exec.self, Show.self, RunIn.self])
+        subcommands: [Up.self, Down.self, Exec.self, Show.self, RestartAgent.self, RunIn.self])
 
     struct Up: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create nodes and the pods of --config's Workloads; start an agent per node.")
@@ -50,6 +50,19 @@ struct LabCommand: ParsableCommand {
             }
             try PodEntry.enter(netns: target.netns, cgroup: target.cgroup, detach: false)
             throw PodEntry.exec(command)
+        }
+    }
+
+    struct RestartAgent: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "restart-agent", abstract: "Stop a node's agent and start a new one over the same pins.")
+        @Argument(help: "Node name.") var node: String
+        @Flag(help: "SIGKILL instead of SIGTERM: a crash, not a shutdown.") var kill = false
+
+        func run() throws {
+            let weft = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+            let (old, new) = try Lab.restartAgent(node: node, kill9: kill, weftBinary: weft)
+            print("agent \(node): pid \(old) \(kill ? "killed" : "stopped"), pid \(new) running")
         }
     }
 

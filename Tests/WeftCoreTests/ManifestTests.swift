@@ -1,0 +1,162 @@
+import Testing
+@testable import WeftCore
+
+private func parse(_ yaml: String) -> (resources: [LocatedResource], errors: [ManifestError]) {
+    ManifestReader.parse(yaml, file: "t.yaml")
+}
+
+private func errorLine(_ yaml: String) -> String? {
+    let r = parse(yaml)
+    if let e = r.errors.first { return e.description }
+    if case .failure(let errors) = ClusterState.build(r.resources) { return errors.errors.first?.description }
+    return nil
+}
+
+private let service = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web, namespace: shop}
+    spec:
+      clusterIP: 198.19.0.10
+      selector: {app: web}
+      ports:
+      - {name: http, port: 80, targetPort: http, appProtocol: http}
+      - {name: dns, port: 53, protocol: UDP}
+    """
+
+private func workload(_ name: String, _ address: String, labels: String = "{app: web}", ports: String = "[{name: http, port: 8080}]", ns: String = "shop") -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: \(name), namespace: \(ns), labels: \(labels)}
+    spec: {serviceAccount: web, node: n1, address: \(address), ports: \(ports)}
+    """
+}
+
+@Suite struct ManifestParsing {
+    @Test func parsesServiceWithNamedAndDefaultTargetPorts() throws {
+        let r = parse(service)
+        #expect(r.errors.isEmpty)
+        guard case .service(let s) = try #require(r.resources.first).resource else { Issue.record("not a service"); return }
+        #expect(s.clusterIP == IPv4Address("198.19.0.10"))
+        #expect(s.ports[0].targetPort == .name("http"))
+        #expect(s.ports[0].appProtocol == "http")
+        #expect(s.ports[1].targetPort == .number(53))
+        #expect(s.ports[1].transport == .udp)
+        #expect(s.metadata.qualifiedName == "shop/web")
+    }
+
+    @Test func multiDocumentFilesCountDocumentsFromOne() {
+        let r = parse(service + "\n---\n" + workload("w1", "198.18.1.2") + "\n---\n" + workload("w2", "not-an-ip"))
+        #expect(r.resources.count == 2)
+        #expect(r.errors.map(\.description) == ["t.yaml:3:spec.address: \"not-an-ip\" is not an IPv4 address (line 19)"])
+    }
+
+    @Test func emptyDocumentsAreSkipped() {
+        let r = parse("---\n" + service + "\n---\n")
+        #expect(r.errors.isEmpty)
+        #expect(r.resources.count == 1)
+    }
+
+    @Test(arguments: [
+        ("kind: Srvice", "t.yaml:1:kind: unknown kind \"Srvice\" for v1"),
+        ("apiVersion: v2", "t.yaml:1:apiVersion: unknown apiVersion \"v2\""),
+        ("  clusterIP: 198.19.0.10\n  colour: blue", "t.yaml:1:spec.colour: unknown field"),
+        ("  clusterIP: 198.19.300.1", "t.yaml:1:spec.clusterIP: \"198.19.300.1\" is not an IPv4 address"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: 70000}]", "t.yaml:1:spec.ports[0].port: port must be between 1 and 65535, got 70000"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: \"80\"}]", "t.yaml:1:spec.ports[0].port: expected an integer, got a string"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, targetPort: 0}]", "t.yaml:1:spec.ports[0].targetPort: port must be between 1 and 65535, got 0"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, targetPort: Http_1}]", "t.yaml:1:spec.ports[0].targetPort: \"Http_1\" is not a valid port name"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: 80}, {port: 81}]", "t.yaml:1:spec.ports[0].name: required when a Service has more than one port"),
+        ("  clusterIP: 198.19.0.10\n  ports: []", "t.yaml:1:spec.ports: a Service needs at least one port"),
+        ("  clusterIP: 198.19.0.10\n  selector: [a]\n  ports: [{port: 80}]", "t.yaml:1:spec.selector: expected a mapping, got a list"),
+        ("  clusterIP: 198.19.0.10\n  type: NodePort\n  ports: [{port: 80}]", "t.yaml:1:spec.type: only type ClusterIP is supported"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, protocol: ICMP}]", "t.yaml:1:spec.ports[0].protocol: protocol must be TCP, UDP or SCTP"),
+    ])
+    func badServicesNameFileDocumentAndField(patch: String, expected: String) throws {
+        var yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n"
+        if patch.hasPrefix("kind:") || patch.hasPrefix("apiVersion:") {
+            let key = patch.split(separator: ":")[0]
+            yaml = yaml.split(separator: "\n").map { $0.hasPrefix(key + ":") ? patch : String($0) }.joined(separator: "\n")
+            yaml = yaml.replacingOccurrences(of: "spec:\n  ports: [{port: 80}]", with: "spec:\n  clusterIP: 198.19.0.1\n  ports: [{port: 80}]")
+        } else {
+            yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n" + patch + "\n"
+            if !patch.contains("ports") { yaml += "  ports: [{port: 80}]\n" }
+        }
+        let line = try #require(errorLine(yaml))
+        #expect(line.hasPrefix(expected), "got: \(line)")
+    }
+
+    @Test func badMetadataAndLabels() throws {
+        #expect(try #require(errorLine(workload("Web_1", "198.18.1.2"))).hasPrefix("t.yaml:1:metadata.name: \"Web_1\" is not a valid name"))
+        #expect(try #require(errorLine(workload("w", "198.18.1.2", labels: "{\"bad key!\": x}"))).hasPrefix("t.yaml:1:metadata.labels.bad key!: \"bad key!\" is not a valid label key"))
+        #expect(try #require(errorLine(workload("w", "198.18.1.2", labels: "{app: 5}"))).hasPrefix("t.yaml:1:metadata.labels.app: expected a string, got a number"))
+        #expect(try #require(errorLine(workload("w", "198.18.1.2", ports: "[{name: a, port: 1}, {name: a, port: 2}]"))).hasPrefix("t.yaml:1:spec.ports[1].name: duplicate port name"))
+    }
+
+    @Test func notYAMLAtAllIsAnErrorNotACrash() {
+        let r = parse("apiVersion: v1\nkind: [unclosed\n")
+        #expect(r.resources.isEmpty)
+        #expect(r.errors.first?.description.hasPrefix("t.yaml:1:-: not valid YAML") == true)
+        #expect(parse("- just\n- a list\n").errors.first?.description == "t.yaml:1:-: expected a mapping, got a list (line 1)")
+    }
+
+    @Test func duplicateClusterIPsNamesAndAddressesAreRefusedWhole() {
+        let other = service.replacingOccurrences(of: "name: web,", with: "name: web2,")
+        let r = parse(service + "\n---\n" + other + "\n---\n" + workload("a", "198.18.1.2") + "\n---\n" + workload("b", "198.18.1.2")
+                      + "\n---\n" + workload("a", "198.18.1.3"))
+        guard case .failure(let errors) = ClusterState.build(r.resources) else { Issue.record("accepted"); return }
+        let lines = errors.errors.map(\.description)
+        #expect(lines.contains("t.yaml:2:spec.clusterIP: clusterIP 198.19.0.10 is already used by Service shop/web at t.yaml:1"))
+        #expect(lines.contains("t.yaml:4:spec.address: address 198.18.1.2 is already used by Workload shop/a at t.yaml:3"))
+        #expect(lines.contains("t.yaml:5:metadata.name: Workload shop/a is already defined at t.yaml:3"))
+    }
+
+    @Test func ipv4ParsingIsStrict() {
+        #expect(IPv4Address("198.19.0.10")?.value == 0xC613_000A)
+        for bad in ["198.19.0", "198.19.0.010", "198.19.0.256", "a.b.c.d", "1.2.3.4.5", "", " 1.2.3.4"] {
+            #expect(IPv4Address(bad) == nil, "\(bad)")
+        }
+        #expect(IPv4Prefix("198.18.0.0/16")?.contains(IPv4Address("198.18.200.1")!) == true)
+        #expect(IPv4Prefix("198.18.0.1/16") == nil)
+    }
+}
+
+@Suite struct BackendSelection {
+    func state(_ docs: [String]) throws -> ClusterState {
+        let r = parse(docs.joined(separator: "\n---\n"))
+        #expect(r.errors.isEmpty, "\(r.errors)")
+        return try ClusterState.build(r.resources).get()
+    }
+
+    @Test func selectorMatchesLabelsInTheServicesNamespaceOnly() throws {
+        let s = try state([service, workload("a", "198.18.1.2"), workload("b", "198.18.1.3", labels: "{app: web, version: v2}"),
+                           workload("c", "198.18.1.4", labels: "{app: api}"), workload("d", "198.18.1.5", ns: "other")])
+        let table = ServiceTable(s)
+        let http = try #require(table.entries[Frontend(vip: IPv4Address("198.19.0.10")!, port: 80, transport: .tcp)])
+        #expect(http.backends.map(\.description) == ["198.18.1.2:8080", "198.18.1.3:8080"])
+        #expect(http.name == "shop/web:http")
+        #expect(s.backends(of: s.services[0]).map(\.metadata.name) == ["a", "b"])
+    }
+
+    @Test func namedTargetPortResolvesPerWorkloadAndSkipsThoseWithoutIt() throws {
+        let s = try state([service, workload("a", "198.18.1.2", ports: "[{name: http, port: 8080}]"),
+                           workload("b", "198.18.1.3", ports: "[{name: http, port: 9090}]"),
+                           workload("c", "198.18.1.4", ports: "[{name: metrics, port: 9100}]")])
+        let table = ServiceTable(s)
+        let http = try #require(table.entries[Frontend(vip: IPv4Address("198.19.0.10")!, port: 80, transport: .tcp)])
+        #expect(http.backends.map(\.description) == ["198.18.1.2:8080", "198.18.1.3:9090"])
+        // The UDP port has a numeric targetPort: every selected workload backs it.
+        let dns = try #require(table.entries[Frontend(vip: IPv4Address("198.19.0.10")!, port: 53, transport: .udp)])
+        #expect(dns.backends.count == 3)
+    }
+
+    @Test func emptyOrMissingSelectorAndHeadlessHaveNoBackends() throws {
+        let noSelector = service.replacingOccurrences(of: "  selector: {app: web}\n", with: "")
+        let headless = service.replacingOccurrences(of: "name: web,", with: "name: h,").replacingOccurrences(of: "198.19.0.10", with: "None")
+        let s = try state([noSelector, headless, workload("a", "198.18.1.2")])
+        let table = ServiceTable(s)
+        #expect(table.entries.count == 2)  // headless has no frontend at all
+        #expect(table.entries.values.allSatisfy { $0.backends.isEmpty })
+    }
+}

@@ -1,0 +1,61 @@
+import Foundation
+import Glibc
+import Logging
+import Testing
+import WeftCore
+@testable import WeftKernel
+
+/// The loader against the real kernel: attach to a scratch cgroup, write a
+/// plan, read it back, attach again and see it adopted, uninstall.
+@Suite(.serialized, .enabled(if: Privilege.canRun, Privilege.skipReason))
+struct DatapathTests {
+    let cgroup: String
+    let pins: String
+
+    init() throws {
+        try #require(Privilege.isRoot, "CI=true: this test must run as root")
+        try Host.ensureBPFFS()
+        let mount = try #require(Host.cgroup2Mount())
+        cgroup = "\(mount)/weft-test-kernel-\(getpid())"
+        pins = "\(Host.bpffsRoot)/weft/test-kernel-\(getpid())"
+        try FileManager.default.createDirectory(atPath: cgroup, withIntermediateDirectories: true)
+    }
+
+    func cleanup() {
+        try? Datapath.uninstall(pinDirectory: pins)
+        rmdir(cgroup)
+    }
+
+    @Test func attachWriteReadBackAdoptUninstall() throws {
+        defer { cleanup() }
+        let logger = Logger(label: "test")
+        let first = try Datapath.attach(pinDirectory: pins, cgroupPath: cgroup, logger: logger)
+        #expect(Set(first.programs.map(\.name)) == ["weft_connect4", "weft_getpeername4", "weft_recvmsg4"])
+        #expect(first.programs.allSatisfy { $0.state == .attached })
+
+        let maps = try ServiceMaps(pinDirectory: pins)
+        let vip = IPv4Address("198.19.7.7")!
+        let f = Frontend(vip: vip, port: 80, transport: .tcp)
+        let b = BackendAddress(address: IPv4Address("198.18.7.2")!, port: 8080, transport: .tcp)
+        let desired = ServiceTable(entries: [f: .init(name: "t/t:80", backends: [b], needsProxy: false)])
+        let (target, writes) = ServiceMapPlanner.plan(desired: desired, current: try maps.snapshot())
+        try maps.apply(writes)
+        #expect(try maps.snapshot() == target)
+
+        // A second attach over the pins adopts everything and keeps the table.
+        let second = try Datapath.attach(pinDirectory: pins, cgroupPath: cgroup, logger: logger)
+        #expect(second.programs.allSatisfy { $0.state == .adopted })
+        #expect(second.programs.map(\.programID).sorted() == first.programs.map(\.programID).sorted())
+        #expect(try ServiceMaps(pinDirectory: pins).snapshot() == target)
+
+        try Datapath.uninstall(pinDirectory: pins)
+        #expect(!FileManager.default.fileExists(atPath: pins))
+    }
+
+    @Test func cgroupMountIsFoundOnUnifiedAndHybridHosts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+        #expect(Host.cgroup2Mount(mounts: hybrid) == "/sys/fs/cgroup/unified")
+        #expect(Host.cgroup2Mount(mounts: "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n") == "/sys/fs/cgroup")
+        #expect(Host.cgroup2Mount(mounts: "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n") == nil)
+    }
+}
