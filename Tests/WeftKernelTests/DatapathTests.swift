@@ -7,27 +7,20 @@ import WeftCore
 
 /// The loader against the real kernel: attach to a scratch cgroup, write a
 /// plan, read it back, attach again and see it adopted, uninstall.
-@Suite(.serialized, .enabled(if: Privilege.canRun, Privilege.skipReason))
+@Suite(.serialized)
 struct DatapathTests {
-    let cgroup: String
-    let pins: String
-
-    init() throws {
+    @Test(.enabled(if: Privilege.canRun, Privilege.skipReason))
+    func attachWriteReadBackAdoptUninstall() throws {
         try #require(Privilege.isRoot, "CI=true: this test must run as root")
         try Host.ensureBPFFS()
         let mount = try #require(Host.cgroup2Mount())
-        cgroup = "\(mount)/weft-test-kernel-\(getpid())"
-        pins = "\(Host.bpffsRoot)/weft/test-kernel-\(getpid())"
+        let cgroup = "\(mount)/weft-test-kernel-\(getpid())"
+        let pins = "\(Host.bpffsRoot)/weft/test-kernel-\(getpid())"
         try FileManager.default.createDirectory(atPath: cgroup, withIntermediateDirectories: true)
-    }
-
-    func cleanup() {
-        try? Datapath.uninstall(pinDirectory: pins)
-        rmdir(cgroup)
-    }
-
-    @Test func attachWriteReadBackAdoptUninstall() throws {
-        defer { cleanup() }
+        defer {
+            try? Datapath.uninstall(pinDirectory: pins)
+            rmdir(cgroup)
+        }
         let logger = Logger(label: "test")
         let first = try Datapath.attach(pinDirectory: pins, cgroupPath: cgroup, logger: logger)
         #expect(Set(first.programs.map(\.name)) == ["weft_connect4", "weft_getpeername4", "weft_recvmsg4"])

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Testing
 
 /// Whether tests that need root and BPF can run. Unprivileged runs skip them
 /// with this reason; under CI=true a missing privilege fails instead.

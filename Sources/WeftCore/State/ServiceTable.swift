@@ -45,6 +45,12 @@ public struct ServiceTable: Hashable, Sendable {
         public var backends: [BackendAddress]
         /// Set when the port needs the node proxy (issue #4); always false here.
         public var needsProxy: Bool
+
+        public init(name: String, backends: [BackendAddress], needsProxy: Bool) {
+            self.name = name
+            self.backends = backends
+            self.needsProxy = needsProxy
+        }
     }
 
     public var entries: [Frontend: Entry]
