@@ -198,20 +198,22 @@ public enum Lab {
         return stat[stat.index(close, offsetBy: 2)] == "Z"
     }
 
-    /// rmdir bottom-up; a cgroup directory is removed with rmdir, not unlink.
+    /// rmdir bottom-up (a cgroup directory is removed with rmdir, not unlink),
+    /// retrying while killed processes finish leaving it.
     static func removeCgroups(_ root: String) {
-        guard FileManager.default.fileExists(atPath: root) else { return }
-        var dirs: [String] = [root]
-        if let walker = FileManager.default.enumerator(atPath: root) {
-            while let sub = walker.nextObject() as? String {
-                var isDir: ObjCBool = false
-                if FileManager.default.fileExists(atPath: "\(root)/\(sub)", isDirectory: &isDir), isDir.boolValue {
-                    dirs.append("\(root)/\(sub)")
+        for _ in 0..<250 {
+            guard FileManager.default.fileExists(atPath: root) else { return }
+            var dirs: [String] = [root]
+            if let walker = FileManager.default.enumerator(atPath: root) {
+                while let sub = walker.nextObject() as? String {
+                    var isDir: ObjCBool = false
+                    if FileManager.default.fileExists(atPath: "\(root)/\(sub)", isDirectory: &isDir), isDir.boolValue {
+                        dirs.append("\(root)/\(sub)")
+                    }
                 }
             }
-        }
-        for dir in dirs.sorted(by: { $0.count > $1.count }) {
-            for _ in 0..<50 where rmdir(dir) != 0 && errno == EBUSY { usleep(20_000) }
+            for dir in dirs.sorted(by: { $0.count > $1.count }) { rmdir(dir) }
+            if FileManager.default.fileExists(atPath: root) { usleep(20_000) }
         }
     }
 }

@@ -1,0 +1,142 @@
+import Foundation
+import Glibc
+import Testing
+
+/// Drives the real `weft` binary and a real lab. Every test gets a fresh lab
+/// from its own manifests and tears it down afterwards, pass or fail.
+struct LabHarness {
+    static let isRoot = geteuid() == 0
+    static let inCI = ProcessInfo.processInfo.environment["CI"] == "true"
+    static let canRun = isRoot || inCI
+    static let skipReason: Comment = "end-to-end tests need root (network namespaces, cgroups, eBPF); under CI=true this fails instead of skipping"
+
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent()
+    static let tool = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/labtool.py").path
+    static let echoServer = packageRoot.appendingPathComponent("examples/demo/echo_server.py").path
+
+    /// The `weft` built next to the test bundle.
+    static var weft: String {
+        let here = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+        for candidate in [here.appendingPathComponent("weft").path,
+                          here.deletingLastPathComponent().appendingPathComponent("weft").path,
+                          packageRoot.appendingPathComponent(".build/debug/weft").path]
+        where FileManager.default.isExecutableFile(atPath: candidate) {
+            return candidate
+        }
+        return "weft"
+    }
+
+    let config: String
+
+    /// Writes `files` into a new config directory and brings a lab up on it.
+    init(files: [String: String], nodes: Int = 2) throws {
+        try #require(Self.isRoot, "CI=true: end-to-end tests must run as root")
+        config = FileManager.default.temporaryDirectory.appendingPathComponent("weft-e2e-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
+        for (name, text) in files { try write(name, text) }
+        _ = try? Self.run(["lab", "down"])
+        let up = try Self.run(["lab", "up", "--config", config, "--nodes", "\(nodes)"])
+        guard up.status == 0 else {
+            _ = try? Self.run(["lab", "down"])
+            throw HarnessError("lab up failed: \(up.output)")
+        }
+    }
+
+    func down() {
+        _ = try? Self.run(["lab", "down"])
+        try? FileManager.default.removeItem(atPath: config)
+    }
+
+    /// Replaces a config file atomically (write + rename), as editors and
+    /// `weft apply` do; returns the wall-clock time of the rename.
+    @discardableResult
+    func write(_ name: String, _ text: String) throws -> Double {
+        let tmp = "\(config)/.\(name).tmp"
+        try text.write(toFile: tmp, atomically: false, encoding: .utf8)
+        guard rename(tmp, "\(config)/\(name)") == 0 else { throw HarnessError("rename \(name)") }
+        return Date().timeIntervalSince1970
+    }
+
+    /// Runs labtool.py in a pod and decodes its JSON line.
+    func tool(in pod: String, _ args: [String]) throws -> [String: Any] {
+        let r = try Self.run(["lab", "exec", pod, "--", "python3", Self.tool] + args)
+        guard r.status == 0, let line = r.output.split(separator: "\n").last,
+              let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw HarnessError("labtool \(args) in \(pod) failed: \(r.output)")
+        }
+        return json
+    }
+
+    /// Starts labtool.py in a pod in the background.
+    func startTool(in pod: String, _ args: [String]) throws -> BackgroundRun {
+        try BackgroundRun([Self.weft, "lab", "exec", pod, "--", "python3", Self.tool] + args)
+    }
+
+    @discardableResult
+    static func run(_ args: [String]) throws -> (status: Int32, output: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: weft)
+        p.arguments = args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    /// Leftovers a test must never leave.
+    static func leftovers() -> [String] {
+        var out: [String] = []
+        let netns = ((try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? "")
+            .split(separator: "\n").filter { $0.contains("/run/netns/weft") }
+        out += netns.map(String.init)
+        if let pins = try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/bpf/weft"), !pins.isEmpty {
+            out += pins.map { "/sys/fs/bpf/weft/\($0)" }
+        }
+        return out
+    }
+}
+
+struct HarnessError: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// A process running while the test does other things; `finish()` waits and
+/// returns its output.
+final class BackgroundRun: @unchecked Sendable {
+    let process = Process()
+    let pipe = Pipe()
+    private var data = Data()
+    private let reader: Thread
+
+    init(_ argv: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: argv[0])
+        process.arguments = Array(argv.dropFirst())
+        process.standardOutput = pipe
+        process.standardError = pipe
+        let handle = pipe.fileHandleForReading
+        let box = DataBox()
+        reader = Thread { box.data = handle.readDataToEndOfFile() }
+        self.box = box
+        try process.run()
+        reader.start()
+    }
+
+    private let box: DataBox
+    private final class DataBox: @unchecked Sendable { var data = Data() }
+
+    func finish() throws -> [String: Any] {
+        process.waitUntilExit()
+        while !reader.isFinished { usleep(5_000) }
+        let text = String(decoding: box.data, as: UTF8.self)
+        guard let line = text.split(separator: "\n").last,
+              let json = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw HarnessError("background tool failed: \(text)")
+        }
+        return json
+    }
+}

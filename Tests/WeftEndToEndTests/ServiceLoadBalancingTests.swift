@@ -1,0 +1,200 @@
+import Foundation
+import Testing
+
+private let ns = "e2e"
+
+private func workload(_ name: String, node: String, address: String, labels: String = "{app: web}",
+                      command: String? = nil, port: Int = 8080) -> String {
+    let cmd = command ?? "python3 \(LabHarness.echoServer) \(port)"
+    return """
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: \(name), namespace: \(ns), labels: \(labels), annotations: {lab.weft.dev/command: "\(cmd)"}}
+        spec: {serviceAccount: \(name), node: \(node), address: \(address), ports: [{name: http, port: \(port)}]}
+        """
+}
+
+private let client = """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: client, namespace: \(ns), labels: {app: client}, annotations: {lab.weft.dev/command: "sleep infinity"}}
+    spec: {node: n1, address: 198.18.1.10}
+    """
+
+private let services = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web, namespace: \(ns)}
+    spec:
+      clusterIP: 198.19.0.10
+      selector: {app: web}
+      ports: [{name: http, port: 80, targetPort: http}]
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: empty, namespace: \(ns)}
+    spec:
+      clusterIP: 198.19.0.20
+      selector: {app: nothing-matches}
+      ports: [{port: 80, targetPort: 8080}]
+    """
+
+private func webPods(_ labels: [String] = ["{app: web}", "{app: web}", "{app: web}"]) -> String {
+    [client,
+     workload("web-1", node: "n1", address: "198.18.1.12", labels: labels[0]),
+     workload("web-2", node: "n2", address: "198.18.2.12", labels: labels[1]),
+     workload("web-3", node: "n2", address: "198.18.2.13", labels: labels[2])].joined(separator: "\n---\n")
+}
+
+/// Waits until every web pod answers on its own address (servers start async).
+private func waitForServers(_ lab: LabHarness, _ addresses: [String]) throws {
+    for address in addresses {
+        var ok = false
+        for _ in 0..<100 {
+            if let r = try? lab.tool(in: "client", ["tally", address, "8080", "1"]),
+               (r["errors"] as? [Any])?.isEmpty == true { ok = true; break }
+            usleep(50_000)
+        }
+        try #require(ok, "server at \(address) never answered")
+    }
+}
+
+@Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
+struct ServiceLoadBalancingTests {
+    @Test func clusterIPReachesEveryBackendOver100Connections() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        let r = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "100"])
+        let counts = try #require(r["counts"] as? [String: Int])
+        #expect((r["errors"] as? [Any])?.isEmpty == true, "\(r)")
+        #expect(counts.values.reduce(0, +) == 100)
+        #expect(Set(counts.keys) == ["web-1", "web-2", "web-3"], "\(counts)")
+        // The application sees the address it dialed, not the pod chosen.
+        let peer = try lab.tool(in: "client", ["peer", "198.19.0.10", "80"])
+        #expect((peer["peer"] as? [Any])?.first as? String == "198.19.0.10")
+        #expect((peer["peer"] as? [Any])?.last as? Int == 80)
+        // `weft get services` reads the same table back from the pinned maps.
+        let get = try LabHarness.run(["get", "services", "--node", "n1"])
+        #expect(get.output.contains("e2e/web:http"))
+        #expect(get.output.contains("198.18.1.12:8080, 198.18.2.12:8080, 198.18.2.13:8080") ||
+                get.output.contains("198.18.1.12:8080") && get.output.contains("198.18.2.13:8080"))
+    }
+
+    @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": client])
+        defer { lab.down() }
+        let r = try lab.tool(in: "client", ["refused", "198.19.0.20", "80"])
+        #expect(r["result"] as? String == "ECONNREFUSED", "\(r)")
+        // The selector matches pods only in a file written later: web has none yet either.
+        let web = try lab.tool(in: "client", ["refused", "198.19.0.10", "80"])
+        #expect(web["result"] as? String == "ECONNREFUSED", "\(web)")
+        let status = try LabHarness.run(["status", "--node", "n1"])
+        #expect(status.output.contains("no_backend=2"), "\(status.output)")
+    }
+
+    @Test func backendsFollowLabelChangesAndScaleDownWithin100ms() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        let probe = try lab.startTool(in: "client", ["probe", "198.19.0.10", "80", "4"])
+        usleep(1_200_000)
+        // Relabel web-3 out of the Service.
+        let relabelled = try lab.write("pods.yaml", webPods(["{app: web}", "{app: web}", "{app: other}"]))
+        usleep(1_200_000)
+        // Scale down: web-2's Workload is removed.
+        let scaledDown = try lab.write("pods.yaml", [client, workload("web-1", node: "n1", address: "198.18.1.12"),
+                                                     workload("web-3", node: "n2", address: "198.18.2.13", labels: "{app: other}")]
+                                                    .joined(separator: "\n---\n"))
+        let result = try probe.finish()
+        let seen = try #require(result["seen"] as? [[Any]]).compactMap { pair -> (Double, String)? in
+            guard let t = pair.first as? Double, let pod = pair.last as? String else { return nil }
+            return (t, pod)
+        }
+        #expect((result["errors"] as? [Any])?.isEmpty == true, "\(result["errors"] ?? [])")
+        #expect(seen.contains { $0.0 < relabelled && $0.1 == "web-3" }, "web-3 served before the relabel")
+        #expect(seen.contains { $0.0 < scaledDown && $0.1 == "web-2" }, "web-2 served before the scale-down")
+        let lastWeb3 = seen.filter { $0.1 == "web-3" }.map(\.0).max() ?? 0
+        let lastWeb2 = seen.filter { $0.1 == "web-2" }.map(\.0).max() ?? 0
+        // A connection already in flight at the write may still land: count
+        // from the write to the last connection that reached the old backend.
+        #expect(lastWeb3 - relabelled < 0.100, "web-3 chosen \(Int((lastWeb3 - relabelled) * 1000)) ms after the relabel")
+        #expect(lastWeb2 - scaledDown < 0.100, "web-2 chosen \(Int((lastWeb2 - scaledDown) * 1000)) ms after the scale-down")
+        #expect(seen.last?.1 == "web-1")
+    }
+
+    @Test func badManifestIsRefusedWholeAndPreviousServicesKeepServing() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        // One valid change (web-1 leaves) and one bad document in the same set:
+        // nothing of it may apply.
+        let broken = services.replacingOccurrences(of: "clusterIP: 198.19.0.20", with: "clusterIP: 198.19.0.10")
+        try lab.write("services.yaml", broken)
+        try lab.write("pods.yaml", webPods(["{app: gone}", "{app: web}", "{app: web}"]))
+        var status = ""
+        for _ in 0..<100 {
+            status = try LabHarness.run(["status", "--node", "n1"]).output
+            if status.contains("REFUSED") { break }
+            usleep(20_000)
+        }
+        #expect(status.contains("REFUSED, generation 1 stays in force"), "\(status)")
+        #expect(status.contains("services.yaml:2:spec.clusterIP: clusterIP 198.19.0.10 is already used by Service e2e/web"), "\(status)")
+        let r = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "30"])
+        #expect(Set((r["counts"] as? [String: Int])?.keys ?? [:].keys) == ["web-1", "web-2", "web-3"], "\(r)")
+        let validate = try LabHarness.run(["validate", "-f", lab.config])
+        #expect(validate.status == 1)
+        #expect(validate.output.contains("services.yaml:2:spec.clusterIP:"))
+        // Fixing the file applies the whole pending set at once.
+        try lab.write("services.yaml", services)
+        for _ in 0..<100 {
+            status = try LabHarness.run(["status", "--node", "n1"]).output
+            if status.contains("generation: 2") { break }
+            usleep(20_000)
+        }
+        #expect(status.contains("config:     ok"), "\(status)")
+        let after = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "30"])
+        #expect(Set((after["counts"] as? [String: Int])?.keys ?? [:].keys) == ["web-2", "web-3"], "\(after)")
+    }
+
+    @Test func agentKill9AndRestartLosesNoConnectionAndKeepsTheVIP() throws {
+        let stream = workload("stream", node: "n2", address: "198.18.2.20", labels: "{app: stream}",
+                              command: "python3 \(LabHarness.tool) stream-server 9000", port: 9000)
+        let streamService = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: stream, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.30, selector: {app: stream}, ports: [{port: 9000}]}
+            """
+        let lab = try LabHarness(files: ["services.yaml": services + "\n---\n" + streamService,
+                                         "pods.yaml": webPods() + "\n---\n" + stream])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        var streamUp = false
+        for _ in 0..<100 where !streamUp {
+            streamUp = (try? lab.tool(in: "client", ["refused", "198.18.2.20", "9000"]))?["result"] as? String == "connected"
+            if !streamUp { usleep(50_000) }
+        }
+        try #require(streamUp)
+        let long = try lab.startTool(in: "client", ["stream-client", "198.19.0.30", "9000", "4"])
+        usleep(1_000_000)
+        let restart = try LabHarness.run(["lab", "restart-agent", "n1", "--kill"])
+        #expect(restart.status == 0, "\(restart.output)")
+        // New connections through the VIP work right after the restart too.
+        let r = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "20"])
+        #expect((r["counts"] as? [String: Int])?.values.reduce(0, +) == 20, "\(r)")
+        let result = try long.finish()
+        #expect(result["ok"] as? Bool == true, "\(result)")
+        #expect((result["received"] as? Int ?? 0) > 100 * 1024, "\(result)")
+        let status = try LabHarness.run(["status", "--node", "n1"]).output
+        #expect(status.contains("weft_connect4 (adopted"), "\(status)")
+    }
+
+    @Test func labDownLeavesNothingBehind() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": client])
+        lab.down()
+        #expect(LabHarness.leftovers().isEmpty, "\(LabHarness.leftovers())")
+        let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/unified")) ?? []
+        #expect(!cgroups.contains { $0.hasPrefix("weft-lab") }, "\(cgroups)")
+    }
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Clients and servers the end-to-end tests run inside lab pods. Each client
+prints one JSON line with what it observed; the Swift test decides."""
+import errno
+import json
+import socket
+import sys
+import threading
+import time
+
+
+def http_get(host, port, timeout=2.0):
+    """One request on a new connection; returns the X-Pod of the answer."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    for line in data.split(b"\r\n"):
+        if line.lower().startswith(b"x-pod:"):
+            return line.split(b":", 1)[1].strip().decode()
+    raise RuntimeError("no X-Pod in %r" % data[:200])
+
+
+def tally(host, port, n):
+    counts, errors = {}, []
+    for _ in range(int(n)):
+        try:
+            pod = http_get(host, int(port))
+            counts[pod] = counts.get(pod, 0) + 1
+        except OSError as e:
+            errors.append(errno.errorcode.get(e.errno, str(e)))
+    print(json.dumps({"counts": counts, "errors": errors}))
+
+
+def probe(host, port, seconds):
+    """Back-to-back new connections for a while: (unix time, pod) for each."""
+    seen, errors = [], []
+    end = time.time() + float(seconds)
+    while time.time() < end:
+        try:
+            pod = http_get(host, int(port), timeout=1.0)
+            seen.append((time.time(), pod))
+        except OSError as e:
+            errors.append((time.time(), errno.errorcode.get(e.errno, str(e))))
+    print(json.dumps({"seen": seen, "errors": errors}))
+
+
+def refused(host, port):
+    s = socket.socket()
+    s.settimeout(3.0)
+    start = time.monotonic()
+    try:
+        s.connect((host, int(port)))
+        result = "connected"
+    except socket.timeout:
+        result = "timeout"
+    except OSError as e:
+        result = errno.errorcode.get(e.errno, str(e))
+    print(json.dumps({"result": result, "ms": (time.monotonic() - start) * 1000}))
+
+
+def peer(host, port):
+    with socket.create_connection((host, int(port)), timeout=2.0) as s:
+        print(json.dumps({"peer": list(s.getpeername())}))
+
+
+def stream_server(port):
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", int(port)))
+    srv.listen(128)
+
+    def echo(conn):
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+
+def pattern(offset, size):
+    return bytes((offset + i) * 7 % 251 for i in range(size))
+
+
+def stream_client(host, port, seconds):
+    """One long-lived connection echoing a checkable byte pattern."""
+    s = socket.create_connection((host, int(port)), timeout=5.0)
+    sent = received = 0
+    ok = True
+    end = time.time() + float(seconds)
+    while time.time() < end:
+        chunk = pattern(sent, 1024)
+        s.sendall(chunk)
+        sent += len(chunk)
+        while received < sent:
+            data = s.recv(sent - received)
+            if not data:
+                ok = False
+                break
+            if data != pattern(received, len(data)):
+                ok = False
+            received += len(data)
+        if not ok:
+            break
+        time.sleep(0.01)
+    s.close()
+    print(json.dumps({"sent": sent, "received": received, "ok": ok}))
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
+     "stream-server": stream_server, "stream-client": stream_client}[command](*args)
