@@ -149,8 +149,18 @@ public enum Lab {
         // Agents first (SIGTERM: they exit leaving pins, which go below), then pods.
         var pids = Set(plan?.nodes.compactMap(\.agentPid) ?? [])
         pids.formUnion(plan?.pods.compactMap(\.pid) ?? [])
-        for root in roots { pids.formUnion(pidsUnder(root)) }
-        terminate(pids)
+        var killed: Set<Int32> = []
+        // Rounds: a pod's shell may fork while we kill it, so rescan the lab's
+        // cgroups until no process is left in them.
+        for _ in 0..<10 {
+            for root in roots { pids.formUnion(pidsUnder(root)) }
+            pids.subtract(killed.filter { kill($0, 0) != 0 })
+            if pids.isEmpty { break }
+            terminate(pids)
+            killed.formUnion(pids)
+            pids = []
+        }
+        pids = killed
         for root in roots { removeCgroups(root) }
         let netns = ((try? ProcessRunner.run(["ip", "netns", "list"])) ?? "")
             .split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
