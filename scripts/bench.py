@@ -81,7 +81,7 @@ def write(name, text):
 
 
 def ab(url, n=4000, c=8):
-    out = in_pod("client", "ab", "-q", "-n", str(n), "-c", str(c), url)
+    out = in_pod("client", "timeout", "120", "ab", "-q", "-n", str(n), "-c", str(c), url)
     rps = float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))
     pct = dict(re.findall(r"^\s+(\d+)%\s+(\d+)", out, re.M))
     failed = int(re.search(r"Failed requests:\s+(\d+)", out).group(1))
@@ -89,7 +89,7 @@ def ab(url, n=4000, c=8):
 
 
 def iperf(host):
-    out = in_pod("client", "iperf3", "-c", host, "-p", "5201", "-t", "3", "-J")
+    out = in_pod("client", "timeout", "30", "iperf3", "-c", host, "-p", "5201", "-t", "3", "-J")
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -127,7 +127,7 @@ http { access_log off; server { listen 8080 reuseport backlog=4096;
     try:
         sh(WEFT, "lab", "up", "--config", CONFIG, "--nodes", "2")
         wait_for(lambda: "ok" in in_pod("client", "curl", "-s", "-m", "1", "http://198.18.2.12:8080/", check=False), "nginx")
-        wait_for(lambda: in_pod("client", "iperf3", "-c", "198.18.2.20", "-t", "0.1", check=False) != "", "iperf3")
+        wait_for(lambda: "receiver" in in_pod("client", "timeout", "10", "iperf3", "-c", "198.18.2.20", "-n", "1K", check=False), "iperf3")
 
         # 1. Datapath, interleaved rounds.
         http = {"direct": [], "clusterIP": []}
@@ -230,4 +230,6 @@ def report(r):
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("interrupted"))
     main()
