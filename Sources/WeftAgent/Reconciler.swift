@@ -36,6 +36,8 @@ final class Reconciler {
     @discardableResult
     func reconcile() -> Bool {
         let start = ContinuousClock.now
+        var phases: [(String, ContinuousClock.Instant)] = [("start", start)]
+        func mark(_ name: String) { phases.append((name, .now)) }
         let state: ClusterState
         switch cache.load(directory: configuration.configDirectory) {
         case .failure(let errors):
@@ -51,10 +53,14 @@ final class Reconciler {
                 applied = try maps.snapshot()
                 kernelUncertain = false
             }
+            mark("load")
             let table = ServiceTable(state)
+            mark("table")
             let (target, writes) = ServiceMapPlanner.plan(desired: table, current: applied)
+            mark("plan")
             do {
                 try maps.apply(writes)
+                mark("write")
             } catch {
                 kernelUncertain = true
                 throw error
@@ -79,6 +85,10 @@ final class Reconciler {
                                                serviceAccount: $0.serviceAccount, labels: $0.metadata.labels)
                 }
             }
+            mark("status")
+            logger.debug("reconcile phases", metadata: Logger.Metadata(uniqueKeysWithValues: zip(phases.dropFirst(), phases).map {
+                ($0.0.0, .string(String(format: "%.1fms", ($0.0.1 - $0.1.1).seconds * 1000)))
+            }))
             if !writes.isEmpty || changed {
                 logger.info("config in force", metadata: [
                     "generation": "\(status.withLock { $0.generation })", "services": "\(state.services.count)",

@@ -64,7 +64,7 @@ public enum ManifestReader {
         var errors: [ManifestError] = []
         let parser: Parser
         do {
-            parser = try Parser(yaml: text)
+            parser = try Parser(yaml: text, resolver: .basic)
         } catch {
             return ([], [ManifestError(DocumentLocation(file: file, document: 1), field: "", "not valid YAML: \(error)")])
         }
