@@ -1,0 +1,56 @@
+import Foundation
+import Testing
+
+/// `weft validate` and `weft apply` through the real binary; no root needed.
+@Suite struct ConfigCommandTests {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("weft-apply-\(UUID().uuidString.prefix(8))").path
+
+    func file(_ name: String, _ text: String) throws -> String {
+        let path = "\(dir)/\(name)"
+        try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    static let service = """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: web, namespace: shop}
+        spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80}]}
+        """
+
+    @Test func applyValidatesAgainstTheWholeConfigAndWritesNothingOnError() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = "\(dir)/config"
+        _ = try file("config/services.yaml", Self.service)
+        // Same clusterIP under another name: refused with file:doc:field, nothing written.
+        let clash = try file("incoming/other.yaml", Self.service.replacingOccurrences(of: "name: web,", with: "name: api,"))
+        let refused = try LabHarness.run(["apply", "-f", clash, "--config", config])
+        #expect(refused.status == 1)
+        #expect(refused.output.contains("other.yaml:1:spec.clusterIP: clusterIP 198.19.0.10 is already used by Service shop/web"), "\(refused.output)")
+        #expect(refused.output.contains("nothing applied"))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config) == ["services.yaml"])
+
+        let good = try file("incoming/api.yaml", Self.service.replacingOccurrences(of: "name: web,", with: "name: api,")
+                                .replacingOccurrences(of: "198.19.0.10", with: "198.19.0.11"))
+        let applied = try LabHarness.run(["apply", "-f", good, "--config", config])
+        #expect(applied.status == 0, "\(applied.output)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config).sorted() == ["api.yaml", "services.yaml"])
+        let validate = try LabHarness.run(["validate", "-f", config])
+        #expect(validate.status == 0)
+        #expect(validate.output.contains("valid: 2 Service(s), 0 Workload(s)"))
+    }
+
+    @Test func validateListsEveryErrorAndExitsNonZero() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let bad = try file("bad.yaml", Self.service.replacingOccurrences(of: "port: 80", with: "port: 99999")
+                           + "\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {}\n")
+        let r = try LabHarness.run(["validate", "-f", bad])
+        #expect(r.status == 1)
+        #expect(r.output.contains("bad.yaml:1:spec.ports[0].port: port must be between 1 and 65535, got 99999"), "\(r.output)")
+        #expect(r.output.contains("bad.yaml:2:kind: unknown kind \"Pod\""), "\(r.output)")
+        let missing = try LabHarness.run(["validate", "-f", "\(dir)/nope"])
+        #expect(missing.status == 1)
+        #expect(missing.output.contains("no such file or directory"))
+    }
+}
