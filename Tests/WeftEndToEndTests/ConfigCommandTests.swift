@@ -53,4 +53,22 @@ import Testing
         #expect(missing.status == 1)
         #expect(missing.output.contains("no such file or directory"))
     }
+
+    @Test(.enabled(if: LabHarness.canRun, LabHarness.skipReason))
+    func agentRefusesWithOneSentenceWithoutPrivilege() throws {
+        try #require(LabHarness.isRoot, "CI=true: must run as root to drop privileges")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+        p.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                       LabHarness.weft, "agent", "--config", "/tmp", "--node", "weft-unprivileged"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 2)
+        #expect(out == "weft agent: weft agent needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load eBPF programs; run it as root.\n", "\(out)")
+        #expect(!FileManager.default.fileExists(atPath: "/sys/fs/bpf/weft/weft-unprivileged"))
+    }
 }
