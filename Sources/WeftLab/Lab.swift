@@ -57,7 +57,7 @@ public enum Lab {
                 plan.nodes[i].agentPid = try spawn(
                     weftBinary, netns: node.netns, cgroup: node.agentCgroup, log: "\(logDirectory)/agent-\(node.name).log",
                     command: [weftBinary, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup],
-                    environment: [:])
+                    environment: [:], workingDirectory: config)
                 try save(plan)
             }
             for node in plan.nodes {
@@ -73,7 +73,8 @@ public enum Lab {
                     log: "\(logDirectory)/pod-\(parts.joined(separator: "-")).log",
                     command: ["/bin/sh", "-c", command],
                     environment: ["WEFT_POD_NAME": parts.last ?? "", "WEFT_POD_NAMESPACE": parts.first ?? "",
-                                  "WEFT_POD_IP": pod.address, "WEFT_NODE": pod.node])
+                                  "WEFT_POD_IP": pod.address, "WEFT_NODE": pod.node],
+                    workingDirectory: config)
                 try save(plan)
             }
             say("pods: \(plan.pods.map { "\($0.name)@\($0.node)=\($0.address)" }.joined(separator: ", "))")
@@ -88,12 +89,12 @@ public enum Lab {
     /// Starts `command` detached, in a netns and cgroup, through
     /// `weft lab run-in` (which joins them and execs).
     static func spawn(_ weft: String, netns: String, cgroup: String, log: String, command: [String],
-                      environment: [String: String]) throws -> Int32 {
+                      environment: [String: String], workingDirectory: String) throws -> Int32 {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: weft)
         process.arguments = ["lab", "run-in", "--netns", netns, "--cgroup", cgroup, "--"] + command
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        process.currentDirectoryURL = URL(fileURLWithPath: loadPlan()?.configDirectory ?? "/")
+        process.currentDirectoryURL = URL(fileURLWithPath: workingDirectory)
         if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
         let handle = FileHandle(forWritingAtPath: log)
         _ = try? handle?.seekToEnd()
@@ -118,7 +119,7 @@ public enum Lab {
         let new = try spawn(weftBinary, netns: node.netns, cgroup: node.agentCgroup,
                             log: "\(logDirectory)/agent-\(name).log",
                             command: [weftBinary, "agent", "--config", plan.configDirectory, "--node", name, "--cgroup", node.cgroup],
-                            environment: [:])
+                            environment: [:], workingDirectory: plan.configDirectory)
         plan.nodes[i].agentPid = new
         try save(plan)
         try waitForAgent(node: name, pid: new)
