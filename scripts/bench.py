@@ -120,7 +120,7 @@ def wait_for(cond, what, timeout=60):
                 return
         except Exception:
             pass
-        time.sleep(0.1)
+        time.sleep(0.01)
     raise SystemExit(f"timed out waiting for {what}")
 
 

@@ -14,7 +14,9 @@ final class Reconciler {
     private let logger: Logger
     let status: SharedStatus
     /// What the kernel's service maps hold, as of the last successful write.
-    private var applied: ServiceMapSnapshot
+    private var applied: ServiceMapIndex
+    /// The table those maps were planned from; nil forces a full plan.
+    private var lastTable: ServiceTable?
     private var inForce: ClusterState?
     /// Set when a write failed part-way: the next pass re-reads the kernel.
     private var kernelUncertain = false
@@ -26,11 +28,11 @@ final class Reconciler {
         self.logger = logger
         // Adopt: start from what the pinned maps hold (a previous agent's
         // work), so an unchanged config writes nothing.
-        self.applied = try maps.snapshot()
+        self.applied = ServiceMapIndex(try maps.snapshot())
     }
 
     /// Entries currently in the service and backend maps.
-    var mapFill: (services: Int, backends: Int) { (applied.slots.count, applied.backends.count) }
+    var mapFill: (services: Int, backends: Int) { (applied.snapshot.slots.count, applied.snapshot.backends.count) }
 
     /// Returns false when the config was refused or a write failed.
     @discardableResult
@@ -50,13 +52,19 @@ final class Reconciler {
         }
         do {
             if kernelUncertain {
-                applied = try maps.snapshot()
+                applied = ServiceMapIndex(try maps.snapshot())
+                lastTable = nil
                 kernelUncertain = false
             }
             mark("load")
             let table = ServiceTable(state)
             mark("table")
-            let (target, writes) = ServiceMapPlanner.plan(desired: table, current: applied)
+            // Only frontends whose backends changed are planned; the first pass
+            // (adoption) compares everything against what the kernel holds.
+            // Planned in place: if a write then fails, the next pass rebuilds
+            // the index from the kernel (kernelUncertain), so nothing is lost.
+            let writes = ServiceMapPlanner.plan(desired: table, index: &applied,
+                                                only: lastTable.map { table.changedFrontends(since: $0) })
             mark("plan")
             do {
                 try maps.apply(writes)
@@ -65,7 +73,7 @@ final class Reconciler {
                 kernelUncertain = true
                 throw error
             }
-            applied = target
+            lastTable = table
             let seconds = (ContinuousClock.now - start).seconds
             let changed = inForce != state
             inForce = state

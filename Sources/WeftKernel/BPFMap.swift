@@ -43,6 +43,30 @@ public final class BPFMap<Key: BitwiseCopyable, Value: BitwiseCopyable>: @unchec
         try KernelError.check(bpf_map_update_elem(fd, &key, &value, UInt64(BPF_ANY)), "update \(path)")
     }
 
+    /// Updates many entries in one BPF_MAP_UPDATE_BATCH call. The kernel
+    /// applies them one by one in array order (not atomically as a set), so
+    /// callers keep the same ordering guarantees as with single updates.
+    public func updateBatch(_ keys: [Key], _ values: [Value]) throws(KernelError) {
+        precondition(keys.count == values.count)
+        var done = 0
+        while done < keys.count {
+            var count = UInt32(keys.count - done)
+            let rc = keys.withUnsafeBytes { k in
+                values.withUnsafeBytes { v in
+                    bpf_map_update_batch(fd, k.baseAddress! + done * MemoryLayout<Key>.stride,
+                                         v.baseAddress! + done * MemoryLayout<Value>.stride, &count, nil)
+                }
+            }
+            if rc == -EINVAL || rc == -ENOTSUP || rc == -EOPNOTSUPP {
+                // Kernels without batch support for this map type: one by one.
+                for i in done..<keys.count { try update(keys[i], values[i]) }
+                return
+            }
+            try KernelError.check(rc, "batch update \(path)")
+            done += Int(count)
+        }
+    }
+
     /// Deletes `key`; true if it was there.
     @discardableResult
     public func delete(_ key: Key) throws(KernelError) -> Bool {

@@ -33,28 +33,45 @@ public final class ServiceMaps: Sendable {
         return snapshot
     }
 
-    /// Carries out a plan's writes in order. Stops at the first failure and
-    /// reports it; the next reconcile starts from what the kernel then holds.
+    /// Carries out a plan's writes in order. Runs of puts to one map go in a
+    /// single batch call (210,000 writes: one syscall per run instead of one
+    /// per entry). Stops at the first failure and reports it; the next
+    /// reconcile starts from what the kernel then holds.
     public func apply(_ writes: [ServiceMapWrite]) throws(KernelError) {
-        for write in writes {
-            switch write {
-            case .putBackend(let id, let address):
-                var b = weft_backend()
-                b.addr = address.address.networkOrder
-                b.port = address.port.bigEndian
-                b.proto = address.transport.ipProtocol
-                try backends.update(id, b)
-            case .putSlot(let key, let value):
-                var v = weft_service_value()
-                v.backend_id = value.backendID
-                v.service_id = value.serviceID
-                v.count = value.count
-                v.flags = value.flags
-                try services.update(Self.encode(key), v)
+        var i = writes.startIndex
+        while i < writes.endIndex {
+            switch writes[i] {
+            case .putBackend:
+                var keys: [UInt32] = [], values: [weft_backend] = []
+                while i < writes.endIndex, case .putBackend(let id, let address) = writes[i] {
+                    var b = weft_backend()
+                    b.addr = address.address.networkOrder
+                    b.port = address.port.bigEndian
+                    b.proto = address.transport.ipProtocol
+                    keys.append(id)
+                    values.append(b)
+                    i += 1
+                }
+                try backends.updateBatch(keys, values)
+            case .putSlot:
+                var keys: [weft_service_key] = [], values: [weft_service_value] = []
+                while i < writes.endIndex, case .putSlot(let key, let value) = writes[i] {
+                    var v = weft_service_value()
+                    v.backend_id = value.backendID
+                    v.service_id = value.serviceID
+                    v.count = value.count
+                    v.flags = value.flags
+                    keys.append(Self.encode(key))
+                    values.append(v)
+                    i += 1
+                }
+                try services.updateBatch(keys, values)
             case .deleteSlot(let key):
                 try services.delete(Self.encode(key))
+                i += 1
             case .deleteBackend(let id):
                 try backends.delete(id)
+                i += 1
             }
         }
     }

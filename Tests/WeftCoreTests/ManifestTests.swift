@@ -160,3 +160,33 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(table.entries.values.allSatisfy { $0.backends.isEmpty })
     }
 }
+
+@Suite struct ParallelParsing {
+    @Test func chunkedParseEqualsWholeParseIncludingErrorsAndLines() {
+        var docs: [String] = []
+        for i in 0..<400 {
+            var doc = workload("w\(i)", "198.18.\(1 + i / 200).\(2 + i % 200)")
+            if i == 7 { doc = doc.replacingOccurrences(of: "serviceAccount: web", with: "serviceAccount: Web!") }
+            if i == 333 { doc += "\nextra: field" }
+            if i == 250 { doc = "--- # a comment after the marker\n" + doc }
+            docs.append(doc)
+        }
+        let text = docs.joined(separator: "\n---\n") + "\n---\n"
+        let (whole, _) = ManifestReader.parseWhole(text, file: "big.yaml")
+        for chunks in [2, 3, 7] {
+            #expect(ManifestReader.split(text, chunks: chunks).count == chunks)
+            let chunked = ManifestReader.parseChunked(text, file: "big.yaml", chunks: chunks)
+            #expect(chunked.resources == whole.resources)
+            #expect(chunked.errors == whole.errors)
+        }
+        #expect(whole.errors.count == 2)
+        // Doc 250 carries its own extra `---`: an empty document counts before it.
+        #expect(whole.errors.map(\.location.document) == [8, 335])
+    }
+
+    @Test func splitOnlyAtColumnZeroMarkers() {
+        let text = "a: |\n  --- not a marker\n  x\n---\nb: 1\n--- \nc: 2\n---x: 3\n"
+        let pieces = ManifestReader.split(text, chunks: 10).map { String($0.text) }
+        #expect(pieces == ["a: |\n  --- not a marker\n  x\n", "---\nb: 1\n", "--- \nc: 2\n---x: 3\n"])
+    }
+}

@@ -103,4 +103,47 @@ private func everyIntermediateStateIsConsistent(_ writes: [ServiceMapWrite], fro
         #expect(target.slots[.init(frontend(), slot: 0)]?.count == 0)
         #expect(target.frontends[0].backends.isEmpty)
     }
+
+    @Test func incrementalPlansAgreeWithFullPlansOverRandomChanges() {
+        var rng = SystemRandomNumberGenerator()
+        var index = ServiceMapIndex()
+        var previous = ServiceTable()
+        for _ in 0..<200 {
+            var entries = previous.entries.mapValues(\.backends)
+            for _ in 0..<Int.random(in: 1...4, using: &rng) {
+                let f = frontend(UInt16.random(in: 80...90, using: &rng))
+                if Bool.random(using: &rng) && entries[f] != nil && Int.random(in: 0...3, using: &rng) == 0 {
+                    entries[f] = nil
+                } else {
+                    entries[f] = (0..<Int.random(in: 0...6, using: &rng)).map { _ in backend(UInt32.random(in: 2...12, using: &rng)) }
+                }
+            }
+            let desired = table(entries.mapValues { Array(Set($0)).sorted() })
+            let before = index.snapshot
+            let writes = ServiceMapPlanner.plan(desired: desired, index: &index, only: desired.changedFrontends(since: previous))
+            #expect(everyIntermediateStateIsConsistent(writes, from: before))
+            #expect(apply(writes, to: before) == index.snapshot)
+            // The kernel state now is exactly what a full plan would want: it finds nothing to do.
+            let (_, fullWrites) = ServiceMapPlanner.plan(desired: desired, current: index.snapshot)
+            #expect(fullWrites.isEmpty, "\(fullWrites)")
+            for f in index.snapshot.frontends {
+                #expect(Set(f.backends.compactMap { $0 }) == Set(desired.entries[f.frontend]?.backends ?? []))
+            }
+            #expect(Set(index.snapshot.frontends.map(\.frontend)) == Set(desired.entries.keys))
+            // No backend without a slot naming it.
+            let named = Set(index.snapshot.slots.filter { $0.key.slot != 0 }.map(\.value.backendID))
+            #expect(Set(index.snapshot.backends.keys) == named)
+            previous = desired
+        }
+    }
+
+    @Test func fullPlanRemovesOrphanSlotsBeyondTheCount() {
+        var start = ServiceMapPlanner.plan(desired: table([frontend(): [backend(2)]]), current: .init()).target
+        // A crash between writing slot 2 and raising the count left an orphan.
+        start.backends[99] = backend(9)
+        start.slots[.init(frontend(), slot: 2)] = .init(backendID: 99, serviceID: 1, count: 0, flags: 0)
+        let (target, writes) = ServiceMapPlanner.plan(desired: table([frontend(): [backend(2)]]), current: start)
+        #expect(writes == [.deleteSlot(.init(frontend(), slot: 2)), .deleteBackend(id: 99)])
+        #expect(target.slots.count == 2 && target.backends.count == 1)
+    }
 }

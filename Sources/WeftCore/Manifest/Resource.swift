@@ -1,3 +1,6 @@
+import Dispatch
+import Foundation
+import Synchronization
 import Yams
 
 /// One parsed, individually valid manifest document.
@@ -58,15 +61,97 @@ public struct LocatedResource: Hashable, Sendable {
 /// Reads YAML files into resources. Collects every error it can find rather
 /// than stopping at the first, so one `weft validate` run lists them all.
 public enum ManifestReader {
+    /// Files above this size are split at document markers and parsed on
+    /// every core.
+    static let parallelThreshold = 256 * 1024
+
     /// Parses one file's text. `file` is only used in locations.
     public static func parse(_ text: String, file: String) -> (resources: [LocatedResource], errors: [ManifestError]) {
+        let cores = ProcessInfo.processInfo.activeProcessorCount
+        guard text.utf8.count > parallelThreshold, cores > 1 else { return parseWhole(text, file: file).0 }
+        return parseChunked(text, file: file, chunks: cores)
+    }
+
+    /// Splits `text` into about `chunks` pieces at lines that start a YAML
+    /// document (`---` at column 0, then end of line or a blank). Such a line
+    /// is a document boundary wherever it stands (YAML 1.2, c-forbidden: no
+    /// scalar may contain it), so each piece is a stream of whole documents.
+    /// Returns each piece with the line it starts on (0-based).
+    static func split(_ text: String, chunks: Int) -> [(text: Substring, firstLine: Int)] {
+        let utf8 = text.utf8
+        let target = max(utf8.count / max(chunks, 1), 1)
+        var pieces: [(Substring, Int)] = []
+        var start = text.startIndex
+        var startLine = 0
+        var line = 0
+        var lineStart = text.startIndex
+        var i = utf8.startIndex
+        while i < utf8.endIndex {
+            if utf8[i] == UInt8(ascii: "\n") {
+                line += 1
+                lineStart = utf8.index(after: i)
+                let rest = utf8[lineStart...]
+                if utf8.distance(from: start, to: lineStart) >= target, pieces.count < chunks - 1,
+                   rest.starts(with: "---".utf8) {
+                    let after = rest.dropFirst(3).first
+                    if after == nil || after == UInt8(ascii: "\n") || after == UInt8(ascii: " ")
+                        || after == UInt8(ascii: "\t") || after == UInt8(ascii: "\r") {
+                        pieces.append((text[start..<lineStart], startLine))
+                        start = lineStart
+                        startLine = line
+                    }
+                }
+            }
+            i = utf8.index(after: i)
+        }
+        pieces.append((text[start...], startLine))
+        return pieces
+    }
+
+    static func parseChunked(_ text: String, file: String, chunks: Int)
+        -> (resources: [LocatedResource], errors: [ManifestError])
+    {
+        let pieces = split(text, chunks: chunks)
+        let results = Mutex<[Int: ((resources: [LocatedResource], errors: [ManifestError]), documents: Int)]>([:])
+        DispatchQueue.concurrentPerform(iterations: pieces.count) { i in
+            let r = parseWhole(String(pieces[i].text), file: file)
+            results.withLock { $0[i] = r }
+        }
+        var resources: [LocatedResource] = []
+        var errors: [ManifestError] = []
+        var documentOffset = 0
+        let all = results.withLock { $0 }
+        for (i, piece) in pieces.enumerated() {
+            guard let (r, documents) = all[i] else { continue }
+            // Each piece counts its documents from 1: shift by those before it.
+            resources += r.resources.map {
+                var l = $0
+                l.location.document += documentOffset
+                return l
+            }
+            errors += r.errors.map {
+                var e = $0
+                e.location.document += documentOffset
+                e.line = e.line.map { $0 + piece.firstLine }
+                return e
+            }
+            documentOffset += documents
+            if r.errors.contains(where: { $0.reason.hasPrefix("not valid YAML") }) { break }
+        }
+        return (resources, errors)
+    }
+
+    /// The whole-text parse; also returns how many documents it walked.
+    static func parseWhole(_ text: String, file: String)
+        -> ((resources: [LocatedResource], errors: [ManifestError]), Int)
+    {
         var resources: [LocatedResource] = []
         var errors: [ManifestError] = []
         let parser: Parser
         do {
             parser = try Parser(yaml: text, resolver: .basic)
         } catch {
-            return ([], [ManifestError(DocumentLocation(file: file, document: 1), field: "", "not valid YAML: \(error)")])
+            return (([], [ManifestError(DocumentLocation(file: file, document: 1), field: "", "not valid YAML: \(error)")]), 1)
         }
         var index = 0
         while true {
@@ -88,6 +173,6 @@ public enum ManifestReader {
                 errors.append(error)
             }
         }
-        return (resources, errors)
+        return ((resources, errors), index - 1)
     }
 }

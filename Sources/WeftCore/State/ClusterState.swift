@@ -56,8 +56,8 @@ public struct ClusterState: Hashable, Sendable {
             }
         }
         guard errors.isEmpty else { return .failure(ManifestErrors(errors)) }
-        state.services.sort { $0.metadata.qualifiedName < $1.metadata.qualifiedName }
-        state.workloads.sort { $0.metadata.qualifiedName < $1.metadata.qualifiedName }
+        state.services.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
+        state.workloads.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         return .success(state)
     }
 

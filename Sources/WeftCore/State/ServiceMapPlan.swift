@@ -59,79 +59,187 @@ public enum ServiceMapWrite: Hashable, Sendable {
     case deleteBackend(id: UInt32)
 }
 
-/// Turns a desired ServiceTable into the map writes that bring the kernel
-/// from what it holds to what is desired, touching only what differs.
+/// What the kernel's service maps hold, with the indexes a plan needs kept
+/// alongside: backend id by address, how many slots name each backend, which
+/// ids are in use. Built once from a snapshot (O(entries)), then kept current
+/// by `apply`, so planning a change costs the size of the change.
+public struct ServiceMapIndex: Sendable {
+    public private(set) var snapshot: ServiceMapSnapshot
+    private(set) var idOf: [BackendAddress: UInt32] = [:]
+    private(set) var references: [UInt32: Int] = [:]
+    private(set) var serviceIDs: Set<UInt32> = []
+    /// No free backend id is below this.
+    private var lowestFreeBackend: UInt32 = 1
+    private var lowestFreeService: UInt32 = 1
+
+    public init(_ snapshot: ServiceMapSnapshot = .init()) {
+        self.snapshot = ServiceMapSnapshot()
+        apply(snapshot.backends.sorted { $0.key < $1.key }.map { .putBackend(id: $0.key, $0.value) })
+        apply(snapshot.slots.sorted { $0.key < $1.key }.map { .putSlot($0.key, $0.value) })
+    }
+
+    /// The frontends that have any entry in the maps, master or orphan slot.
+    var frontends: Set<Frontend> { Set(snapshot.slots.keys.map(\.frontend)) }
+
+    /// Backend ids in slot order for a frontend, as its master's count says.
+    func slots(of frontend: Frontend) -> [UInt32] {
+        guard let master = snapshot.slots[.init(frontend, slot: 0)] else { return [] }
+        return (0..<Int(master.count)).compactMap { snapshot.slots[.init(frontend, slot: UInt16($0 + 1))]?.backendID }
+    }
+
+    public mutating func apply(_ writes: [ServiceMapWrite]) {
+        for write in writes {
+            switch write {
+            case .putBackend(let id, let address):
+                if let old = snapshot.backends[id], idOf[old] == id { idOf[old] = nil }
+                snapshot.backends[id] = address
+                if let existing = idOf[address], existing < id {} else { idOf[address] = id }
+            case .putSlot(let key, let value):
+                let old = snapshot.slots.updateValue(value, forKey: key)
+                if key.slot == 0 {
+                    serviceIDs.insert(value.serviceID)
+                } else {
+                    if let old { references[old.backendID, default: 0] -= 1 }
+                    references[value.backendID, default: 0] += 1
+                }
+            case .deleteSlot(let key):
+                guard let old = snapshot.slots.removeValue(forKey: key) else { continue }
+                if key.slot == 0 {
+                    serviceIDs.remove(old.serviceID)
+                    lowestFreeService = min(lowestFreeService, old.serviceID)
+                } else {
+                    references[old.backendID, default: 0] -= 1
+                }
+            case .deleteBackend(let id):
+                guard let old = snapshot.backends.removeValue(forKey: id) else { continue }
+                if idOf[old] == id { idOf[old] = nil }
+                lowestFreeBackend = min(lowestFreeBackend, id)
+            }
+        }
+    }
+
+    /// Lowest backend id neither in the map nor in `taken`. Ids freed by the
+    /// plan being made are still in the map, so they are not reused in it.
+    mutating func freeBackendID(excluding taken: Set<UInt32>) -> UInt32 {
+        while snapshot.backends[lowestFreeBackend] != nil || taken.contains(lowestFreeBackend) { lowestFreeBackend += 1 }
+        var id = lowestFreeBackend
+        while snapshot.backends[id] != nil || taken.contains(id) { id += 1 }
+        return id
+    }
+
+    mutating func freeServiceID(excluding taken: Set<UInt32>) -> UInt32 {
+        while serviceIDs.contains(lowestFreeService) || taken.contains(lowestFreeService) { lowestFreeService += 1 }
+        var id = lowestFreeService
+        while serviceIDs.contains(id) || taken.contains(id) { id += 1 }
+        return id
+    }
+}
+
+/// Turns desired ServiceTable entries into the map writes that bring the
+/// kernel from what it holds to what is desired, touching only what differs.
 ///
 /// The write order keeps every intermediate state valid for a concurrent
 /// connect(): backends exist before any slot names them; a service's slots
 /// are written before its master raises the count, and deleted only after the
 /// master lowered it; a removed service loses its master (so no new lookups
-/// hit it) before its slots; backends go last. Ids of existing services and
-/// backends are kept, so a restarted agent over unchanged config writes nothing.
+/// hit it) before its slots; backends no slot names any more go last. Ids of
+/// existing services and backends are kept, so a restarted agent over an
+/// unchanged config writes nothing.
 public enum ServiceMapPlanner {
     /// The kernel's slot counter is 16 bits (WEFT_MAX_BACKENDS_PER_SERVICE).
     public static let maxBackendsPerService = 65535
 
+    /// Full plan: every frontend of `desired` and of the maps.
     public static func plan(desired table: ServiceTable, current: ServiceMapSnapshot)
         -> (target: ServiceMapSnapshot, writes: [ServiceMapWrite])
     {
-        var target = ServiceMapSnapshot()
-        var writes: [ServiceMapWrite] = []
+        var index = ServiceMapIndex(current)
+        let writes = plan(desired: table, index: &index, only: nil)
+        return (index.snapshot, writes)
+    }
 
-        // Backend ids: keep the lowest existing id per address, allocate the
-        // lowest free ones to new addresses.
-        var backendID: [BackendAddress: UInt32] = [:]
-        for (id, address) in current.backends.sorted(by: { $0.key < $1.key }) where backendID[address] == nil {
-            backendID[address] = id
-        }
-        let wanted = Set(table.entries.values.flatMap(\.backends))
-        // Ids freed by this plan are not reused in it: a slot still naming a
-        // stale backend must not reach a new address before it is rewritten.
-        var freeBackend = IDAllocator(used: Set(current.backends.keys))
-        for address in wanted.sorted() {
-            let id = backendID[address] ?? freeBackend.next()
-            backendID[address] = id
-            target.backends[id] = address
-            if current.backends[id] != address { writes.append(.putBackend(id: id, address)) }
-        }
-
-        // Service ids: kept from the current master entry.
-        var serviceID: [Frontend: UInt32] = [:]
-        var currentSlots: [Frontend: [UInt32]] = [:]
-        for (key, value) in current.slots where key.slot == 0 {
-            serviceID[key.frontend] = value.serviceID
-            currentSlots[key.frontend] = (0..<Int(value.count)).compactMap {
-                current.slots[.init(key.frontend, slot: UInt16($0 + 1))]?.backendID
+    /// Plans `desired` against `index` and applies the writes to it. With
+    /// `only`, just those frontends are compared (the caller knows nothing
+    /// else changed); without it, every frontend desired or present is, and
+    /// anything in the maps that nothing names is removed.
+    public static func plan(desired table: ServiceTable, index: inout ServiceMapIndex,
+                            only: Set<Frontend>?) -> [ServiceMapWrite] {
+        let frontends = (only ?? Set(table.entries.keys).union(index.frontends)).sorted()
+        var newBackends: [ServiceMapWrite] = []
+        var slotWrites: [ServiceMapWrite] = []
+        var removedMasters: [ServiceMapWrite] = []
+        var removedSlots: [ServiceMapWrite] = []
+        var takenBackendIDs: Set<UInt32> = []
+        var takenServiceIDs: Set<UInt32> = []
+        var released: Set<UInt32> = []
+        var pending: [BackendAddress: UInt32] = [:]
+        // Full plans also find slots beyond a master's count (a crash
+        // mid-write): group every slot by frontend once.
+        var allSlots: [Frontend: [(UInt16, UInt32)]] = [:]
+        if only == nil {
+            for (key, value) in index.snapshot.slots where key.slot != 0 {
+                allSlots[key.frontend, default: []].append((key.slot, value.backendID))
             }
         }
-        var freeService = IDAllocator(used: Set(serviceID.values))
 
-        for (frontend, entry) in table.entries.sorted(by: { $0.key < $1.key }) {
-            let sid = serviceID[frontend] ?? freeService.next()
-            let flags: UInt8 = entry.needsProxy ? 0x01 : 0
-            let ids = slotOrder(current: currentSlots[frontend] ?? [],
-                                desired: entry.backends.compactMap { backendID[$0] })
-                .prefix(maxBackendsPerService)
-            for (i, id) in ids.enumerated() {
+        for frontend in frontends {
+            let masterKey = ServiceMapSnapshot.SlotKey(frontend, slot: 0)
+            let master = index.snapshot.slots[masterKey]
+            // Every slot key present for this frontend, counted or not.
+            let presentSlots = UInt16(0)...UInt16(truncatingIfNeeded: max(Int(master?.count ?? 0), 0))
+            var existing = presentSlots.dropFirst().compactMap { slot -> (UInt16, UInt32)? in
+                index.snapshot.slots[.init(frontend, slot: slot)].map { (slot, $0.backendID) }
+            }
+            if only == nil { existing = (allSlots[frontend] ?? []).sorted { $0.0 < $1.0 } }
+            guard let entry = table.entries[frontend] else {
+                if master != nil { removedMasters.append(.deleteSlot(masterKey)) }
+                for (slot, id) in existing {
+                    removedSlots.append(.deleteSlot(.init(frontend, slot: slot)))
+                    released.insert(id)
+                }
+                continue
+            }
+            let ids = entry.backends.prefix(maxBackendsPerService).map { address -> UInt32 in
+                if let id = index.idOf[address] ?? pending[address] { return id }
+                let id = index.freeBackendID(excluding: takenBackendIDs)
+                takenBackendIDs.insert(id)
+                pending[address] = id
+                newBackends.append(.putBackend(id: id, address))
+                return id
+            }
+            let order = slotOrder(current: index.slots(of: frontend), desired: ids)
+            let sid: UInt32
+            if let master {
+                sid = master.serviceID
+            } else {
+                sid = index.freeServiceID(excluding: takenServiceIDs)
+                takenServiceIDs.insert(sid)
+            }
+            for (i, id) in order.enumerated() {
                 let key = ServiceMapSnapshot.SlotKey(frontend, slot: UInt16(i + 1))
                 let value = ServiceMapSnapshot.SlotValue(backendID: id, serviceID: sid, count: 0, flags: 0)
-                target.slots[key] = value
-                if current.slots[key] != value { writes.append(.putSlot(key, value)) }
+                if index.snapshot.slots[key] != value { slotWrites.append(.putSlot(key, value)) }
             }
-            let master = ServiceMapSnapshot.SlotKey(frontend, slot: 0)
-            let masterValue = ServiceMapSnapshot.SlotValue(backendID: 0, serviceID: sid,
-                                                           count: UInt16(ids.count), flags: flags)
-            target.slots[master] = masterValue
-            if current.slots[master] != masterValue { writes.append(.putSlot(master, masterValue)) }
+            let masterValue = ServiceMapSnapshot.SlotValue(backendID: 0, serviceID: sid, count: UInt16(order.count),
+                                                           flags: entry.needsProxy ? 0x01 : 0)
+            if master != masterValue { slotWrites.append(.putSlot(masterKey, masterValue)) }
+            for (slot, id) in existing where Int(slot) > order.count {
+                slotWrites.append(.deleteSlot(.init(frontend, slot: slot)))
+                released.insert(id)
+            }
+            for (slot, id) in existing where Int(slot) <= order.count && order[Int(slot) - 1] != id {
+                released.insert(id)
+            }
         }
-
-        // Everything in the map that the target does not hold: masters first
-        // (a removed service stops matching at once), then slots, then backends.
-        let stale = current.slots.keys.filter { target.slots[$0] == nil }.sorted()
-        writes += stale.filter { $0.slot == 0 }.map { .deleteSlot($0) }
-        writes += stale.filter { $0.slot != 0 }.map { .deleteSlot($0) }
-        writes += current.backends.keys.filter { target.backends[$0] == nil }.sorted().map { .deleteBackend(id: $0) }
-        return (target, writes)
+        var writes = newBackends + slotWrites + removedMasters + removedSlots
+        index.apply(writes)
+        // Backends no slot names any more; in a full plan, every such backend.
+        let candidates = only == nil ? Set(index.snapshot.backends.keys) : released
+        let unreferenced = candidates.filter { (index.references[$0] ?? 0) <= 0 && index.snapshot.backends[$0] != nil }
+            .sorted().map { ServiceMapWrite.deleteBackend(id: $0) }
+        index.apply(unreferenced)
+        writes += unreferenced
+        return writes
     }
 
     /// Slot order that moves as few slots as possible: surviving backends keep
@@ -151,21 +259,18 @@ public enum ServiceMapPlanner {
         }
         var order = slots.compactMap { $0 }
         let present = Set(order)
-        order += desired.filter { !present.contains($0) }
+        var added: Set<UInt32> = []
+        order += desired.filter { !present.contains($0) && added.insert($0).inserted }
         return order
     }
 }
 
-/// Hands out the lowest ids (from 1) not in use.
-struct IDAllocator {
-    private var used: Set<UInt32>
-    private var cursor: UInt32 = 1
-
-    init(used: Set<UInt32>) { self.used = used }
-
-    mutating func next() -> UInt32 {
-        while used.contains(cursor) { cursor += 1 }
-        used.insert(cursor)
-        return cursor
+extension ServiceTable {
+    /// Frontends whose entry differs between two tables (added, removed or changed).
+    public func changedFrontends(since previous: ServiceTable) -> Set<Frontend> {
+        var changed: Set<Frontend> = []
+        for (frontend, entry) in entries where previous.entries[frontend] != entry { changed.insert(frontend) }
+        for frontend in previous.entries.keys where entries[frontend] == nil { changed.insert(frontend) }
+        return changed
     }
 }
