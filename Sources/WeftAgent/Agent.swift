@@ -71,7 +71,8 @@ public enum Agent {
         ])
 
         // The control loop. A file event arms a short debounce; when it
-        // expires the directory is re-read whole.
+        // expires the directory is re-read whole. A failed map write is
+        // retried every second until it succeeds or the files change.
         var fds = [pollfd(fd: watcher.fd, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: signals.readFD, events: Int16(POLLIN), revents: 0)]
         var deadline: ContinuousClock.Instant?
@@ -93,12 +94,10 @@ public enum Agent {
                 deadline = .now + configuration.debounce
                 continue
             }
-            if let d = deadline, d <= .now || n == 0 {
+            let debounced = deadline.map { $0 <= .now || n == 0 } ?? false
+            if debounced || (n == 0 && retryAfterFailure) {
                 deadline = nil
-                retryAfterFailure = !reconciler.reconcile() && status.withLock { $0.configErrors.first?.hasPrefix("kernel:") ?? false }
-                fill.withLock { $0 = reconciler.mapFill }
-            } else if n == 0 && retryAfterFailure {
-                retryAfterFailure = !reconciler.reconcile()
+                retryAfterFailure = reconciler.reconcile() == .kernelFailed
                 fill.withLock { $0 = reconciler.mapFill }
             }
         }

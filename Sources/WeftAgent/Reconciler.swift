@@ -34,9 +34,17 @@ final class Reconciler {
     /// Entries currently in the service and backend maps.
     var mapFill: (services: Int, backends: Int) { (applied.snapshot.slots.count, applied.snapshot.backends.count) }
 
-    /// Returns false when the config was refused or a write failed.
+    enum Outcome {
+        /// The config set is in force (possibly with nothing to write).
+        case inForce
+        /// The config set was refused; the previous one stays. Wait for the next file change.
+        case refused
+        /// Writing the maps failed; retry from the kernel's state.
+        case kernelFailed
+    }
+
     @discardableResult
-    func reconcile() -> Bool {
+    func reconcile() -> Outcome {
         let start = ContinuousClock.now
         var phases: [(String, ContinuousClock.Instant)] = [("start", start)]
         func mark(_ name: String) { phases.append((name, .now)) }
@@ -46,7 +54,7 @@ final class Reconciler {
             for error in errors.errors { logger.error("config refused: \(error)") }
             logger.error("config refused: \(errors.errors.count) error(s); generation \(status.withLock { $0.generation }) stays in force")
             status.withLock { $0.configErrors = errors.errors.map(\.description) }
-            return false
+            return .refused
         case .success(let s):
             state = s
         }
@@ -94,8 +102,12 @@ final class Reconciler {
                 }
             }
             mark("status")
-            logger.debug("reconcile phases", metadata: Logger.Metadata(uniqueKeysWithValues: zip(phases.dropFirst(), phases).map {
-                ($0.0.0, .string(String(format: "%.1fms", ($0.0.1 - $0.1.1).seconds * 1000)))
+            let phaseMillis = Dictionary(uniqueKeysWithValues: zip(phases.dropFirst(), phases).map {
+                ($0.0.0, ($0.0.1 - $0.1.1).seconds * 1000)
+            })
+            status.withLock { $0.lastReconcilePhases = phaseMillis }
+            logger.debug("reconcile phases", metadata: Logger.Metadata(uniqueKeysWithValues: phaseMillis.map {
+                ($0.key, .string(String(format: "%.1fms", $0.value)))
             }))
             if !writes.isEmpty || changed {
                 logger.info("config in force", metadata: [
@@ -104,11 +116,11 @@ final class Reconciler {
                     "seconds": "\(String(format: "%.4f", seconds))",
                 ])
             }
-            return true
+            return .inForce
         } catch {
             logger.error("writing the service maps failed: \(error); will retry from the kernel's state")
             status.withLock { $0.configErrors = ["kernel: \(error)"] }
-            return false
+            return .kernelFailed
         }
     }
 }

@@ -107,6 +107,11 @@ struct StatusCommand: ParsableCommand {
                 print("  agent:      running, pid \(s.pid), config \(s.configDirectory), cgroup \(s.cgroup)")
                 let when = Date(timeIntervalSince1970: s.appliedAt).formatted(.iso8601)
                 print("  generation: \(s.generation), in force since \(when); last reconcile \(s.lastWrites) map write(s) in \(String(format: "%.1f", s.lastReconcileSeconds * 1000)) ms")
+                if !s.lastReconcilePhases.isEmpty {
+                    let order = ["load", "table", "plan", "write", "status"]
+                    print("  phases:     " + order.compactMap { k in s.lastReconcilePhases[k].map { "\(k) \(String(format: "%.1f", $0)) ms" } }
+                        .joined(separator: ", "))
+                }
                 print("  programs:   " + s.programs.map { "\($0.name) (\($0.state), id \($0.programID))" }.joined(separator: ", "))
                 if s.configErrors.isEmpty {
                     print("  config:     ok")

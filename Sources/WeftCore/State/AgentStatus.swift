@@ -56,6 +56,9 @@ public struct AgentStatus: Codable, Sendable {
     /// Map writes the last reconcile made, and how long it took.
     public var lastWrites: Int
     public var lastReconcileSeconds: Double
+    /// Milliseconds per phase of the last reconcile that put a config in
+    /// force: load (read, parse, validate), table, plan, write, status.
+    public var lastReconcilePhases: [String: Double]
 
     public init(node: String, pid: Int32, configDirectory: String, cgroup: String, pinDirectory: String) {
         self.node = node
@@ -71,5 +74,6 @@ public struct AgentStatus: Codable, Sendable {
         workloads = []
         lastWrites = 0
         lastReconcileSeconds = 0
+        lastReconcilePhases = [:]
     }
 }
