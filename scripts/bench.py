@@ -39,6 +39,11 @@ def in_pod(pod, *args, check=True):
     return sh(WEFT, "lab", "exec", pod, "--", *args, check=check)
 
 
+def generation(socket):
+    out = sh("curl", "-s", "--unix-socket", socket, "http://agent/generation")
+    return int(out.split()[0])
+
+
 def status(node="n1"):
     out = sh("curl", "-s", "--unix-socket", f"/run/weft/{node}/agent.sock", "http://agent/status")
     return json.loads(out)
@@ -165,40 +170,78 @@ http { access_log off; server { listen 8080 reuseport backlog=4096;
         # Reaction at demo size, before the big table.
         wait_for(lambda: "echo-2" in in_pod("client", "curl", "-s", "-m", "1", "http://198.18.2.31:8080/", check=False), "echo-2")
         results["reaction_small_ms"] = reaction()
-        results["reconcile_small_config_s"] = status()["lastReconcileSeconds"]
 
-        # 2. Scale: 10,000 Services x 10 backends. Services share 10,000
-        # Workloads in 1,000 groups of 10; each Service has its own targetPort,
-        # so every (Service, Workload) pair is a distinct backend.
-        docs = []
-        for g in range(1000):
-            for k in range(10):
-                n = g * 10 + k
-                docs.append(f"apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: s{n}, namespace: scale, labels: {{group: g{g}}}}}\n"
-                            f"spec: {{node: n2, address: 198.18.{100 + n // 250}.{2 + n % 250}}}\n")
-        for i in range(10000):
-            docs.append(f"apiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: scale}}\n"
-                        f"spec: {{clusterIP: 198.19.{40 + i // 250}.{2 + i % 250}, selector: {{group: g{i % 1000}}}, ports: [{{port: 80, targetPort: {10000 + i // 1000}}}]}}\n")
-        text = "---\n".join(docs)
+        # 2. Scale: 10,000 Services x 10 backends, into the lab's agents
+        # (two agents sharing this machine's cores, as the lab runs them).
+        text = scale_manifests()
         before = status()["generation"]
         t0 = write("scale.yaml", text)
-        wait_for(lambda: status()["generation"] > before, "the 10,000-Service table", timeout=300)
-        t1 = time.time()
-        st = status()
-        rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{st['pid']}/status").read()).group(1)) / 1024
-        results["scale"] = {"write_to_in_force_s": t1 - t0, "reconcile_s": st["lastReconcileSeconds"],
-                            "phases": st["lastReconcilePhases"],
-                            "map_writes": st["lastWrites"], "rss_mib": rss,
-                            "services": len(st["services"]), "file_mib": len(text) / 2**20}
+        wait_for(lambda: generation("/run/weft/n1/agent.sock") > before, "the 10,000-Service table", timeout=300)
+        results["scale_lab_s"] = time.time() - t0
 
         results["reaction_ms"] = reaction()
-        results["reconcile_small_change_s"] = status()["lastReconcileSeconds"]
-        results["small_change_phases"] = status()["lastReconcilePhases"]
     finally:
         sh(WEFT, "lab", "down", check=False)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree("/tmp/weft-bench-nginx", ignore_errors=True)
+    results["scale"] = scale_one_agent()
     report(results)
+
+
+def scale_manifests():
+    """10,000 Services x 10 backends. Services share 10,000 Workloads in 1,000
+    groups of 10; each Service has its own targetPort, so every (Service,
+    Workload) pair is a distinct backend: 100,000 backends, 110,000 slots."""
+    docs = []
+    for g in range(1000):
+        for k in range(10):
+            n = g * 10 + k
+            docs.append(f"apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: s{n}, namespace: scale, labels: {{group: g{g}}}}}\n"
+                        f"spec: {{node: n2, address: 198.18.{100 + n // 250}.{2 + n % 250}}}\n")
+    for i in range(10000):
+        docs.append(f"apiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: scale}}\n"
+                    f"spec: {{clusterIP: 198.19.{40 + i // 250}.{2 + i % 250}, selector: {{group: g{i % 1000}}}, ports: [{{port: 80, targetPort: {10000 + i // 1000}}}]}}\n")
+    return "---\n".join(docs)
+
+
+def scale_one_agent():
+    """One agent alone on the machine, as on a node: its own scratch cgroup,
+    pins and config dir. Measures rename -> generation in force for the
+    10,000-Service file, then for a one-Service change on top of it."""
+    cg2 = next(l.split()[1] for l in open("/proc/mounts") if l.split()[2] == "cgroup2")
+    cgroup = os.path.join(cg2, "weft-bench-scale")
+    config = tempfile.mkdtemp(prefix="weft-bench-scale-")
+    os.makedirs(cgroup, exist_ok=True)
+    sock = "/run/weft/bench-scale/agent.sock"
+    agent = subprocess.Popen([WEFT, "agent", "--config", config, "--node", "bench-scale", "--cgroup", cgroup,
+                              "--metrics-addr", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: generation(sock) >= 1, "the scale agent")
+        global CONFIG
+        CONFIG = config
+        text = scale_manifests()
+        t0 = write("scale.yaml", text)
+        wait_for(lambda: generation(sock) >= 2, "the 10,000-Service table", timeout=300)
+        t1 = time.time()
+        st = json.loads(sh("curl", "-s", "--unix-socket", sock, "http://agent/status"))
+        rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{agent.pid}/status").read()).group(1)) / 1024
+        small = []
+        for i in range(ROUNDS):
+            before = generation(sock)
+            ts = write("small.yaml", f"apiVersion: v1\nkind: Service\nmetadata: {{name: extra, namespace: scale}}\n"
+                                     f"spec: {{clusterIP: 198.19.200.1, selector: {{group: g{i + 1}}}, ports: [{{port: 80}}]}}\n")
+            wait_for(lambda: generation(sock) > before, "a one-Service change")
+            small.append((time.time() - ts) * 1000)
+        st_small = json.loads(sh("curl", "-s", "--unix-socket", sock, "http://agent/status"))
+        return {"write_to_in_force_s": t1 - t0, "reconcile_s": st["lastReconcileSeconds"], "phases": st["lastReconcilePhases"],
+                "map_writes": st["lastWrites"], "rss_mib": rss, "file_mib": len(text) / 2**20,
+                "small_ms": small, "small_phases": st_small["lastReconcilePhases"]}
+    finally:
+        agent.terminate()
+        agent.wait()
+        sh(WEFT, "agent", "--node", "bench-scale", "--uninstall", check=False)
+        os.rmdir(cgroup)
+        shutil.rmtree(config, ignore_errors=True)
 
 
 PHASES = ["load", "table", "plan", "write", "status"]
@@ -229,26 +272,35 @@ def report(r):
         "",
         "## Config to kernel",
         "",
+        "One agent alone on the machine (as on a node): its own cgroup, pins and config directory. "
+        f"The file: 10,000 Services x 10 backends ({s['map_writes']:,} map writes, {s['file_mib']:.1f} MiB of YAML, "
+        "20,000 documents; Services share 10,000 Workloads, each with its own targetPort).",
+        "",
         "| measurement | result | target |",
         "|---|---|---|",
-        f"| 10,000 Services x 10 backends ({s['map_writes']:,} map writes, {s['file_mib']:.1f} MiB of YAML, 20,000 documents): file rename to generation in force | {s['write_to_in_force_s']:.2f} s | < 1 s |",
-        f"| of which the agent's reconcile (parse, validate, plan, map writes) | {s['reconcile_s']:.2f} s | |",
+        f"| 10,000-Service file: rename to generation in force | {s['write_to_in_force_s']:.2f} s | < 1 s |",
+        f"| of which the agent's reconcile | {s['reconcile_s']:.2f} s | |",
         f"| agent RSS with that table loaded | {s['rss_mib']:.0f} MiB | |",
-        f"| one Workload relabelled into a Service, table loaded: file write to first connection reaching it (median of {len(d)}) | {statistics.median(d) if d else float('nan'):.0f} ms (min {min(d) if d else 0:.0f}, max {max(d) if d else 0:.0f}) | < 100 ms |",
-        f"| reconcile for that one-file change (only the changed file is re-parsed) | {r['reconcile_small_change_s'] * 1000:.0f} ms | |",
-        f"| the same relabel at demo size (5 Workloads, 3 Services): write to first connection reaching it (median of {len(ds)}) | {statistics.median(ds) if ds else float('nan'):.0f} ms (min {min(ds) if ds else 0:.0f}, max {max(ds) if ds else 0:.0f}) | < 100 ms |",
-        f"| reconcile for that change at demo size | {r['reconcile_small_config_s'] * 1000:.1f} ms | |",
+        f"| one-Service change on top of it: rename to generation in force (median of {len(s['small_ms'])}) | {statistics.median(s['small_ms']):.0f} ms | < 100 ms |",
         "",
-        "Where the reconcile time goes, from the agent's own phase timings (`weft status`, /status):",
+        "Reconcile phases, from the agent's own timings (`weft status`, /status):",
         "",
         "| phase (ms) | " + " | ".join(PHASES) + " |",
         "|---|" + "---|" * len(PHASES),
         "| 10,000-Service file | " + " | ".join(f"{s['phases'].get(p, 0):.0f}" for p in PHASES) + " |",
-        "| one-file change, table loaded | " + " | ".join(f"{r['small_change_phases'].get(p, 0):.1f}" for p in PHASES) + " |",
+        "| one-Service change | " + " | ".join(f"{s['small_phases'].get(p, 0):.1f}" for p in PHASES) + " |",
         "",
-        "load = read, parse (large files split at document markers and parsed on every core) and validate the whole "
-        "set; table = selectors to backends; plan = map diff, only for frontends whose backends changed; write = "
-        "batched map updates.",
+        "load = read, parse (files over 256 KiB are split at document markers and parsed on every core) and validate "
+        "the whole set; table = selectors to backends; plan = map diff, only for frontends whose backends changed "
+        "(a full plan at start); write = batched map updates.",
+        "",
+        "In the lab (both nodes' agents on this 2-core machine, plus the probing client and the servers):",
+        "",
+        "| measurement | result | target |",
+        "|---|---|---|",
+        f"| 10,000-Service file: rename to generation in force on n1 | {r['scale_lab_s']:.2f} s | |",
+        f"| a Workload relabelled into a Service, table loaded: file write to the first connection reaching it (median of {len(d)}) | {statistics.median(d) if d else float('nan'):.0f} ms (min {min(d) if d else 0:.0f}, max {max(d) if d else 0:.0f}) | < 100 ms |",
+        f"| the same relabel at demo size (5 Workloads, 3 Services) (median of {len(ds)}) | {statistics.median(ds) if ds else float('nan'):.0f} ms (min {min(ds) if ds else 0:.0f}, max {max(ds) if ds else 0:.0f}) | < 100 ms |",
         "",
     ]
     path = os.path.join(ROOT, "docs/benchmarks.md")

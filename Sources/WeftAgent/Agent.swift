@@ -57,12 +57,17 @@ public enum Agent {
             case "/metrics":
                 return (.ok, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
             case "/status":
-                let body = (try? encoder.encode(status.withLock { $0 })).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+                let body = (try? encoder.encode(status.full())).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
                 return (.ok, "application/json", body + "\n")
             case "/healthz":
                 return (.ok, "text/plain", "ok\n")
+            case "/generation":
+                // Cheap for pollers: the generation in force and whether the
+                // files on disk were refused.
+                let (generation, errors) = status.withLock { ($0.generation, $0.configErrors.count) }
+                return (.ok, "text/plain", "\(generation) \(errors == 0 ? "ok" : "refused")\n")
             default:
-                return (.notFound, "text/plain", "not found: try /metrics, /status or /healthz\n")
+                return (.notFound, "text/plain", "not found: try /metrics, /status, /generation or /healthz\n")
             }
         }
         logger.notice("agent running", metadata: [

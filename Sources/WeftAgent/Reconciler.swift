@@ -93,14 +93,8 @@ final class Reconciler {
                 s.configErrors = []
                 s.lastWrites = writes.count
                 s.lastReconcileSeconds = seconds
-                s.services = table.entries.sorted { $0.key < $1.key }
-                    .map { AgentStatus.ServiceName(frontend: $0.key.description, name: $0.value.name) }
-                s.workloads = state.workloads.map {
-                    AgentStatus.WorkloadStatus(name: $0.metadata.qualifiedName, node: $0.node,
-                                               address: $0.address.description,
-                                               serviceAccount: $0.serviceAccount, labels: $0.metadata.labels)
-                }
             }
+            status.setInForce(table: table, config: state)
             mark("status")
             let phaseMillis = Dictionary(uniqueKeysWithValues: zip(phases.dropFirst(), phases).map {
                 ($0.0.0, ($0.0.1 - $0.1.1).seconds * 1000)

@@ -8,6 +8,7 @@ import NIOPosix
 /// reaches the agent whatever network namespace the agent runs in).
 ///   GET /metrics   Prometheus text exposition
 ///   GET /status    AgentStatus as JSON
+///   GET /generation  "<generation> ok|refused", cheap enough to poll
 ///   GET /healthz   "ok"
 final class StatusServer {
     typealias Render = @Sendable (_ path: String) -> (status: HTTPResponseStatus, contentType: String, body: String)

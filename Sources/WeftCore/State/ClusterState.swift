@@ -14,15 +14,20 @@ public struct ClusterState: Hashable, Sendable {
     public static func build(_ resources: [LocatedResource]) -> Result<ClusterState, ManifestErrors> {
         var state = ClusterState()
         var errors: [ManifestError] = []
-        var names: [String: DocumentLocation] = [:]
+        struct Name: Hashable {
+            var kind: String
+            var namespace: String
+            var name: String
+        }
+        var names: [Name: DocumentLocation] = [:]
         var clusterIPs: [IPv4Address: (String, DocumentLocation)] = [:]
         var addresses: [IPv4Address: (String, DocumentLocation)] = [:]
         for located in resources {
             let resource = located.resource
-            let key = "\(resource.kind) \(resource.metadata.qualifiedName)"
+            let key = Name(kind: resource.kind, namespace: resource.metadata.namespace, name: resource.metadata.name)
             if let first = names[key] {
                 errors.append(ManifestError(located.location, field: "metadata.name",
-                                            "\(key) is already defined at \(first)"))
+                                            "\(resource.kind) \(resource.metadata.qualifiedName) is already defined at \(first)"))
                 continue
             }
             names[key] = located.location

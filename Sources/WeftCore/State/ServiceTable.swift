@@ -57,6 +57,9 @@ public struct ServiceTable: Hashable, Sendable {
 
     public init(entries: [Frontend: Entry] = [:]) { self.entries = entries }
 
+    /// Backends come in Workload order (namespace, name); they are unique
+    /// because ClusterState refuses two Workloads with one address.
+    ///
     /// Kubernetes' endpoints rules: a selected Workload backs a Service port
     /// when it resolves the port's targetPort (a named targetPort is looked up
     /// per Workload, so replicas may listen on different numbers).
@@ -74,7 +77,7 @@ public struct ServiceTable: Hashable, Sendable {
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
                 entries[Frontend(vip: vip, port: port.port, transport: port.transport)] =
                     Entry(name: service.metadata.qualifiedName + label,
-                          backends: Array(Set(backends)).sorted(), needsProxy: false)
+                          backends: backends, needsProxy: false)
             }
         }
         self.entries = entries
@@ -85,14 +88,19 @@ public struct ServiceTable: Hashable, Sendable {
 /// the size of its smallest matching label set rather than a scan of every
 /// workload (10,000 Services over 100,000 Workloads stays linear).
 struct SelectorIndex {
-    private var byLabel: [String: [String: [Int]]] = [:]
+    private struct Label: Hashable {
+        var key: String
+        var value: String
+    }
+
+    private var byLabel: [String: [Label: [Int]]] = [:]
     private let workloads: [Workload]
 
     init(_ workloads: [Workload]) {
         self.workloads = workloads
         for (i, w) in workloads.enumerated() {
             for (key, value) in w.metadata.labels {
-                byLabel[w.metadata.namespace, default: [:]]["\(key)=\(value)", default: []].append(i)
+                byLabel[w.metadata.namespace, default: [:]][Label(key: key, value: value), default: []].append(i)
             }
         }
     }
@@ -102,10 +110,12 @@ struct SelectorIndex {
         guard let selector, !selector.isEmpty, let labels = byLabel[namespace] else { return [] }
         var smallest: [Int]?
         for (key, value) in selector {
-            guard let list = labels["\(key)=\(value)"] else { return [] }
+            guard let list = labels[Label(key: key, value: value)] else { return [] }
             if list.count < (smallest?.count ?? Int.max) { smallest = list }
         }
-        return (smallest ?? []).map { workloads[$0] }.filter { w in
+        guard let smallest else { return [] }
+        if selector.count == 1 { return smallest.map { workloads[$0] } }
+        return smallest.map { workloads[$0] }.filter { w in
             selector.allSatisfy { w.metadata.labels[$0.key] == $0.value }
         }
     }
