@@ -41,12 +41,7 @@ public final class ManifestCache {
             errors += result.errors
         }
         parsed = parsed.filter { seen.contains($0.key) }
-        switch ClusterState.build(resources) {
-        case .success(let state):
-            return errors.isEmpty ? .success(state) : .failure(ManifestErrors(errors))
-        case .failure(let more):
-            return .failure(ManifestErrors(errors + more.errors))
-        }
+        return ClusterState.build(resources, parseErrors: errors)
     }
 
     private static func stamp(_ file: String) -> Stamp? {

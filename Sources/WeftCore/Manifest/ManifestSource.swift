@@ -53,12 +53,6 @@ public enum ManifestSource {
     /// Reads, parses and validates as a whole: a state, or every error.
     public static func load(paths: [String]) -> Result<ClusterState, ManifestErrors> {
         let (resources, errors) = read(paths: paths)
-        let built = ClusterState.build(resources)
-        switch built {
-        case .success(let state):
-            return errors.isEmpty ? .success(state) : .failure(ManifestErrors(errors))
-        case .failure(let more):
-            return .failure(ManifestErrors(errors + more.errors))
-        }
+        return ClusterState.build(resources, parseErrors: errors)
     }
 }

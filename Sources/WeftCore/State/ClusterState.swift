@@ -66,6 +66,19 @@ public struct ClusterState: Hashable, Sendable {
         return .success(state)
     }
 
+    /// Validates parsed resources as a set, together with the errors their
+    /// parsing already found: a state only when there are none at all.
+    public static func build(_ resources: [LocatedResource], parseErrors: [ManifestError])
+        -> Result<ClusterState, ManifestErrors>
+    {
+        switch build(resources) {
+        case .success(let state):
+            return parseErrors.isEmpty ? .success(state) : .failure(ManifestErrors(parseErrors))
+        case .failure(let more):
+            return .failure(ManifestErrors(parseErrors + more.errors))
+        }
+    }
+
     /// The Workloads a Service selects: same namespace, every selector label
     /// matching. A Service with no selector (or an empty one) selects nothing,
     /// as in Kubernetes, where its endpoints would be managed by hand.
