@@ -40,7 +40,9 @@ def in_pod(pod, *args, check=True):
 
 
 def generation(socket):
-    out = sh("curl", "-s", "--unix-socket", socket, "http://agent/generation")
+    out = sh("curl", "-s", "--unix-socket", socket, "http://agent/generation", check=False)
+    if not out.strip():
+        raise ValueError(f"no answer from {socket} yet")
     return int(out.split()[0])
 
 

@@ -7,7 +7,9 @@ struct FieldReader {
     let location: DocumentLocation
     let path: String
     private let pairs: [(key: String, value: Node, line: Int?)]
-    private var read: Set<String> = []
+    /// Which pairs a reader asked for, by index (mappings here are small:
+    /// a linear scan beats hashing every key).
+    private var read: [Bool]
 
     init(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) {
         self.location = location
@@ -16,19 +18,20 @@ struct FieldReader {
             throw ManifestError(location, field: path, "expected a mapping, got \(Self.describe(node))",
                                 line: node.mark?.line)
         }
-        var pairs: [(String, Node, Int?)] = []
-        var seen: Set<String> = []
+        var pairs: [(key: String, value: Node, line: Int?)] = []
+        pairs.reserveCapacity(mapping.count)
         for (key, value) in mapping {
             guard case .scalar(let scalar) = key else {
                 throw ManifestError(location, field: path, "mapping keys must be strings", line: key.mark?.line)
             }
-            guard seen.insert(scalar.string).inserted else {
+            guard !pairs.contains(where: { $0.key == scalar.string }) else {
                 throw ManifestError(location, field: Self.join(path, scalar.string), "duplicate key",
                                     line: key.mark?.line)
             }
             pairs.append((scalar.string, value, key.mark?.line))
         }
         self.pairs = pairs
+        self.read = Array(repeating: false, count: pairs.count)
     }
 
     static func join(_ path: String, _ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
@@ -58,8 +61,9 @@ struct FieldReader {
 
     /// The raw node for `key`, marking it read. A YAML null counts as absent.
     mutating func node(_ key: String) -> Node? {
-        read.insert(key)
-        guard let node = pairs.first(where: { $0.key == key })?.value else { return nil }
+        guard let i = pairs.firstIndex(where: { $0.key == key }) else { return nil }
+        read[i] = true
+        let node = pairs[i].value
         if case .scalar = node, node.tagName == .null { return nil }
         return node
     }
@@ -113,13 +117,13 @@ struct FieldReader {
     var keys: [String] { pairs.map(\.key) }
 
     /// Marks a field as known without reading it (accepted and ignored).
-    mutating func ignore(_ keys: String...) { read.formUnion(keys) }
+    mutating func ignore(_ keys: String...) {
+        for (i, pair) in pairs.enumerated() where keys.contains(pair.key) { read[i] = true }
+    }
 
     /// Fails on the first key that no reader asked for.
     func finish() throws(ManifestError) {
-        if let unknown = pairs.first(where: { !read.contains($0.key) }) {
-            throw error(unknown.key, "unknown field")
-        }
+        if let i = read.firstIndex(of: false) { throw error(pairs[i].key, "unknown field") }
     }
 
     static func string(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) -> String {

@@ -2,19 +2,19 @@
 /// names (apimachinery's validation package), so a manifest Weft accepts is
 /// one the API server would accept too.
 enum Validation {
-    private static func isLowerAlnum(_ c: Character) -> Bool {
-        c.isASCII && (c.isLowercase || c.isNumber)
-    }
-
-    private static func isAlnum(_ c: Character) -> Bool {
-        c.isASCII && (c.isLetter || c.isNumber)
-    }
+    // All of these grammars are ASCII: checks run on UTF-8 bytes, which also
+    // rejects any non-ASCII character without Unicode property lookups.
+    private static func isLowerAlnum(_ c: UInt8) -> Bool { (c >= 0x61 && c <= 0x7a) || (c >= 0x30 && c <= 0x39) }
+    private static func isAlnum(_ c: UInt8) -> Bool { isLowerAlnum(c) || (c >= 0x41 && c <= 0x5a) }
+    private static func isLetter(_ c: UInt8) -> Bool { (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) }
+    private static let dash = UInt8(ascii: "-"), dot = UInt8(ascii: "."), underscore = UInt8(ascii: "_")
 
     /// RFC 1123 label: 1-63 lowercase alphanumerics or '-', alphanumeric at both ends.
     static func dnsLabel(_ s: String, field: String, at location: DocumentLocation) throws(ManifestError) {
-        guard (1...63).contains(s.count), let first = s.first, let last = s.last,
+        let b = s.utf8
+        guard (1...63).contains(b.count), let first = b.first, let last = b.last,
               isLowerAlnum(first), isLowerAlnum(last),
-              s.allSatisfy({ isLowerAlnum($0) || $0 == "-" }) else {
+              b.allSatisfy({ isLowerAlnum($0) || $0 == dash }) else {
             throw ManifestError(location, field: field,
                                 "\"\(s)\" is not a valid name: use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit")
         }
@@ -22,19 +22,20 @@ enum Validation {
 
     /// RFC 1123 subdomain (label key prefixes).
     static func dnsSubdomain(_ s: String) -> Bool {
-        guard (1...253).contains(s.count) else { return false }
-        return s.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { part in
+        guard (1...253).contains(s.utf8.count) else { return false }
+        return s.utf8.split(separator: dot, omittingEmptySubsequences: false).allSatisfy { part in
             guard let first = part.first, let last = part.last else { return false }
             return isLowerAlnum(first) && isLowerAlnum(last)
-                && part.allSatisfy { isLowerAlnum($0) || $0 == "-" }
+                && part.allSatisfy { isLowerAlnum($0) || $0 == dash }
         }
     }
 
     /// A label name: 1-63 alphanumerics, '-', '_' or '.', alphanumeric at both ends.
     static func qualifiedNamePart(_ s: Substring) -> Bool {
-        guard (1...63).contains(s.count), let first = s.first, let last = s.last,
+        let b = s.utf8
+        guard (1...63).contains(b.count), let first = b.first, let last = b.last,
               isAlnum(first), isAlnum(last) else { return false }
-        return s.allSatisfy { isAlnum($0) || $0 == "-" || $0 == "_" || $0 == "." }
+        return b.allSatisfy { isAlnum($0) || $0 == dash || $0 == underscore || $0 == dot }
     }
 
     static func labelKey(_ key: String, field: String, at location: DocumentLocation) throws(ManifestError) {
@@ -60,9 +61,10 @@ enum Validation {
     /// IANA service name, as a named port must be: 1-15 lowercase
     /// alphanumerics or '-', at least one letter, no '--', no '-' at the ends.
     static func portName(_ s: String, field: String, at location: DocumentLocation) throws(ManifestError) {
-        guard (1...15).contains(s.count), s.first != "-", s.last != "-", !s.contains("--"),
-              s.allSatisfy({ isLowerAlnum($0) || $0 == "-" }),
-              s.contains(where: { $0.isLetter }) else {
+        let b = s.utf8
+        guard (1...15).contains(b.count), b.first != dash, b.last != dash, !s.contains("--"),
+              b.allSatisfy({ isLowerAlnum($0) || $0 == dash }),
+              b.contains(where: isLetter) else {
             throw ManifestError(location, field: field,
                                 "\"\(s)\" is not a valid port name: 1-15 lowercase letters, digits or '-', with at least one letter")
         }

@@ -118,6 +118,15 @@ public struct ServiceMapIndex: Sendable {
         }
     }
 
+    /// Grows the tables once for a plan of known size instead of rehashing
+    /// as 100,000s of writes arrive.
+    mutating func reserve(slots: Int, backends: Int) {
+        snapshot.slots.reserveCapacity(slots)
+        snapshot.backends.reserveCapacity(backends)
+        idOf.reserveCapacity(backends)
+        references.reserveCapacity(backends)
+    }
+
     /// Lowest backend id neither in the map nor in `taken`. Ids freed by the
     /// plan being made are still in the map, so they are not reused in it.
     mutating func freeBackendID(excluding taken: Set<UInt32>) -> UInt32 {
@@ -165,6 +174,10 @@ public enum ServiceMapPlanner {
     public static func plan(desired table: ServiceTable, index: inout ServiceMapIndex,
                             only: Set<Frontend>?) -> [ServiceMapWrite] {
         let frontends = (only ?? Set(table.entries.keys).union(index.frontends)).sorted()
+        if only == nil {
+            let slots = table.entries.values.reduce(table.entries.count) { $0 + $1.backends.count }
+            index.reserve(slots: slots, backends: slots - table.entries.count)
+        }
         var newBackends: [ServiceMapWrite] = []
         var slotWrites: [ServiceMapWrite] = []
         var removedMasters: [ServiceMapWrite] = []
