@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Weft benchmarks, all in one lab and one run, so ratios compare like with like.
 
-1. Datapath: the same load direct to a pod IP and through its clusterIP,
-   interleaved over rounds: short HTTP requests on new connections (ab, no
-   keep-alive, nginx backend) and a bulk TCP transfer (iperf3).
+1. Datapath: the same load direct to a pod IP and through its clusterIP, in
+   short rounds paired and alternated (direct/clusterIP, clusterIP/direct):
+   HTTP requests on new connections (ab, no keep-alive, nginx backend) and a
+   bulk TCP transfer (iperf3). The ratio is the median of per-pair ratios.
 2. Scale: 10,000 Services x 10 backends written as one file; seconds from the
    file's rename to the agent reporting the new generation in force, and the
-   agent's RSS with that table loaded.
+   agent's RSS with that table loaded: once with one agent alone (as on a
+   node), once into the lab's two agents.
 3. Reaction: with the big table loaded, a Workload is relabelled into a
    Service; delay from the file write to the first connection that reaches it.
 """
@@ -26,6 +28,8 @@ WEFT = os.path.join(ROOT, ".build/release/weft")
 TOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/labtool.py")
 ECHO = os.path.join(ROOT, "examples/demo/echo_server.py")
 ROUNDS = int(os.environ.get("WEFT_BENCH_ROUNDS", "5"))
+PAIRS_HTTP = int(os.environ.get("WEFT_BENCH_HTTP_PAIRS", "20"))
+PAIRS_BULK = int(os.environ.get("WEFT_BENCH_BULK_PAIRS", "8"))
 
 
 def sh(*args, check=True):
@@ -96,7 +100,7 @@ def ab(url, n=4000, c=8):
 
 
 def iperf(host):
-    out = in_pod("client", "timeout", "30", "iperf3", "-c", host, "-p", "5201", "-t", "3", "-J")
+    out = in_pod("client", "timeout", "30", "iperf3", "-c", host, "-p", "5201", "-t", "2", "-J")
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -155,19 +159,28 @@ http { access_log off; server { listen 8080 reuseport backlog=4096;
         wait_for(lambda: "ok" in in_pod("client", "curl", "-s", "-m", "1", "http://198.18.2.12:8080/", check=False), "nginx")
         wait_for(lambda: "receiver" in in_pod("client", "timeout", "10", "iperf3", "-c", "198.18.2.20", "-n", "1K", check=False), "iperf3")
 
-        # 1. Datapath, interleaved rounds.
+        # 1. Datapath: many short paired rounds, direct then clusterIP, so
+        # the machine's drift hits both sides of each pair alike; the figure
+        # is the median of the per-pair ratios.
         http = {"direct": [], "clusterIP": []}
         bulk = {"direct": [], "clusterIP": []}
-        for _ in range(ROUNDS):
-            http["direct"].append(ab("http://198.18.2.12:8080/"))
-            http["clusterIP"].append(ab("http://198.19.0.10/"))
-            bulk["direct"].append(iperf("198.18.2.20"))
-            bulk["clusterIP"].append(iperf("198.19.0.40"))
+        for i in range(PAIRS_HTTP):
+            order = [("direct", "http://198.18.2.12:8080/"), ("clusterIP", "http://198.19.0.10/")]
+            for name, url in (order if i % 2 == 0 else order[::-1]):
+                http[name].append(ab(url, n=2000))
+        for i in range(PAIRS_BULK):
+            order = [("direct", "198.18.2.20"), ("clusterIP", "198.19.0.40")]
+            for name, host in (order if i % 2 == 0 else order[::-1]):
+                bulk[name].append(iperf(host))
+        results["http_pair_ratios"] = sorted(c[0] / d[0] for d, c in zip(http["direct"], http["clusterIP"]))
+        results["bulk_pair_ratios"] = sorted(c / d for d, c in zip(bulk["direct"], bulk["clusterIP"]))
         results["http"] = {k: {"rps": statistics.median(r[0] for r in v),
+                               "rps_range": (min(r[0] for r in v), max(r[0] for r in v)),
                                "p50": statistics.median(r[1] for r in v),
                                "p99": statistics.median(r[2] for r in v),
                                "failed": sum(r[3] for r in v)} for k, v in http.items()}
         results["bulk"] = {k: statistics.median(v) for k, v in bulk.items()}
+        results["bulk_range"] = {k: (min(v), max(v)) for k, v in bulk.items()}
 
         # Reaction at demo size, before the big table.
         wait_for(lambda: "echo-2" in in_pod("client", "curl", "-s", "-m", "1", "http://198.18.2.31:8080/", check=False), "echo-2")
@@ -253,24 +266,33 @@ def report(r):
     h, b, s = r["http"], r["bulk"], r["scale"]
     d = r["reaction_ms"]
     ds = r["reaction_small_ms"]
+    hr, br = r["http_pair_ratios"], r["bulk_pair_ratios"]
+
+    def quart(v):
+        q = statistics.quantiles(v, n=4)
+        return f"**{statistics.median(v):.3f}** [{q[0]:.3f}, {q[2]:.3f}]"
+
     lines = [
         "# Benchmarks",
         "",
         f"Made by `scripts/bench` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build, median of {ROUNDS} interleaved rounds. The machine is a shared VM: read the ratios, not the absolute numbers.",
+        f"release build; rounds alternate and are paired as described per table. The machine is a shared VM: read the ratios, not the absolute numbers.",
         "",
         "## Service load balancing: clusterIP vs direct (issue #2)",
         "",
         "Client pod on node n1, one backend pod on node n2 (cross-node, routed through the lab fabric). "
         "The clusterIP path pays one map lookup at `connect()` and nothing per packet.",
         "",
-        "| load | direct to pod IP | through clusterIP | ratio |",
+        "| load | direct to pod IP (median) | through clusterIP (median) | clusterIP / direct: median of paired rounds [quartiles] |",
         "|---|---|---|---|",
-        f"| HTTP, new connection per request (ab -c 8, nginx): req/s | {h['direct']['rps']:.0f} | {h['clusterIP']['rps']:.0f} | {h['clusterIP']['rps'] / h['direct']['rps']:.3f} |",
+        f"| HTTP, new connection per request (ab -n 2000 -c 8, nginx), {len(hr)} pairs: req/s | {h['direct']['rps']:.0f} | {h['clusterIP']['rps']:.0f} | {quart(hr)} |",
         f"| same: p50 / p99 latency (ms) | {h['direct']['p50']:.0f} / {h['direct']['p99']:.0f} | {h['clusterIP']['p50']:.0f} / {h['clusterIP']['p99']:.0f} | |",
-        f"| bulk TCP (iperf3, 3 s): Gbit/s | {b['direct']:.2f} | {b['clusterIP']:.2f} | {b['clusterIP'] / b['direct']:.3f} |",
+        f"| bulk TCP (iperf3, 2 s), {len(br)} pairs: Gbit/s | {b['direct']:.2f} | {b['clusterIP']:.2f} | {quart(br)} |",
         "",
-        f"Failed requests: direct {h['direct']['failed']}, clusterIP {h['clusterIP']['failed']}. Target: clusterIP within 2% of direct.",
+        f"Failed requests: direct {h['direct']['failed']}, clusterIP {h['clusterIP']['failed']}. Target: clusterIP within 2% of direct. "
+        f"Round-to-round spread on this VM, for scale: HTTP direct {h['direct']['rps_range'][0]:.0f}-{h['direct']['rps_range'][1]:.0f}, "
+        f"clusterIP {h['clusterIP']['rps_range'][0]:.0f}-{h['clusterIP']['rps_range'][1]:.0f} req/s; bulk direct "
+        f"{r['bulk_range']['direct'][0]:.2f}-{r['bulk_range']['direct'][1]:.2f}, clusterIP {r['bulk_range']['clusterIP'][0]:.2f}-{r['bulk_range']['clusterIP'][1]:.2f} Gbit/s.",
         "",
         "## Config to kernel",
         "",

@@ -108,6 +108,9 @@ public enum Agent {
         }
         server.stop()
         try? FileManager.default.removeItem(atPath: socketPath)
+        // The run directory holds only the socket; leave nothing behind.
+        rmdir(runDirectory)
+        rmdir((runDirectory as NSString).deletingLastPathComponent)
         try? group.syncShutdownGracefully()
     }
 
