@@ -264,10 +264,18 @@ def scale_one_agent():
         global CONFIG
         CONFIG = config
         text = scale_manifests()
-        t0 = write("scale.yaml", text)
-        wait_for(lambda: generation(sock) >= 2, "the 10,000-Service table", timeout=300)
-        t1 = time.time()
-        st = json.loads(sh("curl", "-s", "--unix-socket", sock, "http://agent/status"))
+        loads = []
+        for i in range(3):
+            if i:
+                # Empty the config again (all 10,000 Services leave), then reload.
+                before = generation(sock)
+                os.remove(os.path.join(config, "scale.yaml"))
+                wait_for(lambda: generation(sock) > before, "the table to empty", timeout=300)
+            before = generation(sock)
+            t0 = write("scale.yaml", text)
+            wait_for(lambda: generation(sock) > before, "the 10,000-Service table", timeout=300)
+            loads.append(time.time() - t0)
+            st = json.loads(sh("curl", "-s", "--unix-socket", sock, "http://agent/status"))
         rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{agent.pid}/status").read()).group(1)) / 1024
         small = []
         for i in range(ROUNDS):
@@ -277,7 +285,7 @@ def scale_one_agent():
             wait_for(lambda: generation(sock) > before, "a one-Service change")
             small.append((time.time() - ts) * 1000)
         st_small = json.loads(sh("curl", "-s", "--unix-socket", sock, "http://agent/status"))
-        return {"write_to_in_force_s": t1 - t0, "reconcile_s": st["lastReconcileSeconds"], "phases": st["lastReconcilePhases"],
+        return {"write_to_in_force_s": statistics.median(loads), "loads_s": loads, "reconcile_s": st["lastReconcileSeconds"], "phases": st["lastReconcilePhases"],
                 "map_writes": st["lastWrites"], "rss_mib": rss, "file_mib": len(text) / 2**20,
                 "small_ms": small, "small_phases": st_small["lastReconcilePhases"]}
     finally:
@@ -342,8 +350,8 @@ def report(r):
         "",
         "| measurement | result | target |",
         "|---|---|---|",
-        f"| 10,000-Service file: rename to generation in force | {s['write_to_in_force_s']:.2f} s | < 1 s |",
-        f"| of which the agent's reconcile | {s['reconcile_s']:.2f} s | |",
+        f"| 10,000-Service file: rename to generation in force (median of {len(s['loads_s'])}: " + ", ".join(f"{x:.2f}" for x in s['loads_s']) + f") | {s['write_to_in_force_s']:.2f} s | < 1 s |",
+        f"| of which the agent's reconcile (last load) | {s['reconcile_s']:.2f} s | |",
         f"| agent RSS with that table loaded | {s['rss_mib']:.0f} MiB | |",
         f"| one-Service change on top of it: rename to generation in force (median of {len(s['small_ms'])}) | {statistics.median(s['small_ms']):.0f} ms | < 100 ms |",
         "",

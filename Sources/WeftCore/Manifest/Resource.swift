@@ -62,14 +62,15 @@ public struct LocatedResource: Hashable, Sendable {
 /// than stopping at the first, so one `weft validate` run lists them all.
 public enum ManifestReader {
     /// Files above this size are split at document markers and parsed on
-    /// every core.
+    /// every core, in 4 pieces per core so that pieces of uneven cost
+    /// (Services parse slower per byte than Workloads) balance out.
     static let parallelThreshold = 256 * 1024
 
     /// Parses one file's text. `file` is only used in locations.
     public static func parse(_ text: String, file: String) -> (resources: [LocatedResource], errors: [ManifestError]) {
         let cores = ProcessInfo.processInfo.activeProcessorCount
         guard text.utf8.count > parallelThreshold, cores > 1 else { return parseWhole(text, file: file).0 }
-        return parseChunked(text, file: file, chunks: cores)
+        return parseChunked(text, file: file, chunks: cores * 4)
     }
 
     /// Splits `text` into about `chunks` pieces at lines that start a YAML
