@@ -265,7 +265,7 @@ def scale_one_agent():
         CONFIG = config
         text = scale_manifests()
         loads = []
-        for i in range(3):
+        for i in range(5):
             if i:
                 # Empty the config again (all 10,000 Services leave), then reload.
                 before = generation(sock)
