@@ -34,6 +34,8 @@ let package = Package(
                 sources: ["abi"],
                 publicHeadersPath: "include"),
         .target(name: "CWeftSys", path: "Sources/CWeftSys"),
+        // WeftCore composes manifests from libyaml's events through Yams'
+        // CYaml module (the libyaml that Yams ships): see YAMLDocument.swift.
         .target(name: "WeftCore",
                 dependencies: [.product(name: "Yams", package: "Yams")],
                 swiftSettings: swiftSettings),

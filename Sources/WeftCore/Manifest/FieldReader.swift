@@ -1,34 +1,32 @@
-import Yams
-
 /// A strict, path-tracking view of one YAML mapping. Every read names the
 /// field it reads, so an error can say exactly which one is wrong; `finish()`
 /// rejects any key nobody read, which is how unknown fields become errors.
 struct FieldReader {
     let location: DocumentLocation
     let path: String
-    private let pairs: [(key: String, value: Node, line: Int?)]
+    private let pairs: [(key: String, value: YAMLNode, line: Int?)]
     /// Which pairs a reader asked for, by index (mappings here are small:
     /// a linear scan beats hashing every key).
     private var read: [Bool]
 
-    init(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) {
+    init(_ node: YAMLNode, at location: DocumentLocation, path: String) throws(ManifestError) {
         self.location = location
         self.path = path
-        guard case .mapping(let mapping) = node else {
+        guard case .mapping(let mapping, _) = node else {
             throw ManifestError(location, field: path, "expected a mapping, got \(Self.describe(node))",
-                                line: node.mark?.line)
+                                line: node.line)
         }
-        var pairs: [(key: String, value: Node, line: Int?)] = []
+        var pairs: [(key: String, value: YAMLNode, line: Int?)] = []
         pairs.reserveCapacity(mapping.count)
         for (key, value) in mapping {
             guard case .scalar(let scalar) = key else {
-                throw ManifestError(location, field: path, "mapping keys must be strings", line: key.mark?.line)
+                throw ManifestError(location, field: path, "mapping keys must be strings", line: key.line)
             }
             guard !pairs.contains(where: { $0.key == scalar.string }) else {
                 throw ManifestError(location, field: Self.join(path, scalar.string), "duplicate key",
-                                    line: key.mark?.line)
+                                    line: key.line)
             }
-            pairs.append((scalar.string, value, key.mark?.line))
+            pairs.append((scalar.string, value, key.line))
         }
         self.pairs = pairs
         self.read = Array(repeating: false, count: pairs.count)
@@ -36,7 +34,7 @@ struct FieldReader {
 
     static func join(_ path: String, _ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
 
-    static func describe(_ node: Node) -> String {
+    static func describe(_ node: YAMLNode) -> String {
         switch node {
         case .mapping: return "a mapping"
         case .sequence: return "a list"
@@ -60,7 +58,7 @@ struct FieldReader {
     }
 
     /// The raw node for `key`, marking it read. A YAML null counts as absent.
-    mutating func node(_ key: String) -> Node? {
+    mutating func node(_ key: String) -> YAMLNode? {
         guard let i = pairs.firstIndex(where: { $0.key == key }) else { return nil }
         read[i] = true
         let node = pairs[i].value
@@ -68,7 +66,7 @@ struct FieldReader {
         return node
     }
 
-    mutating func required(_ key: String) throws(ManifestError) -> Node {
+    mutating func required(_ key: String) throws(ManifestError) -> YAMLNode {
         guard let node = node(key) else { throw error(key, "required field is missing") }
         return node
     }
@@ -94,9 +92,9 @@ struct FieldReader {
         return try FieldReader(node, at: location, path: field(key))
     }
 
-    mutating func list(_ key: String) throws(ManifestError) -> [(path: String, node: Node)]? {
+    mutating func list(_ key: String) throws(ManifestError) -> [(path: String, node: YAMLNode)]? {
         guard let node = node(key) else { return nil }
-        guard case .sequence(let sequence) = node else {
+        guard case .sequence(let sequence, _) = node else {
             throw error(key, "expected a list, got \(Self.describe(node))")
         }
         return sequence.enumerated().map { ("\(field(key))[\($0.offset)]", $0.element) }
@@ -126,65 +124,19 @@ struct FieldReader {
         if let i = read.firstIndex(of: false) { throw error(pairs[i].key, "unknown field") }
     }
 
-    static func string(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) -> String {
+    static func string(_ node: YAMLNode, at location: DocumentLocation, path: String) throws(ManifestError) -> String {
         guard case .scalar(let scalar) = node, node.tagName == .str else {
             throw ManifestError(location, field: path, "expected a string, got \(describe(node))",
-                                line: node.mark?.line)
+                                line: node.line)
         }
         return scalar.string
     }
 
-    static func int(_ node: Node, at location: DocumentLocation, path: String) throws(ManifestError) -> Int {
+    static func int(_ node: YAMLNode, at location: DocumentLocation, path: String) throws(ManifestError) -> Int {
         guard let value = node.coreInt else {
             throw ManifestError(location, field: path, "expected an integer, got \(describe(node))",
-                                line: node.mark?.line)
+                                line: node.line)
         }
         return value
-    }
-}
-
-extension Node {
-    /// The node's YAML type under the YAML 1.2 core schema (what Kubernetes
-    /// reads): quoted and block scalars are strings; plain scalars are null,
-    /// bool, int or float when they spell one. Decided here directly rather
-    /// than through Yams' regex resolver, which dominated parse time (2 s for
-    /// 20,000 documents).
-    var tagName: Tag.Name {
-        switch self {
-        case .mapping: return .map
-        case .sequence: return .seq
-        case .alias: return .str
-        case .scalar(let scalar):
-            if let explicit = Optional(scalar.tag.rawValue), explicit.hasPrefix("tag:yaml.org,2002:") {
-                return Tag.Name(rawValue: explicit)
-            }
-            guard scalar.style == .plain || scalar.style == .any else { return .str }
-            return Self.coreSchemaType(scalar.string)
-        }
-    }
-
-    /// The integer value of a plain decimal scalar (the only form manifests use).
-    var coreInt: Int? {
-        guard case .scalar(let scalar) = self, tagName == .int else { return nil }
-        return Int(scalar.string.hasPrefix("+") ? String(scalar.string.dropFirst()) : scalar.string)
-    }
-
-    static func coreSchemaType(_ s: String) -> Tag.Name {
-        switch s {
-        case "", "~", "null", "Null", "NULL": return .null
-        case "true", "True", "TRUE", "false", "False", "FALSE": return .bool
-        default: break
-        }
-        let utf8 = s.utf8
-        guard let first = utf8.first else { return .str }
-        let isDigit = { (c: UInt8) in c >= 48 && c <= 57 }
-        let body = (first == 43 || first == 45) ? utf8.dropFirst() : utf8[...]  // + or -
-        if !body.isEmpty && body.allSatisfy(isDigit) { return .int }
-        if first == 46 || first == 43 || first == 45 || isDigit(first) {  // . + - digit: maybe a float
-            if Double(s) != nil { return .float }
-            if s.hasPrefix("0x") || s.hasPrefix("0o") { return .int }
-        }
-        if [".inf", ".Inf", ".INF", "-.inf", "+.inf", ".nan", ".NaN", ".NAN"].contains(s) { return .float }
-        return .str
     }
 }

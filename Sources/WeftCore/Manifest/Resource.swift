@@ -1,7 +1,6 @@
 import Dispatch
 import Foundation
 import Synchronization
-import Yams
 
 /// One parsed, individually valid manifest document.
 public enum Resource: Hashable, Sendable {
@@ -28,7 +27,7 @@ public enum Resource: Hashable, Sendable {
         "weft.dev/v1alpha1": ["Workload"],
     ]
 
-    init(document node: Node, at location: DocumentLocation) throws(ManifestError) {
+    init(document node: YAMLNode, at location: DocumentLocation) throws(ManifestError) {
         var doc = try FieldReader(node, at: location, path: "")
         let apiVersion = try doc.requiredString("apiVersion")
         let kind = try doc.requiredString("kind")
@@ -148,32 +147,22 @@ public enum ManifestReader {
     {
         var resources: [LocatedResource] = []
         var errors: [ManifestError] = []
-        let parser: Parser
-        do {
-            parser = try Parser(yaml: text, resolver: .basic)
-        } catch {
-            return (([], [ManifestError(DocumentLocation(file: file, document: 1), field: "", "not valid YAML: \(error)")]), 1)
-        }
         var index = 0
-        while true {
+        let (documents, syntaxError) = YAMLStream.documents(text) { root in
             index += 1
             let location = DocumentLocation(file: file, document: index)
-            let root: Node?
-            do {
-                root = try parser.nextRoot()
-            } catch {
-                errors.append(ManifestError(location, field: "", "not valid YAML: \(error)"))
-                break
-            }
-            guard let root else { break }
             // An empty document (a stray `---`) is allowed and skipped.
-            if case .scalar = root, root.tagName == .null { continue }
-            do {
+            guard let root, root.tagName != .null else { return }
+            do throws(ManifestError) {
                 resources.append(LocatedResource(resource: try Resource(document: root, at: location), location: location))
             } catch {
                 errors.append(error)
             }
         }
-        return ((resources, errors), index - 1)
+        if let syntaxError {
+            errors.append(ManifestError(DocumentLocation(file: file, document: max(documents, 1)), field: "",
+                                        "not valid YAML: \(syntaxError)", line: syntaxError.line))
+        }
+        return ((resources, errors), documents)
     }
 }

@@ -1,5 +1,3 @@
-import Yams
-
 /// A `v1 Service` of type ClusterIP: a virtual address whose ports the kernel
 /// load-balances over the Workloads its selector picks.
 public struct Service: Hashable, Sendable {
@@ -49,7 +47,7 @@ public enum TargetPort: Hashable, Sendable, CustomStringConvertible {
 }
 
 extension Service {
-    init(spec node: Node, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+    init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
         if let type = try spec.string("type"), type != "ClusterIP" {
             throw spec.error("type", "only type ClusterIP is supported, got \"\(type)\"")
@@ -111,7 +109,7 @@ extension Service {
 }
 
 extension ServicePort {
-    init(_ node: Node, path: String, at location: DocumentLocation) throws(ManifestError) {
+    init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
         let name = try r.string("name")
         if let name { try Validation.portName(name, field: r.field("name"), at: location) }

@@ -1,5 +1,3 @@
-import Yams
-
 /// A `weft.dev/v1alpha1 Workload`: one pod as Weft sees it, with what the
 /// CNI and kubelet would have given it on Kubernetes — node, address, cgroup —
 /// plus the labels and serviceAccount that make it a backend and an identity.
@@ -48,7 +46,7 @@ public struct WorkloadPort: Hashable, Sendable {
 }
 
 extension Workload {
-    init(spec node: Node, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+    init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
         let serviceAccount = try spec.string("serviceAccount") ?? "default"
         try Validation.dnsLabel(serviceAccount, field: spec.field("serviceAccount"), at: location)
