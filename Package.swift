@@ -37,7 +37,7 @@ let package = Package(
         // WeftCore composes manifests from libyaml's events through Yams'
         // CYaml module (the libyaml that Yams ships): see YAMLDocument.swift.
         .target(name: "WeftCore",
-                dependencies: [.product(name: "Yams", package: "Yams")],
+                dependencies: ["WeftABI", .product(name: "Yams", package: "Yams")],
                 swiftSettings: swiftSettings),
         .target(name: "WeftKernel",
                 dependencies: ["CLibbpf", "WeftABI", "WeftCore",

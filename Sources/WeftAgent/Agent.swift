@@ -32,18 +32,20 @@ public enum Agent {
         let pinDirectory = configuration.resolvedPinDirectory
         let datapath = try Datapath.attach(pinDirectory: pinDirectory, cgroupPath: cgroup, logger: logger)
         let maps = try ServiceMaps(pinDirectory: pinDirectory)
+        let policyMaps = try PolicyMaps(pinDirectory: pinDirectory)
 
         var initial = AgentStatus(node: configuration.node, pid: getpid(), configDirectory: configuration.configDirectory,
                                   cgroup: cgroup, pinDirectory: pinDirectory)
         initial.programs = datapath.programs.map { .init(name: $0.name, state: $0.state.rawValue, programID: $0.programID) }
         let status = SharedStatus(initial)
-        let reconciler = try Reconciler(configuration: configuration, maps: maps, status: status, logger: logger)
+        let reconciler = try Reconciler(configuration: configuration, maps: maps, policyMaps: policyMaps,
+                                        nodeCgroup: cgroup, status: status, logger: logger)
         let watcher = try ConfigWatcher(directory: configuration.configDirectory)
         reconciler.reconcile()
 
-        let fill = Mutex((services: 0, backends: 0))
+        let fill = Mutex(MapFill())
         fill.withLock { $0 = reconciler.mapFill }
-        let metrics = AgentMetrics(maps: maps, status: status, fill: { fill.withLock { $0 } })
+        let metrics = AgentMetrics(maps: maps, policyMaps: policyMaps, status: status, fill: { fill.withLock { $0 } })
         let runDirectory = configuration.resolvedRunDirectory
         try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
@@ -77,13 +79,16 @@ public enum Agent {
 
         // The control loop. A file event arms a short debounce; when it
         // expires the directory is re-read whole. A failed map write is
-        // retried every second until it succeeds or the files change.
+        // retried every second until it succeeds or the files change, and so
+        // is a pass that found local pod cgroups missing (a pod's cgroup may
+        // be created after its manifest).
         var fds = [pollfd(fd: watcher.fd, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: signals.readFD, events: Int16(POLLIN), revents: 0)]
         var deadline: ContinuousClock.Instant?
         var retryAfterFailure = false
         loop: while true {
-            var timeout: Int32 = retryAfterFailure ? 1000 : -1
+            let retry = retryAfterFailure || !reconciler.missingCgroups.isEmpty
+            var timeout: Int32 = retry ? 1000 : -1
             if let deadline {
                 let left = deadline - .now
                 timeout = max(0, Int32(left.seconds * 1000))
@@ -100,7 +105,7 @@ public enum Agent {
                 continue
             }
             let debounced = deadline.map { $0 <= .now || n == 0 } ?? false
-            if debounced || (n == 0 && retryAfterFailure) {
+            if debounced || (n == 0 && retry) {
                 deadline = nil
                 retryAfterFailure = reconciler.reconcile() == .kernelFailed
                 fill.withLock { $0 = reconciler.mapFill }

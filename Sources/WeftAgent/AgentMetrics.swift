@@ -5,22 +5,31 @@ import WeftCore
 import WeftKernel
 
 /// The agent's /metrics: its own health (config generation and errors, map
-/// fill against capacity, programs attached) and the kernel load balancer's
-/// per-CPU counters, read from the pinned map at scrape time.
+/// fill against capacity, programs attached), the kernel load balancer's
+/// per-CPU counters and the policy drop counters, read from the pinned maps
+/// at scrape time.
 final class AgentMetrics: Sendable {
     private let registry = PrometheusCollectorRegistry()
     private let maps: ServiceMaps
+    private let policyMaps: PolicyMaps
     private let status: SharedStatus
-    private let fill: @Sendable () -> (services: Int, backends: Int)
+    private let fill: @Sendable () -> MapFill
     /// Last value seen per kernel counter: Prometheus counters only go up by
     /// deltas, and the kernel's are monotonic, so each scrape adds the delta.
     private let seen = Mutex<[String: UInt64]>([:])
 
-    init(maps: ServiceMaps, status: SharedStatus, fill: @escaping @Sendable () -> (services: Int, backends: Int)) {
+    init(maps: ServiceMaps, policyMaps: PolicyMaps, status: SharedStatus, fill: @escaping @Sendable () -> MapFill) {
         self.maps = maps
+        self.policyMaps = policyMaps
         self.status = status
         self.fill = fill
     }
+
+    static let dropReasons: [Int: String] = [
+        Int(WEFT_DROP_EGRESS.rawValue): "egress_denied",
+        Int(WEFT_DROP_INGRESS_AT_SOURCE.rawValue): "ingress_denied_at_source",
+        Int(WEFT_DROP_INGRESS.rawValue): "ingress_denied",
+    ]
 
     func render() -> String {
         let s = status.withLock { $0 }
@@ -30,9 +39,13 @@ final class AgentMetrics: Sendable {
             .set(Double(s.configErrors.count))
         registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "config_last_reconcile", unitName: "seconds", helpText: "Duration of the last reconcile pass."))
             .set(s.lastReconcileSeconds)
-        let (services, backends) = fill()
-        for (map, used, capacity) in [(WEFT_MAP_SERVICES, services, Int(WEFT_MAX_SERVICE_SLOTS)),
-                                      (WEFT_MAP_BACKENDS, backends, Int(WEFT_MAX_BACKENDS))] {
+        let f = fill()
+        for (map, used, capacity) in [(WEFT_MAP_SERVICES, f.services, Int(WEFT_MAX_SERVICE_SLOTS)),
+                                      (WEFT_MAP_BACKENDS, f.backends, Int(WEFT_MAX_BACKENDS)),
+                                      (WEFT_MAP_ENDPOINTS, f.endpoints, Int(WEFT_MAX_ENDPOINTS)),
+                                      (WEFT_MAP_CGROUPS, f.cgroups, Int(WEFT_MAX_LOCAL_CGROUPS)),
+                                      (WEFT_MAP_CIDR_CLASSES, f.cidrClasses, Int(WEFT_MAX_CIDR_CLASSES)),
+                                      (WEFT_MAP_POLICY, f.policyEntries, Int(WEFT_MAX_POLICY_ENTRIES))] {
             registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_entries", unitName: "", helpText: "Entries in a BPF map."), labels: [("map", map)])
                 .set(Double(used))
             registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_capacity", unitName: "", helpText: "max_entries of a BPF map."), labels: [("map", map)])
@@ -48,6 +61,31 @@ final class AgentMetrics: Sendable {
                     let delta = value >= last ? value - last : value  // map was recreated
                     seen[name] = value
                     registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "lb_events", unitName: "total", helpText: "Outcomes of the in-kernel connect() load balancer, from its per-CPU map."), labels: [("event", name)])
+                        .increment(by: Int64(clamping: delta))
+                }
+            }
+        }
+        if let drops = try? policyMaps.dropCounts() {
+            let names = status.identityNames()
+            func name(_ id: UInt32) -> (String, String) {
+                if id == ReservedIdentity.world { return ("", "world") }
+                if id >= ReservedIdentity.cidrBase { return ("", "cidr") }
+                guard let key = names[id] else { return ("", "identity-\(id)") }
+                return (key.namespace, key.description)
+            }
+            seen.withLock { seen in
+                for (key, value) in drops {
+                    let reason = Self.dropReasons[Int(key.reason)] ?? "unknown"
+                    let (srcNS, src) = name(key.src_identity), (dstNS, dst) = name(key.dst_identity)
+                    let proto = TransportProtocol(ipProtocol: key.proto)?.rawValue ?? "\(key.proto)"
+                    let port = "\(UInt16(bigEndian: key.port))"
+                    let id = "drop/\(key.src_identity)/\(key.dst_identity)/\(port)/\(proto)/\(reason)"
+                    let last = seen[id] ?? 0
+                    let delta = value >= last ? value - last : value
+                    seen[id] = value
+                    registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "policy_drops", unitName: "total", helpText: "Connections and packets NetworkPolicy denied, by identities, destination port and reason, from the kernel's per-CPU map."),
+                                         labels: [("source_namespace", srcNS), ("source_identity", src), ("destination_namespace", dstNS),
+                                                  ("destination_identity", dst), ("destination_port", port), ("protocol", proto), ("reason", reason)])
                         .increment(by: Int64(clamping: delta))
                 }
             }

@@ -10,6 +10,15 @@ import WeftKernel
 final class Reconciler {
     private let configuration: AgentConfiguration
     private let maps: ServiceMaps
+    private let policyMaps: PolicyMaps
+    /// The node's pod cgroup (the agent's --cgroup); Workload cgroups are relative to it.
+    private let nodeCgroup: String
+    private var compiler = PolicyCompiler()
+    /// What the kernel's policy maps hold, as of the last successful write.
+    private var appliedPolicy: PolicyMapContents
+    private var identitiesAdopted = false
+    /// Local pods whose cgroup directory is missing; see AgentStatus.missingCgroups.
+    private(set) var missingCgroups: [String] = []
     private let cache = ManifestCache()
     private let logger: Logger
     let status: SharedStatus
@@ -21,9 +30,13 @@ final class Reconciler {
     /// Set when a write failed part-way: the next pass re-reads the kernel.
     private var kernelUncertain = false
 
-    init(configuration: AgentConfiguration, maps: ServiceMaps, status: SharedStatus, logger: Logger) throws {
+    init(configuration: AgentConfiguration, maps: ServiceMaps, policyMaps: PolicyMaps, nodeCgroup: String,
+         status: SharedStatus, logger: Logger) throws {
         self.configuration = configuration
         self.maps = maps
+        self.policyMaps = policyMaps
+        self.nodeCgroup = nodeCgroup
+        self.appliedPolicy = try policyMaps.snapshot()
         self.status = status
         self.logger = logger
         // Adopt: start from what the pinned maps hold (a previous agent's
@@ -32,7 +45,23 @@ final class Reconciler {
     }
 
     /// Entries currently in the service and backend maps.
-    var mapFill: (services: Int, backends: Int) { (applied.snapshot.slots.count, applied.snapshot.backends.count) }
+    var mapFill: MapFill {
+        MapFill(services: applied.snapshot.slots.count, backends: applied.snapshot.backends.count,
+                endpoints: appliedPolicy.endpoints.count, cgroups: appliedPolicy.cgroups.count,
+                cidrClasses: appliedPolicy.cidrClasses.count, policyEntries: appliedPolicy.entries.count)
+    }
+
+    /// The cgroup id of every local pod whose cgroup exists (the kernel's
+    /// bpf_get_current_cgroup_id() is the directory's inode number).
+    private func localCgroups(_ state: ClusterState) -> (ids: [UInt64: IPv4Address], missing: [String]) {
+        var ids: [UInt64: IPv4Address] = [:]
+        var missing: [String] = []
+        for w in state.workloads where w.node == configuration.node {
+            let path = w.cgroupPath.hasPrefix("/") ? w.cgroupPath : "\(nodeCgroup)/\(w.cgroupPath)"
+            if let id = Host.cgroupID(path) { ids[id] = w.address } else { missing.append(w.metadata.qualifiedName) }
+        }
+        return (ids, missing)
+    }
 
     enum Outcome {
         /// The config set is in force (possibly with nothing to write).
@@ -61,10 +90,35 @@ final class Reconciler {
         do {
             if kernelUncertain {
                 applied = ServiceMapIndex(try maps.snapshot())
+                appliedPolicy = try policyMaps.snapshot()
                 lastTable = nil
                 kernelUncertain = false
             }
             mark("load")
+            // Policy before services: a new pod is isolated before any
+            // Service can send it traffic.
+            if !identitiesAdopted {
+                compiler.adopt(endpoints: appliedPolicy.endpoints, state: state)
+                identitiesAdopted = true
+            }
+            let policyTable = compiler.compile(state)
+            let (cgroups, missing) = localCgroups(state)
+            if missing != missingCgroups, !missing.isEmpty {
+                logger.warning("pod cgroups missing; their connects are judged only at the destination until they appear",
+                               metadata: ["pods": "\(missing.joined(separator: ", "))"])
+            }
+            missingCgroups = missing
+            let desiredPolicy = PolicyMapContents(policyTable, cgroups: cgroups)
+            let policyPlan = PolicyMapPlan(from: appliedPolicy, to: desiredPolicy)
+            mark("policy")
+            do {
+                try policyMaps.apply(policyPlan)
+            } catch {
+                kernelUncertain = true
+                throw error
+            }
+            appliedPolicy = desiredPolicy
+            mark("policy-write")
             let table = ServiceTable(state)
             mark("table")
             // Only frontends whose backends changed are planned; the first pass
@@ -91,10 +145,11 @@ final class Reconciler {
                     s.appliedAt = Date().timeIntervalSince1970
                 }
                 s.configErrors = []
-                s.lastWrites = writes.count
+                s.lastWrites = writes.count + policyPlan.count
+                s.missingCgroups = missing
                 s.lastReconcileSeconds = seconds
             }
-            status.setInForce(table: table, config: state)
+            status.setInForce(table: table, config: state, policy: policyTable)
             mark("status")
             let phaseMillis = Dictionary(uniqueKeysWithValues: zip(phases.dropFirst(), phases).map {
                 ($0.0.0, ($0.0.1 - $0.1.1).seconds * 1000)
@@ -103,20 +158,25 @@ final class Reconciler {
             logger.debug("reconcile phases", metadata: Logger.Metadata(uniqueKeysWithValues: phaseMillis.map {
                 ($0.key, .string(String(format: "%.1fms", $0.value)))
             }))
-            if !writes.isEmpty || changed {
+            if !writes.isEmpty || !policyPlan.isEmpty || changed {
                 logger.info("config in force", metadata: [
                     "generation": "\(status.withLock { $0.generation })", "services": "\(state.services.count)",
-                    "workloads": "\(state.workloads.count)", "map_writes": "\(writes.count)",
+                    "workloads": "\(state.workloads.count)", "policies": "\(state.networkPolicies.count)",
+                    "policy_entries": "\(policyTable.entries.count)", "map_writes": "\(writes.count + policyPlan.count)",
                     "seconds": "\(String(format: "%.4f", seconds))",
                 ])
             }
             return .inForce
         } catch {
-            logger.error("writing the service maps failed: \(error); will retry from the kernel's state")
+            logger.error("writing the service or policy maps failed: \(error); will retry from the kernel's state")
             status.withLock { $0.configErrors = ["kernel: \(error)"] }
             return .kernelFailed
         }
     }
+}
+
+struct MapFill: Sendable {
+    var services = 0, backends = 0, endpoints = 0, cgroups = 0, cidrClasses = 0, policyEntries = 0
 }
 
 extension Duration {

@@ -10,6 +10,7 @@ final class SharedStatus: Sendable {
         var status: AgentStatus
         var table: ServiceTable?
         var config: ClusterState?
+        var policy: PolicyTable?
     }
 
     private let mutex: Mutex<State>
@@ -19,22 +20,40 @@ final class SharedStatus: Sendable {
     func withLock<T>(_ body: (inout AgentStatus) -> T) -> T { mutex.withLock { body(&$0.status) } }
 
     /// Records the config in force (copy-on-write: no copy is made here).
-    func setInForce(table: ServiceTable, config: ClusterState) {
+    func setInForce(table: ServiceTable, config: ClusterState, policy: PolicyTable) {
         mutex.withLock {
             $0.table = table
             $0.config = config
+            $0.policy = policy
         }
     }
 
+    /// Identity id -> `namespace{labels}`, for metrics labels.
+    func identityNames() -> [UInt32: IdentityKey] { mutex.withLock { $0.policy?.identities ?? [:] } }
+
     /// The status with its service and workload lists filled in.
     func full() -> AgentStatus {
-        let (status, table, config) = mutex.withLock { ($0.status, $0.table, $0.config) }
+        let (status, table, config, policy) = mutex.withLock { ($0.status, $0.table, $0.config, $0.policy) }
         var s = status
         s.services = (table?.entries ?? [:]).sorted { $0.key < $1.key }
             .map { AgentStatus.ServiceName(frontend: $0.key.description, name: $0.value.name) }
         s.workloads = (config?.workloads ?? []).map {
             AgentStatus.WorkloadStatus(name: $0.metadata.qualifiedName, node: $0.node, address: $0.address.description,
                                        serviceAccount: $0.serviceAccount, labels: $0.metadata.labels)
+        }
+        if let config, let policy {
+            s.policies = config.networkPolicies.map { p in
+                let selected = config.workloads.filter {
+                    $0.metadata.namespace == p.metadata.namespace && p.podSelector.matches($0.metadata.labels)
+                }
+                return AgentStatus.PolicyStatus(
+                    name: p.metadata.qualifiedName, podSelector: p.podSelector.description,
+                    policyTypes: p.policyTypes.sorted().map(\.rawValue), selectedPods: selected.map(\.metadata.qualifiedName),
+                    ingressRules: p.ingress.count, egressRules: p.egress.count)
+            }
+            s.policyNames.rules = Dictionary(uniqueKeysWithValues: policy.rules.map { ("\($0.key)", $0.value) })
+            s.policyNames.identities = Dictionary(uniqueKeysWithValues: policy.identities.map { ("\($0.key)", $0.value.description) })
+            s.policyNames.isolatedBy = Dictionary(uniqueKeysWithValues: policy.isolatedBy.map { ("\($0.key)", $0.value) })
         }
         return s
     }

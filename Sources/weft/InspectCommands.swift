@@ -32,11 +32,11 @@ func table(_ rows: [[String]]) -> String {
 
 struct GetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "get", abstract: "Show what is in force: services (from the pinned maps) or workloads.")
+        commandName: "get", abstract: "Show what is in force: services (from the pinned maps), workloads or policies.")
 
-    enum Kind: String, ExpressibleByArgument, CaseIterable { case services, workloads }
+    enum Kind: String, ExpressibleByArgument, CaseIterable { case services, workloads, policies }
 
-    @Argument(help: "services | workloads") var kind: Kind
+    @Argument(help: "services | workloads | policies") var kind: Kind
     @Option(help: "Node to read (default: every node pinned on this machine).") var node: String?
     @Option(name: .shortAndLong, help: "Output: table or json.") var output = "table"
 
@@ -67,6 +67,25 @@ struct GetCommand: ParsableCommand {
                     rows.append([node, w.name, w.node, w.address, w.serviceAccount, inKernel.contains(w.address) ? "yes" : "no", labels])
                     json.append(["node": node, "workload": w.name, "on": w.node, "address": w.address,
                                  "serviceAccount": w.serviceAccount, "backendInKernel": inKernel.contains(w.address), "labels": w.labels])
+                }
+            case .policies:
+                guard let status else { throw ValidationError("policies come from the agent, and agent \(node) is not reachable") }
+                let kernel = try PolicyMaps(pinDirectory: Datapath.defaultPinDirectory(node: node)).snapshot()
+                var entriesByRule: [String: Int] = [:]
+                for rule in kernel.entries.values { entriesByRule["\(rule)", default: 0] += 1 }
+                if rows.isEmpty { rows.append(["NODE", "POLICY", "POD-SELECTOR", "TYPES", "SELECTS", "RULES", "KERNEL-ENTRIES"]) }
+                for p in status.policies {
+                    let ruleIDs = status.policyNames.rules.filter { $0.value.policy == p.name }.map(\.key)
+                    let entries = ruleIDs.reduce(0) { $0 + (entriesByRule[$1] ?? 0) }
+                    rows.append([node, p.name, p.podSelector, p.policyTypes.joined(separator: ","),
+                                 p.selectedPods.isEmpty ? "(no pods)" : p.selectedPods.joined(separator: ","),
+                                 "\(p.ingressRules) in, \(p.egressRules) out", "\(entries)"])
+                    json.append(["node": node, "policy": p.name, "podSelector": p.podSelector, "policyTypes": p.policyTypes,
+                                 "selectedPods": p.selectedPods, "ingressRules": p.ingressRules, "egressRules": p.egressRules,
+                                 "kernelEntries": entries])
+                }
+                if output != "json" && !status.policies.isEmpty {
+                    rows.append(["", "", "", "", "", "kernel total:", "\(kernel.entries.count) allow(s), \(kernel.endpoints.count) endpoint(s), \(kernel.cidrClasses.count) ipBlock region(s)"])
                 }
             }
         }
@@ -108,7 +127,7 @@ struct StatusCommand: ParsableCommand {
                 let when = Date(timeIntervalSince1970: s.appliedAt).formatted(.iso8601)
                 print("  generation: \(s.generation), in force since \(when); last reconcile \(s.lastWrites) map write(s) in \(String(format: "%.1f", s.lastReconcileSeconds * 1000)) ms")
                 if !s.lastReconcilePhases.isEmpty {
-                    let order = ["load", "table", "plan", "write", "status"]
+                    let order = ["load", "policy", "policy-write", "table", "plan", "write", "status"]
                     print("  phases:     " + order.compactMap { k in s.lastReconcilePhases[k].map { "\(k) \(String(format: "%.1f", $0)) ms" } }
                         .joined(separator: ", "))
                 }

@@ -18,13 +18,23 @@
 #define WEFT_MAP_BACKENDS     "weft_backends"
 #define WEFT_MAP_SOCK_ORIGIN  "weft_sock_origin"
 #define WEFT_MAP_LB_STATS     "weft_lb_stats"
+#define WEFT_MAP_ENDPOINTS    "weft_endpoints"
+#define WEFT_MAP_CGROUPS      "weft_cgroups"
+#define WEFT_MAP_CIDR_CLASSES "weft_cidr_classes"
+#define WEFT_MAP_POLICY       "weft_policy"
+#define WEFT_MAP_POLICY_DROPS "weft_policy_drops"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
 #define WEFT_MAX_SERVICE_SLOTS  524288  /* one per Service port + one per backend slot */
 #define WEFT_MAX_BACKENDS       262144
 #define WEFT_MAX_BACKENDS_PER_SERVICE 65535
-#define WEFT_ABI_VERSION        1
+#define WEFT_MAX_ENDPOINTS      262144  /* pods in the cluster (every node's) */
+#define WEFT_MAX_LOCAL_CGROUPS  65536   /* pods on this node */
+#define WEFT_MAX_CIDR_CLASSES   262144  /* distinct ipBlock prefixes */
+#define WEFT_MAX_POLICY_ENTRIES 1048576 /* compiled (identity, peer, port) allows */
+#define WEFT_MAX_DROP_KEYS      65536   /* drop counter tuples (LRU) */
+#define WEFT_ABI_VERSION        2
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,
@@ -85,7 +95,101 @@ enum weft_lb_event {
 	WEFT_LB_EVENT_MAX       = 5,
 };
 
+/*
+ * ----- L4 policy (Kubernetes NetworkPolicy) -----
+ *
+ * Every pod has a numeric identity: one per distinct (namespace, label set),
+ * the same on every node. weft_endpoints maps each pod address in the cluster
+ * to its identity and whether policies isolate it; weft_cgroups maps this
+ * node's pod cgroups to their address, which is how connect() knows the
+ * client before the socket has a source address. Peers that are not pods get
+ * WEFT_ID_WORLD. Each distinct ipBlock region (a cidr minus its excepts, with
+ * overlapping blocks split apart) is a "CIDR class", found by longest-prefix
+ * match in weft_cidr_classes; an address can match both a pod identity and a
+ * class, and either may allow it.
+ *
+ * weft_policy is an LPM trie of allows. A decision is at most three lookups,
+ * one per peer (identity, CIDR class, WEFT_ID_ANY), each a longest-prefix
+ * match in which the protocol and the port bits may be left open: that is how
+ * "all ports", "all TCP ports" and endPort ranges (split into aligned port
+ * prefixes) are one entry each rather than one per port.
+ */
+#define WEFT_ID_ANY         0u        /* in weft_policy keys: any peer at all */
+#define WEFT_ID_WORLD       1u        /* an address that is no known pod */
+#define WEFT_ID_FIRST_POD   256u      /* pod identities start here */
+#define WEFT_ID_CIDR_BASE   0x01000000u /* CIDR class n is WEFT_ID_CIDR_BASE + n */
+
+enum weft_direction {
+	WEFT_DIR_INGRESS = 0,
+	WEFT_DIR_EGRESS  = 1,
+};
+
+/* weft_endpoint.flags: which directions some policy selects this pod for. A
+ * pod isolated in a direction passes only what an allow entry names. */
+#define WEFT_EP_F_INGRESS_ISOLATED 0x01
+#define WEFT_EP_F_EGRESS_ISOLATED  0x02
+
+struct weft_endpoint {
+	__u32 identity;    /* WEFT_ID_FIRST_POD and up */
+	__u8  flags;       /* WEFT_EP_F_* */
+	__u8  pad0[3];     /* zero */
+};
+
+struct weft_cgroup_endpoint {
+	__be32 addr;       /* the pod's address: key into weft_endpoints */
+	__u32  pad0;       /* zero */
+};
+
+struct weft_cidr_key {
+	__u32  prefixlen;  /* LPM trie: bits of addr that matter */
+	__be32 addr;       /* network order */
+};
+
+struct weft_cidr_class {
+	__u32 id;          /* WEFT_ID_CIDR_BASE + n */
+};
+
+/* Bits of weft_policy_key after prefixlen, for its prefixlen: */
+#define WEFT_POLICY_PREFIX_ANY_PROTO  96   /* identity, direction, peer exact */
+#define WEFT_POLICY_PREFIX_ANY_PORT   112  /* ... and protocol */
+#define WEFT_POLICY_PREFIX_FULL       128  /* ... and all 16 port bits */
+
+struct weft_policy_key {
+	__u32  prefixlen;  /* LPM trie: WEFT_POLICY_PREFIX_* or ANY_PORT + port prefix bits */
+	__be32 identity;   /* the pod the policy selects, network order (trie order) */
+	__u8   direction;  /* enum weft_direction */
+	__u8   pad0[3];    /* zero */
+	__be32 peer;       /* peer identity, CIDR class, or WEFT_ID_ANY; network order */
+	__u8   proto;      /* IPPROTO_TCP / UDP / SCTP */
+	__u8   pad1;       /* zero */
+	__be16 port;       /* destination port, network order (prefix-matched) */
+};
+
+struct weft_policy_value {
+	__u32 rule_id;     /* which compiled rule allowed it (for `weft policy check`) */
+};
+
+/* Why a connection or packet was dropped. */
+enum weft_drop_reason {
+	WEFT_DROP_EGRESS           = 1, /* source pod's egress policy: EPERM at connect()/sendmsg() */
+	WEFT_DROP_INGRESS_AT_SOURCE = 2, /* destination's ingress policy, checked by the source node: EPERM */
+	WEFT_DROP_INGRESS          = 3, /* destination pod's ingress policy at the destination: packet dropped */
+};
+
+struct weft_drop_key {
+	__u32  src_identity;
+	__u32  dst_identity;
+	__be16 port;       /* destination port, network order */
+	__u8   proto;
+	__u8   reason;     /* enum weft_drop_reason */
+};
+
 #ifndef __cplusplus
+_Static_assert(sizeof(struct weft_endpoint) == 8, "weft_endpoint layout");
+_Static_assert(sizeof(struct weft_cgroup_endpoint) == 8, "weft_cgroup_endpoint layout");
+_Static_assert(sizeof(struct weft_cidr_key) == 8, "weft_cidr_key layout");
+_Static_assert(sizeof(struct weft_policy_key) == 20, "weft_policy_key layout");
+_Static_assert(sizeof(struct weft_drop_key) == 12, "weft_drop_key layout");
 _Static_assert(sizeof(struct weft_service_key) == 12, "weft_service_key layout");
 _Static_assert(sizeof(struct weft_service_value) == 12, "weft_service_value layout");
 _Static_assert(sizeof(struct weft_backend) == 8, "weft_backend layout");

@@ -44,4 +44,52 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_lb_stats SEC(".maps");
 
+/* ----- L4 policy: identities and compiled NetworkPolicy (see weft_abi.h) ----- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEFT_MAX_ENDPOINTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __be32);
+	__type(value, struct weft_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEFT_MAX_LOCAL_CGROUPS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct weft_cgroup_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, WEFT_MAX_CIDR_CLASSES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct weft_cidr_key);
+	__type(value, struct weft_cidr_class);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_cidr_classes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, WEFT_MAX_POLICY_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct weft_policy_key);
+	__type(value, struct weft_policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_policy SEC(".maps");
+
+/* LRU so that a scan of many ports cannot fill it and stop counting; the
+ * metrics side caps label cardinality on top of this. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, WEFT_MAX_DROP_KEYS);
+	__type(key, struct weft_drop_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_policy_drops SEC(".maps");
+
 #endif

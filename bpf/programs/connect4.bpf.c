@@ -5,10 +5,22 @@
  * pod's address:targetPort. The socket then talks to the pod directly: no NAT
  * per packet, no conntrack entry, and the reply path needs no translation.
  * The dialed address is kept in socket storage for getpeername4/recvmsg4.
+ *
+ * Then L4 policy (NetworkPolicy) is judged on the final pod address, as
+ * Kubernetes defines it: a denied connect() fails here with EPERM, before a
+ * SYN is sent.
  */
 #include "service.h"
+#include "policy.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Policy said no: EPERM, the error a local firewall gives, at once. */
+static __always_inline int deny(struct bpf_sock_addr *ctx)
+{
+	bpf_set_retval(-EPERM);
+	return SYS_REJECT;
+}
 
 SEC("cgroup/connect4")
 int weft_connect4(struct bpf_sock_addr *ctx)
@@ -23,6 +35,8 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 	struct weft_sock_origin *origin;
 	__u32 backend_id = 0;
 
+	if (proto == IPPROTO_SCTP)
+		return policy_connect_verdict(vip, port, proto) ? deny(ctx) : SYS_PROCEED;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SYS_PROCEED;
 
@@ -32,7 +46,7 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 		 * address: forget the old origin so recvmsg stops rewriting. */
 		if (proto == IPPROTO_UDP && ctx->sk)
 			bpf_sk_storage_delete(&weft_sock_origin, ctx->sk);
-		return SYS_PROCEED;
+		return policy_connect_verdict(vip, port, proto) ? deny(ctx) : SYS_PROCEED;
 	}
 
 	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
@@ -44,6 +58,9 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 		bpf_set_retval(-ECONNREFUSED);
 		return SYS_REJECT;
 	}
+
+	if (policy_connect_verdict(backend->addr, backend->port, proto))
+		return deny(ctx);
 
 	if (ctx->sk) {
 		origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0,

@@ -6,11 +6,15 @@ import Synchronization
 public enum Resource: Hashable, Sendable {
     case service(Service)
     case workload(Workload)
+    case namespace(Namespace, ObjectMeta)
+    case networkPolicy(NetworkPolicy)
 
     public var kind: String {
         switch self {
         case .service: "Service"
         case .workload: "Workload"
+        case .namespace: "Namespace"
+        case .networkPolicy: "NetworkPolicy"
         }
     }
 
@@ -18,12 +22,15 @@ public enum Resource: Hashable, Sendable {
         switch self {
         case .service(let s): s.metadata
         case .workload(let w): w.metadata
+        case .namespace(_, let m): m
+        case .networkPolicy(let p): p.metadata
         }
     }
 
     /// The kinds Weft reads, by apiVersion and kind.
     static let known: [String: Set<String>] = [
-        "v1": ["Service"],
+        "v1": ["Service", "Namespace"],
+        "networking.k8s.io/v1": ["NetworkPolicy"],
         "weft.dev/v1alpha1": ["Workload"],
     ]
 
@@ -40,12 +47,24 @@ public enum Resource: Hashable, Sendable {
         guard let metaReader = try doc.mapping("metadata") else {
             throw doc.error("metadata", "required field is missing")
         }
-        let metadata = try ObjectMeta(reading: metaReader)
-        let spec = try doc.required("spec")
+        var metadata = try ObjectMeta(reading: metaReader)
         doc.ignore("status")
+        if kind == "Namespace" {
+            // Cluster-scoped: no metadata.namespace, and spec is optional.
+            if metaReader.keys.contains("namespace") {
+                throw ManifestError(location, field: "metadata.namespace", "a Namespace is not namespaced")
+            }
+            metadata.namespace = ""
+            let spec = doc.node("spec")
+            try doc.finish()
+            self = .namespace(try Namespace(spec: spec, metadata: metadata, at: location), metadata)
+            return
+        }
+        let spec = try doc.required("spec")
         try doc.finish()
         switch kind {
         case "Service": self = .service(try Service(spec: spec, metadata: metadata, at: location))
+        case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
         default: self = .workload(try Workload(spec: spec, metadata: metadata, at: location))
         }
     }

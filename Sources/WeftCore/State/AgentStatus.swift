@@ -38,6 +38,35 @@ public struct AgentStatus: Codable, Sendable {
         }
     }
 
+    public struct PolicyStatus: Codable, Sendable {
+        public var name: String
+        public var podSelector: String
+        public var policyTypes: [String]
+        public var selectedPods: [String]
+        public var ingressRules: Int
+        public var egressRules: Int
+        public init(name: String, podSelector: String, policyTypes: [String], selectedPods: [String],
+                    ingressRules: Int, egressRules: Int) {
+            self.name = name
+            self.podSelector = podSelector
+            self.policyTypes = policyTypes
+            self.selectedPods = selectedPods
+            self.ingressRules = ingressRules
+            self.egressRules = egressRules
+        }
+    }
+
+    /// The names behind the policy maps' numbers, for `weft policy check`.
+    public struct PolicyNames: Codable, Sendable {
+        /// rule id -> which policy rule it is
+        public var rules: [String: RuleRef] = [:]
+        /// identity id -> namespace{labels}
+        public var identities: [String: String] = [:]
+        /// identity id -> direction -> policies that isolate it
+        public var isolatedBy: [String: [String: [String]]] = [:]
+        public init() {}
+    }
+
     public var node: String
     public var pid: Int32
     public var configDirectory: String
@@ -53,6 +82,11 @@ public struct AgentStatus: Codable, Sendable {
     public var programs: [ProgramStatus]
     public var services: [ServiceName]
     public var workloads: [WorkloadStatus]
+    public var policies: [PolicyStatus]
+    public var policyNames: PolicyNames
+    /// Local pods whose cgroup does not exist (yet): their connects are not
+    /// judged at the source until it does; the agent retries every second.
+    public var missingCgroups: [String]
     /// Map writes the last reconcile made, and how long it took.
     public var lastWrites: Int
     public var lastReconcileSeconds: Double
@@ -72,6 +106,9 @@ public struct AgentStatus: Codable, Sendable {
         programs = []
         services = []
         workloads = []
+        policies = []
+        policyNames = PolicyNames()
+        missingCgroups = []
         lastWrites = 0
         lastReconcileSeconds = 0
         lastReconcilePhases = [:]

@@ -5,11 +5,19 @@
 public struct ClusterState: Hashable, Sendable {
     public private(set) var services: [Service]
     public private(set) var workloads: [Workload]
+    /// Namespaces with a manifest; others exist implicitly (see `namespace(_:)`).
+    public private(set) var namespaces: [String: Namespace]
+    public private(set) var networkPolicies: [NetworkPolicy]
 
     public init() {
         services = []
         workloads = []
+        namespaces = [:]
+        networkPolicies = []
     }
+
+    /// A namespace's labels: its manifest's, or only the standard name label.
+    public func namespace(_ name: String) -> Namespace { namespaces[name] ?? Namespace(name: name) }
 
     public static func build(_ resources: [LocatedResource]) -> Result<ClusterState, ManifestErrors> {
         var state = ClusterState()
@@ -50,6 +58,10 @@ public struct ClusterState: Hashable, Sendable {
                 }
                 addresses[workload.address] = (workload.metadata.qualifiedName, located.location)
                 state.workloads.append(workload)
+            case .namespace(let namespace, _):
+                state.namespaces[namespace.name] = namespace
+            case .networkPolicy(let policy):
+                state.networkPolicies.append(policy)
             }
         }
         // A Workload address may not be a Service clusterIP: connect() would be
@@ -63,6 +75,7 @@ public struct ClusterState: Hashable, Sendable {
         guard errors.isEmpty else { return .failure(ManifestErrors(errors)) }
         state.services.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.workloads.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
+        state.networkPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         return .success(state)
     }
 

@@ -116,7 +116,99 @@ def stream_client(host, port, seconds):
     print(json.dumps({"sent": sent, "received": received, "ok": ok}))
 
 
+def listen(*ports):
+    """TCP servers that accept and close, and UDP servers that echo, on
+    every port given (tcp:N or udp:N)."""
+    def tcp(port):
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", port))
+        srv.listen(512)
+        while True:
+            conn, _ = srv.accept()
+            conn.close()
+
+    def udp(port):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        srv.bind(("0.0.0.0", port))
+        while True:
+            data, addr = srv.recvfrom(2048)
+            srv.sendto(data, addr)
+
+    for spec in ports:
+        proto, port = spec.split(":")
+        threading.Thread(target=tcp if proto == "tcp" else udp, args=(int(port),), daemon=True).start()
+    print("listening", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def attempt(proto, host, port, timeout):
+    """One connection attempt: connected, or the errno name, or timeout."""
+    start = time.monotonic()
+    if proto == "tcp":
+        s = socket.socket()
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+            result = "connected"
+        except socket.timeout:
+            result = "timeout"
+        except OSError as e:
+            result = errno.errorcode.get(e.errno, str(e))
+        finally:
+            s.close()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+            s.send(b"ping")
+            s.recv(64)
+            result = "connected"
+        except socket.timeout:
+            result = "timeout"
+        except OSError as e:
+            result = errno.errorcode.get(e.errno, str(e))
+        finally:
+            s.close()
+    return result, (time.monotonic() - start) * 1000
+
+
+def matrix(targets, timeout="0.5"):
+    """Tries every target (comma-separated proto:host:port), in parallel
+    threads, and prints {target: [result, ms]}."""
+    out = {}
+    lock = threading.Lock()
+
+    def one(t):
+        proto, host, port = t.split(":")
+        r = attempt(proto, host, int(port), float(timeout))
+        with lock:
+            out[t] = r
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in targets.split(",") if t]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    print(json.dumps(out))
+
+
+def first_change(proto, host, port, want, seconds):
+    """Attempts back to back until the result is `want`; prints when."""
+    end = time.time() + float(seconds)
+    while time.time() < end:
+        result, _ = attempt(proto, host, int(port), 0.2)
+        if result == want:
+            print(json.dumps({"at": time.time(), "result": result}))
+            return
+        time.sleep(0.002)
+    print(json.dumps({"at": None, "result": result}))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
-     "stream-server": stream_server, "stream-client": stream_client}[command](*args)
+     "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
+     "matrix": matrix, "first-change": first_change}[command](*args)

@@ -1,0 +1,235 @@
+/// Compiles NetworkPolicies into a `PolicyTable`: identities for pods, CIDR
+/// classes for ipBlocks, and allow entries keyed the way the kernel looks
+/// them up, so a decision never scans rules.
+///
+/// Keeps its id allocations between runs (ids stay stable while their keys
+/// live) and each policy's compiled entries: when the identities, namespace
+/// labels and ipBlock regions are unchanged, only changed policies are
+/// compiled again.
+public struct PolicyCompiler: Sendable {
+    public private(set) var identityIDs = StableIDs<IdentityKey>(first: ReservedIdentity.firstPod)
+    private var classIDs = StableIDs<Set<NetworkPolicy.IPBlock>>(first: 1)
+    private var ruleIDs = StableIDs<String>(first: 1)
+    private var cache: [NetworkPolicy: CompiledPolicy] = [:]
+    private var cachedUniverse: Universe?
+
+    /// What compiled policies depend on besides themselves.
+    struct Universe: Equatable {
+        var identities: [IdentityKey: UInt32]
+        var namedPorts: [UInt32: [WorkloadPort]]
+        var namespaces: [String: [String: String]]
+        var classes: [IPv4Prefix: UInt32]
+    }
+
+    struct CompiledPolicy {
+        var entries: [PolicyEntryKey: UInt32]
+        var isolates: [(UInt32, NetworkPolicy.Direction)]
+        var rules: [UInt32: RuleRef]
+    }
+
+    public init() {}
+
+    /// Reuses identity ids found in the kernel's weft_endpoints after a
+    /// restart, so an agent that comes back rewrites nothing.
+    public mutating func adopt(endpoints: [IPv4Address: EndpointEntry], state: ClusterState) {
+        let byAddress = Dictionary(state.workloads.map { ($0.address, $0) }, uniquingKeysWith: { a, _ in a })
+        for (address, entry) in endpoints {
+            guard let w = byAddress[address] else { continue }
+            identityIDs.adopt(IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels), entry.identity)
+        }
+    }
+
+    /// How many policies the last `compile` actually compiled (the rest came from cache).
+    public private(set) var lastCompiledPolicies = 0
+
+    public mutating func compile(_ state: ClusterState) -> PolicyTable {
+        var table = PolicyTable()
+
+        // Identities, with the named ports their pods declare.
+        var members: [UInt32: [Workload]] = [:]
+        var keys = Set<IdentityKey>()
+        for w in state.workloads { keys.insert(IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)) }
+        identityIDs.retain(keys)
+        for w in state.workloads {
+            let key = IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)
+            let id = identityIDs.id(for: key)
+            members[id, default: []].append(w)
+            table.identities[id] = key
+        }
+
+        // CIDR classes over every ipBlock in every policy.
+        var blocks = Set<NetworkPolicy.IPBlock>()
+        for p in state.networkPolicies {
+            for rule in p.ingress + p.egress {
+                for case .ipBlock(let b) in rule.peers { blocks.insert(b) }
+            }
+        }
+        let regions = Self.regions(blocks)
+        classIDs.retain(Set(regions.values.filter { !$0.isEmpty }))
+        for (prefix, set) in regions {
+            table.cidrClasses[prefix] = set.isEmpty ? 0 : ReservedIdentity.cidrBase + classIDs.id(for: set)
+        }
+        var classesOf: [NetworkPolicy.IPBlock: [UInt32]] = [:]
+        for (prefix, set) in regions {
+            guard let id = table.cidrClasses[prefix], id != 0 else { continue }
+            for b in set where !(classesOf[b]?.contains(id) ?? false) { classesOf[b, default: []].append(id) }
+        }
+
+        var namespaces: [String: [String: String]] = [:]
+        for ns in Set(state.workloads.map(\.metadata.namespace)).union(state.networkPolicies.map(\.metadata.namespace)) {
+            namespaces[ns] = state.namespace(ns).labels
+        }
+        let universe = Universe(identities: identityIDs.ids, namedPorts: members.mapValues { $0.flatMap(\.ports) },
+                                namespaces: namespaces, classes: table.cidrClasses)
+        if universe != cachedUniverse {
+            cache = [:]
+            cachedUniverse = universe
+        }
+        let context = Context(identities: table.identities, members: members, namespaces: namespaces,
+                              classesOf: classesOf)
+
+        ruleIDs.retain(Set(state.networkPolicies.flatMap { p in
+            NetworkPolicy.Direction.allCases.flatMap { d in p.rules(d).indices.map { Self.ruleName(p, d, $0) } }
+        }))
+        var compiledNow = 0
+        var fresh: [NetworkPolicy: CompiledPolicy] = [:]
+        for policy in state.networkPolicies {
+            let compiled: CompiledPolicy
+            if let c = cache[policy] {
+                compiled = c
+            } else {
+                compiled = compile(policy, context)
+                compiledNow += 1
+            }
+            fresh[policy] = compiled
+            for (key, rule) in compiled.entries {
+                if let have = table.entries[key], have <= rule { continue }
+                table.entries[key] = rule
+            }
+            for (id, direction) in compiled.isolates {
+                table.isolatedBy[id, default: [:]][direction.rawValue, default: []].append(policy.metadata.qualifiedName)
+            }
+            table.rules.merge(compiled.rules) { a, _ in a }
+        }
+        cache = fresh
+        lastCompiledPolicies = compiledNow
+
+        for w in state.workloads {
+            guard let id = identityIDs.id(of: IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)) else { continue }
+            let by = table.isolatedBy[id]
+            table.endpoints[w.address] = EndpointEntry(identity: id, ingressIsolated: by?["Ingress"] != nil,
+                                                       egressIsolated: by?["Egress"] != nil)
+        }
+        return table
+    }
+
+    static func ruleName(_ p: NetworkPolicy, _ d: NetworkPolicy.Direction, _ i: Int) -> String {
+        "\(p.metadata.qualifiedName)/\(d.rawValue)/\(i)"
+    }
+
+    struct Context {
+        var identities: [UInt32: IdentityKey]
+        var members: [UInt32: [Workload]]
+        var namespaces: [String: [String: String]]
+        var classesOf: [NetworkPolicy.IPBlock: [UInt32]]
+    }
+
+    private mutating func compile(_ policy: NetworkPolicy, _ c: Context) -> CompiledPolicy {
+        var out = CompiledPolicy(entries: [:], isolates: [], rules: [:])
+        let ns = policy.metadata.namespace
+        let selected = c.identities.filter { $0.value.namespace == ns && policy.podSelector.matches($0.value.labels) }
+            .keys.sorted()
+        for direction in NetworkPolicy.Direction.allCases where policy.policyTypes.contains(direction) {
+            out.isolates += selected.map { ($0, direction) }
+            for (index, rule) in policy.rules(direction).enumerated() {
+                let ruleID = ruleIDs.id(for: Self.ruleName(policy, direction, index))
+                out.rules[ruleID] = RuleRef(policy: policy.metadata.qualifiedName, direction: direction.rawValue, index: index)
+                // Peers: identities and CIDR classes, or anyone.
+                var peers: [UInt32] = []
+                var podPeers: [UInt32] = []
+                if rule.peers.isEmpty {
+                    peers = [ReservedIdentity.any]
+                } else {
+                    for peer in rule.peers {
+                        switch peer {
+                        case .pods(let podSelector, let namespaceSelector):
+                            for (id, key) in c.identities {
+                                let nsOK = namespaceSelector.map { $0.matches(c.namespaces[key.namespace] ?? [:]) }
+                                    ?? (key.namespace == ns)
+                                if nsOK && (podSelector?.matches(key.labels) ?? true) { podPeers.append(id) }
+                            }
+                        case .ipBlock(let block):
+                            peers += c.classesOf[block] ?? []
+                        }
+                    }
+                    peers += podPeers
+                }
+                for local in selected {
+                    for peer in Set(peers) {
+                        for (proto, prefix) in ports(rule.ports, direction: direction, local: local, peer: peer, c) {
+                            let key = PolicyEntryKey(identity: local, direction: direction, peer: peer, proto: proto,
+                                                     portPrefix: prefix)
+                            if let have = out.entries[key], have <= ruleID { continue }
+                            out.entries[key] = ruleID
+                        }
+                    }
+                }
+            }
+        }
+        return out
+    }
+
+    /// The (protocol, port prefix) pairs a rule's ports allow. A named port
+    /// means the number the destination pod gives that name: on ingress the
+    /// selected pod itself, on egress the peer (for peers that are not one
+    /// identity — ipBlocks, anyone — every pod's number for that name).
+    private func ports(_ ports: [NetworkPolicy.Port], direction: NetworkPolicy.Direction, local: UInt32, peer: UInt32,
+                       _ c: Context) -> [(UInt8?, PolicyEntryKey.PortPrefix?)] {
+        guard !ports.isEmpty else { return [(nil, nil)] }
+        var out: [(UInt8?, PolicyEntryKey.PortPrefix?)] = []
+        for port in ports {
+            let proto = port.transport.ipProtocol
+            switch port.port {
+            case nil:
+                out.append((proto, nil))
+            case .number(let n)?:
+                out += PolicyEntryKey.PortPrefix.cover(n, port.endPort ?? n).map { (proto, $0) }
+            case .name(let name)?:
+                let owner = direction == .ingress ? local : peer
+                let pods: [Workload] = c.members[owner] ?? (owner >= ReservedIdentity.firstPod && owner < ReservedIdentity.cidrBase
+                    ? [] : c.members.values.flatMap { $0 })
+                let numbers = Set(pods.flatMap(\.ports).filter { $0.name == name && $0.transport == port.transport }.map(\.port))
+                out += numbers.sorted().map { (proto, PolicyEntryKey.PortPrefix(port: $0, bits: 16)) }
+            }
+        }
+        return out
+    }
+
+    /// Splits the address space by every ipBlock's cidr and excepts. Each
+    /// prefix that appears maps to the set of blocks holding the addresses
+    /// whose longest matching prefix it is (empty: a hole an `except` cut).
+    /// Prefixes nest or are disjoint, so for an address whose longest match
+    /// is p, a block holds it exactly when its cidr contains p and none of
+    /// its excepts do.
+    static func regions(_ blocks: Set<NetworkPolicy.IPBlock>) -> [IPv4Prefix: Set<NetworkPolicy.IPBlock>] {
+        var byCIDR: [IPv4Prefix: [NetworkPolicy.IPBlock]] = [:]
+        var prefixes = Set<IPv4Prefix>()
+        for b in blocks {
+            byCIDR[b.cidr, default: []].append(b)
+            prefixes.insert(b.cidr)
+            prefixes.formUnion(b.except)
+        }
+        var out: [IPv4Prefix: Set<NetworkPolicy.IPBlock>] = [:]
+        for p in prefixes {
+            var set = Set<NetworkPolicy.IPBlock>()
+            for length in 0...p.length {
+                for b in byCIDR[IPv4Prefix(address: p.address, length: length)] ?? []
+                where !b.except.contains(where: { $0.length <= p.length && $0.contains(p.address) }) {
+                    set.insert(b)
+                }
+            }
+            out[p] = set
+        }
+        return out
+    }
+}

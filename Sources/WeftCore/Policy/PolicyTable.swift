@@ -1,0 +1,138 @@
+import WeftABI
+
+/// Identity: one per distinct (namespace, label set) among the Workloads.
+public struct IdentityKey: Hashable, Sendable, CustomStringConvertible {
+    public var namespace: String
+    public var labels: [String: String]
+
+    public init(namespace: String, labels: [String: String]) {
+        self.namespace = namespace
+        self.labels = labels
+    }
+
+    public var description: String {
+        let l = labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+        return "\(namespace){\(l)}"
+    }
+}
+
+/// Reserved identities, as the kernel reads them (weft_abi.h).
+public enum ReservedIdentity {
+    public static let any = UInt32(WEFT_ID_ANY)
+    public static let world = UInt32(WEFT_ID_WORLD)
+    public static let firstPod = UInt32(WEFT_ID_FIRST_POD)
+    public static let cidrBase = UInt32(WEFT_ID_CIDR_BASE)
+}
+
+/// One allow in the kernel's policy trie: the local identity a policy
+/// selects may exchange traffic with `peer` in `direction`, for `proto`
+/// (nil: any) and the ports under `portPrefix` (nil: any).
+public struct PolicyEntryKey: Hashable, Sendable, Comparable {
+    public var identity: UInt32
+    public var direction: NetworkPolicy.Direction
+    public var peer: UInt32
+    public var proto: UInt8?
+    /// A port and how many of its leading bits must match (1...16).
+    public var portPrefix: PortPrefix?
+
+    public struct PortPrefix: Hashable, Sendable {
+        public var port: UInt16
+        public var bits: UInt8
+
+        public init(port: UInt16, bits: UInt8) {
+            self.bits = bits
+            self.port = bits == 0 ? 0 : port & ~UInt16(0) << (16 - UInt16(bits))
+        }
+
+        public var range: ClosedRange<UInt16> { port...(port | (bits >= 16 ? 0 : ~UInt16(0) >> UInt16(bits))) }
+
+        /// The fewest aligned prefixes that cover first...last exactly
+        /// (at most 30 for any range of 16-bit ports).
+        public static func cover(_ first: UInt16, _ last: UInt16) -> [PortPrefix] {
+            var out: [PortPrefix] = []
+            var start = UInt32(first)
+            let end = UInt32(last)
+            while start <= end {
+                // Largest aligned block starting at `start` that stays within `end`.
+                var size: UInt32 = start == 0 ? 1 << 16 : start & (~start &+ 1)
+                while start + size - 1 > end { size >>= 1 }
+                out.append(PortPrefix(port: UInt16(start), bits: UInt8(16 - size.trailingZeroBitCount)))
+                start += size
+            }
+            return out
+        }
+    }
+
+    public init(identity: UInt32, direction: NetworkPolicy.Direction, peer: UInt32, proto: UInt8? = nil,
+                portPrefix: PortPrefix? = nil) {
+        self.identity = identity
+        self.direction = direction
+        self.peer = peer
+        self.proto = proto
+        self.portPrefix = proto == nil ? nil : portPrefix
+    }
+
+    /// Bits the trie compares (weft_policy_key.prefixlen).
+    public var prefixLength: UInt32 {
+        guard proto != nil else { return UInt32(WEFT_POLICY_PREFIX_ANY_PROTO) }
+        return UInt32(WEFT_POLICY_PREFIX_ANY_PORT) + UInt32(portPrefix?.bits ?? 0)
+    }
+
+    public static func < (a: Self, b: Self) -> Bool {
+        (a.identity, a.direction == .egress ? 1 : 0, a.peer, a.proto ?? 0, a.portPrefix?.port ?? 0, a.portPrefix?.bits ?? 0)
+            < (b.identity, b.direction == .egress ? 1 : 0, b.peer, b.proto ?? 0, b.portPrefix?.port ?? 0, b.portPrefix?.bits ?? 0)
+    }
+}
+
+/// One pod's row in weft_endpoints.
+public struct EndpointEntry: Hashable, Sendable {
+    public var identity: UInt32
+    public var ingressIsolated: Bool
+    public var egressIsolated: Bool
+
+    public init(identity: UInt32, ingressIsolated: Bool = false, egressIsolated: Bool = false) {
+        self.identity = identity
+        self.ingressIsolated = ingressIsolated
+        self.egressIsolated = egressIsolated
+    }
+
+    public func isolated(_ direction: NetworkPolicy.Direction) -> Bool {
+        direction == .ingress ? ingressIsolated : egressIsolated
+    }
+
+    public var flags: UInt8 {
+        (ingressIsolated ? UInt8(WEFT_EP_F_INGRESS_ISOLATED) : 0) | (egressIsolated ? UInt8(WEFT_EP_F_EGRESS_ISOLATED) : 0)
+    }
+
+    public init(identity: UInt32, flags: UInt8) {
+        self.init(identity: identity, ingressIsolated: flags & UInt8(WEFT_EP_F_INGRESS_ISOLATED) != 0,
+                  egressIsolated: flags & UInt8(WEFT_EP_F_EGRESS_ISOLATED) != 0)
+    }
+}
+
+/// Names a compiled rule: which policy, which direction, which rule.
+public struct RuleRef: Hashable, Sendable, Codable, CustomStringConvertible {
+    public var policy: String      // namespace/name
+    public var direction: String   // Ingress / Egress
+    public var index: Int
+
+    public var description: String { "NetworkPolicy \(policy) spec.\(direction.lowercased())[\(index)]" }
+}
+
+/// The compiled form of every NetworkPolicy: exactly what the policy maps
+/// hold (apart from weft_cgroups, which is per node).
+public struct PolicyTable: Hashable, Sendable {
+    public var endpoints: [IPv4Address: EndpointEntry] = [:]
+    /// ipBlock regions: prefix -> CIDR class id (0: a hole cut by `except`).
+    public var cidrClasses: [IPv4Prefix: UInt32] = [:]
+    /// Allow entries -> the id of the rule that produced them (lowest wins).
+    public var entries: [PolicyEntryKey: UInt32] = [:]
+
+    // Names for people; not in the kernel.
+    public var rules: [UInt32: RuleRef] = [:]
+    public var identities: [UInt32: IdentityKey] = [:]
+    /// Per identity and direction: the policies that isolate it.
+    public var isolatedBy: [UInt32: [String: [String]]] = [:]
+
+    public init() {}
+}

@@ -1,0 +1,154 @@
+import CLibbpf
+import Glibc
+import WeftABI
+import WeftCore
+
+/// The policy maps (weft_abi.h, "L4 policy"), read and written in WeftCore's
+/// terms. `decide` walks them exactly as bpf/lib/policy.h does, so
+/// `weft policy check` answers from what the kernel enforces, not from a
+/// second reading of the manifests.
+public final class PolicyMaps: Sendable {
+    public let endpoints: BPFMap<UInt32, weft_endpoint>
+    public let cgroups: BPFMap<UInt64, weft_cgroup_endpoint>
+    public let cidrClasses: BPFMap<weft_cidr_key, weft_cidr_class>
+    public let policy: BPFMap<weft_policy_key, weft_policy_value>
+    public let drops: BPFMap<weft_drop_key, UInt64>
+    private let cpus: Int
+
+    public init(pinDirectory: String) throws(KernelError) {
+        let dir = Datapath.mapDirectory(pinDirectory)
+        endpoints = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_ENDPOINTS)")
+        cgroups = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_CGROUPS)")
+        cidrClasses = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_CIDR_CLASSES)")
+        policy = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY)")
+        drops = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY_DROPS)")
+        cpus = max(Int(libbpf_num_possible_cpus()), 1)
+    }
+
+    // MARK: encoding, in one place
+
+    static func encode(_ k: PolicyEntryKey) -> weft_policy_key {
+        var key = weft_policy_key()
+        key.prefixlen = k.prefixLength
+        key.identity = k.identity.bigEndian
+        key.direction = UInt8(k.direction == .ingress ? WEFT_DIR_INGRESS.rawValue : WEFT_DIR_EGRESS.rawValue)
+        key.peer = k.peer.bigEndian
+        key.proto = k.proto ?? 0
+        key.port = (k.portPrefix?.port ?? 0).bigEndian
+        return key
+    }
+
+    static func decode(_ key: weft_policy_key) -> PolicyEntryKey? {
+        let any = UInt32(WEFT_POLICY_PREFIX_ANY_PROTO), anyPort = UInt32(WEFT_POLICY_PREFIX_ANY_PORT)
+        let direction: NetworkPolicy.Direction = key.direction == UInt8(WEFT_DIR_EGRESS.rawValue) ? .egress : .ingress
+        guard key.prefixlen == any || (anyPort...anyPort + 16).contains(key.prefixlen) else { return nil }
+        let bits = key.prefixlen > anyPort ? UInt8(key.prefixlen - anyPort) : nil
+        return PolicyEntryKey(identity: UInt32(bigEndian: key.identity), direction: direction,
+                              peer: UInt32(bigEndian: key.peer), proto: key.prefixlen == any ? nil : key.proto,
+                              portPrefix: bits.map { .init(port: UInt16(bigEndian: key.port), bits: $0) })
+    }
+
+    static func encode(_ p: IPv4Prefix) -> weft_cidr_key {
+        var key = weft_cidr_key()
+        key.prefixlen = UInt32(p.length)
+        key.addr = p.address.networkOrder
+        return key
+    }
+
+    static func encode(_ e: EndpointEntry) -> weft_endpoint {
+        var v = weft_endpoint()
+        v.identity = e.identity
+        v.flags = e.flags
+        return v
+    }
+
+    // MARK: reading and writing
+
+    /// What the kernel holds now.
+    public func snapshot() throws(KernelError) -> PolicyMapContents {
+        var c = PolicyMapContents()
+        for (addr, ep) in try endpoints.entries() {
+            c.endpoints[IPv4Address(networkOrder: addr)] = EndpointEntry(identity: ep.identity, flags: ep.flags)
+        }
+        for (id, cg) in try cgroups.entries() { c.cgroups[id] = IPv4Address(networkOrder: cg.addr) }
+        for (key, value) in try cidrClasses.entries() {
+            c.cidrClasses[IPv4Prefix(address: IPv4Address(networkOrder: key.addr), length: Int(key.prefixlen))] = value.id
+        }
+        for (key, value) in try policy.entries() {
+            if let k = Self.decode(key) { c.entries[k] = value.rule_id }
+        }
+        return c
+    }
+
+    /// Carries out a plan: allows before the regions that lead to them,
+    /// both before the pods that use them; removals in the reverse order.
+    /// (LPM tries have no batch update: one call per entry.)
+    public func apply(_ plan: PolicyMapPlan) throws(KernelError) {
+        for (k, rule) in plan.putEntries {
+            var v = weft_policy_value()
+            v.rule_id = rule
+            try policy.update(Self.encode(k), v)
+        }
+        for (p, id) in plan.putCIDR {
+            var v = weft_cidr_class()
+            v.id = id
+            try cidrClasses.update(Self.encode(p), v)
+        }
+        if !plan.putEndpoints.isEmpty {
+            try endpoints.updateBatch(plan.putEndpoints.map { $0.0.networkOrder }, plan.putEndpoints.map { Self.encode($0.1) })
+        }
+        for (id, addr) in plan.putCgroups {
+            var v = weft_cgroup_endpoint()
+            v.addr = addr.networkOrder
+            try cgroups.update(id, v)
+        }
+        for id in plan.deleteCgroups { try cgroups.delete(id) }
+        for addr in plan.deleteEndpoints { try endpoints.delete(addr.networkOrder) }
+        for p in plan.deleteCIDR { try cidrClasses.delete(Self.encode(p)) }
+        for k in plan.deleteEntries { try policy.delete(Self.encode(k)) }
+    }
+
+    // MARK: deciding, as bpf/lib/policy.h does
+
+    public struct Peer: Sendable {
+        public var identity: UInt32
+        public var cidrClass: UInt32
+    }
+
+    public func endpoint(_ address: IPv4Address) throws(KernelError) -> EndpointEntry? {
+        try endpoints.lookup(address.networkOrder).map { EndpointEntry(identity: $0.identity, flags: $0.flags) }
+    }
+
+    public func peer(_ address: IPv4Address) throws(KernelError) -> Peer {
+        var key = weft_cidr_key()
+        key.prefixlen = 32
+        key.addr = address.networkOrder
+        let cls = try cidrClasses.lookup(key)
+        return Peer(identity: try endpoint(address)?.identity ?? ReservedIdentity.world, cidrClass: cls?.id ?? 0)
+    }
+
+    /// The rule id that allows, or nil: peer identity, CIDR class, any peer.
+    public func allowingRule(identity: UInt32, direction: NetworkPolicy.Direction, peer: Peer,
+                             proto: UInt8, port: UInt16) throws(KernelError) -> UInt32? {
+        let peers = [peer.identity] + (peer.cidrClass != 0 ? [peer.cidrClass] : []) + [ReservedIdentity.any]
+        for p in peers {
+            let key = PolicyEntryKey(identity: identity, direction: direction, peer: p, proto: proto,
+                                     portPrefix: .init(port: port, bits: 16))
+            if let v = try policy.lookup(Self.encode(key)) { return v.rule_id }
+        }
+        return nil
+    }
+
+    /// Drop counters summed over CPUs.
+    public func dropCounts() throws(KernelError) -> [(key: weft_drop_key, count: UInt64)] {
+        var out: [(weft_drop_key, UInt64)] = []
+        for var key in try drops.keys() {
+            var values = [UInt64](repeating: 0, count: cpus)
+            let rc = values.withUnsafeMutableBytes { bpf_map_lookup_elem(drops.fd, &key, $0.baseAddress) }
+            if rc == -ENOENT { continue }
+            try KernelError.check(rc, "read \(drops.path)")
+            out.append((key, values.reduce(0, &+)))
+        }
+        return out
+    }
+}

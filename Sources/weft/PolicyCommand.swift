@@ -1,0 +1,90 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftKernel
+
+struct PolicyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "policy", abstract: "Ask the kernel's policy maps what they decide.",
+        subcommands: [Check.self])
+
+    /// `weft policy check`: the verdict for one connection, walked over the
+    /// pinned maps exactly as the kernel walks them (bpf/lib/policy.h), and
+    /// the policy rule that decided. Exit status 0 means allow, 3 deny.
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Would a connection be allowed? Names the policy and rule that decided (exit 0 allow, 3 deny).")
+
+        @Option(help: "Source: a pod as namespace/name, or an IP address.") var from: String
+        @Option(help: "Destination: a pod as namespace/name, or an IP address.") var to: String
+        @Option(help: "Destination port.") var port: Int
+        @Option(help: "tcp, udp or sctp.") var proto = "tcp"
+        @Option(help: "Node whose maps to read (default: the source pod's node, else any).") var node: String?
+        @Option(name: .shortAndLong, help: "Output: text or json.") var output = "text"
+
+        func run() throws {
+            guard (1...65535).contains(port) else { throw ValidationError("--port must be 1-65535, got \(port)") }
+            guard let transport = TransportProtocol(rawValue: proto.uppercased()) else {
+                throw ValidationError("--proto must be tcp, udp or sctp, got \(proto)")
+            }
+            let candidates = try nodes(nil)
+            guard let status = candidates.lazy.compactMap({ try? agentStatus(node: $0).get() }).first else {
+                throw ValidationError("no agent is reachable on this machine")
+            }
+            let pods = Dictionary(status.workloads.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+            func endpoint(_ text: String, _ flag: String) throws -> (name: String, address: IPv4Address, node: String?) {
+                if let ip = IPv4Address(text) {
+                    let pod = status.workloads.first { $0.address == text }
+                    return (pod?.name ?? text, ip, pod?.node)
+                }
+                guard let pod = pods[text], let ip = IPv4Address(pod.address) else {
+                    throw ValidationError("--\(flag) \(text): no such pod (use namespace/name as `weft get workloads` shows) and not an IPv4 address")
+                }
+                return (pod.name, ip, pod.node)
+            }
+            let src = try endpoint(from, "from"), dst = try endpoint(to, "to")
+            let readNode = node ?? src.node.flatMap { n in candidates.contains(n) ? n : nil } ?? status.node
+            let maps = try PolicyMaps(pinDirectory: Datapath.defaultPinDirectory(node: readNode))
+            let names = status.policyNames
+            let nodeStatus = readNode == status.node ? status : (try? agentStatus(node: readNode).get()) ?? status
+
+            func judge(_ direction: NetworkPolicy.Direction, local: (name: String, address: IPv4Address, node: String?),
+                       peer: IPv4Address, isMeshSource: Bool) throws -> (allowed: Bool, why: String) {
+                guard let ep = try maps.endpoint(local.address) else {
+                    return (true, "\(local.name) is not a mesh pod: no \(direction.rawValue.lowercased()) policy applies")
+                }
+                if direction == .egress && !isMeshSource {
+                    return (true, "not judged")
+                }
+                guard ep.isolated(direction) else {
+                    return (true, "\(local.name) is not isolated for \(direction.rawValue.lowercased()) (no policy with \(direction.rawValue) selects it)")
+                }
+                let p = try maps.peer(peer)
+                if let rule = try maps.allowingRule(identity: ep.identity, direction: direction, peer: p,
+                                                    proto: transport.ipProtocol, port: UInt16(port)) {
+                    let ref = nodeStatus.policyNames.rules["\(rule)"]?.description ?? names.rules["\(rule)"]?.description ?? "rule \(rule)"
+                    return (true, "allowed by \(ref)")
+                }
+                let by = (nodeStatus.policyNames.isolatedBy["\(ep.identity)"]?[direction.rawValue] ?? []).joined(separator: ", ")
+                return (false, "denied: \(local.name) is isolated for \(direction.rawValue.lowercased()) by \(by.isEmpty ? "a policy" : by), and no rule allows this peer, port and protocol")
+            }
+            let srcIsMesh = try maps.endpoint(src.address) != nil && src.node != nil
+            let egress = try judge(.egress, local: src, peer: dst.address, isMeshSource: srcIsMesh)
+            let ingress = try judge(.ingress, local: dst, peer: src.address, isMeshSource: srcIsMesh)
+            let allowed = egress.allowed && ingress.allowed
+            let target = "\(src.name) -> \(dst.name):\(port)/\(transport.rawValue)"
+            if output == "json" {
+                let obj: [String: Any] = ["allowed": allowed, "from": src.name, "to": dst.name, "port": port,
+                                          "protocol": transport.rawValue, "node": readNode,
+                                          "egress": egress.why, "ingress": ingress.why]
+                let data = try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys])
+                print(String(decoding: data, as: UTF8.self))
+            } else {
+                print("\(allowed ? "ALLOW" : "DENY")  \(target)  (maps of node \(readNode))")
+                print("  egress:  \(egress.why)")
+                print("  ingress: \(ingress.why)")
+            }
+            if !allowed { throw ExitCode(3) }
+        }
+    }
+}

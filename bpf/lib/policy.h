@@ -1,0 +1,122 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * L4 policy decisions: a handful of hash and LPM lookups, whatever the number
+ * of rules. The same walk is done in Swift by `weft policy check` over the
+ * same pinned maps (Sources/WeftKernel/PolicyMaps.swift); keep them in step.
+ */
+#ifndef WEFT_BPF_POLICY_H
+#define WEFT_BPF_POLICY_H
+
+#include "maps.h"
+
+/* An address as a policy peer: its pod identity (or WORLD) and the CIDR
+ * class of the longest ipBlock prefix holding it (0 if none). */
+struct policy_peer {
+	__u32 identity;
+	__u32 cidr_class;
+};
+
+static __always_inline struct weft_endpoint *endpoint_lookup(__be32 addr)
+{
+	return bpf_map_lookup_elem(&weft_endpoints, &addr);
+}
+
+static __always_inline struct policy_peer policy_peer_of(__be32 addr, const struct weft_endpoint *ep)
+{
+	struct weft_cidr_key key = { .prefixlen = 32, .addr = addr };
+	struct weft_cidr_class *class = bpf_map_lookup_elem(&weft_cidr_classes, &key);
+	struct policy_peer peer = {
+		.identity = ep ? ep->identity : WEFT_ID_WORLD,
+		.cidr_class = class ? class->id : 0,
+	};
+
+	return peer;
+}
+
+static __always_inline int policy_allows_peer(__u32 identity, __u8 direction, __u32 peer,
+					      __u8 proto, __be16 port)
+{
+	struct weft_policy_key key = {
+		.prefixlen = WEFT_POLICY_PREFIX_FULL,
+		.identity = bpf_htonl(identity),
+		.direction = direction,
+		.peer = bpf_htonl(peer),
+		.proto = proto,
+		.port = port,
+	};
+
+	return bpf_map_lookup_elem(&weft_policy, &key) != NULL;
+}
+
+/* Does some policy allow `identity` (isolated in `direction`) to talk to
+ * `peer` on proto/port? Peer by identity, then by CIDR class, then "any
+ * peer": policies are additive, so any one match allows. */
+static __always_inline int policy_allows(__u32 identity, __u8 direction, struct policy_peer peer,
+					 __u8 proto, __be16 port)
+{
+	if (policy_allows_peer(identity, direction, peer.identity, proto, port))
+		return 1;
+	if (peer.cidr_class && policy_allows_peer(identity, direction, peer.cidr_class, proto, port))
+		return 1;
+	return policy_allows_peer(identity, direction, WEFT_ID_ANY, proto, port);
+}
+
+static __always_inline void policy_count_drop(__u32 src, __u32 dst, __be16 port, __u8 proto,
+					      enum weft_drop_reason reason)
+{
+	struct weft_drop_key key = {
+		.src_identity = src,
+		.dst_identity = dst,
+		.port = port,
+		.proto = proto,
+		.reason = reason,
+	};
+	__u64 one = 1, *value = bpf_map_lookup_elem(&weft_policy_drops, &key);
+
+	if (value)
+		*value += 1;  /* per-CPU slot: no atomics needed */
+	else
+		bpf_map_update_elem(&weft_policy_drops, &key, &one, BPF_NOEXIST);
+}
+
+/*
+ * The connect()/sendmsg() verdict for a mesh client on this node: its own
+ * egress policy, then — so a denied client fails at once with EPERM instead
+ * of waiting out SYN retries against a drop — the destination's ingress
+ * policy, which every node holds for every pod. Returns 0 to allow, or the
+ * drop reason. A process outside every pod cgroup is not a mesh client: only
+ * the destination's own ingress hook judges it.
+ */
+static __always_inline int policy_connect_verdict(__be32 daddr, __be16 dport, __u8 proto)
+{
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	struct weft_cgroup_endpoint *local = bpf_map_lookup_elem(&weft_cgroups, &cgroup);
+	struct weft_endpoint *src, *dst;
+	struct policy_peer peer;
+	__u32 src_id;
+
+	if (!local)
+		return 0;
+	src = endpoint_lookup(local->addr);
+	if (!src)
+		return 0;
+	src_id = src->identity;
+	dst = endpoint_lookup(daddr);
+	if (src->flags & WEFT_EP_F_EGRESS_ISOLATED) {
+		peer = policy_peer_of(daddr, dst);
+		if (!policy_allows(src_id, WEFT_DIR_EGRESS, peer, proto, dport)) {
+			policy_count_drop(src_id, peer.identity, dport, proto, WEFT_DROP_EGRESS);
+			return WEFT_DROP_EGRESS;
+		}
+	}
+	if (dst && (dst->flags & WEFT_EP_F_INGRESS_ISOLATED)) {
+		peer = policy_peer_of(local->addr, src);
+		if (!policy_allows(dst->identity, WEFT_DIR_INGRESS, peer, proto, dport)) {
+			policy_count_drop(src_id, dst->identity, dport, proto, WEFT_DROP_INGRESS_AT_SOURCE);
+			return WEFT_DROP_INGRESS_AT_SOURCE;
+		}
+	}
+	return 0;
+}
+
+#endif

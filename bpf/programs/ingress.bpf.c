@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * cgroup_skb/ingress: a pod's ingress policy, at the pod. connect4 already
+ * stops mesh clients on their own node; this hook holds everyone else to the
+ * policy too — clients on nodes without Weft, processes outside every pod
+ * cgroup, addresses outside the cluster.
+ *
+ * It judges new flows only: a TCP segment that opens a connection (SYN
+ * without ACK), and every UDP datagram (UDP has no connection to remember).
+ * Everything else passes after a header read, so an established connection
+ * costs one bounds-checked load per packet and no map lookup. Kubernetes
+ * leaves open whether a policy change cuts established connections; here it
+ * does not.
+ */
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "policy.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define SKB_PASS 1
+#define SKB_DROP 0
+
+SEC("cgroup_skb/ingress")
+int weft_ingress(struct __sk_buff *skb)
+{
+	struct iphdr ip;
+	struct weft_endpoint *dst, *src;
+	struct policy_peer peer;
+	__be16 ports[2];
+	__u32 l4;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return SKB_PASS;
+	/* cgroup_skb sees the packet from its network header. */
+	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+		return SKB_PASS;
+	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
+		return SKB_PASS;
+	l4 = (__u32)ip.ihl * 4;
+	if (ip.protocol == IPPROTO_TCP) {
+		__u8 flags;
+
+		/* Byte 13 of the TCP header holds the flags. */
+		if (bpf_skb_load_bytes(skb, l4 + 13, &flags, 1))
+			return SKB_PASS;
+		if ((flags & (0x02 | 0x10)) != 0x02)  /* not SYN-without-ACK */
+			return SKB_PASS;
+	}
+	dst = endpoint_lookup(ip.daddr);
+	if (!dst || !(dst->flags & WEFT_EP_F_INGRESS_ISOLATED))
+		return SKB_PASS;
+	if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+		return SKB_DROP;  /* truncated header for an isolated pod */
+	src = endpoint_lookup(ip.saddr);
+	peer = policy_peer_of(ip.saddr, src);
+	if (policy_allows(dst->identity, WEFT_DIR_INGRESS, peer, ip.protocol, ports[1]))
+		return SKB_PASS;
+	policy_count_drop(peer.identity, dst->identity, ports[1], ip.protocol, WEFT_DROP_INGRESS);
+	return SKB_DROP;
+}
