@@ -17,6 +17,7 @@ public struct PolicyCompiler: Sendable {
     struct Universe: Equatable {
         var identities: [IdentityKey: UInt32]
         var namedPorts: [UInt32: [WorkloadPort]]
+        var addresses: [UInt32: Set<IPv4Address>]
         var namespaces: [String: [String: String]]
         var classes: [IPv4Prefix: UInt32]
     }
@@ -80,13 +81,18 @@ public struct PolicyCompiler: Sendable {
             namespaces[ns] = state.namespace(ns).labels
         }
         let universe = Universe(identities: identityIDs.ids, namedPorts: members.mapValues { $0.flatMap(\.ports) },
+                                addresses: members.mapValues { Set($0.map(\.address)) },
                                 namespaces: namespaces, classes: table.cidrClasses)
         if universe != cachedUniverse {
             cache = [:]
             cachedUniverse = universe
         }
+        var classesOfIdentity: [UInt32: Set<UInt32>] = [:]
+        for (id, pods) in members {
+            classesOfIdentity[id] = Set(pods.compactMap { Self.longestMatch($0.address, table.cidrClasses) }.filter { $0 != 0 })
+        }
         let context = Context(identities: table.identities, members: members, namespaces: namespaces,
-                              classesOf: classesOf)
+                              classesOf: classesOf, classesOfIdentity: classesOfIdentity)
 
         ruleIDs.retain(Set(state.networkPolicies.flatMap { p in
             NetworkPolicy.Direction.allCases.flatMap { d in p.rules(d).indices.map { Self.ruleName(p, d, $0) } }
@@ -132,6 +138,8 @@ public struct PolicyCompiler: Sendable {
         var members: [UInt32: [Workload]]
         var namespaces: [String: [String: String]]
         var classesOf: [NetworkPolicy.IPBlock: [UInt32]]
+        /// Per pod identity, the CIDR classes its pods' addresses fall in.
+        var classesOfIdentity: [UInt32: Set<UInt32>]
     }
 
     private mutating func compile(_ policy: NetworkPolicy, _ c: Context) -> CompiledPolicy {
@@ -164,10 +172,12 @@ public struct PolicyCompiler: Sendable {
                     }
                     peers += podPeers
                 }
+                let uniquePeers = Set(peers)
                 for local in selected {
-                    for peer in Set(peers) {
-                        for (proto, prefix) in ports(rule.ports, direction: direction, local: local, peer: peer, c) {
-                            let key = PolicyEntryKey(identity: local, direction: direction, peer: peer, proto: proto,
+                    for peer in uniquePeers {
+                        for (entryPeer, proto, prefix) in allows(rule.ports, direction: direction, local: local,
+                                                                  peer: peer, c) {
+                            let key = PolicyEntryKey(identity: local, direction: direction, peer: entryPeer, proto: proto,
                                                      portPrefix: prefix)
                             if let have = out.entries[key], have <= ruleID { continue }
                             out.entries[key] = ruleID
@@ -179,30 +189,50 @@ public struct PolicyCompiler: Sendable {
         return out
     }
 
-    /// The (protocol, port prefix) pairs a rule's ports allow. A named port
-    /// means the number the destination pod gives that name: on ingress the
-    /// selected pod itself, on egress the peer (for peers that are not one
-    /// identity — ipBlocks, anyone — every pod's number for that name).
-    private func ports(_ ports: [NetworkPolicy.Port], direction: NetworkPolicy.Direction, local: UInt32, peer: UInt32,
-                       _ c: Context) -> [(UInt8?, PolicyEntryKey.PortPrefix?)] {
-        guard !ports.isEmpty else { return [(nil, nil)] }
-        var out: [(UInt8?, PolicyEntryKey.PortPrefix?)] = []
+    /// The (peer, protocol, port prefix) allows of one rule for one selected
+    /// identity and one peer. A named port means the number the destination
+    /// pod gives that name: on ingress the selected pod itself, on egress the
+    /// peer pod. An egress peer that is not one identity (anyone, or an
+    /// ipBlock region) is expanded into the pod identities it covers that
+    /// declare the name; an address that is no pod has no named ports.
+    private func allows(_ ports: [NetworkPolicy.Port], direction: NetworkPolicy.Direction, local: UInt32, peer: UInt32,
+                        _ c: Context) -> [(UInt32, UInt8?, PolicyEntryKey.PortPrefix?)] {
+        guard !ports.isEmpty else { return [(peer, nil, nil)] }
+        var out: [(UInt32, UInt8?, PolicyEntryKey.PortPrefix?)] = []
+        func named(_ owner: UInt32, _ name: String, _ transport: TransportProtocol) -> [UInt16] {
+            Set((c.members[owner] ?? []).flatMap(\.ports).filter { $0.name == name && $0.transport == transport }.map(\.port)).sorted()
+        }
         for port in ports {
             let proto = port.transport.ipProtocol
             switch port.port {
             case nil:
-                out.append((proto, nil))
+                out.append((peer, proto, nil))
             case .number(let n)?:
-                out += PolicyEntryKey.PortPrefix.cover(n, port.endPort ?? n).map { (proto, $0) }
+                out += PolicyEntryKey.PortPrefix.cover(n, port.endPort ?? n).map { (peer, proto, $0) }
             case .name(let name)?:
-                let owner = direction == .ingress ? local : peer
-                let pods: [Workload] = c.members[owner] ?? (owner >= ReservedIdentity.firstPod && owner < ReservedIdentity.cidrBase
-                    ? [] : c.members.values.flatMap { $0 })
-                let numbers = Set(pods.flatMap(\.ports).filter { $0.name == name && $0.transport == port.transport }.map(\.port))
-                out += numbers.sorted().map { (proto, PolicyEntryKey.PortPrefix(port: $0, bits: 16)) }
+                let owners: [UInt32]
+                if direction == .ingress || c.members[peer] != nil {
+                    owners = direction == .ingress ? [local] : [peer]
+                    for n in owners.flatMap({ named($0, name, port.transport) }) {
+                        out.append((peer, proto, .init(port: n, bits: 16)))
+                    }
+                } else {
+                    for (q, classes) in c.classesOfIdentity where peer == ReservedIdentity.any || classes.contains(peer) {
+                        for n in named(q, name, port.transport) { out.append((q, proto, .init(port: n, bits: 16))) }
+                    }
+                }
             }
         }
         return out
+    }
+
+    /// The value of the longest prefix holding `address`, as an LPM trie answers.
+    public static func longestMatch<V>(_ address: IPv4Address, _ prefixes: [IPv4Prefix: V]) -> V? {
+        guard !prefixes.isEmpty else { return nil }
+        for length in stride(from: 32, through: 0, by: -1) {
+            if let v = prefixes[IPv4Prefix(address: address, length: length)] { return v }
+        }
+        return nil
     }
 
     /// Splits the address space by every ipBlock's cidr and excepts. Each
