@@ -29,9 +29,23 @@ struct LabHarness {
 
     let config: String
 
+    /// One lab exists at a time on a machine; suites in different files run
+    /// in parallel, so each test holds this from `init` to `down()`.
+    private static let labLock = NSLock()
+
     /// Writes `files` into a new config directory and brings a lab up on it.
     init(files: [String: String], nodes: Int = 2) throws {
         try #require(Self.isRoot, "CI=true: end-to-end tests must run as root")
+        Self.labLock.lock()
+        do {
+            try self.init(locked: files, nodes: nodes)
+        } catch {
+            Self.labLock.unlock()
+            throw error
+        }
+    }
+
+    private init(locked files: [String: String], nodes: Int) throws {
         config = FileManager.default.temporaryDirectory.appendingPathComponent("weft-e2e-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
         for (name, text) in files { try write(name, text) }
@@ -43,9 +57,12 @@ struct LabHarness {
         }
     }
 
-    func down() {
+    /// Tears the lab down; `afterwards` runs before another test may start one.
+    func down(_ afterwards: () -> Void = {}) {
         _ = try? Self.run(["lab", "down"])
         try? FileManager.default.removeItem(atPath: config)
+        afterwards()
+        Self.labLock.unlock()
     }
 
     /// Replaces a config file atomically (write + rename), as editors and
@@ -73,6 +90,50 @@ struct LabHarness {
         try BackgroundRun([Self.weft, "lab", "exec", pod, "--", "python3", Self.tool] + args)
     }
 
+    /// Runs a command (not weft) and decodes its last line as JSON.
+    static func shell(_ argv: [String]) throws -> [String: Any] {
+        let out = try shell(raw: argv)
+        guard let line = out.split(separator: "\n").last,
+              let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw HarnessError("\(argv) failed: \(out)")
+        }
+        return json
+    }
+
+    /// Runs a command (not weft) and returns its output.
+    static func shell(raw argv: [String]) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = argv
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Each node agent's config generation, from its status socket.
+    func generations() throws -> [String: Int] {
+        var out: [String: Int] = [:]
+        for node in ["n1", "n2"] {
+            let text = try Self.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/agent.sock", "http://agent/generation"])
+            out[node] = Int(text.split(separator: " ").first ?? "") ?? -1
+        }
+        return out
+    }
+
+    /// Waits until every agent has put a newer generation in force.
+    func waitForGeneration(after before: [String: Int]) throws {
+        for _ in 0..<200 {
+            let now = try generations()
+            if before.allSatisfy({ (now[$0.key] ?? -1) > $0.value }) { return }
+            usleep(10_000)
+        }
+        throw HarnessError("agents did not apply the change (generations \(before) -> \(try generations()))")
+    }
+
     @discardableResult
     static func run(_ args: [String]) throws -> (status: Int32, output: String) {
         let p = Process()
@@ -94,7 +155,7 @@ struct LabHarness {
             .split(separator: "\n").filter { $0.contains("/run/netns/weft") }
         out += netns.map(String.init)
         if let pins = try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/bpf/weft"), !pins.isEmpty {
-            out += pins.map { "/sys/fs/bpf/weft/\($0)" }
+            out += pins.filter { !$0.hasPrefix("test-kernel-") }.map { "/sys/fs/bpf/weft/\($0)" }
         }
         return out
     }

@@ -192,9 +192,10 @@ struct ServiceLoadBalancingTests {
 
     @Test func labDownLeavesNothingBehind() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": client])
-        lab.down()
-        #expect(LabHarness.leftovers().isEmpty, "\(LabHarness.leftovers())")
-        let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/unified")) ?? []
-        #expect(!cgroups.contains { $0.hasPrefix("weft-lab") }, "\(cgroups)")
+        lab.down {
+            #expect(LabHarness.leftovers().isEmpty, "\(LabHarness.leftovers())")
+            let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/unified")) ?? []
+            #expect(!cgroups.contains { $0.hasPrefix("weft-lab") }, "\(cgroups)")
+        }
     }
 }

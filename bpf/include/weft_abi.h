@@ -23,6 +23,7 @@
 #define WEFT_MAP_CIDR_CLASSES "weft_cidr_classes"
 #define WEFT_MAP_POLICY       "weft_policy"
 #define WEFT_MAP_POLICY_DROPS "weft_policy_drops"
+#define WEFT_MAP_UDP_FLOWS    "weft_udp_flows"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
@@ -34,6 +35,7 @@
 #define WEFT_MAX_CIDR_CLASSES   262144  /* distinct ipBlock prefixes */
 #define WEFT_MAX_POLICY_ENTRIES 1048576 /* compiled (identity, peer, port) allows */
 #define WEFT_MAX_DROP_KEYS      65536   /* drop counter tuples (LRU) */
+#define WEFT_MAX_UDP_FLOWS      131072  /* UDP (socket, peer) pairs already allowed (LRU) */
 #define WEFT_ABI_VERSION        2
 
 /*
@@ -184,7 +186,23 @@ struct weft_drop_key {
 	__u8   reason;     /* enum weft_drop_reason */
 };
 
+/*
+ * UDP has no handshake to judge once, so policy remembers each (local
+ * socket, peer) it has allowed, in either direction: the reply to an allowed
+ * datagram, and later datagrams of the same exchange, pass without a second
+ * verdict — the stateful "replies are allowed" reading of NetworkPolicy that
+ * conntrack gives other implementations. Keyed by socket cookie, so sockets
+ * in different network namespaces never share an entry.
+ */
+struct weft_udp_flow_key {
+	__u64  cookie;     /* bpf_get_socket_cookie() of the local socket */
+	__be32 peer;       /* remote address, network order */
+	__be16 port;       /* remote port, network order */
+	__u16  pad0;       /* zero */
+};
+
 #ifndef __cplusplus
+_Static_assert(sizeof(struct weft_udp_flow_key) == 16, "weft_udp_flow_key layout");
 _Static_assert(sizeof(struct weft_endpoint) == 8, "weft_endpoint layout");
 _Static_assert(sizeof(struct weft_cgroup_endpoint) == 8, "weft_cgroup_endpoint layout");
 _Static_assert(sizeof(struct weft_cidr_key) == 8, "weft_cidr_key layout");

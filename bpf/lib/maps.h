@@ -92,4 +92,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_policy_drops SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_UDP_FLOWS);
+	__type(key, struct weft_udp_flow_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_udp_flows SEC(".maps");
+
 #endif

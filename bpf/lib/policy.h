@@ -79,6 +79,22 @@ static __always_inline void policy_count_drop(__u32 src, __u32 dst, __be16 port,
 		bpf_map_update_elem(&weft_policy_drops, &key, &one, BPF_NOEXIST);
 }
 
+/* UDP exchanges already allowed (see weft_udp_flow_key). */
+static __always_inline int udp_flow_known(__u64 cookie, __be32 peer, __be16 port)
+{
+	struct weft_udp_flow_key key = { .cookie = cookie, .peer = peer, .port = port };
+
+	return bpf_map_lookup_elem(&weft_udp_flows, &key) != NULL;
+}
+
+static __always_inline void udp_flow_remember(__u64 cookie, __be32 peer, __be16 port)
+{
+	struct weft_udp_flow_key key = { .cookie = cookie, .peer = peer, .port = port };
+	__u8 one = 1;
+
+	bpf_map_update_elem(&weft_udp_flows, &key, &one, BPF_ANY);
+}
+
 /*
  * The connect()/sendmsg() verdict for a mesh client on this node: its own
  * egress policy, then — so a denied client fails at once with EPERM instead

@@ -46,7 +46,11 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 		 * address: forget the old origin so recvmsg stops rewriting. */
 		if (proto == IPPROTO_UDP && ctx->sk)
 			bpf_sk_storage_delete(&weft_sock_origin, ctx->sk);
-		return policy_connect_verdict(vip, port, proto) ? deny(ctx) : SYS_PROCEED;
+		if (policy_connect_verdict(vip, port, proto))
+			return deny(ctx);
+		if (proto == IPPROTO_UDP)
+			udp_flow_remember(bpf_get_socket_cookie(ctx), vip, port);
+		return SYS_PROCEED;
 	}
 
 	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
@@ -61,6 +65,8 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 
 	if (policy_connect_verdict(backend->addr, backend->port, proto))
 		return deny(ctx);
+	if (proto == IPPROTO_UDP)
+		udp_flow_remember(bpf_get_socket_cookie(ctx), backend->addr, backend->port);
 
 	if (ctx->sk) {
 		origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0,

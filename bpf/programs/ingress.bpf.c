@@ -6,9 +6,11 @@
  * cgroup, addresses outside the cluster.
  *
  * It judges new flows only: a TCP segment that opens a connection (SYN
- * without ACK), and every UDP datagram (UDP has no connection to remember).
- * Everything else passes after a header read, so an established connection
- * costs one bounds-checked load per packet and no map lookup. Kubernetes
+ * without ACK), and a UDP datagram from a peer the receiving socket has not
+ * exchanged allowed datagrams with (weft_udp_flows).
+ * Other TCP segments pass after a header read, so an established connection
+ * costs two bounds-checked loads per packet and no map lookup; a UDP
+ * datagram to a mesh pod costs two hash lookups. Kubernetes
  * leaves open whether a policy change cuts established connections; here it
  * does not.
  */
@@ -31,6 +33,7 @@ int weft_ingress(struct __sk_buff *skb)
 	struct weft_endpoint *dst, *src;
 	struct policy_peer peer;
 	__be16 ports[2];
+	__u64 cookie = 0;
 	__u32 l4;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
@@ -51,14 +54,33 @@ int weft_ingress(struct __sk_buff *skb)
 			return SKB_PASS;
 	}
 	dst = endpoint_lookup(ip.daddr);
-	if (!dst || !(dst->flags & WEFT_EP_F_INGRESS_ISOLATED))
+	if (!dst)
 		return SKB_PASS;
-	if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
-		return SKB_DROP;  /* truncated header for an isolated pod */
+	if (ip.protocol == IPPROTO_UDP) {
+		/* Every mesh pod's UDP exchanges are remembered, isolated or
+		 * not, so that its replies (judged at sendmsg) are known. */
+		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+			return SKB_PASS;
+		cookie = bpf_get_socket_cookie(skb);
+		if (udp_flow_known(cookie, ip.saddr, ports[0]))
+			return SKB_PASS;
+		if (!(dst->flags & WEFT_EP_F_INGRESS_ISOLATED)) {
+			udp_flow_remember(cookie, ip.saddr, ports[0]);
+			return SKB_PASS;
+		}
+	} else {
+		if (!(dst->flags & WEFT_EP_F_INGRESS_ISOLATED))
+			return SKB_PASS;
+		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+			return SKB_DROP;  /* truncated header for an isolated pod */
+	}
 	src = endpoint_lookup(ip.saddr);
 	peer = policy_peer_of(ip.saddr, src);
-	if (policy_allows(dst->identity, WEFT_DIR_INGRESS, peer, ip.protocol, ports[1]))
+	if (policy_allows(dst->identity, WEFT_DIR_INGRESS, peer, ip.protocol, ports[1])) {
+		if (ip.protocol == IPPROTO_UDP)
+			udp_flow_remember(cookie, ip.saddr, ports[0]);
 		return SKB_PASS;
+	}
 	policy_count_drop(peer.identity, dst->identity, ports[1], ip.protocol, WEFT_DROP_INGRESS);
 	return SKB_DROP;
 }
