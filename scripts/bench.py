@@ -330,12 +330,10 @@ def report(r):
         return f"**{statistics.median(v):.3f}** [{q[0]:.3f}, {q[2]:.3f}]"
 
     lines = [
-        "# Benchmarks",
-        "",
-        f"Made by `scripts/bench` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build; rounds alternate and are paired as described per table. The machine is a shared VM: read the ratios, not the absolute numbers.",
-        "",
         "## Service load balancing: clusterIP vs direct (issue #2)",
+        "",
+        f"Made by `scripts/bench datapath` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
+        f"release build; rounds alternate and are paired as described per table. The machine is a shared VM: read the ratios, not the absolute numbers.",
         "",
         "Client pod on node n1, one backend pod on node n2 (cross-node, routed through the lab fabric). "
         "The clusterIP path pays one map lookup at `connect()` and nothing per packet.",
@@ -396,9 +394,9 @@ def report(r):
         f"| the same relabel at demo size (5 Workloads, 3 Services) (median of {len(ds)}) | {statistics.median(ds) if ds else float('nan'):.0f} ms (min {min(ds) if ds else 0:.0f}, max {max(ds) if ds else 0:.0f}) | < 100 ms |",
         "",
     ]
-    path = os.path.join(ROOT, "docs/benchmarks.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchdoc import write_section
+    write_section("datapath", lines)
     print("\n".join(lines))
 
 

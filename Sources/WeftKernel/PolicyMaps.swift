@@ -58,6 +58,7 @@ public final class PolicyMaps: Sendable {
     static func encode(_ e: EndpointEntry) -> weft_endpoint {
         var v = weft_endpoint()
         v.identity = e.identity
+        v.cidr_class = e.cidrClass
         v.flags = e.flags
         return v
     }
@@ -68,7 +69,7 @@ public final class PolicyMaps: Sendable {
     public func snapshot() throws(KernelError) -> PolicyMapContents {
         var c = PolicyMapContents()
         for (addr, ep) in try endpoints.entries() {
-            c.endpoints[IPv4Address(networkOrder: addr)] = EndpointEntry(identity: ep.identity, flags: ep.flags)
+            c.endpoints[IPv4Address(networkOrder: addr)] = EndpointEntry(identity: ep.identity, cidrClass: ep.cidr_class, flags: ep.flags)
         }
         for (id, cg) in try cgroups.entries() { c.cgroups[id] = IPv4Address(networkOrder: cg.addr) }
         for (key, value) in try cidrClasses.entries() {
@@ -116,15 +117,16 @@ public final class PolicyMaps: Sendable {
     }
 
     public func endpoint(_ address: IPv4Address) throws(KernelError) -> EndpointEntry? {
-        try endpoints.lookup(address.networkOrder).map { EndpointEntry(identity: $0.identity, flags: $0.flags) }
+        try endpoints.lookup(address.networkOrder).map { EndpointEntry(identity: $0.identity, cidrClass: $0.cidr_class, flags: $0.flags) }
     }
 
     public func peer(_ address: IPv4Address) throws(KernelError) -> Peer {
+        if let ep = try endpoint(address) { return Peer(identity: ep.identity, cidrClass: ep.cidrClass) }
         var key = weft_cidr_key()
         key.prefixlen = 32
         key.addr = address.networkOrder
         let cls = try cidrClasses.lookup(key)
-        return Peer(identity: try endpoint(address)?.identity ?? ReservedIdentity.world, cidrClass: cls?.id ?? 0)
+        return Peer(identity: ReservedIdentity.world, cidrClass: cls?.id ?? 0)
     }
 
     /// The rule id that allows, or nil: peer identity, CIDR class, any peer.

@@ -69,7 +69,8 @@ enum CompiledWalk {
     static func allows(_ t: PolicyTable, from src: IPv4Address, srcIsMesh: Bool, to dst: IPv4Address, port: UInt16,
                        proto: TransportProtocol) -> Bool {
         func peer(_ a: IPv4Address) -> (UInt32, UInt32) {
-            (t.endpoints[a]?.identity ?? ReservedIdentity.world, PolicyCompiler.longestMatch(a, t.cidrClasses) ?? 0)
+            if let ep = t.endpoints[a] { return (ep.identity, ep.cidrClass) }
+            return (ReservedIdentity.world, PolicyCompiler.longestMatch(a, t.cidrClasses) ?? 0)
         }
         func match(_ id: UInt32, _ d: NetworkPolicy.Direction, _ p: UInt32) -> Bool {
             if t.entries[PolicyEntryKey(identity: id, direction: d, peer: p)] != nil { return true }

@@ -102,16 +102,7 @@ struct LabHarness {
 
     /// Runs a command (not weft) and returns its output.
     static func shell(raw argv: [String]) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = argv
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return String(decoding: data, as: UTF8.self)
+        try execute("/usr/bin/env", argv).output
     }
 
     /// Each node agent's config generation, from its status socket.
@@ -136,8 +127,13 @@ struct LabHarness {
 
     @discardableResult
     static func run(_ args: [String]) throws -> (status: Int32, output: String) {
+        try execute(weft, args)
+    }
+
+    /// Runs a program to completion: its exit status and its output and errors together.
+    private static func execute(_ program: String, _ args: [String]) throws -> (status: Int32, output: String) {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: weft)
+        p.executableURL = URL(fileURLWithPath: program)
         p.arguments = args
         let pipe = Pipe()
         p.standardOutput = pipe

@@ -381,5 +381,18 @@ struct NetworkPolicyEndToEnd {
             let r = decode(try lab.tool(in: "default/client", ["matrix", "tcp:198.18.2.10:5432,tcp:198.18.1.10:80", "0.5"]))
             #expect(r == ["tcp:198.18.2.10:5432": "EPERM", "tcp:198.18.1.10:80": "connected"], "old policy must stay in force: \(r)")
         }
+        try FileManager.default.removeItem(atPath: "\(lab.config)/bad.yaml")
+
+        // The policy outlives the agent: kill -9 both, and the kernel keeps
+        // enforcing; the new agents take back identities from the pins and
+        // write nothing.
+        for node in ["n1", "n2"] {
+            let restart = try LabHarness.run(["lab", "restart-agent", node, "--kill"])
+            try #require(restart.status == 0, "\(restart.output)")
+            let r = decode(try lab.tool(in: "default/client", ["matrix", "tcp:198.18.2.10:5432,tcp:198.18.1.10:80", "0.5"]))
+            #expect(r == ["tcp:198.18.2.10:5432": "EPERM", "tcp:198.18.1.10:80": "connected"], "after restarting \(node): \(r)")
+            let status = try LabHarness.run(["status", "--node", node]).output
+            #expect(status.contains("last reconcile 0 map write(s)"), "\(status)")
+        }
     }
 }

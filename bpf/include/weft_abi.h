@@ -133,6 +133,8 @@ enum weft_direction {
 
 struct weft_endpoint {
 	__u32 identity;    /* WEFT_ID_FIRST_POD and up */
+	__u32 cidr_class;  /* the CIDR class of this address (0: none), computed by
+	                    * the agent so that pod peers need no LPM lookup */
 	__u8  flags;       /* WEFT_EP_F_* */
 	__u8  pad0[3];     /* zero */
 };
@@ -203,7 +205,7 @@ struct weft_udp_flow_key {
 
 #ifndef __cplusplus
 _Static_assert(sizeof(struct weft_udp_flow_key) == 16, "weft_udp_flow_key layout");
-_Static_assert(sizeof(struct weft_endpoint) == 8, "weft_endpoint layout");
+_Static_assert(sizeof(struct weft_endpoint) == 12, "weft_endpoint layout");
 _Static_assert(sizeof(struct weft_cgroup_endpoint) == 8, "weft_cgroup_endpoint layout");
 _Static_assert(sizeof(struct weft_cidr_key) == 8, "weft_cidr_key layout");
 _Static_assert(sizeof(struct weft_policy_key) == 20, "weft_policy_key layout");

@@ -21,15 +21,22 @@ static __always_inline struct weft_endpoint *endpoint_lookup(__be32 addr)
 	return bpf_map_lookup_elem(&weft_endpoints, &addr);
 }
 
+/* A pod's class is precomputed in its endpoint entry: only addresses that are
+ * no pod pay for the longest-prefix match. */
 static __always_inline struct policy_peer policy_peer_of(__be32 addr, const struct weft_endpoint *ep)
 {
 	struct weft_cidr_key key = { .prefixlen = 32, .addr = addr };
-	struct weft_cidr_class *class = bpf_map_lookup_elem(&weft_cidr_classes, &key);
-	struct policy_peer peer = {
-		.identity = ep ? ep->identity : WEFT_ID_WORLD,
-		.cidr_class = class ? class->id : 0,
-	};
+	struct weft_cidr_class *class;
+	struct policy_peer peer = { .identity = WEFT_ID_WORLD, .cidr_class = 0 };
 
+	if (ep) {
+		peer.identity = ep->identity;
+		peer.cidr_class = ep->cidr_class;
+		return peer;
+	}
+	class = bpf_map_lookup_elem(&weft_cidr_classes, &key);
+	if (class)
+		peer.cidr_class = class->id;
 	return peer;
 }
 

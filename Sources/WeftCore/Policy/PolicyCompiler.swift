@@ -123,7 +123,8 @@ public struct PolicyCompiler: Sendable {
         for w in state.workloads {
             guard let id = identityIDs.id(of: IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)) else { continue }
             let by = table.isolatedBy[id]
-            table.endpoints[w.address] = EndpointEntry(identity: id, ingressIsolated: by?["Ingress"] != nil,
+            table.endpoints[w.address] = EndpointEntry(identity: id, cidrClass: Self.longestMatch(w.address, table.cidrClasses) ?? 0,
+                                                       ingressIsolated: by?["Ingress"] != nil,
                                                        egressIsolated: by?["Egress"] != nil)
         }
         return table

@@ -87,11 +87,15 @@ public struct PolicyEntryKey: Hashable, Sendable, Comparable {
 /// One pod's row in weft_endpoints.
 public struct EndpointEntry: Hashable, Sendable {
     public var identity: UInt32
+    /// The CIDR class of the pod's address (0: none), precomputed so that
+    /// the kernel needs no LPM lookup for pod peers.
+    public var cidrClass: UInt32
     public var ingressIsolated: Bool
     public var egressIsolated: Bool
 
-    public init(identity: UInt32, ingressIsolated: Bool = false, egressIsolated: Bool = false) {
+    public init(identity: UInt32, cidrClass: UInt32 = 0, ingressIsolated: Bool = false, egressIsolated: Bool = false) {
         self.identity = identity
+        self.cidrClass = cidrClass
         self.ingressIsolated = ingressIsolated
         self.egressIsolated = egressIsolated
     }
@@ -104,8 +108,8 @@ public struct EndpointEntry: Hashable, Sendable {
         (ingressIsolated ? UInt8(WEFT_EP_F_INGRESS_ISOLATED) : 0) | (egressIsolated ? UInt8(WEFT_EP_F_EGRESS_ISOLATED) : 0)
     }
 
-    public init(identity: UInt32, flags: UInt8) {
-        self.init(identity: identity, ingressIsolated: flags & UInt8(WEFT_EP_F_INGRESS_ISOLATED) != 0,
+    public init(identity: UInt32, cidrClass: UInt32, flags: UInt8) {
+        self.init(identity: identity, cidrClass: cidrClass, ingressIsolated: flags & UInt8(WEFT_EP_F_INGRESS_ISOLATED) != 0,
                   egressIsolated: flags & UInt8(WEFT_EP_F_EGRESS_ISOLATED) != 0)
     }
 }
