@@ -83,10 +83,10 @@ public struct PolicyCompiler: Sendable {
         let universe = Universe(identities: identityIDs.ids, namedPorts: members.mapValues { $0.flatMap(\.ports) },
                                 addresses: members.mapValues { Set($0.map(\.address)) },
                                 namespaces: namespaces, classes: table.cidrClasses)
-        if universe != cachedUniverse {
-            cache = [:]
-            cachedUniverse = universe
+        if let old = cachedUniverse, old != universe {
+            invalidate(from: old, to: universe)
         }
+        cachedUniverse = universe
         var classesOfIdentity: [UInt32: Set<UInt32>] = [:]
         for (id, pods) in members {
             classesOfIdentity[id] = Set(pods.compactMap { Self.longestMatch($0.address, table.cidrClasses) }.filter { $0 != 0 })
@@ -128,6 +128,53 @@ public struct PolicyCompiler: Sendable {
                                                        egressIsolated: by?["Egress"] != nil)
         }
         return table
+    }
+
+    /// Drops the cached output of every policy that the change from `old`
+    /// to `new` can affect: one that selects or names an identity that came,
+    /// went or changed (its pods' named ports or addresses), one with
+    /// namespaceSelectors when namespace labels changed, one with ipBlocks
+    /// when the regions changed. The rest stay compiled.
+    private mutating func invalidate(from old: Universe, to new: Universe) {
+        let classesChanged = old.classes != new.classes
+        let namespacesChanged = old.namespaces != new.namespaces
+        let oldByID = Dictionary(old.identities.map { ($0.value, $0.key) }, uniquingKeysWith: { a, _ in a })
+        let newByID = Dictionary(new.identities.map { ($0.value, $0.key) }, uniquingKeysWith: { a, _ in a })
+        var touched: [IdentityKey] = []
+        for id in Set(oldByID.keys).union(newByID.keys)
+        where oldByID[id] != newByID[id] || old.namedPorts[id] != new.namedPorts[id] || old.addresses[id] != new.addresses[id] {
+            touched += [oldByID[id], newByID[id]].compactMap { $0 }
+        }
+        cache = cache.filter { policy, _ in
+            let rules = policy.ingress + policy.egress
+            let hasBlocks = rules.contains { $0.peers.contains { if case .ipBlock = $0 { true } else { false } } }
+            let hasNamespaceSelectors = rules.contains {
+                $0.peers.contains { if case .pods(_, let ns?) = $0 { _ = ns; return true } else { return false } }
+            }
+            if classesChanged && hasBlocks { return false }
+            if namespacesChanged && hasNamespaceSelectors { return false }
+            return !touched.contains { Self.touches(policy, $0, namespaces: new.namespaces) }
+        }
+    }
+
+    /// Whether `policy`'s compiled entries can mention `key`'s identity.
+    static func touches(_ policy: NetworkPolicy, _ key: IdentityKey, namespaces: [String: [String: String]]) -> Bool {
+        let ns = policy.metadata.namespace
+        if key.namespace == ns && policy.podSelector.matches(key.labels) { return true }
+        for rule in policy.egress {
+            // Named egress ports toward anyone or an ipBlock expand over every identity.
+            let named = rule.ports.contains { if case .name = $0.port { true } else { false } }
+            let broad = rule.peers.isEmpty || rule.peers.contains { if case .ipBlock = $0 { true } else { false } }
+            if named && broad { return true }
+        }
+        for rule in policy.ingress + policy.egress {
+            for case .pods(let podSelector, let namespaceSelector) in rule.peers {
+                let nsOK = namespaceSelector.map { $0.matches(namespaces[key.namespace] ?? Namespace(name: key.namespace).labels) }
+                    ?? (key.namespace == ns)
+                if nsOK && (podSelector?.matches(key.labels) ?? true) { return true }
+            }
+        }
+        return false
     }
 
     static func ruleName(_ p: NetworkPolicy, _ d: NetworkPolicy.Direction, _ i: Int) -> String {
