@@ -168,11 +168,14 @@ def main():
             # 100,000-rule nf_tables ruleset slows the whole machine's
             # networking (weft rounds measured ~20% slower with it merely
             # loaded in another namespace), which would bias the comparison.
-            rounds = {"weft": [], "iptables": []}
+            # A third side, "open": server-ipt with no rules at all, measured in
+            # the same rotation, is the unprotected baseline each row's ratios
+            # are taken against, so the machine's drift between rows cancels.
+            rounds = {"weft": [], "iptables": [], "open": []}
             loads = []
             for k in range(ROUNDS):
-                order = [("weft", WEFT_SERVER), ("iptables", IPT_SERVER)]
-                for name, target in (order if k % 2 == 0 else order[::-1]):
+                order = [("weft", WEFT_SERVER), ("iptables", IPT_SERVER), ("open", IPT_SERVER)]
+                for name, target in order[k % 3:] + order[:k % 3]:
                     if name == "iptables":
                         t1 = time.monotonic()
                         sh("ip", "netns", "exec", IPT_NETNS, f"{IPTABLES}-restore", input=iptables_rules(n))
@@ -190,6 +193,10 @@ def main():
                 row[name] = {k: statistics.median(r[k] for r in rs)
                              for k in ("rate", "p50_us", "p90_us", "p99_us", "bpf_ns_per_conn", "bpf_runs_per_conn", "connect4_ns")}
                 row[name]["errors"] = sum(r["errors"] for r in rs)
+            # Per round: side / open, then the median of those ratios.
+            for name in ("weft", "iptables"):
+                row[name]["rate_vs_open"] = statistics.median(
+                    a["rate"] / b["rate"] for a, b in zip(rounds[name], rounds["open"]))
             results.append(row)
             print(f"rules={n}: weft {row['weft']['rate']:.0f}/s p50 {row['weft']['p50_us']:.0f}us "
                   f"bpf {row['weft']['bpf_ns_per_conn']:.0f}ns/conn | iptables {row['iptables']['rate']:.0f}/s "
@@ -237,7 +244,7 @@ def report(results):
         "## L4 policy: connection setup vs. rules in force, Weft vs iptables (issue #3)",
         "",
         f"Made by `scripts/bench policy` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build. {ROUNDS} alternating rounds of {SECONDS:.0f} s per row and side; medians. iptables: `{IPTABLES}` "
+        f"release build. {ROUNDS} rotating rounds of {SECONDS:.0f} s per row and side; medians. iptables: `{IPTABLES}` "
         f"({sh(IPTABLES, '-V').strip()}).",
         "",
         "Client pod on n1 opens new TCP connections back to back (connect, then close with RST) to one of two identical "
@@ -250,13 +257,14 @@ def report(results):
         "another namespace, the weft rounds ran ~20% slower in a trial run, and that is not Weft's cost; after each flush "
         f"the bench waits {SETTLE:.0f} s for the kernel to free the ruleset.",
         "",
-        "| rules | Weft conn/s | Weft connect p50 / p99 (µs) | Weft kernel ns per connection (all weft programs, both nodes) | of which connect4 on the client's node | iptables conn/s | iptables connect p50 / p99 (µs) | Weft / iptables conn/s | Weft: file write to in force | iptables-restore | agent RSS (n2) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| rules | unprotected conn/s | Weft conn/s (÷ unprotected) | Weft connect p50 / p99 (µs) | Weft kernel ns per connection (all weft programs, both nodes) | of which connect4 on the client's node | iptables conn/s (÷ unprotected) | iptables connect p50 / p99 (µs) | Weft / iptables conn/s | Weft: file write to in force | iptables-restore | agent RSS (n2) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         w, i = r["weft"], r["iptables"]
-        lines.append(f"| {r['rules']:,} | {w['rate']:,.0f} | {w['p50_us']:.0f} / {w['p99_us']:.0f} | {w['bpf_ns_per_conn']:,.0f} | {w['connect4_ns']:,.0f} "
-                     f"| {i['rate']:,.0f} | {i['p50_us']:.0f} / {i['p99_us']:.0f} | {w['rate'] / i['rate']:.2f} "
+        o = r.get("open", {"rate": float("nan")})
+        lines.append(f"| {r['rules']:,} | {o['rate']:,.0f} | {w['rate']:,.0f} ({w.get('rate_vs_open', float('nan')):.3f}) | {w['p50_us']:.0f} / {w['p99_us']:.0f} | {w['bpf_ns_per_conn']:,.0f} | {w['connect4_ns']:,.0f} "
+                     f"| {i['rate']:,.0f} ({i.get('rate_vs_open', float('nan')):.3f}) | {i['p50_us']:.0f} / {i['p99_us']:.0f} | {w['rate'] / i['rate']:.2f} "
                      f"| {r['weft_in_force_s']:.2f} s | {r['iptables_load_s']:.2f} s | {r['agent_rss_mib']:.0f} MiB |")
     first_policy = next((r for r in results if r["rules"] > 0), None)
     last = results[-1]
@@ -265,12 +273,14 @@ def report(results):
         w0, w1 = first_policy["weft"], last["weft"]
         i0, i1 = first_policy["iptables"], last["iptables"]
         lines += [
-            f"From {first_policy['rules']:,} to {last['rules']:,} rules: Weft's connection rate changes by "
-            f"**{(w1['rate'] / w0['rate'] - 1) * 100:+.1f}%** and its kernel time per connection by "
+            f"From {first_policy['rules']:,} to {last['rules']:,} rules: Weft's connection rate relative to the unprotected "
+            f"server measured in the same rounds goes from {w0.get('rate_vs_open', float('nan')):.3f} to "
+            f"{w1.get('rate_vs_open', float('nan')):.3f} (**{(w1.get('rate_vs_open', float('nan')) / w0.get('rate_vs_open', float('nan')) - 1) * 100:+.1f}%**) "
+            f"and its kernel time per connection changes by "
             f"**{(w1['bpf_ns_per_conn'] / w0['bpf_ns_per_conn'] - 1) * 100:+.1f}%** "
             f"({w0['bpf_ns_per_conn']:,.0f} -> {w1['bpf_ns_per_conn']:,.0f} ns; connect4 alone {w0['connect4_ns']:,.0f} -> "
             f"{w1['connect4_ns']:,.0f} ns); iptables' rate changes by "
-            f"**{(i1['rate'] / i0['rate'] - 1) * 100:+.1f}%** and its median connect latency goes from "
+            f"**{(i1['rate'] / i0['rate'] - 1) * 100:+.1f}%** ({i0.get('rate_vs_open', float('nan')):.3f} -> {i1.get('rate_vs_open', float('nan')):.3f} of unprotected) and its median connect latency goes from "
             f"{i0['p50_us']:.0f} to {i1['p50_us']:.0f} µs. Target: Weft within 5% from 0 to 100,000 rules while iptables grows linearly.",
             "",
             f"With no policy at all (0 rules) Weft's programs cost {base['weft']['bpf_ns_per_conn']:,.0f} ns per connection "
