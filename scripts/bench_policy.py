@@ -202,6 +202,12 @@ def main():
                   f"bpf {row['weft']['bpf_ns_per_conn']:.0f}ns/conn | iptables {row['iptables']['rate']:.0f}/s "
                   f"p50 {row['iptables']['p50_us']:.0f}us | in force {in_force:.2f}s, iptables load {ipt_load:.2f}s",
                   flush=True)
+        # A denied connection, with the largest rule set still in force: how
+        # long connect() takes to fail with EPERM (one connection at a time).
+        out = sh(WEFT, "lab", "exec", "bench/client", "--", "python3", TOOL, "connect-rate", WEFT_SERVER, "9999", "1")
+        denied = json.loads(out.strip().splitlines()[-1])
+        results[-1]["denied"] = denied
+        print(f"denied: {denied['errors']} {denied['error_kinds']} p50 {denied['failed_p50_us']:.0f}us", flush=True)
     finally:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(old_stats)
@@ -298,6 +304,12 @@ def report(results):
             f"{last['weft_in_force_s']:.1f} s from the file write; the agent's phases (ms): "
             + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(last.get("phases_ms", {}).items(), key=lambda kv: -kv[1])) + ".",
             "",
+            *([f"A denied connection fails at once, in the client's own kernel: with the {last['rules']:,} rules in force, "
+               f"{last['denied']['errors']:,} back-to-back connects to a port no rule allows all failed with "
+               f"{', '.join(last['denied']['error_kinds'])} in **{last['denied']['failed_p50_us']:.0f} µs** median "
+               f"({last['denied']['failed_p99_us']:.0f} µs p99), measured by the client around connect(). Without the "
+               "source-side check, a client would wait out SYN retransmissions into a drop (1 s for the first retry).", ""]
+              if last.get("denied") else []),
             "![connect latency and rate vs rules](bench-policy.png)",
             "",
             "Raw rows: `docs/bench-policy.json`. Failed connects: " + ", ".join(

@@ -230,6 +230,15 @@ private func decode(_ json: [String: Any]) -> [String: String] {
     json.compactMapValues { ($0 as? [Any])?.first as? String }
 }
 
+/// Milliseconds each denied (EPERM) attempt took, as the client measured it.
+nonisolated(unsafe) private var epermMillis: [Double] = []
+
+private func recordEPERM(_ json: [String: Any]) {
+    for case let pair as [Any] in json.values where pair.first as? String == "EPERM" {
+        if let ms = pair.last as? Double { epermMillis.append(ms) }
+    }
+}
+
 /// Runs the matrix from every mesh pod, from a node (no pod at all) and from
 /// a process in a pod's network namespace but outside its cgroup, and
 /// compares each result with the expectation.
@@ -238,7 +247,9 @@ private func truthTable(_ lab: LabHarness, _ policies: [PolicySpec]) throws -> (
     var checked = 0
     for src in pods {
         let ts = targets(excluding: src.ip)
-        let got = decode(try lab.tool(in: src.qualified, ["matrix", ts.map(\.key).joined(separator: ","), "0.5"]))
+        let raw = try lab.tool(in: src.qualified, ["matrix", ts.map(\.key).joined(separator: ","), "0.5"])
+        recordEPERM(raw)
+        let got = decode(raw)
         for t in ts {
             let allow = Expected.allowed(policies, sourceIP: src.ip, sourcePod: src, judgedAtSource: true,
                                          destination: t.pod, proto: t.proto, port: t.port)
@@ -304,6 +315,10 @@ struct NetworkPolicyEndToEnd {
             #expect(wrong.isEmpty, "phase '\(name)': \(wrong.count) of \(checked) differ:\n\(wrong.prefix(20).map(\.description).joined(separator: "\n"))")
         }
         #expect(total == 3 * (6 * 5 * 6 + 6 * 6 + 5 * 6))
+        let sorted = epermMillis.sorted()
+        if !sorted.isEmpty {
+            print("denied connects: \(sorted.count) EPERM, median \(String(format: "%.3f", sorted[sorted.count / 2])) ms, max \(String(format: "%.3f", sorted.last ?? 0)) ms (client-side, in-process threads)")
+        }
 
         // `weft policy check` answers from the same maps, and names the rule.
         let check = try LabHarness.run(["policy", "check", "--from", "dev/tool", "--to", "prod/api", "--port", "9002"])

@@ -202,7 +202,8 @@ def connect_rate(host, port, seconds):
     no TIME_WAIT piles up): count, rate and connect() latency percentiles."""
     import struct
     lat = []
-    errors = 0
+    failed = []
+    kinds = {}
     linger = struct.pack("ii", 1, 0)
     end = time.monotonic() + float(seconds)
     addr = (host, int(port))
@@ -215,15 +216,20 @@ def connect_rate(host, port, seconds):
         try:
             s.connect(addr)
             lat.append(time.monotonic() - t0)
-        except OSError:
-            errors += 1
+        except OSError as e:
+            failed.append(time.monotonic() - t0)
+            name = errno.errorcode.get(e.errno, str(e))
+            kinds[name] = kinds.get(name, 0) + 1
         s.close()
     lat.sort()
+    failed.sort()
 
-    def q(f):
-        return lat[min(len(lat) - 1, int(f * len(lat)))] * 1e6 if lat else None
-    print(json.dumps({"count": len(lat), "errors": errors, "rate": len(lat) / float(seconds),
-                      "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99)}))
+    def q(xs, f):
+        return xs[min(len(xs) - 1, int(f * len(xs)))] * 1e6 if xs else None
+    print(json.dumps({"count": len(lat), "errors": len(failed), "error_kinds": kinds,
+                      "rate": len(lat) / float(seconds),
+                      "p50_us": q(lat, 0.5), "p90_us": q(lat, 0.9), "p99_us": q(lat, 0.99),
+                      "failed_p50_us": q(failed, 0.5), "failed_p99_us": q(failed, 0.99)}))
 
 
 if __name__ == "__main__":
