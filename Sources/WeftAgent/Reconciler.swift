@@ -108,7 +108,7 @@ final class Reconciler {
                                metadata: ["pods": "\(missing.joined(separator: ", "))"])
             }
             missingCgroups = missing
-            let desiredPolicy = PolicyMapContents(policyTable, cgroups: cgroups)
+            let desiredPolicy = PolicyMapContents(policyTable, cgroups: cgroups, hostAddresses: Host.localIPv4Addresses())
             let policyPlan = PolicyMapPlan(from: appliedPolicy, to: desiredPolicy)
             mark("policy")
             do {

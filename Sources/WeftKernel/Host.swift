@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import WeftCore
 
 /// Facts about the host the datapath depends on, read from /proc and /sys.
 public enum Host {
@@ -60,5 +61,25 @@ public enum Host {
         guard FileManager.default.fileExists(atPath: "/sys/kernel/btf/vmlinux") else {
             throw PreflightError("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); weft needs a kernel built with CONFIG_DEBUG_INFO_BTF=y.")
         }
+    }
+
+    /// This node's own IPv4 addresses (the network namespace the agent runs
+    /// in), loopback excluded: traffic between a pod and its node is always
+    /// allowed by NetworkPolicy.
+    public static func localIPv4Addresses() -> [IPv4Address] {
+        var head: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&head) == 0, let first = head else { return [] }
+        defer { freeifaddrs(head) }
+        var out: [IPv4Address] = []
+        var cursor: UnsafeMutablePointer<ifaddrs>? = first
+        while let entry = cursor {
+            defer { cursor = entry.pointee.ifa_next }
+            guard let sa = entry.pointee.ifa_addr, sa.pointee.sa_family == sa_family_t(AF_INET) else { continue }
+            let address = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) {
+                IPv4Address(networkOrder: $0.pointee.sin_addr.s_addr)
+            }
+            if address.value >> 24 != 127 { out.append(address) }
+        }
+        return out
     }
 }

@@ -43,13 +43,27 @@ struct PolicyCommand: ParsableCommand {
                 return (pod.name, ip, pod.node)
             }
             let src = try endpoint(from, "from"), dst = try endpoint(to, "to")
-            let readNode = node ?? src.node.flatMap { n in candidates.contains(n) ? n : nil } ?? status.node
-            let maps = try PolicyMaps(pinDirectory: Datapath.defaultPinDirectory(node: readNode))
+            // Egress is judged on the client's node, ingress on the
+            // destination's (which alone knows its own addresses), each from
+            // that node's pinned maps when they are on this machine.
+            func pinned(_ n: String?) -> String? { n.flatMap { candidates.contains($0) ? $0 : nil } }
+            let egressNode = node ?? pinned(src.node) ?? status.node
+            let ingressNode = node ?? pinned(dst.node) ?? egressNode
+            var opened: [String: PolicyMaps] = [:]
+            func maps(_ n: String) throws -> PolicyMaps {
+                if let m = opened[n] { return m }
+                let m = try PolicyMaps(pinDirectory: Datapath.defaultPinDirectory(node: n))
+                opened[n] = m
+                return m
+            }
             let names = status.policyNames
-            let nodeStatus = readNode == status.node ? status : (try? agentStatus(node: readNode).get()) ?? status
 
             func judge(_ direction: NetworkPolicy.Direction, local: (name: String, address: IPv4Address, node: String?),
                        peer: IPv4Address, isMeshSource: Bool) throws -> (allowed: Bool, why: String) {
+                let maps = try maps(direction == .egress ? egressNode : ingressNode)
+                if local.address == peer || peer.value >> 24 == 127 {
+                    return (true, "a pod's traffic to itself is always allowed")
+                }
                 guard let ep = try maps.endpoint(local.address) else {
                     return (true, "\(local.name) is not a mesh pod: no \(direction.rawValue.lowercased()) policy applies")
                 }
@@ -60,27 +74,30 @@ struct PolicyCommand: ParsableCommand {
                     return (true, "\(local.name) is not isolated for \(direction.rawValue.lowercased()) (no policy with \(direction.rawValue) selects it)")
                 }
                 let p = try maps.peer(peer)
+                if p.identity == ReservedIdentity.host {
+                    return (true, "\(peer) is an address of \(local.name)'s own node: always allowed")
+                }
                 if let rule = try maps.allowingRule(identity: ep.identity, direction: direction, peer: p,
                                                     proto: transport.ipProtocol, port: UInt16(port)) {
-                    let ref = nodeStatus.policyNames.rules["\(rule)"]?.description ?? names.rules["\(rule)"]?.description ?? "rule \(rule)"
+                    let ref = names.rules["\(rule)"]?.description ?? "rule \(rule)"
                     return (true, "allowed by \(ref)")
                 }
-                let by = (nodeStatus.policyNames.isolatedBy["\(ep.identity)"]?[direction.rawValue] ?? []).joined(separator: ", ")
+                let by = (names.isolatedBy["\(ep.identity)"]?[direction.rawValue] ?? []).joined(separator: ", ")
                 return (false, "denied: \(local.name) is isolated for \(direction.rawValue.lowercased()) by \(by.isEmpty ? "a policy" : by), and no rule allows this peer, port and protocol")
             }
-            let srcIsMesh = try maps.endpoint(src.address) != nil && src.node != nil
+            let srcIsMesh = try maps(egressNode).endpoint(src.address) != nil && src.node != nil
             let egress = try judge(.egress, local: src, peer: dst.address, isMeshSource: srcIsMesh)
             let ingress = try judge(.ingress, local: dst, peer: src.address, isMeshSource: srcIsMesh)
             let allowed = egress.allowed && ingress.allowed
             let target = "\(src.name) -> \(dst.name):\(port)/\(transport.rawValue)"
             if output == "json" {
                 let obj: [String: Any] = ["allowed": allowed, "from": src.name, "to": dst.name, "port": port,
-                                          "protocol": transport.rawValue, "node": readNode,
+                                          "protocol": transport.rawValue, "egressNode": egressNode, "ingressNode": ingressNode,
                                           "egress": egress.why, "ingress": ingress.why]
                 let data = try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys])
                 print(String(decoding: data, as: UTF8.self))
             } else {
-                print("\(allowed ? "ALLOW" : "DENY")  \(target)  (maps of node \(readNode))")
+                print("\(allowed ? "ALLOW" : "DENY")  \(target)  (egress from node \(egressNode)'s maps, ingress from node \(ingressNode)'s)")
                 print("  egress:  \(egress.why)")
                 print("  ingress: \(ingress.why)")
             }

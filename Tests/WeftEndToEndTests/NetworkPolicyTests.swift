@@ -114,11 +114,17 @@ private enum Expected {
         }
     }
 
+    /// Each lab node's own addresses: its pod bridge and its fabric address.
+    static let nodeAddresses = ["n1": ["198.18.1.1", "198.18.0.1"], "n2": ["198.18.2.1", "198.18.0.2"]]
+
     /// `sourcePod` nil: the source is no pod (its address is `sourceIP`).
     /// `judgedAtSource` false: the source process is outside every pod
     /// cgroup, so only the destination's ingress can hold it.
     static func allowed(_ policies: [PolicySpec], sourceIP: String, sourcePod: Pod?, judgedAtSource: Bool,
                         destination: Pod, proto: String, port: Int) -> Bool {
+        // "Traffic to and from the node where a Pod is running is always
+        // allowed", and a pod cannot block access to itself.
+        if nodeAddresses[destination.node]?.contains(sourceIP) == true || sourceIP == destination.ip { return true }
         if judgedAtSource, let s = sourcePod,
            !side(policies, pod: s, direction: "Egress", peerIP: destination.ip, peerPod: destination,
                  proto: proto, port: port, destination: destination) {
@@ -247,9 +253,15 @@ private func truthTable(_ lab: LabHarness, _ policies: [PolicySpec]) throws -> (
     var checked = 0
     for src in pods {
         let ts = targets(excluding: src.ip)
-        let raw = try lab.tool(in: src.qualified, ["matrix", ts.map(\.key).joined(separator: ","), "0.5"])
+        // Itself, by its address and by loopback: never blocked.
+        let own = ["tcp:\(src.ip):80", "tcp:127.0.0.1:80"]
+        let raw = try lab.tool(in: src.qualified, ["matrix", (ts.map(\.key) + own).joined(separator: ","), "0.5"])
         recordEPERM(raw)
         let got = decode(raw)
+        for key in own {
+            checked += 1
+            if got[key] != "connected" { wrong.append(Outcome(source: src.qualified, target: key, observed: got[key] ?? "-", expected: "connected")) }
+        }
         for t in ts {
             let allow = Expected.allowed(policies, sourceIP: src.ip, sourcePod: src, judgedAtSource: true,
                                          destination: t.pod, proto: t.proto, port: t.port)
@@ -314,7 +326,7 @@ struct NetworkPolicyEndToEnd {
             total += checked
             #expect(wrong.isEmpty, "phase '\(name)': \(wrong.count) of \(checked) differ:\n\(wrong.prefix(20).map(\.description).joined(separator: "\n"))")
         }
-        #expect(total == 3 * (6 * 5 * 6 + 6 * 6 + 5 * 6))
+        #expect(total == 3 * (6 * 5 * 6 + 6 * 2 + 6 * 6 + 5 * 6))
         let sorted = epermMillis.sorted()
         if !sorted.isEmpty {
             print("denied connects: \(sorted.count) EPERM, median \(String(format: "%.3f", sorted[sorted.count / 2])) ms, max \(String(format: "%.3f", sorted.last ?? 0)) ms (client-side, in-process threads)")

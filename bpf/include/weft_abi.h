@@ -101,7 +101,9 @@ enum weft_lb_event {
  * ----- L4 policy (Kubernetes NetworkPolicy) -----
  *
  * Every pod has a numeric identity: one per distinct (namespace, label set),
- * the same on every node. weft_endpoints maps each pod address in the cluster
+ * the same on every node. This node's own addresses are in weft_endpoints
+ * too, as WEFT_ID_HOST: Kubernetes always allows traffic between a pod and the
+ * node it runs on, and a pod's traffic to itself (loopback included). weft_endpoints maps each pod address in the cluster
  * to its identity and whether policies isolate it; weft_cgroups maps this
  * node's pod cgroups to their address, which is how connect() knows the
  * client before the socket has a source address. Peers that are not pods get
@@ -118,6 +120,7 @@ enum weft_lb_event {
  */
 #define WEFT_ID_ANY         0u        /* in weft_policy keys: any peer at all */
 #define WEFT_ID_WORLD       1u        /* an address that is no known pod */
+#define WEFT_ID_HOST        2u        /* an address of this node: always allowed */
 #define WEFT_ID_FIRST_POD   256u      /* pod identities start here */
 #define WEFT_ID_CIDR_BASE   0x01000000u /* CIDR class n is WEFT_ID_CIDR_BASE + n */
 

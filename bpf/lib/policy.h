@@ -16,6 +16,12 @@ struct policy_peer {
 	__u32 cidr_class;
 };
 
+/* 127.0.0.0/8: a pod talking to itself, which no policy may block. */
+static __always_inline int is_loopback(__be32 addr)
+{
+	return (bpf_ntohl(addr) >> 24) == 127;
+}
+
 static __always_inline struct weft_endpoint *endpoint_lookup(__be32 addr)
 {
 	return bpf_map_lookup_elem(&weft_endpoints, &addr);
@@ -61,6 +67,9 @@ static __always_inline int policy_allows_peer(__u32 identity, __u8 direction, __
 static __always_inline int policy_allows(__u32 identity, __u8 direction, struct policy_peer peer,
 					 __u8 proto, __be16 port)
 {
+	/* The pod's own node is always allowed, whatever the policy says. */
+	if (peer.identity == WEFT_ID_HOST)
+		return 1;
 	if (policy_allows_peer(identity, direction, peer.identity, proto, port))
 		return 1;
 	if (peer.cidr_class && policy_allows_peer(identity, direction, peer.cidr_class, proto, port))
@@ -118,7 +127,7 @@ static __always_inline int policy_connect_verdict(__be32 daddr, __be16 dport, __
 	struct policy_peer peer;
 	__u32 src_id;
 
-	if (!local)
+	if (!local || is_loopback(daddr) || daddr == local->addr)
 		return 0;
 	src = endpoint_lookup(local->addr);
 	if (!src)

@@ -53,6 +53,9 @@ int weft_ingress(struct __sk_buff *skb)
 		if ((flags & (0x02 | 0x10)) != 0x02)  /* not SYN-without-ACK */
 			return SKB_PASS;
 	}
+	/* A pod's traffic to itself is never subject to policy. */
+	if (ip.saddr == ip.daddr || is_loopback(ip.saddr))
+		return SKB_PASS;
 	dst = endpoint_lookup(ip.daddr);
 	if (!dst)
 		return SKB_PASS;

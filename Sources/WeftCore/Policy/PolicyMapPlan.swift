@@ -1,5 +1,6 @@
 /// Everything the policy maps hold on one node: the cluster-wide compiled
-/// table plus this node's pod cgroups (cgroup id -> pod address).
+/// table plus what is this node's own: its pod cgroups (cgroup id -> pod
+/// address) and its addresses (in weft_endpoints as the host identity).
 public struct PolicyMapContents: Hashable, Sendable {
     public var endpoints: [IPv4Address: EndpointEntry] = [:]
     public var cgroups: [UInt64: IPv4Address] = [:]
@@ -8,8 +9,12 @@ public struct PolicyMapContents: Hashable, Sendable {
 
     public init() {}
 
-    public init(_ table: PolicyTable, cgroups: [UInt64: IPv4Address]) {
+    public init(_ table: PolicyTable, cgroups: [UInt64: IPv4Address], hostAddresses: [IPv4Address] = []) {
         endpoints = table.endpoints
+        // A pod's address wins over a host address (they should never meet).
+        for address in hostAddresses where endpoints[address] == nil {
+            endpoints[address] = EndpointEntry(identity: ReservedIdentity.host)
+        }
         cidrClasses = table.cidrClasses
         entries = table.entries
         self.cgroups = cgroups

@@ -20,6 +20,7 @@ public struct IdentityKey: Hashable, Sendable, CustomStringConvertible {
 public enum ReservedIdentity {
     public static let any = UInt32(WEFT_ID_ANY)
     public static let world = UInt32(WEFT_ID_WORLD)
+    public static let host = UInt32(WEFT_ID_HOST)
     public static let firstPod = UInt32(WEFT_ID_FIRST_POD)
     public static let cidrBase = UInt32(WEFT_ID_CIDR_BASE)
 }
