@@ -86,7 +86,8 @@ public struct Datapath: Sendable {
             var newTag = [UInt8](repeating: 0, count: 8)
             try KernelError.check(weft_prog_info(progFD, &newID, &newTag), "inspect program \(name)")
 
-            if let pinned = bpf_link__open(linkPath) {
+            // Only open a pin that is there: libbpf logs a warning for a missing one.
+            if FileManager.default.fileExists(atPath: linkPath), let pinned = bpf_link__open(linkPath) {
                 defer { bpf_link__disconnect(pinned); bpf_link__destroy(pinned) }
                 let linkFD = bpf_link__fd(pinned)
                 var progID: UInt32 = 0, linkCgroup: UInt64 = 0, attachType: UInt32 = 0

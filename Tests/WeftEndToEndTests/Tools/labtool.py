@@ -185,11 +185,15 @@ def matrix(targets, timeout="0.5"):
     print(json.dumps(out))
 
 
-def first_change(proto, host, port, want, seconds):
-    """Attempts back to back until the result is `want`; prints when."""
+def first_change(proto, host, port, want, seconds, timeout="0.05"):
+    """Attempts back to back until the result is `want`; prints when. The
+    short timeout matters across nodes: an attempt whose SYN left while the
+    client's node had the new policy and the server's node did not yet is
+    dropped there, and should be given up, not waited out, so that the
+    first attempt started after both nodes applied it is the one seen."""
     end = time.time() + float(seconds)
     while time.time() < end:
-        result, _ = attempt(proto, host, int(port), 0.2)
+        result, _ = attempt(proto, host, int(port), float(timeout))
         if result == want:
             print(json.dumps({"at": time.time(), "result": result}))
             return
