@@ -98,7 +98,7 @@ final class Reconciler {
             // Policy before services: a new pod is isolated before any
             // Service can send it traffic.
             if !identitiesAdopted {
-                compiler.adopt(endpoints: appliedPolicy.endpoints, state: state)
+                compiler.adopt(endpoints: appliedPolicy.endpoints, cidrClasses: appliedPolicy.cidrClasses, state: state)
                 identitiesAdopted = true
             }
             let policyTable = compiler.compile(state)

@@ -281,6 +281,23 @@ struct PolicyWorld {
         #expect(skipped > 0, "label changes recompiled every policy every time")
     }
 
+    /// A new agent over the pins of an old one (whose ids carry history)
+    /// takes the ids back and compiles exactly what the kernel holds.
+    @Test func aRestartedCompilerAdoptsIdsAndReproducesTheTable() {
+        var world = PolicyWorld(rng: SplitMix(seed: 31337))
+        var old = PolicyCompiler()
+        for _ in 0..<5 { _ = old.compile(world.state(policies: 6)) }  // history: ids allocated and freed
+        let state = world.state(policies: 8)
+        let kernel = old.compile(state)
+        var fresh = PolicyCompiler()
+        fresh.adopt(endpoints: kernel.endpoints, cidrClasses: kernel.cidrClasses, state: state)
+        let again = fresh.compile(state)
+        #expect(again.endpoints == kernel.endpoints)
+        #expect(again.cidrClasses == kernel.cidrClasses)
+        // Allow keys are identical; rule ids (names for people only) may be numbered anew.
+        #expect(Set(again.entries.keys) == Set(kernel.entries.keys))
+    }
+
     @Test func regionsSplitOverlappingBlocksAndHoles() {
         let wide = NetworkPolicy.IPBlock(cidr: IPv4Prefix("10.0.0.0/8")!, except: [IPv4Prefix("10.1.0.0/16")!])
         let narrow = NetworkPolicy.IPBlock(cidr: IPv4Prefix("10.1.2.0/24")!)

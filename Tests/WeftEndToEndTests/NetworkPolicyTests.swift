@@ -359,7 +359,7 @@ struct NetworkPolicyEndToEnd {
     }
 
     @Test func policyChangesReachNewConnectionsWithin100msAndBadInputKeepsTheOldPolicy() throws {
-        let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": render(dbFromProd)])
+        let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": render(dbFromProd) + "---\n" + render(apiFromBlock)])
         defer { lab.down() }
         // Denied now: client is not in a prod namespace.
         for _ in 0..<100 {

@@ -30,14 +30,32 @@ public struct PolicyCompiler: Sendable {
 
     public init() {}
 
-    /// Reuses identity ids found in the kernel's weft_endpoints after a
-    /// restart, so an agent that comes back rewrites nothing.
-    public mutating func adopt(endpoints: [IPv4Address: EndpointEntry], state: ClusterState) {
+    /// Reuses the ids found in the kernel after a restart — identities from
+    /// weft_endpoints, CIDR classes from weft_cidr_classes — so an agent that
+    /// comes back to an unchanged config rewrites nothing.
+    public mutating func adopt(endpoints: [IPv4Address: EndpointEntry], cidrClasses: [IPv4Prefix: UInt32] = [:],
+                               state: ClusterState) {
         let byAddress = Dictionary(state.workloads.map { ($0.address, $0) }, uniquingKeysWith: { a, _ in a })
         for (address, entry) in endpoints {
             guard let w = byAddress[address] else { continue }
             identityIDs.adopt(IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels), entry.identity)
         }
+        guard !cidrClasses.isEmpty else { return }
+        for (prefix, set) in Self.regions(Self.blocks(state)) where !set.isEmpty {
+            if let id = cidrClasses[prefix], id > ReservedIdentity.cidrBase {
+                classIDs.adopt(set, id - ReservedIdentity.cidrBase)
+            }
+        }
+    }
+
+    static func blocks(_ state: ClusterState) -> Set<NetworkPolicy.IPBlock> {
+        var blocks = Set<NetworkPolicy.IPBlock>()
+        for p in state.networkPolicies {
+            for rule in p.ingress + p.egress {
+                for case .ipBlock(let b) in rule.peers { blocks.insert(b) }
+            }
+        }
+        return blocks
     }
 
     /// How many policies the last `compile` actually compiled (the rest came from cache).
@@ -58,16 +76,11 @@ public struct PolicyCompiler: Sendable {
             table.identities[id] = key
         }
 
-        // CIDR classes over every ipBlock in every policy.
-        var blocks = Set<NetworkPolicy.IPBlock>()
-        for p in state.networkPolicies {
-            for rule in p.ingress + p.egress {
-                for case .ipBlock(let b) in rule.peers { blocks.insert(b) }
-            }
-        }
-        let regions = Self.regions(blocks)
+        // CIDR classes over every ipBlock in every policy, allocated in
+        // prefix order so that the same config gives the same ids.
+        let regions = Self.regions(Self.blocks(state))
         classIDs.retain(Set(regions.values.filter { !$0.isEmpty }))
-        for (prefix, set) in regions {
+        for (prefix, set) in regions.sorted(by: { ($0.key.address, $0.key.length) < ($1.key.address, $1.key.length) }) {
             table.cidrClasses[prefix] = set.isEmpty ? 0 : ReservedIdentity.cidrBase + classIDs.id(for: set)
         }
         var classesOf: [NetworkPolicy.IPBlock: [UInt32]] = [:]
