@@ -4,7 +4,8 @@ import WeftABI
 import WeftCore
 
 /// The policy maps (weft_abi.h, "L4 policy"), read and written in WeftCore's
-/// terms. `decide` walks them exactly as bpf/lib/policy.h does, so
+/// terms. An allow goes to the hash weft_policy, or — a port range — to the
+/// trie weft_policy_ranges. `decide` walks them exactly as bpf/lib/policy.h does, so
 /// `weft policy check` answers from what the kernel enforces, not from a
 /// second reading of the manifests.
 public final class PolicyMaps: Sendable {
@@ -12,6 +13,7 @@ public final class PolicyMaps: Sendable {
     public let cgroups: BPFMap<UInt64, weft_cgroup_endpoint>
     public let cidrClasses: BPFMap<weft_cidr_key, weft_cidr_class>
     public let policy: BPFMap<weft_policy_key, weft_policy_value>
+    public let ranges: BPFMap<weft_policy_range_key, weft_policy_value>
     public let drops: BPFMap<weft_drop_key, UInt64>
     private let cpus: Int
 
@@ -21,31 +23,55 @@ public final class PolicyMaps: Sendable {
         cgroups = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_CGROUPS)")
         cidrClasses = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_CIDR_CLASSES)")
         policy = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY)")
+        ranges = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY_RANGES)")
         drops = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY_DROPS)")
         cpus = max(Int(libbpf_num_possible_cpus()), 1)
     }
 
     // MARK: encoding, in one place
 
+    static func direction(_ d: NetworkPolicy.Direction) -> UInt8 {
+        UInt8(d == .ingress ? WEFT_DIR_INGRESS.rawValue : WEFT_DIR_EGRESS.rawValue)
+    }
+
+    static func direction(_ raw: UInt8) -> NetworkPolicy.Direction {
+        raw == UInt8(WEFT_DIR_EGRESS.rawValue) ? .egress : .ingress
+    }
+
+    /// A non-range allow as its hash key (protocol 0: any; port 0: any).
     static func encode(_ k: PolicyEntryKey) -> weft_policy_key {
         var key = weft_policy_key()
+        key.identity = k.identity
+        key.peer = k.peer
+        key.direction = direction(k.direction)
+        key.proto = k.proto ?? 0
+        key.port = (k.portPrefix?.port ?? 0).bigEndian
+        return key
+    }
+
+    static func decode(_ key: weft_policy_key) -> PolicyEntryKey {
+        PolicyEntryKey(identity: key.identity, direction: direction(key.direction), peer: key.peer,
+                       proto: key.proto == 0 ? nil : key.proto,
+                       portPrefix: key.port == 0 ? nil : .init(port: UInt16(bigEndian: key.port), bits: 16))
+    }
+
+    static func encodeRange(_ k: PolicyEntryKey) -> weft_policy_range_key {
+        var key = weft_policy_range_key()
         key.prefixlen = k.prefixLength
         key.identity = k.identity.bigEndian
-        key.direction = UInt8(k.direction == .ingress ? WEFT_DIR_INGRESS.rawValue : WEFT_DIR_EGRESS.rawValue)
+        key.direction = direction(k.direction)
         key.peer = k.peer.bigEndian
         key.proto = k.proto ?? 0
         key.port = (k.portPrefix?.port ?? 0).bigEndian
         return key
     }
 
-    static func decode(_ key: weft_policy_key) -> PolicyEntryKey? {
-        let any = UInt32(WEFT_POLICY_PREFIX_ANY_PROTO), anyPort = UInt32(WEFT_POLICY_PREFIX_ANY_PORT)
-        let direction: NetworkPolicy.Direction = key.direction == UInt8(WEFT_DIR_EGRESS.rawValue) ? .egress : .ingress
-        guard key.prefixlen == any || (anyPort...anyPort + 16).contains(key.prefixlen) else { return nil }
-        let bits = key.prefixlen > anyPort ? UInt8(key.prefixlen - anyPort) : nil
-        return PolicyEntryKey(identity: UInt32(bigEndian: key.identity), direction: direction,
-                              peer: UInt32(bigEndian: key.peer), proto: key.prefixlen == any ? nil : key.proto,
-                              portPrefix: bits.map { .init(port: UInt16(bigEndian: key.port), bits: $0) })
+    static func decodeRange(_ key: weft_policy_range_key) -> PolicyEntryKey? {
+        let anyPort = UInt32(WEFT_POLICY_PREFIX_ANY_PORT)
+        guard (anyPort + 1...anyPort + 15).contains(key.prefixlen) else { return nil }
+        return PolicyEntryKey(identity: UInt32(bigEndian: key.identity), direction: direction(key.direction),
+                              peer: UInt32(bigEndian: key.peer), proto: key.proto,
+                              portPrefix: .init(port: UInt16(bigEndian: key.port), bits: UInt8(key.prefixlen - anyPort)))
     }
 
     static func encode(_ p: IPv4Prefix) -> weft_cidr_key {
@@ -75,21 +101,29 @@ public final class PolicyMaps: Sendable {
         for (key, value) in try cidrClasses.entries() {
             c.cidrClasses[IPv4Prefix(address: IPv4Address(networkOrder: key.addr), length: Int(key.prefixlen))] = value.id
         }
-        for (key, value) in try policy.entries() {
-            if let k = Self.decode(key) { c.entries[k] = value.rule_id }
+        for (key, value) in try policy.entries() { c.entries[Self.decode(key)] = value.rule_id }
+        for (key, value) in try ranges.entries() {
+            if let k = Self.decodeRange(key) { c.entries[k] = value.rule_id }
         }
         return c
     }
 
     /// Carries out a plan: allows before the regions that lead to them,
     /// both before the pods that use them; removals in the reverse order.
-    /// (LPM tries have no batch update: one call per entry.)
+    /// (LPM tries have no batch update: one call per entry there.)
     public func apply(_ plan: PolicyMapPlan) throws(KernelError) {
+        var keys: [weft_policy_key] = [], values: [weft_policy_value] = []
         for (k, rule) in plan.putEntries {
             var v = weft_policy_value()
             v.rule_id = rule
-            try policy.update(Self.encode(k), v)
+            if k.isRange {
+                try ranges.update(Self.encodeRange(k), v)
+            } else {
+                keys.append(Self.encode(k))
+                values.append(v)
+            }
         }
+        if !keys.isEmpty { try policy.updateBatch(keys, values) }
         for (p, id) in plan.putCIDR {
             var v = weft_cidr_class()
             v.id = id
@@ -106,7 +140,9 @@ public final class PolicyMaps: Sendable {
         for id in plan.deleteCgroups { try cgroups.delete(id) }
         for addr in plan.deleteEndpoints { try endpoints.delete(addr.networkOrder) }
         for p in plan.deleteCIDR { try cidrClasses.delete(Self.encode(p)) }
-        for k in plan.deleteEntries { try policy.delete(Self.encode(k)) }
+        for k in plan.deleteEntries {
+            if k.isRange { try ranges.delete(Self.encodeRange(k)) } else { try policy.delete(Self.encode(k)) }
+        }
     }
 
     // MARK: deciding, as bpf/lib/policy.h does
@@ -129,14 +165,29 @@ public final class PolicyMaps: Sendable {
         return Peer(identity: ReservedIdentity.world, cidrClass: cls?.id ?? 0)
     }
 
-    /// The rule id that allows, or nil: peer identity, CIDR class, any peer.
-    public func allowingRule(identity: UInt32, direction: NetworkPolicy.Direction, peer: Peer,
+    /// The rule id that allows, or nil: per peer (identity, CIDR class, any
+    /// peer), the exact port, any port of the protocol, any protocol, then
+    /// the range trie when the identity has ranges in that direction.
+    public func allowingRule(local: EndpointEntry, direction: NetworkPolicy.Direction, peer: Peer,
                              proto: UInt8, port: UInt16) throws(KernelError) -> UInt32? {
+        let hasRanges = direction == .ingress ? local.ingressRanges : local.egressRanges
         let peers = [peer.identity] + (peer.cidrClass != 0 ? [peer.cidrClass] : []) + [ReservedIdentity.any]
         for p in peers {
-            let key = PolicyEntryKey(identity: identity, direction: direction, peer: p, proto: proto,
-                                     portPrefix: .init(port: port, bits: 16))
-            if let v = try policy.lookup(Self.encode(key)) { return v.rule_id }
+            let probes: [PolicyEntryKey] = [
+                .init(identity: local.identity, direction: direction, peer: p, proto: proto, portPrefix: .init(port: port, bits: 16)),
+                .init(identity: local.identity, direction: direction, peer: p, proto: proto),
+                .init(identity: local.identity, direction: direction, peer: p),
+            ]
+            for k in probes {
+                if let v = try policy.lookup(Self.encode(k)) { return v.rule_id }
+            }
+            if hasRanges {
+                let k = PolicyEntryKey(identity: local.identity, direction: direction, peer: p, proto: proto,
+                                       portPrefix: .init(port: port, bits: 16))
+                var key = Self.encodeRange(k)
+                key.prefixlen = UInt32(WEFT_POLICY_PREFIX_FULL)
+                if let v = try ranges.lookup(key) { return v.rule_id }
+            }
         }
         return nil
     }

@@ -77,7 +77,7 @@ struct PolicyCommand: ParsableCommand {
                 if p.identity == ReservedIdentity.host {
                     return (true, "\(peer) is an address of \(local.name)'s own node: always allowed")
                 }
-                if let rule = try maps.allowingRule(identity: ep.identity, direction: direction, peer: p,
+                if let rule = try maps.allowingRule(local: ep, direction: direction, peer: p,
                                                     proto: transport.ipProtocol, port: UInt16(port)) {
                     let ref = names.rules["\(rule)"]?.description ?? "rule \(rule)"
                     return (true, "allowed by \(ref)")

@@ -72,21 +72,29 @@ enum CompiledWalk {
             if let ep = t.endpoints[a] { return (ep.identity, ep.cidrClass) }
             return (ReservedIdentity.world, PolicyCompiler.longestMatch(a, t.cidrClasses) ?? 0)
         }
-        func match(_ id: UInt32, _ d: NetworkPolicy.Direction, _ p: UInt32) -> Bool {
+        // Mirrors the kernel: hash probes (exact port, any port, any
+        // protocol), then the range prefixes only if the endpoint says it
+        // has ranges in that direction.
+        func match(_ ep: EndpointEntry, _ d: NetworkPolicy.Direction, _ p: UInt32) -> Bool {
+            let id = ep.identity
             if t.entries[PolicyEntryKey(identity: id, direction: d, peer: p)] != nil { return true }
             if t.entries[PolicyEntryKey(identity: id, direction: d, peer: p, proto: proto.ipProtocol)] != nil { return true }
-            for bits in UInt8(1)...16 {
+            if t.entries[PolicyEntryKey(identity: id, direction: d, peer: p, proto: proto.ipProtocol,
+                                        portPrefix: .init(port: port, bits: 16))] != nil { return true }
+            guard d == .ingress ? ep.ingressRanges : ep.egressRanges else { return false }
+            for bits in UInt8(1)...15 {
                 let k = PolicyEntryKey(identity: id, direction: d, peer: p, proto: proto.ipProtocol,
                                        portPrefix: .init(port: port, bits: bits))
                 if t.entries[k] != nil { return true }
             }
             return false
         }
-        func lookup(_ id: UInt32, _ d: NetworkPolicy.Direction, _ p: (UInt32, UInt32)) -> Bool {
-            match(id, d, p.0) || (p.1 != 0 && match(id, d, p.1)) || match(id, d, ReservedIdentity.any)
+        func lookup(_ ep: EndpointEntry, _ d: NetworkPolicy.Direction, _ p: (UInt32, UInt32)) -> Bool {
+            if p.0 == ReservedIdentity.host { return true }
+            return match(ep, d, p.0) || (p.1 != 0 && match(ep, d, p.1)) || match(ep, d, ReservedIdentity.any)
         }
-        if srcIsMesh, let s = t.endpoints[src], s.egressIsolated, !lookup(s.identity, .egress, peer(dst)) { return false }
-        if let d = t.endpoints[dst], d.ingressIsolated, !lookup(d.identity, .ingress, peer(src)) { return false }
+        if srcIsMesh, let s = t.endpoints[src], s.egressIsolated, !lookup(s, .egress, peer(dst)) { return false }
+        if let d = t.endpoints[dst], d.ingressIsolated, !lookup(d, .ingress, peer(src)) { return false }
         return true
     }
 }

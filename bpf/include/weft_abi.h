@@ -22,6 +22,7 @@
 #define WEFT_MAP_CGROUPS      "weft_cgroups"
 #define WEFT_MAP_CIDR_CLASSES "weft_cidr_classes"
 #define WEFT_MAP_POLICY       "weft_policy"
+#define WEFT_MAP_POLICY_RANGES "weft_policy_ranges"
 #define WEFT_MAP_POLICY_DROPS "weft_policy_drops"
 #define WEFT_MAP_UDP_FLOWS    "weft_udp_flows"
 
@@ -34,6 +35,7 @@
 #define WEFT_MAX_LOCAL_CGROUPS  65536   /* pods on this node */
 #define WEFT_MAX_CIDR_CLASSES   262144  /* distinct ipBlock prefixes */
 #define WEFT_MAX_POLICY_ENTRIES 1048576 /* compiled (identity, peer, port) allows */
+#define WEFT_MAX_POLICY_RANGES  262144  /* allows for port ranges (endPort) */
 #define WEFT_MAX_DROP_KEYS      65536   /* drop counter tuples (LRU) */
 #define WEFT_MAX_UDP_FLOWS      131072  /* UDP (socket, peer) pairs already allowed (LRU) */
 #define WEFT_ABI_VERSION        2
@@ -112,11 +114,14 @@ enum weft_lb_event {
  * match in weft_cidr_classes; an address can match both a pod identity and a
  * class, and either may allow it.
  *
- * weft_policy is an LPM trie of allows. A decision is at most three lookups,
- * one per peer (identity, CIDR class, WEFT_ID_ANY), each a longest-prefix
- * match in which the protocol and the port bits may be left open: that is how
- * "all ports", "all TCP ports" and endPort ranges (split into aligned port
- * prefixes) are one entry each rather than one per port.
+ * weft_policy is a hash of allows: per peer (identity, CIDR class, then
+ * WEFT_ID_ANY) a decision probes the exact (protocol, port), then "any port of
+ * the protocol" (port 0), then "any protocol" (protocol 0): a few O(1)
+ * lookups whatever the number of rules. A hash, not a trie, because a trie's
+ * lookup chases one pointer per level, and at 100,000 entries those levels
+ * are cache misses. endPort ranges (split into aligned port prefixes) live
+ * apart in the LPM trie weft_policy_ranges, consulted only for identities
+ * whose endpoint flags say they have ranges in that direction.
  */
 #define WEFT_ID_ANY         0u        /* in weft_policy keys: any peer at all */
 #define WEFT_ID_WORLD       1u        /* an address that is no known pod */
@@ -133,6 +138,8 @@ enum weft_direction {
  * pod isolated in a direction passes only what an allow entry names. */
 #define WEFT_EP_F_INGRESS_ISOLATED 0x01
 #define WEFT_EP_F_EGRESS_ISOLATED  0x02
+#define WEFT_EP_F_INGRESS_RANGES   0x04  /* has allows in weft_policy_ranges */
+#define WEFT_EP_F_EGRESS_RANGES    0x08
 
 struct weft_endpoint {
 	__u32 identity;    /* WEFT_ID_FIRST_POD and up */
@@ -156,13 +163,21 @@ struct weft_cidr_class {
 	__u32 id;          /* WEFT_ID_CIDR_BASE + n */
 };
 
-/* Bits of weft_policy_key after prefixlen, for its prefixlen: */
+struct weft_policy_key {
+	__u32  identity;   /* the pod the policy selects */
+	__u32  peer;       /* peer identity, CIDR class, or WEFT_ID_ANY */
+	__u8   direction;  /* enum weft_direction */
+	__u8   proto;      /* IPPROTO_*, or 0: any protocol (then port is 0) */
+	__be16 port;       /* destination port, network order, or 0: any port */
+};
+
+/* Bits of weft_policy_range_key after prefixlen, for its prefixlen: */
 #define WEFT_POLICY_PREFIX_ANY_PROTO  96   /* identity, direction, peer exact */
 #define WEFT_POLICY_PREFIX_ANY_PORT   112  /* ... and protocol */
 #define WEFT_POLICY_PREFIX_FULL       128  /* ... and all 16 port bits */
 
-struct weft_policy_key {
-	__u32  prefixlen;  /* LPM trie: WEFT_POLICY_PREFIX_* or ANY_PORT + port prefix bits */
+struct weft_policy_range_key {
+	__u32  prefixlen;  /* LPM trie: WEFT_POLICY_PREFIX_ANY_PORT + port prefix bits */
 	__be32 identity;   /* the pod the policy selects, network order (trie order) */
 	__u8   direction;  /* enum weft_direction */
 	__u8   pad0[3];    /* zero */
@@ -211,7 +226,8 @@ _Static_assert(sizeof(struct weft_udp_flow_key) == 16, "weft_udp_flow_key layout
 _Static_assert(sizeof(struct weft_endpoint) == 12, "weft_endpoint layout");
 _Static_assert(sizeof(struct weft_cgroup_endpoint) == 8, "weft_cgroup_endpoint layout");
 _Static_assert(sizeof(struct weft_cidr_key) == 8, "weft_cidr_key layout");
-_Static_assert(sizeof(struct weft_policy_key) == 20, "weft_policy_key layout");
+_Static_assert(sizeof(struct weft_policy_key) == 12, "weft_policy_key layout");
+_Static_assert(sizeof(struct weft_policy_range_key) == 20, "weft_policy_range_key layout");
 _Static_assert(sizeof(struct weft_drop_key) == 12, "weft_drop_key layout");
 _Static_assert(sizeof(struct weft_service_key) == 12, "weft_service_key layout");
 _Static_assert(sizeof(struct weft_service_value) == 12, "weft_service_value layout");

@@ -74,13 +74,22 @@ struct {
 } weft_cidr_classes SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, WEFT_MAX_POLICY_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct weft_policy_key);
 	__type(value, struct weft_policy_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, WEFT_MAX_POLICY_RANGES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct weft_policy_range_key);
+	__type(value, struct weft_policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_policy_ranges SEC(".maps");
 
 /* LRU so that a scan of many ports cannot fill it and stop counting; the
  * metrics side caps label cardinality on top of this. */

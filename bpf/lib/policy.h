@@ -46,10 +46,25 @@ static __always_inline struct policy_peer policy_peer_of(__be32 addr, const stru
 	return peer;
 }
 
-static __always_inline int policy_allows_peer(__u32 identity, __u8 direction, __u32 peer,
-					      __u8 proto, __be16 port)
+static __always_inline int policy_hit(__u32 identity, __u32 peer, __u8 direction, __u8 proto, __be16 port)
 {
 	struct weft_policy_key key = {
+		.identity = identity,
+		.peer = peer,
+		.direction = direction,
+		.proto = proto,
+		.port = port,
+	};
+
+	return bpf_map_lookup_elem(&weft_policy, &key) != NULL;
+}
+
+/* Exact port, any port of the protocol, any protocol; then port ranges if
+ * this identity has any in this direction. */
+static __always_inline int policy_allows_peer(__u32 identity, __u8 direction, __u32 peer,
+					      __u8 proto, __be16 port, int ranges)
+{
+	struct weft_policy_range_key range = {
 		.prefixlen = WEFT_POLICY_PREFIX_FULL,
 		.identity = bpf_htonl(identity),
 		.direction = direction,
@@ -58,23 +73,31 @@ static __always_inline int policy_allows_peer(__u32 identity, __u8 direction, __
 		.port = port,
 	};
 
-	return bpf_map_lookup_elem(&weft_policy, &key) != NULL;
+	if (policy_hit(identity, peer, direction, proto, port) ||
+	    policy_hit(identity, peer, direction, proto, 0) ||
+	    policy_hit(identity, peer, direction, 0, 0))
+		return 1;
+	return ranges && bpf_map_lookup_elem(&weft_policy_ranges, &range) != NULL;
 }
 
-/* Does some policy allow `identity` (isolated in `direction`) to talk to
- * `peer` on proto/port? Peer by identity, then by CIDR class, then "any
- * peer": policies are additive, so any one match allows. */
-static __always_inline int policy_allows(__u32 identity, __u8 direction, struct policy_peer peer,
-					 __u8 proto, __be16 port)
+/* Does some policy allow `local` (isolated in `direction`) to talk to `peer`
+ * on proto/port? Peer by identity, then by CIDR class, then "any peer":
+ * policies are additive, so any one match allows. */
+static __always_inline int policy_allows(const struct weft_endpoint *local, __u8 direction,
+					 struct policy_peer peer, __u8 proto, __be16 port)
 {
+	__u8 flag = direction == WEFT_DIR_INGRESS ? WEFT_EP_F_INGRESS_RANGES : WEFT_EP_F_EGRESS_RANGES;
+	int ranges = (local->flags & flag) != 0;
+	__u32 identity = local->identity;
+
 	/* The pod's own node is always allowed, whatever the policy says. */
 	if (peer.identity == WEFT_ID_HOST)
 		return 1;
-	if (policy_allows_peer(identity, direction, peer.identity, proto, port))
+	if (policy_allows_peer(identity, direction, peer.identity, proto, port, ranges))
 		return 1;
-	if (peer.cidr_class && policy_allows_peer(identity, direction, peer.cidr_class, proto, port))
+	if (peer.cidr_class && policy_allows_peer(identity, direction, peer.cidr_class, proto, port, ranges))
 		return 1;
-	return policy_allows_peer(identity, direction, WEFT_ID_ANY, proto, port);
+	return policy_allows_peer(identity, direction, WEFT_ID_ANY, proto, port, ranges);
 }
 
 static __always_inline void policy_count_drop(__u32 src, __u32 dst, __be16 port, __u8 proto,
@@ -136,14 +159,14 @@ static __always_inline int policy_connect_verdict(__be32 daddr, __be16 dport, __
 	dst = endpoint_lookup(daddr);
 	if (src->flags & WEFT_EP_F_EGRESS_ISOLATED) {
 		peer = policy_peer_of(daddr, dst);
-		if (!policy_allows(src_id, WEFT_DIR_EGRESS, peer, proto, dport)) {
+		if (!policy_allows(src, WEFT_DIR_EGRESS, peer, proto, dport)) {
 			policy_count_drop(src_id, peer.identity, dport, proto, WEFT_DROP_EGRESS);
 			return WEFT_DROP_EGRESS;
 		}
 	}
 	if (dst && (dst->flags & WEFT_EP_F_INGRESS_ISOLATED)) {
 		peer = policy_peer_of(local->addr, src);
-		if (!policy_allows(dst->identity, WEFT_DIR_INGRESS, peer, proto, dport)) {
+		if (!policy_allows(dst, WEFT_DIR_INGRESS, peer, proto, dport)) {
 			policy_count_drop(src_id, dst->identity, dport, proto, WEFT_DROP_INGRESS_AT_SOURCE);
 			return WEFT_DROP_INGRESS_AT_SOURCE;
 		}

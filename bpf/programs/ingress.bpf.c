@@ -79,7 +79,7 @@ int weft_ingress(struct __sk_buff *skb)
 	}
 	src = endpoint_lookup(ip.saddr);
 	peer = policy_peer_of(ip.saddr, src);
-	if (policy_allows(dst->identity, WEFT_DIR_INGRESS, peer, ip.protocol, ports[1])) {
+	if (policy_allows(dst, WEFT_DIR_INGRESS, peer, ip.protocol, ports[1])) {
 		if (ip.protocol == IPPROTO_UDP)
 			udp_flow_remember(cookie, ip.saddr, ports[0]);
 		return SKB_PASS;

@@ -133,12 +133,16 @@ public struct PolicyCompiler: Sendable {
         cache = fresh
         lastCompiledPolicies = compiledNow
 
+        var ranges = Set<String>()  // "identity/direction" with range allows
+        for key in table.entries.keys where key.isRange { ranges.insert("\(key.identity)/\(key.direction.rawValue)") }
         for w in state.workloads {
             guard let id = identityIDs.id(of: IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)) else { continue }
             let by = table.isolatedBy[id]
             table.endpoints[w.address] = EndpointEntry(identity: id, cidrClass: Self.longestMatch(w.address, table.cidrClasses) ?? 0,
                                                        ingressIsolated: by?["Ingress"] != nil,
-                                                       egressIsolated: by?["Egress"] != nil)
+                                                       egressIsolated: by?["Egress"] != nil,
+                                                       ingressRanges: ranges.contains("\(id)/Ingress"),
+                                                       egressRanges: ranges.contains("\(id)/Egress"))
         }
         return table
     }

@@ -73,7 +73,11 @@ public struct PolicyEntryKey: Hashable, Sendable, Comparable {
         self.portPrefix = proto == nil ? nil : portPrefix
     }
 
-    /// Bits the trie compares (weft_policy_key.prefixlen).
+    /// A port range that needs the range trie (weft_policy_ranges); every
+    /// other allow is an exact-match hash entry in weft_policy.
+    public var isRange: Bool { (portPrefix?.bits).map { $0 < 16 } ?? false }
+
+    /// Bits the range trie compares (weft_policy_range_key.prefixlen).
     public var prefixLength: UInt32 {
         guard proto != nil else { return UInt32(WEFT_POLICY_PREFIX_ANY_PROTO) }
         return UInt32(WEFT_POLICY_PREFIX_ANY_PORT) + UInt32(portPrefix?.bits ?? 0)
@@ -93,12 +97,19 @@ public struct EndpointEntry: Hashable, Sendable {
     public var cidrClass: UInt32
     public var ingressIsolated: Bool
     public var egressIsolated: Bool
+    /// Whether the identity has port-range allows in each direction (the
+    /// kernel consults the range trie only then).
+    public var ingressRanges: Bool
+    public var egressRanges: Bool
 
-    public init(identity: UInt32, cidrClass: UInt32 = 0, ingressIsolated: Bool = false, egressIsolated: Bool = false) {
+    public init(identity: UInt32, cidrClass: UInt32 = 0, ingressIsolated: Bool = false, egressIsolated: Bool = false,
+                ingressRanges: Bool = false, egressRanges: Bool = false) {
         self.identity = identity
         self.cidrClass = cidrClass
         self.ingressIsolated = ingressIsolated
         self.egressIsolated = egressIsolated
+        self.ingressRanges = ingressRanges
+        self.egressRanges = egressRanges
     }
 
     public func isolated(_ direction: NetworkPolicy.Direction) -> Bool {
@@ -107,11 +118,14 @@ public struct EndpointEntry: Hashable, Sendable {
 
     public var flags: UInt8 {
         (ingressIsolated ? UInt8(WEFT_EP_F_INGRESS_ISOLATED) : 0) | (egressIsolated ? UInt8(WEFT_EP_F_EGRESS_ISOLATED) : 0)
+            | (ingressRanges ? UInt8(WEFT_EP_F_INGRESS_RANGES) : 0) | (egressRanges ? UInt8(WEFT_EP_F_EGRESS_RANGES) : 0)
     }
 
     public init(identity: UInt32, cidrClass: UInt32, flags: UInt8) {
         self.init(identity: identity, cidrClass: cidrClass, ingressIsolated: flags & UInt8(WEFT_EP_F_INGRESS_ISOLATED) != 0,
-                  egressIsolated: flags & UInt8(WEFT_EP_F_EGRESS_ISOLATED) != 0)
+                  egressIsolated: flags & UInt8(WEFT_EP_F_EGRESS_ISOLATED) != 0,
+                  ingressRanges: flags & UInt8(WEFT_EP_F_INGRESS_RANGES) != 0,
+                  egressRanges: flags & UInt8(WEFT_EP_F_EGRESS_RANGES) != 0)
     }
 }
 
