@@ -95,7 +95,7 @@ public enum Lab {
         process.arguments = ["lab", "run-in", "--netns", netns, "--cgroup", cgroup, "--"] + command
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         process.currentDirectoryURL = URL(fileURLWithPath: workingDirectory)
-        if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
+        if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
         let handle = FileHandle(forWritingAtPath: log)
         _ = try? handle?.seekToEnd()
         process.standardOutput = handle
