@@ -59,7 +59,12 @@ private let pods: [Pod] = [
     Pod(ns: "default", name: "client", node: "n1", ip: "198.18.1.12", labels: ["app": "client"]),
 ]
 
-private let probePorts: [(proto: String, port: Int)] = [("TCP", 80), ("TCP", 8080), ("TCP", 5432), ("TCP", 9000), ("TCP", 9005), ("UDP", 53)]
+/// (protocol, port, how the client sends): UDP is probed both connected
+/// (judged at connect()) and unconnected (sendto(), judged per datagram).
+private let probePorts: [(proto: String, port: Int, mode: String)] = [
+    ("TCP", 80, "tcp"), ("TCP", 8080, "tcp"), ("TCP", 5432, "tcp"), ("TCP", 9000, "tcp"), ("TCP", 9005, "tcp"),
+    ("UDP", 53, "udp"), ("UDP", 53, "udps"),
+]
 
 /// Kubernetes NetworkPolicy semantics, plainly.
 private enum Expected {
@@ -215,6 +220,10 @@ private let toolEgress = PolicySpec(ns: "dev", name: "tool-egress", select: ["ap
                                              RuleSpec(peers: [PeerSpec(pods: [:])], ports: [PortSpec(proto: "UDP", name: "dns")])])
 private let clientDenyEgress = PolicySpec(ns: "default", name: "client-deny-egress", select: ["app": "client"],
                                           types: ["Egress"], egress: [])
+/// Selects a namespace that has no manifest by the label every namespace has.
+private let dbFromDefaultByName = PolicySpec(ns: "prod", name: "db-from-default", select: ["app": "db"],
+                                             ingress: [RuleSpec(peers: [PeerSpec(namespaces: ["kubernetes.io/metadata.name": "default"])],
+                                                                ports: [PortSpec(port: 5432)])])
 private let apiFromBlock = PolicySpec(ns: "prod", name: "api-from-block", select: ["app": "api"],
                                       ingress: [RuleSpec(peers: [PeerSpec(cidr: "198.18.1.0/24", except: ["198.18.1.12/32"])],
                                                          ports: [PortSpec(port: 80), PortSpec(proto: "UDP")])])
@@ -228,7 +237,7 @@ private struct Outcome: CustomStringConvertible {
 
 private func targets(excluding ip: String?) -> [(pod: Pod, proto: String, port: Int, key: String)] {
     pods.filter { $0.ip != ip }.flatMap { d in
-        probePorts.map { (d, $0.proto, $0.port, "\($0.proto.lowercased()):\(d.ip):\($0.port)") }
+        probePorts.map { (d, $0.proto, $0.port, "\($0.mode):\(d.ip):\($0.port)") }
     }
 }
 
@@ -316,8 +325,8 @@ struct NetworkPolicyEndToEnd {
             ("no policy", []),
             ("deny-by-default and allows", [defaultDenyIngress, dbFromProd, webFromAnywhereNamed, apiFromDevTool,
                                             toolEgress, clientDenyEgress]),
-            ("default-deny and client egress removed, ipBlock added", [dbFromProd, webFromAnywhereNamed, apiFromDevTool,
-                                                                       toolEgress, apiFromBlock]),
+            ("default-deny and client egress removed, ipBlock and namespace-by-name added",
+             [dbFromProd, webFromAnywhereNamed, apiFromDevTool, toolEgress, apiFromBlock, dbFromDefaultByName]),
         ]
         var total = 0
         for (i, (name, policies)) in phases.enumerated() {
@@ -326,7 +335,7 @@ struct NetworkPolicyEndToEnd {
             total += checked
             #expect(wrong.isEmpty, "phase '\(name)': \(wrong.count) of \(checked) differ:\n\(wrong.prefix(20).map(\.description).joined(separator: "\n"))")
         }
-        #expect(total == 3 * (6 * 5 * 6 + 6 * 2 + 6 * 6 + 5 * 6))
+        #expect(total == 3 * (6 * 5 * 7 + 6 * 2 + 6 * 7 + 5 * 7))
         let sorted = epermMillis.sorted()
         if !sorted.isEmpty {
             print("denied connects: \(sorted.count) EPERM, median \(String(format: "%.3f", sorted[sorted.count / 2])) ms, max \(String(format: "%.3f", sorted.last ?? 0)) ms (client-side, in-process threads)")
@@ -336,7 +345,7 @@ struct NetworkPolicyEndToEnd {
         let check = try LabHarness.run(["policy", "check", "--from", "dev/tool", "--to", "prod/api", "--port", "9002"])
         #expect(check.status == 0 && check.output.contains("allowed by NetworkPolicy prod/api-from-dev-tool spec.ingress[0]"), "\(check.output)")
         let deny = try LabHarness.run(["policy", "check", "--from", "dev/web", "--to", "prod/db", "--port", "5432"])
-        #expect(deny.status == 3 && deny.output.contains("isolated for ingress by prod/db-from-prod"), "\(deny.output)")
+        #expect(deny.status == 3 && deny.output.contains("isolated for ingress by prod/db-from-default, prod/db-from-prod"), "\(deny.output)")
         let world = try LabHarness.run(["policy", "check", "--from", "198.18.0.1", "--to", "prod/api", "--port", "80"])
         #expect(world.status == 3, "\(world.output)")
         let block = try LabHarness.run(["policy", "check", "--from", "dev/web", "--to", "prod/api", "--port", "80"])

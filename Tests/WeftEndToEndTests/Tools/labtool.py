@@ -145,16 +145,22 @@ def listen(*ports):
 
 def attempt(proto, host, port, timeout):
     """One connection attempt: connected, or the errno name, or timeout. For
-    UDP, "connected" means a datagram came back from the echo server."""
+    UDP ("udp": connect() then send; "udps": sendto() without connecting),
+    "connected" means a datagram came back from the echo server."""
     start = time.monotonic()
     udp = proto != "tcp"
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect((host, port))
-        if udp:
-            s.send(b"ping")
-            s.recv(64)
+        if proto == "udps":
+            # Unconnected UDP: sendto() with an address, judged per datagram.
+            s.sendto(b"ping", (host, port))
+            s.recvfrom(64)
+        else:
+            s.connect((host, port))
+            if udp:
+                s.send(b"ping")
+                s.recv(64)
         result = "connected"
     except socket.timeout:
         result = "timeout"
