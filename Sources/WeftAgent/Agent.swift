@@ -87,8 +87,8 @@ public enum Agent {
         var deadline: ContinuousClock.Instant?
         var retryAfterFailure = false
         loop: while true {
-            let retry = retryAfterFailure || !reconciler.missingCgroups.isEmpty
-            var timeout: Int32 = retry ? 1000 : -1
+            let lookForCgroups = !reconciler.missingCgroups.isEmpty
+            var timeout: Int32 = retryAfterFailure || lookForCgroups ? 1000 : -1
             if let deadline {
                 let left = deadline - .now
                 timeout = max(0, Int32(left.seconds * 1000))
@@ -105,7 +105,12 @@ public enum Agent {
                 continue
             }
             let debounced = deadline.map { $0 <= .now || n == 0 } ?? false
-            if debounced || (n == 0 && retry) {
+            if n == 0 && lookForCgroups && !debounced && !retryAfterFailure {
+                reconciler.refreshCgroups()
+                fill.withLock { $0 = reconciler.mapFill }
+                continue
+            }
+            if debounced || (n == 0 && retryAfterFailure) {
                 deadline = nil
                 retryAfterFailure = reconciler.reconcile() == .kernelFailed
                 fill.withLock { $0 = reconciler.mapFill }
