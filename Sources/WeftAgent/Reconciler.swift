@@ -17,6 +17,10 @@ final class Reconciler {
     /// What the kernel's policy maps hold, as of the last successful write.
     private var appliedPolicy: PolicyMapContents
     private var identitiesAdopted = false
+    /// What the last policy compile read, and what it gave: a change that
+    /// touches only Services (the common case) compiles nothing.
+    private var lastPolicyInputs: (workloads: [Workload], policies: [NetworkPolicy], namespaces: [String: Namespace])?
+    private var lastPolicyTable = PolicyTable()
     /// Local pods whose cgroup directory is missing; see AgentStatus.missingCgroups.
     private(set) var missingCgroups: [String] = []
     private let cache = ManifestCache()
@@ -122,7 +126,15 @@ final class Reconciler {
                 compiler.adopt(endpoints: appliedPolicy.endpoints, cidrClasses: appliedPolicy.cidrClasses, state: state)
                 identitiesAdopted = true
             }
-            let policyTable = compiler.compile(state)
+            let policyTable: PolicyTable
+            if let last = lastPolicyInputs, last.workloads == state.workloads,
+               last.policies == state.networkPolicies, last.namespaces == state.namespaces {
+                policyTable = lastPolicyTable
+            } else {
+                policyTable = compiler.compile(state)
+                lastPolicyInputs = (state.workloads, state.networkPolicies, state.namespaces)
+                lastPolicyTable = policyTable
+            }
             let (cgroups, missing) = localCgroups(state)
             if missing != missingCgroups, !missing.isEmpty {
                 logger.warning("pod cgroups missing; their connects are judged only at the destination until they appear",
