@@ -66,14 +66,26 @@ public struct PolicyCompiler: Sendable {
 
         // Identities, with the named ports their pods declare.
         var members: [UInt32: [Workload]] = [:]
-        var keys = Set<IdentityKey>()
-        for w in state.workloads { keys.insert(IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)) }
-        identityIDs.retain(keys)
-        for w in state.workloads {
-            let key = IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)
+        let keyOf = state.workloads.map { IdentityKey(namespace: $0.metadata.namespace, labels: $0.metadata.labels) }
+        identityIDs.retain(Set(keyOf))
+        var idOf: [UInt32] = []
+        idOf.reserveCapacity(keyOf.count)
+        for (w, key) in zip(state.workloads, keyOf) {
             let id = identityIDs.id(for: key)
+            idOf.append(id)
             members[id, default: []].append(w)
             table.identities[id] = key
+        }
+        // No policy at all: every pod is open, and only the identity cache
+        // is written (the common case for Service-only changes at scale).
+        if state.networkPolicies.isEmpty {
+            cache = [:]
+            cachedUniverse = nil
+            ruleIDs.retain([])
+            classIDs.retain([])
+            lastCompiledPolicies = 0
+            for (w, id) in zip(state.workloads, idOf) { table.endpoints[w.address] = EndpointEntry(identity: id) }
+            return table
         }
 
         // CIDR classes over every ipBlock in every policy, allocated in
@@ -135,8 +147,7 @@ public struct PolicyCompiler: Sendable {
 
         var ranges = Set<String>()  // "identity/direction" with range allows
         for key in table.entries.keys where key.isRange { ranges.insert("\(key.identity)/\(key.direction.rawValue)") }
-        for w in state.workloads {
-            guard let id = identityIDs.id(of: IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels)) else { continue }
+        for (w, id) in zip(state.workloads, idOf) {
             let by = table.isolatedBy[id]
             table.endpoints[w.address] = EndpointEntry(identity: id, cidrClass: Self.longestMatch(w.address, table.cidrClasses) ?? 0,
                                                        ingressIsolated: by?["Ingress"] != nil,
