@@ -367,6 +367,51 @@ struct NetworkPolicyEndToEnd {
         #expect(try dropLine("n2", ["source_identity=\"dev{app=tool}\"", "reason=\"egress_denied\""]))
     }
 
+    /// What both the old and the new policy allow is never denied while one
+    /// turns into the other: two policy sets that allow the same connections
+    /// by different rules (namespace selector vs ipBlock, exact port vs
+    /// range — so identities' allows, CIDR classes and range flags all
+    /// change) are swapped 20 times under back-to-back connections.
+    @Test func connectionsAllowedBeforeAndAfterAChangeAreNeverDeniedDuringIt() throws {
+        let a = [PolicySpec(ns: "prod", name: "db", select: ["app": "db"],
+                            ingress: [RuleSpec(peers: [PeerSpec(namespaces: ["kubernetes.io/metadata.name": "default"])],
+                                               ports: [PortSpec(port: 5432)])]),
+                 PolicySpec(ns: "default", name: "client-out", select: ["app": "client"], types: ["Egress"],
+                            egress: [RuleSpec(peers: [PeerSpec(pods: [:], namespaces: [:])], ports: [PortSpec(port: 5432), PortSpec(proto: "UDP", port: 53)])])]
+        let b = [PolicySpec(ns: "prod", name: "db", select: ["app": "db"],
+                            ingress: [RuleSpec(peers: [PeerSpec(cidr: "198.18.1.0/24", except: ["198.18.1.10/32"])],
+                                               ports: [PortSpec(port: 5000, end: 6000)])]),
+                 PolicySpec(ns: "default", name: "client-out", select: ["app": "client"], types: ["Egress"],
+                            egress: [RuleSpec(peers: [PeerSpec(cidr: "198.18.0.0/16")], ports: [PortSpec(port: 5400, end: 5500), PortSpec(proto: "UDP")])])]
+        let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": a.map(render).joined(separator: "---\n")])
+        defer { lab.down() }
+        let targets = "tcp:198.18.2.10:5432,udp:198.18.2.10:53,udps:198.18.2.10:53"
+        // Both sets allow client -> db:5432 and client -> db UDP 53? Only in
+        // egress; db's ingress allows 5432 only, so UDP 53 must stay denied.
+        for _ in 0..<100 {
+            let r = decode(try lab.tool(in: "default/client", ["matrix", "tcp:198.18.2.10:5432", "0.5"]))
+            if r["tcp:198.18.2.10:5432"] == "connected" { break }
+            usleep(50_000)
+        }
+        let watch = try lab.startTool(in: "default/client", ["steady", "tcp:198.18.2.10:5432", "8", "1.0"])
+        usleep(300_000)
+        for i in 0..<20 {
+            let before = try lab.generations()
+            try lab.write("policies.yaml", (i % 2 == 0 ? b : a).map(render).joined(separator: "---\n"))
+            try lab.waitForGeneration(after: before)
+            usleep(100_000)
+        }
+        let r = try watch.finish()
+        let attempts = r["attempts"] as? Int ?? 0
+        let failures = r["failures"] as? [String: Int] ?? [:]
+        #expect(attempts > 100, "\(r)")
+        #expect(failures.isEmpty, "connections allowed by both sets failed during the swaps: \(failures) of \(attempts)")
+        // And what neither allows stays denied after all the swaps.
+        let after = decode(try lab.tool(in: "default/client", ["matrix", targets, "0.5"]))
+        #expect(after == ["tcp:198.18.2.10:5432": "connected", "udp:198.18.2.10:53": "EPERM", "udps:198.18.2.10:53": "EPERM"], "\(after)")
+        print("policy swaps: \(attempts) connections during 20 swaps, \(failures.values.reduce(0, +)) failed")
+    }
+
     @Test func policyChangesReachNewConnectionsWithin100msAndBadInputKeepsTheOldPolicy() throws {
         let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": render(dbFromProd) + "---\n" + render(apiFromBlock)])
         defer { lab.down() }

@@ -242,8 +242,25 @@ def connect_rate(host, port, seconds):
                       "failed_p50_us": q(failed, 0.5), "failed_p99_us": q(failed, 0.99)}))
 
 
+def steady(targets, seconds, timeout="1.0"):
+    """Attempts every target (proto:host:port, comma-separated) back to back
+    for a while; prints the count of attempts and of each failure kind."""
+    outcomes = {}
+    attempts = 0
+    end = time.time() + float(seconds)
+    items = [t.split(":") for t in targets.split(",") if t]
+    while time.time() < end:
+        for proto, host, port in items:
+            result, _ = attempt(proto, host, int(port), float(timeout))
+            attempts += 1
+            if result != "connected":
+                key = f"{proto}:{host}:{port} {result}"
+                outcomes[key] = outcomes.get(key, 0) + 1
+    print(json.dumps({"attempts": attempts, "failures": outcomes}))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
-     "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate}[command](*args)
+     "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady}[command](*args)
