@@ -30,7 +30,7 @@ let package = Package(
                        providers: [.apt(["libbpf-dev"])]),
         // The kernel/user ABI header, straight from bpf/include, as a C module.
         .target(name: "WeftABI", path: "bpf",
-                exclude: ["lib", "programs"],
+                exclude: ["lib", "programs", "compile.sh"],
                 sources: ["abi"],
                 publicHeadersPath: "include"),
         .target(name: "CWeftSys", path: "Sources/CWeftSys"),
@@ -63,6 +63,6 @@ let package = Package(
                           swiftSettings: swiftSettings),
         .testTarget(name: "WeftCoreTests", dependencies: ["WeftCore"], swiftSettings: swiftSettings),
         .testTarget(name: "WeftKernelTests", dependencies: ["WeftKernel", "WeftCore"], swiftSettings: swiftSettings),
-        .testTarget(name: "WeftEndToEndTests", dependencies: ["WeftCore"], swiftSettings: swiftSettings),
+        .testTarget(name: "WeftEndToEndTests", dependencies: ["WeftCore"], exclude: ["Tools"], swiftSettings: swiftSettings),
     ]
 )

@@ -45,7 +45,8 @@ final class AgentMetrics: Sendable {
                                       (WEFT_MAP_ENDPOINTS, f.endpoints, Int(WEFT_MAX_ENDPOINTS)),
                                       (WEFT_MAP_CGROUPS, f.cgroups, Int(WEFT_MAX_LOCAL_CGROUPS)),
                                       (WEFT_MAP_CIDR_CLASSES, f.cidrClasses, Int(WEFT_MAX_CIDR_CLASSES)),
-                                      (WEFT_MAP_POLICY, f.policyEntries, Int(WEFT_MAX_POLICY_ENTRIES))] {
+                                      (WEFT_MAP_POLICY, f.policyEntries, Int(WEFT_MAX_POLICY_ENTRIES)),
+                                      (WEFT_MAP_POLICY_RANGES, f.policyRanges, Int(WEFT_MAX_POLICY_RANGES))] {
             registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_entries", unitName: "", helpText: "Entries in a BPF map."), labels: [("map", map)])
                 .set(Double(used))
             registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_capacity", unitName: "", helpText: "max_entries of a BPF map."), labels: [("map", map)])

@@ -52,7 +52,9 @@ final class Reconciler {
     var mapFill: MapFill {
         MapFill(services: applied.snapshot.slots.count, backends: applied.snapshot.backends.count,
                 endpoints: appliedPolicy.endpoints.count, cgroups: appliedPolicy.cgroups.count,
-                cidrClasses: appliedPolicy.cidrClasses.count, policyEntries: appliedPolicy.entries.count)
+                cidrClasses: appliedPolicy.cidrClasses.count,
+                policyEntries: appliedPolicy.entries.keys.count { !$0.isRange },
+                policyRanges: appliedPolicy.entries.keys.count { $0.isRange })
     }
 
     /// Looks again for the local pods' cgroups that were missing, and writes
@@ -209,7 +211,7 @@ final class Reconciler {
 }
 
 struct MapFill: Sendable {
-    var services = 0, backends = 0, endpoints = 0, cgroups = 0, cidrClasses = 0, policyEntries = 0
+    var services = 0, backends = 0, endpoints = 0, cgroups = 0, cidrClasses = 0, policyEntries = 0, policyRanges = 0
 }
 
 extension Duration {

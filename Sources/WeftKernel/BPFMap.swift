@@ -134,10 +134,17 @@ public final class PerCPUCounters: @unchecked Sendable {
 
     /// The sum over all CPUs of counter `index`.
     public func sum(_ index: UInt32) throws(KernelError) -> UInt64 {
-        var key = index
-        var values = [UInt64](repeating: 0, count: cpus)
-        let rc = values.withUnsafeMutableBytes { bpf_map_lookup_elem(fd, &key, $0.baseAddress) }
-        try KernelError.check(rc, "read counters \(path)")
-        return values.reduce(0, &+)
+        try perCPUSum(fd: fd, key: index, cpus: cpus, path: path) ?? 0
     }
+}
+
+/// Reads one key of a per-CPU map of u64 counters and sums the CPUs' values;
+/// nil if the key is absent. The kernel fills one value per possible CPU.
+func perCPUSum<Key: BitwiseCopyable>(fd: Int32, key: Key, cpus: Int, path: String) throws(KernelError) -> UInt64? {
+    var key = key
+    var values = [UInt64](repeating: 0, count: cpus)
+    let rc = values.withUnsafeMutableBytes { bpf_map_lookup_elem(fd, &key, $0.baseAddress) }
+    if rc == -ENOENT { return nil }
+    try KernelError.check(rc, "read per-CPU counters \(path)")
+    return values.reduce(0, &+)
 }

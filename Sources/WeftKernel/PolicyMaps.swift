@@ -5,9 +5,9 @@ import WeftCore
 
 /// The policy maps (weft_abi.h, "L4 policy"), read and written in WeftCore's
 /// terms. An allow goes to the hash weft_policy, or — a port range — to the
-/// trie weft_policy_ranges. `decide` walks them exactly as bpf/lib/policy.h does, so
-/// `weft policy check` answers from what the kernel enforces, not from a
-/// second reading of the manifests.
+/// trie weft_policy_ranges. `allowingRule` walks them exactly as
+/// bpf/lib/policy.h does, so `weft policy check` answers from what the kernel
+/// enforces, not from a second reading of the manifests.
 public final class PolicyMaps: Sendable {
     public let endpoints: BPFMap<UInt32, weft_endpoint>
     public let cgroups: BPFMap<UInt64, weft_cgroup_endpoint>
@@ -195,12 +195,9 @@ public final class PolicyMaps: Sendable {
     /// Drop counters summed over CPUs.
     public func dropCounts() throws(KernelError) -> [(key: weft_drop_key, count: UInt64)] {
         var out: [(weft_drop_key, UInt64)] = []
-        for var key in try drops.keys() {
-            var values = [UInt64](repeating: 0, count: cpus)
-            let rc = values.withUnsafeMutableBytes { bpf_map_lookup_elem(drops.fd, &key, $0.baseAddress) }
-            if rc == -ENOENT { continue }
-            try KernelError.check(rc, "read \(drops.path)")
-            out.append((key, values.reduce(0, &+)))
+        for key in try drops.keys() {
+            // A key the LRU evicted between the walk and the read is skipped.
+            if let sum = try perCPUSum(fd: drops.fd, key: key, cpus: cpus, path: drops.path) { out.append((key, sum)) }
         }
         return out
     }

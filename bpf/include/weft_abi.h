@@ -103,10 +103,11 @@ enum weft_lb_event {
  * ----- L4 policy (Kubernetes NetworkPolicy) -----
  *
  * Every pod has a numeric identity: one per distinct (namespace, label set),
- * the same on every node. This node's own addresses are in weft_endpoints
- * too, as WEFT_ID_HOST: Kubernetes always allows traffic between a pod and the
- * node it runs on, and a pod's traffic to itself (loopback included). weft_endpoints maps each pod address in the cluster
- * to its identity and whether policies isolate it; weft_cgroups maps this
+ * the same on every node. weft_endpoints maps each pod address in the
+ * cluster to its identity and whether policies isolate it; this node's own
+ * addresses are in it too, as WEFT_ID_HOST, because Kubernetes always allows
+ * traffic between a pod and the node it runs on (and a pod's traffic to
+ * itself, loopback included, is never judged). weft_cgroups maps this
  * node's pod cgroups to their address, which is how connect() knows the
  * client before the socket has a source address. Peers that are not pods get
  * WEFT_ID_WORLD. Each distinct ipBlock region (a cidr minus its excepts, with
@@ -171,10 +172,11 @@ struct weft_policy_key {
 	__be16 port;       /* destination port, network order, or 0: any port */
 };
 
-/* Bits of weft_policy_range_key after prefixlen, for its prefixlen: */
-#define WEFT_POLICY_PREFIX_ANY_PROTO  96   /* identity, direction, peer exact */
-#define WEFT_POLICY_PREFIX_ANY_PORT   112  /* ... and protocol */
-#define WEFT_POLICY_PREFIX_FULL       128  /* ... and all 16 port bits */
+/* Bits of weft_policy_range_key after prefixlen, for its prefixlen: a range
+ * entry matches identity, direction, peer and protocol exactly (112 bits)
+ * and the leading bits of the port; a lookup gives all 128. */
+#define WEFT_POLICY_PREFIX_ANY_PORT   112
+#define WEFT_POLICY_PREFIX_FULL       128
 
 struct weft_policy_range_key {
 	__u32  prefixlen;  /* LPM trie: WEFT_POLICY_PREFIX_ANY_PORT + port prefix bits */

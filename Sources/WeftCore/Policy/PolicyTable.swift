@@ -25,10 +25,10 @@ public enum ReservedIdentity {
     public static let cidrBase = UInt32(WEFT_ID_CIDR_BASE)
 }
 
-/// One allow in the kernel's policy trie: the local identity a policy
+/// One allow in the kernel's policy maps: the local identity a policy
 /// selects may exchange traffic with `peer` in `direction`, for `proto`
 /// (nil: any) and the ports under `portPrefix` (nil: any).
-public struct PolicyEntryKey: Hashable, Sendable, Comparable {
+public struct PolicyEntryKey: Hashable, Sendable {
     public var identity: UInt32
     public var direction: NetworkPolicy.Direction
     public var peer: UInt32
@@ -77,16 +77,9 @@ public struct PolicyEntryKey: Hashable, Sendable, Comparable {
     /// other allow is an exact-match hash entry in weft_policy.
     public var isRange: Bool { (portPrefix?.bits).map { $0 < 16 } ?? false }
 
-    /// Bits the range trie compares (weft_policy_range_key.prefixlen).
-    public var prefixLength: UInt32 {
-        guard proto != nil else { return UInt32(WEFT_POLICY_PREFIX_ANY_PROTO) }
-        return UInt32(WEFT_POLICY_PREFIX_ANY_PORT) + UInt32(portPrefix?.bits ?? 0)
-    }
-
-    public static func < (a: Self, b: Self) -> Bool {
-        (a.identity, a.direction == .egress ? 1 : 0, a.peer, a.proto ?? 0, a.portPrefix?.port ?? 0, a.portPrefix?.bits ?? 0)
-            < (b.identity, b.direction == .egress ? 1 : 0, b.peer, b.proto ?? 0, b.portPrefix?.port ?? 0, b.portPrefix?.bits ?? 0)
-    }
+    /// Bits the range trie compares (weft_policy_range_key.prefixlen); only
+    /// range allows (`isRange`) go there, and they always name a protocol.
+    public var prefixLength: UInt32 { UInt32(WEFT_POLICY_PREFIX_ANY_PORT) + UInt32(portPrefix?.bits ?? 0) }
 }
 
 /// One pod's row in weft_endpoints.
