@@ -8,7 +8,11 @@ import PackageDescription
 //   Sources/CLibbpf      Debian's libbpf, plus the few C inline helpers Swift needs.
 //   Sources/WeftCore     manifests, validation, desired state, map plans: pure Swift.
 //   Sources/WeftKernel   libbpf loader, pins, typed map wrappers: the only raw pointers.
-//   Sources/WeftAgent    the node daemon: config watch, reconcile loop, status server.
+//   Sources/WeftCore/Routing  HTTPRoutes compiled into the proxy's table: where a request is routed.
+//   Sources/WeftProxy    the node's L7 proxy (SwiftNIO): capture listener, HTTP/1.1, HTTP/2,
+//                        gRPC, TCP passthrough, upstream pools, retries, timeouts.
+//   Sources/WeftStatus   the small HTTP server both daemons answer /status and /metrics with.
+//   Sources/WeftAgent    the node daemon: config watch, reconcile loop, proxy supervision.
 //   Sources/WeftLab      the network-namespace sandbox the demo, tests and benches run in.
 //   Sources/weft         the one executable: argument parsing only.
 let swiftSettings: [SwiftSetting] = [.swiftLanguageMode(.v6)]
@@ -21,6 +25,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-nio-http2", from: "1.35.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.1.0"),
     ],
@@ -44,8 +49,21 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings,
                 plugins: ["BPFCompiler"]),
+        .target(name: "WeftStatus",
+                dependencies: [.product(name: "NIOCore", package: "swift-nio"),
+                               .product(name: "NIOPosix", package: "swift-nio"),
+                               .product(name: "NIOHTTP1", package: "swift-nio")],
+                swiftSettings: swiftSettings),
+        .target(name: "WeftProxy",
+                dependencies: ["WeftCore", "WeftKernel", "WeftStatus",
+                               .product(name: "Logging", package: "swift-log"),
+                               .product(name: "NIOCore", package: "swift-nio"),
+                               .product(name: "NIOPosix", package: "swift-nio"),
+                               .product(name: "NIOHTTP1", package: "swift-nio"),
+                               .product(name: "NIOHTTP2", package: "swift-nio-http2")],
+                swiftSettings: swiftSettings),
         .target(name: "WeftAgent",
-                dependencies: ["WeftCore", "WeftKernel",
+                dependencies: ["WeftCore", "WeftKernel", "WeftStatus", "CWeftSys",
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "NIOCore", package: "swift-nio"),
                                .product(name: "NIOPosix", package: "swift-nio"),
@@ -53,15 +71,20 @@ let package = Package(
                                .product(name: "Prometheus", package: "swift-prometheus")],
                 swiftSettings: swiftSettings),
         .target(name: "WeftLab",
-                dependencies: ["WeftCore", "WeftKernel", "CWeftSys",
+                dependencies: ["WeftCore", "WeftKernel", "CWeftSys", "WeftStatus",
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         .executableTarget(name: "weft",
-                          dependencies: ["WeftCore", "WeftKernel", "WeftAgent", "WeftLab",
+                          dependencies: ["WeftCore", "WeftKernel", "WeftAgent", "WeftProxy", "WeftLab", "WeftStatus",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swiftSettings),
         .testTarget(name: "WeftCoreTests", dependencies: ["WeftCore"], swiftSettings: swiftSettings),
+        .testTarget(name: "WeftProxyTests", dependencies: ["WeftProxy", "WeftCore",
+                                                          .product(name: "NIOCore", package: "swift-nio"),
+                                                          .product(name: "NIOEmbedded", package: "swift-nio"),
+                                                          .product(name: "NIOHTTP1", package: "swift-nio")],
+                    swiftSettings: swiftSettings),
         .testTarget(name: "WeftKernelTests", dependencies: ["WeftKernel", "WeftCore"], swiftSettings: swiftSettings),
         .testTarget(name: "WeftEndToEndTests", dependencies: ["WeftCore"], exclude: ["Tools"], swiftSettings: swiftSettings),
     ]

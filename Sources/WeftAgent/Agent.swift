@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Logging
 import NIOPosix
+import WeftStatus
 import Synchronization
 import WeftCore
 import WeftKernel
@@ -27,28 +28,42 @@ public enum Agent {
             throw PreflightError("--config \(configuration.configDirectory) is not a directory")
         }
         let (host, port) = try parseAddress(configuration.metricsAddress)
-        let signals = try SignalPipe([SIGTERM, SIGINT, SIGHUP])
+        let signals = try SignalPipe([SIGTERM, SIGINT, SIGHUP, SIGUSR2])
 
         let pinDirectory = configuration.resolvedPinDirectory
         let datapath = try Datapath.attach(pinDirectory: pinDirectory, cgroupPath: cgroup, logger: logger)
         let maps = try ServiceMaps(pinDirectory: pinDirectory)
         let policyMaps = try PolicyMaps(pinDirectory: pinDirectory)
+        let proxyMaps = try ProxyMaps(pinDirectory: pinDirectory)
+        let runDirectory = configuration.resolvedRunDirectory
+        try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        let supervisor = try proxySupervisor(configuration, pinDirectory: pinDirectory, logger: logger)
+        if let supervisor {
+            // Connections still queued on a draining proxy's listener move to
+            // its successor instead of being reset (Linux 5.14+).
+            try? "1\n".write(toFile: "/proc/sys/net/ipv4/tcp_migrate_req", atomically: false, encoding: .utf8)
+            supervisor.start()
+            // Capture goes on once the proxy answers (or after 2 s: then
+            // captured connects are refused at once until it does).
+            _ = supervisor.waitForGeneration(0, timeout: .seconds(2))
+            try proxyMaps.setListener(supervisor.listen)
+        } else {
+            try proxyMaps.setListener(nil)
+        }
 
         var initial = AgentStatus(node: configuration.node, pid: getpid(), configDirectory: configuration.configDirectory,
                                   cgroup: cgroup, pinDirectory: pinDirectory)
         initial.programs = datapath.programs.map { .init(name: $0.name, state: $0.state.rawValue, programID: $0.programID) }
         let status = SharedStatus(initial)
         let reconciler = try Reconciler(configuration: configuration, maps: maps, policyMaps: policyMaps,
-                                        nodeCgroup: cgroup, status: status, logger: logger)
+                                        nodeCgroup: cgroup, status: status, proxy: supervisor, logger: logger)
         let watcher = try ConfigWatcher(directory: configuration.configDirectory)
         reconciler.reconcile()
 
         let fill = Mutex(MapFill())
         fill.withLock { $0 = reconciler.mapFill }
         let metrics = AgentMetrics(maps: maps, policyMaps: policyMaps, status: status, fill: { fill.withLock { $0 } })
-        let runDirectory = configuration.resolvedRunDirectory
-        try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true,
-                                                attributes: [.posixPermissions: 0o700])
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let server = StatusServer(group: group)
         let encoder = JSONEncoder()
@@ -82,22 +97,39 @@ public enum Agent {
         // retried every second until it succeeds or the files change, and so
         // is a pass that found local pod cgroups missing (a pod's cgroup may
         // be created after its manifest).
-        var fds = [pollfd(fd: watcher.fd, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: signals.readFD, events: Int16(POLLIN), revents: 0)]
         var deadline: ContinuousClock.Instant?
         var retryAfterFailure = false
         loop: while true {
+            // The proxy's pidfds come and go with restarts: rebuilt each turn.
+            let proxyFDs = supervisor?.pollFDs ?? []
+            var fds = [pollfd(fd: watcher.fd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: signals.readFD, events: Int16(POLLIN), revents: 0)]
+                + proxyFDs.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             let lookForCgroups = !reconciler.missingCgroups.isEmpty
             var timeout: Int32 = retryAfterFailure || lookForCgroups ? 1000 : -1
             if let deadline {
                 let left = deadline - .now
                 timeout = max(0, Int32(left.seconds * 1000))
             }
+            if let due = supervisor?.timeoutMillis { timeout = timeout < 0 ? due : min(timeout, due) }
             let n = poll(&fds, nfds_t(fds.count), timeout)
             if n < 0 && errno != EINTR { throw AgentError("poll: \(String(cString: strerror(errno)))") }
+            if let supervisor {
+                let exited = Set(fds.dropFirst(2).filter { $0.revents != 0 }.map(\.fd))
+                if !exited.isEmpty || supervisor.timeoutMillis == 0 {
+                    supervisor.service(readable: exited)
+                    reconciler.publishProxyStatus()
+                }
+            }
             if fds[1].revents != 0 {
                 let signal = signals.take()
-                logger.notice("signal \(signal): exiting; pinned programs and maps stay in force")
+                if signal == SIGUSR2 {
+                    logger.notice("SIGUSR2: rolling restart of the proxy")
+                    supervisor?.rollingRestart()
+                    reconciler.publishProxyStatus()
+                    continue
+                }
+                logger.notice("signal \(signal): exiting; pinned programs and maps stay in force, and so does the proxy")
                 break loop
             }
             if fds[0].revents != 0, watcher.drain() {
@@ -118,10 +150,34 @@ public enum Agent {
         }
         server.stop()
         try? FileManager.default.removeItem(atPath: socketPath)
-        // The run directory holds only the socket; leave nothing behind.
+        // Without a proxy the run directory held only the socket: leave
+        // nothing behind. With one, the proxy's files stay with the proxy.
         rmdir(runDirectory)
         rmdir((runDirectory as NSString).deletingLastPathComponent)
         try? group.syncShutdownGracefully()
+    }
+
+    /// The proxy's listener, from --proxy-address.
+    static func proxySupervisor(_ configuration: AgentConfiguration, pinDirectory: String,
+                                logger: Logger) throws(PreflightError) -> ProxySupervisor? {
+        let address: IPv4Address
+        switch configuration.proxyAddress {
+        case "none":
+            return nil
+        case "auto":
+            guard let first = Host.localIPv4Addresses().first(where: { $0.value >> 24 != 127 }) else {
+                throw PreflightError("--proxy-address auto: this network namespace has no non-loopback IPv4 address; give one or use none")
+            }
+            address = first
+        case let text:
+            guard let ip = IPv4Address(text) else { throw PreflightError("--proxy-address \(text) is not an IPv4 address, auto or none") }
+            guard Host.localIPv4Addresses().contains(ip) else {
+                throw PreflightError("--proxy-address \(text) is not an address of this node")
+            }
+            address = ip
+        }
+        return ProxySupervisor(node: configuration.node, listen: (address, configuration.proxyPort),
+                               pinDirectory: pinDirectory, runDirectory: configuration.resolvedRunDirectory, logger: logger)
     }
 
     static func parseAddress(_ text: String) throws(PreflightError) -> (String, Int) {

@@ -20,6 +20,12 @@ public struct AgentConfiguration: Sendable {
     /// Quiet period after a file event before the directory is re-read, so a
     /// multi-file `weft apply` lands as one change.
     public var debounce: Duration = .milliseconds(10)
+    /// Where the node proxy listens for captured connections: an address of
+    /// this node that its pods can reach, "auto" (the first non-loopback
+    /// IPv4 address of the agent's network namespace), or "none" (no proxy:
+    /// L7 Service ports are balanced in the kernel like the rest).
+    public var proxyAddress = "auto"
+    public var proxyPort: UInt16 = 15001
 
     public init(configDirectory: String, node: String) {
         self.configDirectory = configDirectory

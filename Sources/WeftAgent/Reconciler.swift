@@ -34,9 +34,13 @@ final class Reconciler {
     /// Set when a write failed part-way: the next pass re-reads the kernel.
     private var kernelUncertain = false
 
+    /// The node proxy, if this agent runs one.
+    private let proxy: ProxySupervisor?
+
     init(configuration: AgentConfiguration, maps: ServiceMaps, policyMaps: PolicyMaps, nodeCgroup: String,
-         status: SharedStatus, logger: Logger) throws {
+         status: SharedStatus, proxy: ProxySupervisor?, logger: Logger) throws {
         self.configuration = configuration
+        self.proxy = proxy
         self.maps = maps
         self.policyMaps = policyMaps
         self.nodeCgroup = nodeCgroup
@@ -99,6 +103,17 @@ final class Reconciler {
         case kernelFailed
     }
 
+    /// The proxy's pid, restarts and captured frontends, for /status.
+    func publishProxyStatus() {
+        guard let proxy else { return }
+        let generation = try? proxy.reportedGeneration()
+        let frontends = (proxy.lastTable?.frontends.keys).map { Array($0).sorted() } ?? []
+        status.withLock {
+            $0.proxy = AgentStatus.ProxyStatus(pid: proxy.current?.pid, listen: "\(proxy.listen.address):\(proxy.listen.port)",
+                                               restarts: proxy.restarts, generation: generation ?? nil, frontends: frontends)
+        }
+    }
+
     @discardableResult
     func reconcile() -> Outcome {
         let start = ContinuousClock.now
@@ -156,6 +171,33 @@ final class Reconciler {
             mark("policy-write")
             let table = ServiceTable(state)
             mark("table")
+            let changed = inForce != state
+            let generation = UInt64(status.withLock { changed || $0.generation == 0 ? $0.generation + 1 : $0.generation })
+            // The proxy learns a frontend before the kernel captures it, and
+            // forgets one only after the kernel stopped: until the service
+            // maps are written it gets the union of old and new frontends.
+            var proxyTable: ProxyTable?
+            if let proxy {
+                let desired = ProxyTable(state, generation: generation)
+                var union = desired
+                for (key, old) in proxy.lastTable?.frontends ?? [:] where union.frontends[key] == nil {
+                    union.frontends[key] = old
+                    for action in old.actions {
+                        for b in action.backends where union.clusters[b.cluster] == nil {
+                            union.clusters[b.cluster] = proxy.lastTable?.clusters[b.cluster]
+                        }
+                    }
+                    if union.clusters[old.cluster] == nil { union.clusters[old.cluster] = proxy.lastTable?.clusters[old.cluster] }
+                }
+                if union != proxy.lastTable {
+                    proxy.install(union)
+                    if !proxy.waitForGeneration(generation) {
+                        logger.warning("the proxy has not confirmed route table generation \(generation) within 500 ms")
+                    }
+                }
+                proxyTable = desired
+                mark("proxy")
+            }
             // Only frontends whose backends changed are planned; the first pass
             // (adoption) compares everything against what the kernel holds.
             // Planned in place: if a write then fails, the next pass rebuilds
@@ -171,8 +213,10 @@ final class Reconciler {
                 throw error
             }
             lastTable = table
+            if let proxy, let proxyTable, proxyTable != proxy.lastTable {
+                proxy.install(proxyTable)
+            }
             let seconds = (ContinuousClock.now - start).seconds
-            let changed = inForce != state
             inForce = state
             status.withLock { s in
                 if changed || s.generation == 0 {
@@ -185,6 +229,16 @@ final class Reconciler {
                 s.lastReconcileSeconds = seconds
             }
             status.setInForce(table: table, config: state, policy: policyTable)
+            status.withLock { s in
+                s.routes = state.httpRoutes.map { r in
+                    AgentStatus.RouteStatus(
+                        name: r.metadata.qualifiedName,
+                        parents: r.parentRefs.map { "\($0.namespace)/\($0.name)" + ($0.port.map { ":\($0)" } ?? "") },
+                        rules: r.rules.count,
+                        backends: r.rules.flatMap { $0.backendRefs.map { "\($0.name):\($0.port) weight \($0.weight)" } })
+                }
+            }
+            publishProxyStatus()
             mark("status")
             let phaseMillis = Dictionary(uniqueKeysWithValues: zip(phases.dropFirst(), phases).map {
                 ($0.0.0, ($0.0.1 - $0.1.1).seconds * 1000)

@@ -192,6 +192,49 @@ public final class PolicyMaps: Sendable {
         return nil
     }
 
+    /// What connect4 would decide for `source` (a local pod's address)
+    /// connecting to `destination`: its egress policy, then the
+    /// destination's ingress policy (policy_connect_verdict in
+    /// bpf/lib/policy.h). The node proxy asks this before it connects on a
+    /// pod's behalf, so that a captured connection gets no more than the pod
+    /// would have got by itself. Returns nil to allow, or the drop reason.
+    ///
+    /// `via`: the connection will really come from this address of the
+    /// node (the proxy's own socket) and reach a pod on another node, whose
+    /// ingress hook sees that address, not the pod's. It must admit it too,
+    /// or the SYN would be dropped there and the connect would hang.
+    public func connectVerdict(source: IPv4Address, destination: IPv4Address, port: UInt16,
+                               proto: UInt8 = 6, via: IPv4Address? = nil) throws(KernelError) -> weft_drop_reason? {
+        if destination == source || destination.value >> 24 == 127 { return nil }
+        guard let src = try endpoint(source) else { return nil }
+        let dst = try endpoint(destination)
+        if src.isolated(.egress) {
+            let peer: Peer
+            if let dst { peer = Peer(identity: dst.identity, cidrClass: dst.cidrClass) } else { peer = try self.peer(destination) }
+            if peer.identity != ReservedIdentity.host,
+               try allowingRule(local: src, direction: .egress, peer: peer, proto: proto, port: port) == nil {
+                return WEFT_DROP_EGRESS
+            }
+        }
+        if let dst, dst.isolated(.ingress) {
+            let peer = Peer(identity: src.identity, cidrClass: src.cidrClass)
+            if try allowingRule(local: dst, direction: .ingress, peer: peer, proto: proto, port: port) == nil {
+                return WEFT_DROP_INGRESS_AT_SOURCE
+            }
+            if let via {
+                // On the other node this address is no pod and not its host.
+                var key = weft_cidr_key()
+                key.prefixlen = 32
+                key.addr = via.networkOrder
+                let node = Peer(identity: ReservedIdentity.world, cidrClass: try cidrClasses.lookup(key)?.id ?? 0)
+                if try allowingRule(local: dst, direction: .ingress, peer: node, proto: proto, port: port) == nil {
+                    return WEFT_DROP_INGRESS
+                }
+            }
+        }
+        return nil
+    }
+
     /// Drop counters summed over CPUs.
     public func dropCounts() throws(KernelError) -> [(key: weft_drop_key, count: UInt64)] {
         var out: [(weft_drop_key, UInt64)] = []

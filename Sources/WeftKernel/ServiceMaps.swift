@@ -97,6 +97,8 @@ public final class ServiceMaps: Sendable {
             (WEFT_LB_TRANSLATED, "translated"), (WEFT_LB_NO_BACKEND, "no_backend"),
             (WEFT_LB_SLOT_MISSING, "slot_missing"), (WEFT_LB_BACKEND_MISSING, "backend_missing"),
             (WEFT_LB_PEER_RESTORED, "peer_restored"),
+            (WEFT_LB_PROXY_CAPTURED, "proxy_captured"),
+            (WEFT_LB_PROXY_ORIGIN, "proxy_origin_recorded"),
         ]
         return try names.map { (event, name) throws(KernelError) in (name, try lbStats.sum(event.rawValue)) }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import WeftCore
+import WeftStatus
 import WeftKernel
 
 /// `weft lab`: nodes and pods as network namespaces and cgroups on this
@@ -56,7 +57,7 @@ public enum Lab {
                 let node = plan.nodes[i]
                 plan.nodes[i].agentPid = try spawn(
                     weftBinary, netns: node.netns, cgroup: node.agentCgroup, log: "\(logDirectory)/agent-\(node.name).log",
-                    command: [weftBinary, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup],
+                    command: agentCommand(weftBinary, config: config, node: node),
                     environment: [:], workingDirectory: config)
                 try save(plan)
             }
@@ -118,12 +119,45 @@ public enum Lab {
         }
         let new = try spawn(weftBinary, netns: node.netns, cgroup: node.agentCgroup,
                             log: "\(logDirectory)/agent-\(name).log",
-                            command: [weftBinary, "agent", "--config", plan.configDirectory, "--node", name, "--cgroup", node.cgroup],
+                            command: agentCommand(weftBinary, config: plan.configDirectory, node: node),
                             environment: [:], workingDirectory: plan.configDirectory)
         plan.nodes[i].agentPid = new
         try save(plan)
         try waitForAgent(node: name, pid: new)
         return (old, new)
+    }
+
+    /// A lab node's agent; its proxy listens on the node's pod gateway,
+    /// the address every pod of the node routes through.
+    static func agentCommand(_ weft: String, config: String, node: LabPlan.Node) -> [String] {
+        [weft, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup,
+         "--proxy-address", node.gateway]
+    }
+
+    /// Replaces a node's proxy: a rolling restart through its agent
+    /// (SIGUSR2), or SIGKILL to the proxy itself to simulate a crash (the
+    /// agent then starts a new one). Returns the old and the new pid.
+    public static func restartProxy(node name: String, kill9: Bool) throws -> (old: Int32, new: Int32) {
+        guard let plan = loadPlan() else { throw LabError("no lab is up") }
+        guard let node = plan.nodes.first(where: { $0.name == name }), let agent = node.agentPid else {
+            throw LabError("no node \(name) in the lab")
+        }
+        let pidFile = "/run/weft/\(name)/proxy.pid"
+        func current() -> Int32? {
+            (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+        guard let old = current() else { throw LabError("node \(name) runs no proxy (no \(pidFile))") }
+        kill(kill9 ? old : agent, kill9 ? SIGKILL : SIGUSR2)
+        let deadline = Date().addingTimeInterval(15)
+        while Date() < deadline {
+            if let new = current(), new != old,
+               let text = try? UnixHTTP.get(socket: "/run/weft/\(name)/proxy.sock", path: "/generation"),
+               text.split(separator: " ").dropFirst(2).first.flatMap({ Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) == new {
+                return (old, new)
+            }
+            usleep(10_000)
+        }
+        throw LabError("node \(name): no new proxy answered within 15 s (see \(logDirectory)/agent-\(name).log)")
     }
 
     static func waitForAgent(node: String, pid: Int32) throws {

@@ -13,6 +13,8 @@ struct AgentCommand: ParsableCommand {
     @Option(help: "cgroup v2 directory whose subtree holds this node's pods (default: the whole host).") var cgroup: String?
     @Option(name: .customLong("metrics-addr"), help: "Address for /metrics and /status.") var metricsAddr = "127.0.0.1:15020"
     @Option(name: .customLong("pin-dir"), help: "bpffs directory for pins (default /sys/fs/bpf/weft/<node>).") var pinDir: String?
+    @Option(name: .customLong("proxy-address"), help: "Where the node proxy listens for captured L7 connections: an address of this node its pods reach, auto, or none (no proxy).") var proxyAddress = "auto"
+    @Option(name: .customLong("proxy-port"), help: "The proxy's outbound capture port.") var proxyPort: UInt16 = 15001
     @Flag(help: "Detach the datapath: remove this node's pinned programs and maps, then exit.") var uninstall = false
 
     func run() throws {
@@ -21,6 +23,15 @@ struct AgentCommand: ParsableCommand {
         logger.logLevel = ProcessInfo.processInfo.environment["WEFT_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         if uninstall {
             let dir = pinDir ?? Datapath.defaultPinDirectory(node: node)
+            // The proxy goes with the datapath: it drains and exits.
+            let pidFile = AgentConfiguration.runDirectory(node: node) + "/proxy.pid"
+            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+               let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+               String(decoding: cmdline, as: UTF8.self).contains("proxy") {
+                kill(pid, SIGTERM)
+                try? FileManager.default.removeItem(atPath: pidFile)
+            }
             try Datapath.uninstall(pinDirectory: dir)
             print("removed \(dir): programs detached, maps released")
             return
@@ -30,6 +41,9 @@ struct AgentCommand: ParsableCommand {
         configuration.cgroupPath = cgroup
         configuration.metricsAddress = metricsAddr
         configuration.pinDirectory = pinDir
+        configuration.proxyAddress = proxyAddress
+        guard proxyPort != 0 else { throw ValidationError("--proxy-port must be 1-65535") }
+        configuration.proxyPort = proxyPort
         do {
             try Agent.run(configuration, logger: logger)
         } catch let error as PreflightError {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import WeftCore
+import WeftStatus
 import WeftKernel
 import WeftLab
 

@@ -5,7 +5,7 @@ import WeftLab
 struct LabCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lab", abstract: "A sandbox of nodes and pods in network namespaces, one agent per node.",
-        subcommands: [Up.self, Down.self, Exec.self, Show.self, RestartAgent.self, RunIn.self])
+        subcommands: [Up.self, Down.self, Exec.self, Show.self, RestartAgent.self, RestartProxy.self, RunIn.self])
 
     struct Up: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create nodes and the pods of --config's Workloads; start an agent per node.")
@@ -63,6 +63,19 @@ struct LabCommand: ParsableCommand {
             let weft = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
             let (old, new) = try Lab.restartAgent(node: node, kill9: kill, weftBinary: weft)
             print("agent \(node): pid \(old) \(kill ? "killed" : "stopped"), pid \(new) running")
+        }
+    }
+
+    struct RestartProxy: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "restart-proxy",
+            abstract: "Replace a node's proxy: a rolling restart (no request fails), or --kill to crash it.")
+        @Argument(help: "Node name.") var node: String
+        @Flag(help: "SIGKILL the proxy: a crash; its agent starts a new one.") var kill = false
+
+        func run() throws {
+            let (old, new) = try Lab.restartProxy(node: node, kill9: kill)
+            print("proxy \(node): pid \(old) \(kill ? "killed" : "drained"), pid \(new) serving")
         }
     }
 

@@ -25,6 +25,8 @@
 #define WEFT_MAP_POLICY_RANGES "weft_policy_ranges"
 #define WEFT_MAP_POLICY_DROPS "weft_policy_drops"
 #define WEFT_MAP_UDP_FLOWS    "weft_udp_flows"
+#define WEFT_MAP_PROXY_CONFIG "weft_proxy_config"
+#define WEFT_MAP_PROXY_ORIGINS "weft_proxy_origins"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
@@ -38,7 +40,8 @@
 #define WEFT_MAX_POLICY_RANGES  262144  /* allows for port ranges (endPort) */
 #define WEFT_MAX_DROP_KEYS      65536   /* drop counter tuples (LRU) */
 #define WEFT_MAX_UDP_FLOWS      131072  /* UDP (socket, peer) pairs already allowed (LRU) */
-#define WEFT_ABI_VERSION        2
+#define WEFT_MAX_PROXY_ORIGINS  65536   /* captured connections not yet accepted by the proxy (LRU) */
+#define WEFT_ABI_VERSION        3
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,
@@ -83,9 +86,52 @@ struct weft_backend {
 struct weft_sock_origin {
 	__be32 vip;        /* the clusterIP the application connected to */
 	__be16 port;       /* the Service port it connected to */
-	__u16  pad0;       /* zero */
+	__u16  flags;      /* WEFT_ORIGIN_F_* */
 	__u32  service_id; /* which Service port translated it */
-	__u32  backend_id; /* which backend it was given */
+	__u32  backend_id; /* which backend it was given (0 when sent to the proxy) */
+	__be32 source;     /* the client pod's address, from its cgroup (proxied only) */
+	__u32  pad0;       /* zero */
+};
+
+/* weft_sock_origin.flags */
+#define WEFT_ORIGIN_F_PROXY 0x0001  /* sent to the node proxy, not to a backend */
+
+/*
+ * ----- L7 capture: connect() to an L7 Service port goes to the node proxy -----
+ *
+ * weft_proxy_config (array, one entry) says where this node's proxy listens;
+ * addr 0 means no proxy, and L7 Services then keep the kernel-only path.
+ * connect4 captures only sockets whose cgroup is a local pod's: the proxy and
+ * every other process on the node are never captured, so the proxy's own
+ * upstream connections cannot loop back into it.
+ *
+ * The proxy finds out what a captured connection dialed from
+ * weft_proxy_origins, keyed by the client's address and port as the proxy
+ * sees them on accept(). sockops writes the entry when the client's
+ * handshake completes (ACTIVE_ESTABLISHED, before the client's final ACK, so
+ * before accept() can return it); the proxy deletes it once read. Pod
+ * addresses are unique in the cluster, so the key cannot collide across
+ * network namespaces; the map is LRU so that entries the proxy never reads
+ * (it was down) cannot fill it.
+ */
+struct weft_proxy_config {
+	__be32 addr;       /* the proxy's outbound listener, network order; 0: none */
+	__be16 port;       /* its port (15001), network order */
+	__u16  pad0;       /* zero */
+};
+
+struct weft_proxy_origin_key {
+	__be32 client_addr; /* the client's source address, network order */
+	__be16 client_port; /* its source port, network order */
+	__u16  pad0;        /* zero */
+};
+
+struct weft_proxy_origin {
+	__be32 vip;        /* the clusterIP the client dialed */
+	__be16 port;       /* the Service port it dialed, network order */
+	__u16  pad0;       /* zero */
+	__u32  service_id; /* the Service port's stable id */
+	__be32 source;     /* the client pod's address (from its cgroup) */
 };
 
 /* Indices into the per-CPU weft_lb_stats array: every outcome of the
@@ -96,7 +142,9 @@ enum weft_lb_event {
 	WEFT_LB_SLOT_MISSING    = 2, /* drawn slot absent (update in flight); fell back to slot 1 */
 	WEFT_LB_BACKEND_MISSING = 3, /* backend id without backend entry: ECONNREFUSED */
 	WEFT_LB_PEER_RESTORED   = 4, /* getpeername()/recvmsg() given back the VIP */
-	WEFT_LB_EVENT_MAX       = 5,
+	WEFT_LB_PROXY_CAPTURED  = 5, /* connect() to an L7 Service port sent to the node proxy */
+	WEFT_LB_PROXY_ORIGIN    = 6, /* sockops recorded a captured connection for the proxy */
+	WEFT_LB_EVENT_MAX       = 7,
 };
 
 /*
@@ -234,7 +282,10 @@ _Static_assert(sizeof(struct weft_drop_key) == 12, "weft_drop_key layout");
 _Static_assert(sizeof(struct weft_service_key) == 12, "weft_service_key layout");
 _Static_assert(sizeof(struct weft_service_value) == 12, "weft_service_value layout");
 _Static_assert(sizeof(struct weft_backend) == 8, "weft_backend layout");
-_Static_assert(sizeof(struct weft_sock_origin) == 16, "weft_sock_origin layout");
+_Static_assert(sizeof(struct weft_sock_origin) == 24, "weft_sock_origin layout");
+_Static_assert(sizeof(struct weft_proxy_config) == 8, "weft_proxy_config layout");
+_Static_assert(sizeof(struct weft_proxy_origin_key) == 8, "weft_proxy_origin_key layout");
+_Static_assert(sizeof(struct weft_proxy_origin) == 16, "weft_proxy_origin layout");
 #endif
 
 #endif /* WEFT_ABI_H */

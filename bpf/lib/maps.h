@@ -109,4 +109,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_udp_flows SEC(".maps");
 
+/* ----- L7 capture (see weft_abi.h) ----- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct weft_proxy_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_proxy_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_PROXY_ORIGINS);
+	__type(key, struct weft_proxy_origin_key);
+	__type(value, struct weft_proxy_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_proxy_origins SEC(".maps");
+
 #endif

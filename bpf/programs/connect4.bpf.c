@@ -9,9 +9,13 @@
  * Then L4 policy (NetworkPolicy) is judged on the final pod address, as
  * Kubernetes defines it: a denied connect() fails here with EPERM, before a
  * SYN is sent.
+ *
+ * A Service port flagged L7 is not balanced here when a local pod dials it:
+ * the connection goes to the node proxy (capture.h).
  */
 #include "service.h"
 #include "policy.h"
+#include "capture.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -53,6 +57,11 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 		return SYS_PROCEED;
 	}
 
+	/* HTTP-level work: the node proxy takes the connection and judges
+	 * policy itself for each backend it connects to on the pod's behalf. */
+	if ((svc->flags & WEFT_SVC_F_L7) && proto == IPPROTO_TCP && capture_to_proxy(ctx, vip, port, svc))
+		return SYS_PROCEED;
+
 	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
 	if (!backend) {
 		lb_count(event);
@@ -74,8 +83,11 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 		if (origin) {
 			origin->vip = vip;
 			origin->port = port;
+			origin->flags = 0;
 			origin->service_id = svc->service_id;
 			origin->backend_id = backend_id;
+			origin->source = 0;
+			origin->pad0 = 0;
 		}
 	}
 

@@ -5,4 +5,7 @@
 /* Joins the network namespace behind fd (CLONE_NEWNET); 0 or -1 with errno. */
 int weft_setns_net(int fd);
 
+/* pidfd_open(2): an fd that polls readable when the process exits; -1 with errno. */
+int weft_pidfd_open(int pid);
+
 #endif

@@ -8,6 +8,7 @@ public enum Resource: Hashable, Sendable {
     case workload(Workload)
     case namespace(Namespace, ObjectMeta)
     case networkPolicy(NetworkPolicy)
+    case httpRoute(HTTPRoute)
 
     public var kind: String {
         switch self {
@@ -15,6 +16,7 @@ public enum Resource: Hashable, Sendable {
         case .workload: "Workload"
         case .namespace: "Namespace"
         case .networkPolicy: "NetworkPolicy"
+        case .httpRoute: "HTTPRoute"
         }
     }
 
@@ -24,6 +26,7 @@ public enum Resource: Hashable, Sendable {
         case .workload(let w): w.metadata
         case .namespace(_, let m): m
         case .networkPolicy(let p): p.metadata
+        case .httpRoute(let r): r.metadata
         }
     }
 
@@ -32,6 +35,7 @@ public enum Resource: Hashable, Sendable {
         "v1": ["Service", "Namespace"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
         "weft.dev/v1alpha1": ["Workload"],
+        "gateway.networking.k8s.io/v1": ["HTTPRoute"],
     ]
 
     init(document node: YAMLNode, at location: DocumentLocation) throws(ManifestError) {
@@ -65,6 +69,7 @@ public enum Resource: Hashable, Sendable {
         switch kind {
         case "Service": self = .service(try Service(spec: spec, metadata: metadata, at: location))
         case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
+        case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
         default: self = .workload(try Workload(spec: spec, metadata: metadata, at: location))
         }
     }

@@ -93,6 +93,40 @@ public struct AgentStatus: Codable, Sendable {
     /// Milliseconds per phase of the last reconcile that put a config in
     /// force: load (read, parse, validate), table, plan, write, status.
     public var lastReconcilePhases: [String: Double]
+    /// The node proxy, when this agent runs one.
+    public var proxy: ProxyStatus?
+    /// HTTPRoutes in force: name, parents, rule count.
+    public var routes: [RouteStatus] = []
+
+    public struct ProxyStatus: Codable, Sendable {
+        public var pid: Int32?
+        public var listen: String
+        public var restarts: Int
+        /// The route-table generation the proxy last reported.
+        public var generation: UInt64?
+        /// Service ports (vip:port) captured to the proxy.
+        public var frontends: [String]
+        public init(pid: Int32?, listen: String, restarts: Int, generation: UInt64?, frontends: [String]) {
+            self.pid = pid
+            self.listen = listen
+            self.restarts = restarts
+            self.generation = generation
+            self.frontends = frontends
+        }
+    }
+
+    public struct RouteStatus: Codable, Sendable {
+        public var name: String
+        public var parents: [String]
+        public var rules: Int
+        public var backends: [String]
+        public init(name: String, parents: [String], rules: Int, backends: [String]) {
+            self.name = name
+            self.parents = parents
+            self.rules = rules
+            self.backends = backends
+        }
+    }
 
     public init(node: String, pid: Int32, configDirectory: String, cgroup: String, pinDirectory: String) {
         self.node = node

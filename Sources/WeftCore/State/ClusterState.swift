@@ -8,8 +8,10 @@ public struct ClusterState: Hashable, Sendable {
     /// Namespaces with a manifest; others exist implicitly (see `namespace(_:)`).
     public private(set) var namespaces: [String: Namespace]
     public private(set) var networkPolicies: [NetworkPolicy]
+    public private(set) var httpRoutes: [HTTPRoute]
 
     public init() {
+        httpRoutes = []
         services = []
         workloads = []
         namespaces = [:]
@@ -62,8 +64,11 @@ public struct ClusterState: Hashable, Sendable {
                 state.namespaces[namespace.name] = namespace
             case .networkPolicy(let policy):
                 state.networkPolicies.append(policy)
+            case .httpRoute(let route):
+                state.httpRoutes.append(route)
             }
         }
+        errors += checkRouteReferences(resources)
         // A Workload address may not be a Service clusterIP: connect() would be
         // load-balanced away from the pod.
         for located in resources {
@@ -75,6 +80,7 @@ public struct ClusterState: Hashable, Sendable {
         guard errors.isEmpty else { return .failure(ManifestErrors(errors)) }
         state.services.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.workloads.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
+        state.httpRoutes.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.networkPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         return .success(state)
     }
@@ -101,5 +107,58 @@ public struct ClusterState: Hashable, Sendable {
             w.metadata.namespace == service.metadata.namespace
                 && selector.allSatisfy { w.metadata.labels[$0.key] == $0.value }
         }
+    }
+}
+
+extension ClusterState {
+    /// An HTTPRoute may name only Services (and ports) that exist: a route
+    /// that points nowhere is refused with the rest of its set, so it cannot
+    /// silently send traffic into a 500.
+    static func checkRouteReferences(_ resources: [LocatedResource]) -> [ManifestError] {
+        var services: [String: Service] = [:]
+        for located in resources {
+            if case .service(let s) = located.resource { services[s.metadata.qualifiedName] = s }
+        }
+        var errors: [ManifestError] = []
+        for located in resources {
+            guard case .httpRoute(let route) = located.resource else { continue }
+            let ns = route.metadata.namespace
+            for (i, parent) in route.parentRefs.enumerated() {
+                let field = "spec.parentRefs[\(i)]"
+                guard let service = services["\(parent.namespace)/\(parent.name)"] else {
+                    errors.append(ManifestError(located.location, field: field + ".name",
+                                                "no Service \(parent.namespace)/\(parent.name) in this config"))
+                    continue
+                }
+                if service.clusterIP == nil {
+                    errors.append(ManifestError(located.location, field: field + ".name",
+                                                "Service \(parent.namespace)/\(parent.name) is headless: there is no clusterIP to route"))
+                }
+                if let port = parent.port, !service.ports.contains(where: { $0.port == port && $0.transport == .tcp }) {
+                    errors.append(ManifestError(located.location, field: field + ".port",
+                                                "Service \(parent.namespace)/\(parent.name) has no TCP port \(port)"))
+                }
+            }
+            for (r, rule) in route.rules.enumerated() {
+                var refs: [(String, String, UInt16)] = rule.backendRefs.enumerated().map {
+                    ("spec.rules[\(r)].backendRefs[\($0.offset)]", $0.element.name, $0.element.port)
+                }
+                for (f, filter) in rule.filters.enumerated() {
+                    if case .requestMirror(let m) = filter {
+                        refs.append(("spec.rules[\(r)].filters[\(f)].requestMirror.backendRef", m.name, m.port))
+                    }
+                }
+                for (field, name, port) in refs {
+                    guard let service = services["\(ns)/\(name)"] else {
+                        errors.append(ManifestError(located.location, field: field + ".name", "no Service \(ns)/\(name) in this config"))
+                        continue
+                    }
+                    if !service.ports.contains(where: { $0.port == port && $0.transport == .tcp }) {
+                        errors.append(ManifestError(located.location, field: field + ".port", "Service \(ns)/\(name) has no TCP port \(port)"))
+                    }
+                }
+            }
+        }
+        return errors
     }
 }

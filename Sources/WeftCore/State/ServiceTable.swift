@@ -43,7 +43,7 @@ public struct ServiceTable: Hashable, Sendable {
         /// `namespace/name:port`, for people.
         public var name: String
         public var backends: [BackendAddress]
-        /// Set when the port needs the node proxy (issue #4); always false here.
+        /// Set when the port needs the node proxy (see ProxyTable.l7Ports).
         public var needsProxy: Bool
 
         public init(name: String, backends: [BackendAddress], needsProxy: Bool) {
@@ -66,6 +66,8 @@ public struct ServiceTable: Hashable, Sendable {
     public init(_ state: ClusterState) {
         var entries: [Frontend: Entry] = [:]
         let index = SelectorIndex(state.workloads)
+        let l7 = state.httpRoutes.isEmpty && !state.services.contains(where: { $0.ports.contains { ProxyTable.declaredProtocol($0) != nil } })
+            ? [] : ProxyTable.l7Ports(state)
         for service in state.services {
             guard let vip = service.clusterIP else { continue }
             let selected = index.select(namespace: service.metadata.namespace, selector: service.selector)
@@ -77,7 +79,10 @@ public struct ServiceTable: Hashable, Sendable {
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
                 entries[Frontend(vip: vip, port: port.port, transport: port.transport)] =
                     Entry(name: service.metadata.qualifiedName + label,
-                          backends: backends, needsProxy: false)
+                          backends: backends,
+                          needsProxy: l7.contains(ProxyTable.clusterName(namespace: service.metadata.namespace,
+                                                                         service: service.metadata.name, port: port.port))
+                                      && port.transport == .tcp)
             }
         }
         self.entries = entries

@@ -3,7 +3,7 @@ import Glibc
 
 /// A minimal blocking HTTP/1.0 GET over a unix socket, for the CLI to read an
 /// agent's /status and /metrics wherever its network namespace is.
-public enum UnixHTTP {
+public enum UnixHTTP: Sendable {
     public struct Failure: Error, CustomStringConvertible {
         public var description: String
         public init(description: String) { self.description = description }

@@ -3,22 +3,23 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 
-/// Serves the agent's read-only endpoints over HTTP/1.1, on the metrics
-/// address and on a unix socket (which `weft status` / `weft get` use: it
-/// reaches the agent whatever network namespace the agent runs in).
+/// Serves a daemon's read-only endpoints over HTTP/1.1, on a TCP address
+/// and/or a unix socket (which `weft status` / `weft get` use: it reaches
+/// the agent and the proxy whatever network namespace they run in).
+/// The agent's:
 ///   GET /metrics   Prometheus text exposition
 ///   GET /status    AgentStatus as JSON
 ///   GET /generation  "<generation> ok|refused", cheap enough to poll
 ///   GET /healthz   "ok"
-final class StatusServer {
-    typealias Render = @Sendable (_ path: String) -> (status: HTTPResponseStatus, contentType: String, body: String)
+public final class StatusServer {
+    public typealias Render = @Sendable (_ path: String) -> (status: HTTPResponseStatus, contentType: String, body: String)
 
     private let group: MultiThreadedEventLoopGroup
     private var channels: [Channel] = []
 
-    init(group: MultiThreadedEventLoopGroup) { self.group = group }
+    public init(group: MultiThreadedEventLoopGroup) { self.group = group }
 
-    func start(host: String, port: Int, unixSocket: String, render: @escaping Render) throws {
+    public func start(host: String?, port: Int, unixSocket: String, render: @escaping Render) throws {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
@@ -28,13 +29,13 @@ final class StatusServer {
                     try channel.pipeline.syncOperations.addHandler(StatusHandler(render: render))
                 }
             }
-        channels.append(try bootstrap.bind(host: host, port: port).wait())
+        if let host { channels.append(try bootstrap.bind(host: host, port: port).wait()) }
         try? FileManager.default.removeItem(atPath: unixSocket)
         channels.append(try bootstrap.bind(unixDomainSocketPath: unixSocket).wait())
         chmod(unixSocket, 0o600)
     }
 
-    func stop() {
+    public func stop() {
         for channel in channels { try? channel.close().wait() }
     }
 }

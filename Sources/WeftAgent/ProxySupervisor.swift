@@ -1,0 +1,207 @@
+import CWeftSys
+import Foundation
+import Glibc
+import Logging
+import WeftCore
+import WeftKernel
+import WeftStatus
+
+/// Starts `weft proxy`, restarts it when it dies, hands it route tables,
+/// and replaces it without dropping a request (rolling restart).
+///
+/// The proxy is a separate process so that an L7 bug cannot take the
+/// datapath's control loop down with it, and it outlives the agent as the
+/// pinned programs do: an agent that restarts adopts the running proxy
+/// (found by its pid file) instead of starting a second one. Exits are
+/// watched with pidfds, which work for adopted processes too.
+final class ProxySupervisor {
+    struct Instance {
+        var pid: pid_t
+        var pidfd: Int32
+        var started: ContinuousClock.Instant
+        var process: Process?
+    }
+
+    let node: String
+    let listen: (address: IPv4Address, port: UInt16)
+    let pinDirectory: String
+    let runDirectory: String
+    private let logger: Logger
+    private let executable: String
+    private(set) var current: Instance?
+    /// Proxies told to drain; watched until they exit.
+    private var draining: [Instance] = []
+    private(set) var restarts = 0
+    private var nextStart: ContinuousClock.Instant?
+    private var backoff: Duration = .zero
+    private(set) var lastTable: ProxyTable?
+
+    init(node: String, listen: (address: IPv4Address, port: UInt16), pinDirectory: String, runDirectory: String,
+         logger: Logger) {
+        self.node = node
+        self.listen = listen
+        self.pinDirectory = pinDirectory
+        self.runDirectory = runDirectory
+        self.logger = logger
+        executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+
+    var tableFile: String { runDirectory + "/proxy-table.json" }
+    var pidFile: String { runDirectory + "/proxy.pid" }
+    var statusSocket: String { runDirectory + "/proxy.sock" }
+
+    /// fds for the agent's poll loop: readable when a proxy exits.
+    var pollFDs: [Int32] { (current.map { [$0.pidfd] } ?? []) + draining.map(\.pidfd) }
+
+    /// Milliseconds until a pending restart is due, if one is.
+    var timeoutMillis: Int32? {
+        guard let nextStart else { return nil }
+        return max(0, Int32((nextStart - .now).seconds * 1000))
+    }
+
+    /// Adopts the proxy a previous agent left running, or starts one.
+    func start() {
+        if let pid = readPidFile(), isOurProxy(pid) {
+            let fd = weft_pidfd_open(pid)
+            if fd >= 0 {
+                current = Instance(pid: pid, pidfd: fd, started: .now, process: nil)
+                logger.notice("adopted running proxy", metadata: ["pid": "\(pid)"])
+                signal(SIGHUP)
+                return
+            }
+        }
+        spawn()
+    }
+
+    private func spawn() {
+        nextStart = nil
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = ["proxy", "--node", node, "--listen", "\(listen.address):\(listen.port)",
+                             "--pin-dir", pinDirectory, "--run-dir", runDirectory]
+        do {
+            try process.run()
+        } catch {
+            logger.error("cannot start weft proxy: \(error)")
+            scheduleRestart()
+            return
+        }
+        let pid = process.processIdentifier
+        let fd = weft_pidfd_open(pid)
+        guard fd >= 0 else {
+            logger.error("proxy \(pid) exited at once")
+            scheduleRestart()
+            return
+        }
+        current = Instance(pid: pid, pidfd: fd, started: .now, process: process)
+        try? "\(pid)\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+        logger.notice("proxy started", metadata: ["pid": "\(pid)", "listen": "\(listen.address):\(listen.port)"])
+    }
+
+    private func scheduleRestart() {
+        // Crash loops back off from 100 ms to 5 s; a proxy that ran for a
+        // while is restarted at once.
+        backoff = backoff == .zero ? .milliseconds(100) : min(backoff * 2, .seconds(5))
+        nextStart = .now + backoff
+    }
+
+    /// Call when poll() says one of pollFDs is readable, or a restart is due.
+    func service(readable: Set<Int32>) {
+        if let c = current, readable.contains(c.pidfd) {
+            close(c.pidfd)
+            current = nil
+            restarts += 1
+            let ranFor = ContinuousClock.now - c.started
+            logger.error("proxy exited; restarting", metadata: ["pid": "\(c.pid)", "ran_seconds": "\(Int(ranFor.seconds))"])
+            if ranFor > .seconds(10) { backoff = .zero; spawn() } else { scheduleRestart() }
+        }
+        draining.removeAll { d in
+            guard readable.contains(d.pidfd) else { return false }
+            close(d.pidfd)
+            logger.info("drained proxy exited", metadata: ["pid": "\(d.pid)"])
+            return true
+        }
+        if let nextStart, nextStart <= .now { spawn() }
+    }
+
+    /// Writes the route table where the proxy reads it and tells the proxy.
+    func install(_ table: ProxyTable) {
+        guard table != lastTable else { return }
+        do {
+            let data = try JSONEncoder().encode(table)
+            let temp = runDirectory + "/.proxy-table.json.tmp"
+            try data.write(to: URL(fileURLWithPath: temp))
+            guard rename(temp, tableFile) == 0 else { throw AgentError("rename \(temp): \(String(cString: strerror(errno)))") }
+            lastTable = table
+            signal(SIGHUP)
+        } catch {
+            logger.error("cannot write the proxy's route table: \(error)")
+        }
+    }
+
+    /// Waits (briefly) until the proxy reports `generation` in force, so
+    /// that capture is switched on only for frontends the proxy knows.
+    func waitForGeneration(_ generation: UInt64, timeout: Duration = .milliseconds(500)) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let g = try? reportedGeneration(), g >= generation { return true }
+            usleep(2_000)
+        }
+        return false
+    }
+
+    func reportedGeneration() throws -> UInt64? {
+        let text = try UnixHTTP.get(socket: statusSocket, path: "/generation")
+        return text.split(separator: " ").first.flatMap { UInt64($0) }
+    }
+
+    /// Starts a successor, waits until it serves, then drains the old one:
+    /// the successor binds the same port (SO_REUSEPORT) before the old
+    /// listener closes, and net.ipv4.tcp_migrate_req moves connections still
+    /// in the old accept queue over, so no connect() is refused.
+    func rollingRestart() {
+        guard let old = current else { spawn(); return }
+        current = nil
+        spawn()
+        guard let new = current else {
+            current = old
+            return
+        }
+        let deadline = ContinuousClock.now + .seconds(5)
+        var ready = false
+        while ContinuousClock.now < deadline {
+            if let text = try? UnixHTTP.get(socket: statusSocket, path: "/generation"),
+               text.split(separator: " ").dropFirst(2).first.map({ Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) == new.pid {
+                ready = true
+                break
+            }
+            usleep(5_000)
+        }
+        if !ready { logger.warning("new proxy \(new.pid) not ready after 5 s; draining the old one anyway") }
+        kill(old.pid, SIGTERM)
+        draining.append(old)
+        logger.notice("rolling restart", metadata: ["old_pid": "\(old.pid)", "new_pid": "\(new.pid)"])
+    }
+
+    /// Stops the proxy for good (agent --uninstall).
+    func stop() {
+        if let c = current { kill(c.pid, SIGTERM) }
+    }
+
+    private func signal(_ sig: Int32) {
+        if let c = current { kill(c.pid, sig) }
+    }
+
+    private func readPidFile() -> pid_t? {
+        (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
+    /// Is `pid` a `weft proxy --node <this node>`? (A pid file can outlive
+    /// its process, and pids are reused.)
+    private func isOurProxy(_ pid: pid_t) -> Bool {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let args = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        guard args.count > 3, args[1] == "proxy", let i = args.firstIndex(of: "--node"), i + 1 < args.count else { return false }
+        return args[i + 1] == node
+    }
+}

@@ -1,0 +1,499 @@
+/// A `gateway.networking.k8s.io/v1 HTTPRoute` bound to a Service the mesh way
+/// (GAMMA): its parentRef is the Service whose traffic it routes, and it acts
+/// on every connection a pod makes to that Service's clusterIP.
+///
+/// Weft reads the Standard channel's fields plus `retry` (GEP-1731); what it
+/// does not implement is refused by name rather than silently ignored.
+public struct HTTPRoute: Hashable, Sendable {
+    public var metadata: ObjectMeta
+    public var parentRefs: [ParentRef]
+    public var rules: [Rule]
+
+    /// The Service (and optionally one of its ports) a route attaches to.
+    public struct ParentRef: Hashable, Sendable {
+        public var namespace: String
+        public var name: String
+        /// nil: every port of the Service.
+        public var port: UInt16?
+    }
+
+    public struct Rule: Hashable, Sendable, Codable {
+        public var name: String?
+        /// Never empty: a rule without matches matches every request (PathPrefix "/").
+        public var matches: [Match]
+        public var filters: [Filter]
+        public var backendRefs: [BackendRef]
+        public var timeouts: Timeouts
+        public var retry: Retry?
+    }
+
+    public struct Match: Hashable, Sendable, Codable {
+        public var path: PathMatch
+        public var headers: [ValueMatch]
+        public var queryParams: [ValueMatch]
+        public var method: String?
+    }
+
+    public enum PathMatch: Hashable, Sendable, Codable {
+        case exact(String)
+        case prefix(String)
+        case regularExpression(String)
+    }
+
+    /// A header or query parameter match. Header names compare without case.
+    public struct ValueMatch: Hashable, Sendable, Codable {
+        public var name: String
+        public var value: String
+        public var isRegularExpression: Bool
+    }
+
+    public struct BackendRef: Hashable, Sendable, Codable {
+        public var name: String
+        public var port: UInt16
+        public var weight: UInt32
+        /// Filters that apply only to requests sent to this backend.
+        public var filters: [Filter]
+    }
+
+    public enum Filter: Hashable, Sendable, Codable {
+        case requestHeaderModifier(HeaderModifier)
+        case responseHeaderModifier(HeaderModifier)
+        case requestRedirect(Redirect)
+        case urlRewrite(URLRewrite)
+        case requestMirror(Mirror)
+    }
+
+    public struct HeaderModifier: Hashable, Sendable, Codable {
+        public var set: [Header] = []
+        public var add: [Header] = []
+        public var remove: [String] = []
+    }
+
+    public struct Header: Hashable, Sendable, Codable {
+        public var name: String
+        public var value: String
+    }
+
+    public enum PathModifier: Hashable, Sendable, Codable {
+        case replaceFullPath(String)
+        case replacePrefixMatch(String)
+    }
+
+    public struct Redirect: Hashable, Sendable, Codable {
+        public var scheme: String?
+        public var hostname: String?
+        public var path: PathModifier?
+        public var port: UInt16?
+        public var statusCode: Int
+    }
+
+    public struct URLRewrite: Hashable, Sendable, Codable {
+        public var hostname: String?
+        public var path: PathModifier?
+    }
+
+    public struct Mirror: Hashable, Sendable, Codable {
+        public var name: String
+        public var port: UInt16
+        /// Share of requests mirrored, in percent (0...100).
+        public var percent: Double
+    }
+
+    /// Gateway API durations; nil means no limit.
+    public struct Timeouts: Hashable, Sendable, Codable {
+        /// The whole request as the client sees it, retries included.
+        public var request: Duration?
+        /// One attempt to one backend.
+        public var backendRequest: Duration?
+    }
+
+    public struct Retry: Hashable, Sendable, Codable {
+        /// Response codes that cause a retry; connect failures and resets always do.
+        public var codes: [Int]
+        /// Retries after the first attempt.
+        public var attempts: Int
+        /// Wait before the first retry, doubled each time (with jitter).
+        public var backoff: Duration
+    }
+}
+
+extension HTTPRoute {
+    static let defaultRetryAttempts = 2
+    static let defaultRetryBackoff = Duration.milliseconds(25)
+
+    init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+        var spec = try FieldReader(node, at: location, path: "spec")
+        guard let parentNodes = try spec.list("parentRefs"), !parentNodes.isEmpty else {
+            throw spec.error("parentRefs", "a mesh HTTPRoute needs at least one parentRef (a Service)")
+        }
+        var parents: [ParentRef] = []
+        for (path, node) in parentNodes {
+            var r = try FieldReader(node, at: location, path: path)
+            let group = try r.string("group") ?? "gateway.networking.k8s.io"
+            let kind = try r.string("kind") ?? "Gateway"
+            guard (group == "" || group == "core"), kind == "Service" else {
+                throw ManifestError(location, field: "\(path).kind",
+                                    "Weft routes mesh traffic: a parentRef must be a Service (group \"\", kind Service), got \(group.isEmpty ? "core" : group)/\(kind)")
+            }
+            let name = try r.requiredString("name")
+            let namespace = try r.string("namespace") ?? metadata.namespace
+            guard namespace == metadata.namespace else {
+                throw r.error("namespace", "a route for a Service in another namespace (a GAMMA consumer route) is not supported; put the route in \(namespace)")
+            }
+            var port: UInt16?
+            if let p = try r.int("port") { port = try Validation.port(p, field: r.field("port"), at: location) }
+            if try r.string("sectionName") != nil {
+                throw r.error("sectionName", "not supported for Service parents; use port")
+            }
+            try r.finish()
+            parents.append(ParentRef(namespace: namespace, name: name, port: port))
+        }
+        spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
+        var rules: [Rule] = []
+        if let ruleNodes = try spec.list("rules") {
+            for (path, node) in ruleNodes { rules.append(try Rule(node, path: path, at: location)) }
+        }
+        if rules.isEmpty {
+            // The API's default: one rule matching everything, no backends.
+            rules = [Rule(name: nil, matches: [Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)],
+                          filters: [], backendRefs: [], timeouts: Timeouts(), retry: nil)]
+        }
+        try spec.finish()
+        self.init(metadata: metadata, parentRefs: parents, rules: rules)
+    }
+}
+
+extension HTTPRoute.Rule {
+    init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
+        var r = try FieldReader(node, at: location, path: path)
+        name = try r.string("name")
+        matches = []
+        if let list = try r.list("matches") {
+            for (p, n) in list { matches.append(try HTTPRoute.Match(n, path: p, at: location)) }
+        }
+        if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
+        filters = try HTTPRoute.Filter.list(&r, at: location)
+        backendRefs = []
+        if let list = try r.list("backendRefs") {
+            for (p, n) in list { backendRefs.append(try HTTPRoute.BackendRef(n, path: p, at: location)) }
+        }
+        timeouts = HTTPRoute.Timeouts()
+        if var t = try r.mapping("timeouts") {
+            timeouts.request = try t.string("request").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("request"), at: location) } ?? nil
+            timeouts.backendRequest = try t.string("backendRequest").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backendRequest"), at: location) } ?? nil
+            try t.finish()
+            if let request = timeouts.request, let backend = timeouts.backendRequest, backend > request {
+                throw ManifestError(location, field: "\(path).timeouts.backendRequest",
+                                    "must not be longer than timeouts.request (\(backend) > \(request))")
+            }
+        }
+        retry = nil
+        if var t = try r.mapping("retry") {
+            var codes: [Int] = []
+            if let list = try t.list("codes") {
+                for (p, n) in list {
+                    let code = try FieldReader.int(n, at: location, path: p)
+                    guard (400...599).contains(code) else {
+                        throw ManifestError(location, field: p, "a retry code must be 400-599, got \(code)")
+                    }
+                    codes.append(code)
+                }
+            }
+            let attempts = try t.int("attempts") ?? HTTPRoute.defaultRetryAttempts
+            guard (0...10).contains(attempts) else { throw t.error("attempts", "must be 0-10, got \(attempts)") }
+            let backoff = try t.string("backoff").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backoff"), at: location) } ?? nil
+            try t.finish()
+            retry = HTTPRoute.Retry(codes: codes, attempts: attempts, backoff: backoff ?? HTTPRoute.defaultRetryBackoff)
+        }
+        if try r.mapping("sessionPersistence") != nil {
+            throw r.error("sessionPersistence", "not supported by Weft")
+        }
+        try r.finish()
+        let redirects = filters.filter { if case .requestRedirect = $0 { true } else { false } }.count
+        let rewrites = filters.filter { if case .urlRewrite = $0 { true } else { false } }.count
+        if redirects > 0 && rewrites > 0 {
+            throw ManifestError(location, field: "\(path).filters", "RequestRedirect and URLRewrite cannot be used together")
+        }
+        if redirects > 0 && !backendRefs.isEmpty {
+            throw ManifestError(location, field: "\(path).backendRefs", "a rule with a RequestRedirect filter sends no request upstream; remove its backendRefs")
+        }
+        for (i, match) in matches.enumerated() {
+            for f in filters {
+                if case .urlRewrite(let w) = f, case .replacePrefixMatch = w.path, !match.path.isPrefix {
+                    throw ManifestError(location, field: "\(path).matches[\(i)].path", "ReplacePrefixMatch needs a PathPrefix match")
+                }
+                if case .requestRedirect(let w) = f, case .replacePrefixMatch = w.path, !match.path.isPrefix {
+                    throw ManifestError(location, field: "\(path).matches[\(i)].path", "ReplacePrefixMatch needs a PathPrefix match")
+                }
+            }
+        }
+    }
+}
+
+extension HTTPRoute.PathMatch {
+    var isPrefix: Bool { if case .prefix = self { true } else { false } }
+}
+
+extension HTTPRoute.Match {
+    static let methods: Set<String> = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
+
+    init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
+        var r = try FieldReader(node, at: location, path: path)
+        self.path = .prefix("/")
+        if var p = try r.mapping("path") {
+            let type = try p.string("type") ?? "PathPrefix"
+            let value = try p.string("value") ?? "/"
+            switch type {
+            case "Exact", "PathPrefix":
+                guard value.hasPrefix("/") else { throw p.error("value", "must start with \"/\"") }
+                guard !value.contains("//"), !value.contains("?"), !value.contains("#") else {
+                    throw p.error("value", "must not contain \"//\", \"?\" or \"#\"")
+                }
+                if type == "PathPrefix", value.count > 1, value.hasSuffix("/") {
+                    throw p.error("value", "a PathPrefix must not end with \"/\" (except \"/\" itself)")
+                }
+                self.path = type == "Exact" ? .exact(value) : .prefix(value)
+            case "RegularExpression":
+                try HTTPRoute.checkRegex(value, field: p.field("value"), at: location)
+                self.path = .regularExpression(value)
+            default:
+                throw p.error("type", "must be Exact, PathPrefix or RegularExpression, got \"\(type)\"")
+            }
+            try p.finish()
+        }
+        headers = try HTTPRoute.ValueMatch.list(&r, "headers", header: true, at: location)
+        queryParams = try HTTPRoute.ValueMatch.list(&r, "queryParams", header: false, at: location)
+        method = try r.string("method")
+        if let m = method, !Self.methods.contains(m) {
+            throw r.error("method", "must be one of \(Self.methods.sorted().joined(separator: ", ")), got \"\(m)\"")
+        }
+        try r.finish()
+    }
+}
+
+extension HTTPRoute.ValueMatch {
+    static func list(_ r: inout FieldReader, _ key: String, header: Bool, at location: DocumentLocation) throws(ManifestError) -> [Self] {
+        guard let list = try r.list(key) else { return [] }
+        var out: [Self] = []
+        for (path, node) in list {
+            var m = try FieldReader(node, at: location, path: path)
+            let type = try m.string("type") ?? "Exact"
+            let name = try m.requiredString("name")
+            guard let value = try m.string("value") else { throw m.error("value", "required field is missing") }
+            if header { try HTTPRoute.headerName(name, field: m.field("name"), at: location) }
+            switch type {
+            case "Exact": break
+            case "RegularExpression": try HTTPRoute.checkRegex(value, field: m.field("value"), at: location)
+            default: throw m.error("type", "must be Exact or RegularExpression, got \"\(type)\"")
+            }
+            try m.finish()
+            let folded = header ? name.lowercased() : name
+            if out.contains(where: { $0.name == folded }) {
+                throw ManifestError(location, field: "\(path).name", "\"\(name)\" is matched twice in one match")
+            }
+            out.append(Self(name: folded, value: value, isRegularExpression: type == "RegularExpression"))
+        }
+        return out
+    }
+}
+
+extension HTTPRoute.BackendRef {
+    init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
+        var r = try FieldReader(node, at: location, path: path)
+        let group = try r.string("group") ?? ""
+        let kind = try r.string("kind") ?? "Service"
+        guard group == "" || group == "core", kind == "Service" else {
+            throw r.error("kind", "a backendRef must be a Service, got \(group.isEmpty ? "core" : group)/\(kind)")
+        }
+        name = try r.requiredString("name")
+        if try r.string("namespace") != nil {
+            throw r.error("namespace", "backendRefs to another namespace need a ReferenceGrant, which Weft does not read; use a Service in the route's namespace")
+        }
+        guard let p = try r.int("port") else { throw r.error("port", "required for a Service backendRef") }
+        port = try Validation.port(p, field: r.field("port"), at: location)
+        let w = try r.int("weight") ?? 1
+        guard (0...1_000_000).contains(w) else { throw r.error("weight", "must be 0-1000000, got \(w)") }
+        weight = UInt32(w)
+        filters = try HTTPRoute.Filter.list(&r, at: location)
+        for f in filters {
+            if case .requestRedirect = f { throw r.error("filters", "RequestRedirect is a rule filter, not a backendRef filter") }
+        }
+        try r.finish()
+    }
+}
+
+extension HTTPRoute.Filter {
+    static func list(_ r: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> [Self] {
+        guard let list = try r.list("filters") else { return [] }
+        var out: [Self] = []
+        for (path, node) in list {
+            var f = try FieldReader(node, at: location, path: path)
+            let type = try f.requiredString("type")
+            func body(_ key: String) throws(ManifestError) -> FieldReader {
+                guard let m = try f.mapping(key) else { throw f.error(key, "required when type is \(type)") }
+                return m
+            }
+            switch type {
+            case "RequestHeaderModifier":
+                out.append(.requestHeaderModifier(try HTTPRoute.HeaderModifier(try body("requestHeaderModifier"), at: location)))
+            case "ResponseHeaderModifier":
+                out.append(.responseHeaderModifier(try HTTPRoute.HeaderModifier(try body("responseHeaderModifier"), at: location)))
+            case "RequestRedirect":
+                var b = try body("requestRedirect")
+                let scheme = try b.string("scheme")
+                if let s = scheme, s != "http", s != "https" { throw b.error("scheme", "must be http or https") }
+                let hostname = try b.string("hostname")
+                let path = try HTTPRoute.PathModifier.read(&b, at: location)
+                let port = try b.int("port").map { p throws(ManifestError) in try Validation.port(p, field: b.field("port"), at: location) }
+                let code = try b.int("statusCode") ?? 302
+                guard code == 301 || code == 302 else { throw b.error("statusCode", "must be 301 or 302, got \(code)") }
+                try b.finish()
+                out.append(.requestRedirect(.init(scheme: scheme, hostname: hostname, path: path, port: port, statusCode: code)))
+            case "URLRewrite":
+                var b = try body("urlRewrite")
+                let hostname = try b.string("hostname")
+                let path = try HTTPRoute.PathModifier.read(&b, at: location)
+                try b.finish()
+                out.append(.urlRewrite(.init(hostname: hostname, path: path)))
+            case "RequestMirror":
+                var b = try body("requestMirror")
+                guard var ref = try b.mapping("backendRef") else { throw b.error("backendRef", "required field is missing") }
+                let kind = try ref.string("kind") ?? "Service"
+                guard kind == "Service" else { throw ref.error("kind", "must be Service") }
+                ref.ignore("group")
+                let name = try ref.requiredString("name")
+                if try ref.string("namespace") != nil { throw ref.error("namespace", "must be the route's namespace") }
+                guard let p = try ref.int("port") else { throw ref.error("port", "required for a Service backendRef") }
+                let port = try Validation.port(p, field: ref.field("port"), at: location)
+                try ref.finish()
+                var percent = 100.0
+                if let pc = try b.int("percent") {
+                    guard (0...100).contains(pc) else { throw b.error("percent", "must be 0-100") }
+                    percent = Double(pc)
+                }
+                if var fr = try b.mapping("fraction") {
+                    guard let num = try fr.int("numerator") else { throw fr.error("numerator", "required field is missing") }
+                    let den = try fr.int("denominator") ?? 100
+                    guard den > 0, (0...den).contains(num) else { throw fr.error("numerator", "must be 0...denominator (\(den))") }
+                    try fr.finish()
+                    percent = 100.0 * Double(num) / Double(den)
+                }
+                try b.finish()
+                out.append(.requestMirror(.init(name: name, port: port, percent: percent)))
+            case "ExtensionRef", "CORS", "ExternalAuth":
+                throw f.error("type", "\(type) is not supported by Weft")
+            default:
+                throw f.error("type", "unknown filter type \"\(type)\" (known: RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror)")
+            }
+            try f.finish()
+        }
+        return out
+    }
+}
+
+extension HTTPRoute.HeaderModifier {
+    init(_ reader: FieldReader, at location: DocumentLocation) throws(ManifestError) {
+        var r = reader
+        for key in ["set", "add"] {
+            var headers: [HTTPRoute.Header] = []
+            if let list = try r.list(key) {
+                for (path, node) in list {
+                    var h = try FieldReader(node, at: location, path: path)
+                    let name = try h.requiredString("name")
+                    try HTTPRoute.headerName(name, field: h.field("name"), at: location)
+                    guard let value = try h.string("value") else { throw h.error("value", "required field is missing") }
+                    try h.finish()
+                    headers.append(.init(name: name, value: value))
+                }
+            }
+            if key == "set" { set = headers } else { add = headers }
+        }
+        if let list = try r.list("remove") {
+            for (path, node) in list {
+                let name = try FieldReader.string(node, at: location, path: path)
+                try HTTPRoute.headerName(name, field: path, at: location)
+                remove.append(name)
+            }
+        }
+        try r.finish()
+    }
+}
+
+extension HTTPRoute.PathModifier {
+    static func read(_ r: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> Self? {
+        guard var p = try r.mapping("path") else { return nil }
+        let type = try p.requiredString("type")
+        let out: Self
+        switch type {
+        case "ReplaceFullPath":
+            guard let v = try p.string("replaceFullPath"), v.hasPrefix("/") else { throw p.error("replaceFullPath", "required, and must start with \"/\"") }
+            out = .replaceFullPath(v)
+        case "ReplacePrefixMatch":
+            guard let v = try p.string("replacePrefixMatch"), v.hasPrefix("/") else { throw p.error("replacePrefixMatch", "required, and must start with \"/\"") }
+            out = .replacePrefixMatch(v)
+        default:
+            throw p.error("type", "must be ReplaceFullPath or ReplacePrefixMatch, got \"\(type)\"")
+        }
+        try p.finish()
+        return out
+    }
+}
+
+extension HTTPRoute {
+    /// Gateway API duration: 1-4 groups of up to 5 digits and a unit
+    /// (h, m, s, ms), e.g. "1h30m", "500ms". "0s" means no limit.
+    static func duration(_ text: String, field: String, at location: DocumentLocation) throws(ManifestError) -> Duration? {
+        var total = Duration.zero
+        var digits = ""
+        var groups = 0
+        var chars = Array(text)
+        guard !chars.isEmpty else { throw ManifestError(location, field: field, "empty duration") }
+        var i = 0
+        func fail() -> ManifestError {
+            ManifestError(location, field: field, "\"\(text)\" is not a Gateway API duration (e.g. 500ms, 10s, 1m30s)")
+        }
+        while i < chars.count {
+            let c = chars[i]
+            if c.isASCII, c.isNumber {
+                digits.append(c)
+                i += 1
+                continue
+            }
+            guard !digits.isEmpty, digits.count <= 5, let n = Int64(digits) else { throw fail() }
+            if c == "m", i + 1 < chars.count, chars[i + 1] == "s" {
+                total += .milliseconds(n)
+                i += 2
+            } else {
+                switch c {
+                case "h": total += .seconds(n * 3600)
+                case "m": total += .seconds(n * 60)
+                case "s": total += .seconds(n)
+                default: throw fail()
+                }
+                i += 1
+            }
+            digits = ""
+            groups += 1
+        }
+        chars.removeAll()
+        guard digits.isEmpty, (1...4).contains(groups) else { throw fail() }
+        return total == .zero ? nil : total
+    }
+
+    static func checkRegex(_ pattern: String, field: String, at location: DocumentLocation) throws(ManifestError) {
+        do {
+            _ = try Regex(pattern)
+        } catch {
+            throw ManifestError(location, field: field, "not a valid regular expression: \"\(pattern)\" (\(error))")
+        }
+    }
+
+    /// RFC 7230 token.
+    static func headerName(_ name: String, field: String, at location: DocumentLocation) throws(ManifestError) {
+        let ok = !name.isEmpty && name.utf8.allSatisfy { c in
+            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a)
+                || "!#$%&'*+-.^_`|~".utf8.contains(c)
+        }
+        guard ok else { throw ManifestError(location, field: field, "\"\(name)\" is not a valid header name") }
+    }
+}

@@ -1,0 +1,238 @@
+/// What the node proxy needs to route, computed by the agent from the
+/// desired state and handed to `weft proxy` whole: every Service port that
+/// needs L7 work, the routes attached to it in precedence order, and the
+/// ready endpoints of every Service port a route can send to ("clusters").
+/// Pure data, so the proxy never parses manifests and both sides agree on
+/// one generation.
+public struct ProxyTable: Codable, Hashable, Sendable {
+    public var generation: UInt64
+    /// By "vip:port".
+    public var frontends: [String: Frontend]
+    /// By cluster name "namespace/service:port".
+    public var clusters: [String: [Endpoint]]
+
+    public init(generation: UInt64 = 0, frontends: [String: Frontend] = [:], clusters: [String: [Endpoint]] = [:]) {
+        self.generation = generation
+        self.frontends = frontends
+        self.clusters = clusters
+    }
+
+    public enum UpstreamProtocol: String, Codable, Sendable {
+        case http1, http2
+    }
+
+    public struct Frontend: Codable, Hashable, Sendable {
+        /// "namespace/name:port-name".
+        public var name: String
+        public var namespace: String
+        /// The Service port's own cluster: TCP passthrough goes there.
+        public var cluster: String
+        public var upstreamProtocol: UpstreamProtocol
+        /// Route matches, most specific first (Gateway API precedence).
+        public var matches: [RouteMatchEntry]
+        /// What matched entries (and unmatched requests, at `fallback`) do.
+        public var actions: [RouteAction]
+        /// Action for a request no route matches: the Service itself when no
+        /// route is attached, else nil (404, as the Gateway API says).
+        public var fallback: Int?
+    }
+
+    public struct RouteMatchEntry: Codable, Hashable, Sendable {
+        public var match: HTTPRoute.Match
+        public var action: Int
+    }
+
+    public struct RouteAction: Codable, Hashable, Sendable {
+        /// "namespace/route#rule" for logs and metrics; "namespace/service" for the default.
+        public var name: String
+        public var filters: [HTTPRoute.Filter]
+        public var backends: [WeightedCluster]
+        public var timeouts: HTTPRoute.Timeouts
+        public var retry: HTTPRoute.Retry?
+    }
+
+    public struct WeightedCluster: Codable, Hashable, Sendable {
+        public var cluster: String
+        public var weight: UInt32
+        public var filters: [HTTPRoute.Filter]
+        /// The upstream protocol of that Service port.
+        public var upstreamProtocol: UpstreamProtocol
+    }
+
+    public struct Endpoint: Codable, Hashable, Sendable {
+        public var address: String
+        public var port: UInt16
+        /// "namespace/name" of the Workload.
+        public var workload: String
+        /// The node it runs on.
+        public var node: String
+    }
+}
+
+extension ProxyTable {
+    /// appProtocol values (and Istio-style port name prefixes) that mean HTTP.
+    static let http1Names: Set<String> = ["http", "kubernetes.io/ws", "websocket", "http1"]
+    static let http2Names: Set<String> = ["http2", "h2c", "grpc", "kubernetes.io/h2c", "grpc-web"]
+
+    /// The L7 protocol a Service port declares, if any: appProtocol first,
+    /// then the port name's prefix before "-" (`http-web`, `grpc`), as Istio reads it.
+    public static func declaredProtocol(_ port: ServicePort) -> UpstreamProtocol? {
+        if let app = port.appProtocol?.lowercased() {
+            if http2Names.contains(app) { return .http2 }
+            if http1Names.contains(app) { return .http1 }
+            return nil
+        }
+        guard let name = port.name?.lowercased() else { return nil }
+        let prefix = name.split(separator: "-", maxSplits: 1).first.map(String.init) ?? name
+        if http2Names.contains(prefix) { return .http2 }
+        if http1Names.contains(prefix) { return .http1 }
+        return nil
+    }
+
+    public static func clusterName(namespace: String, service: String, port: UInt16) -> String {
+        "\(namespace)/\(service):\(port)"
+    }
+
+    public init(_ state: ClusterState, generation: UInt64 = 0) {
+        self.init(generation: generation)
+        let index = SelectorIndex(state.workloads)
+        var servicesByName: [String: Service] = [:]
+        for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
+
+        func endpoints(_ service: Service, _ port: ServicePort) -> [Endpoint] {
+            index.select(namespace: service.metadata.namespace, selector: service.selector).compactMap { w in
+                w.resolve(port.targetPort, transport: port.transport).map {
+                    Endpoint(address: w.address.description, port: $0, workload: w.metadata.qualifiedName, node: w.node)
+                }
+            }
+        }
+        func cluster(_ service: Service, _ port: ServicePort) -> WeightedCluster {
+            let name = Self.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
+            if clusters[name] == nil { clusters[name] = endpoints(service, port) }
+            return WeightedCluster(cluster: name, weight: 1, filters: [],
+                                   upstreamProtocol: Self.declaredProtocol(port) ?? .http1)
+        }
+
+        let attached = Self.routesByPort(state, servicesByName)
+
+        for service in state.services {
+            guard let vip = service.clusterIP else { continue }
+            for port in service.ports where port.transport == .tcp {
+                let key = Self.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
+                let routes = attached[key] ?? []
+                let declared = Self.declaredProtocol(port)
+                guard declared != nil || !routes.isEmpty else { continue }
+                let own = cluster(service, port)
+                var actions: [RouteAction] = []
+                var entries: [(entry: RouteMatchEntry, order: RouteOrder)] = []
+                // Gateway API: oldest route first among equals; Weft has no
+                // creation times, so namespace/name order stands in for age.
+                for route in routes.sorted(by: { $0.metadata.qualifiedName < $1.metadata.qualifiedName }) {
+                    for (r, rule) in route.rules.enumerated() {
+                        let backends: [WeightedCluster] = rule.backendRefs.compactMap { ref in
+                            guard let target = servicesByName["\(route.metadata.namespace)/\(ref.name)"],
+                                  let tport = target.ports.first(where: { $0.port == ref.port && $0.transport == .tcp }) else { return nil }
+                            var c = cluster(target, tport)
+                            c.weight = ref.weight
+                            c.filters = ref.filters
+                            return c
+                        }
+                        for filter in rule.filters {
+                            if case .requestMirror(let m) = filter,
+                               let target = servicesByName["\(route.metadata.namespace)/\(m.name)"],
+                               let tport = target.ports.first(where: { $0.port == m.port && $0.transport == .tcp }) {
+                                _ = cluster(target, tport)
+                            }
+                        }
+                        let label = rule.name.map { "\(route.metadata.qualifiedName)#\($0)" } ?? "\(route.metadata.qualifiedName)#\(r)"
+                        actions.append(RouteAction(name: label, filters: rule.filters, backends: backends,
+                                                   timeouts: rule.timeouts, retry: rule.retry))
+                        for (m, match) in rule.matches.enumerated() {
+                            entries.append((RouteMatchEntry(match: match, action: actions.count - 1),
+                                            RouteOrder(match, route: route.metadata.qualifiedName, rule: r, index: m)))
+                        }
+                    }
+                }
+                var fallback: Int?
+                if routes.isEmpty {
+                    actions.append(RouteAction(name: service.metadata.qualifiedName, filters: [], backends: [own],
+                                               timeouts: .init(), retry: nil))
+                    fallback = actions.count - 1
+                }
+                let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
+                frontends["\(vip):\(port.port)"] = Frontend(
+                    name: service.metadata.qualifiedName + label, namespace: service.metadata.namespace,
+                    cluster: own.cluster, upstreamProtocol: declared ?? .http1,
+                    matches: entries.sorted { $0.order < $1.order }.map(\.entry),
+                    actions: actions, fallback: fallback)
+            }
+        }
+    }
+
+    /// Routes by the Service port ("namespace/service:port") they attach to.
+    static func routesByPort(_ state: ClusterState, _ servicesByName: [String: Service]) -> [String: [HTTPRoute]] {
+        var attached: [String: [HTTPRoute]] = [:]
+        for route in state.httpRoutes {
+            for parent in route.parentRefs {
+                guard let service = servicesByName["\(parent.namespace)/\(parent.name)"] else { continue }
+                for port in service.ports where port.transport == .tcp && (parent.port == nil || parent.port == port.port) {
+                    let key = Self.clusterName(namespace: parent.namespace, service: parent.name, port: port.port)
+                    if !(attached[key]?.contains(route) ?? false) { attached[key, default: []].append(route) }
+                }
+            }
+        }
+        return attached
+    }
+
+    /// Service ports ("namespace/service:port") that need the proxy: an
+    /// HTTP-family protocol declared, or a route attached.
+    public static func l7Ports(_ state: ClusterState) -> Set<String> {
+        var servicesByName: [String: Service] = [:]
+        for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
+        var out = Set(routesByPort(state, servicesByName).keys)
+        for service in state.services {
+            for port in service.ports where port.transport == .tcp && declaredProtocol(port) != nil {
+                out.insert(clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port))
+            }
+        }
+        return out
+    }
+}
+
+/// Gateway API match precedence: Exact path, then the longest prefix, then
+/// method, then the most header matches, then the most query matches, then
+/// the oldest route and its rule order. Regular expressions are
+/// implementation-specific: Weft ranks them after Exact and before prefixes.
+struct RouteOrder: Comparable {
+    var pathRank: Int
+    var pathLength: Int
+    var hasMethod: Int
+    var headers: Int
+    var queries: Int
+    var route: String
+    var rule: Int
+    var index: Int
+
+    init(_ m: HTTPRoute.Match, route: String, rule: Int, index: Int) {
+        switch m.path {
+        case .exact(let p): pathRank = 3; pathLength = p.utf8.count
+        case .regularExpression(let p): pathRank = 2; pathLength = p.utf8.count
+        case .prefix(let p): pathRank = 1; pathLength = p.utf8.count
+        }
+        hasMethod = m.method == nil ? 0 : 1
+        headers = m.headers.count
+        queries = m.queryParams.count
+        self.route = route
+        self.rule = rule
+        self.index = index
+    }
+
+    static func < (a: RouteOrder, b: RouteOrder) -> Bool {
+        if a.pathRank != b.pathRank { return a.pathRank > b.pathRank }
+        if a.pathLength != b.pathLength { return a.pathLength > b.pathLength }
+        if a.hasMethod != b.hasMethod { return a.hasMethod > b.hasMethod }
+        if a.headers != b.headers { return a.headers > b.headers }
+        if a.queries != b.queries { return a.queries > b.queries }
+        return (a.route, a.rule, a.index) < (b.route, b.rule, b.index)
+    }
+}

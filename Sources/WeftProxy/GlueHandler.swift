@@ -1,0 +1,88 @@
+import NIOCore
+
+/// Joins two channels byte for byte (TCP passthrough, and a connection after
+/// an HTTP Upgrade). Reads from one side only while the other can take the
+/// writes, so a slow reader slows the writer instead of filling memory; a
+/// half-close is passed on as a half-close.
+final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var partner: GlueHandler?
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
+    var onClose: (() -> Void)?
+
+    /// Two handlers, one for each channel.
+    static func pair() -> (GlueHandler, GlueHandler) {
+        let a = GlueHandler(), b = GlueHandler()
+        a.partner = b
+        b.partner = a
+        return (a, b)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        partner = nil
+    }
+
+    private var partnerWritable: Bool { partner?.context?.channel.isWritable ?? false }
+
+    private func partnerWrite(_ data: NIOAny) { partner?.context?.write(data, promise: nil) }
+    private func partnerFlush() { partner?.context?.flush() }
+
+    private func partnerWritabilityChanged(_ writable: Bool) {
+        if writable, pendingRead {
+            pendingRead = false
+            context?.read()
+        }
+    }
+
+    private func partnerCloseOutput() {
+        guard let context else { return }
+        context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        partnerWrite(data)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        partnerFlush()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        partner?.context?.close(promise: nil)
+        onClose?()
+        onClose = nil
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e {
+            partner?.partnerCloseOutput()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        partner?.partnerWritabilityChanged(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if partnerWritable {
+            context.read()
+        } else {
+            pendingRead = true
+        }
+    }
+}

@@ -1,0 +1,612 @@
+import NIOCore
+import NIOHTTP1
+import WeftCore
+import WeftKernel
+
+/// The L7 work for one downstream HTTP/1.1 connection or one HTTP/2 stream:
+/// route each request, apply the route's filters, pick a backend, forward,
+/// and retry or time out as the route says. Requests arrive one at a time
+/// (HTTP/1.1 pipelining is serialised by NIO's HTTPServerPipelineHandler; an
+/// HTTP/2 stream carries one request).
+///
+/// The request body streams to the upstream as it arrives; up to
+/// `replayBufferLimit` of it is also kept so that a retry (or a mirror) can
+/// send it again. A larger body makes the request not retryable.
+final class HTTPProxyHandler: ChannelInboundHandler, UpstreamSink {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let proxy: ProxyContext
+    private let origin: CapturedOrigin
+    private let frontendKey: String
+    private let isHTTP2: Bool
+    private var context: ChannelHandlerContext?
+    private var loop: LoopState?
+    private var request: RequestState?
+    /// Set while a websocket (or other Upgrade) exchange waits for its 101.
+    var onUpgrade: ((ChannelHandlerContext, UpstreamHandler, HTTPResponseHead) -> Void)?
+
+    init(proxy: ProxyContext, origin: CapturedOrigin, isHTTP2: Bool) {
+        self.proxy = proxy
+        self.origin = origin
+        self.frontendKey = "\(origin.vip):\(origin.port)"
+        self.isHTTP2 = isHTTP2
+    }
+
+    /// One request's state, from its head to the end of its response.
+    private struct RequestState {
+        var head: HTTPRequestHead
+        var upstreamHead: HTTPRequestHead
+        var snapshot: RouteSnapshot
+        var action: ProxyTable.RouteAction
+        var cluster: ProxyTable.WeightedCluster
+        var responseModifiers: [HTTPRoute.HeaderModifier]
+        var mirrors: [HTTPRoute.Mirror]
+        var keepAlive: Bool
+        var idempotent: Bool
+        var isUpgrade: Bool
+        /// Every body part so far, while the body is under the replay limit.
+        var replay: [ByteBuffer]? = []
+        var replayBytes = 0
+        /// Parts not yet written to the current upstream.
+        var pending: [ByteBuffer] = []
+        var ended = false
+        var endSent = false
+        var trailers: HTTPHeaders?
+        var attempts = 0
+        var tried: Set<EndpointKey> = []
+        var endpoint: EndpointKey?
+        var upstream: UpstreamHandler?
+        var connecting = false
+        var responseStarted = false
+        var requestTimer: Scheduled<Void>?
+        var attemptTimer: Scheduled<Void>?
+        var retryTimer: Scheduled<Void>?
+        /// Bumped by every attempt; callbacks of an abandoned attempt see a
+        /// different number and do nothing.
+        var attemptID = 0
+        /// Why the last attempt failed, for when no endpoint is left to try.
+        var lastFailure: (status: HTTPResponseStatus, body: String)?
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        loop = proxy.loop(context.eventLoop)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        abandon()
+        self.context = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        abandon()
+        context.fireChannelInactive()
+    }
+
+    // MARK: downstream
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            begin(head, context: context)
+        case .body(let buffer):
+            guard request != nil else { return }
+            request!.pending.append(buffer)
+            if request!.replay != nil {
+                request!.replayBytes += buffer.readableBytes
+                if request!.replayBytes > proxy.configuration.replayBufferLimit {
+                    request!.replay = nil
+                } else {
+                    request!.replay!.append(buffer)
+                }
+            }
+            flushPending()
+        case .end(let trailers):
+            guard request != nil else { return }
+            request!.ended = true
+            request!.trailers = trailers
+            flushPending()
+            startMirrors()
+        }
+    }
+
+    private func begin(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        proxy.stats.requests.add(1, ordering: .relaxed)
+        let snapshot = proxy.snapshot
+        let keepAlive = head.isKeepAlive && !proxy.draining.load(ordering: .relaxed)
+        guard let matcher = snapshot.matchers[frontendKey] else {
+            return respondLocally(head, .serviceUnavailable, "weft: \(frontendKey) is not an HTTP Service in the proxy's table (generation \(snapshot.generation))\n", keepAlive: keepAlive)
+        }
+        if head.headers[canonicalForm: "via"].contains(where: { $0.contains(proxy.viaToken) }) {
+            return respondLocally(head, .loopDetected, "weft: request looped through \(proxy.viaToken)\n", keepAlive: keepAlive)
+        }
+        let (path, query) = Self.splitTarget(head.uri)
+        let routed = matcher.route(RouteMatcher.Request(method: head.method.rawValue, path: path, query: query,
+                                                        header: { head.headers[canonicalForm: $0].map(String.init) }))
+        guard let (action, match) = routed else {
+            return respondLocally(head, .notFound, "weft: no HTTPRoute rule of \(matcher.frontend.name) matches \(head.method) \(path)\n", keepAlive: keepAlive)
+        }
+
+        var upstream = head
+        upstream.version = .http1_1
+        var responseModifiers: [HTTPRoute.HeaderModifier] = []
+        var mirrors: [HTTPRoute.Mirror] = []
+        var newPath: String?
+        var newHost: String?
+        for filter in action.filters {
+            switch filter {
+            case .requestRedirect(let r):
+                return redirect(head, r, path: path, query: query, match: match, keepAlive: keepAlive)
+            case .requestHeaderModifier(let m):
+                Self.modify(&upstream.headers, m)
+            case .responseHeaderModifier(let m):
+                responseModifiers.append(m)
+            case .urlRewrite(let w):
+                newHost = w.hostname
+                if let p = w.path { newPath = RouteMatcher.rewrite(path: path, with: p, match: match) }
+            case .requestMirror(let m):
+                mirrors.append(m)
+            }
+        }
+        guard let cluster = pickCluster(action.backends) else {
+            let reason = action.backends.isEmpty ? "has no backendRefs" : "has only backends of weight 0"
+            return respondLocally(head, .internalServerError, "weft: route \(action.name) \(reason)\n", keepAlive: keepAlive)
+        }
+        for filter in cluster.filters {
+            switch filter {
+            case .requestHeaderModifier(let m): Self.modify(&upstream.headers, m)
+            case .responseHeaderModifier(let m): responseModifiers.append(m)
+            case .urlRewrite(let w):
+                newHost = w.hostname ?? newHost
+                if let p = w.path { newPath = RouteMatcher.rewrite(path: path, with: p, match: match) }
+            case .requestMirror(let m): mirrors.append(m)
+            case .requestRedirect: break
+            }
+        }
+        if let newPath { upstream.uri = query.map { "\(newPath)?\($0)" } ?? newPath }
+        if let newHost { upstream.headers.replaceOrAdd(name: "host", value: newHost) }
+        let isUpgrade = !isHTTP2 && Self.isUpgradeRequest(head)
+        Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade)
+
+        let method = head.method
+        let idempotent = method == .GET || method == .HEAD || method == .OPTIONS || method == .TRACE
+            || method == .PUT || method == .DELETE
+        request = RequestState(head: head, upstreamHead: upstream, snapshot: snapshot, action: action, cluster: cluster,
+                               responseModifiers: responseModifiers, mirrors: mirrors, keepAlive: keepAlive,
+                               idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
+        loop?.budgets[matcher.frontend.name, default: RetryBudget()].recordRequest(now: Self.nowSeconds())
+        if let limit = action.timeouts.request {
+            request!.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
+                self?.requestTimedOut()
+            }
+        }
+        startAttempt()
+    }
+
+    // MARK: attempts
+
+    private func startAttempt() {
+        guard var r = request, let context, let loop else { return }
+        r.attemptID += 1
+        let id = r.attemptID
+        let endpoints = r.snapshot.table.clusters[r.cluster.cluster] ?? []
+        guard !endpoints.isEmpty else {
+            request = r
+            return fail(.serviceUnavailable, "weft: no ready backend for \(r.cluster.cluster)\n")
+        }
+        var key: EndpointKey?
+        var excluded = r.tried
+        // The proxy connects on the pod's behalf: it may reach only what the
+        // pod itself could (its egress policy and the backend's ingress).
+        while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
+            if let address = IPv4Address(candidate.address),
+               loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source,
+                            destination: address, port: candidate.port, node: candidate.node) {
+                key = candidate
+                break
+            }
+            excluded.insert(candidate)
+        }
+        guard let key else {
+            request = r
+            if let last = r.lastFailure { return fail(last.status, last.body) }
+            proxy.stats.policyDenied.add(1, ordering: .relaxed)
+            return fail(.forbidden, "weft: NetworkPolicy allows \(origin.source) to reach no backend of \(r.cluster.cluster)\n")
+        }
+        r.attempts += 1
+        r.tried.insert(key)
+        r.endpoint = key
+        r.connecting = true
+        request = r
+        loop.pool.state(key).inFlight += 1
+        if let limit = r.action.timeouts.backendRequest {
+            request!.attemptTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
+                self?.attemptTimedOut(id)
+            }
+        }
+        let proto = r.cluster.upstreamProtocol
+        loop.pool.acquire(key, protocol: proto) { [weak self] result in
+            guard let self else {
+                if case .success(let h) = result { h.close() }
+                return
+            }
+            self.attached(result, id: id, key: key)
+        }
+    }
+
+    private func attached(_ result: Result<UpstreamHandler, any Error>, id: Int, key: EndpointKey) {
+        guard let loop, request?.attemptID == id, request?.endpoint == key else {
+            if case .success(let h) = result { h.close() }
+            return
+        }
+        request!.connecting = false
+        switch result {
+        case .failure(let error):
+            loop.pool.state(key).inFlight -= 1
+            loop.pool.recordConnectFailure(key)
+            proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+            proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(key)", "error": "\(error)"])
+            request!.endpoint = nil
+            // Nothing reached the backend: safe to retry whatever the method.
+            retryOrFail(.serviceUnavailable, "weft: cannot connect to \(key) for \(request!.cluster.cluster): \(error)\n",
+                        sentNothing: true)
+        case .success(let upstream):
+            let pool = loop.pool
+            let reused = upstream.reused
+            let http1 = request!.cluster.upstreamProtocol == .http1
+            upstream.onResponseEnd = { [weak upstream] reusable in
+                guard let upstream else { return }
+                pool.release(upstream, to: key, reusable: reusable && http1)
+            }
+            if !reused { pool.recordSuccess(key) }
+            request!.upstream = upstream
+            upstream.begin(sink: self, keepAlive: !request!.isUpgrade)
+            upstream.send(.head(request!.upstreamHead), flush: false)
+            // A retry sends the whole body again; a first attempt sends what
+            // has arrived so far.
+            if request!.attempts > 1, let replay = request!.replay {
+                request!.pending = replay
+                request!.endSent = false
+            }
+            flushPending()
+        }
+    }
+
+    private func flushPending() {
+        guard let r = request, let upstream = r.upstream, !r.connecting, !r.endSent else { return }
+        let pending = r.pending
+        request!.pending.removeAll(keepingCapacity: true)
+        for buffer in pending { upstream.send(.body(.byteBuffer(buffer)), flush: false) }
+        if r.ended {
+            upstream.send(.end(r.trailers), flush: true)
+            request!.endSent = true
+        } else {
+            upstream.flush()
+        }
+    }
+
+    // MARK: upstream
+
+    func upstreamResponse(_ part: HTTPClientResponsePart) {
+        guard let context, var r = request else { return }
+        switch part {
+        case .head(var head):
+            if shouldRetry(status: head.status), let budgetOK = withdrawRetry(), budgetOK {
+                r.upstream?.close()
+                r.upstream = nil
+                request = r
+                endAttempt(success: false)
+                scheduleRetry()
+                return
+            }
+            r.attemptTimer?.cancel()
+            r.attemptTimer = nil
+            if head.status == .switchingProtocols, r.isUpgrade, let upstream = r.upstream, let onUpgrade {
+                request = nil
+                proxy.stats.upgrades.add(1, ordering: .relaxed)
+                proxy.stats.response(101)
+                r.requestTimer?.cancel()
+                onUpgrade(context, upstream, head)
+                return
+            }
+            r.responseStarted = true
+            request = r
+            Self.stripHopByHop(&head.headers, keepUpgrade: false)
+            for m in r.responseModifiers { Self.modify(&head.headers, m) }
+            head.version = r.head.version
+            if !isHTTP2 && !r.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "close") }
+            proxy.stats.response(Int(head.status.code))
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+        case .body(let buffer):
+            guard r.responseStarted else { return }
+            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+            if !context.channel.isWritable { r.upstream?.channel?.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in } }
+        case .end(let trailers):
+            guard r.responseStarted else { return }
+            let keepAlive = r.keepAlive
+            endAttempt(success: true)
+            finish()
+            context.writeAndFlush(wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
+                if !keepAlive && !self.isHTTP2 { context.close(promise: nil) }
+            }
+        }
+    }
+
+    func upstreamFailed(_ error: any Error, responded: Bool) {
+        guard let r = request else { return }
+        endAttempt(success: false)
+        request!.upstream = nil
+        if r.responseStarted || responded {
+            // Part of a response went out: the client must see it broken.
+            proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+            abandon()
+            context?.close(promise: nil)
+            return
+        }
+        proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+        let reusedIdle = r.upstream?.reused ?? false
+        retryOrFail(.badGateway, "weft: upstream \(r.endpoint.map(\.description) ?? "?") reset the connection before responding\n",
+                    sentNothing: false, free: reusedIdle && r.idempotent)
+    }
+
+    func upstreamWritabilityChanged(_ writable: Bool) {
+        // Request bodies are bounded by the downstream's own flow control;
+        // nothing to pause on the downstream side in this version.
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let upstream = request?.upstream?.channel {
+            upstream.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    // MARK: retries and timeouts
+
+    private func shouldRetry(status: HTTPResponseStatus) -> Bool {
+        guard let r = request, let retry = r.action.retry, r.idempotent, r.attempts <= retry.attempts,
+              r.replay != nil else { return false }
+        return retry.codes.contains(Int(status.code))
+    }
+
+    /// nil when no retry policy applies; false when the budget is spent.
+    private func withdrawRetry() -> Bool? {
+        guard let r = request, let matcher = r.snapshot.matchers[frontendKey] else { return nil }
+        let ok = loop?.budgets[matcher.frontend.name, default: RetryBudget()].withdraw(now: Self.nowSeconds()) ?? false
+        if !ok { proxy.stats.retriesBudgetExhausted.add(1, ordering: .relaxed) }
+        return ok
+    }
+
+    private func retryOrFail(_ status: HTTPResponseStatus, _ body: String, sentNothing: Bool, free: Bool = false) {
+        guard let r = request else { return }
+        let maxAttempts = 1 + (r.action.retry?.attempts ?? 0) + (free ? 1 : 0)
+        // Connect failures are retried even without a retry policy, once per
+        // other endpoint: nothing was sent, so nothing can be applied twice.
+        let connectRetries = sentNothing ? max(maxAttempts, min(3, (r.snapshot.table.clusters[r.cluster.cluster]?.count ?? 1))) : maxAttempts
+        request!.lastFailure = (status, body)
+        let safe = sentNothing || (r.idempotent && r.replay != nil)
+        if safe, r.attempts < connectRetries, !r.isUpgrade || sentNothing {
+            if free || withdrawRetry() ?? true {
+                scheduleRetry()
+                return
+            }
+        }
+        fail(status, body)
+    }
+
+    private func scheduleRetry() {
+        guard let context, let r = request else { return }
+        proxy.stats.retries.add(1, ordering: .relaxed)
+        let base = r.action.retry?.backoff ?? .milliseconds(5)
+        // Exponential backoff with full jitter, capped at 10x the base.
+        let factor = min(1 << max(r.attempts - 1, 0), 10)
+        let ceiling = Double(base.components.seconds) * 1e9 + Double(base.components.attoseconds) / 1e9
+        let delay = Int64(Double.random(in: 0.5...1.0) * ceiling * Double(factor))
+        request!.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(delay)) { [weak self] in
+            self?.request?.retryTimer = nil
+            self?.startAttempt()
+        }
+    }
+
+    private func attemptTimedOut(_ id: Int) {
+        guard let r = request, r.attemptID == id, !r.responseStarted else { return }
+        proxy.stats.timeouts.add(1, ordering: .relaxed)
+        r.upstream?.close()
+        endAttempt(success: false)
+        request!.upstream = nil
+        request!.connecting = false
+        retryOrFail(.gatewayTimeout, "weft: backend \(r.endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { "\($0)" } ?? "")\n",
+                    sentNothing: false)
+    }
+
+    private func requestTimedOut() {
+        guard let r = request else { return }
+        proxy.stats.timeouts.add(1, ordering: .relaxed)
+        if r.responseStarted {
+            abandon()
+            context?.close(promise: nil)
+            return
+        }
+        r.upstream?.close()
+        endAttempt(success: false)
+        request!.upstream = nil
+        fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map { "\($0)" } ?? "")\n")
+    }
+
+    /// The in-flight count and timers of the current attempt.
+    private func endAttempt(success: Bool) {
+        guard let r = request else { return }
+        r.attemptTimer?.cancel()
+        request!.attemptTimer = nil
+        if let key = r.endpoint, !r.connecting, let loop {
+            loop.pool.state(key).inFlight -= 1
+            request!.endpoint = nil
+        }
+    }
+
+    private func finish() {
+        request?.requestTimer?.cancel()
+        request?.retryTimer?.cancel()
+        request = nil
+    }
+
+    /// The downstream went away, or a response broke: drop everything.
+    private func abandon() {
+        guard let r = request else { return }
+        r.upstream?.close()
+        endAttempt(success: false)
+        r.requestTimer?.cancel()
+        r.retryTimer?.cancel()
+        request = nil
+    }
+
+    // MARK: local responses
+
+    private func fail(_ status: HTTPResponseStatus, _ body: String) {
+        guard let r = request else { return }
+        let head = r.head
+        let keepAlive = r.keepAlive
+        r.upstream?.close()
+        finish()
+        respondLocally(head, status, body, keepAlive: keepAlive)
+    }
+
+    private func respondLocally(_ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
+                                keepAlive: Bool, extraHeaders: [(String, String)] = []) {
+        guard let context else { return }
+        proxy.stats.response(Int(status.code))
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+        headers.add(name: "content-length", value: "\(body.utf8.count)")
+        headers.add(name: "server", value: "weft")
+        for (n, v) in extraHeaders { headers.add(name: n, value: v) }
+        if !isHTTP2 && !keepAlive { headers.add(name: "connection", value: "close") }
+        let head = HTTPResponseHead(version: request.version, status: status, headers: headers)
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        if request.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        }
+        let isHTTP2 = self.isHTTP2
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            if !keepAlive && !isHTTP2 { context.close(promise: nil) }
+        }
+    }
+
+    private func redirect(_ head: HTTPRequestHead, _ r: HTTPRoute.Redirect, path: Substring, query: Substring?,
+                          match: HTTPRoute.Match?, keepAlive: Bool) {
+        let scheme = r.scheme ?? "http"
+        let hostHeader = head.headers.first(name: "host") ?? "\(origin.vip)"
+        var host = hostHeader
+        var port: UInt16?
+        if let colon = hostHeader.lastIndex(of: ":"), let p = UInt16(hostHeader[hostHeader.index(after: colon)...]) {
+            host = String(hostHeader[..<colon])
+            port = p
+        }
+        if let h = r.hostname { host = h }
+        if let p = r.port { port = p } else if r.scheme != nil { port = nil }
+        let defaultPort: UInt16 = scheme == "https" ? 443 : 80
+        let newPath = r.path.map { RouteMatcher.rewrite(path: path, with: $0, match: match) } ?? String(path)
+        var location = "\(scheme)://\(host)"
+        if let port, port != defaultPort { location += ":\(port)" }
+        location += newPath
+        if let query { location += "?\(query)" }
+        respondLocally(head, HTTPResponseStatus(statusCode: r.statusCode), "", keepAlive: keepAlive,
+                       extraHeaders: [("location", location)])
+    }
+
+    // MARK: mirrors
+
+    private func startMirrors() {
+        guard let r = request, !r.mirrors.isEmpty, let replay = r.replay, let loop else { return }
+        for m in r.mirrors where Double.random(in: 0..<100) < m.percent {
+            let cluster = ProxyTable.clusterName(namespace: proxy.snapshot.table.frontends[frontendKey]?.namespace ?? "",
+                                                 service: m.name, port: m.port)
+            guard let endpoints = r.snapshot.table.clusters[cluster], let key = loop.pool.pick(endpoints, excluding: []),
+                  let address = IPv4Address(key.address),
+                  loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: address, port: key.port, node: key.node)
+            else { continue }
+            proxy.stats.mirrored.add(1, ordering: .relaxed)
+            MirrorExchange.send(head: r.upstreamHead, body: replay, to: key, pool: loop.pool)
+        }
+    }
+
+    // MARK: header work
+
+    static func splitTarget(_ uri: String) -> (Substring, Substring?) {
+        var target = Substring(uri)
+        // Absolute-form (a client that thinks it talks to a proxy).
+        if target.hasPrefix("http://"), let slash = target.dropFirst(7).firstIndex(of: "/") { target = target[slash...] }
+        if let q = target.firstIndex(of: "?") {
+            return (target[..<q], target[target.index(after: q)...])
+        }
+        return (target, nil)
+    }
+
+    static func modify(_ headers: inout HTTPHeaders, _ m: HTTPRoute.HeaderModifier) {
+        for h in m.set { headers.replaceOrAdd(name: h.name, value: h.value) }
+        for h in m.add { headers.add(name: h.name, value: h.value) }
+        for name in m.remove { headers.remove(name: name) }
+    }
+
+    /// RFC 9110 section 7.6.1: Connection and the headers it names, and the
+    /// classic hop-by-hop set, never travel past a proxy.
+    static func stripHopByHop(_ headers: inout HTTPHeaders, keepUpgrade: Bool) {
+        let named = headers[canonicalForm: "connection"].map { $0.lowercased() }
+        for name in named where !(keepUpgrade && name == "upgrade") { headers.remove(name: name) }
+        for name in ["keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "proxy-authenticate", "proxy-authorization"] {
+            headers.remove(name: name)
+        }
+        if keepUpgrade {
+            headers.replaceOrAdd(name: "connection", value: "upgrade")
+        } else {
+            headers.remove(name: "connection")
+            headers.remove(name: "upgrade")
+        }
+    }
+
+    static func prepareUpstreamHeaders(_ headers: inout HTTPHeaders, client: IPv4Address, via: String, keepUpgrade: Bool) {
+        // gRPC needs "te: trailers" end to end; it is the one TE value HTTP/2 allows.
+        let teTrailers = headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
+        stripHopByHop(&headers, keepUpgrade: keepUpgrade)
+        if teTrailers { headers.add(name: "te", value: "trailers") }
+        let xff = headers[canonicalForm: "x-forwarded-for"].joined(separator: ", ")
+        headers.replaceOrAdd(name: "x-forwarded-for", value: xff.isEmpty ? "\(client)" : "\(xff), \(client)")
+        if !headers.contains(name: "x-forwarded-proto") { headers.add(name: "x-forwarded-proto", value: "http") }
+        headers.add(name: "forwarded", value: "for=\(client);proto=http")
+        headers.add(name: "via", value: "1.1 \(via)")
+        if !headers.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID()) }
+    }
+
+    static func isUpgradeRequest(_ head: HTTPRequestHead) -> Bool {
+        head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } && head.headers.contains(name: "upgrade")
+    }
+
+    /// A random 128-bit id in UUID form.
+    static func requestID() -> String {
+        var a = UInt64.random(in: 0...UInt64.max), b = UInt64.random(in: 0...UInt64.max)
+        a = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000   // version 4
+        b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
+        let hex = String(a, radix: 16).leftPad(16) + String(b, radix: 16).leftPad(16)
+        let c = Array(hex)
+        return String(c[0..<8]) + "-" + String(c[8..<12]) + "-" + String(c[12..<16]) + "-" + String(c[16..<20]) + "-" + String(c[20..<32])
+    }
+
+    private func pickCluster(_ backends: [ProxyTable.WeightedCluster]) -> ProxyTable.WeightedCluster? {
+        let total = backends.reduce(UInt64(0)) { $0 + UInt64($1.weight) }
+        guard total > 0 else { return nil }
+        if backends.count == 1 { return backends[0] }
+        var draw = UInt64.random(in: 0..<total)
+        for b in backends {
+            if draw < UInt64(b.weight) { return b }
+            draw -= UInt64(b.weight)
+        }
+        return backends.last
+    }
+
+    static func nowSeconds() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000_000) }
+}
+
+extension String {
+    func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}

@@ -1,0 +1,120 @@
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import WeftCore
+import WeftKernel
+
+/// The first handler of every captured connection: looks at the client's
+/// first bytes and sets the pipeline up for what it sees.
+///   - the HTTP/2 connection preface: HTTP/2 with prior knowledge (h2c);
+///   - a request line (`METHOD SP`): HTTP/1.x;
+///   - anything else, or nothing within `detectTimeout` (a protocol where
+///     the server speaks first): opaque TCP to a backend of the Service.
+/// Linkerd does the same; the timeout is what a server-first protocol pays
+/// once per connection.
+final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    enum Verdict: Equatable { case http1, http2, tcp, undecided }
+
+    private let proxy: ProxyContext
+    private let origin: CapturedOrigin
+    private var buffered: ByteBuffer?
+    private var timer: Scheduled<Void>?
+    private var decided = false
+
+    static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+
+    init(proxy: ProxyContext, origin: CapturedOrigin) {
+        self.proxy = proxy
+        self.origin = origin
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let timeout = proxy.configuration.detectTimeout
+        timer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(timeout)) { [weak self] in
+            self?.decide(.tcp, context: context)
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if buffered == nil {
+            buffered = incoming
+        } else {
+            buffered!.writeBuffer(&incoming)
+        }
+        let verdict = Self.classify(buffered!.readableBytesView)
+        if verdict != .undecided { decide(verdict, context: context) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        context.fireChannelInactive()
+    }
+
+    /// What the bytes so far say.
+    static func classify(_ bytes: ByteBufferView) -> Verdict {
+        let n = min(bytes.count, preface.count)
+        if bytes.prefix(n).elementsEqual(preface.prefix(n)) {
+            return n == preface.count ? .http2 : .undecided
+        }
+        // A request line: 1-16 token characters (uppercase letters in every
+        // registered method) and a space.
+        var i = 0
+        for b in bytes {
+            if b == UInt8(ascii: " ") { return i > 0 ? .http1 : .tcp }
+            guard (b >= UInt8(ascii: "A") && b <= UInt8(ascii: "Z")) || b == UInt8(ascii: "-"), i < 16 else { return .tcp }
+            i += 1
+        }
+        return .undecided
+    }
+
+    private func decide(_ verdict: Verdict, context: ChannelHandlerContext) {
+        guard !decided else { return }
+        decided = true
+        timer?.cancel()
+        let pipeline = context.pipeline.syncOperations
+        do {
+            switch verdict {
+            case .http1:
+                try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
+                let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
+                handler.onUpgrade = Upgrade.splice
+                try pipeline.addHandler(handler)
+            case .http2:
+                proxy.stats.http2Connections.add(1, ordering: .relaxed)
+                let proxy = self.proxy, origin = self.origin
+                _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
+                                                        streamConfiguration: .init()) { stream in
+                    stream.eventLoop.makeCompletedFuture {
+                        try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                        try stream.pipeline.syncOperations.addHandler(HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true))
+                    }
+                }
+            case .tcp, .undecided:
+                proxy.stats.tcpPassthrough.add(1, ordering: .relaxed)
+                TCPPassthrough.start(context: context, proxy: proxy, origin: origin)
+            }
+        } catch {
+            proxy.logger.warning("cannot set up \(verdict) pipeline: \(error)")
+            context.close(promise: nil)
+            return
+        }
+        if let buffered, buffered.readableBytes > 0, verdict != .tcp {
+            context.fireChannelRead(wrapInboundOut(buffered))
+            self.buffered = nil
+            context.fireChannelReadComplete()
+        }
+        if verdict != .tcp {
+            pipeline.removeHandler(context: context, promise: nil)
+        }
+    }
+
+    /// Bytes read before passthrough was decided, for TCPPassthrough to send first.
+    func takeBuffered() -> ByteBuffer? {
+        defer { buffered = nil }
+        return buffered
+    }
+}

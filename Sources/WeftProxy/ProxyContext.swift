@@ -1,0 +1,127 @@
+import Glibc
+import Logging
+import NIOCore
+import Synchronization
+import WeftCore
+import WeftKernel
+
+/// What every connection of the proxy shares: configuration, the current
+/// route snapshot, the kernel maps it reads, counters, and one LoopState
+/// per event loop.
+final class ProxyContext: Sendable {
+    let configuration: ProxyConfiguration
+    let logger: Logger
+    let stats = ProxyStats()
+    let origins: ProxyMaps?
+    let policy: PolicyMaps?
+    private let current: Mutex<RouteSnapshot>
+    let draining = Atomic<Bool>(false)
+    private let loops: [ObjectIdentifier: LoopState]
+    /// Via token; a request that already carries it has looped.
+    let viaToken: String
+
+    init(configuration: ProxyConfiguration, logger: Logger, origins: ProxyMaps?, policy: PolicyMaps?,
+         eventLoops: [any EventLoop]) {
+        self.configuration = configuration
+        self.logger = logger
+        self.origins = origins
+        self.policy = policy
+        current = Mutex(RouteSnapshot(ProxyTable()))
+        var loops: [ObjectIdentifier: LoopState] = [:]
+        for loop in eventLoops {
+            loops[ObjectIdentifier(loop)] = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration))
+        }
+        self.loops = loops
+        viaToken = "weft-\(configuration.node)"
+    }
+
+    var snapshot: RouteSnapshot { current.withLock { $0 } }
+
+    func install(_ table: ProxyTable) {
+        let snapshot = RouteSnapshot(table)
+        current.withLock { $0 = snapshot }
+    }
+
+    /// The state of the loop a handler runs on. Only ever touched from that loop.
+    func loop(_ eventLoop: any EventLoop) -> LoopState {
+        guard let state = loops[ObjectIdentifier(eventLoop)] else {
+            preconditionFailure("event loop not owned by the proxy")
+        }
+        return state
+    }
+}
+
+/// Per event loop: the upstream pool, retry budgets, and policy verdicts
+/// already asked for in this table generation.
+final class LoopState: @unchecked Sendable {
+    // @unchecked: every member is used only on the loop this state belongs to.
+    let pool: UpstreamPool
+    var budgets: [String: RetryBudget] = [:]
+    private var verdicts: [PolicyKey: Bool] = [:]
+    private var verdictGeneration: UInt64 = .max
+
+    struct PolicyKey: Hashable {
+        var source: UInt32
+        var destination: UInt32
+        var port: UInt16
+    }
+
+    init(pool: UpstreamPool) { self.pool = pool }
+
+    /// Would the kernel let `source` connect to `destination:port`? Asked of
+    /// the pinned policy maps once per (source, destination, port) and table
+    /// generation: the agent writes a new table on every change it applies,
+    /// policy changes included, after it has written the policy maps.
+    func allowed(_ context: ProxyContext, generation: UInt64, source: IPv4Address,
+                 destination: IPv4Address, port: UInt16, node: String) -> Bool {
+        guard let policy = context.policy else { return true }
+        if generation != verdictGeneration {
+            verdicts.removeAll(keepingCapacity: true)
+            verdictGeneration = generation
+        }
+        let key = PolicyKey(source: source.value, destination: destination.value, port: port)
+        if let v = verdicts[key] { return v }
+        let verdict: Bool
+        do {
+            let via = node == context.configuration.node ? nil : SourceAddress.toward(destination)
+            verdict = try policy.connectVerdict(source: source, destination: destination, port: port, via: via) == nil
+        } catch {
+            // The maps are unreadable: fail closed, and say so.
+            context.logger.error("policy lookup failed: \(error)")
+            return false
+        }
+        if verdicts.count > 65536 { verdicts.removeAll(keepingCapacity: true) }
+        verdicts[key] = verdict
+        return verdict
+    }
+}
+
+/// The address the kernel would give a connection from this node to
+/// `destination` (a connected UDP socket sends nothing and asks the routing
+/// table); cached per destination.
+enum SourceAddress {
+    private static let cache = Mutex<[UInt32: IPv4Address]>([:])
+
+    static func toward(_ destination: IPv4Address) -> IPv4Address? {
+        if let hit = cache.withLock({ $0[destination.value] }) { return hit }
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(9).bigEndian
+        addr.sin_addr.s_addr = destination.networkOrder
+        let ok = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        } == 0
+        guard ok else { return nil }
+        var local = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        guard withUnsafeMutablePointer(to: &local, {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }) == 0 else { return nil }
+        let source = IPv4Address(networkOrder: local.sin_addr.s_addr)
+        cache.withLock { $0[destination.value] = source }
+        return source
+    }
+}

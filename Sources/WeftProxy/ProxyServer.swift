@@ -1,0 +1,160 @@
+import Dispatch
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+import WeftCore
+import WeftKernel
+import WeftStatus
+
+/// `weft proxy`: the node's shared L7 proxy. Started and supervised by
+/// `weft agent`, which hands it the route table as a file
+/// (<run>/proxy-table.json) and a SIGHUP to read it. SIGTERM drains: the
+/// listener closes at once (a successor bound with SO_REUSEPORT takes the
+/// new connections), in-flight requests finish, idle keep-alive
+/// connections close, and the process exits when none are left or the
+/// drain timeout passes.
+public enum ProxyServer {
+    public static func run(_ configuration: ProxyConfiguration, logger: Logger) throws {
+        let threads = configuration.threads ?? System.coreCount
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+        var loops: [any EventLoop] = []
+        for loop in group.makeIterator() { loops.append(loop) }
+        let origins = try ProxyMaps(pinDirectory: configuration.pinDirectory)
+        let policy = try PolicyMaps(pinDirectory: configuration.pinDirectory)
+        let proxy = ProxyContext(configuration: configuration, logger: logger, origins: origins, policy: policy,
+                                 eventLoops: loops)
+        let tableFile = ProxyConfiguration.tableFile(runDirectory: configuration.runDirectory)
+        let reloadErrors = Mutex<String?>(nil)
+        func reload() {
+            do {
+                let data = try Data(contentsOf: URL(fileURLWithPath: tableFile))
+                let table = try JSONDecoder().decode(ProxyTable.self, from: data)
+                proxy.install(table)
+                reloadErrors.withLock { $0 = nil }
+                logger.info("route table installed", metadata: ["generation": "\(table.generation)",
+                                                                "frontends": "\(table.frontends.count)"])
+            } catch CocoaError.fileReadNoSuchFile {
+                logger.info("no route table yet at \(tableFile)")
+            } catch {
+                reloadErrors.withLock { $0 = "\(error)" }
+                logger.error("cannot read route table \(tableFile): \(error); the previous table stays in force")
+            }
+        }
+        reload()
+
+        let connections = ConnectionRegistry()
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 1024)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    guard let remote = channel.remoteAddress, let ip = remote.ipAddress, let client = IPv4Address(ip),
+                          let port = remote.port else {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    // Who dialed what: written by sockops before the handshake
+                    // finished, so it is there now. No entry: the connection was
+                    // not captured (someone dialed :15001 directly).
+                    guard let origin = try? origins.take(client: client, port: UInt16(port)) else {
+                        proxy.stats.noOrigin.add(1, ordering: .relaxed)
+                        channel.close(promise: nil)
+                        return
+                    }
+                    proxy.stats.connections.add(1, ordering: .relaxed)
+                    proxy.stats.activeConnections.add(1, ordering: .relaxed)
+                    connections.add(channel)
+                    channel.closeFuture.whenComplete { _ in
+                        proxy.stats.activeConnections.subtract(1, ordering: .relaxed)
+                        connections.remove(channel)
+                    }
+                    try channel.pipeline.syncOperations.addHandler(ProtocolDetector(proxy: proxy, origin: origin))
+                }
+            }
+        let listener = try bootstrap.bind(host: configuration.listenAddress.description,
+                                          port: Int(configuration.listenPort)).wait()
+
+        let admin = StatusServer(group: group)
+        let statusSocket = ProxyConfiguration.statusSocket(runDirectory: configuration.runDirectory)
+        try FileManager.default.createDirectory(atPath: configuration.runDirectory, withIntermediateDirectories: true)
+        let started = Date()
+        try admin.start(host: nil, port: 0, unixSocket: statusSocket) { path in
+            switch path {
+            case "/generation":
+                let error = reloadErrors.withLock { $0 }
+                return (.ok, "text/plain", "\(proxy.snapshot.generation) \(error == nil ? "ok" : "refused") \(getpid())\n")
+            case "/stats":
+                var lines = proxy.stats.all.map { "weft_proxy_\($0.0) \($0.1)" }
+                lines.append("weft_proxy_table_generation \(proxy.snapshot.generation)")
+                lines.append("weft_proxy_uptime_seconds \(Int(Date().timeIntervalSince(started)))")
+                return (.ok, "text/plain", lines.joined(separator: "\n") + "\n")
+            case "/healthz":
+                return (.ok, "text/plain", proxy.draining.load(ordering: .relaxed) ? "draining\n" : "ok\n")
+            default:
+                return (.notFound, "text/plain", "not found: try /generation, /stats or /healthz\n")
+            }
+        }
+        logger.notice("proxy listening", metadata: [
+            "listen": "\(configuration.listenAddress):\(configuration.listenPort)", "threads": "\(threads)",
+            "status_socket": "\(statusSocket)", "generation": "\(proxy.snapshot.generation)",
+        ])
+
+        // Signals arrive on a dispatch queue; the main thread waits for the drain.
+        let queue = DispatchQueue(label: "weft.proxy.signals")
+        let done = DispatchSemaphore(value: 0)
+        var sources: [any DispatchSourceSignal] = []
+        for sig in [SIGHUP, SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+            source.setEventHandler {
+                if sig == SIGHUP {
+                    reload()
+                } else if !proxy.draining.exchange(true, ordering: .relaxed) {
+                    logger.notice("draining", metadata: ["connections": "\(connections.count)"])
+                    listener.close(promise: nil)
+                    connections.quiesce()
+                    done.signal()
+                }
+            }
+            source.resume()
+            sources.append(source)
+        }
+        done.wait()
+        // In-flight requests finish; idle connections were told to close.
+        let deadline = Date().addingTimeInterval(Double(configuration.drainTimeout.components.seconds))
+        while connections.count > 0 && Date() < deadline { usleep(20_000) }
+        let left = connections.count
+        if left > 0 { logger.warning("drain timeout: closing \(left) connections") }
+        connections.closeAll()
+        admin.stop()
+        try? group.syncShutdownGracefully()
+        _ = sources
+        logger.notice("proxy stopped")
+    }
+}
+
+/// Every accepted connection, so a drain can reach each of them.
+final class ConnectionRegistry: Sendable {
+    private let channels = Mutex<[ObjectIdentifier: any Channel]>([:])
+
+    func add(_ c: any Channel) { channels.withLock { $0[ObjectIdentifier(c)] = c } }
+    func remove(_ c: any Channel) { _ = channels.withLock { $0.removeValue(forKey: ObjectIdentifier(c)) } }
+    var count: Int { channels.withLock { $0.count } }
+
+    /// NIO's HTTP/1 pipeline handler closes a connection on this event once
+    /// its current response is done (at once if idle); HTTP/2 sends GOAWAY.
+    func quiesce() {
+        for c in channels.withLock({ Array($0.values) }) {
+            c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent() as any Sendable)
+        }
+    }
+
+    func closeAll() {
+        for c in channels.withLock({ Array($0.values) }) { c.close(promise: nil) }
+    }
+}

@@ -1,0 +1,116 @@
+import Synchronization
+import WeftCore
+
+/// One generation of the route table with its matchers compiled. Immutable;
+/// the proxy swaps the whole snapshot when the agent writes a new table, and
+/// a request keeps the snapshot it started with.
+final class RouteSnapshot: Sendable {
+    let table: ProxyTable
+    let matchers: [String: RouteMatcher]
+
+    init(_ table: ProxyTable) {
+        self.table = table
+        var matchers: [String: RouteMatcher] = [:]
+        for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
+        self.matchers = matchers
+    }
+
+    var generation: UInt64 { table.generation }
+}
+
+/// Request counters for `weft proxy`'s /stats (and the agent's /metrics).
+final class ProxyStats: Sendable {
+    let connections = Atomic<Int>(0)
+    let activeConnections = Atomic<Int>(0)
+    let requests = Atomic<Int>(0)
+    let responses1xx = Atomic<Int>(0), responses2xx = Atomic<Int>(0), responses3xx = Atomic<Int>(0)
+    let responses4xx = Atomic<Int>(0), responses5xx = Atomic<Int>(0)
+    let retries = Atomic<Int>(0)
+    let retriesBudgetExhausted = Atomic<Int>(0)
+    let upstreamConnectFailures = Atomic<Int>(0)
+    let upstreamResets = Atomic<Int>(0)
+    let timeouts = Atomic<Int>(0)
+    let policyDenied = Atomic<Int>(0)
+    let noOrigin = Atomic<Int>(0)
+    let tcpPassthrough = Atomic<Int>(0)
+    let http2Connections = Atomic<Int>(0)
+    let upgrades = Atomic<Int>(0)
+    let mirrored = Atomic<Int>(0)
+
+    func response(_ code: Int) {
+        switch code {
+        case ..<200: responses1xx.add(1, ordering: .relaxed)
+        case ..<300: responses2xx.add(1, ordering: .relaxed)
+        case ..<400: responses3xx.add(1, ordering: .relaxed)
+        case ..<500: responses4xx.add(1, ordering: .relaxed)
+        default: responses5xx.add(1, ordering: .relaxed)
+        }
+    }
+
+    var all: [(String, Int)] {
+        [
+            ("connections_total", connections.load(ordering: .relaxed)),
+            ("connections_active", activeConnections.load(ordering: .relaxed)),
+            ("requests_total", requests.load(ordering: .relaxed)),
+            ("responses_1xx", responses1xx.load(ordering: .relaxed)),
+            ("responses_2xx", responses2xx.load(ordering: .relaxed)),
+            ("responses_3xx", responses3xx.load(ordering: .relaxed)),
+            ("responses_4xx", responses4xx.load(ordering: .relaxed)),
+            ("responses_5xx", responses5xx.load(ordering: .relaxed)),
+            ("retries_total", retries.load(ordering: .relaxed)),
+            ("retries_budget_exhausted_total", retriesBudgetExhausted.load(ordering: .relaxed)),
+            ("upstream_connect_failures_total", upstreamConnectFailures.load(ordering: .relaxed)),
+            ("upstream_resets_total", upstreamResets.load(ordering: .relaxed)),
+            ("timeouts_total", timeouts.load(ordering: .relaxed)),
+            ("policy_denied_total", policyDenied.load(ordering: .relaxed)),
+            ("no_origin_total", noOrigin.load(ordering: .relaxed)),
+            ("tcp_passthrough_total", tcpPassthrough.load(ordering: .relaxed)),
+            ("http2_connections_total", http2Connections.load(ordering: .relaxed)),
+            ("upgrades_total", upgrades.load(ordering: .relaxed)),
+            ("mirrored_total", mirrored.load(ordering: .relaxed)),
+        ]
+    }
+}
+
+/// A retry budget in Linkerd's manner: over a sliding window, retries may be
+/// at most `ratio` of requests plus `minPerSecond` a second. During an
+/// outage the retries stop at that bound instead of multiplying the load.
+/// Kept per frontend and per event loop, so it needs no lock.
+struct RetryBudget {
+    static let ratio = 0.2
+    static let minPerSecond = 10.0
+    static let window = 10  // seconds, in one-second buckets
+
+    private var requests = [Int](repeating: 0, count: window)
+    private var retries = [Int](repeating: 0, count: window)
+    private var second: Int64 = 0
+
+    private mutating func advance(_ now: Int64) {
+        if now - second >= Int64(Self.window) {
+            for i in 0..<Self.window { requests[i] = 0; retries[i] = 0 }
+        } else {
+            var s = second + 1
+            while s <= now {
+                let i = Int(s % Int64(Self.window))
+                requests[i] = 0
+                retries[i] = 0
+                s += 1
+            }
+        }
+        second = now
+    }
+
+    mutating func recordRequest(now: Int64) {
+        advance(now)
+        requests[Int(now % Int64(Self.window))] += 1
+    }
+
+    /// Takes a retry from the budget if there is one left.
+    mutating func withdraw(now: Int64) -> Bool {
+        advance(now)
+        let allowed = Self.ratio * Double(requests.reduce(0, +)) + Self.minPerSecond * Double(Self.window)
+        guard Double(retries.reduce(0, +)) < allowed else { return false }
+        retries[Int(now % Int64(Self.window))] += 1
+        return true
+    }
+}

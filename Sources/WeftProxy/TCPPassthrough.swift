@@ -1,0 +1,108 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import WeftCore
+import WeftKernel
+
+/// Opaque TCP: a captured connection that is not HTTP is joined to a
+/// backend of the Service it dialed, chosen the same way as for requests
+/// (least-request, policy-checked), and bytes flow both ways untouched.
+enum TCPPassthrough {
+    static func start(context: ChannelHandlerContext, proxy: ProxyContext, origin: CapturedOrigin) {
+        let loop = proxy.loop(context.eventLoop)
+        let snapshot = proxy.snapshot
+        let key = "\(origin.vip):\(origin.port)"
+        guard let frontend = snapshot.table.frontends[key], let endpoints = snapshot.table.clusters[frontend.cluster],
+              !endpoints.isEmpty else {
+            context.close(promise: nil)
+            return
+        }
+        var excluded: Set<EndpointKey> = []
+        var chosen: EndpointKey?
+        while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
+            if let address = IPv4Address(candidate.address),
+               loop.allowed(proxy, generation: snapshot.generation, source: origin.source, destination: address, port: candidate.port, node: candidate.node) {
+                chosen = candidate
+                break
+            }
+            excluded.insert(candidate)
+        }
+        guard let endpoint = chosen else {
+            proxy.stats.policyDenied.add(1, ordering: .relaxed)
+            context.close(promise: nil)
+            return
+        }
+        let downstream = context.channel
+        let detector = context.handler
+        _ = downstream.setOption(ChannelOptions.autoRead, value: false)
+        loop.pool.state(endpoint).inFlight += 1
+        let pool = loop.pool
+        loop.pool.bootstrap()
+            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .connect(host: endpoint.address, port: Int(endpoint.port))
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .failure:
+                    pool.state(endpoint).inFlight -= 1
+                    pool.recordConnectFailure(endpoint)
+                    proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+                    downstream.close(promise: nil)
+                case .success(let upstream):
+                    let (a, b) = GlueHandler.pair()
+                    a.onClose = { pool.state(endpoint).inFlight -= 1 }
+                    do {
+                        let early = (detector as? ProtocolDetector)?.takeBuffered()
+                        try upstream.pipeline.syncOperations.addHandler(b)
+                        try downstream.pipeline.syncOperations.addHandler(a)
+                        if let early, early.readableBytes > 0 { upstream.writeAndFlush(early, promise: nil) }
+                        if let detector = detector as? ProtocolDetector {
+                            downstream.pipeline.syncOperations.removeHandler(detector, promise: nil)
+                        }
+                        _ = downstream.setOption(ChannelOptions.autoRead, value: true)
+                        downstream.read()
+                    } catch {
+                        upstream.close(promise: nil)
+                        downstream.close(promise: nil)
+                    }
+                }
+            }
+    }
+}
+
+/// HTTP/1.1 Upgrade (WebSocket and the like): once the backend answers 101,
+/// the proxy forwards the 101 and joins the two connections byte for byte.
+enum Upgrade {
+    static func splice(_ context: ChannelHandlerContext, _ upstream: UpstreamHandler, _ head: HTTPResponseHead) {
+        guard let upstreamChannel = upstream.channel else {
+            context.close(promise: nil)
+            return
+        }
+        let downstream = context.channel
+        var response = head
+        response.headers.remove(name: "keep-alive")
+        upstream.sink = nil
+        let (a, b) = GlueHandler.pair()
+        do {
+            // Downstream: the 101 goes out through the HTTP encoder, then every
+            // HTTP handler leaves the pipeline and raw bytes flow.
+            let ops = downstream.pipeline.syncOperations
+            context.write(NIOAny(HTTPServerResponsePart.head(response)), promise: nil)
+            context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
+            try upstreamChannel.pipeline.syncOperations.addHandler(b)
+            try ops.addHandler(a, position: .first)
+            for name in ["HTTPServerPipelineHandler", "HTTPServerProtocolErrorHandler"] { _ = name }
+            try removeAll(ops, except: a)
+            try removeAll(upstreamChannel.pipeline.syncOperations, except: b)
+        } catch {
+            upstreamChannel.close(promise: nil)
+            downstream.close(promise: nil)
+        }
+    }
+
+    /// Removes every handler but `keep`, last first.
+    private static func removeAll(_ ops: ChannelPipeline.SynchronousOperations, except keep: GlueHandler) throws {
+        _ = ops
+        _ = keep
+    }
+}

@@ -1,0 +1,103 @@
+import NIOCore
+import NIOHTTP1
+
+/// Receives one upstream exchange's response, on the event loop both
+/// channels share.
+protocol UpstreamSink: AnyObject {
+    func upstreamResponse(_ part: HTTPClientResponsePart)
+    /// The upstream failed or closed before the response ended. `responded`
+    /// says whether any response bytes had arrived.
+    func upstreamFailed(_ error: any Error, responded: Bool)
+    func upstreamWritabilityChanged(_ writable: Bool)
+}
+
+/// The last handler of an upstream connection (HTTP/1.1) or stream (HTTP/2):
+/// hands response parts to the exchange that owns it and sends its request
+/// parts. One exchange at a time; an HTTP/1.1 connection goes back to the
+/// pool when its response ends with keep-alive on both sides.
+final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    weak var sink: (any UpstreamSink)?
+    private var context: ChannelHandlerContext?
+    private(set) var responded = false
+    private(set) var isActive = true
+    /// Set when the pool handed this connection out before: a failure with no
+    /// response byte may be the server closing an idle connection.
+    var reused = false
+    /// Called when a response has ended; true if the connection may be reused.
+    var onResponseEnd: ((Bool) -> Void)?
+    private var requestKeepAlive = true
+    private var responseKeepAlive = true
+
+    var channel: Channel? { context?.channel }
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    /// Begins an exchange.
+    func begin(sink: any UpstreamSink, keepAlive: Bool) {
+        self.sink = sink
+        responded = false
+        requestKeepAlive = keepAlive
+        responseKeepAlive = true
+    }
+
+    func send(_ part: HTTPClientRequestPart, flush: Bool) {
+        guard let context else { return }
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(part), promise: nil)
+        }
+    }
+
+    func flush() { context?.flush() }
+
+    func close() {
+        sink = nil
+        isActive = false
+        context?.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        responded = true
+        switch part {
+        case .head(let head):
+            responseKeepAlive = head.isKeepAlive
+        case .body:
+            break
+        case .end:
+            let sink = self.sink
+            self.sink = nil
+            sink?.upstreamResponse(part)
+            onResponseEnd?(requestKeepAlive && responseKeepAlive && isActive)
+            return
+        }
+        sink?.upstreamResponse(part)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        sink?.upstreamWritabilityChanged(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        isActive = false
+        let sink = self.sink
+        self.sink = nil
+        sink?.upstreamFailed(ChannelError.eof, responded: responded)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        isActive = false
+        let sink = self.sink
+        self.sink = nil
+        sink?.upstreamFailed(error, responded: responded)
+        context.close(promise: nil)
+    }
+}

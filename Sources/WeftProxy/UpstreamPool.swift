@@ -1,0 +1,273 @@
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import NIOPosix
+import WeftCore
+
+/// A backend as the pool knows it.
+struct EndpointKey: Hashable, CustomStringConvertible {
+    var address: String
+    var port: UInt16
+    /// The node it runs on (an address has one node, so this adds no key bits).
+    var node: String = ""
+
+    init(address: String, port: UInt16, node: String = "") {
+        self.address = address
+        self.port = port
+        self.node = node
+    }
+
+    init(_ e: ProxyTable.Endpoint) { self.init(address: e.address, port: e.port, node: e.node) }
+    var description: String { "\(address):\(port)" }
+}
+
+/// Upstream connections and load state for one event loop. Every downstream
+/// connection is served on one loop, and its upstream connections are made
+/// on the same loop, so nothing here is shared between threads and nothing
+/// needs a lock. The price: in-flight counts and idle pools are per loop
+/// (per core), which is what least-request needs anyway to stay cheap.
+final class UpstreamPool {
+    final class EndpointState {
+        var inFlight = 0
+        var ejectedUntil = NIODeadline.uptimeNanoseconds(0)
+        var consecutiveFailures = 0
+        var idle: [UpstreamHandler] = []
+        var h2: HTTP2Upstream?
+    }
+
+    let eventLoop: any EventLoop
+    let configuration: ProxyConfiguration
+    private var endpoints: [EndpointKey: EndpointState] = [:]
+    /// xorshift state for the two random choices.
+    private var random: UInt64
+
+    init(eventLoop: any EventLoop, configuration: ProxyConfiguration) {
+        self.eventLoop = eventLoop
+        self.configuration = configuration
+        random = UInt64.random(in: 1...UInt64.max)
+    }
+
+    private func nextRandom() -> UInt64 {
+        random ^= random << 13
+        random ^= random >> 7
+        random ^= random << 17
+        return random
+    }
+
+    func state(_ key: EndpointKey) -> EndpointState {
+        if let s = endpoints[key] { return s }
+        let s = EndpointState()
+        endpoints[key] = s
+        return s
+    }
+
+    /// Least-request by the power of two choices: two endpoints at random,
+    /// the one with fewer requests in flight wins. Endpoints ejected after
+    /// connect failures are skipped while any other is usable; `excluding`
+    /// (endpoints a retry already tried) likewise.
+    func pick(_ candidates: [ProxyTable.Endpoint], excluding: Set<EndpointKey>) -> EndpointKey? {
+        let now = NIODeadline.now()
+        var usable: [EndpointKey] = []
+        usable.reserveCapacity(candidates.count)
+        for c in candidates {
+            let key = EndpointKey(c)
+            if excluding.contains(key) { continue }
+            if let s = endpoints[key], s.ejectedUntil > now { continue }
+            usable.append(key)
+        }
+        if usable.isEmpty {
+            // Everything is ejected or tried: fall back to any endpoint not
+            // yet tried, rather than failing without an attempt.
+            usable = candidates.map(EndpointKey.init).filter { !excluding.contains($0) }
+            if usable.isEmpty { usable = candidates.map(EndpointKey.init) }
+        }
+        switch usable.count {
+        case 0: return nil
+        case 1: return usable[0]
+        default:
+            let i = Int(nextRandom() % UInt64(usable.count))
+            var j = Int(nextRandom() % UInt64(usable.count - 1))
+            if j >= i { j += 1 }
+            let a = endpoints[usable[i]]?.inFlight ?? 0, b = endpoints[usable[j]]?.inFlight ?? 0
+            return a <= b ? usable[i] : usable[j]
+        }
+    }
+
+    /// Passive health: consecutive connect failures eject an endpoint for a
+    /// while (1 s, doubling to 30 s), so retries and new requests go elsewhere.
+    func recordConnectFailure(_ key: EndpointKey) {
+        let s = state(key)
+        s.consecutiveFailures += 1
+        let seconds = min(30, 1 << min(s.consecutiveFailures - 1, 5))
+        s.ejectedUntil = .now() + .seconds(Int64(seconds))
+    }
+
+    func recordSuccess(_ key: EndpointKey) {
+        guard let s = endpoints[key], s.consecutiveFailures != 0 else { return }
+        s.consecutiveFailures = 0
+        s.ejectedUntil = .uptimeNanoseconds(0)
+    }
+
+    /// An upstream handler ready for one exchange with `key`.
+    func acquire(_ key: EndpointKey, protocol proto: ProxyTable.UpstreamProtocol,
+                 _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+        let s = state(key)
+        switch proto {
+        case .http1:
+            while let handler = s.idle.popLast() {
+                if handler.isActive {
+                    handler.reused = true
+                    completion(.success(handler))
+                    return
+                }
+            }
+            connectHTTP1(key, completion)
+        case .http2:
+            if let h2 = s.h2, h2.isUsable {
+                h2.openStream(completion)
+                return
+            }
+            let h2 = HTTP2Upstream(key: key, pool: self)
+            s.h2 = h2
+            h2.openStream(completion)
+        }
+    }
+
+    /// Returns an HTTP/1.1 connection after a complete exchange.
+    func release(_ handler: UpstreamHandler, to key: EndpointKey, reusable: Bool) {
+        let s = state(key)
+        guard reusable, handler.isActive, s.idle.count < configuration.maxIdlePerBackend else {
+            handler.close()
+            return
+        }
+        s.idle.append(handler)
+    }
+
+    func bootstrap() -> ClientBootstrap {
+        ClientBootstrap(group: eventLoop)
+            .connectTimeout(.nanoseconds(Int64(configuration.connectTimeout.components.seconds) * 1_000_000_000
+                + configuration.connectTimeout.components.attoseconds / 1_000_000_000))
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+    }
+
+    private func connectHTTP1(_ key: EndpointKey, _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+        bootstrap()
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
+                    try channel.pipeline.syncOperations.addHandler(UpstreamHandler())
+                }
+            }
+            .connect(host: key.address, port: Int(key.port))
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    do {
+                        completion(.success(try channel.pipeline.syncOperations.handler(type: UpstreamHandler.self)))
+                    } catch {
+                        completion(.failure(error))
+                    }
+                case .failure(let error):
+                    completion(.failure(error))
+                }
+            }
+    }
+
+    fileprivate func forgetHTTP2(_ key: EndpointKey, _ h2: HTTP2Upstream) {
+        if let s = endpoints[key], s.h2 === h2 { s.h2 = nil }
+    }
+
+    /// Closes idle connections (drain, or a table without the endpoint).
+    func closeIdle() {
+        for s in endpoints.values {
+            for h in s.idle { h.close() }
+            s.idle.removeAll()
+            s.h2?.close()
+            s.h2 = nil
+        }
+    }
+}
+
+/// One multiplexed HTTP/2 connection to a backend: requests become streams.
+final class HTTP2Upstream {
+    let key: EndpointKey
+    private weak var pool: UpstreamPool?
+    private var multiplexer: NIOHTTP2Handler.StreamMultiplexer?
+    private var channel: Channel?
+    private var waiters: [(Result<UpstreamHandler, any Error>) -> Void] = []
+    private(set) var failed = false
+
+    var isUsable: Bool { !failed && (channel?.isActive ?? true) }
+
+    init(key: EndpointKey, pool: UpstreamPool) {
+        self.key = key
+        self.pool = pool
+        pool.bootstrap()
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                        mode: .client, connectionConfiguration: .init(), streamConfiguration: .init()
+                    ) { stream in stream.close() }
+                }
+            }
+            .connect(host: key.address, port: Int(key.port))
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                switch result {
+                case .success(let channel):
+                    do {
+                        self.channel = channel
+                        multiplexer = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
+                        channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
+                            failed = true
+                            pool.forgetHTTP2(key, self)
+                        }
+                        let ready = waiters
+                        waiters = []
+                        for w in ready { openStream(w) }
+                    } catch {
+                        fail(error)
+                    }
+                case .failure(let error):
+                    fail(error)
+                }
+            }
+    }
+
+    private func fail(_ error: any Error) {
+        failed = true
+        pool?.forgetHTTP2(key, self)
+        let ready = waiters
+        waiters = []
+        for w in ready { w(.failure(error)) }
+    }
+
+    func openStream(_ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+        guard let multiplexer else {
+            if failed { completion(.failure(ChannelError.ioOnClosedChannel)) } else { waiters.append(completion) }
+            return
+        }
+        multiplexer.createStreamChannel { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))
+                try stream.pipeline.syncOperations.addHandler(UpstreamHandler())
+            }
+        }
+        .assumeIsolated()
+        .whenComplete { result in
+            switch result {
+            case .success(let stream):
+                do {
+                    completion(.success(try stream.pipeline.syncOperations.handler(type: UpstreamHandler.self)))
+                } catch {
+                    completion(.failure(error))
+                }
+            case .failure(let error):
+                completion(.failure(error))
+            }
+        }
+    }
+
+    func close() { channel?.close(promise: nil) }
+}

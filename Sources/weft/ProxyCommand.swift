@@ -1,0 +1,47 @@
+import ArgumentParser
+import Foundation
+import Logging
+import WeftCore
+import WeftKernel
+import WeftProxy
+
+struct ProxyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "proxy",
+        abstract: "Run the node's L7 proxy (normally started and supervised by `weft agent`).")
+
+    @Option(help: "This node's name.") var node: String
+    @Option(help: "Outbound capture listener, ADDRESS:PORT (connect4 sends L7 Service traffic here).") var listen: String
+    @Option(name: .customLong("pin-dir"), help: "bpffs directory of the node's pins (default /sys/fs/bpf/weft/<node>).") var pinDir: String?
+    @Option(name: .customLong("run-dir"), help: "Directory of the route table and status socket (default /run/weft/<node>).") var runDir: String?
+    @Option(help: "Event loop threads (default: one per core).") var threads: Int?
+    @Option(name: .customLong("drain-timeout"), help: "Seconds in-flight requests get to finish on SIGTERM.") var drainTimeout = 10
+    @Option(name: .customLong("detect-timeout-ms"), help: "Milliseconds to wait for a client's first bytes before treating a connection as opaque TCP.") var detectTimeoutMs = 500
+
+    func run() throws {
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        var logger = Logger(label: "weft.proxy")
+        logger.logLevel = ProcessInfo.processInfo.environment["WEFT_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        guard let colon = listen.lastIndex(of: ":"), let address = IPv4Address(listen[..<colon]),
+              let port = UInt16(listen[listen.index(after: colon)...]), port != 0 else {
+            throw ValidationError("--listen \(listen) is not IPV4:PORT")
+        }
+        guard (0...3600).contains(drainTimeout) else { throw ValidationError("--drain-timeout must be 0-3600") }
+        guard (1...60_000).contains(detectTimeoutMs) else { throw ValidationError("--detect-timeout-ms must be 1-60000") }
+        if let threads, !(1...256).contains(threads) { throw ValidationError("--threads must be 1-256") }
+        var configuration = ProxyConfiguration(
+            node: node, listenAddress: address,
+            pinDirectory: pinDir ?? Datapath.defaultPinDirectory(node: node),
+            runDirectory: runDir ?? "/run/weft/\(node)")
+        configuration.listenPort = port
+        configuration.threads = threads
+        configuration.drainTimeout = .seconds(drainTimeout)
+        configuration.detectTimeout = .milliseconds(detectTimeoutMs)
+        do {
+            try ProxyServer.run(configuration, logger: logger)
+        } catch {
+            FileHandle.standardError.write(Data("weft proxy: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+    }
+}

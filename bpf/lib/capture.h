@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * L7 capture: a pod's connect() to a Service port that needs HTTP-level work
+ * goes to the node proxy instead of a backend. The proxy chooses the backend
+ * itself (per request, not per connection), so nothing here picks one.
+ */
+#ifndef WEFT_BPF_CAPTURE_H
+#define WEFT_BPF_CAPTURE_H
+
+#include "counters.h"
+
+/* Rewrites ctx to the proxy and records what was dialed. Returns 1 if the
+ * connection was captured, 0 if it keeps the kernel-only path: no proxy on
+ * this node, or the caller is no local pod (the node itself, and the proxy,
+ * whose upstream connections must never come back to it). */
+static __always_inline int capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vip, __be16 port,
+					    const struct weft_service_value *svc)
+{
+	__u32 zero = 0;
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	struct weft_proxy_config *proxy = bpf_map_lookup_elem(&weft_proxy_config, &zero);
+	struct weft_cgroup_endpoint *pod;
+	struct weft_sock_origin *origin;
+
+	if (!proxy || !proxy->addr || !ctx->sk)
+		return 0;
+	pod = bpf_map_lookup_elem(&weft_cgroups, &cgroup);
+	if (!pod)
+		return 0;
+	origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!origin)
+		return 0;  /* no memory for the record: better unproxied than unknown */
+	origin->vip = vip;
+	origin->port = port;
+	origin->flags = WEFT_ORIGIN_F_PROXY;
+	origin->service_id = svc->service_id;
+	origin->backend_id = 0;
+	origin->source = pod->addr;
+	origin->pad0 = 0;
+	ctx->user_ip4 = proxy->addr;
+	ctx->user_port = (__u32)proxy->port;
+	lb_count(WEFT_LB_PROXY_CAPTURED);
+	return 1;
+}
+
+#endif
