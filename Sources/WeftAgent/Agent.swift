@@ -203,6 +203,12 @@ final class SignalPipe {
         }
         readFD = fds[0]
         signalPipeWriteFD = fds[1]
+        // A parent may have blocked some of these (test runners do), and a
+        // blocked mask survives exec: unblock them, or they stay pending.
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        for signal in signals { sigaddset(&mask, signal) }
+        pthread_sigmask(SIG_UNBLOCK, &mask, nil)
         for signal in signals {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = { number in

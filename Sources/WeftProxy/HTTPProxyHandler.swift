@@ -196,7 +196,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, UpstreamSink {
             return fail(.serviceUnavailable, "weft: no ready backend for \(r.cluster.cluster)\n")
         }
         var key: EndpointKey?
-        var excluded = r.tried
+        // A retry prefers endpoints not tried yet; when every one has been,
+        // it may go back to one (a Service with a single backend).
+        var excluded = endpoints.allSatisfy({ r.tried.contains(EndpointKey($0)) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
         while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {

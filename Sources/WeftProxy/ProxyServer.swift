@@ -108,6 +108,10 @@ public enum ProxyServer {
         let queue = DispatchQueue(label: "weft.proxy.signals")
         let done = DispatchSemaphore(value: 0)
         var sources: [any DispatchSourceSignal] = []
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        for sig in [SIGHUP, SIGTERM, SIGINT] { sigaddset(&mask, sig) }
+        pthread_sigmask(SIG_UNBLOCK, &mask, nil)
         for sig in [SIGHUP, SIGTERM, SIGINT] {
             signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)

@@ -33,11 +33,11 @@ func table(_ rows: [[String]]) -> String {
 
 struct GetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "get", abstract: "Show what is in force: services (from the pinned maps), workloads or policies.")
+        commandName: "get", abstract: "Show what is in force: services (from the pinned maps), workloads, policies or routes.")
 
-    enum Kind: String, ExpressibleByArgument, CaseIterable { case services, workloads, policies }
+    enum Kind: String, ExpressibleByArgument, CaseIterable { case services, workloads, policies, routes }
 
-    @Argument(help: "services | workloads | policies") var kind: Kind
+    @Argument(help: "services | workloads | policies | routes") var kind: Kind
     @Option(help: "Node to read (default: every node pinned on this machine).") var node: String?
     @Option(name: .shortAndLong, help: "Output: table or json.") var output = "table"
 
@@ -88,6 +88,13 @@ struct GetCommand: ParsableCommand {
                 if output != "json" && !status.policies.isEmpty {
                     rows.append(["", "", "", "", "", "kernel total:", "\(kernel.entries.count) allow(s), \(kernel.endpoints.count) endpoint(s), \(kernel.cidrClasses.count) ipBlock region(s)"])
                 }
+            case .routes:
+                guard let status else { throw ValidationError("routes come from the agent, and agent \(node) is not reachable") }
+                if rows.isEmpty { rows.append(["NODE", "HTTPROUTE", "PARENTS", "RULES", "BACKENDS"]) }
+                for r in status.routes {
+                    rows.append([node, r.name, r.parents.joined(separator: ","), "\(r.rules)", r.backends.joined(separator: ", ")])
+                    json.append(["node": node, "route": r.name, "parents": r.parents, "rules": r.rules, "backends": r.backends])
+                }
             }
         }
         if output == "json" {
@@ -131,6 +138,12 @@ struct StatusCommand: ParsableCommand {
                     let order = ["load", "policy", "policy-write", "table", "plan", "write", "status"]
                     print("  phases:     " + order.compactMap { k in s.lastReconcilePhases[k].map { "\(k) \(String(format: "%.1f", $0)) ms" } }
                         .joined(separator: ", "))
+                }
+                if let p = s.proxy {
+                    let gen = p.generation.map { "\($0)" } ?? "unknown"
+                    print("  proxy:      \(p.pid.map { "pid \($0)" } ?? "NOT RUNNING"), listening on \(p.listen), restarts \(p.restarts), route table generation \(gen), \(p.frontends.count) captured service port(s)")
+                } else {
+                    print("  proxy:      none (--proxy-address none): every Service port is balanced in the kernel")
                 }
                 print("  programs:   " + s.programs.map { "\($0.name) (\($0.state), id \($0.programID))" }.joined(separator: ", "))
                 if s.configErrors.isEmpty {

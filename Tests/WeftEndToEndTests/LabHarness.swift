@@ -14,6 +14,7 @@ struct LabHarness {
         .deletingLastPathComponent().deletingLastPathComponent()
     static let tool = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/labtool.py").path
     static let echoServer = packageRoot.appendingPathComponent("examples/demo/echo_server.py").path
+    static let l7Server = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/l7server.py").path
 
     /// The `weft` built next to the test bundle.
     static var weft: String {
@@ -55,6 +56,12 @@ struct LabHarness {
             _ = try? Self.run(["lab", "down"])
             throw HarnessError("lab up failed: \(up.output)")
         }
+    }
+
+    /// The last lines of a node agent's log (with its proxy's), for failure messages.
+    static func agentLog(_ node: String, lines: Int = 30) -> String {
+        let text = (try? String(contentsOfFile: "/run/weft/lab/logs/agent-\(node).log", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").suffix(lines).joined(separator: "\n")
     }
 
     /// Tears the lab down; `afterwards` runs before another test may start one.

@@ -28,7 +28,7 @@ private let services = """
     spec:
       clusterIP: 198.19.0.10
       selector: {app: web}
-      ports: [{name: http, port: 80, targetPort: http}]
+      ports: [{name: web, port: 80, targetPort: http}]
     ---
     apiVersion: v1
     kind: Service
@@ -76,7 +76,7 @@ struct ServiceLoadBalancingTests {
         #expect((peer["peer"] as? [Any])?.last as? Int == 80)
         // `weft get services` reads the same table back from the pinned maps.
         let get = try LabHarness.run(["get", "services", "--node", "n1"])
-        #expect(get.output.contains("e2e/web:http"))
+        #expect(get.output.contains("e2e/web:web"))
         #expect(get.output.contains("198.18.1.12:8080, 198.18.2.12:8080, 198.18.2.13:8080") ||
                 get.output.contains("198.18.1.12:8080") && get.output.contains("198.18.2.13:8080"))
     }

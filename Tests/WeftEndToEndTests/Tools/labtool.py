@@ -259,8 +259,87 @@ def steady(targets, seconds, timeout="1.0"):
     print(json.dumps({"attempts": attempts, "failures": outcomes}))
 
 
+def http_load(host, port, n, path="/", *headers):
+    """N requests over keep-alive HTTP/1.1 (reconnecting when the server
+    closes): counts by pod and by status, and the errors."""
+    import http.client
+    hdrs = dict(h.split("=", 1) for h in headers)
+    pods, statuses, errors = {}, {}, []
+    conn = None
+    start = time.monotonic()
+    for _ in range(int(n)):
+        for attempt in range(2):
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+                conn.request("GET", path, headers=hdrs)
+                r = conn.getresponse()
+                r.read()
+                pod = r.getheader("x-pod") or "-"
+                pods[pod] = pods.get(pod, 0) + 1
+                statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+                break
+            except (OSError, http.client.HTTPException) as e:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                # A keep-alive connection the server closed as we reused it
+                # is retried once on a new one, as every HTTP client does.
+                if attempt == 1 or not isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)):
+                    errors.append(type(e).__name__ + ": " + str(e))
+                    break
+    print(json.dumps({"pods": pods, "statuses": statuses, "errors": errors,
+                      "seconds": time.monotonic() - start}))
+
+
+def http_steady(host, port, seconds):
+    """Requests back to back for a while, half on fresh connections and half
+    on one kept alive: every failure is reported (drain tests)."""
+    import http.client
+    ok, failures = 0, []
+    keep = None
+    end = time.time() + float(seconds)
+    i = 0
+    while time.time() < end:
+        i += 1
+        fresh = i % 2 == 0
+        for attempt in range(2):
+            try:
+                if fresh:
+                    c = http.client.HTTPConnection(host, int(port), timeout=5)
+                else:
+                    if keep is None:
+                        keep = http.client.HTTPConnection(host, int(port), timeout=5)
+                    c = keep
+                c.request("GET", "/")
+                r = c.getresponse()
+                r.read()
+                if r.status != 200:
+                    failures.append("status %d" % r.status)
+                else:
+                    ok += 1
+                if fresh or r.getheader("connection", "").lower() == "close":
+                    c.close()
+                    if not fresh:
+                        keep = None
+                break
+            except (OSError, http.client.HTTPException) as e:
+                if not fresh and keep is not None:
+                    keep.close()
+                    keep = None
+                    if attempt == 0 and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)):
+                        continue  # an idle keep-alive connection closed under us: reconnect, as clients do
+                failures.append(type(e).__name__ + ": " + str(e))
+                break
+    print(json.dumps({"ok": ok, "failures": failures}))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
-     "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady}[command](*args)
+     "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
+     "http-load": http_load, "http-steady": http_steady}[command](*args)

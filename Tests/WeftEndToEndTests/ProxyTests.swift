@@ -1,0 +1,387 @@
+import Foundation
+import Testing
+
+// The node proxy end to end: real clients (curl, Python) in lab pods dial
+// Service clusterIPs, connect4 captures the L7 ones to the node proxy, and
+// real backends (Tools/l7server.py) answer with what they received.
+
+private let ns = "l7"
+
+private func pod(_ name: String, node: String, address: String, labels: String, args: String = "") -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: \(name), namespace: \(ns), labels: \(labels), annotations: {lab.weft.dev/command: "python3 \(LabHarness.l7Server) 8080 \(args)"}}
+    spec: {serviceAccount: \(name), node: \(node), address: \(address), ports: [{name: http, port: 8080}]}
+    """
+}
+
+private func service(_ name: String, ip: String, selector: String, portName: String = "http") -> String {
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: \(name), namespace: \(ns)}
+    spec:
+      clusterIP: \(ip)
+      selector: \(selector)
+      ports: [{name: \(portName), port: 80, targetPort: http}]
+    """
+}
+
+private let pods = [
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: client, namespace: \(ns), labels: {app: client}, annotations: {lab.weft.dev/command: "sleep infinity"}}
+    spec: {node: n1, address: 198.18.1.10}
+    """,
+    pod("v1-a", node: "n1", address: "198.18.1.20", labels: "{app: web, version: v1}"),
+    pod("v1-b", node: "n2", address: "198.18.2.20", labels: "{app: web, version: v1}"),
+    pod("v2", node: "n1", address: "198.18.1.21", labels: "{app: web, version: v2}"),
+    pod("flaky", node: "n1", address: "198.18.1.30", labels: "{app: retry}", args: "--fail-rate 0.5"),
+    pod("steady", node: "n2", address: "198.18.2.30", labels: "{app: retry}"),
+    pod("broken", node: "n1", address: "198.18.1.31", labels: "{app: broken}", args: "--fail-rate 1.0"),
+    pod("slow", node: "n1", address: "198.18.1.32", labels: "{app: slow}"),
+    pod("banner", node: "n1", address: "198.18.1.40", labels: "{app: banner}", args: "--tcp-banner"),
+].joined(separator: "\n---\n")
+
+private let allPodAddresses = ["198.18.1.20", "198.18.2.20", "198.18.1.21", "198.18.1.30", "198.18.2.30",
+                               "198.18.1.31", "198.18.1.32"]
+
+private let services = [
+    service("web", ip: "198.19.1.10", selector: "{app: web}"),
+    service("web-v1", ip: "198.19.1.11", selector: "{app: web, version: v1}"),
+    service("web-v2", ip: "198.19.1.12", selector: "{app: web, version: v2}"),
+    service("retry", ip: "198.19.1.20", selector: "{app: retry}"),
+    service("broken", ip: "198.19.1.21", selector: "{app: broken}"),
+    service("slow", ip: "198.19.1.22", selector: "{app: slow}"),
+    service("banner", ip: "198.19.1.30", selector: "{app: banner}"),
+    service("nobody", ip: "198.19.1.40", selector: "{app: nobody}"),
+    // Declares no HTTP: stays on the kernel-only path.
+    service("plain", ip: "198.19.1.50", selector: "{app: web, version: v2}", portName: "web"),
+].joined(separator: "\n---\n")
+
+private let routes = """
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: web, namespace: \(ns)}
+    spec:
+      parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+      rules:
+      - matches: [{headers: [{name: x-canary, value: "yes"}]}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /api}, method: GET}]
+        filters:
+        - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2api}}}
+        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: api}], remove: [x-drop-me]}}
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{path: {type: Exact, value: /old}}]
+        filters:
+        - {type: RequestRedirect, requestRedirect: {hostname: new.example, path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}
+      - matches: [{queryParams: [{name: version, value: "2"}]}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{path: {type: RegularExpression, value: "/re/[0-9]+"}}]
+        backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /}}]
+        filters:
+        - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-split, value: canary}]}}
+        backendRefs: [{name: web-v1, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: retry, namespace: \(ns)}
+    spec:
+      parentRefs: [{kind: Service, group: "", name: retry}]
+      rules:
+      - backendRefs: [{name: retry, port: 80}]
+        retry: {codes: [503], attempts: 3, backoff: 5ms}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: broken, namespace: \(ns)}
+    spec:
+      parentRefs: [{kind: Service, group: "", name: broken}]
+      rules:
+      - backendRefs: [{name: broken, port: 80}]
+        retry: {codes: [503], attempts: 3, backoff: 1ms}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: slow, namespace: \(ns)}
+    spec:
+      parentRefs: [{kind: Service, group: "", name: slow}]
+      rules:
+      - matches: [{path: {type: PathPrefix, value: /sleep}}]
+        timeouts: {request: 300ms}
+        backendRefs: [{name: slow, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /backend}}]
+        timeouts: {request: 2s, backendRequest: 200ms}
+        filters:
+        - {type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /sleep/1000}}}
+        backendRefs: [{name: slow, port: 80}]
+    """
+
+private func startLab() throws -> LabHarness {
+    let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": pods, "routes.yaml": routes])
+    do {
+        try waitForBackends(lab)
+    } catch {
+        lab.down()
+        throw error
+    }
+    return lab
+}
+
+/// Backends start asynchronously: wait until each answers on its own address.
+private func waitForBackends(_ lab: LabHarness) throws {
+    for address in allPodAddresses {
+        var ok = false
+        for _ in 0..<200 {
+            if let r = try? LabHarness.run(["lab", "exec", "client", "--", "curl", "-s", "-o", "/dev/null", "-m", "1",
+                                            "http://\(address):8080/__count"]), r.status == 0 { ok = true; break }
+            usleep(50_000)
+        }
+        try #require(ok, "backend \(address) never answered")
+    }
+}
+
+/// curl in the client pod; returns (status, headers lowercased, body).
+private func curl(_ lab: LabHarness, _ url: String, _ extra: [String] = []) throws -> (Int, [String: String], String) {
+    let r = try LabHarness.run(["lab", "exec", "client", "--", "curl", "-sS", "-m", "5", "-D", "-", url] + extra)
+    let text = r.output
+    guard let split = text.range(of: "\r\n\r\n") else { throw HarnessError("curl \(url): \(text)") }
+    let headLines = text[..<split.lowerBound].split(separator: "\r\n")
+    let status = Int(headLines.first?.split(separator: " ").dropFirst().first ?? "") ?? 0
+    var headers: [String: String] = [:]
+    for line in headLines.dropFirst() {
+        if let c = line.firstIndex(of: ":") {
+            headers[line[..<c].lowercased()] = line[line.index(after: c)...].trimmingCharacters(in: .whitespaces)
+        }
+    }
+    return (status, headers, String(text[split.upperBound...]))
+}
+
+private func json(_ body: String) -> [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]) ?? [:]
+}
+
+private func stat(_ node: String, _ name: String) throws -> Int {
+    let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
+    for line in text.split(separator: "\n") where line.hasPrefix("weft_proxy_\(name) ") {
+        return Int(line.split(separator: " ").last ?? "") ?? -1
+    }
+    return -1
+}
+
+@Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
+struct ProxyTests {
+    @Test func capturedRequestsAreRoutedSplitAndFiltered() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+
+        // HTTP/1.1 through the proxy: the backend sees who asked and via whom.
+        let (status, headers, body) = try curl(lab, "http://198.19.1.10/hello", [
+            "-H", "Connection: keep-alive, x-hop", "-H", "x-hop: secret", "-H", "x-canary: yes"])
+        #expect(status == 200, "\(body)")
+        let seen = json(body)
+        let got = seen["headers"] as? [String: String] ?? [:]
+        #expect(seen["pod"] as? String == "v2", "x-canary: yes routes to web-v2: \(seen)")
+        #expect(got["x-forwarded-for"] == "198.18.1.10", "\(got)")
+        #expect(got["forwarded"] == "for=198.18.1.10;proto=http", "\(got)")
+        #expect(got["via"] == "1.1 weft-n1", "\(got)")
+        #expect((got["x-request-id"] ?? "").count == 36, "\(got)")
+        #expect(got["x-hop"] == nil, "a header named in Connection is hop-by-hop: \(got)")
+        #expect(headers["x-pod"] == "v2")
+
+        // HTTP/2 with prior knowledge from the client; HTTP/1.1 to the backend.
+        let h2 = try curl(lab, "http://198.19.1.10/h2", ["--http2-prior-knowledge", "-H", "x-canary: yes"])
+        #expect(h2.0 == 200, "\(h2)")
+        #expect(json(h2.2)["pod"] as? String == "v2")
+
+        // Path prefix + method, URL rewrite, request header modifier.
+        let api = json(try curl(lab, "http://198.19.1.10/api/items?x=1", ["-H", "x-drop-me: 1"]).2)
+        let apiHeaders = api["headers"] as? [String: String] ?? [:]
+        #expect(api["pod"] as? String == "v2")
+        #expect(api["path"] as? String == "/v2api/items?x=1", "\(api)")
+        #expect(apiHeaders["x-route"] == "api" && apiHeaders["x-drop-me"] == nil, "\(apiHeaders)")
+        // POST /api does not match the GET-only rule: it falls to the split.
+        #expect(try curl(lab, "http://198.19.1.10/api/items", ["-X", "POST", "-d", "x"]).1["x-split"] == "canary")
+
+        // Redirect, answered by the proxy itself.
+        let redirect = try curl(lab, "http://198.19.1.10/old?q=1")
+        #expect(redirect.0 == 301)
+        #expect(redirect.1["location"] == "http://new.example/new?q=1", "\(redirect.1)")
+
+        // Query parameter and regular-expression matches.
+        #expect(json(try curl(lab, "http://198.19.1.10/x?version=2").2)["pod"] as? String == "v2")
+        for _ in 0..<5 {
+            let pod = json(try curl(lab, "http://198.19.1.10/re/42").2)["pod"] as? String
+            #expect(pod == "v1-a" || pod == "v1-b", "\(pod ?? "nil")")
+        }
+
+        // The canary split: 90/10 over 2,000 requests, within 3 points.
+        let split = try lab.tool(in: "client", ["http-load", "198.19.1.10", "80", "2000", "/split"])
+        let counts = split["pods"] as? [String: Int] ?? [:]
+        #expect((split["errors"] as? [Any])?.isEmpty == true, "\(split)")
+        let v2 = Double(counts["v2"] ?? 0) / 2000
+        #expect(abs(v2 - 0.10) <= 0.03, "v2 share \(v2): \(counts)")
+        #expect((counts["v1-a"] ?? 0) > 0 && (counts["v1-b"] ?? 0) > 0, "both v1 pods, on both nodes: \(counts)")
+
+        // No backend: 503 with a body saying so; no route match: the split catches all here.
+        let none = try curl(lab, "http://198.19.1.40/")
+        #expect(none.0 == 503 && none.2.contains("no ready backend for l7/nobody:80"), "\(none)")
+
+        // Not declared as HTTP and no route: the kernel balances it, no proxy hop.
+        let before = try stat("n1", "requests_total")
+        let plain = json(try curl(lab, "http://198.19.1.50/").2)
+        #expect(plain["pod"] as? String == "v2")
+        #expect((plain["headers"] as? [String: String])?["via"] == nil)
+        #expect(try stat("n1", "requests_total") == before)
+
+        // The application still sees the clusterIP as its peer.
+        let peer = try lab.tool(in: "client", ["peer", "198.19.1.10", "80"])
+        #expect((peer["peer"] as? [Any])?.first as? String == "198.19.1.10")
+
+        // weft status names the proxy and what it captures.
+        let st = try LabHarness.run(["status", "--node", "n1"])
+        #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 8 captured service port(s)"), "\(st.output)")
+        #expect(st.output.contains("proxy_captured="), "\(st.output)")
+        let get = try LabHarness.run(["get", "routes", "--node", "n1"])
+        #expect(get.output.contains("l7/web") && get.output.contains("web-v2:80 weight 10"), "\(get.output)")
+    }
+
+    @Test func retriesMaskAFlakyBackendAndBudgetsCapAnOutage() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        // One backend of two answers 503 half the time: retries (to another
+        // endpoint) hide it.
+        let r = try lab.tool(in: "client", ["http-load", "198.19.1.20", "80", "1000", "/"])
+        let statuses = r["statuses"] as? [String: Int] ?? [:]
+        let ok = Double(statuses["200"] ?? 0) / 1000
+        #expect(ok >= 0.99, "success \(ok): \(statuses) \(r["errors"] ?? [])")
+        #expect(try stat("n1", "retries_total") > 0)
+
+        // Every backend fails: retries stop at the budget (20% of requests
+        // plus 10 a second), so the outage is not multiplied by 4 attempts.
+        let n = 600
+        let outage = try lab.tool(in: "client", ["http-load", "198.19.1.21", "80", "\(n)", "/"])
+        let failed = (outage["statuses"] as? [String: Int])?["503"] ?? 0
+        #expect(failed == n, "\(outage)")
+        let seenByBackend = json(try curl(lab, "http://198.18.1.31:8080/__count").2)["count"] as? Int ?? -1
+        let seconds = outage["seconds"] as? Double ?? 0
+        let bound = Int(Double(n) * 1.2 + 10 * max(seconds, 10) + 10)
+        #expect(seenByBackend > n && seenByBackend <= bound, "backend saw \(seenByBackend) for \(n) requests (bound \(bound))")
+        #expect(try stat("n1", "retries_budget_exhausted_total") > 0)
+    }
+
+    @Test func timeoutsAnswer504() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let start = Date()
+        let slow = try curl(lab, "http://198.19.1.22/sleep/3000")
+        let took = Date().timeIntervalSince(start)
+        #expect(slow.0 == 504, "\(slow)")
+        #expect(took < 2.5, "request timeout 300ms took \(took)s")
+        // backendRequest: each attempt gets 200 ms of a 1 s sleep.
+        let backend = try curl(lab, "http://198.19.1.22/backend")
+        #expect(backend.0 == 504 && backend.2.contains("did not answer"), "\(backend)")
+    }
+
+    @Test func nonHTTPBytesPassThroughAndServerFirstProtocolsWork() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        // The banner server speaks first: nothing arrives from the client,
+        // the detect timeout passes, and the bytes flow both ways.
+        let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
+            import socket, time
+            s = socket.create_connection(("198.19.1.30", 80), timeout=5)
+            banner = s.recv(100)
+            s.sendall(b"\\x00\\x01binary\\n")
+            time.sleep(0.2)
+            echo = s.recv(100)
+            print(banner.decode().strip() + "|" + repr(echo))
+            """])
+        #expect(out.output.contains("hello from banner|b'\\x00\\x01binary\\n'"), "\(out.output)")
+        #expect(try stat("n1", "tcp_passthrough_total") >= 1)
+    }
+
+    @Test func proxyRestartDrainsWithoutFailingARequestAndACrashFailsFast() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let load = try lab.startTool(in: "client", ["http-steady", "198.19.1.11", "80", "4"])
+        usleep(1_000_000)
+        let restart = try LabHarness.run(["lab", "restart-proxy", "n1"])
+        #expect(restart.status == 0, "\(restart.output)\n\(LabHarness.agentLog("n1"))")
+        let result = try load.finish()
+        #expect((result["failures"] as? [Any])?.isEmpty == true, "\(result)")
+        #expect((result["ok"] as? Int ?? 0) > 50, "\(result)")
+
+        // A crash: the agent starts a new proxy.
+        let crash = try LabHarness.run(["lab", "restart-proxy", "n1", "--kill"])
+        #expect(crash.status == 0, "\(crash.output)\n\(LabHarness.agentLog("n1"))")
+        #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
+        let status = try LabHarness.run(["status", "--node", "n1"])
+        #expect(status.output.contains("restarts 1,"), "\(status.output)")
+
+        // While no proxy runs, captured connects are refused at once, not
+        // left hanging: freeze the agent so it cannot restart one, kill the proxy.
+        let state = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "/run/weft/lab/state.json"))) as? [String: Any]
+        let nodes = state?["nodes"] as? [[String: Any]] ?? []
+        let agentPid: Int? = nodes.first { $0["name"] as? String == "n1" }?["agentPid"] as? Int
+        let agent = Int32(try #require(agentPid))
+        let proxyPid = try #require(Int32(try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)))
+        kill(agent, SIGSTOP)
+        kill(proxyPid, SIGKILL)
+        usleep(100_000)
+        let refused = try lab.tool(in: "client", ["refused", "198.19.1.11", "80"])
+        kill(agent, SIGCONT)
+        #expect(refused["result"] as? String == "ECONNREFUSED", "\(refused)")
+        #expect((refused["ms"] as? Double ?? 1e9) < 500, "\(refused)")
+        var back = false
+        for _ in 0..<100 where !back {
+            back = (try? curl(lab, "http://198.19.1.11/").0) == 200
+            if !back { usleep(50_000) }
+        }
+        #expect(back, "no proxy came back: \(LabHarness.agentLog("n1"))")
+
+        // An agent restart adopts the running proxy instead of starting another.
+        let pidBefore = try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8)
+        let restartAgent = try LabHarness.run(["lab", "restart-agent", "n1"])
+        #expect(restartAgent.status == 0, "\(restartAgent.output)")
+        #expect(try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8) == pidBefore)
+        #expect(LabHarness.agentLog("n1").contains("adopted running proxy"))
+        #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
+    }
+}
+
+@Suite struct HTTPRouteValidationTests {
+    @Test func badRoutesAreRefusedWithFileDocumentAndField() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("weft-routes-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let svc = service("web", ip: "198.19.1.10", selector: "{app: web}")
+        let cases: [(String, String)] = [
+            ("parentRefs: [{kind: Service, group: \"\", name: missing}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]",
+             "spec.parentRefs[0].name: no Service l7/missing"),
+            ("parentRefs: [{kind: Service, group: \"\", name: web}]\n  rules: [{backendRefs: [{name: web, port: 80, weight: -1}]}]",
+             "spec.rules[0].backendRefs[0].weight"),
+            ("parentRefs: [{kind: Service, group: \"\", name: web}]\n  rules: [{matches: [{path: {type: RegularExpression, value: \"/(\"}}], backendRefs: [{name: web, port: 80}]}]",
+             "spec.rules[0].matches[0].path.value: not a valid regular expression"),
+            ("parentRefs: [{kind: Service, group: \"\", name: web}]\n  rules: [{backendRefs: [{name: web, port: 81}]}]",
+             "spec.rules[0].backendRefs[0].port"),
+            ("parentRefs: [{kind: Gateway, name: gw}]", "spec.parentRefs[0].kind"),
+            ("parentRefs: [{kind: Service, group: \"\", name: web}]\n  rules: [{timeouts: {request: 5x}}]",
+             "spec.rules[0].timeouts.request"),
+        ]
+        for (spec, expected) in cases {
+            let file = dir.appendingPathComponent("route.yaml").path
+            try (svc + "\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: \(ns)}\nspec:\n  " + spec + "\n")
+                .write(toFile: file, atomically: true, encoding: .utf8)
+            let r = try LabHarness.run(["validate", "-f", file])
+            #expect(r.status != 0, "accepted: \(spec)")
+            #expect(r.output.contains("route.yaml:2:\(expected)") || r.output.contains("route.yaml:2: \(expected)")
+                    || (r.output.contains("route.yaml:2") && r.output.contains(expected)), "\(expected) not in \(r.output)")
+        }
+    }
+}

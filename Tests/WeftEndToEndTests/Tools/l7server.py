@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""An HTTP/1.1 backend for the proxy tests. Every response names the pod and
+echoes what the request looked like on arrival (method, path, headers), so a
+test can see what the proxy did to it. Behaviour by path:
+  /status/NNN      answer with that status
+  /sleep/MS        wait MS milliseconds first
+  /flaky/RATE      answer 503 with probability RATE (0..1)
+  /__count         how many requests this server has seen (not counted)
+Usage: l7server.py PORT [--fail-rate R]  (R: 503 on that share of every request)
+"""
+import json
+import os
+import random
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+POD = os.environ.get("WEFT_POD_NAME", "unknown")
+FAIL_RATE = 0.0
+COUNT = 0
+LOCK = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without this, Nagle's
+    # algorithm holds the body for the client's delayed ACK (40 ms).
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):
+        pass
+
+    def handle_any(self):
+        global COUNT
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path = self.path
+        if path == "/__count":
+            return self.reply(200, {"pod": POD, "count": COUNT})
+        with LOCK:
+            COUNT += 1
+        status = 200
+        parts = path.split("?")[0].strip("/").split("/")
+        if parts[0] == "status" and len(parts) > 1:
+            status = int(parts[1])
+        elif parts[0] == "sleep" and len(parts) > 1:
+            time.sleep(int(parts[1]) / 1000)
+        elif parts[0] == "flaky" and len(parts) > 1 and random.random() < float(parts[1]):
+            status = 503
+        if FAIL_RATE and random.random() < FAIL_RATE:
+            status = 503
+        self.reply(status, {"pod": POD, "method": self.command, "path": path, "body": len(body),
+                            "headers": {k.lower(): v for k, v in self.headers.items()}})
+
+    def reply(self, status, obj):
+        data = (json.dumps(obj) + "\n").encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.send_header("x-pod", POD)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = handle_any
+
+
+def tcp_banner(port):
+    """Raw TCP that speaks first: a banner, then an echo (passthrough tests)."""
+    import socket
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(64)
+
+    def serve(c):
+        with c:
+            c.sendall(("hello from %s\n" % POD).encode())
+            while True:
+                data = c.recv(4096)
+                if not data:
+                    return
+                c.sendall(data)
+
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    if "--tcp-banner" in sys.argv:
+        tcp_banner(port)
+    if "--fail-rate" in sys.argv:
+        FAIL_RATE = float(sys.argv[sys.argv.index("--fail-rate") + 1])
+    ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer.request_queue_size = 512
+    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
