@@ -12,7 +12,7 @@ import WeftKernel
 /// The request body streams to the upstream as it arrives; up to
 /// `replayBufferLimit` of it is also kept so that a retry (or a mirror) can
 /// send it again. A larger body makes the request not retryable.
-final class HTTPProxyHandler: ChannelInboundHandler, UpstreamSink {
+final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, UpstreamSink {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
@@ -59,6 +59,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, UpstreamSink {
         var upstream: UpstreamHandler?
         var connecting = false
         var responseStarted = false
+        var heldHead: HTTPResponseHead?
         var requestTimer: Scheduled<Void>?
         var attemptTimer: Scheduled<Void>?
         var retryTimer: Scheduled<Void>?
@@ -319,13 +320,37 @@ final class HTTPProxyHandler: ChannelInboundHandler, UpstreamSink {
             head.version = r.head.version
             if !isHTTP2 && !r.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "close") }
             proxy.stats.response(Int(head.status.code))
-            context.write(wrapOutboundOut(.head(head)), promise: nil)
+            if isHTTP2 && head.headers.contains(name: "grpc-status") {
+                // Perhaps a gRPC "trailers-only" response (status in the one
+                // HEADERS frame): held until we know whether a body follows.
+                request!.heldHead = head
+            } else {
+                context.write(wrapOutboundOut(.head(head)), promise: nil)
+            }
         case .body(let buffer):
             guard r.responseStarted else { return }
+            if let held = r.heldHead {
+                request!.heldHead = nil
+                context.write(wrapOutboundOut(.head(held)), promise: nil)
+            }
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
             if !context.channel.isWritable { r.upstream?.channel?.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in } }
-        case .end(let trailers):
+        case .end(var trailers):
             guard r.responseStarted else { return }
+            if var held = r.heldHead {
+                // Trailers-only: NIO's HTTP/1-style codec would send the
+                // head and an empty end apart, and gRPC clients then miss the
+                // status. Send it as a head and trailers instead.
+                if trailers == nil {
+                    var moved = HTTPHeaders()
+                    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+                        for v in held.headers[name] { moved.add(name: name, value: v) }
+                        held.headers.remove(name: name)
+                    }
+                    trailers = moved
+                }
+                context.write(wrapOutboundOut(.head(held)), promise: nil)
+            }
             let keepAlive = r.keepAlive
             endAttempt(success: true)
             finish()
@@ -350,6 +375,12 @@ final class HTTPProxyHandler: ChannelInboundHandler, UpstreamSink {
         let reusedIdle = r.upstream?.reused ?? false
         retryOrFail(.badGateway, "weft: upstream \(r.endpoint.map(\.description) ?? "?") reset the connection before responding\n",
                     sentNothing: false, free: reusedIdle && r.idempotent)
+    }
+
+    func upstreamReadComplete() {
+        // Streamed responses (gRPC server streams, SSE) reach the client as
+        // they arrive, one flush per upstream read burst.
+        if request?.responseStarted == true { context?.flush() }
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {

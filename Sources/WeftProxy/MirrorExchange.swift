@@ -34,4 +34,5 @@ final class MirrorExchange: UpstreamSink {
 
     func upstreamFailed(_ error: any Error, responded: Bool) { keepSelf = nil }
     func upstreamWritabilityChanged(_ writable: Bool) {}
+    func upstreamReadComplete() {}
 }

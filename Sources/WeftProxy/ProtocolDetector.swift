@@ -79,7 +79,12 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         do {
             switch verdict {
             case .http1:
-                try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
+                // NIO's configureHTTPServerPipeline, with the decoder keeping
+                // the bytes after an Upgrade request for the spliced stream.
+                try pipeline.addHandler(HTTPResponseEncoder())
+                try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
+                try pipeline.addHandler(HTTPServerPipelineHandler())
+                try pipeline.addHandler(HTTPServerProtocolErrorHandler())
                 let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
                 handler.onUpgrade = Upgrade.splice
                 try pipeline.addHandler(handler)

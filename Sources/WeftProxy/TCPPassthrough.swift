@@ -78,31 +78,44 @@ enum Upgrade {
             context.close(promise: nil)
             return
         }
+        upstream.sink = nil
+        upstream.onResponseEnd = nil
         let downstream = context.channel
         var response = head
         response.headers.remove(name: "keep-alive")
-        upstream.sink = nil
-        let (a, b) = GlueHandler.pair()
-        do {
-            // Downstream: the 101 goes out through the HTTP encoder, then every
-            // HTTP handler leaves the pipeline and raw bytes flow.
-            let ops = downstream.pipeline.syncOperations
-            context.write(NIOAny(HTTPServerResponsePart.head(response)), promise: nil)
-            context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
-            try upstreamChannel.pipeline.syncOperations.addHandler(b)
-            try ops.addHandler(a, position: .first)
-            for name in ["HTTPServerPipelineHandler", "HTTPServerProtocolErrorHandler"] { _ = name }
-            try removeAll(ops, except: a)
-            try removeAll(upstreamChannel.pipeline.syncOperations, except: b)
-        } catch {
-            upstreamChannel.close(promise: nil)
-            downstream.close(promise: nil)
-        }
-    }
+        // The 101 goes out through the HTTP encoder; once it is written,
+        // the HTTP handlers leave both pipelines. The surgery waits for the
+        // next loop turn: we are inside the upstream decoder's read.
+        context.write(NIOAny(HTTPServerResponsePart.head(response)), promise: nil)
+        context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
+        context.eventLoop.assumeIsolated().execute {
+            let (a, b) = GlueHandler.pair()
+            do {
+                // Glue goes last, so that bytes a decoder still holds (sent
+                // right after the handshake) reach it when the decoder leaves.
+                let up = upstreamChannel.pipeline.syncOperations
+                try up.addHandler(b)
+                try up.removeHandler(up.handler(type: UpstreamHandler.self), promise: nil)
+                try up.removeHandler(up.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: nil)
+                try up.removeHandler(up.handler(type: HTTPRequestEncoder.self), promise: nil)
+                // addHTTPClientHandlers also validates outbound headers.
+                if let validator = try? up.handler(type: NIOHTTPRequestHeadersValidator.self) {
+                    up.removeHandler(validator, promise: nil)
+                }
 
-    /// Removes every handler but `keep`, last first.
-    private static func removeAll(_ ops: ChannelPipeline.SynchronousOperations, except keep: GlueHandler) throws {
-        _ = ops
-        _ = keep
+                let down = downstream.pipeline.syncOperations
+                try down.addHandler(a)
+                try down.removeHandler(down.handler(type: HTTPProxyHandler.self), promise: nil)
+                try down.removeHandler(down.handler(type: HTTPServerProtocolErrorHandler.self), promise: nil)
+                try down.removeHandler(down.handler(type: HTTPServerPipelineHandler.self), promise: nil)
+                try down.removeHandler(down.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self), promise: nil)
+                try down.removeHandler(down.handler(type: HTTPResponseEncoder.self), promise: nil)
+                downstream.read()
+                upstreamChannel.read()
+            } catch {
+                upstreamChannel.close(promise: nil)
+                downstream.close(promise: nil)
+            }
+        }
     }
 }

@@ -9,6 +9,8 @@ protocol UpstreamSink: AnyObject {
     /// says whether any response bytes had arrived.
     func upstreamFailed(_ error: any Error, responded: Bool)
     func upstreamWritabilityChanged(_ writable: Bool)
+    /// The upstream's read burst ended: flush what was written downstream.
+    func upstreamReadComplete()
 }
 
 /// The last handler of an upstream connection (HTTP/1.1) or stream (HTTP/2):
@@ -78,6 +80,11 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         sink?.upstreamResponse(part)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        sink?.upstreamReadComplete()
+        context.fireChannelReadComplete()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {

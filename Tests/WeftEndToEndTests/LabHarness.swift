@@ -14,6 +14,7 @@ struct LabHarness {
         .deletingLastPathComponent().deletingLastPathComponent()
     static let tool = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/labtool.py").path
     static let echoServer = packageRoot.appendingPathComponent("examples/demo/echo_server.py").path
+    static let grpcTool = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/grpctool.py").path
     static let l7Server = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/l7server.py").path
 
     /// The `weft` built next to the test bundle.

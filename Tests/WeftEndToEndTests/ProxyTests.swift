@@ -16,7 +16,8 @@ private func pod(_ name: String, node: String, address: String, labels: String, 
     """
 }
 
-private func service(_ name: String, ip: String, selector: String, portName: String = "http") -> String {
+private func service(_ name: String, ip: String, selector: String, portName: String = "http",
+                     appProtocol: String? = nil) -> String {
     """
     apiVersion: v1
     kind: Service
@@ -24,7 +25,7 @@ private func service(_ name: String, ip: String, selector: String, portName: Str
     spec:
       clusterIP: \(ip)
       selector: \(selector)
-      ports: [{name: \(portName), port: 80, targetPort: http}]
+      ports: [{name: \(portName), port: 80, targetPort: http\(appProtocol.map { ", appProtocol: \($0)" } ?? "")}]
     """
 }
 
@@ -43,10 +44,16 @@ private let pods = [
     pod("broken", node: "n1", address: "198.18.1.31", labels: "{app: broken}", args: "--fail-rate 1.0"),
     pod("slow", node: "n1", address: "198.18.1.32", labels: "{app: slow}"),
     pod("banner", node: "n1", address: "198.18.1.40", labels: "{app: banner}", args: "--tcp-banner"),
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: grpc, namespace: \(ns), labels: {app: grpc}, annotations: {lab.weft.dev/command: "/usr/bin/python3 \(LabHarness.grpcTool) serve 8080"}}
+    spec: {serviceAccount: grpc, node: n2, address: 198.18.2.60, ports: [{name: http, port: 8080}]}
+    """,
 ].joined(separator: "\n---\n")
 
 private let allPodAddresses = ["198.18.1.20", "198.18.2.20", "198.18.1.21", "198.18.1.30", "198.18.2.30",
-                               "198.18.1.31", "198.18.1.32"]
+                               "198.18.1.31", "198.18.1.32"]  // the gRPC server is waited for by its test
 
 private let services = [
     service("web", ip: "198.19.1.10", selector: "{app: web}"),
@@ -57,6 +64,7 @@ private let services = [
     service("slow", ip: "198.19.1.22", selector: "{app: slow}"),
     service("banner", ip: "198.19.1.30", selector: "{app: banner}"),
     service("nobody", ip: "198.19.1.40", selector: "{app: nobody}"),
+    service("grpc", ip: "198.19.1.60", selector: "{app: grpc}", portName: "rpc", appProtocol: "grpc"),
     // Declares no HTTP: stays on the kernel-only path.
     service("plain", ip: "198.19.1.50", selector: "{app: web, version: v2}", portName: "web"),
 ].joined(separator: "\n---\n")
@@ -244,10 +252,40 @@ struct ProxyTests {
 
         // weft status names the proxy and what it captures.
         let st = try LabHarness.run(["status", "--node", "n1"])
-        #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 8 captured service port(s)"), "\(st.output)")
+        #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 9 captured service port(s)"), "\(st.output)")
         #expect(st.output.contains("proxy_captured="), "\(st.output)")
         let get = try LabHarness.run(["get", "routes", "--node", "n1"])
         #expect(get.output.contains("l7/web") && get.output.contains("web-v2:80 weight 10"), "\(get.output)")
+    }
+
+    @Test func grpcStreamsAndWebSocketsGoThroughTheProxy() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        // gRPC over HTTP/2 both ways (the Service says appProtocol: grpc),
+        // to a pod on the other node: unary, server stream, bidi stream,
+        // an error status, and trailers end to end.
+        var g: [String: Any] = [:]
+        for _ in 0..<50 {
+            let r = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.1.60", "80"])
+            g = (try? JSONSerialization.jsonObject(with: Data((r.output.split(separator: "\n").last ?? "").utf8)) as? [String: Any]) ?? ["output": String(r.output.suffix(400))]
+            if g["say"] != nil { break }
+            usleep(100_000)  // the server may still be starting
+        }
+        #expect(g["say"] as? [String] == (0..<10).map { "grpc:hi-\($0)" }, "\(g)")
+        #expect(g["say_trailer"] as? String == "grpc", "\(g)")
+        #expect(g["count"] as? [String] == ["0", "1", "2", "3", "4"], "\(g)")
+        #expect(g["count_code"] as? String == "OK", "\(g)")
+        #expect(g["chat"] as? [String] == ["grpc:a", "grpc:b", "grpc:c"], "\(g)")
+        #expect(g["fail"] as? String == "UNAVAILABLE on purpose", "\(g)")
+        #expect(try stat("n1", "http2_connections_total") >= 1)
+
+        // WebSocket: the Upgrade goes through, then bytes flow both ways.
+        let ws = try lab.tool(in: "client", ["ws-echo", "198.19.1.11", "80", "hello"])
+        #expect((ws["status"] as? String ?? "").contains("101"), "\(ws)")
+        #expect(ws["accept_ok"] as? Bool == true, "\(ws)")
+        let echoes = ws["echoes"] as? [String] ?? []
+        #expect(echoes.count == 3 && echoes.allSatisfy { $0.hasPrefix("v1-") && $0.contains(":hello-") }, "\(ws)")
+        #expect(try stat("n1", "upgrades_total") >= 1)
     }
 
     @Test func retriesMaskAFlakyBackendAndBudgetsCapAnOutage() throws {

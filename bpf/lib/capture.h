@@ -9,12 +9,13 @@
 
 #include "counters.h"
 
-/* Rewrites ctx to the proxy and records what was dialed. Returns 1 if the
- * connection was captured, 0 if it keeps the kernel-only path: no proxy on
- * this node, or the caller is no local pod (the node itself, and the proxy,
- * whose upstream connections must never come back to it). */
-static __always_inline int capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vip, __be16 port,
-					    const struct weft_service_value *svc)
+/* Records what was dialed for the proxy and returns where the proxy
+ * listens, for the caller to rewrite the destination; NULL if the
+ * connection keeps the kernel-only path: no proxy on this node, or the
+ * caller is no local pod (the node itself, and the proxy, whose upstream
+ * connections must never come back to it). */
+static __always_inline struct weft_proxy_config *
+capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vip, __be16 port, const struct weft_service_value *svc)
 {
 	__u32 zero = 0;
 	__u64 cgroup = bpf_get_current_cgroup_id();
@@ -23,13 +24,13 @@ static __always_inline int capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vi
 	struct weft_sock_origin *origin;
 
 	if (!proxy || !proxy->addr || !ctx->sk)
-		return 0;
+		return NULL;
 	pod = bpf_map_lookup_elem(&weft_cgroups, &cgroup);
 	if (!pod)
-		return 0;
+		return NULL;
 	origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!origin)
-		return 0;  /* no memory for the record: better unproxied than unknown */
+		return NULL;  /* no memory for the record: better unproxied than unknown */
 	origin->vip = vip;
 	origin->port = port;
 	origin->flags = WEFT_ORIGIN_F_PROXY;
@@ -37,10 +38,8 @@ static __always_inline int capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vi
 	origin->backend_id = 0;
 	origin->source = pod->addr;
 	origin->pad0 = 0;
-	ctx->user_ip4 = proxy->addr;
-	ctx->user_port = (__u32)proxy->port;
 	lb_count(WEFT_LB_PROXY_CAPTURED);
-	return 1;
+	return proxy;
 }
 
 #endif

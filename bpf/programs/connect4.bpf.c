@@ -13,86 +13,12 @@
  * A Service port flagged L7 is not balanced here when a local pod dials it:
  * the connection goes to the node proxy (capture.h).
  */
-#include "service.h"
-#include "policy.h"
-#include "capture.h"
+#include "connect.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-/* Policy said no: EPERM, the error a local firewall gives, at once. */
-static __always_inline int deny(struct bpf_sock_addr *ctx)
-{
-	bpf_set_retval(-EPERM);
-	return SYS_REJECT;
-}
 
 SEC("cgroup/connect4")
 int weft_connect4(struct bpf_sock_addr *ctx)
 {
-	__u8 proto = ctx->protocol;
-	__be32 vip = ctx->user_ip4;
-	/* user_port holds the port in network order in its low 16 bits. */
-	__be16 port = (__be16)ctx->user_port;
-	enum weft_lb_event event = WEFT_LB_TRANSLATED;
-	struct weft_service_value *svc;
-	struct weft_backend *backend;
-	struct weft_sock_origin *origin;
-	__u32 backend_id = 0;
-
-	if (proto == IPPROTO_SCTP)
-		return policy_connect_verdict(vip, port, proto) ? deny(ctx) : SYS_PROCEED;
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return SYS_PROCEED;
-
-	svc = service_lookup(vip, port, proto);
-	if (!svc) {
-		/* A UDP socket may be re-connected from a VIP to a plain
-		 * address: forget the old origin so recvmsg stops rewriting. */
-		if (proto == IPPROTO_UDP && ctx->sk)
-			bpf_sk_storage_delete(&weft_sock_origin, ctx->sk);
-		if (policy_connect_verdict(vip, port, proto))
-			return deny(ctx);
-		if (proto == IPPROTO_UDP)
-			udp_flow_remember(bpf_get_socket_cookie(ctx), vip, port);
-		return SYS_PROCEED;
-	}
-
-	/* HTTP-level work: the node proxy takes the connection and judges
-	 * policy itself for each backend it connects to on the pod's behalf. */
-	if ((svc->flags & WEFT_SVC_F_L7) && proto == IPPROTO_TCP && capture_to_proxy(ctx, vip, port, svc))
-		return SYS_PROCEED;
-
-	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
-	if (!backend) {
-		lb_count(event);
-		/* Fail at connect() with the error a closed port gives, so the
-		 * client tries elsewhere at once instead of waiting for a SYN
-		 * timeout (bpf_set_retval: cgroup hooks, Linux 5.18+). */
-		bpf_set_retval(-ECONNREFUSED);
-		return SYS_REJECT;
-	}
-
-	if (policy_connect_verdict(backend->addr, backend->port, proto))
-		return deny(ctx);
-	if (proto == IPPROTO_UDP)
-		udp_flow_remember(bpf_get_socket_cookie(ctx), backend->addr, backend->port);
-
-	if (ctx->sk) {
-		origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0,
-					    BPF_SK_STORAGE_GET_F_CREATE);
-		if (origin) {
-			origin->vip = vip;
-			origin->port = port;
-			origin->flags = 0;
-			origin->service_id = svc->service_id;
-			origin->backend_id = backend_id;
-			origin->source = 0;
-			origin->pad0 = 0;
-		}
-	}
-
-	ctx->user_ip4 = backend->addr;
-	ctx->user_port = (__u32)backend->port;
-	lb_count(WEFT_LB_TRANSLATED);
-	return SYS_PROCEED;
+	return connect_verdict(ctx, ctx->user_ip4, 0);
 }

@@ -17,8 +17,9 @@ int weft_sockops(struct bpf_sock_ops *skops)
 	struct weft_proxy_origin value = {};
 	struct weft_sock_origin *origin;
 	struct bpf_sock *sk;
+	__u32 v4, v6;
 
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->family != 2 /* AF_INET */)
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;
 	sk = skops->sk;
 	if (!sk)
@@ -26,7 +27,14 @@ int weft_sockops(struct bpf_sock_ops *skops)
 	origin = bpf_sk_storage_get(&weft_sock_origin, sk, 0, 0);
 	if (!origin || !(origin->flags & WEFT_ORIGIN_F_PROXY))
 		return 1;
-	key.client_addr = skops->local_ip4;
+	/* A dual-stack socket (connect6 captured it) carries its IPv4
+	 * address v4-mapped in local_ip6. Both fields are read first: the
+	 * verifier refuses a ctx load at a computed offset, which is what
+	 * clang makes of a branch between two loads. */
+	v4 = skops->local_ip4;
+	v6 = skops->local_ip6[3];
+	asm volatile("" : "+r"(v4), "+r"(v6));  /* keep both loads as they are */
+	key.client_addr = skops->family == 10 /* AF_INET6 */ ? v6 : v4;
 	/* local_port is in host order, unlike remote_port. */
 	key.client_port = bpf_htons((__u16)skops->local_port);
 	value.vip = origin->vip;

@@ -337,9 +337,47 @@ def http_steady(host, port, seconds):
     print(json.dumps({"ok": ok, "failures": failures}))
 
 
+def ws_echo(host, port, message):
+    """A WebSocket client: handshake, one masked text frame, its echo."""
+    import base64, hashlib, os
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(("GET /ws HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
+        want = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        echoes = []
+        for i in range(3):
+            payload = ("%s-%d" % (message, i)).encode()
+            mask = os.urandom(4)
+            s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[j % 4] for j, b in enumerate(payload)))
+            while len(rest) < 2 or len(rest) < 2 + rest[1]:
+                chunk = s.recv(4096)
+                if not chunk:
+                    print(json.dumps({"status": lines[0], "accept_ok": headers.get("sec-websocket-accept") == want,
+                                      "echoes": echoes, "error": "closed after %d echo(es)" % len(echoes),
+                                      "head": head.decode(errors="replace")}))
+                    return
+                rest += chunk
+            n = rest[1]
+            echoes.append(rest[2:2 + n].decode())
+            rest = rest[2 + n:]
+        s.sendall(bytes([0x88, 0x80]) + os.urandom(4))
+        print(json.dumps({"status": lines[0], "accept_ok": headers.get("sec-websocket-accept") == want,
+                          "echoes": echoes}))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
-     "http-load": http_load, "http-steady": http_steady}[command](*args)
+     "http-load": http_load, "http-steady": http_steady, "ws-echo": ws_echo}[command](*args)

@@ -1,0 +1,78 @@
+#!/usr/bin/python3
+"""A gRPC server and client for the proxy tests, on Debian's python3-grpcio.
+No generated stubs: methods carry raw bytes (identity serializers), so the
+test needs no protoc. Service weft.Echo:
+  Say    unary          -> b"<pod>:<request>"
+  Count  server stream  -> n messages for request b"n"
+  Chat   bidi stream    -> each message echoed as b"<pod>:<message>"
+  Fail   unary          -> status UNAVAILABLE, details "on purpose"
+Every call ends with trailing metadata x-pod: <pod>.
+Usage: grpctool.py serve PORT | grpctool.py call HOST PORT
+"""
+import json
+import os
+import sys
+from concurrent import futures
+
+import grpc
+
+POD = os.environ.get("WEFT_POD_NAME", "unknown")
+
+
+def serve(port):
+    def say(request, context):
+        context.set_trailing_metadata((("x-pod", POD),))
+        return POD.encode() + b":" + request
+
+    def count(request, context):
+        context.set_trailing_metadata((("x-pod", POD),))
+        for i in range(int(request)):
+            yield b"%d" % i
+
+    def chat(requests, context):
+        context.set_trailing_metadata((("x-pod", POD),))
+        for r in requests:
+            yield POD.encode() + b":" + r
+
+    def fail(request, context):
+        context.set_trailing_metadata((("x-pod", POD),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, "on purpose")
+
+    handler = grpc.method_handlers_generic_handler("weft.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port("0.0.0.0:%d" % int(port))
+    server.start()
+    server.wait_for_termination()
+
+
+def call(host, port):
+    out = {}
+    with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
+        say = channel.unary_unary("/weft.Echo/Say")
+        replies = []
+        for i in range(10):
+            reply, c = say.with_call(b"hi-%d" % i, timeout=5)
+            replies.append(reply.decode())
+            out["say_trailer"] = dict(c.trailing_metadata()).get("x-pod")
+        out["say"] = replies
+        stream = channel.unary_stream("/weft.Echo/Count")(b"5", timeout=5)
+        out["count"] = [m.decode() for m in stream]
+        out["count_code"] = stream.code().name
+        chat = channel.stream_stream("/weft.Echo/Chat")(iter([b"a", b"b", b"c"]), timeout=5)
+        out["chat"] = [m.decode() for m in chat]
+        try:
+            channel.unary_unary("/weft.Echo/Fail")(b"x", timeout=5)
+            out["fail"] = "no error"
+        except grpc.RpcError as e:
+            out["fail"] = "%s %s" % (e.code().name, e.details())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    {"serve": serve, "call": call}[sys.argv[1]](*sys.argv[2:])

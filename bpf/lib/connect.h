@@ -1,0 +1,106 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The connect() verdict shared by connect4 and connect6 (IPv4 reached through
+ * a dual-stack AF_INET6 socket as ::ffff:a.b.c.d, which gRPC, Java and most
+ * runtimes use): Service translation, L7 capture, then L4 policy.
+ */
+#ifndef WEFT_BPF_CONNECT_H
+#define WEFT_BPF_CONNECT_H
+
+#include "service.h"
+#include "policy.h"
+#include "capture.h"
+
+/* Policy said no: EPERM, the error a local firewall gives, at once. */
+static __always_inline int deny(struct bpf_sock_addr *ctx)
+{
+	bpf_set_retval(-EPERM);
+	return SYS_REJECT;
+}
+
+/* Writes the new destination into whichever address field the socket
+ * family uses (for AF_INET6 the v4-mapped tail). */
+static __always_inline void set_destination(struct bpf_sock_addr *ctx, int v6, __be32 addr, __be16 port)
+{
+	if (v6)
+		ctx->user_ip6[3] = addr;
+	else
+		ctx->user_ip4 = addr;
+	ctx->user_port = (__u32)port;
+}
+
+static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip, int v6)
+{
+	__u8 proto = ctx->protocol;
+	/* user_port holds the port in network order in its low 16 bits. */
+	__be16 port = (__be16)ctx->user_port;
+	enum weft_lb_event event = WEFT_LB_TRANSLATED;
+	struct weft_service_value *svc;
+	struct weft_backend *backend;
+	struct weft_sock_origin *origin;
+	struct weft_proxy_config *proxy;
+	__u32 backend_id = 0;
+
+	if (proto == IPPROTO_SCTP)
+		return policy_connect_verdict(vip, port, proto) ? deny(ctx) : SYS_PROCEED;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+
+	svc = service_lookup(vip, port, proto);
+	if (!svc) {
+		/* A UDP socket may be re-connected from a VIP to a plain
+		 * address: forget the old origin so recvmsg stops rewriting. */
+		if (proto == IPPROTO_UDP && ctx->sk)
+			bpf_sk_storage_delete(&weft_sock_origin, ctx->sk);
+		if (policy_connect_verdict(vip, port, proto))
+			return deny(ctx);
+		if (proto == IPPROTO_UDP)
+			udp_flow_remember(bpf_get_socket_cookie(ctx), vip, port);
+		return SYS_PROCEED;
+	}
+
+	/* HTTP-level work: the node proxy takes the connection and judges
+	 * policy itself for each backend it connects to on the pod's behalf. */
+	if ((svc->flags & WEFT_SVC_F_L7) && proto == IPPROTO_TCP) {
+		proxy = capture_to_proxy(ctx, vip, port, svc);
+		if (proxy) {
+			set_destination(ctx, v6, proxy->addr, proxy->port);
+			return SYS_PROCEED;
+		}
+	}
+
+	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
+	if (!backend) {
+		lb_count(event);
+		/* Fail at connect() with the error a closed port gives, so the
+		 * client tries elsewhere at once instead of waiting for a SYN
+		 * timeout (bpf_set_retval: cgroup hooks, Linux 5.18+). */
+		bpf_set_retval(-ECONNREFUSED);
+		return SYS_REJECT;
+	}
+
+	if (policy_connect_verdict(backend->addr, backend->port, proto))
+		return deny(ctx);
+	if (proto == IPPROTO_UDP)
+		udp_flow_remember(bpf_get_socket_cookie(ctx), backend->addr, backend->port);
+
+	if (ctx->sk) {
+		origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0,
+					    BPF_SK_STORAGE_GET_F_CREATE);
+		if (origin) {
+			origin->vip = vip;
+			origin->port = port;
+			origin->flags = 0;
+			origin->service_id = svc->service_id;
+			origin->backend_id = backend_id;
+			origin->source = 0;
+			origin->pad0 = 0;
+		}
+	}
+
+	set_destination(ctx, v6, backend->addr, backend->port);
+	lb_count(WEFT_LB_TRANSLATED);
+	return SYS_PROCEED;
+}
+
+#endif
