@@ -1,0 +1,143 @@
+import Testing
+@testable import WeftCore
+
+private let base = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web, namespace: shop}
+    spec:
+      clusterIP: 198.19.0.10
+      selector: {app: web}
+      ports: [{name: http, port: 80, targetPort: 8080}]
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: canary, namespace: shop}
+    spec:
+      clusterIP: 198.19.0.11
+      selector: {app: canary}
+      ports: [{name: tcp-db, port: 80, targetPort: 8080}]
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: db, namespace: shop}
+    spec:
+      clusterIP: 198.19.0.12
+      selector: {app: db}
+      ports: [{name: db, port: 5432}]
+    ---
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: web-1, namespace: shop, labels: {app: web}}
+    spec: {node: n1, address: 198.18.1.12}
+    ---
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: canary-1, namespace: shop, labels: {app: canary}}
+    spec: {node: n2, address: 198.18.2.12}
+    """
+
+private func state(_ routes: String) throws -> ClusterState {
+    let (resources, errors) = ManifestReader.parse(base + "\n---\n" + routes, file: "t.yaml")
+    #expect(errors.isEmpty, "\(errors)")
+    return try ClusterState.build(resources).get()
+}
+
+private func request(_ method: String, _ target: String, _ headers: [String: String] = [:]) -> RouteMatcher.Request {
+    let parts = target.split(separator: "?", maxSplits: 1)
+    return RouteMatcher.Request(method: method, path: parts[0], query: parts.count > 1 ? parts[1] : nil,
+                                header: { headers[$0].map { [$0] } ?? [] })
+}
+
+@Suite struct HTTPRouteTests {
+    @Test func declaredProtocolsAndRoutesDecideWhatTheProxyCaptures() throws {
+        let s = try state("""
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: canary}]
+              rules: [{backendRefs: [{name: canary, port: 80}]}]
+            """)
+        let table = ProxyTable(s)
+        // web: port name http. canary: named tcp-db but a route targets it. db: neither.
+        #expect(Set(table.frontends.keys) == ["198.19.0.10:80", "198.19.0.11:80"])
+        let services = ServiceTable(s)
+        #expect(services.entries[Frontend(vip: IPv4Address("198.19.0.10")!, port: 80, transport: .tcp)]?.needsProxy == true)
+        #expect(services.entries[Frontend(vip: IPv4Address("198.19.0.12")!, port: 5432, transport: .tcp)]?.needsProxy == false)
+        #expect(table.clusters["shop/canary:80"]?.map(\.address) == ["198.18.2.12"])
+        #expect(table.clusters["shop/canary:80"]?.first?.node == "n2")
+    }
+
+    @Test func precedenceFollowsTheGatewayAPI() throws {
+        let s = try state("""
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web}]
+              rules:
+              - name: prefix
+                matches: [{path: {type: PathPrefix, value: /api}}]
+                backendRefs: [{name: web, port: 80}]
+              - name: longer
+                matches: [{path: {type: PathPrefix, value: /api/v2}}]
+                backendRefs: [{name: canary, port: 80}]
+              - name: exact
+                matches: [{path: {type: Exact, value: /api}}]
+                backendRefs: [{name: canary, port: 80}]
+              - name: header
+                matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: X-User, value: beta}]}]
+                backendRefs: [{name: canary, port: 80}]
+              - name: method
+                matches: [{path: {type: PathPrefix, value: /api}, method: DELETE}]
+                backendRefs: [{name: canary, port: 80}]
+              - name: regex
+                matches: [{path: {type: RegularExpression, value: "/items/[0-9]+"}, queryParams: [{name: v, value: "2"}]}]
+                backendRefs: [{name: canary, port: 80}]
+            """)
+        let table = ProxyTable(s)
+        let matcher = RouteMatcher(try #require(table.frontends["198.19.0.10:80"]))
+        func rule(_ r: RouteMatcher.Request) -> String? { matcher.route(r)?.action.name.split(separator: "#").last.map(String.init) }
+        #expect(rule(request("GET", "/api")) == "exact")
+        #expect(rule(request("GET", "/api/v2/x")) == "longer")
+        #expect(rule(request("GET", "/api/v1")) == "prefix")
+        #expect(rule(request("GET", "/apix")) == nil, "PathPrefix matches whole segments; no fallback when routes exist (404)")
+        #expect(rule(request("GET", "/api/v1", ["x-user": "beta"])) == "header")
+        #expect(rule(request("DELETE", "/api/v1", ["x-user": "beta"])) == "method", "method outranks headers")
+        #expect(rule(request("GET", "/items/12?a=1&v=2")) == "regex")
+        #expect(rule(request("GET", "/items/12?v=3")) == nil)
+        #expect(rule(request("GET", "/items/x?v=2")) == nil)
+    }
+
+    @Test func pathRewritesFollowTheSpec() {
+        let prefix = HTTPRoute.Match(path: .prefix("/api"), headers: [], queryParams: [], method: nil)
+        #expect(RouteMatcher.rewrite(path: "/api/items", with: .replacePrefixMatch("/v2"), match: prefix) == "/v2/items")
+        #expect(RouteMatcher.rewrite(path: "/api", with: .replacePrefixMatch("/v2"), match: prefix) == "/v2")
+        #expect(RouteMatcher.rewrite(path: "/api/items", with: .replacePrefixMatch("/"), match: prefix) == "/items")
+        #expect(RouteMatcher.rewrite(path: "/anything", with: .replaceFullPath("/fixed"), match: nil) == "/fixed")
+    }
+
+    @Test func durationsAndBadInput() throws {
+        let l = DocumentLocation(file: "f", document: 1)
+        #expect(try HTTPRoute.duration("1m30s", field: "x", at: l) == .seconds(90))
+        #expect(try HTTPRoute.duration("250ms", field: "x", at: l) == .milliseconds(250))
+        #expect(try HTTPRoute.duration("0s", field: "x", at: l) == nil, "0s means no timeout")
+        for bad in ["5", "s", "1d", "123456s", "1h1m1s1ms1h", ""] {
+            #expect(throws: ManifestError.self) { try HTTPRoute.duration(bad, field: "x", at: l) }
+        }
+        let (_, errors) = ManifestReader.parse(base + """
+
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web}]
+              rules:
+              - backendRefs: [{name: web, port: 80}]
+                retry: {codes: [200], attempts: 2}
+            """, file: "t.yaml")
+        #expect(errors.first?.description.contains("t.yaml:6:spec.rules[0].retry.codes[0]") == true, "\(errors)")
+    }
+}
