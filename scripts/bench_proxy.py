@@ -1,0 +1,376 @@
+#!/usr/bin/env python3
+"""The node proxy against HAProxy and nginx, side by side in one lab and one
+run (issue #4).
+
+Lab: one node (n1) with a client pod and a backend pod running nginx that
+answers `200 ok` (HTTP/1.1 on 8080, h2c on 8081). Four ways from client to
+backend, all on the same node:
+  direct   the backend's own address (the baseline latency is taken from)
+  weft     the Service's clusterIP; connect4 captures it to `weft proxy`
+  haproxy  HAProxy 2.6 on the node, as an equivalent L7 reverse proxy
+  nginx    nginx 1.22 on the node, likewise
+Each proxy gets two threads/workers (Weft's default on this 2-core VM: one
+event loop per core), keeps HTTP/1.1 connections to the backend alive, and
+adds X-Forwarded-For and a request id, as Weft does. HTTP/2 from the client
+(h2c, prior knowledge) is proxied to HTTP/1.1 by all three.
+
+Two loads per side, from h2load in the client pod, rotating the order of the
+sides each round (medians over rounds):
+  fixed    a fixed request rate over fixed connections: latency percentiles
+           from h2load's per-request log, minus direct's = latency added
+  max      as fast as the connections go: requests/s per proxy CPU core =
+           requests / (CPU seconds the proxy's processes used)
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchdoc import write_section  # noqa: E402
+
+WEFT = os.path.join(ROOT, ".build/release/weft")
+ROUNDS = int(os.environ.get("WEFT_BENCH_PROXY_ROUNDS", "3"))
+FIXED_S = int(os.environ.get("WEFT_BENCH_PROXY_SECONDS", "6"))
+MAX_S = int(os.environ.get("WEFT_BENCH_PROXY_MAX_SECONDS", "4"))
+RATE = int(os.environ.get("WEFT_BENCH_PROXY_RATE", "1600"))
+CLIENT, BACKEND, VIP, GW = "198.18.1.10", "198.18.1.20", "198.19.9.10", "198.18.1.1"
+LOADS = {
+    # name: (h2load flags, connections, streams per connection)
+    "HTTP/1.1": (["--h1"], 16, 1),
+    "HTTP/2": ([], 4, 8),
+}
+TARGETS = {
+    "direct": {"HTTP/1.1": f"http://{BACKEND}:8080/", "HTTP/2": f"http://{BACKEND}:8081/"},
+    "weft": {"HTTP/1.1": f"http://{VIP}/", "HTTP/2": f"http://{VIP}/"},
+    "haproxy": {"HTTP/1.1": f"http://{GW}:16001/", "HTTP/2": f"http://{GW}:16002/"},
+    "nginx": {"HTTP/1.1": f"http://{GW}:16003/", "HTTP/2": f"http://{GW}:16004/"},
+}
+
+
+def sh(*args, check=True, input=None):
+    r = subprocess.run(list(args), capture_output=True, text=True, input=input)
+    if check and r.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:8])} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+BACKEND_CONF = """worker_processes 1;
+pid {dir}/backend.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{
+    listen 8080;
+    listen 8081 http2;
+    location / {{ add_header x-pod backend; return 200 "ok\\n"; }}
+  }}
+}}
+"""
+
+NGINX_CONF = """worker_processes 2;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream be {{ server {backend}:8080; keepalive 64; keepalive_requests 1000000; }}
+  server {{
+    listen {gw}:16003;
+    listen {gw}:16004 http2;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://be;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Request-ID $request_id;
+    }}
+  }}
+}}
+"""
+
+HAPROXY_CONF = """global
+  nbthread 2
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind {gw}:16001
+  bind {gw}:16002 proto h2
+  unique-id-format %{{+X}}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  unique-id-header X-Request-ID
+  default_backend be
+backend be
+  server s1 {backend}:8080
+"""
+
+
+def pids_of(root):
+    """A process and its children (nginx workers)."""
+    out = [root]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == root:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def cpu_seconds(pids):
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / tick
+
+
+def rss_mib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def h2load(url, load, seconds, rate=None):
+    flags, conns, streams = LOADS[load]
+    log = tempfile.mktemp(prefix="weft-bench-h2load-", dir="/tmp")
+    args = [WEFT, "lab", "exec", "bench/client", "--", "h2load", *flags, "-c", str(conns), "-m", str(streams),
+            "-t", "1", "-D", str(seconds), "--warm-up-time", "1", "--log-file", log]
+    if rate:
+        args += ["--rps", str(max(1, rate // conns))]
+    out = sh(*(args + [url]))
+    latencies = []
+    statuses = {}
+    try:
+        for line in open(log):
+            parts = line.split()
+            if len(parts) >= 3:
+                statuses[parts[1]] = statuses.get(parts[1], 0) + 1
+                latencies.append(int(parts[2]))
+    finally:
+        os.unlink(log)
+    done = sum(statuses.values())
+    latencies.sort()
+
+    def pct(p):
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
+
+    failed = done - statuses.get("200", 0)
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+            words = line.replace(",", "").split()
+            failed += int(words[words.index("failed") - 1]) + int(words[words.index("errored") - 1])
+    return {"requests": done, "rate": done / seconds, "p50_us": pct(0.50), "p99_us": pct(0.99), "failed": failed}
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="weft-bench-proxy-")
+    os.chmod(work, 0o755)
+    write(f"{work}/backend.conf", BACKEND_CONF.format(dir=work))
+    write(f"{work}/nginx.conf", NGINX_CONF.format(dir=work, backend=BACKEND, gw=GW))
+    write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW))
+    config = f"{work}/config"
+    os.mkdir(config)
+    write(f"{config}/lab.yaml", f"""apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: client, namespace: bench, labels: {{app: client}}, annotations: {{lab.weft.dev/command: "sleep infinity"}}}}
+spec: {{node: n1, address: {CLIENT}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: backend, namespace: bench, labels: {{app: backend}}, annotations: {{lab.weft.dev/command: "nginx -p {work} -c {work}/backend.conf -g 'daemon off;'"}}}}
+spec: {{node: n1, address: {BACKEND}, ports: [{{name: http, port: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: backend, namespace: bench}}
+spec:
+  clusterIP: {VIP}
+  selector: {{app: backend}}
+  ports: [{{name: http, port: 80, targetPort: http, appProtocol: http}}]
+""")
+    sh(WEFT, "lab", "down", check=False)
+    sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
+    started = []
+    try:
+        lab = json.load(open("/run/weft/lab/state.json"))
+        node = lab["nodes"][0]
+
+        def on_node(*cmd):
+            # In the node's netns and its agent's cgroup: `lab down` finds
+            # them there even if this script dies.
+            p = subprocess.Popen([WEFT, "lab", "run-in", "--netns", node["netns"], "--cgroup", node["agentCgroup"],
+                                  "--", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            started.append(p)
+            return p.pid
+
+        pids = {
+            "haproxy": on_node("haproxy", "-f", f"{work}/haproxy.cfg", "-db"),
+            "nginx": on_node("nginx", "-p", work, "-c", f"{work}/nginx.conf", "-g", "daemon off;"),
+            "weft": int(open("/run/weft/n1/proxy.pid").read()),
+        }
+        for _ in range(100):
+            ok = all(sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                        "-m", "1", *(["--http2-prior-knowledge"] if load == "HTTP/2" else []), url, check=False) == "200"
+                     for t in TARGETS.values() for load, url in t.items())
+            if ok:
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit("some side never answered 200")
+        results = {load: {name: {"fixed": [], "max": []} for name in TARGETS} for load in LOADS}
+        names = list(TARGETS)
+        for k in range(ROUNDS):
+            order = names[k % len(names):] + names[:k % len(names)]
+            for load in LOADS:
+                for name in order:
+                    url = TARGETS[name][load]
+                    fixed = h2load(url, load, FIXED_S, RATE)
+                    proc = pids_of(pids[name]) if name in pids else []
+                    c0 = cpu_seconds(proc)
+                    top = h2load(url, load, MAX_S)
+                    cpu = cpu_seconds(proc) - c0
+                    top["cpu_s"] = cpu
+                    top["per_core"] = top["requests"] / cpu if cpu > 0 else float("nan")
+                    results[load][name]["fixed"].append(fixed)
+                    results[load][name]["max"].append(top)
+                    print(f"round {k + 1} {load} {name}: fixed p50 {fixed['p50_us']}us p99 {fixed['p99_us']}us "
+                          f"| max {top['rate']:.0f}/s, {top['per_core']:.0f}/s per core", flush=True)
+        rss = {name: rss_mib(pids_of(pid)) for name, pid in pids.items()}
+    finally:
+        for p in started:
+            p.terminate()
+        for p in started:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        sh(WEFT, "lab", "down", check=False)
+        subprocess.run(["rm", "-rf", work])
+
+    summary = {}
+    for load, sides in results.items():
+        summary[load] = {}
+        for name, runs in sides.items():
+            s = {k: statistics.median(r[k] for r in runs["fixed"]) for k in ("p50_us", "p99_us", "rate")}
+            s["failed"] = sum(r["failed"] for r in runs["fixed"]) + sum(r["failed"] for r in runs["max"])
+            s["max_rate"] = statistics.median(r["rate"] for r in runs["max"])
+            if name != "direct":
+                s["per_core"] = statistics.median(r["per_core"] for r in runs["max"])
+                s["rss_mib"] = rss[name]
+            summary[load][name] = s
+        d = summary[load]["direct"]
+        for name in ("weft", "haproxy", "nginx"):
+            s = summary[load][name]
+            # Per round: side minus direct, then the median.
+            s["added_p50_us"] = statistics.median(a["p50_us"] - b["p50_us"] for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
+            s["added_p99_us"] = statistics.median(a["p99_us"] - b["p99_us"] for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
+        del d
+    with open(os.path.join(ROOT, "docs/bench-proxy.json"), "w") as f:
+        json.dump({"summary": summary, "rounds": results}, f, indent=1)
+    plot(summary)
+    report(summary)
+
+
+def plot(summary):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sides = ["weft", "haproxy", "nginx"]
+    colors = {"weft": "#1f77b4", "haproxy": "#2ca02c", "nginx": "#ff7f0e"}
+    loads = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.25
+    for i, side in enumerate(sides):
+        xs = [j + (i - 1) * width for j in range(len(loads))]
+        axes[0].bar(xs, [summary[l][side]["per_core"] for l in loads], width, color=colors[side], label=side)
+        axes[1].bar(xs, [summary[l][side]["added_p99_us"] for l in loads], width, color=colors[side], label=side)
+    axes[0].set_ylabel("requests/s per proxy CPU core (max load)")
+    axes[1].set_ylabel(f"p99 latency added over direct, µs ({RATE} req/s)")
+    for ax in axes:
+        ax.set_xticks(range(len(loads)))
+        ax.set_xticklabels(loads)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend()
+    fig.suptitle("L7 proxies on the node: same lab, same backend, same load, one run")
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs/bench-proxy.png"), dpi=110)
+
+
+def report(summary):
+    h2 = sh("h2load", "--version").split("\n")[0]
+    lines = [
+        "## L7 proxy: Weft vs HAProxy vs nginx (issue #4)",
+        "",
+        f"Made by `scripts/bench proxy` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
+        f"release build; {ROUNDS} rounds rotating the order of the sides, medians. Load: {h2} in a client pod; backend: nginx "
+        "answering `200 ok` in a pod on the same node. Every proxy runs on the node with 2 threads/workers, keeps HTTP/1.1 "
+        "connections to the backend alive and adds X-Forwarded-For and a request id; HTTP/2 (h2c, prior knowledge) from the "
+        "client is proxied to HTTP/1.1. `weft` is reached through the Service clusterIP (captured by connect4), the others "
+        "through their listen address.",
+        "",
+        f"- fixed: {RATE} requests/s over fixed connections (HTTP/1.1: 16 connections; HTTP/2: 4 connections x 8 streams), "
+        f"{FIXED_S} s; latency from h2load's per-request log. *added* = side minus direct, per round.",
+        f"- max: the same connections as fast as they go, {MAX_S} s; *per core* = requests / CPU seconds of the proxy's processes.",
+        "- The load generator, the backend and the proxy share the VM's 2 cores, so *max* rates are low in absolute terms; "
+        "per-core figures and the ratios are what compare.",
+        "",
+        "| load | side | req/s per core | vs HAProxy | added p50 | added p99 | p99 | max req/s | RSS | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for load, sides in summary.items():
+        ha = sides["haproxy"]["per_core"]
+        for name in ("direct", "weft", "haproxy", "nginx"):
+            s = sides[name]
+            if name == "direct":
+                lines.append(f"| {load} | direct | – | – | – | – | {s['p99_us']:.0f} µs | {s['max_rate']:.0f} | – | {s['failed']} |")
+            else:
+                lines.append(f"| {load} | {name} | {s['per_core']:,.0f} | {s['per_core'] / ha:.2f} | {s['added_p50_us']:.0f} µs | "
+                             f"{s['added_p99_us']:.0f} µs | {s['p99_us']:.0f} µs | {s['max_rate']:.0f} | {s['rss_mib']:.0f} MiB | {s['failed']} |")
+    w1, w2 = summary["HTTP/1.1"]["weft"], summary["HTTP/2"]["weft"]
+    hp1, hp2 = summary["HTTP/1.1"]["haproxy"], summary["HTTP/2"]["haproxy"]
+    lines += [
+        "",
+        f"Against the target (Weft's requests/s per core at least HAProxy's, its added p99 no higher): HTTP/1.1 "
+        f"{w1['per_core'] / hp1['per_core']:.2f}x per core, added p99 {w1['added_p99_us']:.0f} vs {hp1['added_p99_us']:.0f} µs; "
+        f"HTTP/2 {w2['per_core'] / hp2['per_core']:.2f}x per core, added p99 {w2['added_p99_us']:.0f} vs {hp2['added_p99_us']:.0f} µs.",
+        "",
+        "![L7 proxies](bench-proxy.png)",
+    ]
+    write_section("proxy", lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
