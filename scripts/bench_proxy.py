@@ -104,7 +104,7 @@ http {{
 
 HAPROXY_CONF = """global
   nbthread 2
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 2s
@@ -248,7 +248,10 @@ spec:
                 break
             time.sleep(0.1)
         else:
-            raise SystemExit("some side never answered 200")
+            bad = [(name, load, sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-sS", "-m", "1",
+                                   *(["--http2-prior-knowledge"] if load == "HTTP/2" else []), url, check=False))
+                   for name, t in TARGETS.items() for load, url in t.items()]
+            raise SystemExit(f"some side never answered 200: {bad}")
         results = {load: {name: {"fixed": [], "max": []} for name in TARGETS} for load in LOADS}
         names = list(TARGETS)
         for k in range(ROUNDS):
