@@ -72,7 +72,7 @@ public enum Agent {
         try server.start(host: host, port: port, unixSocket: socketPath) { path in
             switch path {
             case "/metrics":
-                return (.ok, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
+                return (.ok, "text/plain; version=0.0.4; charset=utf-8", metrics.render() + proxyMetrics(runDirectory))
             case "/status":
                 let body = (try? encoder.encode(status.full())).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
                 return (.ok, "application/json", body + "\n")
@@ -155,6 +155,19 @@ public enum Agent {
         rmdir(runDirectory)
         rmdir((runDirectory as NSString).deletingLastPathComponent)
         try? group.syncShutdownGracefully()
+    }
+
+    /// The proxy's counters (its /stats), in Prometheus text format, so one
+    /// scrape of the agent covers the node. Empty when no proxy answers.
+    static func proxyMetrics(_ runDirectory: String) -> String {
+        guard let text = try? UnixHTTP.get(socket: runDirectory + "/proxy.sock", path: "/stats", timeoutSeconds: 1) else { return "" }
+        var out = ""
+        for line in text.split(separator: "\n") {
+            guard let name = line.split(separator: " ").first, name.hasPrefix("weft_proxy_") else { continue }
+            let gauge = name.hasSuffix("_active") || name.hasSuffix("_generation") || name.hasSuffix("_seconds")
+            out += "# TYPE \(name) \(gauge ? "gauge" : "counter")\n\(line)\n"
+        }
+        return out
     }
 
     /// The proxy's listener, from --proxy-address.

@@ -254,6 +254,9 @@ struct ProxyTests {
         let st = try LabHarness.run(["status", "--node", "n1"])
         #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 9 captured service port(s)"), "\(st.output)")
         #expect(st.output.contains("proxy_captured="), "\(st.output)")
+        let metrics = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
+        #expect(metrics.contains("# TYPE weft_proxy_requests_total counter"), "\(metrics)")
+        #expect(metrics.split(separator: "\n").contains { $0.hasPrefix("weft_proxy_requests_total ") && (Int($0.split(separator: " ")[1]) ?? 0) >= 2000 })
         let get = try LabHarness.run(["get", "routes", "--node", "n1"])
         #expect(get.output.contains("l7/web") && get.output.contains("web-v2:80 weight 10"), "\(get.output)")
     }
