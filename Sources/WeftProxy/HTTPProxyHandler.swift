@@ -23,6 +23,8 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
     private var context: ChannelHandlerContext?
     private var loop: LoopState?
     private var request: RequestState?
+    /// This connection's frontend in the current route snapshot.
+    private var cached: (snapshot: RouteSnapshot, matcher: RouteMatcher, budget: LoopState.BudgetBox?)?
     /// Set while a websocket (or other Upgrade) exchange waits for its 101.
     var onUpgrade: ((ChannelHandlerContext, UpstreamHandler, HTTPResponseHead) -> Void)?
 
@@ -116,7 +118,10 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         proxy.stats.requests.add(1, ordering: .relaxed)
         let snapshot = proxy.snapshot
         let keepAlive = head.isKeepAlive && !proxy.draining.load(ordering: .relaxed)
-        guard let matcher = snapshot.matchers[frontendKey] else {
+        if cached?.snapshot !== snapshot {
+            cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop?.budget($0.frontend.name)) }
+        }
+        guard let matcher = cached?.matcher else {
             return respondLocally(head, .serviceUnavailable, "weft: \(frontendKey) is not an HTTP Service in the proxy's table (generation \(snapshot.generation))\n", keepAlive: keepAlive)
         }
         if head.headers[canonicalForm: "via"].contains(where: { $0.contains(proxy.viaToken) }) {
@@ -176,7 +181,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         request = RequestState(head: head, upstreamHead: upstream, snapshot: snapshot, action: action, cluster: cluster,
                                responseModifiers: responseModifiers, mirrors: mirrors, keepAlive: keepAlive,
                                idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
-        loop?.budgets[matcher.frontend.name, default: RetryBudget()].recordRequest(now: Self.nowSeconds())
+        cached?.budget?.budget.recordRequest(now: Self.nowSeconds())
         if let limit = action.timeouts.request {
             request!.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
                 self?.requestTimedOut()
@@ -191,7 +196,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         guard var r = request, let context, let loop else { return }
         r.attemptID += 1
         let id = r.attemptID
-        let endpoints = r.snapshot.table.clusters[r.cluster.cluster] ?? []
+        let endpoints = r.snapshot.endpoints[r.cluster.cluster] ?? []
         guard !endpoints.isEmpty else {
             request = r
             return fail(.serviceUnavailable, "weft: no ready backend for \(r.cluster.cluster)\n")
@@ -199,13 +204,12 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         var key: EndpointKey?
         // A retry prefers endpoints not tried yet; when every one has been,
         // it may go back to one (a Service with a single backend).
-        var excluded = endpoints.allSatisfy({ r.tried.contains(EndpointKey($0)) }) ? [] : r.tried
+        var excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
         while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
-            if let address = IPv4Address(candidate.address),
-               loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source,
-                            destination: address, port: candidate.port, node: candidate.node) {
+            if loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source,
+                            destination: candidate.ip, port: candidate.port, node: candidate.node) {
                 key = candidate
                 break
             }
@@ -258,9 +262,12 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
             let pool = loop.pool
             let reused = upstream.reused
             let http1 = request!.cluster.upstreamProtocol == .http1
-            upstream.onResponseEnd = { [weak upstream] reusable in
-                guard let upstream else { return }
-                pool.release(upstream, to: key, reusable: reusable && http1)
+            // Set once per upstream connection: it outlives this request.
+            if upstream.onResponseEnd == nil {
+                upstream.onResponseEnd = { [weak upstream] reusable in
+                    guard let upstream else { return }
+                    pool.release(upstream, to: key, reusable: reusable && http1)
+                }
             }
             if !reused { pool.recordSuccess(key) }
             request!.upstream = upstream
@@ -405,8 +412,8 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
 
     /// nil when no retry policy applies; false when the budget is spent.
     private func withdrawRetry() -> Bool? {
-        guard let r = request, let matcher = r.snapshot.matchers[frontendKey] else { return nil }
-        let ok = loop?.budgets[matcher.frontend.name, default: RetryBudget()].withdraw(now: Self.nowSeconds()) ?? false
+        guard request != nil, let box = cached?.budget else { return nil }
+        let ok = box.budget.withdraw(now: Self.nowSeconds())
         if !ok { proxy.stats.retriesBudgetExhausted.add(1, ordering: .relaxed) }
         return ok
     }
@@ -555,9 +562,8 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         for m in r.mirrors where Double.random(in: 0..<100) < m.percent {
             let cluster = ProxyTable.clusterName(namespace: proxy.snapshot.table.frontends[frontendKey]?.namespace ?? "",
                                                  service: m.name, port: m.port)
-            guard let endpoints = r.snapshot.table.clusters[cluster], let key = loop.pool.pick(endpoints, excluding: []),
-                  let address = IPv4Address(key.address),
-                  loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: address, port: key.port, node: key.node)
+            guard let endpoints = r.snapshot.endpoints[cluster], let key = loop.pool.pick(endpoints, excluding: []),
+                  loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: key.ip, port: key.port, node: key.node)
             else { continue }
             proxy.stats.mirrored.add(1, ordering: .relaxed)
             MirrorExchange.send(head: r.upstreamHead, body: replay, to: key, pool: loop.pool)
@@ -585,16 +591,43 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
     /// RFC 9110 section 7.6.1: Connection and the headers it names, and the
     /// classic hop-by-hop set, never travel past a proxy.
     static func stripHopByHop(_ headers: inout HTTPHeaders, keepUpgrade: Bool) {
-        let named = headers[canonicalForm: "connection"].map { $0.lowercased() }
-        for name in named where !(keepUpgrade && name == "upgrade") { headers.remove(name: name) }
-        for name in ["keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "proxy-authenticate", "proxy-authorization"] {
-            headers.remove(name: name)
+        // One pass to see whether there is anything to do (usually there is
+        // little), then one pass to rebuild: not one scan per header name.
+        var named: [Substring] = []
+        var any = false
+        for (name, value) in headers {
+            if isHopByHop(name) {
+                any = true
+                if name.utf8.count == 10 && name.lowercased() == "connection" {
+                    named += value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased()[...] }
+                }
+            }
         }
-        if keepUpgrade {
-            headers.replaceOrAdd(name: "connection", value: "upgrade")
-        } else {
-            headers.remove(name: "connection")
-            headers.remove(name: "upgrade")
+        if any {
+            var kept = HTTPHeaders()
+            kept.reserveCapacity(headers.count)
+            for (name, value) in headers {
+                let lower = name.lowercased()
+                if keepUpgrade && lower == "upgrade" { kept.add(name: name, value: value); continue }
+                if isHopByHop(name) || named.contains(where: { $0 == lower }) { continue }
+                kept.add(name: name, value: value)
+            }
+            headers = kept
+        }
+        if keepUpgrade { headers.replaceOrAdd(name: "connection", value: "upgrade") }
+    }
+
+    /// RFC 9110 7.6.1's list, plus the proxy-era ones.
+    static func isHopByHop(_ name: String) -> Bool {
+        switch name.utf8.count {
+        case 2: return name.lowercased() == "te"
+        case 7: let l = name.lowercased(); return l == "upgrade" || l == "trailer"
+        case 10: let l = name.lowercased(); return l == "connection" || l == "keep-alive"
+        case 16: return name.lowercased() == "proxy-connection"
+        case 17: return name.lowercased() == "transfer-encoding"
+        case 18: return name.lowercased() == "proxy-authenticate"
+        case 19: return name.lowercased() == "proxy-authorization"
+        default: return false
         }
     }
 
@@ -611,18 +644,35 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         if !headers.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID()) }
     }
 
+    /// An HTTP/1.1 Upgrade the proxy passes through (WebSocket and the
+    /// like). `h2c` is not one of them: the proxy declines it, as RFC 9110
+    /// 7.8 lets a server do, and answers over HTTP/1.1; HTTP/2 clients use
+    /// prior knowledge (RFC 9113 3.1 deprecates the h2c upgrade).
     static func isUpgradeRequest(_ head: HTTPRequestHead) -> Bool {
-        head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } && head.headers.contains(name: "upgrade")
+        guard head.headers[canonicalForm: "connection"].contains(where: { $0.lowercased() == "upgrade" }) else { return false }
+        let tokens = head.headers[canonicalForm: "upgrade"]
+        return !tokens.isEmpty && !tokens.contains { $0.lowercased().hasPrefix("h2c") }
     }
 
-    /// A random 128-bit id in UUID form.
+    /// A random 128-bit id in UUID (version 4) form, written straight into
+    /// one string buffer: this runs for every request.
     static func requestID() -> String {
         var a = UInt64.random(in: 0...UInt64.max), b = UInt64.random(in: 0...UInt64.max)
         a = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000   // version 4
         b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        let hex = String(a, radix: 16).leftPad(16) + String(b, radix: 16).leftPad(16)
-        let c = Array(hex)
-        return String(c[0..<8]) + "-" + String(c[8..<12]) + "-" + String(c[12..<16]) + "-" + String(c[16..<20]) + "-" + String(c[20..<32])
+        return String(unsafeUninitializedCapacity: 36) { out in
+            let hex = Array("0123456789abcdef".utf8)
+            var o = 0
+            for (word, range) in [(a, 0..<16), (b, 16..<32)] {
+                for k in range {
+                    if k == 8 || k == 12 || k == 16 || k == 20 { out[o] = UInt8(ascii: "-"); o += 1 }
+                    let shift = UInt64(60 - 4 * (k % 16))
+                    out[o] = hex[Int((word >> shift) & 0xF)]
+                    o += 1
+                }
+            }
+            return o
+        }
     }
 
     private func pickCluster(_ backends: [ProxyTable.WeightedCluster]) -> ProxyTable.WeightedCluster? {

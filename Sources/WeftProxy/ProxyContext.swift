@@ -56,7 +56,17 @@ final class ProxyContext: Sendable {
 final class LoopState: @unchecked Sendable {
     // @unchecked: every member is used only on the loop this state belongs to.
     let pool: UpstreamPool
-    var budgets: [String: RetryBudget] = [:]
+    private var budgets: [String: BudgetBox] = [:]
+
+    final class BudgetBox { var budget = RetryBudget() }
+
+    /// The retry budget of a frontend on this loop (handlers keep the box).
+    func budget(_ frontend: String) -> BudgetBox {
+        if let b = budgets[frontend] { return b }
+        let b = BudgetBox()
+        budgets[frontend] = b
+        return b
+    }
     private var verdicts: [PolicyKey: Bool] = [:]
     private var verdictGeneration: UInt64 = .max
 

@@ -7,12 +7,15 @@ import WeftCore
 final class RouteSnapshot: Sendable {
     let table: ProxyTable
     let matchers: [String: RouteMatcher]
+    /// Each cluster's endpoints, parsed once.
+    let endpoints: [String: [EndpointKey]]
 
     init(_ table: ProxyTable) {
         self.table = table
         var matchers: [String: RouteMatcher] = [:]
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
         self.matchers = matchers
+        endpoints = table.clusters.mapValues { $0.map(EndpointKey.init) }
     }
 
     var generation: UInt64 { table.generation }

@@ -12,7 +12,7 @@ enum TCPPassthrough {
         let loop = proxy.loop(context.eventLoop)
         let snapshot = proxy.snapshot
         let key = "\(origin.vip):\(origin.port)"
-        guard let frontend = snapshot.table.frontends[key], let endpoints = snapshot.table.clusters[frontend.cluster],
+        guard let frontend = snapshot.table.frontends[key], let endpoints = snapshot.endpoints[frontend.cluster],
               !endpoints.isEmpty else {
             context.close(promise: nil)
             return
@@ -20,8 +20,8 @@ enum TCPPassthrough {
         var excluded: Set<EndpointKey> = []
         var chosen: EndpointKey?
         while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
-            if let address = IPv4Address(candidate.address),
-               loop.allowed(proxy, generation: snapshot.generation, source: origin.source, destination: address, port: candidate.port, node: candidate.node) {
+            if loop.allowed(proxy, generation: snapshot.generation, source: origin.source, destination: candidate.ip,
+                            port: candidate.port, node: candidate.node) {
                 chosen = candidate
                 break
             }

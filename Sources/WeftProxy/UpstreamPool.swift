@@ -4,21 +4,28 @@ import NIOHTTP2
 import NIOPosix
 import WeftCore
 
-/// A backend as the pool knows it.
+/// A backend as the pool knows it: address and port (the identity), and
+/// the node it runs on (carried along for policy, not part of the key).
+/// Built once per route table, so a request hashes two integers, not strings.
 struct EndpointKey: Hashable, CustomStringConvertible {
-    var address: String
+    var ip: IPv4Address
     var port: UInt16
-    /// The node it runs on (an address has one node, so this adds no key bits).
-    var node: String = ""
+    var node: String
 
-    init(address: String, port: UInt16, node: String = "") {
-        self.address = address
-        self.port = port
-        self.node = node
+    init(_ e: ProxyTable.Endpoint) {
+        ip = IPv4Address(e.address) ?? IPv4Address(0)
+        port = e.port
+        node = e.node
     }
 
-    init(_ e: ProxyTable.Endpoint) { self.init(address: e.address, port: e.port, node: e.node) }
-    var description: String { "\(address):\(port)" }
+    var address: String { ip.description }
+    var description: String { "\(ip):\(port)" }
+
+    static func == (a: EndpointKey, b: EndpointKey) -> Bool { a.ip == b.ip && a.port == b.port }
+    func hash(into h: inout Hasher) {
+        h.combine(ip.value)
+        h.combine(port)
+    }
 }
 
 /// Upstream connections and load state for one event loop. Every downstream
@@ -65,31 +72,32 @@ final class UpstreamPool {
     /// the one with fewer requests in flight wins. Endpoints ejected after
     /// connect failures are skipped while any other is usable; `excluding`
     /// (endpoints a retry already tried) likewise.
-    func pick(_ candidates: [ProxyTable.Endpoint], excluding: Set<EndpointKey>) -> EndpointKey? {
+    func pick(_ candidates: [EndpointKey], excluding: Set<EndpointKey>) -> EndpointKey? {
+        let n = candidates.count
+        if n <= 1 { return candidates.first }
         let now = NIODeadline.now()
-        var usable: [EndpointKey] = []
-        usable.reserveCapacity(candidates.count)
-        for c in candidates {
-            let key = EndpointKey(c)
-            if excluding.contains(key) { continue }
-            if let s = endpoints[key], s.ejectedUntil > now { continue }
-            usable.append(key)
+        func usable(_ k: EndpointKey) -> Bool {
+            if !excluding.isEmpty && excluding.contains(k) { return false }
+            if let s = endpoints[k], s.ejectedUntil > now { return false }
+            return true
         }
-        if usable.isEmpty {
-            // Everything is ejected or tried: fall back to any endpoint not
-            // yet tried, rather than failing without an attempt.
-            usable = candidates.map(EndpointKey.init).filter { !excluding.contains($0) }
-            if usable.isEmpty { usable = candidates.map(EndpointKey.init) }
-        }
-        switch usable.count {
-        case 0: return nil
-        case 1: return usable[0]
-        default:
-            let i = Int(nextRandom() % UInt64(usable.count))
-            var j = Int(nextRandom() % UInt64(usable.count - 1))
-            if j >= i { j += 1 }
-            let a = endpoints[usable[i]]?.inFlight ?? 0, b = endpoints[usable[j]]?.inFlight ?? 0
-            return a <= b ? usable[i] : usable[j]
+        func load(_ k: EndpointKey) -> Int { endpoints[k]?.inFlight ?? 0 }
+        // The common case: two random draws are both usable.
+        let i = Int(nextRandom() % UInt64(n))
+        var j = Int(nextRandom() % UInt64(n - 1))
+        if j >= i { j += 1 }
+        let a = candidates[i], b = candidates[j]
+        switch (usable(a), usable(b)) {
+        case (true, true): return load(a) <= load(b) ? a : b
+        case (true, false): return a
+        case (false, true): return b
+        case (false, false):
+            // Everything may be ejected or tried: any usable one, else any
+            // one not tried yet, rather than failing without an attempt.
+            let start = Int(nextRandom() % UInt64(n))
+            for k in 0..<n where usable(candidates[(start + k) % n]) { return candidates[(start + k) % n] }
+            for k in 0..<n where !excluding.contains(candidates[(start + k) % n]) { return candidates[(start + k) % n] }
+            return candidates[start]
         }
     }
 

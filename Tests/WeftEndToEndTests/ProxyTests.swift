@@ -206,6 +206,14 @@ struct ProxyTests {
         #expect(h2.0 == 200, "\(h2)")
         #expect(json(h2.2)["pod"] as? String == "v2")
 
+        // curl --http2 asks for the h2c upgrade: the proxy declines it and
+        // answers over HTTP/1.1, as RFC 9110 allows; nothing h2c-specific
+        // reaches the backend.
+        let upgrade = try curl(lab, "http://198.19.1.10/up", ["--http2", "-H", "x-canary: yes"])
+        #expect(upgrade.0 == 200, "\(upgrade)")
+        let upgradeSeen = json(upgrade.2)["headers"] as? [String: String] ?? [:]
+        #expect(upgradeSeen["upgrade"] == nil && upgradeSeen["http2-settings"] == nil, "\(upgradeSeen)")
+
         // Path prefix + method, URL rewrite, request header modifier.
         let api = json(try curl(lab, "http://198.19.1.10/api/items?x=1", ["-H", "x-drop-me: 1"]).2)
         let apiHeaders = api["headers"] as? [String: String] ?? [:]
