@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import write_section  # noqa: E402
+from benchdoc import sh, write_section  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 TOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/labtool.py")
@@ -36,12 +36,6 @@ IPTABLES = os.environ.get("WEFT_BENCH_IPTABLES", "iptables")
 CLIENT, WEFT_SERVER, IPT_SERVER = "198.18.1.10", "198.18.2.10", "198.18.2.11"
 IPT_NETNS = "weft-pod-bench-server-ipt"
 
-
-def sh(*args, check=True, input=None):
-    r = subprocess.run(list(args), capture_output=True, text=True, input=input)
-    if check and r.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:6])} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r.stdout
 
 
 def agent(node, path):

@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import write_section  # noqa: E402
+from benchdoc import sh, write_section  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_PROXY_ROUNDS", "3"))
@@ -51,12 +51,6 @@ TARGETS = {
     "nginx": {"HTTP/1.1": f"http://{GW}:16003/", "HTTP/2": f"http://{GW}:16004/"},
 }
 
-
-def sh(*args, check=True, input=None):
-    r = subprocess.run(list(args), capture_output=True, text=True, input=input)
-    if check and r.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:8])} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r.stdout
 
 
 def write(path, text):

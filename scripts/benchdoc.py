@@ -3,6 +3,7 @@ section, between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, and
 rewrites only that."""
 import os
 import re
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "docs/benchmarks.md")
@@ -31,3 +32,11 @@ def write_section(name, lines):
     ordered = [sections[k] for k in ORDER if k in sections] + [v for k, v in sections.items() if k not in ORDER]
     with open(PATH, "w") as f:
         f.write(head + "\n\n" + "\n\n".join(ordered) + "\n")
+
+
+def sh(*args, check=True, input=None):
+    """Runs a command; its stdout, or exit with what it said."""
+    r = subprocess.run(list(args), capture_output=True, text=True, input=input)
+    if check and r.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:8])} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r.stdout

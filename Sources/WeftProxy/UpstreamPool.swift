@@ -168,18 +168,12 @@ final class UpstreamPool {
             }
             .connect(host: key.address, port: Int(key.port))
             .assumeIsolated()
-            .whenComplete { result in
-                switch result {
-                case .success(let channel):
-                    do {
-                        completion(.success(try channel.pipeline.syncOperations.handler(type: UpstreamHandler.self)))
-                    } catch {
-                        completion(.failure(error))
-                    }
-                case .failure(let error):
-                    completion(.failure(error))
-                }
-            }
+            .whenComplete { completion(Self.upstreamHandler(of: $0)) }
+    }
+
+    /// The UpstreamHandler of a channel that came up (connection or stream).
+    static func upstreamHandler(of result: Result<any Channel, any Error>) -> Result<UpstreamHandler, any Error> {
+        result.flatMap { channel in Result { try channel.pipeline.syncOperations.handler(type: UpstreamHandler.self) } }
     }
 
     fileprivate func forgetHTTP2(_ key: EndpointKey, _ h2: HTTP2Upstream) {
@@ -263,18 +257,7 @@ final class HTTP2Upstream {
             }
         }
         .assumeIsolated()
-        .whenComplete { result in
-            switch result {
-            case .success(let stream):
-                do {
-                    completion(.success(try stream.pipeline.syncOperations.handler(type: UpstreamHandler.self)))
-                } catch {
-                    completion(.failure(error))
-                }
-            case .failure(let error):
-                completion(.failure(error))
-            }
-        }
+        .whenComplete { completion(UpstreamPool.upstreamHandler(of: $0)) }
     }
 
     func close() { channel?.close(promise: nil) }
