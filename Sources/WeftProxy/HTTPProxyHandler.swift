@@ -12,9 +12,23 @@ import WeftKernel
 /// The request body streams to the upstream as it arrives; up to
 /// `replayBufferLimit` of it is also kept so that a retry (or a mirror) can
 /// send it again. A larger body makes the request not retryable.
-final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, UpstreamSink {
+final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, UpstreamSink {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
+
+    /// Pipelined requests (HTTP/1.1) read while a response is in flight,
+    /// answered in order. Reading stops when this many parts wait: the
+    /// backpressure NIO's HTTPServerPipelineHandler gives, without its
+    /// epoll_ctl pair per request (it pauses reading between every request
+    /// and its response, whether the client pipelines or not).
+    private var queued = CircularBuffer<HTTPServerRequestPart>()
+    private static let maxQueued = 64
+    private var readPending = false
+    /// Between a request's head and its end, as the client sends them.
+    private var receiving = false
+    /// Told to wind down (drain): close once the current response is done.
+    private var quiescing = false
 
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
@@ -90,8 +104,47 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
     // MARK: downstream
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
+        let part = unwrapInboundIn(data)
+        // A new request while the previous one is still being answered waits.
+        if !queued.isEmpty || (!receiving && request != nil) {
+            queued.append(part)
+            return
+        }
+        process(part, context: context)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if queued.count >= Self.maxQueued {
+            readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelShouldQuiesceEvent {
+            quiescing = true
+            if request == nil && !receiving && queued.isEmpty { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// After a response: take the next pipelined request, if one waits.
+    private func responseDone(_ context: ChannelHandlerContext) {
+        while !queued.isEmpty && !(request != nil && !receiving) {
+            process(queued.removeFirst(), context: context)
+        }
+        if readPending && queued.count < Self.maxQueued {
+            readPending = false
+            context.read()
+        }
+    }
+
+    private func process(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+        switch part {
         case .head(let head):
+            receiving = true
             begin(head, context: context)
         case .body(let buffer):
             guard request != nil else { return }
@@ -106,6 +159,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
             }
             flushPending()
         case .end(let trailers):
+            receiving = false
             guard request != nil else { return }
             request!.ended = true
             request!.trailers = trailers
@@ -173,7 +227,14 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         if let newPath { upstream.uri = query.map { "\(newPath)?\($0)" } ?? newPath }
         if let newHost { upstream.headers.replaceOrAdd(name: "host", value: newHost) }
         let isUpgrade = !isHTTP2 && Self.isUpgradeRequest(head)
-        Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade)
+        var fallback = LoopRandom()
+        if let loop {
+            Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
+                                        random: &loop.random)
+        } else {
+            Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
+                                        random: &fallback)
+        }
 
         let method = head.method
         let idempotent = method == .GET || method == .HEAD || method == .OPTIONS || method == .TRACE
@@ -362,8 +423,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
             endAttempt(success: true)
             finish()
             context.writeAndFlush(wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
-                if !keepAlive && !self.isHTTP2 { context.close(promise: nil) }
+                if (!keepAlive || self.quiescing) && !self.isHTTP2 { context.close(promise: nil) }
             }
+            if keepAlive && !quiescing { responseDone(context) }
         }
     }
 
@@ -442,7 +504,8 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         // Exponential backoff with full jitter, capped at 10x the base.
         let factor = min(1 << max(r.attempts - 1, 0), 10)
         let ceiling = Double(base.components.seconds) * 1e9 + Double(base.components.attoseconds) / 1e9
-        let delay = Int64(Double.random(in: 0.5...1.0) * ceiling * Double(factor))
+        let jitter = loop.map { Double.random(in: 0.5...1.0, using: &$0.random) } ?? 0.75
+        let delay = Int64(jitter * ceiling * Double(factor))
         request!.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(delay)) { [weak self] in
             self?.request?.retryTimer = nil
             self?.startAttempt()
@@ -529,8 +592,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         }
         let isHTTP2 = self.isHTTP2
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-            if !keepAlive && !isHTTP2 { context.close(promise: nil) }
+            if (!keepAlive || self.quiescing) && !isHTTP2 { context.close(promise: nil) }
         }
+        if keepAlive && !quiescing { responseDone(context) }
     }
 
     private func redirect(_ head: HTTPRequestHead, _ r: HTTPRoute.Redirect, path: Substring, query: Substring?,
@@ -559,7 +623,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
 
     private func startMirrors() {
         guard let r = request, !r.mirrors.isEmpty, let replay = r.replay, let loop else { return }
-        for m in r.mirrors where Double.random(in: 0..<100) < m.percent {
+        for m in r.mirrors where Double.random(in: 0..<100, using: &loop.random) < m.percent {
             let cluster = ProxyTable.clusterName(namespace: proxy.snapshot.table.frontends[frontendKey]?.namespace ?? "",
                                                  service: m.name, port: m.port)
             guard let endpoints = r.snapshot.endpoints[cluster], let key = loop.pool.pick(endpoints, excluding: []),
@@ -631,7 +695,8 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         }
     }
 
-    static func prepareUpstreamHeaders(_ headers: inout HTTPHeaders, client: IPv4Address, via: String, keepUpgrade: Bool) {
+    static func prepareUpstreamHeaders<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, client: IPv4Address, via: String,
+                                                                 keepUpgrade: Bool, random: inout R) {
         // gRPC needs "te: trailers" end to end; it is the one TE value HTTP/2 allows.
         let teTrailers = headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
         stripHopByHop(&headers, keepUpgrade: keepUpgrade)
@@ -641,7 +706,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         if !headers.contains(name: "x-forwarded-proto") { headers.add(name: "x-forwarded-proto", value: "http") }
         headers.add(name: "forwarded", value: "for=\(client);proto=http")
         headers.add(name: "via", value: "1.1 \(via)")
-        if !headers.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID()) }
+        if !headers.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID(using: &random)) }
     }
 
     /// An HTTP/1.1 Upgrade the proxy passes through (WebSocket and the
@@ -656,8 +721,8 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
 
     /// A random 128-bit id in UUID (version 4) form, written straight into
     /// one string buffer: this runs for every request.
-    static func requestID() -> String {
-        var a = UInt64.random(in: 0...UInt64.max), b = UInt64.random(in: 0...UInt64.max)
+    static func requestID<R: RandomNumberGenerator>(using random: inout R) -> String {
+        var a = random.next(), b = random.next()
         a = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000   // version 4
         b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
         return String(unsafeUninitializedCapacity: 36) { out in
@@ -679,7 +744,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, Up
         let total = backends.reduce(UInt64(0)) { $0 + UInt64($1.weight) }
         guard total > 0 else { return nil }
         if backends.count == 1 { return backends[0] }
-        var draw = UInt64.random(in: 0..<total)
+        var draw = loop.map { UInt64.random(in: 0..<total, using: &$0.random) } ?? 0
         for b in backends {
             if draw < UInt64(b.weight) { return b }
             draw -= UInt64(b.weight)

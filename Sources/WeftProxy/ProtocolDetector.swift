@@ -79,11 +79,11 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         do {
             switch verdict {
             case .http1:
-                // NIO's configureHTTPServerPipeline, with the decoder keeping
-                // the bytes after an Upgrade request for the spliced stream.
+                // NIO's configureHTTPServerPipeline, but with the decoder
+                // keeping the bytes after an Upgrade request for the spliced
+                // stream, and pipelining handled by HTTPProxyHandler itself.
                 try pipeline.addHandler(HTTPResponseEncoder())
                 try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
-                try pipeline.addHandler(HTTPServerPipelineHandler())
                 try pipeline.addHandler(HTTPServerProtocolErrorHandler())
                 let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
                 handler.onUpgrade = Upgrade.splice

@@ -57,6 +57,9 @@ final class LoopState: @unchecked Sendable {
     // @unchecked: every member is used only on the loop this state belongs to.
     let pool: UpstreamPool
     private var budgets: [String: BudgetBox] = [:]
+    /// Request ids, weighted draws, jitter: one seeded generator per loop.
+    /// The system generator costs a getrandom(2) call per number.
+    var random = LoopRandom()
 
     final class BudgetBox { var budget = RetryBudget() }
 
@@ -133,5 +136,19 @@ enum SourceAddress {
         let source = IPv4Address(networkOrder: local.sin_addr.s_addr)
         cache.withLock { $0[destination.value] = source }
         return source
+    }
+}
+
+/// SplitMix64, seeded once from the system generator: fast and good enough
+/// for request ids, traffic splits and jitter (nothing here is a secret).
+struct LoopRandom: RandomNumberGenerator {
+    private var state = UInt64.random(in: 0...UInt64.max)
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }

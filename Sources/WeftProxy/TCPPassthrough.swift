@@ -107,7 +107,6 @@ enum Upgrade {
                 try down.addHandler(a)
                 try down.removeHandler(down.handler(type: HTTPProxyHandler.self), promise: nil)
                 try down.removeHandler(down.handler(type: HTTPServerProtocolErrorHandler.self), promise: nil)
-                try down.removeHandler(down.handler(type: HTTPServerPipelineHandler.self), promise: nil)
                 try down.removeHandler(down.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self), promise: nil)
                 try down.removeHandler(down.handler(type: HTTPResponseEncoder.self), promise: nil)
                 downstream.read()

@@ -206,6 +206,24 @@ struct ProxyTests {
         #expect(h2.0 == 200, "\(h2)")
         #expect(json(h2.2)["pod"] as? String == "v2")
 
+        // Three pipelined requests in one write: three answers, in order.
+        let pipelined = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
+            import socket
+            s = socket.create_connection(("198.19.1.10", 80), timeout=5)
+            reqs = b"".join(b"GET /p%d HTTP/1.1\\r\\nHost: a\\r\\nx-canary: yes\\r\\n%s\\r\\n" % (i, b"Connection: close\\r\\n" if i == 3 else b"") for i in (1, 2, 3))
+            s.sendall(reqs)
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            print([p for p in ("/p1", "/p2", "/p3") if p.encode() in data], data.count(b"HTTP/1.1 200"))
+            """])
+        #expect(pipelined.output.contains("['/p1', '/p2', '/p3'] 3"), "\(pipelined.output)")
+        let text = pipelined.output
+        if let a = text.range(of: "/p1"), let b = text.range(of: "/p2") { #expect(a.lowerBound < b.lowerBound) }
+
         // curl --http2 asks for the h2c upgrade: the proxy declines it and
         // answers over HTTP/1.1, as RFC 9110 allows; nothing h2c-specific
         // reaches the backend.

@@ -25,10 +25,11 @@ import Testing
 
 @Suite struct HeaderRulesTests {
     @Test func hopByHopHeadersAndThoseNamedInConnectionAreStripped() {
+        var rng = SystemRandomNumberGenerator()
         var h = HTTPHeaders([("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "5"),
                              ("transfer-encoding", "chunked"), ("te", "trailers"), ("x-keep", "yes"),
                              ("upgrade", "websocket")])
-        HTTPProxyHandler.prepareUpstreamHeaders(&h, client: IPv4Address("198.18.1.10")!, via: "weft-n1", keepUpgrade: false)
+        HTTPProxyHandler.prepareUpstreamHeaders(&h, client: IPv4Address("198.18.1.10")!, via: "weft-n1", keepUpgrade: false, random: &rng)
         #expect(h["x-secret"].isEmpty && h["keep-alive"].isEmpty && h["transfer-encoding"].isEmpty)
         #expect(h["connection"].isEmpty && h["upgrade"].isEmpty)
         #expect(h["te"] == ["trailers"], "gRPC's te: trailers survives")
@@ -39,16 +40,18 @@ import Testing
     }
 
     @Test func forwardedForAppendsAndUpgradeIsKeptWhenAsked() {
+        var rng = SystemRandomNumberGenerator()
         var h = HTTPHeaders([("x-forwarded-for", "10.0.0.1"), ("connection", "Upgrade"), ("upgrade", "websocket"),
                              ("x-request-id", "given")])
-        HTTPProxyHandler.prepareUpstreamHeaders(&h, client: IPv4Address("198.18.1.10")!, via: "weft-n1", keepUpgrade: true)
+        HTTPProxyHandler.prepareUpstreamHeaders(&h, client: IPv4Address("198.18.1.10")!, via: "weft-n1", keepUpgrade: true, random: &rng)
         #expect(h["x-forwarded-for"] == ["10.0.0.1, 198.18.1.10"])
         #expect(h["upgrade"] == ["websocket"] && h["connection"] == ["upgrade"])
         #expect(h["x-request-id"] == ["given"])
     }
 
     @Test func requestIDsAreUUIDv4Shaped() {
-        let ids = Set((0..<100).map { _ in HTTPProxyHandler.requestID() })
+        var rng = LoopRandom()
+        let ids = Set((0..<100).map { _ in HTTPProxyHandler.requestID(using: &rng) })
         #expect(ids.count == 100)
         for id in ids {
             let parts = id.split(separator: "-")
