@@ -227,13 +227,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if let newPath { upstream.uri = query.map { "\(newPath)?\($0)" } ?? newPath }
         if let newHost { upstream.headers.replaceOrAdd(name: "host", value: newHost) }
         let isUpgrade = !isHTTP2 && Self.isUpgradeRequest(head)
-        var fallback = LoopRandom()
         if let loop {
             Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
                                         random: &loop.random)
         } else {
+            var system = SystemRandomNumberGenerator()
             Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
-                                        random: &fallback)
+                                        random: &system)
         }
 
         let method = head.method
