@@ -27,6 +27,12 @@
 #define WEFT_MAP_UDP_FLOWS    "weft_udp_flows"
 #define WEFT_MAP_PROXY_CONFIG "weft_proxy_config"
 #define WEFT_MAP_PROXY_ORIGINS "weft_proxy_origins"
+#define WEFT_MAP_ACCEL_SOCKS  "weft_accel_socks"
+#define WEFT_MAP_ACCEL_PEERS  "weft_accel_peers"
+#define WEFT_MAP_ACCEL_LOCAL  "weft_accel_local"
+#define WEFT_MAP_ACCEL_CONFIG "weft_accel_config"
+#define WEFT_MAP_ACCEL_STATE  "weft_accel_state"
+#define WEFT_MAP_ACCEL_STATS  "weft_accel_stats"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
@@ -41,7 +47,9 @@
 #define WEFT_MAX_DROP_KEYS      65536   /* drop counter tuples (LRU) */
 #define WEFT_MAX_UDP_FLOWS      131072  /* UDP (socket, peer) pairs already allowed (LRU) */
 #define WEFT_MAX_PROXY_ORIGINS  65536   /* captured connections not yet accepted by the proxy (LRU) */
-#define WEFT_ABI_VERSION        3
+#define WEFT_MAX_ACCEL_SOCKETS  65536   /* same-node mesh sockets on the shortcut */
+#define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
+#define WEFT_ABI_VERSION        4
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,
@@ -145,6 +153,96 @@ enum weft_lb_event {
 	WEFT_LB_PROXY_CAPTURED  = 5, /* connect() to an L7 Service port sent to the node proxy */
 	WEFT_LB_PROXY_ORIGIN    = 6, /* sockops recorded a captured connection for the proxy */
 	WEFT_LB_EVENT_MAX       = 7,
+};
+
+/*
+ * ----- Same-node socket shortcut (sockops + sk_msg) -----
+ *
+ * When both ends of a TCP connection are sockets of this node's mesh (local
+ * pods, the node proxy), sockops puts each end into weft_accel_socks (a
+ * SOCKHASH keyed by its own 4-tuple) as the handshake completes, and the
+ * sk_msg program attached to that map moves each message a socket sends
+ * straight into its peer's receive queue, skipping TCP/IP. Entries leave the
+ * SOCKHASH when the socket closes (the kernel does that).
+ *
+ * Correctness rules, enforced per direction of each connection by the
+ * sender's weft_accel_sock.mode (socket-local storage):
+ *  - a direction is decided on its first message: redirected only if the
+ *    peer is in the map then and its address is a receiver (below) (else the bytes already went by TCP, and
+ *    redirecting later ones would overtake them);
+ *  - a redirected direction may fall back to TCP (switched off, or the
+ *    receiver's queue is over its limit: TCP's flow control takes over),
+ *    because a receiver reads its redirected queue before its TCP queue;
+ *  - a direction on TCP never goes back to redirecting.
+ * Addresses are kept IPv6-sized: IPv4 as ::ffff:a.b.c.d, so an AF_INET
+ * socket and a dual-stack peer key alike. Loopback is never accelerated
+ * (127.0.0.1 pairs collide across network namespaces); pod addresses are
+ * unique on a node, so the 4-tuples of accelerated sockets are too.
+ */
+struct weft_accel_addr {
+	__be32 addr[4];    /* IPv6, or IPv4-mapped; network order */
+};
+
+struct weft_accel_key {
+	__be32 local[4];   /* this socket's address (IPv4-mapped for IPv4) */
+	__be32 remote[4];  /* its peer's */
+	__u16  local_port; /* host order */
+	__u16  remote_port;/* host order */
+};
+
+/* weft_accel_local values: why an address counts as this node's mesh, and
+ * whether its sockets may be given redirected bytes. A socket that reads
+ * with splice() or sendfile() never sees them (those read only the TCP
+ * queue) and would wait forever, so only readers known to use read()/recv()
+ * are receivers: the node proxy, and pods the operator marks so. Every
+ * local mesh socket may still *send* by the shortcut to a receiver. */
+#define WEFT_ACCEL_LOCAL_POD     0x1
+#define WEFT_ACCEL_LOCAL_PROXY   0x2
+#define WEFT_ACCEL_LOCAL_RECEIVE 0x4
+
+/* weft_accel_config.flags */
+#define WEFT_ACCEL_F_ENABLED   0x01  /* new sockets enter the map; flows may redirect */
+
+struct weft_accel_config {
+	__u32 flags;       /* WEFT_ACCEL_F_* */
+	__u32 queue_floor; /* a receiver may hold max(its rcvbuf, this) redirected bytes */
+};
+
+/* What sockops learned about a socket it put in the map, for its peer's
+ * sk_msg program: where to read the receive queue's length. Kernel
+ * addresses, read back only through bpf_rdonly_cast (fault-safe loads). */
+struct weft_accel_peer {
+	__u64 sock;        /* struct sock * */
+	__u64 psock;       /* struct sk_psock * (sk_user_data) */
+};
+
+/* weft_accel_sock.mode: one direction of a connection (the sender's). */
+#define WEFT_ACCEL_UNDECIDED 0
+#define WEFT_ACCEL_REDIRECT  1
+#define WEFT_ACCEL_PASS      2
+#define WEFT_ACCEL_PROBE     3  /* set by the agent's start-up probe only */
+
+struct weft_accel_sock {
+	__u32 mode;        /* WEFT_ACCEL_* */
+	__u32 pad0;        /* zero */
+};
+
+enum weft_accel_event {
+	WEFT_ACCEL_SOCK_ADDED      = 0,  /* sockops put a socket in the map */
+	WEFT_ACCEL_SOCK_ADD_FAILED = 1,  /* map full or 4-tuple already there */
+	WEFT_ACCEL_SOCK_REMOVED    = 2,  /* a socket in the map closed */
+	WEFT_ACCEL_FLOW_REDIRECT   = 3,  /* a direction decided for the shortcut */
+	WEFT_ACCEL_FLOW_NO_PEER    = 4,  /* decided for TCP: peer not in the map */
+	WEFT_ACCEL_FLOW_DISABLED   = 5,  /* decided for TCP: shortcut switched off */
+	WEFT_ACCEL_FALLBACK_OFF    = 6,  /* redirected direction moved to TCP: switched off */
+	WEFT_ACCEL_FALLBACK_QUEUE  = 7,  /* ... moved to TCP: receiver's queue over its limit */
+	WEFT_ACCEL_MSG_REDIRECTED  = 8,
+	WEFT_ACCEL_BYTES_REDIRECTED = 9,
+	WEFT_ACCEL_MSG_PASSED      = 10, /* messages of map sockets sent by TCP */
+	WEFT_ACCEL_BYTES_PASSED    = 11,
+	WEFT_ACCEL_FLOW_NOT_RECEIVER = 12, /* decided for TCP: peer not marked as a receiver */
+	WEFT_ACCEL_PROBE_REDIRECTED = 13,
+	WEFT_ACCEL_EVENT_MAX       = 14,
 };
 
 /*
@@ -286,6 +384,11 @@ _Static_assert(sizeof(struct weft_sock_origin) == 24, "weft_sock_origin layout")
 _Static_assert(sizeof(struct weft_proxy_config) == 8, "weft_proxy_config layout");
 _Static_assert(sizeof(struct weft_proxy_origin_key) == 8, "weft_proxy_origin_key layout");
 _Static_assert(sizeof(struct weft_proxy_origin) == 16, "weft_proxy_origin layout");
+_Static_assert(sizeof(struct weft_accel_key) == 36, "weft_accel_key layout");
+_Static_assert(sizeof(struct weft_accel_addr) == 16, "weft_accel_addr layout");
+_Static_assert(sizeof(struct weft_accel_config) == 8, "weft_accel_config layout");
+_Static_assert(sizeof(struct weft_accel_peer) == 16, "weft_accel_peer layout");
+_Static_assert(sizeof(struct weft_accel_sock) == 8, "weft_accel_sock layout");
 #endif
 
 #endif /* WEFT_ABI_H */
