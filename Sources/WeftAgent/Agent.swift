@@ -35,6 +35,9 @@ public enum Agent {
         let maps = try ServiceMaps(pinDirectory: pinDirectory)
         let policyMaps = try PolicyMaps(pinDirectory: pinDirectory)
         let proxyMaps = try ProxyMaps(pinDirectory: pinDirectory)
+        let shortcut = ShortcutController(configuration: configuration, pinDirectory: pinDirectory, podCgroup: cgroup,
+                                          cgroupMount: cgroupMount, logger: logger)
+        let shortcutMaps = shortcut.maps
         let runDirectory = configuration.resolvedRunDirectory
         try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
@@ -55,15 +58,17 @@ public enum Agent {
         var initial = AgentStatus(node: configuration.node, pid: getpid(), configDirectory: configuration.configDirectory,
                                   cgroup: cgroup, pinDirectory: pinDirectory)
         initial.programs = datapath.programs.map { .init(name: $0.name, state: $0.state.rawValue, programID: $0.programID) }
+        initial.shortcut = shortcut.status
         let status = SharedStatus(initial)
         let reconciler = try Reconciler(configuration: configuration, maps: maps, policyMaps: policyMaps,
-                                        nodeCgroup: cgroup, status: status, proxy: supervisor, logger: logger)
+                                        nodeCgroup: cgroup, status: status, proxy: supervisor, shortcut: shortcut, logger: logger)
         let watcher = try ConfigWatcher(directory: configuration.configDirectory)
         reconciler.reconcile()
 
         let fill = Mutex(MapFill())
         fill.withLock { $0 = reconciler.mapFill }
-        let metrics = AgentMetrics(maps: maps, policyMaps: policyMaps, status: status, fill: { fill.withLock { $0 } })
+        let metrics = AgentMetrics(maps: maps, policyMaps: policyMaps, shortcut: shortcutMaps, status: status,
+                                   fill: { fill.withLock { $0 } })
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let server = StatusServer(group: group)
         let encoder = JSONEncoder()
@@ -74,7 +79,12 @@ public enum Agent {
             case "/metrics":
                 return (.ok, "text/plain; version=0.0.4; charset=utf-8", metrics.render() + proxyMetrics(runDirectory))
             case "/status":
-                let body = (try? encoder.encode(status.full())).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+                var full = status.full()
+                if let shortcutMaps, full.shortcut != nil {
+                    full.shortcut?.sockets = try? shortcutMaps.sockets()
+                    full.shortcut?.events = (try? shortcutMaps.counters()).map { Dictionary(uniqueKeysWithValues: $0.map { ($0.name, $0.value) }) }
+                }
+                let body = (try? encoder.encode(full)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
                 return (.ok, "application/json", body + "\n")
             case "/healthz":
                 return (.ok, "text/plain", "ok\n")

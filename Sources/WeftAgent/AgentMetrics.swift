@@ -12,14 +12,17 @@ final class AgentMetrics: Sendable {
     private let registry = PrometheusCollectorRegistry()
     private let maps: ServiceMaps
     private let policyMaps: PolicyMaps
+    private let shortcut: ShortcutMaps?
     private let status: SharedStatus
     private let fill: @Sendable () -> MapFill
     /// Last value seen per kernel counter: Prometheus counters only go up by
     /// deltas, and the kernel's are monotonic, so each scrape adds the delta.
     private let seen = Mutex<[String: UInt64]>([:])
 
-    init(maps: ServiceMaps, policyMaps: PolicyMaps, status: SharedStatus, fill: @escaping @Sendable () -> MapFill) {
+    init(maps: ServiceMaps, policyMaps: PolicyMaps, shortcut: ShortcutMaps?, status: SharedStatus,
+         fill: @escaping @Sendable () -> MapFill) {
         self.maps = maps
+        self.shortcut = shortcut
         self.policyMaps = policyMaps
         self.status = status
         self.fill = fill
@@ -63,6 +66,26 @@ final class AgentMetrics: Sendable {
                     seen[name] = value
                     registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "lb_events", unitName: "total", helpText: "Outcomes of the in-kernel connect() load balancer, from its per-CPU map."), labels: [("event", name)])
                         .increment(by: Int64(clamping: delta))
+                }
+            }
+        }
+        registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "shortcut_enabled", unitName: "", helpText: "1 when the same-node socket shortcut is on."))
+            .set((try? shortcut?.isEnabled()) == true ? 1.0 : 0.0)
+        if let shortcut {
+            registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "shortcut_sockets", unitName: "", helpText: "Sockets on the same-node shortcut now (each end counts once)."))
+                .set(Double((try? shortcut.sockets()) ?? 0))
+            registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_capacity", unitName: "", helpText: "max_entries of a BPF map."), labels: [("map", WEFT_MAP_ACCEL_PEERS)])
+                .set(Double(shortcut.capacity))
+            if let events = try? shortcut.counters() {
+                seen.withLock { seen in
+                    for (name, value) in events {
+                        let id = "shortcut/\(name)"
+                        let last = seen[id] ?? 0
+                        let delta = value >= last ? value - last : value
+                        seen[id] = value
+                        registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "shortcut_events", unitName: "total", helpText: "What the same-node socket shortcut's programs did, from their per-CPU map."), labels: [("event", name)])
+                            .increment(by: Int64(clamping: delta))
+                    }
                 }
             }
         }

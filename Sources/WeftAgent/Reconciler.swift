@@ -36,11 +36,13 @@ final class Reconciler {
 
     /// The node proxy, if this agent runs one.
     private let proxy: ProxySupervisor?
+    private let shortcut: ShortcutController
 
     init(configuration: AgentConfiguration, maps: ServiceMaps, policyMaps: PolicyMaps, nodeCgroup: String,
-         status: SharedStatus, proxy: ProxySupervisor?, logger: Logger) throws {
+         status: SharedStatus, proxy: ProxySupervisor?, shortcut: ShortcutController, logger: Logger) throws {
         self.configuration = configuration
         self.proxy = proxy
+        self.shortcut = shortcut
         self.maps = maps
         self.policyMaps = policyMaps
         self.nodeCgroup = nodeCgroup
@@ -169,6 +171,8 @@ final class Reconciler {
             }
             appliedPolicy = desiredPolicy
             mark("policy-write")
+            let shortcutWrites = try shortcut.apply(state, node: configuration.node, proxyAddress: proxy?.listen.address)
+            status.withLock { $0.shortcut = shortcut.status }
             let table = ServiceTable(state)
             mark("table")
             let changed = inForce != state
@@ -224,7 +228,7 @@ final class Reconciler {
                     s.appliedAt = Date().timeIntervalSince1970
                 }
                 s.configErrors = []
-                s.lastWrites = writes.count + policyPlan.count
+                s.lastWrites = writes.count + policyPlan.count + shortcutWrites
                 s.missingCgroups = missing
                 s.lastReconcileSeconds = seconds
             }

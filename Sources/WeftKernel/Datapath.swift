@@ -47,7 +47,8 @@ public struct Datapath: Sendable {
         guard let cgroupID = Host.cgroupID(cgroupPath) else { throw KernelError.fromErrno("stat cgroup \(cgroupPath)") }
 
         var programs: [Program] = []
-        for embedded in EmbeddedBPFObject.all {
+        // The shortcut's object is optional and attached apart (Shortcut.swift).
+        for embedded in EmbeddedBPFObject.all where embedded.name != Shortcut.objectName {
             programs += try attachObject(embedded, pinDirectory: pinDirectory, cgroupFD: cgroupFD,
                                          cgroupID: cgroupID, logger: logger)
         }
@@ -80,49 +81,54 @@ public struct Datapath: Sendable {
         while let prog = program {
             defer { program = bpf_object__next_program(object, prog) }
             let name = String(cString: bpf_program__name(prog))
-            let linkPath = "\(linkDirectory(pinDirectory))/\(name)"
-            let progFD = bpf_program__fd(prog)
-            var newID: UInt32 = 0
-            var newTag = [UInt8](repeating: 0, count: 8)
-            try KernelError.check(weft_prog_info(progFD, &newID, &newTag), "inspect program \(name)")
-
-            // Only open a pin that is there: libbpf logs a warning for a missing one.
-            if FileManager.default.fileExists(atPath: linkPath), let pinned = bpf_link__open(linkPath) {
-                defer { bpf_link__disconnect(pinned); bpf_link__destroy(pinned) }
-                let linkFD = bpf_link__fd(pinned)
-                var progID: UInt32 = 0, linkCgroup: UInt64 = 0, attachType: UInt32 = 0
-                try KernelError.check(weft_link_info(linkFD, &progID, &linkCgroup, &attachType), "inspect link \(linkPath)")
-                guard linkCgroup == cgroupID else {
-                    throw PreflightError("the pinned link \(linkPath) is attached to another cgroup (id \(linkCgroup)); this agent was started with --cgroup \(cgroupPath(cgroupFD)). Uninstall the old pin set first.")
-                }
-                let oldFD = bpf_prog_get_fd_by_id(progID)
-                var oldID: UInt32 = 0
-                var oldTag = [UInt8](repeating: 0, count: 8)
-                if oldFD >= 0 { _ = weft_prog_info(oldFD, &oldID, &oldTag); close(oldFD) }
-                if oldFD >= 0 && oldTag == newTag {
-                    out.append(Program(name: name, state: .adopted, programID: progID))
-                    logger.info("adopted pinned link", metadata: ["program": "\(name)", "prog_id": "\(progID)"])
-                } else {
-                    try KernelError.check(weft_link_update(linkFD, progFD), "replace program behind \(linkPath)")
-                    out.append(Program(name: name, state: .upgraded, programID: newID))
-                    logger.notice("upgraded pinned link in place", metadata: ["program": "\(name)", "old_prog_id": "\(progID)", "prog_id": "\(newID)"])
-                }
-                continue
-            }
-            guard let link = bpf_program__attach_cgroup(prog, cgroupFD) else {
-                throw KernelError.fromErrno("attach \(name) to cgroup")
-            }
-            defer { bpf_link__disconnect(link); bpf_link__destroy(link) }
-            let pinRC = bpf_link__pin(link, linkPath)
-            if pinRC < 0 {
-                // Unpinned, the link would vanish with this process: undo it now.
-                _ = bpf_link__detach(link)
-                try KernelError.check(pinRC, "pin link \(linkPath)")
-            }
-            out.append(Program(name: name, state: .attached, programID: newID))
-            logger.info("attached and pinned", metadata: ["program": "\(name)", "prog_id": "\(newID)", "pin": "\(linkPath)"])
+            out.append(try attachPinnedLink(prog, name: name, linkPath: "\(linkDirectory(pinDirectory))/\(name)",
+                                            cgroupFD: cgroupFD, cgroupID: cgroupID, logger: logger))
         }
         return out
+    }
+
+    /// Attaches `prog` to the cgroup behind a pinned link at `linkPath`, or
+    /// adopts the pinned link (same program) or swaps its program in place.
+    static func attachPinnedLink(_ prog: OpaquePointer, name: String, linkPath: String, cgroupFD: Int32,
+                                 cgroupID: UInt64, logger: Logger) throws -> Program {
+        let progFD = bpf_program__fd(prog)
+        var newID: UInt32 = 0
+        var newTag = [UInt8](repeating: 0, count: 8)
+        try KernelError.check(weft_prog_info(progFD, &newID, &newTag), "inspect program \(name)")
+
+        // Only open a pin that is there: libbpf logs a warning for a missing one.
+        if FileManager.default.fileExists(atPath: linkPath), let pinned = bpf_link__open(linkPath) {
+            defer { bpf_link__disconnect(pinned); bpf_link__destroy(pinned) }
+            let linkFD = bpf_link__fd(pinned)
+            var progID: UInt32 = 0, linkCgroup: UInt64 = 0, attachType: UInt32 = 0
+            try KernelError.check(weft_link_info(linkFD, &progID, &linkCgroup, &attachType), "inspect link \(linkPath)")
+            guard linkCgroup == cgroupID else {
+                throw PreflightError("the pinned link \(linkPath) is attached to another cgroup (id \(linkCgroup)); this agent was started with --cgroup \(cgroupPath(cgroupFD)). Uninstall the old pin set first.")
+            }
+            let oldFD = bpf_prog_get_fd_by_id(progID)
+            var oldID: UInt32 = 0
+            var oldTag = [UInt8](repeating: 0, count: 8)
+            if oldFD >= 0 { _ = weft_prog_info(oldFD, &oldID, &oldTag); close(oldFD) }
+            if oldFD >= 0 && oldTag == newTag {
+                logger.info("adopted pinned link", metadata: ["program": "\(name)", "prog_id": "\(progID)"])
+                return Program(name: name, state: .adopted, programID: progID)
+            }
+            try KernelError.check(weft_link_update(linkFD, progFD), "replace program behind \(linkPath)")
+            logger.notice("upgraded pinned link in place", metadata: ["program": "\(name)", "old_prog_id": "\(progID)", "prog_id": "\(newID)"])
+            return Program(name: name, state: .upgraded, programID: newID)
+        }
+        guard let link = bpf_program__attach_cgroup(prog, cgroupFD) else {
+            throw KernelError.fromErrno("attach \(name) to cgroup")
+        }
+        defer { bpf_link__disconnect(link); bpf_link__destroy(link) }
+        let pinRC = bpf_link__pin(link, linkPath)
+        if pinRC < 0 {
+            // Unpinned, the link would vanish with this process: undo it now.
+            _ = bpf_link__detach(link)
+            try KernelError.check(pinRC, "pin link \(linkPath)")
+        }
+        logger.info("attached and pinned", metadata: ["program": "\(name)", "prog_id": "\(newID)", "pin": "\(linkPath)"])
+        return Program(name: name, state: .attached, programID: newID)
     }
 
     private static func cgroupPath(_ fd: Int32) -> String {

@@ -29,6 +29,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private var receiving = false
     /// Told to wind down (drain): close once the current response is done.
     private var quiescing = false
+    private var inputClosed = false
+    /// The client half-closed and every request it sent has been answered.
+    private var clientGone: Bool { inputClosed && request == nil && !receiving && queued.isEmpty }
 
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
@@ -127,6 +130,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             if request == nil && !receiving && queued.isEmpty { context.close(promise: nil) }
             return
         }
+        // The client shut its side after its requests (HTTP/1 half-close):
+        // answer every one already read, pipelined ones too, then close.
+        if let e = event as? ChannelEvent, case .inputClosed = e, !isHTTP2 {
+            inputClosed = true
+            if request == nil && !receiving && queued.isEmpty { context.close(promise: nil) }
+            return
+        }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -135,6 +145,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         while !queued.isEmpty && !(request != nil && !receiving) {
             process(queued.removeFirst(), context: context)
         }
+
         if readPending && queued.count < Self.maxQueued {
             readPending = false
             context.read()
@@ -423,7 +434,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             endAttempt(success: true)
             finish()
             context.writeAndFlush(wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
-                if (!keepAlive || self.quiescing) && !self.isHTTP2 { context.close(promise: nil) }
+                if (!keepAlive || self.quiescing || self.clientGone) && !self.isHTTP2 { context.close(promise: nil) }
             }
             if keepAlive && !quiescing { responseDone(context) }
         }
@@ -592,7 +603,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         let isHTTP2 = self.isHTTP2
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-            if (!keepAlive || self.quiescing) && !isHTTP2 { context.close(promise: nil) }
+            if (!keepAlive || self.quiescing || self.clientGone) && !isHTTP2 { context.close(promise: nil) }
         }
         if keepAlive && !quiescing { responseDone(context) }
     }

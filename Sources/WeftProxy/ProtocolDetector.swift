@@ -23,6 +23,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private var buffered: ByteBuffer?
     private var timer: Scheduled<Void>?
     private var decided = false
+    /// The client shut its side (FIN) before the verdict: passed on once the
+    /// pipeline behind is set up (connections allow half-closure, so a
+    /// request-then-FIN client or a TCP stream's half-close works).
+    private(set) var inputClosed = false
 
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
 
@@ -52,6 +56,27 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     func channelInactive(context: ChannelHandlerContext) {
         timer?.cancel()
         context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e, decided {
+            // Passthrough is connecting to the backend: it passes the FIN on
+            // once joined (this handler leaves the pipeline then).
+            inputClosed = true
+            return
+        }
+        if let e = event as? ChannelEvent, case .inputClosed = e, !decided {
+            inputClosed = true
+            // Nothing said at all: nothing to proxy.
+            guard let buffered, buffered.readableBytes > 0 else {
+                context.close(promise: nil)
+                return
+            }
+            let verdict = Self.classify(buffered.readableBytesView)
+            decide(verdict == .undecided ? .tcp : verdict, context: context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     /// What the bytes so far say.
@@ -111,6 +136,9 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             context.fireChannelRead(wrapInboundOut(buffered))
             self.buffered = nil
             context.fireChannelReadComplete()
+        }
+        if inputClosed, verdict != .tcp {
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         }
         if verdict != .tcp {
             pipeline.removeHandler(context: context, promise: nil)

@@ -51,6 +51,9 @@ public enum ProxyServer {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            // A client's FIN is a half-close: TCP streams pass it on, and
+            // HTTP answers what is in flight before closing.
+            .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     guard let remote = channel.remoteAddress, let ip = remote.ipAddress, let client = IPv4Address(ip),

@@ -53,9 +53,12 @@ enum TCPPassthrough {
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
                     do {
                         let early = (detector as? ProtocolDetector)?.takeBuffered()
+                        let closedEarly = (detector as? ProtocolDetector)?.inputClosed ?? false
                         try upstream.pipeline.syncOperations.addHandler(b)
                         try downstream.pipeline.syncOperations.addHandler(a)
                         if let early, early.readableBytes > 0 { upstream.writeAndFlush(early, promise: nil) }
+                        // The client's FIN came before the backend was there: pass it on now.
+                        if closedEarly { upstream.close(mode: .output, promise: nil) }
                         if let detector = detector as? ProtocolDetector {
                             downstream.pipeline.syncOperations.removeHandler(detector, promise: nil)
                         }

@@ -145,6 +145,17 @@ struct StatusCommand: ParsableCommand {
                 } else {
                     print("  proxy:      none (--proxy-address none): every Service port is balanced in the kernel")
                 }
+                if let sc = s.shortcut {
+                    var line = "  shortcut:   \(sc.state)"
+                    if let reason = sc.reason { line += " (\(reason))" }
+                    if sc.state == "on" {
+                        let redirected = sc.events?["bytes_redirected"] ?? 0
+                        line += ": \(sc.sockets ?? 0) socket(s) on it, \(redirected) bytes redirected; receivers: "
+                            + (sc.proxyReceives ? "the proxy" : "not the proxy")
+                            + ", \(sc.receivers.count) pod(s) (podReceivers \(sc.podReceivers ?? "Annotated"))"
+                    }
+                    print(line)
+                }
                 print("  programs:   " + s.programs.map { "\($0.name) (\($0.state), id \($0.programID))" }.joined(separator: ", "))
                 if s.configErrors.isEmpty {
                     print("  config:     ok")

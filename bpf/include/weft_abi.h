@@ -173,7 +173,9 @@ enum weft_lb_event {
  *  - a redirected direction may fall back to TCP (switched off, or the
  *    receiver's queue is over its limit: TCP's flow control takes over),
  *    because a receiver reads its redirected queue before its TCP queue;
- *  - a direction on TCP never goes back to redirecting.
+ *  - a direction on TCP goes back to redirecting only when TCP holds none
+ *    of its bytes: all acknowledged (sender snd_una == write_seq) and all
+ *    read (receiver copied_seq == rcv_nxt); only after a queue fallback.
  * Addresses are kept IPv6-sized: IPv4 as ::ffff:a.b.c.d, so an AF_INET
  * socket and a dual-stack peer key alike. Loopback is never accelerated
  * (127.0.0.1 pairs collide across network namespaces); pod addresses are
@@ -214,6 +216,9 @@ struct weft_accel_config {
 struct weft_accel_peer {
 	__u64 sock;        /* struct sock * */
 	__u64 psock;       /* struct sk_psock * (sk_user_data) */
+	__u32 flags;       /* WEFT_ACCEL_LOCAL_* of this socket's end: RECEIVE set
+	                    * for the proxy's sockets and for receiver pods' */
+	__u32 pad0;        /* zero */
 };
 
 /* weft_accel_sock.mode: one direction of a connection (the sender's). */
@@ -221,6 +226,9 @@ struct weft_accel_peer {
 #define WEFT_ACCEL_REDIRECT  1
 #define WEFT_ACCEL_PASS      2
 #define WEFT_ACCEL_PROBE     3  /* set by the agent's start-up probe only */
+#define WEFT_ACCEL_PASS_FULL 4  /* on TCP because the receiver's queue was full;
+                                 * back to REDIRECT once TCP has nothing of this
+                                 * direction in flight or unread */
 
 struct weft_accel_sock {
 	__u32 mode;        /* WEFT_ACCEL_* */
@@ -242,7 +250,8 @@ enum weft_accel_event {
 	WEFT_ACCEL_BYTES_PASSED    = 11,
 	WEFT_ACCEL_FLOW_NOT_RECEIVER = 12, /* decided for TCP: peer not marked as a receiver */
 	WEFT_ACCEL_PROBE_REDIRECTED = 13,
-	WEFT_ACCEL_EVENT_MAX       = 14,
+	WEFT_ACCEL_RESUMED         = 14, /* a queue fallback went back to redirecting */
+	WEFT_ACCEL_EVENT_MAX       = 15,
 };
 
 /*
@@ -387,7 +396,7 @@ _Static_assert(sizeof(struct weft_proxy_origin) == 16, "weft_proxy_origin layout
 _Static_assert(sizeof(struct weft_accel_key) == 36, "weft_accel_key layout");
 _Static_assert(sizeof(struct weft_accel_addr) == 16, "weft_accel_addr layout");
 _Static_assert(sizeof(struct weft_accel_config) == 8, "weft_accel_config layout");
-_Static_assert(sizeof(struct weft_accel_peer) == 16, "weft_accel_peer layout");
+_Static_assert(sizeof(struct weft_accel_peer) == 24, "weft_accel_peer layout");
 _Static_assert(sizeof(struct weft_accel_sock) == 8, "weft_accel_sock layout");
 #endif
 

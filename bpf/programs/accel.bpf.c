@@ -4,9 +4,11 @@
  * programs, loaded as one optional object: the agent runs without them when
  * the kernel refuses either, and says so.
  *
- *   sockops  weft_accel_sockops  puts established local mesh sockets in
- *                                weft_accel_socks (pod cgroups and the
- *                                proxy's cgroup)
+ *   sockops  weft_accel_sockops  puts established local mesh sockets of
+ *                                pods in weft_accel_socks (pod cgroups)
+ *   sockops  weft_accel_sockops_proxy  the same for the node proxy's
+ *                                sockets (its own cgroup), marked as
+ *                                receivers: the proxy reads with read()
  *   sk_msg   weft_accel_msg      redirects a message into the peer's
  *                                receive queue, or lets TCP carry it
  *
@@ -30,6 +32,14 @@ struct sk_psock {
 struct sock {
 	int sk_rcvbuf;
 	void *sk_user_data;
+} __attribute__((preserve_access_index));
+
+/* A tcp_sock starts with its struct sock: the same address. */
+struct tcp_sock {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
 } __attribute__((preserve_access_index));
 
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
@@ -162,13 +172,12 @@ static __always_inline __u32 local_flags(const __be32 addr[4])
 	return flags ? *flags : 0;
 }
 
-SEC("sockops")
-int weft_accel_sockops(struct bpf_sock_ops *skops)
+static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 {
 	struct weft_accel_config *cfg;
 	struct weft_accel_key key = {};
 	struct weft_accel_peer peer = {};
-	__u32 op = skops->op;
+	__u32 op = skops->op, flags;
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
 		/* args[1] is the new state; only sockets we added asked for it. */
@@ -184,7 +193,12 @@ int weft_accel_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	if (is_loopback(key.local) || is_loopback(key.remote))
 		return 1;
-	if (!local_flags(key.local) || !local_flags(key.remote))
+	flags = local_flags(key.local);
+	if (!flags || !local_flags(key.remote))
+		return 1;
+	/* A socket both programs see (pods and proxy in one cgroup tree) is
+	 * added once, by the first. */
+	if (bpf_map_lookup_elem(&weft_accel_peers, &key))
 		return 1;
 	/* Data that rode in the handshake (TCP Fast Open) is already in the
 	 * TCP queue; redirected bytes would overtake it. */
@@ -200,10 +214,23 @@ int weft_accel_sockops(struct bpf_sock_ops *skops)
 		peer.sock = (__u64)sk;
 		peer.psock = (__u64)sk->sk_user_data & SK_USER_DATA_PTRMASK;
 	}
+	peer.flags = proxy ? (flags | WEFT_ACCEL_LOCAL_RECEIVE) : (flags & ~WEFT_ACCEL_LOCAL_PROXY);
 	bpf_map_update_elem(&weft_accel_peers, &key, &peer, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	accel_count(WEFT_ACCEL_SOCK_ADDED, 1);
 	return 1;
+}
+
+SEC("sockops")
+int weft_accel_sockops(struct bpf_sock_ops *skops)
+{
+	return accel_sockops(skops, 0);
+}
+
+SEC("sockops")
+int weft_accel_sockops_proxy(struct bpf_sock_ops *skops)
+{
+	return accel_sockops(skops, 1);
 }
 
 /* The peer's key: this socket's key with the ends swapped. */
@@ -253,6 +280,22 @@ static __always_inline int peer_queue_full(const struct weft_accel_key *peer_key
 	return queued + size > limit;
 }
 
+/* True when TCP holds none of this direction's bytes: the sender has them
+ * all acknowledged (the sender is locked by this sendmsg, so its fields
+ * hold still) and the receiver's application has read all it got. Then a
+ * redirected byte cannot overtake one sent by TCP. */
+static __always_inline int tcp_drained(struct bpf_sock *self, const struct weft_accel_key *peer_key)
+{
+	struct weft_accel_peer *peer = bpf_map_lookup_elem(&weft_accel_peers, peer_key);
+	struct tcp_sock *me, *them;
+
+	if (!peer || !peer->sock)
+		return 0;
+	me = bpf_rdonly_cast(self, bpf_core_type_id_kernel(struct tcp_sock));
+	them = bpf_rdonly_cast((void *)peer->sock, bpf_core_type_id_kernel(struct tcp_sock));
+	return me->snd_una == me->write_seq && them->copied_seq == them->rcv_nxt;
+}
+
 SEC("sk_msg")
 int weft_accel_msg(struct sk_msg_md *msg)
 {
@@ -266,6 +309,8 @@ int weft_accel_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	state = bpf_sk_storage_get(&weft_accel_state, msg->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state || state->mode == WEFT_ACCEL_PASS || !msg_peer_key(msg, &peer))
+		goto pass;
+	if (state->mode == WEFT_ACCEL_PASS_FULL && !tcp_drained(msg->sk, &peer))
 		goto pass;
 	if (state->mode == WEFT_ACCEL_PROBE) {
 		if (bpf_msg_redirect_hash(msg, &weft_accel_socks, &peer, BPF_F_INGRESS) == SK_PASS)
@@ -281,14 +326,19 @@ int weft_accel_msg(struct sk_msg_md *msg)
 	/* Only readers known to read with read()/recv() are given redirected
 	 * bytes: splice() and sendfile() reading a socket see only its TCP
 	 * queue, and would wait forever for bytes sitting in the other one. */
-	if (state->mode == WEFT_ACCEL_UNDECIDED && !(local_flags(peer.local) & WEFT_ACCEL_LOCAL_RECEIVE)) {
-		accel_count(WEFT_ACCEL_FLOW_NOT_RECEIVER, 1);
-		state->mode = WEFT_ACCEL_PASS;
-		goto pass;
+	if (state->mode == WEFT_ACCEL_UNDECIDED) {
+		struct weft_accel_peer *p = bpf_map_lookup_elem(&weft_accel_peers, &peer);
+
+		if (!p || !(p->flags & WEFT_ACCEL_LOCAL_RECEIVE)) {
+			accel_count(p ? WEFT_ACCEL_FLOW_NOT_RECEIVER : WEFT_ACCEL_FLOW_NO_PEER, 1);
+			state->mode = WEFT_ACCEL_PASS;
+			goto pass;
+		}
 	}
 	if (peer_queue_full(&peer, size, cfg)) {
-		accel_count(WEFT_ACCEL_FALLBACK_QUEUE, 1);
-		state->mode = WEFT_ACCEL_PASS;
+		if (state->mode != WEFT_ACCEL_PASS_FULL)
+			accel_count(WEFT_ACCEL_FALLBACK_QUEUE, 1);
+		state->mode = WEFT_ACCEL_PASS_FULL;
 		goto pass;
 	}
 	if (bpf_msg_redirect_hash(msg, &weft_accel_socks, &peer, BPF_F_INGRESS) != SK_PASS) {
@@ -298,10 +348,11 @@ int weft_accel_msg(struct sk_msg_md *msg)
 		state->mode = WEFT_ACCEL_PASS;
 		goto pass;
 	}
-	if (state->mode == WEFT_ACCEL_UNDECIDED) {
-		state->mode = WEFT_ACCEL_REDIRECT;
+	if (state->mode == WEFT_ACCEL_UNDECIDED)
 		accel_count(WEFT_ACCEL_FLOW_REDIRECT, 1);
-	}
+	else if (state->mode == WEFT_ACCEL_PASS_FULL)
+		accel_count(WEFT_ACCEL_RESUMED, 1);
+	state->mode = WEFT_ACCEL_REDIRECT;
 	accel_count(WEFT_ACCEL_MSG_REDIRECTED, 1);
 	accel_count(WEFT_ACCEL_BYTES_REDIRECTED, size);
 	return SK_PASS;

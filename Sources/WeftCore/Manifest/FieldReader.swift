@@ -87,6 +87,14 @@ struct FieldReader {
         return try Self.int(node, at: location, path: field(key))
     }
 
+    mutating func bool(_ key: String) throws(ManifestError) -> Bool? {
+        guard let node = node(key) else { return nil }
+        guard case .scalar(let scalar) = node, node.tagName == .bool else {
+            throw error(key, "expected true or false, got \(Self.describe(node))")
+        }
+        return ["true", "True", "TRUE", "yes", "Yes", "on", "On"].contains(scalar.string)
+    }
+
     mutating func mapping(_ key: String) throws(ManifestError) -> FieldReader? {
         guard let node = node(key) else { return nil }
         return try FieldReader(node, at: location, path: field(key))

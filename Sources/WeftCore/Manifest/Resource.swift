@@ -9,6 +9,7 @@ public enum Resource: Hashable, Sendable {
     case namespace(Namespace, ObjectMeta)
     case networkPolicy(NetworkPolicy)
     case httpRoute(HTTPRoute)
+    case meshConfig(MeshConfig)
 
     public var kind: String {
         switch self {
@@ -17,6 +18,7 @@ public enum Resource: Hashable, Sendable {
         case .namespace: "Namespace"
         case .networkPolicy: "NetworkPolicy"
         case .httpRoute: "HTTPRoute"
+        case .meshConfig: "MeshConfig"
         }
     }
 
@@ -27,6 +29,7 @@ public enum Resource: Hashable, Sendable {
         case .namespace(_, let m): m
         case .networkPolicy(let p): p.metadata
         case .httpRoute(let r): r.metadata
+        case .meshConfig(let m): m.metadata
         }
     }
 
@@ -34,7 +37,7 @@ public enum Resource: Hashable, Sendable {
     static let known: [String: Set<String>] = [
         "v1": ["Service", "Namespace"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
-        "weft.dev/v1alpha1": ["Workload"],
+        "weft.dev/v1alpha1": ["Workload", "MeshConfig"],
         "gateway.networking.k8s.io/v1": ["HTTPRoute"],
     ]
 
@@ -70,7 +73,10 @@ public enum Resource: Hashable, Sendable {
         case "Service": self = .service(try Service(spec: spec, metadata: metadata, at: location))
         case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
         case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
-        default: self = .workload(try Workload(spec: spec, metadata: metadata, at: location))
+        case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
+        default:
+            try Workload.checkShortcutAnnotation(metadata, at: location)
+            self = .workload(try Workload(spec: spec, metadata: metadata, at: location))
         }
     }
 }

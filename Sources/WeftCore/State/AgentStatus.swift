@@ -95,6 +95,26 @@ public struct AgentStatus: Codable, Sendable {
     public var lastReconcilePhases: [String: Double]
     /// The node proxy, when this agent runs one.
     public var proxy: ProxyStatus?
+    /// The same-node socket shortcut; nil from agents that predate it.
+    public var shortcut: ShortcutStatus?
+
+    public struct ShortcutStatus: Codable, Sendable {
+        /// "on", "off" or "unavailable".
+        public var state: String
+        public var reason: String?
+        public var podReceivers: String?
+        /// Local pods whose sockets may be given redirected bytes.
+        public var receivers: [String] = []
+        public var proxyReceives = false
+        public var programs: [ProgramStatus] = []
+        /// Sockets on the shortcut when the status was read.
+        public var sockets: Int?
+        public var events: [String: UInt64]?
+        public init(state: String, reason: String?) {
+            self.state = state
+            self.reason = reason
+        }
+    }
     /// HTTPRoutes in force: name, parents, rule count.
     public var routes: [RouteStatus] = []
 

@@ -9,8 +9,11 @@ public struct ClusterState: Hashable, Sendable {
     public private(set) var namespaces: [String: Namespace]
     public private(set) var networkPolicies: [NetworkPolicy]
     public private(set) var httpRoutes: [HTTPRoute]
+    /// The cluster's MeshConfig, or the defaults when there is none.
+    public private(set) var meshConfig: MeshConfig
 
     public init() {
+        meshConfig = MeshConfig(metadata: ObjectMeta(name: "default", namespace: ""))
         httpRoutes = []
         services = []
         workloads = []
@@ -32,6 +35,7 @@ public struct ClusterState: Hashable, Sendable {
         var names: [Name: DocumentLocation] = [:]
         var clusterIPs: [IPv4Address: (String, DocumentLocation)] = [:]
         var addresses: [IPv4Address: (String, DocumentLocation)] = [:]
+        var meshConfigAt: DocumentLocation?
         for located in resources {
             let resource = located.resource
             let key = Name(kind: resource.kind, namespace: resource.metadata.namespace, name: resource.metadata.name)
@@ -66,6 +70,14 @@ public struct ClusterState: Hashable, Sendable {
                 state.networkPolicies.append(policy)
             case .httpRoute(let route):
                 state.httpRoutes.append(route)
+            case .meshConfig(let config):
+                if let first = meshConfigAt {
+                    errors.append(ManifestError(located.location, field: "metadata.name",
+                                                "a cluster has one MeshConfig; another is defined at \(first)"))
+                    continue
+                }
+                meshConfigAt = located.location
+                state.meshConfig = config
             }
         }
         errors += checkRouteReferences(resources)
