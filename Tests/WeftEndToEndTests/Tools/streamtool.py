@@ -8,6 +8,9 @@
       everything until EOF), reply (read to EOF, then send N bytes and
       close), result (what a reset connection with that id had read).
 
+  streamtool.py wait HOST PORT
+      Until the server answers.
+
   streamtool.py stress HOST PORT [--cases a,b,...] [--seconds S]
       Runs the named cases against a server and prints one JSON line:
       {"ok": bool, "cases": {name: {"ok": bool, ...}}}. Every socket has a
@@ -120,6 +123,8 @@ def handle(conn):
                 error = e.__class__.__name__
             with results_lock:
                 results[hdr["id"]] = {"len": len(got), "prefix": bytes(got) == pattern(len(got), seed=3), "error": error}
+        elif case == "ping":
+            conn.sendall(b"pong\n")
         elif case == "result":
             deadline = time.time() + 3
             while time.time() < deadline:
@@ -375,6 +380,23 @@ def stress(host, port, names, seconds):
 def main():
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]))
+    elif sys.argv[1] == "wait":
+        # Until the server answers a ping (servers start asynchronously).
+        deadline = time.time() + 20
+        while True:
+            try:
+                s = dial((sys.argv[2], int(sys.argv[3])), {"case": "ping"})
+                ok = s.recv(16) == b"pong\n"
+                s.close()
+                if ok:
+                    print(json.dumps({"ok": True}))
+                    return
+            except OSError:
+                pass
+            if time.time() > deadline:
+                print(json.dumps({"ok": False}))
+                sys.exit(1)
+            time.sleep(0.05)
     elif sys.argv[1] == "stress":
         names = list(CASES)
         seconds = 3.0

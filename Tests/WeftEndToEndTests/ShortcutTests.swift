@@ -1,0 +1,186 @@
+import Foundation
+import Testing
+
+// The same-node socket shortcut end to end: real sockets in lab pods, every
+// byte checked by length and SHA-256 (Tools/streamtool.py), over pod -> pod
+// (a kernel-only Service) and pod -> proxy -> pod (an L7 Service carrying
+// opaque TCP), with the kernel's own counters proving the shortcut carried
+// the bytes.
+
+private let ns = "sc"
+private let streamTool = LabHarness.packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/streamtool.py").path
+
+private func workload(_ name: String, address: String, command: String, receiver: Bool) -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: \(name), namespace: \(ns), labels: {app: \(name)}, annotations: {lab.weft.dev/command: "\(command)"\(receiver ? ", weft.dev/socket-shortcut: receive" : "")}}
+    spec: {node: n1, address: \(address), ports: [{name: tcp, port: 9000}]}
+    """
+}
+
+private func service(_ name: String, ip: String, app: String, appProtocol: String? = nil) -> String {
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: \(name), namespace: \(ns)}
+    spec: {clusterIP: \(ip), selector: {app: \(app)}, ports: [{name: tcp, port: 9000, targetPort: tcp\(appProtocol.map { ", appProtocol: \($0)" } ?? "")}]}
+    """
+}
+
+private let manifests = [
+    workload("client", address: "198.18.1.10", command: "sleep infinity", receiver: true),
+    workload("sink", address: "198.18.1.20", command: "python3 \(streamTool) serve 9000", receiver: true),
+    // Not a receiver: it reads with splice(), which never sees redirected bytes.
+    workload("plain", address: "198.18.1.21", command: "python3 \(streamTool) serve 9000", receiver: false),
+    service("direct", ip: "198.19.5.10", app: "sink"),
+    service("viaproxy", ip: "198.19.5.11", app: "sink", appProtocol: "http"),
+    service("plain", ip: "198.19.5.12", app: "plain"),
+].joined(separator: "\n---\n")
+
+private func meshConfig(enabled: Bool) -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: MeshConfig
+    metadata: {name: mesh}
+    spec: {socketShortcut: {enabled: \(enabled), podReceivers: Annotated}}
+    """
+}
+
+private let allCases = "sizes,small_writes,writev,sendfile,splice_send,echo,half_close,reset,backpressure,concurrent"
+
+@Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
+struct ShortcutTests {
+    /// The agent's view of the shortcut: state, sockets on it, counters.
+    private func shortcut() throws -> [String: Any] {
+        let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/status"])
+        let status = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+        return try #require(status["shortcut"] as? [String: Any], "no shortcut in /status: \(text.prefix(400))")
+    }
+
+    private func events() throws -> [String: Int] {
+        let e = try #require(try shortcut()["events"] as? [String: Any])
+        return e.compactMapValues { ($0 as? NSNumber)?.intValue }
+    }
+
+    private func stress(_ lab: LabHarness, _ target: String, cases: String, seconds: Double = 3) throws -> [String: Any] {
+        let r = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "170",
+                                    "python3", streamTool, "stress", target, "9000", "--cases", cases,
+                                    "--seconds", "\(seconds)"])
+        guard let line = r.output.split(separator: "\n").last,
+              let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw HarnessError("streamtool to \(target) failed (a hang is killed after 170 s): \(r.output.suffix(600))")
+        }
+        return json
+    }
+
+    private func expectAllOK(_ result: [String: Any], _ what: String) {
+        let cases = result["cases"] as? [String: [String: Any]] ?? [:]
+        #expect(!cases.isEmpty, "\(what): no cases ran")
+        for (name, r) in cases.sorted(by: { $0.key < $1.key }) {
+            #expect(r["ok"] as? Bool == true, "\(what): case \(name) failed: \(r)")
+        }
+    }
+
+    private func waitForServers(_ lab: LabHarness) throws {
+        for target in ["198.18.1.20", "198.18.1.21"] {
+            let r = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "python3", streamTool, "wait", target, "9000"])
+            try #require(r.status == 0, "stream server \(target) never answered: \(r.output)")
+        }
+    }
+
+    @Test func everyByteArrivesInOrderOverTheShortcutAndConnectionsEnd() throws {
+        let lab = try LabHarness(files: ["all.yaml": manifests, "mesh.yaml": meshConfig(enabled: true)], nodes: 1)
+        defer { lab.down() }
+        try waitForServers(lab)
+        let start = try shortcut()
+        #expect(start["state"] as? String == "on", "the shortcut is not on after the start-up probe: \(start)")
+        #expect(start["proxyReceives"] as? Bool == true)
+        #expect(Set(start["receivers"] as? [String] ?? []) == ["sc/client", "sc/sink"])
+
+        // pod -> pod: every case, and the bytes went by the shortcut.
+        let e0 = try events()
+        expectAllOK(try stress(lab, "198.19.5.10", cases: allCases), "pod -> pod")
+        let e1 = try events()
+        #expect(e1["flow_redirected", default: 0] - e0["flow_redirected", default: 0] >= 2000,
+                "pod -> pod flows did not take the shortcut: \(e1)")
+        // (Bulk flows whose reader falls behind move to TCP for a while: not all bytes.)
+        #expect(e1["bytes_redirected", default: 0] - e0["bytes_redirected", default: 0] >= 32 << 20)
+        // The paused reader pushed its sender back to TCP, and bulk flows came back.
+        #expect(e1["fallback_receiver_queue_full", default: 0] > e0["fallback_receiver_queue_full", default: 0])
+
+        // pod -> proxy -> pod, opaque TCP through the proxy: the same.
+        expectAllOK(try stress(lab, "198.19.5.11", cases: allCases), "pod -> proxy -> pod")
+        let e2 = try events()
+        #expect(e2["bytes_redirected", default: 0] - e1["bytes_redirected", default: 0] >= 32 << 20,
+                "proxy hops did not take the shortcut: \(e2)")
+
+        // A reader using splice() is not a receiver: its direction stays on
+        // TCP (splice would never see redirected bytes), and it gets them all.
+        expectAllOK(try stress(lab, "198.19.5.12", cases: "splice_recv,sizes"), "into a splice() reader")
+        let e3 = try events()
+        #expect(e3["flow_tcp_not_receiver", default: 0] > e2["flow_tcp_not_receiver", default: 0])
+
+        // Entries leave the map as sockets close.
+        var sockets = -1
+        for _ in 0..<100 {
+            sockets = (try shortcut()["sockets"] as? NSNumber)?.intValue ?? -1
+            if sockets == 0 { break }
+            usleep(20_000)
+        }
+        #expect(sockets == 0, "sockets left in the shortcut's map after every connection closed")
+        #expect(e3["socket_added", default: 0] == e3["socket_removed", default: 0] + sockets)
+
+        // The metrics say the same.
+        let metrics = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
+        #expect(metrics.contains("weft_shortcut_enabled 1"))
+        #expect(metrics.contains("weft_shortcut_events_total{event=\"bytes_redirected\"}"))
+    }
+
+    @Test func agentRestartAndSwitchingOffMidStreamLoseNothing() throws {
+        let lab = try LabHarness(files: ["all.yaml": manifests, "mesh.yaml": meshConfig(enabled: true)], nodes: 1)
+        defer { lab.down() }
+        try waitForServers(lab)
+
+        // A paced echo stream (~4 s) over each path while the agent restarts.
+        let runs = try ["198.19.5.10", "198.19.5.11"].map { target in
+            try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
+                               "python3", streamTool, "stress", target, "9000", "--cases", "long", "--seconds", "4"])
+        }
+        usleep(1_000_000)
+        let restart = try LabHarness.run(["lab", "restart-agent", "n1"])
+        #expect(restart.status == 0, "restart-agent: \(restart.output)")
+        for run in runs {
+            let out = try run.finish()
+            let long = (out["cases"] as? [String: [String: Any]])?["long"]
+            #expect(out["ok"] as? Bool == true, "stream across an agent restart: \(long ?? out)")
+        }
+        #expect(try shortcut()["state"] as? String == "on")
+
+        // The same while MeshConfig switches the shortcut off: redirected
+        // directions move to TCP mid-stream, in order.
+        let before = try events()
+        let more = try ["198.19.5.10", "198.19.5.11"].map { target in
+            try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
+                               "python3", streamTool, "stress", target, "9000", "--cases", "long", "--seconds", "4"])
+        }
+        usleep(1_500_000)
+        let generations = try lab.generations().filter { $0.key == "n1" }
+        try lab.write("mesh.yaml", meshConfig(enabled: false))
+        try lab.waitForGeneration(after: generations)
+        for run in more {
+            let out = try run.finish()
+            #expect(out["ok"] as? Bool == true, "stream across the switch-off: \(out)")
+        }
+        let after = try events()
+        #expect(after["fallback_switched_off", default: 0] > before["fallback_switched_off", default: 0],
+                "no redirected direction noticed the switch: \(after)")
+        let state = try shortcut()
+        #expect(state["state"] as? String == "off")
+
+        // Off: new connections stay on TCP entirely, and still work.
+        expectAllOK(try stress(lab, "198.19.5.10", cases: "sizes,half_close"), "shortcut off")
+        let off = try events()
+        #expect(off["flow_redirected", default: 0] == after["flow_redirected", default: 0])
+    }
+}
