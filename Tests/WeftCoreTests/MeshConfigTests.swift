@@ -1,0 +1,56 @@
+import Testing
+@testable import WeftCore
+
+private func workload(_ name: String, _ annotation: String?) -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: \(name), namespace: shop\(annotation.map { ", annotations: {weft.dev/socket-shortcut: \"\($0)\"}" } ?? "")}
+    spec: {node: n1, address: 198.18.1.\(10 + name.count)}
+    """
+}
+
+private func parse(_ text: String) -> (ClusterState?, [String]) {
+    let (resources, errors) = ManifestReader.parse(text, file: "m.yaml")
+    switch ClusterState.build(resources, parseErrors: errors) {
+    case .success(let s): return (s, [])
+    case .failure(let e): return (nil, e.errors.map(\.description))
+    }
+}
+
+struct MeshConfigTests {
+    @Test func receiversFollowPodReceiversAndTheAnnotation() throws {
+        let pods = [workload("a", "receive"), workload("bb", nil), workload("ccc", "off")].joined(separator: "\n---\n")
+        func receivers(_ mesh: String?) throws -> [String] {
+            let (state, errors) = parse(pods + (mesh.map { "\n---\n" + $0 } ?? ""))
+            let s = try #require(state, "\(errors)")
+            return s.workloads.filter { s.meshConfig.receives($0) }.map(\.metadata.name).sorted()
+        }
+        // No MeshConfig: on, annotated pods only.
+        #expect(try receivers(nil) == ["a"])
+        let (defaults, _) = parse(pods)
+        #expect(defaults?.meshConfig.socketShortcut.enabled == true)
+        let all = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {socketShortcut: {podReceivers: All}}"
+        #expect(try receivers(all) == ["a", "bb"])          // "off" always wins
+        let none = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {socketShortcut: {enabled: false, podReceivers: None}}"
+        #expect(try receivers(none) == [])
+        #expect(parse(pods + "\n---\n" + none).0?.meshConfig.socketShortcut.enabled == false)
+    }
+
+    @Test func badMeshConfigsAreRejectedWithFileDocumentAndField() {
+        let header = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+        let cases: [(String, String)] = [
+            (header + "spec: {socketShortcut: {podReceivers: Some}}", "m.yaml:1:spec.socketShortcut.podReceivers: must be one of Annotated, All, None"),
+            (header + "spec: {socketShortcut: {enabled: maybe}}", "m.yaml:1:spec.socketShortcut.enabled: expected true or false"),
+            (header + "spec: {socketShortcut: {turbo: true}}", "m.yaml:1:spec.socketShortcut.turbo: unknown field"),
+            (header + "spec: {}\n---\n" + header.replacingOccurrences(of: "mesh", with: "other") + "spec: {}",
+             "m.yaml:2:metadata.name: a cluster has one MeshConfig; another is defined at m.yaml:1"),
+            (workload("x", "sometimes"), "m.yaml:1:metadata.annotations.weft.dev/socket-shortcut: must be \"receive\" or \"off\""),
+        ]
+        for (text, want) in cases {
+            let (state, errors) = parse(text)
+            #expect(state == nil)
+            #expect(errors.contains { $0.hasPrefix(want) }, "want \(want), got \(errors)")
+        }
+    }
+}
