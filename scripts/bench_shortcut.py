@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""The same-node socket shortcut on vs off vs plain loopback, side by side in
+one lab and one run (issue #7).
+
+Lab: one node (n1), a client pod and a server pod (both shortcut receivers),
+the server running scripts/tools/pingpong.c's echo server. Request/response
+with one connection: send SIZE bytes, wait for SIZE back, as fast as it goes.
+  loopback  client and server in the server pod over 127.0.0.1: no mesh
+  pod       client -> a kernel-only Service -> server (pod -> pod)
+  proxy     client -> an L7 Service -> `weft proxy` (opaque TCP) -> server
+            (pod -> proxy -> pod)
+pod and proxy run with the shortcut off and on (MeshConfig, switched live),
+alternating which goes first each round; medians over rounds.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchdoc import sh, write_section  # noqa: E402
+
+WEFT = os.path.join(ROOT, ".build/release/weft")
+ROUNDS = int(os.environ.get("WEFT_BENCH_SHORTCUT_ROUNDS", "3"))
+SECONDS = float(os.environ.get("WEFT_BENCH_SHORTCUT_SECONDS", "2"))
+SIZES = [64, 1024, 4096, 16384, 65536, 1 << 20]
+CLIENT, SERVER, POD_VIP, PROXY_VIP = "198.18.1.10", "198.18.1.20", "198.19.6.10", "198.19.6.11"
+
+
+def manifests(tool):
+    return f"""
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: client, namespace: bench, labels: {{app: client}}, annotations: {{lab.weft.dev/command: "sleep infinity", weft.dev/socket-shortcut: receive}}}}
+spec: {{node: n1, address: {CLIENT}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: server, namespace: bench, labels: {{app: server}}, annotations: {{lab.weft.dev/command: "{tool} serve 9000", weft.dev/socket-shortcut: receive}}}}
+spec: {{node: n1, address: {SERVER}, ports: [{{name: tcp, port: 9000}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: pod, namespace: bench}}
+spec: {{clusterIP: {POD_VIP}, selector: {{app: server}}, ports: [{{name: tcp, port: 9000, targetPort: tcp}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: proxy, namespace: bench}}
+spec: {{clusterIP: {PROXY_VIP}, selector: {{app: server}}, ports: [{{name: tcp, port: 9000, targetPort: tcp, appProtocol: http}}]}}
+"""
+
+
+def mesh(enabled):
+    return ("apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+            f"spec: {{socketShortcut: {{enabled: {'true' if enabled else 'false'}}}}}\n")
+
+
+def status():
+    out = sh("curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/status")
+    return json.loads(out)
+
+
+def set_shortcut(config, enabled):
+    before = status()["generation"]
+    path = os.path.join(config, "mesh.yaml")
+    with open(path + ".tmp", "w") as f:
+        f.write(mesh(enabled))
+    os.rename(path + ".tmp", path)
+    for _ in range(300):
+        s = status()
+        if s["generation"] > before and s["shortcut"]["state"] == ("on" if enabled else "off"):
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"the agent did not switch the shortcut {'on' if enabled else 'off'}")
+
+
+def pingpong(tool, pod, host, size):
+    out = sh(WEFT, "lab", "exec", pod, "--", tool, "run", host, "9000", str(size), str(SECONDS), "1")
+    r = json.loads(out.strip().splitlines()[-1])
+    if r["failed"] or r["requests"] == 0:
+        raise SystemExit(f"pingpong {pod} -> {host} size {size} failed: {r}")
+    return r
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="weft-bench-shortcut-")
+    tool = os.path.join(work, "pingpong")
+    clang = "clang"
+    for c in ["clang", "/opt/swift/usr/bin/clang", "cc"]:
+        if subprocess.run(["sh", "-c", f"command -v {c}"], capture_output=True).returncode == 0:
+            clang = c
+            break
+    sh(clang, "-O2", "-pthread", "-o", tool, os.path.join(ROOT, "scripts/tools/pingpong.c"))
+    config = os.path.join(work, "config")
+    os.makedirs(config)
+    with open(os.path.join(config, "bench.yaml"), "w") as f:
+        f.write(manifests(tool))
+    with open(os.path.join(config, "mesh.yaml"), "w") as f:
+        f.write(mesh(True))
+    subprocess.run([WEFT, "lab", "down"], capture_output=True)
+    sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
+    results = {}   # (path, mode, size) -> [run]
+    try:
+        for _ in range(100):
+            if subprocess.run([WEFT, "lab", "exec", "bench/client", "--", tool, "run", SERVER, "9000", "64", "0.05", "1"],
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.05)
+        if status()["shortcut"]["state"] != "on":
+            raise SystemExit(f"the shortcut is not available here: {status()['shortcut']}")
+        for rnd in range(ROUNDS):
+            modes = ["off", "on"] if rnd % 2 == 0 else ["on", "off"]
+            for size in SIZES:
+                results.setdefault(("loopback", "-", size), []).append(pingpong(tool, "bench/server", "127.0.0.1", size))
+            for mode in modes:
+                set_shortcut(config, mode == "on")
+                for size in SIZES:
+                    for path, vip in [("pod", POD_VIP), ("proxy", PROXY_VIP)]:
+                        results.setdefault((path, mode, size), []).append(pingpong(tool, "bench/client", vip, size))
+            print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
+        events = status()["shortcut"].get("events", {})
+    finally:
+        subprocess.run([WEFT, "lab", "down"], capture_output=True)
+    summary = {}
+    for key, runs in results.items():
+        summary["|".join(map(str, key))] = {f: statistics.median(r[f] for r in runs) for f in ["rps", "p50_us", "p99_us", "mbps"]}
+    with open(os.path.join(ROOT, "docs/bench-shortcut.json"), "w") as f:
+        json.dump({"summary": summary, "events": events, "rounds": ROUNDS, "seconds": SECONDS}, f, indent=1, sort_keys=True)
+    plot(summary)
+    report(summary, events)
+
+
+def get(summary, path, mode, size):
+    return summary[f"{path}|{mode}|{size}"]
+
+
+def human(size):
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB" if size >= 1024 else f"{size} B"
+
+
+def plot(summary):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, path in zip(axes, ["pod", "proxy"]):
+        xs = range(len(SIZES))
+        for mode, style in [("off", "o-"), ("on", "s-")]:
+            ax.plot(xs, [get(summary, path, mode, s)["rps"] for s in SIZES], style, label=f"shortcut {mode}")
+        ax.plot(xs, [get(summary, "loopback", "-", s)["rps"] for s in SIZES], "^--", label="plain loopback (no mesh)")
+        ax.set_xticks(list(xs), [human(s) for s in SIZES])
+        ax.set_yscale("log")
+        ax.set_title({"pod": "pod -> pod", "proxy": "pod -> proxy -> pod"}[path])
+        ax.set_xlabel("message size (request and response)")
+        ax.set_ylabel("requests/s, one connection")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs/bench-shortcut.png"), dpi=110)
+
+
+def report(summary, events):
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "## Same-node socket shortcut (issue #7)",
+        "",
+        f"Made by `scripts/bench shortcut` at {rev} on {time.strftime('%Y-%m-%d')}: {ROUNDS} rounds, medians; "
+        f"one connection doing request/response (SIZE bytes each way) for {SECONDS:g} s per point, "
+        "the shortcut switched live by MeshConfig between the off and on runs, their order alternating by round.",
+        "",
+        "- loopback: client and server in one pod over 127.0.0.1, no mesh in the way.",
+        "- pod: client pod -> kernel-only Service -> server pod. proxy: client pod -> L7 Service -> `weft proxy` (opaque TCP) -> server pod.",
+        "- The client, the server and the proxy share the VM's 2 cores; ratios are what compare.",
+        "",
+        "| path | size | loopback req/s | off req/s | on req/s | on / off | p50 off -> on | p99 off -> on | on MB/s each way |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    small_ok, never_worse = True, True
+    for path in ["pod", "proxy"]:
+        for size in SIZES:
+            lo, off, on = get(summary, "loopback", "-", size), get(summary, path, "off", size), get(summary, path, "on", size)
+            ratio = on["rps"] / off["rps"]
+            if size <= 4096 and ratio < 1.5:
+                small_ok = False
+            if ratio < 0.95:
+                never_worse = False
+            lines.append(f"| {path} | {human(size)} | {lo['rps']:,.0f} | {off['rps']:,.0f} | {on['rps']:,.0f} | {ratio:.2f}x | "
+                         f"{off['p50_us']:.0f} -> {on['p50_us']:.0f} µs | {off['p99_us']:.0f} -> {on['p99_us']:.0f} µs | {on['mbps']:.1f} |")
+    lines += [
+        "",
+        f"Against the target (at least 1.5x requests/s up to 4 KiB; never more than 5% worse than off at any size): "
+        f"up to 4 KiB {'met' if small_ok else 'NOT met'}; never worse {'met' if never_worse else 'NOT met'}.",
+        "",
+        "Kernel counters over the run: " + ", ".join(f"{k} {v:,}" for k, v in sorted(events.items()) if v) + ".",
+        "",
+        "![shortcut](bench-shortcut.png)",
+    ]
+    write_section("shortcut", lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+// Request/response over TCP for the shortcut benchmark (scripts/bench_shortcut.py).
+//   pingpong serve PORT                         echo server, one thread per connection
+//   pingpong run HOST PORT SIZE SECONDS CONNS   CONNS connections, each sending SIZE
+//                                               bytes and waiting for SIZE back, for SECONDS
+// Prints one JSON line: requests/s, latency p50/p99 (us), payload MB/s each way.
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static int full(int fd, char *buf, size_t n, int writing)
+{
+	size_t done = 0;
+	while (done < n) {
+		ssize_t k = writing ? write(fd, buf + done, n - done) : read(fd, buf + done, n - done);
+		if (k <= 0)
+			return -1;
+		done += (size_t)k;
+	}
+	return 0;
+}
+
+static void *serve_one(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	uint32_t size;
+	if (full(fd, (char *)&size, 4, 0) == 0 && size > 0 && size <= (64u << 20)) {
+		char *buf = malloc(size);
+		while (buf && full(fd, buf, size, 0) == 0 && full(fd, buf, size, 1) == 0)
+			;
+		free(buf);
+	}
+	close(fd);
+	return NULL;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+struct job {
+	const char *host;
+	int port;
+	uint32_t size;
+	double seconds;
+	double *lat;
+	size_t cap, count;
+	int failed;
+};
+
+static void *run_one(void *arg)
+{
+	struct job *j = arg;
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(j->port)};
+	inet_pton(AF_INET, j->host, &sa.sin_addr);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || full(fd, (char *)&j->size, 4, 1) != 0) {
+		j->failed = 1;
+		return NULL;
+	}
+	char *buf = malloc(j->size);
+	memset(buf, 'w', j->size);
+	double end = now() + j->seconds;
+	while (now() < end) {
+		double t0 = now();
+		if (full(fd, buf, j->size, 1) != 0 || full(fd, buf, j->size, 0) != 0) {
+			j->failed = 1;
+			break;
+		}
+		if (j->count == j->cap) {
+			j->cap = j->cap ? j->cap * 2 : 65536;
+			j->lat = realloc(j->lat, j->cap * sizeof(double));
+		}
+		j->lat[j->count++] = (now() - t0) * 1e6;
+	}
+	free(buf);
+	close(fd);
+	return NULL;
+}
+
+static int cmp(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 3 && !strcmp(argv[1], "serve")) {
+		int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+		setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+		if (bind(ls, (struct sockaddr *)&sa, sizeof(sa)) || listen(ls, 1024)) {
+			perror("listen");
+			return 1;
+		}
+		for (;;) {
+			int fd = accept(ls, NULL, NULL);
+			if (fd < 0)
+				continue;
+			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+			pthread_t t;
+			pthread_create(&t, NULL, serve_one, (void *)(intptr_t)fd);
+			pthread_detach(t);
+		}
+	}
+	if (argc != 7 || strcmp(argv[1], "run")) {
+		fprintf(stderr, "usage: pingpong serve PORT | pingpong run HOST PORT SIZE SECONDS CONNS\n");
+		return 2;
+	}
+	int conns = atoi(argv[6]);
+	struct job *jobs = calloc(conns, sizeof(*jobs));
+	pthread_t *threads = calloc(conns, sizeof(*threads));
+	for (int i = 0; i < conns; i++) {
+		jobs[i] = (struct job){.host = argv[2], .port = atoi(argv[3]), .size = (uint32_t)atol(argv[4]), .seconds = atof(argv[5])};
+		pthread_create(&threads[i], NULL, run_one, &jobs[i]);
+	}
+	size_t total = 0;
+	int failed = 0;
+	for (int i = 0; i < conns; i++) {
+		pthread_join(threads[i], NULL);
+		total += jobs[i].count;
+		failed += jobs[i].failed;
+	}
+	double *all = malloc((total ? total : 1) * sizeof(double));
+	size_t k = 0;
+	for (int i = 0; i < conns; i++) {
+		memcpy(all + k, jobs[i].lat, jobs[i].count * sizeof(double));
+		k += jobs[i].count;
+	}
+	qsort(all, total, sizeof(double), cmp);
+	double secs = atof(argv[5]);
+	printf("{\"requests\": %zu, \"rps\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"mbps\": %.2f, \"failed\": %d}\n",
+	       total, total / secs, total ? all[total / 2] : 0.0, total ? all[(size_t)(total * 0.99)] : 0.0,
+	       total * (double)atol(argv[4]) / secs / 1e6, failed);
+	return 0;
+}
