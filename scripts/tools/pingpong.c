@@ -1,18 +1,23 @@
 // Request/response over TCP for the shortcut benchmark (scripts/bench_shortcut.py).
-//   pingpong serve PORT                         echo server, one thread per connection
+//   pingpong serve PORT                         echo server, one thread per connection, on
+//                                               TCP PORT and on the abstract Unix socket
+//                                               "weft-pingpong-PORT" (the no-TCP reference)
 //   pingpong run HOST PORT SIZE SECONDS CONNS   CONNS connections, each sending SIZE
-//                                               bytes and waiting for SIZE back, for SECONDS
+//                                               bytes and waiting for SIZE back, for SECONDS;
+//                                               HOST "unix" means the Unix socket
 // Prints one JSON line: requests/s, latency p50/p99 (us), payload MB/s each way.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,6 +54,28 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+// Abstract (no file) Unix socket name for PORT; returns the address length.
+static socklen_t unix_address(struct sockaddr_un *su, int port)
+{
+	int n = snprintf(su->sun_path + 1, sizeof(su->sun_path) - 1, "weft-pingpong-%d", port);
+	return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n);
+}
+
+static void *accept_loop(void *arg)
+{
+	int ls = (int)(intptr_t)arg, one = 1;
+	for (;;) {
+		int fd = accept(ls, NULL, NULL);
+		if (fd < 0)
+			continue;
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)); // fails harmlessly on Unix sockets
+		pthread_t t;
+		pthread_create(&t, NULL, serve_one, (void *)(intptr_t)fd);
+		pthread_detach(t);
+	}
+	return NULL;
+}
+
 struct job {
 	const char *host;
 	int port;
@@ -63,10 +90,15 @@ static void *run_one(void *arg)
 {
 	struct job *j = arg;
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(j->port)};
+	struct sockaddr_un su = {.sun_family = AF_UNIX};
+	socklen_t len = unix_address(&su, j->port);
+	int unix_socket = !strcmp(j->host, "unix"), one = 1;
 	inet_pton(AF_INET, j->host, &sa.sin_addr);
-	int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || full(fd, (char *)&j->size, 4, 1) != 0) {
+	int fd = socket(unix_socket ? AF_UNIX : AF_INET, SOCK_STREAM, 0);
+	if (!unix_socket)
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (connect(fd, unix_socket ? (struct sockaddr *)&su : (struct sockaddr *)&sa, unix_socket ? len : sizeof(sa)) != 0 ||
+	    full(fd, (char *)&j->size, 4, 1) != 0) {
 		j->failed = 1;
 		return NULL;
 	}
@@ -102,19 +134,17 @@ int main(int argc, char **argv)
 		int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
 		setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
-		if (bind(ls, (struct sockaddr *)&sa, sizeof(sa)) || listen(ls, 1024)) {
+		struct sockaddr_un su = {.sun_family = AF_UNIX};
+		socklen_t len = unix_address(&su, atoi(argv[2]));
+		int us = socket(AF_UNIX, SOCK_STREAM, 0);
+		if (bind(ls, (struct sockaddr *)&sa, sizeof(sa)) || listen(ls, 1024) ||
+		    bind(us, (struct sockaddr *)&su, len) || listen(us, 1024)) {
 			perror("listen");
 			return 1;
 		}
-		for (;;) {
-			int fd = accept(ls, NULL, NULL);
-			if (fd < 0)
-				continue;
-			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-			pthread_t t;
-			pthread_create(&t, NULL, serve_one, (void *)(intptr_t)fd);
-			pthread_detach(t);
-		}
+		pthread_t t;
+		pthread_create(&t, NULL, accept_loop, (void *)(intptr_t)us);
+		accept_loop((void *)(intptr_t)ls);
 	}
 	if (argc != 7 || strcmp(argv[1], "run")) {
 		fprintf(stderr, "usage: pingpong serve PORT | pingpong run HOST PORT SIZE SECONDS CONNS\n");
