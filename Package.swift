@@ -60,7 +60,8 @@ let package = Package(
                                .product(name: "NIOCore", package: "swift-nio"),
                                .product(name: "NIOPosix", package: "swift-nio"),
                                .product(name: "NIOHTTP1", package: "swift-nio"),
-                               .product(name: "NIOHTTP2", package: "swift-nio-http2")],
+                               .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                               .product(name: "Prometheus", package: "swift-prometheus")],
                 // The request path is single-threaded per event loop: the
                 // runtime exclusivity checks cost ~2% of its CPU for nothing.
                 swiftSettings: swiftSettings + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]),

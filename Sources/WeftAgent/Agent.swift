@@ -167,17 +167,10 @@ public enum Agent {
         try? group.syncShutdownGracefully()
     }
 
-    /// The proxy's counters (its /stats), in Prometheus text format, so one
+    /// The proxy's series (its /metrics, swift-prometheus text), so one
     /// scrape of the agent covers the node. Empty when no proxy answers.
     static func proxyMetrics(_ runDirectory: String) -> String {
-        guard let text = try? UnixHTTP.get(socket: runDirectory + "/proxy.sock", path: "/stats", timeoutSeconds: 1) else { return "" }
-        var out = ""
-        for line in text.split(separator: "\n") {
-            guard let name = line.split(separator: " ").first, name.hasPrefix("weft_proxy_") else { continue }
-            let gauge = name.hasSuffix("_active") || name.hasSuffix("_generation") || name.hasSuffix("_seconds")
-            out += "# TYPE \(name) \(gauge ? "gauge" : "counter")\n\(line)\n"
-        }
-        return out
+        (try? UnixHTTP.get(socket: runDirectory + "/proxy.sock", path: "/metrics", timeoutSeconds: 1)) ?? ""
     }
 
     /// The proxy's listener, from --proxy-address.
@@ -200,7 +193,8 @@ public enum Agent {
             address = ip
         }
         return ProxySupervisor(node: configuration.node, listen: (address, configuration.proxyPort),
-                               pinDirectory: pinDirectory, runDirectory: configuration.resolvedRunDirectory, logger: logger)
+                               pinDirectory: pinDirectory, runDirectory: configuration.resolvedRunDirectory,
+                               accessLog: configuration.accessLog, logger: logger)
     }
 
     static func parseAddress(_ text: String) throws(PreflightError) -> (String, Int) {

@@ -26,6 +26,9 @@ public struct AgentConfiguration: Sendable {
     /// L7 Service ports are balanced in the kernel like the rest).
     public var proxyAddress = "auto"
     public var proxyPort: UInt16 = 15001
+    /// Where the proxy writes access log lines when MeshConfig turns them
+    /// on (a file, or "-" for its stdout); nil: <run directory>/access.log.
+    public var accessLog: String?
     /// The same-node socket shortcut: on (after a start-up probe proves the
     /// kernel does it) unless false; MeshConfig can still turn it off.
     public var socketShortcut = true

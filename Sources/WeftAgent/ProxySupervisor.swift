@@ -36,9 +36,12 @@ final class ProxySupervisor {
     private var backoff: Duration = .zero
     private(set) var lastTable: ProxyTable?
 
+    private let accessLog: String?
+
     init(node: String, listen: (address: IPv4Address, port: UInt16), pinDirectory: String, runDirectory: String,
-         logger: Logger) {
+         accessLog: String? = nil, logger: Logger) {
         self.node = node
+        self.accessLog = accessLog
         self.listen = listen
         self.pinDirectory = pinDirectory
         self.runDirectory = runDirectory
@@ -78,7 +81,7 @@ final class ProxySupervisor {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = ["proxy", "--node", node, "--listen", "\(listen.address):\(listen.port)",
-                             "--pin-dir", pinDirectory, "--run-dir", runDirectory]
+                             "--pin-dir", pinDirectory, "--run-dir", runDirectory] + (accessLog.map { ["--access-log", $0] } ?? [])
         do {
             try process.run()
         } catch {

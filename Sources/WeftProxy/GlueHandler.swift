@@ -13,6 +13,11 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var context: ChannelHandlerContext?
     private var pendingRead = false
     var onClose: (() -> Void)?
+    /// Bytes read from this handler's channel (and written to the partner).
+    private(set) var bytesRead = 0
+    /// Called once, when both channels are closed, with each side's bytes.
+    var onFinish: ((_ mine: Int, _ partners: Int) -> Void)?
+    private var inactive = false
 
     /// Two handlers, one for each channel.
     static func pair() -> (GlueHandler, GlueHandler) {
@@ -49,6 +54,7 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        bytesRead += Self.unwrapInboundIn(data).readableBytes
         partnerWrite(data)
     }
 
@@ -57,9 +63,19 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        inactive = true
+        let partner = self.partner
         partner?.context?.close(promise: nil)
         onClose?()
         onClose = nil
+        finishIfBothClosed(partner)
+        if let partner { partner.finishIfBothClosed(self) }
+    }
+
+    private func finishIfBothClosed(_ other: GlueHandler?) {
+        guard inactive, other?.inactive ?? true, let done = onFinish else { return }
+        onFinish = nil
+        done(bytesRead, other?.bytesRead ?? 0)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import NIOHTTP1
 import WeftCore
@@ -42,6 +43,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private var request: RequestState?
     /// This connection's frontend in the current route snapshot.
     private var cached: (snapshot: RouteSnapshot, matcher: RouteMatcher, budget: LoopState.BudgetBox?)?
+    /// The request being answered, for its metrics and access log line:
+    /// from its head until its response ends (or breaks).
+    private var record: Record?
     /// Set while a websocket (or other Upgrade) exchange waits for its 101.
     var onUpgrade: ((ChannelHandlerContext, UpstreamHandler, HTTPResponseHead) -> Void)?
 
@@ -87,6 +91,27 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var attemptID = 0
         /// Why the last attempt failed, for when no endpoint is left to try.
         var lastFailure: (status: HTTPResponseStatus, body: String)?
+    }
+
+    /// What a request's metrics and access log line need.
+    private struct Record {
+        var start: NIODeadline
+        var wallStart: timespec
+        var snapshot: RouteSnapshot
+        var frontend: ProxyTable.Frontend?
+        var head: HTTPRequestHead
+        var route = "-"
+        var span: TraceContext.Span?
+        var requestID: String?
+        var upstream: EndpointKey?
+        var attempts = 0
+        var status = 0
+        var bytesIn = 0
+        var bytesOut = 0
+        /// Envoy-style response flags (docs/observability.md), "," separated.
+        var flags: [String] = []
+        /// Why the last attempt failed; a flag if the request fails with it.
+        var lastFlag: String?
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -158,6 +183,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             receiving = true
             begin(head, context: context)
         case .body(let buffer):
+            record?.bytesIn += buffer.readableBytes
             guard request != nil else { return }
             request!.pending.append(buffer)
             if request!.replay != nil {
@@ -182,23 +208,29 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func begin(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         proxy.stats.requests.add(1, ordering: .relaxed)
         let snapshot = proxy.snapshot
+        record = Record(start: .now(), wallStart: AccessLog.now(), snapshot: snapshot,
+                        frontend: snapshot.table.frontends[frontendKey], head: head)
         let keepAlive = head.isKeepAlive && !proxy.draining.load(ordering: .relaxed)
         if cached?.snapshot !== snapshot {
             cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop?.budget($0.frontend.name)) }
         }
         guard let matcher = cached?.matcher else {
+            record?.flags.append("NR")
             return respondLocally(head, .serviceUnavailable, "weft: \(frontendKey) is not an HTTP Service in the proxy's table (generation \(snapshot.generation))\n", keepAlive: keepAlive)
         }
         if head.headers[canonicalForm: "via"].contains(where: { $0.contains(proxy.viaToken) }) {
+            record?.flags.append("LOOP")
             return respondLocally(head, .loopDetected, "weft: request looped through \(proxy.viaToken)\n", keepAlive: keepAlive)
         }
         let (path, query) = Self.splitTarget(head.uri)
         let routed = matcher.route(RouteMatcher.Request(method: head.method.rawValue, path: path, query: query,
                                                         header: { head.headers[canonicalForm: $0].map(String.init) }))
         guard let (action, match) = routed else {
+            record?.flags.append("NR")
             return respondLocally(head, .notFound, "weft: no HTTPRoute rule of \(matcher.frontend.name) matches \(head.method) \(path)\n", keepAlive: keepAlive)
         }
 
+        record?.route = action.name
         var upstream = head
         upstream.version = .http1_1
         var responseModifiers: [HTTPRoute.HeaderModifier] = []
@@ -222,6 +254,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         guard let cluster = pickCluster(action.backends) else {
             let reason = action.backends.isEmpty ? "has no backendRefs" : "has only backends of weight 0"
+            record?.flags.append("NR")
             return respondLocally(head, .internalServerError, "weft: route \(action.name) \(reason)\n", keepAlive: keepAlive)
         }
         for filter in cluster.filters {
@@ -238,14 +271,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if let newPath { upstream.uri = query.map { "\(newPath)?\($0)" } ?? newPath }
         if let newHost { upstream.headers.replaceOrAdd(name: "host", value: newHost) }
         let isUpgrade = !isHTTP2 && Self.isUpgradeRequest(head)
+        let span: TraceContext.Span
         if let loop {
-            Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
-                                        random: &loop.random)
+            span = Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
+                                               random: &loop.random)
         } else {
             var system = SystemRandomNumberGenerator()
-            Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
-                                        random: &system)
+            span = Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
+                                               random: &system)
         }
+        record?.span = span
+        record?.requestID = upstream.headers.first(name: "x-request-id")
 
         let method = head.method
         let idempotent = method == .GET || method == .HEAD || method == .OPTIONS || method == .TRACE
@@ -271,6 +307,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let endpoints = r.snapshot.endpoints[r.cluster.cluster] ?? []
         guard !endpoints.isEmpty else {
             request = r
+            record?.flags.append("UH")
             return fail(.serviceUnavailable, "weft: no ready backend for \(r.cluster.cluster)\n")
         }
         var key: EndpointKey?
@@ -291,11 +328,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             request = r
             if let last = r.lastFailure { return fail(last.status, last.body) }
             proxy.stats.policyDenied.add(1, ordering: .relaxed)
+            record?.flags.append("RBAC")
             return fail(.forbidden, "weft: NetworkPolicy allows \(origin.source) to reach no backend of \(r.cluster.cluster)\n")
         }
         r.attempts += 1
         r.tried.insert(key)
         r.endpoint = key
+        record?.upstream = key
+        record?.attempts = r.attempts
         r.connecting = true
         request = r
         loop.pool.state(key).inFlight += 1
@@ -325,6 +365,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             loop.pool.state(key).inFlight -= 1
             loop.pool.recordConnectFailure(key)
             proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+            record?.lastFlag = "UF"
             proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(key)", "error": "\(error)"])
             request!.endpoint = nil
             // Nothing reached the backend: safe to retry whatever the method.
@@ -388,12 +429,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 request = nil
                 proxy.stats.upgrades.add(1, ordering: .relaxed)
                 proxy.stats.response(101)
+                complete(101)
                 r.requestTimer?.cancel()
                 onUpgrade(context, upstream, head)
                 return
             }
             r.responseStarted = true
             request = r
+            record?.status = Int(head.status.code)
             Self.stripHopByHop(&head.headers, keepUpgrade: false)
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
             head.version = r.head.version
@@ -412,6 +455,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 request!.heldHead = nil
                 context.write(wrapOutboundOut(.head(held)), promise: nil)
             }
+            record?.bytesOut += buffer.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
             if !context.channel.isWritable { r.upstream?.channel?.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in } }
         case .end(var trailers):
@@ -432,6 +476,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
             let keepAlive = r.keepAlive
             endAttempt(success: true)
+            complete(record?.status ?? 0)
             finish()
             context.writeAndFlush(wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
                 if (!keepAlive || self.quiescing || self.clientGone) && !self.isHTTP2 { context.close(promise: nil) }
@@ -447,11 +492,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if r.responseStarted || responded {
             // Part of a response went out: the client must see it broken.
             proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+            record?.flags.append("UC")
             abandon()
             context?.close(promise: nil)
             return
         }
         proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+        record?.lastFlag = "UC"
         let reusedIdle = r.upstream?.reused ?? false
         retryOrFail(.badGateway, "weft: upstream \(r.endpoint.map(\.description) ?? "?") reset the connection before responding\n",
                     sentNothing: false, free: reusedIdle && r.idempotent)
@@ -505,6 +552,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 return
             }
         }
+        if let flag = record?.lastFlag { record?.flags.append(flag) }
+        if r.attempts > 1 { record?.flags.append("URX") }
         fail(status, body)
     }
 
@@ -526,6 +575,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func attemptTimedOut(_ id: Int) {
         guard let r = request, r.attemptID == id, !r.responseStarted else { return }
         proxy.stats.timeouts.add(1, ordering: .relaxed)
+        record?.lastFlag = "UT"
         r.upstream?.close()
         endAttempt(success: false)
         request!.upstream = nil
@@ -537,6 +587,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func requestTimedOut() {
         guard let r = request else { return }
         proxy.stats.timeouts.add(1, ordering: .relaxed)
+        record?.flags.append("UT")
         if r.responseStarted {
             abandon()
             context?.close(promise: nil)
@@ -567,12 +618,61 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     /// The downstream went away, or a response broke: drop everything.
     private func abandon() {
+        if record != nil {
+            if record?.flags.isEmpty == true { record?.flags.append("DC") }
+            complete(record?.status ?? 0)
+        }
         guard let r = request else { return }
         r.upstream?.close()
         endAttempt(success: false)
         r.requestTimer?.cancel()
         r.retryTimer?.cancel()
         request = nil
+    }
+
+    // MARK: telemetry
+
+    /// The request is answered (or broken): count it, time it, log it.
+    private func complete(_ code: Int) {
+        guard let rec = record, let loop else { return }
+        record = nil
+        let peers = PeerLabels(snapshot: rec.snapshot, source: origin.source, frontend: rec.frontend, upstream: rec.upstream)
+        let grpc = rec.head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
+        let flags = rec.flags.isEmpty ? "-" : rec.flags.joined(separator: ",")
+        let labels = RequestLabels(peers: peers, route: rec.route, requestProtocol: grpc ? "grpc" : "http",
+                                   responseCode: code, responseFlags: flags)
+        let series = loop.telemetry.request(labels, proxy.telemetry)
+        let elapsed = NIODeadline.now() - rec.start
+        series.count.increment()
+        series.duration.record(.nanoseconds(elapsed.nanoseconds))
+        guard AccessLog.covers(rec.snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
+        var line = JSONLine()
+        line.add("start_time", AccessLog.timestamp(rec.wallStart))
+        line.add("kind", "http")
+        line.add("protocol", isHTTP2 ? "HTTP/2" : "HTTP/\(rec.head.version.major).\(rec.head.version.minor)")
+        line.add("method", rec.head.method.rawValue)
+        line.add("path", rec.head.uri)
+        line.add("authority", rec.head.headers.first(name: "host"))
+        line.add("response_code", code)
+        line.add("response_flags", flags)
+        line.add("duration_ms", milliseconds: Double(elapsed.nanoseconds) / 1e6)
+        line.add("bytes_received", rec.bytesIn)
+        line.add("bytes_sent", rec.bytesOut)
+        line.add("attempts", rec.attempts)
+        line.add("route", rec.route)
+        line.add("source_address", origin.source.description)
+        line.add("source_workload", peers.sourceWorkload)
+        line.add("source_namespace", peers.sourceNamespace)
+        line.add("destination_service", peers.destinationService)
+        line.add("upstream_host", rec.upstream?.description)
+        line.add("destination_workload", peers.destinationWorkload)
+        line.add("destination_namespace", peers.destinationWorkloadNamespace)
+        line.add("request_id", rec.requestID)
+        line.add("trace_id", rec.span?.traceID)
+        line.add("span_id", rec.span?.spanID)
+        line.add("parent_span_id", rec.span?.parentID)
+        line.add("user_agent", rec.head.headers.first(name: "user-agent"))
+        proxy.accessLog.append(line.finish())
     }
 
     // MARK: local responses
@@ -590,6 +690,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                                 keepAlive: Bool, extraHeaders: [(String, String)] = []) {
         guard let context else { return }
         proxy.stats.response(Int(status.code))
+        complete(Int(status.code))
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: "text/plain; charset=utf-8")
         headers.add(name: "content-length", value: "\(body.utf8.count)")
@@ -706,8 +807,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
     }
 
+    @discardableResult
     static func prepareUpstreamHeaders<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, client: IPv4Address, via: String,
-                                                                 keepUpgrade: Bool, random: inout R) {
+                                                                 keepUpgrade: Bool, random: inout R) -> TraceContext.Span {
         // gRPC needs "te: trailers" end to end; it is the one TE value HTTP/2 allows.
         let teTrailers = headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
         stripHopByHop(&headers, keepUpgrade: keepUpgrade)
@@ -718,6 +820,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         headers.add(name: "forwarded", value: "for=\(client);proto=http")
         headers.add(name: "via", value: "1.1 \(via)")
         if !headers.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID(using: &random)) }
+        return TraceContext.propagate(&headers, random: &random)
     }
 
     /// An HTTP/1.1 Upgrade the proxy passes through (WebSocket and the

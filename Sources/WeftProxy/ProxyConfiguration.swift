@@ -26,6 +26,13 @@ public struct ProxyConfiguration: Sendable {
     public var connectTimeout: Duration = .seconds(2)
     /// Event loop threads (default: one per core).
     public var threads: Int?
+    /// Where access log lines go when MeshConfig turns them on: a file
+    /// (rotated to .1 at 64 MiB), "-" for standard output; default
+    /// <runDirectory>/access.log.
+    public var accessLogPath: String?
+    /// Distinct values a metric label may take before the rest are
+    /// reported as "overflow".
+    public var labelValueLimit = 1000
 
     public init(node: String, listenAddress: IPv4Address, pinDirectory: String, runDirectory: String) {
         self.node = node

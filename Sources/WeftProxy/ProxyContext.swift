@@ -12,6 +12,8 @@ final class ProxyContext: Sendable {
     let configuration: ProxyConfiguration
     let logger: Logger
     let stats = ProxyStats()
+    let telemetry: ProxyTelemetry
+    let accessLog: AccessLog
     let origins: ProxyMaps?
     let policy: PolicyMaps?
     private let current: Mutex<RouteSnapshot>
@@ -26,6 +28,8 @@ final class ProxyContext: Sendable {
         self.logger = logger
         self.origins = origins
         self.policy = policy
+        telemetry = ProxyTelemetry(labelLimit: configuration.labelValueLimit)
+        accessLog = AccessLog(path: configuration.accessLogPath ?? configuration.runDirectory + "/access.log")
         current = Mutex(RouteSnapshot(ProxyTable()))
         var loops: [ObjectIdentifier: LoopState] = [:]
         for loop in eventLoops {
@@ -60,6 +64,8 @@ final class LoopState: @unchecked Sendable {
     /// Request ids, weighted draws, jitter: one seeded generator per loop.
     /// The system generator costs a getrandom(2) call per number.
     var random = LoopRandom()
+    /// Metric series handles by label set.
+    var telemetry = LoopTelemetry()
 
     final class BudgetBox { var budget = RetryBudget() }
 

@@ -96,10 +96,12 @@ public enum ProxyServer {
                 lines.append("weft_proxy_table_generation \(proxy.snapshot.generation)")
                 lines.append("weft_proxy_uptime_seconds \(Int(Date().timeIntervalSince(started)))")
                 return (.ok, "text/plain", lines.joined(separator: "\n") + "\n")
+            case "/metrics":
+                return (.ok, "text/plain; version=0.0.4", proxy.telemetry.render(stats: proxy.stats, generation: proxy.snapshot.generation))
             case "/healthz":
                 return (.ok, "text/plain", proxy.draining.load(ordering: .relaxed) ? "draining\n" : "ok\n")
             default:
-                return (.notFound, "text/plain", "not found: try /generation, /stats or /healthz\n")
+                return (.notFound, "text/plain", "not found: try /generation, /stats, /metrics or /healthz\n")
             }
         }
         logger.notice("proxy listening", metadata: [
@@ -138,6 +140,7 @@ public enum ProxyServer {
         let left = connections.count
         if left > 0 { logger.warning("drain timeout: closing \(left) connections") }
         connections.closeAll()
+        proxy.accessLog.closeFile()
         admin.stop()
         try? group.syncShutdownGracefully()
         _ = sources

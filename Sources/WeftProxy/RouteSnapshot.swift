@@ -9,6 +9,8 @@ final class RouteSnapshot: Sendable {
     let matchers: [String: RouteMatcher]
     /// Each cluster's endpoints, parsed once.
     let endpoints: [String: [EndpointKey]]
+    /// Workloads by address, for metrics and access logs.
+    let workloadsByIP: [UInt32: ProxyTable.WorkloadRef]
 
     init(_ table: ProxyTable) {
         self.table = table
@@ -16,6 +18,11 @@ final class RouteSnapshot: Sendable {
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
         self.matchers = matchers
         endpoints = table.clusters.mapValues { $0.map(EndpointKey.init) }
+        var refs: [UInt32: ProxyTable.WorkloadRef] = [:]
+        for (address, ref) in table.workloads ?? [:] {
+            if let ip = IPv4Address(address) { refs[ip.value] = ref }
+        }
+        workloadsByIP = refs
     }
 
     var generation: UInt64 { table.generation }

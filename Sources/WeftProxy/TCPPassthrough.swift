@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -34,6 +35,7 @@ enum TCPPassthrough {
         }
         let downstream = context.channel
         let detector = context.handler
+        let start = NIODeadline.now(), wallStart = AccessLog.now()
         _ = downstream.setOption(ChannelOptions.autoRead, value: false)
         loop.pool.state(endpoint).inFlight += 1
         let pool = loop.pool
@@ -51,6 +53,29 @@ enum TCPPassthrough {
                 case .success(let upstream):
                     let (a, b) = GlueHandler.pair()
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
+                    let peers = PeerLabels(snapshot: snapshot, source: origin.source, frontend: frontend, upstream: endpoint)
+                    let series = loop.telemetry.tcp(peers, proxy.telemetry)
+                    series.opened.increment()
+                    a.onFinish = { sent, received in
+                        series.closed.increment()
+                        series.sent.increment(by: Int64(sent))
+                        series.received.increment(by: Int64(received))
+                        guard AccessLog.covers(snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
+                        var line = JSONLine()
+                        line.add("start_time", AccessLog.timestamp(wallStart))
+                        line.add("kind", "tcp")
+                        line.add("duration_ms", milliseconds: Double((NIODeadline.now() - start).nanoseconds) / 1e6)
+                        line.add("bytes_received", sent)
+                        line.add("bytes_sent", received)
+                        line.add("source_address", origin.source.description)
+                        line.add("source_workload", peers.sourceWorkload)
+                        line.add("source_namespace", peers.sourceNamespace)
+                        line.add("destination_service", peers.destinationService)
+                        line.add("upstream_host", endpoint.description)
+                        line.add("destination_workload", peers.destinationWorkload)
+                        line.add("destination_namespace", peers.destinationWorkloadNamespace)
+                        proxy.accessLog.append(line.finish())
+                    }
                     do {
                         let early = (detector as? ProtocolDetector)?.takeBuffered()
                         let closedEarly = (detector as? ProtocolDetector)?.inputClosed ?? false

@@ -16,6 +16,8 @@ struct ProxyCommand: ParsableCommand {
     @Option(name: .customLong("run-dir"), help: "Directory of the route table and status socket (default /run/weft/<node>).") var runDir: String?
     @Option(help: "Event loop threads (default: one per core).") var threads: Int?
     @Option(name: .customLong("drain-timeout"), help: "Seconds in-flight requests get to finish on SIGTERM.") var drainTimeout = 10
+    @Option(name: .customLong("access-log"), help: "Access log destination when MeshConfig turns it on: a file (rotated to .1 at 64 MiB) or - for stdout (default <run-dir>/access.log).") var accessLog: String?
+    @Option(name: .customLong("label-limit"), help: "Distinct values a metric label may take; the rest count as \"overflow\".") var labelLimit = 1000
     @Option(name: .customLong("detect-timeout-ms"), help: "Milliseconds to wait for a client's first bytes before treating a connection as opaque TCP.") var detectTimeoutMs = 500
 
     func run() throws {
@@ -29,6 +31,8 @@ struct ProxyCommand: ParsableCommand {
         guard (0...3600).contains(drainTimeout) else { throw ValidationError("--drain-timeout must be 0-3600") }
         guard (1...60_000).contains(detectTimeoutMs) else { throw ValidationError("--detect-timeout-ms must be 1-60000") }
         if let threads, !(1...256).contains(threads) { throw ValidationError("--threads must be 1-256") }
+        guard (1...1_000_000).contains(labelLimit) else { throw ValidationError("--label-limit must be 1-1000000") }
+        if let accessLog, accessLog.isEmpty { throw ValidationError("--access-log must be a path or -") }
         var configuration = ProxyConfiguration(
             node: node, listenAddress: address,
             pinDirectory: pinDir ?? Datapath.defaultPinDirectory(node: node),
@@ -37,6 +41,8 @@ struct ProxyCommand: ParsableCommand {
         configuration.threads = threads
         configuration.drainTimeout = .seconds(drainTimeout)
         configuration.detectTimeout = .milliseconds(detectTimeoutMs)
+        configuration.accessLogPath = accessLog
+        configuration.labelValueLimit = labelLimit
         do {
             try ProxyServer.run(configuration, logger: logger)
         } catch {

@@ -45,6 +45,10 @@ struct MeshConfigTests {
             (header + "spec: {socketShortcut: {turbo: true}}", "m.yaml:1:spec.socketShortcut.turbo: unknown field"),
             (header + "spec: {}\n---\n" + header.replacingOccurrences(of: "mesh", with: "other") + "spec: {}",
              "m.yaml:2:metadata.name: a cluster has one MeshConfig; another is defined at m.yaml:1"),
+            (header + "spec: {accessLog: {namespaces: [Shop]}}", "m.yaml:1:spec.accessLog.namespaces[0]: \"Shop\" is not a namespace name"),
+            (header + "spec: {accessLog: {namespaces: shop}}", "m.yaml:1:spec.accessLog.namespaces: expected a list"),
+            (header + "spec: {accessLog: {enabled: 1}}", "m.yaml:1:spec.accessLog.enabled: expected true or false"),
+            (header + "spec: {accessLog: {format: text}}", "m.yaml:1:spec.accessLog.format: unknown field"),
             (workload("x", "sometimes"), "m.yaml:1:metadata.annotations.weft.dev/socket-shortcut: must be \"receive\" or \"off\""),
         ]
         for (text, want) in cases {
@@ -52,5 +56,17 @@ struct MeshConfigTests {
             #expect(state == nil)
             #expect(errors.contains { $0.hasPrefix(want) }, "want \(want), got \(errors)")
         }
+    }
+
+    @Test func accessLogScopeReachesTheProxyTable() throws {
+        let header = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+        let pod = workload("a", nil)
+        let off = try #require(parse(pod).0)
+        #expect(ProxyTable(off).accessLog == nil, "off by default")
+        #expect(ProxyTable(off).workloads?["198.18.1.11"] == .init(name: "a", namespace: "shop", serviceAccount: "default"))
+        let all = try #require(parse(pod + "\n---\n" + header + "spec: {accessLog: {enabled: true}}").0)
+        #expect(ProxyTable(all).accessLog == .init(namespaces: []))
+        let some = try #require(parse(pod + "\n---\n" + header + "spec: {accessLog: {enabled: true, namespaces: [web, shop]}}").0)
+        #expect(ProxyTable(some).accessLog == .init(namespaces: ["shop", "web"]))
     }
 }

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
@@ -81,5 +82,72 @@ import Testing
         #expect(!spent, "spent within the window")
         let refilled = budget.withdraw(now: 11)
         #expect(refilled, "the old second has left the window")
+    }
+}
+
+@Suite struct TelemetryTests {
+    @Test func traceparentKeepsTheTraceAndStartsANewSpan() {
+        var rng = SystemRandomNumberGenerator()
+        var h = HTTPHeaders([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), ("tracestate", "a=1")])
+        let span = TraceContext.propagate(&h, random: &rng)
+        #expect(span.traceID == "4bf92f3577b34da6a3ce929d0e0e4736" && span.parentID == "00f067aa0ba902b7")
+        #expect(h.first(name: "traceparent") == "00-4bf92f3577b34da6a3ce929d0e0e4736-\(span.spanID)-01")
+        #expect(span.spanID.count == 16 && span.spanID != "00f067aa0ba902b7")
+        #expect(h.first(name: "tracestate") == "a=1")
+    }
+
+    @Test func invalidOrMissingTraceparentStartsATrace() {
+        var rng = SystemRandomNumberGenerator()
+        for bad in [nil, "00-00000000000000000000000000000000-00f067aa0ba902b7-01",   // zero trace id
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",      // zero parent
+                    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",      // upper case
+                    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",      // version ff
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",    // v00 with more
+                    "00-4bf92f35-00f067aa0ba902b7-01", "garbage"] {
+            var h = HTTPHeaders(bad.map { [("traceparent", $0), ("tracestate", "a=1")] } ?? [])
+            let span = TraceContext.propagate(&h, random: &rng)
+            #expect(span.parentID == nil, "\(String(describing: bad))")
+            let parts = (h.first(name: "traceparent") ?? "").split(separator: "-")
+            #expect(parts.count == 4 && parts[1] == span.traceID && parts[1].count == 32 && parts[2] == span.spanID && parts[3] == "01")
+            #expect(TraceContext.parse(h.first(name: "traceparent") ?? "") != nil)
+            #expect(h[canonicalForm: "tracestate"].isEmpty, "tracestate goes with an invalid parent")
+        }
+        // A later version with extra fields is accepted (the spec's forward compatibility).
+        #expect(TraceContext.parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra") != nil)
+    }
+
+    @Test func labelValuesPastTheCapBecomeOverflow() {
+        let cap = LabelCap(limit: 3)
+        #expect((1...3).map { cap.admit("port", "\($0)") } == ["1", "2", "3"])
+        #expect((4...60_000).allSatisfy { cap.admit("port", "\($0)") == LabelCap.overflow })
+        #expect(cap.admit("port", "2") == "2", "values already seen keep their series")
+        #expect(cap.admit("other", "x") == "x", "each label has its own cap")
+    }
+
+    @Test func aScanOfManyValuesKeepsTheSeriesBounded() {
+        let telemetry = ProxyTelemetry(labelLimit: 10)
+        var loop = LoopTelemetry()
+        let snapshot = RouteSnapshot(ProxyTable())
+        for code in 100..<1000 {
+            let peers = PeerLabels(snapshot: snapshot, source: IPv4Address(0x0A00_0001), frontend: nil, upstream: nil)
+            loop.request(RequestLabels(peers: peers, route: "r\(code)", requestProtocol: "http", responseCode: code, responseFlags: "-"),
+                         telemetry).count.increment()
+        }
+        let text = telemetry.render(stats: ProxyStats(), generation: 1)
+        let series = text.split(separator: "\n").filter { $0.hasPrefix("weft_requests_total{") }
+        #expect(series.count == 11, "10 codes, then one overflow series")
+        #expect(series.contains { $0.contains("response_code=\"overflow\"") && $0.hasSuffix(" 890") })
+    }
+
+    @Test func accessLogLinesAreJSONWithEscapes() throws {
+        var line = JSONLine()
+        line.add("path", "/a\"b\\c\n\u{1}é")
+        line.add("code", 200)
+        line.add("missing", nil as String?)
+        line.add("ms", milliseconds: 1.5)
+        let text = line.finish()
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+        #expect(object["path"] as? String == "/a\"b\\c\n\u{1}é")
+        #expect(object["code"] as? Int == 200 && object["missing"] == nil && object["ms"] as? Double == 1.5)
     }
 }

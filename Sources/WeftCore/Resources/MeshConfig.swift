@@ -9,10 +9,23 @@
 ///   socketShortcut:
 ///     enabled: true            # default true (the agent's --socket-shortcut off wins)
 ///     podReceivers: Annotated  # Annotated (default) | All | None
+///   accessLog:
+///     enabled: false           # default false: JSON lines from the node proxies
+///     namespaces: [shop]       # source namespaces to log; absent or empty: all
 /// ```
 public struct MeshConfig: Hashable, Sendable {
     public var metadata: ObjectMeta
     public var socketShortcut = SocketShortcut()
+    public var accessLog = AccessLog()
+
+    /// The node proxies' access logs (docs/observability.md): one JSON line
+    /// per request and per TCP connection they handle, for requests from
+    /// pods of `namespaces` (all when empty).
+    public struct AccessLog: Hashable, Sendable {
+        public var enabled = false
+        public var namespaces: [String] = []
+        public init() {}
+    }
 
     /// The same-node socket shortcut (docs/shortcut.md). Bytes are only ever
     /// redirected into sockets whose reader is known to use read()/recv():
@@ -64,7 +77,26 @@ extension MeshConfig {
             }
             try shortcut.finish()
         }
+        if var log = try spec.mapping("accessLog") {
+            if let enabled = try log.bool("enabled") { accessLog.enabled = enabled }
+            for (path, item) in try log.list("namespaces") ?? [] {
+                let name = try FieldReader.string(item, at: location, path: path)
+                guard Self.isDNSLabel(name) else {
+                    throw ManifestError(location, field: path, "\"\(name)\" is not a namespace name (a DNS label: a-z, 0-9 and -, at most 63)")
+                }
+                accessLog.namespaces.append(name)
+            }
+            try log.finish()
+        }
         try spec.finish()
+    }
+}
+
+extension MeshConfig {
+    static func isDNSLabel(_ s: String) -> Bool {
+        let u = Array(s.utf8)
+        guard (1...63).contains(u.count), u.first != UInt8(ascii: "-"), u.last != UInt8(ascii: "-") else { return false }
+        return u.allSatisfy { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "-") }
     }
 }
 

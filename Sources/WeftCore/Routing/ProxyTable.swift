@@ -10,11 +10,33 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var frontends: [String: Frontend]
     /// By cluster name "namespace/service:port".
     public var clusters: [String: [Endpoint]]
+    /// Every Workload of the cluster by address: who a source or an
+    /// upstream is, for metrics and access logs.
+    public var workloads: [String: WorkloadRef]?
+    /// Access logging (MeshConfig accessLog): nil is off.
+    public var accessLog: AccessLogScope?
 
     public init(generation: UInt64 = 0, frontends: [String: Frontend] = [:], clusters: [String: [Endpoint]] = [:]) {
         self.generation = generation
         self.frontends = frontends
         self.clusters = clusters
+    }
+
+    public struct WorkloadRef: Codable, Hashable, Sendable {
+        public var name: String
+        public var namespace: String
+        public var serviceAccount: String
+        public init(name: String, namespace: String, serviceAccount: String) {
+            self.name = name
+            self.namespace = namespace
+            self.serviceAccount = serviceAccount
+        }
+    }
+
+    public struct AccessLogScope: Codable, Hashable, Sendable {
+        /// Source namespaces whose requests are logged; empty: all.
+        public var namespaces: [String]
+        public init(namespaces: [String]) { self.namespaces = namespaces }
     }
 
     public enum UpstreamProtocol: String, Codable, Sendable {
@@ -25,6 +47,8 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         /// "namespace/name:port-name".
         public var name: String
         public var namespace: String
+        /// The Service's own name (metrics: destination_service_name).
+        public var service: String?
         /// The Service port's own cluster: TCP passthrough goes there.
         public var cluster: String
         public var upstreamProtocol: UpstreamProtocol
@@ -95,6 +119,15 @@ extension ProxyTable {
 
     public init(_ state: ClusterState, generation: UInt64 = 0) {
         self.init(generation: generation)
+        var refs: [String: WorkloadRef] = [:]
+        for w in state.workloads {
+            refs[w.address.description] = WorkloadRef(name: w.metadata.name, namespace: w.metadata.namespace,
+                                                      serviceAccount: w.serviceAccount)
+        }
+        workloads = refs
+        if state.meshConfig.accessLog.enabled {
+            accessLog = AccessLogScope(namespaces: state.meshConfig.accessLog.namespaces.sorted())
+        }
         let index = SelectorIndex(state.workloads)
         var servicesByName: [String: Service] = [:]
         for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
@@ -162,7 +195,7 @@ extension ProxyTable {
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
                 frontends["\(vip):\(port.port)"] = Frontend(
                     name: service.metadata.qualifiedName + label, namespace: service.metadata.namespace,
-                    cluster: own.cluster, upstreamProtocol: declared ?? .http1,
+                    service: service.metadata.name, cluster: own.cluster, upstreamProtocol: declared ?? .http1,
                     matches: entries.sorted { $0.order < $1.order }.map(\.entry),
                     actions: actions, fallback: fallback)
             }

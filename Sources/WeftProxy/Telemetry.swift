@@ -1,0 +1,389 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import Prometheus
+import Synchronization
+import WeftCore
+
+/// Who a request or TCP connection was between, in the label names
+/// operators know from Istio's standard metrics.
+struct PeerLabels: Hashable {
+    var sourceWorkload: String
+    var sourceNamespace: String
+    var destinationServiceName: String
+    var destinationServiceNamespace: String
+    var destinationWorkload: String
+    var destinationWorkloadNamespace: String
+
+    static let unknown = "unknown"
+
+    init(snapshot: RouteSnapshot, source: IPv4Address, frontend: ProxyTable.Frontend?, upstream: EndpointKey?) {
+        let src = snapshot.workloadsByIP[source.value]
+        sourceWorkload = src?.name ?? Self.unknown
+        sourceNamespace = src?.namespace ?? Self.unknown
+        destinationServiceName = frontend?.service ?? Self.unknown
+        destinationServiceNamespace = frontend?.namespace ?? Self.unknown
+        let dst = upstream.flatMap { snapshot.workloadsByIP[$0.ip.value] }
+        destinationWorkload = dst?.name ?? Self.unknown
+        destinationWorkloadNamespace = dst?.namespace ?? Self.unknown
+    }
+
+    /// Istio's destination_service: the Service's DNS name.
+    var destinationService: String {
+        destinationServiceName == Self.unknown ? Self.unknown : "\(destinationServiceName).\(destinationServiceNamespace).svc"
+    }
+}
+
+/// One finished HTTP request's labels (the key of its series).
+struct RequestLabels: Hashable {
+    var peers: PeerLabels
+    var route: String
+    var requestProtocol: String
+    var responseCode: Int
+    var responseFlags: String
+}
+
+/// Caps how many distinct values each label may take, process-wide. Values
+/// past the cap are reported as "overflow": a scan of 60,000 ports or a
+/// misbehaving client cannot grow the series (or the memory) without bound.
+final class LabelCap: Sendable {
+    static let overflow = "overflow"
+    let limit: Int
+    private let seen = Mutex<[String: Set<String>]>([:])
+
+    init(limit: Int) { self.limit = limit }
+
+    func admit(_ label: String, _ value: String) -> String {
+        seen.withLock { seen in
+            if seen[label]?.contains(value) == true { return value }
+            if seen[label, default: []].count >= limit { return Self.overflow }
+            seen[label, default: []].insert(value)
+            return value
+        }
+    }
+}
+
+/// The proxy's Prometheus series, built with swift-prometheus: requests and
+/// their durations per (source, destination, route, code), TCP connections
+/// and bytes per (source, destination), and the proxy's own counters.
+/// Recording goes through a per-event-loop cache of series handles, so the
+/// registry's lock is taken only the first time a label set is seen.
+final class ProxyTelemetry: Sendable {
+    let registry = PrometheusCollectorRegistry()
+    let cap: LabelCap
+    /// Request duration buckets, in seconds: 0.5 ms to 30 s.
+    static let buckets: [Duration] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+        .map { .nanoseconds(Int64($0 * 1e9)) }
+    /// Last value of each ProxyStats counter put into the registry.
+    private let seen = Mutex<[String: Int]>([:])
+
+    init(labelLimit: Int) { cap = LabelCap(limit: labelLimit) }
+
+    final class RequestSeries {
+        let count: Counter
+        let duration: DurationHistogram
+        init(count: Counter, duration: DurationHistogram) {
+            self.count = count
+            self.duration = duration
+        }
+    }
+
+    final class TCPSeries {
+        let opened: Counter
+        let closed: Counter
+        let sent: Counter
+        let received: Counter
+        init(opened: Counter, closed: Counter, sent: Counter, received: Counter) {
+            self.opened = opened
+            self.closed = closed
+            self.sent = sent
+            self.received = received
+        }
+    }
+
+    private func peerLabels(_ p: PeerLabels) -> [(String, String)] {
+        [("reporter", "source"),
+         ("source_workload", cap.admit("source_workload", p.sourceWorkload)),
+         ("source_workload_namespace", cap.admit("source_workload_namespace", p.sourceNamespace)),
+         ("destination_service", cap.admit("destination_service", p.destinationService)),
+         ("destination_service_name", cap.admit("destination_service_name", p.destinationServiceName)),
+         ("destination_service_namespace", cap.admit("destination_service_namespace", p.destinationServiceNamespace)),
+         ("destination_workload", cap.admit("destination_workload", p.destinationWorkload)),
+         ("destination_workload_namespace", cap.admit("destination_workload_namespace", p.destinationWorkloadNamespace))]
+    }
+
+    func makeRequestSeries(_ l: RequestLabels) -> RequestSeries {
+        let labels = peerLabels(l.peers) + [
+            ("route", cap.admit("route", l.route)),
+            ("request_protocol", l.requestProtocol),
+            ("response_code", cap.admit("response_code", String(l.responseCode))),
+            ("response_flags", cap.admit("response_flags", l.responseFlags)),
+        ]
+        return RequestSeries(
+            count: registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "requests", unitName: "total",
+                                                          helpText: "HTTP requests the node proxy handled, by source, destination, route and response."),
+                                        labels: labels),
+            duration: registry.makeDurationHistogram(descriptor: .init(namespace: "weft", metricName: "request_duration", unitName: "seconds",
+                                                                       helpText: "Time from a request's head to the end of its response, as the node proxy saw it."),
+                                                     labels: labels, buckets: Self.buckets))
+    }
+
+    func makeTCPSeries(_ p: PeerLabels) -> TCPSeries {
+        let labels = peerLabels(p)
+        func counter(_ name: String, _ help: String) -> Counter {
+            registry.makeCounter(descriptor: .init(namespace: "weft", metricName: name, unitName: "total", helpText: help), labels: labels)
+        }
+        return TCPSeries(
+            opened: counter("tcp_connections_opened", "Opaque TCP connections the node proxy joined to a backend."),
+            closed: counter("tcp_connections_closed", "Opaque TCP connections the node proxy saw end."),
+            sent: counter("tcp_sent_bytes", "Bytes of opaque TCP connections sent by the source to the destination."),
+            received: counter("tcp_received_bytes", "Bytes of opaque TCP connections sent by the destination to the source."))
+    }
+
+    /// The exposition text, with the proxy's own counters brought up to date.
+    func render(stats: ProxyStats, generation: UInt64) -> String {
+        seen.withLock { seen in
+            for (name, value) in stats.all {
+                let gauge = name.hasSuffix("_active")
+                if gauge {
+                    registry.makeGauge(descriptor: .init(namespace: "weft_proxy", metricName: name, unitName: "", helpText: "Connections open now.")).set(Double(value))
+                    continue
+                }
+                let delta = value - (seen[name] ?? 0)
+                seen[name] = value
+                guard name.hasSuffix("_total") else { continue }
+                let base = String(name.dropLast("_total".count))
+                registry.makeCounter(descriptor: .init(namespace: "weft_proxy", metricName: base, unitName: "total", helpText: "The node proxy's \(base.replacingOccurrences(of: "_", with: " ")) count."))
+                    .increment(by: Int64(max(delta, 0)))
+            }
+        }
+        registry.makeGauge(descriptor: .init(namespace: "weft_proxy", metricName: "table_generation", unitName: "", helpText: "Route table generation the proxy has in force."))
+            .set(Double(generation))
+        return registry.emitToString()
+    }
+}
+
+/// The per-event-loop side of telemetry: series handles by label set.
+/// Only used on its loop.
+struct LoopTelemetry {
+    private var requests: [RequestLabels: ProxyTelemetry.RequestSeries] = [:]
+    private var tcp: [PeerLabels: ProxyTelemetry.TCPSeries] = [:]
+    /// Bounds the caches: the registry keeps the series, so a cleared cache
+    /// only costs a lookup under the registry's lock.
+    private static let limit = 4096
+
+    mutating func request(_ labels: RequestLabels, _ telemetry: ProxyTelemetry) -> ProxyTelemetry.RequestSeries {
+        if let s = requests[labels] { return s }
+        if requests.count >= Self.limit { requests.removeAll(keepingCapacity: true) }
+        let s = telemetry.makeRequestSeries(labels)
+        requests[labels] = s
+        return s
+    }
+
+    mutating func tcp(_ labels: PeerLabels, _ telemetry: ProxyTelemetry) -> ProxyTelemetry.TCPSeries {
+        if let s = tcp[labels] { return s }
+        if tcp.count >= Self.limit { tcp.removeAll(keepingCapacity: true) }
+        let s = telemetry.makeTCPSeries(labels)
+        tcp[labels] = s
+        return s
+    }
+}
+
+/// W3C Trace Context (https://www.w3.org/TR/trace-context/): the proxy is a
+/// hop. A valid incoming `traceparent` keeps its trace id and flags and gets
+/// a new parent id (this hop's span); an absent or invalid one is replaced
+/// by a new trace. `tracestate` passes through untouched.
+enum TraceContext {
+    struct Span {
+        var traceID: String
+        var spanID: String
+        /// The caller's span id, when the request came with one.
+        var parentID: String?
+    }
+
+    static func propagate<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, random: inout R) -> Span {
+        let spanID = hex(random.next(), digits: 16)
+        let incoming = headers.first(name: "traceparent")
+        if let incoming, let (trace, parent, flags) = parse(incoming) {
+            headers.replaceOrAdd(name: "traceparent", value: "00-\(trace)-\(spanID)-\(flags)")
+            return Span(traceID: trace, spanID: spanID, parentID: parent)
+        }
+        var trace = hex(random.next(), digits: 16) + hex(random.next(), digits: 16)
+        if trace == String(repeating: "0", count: 32) { trace = "0000000000000000000000000000000" + "1" }
+        headers.replaceOrAdd(name: "traceparent", value: "00-\(trace)-\(spanID)-01")
+        if incoming != nil { headers.remove(name: "tracestate") }  // it belonged to the invalid parent
+        return Span(traceID: trace, spanID: spanID, parentID: nil)
+    }
+
+    /// (trace id, parent id, flags) of a valid version-00 (or later)
+    /// traceparent, lower-case hex only, ids not all zero.
+    static func parse(_ value: String) -> (String, String, String)? {
+        let parts = value.split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count >= 4, parts[0].count == 2, parts[1].count == 32, parts[2].count == 16, parts[3].count == 2,
+              parts[0] != "ff", parts.prefix(4).allSatisfy({ $0.utf8.allSatisfy(isLowerHex) }) else { return nil }
+        if parts[0] == "00" && parts.count != 4 { return nil }
+        guard parts[1].contains(where: { $0 != "0" }), parts[2].contains(where: { $0 != "0" }) else { return nil }
+        return (String(parts[1]), String(parts[2]), String(parts[3]))
+    }
+
+    private static func isLowerHex(_ c: UInt8) -> Bool {
+        (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(c) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains(c)
+    }
+
+    static func hex(_ v: UInt64, digits: Int) -> String {
+        let s = String(v, radix: 16)
+        return s.count >= digits ? s : String(repeating: "0", count: digits - s.count) + s
+    }
+}
+
+/// The access log: JSON lines, appended from the event loops into one
+/// buffer and written by a background queue every 100 ms (or at 256 KiB),
+/// so a request never waits on the disk. The file is rotated to `.1` at
+/// `rotateBytes`. "-" writes to standard output.
+final class AccessLog: Sendable {
+    let path: String
+    private let rotateBytes: Int
+    private let state = Mutex<(buffer: [UInt8], fd: Int32, size: Int, dropped: Int)>(([], -1, 0, 0))
+    private let queue = DispatchQueue(label: "weft.proxy.access-log")
+    private static let flushAt = 256 * 1024
+    private static let maxBuffered = 16 * 1024 * 1024
+
+    init(path: String, rotateBytes: Int = 64 * 1024 * 1024) {
+        self.path = path
+        self.rotateBytes = rotateBytes
+        tick()
+    }
+
+    private func tick() {
+        queue.asyncAfter(deadline: .now() + .milliseconds(100)) { [weak self] in
+            self?.flush()
+            self?.tick()
+        }
+    }
+
+    func append(_ line: String) {
+        let wake = state.withLock { s -> Bool in
+            // A disk that cannot keep up loses lines (counted), not memory.
+            guard s.buffer.count < Self.maxBuffered else { s.dropped += 1; return false }
+            s.buffer.append(contentsOf: line.utf8)
+            s.buffer.append(UInt8(ascii: "\n"))
+            return s.buffer.count >= Self.flushAt
+        }
+        if wake { queue.async { [weak self] in self?.flush() } }
+    }
+
+    var dropped: Int { state.withLock { $0.dropped } }
+
+    /// Writes what is buffered. Also called on drain, before exit.
+    func flush() {
+        var (data, fd, size) = state.withLock { s -> ([UInt8], Int32, Int) in
+            let d = s.buffer
+            s.buffer.removeAll(keepingCapacity: true)
+            return (d, s.fd, s.size)
+        }
+        guard !data.isEmpty else { return }
+        if path == "-" {
+            fd = 1
+        } else if fd < 0 || size >= rotateBytes {
+            if fd >= 0 {
+                Glibc.close(fd)
+                rename(path, path + ".1")
+            }
+            fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o640)
+            var st = stat()
+            size = fd >= 0 && fstat(fd, &st) == 0 ? Int(st.st_size) : 0
+        }
+        guard fd >= 0 else {
+            state.withLock { $0.dropped += data.count > 0 ? 1 : 0 }
+            return
+        }
+        var offset = 0
+        while offset < data.count {
+            let n = data.withUnsafeBytes { write(fd, $0.baseAddress! + offset, data.count - offset) }
+            if n <= 0 { if errno == EINTR { continue }; break }
+            offset += n
+        }
+        size += offset
+        data.removeAll()
+        state.withLock { s in
+            if path != "-" { s.fd = fd }
+            s.size = size
+        }
+    }
+
+    func closeFile() {
+        queue.sync { flush() }
+        state.withLock { s in
+            if s.fd >= 0 { Glibc.close(s.fd) }
+            s.fd = -1
+        }
+    }
+}
+
+/// Builds one JSON object per line without an encoder per request: keys
+/// are fixed ASCII, values escaped per RFC 8259.
+struct JSONLine {
+    private(set) var text = "{"
+
+    mutating func add(_ key: String, _ value: String?) {
+        guard let value else { return }
+        separator(key)
+        text.append("\"")
+        for scalar in value.unicodeScalars {
+            switch scalar {
+            case "\"": text.append("\\\"")
+            case "\\": text.append("\\\\")
+            case "\n": text.append("\\n")
+            case "\r": text.append("\\r")
+            case "\t": text.append("\\t")
+            case _ where scalar.value < 0x20:
+                text.append("\\u00" + TraceContext.hex(UInt64(scalar.value), digits: 2))
+            default: text.unicodeScalars.append(scalar)
+            }
+        }
+        text.append("\"")
+    }
+
+    mutating func add(_ key: String, _ value: Int) {
+        separator(key)
+        text.append(String(value))
+    }
+
+    mutating func add(_ key: String, milliseconds value: Double) {
+        separator(key)
+        text.append(String(format: "%.3f", value))
+    }
+
+    private mutating func separator(_ key: String) {
+        if text.count > 1 { text.append(",") }
+        text.append("\"\(key)\":")
+    }
+
+    mutating func finish() -> String {
+        text.append("}")
+        return text
+    }
+}
+
+extension AccessLog {
+    /// RFC 3339 UTC with milliseconds, from a wall-clock time.
+    static func timestamp(_ t: timespec) -> String {
+        var seconds = t.tv_sec
+        var tm = tm()
+        gmtime_r(&seconds, &tm)
+        return String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", Int(tm.tm_year) + 1900, Int(tm.tm_mon) + 1, Int(tm.tm_mday),
+                      Int(tm.tm_hour), Int(tm.tm_min), Int(tm.tm_sec), Int(t.tv_nsec / 1_000_000))
+    }
+
+    static func now() -> timespec {
+        var t = timespec()
+        clock_gettime(CLOCK_REALTIME, &t)
+        return t
+    }
+
+    /// Does the scope log requests from pods of `namespace`?
+    static func covers(_ scope: ProxyTable.AccessLogScope?, namespace: String) -> Bool {
+        guard let scope else { return false }
+        return scope.namespaces.isEmpty || scope.namespaces.contains(namespace)
+    }
+}

@@ -1,0 +1,237 @@
+import Foundation
+import Testing
+
+// The proxy's telemetry end to end: a known mix of requests and a TCP
+// connection from lab pods, then the agent's /metrics (parsed by
+// prometheus_client's reference parser), the access log and the headers the
+// backend saw must account for exactly those.
+
+private let ns = "obs"
+
+private let files: [String: String] = [
+    "pods.yaml": """
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: client, namespace: obs, labels: {app: client}, annotations: {lab.weft.dev/command: "sleep infinity"}}
+        spec: {serviceAccount: client, node: n1, address: 198.18.1.10}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: other, namespace: quiet, labels: {app: other}, annotations: {lab.weft.dev/command: "sleep infinity"}}
+        spec: {node: n1, address: 198.18.1.11}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: web, namespace: obs, labels: {app: web}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.l7Server) 8080"}}
+        spec: {serviceAccount: web, node: n1, address: 198.18.1.20, ports: [{name: http, port: 8080}]}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: banner, namespace: obs, labels: {app: banner}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.l7Server) 8080 --tcp-banner"}}
+        spec: {node: n1, address: 198.18.1.40, ports: [{name: http, port: 8080}]}
+        """,
+    "services.yaml": """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: web, namespace: obs}
+        spec: {clusterIP: 198.19.8.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: nobody, namespace: obs}
+        spec: {clusterIP: 198.19.8.11, selector: {app: nobody}, ports: [{name: http, port: 80, targetPort: http}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: banner, namespace: obs}
+        spec: {clusterIP: 198.19.8.12, selector: {app: banner}, ports: [{name: http, port: 80, targetPort: http}]}
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: web, namespace: obs}
+        spec:
+          parentRefs: [{kind: Service, group: "", name: web}]
+          rules:
+          - name: api
+            matches: [{path: {type: PathPrefix, value: /api}}]
+            filters:
+            - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}
+            backendRefs: [{name: web, port: 80}]
+        """,
+    "mesh.yaml": """
+        apiVersion: weft.dev/v1alpha1
+        kind: MeshConfig
+        metadata: {name: mesh}
+        spec: {accessLog: {enabled: true, namespaces: [obs]}}
+        """,
+]
+
+/// Samples of the agent's /metrics, through the reference parser.
+private struct Scrape {
+    var samples: [(name: String, labels: [String: String], value: Double)] = []
+    var families: [String: String] = [:]
+
+    init() throws {
+        let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("weft-scrape-\(UUID().uuidString.prefix(8)).txt").path
+        try text.write(toFile: tmp, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: tmp) }
+        let parsed = try LabHarness.shell(raw: ["sh", "-c", "/usr/bin/python3 \(LabHarness.promParse) < \(tmp)"])
+        guard let line = parsed.split(separator: "\n").last,
+              let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+              let raw = json["samples"] as? [[Any]] else {
+            throw HarnessError("the reference parser refused /metrics: \(parsed.suffix(500))\n\(text.prefix(3000))")
+        }
+        for s in raw {
+            guard s.count == 3, let name = s[0] as? String, let labels = s[1] as? [String: String],
+                  let value = (s[2] as? NSNumber)?.doubleValue else { continue }
+            samples.append((name, labels, value))
+        }
+        families = json["families"] as? [String: String] ?? [:]
+    }
+
+    /// Sum of `name` over samples whose labels include `match`.
+    func sum(_ name: String, _ match: [String: String]) -> Double {
+        samples.filter { sample in sample.name == name && match.allSatisfy { sample.labels[$0.key] == $0.value } }
+            .reduce(0) { $0 + $1.value }
+    }
+}
+
+private func curl(_ pod: String, _ url: String, _ extra: [String] = []) throws -> (Int, String) {
+    let r = try LabHarness.run(["lab", "exec", pod, "--", "curl", "-sS", "-m", "5", "-o", "/dev/stdout", "-w", "\n%{http_code}", url] + extra)
+    let code = Int(r.output.split(separator: "\n").last ?? "") ?? 0
+    return (code, String(r.output.split(separator: "\n").dropLast().joined(separator: "\n")))
+}
+
+/// `count` requests in one curl (one connection, keep-alive); their codes.
+private func curlMany(_ pod: String, _ url: String, count: Int) throws -> [Int] {
+    let list = FileManager.default.temporaryDirectory.appendingPathComponent("weft-urls-\(UUID().uuidString.prefix(8))").path
+    try String(repeating: "url = \"\(url)\"\noutput = \"/dev/null\"\n", count: count).write(toFile: list, atomically: true, encoding: .utf8)
+    defer { try? FileManager.default.removeItem(atPath: list) }
+    let r = try LabHarness.run(["lab", "exec", pod, "--", "curl", "-s", "-m", "10", "-w", "%{http_code}\n", "-K", list])
+    return r.output.split(separator: "\n").compactMap { Int($0) }
+}
+
+private func accessLog() -> [[String: Any]] {
+    let text = (try? String(contentsOfFile: "/run/weft/n1/access.log", encoding: .utf8)) ?? ""
+    return text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+}
+
+@Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
+struct ObservabilityTests {
+    @Test func requestsConnectionsAndTracesAreCountedLoggedAndPropagatedExactly() throws {
+        let lab = try LabHarness(files: files, nodes: 1)
+        defer { lab.down() }
+        for address in ["198.18.1.20", "198.18.1.40"] {
+            var ok = false
+            for _ in 0..<200 {
+                // A connect is enough (the banner server does not speak HTTP).
+                if let r = try? LabHarness.run(["lab", "exec", "obs/client", "--", "python3", "-c",
+                                                "import socket; socket.create_connection(('\(address)', 8080), timeout=1)"]),
+                   r.status == 0 { ok = true; break }
+                usleep(50_000)
+            }
+            try #require(ok, "backend \(address) never answered")
+        }
+
+        // The known mix, from obs/client (logged) and quiet/other (not logged).
+        #expect(try curlMany("obs/client", "http://198.19.8.10/api/ok", count: 20) == Array(repeating: 200, count: 20))
+        #expect(try curlMany("obs/client", "http://198.19.8.10/api/status/503", count: 7) == Array(repeating: 503, count: 7))
+        #expect(try curlMany("obs/client", "http://198.19.8.10/other", count: 5) == Array(repeating: 404, count: 5))
+        #expect(try curlMany("obs/client", "http://198.19.8.11/", count: 4) == Array(repeating: 503, count: 4))
+        #expect(try curlMany("quiet/other", "http://198.19.8.10/api/ok", count: 3) == Array(repeating: 200, count: 3))
+
+        // Trace context: an incoming traceparent keeps its trace id and gets
+        // a new span id; without one the proxy starts a trace.
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736", parent = "00f067aa0ba902b7"
+        let (c1, b1) = try curl("obs/client", "http://198.19.8.10/api/traced", [
+            "-H", "traceparent: 00-\(trace)-\(parent)-01", "-H", "tracestate: vendor=1", "-H", "x-request-id: req-traced"])
+        #expect(c1 == 200)
+        let seen1 = (try? JSONSerialization.jsonObject(with: Data(b1.utf8)) as? [String: Any])?["headers"] as? [String: String] ?? [:]
+        let tp1 = (seen1["traceparent"] ?? "").split(separator: "-").map(String.init)
+        #expect(tp1.count == 4 && tp1[0] == "00" && tp1[1] == trace && tp1[2] != parent && tp1[2].count == 16 && tp1[3] == "01",
+                "\(seen1)")
+        #expect(seen1["tracestate"] == "vendor=1", "\(seen1)")
+        let (c2, b2) = try curl("obs/client", "http://198.19.8.10/api/untraced", ["-H", "x-request-id: req-untraced"])
+        #expect(c2 == 200)
+        let seen2 = (try? JSONSerialization.jsonObject(with: Data(b2.utf8)) as? [String: Any])?["headers"] as? [String: String] ?? [:]
+        let tp2 = (seen2["traceparent"] ?? "").split(separator: "-").map(String.init)
+        #expect(tp2.count == 4 && tp2[1].count == 32 && tp2[2].count == 16 && tp2[1] != trace, "\(seen2)")
+
+        // One opaque TCP connection (the banner server speaks first).
+        let tcp = try LabHarness.run(["lab", "exec", "obs/client", "--", "python3", "-c", """
+            import socket, time
+            s = socket.create_connection(("198.19.8.12", 80), timeout=5)
+            got = s.recv(100)
+            s.sendall(b"\\x00\\x01binary\\n")
+            time.sleep(0.2)
+            got += s.recv(100)
+            s.close()
+            print(len(got))
+            """])
+        let tcpReceived = Double(tcp.output.split(separator: "\n").last.flatMap { Int($0) } ?? -1)
+        #expect(tcpReceived > 9, "\(tcp.output)")
+
+        // The counters, once the TCP connection's end has been seen.
+        var scrape = try Scrape()
+        for _ in 0..<100 where scrape.sum("weft_tcp_connections_closed_total", [:]) < 1 {
+            usleep(20_000)
+            scrape = try Scrape()
+        }
+        let client = ["source_workload": "client", "source_workload_namespace": ns, "reporter": "source"]
+        let web = client.merging(["destination_service": "web.obs.svc", "destination_service_name": "web",
+                                  "destination_service_namespace": ns]) { $1 }
+        func requests(_ extra: [String: String]) -> Double { scrape.sum("weft_requests_total", web.merging(extra) { $1 }) }
+        #expect(requests(["response_code": "200", "route": "obs/web#api", "destination_workload": "web",
+                          "destination_workload_namespace": ns, "response_flags": "-", "request_protocol": "http"]) == 22)
+        #expect(requests(["response_code": "503", "route": "obs/web#api", "response_flags": "-"]) == 7)
+        #expect(requests(["response_code": "404", "route": "-", "response_flags": "NR", "destination_workload": "unknown"]) == 5)
+        #expect(scrape.sum("weft_requests_total", client.merging(["destination_service_name": "nobody", "response_code": "503",
+                                                                   "response_flags": "UH"]) { $1 }) == 4)
+        #expect(scrape.sum("weft_requests_total", ["source_workload": "other", "source_workload_namespace": "quiet",
+                                                   "response_code": "200"]) == 3)
+        #expect(scrape.sum("weft_requests_total", [:]) == 41)
+        // The histogram saw every request once, and its buckets are cumulative.
+        #expect(scrape.sum("weft_request_duration_seconds_count", [:]) == 41)
+        #expect(scrape.sum("weft_request_duration_seconds_count", web.merging(["response_code": "503", "route": "obs/web#api"]) { $1 }) == 7)
+        #expect(scrape.sum("weft_request_duration_seconds_bucket", ["le": "+Inf"]) == 41)
+        let buckets = scrape.samples.filter { $0.name == "weft_request_duration_seconds_bucket" && $0.labels["response_code"] == "404" }
+            .sorted { (Double($0.labels["le"] ?? "") ?? .infinity) < (Double($1.labels["le"] ?? "") ?? .infinity) }
+        #expect(!buckets.isEmpty && zip(buckets, buckets.dropFirst()).allSatisfy { $0.value <= $1.value })
+        #expect(scrape.families["weft_request_duration_seconds"] == "histogram", "\(scrape.families)")
+        #expect(scrape.families["weft_requests"] == "counter" || scrape.families["weft_requests_total"] == "counter")
+        let banner = client.merging(["destination_service_name": "banner", "destination_workload": "banner"]) { $1 }
+        #expect(scrape.sum("weft_tcp_connections_opened_total", banner) == 1)
+        #expect(scrape.sum("weft_tcp_connections_closed_total", banner) == 1)
+        #expect(scrape.sum("weft_tcp_sent_bytes_total", banner) == 9)
+        #expect(scrape.sum("weft_tcp_received_bytes_total", banner) == tcpReceived)
+        // The agent's own series come through the same parser.
+        #expect(scrape.sum("weft_config_generation", [:]) >= 1)
+
+        // The access log: one line per request and connection from obs,
+        // none from quiet; written within 100 ms.
+        var log = accessLog()
+        for _ in 0..<50 where log.count < 40 {
+            usleep(50_000)
+            log = accessLog()
+        }
+        let http = log.filter { $0["kind"] as? String == "http" }
+        #expect(http.count == 38, "\(log.count) lines")
+        #expect(!log.contains { $0["source_namespace"] as? String == "quiet" })
+        let traced = http.first { $0["request_id"] as? String == "req-traced" }
+        #expect(traced?["trace_id"] as? String == trace, "\(String(describing: traced))")
+        #expect(traced?["parent_span_id"] as? String == parent)
+        #expect(traced?["span_id"] as? String == tp1.dropFirst(2).first, "the logged span is the one the backend saw")
+        #expect(traced?["upstream_host"] as? String == "198.18.1.20:8080")
+        #expect(traced?["source_workload"] as? String == "client" && traced?["route"] as? String == "obs/web#api")
+        #expect(traced?["method"] as? String == "GET" && traced?["path"] as? String == "/api/traced")
+        #expect((traced?["bytes_sent"] as? Int ?? 0) > 0 && traced?["response_code"] as? Int == 200)
+        let untraced = http.first { $0["request_id"] as? String == "req-untraced" }
+        #expect(untraced?["trace_id"] as? String == tp2.dropFirst().first && untraced?["parent_span_id"] == nil)
+        #expect(http.filter { $0["response_flags"] as? String == "UH" }.count == 4)
+        #expect(http.filter { $0["response_flags"] as? String == "NR" && $0["response_code"] as? Int == 404 }.count == 5)
+        let tcpLines = log.filter { $0["kind"] as? String == "tcp" }
+        #expect(tcpLines.count == 1 && tcpLines.first?["bytes_received"] as? Int == 9
+                && Double(tcpLines.first?["bytes_sent"] as? Int ?? -1) == tcpReceived, "\(tcpLines)")
+    }
+}
