@@ -151,6 +151,12 @@ final class ProxyTelemetry: Sendable {
                 }
                 let delta = value - (seen[name] ?? 0)
                 seen[name] = value
+                if name.hasPrefix("responses_") {
+                    registry.makeCounter(descriptor: .init(namespace: "weft_proxy", metricName: "responses", unitName: "total", helpText: "Responses the node proxy sent, by status class."),
+                                         labels: [("code_class", String(name.dropFirst("responses_".count)))])
+                        .increment(by: Int64(max(delta, 0)))
+                    continue
+                }
                 guard name.hasSuffix("_total") else { continue }
                 let base = String(name.dropLast("_total".count))
                 registry.makeCounter(descriptor: .init(namespace: "weft_proxy", metricName: base, unitName: "total", helpText: "The node proxy's \(base.replacingOccurrences(of: "_", with: " ")) count."))
