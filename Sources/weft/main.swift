@@ -8,7 +8,8 @@ struct Weft: ParsableCommand {
         commandName: "weft",
         abstract: "A sidecarless service mesh: eBPF in the kernel, one Swift proxy per node.",
         subcommands: [AgentCommand.self, ValidateCommand.self, ApplyCommand.self, GetCommand.self,
-                      StatusCommand.self, PolicyCommand.self, ProxyCommand.self, LabCommand.self])
+                      StatusCommand.self, TopCommand.self, GraphCommand.self, PolicyCommand.self, ProxyCommand.self,
+                      LabCommand.self])
 }
 
 Weft.main()

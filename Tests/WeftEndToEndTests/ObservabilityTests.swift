@@ -233,5 +233,58 @@ struct ObservabilityTests {
         let tcpLines = log.filter { $0["kind"] as? String == "tcp" }
         #expect(tcpLines.count == 1 && tcpLines.first?["bytes_received"] as? Int == 9
                 && Double(tcpLines.first?["bytes_sent"] as? Int ?? -1) == tcpReceived, "\(tcpLines)")
+
+        try topologyAndTop(lab)
+    }
+
+    /// `weft graph` (text, JSON and an HTML page a headless browser draws)
+    /// and `weft top` read the same series.
+    private func topologyAndTop(_ lab: LabHarness) throws {
+        let graph = try LabHarness.run(["graph", "-o", "json"])
+        let edges = (try? JSONSerialization.jsonObject(with: Data(graph.output.utf8)) as? [[String: Any]]) ?? []
+        func edge(_ from: String, _ to: String) -> [String: Any]? {
+            edges.first { $0["source"] as? String == from && $0["destination"] as? String == to }
+        }
+        #expect(edges.count == 4, "\(graph.output)")
+        #expect(edge("obs/client", "web.obs.svc")?["requests"] as? Double == 34)
+        #expect(edge("obs/client", "web.obs.svc")?["failures"] as? Double == 7)
+        #expect(edge("obs/client", "nobody.obs.svc")?["failures"] as? Double == 4)
+        #expect(edge("quiet/other", "web.obs.svc")?["requests"] as? Double == 3)
+        #expect(edge("obs/client", "banner.obs.svc")?["tcpConnections"] as? Double == 1)
+        let text = try LabHarness.run(["graph"])
+        #expect(text.output.contains("obs/client   ->  nobody.obs.svc  4         0.0%"), "\(text.output)")
+
+        // The page: a headless Chromium draws the workloads (blue), the
+        // Services (green), healthy edges (grey) and the failing one (red).
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("weft-graph-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let page = try LabHarness.run(["graph", "--html", "\(dir)/graph.html"])
+        #expect(page.status == 0, "\(page.output)")
+        let html = (try? String(contentsOfFile: "\(dir)/graph.html", encoding: .utf8)) ?? ""
+        #expect(html.contains("<svg") && !html.contains("<script") && html.contains("quiet/other"))
+        let shot = try LabHarness.shell(raw: ["sh", "-c", "timeout 60 chromium --headless --no-sandbox --disable-gpu --hide-scrollbars "
+            + "--user-data-dir=\(dir)/profile --window-size=1000,500 --screenshot=\(dir)/graph.png file://\(dir)/graph.html 2>&1"])
+        #expect(FileManager.default.fileExists(atPath: "\(dir)/graph.png"), "\(shot.suffix(1000))")
+        let counts = try LabHarness.shell(["/usr/bin/python3", LabHarness.pixels, "\(dir)/graph.png", "#0969da", "#1a7f37", "#57606a", "#cf222e"])
+        let box = 240.0 * 40 * 0.9
+        #expect((counts["#0969da"] as? Double ?? 0) >= 2 * box, "two workload boxes: \(counts)")
+        #expect((counts["#1a7f37"] as? Double ?? 0) >= 3 * box, "three Service boxes: \(counts)")
+        #expect((counts["#57606a"] as? Double ?? 0) >= 500, "healthy edges: \(counts)")
+        #expect((counts["#cf222e"] as? Double ?? 0) >= 300, "the failing edge to nobody: \(counts)")
+
+        // weft top over one second of steady load.
+        let load = try lab.startTool(in: "obs/client", ["http-steady", "198.19.8.10", "80", "3"])
+        usleep(500_000)
+        let top = try LabHarness.run(["top", "--once", "--interval", "1", "-o", "json"])
+        _ = try? load.finish()
+        let rows = (try? JSONSerialization.jsonObject(with: Data(top.output.utf8)) as? [[String: Any]]) ?? []
+        let web = rows.first { $0["service"] as? String == "web.obs.svc" }
+        #expect((web?["rps"] as? Double ?? 0) > 5, "\(top.output)")
+        #expect(web?["successRate"] as? Double == 1.0, "404s are answers, not failures: \(top.output)")
+        let p50 = web?["p50Seconds"] as? Double ?? -1, p99 = web?["p99Seconds"] as? Double ?? -1
+        #expect(p50 > 0 && p99 >= p50 && p99 < 5, "\(top.output)")
+        #expect(!rows.contains { $0["service"] as? String == "nobody.obs.svc" && ($0["requests"] as? Double ?? 0) > 0 },
+                "figures cover the interval only")
     }
 }
