@@ -67,7 +67,14 @@ public enum Agent {
 
         let fill = Mutex(MapFill())
         fill.withLock { $0 = reconciler.mapFill }
-        let metrics = AgentMetrics(maps: maps, policyMaps: policyMaps, shortcut: shortcutMaps, status: status,
+        let flowMaps: FlowMaps?
+        do {
+            flowMaps = try FlowMaps(pinDirectory: pinDirectory)
+        } catch {
+            logger.error("connection counters unavailable: \(error)")
+            flowMaps = nil
+        }
+        let metrics = AgentMetrics(maps: maps, policyMaps: policyMaps, shortcut: shortcutMaps, flows: flowMaps, status: status,
                                    fill: { fill.withLock { $0 } })
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let server = StatusServer(group: group)

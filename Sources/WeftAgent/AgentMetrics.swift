@@ -13,15 +13,19 @@ final class AgentMetrics: Sendable {
     private let maps: ServiceMaps
     private let policyMaps: PolicyMaps
     private let shortcut: ShortcutMaps?
+    private let flows: FlowMaps?
+    private let cap: LabelCap
     private let status: SharedStatus
     private let fill: @Sendable () -> MapFill
     /// Last value seen per kernel counter: Prometheus counters only go up by
     /// deltas, and the kernel's are monotonic, so each scrape adds the delta.
     private let seen = Mutex<[String: UInt64]>([:])
 
-    init(maps: ServiceMaps, policyMaps: PolicyMaps, shortcut: ShortcutMaps?, status: SharedStatus,
-         fill: @escaping @Sendable () -> MapFill) {
+    init(maps: ServiceMaps, policyMaps: PolicyMaps, shortcut: ShortcutMaps?, flows: FlowMaps?, labelLimit: Int = 1000,
+         status: SharedStatus, fill: @escaping @Sendable () -> MapFill) {
         self.maps = maps
+        self.flows = flows
+        self.cap = LabelCap(limit: labelLimit)
         self.shortcut = shortcut
         self.policyMaps = policyMaps
         self.status = status
@@ -114,6 +118,60 @@ final class AgentMetrics: Sendable {
                 }
             }
         }
+        renderFlows(proxyAddress: s.proxy.flatMap { IPv4Address($0.listen.split(separator: ":").first.map(String.init) ?? "") })
         return registry.emitToString()
+    }
+
+    /// The kernel's per-connection counters by (source workload, destination
+    /// Service and workload, port), with Istio's label names. Every label is
+    /// capped (`overflow` past the limit), and counters of keys the kernel's
+    /// LRU evicted are forgotten here too, so neither grows without bound.
+    private func renderFlows(proxyAddress: IPv4Address?) {
+        guard let flows, let all = try? flows.read() else { return }
+        let names = status.flowNames()
+        registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_entries", unitName: "", helpText: "Entries in a BPF map."), labels: [("map", WEFT_MAP_FLOWS)])
+            .set(Double(all.count))
+        registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_capacity", unitName: "", helpText: "max_entries of a BPF map."), labels: [("map", WEFT_MAP_FLOWS)])
+            .set(Double(flows.capacity))
+        seen.withLock { seen in
+            var live = Set<String>()
+            for f in all {
+                let src = names.workloads[f.source.value]
+                let service = f.vip.flatMap { names.services[UInt64($0.value) << 16 | UInt64(f.port)] }
+                let dstWorkload: (String, String)
+                if let d = f.destination, let w = names.workloads[d.value] { dstWorkload = (w.namespace, w.name) }
+                else if f.destination != nil && f.destination == proxyAddress { dstWorkload = ("", "node-proxy") }
+                else { dstWorkload = ("", f.destination == nil ? "none" : "unknown") }
+                let labels: [(String, String)] = [
+                    ("reporter", "source"),
+                    ("source_workload", cap.admit("source_workload", src?.name ?? "unknown")),
+                    ("source_workload_namespace", cap.admit("source_workload_namespace", src?.namespace ?? "unknown")),
+                    ("destination_service", cap.admit("destination_service", service.map { "\($0.name).\($0.namespace).svc" } ?? "unknown")),
+                    ("destination_service_name", cap.admit("destination_service_name", service?.name ?? "unknown")),
+                    ("destination_service_namespace", cap.admit("destination_service_namespace", service?.namespace ?? "unknown")),
+                    ("destination_workload", cap.admit("destination_workload", dstWorkload.1)),
+                    ("destination_workload_namespace", cap.admit("destination_workload_namespace", dstWorkload.0)),
+                    ("destination_port", cap.admit("destination_port", String(f.port))),
+                ]
+                let id = "flow/\(f.source.value)/\(f.destination?.value ?? 0)/\(f.vip?.value ?? 0)/\(f.port)"
+                for (metric, value, help) in [
+                    ("l4_connections_opened", f.opened, "TCP connections pods opened (handshake completed), from the kernel's per-CPU map."),
+                    ("l4_connections_failed", f.failed, "TCP connects of pods that never completed (refused, reset, timed out, no backend)."),
+                    ("l4_connections_closed", f.closed, "Established TCP connections of pods that ended."),
+                    ("l4_sent_bytes", f.bytesSent, "Bytes pods sent on TCP connections, counted when they close (shortcut-redirected bytes excluded)."),
+                    ("l4_received_bytes", f.bytesReceived, "Bytes pods received on TCP connections, counted when they close (shortcut-redirected bytes excluded)."),
+                ] {
+                    let key = "\(id)/\(metric)"
+                    live.insert(key)
+                    let last = seen[key] ?? 0
+                    let delta = value >= last ? value - last : value
+                    seen[key] = value
+                    registry.makeCounter(descriptor: .init(namespace: "weft", metricName: metric, unitName: "total", helpText: help), labels: labels)
+                        .increment(by: Int64(clamping: delta))
+                }
+            }
+            // Keys the kernel evicted: forget them (they start again at 0).
+            for key in seen.keys where key.hasPrefix("flow/") && !live.contains(key) { seen.removeValue(forKey: key) }
+        }
     }
 }

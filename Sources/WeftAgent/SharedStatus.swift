@@ -31,6 +31,20 @@ final class SharedStatus: Sendable {
     /// Identity id -> `namespace{labels}`, for metrics labels.
     func identityNames() -> [UInt32: IdentityKey] { mutex.withLock { $0.policy?.identities ?? [:] } }
 
+    /// Names for the kernel's flow counters: workloads by address and
+    /// Services by (clusterIP, port), from the config in force.
+    func flowNames() -> (workloads: [UInt32: (namespace: String, name: String)], services: [UInt64: (namespace: String, name: String)]) {
+        guard let config = mutex.withLock({ $0.config }) else { return ([:], [:]) }
+        var workloads: [UInt32: (String, String)] = [:]
+        for w in config.workloads { workloads[w.address.value] = (w.metadata.namespace, w.metadata.name) }
+        var services: [UInt64: (String, String)] = [:]
+        for s in config.services {
+            guard let vip = s.clusterIP else { continue }
+            for p in s.ports { services[UInt64(vip.value) << 16 | UInt64(p.port)] = (s.metadata.namespace, s.metadata.name) }
+        }
+        return (workloads, services)
+    }
+
     /// The status with its service and workload lists filled in.
     func full() -> AgentStatus {
         let (status, table, config, policy) = mutex.withLock { ($0.status, $0.table, $0.config, $0.policy) }

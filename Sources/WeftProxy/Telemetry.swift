@@ -43,26 +43,6 @@ struct RequestLabels: Hashable {
     var responseFlags: String
 }
 
-/// Caps how many distinct values each label may take, process-wide. Values
-/// past the cap are reported as "overflow": a scan of 60,000 ports or a
-/// misbehaving client cannot grow the series (or the memory) without bound.
-final class LabelCap: Sendable {
-    static let overflow = "overflow"
-    let limit: Int
-    private let seen = Mutex<[String: Set<String>]>([:])
-
-    init(limit: Int) { self.limit = limit }
-
-    func admit(_ label: String, _ value: String) -> String {
-        seen.withLock { seen in
-            if seen[label]?.contains(value) == true { return value }
-            if seen[label, default: []].count >= limit { return Self.overflow }
-            seen[label, default: []].insert(value)
-            return value
-        }
-    }
-}
-
 /// The proxy's Prometheus series, built with swift-prometheus: requests and
 /// their durations per (source, destination, route, code), TCP connections
 /// and bytes per (source, destination), and the proxy's own counters.

@@ -46,6 +46,17 @@ private let files: [String: String] = [
         metadata: {name: banner, namespace: obs}
         spec: {clusterIP: 198.19.8.12, selector: {app: banner}, ports: [{name: http, port: 80, targetPort: http}]}
         ---
+        # Kernel-only (no HTTP declared): balanced at connect(), counted by the kernel.
+        apiVersion: v1
+        kind: Service
+        metadata: {name: plain, namespace: obs}
+        spec: {clusterIP: 198.19.8.20, selector: {app: web}, ports: [{name: tcp, port: 9000, targetPort: http}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: ghost, namespace: obs}
+        spec: {clusterIP: 198.19.8.21, selector: {app: ghost}, ports: [{name: tcp, port: 9000, targetPort: 9000}]}
+        ---
         apiVersion: gateway.networking.k8s.io/v1
         kind: HTTPRoute
         metadata: {name: web, namespace: obs}
@@ -235,6 +246,82 @@ struct ObservabilityTests {
                 && Double(tcpLines.first?["bytes_sent"] as? Int ?? -1) == tcpReceived, "\(tcpLines)")
 
         try topologyAndTop(lab)
+        try kernelConnectionCounters()
+    }
+
+    /// The kernel's per-connection counters: exact for a known set of
+    /// connections, and capped per label under a port scan.
+    private func kernelConnectionCounters() throws {
+        let run = try LabHarness.run(["lab", "exec", "obs/client", "--", "python3", "-c", """
+            import json, socket
+            request = b"GET /ok HTTP/1.1\\r\\nHost: plain\\r\\nConnection: close\\r\\n\\r\\n"
+            received = 0
+            for _ in range(6):
+                s = socket.create_connection(("198.19.8.20", 9000), timeout=5)
+                s.sendall(request)
+                while True:
+                    b = s.recv(65536)
+                    if not b:
+                        break
+                    received += len(b)
+                s.close()
+            refused = 0
+            for _ in range(3):
+                try:
+                    socket.create_connection(("198.19.8.21", 9000), timeout=5)
+                except ConnectionRefusedError:
+                    refused += 1
+            scanned = 0
+            for port in [1] + list(range(20000, 21200)):
+                try:
+                    socket.create_connection(("198.18.1.20", port), timeout=5).close()
+                except ConnectionRefusedError:
+                    scanned += 1
+            print(json.dumps({"sent": 6 * len(request), "received": received, "refused": refused, "scanned": scanned}))
+            """])
+        let facts = (try? JSONSerialization.jsonObject(with: Data((run.output.split(separator: "\n").last ?? "").utf8)) as? [String: Double]) ?? [:]
+        #expect(facts["refused"] == 3 && facts["scanned"] == 1201, "\(run.output)")
+        var scrape = try Scrape()
+        for _ in 0..<50 where scrape.sum("weft_l4_connections_closed_total", ["destination_service_name": "plain"]) < 6 {
+            usleep(20_000)
+            scrape = try Scrape()
+        }
+        let plain = ["reporter": "source", "source_workload": "client", "source_workload_namespace": ns,
+                     "destination_service": "plain.obs.svc", "destination_workload": "web", "destination_workload_namespace": ns,
+                     "destination_port": "9000"]
+        #expect(scrape.sum("weft_l4_connections_opened_total", plain) == 6)
+        #expect(scrape.sum("weft_l4_connections_closed_total", plain) == 6)
+        #expect(scrape.sum("weft_l4_connections_failed_total", plain) == 0)
+        #expect(scrape.sum("weft_l4_sent_bytes_total", plain) == facts["sent"], "\(facts)")
+        #expect(scrape.sum("weft_l4_received_bytes_total", plain) == facts["received"], "\(facts)")
+        #expect(scrape.sum("weft_l4_connections_failed_total", ["destination_service": "ghost.obs.svc", "destination_workload": "none"]) == 3)
+        // The scan: every refused connect counted, the ports past the cap
+        // (1,000 values per label) folded into "overflow".
+        let scan = ["source_workload": "client", "destination_service": "unknown", "destination_workload": "web"]
+        // (less the readiness probes above that came before the server listened)
+        func scanned(_ s: Scrape?) -> Double? {
+            s.map { $0.sum("weft_l4_connections_failed_total", scan)
+                - $0.sum("weft_l4_connections_failed_total", scan.merging(["destination_port": "8080"]) { $1 }) }
+        }
+        #expect(scanned(scrape) == 1201)
+        let ports = Set(scrape.samples.filter { $0.name.hasPrefix("weft_l4_") }.compactMap { $0.labels["destination_port"] })
+        #expect(ports.count <= 1001 && ports.contains("overflow"), "\(ports.count) port values")
+        #expect(scrape.sum("weft_l4_connections_failed_total", scan.merging(["destination_port": "overflow"]) { $1 }) >= 200)
+        // Connections captured to the node proxy show as reaching it.
+        #expect(scrape.sum("weft_l4_connections_opened_total", ["destination_service": "web.obs.svc", "destination_workload": "node-proxy"]) >= 1)
+
+        // The counters live in pinned maps: a new agent reports the same
+        // totals (the series continue, they do not restart from zero).
+        let restart = try LabHarness.run(["lab", "restart-agent", "n1"])
+        #expect(restart.status == 0, "\(restart.output)")
+        var again = try? Scrape()
+        for _ in 0..<100 where again == nil || again?.sum("weft_l4_connections_opened_total", plain) == 0 {
+            usleep(50_000)
+            again = try? Scrape()
+        }
+        #expect(again?.sum("weft_l4_connections_opened_total", plain) == 6)
+        #expect(again?.sum("weft_l4_sent_bytes_total", plain) == facts["sent"])
+        #expect(scanned(again) == 1201)
     }
 
     /// `weft graph` (text, JSON and an HTML page a headless browser draws)

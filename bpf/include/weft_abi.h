@@ -33,6 +33,8 @@
 #define WEFT_MAP_ACCEL_CONFIG "weft_accel_config"
 #define WEFT_MAP_ACCEL_STATE  "weft_accel_state"
 #define WEFT_MAP_ACCEL_STATS  "weft_accel_stats"
+#define WEFT_MAP_FLOWS        "weft_flows"
+#define WEFT_MAP_FLOW_SOCK    "weft_flow_sock"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
@@ -49,7 +51,8 @@
 #define WEFT_MAX_PROXY_ORIGINS  65536   /* captured connections not yet accepted by the proxy (LRU) */
 #define WEFT_MAX_ACCEL_SOCKETS  65536   /* same-node mesh sockets on the shortcut */
 #define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
-#define WEFT_ABI_VERSION        4
+#define WEFT_MAX_FLOWS          16384   /* connection counters per (client pod, destination, port) (LRU) */
+#define WEFT_ABI_VERSION        5
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,
@@ -255,6 +258,34 @@ enum weft_accel_event {
 };
 
 /*
+ * ----- Connection counters -----
+ * TCP connections of local pods, counted on the client's side only (each
+ * connection once), per (client pod, pod reached, address and port dialed):
+ * sockops counts the handshake and, at TCP_CLOSE, the bytes each way (from
+ * the socket's own bytes_acked / bytes_received); connect4 counts the
+ * connects it refuses for want of a backend. Per-CPU values in an LRU map:
+ * a scan of many ports or addresses evicts old keys instead of growing.
+ * Bytes the same-node shortcut redirects bypass TCP and are not in
+ * bytes_sent/bytes_received (weft_accel_stats counts them).
+ */
+struct weft_flow_key {
+	__be32 src_addr;   /* the client pod */
+	__be32 dst_addr;   /* the address it reached (a backend, the node proxy, a pod), 0: none */
+	__be32 vip;        /* the clusterIP it dialed; 0 for a direct connection */
+	__be16 port;       /* the port it dialed */
+	__u8   proto;      /* IPPROTO_TCP */
+	__u8   pad0;       /* zero */
+};
+
+struct weft_flow_stats {
+	__u64 opened;          /* handshakes completed */
+	__u64 failed;          /* connects that never completed: refused, reset, timed out, no backend */
+	__u64 closed;          /* established connections that ended */
+	__u64 bytes_sent;      /* at close: bytes the peer acknowledged */
+	__u64 bytes_received;  /* at close: bytes received */
+};
+
+/*
  * ----- L4 policy (Kubernetes NetworkPolicy) -----
  *
  * Every pod has a numeric identity: one per distinct (namespace, label set),
@@ -390,6 +421,8 @@ _Static_assert(sizeof(struct weft_service_key) == 12, "weft_service_key layout")
 _Static_assert(sizeof(struct weft_service_value) == 12, "weft_service_value layout");
 _Static_assert(sizeof(struct weft_backend) == 8, "weft_backend layout");
 _Static_assert(sizeof(struct weft_sock_origin) == 24, "weft_sock_origin layout");
+_Static_assert(sizeof(struct weft_flow_key) == 16, "weft_flow_key layout");
+_Static_assert(sizeof(struct weft_flow_stats) == 40, "weft_flow_stats layout");
 _Static_assert(sizeof(struct weft_proxy_config) == 8, "weft_proxy_config layout");
 _Static_assert(sizeof(struct weft_proxy_origin_key) == 8, "weft_proxy_origin_key layout");
 _Static_assert(sizeof(struct weft_proxy_origin) == 16, "weft_proxy_origin layout");

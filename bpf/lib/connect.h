@@ -10,6 +10,7 @@
 #include "service.h"
 #include "policy.h"
 #include "capture.h"
+#include "flows.h"
 
 /* Policy said no: EPERM, the error a local firewall gives, at once. */
 static __always_inline int deny(struct bpf_sock_addr *ctx)
@@ -72,6 +73,8 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
 	if (!backend) {
 		lb_count(event);
+		if (proto == IPPROTO_TCP)
+			flow_count_refused(vip, port, proto);
 		/* Fail at connect() with the error a closed port gives, so the
 		 * client tries elsewhere at once instead of waiting for a SYN
 		 * timeout (bpf_set_retval: cgroup hooks, Linux 5.18+). */

@@ -1,40 +1,80 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * sockops: when a connection connect4 sent to the node proxy completes its
- * handshake, publish what it dialed under the client's (address, port), the
- * key the proxy sees on accept(). ACTIVE_ESTABLISHED runs on the client as
- * the SYN-ACK arrives, before its final ACK leaves, so the entry is there
- * before the proxy's accept() can return the connection.
+ * sockops on the pods' cgroups, for the TCP connections pods open:
+ *
+ * - When a connection connect4 sent to the node proxy completes its
+ *   handshake, publish what it dialed under the client's (address, port),
+ *   the key the proxy sees on accept(). ACTIVE_ESTABLISHED runs on the
+ *   client as the SYN-ACK arrives, before its final ACK leaves, so the entry
+ *   is there before the proxy's accept() can return the connection.
+ * - Count every connection in weft_flows (see weft_flow_key): its key is
+ *   fixed at connect (TCP_CONNECT_CB) and kept in the socket's storage; the
+ *   handshake counts it opened, TCP_CLOSE counts it failed (from SYN_SENT) or
+ *   closed with its bytes.
+ *
+ * The bytes are the socket's own sequence-space counters (bytes_acked,
+ * bytes_received) less what is not data: the SYN (always acknowledged on an
+ * established connection), our FIN if the peer acknowledged it, the peer's
+ * FIN if it arrived (SOCK_DONE, which only tcp_fin sets). The few kernel
+ * fields read are relocated against the running kernel's BTF (CO-RE).
  */
 #include "counters.h"
+#include "flows.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-SEC("sockops")
-int weft_sockops(struct bpf_sock_ops *skops)
+/* sk_flags is __sk_common.skc_flags; a tcp_sock starts with its sock_common. */
+struct sock_common {
+	unsigned long skc_flags;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock {
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
+
+#define SOCK_DONE_BIT 1        /* enum sock_flags: SOCK_DEAD, SOCK_DONE, ... */
+#define FLOW_FIN_OUT  0x01     /* weft_flow_sock pad0: our FIN was queued */
+
+#define AF_INET_      2
+#define AF_INET6_     10
+#define TCP_SYN_SENT_ 2
+#define TCP_FIN_WAIT1_ 4
+#define TCP_CLOSE_    7
+#define TCP_LAST_ACK_ 9
+
+/* The socket's IPv4 ends (a dual-stack socket carries them v4-mapped in the
+ * ip6 fields); 0 if it is not IPv4. Every field is loaded first: the
+ * verifier refuses a ctx load at a computed offset, which is what clang
+ * makes of a branch between two loads. */
+static __always_inline int ipv4_ends(struct bpf_sock_ops *skops, __be32 *local, __be32 *remote)
+{
+	__u32 family = skops->family;
+	__be32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
+	__be32 l6 = skops->local_ip6[3], r6 = skops->remote_ip6[3];
+	__be32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1], r2 = skops->remote_ip6[2];
+
+	asm volatile("" : "+r"(l4), "+r"(r4), "+r"(l6), "+r"(r6));
+	asm volatile("" : "+r"(r0), "+r"(r1), "+r"(r2));
+	if (family == AF_INET_) {
+		*local = l4;
+		*remote = r4;
+		return 1;
+	}
+	if (family == AF_INET6_ && r0 == 0 && r1 == 0 && r2 == bpf_htonl(0x0000ffff)) {
+		*local = l6;
+		*remote = r6;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void publish_proxy_origin(struct bpf_sock_ops *skops, struct weft_sock_origin *origin,
+						 __be32 local)
 {
 	struct weft_proxy_origin_key key = {};
 	struct weft_proxy_origin value = {};
-	struct weft_sock_origin *origin;
-	struct bpf_sock *sk;
-	__u32 v4, v6;
 
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		return 1;
-	sk = skops->sk;
-	if (!sk)
-		return 1;
-	origin = bpf_sk_storage_get(&weft_sock_origin, sk, 0, 0);
-	if (!origin || !(origin->flags & WEFT_ORIGIN_F_PROXY))
-		return 1;
-	/* A dual-stack socket (connect6 captured it) carries its IPv4
-	 * address v4-mapped in local_ip6. Both fields are read first: the
-	 * verifier refuses a ctx load at a computed offset, which is what
-	 * clang makes of a branch between two loads. */
-	v4 = skops->local_ip4;
-	v6 = skops->local_ip6[3];
-	asm volatile("" : "+r"(v4), "+r"(v6));  /* keep both loads as they are */
-	key.client_addr = skops->family == 10 /* AF_INET6 */ ? v6 : v4;
+	key.client_addr = local;
 	/* local_port is in host order, unlike remote_port. */
 	key.client_port = bpf_htons((__u16)skops->local_port);
 	value.vip = origin->vip;
@@ -43,5 +83,105 @@ int weft_sockops(struct bpf_sock_ops *skops)
 	value.source = origin->source;
 	bpf_map_update_elem(&weft_proxy_origins, &key, &value, BPF_ANY);
 	lb_count(WEFT_LB_PROXY_ORIGIN);
+}
+
+/* TCP_CONNECT_CB: fix the flow key and ask for the state changes. */
+static __always_inline void flow_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk)
+{
+	struct weft_sock_origin *origin = bpf_sk_storage_get(&weft_sock_origin, sk, 0, 0);
+	__u32 rport = skops->remote_port;
+	struct weft_flow_key *key;
+	__be32 local, remote;
+
+	if (!ipv4_ends(skops, &local, &remote))
+		return;
+	key = bpf_sk_storage_get(&weft_flow_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!key)
+		return;
+	key->src_addr = local;
+	key->dst_addr = remote;
+	key->vip = origin ? origin->vip : 0;
+	/* remote_port: network order in the upper half of the field. */
+	key->port = origin ? origin->port : bpf_htons((__u16)bpf_ntohl(rport));
+	key->proto = IPPROTO_TCP;
+	key->pad0 = 0;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void flow_state(struct bpf_sock_ops *skops, struct bpf_sock *sk)
+{
+	__u32 old_state = skops->args[0], new_state = skops->args[1];
+	__u64 acked = skops->bytes_acked, received = skops->bytes_received;
+	__u32 snd_una = skops->snd_una;
+	struct weft_flow_stats *stats;
+	struct weft_flow_key *stored, key;
+	struct tcp_sock *tp;
+	__u64 fin_in = 0, fin_acked = 0;
+
+	stored = bpf_sk_storage_get(&weft_flow_sock, sk, 0, 0);
+	if (!stored)
+		return;
+	/* A FIN is queued exactly when the socket enters one of these. */
+	if (new_state == TCP_FIN_WAIT1_ || new_state == TCP_LAST_ACK_) {
+		stored->pad0 |= FLOW_FIN_OUT;
+		return;
+	}
+	if (new_state != TCP_CLOSE_)
+		return;
+	key = *stored;
+	key.pad0 = 0;
+	stats = flow_stats(&key);
+	if (stats) {
+		if (old_state == TCP_SYN_SENT_) {
+			stats->failed += 1;
+		} else {
+			tp = bpf_skc_to_tcp_sock(sk);
+			if (tp) {
+				fin_in = (((struct sock_common *)tp)->skc_flags >> SOCK_DONE_BIT) & 1;
+				fin_acked = (stored->pad0 & FLOW_FIN_OUT) && snd_una == tp->write_seq;
+			}
+			stats->closed += 1;
+			stats->bytes_sent += acked > 1 + fin_acked ? acked - 1 - fin_acked : 0;
+			stats->bytes_received += received > fin_in ? received - fin_in : 0;
+		}
+	}
+	/* Counted once, whatever callbacks follow. */
+	bpf_sk_storage_delete(&weft_flow_sock, sk);
+}
+
+SEC("sockops")
+int weft_sockops(struct bpf_sock_ops *skops)
+{
+	struct weft_sock_origin *origin;
+	struct weft_flow_key *key;
+	struct weft_flow_stats *stats;
+	struct bpf_sock *sk = skops->sk;
+	__u32 op = skops->op;
+	__be32 local, remote;
+
+	if (!sk)
+		return 1;
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		flow_connect(skops, sk);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		key = bpf_sk_storage_get(&weft_flow_sock, sk, 0, 0);
+		if (key) {
+			struct weft_flow_key k = *key;
+
+			k.pad0 = 0;
+			stats = flow_stats(&k);
+			if (stats)
+				stats->opened += 1;
+		}
+		origin = bpf_sk_storage_get(&weft_sock_origin, sk, 0, 0);
+		if (origin && (origin->flags & WEFT_ORIGIN_F_PROXY) && ipv4_ends(skops, &local, &remote))
+			publish_proxy_origin(skops, origin, local);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		flow_state(skops, sk);
+		break;
+	}
 	return 1;
 }
