@@ -60,13 +60,6 @@ public enum Agent {
         initial.programs = datapath.programs.map { .init(name: $0.name, state: $0.state.rawValue, programID: $0.programID) }
         initial.shortcut = shortcut.status
         let status = SharedStatus(initial)
-        let reconciler = try Reconciler(configuration: configuration, maps: maps, policyMaps: policyMaps,
-                                        nodeCgroup: cgroup, status: status, proxy: supervisor, shortcut: shortcut, logger: logger)
-        let watcher = try ConfigWatcher(directory: configuration.configDirectory)
-        reconciler.reconcile()
-
-        let fill = Mutex(MapFill())
-        fill.withLock { $0 = reconciler.mapFill }
         let flowMaps: FlowMaps?
         do {
             flowMaps = try FlowMaps(pinDirectory: pinDirectory)
@@ -74,6 +67,14 @@ public enum Agent {
             logger.error("connection counters unavailable: \(error)")
             flowMaps = nil
         }
+        let reconciler = try Reconciler(configuration: configuration, maps: maps, policyMaps: policyMaps,
+                                        nodeCgroup: cgroup, status: status, proxy: supervisor, shortcut: shortcut,
+                                        flows: flowMaps, logger: logger)
+        let watcher = try ConfigWatcher(directory: configuration.configDirectory)
+        reconciler.reconcile()
+
+        let fill = Mutex(MapFill())
+        fill.withLock { $0 = reconciler.mapFill }
         let metrics = AgentMetrics(maps: maps, policyMaps: policyMaps, shortcut: shortcutMaps, flows: flowMaps, status: status,
                                    fill: { fill.withLock { $0 } })
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)

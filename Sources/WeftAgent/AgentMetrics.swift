@@ -124,10 +124,14 @@ final class AgentMetrics: Sendable {
 
     /// The kernel's per-connection counters by (source workload, destination
     /// Service and workload, port), with Istio's label names. Every label is
-    /// capped (`overflow` past the limit), and counters of keys the kernel's
+    /// capped (`overflow` past the limit, busiest flows first), and counters of keys the kernel's
     /// LRU evicted are forgotten here too, so neither grows without bound.
     private func renderFlows(proxyAddress: IPv4Address?) {
-        guard let flows, let all = try? flows.read() else { return }
+        guard let flows, let unsorted = try? flows.read() else { return }
+        // Busiest first: when a label's cap is reached, the values of the
+        // flows that carry the most connections are the ones that keep their
+        // own series (also for a new agent, whose cap starts empty).
+        let all = unsorted.sorted { ($0.opened + $0.failed + $0.closed) > ($1.opened + $1.failed + $1.closed) }
         let names = status.flowNames()
         registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_entries", unitName: "", helpText: "Entries in a BPF map."), labels: [("map", WEFT_MAP_FLOWS)])
             .set(Double(all.count))

@@ -37,10 +37,14 @@ final class Reconciler {
     /// The node proxy, if this agent runs one.
     private let proxy: ProxySupervisor?
     private let shortcut: ShortcutController
+    /// The kernel's connection counters and their switch.
+    private let flows: FlowMaps?
 
     init(configuration: AgentConfiguration, maps: ServiceMaps, policyMaps: PolicyMaps, nodeCgroup: String,
-         status: SharedStatus, proxy: ProxySupervisor?, shortcut: ShortcutController, logger: Logger) throws {
+         status: SharedStatus, proxy: ProxySupervisor?, shortcut: ShortcutController, flows: FlowMaps? = nil,
+         logger: Logger) throws {
         self.configuration = configuration
+        self.flows = flows
         self.proxy = proxy
         self.shortcut = shortcut
         self.maps = maps
@@ -173,6 +177,9 @@ final class Reconciler {
             mark("policy-write")
             let shortcutWrites = try shortcut.apply(state, node: configuration.node, proxyAddress: proxy?.listen.address)
             status.withLock { $0.shortcut = shortcut.status }
+            if try flows?.setCounting(state.meshConfig.telemetry.connectionCounters) == true {
+                logger.notice("connection counters switched \(state.meshConfig.telemetry.connectionCounters ? "on" : "off")")
+            }
             let table = ServiceTable(state)
             mark("table")
             let changed = inForce != state

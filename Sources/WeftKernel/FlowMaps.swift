@@ -8,6 +8,7 @@ import WeftCore
 public final class FlowMaps: @unchecked Sendable {
     // @unchecked: immutable after init; the kernel serialises map operations.
     public let flows: BPFMap<weft_flow_key, weft_flow_stats>
+    private let config: BPFMap<UInt32, UInt32>
     private let cpus: Int
 
     public struct Flow: Sendable {
@@ -26,7 +27,21 @@ public final class FlowMaps: @unchecked Sendable {
 
     public init(pinDirectory: String) throws(KernelError) {
         flows = try BPFMap(pinned: "\(Datapath.mapDirectory(pinDirectory))/\(WEFT_MAP_FLOWS)")
+        config = try BPFMap(pinned: "\(Datapath.mapDirectory(pinDirectory))/\(WEFT_MAP_TELEMETRY_CONFIG)")
         cpus = max(Int(libbpf_num_possible_cpus()), 1)
+    }
+
+    /// Is the kernel counting connections (MeshConfig telemetry.connectionCounters)?
+    public func isCounting() throws(KernelError) -> Bool {
+        ((try config.lookup(0)) ?? 0) & UInt32(WEFT_TELEMETRY_F_NO_FLOWS) == 0
+    }
+
+    /// Turns the counting on or off for new connections; returns whether it changed.
+    @discardableResult
+    public func setCounting(_ on: Bool) throws(KernelError) -> Bool {
+        guard try isCounting() != on else { return false }
+        try config.update(0, on ? 0 : UInt32(WEFT_TELEMETRY_F_NO_FLOWS))
+        return true
     }
 
     public var capacity: Int { flows.capacity }

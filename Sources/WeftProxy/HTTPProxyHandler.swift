@@ -636,15 +636,19 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func complete(_ code: Int) {
         guard let rec = record, let loop else { return }
         record = nil
+        // Nothing to count or log: the request costs no more than that.
+        guard rec.snapshot.table.requestMetrics != false || rec.snapshot.table.accessLog != nil else { return }
         let peers = PeerLabels(snapshot: rec.snapshot, source: origin.source, frontend: rec.frontend, upstream: rec.upstream)
         let grpc = rec.head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
         let flags = rec.flags.isEmpty ? "-" : rec.flags.joined(separator: ",")
         let labels = RequestLabels(peers: peers, route: rec.route, requestProtocol: grpc ? "grpc" : "http",
                                    responseCode: code, responseFlags: flags)
-        let series = loop.telemetry.request(labels, proxy.telemetry)
         let elapsed = NIODeadline.now() - rec.start
-        series.count.increment()
-        series.duration.record(.nanoseconds(elapsed.nanoseconds))
+        if rec.snapshot.table.requestMetrics != false {
+            let series = loop.telemetry.request(labels, proxy.telemetry)
+            series.count.increment()
+            series.duration.record(.nanoseconds(elapsed.nanoseconds))
+        }
         guard AccessLog.covers(rec.snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
         var line = JSONLine()
         line.add("start_time", AccessLog.timestamp(rec.wallStart))

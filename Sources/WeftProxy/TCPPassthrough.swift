@@ -54,12 +54,12 @@ enum TCPPassthrough {
                     let (a, b) = GlueHandler.pair()
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
                     let peers = PeerLabels(snapshot: snapshot, source: origin.source, frontend: frontend, upstream: endpoint)
-                    let series = loop.telemetry.tcp(peers, proxy.telemetry)
-                    series.opened.increment()
+                    let series = snapshot.table.requestMetrics == false ? nil : loop.telemetry.tcp(peers, proxy.telemetry)
+                    series?.opened.increment()
                     a.onFinish = { sent, received in
-                        series.closed.increment()
-                        series.sent.increment(by: Int64(sent))
-                        series.received.increment(by: Int64(received))
+                        series?.closed.increment()
+                        series?.sent.increment(by: Int64(sent))
+                        series?.received.increment(by: Int64(received))
                         guard AccessLog.covers(snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
                         var line = JSONLine()
                         line.add("start_time", AccessLog.timestamp(wallStart))

@@ -49,6 +49,8 @@ struct MeshConfigTests {
             (header + "spec: {accessLog: {namespaces: shop}}", "m.yaml:1:spec.accessLog.namespaces: expected a list"),
             (header + "spec: {accessLog: {enabled: 1}}", "m.yaml:1:spec.accessLog.enabled: expected true or false"),
             (header + "spec: {accessLog: {format: text}}", "m.yaml:1:spec.accessLog.format: unknown field"),
+            (header + "spec: {telemetry: {requestMetrics: no-thanks}}", "m.yaml:1:spec.telemetry.requestMetrics: expected true or false"),
+            (header + "spec: {telemetry: {sampling: 1}}", "m.yaml:1:spec.telemetry.sampling: unknown field"),
             (workload("x", "sometimes"), "m.yaml:1:metadata.annotations.weft.dev/socket-shortcut: must be \"receive\" or \"off\""),
         ]
         for (text, want) in cases {
@@ -68,5 +70,8 @@ struct MeshConfigTests {
         #expect(ProxyTable(all).accessLog == .init(namespaces: []))
         let some = try #require(parse(pod + "\n---\n" + header + "spec: {accessLog: {enabled: true, namespaces: [web, shop]}}").0)
         #expect(ProxyTable(some).accessLog == .init(namespaces: ["shop", "web"]))
+        #expect(ProxyTable(off).requestMetrics == nil, "request metrics on by default")
+        let quiet = try #require(parse(pod + "\n---\n" + header + "spec: {telemetry: {requestMetrics: false, connectionCounters: false}}").0)
+        #expect(ProxyTable(quiet).requestMetrics == false && quiet.meshConfig.telemetry.connectionCounters == false)
     }
 }

@@ -35,6 +35,7 @@
 #define WEFT_MAP_ACCEL_STATS  "weft_accel_stats"
 #define WEFT_MAP_FLOWS        "weft_flows"
 #define WEFT_MAP_FLOW_SOCK    "weft_flow_sock"
+#define WEFT_MAP_TELEMETRY_CONFIG "weft_telemetry_config"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
@@ -276,6 +277,9 @@ struct weft_flow_key {
 	__u8   proto;      /* IPPROTO_TCP */
 	__u8   pad0;       /* zero */
 };
+
+/* weft_telemetry_config[0]: zero (a fresh map) means everything counts. */
+#define WEFT_TELEMETRY_F_NO_FLOWS 0x1  /* MeshConfig telemetry.connectionCounters: false */
 
 struct weft_flow_stats {
 	__u64 opened;          /* handshakes completed */

@@ -6,6 +6,15 @@
 
 #include "maps.h"
 
+/* Connection counting is on unless MeshConfig turned it off. */
+static __always_inline int flows_enabled(void)
+{
+	__u32 zero = 0;
+	__u32 *flags = bpf_map_lookup_elem(&weft_telemetry_config, &zero);
+
+	return !flags || !(*flags & WEFT_TELEMETRY_F_NO_FLOWS);
+}
+
 /* This CPU's counters of a flow, created on first use. */
 static __always_inline struct weft_flow_stats *flow_stats(const struct weft_flow_key *key)
 {
@@ -26,7 +35,7 @@ static __always_inline void flow_count_refused(__be32 vip, __be16 port, __u8 pro
 	struct weft_flow_key key = {};
 	struct weft_flow_stats *stats;
 
-	if (!local)
+	if (!local || !flows_enabled())
 		return;
 	key.src_addr = local->addr;
 	key.vip = vip;

@@ -109,6 +109,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_flows SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_telemetry_config SEC(".maps");
+
 /* The flow key of each client socket sockops counts, from its connect to
  * its close (its presence marks the socket as counted). */
 struct {

@@ -93,7 +93,7 @@ static __always_inline void flow_connect(struct bpf_sock_ops *skops, struct bpf_
 	struct weft_flow_key *key;
 	__be32 local, remote;
 
-	if (!ipv4_ends(skops, &local, &remote))
+	if (!flows_enabled() || !ipv4_ends(skops, &local, &remote))
 		return;
 	key = bpf_sk_storage_get(&weft_flow_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!key)

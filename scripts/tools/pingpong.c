@@ -5,6 +5,8 @@
 //   pingpong run HOST PORT SIZE SECONDS CONNS   CONNS connections, each sending SIZE
 //                                               bytes and waiting for SIZE back, for SECONDS;
 //                                               HOST "unix" means the Unix socket
+//   pingpong connect HOST PORT SIZE SECONDS CONNS  the same, but a new connection for
+//                                               every request (connection setup cost)
 // Prints one JSON line: requests/s, latency p50/p99 (us), payload MB/s each way.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -77,6 +79,7 @@ static void *accept_loop(void *arg)
 }
 
 struct job {
+	int fresh;  /* a new connection per request */
 	const char *host;
 	int port;
 	uint32_t size;
@@ -86,9 +89,8 @@ struct job {
 	int failed;
 };
 
-static void *run_one(void *arg)
+static int dial(struct job *j)
 {
-	struct job *j = arg;
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(j->port)};
 	struct sockaddr_un su = {.sun_family = AF_UNIX};
 	socklen_t len = unix_address(&su, j->port);
@@ -99,6 +101,17 @@ static void *run_one(void *arg)
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	if (connect(fd, unix_socket ? (struct sockaddr *)&su : (struct sockaddr *)&sa, unix_socket ? len : sizeof(sa)) != 0 ||
 	    full(fd, (char *)&j->size, 4, 1) != 0) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void *run_one(void *arg)
+{
+	struct job *j = arg;
+	int fd = dial(j);
+	if (fd < 0) {
 		j->failed = 1;
 		return NULL;
 	}
@@ -107,6 +120,13 @@ static void *run_one(void *arg)
 	double end = now() + j->seconds;
 	while (now() < end) {
 		double t0 = now();
+		if (j->fresh && j->count > 0) {
+			close(fd);
+			if ((fd = dial(j)) < 0) {
+				j->failed = 1;
+				break;
+			}
+		}
 		if (full(fd, buf, j->size, 1) != 0 || full(fd, buf, j->size, 0) != 0) {
 			j->failed = 1;
 			break;
@@ -118,7 +138,8 @@ static void *run_one(void *arg)
 		j->lat[j->count++] = (now() - t0) * 1e6;
 	}
 	free(buf);
-	close(fd);
+	if (fd >= 0)
+		close(fd);
 	return NULL;
 }
 
@@ -146,15 +167,15 @@ int main(int argc, char **argv)
 		pthread_create(&t, NULL, accept_loop, (void *)(intptr_t)us);
 		accept_loop((void *)(intptr_t)ls);
 	}
-	if (argc != 7 || strcmp(argv[1], "run")) {
-		fprintf(stderr, "usage: pingpong serve PORT | pingpong run HOST PORT SIZE SECONDS CONNS\n");
+	if (argc != 7 || (strcmp(argv[1], "run") && strcmp(argv[1], "connect"))) {
+		fprintf(stderr, "usage: pingpong serve PORT | pingpong run|connect HOST PORT SIZE SECONDS CONNS\n");
 		return 2;
 	}
 	int conns = atoi(argv[6]);
 	struct job *jobs = calloc(conns, sizeof(*jobs));
 	pthread_t *threads = calloc(conns, sizeof(*threads));
 	for (int i = 0; i < conns; i++) {
-		jobs[i] = (struct job){.host = argv[2], .port = atoi(argv[3]), .size = (uint32_t)atol(argv[4]), .seconds = atof(argv[5])};
+		jobs[i] = (struct job){.fresh = !strcmp(argv[1], "connect"), .host = argv[2], .port = atoi(argv[3]), .size = (uint32_t)atol(argv[4]), .seconds = atof(argv[5])};
 		pthread_create(&threads[i], NULL, run_one, &jobs[i]);
 	}
 	size_t total = 0;

@@ -12,11 +12,22 @@
 ///   accessLog:
 ///     enabled: false           # default false: JSON lines from the node proxies
 ///     namespaces: [shop]       # source namespaces to log; absent or empty: all
+///   telemetry:
+///     connectionCounters: true # the kernel's per-connection counters (weft_l4_*)
+///     requestMetrics: true     # the proxies' per-request series (weft_requests_total, ...)
 /// ```
 public struct MeshConfig: Hashable, Sendable {
     public var metadata: ObjectMeta
     public var socketShortcut = SocketShortcut()
     public var accessLog = AccessLog()
+    public var telemetry = Telemetry()
+
+    /// Metric collection switches (docs/observability.md): both on by default.
+    public struct Telemetry: Hashable, Sendable {
+        public var connectionCounters = true
+        public var requestMetrics = true
+        public init() {}
+    }
 
     /// The node proxies' access logs (docs/observability.md): one JSON line
     /// per request and per TCP connection they handle, for requests from
@@ -87,6 +98,11 @@ extension MeshConfig {
                 accessLog.namespaces.append(name)
             }
             try log.finish()
+        }
+        if var t = try spec.mapping("telemetry") {
+            if let v = try t.bool("connectionCounters") { telemetry.connectionCounters = v }
+            if let v = try t.bool("requestMetrics") { telemetry.requestMetrics = v }
+            try t.finish()
         }
         try spec.finish()
     }

@@ -15,6 +15,8 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var workloads: [String: WorkloadRef]?
     /// Access logging (MeshConfig accessLog): nil is off.
     public var accessLog: AccessLogScope?
+    /// MeshConfig telemetry.requestMetrics; nil is on.
+    public var requestMetrics: Bool?
 
     public init(generation: UInt64 = 0, frontends: [String: Frontend] = [:], clusters: [String: [Endpoint]] = [:]) {
         self.generation = generation
@@ -125,6 +127,7 @@ extension ProxyTable {
                                                       serviceAccount: w.serviceAccount)
         }
         workloads = refs
+        if !state.meshConfig.telemetry.requestMetrics { requestMetrics = false }
         if state.meshConfig.accessLog.enabled {
             accessLog = AccessLogScope(namespaces: state.meshConfig.accessLog.namespaces.sorted())
         }
