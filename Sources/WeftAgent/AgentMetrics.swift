@@ -20,6 +20,7 @@ final class AgentMetrics: Sendable {
     /// Last value seen per kernel counter: Prometheus counters only go up by
     /// deltas, and the kernel's are monotonic, so each scrape adds the delta.
     private let seen = Mutex<[String: UInt64]>([:])
+    private let flowState = Mutex(FlowState())
 
     init(maps: ServiceMaps, policyMaps: PolicyMaps, shortcut: ShortcutMaps?, flows: FlowMaps?, labelLimit: Int = 1000,
          status: SharedStatus, fill: @escaping @Sendable () -> MapFill) {
@@ -118,64 +119,106 @@ final class AgentMetrics: Sendable {
                 }
             }
         }
-        renderFlows(proxyAddress: s.proxy.flatMap { IPv4Address($0.listen.split(separator: ":").first.map(String.init) ?? "") })
+        renderFlows(proxyAddress: s.proxy.flatMap { IPv4Address($0.listen.split(separator: ":").first.map(String.init) ?? "") },
+                    generation: Int(s.generation))
         return registry.emitToString()
     }
 
     /// The kernel's per-connection counters by (source workload, destination
     /// Service and workload, port), with Istio's label names. Every label is
-    /// capped (`overflow` past the limit, busiest flows first), and counters of keys the kernel's
-    /// LRU evicted are forgotten here too, so neither grows without bound.
-    private func renderFlows(proxyAddress: IPv4Address?) {
+    /// capped (`overflow` past the limit, busiest flows first), and counters
+    /// of keys the kernel's LRU evicted are forgotten here too, so neither
+    /// grows without bound. The counter handles of a flow are kept between
+    /// scrapes (until the config changes its names), so a scrape of 10,000
+    /// flows does not look 50,000 series up in the registry.
+    private func renderFlows(proxyAddress: IPv4Address?, generation: Int) {
         guard let flows, let unsorted = try? flows.read() else { return }
         // Busiest first: when a label's cap is reached, the values of the
         // flows that carry the most connections are the ones that keep their
         // own series (also for a new agent, whose cap starts empty).
         let all = unsorted.sorted { ($0.opened + $0.failed + $0.closed) > ($1.opened + $1.failed + $1.closed) }
-        let names = status.flowNames()
         registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_entries", unitName: "", helpText: "Entries in a BPF map."), labels: [("map", WEFT_MAP_FLOWS)])
             .set(Double(all.count))
         registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_capacity", unitName: "", helpText: "max_entries of a BPF map."), labels: [("map", WEFT_MAP_FLOWS)])
             .set(Double(flows.capacity))
-        seen.withLock { seen in
-            var live = Set<String>()
+        flowState.withLock { state in
+            if state.generation != generation {
+                state.series.removeAll(keepingCapacity: true)
+                state.generation = generation
+            }
+            var names: (workloads: [UInt32: (namespace: String, name: String)], services: [UInt64: (namespace: String, name: String)])?
+            var live = Set<FlowID>()
+            live.reserveCapacity(all.count)
             for f in all {
-                let src = names.workloads[f.source.value]
-                let service = f.vip.flatMap { names.services[UInt64($0.value) << 16 | UInt64(f.port)] }
-                let dstWorkload: (String, String)
-                if let d = f.destination, let w = names.workloads[d.value] { dstWorkload = (w.namespace, w.name) }
-                else if f.destination != nil && f.destination == proxyAddress { dstWorkload = ("", "node-proxy") }
-                else { dstWorkload = ("", f.destination == nil ? "none" : "unknown") }
-                let labels: [(String, String)] = [
-                    ("reporter", "source"),
-                    ("source_workload", cap.admit("source_workload", src?.name ?? "unknown")),
-                    ("source_workload_namespace", cap.admit("source_workload_namespace", src?.namespace ?? "unknown")),
-                    ("destination_service", cap.admit("destination_service", service.map { "\($0.name).\($0.namespace).svc" } ?? "unknown")),
-                    ("destination_service_name", cap.admit("destination_service_name", service?.name ?? "unknown")),
-                    ("destination_service_namespace", cap.admit("destination_service_namespace", service?.namespace ?? "unknown")),
-                    ("destination_workload", cap.admit("destination_workload", dstWorkload.1)),
-                    ("destination_workload_namespace", cap.admit("destination_workload_namespace", dstWorkload.0)),
-                    ("destination_port", cap.admit("destination_port", String(f.port))),
-                ]
-                let id = "flow/\(f.source.value)/\(f.destination?.value ?? 0)/\(f.vip?.value ?? 0)/\(f.port)"
-                for (metric, value, help) in [
-                    ("l4_connections_opened", f.opened, "TCP connections pods opened (handshake completed), from the kernel's per-CPU map."),
-                    ("l4_connections_failed", f.failed, "TCP connects of pods that never completed (refused, reset, timed out, no backend)."),
-                    ("l4_connections_closed", f.closed, "Established TCP connections of pods that ended."),
-                    ("l4_sent_bytes", f.bytesSent, "Bytes pods sent on TCP connections, counted when they close (shortcut-redirected bytes excluded)."),
-                    ("l4_received_bytes", f.bytesReceived, "Bytes pods received on TCP connections, counted when they close (shortcut-redirected bytes excluded)."),
-                ] {
-                    let key = "\(id)/\(metric)"
-                    live.insert(key)
-                    let last = seen[key] ?? 0
-                    let delta = value >= last ? value - last : value
-                    seen[key] = value
-                    registry.makeCounter(descriptor: .init(namespace: "weft", metricName: metric, unitName: "total", helpText: help), labels: labels)
-                        .increment(by: Int64(clamping: delta))
+                let id = FlowID(source: f.source.value, destination: f.destination?.value ?? 0, vip: f.vip?.value ?? 0, port: f.port)
+                live.insert(id)
+                let counters: [Counter]
+                if let cached = state.series[id] {
+                    counters = cached
+                } else {
+                    if names == nil { names = status.flowNames() }
+                    counters = makeFlowCounters(f, names: names!, proxyAddress: proxyAddress)
+                    state.series[id] = counters
                 }
+                let now = [f.opened, f.failed, f.closed, f.bytesSent, f.bytesReceived]
+                let last = state.last[id] ?? [0, 0, 0, 0, 0]
+                for i in 0..<5 {
+                    // A value below the last one: the key was evicted and came back.
+                    let delta = now[i] >= last[i] ? now[i] - last[i] : now[i]
+                    if delta > 0 { counters[i].increment(by: Int64(clamping: delta)) }
+                }
+                state.last[id] = now
             }
             // Keys the kernel evicted: forget them (they start again at 0).
-            for key in seen.keys where key.hasPrefix("flow/") && !live.contains(key) { seen.removeValue(forKey: key) }
+            if state.last.count > live.count {
+                state.last = state.last.filter { live.contains($0.key) }
+                state.series = state.series.filter { live.contains($0.key) }
+            }
         }
+    }
+
+    private func makeFlowCounters(_ f: FlowMaps.Flow, names: (workloads: [UInt32: (namespace: String, name: String)], services: [UInt64: (namespace: String, name: String)]),
+                                  proxyAddress: IPv4Address?) -> [Counter] {
+        let src = names.workloads[f.source.value]
+        let service = f.vip.flatMap { names.services[UInt64($0.value) << 16 | UInt64(f.port)] }
+        let dstWorkload: (String, String)
+        if let d = f.destination, let w = names.workloads[d.value] { dstWorkload = (w.namespace, w.name) }
+        else if f.destination != nil && f.destination == proxyAddress { dstWorkload = ("", "node-proxy") }
+        else { dstWorkload = ("", f.destination == nil ? "none" : "unknown") }
+        let labels: [(String, String)] = [
+            ("reporter", "source"),
+            ("source_workload", cap.admit("source_workload", src?.name ?? "unknown")),
+            ("source_workload_namespace", cap.admit("source_workload_namespace", src?.namespace ?? "unknown")),
+            ("destination_service", cap.admit("destination_service", service.map { "\($0.name).\($0.namespace).svc" } ?? "unknown")),
+            ("destination_service_name", cap.admit("destination_service_name", service?.name ?? "unknown")),
+            ("destination_service_namespace", cap.admit("destination_service_namespace", service?.namespace ?? "unknown")),
+            ("destination_workload", cap.admit("destination_workload", dstWorkload.1)),
+            ("destination_workload_namespace", cap.admit("destination_workload_namespace", dstWorkload.0)),
+            ("destination_port", cap.admit("destination_port", String(f.port))),
+        ]
+        return Self.flowMetrics.map { metric, help in
+            registry.makeCounter(descriptor: .init(namespace: "weft", metricName: metric, unitName: "total", helpText: help), labels: labels)
+        }
+    }
+
+    static let flowMetrics: [(String, String)] = [
+        ("l4_connections_opened", "TCP connections pods opened (handshake completed), from the kernel's per-CPU map."),
+        ("l4_connections_failed", "TCP connects of pods that never completed (refused, reset, timed out, no backend)."),
+        ("l4_connections_closed", "Established TCP connections of pods that ended."),
+        ("l4_sent_bytes", "Bytes pods sent on TCP connections, counted when they close (shortcut-redirected bytes excluded)."),
+        ("l4_received_bytes", "Bytes pods received on TCP connections, counted when they close (shortcut-redirected bytes excluded)."),
+    ]
+
+    struct FlowID: Hashable {
+        var source: UInt32
+        var destination: UInt32
+        var vip: UInt32
+        var port: UInt16
+    }
+
+    struct FlowState {
+        var generation = -1
+        var series: [FlowID: [Counter]] = [:]
+        var last: [FlowID: [UInt64]] = [:]
     }
 }
