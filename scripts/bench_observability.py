@@ -35,8 +35,8 @@ from benchdoc import sh, write_section  # noqa: E402
 from bench_proxy import BACKEND_CONF  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
-ROUNDS = int(os.environ.get("WEFT_BENCH_OBS_ROUNDS", "5"))
-SECONDS = float(os.environ.get("WEFT_BENCH_OBS_SECONDS", "4"))
+ROUNDS = int(os.environ.get("WEFT_BENCH_OBS_ROUNDS", "9"))
+SECONDS = float(os.environ.get("WEFT_BENCH_OBS_SECONDS", "3"))
 SCRAPES = int(os.environ.get("WEFT_BENCH_OBS_SCRAPES", "20"))
 CLIENT, SERVER, BACKEND = "198.18.1.10", "198.18.1.20", "198.18.1.21"
 L4_VIP, L7_VIP = "198.19.10.10", "198.19.10.11"
@@ -208,17 +208,21 @@ def scrape_at_scale(work):
         pin = "/sys/fs/bpf/weft/bench-obs/maps/weft_flows"
         filled = int(subprocess.run([fill, pin], input="\n".join(lines) + "\n", capture_output=True, text=True,
                                     check=True).stdout.strip())
-        times, size, samples = [], 0, 0
+        times, size, samples, first = [], 0, 0, None
         for _ in range(SCRAPES):
             t0 = time.perf_counter()
             text = sh("curl", "-s", "--unix-socket", sock, "http://agent/metrics")
-            times.append((time.perf_counter() - t0) * 1000)
+            elapsed = (time.perf_counter() - t0) * 1000
+            if first is None:
+                first = elapsed  # creates every series: reported apart
+                continue
+            times.append(elapsed)
             size = len(text.encode())
             samples = sum(1 for l in text.splitlines() if l and not l.startswith("#"))
         l4 = sum(1 for l in text.splitlines() if l.startswith("weft_l4_"))
         rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{agent.pid}/status").read()).group(1)) / 1024
         times.sort()
-        return {"keys": filled, "bytes": size, "samples": samples, "l4_samples": l4,
+        return {"keys": filled, "bytes": size, "samples": samples, "l4_samples": l4, "first_ms": first,
                 "p50_ms": statistics.median(times), "p95_ms": times[int(0.95 * (len(times) - 1))], "max_ms": times[-1],
                 "rss_mib": rss}
     finally:
@@ -250,14 +254,16 @@ def report(runs, scale, counted):
     rows = []
     verdicts = {}
     for key, name, target in [("l4_connect", "L4: new connections/s (64 B request/response each)", 0.01),
-                              ("l4_rr", "L4: requests/s on persistent connections (control)", 0.01),
+                              ("l4_rr", "L4: requests/s on persistent connections (control: nothing counted per message)", None),
                               ("l7", "L7: HTTP/1.1 requests/s through the node proxy", 0.03)]:
         on, off = runs[key]["on"], runs[key]["off"]
-        ratio = statistics.median(a / b for a, b in zip(on, off))
+        ratios = sorted(a / b for a, b in zip(on, off))
+        ratio = statistics.median(ratios)
         cost = 1 - ratio
-        verdicts[key] = cost <= target
+        spread = f"{(1 - ratios[-1]) * 100:+.1f}% .. {(1 - ratios[0]) * 100:+.1f}%"
+        verdict = "noise floor" if target is None else f"{'met' if cost <= target else 'NOT met'} (under {target * 100:.0f}%)"
         rows.append(f"| {name} | {statistics.median(off):,.0f} | {statistics.median(on):,.0f} | {ratio:.3f} | "
-                    f"{cost * 100:+.1f}% | {'met' if cost <= target else 'NOT met'} (under {target * 100:.0f}%) |")
+                    f"{cost * 100:+.1f}% | {spread} | {verdict} |")
     lines = [
         "## Telemetry cost and scrape at scale (issue #6)",
         "",
@@ -266,8 +272,8 @@ def report(runs, scale, counted):
         "alternating first by round; the ratio is the median of the per-round on / off ratios. One lab node; client, servers, "
         "agent and proxy share the VM's 2 cores, so a difference under about 2% is within this machine's noise.",
         "",
-        "| load | off | on | on / off | cost | target |",
-        "|---|---|---|---|---|---|",
+        "| load | off | on | on / off | cost (median) | cost, per-round range | target |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"The kernel counted {counted:,.0f} connections through the L4 Service while telemetry was on.",
@@ -276,12 +282,14 @@ def report(runs, scale, counted):
         f"{scale['keys']:,} active connection-counter keys (one per Service and pod) in its pinned map; "
         f"{SCRAPES} scrapes of `/metrics` over its unix socket:",
         "",
-        "| /metrics size | samples | of them `weft_l4_*` | scrape p50 | p95 | max | agent RSS | target |",
+        "| /metrics size | samples | of them `weft_l4_*` | scrape p50 | p95 | first scrape | agent RSS | target |",
         "|---|---|---|---|---|---|---|---|",
         f"| {scale['bytes'] / 2**20:.1f} MiB | {scale['samples']:,} | {scale['l4_samples']:,} | {scale['p50_ms']:.0f} ms | "
-        f"{scale['p95_ms']:.0f} ms | {scale['max_ms']:.0f} ms | {scale['rss_mib']:.0f} MiB | "
+        f"{scale['p95_ms']:.0f} ms | {scale['first_ms']:.0f} ms | {scale['rss_mib']:.0f} MiB | "
         f"{'met' if scale['p50_ms'] < 100 else 'NOT met'} (under 100 ms) |",
         "",
+        "Samples are fewer than keys x 5 because the per-label cap (1,000 values) folds the rest into `overflow` series. "
+        "The first scrape creates every series and is reported apart; the percentiles are of the scrapes after it. "
         "The proxy's request series are not in this table: they exist per (source, destination, route, code) that "
         "carried requests, and this run does not drive 1,000 Services through a proxy.",
     ]

@@ -82,10 +82,13 @@ public enum Agent {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let socketPath = AgentConfiguration.statusSocket(runDirectory: runDirectory)
-        try server.start(host: host, port: port, unixSocket: socketPath) { path in
+        try server.start(host: host, port: port, unixSocket: socketPath) { path, accept in
             switch path {
             case "/metrics":
-                return (.ok, "text/plain; version=0.0.4; charset=utf-8", metrics.render() + proxyMetrics(runDirectory))
+                let text = metrics.render() + proxyMetrics(runDirectory)
+                return Exposition.wantsOpenMetrics(accept)
+                    ? (.ok, Exposition.openMetricsContentType, Exposition.openMetrics(text))
+                    : (.ok, Exposition.prometheusContentType, text)
             case "/status":
                 var full = status.full()
                 if let shortcutMaps, full.shortcut != nil {

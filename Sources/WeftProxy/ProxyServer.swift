@@ -86,7 +86,7 @@ public enum ProxyServer {
         let statusSocket = ProxyConfiguration.statusSocket(runDirectory: configuration.runDirectory)
         try FileManager.default.createDirectory(atPath: configuration.runDirectory, withIntermediateDirectories: true)
         let started = Date()
-        try admin.start(host: nil, port: 0, unixSocket: statusSocket) { path in
+        try admin.start(host: nil, port: 0, unixSocket: statusSocket) { path, _ in
             switch path {
             case "/generation":
                 let error = reloadErrors.withLock { $0 }

@@ -12,7 +12,8 @@ import NIOPosix
 ///   GET /generation  "<generation> ok|refused", cheap enough to poll
 ///   GET /healthz   "ok"
 public final class StatusServer {
-    public typealias Render = @Sendable (_ path: String) -> (status: HTTPResponseStatus, contentType: String, body: String)
+    /// Answers a GET: the path (without query) and the request's Accept header.
+    public typealias Render = @Sendable (_ path: String, _ accept: String?) -> (status: HTTPResponseStatus, contentType: String, body: String)
 
     private let group: MultiThreadedEventLoopGroup
     private var channels: [Channel] = []
@@ -59,7 +60,8 @@ final class StatusHandler: ChannelInboundHandler {
             guard let head else { return }
             self.head = nil
             let path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
-            let response = head.method == .GET ? render(path) : (.methodNotAllowed, "text/plain", "GET only\n")
+            let response = head.method == .GET ? render(path, head.headers.first(name: "accept"))
+                : (.methodNotAllowed, "text/plain", "GET only\n")
             var buffer = context.channel.allocator.buffer(capacity: response.body.utf8.count)
             buffer.writeString(response.body)
             var headers = HTTPHeaders()

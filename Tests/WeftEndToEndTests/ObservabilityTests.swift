@@ -82,12 +82,22 @@ private struct Scrape {
     var samples: [(name: String, labels: [String: String], value: Double)] = []
     var families: [String: String] = [:]
 
-    init() throws {
-        let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
+    var contentType = ""
+
+    init(openMetrics: Bool = false) throws {
+        let accept = openMetrics ? "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5" : "text/plain"
+        let response = try LabHarness.shell(raw: ["curl", "-s", "-i", "-H", "Accept: \(accept)", "--unix-socket", "/run/weft/n1/agent.sock",
+                                                  "http://agent/metrics"])
+        let split = response.range(of: "\r\n\r\n")
+        let text = split.map { String(response[$0.upperBound...]) } ?? ""
+        for line in response[..<(split?.lowerBound ?? response.startIndex)].split(separator: "\r\n")
+        where line.lowercased().hasPrefix("content-type:") {
+            contentType = line.dropFirst("content-type:".count).trimmingCharacters(in: .whitespaces)
+        }
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("weft-scrape-\(UUID().uuidString.prefix(8)).txt").path
         try text.write(toFile: tmp, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(atPath: tmp) }
-        let parsed = try LabHarness.shell(raw: ["sh", "-c", "/usr/bin/python3 \(LabHarness.promParse) < \(tmp)"])
+        let parsed = try LabHarness.shell(raw: ["sh", "-c", "/usr/bin/python3 \(LabHarness.promParse)\(openMetrics ? " --openmetrics" : "") < \(tmp)"])
         guard let line = parsed.split(separator: "\n").last,
               let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
               let raw = json["samples"] as? [[Any]] else {
@@ -218,6 +228,15 @@ struct ObservabilityTests {
         #expect(scrape.sum("weft_tcp_received_bytes_total", banner) == tcpReceived)
         // The agent's own series come through the same parser.
         #expect(scrape.sum("weft_config_generation", [:]) >= 1)
+        #expect(scrape.contentType.hasPrefix("text/plain; version=0.0.4"), "\(scrape.contentType)")
+        // A scraper that asks for OpenMetrics gets it, and the strict
+        // OpenMetrics parser reads the same numbers.
+        let om = try Scrape(openMetrics: true)
+        #expect(om.contentType.hasPrefix("application/openmetrics-text; version=1.0.0"), "\(om.contentType)")
+        #expect(om.sum("weft_requests_total", [:]) == 41)
+        #expect(om.sum("weft_request_duration_seconds_count", [:]) == 41)
+        #expect(om.sum("weft_tcp_sent_bytes_total", banner) == 9)
+        #expect(om.samples.count >= scrape.samples.count - 5, "\(om.samples.count) vs \(scrape.samples.count)")
 
         // The access log: one line per request and connection from obs,
         // none from quiet; written within 100 ms.

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Parses Prometheus text exposition on stdin with the reference parser
-(prometheus_client's, not ours) and prints every sample as one JSON line:
+(prometheus_client's, not ours; with --openmetrics its strict OpenMetrics
+parser) and prints every sample as one JSON line:
 {"samples": [[name, {labels}, value], ...], "families": {name: type}}.
 A parse error exits non-zero with the parser's message."""
 import json
 import sys
 
-from prometheus_client.parser import text_string_to_metric_families
+if "--openmetrics" in sys.argv:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+else:
+    from prometheus_client.parser import text_string_to_metric_families
 
 text = sys.stdin.read()
 samples, families = [], {}
