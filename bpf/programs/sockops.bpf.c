@@ -34,6 +34,7 @@ struct tcp_sock {
 
 #define SOCK_DONE_BIT 1        /* enum sock_flags: SOCK_DEAD, SOCK_DONE, ... */
 #define FLOW_FIN_OUT  0x01     /* weft_flow_sock pad0: our FIN was queued */
+#define FLOW_COUNTED  0x02     /* weft_flow_sock pad0: the close is counted */
 
 #define AF_INET_      2
 #define AF_INET6_     10
@@ -126,7 +127,7 @@ static __always_inline void flow_state(struct bpf_sock_ops *skops, struct bpf_so
 		stored->pad0 |= FLOW_FIN_OUT;
 		return;
 	}
-	if (new_state != TCP_CLOSE_)
+	if (new_state != TCP_CLOSE_ || (stored->pad0 & FLOW_COUNTED))
 		return;
 	key = *stored;
 	key.pad0 = 0;
@@ -145,8 +146,9 @@ static __always_inline void flow_state(struct bpf_sock_ops *skops, struct bpf_so
 			stats->bytes_received += received > fin_in ? received - fin_in : 0;
 		}
 	}
-	/* Counted once, whatever callbacks follow. */
-	bpf_sk_storage_delete(&weft_flow_sock, sk);
+	/* Counted once, whatever callbacks follow (the storage goes with the
+	 * socket; a reconnect starts a new key at TCP_CONNECT_CB). */
+	stored->pad0 |= FLOW_COUNTED;
 }
 
 SEC("sockops")
