@@ -274,7 +274,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let span: TraceContext.Span
         if let loop {
             span = Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
-                                               random: &loop.random)
+                                               random: &loop.random, samplingPercent: snapshot.table.tracing?.samplingPercent)
         } else {
             var system = SystemRandomNumberGenerator()
             span = Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,
@@ -636,8 +636,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func complete(_ code: Int) {
         guard let rec = record, let loop else { return }
         record = nil
-        // Nothing to count or log: the request costs no more than that.
-        guard rec.snapshot.table.requestMetrics != false || rec.snapshot.table.accessLog != nil else { return }
+        // Nothing to count, log or trace: the request costs no more than that.
+        guard rec.snapshot.table.requestMetrics != false || rec.snapshot.table.accessLog != nil
+            || rec.snapshot.table.tracing != nil else { return }
         let peers = PeerLabels(snapshot: rec.snapshot, source: origin.source, frontend: rec.frontend, upstream: rec.upstream)
         let grpc = rec.head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
         let flags = rec.flags.isEmpty ? "-" : rec.flags.joined(separator: ",")
@@ -648,6 +649,21 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             let series = loop.telemetry.request(labels, proxy.telemetry)
             series.count.increment()
             series.duration.record(.nanoseconds(elapsed.nanoseconds))
+        }
+        if let target = rec.snapshot.table.tracing, let span = rec.span, span.sampled {
+            proxy.spans.export(to: target, span: span, name: "\(rec.head.method.rawValue) \(rec.route)",
+                               start: rec.wallStart, durationNanos: elapsed.nanoseconds, attributes: [
+                                   ("http.request.method", .string(rec.head.method.rawValue)),
+                                   ("url.path", .string(rec.head.uri)),
+                                   ("http.response.status_code", .int(code)),
+                                   ("server.address", .string(rec.head.headers.first(name: "host") ?? "")),
+                                   ("weft.route", .string(rec.route)),
+                                   ("weft.response_flags", .string(flags)),
+                                   ("weft.source_workload", .string("\(peers.sourceNamespace)/\(peers.sourceWorkload)")),
+                                   ("weft.destination_service", .string(peers.destinationService)),
+                                   ("weft.upstream", .string(rec.upstream?.description ?? "")),
+                                   ("weft.attempts", .int(rec.attempts)),
+                               ], error: code >= 500 || code == 0)
         }
         guard AccessLog.covers(rec.snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
         var line = JSONLine()
@@ -813,7 +829,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     @discardableResult
     static func prepareUpstreamHeaders<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, client: IPv4Address, via: String,
-                                                                 keepUpgrade: Bool, random: inout R) -> TraceContext.Span {
+                                                                 keepUpgrade: Bool, random: inout R,
+                                                                 samplingPercent: Double? = nil) -> TraceContext.Span {
         // gRPC needs "te: trailers" end to end; it is the one TE value HTTP/2 allows.
         let teTrailers = headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
         stripHopByHop(&headers, keepUpgrade: keepUpgrade)
@@ -824,7 +841,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         headers.add(name: "forwarded", value: "for=\(client);proto=http")
         headers.add(name: "via", value: "1.1 \(via)")
         if !headers.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID(using: &random)) }
-        return TraceContext.propagate(&headers, random: &random)
+        return TraceContext.propagate(&headers, random: &random, samplingPercent: samplingPercent)
     }
 
     /// An HTTP/1.1 Upgrade the proxy passes through (WebSocket and the

@@ -14,6 +14,7 @@ final class ProxyContext: Sendable {
     let stats = ProxyStats()
     let telemetry: ProxyTelemetry
     let accessLog: AccessLog
+    let spans: SpanExporter
     let origins: ProxyMaps?
     let policy: PolicyMaps?
     private let current: Mutex<RouteSnapshot>
@@ -30,6 +31,7 @@ final class ProxyContext: Sendable {
         self.policy = policy
         telemetry = ProxyTelemetry(labelLimit: configuration.labelValueLimit)
         accessLog = AccessLog(path: configuration.accessLogPath ?? configuration.runDirectory + "/access.log")
+        spans = SpanExporter(node: configuration.node, logger: logger)
         current = Mutex(RouteSnapshot(ProxyTable()))
         var loops: [ObjectIdentifier: LoopState] = [:]
         for loop in eventLoops {

@@ -97,7 +97,11 @@ public enum ProxyServer {
                 lines.append("weft_proxy_uptime_seconds \(Int(Date().timeIntervalSince(started)))")
                 return (.ok, "text/plain", lines.joined(separator: "\n") + "\n")
             case "/metrics":
-                return (.ok, "text/plain; version=0.0.4", proxy.telemetry.render(stats: proxy.stats, generation: proxy.snapshot.generation))
+                let spans = proxy.spans.counts
+                return (.ok, "text/plain; version=0.0.4", proxy.telemetry.render(
+                    stats: proxy.stats, generation: proxy.snapshot.generation,
+                    extra: [("spans_exported_total", spans.exported), ("spans_dropped_total", spans.dropped),
+                            ("access_log_lines_dropped_total", proxy.accessLog.dropped)]))
             case "/healthz":
                 return (.ok, "text/plain", proxy.draining.load(ordering: .relaxed) ? "draining\n" : "ok\n")
             default:

@@ -121,9 +121,9 @@ final class ProxyTelemetry: Sendable {
     }
 
     /// The exposition text, with the proxy's own counters brought up to date.
-    func render(stats: ProxyStats, generation: UInt64) -> String {
+    func render(stats: ProxyStats, generation: UInt64, extra: [(String, Int)] = []) -> String {
         seen.withLock { seen in
-            for (name, value) in stats.all {
+            for (name, value) in stats.all + extra {
                 let gauge = name.hasSuffix("_active")
                 if gauge {
                     registry.makeGauge(descriptor: .init(namespace: "weft_proxy", metricName: name, unitName: "", helpText: "Connections open now.")).set(Double(value))
@@ -185,20 +185,27 @@ enum TraceContext {
         var spanID: String
         /// The caller's span id, when the request came with one.
         var parentID: String?
+        /// The trace's sampled flag: the caller's, or this hop's decision.
+        var sampled = true
     }
 
-    static func propagate<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, random: inout R) -> Span {
+    /// `samplingPercent` decides the sampled flag of a trace this hop
+    /// starts (nil: sampled); a caller's decision is kept as it came.
+    static func propagate<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, random: inout R,
+                                                    samplingPercent: Double? = nil) -> Span {
         let spanID = hex(random.next(), digits: 16)
         let incoming = headers.first(name: "traceparent")
         if let incoming, let (trace, parent, flags) = parse(incoming) {
             headers.replaceOrAdd(name: "traceparent", value: "00-\(trace)-\(spanID)-\(flags)")
-            return Span(traceID: trace, spanID: spanID, parentID: parent)
+            let sampled = (UInt8(flags, radix: 16) ?? 0) & 1 == 1
+            return Span(traceID: trace, spanID: spanID, parentID: parent, sampled: sampled)
         }
         var trace = hex(random.next(), digits: 16) + hex(random.next(), digits: 16)
         if trace == String(repeating: "0", count: 32) { trace = "0000000000000000000000000000000" + "1" }
-        headers.replaceOrAdd(name: "traceparent", value: "00-\(trace)-\(spanID)-01")
+        let sampled = samplingPercent.map { Double(random.next() % 10_000) < $0 * 100 } ?? true
+        headers.replaceOrAdd(name: "traceparent", value: "00-\(trace)-\(spanID)-\(sampled ? "01" : "00")")
         if incoming != nil { headers.remove(name: "tracestate") }  // it belonged to the invalid parent
-        return Span(traceID: trace, spanID: spanID, parentID: nil)
+        return Span(traceID: trace, spanID: spanID, parentID: nil, sampled: sampled)
     }
 
     /// (trace id, parent id, flags) of a valid version-00 (or later)

@@ -51,6 +51,10 @@ struct MeshConfigTests {
             (header + "spec: {accessLog: {format: text}}", "m.yaml:1:spec.accessLog.format: unknown field"),
             (header + "spec: {telemetry: {requestMetrics: no-thanks}}", "m.yaml:1:spec.telemetry.requestMetrics: expected true or false"),
             (header + "spec: {telemetry: {sampling: 1}}", "m.yaml:1:spec.telemetry.sampling: unknown field"),
+            (header + "spec: {telemetry: {tracing: {otlpEndpoint: \"collector:4318\"}}}", "m.yaml:1:spec.telemetry.tracing.otlpEndpoint: must be http://IPV4:PORT"),
+            (header + "spec: {telemetry: {tracing: {otlpEndpoint: \"http://10.0.0.1:0\"}}}", "m.yaml:1:spec.telemetry.tracing.otlpEndpoint: must be http://IPV4:PORT"),
+            (header + "spec: {telemetry: {tracing: {otlpEndpoint: \"http://10.0.0.1:4318\", samplingPercent: 101}}}", "m.yaml:1:spec.telemetry.tracing.samplingPercent: must be a number from 0 to 100"),
+            (header + "spec: {telemetry: {tracing: {samplingPercent: 5}}}", "m.yaml:1:spec.telemetry.tracing.otlpEndpoint: required field is missing"),
             (workload("x", "sometimes"), "m.yaml:1:metadata.annotations.weft.dev/socket-shortcut: must be \"receive\" or \"off\""),
         ]
         for (text, want) in cases {
@@ -73,5 +77,8 @@ struct MeshConfigTests {
         #expect(ProxyTable(off).requestMetrics == nil, "request metrics on by default")
         let quiet = try #require(parse(pod + "\n---\n" + header + "spec: {telemetry: {requestMetrics: false, connectionCounters: false}}").0)
         #expect(ProxyTable(quiet).requestMetrics == false && quiet.meshConfig.telemetry.connectionCounters == false)
+        #expect(ProxyTable(off).tracing == nil, "no span export by default")
+        let traced = try #require(parse(pod + "\n---\n" + header + "spec: {telemetry: {tracing: {otlpEndpoint: \"http://10.0.0.9:4318/\", samplingPercent: 12.5}}}").0)
+        #expect(ProxyTable(traced).tracing == .init(host: "10.0.0.9", port: 4318, samplingPercent: 12.5))
     }
 }

@@ -18,6 +18,7 @@ struct LabHarness {
     static let l7Server = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/l7server.py").path
     static let promParse = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/promparse.py").path
     static let pixels = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/pixels.py").path
+    static let otlpCollector = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/otlpcollector.py").path
 
     /// The `weft` built next to the test bundle.
     static var weft: String {

@@ -29,6 +29,11 @@ private let files: [String: String] = [
         kind: Workload
         metadata: {name: banner, namespace: obs, labels: {app: banner}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.l7Server) 8080 --tcp-banner"}}
         spec: {node: n1, address: 198.18.1.40, ports: [{name: http, port: 8080}]}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: collector, namespace: tracing, annotations: {lab.weft.dev/command: "python3 \(LabHarness.otlpCollector) 4318"}}
+        spec: {node: n1, address: 198.18.1.50}
         """,
     "services.yaml": """
         apiVersion: v1
@@ -73,7 +78,9 @@ private let files: [String: String] = [
         apiVersion: weft.dev/v1alpha1
         kind: MeshConfig
         metadata: {name: mesh}
-        spec: {accessLog: {enabled: true, namespaces: [obs]}}
+        spec:
+          accessLog: {enabled: true, namespaces: [obs]}
+          telemetry: {tracing: {otlpEndpoint: "http://198.18.1.50:4318", samplingPercent: 100}}
         """,
 ]
 
@@ -143,12 +150,12 @@ struct ObservabilityTests {
     @Test func requestsConnectionsAndTracesAreCountedLoggedAndPropagatedExactly() throws {
         let lab = try LabHarness(files: files, nodes: 1)
         defer { lab.down() }
-        for address in ["198.18.1.20", "198.18.1.40"] {
+        for address in ["198.18.1.20", "198.18.1.40", "198.18.1.50"] {
             var ok = false
             for _ in 0..<200 {
                 // A connect is enough (the banner server does not speak HTTP).
                 if let r = try? LabHarness.run(["lab", "exec", "obs/client", "--", "python3", "-c",
-                                                "import socket; socket.create_connection(('\(address)', 8080), timeout=1)"]),
+                                                "import socket; socket.create_connection(('\(address)', \(address.hasSuffix(".50") ? 4318 : 8080)), timeout=1)"]),
                    r.status == 0 { ok = true; break }
                 usleep(50_000)
             }
@@ -179,6 +186,38 @@ struct ObservabilityTests {
         let tp2 = (seen2["traceparent"] ?? "").split(separator: "-").map(String.init)
         #expect(tp2.count == 4 && tp2[1].count == 32 && tp2[2].count == 16 && tp2[1] != trace, "\(seen2)")
 
+        // Spans went to the OTLP collector: the traced request's span is the
+        // hop the backend saw, child of the caller's span; a caller that
+        // said "not sampled" (flags 00) is not exported.
+        let unsampledTrace = "0af7651916cd43dd8448eb211c80319c"
+        let (c3, _) = try curl("obs/client", "http://198.19.8.10/api/unsampled", [
+            "-H", "traceparent: 00-\(unsampledTrace)-b7ad6b7169203331-00"])
+        #expect(c3 == 200)
+        var spans: [[String: Any]] = []
+        for _ in 0..<50 {
+            let r = try LabHarness.run(["lab", "exec", "obs/client", "--", "curl", "-s", "-m", "2", "http://198.18.1.50:4318/spans"])
+            spans = (try? JSONSerialization.jsonObject(with: Data(r.output.utf8)) as? [[String: Any]]) ?? []
+            if spans.contains(where: { $0["traceId"] as? String == trace })
+                && spans.contains(where: { $0["traceId"] as? String == tp2.dropFirst().first }) { break }
+            usleep(100_000)
+        }
+        usleep(500_000)  // one more export period for the unsampled one, were it (wrongly) sent
+        let r = try LabHarness.run(["lab", "exec", "obs/client", "--", "curl", "-s", "-m", "2", "http://198.18.1.50:4318/spans"])
+        spans = (try? JSONSerialization.jsonObject(with: Data(r.output.utf8)) as? [[String: Any]]) ?? spans
+        let span = spans.first { $0["traceId"] as? String == trace }
+        #expect(span?["spanId"] as? String == tp1.dropFirst(2).first, "\(String(describing: span))")
+        #expect(span?["parentSpanId"] as? String == parent)
+        #expect(span?["name"] as? String == "GET obs/web#api" && span?["kind"] as? Int == 3)
+        let attributes = Dictionary(((span?["attributes"] as? [[String: Any]]) ?? []).compactMap { a -> (String, String)? in
+            guard let k = a["key"] as? String, let v = a["value"] as? [String: Any] else { return nil }
+            return (k, (v["stringValue"] as? String) ?? (v["intValue"] as? String) ?? "")
+        }, uniquingKeysWith: { a, _ in a })
+        #expect(attributes["http.response.status_code"] == "200" && attributes["weft.upstream"] == "198.18.1.20:8080", "\(attributes)")
+        #expect((span?["resource"] as? [String: [String: String]])?["service.name"]?["stringValue"] == "weft-proxy")
+        #expect(spans.contains { $0["traceId"] as? String == tp2.dropFirst().first && $0["parentSpanId"] == nil })
+        #expect(!spans.contains { $0["traceId"] as? String == unsampledTrace }, "not sampled: not exported")
+        #expect(spans.allSatisfy { ($0["traceId"] as? String)?.count == 32 && ($0["spanId"] as? String)?.count == 16 })
+
         // One opaque TCP connection (the banner server speaks first).
         let tcp = try LabHarness.run(["lab", "exec", "obs/client", "--", "python3", "-c", """
             import socket, time
@@ -204,18 +243,18 @@ struct ObservabilityTests {
                                   "destination_service_namespace": ns]) { $1 }
         func requests(_ extra: [String: String]) -> Double { scrape.sum("weft_requests_total", web.merging(extra) { $1 }) }
         #expect(requests(["response_code": "200", "route": "obs/web#api", "destination_workload": "web",
-                          "destination_workload_namespace": ns, "response_flags": "-", "request_protocol": "http"]) == 22)
+                          "destination_workload_namespace": ns, "response_flags": "-", "request_protocol": "http"]) == 23)
         #expect(requests(["response_code": "503", "route": "obs/web#api", "response_flags": "-"]) == 7)
         #expect(requests(["response_code": "404", "route": "-", "response_flags": "NR", "destination_workload": "unknown"]) == 5)
         #expect(scrape.sum("weft_requests_total", client.merging(["destination_service_name": "nobody", "response_code": "503",
                                                                    "response_flags": "UH"]) { $1 }) == 4)
         #expect(scrape.sum("weft_requests_total", ["source_workload": "other", "source_workload_namespace": "quiet",
                                                    "response_code": "200"]) == 3)
-        #expect(scrape.sum("weft_requests_total", [:]) == 41)
+        #expect(scrape.sum("weft_requests_total", [:]) == 42)
         // The histogram saw every request once, and its buckets are cumulative.
-        #expect(scrape.sum("weft_request_duration_seconds_count", [:]) == 41)
+        #expect(scrape.sum("weft_request_duration_seconds_count", [:]) == 42)
         #expect(scrape.sum("weft_request_duration_seconds_count", web.merging(["response_code": "503", "route": "obs/web#api"]) { $1 }) == 7)
-        #expect(scrape.sum("weft_request_duration_seconds_bucket", ["le": "+Inf"]) == 41)
+        #expect(scrape.sum("weft_request_duration_seconds_bucket", ["le": "+Inf"]) == 42)
         let buckets = scrape.samples.filter { $0.name == "weft_request_duration_seconds_bucket" && $0.labels["response_code"] == "404" }
             .sorted { (Double($0.labels["le"] ?? "") ?? .infinity) < (Double($1.labels["le"] ?? "") ?? .infinity) }
         #expect(!buckets.isEmpty && zip(buckets, buckets.dropFirst()).allSatisfy { $0.value <= $1.value })
@@ -233,20 +272,20 @@ struct ObservabilityTests {
         // OpenMetrics parser reads the same numbers.
         let om = try Scrape(openMetrics: true)
         #expect(om.contentType.hasPrefix("application/openmetrics-text; version=1.0.0"), "\(om.contentType)")
-        #expect(om.sum("weft_requests_total", [:]) == 41)
-        #expect(om.sum("weft_request_duration_seconds_count", [:]) == 41)
+        #expect(om.sum("weft_requests_total", [:]) == 42)
+        #expect(om.sum("weft_request_duration_seconds_count", [:]) == 42)
         #expect(om.sum("weft_tcp_sent_bytes_total", banner) == 9)
         #expect(om.samples.count >= scrape.samples.count - 5, "\(om.samples.count) vs \(scrape.samples.count)")
 
         // The access log: one line per request and connection from obs,
         // none from quiet; written within 100 ms.
         var log = accessLog()
-        for _ in 0..<50 where log.count < 40 {
+        for _ in 0..<50 where log.count < 41 {
             usleep(50_000)
             log = accessLog()
         }
         let http = log.filter { $0["kind"] as? String == "http" }
-        #expect(http.count == 38, "\(log.count) lines")
+        #expect(http.count == 39, "\(log.count) lines")
         #expect(!log.contains { $0["source_namespace"] as? String == "quiet" })
         let traced = http.first { $0["request_id"] as? String == "req-traced" }
         #expect(traced?["trace_id"] as? String == trace, "\(String(describing: traced))")
@@ -386,7 +425,7 @@ struct ObservabilityTests {
             edges.first { $0["source"] as? String == from && $0["destination"] as? String == to }
         }
         #expect(edges.count == 4, "\(graph.output)")
-        #expect(edge("obs/client", "web.obs.svc")?["requests"] as? Double == 34)
+        #expect(edge("obs/client", "web.obs.svc")?["requests"] as? Double == 35)
         #expect(edge("obs/client", "web.obs.svc")?["failures"] as? Double == 7)
         #expect(edge("obs/client", "nobody.obs.svc")?["failures"] as? Double == 4)
         #expect(edge("quiet/other", "web.obs.svc")?["requests"] as? Double == 3)

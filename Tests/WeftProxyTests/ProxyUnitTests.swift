@@ -116,6 +116,24 @@ import Testing
         #expect(TraceContext.parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra") != nil)
     }
 
+    @Test func samplingDecidesNewTracesAndKeepsTheCallers() {
+        var rng = SystemRandomNumberGenerator()
+        var none = HTTPHeaders()
+        #expect(!TraceContext.propagate(&none, random: &rng, samplingPercent: 0).sampled)
+        #expect(none.first(name: "traceparent")?.hasSuffix("-00") == true)
+        var all = HTTPHeaders()
+        #expect(TraceContext.propagate(&all, random: &rng, samplingPercent: 100).sampled)
+        var sampled = 0
+        for _ in 0..<2000 {
+            var h = HTTPHeaders()
+            if TraceContext.propagate(&h, random: &rng, samplingPercent: 25).sampled { sampled += 1 }
+        }
+        #expect((400...600).contains(sampled), "25% of 2,000: \(sampled)")
+        var caller = HTTPHeaders([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")])
+        #expect(!TraceContext.propagate(&caller, random: &rng, samplingPercent: 100).sampled, "the caller said no")
+        #expect(caller.first(name: "traceparent")?.hasSuffix("-00") == true)
+    }
+
     @Test func labelValuesPastTheCapBecomeOverflow() {
         let cap = LabelCap(limit: 3)
         #expect((1...3).map { cap.admit("port", "\($0)") } == ["1", "2", "3"])

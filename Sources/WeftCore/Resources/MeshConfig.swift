@@ -15,6 +15,9 @@
 ///   telemetry:
 ///     connectionCounters: true # the kernel's per-connection counters (weft_l4_*)
 ///     requestMetrics: true     # the proxies' per-request series (weft_requests_total, ...)
+///     tracing:                 # OTLP/HTTP (JSON) span export from the proxies; off without it
+///       otlpEndpoint: http://198.18.1.50:4318
+///       samplingPercent: 100   # new traces sampled; an incoming traceparent's flag is kept
 /// ```
 public struct MeshConfig: Hashable, Sendable {
     public var metadata: ObjectMeta
@@ -26,7 +29,20 @@ public struct MeshConfig: Hashable, Sendable {
     public struct Telemetry: Hashable, Sendable {
         public var connectionCounters = true
         public var requestMetrics = true
+        public var tracing: Tracing?
         public init() {}
+    }
+
+    /// Where the proxies send spans: an OTLP/HTTP collector (JSON encoding,
+    /// POST <endpoint>/v1/traces), by IPv4 address and port.
+    public struct Tracing: Hashable, Sendable {
+        public var host: IPv4Address
+        public var port: UInt16
+        public var samplingPercent: Double = 100
+        public init(host: IPv4Address, port: UInt16) {
+            self.host = host
+            self.port = port
+        }
     }
 
     /// The node proxies' access logs (docs/observability.md): one JSON line
@@ -102,6 +118,21 @@ extension MeshConfig {
         if var t = try spec.mapping("telemetry") {
             if let v = try t.bool("connectionCounters") { telemetry.connectionCounters = v }
             if let v = try t.bool("requestMetrics") { telemetry.requestMetrics = v }
+            if var tr = try t.mapping("tracing") {
+                let url = try tr.requiredString("otlpEndpoint")
+                guard let endpoint = Self.parseEndpoint(url) else {
+                    throw tr.error("otlpEndpoint", "must be http://IPV4:PORT (an OTLP/HTTP collector), got \"\(url)\"")
+                }
+                var tracing = Tracing(host: endpoint.0, port: endpoint.1)
+                if let p = tr.node("samplingPercent") {
+                    guard let v = Self.percent(p), (0...100).contains(v) else {
+                        throw tr.error("samplingPercent", "must be a number from 0 to 100")
+                    }
+                    tracing.samplingPercent = v
+                }
+                try tr.finish()
+                telemetry.tracing = tracing
+            }
             try t.finish()
         }
         try spec.finish()
@@ -109,6 +140,20 @@ extension MeshConfig {
 }
 
 extension MeshConfig {
+    static func parseEndpoint(_ url: String) -> (IPv4Address, UInt16)? {
+        guard url.hasPrefix("http://") else { return nil }
+        var rest = url.dropFirst("http://".count)
+        if rest.hasSuffix("/") { rest = rest.dropLast() }
+        let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let ip = IPv4Address(parts[0]), let port = UInt16(parts[1]), port != 0 else { return nil }
+        return (ip, port)
+    }
+
+    static func percent(_ node: YAMLNode) -> Double? {
+        guard case .scalar(let s) = node, node.tagName == .int || node.tagName == .float else { return nil }
+        return Double(s.string)
+    }
+
     static func isDNSLabel(_ s: String) -> Bool {
         let u = Array(s.utf8)
         guard (1...63).contains(u.count), u.first != UInt8(ascii: "-"), u.last != UInt8(ascii: "-") else { return false }

@@ -17,6 +17,19 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var accessLog: AccessLogScope?
     /// MeshConfig telemetry.requestMetrics; nil is on.
     public var requestMetrics: Bool?
+    /// MeshConfig telemetry.tracing: where spans go; nil is no export.
+    public var tracing: TracingTarget?
+
+    public struct TracingTarget: Codable, Hashable, Sendable {
+        public var host: String
+        public var port: UInt16
+        public var samplingPercent: Double
+        public init(host: String, port: UInt16, samplingPercent: Double) {
+            self.host = host
+            self.port = port
+            self.samplingPercent = samplingPercent
+        }
+    }
 
     public init(generation: UInt64 = 0, frontends: [String: Frontend] = [:], clusters: [String: [Endpoint]] = [:]) {
         self.generation = generation
@@ -128,6 +141,9 @@ extension ProxyTable {
         }
         workloads = refs
         if !state.meshConfig.telemetry.requestMetrics { requestMetrics = false }
+        if let t = state.meshConfig.telemetry.tracing {
+            tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)
+        }
         if state.meshConfig.accessLog.enabled {
             accessLog = AccessLogScope(namespaces: state.meshConfig.accessLog.namespaces.sorted())
         }
