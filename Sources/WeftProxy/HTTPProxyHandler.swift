@@ -98,7 +98,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var start: NIODeadline
         var wallStart: timespec
         var snapshot: RouteSnapshot
-        var frontend: ProxyTable.Frontend?
+        /// The Service's name and namespace (not the whole frontend: this is per request).
+        var service: String?
+        var serviceNamespace: String?
         var head: HTTPRequestHead
         var route = "-"
         var span: TraceContext.Span?
@@ -208,12 +210,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func begin(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         proxy.stats.requests.add(1, ordering: .relaxed)
         let snapshot = proxy.snapshot
-        record = Record(start: .now(), wallStart: AccessLog.now(), snapshot: snapshot,
-                        frontend: snapshot.table.frontends[frontendKey], head: head)
+        record = Record(start: .now(), wallStart: AccessLog.now(), snapshot: snapshot, head: head)
         let keepAlive = head.isKeepAlive && !proxy.draining.load(ordering: .relaxed)
         if cached?.snapshot !== snapshot {
             cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop?.budget($0.frontend.name)) }
         }
+        record?.service = cached?.matcher.frontend.service
+        record?.serviceNamespace = cached?.matcher.frontend.namespace
         guard let matcher = cached?.matcher else {
             record?.flags.append("NR")
             return respondLocally(head, .serviceUnavailable, "weft: \(frontendKey) is not an HTTP Service in the proxy's table (generation \(snapshot.generation))\n", keepAlive: keepAlive)
@@ -639,7 +642,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // Nothing to count, log or trace: the request costs no more than that.
         guard rec.snapshot.table.requestMetrics != false || rec.snapshot.table.accessLog != nil
             || rec.snapshot.table.tracing != nil else { return }
-        let peers = PeerLabels(snapshot: rec.snapshot, source: origin.source, frontend: rec.frontend, upstream: rec.upstream)
+        let peers = PeerLabels(snapshot: rec.snapshot, source: origin.source, service: rec.service,
+                               serviceNamespace: rec.serviceNamespace, upstream: rec.upstream)
         let grpc = rec.head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
         let flags = rec.flags.isEmpty ? "-" : rec.flags.joined(separator: ",")
         let labels = RequestLabels(peers: peers, route: rec.route, requestProtocol: grpc ? "grpc" : "http",

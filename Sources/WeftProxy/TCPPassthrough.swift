@@ -53,7 +53,8 @@ enum TCPPassthrough {
                 case .success(let upstream):
                     let (a, b) = GlueHandler.pair()
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
-                    let peers = PeerLabels(snapshot: snapshot, source: origin.source, frontend: frontend, upstream: endpoint)
+                    let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend.service,
+                                           serviceNamespace: frontend.namespace, upstream: endpoint)
                     let series = snapshot.table.requestMetrics == false ? nil : loop.telemetry.tcp(peers, proxy.telemetry)
                     series?.opened.increment()
                     a.onFinish = { sent, received in

@@ -17,12 +17,12 @@ struct PeerLabels: Hashable {
 
     static let unknown = "unknown"
 
-    init(snapshot: RouteSnapshot, source: IPv4Address, frontend: ProxyTable.Frontend?, upstream: EndpointKey?) {
+    init(snapshot: RouteSnapshot, source: IPv4Address, service: String?, serviceNamespace: String?, upstream: EndpointKey?) {
         let src = snapshot.workloadsByIP[source.value]
         sourceWorkload = src?.name ?? Self.unknown
         sourceNamespace = src?.namespace ?? Self.unknown
-        destinationServiceName = frontend?.service ?? Self.unknown
-        destinationServiceNamespace = frontend?.namespace ?? Self.unknown
+        destinationServiceName = service ?? Self.unknown
+        destinationServiceNamespace = serviceNamespace ?? Self.unknown
         let dst = upstream.flatMap { snapshot.workloadsByIP[$0.ip.value] }
         destinationWorkload = dst?.name ?? Self.unknown
         destinationWorkloadNamespace = dst?.namespace ?? Self.unknown
@@ -181,31 +181,62 @@ struct LoopTelemetry {
 /// by a new trace. `tracestate` passes through untouched.
 enum TraceContext {
     struct Span {
-        var traceID: String
-        var spanID: String
+        /// The traceparent this hop sent upstream: `00-<trace>-<span>-<flags>`,
+        /// built in one buffer (this runs for every request); the ids are
+        /// cut out of it only when a log line or a span needs them.
+        var header: String
         /// The caller's span id, when the request came with one.
         var parentID: String?
         /// The trace's sampled flag: the caller's, or this hop's decision.
         var sampled = true
+
+        var traceID: String { String(header.utf8.dropFirst(3).prefix(32))! }
+        var spanID: String { String(header.utf8.dropFirst(36).prefix(16))! }
+    }
+
+    private static let digits: [UInt8] = Array("0123456789abcdef".utf8)
+
+    /// `00-` + 32 hex of trace + `-` + 16 hex of span + `-` + 2 hex of flags.
+    static func header(trace: (UInt64, UInt64)?, traceText: Substring.UTF8View?, span: UInt64, flags: UInt8) -> String {
+        String(unsafeUninitializedCapacity: 55) { b in
+            b[0] = UInt8(ascii: "0"); b[1] = UInt8(ascii: "0"); b[2] = UInt8(ascii: "-")
+            if let traceText {
+                var i = 3
+                for c in traceText.prefix(32) { b[i] = c; i += 1 }
+            } else if let (hi, lo) = trace {
+                for i in 0..<16 { b[3 + i] = digits[Int((hi >> UInt64(60 - 4 * i)) & 0xF)] }
+                for i in 0..<16 { b[19 + i] = digits[Int((lo >> UInt64(60 - 4 * i)) & 0xF)] }
+            }
+            b[35] = UInt8(ascii: "-")
+            for i in 0..<16 { b[36 + i] = digits[Int((span >> UInt64(60 - 4 * i)) & 0xF)] }
+            b[52] = UInt8(ascii: "-")
+            b[53] = digits[Int(flags >> 4)]
+            b[54] = digits[Int(flags & 0xF)]
+            return 55
+        }
     }
 
     /// `samplingPercent` decides the sampled flag of a trace this hop
     /// starts (nil: sampled); a caller's decision is kept as it came.
     static func propagate<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, random: inout R,
                                                     samplingPercent: Double? = nil) -> Span {
-        let spanID = hex(random.next(), digits: 16)
+        var spanID = random.next()
+        if spanID == 0 { spanID = 1 }
         let incoming = headers.first(name: "traceparent")
         if let incoming, let (trace, parent, flags) = parse(incoming) {
-            headers.replaceOrAdd(name: "traceparent", value: "00-\(trace)-\(spanID)-\(flags)")
-            let sampled = (UInt8(flags, radix: 16) ?? 0) & 1 == 1
-            return Span(traceID: trace, spanID: spanID, parentID: parent, sampled: sampled)
+            let f = UInt8(flags, radix: 16) ?? 0
+            let value = header(trace: nil, traceText: Substring(trace).utf8, span: spanID, flags: f)
+            headers.replaceOrAdd(name: "traceparent", value: value)
+            return Span(header: value, parentID: parent, sampled: f & 1 == 1)
         }
-        var trace = hex(random.next(), digits: 16) + hex(random.next(), digits: 16)
-        if trace == String(repeating: "0", count: 32) { trace = "0000000000000000000000000000000" + "1" }
+        let hi = random.next()
+        var lo = random.next()
+        if hi == 0 && lo == 0 { lo = 1 }  // an all-zero trace id is invalid
         let sampled = samplingPercent.map { Double(random.next() % 10_000) < $0 * 100 } ?? true
-        headers.replaceOrAdd(name: "traceparent", value: "00-\(trace)-\(spanID)-\(sampled ? "01" : "00")")
+        let value = header(trace: (hi, lo), traceText: nil, span: spanID, flags: sampled ? 1 : 0)
+        headers.replaceOrAdd(name: "traceparent", value: value)
         if incoming != nil { headers.remove(name: "tracestate") }  // it belonged to the invalid parent
-        return Span(traceID: trace, spanID: spanID, parentID: nil, sampled: sampled)
+        return Span(header: value, parentID: nil, sampled: sampled)
     }
 
     /// (trace id, parent id, flags) of a valid version-00 (or later)

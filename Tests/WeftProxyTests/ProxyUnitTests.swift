@@ -147,7 +147,7 @@ import Testing
         var loop = LoopTelemetry()
         let snapshot = RouteSnapshot(ProxyTable())
         for code in 100..<1000 {
-            let peers = PeerLabels(snapshot: snapshot, source: IPv4Address(0x0A00_0001), frontend: nil, upstream: nil)
+            let peers = PeerLabels(snapshot: snapshot, source: IPv4Address(0x0A00_0001), service: nil, serviceNamespace: nil, upstream: nil)
             loop.request(RequestLabels(peers: peers, route: "r\(code)", requestProtocol: "http", responseCode: code, responseFlags: "-"),
                          telemetry).count.increment()
         }
