@@ -68,11 +68,19 @@ static void *accept_loop(void *arg)
 	int ls = (int)(intptr_t)arg, one = 1;
 	for (;;) {
 		int fd = accept(ls, NULL, NULL);
-		if (fd < 0)
+		if (fd < 0) {
+			usleep(1000);  /* EMFILE and the like: let threads finish */
 			continue;
+		}
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)); // fails harmlessly on Unix sockets
 		pthread_t t;
-		pthread_create(&t, NULL, serve_one, (void *)(intptr_t)fd);
+		/* Out of threads for a moment (thousands of short connections a
+		 * second): refuse this one rather than leak its descriptor. */
+		if (pthread_create(&t, NULL, serve_one, (void *)(intptr_t)fd) != 0) {
+			close(fd);
+			usleep(1000);
+			continue;
+		}
 		pthread_detach(t);
 	}
 	return NULL;
