@@ -33,6 +33,19 @@ final class AgentMetrics: Sendable {
         self.fill = fill
     }
 
+    /// How much a kernel counter grew since the last scrape. The kernel's
+    /// counters only go up, so a smaller value means the map (or key) was
+    /// made anew and counts from zero.
+    static func delta(from last: UInt64, to value: UInt64) -> Int64 {
+        Int64(clamping: value >= last ? value - last : value)
+    }
+
+    /// `delta` for the counter `id`, remembering `value` for the next scrape.
+    static func advance(_ seen: inout [String: UInt64], _ id: String, _ value: UInt64) -> Int64 {
+        defer { seen[id] = value }
+        return delta(from: seen[id] ?? 0, to: value)
+    }
+
     static let dropReasons: [Int: String] = [
         Int(WEFT_DROP_EGRESS.rawValue): "egress_denied",
         Int(WEFT_DROP_INGRESS_AT_SOURCE.rawValue): "ingress_denied_at_source",
@@ -66,11 +79,9 @@ final class AgentMetrics: Sendable {
         if let events = try? maps.lbEvents() {
             seen.withLock { seen in
                 for (name, value) in events {
-                    let last = seen[name] ?? 0
-                    let delta = value >= last ? value - last : value  // map was recreated
-                    seen[name] = value
+                    let delta = Self.advance(&seen, name, value)
                     registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "lb_events", unitName: "total", helpText: "Outcomes of the in-kernel connect() load balancer, from its per-CPU map."), labels: [("event", name)])
-                        .increment(by: Int64(clamping: delta))
+                        .increment(by: delta)
                 }
             }
         }
@@ -84,12 +95,9 @@ final class AgentMetrics: Sendable {
             if let events = try? shortcut.counters() {
                 seen.withLock { seen in
                     for (name, value) in events {
-                        let id = "shortcut/\(name)"
-                        let last = seen[id] ?? 0
-                        let delta = value >= last ? value - last : value
-                        seen[id] = value
+                        let delta = Self.advance(&seen, "shortcut/\(name)", value)
                         registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "shortcut_events", unitName: "total", helpText: "What the same-node socket shortcut's programs did, from their per-CPU map."), labels: [("event", name)])
-                            .increment(by: Int64(clamping: delta))
+                            .increment(by: delta)
                     }
                 }
             }
@@ -108,14 +116,11 @@ final class AgentMetrics: Sendable {
                     let (srcNS, src) = name(key.src_identity), (dstNS, dst) = name(key.dst_identity)
                     let proto = TransportProtocol(ipProtocol: key.proto)?.rawValue ?? "\(key.proto)"
                     let port = "\(UInt16(bigEndian: key.port))"
-                    let id = "drop/\(key.src_identity)/\(key.dst_identity)/\(port)/\(proto)/\(reason)"
-                    let last = seen[id] ?? 0
-                    let delta = value >= last ? value - last : value
-                    seen[id] = value
+                    let delta = Self.advance(&seen, "drop/\(key.src_identity)/\(key.dst_identity)/\(port)/\(proto)/\(reason)", value)
                     registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "policy_drops", unitName: "total", helpText: "Connections and packets NetworkPolicy denied, by identities, destination port and reason, from the kernel's per-CPU map."),
                                          labels: [("source_namespace", srcNS), ("source_identity", src), ("destination_namespace", dstNS),
                                                   ("destination_identity", dst), ("destination_port", port), ("protocol", proto), ("reason", reason)])
-                        .increment(by: Int64(clamping: delta))
+                        .increment(by: delta)
                 }
             }
         }
@@ -164,8 +169,8 @@ final class AgentMetrics: Sendable {
                 let last = state.last[id] ?? [0, 0, 0, 0, 0]
                 for i in 0..<5 {
                     // A value below the last one: the key was evicted and came back.
-                    let delta = now[i] >= last[i] ? now[i] - last[i] : now[i]
-                    if delta > 0 { counters[i].increment(by: Int64(clamping: delta)) }
+                    let delta = Self.delta(from: last[i], to: now[i])
+                    if delta > 0 { counters[i].increment(by: delta) }
                 }
                 state.last[id] = now
             }

@@ -121,11 +121,5 @@ final class SpanExporter: Sendable {
         return status.hasPrefix("2")
     }
 
-    static func quote(_ s: String) -> String {
-        var line = JSONLine()
-        line.add("v", s)
-        let text = line.finish()
-        // {"v":"..."} -> "..."
-        return String(text.dropFirst(5).dropLast())
-    }
+    static func quote(_ s: String) -> String { JSONLine.quoted(s) }
 }

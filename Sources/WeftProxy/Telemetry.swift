@@ -352,6 +352,17 @@ struct JSONLine {
     mutating func add(_ key: String, _ value: String?) {
         guard let value else { return }
         separator(key)
+        Self.quote(value, into: &text)
+    }
+
+    /// `value` as a JSON string literal, quotes included.
+    static func quoted(_ value: String) -> String {
+        var out = ""
+        quote(value, into: &out)
+        return out
+    }
+
+    static func quote(_ value: String, into text: inout String) {
         text.append("\"")
         for scalar in value.unicodeScalars {
             switch scalar {
