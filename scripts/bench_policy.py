@@ -286,10 +286,12 @@ def report(results):
             f"Kernel time per connection moves {w1['bpf_ns_per_conn'] - w0['bpf_ns_per_conn']:+,.0f} ns for 1,000 times the rules "
             f"({(w1['bpf_ns_per_conn'] - w0['bpf_ns_per_conn']) / (1e6 / last['open']['rate'] * 1000) * 100:+.2f}% of the "
             f"{1e6 / last['open']['rate']:.0f} µs a connection takes here end to end). The allows are hash entries, probed a "
-            "fixed number of times per verdict; what still grows is where those probes land: at 100 rules the maps sit in "
-            "the CPU cache, at 100,000 (several MB of map) a probe is a trip to memory. An earlier version kept the allows "
-            "in one LPM trie, where each trie level is such a trip: there connect4 alone went from 480 to 909 ns between 100 "
-            "and 100,000 rules. Between runs of this bench the kernel figures move by about ±10%.",
+            "fixed number of times per verdict, so the rule count moves this figure only through where the probes land "
+            "(cache at 100 rules, memory at 100,000: an earlier run saw +22% between them). An earlier version kept the "
+            "allows in one LPM trie, where each trie level is a trip to memory: there connect4 alone went from 480 to 909 ns "
+            "between 100 and 100,000 rules. Between runs of this bench the kernel figures move by about ±10%, and single "
+            "rows by more (a row slower than its neighbours on both sides is such a one). Since the connection counters "
+            "(issue #6), sockops also counts each connection: about +0.5 µs of the figure at every row.",
             "",
             f"With no policy at all (0 rules) Weft's programs cost {base['weft']['bpf_ns_per_conn']:,.0f} ns per connection "
             f"(connect4's service lookup misses, ingress passes a pod no policy isolates); a policy adds the identity, "
