@@ -67,9 +67,12 @@ public enum Agent {
             logger.error("connection counters unavailable: \(error)")
             flowMaps = nil
         }
+        // Health probes run on their own thread, apart from the control loop.
+        let probeGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let healthChecker = try HealthChecker(loop: probeGroup.next(), logger: logger)
         let reconciler = try Reconciler(configuration: configuration, maps: maps, policyMaps: policyMaps,
                                         nodeCgroup: cgroup, status: status, proxy: supervisor, shortcut: shortcut,
-                                        flows: flowMaps, logger: logger)
+                                        flows: flowMaps, healthChecker: healthChecker, logger: logger)
         let watcher = try ConfigWatcher(directory: configuration.configDirectory)
         reconciler.reconcile()
 
@@ -120,14 +123,20 @@ public enum Agent {
         // be created after its manifest).
         var deadline: ContinuousClock.Instant?
         var retryAfterFailure = false
+        var nextEjectionPoll = ContinuousClock.now
         loop: while true {
             // The proxy's pidfds come and go with restarts: rebuilt each turn.
             let proxyFDs = supervisor?.pollFDs ?? []
             var fds = [pollfd(fd: watcher.fd, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: signals.readFD, events: Int16(POLLIN), revents: 0)]
+                       pollfd(fd: signals.readFD, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: healthChecker.fd, events: Int16(POLLIN), revents: 0)]
                 + proxyFDs.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             let lookForCgroups = !reconciler.missingCgroups.isEmpty
             var timeout: Int32 = retryAfterFailure || lookForCgroups ? 1000 : -1
+            if reconciler.wantsEjections {
+                let due = max(0, Int32((nextEjectionPoll - .now).seconds * 1000))
+                timeout = timeout < 0 ? due : min(timeout, due)
+            }
             if let deadline {
                 let left = deadline - .now
                 timeout = max(0, Int32(left.seconds * 1000))
@@ -136,7 +145,7 @@ public enum Agent {
             let n = poll(&fds, nfds_t(fds.count), timeout)
             if n < 0 && errno != EINTR { throw AgentError("poll: \(String(cString: strerror(errno)))") }
             if let supervisor {
-                let exited = Set(fds.dropFirst(2).filter { $0.revents != 0 }.map(\.fd))
+                let exited = Set(fds.dropFirst(3).filter { $0.revents != 0 }.map(\.fd))
                 if !exited.isEmpty || supervisor.timeoutMillis == 0 {
                     supervisor.service(readable: exited)
                     reconciler.publishProxyStatus()
@@ -152,6 +161,21 @@ public enum Agent {
                 }
                 logger.notice("signal \(signal): exiting; pinned programs and maps stay in force, and so does the proxy")
                 break loop
+            }
+            // A backend changed health, or the proxy's ejections changed:
+            // the same reconcile, with the manifests as they are.
+            var healthNews = false
+            if fds[2].revents != 0 {
+                healthChecker.drain()
+                healthNews = true
+            }
+            if reconciler.wantsEjections, nextEjectionPoll <= .now {
+                nextEjectionPoll = .now + .seconds(1)
+                if reconciler.pollEjections() { healthNews = true }
+            }
+            if healthNews && deadline == nil {
+                retryAfterFailure = reconciler.reconcile() == .kernelFailed
+                fill.withLock { $0 = reconciler.mapFill }
             }
             if fds[0].revents != 0, watcher.drain() {
                 deadline = .now + configuration.debounce
@@ -170,6 +194,8 @@ public enum Agent {
             }
         }
         server.stop()
+        healthChecker.update([])
+        try? probeGroup.syncShutdownGracefully()
         try? FileManager.default.removeItem(atPath: socketPath)
         // Without a proxy the run directory held only the socket: leave
         // nothing behind. With one, the proxy's files stay with the proxy.

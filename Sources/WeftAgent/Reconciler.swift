@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Synchronization
+import WeftStatus
 import WeftCore
 import WeftKernel
 
@@ -39,11 +40,21 @@ final class Reconciler {
     private let shortcut: ShortcutController
     /// The kernel's connection counters and their switch.
     private let flows: FlowMaps?
+    /// Active health checks; their verdicts and the proxy's ejections
+    /// shape both the kernel's service maps and the proxy's table.
+    let healthChecker: HealthChecker?
+    /// Backends the proxy reports ejected (see pollEjections).
+    private var ejected: Set<BackendAddress> = []
+    private var lastHealth = EndpointHealth()
+    /// Whether any TrafficPolicy asks for outlier detection: then the agent
+    /// asks the proxy for its ejections every second.
+    private(set) var wantsEjections = false
 
     init(configuration: AgentConfiguration, maps: ServiceMaps, policyMaps: PolicyMaps, nodeCgroup: String,
          status: SharedStatus, proxy: ProxySupervisor?, shortcut: ShortcutController, flows: FlowMaps? = nil,
-         logger: Logger) throws {
+         healthChecker: HealthChecker? = nil, logger: Logger) throws {
         self.configuration = configuration
+        self.healthChecker = healthChecker
         self.flows = flows
         self.proxy = proxy
         self.shortcut = shortcut
@@ -180,16 +191,20 @@ final class Reconciler {
             if try flows?.setCounting(state.meshConfig.telemetry.connectionCounters) == true {
                 logger.notice("connection counters switched \(state.meshConfig.telemetry.connectionCounters ? "on" : "off")")
             }
-            let table = ServiceTable(state)
+            healthChecker?.update(HealthChecker.targets(state))
+            wantsEjections = proxy != nil && state.trafficPolicies.contains { $0.outlierDetection != nil }
+            if !wantsEjections { ejected = [] }
+            let health = EndpointHealth(failing: healthChecker?.failing ?? [:], ejected: ejected)
+            let table = ServiceTable(state, health: health)
             mark("table")
-            let changed = inForce != state
+            let changed = inForce != state || health != lastHealth
             let generation = UInt64(status.withLock { changed || $0.generation == 0 ? $0.generation + 1 : $0.generation })
             // The proxy learns a frontend before the kernel captures it, and
             // forgets one only after the kernel stopped: until the service
             // maps are written it gets the union of old and new frontends.
             var proxyTable: ProxyTable?
             if let proxy {
-                let desired = ProxyTable(state, generation: generation)
+                let desired = ProxyTable(state, generation: generation, health: health)
                 var union = desired
                 for (key, old) in proxy.lastTable?.frontends ?? [:] where union.frontends[key] == nil {
                     union.frontends[key] = old
@@ -229,6 +244,8 @@ final class Reconciler {
             }
             let seconds = (ContinuousClock.now - start).seconds
             inForce = state
+            lastHealth = health
+            publishHealth(health, table: table, state: state)
             status.withLock { s in
                 if changed || s.generation == 0 {
                     s.generation += 1
@@ -272,6 +289,41 @@ final class Reconciler {
             status.withLock { $0.configErrors = ["kernel: \(error)"] }
             return .kernelFailed
         }
+    }
+}
+
+extension Reconciler {
+    /// Asks the proxy which backends its outlier detection has ejected;
+    /// true when that changed (the caller then reconciles).
+    func pollEjections() -> Bool {
+        guard wantsEjections, let proxy else { return false }
+        guard let text = try? UnixHTTP.get(socket: proxy.runDirectory + "/proxy.sock",
+                                           path: "/ejections", timeoutSeconds: 1) else { return false }
+        var now: Set<BackendAddress> = []
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: ":")
+            guard parts.count == 2, let ip = IPv4Address(parts[0]), let port = UInt16(parts[1]) else { continue }
+            now.insert(BackendAddress(address: ip, port: port, transport: .tcp))
+        }
+        guard now != ejected else { return false }
+        logger.notice("proxy ejections changed", metadata: ["ejected": "\(now.map(\.description).sorted())"])
+        ejected = now
+        return true
+    }
+
+    fileprivate func publishHealth(_ health: EndpointHealth, table: ServiceTable, state: ClusterState) {
+        guard healthChecker != nil || !health.ejected.isEmpty || !state.trafficPolicies.isEmpty else {
+            status.withLock { $0.health = nil }
+            return
+        }
+        var h = AgentStatus.HealthStatus()
+        h.failing = health.failing.flatMap { c in c.value.map { "\(c.key) \($0)" } }.sorted()
+        h.ejected = health.ejected.map(\.description).sorted()
+        h.panic = table.panic.compactMap { table.entries[$0]?.name }.sorted()
+        let totals = healthChecker?.totals ?? (probes: 0, failures: 0)
+        h.probes = totals.probes
+        h.probeFailures = totals.failures
+        status.withLock { $0.health = h }
     }
 }
 

@@ -91,6 +91,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var attemptID = 0
         /// Why the last attempt failed, for when no endpoint is left to try.
         var lastFailure: (status: HTTPResponseStatus, body: String)?
+        /// The cluster's TrafficPolicy state, when it has one.
+        var runtime: ClusterRuntime?
+        /// The current attempt's backend in `runtime` (its shared counters).
+        var backend: Int?
+        /// Consistent hashing: the request's key hash.
+        var hash: UInt64?
+        /// A hash cookie minted for this request, set on its response.
+        var setCookie: String?
+        /// Counted in the cluster's retries in progress (circuitBreaker.maxRetries).
+        var retrying = false
+        /// The outlier detector heard this attempt's outcome already.
+        var outcomeRecorded = false
     }
 
     /// What a request's metrics and access log line need.
@@ -286,17 +298,77 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         record?.span = span
         record?.requestID = upstream.headers.first(name: "x-request-id")
 
+        // The Service's TrafficPolicy, request side: rate limit, then faults.
+        var delay: Duration?
+        if !snapshot.guards.isEmpty, let guardState = snapshot.guards[frontendKey] {
+            let source = snapshot.workloadsByIP[origin.source.value]
+            if let limit = guardState.rateLimit {
+                let key: String
+                switch limit.key {
+                case .route: key = action.name
+                case .sourceIdentity: key = source.map { "\($0.namespace)/\($0.serviceAccount)" } ?? origin.source.description
+                case .header(let name): key = head.headers[canonicalForm: name].first.map(String.init) ?? "-"
+                }
+                if let wait = guardState.admit(key) {
+                    proxy.stats.rateLimited.add(1, ordering: .relaxed)
+                    guardState.limited.add(1, ordering: .relaxed)
+                    record?.flags.append("RL")
+                    let seconds = max(1, Int((Double(HealthNanos.of(wait)) / 1e9).rounded(.up)))
+                    return respondLocally(head, .tooManyRequests, "weft: rate limit of \(matcher.frontend.name) reached for \(key)\n",
+                                          keepAlive: keepAlive, extraHeaders: [("retry-after", "\(seconds)")])
+                }
+            }
+            if let faults = guardState.faults, let loop,
+               faults.applies(route: action.name, sourceNamespace: source?.namespace, serviceAccount: source?.serviceAccount) {
+                if let abort = faults.abort, Double.random(in: 0..<100, using: &loop.random) < abort.percentage {
+                    proxy.stats.faultsAborted.add(1, ordering: .relaxed)
+                    guardState.aborted.add(1, ordering: .relaxed)
+                    record?.flags.append("FI")
+                    return respondLocally(head, HTTPResponseStatus(statusCode: abort.httpStatus),
+                                          "weft: fault injected by TrafficPolicy (abort)\n", keepAlive: keepAlive)
+                }
+                if let d = faults.delay, Double.random(in: 0..<100, using: &loop.random) < d.percentage {
+                    proxy.stats.faultsDelayed.add(1, ordering: .relaxed)
+                    guardState.delayed.add(1, ordering: .relaxed)
+                    record?.flags.append("DI")
+                    delay = d.fixedDelay
+                }
+            }
+        }
+
         let method = head.method
         let idempotent = method == .GET || method == .HEAD || method == .OPTIONS || method == .TRACE
             || method == .PUT || method == .DELETE
         request = RequestState(head: head, upstreamHead: upstream, snapshot: snapshot, action: action, cluster: cluster,
                                responseModifiers: responseModifiers, mirrors: mirrors, keepAlive: keepAlive,
                                idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
+        if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
+            request!.runtime = runtime
+            if let key = runtime.policy.loadBalancer.hashOn {
+                let view = HTTPHeadersView(value: { head.headers[canonicalForm: $0].first.map(String.init) },
+                                           cookies: { head.headers[canonicalForm: "cookie"].map(String.init) })
+                request!.hash = ClusterRuntime.requestHash(key, headers: view, source: origin.source)
+                if request!.hash == nil, case .cookie(let name, let ttl?) = key, let loop {
+                    // No cookie yet: mint one, so the client sticks from now on.
+                    let value = String(loop.random.next(), radix: 16)
+                    request!.hash = ConsistentHash.stableHash(value.utf8)
+                    request!.setCookie = "\(name)=\(value); Path=/; Max-Age=\(ttl.components.seconds); HttpOnly"
+                }
+            }
+        }
         cached?.budget?.budget.recordRequest(now: Self.nowSeconds())
         if let limit = action.timeouts.request {
             request!.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
                 self?.requestTimedOut()
             }
+        }
+        if let delay {
+            // Injected delay: the request waits here, inside its timeout.
+            request!.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(delay)) { [weak self] in
+                self?.request?.retryTimer = nil
+                self?.startAttempt()
+            }
+            return
         }
         startAttempt()
     }
@@ -319,13 +391,41 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
-        while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
-            if loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source,
-                            destination: candidate.ip, port: candidate.port, node: candidate.node) {
-                key = candidate
+        if let runtime = r.runtime {
+            var denied = Set<EndpointKey>()
+            let source = origin.source, generation = r.snapshot.generation
+            while true {
+                let picked = runtime.pick(hash: r.hash, random: &loop.random) { k in
+                    excluded.contains(k) || denied.contains(k)
+                }
+                switch picked {
+                case .failure(.overflow):
+                    request = r
+                    proxy.stats.overflows.add(1, ordering: .relaxed)
+                    record?.flags.append("UO")
+                    return fail(.serviceUnavailable, "weft: every backend of \(r.cluster.cluster) is at its circuit breaker's maxRequests\n")
+                case .failure(.empty):
+                    break
+                case .success(let candidate):
+                    if loop.allowed(proxy, generation: generation, source: source, destination: candidate.ip,
+                                    port: candidate.port, node: candidate.node) {
+                        key = candidate
+                    } else {
+                        denied.insert(candidate)
+                        continue
+                    }
+                }
                 break
             }
-            excluded.insert(candidate)
+        } else {
+            while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
+                if loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source,
+                                destination: candidate.ip, port: candidate.port, node: candidate.node) {
+                    key = candidate
+                    break
+                }
+                excluded.insert(candidate)
+            }
         }
         guard let key else {
             request = r
@@ -340,6 +440,38 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         record?.upstream = key
         record?.attempts = r.attempts
         r.connecting = true
+        r.outcomeRecorded = false
+        var counters: ClusterRuntime.Backend?
+        if let runtime = r.runtime, let i = runtime.index[key] {
+            let b = runtime.backends[i]
+            r.backend = i
+            counters = b
+            b.requests.add(1, ordering: .relaxed)
+            // A new connection is needed unless an idle one waits: that is
+            // where maxConnections and maxPendingRequests bite.
+            if let cb = runtime.policy.circuitBreaker, r.cluster.upstreamProtocol == .http1, !loop.pool.hasIdle(key) {
+                if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max {
+                    b.requests.subtract(1, ordering: .relaxed)
+                    r.backend = nil
+                    r.endpoint = nil
+                    r.connecting = false
+                    request = r
+                    proxy.stats.overflows.add(1, ordering: .relaxed)
+                    record?.flags.append("UO")
+                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's maxConnections\n")
+                }
+                if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max {
+                    b.requests.subtract(1, ordering: .relaxed)
+                    r.backend = nil
+                    r.endpoint = nil
+                    r.connecting = false
+                    request = r
+                    proxy.stats.overflows.add(1, ordering: .relaxed)
+                    record?.flags.append("UO")
+                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's maxPendingRequests\n")
+                }
+            }
+        }
         request = r
         loop.pool.state(key).inFlight += 1
         if let limit = r.action.timeouts.backendRequest {
@@ -348,7 +480,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
         }
         let proto = r.cluster.upstreamProtocol
-        loop.pool.acquire(key, protocol: proto) { [weak self] result in
+        loop.pool.acquire(key, protocol: proto, counters: counters) { [weak self] result in
             guard let self else {
                 if case .success(let h) = result { h.close() }
                 return
@@ -366,6 +498,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         switch result {
         case .failure(let error):
             loop.pool.state(key).inFlight -= 1
+            recordOutcome(.localFailure)
+            releaseBackend()
             loop.pool.recordConnectFailure(key)
             proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
             record?.lastFlag = "UF"
@@ -418,7 +552,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let context, var r = request else { return }
         switch part {
         case .head(var head):
-            if shouldRetry(status: head.status), let budgetOK = withdrawRetry(), budgetOK {
+            let code = Int(head.status.code)
+            recordOutcome(code >= 500 ? .serverError(code) : .success)
+            if shouldRetry(status: head.status), let budgetOK = withdrawRetry(), budgetOK, retryAllowedByBreaker() {
                 r.upstream?.close()
                 r.upstream = nil
                 request = r
@@ -429,6 +565,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             r.attemptTimer?.cancel()
             r.attemptTimer = nil
             if head.status == .switchingProtocols, r.isUpgrade, let upstream = r.upstream, let onUpgrade {
+                endAttempt(success: true)
                 request = nil
                 proxy.stats.upgrades.add(1, ordering: .relaxed)
                 proxy.stats.response(101)
@@ -442,6 +579,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             record?.status = Int(head.status.code)
             Self.stripHopByHop(&head.headers, keepUpgrade: false)
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
+            if let cookie = r.setCookie { head.headers.add(name: "set-cookie", value: cookie) }
             head.version = r.head.version
             if !isHTTP2 && !r.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "close") }
             proxy.stats.response(Int(head.status.code))
@@ -490,6 +628,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     func upstreamFailed(_ error: any Error, responded: Bool) {
         guard let r = request else { return }
+        if !responded { recordOutcome(.localFailure) }
         endAttempt(success: false)
         request!.upstream = nil
         if r.responseStarted || responded {
@@ -550,7 +689,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         request!.lastFailure = (status, body)
         let safe = sentNothing || (r.idempotent && r.replay != nil)
         if safe, r.attempts < connectRetries, !r.isUpgrade || sentNothing {
-            if free || withdrawRetry() ?? true {
+            if (free || withdrawRetry() ?? true) && retryAllowedByBreaker() {
                 scheduleRetry()
                 return
             }
@@ -579,6 +718,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let r = request, r.attemptID == id, !r.responseStarted else { return }
         proxy.stats.timeouts.add(1, ordering: .relaxed)
         record?.lastFlag = "UT"
+        recordOutcome(.localFailure)
         r.upstream?.close()
         endAttempt(success: false)
         request!.upstream = nil
@@ -610,12 +750,45 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if let key = r.endpoint, !r.connecting, let loop {
             loop.pool.state(key).inFlight -= 1
             request!.endpoint = nil
+            releaseBackend()
         }
+    }
+
+    /// The attempt is over: its backend has one request fewer in flight.
+    private func releaseBackend() {
+        guard let r = request, let runtime = r.runtime, let i = r.backend else { return }
+        runtime.backends[i].requests.subtract(1, ordering: .relaxed)
+        request!.backend = nil
+    }
+
+    /// Tells the cluster's outlier detector how the attempt went (once).
+    private func recordOutcome(_ outcome: OutlierDetector.Outcome) {
+        guard let r = request, !r.outcomeRecorded, let runtime = r.runtime, let detector = runtime.outliers,
+              let i = r.backend else { return }
+        request!.outcomeRecorded = true
+        detector.record(i, outcome, runtime: runtime)
+    }
+
+    /// circuitBreaker.maxRetries: retries in progress for the cluster. A
+    /// request counts once from its first retry until it finishes.
+    private func retryAllowedByBreaker() -> Bool {
+        guard let r = request, let runtime = r.runtime else { return true }
+        if r.retrying { return true }
+        guard let max = runtime.policy.circuitBreaker?.maxRetries else { return true }
+        if runtime.retries.load(ordering: .relaxed) >= max {
+            proxy.stats.overflows.add(1, ordering: .relaxed)
+            record?.lastFlag = "UO"
+            return false
+        }
+        runtime.retries.add(1, ordering: .relaxed)
+        request!.retrying = true
+        return true
     }
 
     private func finish() {
         request?.requestTimer?.cancel()
         request?.retryTimer?.cancel()
+        if let r = request, r.retrying { r.runtime?.retries.subtract(1, ordering: .relaxed) }
         request = nil
     }
 
@@ -628,9 +801,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let r = request else { return }
         r.upstream?.close()
         endAttempt(success: false)
-        r.requestTimer?.cancel()
-        r.retryTimer?.cancel()
-        request = nil
+        finish()
     }
 
     // MARK: telemetry

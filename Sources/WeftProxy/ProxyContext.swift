@@ -44,7 +44,9 @@ final class ProxyContext: Sendable {
     var snapshot: RouteSnapshot { current.withLock { $0 } }
 
     func install(_ table: ProxyTable) {
-        let snapshot = RouteSnapshot(table)
+        // One writer (the table watcher): reading the previous snapshot and
+        // swapping in the next need not be one critical section.
+        let snapshot = RouteSnapshot(table, node: configuration.node, previous: self.snapshot)
         current.withLock { $0 = snapshot }
     }
 

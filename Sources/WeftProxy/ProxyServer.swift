@@ -17,6 +17,30 @@ import WeftStatus
 /// connections close, and the process exits when none are left or the
 /// drain timeout passes.
 public enum ProxyServer {
+    /// TrafficPolicy state per cluster: ejections so far, backends out now,
+    /// requests in flight per backend.
+    static func resilienceMetrics(_ snapshot: RouteSnapshot) -> String {
+        guard !snapshot.runtimes.isEmpty else { return "" }
+        let now = NIODeadline.now().uptimeNanoseconds
+        var ejections = ["# HELP weft_outlier_ejections_total Backends ejected by outlier detection, by cluster.",
+                         "# TYPE weft_outlier_ejections_total counter"]
+        var out = ["# HELP weft_backend_ejected Whether outlier detection holds the backend out now.",
+                   "# TYPE weft_backend_ejected gauge"]
+        var active = ["# HELP weft_backend_active_requests Requests in flight to the backend, from this proxy.",
+                      "# TYPE weft_backend_active_requests gauge"]
+        for (name, runtime) in snapshot.runtimes.sorted(by: { $0.key < $1.key }) {
+            if let o = runtime.outliers {
+                ejections.append("weft_outlier_ejections_total{cluster=\"\(name)\"} \(o.ejectionsTotal.load(ordering: .relaxed))")
+            }
+            for b in runtime.backends {
+                let labels = "cluster=\"\(name)\",backend=\"\(b.key)\""
+                out.append("weft_backend_ejected{\(labels)} \(b.isEjected(now) ? 1 : 0)")
+                active.append("weft_backend_active_requests{\(labels)} \(b.requests.load(ordering: .relaxed))")
+            }
+        }
+        return (ejections + out + active).joined(separator: "\n") + "\n"
+    }
+
     public static func run(_ configuration: ProxyConfiguration, logger: Logger) throws {
         let threads = configuration.threads ?? System.coreCount
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -101,11 +125,15 @@ public enum ProxyServer {
                 return (.ok, "text/plain; version=0.0.4", proxy.telemetry.render(
                     stats: proxy.stats, generation: proxy.snapshot.generation,
                     extra: [("spans_exported_total", spans.exported), ("spans_dropped_total", spans.dropped),
-                            ("access_log_lines_dropped_total", proxy.accessLog.dropped)]))
+                            ("access_log_lines_dropped_total", proxy.accessLog.dropped)]) + resilienceMetrics(proxy.snapshot))
+            case "/ejections":
+                // One "ip:port" per line: backends outlier detection holds out now.
+                let list = proxy.snapshot.ejected
+                return (.ok, "text/plain", list.isEmpty ? "" : list.joined(separator: "\n") + "\n")
             case "/healthz":
                 return (.ok, "text/plain", proxy.draining.load(ordering: .relaxed) ? "draining\n" : "ok\n")
             default:
-                return (.notFound, "text/plain", "not found: try /generation, /stats, /metrics or /healthz\n")
+                return (.notFound, "text/plain", "not found: try /generation, /stats, /metrics, /ejections or /healthz\n")
             }
         }
         logger.notice("proxy listening", metadata: [

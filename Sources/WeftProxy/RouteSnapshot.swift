@@ -1,3 +1,4 @@
+import NIOCore
 import Synchronization
 import WeftCore
 
@@ -11,8 +12,12 @@ final class RouteSnapshot: Sendable {
     let endpoints: [String: [EndpointKey]]
     /// Workloads by address, for metrics and access logs.
     let workloadsByIP: [UInt32: ProxyTable.WorkloadRef]
+    /// Clusters with a TrafficPolicy: their shared balancing and breaking state.
+    let runtimes: [String: ClusterRuntime]
+    /// Frontends with a rate limit or injected faults, by "vip:port".
+    let guards: [String: FrontendGuard]
 
-    init(_ table: ProxyTable) {
+    init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
         var matchers: [String: RouteMatcher] = [:]
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
@@ -23,6 +28,33 @@ final class RouteSnapshot: Sendable {
             if let ip = IPv4Address(address) { refs[ip.value] = ref }
         }
         workloadsByIP = refs
+        var runtimes: [String: ClusterRuntime] = [:]
+        for (name, policy) in table.backendPolicies ?? [:] {
+            let old = previous?.runtimes[name].flatMap { $0.policy == policy ? $0 : nil }
+            runtimes[name] = ClusterRuntime(name: name, policy: policy, endpoints: endpoints[name] ?? [], node: node,
+                                            previous: old)
+        }
+        self.runtimes = runtimes
+        var guards: [String: FrontendGuard] = [:]
+        for (key, frontend) in table.frontends where frontend.rateLimit != nil || frontend.faultInjection != nil {
+            if let old = previous?.guards[key], old.sameSettings(frontend.rateLimit, frontend.faultInjection) {
+                guards[key] = old
+            } else {
+                guards[key] = FrontendGuard(rateLimit: frontend.rateLimit, faults: frontend.faultInjection)
+            }
+        }
+        self.guards = guards
+    }
+
+    /// Backends ejected by outlier detection now, "ip:port" once each
+    /// (the agent takes them out of the kernel's L4-only Services too).
+    var ejected: [String] {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var out = Set<String>()
+        for runtime in runtimes.values {
+            for b in runtime.backends where b.isEjected(now) { out.insert(b.key.description) }
+        }
+        return out.sorted()
     }
 
     var generation: UInt64 { table.generation }
@@ -46,6 +78,10 @@ final class ProxyStats: Sendable {
     let http2Connections = Atomic<Int>(0)
     let upgrades = Atomic<Int>(0)
     let mirrored = Atomic<Int>(0)
+    let overflows = Atomic<Int>(0)
+    let rateLimited = Atomic<Int>(0)
+    let faultsAborted = Atomic<Int>(0)
+    let faultsDelayed = Atomic<Int>(0)
 
     func response(_ code: Int) {
         switch code {
@@ -78,6 +114,10 @@ final class ProxyStats: Sendable {
             ("http2_connections_total", http2Connections.load(ordering: .relaxed)),
             ("upgrades_total", upgrades.load(ordering: .relaxed)),
             ("mirrored_total", mirrored.load(ordering: .relaxed)),
+            ("circuit_breaker_overflows_total", overflows.load(ordering: .relaxed)),
+            ("rate_limited_total", rateLimited.load(ordering: .relaxed)),
+            ("faults_aborted_total", faultsAborted.load(ordering: .relaxed)),
+            ("faults_delayed_total", faultsDelayed.load(ordering: .relaxed)),
         ]
     }
 }

@@ -116,8 +116,15 @@ final class UpstreamPool {
         s.ejectedUntil = .uptimeNanoseconds(0)
     }
 
-    /// An upstream handler ready for one exchange with `key`.
-    func acquire(_ key: EndpointKey, protocol proto: ProxyTable.UpstreamProtocol,
+    /// Whether an idle HTTP/1.1 connection to `key` waits on this loop.
+    func hasIdle(_ key: EndpointKey) -> Bool {
+        endpoints[key]?.idle.contains { $0.isActive } ?? false
+    }
+
+    /// An upstream handler ready for one exchange with `key`. `counters`
+    /// (a TrafficPolicy cluster's backend) counts the connections opened
+    /// and the requests waiting for one, for its circuit breaker.
+    func acquire(_ key: EndpointKey, protocol proto: ProxyTable.UpstreamProtocol, counters: ClusterRuntime.Backend? = nil,
                  _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
         let s = state(key)
         switch proto {
@@ -129,7 +136,16 @@ final class UpstreamPool {
                     return
                 }
             }
-            connectHTTP1(key, completion)
+            guard let counters else { return connectHTTP1(key, completion) }
+            counters.pending.add(1, ordering: .relaxed)
+            connectHTTP1(key) { result in
+                counters.pending.subtract(1, ordering: .relaxed)
+                if case .success(let handler) = result, let channel = handler.channel {
+                    counters.connections.add(1, ordering: .relaxed)
+                    channel.closeFuture.whenComplete { _ in counters.connections.subtract(1, ordering: .relaxed) }
+                }
+                completion(result)
+            }
         case .http2:
             if let h2 = s.h2, h2.isUsable {
                 h2.openStream(completion)

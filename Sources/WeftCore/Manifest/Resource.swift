@@ -10,6 +10,7 @@ public enum Resource: Hashable, Sendable {
     case networkPolicy(NetworkPolicy)
     case httpRoute(HTTPRoute)
     case meshConfig(MeshConfig)
+    case trafficPolicy(TrafficPolicy)
 
     public var kind: String {
         switch self {
@@ -19,6 +20,7 @@ public enum Resource: Hashable, Sendable {
         case .networkPolicy: "NetworkPolicy"
         case .httpRoute: "HTTPRoute"
         case .meshConfig: "MeshConfig"
+        case .trafficPolicy: "TrafficPolicy"
         }
     }
 
@@ -30,6 +32,7 @@ public enum Resource: Hashable, Sendable {
         case .networkPolicy(let p): p.metadata
         case .httpRoute(let r): r.metadata
         case .meshConfig(let m): m.metadata
+        case .trafficPolicy(let p): p.metadata
         }
     }
 
@@ -37,7 +40,7 @@ public enum Resource: Hashable, Sendable {
     static let known: [String: Set<String>] = [
         "v1": ["Service", "Namespace"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
-        "weft.dev/v1alpha1": ["Workload", "MeshConfig"],
+        "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy"],
         "gateway.networking.k8s.io/v1": ["HTTPRoute"],
     ]
 
@@ -74,6 +77,7 @@ public enum Resource: Hashable, Sendable {
         case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
         case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
         case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
+        case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
         default:
             try Workload.checkShortcutAnnotation(metadata, at: location)
             self = .workload(try Workload(spec: spec, metadata: metadata, at: location))

@@ -19,6 +19,18 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var requestMetrics: Bool?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
     public var tracing: TracingTarget?
+    /// TrafficPolicy settings for sending to a cluster, by cluster name;
+    /// a cluster without one balances by least request and breaks nothing.
+    public var backendPolicies: [String: BackendPolicy]?
+
+    /// How requests to one cluster pick and guard their backends.
+    public struct BackendPolicy: Codable, Hashable, Sendable {
+        public var loadBalancer: TrafficPolicy.LoadBalancer
+        public var outlierDetection: TrafficPolicy.OutlierDetection?
+        public var circuitBreaker: TrafficPolicy.CircuitBreaker?
+        /// "namespace/name" of the TrafficPolicy, for logs.
+        public var policy: String
+    }
 
     public struct TracingTarget: Codable, Hashable, Sendable {
         public var host: String
@@ -74,6 +86,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         /// Action for a request no route matches: the Service itself when no
         /// route is attached, else nil (404, as the Gateway API says).
         public var fallback: Int?
+        /// The Service's TrafficPolicy rate limit and injected faults.
+        public var rateLimit: TrafficPolicy.RateLimit?
+        public var faultInjection: TrafficPolicy.FaultInjection?
     }
 
     public struct RouteMatchEntry: Codable, Hashable, Sendable {
@@ -132,7 +147,7 @@ extension ProxyTable {
         "\(namespace)/\(service):\(port)"
     }
 
-    public init(_ state: ClusterState, generation: UInt64 = 0) {
+    public init(_ state: ClusterState, generation: UInt64 = 0, health: EndpointHealth = .init()) {
         self.init(generation: generation)
         var refs: [String: WorkloadRef] = [:]
         for w in state.workloads {
@@ -151,16 +166,29 @@ extension ProxyTable {
         var servicesByName: [String: Service] = [:]
         for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
 
-        func endpoints(_ service: Service, _ port: ServicePort) -> [Endpoint] {
-            index.select(namespace: service.metadata.namespace, selector: service.selector).compactMap { w in
+        var policies: [String: BackendPolicy] = [:]
+        func endpoints(_ service: Service, _ port: ServicePort, cluster: String) -> [Endpoint] {
+            let all = index.select(namespace: service.metadata.namespace, selector: service.selector).compactMap { w in
                 w.resolve(port.targetPort, transport: port.transport).map {
-                    Endpoint(address: w.address.description, port: $0, workload: w.metadata.qualifiedName, node: w.node)
+                    (Endpoint(address: w.address.description, port: $0, workload: w.metadata.qualifiedName, node: w.node),
+                     BackendAddress(address: w.address, port: $0, transport: .tcp))
                 }
             }
+            let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)
+            if let policy, policy.loadBalancer != .init() || policy.outlierDetection != nil || policy.circuitBreaker != nil {
+                policies[cluster] = BackendPolicy(loadBalancer: policy.loadBalancer, outlierDetection: policy.outlierDetection,
+                                                  circuitBreaker: policy.circuitBreaker, policy: policy.metadata.qualifiedName)
+            }
+            // Backends failing their active health check leave the proxy's
+            // table; its own outlier ejections it keeps track of itself.
+            guard let failing = health.failing[cluster] else { return all.map(\.0) }
+            return EndpointHealth.usable(all, panicThreshold: policy?.healthCheck?.panicThreshold ?? EndpointHealth.defaultPanicThreshold) {
+                failing.contains($0.1)
+            }.backends.map(\.0)
         }
         func cluster(_ service: Service, _ port: ServicePort) -> WeightedCluster {
             let name = Self.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
-            if clusters[name] == nil { clusters[name] = endpoints(service, port) }
+            if clusters[name] == nil { clusters[name] = endpoints(service, port, cluster: name) }
             return WeightedCluster(cluster: name, weight: 1, filters: [],
                                    upstreamProtocol: Self.declaredProtocol(port) ?? .http1)
         }
@@ -212,13 +240,16 @@ extension ProxyTable {
                     fallback = actions.count - 1
                 }
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
+                let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)
                 frontends["\(vip):\(port.port)"] = Frontend(
                     name: service.metadata.qualifiedName + label, namespace: service.metadata.namespace,
                     service: service.metadata.name, cluster: own.cluster, upstreamProtocol: declared ?? .http1,
                     matches: entries.sorted { $0.order < $1.order }.map(\.entry),
-                    actions: actions, fallback: fallback)
+                    actions: actions, fallback: fallback,
+                    rateLimit: policy?.rateLimit, faultInjection: policy?.faultInjection)
             }
         }
+        if !policies.isEmpty { backendPolicies = policies }
     }
 
     /// Routes by the Service port ("namespace/service:port") they attach to.

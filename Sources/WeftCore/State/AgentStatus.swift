@@ -117,6 +117,20 @@ public struct AgentStatus: Codable, Sendable {
     }
     /// HTTPRoutes in force: name, parents, rule count.
     public var routes: [RouteStatus] = []
+    /// Backend health (TrafficPolicy healthCheck and outlier ejections).
+    public var health: HealthStatus?
+
+    public struct HealthStatus: Codable, Sendable, Equatable {
+        /// Backends failing their active health check, "cluster backend".
+        public var failing: [String] = []
+        /// Backends the node proxy's outlier detection has ejected.
+        public var ejected: [String] = []
+        /// Service ports using every backend because too few are healthy.
+        public var panic: [String] = []
+        public var probes = 0
+        public var probeFailures = 0
+        public init() {}
+    }
 
     public struct ProxyStatus: Codable, Sendable {
         public var pid: Int32?

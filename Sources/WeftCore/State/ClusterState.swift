@@ -9,12 +9,14 @@ public struct ClusterState: Hashable, Sendable {
     public private(set) var namespaces: [String: Namespace]
     public private(set) var networkPolicies: [NetworkPolicy]
     public private(set) var httpRoutes: [HTTPRoute]
+    public private(set) var trafficPolicies: [TrafficPolicy]
     /// The cluster's MeshConfig, or the defaults when there is none.
     public private(set) var meshConfig: MeshConfig
 
     public init() {
         meshConfig = MeshConfig(metadata: ObjectMeta(name: "default", namespace: ""))
         httpRoutes = []
+        trafficPolicies = []
         services = []
         workloads = []
         namespaces = [:]
@@ -70,6 +72,8 @@ public struct ClusterState: Hashable, Sendable {
                 state.networkPolicies.append(policy)
             case .httpRoute(let route):
                 state.httpRoutes.append(route)
+            case .trafficPolicy(let policy):
+                state.trafficPolicies.append(policy)
             case .meshConfig(let config):
                 if let first = meshConfigAt {
                     errors.append(ManifestError(located.location, field: "metadata.name",
@@ -81,6 +85,7 @@ public struct ClusterState: Hashable, Sendable {
             }
         }
         errors += checkRouteReferences(resources)
+        errors += checkTrafficPolicyTargets(resources)
         // A Workload address may not be a Service clusterIP: connect() would be
         // load-balanced away from the pod.
         for located in resources {
@@ -93,6 +98,7 @@ public struct ClusterState: Hashable, Sendable {
         state.services.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.workloads.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.httpRoutes.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
+        state.trafficPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.networkPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         return .success(state)
     }
@@ -123,6 +129,40 @@ public struct ClusterState: Hashable, Sendable {
 }
 
 extension ClusterState {
+    /// The TrafficPolicy attached to a Service ("namespace/name"), if any.
+    public func trafficPolicy(forService qualifiedName: String) -> TrafficPolicy? {
+        trafficPolicies.first { p in p.targets.contains { "\(p.metadata.namespace)/\($0)" == qualifiedName } }
+    }
+
+    /// A TrafficPolicy must target Services that exist, and a Service takes
+    /// at most one: two would leave which one wins to file order.
+    static func checkTrafficPolicyTargets(_ resources: [LocatedResource]) -> [ManifestError] {
+        var services: Set<String> = []
+        for located in resources {
+            if case .service(let s) = located.resource { services.insert(s.metadata.qualifiedName) }
+        }
+        var errors: [ManifestError] = []
+        var owner: [String: (String, DocumentLocation)] = [:]
+        for located in resources {
+            guard case .trafficPolicy(let policy) = located.resource else { continue }
+            for (i, target) in policy.targets.enumerated() {
+                let name = "\(policy.metadata.namespace)/\(target)"
+                let field = "spec.targetRefs[\(i)].name"
+                guard services.contains(name) else {
+                    errors.append(ManifestError(located.location, field: field, "no Service \(name) in this config"))
+                    continue
+                }
+                if let (other, at) = owner[name] {
+                    errors.append(ManifestError(located.location, field: field,
+                                                "Service \(name) already has TrafficPolicy \(other) (at \(at)); a Service takes one"))
+                    continue
+                }
+                owner[name] = (policy.metadata.qualifiedName, located.location)
+            }
+        }
+        return errors
+    }
+
     /// An HTTPRoute may name only Services (and ports) that exist: a route
     /// that points nowhere is refused with the rest of its set, so it cannot
     /// silently send traffic into a 500.

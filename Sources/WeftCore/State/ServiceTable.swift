@@ -54,6 +54,9 @@ public struct ServiceTable: Hashable, Sendable {
     }
 
     public var entries: [Frontend: Entry]
+    /// Frontends using every backend because too few passed their checks
+    /// (EndpointHealth.usable's panic mode).
+    public var panic: Set<Frontend> = []
 
     public init(entries: [Frontend: Entry] = [:]) { self.entries = entries }
 
@@ -63,8 +66,9 @@ public struct ServiceTable: Hashable, Sendable {
     /// Kubernetes' endpoints rules: a selected Workload backs a Service port
     /// when it resolves the port's targetPort (a named targetPort is looked up
     /// per Workload, so replicas may listen on different numbers).
-    public init(_ state: ClusterState) {
+    public init(_ state: ClusterState, health: EndpointHealth = .init()) {
         var entries: [Frontend: Entry] = [:]
+        var panic: Set<Frontend> = []
         let index = SelectorIndex(state.workloads)
         let l7 = state.httpRoutes.isEmpty && !state.services.contains(where: { $0.ports.contains { ProxyTable.declaredProtocol($0) != nil } })
             ? [] : ProxyTable.l7Ports(state)
@@ -72,20 +76,31 @@ public struct ServiceTable: Hashable, Sendable {
             guard let vip = service.clusterIP else { continue }
             let selected = index.select(namespace: service.metadata.namespace, selector: service.selector)
             for port in service.ports {
-                let backends = selected.compactMap { w -> BackendAddress? in
+                var backends = selected.compactMap { w -> BackendAddress? in
                     guard let target = w.resolve(port.targetPort, transport: port.transport) else { return nil }
                     return BackendAddress(address: w.address, port: target, transport: port.transport)
                 }
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
+                let cluster = ProxyTable.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
+                let needsProxy = l7.contains(cluster) && port.transport == .tcp
+                // Health: failing backends leave; so do the proxy's
+                // ejections, for ports the kernel alone serves.
+                let failing = health.failing[cluster]
+                if failing != nil || (!needsProxy && !health.ejected.isEmpty) {
+                    let threshold = state.trafficPolicy(forService: service.metadata.qualifiedName)?.healthCheck?.panicThreshold
+                        ?? EndpointHealth.defaultPanicThreshold
+                    let usable = EndpointHealth.usable(backends, panicThreshold: threshold) { b in
+                        (failing?.contains(b) ?? false) || (!needsProxy && health.ejected.contains(b))
+                    }
+                    backends = usable.backends
+                    if usable.panic { panic.insert(Frontend(vip: vip, port: port.port, transport: port.transport)) }
+                }
                 entries[Frontend(vip: vip, port: port.port, transport: port.transport)] =
-                    Entry(name: service.metadata.qualifiedName + label,
-                          backends: backends,
-                          needsProxy: l7.contains(ProxyTable.clusterName(namespace: service.metadata.namespace,
-                                                                         service: service.metadata.name, port: port.port))
-                                      && port.transport == .tcp)
+                    Entry(name: service.metadata.qualifiedName + label, backends: backends, needsProxy: needsProxy)
             }
         }
         self.entries = entries
+        self.panic = panic
     }
 }
 

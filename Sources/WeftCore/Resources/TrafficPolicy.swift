@@ -1,0 +1,436 @@
+/// `weft.dev/v1alpha1 TrafficPolicy`: how traffic to a Service is balanced,
+/// checked, shed and broken on purpose, in one resource attached to the
+/// Service the Gateway API's way (targetRefs). What Istio spreads over
+/// DestinationRule and Envoy Gateway over BackendTrafficPolicy.
+///
+/// ```yaml
+/// apiVersion: weft.dev/v1alpha1
+/// kind: TrafficPolicy
+/// metadata: {name: web, namespace: shop}
+/// spec:
+///   targetRefs: [{group: "", kind: Service, name: web}]
+///   loadBalancer:
+///     type: LeastRequest        # RoundRobin | LeastRequest (default) | Random | RingHash | Maglev
+///     hashOn: {header: x-user}  # RingHash/Maglev: header | cookie {name, ttl} | sourceIP: true
+///     slowStart: {window: 30s, aggression: 1.0}
+///     locality: PreferLocal     # None (default) | PreferLocal: this node's backends while any is healthy
+///   healthCheck:                # active probes from each node's agent
+///     interval: 1s
+///     timeout: 500ms
+///     healthyThreshold: 1
+///     unhealthyThreshold: 2
+///     http: {path: /healthz, expectedStatuses: [200]}   # absent: a TCP connect probe
+///     panicThreshold: 50        # % healthy below which every backend is used again
+///   outlierDetection:           # passive, in the node proxy
+///     consecutive5xx: 5
+///     consecutiveGatewayErrors: 5
+///     interval: 10s
+///     baseEjectionTime: 30s
+///     maxEjectionPercent: 10
+///     successRate: {minimumHosts: 5, requestVolume: 100, stdevFactor: 1900}
+///   circuitBreaker: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024, maxRetries: 3}
+///   rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}   # Route | SourceIdentity | Header (+ header: NAME)
+///   faultInjection:
+///     delay: {fixedDelay: 100ms, percentage: 10}
+///     abort: {httpStatus: 503, percentage: 5}
+///     routes: [shop/web-route]  # HTTPRoute names (or name#rule); absent: every request
+///     sources: [{namespace: shop, serviceAccount: client}]   # absent: every source
+/// ```
+public struct TrafficPolicy: Hashable, Sendable {
+    public var metadata: ObjectMeta
+    /// Service names in the policy's namespace.
+    public var targets: [String]
+    public var loadBalancer = LoadBalancer()
+    public var healthCheck: HealthCheck?
+    public var outlierDetection: OutlierDetection?
+    public var circuitBreaker: CircuitBreaker?
+    public var rateLimit: RateLimit?
+    public var faultInjection: FaultInjection?
+
+    public init(metadata: ObjectMeta, targets: [String]) {
+        self.metadata = metadata
+        self.targets = targets
+    }
+
+    public struct LoadBalancer: Hashable, Sendable, Codable {
+        public enum Algorithm: String, Hashable, Sendable, Codable, CaseIterable {
+            case roundRobin = "RoundRobin", leastRequest = "LeastRequest", random = "Random"
+            case ringHash = "RingHash", maglev = "Maglev"
+            public var isConsistentHash: Bool { self == .ringHash || self == .maglev }
+        }
+        public enum HashKey: Hashable, Sendable, Codable {
+            case header(String)
+            /// A cookie; when a request has none and `ttl` is set, the proxy
+            /// makes one up and sets it on the response (Envoy's behaviour).
+            case cookie(name: String, ttl: Duration?)
+            case sourceIP
+        }
+        public enum Locality: String, Hashable, Sendable, Codable, CaseIterable {
+            case none = "None", preferLocal = "PreferLocal"
+        }
+        public var algorithm = Algorithm.leastRequest
+        public var hashOn: HashKey?
+        /// New backends take a growing share of requests over this window.
+        public var slowStartWindow: Duration?
+        public var slowStartAggression = 1.0
+        public var locality = Locality.none
+        public init() {}
+    }
+
+    public struct HealthCheck: Hashable, Sendable, Codable {
+        public var interval = Duration.seconds(5)
+        public var timeout = Duration.seconds(1)
+        public var healthyThreshold = 1
+        public var unhealthyThreshold = 2
+        /// nil: a TCP connect probe.
+        public var http: HTTPProbe?
+        /// Percent of healthy backends below which all are used (Envoy's panic mode).
+        public var panicThreshold = 50.0
+        public init() {}
+
+        public struct HTTPProbe: Hashable, Sendable, Codable {
+            public var path = "/healthz"
+            public var expectedStatuses: [ClosedRange<Int>] = [200...299]
+            public init() {}
+            public func expects(_ status: Int) -> Bool { expectedStatuses.contains { $0.contains(status) } }
+        }
+    }
+
+    public struct OutlierDetection: Hashable, Sendable, Codable {
+        /// 0 turns the check off.
+        public var consecutive5xx = 5
+        public var consecutiveGatewayErrors = 0
+        public var interval = Duration.seconds(10)
+        public var baseEjectionTime = Duration.seconds(30)
+        public var maxEjectionPercent = 10.0
+        public var successRate: SuccessRate?
+        public init() {}
+
+        public struct SuccessRate: Hashable, Sendable, Codable {
+            public var minimumHosts = 5
+            public var requestVolume = 100
+            /// Ejected below mean - stdev * stdevFactor / 1000 (Envoy's unit).
+            public var stdevFactor = 1900
+            public init() {}
+        }
+    }
+
+    /// Limits per backend; what exceeds them fails at once with 503 (flag UO).
+    public struct CircuitBreaker: Hashable, Sendable, Codable {
+        public var maxConnections: Int?
+        public var maxPendingRequests: Int?
+        public var maxRequests: Int?
+        public var maxRetries: Int?
+        public init() {}
+    }
+
+    public struct RateLimit: Hashable, Sendable, Codable {
+        public enum Key: Hashable, Sendable, Codable {
+            /// One bucket per route rule.
+            case route
+            /// One bucket per source pod identity (namespace/serviceAccount).
+            case sourceIdentity
+            /// One bucket per value of this request header.
+            case header(String)
+        }
+        public var requests: Int
+        public var interval: Duration
+        /// Bucket size; default `requests`.
+        public var burst: Int
+        public var key: Key
+        public init(requests: Int, interval: Duration, burst: Int, key: Key) {
+            self.requests = requests
+            self.interval = interval
+            self.burst = burst
+            self.key = key
+        }
+    }
+
+    public struct FaultInjection: Hashable, Sendable, Codable {
+        public struct Delay: Hashable, Sendable, Codable {
+            public var fixedDelay: Duration
+            public var percentage: Double
+        }
+        public struct Abort: Hashable, Sendable, Codable {
+            public var httpStatus: Int
+            public var percentage: Double
+        }
+        public struct Source: Hashable, Sendable, Codable {
+            public var namespace: String
+            public var serviceAccount: String?
+        }
+        public var delay: Delay?
+        public var abort: Abort?
+        /// HTTPRoute names "namespace/name" or rules "namespace/name#rule"; empty: all.
+        public var routes: [String] = []
+        /// Empty: every source.
+        public var sources: [Source] = []
+        public init() {}
+
+        public func applies(route: String, sourceNamespace: String?, serviceAccount: String?) -> Bool {
+            if !routes.isEmpty && !routes.contains(where: { $0 == route || route.hasPrefix($0 + "#") }) { return false }
+            if sources.isEmpty { return true }
+            return sources.contains { s in
+                s.namespace == sourceNamespace && (s.serviceAccount == nil || s.serviceAccount == serviceAccount)
+            }
+        }
+    }
+}
+
+extension TrafficPolicy {
+    init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+        var spec = try FieldReader(node, at: location, path: "spec")
+        guard let refs = try spec.list("targetRefs"), !refs.isEmpty else {
+            throw spec.error("targetRefs", "a TrafficPolicy needs at least one targetRef (a Service)")
+        }
+        var targets: [String] = []
+        for (path, node) in refs {
+            var r = try FieldReader(node, at: location, path: path)
+            let group = try r.string("group") ?? ""
+            let kind = try r.string("kind") ?? "Service"
+            guard group == "" || group == "core", kind == "Service" else {
+                throw ManifestError(location, field: "\(path).kind",
+                                    "a TrafficPolicy targets a Service (group \"\", kind Service), got \(group.isEmpty ? "core" : group)/\(kind)")
+            }
+            let name = try r.requiredString("name")
+            if let ns = try r.string("namespace"), ns != metadata.namespace {
+                throw r.error("namespace", "a TrafficPolicy applies to Services of its own namespace (\(metadata.namespace))")
+            }
+            try r.finish()
+            guard !targets.contains(name) else { throw ManifestError(location, field: "\(path).name", "Service \(name) is targeted twice") }
+            targets.append(name)
+        }
+        self.init(metadata: metadata, targets: targets)
+        if var lb = try spec.mapping("loadBalancer") { loadBalancer = try Self.loadBalancer(&lb, at: location) }
+        if var hc = try spec.mapping("healthCheck") { healthCheck = try Self.healthCheck(&hc, at: location) }
+        if var od = try spec.mapping("outlierDetection") { outlierDetection = try Self.outlierDetection(&od, at: location) }
+        if var cb = try spec.mapping("circuitBreaker") {
+            var out = CircuitBreaker()
+            out.maxConnections = try Self.positive(&cb, "maxConnections", allowZero: false)
+            out.maxPendingRequests = try Self.positive(&cb, "maxPendingRequests", allowZero: true)
+            out.maxRequests = try Self.positive(&cb, "maxRequests", allowZero: false)
+            out.maxRetries = try Self.positive(&cb, "maxRetries", allowZero: true)
+            try cb.finish()
+            circuitBreaker = out
+        }
+        if var rl = try spec.mapping("rateLimit") { rateLimit = try Self.rateLimit(&rl, at: location) }
+        if var fi = try spec.mapping("faultInjection") { faultInjection = try Self.faultInjection(&fi, at: location) }
+        try spec.finish()
+    }
+
+    static func loadBalancer(_ lb: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> LoadBalancer {
+        var out = LoadBalancer()
+        if let type = try lb.string("type") {
+            guard let a = LoadBalancer.Algorithm(rawValue: type) else {
+                throw lb.error("type", "must be one of \(LoadBalancer.Algorithm.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(type)\"")
+            }
+            out.algorithm = a
+        }
+        if var h = try lb.mapping("hashOn") {
+            guard out.algorithm.isConsistentHash else {
+                throw lb.error("hashOn", "applies only to type RingHash or Maglev")
+            }
+            var keys: [LoadBalancer.HashKey] = []
+            if let name = try h.string("header") {
+                try HTTPRoute.headerName(name, field: h.field("header"), at: location)
+                keys.append(.header(name.lowercased()))
+            }
+            if var c = try h.mapping("cookie") {
+                let name = try c.requiredString("name")
+                try HTTPRoute.headerName(name, field: c.field("name"), at: location)
+                let ttl = try c.string("ttl").flatMap { (t: String) throws(ManifestError) -> Duration? in
+                    try HTTPRoute.duration(t, field: c.field("ttl"), at: location)
+                }
+                try c.finish()
+                keys.append(.cookie(name: name, ttl: ttl))
+            }
+            if let ip = try h.bool("sourceIP"), ip { keys.append(.sourceIP) }
+            try h.finish()
+            guard keys.count == 1 else {
+                throw ManifestError(location, field: h.path, "give exactly one of header, cookie or sourceIP: true")
+            }
+            out.hashOn = keys[0]
+        } else if out.algorithm.isConsistentHash {
+            throw lb.error("hashOn", "\(out.algorithm.rawValue) needs hashOn (header, cookie or sourceIP)")
+        }
+        if var s = try lb.mapping("slowStart") {
+            guard !out.algorithm.isConsistentHash else {
+                throw lb.error("slowStart", "slow start applies to RoundRobin, LeastRequest and Random, not to consistent hashing")
+            }
+            let window = try s.requiredString("window")
+            guard let w = try HTTPRoute.duration(window, field: s.field("window"), at: location) else {
+                throw s.error("window", "must be longer than 0s")
+            }
+            out.slowStartWindow = w
+            if let a = s.node("aggression") {
+                guard let v = MeshConfig.percent(a), v > 0, v <= 10 else {
+                    throw s.error("aggression", "must be a number above 0 and at most 10")
+                }
+                out.slowStartAggression = v
+            }
+            try s.finish()
+        }
+        if let l = try lb.string("locality") {
+            guard let v = LoadBalancer.Locality(rawValue: l) else {
+                throw lb.error("locality", "must be one of \(LoadBalancer.Locality.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(l)\"")
+            }
+            out.locality = v
+        }
+        try lb.finish()
+        return out
+    }
+
+    static func healthCheck(_ hc: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> HealthCheck {
+        var out = HealthCheck()
+        if let d = try positiveDuration(&hc, "interval", at: location) { out.interval = d }
+        if let d = try positiveDuration(&hc, "timeout", at: location) { out.timeout = d }
+        guard out.timeout <= out.interval else {
+            throw hc.error("timeout", "must not be longer than interval (\(out.interval))")
+        }
+        if let v = try positive(&hc, "healthyThreshold", allowZero: false) { out.healthyThreshold = v }
+        if let v = try positive(&hc, "unhealthyThreshold", allowZero: false) { out.unhealthyThreshold = v }
+        if let p = try percent(&hc, "panicThreshold") { out.panicThreshold = p }
+        if var h = try hc.mapping("http") {
+            var probe = HealthCheck.HTTPProbe()
+            if let path = try h.string("path") {
+                guard path.hasPrefix("/"), !path.utf8.contains(where: { $0 <= 0x20 || $0 >= 0x7f }) else {
+                    throw h.error("path", "must start with \"/\" and hold no spaces or control characters")
+                }
+                probe.path = path
+            }
+            if let statuses = try h.list("expectedStatuses") {
+                probe.expectedStatuses = []
+                for (path, node) in statuses {
+                    let code = try FieldReader.int(node, at: location, path: path)
+                    guard (100...599).contains(code) else {
+                        throw ManifestError(location, field: path, "must be an HTTP status from 100 to 599, got \(code)")
+                    }
+                    probe.expectedStatuses.append(code...code)
+                }
+                guard !probe.expectedStatuses.isEmpty else { throw h.error("expectedStatuses", "must not be empty") }
+            }
+            try h.finish()
+            out.http = probe
+        }
+        if var t = try hc.mapping("tcp") { try t.finish() }
+        try hc.finish()
+        return out
+    }
+
+    static func outlierDetection(_ od: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> OutlierDetection {
+        var out = OutlierDetection()
+        if let v = try positive(&od, "consecutive5xx", allowZero: true) { out.consecutive5xx = v }
+        if let v = try positive(&od, "consecutiveGatewayErrors", allowZero: true) { out.consecutiveGatewayErrors = v }
+        if let d = try positiveDuration(&od, "interval", at: location) { out.interval = d }
+        if let d = try positiveDuration(&od, "baseEjectionTime", at: location) { out.baseEjectionTime = d }
+        if let p = try percent(&od, "maxEjectionPercent") { out.maxEjectionPercent = p }
+        if var sr = try od.mapping("successRate") {
+            var s = OutlierDetection.SuccessRate()
+            if let v = try positive(&sr, "minimumHosts", allowZero: false) { s.minimumHosts = v }
+            if let v = try positive(&sr, "requestVolume", allowZero: false) { s.requestVolume = v }
+            if let v = try positive(&sr, "stdevFactor", allowZero: false) { s.stdevFactor = v }
+            try sr.finish()
+            out.successRate = s
+        }
+        try od.finish()
+        guard out.consecutive5xx > 0 || out.consecutiveGatewayErrors > 0 || out.successRate != nil else {
+            throw ManifestError(location, field: od.path, "every check is off: set consecutive5xx, consecutiveGatewayErrors or successRate")
+        }
+        return out
+    }
+
+    static func rateLimit(_ rl: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> RateLimit {
+        guard let requests = try positive(&rl, "requests", allowZero: false) else {
+            throw rl.error("requests", "required field is missing")
+        }
+        let interval = try positiveDuration(&rl, "interval", at: location) ?? .seconds(1)
+        let burst = try positive(&rl, "burst", allowZero: false) ?? requests
+        let keyName = try rl.string("key") ?? "Route"
+        let header = try rl.string("header")
+        let key: RateLimit.Key
+        switch keyName {
+        case "Route": key = .route
+        case "SourceIdentity": key = .sourceIdentity
+        case "Header":
+            guard let header else { throw rl.error("header", "key Header needs the header's name") }
+            try HTTPRoute.headerName(header, field: rl.field("header"), at: location)
+            key = .header(header.lowercased())
+        default:
+            throw rl.error("key", "must be one of Route, SourceIdentity, Header, got \"\(keyName)\"")
+        }
+        if header != nil, keyName != "Header" { throw rl.error("header", "applies only to key Header") }
+        try rl.finish()
+        return RateLimit(requests: requests, interval: interval, burst: burst, key: key)
+    }
+
+    static func faultInjection(_ fi: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> FaultInjection {
+        var out = FaultInjection()
+        if var d = try fi.mapping("delay") {
+            let text = try d.requiredString("fixedDelay")
+            guard let delay = try HTTPRoute.duration(text, field: d.field("fixedDelay"), at: location) else {
+                throw d.error("fixedDelay", "must be longer than 0s")
+            }
+            guard let p = try percent(&d, "percentage") else { throw d.error("percentage", "required field is missing") }
+            try d.finish()
+            out.delay = .init(fixedDelay: delay, percentage: p)
+        }
+        if var a = try fi.mapping("abort") {
+            guard let code = try a.int("httpStatus") else { throw a.error("httpStatus", "required field is missing") }
+            guard (200...599).contains(code) else { throw a.error("httpStatus", "must be an HTTP status from 200 to 599, got \(code)") }
+            guard let p = try percent(&a, "percentage") else { throw a.error("percentage", "required field is missing") }
+            try a.finish()
+            out.abort = .init(httpStatus: code, percentage: p)
+        }
+        guard out.delay != nil || out.abort != nil else {
+            throw ManifestError(location, field: fi.path, "give delay, abort or both")
+        }
+        for (path, node) in try fi.list("routes") ?? [] {
+            let name = try FieldReader.string(node, at: location, path: path)
+            let base = name.split(separator: "#", maxSplits: 1).first.map(String.init) ?? name
+            let parts = base.split(separator: "/", omittingEmptySubsequences: false)
+            guard parts.count == 2, parts.allSatisfy({ MeshConfig.isDNSLabel(String($0)) || Validation.dnsSubdomain(String($0)) }) else {
+                throw ManifestError(location, field: path, "must name an HTTPRoute as namespace/name (or namespace/name#rule), got \"\(name)\"")
+            }
+            out.routes.append(name)
+        }
+        for (path, node) in try fi.list("sources") ?? [] {
+            var s = try FieldReader(node, at: location, path: path)
+            let ns = try s.requiredString("namespace")
+            let sa = try s.string("serviceAccount")
+            try s.finish()
+            out.sources.append(.init(namespace: ns, serviceAccount: sa))
+        }
+        try fi.finish()
+        return out
+    }
+
+    /// An integer >= 1 (or >= 0).
+    static func positive(_ r: inout FieldReader, _ key: String, allowZero: Bool) throws(ManifestError) -> Int? {
+        guard let v = try r.int(key) else { return nil }
+        guard v >= (allowZero ? 0 : 1) else { throw r.error(key, "must be \(allowZero ? "0 or more" : "at least 1"), got \(v)") }
+        return v
+    }
+
+    /// A Gateway API duration above zero ("-1s" and "0s" are refused).
+    static func positiveDuration(_ r: inout FieldReader, _ key: String, at location: DocumentLocation) throws(ManifestError) -> Duration? {
+        guard let text = try r.string(key) else { return nil }
+        if text.hasPrefix("-") { throw r.error(key, "must be positive, got \"\(text)\"") }
+        guard let d = try HTTPRoute.duration(text, field: r.field(key), at: location) else {
+            throw r.error(key, "must be longer than 0s")
+        }
+        return d
+    }
+
+    /// A number from 0 to 100.
+    static func percent(_ r: inout FieldReader, _ key: String) throws(ManifestError) -> Double? {
+        guard let node = r.node(key) else { return nil }
+        guard let v = MeshConfig.percent(node) else { throw r.error(key, "expected a number from 0 to 100, got \(FieldReader.describe(node))") }
+        guard (0...100).contains(v) else { throw r.error(key, "must be from 0 to 100, got \(v.formatted())") }
+        return v
+    }
+}
+
+extension Double {
+    /// "12" for 12.0, "12.5" otherwise.
+    func formatted() -> String { self == rounded() && abs(self) < 1e15 ? String(Int(self)) : String(self) }
+}

@@ -1,0 +1,335 @@
+import Foundation
+import NIOCore
+import Synchronization
+import WeftCore
+
+/// The shared, live side of one cluster with a TrafficPolicy: per-backend
+/// counters every event loop reads (circuit breakers and least-request must
+/// see the whole proxy, not one loop), the outlier detector, and the hash
+/// table of a consistent-hash balancer. Built with each route snapshot; a
+/// backend's counters and ejection carry over from the previous snapshot,
+/// so a table change forgets nothing.
+final class ClusterRuntime: Sendable {
+    /// What every loop may touch about one backend: atomics only.
+    final class Backend: Sendable {
+        let key: EndpointKey
+        let local: Bool
+        /// Requests in flight to it, from every loop.
+        let requests = Atomic<Int>(0)
+        /// Open upstream connections to it.
+        let connections = Atomic<Int>(0)
+        /// Requests waiting for a new connection to it.
+        let pending = Atomic<Int>(0)
+        /// Ejected until this uptime (ns); 0: not ejected.
+        let ejectedUntil = Atomic<UInt64>(0)
+        /// When it joined the cluster (uptime ns), for slow start.
+        let since: UInt64
+
+        init(key: EndpointKey, local: Bool, since: UInt64) {
+            self.key = key
+            self.local = local
+            self.since = since
+        }
+
+        func isEjected(_ now: UInt64) -> Bool { ejectedUntil.load(ordering: .relaxed) > now }
+    }
+
+    let name: String
+    let policy: ProxyTable.BackendPolicy
+    let backends: [Backend]
+    let index: [EndpointKey: Int]
+    /// Indexes of this node's backends (locality PreferLocal).
+    let localIndexes: [Int]
+    private let ring: ConsistentHash.Ring?
+    private let maglev: ConsistentHash.Maglev?
+    private let roundRobin = Atomic<Int>(0)
+    /// Retries in progress for this cluster (circuitBreaker.maxRetries).
+    let retries = Atomic<Int>(0)
+    let outliers: OutlierDetector?
+
+    init(name: String, policy: ProxyTable.BackendPolicy, endpoints: [EndpointKey], node: String,
+         previous: ClusterRuntime?) {
+        self.name = name
+        self.policy = policy
+        let now = NIODeadline.now().uptimeNanoseconds
+        // A proxy that starts finds its backends already serving: only those
+        // that join later ramp up.
+        let joined = previous == nil ? 0 : now
+        var index: [EndpointKey: Int] = [:]
+        var backends: [Backend] = []
+        for e in endpoints where index[e] == nil {
+            index[e] = backends.count
+            if let old = previous?.index[e].map({ previous!.backends[$0] }) {
+                backends.append(old)
+            } else {
+                backends.append(Backend(key: e, local: e.node == node, since: joined))
+            }
+        }
+        self.backends = backends
+        self.index = index
+        localIndexes = backends.indices.filter { backends[$0].local }
+        let names = backends.map(\.key.description)
+        switch policy.loadBalancer.algorithm {
+        case .ringHash: ring = ConsistentHash.Ring(names); maglev = nil
+        case .maglev: maglev = ConsistentHash.Maglev(names); ring = nil
+        default: ring = nil; maglev = nil
+        }
+        outliers = policy.outlierDetection.map { OutlierDetector($0, backends: backends.count, previous: previous?.outliers,
+                                                                 previousIndex: previous?.index, keys: backends.map(\.key)) }
+    }
+
+    /// Why no backend could be chosen.
+    enum Refusal: Error {
+        /// Every candidate is at a circuit-breaker limit.
+        case overflow
+        case empty
+    }
+
+    /// One backend for a request, by the policy's algorithm. `usable`
+    /// carries the caller's own exclusions (tried already, policy-denied).
+    /// Ejected backends and ones at their request limit are skipped while
+    /// any other remains; an all-ejected cluster still gets a backend (the
+    /// health-check panic rule, applied to ejections too), but an
+    /// all-full one overflows.
+    func pick(hash: UInt64?, random: inout LoopRandom, excluded: (EndpointKey) -> Bool) -> Result<EndpointKey, Refusal> {
+        let n = backends.count
+        guard n > 0 else { return .failure(.empty) }
+        let now = NIODeadline.now().uptimeNanoseconds
+        let maxRequests = policy.circuitBreaker?.maxRequests
+        func full(_ b: Backend) -> Bool { maxRequests.map { b.requests.load(ordering: .relaxed) >= $0 } ?? false }
+        func open(_ i: Int) -> Bool {
+            let b = backends[i]
+            return !b.isEjected(now) && !excluded(b.key) && !full(b)
+        }
+        var candidates: [Int]? = nil
+        if policy.loadBalancer.locality == .preferLocal, !localIndexes.isEmpty, localIndexes.contains(where: open) {
+            candidates = localIndexes
+        }
+        let chosen: Int?
+        if let hash, ring != nil || maglev != nil {
+            var found: Int?
+            let visit: (Int) -> Bool = { i in
+                if open(i) && (candidates == nil || self.backends[i].local) { found = i; return true }
+                return false
+            }
+            if let ring { ring.walk(hash, visit) } else { maglev?.walk(hash, visit) }
+            chosen = found
+        } else {
+            chosen = pickSpread(candidates, now: now, random: &random, open: open)
+        }
+        if let chosen { return .success(backends[chosen].key) }
+        // Nothing open. Full ones stay shut; otherwise take one not excluded
+        // (ejected or not): never fail a request without an attempt.
+        if backends.allSatisfy({ full($0) || excluded($0.key) }) {
+            return backends.contains(where: full) ? .failure(.overflow) : .failure(.empty)
+        }
+        let start = Int(random.next() % UInt64(n))
+        for k in 0..<n {
+            let b = backends[(start + k) % n]
+            if !excluded(b.key) && !full(b) { return .success(b.key) }
+        }
+        return .failure(.overflow)
+    }
+
+    /// RoundRobin, Random or LeastRequest (two random choices, fewer
+    /// requests in flight wins), with slow start thinning new backends.
+    private func pickSpread(_ subset: [Int]?, now: UInt64, random: inout LoopRandom, open: (Int) -> Bool) -> Int? {
+        let pool = subset ?? Array(backends.indices)
+        let n = pool.count
+        guard n > 0 else { return nil }
+        let lb = policy.loadBalancer
+        for attempt in 0..<(4 * n + 4) {
+            let i: Int
+            switch lb.algorithm {
+            case .roundRobin:
+                i = pool[Int(UInt(bitPattern: roundRobin.wrappingAdd(1, ordering: .relaxed).oldValue) % UInt(n))]
+            case .random, .ringHash, .maglev:
+                i = pool[Int(random.next() % UInt64(n))]
+            case .leastRequest:
+                let a = pool[Int(random.next() % UInt64(n))]
+                let b = pool[Int(random.next() % UInt64(n))]
+                switch (open(a), open(b)) {
+                case (true, true):
+                    i = backends[a].requests.load(ordering: .relaxed) <= backends[b].requests.load(ordering: .relaxed) ? a : b
+                case (false, true): i = b
+                default: i = a
+                }
+            }
+            guard open(i) else { continue }
+            // Slow start: a backend younger than the window is taken with
+            // probability (age/window)^(1/aggression), at least 10%.
+            if let window = lb.slowStartWindow, attempt < 2 * n + 2 {
+                let w = UInt64(HealthNanos.of(window))
+                let age = now &- backends[i].since
+                if backends[i].since != 0, age < w {
+                    let share = max(0.1, pow(Double(age) / Double(w), 1 / lb.slowStartAggression))
+                    if Double(random.next() >> 11) / Double(1 << 53) >= share { continue }
+                }
+            }
+            return i
+        }
+        // Unlucky draws: a scan.
+        return pool.first(where: open)
+    }
+
+    /// The hash of a request's key, or nil when it carries none (then the
+    /// request is spread like Random). The cookie case may mint a value.
+    static func requestHash(_ key: TrafficPolicy.LoadBalancer.HashKey, headers: HTTPHeadersView, source: IPv4Address) -> UInt64? {
+        switch key {
+        case .header(let name):
+            return headers.value(name).map { ConsistentHash.stableHash($0.utf8) }
+        case .cookie(let name, _):
+            return headers.cookie(name).map { ConsistentHash.stableHash($0.utf8) }
+        case .sourceIP:
+            return ConsistentHash.mix(UInt64(source.value))
+        }
+    }
+}
+
+/// What ClusterRuntime reads of a request's headers (keeps NIOHTTP1 out of it).
+struct HTTPHeadersView {
+    var value: (String) -> String?
+    var cookies: () -> [String]
+
+    func value(_ name: String) -> String? { value(name) }
+
+    func cookie(_ name: String) -> String? {
+        for header in cookies() {
+            for pair in header.split(separator: ";") {
+                let kv = pair.split(separator: "=", maxSplits: 1)
+                if kv.count == 2, kv[0].trimmingCharacters(in: .whitespaces) == name {
+                    return String(kv[1]).trimmingCharacters(in: .whitespaces)
+                }
+            }
+        }
+        return nil
+    }
+}
+
+enum HealthNanos {
+    static func of(_ d: Duration) -> Int64 {
+        let (s, a) = d.components
+        return s * 1_000_000_000 + a / 1_000_000_000
+    }
+}
+
+/// Passive health in Envoy's manner: consecutive 5xx (any 5xx, connect
+/// failures and resets included), consecutive gateway errors (502, 503,
+/// 504, connect failures, resets, timeouts), and success-rate outliers per
+/// interval eject a backend for baseEjectionTime times the number of times
+/// it has been ejected; at most maxEjectionPercent of the cluster is out at
+/// once (but always at least one may be). The multiplier decays by one for
+/// every interval the backend stays clean.
+final class OutlierDetector: Sendable {
+    struct Counters {
+        var consecutive5xx = 0
+        var consecutiveGateway = 0
+        var requests = 0
+        var successes = 0
+        var ejections = 0
+        var failedThisInterval = false
+    }
+
+    let settings: TrafficPolicy.OutlierDetection
+    private let state: Mutex<(counters: [Counters], nextSweep: UInt64)>
+    let ejectionsTotal = Atomic<Int>(0)
+
+    init(_ settings: TrafficPolicy.OutlierDetection, backends: Int, previous: OutlierDetector?,
+         previousIndex: [EndpointKey: Int]?, keys: [EndpointKey]) {
+        self.settings = settings
+        var counters = [Counters](repeating: .init(), count: backends)
+        var sweep = NIODeadline.now().uptimeNanoseconds + UInt64(HealthNanos.of(settings.interval))
+        if let previous, let previousIndex {
+            previous.state.withLock { old in
+                for (i, k) in keys.enumerated() {
+                    if let j = previousIndex[k], j < old.counters.count { counters[i] = old.counters[j] }
+                }
+                sweep = old.nextSweep
+            }
+            ejectionsTotal.store(previous.ejectionsTotal.load(ordering: .relaxed), ordering: .relaxed)
+        }
+        state = Mutex((counters, sweep))
+    }
+
+    enum Outcome {
+        case success
+        /// An HTTP status >= 500 from the backend.
+        case serverError(Int)
+        /// The proxy could not get an answer: connect failure, reset, timeout.
+        case localFailure
+    }
+
+    /// Records one attempt's outcome; ejects the backend when it crosses a threshold.
+    func record(_ index: Int, _ outcome: Outcome, runtime: ClusterRuntime) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var eject = [Int]()
+        state.withLock { s in
+            guard index < s.counters.count else { return }
+            var c = s.counters[index]
+            c.requests += 1
+            switch outcome {
+            case .success:
+                c.successes += 1
+                c.consecutive5xx = 0
+                c.consecutiveGateway = 0
+            case .serverError(let code):
+                c.failedThisInterval = true
+                c.consecutive5xx += 1
+                if code == 502 || code == 503 || code == 504 { c.consecutiveGateway += 1 } else { c.consecutiveGateway = 0 }
+            case .localFailure:
+                c.failedThisInterval = true
+                c.consecutive5xx += 1
+                c.consecutiveGateway += 1
+            }
+            if (settings.consecutive5xx > 0 && c.consecutive5xx >= settings.consecutive5xx)
+                || (settings.consecutiveGatewayErrors > 0 && c.consecutiveGateway >= settings.consecutiveGatewayErrors) {
+                eject.append(index)
+                c.consecutive5xx = 0
+                c.consecutiveGateway = 0
+            }
+            s.counters[index] = c
+            if now >= s.nextSweep {
+                s.nextSweep = now + UInt64(HealthNanos.of(settings.interval))
+                eject += sweep(&s.counters, runtime: runtime, now: now)
+            }
+            for i in Set(eject) { ejectLocked(i, counters: &s.counters, runtime: runtime, now: now) }
+        }
+    }
+
+    /// End of an interval: success-rate outliers, and decay of the
+    /// multiplier for backends that stayed clean.
+    private func sweep(_ counters: inout [Counters], runtime: ClusterRuntime, now: UInt64) -> [Int] {
+        var out: [Int] = []
+        if let sr = settings.successRate {
+            let eligible = counters.indices.filter { counters[$0].requests >= sr.requestVolume }
+            if eligible.count >= sr.minimumHosts {
+                let rates = eligible.map { Double(counters[$0].successes) / Double(counters[$0].requests) }
+                let mean = rates.reduce(0, +) / Double(rates.count)
+                let variance = rates.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(rates.count)
+                let threshold = mean - variance.squareRoot() * Double(sr.stdevFactor) / 1000
+                for (k, i) in eligible.enumerated() where rates[k] < threshold { out.append(i) }
+            }
+        }
+        for i in counters.indices {
+            if !counters[i].failedThisInterval, counters[i].ejections > 0, !runtime.backends[i].isEjected(now) {
+                counters[i].ejections -= 1
+            }
+            counters[i].requests = 0
+            counters[i].successes = 0
+            counters[i].failedThisInterval = false
+        }
+        return out
+    }
+
+    private func ejectLocked(_ i: Int, counters: inout [Counters], runtime: ClusterRuntime, now: UInt64) {
+        let b = runtime.backends[i]
+        guard !b.isEjected(now) else { return }
+        let out = runtime.backends.count(where: { $0.isEjected(now) })
+        let allowed = max(1, Int(Double(runtime.backends.count) * settings.maxEjectionPercent / 100))
+        guard out < allowed else { return }
+        counters[i].ejections += 1
+        let time = UInt64(HealthNanos.of(settings.baseEjectionTime)) * UInt64(counters[i].ejections)
+        b.ejectedUntil.store(now + time, ordering: .relaxed)
+        ejectionsTotal.add(1, ordering: .relaxed)
+    }
+}

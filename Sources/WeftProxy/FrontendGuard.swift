@@ -1,0 +1,70 @@
+import NIOCore
+import Synchronization
+import WeftCore
+
+/// The request-side half of a Service's TrafficPolicy, shared by every event
+/// loop: the local rate limit's token buckets and the fault injection
+/// settings. Carried across route snapshots while the policy is unchanged,
+/// so a table change neither refills nor drains a bucket.
+final class FrontendGuard: Sendable {
+    let rateLimit: TrafficPolicy.RateLimit?
+    let faults: TrafficPolicy.FaultInjection?
+    private let buckets = Mutex<[String: TokenBucket]>([:])
+    let limited = Atomic<Int>(0)
+    let aborted = Atomic<Int>(0)
+    let delayed = Atomic<Int>(0)
+
+    init(rateLimit: TrafficPolicy.RateLimit?, faults: TrafficPolicy.FaultInjection?) {
+        self.rateLimit = rateLimit
+        self.faults = faults
+    }
+
+    func sameSettings(_ rateLimit: TrafficPolicy.RateLimit?, _ faults: TrafficPolicy.FaultInjection?) -> Bool {
+        self.rateLimit == rateLimit && self.faults == faults
+    }
+
+    /// Takes a token for `key`'s bucket. nil: admitted; else how long until
+    /// a token is there (for Retry-After).
+    func admit(_ key: String) -> Duration? {
+        guard let limit = rateLimit else { return nil }
+        let now = NIODeadline.now().uptimeNanoseconds
+        return buckets.withLock { all in
+            // Bound the number of keys (one per header value): a client
+            // minting values must not grow the proxy without limit.
+            if all.count >= 100_000 && all[key] == nil { all.removeAll(keepingCapacity: true) }
+            var bucket = all[key] ?? TokenBucket(limit, now: now)
+            let wait = bucket.take(now: now)
+            all[key] = bucket
+            return wait
+        }
+    }
+}
+
+/// A token bucket: `burst` tokens at most, refilled continuously at
+/// `requests` per `interval`.
+struct TokenBucket {
+    private var tokens: Double
+    private var last: UInt64
+    private let capacity: Double
+    /// Tokens per nanosecond.
+    private let rate: Double
+
+    init(_ limit: TrafficPolicy.RateLimit, now: UInt64) {
+        capacity = Double(limit.burst)
+        tokens = capacity
+        last = now
+        rate = Double(limit.requests) / Double(HealthNanos.of(limit.interval))
+    }
+
+    mutating func take(now: UInt64) -> Duration? {
+        if now > last {
+            tokens = min(capacity, tokens + Double(now - last) * rate)
+            last = now
+        }
+        if tokens >= 1 {
+            tokens -= 1
+            return nil
+        }
+        return .nanoseconds(Int64(((1 - tokens) / rate).rounded(.up)))
+    }
+}
