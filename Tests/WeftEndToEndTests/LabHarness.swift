@@ -18,6 +18,7 @@ struct LabHarness {
     static let l7Server = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/l7server.py").path
     static let promParse = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/promparse.py").path
     static let pixels = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/pixels.py").path
+    static let loadTool = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/loadtool.py").path
     static let otlpCollector = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/otlpcollector.py").path
 
     /// The `weft` built next to the test bundle.
@@ -94,6 +95,21 @@ struct LabHarness {
             throw HarnessError("labtool \(args) in \(pod) failed: \(r.output)")
         }
         return json
+    }
+
+    /// Runs loadtool.py in a pod and decodes its JSON line.
+    func load(in pod: String, _ args: [String]) throws -> [String: Any] {
+        let r = try Self.run(["lab", "exec", pod, "--", "python3", Self.loadTool] + args)
+        guard r.status == 0, let line = r.output.split(separator: "\n").last,
+              let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw HarnessError("loadtool \(args) in \(pod) failed: \(r.output)")
+        }
+        return json
+    }
+
+    /// Starts loadtool.py in a pod in the background.
+    func startLoad(in pod: String, _ args: [String]) throws -> BackgroundRun {
+        try BackgroundRun([Self.weft, "lab", "exec", pod, "--", "python3", Self.loadTool] + args)
     }
 
     /// Starts labtool.py in a pod in the background.

@@ -6,6 +6,11 @@ test can see what the proxy did to it. Behaviour by path:
   /sleep/MS        wait MS milliseconds first
   /flaky/RATE      answer 503 with probability RATE (0..1)
   /__count         how many requests this server has seen (not counted)
+  /__set?fail=R&delay=MS&health=CODE
+                   from now on: 503 on share R of requests, wait MS first,
+                   answer /healthz with CODE (not counted)
+  /__exit          the server process ends at once (a dead backend)
+  /healthz         200, or the code /__set gave (not counted)
 Usage: l7server.py PORT [--fail-rate R]  (R: 503 on that share of every request)
 """
 import json
@@ -18,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 POD = os.environ.get("WEFT_POD_NAME", "unknown")
 FAIL_RATE = 0.0
+DELAY_MS = 0
+HEALTH = 200
 COUNT = 0
 LOCK = threading.Lock()
 
@@ -59,7 +66,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(bytes([0x81, len(reply)]) + reply)
 
     def handle_any(self):
-        global COUNT
+        global COUNT, FAIL_RATE, DELAY_MS, HEALTH
         if self.headers.get("upgrade", "").lower() == "websocket":
             return self.websocket()
         length = int(self.headers.get("content-length") or 0)
@@ -67,6 +74,17 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path
         if path == "/__count":
             return self.reply(200, {"pod": POD, "count": COUNT})
+        if path == "/healthz":
+            return self.reply(HEALTH, {"pod": POD, "health": HEALTH})
+        if path == "/__exit":
+            os._exit(0)
+        if path.startswith("/__set"):
+            from urllib.parse import parse_qs, urlparse
+            q = parse_qs(urlparse(path).query)
+            FAIL_RATE = float(q.get("fail", [FAIL_RATE])[0])
+            DELAY_MS = int(q.get("delay", [DELAY_MS])[0])
+            HEALTH = int(q.get("health", [HEALTH])[0])
+            return self.reply(200, {"pod": POD, "fail": FAIL_RATE, "delay": DELAY_MS, "health": HEALTH})
         with LOCK:
             COUNT += 1
         status = 200
@@ -77,6 +95,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(int(parts[1]) / 1000)
         elif parts[0] == "flaky" and len(parts) > 1 and random.random() < float(parts[1]):
             status = 503
+        if DELAY_MS:
+            time.sleep(DELAY_MS / 1000)
         if FAIL_RATE and random.random() < FAIL_RATE:
             status = 503
         self.reply(status, {"pod": POD, "method": self.command, "path": path, "body": len(body),

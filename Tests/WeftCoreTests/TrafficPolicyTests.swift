@@ -1,0 +1,138 @@
+import Testing
+@testable import WeftCore
+
+private let service = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web, namespace: shop}
+    spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+    ---
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: a, namespace: shop, labels: {app: web}}
+    spec: {node: n1, address: 198.18.1.10}
+    ---
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: b, namespace: shop, labels: {app: web}}
+    spec: {node: n2, address: 198.18.2.10}
+    ---
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: c, namespace: shop, labels: {app: web}}
+    spec: {node: n2, address: 198.18.2.11}
+    """
+
+private func policy(_ spec: String, name: String = "p", target: String = "web") -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: TrafficPolicy
+    metadata: {name: \(name), namespace: shop}
+    spec:
+      targetRefs: [{group: "", kind: Service, name: \(target)}]
+    \(spec.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
+    """
+}
+
+private func parse(_ text: String) -> (ClusterState?, [String]) {
+    let (resources, errors) = ManifestReader.parse(text, file: "tp.yaml")
+    switch ClusterState.build(resources, parseErrors: errors) {
+    case .success(let s): return (s, [])
+    case .failure(let e): return (nil, e.errors.map(\.description))
+    }
+}
+
+struct TrafficPolicyTests {
+    @Test func everyFeatureParses() throws {
+        let (state, errors) = parse(service + "\n---\n" + policy("""
+            loadBalancer: {type: RoundRobin, slowStart: {window: 30s, aggression: 2}, locality: PreferLocal}
+            healthCheck: {interval: 2s, timeout: 500ms, healthyThreshold: 2, unhealthyThreshold: 3, panicThreshold: 30, http: {path: /ready, expectedStatuses: [200, 204]}}
+            outlierDetection: {consecutive5xx: 3, consecutiveGatewayErrors: 2, interval: 5s, baseEjectionTime: 10s, maxEjectionPercent: 50, successRate: {minimumHosts: 3, requestVolume: 20, stdevFactor: 1000}}
+            circuitBreaker: {maxConnections: 10, maxPendingRequests: 0, maxRequests: 20, maxRetries: 2}
+            rateLimit: {requests: 50, interval: 1s, burst: 60, key: Header, header: X-Tenant}
+            faultInjection: {delay: {fixedDelay: 100ms, percentage: 10}, abort: {httpStatus: 503, percentage: 2.5}, routes: [shop/web], sources: [{namespace: shop, serviceAccount: client}]}
+            """))
+        let s = try #require(state, "\(errors)")
+        let p = try #require(s.trafficPolicy(forService: "shop/web"))
+        #expect(p.loadBalancer.algorithm == .roundRobin && p.loadBalancer.slowStartWindow == .seconds(30))
+        #expect(p.loadBalancer.slowStartAggression == 2 && p.loadBalancer.locality == .preferLocal)
+        #expect(p.healthCheck?.http?.expects(204) == true && p.healthCheck?.http?.expects(500) == false)
+        #expect(p.healthCheck?.panicThreshold == 30 && p.healthCheck?.unhealthyThreshold == 3)
+        #expect(p.outlierDetection?.successRate?.requestVolume == 20 && p.outlierDetection?.maxEjectionPercent == 50)
+        #expect(p.circuitBreaker?.maxPendingRequests == 0 && p.circuitBreaker?.maxRequests == 20)
+        #expect(p.rateLimit?.key == .header("x-tenant") && p.rateLimit?.burst == 60)
+        #expect(p.faultInjection?.abort?.percentage == 2.5 && p.faultInjection?.delay?.fixedDelay == .milliseconds(100))
+        let f = try #require(p.faultInjection)
+        #expect(f.applies(route: "shop/web#0", sourceNamespace: "shop", serviceAccount: "client"))
+        #expect(!f.applies(route: "shop/other#0", sourceNamespace: "shop", serviceAccount: "client"))
+        #expect(!f.applies(route: "shop/web#0", sourceNamespace: "shop", serviceAccount: "intruder"))
+        // The policy reaches the proxy's table: cluster and frontend sides.
+        let table = ProxyTable(s)
+        #expect(table.backendPolicies?["shop/web:80"]?.loadBalancer.algorithm == .roundRobin)
+        #expect(table.frontends["198.19.0.10:80"]?.rateLimit?.requests == 50)
+    }
+
+    @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
+        let cases: [(String, String)] = [
+            ("healthCheck: {interval: -1s}", "tp.yaml:5:spec.healthCheck.interval: must be positive"),
+            ("healthCheck: {interval: 0s}", "spec.healthCheck.interval: must be longer than 0s"),
+            ("healthCheck: {interval: 1s, timeout: 2s}", "spec.healthCheck.timeout: must not be longer than interval"),
+            ("healthCheck: {unhealthyThreshold: 0}", "spec.healthCheck.unhealthyThreshold: must be at least 1"),
+            ("healthCheck: {http: {expectedStatuses: [700]}}", "spec.healthCheck.http.expectedStatuses[0]: must be an HTTP status"),
+            ("outlierDetection: {maxEjectionPercent: 150}", "spec.outlierDetection.maxEjectionPercent: must be from 0 to 100, got 150"),
+            ("outlierDetection: {consecutive5xx: 0}", "spec.outlierDetection: every check is off"),
+            ("faultInjection: {abort: {httpStatus: 503, percentage: 101}}", "spec.faultInjection.abort.percentage: must be from 0 to 100"),
+            ("faultInjection: {delay: {fixedDelay: 1s, percentage: -5}}", "spec.faultInjection.delay.percentage: must be from 0 to 100"),
+            ("faultInjection: {abort: {httpStatus: 42, percentage: 1}}", "spec.faultInjection.abort.httpStatus: must be an HTTP status"),
+            ("faultInjection: {}", "spec.faultInjection: give delay, abort or both"),
+            ("loadBalancer: {type: Fastest}", "spec.loadBalancer.type: must be one of RoundRobin, LeastRequest, Random, RingHash, Maglev"),
+            ("loadBalancer: {type: RingHash}", "spec.loadBalancer.hashOn: RingHash needs hashOn"),
+            ("loadBalancer: {type: Maglev, hashOn: {header: x-a, sourceIP: true}}", "spec.loadBalancer.hashOn: give exactly one"),
+            ("loadBalancer: {hashOn: {sourceIP: true}}", "spec.loadBalancer.hashOn: applies only to type RingHash or Maglev"),
+            ("circuitBreaker: {maxRequests: 0}", "spec.circuitBreaker.maxRequests: must be at least 1, got 0"),
+            ("rateLimit: {requests: 10, key: Header}", "spec.rateLimit.header: key Header needs the header's name"),
+            ("rateLimit: {requests: -3}", "spec.rateLimit.requests: must be at least 1, got -3"),
+            ("retries: 3", "spec.retries: unknown field"),
+        ]
+        for (spec, expected) in cases {
+            let (state, errors) = parse(service + "\n---\n" + policy(spec))
+            #expect(state == nil, "\(spec) was accepted")
+            #expect(errors.contains { $0.contains(expected) }, "\(spec): \(errors)")
+        }
+        let (_, unknown) = parse(service + "\n---\n" + policy("circuitBreaker: {maxRequests: 5}", target: "nowhere"))
+        #expect(unknown.contains { $0.contains("tp.yaml:5:spec.targetRefs[0].name: no Service shop/nowhere in this config") }, "\(unknown)")
+        let (_, twice) = parse(service + "\n---\n" + policy("circuitBreaker: {maxRequests: 5}") + "\n---\n"
+            + policy("circuitBreaker: {maxRequests: 6}", name: "q"))
+        #expect(twice.contains { $0.contains("tp.yaml:6:spec.targetRefs[0].name: Service shop/web already has TrafficPolicy shop/p") }, "\(twice)")
+    }
+
+    @Test func failingBackendsLeaveBothTablesUnlessTooFewRemain() throws {
+        let (state, errors) = parse(service + "\n---\n" + policy("healthCheck: {interval: 1s, panicThreshold: 50}"))
+        let s = try #require(state, "\(errors)")
+        let a = BackendAddress(address: IPv4Address("198.18.1.10")!, port: 8080, transport: .tcp)
+        let b = BackendAddress(address: IPv4Address("198.18.2.10")!, port: 8080, transport: .tcp)
+        let c = BackendAddress(address: IPv4Address("198.18.2.11")!, port: 8080, transport: .tcp)
+        let frontend = Frontend(vip: IPv4Address("198.19.0.10")!, port: 80, transport: .tcp)
+        let one = EndpointHealth(failing: ["shop/web:80": [a]])
+        #expect(ServiceTable(s, health: one).entries[frontend]?.backends == [b, c])
+        #expect(ProxyTable(s, health: one).clusters["shop/web:80"]?.map(\.address) == ["198.18.2.10", "198.18.2.11"])
+        // Two of three failing leaves 33% < 50%: panic, every backend serves.
+        let two = EndpointHealth(failing: ["shop/web:80": [a, b]])
+        #expect(ServiceTable(s, health: two).entries[frontend]?.backends == [a, b, c])
+        #expect(ServiceTable(s, health: two).panic == [frontend])
+        // The proxy's ejections reach only ports the kernel alone serves:
+        // web's port is HTTP (the proxy balances it), db's is plain TCP.
+        let (withDB, more) = parse(service + "\n---\n" + """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: db, namespace: shop}
+            spec: {clusterIP: 198.19.0.11, selector: {app: web}, ports: [{name: tcp, port: 5432, targetPort: 8080}]}
+            """)
+        let d = try #require(withDB, "\(more)")
+        let db = Frontend(vip: IPv4Address("198.19.0.11")!, port: 5432, transport: .tcp)
+        #expect(ServiceTable(d, health: EndpointHealth(ejected: [c])).entries[frontend]?.backends == [a, b, c])
+        #expect(ServiceTable(d, health: EndpointHealth(ejected: [c])).entries[db]?.backends == [a, b])
+        #expect(EndpointHealth.usable([1, 2, 3], panicThreshold: 0) { $0 != 1 } == ([1], false))
+        #expect(EndpointHealth.usable([1, 2], panicThreshold: 0) { _ in true } == ([1, 2], true))
+    }
+}

@@ -1,0 +1,334 @@
+import Foundation
+import Testing
+
+// TrafficPolicy end to end: real backends (Tools/l7server.py) that can be
+// made slow, failing, unhealthy or dead on command (/__set, /__exit), real
+// clients in a lab pod (Tools/loadtool.py), the agents' health checks and
+// the node proxy's balancers, detectors, breakers and limits between them.
+
+private let ns = "rs"
+
+private func pod(_ name: String, node: String, address: String, app: String) -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: \(name), namespace: \(ns), labels: {app: \(app)}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.l7Server) 8080"}}
+    spec: {serviceAccount: \(name), node: \(node), address: \(address), ports: [{name: http, port: 8080}]}
+    """
+}
+
+private func service(_ name: String, ip: String, app: String, port: Int = 80, portName: String = "http") -> String {
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: \(name), namespace: \(ns)}
+    spec: {clusterIP: \(ip), selector: {app: \(app)}, ports: [{name: \(portName), port: \(port), targetPort: 8080}]}
+    """
+}
+
+private func policy(_ name: String, _ spec: String) -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: TrafficPolicy
+    metadata: {name: \(name), namespace: \(ns)}
+    spec:
+      targetRefs: [{group: "", kind: Service, name: \(name)}]
+    \(spec.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
+    """
+}
+
+private let client = """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: client, namespace: \(ns), labels: {app: client}, annotations: {lab.weft.dev/command: "sleep infinity"}}
+    spec: {serviceAccount: client, node: n1, address: 198.18.1.10}
+    """
+
+private let lbPods: [(String, String, String)] = [
+    ("lb-1", "n1", "198.18.1.21"), ("lb-2", "n1", "198.18.1.22"), ("lb-3", "n2", "198.18.2.23"), ("lb-4", "n2", "198.18.2.24"),
+]
+
+/// A quick active check: the tests flip a backend's /healthz and wait for it.
+private let fastCheck = "healthCheck: {interval: 500ms, timeout: 400ms, unhealthyThreshold: 1, healthyThreshold: 1, http: {path: /healthz}}"
+
+private func startLab(_ pods: [(String, String, String)], app: (String) -> String, services: [String], policies: [String]) throws -> LabHarness {
+    let podText = ([client] + pods.map { pod($0.0, node: $0.1, address: $0.2, app: app($0.0)) }).joined(separator: "\n---\n")
+    let lab = try LabHarness(files: ["pods.yaml": podText, "services.yaml": services.joined(separator: "\n---\n"),
+                                     "policies.yaml": policies.joined(separator: "\n---\n")])
+    do {
+        for (_, _, address) in pods { try waitForServer(address) }
+    } catch {
+        lab.down()
+        throw error
+    }
+    return lab
+}
+
+private func waitForServer(_ address: String) throws {
+    for _ in 0..<200 {
+        if let r = try? LabHarness.run(["lab", "exec", "client", "--", "curl", "-s", "-o", "/dev/null", "-m", "1",
+                                        "http://\(address):8080/__count"]), r.status == 0 { return }
+        usleep(50_000)
+    }
+    throw HarnessError("backend \(address) never answered")
+}
+
+/// Changes a backend's behaviour through its control endpoint (pod address, no Service).
+private func set(_ address: String, _ query: String) throws {
+    let r = try LabHarness.run(["lab", "exec", "client", "--", "curl", "-sf", "-m", "2", "http://\(address):8080/__set?\(query)"])
+    guard r.status == 0 else { throw HarnessError("__set \(query) on \(address): \(r.output)") }
+}
+
+private func agentStatus(_ node: String) throws -> [String: Any] {
+    try LabHarness.shell(["sh", "-c", "curl -s --unix-socket /run/weft/\(node)/agent.sock http://agent/status | tr -d '\\n'"])
+}
+
+private func proxyText(_ node: String, _ path: String) throws -> String {
+    try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy\(path)"])
+}
+
+/// Waits until node n1's agent reports `entry` ("cluster backend") failing
+/// (or passing again), and its proxy runs the table that says so.
+@discardableResult
+private func waitForHealth(_ entry: String, failing: Bool, node: String = "n1", timeout: Double = 10) throws -> Double {
+    let start = Date()
+    while Date().timeIntervalSince(start) < timeout {
+        let status = try agentStatus(node)
+        let list = (status["health"] as? [String: Any])?["failing"] as? [String] ?? []
+        if list.contains(entry) == failing {
+            let generation = status["generation"] as? Int ?? -1
+            let proxy = Int(try proxyText(node, "/generation").split(separator: " ").first ?? "") ?? -2
+            if proxy >= generation { return Date().timeIntervalSince(start) }
+        }
+        usleep(20_000)
+    }
+    throw HarnessError("\(entry) never \(failing ? "failed" : "passed") its health check on \(node)")
+}
+
+private func counts(_ r: [String: Any], _ key: String) -> [String: Int] {
+    (r[key] as? [String: Any] ?? [:]).compactMapValues { $0 as? Int }
+}
+
+@Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
+struct ResilienceTests {
+    @Test func everyBalancerSpreadsAsItsDefinitionSays() throws {
+        let lab = try startLab(lbPods, app: { _ in "lb" }, services: [
+            service("rr", ip: "198.19.2.10", app: "lb"), service("rand", ip: "198.19.2.11", app: "lb"),
+            service("lr", ip: "198.19.2.12", app: "lb"), service("ring", ip: "198.19.2.13", app: "lb"),
+            service("maglev", ip: "198.19.2.14", app: "lb"), service("sticky", ip: "198.19.2.15", app: "lb"),
+            service("loc", ip: "198.19.2.16", app: "lb"),
+        ], policies: [
+            policy("rr", "loadBalancer: {type: RoundRobin}"),
+            policy("rand", "loadBalancer: {type: Random}"),
+            policy("lr", "loadBalancer: {type: LeastRequest}"),
+            policy("ring", "loadBalancer: {type: RingHash, hashOn: {header: x-user}}\n" + fastCheck),
+            policy("maglev", "loadBalancer: {type: Maglev, hashOn: {header: x-user}}\n" + fastCheck),
+            policy("sticky", "loadBalancer: {type: RingHash, hashOn: {cookie: {name: weft-session, ttl: 1h}}}"),
+            policy("loc", "loadBalancer: {locality: PreferLocal}\n" + fastCheck),
+        ])
+        defer { lab.down() }
+        let pods = Set(lbPods.map(\.0))
+
+        // RoundRobin: one shared counter, so 10,000 requests split exactly.
+        let rr = try lab.load(in: "client", ["spread", "http://198.19.2.10/", "10000", "8"])
+        let rrPods = counts(rr, "pods")
+        #expect(counts(rr, "codes") == ["200": 10000], "\(rr)")
+        #expect(Set(rrPods.keys) == pods && rrPods.values.allSatisfy { abs($0 - 2500) <= 25 }, "round robin: \(rrPods)")
+
+        // Random: binomial(10,000, 1/4) per backend; 2,500 +- 7% is four sigma.
+        let random = counts(try lab.load(in: "client", ["spread", "http://198.19.2.11/", "10000", "8"]), "pods")
+        #expect(Set(random.keys) == pods && random.values.allSatisfy { abs($0 - 2500) <= 175 }, "random: \(random)")
+
+        // LeastRequest: even while backends are alike; a slow one (100 ms a
+        // request) keeps requests in flight and so is chosen far less.
+        let even = counts(try lab.load(in: "client", ["spread", "http://198.19.2.12/", "10000", "8"]), "pods")
+        #expect(Set(even.keys) == pods && even.values.allSatisfy { abs($0 - 2500) <= 250 }, "least request, alike: \(even)")
+        try set("198.18.2.24", "delay=100")
+        let skew = counts(try lab.load(in: "client", ["spread", "http://198.19.2.12/", "2000", "16"]), "pods")
+        try set("198.18.2.24", "delay=0")
+        print("figure: round robin \(rrPods), random \(random), least request \(even), with lb-4 slow \(skew)")
+        #expect(skew.values.reduce(0, +) == 2000 && (skew["lb-4"] ?? 0) < 200, "least request, lb-4 slow: \(skew)")
+
+        // Consistent hashing: 200 keys, 50 requests each; every key lands on
+        // one backend, and every backend owns some keys.
+        func owners(_ ip: String) throws -> [String: String] {
+            let r = try lab.load(in: "client", ["spread", "http://\(ip)/", "10000", "8", "--keys", "200", "--key-header", "x-user"])
+            let map = (r["owners"] as? [String: [String]]) ?? [:]
+            #expect(map.count == 200 && map.values.allSatisfy { $0.count == 1 }, "a key moved between backends: \(r)")
+            return map.compactMapValues(\.first)
+        }
+        var before: [String: [String: String]] = [:]
+        for (name, ip) in [("ring", "198.19.2.13"), ("maglev", "198.19.2.14")] {
+            let map = try owners(ip)
+            let share = Dictionary(grouping: map.values, by: { $0 }).mapValues(\.count)
+            #expect(Set(share.keys) == pods && share.values.allSatisfy { $0 >= 20 }, "\(name) keys per backend: \(share)")
+            before[name] = map
+        }
+
+        // A cookie balancer mints the cookie, and the client then sticks.
+        let sticky = try lab.load(in: "client", ["cookie", "http://198.19.2.15/", "30", "weft-session"])
+        #expect((sticky["set_cookie"] as? String)?.hasPrefix("weft-session=") == true, "\(sticky)")
+        #expect(counts(sticky, "pods").count <= 2, "the first request may land anywhere, then one backend: \(sticky)")
+        let stuck = counts(sticky, "pods").values.max() ?? 0
+        #expect(stuck >= 29, "\(sticky)")
+
+        // PreferLocal: the client is on n1, so n1's backends only, until
+        // they fail their checks; then n2's.
+        let local = counts(try lab.load(in: "client", ["spread", "http://198.19.2.16/", "1000", "4"]), "pods")
+        #expect(Set(local.keys) == ["lb-1", "lb-2"] && local.values.reduce(0, +) == 1000, "locality: \(local)")
+        try set("198.18.1.21", "health=503")
+        try set("198.18.1.22", "health=503")
+        try waitForHealth("rs/loc:80 198.18.1.22:8080", failing: true)
+        try waitForHealth("rs/loc:80 198.18.1.21:8080", failing: true)
+        let remote = counts(try lab.load(in: "client", ["spread", "http://198.19.2.16/", "1000", "4"]), "pods")
+        #expect(Set(remote.keys) == ["lb-3", "lb-4"], "locality failover: \(remote)")
+        try set("198.18.1.21", "health=200")
+        try set("198.18.1.22", "health=200")
+        try waitForHealth("rs/loc:80 198.18.1.21:8080", failing: false)
+        try waitForHealth("rs/loc:80 198.18.1.22:8080", failing: false)
+
+        // An unrelated backend leaves (fails its check): keys it did not
+        // own stay where they were; its own keys move to the others.
+        try set("198.18.2.24", "health=503")
+        try waitForHealth("rs/ring:80 198.18.2.24:8080", failing: true)
+        try waitForHealth("rs/maglev:80 198.18.2.24:8080", failing: true)
+        for (name, ip) in [("ring", "198.19.2.13"), ("maglev", "198.19.2.14")] {
+            let after = try owners(ip)
+            let old = before[name] ?? [:]
+            let moved = old.filter { $0.value != "lb-4" && after[$0.key] != $0.value }
+            #expect(moved.isEmpty, "\(name): keys moved off staying backends: \(moved)")
+            #expect(!after.values.contains("lb-4"), "\(name): lb-4 still owns keys")
+        }
+        try set("198.18.2.24", "health=200")
+    }
+
+    @Test func deadBackendsLeaveL7AndL4ServicesWithinTwoIntervalsAndOutliersAreEjectedAndReturn() throws {
+        let dead = [("dead-1", "n1", "198.18.1.31"), ("dead-2", "n2", "198.18.2.32"), ("dead-3", "n2", "198.18.2.33")]
+        let od = [("od-1", "n1", "198.18.1.41"), ("od-2", "n2", "198.18.2.42"), ("od-3", "n2", "198.18.2.43")]
+        let check = "healthCheck: {interval: 1s, timeout: 500ms, unhealthyThreshold: 1, healthyThreshold: 1, http: {path: /healthz}}"
+        let tcpCheck = "healthCheck: {interval: 1s, timeout: 500ms, unhealthyThreshold: 1, healthyThreshold: 1}"
+        let lab = try startLab(dead + od, app: { String($0.prefix(while: { $0 != "-" })) }, services: [
+            service("dead-http", ip: "198.19.3.10", app: "dead"),
+            service("dead-tcp", ip: "198.19.3.11", app: "dead", port: 9000, portName: "tcp"),
+            service("od", ip: "198.19.3.20", app: "od"),
+            service("od-tcp", ip: "198.19.3.21", app: "od", port: 9000, portName: "tcp"),
+        ], policies: [
+            policy("dead-http", check), policy("dead-tcp", tcpCheck),
+            policy("od", "outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 6s, maxEjectionPercent: 50}"),
+        ])
+        defer { lab.down() }
+
+        // Kill dead-3 while clients hammer both Services.
+        let tcp = try lab.startLoad(in: "client", ["watch-tcp", "198.19.3.11", "9000", "5", "dead-3"])
+        let http = try lab.startLoad(in: "client", ["watch-http", "http://198.19.3.10/", "5", "dead-3"])
+        usleep(1_500_000)
+        _ = try? LabHarness.run(["lab", "exec", "client", "--", "curl", "-s", "-m", "1", "http://198.18.2.33:8080/__exit"])
+        let killed = Date().timeIntervalSince1970
+        let seen = try waitForHealth("rs/dead-http:80 198.18.2.33:8080", failing: true)
+        #expect(seen <= 2.0, "the L7 table dropped dead-3 \(seen) s after it died (interval 1 s)")
+        let t = try tcp.finish(), h = try http.finish()
+        // L4: the kernel picks backends at connect(); a refused connect is a
+        // connection sent to dead-3. The last one comes within 2 intervals.
+        let failures = (t["failures"] as? [Double] ?? []).filter { $0 >= killed - 0.05 }
+        let lastTCP = (failures.max() ?? killed) - killed
+        print("figure: L7 table without dead-3 after \(seen) s; last L4 connect to it \(lastTCP) s after death")
+        #expect(lastTCP <= 2.0, "L4 connects still went to dead-3 \(lastTCP) s after it died: \(t)")
+        #expect(counts(t, "pods")["dead-3"] ?? 0 > 0, "dead-3 served before it died: \(t)")
+        // L7: the proxy retries a refused connect elsewhere, so clients saw
+        // no error at all, and nothing was answered by dead-3 after its death.
+        #expect((h["errors"] as? [Any])?.isEmpty == true, "\(h)")
+        #expect((h["last_seen"] as? Double ?? 0) <= killed, "\(h)")
+        let agent = try agentStatus("n1")
+        let kernelMap = try LabHarness.run(["get", "services", "--node", "n1"]).output
+        #expect(!kernelMap.contains("198.18.2.33"), "the kernel still lists dead-3: \(kernelMap)\n\(agent)")
+
+        // Outlier detection: od-3 answers 503 to everything; after 3 in a
+        // row it is ejected, and the rest go to od-1 and od-2.
+        try set("198.18.2.43", "fail=1")
+        let r = try lab.load(in: "client", ["spread", "http://198.19.3.20/", "300", "1"])
+        let codes = counts(r, "codes")
+        #expect((codes["503"] ?? 0) == 3 && (codes["200"] ?? 0) == 297, "three 503s, then od-3 is out: \(r)")
+        #expect(try proxyText("n1", "/ejections").contains("198.18.2.43:8080"))
+        let metrics = try proxyText("n1", "/metrics")
+        #expect(metrics.contains("weft_backend_ejected{cluster=\"rs/od:80\",backend=\"198.18.2.43:8080\"} 1"), "\(metrics.suffix(800))")
+        #expect(metrics.contains("weft_outlier_ejections_total{cluster=\"rs/od:80\"} 1"))
+        // The kernel follows for the L4-only Service over the same pods.
+        var kernelOut = false
+        for _ in 0..<150 where !kernelOut {
+            let text = try LabHarness.run(["get", "services", "--node", "n1"]).output
+            kernelOut = text.split(separator: "\n").contains { $0.contains("198.19.3.21:9000") && !$0.contains("198.18.2.43") }
+            if !kernelOut { usleep(20_000) }
+        }
+        #expect(kernelOut, "od-tcp still sends to od-3 in the kernel")
+        let plain = try lab.load(in: "client", ["watch-tcp", "198.19.3.21", "9000", "1", "od-3"])
+        #expect(counts(plain, "pods")["od-3"] == nil && counts(plain, "pods").values.reduce(0, +) > 10, "\(plain)")
+
+        // It recovers; after the ejection time it takes requests again, and
+        // the kernel puts it back.
+        try set("198.18.2.43", "fail=0")
+        usleep(6_500_000)
+        let back = counts(try lab.load(in: "client", ["spread", "http://198.19.3.20/", "300", "2"]), "pods")
+        #expect((back["od-3"] ?? 0) >= 50, "od-3 returned: \(back)")
+        var kernelBack = false
+        for _ in 0..<150 where !kernelBack {
+            let text = try LabHarness.run(["get", "services", "--node", "n1"]).output
+            kernelBack = text.split(separator: "\n").contains { $0.contains("198.19.3.21:9000") && $0.contains("198.18.2.43") }
+            if !kernelBack { usleep(20_000) }
+        }
+        #expect(kernelBack, "the kernel never put od-3 back")
+    }
+
+    @Test func breakersLimitsAndFaultsShedExactlyWhatTheySay() throws {
+        let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("fi-1", "n2", "198.18.2.61")],
+                               app: { String($0.prefix(while: { $0 != "-" })) }, services: [
+            service("cb", ip: "198.19.4.10", app: "cb"), service("rl", ip: "198.19.4.20", app: "fi"),
+            service("fi-abort", ip: "198.19.4.30", app: "fi"), service("fi-delay", ip: "198.19.4.31", app: "fi"),
+        ], policies: [
+            policy("cb", "circuitBreaker: {maxRequests: 5}"),
+            policy("rl", "rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}"),
+            policy("fi-abort", "faultInjection: {abort: {httpStatus: 503, percentage: 25}}"),
+            policy("fi-delay", "faultInjection: {delay: {fixedDelay: 100ms, percentage: 25}}"),
+        ])
+        defer { lab.down() }
+
+        // 20 requests at once against maxRequests 5: exactly 15 shed.
+        let burst = try lab.load(in: "client", ["burst", "http://198.19.4.10/sleep/1500", "20"])
+        #expect(counts(burst, "codes") == ["200": 5, "503": 15], "\(burst)")
+        let overflowLine = try proxyText("n1", "/stats").split(separator: "\n").first { $0.hasPrefix("weft_proxy_circuit_breaker_overflows_total ") }
+        #expect(overflowLine == "weft_proxy_circuit_breaker_overflows_total 15")
+
+        // 100 a second with a burst of 100, for 10 s: burst + rate x time,
+        // within 5%; the rest get 429 with Retry-After.
+        let rate = try lab.load(in: "client", ["rate", "http://198.19.4.20/", "10", "4"])
+        let admitted = Double(counts(rate, "codes")["200"] ?? 0)
+        let seconds = rate["seconds"] as? Double ?? 10
+        let expected = 100 + 100 * seconds
+        print("figure: rate limit admitted \(admitted) of expected \(expected) (\(rate["codes"] ?? ""))")
+        #expect(abs(admitted - expected) <= 0.05 * expected, "admitted \(admitted), expected \(expected): \(rate)")
+        #expect((counts(rate, "codes")["429"] ?? 0) > 0 && counts(rate, "retry_after").keys.allSatisfy { $0 == "1" }, "\(rate)")
+
+        // Faults at 25%: within 3 points over 2,000 requests.
+        let aborts = counts(try lab.load(in: "client", ["spread", "http://198.19.4.30/", "2000", "8"]), "codes")
+        #expect(aborts.values.reduce(0, +) == 2000 && abs(Double(aborts["503"] ?? 0) / 2000 - 0.25) <= 0.03, "\(aborts)")
+        let delays = try lab.load(in: "client", ["timed", "http://198.19.4.31/", "2000", "32", "--slow", "100"])
+        let slow = Double(delays["slow"] as? Int ?? 0)
+        print("figure: aborts \(aborts), delayed \(slow) of 2000")
+        #expect(counts(delays, "codes") == ["200": 2000] && abs(slow / 2000 - 0.25) <= 0.03, "\(delays)")
+
+        // A bad TrafficPolicy is refused whole, with file, document and
+        // field; what was in force stays.
+        let before = try lab.generations()
+        try lab.write("bad.yaml", policy("fi-delay-2", "faultInjection: {abort: {httpStatus: 503, percentage: 120}}")
+            .replacingOccurrences(of: "name: fi-delay-2}]", with: "name: nowhere}]"))
+        var refused = ""
+        for _ in 0..<200 where refused.isEmpty {
+            let errors = (try agentStatus("n1")["configErrors"] as? [String]) ?? []
+            refused = errors.joined(separator: "\n")
+            if refused.isEmpty { usleep(20_000) }
+        }
+        #expect(refused.contains("bad.yaml:1:spec.faultInjection.abort.percentage: must be from 0 to 100, got 120"), "\(refused)")
+        #expect(try lab.generations() == before)
+        let still = counts(try lab.load(in: "client", ["spread", "http://198.19.4.30/", "200", "4"]), "codes")
+        #expect((still["503"] ?? 0) > 0, "the policy in force still injects: \(still)")
+    }
+}
