@@ -1,0 +1,134 @@
+import Foundation
+import NIOCore
+import Testing
+@testable import WeftCore
+@testable import WeftProxy
+
+private func endpoints(_ n: Int, node: String = "n1") -> [EndpointKey] {
+    (1...n).map { EndpointKey(ProxyTable.Endpoint(address: "198.18.1.\($0)", port: 8080, workload: "t/p\($0)", node: node)) }
+}
+
+private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], outliers: TrafficPolicy.OutlierDetection? = nil,
+                     previous: ClusterRuntime? = nil) -> ClusterRuntime {
+    ClusterRuntime(name: "t/s:80", policy: .init(loadBalancer: lb, outlierDetection: outliers, circuitBreaker: nil, policy: "t/s"),
+                   endpoints: eps, node: "n1", previous: previous)
+}
+
+@Suite struct BalancerUnitTests {
+    @Test func slowStartRampsANewBackendUp() throws {
+        var lb = TrafficPolicy.LoadBalancer()
+        lb.algorithm = .roundRobin
+        lb.slowStartWindow = .milliseconds(300)
+        let old = runtime(lb, endpoints(4))
+        // A fifth backend joins: it starts at 10% of a share.
+        let grown = runtime(lb, endpoints(5), previous: old)
+        var random = LoopRandom()
+        var share = [EndpointKey: Int]()
+        for _ in 0..<10_000 { if case .success(let k) = grown.pick(hash: nil, random: &random, excluded: { _ in false }) { share[k, default: 0] += 1 } }
+        let newcomer = endpoints(5)[4]
+        #expect((share[newcomer] ?? 0) < 500, "a new backend takes well under its 20% at first: \(share)")
+        #expect(share.count == 5, "but it takes some")
+        // After the window it is a backend like the others.
+        usleep(350_000)
+        share = [:]
+        for _ in 0..<10_000 { if case .success(let k) = grown.pick(hash: nil, random: &random, excluded: { _ in false }) { share[k, default: 0] += 1 } }
+        #expect(abs((share[newcomer] ?? 0) - 2000) <= 20, "\(share)")
+    }
+
+    @Test func successRateOutliersAreEjectedAtTheEndOfAnInterval() throws {
+        var od = TrafficPolicy.OutlierDetection()
+        od.consecutive5xx = 0
+        od.interval = .milliseconds(100)
+        od.baseEjectionTime = .seconds(30)
+        od.maxEjectionPercent = 50
+        var sr = TrafficPolicy.OutlierDetection.SuccessRate()
+        sr.minimumHosts = 5
+        sr.requestVolume = 20
+        sr.stdevFactor = 1000
+        od.successRate = sr
+        let eps = endpoints(5)
+        let rt = runtime(TrafficPolicy.LoadBalancer(), eps, outliers: od)
+        let detector = try #require(rt.outliers)
+        for round in 0..<40 {
+            for i in 0..<5 {
+                // Backend 4 fails every other request; the rest never do.
+                let fail = i == 4 && round % 2 == 0
+                detector.record(i, fail ? .serverError(500) : .success, runtime: rt)
+            }
+        }
+        let now = NIODeadline.now().uptimeNanoseconds
+        #expect(!rt.backends.contains { $0.isEjected(now) }, "nothing before the interval ends")
+        usleep(120_000)
+        detector.record(0, .success, runtime: rt)   // the first record after the interval sweeps
+        let later = NIODeadline.now().uptimeNanoseconds
+        #expect(rt.backends.map { $0.isEjected(later) } == [false, false, false, false, true])
+        // Ejected backends are skipped by every balancer while others remain.
+        var random = LoopRandom()
+        for _ in 0..<1000 {
+            if case .success(let k) = rt.pick(hash: nil, random: &random, excluded: { _ in false }) { #expect(k != eps[4]) }
+        }
+    }
+
+    @Test func maxEjectionPercentCapsConsecutiveFailureEjections() throws {
+        var od = TrafficPolicy.OutlierDetection()
+        od.consecutive5xx = 2
+        od.maxEjectionPercent = 25
+        let rt = runtime(TrafficPolicy.LoadBalancer(), endpoints(8), outliers: od)
+        let detector = try #require(rt.outliers)
+        for i in 0..<8 {
+            detector.record(i, .localFailure, runtime: rt)
+            detector.record(i, .serverError(502), runtime: rt)
+        }
+        let now = NIODeadline.now().uptimeNanoseconds
+        #expect(rt.backends.count(where: { $0.isEjected(now) }) == 2, "25% of 8")
+        #expect(detector.ejectionsTotal.load(ordering: .relaxed) == 2)
+    }
+
+    @Test func consistentHashesMoveOnlyTheKeysOfABackendThatLeaves() {
+        for make in [{ ConsistentHash.Ring($0).owner }, { ConsistentHash.Maglev($0).owner }] as [([String]) -> (UInt64) -> Int] {
+            let five = (1...5).map { "198.18.1.\($0):8080" }
+            let four = five.filter { $0 != "198.18.1.3:8080" }
+            let before = make(five), after = make(four)
+            var share = [Int](repeating: 0, count: 5)
+            var moved = 0
+            for k in 0..<20_000 {
+                let h = ConsistentHash.stableHash("user-\(k)".utf8)
+                let a = five[before(h)], b = four[after(h)]
+                share[before(h)] += 1
+                if a != "198.18.1.3:8080" && a != b { moved += 1 }
+            }
+            print("figure: keys of staying backends moved: \(moved) of 20000")
+            #expect(moved < 200, "keys of staying backends moved: \(moved)")
+            #expect(share.allSatisfy { $0 > 2_800 && $0 < 5_200 }, "\(share)")
+        }
+    }
+
+    @Test func tokenBucketAdmitsBurstThenRate() {
+        let limit = TrafficPolicy.RateLimit(requests: 10, interval: .seconds(1), burst: 5, key: .route)
+        var bucket = TokenBucket(limit, now: 0)
+        var admitted = 0
+        for _ in 0..<20 where bucket.take(now: 0) == nil { admitted += 1 }
+        #expect(admitted == 5)
+        #expect(bucket.take(now: 0) == .milliseconds(100), "one token every 100 ms")
+        // Two seconds later: 20 tokens' worth, capped at the burst of 5.
+        admitted = 0
+        for _ in 0..<20 where bucket.take(now: 2_000_000_000) == nil { admitted += 1 }
+        #expect(admitted == 5)
+    }
+}
+
+extension ConsistentHash.Ring {
+    func owner(_ h: UInt64) -> Int {
+        var out = -1
+        walk(h) { out = $0; return true }
+        return out
+    }
+}
+
+extension ConsistentHash.Maglev {
+    func owner(_ h: UInt64) -> Int {
+        var out = -1
+        walk(h) { out = $0; return true }
+        return out
+    }
+}
