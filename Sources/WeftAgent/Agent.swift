@@ -94,6 +94,11 @@ public enum Agent {
                     : (.ok, Exposition.prometheusContentType, text)
             case "/status":
                 var full = status.full()
+                if full.health != nil {
+                    let totals = healthChecker.totals
+                    full.health?.probes = totals.probes
+                    full.health?.probeFailures = totals.failures
+                }
                 if let shortcutMaps, full.shortcut != nil {
                     full.shortcut?.sockets = try? shortcutMaps.sockets()
                     full.shortcut?.events = (try? shortcutMaps.counters()).map { Dictionary(uniqueKeysWithValues: $0.map { ($0.name, $0.value) }) }

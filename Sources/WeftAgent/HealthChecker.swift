@@ -176,7 +176,11 @@ final class HealthChecker: Sendable {
             probe.failures += 1
             if !probe.failing && probe.failures >= check.unhealthyThreshold {
                 probe.failing = true
-                logger.warning("backend fails its health check", metadata: [
+                // A probe that times out is often a NetworkPolicy isolating
+                // the pod: probes come from the nodes' addresses.
+                let hint = detail.contains("imeout") || detail.contains("imedOut")
+                    ? "; if a NetworkPolicy isolates the pod, it must admit the nodes' addresses on this port" : ""
+                logger.warning("backend fails its health check\(hint)", metadata: [
                     "cluster": "\(probe.target.cluster)", "backend": "\(probe.target.backend)", "probe": "\(detail)"])
                 publish()
             }

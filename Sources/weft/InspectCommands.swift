@@ -156,6 +156,13 @@ struct StatusCommand: ParsableCommand {
                     }
                     print(line)
                 }
+                if let h = s.health {
+                    var line = "  health:     \(h.probes) probe(s), \(h.probeFailures) failed; failing: "
+                    line += h.failing.isEmpty ? "none" : h.failing.joined(separator: ", ")
+                    if !h.ejected.isEmpty { line += "; ejected by the proxy: " + h.ejected.joined(separator: ", ") }
+                    if !h.panic.isEmpty { line += "; PANIC (every backend used): " + h.panic.joined(separator: ", ") }
+                    print(line)
+                }
                 print("  programs:   " + s.programs.map { "\($0.name) (\($0.state), id \($0.programID))" }.joined(separator: ", "))
                 if s.configErrors.isEmpty {
                     print("  config:     ok")
