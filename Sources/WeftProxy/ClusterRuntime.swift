@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import NIOHTTP1
 import Synchronization
 import WeftCore
 
@@ -78,6 +79,18 @@ final class ClusterRuntime: Sendable {
                                                                  previousIndex: previous?.index, keys: backends.map(\.key)) }
     }
 
+    /// Takes one of a backend's request slots (maxRequests) atomically: two
+    /// loops that both saw room cannot both take the last slot.
+    func reserve(_ key: EndpointKey) -> Bool {
+        guard let i = index[key] else { return false }
+        let old = backends[i].requests.wrappingAdd(1, ordering: .relaxed).oldValue
+        if let max = policy.circuitBreaker?.maxRequests, old >= max {
+            backends[i].requests.subtract(1, ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
     /// Why no backend could be chosen.
     enum Refusal: Error {
         /// Every candidate is at a circuit-breaker limit.
@@ -101,21 +114,15 @@ final class ClusterRuntime: Sendable {
             let b = backends[i]
             return !b.isEjected(now) && !excluded(b.key) && !full(b)
         }
-        var candidates: [Int]? = nil
-        if policy.loadBalancer.locality == .preferLocal, !localIndexes.isEmpty, localIndexes.contains(where: open) {
-            candidates = localIndexes
-        }
+        let localOnly = policy.loadBalancer.locality == .preferLocal && !localIndexes.isEmpty
+            && localIndexes.contains(where: open)
         let chosen: Int?
-        if let hash, ring != nil || maglev != nil {
-            var found: Int?
-            let visit: (Int) -> Bool = { i in
-                if open(i) && (candidates == nil || self.backends[i].local) { found = i; return true }
-                return false
-            }
-            if let ring { ring.walk(hash, visit) } else { maglev?.walk(hash, visit) }
-            chosen = found
+        if let hash, let ring {
+            chosen = ring.first(hash) { open($0) && (!localOnly || backends[$0].local) }
+        } else if let hash, let maglev {
+            chosen = maglev.first(hash) { open($0) && (!localOnly || backends[$0].local) }
         } else {
-            chosen = pickSpread(candidates, now: now, random: &random, open: open)
+            chosen = pickSpread(localOnly ? localIndexes : nil, now: now, random: &random, open: open)
         }
         if let chosen { return .success(backends[chosen].key) }
         // Nothing open. Full ones stay shut; otherwise take one not excluded
@@ -134,20 +141,21 @@ final class ClusterRuntime: Sendable {
     /// RoundRobin, Random or LeastRequest (two random choices, fewer
     /// requests in flight wins), with slow start thinning new backends.
     private func pickSpread(_ subset: [Int]?, now: UInt64, random: inout LoopRandom, open: (Int) -> Bool) -> Int? {
-        let pool = subset ?? Array(backends.indices)
-        let n = pool.count
+        // The whole cluster unless a subset is given; no array is built.
+        let n = subset?.count ?? backends.count
         guard n > 0 else { return nil }
+        func pool(_ k: Int) -> Int { subset.map { $0[k] } ?? k }
         let lb = policy.loadBalancer
         for attempt in 0..<(4 * n + 4) {
             let i: Int
             switch lb.algorithm {
             case .roundRobin:
-                i = pool[Int(UInt(bitPattern: roundRobin.wrappingAdd(1, ordering: .relaxed).oldValue) % UInt(n))]
+                i = pool(Int(UInt(bitPattern: roundRobin.wrappingAdd(1, ordering: .relaxed).oldValue) % UInt(n)))
             case .random, .ringHash, .maglev:
-                i = pool[Int(random.next() % UInt64(n))]
+                i = pool(Int(random.next() % UInt64(n)))
             case .leastRequest:
-                let a = pool[Int(random.next() % UInt64(n))]
-                let b = pool[Int(random.next() % UInt64(n))]
+                let a = pool(Int(random.next() % UInt64(n)))
+                let b = pool(Int(random.next() % UInt64(n)))
                 switch (open(a), open(b)) {
                 case (true, true):
                     i = backends[a].requests.load(ordering: .relaxed) <= backends[b].requests.load(ordering: .relaxed) ? a : b
@@ -169,36 +177,29 @@ final class ClusterRuntime: Sendable {
             return i
         }
         // Unlucky draws: a scan.
-        return pool.first(where: open)
+        return (0..<n).lazy.map(pool).first(where: open)
     }
 
     /// The hash of a request's key, or nil when it carries none (then the
-    /// request is spread like Random). The cookie case may mint a value.
-    static func requestHash(_ key: TrafficPolicy.LoadBalancer.HashKey, headers: HTTPHeadersView, source: IPv4Address) -> UInt64? {
+    /// request is spread like Random).
+    static func requestHash(_ key: TrafficPolicy.LoadBalancer.HashKey, headers: HTTPHeaders, source: IPv4Address) -> UInt64? {
         switch key {
         case .header(let name):
-            return headers.value(name).map { ConsistentHash.stableHash($0.utf8) }
+            return headers[canonicalForm: name].first.map { ConsistentHash.stableHash($0.utf8) }
         case .cookie(let name, _):
-            return headers.cookie(name).map { ConsistentHash.stableHash($0.utf8) }
+            return cookie(name, in: headers).map { ConsistentHash.stableHash($0.utf8) }
         case .sourceIP:
             return ConsistentHash.mix(UInt64(source.value))
         }
     }
-}
 
-/// What ClusterRuntime reads of a request's headers (keeps NIOHTTP1 out of it).
-struct HTTPHeadersView {
-    var value: (String) -> String?
-    var cookies: () -> [String]
-
-    func value(_ name: String) -> String? { value(name) }
-
-    func cookie(_ name: String) -> String? {
-        for header in cookies() {
+    /// A cookie's value from the Cookie headers (RFC 6265 "name=value; ...").
+    static func cookie(_ name: String, in headers: HTTPHeaders) -> Substring? {
+        for header in headers[canonicalForm: "cookie"] {
             for pair in header.split(separator: ";") {
-                let kv = pair.split(separator: "=", maxSplits: 1)
-                if kv.count == 2, kv[0].trimmingCharacters(in: .whitespaces) == name {
-                    return String(kv[1]).trimmingCharacters(in: .whitespaces)
+                guard let eq = pair.firstIndex(of: "=") else { continue }
+                if pair[..<eq].trimmingCharacters(in: .whitespaces) == name {
+                    return pair[pair.index(after: eq)...].drop(while: { $0 == " " })
                 }
             }
         }
@@ -292,7 +293,9 @@ final class OutlierDetector: Sendable {
                 s.nextSweep = now + UInt64(HealthNanos.of(settings.interval))
                 eject += sweep(&s.counters, runtime: runtime, now: now)
             }
-            for i in Set(eject) { ejectLocked(i, counters: &s.counters, runtime: runtime, now: now) }
+            if !eject.isEmpty {
+                for i in Set(eject) { ejectLocked(i, counters: &s.counters, runtime: runtime, now: now) }
+            }
         }
     }
 

@@ -39,16 +39,21 @@ enum ConsistentHash {
             points.sort { $0.hash < $1.hash }
         }
 
-        /// Backend indexes in ring order from the key's point: the first is
-        /// the key's owner; later ones are where it goes if that one is out.
-        func walk(_ hash: UInt64, _ body: (Int) -> Bool) {
-            guard !points.isEmpty else { return }
+        /// The first backend index in ring order from the key's point that
+        /// `accept` takes: the key's owner, or where it goes while that one
+        /// is out.
+        func first(_ hash: UInt64, where accept: (Int) -> Bool) -> Int? {
+            guard !points.isEmpty else { return nil }
             var lo = 0, hi = points.count
             while lo < hi {
                 let mid = (lo + hi) / 2
                 if points[mid].hash < hash { lo = mid + 1 } else { hi = mid }
             }
-            for k in 0..<points.count where body(points[(lo + k) % points.count].index) { return }
+            for k in 0..<points.count {
+                let i = points[(lo + k) % points.count].index
+                if accept(i) { return i }
+            }
+            return nil
         }
     }
 
@@ -88,10 +93,14 @@ enum ConsistentHash {
 
         /// The key's slot first, then the following slots (a backend that
         /// is out passes its keys along the table).
-        func walk(_ hash: UInt64, _ body: (Int) -> Bool) {
-            guard !table.isEmpty else { return }
+        func first(_ hash: UInt64, where accept: (Int) -> Bool) -> Int? {
+            guard !table.isEmpty else { return nil }
             let start = Int(hash % UInt64(table.count))
-            for k in 0..<table.count where body(Int(table[(start + k) % table.count])) { return }
+            for k in 0..<table.count {
+                let i = Int(table[(start + k) % table.count])
+                if accept(i) { return i }
+            }
+            return nil
         }
     }
 }

@@ -306,7 +306,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 let key: String
                 switch limit.key {
                 case .route: key = action.name
-                case .sourceIdentity: key = source.map { "\($0.namespace)/\($0.serviceAccount)" } ?? origin.source.description
+                case .sourceIdentity: key = snapshot.identities[origin.source.value] ?? origin.source.description
                 case .header(let name): key = head.headers[canonicalForm: name].first.map(String.init) ?? "-"
                 }
                 if let wait = guardState.admit(key) {
@@ -345,9 +345,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
             request!.runtime = runtime
             if let key = runtime.policy.loadBalancer.hashOn {
-                let view = HTTPHeadersView(value: { head.headers[canonicalForm: $0].first.map(String.init) },
-                                           cookies: { head.headers[canonicalForm: "cookie"].map(String.init) })
-                request!.hash = ClusterRuntime.requestHash(key, headers: view, source: origin.source)
+                request!.hash = ClusterRuntime.requestHash(key, headers: head.headers, source: origin.source)
                 if request!.hash == nil, case .cookie(let name, let ttl?) = key, let loop {
                     // No cookie yet: mint one, so the client sticks from now on.
                     let value = String(loop.random.next(), radix: 16)
@@ -393,27 +391,34 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // pod itself could (its egress policy and the backend's ingress).
         if let runtime = r.runtime {
             var denied = Set<EndpointKey>()
+            var full = false
             let source = origin.source, generation = r.snapshot.generation
             while true {
                 let picked = runtime.pick(hash: r.hash, random: &loop.random) { k in
                     excluded.contains(k) || denied.contains(k)
                 }
                 switch picked {
-                case .failure(.overflow):
-                    request = r
-                    proxy.stats.overflows.add(1, ordering: .relaxed)
-                    record?.flags.append("UO")
-                    return fail(.serviceUnavailable, "weft: every backend of \(r.cluster.cluster) is at its circuit breaker's maxRequests\n")
-                case .failure(.empty):
-                    break
+                case .failure(let refusal):
+                    if refusal == .overflow || full {
+                        request = r
+                        proxy.stats.overflows.add(1, ordering: .relaxed)
+                        record?.flags.append("UO")
+                        return fail(.serviceUnavailable, "weft: every backend of \(r.cluster.cluster) is at its circuit breaker's maxRequests\n")
+                    }
                 case .success(let candidate):
-                    if loop.allowed(proxy, generation: generation, source: source, destination: candidate.ip,
-                                    port: candidate.port, node: candidate.node) {
-                        key = candidate
-                    } else {
+                    if !loop.allowed(proxy, generation: generation, source: source, destination: candidate.ip,
+                                     port: candidate.port, node: candidate.node) {
                         denied.insert(candidate)
                         continue
                     }
+                    // The slot is taken here, atomically; lost to another
+                    // loop in the meantime: that backend is full after all.
+                    if !runtime.reserve(candidate) {
+                        full = true
+                        denied.insert(candidate)
+                        continue
+                    }
+                    key = candidate
                 }
                 break
             }
@@ -446,11 +451,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             let b = runtime.backends[i]
             r.backend = i
             counters = b
-            b.requests.add(1, ordering: .relaxed)
             // A new connection is needed unless an idle one waits: that is
             // where maxConnections and maxPendingRequests bite.
             if let cb = runtime.policy.circuitBreaker, r.cluster.upstreamProtocol == .http1, !loop.pool.hasIdle(key) {
-                if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max {
+                var limit: String?
+                if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max { limit = "maxConnections" }
+                if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max { limit = "maxPendingRequests" }
+                if let limit {
                     b.requests.subtract(1, ordering: .relaxed)
                     r.backend = nil
                     r.endpoint = nil
@@ -458,17 +465,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                     request = r
                     proxy.stats.overflows.add(1, ordering: .relaxed)
                     record?.flags.append("UO")
-                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's maxConnections\n")
-                }
-                if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max {
-                    b.requests.subtract(1, ordering: .relaxed)
-                    r.backend = nil
-                    r.endpoint = nil
-                    r.connecting = false
-                    request = r
-                    proxy.stats.overflows.add(1, ordering: .relaxed)
-                    record?.flags.append("UO")
-                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's maxPendingRequests\n")
+                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's \(limit)\n")
                 }
             }
         }

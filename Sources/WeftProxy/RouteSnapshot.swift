@@ -16,6 +16,9 @@ final class RouteSnapshot: Sendable {
     let runtimes: [String: ClusterRuntime]
     /// Frontends with a rate limit or injected faults, by "vip:port".
     let guards: [String: FrontendGuard]
+    /// "namespace/serviceAccount" by pod address, built once when a rate
+    /// limit is keyed by source identity (no string is made per request).
+    let identities: [UInt32: String]
 
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
@@ -44,6 +47,11 @@ final class RouteSnapshot: Sendable {
             }
         }
         self.guards = guards
+        var identities: [UInt32: String] = [:]
+        if guards.values.contains(where: { $0.rateLimit?.key == .sourceIdentity }) {
+            for (ip, ref) in refs { identities[ip] = "\(ref.namespace)/\(ref.serviceAccount)" }
+        }
+        self.identities = identities
     }
 
     /// Backends ejected by outlier detection now, "ip:port" once each

@@ -224,9 +224,12 @@ struct ResilienceTests {
         let tcp = try lab.startLoad(in: "client", ["watch-tcp", "198.19.3.11", "9000", "5", "dead-3"])
         let http = try lab.startLoad(in: "client", ["watch-http", "http://198.19.3.10/", "5", "dead-3"])
         usleep(1_500_000)
-        _ = try? LabHarness.run(["lab", "exec", "client", "--", "curl", "-s", "-m", "1", "http://198.18.2.33:8080/__exit"])
-        let killed = Date().timeIntervalSince1970
-        let seen = try waitForHealth("rs/dead-http:80 198.18.2.33:8080", failing: true)
+        // The backend says when it exits: measured from that moment.
+        let exit = try LabHarness.run(["lab", "exec", "client", "--", "curl", "-s", "-m", "1", "http://198.18.2.33:8080/__exit"])
+        let killed = try #require((try? JSONSerialization.jsonObject(with: Data(exit.output.utf8)) as? [String: Any])?["exiting_at"] as? Double,
+                                  "\(exit.output)")
+        try waitForHealth("rs/dead-http:80 198.18.2.33:8080", failing: true)
+        let seen = Date().timeIntervalSince1970 - killed
         #expect(seen <= 2.0, "the L7 table dropped dead-3 \(seen) s after it died (interval 1 s)")
         let t = try tcp.finish(), h = try http.finish()
         // L4: the kernel picks backends at connect(); a refused connect is a

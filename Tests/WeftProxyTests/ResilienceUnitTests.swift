@@ -118,17 +118,9 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
 }
 
 extension ConsistentHash.Ring {
-    func owner(_ h: UInt64) -> Int {
-        var out = -1
-        walk(h) { out = $0; return true }
-        return out
-    }
+    func owner(_ h: UInt64) -> Int { first(h) { _ in true } ?? -1 }
 }
 
 extension ConsistentHash.Maglev {
-    func owner(_ h: UInt64) -> Int {
-        var out = -1
-        walk(h) { out = $0; return true }
-        return out
-    }
+    func owner(_ h: UInt64) -> Int { first(h) { _ in true } ?? -1 }
 }

@@ -9,7 +9,8 @@ test can see what the proxy did to it. Behaviour by path:
   /__set?fail=R&delay=MS&health=CODE
                    from now on: 503 on share R of requests, wait MS first,
                    answer /healthz with CODE (not counted)
-  /__exit          the server process ends at once (a dead backend)
+  /__exit          the server process ends at once (a dead backend); the
+                   answer says when: {"exiting_at": unix seconds}
   /healthz         200, or the code /__set gave (not counted)
 Usage: l7server.py PORT [--fail-rate R]  (R: 503 on that share of every request)
 """
@@ -77,6 +78,10 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             return self.reply(HEALTH, {"pod": POD, "health": HEALTH})
         if path == "/__exit":
+            # Says when it dies (the clock is the machine's: the test can
+            # measure from the moment itself, not from when its exec returned).
+            self.reply(200, {"pod": POD, "exiting_at": time.time()})
+            self.wfile.flush()
             os._exit(0)
         if path.startswith("/__set"):
             from urllib.parse import parse_qs, urlparse
