@@ -9,6 +9,7 @@ import PackageDescription
 //   Sources/WeftCore     manifests, validation, desired state, map plans: pure Swift.
 //   Sources/WeftKernel   libbpf loader, pins, typed map wrappers: the only raw pointers.
 //   Sources/WeftCore/Routing  HTTPRoutes compiled into the proxy's table: where a request is routed.
+//   Sources/WeftIdentity SPIFFE identities, the mesh CA, certificates and TLS settings.
 //   Sources/WeftProxy    the node's L7 proxy (SwiftNIO): capture listener, HTTP/1.1, HTTP/2,
 //                        gRPC, TCP passthrough, upstream pools, retries, timeouts.
 //   Sources/WeftStatus   the small HTTP server both daemons answer /status and /metrics with.
@@ -28,6 +29,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-http2", from: "1.35.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.1.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.21.0"),
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-asn1", from: "1.7.0"),
     ],
     targets: [
         .plugin(name: "BPFCompiler", capability: .buildTool(), path: "Plugins/BPFCompiler"),
@@ -54,19 +59,29 @@ let package = Package(
                                .product(name: "NIOPosix", package: "swift-nio"),
                                .product(name: "NIOHTTP1", package: "swift-nio")],
                 swiftSettings: swiftSettings),
+        // Workload identity: SPIFFE IDs, the mesh CA, leaf issuance and the
+        // TLS settings both ends of a tunnel use.
+        .target(name: "WeftIdentity",
+                dependencies: [.product(name: "X509", package: "swift-certificates"),
+                               .product(name: "Crypto", package: "swift-crypto"),
+                               .product(name: "SwiftASN1", package: "swift-asn1"),
+                               .product(name: "NIOSSL", package: "swift-nio-ssl")],
+                swiftSettings: swiftSettings),
         .target(name: "WeftProxy",
-                dependencies: ["WeftCore", "WeftKernel", "WeftStatus",
+                dependencies: ["WeftCore", "WeftKernel", "WeftStatus", "WeftIdentity",
+                               .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "NIOCore", package: "swift-nio"),
                                .product(name: "NIOPosix", package: "swift-nio"),
                                .product(name: "NIOHTTP1", package: "swift-nio"),
                                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                               .product(name: "NIOHPACK", package: "swift-nio-http2"),
                                .product(name: "Prometheus", package: "swift-prometheus")],
                 // The request path is single-threaded per event loop: the
                 // runtime exclusivity checks cost ~2% of its CPU for nothing.
                 swiftSettings: swiftSettings + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]),
         .target(name: "WeftAgent",
-                dependencies: ["WeftCore", "WeftKernel", "WeftStatus", "CWeftSys",
+                dependencies: ["WeftCore", "WeftKernel", "WeftStatus", "CWeftSys", "WeftIdentity",
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "NIOCore", package: "swift-nio"),
                                .product(name: "NIOPosix", package: "swift-nio"),
@@ -74,15 +89,19 @@ let package = Package(
                                .product(name: "Prometheus", package: "swift-prometheus")],
                 swiftSettings: swiftSettings),
         .target(name: "WeftLab",
-                dependencies: ["WeftCore", "WeftKernel", "CWeftSys", "WeftStatus",
+                dependencies: ["WeftCore", "WeftKernel", "CWeftSys", "WeftStatus", "WeftIdentity",
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         .executableTarget(name: "weft",
-                          dependencies: ["WeftCore", "WeftKernel", "WeftAgent", "WeftProxy", "WeftLab", "WeftStatus",
+                          dependencies: ["WeftCore", "WeftKernel", "WeftAgent", "WeftProxy", "WeftLab", "WeftStatus", "WeftIdentity",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swiftSettings),
         .testTarget(name: "WeftCoreTests", dependencies: ["WeftCore"], swiftSettings: swiftSettings),
+        .testTarget(name: "WeftIdentityTests", dependencies: ["WeftIdentity",
+                                                             .product(name: "X509", package: "swift-certificates"),
+                                                             .product(name: "Crypto", package: "swift-crypto")],
+                    swiftSettings: swiftSettings),
         .testTarget(name: "WeftProxyTests", dependencies: ["WeftProxy", "WeftCore",
                                                           .product(name: "NIOCore", package: "swift-nio"),
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),

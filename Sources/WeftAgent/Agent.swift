@@ -5,6 +5,7 @@ import NIOPosix
 import WeftStatus
 import Synchronization
 import WeftCore
+import WeftIdentity
 import WeftKernel
 
 /// `weft agent`: the node daemon. Its control work runs on one thread — a
@@ -70,9 +71,17 @@ public enum Agent {
         // Health probes run on their own thread, apart from the control loop.
         let probeGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let healthChecker = try HealthChecker(loop: probeGroup.next(), logger: logger)
+        var issuer: IdentityIssuer?
+        if let dir = configuration.caDirectory {
+            do {
+                issuer = IdentityIssuer(ca: try MeshCA.load(from: dir), ttl: configuration.certificateTTL, logger: logger)
+            } catch {
+                throw PreflightError("--ca: \(error)")
+            }
+        }
         let reconciler = try Reconciler(configuration: configuration, maps: maps, policyMaps: policyMaps,
                                         nodeCgroup: cgroup, status: status, proxy: supervisor, shortcut: shortcut,
-                                        flows: flowMaps, healthChecker: healthChecker, logger: logger)
+                                        flows: flowMaps, healthChecker: healthChecker, identities: issuer, logger: logger)
         let watcher = try ConfigWatcher(directory: configuration.configDirectory)
         reconciler.reconcile()
 
@@ -142,6 +151,10 @@ public enum Agent {
                 let due = max(0, Int32((nextEjectionPoll - .now).seconds * 1000))
                 timeout = timeout < 0 ? due : min(timeout, due)
             }
+            if let renewal = issuer?.nextRenewal {
+                let due = Int32(max(0, min(renewal.timeIntervalSinceNow * 1000 + 1, 3_600_000)))
+                timeout = timeout < 0 ? due : min(timeout, due)
+            }
             if let deadline {
                 let left = deadline - .now
                 timeout = max(0, Int32(left.seconds * 1000))
@@ -173,6 +186,9 @@ public enum Agent {
             if fds[2].revents != 0 {
                 healthChecker.drain()
                 healthNews = true
+            }
+            if let renewal = issuer?.nextRenewal, renewal.timeIntervalSinceNow <= 0 {
+                reconciler.issueIdentities()
             }
             if reconciler.wantsEjections, nextEjectionPoll <= .now {
                 nextEjectionPoll = .now + .seconds(1)
@@ -254,14 +270,7 @@ final class SignalPipe {
     let readFD: Int32
 
     init(_ signals: [Int32]) throws(AgentError) {
-        var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw AgentError("pipe: \(String(cString: strerror(errno)))") }
-        for fd in fds {
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            _ = fcntl(fd, F_SETFL, O_NONBLOCK)
-        }
-        readFD = fds[0]
-        signalPipeWriteFD = fds[1]
+        (readFD, signalPipeWriteFD) = try Self.nonBlockingPipe()
         // A parent may have blocked some of these (test runners do), and a
         // blocked mask survives exec: unblock them, or they stay pending.
         var mask = sigset_t()
@@ -276,6 +285,17 @@ final class SignalPipe {
             }
             sigaction(signal, &action, nil)
         }
+    }
+
+    /// A pipe whose ends are non-blocking and close on exec: (read, write).
+    static func nonBlockingPipe() throws(AgentError) -> (Int32, Int32) {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw AgentError("pipe: \(String(cString: strerror(errno)))") }
+        for fd in fds {
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(fd, F_SETFL, O_NONBLOCK)
+        }
+        return (fds[0], fds[1])
     }
 
     /// The signal that arrived.

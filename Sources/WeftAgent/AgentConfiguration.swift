@@ -32,6 +32,14 @@ public struct AgentConfiguration: Sendable {
     /// The same-node socket shortcut: on (after a start-up probe proves the
     /// kernel does it) unless false; MeshConfig can still turn it off.
     public var socketShortcut = true
+    /// This node's CA directory (`weft ca node`): with it, the agent issues
+    /// every local identity a certificate and the proxy tunnels traffic to
+    /// other nodes over mutual TLS. Without it, no identity, no tunnel.
+    public var caDirectory: String?
+    /// Lifetime of the workload certificates it issues (renewed at half).
+    public var certificateTTL: TimeInterval = 24 * 3600
+    /// The port node proxies accept tunnels on (HBONE's).
+    public var tunnelPort: UInt16 = 15008
 
     public init(configDirectory: String, node: String) {
         self.configDirectory = configDirectory

@@ -50,6 +50,7 @@ final class AgentMetrics: Sendable {
         Int(WEFT_DROP_EGRESS.rawValue): "egress_denied",
         Int(WEFT_DROP_INGRESS_AT_SOURCE.rawValue): "ingress_denied_at_source",
         Int(WEFT_DROP_INGRESS.rawValue): "ingress_denied",
+        Int(WEFT_DROP_PLAINTEXT.rawValue): "plaintext_to_strict",
     ]
 
     func render() -> String {

@@ -47,14 +47,7 @@ final class HealthChecker: Sendable {
     init(loop: any EventLoop, logger: Logger) throws(AgentError) {
         self.loop = loop
         self.logger = logger
-        var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw AgentError("pipe: \(String(cString: strerror(errno)))") }
-        for f in fds {
-            _ = fcntl(f, F_SETFD, FD_CLOEXEC)
-            _ = fcntl(f, F_SETFL, O_NONBLOCK)
-        }
-        fd = fds[0]
-        writeFD = fds[1]
+        (fd, writeFD) = try SignalPipe.nonBlockingPipe()
     }
 
     deinit {

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import Logging
 import WeftCore
+import WeftIdentity
 import WeftKernel
 import WeftStatus
 
@@ -139,6 +140,26 @@ final class ProxySupervisor {
             signal(SIGHUP)
         } catch {
             logger.error("cannot write the proxy's route table: \(error)")
+        }
+    }
+
+    /// Writes the identity bundle (mode 0600) where the proxy reads it and
+    /// tells the proxy, which reads it with the route table.
+    func installIdentities(_ bundle: IdentityBundle) {
+        do {
+            let data = try JSONEncoder().encode(bundle)
+            let path = runDirectory + "/" + IdentityBundle.fileName
+            let temp = runDirectory + "/." + IdentityBundle.fileName + ".tmp"
+            unlink(temp)
+            let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw AgentError("open \(temp): \(String(cString: strerror(errno)))") }
+            let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            close(fd)
+            guard written == data.count else { throw AgentError("write \(temp): short write") }
+            guard rename(temp, path) == 0 else { throw AgentError("rename \(temp): \(String(cString: strerror(errno)))") }
+            signal(SIGHUP)
+        } catch {
+            logger.error("cannot write the proxy's identities: \(error)")
         }
     }
 

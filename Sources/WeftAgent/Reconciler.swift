@@ -32,6 +32,7 @@ final class Reconciler {
     /// The table those maps were planned from; nil forces a full plan.
     private var lastTable: ServiceTable?
     private var inForce: ClusterState?
+    var inForceState: ClusterState? { inForce }
     /// Set when a write failed part-way: the next pass re-reads the kernel.
     private var kernelUncertain = false
 
@@ -43,6 +44,8 @@ final class Reconciler {
     /// Active health checks; their verdicts and the proxy's ejections
     /// shape both the kernel's service maps and the proxy's table.
     let healthChecker: HealthChecker?
+    /// Workload certificates for this node's identities (with --ca).
+    let identities: IdentityIssuer?
     /// Backends the proxy reports ejected (see pollEjections).
     private var ejected: Set<BackendAddress> = []
     private var lastHealth = EndpointHealth()
@@ -52,8 +55,9 @@ final class Reconciler {
 
     init(configuration: AgentConfiguration, maps: ServiceMaps, policyMaps: PolicyMaps, nodeCgroup: String,
          status: SharedStatus, proxy: ProxySupervisor?, shortcut: ShortcutController, flows: FlowMaps? = nil,
-         healthChecker: HealthChecker? = nil, logger: Logger) throws {
+         healthChecker: HealthChecker? = nil, identities: IdentityIssuer? = nil, logger: Logger) throws {
         self.configuration = configuration
+        self.identities = identities
         self.healthChecker = healthChecker
         self.flows = flows
         self.proxy = proxy
@@ -175,7 +179,8 @@ final class Reconciler {
                                metadata: ["pods": "\(missing.joined(separator: ", "))"])
             }
             missingCgroups = missing
-            let desiredPolicy = PolicyMapContents(policyTable, cgroups: cgroups, hostAddresses: Host.localIPv4Addresses())
+            var desiredPolicy = PolicyMapContents(policyTable, cgroups: cgroups, hostAddresses: Host.localIPv4Addresses())
+            desiredPolicy.markMTLS(state, node: configuration.node, tunnels: identities != nil && proxy != nil)
             let policyPlan = PolicyMapPlan(from: appliedPolicy, to: desiredPolicy)
             mark("policy")
             do {
@@ -191,6 +196,7 @@ final class Reconciler {
             if try flows?.setCounting(state.meshConfig.telemetry.connectionCounters) == true {
                 logger.notice("connection counters switched \(state.meshConfig.telemetry.connectionCounters ? "on" : "off")")
             }
+            issueIdentities(state)
             healthChecker?.update(HealthChecker.targets(state))
             wantsEjections = proxy != nil && state.trafficPolicies.contains { $0.outlierDetection != nil }
             if !wantsEjections { ejected = [] }
@@ -204,7 +210,12 @@ final class Reconciler {
             // maps are written it gets the union of old and new frontends.
             var proxyTable: ProxyTable?
             if let proxy {
-                let desired = ProxyTable(state, generation: generation, health: health)
+                var desired = ProxyTable(state, generation: generation, health: health)
+                if identities != nil {
+                    desired.tunnel = .init(plaintext: Set(state.workloads.filter {
+                        $0.node != configuration.node && state.mtlsMode($0) == .disable
+                    }.map(\.address.description)))
+                }
                 var union = desired
                 for (key, old) in proxy.lastTable?.frontends ?? [:] where union.frontends[key] == nil {
                     union.frontends[key] = old
@@ -293,6 +304,23 @@ final class Reconciler {
 }
 
 extension Reconciler {
+    /// Certificates for the identities of this node's pods: new ones for
+    /// new identities, renewals past half-life; the proxy is told.
+    func issueIdentities(_ state: ClusterState? = nil) {
+        guard let identities, let state = state ?? inForceState else { return }
+        do {
+            if try identities.update(identities.localIdentities(state, node: configuration.node)) {
+                proxy?.installIdentities(identities.bundle)
+            }
+        } catch {
+            logger.error("issuing workload certificates failed: \(error)")
+        }
+        status.withLock {
+            $0.identities = identities.summary
+            $0.trustDomain = identities.trustDomain
+        }
+    }
+
     /// Asks the proxy which backends its outlier detection has ejected;
     /// true when that changed (the caller then reconciles).
     func pollEjections() -> Bool {

@@ -8,6 +8,9 @@ public struct CapturedOrigin: Sendable, Hashable {
     public var port: UInt16
     public var serviceID: UInt32
     public var source: IPv4Address
+    /// To a pod on another node, through the tunnel: `vip`/`port` name the
+    /// pod itself (the kernel chose it), not a Service.
+    public var tunnel = false
 }
 
 /// The two capture maps (see weft_abi.h, "L7 capture"): where the proxy
@@ -48,7 +51,8 @@ public final class ProxyMaps: Sendable {
         guard let v = try origins.lookup(key) else { return nil }
         _ = try origins.delete(key)
         return CapturedOrigin(vip: IPv4Address(networkOrder: v.vip), port: UInt16(bigEndian: v.port),
-                              serviceID: v.service_id, source: IPv4Address(networkOrder: v.source))
+                              serviceID: v.service_id, source: IPv4Address(networkOrder: v.source),
+                              tunnel: v.flags & UInt16(WEFT_ORIGIN_F_TUNNEL) != 0)
     }
 
     /// Origins written but never taken (the proxy was down when they came).

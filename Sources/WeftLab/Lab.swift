@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import WeftCore
+import WeftIdentity
 import WeftStatus
 import WeftKernel
 
@@ -53,6 +54,7 @@ public enum Lab {
                 try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
             }
             try FileManager.default.createDirectory(atPath: logDirectory, withIntermediateDirectories: true)
+            try makeCA(plan)
             for i in plan.nodes.indices {
                 let node = plan.nodes[i]
                 plan.nodes[i].agentPid = try spawn(
@@ -131,7 +133,27 @@ public enum Lab {
     /// the address every pod of the node routes through.
     static func agentCommand(_ weft: String, config: String, node: LabPlan.Node) -> [String] {
         [weft, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup,
-         "--proxy-address", node.gateway]
+         "--proxy-address", node.gateway, "--ca", caDirectory + "/" + node.name]
+    }
+
+    /// The lab's mesh CA: a root for trust domain `cluster.local` and one
+    /// intermediate per node (as `weft ca init` and `weft ca node` make
+    /// them), under the root-only lab directory; each agent gets its own.
+    public static let caDirectory = runDirectory + "/ca"
+    public static let trustDomain = "cluster.local"
+
+    static func makeCA(_ plan: LabPlan) throws {
+        let rootDirectory = caDirectory + "/root"
+        let root: MeshCA
+        if let existing = try? MeshCA.load(from: rootDirectory) {
+            root = existing
+        } else {
+            root = try MeshCA.root(trustDomain: trustDomain)
+            try root.write(to: rootDirectory)
+        }
+        for node in plan.nodes where (try? MeshCA.load(from: caDirectory + "/" + node.name)) == nil {
+            try root.intermediate(node: node.name).write(to: caDirectory + "/" + node.name)
+        }
     }
 
     /// Replaces a node's proxy: a rolling restart through its agent

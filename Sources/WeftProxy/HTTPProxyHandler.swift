@@ -477,7 +477,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
         }
         let proto = r.cluster.upstreamProtocol
-        loop.pool.acquire(key, protocol: proto, counters: counters) { [weak self] result in
+        let tunnel = proxy.tunnel(to: key, from: origin.source, snapshot: r.snapshot)
+        loop.pool.acquire(key, protocol: proto, counters: counters, tunnel: tunnel) { [weak self] result in
             guard let self else {
                 if case .success(let h) = result { h.close() }
                 return

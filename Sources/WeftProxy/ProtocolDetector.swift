@@ -36,6 +36,12 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
+        // Sent here only to cross nodes in a tunnel (an L4 connection the
+        // kernel already balanced): bytes pass as they are, whatever they are.
+        if origin.tunnel {
+            decide(.tcp, context: context)
+            return
+        }
         let timeout = proxy.configuration.detectTimeout
         timer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(timeout)) { [weak self] in
             self?.decide(.tcp, context: context)

@@ -33,6 +33,9 @@ public struct ProxyConfiguration: Sendable {
     /// Distinct values a metric label may take before the rest are
     /// reported as "overflow".
     public var labelValueLimit = 1000
+    /// Where tunnels from other nodes' proxies arrive (all addresses of the
+    /// node), once the agent has handed over identities.
+    public var tunnelPort: UInt16 = 15008
 
     public init(node: String, listenAddress: IPv4Address, pinDirectory: String, runDirectory: String) {
         self.node = node

@@ -18,6 +18,10 @@ final class ProxyContext: Sendable {
     let origins: ProxyMaps?
     let policy: PolicyMaps?
     private let current: Mutex<RouteSnapshot>
+    private let identityState = Mutex<TunnelIdentities?>(nil)
+    /// The identities the agent issued for this node's pods (nil: no CA, no tunnels).
+    var identities: TunnelIdentities? { identityState.withLock { $0 } }
+    func install(identities: TunnelIdentities) { identityState.withLock { $0 = identities } }
     let draining = Atomic<Bool>(false)
     private let loops: [ObjectIdentifier: LoopState]
     /// Via token; a request that already carries it has looped.
@@ -48,6 +52,16 @@ final class ProxyContext: Sendable {
         // swapping in the next need not be one critical section.
         let snapshot = RouteSnapshot(table, node: configuration.node, previous: self.snapshot)
         current.withLock { $0 = snapshot }
+    }
+
+    /// The tunnel to use from `source` to `endpoint`, if one applies.
+    func tunnel(to endpoint: EndpointKey, from source: IPv4Address, snapshot: RouteSnapshot)
+        -> (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)? {
+        guard snapshot.table.tunnel != nil, let ids = identities,
+              let route = TunnelPool.route(endpoint, source: source, snapshot: snapshot, identities: ids, node: configuration.node)
+        else { return nil }
+        stats.tunnelStreamsOut.add(1, ordering: .relaxed)
+        return (route, source, ids)
     }
 
     /// The state of the loop a handler runs on. Only ever touched from that loop.

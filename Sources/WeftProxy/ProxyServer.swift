@@ -6,6 +6,7 @@ import NIOHTTP1
 import NIOPosix
 import Synchronization
 import WeftCore
+import WeftIdentity
 import WeftKernel
 import WeftStatus
 
@@ -51,8 +52,29 @@ public enum ProxyServer {
         let proxy = ProxyContext(configuration: configuration, logger: logger, origins: origins, policy: policy,
                                  eventLoops: loops)
         let tableFile = ProxyConfiguration.tableFile(runDirectory: configuration.runDirectory)
+        let identityFile = configuration.runDirectory + "/" + IdentityBundle.fileName
         let reloadErrors = Mutex<String?>(nil)
+        let tunnelListener = Mutex<Channel?>(nil)
+        /// The agent's identity bundle: new tunnels use it at once; the
+        /// tunnel listener opens with the first one.
+        func reloadIdentities() {
+            guard let data = FileManager.default.contents(atPath: identityFile) else { return }
+            do {
+                let bundle = try JSONDecoder().decode(IdentityBundle.self, from: data)
+                proxy.install(identities: try TunnelIdentities(bundle))
+                logger.info("identities installed", metadata: ["trust_domain": "\(bundle.trustDomain)",
+                                                               "identities": "\(bundle.workloads.count)"])
+                if tunnelListener.withLock({ $0 }) == nil {
+                    let channel = try TunnelServer.start(proxy: proxy, group: group, port: configuration.tunnelPort)
+                    tunnelListener.withLock { $0 = channel }
+                    logger.notice("tunnel listener up", metadata: ["port": "\(configuration.tunnelPort)"])
+                }
+            } catch {
+                logger.error("cannot use the identities in \(identityFile): \(error); the previous ones stay in force")
+            }
+        }
         func reload() {
+            reloadIdentities()
             do {
                 let data = try Data(contentsOf: URL(fileURLWithPath: tableFile))
                 let table = try JSONDecoder().decode(ProxyTable.self, from: data)
@@ -158,6 +180,7 @@ public enum ProxyServer {
                 } else if !proxy.draining.exchange(true, ordering: .relaxed) {
                     logger.notice("draining", metadata: ["connections": "\(connections.count)"])
                     listener.close(promise: nil)
+                    tunnelListener.withLock { $0 }?.close(promise: nil)
                     connections.quiesce()
                     done.signal()
                 }

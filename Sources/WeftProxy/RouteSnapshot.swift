@@ -90,6 +90,10 @@ final class ProxyStats: Sendable {
     let rateLimited = Atomic<Int>(0)
     let faultsAborted = Atomic<Int>(0)
     let faultsDelayed = Atomic<Int>(0)
+    let tunnelsIn = Atomic<Int>(0)
+    let tunnelStreamsIn = Atomic<Int>(0)
+    let tunnelStreamsOut = Atomic<Int>(0)
+    let tunnelRefused = Atomic<Int>(0)
 
     func response(_ code: Int) {
         switch code {
@@ -126,6 +130,10 @@ final class ProxyStats: Sendable {
             ("rate_limited_total", rateLimited.load(ordering: .relaxed)),
             ("faults_aborted_total", faultsAborted.load(ordering: .relaxed)),
             ("faults_delayed_total", faultsDelayed.load(ordering: .relaxed)),
+            ("tunnel_connections_in_total", tunnelsIn.load(ordering: .relaxed)),
+            ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
+            ("tunnel_streams_out_total", tunnelStreamsOut.load(ordering: .relaxed)),
+            ("tunnel_streams_refused_total", tunnelRefused.load(ordering: .relaxed)),
         ]
     }
 }

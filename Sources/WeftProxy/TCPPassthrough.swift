@@ -13,14 +13,23 @@ enum TCPPassthrough {
         let loop = proxy.loop(context.eventLoop)
         let snapshot = proxy.snapshot
         let key = "\(origin.vip):\(origin.port)"
-        guard let frontend = snapshot.table.frontends[key], let endpoints = snapshot.endpoints[frontend.cluster],
-              !endpoints.isEmpty else {
+        let frontend = snapshot.table.frontends[key]
+        var chosen: EndpointKey?
+        if origin.tunnel {
+            // The kernel chose the pod; only the tunnel is the proxy's to add.
+            guard let pod = snapshot.workloadsByIP[origin.vip.value], let node = pod.node else {
+                context.close(promise: nil)
+                return
+            }
+            chosen = EndpointKey(ip: origin.vip, port: origin.port, node: node)
+        }
+        let endpoints = frontend.flatMap { snapshot.endpoints[$0.cluster] } ?? []
+        guard chosen != nil || !endpoints.isEmpty else {
             context.close(promise: nil)
             return
         }
         var excluded: Set<EndpointKey> = []
-        var chosen: EndpointKey?
-        while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
+        while chosen == nil, let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
             if loop.allowed(proxy, generation: snapshot.generation, source: origin.source, destination: candidate.ip,
                             port: candidate.port, node: candidate.node) {
                 chosen = candidate
@@ -39,11 +48,23 @@ enum TCPPassthrough {
         _ = downstream.setOption(ChannelOptions.autoRead, value: false)
         loop.pool.state(endpoint).inFlight += 1
         let pool = loop.pool
-        loop.pool.bootstrap()
-            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            .connect(host: endpoint.address, port: Int(endpoint.port))
-            .assumeIsolated()
-            .whenComplete { result in
+        let connected: (@escaping (Result<Channel, any Error>) -> Void) -> Void
+        if let tunnel = proxy.tunnel(to: endpoint, from: origin.source, snapshot: snapshot) {
+            // To another node: a CONNECT stream of the mutual-TLS tunnel.
+            connected = { done in
+                pool.tunnels.stream(tunnel.route, to: endpoint, source: origin.source, identities: tunnel.identities,
+                                    initialize: { _ in }, done)
+            }
+        } else {
+            connected = { done in
+                pool.bootstrap()
+                    .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                    .connect(host: endpoint.address, port: Int(endpoint.port))
+                    .assumeIsolated()
+                    .whenComplete(done)
+            }
+        }
+        connected { result in
                 switch result {
                 case .failure:
                     pool.state(endpoint).inFlight -= 1
@@ -53,8 +74,8 @@ enum TCPPassthrough {
                 case .success(let upstream):
                     let (a, b) = GlueHandler.pair()
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
-                    let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend.service,
-                                           serviceNamespace: frontend.namespace, upstream: endpoint)
+                    let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend?.service,
+                                           serviceNamespace: frontend?.namespace, upstream: endpoint)
                     let series = snapshot.table.requestMetrics == false ? nil : loop.telemetry.tcp(peers, proxy.telemetry)
                     series?.opened.increment()
                     a.onFinish = { sent, received in

@@ -3,6 +3,7 @@ import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import WeftCore
+import WeftIdentity
 
 /// A backend as the pool knows it: address and port (the identity), and
 /// the node it runs on (carried along for policy, not part of the key).
@@ -11,6 +12,12 @@ struct EndpointKey: Hashable, CustomStringConvertible {
     var ip: IPv4Address
     var port: UInt16
     var node: String
+
+    init(ip: IPv4Address, port: UInt16, node: String) {
+        self.ip = ip
+        self.port = port
+        self.node = node
+    }
 
     init(_ e: ProxyTable.Endpoint) {
         ip = IPv4Address(e.address) ?? IPv4Address(0)
@@ -40,6 +47,9 @@ final class UpstreamPool {
         var consecutiveFailures = 0
         var idle: [UpstreamHandler] = []
         var h2: HTTP2Upstream?
+        /// HTTP/2 connections nested in tunnels, one per source identity
+        /// (a tunnel speaks for one identity).
+        var tunnelH2: [SpiffeID: HTTP2Upstream] = [:]
     }
 
     let eventLoop: any EventLoop
@@ -48,9 +58,12 @@ final class UpstreamPool {
     /// xorshift state for the two random choices.
     private var random: UInt64
 
+    let tunnels: TunnelPool
+
     init(eventLoop: any EventLoop, configuration: ProxyConfiguration) {
         self.eventLoop = eventLoop
         self.configuration = configuration
+        tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort)
         random = UInt64.random(in: 1...UInt64.max)
     }
 
@@ -123,10 +136,36 @@ final class UpstreamPool {
 
     /// An upstream handler ready for one exchange with `key`. `counters`
     /// (a TrafficPolicy cluster's backend) counts the connections opened
-    /// and the requests waiting for one, for its circuit breaker.
+    /// and the requests waiting for one, for its circuit breaker. With a
+    /// `tunnel`, the exchange runs in a CONNECT stream of the tunnel to the
+    /// backend's node instead of a TCP connection of its own.
     func acquire(_ key: EndpointKey, protocol proto: ProxyTable.UpstreamProtocol, counters: ClusterRuntime.Backend? = nil,
+                 tunnel: (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)? = nil,
                  _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
         let s = state(key)
+        if let tunnel {
+            switch proto {
+            case .http1:
+                // One stream per exchange: a stream is one source identity's,
+                // so it is not pooled with other pods' idle connections.
+                tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, initialize: { stream in
+                    try stream.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
+                    let handler = UpstreamHandler()
+                    handler.tunnelled = true
+                    try stream.pipeline.syncOperations.addHandler(handler)
+                }) { completion(Self.upstreamHandler(of: $0)) }
+            case .http2:
+                if let h2 = s.tunnelH2[tunnel.route.source], h2.isUsable { return h2.openStream(completion) }
+                let tunnels = self.tunnels
+                let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
+                    tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities,
+                                   initialize: initializer, done)
+                }
+                s.tunnelH2[tunnel.route.source] = h2
+                h2.openStream(completion)
+            }
+            return
+        }
         switch proto {
         case .http1:
             while let handler = s.idle.popLast() {
@@ -151,7 +190,13 @@ final class UpstreamPool {
                 h2.openStream(completion)
                 return
             }
-            let h2 = HTTP2Upstream(key: key, pool: self)
+            let bootstrap = self.bootstrap()
+            let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
+                bootstrap.channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try initializer(channel) } }
+                    .connect(host: key.address, port: Int(key.port))
+                    .assumeIsolated()
+                    .whenComplete(done)
+            }
             s.h2 = h2
             h2.openStream(completion)
         }
@@ -160,7 +205,7 @@ final class UpstreamPool {
     /// Returns an HTTP/1.1 connection after a complete exchange.
     func release(_ handler: UpstreamHandler, to key: EndpointKey, reusable: Bool) {
         let s = state(key)
-        guard reusable, handler.isActive, s.idle.count < configuration.maxIdlePerBackend else {
+        guard reusable, !handler.tunnelled, handler.isActive, s.idle.count < configuration.maxIdlePerBackend else {
             handler.close()
             return
         }
@@ -193,7 +238,9 @@ final class UpstreamPool {
     }
 
     fileprivate func forgetHTTP2(_ key: EndpointKey, _ h2: HTTP2Upstream) {
-        if let s = endpoints[key], s.h2 === h2 { s.h2 = nil }
+        guard let s = endpoints[key] else { return }
+        if s.h2 === h2 { s.h2 = nil }
+        for (id, t) in s.tunnelH2 where t === h2 { s.tunnelH2[id] = nil }
     }
 
     /// Closes idle connections (drain, or a table without the endpoint).
@@ -203,7 +250,10 @@ final class UpstreamPool {
             s.idle.removeAll()
             s.h2?.close()
             s.h2 = nil
+            for t in s.tunnelH2.values { t.close() }
+            s.tunnelH2.removeAll()
         }
+        tunnels.closeAll()
     }
 }
 
@@ -218,39 +268,36 @@ final class HTTP2Upstream {
 
     var isUsable: Bool { !failed && (channel?.isActive ?? true) }
 
-    init(key: EndpointKey, pool: UpstreamPool) {
+    /// `connect` makes the transport (a TCP connection, or a tunnel
+    /// stream) and runs the initializer on it.
+    init(key: EndpointKey, pool: UpstreamPool,
+         connect: (_ initializer: @escaping (Channel) throws -> Void, _ done: @escaping (Result<Channel, any Error>) -> Void) -> Void) {
         self.key = key
         self.pool = pool
-        pool.bootstrap()
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                        mode: .client, connectionConfiguration: .init(), streamConfiguration: .init()
-                    ) { stream in stream.close() }
-                }
-            }
-            .connect(host: key.address, port: Int(key.port))
-            .assumeIsolated()
-            .whenComplete { [self] result in
-                switch result {
-                case .success(let channel):
-                    do {
-                        self.channel = channel
-                        multiplexer = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
-                        channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
-                            failed = true
-                            pool.forgetHTTP2(key, self)
-                        }
-                        let ready = waiters
-                        waiters = []
-                        for w in ready { openStream(w) }
-                    } catch {
-                        fail(error)
+        connect({ channel in
+            _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                mode: .client, connectionConfiguration: .init(), streamConfiguration: .init()
+            ) { stream in stream.close() }
+        }) { [self] result in
+            switch result {
+            case .success(let channel):
+                do {
+                    self.channel = channel
+                    multiplexer = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
+                    channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
+                        failed = true
+                        pool.forgetHTTP2(key, self)
                     }
-                case .failure(let error):
+                    let ready = waiters
+                    waiters = []
+                    for w in ready { openStream(w) }
+                } catch {
                     fail(error)
                 }
+            case .failure(let error):
+                fail(error)
             }
+        }
     }
 
     private func fail(_ error: any Error) {

@@ -17,6 +17,8 @@ struct AgentCommand: ParsableCommand {
     @Option(name: .customLong("proxy-port"), help: "The proxy's outbound capture port.") var proxyPort: UInt16 = 15001
     @Option(name: .customLong("access-log"), help: "Where the proxy writes access log lines when MeshConfig turns them on: a file (rotated to .1 at 64 MiB) or - (default /run/weft/<node>/access.log).") var accessLog: String?
     @Option(name: .customLong("socket-shortcut"), help: "The same-node socket shortcut (sockops + sk_msg): on (after a start-up probe) or off.") var socketShortcut = "on"
+    @Option(help: "This node's CA directory (weft ca node): turns on workload identities and mTLS tunnels between nodes.") var ca: String?
+    @Option(name: .customLong("cert-ttl"), help: "Lifetime of workload certificates, e.g. 24h, 90m (renewed at half).") var certTTL = "24h"
     @Flag(help: "Detach the datapath: remove this node's pinned programs and maps, then exit.") var uninstall = false
 
     func run() throws {
@@ -52,6 +54,11 @@ struct AgentCommand: ParsableCommand {
             throw ValidationError("--socket-shortcut must be on or off, got \(socketShortcut)")
         }
         configuration.socketShortcut = socketShortcut == "on"
+        configuration.caDirectory = ca
+        guard let ttl = parseDuration(certTTL), ttl >= 60 else {
+            throw ValidationError("--cert-ttl must be a duration of at least 1m (e.g. 24h, 90m), got \(certTTL)")
+        }
+        configuration.certificateTTL = ttl
         do {
             try Agent.run(configuration, logger: logger)
         } catch let error as PreflightError {
@@ -59,4 +66,22 @@ struct AgentCommand: ParsableCommand {
             throw ExitCode(2)
         }
     }
+}
+
+/// "24h", "90m", "30s", "1h30m": seconds.
+func parseDuration(_ text: String) -> TimeInterval? {
+    var total = 0.0, digits = ""
+    for c in text {
+        if c.isASCII && c.isNumber { digits.append(c); continue }
+        guard let n = Double(digits) else { return nil }
+        switch c {
+        case "h": total += n * 3600
+        case "m": total += n * 60
+        case "s": total += n
+        case "d": total += n * 86400
+        default: return nil
+        }
+        digits = ""
+    }
+    return digits.isEmpty && total > 0 ? total : nil
 }

@@ -9,7 +9,7 @@ struct Weft: ParsableCommand {
         abstract: "A sidecarless service mesh: eBPF in the kernel, one Swift proxy per node.",
         subcommands: [AgentCommand.self, ValidateCommand.self, ApplyCommand.self, GetCommand.self,
                       StatusCommand.self, TopCommand.self, GraphCommand.self, PolicyCommand.self, ProxyCommand.self,
-                      LabCommand.self])
+                      CACommand.self, LabCommand.self])
 }
 
 Weft.main()

@@ -88,21 +88,17 @@ struct LabHarness {
     }
 
     /// Runs labtool.py in a pod and decodes its JSON line.
-    func tool(in pod: String, _ args: [String]) throws -> [String: Any] {
-        let r = try Self.run(["lab", "exec", pod, "--", "python3", Self.tool] + args)
-        guard r.status == 0, let line = r.output.split(separator: "\n").last,
-              let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
-            throw HarnessError("labtool \(args) in \(pod) failed: \(r.output)")
-        }
-        return json
-    }
+    func tool(in pod: String, _ args: [String]) throws -> [String: Any] { try python(Self.tool, in: pod, args) }
 
     /// Runs loadtool.py in a pod and decodes its JSON line.
-    func load(in pod: String, _ args: [String]) throws -> [String: Any] {
-        let r = try Self.run(["lab", "exec", pod, "--", "python3", Self.loadTool] + args)
+    func load(in pod: String, _ args: [String]) throws -> [String: Any] { try python(Self.loadTool, in: pod, args) }
+
+    /// Runs a Python tool in a pod; its last output line is JSON.
+    private func python(_ script: String, in pod: String, _ args: [String]) throws -> [String: Any] {
+        let r = try Self.run(["lab", "exec", pod, "--", "python3", script] + args)
         guard r.status == 0, let line = r.output.split(separator: "\n").last,
               let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
-            throw HarnessError("loadtool \(args) in \(pod) failed: \(r.output)")
+            throw HarnessError("\((script as NSString).lastPathComponent) \(args) in \(pod) failed: \(r.output)")
         }
         return json
     }

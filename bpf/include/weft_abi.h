@@ -105,8 +105,11 @@ struct weft_sock_origin {
 	__u32  pad0;       /* zero */
 };
 
-/* weft_sock_origin.flags */
-#define WEFT_ORIGIN_F_PROXY 0x0001  /* sent to the node proxy, not to a backend */
+/* weft_sock_origin.flags, weft_proxy_origin.flags */
+#define WEFT_ORIGIN_F_PROXY  0x0001  /* sent to the node proxy, not to a backend */
+#define WEFT_ORIGIN_F_TUNNEL 0x0002  /* to a pod on another node, through the mTLS tunnel:
+                                      * the proxy origin names that pod (address and port),
+                                      * the socket origin still the clusterIP dialed */
 
 /*
  * ----- L7 capture: connect() to an L7 Service port goes to the node proxy -----
@@ -139,9 +142,9 @@ struct weft_proxy_origin_key {
 };
 
 struct weft_proxy_origin {
-	__be32 vip;        /* the clusterIP the client dialed */
-	__be16 port;       /* the Service port it dialed, network order */
-	__u16  pad0;       /* zero */
+	__be32 vip;        /* the clusterIP the client dialed; with F_TUNNEL, the pod to reach */
+	__be16 port;       /* the Service port it dialed, network order; with F_TUNNEL, the pod's port */
+	__u16  flags;      /* WEFT_ORIGIN_F_* */
 	__u32  service_id; /* the Service port's stable id */
 	__be32 source;     /* the client pod's address (from its cgroup) */
 };
@@ -331,6 +334,11 @@ enum weft_direction {
 #define WEFT_EP_F_EGRESS_ISOLATED  0x02
 #define WEFT_EP_F_INGRESS_RANGES   0x04  /* has allows in weft_policy_ranges */
 #define WEFT_EP_F_EGRESS_RANGES    0x08
+#define WEFT_EP_F_TUNNEL           0x10  /* a pod on another node that takes mTLS tunnels:
+                                          * this node's pods reach it through the proxy */
+#define WEFT_EP_F_MTLS_STRICT      0x20  /* a pod of this node under PeerAuthentication STRICT:
+                                          * new TCP flows only from this node (its proxy, its pods) */
+#define WEFT_EP_F_LOCAL            0x40  /* a pod of this node */
 
 struct weft_endpoint {
 	__u32 identity;    /* WEFT_ID_FIRST_POD and up */
@@ -388,6 +396,7 @@ enum weft_drop_reason {
 	WEFT_DROP_EGRESS           = 1, /* source pod's egress policy: EPERM at connect()/sendmsg() */
 	WEFT_DROP_INGRESS_AT_SOURCE = 2, /* destination's ingress policy, checked by the source node: EPERM */
 	WEFT_DROP_INGRESS          = 3, /* destination pod's ingress policy at the destination: packet dropped */
+	WEFT_DROP_PLAINTEXT        = 4, /* plaintext from another node to a STRICT pod: packet dropped */
 };
 
 struct weft_drop_key {

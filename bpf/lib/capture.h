@@ -15,7 +15,7 @@
  * caller is no local pod (the node itself, and the proxy, whose upstream
  * connections must never come back to it). */
 static __always_inline struct weft_proxy_config *
-capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vip, __be16 port, const struct weft_service_value *svc)
+capture_to_proxy_as(struct bpf_sock_addr *ctx, __be32 vip, __be16 port, __u32 service_id, __u32 backend_id, __u16 flags)
 {
 	__u32 zero = 0;
 	__u64 cgroup = bpf_get_current_cgroup_id();
@@ -33,13 +33,38 @@ capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vip, __be16 port, const struc
 		return NULL;  /* no memory for the record: better unproxied than unknown */
 	origin->vip = vip;
 	origin->port = port;
-	origin->flags = WEFT_ORIGIN_F_PROXY;
-	origin->service_id = svc->service_id;
-	origin->backend_id = 0;
+	origin->flags = flags;
+	origin->service_id = service_id;
+	origin->backend_id = backend_id;
 	origin->source = pod->addr;
 	origin->pad0 = 0;
 	lb_count(WEFT_LB_PROXY_CAPTURED);
 	return proxy;
+}
+
+static __always_inline struct weft_proxy_config *
+capture_to_proxy(struct bpf_sock_addr *ctx, __be32 vip, __be16 port, const struct weft_service_value *svc)
+{
+	return capture_to_proxy_as(ctx, vip, port, svc->service_id, 0, WEFT_ORIGIN_F_PROXY);
+}
+
+/* mTLS between nodes: a TCP connection from a local pod to a pod on another
+ * node that takes tunnels (WEFT_EP_F_TUNNEL) goes to the node proxy, which
+ * carries it there. The kernel has already chosen the backend (L4 load
+ * balancing stays at the source); `vip`/`port` are what the application
+ * dialed, for getpeername(), and `backend_id` (0: dialed directly) names
+ * the pod. */
+static __always_inline int tunnel_wanted(__be32 addr)
+{
+	struct weft_endpoint *ep = endpoint_lookup(addr);
+
+	return ep && (ep->flags & WEFT_EP_F_TUNNEL);
+}
+
+static __always_inline struct weft_proxy_config *
+capture_to_tunnel(struct bpf_sock_addr *ctx, __be32 vip, __be16 port, __u32 service_id, __u32 backend_id)
+{
+	return capture_to_proxy_as(ctx, vip, port, service_id, backend_id, WEFT_ORIGIN_F_PROXY | WEFT_ORIGIN_F_TUNNEL);
 }
 
 #endif

@@ -57,6 +57,11 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 			return deny(ctx);
 		if (proto == IPPROTO_UDP)
 			udp_flow_remember(bpf_get_socket_cookie(ctx), vip, port);
+		if (proto == IPPROTO_TCP && tunnel_wanted(vip)) {
+			proxy = capture_to_tunnel(ctx, vip, port, 0, 0);
+			if (proxy)
+				set_destination(ctx, v6, proxy->addr, proxy->port);
+		}
 		return SYS_PROCEED;
 	}
 
@@ -86,6 +91,15 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 		return deny(ctx);
 	if (proto == IPPROTO_UDP)
 		udp_flow_remember(bpf_get_socket_cookie(ctx), backend->addr, backend->port);
+
+	if (proto == IPPROTO_TCP && tunnel_wanted(backend->addr)) {
+		proxy = capture_to_tunnel(ctx, vip, port, svc->service_id, backend_id);
+		if (proxy) {
+			set_destination(ctx, v6, proxy->addr, proxy->port);
+			lb_count(WEFT_LB_TRANSLATED);
+			return SYS_PROCEED;
+		}
+	}
 
 	if (ctx->sk) {
 		origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0,

@@ -59,6 +59,20 @@ int weft_ingress(struct __sk_buff *skb)
 	dst = endpoint_lookup(ip.daddr);
 	if (!dst)
 		return SKB_PASS;
+	/* PeerAuthentication STRICT: a new TCP flow must come from this node,
+	 * that is from its proxy (which delivers what arrived through an mTLS
+	 * tunnel) or from one of its pods. Plaintext from another node is
+	 * dropped here, before any policy. */
+	if (ip.protocol == IPPROTO_TCP && (dst->flags & WEFT_EP_F_MTLS_STRICT)) {
+		src = endpoint_lookup(ip.saddr);
+		if (!src || (src->identity != WEFT_ID_HOST && !(src->flags & WEFT_EP_F_LOCAL))) {
+			if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+				ports[1] = 0;
+			policy_count_drop(src ? src->identity : WEFT_ID_WORLD, dst->identity, ports[1], ip.protocol,
+					  WEFT_DROP_PLAINTEXT);
+			return SKB_DROP;
+		}
+	}
 	if (ip.protocol == IPPROTO_UDP) {
 		/* Every mesh pod's UDP exchanges are remembered, isolated or
 		 * not, so that its replies (judged at sendmsg) are known. */

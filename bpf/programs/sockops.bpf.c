@@ -80,8 +80,18 @@ static __always_inline void publish_proxy_origin(struct bpf_sock_ops *skops, str
 	key.client_port = bpf_htons((__u16)skops->local_port);
 	value.vip = origin->vip;
 	value.port = origin->port;
+	value.flags = origin->flags;
 	value.service_id = origin->service_id;
 	value.source = origin->source;
+	if ((origin->flags & WEFT_ORIGIN_F_TUNNEL) && origin->backend_id) {
+		/* Through a Service: the proxy is told the pod the kernel chose. */
+		struct weft_backend *b = bpf_map_lookup_elem(&weft_backends, &origin->backend_id);
+
+		if (!b)
+			return;
+		value.vip = b->addr;
+		value.port = b->port;
+	}
 	bpf_map_update_elem(&weft_proxy_origins, &key, &value, BPF_ANY);
 	lb_count(WEFT_LB_PROXY_ORIGIN);
 }

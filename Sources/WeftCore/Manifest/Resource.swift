@@ -11,6 +11,7 @@ public enum Resource: Hashable, Sendable {
     case httpRoute(HTTPRoute)
     case meshConfig(MeshConfig)
     case trafficPolicy(TrafficPolicy)
+    case peerAuthentication(PeerAuthentication)
 
     public var kind: String {
         switch self {
@@ -21,6 +22,7 @@ public enum Resource: Hashable, Sendable {
         case .httpRoute: "HTTPRoute"
         case .meshConfig: "MeshConfig"
         case .trafficPolicy: "TrafficPolicy"
+        case .peerAuthentication: "PeerAuthentication"
         }
     }
 
@@ -33,6 +35,7 @@ public enum Resource: Hashable, Sendable {
         case .httpRoute(let r): r.metadata
         case .meshConfig(let m): m.metadata
         case .trafficPolicy(let p): p.metadata
+        case .peerAuthentication(let p): p.metadata
         }
     }
 
@@ -40,7 +43,7 @@ public enum Resource: Hashable, Sendable {
     static let known: [String: Set<String>] = [
         "v1": ["Service", "Namespace"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
-        "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy"],
+        "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy", "PeerAuthentication"],
         "gateway.networking.k8s.io/v1": ["HTTPRoute"],
     ]
 
@@ -78,6 +81,7 @@ public enum Resource: Hashable, Sendable {
         case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
         case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
         case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
+        case "PeerAuthentication": self = .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))
         default:
             try Workload.checkShortcutAnnotation(metadata, at: location)
             self = .workload(try Workload(spec: spec, metadata: metadata, at: location))

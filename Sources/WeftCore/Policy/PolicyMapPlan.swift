@@ -19,6 +19,20 @@ public struct PolicyMapContents: Hashable, Sendable {
         entries = table.entries
         self.cgroups = cgroups
     }
+
+    /// This node's mTLS marks on the pod entries: its own pods (and which
+    /// of them are STRICT), and the pods elsewhere that its pods reach
+    /// through the tunnel (when `tunnels`: this node has identities).
+    public mutating func markMTLS(_ state: ClusterState, node: String, tunnels: Bool) {
+        for w in state.workloads {
+            guard var e = endpoints[w.address] else { continue }
+            let mode = state.mtlsMode(w)
+            e.local = w.node == node
+            e.strict = e.local && mode == .strict
+            e.tunnel = !e.local && tunnels && mode != .disable
+            endpoints[w.address] = e
+        }
+    }
 }
 
 /// The writes that turn one `PolicyMapContents` into another, in an order

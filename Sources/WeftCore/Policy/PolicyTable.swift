@@ -94,6 +94,12 @@ public struct EndpointEntry: Hashable, Sendable {
     /// kernel consults the range trie only then).
     public var ingressRanges: Bool
     public var egressRanges: Bool
+    /// Node-specific marks, set by the agent (not by the policy compiler):
+    /// a pod on another node reached through the mTLS tunnel; a pod of
+    /// this node under STRICT mTLS; a pod of this node.
+    public var tunnel = false
+    public var strict = false
+    public var local = false
 
     public init(identity: UInt32, cidrClass: UInt32 = 0, ingressIsolated: Bool = false, egressIsolated: Bool = false,
                 ingressRanges: Bool = false, egressRanges: Bool = false) {
@@ -112,6 +118,7 @@ public struct EndpointEntry: Hashable, Sendable {
     public var flags: UInt8 {
         (ingressIsolated ? UInt8(WEFT_EP_F_INGRESS_ISOLATED) : 0) | (egressIsolated ? UInt8(WEFT_EP_F_EGRESS_ISOLATED) : 0)
             | (ingressRanges ? UInt8(WEFT_EP_F_INGRESS_RANGES) : 0) | (egressRanges ? UInt8(WEFT_EP_F_EGRESS_RANGES) : 0)
+            | (tunnel ? UInt8(WEFT_EP_F_TUNNEL) : 0) | (strict ? UInt8(WEFT_EP_F_MTLS_STRICT) : 0) | (local ? UInt8(WEFT_EP_F_LOCAL) : 0)
     }
 
     public init(identity: UInt32, cidrClass: UInt32, flags: UInt8) {
@@ -119,6 +126,9 @@ public struct EndpointEntry: Hashable, Sendable {
                   egressIsolated: flags & UInt8(WEFT_EP_F_EGRESS_ISOLATED) != 0,
                   ingressRanges: flags & UInt8(WEFT_EP_F_INGRESS_RANGES) != 0,
                   egressRanges: flags & UInt8(WEFT_EP_F_EGRESS_RANGES) != 0)
+        tunnel = flags & UInt8(WEFT_EP_F_TUNNEL) != 0
+        strict = flags & UInt8(WEFT_EP_F_MTLS_STRICT) != 0
+        local = flags & UInt8(WEFT_EP_F_LOCAL) != 0
     }
 }
 

@@ -22,6 +22,15 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
     /// a cluster without one balances by least request and breaks nothing.
     public var backendPolicies: [String: BackendPolicy]?
+    /// Mutual-TLS tunnels between node proxies; nil: the agent has no CA.
+    public var tunnel: TunnelSettings?
+
+    public struct TunnelSettings: Codable, Hashable, Sendable {
+        /// Pod addresses whose PeerAuthentication mode is DISABLE: sent to
+        /// in plaintext, never tunnelled.
+        public var plaintext: Set<String>
+        public init(plaintext: Set<String> = []) { self.plaintext = plaintext }
+    }
 
     /// How requests to one cluster pick and guard their backends.
     public struct BackendPolicy: Codable, Hashable, Sendable {
@@ -53,10 +62,13 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         public var name: String
         public var namespace: String
         public var serviceAccount: String
-        public init(name: String, namespace: String, serviceAccount: String) {
+        /// The node it runs on.
+        public var node: String?
+        public init(name: String, namespace: String, serviceAccount: String, node: String? = nil) {
             self.name = name
             self.namespace = namespace
             self.serviceAccount = serviceAccount
+            self.node = node
         }
     }
 
@@ -152,7 +164,7 @@ extension ProxyTable {
         var refs: [String: WorkloadRef] = [:]
         for w in state.workloads {
             refs[w.address.description] = WorkloadRef(name: w.metadata.name, namespace: w.metadata.namespace,
-                                                      serviceAccount: w.serviceAccount)
+                                                      serviceAccount: w.serviceAccount, node: w.node)
         }
         workloads = refs
         if !state.meshConfig.telemetry.requestMetrics { requestMetrics = false }

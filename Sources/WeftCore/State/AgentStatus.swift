@@ -117,6 +117,21 @@ public struct AgentStatus: Codable, Sendable {
     }
     /// HTTPRoutes in force: name, parents, rule count.
     public var routes: [RouteStatus] = []
+    /// Workload identities this node's agent issued certificates for.
+    public var identities: [IdentityStatus]?
+    public var trustDomain: String?
+
+    public struct IdentityStatus: Codable, Sendable, Equatable {
+        public var id: String
+        public var notBefore: Double
+        public var notAfter: Double
+        public init(id: String, notBefore: Double, notAfter: Double) {
+            self.id = id
+            self.notBefore = notBefore
+            self.notAfter = notAfter
+        }
+    }
+
     /// Backend health (TrafficPolicy healthCheck and outlier ejections).
     public var health: HealthStatus?
 

@@ -10,6 +10,7 @@ public struct ClusterState: Hashable, Sendable {
     public private(set) var networkPolicies: [NetworkPolicy]
     public private(set) var httpRoutes: [HTTPRoute]
     public private(set) var trafficPolicies: [TrafficPolicy]
+    public private(set) var peerAuthentications: [PeerAuthentication]
     /// The cluster's MeshConfig, or the defaults when there is none.
     public private(set) var meshConfig: MeshConfig
 
@@ -17,6 +18,7 @@ public struct ClusterState: Hashable, Sendable {
         meshConfig = MeshConfig(metadata: ObjectMeta(name: "default", namespace: ""))
         httpRoutes = []
         trafficPolicies = []
+        peerAuthentications = []
         services = []
         workloads = []
         namespaces = [:]
@@ -74,6 +76,8 @@ public struct ClusterState: Hashable, Sendable {
                 state.httpRoutes.append(route)
             case .trafficPolicy(let policy):
                 state.trafficPolicies.append(policy)
+            case .peerAuthentication(let policy):
+                state.peerAuthentications.append(policy)
             case .meshConfig(let config):
                 if let first = meshConfigAt {
                     errors.append(ManifestError(located.location, field: "metadata.name",
@@ -98,6 +102,7 @@ public struct ClusterState: Hashable, Sendable {
         state.services.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.workloads.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.httpRoutes.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
+        state.peerAuthentications.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.trafficPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.networkPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         return .success(state)

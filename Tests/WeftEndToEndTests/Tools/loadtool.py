@@ -44,19 +44,51 @@ def get(conn, path, headers=None):
     return r.status, r.getheader("x-pod") or "-", r
 
 
+class Session:
+    """A keep-alive connection that reconnects after a failure; a failed
+    request reads as status 0."""
+
+    def __init__(self, host, port, timeout=10):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def get(self, path, headers=None):
+        try:
+            return get(self.conn, path, headers)
+        except Exception:
+            self.conn.close()
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            return 0, "-", None
+
+
+def in_threads(conc, work):
+    threads = [threading.Thread(target=work) for _ in range(conc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def numbered(n):
+    """Hands out 0..n-1 to worker threads; None when done."""
+    lock = threading.Lock()
+    it = iter(range(n))
+
+    def take():
+        with lock:
+            return next(it, None)
+    return take
+
+
 def spread(url, n, conc, header=None, keys=0, key_header=None):
     host, port, path = target(url)
     pods, codes, owners = Counter(), Counter(), {}
     lock = threading.Lock()
-    counter = iter(range(n))
+    take = numbered(n)
 
     def worker():
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
+        session = Session(host, port)
+        while (i := take()) is not None:
             h = {}
             if header:
                 k, v = header.split(":", 1)
@@ -65,25 +97,15 @@ def spread(url, n, conc, header=None, keys=0, key_header=None):
             if keys:
                 key = "user-%d" % (i % keys)
                 h[key_header] = key
-            try:
-                status, pod, _ = get(conn, path, h)
-            except Exception:
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=10)
-                status, pod = 0, "-"
+            status, pod, _ = session.get(path, h)
             with lock:
                 codes[status] += 1
                 if status == 200:
                     pods[pod] += 1
                     if key is not None:
                         owners.setdefault(key, set()).add(pod)
-        conn.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(conc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(conc, worker)
     out = {"pods": pods, "codes": {str(k): v for k, v in codes.items()}}
     if keys:
         out["owners"] = {k: sorted(v) for k, v in owners.items()}
@@ -92,7 +114,7 @@ def spread(url, n, conc, header=None, keys=0, key_header=None):
 
 def burst(url, conc):
     host, port, path = target(url)
-    codes, flags = Counter(), Counter()
+    codes = Counter()
     lock = threading.Lock()
     barrier = threading.Barrier(conc)
 
@@ -101,18 +123,14 @@ def burst(url, conc):
         conn.connect()
         barrier.wait()
         try:
-            status, _, r = get(conn, path)
+            status, _, _ = get(conn, path)
         except Exception:
             status = 0
         with lock:
             codes[status] += 1
         conn.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(conc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(conc, worker)
     return {"codes": {str(k): v for k, v in codes.items()}}
 
 
@@ -124,25 +142,15 @@ def rate(url, seconds, conc):
     end = start + seconds
 
     def worker():
-        conn = http.client.HTTPConnection(host, port, timeout=10)
+        session = Session(host, port)
         while time.monotonic() < end:
-            try:
-                status, _, r = get(conn, path)
-            except Exception:
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=10)
-                status, r = 0, None
+            status, _, r = session.get(path)
             with lock:
                 codes[status] += 1
-                if status == 429 and r is not None:
+                if status == 429:
                     retry_after[r.getheader("retry-after") or "missing"] += 1
-        conn.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(conc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(conc, worker)
     return {"codes": {str(k): v for k, v in codes.items()}, "retry_after": retry_after,
             "seconds": time.monotonic() - start}
 
@@ -152,34 +160,20 @@ def timed(url, n, conc, slow_ms):
     codes = Counter()
     slow = [0]
     lock = threading.Lock()
-    counter = iter(range(n))
+    take = numbered(n)
 
     def worker():
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
+        session = Session(host, port)
+        while take() is not None:
             t0 = time.monotonic()
-            try:
-                status, _, _ = get(conn, path)
-            except Exception:
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=10)
-                status = 0
+            status, _, _ = session.get(path)
             took = (time.monotonic() - t0) * 1000
             with lock:
                 codes[status] += 1
                 if status == 200 and took >= 0.9 * slow_ms:
                     slow[0] += 1
-        conn.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(conc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(conc, worker)
     return {"codes": {str(k): v for k, v in codes.items()}, "slow": slow[0]}
 
 
@@ -227,17 +221,12 @@ def watch_tcp(host, port, seconds, pod):
 
 def watch_http(url, seconds, pod):
     host, port, path = target(url)
-    conn = http.client.HTTPConnection(host, port, timeout=5)
+    session = Session(host, port, timeout=5)
     errors, last_seen, pods, codes = [], 0.0, Counter(), Counter()
     end = time.time() + seconds
     while time.time() < end:
         now = time.time()
-        try:
-            status, who, _ = get(conn, path)
-        except Exception:
-            conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=5)
-            status, who = 0, "-"
+        status, who, _ = session.get(path)
         codes[status] += 1
         if status >= 500 or status == 0:
             errors.append(now)

@@ -1,0 +1,142 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import NIOPosix
+import NIOSSL
+import WeftCore
+import WeftIdentity
+
+/// The destination end of a tunnel: one CONNECT stream, from a peer whose
+/// certificate chain the TLS handshake verified. Checks, in order, that the
+/// target is a pod of this node, that the source address the peer names
+/// belongs to a pod of the peer's identity (so no identity speaks for
+/// another's address), that NetworkPolicy lets that pod reach the target,
+/// and that AuthorizationPolicy allows it; then connects to the pod,
+/// answers 200 and joins the stream to the connection byte for byte.
+/// Any refusal answers with a status and a reason, and opens nothing.
+final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    private let proxy: ProxyContext
+    private var started = false
+    private var early: [ByteBuffer] = []
+    private var earlyEnd = false
+
+    init(proxy: ProxyContext) { self.proxy = proxy }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .headers(let h) where !started:
+            started = true
+            open(context: context, headers: h.headers)
+        case .data(let d):
+            if case .byteBuffer(let b) = d.data, b.readableBytes > 0 { early.append(b) }
+            if d.endStream { earlyEnd = true }
+        default:
+            break
+        }
+    }
+
+    private func refuse(_ context: ChannelHandlerContext, _ status: Int, _ reason: String) {
+        proxy.stats.tunnelRefused.add(1, ordering: .relaxed)
+        proxy.logger.info("tunnel stream refused", metadata: ["status": "\(status)", "reason": "\(reason)"])
+        let headers = HPACKHeaders([(":status", "\(status)"), ("x-weft-reason", reason)])
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: nil)
+        context.close(promise: nil)
+    }
+
+    private func open(context: ChannelHandlerContext, headers: HPACKHeaders) {
+        guard headers.first(name: ":method") == "CONNECT", let authority = headers.first(name: ":authority"),
+              let colon = authority.lastIndex(of: ":"), let target = IPv4Address(authority[..<colon]),
+              let port = UInt16(authority[authority.index(after: colon)...]) else {
+            return refuse(context, 400, "expected CONNECT to IPV4:PORT")
+        }
+        let snapshot = proxy.snapshot
+        let node = proxy.configuration.node
+        guard let peerCert = (try? context.channel.parent?.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self))?.peerCertificate,
+              let peer = TunnelTLS.identity(of: peerCert) else {
+            return refuse(context, 403, "the peer's certificate carries no SPIFFE ID")
+        }
+        guard let destination = snapshot.workloadsByIP[target.value], destination.node == node else {
+            return refuse(context, 404, "\(target) is not a pod of node \(node)")
+        }
+        guard let sourceText = headers.first(name: "x-weft-source"), let source = IPv4Address(sourceText),
+              let sourcePod = snapshot.workloadsByIP[source.value] else {
+            return refuse(context, 403, "the source address is missing or not a mesh pod")
+        }
+        guard sourcePod.namespace == peer.namespace, sourcePod.serviceAccount == peer.serviceAccount,
+              peer.trustDomain == proxy.identities?.trustDomain else {
+            return refuse(context, 403, "\(source) is \(sourcePod.namespace)/\(sourcePod.serviceAccount), not \(peer)")
+        }
+        let loop = proxy.loop(context.eventLoop)
+        guard loop.allowed(proxy, generation: snapshot.generation, source: source, destination: target, port: port, node: node) else {
+            return refuse(context, 403, "NetworkPolicy does not let \(source) reach \(target):\(port)")
+        }
+        proxy.stats.tunnelStreamsIn.add(1, ordering: .relaxed)
+        let stream = context.channel
+        _ = stream.setOption(ChannelOptions.autoRead, value: false)
+        ClientBootstrap(group: context.eventLoop)
+            .connectTimeout(.seconds(2))
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .connect(host: target.description, port: Int(port))
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                switch result {
+                case .failure(let error):
+                    refuse(context, 502, "cannot connect to \(target):\(port): \(error)")
+                case .success(let pod):
+                    do {
+                        let ok = HPACKHeaders([(":status", "200")])
+                        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
+                        let (a, b) = GlueHandler.pair()
+                        try stream.pipeline.syncOperations.addHandler(TunnelStreamCodec(.server), position: .before(self))
+                        try stream.pipeline.syncOperations.addHandler(a)
+                        try pod.pipeline.syncOperations.addHandler(b)
+                        for buffer in early { pod.write(buffer, promise: nil) }
+                        early.removeAll()
+                        pod.flush()
+                        if earlyEnd { pod.close(mode: .output, promise: nil) }
+                        stream.pipeline.syncOperations.removeHandler(self, promise: nil)
+                        _ = stream.setOption(ChannelOptions.autoRead, value: true)
+                        stream.read()
+                    } catch {
+                        pod.close(promise: nil)
+                        stream.close(promise: nil)
+                    }
+                }
+            }
+    }
+}
+
+/// The tunnel listener: mutual TLS (the client's certificate required and
+/// verified against the mesh root), HTTP/2, CONNECT streams.
+enum TunnelServer {
+    static func start(proxy: ProxyContext, group: any EventLoopGroup, port: UInt16) throws -> Channel {
+        try ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 1024)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    // The bundle in force now: a renewed one serves new tunnels.
+                    guard let context = proxy.identities?.serverContext else {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    proxy.stats.tunnelsIn.add(1, ordering: .relaxed)
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
+                    _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                        mode: .server, connectionConfiguration: .init(), streamConfiguration: .init()
+                    ) { stream in
+                        stream.eventLoop.makeCompletedFuture {
+                            try stream.pipeline.syncOperations.addHandler(TunnelInbound(proxy: proxy))
+                        }
+                    }
+                }
+            }
+            .bind(host: "0.0.0.0", port: Int(port)).wait()
+    }
+}

@@ -1,0 +1,267 @@
+import Foundation
+import NIOCore
+import NIOHTTP2
+import NIOPosix
+import NIOSSL
+import Synchronization
+import WeftCore
+import WeftIdentity
+
+/// The TLS material of the agent's identity bundle, parsed once per bundle:
+/// every local identity's credential, a client context per identity, and
+/// the server configuration that picks a certificate by SNI.
+final class TunnelIdentities: Sendable {
+    let trustDomain: String
+    let roots: [NIOSSLCertificate]
+    let credentials: [SpiffeID: TunnelTLS.Credential]
+    let clientContexts: [SpiffeID: NIOSSLContext]
+    let serverContext: NIOSSLContext?
+
+    init(_ bundle: IdentityBundle) throws {
+        trustDomain = bundle.trustDomain
+        let (roots, credentials) = try TunnelTLS.credentials(bundle)
+        self.roots = roots
+        self.credentials = credentials
+        var clients: [SpiffeID: NIOSSLContext] = [:]
+        var bySNI: [String: TunnelTLS.Credential] = [:]
+        for (id, credential) in credentials {
+            clients[id] = try NIOSSLContext(configuration: TunnelTLS.client(credential, roots: roots))
+            bySNI[TunnelTLS.serverName(for: id)] = credential
+        }
+        clientContexts = clients
+        if let fallback = credentials.values.first {
+            let table = bySNI
+            serverContext = try NIOSSLContext(configuration: TunnelTLS.server(default: fallback, roots: roots) { name in
+                name.flatMap { table[$0] }
+            })
+        } else {
+            serverContext = nil
+        }
+    }
+
+    func id(namespace: String, serviceAccount: String) -> SpiffeID {
+        SpiffeID(trustDomain: trustDomain, namespace: namespace, serviceAccount: serviceAccount)
+    }
+}
+
+/// Where and as whom one connection is tunnelled.
+struct TunnelRoute: Hashable {
+    var source: SpiffeID
+    var destination: SpiffeID
+    /// The destination node's proxy (the next hop toward the pod).
+    var node: IPv4Address
+}
+
+/// Tunnels from this event loop: one mutual-TLS HTTP/2 connection per
+/// (source identity, destination identity, destination node), as ztunnel
+/// pools HBONE connections; every pod connection is one CONNECT stream on
+/// it. Loop-confined, like UpstreamPool.
+final class TunnelPool {
+    private let loop: any EventLoop
+    private let port: Int
+    private var connections: [TunnelRoute: TunnelConnection] = [:]
+    let opened = Atomic<Int>(0)
+
+    init(loop: any EventLoop, port: UInt16) {
+        self.loop = loop
+        self.port = Int(port)
+    }
+
+    /// Whether a connection from `source` to `endpoint` goes through a
+    /// tunnel, and which: only to pods on other nodes, when this node has
+    /// identities, the source pod has one, the destination pod is known and
+    /// does not opt out (PeerAuthentication DISABLE).
+    static func route(_ endpoint: EndpointKey, source: IPv4Address, snapshot: RouteSnapshot,
+                      identities: TunnelIdentities?, node: String) -> TunnelRoute? {
+        guard let identities, let settings = snapshot.table.tunnel, endpoint.node != node,
+              let src = snapshot.workloadsByIP[source.value], let dst = snapshot.workloadsByIP[endpoint.ip.value],
+              !settings.plaintext.contains(endpoint.address) else { return nil }
+        let sourceID = identities.id(namespace: src.namespace, serviceAccount: src.serviceAccount)
+        guard identities.clientContexts[sourceID] != nil, let hop = NextHop.toward(endpoint.ip) else { return nil }
+        return TunnelRoute(source: sourceID, destination: identities.id(namespace: dst.namespace, serviceAccount: dst.serviceAccount),
+                           node: hop)
+    }
+
+    /// A new CONNECT stream to `target` through the route's tunnel, with
+    /// `initialize` building the byte-channel pipeline above the codec.
+    func stream(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities,
+                initialize: @escaping (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
+        let connection: TunnelConnection
+        if let c = connections[route], c.isUsable {
+            connection = c
+        } else {
+            guard let context = identities.clientContexts[route.source] else {
+                return completion(.failure(TunnelRefused(status: 0, reason: "no certificate for \(route.source)")))
+            }
+            connection = TunnelConnection(route: route, port: port, context: context, loop: loop) { [weak self] dead in
+                if self?.connections[route] === dead { self?.connections[route] = nil }
+            }
+            connections[route] = connection
+            opened.add(1, ordering: .relaxed)
+        }
+        connection.openStream(authority: "\(target.address):\(target.port)", source: source, initialize: initialize, completion)
+    }
+
+    func closeAll() {
+        for c in connections.values { c.close() }
+        connections.removeAll()
+    }
+}
+
+/// One tunnel: TLS 1.3 to the destination node's proxy, the server's
+/// certificate checked to carry the expected SPIFFE ID before any stream is
+/// opened, then HTTP/2.
+final class TunnelConnection {
+    let route: TunnelRoute
+    private var multiplexer: NIOHTTP2Handler.StreamMultiplexer?
+    private var channel: Channel?
+    private var waiters: [(Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) -> Void] = []
+    private(set) var failed = false
+    private let onClose: (TunnelConnection) -> Void
+
+    var isUsable: Bool { !failed && (channel?.isActive ?? true) }
+
+    init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, onClose: @escaping (TunnelConnection) -> Void) {
+        self.route = route
+        self.onClose = onClose
+        let expected = route.destination
+        let handshake = loop.makePromise(of: Void.self)
+        ClientBootstrap(group: loop)
+            .connectTimeout(.seconds(2))
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let tls = try NIOSSLClientHandler(context: context, serverHostname: TunnelTLS.serverName(for: expected))
+                    try channel.pipeline.syncOperations.addHandler(tls)
+                    try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
+                    _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                        mode: .client, connectionConfiguration: .init(), streamConfiguration: .init()
+                    ) { stream in stream.close() }  // the server opens no streams
+                }
+            }
+            .connect(host: route.node.description, port: port)
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                switch result {
+                case .failure(let error):
+                    handshake.fail(error)
+                    fail(error)
+                case .success(let channel):
+                    self.channel = channel
+                    channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
+                        failed = true
+                        onClose(self)
+                        flush(.failure(ChannelError.ioOnClosedChannel))
+                    }
+                    handshake.futureResult.assumeIsolated().whenComplete { [self] outcome in
+                        do {
+                            try outcome.get()
+                            let tls = try channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)
+                            // Chain and expiry were checked by the handshake;
+                            // the identity is checked here, before any byte.
+                            guard let cert = tls.peerCertificate, let peer = TunnelTLS.identity(of: cert) else {
+                                throw TunnelRefused(status: 0, reason: "the peer presented no SPIFFE ID")
+                            }
+                            guard peer == expected else {
+                                throw TunnelRefused(status: 0, reason: "the peer is \(peer), expected \(expected)")
+                            }
+                            let mux = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
+                            multiplexer = mux
+                            flush(.success(mux))
+                        } catch {
+                            fail(error)
+                            channel.close(promise: nil)
+                        }
+                    }
+                }
+            }
+    }
+
+    private func fail(_ error: any Error) {
+        failed = true
+        onClose(self)
+        flush(.failure(error))
+    }
+
+    private func flush(_ result: Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) {
+        let ready = waiters
+        waiters = []
+        for w in ready { w(result) }
+    }
+
+    func openStream(authority: String, source: IPv4Address, initialize: @escaping (Channel) throws -> Void,
+                    _ completion: @escaping (Result<Channel, any Error>) -> Void) {
+        let open: (Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) -> Void = { result in
+            switch result {
+            case .failure(let error): completion(.failure(error))
+            case .success(let mux):
+                mux.createStreamChannel { stream in
+                    stream.eventLoop.makeCompletedFuture {
+                        try stream.pipeline.syncOperations.addHandler(
+                            TunnelStreamCodec(.client(authority: authority, headers: [("x-weft-source", source.description)])))
+                        try initialize(stream)
+                    }
+                }
+                .assumeIsolated()
+                .whenComplete { completion($0) }
+            }
+        }
+        if let multiplexer { return open(.success(multiplexer)) }
+        if failed { return completion(.failure(ChannelError.ioOnClosedChannel)) }
+        waiters.append(open)
+    }
+
+    func close() { channel?.close(promise: nil) }
+}
+
+/// Completes a promise when the TLS handshake is done (or fails it).
+final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    private let promise: EventLoopPromise<Void>
+
+    init(_ promise: EventLoopPromise<Void>) { self.promise = promise }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? TLSUserEvent, case .handshakeCompleted = e { promise.succeed() }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        promise.fail(error)
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(ChannelError.ioOnClosedChannel)
+        context.fireChannelInactive()
+    }
+}
+
+/// The next hop toward an address, from this network namespace's IPv4
+/// routing table (/proc/net/route, longest prefix first): for a pod on
+/// another node, that node's address, where its proxy takes tunnels.
+enum NextHop {
+    private static let cache = Mutex<[UInt32: IPv4Address]>([:])
+
+    static func toward(_ destination: IPv4Address) -> IPv4Address? {
+        if let hit = cache.withLock({ $0[destination.value] }) { return hit }
+        guard let text = try? String(contentsOfFile: "/proc/net/route", encoding: .utf8) else { return nil }
+        var best: (length: Int, gateway: UInt32)?
+        for line in text.split(separator: "\n").dropFirst() {
+            let f = line.split(whereSeparator: { $0 == "\t" || $0 == " " })
+            guard f.count >= 8, let dst = UInt32(f[1], radix: 16), let gw = UInt32(f[2], radix: 16),
+                  let mask = UInt32(f[7], radix: 16) else { continue }
+            // The kernel prints them in network order, read as little-endian.
+            let d = dst.byteSwapped, g = gw.byteSwapped, m = mask.byteSwapped
+            // Gateway routes only, and never the default route: a pod on
+            // another node is reached through that node, or not at all.
+            let length = m.nonzeroBitCount
+            guard destination.value & m == d & m, g != 0, length > 0 else { continue }
+            if length > (best?.length ?? -1) { best = (length, g) }
+        }
+        guard let best else { return nil }
+        let hop = IPv4Address(best.gateway)
+        cache.withLock { $0[destination.value] = hop }
+        return hop
+    }
+}

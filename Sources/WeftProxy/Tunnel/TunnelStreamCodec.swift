@@ -1,0 +1,127 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+
+/// Turns one HTTP/2 CONNECT stream of a tunnel into a plain byte channel,
+/// so that whatever runs above it (an HTTP/1.1 client codec, a nested
+/// HTTP/2 connection, the TCP glue) cannot tell it from a TCP connection:
+/// DATA frames in and out as ByteBuffers, END_STREAM as a half-close
+/// (`ChannelEvent.inputClosed` in, `close(mode: .output)` out).
+///
+/// As the client end it opens the stream with the CONNECT request and holds
+/// writes until the server's 2xx: a refusal (403 from authorization, 502
+/// when the pod cannot be reached) fails the stream with `TunnelRefused`.
+/// As the server end it is installed after the CONNECT was answered.
+final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    enum Role {
+        /// Send CONNECT for this authority with these extra headers.
+        case client(authority: String, headers: [(String, String)])
+        case server
+    }
+
+    private let role: Role
+    private var established: Bool
+    private var held: [(ByteBuffer, EventLoopPromise<Void>?)] = []
+    private var heldClose: EventLoopPromise<Void>??
+    private var outputClosed = false
+    private var sentConnect = false
+
+    init(_ role: Role) {
+        self.role = role
+        if case .server = role { established = true } else { established = false }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if case .client(let authority, let extra) = role, !sentConnect {
+            sentConnect = true
+            var headers = HPACKHeaders([(":method", "CONNECT"), (":authority", authority)])
+            for (n, v) in extra { headers.add(name: n, value: v) }
+            context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
+        }
+        context.fireChannelActive()
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        // A client codec added to an already active stream sends its CONNECT now.
+        if context.channel.isActive, case .client = role, !established { channelActive(context: context) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .headers(let h):
+            if !established {
+                let status = h.headers.first(name: ":status") ?? ""
+                guard status.hasPrefix("2") else {
+                    let reason = h.headers.first(name: "x-weft-reason") ?? "status \(status)"
+                    context.fireErrorCaught(TunnelRefused(status: Int(status) ?? 0, reason: reason))
+                    context.close(promise: nil)
+                    return
+                }
+                established = true
+                for (buffer, promise) in held { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(buffer)))), promise: promise) }
+                held.removeAll()
+                context.flush()
+                if let closing = heldClose {
+                    heldClose = nil
+                    closeOutput(context: context, promise: closing)
+                }
+            }
+            if h.endStream { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        case .data(let d):
+            if case .byteBuffer(let buffer) = d.data, buffer.readableBytes > 0 {
+                context.fireChannelRead(wrapInboundOut(buffer))
+            }
+            if d.endStream { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        case .rstStream:
+            context.close(promise: nil)
+        default:
+            break
+        }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let buffer = unwrapOutboundIn(data)
+        guard established else {
+            held.append((buffer, promise))
+            return
+        }
+        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(buffer)))), promise: promise)
+    }
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        guard mode == .output else { return context.close(mode: mode, promise: promise) }
+        guard established else {
+            heldClose = .some(promise)
+            return
+        }
+        closeOutput(context: context, promise: promise)
+    }
+
+    private func closeOutput(context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
+        guard !outputClosed else {
+            promise?.succeed()
+            return
+        }
+        outputClosed = true
+        let end = HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(context.channel.allocator.buffer(capacity: 0)), endStream: true))
+        context.writeAndFlush(wrapOutboundOut(end), promise: promise)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        for (_, promise) in held { promise?.fail(ChannelError.ioOnClosedChannel) }
+        held.removeAll()
+        context.fireChannelInactive()
+    }
+}
+
+/// The far end of a tunnel said no to a CONNECT.
+struct TunnelRefused: Error, CustomStringConvertible {
+    var status: Int
+    var reason: String
+    var description: String { "tunnel refused (\(status)): \(reason)" }
+}

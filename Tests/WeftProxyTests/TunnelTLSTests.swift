@@ -1,0 +1,120 @@
+import Crypto
+import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
+import Testing
+@testable import WeftIdentity
+@testable import WeftProxy
+
+/// The tunnel's TLS on loopback, both ends real (BoringSSL): who may open a
+/// tunnel and whom the client accepts.
+private struct Mesh {
+    let root: MeshCA
+    let node: MeshCA
+
+    init() throws {
+        root = try MeshCA.root(trustDomain: "cluster.local")
+        node = try root.intermediate(node: "n1")
+    }
+
+    func identity(_ ns: String, _ sa: String, ca: MeshCA? = nil, notBefore: Date = Date(), ttl: TimeInterval = 3600) throws
+        -> IdentityBundle.WorkloadIdentity {
+        let issuer = ca ?? node
+        let id = SpiffeID(trustDomain: issuer.trustDomain, namespace: ns, serviceAccount: sa)
+        let key = P256.Signing.PrivateKey()
+        let cert = try issuer.issue(id, publicKey: key.publicKey, ttl: ttl, now: notBefore)
+        let chain = try [cert, issuer.certificate].map { try $0.serializeAsPEM().pemString }.joined(separator: "\n")
+        return .init(id: id.uri, chain: chain, key: key.pemRepresentation, notBefore: cert.notValidBefore.timeIntervalSince1970,
+                     notAfter: cert.notValidAfter.timeIntervalSince1970)
+    }
+
+    func bundle(_ workloads: [IdentityBundle.WorkloadIdentity]) throws -> TunnelIdentities {
+        try TunnelIdentities(IdentityBundle(trustDomain: "cluster.local", root: try root.certificate.serializeAsPEM().pemString,
+                                            workloads: workloads))
+    }
+}
+
+/// A TLS server on 127.0.0.1 with the tunnel's server settings; reports
+/// the peer identity of each handshake that completed.
+private func server(_ context: NIOSSLContext, group: EventLoopGroup, seen: NIOLockedValueBox<[String]>) throws -> Channel {
+    try ServerBootstrap(group: group)
+        .childChannelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture {
+                let tls = NIOSSLServerHandler(context: context)
+                try channel.pipeline.syncOperations.addHandler(tls)
+                let done = channel.eventLoop.makePromise(of: Void.self)
+                try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(done))
+                done.futureResult.whenSuccess {
+                    let peer = tls.peerCertificate.flatMap(TunnelTLS.identity(of:))
+                    seen.withLockedValue { $0.append(peer?.uri ?? "none") }
+                }
+            }
+        }
+        .bind(host: "127.0.0.1", port: 0).wait()
+}
+
+private func dial(_ client: TunnelIdentities, as source: SpiffeID, expecting destination: SpiffeID, port: Int,
+                  loop: EventLoop) throws -> Result<Void, any Error> {
+    let route = TunnelRoute(source: source, destination: destination, node: IPv4Address("127.0.0.1")!)
+    let promise = loop.makePromise(of: Void.self)
+    try loop.submit {
+        let context = client.clientContexts[source]!
+        let connection = TunnelConnection(route: route, port: port, context: context, loop: loop) { _ in }
+        connection.openStream(authority: "198.18.1.2:80", source: IPv4Address("198.18.1.10")!, initialize: { _ in }) { result in
+            switch result {
+            case .success: promise.succeed()
+            case .failure(let e): promise.fail(e)
+            }
+            connection.close()
+        }
+    }.wait()
+    do {
+        try promise.futureResult.wait()
+        return .success(())
+    } catch {
+        return .failure(error)
+    }
+}
+
+@Suite struct TunnelTLSTests {
+    @Test func onlyMeshIdentitiesOpenTunnelsAndTheServerMustBeWhoIsExpected() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let mesh = try Mesh()
+        let web = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/web")!
+        let client = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/client")!
+        let seen = NIOLockedValueBox<[String]>([])
+        let serverIDs = try mesh.bundle([try mesh.identity("shop", "web")])
+        let listener = try server(try #require(serverIDs.serverContext), group: group, seen: seen)
+        defer { try? listener.close().wait() }
+        let port = try #require(listener.localAddress?.port)
+
+        // The mesh's own client: accepted both ways, and the server knows who it is.
+        let good = try mesh.bundle([try mesh.identity("shop", "client")])
+        #expect(throws: Never.self) { try dial(good, as: client, expecting: web, port: port, loop: group.next()).get() }
+        #expect(seen.withLockedValue { $0 } == [client.uri])
+
+        // Asked for an identity it does not hold, an honest server refuses
+        // the handshake; an impostor with a valid mesh certificate of
+        // another identity is refused by the client after it.
+        let db = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/db")!
+        #expect(throws: (any Error).self) { try dial(good, as: client, expecting: db, port: port, loop: group.next()).get() }
+        let webCredential = try #require(serverIDs.credentials[web])
+        let impostor = try server(try NIOSSLContext(configuration: TunnelTLS.server(default: webCredential, roots: serverIDs.roots) { _ in webCredential }),
+                                  group: group, seen: seen)
+        defer { try? impostor.close().wait() }
+        let wrong = try dial(good, as: client, expecting: db, port: try #require(impostor.localAddress?.port), loop: group.next())
+        #expect(throws: TunnelRefused.self) { try wrong.get() }
+
+        // A client certificate from another CA, or an expired one: no handshake.
+        let stranger = try MeshCA.root(trustDomain: "cluster.local").intermediate(node: "x")
+        let foreign = try TunnelIdentities(IdentityBundle(
+            trustDomain: "cluster.local", root: try mesh.root.certificate.serializeAsPEM().pemString,
+            workloads: [try mesh.identity("shop", "client", ca: stranger)]))
+        #expect(throws: (any Error).self) { try dial(foreign, as: client, expecting: web, port: port, loop: group.next()).get() }
+        let expired = try mesh.bundle([try mesh.identity("shop", "client", notBefore: Date().addingTimeInterval(-7200), ttl: 3600)])
+        #expect(throws: (any Error).self) { try dial(expired, as: client, expecting: web, port: port, loop: group.next()).get() }
+        #expect(seen.withLockedValue { $0 }.count == 2, "only the mesh client completed handshakes: \(seen.withLockedValue { $0 })")
+    }
+}
