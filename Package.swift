@@ -76,6 +76,7 @@ let package = Package(
                                .product(name: "NIOHTTP1", package: "swift-nio"),
                                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                               .product(name: "NIOTLS", package: "swift-nio"),
                                .product(name: "Prometheus", package: "swift-prometheus")],
                 // The request path is single-threaded per event loop: the
                 // runtime exclusivity checks cost ~2% of its CPU for nothing.
@@ -102,7 +103,10 @@ let package = Package(
                                                              .product(name: "X509", package: "swift-certificates"),
                                                              .product(name: "Crypto", package: "swift-crypto")],
                     swiftSettings: swiftSettings),
-        .testTarget(name: "WeftProxyTests", dependencies: ["WeftProxy", "WeftCore",
+        .testTarget(name: "WeftProxyTests", dependencies: ["WeftProxy", "WeftCore", "WeftIdentity",
+                                                          .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                                                          .product(name: "NIOPosix", package: "swift-nio"),
+                                                          .product(name: "Crypto", package: "swift-crypto"),
                                                           .product(name: "NIOCore", package: "swift-nio"),
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),
                                                           .product(name: "NIOHTTP1", package: "swift-nio")],

@@ -52,25 +52,28 @@ public struct MeshCA: Sendable {
             OrganizationName("weft")
             CommonName("weft node CA \(node)")
         }
-        let certificate = try Certificate(
+        let parent = self.certificate
+        let authorityKey = try? parent.extensions.subjectKeyIdentifier?.keyIdentifier
+        let issued = try Certificate(
             version: .v3, serialNumber: .init(), publicKey: .init(key.publicKey),
-            notValidBefore: now.addingTimeInterval(-300), notValidAfter: min(now.addingTimeInterval(validity), certificate.notValidAfter),
-            issuer: certificate.subject, subject: subject, signatureAlgorithm: .ecdsaWithSHA256,
+            notValidBefore: now.addingTimeInterval(-300), notValidAfter: min(now.addingTimeInterval(validity), parent.notValidAfter),
+            issuer: parent.subject, subject: subject, signatureAlgorithm: .ecdsaWithSHA256,
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
                 Critical(KeyUsage(keyCertSign: true, cRLSign: true))
                 Critical(NameConstraints(permittedURIDomains: [trustDomain]))
                 SubjectKeyIdentifier(hash: .init(key.publicKey))
-                AuthorityKeyIdentifier(keyIdentifier: try? certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
+                AuthorityKeyIdentifier(keyIdentifier: authorityKey)
             },
             issuerPrivateKey: .init(self.key))
-        return MeshCA(certificate: certificate, key: key, parents: [self.certificate] + parents, trustDomain: trustDomain)
+        return MeshCA(certificate: issued, key: key, parents: [parent] + parents, trustDomain: trustDomain)
     }
 
     /// A workload's leaf: the SPIFFE ID as its only URI SAN, for TLS client
     /// and server use, valid from a few minutes ago (clock skew) for `ttl`.
     public func issue(_ id: SpiffeID, publicKey: P256.Signing.PublicKey, ttl: TimeInterval, now: Date = Date()) throws -> Certificate {
         guard id.trustDomain == trustDomain else { throw IdentityError("\(id) is not in trust domain \(trustDomain)") }
+        let authorityKey = try? certificate.extensions.subjectKeyIdentifier?.keyIdentifier
         return try Certificate(
             version: .v3, serialNumber: .init(), publicKey: .init(publicKey),
             notValidBefore: now.addingTimeInterval(-120), notValidAfter: min(now.addingTimeInterval(ttl), certificate.notValidAfter),
@@ -81,7 +84,7 @@ public struct MeshCA: Sendable {
                 Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
                 try ExtendedKeyUsage([.serverAuth, .clientAuth])
                 Critical(SubjectAlternativeNames([.uniformResourceIdentifier(id.uri)]))
-                AuthorityKeyIdentifier(keyIdentifier: try? certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
+                AuthorityKeyIdentifier(keyIdentifier: authorityKey)
             },
             issuerPrivateKey: .init(key))
     }

@@ -271,7 +271,7 @@ final class HTTP2Upstream {
     /// `connect` makes the transport (a TCP connection, or a tunnel
     /// stream) and runs the initializer on it.
     init(key: EndpointKey, pool: UpstreamPool,
-         connect: (_ initializer: @escaping (Channel) throws -> Void, _ done: @escaping (Result<Channel, any Error>) -> Void) -> Void) {
+         connect: (_ initializer: @escaping @Sendable (Channel) throws -> Void, _ done: @escaping (Result<Channel, any Error>) -> Void) -> Void) {
         self.key = key
         self.pool = pool
         connect({ channel in

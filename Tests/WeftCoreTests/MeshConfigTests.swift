@@ -69,7 +69,7 @@ struct MeshConfigTests {
         let pod = workload("a", nil)
         let off = try #require(parse(pod).0)
         #expect(ProxyTable(off).accessLog == nil, "off by default")
-        #expect(ProxyTable(off).workloads?["198.18.1.11"] == .init(name: "a", namespace: "shop", serviceAccount: "default"))
+        #expect(ProxyTable(off).workloads?["198.18.1.11"] == .init(name: "a", namespace: "shop", serviceAccount: "default", node: "n1"))
         let all = try #require(parse(pod + "\n---\n" + header + "spec: {accessLog: {enabled: true}}").0)
         #expect(ProxyTable(all).accessLog == .init(namespaces: []))
         let some = try #require(parse(pod + "\n---\n" + header + "spec: {accessLog: {enabled: true, namespaces: [web, shop]}}").0)

@@ -3,7 +3,9 @@ import Foundation
 import NIOCore
 import NIOPosix
 import NIOSSL
+import Synchronization
 import Testing
+@testable import WeftCore
 @testable import WeftIdentity
 @testable import WeftProxy
 
@@ -35,9 +37,14 @@ private struct Mesh {
     }
 }
 
+final class Seen: Sendable {
+    private let list = Mutex<[String]>([])
+    func withLock<R>(_ body: (inout [String]) -> R) -> R { list.withLock { body(&$0) } }
+}
+
 /// A TLS server on 127.0.0.1 with the tunnel's server settings; reports
 /// the peer identity of each handshake that completed.
-private func server(_ context: NIOSSLContext, group: EventLoopGroup, seen: NIOLockedValueBox<[String]>) throws -> Channel {
+private func server(_ context: NIOSSLContext, group: EventLoopGroup, seen: Seen) throws -> Channel {
     try ServerBootstrap(group: group)
         .childChannelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
@@ -47,7 +54,7 @@ private func server(_ context: NIOSSLContext, group: EventLoopGroup, seen: NIOLo
                 try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(done))
                 done.futureResult.whenSuccess {
                     let peer = tls.peerCertificate.flatMap(TunnelTLS.identity(of:))
-                    seen.withLockedValue { $0.append(peer?.uri ?? "none") }
+                    seen.withLock { $0.append(peer?.uri ?? "none") }
                 }
             }
         }
@@ -84,37 +91,49 @@ private func dial(_ client: TunnelIdentities, as source: SpiffeID, expecting des
         let mesh = try Mesh()
         let web = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/web")!
         let client = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/client")!
-        let seen = NIOLockedValueBox<[String]>([])
+        let seen = Seen()
         let serverIDs = try mesh.bundle([try mesh.identity("shop", "web")])
         let listener = try server(try #require(serverIDs.serverContext), group: group, seen: seen)
         defer { try? listener.close().wait() }
         let port = try #require(listener.localAddress?.port)
 
+        // TLS 1.3: a client is done with its handshake before the server has
+        // checked the client's certificate, so acceptance is read off the
+        // server (which records only handshakes it completed).
+        func accepted(within seconds: Double = 1) -> Int {
+            let end = Date().addingTimeInterval(seconds)
+            var n = seen.withLock { $0.count }
+            while Date() < end { usleep(10_000); n = seen.withLock { $0.count } }
+            return n
+        }
         // The mesh's own client: accepted both ways, and the server knows who it is.
         let good = try mesh.bundle([try mesh.identity("shop", "client")])
         #expect(throws: Never.self) { try dial(good, as: client, expecting: web, port: port, loop: group.next()).get() }
-        #expect(seen.withLockedValue { $0 } == [client.uri])
+        #expect(accepted() == 1 && seen.withLock { $0 } == [client.uri])
 
         // Asked for an identity it does not hold, an honest server refuses
         // the handshake; an impostor with a valid mesh certificate of
         // another identity is refused by the client after it.
         let db = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/db")!
         #expect(throws: (any Error).self) { try dial(good, as: client, expecting: db, port: port, loop: group.next()).get() }
+        #expect(accepted(within: 0.3) == 1)
         let webCredential = try #require(serverIDs.credentials[web])
         let impostor = try server(try NIOSSLContext(configuration: TunnelTLS.server(default: webCredential, roots: serverIDs.roots) { _ in webCredential }),
                                   group: group, seen: seen)
         defer { try? impostor.close().wait() }
         let wrong = try dial(good, as: client, expecting: db, port: try #require(impostor.localAddress?.port), loop: group.next())
         #expect(throws: TunnelRefused.self) { try wrong.get() }
+        #expect(accepted() == 2, "the impostor's own handshake completed; the client then refused it")
 
-        // A client certificate from another CA, or an expired one: no handshake.
+        // A client certificate from another CA, or an expired one: the
+        // server completes no handshake.
         let stranger = try MeshCA.root(trustDomain: "cluster.local").intermediate(node: "x")
         let foreign = try TunnelIdentities(IdentityBundle(
             trustDomain: "cluster.local", root: try mesh.root.certificate.serializeAsPEM().pemString,
             workloads: [try mesh.identity("shop", "client", ca: stranger)]))
-        #expect(throws: (any Error).self) { try dial(foreign, as: client, expecting: web, port: port, loop: group.next()).get() }
+        _ = try dial(foreign, as: client, expecting: web, port: port, loop: group.next())
         let expired = try mesh.bundle([try mesh.identity("shop", "client", notBefore: Date().addingTimeInterval(-7200), ttl: 3600)])
-        #expect(throws: (any Error).self) { try dial(expired, as: client, expecting: web, port: port, loop: group.next()).get() }
-        #expect(seen.withLockedValue { $0 }.count == 2, "only the mesh client completed handshakes: \(seen.withLockedValue { $0 })")
+        _ = try dial(expired, as: client, expecting: web, port: port, loop: group.next())
+        #expect(accepted() == 2, "a foreign or expired client certificate was accepted: \(seen.withLock { $0 })")
     }
 }

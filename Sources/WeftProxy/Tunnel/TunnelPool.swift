@@ -3,6 +3,7 @@ import NIOCore
 import NIOHTTP2
 import NIOPosix
 import NIOSSL
+import NIOTLS
 import Synchronization
 import WeftCore
 import WeftIdentity
@@ -85,7 +86,7 @@ final class TunnelPool {
     /// A new CONNECT stream to `target` through the route's tunnel, with
     /// `initialize` building the byte-channel pipeline above the codec.
     func stream(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities,
-                initialize: @escaping (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
+                initialize: @escaping @Sendable (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
         let connection: TunnelConnection
         if let c = connections[route], c.isUsable {
             connection = c
@@ -189,7 +190,7 @@ final class TunnelConnection {
         for w in ready { w(result) }
     }
 
-    func openStream(authority: String, source: IPv4Address, initialize: @escaping (Channel) throws -> Void,
+    func openStream(authority: String, source: IPv4Address, initialize: @escaping @Sendable (Channel) throws -> Void,
                     _ completion: @escaping (Result<Channel, any Error>) -> Void) {
         let open: (Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) -> Void = { result in
             switch result {
