@@ -95,6 +95,7 @@ let package = Package(
                 swiftSettings: swiftSettings),
         .executableTarget(name: "weft",
                           dependencies: ["WeftCore", "WeftKernel", "WeftAgent", "WeftProxy", "WeftLab", "WeftStatus", "WeftIdentity",
+                                         .product(name: "Crypto", package: "swift-crypto"),
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swiftSettings),

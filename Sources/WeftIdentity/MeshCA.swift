@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import Glibc
 import SwiftASN1
 import X509
 
@@ -134,11 +135,17 @@ extension MeshCA {
         }
     }
 
-    static func writeFile(_ path: String, _ text: String, mode: Int) throws {
-        // Created with its final mode, so a key is never world-readable, not even for a moment.
+    public static func writeFile(_ path: String, _ text: String, mode: Int) throws {
+        // Created with its final mode (O_EXCL, then renamed into place), so
+        // a key is never readable by others, not even for a moment.
         let tmp = path + ".tmp"
-        FileManager.default.createFile(atPath: tmp, contents: Data(text.utf8), attributes: [.posixPermissions: mode])
-        guard rename(tmp, path) == 0 else { throw IdentityError("\(path): cannot be written") }
+        unlink(tmp)
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode_t(mode))
+        guard fd >= 0 else { throw IdentityError("\(path): cannot be written (\(String(cString: strerror(errno))))") }
+        let bytes = Array(text.utf8)
+        let written = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        guard written == bytes.count, rename(tmp, path) == 0 else { throw IdentityError("\(path): cannot be written") }
     }
 }
 

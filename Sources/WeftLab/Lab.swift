@@ -27,7 +27,7 @@ public enum Lab {
     }
 
     /// Builds the lab, starts pods and agents, waits for the agents to serve.
-    public static func up(configDirectory: String, nodes: Int, weftBinary: String,
+    public static func up(configDirectory: String, nodes: Int, weftBinary: String, certTTL: String? = nil,
                           say: (String) -> Void) throws -> LabPlan {
         try Host.preflight()
         try Host.ensureBPFFS()
@@ -40,6 +40,7 @@ public enum Lab {
         case .failure(let errors): throw LabError("the lab's manifests are invalid:\n\(errors)")
         }
         var plan = try LabPlan.make(state: state, configDirectory: config, nodeCount: nodes, cgroupMount: mount)
+        plan.certTTL = certTTL
         try save(plan)
         do {
             for (netns, lines) in plan.networkBatches() {
@@ -59,7 +60,7 @@ public enum Lab {
                 let node = plan.nodes[i]
                 plan.nodes[i].agentPid = try spawn(
                     weftBinary, netns: node.netns, cgroup: node.agentCgroup, log: "\(logDirectory)/agent-\(node.name).log",
-                    command: agentCommand(weftBinary, config: config, node: node),
+                    command: agentCommand(weftBinary, config: config, node: node, certTTL: plan.certTTL),
                     environment: [:], workingDirectory: config)
                 try save(plan)
             }
@@ -121,7 +122,7 @@ public enum Lab {
         }
         let new = try spawn(weftBinary, netns: node.netns, cgroup: node.agentCgroup,
                             log: "\(logDirectory)/agent-\(name).log",
-                            command: agentCommand(weftBinary, config: plan.configDirectory, node: node),
+                            command: agentCommand(weftBinary, config: plan.configDirectory, node: node, certTTL: plan.certTTL),
                             environment: [:], workingDirectory: plan.configDirectory)
         plan.nodes[i].agentPid = new
         try save(plan)
@@ -131,9 +132,9 @@ public enum Lab {
 
     /// A lab node's agent; its proxy listens on the node's pod gateway,
     /// the address every pod of the node routes through.
-    static func agentCommand(_ weft: String, config: String, node: LabPlan.Node) -> [String] {
+    static func agentCommand(_ weft: String, config: String, node: LabPlan.Node, certTTL: String?) -> [String] {
         [weft, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup,
-         "--proxy-address", node.gateway, "--ca", caDirectory + "/" + node.name]
+         "--proxy-address", node.gateway, "--ca", caDirectory + "/" + node.name] + (certTTL.map { ["--cert-ttl", $0] } ?? [])
     }
 
     /// The lab's mesh CA: a root for trust domain `cluster.local` and one

@@ -36,6 +36,8 @@ public struct LabPlan: Codable, Sendable {
     public var cgroupRoot: String
     public var nodes: [Node]
     public var pods: [Pod]
+    /// The agents' --cert-ttl (nil: their default).
+    public var certTTL: String?
 
     public static let fabricNetns = "weft-fabric"
     public static let commandAnnotation = "lab.weft.dev/command"

@@ -55,8 +55,8 @@ struct AgentCommand: ParsableCommand {
         }
         configuration.socketShortcut = socketShortcut == "on"
         configuration.caDirectory = ca
-        guard let ttl = parseDuration(certTTL), ttl >= 60 else {
-            throw ValidationError("--cert-ttl must be a duration of at least 1m (e.g. 24h, 90m), got \(certTTL)")
+        guard let ttl = parseDuration(certTTL), ttl >= 10 else {
+            throw ValidationError("--cert-ttl must be a duration of at least 10s (e.g. 24h, 90m), got \(certTTL)")
         }
         configuration.certificateTTL = ttl
         do {

@@ -1,12 +1,13 @@
 import ArgumentParser
 import Foundation
+import Crypto
 import WeftIdentity
 
 /// `weft ca`: the mesh's certificate authority, kept offline from the nodes.
 struct CACommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ca", abstract: "Make the mesh root CA and each node's intermediate CA.",
-        subcommands: [Init.self, Node.self])
+        subcommands: [Init.self, Node.self, Issue.self])
 
     struct Init: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -40,6 +41,31 @@ struct CACommand: ParsableCommand {
             let intermediate = try root.intermediate(node: node)
             try intermediate.write(to: out)
             print("node CA for \(node) written to \(out), signed by \(ca)")
+        }
+    }
+
+    struct Issue: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Issue one workload certificate by hand (for checks and tests): OUT.crt (leaf, then the CA) and OUT.key (0600).")
+        @Option(help: "A CA directory (a node's, or the root).") var ca: String
+        @Option(help: "The SPIFFE ID, spiffe://TRUST-DOMAIN/ns/NS/sa/SA.") var id: String
+        @Option(help: "Path prefix of the files to write.") var out: String
+        @Option(help: "Lifetime, e.g. 1h.") var ttl = "1h"
+        @Option(help: "Move the validity window this far into the past (e.g. 2h with --ttl 1h: already expired).") var backdate = "0s"
+
+        func run() throws {
+            guard let spiffe = SpiffeID(uri: id) else { throw ValidationError("--id \(id) is not spiffe://TRUST-DOMAIN/ns/NS/sa/SA") }
+            guard let lifetime = parseDuration(ttl) else { throw ValidationError("--ttl \(ttl) is not a duration") }
+            let back = backdate == "0s" ? 0 : (parseDuration(backdate) ?? -1)
+            guard back >= 0 else { throw ValidationError("--backdate \(backdate) is not a duration") }
+            let authority: MeshCA
+            do { authority = try MeshCA.load(from: ca) } catch let e as IdentityError { throw ValidationError(e.description) }
+            let key = P256.Signing.PrivateKey()
+            let cert = try authority.issue(spiffe, publicKey: key.publicKey, ttl: lifetime, now: Date().addingTimeInterval(-back))
+            let chain = try ([cert, authority.certificate]).map { try $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
+            try MeshCA.writeFile(out + ".key", key.pemRepresentation + "\n", mode: 0o600)
+            try MeshCA.writeFile(out + ".crt", chain, mode: 0o644)
+            print("\(spiffe) valid \(cert.notValidBefore) to \(cert.notValidAfter): \(out).crt, \(out).key")
         }
     }
 }

@@ -156,6 +156,13 @@ struct StatusCommand: ParsableCommand {
                     }
                     print(line)
                 }
+                if let ids = s.identities {
+                    let soonest = ids.map(\.notAfter).min().map { Date(timeIntervalSince1970: $0) }
+                    print("  identity:   trust domain \(s.trustDomain ?? "?"), \(ids.count) certificate(s)"
+                          + (soonest.map { ", next expiry \(ISO8601DateFormatter().string(from: $0)) (renewed at half-life)" } ?? ""))
+                } else {
+                    print("  identity:   none (no --ca): traffic between nodes is not tunnelled")
+                }
                 if let h = s.health {
                     var line = "  health:     \(h.probes) probe(s), \(h.probeFailures) failed; failing: "
                     line += h.failing.isEmpty ? "none" : h.failing.joined(separator: ", ")

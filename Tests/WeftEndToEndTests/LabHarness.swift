@@ -40,23 +40,23 @@ struct LabHarness {
     private static let labLock = NSLock()
 
     /// Writes `files` into a new config directory and brings a lab up on it.
-    init(files: [String: String], nodes: Int = 2) throws {
+    init(files: [String: String], nodes: Int = 2, extra: [String] = []) throws {
         try #require(Self.isRoot, "CI=true: end-to-end tests must run as root")
         Self.labLock.lock()
         do {
-            try self.init(locked: files, nodes: nodes)
+            try self.init(locked: files, nodes: nodes, extra: extra)
         } catch {
             Self.labLock.unlock()
             throw error
         }
     }
 
-    private init(locked files: [String: String], nodes: Int) throws {
+    private init(locked files: [String: String], nodes: Int, extra: [String]) throws {
         config = FileManager.default.temporaryDirectory.appendingPathComponent("weft-e2e-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
         for (name, text) in files { try write(name, text) }
         _ = try? Self.run(["lab", "down"])
-        let up = try Self.run(["lab", "up", "--config", config, "--nodes", "\(nodes)"])
+        let up = try Self.run(["lab", "up", "--config", config, "--nodes", "\(nodes)"] + extra)
         guard up.status == 0 else {
             _ = try? Self.run(["lab", "down"])
             throw HarnessError("lab up failed: \(up.output)")
@@ -129,9 +129,9 @@ struct LabHarness {
     }
 
     /// Each node agent's config generation, from its status socket.
-    func generations() throws -> [String: Int] {
+    func generations(_ nodes: [String] = ["n1", "n2"]) throws -> [String: Int] {
         var out: [String: Int] = [:]
-        for node in ["n1", "n2"] {
+        for node in nodes {
             let text = try Self.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/agent.sock", "http://agent/generation"])
             out[node] = Int(text.split(separator: " ").first ?? "") ?? -1
         }
@@ -141,7 +141,7 @@ struct LabHarness {
     /// Waits until every agent has put a newer generation in force.
     func waitForGeneration(after before: [String: Int]) throws {
         for _ in 0..<200 {
-            let now = try generations()
+            let now = try generations(Array(before.keys))
             if before.allSatisfy({ (now[$0.key] ?? -1) > $0.value }) { return }
             usleep(10_000)
         }
