@@ -59,8 +59,10 @@ final class IdentityIssuer {
         return changed
     }
 
-    /// Half-life, as Istio renews workload certificates.
-    private func renewAt(_ w: IdentityBundle.WorkloadIdentity) -> Double { w.notBefore + (w.notAfter - w.notBefore) / 2 }
+    /// Half-life, as Istio renews workload certificates: half the TTL
+    /// before expiry. (Not the middle of notBefore..notAfter: notBefore is
+    /// backdated for clock skew, which would make a short TTL due at once.)
+    private func renewAt(_ w: IdentityBundle.WorkloadIdentity) -> Double { w.notAfter - ttl / 2 }
 
     /// When the next renewal is due.
     var nextRenewal: Date? { issued.values.map(renewAt).min().map { Date(timeIntervalSince1970: $0) } }

@@ -29,6 +29,10 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // The partner may have been asked to read before this side was in
+        // place (an HTTP/2 stream channel reads as soon as it has a
+        // handler): it held the read for want of a writable partner; let it go.
+        if let partner, partner.pendingRead, context.channel.isWritable { partner.partnerWritabilityChanged(true) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {

@@ -37,11 +37,9 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         // Sent here only to cross nodes in a tunnel (an L4 connection the
-        // kernel already balanced): bytes pass as they are, whatever they are.
-        if origin.tunnel {
-            decide(.tcp, context: context)
-            return
-        }
+        // kernel already balanced): bytes pass as they are, whatever they
+        // are, from when the connection is active (see channelActive).
+        if origin.tunnel { return }
         let timeout = proxy.configuration.detectTimeout
         timer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(timeout)) { [weak self] in
             self?.decide(.tcp, context: context)
@@ -57,6 +55,13 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         }
         let verdict = Self.classify(buffered!.readableBytesView)
         if verdict != .undecided { decide(verdict, context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+        // Not before: joining the connection to a tunnel stream that is
+        // already open would otherwise happen before the channel is registered.
+        if origin.tunnel { decide(.tcp, context: context) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {

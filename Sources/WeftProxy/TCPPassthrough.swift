@@ -66,7 +66,8 @@ enum TCPPassthrough {
         }
         connected { result in
                 switch result {
-                case .failure:
+                case .failure(let error):
+                    proxy.logger.info("passthrough connect failed", metadata: ["endpoint": "\(endpoint)", "error": "\(error)"])
                     pool.state(endpoint).inFlight -= 1
                     pool.recordConnectFailure(endpoint)
                     proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)

@@ -103,6 +103,10 @@ private func proxyStat(_ node: String, _ name: String) throws -> Int {
     return -1
 }
 
+private func proxyText(_ node: String) throws -> String {
+    try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
+}
+
 private func plaintextDrops(_ node: String) throws -> Int {
     let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/agent.sock", "http://agent/metrics"])
     return text.split(separator: "\n").filter { $0.hasPrefix("weft_policy_drops_total{") && $0.contains("plaintext_to_strict") }
@@ -124,11 +128,18 @@ struct MeshTLSTests {
         defer { try? FileManager.default.removeItem(atPath: pcap) }
         let capture = Process()
         capture.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        capture.arguments = ["netns", "exec", "weft-fabric", "tcpdump", "-i", "any", "-U", "-s", "0", "-w", pcap, "tcp"]
+        capture.arguments = ["netns", "exec", "weft-fabric", "tcpdump", "-i", "any", "--immediate-mode", "-U", "-s", "0", "-w", pcap, "tcp"]
         capture.standardOutput = FileHandle.nullDevice
         capture.standardError = FileHandle.nullDevice
         try capture.run()
-        defer { if capture.isRunning { capture.terminate(); capture.waitUntilExit() } }
+        // tcpdump blocked on a quiet interface may not see SIGTERM until
+        // the next packet: every packet is already on disk (-U), so SIGKILL.
+        func stopCapture() {
+            guard capture.isRunning else { return }
+            kill(capture.processIdentifier, SIGKILL)
+            capture.waitUntilExit()
+        }
+        defer { stopCapture() }
         usleep(500_000)
         let marker = "weft-secret-\(UUID().uuidString.prefix(8))"
 
@@ -159,8 +170,7 @@ struct MeshTLSTests {
         #expect(try proxyStat("n1", "tunnel_streams_out_total") >= 12)
         #expect(try proxyStat("n2", "tunnel_streams_in_total") > 0 && proxyStat("n3", "tunnel_streams_in_total") > 0)
         usleep(500_000)
-        capture.terminate()
-        capture.waitUntilExit()
+        stopCapture()
         let bytes = try Data(contentsOf: URL(fileURLWithPath: pcap))
         let text = String(decoding: bytes, as: UTF8.self)
         #expect(bytes.count > 10_000, "the capture saw the traffic")
@@ -178,7 +188,7 @@ struct MeshTLSTests {
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: work) }
         let web = "spiffe://cluster.local/ns/\(ns)/sa/web"
-        let sni = (try LabHarness.shell(["python3", tunnelProbe, "sni", web]))["sni"] as? String ?? ""
+        let sni = (try LabHarness.shell(["/usr/bin/python3", tunnelProbe, "sni", web]))["sni"] as? String ?? ""
 
         // What n2's proxy presents for web: a chain to the lab root, web's URI SAN.
         let shown = try LabHarness.shell(raw: ["sh", "-c", "ip netns exec weft-n1 openssl s_client -connect 198.18.0.2:15008 -servername \(sni) -alpn h2 -showcerts </dev/null 2>/dev/null"])
@@ -209,7 +219,7 @@ struct MeshTLSTests {
         try issue("expired", ca: "\(caRoot)/n1", id: client, extra: ["--ttl", "1h", "--backdate", "2h"])
         try issue("intruder", ca: "\(caRoot)/n1", id: "spiffe://cluster.local/ns/\(ns)/sa/intruder")
         func probe(_ name: String) throws -> [String: Any] {
-            try LabHarness.shell(["ip", "netns", "exec", "weft-n1", "python3", tunnelProbe, "connect", "198.18.0.2", "15008", web,
+            try LabHarness.shell(["ip", "netns", "exec", "weft-n1", "/usr/bin/python3", tunnelProbe, "connect", "198.18.0.2", "15008", web,
                                   "\(work)/\(name).crt", "\(work)/\(name).key", "\(caRoot)/root/root.crt", "198.18.2.20:8080",
                                   "198.18.1.10", "GET /via-tunnel HTTP/1.0\r\n\r\n"])
         }
@@ -259,6 +269,12 @@ struct MeshTLSTests {
         let h = try l7.finish(), t = try l4.finish()
         #expect((h["errors"] as? [Any])?.isEmpty == true && (h["codes"] as? [String: Int])?["200"] ?? 0 > 100, "\(h)")
         #expect((t["failures"] as? [Any])?.isEmpty == true && (t["pods"] as? [String: Int] ?? [:]).values.reduce(0, +) > 100, "\(t)")
+        if (t["failures"] as? [Any])?.isEmpty != true {
+            for node in ["n1", "n2", "n3"] {
+                print("diag \(node): " + ((try? proxyText(node)) ?? ""))
+                print(LabHarness.agentLog(node, lines: 12))
+            }
+        }
         let after = try identities()
         let client = "spiffe://cluster.local/ns/\(ns)/sa/client"
         #expect((after[client] ?? 0) >= (before[client] ?? 0) + 15, "renewed at least once: \(before[client] ?? 0) -> \(after[client] ?? 0)")

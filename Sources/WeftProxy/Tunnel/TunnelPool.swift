@@ -45,6 +45,33 @@ final class TunnelIdentities: Sendable {
     }
 }
 
+/// HTTP/2 settings of a tunnel. Every pod connection is a stream, and a
+/// stream usually ends with a RST_STREAM from one side (a connection closed
+/// whole, not half by half): NIO's guard against reset floods (200 per 30 s
+/// by default, then GOAWAY) would stop a busy tunnel within seconds. The
+/// peer is another node's proxy that proved its identity, so the limits are
+/// set for the load a node carries, not for strangers.
+enum TunnelHTTP2 {
+    static var connection: NIOHTTP2Handler.ConnectionConfiguration {
+        var c = NIOHTTP2Handler.ConnectionConfiguration()
+        c.maximumConnectionGlitches = 1_000_000
+        c.targetWindowSize = 4 << 20
+        c.controlFrameRateLimit.maximumCount = 100_000
+        c.controlFrameRateLimit.windowLength = .seconds(1)
+        return c
+    }
+
+    static var stream: NIOHTTP2Handler.StreamConfiguration {
+        var s = NIOHTTP2Handler.StreamConfiguration()
+        s.streamResetFrameRateLimit.maximumCount = 100_000
+        s.streamResetFrameRateLimit.windowLength = .seconds(1)
+        s.streamErrorRateLimit.maximumCount = 100_000
+        s.streamErrorRateLimit.windowLength = .seconds(1)
+        s.targetWindowSize = 1 << 20
+        return s
+    }
+}
+
 /// Where and as whom one connection is tunnelled.
 struct TunnelRoute: Hashable {
     var source: SpiffeID
@@ -136,7 +163,7 @@ final class TunnelConnection {
                     try channel.pipeline.syncOperations.addHandler(tls)
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
                     _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                        mode: .client, connectionConfiguration: .init(), streamConfiguration: .init()
+                        mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
                     ) { stream in stream.close() }  // the server opens no streams
                 }
             }
