@@ -28,7 +28,7 @@ public enum Lab {
 
     /// Builds the lab, starts pods and agents, waits for the agents to serve.
     public static func up(configDirectory: String, nodes: Int, weftBinary: String, certTTL: String? = nil,
-                          say: (String) -> Void) throws -> LabPlan {
+                          mtls: Bool = true, say: (String) -> Void) throws -> LabPlan {
         try Host.preflight()
         try Host.ensureBPFFS()
         guard loadPlan() == nil else { throw LabError("a lab is already up; run `weft lab down` first") }
@@ -41,6 +41,7 @@ public enum Lab {
         }
         var plan = try LabPlan.make(state: state, configDirectory: config, nodeCount: nodes, cgroupMount: mount)
         plan.certTTL = certTTL
+        plan.noMTLS = mtls ? nil : true
         try save(plan)
         do {
             for (netns, lines) in plan.networkBatches() {
@@ -60,7 +61,7 @@ public enum Lab {
                 let node = plan.nodes[i]
                 plan.nodes[i].agentPid = try spawn(
                     weftBinary, netns: node.netns, cgroup: node.agentCgroup, log: "\(logDirectory)/agent-\(node.name).log",
-                    command: agentCommand(weftBinary, config: config, node: node, certTTL: plan.certTTL),
+                    command: agentCommand(weftBinary, config: config, node: node, plan: plan),
                     environment: [:], workingDirectory: config)
                 try save(plan)
             }
@@ -122,7 +123,7 @@ public enum Lab {
         }
         let new = try spawn(weftBinary, netns: node.netns, cgroup: node.agentCgroup,
                             log: "\(logDirectory)/agent-\(name).log",
-                            command: agentCommand(weftBinary, config: plan.configDirectory, node: node, certTTL: plan.certTTL),
+                            command: agentCommand(weftBinary, config: plan.configDirectory, node: node, plan: plan),
                             environment: [:], workingDirectory: plan.configDirectory)
         plan.nodes[i].agentPid = new
         try save(plan)
@@ -132,9 +133,10 @@ public enum Lab {
 
     /// A lab node's agent; its proxy listens on the node's pod gateway,
     /// the address every pod of the node routes through.
-    static func agentCommand(_ weft: String, config: String, node: LabPlan.Node, certTTL: String?) -> [String] {
-        [weft, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup,
-         "--proxy-address", node.gateway, "--ca", caDirectory + "/" + node.name] + (certTTL.map { ["--cert-ttl", $0] } ?? [])
+    static func agentCommand(_ weft: String, config: String, node: LabPlan.Node, plan: LabPlan) -> [String] {
+        [weft, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup, "--proxy-address", node.gateway]
+            + (plan.noMTLS == true ? [] : ["--ca", caDirectory + "/" + node.name])
+            + (plan.certTTL.map { ["--cert-ttl", $0] } ?? [])
     }
 
     /// The lab's mesh CA: a root for trust domain `cluster.local` and one

@@ -38,6 +38,8 @@ public struct LabPlan: Codable, Sendable {
     public var pods: [Pod]
     /// The agents' --cert-ttl (nil: their default).
     public var certTTL: String?
+    /// Agents without a CA: no identities, no tunnels (plaintext between nodes).
+    public var noMTLS: Bool?
 
     public static let fabricNetns = "weft-fabric"
     public static let commandAnnotation = "lab.weft.dev/command"

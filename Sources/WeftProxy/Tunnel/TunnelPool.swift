@@ -231,7 +231,21 @@ final class TunnelConnection {
                     }
                 }
                 .assumeIsolated()
-                .whenComplete { completion($0) }
+                .whenComplete { result in
+                    // Connected when the far end said 200: until then a
+                    // refusal is a failed connect, not a broken exchange.
+                    guard case .success(let stream) = result,
+                          let codec = try? stream.pipeline.syncOperations.handler(type: TunnelStreamCodec.self),
+                          let ready = codec.ready else { return completion(result) }
+                    ready.futureResult.assumeIsolated().whenComplete { outcome in
+                        switch outcome {
+                        case .success: completion(.success(stream))
+                        case .failure(let error):
+                            stream.close(promise: nil)
+                            completion(.failure(error))
+                        }
+                    }
+                }
             }
         }
         if let multiplexer { return open(.success(multiplexer)) }

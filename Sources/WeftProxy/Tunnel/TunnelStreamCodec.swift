@@ -30,6 +30,10 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var heldClose: EventLoopPromise<Void>??
     private var outputClosed = false
     private var sentConnect = false
+    /// Client end: succeeds on the server's 2xx, fails on a refusal or when
+    /// the stream ends first. The stream counts as connected only then, so a
+    /// refusal is handled like a refused connect (retried elsewhere).
+    private(set) var ready: EventLoopPromise<Void>?
 
     init(_ role: Role) {
         self.role = role
@@ -47,6 +51,7 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
+        if case .client = role, ready == nil { ready = context.eventLoop.makePromise() }
         // A client codec added to an already active stream sends its CONNECT now.
         if context.channel.isActive, case .client = role, !established { channelActive(context: context) }
     }
@@ -58,11 +63,14 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
                 let status = h.headers.first(name: ":status") ?? ""
                 guard status.hasPrefix("2") else {
                     let reason = h.headers.first(name: "x-weft-reason") ?? "status \(status)"
-                    context.fireErrorCaught(TunnelRefused(status: Int(status) ?? 0, reason: reason))
+                    let refused = TunnelRefused(status: Int(status) ?? 0, reason: reason)
+                    ready?.fail(refused)
+                    context.fireErrorCaught(refused)
                     context.close(promise: nil)
                     return
                 }
                 established = true
+                ready?.succeed()
                 for (buffer, promise) in held { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(buffer)))), promise: promise) }
                 held.removeAll()
                 context.flush()
@@ -113,6 +121,7 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        ready?.fail(ChannelError.ioOnClosedChannel)
         for (_, promise) in held { promise?.fail(ChannelError.ioOnClosedChannel) }
         held.removeAll()
         context.fireChannelInactive()
