@@ -107,6 +107,8 @@ let package = Package(
         .testTarget(name: "WeftProxyTests", dependencies: ["WeftProxy", "WeftCore", "WeftIdentity",
                                                           .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                           .product(name: "NIOPosix", package: "swift-nio"),
+                                                          .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                                                          .product(name: "NIOHPACK", package: "swift-nio-http2"),
                                                           .product(name: "Crypto", package: "swift-crypto"),
                                                           .product(name: "NIOCore", package: "swift-nio"),
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),

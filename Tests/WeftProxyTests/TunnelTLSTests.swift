@@ -1,6 +1,8 @@
 import Crypto
 import Foundation
 import NIOCore
+import NIOHPACK
+import NIOHTTP2
 import NIOPosix
 import NIOSSL
 import Synchronization
@@ -56,6 +58,10 @@ private func server(_ context: NIOSSLContext, group: EventLoopGroup, seen: Seen)
                     let peer = tls.peerCertificate.flatMap(TunnelTLS.identity(of:))
                     seen.withLock { $0.append(peer?.uri ?? "none") }
                 }
+                // HTTP/2 that answers every CONNECT with 200, as a node proxy would.
+                _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(), streamConfiguration: .init()) { stream in
+                    stream.eventLoop.makeCompletedFuture { try stream.pipeline.syncOperations.addHandler(Answer200()) }
+                }
             }
         }
         .bind(host: "127.0.0.1", port: 0).wait()
@@ -76,11 +82,23 @@ private func dial(_ client: TunnelIdentities, as source: SpiffeID, expecting des
             connection.close()
         }
     }.wait()
+    // Never wait forever: a dial that neither connects nor fails in 5 s fails.
+    loop.scheduleTask(in: .seconds(5)) { promise.fail(ChannelError.connectTimeout(.seconds(5))) }
     do {
         try promise.futureResult.wait()
         return .success(())
     } catch {
         return .failure(error)
+    }
+}
+
+private final class Answer200: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .headers = unwrapInboundIn(data) {
+            context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: HPACKHeaders([(":status", "200")])))), promise: nil)
+        }
     }
 }
 
