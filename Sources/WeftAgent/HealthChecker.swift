@@ -79,7 +79,7 @@ final class HealthChecker: Sendable {
                 let probe = Probe(target)
                 probes[target] = probe
                 // Spread the first probes over the interval.
-                let first = Int64.random(in: 0...max(Self.nanos(target.check.interval) / 4, 1))
+                let first = Int64.random(in: 0...max(target.check.interval.nanoseconds / 4, 1))
                 probe.timer = loop.assumeIsolated().scheduleTask(in: .nanoseconds(first)) { [self] in run(probe) }
             }
             publish()
@@ -95,12 +95,12 @@ final class HealthChecker: Sendable {
             record(probe, ok: ok, detail: detail)
             // The next probe an interval after this one started, with a
             // little jitter so probes of many backends do not line up.
-            let interval = Self.nanos(check.interval)
+            let interval = check.interval.nanoseconds
             let jitter = Int64.random(in: 0...max(interval / 20, 1))
             let next = max(started + .nanoseconds(interval + jitter) - .now(), .nanoseconds(0))
             probe.timer = loop.assumeIsolated().scheduleTask(in: next) { [self] in run(probe) }
         }
-        let timeout = TimeAmount.nanoseconds(Self.nanos(check.timeout))
+        let timeout = TimeAmount.nanoseconds(check.timeout.nanoseconds)
         let address = probe.target.backend
         let bootstrap = ClientBootstrap(group: loop).connectTimeout(timeout)
         guard let http = check.http else {
@@ -217,11 +217,6 @@ final class HealthChecker: Sendable {
             }
         }
         return out
-    }
-
-    static func nanos(_ d: Duration) -> Int64 {
-        let (s, a) = d.components
-        return s * 1_000_000_000 + a / 1_000_000_000
     }
 }
 

@@ -167,7 +167,7 @@ final class ClusterRuntime: Sendable {
             // Slow start: a backend younger than the window is taken with
             // probability (age/window)^(1/aggression), at least 10%.
             if let window = lb.slowStartWindow, attempt < 2 * n + 2 {
-                let w = UInt64(HealthNanos.of(window))
+                let w = UInt64(window.nanoseconds)
                 let age = now &- backends[i].since
                 if backends[i].since != 0, age < w {
                     let share = max(0.1, pow(Double(age) / Double(w), 1 / lb.slowStartAggression))
@@ -207,13 +207,6 @@ final class ClusterRuntime: Sendable {
     }
 }
 
-enum HealthNanos {
-    static func of(_ d: Duration) -> Int64 {
-        let (s, a) = d.components
-        return s * 1_000_000_000 + a / 1_000_000_000
-    }
-}
-
 /// Passive health in Envoy's manner: consecutive 5xx (any 5xx, connect
 /// failures and resets included), consecutive gateway errors (502, 503,
 /// 504, connect failures, resets, timeouts), and success-rate outliers per
@@ -239,7 +232,7 @@ final class OutlierDetector: Sendable {
          previousIndex: [EndpointKey: Int]?, keys: [EndpointKey]) {
         self.settings = settings
         var counters = [Counters](repeating: .init(), count: backends)
-        var sweep = NIODeadline.now().uptimeNanoseconds + UInt64(HealthNanos.of(settings.interval))
+        var sweep = NIODeadline.now().uptimeNanoseconds + UInt64(settings.interval.nanoseconds)
         if let previous, let previousIndex {
             previous.state.withLock { old in
                 for (i, k) in keys.enumerated() {
@@ -290,7 +283,7 @@ final class OutlierDetector: Sendable {
             }
             s.counters[index] = c
             if now >= s.nextSweep {
-                s.nextSweep = now + UInt64(HealthNanos.of(settings.interval))
+                s.nextSweep = now + UInt64(settings.interval.nanoseconds)
                 eject += sweep(&s.counters, runtime: runtime, now: now)
             }
             if !eject.isEmpty {
@@ -331,7 +324,7 @@ final class OutlierDetector: Sendable {
         let allowed = max(1, Int(Double(runtime.backends.count) * settings.maxEjectionPercent / 100))
         guard out < allowed else { return }
         counters[i].ejections += 1
-        let time = UInt64(HealthNanos.of(settings.baseEjectionTime)) * UInt64(counters[i].ejections)
+        let time = UInt64(settings.baseEjectionTime.nanoseconds) * UInt64(counters[i].ejections)
         b.ejectedUntil.store(now + time, ordering: .relaxed)
         ejectionsTotal.add(1, ordering: .relaxed)
     }

@@ -53,7 +53,7 @@ struct TokenBucket {
         capacity = Double(limit.burst)
         tokens = capacity
         last = now
-        rate = Double(limit.requests) / Double(HealthNanos.of(limit.interval))
+        rate = Double(limit.requests) / Double(limit.interval.nanoseconds)
     }
 
     mutating func take(now: UInt64) -> Duration? {

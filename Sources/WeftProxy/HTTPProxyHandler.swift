@@ -313,7 +313,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                     proxy.stats.rateLimited.add(1, ordering: .relaxed)
                     guardState.limited.add(1, ordering: .relaxed)
                     record?.flags.append("RL")
-                    let seconds = max(1, Int((Double(HealthNanos.of(wait)) / 1e9).rounded(.up)))
+                    let seconds = max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))
                     return respondLocally(head, .tooManyRequests, "weft: rate limit of \(matcher.frontend.name) reached for \(key)\n",
                                           keepAlive: keepAlive, extraHeaders: [("retry-after", "\(seconds)")])
                 }
@@ -703,7 +703,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let base = r.action.retry?.backoff ?? .milliseconds(5)
         // Exponential backoff with full jitter, capped at 10x the base.
         let factor = min(1 << max(r.attempts - 1, 0), 10)
-        let ceiling = Double(base.components.seconds) * 1e9 + Double(base.components.attoseconds) / 1e9
+        let ceiling = Double(base.nanoseconds)
         let jitter = loop.map { Double.random(in: 0.5...1.0, using: &$0.random) } ?? 0.75
         let delay = Int64(jitter * ceiling * Double(factor))
         request!.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(delay)) { [weak self] in

@@ -57,7 +57,8 @@ final class ProxyContext: Sendable {
     /// The tunnel to use from `source` to `endpoint`, if one applies.
     func tunnel(to endpoint: EndpointKey, from source: IPv4Address, snapshot: RouteSnapshot)
         -> (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)? {
-        guard snapshot.table.tunnel != nil, let ids = identities,
+        // Same-node backends never tunnel: decided before the identity lock.
+        guard endpoint.node != configuration.node, snapshot.table.tunnel != nil, let ids = identities,
               let route = TunnelPool.route(endpoint, source: source, snapshot: snapshot, identities: ids, node: configuration.node)
         else { return nil }
         stats.tunnelStreamsOut.add(1, ordering: .relaxed)

@@ -214,8 +214,7 @@ final class UpstreamPool {
 
     func bootstrap() -> ClientBootstrap {
         ClientBootstrap(group: eventLoop)
-            .connectTimeout(.nanoseconds(Int64(configuration.connectTimeout.components.seconds) * 1_000_000_000
-                + configuration.connectTimeout.components.attoseconds / 1_000_000_000))
+            .connectTimeout(.nanoseconds(configuration.connectTimeout.nanoseconds))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
     }
 

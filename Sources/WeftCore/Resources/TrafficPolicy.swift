@@ -425,12 +425,12 @@ extension TrafficPolicy {
     static func percent(_ r: inout FieldReader, _ key: String) throws(ManifestError) -> Double? {
         guard let node = r.node(key) else { return nil }
         guard let v = MeshConfig.percent(node) else { throw r.error(key, "expected a number from 0 to 100, got \(FieldReader.describe(node))") }
-        guard (0...100).contains(v) else { throw r.error(key, "must be from 0 to 100, got \(v.formatted())") }
+        guard (0...100).contains(v) else { throw r.error(key, "must be from 0 to 100, got \(v.plainNumber)") }
         return v
     }
 }
 
 extension Double {
-    /// "12" for 12.0, "12.5" otherwise.
-    func formatted() -> String { self == rounded() && abs(self) < 1e15 ? String(Int(self)) : String(self) }
+    /// "12" for 12.0, "12.5" otherwise (for error messages).
+    var plainNumber: String { self == rounded() && abs(self) < 1e15 ? String(Int(self)) : String(self) }
 }
