@@ -439,6 +439,21 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             record?.flags.append("RBAC")
             return fail(.forbidden, "weft: NetworkPolicy allows \(origin.source) to reach no backend of \(r.cluster.cluster)\n")
         }
+        // A pod of this node: its AuthorizationPolicies are this proxy's to
+        // apply (another node's proxy applies its own pods').
+        if let set = r.snapshot.authorization[key.ip.value] {
+            var ask = Authorize.local(proxy, r.snapshot, source: origin.source, port: key.port)
+            ask.http = Authorize.http(r.upstreamHead)
+            let decision = set.evaluate(ask)
+            Authorize.record(proxy, decision, target: key.description)
+            if !decision.allowed {
+                // The slot reserved when the key was picked goes back.
+                if let runtime = r.runtime, let i = runtime.index[key] { runtime.backends[i].requests.subtract(1, ordering: .relaxed) }
+                request = r
+                record?.flags.append("RBAC")
+                return fail(.forbidden, Authorize.forbiddenBody(decision.reason))
+            }
+        }
         r.attempts += 1
         r.tried.insert(key)
         r.endpoint = key
@@ -496,6 +511,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         switch result {
         case .failure(let error):
             loop.pool.state(key).inFlight -= 1
+            if let refused = error as? TunnelRefused, refused.status == 403 {
+                // The backend's node refused by policy: final, and no fault of the backend's.
+                releaseBackend()
+                request!.endpoint = nil
+                record?.flags.append("RBAC")
+                return fail(.forbidden, Authorize.forbiddenBody("\(refused.reason) (at \(key.node))"))
+            }
             recordOutcome(.localFailure)
             releaseBackend()
             loop.pool.recordConnectFailure(key)

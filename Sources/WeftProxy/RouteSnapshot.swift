@@ -19,6 +19,8 @@ final class RouteSnapshot: Sendable {
     /// "namespace/serviceAccount" by pod address, built once when a rate
     /// limit is keyed by source identity (no string is made per request).
     let identities: [UInt32: String]
+    /// AuthorizationPolicies of this node's pods, by address.
+    let authorization: [UInt32: AuthorizationSet]
 
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
@@ -52,6 +54,11 @@ final class RouteSnapshot: Sendable {
             for (ip, ref) in refs { identities[ip] = "\(ref.namespace)/\(ref.serviceAccount)" }
         }
         self.identities = identities
+        var authorization: [UInt32: AuthorizationSet] = [:]
+        for (address, set) in table.authorization ?? [:] {
+            if let ip = IPv4Address(address), refs[ip.value]?.node == node { authorization[ip.value] = set }
+        }
+        self.authorization = authorization
     }
 
     /// Backends ejected by outlier detection now, "ip:port" once each
@@ -94,6 +101,9 @@ final class ProxyStats: Sendable {
     let tunnelStreamsIn = Atomic<Int>(0)
     let tunnelStreamsOut = Atomic<Int>(0)
     let tunnelRefused = Atomic<Int>(0)
+    let authzAllowed = Atomic<Int>(0)
+    let authzDenied = Atomic<Int>(0)
+    let authzAudited = Atomic<Int>(0)
 
     func response(_ code: Int) {
         switch code {
@@ -134,6 +144,9 @@ final class ProxyStats: Sendable {
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
             ("tunnel_streams_out_total", tunnelStreamsOut.load(ordering: .relaxed)),
             ("tunnel_streams_refused_total", tunnelRefused.load(ordering: .relaxed)),
+            ("authz_allowed_total", authzAllowed.load(ordering: .relaxed)),
+            ("authz_denied_total", authzDenied.load(ordering: .relaxed)),
+            ("authz_audited_total", authzAudited.load(ordering: .relaxed)),
         ]
     }
 }

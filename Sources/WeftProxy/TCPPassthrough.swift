@@ -42,6 +42,13 @@ enum TCPPassthrough {
             context.close(promise: nil)
             return
         }
+        // A pod of this node: its AuthorizationPolicies, judged on what a
+        // TCP connection shows (another node's proxy judges its own pods).
+        if endpoint.node == proxy.configuration.node, let set = snapshot.authorization[endpoint.ip.value] {
+            let decision = set.evaluate(Authorize.local(proxy, snapshot, source: origin.source, port: endpoint.port))
+            Authorize.record(proxy, decision, target: endpoint.description)
+            guard decision.allowed else { return Authorize.reset(context.channel) }
+        }
         let downstream = context.channel
         let detector = context.handler
         let start = NIODeadline.now(), wallStart = AccessLog.now()
@@ -71,6 +78,8 @@ enum TCPPassthrough {
                     pool.state(endpoint).inFlight -= 1
                     pool.recordConnectFailure(endpoint)
                     proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+                    // Refused by the far node's policy: the client sees a reset.
+                    if let refused = error as? TunnelRefused, refused.status == 403 { return Authorize.reset(downstream) }
                     downstream.close(promise: nil)
                 case .success(let upstream):
                     let (a, b) = GlueHandler.pair()

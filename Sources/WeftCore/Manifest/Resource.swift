@@ -12,6 +12,7 @@ public enum Resource: Hashable, Sendable {
     case meshConfig(MeshConfig)
     case trafficPolicy(TrafficPolicy)
     case peerAuthentication(PeerAuthentication)
+    case authorizationPolicy(AuthorizationPolicy)
 
     public var kind: String {
         switch self {
@@ -23,6 +24,7 @@ public enum Resource: Hashable, Sendable {
         case .meshConfig: "MeshConfig"
         case .trafficPolicy: "TrafficPolicy"
         case .peerAuthentication: "PeerAuthentication"
+        case .authorizationPolicy: "AuthorizationPolicy"
         }
     }
 
@@ -36,6 +38,7 @@ public enum Resource: Hashable, Sendable {
         case .meshConfig(let m): m.metadata
         case .trafficPolicy(let p): p.metadata
         case .peerAuthentication(let p): p.metadata
+        case .authorizationPolicy(let p): p.metadata
         }
     }
 
@@ -43,7 +46,7 @@ public enum Resource: Hashable, Sendable {
     static let known: [String: Set<String>] = [
         "v1": ["Service", "Namespace"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
-        "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy", "PeerAuthentication"],
+        "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy"],
         "gateway.networking.k8s.io/v1": ["HTTPRoute"],
     ]
 
@@ -82,6 +85,8 @@ public enum Resource: Hashable, Sendable {
         case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
         case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
         case "PeerAuthentication": self = .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))
+        case "AuthorizationPolicy":
+            self = .authorizationPolicy(try AuthorizationPolicy(spec: spec, metadata: metadata, at: location))
         default:
             try Workload.checkShortcutAnnotation(metadata, at: location)
             self = .workload(try Workload(spec: spec, metadata: metadata, at: location))

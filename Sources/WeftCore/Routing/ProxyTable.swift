@@ -24,6 +24,10 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var backendPolicies: [String: BackendPolicy]?
     /// Mutual-TLS tunnels between node proxies; nil: the agent has no CA.
     public var tunnel: TunnelSettings?
+    /// The AuthorizationPolicies that apply to a pod, by its address (pods
+    /// with none are absent): what the proxy decides with when it delivers
+    /// to a pod of its node.
+    public var authorization: [String: AuthorizationSet]?
 
     public struct TunnelSettings: Codable, Hashable, Sendable {
         /// Pod addresses whose PeerAuthentication mode is DISABLE: sent to
@@ -167,6 +171,14 @@ extension ProxyTable {
                                                       serviceAccount: w.serviceAccount, node: w.node)
         }
         workloads = refs
+        if !state.authorizationPolicies.isEmpty {
+            var sets: [String: AuthorizationSet] = [:]
+            for w in state.workloads {
+                let applied = state.authorizationPolicies(for: w)
+                if !applied.isEmpty { sets[w.address.description] = AuthorizationSet(applied) }
+            }
+            authorization = sets
+        }
         if !state.meshConfig.telemetry.requestMetrics { requestMetrics = false }
         if let t = state.meshConfig.telemetry.tracing {
             tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)

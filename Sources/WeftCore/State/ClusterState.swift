@@ -11,6 +11,7 @@ public struct ClusterState: Hashable, Sendable {
     public private(set) var httpRoutes: [HTTPRoute]
     public private(set) var trafficPolicies: [TrafficPolicy]
     public private(set) var peerAuthentications: [PeerAuthentication]
+    public private(set) var authorizationPolicies: [AuthorizationPolicy]
     /// The cluster's MeshConfig, or the defaults when there is none.
     public private(set) var meshConfig: MeshConfig
 
@@ -19,6 +20,7 @@ public struct ClusterState: Hashable, Sendable {
         httpRoutes = []
         trafficPolicies = []
         peerAuthentications = []
+        authorizationPolicies = []
         services = []
         workloads = []
         namespaces = [:]
@@ -78,6 +80,8 @@ public struct ClusterState: Hashable, Sendable {
                 state.trafficPolicies.append(policy)
             case .peerAuthentication(let policy):
                 state.peerAuthentications.append(policy)
+            case .authorizationPolicy(let policy):
+                state.authorizationPolicies.append(policy)
             case .meshConfig(let config):
                 if let first = meshConfigAt {
                     errors.append(ManifestError(located.location, field: "metadata.name",
@@ -103,6 +107,7 @@ public struct ClusterState: Hashable, Sendable {
         state.workloads.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.httpRoutes.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.peerAuthentications.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
+        state.authorizationPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.trafficPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.networkPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         return .success(state)

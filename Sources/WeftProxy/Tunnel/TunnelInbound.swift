@@ -75,30 +75,68 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         }
         proxy.stats.tunnelStreamsIn.add(1, ordering: .relaxed)
         let stream = context.channel
+        let key = EndpointKey(ip: target, port: port, node: node)
+        if let set = snapshot.authorization[target.value] {
+            let request = AuthorizationRequest(principal: peer.principal, namespace: peer.namespace, sourceIP: source, port: port)
+            // Decided now when no HTTP request could change the outcome.
+            let decision = set.evaluate(request)
+            if !set.needsHTTP || !decision.allowed && !set.couldAllowHTTP(request) {
+                Authorize.record(proxy, decision, target: key.description)
+                guard decision.allowed else { return refuse(context, 403, decision.reason) }
+            } else {
+                // Answered now; each request (or the connection, if it is
+                // not HTTP) is decided once its bytes are read.
+                let ok = HPACKHeaders([(":status", "200")])
+                context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
+                do {
+                    try stream.pipeline.syncOperations.addHandler(TunnelStreamCodec(.server), position: .before(self))
+                    try stream.pipeline.syncOperations.addHandler(InboundDetector(proxy: proxy, set: set, request: request, target: key))
+                    let early = self.early
+                    self.early.removeAll()
+                    stream.pipeline.syncOperations.removeHandler(self, promise: nil)
+                    for b in early { stream.pipeline.fireChannelRead(NIOAny(b)) }
+                    if earlyEnd { stream.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+                } catch {
+                    stream.close(promise: nil)
+                }
+                return
+            }
+        }
+        Self.deliver(stream: stream, to: key, proxy: proxy, early: early, earlyEnd: earlyEnd, replacing: self, prepare: { [self] in
+            let ok = HPACKHeaders([(":status", "200")])
+            context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
+            try stream.pipeline.syncOperations.addHandler(TunnelStreamCodec(.server), position: .before(self))
+        }, onRefusal: { [self] reason in refuse(context, 502, reason) })
+        early.removeAll()
+    }
+
+    /// Connects to the pod and joins the stream (a byte channel, or about to
+    /// be one: `prepare` runs first once the pod answers) to it, sending
+    /// what the stream already said and its end if it ended.
+    static func deliver(stream: Channel, to target: EndpointKey, proxy: ProxyContext, early: [ByteBuffer], earlyEnd: Bool,
+                        replacing handler: any RemovableChannelHandler, prepare: @escaping () throws -> Void = {},
+                        onRefusal: @escaping (String) -> Void) {
         _ = stream.setOption(ChannelOptions.autoRead, value: false)
-        ClientBootstrap(group: context.eventLoop)
+        ClientBootstrap(group: stream.eventLoop)
             .connectTimeout(.seconds(2))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            .connect(host: target.description, port: Int(port))
+            .connect(host: target.address, port: Int(target.port))
             .assumeIsolated()
-            .whenComplete { [self] result in
+            .whenComplete { result in
                 switch result {
                 case .failure(let error):
-                    refuse(context, 502, "cannot connect to \(target):\(port): \(error)")
+                    onRefusal("cannot connect to \(target): \(error)")
                 case .success(let pod):
                     do {
-                        let ok = HPACKHeaders([(":status", "200")])
-                        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
+                        try prepare()
                         let (a, b) = GlueHandler.pair()
-                        try stream.pipeline.syncOperations.addHandler(TunnelStreamCodec(.server), position: .before(self))
                         try stream.pipeline.syncOperations.addHandler(a)
                         try pod.pipeline.syncOperations.addHandler(b)
                         for buffer in early { pod.write(buffer, promise: nil) }
-                        early.removeAll()
                         pod.flush()
                         if earlyEnd { pod.close(mode: .output, promise: nil) }
-                        stream.pipeline.syncOperations.removeHandler(self, promise: nil)
+                        stream.pipeline.syncOperations.removeHandler(handler, promise: nil)
                         _ = stream.setOption(ChannelOptions.autoRead, value: true)
                         stream.read()
                     } catch {

@@ -1,0 +1,332 @@
+import Glibc
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import NIOPosix
+import WeftCore
+
+/// AuthorizationPolicy in the proxy. The proxy decides for the pods of its
+/// own node only: for a request it delivers itself to a local backend
+/// (the source is then a local pod too, attested by capture), and for every
+/// tunnel stream that arrives (the peer proven by its certificate).
+enum Authorize {
+    /// A request from a pod of this node: its identity is the node's to
+    /// vouch for (the kernel captured it from the pod's cgroup).
+    static func local(_ proxy: ProxyContext, _ snapshot: RouteSnapshot, source: IPv4Address, port: UInt16)
+        -> AuthorizationRequest
+    {
+        let ref = snapshot.workloadsByIP[source.value]
+        let principal = ref.flatMap { r in proxy.identities.map { "\($0.trustDomain)/ns/\(r.namespace)/sa/\(r.serviceAccount)" } }
+        return AuthorizationRequest(principal: principal, namespace: ref?.namespace, sourceIP: source, port: port)
+    }
+
+    static func http(_ head: HTTPRequestHead) -> AuthorizationRequest.HTTP {
+        let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? head.uri
+        return AuthorizationRequest.HTTP(method: head.method.rawValue, path: path, host: head.headers.first(name: "host"),
+                                         headers: head.headers.map { ($0.name.lowercased(), $0.value) })
+    }
+
+    /// Counts and logs a decision.
+    static func record(_ proxy: ProxyContext, _ decision: AuthorizationDecision, target: String) {
+        if decision.allowed {
+            proxy.stats.authzAllowed.add(1, ordering: .relaxed)
+        } else {
+            proxy.stats.authzDenied.add(1, ordering: .relaxed)
+            proxy.logger.info("authorization denied", metadata: ["target": "\(target)", "reason": "\(decision.reason)"])
+        }
+        if !decision.audited.isEmpty {
+            proxy.stats.authzAudited.add(1, ordering: .relaxed)
+            proxy.logger.notice("authorization audit", metadata: [
+                "target": "\(target)", "allowed": "\(decision.allowed)", "policies": "\(decision.audited.joined(separator: ", "))",
+            ])
+        }
+    }
+
+    static func forbiddenBody(_ reason: String) -> String { "weft: RBAC: access denied: \(reason)\n" }
+
+    /// Closes a TCP connection with a reset, as a refused connection should look.
+    static func reset(_ channel: Channel) {
+        guard let provider = channel as? any SocketOptionProvider else { return channel.close(promise: nil) }
+        provider.setSoLinger(linger(l_onoff: 1, l_linger: 0)).whenComplete { _ in channel.close(promise: nil) }
+    }
+}
+
+/// The destination end of a tunnel stream whose pod has policies that read
+/// HTTP: after the CONNECT is answered, the first bytes say what follows.
+/// HTTP/1.x and HTTP/2 are decided per request (`InboundHTTP`); anything
+/// else once, as TCP, then joined to the pod.
+final class InboundDetector: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private let proxy: ProxyContext
+    private let set: AuthorizationSet
+    private let request: AuthorizationRequest
+    private let target: EndpointKey
+    private var buffered: ByteBuffer?
+    private var inputClosed = false
+    private var decided = false
+    private var timer: Scheduled<Void>?
+
+    init(proxy: ProxyContext, set: AuthorizationSet, request: AuthorizationRequest, target: EndpointKey) {
+        self.proxy = proxy
+        self.set = set
+        self.request = request
+        self.target = target
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        timer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(proxy.configuration.detectTimeout)) { [weak self] in
+            self?.decide(.tcp, context: context)
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if buffered == nil { buffered = incoming } else { buffered!.writeBuffer(&incoming) }
+        let verdict = ProtocolDetector.classify(buffered!.readableBytesView)
+        if verdict != .undecided { decide(verdict, context: context) }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e, !decided {
+            inputClosed = true
+            let verdict = buffered.map { ProtocolDetector.classify($0.readableBytesView) } ?? .tcp
+            return decide(verdict == .undecided ? .tcp : verdict, context: context)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        context.fireChannelInactive()
+    }
+
+    private func decide(_ verdict: ProtocolDetector.Verdict, context: ChannelHandlerContext) {
+        guard !decided else { return }
+        decided = true
+        timer?.cancel()
+        let pipeline = context.pipeline.syncOperations
+        let proxy = self.proxy, set = self.set, request = self.request, target = self.target
+        do {
+            switch verdict {
+            case .http1:
+                try pipeline.addHandler(HTTPResponseEncoder())
+                try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder()))
+                try pipeline.addHandler(HTTPServerProtocolErrorHandler())
+                try pipeline.addHandler(InboundHTTP(proxy: proxy, set: set, request: request, target: target, isHTTP2: false))
+            case .http2:
+                _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
+                                                        streamConfiguration: .init()) { stream in
+                    stream.eventLoop.makeCompletedFuture {
+                        try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                        try stream.pipeline.syncOperations.addHandler(
+                            InboundHTTP(proxy: proxy, set: set, request: request, target: target, isHTTP2: true))
+                    }
+                }
+            case .tcp, .undecided:
+                let decision = set.evaluate(request)
+                Authorize.record(proxy, decision, target: target.description)
+                guard decision.allowed else {
+                    context.close(promise: nil)  // the stream is reset; the source closes its connection
+                    return
+                }
+                TunnelInbound.deliver(stream: context.channel, to: target, proxy: proxy, early: buffered.map { [$0] } ?? [],
+                                      earlyEnd: inputClosed, replacing: self, onRefusal: { _ in context.close(promise: nil) })
+                buffered = nil
+                return
+            }
+        } catch {
+            proxy.logger.warning("cannot set up the inbound \(verdict) pipeline: \(error)")
+            context.close(promise: nil)
+            return
+        }
+        if let buffered, buffered.readableBytes > 0 {
+            context.fireChannelRead(wrapInboundOut(buffered))
+            self.buffered = nil
+            context.fireChannelReadComplete()
+        }
+        if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        pipeline.removeHandler(context: context, promise: nil)
+    }
+}
+
+/// One inbound HTTP connection (HTTP/1.x) or stream (HTTP/2) to a pod of
+/// this node: every request is decided on, then sent to the pod over the
+/// proxy's pool, or answered 403 with the reason. Requests on an HTTP/1.x
+/// connection are handled one at a time, in order.
+final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, UpstreamSink {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private enum State { case idle, denying, connecting, forwarding }
+
+    private let proxy: ProxyContext
+    private let set: AuthorizationSet
+    private let base: AuthorizationRequest
+    private let target: EndpointKey
+    private let isHTTP2: Bool
+    private var context: ChannelHandlerContext?
+    private var state = State.idle
+    private var keepAlive = true
+    private var upstream: UpstreamHandler?
+    private var pending: [HTTPClientRequestPart] = []
+    /// Parts of a pipelined request that came before the previous ended.
+    private var queued: [HTTPServerRequestPart] = []
+
+    init(proxy: ProxyContext, set: AuthorizationSet, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
+        self.proxy = proxy
+        self.set = set
+        self.base = request
+        self.target = target
+        self.isHTTP2 = isHTTP2
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        upstream?.close()
+        upstream = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if state == .connecting || state == .forwarding { upstream?.close() }
+        upstream = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        if !queued.isEmpty {
+            queued.append(part)
+            return
+        }
+        handle(part, context: context)
+    }
+
+    private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+        switch part {
+        case .head(let head):
+            guard state == .idle else {
+                queued.append(part)
+                return
+            }
+            keepAlive = head.isKeepAlive
+            var request = base
+            request.http = Authorize.http(head)
+            let decision = set.evaluate(request)
+            Authorize.record(proxy, decision, target: target.description)
+            guard decision.allowed else {
+                state = .denying
+                respond(context, .forbidden, Authorize.forbiddenBody(decision.reason))
+                return
+            }
+            state = .connecting
+            pending = [.head(head)]
+            let loop = proxy.loop(context.eventLoop)
+            let pool = loop.pool, key = target, http1 = !isHTTP2
+            loop.pool.acquire(key, protocol: isHTTP2 ? .http2 : .http1) { [weak self] result in
+                guard let self, self.state == .connecting else {
+                    if case .success(let h) = result { h.close() }
+                    return
+                }
+                switch result {
+                case .failure(let error):
+                    self.state = .denying
+                    self.pending.removeAll()
+                    self.respond(context, .badGateway, "weft: cannot connect to \(key): \(error)\n")
+                case .success(let upstream):
+                    if upstream.onResponseEnd == nil {
+                        upstream.onResponseEnd = { [weak upstream] reusable in
+                            guard let upstream else { return }
+                            pool.release(upstream, to: key, reusable: reusable && http1)
+                        }
+                    }
+                    self.upstream = upstream
+                    self.state = .forwarding
+                    upstream.begin(sink: self, keepAlive: self.keepAlive)
+                    for p in self.pending { upstream.send(p, flush: false) }
+                    self.pending.removeAll()
+                    upstream.flush()
+                }
+            }
+        case .body(let body):
+            switch state {
+            case .connecting: pending.append(.body(.byteBuffer(body)))
+            case .forwarding: upstream?.send(.body(.byteBuffer(body)), flush: false)
+            default: break
+            }
+        case .end(let trailers):
+            switch state {
+            case .connecting: pending.append(.end(trailers))
+            case .forwarding: upstream?.send(.end(trailers), flush: true)
+            case .denying: exchangeDone(context)
+            case .idle: break
+            }
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        upstream?.flush()
+        context.fireChannelReadComplete()
+    }
+
+    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String) {
+        var headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "\(body.utf8.count)")])
+        if status == .forbidden { headers.add(name: "x-weft-authz", value: "denied") }
+        if !keepAlive && !isHTTP2 { headers.add(name: "connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    /// The request and its response are both over: take the next.
+    private func exchangeDone(_ context: ChannelHandlerContext) {
+        state = .idle
+        upstream = nil
+        if isHTTP2 { return }
+        guard keepAlive else {
+            context.close(promise: nil)
+            return
+        }
+        // The next request's parts, up to the head of the one after it.
+        while let part = queued.first {
+            if case .head = part, state != .idle { break }
+            queued.removeFirst()
+            handle(part, context: context)
+        }
+    }
+
+    // MARK: UpstreamSink
+
+    func upstreamResponse(_ part: HTTPClientResponsePart) {
+        guard let context else { return }
+        switch part {
+        case .head(let head):
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers))),
+                          promise: nil)
+        case .body(let body):
+            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        case .end(let trailers):
+            context.writeAndFlush(wrapOutboundOut(.end(trailers)), promise: nil)
+            exchangeDone(context)
+        }
+    }
+
+    func upstreamFailed(_ error: any Error, responded: Bool) {
+        guard let context else { return }
+        upstream = nil
+        if responded {
+            context.close(promise: nil)
+        } else {
+            state = .denying
+            respond(context, .badGateway, "weft: \(target) closed the connection before responding\n")
+            exchangeDone(context)
+        }
+    }
+
+    func upstreamWritabilityChanged(_ writable: Bool) {}
+
+    func upstreamReadComplete() { context?.flush() }
+}
