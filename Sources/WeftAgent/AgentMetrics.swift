@@ -51,6 +51,7 @@ final class AgentMetrics: Sendable {
         Int(WEFT_DROP_INGRESS_AT_SOURCE.rawValue): "ingress_denied_at_source",
         Int(WEFT_DROP_INGRESS.rawValue): "ingress_denied",
         Int(WEFT_DROP_PLAINTEXT.rawValue): "plaintext_to_strict",
+        Int(WEFT_DROP_AUTHZ.rawValue): "authorization_denied",
     ]
 
     func render() -> String {

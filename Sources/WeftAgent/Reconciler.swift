@@ -20,7 +20,8 @@ final class Reconciler {
     private var identitiesAdopted = false
     /// What the last policy compile read, and what it gave: a change that
     /// touches only Services (the common case) compiles nothing.
-    private var lastPolicyInputs: (workloads: [Workload], policies: [NetworkPolicy], namespaces: [String: Namespace])?
+    private var lastPolicyInputs: (workloads: [Workload], policies: [NetworkPolicy], namespaces: [String: Namespace],
+                                   authorization: [AuthorizationPolicy])?
     private var lastPolicyTable = PolicyTable()
     /// Local pods whose cgroup directory is missing; see AgentStatus.missingCgroups.
     private(set) var missingCgroups: [String] = []
@@ -165,12 +166,15 @@ final class Reconciler {
                 identitiesAdopted = true
             }
             let policyTable: PolicyTable
+            compiler.trustDomain = identities?.trustDomain
+            compiler.node = configuration.node
             if let last = lastPolicyInputs, last.workloads == state.workloads,
-               last.policies == state.networkPolicies, last.namespaces == state.namespaces {
+               last.policies == state.networkPolicies, last.namespaces == state.namespaces,
+               last.authorization == state.authorizationPolicies {
                 policyTable = lastPolicyTable
             } else {
                 policyTable = compiler.compile(state)
-                lastPolicyInputs = (state.workloads, state.networkPolicies, state.namespaces)
+                lastPolicyInputs = (state.workloads, state.networkPolicies, state.namespaces, state.authorizationPolicies)
                 lastPolicyTable = policyTable
             }
             let (cgroups, missing) = localCgroups(state)

@@ -30,12 +30,21 @@ public final class PolicyMaps: Sendable {
 
     // MARK: encoding, in one place
 
-    static func direction(_ d: NetworkPolicy.Direction) -> UInt8 {
-        UInt8(d == .ingress ? WEFT_DIR_INGRESS.rawValue : WEFT_DIR_EGRESS.rawValue)
+    static func direction(_ k: PolicyEntryKey) -> UInt8 {
+        switch k.kind {
+        case .allow: UInt8(k.direction == .ingress ? WEFT_DIR_INGRESS.rawValue : WEFT_DIR_EGRESS.rawValue)
+        case .authzAllow: UInt8(WEFT_DIR_AUTHZ_ALLOW.rawValue)
+        case .authzDeny: UInt8(WEFT_DIR_AUTHZ_DENY.rawValue)
+        }
     }
 
-    static func direction(_ raw: UInt8) -> NetworkPolicy.Direction {
-        raw == UInt8(WEFT_DIR_EGRESS.rawValue) ? .egress : .ingress
+    static func direction(_ raw: UInt8) -> (NetworkPolicy.Direction, PolicyEntryKey.Kind) {
+        switch UInt32(raw) {
+        case WEFT_DIR_EGRESS.rawValue: (.egress, .allow)
+        case WEFT_DIR_AUTHZ_ALLOW.rawValue: (.ingress, .authzAllow)
+        case WEFT_DIR_AUTHZ_DENY.rawValue: (.ingress, .authzDeny)
+        default: (.ingress, .allow)
+        }
     }
 
     /// A non-range allow as its hash key (protocol 0: any; port 0: any).
@@ -43,23 +52,24 @@ public final class PolicyMaps: Sendable {
         var key = weft_policy_key()
         key.identity = k.identity
         key.peer = k.peer
-        key.direction = direction(k.direction)
+        key.direction = direction(k)
         key.proto = k.proto ?? 0
         key.port = (k.portPrefix?.port ?? 0).bigEndian
         return key
     }
 
     static func decode(_ key: weft_policy_key) -> PolicyEntryKey {
-        PolicyEntryKey(identity: key.identity, direction: direction(key.direction), peer: key.peer,
-                       proto: key.proto == 0 ? nil : key.proto,
-                       portPrefix: key.port == 0 ? nil : .init(port: UInt16(bigEndian: key.port), bits: 16))
+        let (d, kind) = direction(key.direction)
+        return PolicyEntryKey(identity: key.identity, direction: d, peer: key.peer,
+                              proto: key.proto == 0 ? nil : key.proto,
+                              portPrefix: key.port == 0 ? nil : .init(port: UInt16(bigEndian: key.port), bits: 16), kind: kind)
     }
 
     static func encodeRange(_ k: PolicyEntryKey) -> weft_policy_range_key {
         var key = weft_policy_range_key()
         key.prefixlen = k.prefixLength
         key.identity = k.identity.bigEndian
-        key.direction = direction(k.direction)
+        key.direction = direction(k)
         key.peer = k.peer.bigEndian
         key.proto = k.proto ?? 0
         key.port = (k.portPrefix?.port ?? 0).bigEndian
@@ -69,9 +79,10 @@ public final class PolicyMaps: Sendable {
     static func decodeRange(_ key: weft_policy_range_key) -> PolicyEntryKey? {
         let anyPort = UInt32(WEFT_POLICY_PREFIX_ANY_PORT)
         guard (anyPort + 1...anyPort + 15).contains(key.prefixlen) else { return nil }
-        return PolicyEntryKey(identity: UInt32(bigEndian: key.identity), direction: direction(key.direction),
+        let (d, kind) = direction(key.direction)
+        return PolicyEntryKey(identity: UInt32(bigEndian: key.identity), direction: d,
                               peer: UInt32(bigEndian: key.peer), proto: key.proto,
-                              portPrefix: .init(port: UInt16(bigEndian: key.port), bits: UInt8(key.prefixlen - anyPort)))
+                              portPrefix: .init(port: UInt16(bigEndian: key.port), bits: UInt8(key.prefixlen - anyPort)), kind: kind)
     }
 
     static func encode(_ p: IPv4Prefix) -> weft_cidr_key {

@@ -326,6 +326,14 @@ struct weft_flow_stats {
 enum weft_direction {
 	WEFT_DIR_INGRESS = 0,
 	WEFT_DIR_EGRESS  = 1,
+	/* AuthorizationPolicy, the parts that need only identities and ports:
+	 * for pods flagged WEFT_EP_F_AUTHZ, a new TCP flow must hit no DENY
+	 * entry and some ALLOW entry (a pod with only DENY policies holds one
+	 * ALLOW entry for any peer). Peers are pod identities only for pods of
+	 * this node, whose identity the node attests; any other address is its
+	 * CIDR class, or WEFT_ID_WORLD. */
+	WEFT_DIR_AUTHZ_ALLOW = 2,
+	WEFT_DIR_AUTHZ_DENY  = 3,
 };
 
 /* weft_endpoint.flags: which directions some policy selects this pod for. A
@@ -339,6 +347,7 @@ enum weft_direction {
 #define WEFT_EP_F_MTLS_STRICT      0x20  /* a pod of this node under PeerAuthentication STRICT:
                                           * new TCP flows only from this node (its proxy, its pods) */
 #define WEFT_EP_F_LOCAL            0x40  /* a pod of this node */
+#define WEFT_EP_F_AUTHZ            0x80  /* AuthorizationPolicy applies (WEFT_DIR_AUTHZ_*) */
 
 struct weft_endpoint {
 	__u32 identity;    /* WEFT_ID_FIRST_POD and up */
@@ -397,6 +406,7 @@ enum weft_drop_reason {
 	WEFT_DROP_INGRESS_AT_SOURCE = 2, /* destination's ingress policy, checked by the source node: EPERM */
 	WEFT_DROP_INGRESS          = 3, /* destination pod's ingress policy at the destination: packet dropped */
 	WEFT_DROP_PLAINTEXT        = 4, /* plaintext from another node to a STRICT pod: packet dropped */
+	WEFT_DROP_AUTHZ            = 5, /* AuthorizationPolicy: EPERM at connect() on the same node, else dropped */
 };
 
 struct weft_drop_key {

@@ -100,6 +100,41 @@ static __always_inline int policy_allows(const struct weft_endpoint *local, __u8
 	return policy_allows_peer(identity, direction, WEFT_ID_ANY, proto, port, ranges);
 }
 
+/* AuthorizationPolicy for a pod flagged WEFT_EP_F_AUTHZ, on a new TCP flow
+ * from `saddr` to `port`: 0 to pass, or WEFT_DROP_AUTHZ. The node's own
+ * addresses pass (its proxy delivers what it has already authorized). A
+ * pod of this node is known by its identity; any other source only by its
+ * address, since nothing proves who sent plaintext from elsewhere. */
+static __always_inline int authz_verdict(const struct weft_endpoint *dst, const struct weft_endpoint *src,
+					 __be32 saddr, __be16 port)
+{
+	struct weft_cidr_key key = { .prefixlen = 32, .addr = saddr };
+	struct weft_cidr_class *class;
+	__u32 peer = WEFT_ID_WORLD;
+
+	if (!(dst->flags & WEFT_EP_F_AUTHZ))
+		return 0;
+	if (src && src->identity == WEFT_ID_HOST)
+		return 0;
+	if (src && (src->flags & WEFT_EP_F_LOCAL)) {
+		peer = src->identity;
+	} else if (src) {
+		if (src->cidr_class)
+			peer = src->cidr_class;
+	} else {
+		class = bpf_map_lookup_elem(&weft_cidr_classes, &key);
+		if (class && class->id)
+			peer = class->id;
+	}
+	if (policy_allows_peer(dst->identity, WEFT_DIR_AUTHZ_DENY, peer, IPPROTO_TCP, port, 1) ||
+	    policy_allows_peer(dst->identity, WEFT_DIR_AUTHZ_DENY, WEFT_ID_ANY, IPPROTO_TCP, port, 1))
+		return WEFT_DROP_AUTHZ;
+	if (policy_allows_peer(dst->identity, WEFT_DIR_AUTHZ_ALLOW, peer, IPPROTO_TCP, port, 1) ||
+	    policy_allows_peer(dst->identity, WEFT_DIR_AUTHZ_ALLOW, WEFT_ID_ANY, IPPROTO_TCP, port, 1))
+		return 0;
+	return WEFT_DROP_AUTHZ;
+}
+
 static __always_inline void policy_count_drop(__u32 src, __u32 dst, __be16 port, __u8 proto,
 					      enum weft_drop_reason reason)
 {
@@ -170,6 +205,12 @@ static __always_inline int policy_connect_verdict(__be32 daddr, __be16 dport, __
 			policy_count_drop(src_id, dst->identity, dport, proto, WEFT_DROP_INGRESS_AT_SOURCE);
 			return WEFT_DROP_INGRESS_AT_SOURCE;
 		}
+	}
+	/* A pod of this node under AuthorizationPolicy: the connect fails at
+	 * once. (Toward other nodes, their proxy or kernel decides.) */
+	if (dst && proto == IPPROTO_TCP && (dst->flags & WEFT_EP_F_LOCAL) && authz_verdict(dst, src, local->addr, dport)) {
+		policy_count_drop(src_id, dst->identity, dport, proto, WEFT_DROP_AUTHZ);
+		return WEFT_DROP_AUTHZ;
 	}
 	return 0;
 }

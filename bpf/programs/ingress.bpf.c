@@ -86,10 +86,20 @@ int weft_ingress(struct __sk_buff *skb)
 			return SKB_PASS;
 		}
 	} else {
-		if (!(dst->flags & WEFT_EP_F_INGRESS_ISOLATED))
+		if (!(dst->flags & (WEFT_EP_F_INGRESS_ISOLATED | WEFT_EP_F_AUTHZ)))
 			return SKB_PASS;
 		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
-			return SKB_DROP;  /* truncated header for an isolated pod */
+			return SKB_DROP;  /* truncated header for a pod under policy */
+		if (dst->flags & WEFT_EP_F_AUTHZ) {
+			src = endpoint_lookup(ip.saddr);
+			if (authz_verdict(dst, src, ip.saddr, ports[1])) {
+				policy_count_drop(src ? src->identity : WEFT_ID_WORLD, dst->identity, ports[1], ip.protocol,
+						  WEFT_DROP_AUTHZ);
+				return SKB_DROP;
+			}
+			if (!(dst->flags & WEFT_EP_F_INGRESS_ISOLATED))
+				return SKB_PASS;
+		}
 	}
 	src = endpoint_lookup(ip.saddr);
 	peer = policy_peer_of(ip.saddr, src);

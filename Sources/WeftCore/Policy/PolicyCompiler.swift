@@ -9,7 +9,13 @@
 public struct PolicyCompiler: Sendable {
     public private(set) var identityIDs = StableIDs<IdentityKey>(first: ReservedIdentity.firstPod)
     private var classIDs = StableIDs<Set<NetworkPolicy.IPBlock>>(first: 1)
-    private var ruleIDs = StableIDs<String>(first: 1)
+    var ruleIDs = StableIDs<String>(first: 1)
+    /// The mesh's trust domain, for AuthorizationPolicy principals (nil: no
+    /// CA, so no principal matches).
+    public var trustDomain: String?
+    /// The node whose kernel the table is for: its pods are the sources the
+    /// kernel knows by identity (AuthorizationPolicy). nil: every node's.
+    public var node: String?
     private var cache: [NetworkPolicy: CompiledPolicy] = [:]
     private var cachedUniverse: Universe?
 
@@ -38,7 +44,7 @@ public struct PolicyCompiler: Sendable {
         let byAddress = Dictionary(state.workloads.map { ($0.address, $0) }, uniquingKeysWith: { a, _ in a })
         for (address, entry) in endpoints {
             guard let w = byAddress[address] else { continue }
-            identityIDs.adopt(IdentityKey(namespace: w.metadata.namespace, labels: w.metadata.labels), entry.identity)
+            identityIDs.adopt(IdentityKey(w), entry.identity)
         }
         guard !cidrClasses.isEmpty else { return }
         for (prefix, set) in Self.regions(Self.blocks(state)) where !set.isEmpty {
@@ -49,7 +55,7 @@ public struct PolicyCompiler: Sendable {
     }
 
     static func blocks(_ state: ClusterState) -> Set<NetworkPolicy.IPBlock> {
-        var blocks = Set<NetworkPolicy.IPBlock>()
+        var blocks = authorizationBlocks(state)
         for p in state.networkPolicies {
             for rule in p.ingress + p.egress {
                 for case .ipBlock(let b) in rule.peers { blocks.insert(b) }
@@ -66,7 +72,7 @@ public struct PolicyCompiler: Sendable {
 
         // Identities, with the named ports their pods declare.
         var members: [UInt32: [Workload]] = [:]
-        let keyOf = state.workloads.map { IdentityKey(namespace: $0.metadata.namespace, labels: $0.metadata.labels) }
+        let keyOf = state.workloads.map(IdentityKey.init)
         identityIDs.retain(Set(keyOf))
         var idOf: [UInt32] = []
         idOf.reserveCapacity(keyOf.count)
@@ -78,7 +84,7 @@ public struct PolicyCompiler: Sendable {
         }
         // No policy at all: every pod is open, and only the identity cache
         // is written (the common case for Service-only changes at scale).
-        if state.networkPolicies.isEmpty {
+        if state.networkPolicies.isEmpty && state.authorizationPolicies.isEmpty {
             cache = [:]
             cachedUniverse = nil
             ruleIDs.retain([])
@@ -121,7 +127,7 @@ public struct PolicyCompiler: Sendable {
 
         ruleIDs.retain(Set(state.networkPolicies.flatMap { p in
             NetworkPolicy.Direction.allCases.flatMap { d in p.rules(d).indices.map { Self.ruleName(p, d, $0) } }
-        }))
+        } + state.authorizationPolicies.flatMap { p in p.rules.indices.map { "authz/\(p.metadata.qualifiedName)/\($0)" } }))
         var compiledNow = 0
         var fresh: [NetworkPolicy: CompiledPolicy] = [:]
         for policy in state.networkPolicies {
@@ -146,7 +152,9 @@ public struct PolicyCompiler: Sendable {
         lastCompiledPolicies = compiledNow
 
         var ranges = Set<String>()  // "identity/direction" with range allows
-        for key in table.entries.keys where key.isRange { ranges.insert("\(key.identity)/\(key.direction.rawValue)") }
+        for key in table.entries.keys where key.isRange && key.kind == .allow {
+            ranges.insert("\(key.identity)/\(key.direction.rawValue)")
+        }
         for (w, id) in zip(state.workloads, idOf) {
             let by = table.isolatedBy[id]
             table.endpoints[w.address] = EndpointEntry(identity: id, cidrClass: Self.longestMatch(w.address, table.cidrClasses) ?? 0,
@@ -155,6 +163,9 @@ public struct PolicyCompiler: Sendable {
                                                        ingressRanges: ranges.contains("\(id)/Ingress"),
                                                        egressRanges: ranges.contains("\(id)/Egress"))
         }
+        var classBlocks: [UInt32: Set<NetworkPolicy.IPBlock>] = [:]
+        for (prefix, set) in regions { if let id = table.cidrClasses[prefix], id != 0 { classBlocks[id] = set } }
+        compileAuthorization(state, into: &table, members: members, classBlocks: classBlocks)
         return table
     }
 

@@ -1,18 +1,26 @@
 import WeftABI
 
 /// Identity: one per distinct (namespace, label set) among the Workloads.
+/// Pods with the same labels but different service accounts are different
+/// identities: AuthorizationPolicy tells them apart by principal.
 public struct IdentityKey: Hashable, Sendable, CustomStringConvertible {
     public var namespace: String
     public var labels: [String: String]
+    public var serviceAccount: String
 
-    public init(namespace: String, labels: [String: String]) {
+    public init(namespace: String, labels: [String: String], serviceAccount: String = "default") {
         self.namespace = namespace
         self.labels = labels
+        self.serviceAccount = serviceAccount
+    }
+
+    public init(_ w: Workload) {
+        self.init(namespace: w.metadata.namespace, labels: w.metadata.labels, serviceAccount: w.serviceAccount)
     }
 
     public var description: String {
         let l = labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
-        return "\(namespace){\(l)}"
+        return "\(namespace){\(l)}" + (serviceAccount == "default" ? "" : " sa=\(serviceAccount)")
     }
 }
 
@@ -29,7 +37,12 @@ public enum ReservedIdentity {
 /// selects may exchange traffic with `peer` in `direction`, for `proto`
 /// (nil: any) and the ports under `portPrefix` (nil: any).
 public struct PolicyEntryKey: Hashable, Sendable {
+    /// What an entry says: a NetworkPolicy allow (in `direction`), or an
+    /// AuthorizationPolicy allow or deny (ingress only).
+    public enum Kind: Hashable, Sendable { case allow, authzAllow, authzDeny }
+
     public var identity: UInt32
+    public var kind: Kind = .allow
     public var direction: NetworkPolicy.Direction
     public var peer: UInt32
     public var proto: UInt8?
@@ -65,8 +78,9 @@ public struct PolicyEntryKey: Hashable, Sendable {
     }
 
     public init(identity: UInt32, direction: NetworkPolicy.Direction, peer: UInt32, proto: UInt8? = nil,
-                portPrefix: PortPrefix? = nil) {
+                portPrefix: PortPrefix? = nil, kind: Kind = .allow) {
         self.identity = identity
+        self.kind = kind
         self.direction = direction
         self.peer = peer
         self.proto = proto
@@ -100,6 +114,8 @@ public struct EndpointEntry: Hashable, Sendable {
     public var tunnel = false
     public var strict = false
     public var local = false
+    /// AuthorizationPolicy applies: set by the policy compiler.
+    public var authz = false
 
     public init(identity: UInt32, cidrClass: UInt32 = 0, ingressIsolated: Bool = false, egressIsolated: Bool = false,
                 ingressRanges: Bool = false, egressRanges: Bool = false) {
@@ -119,6 +135,7 @@ public struct EndpointEntry: Hashable, Sendable {
         (ingressIsolated ? UInt8(WEFT_EP_F_INGRESS_ISOLATED) : 0) | (egressIsolated ? UInt8(WEFT_EP_F_EGRESS_ISOLATED) : 0)
             | (ingressRanges ? UInt8(WEFT_EP_F_INGRESS_RANGES) : 0) | (egressRanges ? UInt8(WEFT_EP_F_EGRESS_RANGES) : 0)
             | (tunnel ? UInt8(WEFT_EP_F_TUNNEL) : 0) | (strict ? UInt8(WEFT_EP_F_MTLS_STRICT) : 0) | (local ? UInt8(WEFT_EP_F_LOCAL) : 0)
+            | (authz ? UInt8(WEFT_EP_F_AUTHZ) : 0)
     }
 
     public init(identity: UInt32, cidrClass: UInt32, flags: UInt8) {
@@ -129,6 +146,7 @@ public struct EndpointEntry: Hashable, Sendable {
         tunnel = flags & UInt8(WEFT_EP_F_TUNNEL) != 0
         strict = flags & UInt8(WEFT_EP_F_MTLS_STRICT) != 0
         local = flags & UInt8(WEFT_EP_F_LOCAL) != 0
+        authz = flags & UInt8(WEFT_EP_F_AUTHZ) != 0
     }
 }
 
@@ -138,7 +156,13 @@ public struct RuleRef: Hashable, Sendable, Codable, CustomStringConvertible {
     public var direction: String   // Ingress / Egress
     public var index: Int
 
-    public var description: String { "NetworkPolicy \(policy) spec.\(direction.lowercased())[\(index)]" }
+    public var description: String {
+        direction == Self.authorization ? "AuthorizationPolicy \(policy) spec.rules[\(index)]"
+            : "NetworkPolicy \(policy) spec.\(direction.lowercased())[\(index)]"
+    }
+
+    /// `direction` of a rule that is an AuthorizationPolicy's.
+    public static let authorization = "Authorization"
 }
 
 /// The compiled form of every NetworkPolicy: exactly what the policy maps
