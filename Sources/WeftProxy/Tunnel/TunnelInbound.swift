@@ -78,9 +78,12 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         let key = EndpointKey(ip: target, port: port, node: node)
         if let set = snapshot.authorization[target.value] {
             let request = AuthorizationRequest(principal: peer.principal, namespace: peer.namespace, sourceIP: source, port: port)
-            // Decided now when no HTTP request could change the outcome.
+            // Decided now when no HTTP request could change the outcome:
+            // allowed on what a TCP connection shows (so no DENY rule can
+            // match and an ALLOW rule matches whatever the requests), or
+            // denied even if every HTTP part went its way.
             let decision = set.evaluate(request)
-            if !set.needsHTTP || !decision.allowed && !set.couldAllowHTTP(request) {
+            if decision.allowed || !set.needsHTTP || !set.couldAllowHTTP(request) {
                 Authorize.record(proxy, decision, target: key.description)
                 guard decision.allowed else { return refuse(context, 403, decision.reason) }
             } else {
