@@ -155,8 +155,9 @@ def rss_mib(pids):
     return total / 1024
 
 
-def h2load(url, load, seconds, rate=None):
-    flags, conns, streams = LOADS[load]
+def h2load(url, load, seconds, rate=None, shape=None):
+    """`load` names a shape in LOADS, or `shape` gives (flags, connections, streams)."""
+    flags, conns, streams = shape or LOADS[load]
     log = tempfile.mktemp(prefix="weft-bench-h2load-", dir="/tmp")
     args = [WEFT, "lab", "exec", "bench/client", "--", "h2load", *flags, "-c", str(conns), "-m", str(streams),
             "-t", "1", "-D", str(seconds), "--warm-up-time", "1", "--log-file", log]

@@ -13,7 +13,7 @@ Every table here is written by `scripts/bench` (all sections) or `scripts/bench 
 section says when and how it was made. The machine is a shared VM: read the ratios, not the
 absolute numbers.
 """
-ORDER = ["datapath", "policy", "proxy", "shortcut", "observability", "resilience"]
+ORDER = ["datapath", "policy", "proxy", "shortcut", "observability", "resilience", "mtls"]
 
 
 def write_section(name, lines):

@@ -97,8 +97,8 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
                     let early = self.early
                     self.early.removeAll()
                     stream.pipeline.syncOperations.removeHandler(self, promise: nil)
-                    for b in early { stream.pipeline.fireChannelRead(NIOAny(b)) }
-                    if earlyEnd { stream.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+                    for b in early { stream.pipeline.syncOperations.fireChannelRead(NIOAny(b)) }
+                    if earlyEnd { stream.pipeline.syncOperations.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
                 } catch {
                     stream.close(promise: nil)
                 }
