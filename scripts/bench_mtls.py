@@ -47,6 +47,8 @@ FIXED_S = int(os.environ.get("WEFT_BENCH_MTLS_SECONDS", "8"))
 BULK_S = int(os.environ.get("WEFT_BENCH_MTLS_BULK_SECONDS", "6"))
 HANDSHAKE_S = int(os.environ.get("WEFT_BENCH_MTLS_HANDSHAKE_SECONDS", "5"))
 RATE = int(os.environ.get("WEFT_BENCH_MTLS_RATE", "1000"))
+# For iterating on one part: latency, bulk or handshakes (the report needs all three).
+ONLY = os.environ.get("WEFT_BENCH_MTLS_ONLY")
 SHAPE = (["--h1"], 10, 1)  # HTTP/1.1, 10 keep-alive connections
 CLIENT, PLAIN, MESHED, VIP = "198.18.1.10", "198.18.2.20", "198.18.2.21", "198.19.9.21"
 N1_GW, N2_FABRIC = "198.18.1.1", "198.18.0.2"
@@ -238,11 +240,11 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
         names = list(TARGETS)
         for k in range(ROUNDS):
             order = names[k % len(names):] + names[:k % len(names)]
-            for name in order:
+            for name in order if ONLY in (None, "latency") else []:
                 r = h2load(TARGETS[name], None, FIXED_S, RATE, shape=SHAPE)
                 latency[name].append(r)
                 print(f"round {k + 1} {name}: {r['rate']:.0f} req/s p50 {r['p50_us']} us p99 {r['p99_us']} us failed {r['failed']}", flush=True)
-            for name in order:
+            for name in order if ONLY in (None, "bulk") else []:
                 if name == "l7":
                     continue
                 ps = side_procs(name)
@@ -271,7 +273,7 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
             "haproxy": (N2_FABRIC, 17443, f"{work}/client.crt", f"{work}/client.key", f"{work}/ca.pem", "n2.bench",
                         pids_of(pids["haproxy"][1])),
         }
-        for name, (host, port, cert, key, ca, server_name, server) in hs_targets.items():
+        for name, (host, port, cert, key, ca, server_name, server) in hs_targets.items() if ONLY in (None, "handshakes") else []:
             c0 = cpu_seconds(server)
             procs_ = [subprocess.Popen(["ip", "netns", "exec", nodes["n1"]["netns"], "/usr/bin/python3", "-c", HANDSHAKER, host, str(port),
                                         cert, key, ca, server_name, str(HANDSHAKE_S)], stdout=subprocess.PIPE, text=True)
@@ -293,6 +295,8 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
         sh(WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
 
+    if ONLY:
+        return
     summary = {"openssl": speed, "latency": {}, "bulk": {}, "handshakes": handshakes}
     for name, runs in latency.items():
         s = {k: statistics.median(r[k] for r in runs) for k in ("p50_us", "p99_us", "rate")}

@@ -572,6 +572,19 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let context, var r = request else { return }
         switch part {
         case .head(var head):
+            if let key = r.endpoint, key.node != proxy.configuration.node, head.headers.contains(name: Authorize.refusedHeader),
+               let loop {
+                // The backend's node could not reach it: a refused connect.
+                r.upstream?.close()
+                r.upstream = nil
+                request = r
+                recordOutcome(.localFailure)
+                endAttempt(success: false)
+                loop.pool.recordConnectFailure(key)
+                proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+                record?.lastFlag = "UF"
+                return retryOrFail(.serviceUnavailable, "weft: \(key) could not be reached from its node\n", sentNothing: true)
+            }
             let code = Int(head.status.code)
             recordOutcome(code >= 500 ? .serverError(code) : .success)
             if shouldRetry(status: head.status), let budgetOK = withdrawRetry(), budgetOK, retryAllowedByBreaker() {

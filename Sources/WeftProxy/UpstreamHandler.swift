@@ -28,8 +28,9 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Set when the pool handed this connection out before: a failure with no
     /// response byte may be the server closing an idle connection.
     var reused = false
-    /// Runs in a tunnel stream: never parked in the shared idle pool.
-    var tunnelled = false
+    /// Runs in a tunnel stream carrying this source pod's exchanges (its
+    /// address): parked only for that pod, never in the shared idle pool.
+    var tunnelSource: UInt32?
     /// Called when a response has ended; true if the connection may be reused.
     var onResponseEnd: ((Bool) -> Void)?
     private var requestKeepAlive = true

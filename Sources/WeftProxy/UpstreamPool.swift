@@ -50,6 +50,10 @@ final class UpstreamPool {
         /// HTTP/2 connections nested in tunnels, one per source identity
         /// (a tunnel speaks for one identity).
         var tunnelH2: [SpiffeID: HTTP2Upstream] = [:]
+        /// Idle HTTP/1.1 tunnel streams, by the source pod they carry (a
+        /// stream names its source in its CONNECT, so only that pod's
+        /// exchanges may reuse it).
+        var tunnelIdle: [UInt32: [UpstreamHandler]] = [:]
     }
 
     let eventLoop: any EventLoop
@@ -146,19 +150,26 @@ final class UpstreamPool {
         if let tunnel {
             switch proto {
             case .http1:
-                // One stream per exchange: a stream is one source identity's,
-                // so it is not pooled with other pods' idle connections.
-                tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, initialize: { stream in
+                // A stream is one source pod's: kept alive for that pod's
+                // next exchange with this backend, never anyone else's.
+                while let handler = s.tunnelIdle[tunnel.source.value]?.popLast() {
+                    if handler.isActive {
+                        handler.reused = true
+                        return completion(.success(handler))
+                    }
+                }
+                let source = tunnel.source.value
+                tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "http1", initialize: { stream in
                     try stream.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
                     let handler = UpstreamHandler()
-                    handler.tunnelled = true
+                    handler.tunnelSource = source
                     try stream.pipeline.syncOperations.addHandler(handler)
                 }) { completion(Self.upstreamHandler(of: $0)) }
             case .http2:
                 if let h2 = s.tunnelH2[tunnel.route.source], h2.isUsable { return h2.openStream(completion) }
                 let tunnels = self.tunnels
                 let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
-                    tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities,
+                    tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "h2",
                                    initialize: initializer, done)
                 }
                 s.tunnelH2[tunnel.route.source] = h2
@@ -205,7 +216,15 @@ final class UpstreamPool {
     /// Returns an HTTP/1.1 connection after a complete exchange.
     func release(_ handler: UpstreamHandler, to key: EndpointKey, reusable: Bool) {
         let s = state(key)
-        guard reusable, !handler.tunnelled, handler.isActive, s.idle.count < configuration.maxIdlePerBackend else {
+        if let source = handler.tunnelSource {
+            guard reusable, handler.isActive, s.tunnelIdle[source, default: []].count < configuration.maxIdlePerBackend else {
+                handler.close()
+                return
+            }
+            s.tunnelIdle[source, default: []].append(handler)
+            return
+        }
+        guard reusable, handler.isActive, s.idle.count < configuration.maxIdlePerBackend else {
             handler.close()
             return
         }
@@ -251,6 +270,8 @@ final class UpstreamPool {
             s.h2 = nil
             for t in s.tunnelH2.values { t.close() }
             s.tunnelH2.removeAll()
+            for h in s.tunnelIdle.values.joined() { h.close() }
+            s.tunnelIdle.removeAll()
         }
         tunnels.closeAll()
     }

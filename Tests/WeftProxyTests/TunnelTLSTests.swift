@@ -74,7 +74,7 @@ private func dial(_ client: TunnelIdentities, as source: SpiffeID, expecting des
     try loop.submit {
         let context = client.clientContexts[source]!
         let connection = TunnelConnection(route: route, port: port, context: context, loop: loop) { _ in }
-        connection.openStream(authority: "198.18.1.2:80", source: IPv4Address("198.18.1.10")!, initialize: { _ in }) { result in
+        connection.openStream(authority: "198.18.1.2:80", headers: [("x-weft-source", "198.18.1.10")], initialize: { _ in }) { result in
             switch result {
             case .success: promise.succeed()
             case .failure(let e): promise.fail(e)

@@ -44,6 +44,10 @@ enum Authorize {
 
     static func forbiddenBody(_ reason: String) -> String { "weft: RBAC: access denied: \(reason)\n" }
 
+    /// On a response from another node's proxy: the pod was never reached
+    /// (nothing was sent to it), so the exchange may be tried elsewhere.
+    static let refusedHeader = "x-weft-refused"
+
     /// Closes a TCP connection with a reset, as a refused connection should look.
     static func reset(_ channel: Channel) {
         guard let provider = channel as? any SocketOptionProvider else { return channel.close(promise: nil) }
@@ -60,7 +64,6 @@ final class InboundDetector: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundOut = ByteBuffer
 
     private let proxy: ProxyContext
-    private let set: AuthorizationSet
     private let request: AuthorizationRequest
     private let target: EndpointKey
     private var buffered: ByteBuffer?
@@ -68,9 +71,8 @@ final class InboundDetector: ChannelInboundHandler, RemovableChannelHandler {
     private var decided = false
     private var timer: Scheduled<Void>?
 
-    init(proxy: ProxyContext, set: AuthorizationSet, request: AuthorizationRequest, target: EndpointKey) {
+    init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey) {
         self.proxy = proxy
-        self.set = set
         self.request = request
         self.target = target
     }
@@ -107,27 +109,15 @@ final class InboundDetector: ChannelInboundHandler, RemovableChannelHandler {
         decided = true
         timer?.cancel()
         let pipeline = context.pipeline.syncOperations
-        let proxy = self.proxy, set = self.set, request = self.request, target = self.target
         do {
             switch verdict {
-            case .http1:
-                try pipeline.addHandler(HTTPResponseEncoder())
-                try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder()))
-                try pipeline.addHandler(HTTPServerProtocolErrorHandler())
-                try pipeline.addHandler(InboundHTTP(proxy: proxy, set: set, request: request, target: target, isHTTP2: false))
-            case .http2:
-                _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
-                                                        streamConfiguration: .init()) { stream in
-                    stream.eventLoop.makeCompletedFuture {
-                        try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                        try stream.pipeline.syncOperations.addHandler(
-                            InboundHTTP(proxy: proxy, set: set, request: request, target: target, isHTTP2: true))
-                    }
-                }
+            case .http1, .http2:
+                try InboundHTTP.install(on: pipeline, http2: verdict == .http2, proxy: proxy, request: request, target: target)
             case .tcp, .undecided:
-                let decision = set.evaluate(request)
-                Authorize.record(proxy, decision, target: target.description)
-                guard decision.allowed else {
+                // Judged on the policies in force now, as TCP.
+                let decision = proxy.snapshot.authorization[target.ip.value]?.evaluate(request)
+                if let decision { Authorize.record(proxy, decision, target: target.description) }
+                guard decision?.allowed ?? true else {
                     context.close(promise: nil)  // the stream is reset; the source closes its connection
                     return
                 }
@@ -152,9 +142,10 @@ final class InboundDetector: ChannelInboundHandler, RemovableChannelHandler {
 }
 
 /// One inbound HTTP connection (HTTP/1.x) or stream (HTTP/2) to a pod of
-/// this node: every request is decided on, then sent to the pod over the
-/// proxy's pool, or answered 403 with the reason. Requests on an HTTP/1.x
-/// connection are handled one at a time, in order.
+/// this node: every request is decided on by the policies in force when it
+/// arrives, then sent to the pod over the proxy's pool, or answered 403
+/// with the reason. Requests on an HTTP/1.x connection are handled one at a
+/// time, in order.
 final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, UpstreamSink {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
@@ -162,24 +153,42 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
     private enum State { case idle, denying, connecting, forwarding }
 
     private let proxy: ProxyContext
-    private let set: AuthorizationSet
     private let base: AuthorizationRequest
     private let target: EndpointKey
     private let isHTTP2: Bool
     private var context: ChannelHandlerContext?
     private var state = State.idle
     private var keepAlive = true
+    private var idempotent = false
     private var upstream: UpstreamHandler?
     private var pending: [HTTPClientRequestPart] = []
     /// Parts of a pipelined request that came before the previous ended.
     private var queued: [HTTPServerRequestPart] = []
 
-    init(proxy: ProxyContext, set: AuthorizationSet, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
+    init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
-        self.set = set
         self.base = request
         self.target = target
         self.isHTTP2 = isHTTP2
+    }
+
+    /// Sets a byte channel up to read HTTP/1.x or HTTP/2 requests into InboundHTTP handlers.
+    static func install(on pipeline: ChannelPipeline.SynchronousOperations, http2: Bool, proxy: ProxyContext,
+                        request: AuthorizationRequest, target: EndpointKey) throws {
+        if http2 {
+            _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: TunnelHTTP2.connection,
+                                                    streamConfiguration: TunnelHTTP2.stream) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                    try stream.pipeline.syncOperations.addHandler(InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: true))
+                }
+            }
+        } else {
+            try pipeline.addHandler(HTTPResponseEncoder())
+            try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder()))
+            try pipeline.addHandler(HTTPServerProtocolErrorHandler())
+            try pipeline.addHandler(InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: false))
+        }
     }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
@@ -213,14 +222,17 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                 return
             }
             keepAlive = head.isKeepAlive
-            var request = base
-            request.http = Authorize.http(head)
-            let decision = set.evaluate(request)
-            Authorize.record(proxy, decision, target: target.description)
-            guard decision.allowed else {
-                state = .denying
-                respond(context, .forbidden, Authorize.forbiddenBody(decision.reason))
-                return
+            idempotent = [.GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE].contains(head.method)
+            if let set = proxy.snapshot.authorization[target.ip.value] {
+                var request = base
+                request.http = Authorize.http(head)
+                let decision = set.evaluate(request)
+                Authorize.record(proxy, decision, target: target.description)
+                guard decision.allowed else {
+                    state = .denying
+                    respond(context, .forbidden, Authorize.forbiddenBody(decision.reason))
+                    return
+                }
             }
             state = .connecting
             pending = [.head(head)]
@@ -235,7 +247,9 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                 case .failure(let error):
                     self.state = .denying
                     self.pending.removeAll()
-                    self.respond(context, .badGateway, "weft: cannot connect to \(key): \(error)\n")
+                    // Nothing reached the pod: the source proxy takes this
+                    // as a refused connect and tries another backend.
+                    self.respond(context, .badGateway, "weft: cannot connect to \(key): \(error)\n", refused: true)
                 case .success(let upstream):
                     if upstream.onResponseEnd == nil {
                         upstream.onResponseEnd = { [weak upstream] reusable in
@@ -272,8 +286,9 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         context.fireChannelReadComplete()
     }
 
-    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String) {
+    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, refused: Bool = false) {
         var headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "\(body.utf8.count)")])
+        if refused { headers.add(name: Authorize.refusedHeader, value: "connect") }
         if status == .forbidden { headers.add(name: "x-weft-authz", value: "denied") }
         if !keepAlive && !isHTTP2 { headers.add(name: "connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
@@ -316,12 +331,15 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
 
     func upstreamFailed(_ error: any Error, responded: Bool) {
         guard let context else { return }
+        let reused = upstream?.reused ?? false
         upstream = nil
         if responded {
             context.close(promise: nil)
         } else {
             state = .denying
-            respond(context, .badGateway, "weft: \(target) closed the connection before responding\n")
+            // A kept-alive connection the pod had closed: an idempotent
+            // request may go elsewhere, as if never sent.
+            respond(context, .badGateway, "weft: \(target) closed the connection before responding\n", refused: reused && idempotent)
             exchangeDone(context)
         }
     }

@@ -46,6 +46,27 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         context.close(promise: nil)
     }
 
+    /// Answers 200, makes the stream a byte channel and sets up what reads
+    /// it, then hands it what came early.
+    private func answerAndInstall(_ context: ChannelHandlerContext,
+                                  _ install: (ChannelPipeline.SynchronousOperations) throws -> Void) {
+        let stream = context.channel
+        let ok = HPACKHeaders([(":status", "200")])
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
+        do {
+            let pipeline = stream.pipeline.syncOperations
+            try pipeline.addHandler(TunnelStreamCodec(.server), position: .before(self))
+            try install(pipeline)
+            let early = self.early
+            self.early.removeAll()
+            pipeline.removeHandler(self, promise: nil)
+            for b in early { pipeline.fireChannelRead(NIOAny(b)) }
+            if earlyEnd { pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        } catch {
+            stream.close(promise: nil)
+        }
+    }
+
     private func open(context: ChannelHandlerContext, headers: HPACKHeaders) {
         guard headers.first(name: ":method") == "CONNECT", let authority = headers.first(name: ":authority"),
               let colon = authority.lastIndex(of: ":"), let target = IPv4Address(authority[..<colon]),
@@ -76,33 +97,35 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         proxy.stats.tunnelStreamsIn.add(1, ordering: .relaxed)
         let stream = context.channel
         let key = EndpointKey(ip: target, port: port, node: node)
-        if let set = snapshot.authorization[target.value] {
-            let request = AuthorizationRequest(principal: peer.principal, namespace: peer.namespace, sourceIP: source, port: port)
-            // Decided now when no HTTP request could change the outcome:
-            // allowed on what a TCP connection shows (so no DENY rule can
-            // match and an ALLOW rule matches whatever the requests), or
-            // denied even if every HTTP part went its way.
+        let request = AuthorizationRequest(principal: peer.principal, namespace: peer.namespace, sourceIP: source, port: port)
+        let set = snapshot.authorization[target.value]
+        // HTTP the source proxy wrote (L7 exchanges): read request by
+        // request, under the policies in force at each, whether or not any
+        // applies now; refused here only if no request could be allowed.
+        if let declared = headers.first(name: "x-weft-protocol"), declared == "http1" || declared == "h2" {
+            if let set, !set.couldAllowHTTP(request) {
+                let decision = set.evaluate(request)
+                Authorize.record(proxy, decision, target: key.description)
+                return refuse(context, 403, decision.reason)
+            }
+            return answerAndInstall(context) { pipeline in
+                try InboundHTTP.install(on: pipeline, http2: declared == "h2", proxy: self.proxy, request: request, target: key)
+            }
+        }
+        if let set {
+            // A TCP connection is decided now when no HTTP request could
+            // change the outcome: allowed on what TCP shows (so no DENY rule
+            // can match and an ALLOW rule matches whatever it carries), or
+            // denied even if every HTTP part went its way. Otherwise its
+            // first bytes say whether it is HTTP.
             let decision = set.evaluate(request)
             if decision.allowed || !set.needsHTTP || !set.couldAllowHTTP(request) {
                 Authorize.record(proxy, decision, target: key.description)
                 guard decision.allowed else { return refuse(context, 403, decision.reason) }
             } else {
-                // Answered now; each request (or the connection, if it is
-                // not HTTP) is decided once its bytes are read.
-                let ok = HPACKHeaders([(":status", "200")])
-                context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
-                do {
-                    try stream.pipeline.syncOperations.addHandler(TunnelStreamCodec(.server), position: .before(self))
-                    try stream.pipeline.syncOperations.addHandler(InboundDetector(proxy: proxy, set: set, request: request, target: key))
-                    let early = self.early
-                    self.early.removeAll()
-                    stream.pipeline.syncOperations.removeHandler(self, promise: nil)
-                    for b in early { stream.pipeline.syncOperations.fireChannelRead(NIOAny(b)) }
-                    if earlyEnd { stream.pipeline.syncOperations.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
-                } catch {
-                    stream.close(promise: nil)
+                return answerAndInstall(context) { pipeline in
+                    try pipeline.addHandler(InboundDetector(proxy: self.proxy, request: request, target: key))
                 }
-                return
             }
         }
         Self.deliver(stream: stream, to: key, proxy: proxy, early: early, earlyEnd: earlyEnd, replacing: self, prepare: { [self] in

@@ -112,7 +112,9 @@ final class TunnelPool {
 
     /// A new CONNECT stream to `target` through the route's tunnel, with
     /// `initialize` building the byte-channel pipeline above the codec.
-    func stream(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities,
+    /// `http`: the stream carries HTTP the proxy wrote itself ("http1" or
+    /// "h2"), sent as `x-weft-protocol` so the far proxy reads it as such.
+    func stream(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities, http: String? = nil,
                 initialize: @escaping @Sendable (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
         let connection: TunnelConnection
         if let c = connections[route], c.isUsable {
@@ -127,7 +129,9 @@ final class TunnelPool {
             connections[route] = connection
             opened.add(1, ordering: .relaxed)
         }
-        connection.openStream(authority: "\(target.address):\(target.port)", source: source, initialize: initialize, completion)
+        var headers = [("x-weft-source", source.description)]
+        if let http { headers.append(("x-weft-protocol", http)) }
+        connection.openStream(authority: "\(target.address):\(target.port)", headers: headers, initialize: initialize, completion)
     }
 
     func closeAll() {
@@ -217,7 +221,7 @@ final class TunnelConnection {
         for w in ready { w(result) }
     }
 
-    func openStream(authority: String, source: IPv4Address, initialize: @escaping @Sendable (Channel) throws -> Void,
+    func openStream(authority: String, headers: [(String, String)], initialize: @escaping @Sendable (Channel) throws -> Void,
                     _ completion: @escaping (Result<Channel, any Error>) -> Void) {
         let open: (Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) -> Void = { result in
             switch result {
@@ -226,7 +230,7 @@ final class TunnelConnection {
                 mux.createStreamChannel { stream in
                     stream.eventLoop.makeCompletedFuture {
                         try stream.pipeline.syncOperations.addHandler(
-                            TunnelStreamCodec(.client(authority: authority, headers: [("x-weft-source", source.description)])))
+                            TunnelStreamCodec(.client(authority: authority, headers: headers)))
                         try initialize(stream)
                     }
                 }
