@@ -54,6 +54,16 @@ final class TunnelIdentities: Sendable {
 enum TunnelHTTP2 {
     static var connection: NIOHTTP2Handler.ConnectionConfiguration {
         var c = NIOHTTP2Handler.ConnectionConfiguration()
+        // Every pod connection between two identities is a stream of one
+        // tunnel: far more than a browser's 100 at once. Large frames and
+        // a full window from the start: one DATA frame (and one frame
+        // header, its own small TLS record) per read instead of per 16 KiB.
+        c.initialSettings = [
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: 10_000),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: 16_384),
+            HTTP2Setting(parameter: .maxFrameSize, value: 1 << 20),
+            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+        ]
         c.maximumConnectionGlitches = 1_000_000
         c.targetWindowSize = 4 << 20
         c.controlFrameRateLimit.maximumCount = 100_000
