@@ -146,6 +146,7 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         ClientBootstrap(group: stream.eventLoop)
             .connectTimeout(.seconds(2))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             .connect(host: target.address, port: Int(target.port))
             .assumeIsolated()
@@ -183,6 +184,7 @@ enum TunnelServer {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     // The bundle in force now: a renewed one serves new tunnels.

@@ -71,6 +71,11 @@ enum TunnelHTTP2 {
         return c
     }
 
+    /// Reads grow up to 256 KiB on bulk flows (NIO's default stops at 64
+    /// KiB) and stay small otherwise: fewer trips through the pipeline,
+    /// larger frames and TLS writes.
+    static let recvAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10)
+
     static var stream: NIOHTTP2Handler.StreamConfiguration {
         var s = NIOHTTP2Handler.StreamConfiguration()
         s.streamResetFrameRateLimit.maximumCount = 100_000
@@ -171,6 +176,7 @@ final class TunnelConnection {
         ClientBootstrap(group: loop)
             .connectTimeout(.seconds(2))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let tls = try NIOSSLClientHandler(context: context, serverHostname: TunnelTLS.serverName(for: expected))
