@@ -203,6 +203,43 @@ public final class PolicyMaps: Sendable {
         return nil
     }
 
+    /// authz_verdict in bpf/lib/policy.h: whether a new plaintext TCP flow
+    /// from `source` to the pod `local` (flagged for AuthorizationPolicy)
+    /// passes, and the rule that decided (a DENY's, or an ALLOW's; nil when
+    /// no ALLOW matched, or the node's own address passed).
+    public func authorization(local: EndpointEntry, source: IPv4Address, port: UInt16) throws(KernelError) -> (allowed: Bool, rule: UInt32?) {
+        guard local.authz else { return (true, nil) }
+        let src = try endpoint(source)
+        if src?.identity == ReservedIdentity.host { return (true, nil) }
+        var peer = ReservedIdentity.world
+        if let src {
+            peer = src.local ? src.identity : (src.cidrClass != 0 ? src.cidrClass : ReservedIdentity.world)
+        } else {
+            let cls = try self.peer(source).cidrClass
+            if cls != 0 { peer = cls }
+        }
+        func hit(_ kind: PolicyEntryKey.Kind) throws(KernelError) -> UInt32? {
+            for p in [peer, ReservedIdentity.any] {
+                let probes: [PolicyEntryKey] = [
+                    .init(identity: local.identity, direction: .ingress, peer: p, proto: 6, portPrefix: .init(port: port, bits: 16), kind: kind),
+                    .init(identity: local.identity, direction: .ingress, peer: p, proto: 6, kind: kind),
+                    .init(identity: local.identity, direction: .ingress, peer: p, kind: kind),
+                ]
+                for k in probes {
+                    if let v = try policy.lookup(Self.encode(k)) { return v.rule_id }
+                }
+                var key = Self.encodeRange(.init(identity: local.identity, direction: .ingress, peer: p, proto: 6,
+                                                 portPrefix: .init(port: port, bits: 16), kind: kind))
+                key.prefixlen = UInt32(WEFT_POLICY_PREFIX_FULL)
+                if let v = try ranges.lookup(key) { return v.rule_id }
+            }
+            return nil
+        }
+        if let rule = try hit(.authzDeny) { return (false, rule) }
+        if let rule = try hit(.authzAllow) { return (true, rule) }
+        return (false, nil)
+    }
+
     /// What connect4 would decide for `source` (a local pod's address)
     /// connecting to `destination`: its egress policy, then the
     /// destination's ingress policy (policy_connect_verdict in

@@ -88,18 +88,28 @@ struct PolicyCommand: ParsableCommand {
             let srcIsMesh = try maps(egressNode).endpoint(src.address) != nil && src.node != nil
             let egress = try judge(.egress, local: src, peer: dst.address, isMeshSource: srcIsMesh)
             let ingress = try judge(.ingress, local: dst, peer: src.address, isMeshSource: srcIsMesh)
-            let allowed = egress.allowed && ingress.allowed
+            // AuthorizationPolicy, as the destination's kernel judges a
+            // plaintext TCP flow (what comes through a tunnel, its proxy judges).
+            var authz: (allowed: Bool, why: String)?
+            if transport == .tcp, let ep = try maps(ingressNode).endpoint(dst.address), ep.authz {
+                let (ok, rule) = try maps(ingressNode).authorization(local: ep, source: src.address, port: UInt16(port))
+                let by = rule.flatMap { names.rules["\($0)"].map { "\($0)" } } ?? (rule == 0 ? "no ALLOW policy applies" : nil)
+                authz = (ok, ok ? "allowed" + (by.map { " by \($0)" } ?? "")
+                         : "denied" + (by.map { " by DENY \($0)" } ?? ": no ALLOW rule matches this source and port"))
+            }
+            let allowed = egress.allowed && ingress.allowed && (authz?.allowed ?? true)
             let target = "\(src.name) -> \(dst.name):\(port)/\(transport.rawValue)"
             if output == "json" {
                 let obj: [String: Any] = ["allowed": allowed, "from": src.name, "to": dst.name, "port": port,
                                           "protocol": transport.rawValue, "egressNode": egressNode, "ingressNode": ingressNode,
-                                          "egress": egress.why, "ingress": ingress.why]
+                                          "egress": egress.why, "ingress": ingress.why, "authorization": authz?.why ?? "no AuthorizationPolicy applies"]
                 let data = try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys])
                 print(String(decoding: data, as: UTF8.self))
             } else {
                 print("\(allowed ? "ALLOW" : "DENY")  \(target)  (egress from node \(egressNode)'s maps, ingress from node \(ingressNode)'s)")
                 print("  egress:  \(egress.why)")
                 print("  ingress: \(ingress.why)")
+                if let authz { print("  authorization (plaintext TCP, in node \(ingressNode)'s kernel): \(authz.why)") }
             }
             if !allowed { throw ExitCode(3) }
         }
