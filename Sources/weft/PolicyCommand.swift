@@ -91,7 +91,10 @@ struct PolicyCommand: ParsableCommand {
             // AuthorizationPolicy, as the destination's kernel judges a
             // plaintext TCP flow (what comes through a tunnel, its proxy judges).
             var authz: (allowed: Bool, why: String)?
-            if transport == .tcp, let ep = try maps(ingressNode).endpoint(dst.address), ep.authz {
+            let tunnelled = try srcIsMesh && src.node != dst.node && maps(egressNode).endpoint(dst.address)?.tunnel == true
+            if transport == .tcp, tunnelled, try maps(ingressNode).endpoint(dst.address)?.authz == true {
+                authz = (true, "through the mTLS tunnel: node \(dst.node ?? ingressNode)'s proxy decides, on the source's certificate (not judged here)")
+            } else if transport == .tcp, let ep = try maps(ingressNode).endpoint(dst.address), ep.authz {
                 let (ok, rule) = try maps(ingressNode).authorization(local: ep, source: src.address, port: UInt16(port))
                 let by = rule.flatMap { names.rules["\($0)"].map { "\($0)" } } ?? (rule == 0 ? "no ALLOW policy applies" : nil)
                 authz = (ok, ok ? "allowed" + (by.map { " by \($0)" } ?? "")
@@ -109,7 +112,7 @@ struct PolicyCommand: ParsableCommand {
                 print("\(allowed ? "ALLOW" : "DENY")  \(target)  (egress from node \(egressNode)'s maps, ingress from node \(ingressNode)'s)")
                 print("  egress:  \(egress.why)")
                 print("  ingress: \(ingress.why)")
-                if let authz { print("  authorization (plaintext TCP, in node \(ingressNode)'s kernel): \(authz.why)") }
+                if let authz { print("  authorization: " + (tunnelled ? authz.why : "(plaintext TCP, in node \(ingressNode)'s kernel) \(authz.why)")) }
             }
             if !allowed { throw ExitCode(3) }
         }
