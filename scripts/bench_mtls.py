@@ -77,7 +77,7 @@ http {{
 }}
 """
 
-HAPROXY_N1 = """global
+HAPROXY_COMMON = """global
   nbthread 2
   maxconn 8000
 defaults
@@ -85,22 +85,16 @@ defaults
   timeout connect 2s
   timeout client 30s
   timeout server 30s
-frontend fe
+"""
+
+HAPROXY_N1 = HAPROXY_COMMON + """frontend fe
   bind {gw}:17001
   default_backend be
 backend be
   server n2 {n2}:17443 ssl verify required ca-file {dir}/ca.pem crt {dir}/client.pem ssl-min-ver TLSv1.3 sni str(n2.bench)
 """
 
-HAPROXY_N2 = """global
-  nbthread 2
-  maxconn 8000
-defaults
-  mode tcp
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-frontend fe
+HAPROXY_N2 = HAPROXY_COMMON + """frontend fe
   bind {n2}:17443 ssl crt {dir}/server.pem ca-file {dir}/ca.pem verify required ssl-min-ver TLSv1.3
   default_backend be
 backend be

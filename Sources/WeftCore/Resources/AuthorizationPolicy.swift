@@ -170,11 +170,7 @@ public struct AuthorizationPolicy: Hashable, Sendable {
 extension AuthorizationPolicy {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        var selector: LabelSelector?
-        if let s = spec.node("selector") {
-            selector = try LabelSelector(reading: s, at: location, path: spec.field("selector"))
-            if selector?.isEmpty == true { selector = nil }
-        }
+        let selector = try spec.optionalSelector()
         var action = Action.allow
         if let text = try spec.string("action") {
             guard let a = Action(rawValue: text) else {

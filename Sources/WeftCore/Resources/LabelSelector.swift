@@ -95,3 +95,13 @@ extension LabelSelector {
         self.init(matchLabels: labels, matchExpressions: requirements)
     }
 }
+
+extension FieldReader {
+    /// An optional `selector`: absent or empty means none (every pod of the
+    /// namespace), as for PeerAuthentication and AuthorizationPolicy.
+    mutating func optionalSelector(_ key: String = "selector") throws(ManifestError) -> LabelSelector? {
+        guard let node = node(key) else { return nil }
+        let selector = try LabelSelector(reading: node, at: location, path: field(key))
+        return selector.isEmpty ? nil : selector
+    }
+}

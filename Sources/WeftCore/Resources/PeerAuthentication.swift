@@ -37,11 +37,7 @@ public struct PeerAuthentication: Hashable, Sendable {
 extension PeerAuthentication {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        var selector: LabelSelector?
-        if let s = spec.node("selector") {
-            selector = try LabelSelector(reading: s, at: location, path: spec.field("selector"))
-            if selector?.isEmpty == true { selector = nil }
-        }
+        let selector = try spec.optionalSelector()
         guard var mtls = try spec.mapping("mtls") else { throw spec.error("mtls", "required field is missing") }
         let text = try mtls.requiredString("mode")
         guard let mode = Mode(rawValue: text) else {
