@@ -402,6 +402,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                     if refusal == .overflow || full {
                         request = r
                         proxy.stats.overflows.add(1, ordering: .relaxed)
+                        countEvent("overflow")
                         record?.flags.append("UO")
                         return fail(.serviceUnavailable, "weft: every backend of \(r.cluster.cluster) is at its circuit breaker's maxRequests\n")
                     }
@@ -479,6 +480,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                     r.connecting = false
                     request = r
                     proxy.stats.overflows.add(1, ordering: .relaxed)
+                    countEvent("overflow")
                     record?.flags.append("UO")
                     return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's \(limit)\n")
                 }
@@ -522,6 +524,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             releaseBackend()
             loop.pool.recordConnectFailure(key)
             proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+            countEvent("connect_failure")
             record?.lastFlag = "UF"
             proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(key)", "error": "\(error)"])
             request!.endpoint = nil
@@ -582,6 +585,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 endAttempt(success: false)
                 loop.pool.recordConnectFailure(key)
                 proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+                countEvent("connect_failure")
                 record?.lastFlag = "UF"
                 return retryOrFail(.serviceUnavailable, "weft: \(key) could not be reached from its node\n", sentNothing: true)
             }
@@ -667,12 +671,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if r.responseStarted || responded {
             // Part of a response went out: the client must see it broken.
             proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+            countEvent("reset")
             record?.flags.append("UC")
             abandon()
             context?.close(promise: nil)
             return
         }
         proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+        countEvent("reset")
         record?.lastFlag = "UC"
         let reusedIdle = r.upstream?.reused ?? false
         retryOrFail(.badGateway, "weft: upstream \(r.endpoint.map(\.description) ?? "?") reset the connection before responding\n",
@@ -709,7 +715,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func withdrawRetry() -> Bool? {
         guard request != nil, let box = cached?.budget else { return nil }
         let ok = box.budget.withdraw(now: Self.nowSeconds())
-        if !ok { proxy.stats.retriesBudgetExhausted.add(1, ordering: .relaxed) }
+        if !ok {
+            proxy.stats.retriesBudgetExhausted.add(1, ordering: .relaxed)
+            countEvent("retry_budget_exhausted")
+        }
         return ok
     }
 
@@ -735,6 +744,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func scheduleRetry() {
         guard let context, let r = request else { return }
         proxy.stats.retries.add(1, ordering: .relaxed)
+        countEvent("retry")
         let base = r.action.retry?.backoff ?? .milliseconds(5)
         // Exponential backoff with full jitter, capped at 10x the base.
         let factor = min(1 << max(r.attempts - 1, 0), 10)
@@ -750,6 +760,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func attemptTimedOut(_ id: Int) {
         guard let r = request, r.attemptID == id, !r.responseStarted else { return }
         proxy.stats.timeouts.add(1, ordering: .relaxed)
+        countEvent("timeout")
         record?.lastFlag = "UT"
         recordOutcome(.localFailure)
         r.upstream?.close()
@@ -763,6 +774,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func requestTimedOut() {
         guard let r = request else { return }
         proxy.stats.timeouts.add(1, ordering: .relaxed)
+        countEvent("timeout")
         record?.flags.append("UT")
         if r.responseStarted {
             abandon()
@@ -810,6 +822,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let max = runtime.policy.circuitBreaker?.maxRetries else { return true }
         if runtime.retries.load(ordering: .relaxed) >= max {
             proxy.stats.overflows.add(1, ordering: .relaxed)
+            countEvent("overflow")
             record?.lastFlag = "UO"
             return false
         }
@@ -838,6 +851,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     // MARK: telemetry
+
+    /// Counts an upstream event against the Service this request dialed.
+    private func countEvent(_ event: String) {
+        guard let loop, let snapshot = record?.snapshot ?? request?.snapshot, snapshot.table.requestMetrics != false else { return }
+        let frontend = snapshot.table.frontends[frontendKey]
+        let e = ProxyTelemetry.ServiceEvent(serviceName: frontend?.service ?? PeerLabels.unknown,
+                                            serviceNamespace: frontend?.namespace ?? PeerLabels.unknown, event: event)
+        loop.telemetry.event(e, proxy.telemetry).increment()
+    }
 
     /// The request is answered (or broken): count it, time it, log it.
     private func complete(_ code: Int) {

@@ -38,8 +38,11 @@ final class ProxyContext: Sendable {
         spans = SpanExporter(node: configuration.node, logger: logger)
         current = Mutex(RouteSnapshot(ProxyTable()))
         var loops: [ObjectIdentifier: LoopState] = [:]
+        let telemetry = self.telemetry
         for loop in eventLoops {
-            loops[ObjectIdentifier(loop)] = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration))
+            loops[ObjectIdentifier(loop)] = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration) { ok, took in
+                telemetry.handshake(role: "client", ok: ok, duration: .nanoseconds(took.nanoseconds))
+            })
         }
         self.loops = loops
         viaToken = "weft-\(configuration.node)"

@@ -120,6 +120,40 @@ final class ProxyTelemetry: Sendable {
             received: counter("tcp_received_bytes", "Bytes of opaque TCP connections sent by the destination to the source."))
     }
 
+    /// What happened on the way to a Service's backends, for one event kind.
+    struct ServiceEvent: Hashable {
+        var serviceName: String
+        var serviceNamespace: String
+        var event: String
+    }
+
+    /// `weft_upstream_events_total`: retries, timeouts, connect failures,
+    /// resets and circuit-breaker overflows, per destination Service.
+    func makeServiceEventCounter(_ e: ServiceEvent) -> Counter {
+        let service = e.serviceName == PeerLabels.unknown ? PeerLabels.unknown : "\(e.serviceName).\(e.serviceNamespace).svc"
+        return registry.makeCounter(
+            descriptor: .init(namespace: "weft", metricName: "upstream_events", unitName: "total",
+                              helpText: "Retries, timeouts, upstream connect failures, upstream resets and circuit-breaker overflows, by destination Service."),
+            labels: [("reporter", "source"),
+                     ("destination_service", cap.admit("destination_service", service)),
+                     ("destination_service_name", cap.admit("destination_service_name", e.serviceName)),
+                     ("destination_service_namespace", cap.admit("destination_service_namespace", e.serviceNamespace)),
+                     ("event", e.event)])
+    }
+
+    /// One TLS handshake of a tunnel: `role` client (this proxy dialed) or
+    /// server (another node's proxy did), from TCP connect or accept to
+    /// the handshake's end.
+    func handshake(role: String, ok: Bool, duration: Duration) {
+        registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "tls_handshakes", unitName: "total",
+                                               helpText: "TLS handshakes of mTLS tunnels, by role and result."),
+                             labels: [("role", role), ("result", ok ? "ok" : "failed")]).increment()
+        guard ok else { return }
+        registry.makeDurationHistogram(descriptor: .init(namespace: "weft", metricName: "tls_handshake_duration", unitName: "seconds",
+                                                         helpText: "Time from TCP connect (or accept) to the end of a tunnel's TLS handshake."),
+                                       labels: [("role", role)], buckets: Self.buckets).record(duration)
+    }
+
     /// The exposition text, with the proxy's own counters brought up to date.
     func render(stats: ProxyStats, generation: UInt64, extra: [(String, Int)] = []) -> String {
         seen.withLock { seen in
@@ -154,6 +188,7 @@ final class ProxyTelemetry: Sendable {
 struct LoopTelemetry {
     private var requests: [RequestLabels: ProxyTelemetry.RequestSeries] = [:]
     private var tcp: [PeerLabels: ProxyTelemetry.TCPSeries] = [:]
+    private var events: [ProxyTelemetry.ServiceEvent: Counter] = [:]
     /// Bounds the caches: the registry keeps the series, so a cleared cache
     /// only costs a lookup under the registry's lock.
     private static let limit = 4096
@@ -164,6 +199,14 @@ struct LoopTelemetry {
         let s = telemetry.makeRequestSeries(labels)
         requests[labels] = s
         return s
+    }
+
+    mutating func event(_ e: ProxyTelemetry.ServiceEvent, _ telemetry: ProxyTelemetry) -> Counter {
+        if let c = events[e] { return c }
+        if events.count >= Self.limit { events.removeAll(keepingCapacity: true) }
+        let c = telemetry.makeServiceEventCounter(e)
+        events[e] = c
+        return c
     }
 
     mutating func tcp(_ labels: PeerLabels, _ telemetry: ProxyTelemetry) -> ProxyTelemetry.TCPSeries {

@@ -64,10 +64,10 @@ final class UpstreamPool {
 
     let tunnels: TunnelPool
 
-    init(eventLoop: any EventLoop, configuration: ProxyConfiguration) {
+    init(eventLoop: any EventLoop, configuration: ProxyConfiguration, onHandshake: HandshakeObserver? = nil) {
         self.eventLoop = eventLoop
         self.configuration = configuration
-        tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort)
+        tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, onHandshake: onHandshake)
         random = UInt64.random(in: 1...UInt64.max)
     }
 

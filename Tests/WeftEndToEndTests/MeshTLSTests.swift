@@ -107,6 +107,13 @@ private func proxyText(_ node: String) throws -> String {
     try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
 }
 
+/// A series of the node proxy's /metrics, summed over the label sets that contain every one of `labels`.
+private func metric(_ node: String, _ prefix: String, _ labels: [String]) throws -> Int {
+    let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/metrics"])
+    return text.split(separator: "\n").filter { line in line.hasPrefix(prefix) && labels.allSatisfy { line.contains($0) } }
+        .compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0) { $0 + Int($1) }
+}
+
 private func plaintextDrops(_ node: String) throws -> Int {
     let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/agent.sock", "http://agent/metrics"])
     return text.split(separator: "\n").filter { $0.hasPrefix("weft_policy_drops_total{") && $0.contains("plaintext_to_strict") }
@@ -169,6 +176,13 @@ struct MeshTLSTests {
 
         #expect(try proxyStat("n1", "tunnel_streams_out_total") >= 12)
         #expect(try proxyStat("n2", "tunnel_streams_in_total") > 0 && proxyStat("n3", "tunnel_streams_in_total") > 0)
+        // Every tunnel's handshake is counted and timed, at both ends.
+        let dialed = try metric("n1", "weft_tls_handshakes_total{", ["role=\"client\"", "result=\"ok\""])
+        let timed = try metric("n1", "weft_tls_handshake_duration_seconds_count{", ["role=\"client\""])
+        #expect(dialed >= 2 && timed == dialed, "n1 dialed n2 and n3, and timed every handshake (\(timed) of \(dialed))")
+        let taken = try metric("n2", "weft_tls_handshakes_total{", ["role=\"server\"", "result=\"ok\""])
+            + metric("n3", "weft_tls_handshakes_total{", ["role=\"server\"", "result=\"ok\""])
+        #expect(taken >= dialed, "every handshake n1 completed, n2 and n3 completed too (\(taken) vs \(dialed))")
         usleep(500_000)
         stopCapture()
         let bytes = try Data(contentsOf: URL(fileURLWithPath: pcap))
@@ -226,10 +240,13 @@ struct MeshTLSTests {
         let good = try probe("good")
         #expect(good["status"] as? Int == 200 && (good["echo"] as? String ?? "").contains("/via-tunnel"), "\(good)")
         #expect((good["peer_uri"] as? [String]) == [web], "\(good)")
+        let failedBefore = try metric("n2", "weft_tls_handshakes_total{", ["role=\"server\"", "result=\"failed\""])
         for name in ["foreign", "expired"] {
             let r = try probe(name)
             #expect(r["status"] == nil || r["status"] as? Int == 0, "\(name) was let in: \(r)")
         }
+        #expect(try metric("n2", "weft_tls_handshakes_total{", ["role=\"server\"", "result=\"failed\""]) >= failedBefore + 2,
+                "the two refused handshakes are counted")
         let intruder = try probe("intruder")
         #expect(intruder["status"] as? Int == 403 && (intruder["reason"] as? String ?? "").contains("198.18.1.10 is \(ns)/client"),
                 "\(intruder)")

@@ -181,6 +181,14 @@ private func stat(_ node: String, _ name: String) throws -> Int {
     return -1
 }
 
+/// weft_upstream_events_total for one event and destination Service, from the proxy's /metrics.
+private func upstreamEvents(_ node: String, _ event: String, service: String) throws -> Int {
+    let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/metrics"])
+    let want = "destination_service=\"\(service).\(ns).svc\""
+    return text.split(separator: "\n").filter { $0.hasPrefix("weft_upstream_events_total{") && $0.contains(want) && $0.contains("event=\"\(event)\"") }
+        .compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0) { $0 + Int($1) }
+}
+
 @Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
 struct ProxyTests {
     @Test func capturedRequestsAreRoutedSplitAndFiltered() throws {
@@ -326,7 +334,10 @@ struct ProxyTests {
         let statuses = r["statuses"] as? [String: Int] ?? [:]
         let ok = Double(statuses["200"] ?? 0) / 1000
         #expect(ok >= 0.99, "success \(ok): \(statuses) \(r["errors"] ?? [])")
-        #expect(try stat("n1", "retries_total") > 0)
+        let retries = try stat("n1", "retries_total")
+        #expect(retries > 0)
+        // The same retries, per destination Service, Istio-labelled.
+        #expect(try upstreamEvents("n1", "retry", service: "retry") == retries, "every retry so far was the retry Service's")
 
         // Every backend fails: retries stop at the budget (20% of requests
         // plus 10 a second), so the outage is not multiplied by 4 attempts.
@@ -339,6 +350,10 @@ struct ProxyTests {
         let bound = Int(Double(n) * 1.2 + 10 * max(seconds, 10) + 10)
         #expect(seenByBackend > n && seenByBackend <= bound, "backend saw \(seenByBackend) for \(n) requests (bound \(bound))")
         #expect(try stat("n1", "retries_budget_exhausted_total") > 0)
+        let exhausted = try upstreamEvents("n1", "retry_budget_exhausted", service: "broken")
+        #expect(try exhausted == stat("n1", "retries_budget_exhausted_total"))
+        let perService = try upstreamEvents("n1", "retry", service: "broken") + upstreamEvents("n1", "retry", service: "retry")
+        #expect(try perService == stat("n1", "retries_total"))
     }
 
     @Test func timeoutsAnswer504() throws {
@@ -352,6 +367,9 @@ struct ProxyTests {
         // backendRequest: each attempt gets 200 ms of a 1 s sleep.
         let backend = try curl(lab, "http://198.19.1.22/backend")
         #expect(backend.0 == 504 && backend.2.contains("did not answer"), "\(backend)")
+        let timeouts = try stat("n1", "timeouts_total")
+        let perService = try upstreamEvents("n1", "timeout", service: "slow")
+        #expect(timeouts >= 2 && perService == timeouts, "per Service: the same timeouts (\(perService) of \(timeouts))")
     }
 
     @Test func nonHTTPBytesPassThroughAndServerFirstProtocolsWork() throws {

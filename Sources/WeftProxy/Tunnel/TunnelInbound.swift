@@ -194,6 +194,12 @@ enum TunnelServer {
                     }
                     proxy.stats.tunnelsIn.add(1, ordering: .relaxed)
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
+                    let handshake = channel.eventLoop.makePromise(of: Void.self), started = NIODeadline.now()
+                    let telemetry = proxy.telemetry
+                    handshake.futureResult.whenComplete { result in
+                        telemetry.handshake(role: "server", ok: (try? result.get()) != nil, duration: .nanoseconds((NIODeadline.now() - started).nanoseconds))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
                     _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
                         mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
                     ) { stream in

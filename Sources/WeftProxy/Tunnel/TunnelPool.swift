@@ -104,10 +104,14 @@ final class TunnelPool {
     private let port: Int
     private var connections: [TunnelRoute: TunnelConnection] = [:]
     let opened = Atomic<Int>(0)
+    /// Told of every client handshake: whether it succeeded, and how long
+    /// it took from the TCP connect.
+    private let onHandshake: HandshakeObserver?
 
-    init(loop: any EventLoop, port: UInt16) {
+    init(loop: any EventLoop, port: UInt16, onHandshake: HandshakeObserver? = nil) {
         self.loop = loop
         self.port = Int(port)
+        self.onHandshake = onHandshake
     }
 
     /// Whether a connection from `source` to `endpoint` goes through a
@@ -138,7 +142,7 @@ final class TunnelPool {
             guard let context = identities.clientContexts[route.source] else {
                 return completion(.failure(TunnelRefused(status: 0, reason: "no certificate for \(route.source)")))
             }
-            connection = TunnelConnection(route: route, port: port, context: context, loop: loop) { [weak self] dead in
+            connection = TunnelConnection(route: route, port: port, context: context, loop: loop, onHandshake: onHandshake) { [weak self] dead in
                 if self?.connections[route] === dead { self?.connections[route] = nil }
             }
             connections[route] = connection
@@ -168,11 +172,16 @@ final class TunnelConnection {
 
     var isUsable: Bool { !failed && (channel?.isActive ?? true) }
 
-    init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, onClose: @escaping (TunnelConnection) -> Void) {
+    init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, onHandshake: HandshakeObserver? = nil,
+         onClose: @escaping (TunnelConnection) -> Void) {
         self.route = route
         self.onClose = onClose
         let expected = route.destination
         let handshake = loop.makePromise(of: Void.self)
+        if let onHandshake {
+            let started = NIODeadline.now()
+            handshake.futureResult.whenComplete { onHandshake((try? $0.get()) != nil, NIODeadline.now() - started) }
+        }
         ClientBootstrap(group: loop)
             .connectTimeout(.seconds(2))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
@@ -277,6 +286,9 @@ final class TunnelConnection {
 }
 
 /// Completes a promise when the TLS handshake is done (or fails it).
+/// Told of a TLS handshake's outcome and duration (for the proxy's series).
+typealias HandshakeObserver = @Sendable (_ ok: Bool, _ duration: TimeAmount) -> Void
+
 final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
     private let promise: EventLoopPromise<Void>
