@@ -65,6 +65,7 @@ final class ProxySupervisor {
 
     /// Adopts the proxy a previous agent left running, or starts one.
     func start() {
+        Self.migrateAcceptQueues(logger: logger)
         if let pid = readPidFile(), isOurProxy(pid) {
             let fd = weft_pidfd_open(pid)
             if fd >= 0 {
@@ -75,6 +76,22 @@ final class ProxySupervisor {
             }
         }
         spawn()
+    }
+
+    /// A restarted proxy's new listener joins the old one's SO_REUSEPORT
+    /// group; when the old one closes to drain, connections still in its
+    /// accept queue would be reset. With tcp_migrate_req (Linux 5.14, per
+    /// network namespace) the kernel hands them to the new listener.
+    static func migrateAcceptQueues(logger: Logger) {
+        let path = "/proc/sys/net/ipv4/tcp_migrate_req"
+        guard FileManager.default.fileExists(atPath: path) else {
+            return logger.info("no \(path): a proxy restart may reset connections not yet accepted")
+        }
+        do {
+            try "1\n".write(toFile: path, atomically: false, encoding: .utf8)
+        } catch {
+            logger.warning("cannot set \(path): \(error); a proxy restart may reset connections not yet accepted")
+        }
     }
 
     private func spawn() {

@@ -132,6 +132,8 @@ enum TCPPassthrough {
 
 /// HTTP/1.1 Upgrade (WebSocket and the like): once the backend answers 101,
 /// the proxy forwards the 101 and joins the two connections byte for byte.
+/// `context` is the downstream HTTP handler's (HTTPProxyHandler, or
+/// InboundHTTP at the far end of a tunnel); it leaves with the codecs.
 enum Upgrade {
     static func splice(_ context: ChannelHandlerContext, _ upstream: UpstreamHandler, _ head: HTTPResponseHead) {
         guard let upstreamChannel = upstream.channel else {
@@ -165,7 +167,7 @@ enum Upgrade {
 
                 let down = downstream.pipeline.syncOperations
                 try down.addHandler(a)
-                try down.removeHandler(down.handler(type: HTTPProxyHandler.self), promise: nil)
+                down.removeHandler(context: context, promise: nil)  // the HTTP handler that asked
                 try down.removeHandler(down.handler(type: HTTPServerProtocolErrorHandler.self), promise: nil)
                 try down.removeHandler(down.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self), promise: nil)
                 try down.removeHandler(down.handler(type: HTTPResponseEncoder.self), promise: nil)

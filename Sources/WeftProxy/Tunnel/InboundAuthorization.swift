@@ -160,6 +160,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
     private var state = State.idle
     private var keepAlive = true
     private var idempotent = false
+    private var isUpgrade = false
     private var upstream: UpstreamHandler?
     private var pending: [HTTPClientRequestPart] = []
     /// Parts of a pipelined request that came before the previous ended.
@@ -185,7 +186,8 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
             }
         } else {
             try pipeline.addHandler(HTTPResponseEncoder())
-            try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder()))
+            // Bytes after an Upgrade request stay for the spliced stream.
+            try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
             try pipeline.addHandler(HTTPServerProtocolErrorHandler())
             try pipeline.addHandler(InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: false))
         }
@@ -223,6 +225,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
             }
             keepAlive = head.isKeepAlive
             idempotent = [.GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE].contains(head.method)
+            isUpgrade = !isHTTP2 && HTTPProxyHandler.isUpgradeRequest(head)
             if let set = proxy.snapshot.authorization[target.ip.value] {
                 var request = base
                 request.http = Authorize.http(head)
@@ -319,6 +322,13 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         guard let context else { return }
         switch part {
         case .head(let head):
+            if head.status == .switchingProtocols, isUpgrade, let upstream {
+                // WebSocket and the like: the pod agreed; from here on the
+                // stream and the pod connection are joined byte for byte.
+                self.upstream = nil
+                state = .idle
+                return Upgrade.splice(context, upstream, head)
+            }
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers))),
                           promise: nil)
         case .body(let body):
