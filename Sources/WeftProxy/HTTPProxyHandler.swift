@@ -442,7 +442,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         // A pod of this node: its AuthorizationPolicies are this proxy's to
         // apply (another node's proxy applies its own pods').
-        if let set = r.snapshot.authorization[key.ip.value] {
+        if !r.snapshot.authorization.isEmpty, let set = r.snapshot.authorization[key.ip.value] {
             var ask = Authorize.local(proxy, r.snapshot, source: origin.source, port: key.port)
             ask.http = Authorize.http(r.upstreamHead)
             let decision = set.evaluate(ask)

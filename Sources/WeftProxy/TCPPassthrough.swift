@@ -44,7 +44,7 @@ enum TCPPassthrough {
         }
         // A pod of this node: its AuthorizationPolicies, judged on what a
         // TCP connection shows (another node's proxy judges its own pods).
-        if endpoint.node == proxy.configuration.node, let set = snapshot.authorization[endpoint.ip.value] {
+        if !snapshot.authorization.isEmpty, endpoint.node == proxy.configuration.node, let set = snapshot.authorization[endpoint.ip.value] {
             let decision = set.evaluate(Authorize.local(proxy, snapshot, source: origin.source, port: endpoint.port))
             Authorize.record(proxy, decision, target: endpoint.description)
             guard decision.allowed else { return Authorize.reset(context.channel) }
