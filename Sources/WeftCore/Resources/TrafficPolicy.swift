@@ -312,7 +312,7 @@ extension TrafficPolicy {
             try h.finish()
             out.http = probe
         }
-        if var t = try hc.mapping("tcp") { try t.finish() }
+        if let t = try hc.mapping("tcp") { try t.finish() }
         try hc.finish()
         return out
     }
