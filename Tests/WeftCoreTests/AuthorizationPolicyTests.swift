@@ -186,6 +186,32 @@ struct AuthorizationPolicyTests {
         #expect(s.authorizationPolicies(for: web).map(\.metadata.name) == ["p"])
     }
 
+    @Test func agentsProbeOtherNodesPodsOnlyWhenPlaintextCanReachThem() throws {
+        let (state, errors) = parse(pods + "\n---\n" + policy("""
+            selector: {matchLabels: {app: api}}
+            rules: [{from: [{source: {namespaces: [shop]}}]}]
+            """) + "\n---\n" + policy("""
+            action: AUDIT
+            rules: [{}]
+            """, name: "audit", namespace: "ops") + """
+
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: PeerAuthentication
+            metadata: {name: strict, namespace: shop}
+            spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}
+            """)
+        let s = try #require(state, "\(errors)")
+        func probeable(_ name: String, from node: String) throws -> Bool {
+            s.plaintextProbeable(try #require(s.workloads.first { $0.metadata.name == name }), from: node)
+        }
+        #expect(try probeable("api", from: "n1"), "its own node's agent probes it")
+        #expect(try !probeable("api", from: "n2"), "an AuthorizationPolicy would refuse another node's address")
+        #expect(try !probeable("web", from: "n2"), "STRICT drops plaintext from another node")
+        #expect(try probeable("web2", from: "n2") && !probeable("web2", from: "n1"))
+        #expect(try probeable("probe", from: "n1"), "an AUDIT policy decides nothing")
+    }
+
     /// The kernel's entries, walked the way authz_verdict does, against the
     /// evaluator on the same TCP connection: where nothing forces the
     /// compiler to approximate (one pod per identity), they must agree.

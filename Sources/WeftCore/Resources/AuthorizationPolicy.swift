@@ -329,3 +329,18 @@ extension ClusterState {
         authorizationPolicies.filter { $0.applies(to: workload) }
     }
 }
+
+extension ClusterState {
+    /// Whether the agent of `node` can health-check `workload` with a
+    /// plaintext probe from its own address. Not a pod of another node under
+    /// STRICT (its kernel drops plaintext from other nodes), nor one an
+    /// AuthorizationPolicy judges (a node's address has no identity, so the
+    /// probe would be refused): such a probe would fail while the pod is
+    /// well, and take it out of every Service. Those pods are left to their
+    /// own node's agent and to the proxies' outlier detection.
+    public func plaintextProbeable(_ workload: Workload, from node: String) -> Bool {
+        if workload.node == node { return true }
+        if mtlsMode(workload) == .strict { return false }
+        return !authorizationPolicies(for: workload).contains { $0.action != .audit }
+    }
+}
