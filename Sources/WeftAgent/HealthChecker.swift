@@ -199,8 +199,8 @@ final class HealthChecker: Sendable {
     /// What to probe for a desired state: every TCP port of every Service
     /// whose TrafficPolicy has a healthCheck, at each selected backend.
     /// Every backend of a Service with a health check that `node`'s agent
-    /// can probe (see `ClusterState.plaintextProbeable`); nil: all of them.
-    static func targets(_ state: ClusterState, node: String? = nil) -> Set<Target> {
+    /// can probe (see `ClusterState.plaintextProbeable`).
+    static func targets(_ state: ClusterState, node: String) -> Set<Target> {
         var out: Set<Target> = []
         for policy in state.trafficPolicies {
             guard let check = policy.healthCheck else { continue }
@@ -210,7 +210,7 @@ final class HealthChecker: Sendable {
                 }) else { continue }
                 for port in service.ports where port.transport == .tcp {
                     let cluster = ProxyTable.clusterName(namespace: service.metadata.namespace, service: name, port: port.port)
-                    for w in state.backends(of: service) where node.map({ state.plaintextProbeable(w, from: $0) }) ?? true {
+                    for w in state.backends(of: service) where state.plaintextProbeable(w, from: node) {
                         guard let target = w.resolve(port.targetPort, transport: .tcp) else { continue }
                         out.insert(Target(cluster: cluster, backend: BackendAddress(address: w.address, port: target, transport: .tcp),
                                           check: check))

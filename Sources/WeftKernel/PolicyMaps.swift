@@ -183,19 +183,27 @@ public final class PolicyMaps: Sendable {
                              proto: UInt8, port: UInt16) throws(KernelError) -> UInt32? {
         let hasRanges = direction == .ingress ? local.ingressRanges : local.egressRanges
         let peers = [peer.identity] + (peer.cidrClass != 0 ? [peer.cidrClass] : []) + [ReservedIdentity.any]
+        return try firstRule(identity: local.identity, direction: direction, kind: .allow, peers: peers, proto: proto, port: port,
+                             ranges: hasRanges)
+    }
+
+    /// policy_allows_peer in bpf/lib/policy.h, over `peers` in order: the
+    /// rule id of the first entry of `kind` that matches.
+    private func firstRule(identity: UInt32, direction: NetworkPolicy.Direction, kind: PolicyEntryKey.Kind, peers: [UInt32],
+                           proto: UInt8, port: UInt16, ranges hasRanges: Bool) throws(KernelError) -> UInt32? {
         for p in peers {
+            let exact = PolicyEntryKey(identity: identity, direction: direction, peer: p, proto: proto,
+                                       portPrefix: .init(port: port, bits: 16), kind: kind)
             let probes: [PolicyEntryKey] = [
-                .init(identity: local.identity, direction: direction, peer: p, proto: proto, portPrefix: .init(port: port, bits: 16)),
-                .init(identity: local.identity, direction: direction, peer: p, proto: proto),
-                .init(identity: local.identity, direction: direction, peer: p),
+                exact,
+                .init(identity: identity, direction: direction, peer: p, proto: proto, kind: kind),
+                .init(identity: identity, direction: direction, peer: p, kind: kind),
             ]
             for k in probes {
                 if let v = try policy.lookup(Self.encode(k)) { return v.rule_id }
             }
             if hasRanges {
-                let k = PolicyEntryKey(identity: local.identity, direction: direction, peer: p, proto: proto,
-                                       portPrefix: .init(port: port, bits: 16))
-                var key = Self.encodeRange(k)
+                var key = Self.encodeRange(exact)
                 key.prefixlen = UInt32(WEFT_POLICY_PREFIX_FULL)
                 if let v = try ranges.lookup(key) { return v.rule_id }
             }
@@ -218,25 +226,12 @@ public final class PolicyMaps: Sendable {
             let cls = try self.peer(source).cidrClass
             if cls != 0 { peer = cls }
         }
-        func hit(_ kind: PolicyEntryKey.Kind) throws(KernelError) -> UInt32? {
-            for p in [peer, ReservedIdentity.any] {
-                let probes: [PolicyEntryKey] = [
-                    .init(identity: local.identity, direction: .ingress, peer: p, proto: 6, portPrefix: .init(port: port, bits: 16), kind: kind),
-                    .init(identity: local.identity, direction: .ingress, peer: p, proto: 6, kind: kind),
-                    .init(identity: local.identity, direction: .ingress, peer: p, kind: kind),
-                ]
-                for k in probes {
-                    if let v = try policy.lookup(Self.encode(k)) { return v.rule_id }
-                }
-                var key = Self.encodeRange(.init(identity: local.identity, direction: .ingress, peer: p, proto: 6,
-                                                 portPrefix: .init(port: port, bits: 16), kind: kind))
-                key.prefixlen = UInt32(WEFT_POLICY_PREFIX_FULL)
-                if let v = try ranges.lookup(key) { return v.rule_id }
+        for (kind, allowed) in [(PolicyEntryKey.Kind.authzDeny, false), (.authzAllow, true)] {
+            if let rule = try firstRule(identity: local.identity, direction: .ingress, kind: kind, peers: [peer, ReservedIdentity.any],
+                                        proto: 6, port: port, ranges: true) {
+                return (allowed, rule)
             }
-            return nil
         }
-        if let rule = try hit(.authzDeny) { return (false, rule) }
-        if let rule = try hit(.authzAllow) { return (true, rule) }
         return (false, nil)
     }
 

@@ -38,11 +38,9 @@ final class ProxyContext: Sendable {
         spans = SpanExporter(node: configuration.node, logger: logger)
         current = Mutex(RouteSnapshot(ProxyTable()))
         var loops: [ObjectIdentifier: LoopState] = [:]
-        let telemetry = self.telemetry
         for loop in eventLoops {
-            loops[ObjectIdentifier(loop)] = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration) { ok, took in
-                telemetry.handshake(role: "client", ok: ok, duration: .nanoseconds(took.nanoseconds))
-            })
+            loops[ObjectIdentifier(loop)] = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration,
+                                                                         stats: stats, telemetry: telemetry))
         }
         self.loops = loops
         viaToken = "weft-\(configuration.node)"
@@ -64,7 +62,6 @@ final class ProxyContext: Sendable {
         guard endpoint.node != configuration.node, snapshot.table.tunnel != nil, let ids = identities,
               let route = TunnelPool.route(endpoint, source: source, snapshot: snapshot, identities: ids, node: configuration.node)
         else { return nil }
-        stats.tunnelStreamsOut.add(1, ordering: .relaxed)
         return (route, source, ids)
     }
 

@@ -98,6 +98,7 @@ final class ProxyStats: Sendable {
     let faultsAborted = Atomic<Int>(0)
     let faultsDelayed = Atomic<Int>(0)
     let tunnelsIn = Atomic<Int>(0)
+    let tunnelsOut = Atomic<Int>(0)
     let tunnelStreamsIn = Atomic<Int>(0)
     let tunnelStreamsOut = Atomic<Int>(0)
     let tunnelRefused = Atomic<Int>(0)
@@ -141,6 +142,7 @@ final class ProxyStats: Sendable {
             ("faults_aborted_total", faultsAborted.load(ordering: .relaxed)),
             ("faults_delayed_total", faultsDelayed.load(ordering: .relaxed)),
             ("tunnel_connections_in_total", tunnelsIn.load(ordering: .relaxed)),
+            ("tunnel_connections_out_total", tunnelsOut.load(ordering: .relaxed)),
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
             ("tunnel_streams_out_total", tunnelStreamsOut.load(ordering: .relaxed)),
             ("tunnel_streams_refused_total", tunnelRefused.load(ordering: .relaxed)),

@@ -144,14 +144,14 @@ final class ProxyTelemetry: Sendable {
     /// One TLS handshake of a tunnel: `role` client (this proxy dialed) or
     /// server (another node's proxy did), from TCP connect or accept to
     /// the handshake's end.
-    func handshake(role: String, ok: Bool, duration: Duration) {
+    func handshake(role: String, ok: Bool, duration: TimeAmount) {
         registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "tls_handshakes", unitName: "total",
                                                helpText: "TLS handshakes of mTLS tunnels, by role and result."),
                              labels: [("role", role), ("result", ok ? "ok" : "failed")]).increment()
         guard ok else { return }
         registry.makeDurationHistogram(descriptor: .init(namespace: "weft", metricName: "tls_handshake_duration", unitName: "seconds",
                                                          helpText: "Time from TCP connect (or accept) to the end of a tunnel's TLS handshake."),
-                                       labels: [("role", role)], buckets: Self.buckets).record(duration)
+                                       labels: [("role", role)], buckets: Self.buckets).record(.nanoseconds(duration.nanoseconds))
     }
 
     /// The exposition text, with the proxy's own counters brought up to date.

@@ -64,10 +64,10 @@ final class UpstreamPool {
 
     let tunnels: TunnelPool
 
-    init(eventLoop: any EventLoop, configuration: ProxyConfiguration, onHandshake: HandshakeObserver? = nil) {
+    init(eventLoop: any EventLoop, configuration: ProxyConfiguration, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
         self.eventLoop = eventLoop
         self.configuration = configuration
-        tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, onHandshake: onHandshake)
+        tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, stats: stats, telemetry: telemetry)
         random = UInt64.random(in: 1...UInt64.max)
     }
 

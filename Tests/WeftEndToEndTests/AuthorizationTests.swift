@@ -168,6 +168,10 @@ private func waitForServers() throws {
     throw HarnessError("the lab's servers never answered")
 }
 
+private func proxyStats(_ node: String) throws -> String {
+    try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
+}
+
 private func counter(_ text: String, _ prefix: String, containing: String = "") -> Int {
     text.split(separator: "\n").filter { $0.hasPrefix(prefix) && (containing.isEmpty || $0.contains(containing)) }
         .compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0) { $0 + Int($1) }
@@ -188,6 +192,7 @@ struct AuthorizationEndToEnd {
         let expected = try referenceDecisions(allowPolicy + "\n---\n" + denyPolicy, asks)
         var i = 0
         var allowedSeen = 0, deniedSeen = 0
+        let streamsBefore = counter(try proxyStats("n1"), "weft_proxy_tunnel_streams_out_total")
         for c in clients {
             let codes = try httpCodes(c)
             #expect(codes.count == requests.count, "\(c.name): \(codes)")
@@ -199,6 +204,11 @@ struct AuthorizationEndToEnd {
             }
         }
         #expect(allowedSeen >= 8 && deniedSeen >= 20, "the table exercises both outcomes: \(allowedSeen) allowed, \(deniedSeen) denied")
+        // The n1 clients' requests share kept-alive tunnel streams (one per
+        // client and backend), except where the far proxy refused a stream.
+        let n1Requests = clients.filter { $0.address.hasPrefix("198.18.1.") }.count * requests.count
+        let streams = counter(try proxyStats("n1"), "weft_proxy_tunnel_streams_out_total") - streamsBefore
+        #expect(streams > 0 && streams < n1Requests, "\(streams) tunnel streams for \(n1Requests) requests from n1")
 
         // Raw TCP to the L4 Service: refused across nodes by the far proxy
         // (a reset), on the same node by the kernel (EPERM at connect).
@@ -229,7 +239,7 @@ struct AuthorizationEndToEnd {
         #expect(grpcOther.status != 0 && grpcOther.output.contains("PERMISSION_DENIED"), "\(grpcOther.output)")
 
         // Counted where decided.
-        let n2Proxy = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n2/proxy.sock", "http://proxy/stats"])
+        let n2Proxy = try proxyStats("n2")
         #expect(counter(n2Proxy, "weft_proxy_authz_denied_total") >= 10 && counter(n2Proxy, "weft_proxy_authz_allowed_total") >= 5, "\(n2Proxy)")
         let n2Agent = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n2/agent.sock", "http://agent/metrics"])
         #expect(counter(n2Agent, "weft_policy_drops_total{", containing: "authorization_denied") >= 1, "the kernel's drop is counted")

@@ -174,7 +174,11 @@ struct MeshTLSTests {
         let (rc3, out3) = try curl(["http://198.19.5.50/\(marker)-plain"])
         #expect(rc3 == 0 && out3.contains("plain"), "\(out3)")
 
-        #expect(try proxyStat("n1", "tunnel_streams_out_total") >= 12)
+        // Streams n1 opened: one per L4 connection (4 + the banner's), and
+        // for the L7 Services at least one each (HTTP/1.1 streams are kept
+        // alive per source pod and backend, gRPC nests in one).
+        let opened = try proxyStat("n1", "tunnel_streams_out_total")
+        #expect(opened >= 7, "\(opened) streams")
         #expect(try proxyStat("n2", "tunnel_streams_in_total") > 0 && proxyStat("n3", "tunnel_streams_in_total") > 0)
         // Every tunnel's handshake is counted and timed, at both ends.
         let dialed = try metric("n1", "weft_tls_handshakes_total{", ["role=\"client\"", "result=\"ok\""])

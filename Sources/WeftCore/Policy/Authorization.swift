@@ -114,7 +114,7 @@ public struct AuthorizationSet: Hashable, Sendable, Codable {
     static func matches(_ s: AuthorizationPolicy.Source, _ r: AuthorizationRequest) -> Bool {
         field(s.principals, s.notPrincipals, r.principal, matchAny)
             && field(s.namespaces, s.notNamespaces, r.namespace, matchAny)
-            && field(s.ipBlocks, s.notIpBlocks, r.sourceIP.description, inBlocks)
+            && field(s.ipBlocks, s.notIpBlocks, r.sourceIP, inBlocks)
     }
 
     static func matches(_ o: AuthorizationPolicy.Operation, _ r: AuthorizationRequest, lenient: Bool) -> Bool {
@@ -135,7 +135,7 @@ public struct AuthorizationSet: Hashable, Sendable, Codable {
             if let want = c.values, !values.contains(where: { matchAny(want, $0) }) { return false }
             if let not = c.notValues, values.contains(where: { matchAny(not, $0) }) { return false }
             return true
-        case .sourceIP: return field(c.values, c.notValues, r.sourceIP.description, inBlocks)
+        case .sourceIP: return field(c.values, c.notValues, r.sourceIP, inBlocks)
         case .sourceNamespace: return field(c.values, c.notValues, r.namespace, matchAny)
         case .sourcePrincipal: return field(c.values, c.notValues, r.principal, matchAny)
         case .destinationPort: return field(c.values, c.notValues, String(r.port), matchAny)
@@ -145,7 +145,7 @@ public struct AuthorizationSet: Hashable, Sendable, Codable {
     /// A field and its not- form: the value must match one of `yes` (when
     /// given; an absent value matches none) and none of `no` (an absent value
     /// matches none, so passes).
-    static func field(_ yes: [String]?, _ no: [String]?, _ value: String?, _ match: ([String], String) -> Bool) -> Bool {
+    static func field<Value>(_ yes: [String]?, _ no: [String]?, _ value: Value?, _ match: ([String], Value) -> Bool) -> Bool {
         if let yes {
             guard let value, match(yes, value) else { return false }
         }
@@ -177,9 +177,8 @@ public struct AuthorizationSet: Hashable, Sendable, Codable {
         }
     }
 
-    static func inBlocks(_ blocks: [String], _ value: String) -> Bool {
-        guard let ip = IPv4Address(value) else { return false }
-        return blocks.contains { prefix($0)?.contains(ip) ?? false }
+    static func inBlocks(_ blocks: [String], _ ip: IPv4Address) -> Bool {
+        blocks.contains { prefix($0)?.contains(ip) ?? false }
     }
 
     /// A CIDR, or one address as a /32.

@@ -161,6 +161,8 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
     private var keepAlive = true
     private var idempotent = false
     private var isUpgrade = false
+    /// The current request's end has been read.
+    private var requestEnded = false
     private var upstream: UpstreamHandler?
     private var pending: [HTTPClientRequestPart] = []
     /// Parts of a pipelined request that came before the previous ended.
@@ -224,6 +226,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                 return
             }
             keepAlive = head.isKeepAlive
+            requestEnded = false
             idempotent = [.GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE].contains(head.method)
             isUpgrade = !isHTTP2 && HTTPProxyHandler.isUpgradeRequest(head)
             if let set = proxy.snapshot.authorization[target.ip.value] {
@@ -253,6 +256,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                     // Nothing reached the pod: the source proxy takes this
                     // as a refused connect and tries another backend.
                     self.respond(context, .badGateway, "weft: cannot connect to \(key): \(error)\n", refused: true)
+                    if self.requestEnded { self.exchangeDone(context) }
                 case .success(let upstream):
                     if upstream.onResponseEnd == nil {
                         upstream.onResponseEnd = { [weak upstream] reusable in
@@ -275,6 +279,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
             default: break
             }
         case .end(let trailers):
+            requestEnded = true
             switch state {
             case .connecting: pending.append(.end(trailers))
             case .forwarding: upstream?.send(.end(trailers), flush: true)
@@ -299,7 +304,8 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
     }
 
-    /// The request and its response are both over: take the next.
+    /// The response is over (and the request, unless the pod answered before
+    /// reading all of it): take the next.
     private func exchangeDone(_ context: ChannelHandlerContext) {
         state = .idle
         upstream = nil
@@ -350,7 +356,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
             // A kept-alive connection the pod had closed: an idempotent
             // request may go elsewhere, as if never sent.
             respond(context, .badGateway, "weft: \(target) closed the connection before responding\n", refused: reused && idempotent)
-            exchangeDone(context)
+            if requestEnded { exchangeDone(context) }
         }
     }
 

@@ -46,16 +46,21 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         context.close(promise: nil)
     }
 
-    /// Answers 200, makes the stream a byte channel and sets up what reads
-    /// it, then hands it what came early.
+    /// Answers the CONNECT with 200 and makes the stream a byte channel
+    /// (the codec goes in before this handler, which then leaves).
+    private func accept(_ context: ChannelHandlerContext) throws {
+        let ok = HPACKHeaders([(":status", "200")])
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
+        try context.pipeline.syncOperations.addHandler(TunnelStreamCodec(.server), position: .before(self))
+    }
+
+    /// Accepts, sets up what reads the stream, then hands it what came early.
     private func answerAndInstall(_ context: ChannelHandlerContext,
                                   _ install: (ChannelPipeline.SynchronousOperations) throws -> Void) {
         let stream = context.channel
-        let ok = HPACKHeaders([(":status", "200")])
-        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
         do {
             let pipeline = stream.pipeline.syncOperations
-            try pipeline.addHandler(TunnelStreamCodec(.server), position: .before(self))
+            try accept(context)
             try install(pipeline)
             let early = self.early
             self.early.removeAll()
@@ -128,11 +133,8 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
                 }
             }
         }
-        Self.deliver(stream: stream, to: key, proxy: proxy, early: early, earlyEnd: earlyEnd, replacing: self, prepare: { [self] in
-            let ok = HPACKHeaders([(":status", "200")])
-            context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: ok))), promise: nil)
-            try stream.pipeline.syncOperations.addHandler(TunnelStreamCodec(.server), position: .before(self))
-        }, onRefusal: { [self] reason in refuse(context, 502, reason) })
+        Self.deliver(stream: stream, to: key, proxy: proxy, early: early, earlyEnd: earlyEnd, replacing: self,
+                     prepare: { [self] in try accept(context) }, onRefusal: { [self] reason in refuse(context, 502, reason) })
         early.removeAll()
     }
 
@@ -197,7 +199,7 @@ enum TunnelServer {
                     let handshake = channel.eventLoop.makePromise(of: Void.self), started = NIODeadline.now()
                     let telemetry = proxy.telemetry
                     handshake.futureResult.whenComplete { result in
-                        telemetry.handshake(role: "server", ok: (try? result.get()) != nil, duration: .nanoseconds((NIODeadline.now() - started).nanoseconds))
+                        telemetry.handshake(role: "server", ok: (try? result.get()) != nil, duration: NIODeadline.now() - started)
                     }
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
                     _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(

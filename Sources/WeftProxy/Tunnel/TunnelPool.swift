@@ -103,15 +103,20 @@ final class TunnelPool {
     private let loop: any EventLoop
     private let port: Int
     private var connections: [TunnelRoute: TunnelConnection] = [:]
-    let opened = Atomic<Int>(0)
-    /// Told of every client handshake: whether it succeeded, and how long
-    /// it took from the TCP connect.
+    /// Where the streams and connections this pool opens, and its
+    /// handshakes, are counted (nil in tests that need no counts).
+    private let stats: ProxyStats?
     private let onHandshake: HandshakeObserver?
 
-    init(loop: any EventLoop, port: UInt16, onHandshake: HandshakeObserver? = nil) {
+    init(loop: any EventLoop, port: UInt16, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
         self.loop = loop
         self.port = Int(port)
-        self.onHandshake = onHandshake
+        self.stats = stats
+        if let telemetry {
+            onHandshake = { ok, took in telemetry.handshake(role: "client", ok: ok, duration: took) }
+        } else {
+            onHandshake = nil
+        }
     }
 
     /// Whether a connection from `source` to `endpoint` goes through a
@@ -146,8 +151,9 @@ final class TunnelPool {
                 if self?.connections[route] === dead { self?.connections[route] = nil }
             }
             connections[route] = connection
-            opened.add(1, ordering: .relaxed)
+            stats?.tunnelsOut.add(1, ordering: .relaxed)
         }
+        stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
         var headers = [("x-weft-source", source.description)]
         if let http { headers.append(("x-weft-protocol", http)) }
         connection.openStream(authority: "\(target.address):\(target.port)", headers: headers, initialize: initialize, completion)
