@@ -97,7 +97,6 @@ public enum ProxyServer {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             // A client's FIN is a half-close: TCP streams pass it on, and
             // HTTP answers what is in flight before closing.
             .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
