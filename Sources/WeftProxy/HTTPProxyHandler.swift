@@ -56,8 +56,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         self.isHTTP2 = isHTTP2
     }
 
-    /// One request's state, from its head to the end of its response.
-    private struct RequestState {
+    /// One request's state, from its head to the end of its response. A
+    /// class: it is read and changed at every step of an exchange, and a
+    /// struct this size would be copied (and every reference in it
+    /// retained) at each.
+    private final class RequestState {
         var head: HTTPRequestHead
         var upstreamHead: HTTPRequestHead
         var snapshot: RouteSnapshot
@@ -103,6 +106,21 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var retrying = false
         /// The outlier detector heard this attempt's outcome already.
         var outcomeRecorded = false
+
+        init(head: HTTPRequestHead, upstreamHead: HTTPRequestHead, snapshot: RouteSnapshot, action: ProxyTable.RouteAction,
+             cluster: ProxyTable.WeightedCluster, responseModifiers: [HTTPRoute.HeaderModifier], mirrors: [HTTPRoute.Mirror],
+             keepAlive: Bool, idempotent: Bool, isUpgrade: Bool) {
+            self.head = head
+            self.upstreamHead = upstreamHead
+            self.snapshot = snapshot
+            self.action = action
+            self.cluster = cluster
+            self.responseModifiers = responseModifiers
+            self.mirrors = mirrors
+            self.keepAlive = keepAlive
+            self.idempotent = idempotent
+            self.isUpgrade = isUpgrade
+        }
     }
 
     /// What a request's metrics and access log line need.
@@ -374,12 +392,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     // MARK: attempts
 
     private func startAttempt() {
-        guard var r = request, let context, let loop else { return }
+        guard let r = request, let context, let loop else { return }
         r.attemptID += 1
         let id = r.attemptID
         let endpoints = r.snapshot.endpoints[r.cluster.cluster] ?? []
         guard !endpoints.isEmpty else {
-            request = r
             record?.flags.append("UH")
             return fail(.serviceUnavailable, "weft: no ready backend for \(r.cluster.cluster)\n")
         }
@@ -395,12 +412,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             let source = origin.source, generation = r.snapshot.generation
             while true {
                 let picked = runtime.pick(hash: r.hash, random: &loop.random) { k in
-                    excluded.contains(k) || denied.contains(k)
+                    // Usually both are empty: no hashing of the key then.
+                    (!excluded.isEmpty && excluded.contains(k)) || (!denied.isEmpty && denied.contains(k))
                 }
                 switch picked {
                 case .failure(let refusal):
                     if refusal == .overflow || full {
-                        request = r
                         proxy.stats.overflows.add(1, ordering: .relaxed)
                         countEvent("overflow")
                         record?.flags.append("UO")
@@ -434,7 +451,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
         }
         guard let key else {
-            request = r
             if let last = r.lastFailure { return fail(last.status, last.body) }
             proxy.stats.policyDenied.add(1, ordering: .relaxed)
             record?.flags.append("RBAC")
@@ -450,7 +466,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             if !decision.allowed {
                 // The slot reserved when the key was picked goes back.
                 if let runtime = r.runtime, let i = runtime.index[key] { runtime.backends[i].requests.subtract(1, ordering: .relaxed) }
-                request = r
                 record?.flags.append("RBAC")
                 return fail(.forbidden, Authorize.forbiddenBody(decision.reason))
             }
@@ -478,7 +493,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                     r.backend = nil
                     r.endpoint = nil
                     r.connecting = false
-                    request = r
                     proxy.stats.overflows.add(1, ordering: .relaxed)
                     countEvent("overflow")
                     record?.flags.append("UO")
@@ -486,7 +500,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 }
             }
         }
-        request = r
         loop.pool.state(key).inFlight += 1
         if let limit = r.action.timeouts.backendRequest {
             request!.attemptTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
@@ -572,7 +585,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     // MARK: upstream
 
     func upstreamResponse(_ part: HTTPClientResponsePart) {
-        guard let context, var r = request else { return }
+        guard let context, let r = request else { return }
         switch part {
         case .head(var head):
             if let key = r.endpoint, key.node != proxy.configuration.node, head.headers.contains(name: Authorize.refusedHeader),
@@ -580,7 +593,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 // The backend's node could not reach it: a refused connect.
                 r.upstream?.close()
                 r.upstream = nil
-                request = r
                 recordOutcome(.localFailure)
                 endAttempt(success: false)
                 loop.pool.recordConnectFailure(key)
@@ -594,7 +606,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             if shouldRetry(status: head.status), let budgetOK = withdrawRetry(), budgetOK, retryAllowedByBreaker() {
                 r.upstream?.close()
                 r.upstream = nil
-                request = r
                 endAttempt(success: false)
                 scheduleRetry()
                 return
@@ -612,7 +623,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 return
             }
             r.responseStarted = true
-            request = r
             record?.status = Int(head.status.code)
             Self.stripHopByHop(&head.headers, keepUpgrade: false)
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
@@ -1017,25 +1027,33 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// RFC 9110 section 7.6.1: Connection and the headers it names, and the
     /// classic hop-by-hop set, never travel past a proxy.
     static func stripHopByHop(_ headers: inout HTTPHeaders, keepUpgrade: Bool) {
-        // One pass to see whether there is anything to do (usually there is
-        // little), then one pass to rebuild: not one scan per header name.
+        // One pass to see what there is to do. The usual case is one
+        // `connection: keep-alive` (nginx sends it on every response):
+        // removed by name, without rebuilding the headers.
         var named: [Substring] = []
-        var any = false
+        var present = 0, first: String?, several = false
         for (name, value) in headers {
-            if isHopByHop(name) {
-                any = true
-                if name.utf8.count == 10 && name.lowercased() == "connection" {
-                    named += value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased()[...] }
+            guard isHopByHop(name) else { continue }
+            present += 1
+            if let f = first { several = several || !name.asciiCaseInsensitiveEquals(f) } else { first = name }
+            if name.asciiCaseInsensitiveEquals("connection") {
+                for token in value.split(separator: ",") {
+                    let t = token.trimmingASCIISpaces()
+                    if !t.isEmpty && !t.asciiCaseInsensitiveEquals("keep-alive") && !t.asciiCaseInsensitiveEquals("close")
+                        && !(keepUpgrade && t.asciiCaseInsensitiveEquals("upgrade")) {
+                        named.append(t)
+                    }
                 }
             }
         }
-        if any {
+        if named.isEmpty && !keepUpgrade && !several, let only = first {
+            headers.remove(name: only)
+        } else if present > 0 || !named.isEmpty {
             var kept = HTTPHeaders()
             kept.reserveCapacity(headers.count)
             for (name, value) in headers {
-                let lower = name.lowercased()
-                if keepUpgrade && lower == "upgrade" { kept.add(name: name, value: value); continue }
-                if isHopByHop(name) || named.contains(where: { $0 == lower }) { continue }
+                if keepUpgrade && name.asciiCaseInsensitiveEquals("upgrade") { kept.add(name: name, value: value); continue }
+                if isHopByHop(name) || named.contains(where: { name.asciiCaseInsensitiveEquals($0) }) { continue }
                 kept.add(name: name, value: value)
             }
             headers = kept
@@ -1046,13 +1064,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// RFC 9110 7.6.1's list, plus the proxy-era ones.
     static func isHopByHop(_ name: String) -> Bool {
         switch name.utf8.count {
-        case 2: return name.lowercased() == "te"
-        case 7: let l = name.lowercased(); return l == "upgrade" || l == "trailer"
-        case 10: let l = name.lowercased(); return l == "connection" || l == "keep-alive"
-        case 16: return name.lowercased() == "proxy-connection"
-        case 17: return name.lowercased() == "transfer-encoding"
-        case 18: return name.lowercased() == "proxy-authenticate"
-        case 19: return name.lowercased() == "proxy-authorization"
+        case 2: return name.asciiCaseInsensitiveEquals("te")
+        case 7: return name.asciiCaseInsensitiveEquals("upgrade") || name.asciiCaseInsensitiveEquals("trailer")
+        case 10: return name.asciiCaseInsensitiveEquals("connection") || name.asciiCaseInsensitiveEquals("keep-alive")
+        case 16: return name.asciiCaseInsensitiveEquals("proxy-connection")
+        case 17: return name.asciiCaseInsensitiveEquals("transfer-encoding")
+        case 18: return name.asciiCaseInsensitiveEquals("proxy-authenticate")
+        case 19: return name.asciiCaseInsensitiveEquals("proxy-authorization")
         default: return false
         }
     }
@@ -1062,11 +1080,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                                                                  keepUpgrade: Bool, random: inout R,
                                                                  samplingPercent: Double? = nil) -> TraceContext.Span {
         // gRPC needs "te: trailers" end to end; it is the one TE value HTTP/2 allows.
-        let teTrailers = headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
+        var teTrailers = false
+        for (name, value) in headers where name.asciiCaseInsensitiveEquals("te") {
+            teTrailers = teTrailers || value.split(separator: ",").contains { $0.trimmingASCIISpaces().asciiCaseInsensitiveEquals("trailers") }
+        }
         stripHopByHop(&headers, keepUpgrade: keepUpgrade)
         if teTrailers { headers.add(name: "te", value: "trailers") }
-        let xff = headers[canonicalForm: "x-forwarded-for"].joined(separator: ", ")
-        headers.replaceOrAdd(name: "x-forwarded-for", value: xff.isEmpty ? "\(client)" : "\(xff), \(client)")
+        let xff = headers[canonicalForm: "x-forwarded-for"]
+        if xff.isEmpty {
+            headers.add(name: "x-forwarded-for", value: client.description)
+        } else {
+            headers.replaceOrAdd(name: "x-forwarded-for", value: "\(xff.joined(separator: ", ")), \(client)")
+        }
         if !headers.contains(name: "x-forwarded-proto") { headers.add(name: "x-forwarded-proto", value: "http") }
         headers.add(name: "forwarded", value: "for=\(client);proto=http")
         headers.add(name: "via", value: "1.1 \(via)")
@@ -1122,4 +1147,32 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
 extension String {
     func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}
+
+extension StringProtocol {
+    /// Equal under ASCII case folding (header names and tokens), without
+    /// allocating a lowercased copy.
+    func asciiCaseInsensitiveEquals(_ other: some StringProtocol) -> Bool {
+        var a = utf8.makeIterator(), b = other.utf8.makeIterator()
+        while true {
+            switch (a.next(), b.next()) {
+            case (nil, nil): return true
+            case (let x?, let y?):
+                if x != y && Self.fold(x) != Self.fold(y) { return false }
+            default: return false
+            }
+        }
+    }
+
+    private static func fold(_ c: UInt8) -> UInt8 { c >= 65 && c <= 90 ? c + 32 : c }
+}
+
+extension Substring {
+    /// Without leading and trailing spaces and tabs (RFC 9110 OWS).
+    func trimmingASCIISpaces() -> Substring {
+        var s = self
+        while let f = s.utf8.first, f == 32 || f == 9 { s = s.dropFirst() }
+        while let l = s.utf8.last, l == 32 || l == 9 { s = s.dropLast() }
+        return s
+    }
 }

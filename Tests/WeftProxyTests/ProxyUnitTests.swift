@@ -40,6 +40,25 @@ import Testing
         #expect(h["x-request-id"].first?.count == 36)
     }
 
+    @Test func hopByHopStrippingIgnoresCaseAndSpacing() {
+        // The common response: one Connection header, removed by name.
+        var one = HTTPHeaders([("Content-Type", "text/plain"), ("CONNECTION", "Keep-Alive"), ("Content-Length", "3")])
+        HTTPProxyHandler.stripHopByHop(&one, keepUpgrade: false)
+        #expect(one.map(\.name) == ["Content-Type", "Content-Length"])
+        // Several hop-by-hop names, and a header named in Connection with
+        // odd case and optional whitespace around the tokens.
+        var many = HTTPHeaders([("Connection", "close,\t X-Secret ,"), ("x-SECRET", "1"), ("Keep-Alive", "5"),
+                                ("X-Secretive", "kept"), ("Proxy-Connection", "keep-alive"), ("x-keep", "yes")])
+        HTTPProxyHandler.stripHopByHop(&many, keepUpgrade: false)
+        #expect(many.map(\.name) == ["X-Secretive", "x-keep"])
+        var none = HTTPHeaders([("x-a", "1")])
+        HTTPProxyHandler.stripHopByHop(&none, keepUpgrade: false)
+        #expect(none.map(\.name) == ["x-a"])
+        #expect("Content-LENGTH".asciiCaseInsensitiveEquals("content-length"))
+        #expect(!"content-lengt".asciiCaseInsensitiveEquals("content-length"))
+        #expect(!"a@".asciiCaseInsensitiveEquals("a`"), "only letters fold")
+    }
+
     @Test func forwardedForAppendsAndUpgradeIsKeptWhenAsked() {
         var rng = SystemRandomNumberGenerator()
         var h = HTTPHeaders([("x-forwarded-for", "10.0.0.1"), ("connection", "Upgrade"), ("upgrade", "websocket"),
