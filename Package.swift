@@ -104,7 +104,7 @@ let package = Package(
                                                              .product(name: "X509", package: "swift-certificates"),
                                                              .product(name: "Crypto", package: "swift-crypto")],
                     swiftSettings: swiftSettings),
-        .testTarget(name: "WeftProxyTests", dependencies: ["WeftProxy", "WeftCore", "WeftIdentity",
+        .testTarget(name: "WeftProxyTests", dependencies: ["WeftProxy", "WeftCore", "WeftIdentity", "WeftStatus",
                                                           .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                           .product(name: "NIOPosix", package: "swift-nio"),
                                                           .product(name: "NIOHTTP2", package: "swift-nio-http2"),

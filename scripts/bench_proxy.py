@@ -117,6 +117,28 @@ backend be
 """
 
 
+def lab_yaml(work):
+    """One node: the client pod, the nginx backend pod and its L7 Service."""
+    return f"""apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: client, namespace: bench, labels: {{app: client}}, annotations: {{lab.weft.dev/command: "sleep infinity"}}}}
+spec: {{node: n1, address: {CLIENT}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: backend, namespace: bench, labels: {{app: backend}}, annotations: {{lab.weft.dev/command: "nginx -p {work} -c {work}/backend.conf -g 'daemon off;'"}}}}
+spec: {{node: n1, address: {BACKEND}, ports: [{{name: http, port: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: backend, namespace: bench}}
+spec:
+  clusterIP: {VIP}
+  selector: {{app: backend}}
+  ports: [{{name: http, port: 80, targetPort: http, appProtocol: http}}]
+"""
+
+
 def pids_of(root):
     """A process and its children (nginx workers)."""
     out = [root]
@@ -197,24 +219,7 @@ def main():
     write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW))
     config = f"{work}/config"
     os.mkdir(config)
-    write(f"{config}/lab.yaml", f"""apiVersion: weft.dev/v1alpha1
-kind: Workload
-metadata: {{name: client, namespace: bench, labels: {{app: client}}, annotations: {{lab.weft.dev/command: "sleep infinity"}}}}
-spec: {{node: n1, address: {CLIENT}}}
----
-apiVersion: weft.dev/v1alpha1
-kind: Workload
-metadata: {{name: backend, namespace: bench, labels: {{app: backend}}, annotations: {{lab.weft.dev/command: "nginx -p {work} -c {work}/backend.conf -g 'daemon off;'"}}}}
-spec: {{node: n1, address: {BACKEND}, ports: [{{name: http, port: 8080}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: backend, namespace: bench}}
-spec:
-  clusterIP: {VIP}
-  selector: {{app: backend}}
-  ports: [{{name: http, port: 80, targetPort: http, appProtocol: http}}]
-""")
+    write(f"{config}/lab.yaml", lab_yaml(work))
     sh(WEFT, "lab", "down", check=False)
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     started = []

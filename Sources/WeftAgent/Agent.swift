@@ -70,7 +70,9 @@ public enum Agent {
         }
         // Health probes run on their own thread, apart from the control loop.
         let probeGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let healthChecker = try HealthChecker(loop: probeGroup.next(), logger: logger)
+        // Checks of pods that only take mutual TLS go through the node proxy.
+        let healthChecker = try HealthChecker(loop: probeGroup.next(), logger: logger,
+                                              proxySocket: configuration.resolvedRunDirectory + "/proxy.sock")
         var issuer: IdentityIssuer?
         if let dir = configuration.caDirectory {
             do {

@@ -5,6 +5,7 @@ import NIOHTTP1
 import NIOPosix
 import Synchronization
 import WeftCore
+import WeftStatus
 
 /// Active health checks (TrafficPolicy healthCheck), run by each node's
 /// agent against every backend of the Services it is told about, the way
@@ -22,6 +23,9 @@ final class HealthChecker: Sendable {
         var cluster: String
         var backend: BackendAddress
         var check: TrafficPolicy.HealthCheck
+        /// Probed by this node's proxy through the tunnel to the proxy of
+        /// this node, which runs the check (nil: probed from here).
+        var via: String?
     }
 
     private final class Probe {
@@ -36,6 +40,8 @@ final class HealthChecker: Sendable {
 
     private let loop: any EventLoop
     private let logger: Logger
+    /// The node proxy's status socket: probes through tunnels go there.
+    private let proxySocket: String?
     /// Readable when the failing set changed (the agent polls it).
     let fd: Int32
     private let writeFD: Int32
@@ -44,9 +50,10 @@ final class HealthChecker: Sendable {
     /// Loop-confined: every access is on `loop`.
     private nonisolated(unsafe) var probes: [Target: Probe] = [:]
 
-    init(loop: any EventLoop, logger: Logger) throws(AgentError) {
+    init(loop: any EventLoop, logger: Logger, proxySocket: String? = nil) throws(AgentError) {
         self.loop = loop
         self.logger = logger
+        self.proxySocket = proxySocket
         (fd, writeFD) = try SignalPipe.nonBlockingPipe()
     }
 
@@ -90,9 +97,9 @@ final class HealthChecker: Sendable {
         guard !probe.stopped else { return }
         let check = probe.target.check
         let started = NIODeadline.now()
-        let done: (Bool, String) -> Void = { [self] ok, detail in
+        let done: (Bool?, String) -> Void = { [self] ok, detail in
             guard !probe.stopped else { return }
-            record(probe, ok: ok, detail: detail)
+            if let ok { record(probe, ok: ok, detail: detail) }
             // The next probe an interval after this one started, with a
             // little jitter so probes of many backends do not line up.
             let interval = check.interval.nanoseconds
@@ -102,49 +109,26 @@ final class HealthChecker: Sendable {
         }
         let timeout = TimeAmount.nanoseconds(check.timeout.nanoseconds)
         let address = probe.target.backend
-        let bootstrap = ClientBootstrap(group: loop).connectTimeout(timeout)
-        guard let http = check.http else {
-            bootstrap.connect(host: address.address.description, port: Int(address.port)).assumeIsolated().whenComplete { result in
-                switch result {
-                case .success(let channel):
-                    channel.close(promise: nil)
-                    done(true, "connected")
-                case .failure(let error):
-                    done(false, "\(error)")
-                }
-            }
-            return
+        let result: EventLoopFuture<Int>
+        if let node = probe.target.via {
+            guard let proxySocket else { return done(nil, "no proxy to probe through") }
+            result = HealthProbe.throughProxy(on: loop, socket: proxySocket, node: node, host: address.address.description,
+                                              port: Int(address.port), path: check.http?.path, timeout: timeout)
+        } else {
+            result = HealthProbe.run(on: loop, host: address.address.description, port: Int(address.port),
+                                     path: check.http?.path, timeout: timeout)
         }
-        let answer = loop.makePromise(of: HTTPResponseStatus.self)
-        let deadline = loop.scheduleTask(in: timeout) { answer.fail(ChannelError.connectTimeout(timeout)) }
-        bootstrap
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    try channel.pipeline.syncOperations.addHandler(StatusReader(answer))
-                }
-            }
-            .connect(host: address.address.description, port: Int(address.port))
-            .assumeIsolated()
-            .whenComplete { result in
-                switch result {
-                case .success(let channel):
-                    var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: http.path)
-                    head.headers.add(name: "host", value: address.description)
-                    head.headers.add(name: "user-agent", value: "weft-health/1")
-                    head.headers.add(name: "connection", value: "close")
-                    channel.write(HTTPClientRequestPart.head(head), promise: nil)
-                    channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
-                    answer.futureResult.whenComplete { _ in channel.close(promise: nil) }
-                case .failure(let error):
-                    answer.fail(error)
-                }
-            }
-        answer.futureResult.assumeIsolated().whenComplete { result in
-            deadline.cancel()
-            switch result {
-            case .success(let status): done(http.expects(Int(status.code)), "HTTP \(status.code)")
-            case .failure(let error): done(false, "\(error)")
+        result.assumeIsolated().whenComplete { outcome in
+            switch outcome {
+            case .success(let status) where check.http == nil || probe.target.via != nil:
+                done(true, status == 0 ? "connected" : "HTTP \(status)")
+            case .success(let status):
+                done(check.http?.expects(status) ?? true, "HTTP \(status)")
+            case .failure(let error as HealthProbe.ProbeFailed) where error.unknown:
+                // No verdict: the next probe as scheduled, the streak kept.
+                done(nil, error.description)
+            case .failure(let error):
+                done(false, "\(error)")
             }
         }
     }
@@ -198,48 +182,20 @@ final class HealthChecker: Sendable {
 
     /// What to probe for a desired state: every TCP port of every Service
     /// whose TrafficPolicy has a healthCheck, at each selected backend.
-    /// Every backend of a Service with a health check that `node`'s agent
-    /// can probe (see `ClusterState.plaintextProbeable`).
-    static func targets(_ state: ClusterState, node: String) -> Set<Target> {
+    /// A backend this agent cannot probe in plaintext from its own address
+    /// (see `ClusterState.plaintextProbeable`) is probed through the proxy
+    /// of the node it runs on, over the mutual-TLS tunnel, when the mesh
+    /// has a CA (`tunnels`); without one it is left to its own node.
+    static func targets(_ state: ClusterState, node: String, tunnels: Bool) -> Set<Target> {
         var out: Set<Target> = []
-        for policy in state.trafficPolicies {
-            guard let check = policy.healthCheck else { continue }
-            for name in policy.targets {
-                guard let service = state.services.first(where: {
-                    $0.metadata.namespace == policy.metadata.namespace && $0.metadata.name == name
-                }) else { continue }
-                for port in service.ports where port.transport == .tcp {
-                    let cluster = ProxyTable.clusterName(namespace: service.metadata.namespace, service: name, port: port.port)
-                    for w in state.backends(of: service) where state.plaintextProbeable(w, from: node) {
-                        guard let target = w.resolve(port.targetPort, transport: .tcp) else { continue }
-                        out.insert(Target(cluster: cluster, backend: BackendAddress(address: w.address, port: target, transport: .tcp),
-                                          check: check))
-                    }
-                }
+        for probe in state.healthChecks() {
+            var target = Target(cluster: probe.cluster, backend: probe.backend, check: probe.check)
+            if !state.plaintextProbeable(probe.workload, from: node) {
+                guard tunnels else { continue }
+                target.via = probe.workload.node
             }
+            out.insert(target)
         }
         return out
-    }
-}
-
-/// Takes the status of the first response head, then is done.
-private final class StatusReader: ChannelInboundHandler {
-    typealias InboundIn = HTTPClientResponsePart
-    private let promise: EventLoopPromise<HTTPResponseStatus>
-
-    init(_ promise: EventLoopPromise<HTTPResponseStatus>) { self.promise = promise }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .head(let head) = unwrapInboundIn(data) { promise.succeed(head.status) }
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        promise.fail(ChannelError.eof)
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        promise.fail(error)
-        context.close(promise: nil)
     }
 }

@@ -27,11 +27,12 @@ final class IdentityIssuer {
 
     var trustDomain: String { ca.trustDomain }
 
-    /// The identities of this node's pods.
+    /// The identities of this node's pods, and the node's own (its proxy
+    /// runs health checks through other nodes' proxies with it).
     func localIdentities(_ state: ClusterState, node: String) -> Set<SpiffeID> {
         Set(state.workloads.filter { $0.node == node }.map {
             SpiffeID(trustDomain: ca.trustDomain, namespace: $0.metadata.namespace, serviceAccount: $0.serviceAccount)
-        })
+        } + [SpiffeID.node(node, trustDomain: ca.trustDomain)])
     }
 
     /// Issues what is missing or past half its life, drops what no pod uses.

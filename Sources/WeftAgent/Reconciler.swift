@@ -201,7 +201,7 @@ final class Reconciler {
                 logger.notice("connection counters switched \(state.meshConfig.telemetry.connectionCounters ? "on" : "off")")
             }
             issueIdentities(state)
-            healthChecker?.update(HealthChecker.targets(state, node: configuration.node))
+            healthChecker?.update(HealthChecker.targets(state, node: configuration.node, tunnels: identities != nil && proxy != nil))
             wantsEjections = proxy != nil && state.trafficPolicies.contains { $0.outlierDetection != nil }
             if !wantsEjections { ejected = [] }
             let health = EndpointHealth(failing: healthChecker?.failing ?? [:], ejected: ejected)

@@ -32,6 +32,24 @@ public struct SpiffeID: Hashable, Sendable, Comparable, CustomStringConvertible 
 
     public static func < (a: SpiffeID, b: SpiffeID) -> Bool { a.uri < b.uri }
 
+    /// A node's own identity, which its proxy presents to ask another node's
+    /// proxy to run a health check on its behalf (docs/resilience.md):
+    /// `spiffe://D/ns/weft-system/sa/weft-node.NODE`. No pod can hold it: a
+    /// Workload's serviceAccount must be a DNS label, which has no '.'.
+    public static func node(_ name: String, trustDomain: String) -> SpiffeID {
+        SpiffeID(trustDomain: trustDomain, namespace: nodeNamespace, serviceAccount: nodePrefix + name)
+    }
+
+    public static let nodeNamespace = "weft-system"
+    public static let nodePrefix = "weft-node."
+
+    /// The node this identity stands for, if it is a node identity.
+    public var nodeName: String? {
+        guard namespace == Self.nodeNamespace, serviceAccount.hasPrefix(Self.nodePrefix) else { return nil }
+        let name = String(serviceAccount.dropFirst(Self.nodePrefix.count))
+        return name.isEmpty ? nil : name
+    }
+
     /// SPIFFE: lower-case letters, digits, '.', '-', '_'.
     public static func isTrustDomain(_ s: String) -> Bool {
         !s.isEmpty && s.utf8.count <= 255 && s.utf8.allSatisfy { c in

@@ -132,7 +132,10 @@ public enum ProxyServer {
         let statusSocket = ProxyConfiguration.statusSocket(runDirectory: configuration.runDirectory)
         try FileManager.default.createDirectory(atPath: configuration.runDirectory, withIntermediateDirectories: true)
         let started = Date()
-        try admin.start(host: nil, port: 0, unixSocket: statusSocket) { path, _ in
+        // /probe waits on a tunnel: answered when the far proxy has.
+        try admin.start(host: nil, port: 0, unixSocket: statusSocket, deferred: { path, uri, loop in
+            path == "/probe" ? TunnelProbe.relay(proxy, uri: uri, loop: loop) : nil
+        }) { path, _ in
             switch path {
             case "/generation":
                 let error = reloadErrors.withLock { $0 }
@@ -155,7 +158,7 @@ public enum ProxyServer {
             case "/healthz":
                 return (.ok, "text/plain", proxy.draining.load(ordering: .relaxed) ? "draining\n" : "ok\n")
             default:
-                return (.notFound, "text/plain", "not found: try /generation, /stats, /metrics, /ejections or /healthz\n")
+                return (.notFound, "text/plain", "not found: try /generation, /stats, /metrics, /ejections, /healthz or /probe\n")
             }
         }
         logger.notice("proxy listening", metadata: [

@@ -102,6 +102,11 @@ final class ProxyStats: Sendable {
     let tunnelStreamsIn = Atomic<Int>(0)
     let tunnelStreamsOut = Atomic<Int>(0)
     let tunnelRefused = Atomic<Int>(0)
+    /// Health checks relayed for this node's agent, run for other nodes',
+    /// and refused (not a node, or not a check the table lists).
+    let probesRelayed = Atomic<Int>(0)
+    let probesServed = Atomic<Int>(0)
+    let probesRefused = Atomic<Int>(0)
     let authzAllowed = Atomic<Int>(0)
     let authzDenied = Atomic<Int>(0)
     let authzAudited = Atomic<Int>(0)
@@ -146,6 +151,9 @@ final class ProxyStats: Sendable {
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
             ("tunnel_streams_out_total", tunnelStreamsOut.load(ordering: .relaxed)),
             ("tunnel_streams_refused_total", tunnelRefused.load(ordering: .relaxed)),
+            ("tunnel_probes_relayed_total", probesRelayed.load(ordering: .relaxed)),
+            ("tunnel_probes_served_total", probesServed.load(ordering: .relaxed)),
+            ("tunnel_probes_refused_total", probesRefused.load(ordering: .relaxed)),
             ("authz_allowed_total", authzAllowed.load(ordering: .relaxed)),
             ("authz_denied_total", authzDenied.load(ordering: .relaxed)),
             ("authz_audited_total", authzAudited.load(ordering: .relaxed)),

@@ -14,20 +14,24 @@ import NIOPosix
 public final class StatusServer {
     /// Answers a GET: the path (without query) and the request's Accept header.
     public typealias Render = @Sendable (_ path: String, _ accept: String?) -> (status: HTTPResponseStatus, contentType: String, body: String)
+    /// What an endpoint answers later (it waits on I/O): nil for paths it
+    /// does not serve, which `Render` answers. Gets the whole request target.
+    public typealias Deferred = @Sendable (_ path: String, _ uri: String, _ loop: any EventLoop)
+        -> EventLoopFuture<(status: HTTPResponseStatus, headers: [(String, String)], body: String)>?
 
     private let group: MultiThreadedEventLoopGroup
     private var channels: [Channel] = []
 
     public init(group: MultiThreadedEventLoopGroup) { self.group = group }
 
-    public func start(host: String?, port: Int, unixSocket: String, render: @escaping Render) throws {
+    public func start(host: String?, port: Int, unixSocket: String, deferred: Deferred? = nil, render: @escaping Render) throws {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 // Built on the channel's own event loop, so the handler need not be Sendable.
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(StatusHandler(render: render))
+                    try channel.pipeline.syncOperations.addHandler(StatusHandler(render: render, deferred: deferred))
                 }
             }
         if let host { channels.append(try bootstrap.bind(host: host, port: port).wait()) }
@@ -46,9 +50,13 @@ final class StatusHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     private let render: StatusServer.Render
+    private let deferred: StatusServer.Deferred?
     private var head: HTTPRequestHead?
 
-    init(render: @escaping StatusServer.Render) { self.render = render }
+    init(render: @escaping StatusServer.Render, deferred: StatusServer.Deferred?) {
+        self.render = render
+        self.deferred = deferred
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -60,21 +68,35 @@ final class StatusHandler: ChannelInboundHandler {
             guard let head else { return }
             self.head = nil
             let path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
+            if head.method == .GET, let later = deferred?(path, head.uri, context.eventLoop) {
+                later.hop(to: context.eventLoop).assumeIsolated().whenComplete { result in
+                    switch result {
+                    case .success(let r): self.respond(context, head, r.status, "text/plain", r.body, r.headers)
+                    case .failure(let error): self.respond(context, head, .internalServerError, "text/plain", "\(error)\n", [])
+                    }
+                }
+                return
+            }
             let response = head.method == .GET ? render(path, head.headers.first(name: "accept"))
                 : (.methodNotAllowed, "text/plain", "GET only\n")
-            var buffer = context.channel.allocator.buffer(capacity: response.body.utf8.count)
-            buffer.writeString(response.body)
-            var headers = HTTPHeaders()
-            headers.add(name: "Content-Type", value: response.contentType)
-            headers.add(name: "Content-Length", value: "\(buffer.readableBytes)")
-            let keepAlive = head.isKeepAlive
-            if !keepAlive { headers.add(name: "Connection", value: "close") }
-            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: response.status, headers: headers))), promise: nil)
-            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
-            // Handlers run on their channel's event loop: the completion does too.
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-                if !keepAlive { context.close(promise: nil) }
-            }
+            respond(context, head, response.status, response.contentType, response.body, [])
+        }
+    }
+
+    private func respond(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, _ status: HTTPResponseStatus,
+                         _ contentType: String, _ body: String, _ extra: [(String, String)]) {
+        var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
+        buffer.writeString(body)
+        var headers = HTTPHeaders(extra)
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "Content-Length", value: "\(buffer.readableBytes)")
+        let keepAlive = head.isKeepAlive
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        // Handlers run on their channel's event loop: the completion does too.
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            if !keepAlive { context.close(promise: nil) }
         }
     }
 }

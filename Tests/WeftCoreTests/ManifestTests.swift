@@ -92,6 +92,10 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(try #require(errorLine(workload("w", "198.18.1.2", labels: "{\"bad key!\": x}"))).hasPrefix("t.yaml:1:metadata.labels.bad key!: \"bad key!\" is not a valid label key"))
         #expect(try #require(errorLine(workload("w", "198.18.1.2", labels: "{app: 5}"))).hasPrefix("t.yaml:1:metadata.labels.app: expected a string, got a number"))
         #expect(try #require(errorLine(workload("w", "198.18.1.2", ports: "[{name: a, port: 1}, {name: a, port: 2}]"))).hasPrefix("t.yaml:1:spec.ports[1].name: duplicate port name"))
+        // A service account is a DNS label: no pod can take a node's
+        // identity (weft-system/weft-node.NODE).
+        let node = workload("w", "198.18.1.2").replacingOccurrences(of: "serviceAccount: web", with: "serviceAccount: weft-node.n1")
+        #expect(try #require(errorLine(node)).hasPrefix("t.yaml:1:spec.serviceAccount:"), "\(errorLine(node) ?? "")")
     }
 
     @Test func notYAMLAtAllIsAnErrorNotACrash() {

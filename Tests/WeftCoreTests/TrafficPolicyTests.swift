@@ -69,6 +69,11 @@ struct TrafficPolicyTests {
         // The policy reaches the proxy's table: cluster and frontend sides.
         let table = ProxyTable(s)
         #expect(table.backendPolicies?["shop/web:80"]?.loadBalancer.algorithm == .roundRobin)
+        // Every backend's check is listed under its address and target
+        // port: what a node proxy will run for another node, and all.
+        let backends = s.healthChecks().map(\.backend.description).sorted()
+        #expect(!backends.isEmpty && Set(table.probes?.keys.map { $0 } ?? []) == Set(backends), "\(String(describing: table.probes))")
+        #expect(table.probes?.values.allSatisfy { $0 == p.healthCheck.map { [$0] } } == true)
         #expect(table.frontends["198.19.0.10:80"]?.rateLimit?.requests == 50)
     }
 

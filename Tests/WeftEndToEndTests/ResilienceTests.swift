@@ -285,6 +285,100 @@ struct ResilienceTests {
         #expect(kernelBack, "the kernel never put od-3 back")
     }
 
+    /// Pods that take only mutual TLS (STRICT, and an AuthorizationPolicy
+    /// that admits only the client's identity) on other nodes: n1's agent
+    /// cannot probe them in plaintext, so its proxy asks their node's proxy
+    /// to run the check, through the tunnel, as the node identity.
+    @Test func strictPodsOnOtherNodesAreCheckedThroughTheirNodesProxy() throws {
+        let sp2 = "198.18.2.52", sp3 = "198.18.3.53"
+        let pods = [client, pod("sp-2", node: "n2", address: sp2, app: "sp"), pod("sp-3", node: "n3", address: sp3, app: "sp")]
+        let mesh = """
+            apiVersion: weft.dev/v1alpha1
+            kind: PeerAuthentication
+            metadata: {name: default, namespace: weft-system}
+            spec: {mtls: {mode: STRICT}}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: AuthorizationPolicy
+            metadata: {name: only-client, namespace: \(ns)}
+            spec:
+              selector: {matchLabels: {app: sp}}
+              action: ALLOW
+              rules: [{from: [{source: {principals: [cluster.local/ns/\(ns)/sa/client]}}]}]
+            """
+        let lab = try LabHarness(files: [
+            "pods.yaml": pods.joined(separator: "\n---\n"),
+            "services.yaml": service("sp-tcp", ip: "198.19.3.50", app: "sp", port: 9000, portName: "tcp"),
+            "policies.yaml": policy("sp-tcp", "healthCheck: {interval: 1s, timeout: 500ms, unhealthyThreshold: 1, healthyThreshold: 1, http: {path: /healthz}}"),
+            "mesh.yaml": mesh,
+        ], nodes: 3)
+        defer { lab.down() }
+        // Asked from each pod's own node: same-node plaintext from the node is allowed.
+        func onNode(_ address: String, _ path: String) throws -> String {
+            let node = "weft-n\(address.split(separator: ".")[2])"
+            return try LabHarness.shell(raw: ["ip", "netns", "exec", node, "curl", "-s", "-m", "2", "http://\(address):8080\(path)"])
+        }
+        for address in [sp2, sp3] {
+            var up = false
+            for _ in 0..<200 where !up {
+                up = (try? onNode(address, "/__count"))?.isEmpty == false
+                if !up { usleep(50_000) }
+            }
+            try #require(up, "\(address) never answered")
+        }
+        func stat(_ node: String, _ name: String) throws -> Int {
+            let text = try proxyText(node, "/stats")
+            return text.split(separator: "\n").first { $0.hasPrefix("weft_proxy_\(name) ") }
+                .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+        }
+        // Checks flow: n1 relays them, n2 and n3 run them; nothing fails.
+        var flowing = false
+        for _ in 0..<100 where !flowing {
+            flowing = try stat("n1", "tunnel_probes_relayed_total") >= 4 && stat("n2", "tunnel_probes_served_total") >= 1
+                && stat("n3", "tunnel_probes_served_total") >= 1
+            if !flowing { usleep(100_000) }
+        }
+        let n1Stats = try proxyText("n1", "/stats")
+        #expect(flowing, "n1: \(n1Stats)")
+        let failing = (try agentStatus("n1")["health"] as? [String: Any])?["failing"] as? [String] ?? ["?"]
+        #expect(failing.isEmpty, "\(failing)")
+
+        // sp-2 turns unhealthy: n1's kernel stops sending to it, then takes it back.
+        let entry2 = "\(ns)/sp-tcp:9000 \(sp2):8080"
+        _ = try onNode(sp2, "/__set?health=503")
+        try waitForHealth(entry2, failing: true, timeout: 5)
+        let without = try LabHarness.run(["get", "services", "--node", "n1"]).output
+        #expect(without.split(separator: "\n").contains { $0.contains("198.19.3.50:9000") && !$0.contains(sp2) && $0.contains(sp3) },
+                "\(without)")
+        _ = try onNode(sp2, "/__set?health=200")
+        try waitForHealth(entry2, failing: false, timeout: 5)
+
+        // sp-3 dies while a client on n1 keeps connecting: gone from n1's
+        // kernel within 2 intervals.
+        let watch = try lab.startLoad(in: "client", ["watch-tcp", "198.19.3.50", "9000", "5", "sp-3"])
+        usleep(1_500_000)
+        let exit = try onNode(sp3, "/__exit")
+        let killed = try #require((try? JSONSerialization.jsonObject(with: Data(exit.utf8)) as? [String: Any])?["exiting_at"] as? Double,
+                                  "\(exit)")
+        try waitForHealth("\(ns)/sp-tcp:9000 \(sp3):8080", failing: true, timeout: 5)
+        let t = try watch.finish()
+        // Through the tunnel a connection to the dead pod is accepted by n1's
+        // proxy and closed unanswered when n3's proxy cannot reach it.
+        let broken = (t["failures"] as? [Double] ?? []) + (t["empty"] as? [Double] ?? [])
+        let lastTCP = (broken.filter { $0 >= killed - 0.05 }.max() ?? killed) - killed
+        print("figure: last L4 connect from n1 to the dead STRICT pod on n3 \(lastTCP) s after its death (\(broken.count) broken)")
+        #expect(lastTCP <= 2.0, "\(t)")
+        #expect(counts(t, "pods")["sp-3"] ?? 0 > 0 && counts(t, "pods")["sp-2"] ?? 0 > 0, "both served before: \(t)")
+
+        // The far proxy runs only the checks its table lists.
+        let refusedBefore = try stat("n2", "tunnel_probes_refused_total")
+        let asked = try LabHarness.shell(raw: ["curl", "-s", "-w", " %{http_code}", "--unix-socket", "/run/weft/n1/proxy.sock",
+                                               "http://proxy/probe?node=n2&target=\(sp2):8080&path=/__exit"])
+        #expect(asked.hasSuffix(" 503") && asked.contains("no TrafficPolicy health check"), "\(asked)")
+        #expect(try stat("n2", "tunnel_probes_refused_total") == refusedBefore + 1)
+        #expect(try onNode(sp2, "/__count").isEmpty == false, "sp-2 is still up")
+    }
+
     @Test func breakersLimitsAndFaultsShedExactlyWhatTheySay() throws {
         let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("fi-1", "n2", "198.18.2.61")],
                                app: { String($0.prefix(while: { $0 != "-" })) }, services: [

@@ -33,6 +33,14 @@ struct SpiffeIDTests {
             #expect(SpiffeID(uri: bad) == nil, "\(bad)")
         }
     }
+
+    @Test func nodeIdentitiesAreTheirOwnKind() {
+        let node = SpiffeID.node("n2", trustDomain: "cluster.local")
+        #expect(node.uri == "spiffe://cluster.local/ns/weft-system/sa/weft-node.n2")
+        #expect(SpiffeID(uri: node.uri)?.nodeName == "n2")
+        #expect(SpiffeID(trustDomain: "cluster.local", namespace: "weft-system", serviceAccount: "default").nodeName == nil)
+        #expect(SpiffeID(trustDomain: "cluster.local", namespace: "shop", serviceAccount: "weft-node.n2").nodeName == nil)
+    }
 }
 
 struct MeshCATests {

@@ -5,6 +5,7 @@ import NIOHTTP1
 import Testing
 @testable import WeftCore
 @testable import WeftProxy
+import WeftStatus
 
 @Suite struct ProtocolDetectionTests {
     private func classify(_ s: String) -> ProtocolDetector.Verdict {
@@ -186,5 +187,18 @@ import Testing
         let object = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
         #expect(object["path"] as? String == "/a\"b\\c\n\u{1}é")
         #expect(object["code"] as? Int == 200 && object["missing"] == nil && object["ms"] as? Double == 1.5)
+    }
+}
+
+@Suite struct ProbeQueryTests {
+    @Test func probeQueriesSurviveEncodingAndBadEscapesAreRefused() {
+        let path = "/health z?a=1&b=%/ü"
+        let uri = "/probe?node=n2&target=\(HealthProbe.percentEncoded("198.18.2.20:8080"))&path=\(HealthProbe.percentEncoded(path))"
+        #expect(!uri.dropFirst("/probe?".count).contains(" ") && uri.split(separator: "&").count == 3)
+        let q = HealthProbe.query(uri)
+        #expect(q == ["node": "n2", "target": "198.18.2.20:8080", "path": path])
+        #expect(HealthProbe.query("/probe?path=%G1") == nil)
+        #expect(HealthProbe.query("/probe?path=%4") == nil)
+        #expect(HealthProbe.query("/probe") == [:])
     }
 }

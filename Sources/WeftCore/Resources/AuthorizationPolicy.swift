@@ -336,8 +336,8 @@ extension ClusterState {
     /// STRICT (its kernel drops plaintext from other nodes), nor one an
     /// AuthorizationPolicy judges (a node's address has no identity, so the
     /// probe would be refused): such a probe would fail while the pod is
-    /// well, and take it out of every Service. Those pods are left to their
-    /// own node's agent and to the proxies' outlier detection.
+    /// well, and take it out of every Service. Those pods are checked by
+    /// their own node's proxy on the agent's behalf (WeftProxy TunnelProbe).
     public func plaintextProbeable(_ workload: Workload, from node: String) -> Bool {
         if workload.node == node { return true }
         if mtlsMode(workload) == .strict { return false }

@@ -434,3 +434,37 @@ extension Double {
     /// "12" for 12.0, "12.5" otherwise (for error messages).
     var plainNumber: String { self == rounded() && abs(self) < 1e15 ? String(Int(self)) : String(self) }
 }
+
+extension ClusterState {
+    /// One active health check of one backend.
+    public struct HealthProbe: Hashable, Sendable {
+        /// The Service port's cluster name.
+        public var cluster: String
+        public var workload: Workload
+        public var backend: BackendAddress
+        public var check: TrafficPolicy.HealthCheck
+    }
+
+    /// Every TCP port of every Service whose TrafficPolicy has a
+    /// healthCheck, at each of its backends.
+    public func healthChecks() -> [HealthProbe] {
+        var out: [HealthProbe] = []
+        for policy in trafficPolicies {
+            guard let check = policy.healthCheck else { continue }
+            for name in policy.targets {
+                guard let service = services.first(where: {
+                    $0.metadata.namespace == policy.metadata.namespace && $0.metadata.name == name
+                }) else { continue }
+                for port in service.ports where port.transport == .tcp {
+                    let cluster = ProxyTable.clusterName(namespace: service.metadata.namespace, service: name, port: port.port)
+                    for w in backends(of: service) {
+                        guard let target = w.resolve(port.targetPort, transport: .tcp) else { continue }
+                        out.append(HealthProbe(cluster: cluster, workload: w,
+                                               backend: BackendAddress(address: w.address, port: target, transport: .tcp), check: check))
+                    }
+                }
+            }
+        }
+        return out
+    }
+}

@@ -28,6 +28,10 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// with none are absent): what the proxy decides with when it delivers
     /// to a pod of its node.
     public var authorization: [String: AuthorizationSet]?
+    /// Every TrafficPolicy health check, by the backend "ip:port" it
+    /// probes: what another node's proxy may ask this one to run against
+    /// a pod of this node, and nothing else (nil: none configured).
+    public var probes: [String: [TrafficPolicy.HealthCheck]]?
 
     public struct TunnelSettings: Codable, Hashable, Sendable {
         /// Pod addresses whose PeerAuthentication mode is DISABLE: sent to
@@ -171,6 +175,11 @@ extension ProxyTable {
                                                       serviceAccount: w.serviceAccount, node: w.node)
         }
         workloads = refs
+        var checks: [String: [TrafficPolicy.HealthCheck]] = [:]
+        for probe in state.healthChecks() where !(checks["\(probe.backend)"]?.contains(probe.check) ?? false) {
+            checks["\(probe.backend)", default: []].append(probe.check)
+        }
+        if !checks.isEmpty { probes = checks }
         if !state.authorizationPolicies.isEmpty {
             var sets: [String: AuthorizationSet] = [:]
             for w in state.workloads {

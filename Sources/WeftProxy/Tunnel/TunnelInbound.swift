@@ -46,6 +46,32 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         context.close(promise: nil)
     }
 
+    /// A health check another node's proxy asks for: run here, against the
+    /// pod, if the peer is a node and the table lists the check; the stream
+    /// ends with the verdict and carries no bytes.
+    private func probe(_ context: ChannelHandlerContext, snapshot: RouteSnapshot, peer: SpiffeID, target: IPv4Address,
+                       port: UInt16, path: String) {
+        let check: TrafficPolicy.HealthCheck
+        switch TunnelProbe.check(proxy, snapshot: snapshot, peer: peer, target: target, port: port, path: path) {
+        case .failure(let refusal):
+            proxy.stats.probesRefused.add(1, ordering: .relaxed)
+            return refuse(context, refusal.status, refusal.reason)
+        case .success(let c):
+            check = c
+        }
+        proxy.stats.probesServed.add(1, ordering: .relaxed)
+        let stream = context.channel
+        TunnelProbe.run(check, target: target, port: port, on: context.eventLoop).assumeIsolated().whenSuccess { outcome in
+            var headers = HPACKHeaders([(":status", "200")])
+            switch outcome {
+            case .success(let status): headers.add(name: "x-weft-probe-status", value: "\(status)")
+            case .failure(let refusal): headers = HPACKHeaders([(":status", "\(refusal.status)"), ("x-weft-reason", refusal.reason)])
+            }
+            let frame = HTTP2Frame.FramePayload.headers(.init(headers: headers, endStream: true))
+            stream.writeAndFlush(frame).assumeIsolated().whenComplete { _ in stream.close(promise: nil) }
+        }
+    }
+
     /// Answers the CONNECT with 200 and makes the stream a byte channel
     /// (the codec goes in before this handler, which then leaves).
     private func accept(_ context: ChannelHandlerContext) throws {
@@ -86,6 +112,9 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         }
         guard let destination = snapshot.workloadsByIP[target.value], destination.node == node else {
             return refuse(context, 404, "\(target) is not a pod of node \(node)")
+        }
+        if let path = headers.first(name: TunnelProbe.header) {
+            return probe(context, snapshot: snapshot, peer: peer, target: target, port: port, path: path)
         }
         guard let sourceText = headers.first(name: "x-weft-source"), let source = IPv4Address(sourceText),
               let sourcePod = snapshot.workloadsByIP[source.value] else {

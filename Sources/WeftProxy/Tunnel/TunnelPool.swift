@@ -139,7 +139,7 @@ final class TunnelPool {
     /// `http`: the stream carries HTTP the proxy wrote itself ("http1" or
     /// "h2"), sent as `x-weft-protocol` so the far proxy reads it as such.
     func stream(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities, http: String? = nil,
-                initialize: @escaping @Sendable (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
+                extraHeaders: [(String, String)] = [], initialize: @escaping @Sendable (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
         let connection: TunnelConnection
         if let c = connections[route], c.isUsable {
             connection = c
@@ -156,6 +156,7 @@ final class TunnelPool {
         stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
         var headers = [("x-weft-source", source.description)]
         if let http { headers.append(("x-weft-protocol", http)) }
+        headers += extraHeaders
         connection.openStream(authority: "\(target.address):\(target.port)", headers: headers, initialize: initialize, completion)
     }
 

@@ -193,7 +193,9 @@ def cookie(url, n, name):
 
 
 def watch_tcp(host, port, seconds, pod):
-    failures, last_seen, pods = [], 0.0, Counter()
+    # "empty": connections closed with no answer (a proxy in between that
+    # could not reach the backend), apart from refused ones ("failures").
+    failures, empty, last_seen, pods = [], [], 0.0, Counter()
     end = time.time() + seconds
     while time.time() < end:
         now = time.time()
@@ -213,10 +215,12 @@ def watch_tcp(host, port, seconds, pod):
             pods[who] += 1
             if who == pod:
                 last_seen = now
+            if not data:
+                empty.append(now)
         except OSError:
             failures.append(now)
         time.sleep(0.01)
-    return {"failures": failures, "last_seen": last_seen, "pods": pods}
+    return {"failures": failures, "empty": empty, "last_seen": last_seen, "pods": pods}
 
 
 def watch_http(url, seconds, pod):
