@@ -125,6 +125,15 @@ def cpu_between(before, after):
     return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
 
 
+def proxy_requests():
+    """Requests the node proxy has taken so far (its own counter)."""
+    out = sh("curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats")
+    for line in out.splitlines():
+        if line.startswith("weft_proxy_requests_total "):
+            return int(line.split()[1])
+    raise SystemExit(f"no weft_proxy_requests_total in the proxy's /stats: {out[:200]}")
+
+
 def bootstrap_median(values, resamples=2000, seed=7):
     """The median and a 90% percentile-bootstrap interval for it."""
     import random
@@ -170,12 +179,14 @@ def feature_cost(work):
 
         def measure(name):
             url = f"http://{vip(names.index(name))}/"
-            cpu0 = cpu_ns(proxy)
+            # CPU and requests over the same window, warm-up included (h2load
+            # counts only the measured part): the proxy's own counter.
+            cpu0, req0 = cpu_ns(proxy), proxy_requests()
             top = h2load(url, "HTTP/1.1", MAX_S)
-            cpu1 = cpu_ns(proxy)
+            cpu1, req1 = cpu_ns(proxy), proxy_requests()
             if top["failed"]:
                 raise SystemExit(f"{name}: requests failed: {top}")
-            return {"rps": top["rate"], "per_core": top["requests"] / max(cpu_between(cpu0, cpu1), 1e-9),
+            return {"rps": top["rate"], "per_core": (req1 - req0) / max(cpu_between(cpu0, cpu1), 1e-9),
                     "p99_us": top["p99_us"], "p50_us": top["p50_us"]}
 
         others = names[1:]
@@ -372,7 +383,7 @@ def report(runs, fo):
         f"nginx backend pods; one Service per variant over the same backends. {ROUNDS} rounds; in each, every variant is "
         "measured right next to the base Service (which of the two goes first alternates by round): h2load --h1 with 16 "
         f"keep-alive connections as fast as they go for {MAX_S} s, giving requests/s, requests per second of the proxy's "
-        "CPU (its threads' run time from schedstat), and p99 from h2load's per-request log. Each feature is configured to "
+        "CPU (its requests counter over its threads' run time from schedstat, both over the whole h2load run), and p99 from h2load's per-request log. Each feature is configured to "
         "be evaluated on every request without tripping (limits far above the load, fault percentages 0, hashing on the "
         "source address); `all` carries every feature at once; `control` is a second Service with no TrafficPolicy, paired "
         "with base like the variants, so its row is what this 2-core VM's noise alone does (client, nginx, proxy and agent "
