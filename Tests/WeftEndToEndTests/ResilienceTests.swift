@@ -374,7 +374,7 @@ struct ResilienceTests {
         let refusedBefore = try stat("n2", "tunnel_probes_refused_total")
         let asked = try LabHarness.shell(raw: ["curl", "-s", "-w", " %{http_code}", "--unix-socket", "/run/weft/n1/proxy.sock",
                                                "http://proxy/probe?node=n2&target=\(sp2):8080&path=/__exit"])
-        #expect(asked.hasSuffix(" 503") && asked.contains("no TrafficPolicy health check"), "\(asked)")
+        #expect(asked.hasSuffix(" 409") && asked.contains("no TrafficPolicy health check"), "\(asked)")
         #expect(try stat("n2", "tunnel_probes_refused_total") == refusedBefore + 1)
         #expect(try onNode(sp2, "/__count").isEmpty == false, "sp-2 is still up")
     }

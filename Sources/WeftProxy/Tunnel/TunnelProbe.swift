@@ -24,8 +24,9 @@ enum TunnelProbe {
     // MARK: the asking side (this node's agent -> this proxy -> the pod's node)
 
     /// `/probe?node=N&target=IP:PORT[&path=P]` from the agent. 200: the
-    /// check passed; 503: it failed, or the pod's node cannot be reached;
-    /// anything else: this proxy could not ask (no verdict).
+    /// check passed; 503: it failed, or the pod's node cannot be reached
+    /// (or is not who it should be); anything else: no verdict (this proxy
+    /// could not ask, or the far one would not run that check).
     static func relay(_ proxy: ProxyContext, uri: String, loop: any EventLoop) -> EventLoopFuture<Answer> {
         func answer(_ status: HTTPResponseStatus, _ body: String) -> EventLoopFuture<Answer> {
             loop.makeSucceededFuture((status, [], body + "\n"))
@@ -62,8 +63,12 @@ enum TunnelProbe {
             case .success(let stream):
                 stream.close(promise: nil)
                 promise.succeed((.ok, [], "passed\n"))
-            case .failure(let error as TunnelRefused):
+            case .failure(let error as TunnelRefused) where error.status == 503:
                 promise.succeed((.serviceUnavailable, [], error.reason + "\n"))
+            case .failure(let error as TunnelRefused) where error.status != 0:
+                // The far proxy would not run it (its table does not know
+                // the pod or the check yet): no verdict on the pod.
+                promise.succeed((.conflict, [], "\(node)'s proxy refused (\(error.status)): \(error.reason)\n"))
             case .failure(let error):
                 promise.succeed((.serviceUnavailable, [], "tunnel to \(node): \(error)\n"))
             }
