@@ -447,14 +447,18 @@ extension ClusterState {
 
     /// Every TCP port of every Service whose TrafficPolicy has a
     /// healthCheck, at each of its backends.
+    /// Called by each reconcile twice (the agent's probes, the proxy's
+    /// table): one pass over the Services, not one per policy.
     public func healthChecks() -> [HealthProbe] {
         var out: [HealthProbe] = []
-        for policy in trafficPolicies {
+        let checked = trafficPolicies.filter { $0.healthCheck != nil }
+        guard !checked.isEmpty else { return out }
+        var byName: [String: Service] = [:]
+        for s in services { byName[s.metadata.qualifiedName] = s }
+        for policy in checked {
             guard let check = policy.healthCheck else { continue }
             for name in policy.targets {
-                guard let service = services.first(where: {
-                    $0.metadata.namespace == policy.metadata.namespace && $0.metadata.name == name
-                }) else { continue }
+                guard let service = byName["\(policy.metadata.namespace)/\(name)"] else { continue }
                 for port in service.ports where port.transport == .tcp {
                     let cluster = ProxyTable.clusterName(namespace: service.metadata.namespace, service: name, port: port.port)
                     for w in backends(of: service) {
