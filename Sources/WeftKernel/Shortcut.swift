@@ -187,7 +187,7 @@ public final class ShortcutMaps: Sendable {
         "socket_added", "socket_add_failed", "socket_removed", "flow_redirected", "flow_tcp_no_peer",
         "flow_tcp_disabled", "fallback_switched_off", "fallback_receiver_queue_full", "messages_redirected",
         "bytes_redirected", "messages_tcp", "bytes_tcp", "flow_tcp_not_receiver", "probe_redirected",
-        "resumed_after_queue_full",
+        "resumed_after_queue_full", "messages_spliced", "bytes_spliced", "splice_wait",
     ]
 
     /// Checks, with two loopback sockets of its own, that the kernel really

@@ -18,6 +18,9 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Called once, when both channels are closed, with each side's bytes.
     var onFinish: ((_ mine: Int, _ partners: Int) -> Void)?
     private var inactive = false
+    /// Set when the kernel may splice this direction past the proxy: each
+    /// completed write to the partner is reported to it.
+    var splice: SpliceLeg?
 
     /// Two handlers, one for each channel.
     static func pair() -> (GlueHandler, GlueHandler) {
@@ -58,8 +61,13 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        bytesRead += Self.unwrapInboundIn(data).readableBytes
-        partnerWrite(data)
+        let count = Self.unwrapInboundIn(data).readableBytes
+        bytesRead += count
+        guard let splice else { return partnerWrite(data) }
+        guard let partnerContext = partner?.context else { return }
+        let written = context.eventLoop.makePromise(of: Void.self)
+        written.futureResult.assumeIsolated().whenSuccess { splice.forwarded(count) }
+        partnerContext.write(data, promise: written)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -68,6 +76,9 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         inactive = true
+        // Its 4-tuple may be reused from now on: no more reports under it.
+        splice?.stop()
+        partner?.splice?.stop()
         let partner = self.partner
         partner?.context?.close(promise: nil)
         onClose?()

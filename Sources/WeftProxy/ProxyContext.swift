@@ -23,6 +23,19 @@ final class ProxyContext: Sendable {
     var identities: TunnelIdentities? { identityState.withLock { $0 } }
     func install(identities: TunnelIdentities) { identityState.withLock { $0 = identities } }
     let draining = Atomic<Bool>(false)
+    private let spliceMaps = Mutex<SpliceMaps?>(nil)
+    /// The shortcut's splice maps, once the agent has pinned them.
+    var splice: SpliceMaps? { spliceMaps.withLock { $0 } }
+
+    /// Opens the splice maps if the agent has pinned them and they are not
+    /// open yet (the proxy may start before the shortcut, or without it),
+    /// and clears what a previous proxy left there.
+    func openSpliceMaps() {
+        guard splice == nil, let maps = try? SpliceMaps(pinDirectory: configuration.pinDirectory) else { return }
+        maps.clear()
+        spliceMaps.withLock { $0 = maps }
+        logger.info("splicing opaque TCP between shortcut sockets")
+    }
     private let loops: [ObjectIdentifier: LoopState]
     /// Via token; a request that already carries it has looped.
     let viaToken: String

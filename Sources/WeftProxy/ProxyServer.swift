@@ -51,6 +51,7 @@ public enum ProxyServer {
         let policy = try PolicyMaps(pinDirectory: configuration.pinDirectory)
         let proxy = ProxyContext(configuration: configuration, logger: logger, origins: origins, policy: policy,
                                  eventLoops: loops)
+        proxy.openSpliceMaps()
         let tableFile = ProxyConfiguration.tableFile(runDirectory: configuration.runDirectory)
         let identityFile = configuration.runDirectory + "/" + IdentityBundle.fileName
         let reloadErrors = Mutex<String?>(nil)
@@ -75,6 +76,7 @@ public enum ProxyServer {
         }
         func reload() {
             reloadIdentities()
+            proxy.openSpliceMaps()
             do {
                 let data = try Data(contentsOf: URL(fileURLWithPath: tableFile))
                 let table = try JSONDecoder().decode(ProxyTable.self, from: data)

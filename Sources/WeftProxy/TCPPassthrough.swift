@@ -56,7 +56,11 @@ enum TCPPassthrough {
         loop.pool.state(endpoint).inFlight += 1
         let pool = loop.pool
         let connected: (@escaping (Result<Channel, any Error>) -> Void) -> Void
-        if let tunnel = proxy.tunnel(to: endpoint, from: origin.source, snapshot: snapshot) {
+        let tunnel = proxy.tunnel(to: endpoint, from: origin.source, snapshot: snapshot)
+        // A pod of this node over the shortcut: the kernel may take the
+        // bytes past the proxy (SpliceLeg).
+        let spliceMaps = tunnel == nil ? proxy.splice : nil
+        if let tunnel {
             // To another node: a CONNECT stream of the mutual-TLS tunnel.
             connected = { done in
                 pool.tunnels.stream(tunnel.route, to: endpoint, source: origin.source, identities: tunnel.identities,
@@ -83,12 +87,16 @@ enum TCPPassthrough {
                     downstream.close(promise: nil)
                 case .success(let upstream):
                     let (a, b) = GlueHandler.pair()
+                    (a.splice, b.splice) = SpliceLeg.legs(maps: spliceMaps, downstream: downstream, upstream: upstream)
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
                     let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend?.service,
                                            serviceNamespace: frontend?.namespace, upstream: endpoint)
                     let series = snapshot.table.requestMetrics == false ? nil : loop.telemetry.tcp(peers, proxy.telemetry)
                     series?.opened.increment()
-                    a.onFinish = { sent, received in
+                    a.onFinish = { [splices = (a.splice, b.splice)] read, readBack in
+                        // Bytes the kernel took past the proxy count as relayed.
+                        let sent = read + (splices.0?.finish() ?? 0)
+                        let received = readBack + (splices.1?.finish() ?? 0)
                         series?.closed.increment()
                         series?.sent.increment(by: Int64(sent))
                         series?.received.increment(by: Int64(received))
@@ -113,7 +121,16 @@ enum TCPPassthrough {
                         let closedEarly = (detector as? ProtocolDetector)?.inputClosed ?? false
                         try upstream.pipeline.syncOperations.addHandler(b)
                         try downstream.pipeline.syncOperations.addHandler(a)
-                        if let early, early.readableBytes > 0 { upstream.writeAndFlush(early, promise: nil) }
+                        if let early, early.readableBytes > 0 {
+                            if let leg = a.splice {
+                                let count = early.readableBytes
+                                let written = upstream.eventLoop.makePromise(of: Void.self)
+                                written.futureResult.assumeIsolated().whenSuccess { leg.forwarded(count) }
+                                upstream.writeAndFlush(early, promise: written)
+                            } else {
+                                upstream.writeAndFlush(early, promise: nil)
+                            }
+                        }
                         // The client's FIN came before the backend was there: pass it on now.
                         if closedEarly { upstream.close(mode: .output, promise: nil) }
                         if let detector = detector as? ProtocolDetector {

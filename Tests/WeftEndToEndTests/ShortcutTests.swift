@@ -63,6 +63,17 @@ struct ShortcutTests {
         return e.compactMapValues { ($0 as? NSNumber)?.intValue }
     }
 
+    /// Bytes of opaque TCP connections the proxy counts, both ways.
+    private func proxyTCPBytes() throws -> Int {
+        let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/metrics"])
+        var total = 0.0
+        for line in text.split(separator: "\n")
+        where line.hasPrefix("weft_tcp_sent_bytes_total") || line.hasPrefix("weft_tcp_received_bytes_total") {
+            total += line.split(separator: " ").last.flatMap { Double($0) } ?? 0
+        }
+        return Int(total)
+    }
+
     private func stress(_ lab: LabHarness, _ target: String, cases: String, seconds: Double = 3) throws -> [String: Any] {
         let r = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "170",
                                     "python3", streamTool, "stress", target, "9000", "--cases", cases,
@@ -109,11 +120,26 @@ struct ShortcutTests {
         // The paused reader pushed its sender back to TCP, and bulk flows came back.
         #expect(e1["fallback_receiver_queue_full", default: 0] > e0["fallback_receiver_queue_full", default: 0])
 
-        // pod -> proxy -> pod, opaque TCP through the proxy: the same.
+        // pod -> proxy -> pod, opaque TCP through the proxy: the same. The
+        // proxy joins two shortcut sockets byte for byte, so the kernel
+        // splices most bytes past it (weft_abi.h, "Splice"); the proxy
+        // still counts them as its connections' bytes.
+        let relayedBefore = try proxyTCPBytes()
         expectAllOK(try stress(lab, "198.19.5.11", cases: allCases), "pod -> proxy -> pod")
         let e2 = try events()
         #expect(e2["bytes_redirected", default: 0] - e1["bytes_redirected", default: 0] >= 32 << 20,
                 "proxy hops did not take the shortcut: \(e2)")
+        let spliced = e2["bytes_spliced", default: 0] - e1["bytes_spliced", default: 0]
+        #expect(spliced >= 16 << 20, "no bytes were spliced past the proxy: \(e2)")
+        #expect(e2["splice_wait", default: 0] > e1["splice_wait", default: 0],
+                "no spliced direction ever waited for the proxy (the backpressure case must make it)")
+        var relayed = 0
+        for _ in 0..<100 {
+            relayed = try proxyTCPBytes() - relayedBefore
+            if relayed >= spliced { break }
+            usleep(50_000)
+        }
+        #expect(relayed >= spliced, "the proxy's byte counters miss spliced bytes: \(relayed) < \(spliced)")
 
         // A reader using splice() is not a receiver: its direction stays on
         // TCP (splice would never see redirected bytes), and it gets them all.

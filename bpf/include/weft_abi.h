@@ -33,6 +33,8 @@
 #define WEFT_MAP_ACCEL_CONFIG "weft_accel_config"
 #define WEFT_MAP_ACCEL_STATE  "weft_accel_state"
 #define WEFT_MAP_ACCEL_STATS  "weft_accel_stats"
+#define WEFT_MAP_ACCEL_SPLICE "weft_accel_splice"
+#define WEFT_MAP_ACCEL_SPLICED "weft_accel_spliced"
 #define WEFT_MAP_FLOWS        "weft_flows"
 #define WEFT_MAP_FLOW_SOCK    "weft_flow_sock"
 #define WEFT_MAP_TELEMETRY_CONFIG "weft_telemetry_config"
@@ -53,7 +55,7 @@
 #define WEFT_MAX_ACCEL_SOCKETS  65536   /* same-node mesh sockets on the shortcut */
 #define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
 #define WEFT_MAX_FLOWS          16384   /* connection counters per (client pod, destination, port) (LRU) */
-#define WEFT_ABI_VERSION        5
+#define WEFT_ABI_VERSION        6
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,
@@ -183,6 +185,8 @@ enum weft_lb_event {
  *  - a direction on TCP goes back to redirecting only when TCP holds none
  *    of its bytes: all acknowledged (sender snd_una == write_seq) and all
  *    read (receiver copied_seq == rcv_nxt); only after a queue fallback.
+ *  - a direction the node proxy relays byte for byte (opaque TCP) between
+ *    two sockets of the shortcut may skip the proxy ("splice", below).
  * Addresses are kept IPv6-sized: IPv4 as ::ffff:a.b.c.d, so an AF_INET
  * socket and a dual-stack peer key alike. Loopback is never accelerated
  * (127.0.0.1 pairs collide across network namespaces); pod addresses are
@@ -239,7 +243,45 @@ struct weft_accel_peer {
 
 struct weft_accel_sock {
 	__u32 mode;        /* WEFT_ACCEL_* */
-	__u32 pad0;        /* zero */
+	__u32 write_seq;   /* the socket's TCP write_seq when `sent` last took
+	                    * in its TCP bytes */
+	__u64 sent;        /* bytes this socket sent to its own peer, spliced
+	                    * ones excepted: those it redirected (counted as the
+	                    * program redirects them) plus those TCP took
+	                    * (write_seq's advance: the kernel may pass a
+	                    * message to TCP without running the program, after
+	                    * a failed push). Made by sockops before the first
+	                    * byte. May count a byte twice (a redirect the
+	                    * receiver took only in part), never miss one. */
+};
+
+/*
+ * Splice: when the node proxy joins two sockets of the shortcut byte for
+ * byte (client C -- D proxy U -- S server, opaque TCP to a pod of this
+ * node), it writes one weft_accel_splice per direction, keyed by its own
+ * socket that the sender talks to (D for C's bytes, U for S's). The
+ * sender's sk_msg program then puts a message straight into the far end's
+ * receive queue (C -> S), skipping the proxy, but only while that cannot
+ * reorder a byte:
+ *  - forwarded == the sender's weft_accel_sock.sent: the proxy has read
+ *    every byte the sender ever gave it and written all of them on (the
+ *    proxy raises `forwarded` only once a write has completed, so it lags,
+ *    never leads; a count that could be off stops splicing, never starts it);
+ *  - nothing of the proxy's writes is still in TCP between `via` and
+ *    `target` (via snd_una == write_seq, target copied_seq == rcv_nxt);
+ *  - the target is a receiver, on the shortcut, with room in its queue.
+ * Otherwise the message goes to the proxy as before, which forwards it in
+ * order behind the spliced bytes already queued. FIN and RST still travel
+ * through the proxy, after every byte. sockops deletes an entry when its
+ * key's socket closes; the proxy deletes its own at close and all at start.
+ * Spliced bytes are counted per key in weft_accel_spliced (LRU), so the
+ * proxy's per-connection byte counts stay whole.
+ */
+struct weft_accel_splice {
+	struct weft_accel_key target;  /* the far end (S for C's bytes) */
+	struct weft_accel_key via;     /* the proxy's socket joined to it (U) */
+	__u64 forwarded;               /* bytes of this direction the proxy has
+	                                * written to `via` (written by the proxy) */
 };
 
 enum weft_accel_event {
@@ -258,7 +300,11 @@ enum weft_accel_event {
 	WEFT_ACCEL_FLOW_NOT_RECEIVER = 12, /* decided for TCP: peer not marked as a receiver */
 	WEFT_ACCEL_PROBE_REDIRECTED = 13,
 	WEFT_ACCEL_RESUMED         = 14, /* a queue fallback went back to redirecting */
-	WEFT_ACCEL_EVENT_MAX       = 15,
+	WEFT_ACCEL_MSG_SPLICED     = 15, /* redirected past the node proxy (also in MSG_REDIRECTED) */
+	WEFT_ACCEL_BYTES_SPLICED   = 16, /* (also in BYTES_REDIRECTED) */
+	WEFT_ACCEL_SPLICE_WAIT     = 17, /* a spliced direction's message sent to the proxy:
+	                                  * it still held bytes, or the far end could not take it */
+	WEFT_ACCEL_EVENT_MAX       = 18,
 };
 
 /*
@@ -453,7 +499,8 @@ _Static_assert(sizeof(struct weft_accel_key) == 36, "weft_accel_key layout");
 _Static_assert(sizeof(struct weft_accel_addr) == 16, "weft_accel_addr layout");
 _Static_assert(sizeof(struct weft_accel_config) == 8, "weft_accel_config layout");
 _Static_assert(sizeof(struct weft_accel_peer) == 24, "weft_accel_peer layout");
-_Static_assert(sizeof(struct weft_accel_sock) == 8, "weft_accel_sock layout");
+_Static_assert(sizeof(struct weft_accel_sock) == 16, "weft_accel_sock layout");
+_Static_assert(sizeof(struct weft_accel_splice) == 80, "weft_accel_splice layout");
 #endif
 
 #endif /* WEFT_ABI_H */

@@ -10,7 +10,9 @@
  *                                sockets (its own cgroup), marked as
  *                                receivers: the proxy reads with read()
  *   sk_msg   weft_accel_msg      redirects a message into the peer's
- *                                receive queue, or lets TCP carry it
+ *                                receive queue, or past the node proxy
+ *                                into the far end's (splice), or lets TCP
+ *                                carry it
  *
  * The few kernel structs read below are declared with preserve_access_index
  * (CO-RE): libbpf relocates the field offsets against the running kernel's
@@ -91,6 +93,23 @@ struct {
 	__type(value, struct weft_accel_sock);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_accel_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEFT_MAX_ACCEL_SOCKETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct weft_accel_key);
+	__type(value, struct weft_accel_splice);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_accel_splice SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_ACCEL_SOCKETS);
+	__type(key, struct weft_accel_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_accel_spliced SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -177,6 +196,7 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 	struct weft_accel_config *cfg;
 	struct weft_accel_key key = {};
 	struct weft_accel_peer peer = {};
+	struct weft_accel_sock *state;
 	__u32 op = skops->op, flags;
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
@@ -185,6 +205,7 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 			return 1;
 		if (bpf_map_delete_elem(&weft_accel_peers, &key) == 0)
 			accel_count(WEFT_ACCEL_SOCK_REMOVED, 1);
+		bpf_map_delete_elem(&weft_accel_splice, &key);
 		return 1;
 	}
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
@@ -204,6 +225,18 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 	 * TCP queue; redirected bytes would overtake it. */
 	if (skops->data_segs_in != 0 || skops->data_segs_out != 0)
 		return 1;
+	/* The sender's state exists before its first byte, so that its count
+	 * of bytes sent (which splicing relies on) misses none. */
+	if (!skops->sk)
+		return 1;
+	state = bpf_sk_storage_get(&weft_accel_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
+		accel_count(WEFT_ACCEL_SOCK_ADD_FAILED, 1);
+		return 1;
+	}
+	/* No data has gone out (checked above): TCP's count starts here. */
+	state->write_seq = skops->snd_nxt;
+	state->sent = 0;
 	if (bpf_sock_hash_update(skops, &weft_accel_socks, &key, BPF_NOEXIST) != 0) {
 		accel_count(WEFT_ACCEL_SOCK_ADD_FAILED, 1);
 		return 1;
@@ -280,20 +313,69 @@ static __always_inline int peer_queue_full(const struct weft_accel_key *peer_key
 	return queued + size > limit;
 }
 
-/* True when TCP holds none of this direction's bytes: the sender has them
- * all acknowledged (the sender is locked by this sendmsg, so its fields
- * hold still) and the receiver's application has read all it got. Then a
- * redirected byte cannot overtake one sent by TCP. */
+/* True when TCP holds none of the bytes `sender` sent to the socket at
+ * `receiver`: all acknowledged and all read by the receiver's application.
+ * Then a redirected byte cannot overtake one sent by TCP. */
+static __always_inline int tcp_quiet(const void *sender, __u64 receiver)
+{
+	struct tcp_sock *me, *them;
+
+	if (!sender || !receiver)
+		return 0;
+	me = bpf_rdonly_cast(sender, bpf_core_type_id_kernel(struct tcp_sock));
+	them = bpf_rdonly_cast((void *)receiver, bpf_core_type_id_kernel(struct tcp_sock));
+	return me->snd_una == me->write_seq && them->copied_seq == them->rcv_nxt;
+}
+
+/* This direction (the sender is locked by this sendmsg, so its fields hold
+ * still). */
 static __always_inline int tcp_drained(struct bpf_sock *self, const struct weft_accel_key *peer_key)
 {
 	struct weft_accel_peer *peer = bpf_map_lookup_elem(&weft_accel_peers, peer_key);
-	struct tcp_sock *me, *them;
 
-	if (!peer || !peer->sock)
+	return peer && tcp_quiet(self, peer->sock);
+}
+
+/* Splice (weft_abi.h): put this message straight into the far end's queue,
+ * past the node proxy, when the rules there allow. 1 if it was redirected. */
+static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_sock *state,
+				      const struct weft_accel_key *peer, __u32 size,
+				      const struct weft_accel_config *cfg)
+{
+	struct weft_accel_splice *sp = bpf_map_lookup_elem(&weft_accel_splice, peer);
+	struct weft_accel_peer *target, *via;
+	__u64 *spliced, first = size;
+
+	if (!sp)
 		return 0;
-	me = bpf_rdonly_cast(self, bpf_core_type_id_kernel(struct tcp_sock));
-	them = bpf_rdonly_cast((void *)peer->sock, bpf_core_type_id_kernel(struct tcp_sock));
-	return me->snd_una == me->write_seq && them->copied_seq == them->rcv_nxt;
+	/* The proxy holds bytes of ours it has not passed on yet. */
+	if (sp->forwarded != state->sent)
+		goto wait;
+	target = bpf_map_lookup_elem(&weft_accel_peers, &sp->target);
+	via = bpf_map_lookup_elem(&weft_accel_peers, &sp->via);
+	if (!target || !via || !(target->flags & WEFT_ACCEL_LOCAL_RECEIVE))
+		goto wait;
+	/* The proxy's last writes are out of TCP (the proxy writes no more of
+	 * this direction until we send it more, so `via` holds still too). */
+	if (!tcp_quiet((void *)via->sock, target->sock))
+		goto wait;
+	if (peer_queue_full(&sp->target, size, cfg))
+		goto wait;
+	if (bpf_msg_redirect_hash(msg, &weft_accel_socks, &sp->target, BPF_F_INGRESS) != SK_PASS)
+		goto wait;
+	spliced = bpf_map_lookup_elem(&weft_accel_spliced, peer);
+	if (spliced)
+		__sync_fetch_and_add(spliced, size);
+	else
+		bpf_map_update_elem(&weft_accel_spliced, peer, &first, BPF_NOEXIST);
+	accel_count(WEFT_ACCEL_MSG_SPLICED, 1);
+	accel_count(WEFT_ACCEL_BYTES_SPLICED, size);
+	accel_count(WEFT_ACCEL_MSG_REDIRECTED, 1);
+	accel_count(WEFT_ACCEL_BYTES_REDIRECTED, size);
+	return 1;
+wait:
+	accel_count(WEFT_ACCEL_SPLICE_WAIT, 1);
+	return 0;
 }
 
 SEC("sk_msg")
@@ -307,17 +389,30 @@ int weft_accel_msg(struct sk_msg_md *msg)
 
 	if (!msg->sk)
 		return SK_PASS;
-	state = bpf_sk_storage_get(&weft_accel_state, msg->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!state || state->mode == WEFT_ACCEL_PASS || !msg_peer_key(msg, &peer))
-		goto pass;
-	if (state->mode == WEFT_ACCEL_PASS_FULL && !tcp_drained(msg->sk, &peer))
+	/* Made by sockops (or by the agent's probe): none means not ours. */
+	state = bpf_sk_storage_get(&weft_accel_state, msg->sk, 0, 0);
+	if (!state || !msg_peer_key(msg, &peer))
 		goto pass;
 	if (state->mode == WEFT_ACCEL_PROBE) {
 		if (bpf_msg_redirect_hash(msg, &weft_accel_socks, &peer, BPF_F_INGRESS) == SK_PASS)
 			accel_count(WEFT_ACCEL_PROBE_REDIRECTED, 1);
 		return SK_PASS;
 	}
+	/* Take in what TCP carried since the last message (sender locked). */
+	{
+		struct tcp_sock *me = bpf_rdonly_cast(msg->sk, bpf_core_type_id_kernel(struct tcp_sock));
+		__u32 seq = me->write_seq;
+
+		state->sent += (__u32)(seq - state->write_seq);
+		state->write_seq = seq;
+	}
 	enabled = accel_enabled(&cfg);
+	if (enabled && cfg && try_splice(msg, state, &peer, size, cfg))
+		return SK_PASS;
+	if (state->mode == WEFT_ACCEL_PASS)
+		goto pass;
+	if (state->mode == WEFT_ACCEL_PASS_FULL && !tcp_drained(msg->sk, &peer))
+		goto pass;
 	if (!enabled || !cfg) {
 		accel_count(state->mode == WEFT_ACCEL_REDIRECT ? WEFT_ACCEL_FALLBACK_OFF : WEFT_ACCEL_FLOW_DISABLED, 1);
 		state->mode = WEFT_ACCEL_PASS;
@@ -355,8 +450,10 @@ int weft_accel_msg(struct sk_msg_md *msg)
 	state->mode = WEFT_ACCEL_REDIRECT;
 	accel_count(WEFT_ACCEL_MSG_REDIRECTED, 1);
 	accel_count(WEFT_ACCEL_BYTES_REDIRECTED, size);
+	state->sent += size;
 	return SK_PASS;
 pass:
+	/* (TCP's bytes count through write_seq, at the next message.) */
 	accel_count(WEFT_ACCEL_MSG_PASSED, 1);
 	accel_count(WEFT_ACCEL_BYTES_PASSED, size);
 	return SK_PASS;

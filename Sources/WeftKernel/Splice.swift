@@ -1,0 +1,101 @@
+import Glibc
+import WeftABI
+
+/// The node proxy's side of splicing (weft_abi.h, "Splice"): for an opaque
+/// TCP connection it joins between two sockets of the same-node shortcut,
+/// the proxy tells the kernel how far it has passed each direction on, and
+/// the sender's sk_msg program puts later messages straight into the far
+/// end's queue whenever the proxy holds none of that direction's bytes.
+public final class SpliceMaps: Sendable {
+    let splice: BPFMap<weft_accel_key, weft_accel_splice>
+    let spliced: BPFMap<weft_accel_key, UInt64>
+    let peers: BPFMap<weft_accel_key, weft_accel_peer>
+
+    /// Fails when the shortcut's maps are not pinned (the agent runs
+    /// without the shortcut, or this kernel refused it).
+    public init(pinDirectory: String) throws(KernelError) {
+        let dir = Datapath.mapDirectory(pinDirectory)
+        splice = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_ACCEL_SPLICE)")
+        spliced = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_ACCEL_SPLICED)")
+        peers = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_ACCEL_PEERS)")
+    }
+
+    /// One TCP socket by its two ends, as the shortcut keys it: IPv4 as
+    /// IPv4-mapped IPv6, ports in host order.
+    public struct Socket: Sendable {
+        public var key: weft_accel_key
+
+        /// `local` and `remote` are 16-byte IPv6 addresses (IPv4-mapped for
+        /// IPv4) in network order.
+        public init(local: (address: [UInt8], port: UInt16), remote: (address: [UInt8], port: UInt16)) {
+            var k = weft_accel_key()
+            withUnsafeMutableBytes(of: &k.local) { dst in
+                for (i, b) in local.address.prefix(16).enumerated() { dst[i] = b }
+            }
+            withUnsafeMutableBytes(of: &k.remote) { dst in
+                for (i, b) in remote.address.prefix(16).enumerated() { dst[i] = b }
+            }
+            k.local_port = local.port
+            k.remote_port = remote.port
+            key = k
+        }
+
+        init(key: weft_accel_key) { self.key = key }
+
+        /// The socket at the other end of the connection.
+        public var peer: Socket {
+            var k = key
+            k.local = key.remote
+            k.remote = key.local
+            k.local_port = key.remote_port
+            k.remote_port = key.local_port
+            return Socket(key: k)
+        }
+
+        /// The IPv4-mapped form of an IPv4 address in network byte order.
+        public static func mapped(ipv4 bytes: [UInt8]) -> [UInt8] {
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] + bytes.prefix(4)
+        }
+    }
+
+    /// Whether the kernel could splice bytes sent to `proxySide` (the
+    /// proxy's socket the sender talks to) into `target` past `via` (the
+    /// proxy's socket joined to it): all three are on the shortcut and the
+    /// target is a receiver. Otherwise arming would only cost map writes.
+    public func canSplice(_ proxySide: Socket, target: Socket, via: Socket) -> Bool {
+        guard (try? peers.lookup(proxySide.key)) ?? nil != nil, (try? peers.lookup(via.key)) ?? nil != nil,
+              let t = (try? peers.lookup(target.key)) ?? nil else { return false }
+        return t.flags & UInt32(WEFT_ACCEL_LOCAL_RECEIVE) != 0
+    }
+
+    /// Writes (or rewrites) one direction's entry: the proxy has passed
+    /// `forwarded` bytes of it on so far.
+    public func arm(_ proxySide: Socket, target: Socket, via: Socket, forwarded: UInt64) throws(KernelError) {
+        var value = weft_accel_splice()
+        value.target = target.key
+        value.via = via.key
+        value.forwarded = forwarded
+        try splice.update(proxySide.key, value)
+    }
+
+    /// Ends one direction: removes its entry and returns the bytes the
+    /// kernel spliced past the proxy.
+    @discardableResult
+    public func finish(_ proxySide: Socket) -> UInt64 {
+        _ = try? splice.delete(proxySide.key)
+        let bytes = ((try? spliced.lookup(proxySide.key)) ?? nil) ?? 0
+        _ = try? spliced.delete(proxySide.key)
+        return bytes
+    }
+
+    /// Removes every entry: a proxy starting afresh holds no connection
+    /// (a previous one's connections, if any still drain, lose nothing:
+    /// their directions go back through that proxy, in order).
+    public func clear() {
+        for key in (try? splice.keys()) ?? [] { _ = try? splice.delete(key) }
+        for key in (try? spliced.keys()) ?? [] { _ = try? spliced.delete(key) }
+    }
+
+    /// Directions armed now.
+    public func count() -> Int { (try? splice.count()) ?? 0 }
+}

@@ -1,0 +1,88 @@
+import NIOCore
+import WeftKernel
+
+/// One direction of an opaque TCP connection the kernel may splice past the
+/// proxy (weft_abi.h, "Splice"). The proxy keeps relaying whatever reaches
+/// it; it only reports, after each write to the far side completes, how
+/// many bytes of the direction it has passed on. The sender's sk_msg
+/// program compares that with what the sender sent, and goes around the
+/// proxy only when the two agree. Used on one event loop only.
+final class SpliceLeg {
+    private let maps: SpliceMaps
+    let proxySide: SpliceMaps.Socket
+    private let target: SpliceMaps.Socket
+    private let via: SpliceMaps.Socket
+    private var total: UInt64 = 0
+    private var broken = false
+
+    init(maps: SpliceMaps, proxySide: SpliceMaps.Socket, target: SpliceMaps.Socket, via: SpliceMaps.Socket) {
+        self.maps = maps
+        self.proxySide = proxySide
+        self.target = target
+        self.via = via
+    }
+
+    /// Writes the entry with nothing passed on yet; false if the kernel
+    /// would not take it (the direction then simply stays on the proxy).
+    func arm() -> Bool {
+        do {
+            try maps.arm(proxySide, target: target, via: via, forwarded: 0)
+            return true
+        } catch {
+            broken = true
+            return false
+        }
+    }
+
+    /// `count` more bytes of this direction are in the far socket now.
+    func forwarded(_ count: Int) {
+        guard !broken else { return }
+        total += UInt64(count)
+        do {
+            try maps.arm(proxySide, target: target, via: via, forwarded: total)
+        } catch {
+            // A count the kernel no longer sees only keeps this direction
+            // on the proxy; take the entry away so it cannot go stale.
+            broken = true
+            maps.finish(proxySide)
+        }
+    }
+
+    /// No more reports: a socket of the connection has closed.
+    func stop() { broken = true }
+
+    /// Removes the entry; the bytes that went around the proxy.
+    func finish() -> Int {
+        broken = true
+        return Int(maps.finish(proxySide))
+    }
+
+    /// Both directions of a connection joined by the proxy, or nil when the
+    /// kernel could splice neither (not both ends on the shortcut, a peer
+    /// that is not a receiver, no shortcut on this node).
+    static func legs(maps: SpliceMaps?, downstream: Channel, upstream: Channel) -> (SpliceLeg?, SpliceLeg?) {
+        guard let maps, let d = socket(downstream), let u = socket(upstream) else { return (nil, nil) }
+        let client = d.peer, server = u.peer
+        let toServer = maps.canSplice(d, target: server, via: u) ? SpliceLeg(maps: maps, proxySide: d, target: server, via: u) : nil
+        let toClient = maps.canSplice(u, target: client, via: d) ? SpliceLeg(maps: maps, proxySide: u, target: client, via: d) : nil
+        return (toServer.flatMap { $0.arm() ? $0 : nil }, toClient.flatMap { $0.arm() ? $0 : nil })
+    }
+
+    private static func socket(_ channel: Channel) -> SpliceMaps.Socket? {
+        guard let local = channel.localAddress.flatMap(end), let remote = channel.remoteAddress.flatMap(end) else { return nil }
+        return SpliceMaps.Socket(local: local, remote: remote)
+    }
+
+    private static func end(_ address: SocketAddress) -> (address: [UInt8], port: UInt16)? {
+        switch address {
+        case .v4(let a):
+            let raw = withUnsafeBytes(of: a.address.sin_addr.s_addr) { Array($0) }
+            return (SpliceMaps.Socket.mapped(ipv4: raw), UInt16(bigEndian: a.address.sin_port))
+        case .v6(let a):
+            let raw = withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
+            return (raw, UInt16(bigEndian: a.address.sin6_port))
+        case .unixDomainSocket:
+            return nil
+        }
+    }
+}
