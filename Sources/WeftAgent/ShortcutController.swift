@@ -70,11 +70,13 @@ final class ShortcutController {
         // Addresses first, switch last: a socket never meets a half-written table.
         var writes = try maps.setLocal(addresses)
         let enable = flagAllows && config.enabled
-        if try maps.isEnabled() != enable {
-            try maps.setEnabled(enable)
+        let splice = enable && config.splice
+        if try maps.switches() != (enable, splice) {
+            try maps.setEnabled(enable, splice: splice)
             writes += 1
-            logger.notice("socket shortcut switched \(enable ? "on" : "off")")
+            logger.notice("socket shortcut \(enable ? "on" : "off"), splicing past the proxy \(splice ? "on" : "off")")
         }
+        status.splice = splice
         status.state = enable ? "on" : "off"
         status.reason = enable ? nil : "MeshConfig socketShortcut.enabled: false"
         status.podReceivers = config.podReceivers.rawValue

@@ -121,9 +121,12 @@ public final class ShortcutMaps: Sendable {
         stats = try PerCPUCounters(pinned: "\(dir)/\(WEFT_MAP_ACCEL_STATS)")
     }
 
-    public func setEnabled(_ enabled: Bool, queueFloor: UInt32 = ShortcutMaps.defaultQueueFloor) throws(KernelError) {
+    /// The switch; `splice` lets directions the proxy relays byte for byte
+    /// skip it (weft_abi.h, "Splice"), and means nothing while off.
+    public func setEnabled(_ enabled: Bool, splice: Bool = true,
+                           queueFloor: UInt32 = ShortcutMaps.defaultQueueFloor) throws(KernelError) {
         var value = weft_accel_config()
-        value.flags = enabled ? UInt32(WEFT_ACCEL_F_ENABLED) : 0
+        value.flags = enabled ? UInt32(WEFT_ACCEL_F_ENABLED) | (splice ? UInt32(WEFT_ACCEL_F_SPLICE) : 0) : 0
         value.queue_floor = queueFloor
         try config.update(0, value)
     }
@@ -131,6 +134,12 @@ public final class ShortcutMaps: Sendable {
     public func isEnabled() throws(KernelError) -> Bool {
         guard let v = try config.lookup(0) else { return false }
         return v.flags & UInt32(WEFT_ACCEL_F_ENABLED) != 0
+    }
+
+    /// (enabled, splice) as the kernel has them.
+    public func switches() throws(KernelError) -> (enabled: Bool, splice: Bool) {
+        guard let v = try config.lookup(0) else { return (false, false) }
+        return (v.flags & UInt32(WEFT_ACCEL_F_ENABLED) != 0, v.flags & UInt32(WEFT_ACCEL_F_SPLICE) != 0)
     }
 
     public struct LocalAddress: Hashable, Sendable {

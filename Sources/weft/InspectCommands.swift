@@ -150,7 +150,10 @@ struct StatusCommand: ParsableCommand {
                     if let reason = sc.reason { line += " (\(reason))" }
                     if sc.state == "on" {
                         let redirected = sc.events?["bytes_redirected"] ?? 0
-                        line += ": \(sc.sockets ?? 0) socket(s) on it, \(redirected) bytes redirected; receivers: "
+                        let spliced = sc.events?["bytes_spliced"] ?? 0
+                        line += ": \(sc.sockets ?? 0) socket(s) on it, \(redirected) bytes redirected"
+                            + (sc.splice == false ? " (splicing past the proxy off)" : " (\(spliced) spliced past the proxy)")
+                            + "; receivers: "
                             + (sc.proxyReceives ? "the proxy" : "not the proxy")
                             + ", \(sc.receivers.count) pod(s) (podReceivers \(sc.podReceivers ?? "Annotated"))"
                     }

@@ -30,6 +30,9 @@ struct MeshConfigTests {
         #expect(try receivers(nil) == ["a"])
         let (defaults, _) = parse(pods)
         #expect(defaults?.meshConfig.socketShortcut.enabled == true)
+        #expect(defaults?.meshConfig.socketShortcut.splice == true)
+        let noSplice = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {socketShortcut: {splice: false}}"
+        #expect(parse(pods + "\n---\n" + noSplice).0?.meshConfig.socketShortcut.splice == false)
         let all = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {socketShortcut: {podReceivers: All}}"
         #expect(try receivers(all) == ["a", "bb"])          // "off" always wins
         let none = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {socketShortcut: {enabled: false, podReceivers: None}}"
@@ -42,6 +45,7 @@ struct MeshConfigTests {
         let cases: [(String, String)] = [
             (header + "spec: {socketShortcut: {podReceivers: Some}}", "m.yaml:1:spec.socketShortcut.podReceivers: must be one of Annotated, All, None"),
             (header + "spec: {socketShortcut: {enabled: maybe}}", "m.yaml:1:spec.socketShortcut.enabled: expected true or false"),
+            (header + "spec: {socketShortcut: {splice: 1}}", "m.yaml:1:spec.socketShortcut.splice: expected true or false"),
             (header + "spec: {socketShortcut: {turbo: true}}", "m.yaml:1:spec.socketShortcut.turbo: unknown field"),
             (header + "spec: {}\n---\n" + header.replacingOccurrences(of: "mesh", with: "other") + "spec: {}",
              "m.yaml:2:metadata.name: a cluster has one MeshConfig; another is defined at m.yaml:1"),

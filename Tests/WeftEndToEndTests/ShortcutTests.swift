@@ -38,12 +38,12 @@ private let manifests = [
     service("plain", ip: "198.19.5.12", app: "plain"),
 ].joined(separator: "\n---\n")
 
-private func meshConfig(enabled: Bool) -> String {
+private func meshConfig(enabled: Bool, splice: Bool = true) -> String {
     """
     apiVersion: weft.dev/v1alpha1
     kind: MeshConfig
     metadata: {name: mesh}
-    spec: {socketShortcut: {enabled: \(enabled), podReceivers: Annotated}}
+    spec: {socketShortcut: {enabled: \(enabled), podReceivers: Annotated, splice: \(splice)}}
     """
 }
 
@@ -183,6 +183,28 @@ struct ShortcutTests {
         }
         #expect(try shortcut()["state"] as? String == "on")
 
+        // Splicing switched off in the middle of a stream through the proxy:
+        // spliced directions go back through the proxy, behind the bytes
+        // already spliced; then no byte is spliced, the rest still redirected.
+        let spliceRun = try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
+                                           "python3", streamTool, "stress", "198.19.5.11", "9000", "--cases", "long", "--seconds", "4"])
+        usleep(1_500_000)
+        var generations = try lab.generations().filter { $0.key == "n1" }
+        try lab.write("mesh.yaml", meshConfig(enabled: true, splice: false))
+        try lab.waitForGeneration(after: generations)
+        let spliceOut = try spliceRun.finish()
+        #expect(spliceOut["ok"] as? Bool == true, "stream across splicing switched off: \(spliceOut)")
+        #expect(try shortcut()["splice"] as? Bool == false)
+        let noSplice = try events()
+        expectAllOK(try stress(lab, "198.19.5.11", cases: "sizes,echo"), "pod -> proxy -> pod, splicing off")
+        let noSpliceAfter = try events()
+        #expect(noSpliceAfter["bytes_spliced", default: 0] == noSplice["bytes_spliced", default: 0],
+                "bytes were spliced with splicing off: \(noSpliceAfter)")
+        #expect(noSpliceAfter["bytes_redirected", default: 0] - noSplice["bytes_redirected", default: 0] >= 64 << 20)
+        generations = try lab.generations().filter { $0.key == "n1" }
+        try lab.write("mesh.yaml", meshConfig(enabled: true))
+        try lab.waitForGeneration(after: generations)
+
         // The same while MeshConfig switches the shortcut off: redirected
         // directions move to TCP mid-stream, in order.
         let before = try events()
@@ -191,7 +213,7 @@ struct ShortcutTests {
                                "python3", streamTool, "stress", target, "9000", "--cases", "long", "--seconds", "4"])
         }
         usleep(1_500_000)
-        let generations = try lab.generations().filter { $0.key == "n1" }
+        generations = try lab.generations().filter { $0.key == "n1" }
         try lab.write("mesh.yaml", meshConfig(enabled: false))
         try lab.waitForGeneration(after: generations)
         for run in more {

@@ -215,6 +215,7 @@ struct weft_accel_key {
 
 /* weft_accel_config.flags */
 #define WEFT_ACCEL_F_ENABLED   0x01  /* new sockets enter the map; flows may redirect */
+#define WEFT_ACCEL_F_SPLICE    0x02  /* directions the proxy relays may skip it (below) */
 
 struct weft_accel_config {
 	__u32 flags;       /* WEFT_ACCEL_F_* */

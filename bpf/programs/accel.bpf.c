@@ -346,7 +346,7 @@ static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_s
 	struct weft_accel_peer *target, *via;
 	__u64 *spliced, first = size;
 
-	if (!sp)
+	if (!sp || !(cfg->flags & WEFT_ACCEL_F_SPLICE))
 		return 0;
 	/* The proxy holds bytes of ours it has not passed on yet. */
 	if (sp->forwarded != state->sent)

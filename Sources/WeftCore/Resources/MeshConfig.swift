@@ -9,6 +9,8 @@
 ///   socketShortcut:
 ///     enabled: true            # default true (the agent's --socket-shortcut off wins)
 ///     podReceivers: Annotated  # Annotated (default) | All | None
+///     splice: true             # default true: opaque TCP the proxy relays between two
+///                              # shortcut sockets may skip the proxy (docs/shortcut.md)
 ///   accessLog:
 ///     enabled: false           # default false: JSON lines from the node proxies
 ///     namespaces: [shop]       # source namespaces to log; absent or empty: all
@@ -69,6 +71,9 @@ public struct MeshConfig: Hashable, Sendable {
         }
         public var enabled = true
         public var podReceivers = PodReceivers.annotated
+        /// Opaque TCP the node proxy joins between two sockets of the
+        /// shortcut may be moved past the proxy by the kernel.
+        public var splice = true
         public init() {}
     }
 
@@ -96,6 +101,7 @@ extension MeshConfig {
         var spec = try FieldReader(node, at: location, path: "spec")
         if var shortcut = try spec.mapping("socketShortcut") {
             if let enabled = try shortcut.bool("enabled") { socketShortcut.enabled = enabled }
+            if let splice = try shortcut.bool("splice") { socketShortcut.splice = splice }
             if let receivers = try shortcut.string("podReceivers") {
                 guard let value = SocketShortcut.PodReceivers(rawValue: receivers) else {
                     throw shortcut.error("podReceivers", "must be one of \(SocketShortcut.PodReceivers.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(receivers)\"")

@@ -106,6 +106,8 @@ public struct AgentStatus: Codable, Sendable {
         /// Local pods whose sockets may be given redirected bytes.
         public var receivers: [String] = []
         public var proxyReceives = false
+        /// Whether opaque TCP the proxy relays may be spliced past it.
+        public var splice: Bool?
         public var programs: [ProgramStatus] = []
         /// Sockets on the shortcut when the status was read.
         public var sockets: Int?
