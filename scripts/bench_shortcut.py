@@ -13,7 +13,11 @@ to keep both cores busy (throughput: requests/s, i.e. CPU cost per request).
   proxy     client -> an L7 Service -> `weft proxy` (opaque TCP) -> server
             (pod -> proxy -> pod)
 pod and proxy run with the shortcut off and on (MeshConfig, switched live),
-alternating which goes first each round; medians over rounds.
+the order rotating each round; medians over rounds. proxy runs in three
+modes: off; "hops" (shortcut on, splicing off: only the pod -> proxy and
+proxy -> pod hops are shortened, the proxy still relays every byte); and
+"splice" (the default: the kernel moves the opaque bytes past the proxy
+once it holds none of them).
 """
 import json
 import os
@@ -59,9 +63,13 @@ spec: {{clusterIP: {PROXY_VIP}, selector: {{app: server}}, ports: [{{name: tcp, 
 """
 
 
-def mesh(enabled):
+MODES = {"off": (False, False), "hops": (True, False), "splice": (True, True)}   # mode -> (enabled, splice)
+
+
+def mesh(mode):
+    enabled, splice = MODES[mode]
     return ("apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
-            f"spec: {{socketShortcut: {{enabled: {'true' if enabled else 'false'}}}}}\n")
+            f"spec: {{socketShortcut: {{enabled: {str(enabled).lower()}, splice: {str(splice).lower()}}}}}\n")
 
 
 def status():
@@ -69,21 +77,27 @@ def status():
     return json.loads(out)
 
 
-def set_shortcut(config, enabled):
+def in_mode(s, mode):
+    enabled, splice = MODES[mode]
+    sc = s["shortcut"]
+    return sc["state"] == ("on" if enabled else "off") and (not enabled or sc.get("splice") == splice)
+
+
+def set_shortcut(config, mode):
     s = status()
-    if s["shortcut"]["state"] == ("on" if enabled else "off"):
+    if in_mode(s, mode):
         return   # the same file again would not make a new generation
     before = s["generation"]
     path = os.path.join(config, "mesh.yaml")
     with open(path + ".tmp", "w") as f:
-        f.write(mesh(enabled))
+        f.write(mesh(mode))
     os.rename(path + ".tmp", path)
     for _ in range(300):
         s = status()
-        if s["generation"] > before and s["shortcut"]["state"] == ("on" if enabled else "off"):
+        if s["generation"] > before and in_mode(s, mode):
             return
         time.sleep(0.02)
-    raise SystemExit(f"the agent did not switch the shortcut {'on' if enabled else 'off'}")
+    raise SystemExit(f"the agent did not switch the shortcut to {mode}: {s['shortcut']}")
 
 
 def pingpong(tool, pod, host, size, conns):
@@ -108,7 +122,7 @@ def main():
     with open(os.path.join(config, "bench.yaml"), "w") as f:
         f.write(manifests(tool))
     with open(os.path.join(config, "mesh.yaml"), "w") as f:
-        f.write(mesh(True))
+        f.write(mesh("splice"))
     subprocess.run([WEFT, "lab", "down"], capture_output=True)
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     results = {}   # (path, mode, size, kind) -> [run]; kind "lat" (1 connection) or "tput" (CONNS)
@@ -127,13 +141,14 @@ def main():
         if status()["shortcut"]["state"] != "on":
             raise SystemExit(f"the shortcut is not available here: {status()['shortcut']}")
         for rnd in range(ROUNDS):
-            modes = ["off", "on"] if rnd % 2 == 0 else ["on", "off"]
+            order = list(MODES)[rnd % 3:] + list(MODES)[:rnd % 3]
             measure("unix", "-", "bench/server", "unix")
             measure("loopback", "-", "bench/server", "127.0.0.1")
-            for mode in modes:
-                set_shortcut(config, mode == "on")
-                measure("pod", mode, "bench/client", POD_VIP)
-                measure("proxy", mode, "bench/client", PROXY_VIP)
+            for mode in order:
+                set_shortcut(config, mode)
+                if mode != "hops":   # splicing changes nothing pod -> pod
+                    measure("pod", "on" if mode == "splice" else "off", "bench/client", POD_VIP)
+                measure("proxy", "on" if mode == "splice" else mode, "bench/client", PROXY_VIP)
             print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
         events = status()["shortcut"].get("events", {})
     finally:
@@ -166,8 +181,12 @@ def plot(summary):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, path in zip(axes, ["pod", "proxy"]):
         xs = range(len(SIZES))
-        for mode, style in [("off", "o-"), ("on", "s-")]:
-            ax.plot(xs, [get(summary, path, mode, s)["rps"] for s in SIZES], style, label=f"shortcut {mode}")
+        modes = [("off", "o-", "shortcut off"), ("on", "s-", "shortcut on")]
+        if path == "proxy":
+            modes = [("off", "o-", "shortcut off"), ("hops", "d-", "on, splicing off (hops only)"),
+                     ("on", "s-", "on (default: splice past the proxy)")]
+        for mode, style, label in modes:
+            ax.plot(xs, [get(summary, path, mode, s)["rps"] for s in SIZES], style, label=label)
         ax.plot(xs, [get(summary, "loopback", "-", s)["rps"] for s in SIZES], "^--", label="plain loopback (no mesh)")
         ax.plot(xs, [get(summary, "unix", "-", s)["rps"] for s in SIZES], "v:", label="Unix socket (ceiling)")
         ax.set_xticks(list(xs), [human(s) for s in SIZES])
@@ -190,15 +209,19 @@ def report(summary, events):
         f"request/response (SIZE bytes each way) for {SECONDS:g} s per point, measured twice: "
         f"with {CONNS} connections for requests/s (both cores busy, so it shows CPU cost per request) and with "
         "one connection for latency. The shortcut is switched live by MeshConfig between the off and on runs, "
-        "their order alternating by round.",
+        "their order rotating by round. *on* is the default configuration. For the proxy path, *hops only* is the "
+        "shortcut with MeshConfig `socketShortcut.splice: false`: the pod -> proxy and proxy -> pod hops are "
+        "redirected but the proxy reads and writes every byte; by default the kernel splices the opaque bytes "
+        "past the proxy once it holds none of a direction's bytes (docs/shortcut.md, \"Splice\"), so the proxy "
+        "handles the first exchange and then only the connection's end.",
         "",
         "- unix: client and server in one pod over a Unix socket: what skipping TCP/IP can gain at most.",
         "- loopback: client and server in one pod over 127.0.0.1, no mesh in the way.",
         "- pod: client pod -> kernel-only Service -> server pod. proxy: client pod -> L7 Service -> `weft proxy` (opaque TCP) -> server pod.",
         "- The client, the server and the proxy share the VM's 2 cores; ratios are what compare.",
         "",
-        f"| path | size | unix req/s | loopback req/s | off req/s | on req/s | on / off | 1 conn on / off | 1 conn p50 off -> on | 1 conn p99 off -> on | on MB/s each way |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| path | size | unix req/s | loopback req/s | off req/s | hops only req/s | on req/s | on / off | hops only / off | 1 conn on / off | 1 conn p50 off -> on | 1 conn p99 off -> on | on MB/s each way |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     small_ok, never_worse = True, True
     for path in ["pod", "proxy"]:
@@ -211,8 +234,10 @@ def report(summary, events):
                 small_ok = False
             if ratio < 0.95:
                 never_worse = False
-            lines.append(f"| {path} | {human(size)} | {ux['rps']:,.0f} | {lo['rps']:,.0f} | {off['rps']:,.0f} | {on['rps']:,.0f} | "
-                         f"**{ratio:.2f}x** | {on1['rps'] / off1['rps']:.2f}x | {off1['p50_us']:.0f} -> {on1['p50_us']:.0f} µs | "
+            hops = f"{get(summary, path, 'hops', size)['rps']:,.0f}" if path == "proxy" else "–"
+            hops_ratio = f"{get(summary, path, 'hops', size)['rps'] / off['rps']:.2f}x" if path == "proxy" else "–"
+            lines.append(f"| {path} | {human(size)} | {ux['rps']:,.0f} | {lo['rps']:,.0f} | {off['rps']:,.0f} | {hops} | {on['rps']:,.0f} | "
+                         f"**{ratio:.2f}x** | {hops_ratio} | {on1['rps'] / off1['rps']:.2f}x | {off1['p50_us']:.0f} -> {on1['p50_us']:.0f} µs | "
                          f"{off1['p99_us']:.0f} -> {on1['p99_us']:.0f} µs | {on['mbps']:.1f} |")
     lines += [
         "",
