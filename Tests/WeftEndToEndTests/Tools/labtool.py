@@ -22,6 +22,9 @@ def http_get(host, port, timeout=2.0):
     for line in data.split(b"\r\n"):
         if line.lower().startswith(b"x-pod:"):
             return line.split(b":", 1)[1].strip().decode()
+    if not data:
+        # Closed without a byte of answer: the server went away mid-request.
+        raise ConnectionAbortedError(errno.ECONNABORTED, "closed before any answer")
     raise RuntimeError("no X-Pod in %r" % data[:200])
 
 
