@@ -40,6 +40,10 @@ WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_RES_ROUNDS", "15"))
 MAX_S = int(os.environ.get("WEFT_BENCH_RES_MAX_SECONDS", "2"))
 TRIALS = int(os.environ.get("WEFT_BENCH_RES_TRIALS", "3"))
+# Feature cost: the proxy alone on the last CPU, everything else (load
+# generator, backends, agent) on the others, so that how the two interleave
+# on shared cores does not move the proxy's CPU per request from run to run.
+PIN = os.environ.get("WEFT_BENCH_RES_PIN", "1") == "1" and len(os.sched_getaffinity(0)) >= 2
 L7SERVER = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/l7server.py")
 LOADTOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/loadtool.py")
 CLIENT = "198.18.1.10"
@@ -167,6 +171,10 @@ def feature_cost(work):
     with open(os.path.join(config, "bench.yaml"), "w") as f:
         f.write(cost_manifests(work))
     subprocess.run([WEFT, "lab", "down"], capture_output=True)
+    cpus = sorted(os.sched_getaffinity(0))
+    if PIN:
+        # The lab's processes inherit this; the proxy is moved off below.
+        os.sched_setaffinity(0, set(cpus[:-1]))
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     runs = {name: [] for name in VARIANTS}
     try:
@@ -175,6 +183,10 @@ def feature_cost(work):
         if status.get("configErrors"):
             raise SystemExit(f"config refused: {status['configErrors']}")
         proxy = pids_of(status["proxy"]["pid"])
+        if PIN:
+            for pid in proxy:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(tid), {cpus[-1]})
         names = list(VARIANTS)
 
         def measure(name):
@@ -203,6 +215,7 @@ def feature_cost(work):
             print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
     finally:
         subprocess.run([WEFT, "lab", "down"], capture_output=True)
+        os.sched_setaffinity(0, set(cpus))
     return runs
 
 
@@ -386,8 +399,10 @@ def report(runs, fo):
         "CPU (its requests counter over its threads' run time from schedstat, both over the whole h2load run), and p99 from h2load's per-request log. Each feature is configured to "
         "be evaluated on every request without tripping (limits far above the load, fault percentages 0, hashing on the "
         "source address); `all` carries every feature at once; `control` is a second Service with no TrafficPolicy, paired "
-        "with base like the variants, so its row is what this 2-core VM's noise alone does (client, nginx, proxy and agent "
-        "share it).",
+        "with base like the variants, so its row is what this 2-core VM's noise alone does. "
+        + ("The proxy's threads run alone on one CPU, h2load, nginx and the agent on the other(s) (sched_setaffinity), so "
+           "that how they interleave on shared cores does not move the proxy's CPU per request between runs."
+           if PIN else "Client, nginx, proxy and agent share the cores (WEFT_BENCH_RES_PIN=0)."),
         "",
         "The cost is the median over the round pairs of 1 - (variant's requests per proxy CPU second / base's), with a "
         "90% bootstrap interval for that median. Verdict: met when the whole interval is under 5%, NOT met when the whole "

@@ -58,24 +58,38 @@ public final class SpliceMaps: Sendable {
         }
     }
 
-    /// Whether the kernel could splice bytes sent to `proxySide` (the
-    /// proxy's socket the sender talks to) into `target` past `via` (the
-    /// proxy's socket joined to it): all three are on the shortcut and the
-    /// target is a receiver. Otherwise arming would only cost map writes.
-    public func canSplice(_ proxySide: Socket, target: Socket, via: Socket) -> Bool {
-        guard (try? peers.lookup(proxySide.key)) ?? nil != nil, (try? peers.lookup(via.key)) ?? nil != nil,
-              let t = (try? peers.lookup(target.key)) ?? nil else { return false }
-        return t.flags & UInt32(WEFT_ACCEL_LOCAL_RECEIVE) != 0
+    /// The sockets of one direction as the kernel knows them: their
+    /// cookies pin an entry to these very sockets.
+    public struct Path: Sendable {
+        public var proxySide: Socket
+        public var target: Socket
+        public var via: Socket
+        var targetCookie: UInt64
+        var viaCookie: UInt64
+    }
+
+    /// The path for bytes sent to `proxySide` (the proxy's socket the
+    /// sender talks to) into `target` past `via` (the proxy's socket joined
+    /// to it), if the kernel could splice them: all three are on the
+    /// shortcut and the target is a receiver. Otherwise arming would only
+    /// cost map writes.
+    public func path(_ proxySide: Socket, target: Socket, via: Socket) -> Path? {
+        guard (try? peers.lookup(proxySide.key)) ?? nil != nil, let v = (try? peers.lookup(via.key)) ?? nil,
+              let t = (try? peers.lookup(target.key)) ?? nil, t.flags & UInt32(WEFT_ACCEL_LOCAL_RECEIVE) != 0
+        else { return nil }
+        return Path(proxySide: proxySide, target: target, via: via, targetCookie: t.cookie, viaCookie: v.cookie)
     }
 
     /// Writes (or rewrites) one direction's entry: the proxy has passed
     /// `forwarded` bytes of it on so far.
-    public func arm(_ proxySide: Socket, target: Socket, via: Socket, forwarded: UInt64) throws(KernelError) {
+    public func arm(_ path: Path, forwarded: UInt64) throws(KernelError) {
         var value = weft_accel_splice()
-        value.target = target.key
-        value.via = via.key
+        value.target = path.target.key
+        value.via = path.via.key
         value.forwarded = forwarded
-        try splice.update(proxySide.key, value)
+        value.target_cookie = path.targetCookie
+        value.via_cookie = path.viaCookie
+        try splice.update(path.proxySide.key, value)
     }
 
     /// Ends one direction: removes its entry and returns the bytes the

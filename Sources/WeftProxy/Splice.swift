@@ -9,24 +9,20 @@ import WeftKernel
 /// proxy only when the two agree. Used on one event loop only.
 final class SpliceLeg {
     private let maps: SpliceMaps
-    let proxySide: SpliceMaps.Socket
-    private let target: SpliceMaps.Socket
-    private let via: SpliceMaps.Socket
+    private let path: SpliceMaps.Path
     private var total: UInt64 = 0
     private var broken = false
 
-    init(maps: SpliceMaps, proxySide: SpliceMaps.Socket, target: SpliceMaps.Socket, via: SpliceMaps.Socket) {
+    init(maps: SpliceMaps, path: SpliceMaps.Path) {
         self.maps = maps
-        self.proxySide = proxySide
-        self.target = target
-        self.via = via
+        self.path = path
     }
 
     /// Writes the entry with nothing passed on yet; false if the kernel
     /// would not take it (the direction then simply stays on the proxy).
     func arm() -> Bool {
         do {
-            try maps.arm(proxySide, target: target, via: via, forwarded: 0)
+            try maps.arm(path, forwarded: 0)
             return true
         } catch {
             broken = true
@@ -39,12 +35,12 @@ final class SpliceLeg {
         guard !broken else { return }
         total += UInt64(count)
         do {
-            try maps.arm(proxySide, target: target, via: via, forwarded: total)
+            try maps.arm(path, forwarded: total)
         } catch {
             // A count the kernel no longer sees only keeps this direction
             // on the proxy; take the entry away so it cannot go stale.
             broken = true
-            maps.finish(proxySide)
+            maps.finish(path.proxySide)
         }
     }
 
@@ -54,7 +50,7 @@ final class SpliceLeg {
     /// Removes the entry; the bytes that went around the proxy.
     func finish() -> Int {
         broken = true
-        return Int(maps.finish(proxySide))
+        return Int(maps.finish(path.proxySide))
     }
 
     /// Both directions of a connection joined by the proxy, or nil when the
@@ -63,8 +59,8 @@ final class SpliceLeg {
     static func legs(maps: SpliceMaps?, downstream: Channel, upstream: Channel) -> (SpliceLeg?, SpliceLeg?) {
         guard let maps, let d = socket(downstream), let u = socket(upstream) else { return (nil, nil) }
         let client = d.peer, server = u.peer
-        let toServer = maps.canSplice(d, target: server, via: u) ? SpliceLeg(maps: maps, proxySide: d, target: server, via: u) : nil
-        let toClient = maps.canSplice(u, target: client, via: d) ? SpliceLeg(maps: maps, proxySide: u, target: client, via: d) : nil
+        let toServer = maps.path(d, target: server, via: u).map { SpliceLeg(maps: maps, path: $0) }
+        let toClient = maps.path(u, target: client, via: d).map { SpliceLeg(maps: maps, path: $0) }
         return (toServer.flatMap { $0.arm() ? $0 : nil }, toClient.flatMap { $0.arm() ? $0 : nil })
     }
 

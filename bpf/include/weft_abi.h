@@ -231,6 +231,8 @@ struct weft_accel_peer {
 	__u32 flags;       /* WEFT_ACCEL_LOCAL_* of this socket's end: RECEIVE set
 	                    * for the proxy's sockets and for receiver pods' */
 	__u32 pad0;        /* zero */
+	__u64 cookie;      /* the socket's cookie: unique, never reused, unlike a
+	                    * 4-tuple */
 };
 
 /* weft_accel_sock.mode: one direction of a connection (the sender's). */
@@ -283,6 +285,9 @@ struct weft_accel_splice {
 	struct weft_accel_key via;     /* the proxy's socket joined to it (U) */
 	__u64 forwarded;               /* bytes of this direction the proxy has
 	                                * written to `via` (written by the proxy) */
+	__u64 target_cookie;           /* the cookies of those two sockets when the */
+	__u64 via_cookie;              /* proxy armed the entry: a 4-tuple reused by
+	                                * another connection never matches */
 };
 
 enum weft_accel_event {
@@ -499,9 +504,9 @@ _Static_assert(sizeof(struct weft_proxy_origin) == 16, "weft_proxy_origin layout
 _Static_assert(sizeof(struct weft_accel_key) == 36, "weft_accel_key layout");
 _Static_assert(sizeof(struct weft_accel_addr) == 16, "weft_accel_addr layout");
 _Static_assert(sizeof(struct weft_accel_config) == 8, "weft_accel_config layout");
-_Static_assert(sizeof(struct weft_accel_peer) == 24, "weft_accel_peer layout");
+_Static_assert(sizeof(struct weft_accel_peer) == 32, "weft_accel_peer layout");
 _Static_assert(sizeof(struct weft_accel_sock) == 16, "weft_accel_sock layout");
-_Static_assert(sizeof(struct weft_accel_splice) == 80, "weft_accel_splice layout");
+_Static_assert(sizeof(struct weft_accel_splice) == 96, "weft_accel_splice layout");
 #endif
 
 #endif /* WEFT_ABI_H */

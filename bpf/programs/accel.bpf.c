@@ -248,6 +248,7 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 		peer.psock = (__u64)sk->sk_user_data & SK_USER_DATA_PTRMASK;
 	}
 	peer.flags = proxy ? (flags | WEFT_ACCEL_LOCAL_RECEIVE) : (flags & ~WEFT_ACCEL_LOCAL_PROXY);
+	peer.cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&weft_accel_peers, &key, &peer, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	accel_count(WEFT_ACCEL_SOCK_ADDED, 1);
@@ -354,6 +355,9 @@ static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_s
 	target = bpf_map_lookup_elem(&weft_accel_peers, &sp->target);
 	via = bpf_map_lookup_elem(&weft_accel_peers, &sp->via);
 	if (!target || !via || !(target->flags & WEFT_ACCEL_LOCAL_RECEIVE))
+		goto wait;
+	/* The very sockets the proxy joined, not others on the same 4-tuples. */
+	if (target->cookie != sp->target_cookie || via->cookie != sp->via_cookie)
 		goto wait;
 	/* The proxy's last writes are out of TCP (the proxy writes no more of
 	 * this direction until we send it more, so `via` holds still too). */
