@@ -109,7 +109,4 @@ public final class SpliceMaps: Sendable {
         for key in (try? splice.keys()) ?? [] { _ = try? splice.delete(key) }
         for key in (try? spliced.keys()) ?? [] { _ = try? spliced.delete(key) }
     }
-
-    /// Directions armed now.
-    public func count() -> Int { (try? splice.count()) ?? 0 }
 }
