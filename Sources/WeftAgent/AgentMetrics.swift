@@ -87,11 +87,12 @@ final class AgentMetrics: Sendable {
                 }
             }
         }
+        let switches = try? shortcut?.switches()
         registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "shortcut_enabled", unitName: "", helpText: "1 when the same-node socket shortcut is on."))
-            .set((try? shortcut?.isEnabled()) == true ? 1.0 : 0.0)
+            .set(switches?.enabled == true ? 1.0 : 0.0)
         if let shortcut {
             registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "shortcut_splice_enabled", unitName: "", helpText: "1 when opaque TCP the node proxy relays between shortcut sockets may be spliced past it."))
-                .set((try? shortcut.switches().splice) == true ? 1.0 : 0.0)
+                .set(switches?.splice == true ? 1.0 : 0.0)
             registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "shortcut_sockets", unitName: "", helpText: "Sockets on the same-node shortcut now (each end counts once)."))
                 .set(Double((try? shortcut.sockets()) ?? 0))
             registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "map_capacity", unitName: "", helpText: "max_entries of a BPF map."), labels: [("map", WEFT_MAP_ACCEL_PEERS)])

@@ -131,11 +131,6 @@ public final class ShortcutMaps: Sendable {
         try config.update(0, value)
     }
 
-    public func isEnabled() throws(KernelError) -> Bool {
-        guard let v = try config.lookup(0) else { return false }
-        return v.flags & UInt32(WEFT_ACCEL_F_ENABLED) != 0
-    }
-
     /// (enabled, splice) as the kernel has them.
     public func switches() throws(KernelError) -> (enabled: Bool, splice: Bool) {
         guard let v = try config.lookup(0) else { return (false, false) }

@@ -45,7 +45,6 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private var partnerWritable: Bool { partner?.context?.channel.isWritable ?? false }
 
-    private func partnerWrite(_ data: NIOAny) { partner?.context?.write(data, promise: nil) }
     private func partnerFlush() { partner?.context?.flush() }
 
     private func partnerWritabilityChanged(_ writable: Bool) {
@@ -63,11 +62,8 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let count = Self.unwrapInboundIn(data).readableBytes
         bytesRead += count
-        guard let splice else { return partnerWrite(data) }
         guard let partnerContext = partner?.context else { return }
-        let written = context.eventLoop.makePromise(of: Void.self)
-        written.futureResult.assumeIsolated().whenSuccess { splice.forwarded(count) }
-        partnerContext.write(data, promise: written)
+        partnerContext.write(data, promise: splice?.reporting(count, on: context.eventLoop))
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {

@@ -30,8 +30,16 @@ final class SpliceLeg {
         }
     }
 
+    /// A promise for a write of `count` bytes of this direction that
+    /// reports them once the write has completed.
+    func reporting(_ count: Int, on eventLoop: any EventLoop) -> EventLoopPromise<Void> {
+        let written = eventLoop.makePromise(of: Void.self)
+        written.futureResult.assumeIsolated().whenSuccess { self.forwarded(count) }
+        return written
+    }
+
     /// `count` more bytes of this direction are in the far socket now.
-    func forwarded(_ count: Int) {
+    private func forwarded(_ count: Int) {
         guard !broken else { return }
         total += UInt64(count)
         do {

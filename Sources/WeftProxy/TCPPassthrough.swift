@@ -122,14 +122,7 @@ enum TCPPassthrough {
                         try upstream.pipeline.syncOperations.addHandler(b)
                         try downstream.pipeline.syncOperations.addHandler(a)
                         if let early, early.readableBytes > 0 {
-                            if let leg = a.splice {
-                                let count = early.readableBytes
-                                let written = upstream.eventLoop.makePromise(of: Void.self)
-                                written.futureResult.assumeIsolated().whenSuccess { leg.forwarded(count) }
-                                upstream.writeAndFlush(early, promise: written)
-                            } else {
-                                upstream.writeAndFlush(early, promise: nil)
-                            }
+                            upstream.writeAndFlush(early, promise: a.splice?.reporting(early.readableBytes, on: upstream.eventLoop))
                         }
                         // The client's FIN came before the backend was there: pass it on now.
                         if closedEarly { upstream.close(mode: .output, promise: nil) }

@@ -343,11 +343,14 @@ static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_s
 				      const struct weft_accel_key *peer, __u32 size,
 				      const struct weft_accel_config *cfg)
 {
-	struct weft_accel_splice *sp = bpf_map_lookup_elem(&weft_accel_splice, peer);
+	struct weft_accel_splice *sp;
 	struct weft_accel_peer *target, *via;
 	__u64 *spliced, first = size;
 
-	if (!sp || !(cfg->flags & WEFT_ACCEL_F_SPLICE))
+	if (!(cfg->flags & WEFT_ACCEL_F_SPLICE))
+		return 0;
+	sp = bpf_map_lookup_elem(&weft_accel_splice, peer);
+	if (!sp)
 		return 0;
 	/* The proxy holds bytes of ours it has not passed on yet. */
 	if (sp->forwarded != state->sent)
