@@ -79,8 +79,15 @@ final class ClusterRuntime: Sendable {
                                                                  previousIndex: previous?.index, keys: backends.map(\.key)) }
     }
 
+    // The per-request entry points below (reserve, connectionLimit, pick,
+    // requestHash, OutlierDetector.record) are kept out of line, as is
+    // FrontendGuard.judge: a call costs a few nanoseconds, and a CPU profile
+    // of the proxy can then charge every sample under them to the policy
+    // (`scripts/bench resilience`, "accounting").
+
     /// Takes one of a backend's request slots (maxRequests) atomically: two
     /// loops that both saw room cannot both take the last slot.
+    @inline(never)
     func reserve(_ key: EndpointKey) -> Bool {
         guard let i = index[key] else { return false }
         let old = backends[i].requests.wrappingAdd(1, ordering: .relaxed).oldValue
@@ -89,6 +96,16 @@ final class ClusterRuntime: Sendable {
             return false
         }
         return true
+    }
+
+    /// The circuit breaker's limit a new connection to `b` would exceed
+    /// (maxConnections, maxPendingRequests), if any.
+    @inline(never)
+    func connectionLimit(_ b: Backend) -> String? {
+        guard let cb = policy.circuitBreaker else { return nil }
+        if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max { return "maxConnections" }
+        if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max { return "maxPendingRequests" }
+        return nil
     }
 
     /// Why no backend could be chosen.
@@ -104,6 +121,7 @@ final class ClusterRuntime: Sendable {
     /// any other remains; an all-ejected cluster still gets a backend (the
     /// health-check panic rule, applied to ejections too), but an
     /// all-full one overflows.
+    @inline(never)
     func pick(hash: UInt64?, random: inout LoopRandom, excluded: (EndpointKey) -> Bool) -> Result<EndpointKey, Refusal> {
         let n = backends.count
         guard n > 0 else { return .failure(.empty) }
@@ -182,6 +200,7 @@ final class ClusterRuntime: Sendable {
 
     /// The hash of a request's key, or nil when it carries none (then the
     /// request is spread like Random).
+    @inline(never)
     static func requestHash(_ key: TrafficPolicy.LoadBalancer.HashKey, headers: HTTPHeaders, source: IPv4Address) -> UInt64? {
         switch key {
         case .header(let name):
@@ -254,6 +273,7 @@ final class OutlierDetector: Sendable {
     }
 
     /// Records one attempt's outcome; ejects the backend when it crosses a threshold.
+    @inline(never)
     func record(_ index: Int, _ outcome: Outcome, runtime: ClusterRuntime) {
         let now = NIODeadline.now().uptimeNanoseconds
         var eject = [Int]()

@@ -318,39 +318,25 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
         // The Service's TrafficPolicy, request side: rate limit, then faults.
         var delay: Duration?
-        if !snapshot.guards.isEmpty, let guardState = snapshot.guards[frontendKey] {
-            let source = snapshot.workloadsByIP[origin.source.value]
-            if let limit = guardState.rateLimit {
-                let key: String
-                switch limit.key {
-                case .route: key = action.name
-                case .sourceIdentity: key = snapshot.identities[origin.source.value] ?? origin.source.description
-                case .header(let name): key = head.headers[canonicalForm: name].first.map(String.init) ?? "-"
-                }
-                if let wait = guardState.admit(key) {
-                    proxy.stats.rateLimited.add(1, ordering: .relaxed)
-                    guardState.limited.add(1, ordering: .relaxed)
-                    record?.flags.append("RL")
-                    let seconds = max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))
-                    return respondLocally(head, .tooManyRequests, "weft: rate limit of \(matcher.frontend.name) reached for \(key)\n",
-                                          keepAlive: keepAlive, extraHeaders: [("retry-after", "\(seconds)")])
-                }
-            }
-            if let faults = guardState.faults, let loop,
-               faults.applies(route: action.name, sourceNamespace: source?.namespace, serviceAccount: source?.serviceAccount) {
-                if let abort = faults.abort, Double.random(in: 0..<100, using: &loop.random) < abort.percentage {
-                    proxy.stats.faultsAborted.add(1, ordering: .relaxed)
-                    guardState.aborted.add(1, ordering: .relaxed)
-                    record?.flags.append("FI")
-                    return respondLocally(head, HTTPResponseStatus(statusCode: abort.httpStatus),
-                                          "weft: fault injected by TrafficPolicy (abort)\n", keepAlive: keepAlive)
-                }
-                if let d = faults.delay, Double.random(in: 0..<100, using: &loop.random) < d.percentage {
-                    proxy.stats.faultsDelayed.add(1, ordering: .relaxed)
-                    guardState.delayed.add(1, ordering: .relaxed)
-                    record?.flags.append("DI")
-                    delay = d.fixedDelay
-                }
+        if !snapshot.guards.isEmpty, let guardState = snapshot.guards[frontendKey], let loop {
+            switch guardState.judge(route: action.name, source: origin.source, headers: head.headers, snapshot: snapshot,
+                                    random: &loop.random) {
+            case .pass: break
+            case .limited(let key, let wait):
+                proxy.stats.rateLimited.add(1, ordering: .relaxed)
+                record?.flags.append("RL")
+                let seconds = max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))
+                return respondLocally(head, .tooManyRequests, "weft: rate limit of \(matcher.frontend.name) reached for \(key)\n",
+                                      keepAlive: keepAlive, extraHeaders: [("retry-after", "\(seconds)")])
+            case .abort(let status):
+                proxy.stats.faultsAborted.add(1, ordering: .relaxed)
+                record?.flags.append("FI")
+                return respondLocally(head, HTTPResponseStatus(statusCode: status),
+                                      "weft: fault injected by TrafficPolicy (abort)\n", keepAlive: keepAlive)
+            case .delay(let d):
+                proxy.stats.faultsDelayed.add(1, ordering: .relaxed)
+                record?.flags.append("DI")
+                delay = d
             }
         }
 
@@ -484,11 +470,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             counters = b
             // A new connection is needed unless an idle one waits: that is
             // where maxConnections and maxPendingRequests bite.
-            if let cb = runtime.policy.circuitBreaker, r.cluster.upstreamProtocol == .http1, !loop.pool.hasIdle(key) {
-                var limit: String?
-                if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max { limit = "maxConnections" }
-                if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max { limit = "maxPendingRequests" }
-                if let limit {
+            if runtime.policy.circuitBreaker != nil, r.cluster.upstreamProtocol == .http1, !loop.pool.hasIdle(key) {
+                if let limit = runtime.connectionLimit(b) {
                     b.requests.subtract(1, ordering: .relaxed)
                     r.backend = nil
                     r.endpoint = nil
@@ -810,6 +793,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     /// The attempt is over: its backend has one request fewer in flight.
+    @inline(never)
     private func releaseBackend() {
         guard let r = request, let runtime = r.runtime, let i = r.backend else { return }
         runtime.backends[i].requests.subtract(1, ordering: .relaxed)
@@ -817,6 +801,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     /// Tells the cluster's outlier detector how the attempt went (once).
+    @inline(never)
     private func recordOutcome(_ outcome: OutlierDetector.Outcome) {
         guard let r = request, !r.outcomeRecorded, let runtime = r.runtime, let detector = runtime.outliers,
               let i = r.backend else { return }
@@ -826,6 +811,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     /// circuitBreaker.maxRetries: retries in progress for the cluster. A
     /// request counts once from its first retry until it finishes.
+    @inline(never)
     private func retryAllowedByBreaker() -> Bool {
         guard let r = request, let runtime = r.runtime else { return true }
         if r.retrying { return true }
