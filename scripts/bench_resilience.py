@@ -406,18 +406,32 @@ def failover(work):
 def main():
     work = tempfile.mkdtemp(prefix="weft-bench-res-")
     try:
-        runs, profile = feature_cost(work)
+        if "--failover-only" in sys.argv:
+            # Failover again; the feature cost as the last run saved it.
+            with open(os.path.join(ROOT, "docs/bench-resilience.json")) as f:
+                saved = json.load(f)
+            global ROUNDS, MAX_S, PROFILE_S
+            ROUNDS, MAX_S, PROFILE_S = saved["rounds"], saved["max_s"], saved["profile_s"]
+            runs, profile, cost_rev = saved["runs"], saved["profile"], saved.get("cost_revision", "?")
+        else:
+            runs, profile = feature_cost(work)
+            cost_rev = revision()
         fo = failover(work)
     finally:
         subprocess.run(["rm", "-rf", work])
     with open(os.path.join(ROOT, "docs/bench-resilience.json"), "w") as f:
         json.dump({"runs": runs, "profile": profile, "failover": fo, "rounds": ROUNDS, "max_s": MAX_S,
-                   "profile_s": PROFILE_S}, f, indent=1)
-    report(runs, profile, fo)
+                   "profile_s": PROFILE_S, "cost_revision": cost_rev, "failover_revision": revision()}, f, indent=1)
+    report(runs, profile, fo, cost_rev)
 
 
-def report(runs, profile, fo):
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+def revision():
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def report(runs, profile, fo, cost_rev, fo_rev=None):
+    rev = fo_rev or revision()
+    made = f"at {rev}" if cost_rev == rev else f"at {cost_rev} (feature cost) and {rev} (failover, `--failover-only`)"
     # runs["base"][k] was measured next to the k-th variant run of the
     # round; rebuild the pairs.
     names = [n for n in VARIANTS if n != "base"]
@@ -477,7 +491,7 @@ def report(runs, profile, fo):
     lines = [
         "## TrafficPolicy: feature cost and failover (issue #8)",
         "",
-        f"Made by `scripts/bench resilience` at {rev} on {time.strftime('%Y-%m-%d')}. One lab node, a client pod and two "
+        f"Made by `scripts/bench resilience` {made} on {time.strftime('%Y-%m-%d')}. One lab node, a client pod and two "
         f"nginx backend pods; one Service per variant over the same backends. {ROUNDS} rounds; in each, every variant is "
         "measured right next to the base Service (which of the two goes first alternates by round): h2load --h1 with 16 "
         f"keep-alive connections as fast as they go for {MAX_S} s, giving requests/s, requests per second of the proxy's "
@@ -537,7 +551,7 @@ def rerender():
         saved = json.load(f)
     global ROUNDS, MAX_S, PROFILE_S
     ROUNDS, MAX_S, PROFILE_S = saved["rounds"], saved["max_s"], saved["profile_s"]
-    report(saved["runs"], saved["profile"], saved["failover"])
+    report(saved["runs"], saved["profile"], saved["failover"], saved.get("cost_revision", "?"), saved.get("failover_revision"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import WeftStatus
 /// failing after `unhealthyThreshold` failed probes in a row and passing
 /// after `healthyThreshold` good ones; a backend starts out passing, so an
 /// agent restart never blackholes a Service while its first probes run.
+/// After a failure of a passing backend, the probes that would confirm it
+/// come faster (interval / unhealthyThreshold): failover within two
+/// intervals whatever the threshold.
 ///
 /// Probes run on one NIO event loop, which owns all probe state; the agent's
 /// control thread reads the failing set through a Mutex and is woken through
@@ -102,8 +105,18 @@ final class HealthChecker: Sendable {
             if let ok { record(probe, ok: ok, detail: detail) }
             // The next probe an interval after this one started, with a
             // little jitter so probes of many backends do not line up.
-            let interval = check.interval.nanoseconds
-            let jitter = Int64.random(in: 0...max(interval / 20, 1))
+            var interval = check.interval.nanoseconds
+            var jitter = Int64.random(in: 0...max(interval / 20, 1))
+            if !probe.failing, probe.failures > 0 {
+                // Confirming a failure: the probes that complete the streak
+                // come at interval / unhealthyThreshold, so a backend that
+                // died (refused or failing probes) is out within two
+                // intervals of its death whatever the threshold: the first
+                // failed probe at most an interval after it, the rest
+                // within the next.
+                interval /= Int64(max(check.unhealthyThreshold, 1))
+                jitter = 0
+            }
             let next = max(started + .nanoseconds(interval + jitter) - .now(), .nanoseconds(0))
             probe.timer = loop.assumeIsolated().scheduleTask(in: next) { [self] in run(probe) }
         }

@@ -209,8 +209,10 @@ struct ResilienceTests {
     @Test func deadBackendsLeaveL7AndL4ServicesWithinTwoIntervalsAndOutliersAreEjectedAndReturn() throws {
         let dead = [("dead-1", "n1", "198.18.1.31"), ("dead-2", "n2", "198.18.2.32"), ("dead-3", "n2", "198.18.2.33")]
         let od = [("od-1", "n1", "198.18.1.41"), ("od-2", "n2", "198.18.2.42"), ("od-3", "n2", "198.18.2.43")]
-        let check = "healthCheck: {interval: 1s, timeout: 500ms, unhealthyThreshold: 1, healthyThreshold: 1, http: {path: /healthz}}"
-        let tcpCheck = "healthCheck: {interval: 1s, timeout: 500ms, unhealthyThreshold: 1, healthyThreshold: 1}"
+        // The default unhealthyThreshold (2): the confirming probe comes
+        // half an interval after the first failure, so two intervals hold.
+        let check = "healthCheck: {interval: 1s, timeout: 500ms, healthyThreshold: 1, http: {path: /healthz}}"
+        let tcpCheck = "healthCheck: {interval: 1s, timeout: 500ms, healthyThreshold: 1}"
         let lab = try startLab(dead + od, app: { String($0.prefix(while: { $0 != "-" })) }, services: [
             service("dead-http", ip: "198.19.3.10", app: "dead"),
             service("dead-tcp", ip: "198.19.3.11", app: "dead", port: 9000, portName: "tcp"),

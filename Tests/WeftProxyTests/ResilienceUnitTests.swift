@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import NIOHTTP1
 import Testing
 @testable import WeftCore
 @testable import WeftProxy
@@ -114,6 +115,34 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         admitted = 0
         for _ in 0..<20 where bucket.take(now: 2_000_000_000) == nil { admitted += 1 }
         #expect(admitted == 5)
+    }
+
+    @Test func frontendGuardLimitsPerKeyThenInjectsFaultsOnlyForItsSources() {
+        var table = ProxyTable()
+        table.workloads = ["198.18.1.10": .init(name: "a", namespace: "shop", serviceAccount: "client", node: "n1"),
+                           "198.18.1.11": .init(name: "b", namespace: "shop", serviceAccount: "other", node: "n1")]
+        let snapshot = RouteSnapshot(table)
+        let client = IPv4Address(0xC612_010A), other = IPv4Address(0xC612_010B)  // 198.18.1.10, .11
+        var random = LoopRandom()
+        var faults = TrafficPolicy.FaultInjection()
+        faults.abort = .init(httpStatus: 418, percentage: 100)
+        faults.sources = [.init(namespace: "shop", serviceAccount: "client")]
+        let limit = TrafficPolicy.RateLimit(requests: 1, interval: .seconds(3600), burst: 2, key: .header("x-tenant"))
+        let guardState = FrontendGuard(rateLimit: limit, faults: faults)
+        func judge(_ source: IPv4Address, tenant: String) -> FrontendGuard.Decision {
+            guardState.judge(route: "shop/web#0", source: source, headers: HTTPHeaders([("x-tenant", tenant)]),
+                             snapshot: snapshot, random: &random)
+        }
+        // Two tokens for tenant t1 (aborted by the fault, which comes after
+        // the limit), the third is limited; tenant t2 has its own bucket.
+        for _ in 0..<2 {
+            guard case .abort(418) = judge(client, tenant: "t1") else { Issue.record("expected the injected abort"); return }
+        }
+        guard case .limited("t1", let wait) = judge(client, tenant: "t1") else { Issue.record("expected t1 limited"); return }
+        #expect(wait > .seconds(3000) && wait <= .seconds(3600), "one token per hour: \(wait)")
+        // Another source is not in the fault's scope: it passes.
+        guard case .pass = judge(other, tenant: "t2") else { Issue.record("expected other's request to pass"); return }
+        #expect(guardState.limited.load(ordering: .relaxed) == 1 && guardState.aborted.load(ordering: .relaxed) == 2)
     }
 }
 
