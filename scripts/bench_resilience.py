@@ -537,10 +537,10 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
         *fo_rows,
         "",
         "With unhealthyThreshold 1 a dead backend goes at the first failed probe, at most one interval after its death. "
-        "With 2, the second failed probe comes one interval after the first, so failover takes between one and two "
-        "intervals plus a probe's round trip, and can brush the 2-interval line; the L7 path is shielded meanwhile by the "
-        "proxy's own passive ejection (a refused connect takes the backend out on that event loop and is retried elsewhere, "
-        "so clients see no error).",
+        "With 2 (the default), the probe that confirms a first failure comes half an interval after it (confirming probes "
+        "come at interval / unhealthyThreshold), so failover takes at most one and a half intervals plus a probe's round "
+        "trip (with any threshold, the whole streak fits in two intervals); the L7 path is shielded meanwhile by the proxy's own passive ejection (a "
+        "refused connect takes the backend out on that event loop and is retried elsewhere, so clients see no error).",
     ]
     write_section("resilience", lines)
     print("\n".join(lines))
