@@ -99,10 +99,11 @@ final class ClusterRuntime: Sendable {
     }
 
     /// The circuit breaker's limit a new connection to `b` would exceed
-    /// (maxConnections, maxPendingRequests), if any.
+    /// (maxConnections, maxPendingRequests), if any. A request that finds
+    /// an idle connection (`idle`) opens none, so no limit applies to it.
     @inline(never)
-    func connectionLimit(_ b: Backend) -> String? {
-        guard let cb = policy.circuitBreaker else { return nil }
+    func connectionLimit(_ b: Backend, idle: () -> Bool) -> String? {
+        guard let cb = policy.circuitBreaker, cb.maxConnections != nil || cb.maxPendingRequests != nil, !idle() else { return nil }
         if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max { return "maxConnections" }
         if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max { return "maxPendingRequests" }
         return nil

@@ -470,17 +470,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             counters = b
             // A new connection is needed unless an idle one waits: that is
             // where maxConnections and maxPendingRequests bite.
-            if runtime.policy.circuitBreaker != nil, r.cluster.upstreamProtocol == .http1, !loop.pool.hasIdle(key) {
-                if let limit = runtime.connectionLimit(b) {
-                    b.requests.subtract(1, ordering: .relaxed)
-                    r.backend = nil
-                    r.endpoint = nil
-                    r.connecting = false
-                    proxy.stats.overflows.add(1, ordering: .relaxed)
-                    countEvent("overflow")
-                    record?.flags.append("UO")
-                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's \(limit)\n")
-                }
+            if r.cluster.upstreamProtocol == .http1, let limit = runtime.connectionLimit(b, idle: { loop.pool.hasIdle(key) }) {
+                b.requests.subtract(1, ordering: .relaxed)
+                r.backend = nil
+                r.endpoint = nil
+                r.connecting = false
+                proxy.stats.overflows.add(1, ordering: .relaxed)
+                countEvent("overflow")
+                record?.flags.append("UO")
+                return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's \(limit)\n")
             }
         }
         loop.pool.state(key).inFlight += 1
