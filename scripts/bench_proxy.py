@@ -177,38 +177,65 @@ def rss_mib(pids):
     return total / 1024
 
 
-def h2load(url, load, seconds, rate=None, shape=None):
-    """`load` names a shape in LOADS, or `shape` gives (flags, connections, streams)."""
+def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=False):
+    """`load` names a shape in LOADS, or `shape` gives (flags, connections, streams).
+    With `processes` > 1, that many h2loads run at once, each with the shape
+    and `rate` / `processes` requests/s: independent clients, whose request
+    timers do not tick together as one h2load's connections do.
+    With `keep_rows`, the result's `rows` are (start µs since the epoch,
+    latency µs, status), in start order."""
     flags, conns, streams = shape or LOADS[load]
-    log = tempfile.mktemp(prefix="weft-bench-h2load-", dir="/tmp")
-    args = [WEFT, "lab", "exec", "bench/client", "--", "h2load", *flags, "-c", str(conns), "-m", str(streams),
-            "-t", "1", "-D", str(seconds), "--warm-up-time", "1", "--log-file", log]
-    if rate:
-        args += ["--rps", str(max(1, rate // conns))]
-    out = sh(*(args + [url]))
-    latencies = []
+    logs, runs = [], []
+    for _ in range(processes):
+        log = tempfile.mktemp(prefix="weft-bench-h2load-", dir="/tmp")
+        logs.append(log)
+        args = [WEFT, "lab", "exec", "bench/client", "--", "h2load", *flags, "-c", str(conns), "-m", str(streams),
+                "-t", "1", "-D", str(seconds), "--warm-up-time", "1", "--log-file", log]
+        if rate:
+            args += ["--rps", str(max(1, rate // processes // conns))]
+        runs.append(subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for run in runs:
+        out, err = run.communicate()
+        if run.returncode != 0:
+            raise SystemExit(f"h2load {url} failed: {out[-2000:]}{err[-2000:]}")
+        outs.append(out)
+    rows = []
     statuses = {}
     try:
-        for line in open(log):
-            parts = line.split()
-            if len(parts) >= 3:
-                statuses[parts[1]] = statuses.get(parts[1], 0) + 1
-                latencies.append(int(parts[2]))
+        for log in logs:
+            for line in open(log):
+                parts = line.split()
+                if len(parts) >= 3:
+                    statuses[parts[1]] = statuses.get(parts[1], 0) + 1
+                    rows.append((int(parts[0]), int(parts[2]), int(parts[1])))
     finally:
-        os.unlink(log)
+        for log in logs:
+            if os.path.exists(log):
+                os.unlink(log)
     done = sum(statuses.values())
-    latencies.sort()
+    failed = done - statuses.get("200", 0)
+    for out in outs:
+        for line in out.splitlines():
+            if line.startswith("requests:"):
+                # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+                words = line.replace(",", "").split()
+                failed += int(words[words.index("failed") - 1]) + int(words[words.index("errored") - 1])
+    rows.sort()
+    result = {"requests": done, "rate": done / seconds, "failed": failed}
+    result.update(percentiles(rows))
+    if keep_rows:
+        result["rows"] = rows
+    return result
+
+
+def percentiles(rows):
+    """p50 and p99 of the rows' latencies, in µs."""
+    latencies = sorted(r[1] for r in rows)
 
     def pct(p):
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
-
-    failed = done - statuses.get("200", 0)
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
-            words = line.replace(",", "").split()
-            failed += int(words[words.index("failed") - 1]) + int(words[words.index("errored") - 1])
-    return {"requests": done, "rate": done / seconds, "p50_us": pct(0.50), "p99_us": pct(0.99), "failed": failed}
+    return {"p50_us": pct(0.50), "p99_us": pct(0.99)}
 
 
 def main():
