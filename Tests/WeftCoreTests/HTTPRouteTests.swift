@@ -141,3 +141,54 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         #expect(errors.first?.description.contains("t.yaml:6:spec.rules[0].retry.codes[0]") == true, "\(errors)")
     }
 }
+
+@Suite struct HTTPRouteFilterValueTests {
+    /// What a filter would put on the wire is checked when the file is read,
+    /// not left to fail each request.
+    @Test(arguments: [
+        ("requestHeaderModifier: {set: [{name: x-a, value: \"a\\r\\nx-b: b\"}]}", "filters[0].requestHeaderModifier.set[0].value", "not a valid header value"),
+        ("responseHeaderModifier: {add: [{name: x-a, value: \" padded\"}]}", "filters[0].responseHeaderModifier.add[0].value", "not a valid header value"),
+        ("requestHeaderModifier: {add: [{name: x-a, value: \"nul\\0\"}]}", "filters[0].requestHeaderModifier.add[0].value", "not a valid header value"),
+        ("urlRewrite: {hostname: \"Bad_Host\"}", "filters[0].urlRewrite.hostname", "not a valid hostname"),
+        ("requestRedirect: {hostname: \"a.example/evil\"}", "filters[0].requestRedirect.hostname", "not a valid hostname"),
+    ])
+    func badFilterValuesNameTheirField(filter: String, field: String, reason: String) throws {
+        let type = filter.hasPrefix("requestHeader") ? "RequestHeaderModifier" : filter.hasPrefix("responseHeader") ? "ResponseHeaderModifier"
+            : filter.hasPrefix("urlRewrite") ? "URLRewrite" : "RequestRedirect"
+        let (_, errors) = ManifestReader.parse(base + """
+
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web}]
+              rules:
+              - filters: [{type: \(type), \(filter)}]
+                backendRefs: [{name: web, port: 80}]
+            """, file: "t.yaml")
+        let text = errors.map(\.description).joined(separator: "\n")
+        #expect(text.contains("t.yaml:6:spec.rules[0].\(field)") && text.contains(reason), "\(text)")
+    }
+
+    @Test func goodFilterValuesAreKept() throws {
+        let (resources, errors) = ManifestReader.parse("""
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web}]
+              rules:
+              - filters:
+                - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-env, value: "canary\\tv2 (a=b; c)"}], add: [{name: x-empty, value: ""}]}}
+                - {type: URLRewrite, urlRewrite: {hostname: api.shop.svc}}
+                backendRefs: [{name: web, port: 80}]
+            """, file: "t.yaml")
+        #expect(errors.isEmpty, "\(errors)")
+        guard case .httpRoute(let route) = resources.first?.resource else { Issue.record("no route: \(resources)"); return }
+        guard case .requestHeaderModifier(let m) = route.rules.first?.filters.first else { Issue.record("\(route.rules)"); return }
+        #expect(m.set.first?.value == "canary\tv2 (a=b; c)" && m.add.first?.value == "")
+        guard case .urlRewrite(let rewrite) = route.rules.first?.filters.last else { Issue.record("\(route.rules)"); return }
+        #expect(rewrite.hostname == "api.shop.svc")
+    }
+}

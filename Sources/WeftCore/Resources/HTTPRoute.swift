@@ -342,7 +342,7 @@ extension HTTPRoute.Filter {
                 var b = try body("requestRedirect")
                 let scheme = try b.string("scheme")
                 if let s = scheme, s != "http", s != "https" { throw b.error("scheme", "must be http or https") }
-                let hostname = try b.string("hostname")
+                let hostname = try HTTPRoute.hostname(&b, at: location)
                 let path = try HTTPRoute.PathModifier.read(&b, at: location)
                 let port = try b.int("port").map { p throws(ManifestError) in try Validation.port(p, field: b.field("port"), at: location) }
                 let code = try b.int("statusCode") ?? 302
@@ -351,7 +351,7 @@ extension HTTPRoute.Filter {
                 out.append(.requestRedirect(.init(scheme: scheme, hostname: hostname, path: path, port: port, statusCode: code)))
             case "URLRewrite":
                 var b = try body("urlRewrite")
-                let hostname = try b.string("hostname")
+                let hostname = try HTTPRoute.hostname(&b, at: location)
                 let path = try HTTPRoute.PathModifier.read(&b, at: location)
                 try b.finish()
                 out.append(.urlRewrite(.init(hostname: hostname, path: path)))
@@ -402,6 +402,7 @@ extension HTTPRoute.HeaderModifier {
                     let name = try h.requiredString("name")
                     try HTTPRoute.headerName(name, field: h.field("name"), at: location)
                     guard let value = try h.string("value") else { throw h.error("value", "required field is missing") }
+                    try HTTPRoute.headerValue(value, field: h.field("value"), at: location)
                     try h.finish()
                     headers.append(.init(name: name, value: value))
                 }
@@ -495,5 +496,30 @@ extension HTTPRoute {
                 || "!#$%&'*+-.^_`|~".utf8.contains(c)
         }
         guard ok else { throw ManifestError(location, field: field, "\"\(name)\" is not a valid header name") }
+    }
+
+    /// A filter's `hostname`: a precise DNS name (RFC 1123 subdomain, lower
+    /// case), as the Gateway API's PreciseHostname. It becomes a Host header
+    /// or a Location.
+    static func hostname(_ r: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> String? {
+        guard let name = try r.string("hostname") else { return nil }
+        guard Validation.dnsSubdomain(name) else {
+            throw r.error("hostname", "\(String(reflecting: name)) is not a valid hostname (lower-case DNS name, RFC 1123)")
+        }
+        return name
+    }
+
+    /// A field value as RFC 9110 5.5 has it: visible characters, spaces and
+    /// tabs inside, nothing at either end, and never CR, LF or NUL (which
+    /// would split or end the header on the wire).
+    static func headerValue(_ value: String, field: String, at location: DocumentLocation) throws(ManifestError) {
+        let bytes = value.utf8
+        let ok = bytes.allSatisfy { c in c == 0x09 || (c >= 0x20 && c != 0x7f) }
+            && !(bytes.first.map { $0 == 0x20 || $0 == 0x09 } ?? false)
+            && !(bytes.last.map { $0 == 0x20 || $0 == 0x09 } ?? false)
+        guard ok else {
+            throw ManifestError(location, field: field, "\(String(reflecting: value)) is not a valid header value "
+                + "(no control characters, and no space or tab at either end)")
+        }
     }
 }
