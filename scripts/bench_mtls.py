@@ -27,7 +27,8 @@ Measured:
               per core of the two tunnel ends (bytes over the CPU seconds of
               both proxies, times two: each byte is encrypted by one end and
               decrypted by the other), as a ratio to `openssl speed` AES-128-GCM
-              on one core (the mean of encrypt and decrypt)
+              on one core (the mean of encrypt and decrypt; the highest of a
+              run before the rounds and one after each round's bulk runs)
   handshakes  full TLS 1.3 handshakes with a client certificate (no
               resumption) against n2's tunnel port and against n2's HAProxy,
               from two client processes on n1: handshakes per CPU second of
@@ -44,8 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchdoc import sh, write_section  # noqa: E402
-from bench_proxy import cpu_seconds, h2load, percentiles, pids_of  # noqa: E402
-from hostwatch import HostWatch, quiet  # noqa: E402
+from bench_proxy import cpu_seconds, h2load_watched, pids_of  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_MTLS_ROUNDS", "3"))
@@ -57,6 +57,10 @@ RATE = int(os.environ.get("WEFT_BENCH_MTLS_RATE", "1000"))
 ONLY = os.environ.get("WEFT_BENCH_MTLS_ONLY")
 # name: (h2load processes, connections each): the same 10 connections, in step or independent.
 SHAPES = {"in step": (1, 10), "independent": (10, 1)}
+# A round whose runs saw the host slow for more than this share of one run is
+# run again (at most RETRIES times): its p99s say more about the host.
+DISTURBED = 0.25
+RETRIES = 2
 CLIENT, PLAIN, MESHED, VIP = "198.18.1.10", "198.18.2.20", "198.18.2.21", "198.19.9.21"
 N1_GW, N2_FABRIC = "198.18.1.1", "198.18.0.2"
 BIG = "big.bin"
@@ -202,7 +206,7 @@ kind: PeerAuthentication
 metadata: {{name: plain, namespace: bench}}
 spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
 """)
-    speed = openssl_speed()
+    speed = dict(openssl_speed(), runs=1)
     print(f"openssl speed AES-128-GCM, one core: {speed['encrypt']:.0f} MB/s encrypt, {speed['decrypt']:.0f} MB/s decrypt", flush=True)
     sh(WEFT, "lab", "down", check=False)
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "2")
@@ -237,24 +241,28 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
             return [p for root in roots for p in pids_of(root)]
 
         latency = {shape: {name: [] for name in TARGETS} for shape in SHAPES}
+        repeated = 0
         bulk = {name: [] for name in TARGETS if name != "l7"}
         names = list(TARGETS)
         for k in range(ROUNDS):
             order = names[k % len(names):] + names[:k % len(names)]
-            for shape, (processes, conns) in SHAPES.items() if ONLY in (None, "latency") else []:
-                for name in order:
-                    with HostWatch() as watch:
-                        r = h2load(TARGETS[name], None, FIXED_S, RATE, shape=(["--h1"], conns, 1), processes=processes,
-                                   keep_rows=True)
-                    rows = r.pop("rows")
-                    calm = quiet(rows, watch.windows)
-                    r["quiet"] = percentiles(calm)
-                    r["left_out"] = 1 - len(calm) / len(rows) if rows else 0.0
-                    r["host_slow"] = watch.share
+            for attempt in range(1 + RETRIES if ONLY in (None, "latency") else 0):
+                got = {shape: {} for shape in SHAPES}
+                for shape, (processes, conns) in SHAPES.items():
+                    for name in order:
+                        r = h2load_watched(TARGETS[name], None, FIXED_S, RATE, shape=(["--h1"], conns, 1), processes=processes)
+                        got[shape][name] = r
+                        print(f"round {k + 1} {shape} {name}: {r['rate']:.0f} req/s p50 {r['p50_us']} us p99 {r['p99_us']} us; "
+                              f"quiet p50 {r['quiet']['p50_us']} p99 {r['quiet']['p99_us']} ({r['left_out']:.1%} left out, host "
+                              f"slow {r['host_slow']:.1%} of the time); failed {r['failed']}", flush=True)
+                worst = max(r["host_slow"] for sides in got.values() for r in sides.values())
+                if worst <= DISTURBED or attempt == RETRIES:
+                    break
+                repeated += 1
+                print(f"round {k + 1}: the host was slow for {worst:.0%} of one run; its latency runs again", flush=True)
+            for shape, sides in got.items() if ONLY in (None, "latency") else []:
+                for name, r in sides.items():
                     latency[shape][name].append(r)
-                    print(f"round {k + 1} {shape} {name}: {r['rate']:.0f} req/s p50 {r['p50_us']} us p99 {r['p99_us']} us; "
-                          f"quiet p50 {r['quiet']['p50_us']} p99 {r['quiet']['p99_us']} ({r['left_out']:.1%} left out, host slow "
-                          f"{watch.share:.1%} of the time); failed {r['failed']}", flush=True)
             for name in order if ONLY in (None, "bulk") else []:
                 if name == "l7":
                     continue
@@ -271,6 +279,11 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
                          "per_core_end": (2 * total / cpu / 1e6) if cpu > 0 and ps else float("nan")}
                 bulk[name].append(entry)
                 print(f"round {k + 1} bulk {name}: {entry['mb_s']:.0f} MB/s, {entry['per_core_end']:.0f} MB/s per core per end", flush=True)
+            if ONLY in (None, "bulk"):
+                # The ceiling is the best the machine did: measured again each
+                # round, beside the bulk runs, so one slow moment cannot lower it.
+                again = openssl_speed()
+                speed = {mode: max(speed[mode], again[mode]) for mode in again} | {"runs": speed["runs"] + 1}
 
         # Handshakes: the mesh's certificate for a client identity (n1's
         # intermediate issues it), asking n2's proxy for meshed's identity.
@@ -308,7 +321,7 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
 
     if ONLY:
         return
-    summary = {"openssl": speed, "latency": {}, "bulk": {}, "handshakes": handshakes}
+    summary = {"openssl": speed, "latency": {}, "bulk": {}, "handshakes": handshakes, "repeated": repeated}
     for shape, sides in latency.items():
         summary["latency"][shape] = {}
         for name, runs in sides.items():
@@ -360,7 +373,8 @@ def report(summary):
         "VM sees it too). At this rate that alone makes the p99 of every side. `scripts/hostwatch.py` finds those windows "
         "while each side runs (a 2 ms probe timed in its own CPU time, which the guest's own preemption does not inflate); "
         "the *quiet* columns leave out the requests in flight during one, on every side alike. *host slow* is the share of "
-        "the run inside such windows, *left out* the share of requests.",
+        "the run inside such windows, *left out* the share of requests. A round in which the host was slow for more than "
+        f"{DISTURBED:.0%} of one run is run again (this time {summary['repeated']} repeat(s)).",
         "",
         "| shape | side | p50 | p99 | added p50 | added p99 | quiet p99 | quiet added p50 | quiet added p99 | host slow | left out | failed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -376,7 +390,8 @@ def report(summary):
         "",
         f"Bulk: a 64 MiB file fetched over and over with curl for {BULK_S} s. *per core per end* = 2 x bytes / CPU seconds "
         "of both proxies (each byte is encrypted by one end and decrypted by the other); the ceiling is `openssl speed "
-        f"-evp aes-128-gcm -bytes 16384` on one core: {speed['encrypt']:.0f} MB/s encrypt, {speed['decrypt']:.0f} MB/s "
+        f"-evp aes-128-gcm -bytes 16384` on one core, the highest of {speed['runs']} runs (one before the rounds, one after each "
+        f"round's bulk runs): {speed['encrypt']:.0f} MB/s encrypt, {speed['decrypt']:.0f} MB/s "
         f"decrypt, {ceiling:.0f} MB/s mean.",
         "",
         "| side | MB/s | MB/s per core per end | vs openssl |",

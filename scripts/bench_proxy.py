@@ -17,7 +17,10 @@ adds X-Forwarded-For and a request id, as Weft does. HTTP/2 from the client
 Two loads per side, from h2load in the client pod, rotating the order of the
 sides each round (medians over rounds):
   fixed    a fixed request rate over fixed connections: latency percentiles
-           from h2load's per-request log, minus direct's = latency added
+           from h2load's per-request log, minus direct's = latency added.
+           One h2load's connections send in step (a burst per tick); the
+           same rate again from one h2load per connection ("independent"),
+           whose ticks fall where they start
   max      as fast as the connections go: requests/s per proxy CPU core =
            requests / (CPU seconds the proxy's processes used)
 """
@@ -32,6 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchdoc import sh, write_section  # noqa: E402
+from hostwatch import HostWatch, quiet  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_PROXY_ROUNDS", "3"))
@@ -229,6 +233,20 @@ def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=Fal
     return result
 
 
+def h2load_watched(url, load, seconds, rate=None, shape=None, processes=1):
+    """h2load under a HostWatch: the result also has `quiet` (p50/p99 of the
+    requests in flight during no host slowdown), `left_out` (the share of
+    requests that were) and `host_slow` (the share of the run in one)."""
+    with HostWatch() as watch:
+        r = h2load(url, load, seconds, rate, shape, processes, keep_rows=True)
+    rows = r.pop("rows")
+    calm = quiet(rows, watch.windows)
+    r["quiet"] = percentiles(calm)
+    r["left_out"] = 1 - len(calm) / len(rows) if rows else 0.0
+    r["host_slow"] = watch.share
+    return r
+
+
 def percentiles(rows):
     """p50 and p99 of the rows' latencies, in µs."""
     latencies = sorted(r[1] for r in rows)
@@ -279,14 +297,16 @@ def main():
                                    *(["--http2-prior-knowledge"] if load == "HTTP/2" else []), url, check=False))
                    for name, t in TARGETS.items() for load, url in t.items()]
             raise SystemExit(f"some side never answered 200: {bad}")
-        results = {load: {name: {"fixed": [], "max": []} for name in TARGETS} for load in LOADS}
+        results = {load: {name: {"fixed": [], "independent": [], "max": []} for name in TARGETS} for load in LOADS}
         names = list(TARGETS)
         for k in range(ROUNDS):
             order = names[k % len(names):] + names[:k % len(names)]
             for load in LOADS:
                 for name in order:
                     url = TARGETS[name][load]
-                    fixed = h2load(url, load, FIXED_S, RATE)
+                    fixed = h2load_watched(url, load, FIXED_S, RATE)
+                    flags, conns, streams = LOADS[load]
+                    independent = h2load_watched(url, load, FIXED_S, RATE, shape=(flags, 1, streams), processes=conns)
                     proc = pids_of(pids[name]) if name in pids else []
                     c0 = cpu_seconds(proc)
                     top = h2load(url, load, MAX_S)
@@ -294,8 +314,11 @@ def main():
                     top["cpu_s"] = cpu
                     top["per_core"] = top["requests"] / cpu if cpu > 0 else float("nan")
                     results[load][name]["fixed"].append(fixed)
+                    results[load][name]["independent"].append(independent)
                     results[load][name]["max"].append(top)
                     print(f"round {k + 1} {load} {name}: fixed p50 {fixed['p50_us']}us p99 {fixed['p99_us']}us "
+                          f"(quiet {fixed['quiet']['p99_us']}us, host slow {fixed['host_slow']:.1%}); independent p50 "
+                          f"{independent['p50_us']}us p99 {independent['p99_us']}us (quiet {independent['quiet']['p99_us']}us) "
                           f"| max {top['rate']:.0f}/s, {top['per_core']:.0f}/s per core", flush=True)
         rss = {name: rss_mib(pids_of(pid)) for name, pid in pids.items()}
     finally:
@@ -313,7 +336,8 @@ def main():
     for load, sides in results.items():
         summary[load] = {}
         for name, runs in sides.items():
-            s = {k: statistics.median(r[k] for r in runs["fixed"]) for k in ("p50_us", "p99_us", "rate")}
+            s = {k: statistics.median(r[k] for r in runs["fixed"]) for k in ("p50_us", "p99_us", "rate", "host_slow")}
+            s["quiet_p99_us"] = statistics.median(r["quiet"]["p99_us"] for r in runs["fixed"])
             s["failed"] = sum(r["failed"] for r in runs["fixed"]) + sum(r["failed"] for r in runs["max"])
             s["max_rate"] = statistics.median(r["rate"] for r in runs["max"])
             if name != "direct":
@@ -326,6 +350,14 @@ def main():
             # Per round: side minus direct, then the median.
             s["added_p50_us"] = statistics.median(a["p50_us"] - b["p50_us"] for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
             s["added_p99_us"] = statistics.median(a["p99_us"] - b["p99_us"] for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
+            s["quiet_added_p99_us"] = statistics.median(a["quiet"]["p99_us"] - b["quiet"]["p99_us"]
+                                                        for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
+            pairs = list(zip(sides[name]["independent"], sides["direct"]["independent"]))
+            s["independent"] = {
+                "added_p50_us": statistics.median(a["p50_us"] - b["p50_us"] for a, b in pairs),
+                "added_p99_us": statistics.median(a["p99_us"] - b["p99_us"] for a, b in pairs),
+                "quiet_added_p99_us": statistics.median(a["quiet"]["p99_us"] - b["quiet"]["p99_us"] for a, b in pairs),
+            }
         del d
     with open(os.path.join(ROOT, "docs/bench-proxy.json"), "w") as f:
         json.dump({"summary": summary, "rounds": results}, f, indent=1)
@@ -371,30 +403,50 @@ def report(summary):
         "through their listen address.",
         "",
         f"- fixed: {RATE} requests/s over fixed connections (HTTP/1.1: 16 connections; HTTP/2: 4 connections x 8 streams), "
-        f"{FIXED_S} s; latency from h2load's per-request log. *added* = side minus direct, per round.",
+        f"{FIXED_S} s; latency from h2load's per-request log. *added* = side minus direct, per round. *quiet* leaves out "
+        "the requests in flight while the VM's host slowed its vCPUs (found by `scripts/hostwatch.py`; see the top of "
+        "this page), on every side alike; *host slow* is the share of the run in such windows.",
+        "- independent: the same rate and connections, one h2load per connection, so their request timers do not tick "
+        "together (the *fixed* load sends a burst of one request per connection every tick).",
         f"- max: the same connections as fast as they go, {MAX_S} s; *per core* = requests / CPU seconds of the proxy's processes.",
         "- The load generator, the backend and the proxy share the VM's 2 cores, so *max* rates are low in absolute terms; "
         "per-core figures and the ratios are what compare.",
         "",
-        "| load | side | req/s per core | vs HAProxy | added p50 | added p99 | p99 | max req/s | RSS | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| load | side | req/s per core | vs HAProxy | added p50 | added p99 | quiet added p99 | p99 | host slow | max req/s | RSS | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for load, sides in summary.items():
         ha = sides["haproxy"]["per_core"]
         for name in ("direct", "weft", "haproxy", "nginx"):
             s = sides[name]
             if name == "direct":
-                lines.append(f"| {load} | direct | – | – | – | – | {s['p99_us']:.0f} µs | {s['max_rate']:.0f} | – | {s['failed']} |")
+                lines.append(f"| {load} | direct | – | – | – | – | – | {s['p99_us']:.0f} µs | {s['host_slow']:.1%} | {s['max_rate']:.0f} | – | {s['failed']} |")
             else:
                 lines.append(f"| {load} | {name} | {s['per_core']:,.0f} | {s['per_core'] / ha:.2f} | {s['added_p50_us']:.0f} µs | "
-                             f"{s['added_p99_us']:.0f} µs | {s['p99_us']:.0f} µs | {s['max_rate']:.0f} | {s['rss_mib']:.0f} MiB | {s['failed']} |")
+                             f"{s['added_p99_us']:.0f} µs | {s['quiet_added_p99_us']:.0f} µs | {s['p99_us']:.0f} µs | {s['host_slow']:.1%} | "
+                             f"{s['max_rate']:.0f} | {s['rss_mib']:.0f} MiB | {s['failed']} |")
+    lines += [
+        "",
+        "Latency added with independent clients (same rate and connections):",
+        "",
+        "| load | side | added p50 | added p99 | quiet added p99 |",
+        "|---|---|---|---|---|",
+    ]
+    for load, sides in summary.items():
+        for name in ("weft", "haproxy", "nginx"):
+            i = sides[name]["independent"]
+            lines.append(f"| {load} | {name} | {i['added_p50_us']:.0f} µs | {i['added_p99_us']:.0f} µs | {i['quiet_added_p99_us']:.0f} µs |")
     w1, w2 = summary["HTTP/1.1"]["weft"], summary["HTTP/2"]["weft"]
     hp1, hp2 = summary["HTTP/1.1"]["haproxy"], summary["HTTP/2"]["haproxy"]
     lines += [
         "",
         f"Against the target (Weft's requests/s per core at least HAProxy's, its added p99 no higher): HTTP/1.1 "
-        f"{w1['per_core'] / hp1['per_core']:.2f}x per core, added p99 {w1['added_p99_us']:.0f} vs {hp1['added_p99_us']:.0f} µs; "
-        f"HTTP/2 {w2['per_core'] / hp2['per_core']:.2f}x per core, added p99 {w2['added_p99_us']:.0f} vs {hp2['added_p99_us']:.0f} µs.",
+        f"{w1['per_core'] / hp1['per_core']:.2f}x per core, added p99 {w1['added_p99_us']:.0f} vs {hp1['added_p99_us']:.0f} µs "
+        f"({w1['quiet_added_p99_us']:.0f} vs {hp1['quiet_added_p99_us']:.0f} µs quiet); HTTP/2 {w2['per_core'] / hp2['per_core']:.2f}x "
+        f"per core, added p99 {w2['added_p99_us']:.0f} vs {hp2['added_p99_us']:.0f} µs ({w2['quiet_added_p99_us']:.0f} vs "
+        f"{hp2['quiet_added_p99_us']:.0f} µs quiet). With independent clients, quiet: HTTP/1.1 "
+        f"{w1['independent']['quiet_added_p99_us']:.0f} vs {hp1['independent']['quiet_added_p99_us']:.0f} µs, HTTP/2 "
+        f"{w2['independent']['quiet_added_p99_us']:.0f} vs {hp2['independent']['quiet_added_p99_us']:.0f} µs.",
         "",
         "![L7 proxies](bench-proxy.png)",
     ]

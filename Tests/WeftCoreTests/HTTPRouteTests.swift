@@ -43,6 +43,22 @@ private func state(_ routes: String) throws -> ClusterState {
     return try ClusterState.build(resources).get()
 }
 
+/// The errors of reading the base Services with one HTTPRoute on `web`
+/// (document 6 of t.yaml) whose rules are `rules`.
+private func routeErrors(_ rules: String) -> [ManifestError] {
+    ManifestReader.parse(base + """
+
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: r, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web}]
+          rules:
+        \(rules)
+        """, file: "t.yaml").errors
+}
+
 private func request(_ method: String, _ target: String, _ headers: [String: String] = [:]) -> RouteMatcher.Request {
     let parts = target.split(separator: "?", maxSplits: 1)
     return RouteMatcher.Request(method: method, path: parts[0], query: parts.count > 1 ? parts[1] : nil,
@@ -126,18 +142,10 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         for bad in ["5", "s", "1d", "123456s", "1h1m1s1ms1h", ""] {
             #expect(throws: ManifestError.self) { try HTTPRoute.duration(bad, field: "x", at: l) }
         }
-        let (_, errors) = ManifestReader.parse(base + """
-
-            ---
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: r, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web}]
-              rules:
+        let errors = routeErrors("""
               - backendRefs: [{name: web, port: 80}]
                 retry: {codes: [200], attempts: 2}
-            """, file: "t.yaml")
+            """)
         #expect(errors.first?.description.contains("t.yaml:6:spec.rules[0].retry.codes[0]") == true, "\(errors)")
     }
 }
@@ -155,18 +163,10 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
     func badFilterValuesNameTheirField(filter: String, field: String, reason: String) throws {
         let type = filter.hasPrefix("requestHeader") ? "RequestHeaderModifier" : filter.hasPrefix("responseHeader") ? "ResponseHeaderModifier"
             : filter.hasPrefix("urlRewrite") ? "URLRewrite" : "RequestRedirect"
-        let (_, errors) = ManifestReader.parse(base + """
-
-            ---
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: r, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web}]
-              rules:
+        let errors = routeErrors("""
               - filters: [{type: \(type), \(filter)}]
                 backendRefs: [{name: web, port: 80}]
-            """, file: "t.yaml")
+            """)
         let text = errors.map(\.description).joined(separator: "\n")
         #expect(text.contains("t.yaml:6:spec.rules[0].\(field)") && text.contains(reason), "\(text)")
     }
