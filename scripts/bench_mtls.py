@@ -45,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchdoc import sh, write_section  # noqa: E402
-from bench_proxy import DISTURBED, RETRIES, cpu_seconds, h2load_watched, pids_of  # noqa: E402
+from bench_proxy import DISTURBED, RETRIES, cpu_seconds, h2load_watched, pids_of, until_calm  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_MTLS_ROUNDS", "3"))
@@ -242,7 +242,7 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
         names = list(TARGETS)
         for k in range(ROUNDS):
             order = names[k % len(names):] + names[:k % len(names)]
-            for attempt in range(1 + RETRIES if ONLY in (None, "latency") else 0):
+            def one_round():
                 got = {shape: {} for shape in SHAPES}
                 for shape, (processes, conns) in SHAPES.items():
                     for name in order:
@@ -251,17 +251,14 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
                         print(f"round {k + 1} {shape} {name}: {r['rate']:.0f} req/s p50 {r['p50_us']} us p99 {r['p99_us']} us; "
                               f"quiet p50 {r['quiet']['p50_us']} p99 {r['quiet']['p99_us']} ({r['left_out']:.1%} left out, host "
                               f"slow {r['host_slow']:.1%} of the time); failed {r['failed']}", flush=True)
-                worst = max(r["host_slow"] for sides in got.values() for r in sides.values())
-                if worst <= DISTURBED:
-                    break
-                if attempt == RETRIES:
-                    kept_disturbed += 1
-                    break
-                repeated += 1
-                print(f"round {k + 1}: the host was slow for {worst:.0%} of one run; its latency runs again", flush=True)
-            for shape, sides in got.items() if ONLY in (None, "latency") else []:
-                for name, r in sides.items():
-                    latency[shape][name].append(r)
+                return got, [r for sides in got.values() for r in sides.values()]
+            if ONLY in (None, "latency"):
+                got, again, still = until_calm(one_round, f"round {k + 1}")
+                repeated += again
+                kept_disturbed += still
+                for shape, sides in got.items():
+                    for name, r in sides.items():
+                        latency[shape][name].append(r)
             for name in order if ONLY in (None, "bulk") else []:
                 if name == "l7":
                     continue

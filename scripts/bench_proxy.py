@@ -252,6 +252,21 @@ def h2load_watched(url, load, seconds, rate=None, shape=None, processes=1):
     return r
 
 
+def until_calm(run, label):
+    """Calls `run()` (which returns runs of h2load_watched, in a list) again
+    while the host was slow for more than DISTURBED of one of them, at most
+    RETRIES more times. Returns its last result, how many times it ran again,
+    and 1 if that result is still disturbed (else 0)."""
+    for attempt in range(1 + RETRIES):
+        got, runs = run()
+        worst = max(r["host_slow"] for r in runs)
+        if worst <= DISTURBED:
+            return got, attempt, 0
+        if attempt == RETRIES:
+            return got, attempt, 1
+        print(f"{label}: the host was slow for {worst:.0%} of one run; it runs again", flush=True)
+
+
 def percentiles(rows):
     """p50 and p99 of the rows' latencies, in µs."""
     latencies = sorted(r[1] for r in rows)
@@ -321,7 +336,7 @@ def main():
         for k in range(ROUNDS):
             order = names[k % len(names):] + names[:k % len(names)]
             for load in LOADS:
-                for attempt in range(1 + RETRIES):
+                def one_round():
                     got = {}
                     for name in order:
                         got[name] = run_side(TARGETS[name][load], load, pids_of(pids[name]) if name in pids else [])
@@ -331,14 +346,10 @@ def main():
                               f"{independent['p50_us']}us p99 {independent['p99_us']}us (quiet {independent['quiet']['p99_us']}us, "
                               f"host slow {independent['host_slow']:.1%}) | max {top['rate']:.0f}/s, {top['per_core']:.0f}/s per core",
                               flush=True)
-                    worst = max(r[kind]["host_slow"] for r in got.values() for kind in ("fixed", "independent"))
-                    if worst <= DISTURBED:
-                        break
-                    if attempt == RETRIES:
-                        kept_disturbed += 1
-                        break
-                    repeated += 1
-                    print(f"round {k + 1} {load}: the host was slow for {worst:.0%} of one run; the round runs again", flush=True)
+                    return got, [r[kind] for r in got.values() for kind in ("fixed", "independent")]
+                got, again, still = until_calm(one_round, f"round {k + 1} {load}")
+                repeated += again
+                kept_disturbed += still
                 for name, r in got.items():
                     for kind, v in r.items():
                         results[load][name][kind].append(v)
