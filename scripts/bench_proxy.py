@@ -241,14 +241,21 @@ def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=Fal
 def h2load_watched(url, load, seconds, rate=None, shape=None, processes=1):
     """h2load under a HostWatch: the result also has `quiet` (p50/p99 of the
     requests in flight during no host slowdown), `left_out` (the share of
-    requests that were) and `host_slow` (the share of the run in one)."""
+    requests that were) and `host_slow` (the share of the measured time in
+    one)."""
     with HostWatch() as watch:
         r = h2load(url, load, seconds, rate, shape, processes, keep_rows=True)
     rows = r.pop("rows")
     calm = quiet(rows, watch.windows)
     r["quiet"] = percentiles(calm)
     r["left_out"] = 1 - len(calm) / len(rows) if rows else 0.0
-    r["host_slow"] = watch.share
+    # The share of the measured time (h2load's warm-up second is not logged)
+    # that fell in a window.
+    if rows:
+        a, b = rows[0][0] / 1e6, max(r[0] + r[1] for r in rows) / 1e6
+        r["host_slow"] = sum(max(0.0, min(b, wb) - max(a, wa)) for wa, wb in watch.windows) / (b - a) if b > a else 0.0
+    else:
+        r["host_slow"] = watch.share
     return r
 
 

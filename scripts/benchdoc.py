@@ -22,6 +22,9 @@ any run falls in such a window, more than the 1% a p99 looks at. The latency ben
 fixed piece of work every 2 ms in its own thread's CPU time, which the guest's own scheduling
 does not inflate but the host's slowdown does. Their *quiet* columns leave out the requests
 in flight during a window it found, on every side alike; the plain columns count every request.
+It sees slowdowns of 3x or more: on a busy afternoon the host also slows the VM less, for
+longer, and that still shows in the quiet figures, which is why rounds disturbed for more than
+a quarter of a run are run again.
 """
 ORDER = ["datapath", "policy", "proxy", "shortcut", "observability", "resilience", "mtls"]
 
