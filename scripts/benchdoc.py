@@ -14,10 +14,11 @@ section says when and how it was made. The machine is a shared VM: read the rati
 absolute numbers.
 
 The VM's host slows it without telling it. A C loop pinned to each vCPU of an idle VM runs
-at 7-30% of its speed for 60-150 ms every 1.5-3 s, on both vCPUs at once, while the guest
+at as little as 7% of its speed for 60-150 ms every 1.5-3 s, on both vCPUs at once, while the guest
 charges all that time to the loop as user time: no steal time, no interrupts, no softirq, no
-other task. A request in flight then takes milliseconds, whatever serves it, and about 5% of
-any run falls in such a window, more than the 1% a p99 looks at. The latency benchmarks
+other task. A request in flight then takes milliseconds, whatever serves it, and 4-6% of an
+idle run falls in such a window (10-25% of a loaded one on a busy afternoon), more than the 1%
+a p99 looks at. The latency benchmarks
 (`proxy`, `mtls`) run `scripts/hostwatch.py` beside every measurement: a probe that times a
 fixed piece of work every 2 ms in its own thread's CPU time, which the guest's own scheduling
 does not inflate but the host's slowdown does. Their *quiet* columns leave out the requests
