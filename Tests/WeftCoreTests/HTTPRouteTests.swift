@@ -43,20 +43,24 @@ private func state(_ routes: String) throws -> ClusterState {
     return try ClusterState.build(resources).get()
 }
 
-/// The errors of reading the base Services with one HTTPRoute on `web`
-/// (document 6 of t.yaml) whose rules are `rules`.
-private func routeErrors(_ rules: String) -> [ManifestError] {
-    ManifestReader.parse(base + """
+/// One HTTPRoute `r` on Service `web` whose rules are `rules` (a YAML list
+/// indented by two spaces).
+private func webRoute(_ rules: String) -> String {
+    """
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: r, namespace: shop}
+    spec:
+      parentRefs: [{group: "", kind: Service, name: web}]
+      rules:
+    \(rules)
+    """
+}
 
-        ---
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: HTTPRoute
-        metadata: {name: r, namespace: shop}
-        spec:
-          parentRefs: [{group: "", kind: Service, name: web}]
-          rules:
-        \(rules)
-        """, file: "t.yaml").errors
+/// The errors of reading the base Services with `webRoute(rules)` after
+/// them (document 6 of t.yaml).
+private func routeErrors(_ rules: String) -> [ManifestError] {
+    ManifestReader.parse(base + "\n---\n" + webRoute(rules), file: "t.yaml").errors
 }
 
 private func request(_ method: String, _ target: String, _ headers: [String: String] = [:]) -> RouteMatcher.Request {
@@ -86,13 +90,7 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
     }
 
     @Test func precedenceFollowsTheGatewayAPI() throws {
-        let s = try state("""
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: r, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web}]
-              rules:
+        let s = try state(webRoute("""
               - name: prefix
                 matches: [{path: {type: PathPrefix, value: /api}}]
                 backendRefs: [{name: web, port: 80}]
@@ -111,7 +109,7 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
               - name: regex
                 matches: [{path: {type: RegularExpression, value: "/items/[0-9]+"}, queryParams: [{name: v, value: "2"}]}]
                 backendRefs: [{name: canary, port: 80}]
-            """)
+            """))
         let table = ProxyTable(s)
         let matcher = RouteMatcher(try #require(table.frontends["198.19.0.10:80"]))
         func rule(_ r: RouteMatcher.Request) -> String? { matcher.route(r)?.action.name.split(separator: "#").last.map(String.init) }
@@ -172,18 +170,12 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
     }
 
     @Test func goodFilterValuesAreKept() throws {
-        let (resources, errors) = ManifestReader.parse("""
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: r, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web}]
-              rules:
+        let (resources, errors) = ManifestReader.parse(webRoute("""
               - filters:
                 - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-env, value: "canary\\tv2 (a=b; c)"}], add: [{name: x-empty, value: ""}]}}
                 - {type: URLRewrite, urlRewrite: {hostname: api.shop.svc}}
                 backendRefs: [{name: web, port: 80}]
-            """, file: "t.yaml")
+            """), file: "t.yaml")
         #expect(errors.isEmpty, "\(errors)")
         guard case .httpRoute(let route) = resources.first?.resource else { Issue.record("no route: \(resources)"); return }
         guard case .requestHeaderModifier(let m) = route.rules.first?.filters.first else { Issue.record("\(route.rules)"); return }
