@@ -23,6 +23,8 @@ Measured:
               connection each (independent clients). Each run is watched for
               host slowdowns (scripts/hostwatch.py); the requests in flight
               during one are left out of the *quiet* figures, on every side
+              alike, and a round disturbed for more than DISTURBED of a run
+              is run again (bench_proxy.until_calm)
   bulk        the 64 MiB file, over and over for BULK_S seconds: MB/s, and MB/s
               per core of the two tunnel ends (bytes over the CPU seconds of
               both proxies, times two: each byte is encrypted by one end and
@@ -45,7 +47,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchdoc import sh, write_section  # noqa: E402
-from bench_proxy import DISTURBED, RETRIES, cpu_seconds, h2load_watched, pids_of, until_calm  # noqa: E402
+from bench_proxy import DISTURBED, RETRIES, added_over, cpu_seconds, h2load_watched, pids_of, until_calm  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_MTLS_ROUNDS", "3"))
@@ -327,11 +329,7 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
             s["quiet_p99_us"] = statistics.median(r["quiet"]["p99_us"] for r in runs)
             s["failed"] = sum(r["failed"] for r in runs)
             if name != "direct":
-                pairs = list(zip(runs, sides["direct"]))
-                s["added_p50_us"] = statistics.median(a["p50_us"] - b["p50_us"] for a, b in pairs)
-                s["added_p99_us"] = statistics.median(a["p99_us"] - b["p99_us"] for a, b in pairs)
-                s["quiet_added_p50_us"] = statistics.median(a["quiet"]["p50_us"] - b["quiet"]["p50_us"] for a, b in pairs)
-                s["quiet_added_p99_us"] = statistics.median(a["quiet"]["p99_us"] - b["quiet"]["p99_us"] for a, b in pairs)
+                s.update(added_over(runs, sides["direct"]))
             summary["latency"][shape][name] = s
     ceiling = (speed["encrypt"] + speed["decrypt"]) / 2
     for name, runs in bulk.items():

@@ -274,6 +274,18 @@ def until_calm(run, label):
         print(f"{label}: the host was slow for {worst:.0%} of one run; it runs again", flush=True)
 
 
+def added_over(runs, base):
+    """What a side adds over `base` (direct), from runs of h2load_watched:
+    per round, side minus base, then the median over rounds."""
+    pairs = list(zip(runs, base))
+
+    def median(get):
+        return statistics.median(get(a) - get(b) for a, b in pairs)
+    return {"added_p50_us": median(lambda r: r["p50_us"]), "added_p99_us": median(lambda r: r["p99_us"]),
+            "quiet_added_p50_us": median(lambda r: r["quiet"]["p50_us"]),
+            "quiet_added_p99_us": median(lambda r: r["quiet"]["p99_us"])}
+
+
 def percentiles(rows):
     """p50 and p99 of the rows' latencies, in µs."""
     latencies = sorted(r[1] for r in rows)
@@ -384,21 +396,9 @@ def main():
                 s["per_core"] = statistics.median(r["per_core"] for r in runs["max"])
                 s["rss_mib"] = rss[name]
             summary[load][name] = s
-        d = summary[load]["direct"]
         for name in ("weft", "haproxy", "nginx"):
-            s = summary[load][name]
-            # Per round: side minus direct, then the median.
-            s["added_p50_us"] = statistics.median(a["p50_us"] - b["p50_us"] for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
-            s["added_p99_us"] = statistics.median(a["p99_us"] - b["p99_us"] for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
-            s["quiet_added_p99_us"] = statistics.median(a["quiet"]["p99_us"] - b["quiet"]["p99_us"]
-                                                        for a, b in zip(sides[name]["fixed"], sides["direct"]["fixed"]))
-            pairs = list(zip(sides[name]["independent"], sides["direct"]["independent"]))
-            s["independent"] = {
-                "added_p50_us": statistics.median(a["p50_us"] - b["p50_us"] for a, b in pairs),
-                "added_p99_us": statistics.median(a["p99_us"] - b["p99_us"] for a, b in pairs),
-                "quiet_added_p99_us": statistics.median(a["quiet"]["p99_us"] - b["quiet"]["p99_us"] for a, b in pairs),
-            }
-        del d
+            summary[load][name].update(added_over(sides[name]["fixed"], sides["direct"]["fixed"]))
+            summary[load][name]["independent"] = added_over(sides[name]["independent"], sides["direct"]["independent"])
     with open(os.path.join(ROOT, "docs/bench-proxy.json"), "w") as f:
         json.dump({"summary": summary, "rounds": results, "repeated": repeated, "kept_disturbed": kept_disturbed}, f, indent=1)
     plot(summary)
