@@ -68,7 +68,6 @@ def _watch(out, seconds, known):
     # nothing: the lowest usual cost known to the caller is the reference.
     own = calibrate()
     usual = min(own, known) if known else own
-    n = UNIT
     units = []
     end = time.time() + seconds
     while True:
@@ -76,7 +75,7 @@ def _watch(out, seconds, known):
         if t0 >= end:
             break
         c0 = time.thread_time_ns()
-        _work(n)
+        _work(UNIT)
         cost = time.thread_time_ns() - c0
         units.append((t0, time.time(), cost > SLOW * usual))
         if os.path.exists(out + ".stop"):
