@@ -219,9 +219,9 @@ public enum Agent {
         server.stop()
         healthChecker.update([])
         try? probeGroup.syncShutdownGracefully()
-        try? FileManager.default.removeItem(atPath: socketPath)
-        // Without a proxy the run directory held only the socket: leave
-        // nothing behind. With one, the proxy's files stay with the proxy.
+        // server.stop() removed the socket. Without a proxy the run directory
+        // held only that: leave nothing behind. With one, the proxy's files
+        // stay with the proxy.
         rmdir(runDirectory)
         rmdir((runDirectory as NSString).deletingLastPathComponent)
         try? group.syncShutdownGracefully()

@@ -174,15 +174,25 @@ public enum Lab {
         guard let old = current() else { throw LabError("node \(name) runs no proxy (no \(pidFile))") }
         kill(kill9 ? old : agent, kill9 ? SIGKILL : SIGUSR2)
         let deadline = Date().addingTimeInterval(15)
+        var seen = "nothing"
         while Date() < deadline {
-            if let new = current(), new != old,
-               let text = try? UnixHTTP.get(socket: "/run/weft/\(name)/proxy.sock", path: "/generation"),
-               text.split(separator: " ").dropFirst(2).first.flatMap({ Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) == new {
-                return (old, new)
+            // The pid file names the new proxy, and the proxy behind the
+            // status socket says it is that one.
+            if let new = current(), new != old {
+                do {
+                    let text = try UnixHTTP.get(socket: "/run/weft/\(name)/proxy.sock", path: "/generation", timeoutSeconds: 1)
+                    let answered = text.split(separator: " ").dropFirst(2).first.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+                    if answered == new { return (old, new) }
+                    seen = "pid file \(new), status socket answered \(text.trimmingCharacters(in: .whitespacesAndNewlines).debugDescription)"
+                } catch {
+                    seen = "pid file \(new), status socket: \(error)"
+                }
+            } else {
+                seen = "pid file still \(current().map(String.init) ?? "absent")"
             }
             usleep(10_000)
         }
-        throw LabError("node \(name): no new proxy answered within 15 s (see \(logDirectory)/agent-\(name).log)")
+        throw LabError("node \(name): no new proxy answered within 15 s; last seen: \(seen) (see \(logDirectory)/agent-\(name).log)")
     }
 
     static func waitForAgent(node: String, pid: Int32) throws {

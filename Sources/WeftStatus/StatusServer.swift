@@ -21,6 +21,9 @@ public final class StatusServer {
 
     private let group: MultiThreadedEventLoopGroup
     private var channels: [Channel] = []
+    /// The unix socket's path and the file it was bound as: removed on
+    /// stop only while the path still names that file.
+    private var unixFile: (path: String, device: UInt, inode: UInt)?
 
     public init(group: MultiThreadedEventLoopGroup) { self.group = group }
 
@@ -35,14 +38,73 @@ public final class StatusServer {
                 }
             }
         if let host { channels.append(try bootstrap.bind(host: host, port: port).wait()) }
-        try? FileManager.default.removeItem(atPath: unixSocket)
-        channels.append(try bootstrap.bind(unixDomainSocketPath: unixSocket).wait())
-        chmod(unixSocket, 0o600)
+        let (fd, file) = try Self.listen(unixSocket)
+        do {
+            channels.append(try bootstrap.withBoundSocket(fd).wait())
+        } catch {
+            close(fd)
+            unlink(unixSocket)
+            throw error
+        }
+        unixFile = file
     }
 
+    /// Closes the listeners, and removes the unix socket unless a successor
+    /// has put its own there (a proxy's rolling restart: the new proxy
+    /// binds the path while the old one drains).
     public func stop() {
         for channel in channels { try? channel.close().wait() }
+        if let file = unixFile, let now = Self.identity(of: file.path), now == (file.device, file.inode) {
+            unlink(file.path)
+        }
+        unixFile = nil
     }
+
+    /// A listening unix socket at `path`, mode 0600, put there in one
+    /// rename so the path never goes missing while a predecessor serves
+    /// it. NIO removes a path it bound itself when it closes it, whoever
+    /// owns the path by then; it leaves a socket it was handed alone.
+    private static func listen(_ path: String) throws -> (Int32, (path: String, device: UInt, inode: UInt)) {
+        let temp = (path as NSString).deletingLastPathComponent + "/.\((path as NSString).lastPathComponent).\(getpid())"
+        func failure(_ call: String) -> StatusServerError {
+            StatusServerError("\(call) \(temp): \(String(cString: strerror(errno)))")
+        }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(temp.utf8)  // longer than path
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            throw StatusServerError("socket path too long: \(path)")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw failure("socket") }
+        unlink(temp)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, chmod(temp, 0o600) == 0, Glibc.listen(fd, 128) == 0, let identity = identity(of: temp),
+              rename(temp, path) == 0 else {
+            let error = failure("listening on")
+            close(fd)
+            unlink(temp)
+            throw error
+        }
+        return (fd, (path, identity.0, identity.1))
+    }
+
+    private static func identity(of path: String) -> (UInt, UInt)? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        return (UInt(info.st_dev), UInt(info.st_ino))
+    }
+}
+
+public struct StatusServerError: Error, CustomStringConvertible {
+    public var description: String
+    init(_ description: String) { self.description = description }
 }
 
 final class StatusHandler: ChannelInboundHandler {

@@ -26,7 +26,7 @@ public enum UnixHTTP: Sendable {
         let rc = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard rc == 0 else { throw Failure(description: "cannot reach the agent at \(path): \(String(cString: strerror(errno)))") }
+        guard rc == 0 else { throw Failure(description: "cannot reach \(path): \(String(cString: strerror(errno)))") }
         let request = Array("GET \(target) HTTP/1.0\r\nHost: weft-agent\r\n\r\n".utf8)
         guard request.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else {
             throw Failure(description: "write to \(path) failed")
@@ -42,7 +42,7 @@ public enum UnixHTTP: Sendable {
         let text = String(decoding: response, as: UTF8.self)
         guard let split = text.range(of: "\r\n\r\n") else { throw Failure(description: "malformed reply from \(path)") }
         guard text.hasPrefix("HTTP/1.0 200") || text.hasPrefix("HTTP/1.1 200") else {
-            throw Failure(description: "agent answered: \(text[..<split.lowerBound])")
+            throw Failure(description: "\(path) answered: \(text[..<split.lowerBound])")
         }
         return String(text[split.upperBound...])
     }

@@ -400,6 +400,17 @@ struct ProxyTests {
         let result = try load.finish()
         #expect((result["failures"] as? [Any])?.isEmpty == true, "\(result)")
         #expect((result["ok"] as? Int ?? 0) > 50, "\(result)")
+        // Once the old proxy has gone, the new one still answers on the
+        // status socket (the old one's exit must not remove the path).
+        let pids = restart.output.split(whereSeparator: { !$0.isNumber }).compactMap { Int32($0) }
+        let drained = try #require(pids.count >= 2 ? (old: pids[pids.count - 2], new: pids[pids.count - 1]) : nil, "\(restart.output)")
+        let exited = "pid=\(drained.old) [WeftAgent] drained proxy exited"
+        let waitUntil = Date().addingTimeInterval(10)
+        while !LabHarness.agentLog("n1", lines: 200).contains(exited) && Date() < waitUntil { usleep(50_000) }
+        #expect(LabHarness.agentLog("n1", lines: 200).contains(exited), "\(LabHarness.agentLog("n1"))")
+        let generation = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/generation"])
+        #expect(generation.split(separator: " ").last.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) } == drained.new,
+                "\(generation)")
 
         // A crash: the agent starts a new proxy.
         let crash = try LabHarness.run(["lab", "restart-proxy", "n1", "--kill"])
