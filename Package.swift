@@ -93,6 +93,13 @@ let package = Package(
                 dependencies: ["WeftCore", "WeftKernel", "CWeftSys", "WeftStatus", "WeftIdentity",
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
+        // Not Weft: a reference point for scripts/bench proxy-profile, the
+        // least an HTTP/1.1 proxy on SwiftNIO spends per request.
+        .executableTarget(name: "weft-proxy-floor",
+                          dependencies: [.product(name: "NIOCore", package: "swift-nio"),
+                                         .product(name: "NIOPosix", package: "swift-nio")],
+                          path: "Benchmarks/ProxyFloor",
+                          swiftSettings: swiftSettings),
         .executableTarget(name: "weft",
                           dependencies: ["WeftCore", "WeftKernel", "WeftAgent", "WeftProxy", "WeftLab", "WeftStatus", "WeftIdentity",
                                          .product(name: "Crypto", package: "swift-crypto"),

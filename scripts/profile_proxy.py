@@ -12,11 +12,20 @@ runtime and libc (retain/release, malloc, metadata) go to the layer of the
 nearest frame that has one, so "Weft" includes the reference counting its
 code causes.
 
+Then, as references for HTTP/1.1, the same load without perf through
+HAProxy (bench proxy's configuration) and through `weft-proxy-floor`
+(Benchmarks/ProxyFloor: an HTTP/1.1 proxy on SwiftNIO that does what that
+HAProxy does and no more, one handler per channel, heads framed in place),
+alternating with Weft: CPU per request of each, medians over REFERENCE_ROUNDS.
+What the floor costs is what SwiftNIO itself costs; the rest of Weft's cost
+is its pipeline and its codecs.
+
 Prints one table per load and writes docs/bench-proxy-profile.json.
 """
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,9 +34,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchdoc import sh  # noqa: E402
-from bench_proxy import BACKEND_CONF, LOADS, VIP, WEFT, cpu_seconds, h2load, lab_yaml, write  # noqa: E402
+from bench_proxy import (BACKEND, BACKEND_CONF, GW, HAPROXY_CONF, LOADS, VIP, WEFT, cpu_seconds, h2load,  # noqa: E402
+                         lab_yaml, pids_of, write)
 
 SECONDS = int(os.environ.get("WEFT_PROFILE_SECONDS", "6"))
+REFERENCE_ROUNDS = int(os.environ.get("WEFT_PROFILE_REFERENCE_ROUNDS", "3"))
+FLOOR = os.path.join(ROOT, ".build/release/weft-proxy-floor")
 LAYERS = [
     ("$s9WeftProxy", "Weft"), ("$s8WeftCore", "Weft"), ("$s10WeftKernel", "Weft"),
     ("$s7NIOCore", "NIO core"), ("$s8NIOPosix", "NIO core"),
@@ -86,6 +98,8 @@ def main():
     sh(WEFT, "lab", "down", check=False)
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     results = {}
+    references = {}
+    started = []
     try:
         for _ in range(100):
             if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
@@ -111,12 +125,61 @@ def main():
                   "(perf attached)", flush=True)
             for name, share in shares.items():
                 print(f"  {share * 100:5.1f}%  {name}")
+        references = compare(work, pid, started)
     finally:
+        for p in started:
+            p.terminate()
+        for p in started:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
         sh(WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     with open(os.path.join(ROOT, "docs/bench-proxy-profile.json"), "w") as f:
-        json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "seconds": SECONDS, "loads": results}, f, indent=1)
+        json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "seconds": SECONDS, "loads": results,
+                   "http1_references": references}, f, indent=1)
+
+
+def compare(work, weft_pid, started):
+    """HTTP/1.1 µs of proxy CPU per request, no perf attached: Weft, HAProxy
+    and the NIO floor, alternating, medians over REFERENCE_ROUNDS."""
+    lab = json.load(open("/run/weft/lab/state.json"))
+    node = lab["nodes"][0]
+    write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW))
+
+    def on_node(*cmd):
+        p = subprocess.Popen([WEFT, "lab", "run-in", "--netns", node["netns"], "--cgroup", node["agentCgroup"], "--", *cmd],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(p)
+        return p.pid
+
+    sides = {
+        "weft": (f"http://{VIP}/", weft_pid),
+        "haproxy": (f"http://{GW}:16001/", on_node("haproxy", "-f", f"{work}/haproxy.cfg", "-db")),
+        "nio_floor": (f"http://{GW}:16005/", on_node(FLOOR, GW, "16005", BACKEND, "8080", "2")),
+    }
+    for name, (url, _) in sides.items():
+        for _ in range(100):
+            if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                  "-m", "1", url, check=False) == "200":
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit(f"{name} never answered 200 at {url}")
+    runs = {name: [] for name in sides}
+    for k in range(REFERENCE_ROUNDS):
+        names = list(sides)
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            url, pid = sides[name]
+            procs = pids_of(pid)
+            c0 = cpu_seconds(procs)
+            top = h2load(url, "HTTP/1.1", SECONDS)
+            cpu = cpu_seconds(procs) - c0
+            runs[name].append(1e6 * cpu / top["requests"] if top["requests"] else float("nan"))
+            print(f"reference round {k + 1} HTTP/1.1 {name}: {runs[name][-1]:.1f} µs of CPU per request", flush=True)
+    return {name: {"us_per_request": statistics.median(v), "runs": v} for name, v in runs.items()}
 
 
 if __name__ == "__main__":

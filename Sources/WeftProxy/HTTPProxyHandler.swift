@@ -848,11 +848,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     /// Counts an upstream event against the Service this request dialed.
     private func countEvent(_ event: String) {
-        guard let loop, let snapshot = record?.snapshot ?? request?.snapshot, snapshot.table.requestMetrics != false else { return }
-        let frontend = snapshot.table.frontends[frontendKey]
-        let e = ProxyTelemetry.ServiceEvent(serviceName: frontend?.service ?? PeerLabels.unknown,
-                                            serviceNamespace: frontend?.namespace ?? PeerLabels.unknown, event: event)
-        loop.telemetry.event(e, proxy.telemetry).increment()
+        guard let loop, let snapshot = record?.snapshot ?? request?.snapshot else { return }
+        loop.countEvent(event, proxy: proxy, snapshot: snapshot, frontendKey: frontendKey)
     }
 
     /// The request is answered (or broken): count it, time it, log it.

@@ -114,6 +114,9 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         let pipeline = context.pipeline.syncOperations
         do {
             switch verdict {
+            case .http1 where proxy.configuration.express
+                && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: "\(origin.vip):\(origin.port)"):
+                try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, origin: origin))
             case .http1:
                 // NIO's configureHTTPServerPipeline, but with the decoder
                 // keeping the bytes after an Upgrade request for the spliced

@@ -36,6 +36,9 @@ public struct ProxyConfiguration: Sendable {
     /// Where tunnels from other nodes' proxies arrive (all addresses of the
     /// node), once the agent has handed over identities.
     public var tunnelPort: UInt16 = 15008
+    /// HTTP/1.1 requests that need only routing, a backend choice, the
+    /// proxy's headers and metrics go through ExpressHTTP1Handler.
+    public var express = true
 
     public init(node: String, listenAddress: IPv4Address, pinDirectory: String, runDirectory: String) {
         self.node = node

@@ -119,6 +119,16 @@ final class LoopState: @unchecked Sendable {
 
     init(pool: UpstreamPool) { self.pool = pool }
 
+    /// Counts an upstream event (retry, reset, ...) against the Service the
+    /// request dialed.
+    func countEvent(_ event: String, proxy: ProxyContext, snapshot: RouteSnapshot, frontendKey: String) {
+        guard snapshot.table.requestMetrics != false else { return }
+        let frontend = snapshot.table.frontends[frontendKey]
+        let e = ProxyTelemetry.ServiceEvent(serviceName: frontend?.service ?? PeerLabels.unknown,
+                                            serviceNamespace: frontend?.namespace ?? PeerLabels.unknown, event: event)
+        telemetry.event(e, proxy.telemetry).increment()
+    }
+
     /// Would the kernel let `source` connect to `destination:port`? Asked of
     /// the pinned policy maps once per (source, destination, port) and table
     /// generation: the agent writes a new table on every change it applies,

@@ -110,6 +110,10 @@ final class ProxyStats: Sendable {
     let authzAllowed = Atomic<Int>(0)
     let authzDenied = Atomic<Int>(0)
     let authzAudited = Atomic<Int>(0)
+    /// HTTP/1.1 requests the express path answered, and connections it
+    /// handed to the full path.
+    let expressRequests = Atomic<Int>(0)
+    let expressHandovers = Atomic<Int>(0)
 
     func response(_ code: Int) {
         switch code {
@@ -157,6 +161,8 @@ final class ProxyStats: Sendable {
             ("authz_allowed_total", authzAllowed.load(ordering: .relaxed)),
             ("authz_denied_total", authzDenied.load(ordering: .relaxed)),
             ("authz_audited_total", authzAudited.load(ordering: .relaxed)),
+            ("express_requests_total", expressRequests.load(ordering: .relaxed)),
+            ("express_handovers_total", expressHandovers.load(ordering: .relaxed)),
         ]
     }
 }

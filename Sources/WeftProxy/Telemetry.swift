@@ -272,13 +272,21 @@ enum TraceContext {
             headers.replaceOrAdd(name: "traceparent", value: value)
             return Span(header: value, parentID: parent, sampled: f & 1 == 1)
         }
+        let span = fresh(spanID: spanID, random: &random, samplingPercent: samplingPercent)
+        headers.replaceOrAdd(name: "traceparent", value: span.header)
+        if incoming != nil { headers.remove(name: "tracestate") }  // it belonged to the invalid parent
+        return span
+    }
+
+    /// A new trace, this hop its root.
+    static func fresh<R: RandomNumberGenerator>(spanID: UInt64? = nil, random: inout R, samplingPercent: Double?) -> Span {
+        var spanID = spanID ?? random.next()
+        if spanID == 0 { spanID = 1 }
         let hi = random.next()
         var lo = random.next()
         if hi == 0 && lo == 0 { lo = 1 }  // an all-zero trace id is invalid
         let sampled = samplingPercent.map { Double(random.next() % 10_000) < $0 * 100 } ?? true
         let value = header(trace: (hi, lo), traceText: nil, span: spanID, flags: sampled ? 1 : 0)
-        headers.replaceOrAdd(name: "traceparent", value: value)
-        if incoming != nil { headers.remove(name: "tracestate") }  // it belonged to the invalid parent
         return Span(header: value, parentID: nil, sampled: sampled)
     }
 

@@ -46,6 +46,8 @@ final class UpstreamPool {
         var ejectedUntil = NIODeadline.uptimeNanoseconds(0)
         var consecutiveFailures = 0
         var idle: [UpstreamHandler] = []
+        /// Idle connections of the express path (no codec).
+        var express: [ExpressUpstream] = []
         var h2: HTTP2Upstream?
         /// HTTP/2 connections nested in tunnels, one per source identity
         /// (a tunnel speaks for one identity).
@@ -266,6 +268,8 @@ final class UpstreamPool {
         for s in endpoints.values {
             for h in s.idle { h.close() }
             s.idle.removeAll()
+            for h in s.express { h.close() }
+            s.express.removeAll()
             s.h2?.close()
             s.h2 = nil
             for t in s.tunnelH2.values { t.close() }

@@ -19,6 +19,7 @@ struct ProxyCommand: ParsableCommand {
     @Option(name: .customLong("access-log"), help: "Access log destination when MeshConfig turns it on: a file (rotated to .1 at 64 MiB) or - for stdout (default <run-dir>/access.log).") var accessLog: String?
     @Option(name: .customLong("label-limit"), help: "Distinct values a metric label may take; the rest count as \"overflow\".") var labelLimit = 1000
     @Option(name: .customLong("detect-timeout-ms"), help: "Milliseconds to wait for a client's first bytes before treating a connection as opaque TCP.") var detectTimeoutMs = 500
+    @Flag(inversion: .prefixedNo, help: "HTTP/1.1 requests that need only routing, a backend, headers and metrics take the express path (bytes, no codec); --no-express sends every request through the full path.") var express = true
 
     func run() throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
@@ -43,6 +44,7 @@ struct ProxyCommand: ParsableCommand {
         configuration.detectTimeout = .milliseconds(detectTimeoutMs)
         configuration.accessLogPath = accessLog
         configuration.labelValueLimit = labelLimit
+        configuration.express = express
         do {
             try ProxyServer.run(configuration, logger: logger)
         } catch {

@@ -1,0 +1,731 @@
+import NIOCore
+import NIOHTTP1
+import WeftCore
+import WeftKernel
+
+/// The express path for HTTP/1.1: a request that needs nothing but routing,
+/// a backend choice, the proxy's own headers and metrics is forwarded as
+/// bytes, its head rewritten in one copy, and its response framed as it
+/// goes by, with no codec and no typed messages on either connection.
+/// SwiftNIO's pipeline then costs about what HAProxy costs in all
+/// (docs/proxy.md, "Where the CPU goes").
+///
+/// Everything else goes to the full path (HTTPProxyHandler behind NIO's
+/// codec), which this handler hands the connection to, for good, before it
+/// sends anything of the request that needs it: HTTPRoute filters, retries,
+/// timeouts, TrafficPolicy, access logs, tracing export, AuthorizationPolicy,
+/// tunnels to other nodes, upgrades, chunked or large request bodies, a
+/// request with X-Forwarded-For or traceparent already set, a looped
+/// request, anything the strict parser of HTTP1Wire does not accept, and
+/// failures it is safe to try again (a refused connect, a reused connection
+/// closed under the request), so that the full path's retries and local
+/// answers apply.
+final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, ExpressUpstream.Owner {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// A request (head and body) larger than this goes to the full path,
+    /// which streams it; so does a head not complete within it.
+    static let maxRequest = 64 * 1024
+
+    private let proxy: ProxyContext
+    private let origin: CapturedOrigin
+    private let frontendKey: String
+    private let client: String
+    private var context: ChannelHandlerContext?
+    private var loop: LoopState?
+    /// Client bytes read and not yet sent on.
+    private var inbound: ByteBuffer?
+    private var fields: [HTTP1Wire.Field] = []
+    private var exchange: Exchange?
+    private var cached: (snapshot: RouteSnapshot, matcher: RouteMatcher, budget: LoopState.BudgetBox?)?
+    private var quiescing = false
+    private var inputClosed = false
+    private var readPending = false
+    private var handedOver = false
+
+    init(proxy: ProxyContext, origin: CapturedOrigin) {
+        self.proxy = proxy
+        self.origin = origin
+        frontendKey = "\(origin.vip):\(origin.port)"
+        client = origin.source.description
+    }
+
+    /// Whether a connection to `frontendKey` starts on the express path: the
+    /// snapshot has nothing that makes every request of it need the full one.
+    static func serves(_ snapshot: RouteSnapshot, frontendKey: String) -> Bool {
+        snapshot.matchers[frontendKey] != nil && snapshot.table.tracing == nil && snapshot.table.accessLog == nil
+            && (snapshot.guards.isEmpty || snapshot.guards[frontendKey] == nil)
+    }
+
+    /// One request forwarded, from its head to the end of its response.
+    private final class Exchange {
+        let snapshot: RouteSnapshot
+        let route: String
+        let service: String?
+        let serviceNamespace: String?
+        let key: EndpointKey
+        let start = NIODeadline.now()
+        let keepAlive: Bool
+        let isHEAD: Bool
+        let idempotent: Bool
+        let grpc: Bool
+        /// The request as the client sent it, for a hand-over.
+        let request: ByteBuffer
+        /// The request as the backend gets it.
+        var outgoing: ByteBuffer?
+        var upstream: ExpressUpstream?
+        /// The connection came from the idle list.
+        var reused = false
+        var connecting = true
+        /// Response head bytes read so far (nil once the head is through).
+        var head: ByteBuffer?
+        var framing = Framing.head
+        var status = 0
+        /// Some of the response reached the client.
+        var responded = false
+        /// The backend keeps the connection open after this response.
+        var reusable = true
+
+        init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey,
+             keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, request: ByteBuffer, outgoing: ByteBuffer) {
+            self.snapshot = snapshot
+            self.route = route
+            self.service = service
+            self.serviceNamespace = serviceNamespace
+            self.key = key
+            self.keepAlive = keepAlive
+            self.isHEAD = isHEAD
+            self.idempotent = idempotent
+            self.grpc = grpc
+            self.request = request
+            self.outgoing = outgoing
+        }
+    }
+
+    private enum Framing {
+        case head
+        case length(Int)
+        case chunked(ChunkedFramer)
+        /// Until the backend closes (no Content-Length, not chunked).
+        case close
+    }
+
+    private enum ResponseHead {
+        case incomplete
+        case malformed
+        /// The head as the client gets it, its length as read, and whether
+        /// the backend closes the connection after this response.
+        case ready(head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool)
+    }
+
+    /// What the next request's head says to do.
+    private enum Plan {
+        case needMore
+        case handOver
+        case forward(Exchange)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        loop = proxy.loop(context.eventLoop)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        if !handedOver { abandon() }
+        self.context = nil
+    }
+
+    // MARK: client side
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        if inbound == nil || inbound!.readableBytes == 0 {
+            inbound = bytes
+        } else {
+            inbound!.writeBuffer(&bytes)
+        }
+        if exchange == nil { next() }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        // Pipelined requests wait in `inbound`; past the limit, reading stops.
+        if (inbound?.readableBytes ?? 0) > Self.maxRequest {
+            readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        abandon()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelShouldQuiesceEvent {
+            quiescing = true
+            if exchange == nil { context.close(promise: nil) }
+            return
+        }
+        // The client shut its side after its requests: answer those read, then close.
+        if let e = event as? ChannelEvent, case .inputClosed = e {
+            inputClosed = true
+            if exchange == nil { next() }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let upstream = exchange?.upstream?.channel {
+            upstream.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Takes the next request read, if it is complete and none is in flight.
+    private func next() {
+        guard exchange == nil, !handedOver, let context, let loop else { return }
+        guard let buffered = inbound, buffered.readableBytes > 0 else {
+            if inputClosed || quiescing { context.close(promise: nil) }
+            return
+        }
+        let snapshot = proxy.snapshot
+        if cached?.snapshot !== snapshot {
+            cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop.budget($0.frontend.name)) }
+        }
+        guard let matcher = cached?.matcher, Self.serves(snapshot, frontendKey: frontendKey) else { return handOver() }
+        let plan = buffered.withUnsafeReadableBytes { self.plan($0, snapshot: snapshot, matcher: matcher, loop: loop, context: context) }
+        switch plan {
+        case .needMore:
+            if buffered.readableBytes > Self.maxRequest || inputClosed { handOver() }
+        case .handOver:
+            handOver()
+        case .forward(let exchange):
+            inbound!.moveReaderIndex(forwardBy: exchange.request.readableBytes)
+            if readPending && inbound!.readableBytes <= Self.maxRequest {
+                readPending = false
+                context.read()
+            }
+            start(exchange, loop: loop)
+        }
+    }
+
+    /// Reads one request head in place and decides; builds the request the
+    /// backend gets when the express path takes it.
+    private func plan(_ p: UnsafeRawBufferPointer, snapshot: RouteSnapshot, matcher: RouteMatcher, loop: LoopState,
+                      context: ChannelHandlerContext) -> Plan {
+        guard let length = HTTP1Wire.headLength(p) else { return .needMore }
+        guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return .handOver }
+        var contentLength: Int?
+        var close = false, strip = false, hasProto = false, hasRequestID = false, grpc = false
+        for f in fields {
+            let n = f.name
+            switch n.count {
+            case 2 where HTTP1Wire.equals(p, n, "te"):
+                return .handOver
+            case 3 where HTTP1Wire.equals(p, n, "via"):
+                if contains(p, f.value, proxy.viaToken) { return .handOver }  // looped: the full path answers 508
+            case 6 where HTTP1Wire.equals(p, n, "expect"):
+                return .handOver
+            case 7 where HTTP1Wire.equals(p, n, "upgrade") || HTTP1Wire.equals(p, n, "trailer"):
+                if HTTP1Wire.equals(p, n, "upgrade") { return .handOver }
+                strip = true
+            case 10 where HTTP1Wire.equals(p, n, "connection"):
+                // Only keep-alive and close: a header it names must go too.
+                var tokens = 0
+                if HTTP1Wire.listContains(p, f.value, "close") { close = true; tokens += 1 }
+                if HTTP1Wire.listContains(p, f.value, "keep-alive") { tokens += 1 }
+                if tokens != HTTP1Wire.count(p, f.value) { return .handOver }
+                strip = true
+            case 10 where HTTP1Wire.equals(p, n, "keep-alive"):
+                strip = true
+            case 11 where HTTP1Wire.equals(p, n, "traceparent"):
+                return .handOver
+            case 12 where HTTP1Wire.equals(p, n, "x-request-id"):
+                hasRequestID = true
+            case 12 where HTTP1Wire.equals(p, n, "content-type"):
+                grpc = HTTP1Wire.hasPrefix(p, f.value, "application/grpc")
+            case 14 where HTTP1Wire.equals(p, n, "content-length"):
+                guard contentLength == nil, let v = HTTP1Wire.decimal(p, f.value) else { return .handOver }
+                contentLength = v
+            case 15 where HTTP1Wire.equals(p, n, "x-forwarded-for"):
+                return .handOver
+            case 16 where HTTP1Wire.equals(p, n, "proxy-connection"):
+                strip = true
+            case 17 where HTTP1Wire.equals(p, n, "transfer-encoding"):
+                return .handOver
+            case 17 where HTTP1Wire.equals(p, n, "x-forwarded-proto"):
+                hasProto = true
+            case 18 where HTTP1Wire.equals(p, n, "proxy-authenticate"), 19 where HTTP1Wire.equals(p, n, "proxy-authorization"):
+                strip = true
+            default:
+                break
+            }
+        }
+        let total = length + (contentLength ?? 0)
+        guard total <= Self.maxRequest else { return .handOver }
+        guard p.count >= total else { return .needMore }
+
+        // Routing, as the full path does it.
+        let method = String(decoding: UnsafeRawBufferPointer(rebasing: p[line.method]), as: UTF8.self)
+        let target = String(decoding: UnsafeRawBufferPointer(rebasing: p[line.target]), as: UTF8.self)
+        let (path, query) = HTTPProxyHandler.splitTarget(target)
+        let fields = self.fields
+        let routed = matcher.route(RouteMatcher.Request(method: method, path: path, query: query, header: { name in
+            Self.values(p, fields, name)
+        }))
+        guard let (action, _) = routed, action.filters.isEmpty, action.retry == nil, action.timeouts.request == nil,
+              action.timeouts.backendRequest == nil, let cluster = pickCluster(action.backends, loop: loop),
+              cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
+              snapshot.runtimes.isEmpty || snapshot.runtimes[cluster.cluster] == nil,
+              let endpoints = snapshot.endpoints[cluster.cluster], !endpoints.isEmpty else { return .handOver }
+
+        // A backend the pod may reach (the full path says why when none is).
+        var excluded = Set<EndpointKey>()
+        var picked: EndpointKey?
+        while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
+            if loop.allowed(proxy, generation: snapshot.generation, source: origin.source, destination: candidate.ip,
+                            port: candidate.port, node: candidate.node) {
+                picked = candidate
+                break
+            }
+            excluded.insert(candidate)
+        }
+        guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil,
+              proxy.tunnel(to: key, from: origin.source, snapshot: snapshot) == nil else { return .handOver }
+
+        // The request the backend gets: the client's head without its
+        // hop-by-hop lines, then the proxy's own headers, then the body.
+        var out = context.channel.allocator.buffer(capacity: total + 256)
+        if strip {
+            let firstField = fields.first?.name.lowerBound ?? (length - 2)
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<firstField]))
+            for f in fields where !Self.isHopByHop(p, f.name) {
+                var end = f.value.upperBound
+                while p[end] != 13 { end += 1 }
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[f.name.lowerBound..<end + 2]))
+            }
+        } else {
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<length - 2]))
+        }
+        out.writeStaticString("x-forwarded-for: ")
+        out.writeString(client)
+        if !hasProto { out.writeStaticString("\r\nx-forwarded-proto: http") }
+        out.writeStaticString("\r\nforwarded: for=")
+        out.writeString(client)
+        out.writeStaticString(";proto=http\r\nvia: 1.1 ")
+        out.writeString(proxy.viaToken)
+        if !hasRequestID {
+            out.writeStaticString("\r\nx-request-id: ")
+            out.writeString(HTTPProxyHandler.requestID(using: &loop.random))
+        }
+        out.writeStaticString("\r\ntraceparent: ")
+        out.writeString(TraceContext.fresh(random: &loop.random, samplingPercent: nil).header)
+        out.writeStaticString("\r\n\r\n")
+        out.writeBytes(UnsafeRawBufferPointer(rebasing: p[length..<total]))
+
+        let isHEAD = HTTP1Wire.equals(p, line.method, "head")
+        let idempotent = isHEAD || ["GET", "OPTIONS", "TRACE", "PUT", "DELETE"].contains(method)
+        let request = context.channel.allocator.buffer(bytes: UnsafeRawBufferPointer(rebasing: p[0..<total]))
+        return .forward(Exchange(snapshot: snapshot, route: action.name, service: matcher.frontend.service,
+                                 serviceNamespace: matcher.frontend.namespace, key: key,
+                                 keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
+                                 isHEAD: isHEAD, idempotent: idempotent, grpc: grpc, request: request, outgoing: out))
+    }
+
+    private func pickCluster(_ backends: [ProxyTable.WeightedCluster], loop: LoopState) -> ProxyTable.WeightedCluster? {
+        if backends.count == 1 { return backends[0].weight > 0 ? backends[0] : nil }
+        let total = backends.reduce(UInt64(0)) { $0 + UInt64($1.weight) }
+        guard total > 0 else { return nil }
+        var draw = UInt64.random(in: 0..<total, using: &loop.random)
+        for b in backends {
+            if draw < UInt64(b.weight) { return b }
+            draw -= UInt64(b.weight)
+        }
+        return backends.last
+    }
+
+    /// Header values by lower-case name, split at commas, as NIO's
+    /// `headers[canonicalForm:]` gives them to the full path's matcher.
+    private static func values(_ p: UnsafeRawBufferPointer, _ fields: [HTTP1Wire.Field], _ name: String) -> [String] {
+        var out: [String] = []
+        let wanted = Array(name.utf8)
+        for f in fields where f.name.count == wanted.count {
+            var same = true
+            for k in 0..<wanted.count where p[f.name.lowerBound + k] | 0x20 != wanted[k] | 0x20 { same = false; break }
+            guard same else { continue }
+            let value = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self)
+            for part in value.split(separator: ",") {
+                let t = part.trimmingASCIISpaces()
+                if !t.isEmpty { out.append(String(t)) }
+            }
+        }
+        return out
+    }
+
+    private static func isHopByHop(_ p: UnsafeRawBufferPointer, _ n: Range<Int>) -> Bool {
+        switch n.count {
+        case 2: return HTTP1Wire.equals(p, n, "te")
+        case 7: return HTTP1Wire.equals(p, n, "upgrade") || HTTP1Wire.equals(p, n, "trailer")
+        case 10: return HTTP1Wire.equals(p, n, "connection") || HTTP1Wire.equals(p, n, "keep-alive")
+        case 16: return HTTP1Wire.equals(p, n, "proxy-connection")
+        case 17: return HTTP1Wire.equals(p, n, "transfer-encoding")
+        case 18: return HTTP1Wire.equals(p, n, "proxy-authenticate")
+        case 19: return HTTP1Wire.equals(p, n, "proxy-authorization")
+        default: return false
+        }
+    }
+
+    private func contains(_ p: UnsafeRawBufferPointer, _ range: Range<Int>, _ needle: String) -> Bool {
+        let n = Array(needle.utf8)
+        guard range.count >= n.count, !n.isEmpty else { return false }
+        for start in range.lowerBound...(range.upperBound - n.count) {
+            var k = 0
+            while k < n.count && p[start + k] == n[k] { k += 1 }
+            if k == n.count { return true }
+        }
+        return false
+    }
+
+    // MARK: the exchange
+
+    private func start(_ exchange: Exchange, loop: LoopState) {
+        self.exchange = exchange
+        let state = loop.pool.state(exchange.key)
+        state.inFlight += 1
+        while let idle = state.express.popLast() {
+            if idle.isActive {
+                idle.reused = true
+                return attach(idle)
+            }
+        }
+        let key = exchange.key
+        loop.pool.bootstrap()
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
+            }
+            .connect(host: key.address, port: Int(key.port))
+            .assumeIsolated()
+            .whenComplete { [weak self] result in
+                let upstream = try? result.get().pipeline.syncOperations.handler(type: ExpressUpstream.self)
+                guard let self, let exchange = self.exchange, exchange.key == key, exchange.connecting else {
+                    upstream?.close()
+                    return
+                }
+                guard let upstream else { return self.connectFailed(result) }
+                loop.pool.recordSuccess(key)
+                self.attach(upstream)
+            }
+    }
+
+    private func attach(_ upstream: ExpressUpstream) {
+        guard let exchange, let outgoing = exchange.outgoing else { return }
+        exchange.connecting = false
+        exchange.upstream = upstream
+        exchange.reused = upstream.reused
+        exchange.outgoing = nil
+        upstream.owner = self
+        upstream.send(outgoing)
+    }
+
+    private func connectFailed(_ result: Result<any Channel, any Error>) {
+        guard let exchange, let loop else { return }
+        loop.pool.recordConnectFailure(exchange.key)
+        proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+        loop.countEvent("connect_failure", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
+        if case .failure(let error) = result {
+            proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(exchange.key)", "error": "\(error)"])
+        }
+        // Nothing was sent: the full path tries another backend or answers 503.
+        giveBack(exchange)
+        handOver()
+    }
+
+    /// Ends the exchange without an answer of its own and puts its request
+    /// back in front of what the client sent after it.
+    private func giveBack(_ exchange: Exchange) {
+        self.exchange = nil
+        exchange.upstream?.close()
+        loop?.pool.state(exchange.key).inFlight -= 1
+        var request = exchange.request
+        if var rest = inbound, rest.readableBytes > 0 { request.writeBuffer(&rest) }
+        inbound = request
+    }
+
+    func upstreamRead(_ bytes: ByteBuffer) {
+        guard let exchange, let context else { return }
+        var bytes = bytes
+        while bytes.readableBytes > 0 {
+            switch exchange.framing {
+            case .head:
+                if exchange.head == nil { exchange.head = bytes } else { exchange.head!.writeBuffer(&bytes) }
+                bytes.moveReaderIndex(to: bytes.writerIndex)
+                guard let (head, rest) = responseHead(exchange, context: context) else { return }
+                context.write(wrapOutboundOut(head), promise: nil)
+                bytes = rest
+                if case .length(0) = exchange.framing { responseEnded(exchange, extra: bytes.readableBytes) }
+                if self.exchange !== exchange { return }
+            case .length(let remaining):
+                let n = min(remaining, bytes.readableBytes)
+                context.write(wrapOutboundOut(bytes.readSlice(length: n)!), promise: nil)
+                exchange.framing = .length(remaining - n)
+                if remaining == n { return responseEnded(exchange, extra: bytes.readableBytes) }
+            case .chunked(var framer):
+                let used = bytes.withUnsafeReadableBytes { framer.consume($0) }
+                guard let used else { return broken(exchange, "a malformed chunked body") }
+                context.write(wrapOutboundOut(bytes.readSlice(length: used)!), promise: nil)
+                exchange.framing = .chunked(framer)
+                if framer.isDone { return responseEnded(exchange, extra: bytes.readableBytes) }
+            case .close:
+                context.write(wrapOutboundOut(bytes), promise: nil)
+                bytes.moveReaderIndex(to: bytes.writerIndex)
+            }
+        }
+        if !context.channel.isWritable, let upstream = exchange.upstream?.channel {
+            upstream.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        }
+    }
+
+    /// The response head, rewritten for the client, once it is all read,
+    /// and the bytes after it; sets the exchange's framing.
+    private func responseHead(_ exchange: Exchange, context: ChannelHandlerContext) -> (ByteBuffer, ByteBuffer)? {
+        guard var raw = exchange.head else { return nil }
+        let parsed: ResponseHead = raw.withUnsafeReadableBytes { p in
+            guard let length = HTTP1Wire.headLength(p) else { return .incomplete }
+            guard let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields) else { return .malformed }
+            var contentLength: Int?, chunked = false, coded = false, close = status.minor == 0, keepAlive = false
+            var named: [Range<Int>] = []
+            for f in fields {
+                if HTTP1Wire.equals(p, f.name, "content-length") {
+                    guard let v = HTTP1Wire.decimal(p, f.value), contentLength == nil || contentLength == v else { return .malformed }
+                    contentLength = v
+                } else if HTTP1Wire.equals(p, f.name, "transfer-encoding") {
+                    coded = true
+                    chunked = HTTP1Wire.lastElement(p, f.value, is: "chunked")
+                } else if HTTP1Wire.equals(p, f.name, "connection") {
+                    if HTTP1Wire.listContains(p, f.value, "close") { close = true }
+                    if HTTP1Wire.listContains(p, f.value, "keep-alive") { keepAlive = true }
+                    named.append(f.value)
+                }
+            }
+            if status.minor == 0 && keepAlive { close = false }
+            let framing: Framing
+            if exchange.isHEAD || status.code < 200 || status.code == 204 || status.code == 304 {
+                framing = .length(0)
+            } else if coded {
+                framing = chunked ? .chunked(ChunkedFramer()) : .close
+            } else if let contentLength {
+                framing = .length(contentLength)
+            } else {
+                framing = .close
+            }
+            let closeClient = !exchange.keepAlive || quiescing
+            var out = context.channel.allocator.buffer(capacity: length + 32)
+            out.writeStaticString("HTTP/1.1")
+            var lineEnd = 8
+            while p[lineEnd] != 13 { lineEnd += 1 }
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[8..<lineEnd + 2]))
+            for f in fields {
+                if Self.isHopByHop(p, f.name) {
+                    // Chunked framing goes on as it came; any other coding
+                    // without it ends with the connection.
+                    guard chunked, HTTP1Wire.equals(p, f.name, "transfer-encoding") else { continue }
+                } else if named.contains(where: { HTTP1Wire.listContains(p, $0, name: f.name) }) {
+                    continue
+                }
+                var end = f.value.upperBound
+                while p[end] != 13 { end += 1 }
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[f.name.lowerBound..<end + 2]))
+            }
+            let delimited: Bool
+            if case .close = framing { delimited = true } else { delimited = false }
+            if closeClient || delimited { out.writeStaticString("connection: close\r\n") }
+            out.writeStaticString("\r\n")
+            return .ready(head: out, length: length, code: status.code, framing: framing, close: close || delimited)
+        }
+        let head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool
+        switch parsed {
+        case .incomplete:
+            if raw.readableBytes > Self.maxRequest { broken(exchange, "a response head over \(Self.maxRequest) bytes") }
+            return nil
+        case .malformed:
+            broken(exchange, "a malformed response head")
+            return nil
+        case .ready(let h, let l, let c, let f, let x):
+            (head, length, code, framing, close) = (h, l, c, f, x)
+        }
+        raw.moveReaderIndex(forwardBy: length)
+        if code < 200 {
+            // An interim response (100, 103): on to the client, then the real one.
+            exchange.head = raw.readableBytes > 0 ? raw : nil
+            exchange.framing = .head
+            context.write(wrapOutboundOut(head), promise: nil)
+            if let more = exchange.head {
+                exchange.head = nil
+                upstreamRead(more)
+            }
+            return nil
+        }
+        exchange.head = nil
+        exchange.framing = framing
+        exchange.status = code
+        exchange.responded = true
+        exchange.reusable = !close
+        proxy.stats.requests.add(1, ordering: .relaxed)
+        proxy.stats.expressRequests.add(1, ordering: .relaxed)
+        cached?.budget?.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
+        proxy.stats.response(code)
+        return (head, raw)
+    }
+
+    func upstreamReadComplete() {
+        context?.flush()
+    }
+
+    func upstreamClosed() {
+        guard let exchange else { return }
+        exchange.upstream = nil
+        if exchange.responded, case .close = exchange.framing {
+            exchange.reusable = false
+            return responseEnded(exchange, extra: 0)
+        }
+        if exchange.responded {
+            // Part of the response went out: the client must see it broken.
+            proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+            loop?.countEvent("reset", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
+            end(exchange, flags: "UC")
+            context?.close(promise: nil)
+            return
+        }
+        if exchange.reused && exchange.idempotent {
+            // Perhaps the server closed an idle connection as the request
+            // went out: the full path sends it again.
+            giveBack(exchange)
+            return handOver()
+        }
+        proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+        loop?.countEvent("reset", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
+        respondLocally(exchange, .badGateway, "weft: upstream \(exchange.key) reset the connection before responding\n", flags: "UC")
+    }
+
+    /// The backend's response broke the protocol.
+    private func broken(_ exchange: Exchange, _ what: String) {
+        exchange.upstream?.close()
+        exchange.upstream = nil
+        exchange.reusable = false
+        if exchange.responded {
+            end(exchange, flags: "UPE")
+            context?.close(promise: nil)
+        } else {
+            respondLocally(exchange, .badGateway, "weft: upstream \(exchange.key) sent \(what)\n", flags: "UPE")
+        }
+    }
+
+    private func responseEnded(_ exchange: Exchange, extra: Int) {
+        guard let context, let loop else { return }
+        // Bytes past the response: none was asked for; the connection is out of step.
+        if extra > 0 { exchange.reusable = false }
+        if let upstream = exchange.upstream {
+            upstream.owner = nil
+            let idle = loop.pool.state(exchange.key)
+            if exchange.reusable && upstream.isActive && idle.express.count < proxy.configuration.maxIdlePerBackend {
+                idle.express.append(upstream)
+            } else {
+                upstream.close()
+            }
+            exchange.upstream = nil
+        }
+        end(exchange, flags: "-")
+        if !exchange.keepAlive || quiescing || (inputClosed && (inbound?.readableBytes ?? 0) == 0) {
+            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)))
+                .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            return
+        }
+        context.flush()
+        next()
+    }
+
+    /// The exchange is over: its backend has one request fewer in flight,
+    /// and its metrics are recorded.
+    private func end(_ exchange: Exchange, flags: String) {
+        guard self.exchange === exchange, let loop else { return }
+        self.exchange = nil
+        loop.pool.state(exchange.key).inFlight -= 1
+        guard exchange.snapshot.table.requestMetrics != false else { return }
+        let peers = PeerLabels(snapshot: exchange.snapshot, source: origin.source, service: exchange.service,
+                               serviceNamespace: exchange.serviceNamespace, upstream: exchange.key)
+        let labels = RequestLabels(peers: peers, route: exchange.route, requestProtocol: exchange.grpc ? "grpc" : "http",
+                                   responseCode: exchange.status, responseFlags: flags)
+        let series = loop.telemetry.request(labels, proxy.telemetry)
+        series.count.increment()
+        let elapsed = NIODeadline.now() - exchange.start
+        series.duration.record(.nanoseconds(elapsed.nanoseconds))
+    }
+
+    /// An answer of the proxy's own, in place of the backend's.
+    private func respondLocally(_ exchange: Exchange, _ status: HTTPResponseStatus, _ body: String, flags: String) {
+        guard let context else { return }
+        proxy.stats.requests.add(1, ordering: .relaxed)
+        proxy.stats.expressRequests.add(1, ordering: .relaxed)
+        proxy.stats.response(Int(status.code))
+        exchange.status = Int(status.code)
+        end(exchange, flags: flags)
+        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
+        out.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\ncontent-type: text/plain; charset=utf-8\r\n")
+        out.writeString("content-length: \(body.utf8.count)\r\nserver: weft\r\n")
+        let close = !exchange.keepAlive || quiescing
+        if close { out.writeStaticString("connection: close\r\n") }
+        out.writeStaticString("\r\n")
+        if !exchange.isHEAD { out.writeString(body) }
+        context.writeAndFlush(wrapOutboundOut(out)).assumeIsolated().whenComplete { _ in
+            if close { context.close(promise: nil) }
+        }
+        if !close { next() }
+    }
+
+    /// The client went away, or the handler left the pipeline mid-exchange.
+    private func abandon() {
+        guard let exchange else { return }
+        exchange.upstream?.close()
+        exchange.upstream = nil
+        end(exchange, flags: "DC")
+    }
+
+    // MARK: hand-over
+
+    /// Puts the full HTTP/1 path behind this handler, gives it every byte
+    /// not yet sent on, and leaves. Only between exchanges.
+    private func handOver() {
+        guard let context, !handedOver, exchange == nil else { return }
+        handedOver = true
+        proxy.stats.expressHandovers.add(1, ordering: .relaxed)
+        let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
+        handler.onUpgrade = Upgrade.splice
+        do {
+            try context.pipeline.syncOperations.addHandlers(
+                [HTTPResponseEncoder(), ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)),
+                 HTTPServerProtocolErrorHandler(), handler], position: .after(self))
+        } catch {
+            proxy.logger.warning("cannot set up the HTTP/1 pipeline: \(error)")
+            context.close(promise: nil)
+            return
+        }
+        if let bytes = inbound, bytes.readableBytes > 0 {
+            inbound = nil
+            context.fireChannelRead(wrapInboundOut(bytes))
+            context.fireChannelReadComplete()
+        }
+        if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        if quiescing { context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        if readPending { context.read() }
+    }
+}

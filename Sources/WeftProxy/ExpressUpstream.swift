@@ -1,0 +1,65 @@
+import NIOCore
+
+/// The backend end of an express exchange (ExpressHTTP1Handler): a plain
+/// HTTP/1.1 connection with no codec. It passes the bytes it reads to the
+/// exchange that owns it, which frames the response; between exchanges it
+/// waits in its endpoint's idle list of the loop's UpstreamPool.
+final class ExpressUpstream: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// Called with the bytes read, once per read burst, and when the
+    /// connection goes away (nil: closed or failed).
+    protocol Owner: AnyObject {
+        func upstreamRead(_ bytes: ByteBuffer)
+        func upstreamReadComplete()
+        func upstreamClosed()
+    }
+
+    weak var owner: (any Owner)?
+    private var context: ChannelHandlerContext?
+    private(set) var isActive = true
+    /// Handed out before: a close with no response byte may be the server
+    /// closing an idle connection, which makes a resend safe.
+    var reused = false
+
+    var channel: Channel? { context?.channel }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func send(_ bytes: ByteBuffer) {
+        context?.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    func close() {
+        owner = nil
+        isActive = false
+        context?.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let owner else {
+            // Bytes while idle: the connection is out of step; drop it.
+            close()
+            return
+        }
+        owner.upstreamRead(unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        owner?.upstreamReadComplete()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        isActive = false
+        let owner = self.owner
+        self.owner = nil
+        owner?.upstreamClosed()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        isActive = false
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,279 @@
+/// HTTP/1.1 heads read in place, for the express path (ExpressHTTP1Handler):
+/// positions into the bytes as they were read, no strings and no typed
+/// messages. It accepts only the plain, well-formed form of a message
+/// (RFC 9112): anything else makes a parse fail, and the express path then
+/// hands the connection to the full HTTP/1 path (NIO's codec), which knows
+/// every corner of the protocol and answers 400 where one is due.
+enum HTTP1Wire {
+    /// One header line: where its name is, and its value without the
+    /// spaces around it.
+    struct Field {
+        var name: Range<Int>
+        var value: Range<Int>
+    }
+
+    struct RequestLine {
+        var method: Range<Int>
+        var target: Range<Int>
+    }
+
+    struct StatusLine {
+        var code: Int
+        /// 1 for HTTP/1.1, 0 for HTTP/1.0.
+        var minor: Int
+    }
+
+    /// The length of the head (through its blank line), if it is all there.
+    static func headLength(_ p: UnsafeRawBufferPointer) -> Int? {
+        var i = 3
+        while i < p.count {
+            switch p[i] {
+            case 10:
+                if p[i - 1] == 13 && p[i - 2] == 10 && p[i - 3] == 13 { return i + 1 }
+                i += 1
+            case 13: i += 1
+            default: i += 2  // a match ending at i + 1 needs a CR at i
+            }
+        }
+        return nil
+    }
+
+    /// `METHOD SP origin-form SP HTTP/1.1 CRLF` and the header lines of
+    /// `p[0..<length]`; nil for any other form (absolute-form targets,
+    /// HTTP/1.0, obsolete line folding, bare LFs, bad characters).
+    static func parseRequest(_ p: UnsafeRawBufferPointer, length: Int, fields: inout [Field]) -> RequestLine? {
+        var i = 0
+        while i < length, i < 16, p[i] >= 65, p[i] <= 90 { i += 1 }  // registered methods are upper-case letters
+        guard i > 0, i < length, p[i] == 32 else { return nil }
+        let method = 0..<i
+        i += 1
+        let targetStart = i
+        guard i < length, p[i] == UInt8(ascii: "/") else { return nil }
+        while i < length, p[i] > 32, p[i] < 127 { i += 1 }
+        let target = targetStart..<i
+        let version = Array(" HTTP/1.1\r\n".utf8)
+        guard length - i >= version.count else { return nil }
+        for k in 0..<version.count where p[i + k] != version[k] { return nil }
+        i += version.count
+        guard parseFields(p, from: i, length: length, into: &fields) else { return nil }
+        return RequestLine(method: method, target: target)
+    }
+
+    /// `HTTP/1.x SP 3DIGIT SP reason CRLF` and the header lines.
+    static func parseResponse(_ p: UnsafeRawBufferPointer, length: Int, fields: inout [Field]) -> StatusLine? {
+        let prefix = Array("HTTP/1.".utf8)
+        guard length > 13 else { return nil }
+        for k in 0..<prefix.count where p[k] != prefix[k] { return nil }
+        let minor = Int(p[7]) - 48
+        guard minor == 0 || minor == 1, p[8] == 32 else { return nil }
+        var code = 0
+        for k in 9..<12 {
+            guard p[k] >= 48, p[k] <= 57 else { return nil }
+            code = code * 10 + Int(p[k]) - 48
+        }
+        guard code >= 100 else { return nil }
+        var i = 12
+        if p[i] == 32 {
+            // The reason phrase: HTAB, SP, VCHAR, obs-text.
+            i += 1
+            while i < length, p[i] == 9 || p[i] >= 32, p[i] != 127 { i += 1 }
+        }
+        guard i + 1 < length, p[i] == 13, p[i + 1] == 10 else { return nil }
+        guard parseFields(p, from: i + 2, length: length, into: &fields) else { return nil }
+        return StatusLine(code: code, minor: minor)
+    }
+
+    /// Header lines from `start` to the blank line that ends the head.
+    private static func parseFields(_ p: UnsafeRawBufferPointer, from start: Int, length: Int, into fields: inout [Field]) -> Bool {
+        fields.removeAll(keepingCapacity: true)
+        var i = start
+        while i + 1 < length {
+            if p[i] == 13 { return p[i + 1] == 10 && i + 2 == length }  // the blank line
+            let nameStart = i
+            while i < length, isToken(p[i]) { i += 1 }
+            guard i > nameStart, i < length, p[i] == UInt8(ascii: ":") else { return false }
+            let name = nameStart..<i
+            i += 1
+            while i < length, p[i] == 32 || p[i] == 9 { i += 1 }
+            let valueStart = i
+            var valueEnd = i
+            while i < length, p[i] != 13 {
+                let c = p[i]
+                guard c == 9 || (c >= 32 && c != 127) else { return false }  // no CTLs; a bare LF ends up here
+                i += 1
+                if c != 32 && c != 9 { valueEnd = i }
+            }
+            guard i + 1 < length, p[i + 1] == 10 else { return false }
+            fields.append(Field(name: name, value: valueStart..<valueEnd))
+            i += 2
+        }
+        return false
+    }
+
+    /// RFC 9110 5.6.2 tchar.
+    static func isToken(_ c: UInt8) -> Bool {
+        switch c {
+        case 48...57, 65...90, 97...122: return true
+        case UInt8(ascii: "!"), UInt8(ascii: "#"), UInt8(ascii: "$"), UInt8(ascii: "%"), UInt8(ascii: "&"),
+             UInt8(ascii: "'"), UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."),
+             UInt8(ascii: "^"), UInt8(ascii: "_"), UInt8(ascii: "`"), UInt8(ascii: "|"), UInt8(ascii: "~"):
+            return true
+        default: return false
+        }
+    }
+
+    /// Whether `p[range]` is `lower` (ASCII, compared case-insensitively;
+    /// `lower` is lower-case).
+    static func equals(_ p: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: StaticString) -> Bool {
+        guard range.count == lower.utf8CodeUnitCount else { return false }
+        let l = lower.utf8Start
+        for k in 0..<range.count {
+            if fold(p[range.lowerBound + k]) != l[k] { return false }
+        }
+        return true
+    }
+
+    /// Whether the comma-separated list `p[range]` has `lower` as an element.
+    static func listContains(_ p: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: StaticString) -> Bool {
+        var found = false
+        elements(p, range) { if equals(p, $0, lower) { found = true } }
+        return found
+    }
+
+    /// How many elements the comma-separated list `p[range]` has.
+    static func count(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> Int {
+        var n = 0
+        elements(p, range) { _ in n += 1 }
+        return n
+    }
+
+    /// Whether the comma-separated list `p[list]` has `p[name]` as an
+    /// element (a header name a Connection header lists).
+    static func listContains(_ p: UnsafeRawBufferPointer, _ list: Range<Int>, name: Range<Int>) -> Bool {
+        var found = false
+        elements(p, list) { e in
+            guard e.count == name.count else { return }
+            for k in 0..<e.count where fold(p[e.lowerBound + k]) != fold(p[name.lowerBound + k]) { return }
+            found = true
+        }
+        return found
+    }
+
+    /// Whether the last element of the list `p[range]` is `lower`
+    /// (Transfer-Encoding: chunked must come last).
+    static func lastElement(_ p: UnsafeRawBufferPointer, _ range: Range<Int>, is lower: StaticString) -> Bool {
+        var last: Range<Int>?
+        elements(p, range) { last = $0 }
+        return last.map { equals(p, $0, lower) } ?? false
+    }
+
+    /// Whether `p[range]` starts with `lower`, case-insensitively.
+    static func hasPrefix(_ p: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: StaticString) -> Bool {
+        let n = lower.utf8CodeUnitCount
+        return range.count >= n && equals(p, range.lowerBound..<range.lowerBound + n, lower)
+    }
+
+    /// The non-empty elements of a comma-separated list, trimmed.
+    static func elements(_ p: UnsafeRawBufferPointer, _ range: Range<Int>, _ body: (Range<Int>) -> Void) {
+        var start = range.lowerBound
+        while start <= range.upperBound {
+            var end = start
+            while end < range.upperBound, p[end] != UInt8(ascii: ",") { end += 1 }
+            var a = start, b = end
+            while a < b, p[a] == 32 || p[a] == 9 { a += 1 }
+            while b > a, p[b - 1] == 32 || p[b - 1] == 9 { b -= 1 }
+            if a < b { body(a..<b) }
+            start = end + 1
+        }
+    }
+
+    private static func fold(_ c: UInt8) -> UInt8 { c >= 65 && c <= 90 ? c | 0x20 : c }
+
+    /// A decimal Content-Length value; nil if it is not one.
+    static func decimal(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> Int? {
+        guard !range.isEmpty, range.count <= 15 else { return nil }
+        var v = 0
+        for k in range {
+            guard p[k] >= 48, p[k] <= 57 else { return nil }
+            v = v * 10 + Int(p[k]) - 48
+        }
+        return v
+    }
+}
+
+/// Finds where a chunked body (RFC 9112 7.1) ends, as its bytes go by
+/// unchanged: chunk sizes, extensions, data, and the trailer section.
+struct ChunkedFramer {
+    private enum State {
+        case size, ext, sizeLF, data, dataCR, dataLF, lineStart, trailer, trailerLF, lastLF, done
+    }
+    private var state = State.size
+    private var size = 0
+    private var digits = 0
+
+    var isDone: Bool { state == .done }
+
+    /// How many of `p`'s bytes belong to the body (all of them unless it
+    /// ends inside `p`); nil if the framing is broken.
+    mutating func consume(_ p: UnsafeRawBufferPointer) -> Int? {
+        var i = 0
+        while i < p.count && state != .done {
+            let c = p[i]
+            switch state {
+            case .size:
+                if let d = Self.hexValue(c) {
+                    guard digits < 15 else { return nil }
+                    size = size << 4 | d
+                    digits += 1
+                } else if digits > 0 && (c == UInt8(ascii: ";") || c == 32 || c == 9) {
+                    state = .ext
+                } else if digits > 0 && c == 13 {
+                    state = .sizeLF
+                } else {
+                    return nil
+                }
+            case .ext:
+                if c == 13 { state = .sizeLF } else if c == 10 { return nil }
+            case .sizeLF:
+                guard c == 10 else { return nil }
+                state = size == 0 ? .lineStart : .data
+            case .data:
+                let n = min(size, p.count - i)
+                size -= n
+                i += n
+                if size == 0 { state = .dataCR }
+                continue
+            case .dataCR:
+                guard c == 13 else { return nil }
+                state = .dataLF
+            case .dataLF:
+                guard c == 10 else { return nil }
+                state = .size
+                digits = 0
+            case .lineStart:
+                state = c == 13 ? .lastLF : .trailer
+            case .trailer:
+                if c == 13 { state = .trailerLF } else if c == 10 { return nil }
+            case .trailerLF:
+                guard c == 10 else { return nil }
+                state = .lineStart
+            case .lastLF:
+                guard c == 10 else { return nil }
+                state = .done
+            case .done:
+                break
+            }
+            i += 1
+        }
+        return i
+    }
+
+    private static func hexValue(_ c: UInt8) -> Int? {
+        switch c {
+        case 48...57: return Int(c) - 48
+        case 65...70: return Int(c) - 55
+        case 97...102: return Int(c) - 87
+        default: return nil
+        }
+    }
+}

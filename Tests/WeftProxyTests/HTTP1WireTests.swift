@@ -1,0 +1,115 @@
+import Testing
+@testable import WeftProxy
+
+/// The express path's in-place HTTP/1.1 reading: what it accepts, and that
+/// it refuses (so the full path takes over) whatever is not the plain form.
+@Suite struct HTTP1WireTests {
+    private func request(_ text: String) -> (line: HTTP1Wire.RequestLine, fields: [(String, String)])? {
+        let bytes = Array(text.utf8)
+        return bytes.withUnsafeBytes { p in
+            guard let length = HTTP1Wire.headLength(p) else { return nil }
+            var fields: [HTTP1Wire.Field] = []
+            guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return nil }
+            return (line, fields.map { (String(decoding: bytes[$0.name], as: UTF8.self), String(decoding: bytes[$0.value], as: UTF8.self)) })
+        }
+    }
+
+    private func response(_ text: String) -> HTTP1Wire.StatusLine? {
+        let bytes = Array(text.utf8)
+        return bytes.withUnsafeBytes { p in
+            var fields: [HTTP1Wire.Field] = []
+            return HTTP1Wire.headLength(p).flatMap { HTTP1Wire.parseResponse(p, length: $0, fields: &fields) }
+        }
+    }
+
+    @Test func headsEndAtTheBlankLine() {
+        for (text, length) in [("GET / HTTP/1.1\r\n\r\n", 18), ("GET / HTTP/1.1\r\nA: b\r\n\r\nbody", 24), ("\r\n\r\n", 4)] {
+            #expect(Array(text.utf8).withUnsafeBytes { HTTP1Wire.headLength($0) } == length, "\(text.debugDescription)")
+        }
+        for text in ["GET / HTTP/1.1\r\n", "GET / HTTP/1.1\r\nA: b\r\n\r", "GET / HTTP/1.1\n\n", "\r\n\r"] {
+            #expect(Array(text.utf8).withUnsafeBytes { HTTP1Wire.headLength($0) } == nil, "\(text.debugDescription)")
+        }
+    }
+
+    @Test func thePlainRequestFormIsRead() throws {
+        let text = "POST /a/b?x=1 HTTP/1.1\r\nHost: web\r\nContent-Length:  5 \r\nX-Empty:\r\nUser-Agent: t\u{00e9}st\t\r\n\r\n"
+        let (line, fields) = try #require(request(text))
+        let bytes = Array(text.utf8)
+        #expect(String(decoding: bytes[line.method], as: UTF8.self) == "POST")
+        #expect(String(decoding: bytes[line.target], as: UTF8.self) == "/a/b?x=1")
+        #expect(fields.map(\.0) == ["Host", "Content-Length", "X-Empty", "User-Agent"])
+        #expect(fields.map(\.1) == ["web", "5", "", "t\u{00e9}st"], "values without the spaces around them")
+    }
+
+    @Test func anythingElseIsLeftToTheFullPath() {
+        for text in [
+            "GET http://web/ HTTP/1.1\r\n\r\n",          // absolute-form
+            "GET / HTTP/1.0\r\n\r\n",                    // HTTP/1.0
+            "get / HTTP/1.1\r\n\r\n",                    // not a registered method's spelling
+            "GET  / HTTP/1.1\r\n\r\n",                   // two spaces
+            "GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n",      // obsolete line folding
+            "GET / HTTP/1.1\r\nA : b\r\n\r\n",           // space before the colon
+            "GET / HTTP/1.1\r\nA: b\u{01}\r\n\r\n",      // a control character
+            "GET / HTTP/1.1\r\nA: b\nB: c\r\n\r\n",      // a bare LF
+            "GET / HTTP/1.1\r\n: b\r\n\r\n",             // no name
+            "GET /a b HTTP/1.1\r\n\r\n",                 // a space in the target
+        ] {
+            #expect(request(text) == nil, "\(text.debugDescription)")
+        }
+    }
+
+    @Test func statusLines() {
+        #expect(response("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")?.code == 200)
+        #expect(response("HTTP/1.1 204\r\n\r\n")?.code == 204, "the reason phrase may be missing")
+        #expect(response("HTTP/1.1 404 \r\n\r\n")?.code == 404)
+        #expect(response("HTTP/1.0 200 OK\r\n\r\n")?.minor == 0)
+        #expect(response("HTTP/1.1 100 Continue\r\n\r\n")?.code == 100)
+        for text in ["HTTP/2 200 OK\r\n\r\n", "HTTP/1.1 20 OK\r\n\r\n", "HTTP/1.1 099 X\r\n\r\n", "HTTP/1.1 200 OK\r\nA\r\n\r\n",
+                     "ICY 200 OK\r\n\r\n"] {
+            #expect(response(text) == nil, "\(text.debugDescription)")
+        }
+    }
+
+    @Test func listsAndValues() {
+        let bytes = Array("keep-alive, Close ,x-a,, TE".utf8)
+        bytes.withUnsafeBytes { p in
+            let all = 0..<bytes.count
+            #expect(HTTP1Wire.listContains(p, all, "close"))
+            #expect(HTTP1Wire.listContains(p, all, "te"))
+            #expect(!HTTP1Wire.listContains(p, all, "keep"))
+            #expect(HTTP1Wire.count(p, all) == 4, "empty elements do not count")
+            #expect(HTTP1Wire.lastElement(p, all, is: "te"))
+        }
+        let numbers = Array("123 12a 1234567890123456".utf8)
+        numbers.withUnsafeBytes { p in
+            #expect(HTTP1Wire.decimal(p, 0..<3) == 123)
+            #expect(HTTP1Wire.decimal(p, 4..<7) == nil)
+            #expect(HTTP1Wire.decimal(p, 8..<24) == nil, "too long to be a length")
+            #expect(HTTP1Wire.decimal(p, 3..<3) == nil)
+        }
+    }
+
+    /// A chunked body's end is found however the bytes are cut.
+    @Test func chunkedBodiesEndWhereTheyEnd() {
+        let body = Array("5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n".utf8)
+        let after = Array("HTTP/1.1 200".utf8)
+        for cut in [1, 2, 3, 7, 64] {
+            var framer = ChunkedFramer()
+            var used = 0
+            var offset = 0
+            let all = body + after
+            while !framer.isDone && offset < all.count {
+                let piece = Array(all[offset..<min(offset + cut, all.count)])
+                let n = piece.withUnsafeBytes { framer.consume($0) }
+                guard let n else { Issue.record("refused at \(offset) with pieces of \(cut)"); return }
+                used += n
+                offset += piece.count
+            }
+            #expect(framer.isDone && used == body.count, "pieces of \(cut): \(used) of \(body.count)")
+        }
+        for broken in ["x\r\n", "5\r\nhelloX\r\n", "5\nhello", "0\r\n\r\r"] {
+            var framer = ChunkedFramer()
+            #expect(Array(broken.utf8).withUnsafeBytes { framer.consume($0) } == nil, "\(broken.debugDescription)")
+        }
+    }
+}
