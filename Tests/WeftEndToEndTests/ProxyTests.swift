@@ -390,6 +390,76 @@ struct ProxyTests {
         #expect(try stat("n1", "tcp_passthrough_total") >= 1)
     }
 
+    /// Plain HTTP/1.1 requests take the express path (bytes, no codec): the
+    /// backend sees the proxy's headers, pipelined requests are answered in
+    /// order, HEAD has no body, Connection: close closes. A chunked request
+    /// body is handed to the full path, and still answered.
+    @Test func expressPathForwardsPlainRequestsAndHandsOverTheRest() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let express = try stat("n1", "express_requests_total"), handovers = try stat("n1", "express_handovers_total")
+        let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
+            import json, socket
+            def exchange(raw, methods):
+                s = socket.create_connection(("198.19.1.12", 80), timeout=5)
+                s.sendall(raw)
+                data = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                out, i = [], 0
+                for m in methods:
+                    end = data.index(b"\\r\\n\\r\\n", i)
+                    lines = data[i:end].decode().split("\\r\\n")
+                    headers = {}
+                    for l in lines[1:]:
+                        k, v = l.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                    n = 0 if m == "HEAD" else int(headers.get("content-length", "0"))
+                    body = data[end + 4:end + 4 + n]
+                    i = end + 4 + n
+                    out.append({"status": lines[0], "headers": headers, "body": json.loads(body) if body else None})
+                return {"responses": out, "rest": len(data) - i}
+            pipelined = exchange(b"GET /a?x=1 HTTP/1.1\\r\\nHost: web-v2\\r\\nConnection: keep-alive\\r\\n\\r\\n"
+                                 b"POST /b HTTP/1.1\\r\\nHost: web-v2\\r\\nContent-Length: 5\\r\\n\\r\\nhello"
+                                 b"HEAD /c HTTP/1.1\\r\\nHost: web-v2\\r\\n\\r\\n"
+                                 b"GET /d HTTP/1.1\\r\\nHost: web-v2\\r\\nConnection: close\\r\\n\\r\\n",
+                                 ["GET", "POST", "HEAD", "GET"])
+            chunked = exchange(b"POST /e HTTP/1.1\\r\\nHost: web-v2\\r\\nTransfer-Encoding: chunked\\r\\nConnection: close\\r\\n\\r\\n"
+                               b"5\\r\\nhello\\r\\n0\\r\\n\\r\\n", ["POST"])
+            print(json.dumps({"pipelined": pipelined, "chunked": chunked}))
+            """])
+        let result = json(String(out.output.split(separator: "\n").last ?? ""))
+        let pipelined = try #require(result["pipelined"] as? [String: Any], "\(out.output)")
+        let responses = try #require(pipelined["responses"] as? [[String: Any]])
+        #expect(responses.count == 4 && pipelined["rest"] as? Int == 0, "\(pipelined)")
+        let bodies = responses.map { $0["body"] as? [String: Any] ?? [:] }
+        #expect(responses.allSatisfy { ($0["status"] as? String)?.hasPrefix("HTTP/1.1 200") == true }, "\(responses)")
+        #expect(bodies[0]["path"] as? String == "/a?x=1" && bodies[1]["path"] as? String == "/b" && bodies[3]["path"] as? String == "/d",
+                "answered in order: \(bodies)")
+        #expect(bodies[1]["method"] as? String == "POST" && bodies[1]["body"] as? Int == 5, "\(bodies[1])")
+        #expect(responses[2]["body"] is NSNull || responses[2]["body"] == nil, "HEAD: no body")
+        let seen = bodies[0]["headers"] as? [String: String] ?? [:]
+        #expect(seen["x-forwarded-for"] == "198.18.1.10" && seen["forwarded"] == "for=198.18.1.10;proto=http", "\(seen)")
+        #expect(seen["via"] == "1.1 weft-n1" && seen["x-forwarded-proto"] == "http", "\(seen)")
+        #expect(seen["x-request-id"]?.count == 36, "\(seen)")
+        #expect(seen["traceparent"].map { $0.count == 55 && $0.hasPrefix("00-") } == true, "\(seen)")
+        #expect(seen["connection"] == nil && seen["host"] == "web-v2", "hop-by-hop headers stay behind: \(seen)")
+        let last = responses[3]["headers"] as? [String: String] ?? [:]
+        #expect(last["connection"] == "close", "\(last)")
+        #expect(try stat("n1", "express_requests_total") >= express + 4)
+
+        let chunked = try #require(result["chunked"] as? [String: Any])
+        let answer = (chunked["responses"] as? [[String: Any]])?.first
+        let forwarded = answer?["body"] as? [String: Any] ?? [:]
+        #expect((answer?["status"] as? String)?.hasPrefix("HTTP/1.1 200") == true && forwarded["path"] as? String == "/e"
+                && (forwarded["headers"] as? [String: String])?["transfer-encoding"] == "chunked",
+                "the full path forwarded the chunked body: \(chunked)")
+        #expect(try stat("n1", "express_handovers_total") == handovers + 1)
+    }
+
     @Test func proxyRestartDrainsWithoutFailingARequestAndACrashFailsFast() throws {
         let lab = try startLab()
         defer { lab.down() }
