@@ -72,8 +72,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let isHEAD: Bool
         let idempotent: Bool
         let grpc: Bool
-        /// The request as the client sent it, for a hand-over.
-        let request: ByteBuffer
+        /// The request as the client sent it (a slice of what was read, no
+        /// copy), for a hand-over; set when the exchange starts.
+        var request = ByteBuffer()
+        let length: Int
         /// The request as the backend gets it.
         var outgoing: ByteBuffer?
         var upstream: ExpressUpstream?
@@ -90,7 +92,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var reusable = true
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey,
-             keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, request: ByteBuffer, outgoing: ByteBuffer) {
+             keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int, outgoing: ByteBuffer) {
             self.snapshot = snapshot
             self.route = route
             self.service = service
@@ -100,7 +102,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             self.isHEAD = isHEAD
             self.idempotent = idempotent
             self.grpc = grpc
-            self.request = request
+            self.length = length
             self.outgoing = outgoing
         }
     }
@@ -209,7 +211,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         case .handOver:
             handOver()
         case .forward(let exchange):
-            inbound!.moveReaderIndex(forwardBy: exchange.request.readableBytes)
+            exchange.request = inbound!.readSlice(length: exchange.length)!
             if readPending && inbound!.readableBytes <= Self.maxRequest {
                 readPending = false
                 context.read()
@@ -332,13 +334,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         out.writeStaticString("\r\n\r\n")
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[length..<total]))
 
-        let isHEAD = HTTP1Wire.equals(p, line.method, "head")
-        let idempotent = isHEAD || ["GET", "OPTIONS", "TRACE", "PUT", "DELETE"].contains(method)
-        let request = context.channel.allocator.buffer(bytes: UnsafeRawBufferPointer(rebasing: p[0..<total]))
+        let isHEAD = method == "HEAD"
+        let idempotent: Bool
+        switch method {
+        case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE": idempotent = true
+        default: idempotent = false
+        }
         return .forward(Exchange(snapshot: snapshot, route: action.name, service: matcher.frontend.service,
                                  serviceNamespace: matcher.frontend.namespace, key: key,
                                  keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
-                                 isHEAD: isHEAD, idempotent: idempotent, grpc: grpc, request: request, outgoing: out))
+                                 isHEAD: isHEAD, idempotent: idempotent, grpc: grpc, length: total, outgoing: out))
     }
 
     private func pickCluster(_ backends: [ProxyTable.WeightedCluster], loop: LoopState) -> ProxyTable.WeightedCluster? {
