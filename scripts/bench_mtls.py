@@ -46,7 +46,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import sh, write_section  # noqa: E402
+from benchdoc import NodeProcesses, sh, write_section  # noqa: E402
 from bench_proxy import DISTURBED, RETRIES, added_over, cpu_seconds, h2load_watched, pids_of, until_calm  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -208,16 +208,13 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
     print(f"openssl speed AES-128-GCM, one core: {speed['encrypt']:.0f} MB/s encrypt, {speed['decrypt']:.0f} MB/s decrypt", flush=True)
     sh(WEFT, "lab", "down", check=False)
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "2")
-    started = []
+    processes = NodeProcesses(WEFT)
     try:
         lab = json.load(open("/run/weft/lab/state.json"))
         nodes = {n["name"]: n for n in lab["nodes"]}
 
         def on_node(node, *cmd):
-            p = subprocess.Popen([WEFT, "lab", "run-in", "--netns", nodes[node]["netns"], "--cgroup", nodes[node]["agentCgroup"],
-                                  "--", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            started.append(p)
-            return p.pid
+            return processes.start(nodes[node], *cmd)
 
         pids = {
             "haproxy": [on_node("n1", "haproxy", "-f", f"{work}/haproxy-n1.cfg", "-db"),
@@ -307,13 +304,7 @@ spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
                                 "per_core": done / cpu if cpu > 0 else float("nan")}
             print(f"handshakes {name}: {done} in {HANDSHAKE_S}s ({failed} failed), {handshakes[name]['per_core']:.0f} per server core", flush=True)
     finally:
-        for p in started:
-            p.terminate()
-        for p in started:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop()
         sh(WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
 

@@ -34,7 +34,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import sh, write_section  # noqa: E402
+from benchdoc import NodeProcesses, sh, write_section  # noqa: E402
 from hostwatch import HostWatch, quiet  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -306,18 +306,13 @@ def main():
     write(f"{config}/lab.yaml", lab_yaml(work))
     sh(WEFT, "lab", "down", check=False)
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
-    started = []
+    processes = NodeProcesses(WEFT)
     try:
         lab = json.load(open("/run/weft/lab/state.json"))
         node = lab["nodes"][0]
 
         def on_node(*cmd):
-            # In the node's netns and its agent's cgroup: `lab down` finds
-            # them there even if this script dies.
-            p = subprocess.Popen([WEFT, "lab", "run-in", "--netns", node["netns"], "--cgroup", node["agentCgroup"],
-                                  "--", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            started.append(p)
-            return p.pid
+            return processes.start(node, *cmd)
 
         pids = {
             "haproxy": on_node("haproxy", "-f", f"{work}/haproxy.cfg", "-db"),
@@ -374,13 +369,7 @@ def main():
                         results[load][name][kind].append(v)
         rss = {name: rss_mib(pids_of(pid)) for name, pid in pids.items()}
     finally:
-        for p in started:
-            p.terminate()
-        for p in started:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop()
         sh(WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
 

@@ -54,3 +54,30 @@ def sh(*args, check=True, input=None):
     if check and r.returncode != 0:
         raise SystemExit(f"{' '.join(args[:8])} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
     return r.stdout
+
+
+class NodeProcesses:
+    """Processes a benchmark runs on lab nodes (HAProxy, nginx, ...): in the
+    node's netns and its agent's cgroup, so `lab down` finds them even if the
+    script dies; `stop()` ends them, by pid."""
+
+    def __init__(self, weft):
+        self.weft = weft
+        self.started = []
+
+    def start(self, node, *cmd):
+        """`node` is an entry of the lab's state.json; returns the pid."""
+        p = subprocess.Popen([self.weft, "lab", "run-in", "--netns", node["netns"], "--cgroup", node["agentCgroup"],
+                              "--", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.started.append(p)
+        return p.pid
+
+    def stop(self):
+        for p in self.started:
+            p.terminate()
+        for p in self.started:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.started = []

@@ -33,7 +33,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import sh  # noqa: E402
+from benchdoc import NodeProcesses, sh  # noqa: E402
 from bench_proxy import (BACKEND, BACKEND_CONF, GW, HAPROXY_CONF, LOADS, VIP, WEFT, cpu_seconds, h2load,  # noqa: E402
                          lab_yaml, pids_of, write)
 
@@ -99,7 +99,7 @@ def main():
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     results = {}
     references = {}
-    started = []
+    processes = NodeProcesses(WEFT)
     try:
         for _ in range(100):
             if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
@@ -125,15 +125,9 @@ def main():
                   "(perf attached)", flush=True)
             for name, share in shares.items():
                 print(f"  {share * 100:5.1f}%  {name}")
-        references = compare(work, pid, started)
+        references = compare(work, pid, processes)
     finally:
-        for p in started:
-            p.terminate()
-        for p in started:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop()
         sh(WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -142,7 +136,7 @@ def main():
                    "http1_references": references}, f, indent=1)
 
 
-def compare(work, weft_pid, started):
+def compare(work, weft_pid, processes):
     """HTTP/1.1 µs of proxy CPU per request, no perf attached: Weft, HAProxy
     and the NIO floor, alternating, medians over REFERENCE_ROUNDS."""
     lab = json.load(open("/run/weft/lab/state.json"))
@@ -150,10 +144,7 @@ def compare(work, weft_pid, started):
     write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW))
 
     def on_node(*cmd):
-        p = subprocess.Popen([WEFT, "lab", "run-in", "--netns", node["netns"], "--cgroup", node["agentCgroup"], "--", *cmd],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(p)
-        return p.pid
+        return processes.start(node, *cmd)
 
     sides = {
         "weft": (f"http://{VIP}/", weft_pid),

@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import NIOHTTP1
 import WeftCore
@@ -13,7 +14,7 @@ import WeftKernel
 /// Everything else goes to the full path (HTTPProxyHandler behind NIO's
 /// codec), which this handler hands the connection to, for good, before it
 /// sends anything of the request that needs it: HTTPRoute filters, retries,
-/// timeouts, TrafficPolicy, access logs, tracing export, AuthorizationPolicy,
+/// timeouts, TrafficPolicy, tracing export, AuthorizationPolicy,
 /// tunnels to other nodes, upgrades, chunked or large request bodies, a
 /// request with X-Forwarded-For or traceparent already set, a looped
 /// request, anything the strict parser of HTTP1Wire does not accept, and
@@ -56,7 +57,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// Whether a connection to `frontendKey` starts on the express path: the
     /// snapshot has nothing that makes every request of it need the full one.
     static func serves(_ snapshot: RouteSnapshot, frontendKey: String) -> Bool {
-        snapshot.matchers[frontendKey] != nil && snapshot.table.tracing == nil && snapshot.table.accessLog == nil
+        snapshot.matchers[frontendKey] != nil && snapshot.table.tracing == nil
             && (snapshot.guards.isEmpty || snapshot.guards[frontendKey] == nil)
     }
 
@@ -90,6 +91,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var responded = false
         /// The backend keeps the connection open after this response.
         var reusable = true
+        /// The response told the client the connection closes after it.
+        var closesClient = false
+        /// Response bytes after the head (a chunked body's framing included).
+        var bytesOut = 0
+        /// What the access log line needs, when access logs are on.
+        var logged: Logged?
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey,
              keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int, outgoing: ByteBuffer) {
@@ -107,6 +114,18 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
     }
 
+    /// A request's access log fields, taken while its head is at hand.
+    private struct Logged {
+        var wallStart: timespec
+        var method: String
+        var path: String
+        var authority: String?
+        var userAgent: String?
+        var requestID: String?
+        var span: TraceContext.Span
+        var bytesIn: Int
+    }
+
     private enum Framing {
         case head
         case length(Int)
@@ -120,7 +139,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         case malformed
         /// The head as the client gets it, its length as read, and whether
         /// the backend closes the connection after this response.
-        case ready(head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool)
+        case ready(head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool, closesClient: Bool)
     }
 
     /// What the next request's head says to do.
@@ -186,9 +205,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, let upstream = exchange?.upstream?.channel {
-            upstream.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-        }
+        if context.channel.isWritable { exchange?.upstream?.resume() }
         context.fireChannelWritabilityChanged()
     }
 
@@ -325,12 +342,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         out.writeString(client)
         out.writeStaticString(";proto=http\r\nvia: 1.1 ")
         out.writeString(proxy.viaToken)
+        var requestID: String?
         if !hasRequestID {
+            let id = HTTPProxyHandler.requestID(using: &loop.random)
             out.writeStaticString("\r\nx-request-id: ")
-            out.writeString(HTTPProxyHandler.requestID(using: &loop.random))
+            out.writeString(id)
+            requestID = id
         }
+        let span = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
         out.writeStaticString("\r\ntraceparent: ")
-        out.writeString(TraceContext.fresh(random: &loop.random, samplingPercent: nil).header)
+        out.writeString(span.header)
         out.writeStaticString("\r\n\r\n")
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[length..<total]))
 
@@ -340,10 +361,17 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE": idempotent = true
         default: idempotent = false
         }
-        return .forward(Exchange(snapshot: snapshot, route: action.name, service: matcher.frontend.service,
-                                 serviceNamespace: matcher.frontend.namespace, key: key,
-                                 keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
-                                 isHEAD: isHEAD, idempotent: idempotent, grpc: grpc, length: total, outgoing: out))
+        let exchange = Exchange(snapshot: snapshot, route: action.name, service: matcher.frontend.service,
+                                serviceNamespace: matcher.frontend.namespace, key: key,
+                                keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
+                                isHEAD: isHEAD, idempotent: idempotent, grpc: grpc, length: total, outgoing: out)
+        if snapshot.table.accessLog != nil {
+            func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
+            exchange.logged = Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
+                                     userAgent: first("user-agent"), requestID: requestID ?? first("x-request-id"),
+                                     span: span, bytesIn: contentLength ?? 0)
+        }
+        return .forward(exchange)
     }
 
     private func pickCluster(_ backends: [ProxyTable.WeightedCluster], loop: LoopState) -> ProxyTable.WeightedCluster? {
@@ -360,7 +388,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// Header values by lower-case name, split at commas, as NIO's
     /// `headers[canonicalForm:]` gives them to the full path's matcher.
-    private static func values(_ p: UnsafeRawBufferPointer, _ fields: [HTTP1Wire.Field], _ name: String) -> [String] {
+    private static func values(_ p: UnsafeRawBufferPointer, _ fields: [HTTP1Wire.Field], _ name: String,
+                               split: Bool = true) -> [String] {
         var out: [String] = []
         let wanted = Array(name.utf8)
         for f in fields where f.name.count == wanted.count {
@@ -368,6 +397,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             for k in 0..<wanted.count where p[f.name.lowerBound + k] | 0x20 != wanted[k] | 0x20 { same = false; break }
             guard same else { continue }
             let value = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self)
+            guard split else {
+                out.append(value)
+                continue
+            }
             for part in value.split(separator: ",") {
                 let t = part.trimmingASCIISpaces()
                 if !t.isEmpty { out.append(String(t)) }
@@ -480,23 +513,24 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 if self.exchange !== exchange { return }
             case .length(let remaining):
                 let n = min(remaining, bytes.readableBytes)
+                exchange.bytesOut += n
                 context.write(wrapOutboundOut(bytes.readSlice(length: n)!), promise: nil)
                 exchange.framing = .length(remaining - n)
                 if remaining == n { return responseEnded(exchange, extra: bytes.readableBytes) }
             case .chunked(var framer):
                 let used = bytes.withUnsafeReadableBytes { framer.consume($0) }
                 guard let used else { return broken(exchange, "a malformed chunked body") }
+                exchange.bytesOut += used
                 context.write(wrapOutboundOut(bytes.readSlice(length: used)!), promise: nil)
                 exchange.framing = .chunked(framer)
                 if framer.isDone { return responseEnded(exchange, extra: bytes.readableBytes) }
             case .close:
+                exchange.bytesOut += bytes.readableBytes
                 context.write(wrapOutboundOut(bytes), promise: nil)
                 bytes.moveReaderIndex(to: bytes.writerIndex)
             }
         }
-        if !context.channel.isWritable, let upstream = exchange.upstream?.channel {
-            upstream.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
-        }
+        if !context.channel.isWritable { exchange.upstream?.pause() }
     }
 
     /// The response head, rewritten for the client, once it is all read,
@@ -554,9 +588,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             if case .close = framing { delimited = true } else { delimited = false }
             if closeClient || delimited { out.writeStaticString("connection: close\r\n") }
             out.writeStaticString("\r\n")
-            return .ready(head: out, length: length, code: status.code, framing: framing, close: close || delimited)
+            return .ready(head: out, length: length, code: status.code, framing: framing, close: close || delimited,
+                          closesClient: closeClient || delimited)
         }
-        let head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool
+        let head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool, closesClient: Bool
         switch parsed {
         case .incomplete:
             if raw.readableBytes > Self.maxRequest { broken(exchange, "a response head over \(Self.maxRequest) bytes") }
@@ -564,12 +599,13 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         case .malformed:
             broken(exchange, "a malformed response head")
             return nil
-        case .ready(let h, let l, let c, let f, let x):
-            (head, length, code, framing, close) = (h, l, c, f, x)
+        case .ready(let h, let l, let c, let f, let x, let y):
+            (head, length, code, framing, close, closesClient) = (h, l, c, f, x, y)
         }
         raw.moveReaderIndex(forwardBy: length)
         if code < 200 {
             // An interim response (100, 103): on to the client, then the real one.
+            exchange.responded = true
             exchange.head = raw.readableBytes > 0 ? raw : nil
             exchange.framing = .head
             context.write(wrapOutboundOut(head), promise: nil)
@@ -584,6 +620,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         exchange.status = code
         exchange.responded = true
         exchange.reusable = !close
+        exchange.closesClient = closesClient
         proxy.stats.requests.add(1, ordering: .relaxed)
         proxy.stats.expressRequests.add(1, ordering: .relaxed)
         cached?.budget?.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
@@ -610,7 +647,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             context?.close(promise: nil)
             return
         }
-        if exchange.reused && exchange.idempotent {
+        if exchange.reused && exchange.idempotent && exchange.head == nil {
             // Perhaps the server closed an idle connection as the request
             // went out: the full path sends it again.
             giveBack(exchange)
@@ -640,6 +677,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         if extra > 0 { exchange.reusable = false }
         if let upstream = exchange.upstream {
             upstream.owner = nil
+            upstream.resume()
             let idle = loop.pool.state(exchange.key)
             if exchange.reusable && upstream.isActive && idle.express.count < proxy.configuration.maxIdlePerBackend {
                 idle.express.append(upstream)
@@ -649,7 +687,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             exchange.upstream = nil
         }
         end(exchange, flags: "-")
-        if !exchange.keepAlive || quiescing || (inputClosed && (inbound?.readableBytes ?? 0) == 0) {
+        if exchange.closesClient || !exchange.keepAlive || quiescing || (inputClosed && (inbound?.readableBytes ?? 0) == 0) {
             context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)))
                 .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
             return
@@ -664,15 +702,26 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         guard self.exchange === exchange, let loop else { return }
         self.exchange = nil
         loop.pool.state(exchange.key).inFlight -= 1
-        guard exchange.snapshot.table.requestMetrics != false else { return }
+        let metrics = exchange.snapshot.table.requestMetrics != false
+        guard metrics || exchange.logged != nil else { return }
         let peers = PeerLabels(snapshot: exchange.snapshot, source: origin.source, service: exchange.service,
                                serviceNamespace: exchange.serviceNamespace, upstream: exchange.key)
-        let labels = RequestLabels(peers: peers, route: exchange.route, requestProtocol: exchange.grpc ? "grpc" : "http",
-                                   responseCode: exchange.status, responseFlags: flags)
-        let series = loop.telemetry.request(labels, proxy.telemetry)
-        series.count.increment()
         let elapsed = NIODeadline.now() - exchange.start
-        series.duration.record(.nanoseconds(elapsed.nanoseconds))
+        if metrics {
+            let labels = RequestLabels(peers: peers, route: exchange.route, requestProtocol: exchange.grpc ? "grpc" : "http",
+                                       responseCode: exchange.status, responseFlags: flags)
+            let series = loop.telemetry.request(labels, proxy.telemetry)
+            series.count.increment()
+            series.duration.record(.nanoseconds(elapsed.nanoseconds))
+        }
+        if let logged = exchange.logged, AccessLog.covers(exchange.snapshot.table.accessLog, namespace: peers.sourceNamespace) {
+            proxy.accessLog.append(HTTPLogLine(
+                start: logged.wallStart, protocolName: "HTTP/1.1", method: logged.method, path: logged.path,
+                authority: logged.authority, code: exchange.status, flags: flags, elapsedNanos: elapsed.nanoseconds,
+                bytesIn: logged.bytesIn, bytesOut: exchange.bytesOut, attempts: 1, route: exchange.route, source: origin.source,
+                peers: peers, upstream: exchange.key, requestID: logged.requestID, span: logged.span,
+                userAgent: logged.userAgent).render())
+        }
     }
 
     /// An answer of the proxy's own, in place of the backend's.
@@ -730,7 +779,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
         if quiescing { context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
-        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         if readPending { context.read() }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }

@@ -32,6 +32,21 @@ final class ExpressUpstream: ChannelInboundHandler {
         context?.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
     }
 
+    private var paused = false
+
+    /// Stops reading while the client cannot take more (backpressure).
+    func pause() {
+        guard !paused, let channel = context?.channel else { return }
+        paused = true
+        channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+    }
+
+    func resume() {
+        guard paused, let channel = context?.channel else { return }
+        paused = false
+        channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+    }
+
     func close() {
         owner = nil
         isActive = false

@@ -887,33 +887,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                                ], error: code >= 500 || code == 0)
         }
         guard AccessLog.covers(rec.snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
-        var line = JSONLine()
-        line.add("start_time", AccessLog.timestamp(rec.wallStart))
-        line.add("kind", "http")
-        line.add("protocol", isHTTP2 ? "HTTP/2" : "HTTP/\(rec.head.version.major).\(rec.head.version.minor)")
-        line.add("method", rec.head.method.rawValue)
-        line.add("path", rec.head.uri)
-        line.add("authority", rec.head.headers.first(name: "host"))
-        line.add("response_code", code)
-        line.add("response_flags", flags)
-        line.add("duration_ms", milliseconds: Double(elapsed.nanoseconds) / 1e6)
-        line.add("bytes_received", rec.bytesIn)
-        line.add("bytes_sent", rec.bytesOut)
-        line.add("attempts", rec.attempts)
-        line.add("route", rec.route)
-        line.add("source_address", origin.source.description)
-        line.add("source_workload", peers.sourceWorkload)
-        line.add("source_namespace", peers.sourceNamespace)
-        line.add("destination_service", peers.destinationService)
-        line.add("upstream_host", rec.upstream?.description)
-        line.add("destination_workload", peers.destinationWorkload)
-        line.add("destination_namespace", peers.destinationWorkloadNamespace)
-        line.add("request_id", rec.requestID)
-        line.add("trace_id", rec.span?.traceID)
-        line.add("span_id", rec.span?.spanID)
-        line.add("parent_span_id", rec.span?.parentID)
-        line.add("user_agent", rec.head.headers.first(name: "user-agent"))
-        proxy.accessLog.append(line.finish())
+        let line = HTTPLogLine(
+            start: rec.wallStart, protocolName: isHTTP2 ? "HTTP/2" : "HTTP/\(rec.head.version.major).\(rec.head.version.minor)",
+            method: rec.head.method.rawValue, path: rec.head.uri, authority: rec.head.headers.first(name: "host"), code: code,
+            flags: flags, elapsedNanos: elapsed.nanoseconds, bytesIn: rec.bytesIn, bytesOut: rec.bytesOut, attempts: rec.attempts,
+            route: rec.route, source: origin.source, peers: peers, upstream: rec.upstream, requestID: rec.requestID,
+            span: rec.span, userAgent: rec.head.headers.first(name: "user-agent"))
+        proxy.accessLog.append(line.render())
     }
 
     // MARK: local responses

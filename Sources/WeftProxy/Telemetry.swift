@@ -451,6 +451,59 @@ struct JSONLine {
     }
 }
 
+/// One HTTP request's access log line (docs/observability.md), as both the
+/// full path and the express path write it.
+struct HTTPLogLine {
+    var start: timespec
+    var protocolName: String
+    var method: String
+    var path: String
+    var authority: String?
+    var code: Int
+    var flags: String
+    var elapsedNanos: Int64
+    var bytesIn: Int
+    var bytesOut: Int
+    var attempts: Int
+    var route: String
+    var source: IPv4Address
+    var peers: PeerLabels
+    var upstream: EndpointKey?
+    var requestID: String?
+    var span: TraceContext.Span?
+    var userAgent: String?
+
+    func render() -> String {
+        var line = JSONLine()
+        line.add("start_time", AccessLog.timestamp(start))
+        line.add("kind", "http")
+        line.add("protocol", protocolName)
+        line.add("method", method)
+        line.add("path", path)
+        line.add("authority", authority)
+        line.add("response_code", code)
+        line.add("response_flags", flags)
+        line.add("duration_ms", milliseconds: Double(elapsedNanos) / 1e6)
+        line.add("bytes_received", bytesIn)
+        line.add("bytes_sent", bytesOut)
+        line.add("attempts", attempts)
+        line.add("route", route)
+        line.add("source_address", source.description)
+        line.add("source_workload", peers.sourceWorkload)
+        line.add("source_namespace", peers.sourceNamespace)
+        line.add("destination_service", peers.destinationService)
+        line.add("upstream_host", upstream?.description)
+        line.add("destination_workload", peers.destinationWorkload)
+        line.add("destination_namespace", peers.destinationWorkloadNamespace)
+        line.add("request_id", requestID)
+        line.add("trace_id", span?.traceID)
+        line.add("span_id", span?.spanID)
+        line.add("parent_span_id", span?.parentID)
+        line.add("user_agent", userAgent)
+        return line.finish()
+    }
+}
+
 extension AccessLog {
     /// RFC 3339 UTC with milliseconds, from a wall-clock time.
     static func timestamp(_ t: timespec) -> String {

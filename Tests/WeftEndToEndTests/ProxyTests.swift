@@ -429,7 +429,34 @@ struct ProxyTests {
                                  ["GET", "POST", "HEAD", "GET"])
             chunked = exchange(b"POST /e HTTP/1.1\\r\\nHost: web-v2\\r\\nTransfer-Encoding: chunked\\r\\nConnection: close\\r\\n\\r\\n"
                                b"5\\r\\nhello\\r\\n0\\r\\n\\r\\n", ["POST"])
-            print(json.dumps({"pipelined": pipelined, "chunked": chunked}))
+            # Responses framed by chunks (with a trailer) and by the close.
+            s = socket.create_connection(("198.19.1.12", 80), timeout=5)
+            s.sendall(b"GET /chunked/5 HTTP/1.1\\r\\nHost: web-v2\\r\\n\\r\\nGET /unframed HTTP/1.1\\r\\nHost: web-v2\\r\\n\\r\\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            end = data.index(b"\\r\\n\\r\\n")
+            first = data[:end].decode().lower()
+            i, body = end + 4, b""
+            while True:
+                e = data.index(b"\\r\\n", i)
+                size = int(data[i:e].split(b";")[0], 16)
+                i = e + 2
+                if size == 0:
+                    t = data.index(b"\\r\\n\\r\\n", i - 2)
+                    trailer = data[i:t].decode()
+                    i = t + 4
+                    break
+                body += data[i:i + size]
+                i += size + 2
+            end = data.index(b"\\r\\n\\r\\n", i)
+            second = data[i:end].decode().lower()
+            framed = {"first": first, "first_body": json.loads(body), "trailer": trailer, "second": second,
+                      "second_body": json.loads(data[end + 4:])}
+            print(json.dumps({"pipelined": pipelined, "chunked": chunked, "framed": framed}))
             """])
         let result = json(String(out.output.split(separator: "\n").last ?? ""))
         let pipelined = try #require(result["pipelined"] as? [String: Any], "\(out.output)")
@@ -449,7 +476,13 @@ struct ProxyTests {
         #expect(seen["connection"] == nil && seen["host"] == "web-v2", "hop-by-hop headers stay behind: \(seen)")
         let last = responses[3]["headers"] as? [String: String] ?? [:]
         #expect(last["connection"] == "close", "\(last)")
-        #expect(try stat("n1", "express_requests_total") >= express + 4)
+        let framed = try #require(result["framed"] as? [String: Any], "\(out.output)")
+        #expect((framed["first"] as? String)?.contains("transfer-encoding: chunked") == true, "\(framed)")
+        #expect((framed["first_body"] as? [String: Any])?["path"] as? String == "/chunked/5" && framed["trailer"] as? String == "x-done: yes",
+                "a chunked response goes through whole, its trailer too: \(framed)")
+        #expect((framed["second"] as? String)?.contains("connection: close") == true
+                && (framed["second_body"] as? [String: Any])?["path"] as? String == "/unframed", "\(framed)")
+        #expect(try stat("n1", "express_requests_total") >= express + 6)
 
         let chunked = try #require(result["chunked"] as? [String: Any])
         let answer = (chunked["responses"] as? [[String: Any]])?.first
@@ -458,6 +491,33 @@ struct ProxyTests {
                 && (forwarded["headers"] as? [String: String])?["transfer-encoding"] == "chunked",
                 "the full path forwarded the chunked body: \(chunked)")
         #expect(try stat("n1", "express_handovers_total") == handovers + 1)
+
+        // With access logs on, express requests are logged as the full path logs them.
+        let generation = try lab.generations(["n1"])["n1"] ?? -1
+        try lab.write("mesh.yaml", """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {accessLog: {enabled: true, namespaces: [\(ns)]}}
+            """)
+        for _ in 0..<300 where ((try? lab.generations(["n1"])["n1"]) ?? -1) ?? -1 <= generation { usleep(10_000) }
+        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        let before = try stat("n1", "express_requests_total")
+        let logged = try curl(lab, "http://198.19.1.12/logged?q=1", ["-A", "weft-test/1", "-H", "x-request-id: req-express"])
+        let after = try stat("n1", "express_requests_total")
+        #expect(logged.0 == 200 && after == before + 1, "\(logged)")
+        var line: [String: Any]?
+        for _ in 0..<50 where line == nil {
+            let text = (try? String(contentsOfFile: "/run/weft/n1/access.log", encoding: .utf8)) ?? ""
+            line = text.split(separator: "\n").compactMap { json(String($0)) }.first { $0["request_id"] as? String == "req-express" }
+            if line == nil { usleep(50_000) }
+        }
+        let entry = try #require(line, "no access log line for the express request")
+        #expect(entry["method"] as? String == "GET" && entry["path"] as? String == "/logged?q=1" && entry["protocol"] as? String == "HTTP/1.1")
+        #expect(entry["authority"] as? String == "198.19.1.12" && entry["user_agent"] as? String == "weft-test/1", "\(entry)")
+        #expect(entry["response_code"] as? Int == 200 && entry["response_flags"] as? String == "-" && entry["attempts"] as? Int == 1, "\(entry)")
+        #expect(entry["upstream_host"] as? String == "198.18.1.21:8080" && entry["source_workload"] as? String == "client", "\(entry)")
+        #expect((entry["bytes_sent"] as? Int ?? 0) == logged.2.utf8.count && (entry["trace_id"] as? String)?.count == 32, "\(entry)")
     }
 
     @Test func proxyRestartDrainsWithoutFailingARequestAndACrashFailsFast() throws {

@@ -12,6 +12,9 @@ test can see what the proxy did to it. Behaviour by path:
   /__exit          the server process ends at once (a dead backend); the
                    answer says when: {"exiting_at": unix seconds}
   /healthz         200, or the code /__set gave (not counted)
+  /chunked/N       the usual answer in N chunks (Transfer-Encoding: chunked)
+  /unframed        the usual answer with no length: it ends when the server
+                   closes the connection
 Usage: l7server.py PORT [--fail-rate R]  (R: 503 on that share of every request)
 """
 import json
@@ -104,8 +107,33 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(DELAY_MS / 1000)
         if FAIL_RATE and random.random() < FAIL_RATE:
             status = 503
-        self.reply(status, {"pod": POD, "method": self.command, "path": path, "body": len(body),
-                            "headers": {k.lower(): v for k, v in self.headers.items()}})
+        answer = {"pod": POD, "method": self.command, "path": path, "body": len(body),
+                  "headers": {k.lower(): v for k, v in self.headers.items()}}
+        if parts[0] == "chunked" and len(parts) > 1:
+            return self.reply_chunked(answer, int(parts[1]))
+        if parts[0] == "unframed":
+            data = (json.dumps(answer) + "\n").encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            self.close_connection = True
+            return
+        self.reply(status, answer)
+
+    def reply_chunked(self, obj, pieces):
+        data = (json.dumps(obj) + "\n").encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        step = max(1, len(data) // pieces)
+        for i in range(0, len(data), step):
+            piece = data[i:i + step]
+            self.wfile.write(b"%x;n=%d\r\n%s\r\n" % (len(piece), i, piece))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\nx-done: yes\r\n\r\n")
 
     def reply(self, status, obj):
         data = (json.dumps(obj) + "\n").encode()
