@@ -95,10 +95,30 @@ def main():
     config = f"{work}/config"
     os.mkdir(config)
     write(f"{config}/lab.yaml", lab_yaml(work))
+    try:
+        results, references = run_lab(work, config, profile=True)
+        # The same again with the express path off (the full path for every
+        # request): what it saves, in the same run.
+        _, full = run_lab(work, config, profile=False, env={"WEFT_PROXY_EXPRESS": "0"})
+        references["weft_full_path"] = full["weft"]
+        references["haproxy_beside_full_path"] = full["haproxy"]
+    finally:
+        subprocess.run(["rm", "-rf", work])
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(ROOT, "docs/bench-proxy-profile.json"), "w") as f:
+        json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "seconds": SECONDS, "loads": results,
+                   "http1_references": references}, f, indent=1)
+
+
+def run_lab(work, config, profile, env=None):
+    """One lab: with `profile`, perf on the proxy under each load; then the
+    HTTP/1.1 references. `env` goes to the agents (and their proxies)."""
     sh(WEFT, "lab", "down", check=False)
-    sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
+    up = subprocess.run([WEFT, "lab", "up", "--config", config, "--nodes", "1"], capture_output=True, text=True,
+                        env={**os.environ, **(env or {})})
+    if up.returncode != 0:
+        raise SystemExit(f"lab up failed: {up.stdout[-2000:]}{up.stderr[-2000:]}")
     results = {}
-    references = {}
     processes = NodeProcesses(WEFT)
     try:
         for _ in range(100):
@@ -107,7 +127,7 @@ def main():
                 break
             time.sleep(0.1)
         pid = int(open("/run/weft/n1/proxy.pid").read())
-        for load in LOADS:
+        for load in LOADS if profile else []:
             h2load(f"http://{VIP}/", load, 2)   # warm the pools
             data = os.path.join(work, "perf.data")
             perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", data],
@@ -126,14 +146,14 @@ def main():
             for name, share in shares.items():
                 print(f"  {share * 100:5.1f}%  {name}")
         references = compare(work, pid, processes)
+        stats = sh("curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats")
+        express = int(next((l.split()[1] for l in stats.splitlines() if l.startswith("weft_proxy_express_requests_total ")), "-1"))
+        if (express > 0) != ((env or {}).get("WEFT_PROXY_EXPRESS") != "0"):
+            raise SystemExit(f"the express path served {express} requests with env {env}")
+        return results, references
     finally:
         processes.stop()
         sh(WEFT, "lab", "down", check=False)
-        subprocess.run(["rm", "-rf", work])
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(ROOT, "docs/bench-proxy-profile.json"), "w") as f:
-        json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "seconds": SECONDS, "loads": results,
-                   "http1_references": references}, f, indent=1)
 
 
 def compare(work, weft_pid, processes):

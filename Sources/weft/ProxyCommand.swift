@@ -44,7 +44,8 @@ struct ProxyCommand: ParsableCommand {
         configuration.detectTimeout = .milliseconds(detectTimeoutMs)
         configuration.accessLogPath = accessLog
         configuration.labelValueLimit = labelLimit
-        configuration.express = express
+        // Also off when the agent (hence its proxies) runs with WEFT_PROXY_EXPRESS=0.
+        configuration.express = express && ProcessInfo.processInfo.environment["WEFT_PROXY_EXPRESS"] != "0"
         do {
             try ProxyServer.run(configuration, logger: logger)
         } catch {
