@@ -102,6 +102,7 @@ def main():
         _, full = run_lab(work, config, profile=False, env={"WEFT_PROXY_EXPRESS": "0"})
         references["weft_full_path"] = full["weft"]
         references["haproxy_beside_full_path"] = full["haproxy"]
+        references["nio_floor_beside_full_path"] = full["nio_floor"]
     finally:
         subprocess.run(["rm", "-rf", work])
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
