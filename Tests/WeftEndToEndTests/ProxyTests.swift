@@ -400,15 +400,17 @@ struct ProxyTests {
         let express = try stat("n1", "express_requests_total"), handovers = try stat("n1", "express_handovers_total")
         let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
             import json, socket
-            def exchange(raw, methods):
+            def read_all(raw):
                 s = socket.create_connection(("198.19.1.12", 80), timeout=5)
                 s.sendall(raw)
                 data = b""
                 while True:
                     chunk = s.recv(65536)
                     if not chunk:
-                        break
+                        return data
                     data += chunk
+            def exchange(raw, methods):
+                data = read_all(raw)
                 out, i = [], 0
                 for m in methods:
                     end = data.index(b"\\r\\n\\r\\n", i)
@@ -430,14 +432,7 @@ struct ProxyTests {
             chunked = exchange(b"POST /e HTTP/1.1\\r\\nHost: web-v2\\r\\nTransfer-Encoding: chunked\\r\\nConnection: close\\r\\n\\r\\n"
                                b"5\\r\\nhello\\r\\n0\\r\\n\\r\\n", ["POST"])
             # Responses framed by chunks (with a trailer) and by the close.
-            s = socket.create_connection(("198.19.1.12", 80), timeout=5)
-            s.sendall(b"GET /chunked/5 HTTP/1.1\\r\\nHost: web-v2\\r\\n\\r\\nGET /unframed HTTP/1.1\\r\\nHost: web-v2\\r\\n\\r\\n")
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_all(b"GET /chunked/5 HTTP/1.1\\r\\nHost: web-v2\\r\\n\\r\\nGET /unframed HTTP/1.1\\r\\nHost: web-v2\\r\\n\\r\\n")
             end = data.index(b"\\r\\n\\r\\n")
             first = data[:end].decode().lower()
             i, body = end + 4, b""
