@@ -302,22 +302,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             Self.values(p, fields, name)
         }))
         guard let (action, _) = routed, action.filters.isEmpty, action.retry == nil, action.timeouts.request == nil,
-              action.timeouts.backendRequest == nil, let cluster = pickCluster(action.backends, loop: loop),
+              action.timeouts.backendRequest == nil,
+              let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               snapshot.runtimes.isEmpty || snapshot.runtimes[cluster.cluster] == nil,
               let endpoints = snapshot.endpoints[cluster.cluster], !endpoints.isEmpty else { return .handOver }
 
         // A backend the pod may reach (the full path says why when none is).
-        var excluded = Set<EndpointKey>()
-        var picked: EndpointKey?
-        while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
-            if loop.allowed(proxy, generation: snapshot.generation, source: origin.source, destination: candidate.ip,
-                            port: candidate.port, node: candidate.node) {
-                picked = candidate
-                break
-            }
-            excluded.insert(candidate)
-        }
+        let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: origin.source)
         guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil,
               proxy.tunnel(to: key, from: origin.source, snapshot: snapshot) == nil else { return .handOver }
 
@@ -372,18 +364,6 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                      span: span, bytesIn: contentLength ?? 0)
         }
         return .forward(exchange)
-    }
-
-    private func pickCluster(_ backends: [ProxyTable.WeightedCluster], loop: LoopState) -> ProxyTable.WeightedCluster? {
-        if backends.count == 1 { return backends[0].weight > 0 ? backends[0] : nil }
-        let total = backends.reduce(UInt64(0)) { $0 + UInt64($1.weight) }
-        guard total > 0 else { return nil }
-        var draw = UInt64.random(in: 0..<total, using: &loop.random)
-        for b in backends {
-            if draw < UInt64(b.weight) { return b }
-            draw -= UInt64(b.weight)
-        }
-        return backends.last
     }
 
     /// Header values by lower-case name, split at commas, as NIO's

@@ -285,7 +285,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 mirrors.append(m)
             }
         }
-        guard let cluster = pickCluster(action.backends) else {
+        guard let cluster = loop.flatMap({ Self.pickCluster(action.backends, using: &$0.random) }) else {
             let reason = action.backends.isEmpty ? "has no backendRefs" : "has only backends of weight 0"
             record?.flags.append("NR")
             return respondLocally(head, .internalServerError, "weft: route \(action.name) \(reason)\n", keepAlive: keepAlive)
@@ -389,7 +389,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var key: EndpointKey?
         // A retry prefers endpoints not tried yet; when every one has been,
         // it may go back to one (a Service with a single backend).
-        var excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
+        let excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
         if let runtime = r.runtime {
@@ -427,14 +427,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 break
             }
         } else {
-            while let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
-                if loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source,
-                                destination: candidate.ip, port: candidate.port, node: candidate.node) {
-                    key = candidate
-                    break
-                }
-                excluded.insert(candidate)
-            }
+            key = loop.pickReachable(endpoints, excluding: excluded, proxy: proxy, generation: r.snapshot.generation,
+                                     source: origin.source)
         }
         guard let key else {
             if let last = r.lastFailure { return fail(last.status, last.body) }
@@ -1091,11 +1085,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
     }
 
-    private func pickCluster(_ backends: [ProxyTable.WeightedCluster]) -> ProxyTable.WeightedCluster? {
+    /// A weighted draw among a rule's backendRefs (canary and blue-green
+    /// splits); nil when every weight is 0.
+    static func pickCluster<R: RandomNumberGenerator>(_ backends: [ProxyTable.WeightedCluster],
+                                                      using random: inout R) -> ProxyTable.WeightedCluster? {
         let total = backends.reduce(UInt64(0)) { $0 + UInt64($1.weight) }
         guard total > 0 else { return nil }
         if backends.count == 1 { return backends[0] }
-        var draw = loop.map { UInt64.random(in: 0..<total, using: &$0.random) } ?? 0
+        var draw = UInt64.random(in: 0..<total, using: &random)
         for b in backends {
             if draw < UInt64(b.weight) { return b }
             draw -= UInt64(b.weight)

@@ -119,6 +119,22 @@ final class LoopState: @unchecked Sendable {
 
     init(pool: UpstreamPool) { self.pool = pool }
 
+    /// An endpoint the kernel would let `source` reach (its egress policy
+    /// and the endpoint's ingress), by least request; nil when none is. The
+    /// proxy connects on the pod's behalf, so it may reach only what the pod could.
+    func pickReachable(_ endpoints: [EndpointKey], excluding: Set<EndpointKey> = [], proxy: ProxyContext,
+                       generation: UInt64, source: IPv4Address) -> EndpointKey? {
+        var excluded = excluding
+        while let candidate = pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
+            if allowed(proxy, generation: generation, source: source, destination: candidate.ip, port: candidate.port,
+                       node: candidate.node) {
+                return candidate
+            }
+            excluded.insert(candidate)
+        }
+        return nil
+    }
+
     /// Counts an upstream event (retry, reset, ...) against the Service the
     /// request dialed.
     func countEvent(_ event: String, proxy: ProxyContext, snapshot: RouteSnapshot, frontendKey: String) {

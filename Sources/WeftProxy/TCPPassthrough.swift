@@ -28,14 +28,8 @@ enum TCPPassthrough {
             context.close(promise: nil)
             return
         }
-        var excluded: Set<EndpointKey> = []
-        while chosen == nil, let candidate = loop.pool.pick(endpoints, excluding: excluded), !excluded.contains(candidate) {
-            if loop.allowed(proxy, generation: snapshot.generation, source: origin.source, destination: candidate.ip,
-                            port: candidate.port, node: candidate.node) {
-                chosen = candidate
-                break
-            }
-            excluded.insert(candidate)
+        if chosen == nil {
+            chosen = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: origin.source)
         }
         guard let endpoint = chosen else {
             proxy.stats.policyDenied.add(1, ordering: .relaxed)
