@@ -18,6 +18,8 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Called once, when both channels are closed, with each side's bytes.
     var onFinish: ((_ mine: Int, _ partners: Int) -> Void)?
     private var inactive = false
+    /// This channel ended with an error (a reset, say), not a clean close.
+    private var failed = false
     /// Set when the kernel may splice this direction past the proxy: each
     /// completed write to the partner is reported to it.
     var splice: SpliceLeg?
@@ -54,9 +56,29 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
+    /// Passes a half-close on, after the bytes already written to this
+    /// channel. (NIO turns `close(mode: .output)` on a channel whose input
+    /// has ended into a full close, which fails the writes still queued.)
     private func partnerCloseOutput() {
         guard let context else { return }
-        context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
+        afterWrites(context) {
+            context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
+        }
+    }
+
+    /// Closes this channel once what was written to it is out: the other
+    /// side ended cleanly, so every byte it gave is still owed.
+    private func partnerEnded() {
+        guard let context else { return }
+        afterWrites(context) { context.close(promise: nil) }
+    }
+
+    /// Runs `then` once every write issued on this channel so far has
+    /// completed or failed: an empty write, flushed, completes after them.
+    private func afterWrites(_ context: ChannelHandlerContext, _ then: @escaping () -> Void) {
+        let barrier = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: barrier)
+        barrier.futureResult.assumeIsolated().whenComplete { _ in then() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -76,7 +98,8 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
         splice?.stop()
         partner?.splice?.stop()
         let partner = self.partner
-        partner?.context?.close(promise: nil)
+        // A reset ends the partner at once; a clean end after its writes.
+        if failed { partner?.context?.close(promise: nil) } else { partner?.partnerEnded() }
         onClose?()
         onClose = nil
         finishIfBothClosed(partner)
@@ -97,6 +120,7 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        failed = true
         context.close(promise: nil)
     }
 

@@ -47,7 +47,7 @@ private func meshConfig(enabled: Bool, splice: Bool = true) -> String {
     """
 }
 
-private let allCases = "sizes,small_writes,writev,sendfile,splice_send,echo,half_close,reset,backpressure,concurrent"
+private let allCases = "sizes,small_writes,writev,sendfile,splice_send,echo,slow_echo,half_close,reset,backpressure,concurrent"
 
 @Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
 struct ShortcutTests {
@@ -229,6 +229,11 @@ struct ShortcutTests {
 
         // Off: new connections stay on TCP entirely, and still work.
         expectAllOK(try stress(lab, "198.19.5.10", cases: "sizes,half_close"), "shortcut off")
+        // The proxy's own relaying, on plain TCP: a half-close or close from
+        // one end reaches the other only after every byte the proxy still
+        // holds for it (slow_echo lost up to a megabyte before GlueHandler
+        // waited for its writes).
+        expectAllOK(try stress(lab, "198.19.5.11", cases: "slow_echo,echo,half_close,reset"), "through the proxy, shortcut off")
         let off = try events()
         #expect(off["flow_redirected", default: 0] == after["flow_redirected", default: 0])
     }

@@ -276,6 +276,38 @@ def case_echo(addr, size=16 << 20, pace=0.0, **_):
     return {"ok": not err and n == size and digest == hashlib.sha256(data).hexdigest(), "len": n, "errors": err}
 
 
+def case_slow_echo(addr, size=4 << 20, **_):
+    """Echo to a reader that takes its time: the whole echo is written
+    before the client has read most of it, so whoever relays it still holds
+    bytes for the client when the server's end (FIN after its last byte)
+    arrives. Every held byte must still arrive before the client's EOF."""
+    data = pattern(size, seed=23)
+    s = dial(addr, {"case": "echo"})
+    err = []
+
+    def writer():
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            err.append(repr(e))
+
+    t = threading.Thread(target=writer)
+    t.start()
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        d = s.recv(16 << 10)
+        if not d:
+            break
+        h.update(d)
+        n += len(d)
+        time.sleep(0.001)
+    t.join()
+    s.close()
+    return {"ok": not err and n == size and h.hexdigest() == hashlib.sha256(data).hexdigest(), "len": n, "errors": err}
+
+
 def case_half_close(addr, **_):
     data = pattern(1 << 20, seed=31)
     s = dial(addr, {"case": "reply", "size": 3 << 20})
@@ -354,6 +386,7 @@ def case_concurrent(addr, count=1000, **_):
 CASES = {
     "sizes": case_sizes, "small_writes": case_small_writes, "writev": case_writev, "sendfile": case_sendfile,
     "splice_send": case_splice_send, "splice_recv": case_splice_recv, "echo": case_echo,
+    "slow_echo": case_slow_echo,
     "half_close": case_half_close, "reset": case_reset, "backpressure": case_backpressure,
     "concurrent": case_concurrent,
 }
