@@ -192,7 +192,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ChannelShouldQuiesceEvent {
             quiescing = true
-            if exchange == nil { context.close(promise: nil) }
+            if exchange == nil { context.closeAfterWrites() }
             return
         }
         // The client shut its side after its requests: answer those read, then close.
@@ -213,7 +213,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func next() {
         guard exchange == nil, !handedOver, let context, let loop else { return }
         guard let buffered = inbound, buffered.readableBytes > 0 else {
-            if inputClosed || quiescing { context.close(promise: nil) }
+            // (The last response may still be on its way to a slow reader.)
+            if inputClosed || quiescing { context.closeAfterWrites() }
             return
         }
         let snapshot = proxy.snapshot
@@ -668,8 +669,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         end(exchange, flags: "-")
         if exchange.closesClient || !exchange.keepAlive || quiescing || (inputClosed && (inbound?.readableBytes ?? 0) == 0) {
-            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)))
-                .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            context.closeAfterWrites()
             return
         }
         context.flush()

@@ -57,28 +57,12 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// Passes a half-close on, after the bytes already written to this
-    /// channel. (NIO turns `close(mode: .output)` on a channel whose input
-    /// has ended into a full close, which fails the writes still queued.)
+    /// channel (WriteBarrier.swift).
     private func partnerCloseOutput() {
         guard let context else { return }
-        afterWrites(context) {
+        context.afterWrites {
             context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
         }
-    }
-
-    /// Closes this channel once what was written to it is out: the other
-    /// side ended cleanly, so every byte it gave is still owed.
-    private func partnerEnded() {
-        guard let context else { return }
-        afterWrites(context) { context.close(promise: nil) }
-    }
-
-    /// Runs `then` once every write issued on this channel so far has
-    /// completed or failed: an empty write, flushed, completes after them.
-    private func afterWrites(_ context: ChannelHandlerContext, _ then: @escaping () -> Void) {
-        let barrier = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: barrier)
-        barrier.futureResult.assumeIsolated().whenComplete { _ in then() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -99,7 +83,7 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
         partner?.splice?.stop()
         let partner = self.partner
         // A reset ends the partner at once; a clean end after its writes.
-        if failed { partner?.context?.close(promise: nil) } else { partner?.partnerEnded() }
+        if failed { partner?.context?.close(promise: nil) } else { partner?.context?.closeAfterWrites() }
         onClose?()
         onClose = nil
         finishIfBothClosed(partner)

@@ -32,6 +32,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private var quiescing = false
     private var inputClosed = false
     /// The client half-closed and every request it sent has been answered.
+    /// The last response's final write (closeAfterLastResponse).
+    private var lastEnd: EventLoopFuture<Void>?
     private var clientGone: Bool { inputClosed && request == nil && !receiving && queued.isEmpty }
 
     private let proxy: ProxyContext
@@ -184,20 +186,27 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ChannelShouldQuiesceEvent {
             quiescing = true
-            if request == nil && !receiving && queued.isEmpty { context.close(promise: nil) }
+            if request == nil && !receiving && queued.isEmpty { closeAfterLastResponse(context) }
             return
         }
         // The client shut its side after its requests (HTTP/1 half-close):
         // answer every one already read, pipelined ones too, then close.
         if let e = event as? ChannelEvent, case .inputClosed = e, !isHTTP2 {
             inputClosed = true
-            if request == nil && !receiving && queued.isEmpty { context.close(promise: nil) }
+            if request == nil && !receiving && queued.isEmpty { closeAfterLastResponse(context) }
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     /// After a response: take the next pipelined request, if one waits.
+    /// Closes once the last response is out: NIO fails writes still queued
+    /// when a channel closes, so a slow reader would lose its tail.
+    private func closeAfterLastResponse(_ context: ChannelHandlerContext) {
+        guard let lastEnd else { return context.close(promise: nil) }
+        lastEnd.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+    }
+
     private func responseDone(_ context: ChannelHandlerContext) {
         while !queued.isEmpty && !(request != nil && !receiving) {
             process(queued.removeFirst(), context: context)
@@ -641,7 +650,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             endAttempt(success: true)
             complete(record?.status ?? 0)
             finish()
-            context.writeAndFlush(wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
+            let written = context.writeAndFlush(wrapOutboundOut(.end(trailers)))
+            lastEnd = written
+            written.assumeIsolated().whenComplete { _ in
                 if (!keepAlive || self.quiescing || self.clientGone) && !self.isHTTP2 { context.close(promise: nil) }
             }
             if keepAlive && !quiescing { responseDone(context) }
@@ -918,7 +929,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         }
         let isHTTP2 = self.isHTTP2
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+        let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        lastEnd = written
+        written.assumeIsolated().whenComplete { _ in
             if (!keepAlive || self.quiescing || self.clientGone) && !isHTTP2 { context.close(promise: nil) }
         }
         if keepAlive && !quiescing { responseDone(context) }

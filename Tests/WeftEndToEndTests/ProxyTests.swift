@@ -390,6 +390,50 @@ struct ProxyTests {
         #expect(try stat("n1", "tcp_passthrough_total") >= 1)
     }
 
+    /// A client that half-closes after its request and then reads slowly
+    /// still gets every byte of the response before the proxy closes, on
+    /// the express path and on the full path (NIO fails writes still queued
+    /// when a channel closes: both paths once cut such responses short).
+    @Test func halfClosingSlowReadersGetWholeResponses() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let handovers = try stat("n1", "express_handovers_total")
+        let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
+            import json, socket, threading, time
+            results = {}
+            def fetch(size, full):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.settimeout(20)
+                s.connect(("198.19.1.12", 80))
+                # A preset X-Forwarded-For is handed to the full path.
+                extra = b"X-Forwarded-For: 198.18.1.99\\r\\n" if full else b""
+                s.sendall(b"GET /bytes/%d HTTP/1.1\\r\\nHost: web-v2\\r\\n%s\\r\\n" % (size, extra))
+                time.sleep(1.0)  # the proxy has the whole response by now
+                s.shutdown(socket.SHUT_WR)
+                got = bytearray()
+                while True:
+                    d = s.recv(16384)
+                    if not d:
+                        break
+                    got += d
+                    time.sleep(0.001)
+                head, _, body = bytes(got).partition(b"\\r\\n\\r\\n")
+                ok = head.startswith(b"HTTP/1.1 200") and body == bytes(i % 251 for i in range(size))
+                results["%s-%d" % ("full" if full else "express", size)] = {"ok": ok, "len": len(body)}
+            threads = [threading.Thread(target=fetch, args=(size, full)) for size in (100000, 200000, 400000) for full in (False, True)]
+            for t in threads: t.start()
+            for t in threads: t.join()
+            print(json.dumps(results))
+            """])
+        let results = json(String(out.output.split(separator: "\n").last ?? ""))
+        #expect(results.count == 6, "\(out.output)")
+        for (name, r) in results.sorted(by: { $0.key < $1.key }) {
+            #expect((r as? [String: Any])?["ok"] as? Bool == true, "\(name): \(r)")
+        }
+        #expect(try stat("n1", "express_handovers_total") - handovers >= 3, "the full path was not taken")
+    }
+
     /// Plain HTTP/1.1 requests take the express path (bytes, no codec): the
     /// backend sees the proxy's headers, pipelined requests are answered in
     /// order, HEAD has no body, Connection: close closes. A chunked request

@@ -111,6 +111,17 @@ class Handler(BaseHTTPRequestHandler):
                   "headers": {k.lower(): v for k, v in self.headers.items()}}
         if parts[0] == "chunked" and len(parts) > 1:
             return self.reply_chunked(answer, int(parts[1]))
+        if parts[0] == "bytes" and len(parts) > 1:
+            # A large body, the same bytes every time: i % 251 (a prime, so
+            # a slip of any short length shows).
+            n = int(parts[1])
+            self.send_response(200)
+            self.send_header("content-type", "application/octet-stream")
+            self.send_header("content-length", str(n))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(bytes(i % 251 for i in range(n)))
+            return
         if parts[0] == "unframed":
             data = (json.dumps(answer) + "\n").encode()
             self.send_response(200)
