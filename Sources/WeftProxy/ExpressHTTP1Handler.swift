@@ -85,7 +85,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var connecting = true
         /// Response head bytes read so far (nil once the head is through).
         var head: ByteBuffer?
-        var framing = Framing.head
+        var framing = Express.Framing.head
         var status = 0
         /// Some of the response reached the client.
         var responded = false
@@ -96,7 +96,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         /// Response bytes after the head (a chunked body's framing included).
         var bytesOut = 0
         /// What the access log line needs, when access logs are on.
-        var logged: Logged?
+        var logged: Express.Logged?
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey,
              keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int, outgoing: ByteBuffer) {
@@ -114,32 +114,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
     }
 
-    /// A request's access log fields, taken while its head is at hand.
-    private struct Logged {
-        var wallStart: timespec
-        var method: String
-        var path: String
-        var authority: String?
-        var userAgent: String?
-        var requestID: String?
-        var span: TraceContext.Span
-        var bytesIn: Int
-    }
-
-    private enum Framing {
-        case head
-        case length(Int)
-        case chunked(ChunkedFramer)
-        /// Until the backend closes (no Content-Length, not chunked).
-        case close
-    }
-
     private enum ResponseHead {
         case incomplete
         case malformed
         /// The head as the client gets it, its length as read, and whether
         /// the backend closes the connection after this response.
-        case ready(head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool, closesClient: Bool)
+        case ready(head: ByteBuffer, length: Int, code: Int, framing: Express.Framing, close: Bool, closesClient: Bool)
     }
 
     /// What the next request's head says to do.
@@ -299,20 +279,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let target = String(decoding: UnsafeRawBufferPointer(rebasing: p[line.target]), as: UTF8.self)
         let (path, query) = HTTPProxyHandler.splitTarget(target)
         let fields = self.fields
-        let routed = matcher.route(RouteMatcher.Request(method: method, path: path, query: query, header: { name in
+        let request = RouteMatcher.Request(method: method, path: path, query: query, header: { name in
             Self.values(p, fields, name)
-        }))
-        guard let (action, _) = routed, action.filters.isEmpty, action.retry == nil, action.timeouts.request == nil,
-              action.timeouts.backendRequest == nil,
-              let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
-              cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
-              snapshot.runtimes.isEmpty || snapshot.runtimes[cluster.cluster] == nil,
-              let endpoints = snapshot.endpoints[cluster.cluster], !endpoints.isEmpty else { return .handOver }
-
-        // A backend the pod may reach (the full path says why when none is).
-        let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: origin.source)
-        guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil,
-              proxy.tunnel(to: key, from: origin.source, snapshot: snapshot) == nil else { return .handOver }
+        })
+        guard let chosen = Express.target(request, matcher: matcher, snapshot: snapshot, loop: loop, proxy: proxy,
+                                          source: origin.source) else { return .handOver }
 
         // The request the backend gets: the client's head without its
         // hop-by-hop lines, then the proxy's own headers, then the body.
@@ -320,7 +291,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         if strip {
             let firstField = fields.first?.name.lowerBound ?? (length - 2)
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<firstField]))
-            for f in fields where !Self.isHopByHop(p, f.name) {
+            for f in fields where !Express.isHopByHop(p, f.name) {
                 var end = f.value.upperBound
                 while p[end] != 13 { end += 1 }
                 out.writeBytes(UnsafeRawBufferPointer(rebasing: p[f.name.lowerBound..<end + 2]))
@@ -328,39 +299,18 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         } else {
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<length - 2]))
         }
-        out.writeStaticString("x-forwarded-for: ")
-        out.writeString(client)
-        if !hasProto { out.writeStaticString("\r\nx-forwarded-proto: http") }
-        out.writeStaticString("\r\nforwarded: for=")
-        out.writeString(client)
-        out.writeStaticString(";proto=http\r\nvia: 1.1 ")
-        out.writeString(proxy.viaToken)
-        var requestID: String?
-        if !hasRequestID {
-            let id = HTTPProxyHandler.requestID(using: &loop.random)
-            out.writeStaticString("\r\nx-request-id: ")
-            out.writeString(id)
-            requestID = id
-        }
-        let span = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
-        out.writeStaticString("\r\ntraceparent: ")
-        out.writeString(span.header)
-        out.writeStaticString("\r\n\r\n")
+        let (requestID, span) = Express.writeProxyHeaders(&out, client: client, via: proxy.viaToken, hasProto: hasProto,
+                                                          hasRequestID: hasRequestID, loop: loop)
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[length..<total]))
 
-        let isHEAD = method == "HEAD"
-        let idempotent: Bool
-        switch method {
-        case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE": idempotent = true
-        default: idempotent = false
-        }
-        let exchange = Exchange(snapshot: snapshot, route: action.name, service: matcher.frontend.service,
-                                serviceNamespace: matcher.frontend.namespace, key: key,
+        let exchange = Exchange(snapshot: snapshot, route: chosen.route, service: matcher.frontend.service,
+                                serviceNamespace: matcher.frontend.namespace, key: chosen.key,
                                 keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
-                                isHEAD: isHEAD, idempotent: idempotent, grpc: grpc, length: total, outgoing: out)
+                                isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc,
+                                length: total, outgoing: out)
         if snapshot.table.accessLog != nil {
             func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
-            exchange.logged = Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
+            exchange.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
                                      userAgent: first("user-agent"), requestID: requestID ?? first("x-request-id"),
                                      span: span, bytesIn: contentLength ?? 0)
         }
@@ -390,19 +340,6 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         return out
     }
 
-    private static func isHopByHop(_ p: UnsafeRawBufferPointer, _ n: Range<Int>) -> Bool {
-        switch n.count {
-        case 2: return HTTP1Wire.equals(p, n, "te")
-        case 7: return HTTP1Wire.equals(p, n, "upgrade") || HTTP1Wire.equals(p, n, "trailer")
-        case 10: return HTTP1Wire.equals(p, n, "connection") || HTTP1Wire.equals(p, n, "keep-alive")
-        case 16: return HTTP1Wire.equals(p, n, "proxy-connection")
-        case 17: return HTTP1Wire.equals(p, n, "transfer-encoding")
-        case 18: return HTTP1Wire.equals(p, n, "proxy-authenticate")
-        case 19: return HTTP1Wire.equals(p, n, "proxy-authorization")
-        default: return false
-        }
-    }
-
     private func contains(_ p: UnsafeRawBufferPointer, _ range: Range<Int>, _ needle: String) -> Bool {
         let n = Array(needle.utf8)
         guard range.count >= n.count, !n.isEmpty else { return false }
@@ -418,31 +355,17 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     private func start(_ exchange: Exchange, loop: LoopState) {
         self.exchange = exchange
-        let state = loop.pool.state(exchange.key)
-        state.inFlight += 1
-        while let idle = state.express.popLast() {
-            if idle.isActive {
-                idle.reused = true
-                return attach(idle)
+        loop.pool.state(exchange.key).inFlight += 1
+        Express.upstream(to: exchange.key, loop: loop) { [weak self] result in
+            guard let self, self.exchange === exchange, exchange.connecting else {
+                (try? result.get())?.close()
+                return
+            }
+            switch result {
+            case .success(let upstream): self.attach(upstream)
+            case .failure(let error): self.connectFailed(error)
             }
         }
-        let key = exchange.key
-        loop.pool.bootstrap()
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
-            }
-            .connect(host: key.address, port: Int(key.port))
-            .assumeIsolated()
-            .whenComplete { [weak self] result in
-                let upstream = try? result.get().pipeline.syncOperations.handler(type: ExpressUpstream.self)
-                guard let self, let exchange = self.exchange, exchange.key == key, exchange.connecting else {
-                    upstream?.close()
-                    return
-                }
-                guard let upstream else { return self.connectFailed(result) }
-                loop.pool.recordSuccess(key)
-                self.attach(upstream)
-            }
     }
 
     private func attach(_ upstream: ExpressUpstream) {
@@ -455,14 +378,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         upstream.send(outgoing)
     }
 
-    private func connectFailed(_ result: Result<any Channel, any Error>) {
+    private func connectFailed(_ error: any Error) {
         guard let exchange, let loop else { return }
         loop.pool.recordConnectFailure(exchange.key)
         proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
         loop.countEvent("connect_failure", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
-        if case .failure(let error) = result {
-            proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(exchange.key)", "error": "\(error)"])
-        }
+        proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(exchange.key)", "error": "\(error)"])
         // Nothing was sent: the full path tries another backend or answers 503.
         giveBack(exchange)
         handOver()
@@ -520,33 +441,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         guard var raw = exchange.head else { return nil }
         let parsed: ResponseHead = raw.withUnsafeReadableBytes { p in
             guard let length = HTTP1Wire.headLength(p) else { return .incomplete }
-            guard let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields) else { return .malformed }
-            var contentLength: Int?, chunked = false, coded = false, close = status.minor == 0, keepAlive = false
-            var named: [Range<Int>] = []
-            for f in fields {
-                if HTTP1Wire.equals(p, f.name, "content-length") {
-                    guard let v = HTTP1Wire.decimal(p, f.value), contentLength == nil || contentLength == v else { return .malformed }
-                    contentLength = v
-                } else if HTTP1Wire.equals(p, f.name, "transfer-encoding") {
-                    coded = true
-                    chunked = HTTP1Wire.lastElement(p, f.value, is: "chunked")
-                } else if HTTP1Wire.equals(p, f.name, "connection") {
-                    if HTTP1Wire.listContains(p, f.value, "close") { close = true }
-                    if HTTP1Wire.listContains(p, f.value, "keep-alive") { keepAlive = true }
-                    named.append(f.value)
-                }
-            }
-            if status.minor == 0 && keepAlive { close = false }
-            let framing: Framing
-            if exchange.isHEAD || status.code < 200 || status.code == 204 || status.code == 304 {
-                framing = .length(0)
-            } else if coded {
-                framing = chunked ? .chunked(ChunkedFramer()) : .close
-            } else if let contentLength {
-                framing = .length(contentLength)
-            } else {
-                framing = .close
-            }
+            guard let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields),
+                  let body = Express.responseBody(p, status, fields, isHEAD: exchange.isHEAD) else { return .malformed }
+            let framing = body.framing, chunked = body.chunked, named = body.named
             let closeClient = !exchange.keepAlive || quiescing
             var out = context.channel.allocator.buffer(capacity: length + 32)
             out.writeStaticString("HTTP/1.1")
@@ -554,7 +451,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             while p[lineEnd] != 13 { lineEnd += 1 }
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[8..<lineEnd + 2]))
             for f in fields {
-                if Self.isHopByHop(p, f.name) {
+                if Express.isHopByHop(p, f.name) {
                     // Chunked framing goes on as it came; any other coding
                     // without it ends with the connection.
                     guard chunked, HTTP1Wire.equals(p, f.name, "transfer-encoding") else { continue }
@@ -569,10 +466,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             if case .close = framing { delimited = true } else { delimited = false }
             if closeClient || delimited { out.writeStaticString("connection: close\r\n") }
             out.writeStaticString("\r\n")
-            return .ready(head: out, length: length, code: status.code, framing: framing, close: close || delimited,
+            return .ready(head: out, length: length, code: status.code, framing: framing, close: body.close || delimited,
                           closesClient: closeClient || delimited)
         }
-        let head: ByteBuffer, length: Int, code: Int, framing: Framing, close: Bool, closesClient: Bool
+        let head: ByteBuffer, length: Int, code: Int, framing: Express.Framing, close: Bool, closesClient: Bool
         switch parsed {
         case .incomplete:
             if raw.readableBytes > Self.maxRequest { broken(exchange, "a response head over \(Self.maxRequest) bytes") }
@@ -657,14 +554,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // Bytes past the response: none was asked for; the connection is out of step.
         if extra > 0 { exchange.reusable = false }
         if let upstream = exchange.upstream {
-            upstream.owner = nil
-            upstream.resume()
-            let idle = loop.pool.state(exchange.key)
-            if exchange.reusable && upstream.isActive && idle.express.count < proxy.configuration.maxIdlePerBackend {
-                idle.express.append(upstream)
-            } else {
-                upstream.close()
-            }
+            Express.release(upstream, key: exchange.key, reusable: exchange.reusable, loop: loop, proxy: proxy)
             exchange.upstream = nil
         }
         end(exchange, flags: "-")
@@ -682,26 +572,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         guard self.exchange === exchange, let loop else { return }
         self.exchange = nil
         loop.pool.state(exchange.key).inFlight -= 1
-        let metrics = exchange.snapshot.table.requestMetrics != false
-        guard metrics || exchange.logged != nil else { return }
-        let peers = PeerLabels(snapshot: exchange.snapshot, source: origin.source, service: exchange.service,
-                               serviceNamespace: exchange.serviceNamespace, upstream: exchange.key)
-        let elapsed = NIODeadline.now() - exchange.start
-        if metrics {
-            let labels = RequestLabels(peers: peers, route: exchange.route, requestProtocol: exchange.grpc ? "grpc" : "http",
-                                       responseCode: exchange.status, responseFlags: flags)
-            let series = loop.telemetry.request(labels, proxy.telemetry)
-            series.count.increment()
-            series.duration.record(.nanoseconds(elapsed.nanoseconds))
-        }
-        if let logged = exchange.logged, AccessLog.covers(exchange.snapshot.table.accessLog, namespace: peers.sourceNamespace) {
-            proxy.accessLog.append(HTTPLogLine(
-                start: logged.wallStart, protocolName: "HTTP/1.1", method: logged.method, path: logged.path,
-                authority: logged.authority, code: exchange.status, flags: flags, elapsedNanos: elapsed.nanoseconds,
-                bytesIn: logged.bytesIn, bytesOut: exchange.bytesOut, attempts: 1, route: exchange.route, source: origin.source,
-                peers: peers, upstream: exchange.key, requestID: logged.requestID, span: logged.span,
-                userAgent: logged.userAgent).render())
-        }
+        Express.record(Express.Outcome(snapshot: exchange.snapshot, service: exchange.service,
+                                       serviceNamespace: exchange.serviceNamespace, key: exchange.key, route: exchange.route,
+                                       grpc: exchange.grpc, status: exchange.status, flags: flags, start: exchange.start,
+                                       bytesOut: exchange.bytesOut, protocolName: "HTTP/1.1", logged: exchange.logged),
+                       source: origin.source, loop: loop, proxy: proxy)
     }
 
     /// An answer of the proxy's own, in place of the backend's.

@@ -216,6 +216,13 @@ struct ChunkedFramer {
     /// How many of `p`'s bytes belong to the body (all of them unless it
     /// ends inside `p`); nil if the framing is broken.
     mutating func consume(_ p: UnsafeRawBufferPointer) -> Int? {
+        consume(p, data: { _ in }, trailer: { _ in })
+    }
+
+    /// The same, also telling where in `p` the chunks' data lie and the
+    /// bytes of trailer lines ("name: value\r\n"), for a client that gets
+    /// the body without the chunked framing (an HTTP/2 one).
+    mutating func consume(_ p: UnsafeRawBufferPointer, data: (Range<Int>) -> Void, trailer: (Range<Int>) -> Void) -> Int? {
         var i = 0
         while i < p.count && state != .done {
             let c = p[i]
@@ -239,6 +246,7 @@ struct ChunkedFramer {
                 state = size == 0 ? .lineStart : .data
             case .data:
                 let n = min(size, p.count - i)
+                if n > 0 { data(i..<i + n) }
                 size -= n
                 i += n
                 if size == 0 { state = .dataCR }
@@ -252,11 +260,14 @@ struct ChunkedFramer {
                 digits = 0
             case .lineStart:
                 state = c == 13 ? .lastLF : .trailer
+                if c != 13 { trailer(i..<i + 1) }
             case .trailer:
                 if c == 13 { state = .trailerLF } else if c == 10 { return nil }
+                trailer(i..<i + 1)
             case .trailerLF:
                 guard c == 10 else { return nil }
                 state = .lineStart
+                trailer(i..<i + 1)
             case .lastLF:
                 guard c == 10 else { return nil }
                 state = .done

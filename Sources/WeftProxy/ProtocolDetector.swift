@@ -130,12 +130,24 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             case .http2:
                 proxy.stats.http2Connections.add(1, ordering: .relaxed)
                 let proxy = self.proxy, origin = self.origin
-                _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
-                                                        streamConfiguration: .init()) { stream in
+                let fullPath: NIOChannelInitializer = { stream in
                     stream.eventLoop.makeCompletedFuture {
                         try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                         try stream.pipeline.syncOperations.addHandler(HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true))
                     }
+                }
+                if proxy.configuration.express
+                    && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: "\(origin.vip):\(origin.port)") {
+                    // Frames meet the express path before the multiplexer
+                    // (ExpressHTTP2Handler): streams it does not answer get
+                    // stream channels and the full path, as below.
+                    try pipeline.addHandler(NIOHTTP2Handler(mode: .server))
+                    try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin))
+                    try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
+                                                                   inboundStreamInitializer: fullPath))
+                } else {
+                    _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
+                                                            streamConfiguration: .init(), inboundStreamInitializer: fullPath)
                 }
             case .tcp, .undecided:
                 proxy.stats.tcpPassthrough.add(1, ordering: .relaxed)

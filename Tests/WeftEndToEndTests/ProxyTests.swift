@@ -44,6 +44,13 @@ private let pods = [
     pod("broken", node: "n1", address: "198.18.1.31", labels: "{app: broken}", args: "--fail-rate 1.0"),
     pod("slow", node: "n1", address: "198.18.1.32", labels: "{app: slow}"),
     pod("banner", node: "n1", address: "198.18.1.40", labels: "{app: banner}", args: "--tcp-banner"),
+    // Listens on nothing: every connect to it is refused.
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: refuser, namespace: \(ns), labels: {app: refuser}, annotations: {lab.weft.dev/command: "sleep infinity"}}
+    spec: {node: n1, address: 198.18.1.33, ports: [{name: http, port: 8080}]}
+    """,
     """
     apiVersion: weft.dev/v1alpha1
     kind: Workload
@@ -64,6 +71,7 @@ private let services = [
     service("slow", ip: "198.19.1.22", selector: "{app: slow}"),
     service("banner", ip: "198.19.1.30", selector: "{app: banner}"),
     service("nobody", ip: "198.19.1.40", selector: "{app: nobody}"),
+    service("refuser", ip: "198.19.1.23", selector: "{app: refuser}"),
     service("grpc", ip: "198.19.1.60", selector: "{app: grpc}", portName: "rpc", appProtocol: "grpc"),
     // Declares no HTTP: stays on the kernel-only path.
     service("plain", ip: "198.19.1.50", selector: "{app: web, version: v2}", portName: "web"),
@@ -286,7 +294,7 @@ struct ProxyTests {
 
         // weft status names the proxy and what it captures.
         let st = try LabHarness.run(["status", "--node", "n1"])
-        #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 9 captured service port(s)"), "\(st.output)")
+        #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 10 captured service port(s)"), "\(st.output)")
         #expect(st.output.contains("proxy_captured="), "\(st.output)")
         let metrics = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
         #expect(metrics.contains("# TYPE weft_proxy_requests_total counter"), "\(metrics)")
@@ -388,6 +396,80 @@ struct ProxyTests {
             """])
         #expect(out.output.contains("hello from banner|b'\\x00\\x01binary\\n'"), "\(out.output)")
         #expect(try stat("n1", "tcp_passthrough_total") >= 1)
+    }
+
+    /// HTTP/2 (h2c) streams that need no more than the HTTP/1.1 express
+    /// path would do are answered by ExpressHTTP2Handler with no stream
+    /// channel: the backend sees the same request and headers, bodies come
+    /// back whole however the backend frames them (length, chunks with a
+    /// trailer, close), many streams share a connection. Streams with a
+    /// request body go to the full path, and so does a stream whose backend
+    /// refuses the connection; both are still answered.
+    @Test func http2ExpressPathAnswersPlainStreamsAndHandsOverTheRest() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let express = try stat("n1", "express_requests_total"), handovers = try stat("n1", "express_handovers_total")
+        let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
+            import hashlib, json, os, subprocess, tempfile
+            tmp = tempfile.mkdtemp()
+            def h2(path, *extra, host="198.19.1.12"):
+                head, body = os.path.join(tmp, "h"), os.path.join(tmp, "b")
+                r = subprocess.run(["curl", "-sS", "-m", "10", "--http2-prior-knowledge", "-D", head, "-o", body,
+                                    *extra, "http://%s%s" % (host, path)], capture_output=True, text=True)
+                lines = open(head).read().splitlines() if os.path.exists(head) else []
+                data = open(body, "rb").read() if os.path.exists(body) else b""
+                for f in (head, body):
+                    if os.path.exists(f): os.remove(f)
+                return {"rc": r.returncode, "err": r.stderr[-300:], "status": lines[0] if lines else "",
+                        "fields": [l.lower() for l in lines[1:] if l], "len": len(data),
+                        "json": json.loads(data) if data[:1] == b"{" else None,
+                        "exact": data == bytes(i % 251 for i in range(len(data)))}
+            out = {
+                "plain": h2("/a?x=1", "-H", "cookie: a=1", "-H", "cookie: b=2", "-H", "x-extra: yes"),
+                "head": h2("/h", "-I"),
+                "bytes": h2("/bytes/300000"),
+                "chunked": h2("/chunked/5"),
+                "unframed": h2("/unframed"),
+                "post": h2("/p", "-d", "hello"),
+                "refused": h2("/r", host="198.19.1.23"),
+            }
+            load = subprocess.run(["h2load", "-n", "400", "-c", "2", "-m", "8", "http://198.19.1.12/load"],
+                                  capture_output=True, text=True)
+            out["load"] = [l for l in load.stdout.splitlines() if l.startswith("requests:") or l.startswith("status codes:")]
+            print(json.dumps(out))
+            """])
+        let r = json(String(out.output.split(separator: "\n").last ?? ""))
+        func get(_ name: String) -> [String: Any] { r[name] as? [String: Any] ?? [:] }
+        func ok(_ name: String) -> Bool {
+            let c = get(name)
+            return c["rc"] as? Int == 0 && (c["status"] as? String)?.hasPrefix("HTTP/2 200") == true
+        }
+        for name in ["plain", "head", "bytes", "chunked", "unframed", "post"] {
+            #expect(ok(name), "\(name): \(get(name)) \(out.output.suffix(500))")
+        }
+        let plain = get("plain")
+        let seen = (plain["json"] as? [String: Any])?["headers"] as? [String: String] ?? [:]
+        #expect(seen["host"] == "198.19.1.12" && seen["cookie"] == "a=1; b=2" && seen["x-extra"] == "yes", "\(seen)")
+        #expect(seen["x-forwarded-for"] == "198.18.1.10" && seen["forwarded"] == "for=198.18.1.10;proto=http", "\(seen)")
+        #expect(seen["via"] == "1.1 weft-n1" && seen["x-request-id"]?.count == 36, "\(seen)")
+        #expect((plain["json"] as? [String: Any])?["path"] as? String == "/a?x=1", "\(plain)")
+        #expect((plain["fields"] as? [String] ?? []).contains("x-pod: v2"), "\(plain)")
+        let head = get("head")
+        #expect((head["fields"] as? [String] ?? []).contains { $0.hasPrefix("content-length: ") }, "HEAD: \(head)")
+        #expect(get("bytes")["len"] as? Int == 300_000 && get("bytes")["exact"] as? Bool == true, "\(get("bytes"))")
+        let chunked = get("chunked")
+        #expect((chunked["json"] as? [String: Any])?["path"] as? String == "/chunked/5", "\(chunked)")
+        #expect((chunked["fields"] as? [String] ?? []).contains("x-done: yes"), "the chunked body's trailer: \(chunked)")
+        #expect((get("unframed")["json"] as? [String: Any])?["path"] as? String == "/unframed", "\(get("unframed"))")
+        #expect((get("post")["json"] as? [String: Any])?["body"] as? Int == 5, "\(get("post"))")
+        let refused = get("refused")
+        #expect((refused["status"] as? String)?.hasPrefix("HTTP/2 503") == true, "\(refused)")
+        let load = (r["load"] as? [String] ?? []).joined(separator: " ")
+        #expect(load.contains("400 succeeded") && load.contains("400 2xx"), "\(load)")
+        // Plain, head, bytes, chunked, unframed and the load went express;
+        // the POST (a body) and the refused stream were handed over.
+        #expect(try stat("n1", "express_requests_total") - express >= 405, "express requests")
+        #expect(try stat("n1", "express_handovers_total") - handovers >= 2, "hand-overs")
     }
 
     /// A client that half-closes after its request and then reads slowly

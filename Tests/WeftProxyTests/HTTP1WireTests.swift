@@ -112,4 +112,26 @@ import Testing
             #expect(Array(broken.utf8).withUnsafeBytes { framer.consume($0) } == nil, "\(broken.debugDescription)")
         }
     }
+
+    /// Unwrapped for an HTTP/2 client, the chunks' data and the trailer
+    /// lines come out whole however the bytes are cut.
+    @Test func chunkedBodiesUnwrapToTheirDataAndTrailers() {
+        let body = Array("5;ext=1\r\nhello\r\nA\r\n0123456789\r\n1\r\n!\r\n0\r\nX-Done: yes\r\nX-Two: 2\r\n\r\n".utf8)
+        for cut in [1, 2, 3, 5, 7, 64] {
+            var framer = ChunkedFramer()
+            var data: [UInt8] = [], trailer: [UInt8] = []
+            var offset = 0
+            while !framer.isDone && offset < body.count {
+                let piece = Array(body[offset..<min(offset + cut, body.count)])
+                let n = piece.withUnsafeBytes { p in
+                    framer.consume(p, data: { data += p[$0] }, trailer: { trailer += p[$0] })
+                }
+                guard n != nil else { Issue.record("refused at \(offset) with pieces of \(cut)"); return }
+                offset += piece.count
+            }
+            #expect(framer.isDone)
+            #expect(String(decoding: data, as: UTF8.self) == "hello0123456789!", "pieces of \(cut)")
+            #expect(String(decoding: trailer, as: UTF8.self) == "X-Done: yes\r\nX-Two: 2\r\n", "pieces of \(cut)")
+        }
+    }
 }

@@ -1,0 +1,234 @@
+import Glibc
+import NIOCore
+import WeftCore
+
+/// What the two express paths (ExpressHTTP1Handler for HTTP/1.1 clients,
+/// ExpressHTTP2Handler for h2c clients) share: how a request is routed and
+/// given a backend, the headers the proxy adds, the HTTP/1.1 connections to
+/// backends, and what is recorded when an exchange ends. Each piece is the
+/// full path's own rule, applied to requests read in place.
+enum Express {
+    /// A request the express path takes: its route and backend.
+    struct Target {
+        var route: String
+        var key: EndpointKey
+    }
+
+    /// Routes `request` as the full path does and picks its backend; nil
+    /// when the request needs the full path (filters, retries, timeouts,
+    /// TrafficPolicy, a non-HTTP/1.1 upstream, AuthorizationPolicy on the
+    /// pod, a tunnel to another node, no backend the pod may reach).
+    static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, snapshot: RouteSnapshot,
+                       loop: LoopState, proxy: ProxyContext, source: IPv4Address) -> Target? {
+        guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
+              action.timeouts.request == nil, action.timeouts.backendRequest == nil,
+              let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
+              cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
+              snapshot.runtimes.isEmpty || snapshot.runtimes[cluster.cluster] == nil,
+              let endpoints = snapshot.endpoints[cluster.cluster], !endpoints.isEmpty else { return nil }
+        // A backend the pod may reach (the full path says why when none is).
+        let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source)
+        guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil,
+              proxy.tunnel(to: key, from: source, snapshot: snapshot) == nil else { return nil }
+        return Target(route: action.name, key: key)
+    }
+
+    /// Writes the header lines the proxy adds to a request (as
+    /// HTTPProxyHandler.prepareUpstreamHeaders does) and the blank line that
+    /// ends the head. Returns the request id it made, if any, and the span.
+    static func writeProxyHeaders(_ out: inout ByteBuffer, client: String, via: String, hasProto: Bool,
+                                  hasRequestID: Bool, loop: LoopState) -> (requestID: String?, span: TraceContext.Span) {
+        out.writeStaticString("x-forwarded-for: ")
+        out.writeString(client)
+        if !hasProto { out.writeStaticString("\r\nx-forwarded-proto: http") }
+        out.writeStaticString("\r\nforwarded: for=")
+        out.writeString(client)
+        out.writeStaticString(";proto=http\r\nvia: 1.1 ")
+        out.writeString(via)
+        var requestID: String?
+        if !hasRequestID {
+            let id = HTTPProxyHandler.requestID(using: &loop.random)
+            out.writeStaticString("\r\nx-request-id: ")
+            out.writeString(id)
+            requestID = id
+        }
+        let span = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
+        out.writeStaticString("\r\ntraceparent: ")
+        out.writeString(span.header)
+        out.writeStaticString("\r\n\r\n")
+        return (requestID, span)
+    }
+
+    static func isIdempotent(_ method: String) -> Bool {
+        switch method {
+        case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE": return true
+        default: return false
+        }
+    }
+
+    /// An idle express connection to `key` from this loop's pool (marked
+    /// reused), or a new one. The caller counts a failure.
+    static func upstream(to key: EndpointKey, loop: LoopState, _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
+        let state = loop.pool.state(key)
+        while let idle = state.express.popLast() {
+            if idle.isActive {
+                idle.reused = true
+                return done(.success(idle))
+            }
+        }
+        loop.pool.bootstrap()
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
+            }
+            .connect(host: key.address, port: Int(key.port))
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    guard let upstream = try? channel.pipeline.syncOperations.handler(type: ExpressUpstream.self) else {
+                        channel.close(promise: nil)
+                        return done(.failure(ChannelError.ioOnClosedChannel))
+                    }
+                    loop.pool.recordSuccess(key)
+                    done(.success(upstream))
+                case .failure(let error):
+                    done(.failure(error))
+                }
+            }
+    }
+
+    /// A connection whose exchange is over: back to the idle list when the
+    /// backend keeps it open and the list has room, closed otherwise.
+    static func release(_ upstream: ExpressUpstream, key: EndpointKey, reusable: Bool, loop: LoopState, proxy: ProxyContext) {
+        upstream.owner = nil
+        upstream.resume()
+        let idle = loop.pool.state(key)
+        if reusable && upstream.isActive && idle.express.count < proxy.configuration.maxIdlePerBackend {
+            idle.express.append(upstream)
+        } else {
+            upstream.close()
+        }
+    }
+
+    /// How a response's body is delimited, as it goes by.
+    enum Framing {
+        /// The head is not through yet.
+        case head
+        case length(Int)
+        case chunked(ChunkedFramer)
+        /// Until the backend closes (no Content-Length, not chunked).
+        case close
+    }
+
+    /// What a backend's response head says of its body and its connection.
+    struct ResponseBody {
+        var framing: Framing
+        /// The backend closes the connection after this response.
+        var close: Bool
+        /// The body comes chunked.
+        var chunked: Bool
+        /// The values of Connection lines: the fields they name are hop-by-hop too.
+        var named: [Range<Int>]
+    }
+
+    /// Reads the framing of a parsed response head (RFC 9112, section 6.3);
+    /// nil when it contradicts itself.
+    static func responseBody(_ p: UnsafeRawBufferPointer, _ status: HTTP1Wire.StatusLine, _ fields: [HTTP1Wire.Field],
+                             isHEAD: Bool) -> ResponseBody? {
+        var contentLength: Int?, chunked = false, coded = false, close = status.minor == 0, keepAlive = false
+        var named: [Range<Int>] = []
+        for f in fields {
+            if HTTP1Wire.equals(p, f.name, "content-length") {
+                guard let v = HTTP1Wire.decimal(p, f.value), contentLength == nil || contentLength == v else { return nil }
+                contentLength = v
+            } else if HTTP1Wire.equals(p, f.name, "transfer-encoding") {
+                coded = true
+                chunked = HTTP1Wire.lastElement(p, f.value, is: "chunked")
+            } else if HTTP1Wire.equals(p, f.name, "connection") {
+                if HTTP1Wire.listContains(p, f.value, "close") { close = true }
+                if HTTP1Wire.listContains(p, f.value, "keep-alive") { keepAlive = true }
+                named.append(f.value)
+            }
+        }
+        if status.minor == 0 && keepAlive { close = false }
+        let framing: Framing
+        if isHEAD || status.code < 200 || status.code == 204 || status.code == 304 {
+            framing = .length(0)
+        } else if coded {
+            framing = chunked ? .chunked(ChunkedFramer()) : .close
+        } else if let contentLength {
+            framing = .length(contentLength)
+        } else {
+            framing = .close
+        }
+        return ResponseBody(framing: framing, close: close, chunked: chunked, named: named)
+    }
+
+    /// Fields that describe one connection, not the message (RFC 9110,
+    /// section 7.6.1), and proxy credentials: never passed on.
+    static func isHopByHop(_ p: UnsafeRawBufferPointer, _ n: Range<Int>) -> Bool {
+        switch n.count {
+        case 2: return HTTP1Wire.equals(p, n, "te")
+        case 7: return HTTP1Wire.equals(p, n, "upgrade") || HTTP1Wire.equals(p, n, "trailer")
+        case 10: return HTTP1Wire.equals(p, n, "connection") || HTTP1Wire.equals(p, n, "keep-alive")
+        case 16: return HTTP1Wire.equals(p, n, "proxy-connection")
+        case 17: return HTTP1Wire.equals(p, n, "transfer-encoding")
+        case 18: return HTTP1Wire.equals(p, n, "proxy-authenticate")
+        case 19: return HTTP1Wire.equals(p, n, "proxy-authorization")
+        default: return false
+        }
+    }
+
+    /// A request's access log fields, taken while its head is at hand.
+    struct Logged {
+        var wallStart: timespec
+        var method: String
+        var path: String
+        var authority: String?
+        var userAgent: String?
+        var requestID: String?
+        var span: TraceContext.Span
+        var bytesIn: Int
+    }
+
+    /// One ended exchange, as the metrics and the access log see it.
+    struct Outcome {
+        var snapshot: RouteSnapshot
+        var service: String?
+        var serviceNamespace: String?
+        var key: EndpointKey
+        var route: String
+        var grpc: Bool
+        var status: Int
+        var flags: String
+        var start: NIODeadline
+        var bytesOut: Int
+        var protocolName: String
+        var logged: Logged?
+    }
+
+    /// Records an ended exchange: the request series, and the access log
+    /// line when logs are on for the source's namespace.
+    static func record(_ o: Outcome, source: IPv4Address, loop: LoopState, proxy: ProxyContext) {
+        let metrics = o.snapshot.table.requestMetrics != false
+        guard metrics || o.logged != nil else { return }
+        let peers = PeerLabels(snapshot: o.snapshot, source: source, service: o.service,
+                               serviceNamespace: o.serviceNamespace, upstream: o.key)
+        let elapsed = NIODeadline.now() - o.start
+        if metrics {
+            let labels = RequestLabels(peers: peers, route: o.route, requestProtocol: o.grpc ? "grpc" : "http",
+                                       responseCode: o.status, responseFlags: o.flags)
+            let series = loop.telemetry.request(labels, proxy.telemetry)
+            series.count.increment()
+            series.duration.record(.nanoseconds(elapsed.nanoseconds))
+        }
+        if let logged = o.logged, AccessLog.covers(o.snapshot.table.accessLog, namespace: peers.sourceNamespace) {
+            proxy.accessLog.append(HTTPLogLine(
+                start: logged.wallStart, protocolName: o.protocolName, method: logged.method, path: logged.path,
+                authority: logged.authority, code: o.status, flags: o.flags, elapsedNanos: elapsed.nanoseconds,
+                bytesIn: logged.bytesIn, bytesOut: o.bytesOut, attempts: 1, route: o.route, source: source,
+                peers: peers, upstream: o.key, requestID: logged.requestID, span: logged.span,
+                userAgent: logged.userAgent).render())
+        }
+    }
+}

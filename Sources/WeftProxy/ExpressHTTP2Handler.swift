@@ -1,0 +1,594 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP1
+import NIOHTTP2
+import WeftCore
+import WeftKernel
+
+/// The express path for HTTP/2 (h2c) clients of HTTP/1.1 backends. It sits
+/// between NIOHTTP2Handler (frames, HPACK, flow control, stream states) and
+/// the stream multiplexer, and sees every frame first.
+///
+/// A stream whose request is one HEADERS frame ending the stream, and which
+/// needs no more than ExpressHTTP1Handler would do for it, is answered from
+/// here: the request goes out as HTTP/1.1 bytes on a pooled express
+/// connection (Express.upstream), the response head comes back as a HEADERS
+/// frame and its body as DATA frames (chunks unwrapped, trailers as a final
+/// HEADERS frame) as it goes by. No stream channel, no HTTP codec, no typed
+/// HTTP messages.
+///
+/// Every other stream goes on to the multiplexer and the full path
+/// (HTTPProxyHandler on a stream channel) as before, untouched: request
+/// bodies, CONNECT, and whatever Express.target turns away. So does an
+/// express stream whose backend refused the connection, or closed a reused
+/// one under an idempotent request, before answering: its HEADERS frame is
+/// given to the multiplexer then, and the full path tries again.
+final class ExpressHTTP2Handler: ChannelDuplexHandler {
+    typealias InboundIn = HTTP2Frame
+    typealias InboundOut = HTTP2Frame
+    typealias OutboundIn = HTTP2Frame
+    typealias OutboundOut = HTTP2Frame
+
+    /// Response bytes handed to NIOHTTP2Handler but not yet written out (the
+    /// stream's window is shut, or the client reads slowly) past which a
+    /// stream's backend is not read.
+    static let highWater = 64 * 1024
+
+    private let proxy: ProxyContext
+    private let origin: CapturedOrigin
+    private let frontendKey: String
+    private let client: String
+    private var context: ChannelHandlerContext?
+    private var loop: LoopState?
+    /// Express streams still being answered.
+    private var streams: [HTTP2StreamID: Stream] = [:]
+    /// Streams given to the multiplexer, until they close.
+    private var handed: Set<HTTP2StreamID> = []
+    private var lastStreamID = HTTP2StreamID.rootStream
+    private var cached: (snapshot: RouteSnapshot, matcher: RouteMatcher, budget: LoopState.BudgetBox)?
+    private var quiescing = false
+    /// Frames of ours not yet written out; a quiescing connection closes
+    /// only when none is left.
+    private var unwrittenFrames = 0
+    private var fields: [HTTP1Wire.Field] = []
+    private var chunkData: [Range<Int>] = []
+
+    init(proxy: ProxyContext, origin: CapturedOrigin) {
+        self.proxy = proxy
+        self.origin = origin
+        frontendKey = "\(origin.vip):\(origin.port)"
+        client = origin.source.description
+    }
+
+    /// One request answered on the express path.
+    fileprivate final class Stream: ExpressUpstream.Owner {
+        weak var handler: ExpressHTTP2Handler?
+        let id: HTTP2StreamID
+        /// The request as it came, for a hand-over.
+        let request: HTTP2Frame.FramePayload.Headers
+        var created: NIOHTTP2StreamCreatedEvent?
+        let snapshot: RouteSnapshot
+        let route: String
+        let service: String?
+        let serviceNamespace: String?
+        let key: EndpointKey
+        let start = NIODeadline.now()
+        let isHEAD: Bool
+        let idempotent: Bool
+        let grpc: Bool
+        var outgoing: ByteBuffer?
+        var upstream: ExpressUpstream?
+        var reused = false
+        var connecting = true
+        /// Response head bytes read so far.
+        var head: ByteBuffer?
+        var framing = Express.Framing.head
+        var trailer: ByteBuffer?
+        var status = 0
+        var responded = false
+        var reusable = true
+        var bytesOut = 0
+        /// Response bytes given to NIOHTTP2Handler, not yet written out.
+        var unwritten = 0
+        var paused = false
+        var logged: Express.Logged?
+
+        init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
+             route: String, service: String?, serviceNamespace: String?, key: EndpointKey, isHEAD: Bool, idempotent: Bool,
+             grpc: Bool, outgoing: ByteBuffer) {
+            self.handler = handler
+            self.id = id
+            self.request = request
+            self.snapshot = snapshot
+            self.route = route
+            self.service = service
+            self.serviceNamespace = serviceNamespace
+            self.key = key
+            self.isHEAD = isHEAD
+            self.idempotent = idempotent
+            self.grpc = grpc
+            self.outgoing = outgoing
+        }
+
+        func upstreamRead(_ bytes: ByteBuffer) { handler?.response(self, bytes) }
+        func upstreamReadComplete() { handler?.context?.flush() }
+        func upstreamClosed() { handler?.upstreamClosed(self) }
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        loop = proxy.loop(context.eventLoop)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        for stream in Array(streams.values) { abandon(stream) }
+        self.context = nil
+    }
+
+    // MARK: client side
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        let id = frame.streamID
+        if id == .rootStream || handed.contains(id) { return context.fireChannelRead(data) }
+        if let stream = streams[id] {
+            // The client gave up on it. (A WINDOW_UPDATE is NIOHTTP2Handler's.)
+            if case .rstStream = frame.payload { abandon(stream) }
+            return
+        }
+        switch frame.payload {
+        case .headers(let headers) where id > lastStreamID:
+            lastStreamID = id
+            if let stream = plan(id, headers, context: context) {
+                streams[id] = stream
+                start(stream)
+            } else {
+                handed.insert(id)
+                proxy.stats.expressHandovers.add(1, ordering: .relaxed)
+                context.fireChannelRead(data)
+            }
+        case .priority:
+            context.fireChannelRead(data)
+        default:
+            break  // a late frame of an express stream that has ended
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        switch event {
+        case let created as NIOHTTP2StreamCreatedEvent:
+            streams[created.streamID]?.created = created
+        case let closed as StreamClosedEvent:
+            handed.remove(closed.streamID)
+            // Reset by the client, or by NIOHTTP2Handler (an error of ours).
+            if let stream = streams[closed.streamID] { abandon(stream) }
+            closeIfDone()
+        case is ChannelShouldQuiesceEvent:
+            // Drain: no new streams (GOAWAY); close once every stream is answered.
+            if !quiescing {
+                quiescing = true
+                let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))
+                context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+                closeIfDone()
+            }
+        default:
+            break
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        for stream in Array(streams.values) { abandon(stream) }
+        context.fireChannelInactive()
+    }
+
+    /// Reads a request's HEADERS frame and decides; builds the HTTP/1.1
+    /// request the backend gets when the express path takes it.
+    private func plan(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers, context: ChannelHandlerContext) -> Stream? {
+        guard h.endStream, !quiescing, let loop else { return nil }
+        let snapshot = proxy.snapshot
+        if cached?.snapshot !== snapshot {
+            cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop.budget($0.frontend.name)) }
+        }
+        guard let matcher = cached?.matcher, ExpressHTTP1Handler.serves(snapshot, frontendKey: frontendKey) else { return nil }
+        var method: String?, target: String?, authority: String?
+        var hasHost = false, hasProto = false, hasRequestID = false, grpc = false, cookies = 0
+        for (name, value, _) in h.headers {
+            if name.utf8.first == UInt8(ascii: ":") {
+                switch name {
+                case ":method": method = value
+                case ":path": target = value
+                case ":authority": authority = value
+                case ":scheme": break
+                default: return nil
+                }
+                continue
+            }
+            switch name {
+            // What ExpressHTTP1Handler hands over too; the rest are not HTTP/2's.
+            case "te", "expect", "upgrade", "transfer-encoding", "traceparent", "x-forwarded-for",
+                 "connection", "keep-alive", "proxy-connection":
+                return nil
+            case "via" where value.contains(proxy.viaToken):
+                return nil  // looped: the full path answers 508
+            case "content-length" where value != "0":
+                return nil
+            case "host": hasHost = true
+            case "x-forwarded-proto": hasProto = true
+            case "x-request-id": hasRequestID = true
+            case "content-type": grpc = value.hasPrefix("application/grpc")
+            case "cookie": cookies += 1
+            default: break
+            }
+        }
+        guard let method, let target, method != "CONNECT", target.utf8.first == UInt8(ascii: "/"),
+              authority != nil || hasHost else { return nil }
+
+        let (path, query) = HTTPProxyHandler.splitTarget(target)
+        let headers = h.headers
+        let request = RouteMatcher.Request(method: method, path: path, query: query, header: { name in
+            // The full path sees :authority as Host (NIO's HTTP/2 to HTTP/1 codec).
+            if name == "host", let authority { return [authority] }
+            return headers[canonicalForm: name]
+        })
+        guard let chosen = Express.target(request, matcher: matcher, snapshot: snapshot, loop: loop, proxy: proxy,
+                                          source: origin.source) else { return nil }
+
+        // The request the backend gets: an HTTP/1.1 head from the fields,
+        // cookies joined in one line (RFC 9113, section 8.2.3), then the
+        // proxy's own headers.
+        var out = context.channel.allocator.buffer(capacity: 384 + target.utf8.count)
+        out.writeString(method)
+        out.writeStaticString(" ")
+        out.writeString(target)
+        out.writeStaticString(" HTTP/1.1\r\n")
+        if let authority {
+            out.writeStaticString("host: ")
+            out.writeString(authority)
+            out.writeStaticString("\r\n")
+        }
+        var cookieDone = false
+        for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
+            if name == "host" && authority != nil { continue }
+            if name == "cookie" && cookies > 1 {
+                guard !cookieDone else { continue }
+                cookieDone = true
+                out.writeStaticString("cookie: ")
+                var first = true
+                for (n, v, _) in headers where n == "cookie" {
+                    if !first { out.writeStaticString("; ") }
+                    first = false
+                    out.writeString(v)
+                }
+                out.writeStaticString("\r\n")
+                continue
+            }
+            out.writeString(name)
+            out.writeStaticString(": ")
+            out.writeString(value)
+            out.writeStaticString("\r\n")
+        }
+        let (requestID, span) = Express.writeProxyHeaders(&out, client: client, via: proxy.viaToken, hasProto: hasProto,
+                                                          hasRequestID: hasRequestID, loop: loop)
+        let stream = Stream(handler: self, id: id, request: h, snapshot: snapshot, route: chosen.route,
+                            service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key,
+                            isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
+        if snapshot.table.accessLog != nil {
+            stream.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: authority,
+                                           userAgent: headers.first(name: "user-agent"),
+                                           requestID: requestID ?? headers.first(name: "x-request-id"), span: span, bytesIn: 0)
+        }
+        return stream
+    }
+
+    // MARK: the exchange
+
+    private func start(_ stream: Stream) {
+        guard let loop else { return }
+        loop.pool.state(stream.key).inFlight += 1
+        Express.upstream(to: stream.key, loop: loop) { [weak self] result in
+            guard let self, self.streams[stream.id] === stream, stream.connecting else {
+                (try? result.get())?.close()
+                return
+            }
+            stream.connecting = false
+            switch result {
+            case .success(let upstream):
+                stream.upstream = upstream
+                stream.reused = upstream.reused
+                upstream.owner = stream
+                if let outgoing = stream.outgoing {
+                    stream.outgoing = nil
+                    upstream.send(outgoing)
+                }
+            case .failure(let error):
+                loop.pool.recordConnectFailure(stream.key)
+                self.proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+                loop.countEvent("connect_failure", proxy: self.proxy, snapshot: stream.snapshot, frontendKey: self.frontendKey)
+                self.proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(stream.key)", "error": "\(error)"])
+                // Nothing was sent: the full path tries another backend or answers 503.
+                self.handOver(stream)
+            }
+        }
+    }
+
+    /// Gives a stream nothing was answered on to the multiplexer, as if its
+    /// HEADERS frame had just come: the full path takes it from there.
+    private func handOver(_ stream: Stream) {
+        guard let context, let loop, streams.removeValue(forKey: stream.id) != nil else { return }
+        stream.upstream?.close()
+        stream.upstream = nil
+        loop.pool.state(stream.key).inFlight -= 1
+        handed.insert(stream.id)
+        proxy.stats.expressHandovers.add(1, ordering: .relaxed)
+        context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: stream.id, payload: .headers(stream.request))))
+        if let created = stream.created { context.fireUserInboundEventTriggered(created) }
+        context.fireChannelReadComplete()
+    }
+
+    fileprivate func response(_ stream: Stream, _ bytes: ByteBuffer) {
+        guard streams[stream.id] === stream else { return }
+        var bytes = bytes
+        while bytes.readableBytes > 0 {
+            switch stream.framing {
+            case .head:
+                if stream.head == nil { stream.head = bytes } else { stream.head!.writeBuffer(&bytes) }
+                bytes.moveReaderIndex(to: bytes.writerIndex)
+                guard let rest = responseHead(stream) else { return }
+                bytes = rest
+                if case .length(0) = stream.framing { return finish(stream, extra: bytes.readableBytes, last: nil) }
+            case .length(let remaining):
+                let n = min(remaining, bytes.readableBytes)
+                stream.framing = .length(remaining - n)
+                let data = bytes.readSlice(length: n)!
+                if remaining == n { return finish(stream, extra: bytes.readableBytes, last: data) }
+                writeData(stream, data)
+            case .chunked(var framer):
+                chunkData.removeAll(keepingCapacity: true)
+                var trailer = stream.trailer
+                let used = bytes.withUnsafeReadableBytes { p in
+                    framer.consume(p, data: { self.chunkData.append($0) }, trailer: { range in
+                        if trailer == nil { trailer = ByteBufferAllocator().buffer(capacity: 256) }
+                        trailer!.writeBytes(UnsafeRawBufferPointer(rebasing: p[range]))
+                    })
+                }
+                stream.trailer = trailer
+                guard let used else { return broken(stream, "a malformed chunked body") }
+                stream.framing = .chunked(framer)
+                for range in chunkData {
+                    writeData(stream, bytes.getSlice(at: bytes.readerIndex + range.lowerBound, length: range.count)!)
+                }
+                bytes.moveReaderIndex(forwardBy: used)
+                if framer.isDone { return finish(stream, extra: bytes.readableBytes, last: nil) }
+            case .close:
+                writeData(stream, bytes)
+                bytes.moveReaderIndex(to: bytes.writerIndex)
+            }
+        }
+        if stream.unwritten > Self.highWater, !stream.paused {
+            stream.paused = true
+            stream.upstream?.pause()
+        }
+    }
+
+    /// Turns the response head, once it is all read, into a HEADERS frame
+    /// (sent unless the response ends with it: finish sends it then);
+    /// returns the bytes after it. Interim responses (1xx) are dropped.
+    private func responseHead(_ stream: Stream) -> ByteBuffer? {
+        guard var raw = stream.head else { return nil }
+        enum Parsed {
+            case incomplete, malformed
+            case interim(length: Int)
+            case ready(HPACKHeaders, length: Int, code: Int, body: Express.ResponseBody)
+        }
+        let parsed: Parsed = raw.withUnsafeReadableBytes { p in
+            guard let length = HTTP1Wire.headLength(p) else { return .incomplete }
+            guard let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields),
+                  let body = Express.responseBody(p, status, fields, isHEAD: stream.isHEAD) else { return .malformed }
+            if status.code < 200 { return .interim(length: length) }
+            var headers = HPACKHeaders()
+            headers.reserveCapacity(fields.count + 1)
+            headers.add(name: ":status", value: String(status.code))
+            for f in fields {
+                if Express.isHopByHop(p, f.name) || body.named.contains(where: { HTTP1Wire.listContains(p, $0, name: f.name) }) {
+                    continue
+                }
+                headers.add(name: Self.lowercased(p, f.name), value: String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self))
+            }
+            return .ready(headers, length: length, code: status.code, body: body)
+        }
+        switch parsed {
+        case .incomplete:
+            if raw.readableBytes > ExpressHTTP1Handler.maxRequest { broken(stream, "a response head over \(ExpressHTTP1Handler.maxRequest) bytes") }
+            return nil
+        case .malformed:
+            broken(stream, "a malformed response head")
+            return nil
+        case .interim(let length):
+            raw.moveReaderIndex(forwardBy: length)
+            stream.head = nil
+            return raw
+        case .ready(let headers, let length, let code, let body):
+            raw.moveReaderIndex(forwardBy: length)
+            stream.head = nil
+            stream.framing = body.framing
+            stream.status = code
+            stream.responded = true
+            if case .close = body.framing { stream.reusable = false } else { stream.reusable = !body.close }
+            proxy.stats.requests.add(1, ordering: .relaxed)
+            proxy.stats.expressRequests.add(1, ordering: .relaxed)
+            proxy.stats.response(code)
+            cached?.budget.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
+            if case .length(0) = body.framing {
+                stream.trailer = nil
+                pendingHead = headers
+            } else {
+                write(stream, .headers(.init(headers: headers)))
+            }
+            return raw
+        }
+    }
+
+    /// A response that ends with its head: finish sends the head then.
+    private var pendingHead: HPACKHeaders?
+
+    private static func lowercased(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> String {
+        String(unsafeUninitializedCapacity: range.count) { out in
+            for k in 0..<range.count {
+                let c = p[range.lowerBound + k]
+                out[k] = c >= 65 && c <= 90 ? c | 0x20 : c
+            }
+            return range.count
+        }
+    }
+
+    private func writeData(_ stream: Stream, _ data: ByteBuffer, end: Bool = false) {
+        stream.bytesOut += data.readableBytes
+        let n = data.readableBytes
+        write(stream, .data(.init(data: .byteBuffer(data), endStream: end)), bytes: n)
+    }
+
+    /// Writes one frame of a stream; counts what is not out yet.
+    private func write(_ stream: Stream, _ payload: HTTP2Frame.FramePayload, bytes: Int = 0) {
+        guard let context else { return }
+        let written = context.eventLoop.makePromise(of: Void.self)
+        unwrittenFrames += 1
+        stream.unwritten += bytes
+        context.write(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: payload)), promise: written)
+        written.futureResult.assumeIsolated().whenComplete { [weak self] result in
+            guard let self else { return }
+            // A frame NIOHTTP2Handler refused (a field HTTP/2 forbids, say):
+            // the client must not wait for the rest of the stream.
+            if case .failure(let error) = result, !(error is NIOHTTP2Errors.NoSuchStream), self.context?.channel.isActive == true {
+                self.proxy.logger.debug("express HTTP/2 frame refused", metadata: ["stream": "\(stream.id)", "error": "\(error)"])
+                self.context?.writeAndFlush(self.wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: .rstStream(.internalError))),
+                                            promise: nil)
+            }
+            self.unwrittenFrames -= 1
+            stream.unwritten -= bytes
+            if stream.paused, stream.unwritten < Self.highWater / 2 {
+                stream.paused = false
+                stream.upstream?.resume()
+            }
+            self.closeIfDone()
+        }
+    }
+
+    /// The response is all read: the backend's connection goes back to the
+    /// pool, the exchange is recorded, and the stream ends with `last` (or
+    /// the head held back, or the trailers, or an empty DATA frame).
+    private func finish(_ stream: Stream, extra: Int, last: ByteBuffer?) {
+        guard let loop else { return }
+        if extra > 0 { stream.reusable = false }  // bytes past the response: out of step
+        if let upstream = stream.upstream {
+            Express.release(upstream, key: stream.key, reusable: stream.reusable, loop: loop, proxy: proxy)
+            stream.upstream = nil
+        }
+        // Out of the table first: the last frame closes the stream, and
+        // NIOHTTP2Handler says so (StreamClosedEvent) as it is written.
+        end(stream, flags: "-")
+        if let head = pendingHead {
+            pendingHead = nil
+            write(stream, .headers(.init(headers: head, endStream: true)))
+        } else if let trailer = stream.trailer, let fields = Self.trailerFields(trailer) {
+            if let last { writeData(stream, last) }
+            write(stream, .headers(.init(headers: fields, endStream: true)))
+        } else {
+            writeData(stream, last ?? ByteBuffer(), end: true)
+        }
+        context?.flush()
+    }
+
+    /// Trailer lines ("name: value\r\n") as HTTP/2 trailers; nil if none.
+    private static func trailerFields(_ raw: ByteBuffer) -> HPACKHeaders? {
+        var headers = HPACKHeaders()
+        for crlf in raw.readableBytesView.split(separator: 10) {
+            let line = crlf.last == 13 ? crlf.dropLast() : crlf
+            guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { continue }
+            let name = String(decoding: line[..<colon], as: UTF8.self).lowercased()
+            guard !name.isEmpty, name != "content-length", name != "transfer-encoding", name != "connection" else { continue }
+            let value = Substring(String(decoding: line[line.index(after: colon)...], as: UTF8.self)).trimmingASCIISpaces()
+            headers.add(name: name, value: String(value))
+        }
+        return headers.isEmpty ? nil : headers
+    }
+
+    fileprivate func upstreamClosed(_ stream: Stream) {
+        guard streams[stream.id] === stream, let loop else { return }
+        stream.upstream = nil
+        if stream.responded, case .close = stream.framing {
+            return finish(stream, extra: 0, last: nil)
+        }
+        if stream.responded {
+            // Part of the response went out: the client must see it broken.
+            proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+            loop.countEvent("reset", proxy: proxy, snapshot: stream.snapshot, frontendKey: frontendKey)
+            end(stream, flags: "UC")
+            write(stream, .rstStream(.internalError))
+            context?.flush()
+            return
+        }
+        if stream.reused && stream.idempotent && stream.head == nil {
+            // Perhaps the server closed an idle connection as the request
+            // went out: the full path sends it again.
+            return handOver(stream)
+        }
+        proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+        loop.countEvent("reset", proxy: proxy, snapshot: stream.snapshot, frontendKey: frontendKey)
+        respondLocally(stream, .badGateway, "weft: upstream \(stream.key) reset the connection before responding\n", flags: "UC")
+    }
+
+    /// The backend's response broke the protocol.
+    private func broken(_ stream: Stream, _ what: String) {
+        stream.upstream?.close()
+        stream.upstream = nil
+        stream.reusable = false
+        if stream.responded {
+            end(stream, flags: "UPE")
+            write(stream, .rstStream(.internalError))
+            context?.flush()
+        } else {
+            respondLocally(stream, .badGateway, "weft: upstream \(stream.key) sent \(what)\n", flags: "UPE")
+        }
+    }
+
+    /// An answer of the proxy's own, in place of the backend's.
+    private func respondLocally(_ stream: Stream, _ status: HTTPResponseStatus, _ body: String, flags: String) {
+        proxy.stats.requests.add(1, ordering: .relaxed)
+        proxy.stats.expressRequests.add(1, ordering: .relaxed)
+        proxy.stats.response(Int(status.code))
+        stream.status = Int(status.code)
+        end(stream, flags: flags)
+        let headers = HPACKHeaders([(":status", String(status.code)), ("content-type", "text/plain; charset=utf-8"),
+                                    ("content-length", String(body.utf8.count)), ("server", "weft")])
+        write(stream, .headers(.init(headers: headers, endStream: stream.isHEAD)))
+        if !stream.isHEAD { writeData(stream, ByteBuffer(string: body), end: true) }
+        context?.flush()
+    }
+
+    /// The client reset the stream or went away.
+    private func abandon(_ stream: Stream) {
+        stream.upstream?.close()
+        stream.upstream = nil
+        end(stream, flags: "DC")
+    }
+
+    /// The exchange is over: out of the table, its backend has one request
+    /// fewer in flight, and it is recorded.
+    private func end(_ stream: Stream, flags: String) {
+        guard streams.removeValue(forKey: stream.id) != nil, let loop else { return }
+        loop.pool.state(stream.key).inFlight -= 1
+        Express.record(Express.Outcome(snapshot: stream.snapshot, service: stream.service,
+                                       serviceNamespace: stream.serviceNamespace, key: stream.key, route: stream.route,
+                                       grpc: stream.grpc, status: stream.status, flags: flags, start: stream.start,
+                                       bytesOut: stream.bytesOut, protocolName: "HTTP/2", logged: stream.logged),
+                       source: origin.source, loop: loop, proxy: proxy)
+    }
+
+    /// A draining connection closes once every stream is answered and
+    /// written out.
+    private func closeIfDone() {
+        guard quiescing, streams.isEmpty, handed.isEmpty, unwrittenFrames == 0, let context else { return }
+        context.close(promise: nil)
+    }
+}
