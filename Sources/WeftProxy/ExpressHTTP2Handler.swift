@@ -111,7 +111,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
 
         func upstreamRead(_ bytes: ByteBuffer) { handler?.response(self, bytes) }
-        func upstreamReadComplete() { handler?.context?.flush() }
+        func upstreamReadComplete() { handler?.flushSoon() }
         func upstreamClosed() { handler?.upstreamClosed(self) }
     }
 
@@ -204,20 +204,23 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 }
                 continue
             }
-            switch name {
-            // What ExpressHTTP1Handler hands over too; the rest are not HTTP/2's.
-            case "te", "expect", "upgrade", "transfer-encoding", "traceparent", "x-forwarded-for",
-                 "connection", "keep-alive", "proxy-connection":
+            // What ExpressHTTP1Handler hands over too; the rest are not
+            // HTTP/2's. (By length first: most fields are none of these.)
+            switch name.utf8.count {
+            case 2 where name == "te", 6 where name == "expect", 7 where name == "upgrade",
+                 10 where name == "connection" || name == "keep-alive", 11 where name == "traceparent",
+                 15 where name == "x-forwarded-for", 16 where name == "proxy-connection",
+                 17 where name == "transfer-encoding":
                 return nil
-            case "via" where value.contains(proxy.viaToken):
-                return nil  // looped: the full path answers 508
-            case "content-length" where value != "0":
-                return nil
-            case "host": hasHost = true
-            case "x-forwarded-proto": hasProto = true
-            case "x-request-id": hasRequestID = true
-            case "content-type": grpc = value.hasPrefix("application/grpc")
-            case "cookie": cookies += 1
+            case 3 where name == "via":
+                if value.contains(proxy.viaToken) { return nil }  // looped: the full path answers 508
+            case 4 where name == "host": hasHost = true
+            case 6 where name == "cookie": cookies += 1
+            case 12 where name == "x-request-id": hasRequestID = true
+            case 12 where name == "content-type": grpc = value.hasPrefix("application/grpc")
+            case 14 where name == "content-length":
+                if value != "0" { return nil }
+            case 17 where name == "x-forwarded-proto": hasProto = true
             default: break
             }
         }
@@ -496,7 +499,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         } else {
             writeData(stream, last ?? ByteBuffer(), end: true)
         }
-        context?.flush()
+        flushSoon()
     }
 
     /// Trailer lines ("name: value\r\n") as HTTP/2 trailers; nil if none.
@@ -583,6 +586,21 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                        grpc: stream.grpc, status: stream.status, flags: flags, start: stream.start,
                                        bytesOut: stream.bytesOut, protocolName: "HTTP/2", logged: stream.logged),
                        source: origin.source, loop: loop, proxy: proxy)
+    }
+
+    private var flushScheduled = false
+
+    /// Flushes once the event loop has handled every connection that is
+    /// ready now: the responses of many streams, read from as many
+    /// backends in one wake-up, leave in one write to the client.
+    fileprivate func flushSoon() {
+        guard !flushScheduled, let context else { return }
+        flushScheduled = true
+        context.eventLoop.assumeIsolated().execute { [weak self] in
+            guard let self else { return }
+            self.flushScheduled = false
+            self.context?.flush()
+        }
     }
 
     /// A draining connection closes once every stream is answered and
