@@ -97,6 +97,22 @@ enum Express {
             }
     }
 
+    /// A connect that failed: the endpoint's ejection count, the counters,
+    /// and a debug line.
+    static func countConnectFailure(_ key: EndpointKey, _ error: any Error, snapshot: RouteSnapshot, frontendKey: String,
+                                    loop: LoopState, proxy: ProxyContext) {
+        loop.pool.recordConnectFailure(key)
+        proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+        loop.countEvent("connect_failure", proxy: proxy, snapshot: snapshot, frontendKey: frontendKey)
+        proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(key)", "error": "\(error)"])
+    }
+
+    /// A backend that closed or reset its connection under a request.
+    static func countReset(snapshot: RouteSnapshot, frontendKey: String, loop: LoopState?, proxy: ProxyContext) {
+        proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+        loop?.countEvent("reset", proxy: proxy, snapshot: snapshot, frontendKey: frontendKey)
+    }
+
     /// A connection whose exchange is over: back to the idle list when the
     /// backend keeps it open and the list has room, closed otherwise.
     static func release(_ upstream: ExpressUpstream, key: EndpointKey, reusable: Bool, loop: LoopState, proxy: ProxyContext) {

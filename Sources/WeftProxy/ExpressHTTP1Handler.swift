@@ -380,10 +380,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     private func connectFailed(_ error: any Error) {
         guard let exchange, let loop else { return }
-        loop.pool.recordConnectFailure(exchange.key)
-        proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
-        loop.countEvent("connect_failure", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
-        proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(exchange.key)", "error": "\(error)"])
+        Express.countConnectFailure(exchange.key, error, snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop,
+                                    proxy: proxy)
         // Nothing was sent: the full path tries another backend or answers 503.
         giveBack(exchange)
         handOver()
@@ -519,8 +517,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         if exchange.responded {
             // Part of the response went out: the client must see it broken.
-            proxy.stats.upstreamResets.add(1, ordering: .relaxed)
-            loop?.countEvent("reset", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
+            Express.countReset(snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
             end(exchange, flags: "UC")
             context?.close(promise: nil)
             return
@@ -531,8 +528,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             giveBack(exchange)
             return handOver()
         }
-        proxy.stats.upstreamResets.add(1, ordering: .relaxed)
-        loop?.countEvent("reset", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
+        Express.countReset(snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
         respondLocally(exchange, .badGateway, "weft: upstream \(exchange.key) reset the connection before responding\n", flags: "UC")
     }
 

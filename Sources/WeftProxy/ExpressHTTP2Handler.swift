@@ -305,10 +305,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                     upstream.send(outgoing)
                 }
             case .failure(let error):
-                loop.pool.recordConnectFailure(stream.key)
-                self.proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
-                loop.countEvent("connect_failure", proxy: self.proxy, snapshot: stream.snapshot, frontendKey: self.frontendKey)
-                self.proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(stream.key)", "error": "\(error)"])
+                Express.countConnectFailure(stream.key, error, snapshot: stream.snapshot, frontendKey: self.frontendKey,
+                                            loop: loop, proxy: self.proxy)
                 // Nothing was sent: the full path tries another backend or answers 503.
                 self.handOver(stream)
             }
@@ -524,8 +522,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
         if stream.responded {
             // Part of the response went out: the client must see it broken.
-            proxy.stats.upstreamResets.add(1, ordering: .relaxed)
-            loop.countEvent("reset", proxy: proxy, snapshot: stream.snapshot, frontendKey: frontendKey)
+            Express.countReset(snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
             end(stream, flags: "UC")
             write(stream, .rstStream(.internalError))
             context?.flush()
@@ -536,8 +533,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             // went out: the full path sends it again.
             return handOver(stream)
         }
-        proxy.stats.upstreamResets.add(1, ordering: .relaxed)
-        loop.countEvent("reset", proxy: proxy, snapshot: stream.snapshot, frontendKey: frontendKey)
+        Express.countReset(snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
         respondLocally(stream, .badGateway, "weft: upstream \(stream.key) reset the connection before responding\n", flags: "UC")
     }
 
