@@ -165,6 +165,26 @@ struct MeshTLSTests {
             let (rc, out) = try curl(["http://198.19.5.11/\(marker)-l4"])
             #expect(rc == 0 && out.contains("\"path\": \"/\(marker)-l4\""), "\(out)")
         }
+        // Connections ending by the dozen while others are mid-exchange on
+        // the same tunnel connection: their ends (half-closes, closes) must
+        // not disturb the streams still running. (An empty DATA frame per
+        // ending stream once made NIO's peer tear the whole tunnel down.)
+        let ends = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "timeout", "120", "python3", "-c", """
+            import json, subprocess
+            url = "http://198.19.5.11/\(marker)-ends"
+            def requests(text):
+                return next((l for l in text.splitlines() if l.startswith("requests:")), "none")
+            # (Each bounded: a stuck stream must fail the test, not hang it.)
+            long = subprocess.Popen(["timeout", "-s", "KILL", "60", "h2load", "--h1", "-c", "2", "-n", "2000", url],
+                                    stdout=subprocess.PIPE, text=True)
+            shorts = [requests(subprocess.run(["timeout", "-s", "KILL", "20", "h2load", "--h1", "-c", "10", "-n", "40", url],
+                                              capture_output=True, text=True).stdout) for _ in range(4)]
+            out, _ = long.communicate()
+            print(json.dumps({"long": requests(out), "shorts": shorts}))
+            """])
+        let endsResult = (try? JSONSerialization.jsonObject(with: Data((ends.output.split(separator: "\n").last ?? "").utf8))) as? [String: Any] ?? [:]
+        #expect((endsResult["long"] as? String)?.contains("2000 succeeded") == true, "\(ends.output.suffix(800))")
+        #expect((endsResult["shorts"] as? [String])?.allSatisfy { $0.contains("40 succeeded") } == true, "\(ends.output.suffix(800))")
         let banner = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "python3", "-c", """
             import socket; s = socket.create_connection(("198.19.5.40", 80), timeout=3); hello = s.recv(100); s.sendall(b"\(marker)-tcp\\n"); \
             echo = s.recv(100); print(hello.decode().strip(), "|", echo.decode().strip()); s.close()

@@ -202,26 +202,3 @@ import WeftStatus
         #expect(HealthProbe.query("/probe") == [:])
     }
 }
-
-@Suite struct FlushCoalescerTests {
-    /// Flushes wait for the end of the event loop's turn, then go out as
-    /// one; a close lets a held flush through first, so nothing is lost.
-    @Test func flushesWaitForTheTurnsEndAndACloseLetsThemThrough() throws {
-        let channel = EmbeddedChannel(handler: FlushCoalescer())
-        _ = try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-        channel.write(ByteBuffer(string: "a"), promise: nil)
-        channel.flush()
-        channel.write(ByteBuffer(string: "b"), promise: nil)
-        channel.flush()
-        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "held until the turn ends")
-        channel.embeddedEventLoop.run()
-        #expect(try channel.readOutbound(as: ByteBuffer.self) == ByteBuffer(string: "a"))
-        #expect(try channel.readOutbound(as: ByteBuffer.self) == ByteBuffer(string: "b"))
-
-        channel.write(ByteBuffer(string: "c"), promise: nil)
-        channel.flush()
-        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
-        _ = try? channel.close().wait()
-        #expect(try channel.readOutbound(as: ByteBuffer.self) == ByteBuffer(string: "c"), "the close let the flush through")
-    }
-}

@@ -29,6 +29,8 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var held: [(ByteBuffer, EventLoopPromise<Void>?)] = []
     private var heldClose: EventLoopPromise<Void>??
     private var outputClosed = false
+    /// The last DATA frame written, for an empty write to wait on.
+    private var lastWrite: EventLoopFuture<Void>?
     private var sentConnect = false
     /// Client end: succeeds on the server's 2xx, fails on a refusal or when
     /// the stream ends first. The stream counts as connected only then, so a
@@ -71,7 +73,7 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
                 }
                 established = true
                 ready?.succeed()
-                for (buffer, promise) in held { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(buffer)))), promise: promise) }
+                for (buffer, promise) in held { write(context: context, data: NIOAny(buffer), promise: promise) }
                 held.removeAll()
                 context.flush()
                 if let closing = heldClose {
@@ -98,7 +100,18 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
             held.append((buffer, promise))
             return
         }
-        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(buffer)))), promise: promise)
+        if buffer.readableBytes == 0 {
+            // An empty write is a barrier (WriteBarrier.swift): done once
+            // the writes before it are. It sends no frame: NIO counts empty
+            // DATA frames from a peer as abuse and ends the whole connection
+            // (every stream of the tunnel) past the first one in a row.
+            guard let promise else { return }
+            if let lastWrite { lastWrite.cascade(to: promise) } else { promise.succeed() }
+            return
+        }
+        let written = promise ?? context.eventLoop.makePromise()
+        lastWrite = written.futureResult
+        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(buffer)))), promise: written)
     }
 
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
