@@ -252,11 +252,9 @@ def case_splice_recv(addr, **_):
     return finish_sink(s, len(data), hashlib.sha256(data).hexdigest())
 
 
-def case_echo(addr, size=16 << 20, pace=0.0, **_):
-    data = pattern(size, seed=21)
-    s = dial(addr, {"case": "echo"})
-    err = []
-
+def start_writer(s, data, err, pace=0.0):
+    """Sends `data` (in 64 KiB pieces, `pace` seconds apart) then FIN, on a
+    thread, so that the caller can read the echo meanwhile."""
     def writer():
         try:
             step = 1 << 16
@@ -270,6 +268,14 @@ def case_echo(addr, size=16 << 20, pace=0.0, **_):
 
     t = threading.Thread(target=writer)
     t.start()
+    return t
+
+
+def case_echo(addr, size=16 << 20, pace=0.0, **_):
+    data = pattern(size, seed=21)
+    s = dial(addr, {"case": "echo"})
+    err = []
+    t = start_writer(s, data, err, pace)
     n, digest = read_to_eof(s)
     t.join()
     s.close()
@@ -284,16 +290,7 @@ def case_slow_echo(addr, size=4 << 20, **_):
     data = pattern(size, seed=23)
     s = dial(addr, {"case": "echo"})
     err = []
-
-    def writer():
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            err.append(repr(e))
-
-    t = threading.Thread(target=writer)
-    t.start()
+    t = start_writer(s, data, err)
     h = hashlib.sha256()
     n = 0
     while True:
