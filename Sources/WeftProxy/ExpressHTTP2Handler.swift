@@ -335,9 +335,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             case .head:
                 if stream.head == nil { stream.head = bytes } else { stream.head!.writeBuffer(&bytes) }
                 bytes.moveReaderIndex(to: bytes.writerIndex)
-                guard let rest = responseHead(stream) else { return }
+                guard let (rest, held) = responseHead(stream) else { return }
                 bytes = rest
-                if case .length(0) = stream.framing { return finish(stream, extra: bytes.readableBytes, last: nil) }
+                if case .length(0) = stream.framing { return finish(stream, extra: bytes.readableBytes, last: nil, head: held) }
             case .length(let remaining):
                 let n = min(remaining, bytes.readableBytes)
                 stream.framing = .length(remaining - n)
@@ -372,10 +372,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
     }
 
-    /// Turns the response head, once it is all read, into a HEADERS frame
-    /// (sent unless the response ends with it: finish sends it then);
-    /// returns the bytes after it. Interim responses (1xx) are dropped.
-    private func responseHead(_ stream: Stream) -> ByteBuffer? {
+    /// Turns the response head, once it is all read, into a HEADERS frame,
+    /// sent at once unless the response ends with it: then it is returned
+    /// (`held`) for finish to send with END_STREAM. Returns the bytes after
+    /// the head too. Interim responses (1xx) are dropped.
+    private func responseHead(_ stream: Stream) -> (rest: ByteBuffer, held: HPACKHeaders?)? {
         guard var raw = stream.head else { return nil }
         enum Parsed {
             case incomplete, malformed
@@ -394,7 +395,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 if Express.isHopByHop(p, f.name) || body.named.contains(where: { HTTP1Wire.listContains(p, $0, name: f.name) }) {
                     continue
                 }
-                headers.add(name: Self.lowercased(p, f.name), value: String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self))
+                headers.add(name: HTTP1Wire.lowercased(p, f.name), value: String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self))
             }
             return .ready(headers, length: length, code: status.code, body: body)
         }
@@ -408,7 +409,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         case .interim(let length):
             raw.moveReaderIndex(forwardBy: length)
             stream.head = nil
-            return raw
+            return (raw, nil)
         case .ready(let headers, let length, let code, let body):
             raw.moveReaderIndex(forwardBy: length)
             stream.head = nil
@@ -422,24 +423,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             cached?.budget.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
             if case .length(0) = body.framing {
                 stream.trailer = nil
-                pendingHead = headers
-            } else {
-                write(stream, .headers(.init(headers: headers)))
+                return (raw, headers)
             }
-            return raw
-        }
-    }
-
-    /// A response that ends with its head: finish sends the head then.
-    private var pendingHead: HPACKHeaders?
-
-    private static func lowercased(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> String {
-        String(unsafeUninitializedCapacity: range.count) { out in
-            for k in 0..<range.count {
-                let c = p[range.lowerBound + k]
-                out[k] = c >= 65 && c <= 90 ? c | 0x20 : c
-            }
-            return range.count
+            write(stream, .headers(.init(headers: headers)))
+            return (raw, nil)
         }
     }
 
@@ -478,7 +465,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// The response is all read: the backend's connection goes back to the
     /// pool, the exchange is recorded, and the stream ends with `last` (or
     /// the head held back, or the trailers, or an empty DATA frame).
-    private func finish(_ stream: Stream, extra: Int, last: ByteBuffer?) {
+    private func finish(_ stream: Stream, extra: Int, last: ByteBuffer?, head: HPACKHeaders? = nil) {
         guard let loop else { return }
         if extra > 0 { stream.reusable = false }  // bytes past the response: out of step
         if let upstream = stream.upstream {
@@ -488,8 +475,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         // Out of the table first: the last frame closes the stream, and
         // NIOHTTP2Handler says so (StreamClosedEvent) as it is written.
         end(stream, flags: "-")
-        if let head = pendingHead {
-            pendingHead = nil
+        if let head {
             write(stream, .headers(.init(headers: head, endStream: true)))
         } else if let trailer = stream.trailer, let fields = Self.trailerFields(trailer) {
             if let last { writeData(stream, last) }

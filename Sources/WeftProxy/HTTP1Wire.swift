@@ -189,6 +189,15 @@ enum HTTP1Wire {
 
     private static func fold(_ c: UInt8) -> UInt8 { c >= 65 && c <= 90 ? c | 0x20 : c }
 
+    /// `p[range]` as a String, ASCII upper case folded to lower (a field
+    /// name as HTTP/2 wants it).
+    static func lowercased(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> String {
+        String(unsafeUninitializedCapacity: range.count) { out in
+            for k in 0..<range.count { out[k] = fold(p[range.lowerBound + k]) }
+            return range.count
+        }
+    }
+
     /// A decimal Content-Length value; nil if it is not one.
     static func decimal(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> Int? {
         guard !range.isEmpty, range.count <= 15 else { return nil }

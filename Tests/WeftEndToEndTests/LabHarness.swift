@@ -95,7 +95,7 @@ struct LabHarness {
 
     /// Runs a Python tool in a pod; its last output line is JSON.
     private func python(_ script: String, in pod: String, _ args: [String]) throws -> [String: Any] {
-        let r = try Self.run(["lab", "exec", pod, "--", "python3", script] + args)
+        let r = try Self.run(["lab", "exec", pod, "--", "/usr/bin/python3", script] + args)
         guard r.status == 0, let line = r.output.split(separator: "\n").last,
               let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
             throw HarnessError("\((script as NSString).lastPathComponent) \(args) in \(pod) failed: \(r.output)")
@@ -105,12 +105,12 @@ struct LabHarness {
 
     /// Starts loadtool.py in a pod in the background.
     func startLoad(in pod: String, _ args: [String]) throws -> BackgroundRun {
-        try BackgroundRun([Self.weft, "lab", "exec", pod, "--", "python3", Self.loadTool] + args)
+        try BackgroundRun([Self.weft, "lab", "exec", pod, "--", "/usr/bin/python3", Self.loadTool] + args)
     }
 
     /// Starts labtool.py in a pod in the background.
     func startTool(in pod: String, _ args: [String]) throws -> BackgroundRun {
-        try BackgroundRun([Self.weft, "lab", "exec", pod, "--", "python3", Self.tool] + args)
+        try BackgroundRun([Self.weft, "lab", "exec", pod, "--", "/usr/bin/python3", Self.tool] + args)
     }
 
     /// Runs a command (not weft) and decodes its last line as JSON.

@@ -472,6 +472,40 @@ struct ProxyTests {
         #expect(try stat("n1", "express_handovers_total") - handovers >= 2, "hand-overs")
     }
 
+    /// An HTTP/2 client that does not open its windows holds the express
+    /// path's backend back (it stops reading it, so the body is not heaped
+    /// up in the proxy), and gets every byte once it reads again. A drain
+    /// sends GOAWAY at once, lets the stream in flight finish, and closes
+    /// the connection as soon as it is answered, not at the drain timeout.
+    @Test func http2ExpressPathHoldsBackForSlowReadersAndDrainsWithGoAway() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let express = try stat("n1", "express_requests_total"), handovers = try stat("n1", "express_handovers_total")
+        let size = 64 << 20
+        let window = try lab.tool(in: "client", ["h2-window", "198.19.1.12", "80", "/bytes/\(size)", "\(size)", "198.18.1.21", "8080"])
+        let shut = window["shut"] as? [String: Any] ?? [:]
+        // Held back: the client's 64 KiB window, and what the kernel's socket
+        // buffers between the backend and the proxy hold (some MiB), not 64.
+        #expect(window["status"] as? String == "200" && (shut["received"] as? Int ?? .max) <= 65_535, "\(window)")
+        #expect((shut["sent"] as? Int ?? .max) < 20 << 20 && (shut["sent"] as? Int ?? 0) > 0, "the backend was not held back: \(window)")
+        #expect(window["ended"] as? Bool == true && window["length"] as? Int == size && window["exact"] as? Bool == true, "\(window)")
+        #expect(window["sent_total"] as? Int == size, "\(window)")
+        #expect(try stat("n1", "express_requests_total") - express >= 1, "not on the express path")
+        #expect(try stat("n1", "express_handovers_total") == handovers, "handed over")
+
+        let inFlight = try lab.startTool(in: "client", ["h2-drain", "198.19.1.12", "80", "/sleep/2000"])
+        usleep(500_000)
+        let restart = try LabHarness.run(["lab", "restart-proxy", "n1"])
+        #expect(restart.status == 0, "\(restart.output)\n\(LabHarness.agentLog("n1"))")
+        let drained = try inFlight.finish()
+        let goAway = drained["goaway"] as? [String: Any] ?? [:]
+        let ended = drained["ended"] as? Double ?? .infinity, closed = drained["closed"] as? Double ?? .infinity
+        #expect(goAway["last_stream_id"] as? Int == 1 && goAway["error_code"] as? Int == 0, "\(drained)")
+        #expect((goAway["at"] as? Double ?? .infinity) < 1.9, "GOAWAY came only as the stream ended: \(drained)")
+        #expect(drained["status"] as? String == "200" && (drained["body"] as? Int ?? 0) > 0 && drained["reset"] is NSNull, "\(drained)")
+        #expect(ended >= 2 && closed >= ended && closed - ended < 2, "\(drained)")
+    }
+
     /// A client that half-closes after its request and then reads slowly
     /// still gets every byte of the response before the proxy closes, on
     /// the express path and on the full path (NIO fails writes still queued

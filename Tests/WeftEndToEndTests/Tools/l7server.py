@@ -6,6 +6,7 @@ test can see what the proxy did to it. Behaviour by path:
   /sleep/MS        wait MS milliseconds first
   /flaky/RATE      answer 503 with probability RATE (0..1)
   /__count         how many requests this server has seen (not counted)
+  /__sent          body bytes /bytes/N answers have written so far (not counted)
   /__set?fail=R&delay=MS&health=CODE
                    from now on: 503 on share R of requests, wait MS first,
                    answer /healthz with CODE (not counted)
@@ -30,6 +31,9 @@ FAIL_RATE = 0.0
 DELAY_MS = 0
 HEALTH = 200
 COUNT = 0
+SENT = 0
+# 261 periods of i % 251: /bytes/N writes its body in these blocks.
+BLOCK = bytes(i % 251 for i in range(251 * 261))
 LOCK = threading.Lock()
 
 
@@ -70,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(bytes([0x81, len(reply)]) + reply)
 
     def handle_any(self):
-        global COUNT, FAIL_RATE, DELAY_MS, HEALTH
+        global COUNT, SENT, FAIL_RATE, DELAY_MS, HEALTH
         if self.headers.get("upgrade", "").lower() == "websocket":
             return self.websocket()
         length = int(self.headers.get("content-length") or 0)
@@ -78,6 +82,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path
         if path == "/__count":
             return self.reply(200, {"pod": POD, "count": COUNT})
+        if path == "/__sent":
+            return self.reply(200, {"pod": POD, "sent": SENT})
         if path == "/healthz":
             return self.reply(HEALTH, {"pod": POD, "health": HEALTH})
         if path == "/__exit":
@@ -120,7 +126,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("content-length", str(n))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(bytes(i % 251 for i in range(n)))
+                # Block by block, counted as each is written: a test can
+                # see how far a reader's backpressure let the body go.
+                for at in range(0, n, len(BLOCK)):
+                    piece = BLOCK[:min(len(BLOCK), n - at)]
+                    self.wfile.write(piece)
+                    with LOCK:
+                        SENT += len(piece)
             return
         if parts[0] == "unframed":
             data = (json.dumps(answer) + "\n").encode()

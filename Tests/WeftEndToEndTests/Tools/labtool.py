@@ -378,9 +378,148 @@ def ws_echo(host, port, message):
                           "echoes": echoes}))
 
 
+def _h2_client(host, port):
+    """An h2c (prior knowledge) client connection, python3-h2 on a socket;
+    it sends WINDOW_UPDATE only when asked."""
+    import h2.config
+    import h2.connection
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(conn.data_to_send())
+    return conn, s
+
+
+def _h2_pump(conn, s, wait):
+    """Reads for at most `wait` seconds; returns (events, closed)."""
+    s.settimeout(wait)
+    try:
+        data = s.recv(1 << 20)
+    except socket.timeout:
+        return [], False
+    if not data:
+        return [], True
+    events = conn.receive_data(data)
+    out = conn.data_to_send()
+    if out:
+        s.sendall(out)
+    return events, False
+
+
+def _h2_get(conn, s, stream, host, path):
+    conn.send_headers(stream, [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", host)],
+                      end_stream=True)
+    s.sendall(conn.data_to_send())
+
+
+def h2_window(host, port, path, size, backend_host, backend_port):
+    """An h2c GET of /bytes/SIZE whose windows the client keeps shut (it
+    reads, never acknowledges) until the backend has stopped sending; then
+    it opens them and reads to the end. Reports how much the backend had
+    written by then (its /__sent, before and after), and whether the whole
+    body came, byte for byte."""
+    import h2.events
+    import urllib.request
+    size = int(size)
+
+    def sent():
+        with urllib.request.urlopen("http://%s:%s/__sent" % (backend_host, backend_port), timeout=5) as r:
+            return json.loads(r.read())["sent"]
+
+    base = sent()
+    conn, s = _h2_client(host, port)
+    _h2_get(conn, s, 1, host, path)
+    body, status, ended, closed = bytearray(), None, False, False
+    readings = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not closed:
+        events, closed = _h2_pump(conn, s, 0.3)
+        for e in events:
+            if isinstance(e, h2.events.ResponseReceived):
+                status = dict(e.headers).get(":status")
+            elif isinstance(e, h2.events.DataReceived):
+                body += e.data
+        readings.append(sent() - base)
+        if len(readings) >= 4 and readings[-1] == readings[-4] and readings[-1] > 0:
+            break  # the backend has stopped: three readings, 0.9 s, alike
+    shut = {"sent": readings[-1] if readings else 0, "received": len(body), "readings": len(readings)}
+    conn.increment_flow_control_window(1 << 30)
+    conn.increment_flow_control_window(1 << 30, stream_id=1)
+    s.sendall(conn.data_to_send())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ended and not closed:
+        events, closed = _h2_pump(conn, s, 1.0)
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                body += e.data
+                conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            elif isinstance(e, h2.events.StreamEnded):
+                ended = True
+            elif isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                closed = True
+        out = conn.data_to_send()
+        if out:
+            s.sendall(out)
+    s.close()
+    block = bytes(i % 251 for i in range(251 * 261))
+    expected = (block * (size // len(block) + 1))[:size]
+    print(json.dumps({"status": status, "shut": shut, "ended": ended, "length": len(body),
+                      "exact": bytes(body) == expected, "sent_total": sent() - base}))
+
+
+def h2_drain(host, port, path):
+    """One h2c GET left in flight while the test drains the proxy: what came
+    back (GOAWAY, the response, the connection's end) and when, in seconds
+    from the request. Frames are read by hand: python3-h2 stops taking
+    frames once a GOAWAY has come, and the point is what comes after it."""
+    import struct
+    import hpack
+    s = socket.create_connection((host, int(port)), timeout=10)
+    block = hpack.Encoder().encode([(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", host)])
+    frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
+        struct.pack(">I", stream) + payload
+    start = time.monotonic()
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 5, 1, block))
+    out = {"goaway": None, "status": None, "body": 0, "ended": None, "closed": None, "reset": None}
+    decoder, buf = hpack.Decoder(), b""
+    s.settimeout(1.0)
+    while time.monotonic() - start < 30 and out["closed"] is None:
+        try:
+            data = s.recv(1 << 16)
+        except socket.timeout:
+            continue
+        except OSError as e:
+            data = b""
+            out["error"] = str(e)
+        now = round(time.monotonic() - start, 3)
+        if not data:
+            out["closed"] = now
+            break
+        buf += data
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+            stream = int.from_bytes(buf[5:9], "big") & 0x7fffffff
+            payload, buf = buf[9:9 + n], buf[9 + n:]
+            if kind == 4 and not flags & 1:
+                s.sendall(frame(4, 1, 0, b""))  # SETTINGS ACK
+            elif kind == 7:
+                last, code = struct.unpack(">II", payload[:8])
+                out["goaway"] = {"at": now, "last_stream_id": last & 0x7fffffff, "error_code": code}
+            elif kind == 1 and stream == 1:
+                out["status"] = dict(decoder.decode(payload)).get(":status")
+            elif kind == 0 and stream == 1:
+                out["body"] += n
+            elif kind == 3 and stream == 1:
+                out["reset"] = struct.unpack(">I", payload[:4])[0]
+            if kind in (0, 1) and stream == 1 and flags & 1:
+                out["ended"] = now
+    s.close()
+    print(json.dumps(out))
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
-     "http-load": http_load, "http-steady": http_steady, "ws-echo": ws_echo}[command](*args)
+     "http-load": http_load, "http-steady": http_steady, "ws-echo": ws_echo,
+     "h2-window": h2_window, "h2-drain": h2_drain}[command](*args)
