@@ -20,7 +20,8 @@ alternating with Weft: CPU per request of each, medians over REFERENCE_ROUNDS.
 What the floor costs is what SwiftNIO itself costs; the rest of Weft's cost
 is its pipeline and its codecs.
 
-Prints one table per load and writes docs/bench-proxy-profile.json.
+Prints one table per load and writes docs/bench-proxy-profile.json. With
+WEFT_PROFILE_KEEP=DIR, each load's perf.data is kept in DIR for `perf report`.
 """
 import collections
 import json
@@ -140,6 +141,9 @@ def run_lab(work, config, profile, env=None):
             perf.send_signal(2)
             perf.wait()
             shares, samples = split(data)
+            if os.environ.get("WEFT_PROFILE_KEEP"):  # a directory: keep perf.data per load for `perf report`
+                keep = os.path.join(os.environ["WEFT_PROFILE_KEEP"], "perf-%s.data" % load.replace("/", "").replace(".", ""))
+                subprocess.run(["cp", data, keep], check=True)
             results[load] = {"shares": shares, "samples": samples, "per_core": top["requests"] / cpu if cpu else None,
                              "us_per_request": 1e6 * cpu / top["requests"] if top["requests"] else None}
             print(f"{load}: {samples} samples, {results[load]['us_per_request']:.1f} µs of proxy CPU per request "

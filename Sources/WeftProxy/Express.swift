@@ -66,16 +66,24 @@ enum Express {
         }
     }
 
-    /// An idle express connection to `key` from this loop's pool (marked
-    /// reused), or a new one. The caller counts a failure.
-    static func upstream(to key: EndpointKey, loop: LoopState, _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
+    /// An idle express connection to `key` from this loop's pool, marked
+    /// reused; nil when there is none. (The common case, answered with no
+    /// callback: see `upstream`.)
+    static func idleUpstream(to key: EndpointKey, loop: LoopState) -> ExpressUpstream? {
         let state = loop.pool.state(key)
         while let idle = state.express.popLast() {
             if idle.isActive {
                 idle.reused = true
-                return done(.success(idle))
+                return idle
             }
         }
+        return nil
+    }
+
+    /// A new express connection to `key`, for when `idleUpstream` has none.
+    /// The caller counts a failure.
+    static func connectUpstream(to key: EndpointKey, loop: LoopState,
+                                _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
         loop.pool.bootstrap()
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
@@ -223,22 +231,53 @@ enum Express {
         var logged: Logged?
     }
 
+    /// The request series a connection's last exchange was counted in, and
+    /// what chose it: a client's requests on one connection mostly share
+    /// every label, and then need no label set built and hashed.
+    struct LastSeries {
+        let snapshot: RouteSnapshot
+        let key: EndpointKey
+        let route: String
+        let grpc: Bool
+        let status: Int
+        let flags: String
+        let series: ProxyTelemetry.RequestSeries
+
+        func matches(_ o: Outcome) -> Bool {
+            snapshot === o.snapshot && key == o.key && status == o.status && grpc == o.grpc && route == o.route
+                && flags == o.flags
+        }
+    }
+
     /// Records an ended exchange: the request series, and the access log
-    /// line when logs are on for the source's namespace.
-    static func record(_ o: Outcome, source: IPv4Address, loop: LoopState, proxy: ProxyContext) {
+    /// line when logs are on for the source's namespace. `last` is the
+    /// connection's LastSeries (the source is the connection's too).
+    static func record(_ o: Outcome, source: IPv4Address, last: inout LastSeries?, loop: LoopState, proxy: ProxyContext) {
         let metrics = o.snapshot.table.requestMetrics != false
         guard metrics || o.logged != nil else { return }
-        let peers = PeerLabels(snapshot: o.snapshot, source: source, service: o.service,
-                               serviceNamespace: o.serviceNamespace, upstream: o.key)
         let elapsed = NIODeadline.now() - o.start
+        var labelled: PeerLabels?
         if metrics {
-            let labels = RequestLabels(peers: peers, route: o.route, requestProtocol: o.grpc ? "grpc" : "http",
-                                       responseCode: o.status, responseFlags: o.flags)
-            let series = loop.telemetry.request(labels, proxy.telemetry)
+            let series: ProxyTelemetry.RequestSeries
+            if let last, last.matches(o) {
+                series = last.series
+            } else {
+                let p = PeerLabels(snapshot: o.snapshot, source: source, service: o.service,
+                                   serviceNamespace: o.serviceNamespace, upstream: o.key)
+                labelled = p
+                let labels = RequestLabels(peers: p, route: o.route, requestProtocol: o.grpc ? "grpc" : "http",
+                                           responseCode: o.status, responseFlags: o.flags)
+                series = loop.telemetry.request(labels, proxy.telemetry)
+                last = LastSeries(snapshot: o.snapshot, key: o.key, route: o.route, grpc: o.grpc, status: o.status,
+                                  flags: o.flags, series: series)
+            }
             series.count.increment()
             series.duration.record(.nanoseconds(elapsed.nanoseconds))
         }
-        if let logged = o.logged, AccessLog.covers(o.snapshot.table.accessLog, namespace: peers.sourceNamespace) {
+        guard let logged = o.logged else { return }
+        let peers = labelled ?? PeerLabels(snapshot: o.snapshot, source: source, service: o.service,
+                                           serviceNamespace: o.serviceNamespace, upstream: o.key)
+        if AccessLog.covers(o.snapshot.table.accessLog, namespace: peers.sourceNamespace) {
             proxy.accessLog.append(HTTPLogLine(
                 start: logged.wallStart, protocolName: o.protocolName, method: logged.method, path: logged.path,
                 authority: logged.authority, code: o.status, flags: o.flags, elapsedNanos: elapsed.nanoseconds,

@@ -46,6 +46,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private var inputClosed = false
     private var readPending = false
     private var handedOver = false
+    private var lastSeries: Express.LastSeries?
 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
         self.proxy = proxy
@@ -356,7 +357,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func start(_ exchange: Exchange, loop: LoopState) {
         self.exchange = exchange
         loop.pool.state(exchange.key).inFlight += 1
-        Express.upstream(to: exchange.key, loop: loop) { [weak self] result in
+        if let idle = Express.idleUpstream(to: exchange.key, loop: loop) { return attach(idle) }
+        Express.connectUpstream(to: exchange.key, loop: loop) { [weak self] result in
             guard let self, self.exchange === exchange, exchange.connecting else {
                 (try? result.get())?.close()
                 return
@@ -572,7 +574,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                        serviceNamespace: exchange.serviceNamespace, key: exchange.key, route: exchange.route,
                                        grpc: exchange.grpc, status: exchange.status, flags: flags, start: exchange.start,
                                        bytesOut: exchange.bytesOut, protocolName: "HTTP/1.1", logged: exchange.logged),
-                       source: origin.source, loop: loop, proxy: proxy)
+                       source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
     }
 
     /// An answer of the proxy's own, in place of the backend's.

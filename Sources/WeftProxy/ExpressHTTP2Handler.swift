@@ -52,6 +52,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private var unwrittenFrames = 0
     private var fields: [HTTP1Wire.Field] = []
     private var chunkData: [Range<Int>] = []
+    private var lastSeries: Express.LastSeries?
 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
         self.proxy = proxy
@@ -289,27 +290,33 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func start(_ stream: Stream) {
         guard let loop else { return }
         loop.pool.state(stream.key).inFlight += 1
-        Express.upstream(to: stream.key, loop: loop) { [weak self] result in
+        if let idle = Express.idleUpstream(to: stream.key, loop: loop) { return attach(stream, idle) }
+        Express.connectUpstream(to: stream.key, loop: loop) { [weak self] result in
             guard let self, self.streams[stream.id] === stream, stream.connecting else {
                 (try? result.get())?.close()
                 return
             }
-            stream.connecting = false
             switch result {
             case .success(let upstream):
-                stream.upstream = upstream
-                stream.reused = upstream.reused
-                upstream.owner = stream
-                if let outgoing = stream.outgoing {
-                    stream.outgoing = nil
-                    upstream.send(outgoing)
-                }
+                self.attach(stream, upstream)
             case .failure(let error):
+                stream.connecting = false
                 Express.countConnectFailure(stream.key, error, snapshot: stream.snapshot, frontendKey: self.frontendKey,
                                             loop: loop, proxy: self.proxy)
                 // Nothing was sent: the full path tries another backend or answers 503.
                 self.handOver(stream)
             }
+        }
+    }
+
+    private func attach(_ stream: Stream, _ upstream: ExpressUpstream) {
+        stream.connecting = false
+        stream.upstream = upstream
+        stream.reused = upstream.reused
+        upstream.owner = stream
+        if let outgoing = stream.outgoing {
+            stream.outgoing = nil
+            upstream.send(outgoing)
         }
     }
 
@@ -567,7 +574,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                        serviceNamespace: stream.serviceNamespace, key: stream.key, route: stream.route,
                                        grpc: stream.grpc, status: stream.status, flags: flags, start: stream.start,
                                        bytesOut: stream.bytesOut, protocolName: "HTTP/2", logged: stream.logged),
-                       source: origin.source, loop: loop, proxy: proxy)
+                       source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
     }
 
     private var flushScheduled = false
