@@ -470,6 +470,28 @@ struct ProxyTests {
         // the POST (a body) and the refused stream were handed over.
         #expect(try stat("n1", "express_requests_total") - express >= 405, "express requests")
         #expect(try stat("n1", "express_handovers_total") - handovers >= 2, "hand-overs")
+
+        // The express path writes HTTP/2 fields into HTTP/1.1 bytes: a CR, LF
+        // or NUL in a value, a bad name or a bad :path must never reach the
+        // backend as a line of its own (request smuggling). Such a stream is
+        // refused; the backend sees one request, the good one.
+        func count() throws -> Int {
+            json(try curl(lab, "http://198.18.1.21:8080/__count").2)["count"] as? Int ?? -1
+        }
+        let before = try count()
+        let good = try lab.tool(in: "client", ["h2-request", "198.19.1.12", "80", "/fine", "x-ok=fine"])
+        #expect(good["status"] as? String == "200" && (good["body"] as? String ?? "").contains("\"x-ok\": \"fine\""), "\(good)")
+        let smuggled: [[String]] = [
+            ["/s", "x-a=1\\r\\nx-injected: yes"], ["/s", "x-a=1\\nx-injected: yes"], ["/s", "x-a=1\\x00b"],
+            ["/s", "X-Upper=1"], ["/s", "x-a b=1"], ["/s HTTP/1.1\\r\\nx-injected: yes\\r\\n\\r\\nGET /t", "x-ok=1"],
+        ]
+        for args in smuggled {
+            let r = try lab.tool(in: "client", ["h2-request", "198.19.1.12", "80"] + args)
+            #expect(r["status"] as? String != "200" && !(r["body"] as? String ?? "").contains("x-injected"), "\(args): \(r)")
+            #expect(!(r["reset"] is NSNull) || !(r["goaway"] is NSNull) || (r["status"] as? String)?.hasPrefix("4") == true,
+                    "\(args) was neither refused nor answered 4xx: \(r)")
+        }
+        #expect(try count() == before + 1, "the backend saw more than the one good request")
     }
 
     /// An HTTP/2 client that does not open its windows holds the express

@@ -467,23 +467,27 @@ def h2_window(host, port, path, size, backend_host, backend_port):
                       "exact": bytes(body) == expected, "sent_total": sent() - base}))
 
 
-def h2_drain(host, port, path):
-    """One h2c GET left in flight while the test drains the proxy: what came
-    back (GOAWAY, the response, the connection's end) and when, in seconds
-    from the request. Frames are read by hand: python3-h2 stops taking
-    frames once a GOAWAY has come, and the point is what comes after it."""
+def _h2_raw(host, port, path, fields=(), until_closed=False):
+    """One h2c GET on stream 1, frames read by hand (python3-h2 stops taking
+    frames once a GOAWAY has come, and refuses to send some of what the
+    tests send). Returns what came back and when, in seconds from the
+    request: GOAWAY, the status, the body, the stream's end or reset, and
+    the connection's end; it waits for that end with `until_closed`."""
     import struct
     import hpack
     s = socket.create_connection((host, int(port)), timeout=10)
-    block = hpack.Encoder().encode([(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", host)])
+    block = hpack.Encoder().encode([(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", host),
+                                    *fields])
     frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
         struct.pack(">I", stream) + payload
     start = time.monotonic()
     s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 5, 1, block))
-    out = {"goaway": None, "status": None, "body": 0, "ended": None, "closed": None, "reset": None}
+    out = {"goaway": None, "status": None, "body": b"", "ended": None, "closed": None, "reset": None}
     decoder, buf = hpack.Decoder(), b""
     s.settimeout(1.0)
     while time.monotonic() - start < 30 and out["closed"] is None:
+        if not until_closed and (out["ended"] is not None or out["reset"] is not None):
+            break
         try:
             data = s.recv(1 << 16)
         except socket.timeout:
@@ -508,13 +512,33 @@ def h2_drain(host, port, path):
             elif kind == 1 and stream == 1:
                 out["status"] = dict(decoder.decode(payload)).get(":status")
             elif kind == 0 and stream == 1:
-                out["body"] += n
+                out["body"] += payload
             elif kind == 3 and stream == 1:
                 out["reset"] = struct.unpack(">I", payload[:4])[0]
             if kind in (0, 1) and stream == 1 and flags & 1:
                 out["ended"] = now
     s.close()
+    return out
+
+
+def h2_drain(host, port, path):
+    """One h2c GET left in flight while the test drains the proxy: GOAWAY,
+    the response, and the connection's end, and when."""
+    out = _h2_raw(host, port, path, until_closed=True)
+    out["body"] = len(out["body"])
     print(json.dumps(out))
+
+
+def h2_request(host, port, path, *fields):
+    """One h2c GET of PATH with extra fields NAME=VALUE (PATH and VALUE with
+    Python escapes, so \\r\\n can be sent): the status, the reset code, and
+    the body as text."""
+    import codecs
+    pairs = [(f.split("=", 1)[0], codecs.decode(f.split("=", 1)[1], "unicode_escape")) for f in fields]
+    out = _h2_raw(host, port, codecs.decode(path, "unicode_escape"), pairs)
+    out["body"] = out["body"].decode(errors="replace")
+    print(json.dumps(out))
+
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
@@ -522,4 +546,4 @@ if __name__ == "__main__":
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "ws-echo": ws_echo,
-     "h2-window": h2_window, "h2-drain": h2_drain}[command](*args)
+     "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request}[command](*args)
