@@ -8,16 +8,20 @@ import WeftCore
 /// backends, and what is recorded when an exchange ends. Each piece is the
 /// full path's own rule, applied to requests read in place.
 enum Express {
-    /// A request the express path takes: its route and backend.
+    /// A request the express path takes: its route and backend, and the
+    /// tunnel to the backend's node when it is on another one.
     struct Target {
         var route: String
         var key: EndpointKey
+        var tunnel: Tunnel?
     }
+
+    typealias Tunnel = (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)
 
     /// Routes `request` as the full path does and picks its backend; nil
     /// when the request needs the full path (filters, retries, timeouts,
     /// TrafficPolicy, a non-HTTP/1.1 upstream, AuthorizationPolicy on the
-    /// pod, a tunnel to another node, no backend the pod may reach).
+    /// pod, no backend the pod may reach).
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, snapshot: RouteSnapshot,
                        loop: LoopState, proxy: ProxyContext, source: IPv4Address) -> Target? {
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
@@ -28,9 +32,8 @@ enum Express {
               let endpoints = snapshot.endpoints[cluster.cluster], !endpoints.isEmpty else { return nil }
         // A backend the pod may reach (the full path says why when none is).
         let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source)
-        guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil,
-              proxy.tunnel(to: key, from: source, snapshot: snapshot) == nil else { return nil }
-        return Target(route: action.name, key: key)
+        guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil else { return nil }
+        return Target(route: action.name, key: key, tunnel: proxy.tunnel(to: key, from: source, snapshot: snapshot))
     }
 
     /// Writes the header lines the proxy adds to a request (as
@@ -69,8 +72,17 @@ enum Express {
     /// An idle express connection to `key` from this loop's pool, marked
     /// reused; nil when there is none. (The common case, answered with no
     /// callback: see `upstream`.)
-    static func idleUpstream(to key: EndpointKey, loop: LoopState) -> ExpressUpstream? {
+    static func idleUpstream(to key: EndpointKey, tunnel: Tunnel?, loop: LoopState) -> ExpressUpstream? {
         let state = loop.pool.state(key)
+        if let source = tunnel?.source.value {
+            while let idle = state.expressTunnelIdle[source]?.popLast() {
+                if idle.isActive {
+                    idle.reused = true
+                    return idle
+                }
+            }
+            return nil
+        }
         while let idle = state.express.popLast() {
             if idle.isActive {
                 idle.reused = true
@@ -80,10 +92,31 @@ enum Express {
         return nil
     }
 
-    /// A new express connection to `key`, for when `idleUpstream` has none.
-    /// The caller counts a failure.
-    static func connectUpstream(to key: EndpointKey, loop: LoopState,
+    /// A new express connection to `key`, for when `idleUpstream` has none:
+    /// with a `tunnel`, a CONNECT stream of the tunnel to the backend's node
+    /// that carries HTTP/1.1 (`x-weft-protocol: http1`: the destination
+    /// reads it request by request). The caller counts a failure.
+    static func connectUpstream(to key: EndpointKey, tunnel: Tunnel?, loop: LoopState,
                                 _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
+        if let tunnel {
+            let source = tunnel.source.value
+            loop.pool.tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "http1",
+                                     initialize: { stream in
+                try stream.pipeline.syncOperations.addHandler(ExpressUpstream(tunnelSource: source))
+            }) { result in
+                switch result {
+                case .success(let stream):
+                    guard let upstream = try? stream.pipeline.syncOperations.handler(type: ExpressUpstream.self) else {
+                        stream.close(promise: nil)
+                        return done(.failure(ChannelError.ioOnClosedChannel))
+                    }
+                    done(.success(upstream))
+                case .failure(let error):
+                    done(.failure(error))
+                }
+            }
+            return
+        }
         loop.pool.bootstrap()
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
@@ -115,6 +148,12 @@ enum Express {
         proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(key)", "error": "\(error)"])
     }
 
+    /// Whether a tunnelled response says the backend's node could not reach
+    /// the pod (`x-weft-refused`): a refused connect, not the pod's answer.
+    static func isRefusal(_ p: UnsafeRawBufferPointer, _ fields: [HTTP1Wire.Field]) -> Bool {
+        fields.contains { HTTP1Wire.equals(p, $0.name, "x-weft-refused") }
+    }
+
     /// A backend that closed or reset its connection under a request.
     static func countReset(snapshot: RouteSnapshot, frontendKey: String, loop: LoopState?, proxy: ProxyContext) {
         proxy.stats.upstreamResets.add(1, ordering: .relaxed)
@@ -127,7 +166,14 @@ enum Express {
         upstream.owner = nil
         upstream.resume()
         let idle = loop.pool.state(key)
-        if reusable && upstream.isActive && idle.express.count < proxy.configuration.maxIdlePerBackend {
+        let limit = proxy.configuration.maxIdlePerBackend
+        if let source = upstream.tunnelSource {
+            if reusable && upstream.isActive && idle.expressTunnelIdle[source, default: []].count < limit {
+                idle.expressTunnelIdle[source, default: []].append(upstream)
+            } else {
+                upstream.close()
+            }
+        } else if reusable && upstream.isActive && idle.express.count < limit {
             idle.express.append(upstream)
         } else {
             upstream.close()

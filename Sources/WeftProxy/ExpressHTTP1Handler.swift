@@ -14,8 +14,7 @@ import WeftKernel
 /// Everything else goes to the full path (HTTPProxyHandler behind NIO's
 /// codec), which this handler hands the connection to, for good, before it
 /// sends anything of the request that needs it: HTTPRoute filters, retries,
-/// timeouts, TrafficPolicy, tracing export, AuthorizationPolicy,
-/// tunnels to other nodes, upgrades, chunked or large request bodies, a
+/// timeouts, TrafficPolicy, tracing export, AuthorizationPolicy, upgrades, chunked or large request bodies, a
 /// request with X-Forwarded-For or traceparent already set, a looped
 /// request, anything the strict parser of HTTP1Wire does not accept, and
 /// failures it is safe to try again (a refused connect, a reused connection
@@ -69,6 +68,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let service: String?
         let serviceNamespace: String?
         let key: EndpointKey
+        let tunnel: Express.Tunnel?
         let start = NIODeadline.now()
         let keepAlive: Bool
         let isHEAD: Bool
@@ -100,12 +100,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var logged: Express.Logged?
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey,
-             keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int, outgoing: ByteBuffer) {
+             tunnel: Express.Tunnel?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
+             outgoing: ByteBuffer) {
             self.snapshot = snapshot
             self.route = route
             self.service = service
             self.serviceNamespace = serviceNamespace
             self.key = key
+            self.tunnel = tunnel
             self.keepAlive = keepAlive
             self.isHEAD = isHEAD
             self.idempotent = idempotent
@@ -118,6 +120,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private enum ResponseHead {
         case incomplete
         case malformed
+        /// From a tunnel: the backend's node could not reach the pod.
+        case refused
         /// The head as the client gets it, its length as read, and whether
         /// the backend closes the connection after this response.
         case ready(head: ByteBuffer, length: Int, code: Int, framing: Express.Framing, close: Bool, closesClient: Bool)
@@ -305,7 +309,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[length..<total]))
 
         let exchange = Exchange(snapshot: snapshot, route: chosen.route, service: matcher.frontend.service,
-                                serviceNamespace: matcher.frontend.namespace, key: chosen.key,
+                                serviceNamespace: matcher.frontend.namespace, key: chosen.key, tunnel: chosen.tunnel,
                                 keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
                                 isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc,
                                 length: total, outgoing: out)
@@ -357,8 +361,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func start(_ exchange: Exchange, loop: LoopState) {
         self.exchange = exchange
         loop.pool.state(exchange.key).inFlight += 1
-        if let idle = Express.idleUpstream(to: exchange.key, loop: loop) { return attach(idle) }
-        Express.connectUpstream(to: exchange.key, loop: loop) { [weak self] result in
+        if let idle = Express.idleUpstream(to: exchange.key, tunnel: exchange.tunnel, loop: loop) { return attach(idle) }
+        Express.connectUpstream(to: exchange.key, tunnel: exchange.tunnel, loop: loop) { [weak self] result in
             guard let self, self.exchange === exchange, exchange.connecting else {
                 (try? result.get())?.close()
                 return
@@ -443,6 +447,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             guard let length = HTTP1Wire.headLength(p) else { return .incomplete }
             guard let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields),
                   let body = Express.responseBody(p, status, fields, isHEAD: exchange.isHEAD) else { return .malformed }
+            if exchange.tunnel != nil && Express.isRefusal(p, fields) { return .refused }
             let framing = body.framing, chunked = body.chunked, named = body.named
             let closeClient = !exchange.keepAlive || quiescing
             var out = context.channel.allocator.buffer(capacity: length + 32)
@@ -476,6 +481,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             return nil
         case .malformed:
             broken(exchange, "a malformed response head")
+            return nil
+        case .refused:
+            // Nothing went to the client: the full path tries another
+            // backend or answers 503, as for a refused connect.
+            connectFailed(TunnelRefused(status: 0, reason: "\(exchange.key) could not be reached from its node"))
             return nil
         case .ready(let h, let l, let c, let f, let x, let y):
             (head, length, code, framing, close, closesClient) = (h, l, c, f, x, y)

@@ -73,6 +73,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let service: String?
         let serviceNamespace: String?
         let key: EndpointKey
+        let tunnel: Express.Tunnel?
         let start = NIODeadline.now()
         let isHEAD: Bool
         let idempotent: Bool
@@ -95,8 +96,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var logged: Express.Logged?
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
-             route: String, service: String?, serviceNamespace: String?, key: EndpointKey, isHEAD: Bool, idempotent: Bool,
-             grpc: Bool, outgoing: ByteBuffer) {
+             route: String, service: String?, serviceNamespace: String?, key: EndpointKey, tunnel: Express.Tunnel?,
+             isHEAD: Bool, idempotent: Bool, grpc: Bool, outgoing: ByteBuffer) {
             self.handler = handler
             self.id = id
             self.request = request
@@ -105,6 +106,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             self.service = service
             self.serviceNamespace = serviceNamespace
             self.key = key
+            self.tunnel = tunnel
             self.isHEAD = isHEAD
             self.idempotent = idempotent
             self.grpc = grpc
@@ -276,7 +278,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                                           hasRequestID: hasRequestID, loop: loop)
         let stream = Stream(handler: self, id: id, request: h, snapshot: snapshot, route: chosen.route,
                             service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key,
-                            isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
+                            tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         if snapshot.table.accessLog != nil {
             stream.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: authority,
                                            userAgent: headers.first(name: "user-agent"),
@@ -290,8 +292,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func start(_ stream: Stream) {
         guard let loop else { return }
         loop.pool.state(stream.key).inFlight += 1
-        if let idle = Express.idleUpstream(to: stream.key, loop: loop) { return attach(stream, idle) }
-        Express.connectUpstream(to: stream.key, loop: loop) { [weak self] result in
+        if let idle = Express.idleUpstream(to: stream.key, tunnel: stream.tunnel, loop: loop) { return attach(stream, idle) }
+        Express.connectUpstream(to: stream.key, tunnel: stream.tunnel, loop: loop) { [weak self] result in
             guard let self, self.streams[stream.id] === stream, stream.connecting else {
                 (try? result.get())?.close()
                 return
@@ -386,7 +388,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func responseHead(_ stream: Stream) -> (rest: ByteBuffer, held: HPACKHeaders?)? {
         guard var raw = stream.head else { return nil }
         enum Parsed {
-            case incomplete, malformed
+            case incomplete, malformed, refused
             case interim(length: Int)
             case ready(HPACKHeaders, length: Int, code: Int, body: Express.ResponseBody)
         }
@@ -394,6 +396,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             guard let length = HTTP1Wire.headLength(p) else { return .incomplete }
             guard let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields),
                   let body = Express.responseBody(p, status, fields, isHEAD: stream.isHEAD) else { return .malformed }
+            if stream.tunnel != nil && Express.isRefusal(p, fields) { return .refused }
             if status.code < 200 { return .interim(length: length) }
             var headers = HPACKHeaders()
             headers.reserveCapacity(fields.count + 1)
@@ -412,6 +415,16 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             return nil
         case .malformed:
             broken(stream, "a malformed response head")
+            return nil
+        case .refused:
+            // From a tunnel: the backend's node could not reach the pod.
+            // Nothing went to the client: the full path tries another
+            // backend or answers 503, as for a refused connect.
+            if let loop {
+                Express.countConnectFailure(stream.key, TunnelRefused(status: 0, reason: "\(stream.key) could not be reached from its node"),
+                                            snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
+            }
+            handOver(stream)
             return nil
         case .interim(let length):
             raw.moveReaderIndex(forwardBy: length)

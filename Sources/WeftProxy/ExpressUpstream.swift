@@ -1,9 +1,11 @@
 import NIOCore
 
-/// The backend end of an express exchange (ExpressHTTP1Handler): a plain
-/// HTTP/1.1 connection with no codec. It passes the bytes it reads to the
-/// exchange that owns it, which frames the response; between exchanges it
-/// waits in its endpoint's idle list of the loop's UpstreamPool.
+/// The backend end of an express exchange: a plain HTTP/1.1 connection
+/// with no codec, or a tunnel stream carrying HTTP/1.1 to a pod on another
+/// node (`tunnelSource`: the source pod it speaks for). It passes the bytes
+/// it reads to the exchange that owns it, which frames the response;
+/// between exchanges it waits in its endpoint's idle list of the loop's
+/// UpstreamPool.
 final class ExpressUpstream: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -22,6 +24,11 @@ final class ExpressUpstream: ChannelInboundHandler {
     /// Handed out before: a close with no response byte may be the server
     /// closing an idle connection, which makes a resend safe.
     var reused = false
+    /// A tunnel stream's source pod (its CONNECT named it): only that pod's
+    /// exchanges may reuse it. Nil for a TCP connection.
+    let tunnelSource: UInt32?
+
+    init(tunnelSource: UInt32? = nil) { self.tunnelSource = tunnelSource }
 
     var channel: Channel? { context?.channel }
 
@@ -64,6 +71,13 @@ final class ExpressUpstream: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         owner?.upstreamReadComplete()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // A tunnel stream's end (the destination closed its side): as a
+        // TCP backend's close.
+        if let e = event as? ChannelEvent, case .inputClosed = e { return context.close(promise: nil) }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -56,6 +56,8 @@ final class UpstreamPool {
         /// stream names its source in its CONNECT, so only that pod's
         /// exchanges may reuse it).
         var tunnelIdle: [UInt32: [UpstreamHandler]] = [:]
+        /// Idle express tunnel streams, by source pod, for the same reason.
+        var expressTunnelIdle: [UInt32: [ExpressUpstream]] = [:]
     }
 
     let eventLoop: any EventLoop
@@ -276,6 +278,8 @@ final class UpstreamPool {
             s.tunnelH2.removeAll()
             for h in s.tunnelIdle.values.joined() { h.close() }
             s.tunnelIdle.removeAll()
+            for h in s.expressTunnelIdle.values.joined() { h.close() }
+            s.expressTunnelIdle.removeAll()
         }
         tunnels.closeAll()
     }

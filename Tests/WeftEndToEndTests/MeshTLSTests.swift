@@ -27,6 +27,8 @@ private let pods = [
     pod("grpc", sa: "grpc", node: "n2", address: "198.18.2.60", app: "grpc", command: "/usr/bin/python3 \(LabHarness.grpcTool) serve 8080"),
     pod("banner", sa: "banner", node: "n3", address: "198.18.3.40", app: "banner", command: "\(l7) --tcp-banner"),
     pod("plain", sa: "plain", node: "n2", address: "198.18.2.50", app: "plain", command: l7),
+    // Listens on nothing: its node's proxy cannot reach it (x-weft-refused).
+    pod("dead", sa: "web", node: "n3", address: "198.18.3.21", app: "dead", command: "sleep infinity"),
 ].joined(separator: "\n---\n")
 
 private func service(_ name: String, ip: String, app: String, portName: String, appProtocol: String? = nil) -> String {
@@ -44,6 +46,7 @@ private let services = [
     service("grpc", ip: "198.19.5.60", app: "grpc", portName: "rpc", appProtocol: "grpc"),
     service("banner", ip: "198.19.5.40", app: "banner", portName: "tcp"),
     service("plain", ip: "198.19.5.50", app: "plain", portName: "tcp"),
+    service("dead", ip: "198.19.5.13", app: "dead", portName: "http"),
 ].joined(separator: "\n---\n")
 
 private func peerAuthentication(_ mode: String) -> String {
@@ -150,13 +153,28 @@ struct MeshTLSTests {
         usleep(500_000)
         let marker = "weft-secret-\(UUID().uuidString.prefix(8))"
 
-        // HTTP/1.1 and HTTP/2 through an L7 Service: every answer comes from n2 or n3.
+        // HTTP/1.1 and HTTP/2 through an L7 Service: every answer comes from n2
+        // or n3, on the express path (HTTP/1.1 to the pod in a tunnel stream).
+        let express = try proxyStat("n1", "express_requests_total")
         for _ in 0..<6 {
             let (rc, out) = try curl(["http://198.19.5.10/\(marker)-h1"])
             #expect(rc == 0 && out.contains("\"pod\": \"web-"), "\(out)")
         }
         let (rc2, out2) = try curl(["--http2-prior-knowledge", "http://198.19.5.10/\(marker)-h2"])
         #expect(rc2 == 0 && out2.contains("\"path\": \"/\(marker)-h2\""), "\(out2)")
+        #expect(try proxyStat("n1", "express_requests_total") - express >= 7, "cross-node requests left the express path")
+        // A pod its node cannot reach: the destination says so (x-weft-refused)
+        // and the express path hands the request to the full path, which
+        // counts a refused connect and answers 503 (no other backend).
+        let handovers = try proxyStat("n1", "express_handovers_total")
+        let failures = try proxyStat("n1", "upstream_connect_failures_total")
+        for extra in [[], ["--http2-prior-knowledge"]] {
+            let r = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "curl", "-sS", "-m", "5", "-w", "\n%{http_code}"]
+                                       + extra + ["http://198.19.5.13/\(marker)-dead"])
+            #expect(r.output.hasSuffix("\n503") && r.output.contains("could not be reached from its node"), "\(extra): \(r.output)")
+        }
+        #expect(try proxyStat("n1", "express_handovers_total") - handovers >= 2, "the refusals were not handed over")
+        #expect(try proxyStat("n1", "upstream_connect_failures_total") - failures >= 2)
         // gRPC (unary and streams, trailers) to n2.
         let grpc = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.5.60", "80"])
         #expect(grpc.status == 0 && grpc.output.contains("grpc:hi-0"), "\(grpc.output)")
