@@ -9,17 +9,20 @@ import WeftKernel
 /// between NIOHTTP2Handler (frames, HPACK, flow control, stream states) and
 /// the stream multiplexer, and sees every frame first.
 ///
-/// A stream whose request is one HEADERS frame ending the stream, and which
-/// needs no more than ExpressHTTP1Handler would do for it, is answered from
-/// here: the request goes out as HTTP/1.1 bytes on a pooled express
+/// A stream whose request is one HEADERS frame, with or without a body of
+/// a declared length the stream's first window holds (DATA frames, no
+/// trailers), and which needs no more than ExpressHTTP1Handler would do for
+/// it, is answered from here: the request goes out as HTTP/1.1 bytes on a pooled express
 /// connection (Express.upstream), the response head comes back as a HEADERS
 /// frame and its body as DATA frames (chunks unwrapped, trailers as a final
 /// HEADERS frame) as it goes by. No stream channel, no HTTP codec, no typed
 /// HTTP messages.
 ///
 /// Every other stream goes on to the multiplexer and the full path
-/// (HTTPProxyHandler on a stream channel) as before, untouched: request
-/// bodies, CONNECT, and whatever Express.target turns away. So does an
+/// (HTTPProxyHandler on a stream channel) as before, untouched: larger or
+/// undeclared request bodies, trailers, CONNECT, and whatever Express.target
+/// turns away. A stream whose body turns out not to fit is handed over with
+/// what it sent so far. So does an
 /// express stream whose backend refused the connection, or closed a reused
 /// one under an idempotent request, before answering: its HEADERS frame is
 /// given to the multiplexer then, and the full path tries again.
@@ -33,6 +36,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// stream's window is shut, or the client reads slowly) past which a
     /// stream's backend is not read.
     static let highWater = 64 * 1024
+    /// The largest request body taken: what a stream may send before any
+    /// WINDOW_UPDATE (the protocol's initial window, which this proxy does
+    /// not raise). Nobody updates an express stream's window.
+    static let maxBody = 65_535
 
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
@@ -67,6 +74,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let id: HTTP2StreamID
         /// The request as it came, for a hand-over.
         let request: HTTP2Frame.FramePayload.Headers
+        /// Its body as read so far (a hand-over replays it); `bodyLeft`
+        /// more bytes are due, and the request has not ended while
+        /// `requestOpen`. The exchange starts when it ends.
+        var body: ByteBuffer?
+        var bodyLeft = 0
+        var requestOpen = false
         var created: NIOHTTP2StreamCreatedEvent?
         let snapshot: RouteSnapshot
         let route: String
@@ -135,8 +148,27 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let id = frame.streamID
         if id == .rootStream || handed.contains(id) { return context.fireChannelRead(data) }
         if let stream = streams[id] {
-            // The client gave up on it. (A WINDOW_UPDATE is NIOHTTP2Handler's.)
-            if case .rstStream = frame.payload { abandon(stream) }
+            switch frame.payload {
+            case .rstStream:
+                abandon(stream)  // the client gave up on it
+            case .data(let d) where stream.requestOpen:
+                // The request's body, before the exchange starts. Other
+                // than declared: the full path (and NIO's checks) judge it.
+                guard case .byteBuffer(var bytes) = d.data, bytes.readableBytes <= stream.bodyLeft,
+                      !d.endStream || bytes.readableBytes == stream.bodyLeft else {
+                    return handOver(stream, then: frame)
+                }
+                stream.bodyLeft -= bytes.readableBytes
+                stream.body?.writeBuffer(&bytes)
+                if d.endStream {
+                    stream.requestOpen = false
+                    start(stream)
+                }
+            case .headers where stream.requestOpen:
+                handOver(stream, then: frame)  // trailers: the full path carries them
+            default:
+                break  // a WINDOW_UPDATE or PRIORITY is NIOHTTP2Handler's
+            }
             return
         }
         switch frame.payload {
@@ -144,7 +176,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             lastStreamID = id
             if let stream = plan(id, headers, context: context) {
                 streams[id] = stream
-                start(stream)
+                loop?.pool.state(stream.key).inFlight += 1
+                if !stream.requestOpen { start(stream) }
             } else {
                 handed.insert(id)
                 proxy.stats.expressHandovers.add(1, ordering: .relaxed)
@@ -188,7 +221,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// Reads a request's HEADERS frame and decides; builds the HTTP/1.1
     /// request the backend gets when the express path takes it.
     private func plan(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers, context: ChannelHandlerContext) -> Stream? {
-        guard h.endStream, !quiescing, let loop else { return nil }
+        guard !quiescing, let loop else { return nil }
+        var bodyLength: Int?
         let snapshot = proxy.snapshot
         if cached?.snapshot !== snapshot {
             cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop.budget($0.frontend.name)) }
@@ -222,13 +256,17 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             case 12 where name == "x-request-id": hasRequestID = true
             case 12 where name == "content-type": grpc = value.hasPrefix("application/grpc")
             case 14 where name == "content-length":
-                if value != "0" { return nil }
+                guard let n = Int(value), n >= 0, n <= Self.maxBody else { return nil }
+                bodyLength = n
             case 17 where name == "x-forwarded-proto": hasProto = true
             default: break
             }
         }
         guard let method, let target, method != "CONNECT", target.utf8.first == UInt8(ascii: "/"),
               authority != nil || hasHost else { return nil }
+        // A body: declared, and small enough to be read whole first.
+        if h.endStream { bodyLength = 0 }
+        guard let bodyLength else { return nil }
 
         let (path, query) = HTTPProxyHandler.splitTarget(target)
         let headers = h.headers
@@ -279,19 +317,26 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let stream = Stream(handler: self, id: id, request: h, snapshot: snapshot, route: chosen.route,
                             service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key,
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
+        if !h.endStream {
+            stream.requestOpen = true
+            stream.bodyLeft = bodyLength
+            stream.body = context.channel.allocator.buffer(capacity: bodyLength)
+        }
         if snapshot.table.accessLog != nil {
             stream.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: authority,
                                            userAgent: headers.first(name: "user-agent"),
-                                           requestID: requestID ?? headers.first(name: "x-request-id"), span: span, bytesIn: 0)
+                                           requestID: requestID ?? headers.first(name: "x-request-id"), span: span,
+                                           bytesIn: bodyLength)
         }
         return stream
     }
 
     // MARK: the exchange
 
+    /// Sends the request (its backend's in-flight count went up as the
+    /// stream was taken).
     private func start(_ stream: Stream) {
         guard let loop else { return }
-        loop.pool.state(stream.key).inFlight += 1
         if let idle = Express.idleUpstream(to: stream.key, tunnel: stream.tunnel, loop: loop) { return attach(stream, idle) }
         Express.connectUpstream(to: stream.key, tunnel: stream.tunnel, loop: loop) { [weak self] result in
             guard let self, self.streams[stream.id] === stream, stream.connecting else {
@@ -316,15 +361,18 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         stream.upstream = upstream
         stream.reused = upstream.reused
         upstream.owner = stream
-        if let outgoing = stream.outgoing {
+        if var outgoing = stream.outgoing {
             stream.outgoing = nil
+            if var body = stream.body { outgoing.writeBuffer(&body) }
             upstream.send(outgoing)
         }
     }
 
     /// Gives a stream nothing was answered on to the multiplexer, as if its
-    /// HEADERS frame had just come: the full path takes it from there.
-    private func handOver(_ stream: Stream) {
+    /// frames had just come: its HEADERS, the body read so far, then `then`
+    /// (the frame that made the express path let go, if one did). The full
+    /// path takes it from there.
+    private func handOver(_ stream: Stream, then: HTTP2Frame? = nil) {
         guard let context, let loop, streams.removeValue(forKey: stream.id) != nil else { return }
         stream.upstream?.close()
         stream.upstream = nil
@@ -333,6 +381,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
         context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: stream.id, payload: .headers(stream.request))))
         if let created = stream.created { context.fireUserInboundEventTriggered(created) }
+        if let body = stream.body, body.readableBytes > 0 || !stream.requestOpen {
+            // All of it if the request had ended (a late hand-over), else what came.
+            let data = HTTP2Frame.FramePayload.Data(data: .byteBuffer(body), endStream: !stream.requestOpen)
+            context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: stream.id, payload: .data(data))))
+        }
+        if let then { context.fireChannelRead(wrapInboundOut(then)) }
         context.fireChannelReadComplete()
     }
 

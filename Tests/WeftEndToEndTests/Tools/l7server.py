@@ -18,6 +18,7 @@ test can see what the proxy did to it. Behaviour by path:
                    closes the connection
 Usage: l7server.py PORT [--fail-rate R]  (R: 503 on that share of every request)
 """
+import hashlib
 import json
 import os
 import random
@@ -114,6 +115,7 @@ class Handler(BaseHTTPRequestHandler):
         if FAIL_RATE and random.random() < FAIL_RATE:
             status = 503
         answer = {"pod": POD, "method": self.command, "path": path, "body": len(body),
+                  "body_sha256": hashlib.sha256(body).hexdigest(),
                   "headers": {k.lower(): v for k, v in self.headers.items()}}
         if parts[0] == "chunked" and len(parts) > 1:
             return self.reply_chunked(answer, int(parts[1]))
