@@ -256,7 +256,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             case 12 where name == "x-request-id": hasRequestID = true
             case 12 where name == "content-type": grpc = value.hasPrefix("application/grpc")
             case 14 where name == "content-length":
-                guard let n = Int(value), n >= 0, n <= Self.maxBody else { return nil }
+                // One field, digits only: the backend must read the length
+                // NIO checked the body against (no "+5", no second value).
+                guard bodyLength == nil, !value.isEmpty, value.utf8.count <= 6,
+                      value.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }),
+                      let n = Int(value), n <= Self.maxBody else { return nil }
                 bodyLength = n
             case 17 where name == "x-forwarded-proto": hasProto = true
             default: break
