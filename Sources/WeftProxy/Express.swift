@@ -13,10 +13,8 @@ enum Express {
     struct Target {
         var route: String
         var key: EndpointKey
-        var tunnel: Tunnel?
+        var tunnel: TunnelChoice?
     }
-
-    typealias Tunnel = (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)
 
     /// Routes `request` as the full path does and picks its backend; nil
     /// when the request needs the full path (filters, retries, timeouts,
@@ -70,9 +68,9 @@ enum Express {
     }
 
     /// An idle express connection to `key` from this loop's pool, marked
-    /// reused; nil when there is none. (The common case, answered with no
-    /// callback: see `upstream`.)
-    static func idleUpstream(to key: EndpointKey, tunnel: Tunnel?, loop: LoopState) -> ExpressUpstream? {
+    /// reused; nil when there is none (then `connectUpstream`). The common
+    /// case, answered with no callback.
+    static func idleUpstream(to key: EndpointKey, tunnel: TunnelChoice?, loop: LoopState) -> ExpressUpstream? {
         let state = loop.pool.state(key)
         if let source = tunnel?.source.value {
             while let idle = state.expressTunnelIdle[source]?.popLast() {
@@ -96,7 +94,7 @@ enum Express {
     /// with a `tunnel`, a CONNECT stream of the tunnel to the backend's node
     /// that carries HTTP/1.1 (`x-weft-protocol: http1`: the destination
     /// reads it request by request). The caller counts a failure.
-    static func connectUpstream(to key: EndpointKey, tunnel: Tunnel?, loop: LoopState,
+    static func connectUpstream(to key: EndpointKey, tunnel: TunnelChoice?, loop: LoopState,
                                 _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
         if let tunnel {
             let source = tunnel.source.value

@@ -14,8 +14,9 @@ import WeftKernel
 /// Everything else goes to the full path (HTTPProxyHandler behind NIO's
 /// codec), which this handler hands the connection to, for good, before it
 /// sends anything of the request that needs it: HTTPRoute filters, retries,
-/// timeouts, TrafficPolicy, tracing export, AuthorizationPolicy, upgrades, chunked or large request bodies, a
-/// request with X-Forwarded-For or traceparent already set, a looped
+/// timeouts, TrafficPolicy, tracing export, AuthorizationPolicy on a pod of
+/// this node, upgrades, chunked or large request bodies, a request with
+/// X-Forwarded-For or traceparent already set, a looped
 /// request, anything the strict parser of HTTP1Wire does not accept, and
 /// failures it is safe to try again (a refused connect, a reused connection
 /// closed under the request), so that the full path's retries and local
@@ -68,7 +69,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let service: String?
         let serviceNamespace: String?
         let key: EndpointKey
-        let tunnel: Express.Tunnel?
+        let tunnel: TunnelChoice?
         let start = NIODeadline.now()
         let keepAlive: Bool
         let isHEAD: Bool
@@ -100,7 +101,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var logged: Express.Logged?
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey,
-             tunnel: Express.Tunnel?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
+             tunnel: TunnelChoice?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
              outgoing: ByteBuffer) {
             self.snapshot = snapshot
             self.route = route

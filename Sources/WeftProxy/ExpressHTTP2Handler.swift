@@ -12,20 +12,21 @@ import WeftKernel
 /// A stream whose request is one HEADERS frame, with or without a body of
 /// a declared length the stream's first window holds (DATA frames, no
 /// trailers), and which needs no more than ExpressHTTP1Handler would do for
-/// it, is answered from here: the request goes out as HTTP/1.1 bytes on a pooled express
-/// connection (Express.upstream), the response head comes back as a HEADERS
-/// frame and its body as DATA frames (chunks unwrapped, trailers as a final
-/// HEADERS frame) as it goes by. No stream channel, no HTTP codec, no typed
-/// HTTP messages.
+/// it, is answered from here: the request goes out as HTTP/1.1 bytes on a
+/// pooled express connection (Express.idleUpstream, connectUpstream), the
+/// response head comes back as a HEADERS frame and its body as DATA frames
+/// (chunks unwrapped, trailers as a final HEADERS frame) as it goes by. No
+/// stream channel, no HTTP codec, no typed HTTP messages.
 ///
 /// Every other stream goes on to the multiplexer and the full path
 /// (HTTPProxyHandler on a stream channel) as before, untouched: larger or
 /// undeclared request bodies, trailers, CONNECT, and whatever Express.target
 /// turns away. A stream whose body turns out not to fit is handed over with
-/// what it sent so far. So does an
-/// express stream whose backend refused the connection, or closed a reused
-/// one under an idempotent request, before answering: its HEADERS frame is
-/// given to the multiplexer then, and the full path tries again.
+/// what it sent so far. So is an express stream whose backend refused the
+/// connection (or, through a tunnel, could not be reached from its node),
+/// or closed a reused one under an idempotent request, before answering:
+/// its frames are given to the multiplexer then, and the full path tries
+/// again.
 final class ExpressHTTP2Handler: ChannelDuplexHandler {
     typealias InboundIn = HTTP2Frame
     typealias InboundOut = HTTP2Frame
@@ -86,7 +87,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let service: String?
         let serviceNamespace: String?
         let key: EndpointKey
-        let tunnel: Express.Tunnel?
+        let tunnel: TunnelChoice?
         let start = NIODeadline.now()
         let isHEAD: Bool
         let idempotent: Bool
@@ -109,7 +110,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var logged: Express.Logged?
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
-             route: String, service: String?, serviceNamespace: String?, key: EndpointKey, tunnel: Express.Tunnel?,
+             route: String, service: String?, serviceNamespace: String?, key: EndpointKey, tunnel: TunnelChoice?,
              isHEAD: Bool, idempotent: Bool, grpc: Bool, outgoing: ByteBuffer) {
             self.handler = handler
             self.id = id

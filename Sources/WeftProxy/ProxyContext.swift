@@ -5,6 +5,11 @@ import Synchronization
 import WeftCore
 import WeftKernel
 
+/// How a connection from a pod reaches a backend on another node: the
+/// tunnel (source and destination identities, destination node), the
+/// source pod it speaks for, and the identities to present.
+typealias TunnelChoice = (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)
+
 /// What every connection of the proxy shares: configuration, the current
 /// route snapshot, the kernel maps it reads, counters, and one LoopState
 /// per event loop.
@@ -69,8 +74,7 @@ final class ProxyContext: Sendable {
     }
 
     /// The tunnel to use from `source` to `endpoint`, if one applies.
-    func tunnel(to endpoint: EndpointKey, from source: IPv4Address, snapshot: RouteSnapshot)
-        -> (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)? {
+    func tunnel(to endpoint: EndpointKey, from source: IPv4Address, snapshot: RouteSnapshot) -> TunnelChoice? {
         // Same-node backends never tunnel: decided before the identity lock.
         guard endpoint.node != configuration.node, snapshot.table.tunnel != nil, let ids = identities,
               let route = TunnelPool.route(endpoint, source: source, snapshot: snapshot, identities: ids, node: configuration.node)

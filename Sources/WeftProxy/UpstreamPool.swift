@@ -148,7 +148,7 @@ final class UpstreamPool {
     /// `tunnel`, the exchange runs in a CONNECT stream of the tunnel to the
     /// backend's node instead of a TCP connection of its own.
     func acquire(_ key: EndpointKey, protocol proto: ProxyTable.UpstreamProtocol, counters: ClusterRuntime.Backend? = nil,
-                 tunnel: (route: TunnelRoute, source: IPv4Address, identities: TunnelIdentities)? = nil,
+                 tunnel: TunnelChoice? = nil,
                  _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
         let s = state(key)
         if let tunnel {
