@@ -8,11 +8,39 @@ import WeftCore
 /// backends, and what is recorded when an exchange ends. Each piece is the
 /// full path's own rule, applied to requests read in place.
 enum Express {
+    /// What a connection on an express path keeps of its frontend's routing
+    /// for one snapshot, so that a request costs no lookup by name: the
+    /// matcher, the retry budget, and whether the express path serves the
+    /// frontend at all (ExpressHTTP1Handler.serves).
+    final class Routing {
+        let snapshot: RouteSnapshot
+        let matcher: RouteMatcher?
+        let budget: LoopState.BudgetBox?
+        let serves: Bool
+
+        private init(snapshot: RouteSnapshot, frontendKey: String, loop: LoopState) {
+            self.snapshot = snapshot
+            matcher = snapshot.matchers[frontendKey]
+            budget = matcher.map { loop.budget($0.frontend.name) }
+            serves = ExpressHTTP1Handler.serves(snapshot, frontendKey: frontendKey)
+        }
+
+        /// `previous` while the proxy's snapshot is the one it was made
+        /// for; a new one otherwise.
+        static func current(_ previous: Routing?, frontendKey: String, loop: LoopState, proxy: ProxyContext) -> Routing {
+            let snapshot = loop.snapshot(proxy)
+            if let previous, previous.snapshot === snapshot { return previous }
+            return Routing(snapshot: snapshot, frontendKey: frontendKey, loop: loop)
+        }
+    }
+
     /// A request the express path takes: its route and backend, and the
     /// tunnel to the backend's node when it is on another one.
     struct Target {
         var route: String
         var key: EndpointKey
+        /// The backend's pool state on this loop (in-flight count, idle connections).
+        var state: UpstreamPool.EndpointState
         var tunnel: TunnelChoice?
     }
 
@@ -31,14 +59,18 @@ enum Express {
         // A backend the pod may reach (the full path says why when none is).
         let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source)
         guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil else { return nil }
-        return Target(route: action.name, key: key, tunnel: proxy.tunnel(to: key, from: source, snapshot: snapshot))
+        return Target(route: action.name, key: key, state: loop.pool.state(key),
+                      tunnel: proxy.tunnel(to: key, from: source, snapshot: snapshot))
     }
 
     /// Writes the header lines the proxy adds to a request (as
     /// HTTPProxyHandler.prepareUpstreamHeaders does) and the blank line that
-    /// ends the head. Returns the request id it made, if any, and the span.
+    /// ends the head. With `keep` (access logs are on), returns the request
+    /// id it made, if any, and the span; otherwise the ids are written
+    /// straight into `out`, with no string made.
     static func writeProxyHeaders(_ out: inout ByteBuffer, client: String, via: String, hasProto: Bool,
-                                  hasRequestID: Bool, loop: LoopState) -> (requestID: String?, span: TraceContext.Span) {
+                                  hasRequestID: Bool, keep: Bool, loop: LoopState)
+        -> (requestID: String?, span: TraceContext.Span?) {
         out.writeStaticString("x-forwarded-for: ")
         out.writeString(client)
         if !hasProto { out.writeStaticString("\r\nx-forwarded-proto: http") }
@@ -48,14 +80,28 @@ enum Express {
         out.writeString(via)
         var requestID: String?
         if !hasRequestID {
-            let id = HTTPProxyHandler.requestID(using: &loop.random)
             out.writeStaticString("\r\nx-request-id: ")
-            out.writeString(id)
-            requestID = id
+            if keep {
+                let id = HTTPProxyHandler.requestID(using: &loop.random)
+                out.writeString(id)
+                requestID = id
+            } else {
+                let (a, b) = HTTPProxyHandler.requestIDBits(using: &loop.random)
+                out.writeWithUnsafeMutableBytes(minimumWritableBytes: 36) { HTTPProxyHandler.writeRequestID(a, b, into: $0) }
+            }
         }
-        let span = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
         out.writeStaticString("\r\ntraceparent: ")
-        out.writeString(span.header)
+        var span: TraceContext.Span?
+        if keep {
+            let fresh = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
+            out.writeString(fresh.header)
+            span = fresh
+        } else {
+            let ids = TraceContext.freshIDs(random: &loop.random)
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: 55) {
+                TraceContext.write(trace: ids.trace, traceText: nil, span: ids.span, flags: 1, into: $0)
+            }
+        }
         out.writeStaticString("\r\n\r\n")
         return (requestID, span)
     }
@@ -70,8 +116,7 @@ enum Express {
     /// An idle express connection to `key` from this loop's pool, marked
     /// reused; nil when there is none (then `connectUpstream`). The common
     /// case, answered with no callback.
-    static func idleUpstream(to key: EndpointKey, tunnel: TunnelChoice?, loop: LoopState) -> ExpressUpstream? {
-        let state = loop.pool.state(key)
+    static func idleUpstream(from state: UpstreamPool.EndpointState, tunnel: TunnelChoice?) -> ExpressUpstream? {
         if let source = tunnel?.source.value {
             while let idle = state.expressTunnelIdle[source]?.popLast() {
                 if idle.isActive {
@@ -160,10 +205,9 @@ enum Express {
 
     /// A connection whose exchange is over: back to the idle list when the
     /// backend keeps it open and the list has room, closed otherwise.
-    static func release(_ upstream: ExpressUpstream, key: EndpointKey, reusable: Bool, loop: LoopState, proxy: ProxyContext) {
+    static func release(_ upstream: ExpressUpstream, to idle: UpstreamPool.EndpointState, reusable: Bool, proxy: ProxyContext) {
         upstream.owner = nil
         upstream.resume()
-        let idle = loop.pool.state(key)
         let limit = proxy.configuration.maxIdlePerBackend
         if let source = upstream.tunnelSource {
             if reusable && upstream.isActive && idle.expressTunnelIdle[source, default: []].count < limit {

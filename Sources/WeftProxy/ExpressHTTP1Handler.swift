@@ -41,7 +41,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private var inbound: ByteBuffer?
     private var fields: [HTTP1Wire.Field] = []
     private var exchange: Exchange?
-    private var cached: (snapshot: RouteSnapshot, matcher: RouteMatcher, budget: LoopState.BudgetBox?)?
+    private var routing: Express.Routing?
     private var quiescing = false
     private var inputClosed = false
     private var readPending = false
@@ -69,6 +69,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let service: String?
         let serviceNamespace: String?
         let key: EndpointKey
+        let state: UpstreamPool.EndpointState
         let tunnel: TunnelChoice?
         let start = NIODeadline.now()
         let keepAlive: Bool
@@ -100,7 +101,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         /// What the access log line needs, when access logs are on.
         var logged: Express.Logged?
 
-        init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey,
+        init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState,
              tunnel: TunnelChoice?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
              outgoing: ByteBuffer) {
             self.snapshot = snapshot
@@ -108,6 +109,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             self.service = service
             self.serviceNamespace = serviceNamespace
             self.key = key
+            self.state = state
             self.tunnel = tunnel
             self.keepAlive = keepAlive
             self.isHEAD = isHEAD
@@ -203,12 +205,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             if inputClosed || quiescing { context.closeAfterWrites() }
             return
         }
-        let snapshot = proxy.snapshot
-        if cached?.snapshot !== snapshot {
-            cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop.budget($0.frontend.name)) }
+        let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
+        self.routing = routing
+        guard routing.serves, let matcher = routing.matcher else { return handOver() }
+        let plan = buffered.withUnsafeReadableBytes {
+            self.plan($0, snapshot: routing.snapshot, matcher: matcher, loop: loop, context: context)
         }
-        guard let matcher = cached?.matcher, Self.serves(snapshot, frontendKey: frontendKey) else { return handOver() }
-        let plan = buffered.withUnsafeReadableBytes { self.plan($0, snapshot: snapshot, matcher: matcher, loop: loop, context: context) }
         switch plan {
         case .needMore:
             if buffered.readableBytes > Self.maxRequest || inputClosed { handOver() }
@@ -285,9 +287,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let target = String(decoding: UnsafeRawBufferPointer(rebasing: p[line.target]), as: UTF8.self)
         let (path, query) = HTTPProxyHandler.splitTarget(target)
         let fields = self.fields
-        let request = RouteMatcher.Request(method: method, path: path, query: query, header: { name in
-            Self.values(p, fields, name)
-        })
+        // (A closure that captures nothing costs no allocation.)
+        let request = RouteMatcher.Request(method: method, path: path, query: query,
+                                           header: matcher.readsHeaders ? { name in Self.values(p, fields, name) } : { _ in [] })
         guard let chosen = Express.target(request, matcher: matcher, snapshot: snapshot, loop: loop, proxy: proxy,
                                           source: origin.source) else { return .handOver }
 
@@ -306,15 +308,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<length - 2]))
         }
         let (requestID, span) = Express.writeProxyHeaders(&out, client: client, via: proxy.viaToken, hasProto: hasProto,
-                                                          hasRequestID: hasRequestID, loop: loop)
+                                                          hasRequestID: hasRequestID,
+                                                          keep: snapshot.table.accessLog != nil, loop: loop)
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[length..<total]))
 
         let exchange = Exchange(snapshot: snapshot, route: chosen.route, service: matcher.frontend.service,
-                                serviceNamespace: matcher.frontend.namespace, key: chosen.key, tunnel: chosen.tunnel,
+                                serviceNamespace: matcher.frontend.namespace, key: chosen.key, state: chosen.state, tunnel: chosen.tunnel,
                                 keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
                                 isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc,
                                 length: total, outgoing: out)
-        if snapshot.table.accessLog != nil {
+        if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
             func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
             exchange.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
                                      userAgent: first("user-agent"), requestID: requestID ?? first("x-request-id"),
@@ -361,8 +364,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     private func start(_ exchange: Exchange, loop: LoopState) {
         self.exchange = exchange
-        loop.pool.state(exchange.key).inFlight += 1
-        if let idle = Express.idleUpstream(to: exchange.key, tunnel: exchange.tunnel, loop: loop) { return attach(idle) }
+        exchange.state.inFlight += 1
+        if let idle = Express.idleUpstream(from: exchange.state, tunnel: exchange.tunnel) { return attach(idle) }
         Express.connectUpstream(to: exchange.key, tunnel: exchange.tunnel, loop: loop) { [weak self] result in
             guard let self, self.exchange === exchange, exchange.connecting else {
                 (try? result.get())?.close()
@@ -399,7 +402,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func giveBack(_ exchange: Exchange) {
         self.exchange = nil
         exchange.upstream?.close()
-        loop?.pool.state(exchange.key).inFlight -= 1
+        exchange.state.inFlight -= 1
         var request = exchange.request
         if var rest = inbound, rest.readableBytes > 0 { request.writeBuffer(&rest) }
         inbound = request
@@ -510,10 +513,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         exchange.responded = true
         exchange.reusable = !close
         exchange.closesClient = closesClient
-        proxy.stats.requests.add(1, ordering: .relaxed)
-        proxy.stats.expressRequests.add(1, ordering: .relaxed)
-        cached?.budget?.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
-        proxy.stats.response(code)
+        loop?.counters.answered(code)
+        routing?.budget?.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
         return (head, raw)
     }
 
@@ -563,7 +564,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // Bytes past the response: none was asked for; the connection is out of step.
         if extra > 0 { exchange.reusable = false }
         if let upstream = exchange.upstream {
-            Express.release(upstream, key: exchange.key, reusable: exchange.reusable, loop: loop, proxy: proxy)
+            Express.release(upstream, to: exchange.state, reusable: exchange.reusable, proxy: proxy)
             exchange.upstream = nil
         }
         end(exchange, flags: "-")
@@ -580,7 +581,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func end(_ exchange: Exchange, flags: String) {
         guard self.exchange === exchange, let loop else { return }
         self.exchange = nil
-        loop.pool.state(exchange.key).inFlight -= 1
+        exchange.state.inFlight -= 1
         Express.record(Express.Outcome(snapshot: exchange.snapshot, service: exchange.service,
                                        serviceNamespace: exchange.serviceNamespace, key: exchange.key, route: exchange.route,
                                        grpc: exchange.grpc, status: exchange.status, flags: flags, start: exchange.start,
@@ -591,9 +592,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// An answer of the proxy's own, in place of the backend's.
     private func respondLocally(_ exchange: Exchange, _ status: HTTPResponseStatus, _ body: String, flags: String) {
         guard let context else { return }
-        proxy.stats.requests.add(1, ordering: .relaxed)
-        proxy.stats.expressRequests.add(1, ordering: .relaxed)
-        proxy.stats.response(Int(status.code))
+        loop?.counters.answered(Int(status.code))
         exchange.status = Int(status.code)
         end(exchange, flags: flags)
         var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)

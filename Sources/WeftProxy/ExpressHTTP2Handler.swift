@@ -53,7 +53,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// Streams given to the multiplexer, until they close.
     private var handed: Set<HTTP2StreamID> = []
     private var lastStreamID = HTTP2StreamID.rootStream
-    private var cached: (snapshot: RouteSnapshot, matcher: RouteMatcher, budget: LoopState.BudgetBox)?
+    private var routing: Express.Routing?
     private var quiescing = false
     /// Frames of ours not yet written out; a quiescing connection closes
     /// only when none is left.
@@ -87,6 +87,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let service: String?
         let serviceNamespace: String?
         let key: EndpointKey
+        let state: UpstreamPool.EndpointState
         let tunnel: TunnelChoice?
         let start = NIODeadline.now()
         let isHEAD: Bool
@@ -110,7 +111,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var logged: Express.Logged?
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
-             route: String, service: String?, serviceNamespace: String?, key: EndpointKey, tunnel: TunnelChoice?,
+             route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState, tunnel: TunnelChoice?,
              isHEAD: Bool, idempotent: Bool, grpc: Bool, outgoing: ByteBuffer) {
             self.handler = handler
             self.id = id
@@ -120,6 +121,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             self.service = service
             self.serviceNamespace = serviceNamespace
             self.key = key
+            self.state = state
             self.tunnel = tunnel
             self.isHEAD = isHEAD
             self.idempotent = idempotent
@@ -177,7 +179,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             lastStreamID = id
             if let stream = plan(id, headers, context: context) {
                 streams[id] = stream
-                loop?.pool.state(stream.key).inFlight += 1
+                stream.state.inFlight += 1
                 if !stream.requestOpen { start(stream) }
             } else {
                 handed.insert(id)
@@ -224,11 +226,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func plan(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers, context: ChannelHandlerContext) -> Stream? {
         guard !quiescing, let loop else { return nil }
         var bodyLength: Int?
-        let snapshot = proxy.snapshot
-        if cached?.snapshot !== snapshot {
-            cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop.budget($0.frontend.name)) }
-        }
-        guard let matcher = cached?.matcher, ExpressHTTP1Handler.serves(snapshot, frontendKey: frontendKey) else { return nil }
+        let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
+        self.routing = routing
+        guard routing.serves, let matcher = routing.matcher else { return nil }
+        let snapshot = routing.snapshot
         var method: String?, target: String?, authority: String?
         var hasHost = false, hasProto = false, hasRequestID = false, grpc = false, cookies = 0
         for (name, value, _) in h.headers {
@@ -275,7 +276,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
 
         let (path, query) = HTTPProxyHandler.splitTarget(target)
         let headers = h.headers
-        let request = RouteMatcher.Request(method: method, path: path, query: query, header: { name in
+        let request = RouteMatcher.Request(method: method, path: path, query: query, header: !matcher.readsHeaders ? { _ in [] } : { name in
             // The full path sees :authority as Host (NIO's HTTP/2 to HTTP/1 codec).
             if name == "host", let authority { return [authority] }
             return headers[canonicalForm: name]
@@ -318,16 +319,17 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             out.writeStaticString("\r\n")
         }
         let (requestID, span) = Express.writeProxyHeaders(&out, client: client, via: proxy.viaToken, hasProto: hasProto,
-                                                          hasRequestID: hasRequestID, loop: loop)
+                                                          hasRequestID: hasRequestID,
+                                                          keep: snapshot.table.accessLog != nil, loop: loop)
         let stream = Stream(handler: self, id: id, request: h, snapshot: snapshot, route: chosen.route,
-                            service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key,
+                            service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key, state: chosen.state,
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         if !h.endStream {
             stream.requestOpen = true
             stream.bodyLeft = bodyLength
             stream.body = context.channel.allocator.buffer(capacity: bodyLength)
         }
-        if snapshot.table.accessLog != nil {
+        if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
             stream.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: authority,
                                            userAgent: headers.first(name: "user-agent"),
                                            requestID: requestID ?? headers.first(name: "x-request-id"), span: span,
@@ -342,7 +344,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// stream was taken).
     private func start(_ stream: Stream) {
         guard let loop else { return }
-        if let idle = Express.idleUpstream(to: stream.key, tunnel: stream.tunnel, loop: loop) { return attach(stream, idle) }
+        if let idle = Express.idleUpstream(from: stream.state, tunnel: stream.tunnel) { return attach(stream, idle) }
         Express.connectUpstream(to: stream.key, tunnel: stream.tunnel, loop: loop) { [weak self] result in
             guard let self, self.streams[stream.id] === stream, stream.connecting else {
                 (try? result.get())?.close()
@@ -381,7 +383,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         guard let context, let loop, streams.removeValue(forKey: stream.id) != nil else { return }
         stream.upstream?.close()
         stream.upstream = nil
-        loop.pool.state(stream.key).inFlight -= 1
+        stream.state.inFlight -= 1
         handed.insert(stream.id)
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
         context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: stream.id, payload: .headers(stream.request))))
@@ -496,10 +498,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             stream.status = code
             stream.responded = true
             if case .close = body.framing { stream.reusable = false } else { stream.reusable = !body.close }
-            proxy.stats.requests.add(1, ordering: .relaxed)
-            proxy.stats.expressRequests.add(1, ordering: .relaxed)
-            proxy.stats.response(code)
-            cached?.budget.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
+            loop?.counters.answered(code)
+            routing?.budget?.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
             if case .length(0) = body.framing {
                 stream.trailer = nil
                 return (raw, headers)
@@ -548,7 +548,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         guard let loop else { return }
         if extra > 0 { stream.reusable = false }  // bytes past the response: out of step
         if let upstream = stream.upstream {
-            Express.release(upstream, key: stream.key, reusable: stream.reusable, loop: loop, proxy: proxy)
+            Express.release(upstream, to: stream.state, reusable: stream.reusable, proxy: proxy)
             stream.upstream = nil
         }
         // Out of the table first: the last frame closes the stream, and
@@ -618,9 +618,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
 
     /// An answer of the proxy's own, in place of the backend's.
     private func respondLocally(_ stream: Stream, _ status: HTTPResponseStatus, _ body: String, flags: String) {
-        proxy.stats.requests.add(1, ordering: .relaxed)
-        proxy.stats.expressRequests.add(1, ordering: .relaxed)
-        proxy.stats.response(Int(status.code))
+        loop?.counters.answered(Int(status.code))
         stream.status = Int(status.code)
         end(stream, flags: flags)
         let headers = HPACKHeaders([(":status", String(status.code)), ("content-type", "text/plain; charset=utf-8"),
@@ -641,7 +639,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// fewer in flight, and it is recorded.
     private func end(_ stream: Stream, flags: String) {
         guard streams.removeValue(forKey: stream.id) != nil, let loop else { return }
-        loop.pool.state(stream.key).inFlight -= 1
+        stream.state.inFlight -= 1
         Express.record(Express.Outcome(snapshot: stream.snapshot, service: stream.service,
                                        serviceNamespace: stream.serviceNamespace, key: stream.key, route: stream.route,
                                        grpc: stream.grpc, status: stream.status, flags: flags, start: stream.start,

@@ -297,3 +297,19 @@ struct ChunkedFramer {
         }
     }
 }
+
+/// Lower-case hex digits written in place, most significant first, every
+/// digit of the integer's width (leading zeros kept).
+enum Hex {
+    static func write<T: FixedWidthInteger & UnsignedInteger>(_ v: T, into out: UnsafeMutableRawBufferPointer, at offset: Int) {
+        let digits = T.bitWidth / 4
+        var v = v
+        var i = offset + digits - 1
+        while i >= offset {
+            let d = UInt8(truncatingIfNeeded: v & 0xF)
+            out[i] = d < 10 ? d + 48 : d + 87
+            v >>= 4
+            i -= 1
+        }
+    }
+}

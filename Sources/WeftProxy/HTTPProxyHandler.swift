@@ -1080,22 +1080,31 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// A random 128-bit id in UUID (version 4) form, written straight into
     /// one string buffer: this runs for every request.
     static func requestID<R: RandomNumberGenerator>(using random: inout R) -> String {
-        var a = random.next(), b = random.next()
-        a = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000   // version 4
-        b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        return String(unsafeUninitializedCapacity: 36) { out in
-            let hex = Array("0123456789abcdef".utf8)
-            var o = 0
-            for (word, range) in [(a, 0..<16), (b, 16..<32)] {
-                for k in range {
-                    if k == 8 || k == 12 || k == 16 || k == 20 { out[o] = UInt8(ascii: "-"); o += 1 }
-                    let shift = UInt64(60 - 4 * (k % 16))
-                    out[o] = hex[Int((word >> shift) & 0xF)]
-                    o += 1
-                }
-            }
-            return o
-        }
+        let (a, b) = requestIDBits(using: &random)
+        return String(unsafeUninitializedCapacity: 36) { writeRequestID(a, b, into: UnsafeMutableRawBufferPointer($0)) }
+    }
+
+    /// The 128 bits of a version 4 UUID.
+    static func requestIDBits<R: RandomNumberGenerator>(using random: inout R) -> (UInt64, UInt64) {
+        let a = random.next(), b = random.next()
+        return ((a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000, (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000)
+    }
+
+    /// Writes the UUID of `requestIDBits` (36 bytes, 8-4-4-4-12 hex) at the
+    /// start of `out` and returns 36.
+    static func writeRequestID(_ a: UInt64, _ b: UInt64, into out: UnsafeMutableRawBufferPointer) -> Int {
+        precondition(out.count >= 36)
+        Hex.write(UInt32(truncatingIfNeeded: a >> 32), into: out, at: 0)
+        out[8] = UInt8(ascii: "-")
+        Hex.write(UInt16(truncatingIfNeeded: a >> 16), into: out, at: 9)
+        out[13] = UInt8(ascii: "-")
+        Hex.write(UInt16(truncatingIfNeeded: a), into: out, at: 14)
+        out[18] = UInt8(ascii: "-")
+        Hex.write(UInt16(truncatingIfNeeded: b >> 48), into: out, at: 19)
+        out[23] = UInt8(ascii: "-")
+        Hex.write(UInt16(truncatingIfNeeded: b >> 32), into: out, at: 24)
+        Hex.write(UInt32(truncatingIfNeeded: b), into: out, at: 28)
+        return 36
     }
 
     /// A weighted draw among a rule's backendRefs (canary and blue-green

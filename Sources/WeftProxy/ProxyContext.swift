@@ -58,19 +58,24 @@ final class ProxyContext: Sendable {
         var loops: [ObjectIdentifier: LoopState] = [:]
         for loop in eventLoops {
             loops[ObjectIdentifier(loop)] = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration,
-                                                                         stats: stats, telemetry: telemetry))
+                                                                         stats: stats, telemetry: telemetry),
+                                                      counters: stats.makeLoopCounters())
         }
         self.loops = loops
         viaToken = "weft-\(configuration.node)"
     }
 
     var snapshot: RouteSnapshot { current.withLock { $0 } }
+    /// Counts installed snapshots, so that an event loop can tell without
+    /// the lock whether the snapshot it holds is still the current one.
+    let installed = Atomic<UInt64>(0)
 
     func install(_ table: ProxyTable) {
         // One writer (the table watcher): reading the previous snapshot and
         // swapping in the next need not be one critical section.
         let snapshot = RouteSnapshot(table, node: configuration.node, previous: self.snapshot)
         current.withLock { $0 = snapshot }
+        installed.add(1, ordering: .releasing)
     }
 
     /// The tunnel to use from `source` to `endpoint`, if one applies.
@@ -121,7 +126,26 @@ final class LoopState: @unchecked Sendable {
         var port: UInt16
     }
 
-    init(pool: UpstreamPool) { self.pool = pool }
+    /// This loop's share of the proxy's request counters (ProxyStats.LoopCounters).
+    let counters: ProxyStats.LoopCounters
+
+    init(pool: UpstreamPool, counters: ProxyStats.LoopCounters) {
+        self.pool = pool
+        self.counters = counters
+    }
+
+    private var snapshotSeen: (installed: UInt64, snapshot: RouteSnapshot)?
+
+    /// The proxy's current snapshot, as `proxy.snapshot` gives it, without
+    /// taking its lock while no new one was installed: this runs for every
+    /// request of the express paths.
+    func snapshot(_ proxy: ProxyContext) -> RouteSnapshot {
+        let installed = proxy.installed.load(ordering: .acquiring)
+        if let seen = snapshotSeen, seen.installed == installed { return seen.snapshot }
+        let snapshot = proxy.snapshot
+        snapshotSeen = (installed, snapshot)
+        return snapshot
+    }
 
     /// An endpoint the kernel would let `source` reach (its egress policy
     /// and the endpoint's ingress), by least request; nil when none is. The

@@ -110,10 +110,46 @@ final class ProxyStats: Sendable {
     let authzAllowed = Atomic<Int>(0)
     let authzDenied = Atomic<Int>(0)
     let authzAudited = Atomic<Int>(0)
-    /// HTTP/1.1 requests the express path answered, and connections it
-    /// handed to the full path.
-    let expressRequests = Atomic<Int>(0)
+    /// Connections (HTTP/2: streams) the express paths handed to the full
+    /// path; the requests they answered are in the LoopCounters.
     let expressHandovers = Atomic<Int>(0)
+
+    /// The counters of requests the express paths answer, one set per
+    /// event loop: every request moves them, and on counters shared by the
+    /// loops each add would wait for the other core's cache line.
+    final class LoopCounters: Sendable {
+        let answered = Atomic<Int>(0)
+        let responses1xx = Atomic<Int>(0), responses2xx = Atomic<Int>(0), responses3xx = Atomic<Int>(0)
+        let responses4xx = Atomic<Int>(0), responses5xx = Atomic<Int>(0)
+        /// Keeps the next loop's counters, allocated after these, off their cache line.
+        private let padding: (Int, Int, Int, Int, Int, Int, Int, Int) = (0, 0, 0, 0, 0, 0, 0, 0)
+
+        /// One request the express path answered with `code`.
+        func answered(_ code: Int) {
+            answered.add(1, ordering: .relaxed)
+            switch code {
+            case ..<200: responses1xx.add(1, ordering: .relaxed)
+            case ..<300: responses2xx.add(1, ordering: .relaxed)
+            case ..<400: responses3xx.add(1, ordering: .relaxed)
+            case ..<500: responses4xx.add(1, ordering: .relaxed)
+            default: responses5xx.add(1, ordering: .relaxed)
+            }
+        }
+
+        /// (answered, 1xx, 2xx, 3xx, 4xx, 5xx)
+        var values: [Int] {
+            [answered.load(ordering: .relaxed), responses1xx.load(ordering: .relaxed), responses2xx.load(ordering: .relaxed),
+             responses3xx.load(ordering: .relaxed), responses4xx.load(ordering: .relaxed), responses5xx.load(ordering: .relaxed)]
+        }
+    }
+    private let loopCounters = Mutex<[LoopCounters]>([])
+
+    /// A new set of per-loop counters, counted in `all` from now on.
+    func makeLoopCounters() -> LoopCounters {
+        let c = LoopCounters()
+        loopCounters.withLock { $0.append(c) }
+        return c
+    }
 
     func response(_ code: Int) {
         switch code {
@@ -126,15 +162,20 @@ final class ProxyStats: Sendable {
     }
 
     var all: [(String, Int)] {
-        [
+        var loops = [Int](repeating: 0, count: 6)
+        for c in loopCounters.withLock({ $0 }) {
+            for (i, v) in c.values.enumerated() { loops[i] += v }
+        }
+        let express = loops[0], classes = Array(loops.dropFirst())
+        return [
             ("connections_total", connections.load(ordering: .relaxed)),
             ("connections_active", activeConnections.load(ordering: .relaxed)),
-            ("requests_total", requests.load(ordering: .relaxed)),
-            ("responses_1xx", responses1xx.load(ordering: .relaxed)),
-            ("responses_2xx", responses2xx.load(ordering: .relaxed)),
-            ("responses_3xx", responses3xx.load(ordering: .relaxed)),
-            ("responses_4xx", responses4xx.load(ordering: .relaxed)),
-            ("responses_5xx", responses5xx.load(ordering: .relaxed)),
+            ("requests_total", requests.load(ordering: .relaxed) + express),
+            ("responses_1xx", responses1xx.load(ordering: .relaxed) + classes[0]),
+            ("responses_2xx", responses2xx.load(ordering: .relaxed) + classes[1]),
+            ("responses_3xx", responses3xx.load(ordering: .relaxed) + classes[2]),
+            ("responses_4xx", responses4xx.load(ordering: .relaxed) + classes[3]),
+            ("responses_5xx", responses5xx.load(ordering: .relaxed) + classes[4]),
             ("retries_total", retries.load(ordering: .relaxed)),
             ("retries_budget_exhausted_total", retriesBudgetExhausted.load(ordering: .relaxed)),
             ("upstream_connect_failures_total", upstreamConnectFailures.load(ordering: .relaxed)),
@@ -161,7 +202,7 @@ final class ProxyStats: Sendable {
             ("authz_allowed_total", authzAllowed.load(ordering: .relaxed)),
             ("authz_denied_total", authzDenied.load(ordering: .relaxed)),
             ("authz_audited_total", authzAudited.load(ordering: .relaxed)),
-            ("express_requests_total", expressRequests.load(ordering: .relaxed)),
+            ("express_requests_total", express),
             ("express_handovers_total", expressHandovers.load(ordering: .relaxed)),
         ]
     }

@@ -237,26 +237,42 @@ enum TraceContext {
         var spanID: String { String(header.utf8.dropFirst(36).prefix(16))! }
     }
 
-    private static let digits: [UInt8] = Array("0123456789abcdef".utf8)
-
     /// `00-` + 32 hex of trace + `-` + 16 hex of span + `-` + 2 hex of flags.
     static func header(trace: (UInt64, UInt64)?, traceText: Substring.UTF8View?, span: UInt64, flags: UInt8) -> String {
         String(unsafeUninitializedCapacity: 55) { b in
-            b[0] = UInt8(ascii: "0"); b[1] = UInt8(ascii: "0"); b[2] = UInt8(ascii: "-")
-            if let traceText {
-                var i = 3
-                for c in traceText.prefix(32) { b[i] = c; i += 1 }
-            } else if let (hi, lo) = trace {
-                for i in 0..<16 { b[3 + i] = digits[Int((hi >> UInt64(60 - 4 * i)) & 0xF)] }
-                for i in 0..<16 { b[19 + i] = digits[Int((lo >> UInt64(60 - 4 * i)) & 0xF)] }
-            }
-            b[35] = UInt8(ascii: "-")
-            for i in 0..<16 { b[36 + i] = digits[Int((span >> UInt64(60 - 4 * i)) & 0xF)] }
-            b[52] = UInt8(ascii: "-")
-            b[53] = digits[Int(flags >> 4)]
-            b[54] = digits[Int(flags & 0xF)]
-            return 55
+            write(trace: trace, traceText: traceText, span: span, flags: flags, into: UnsafeMutableRawBufferPointer(b))
         }
+    }
+
+    /// Writes a traceparent value (`header`'s 55 bytes) at the start of `b`
+    /// and returns 55; the express paths write it straight into the
+    /// request they send, with no string made.
+    static func write(trace: (UInt64, UInt64)?, traceText: Substring.UTF8View?, span: UInt64, flags: UInt8,
+                      into b: UnsafeMutableRawBufferPointer) -> Int {
+        precondition(b.count >= 55)
+        b[0] = UInt8(ascii: "0"); b[1] = UInt8(ascii: "0"); b[2] = UInt8(ascii: "-")
+        if let traceText {
+            var i = 3
+            for c in traceText.prefix(32) { b[i] = c; i += 1 }
+        } else if let (hi, lo) = trace {
+            Hex.write(hi, into: b, at: 3)
+            Hex.write(lo, into: b, at: 19)
+        }
+        b[35] = UInt8(ascii: "-")
+        Hex.write(span, into: b, at: 36)
+        b[52] = UInt8(ascii: "-")
+        Hex.write(flags, into: b, at: 53)
+        return 55
+    }
+
+    /// A new trace's ids, as `fresh` draws them (sampled, this hop the root).
+    static func freshIDs<R: RandomNumberGenerator>(spanID: UInt64? = nil, random: inout R) -> (trace: (UInt64, UInt64), span: UInt64) {
+        var spanID = spanID ?? random.next()
+        if spanID == 0 { spanID = 1 }
+        let hi = random.next()
+        var lo = random.next()
+        if hi == 0 && lo == 0 { lo = 1 }  // an all-zero trace id is invalid
+        return ((hi, lo), spanID)
     }
 
     /// `samplingPercent` decides the sampled flag of a trace this hop
@@ -280,13 +296,9 @@ enum TraceContext {
 
     /// A new trace, this hop its root.
     static func fresh<R: RandomNumberGenerator>(spanID: UInt64? = nil, random: inout R, samplingPercent: Double?) -> Span {
-        var spanID = spanID ?? random.next()
-        if spanID == 0 { spanID = 1 }
-        let hi = random.next()
-        var lo = random.next()
-        if hi == 0 && lo == 0 { lo = 1 }  // an all-zero trace id is invalid
+        let ids = freshIDs(spanID: spanID, random: &random)
         let sampled = samplingPercent.map { Double(random.next() % 10_000) < $0 * 100 } ?? true
-        let value = header(trace: (hi, lo), traceText: nil, span: spanID, flags: sampled ? 1 : 0)
+        let value = header(trace: ids.trace, traceText: nil, span: ids.span, flags: sampled ? 1 : 0)
         return Span(header: value, parentID: nil, sampled: sampled)
     }
 

@@ -80,6 +80,33 @@ import WeftStatus
             #expect(parts[2].first == "4")
         }
     }
+
+    @Test func idsWrittenInPlaceAreTheSameAsTheirStrings() {
+        // Known bits, known text: the express paths write these straight into the request.
+        var out = ByteBuffer()
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 36) {
+            HTTPProxyHandler.writeRequestID(0x0123_4567_89ab_4def, 0x8edc_ba98_7654_3210, into: $0)
+        }
+        #expect(out.readString(length: out.readableBytes) == "01234567-89ab-4def-8edc-ba9876543210")
+        out.clear()
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 55) {
+            TraceContext.write(trace: (0x4bf9_2f35_77b3_4da6, 0x0a3c_e929_d0e0_4736), traceText: nil, span: 0x00f0_67aa_0ba9_02b7,
+                               flags: 1, into: $0)
+        }
+        #expect(out.readString(length: out.readableBytes) == "00-4bf92f3577b34da60a3ce929d0e04736-00f067aa0ba902b7-01")
+        // The String forms come from the same writers: one draw each way agrees.
+        var a = LoopRandom(), b = a
+        let (hi, lo) = HTTPProxyHandler.requestIDBits(using: &b)
+        let text = HTTPProxyHandler.requestID(using: &a)
+        out.clear()
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 36) { HTTPProxyHandler.writeRequestID(hi, lo, into: $0) }
+        #expect(out.readString(length: out.readableBytes) == text)
+        var c = LoopRandom(), d = c
+        let span = TraceContext.fresh(random: &c, samplingPercent: nil)
+        let ids = TraceContext.freshIDs(random: &d)
+        #expect(span.header == TraceContext.header(trace: ids.trace, traceText: nil, span: ids.span, flags: 1))
+        #expect(TraceContext.parse(span.header) != nil)
+    }
 }
 
 @Suite struct RetryBudgetTests {

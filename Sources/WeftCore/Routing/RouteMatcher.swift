@@ -1,10 +1,13 @@
 /// Picks the route action for a request on one frontend: the first entry, in
 /// precedence order, whose path, method, headers and query all match.
 /// Regular expressions are compiled once per table, not per request.
-public struct RouteMatcher: @unchecked Sendable {
+public final class RouteMatcher: @unchecked Sendable {
     // @unchecked: Regex is immutable once built; it is not marked Sendable.
     public let frontend: ProxyTable.Frontend
     private let compiled: [CompiledMatch]
+    /// Whether any match looks at headers: when none does, a caller need
+    /// not give `Request.header` anything to look in.
+    public let readsHeaders: Bool
 
     public struct Request {
         public var method: String
@@ -38,6 +41,7 @@ public struct RouteMatcher: @unchecked Sendable {
                                  headerRegexes: entry.match.headers.map { $0.isRegularExpression ? try? Regex($0.value) : nil },
                                  queryRegexes: entry.match.queryParams.map { $0.isRegularExpression ? try? Regex($0.value) : nil })
         }
+        readsHeaders = frontend.matches.contains { !$0.match.headers.isEmpty }
     }
 
     /// The chosen action and the match that chose it, or nil: no route matches (404).
