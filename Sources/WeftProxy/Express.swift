@@ -63,47 +63,65 @@ enum Express {
                       tunnel: proxy.tunnel(to: key, from: source, snapshot: snapshot))
     }
 
+    /// The header lines the proxy adds to every request of one client
+    /// connection that do not change from request to request
+    /// (X-Forwarded-For, X-Forwarded-Proto, Forwarded, Via), made once per
+    /// connection, with and without X-Forwarded-Proto.
+    struct ConnectionHeaders {
+        let withProto: [UInt8]
+        let withoutProto: [UInt8]
+
+        init(client: String, via: String) {
+            let tail = "\r\nforwarded: for=\(client);proto=http\r\nvia: 1.1 \(via)"
+            withProto = Array("x-forwarded-for: \(client)\r\nx-forwarded-proto: http\(tail)".utf8)
+            withoutProto = Array("x-forwarded-for: \(client)\(tail)".utf8)
+        }
+    }
+
     /// Writes the header lines the proxy adds to a request (as
     /// HTTPProxyHandler.prepareUpstreamHeaders does) and the blank line that
     /// ends the head. With `keep` (access logs are on), returns the request
     /// id it made, if any, and the span; otherwise the ids are written
     /// straight into `out`, with no string made.
-    static func writeProxyHeaders(_ out: inout ByteBuffer, client: String, via: String, hasProto: Bool,
+    static func writeProxyHeaders(_ out: inout ByteBuffer, _ fixed: ConnectionHeaders, hasProto: Bool,
                                   hasRequestID: Bool, keep: Bool, loop: LoopState)
         -> (requestID: String?, span: TraceContext.Span?) {
-        out.writeStaticString("x-forwarded-for: ")
-        out.writeString(client)
-        if !hasProto { out.writeStaticString("\r\nx-forwarded-proto: http") }
-        out.writeStaticString("\r\nforwarded: for=")
-        out.writeString(client)
-        out.writeStaticString(";proto=http\r\nvia: 1.1 ")
-        out.writeString(via)
-        var requestID: String?
-        if !hasRequestID {
-            out.writeStaticString("\r\nx-request-id: ")
-            if keep {
+        out.writeBytes(hasProto ? fixed.withoutProto : fixed.withProto)
+        if keep {
+            var requestID: String?
+            if !hasRequestID {
                 let id = HTTPProxyHandler.requestID(using: &loop.random)
+                out.writeStaticString("\r\nx-request-id: ")
                 out.writeString(id)
                 requestID = id
-            } else {
-                let (a, b) = HTTPProxyHandler.requestIDBits(using: &loop.random)
-                out.writeWithUnsafeMutableBytes(minimumWritableBytes: 36) { HTTPProxyHandler.writeRequestID(a, b, into: $0) }
             }
+            let span = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
+            out.writeStaticString("\r\ntraceparent: ")
+            out.writeString(span.header)
+            out.writeStaticString("\r\n\r\n")
+            return (requestID, span)
         }
-        out.writeStaticString("\r\ntraceparent: ")
-        var span: TraceContext.Span?
-        if keep {
-            let fresh = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
-            out.writeString(fresh.header)
-            span = fresh
-        } else {
-            let ids = TraceContext.freshIDs(random: &loop.random)
-            out.writeWithUnsafeMutableBytes(minimumWritableBytes: 55) {
-                TraceContext.write(trace: ids.trace, traceText: nil, span: ids.span, flags: 1, into: $0)
+        // The rest in one write: "\r\nx-request-id: " + 36, "\r\ntraceparent: " + 55, "\r\n\r\n".
+        let id = hasRequestID ? nil : Optional(HTTPProxyHandler.requestIDBits(using: &loop.random))
+        let trace = TraceContext.freshIDs(random: &loop.random)
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 52 + 70 + 4) { b in
+            var i = 0
+            func put(_ s: StaticString) {
+                UnsafeMutableRawBufferPointer(rebasing: b[i...]).copyMemory(from: UnsafeRawBufferPointer(start: s.utf8Start,
+                                                                                                         count: s.utf8CodeUnitCount))
+                i += s.utf8CodeUnitCount
             }
+            if let (a, z) = id {
+                put("\r\nx-request-id: ")
+                i += HTTPProxyHandler.writeRequestID(a, z, into: UnsafeMutableRawBufferPointer(rebasing: b[i...]))
+            }
+            put("\r\ntraceparent: ")
+            i += TraceContext.write(trace: trace.trace, traceText: nil, span: trace.span, flags: 1,
+                                    into: UnsafeMutableRawBufferPointer(rebasing: b[i...]))
+            put("\r\n\r\n")
+            return i
         }
-        out.writeStaticString("\r\n\r\n")
-        return (requestID, span)
+        return (nil, nil)
     }
 
     static func isIdempotent(_ method: String) -> Bool {

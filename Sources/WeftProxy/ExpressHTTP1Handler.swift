@@ -30,11 +30,15 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// A request (head and body) larger than this goes to the full path,
     /// which streams it; so does a head not complete within it.
     static let maxRequest = 64 * 1024
+    /// A response body read with its head and no larger than this is
+    /// copied behind the rewritten head and sent in the same write.
+    static let sameWrite = 16 * 1024
 
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
     private let frontendKey: String
     private let client: String
+    private let connectionHeaders: Express.ConnectionHeaders
     private var context: ChannelHandlerContext?
     private var loop: LoopState?
     /// Client bytes read and not yet sent on.
@@ -46,6 +50,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private var inputClosed = false
     private var readPending = false
     private var handedOver = false
+    /// Written to the client since the last flush.
+    private var unflushed = false
     private var lastSeries: Express.LastSeries?
 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
@@ -53,6 +59,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         self.origin = origin
         frontendKey = "\(origin.vip):\(origin.port)"
         client = origin.source.description
+        connectionHeaders = Express.ConnectionHeaders(client: client, via: proxy.viaToken)
     }
 
     /// Whether a connection to `frontendKey` starts on the express path: the
@@ -298,16 +305,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var out = context.channel.allocator.buffer(capacity: total + 256)
         if strip {
             let firstField = fields.first?.name.lowerBound ?? (length - 2)
-            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<firstField]))
-            for f in fields where !Express.isHopByHop(p, f.name) {
-                var end = f.value.upperBound
-                while p[end] != 13 { end += 1 }
-                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[f.name.lowerBound..<end + 2]))
-            }
+            var copier = RunCopier()
+            copier.keep(0..<firstField, of: p, into: &out)
+            for f in fields where !Express.isHopByHop(p, f.name) { copier.keep(HTTP1Wire.line(p, f), of: p, into: &out) }
+            copier.flush(p, into: &out)
         } else {
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<length - 2]))
         }
-        let (requestID, span) = Express.writeProxyHeaders(&out, client: client, via: proxy.viaToken, hasProto: hasProto,
+        let (requestID, span) = Express.writeProxyHeaders(&out, connectionHeaders, hasProto: hasProto,
                                                           hasRequestID: hasRequestID,
                                                           keep: snapshot.table.accessLog != nil, loop: loop)
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[length..<total]))
@@ -417,26 +422,26 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 if exchange.head == nil { exchange.head = bytes } else { exchange.head!.writeBuffer(&bytes) }
                 bytes.moveReaderIndex(to: bytes.writerIndex)
                 guard let (head, rest) = responseHead(exchange, context: context) else { return }
-                context.write(wrapOutboundOut(head), promise: nil)
+                send(head, context)
                 bytes = rest
                 if case .length(0) = exchange.framing { responseEnded(exchange, extra: bytes.readableBytes) }
                 if self.exchange !== exchange { return }
             case .length(let remaining):
                 let n = min(remaining, bytes.readableBytes)
                 exchange.bytesOut += n
-                context.write(wrapOutboundOut(bytes.readSlice(length: n)!), promise: nil)
+                send(bytes.readSlice(length: n)!, context)
                 exchange.framing = .length(remaining - n)
                 if remaining == n { return responseEnded(exchange, extra: bytes.readableBytes) }
             case .chunked(var framer):
                 let used = bytes.withUnsafeReadableBytes { framer.consume($0) }
                 guard let used else { return broken(exchange, "a malformed chunked body") }
                 exchange.bytesOut += used
-                context.write(wrapOutboundOut(bytes.readSlice(length: used)!), promise: nil)
+                send(bytes.readSlice(length: used)!, context)
                 exchange.framing = .chunked(framer)
                 if framer.isDone { return responseEnded(exchange, extra: bytes.readableBytes) }
             case .close:
                 exchange.bytesOut += bytes.readableBytes
-                context.write(wrapOutboundOut(bytes), promise: nil)
+                send(bytes, context)
                 bytes.moveReaderIndex(to: bytes.writerIndex)
             }
         }
@@ -454,23 +459,29 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             if exchange.tunnel != nil && Express.isRefusal(p, fields) { return .refused }
             let framing = body.framing, chunked = body.chunked, named = body.named
             let closeClient = !exchange.keepAlive || quiescing
-            var out = context.channel.allocator.buffer(capacity: length + 32)
-            out.writeStaticString("HTTP/1.1")
+            // Room for the body read with the head, when it goes out in the same write.
+            var out = context.channel.allocator.buffer(capacity: length + 32 + min(p.count - length, Self.sameWrite))
             var lineEnd = 8
             while p[lineEnd] != 13 { lineEnd += 1 }
-            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[8..<lineEnd + 2]))
+            var copier = RunCopier()
+            // (The status line as the backend sent it when it says HTTP/1.1; HTTP/1.0's says so.)
+            if HTTP1Wire.equals(p, 0..<8, "http/1.1") {
+                copier.keep(0..<lineEnd + 2, of: p, into: &out)
+            } else {
+                out.writeStaticString("HTTP/1.1")
+                copier.keep(8..<lineEnd + 2, of: p, into: &out)
+            }
             for f in fields {
                 if Express.isHopByHop(p, f.name) {
                     // Chunked framing goes on as it came; any other coding
                     // without it ends with the connection.
                     guard chunked, HTTP1Wire.equals(p, f.name, "transfer-encoding") else { continue }
-                } else if named.contains(where: { HTTP1Wire.listContains(p, $0, name: f.name) }) {
+                } else if !named.isEmpty && named.contains(where: { HTTP1Wire.listContains(p, $0, name: f.name) }) {
                     continue
                 }
-                var end = f.value.upperBound
-                while p[end] != 13 { end += 1 }
-                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[f.name.lowerBound..<end + 2]))
+                copier.keep(HTTP1Wire.line(p, f), of: p, into: &out)
             }
+            copier.flush(p, into: &out)
             let delimited: Bool
             if case .close = framing { delimited = true } else { delimited = false }
             if closeClient || delimited { out.writeStaticString("connection: close\r\n") }
@@ -478,7 +489,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             return .ready(head: out, length: length, code: status.code, framing: framing, close: body.close || delimited,
                           closesClient: closeClient || delimited)
         }
-        let head: ByteBuffer, length: Int, code: Int, framing: Express.Framing, close: Bool, closesClient: Bool
+        var head: ByteBuffer, length: Int, code: Int, framing: Express.Framing, close: Bool, closesClient: Bool
         switch parsed {
         case .incomplete:
             if raw.readableBytes > Self.maxRequest { broken(exchange, "a response head over \(Self.maxRequest) bytes") }
@@ -500,7 +511,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             exchange.responded = true
             exchange.head = raw.readableBytes > 0 ? raw : nil
             exchange.framing = .head
-            context.write(wrapOutboundOut(head), promise: nil)
+            send(head, context)
             if let more = exchange.head {
                 exchange.head = nil
                 upstreamRead(more)
@@ -509,6 +520,15 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         exchange.head = nil
         exchange.framing = framing
+        // A small body read with the head goes out with it: one write, not two.
+        if case .length(let remaining) = framing, remaining > 0, raw.readableBytes > 0,
+           min(remaining, raw.readableBytes) <= Self.sameWrite {
+            let n = min(remaining, raw.readableBytes)
+            var body = raw.readSlice(length: n)!
+            head.writeBuffer(&body)
+            exchange.bytesOut += n
+            exchange.framing = .length(remaining - n)
+        }
         exchange.status = code
         exchange.responded = true
         exchange.reusable = !close
@@ -519,7 +539,18 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     }
 
     func upstreamReadComplete() {
-        context?.flush()
+        if unflushed, let context { flush(context) }
+    }
+
+    /// Response bytes on to the client; flushed once per read burst.
+    private func send(_ bytes: ByteBuffer, _ context: ChannelHandlerContext) {
+        unflushed = true
+        context.write(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    private func flush(_ context: ChannelHandlerContext) {
+        unflushed = false
+        context.flush()
     }
 
     func upstreamClosed() {
@@ -572,7 +603,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             context.closeAfterWrites()
             return
         }
-        context.flush()
+        if unflushed { flush(context) }
         next()
     }
 

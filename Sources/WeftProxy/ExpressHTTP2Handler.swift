@@ -46,6 +46,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private let origin: CapturedOrigin
     private let frontendKey: String
     private let client: String
+    private let connectionHeaders: Express.ConnectionHeaders
     private var context: ChannelHandlerContext?
     private var loop: LoopState?
     /// Express streams still being answered.
@@ -67,6 +68,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         self.origin = origin
         frontendKey = "\(origin.vip):\(origin.port)"
         client = origin.source.description
+        connectionHeaders = Express.ConnectionHeaders(client: client, via: proxy.viaToken)
     }
 
     /// One request answered on the express path.
@@ -318,7 +320,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             out.writeString(value)
             out.writeStaticString("\r\n")
         }
-        let (requestID, span) = Express.writeProxyHeaders(&out, client: client, via: proxy.viaToken, hasProto: hasProto,
+        let (requestID, span) = Express.writeProxyHeaders(&out, connectionHeaders, hasProto: hasProto,
                                                           hasRequestID: hasRequestID,
                                                           keep: snapshot.table.accessLog != nil, loop: loop)
         let stream = Stream(handler: self, id: id, request: h, snapshot: snapshot, route: chosen.route,

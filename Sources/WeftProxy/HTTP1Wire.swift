@@ -1,3 +1,5 @@
+import NIOCore
+
 /// HTTP/1.1 heads read in place, for the express path (ExpressHTTP1Handler):
 /// positions into the bytes as they were read, no strings and no typed
 /// messages. It accepts only the plain, well-formed form of a message
@@ -24,16 +26,24 @@ enum HTTP1Wire {
     }
 
     /// The length of the head (through its blank line), if it is all there.
+    /// Eight bytes at a time: only a word that holds a LF is looked into.
     static func headLength(_ p: UnsafeRawBufferPointer) -> Int? {
-        var i = 3
-        while i < p.count {
-            switch p[i] {
-            case 10:
-                if p[i - 1] == 13 && p[i - 2] == 10 && p[i - 3] == 13 { return i + 1 }
-                i += 1
-            case 13: i += 1
-            default: i += 2  // a match ending at i + 1 needs a CR at i
+        guard let base = p.baseAddress else { return nil }
+        let n = p.count
+        func ends(_ j: Int) -> Bool { j >= 3 && p[j - 1] == 13 && p[j - 2] == 10 && p[j - 3] == 13 }
+        var i = 0
+        while i + 8 <= n {
+            var lf = SWAR.zeroBytes(base.loadUnaligned(fromByteOffset: i, as: UInt64.self) ^ SWAR.repeated(10))
+            while lf != 0 {
+                let j = i + lf.trailingZeroBitCount / 8
+                if p[j] == 10 && ends(j) { return j + 1 }
+                lf &= lf - 1
             }
+            i += 8
+        }
+        while i < n {
+            if p[i] == 10 && ends(i) { return i + 1 }
+            i += 1
         }
         return nil
     }
@@ -51,19 +61,16 @@ enum HTTP1Wire {
         guard i < length, p[i] == UInt8(ascii: "/") else { return nil }
         while i < length, p[i] > 32, p[i] < 127 { i += 1 }
         let target = targetStart..<i
-        let version = Array(" HTTP/1.1\r\n".utf8)
-        guard length - i >= version.count else { return nil }
-        for k in 0..<version.count where p[i + k] != version[k] { return nil }
-        i += version.count
+        let version: StaticString = " HTTP/1.1\r\n"
+        guard length - i >= version.utf8CodeUnitCount, exactly(p, at: i, version) else { return nil }
+        i += version.utf8CodeUnitCount
         guard parseFields(p, from: i, length: length, into: &fields) else { return nil }
         return RequestLine(method: method, target: target)
     }
 
     /// `HTTP/1.x SP 3DIGIT SP reason CRLF` and the header lines.
     static func parseResponse(_ p: UnsafeRawBufferPointer, length: Int, fields: inout [Field]) -> StatusLine? {
-        let prefix = Array("HTTP/1.".utf8)
-        guard length > 13 else { return nil }
-        for k in 0..<prefix.count where p[k] != prefix[k] { return nil }
+        guard length > 13, exactly(p, at: 0, "HTTP/1.") else { return nil }
         let minor = Int(p[7]) - 48
         guard minor == 0 || minor == 1, p[8] == 32 else { return nil }
         var code = 0
@@ -96,18 +103,44 @@ enum HTTP1Wire {
             i += 1
             while i < length, p[i] == 32 || p[i] == 9 { i += 1 }
             let valueStart = i
-            var valueEnd = i
-            while i < length, p[i] != 13 {
-                let c = p[i]
-                guard c == 9 || (c >= 32 && c != 127) else { return false }  // no CTLs; a bare LF ends up here
-                i += 1
-                if c != 32 && c != 9 { valueEnd = i }
-            }
+            guard let cr = valueEnd(p, from: i, length: length) else { return false }
+            i = cr
+            var valueEnd = cr
+            while valueEnd > valueStart, p[valueEnd - 1] == 32 || p[valueEnd - 1] == 9 { valueEnd -= 1 }
             guard i + 1 < length, p[i + 1] == 10 else { return false }
             fields.append(Field(name: name, value: valueStart..<valueEnd))
             i += 2
         }
         return false
+    }
+
+    /// Whether `literal` is at `offset` of `p`, byte for byte (the caller
+    /// made sure it fits).
+    static func exactly(_ p: UnsafeRawBufferPointer, at offset: Int, _ literal: StaticString) -> Bool {
+        let l = literal.utf8Start
+        for k in 0..<literal.utf8CodeUnitCount where p[offset + k] != l[k] { return false }
+        return true
+    }
+
+    /// Where a field value that starts at `i` ends: the index of its CR
+    /// (or `length`); nil at a control character other than HTAB (a bare LF
+    /// among them) or DEL. Eight bytes at a time while none is below 0x20
+    /// or DEL.
+    static func valueEnd(_ p: UnsafeRawBufferPointer, from start: Int, length: Int) -> Int? {
+        guard let base = p.baseAddress else { return start }
+        var i = start
+        while i + 8 <= length {
+            let w = base.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            if SWAR.bytesBelow32(w) | SWAR.zeroBytes(w ^ SWAR.repeated(127)) != 0 { break }
+            i += 8
+        }
+        while i < length {
+            let c = p[i]
+            if c == 13 { return i }
+            guard c == 9 || (c >= 32 && c != 127) else { return nil }
+            i += 1
+        }
+        return i
     }
 
     /// RFC 9110 5.6.2 tchar.
@@ -311,5 +344,55 @@ enum Hex {
             v >>= 4
             i -= 1
         }
+    }
+}
+
+/// Copies ranges of a head read in place into the head sent on, ranges
+/// that follow each other in one write: the lines a proxy keeps mostly do.
+struct RunCopier {
+    private var run: Range<Int>?
+
+    /// Keeps `range` of `p` (flushing the run before it when not adjacent).
+    mutating func keep(_ range: Range<Int>, of p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+        if let current = run, current.upperBound == range.lowerBound {
+            run = current.lowerBound..<range.upperBound
+            return
+        }
+        flush(p, into: &out)
+        run = range
+    }
+
+    /// Writes what is kept and not yet written.
+    mutating func flush(_ p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+        guard let current = run else { return }
+        out.writeBytes(UnsafeRawBufferPointer(rebasing: p[current]))
+        run = nil
+    }
+}
+
+extension HTTP1Wire {
+    /// A field's whole line, name to CRLF included (its value's range stops
+    /// before trailing whitespace).
+    static func line(_ p: UnsafeRawBufferPointer, _ f: Field) -> Range<Int> {
+        var end = f.value.upperBound
+        while p[end] != 13 { end += 1 }
+        return f.name.lowerBound..<end + 2
+    }
+}
+
+/// Byte tests on eight bytes at once. A flagged byte's high bit is set in
+/// the result; the lowest flagged byte is always a true match, bytes above
+/// it may be false ones (a borrow), so callers check those one by one.
+enum SWAR {
+    static func repeated(_ b: UInt8) -> UInt64 { UInt64(b) &* 0x0101_0101_0101_0101 }
+
+    /// Bytes that are 0.
+    static func zeroBytes(_ w: UInt64) -> UInt64 {
+        (w &- 0x0101_0101_0101_0101) & ~w & 0x8080_8080_8080_8080
+    }
+
+    /// Bytes below 0x20 (control characters, CR and LF among them).
+    static func bytesBelow32(_ w: UInt64) -> UInt64 {
+        (w &- 0x2020_2020_2020_2020) & ~w & 0x8080_8080_8080_8080
     }
 }

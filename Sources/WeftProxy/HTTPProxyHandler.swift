@@ -977,11 +977,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     // MARK: header work
 
     static func splitTarget(_ uri: String) -> (Substring, Substring?) {
+        // By UTF-8 code unit: "/" and "?" are ASCII, and Character
+        // comparisons cost grapheme breaking on every request.
         var target = Substring(uri)
         // Absolute-form (a client that thinks it talks to a proxy).
-        if target.hasPrefix("http://"), let slash = target.dropFirst(7).firstIndex(of: "/") { target = target[slash...] }
-        if let q = target.firstIndex(of: "?") {
-            return (target[..<q], target[target.index(after: q)...])
+        if target.utf8.starts(with: "http://".utf8),
+           let slash = target.utf8.dropFirst(7).firstIndex(of: UInt8(ascii: "/")) {
+            target = target[slash...]
+        }
+        if let q = target.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            return (target[..<q], target[target.utf8.index(after: q)...])
         }
         return (target, nil)
     }

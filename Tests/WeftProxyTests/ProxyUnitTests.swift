@@ -81,6 +81,16 @@ import WeftStatus
         }
     }
 
+    @Test func requestTargetsSplitIntoPathAndQuery() {
+        for (target, path, query) in [("/a?b=c", "/a", "b=c" as String?), ("/", "/", nil), ("/x?", "/x", ""),
+                                      ("http://svc.ns:8080/y?z=1&w", "/y", "z=1&w"), ("http://svc", "http://svc", nil),
+                                      ("/caf\u{e9}/\u{1F600}?q=\u{fc}", "/caf\u{e9}/\u{1F600}", "q=\u{fc}"), ("/a?b?c", "/a", "b?c")] {
+            let (p, q) = HTTPProxyHandler.splitTarget(target)
+            #expect(String(p) == path, "\(target)")
+            #expect(q.map(String.init) == query, "\(target)")
+        }
+    }
+
     @Test func idsWrittenInPlaceAreTheSameAsTheirStrings() {
         // Known bits, known text: the express paths write these straight into the request.
         var out = ByteBuffer()
