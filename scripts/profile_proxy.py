@@ -20,8 +20,16 @@ alternating with Weft: CPU per request of each, medians over REFERENCE_ROUNDS.
 What the floor costs is what SwiftNIO itself costs; the rest of Weft's cost
 is its pipeline and its codecs.
 
+Last, the count the host's noise cannot move: user-space instructions per
+HTTP/1.1 request of Weft, HAProxy and the floor, each run under valgrind's
+callgrind for a fixed number of requests (the kernel's part is not counted;
+instructions are not time, but on one machine they rank code the same way
+and repeat to the instruction). Weft's proxy is started through
+WEFT_PROXY_WRAPPER for that (ProxySupervisor).
+
 Prints one table per load and writes docs/bench-proxy-profile.json. With
-WEFT_PROFILE_KEEP=DIR, each load's perf.data is kept in DIR for `perf report`.
+WEFT_PROFILE_KEEP=DIR, each load's perf.data is kept in DIR for `perf report`
+(and each callgrind profile, for `callgrind_annotate`).
 """
 import collections
 import json
@@ -40,6 +48,7 @@ from bench_proxy import (BACKEND, BACKEND_CONF, GW, HAPROXY_CONF, LOADS, VIP, WE
 
 SECONDS = int(os.environ.get("WEFT_PROFILE_SECONDS", "6"))
 REFERENCE_ROUNDS = int(os.environ.get("WEFT_PROFILE_REFERENCE_ROUNDS", "3"))
+COUNTED = int(os.environ.get("WEFT_PROFILE_COUNTED_REQUESTS", "3000"))
 FLOOR = os.path.join(ROOT, ".build/release/weft-proxy-floor")
 LAYERS = [
     ("$s9WeftProxy", "Weft"), ("$s8WeftCore", "Weft"), ("$s10WeftKernel", "Weft"),
@@ -97,6 +106,9 @@ def main():
     os.mkdir(config)
     write(f"{config}/lab.yaml", lab_yaml(work))
     try:
+        if os.environ.get("WEFT_PROFILE_ONLY") == "instructions":  # the callgrind part alone; no file written
+            count_instructions(work, config)
+            return
         results, references = run_lab(work, config, profile=True)
         # The same again with the express path off (the full path for every
         # request): what it saves, in the same run.
@@ -104,12 +116,98 @@ def main():
         references["weft_full_path"] = full["weft"]
         references["haproxy_beside_full_path"] = full["haproxy"]
         references["nio_floor_beside_full_path"] = full["nio_floor"]
+        instructions = count_instructions(work, config)
     finally:
         subprocess.run(["rm", "-rf", work])
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     with open(os.path.join(ROOT, "docs/bench-proxy-profile.json"), "w") as f:
         json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "seconds": SECONDS, "loads": results,
-                   "http1_references": references}, f, indent=1)
+                   "http1_references": references, "http1_instructions": instructions}, f, indent=1)
+
+
+def count_instructions(work, config):
+    """User-space instructions per HTTP/1.1 request under callgrind: Weft's
+    proxy (started through WEFT_PROXY_WRAPPER), HAProxy and the floor, each
+    given COUNTED requests after a warm-up, counters zeroed in between."""
+    if subprocess.run(["sh", "-c", "command -v callgrind_control"], capture_output=True).returncode != 0:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    # valgrind 3.19 cannot read the Swift toolchain's debug info: the
+    # binaries run without it (their symbols stay).
+    stripped = {}
+    for name, path in (("weft", WEFT), ("nio_floor", FLOOR)):
+        stripped[name] = os.path.join(work, name + ".stripped")
+        subprocess.run(["strip", "--strip-debug", "-o", stripped[name], path], check=True)
+    valgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={work}/callgrind.%p"]
+    wrapper = os.path.join(work, "callgrind-proxy")
+    write(wrapper, "#!/bin/sh\nshift\nexec " + " ".join(valgrind) + f" {stripped['weft']} \"$@\"\n")
+    os.chmod(wrapper, 0o755)
+    sh(WEFT, "lab", "down", check=False)
+    up = subprocess.run([WEFT, "lab", "up", "--config", config, "--nodes", "1"], capture_output=True, text=True,
+                        env={**os.environ, "WEFT_PROXY_WRAPPER": wrapper})
+    if up.returncode != 0:
+        raise SystemExit(f"lab up failed: {up.stdout[-2000:]}{up.stderr[-2000:]}")
+    processes = NodeProcesses(WEFT)
+    out = {}
+    try:
+        node = json.load(open("/run/weft/lab/state.json"))["nodes"][0]
+        write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW))
+        sides = {"weft": f"http://{VIP}/", "haproxy": f"http://{GW}:16001/", "nio_floor": f"http://{GW}:16005/"}
+        starts = {"haproxy": lambda: processes.start(node, *valgrind, "haproxy", "-f", f"{work}/haproxy.cfg", "-db"),
+                  "nio_floor": lambda: processes.start(node, *valgrind, stripped["nio_floor"], GW, "16005", BACKEND, "8080", "2")}
+        for name, url in sides.items():
+            # (`lab run-in` execs: its pid is valgrind's, which is the program's.)
+            pid = starts[name]() if name in starts else None
+            for _ in range(600):
+                if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                      "-m", "5", url, check=False) == "200":
+                    break
+                time.sleep(0.2)
+            else:
+                raise SystemExit(f"{name} never answered 200 under callgrind at {url}")
+            fixed(url, 300)  # warm: pools, caches, lazily built state
+            # (The agent may have restarted a proxy slow to start under
+            # valgrind: the one that answers is the one in the pid file now.)
+            pid = pid or int(open("/run/weft/n1/proxy.pid").read())
+            sh("callgrind_control", "-z", str(pid), check=False)
+            done = fixed(url, COUNTED)
+            asked = time.time()
+            sh("callgrind_control", "-d", str(pid), check=False)
+            dumps = []
+            for _ in range(100):  # the dump written since it was asked for
+                dumps = [f for f in os.listdir(work) if f.startswith(f"callgrind.{pid}")
+                         and os.path.getmtime(os.path.join(work, f)) >= asked]
+                if dumps:
+                    time.sleep(0.5)
+                    break
+                time.sleep(0.2)
+            total = 0
+            for f in dumps:
+                for line in open(os.path.join(work, f)):
+                    if line.startswith("summary:"):
+                        total += int(line.split()[1])
+                if os.environ.get("WEFT_PROFILE_KEEP"):
+                    subprocess.run(["cp", os.path.join(work, f), os.path.join(os.environ["WEFT_PROFILE_KEEP"], f"callgrind-{name}.out")])
+            if done != COUNTED or not total:
+                raise SystemExit(f"{name} (pid {pid}): {done} of {COUNTED} requests answered, {total} instructions counted; "
+                                 f"dumps {sorted(f for f in os.listdir(work) if f.startswith('callgrind'))}")
+            out[name] = round(total / COUNTED)
+            print(f"HTTP/1.1 {name}: {out[name]} user-space instructions per request (callgrind, {COUNTED} requests)",
+                  flush=True)
+            if name in starts:
+                processes.stop()
+    finally:
+        processes.stop()
+        sh(WEFT, "lab", "down", check=False)
+    return out
+
+
+def fixed(url, n):
+    """n HTTP/1.1 requests over bench proxy's 16 connections, as fast as
+    they go; the number answered 2xx."""
+    r = subprocess.run([WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", "-c", "16", "-m", "1", "-n", str(n), url],
+                       capture_output=True, text=True).stdout
+    line = next((l for l in r.splitlines() if l.startswith("status codes:")), "")
+    return int(line.split()[2]) if line else 0
 
 
 def run_lab(work, config, profile, env=None):

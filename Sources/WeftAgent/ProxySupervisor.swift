@@ -50,6 +50,12 @@ final class ProxySupervisor {
         executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     }
 
+    /// WEFT_PROXY_WRAPPER: an executable the proxy is started through, for profiling.
+    static var wrapper: String? {
+        guard let w = ProcessInfo.processInfo.environment["WEFT_PROXY_WRAPPER"], !w.isEmpty else { return nil }
+        return w
+    }
+
     var tableFile: String { runDirectory + "/proxy-table.json" }
     var pidFile: String { runDirectory + "/proxy.pid" }
     var statusSocket: String { runDirectory + "/proxy.sock" }
@@ -97,9 +103,18 @@ final class ProxySupervisor {
     private func spawn() {
         nextStart = nil
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = ["proxy", "--node", node, "--listen", "\(listen.address):\(listen.port)",
-                             "--pin-dir", pinDirectory, "--run-dir", runDirectory] + (accessLog.map { ["--access-log", $0] } ?? [])
+        let arguments = ["proxy", "--node", node, "--listen", "\(listen.address):\(listen.port)",
+                         "--pin-dir", pinDirectory, "--run-dir", runDirectory] + (accessLog.map { ["--access-log", $0] } ?? [])
+        if let wrapper = Self.wrapper {
+            // A tool to run the proxy under (scripts/profile_proxy.py: callgrind),
+            // given the proxy's executable and arguments; it must exec it, so
+            // that its pid is the proxy's.
+            process.executableURL = URL(fileURLWithPath: wrapper)
+            process.arguments = [executable] + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: executable)
+            process.arguments = arguments
+        }
         do {
             try process.run()
         } catch {
