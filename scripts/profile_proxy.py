@@ -157,13 +157,7 @@ def count_instructions(work, config):
         for name, url in sides.items():
             # (`lab run-in` execs: its pid is valgrind's, which is the program's.)
             pid = starts[name]() if name in starts else None
-            for _ in range(600):
-                if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                      "-m", "5", url, check=False) == "200":
-                    break
-                time.sleep(0.2)
-            else:
-                raise SystemExit(f"{name} never answered 200 under callgrind at {url}")
+            answers(name, url, tries=600, wait=5)  # valgrind starts slowly
             fixed(url, 300)  # warm: pools, caches, lazily built state
             # (The agent may have restarted a proxy slow to start under
             # valgrind: the one that answers is the one in the pid file now.)
@@ -199,6 +193,16 @@ def count_instructions(work, config):
         processes.stop()
         sh(WEFT, "lab", "down", check=False)
     return out
+
+
+def answers(name, url, tries=100, wait=1):
+    """Waits until `url` answers 200 from the client pod."""
+    for _ in range(tries):
+        if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+              "-m", str(wait), url, check=False) == "200":
+            return
+        time.sleep(0.1 if wait <= 1 else 0.2)
+    raise SystemExit(f"{name} never answered 200 at {url}")
 
 
 def fixed(url, n):
@@ -275,13 +279,7 @@ def compare(work, weft_pid, processes):
         "nio_floor": (f"http://{GW}:16005/", on_node(FLOOR, GW, "16005", BACKEND, "8080", "2")),
     }
     for name, (url, _) in sides.items():
-        for _ in range(100):
-            if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                  "-m", "1", url, check=False) == "200":
-                break
-            time.sleep(0.1)
-        else:
-            raise SystemExit(f"{name} never answered 200 at {url}")
+        answers(name, url)
     runs = {name: [] for name in sides}
     for k in range(REFERENCE_ROUNDS):
         names = list(sides)

@@ -236,6 +236,10 @@ enum SourceAddress {
 struct LoopRandom: RandomNumberGenerator {
     private var state = UInt64.random(in: 0...UInt64.max)
 
+    init() {}
+    /// A fixed sequence (tests).
+    init(seed: UInt64) { state = seed }
+
     mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state

@@ -80,8 +80,8 @@ final class ProxyStats: Sendable {
     let connections = Atomic<Int>(0)
     let activeConnections = Atomic<Int>(0)
     let requests = Atomic<Int>(0)
-    let responses1xx = Atomic<Int>(0), responses2xx = Atomic<Int>(0), responses3xx = Atomic<Int>(0)
-    let responses4xx = Atomic<Int>(0), responses5xx = Atomic<Int>(0)
+    /// Responses of the full path and of the proxy's own answers, by status class.
+    let responses = ResponseClasses()
     let retries = Atomic<Int>(0)
     let retriesBudgetExhausted = Atomic<Int>(0)
     let upstreamConnectFailures = Atomic<Int>(0)
@@ -119,27 +119,36 @@ final class ProxyStats: Sendable {
     /// loops each add would wait for the other core's cache line.
     final class LoopCounters: Sendable {
         let answered = Atomic<Int>(0)
-        let responses1xx = Atomic<Int>(0), responses2xx = Atomic<Int>(0), responses3xx = Atomic<Int>(0)
-        let responses4xx = Atomic<Int>(0), responses5xx = Atomic<Int>(0)
+        let responses = ResponseClasses()
         /// Keeps the next loop's counters, allocated after these, off their cache line.
         private let padding: (Int, Int, Int, Int, Int, Int, Int, Int) = (0, 0, 0, 0, 0, 0, 0, 0)
 
         /// One request the express path answered with `code`.
         func answered(_ code: Int) {
             answered.add(1, ordering: .relaxed)
+            responses.count(code)
+        }
+    }
+
+    /// Response counters by status class, 1xx to 5xx.
+    final class ResponseClasses: Sendable {
+        private let c1xx = Atomic<Int>(0), c2xx = Atomic<Int>(0), c3xx = Atomic<Int>(0), c4xx = Atomic<Int>(0)
+        private let c5xx = Atomic<Int>(0)
+
+        func count(_ code: Int) {
             switch code {
-            case ..<200: responses1xx.add(1, ordering: .relaxed)
-            case ..<300: responses2xx.add(1, ordering: .relaxed)
-            case ..<400: responses3xx.add(1, ordering: .relaxed)
-            case ..<500: responses4xx.add(1, ordering: .relaxed)
-            default: responses5xx.add(1, ordering: .relaxed)
+            case ..<200: c1xx.add(1, ordering: .relaxed)
+            case ..<300: c2xx.add(1, ordering: .relaxed)
+            case ..<400: c3xx.add(1, ordering: .relaxed)
+            case ..<500: c4xx.add(1, ordering: .relaxed)
+            default: c5xx.add(1, ordering: .relaxed)
             }
         }
 
-        /// (answered, 1xx, 2xx, 3xx, 4xx, 5xx)
+        /// 1xx to 5xx.
         var values: [Int] {
-            [answered.load(ordering: .relaxed), responses1xx.load(ordering: .relaxed), responses2xx.load(ordering: .relaxed),
-             responses3xx.load(ordering: .relaxed), responses4xx.load(ordering: .relaxed), responses5xx.load(ordering: .relaxed)]
+            [c1xx.load(ordering: .relaxed), c2xx.load(ordering: .relaxed), c3xx.load(ordering: .relaxed),
+             c4xx.load(ordering: .relaxed), c5xx.load(ordering: .relaxed)]
         }
     }
     private let loopCounters = Mutex<[LoopCounters]>([])
@@ -151,31 +160,23 @@ final class ProxyStats: Sendable {
         return c
     }
 
-    func response(_ code: Int) {
-        switch code {
-        case ..<200: responses1xx.add(1, ordering: .relaxed)
-        case ..<300: responses2xx.add(1, ordering: .relaxed)
-        case ..<400: responses3xx.add(1, ordering: .relaxed)
-        case ..<500: responses4xx.add(1, ordering: .relaxed)
-        default: responses5xx.add(1, ordering: .relaxed)
-        }
-    }
+    func response(_ code: Int) { responses.count(code) }
 
     var all: [(String, Int)] {
-        var loops = [Int](repeating: 0, count: 6)
+        var express = 0, classes = responses.values
         for c in loopCounters.withLock({ $0 }) {
-            for (i, v) in c.values.enumerated() { loops[i] += v }
+            express += c.answered.load(ordering: .relaxed)
+            for (i, v) in c.responses.values.enumerated() { classes[i] += v }
         }
-        let express = loops[0], classes = Array(loops.dropFirst())
         return [
             ("connections_total", connections.load(ordering: .relaxed)),
             ("connections_active", activeConnections.load(ordering: .relaxed)),
             ("requests_total", requests.load(ordering: .relaxed) + express),
-            ("responses_1xx", responses1xx.load(ordering: .relaxed) + classes[0]),
-            ("responses_2xx", responses2xx.load(ordering: .relaxed) + classes[1]),
-            ("responses_3xx", responses3xx.load(ordering: .relaxed) + classes[2]),
-            ("responses_4xx", responses4xx.load(ordering: .relaxed) + classes[3]),
-            ("responses_5xx", responses5xx.load(ordering: .relaxed) + classes[4]),
+            ("responses_1xx", classes[0]),
+            ("responses_2xx", classes[1]),
+            ("responses_3xx", classes[2]),
+            ("responses_4xx", classes[3]),
+            ("responses_5xx", classes[4]),
             ("retries_total", retries.load(ordering: .relaxed)),
             ("retries_budget_exhausted_total", retriesBudgetExhausted.load(ordering: .relaxed)),
             ("upstream_connect_failures_total", upstreamConnectFailures.load(ordering: .relaxed)),
