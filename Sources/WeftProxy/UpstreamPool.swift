@@ -220,6 +220,10 @@ final class UpstreamPool {
     /// Returns an HTTP/1.1 connection after a complete exchange.
     func release(_ handler: UpstreamHandler, to key: EndpointKey, reusable: Bool) {
         let s = state(key)
+        // The exchange may have paused reading for a slow client as its
+        // response ended: an idle connection reads (a server's close is
+        // seen), and the next exchange must get its response.
+        if reusable, handler.isActive { handler.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
         if let source = handler.tunnelSource {
             guard reusable, handler.isActive, s.tunnelIdle[source, default: []].count < configuration.maxIdlePerBackend else {
                 handler.close()

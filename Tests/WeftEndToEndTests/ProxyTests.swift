@@ -589,6 +589,14 @@ struct ProxyTests {
             #expect((r as? [String: Any])?["ok"] as? Bool == true, "\(name): \(r)")
         }
         #expect(try stat("n1", "express_handovers_total") - handovers >= 3, "the full path was not taken")
+        // The full path's backend connections, paused for those slow readers
+        // as their responses ended, went back to the pool: the next requests
+        // on them get their answers (they once waited for ever).
+        for k in 0..<8 {
+            let next = try LabHarness.run(["lab", "exec", "client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                           "-m", "5", "-H", "X-Forwarded-For: 198.18.1.99", "http://198.19.1.12/bytes/\(1000 + k)"])
+            #expect(next.output == "200", "request \(k) after the slow readers: \(next.output)")
+        }
     }
 
     /// Plain HTTP/1.1 requests take the express path (bytes, no codec): the
