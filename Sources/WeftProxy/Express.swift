@@ -80,30 +80,17 @@ enum Express {
 
     /// Writes the header lines the proxy adds to a request (as
     /// HTTPProxyHandler.prepareUpstreamHeaders does) and the blank line that
-    /// ends the head. With `keep` (access logs are on), returns the request
-    /// id it made, if any, and the span; otherwise the ids are written
-    /// straight into `out`, with no string made.
+    /// ends the head; the ids are written straight into `out`. With `keep`
+    /// (access logs are on), returns the request id it made, if any, and
+    /// the span, read back from what was written.
     static func writeProxyHeaders(_ out: inout ByteBuffer, _ fixed: ConnectionHeaders, hasProto: Bool,
                                   hasRequestID: Bool, keep: Bool, loop: LoopState)
         -> (requestID: String?, span: TraceContext.Span?) {
         out.writeBytes(hasProto ? fixed.withoutProto : fixed.withProto)
-        if keep {
-            var requestID: String?
-            if !hasRequestID {
-                let id = HTTPProxyHandler.requestID(using: &loop.random)
-                out.writeStaticString("\r\nx-request-id: ")
-                out.writeString(id)
-                requestID = id
-            }
-            let span = TraceContext.fresh(random: &loop.random, samplingPercent: nil)
-            out.writeStaticString("\r\ntraceparent: ")
-            out.writeString(span.header)
-            out.writeStaticString("\r\n\r\n")
-            return (requestID, span)
-        }
         // The rest in one write: "\r\nx-request-id: " + 36, "\r\ntraceparent: " + 55, "\r\n\r\n".
         let id = hasRequestID ? nil : Optional(HTTPProxyHandler.requestIDBits(using: &loop.random))
         let trace = TraceContext.freshIDs(random: &loop.random)
+        let idAt = out.writerIndex + 16, traceAt = out.writerIndex + (id == nil ? 0 : 52) + 15
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: 52 + 70 + 4) { b in
             var i = 0
             func put(_ s: StaticString) {
@@ -121,7 +108,9 @@ enum Express {
             put("\r\n\r\n")
             return i
         }
-        return (nil, nil)
+        guard keep else { return (nil, nil) }
+        let requestID = id == nil ? nil : out.getString(at: idAt, length: 36)
+        return (requestID, out.getString(at: traceAt, length: 55).map { TraceContext.Span(header: $0, parentID: nil) })
     }
 
     static func isIdempotent(_ method: String) -> Bool {

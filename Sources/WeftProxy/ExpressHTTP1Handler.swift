@@ -37,7 +37,6 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
     private let frontendKey: String
-    private let client: String
     private let connectionHeaders: Express.ConnectionHeaders
     private var context: ChannelHandlerContext?
     private var loop: LoopState?
@@ -58,8 +57,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         self.proxy = proxy
         self.origin = origin
         frontendKey = "\(origin.vip):\(origin.port)"
-        client = origin.source.description
-        connectionHeaders = Express.ConnectionHeaders(client: client, via: proxy.viaToken)
+        connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
     }
 
     /// Whether a connection to `frontendKey` starts on the express path: the
@@ -464,8 +462,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             var lineEnd = 8
             while p[lineEnd] != 13 { lineEnd += 1 }
             var copier = RunCopier()
-            // (The status line as the backend sent it when it says HTTP/1.1; HTTP/1.0's says so.)
-            if HTTP1Wire.equals(p, 0..<8, "http/1.1") {
+            // The status line as it came, its version HTTP/1.1 (an HTTP/1.0 backend's is rewritten).
+            if HTTP1Wire.exactly(p, at: 0, "HTTP/1.1") {
                 copier.keep(0..<lineEnd + 2, of: p, into: &out)
             } else {
                 out.writeStaticString("HTTP/1.1")

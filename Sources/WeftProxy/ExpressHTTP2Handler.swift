@@ -45,7 +45,6 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
     private let frontendKey: String
-    private let client: String
     private let connectionHeaders: Express.ConnectionHeaders
     private var context: ChannelHandlerContext?
     private var loop: LoopState?
@@ -67,8 +66,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         self.proxy = proxy
         self.origin = origin
         frontendKey = "\(origin.vip):\(origin.port)"
-        client = origin.source.description
-        connectionHeaders = Express.ConnectionHeaders(client: client, via: proxy.viaToken)
+        connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
     }
 
     /// One request answered on the express path.

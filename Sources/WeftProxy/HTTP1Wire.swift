@@ -122,7 +122,7 @@ enum HTTP1Wire {
         return true
     }
 
-    /// Where a field value that starts at `i` ends: the index of its CR
+    /// Where a field value that starts at `start` ends: the index of its CR
     /// (or `length`); nil at a control character other than HTAB (a bare LF
     /// among them) or DEL. Eight bytes at a time while none is below 0x20
     /// or DEL.

@@ -120,7 +120,7 @@ final class ProxyStats: Sendable {
     final class LoopCounters: Sendable {
         let answered = Atomic<Int>(0)
         let responses = ResponseClasses()
-        /// Keeps the next loop's counters, allocated after these, off their cache line.
+        /// Keeps what is allocated next (the other loop's counters) off this cache line.
         private let padding: (Int, Int, Int, Int, Int, Int, Int, Int) = (0, 0, 0, 0, 0, 0, 0, 0)
 
         /// One request the express path answered with `code`.
@@ -134,6 +134,8 @@ final class ProxyStats: Sendable {
     final class ResponseClasses: Sendable {
         private let c1xx = Atomic<Int>(0), c2xx = Atomic<Int>(0), c3xx = Atomic<Int>(0), c4xx = Atomic<Int>(0)
         private let c5xx = Atomic<Int>(0)
+        /// As LoopCounters' own: one set per loop, allocated one after the other.
+        private let padding: (Int, Int, Int, Int, Int, Int, Int, Int) = (0, 0, 0, 0, 0, 0, 0, 0)
 
         func count(_ code: Int) {
             switch code {

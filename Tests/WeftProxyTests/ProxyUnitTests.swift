@@ -91,6 +91,32 @@ import WeftStatus
         }
     }
 
+    @Test func theExpressPathsHeadersAndTheIdsItKeepsForTheLog() throws {
+        let loop = EmbeddedEventLoop()
+        let configuration = ProxyConfiguration(node: "n1", listenAddress: IPv4Address("198.18.1.1")!, pinDirectory: "/nonexistent",
+                                               runDirectory: "/nonexistent")
+        let state = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration), counters: ProxyStats().makeLoopCounters())
+        let fixed = Express.ConnectionHeaders(client: "198.18.1.10", via: "weft-n1")
+        for (hasProto, hasID) in [(false, false), (true, true), (false, true)] {
+            var out = ByteBuffer()
+            let (id, span) = Express.writeProxyHeaders(&out, fixed, hasProto: hasProto, hasRequestID: hasID, keep: true, loop: state)
+            let text = out.readString(length: out.readableBytes) ?? ""
+            var lines = text.components(separatedBy: "\r\n")
+            #expect(lines.suffix(2) == ["", ""], "the head ends: \(text.debugDescription)")
+            lines.removeLast(2)
+            let expected = ["x-forwarded-for: 198.18.1.10"] + (hasProto ? [] : ["x-forwarded-proto: http"])
+                + ["forwarded: for=198.18.1.10;proto=http", "via: 1.1 weft-n1"]
+                + (hasID ? [] : ["x-request-id: \(id ?? "?")"]) + ["traceparent: \(span?.header ?? "?")"]
+            #expect(lines == expected)
+            #expect(hasID == (id == nil) && (id.map { $0.split(separator: "-").map(\.count) == [8, 4, 4, 4, 12] } ?? true))
+            #expect(span.map { TraceContext.parse($0.header) != nil && $0.sampled } == true)
+            var quiet = ByteBuffer()
+            let none = Express.writeProxyHeaders(&quiet, fixed, hasProto: hasProto, hasRequestID: hasID, keep: false, loop: state)
+            #expect(none.requestID == nil && none.span == nil && quiet.readableBytes == text.utf8.count)
+        }
+        try loop.syncShutdownGracefully()
+    }
+
     @Test func idsWrittenInPlaceAreTheSameAsTheirStrings() {
         // Known bits, known text: the express paths write these straight into the request.
         var out = ByteBuffer()
