@@ -21,7 +21,7 @@ What the floor costs is what SwiftNIO itself costs; the rest of Weft's cost
 is its pipeline and its codecs.
 
 Last, the count the host's noise cannot move: user-space instructions per
-HTTP/1.1 request of Weft, HAProxy and the floor, each run under valgrind's
+request of Weft, HAProxy and (HTTP/1.1 only) the floor, for both loads, each run under valgrind's
 callgrind for a fixed number of requests (the kernel's part is not counted;
 instructions are not time, but on one machine they rank code the same way
 and repeat to the instruction). Weft's proxy is started through
@@ -122,13 +122,15 @@ def main():
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     with open(os.path.join(ROOT, "docs/bench-proxy-profile.json"), "w") as f:
         json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "seconds": SECONDS, "loads": results,
-                   "http1_references": references, "http1_instructions": instructions}, f, indent=1)
+                   "http1_references": references, "instructions": instructions}, f, indent=1)
 
 
 def count_instructions(work, config):
-    """User-space instructions per HTTP/1.1 request under callgrind: Weft's
-    proxy (started through WEFT_PROXY_WRAPPER), HAProxy and the floor, each
-    given COUNTED requests after a warm-up, counters zeroed in between."""
+    """User-space instructions per request under callgrind, HTTP/1.1 and
+    HTTP/2: Weft's proxy (started through WEFT_PROXY_WRAPPER), HAProxy and
+    (HTTP/1.1) the floor, each given COUNTED requests after a warm-up,
+    counters zeroed in between. WEFT_PROFILE_LOAD=HTTP/2 (or HTTP/1.1)
+    counts one load only."""
     if subprocess.run(["sh", "-c", "command -v callgrind_control"], capture_output=True).returncode != 0:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     # valgrind 3.19 cannot read the Swift toolchain's debug info: the
@@ -151,19 +153,25 @@ def count_instructions(work, config):
     try:
         node = json.load(open("/run/weft/lab/state.json"))["nodes"][0]
         write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW))
-        sides = {"weft": f"http://{VIP}/", "haproxy": f"http://{GW}:16001/", "nio_floor": f"http://{GW}:16005/"}
+        # (load, side, url): HTTP/2 as bench proxy's HTTP/2 load (h2c from the
+        # client, HTTP/1.1 to the backend); the floor speaks HTTP/1.1 only.
+        sides = [("HTTP/1.1", "weft", f"http://{VIP}/"), ("HTTP/1.1", "haproxy", f"http://{GW}:16001/"),
+                 ("HTTP/1.1", "nio_floor", f"http://{GW}:16005/"),
+                 ("HTTP/2", "weft", f"http://{VIP}/"), ("HTTP/2", "haproxy", f"http://{GW}:16002/")]
+        if os.environ.get("WEFT_PROFILE_LOAD"):  # one load only (A/B runs while working)
+            sides = [s for s in sides if s[0] == os.environ["WEFT_PROFILE_LOAD"]]
         starts = {"haproxy": lambda: processes.start(node, *valgrind, "haproxy", "-f", f"{work}/haproxy.cfg", "-db"),
                   "nio_floor": lambda: processes.start(node, *valgrind, stripped["nio_floor"], GW, "16005", BACKEND, "8080", "2")}
-        for name, url in sides.items():
+        for load, name, url in sides:
             # (`lab run-in` execs: its pid is valgrind's, which is the program's.)
             pid = starts[name]() if name in starts else None
-            answers(name, url, tries=600, wait=5)  # valgrind starts slowly
-            fixed(url, 300)  # warm: pools, caches, lazily built state
+            answers(name, url, tries=600, wait=5, load=load)  # valgrind starts slowly
+            fixed(url, 300, load)  # warm: pools, caches, lazily built state
             # (The agent may have restarted a proxy slow to start under
             # valgrind: the one that answers is the one in the pid file now.)
             pid = pid or int(open("/run/weft/n1/proxy.pid").read())
             sh("callgrind_control", "-z", str(pid), check=False)
-            done = fixed(url, COUNTED)
+            done = fixed(url, COUNTED, load)
             asked = time.time()
             sh("callgrind_control", "-d", str(pid), check=False)
             dumps = []
@@ -180,12 +188,14 @@ def count_instructions(work, config):
                     if line.startswith("summary:"):
                         total += int(line.split()[1])
                 if os.environ.get("WEFT_PROFILE_KEEP"):
-                    subprocess.run(["cp", os.path.join(work, f), os.path.join(os.environ["WEFT_PROFILE_KEEP"], f"callgrind-{name}.out")])
+                    tag = load.replace("/", "").replace(".", "").lower()
+                    subprocess.run(["cp", os.path.join(work, f), os.path.join(os.environ["WEFT_PROFILE_KEEP"], f"callgrind-{tag}-{name}.out")])
+                os.remove(os.path.join(work, f))
             if done != COUNTED or not total:
-                raise SystemExit(f"{name} (pid {pid}): {done} of {COUNTED} requests answered, {total} instructions counted; "
+                raise SystemExit(f"{load} {name} (pid {pid}): {done} of {COUNTED} requests answered, {total} instructions counted; "
                                  f"dumps {sorted(f for f in os.listdir(work) if f.startswith('callgrind'))}")
-            out[name] = round(total / COUNTED)
-            print(f"HTTP/1.1 {name}: {out[name]} user-space instructions per request (callgrind, {COUNTED} requests)",
+            out.setdefault(load, {})[name] = round(total / COUNTED)
+            print(f"{load} {name}: {out[load][name]} user-space instructions per request (callgrind, {COUNTED} requests)",
                   flush=True)
             if name in starts:
                 processes.stop()
@@ -195,21 +205,24 @@ def count_instructions(work, config):
     return out
 
 
-def answers(name, url, tries=100, wait=1):
+def answers(name, url, tries=100, wait=1, load="HTTP/1.1"):
     """Waits until `url` answers 200 from the client pod."""
+    h2 = ["--http2-prior-knowledge"] if load == "HTTP/2" else []
     for _ in range(tries):
-        if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+        if sh(WEFT, "lab", "exec", "bench/client", "--", "curl", *h2, "-s", "-o", "/dev/null", "-w", "%{http_code}",
               "-m", str(wait), url, check=False) == "200":
             return
         time.sleep(0.1 if wait <= 1 else 0.2)
     raise SystemExit(f"{name} never answered 200 at {url}")
 
 
-def fixed(url, n):
-    """n HTTP/1.1 requests over bench proxy's 16 connections, as fast as
-    they go; the number answered 2xx."""
-    r = subprocess.run([WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", "-c", "16", "-m", "1", "-n", str(n), url],
-                       capture_output=True, text=True).stdout
+def fixed(url, n, load="HTTP/1.1"):
+    """n requests of `load` in bench proxy's shape (HTTP/1.1: 16 connections;
+    HTTP/2: 4 connections of 8 streams), as fast as they go; the number
+    answered 2xx."""
+    flags, conns, streams = LOADS[load]
+    r = subprocess.run([WEFT, "lab", "exec", "bench/client", "--", "h2load", *flags, "-c", str(conns), "-m", str(streams),
+                        "-n", str(n), url], capture_output=True, text=True).stdout
     line = next((l for l in r.splitlines() if l.startswith("status codes:")), "")
     return int(line.split()[2]) if line else 0
 

@@ -149,7 +149,13 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         let id = frame.streamID
-        if id == .rootStream || handed.contains(id) { return context.fireChannelRead(data) }
+        // NIOHTTP2Handler does not check field blocks on this connection:
+        // every one is checked here, before either path sees it.
+        if case .headers(let h) = frame.payload, id != .rootStream,
+           !HTTP2Fields.valid(h.headers, id > lastStreamID ? .request : .trailers) {
+            return malformed(id, context: context)
+        }
+        if id == .rootStream || (!handed.isEmpty && handed.contains(id)) { return context.fireChannelRead(data) }
         if let stream = streams[id] {
             switch frame.payload {
             case .rstStream:
@@ -193,27 +199,45 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
     }
 
+    /// Events of streams the multiplexer was not given stop here: per
+    /// express request NIOHTTP2Handler says "created", "closed" and three
+    /// window changes, and the multiplexer, which has no channel for the
+    /// stream, would only look each one up. (The connection's window changes
+    /// go on: the multiplexer opens the connection's window.) Most frequent
+    /// first; each `as?` is a runtime cast.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        switch event {
-        case let created as NIOHTTP2StreamCreatedEvent:
-            streams[created.streamID]?.created = created
-        case let closed as StreamClosedEvent:
-            handed.remove(closed.streamID)
+        let type = Swift.type(of: event)
+        if type == NIOHTTP2WindowUpdatedEvent.self, let updated = event as? NIOHTTP2WindowUpdatedEvent {
+            if updated.streamID != .rootStream && (handed.isEmpty || !handed.contains(updated.streamID)) { return }
+        } else if type == NIOHTTP2StreamCreatedEvent.self, let created = event as? NIOHTTP2StreamCreatedEvent {
+            if let stream = streams[created.streamID] {
+                stream.created = created  // for a hand-over
+                return
+            }
+        } else if type == StreamClosedEvent.self, let closed = event as? StreamClosedEvent {
+            let wasHanded = !handed.isEmpty && handed.remove(closed.streamID) != nil
             // Reset by the client, or by NIOHTTP2Handler (an error of ours).
             if let stream = streams[closed.streamID] { abandon(stream) }
             closeIfDone()
-        case is ChannelShouldQuiesceEvent:
+            if !wasHanded { return }
+        } else if event is ChannelShouldQuiesceEvent, !quiescing {
             // Drain: no new streams (GOAWAY); close once every stream is answered.
-            if !quiescing {
-                quiescing = true
-                let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))
-                context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
-                closeIfDone()
-            }
-        default:
-            break
+            quiescing = true
+            let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))
+            context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+            closeIfDone()
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// A stream whose request or trailers broke RFC 9113's rules for fields
+    /// (HTTP2Fields) is reset, as NIOHTTP2Handler's own check would; nothing
+    /// of it goes to a backend.
+    private func malformed(_ id: HTTP2StreamID, context: ChannelHandlerContext) {
+        if id > lastStreamID { lastStreamID = id }
+        if let stream = streams[id] { abandon(stream) }
+        proxy.logger.debug("HTTP/2 stream with a malformed field block reset", metadata: ["stream": "\(id)"])
+        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .rstStream(.protocolError))), promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -504,7 +528,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 stream.trailer = nil
                 return (raw, headers)
             }
-            write(stream, .headers(.init(headers: headers)))
+            // (Not tracked: the stream's later frames are, and they go out after it.)
+            write(stream, .headers(.init(headers: headers)), tracked: false)
             return (raw, nil)
         }
     }
@@ -515,9 +540,14 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         write(stream, .data(.init(data: .byteBuffer(data), endStream: end)), bytes: n)
     }
 
-    /// Writes one frame of a stream; counts what is not out yet.
-    private func write(_ stream: Stream, _ payload: HTTP2Frame.FramePayload, bytes: Int = 0) {
+    /// Writes one frame of a stream; counts what is not out yet. A frame
+    /// that is not `tracked` (a response head more frames of the stream
+    /// follow) has no promise: one fewer promise and callback per request.
+    private func write(_ stream: Stream, _ payload: HTTP2Frame.FramePayload, bytes: Int = 0, tracked: Bool = true) {
         guard let context else { return }
+        guard tracked else {
+            return context.write(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: payload)), promise: nil)
+        }
         let written = context.eventLoop.makePromise(of: Void.self)
         unwrittenFrames += 1
         stream.unwritten += bytes
@@ -551,14 +581,19 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             Express.release(upstream, to: stream.state, reusable: stream.reusable, proxy: proxy)
             stream.upstream = nil
         }
+        // (The head's fields are well-formed HTTP/2 by construction: token
+        // names lower-cased, values without control bytes, hop-by-hop
+        // fields gone. Trailer lines are checked: NIOHTTP2Handler does not.)
+        let trailers = stream.trailer.flatMap(Self.trailerFields)
+        let malformed = trailers.map { !HTTP2Fields.valid($0, .trailers) } ?? false
         // Out of the table first: the last frame closes the stream, and
         // NIOHTTP2Handler says so (StreamClosedEvent) as it is written.
-        end(stream, flags: "-")
+        end(stream, flags: malformed ? "UPE" : "-")
         if let head {
             write(stream, .headers(.init(headers: head, endStream: true)))
-        } else if let trailer = stream.trailer, let fields = Self.trailerFields(trailer) {
+        } else if let trailers {
             if let last { writeData(stream, last) }
-            write(stream, .headers(.init(headers: fields, endStream: true)))
+            write(stream, malformed ? .rstStream(.internalError) : .headers(.init(headers: trailers, endStream: true)))
         } else {
             writeData(stream, last ?? ByteBuffer(), end: true)
         }

@@ -130,24 +130,35 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             case .http2:
                 proxy.stats.http2Connections.add(1, ordering: .relaxed)
                 let proxy = self.proxy, origin = self.origin
-                let fullPath: NIOChannelInitializer = { stream in
-                    stream.eventLoop.makeCompletedFuture {
-                        try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                        try stream.pipeline.syncOperations.addHandler(HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true))
+                // A stream channel's full path; `checked`: the outgoing
+                // field blocks are checked there (HTTP2FieldCheck).
+                let fullPath = { (checked: Bool) -> NIOChannelInitializer in
+                    { stream in
+                        stream.eventLoop.makeCompletedFuture {
+                            let pipeline = stream.pipeline.syncOperations
+                            if checked { try pipeline.addHandler(HTTP2FieldCheck()) }
+                            try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                            try pipeline.addHandler(HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true))
+                        }
                     }
                 }
                 if proxy.configuration.express
                     && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: "\(origin.vip):\(origin.port)") {
                     // Frames meet the express path before the multiplexer
                     // (ExpressHTTP2Handler): streams it does not answer get
-                    // stream channels and the full path, as below.
-                    try pipeline.addHandler(NIOHTTP2Handler(mode: .server))
+                    // stream channels and the full path, as below. It checks
+                    // every field block that comes in (HTTP2Fields) in place
+                    // of NIO's slower check; HTTP2FieldCheck what the full
+                    // path sends.
+                    var connection = NIOHTTP2Handler.ConnectionConfiguration()
+                    connection.headerBlockValidation = .disabled
+                    try pipeline.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: connection))
                     try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin))
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
-                                                                   inboundStreamInitializer: fullPath))
+                                                                   inboundStreamInitializer: fullPath(true)))
                 } else {
                     _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
-                                                            streamConfiguration: .init(), inboundStreamInitializer: fullPath)
+                                                            streamConfiguration: .init(), inboundStreamInitializer: fullPath(false))
                 }
             case .tcp, .undecided:
                 proxy.stats.tcpPassthrough.add(1, ordering: .relaxed)

@@ -1,0 +1,165 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+
+/// The checks RFC 9113 (sections 8.2 and 8.3) asks of an HTTP/2 field block,
+/// as NIOHTTP2Handler's header-block validation makes them, on the bytes:
+///
+/// - names are lower-case tokens (`!#$%&'*+-.^_`|~`, digits, a-z);
+/// - values hold no NUL, CR or LF; pseudo-header values no SP, control
+///   byte or DEL either (`:path` becomes an HTTP/1.1 request line);
+/// - pseudo-headers come first, are known, appear once, and a block has the
+///   ones it must: a request `:method`, `:scheme` and `:path` (a CONNECT
+///   `:method` and `:authority` only), a response `:status`, trailers none;
+///   `:path` is not empty; `:protocol` is refused (this proxy does not offer
+///   extended CONNECT);
+/// - no connection-specific field (`connection`, `keep-alive`,
+///   `proxy-connection`, `transfer-encoding`, `upgrade`); in a request `te`
+///   is `trailers` or absent.
+///
+/// Why not NIO's own: its validator spends about a thousand instructions per
+/// field (a generic walk of every name and value, Substring comparisons),
+/// 17% of the express path's HTTP/2 instructions per request
+/// (docs/proxy.md, "Where the CPU goes"). Where ExpressHTTP2Handler runs it
+/// sees every frame first, so NIO's is turned off on those connections and
+/// this one checks every request and trailer block of every stream (the
+/// full path's too), and `HTTP2FieldCheck` every block the full path sends.
+/// `ProxyUnitTests.http2FieldChecksAgreeWithNIO` holds the two to the same
+/// verdict on thousands of random blocks.
+enum HTTP2Fields {
+    enum Block { case request, response, trailers }
+
+    /// Whether `headers` is a well-formed block of kind `block`.
+    static func valid(_ headers: HPACKHeaders, _ block: Block) -> Bool {
+        var seen: UInt8 = 0  // pseudo-headers, bits as in `pseudo`
+        var regular = false
+        var connect = false
+        for (name, value, _) in headers {
+            let n = name.utf8
+            guard let first = n.first else { return false }
+            if first == UInt8(ascii: ":") {
+                guard !regular, let bit = pseudo(name), bit & allowed(block) != 0, seen & bit == 0,
+                      pseudoValue(value) else { return false }
+                seen |= bit
+                if bit == Pseudo.method { connect = value == "CONNECT" }
+                if bit == Pseudo.path && value.utf8.isEmpty { return false }
+                continue
+            }
+            regular = true
+            guard tokenName(n), fieldValue(value) else { return false }
+            switch n.count {
+            case 2 where name == "te":
+                if block == .request && value != "trailers" { return false }
+            case 7 where name == "upgrade", 10 where name == "connection" || name == "keep-alive",
+                 16 where name == "proxy-connection", 17 where name == "transfer-encoding":
+                return false
+            default:
+                break
+            }
+        }
+        switch block {
+        case .request where connect:
+            return seen == Pseudo.method | Pseudo.authority
+        case .request:
+            let mandatory = Pseudo.method | Pseudo.scheme | Pseudo.path
+            return seen & mandatory == mandatory
+        case .response:
+            return seen == Pseudo.status
+        case .trailers:
+            return seen == 0
+        }
+    }
+
+    private enum Pseudo {
+        static let path: UInt8 = 1, method: UInt8 = 2, scheme: UInt8 = 4, authority: UInt8 = 8, status: UInt8 = 16
+    }
+
+    private static func allowed(_ block: Block) -> UInt8 {
+        switch block {
+        case .request: return Pseudo.path | Pseudo.method | Pseudo.scheme | Pseudo.authority
+        case .response: return Pseudo.status
+        case .trailers: return 0
+        }
+    }
+
+    private static func pseudo(_ name: String) -> UInt8? {
+        switch name {
+        case ":path": return Pseudo.path
+        case ":method": return Pseudo.method
+        case ":scheme": return Pseudo.scheme
+        case ":authority": return Pseudo.authority
+        case ":status": return Pseudo.status
+        default: return nil  // unknown, `:protocol` among them, or not a token
+        }
+    }
+
+    /// Token bytes other than upper case, as bits: bytes 0-63 (`!#$%&'*+-.`
+    /// and digits), 64-127 (`^_`a-z|~`).
+    private static let nameLow: UInt64 = 0x03ff_6cfa_0000_0000
+    private static let nameHigh: UInt64 = 0x57ff_ffff_c000_0000
+
+    static func tokenName(_ n: String.UTF8View) -> Bool {
+        let low = nameLow, high = nameHigh
+        func ok(_ c: UInt8) -> Bool {
+            c < 64 ? (low >> UInt64(c)) & 1 != 0 : c < 128 && (high >> UInt64(c - 64)) & 1 != 0
+        }
+        if let r = n.withContiguousStorageIfAvailable({ p in p.allSatisfy(ok) }) { return r }
+        return n.allSatisfy(ok)
+    }
+
+    /// No NUL, LF or CR.
+    static func fieldValue(_ value: String) -> Bool {
+        func ok(_ c: UInt8) -> Bool { c != 0 && c != 10 && c != 13 }
+        if let r = value.utf8.withContiguousStorageIfAvailable({ p in
+            guard let base = p.baseAddress else { return true }
+            var i = 0
+            while i + 8 <= p.count {
+                let w = UnsafeRawPointer(base).loadUnaligned(fromByteOffset: i, as: UInt64.self)
+                if SWAR.zeroBytes(w) | SWAR.zeroBytes(w ^ SWAR.repeated(10)) | SWAR.zeroBytes(w ^ SWAR.repeated(13)) != 0 {
+                    return false
+                }
+                i += 8
+            }
+            while i < p.count {
+                guard ok(p[i]) else { return false }
+                i += 1
+            }
+            return true
+        }) { return r }
+        return value.utf8.allSatisfy(ok)
+    }
+
+    /// No byte at or below SP, and no DEL.
+    static func pseudoValue(_ value: String) -> Bool {
+        func ok(_ c: UInt8) -> Bool { c > 32 && c != 127 }
+        if let r = value.utf8.withContiguousStorageIfAvailable({ p in p.allSatisfy(ok) }) { return r }
+        return value.utf8.allSatisfy(ok)
+    }
+}
+
+/// A block the proxy would send on an HTTP/2 stream broke RFC 9113 (a
+/// backend's field the full path passed on, say).
+struct MalformedFieldBlock: Error, CustomStringConvertible {
+    var description: String { "an HTTP/2 field block this proxy would send is malformed" }
+}
+
+/// On a full-path stream channel of a connection whose NIOHTTP2Handler does
+/// not validate (ExpressHTTP2Handler checks what comes in): checks what goes
+/// out. A malformed response or trailer block is not sent; its write fails
+/// and the stream is reset, as NIO's own check would have it.
+final class HTTP2FieldCheck: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if case .headers(let h) = unwrapOutboundIn(data) {
+            let block: HTTP2Fields.Block = h.headers.first?.name == ":status" ? .response : .trailers
+            guard HTTP2Fields.valid(h.headers, block) else {
+                promise?.fail(MalformedFieldBlock())
+                context.close(promise: nil)
+                return
+            }
+        }
+        context.write(data, promise: promise)
+    }
+}

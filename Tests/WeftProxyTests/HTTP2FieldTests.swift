@@ -1,0 +1,155 @@
+import NIOCore
+import NIOEmbedded
+import NIOHPACK
+import NIOHTTP2
+import Testing
+@testable import WeftProxy
+
+/// HTTP2Fields stands in for NIOHTTP2Handler's header-block validation on
+/// the express path's connections. NIO's own check is the reference here: a
+/// client that checks nothing sends random blocks to a server NIOHTTP2Handler
+/// that checks them (requests and trailers), and that server sends random
+/// response blocks; what NIO lets through, and only that, HTTP2Fields must
+/// call valid.
+@Suite struct HTTP2FieldTests {
+    /// A client NIOHTTP2Handler that checks nothing and a server one that
+    /// checks every block, joined byte for byte.
+    private struct Pair {
+        let client = EmbeddedChannel(), server = EmbeddedChannel()
+
+        init() throws {
+            try client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, headerBlockValidation: .disabled,
+                                                                          contentLengthValidation: .disabled))
+            try server.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server))
+            let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
+            try client.connect(to: address).wait()
+            try server.connect(to: address).wait()
+            shuttle()
+        }
+
+        /// Moves bytes both ways until neither side has more to say. (A
+        /// stream error NIO raises on the server is the verdict, not a failure.)
+        func shuttle() {
+            var moved = true
+            while moved {
+                moved = false
+                for (from, to) in [(client, server), (server, client)] {
+                    while case .some(.byteBuffer(let bytes)) = try? from.readOutbound(as: IOData.self) {
+                        moved = true
+                        _ = try? to.writeInbound(bytes)
+                    }
+                }
+            }
+        }
+
+        /// Whether the server passed a HEADERS frame of `stream` up its pipeline.
+        func serverGotHeaders(on stream: HTTP2StreamID) -> Int {
+            var count = 0
+            while let frame = try? server.readInbound(as: HTTP2Frame.self) {
+                if frame.streamID == stream, case .headers = frame.payload { count += 1 }
+            }
+            return count
+        }
+
+        func finish() {
+            _ = try? client.finish()
+            _ = try? server.finish()
+        }
+    }
+
+    // (No upper-case spelling of a name HPACK's tables hold, as "User-Agent":
+    // the client's encoder would send it as the table's lower-case name.)
+    private static let names = [":path", ":method", ":scheme", ":authority", ":status", ":protocol", ":bogus", ":Bogus", ":",
+                                "te", "connection", "keep-alive", "upgrade", "proxy-connection", "transfer-encoding",
+                                "x-a", "accept", "cookie", "X-Upper", "x a", "x\u{7f}", "é", "", "x_y", "^`|~!#$%&'*+-.",
+                                "x:y", "x\"y", "0"]
+    private static let values = ["", "trailers", "CONNECT", "GET", "/", "/p q", "a\u{0}b", "a\rb", "a\nb", "ok",
+                                 " padded ", "\u{7f}", "é", "x\ty", "http", "200", "a long value that goes past eight bytes",
+                                 "a long value with a\rCR past eight", "0123456789abcdef\n", "Trailers"]
+
+    /// A block: often a plausible start (the pseudo-headers a `kind` needs,
+    /// in random order, some left out), then random fields.
+    private static func block(_ kind: HTTP2Fields.Block, _ rng: inout LoopRandom) -> HPACKHeaders {
+        var fields: [(String, String)] = []
+        if rng.next() % 4 != 0 {
+            switch kind {
+            case .request:
+                let method = rng.next() % 5 == 0 ? "CONNECT" : "GET"
+                var start = [(":method", method), (":scheme", "http"), (":path", "/x"), (":authority", "a.b")]
+                start.shuffle(using: &rng)
+                fields = start.filter { _ in rng.next() % 6 != 0 }
+            case .response:
+                fields = [(":status", "200")]
+            case .trailers:
+                break
+            }
+        }
+        for _ in 0..<Int(rng.next() % 4) {
+            let name = names[Int(rng.next() % UInt64(names.count))]
+            let value = values[Int(rng.next() % UInt64(values.count))]
+            // A field at a random place (a pseudo-header after a regular one too).
+            fields.insert((name, value), at: Int(rng.next() % UInt64(fields.count + 1)))
+        }
+        return HPACKHeaders(fields)
+    }
+
+    @Test func http2FieldChecksAgreeWithNIO() throws {
+        var rng = LoopRandom(seed: 0x4832)  // the same blocks on every run
+        var verdicts: [HTTP2Fields.Block: [Bool: Int]] = [:]
+        for round in 0..<1_500 {
+            let kind: HTTP2Fields.Block = [.request, .response, .trailers][round % 3]
+            let block = Self.block(kind, &rng)
+            let pair = try Pair()
+            defer { pair.finish() }
+            let stream = HTTP2StreamID(1)
+            let request = HPACKHeaders([(":method", "POST"), (":scheme", "http"), (":path", "/"), (":authority", "a")])
+            let nio: Bool
+            switch kind {
+            case .request:
+                pair.client.writeAndFlush(HTTP2Frame(streamID: stream, payload: .headers(.init(headers: block, endStream: true))),
+                                          promise: nil)
+                pair.shuttle()
+                nio = pair.serverGotHeaders(on: stream) == 1
+            case .trailers:
+                pair.client.writeAndFlush(HTTP2Frame(streamID: stream, payload: .headers(.init(headers: request))), promise: nil)
+                pair.client.writeAndFlush(HTTP2Frame(streamID: stream, payload: .headers(.init(headers: block, endStream: true))),
+                                          promise: nil)
+                pair.shuttle()
+                nio = pair.serverGotHeaders(on: stream) == 2
+            case .response:
+                pair.client.writeAndFlush(HTTP2Frame(streamID: stream, payload: .headers(.init(headers: request, endStream: true))),
+                                          promise: nil)
+                pair.shuttle()
+                _ = pair.serverGotHeaders(on: stream)
+                let sent = pair.server.eventLoop.makePromise(of: Void.self)
+                pair.server.writeAndFlush(HTTP2Frame(streamID: stream, payload: .headers(.init(headers: block))), promise: sent)
+                pair.shuttle()
+                nio = (try? sent.futureResult.wait()) != nil
+            }
+            let ours = HTTP2Fields.valid(block, kind)
+            #expect(ours == nio, "\(kind) block \(Array(block.map { "\($0.name): \($0.value)" })): NIO says \(nio), HTTP2Fields \(ours)")
+            verdicts[kind, default: [:]][nio, default: 0] += 1
+        }
+        // Both verdicts were reached for every kind, often enough to mean something.
+        for kind in [HTTP2Fields.Block.request, .response, .trailers] {
+            #expect((verdicts[kind]?[true] ?? 0) >= 50 && (verdicts[kind]?[false] ?? 0) >= 50, "\(kind): \(verdicts[kind] ?? [:])")
+        }
+    }
+
+    @Test func theFullPathsOutgoingBlocksAreChecked() throws {
+        let channel = EmbeddedChannel(handler: HTTP2FieldCheck())
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        let good = HPACKHeaders([(":status", "200"), ("x-a", "b")])
+        try channel.writeOutbound(HTTP2Frame.FramePayload.headers(.init(headers: good)))
+        #expect(try channel.readOutbound(as: HTTP2Frame.FramePayload.self) != nil)
+        let trailers = HPACKHeaders([("grpc-status", "0")])
+        try channel.writeOutbound(HTTP2Frame.FramePayload.headers(.init(headers: trailers, endStream: true)))
+        #expect(try channel.readOutbound(as: HTTP2Frame.FramePayload.self) != nil)
+        let bad = HPACKHeaders([(":status", "200"), ("x-a", "b\r\nx-injected: yes")])
+        #expect(throws: MalformedFieldBlock.self) {
+            try channel.writeOutbound(HTTP2Frame.FramePayload.headers(.init(headers: bad)))
+        }
+        #expect(try channel.readOutbound(as: HTTP2Frame.FramePayload.self) == nil, "a malformed block went out")
+        #expect(!channel.isActive, "the stream was not reset")
+    }
+}
