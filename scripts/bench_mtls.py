@@ -154,9 +154,9 @@ def sni(uri):
     return hashlib.sha256(uri.encode()).hexdigest()[:24] + ".id.weft"
 
 
-def main():
-    work = tempfile.mkdtemp(prefix="weft-bench-mtls-")
-    os.chmod(work, 0o755)
+def prepare(work):
+    """Writes the lab's files into `work` (nginx and HAProxy configurations,
+    certificates, the 64 MiB file) and its config directory; returns that."""
     os.mkdir(f"{work}/www")
     sh("dd", "if=/dev/urandom", f"of={work}/www/{BIG}", "bs=1M", "count=64", "status=none")
     os.chmod(f"{work}/www/{BIG}", 0o644)
@@ -204,6 +204,13 @@ kind: PeerAuthentication
 metadata: {{name: plain, namespace: bench}}
 spec: {{selector: {{matchLabels: {{app: plain}}}}, mtls: {{mode: DISABLE}}}}
 """)
+    return config
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="weft-bench-mtls-")
+    os.chmod(work, 0o755)
+    config = prepare(work)
     speed = dict(openssl_speed(), runs=1)
     print(f"openssl speed AES-128-GCM, one core: {speed['encrypt']:.0f} MB/s encrypt, {speed['decrypt']:.0f} MB/s decrypt", flush=True)
     sh(WEFT, "lab", "down", check=False)

@@ -125,24 +125,31 @@ def main():
                    "http1_references": references, "instructions": instructions}, f, indent=1)
 
 
-def count_instructions(work, config):
-    """User-space instructions per request under callgrind, HTTP/1.1 and
-    HTTP/2: Weft's proxy (started through WEFT_PROXY_WRAPPER), HAProxy and
-    (HTTP/1.1) the floor, each given COUNTED requests after a warm-up,
-    counters zeroed in between. WEFT_PROFILE_LOAD=HTTP/2 (or HTTP/1.1)
-    counts one load only."""
+def under_callgrind(work, floor=False):
+    """(valgrind's command line, a WEFT_PROXY_WRAPPER that runs the proxy
+    under it, the binaries it runs: "weft" and, with `floor`, "nio_floor")."""
     if subprocess.run(["sh", "-c", "command -v callgrind_control"], capture_output=True).returncode != 0:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     # valgrind 3.19 cannot read the Swift toolchain's debug info: the
     # binaries run without it (their symbols stay).
     stripped = {}
-    for name, path in (("weft", WEFT), ("nio_floor", FLOOR)):
+    for name, path in (("weft", WEFT), ("nio_floor", FLOOR))[:2 if floor else 1]:
         stripped[name] = os.path.join(work, name + ".stripped")
         subprocess.run(["strip", "--strip-debug", "-o", stripped[name], path], check=True)
     valgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={work}/callgrind.%p"]
     wrapper = os.path.join(work, "callgrind-proxy")
     write(wrapper, "#!/bin/sh\nshift\nexec " + " ".join(valgrind) + f" {stripped['weft']} \"$@\"\n")
     os.chmod(wrapper, 0o755)
+    return valgrind, wrapper, stripped
+
+
+def count_instructions(work, config):
+    """User-space instructions per request under callgrind, HTTP/1.1 and
+    HTTP/2: Weft's proxy (started through WEFT_PROXY_WRAPPER), HAProxy and
+    (HTTP/1.1) the floor, each given COUNTED requests after a warm-up,
+    counters zeroed in between. WEFT_PROFILE_LOAD=HTTP/2 (or HTTP/1.1)
+    counts one load only."""
+    valgrind, wrapper, stripped = under_callgrind(work, floor=True)
     sh(WEFT, "lab", "down", check=False)
     up = subprocess.run([WEFT, "lab", "up", "--config", config, "--nodes", "1"], capture_output=True, text=True,
                         env={**os.environ, "WEFT_PROXY_WRAPPER": wrapper})
@@ -170,30 +177,10 @@ def count_instructions(work, config):
             # (The agent may have restarted a proxy slow to start under
             # valgrind: the one that answers is the one in the pid file now.)
             pid = pid or int(open("/run/weft/n1/proxy.pid").read())
-            sh("callgrind_control", "-z", str(pid), check=False)
-            done = fixed(url, COUNTED, load)
-            asked = time.time()
-            sh("callgrind_control", "-d", str(pid), check=False)
-            dumps = []
-            for _ in range(100):  # the dump written since it was asked for
-                dumps = [f for f in os.listdir(work) if f.startswith(f"callgrind.{pid}")
-                         and os.path.getmtime(os.path.join(work, f)) >= asked]
-                if dumps:
-                    time.sleep(0.5)
-                    break
-                time.sleep(0.2)
-            total = 0
-            for f in dumps:
-                for line in open(os.path.join(work, f)):
-                    if line.startswith("summary:"):
-                        total += int(line.split()[1])
-                if os.environ.get("WEFT_PROFILE_KEEP"):
-                    tag = load.replace("/", "").replace(".", "").lower()
-                    subprocess.run(["cp", os.path.join(work, f), os.path.join(os.environ["WEFT_PROFILE_KEEP"], f"callgrind-{tag}-{name}.out")])
-                os.remove(os.path.join(work, f))
+            tag = load.replace("/", "").replace(".", "").lower()
+            total, done = callgrind_count(work, [pid], lambda: fixed(url, COUNTED, load), keep=f"{tag}-{name}")
             if done != COUNTED or not total:
-                raise SystemExit(f"{load} {name} (pid {pid}): {done} of {COUNTED} requests answered, {total} instructions counted; "
-                                 f"dumps {sorted(f for f in os.listdir(work) if f.startswith('callgrind'))}")
+                raise SystemExit(f"{load} {name} (pid {pid}): {done} of {COUNTED} requests answered, {total} instructions counted")
             out.setdefault(load, {})[name] = round(total / COUNTED)
             print(f"{load} {name}: {out[load][name]} user-space instructions per request (callgrind, {COUNTED} requests)",
                   flush=True)
@@ -203,6 +190,38 @@ def count_instructions(work, config):
         processes.stop()
         sh(WEFT, "lab", "down", check=False)
     return out
+
+
+def callgrind_count(work, pids, run, keep=None):
+    """Zeroes the callgrind counters of `pids` (each a process started
+    under callgrind with --callgrind-out-file={work}/callgrind.%p), calls
+    `run`, dumps them: (user-space instructions of all of them meanwhile,
+    what `run` returned). With WEFT_PROFILE_KEEP=DIR the dumps are kept
+    there as callgrind-{keep}-{pid}.out."""
+    for pid in pids:
+        sh("callgrind_control", "-z", str(pid), check=False)
+    result = run()
+    asked = time.time()
+    for pid in pids:
+        sh("callgrind_control", "-d", str(pid), check=False)
+    total = 0
+    for pid in pids:
+        dumps = []
+        for _ in range(100):  # the dump written since it was asked for
+            dumps = [f for f in os.listdir(work) if f.startswith(f"callgrind.{pid}")
+                     and os.path.getmtime(os.path.join(work, f)) >= asked]
+            if dumps:
+                time.sleep(0.5)
+                break
+            time.sleep(0.2)
+        for f in dumps:
+            for line in open(os.path.join(work, f)):
+                if line.startswith("summary:"):
+                    total += int(line.split()[1])
+            if keep and os.environ.get("WEFT_PROFILE_KEEP"):
+                subprocess.run(["cp", os.path.join(work, f), os.path.join(os.environ["WEFT_PROFILE_KEEP"], f"callgrind-{keep}-{pid}.out")])
+            os.remove(os.path.join(work, f))
+    return total, result
 
 
 def answers(name, url, tries=100, wait=1, load="HTTP/1.1"):

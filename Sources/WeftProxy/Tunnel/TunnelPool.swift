@@ -292,10 +292,11 @@ final class TunnelConnection {
     func close() { channel?.close(promise: nil) }
 }
 
-/// Completes a promise when the TLS handshake is done (or fails it).
 /// Told of a TLS handshake's outcome and duration (for the proxy's series).
 typealias HandshakeObserver = @Sendable (_ ok: Bool, _ duration: TimeAmount) -> Void
 
+/// Completes a promise when the TLS handshake is done (or fails it), then
+/// leaves the pipeline.
 final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
     private let promise: EventLoopPromise<Void>
@@ -303,8 +304,13 @@ final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
     init(_ promise: EventLoopPromise<Void>) { self.promise = promise }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let e = event as? TLSUserEvent, case .handshakeCompleted = e { promise.succeed() }
+        guard let e = event as? TLSUserEvent, case .handshakeCompleted = e else {
+            return context.fireUserInboundEventTriggered(event)
+        }
+        promise.succeed()
         context.fireUserInboundEventTriggered(event)
+        // Its work is done: out of the way of every later read.
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
