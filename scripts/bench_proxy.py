@@ -34,7 +34,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import NodeProcesses, sh, write_section  # noqa: E402
+from benchdoc import revision, NodeProcesses, sh, write_section  # noqa: E402
 from hostwatch import HostWatch, quiet  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -425,7 +425,7 @@ def report(summary, repeated, kept_disturbed):
         "## L7 proxy: Weft vs HAProxy vs nginx (issue #4)",
         "",
         f"Made by `scripts/bench proxy` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build (no run-time exclusivity checks, as `scripts/bench` builds it); {ROUNDS} rounds rotating the order of the sides, medians. Load: {h2} in a client pod; backend: nginx "
+        f"release build at {revision()} (no run-time exclusivity checks, as `scripts/bench` builds it); {ROUNDS} rounds rotating the order of the sides, medians. Load: {h2} in a client pod; backend: nginx "
         "answering `200 ok` in a pod on the same node. Every proxy runs on the node with 2 threads/workers, keeps HTTP/1.1 "
         "connections to the backend alive and adds X-Forwarded-For and a request id; HTTP/2 (h2c, prior knowledge) from the "
         "client is proxied to HTTP/1.1. `weft` is reached through the Service clusterIP (captured by connect4), the others "

@@ -42,7 +42,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import NodeProcesses, sh  # noqa: E402
+from benchdoc import NodeProcesses, revision, sh  # noqa: E402
 from bench_proxy import (BACKEND, BACKEND_CONF, GW, HAPROXY_CONF, LOADS, VIP, WEFT, cpu_seconds, h2load,  # noqa: E402
                          lab_yaml, pids_of, write)
 
@@ -119,7 +119,7 @@ def main():
         instructions = count_instructions(work, config)
     finally:
         subprocess.run(["rm", "-rf", work])
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = revision()
     with open(os.path.join(ROOT, "docs/bench-proxy-profile.json"), "w") as f:
         json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "seconds": SECONDS, "loads": results,
                    "http1_references": references, "instructions": instructions}, f, indent=1)

@@ -28,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import NodeProcesses, sh  # noqa: E402
+from benchdoc import NodeProcesses, revision, sh  # noqa: E402
 from bench_mtls import BIG, TARGETS, prepare  # noqa: E402
 from profile_proxy import WEFT, answers, callgrind_count, under_callgrind  # noqa: E402
 
@@ -87,7 +87,7 @@ def main():
         processes.stop()
         sh(WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = revision()
     with open(os.path.join(ROOT, "docs/bench-tunnel-profile.json"), "w") as f:
         json.dump({"revision": rev, "date": time.strftime("%Y-%m-%d"), "counted_requests": COUNTED, "bulk_fetches": BULK,
                    "instructions": out}, f, indent=1)
