@@ -58,6 +58,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// Frames of ours not yet written out; a quiescing connection closes
     /// only when none is left.
     private var unwrittenFrames = 0
+    /// Streams whose last frame was written without a promise, until
+    /// NIOHTTP2Handler says they closed, which it does once that frame has
+    /// left its flow-control buffer. A quiescing connection waits for them.
+    private var ending: Set<HTTP2StreamID> = []
+    private var closing = false
     private var fields: [HTTP1Wire.Field] = []
     private var chunkData: [Range<Int>] = []
     private var lastSeries: Express.LastSeries?
@@ -216,6 +221,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             }
         } else if type == StreamClosedEvent.self, let closed = event as? StreamClosedEvent {
             let wasHanded = !handed.isEmpty && handed.remove(closed.streamID) != nil
+            if !ending.isEmpty { ending.remove(closed.streamID) }
             // Reset by the client, or by NIOHTTP2Handler (an error of ours).
             if let stream = streams[closed.streamID] { abandon(stream) }
             closeIfDone()
@@ -540,12 +546,24 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         write(stream, .data(.init(data: .byteBuffer(data), endStream: end)), bytes: n)
     }
 
-    /// Writes one frame of a stream; counts what is not out yet. A frame
-    /// that is not `tracked` (a response head more frames of the stream
-    /// follow) has no promise: one fewer promise and callback per request.
+    /// Writes one frame of a stream; counts what is not out yet. Two kinds
+    /// go without a promise and its callback (about 5,000 instructions
+    /// each): a frame that is not `tracked` (a response head more frames of
+    /// the stream follow, which are), and the frame that ends the stream
+    /// (nothing waits on its bytes; a drain waits for NIOHTTP2Handler to
+    /// close the stream, `ending`, then for the socket, closeIfDone).
     private func write(_ stream: Stream, _ payload: HTTP2Frame.FramePayload, bytes: Int = 0, tracked: Bool = true) {
         guard let context else { return }
-        guard tracked else {
+        let ends: Bool
+        switch payload {
+        case .headers(let h): ends = h.endStream
+        case .data(let d): ends = d.endStream
+        case .rstStream: ends = true
+        default: ends = false
+        }
+        // (In the set before the write: NIO may say "closed" during it.)
+        if ends { ending.insert(stream.id) }
+        guard tracked && !ends else {
             return context.write(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: payload)), promise: nil)
         }
         let written = context.eventLoop.makePromise(of: Void.self)
@@ -698,9 +716,17 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     }
 
     /// A draining connection closes once every stream is answered and
-    /// written out.
+    /// written out: each stream closed by NIOHTTP2Handler (so none of its
+    /// frames is left in its flow-control buffer), then what the socket
+    /// still holds written (an empty write below NIOHTTP2Handler completes
+    /// after it; WriteBarrier.swift).
     private func closeIfDone() {
-        guard quiescing, streams.isEmpty, handed.isEmpty, unwrittenFrames == 0, let context else { return }
-        context.close(promise: nil)
+        guard quiescing, !closing, streams.isEmpty, handed.isEmpty, ending.isEmpty, unwrittenFrames == 0,
+              let context else { return }
+        closing = true
+        guard let below = try? context.pipeline.syncOperations.context(handlerType: NIOHTTP2Handler.self) else {
+            return context.close(promise: nil)
+        }
+        below.afterWrites { context.close(promise: nil) }
     }
 }
