@@ -46,7 +46,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import NodeProcesses, sh, write_section  # noqa: E402
+from benchdoc import NodeProcesses, revision, sh, write_section  # noqa: E402
 from bench_proxy import DISTURBED, RETRIES, added_over, cpu_seconds, h2load_watched, pids_of, until_calm  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -349,7 +349,7 @@ def report(summary):
         "## mTLS between nodes: Weft's tunnel vs no mesh vs HAProxy TLS (issue #5)",
         "",
         f"Made by `scripts/bench mtls` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build, a 2-node lab with the mesh CA; {ROUNDS} rounds rotating the order of the sides, medians. Client pod on "
+        f"release build at {revision()}, a 2-node lab with the mesh CA; {ROUNDS} rounds rotating the order of the sides, medians. Client pod on "
         "n1, nginx pods on n2. *direct*: plaintext to a DISABLE pod, no proxy. *l4*: the pod's own address, carried by the "
         "tunnel (n1's proxy -> HTTP/2 CONNECT over mutual TLS 1.3 -> n2's proxy). *l7*: a Service with appProtocol http over "
         "the same pod, so n1's proxy also does the HTTP work. *haproxy*: HAProxy 2.6 in TCP mode on each node, n1's "
