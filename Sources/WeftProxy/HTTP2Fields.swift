@@ -93,16 +93,9 @@ enum HTTP2Fields {
         }
     }
 
-    /// Token bytes other than upper case, as bits: bytes 0-63 (`!#$%&'*+-.`
-    /// and digits), 64-127 (`^_`a-z|~`).
-    private static let nameLow: UInt64 = 0x03ff_6cfa_0000_0000
-    private static let nameHigh: UInt64 = 0x57ff_ffff_c000_0000
-
+    /// An RFC 9110 token (HTTP1Wire.isToken) with no upper case.
     static func tokenName(_ n: String.UTF8View) -> Bool {
-        let low = nameLow, high = nameHigh
-        func ok(_ c: UInt8) -> Bool {
-            c < 64 ? (low >> UInt64(c)) & 1 != 0 : c < 128 && (high >> UInt64(c - 64)) & 1 != 0
-        }
+        func ok(_ c: UInt8) -> Bool { HTTP1Wire.isToken(c) && !(65...90).contains(c) }
         if let r = n.withContiguousStorageIfAvailable({ p in p.allSatisfy(ok) }) { return r }
         return n.allSatisfy(ok)
     }
