@@ -185,7 +185,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ChannelShouldQuiesceEvent {
             quiescing = true
-            if exchange == nil { context.closeAfterWrites() }
+            // Idle: close. A request partly read is answered first (next()
+            // takes it when the rest comes, and closes after it).
+            if exchange == nil && (inbound?.readableBytes ?? 0) == 0 { context.closeAfterWrites() }
             return
         }
         // The client shut its side after its requests: answer those read, then close.
