@@ -223,7 +223,8 @@ final class UpstreamPool {
         // The exchange may have paused reading for a slow client as its
         // response ended: an idle connection reads (a server's close is
         // seen), and the next exchange must get its response.
-        if reusable, handler.isActive { handler.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
+        // (Set in place, on this loop: no future per request.)
+        if reusable, handler.isActive { try? handler.channel?.syncOptions?.setOption(ChannelOptions.autoRead, value: true) }
         if let source = handler.tunnelSource {
             guard reusable, handler.isActive, s.tunnelIdle[source, default: []].count < configuration.maxIdlePerBackend else {
                 handler.close()
