@@ -247,7 +247,27 @@ enum Express {
         /// The body comes chunked.
         var chunked: Bool
         /// The values of Connection lines: the fields they name are hop-by-hop too.
-        var named: [Range<Int>]
+        var named: ConnectionLines
+    }
+
+    /// The values of a head's Connection lines. Nearly every response has
+    /// one ("keep-alive"), rarely more: the first is kept inline, so
+    /// reading a head allocates no array for it.
+    struct ConnectionLines {
+        private var first: Range<Int>?
+        private var more: [Range<Int>] = []
+
+        var isEmpty: Bool { first == nil }
+
+        mutating func append(_ value: Range<Int>) {
+            if first == nil { first = value } else { more.append(value) }
+        }
+
+        /// Whether one of the lines lists the field name `p[name]`.
+        func lists(_ p: UnsafeRawBufferPointer, name: Range<Int>) -> Bool {
+            guard let first else { return false }
+            return HTTP1Wire.listContains(p, first, name: name) || more.contains { HTTP1Wire.listContains(p, $0, name: name) }
+        }
     }
 
     /// Reads the framing of a parsed response head (RFC 9112, section 6.3);
@@ -255,7 +275,7 @@ enum Express {
     static func responseBody(_ p: UnsafeRawBufferPointer, _ status: HTTP1Wire.StatusLine, _ fields: [HTTP1Wire.Field],
                              isHEAD: Bool) -> ResponseBody? {
         var contentLength: Int?, chunked = false, coded = false, close = status.minor == 0, keepAlive = false
-        var named: [Range<Int>] = []
+        var named = ConnectionLines()
         for f in fields {
             if HTTP1Wire.equals(p, f.name, "content-length") {
                 guard let v = HTTP1Wire.decimal(p, f.value), contentLength == nil || contentLength == v else { return nil }
@@ -265,8 +285,10 @@ enum Express {
                 chunked = HTTP1Wire.lastElement(p, f.value, is: "chunked")
             } else if HTTP1Wire.equals(p, f.name, "connection") {
                 if HTTP1Wire.listContains(p, f.value, "close") { close = true }
-                if HTTP1Wire.listContains(p, f.value, "keep-alive") { keepAlive = true }
-                named.append(f.value)
+                let lineKeepAlive = HTTP1Wire.listContains(p, f.value, "keep-alive")
+                if lineKeepAlive { keepAlive = true }
+                // ("keep-alive" alone names a field that is hop-by-hop anyway.)
+                if !(lineKeepAlive && HTTP1Wire.count(p, f.value) == 1) { named.append(f.value) }
             }
         }
         if status.minor == 0 && keepAlive { close = false }

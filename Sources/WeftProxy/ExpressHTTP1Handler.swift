@@ -476,7 +476,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                     // Chunked framing goes on as it came; any other coding
                     // without it ends with the connection.
                     guard chunked, HTTP1Wire.equals(p, f.name, "transfer-encoding") else { continue }
-                } else if !named.isEmpty && named.contains(where: { HTTP1Wire.listContains(p, $0, name: f.name) }) {
+                } else if !named.isEmpty && named.lists(p, name: f.name) {
                     continue
                 }
                 copier.keep(HTTP1Wire.line(p, f), of: p, into: &out)

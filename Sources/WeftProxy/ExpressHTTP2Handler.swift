@@ -52,6 +52,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private var streams: [HTTP2StreamID: Stream] = [:]
     /// Streams given to the multiplexer, until they close.
     private var handed: Set<HTTP2StreamID> = []
+    /// The request bodies of streams given to the multiplexer that declared
+    /// a length, while they are due.
+    private var bodies: [HTTP2StreamID: DeclaredBody] = [:]
     private var lastStreamID = HTTP2StreamID.rootStream
     private var routing: Express.Routing?
     private var quiescing = false
@@ -63,6 +66,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// left its flow-control buffer. A quiescing connection waits for them.
     private var ending: Set<HTTP2StreamID> = []
     private var closing = false
+    /// The connection's inbound window size the multiplexer was last told.
+    private var rootInbound: Int?
     private var fields: [HTTP1Wire.Field] = []
     private var chunkData: [Range<Int>] = []
     private var lastSeries: Express.LastSeries?
@@ -154,23 +159,39 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         let id = frame.streamID
-        // NIOHTTP2Handler does not check field blocks on this connection:
-        // every one is checked here, before either path sees it.
-        if case .headers(let h) = frame.payload, id != .rootStream,
-           !HTTP2Fields.valid(h.headers, id > lastStreamID ? .request : .trailers) {
-            return malformed(id, context: context)
+        // NIOHTTP2Handler checks neither field blocks nor content lengths on
+        // this connection: every block is checked here, before either path
+        // sees it, and every request body is held to its declared length.
+        var declared: Int?
+        if case .headers(let h) = frame.payload, id != .rootStream {
+            let opening = id > lastStreamID
+            guard HTTP2Fields.valid(h.headers, opening ? .request : .trailers, contentLength: &declared) else {
+                return refuse(id, "a malformed field block", context: context)
+            }
+            if opening && h.endStream && (declared ?? 0) != 0 {
+                return refuse(id, "a body shorter than its content-length", context: context)
+            }
         }
-        if id == .rootStream || (!handed.isEmpty && handed.contains(id)) { return context.fireChannelRead(data) }
+        if id == .rootStream { return context.fireChannelRead(data) }
+        if !handed.isEmpty && handed.contains(id) {
+            if !bodies.isEmpty, var body = bodies[id] {
+                guard body.hold(frame.payload) else {
+                    bodies[id] = nil
+                    return refuse(id, "a body other than its content-length", context: context)
+                }
+                bodies[id] = body
+            }
+            return context.fireChannelRead(data)
+        }
         if let stream = streams[id] {
             switch frame.payload {
             case .rstStream:
                 abandon(stream)  // the client gave up on it
             case .data(let d) where stream.requestOpen:
-                // The request's body, before the exchange starts. Other
-                // than declared: the full path (and NIO's checks) judge it.
-                guard case .byteBuffer(var bytes) = d.data, bytes.readableBytes <= stream.bodyLeft,
-                      !d.endStream || bytes.readableBytes == stream.bodyLeft else {
-                    return handOver(stream, then: frame)
+                // The request's body, before the exchange starts.
+                guard case .byteBuffer(var bytes) = d.data else { return handOver(stream, then: frame) }
+                guard bytes.readableBytes <= stream.bodyLeft, !d.endStream || bytes.readableBytes == stream.bodyLeft else {
+                    return refuse(id, "a body other than its content-length", context: context)
                 }
                 stream.bodyLeft -= bytes.readableBytes
                 stream.body?.writeBuffer(&bytes)
@@ -178,7 +199,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                     stream.requestOpen = false
                     start(stream)
                 }
-            case .headers where stream.requestOpen:
+            case .headers(let h) where stream.requestOpen:
+                guard !h.endStream || stream.bodyLeft == 0 else {
+                    return refuse(id, "a body shorter than its content-length", context: context)
+                }
                 handOver(stream, then: frame)  // trailers: the full path carries them
             default:
                 break  // a WINDOW_UPDATE or PRIORITY is NIOHTTP2Handler's
@@ -194,6 +218,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 if !stream.requestOpen { start(stream) }
             } else {
                 handed.insert(id)
+                if let declared, !headers.endStream { bodies[id] = DeclaredBody(length: declared) }
                 proxy.stats.expressHandovers.add(1, ordering: .relaxed)
                 context.fireChannelRead(data)
             }
@@ -208,12 +233,21 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// express request NIOHTTP2Handler says "created", "closed" and three
     /// window changes, and the multiplexer, which has no channel for the
     /// stream, would only look each one up. (The connection's window changes
-    /// go on: the multiplexer opens the connection's window.) Most frequent
-    /// first; each `as?` is a runtime cast.
+    /// go on when its inbound size changed: the multiplexer opens the
+    /// connection's window.) Most frequent first; each `as?` is a runtime
+    /// cast.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         let type = Swift.type(of: event)
         if type == NIOHTTP2WindowUpdatedEvent.self, let updated = event as? NIOHTTP2WindowUpdatedEvent {
-            if updated.streamID != .rootStream && (handed.isEmpty || !handed.contains(updated.streamID)) { return }
+            if updated.streamID == .rootStream {
+                // The multiplexer reads only the inbound size of the
+                // connection's window (to open it); most changes are of the
+                // outbound one, a response sent.
+                if updated.inboundWindowSize == rootInbound { return }
+                rootInbound = updated.inboundWindowSize
+            } else if handed.isEmpty || !handed.contains(updated.streamID) {
+                return
+            }
         } else if type == NIOHTTP2StreamCreatedEvent.self, let created = event as? NIOHTTP2StreamCreatedEvent {
             if let stream = streams[created.streamID] {
                 stream.created = created  // for a hand-over
@@ -222,6 +256,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         } else if type == StreamClosedEvent.self, let closed = event as? StreamClosedEvent {
             let wasHanded = !handed.isEmpty && handed.remove(closed.streamID) != nil
             if !ending.isEmpty { ending.remove(closed.streamID) }
+            if !bodies.isEmpty { bodies[closed.streamID] = nil }
             // Reset by the client, or by NIOHTTP2Handler (an error of ours).
             if let stream = streams[closed.streamID] { abandon(stream) }
             closeIfDone()
@@ -237,12 +272,13 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     }
 
     /// A stream whose request or trailers broke RFC 9113's rules for fields
-    /// (HTTP2Fields) is reset, as NIOHTTP2Handler's own check would; nothing
-    /// of it goes to a backend.
-    private func malformed(_ id: HTTP2StreamID, context: ChannelHandlerContext) {
+    /// (HTTP2Fields), or whose body is not the length it declared, is reset
+    /// with PROTOCOL_ERROR, as NIOHTTP2Handler's own checks would; nothing
+    /// more of it goes to a backend (a full-path stream's channel closes).
+    private func refuse(_ id: HTTP2StreamID, _ why: String, context: ChannelHandlerContext) {
         if id > lastStreamID { lastStreamID = id }
         if let stream = streams[id] { abandon(stream) }
-        proxy.logger.debug("HTTP/2 stream with a malformed field block reset", metadata: ["stream": "\(id)"])
+        proxy.logger.debug("HTTP/2 stream reset: \(why)", metadata: ["stream": "\(id)"])
         context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .rstStream(.protocolError))), promise: nil)
     }
 
@@ -317,36 +353,43 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         // The request the backend gets: an HTTP/1.1 head from the fields,
         // cookies joined in one line (RFC 9113, section 8.2.3), then the
         // proxy's own headers.
-        var out = context.channel.allocator.buffer(capacity: 384 + target.utf8.count)
-        out.writeString(method)
-        out.writeStaticString(" ")
-        out.writeString(target)
-        out.writeStaticString(" HTTP/1.1\r\n")
-        if let authority {
-            out.writeStaticString("host: ")
-            out.writeString(authority)
-            out.writeStaticString("\r\n")
-        }
-        var cookieDone = false
-        for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
-            if name == "host" && authority != nil { continue }
-            if name == "cookie" && cookies > 1 {
-                guard !cookieDone else { continue }
-                cookieDone = true
-                out.writeStaticString("cookie: ")
-                var first = true
-                for (n, v, _) in headers where n == "cookie" {
-                    if !first { out.writeStaticString("; ") }
-                    first = false
-                    out.writeString(v)
-                }
-                out.writeStaticString("\r\n")
-                continue
+        var out: ByteBuffer
+        if cookies > 1 {
+            out = context.channel.allocator.buffer(capacity: 384 + target.utf8.count)
+            Self.writeRequestHead(&out, method, target, authority, headers)
+        } else {
+            // The common case in one copy of each field (a write per piece
+            // costs about 190 instructions in ByteBuffer's checks).
+            var size = method.utf8.count + target.utf8.count + 12 + (authority.map { $0.utf8.count + 8 } ?? 0)
+            for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
+                size += name.utf8.count + value.utf8.count + 4
             }
-            out.writeString(name)
-            out.writeStaticString(": ")
-            out.writeString(value)
-            out.writeStaticString("\r\n")
+            out = context.channel.allocator.buffer(capacity: size + connectionHeaders.withProto.count + 126)
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
+                var i = 0
+                func put(_ s: String) {
+                    let n = s.utf8.count
+                    if s.utf8.withContiguousStorageIfAvailable({
+                        UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + n)]).copyMemory(from: UnsafeRawBufferPointer($0))
+                    }) == nil {
+                        for c in s.utf8 { b[i] = c; i += 1 }
+                        return
+                    }
+                    i += n
+                }
+                func put(_ s: StaticString) {
+                    UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + s.utf8CodeUnitCount)])
+                        .copyMemory(from: UnsafeRawBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
+                    i += s.utf8CodeUnitCount
+                }
+                put(method); put(" "); put(target); put(" HTTP/1.1\r\n")
+                if let authority { put("host: "); put(authority); put("\r\n") }
+                for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
+                    if authority != nil && name == "host" { continue }
+                    put(name); put(": "); put(value); put("\r\n")
+                }
+                return i
+            }
         }
         let (requestID, span) = Express.writeProxyHeaders(&out, connectionHeaders, hasProto: hasProto,
                                                           hasRequestID: hasRequestID,
@@ -366,6 +409,43 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                            bytesIn: bodyLength)
         }
         return stream
+    }
+
+    /// The backend's request head (without the proxy's own headers), piece
+    /// by piece: the path for requests with more than one cookie field,
+    /// joined in one line (RFC 9113, section 8.2.3).
+    private static func writeRequestHead(_ out: inout ByteBuffer, _ method: String, _ target: String, _ authority: String?,
+                                         _ headers: HPACKHeaders) {
+        out.writeString(method)
+        out.writeStaticString(" ")
+        out.writeString(target)
+        out.writeStaticString(" HTTP/1.1\r\n")
+        if let authority {
+            out.writeStaticString("host: ")
+            out.writeString(authority)
+            out.writeStaticString("\r\n")
+        }
+        var cookieDone = false
+        for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
+            if name == "host" && authority != nil { continue }
+            if name == "cookie" {
+                guard !cookieDone else { continue }
+                cookieDone = true
+                out.writeStaticString("cookie: ")
+                var first = true
+                for (n, v, _) in headers where n == "cookie" {
+                    if !first { out.writeStaticString("; ") }
+                    first = false
+                    out.writeString(v)
+                }
+                out.writeStaticString("\r\n")
+                continue
+            }
+            out.writeString(name)
+            out.writeStaticString(": ")
+            out.writeString(value)
+            out.writeStaticString("\r\n")
+        }
     }
 
     // MARK: the exchange
@@ -415,6 +495,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         stream.upstream = nil
         stream.state.inFlight -= 1
         handed.insert(stream.id)
+        if stream.requestOpen { bodies[stream.id] = DeclaredBody(length: stream.bodyLeft) }
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
         context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: stream.id, payload: .headers(stream.request))))
         if let created = stream.created { context.fireUserInboundEventTriggered(created) }
@@ -491,9 +572,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             if status.code < 200 { return .interim(length: length) }
             var headers = HPACKHeaders()
             headers.reserveCapacity(fields.count + 1)
-            headers.add(name: ":status", value: String(status.code))
+            headers.add(name: ":status", value: status.code == 200 ? "200" : String(status.code))
             for f in fields {
-                if Express.isHopByHop(p, f.name) || body.named.contains(where: { HTTP1Wire.listContains(p, $0, name: f.name) }) {
+                if Express.isHopByHop(p, f.name) || (!body.named.isEmpty && body.named.lists(p, name: f.name)) {
                     continue
                 }
                 headers.add(name: HTTP1Wire.lowercased(p, f.name), value: String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self))

@@ -15,15 +15,23 @@ import NIOHTTP2
 ///   extended CONNECT);
 /// - no connection-specific field (`connection`, `keep-alive`,
 ///   `proxy-connection`, `transfer-encoding`, `upgrade`); in a request `te`
-///   is `trailers` or absent.
+///   is `trailers` or absent;
+/// - in a request or response, `content-length` as NIO's content-length
+///   check reads it: every element of every such field (comma-separated,
+///   SP/HTAB trimmed, empty ones skipped) the same text, a decimal number
+///   (Swift's `Int(_:radix:)`, a sign allowed) not below zero; a 304's is
+///   not read. The length comes back for the stream's body to be held to
+///   (`DeclaredBody`).
 ///
 /// Why not NIO's own: its validator spends about a thousand instructions per
 /// field (a generic walk of every name and value, Substring comparisons),
-/// a sixth of the express path's HTTP/2 instructions per request
-/// (docs/proxy.md, "Where the CPU goes"). Where ExpressHTTP2Handler runs it
-/// sees every frame first, so NIO's is turned off on those connections and
-/// this one checks every request and trailer block of every stream (the
-/// full path's too), and `HTTP2FieldCheck` every block the full path sends.
+/// a sixth of the express path's HTTP/2 instructions per request, and its
+/// content-length check another 2,300 per response it sends (docs/proxy.md,
+/// "Where the CPU goes"). Where ExpressHTTP2Handler runs it sees every frame
+/// first, so NIO's checks are turned off on those connections and this one
+/// checks every request and trailer block of every stream (the full path's
+/// too) and holds each request body to its length, and `HTTP2FieldCheck`
+/// every block the full path sends.
 /// `HTTP2FieldTests.http2FieldChecksAgreeWithNIO` holds the two to the same
 /// verdict on 1,500 random blocks.
 enum HTTP2Fields {
@@ -31,9 +39,20 @@ enum HTTP2Fields {
 
     /// Whether `headers` is a well-formed block of kind `block`.
     static func valid(_ headers: HPACKHeaders, _ block: Block) -> Bool {
+        var length: Int?
+        return valid(headers, block, contentLength: &length)
+    }
+
+    /// Whether `headers` is a well-formed block of kind `block`; if so,
+    /// `contentLength` is the length a request or response declares (nil
+    /// when it declares none).
+    static func valid(_ headers: HPACKHeaders, _ block: Block, contentLength: inout Int?) -> Bool {
         var seen: UInt8 = 0  // pseudo-headers, bits as in `pseudo`
         var regular = false
         var connect = false
+        var notModified = false
+        var length: Substring?  // the first content-length element
+        contentLength = nil
         for (name, value, _) in headers {
             let n = name.utf8
             guard let first = n.first else { return false }
@@ -42,6 +61,7 @@ enum HTTP2Fields {
                       pseudoValue(value) else { return false }
                 seen |= bit
                 if bit == Pseudo.method { connect = value == "CONNECT" }
+                if bit == Pseudo.status { notModified = value == "304" }
                 if bit == Pseudo.path && value.utf8.isEmpty { return false }
                 continue
             }
@@ -53,9 +73,15 @@ enum HTTP2Fields {
             case 7 where name == "upgrade", 10 where name == "connection" || name == "keep-alive",
                  16 where name == "proxy-connection", 17 where name == "transfer-encoding":
                 return false
+            case 14 where name == "content-length" && block != .trailers && !notModified:
+                guard sameElements(value, &length) else { return false }
             default:
                 break
             }
+        }
+        if let length {
+            guard let n = Int(length, radix: 10), n >= 0 else { return false }
+            contentLength = n
         }
         switch block {
         case .request where connect:
@@ -68,6 +94,23 @@ enum HTTP2Fields {
         case .trailers:
             return seen == 0
         }
+    }
+
+    /// Whether every element of the list `value` (split at commas, SP and
+    /// HTAB trimmed, empty ones skipped) is the same text as `first`, which
+    /// the first element found becomes.
+    private static func sameElements(_ value: String, _ first: inout Substring?) -> Bool {
+        func blank(_ c: UInt8) -> Bool { c == 32 || c == 9 }
+        for element in value.utf8.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
+            guard let a = element.firstIndex(where: { !blank($0) }), let z = element.lastIndex(where: { !blank($0) }) else { continue }
+            let text = Substring(element[a...z])
+            if let first {
+                guard text == first else { return false }
+            } else {
+                first = text
+            }
+        }
+        return true
     }
 
     private enum Pseudo {
@@ -127,6 +170,40 @@ enum HTTP2Fields {
         func ok(_ c: UInt8) -> Bool { c > 32 && c != 127 }
         if let r = value.utf8.withContiguousStorageIfAvailable({ p in p.allSatisfy(ok) }) { return r }
         return value.utf8.allSatisfy(ok)
+    }
+}
+
+/// A request body held to the length its block declared, as NIO's
+/// content-length check holds it (off where ExpressHTTP2Handler runs): no
+/// more bytes than declared, and all of them by the stream's end. A stream
+/// that breaks it is reset with PROTOCOL_ERROR (RFC 9113, section 8.1.1).
+struct DeclaredBody {
+    /// Bytes still due.
+    private(set) var due: Int
+
+    init(length: Int) { due = length }
+
+    /// `count` more bytes came; false if that is more than declared.
+    mutating func received(_ count: Int) -> Bool {
+        guard count <= due else { return false }
+        due -= count
+        return true
+    }
+
+    /// Whether the stream may end here.
+    var complete: Bool { due == 0 }
+
+    /// Holds the stream's next frame to the body: false if the body is
+    /// then longer than declared, or ends short.
+    mutating func hold(_ payload: HTTP2Frame.FramePayload) -> Bool {
+        switch payload {
+        case .data(let d):
+            return received(d.data.readableBytes) && (!d.endStream || complete)
+        case .headers(let h):
+            return !h.endStream || complete
+        default:
+            return true
+        }
     }
 }
 

@@ -147,11 +147,13 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     // Frames meet the express path before the multiplexer
                     // (ExpressHTTP2Handler): streams it does not answer get
                     // stream channels and the full path, as below. It checks
-                    // every field block that comes in (HTTP2Fields) in place
-                    // of NIO's slower check; HTTP2FieldCheck what the full
-                    // path sends.
+                    // every field block that comes in (HTTP2Fields) and holds
+                    // each request body to its content-length (DeclaredBody)
+                    // in place of NIO's slower checks; HTTP2FieldCheck checks
+                    // what the full path sends.
                     var connection = NIOHTTP2Handler.ConnectionConfiguration()
                     connection.headerBlockValidation = .disabled
+                    connection.contentLengthValidation = .disabled
                     try pipeline.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: connection))
                     try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin))
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,

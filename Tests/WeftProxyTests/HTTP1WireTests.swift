@@ -158,6 +158,32 @@ import Testing
         }
     }
 
+    /// Which fields of a response the express paths drop: hop-by-hop ones
+    /// and those its Connection lines name. Every line counts; a line of
+    /// "keep-alive" alone is not kept (the field it names is hop-by-hop
+    /// anyway), and the first line kept needs no array
+    /// (Express.ConnectionLines).
+    @Test func connectionLinesNameTheirFields() {
+        func named(_ head: String) -> [String: Bool] {
+            let bytes = Array(head.utf8)
+            return bytes.withUnsafeBytes { p in
+                var fields: [HTTP1Wire.Field] = []
+                guard let length = HTTP1Wire.headLength(p), let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields),
+                      let body = Express.responseBody(p, status, fields, isHEAD: false) else { return [:] }
+                var out: [String: Bool] = [:]
+                for f in fields { out[String(decoding: bytes[f.name], as: UTF8.self)] = Express.isHopByHop(p, f.name) || body.named.lists(p, name: f.name) }
+                return out
+            }
+        }
+        #expect(named("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-A: 1\r\nKeep-Alive: 5\r\n\r\n")
+                == ["Connection": true, "X-A": false, "Keep-Alive": true])
+        #expect(named("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: x-a\r\nX-A: 1\r\nX-B: 2\r\n\r\n")
+                == ["Connection": true, "X-A": true, "X-B": false], "a second line after keep-alive still counts")
+        #expect(named("HTTP/1.1 200 OK\r\nConnection: Keep-Alive, X-B\r\nConnection: x-c\r\nConnection: x-a\r\nx-a: 1\r\nX-B: 2\r\nX-C: 3\r\nX-D: 4\r\n\r\n")
+                == ["Connection": true, "x-a": true, "X-B": true, "X-C": true, "X-D": false], "three lines")
+        #expect(named("HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n") == ["X-A": false], "no Connection line")
+    }
+
     /// A chunked body's end is found however the bytes are cut.
     @Test func chunkedBodiesEndWhereTheyEnd() {
         let body = Array("5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n".utf8)

@@ -66,6 +66,9 @@ import Testing
     private static let values = ["", "trailers", "CONNECT", "GET", "/", "/p q", "a\u{0}b", "a\rb", "a\nb", "ok",
                                  " padded ", "\u{7f}", "é", "x\ty", "http", "200", "a long value that goes past eight bytes",
                                  "a long value with a\rCR past eight", "0123456789abcdef\n", "Trailers"]
+    /// Content-Length as NIO reads it: lists, blanks, signs, junk.
+    private static let lengths = ["0", "0, 0", " 0 ", "5", "5, 5", "5,6", " 7\t", ",", "", "+5", "-1", "-0", "5x", "99999999999999999999",
+                                  ",5,,5,", "05", "6"]
 
     /// A block: often a plausible start (the pseudo-headers a `kind` needs,
     /// in random order, some left out), then random fields.
@@ -90,23 +93,29 @@ import Testing
             // A field at a random place (a pseudo-header after a regular one too).
             fields.insert((name, value), at: Int(rng.next() % UInt64(fields.count + 1)))
         }
+        // Often one or two content-length fields, last (where they are not
+        // out of place).
+        for _ in 0..<[0, 0, 0, 1, 1, 2][Int(rng.next() % 6)] {
+            fields.append(("content-length", lengths[Int(rng.next() % UInt64(lengths.count))]))
+        }
         return HPACKHeaders(fields)
     }
 
     @Test func http2FieldChecksAgreeWithNIO() throws {
         var rng = LoopRandom(seed: 0x4832)  // the same blocks on every run
         var verdicts: [HTTP2Fields.Block: [Bool: Int]] = [:]
-        for round in 0..<1_500 {
+        for round in 0..<3_000 {
             let kind: HTTP2Fields.Block = [.request, .response, .trailers][round % 3]
             let block = Self.block(kind, &rng)
             let pair = try Pair()
             defer { pair.finish() }
             let stream = HTTP2StreamID(1)
             let request = HPACKHeaders([(":method", "POST"), (":scheme", "http"), (":path", "/"), (":authority", "a")])
+            let ends = rng.next() % 2 == 0  // a request that ends with its block, or one whose body follows
             let nio: Bool
             switch kind {
             case .request:
-                pair.client.writeAndFlush(HTTP2Frame(streamID: stream, payload: .headers(.init(headers: block, endStream: true))),
+                pair.client.writeAndFlush(HTTP2Frame(streamID: stream, payload: .headers(.init(headers: block, endStream: ends))),
                                           promise: nil)
                 pair.shuttle()
                 nio = pair.serverGotHeaders(on: stream) == 1
@@ -126,7 +135,9 @@ import Testing
                 pair.shuttle()
                 nio = (try? sent.futureResult.wait()) != nil
             }
-            let ours = HTTP2Fields.valid(block, kind)
+            // (A request that ends with its block may not declare a body.)
+            var declared: Int?
+            let ours = HTTP2Fields.valid(block, kind, contentLength: &declared) && !(kind == .request && ends && (declared ?? 0) != 0)
             #expect(ours == nio, "\(kind) block \(Array(block.map { "\($0.name): \($0.value)" })): NIO says \(nio), HTTP2Fields \(ours)")
             verdicts[kind, default: [:]][nio, default: 0] += 1
         }
@@ -134,6 +145,51 @@ import Testing
         for kind in [HTTP2Fields.Block.request, .response, .trailers] {
             #expect((verdicts[kind]?[true] ?? 0) >= 50 && (verdicts[kind]?[false] ?? 0) >= 50, "\(kind): \(verdicts[kind] ?? [:])")
         }
+    }
+
+    /// DeclaredBody against NIO's content-length check: a request declaring
+    /// a length, then DATA frames of random sizes, ended by the last one,
+    /// by trailers, or not at all. NIO resets the stream where DeclaredBody
+    /// refuses a frame, and only there.
+    @Test func declaredBodiesAreHeldAsNIOHoldsThem() throws {
+        var rng = LoopRandom(seed: 0xB0D7)  // the same streams on every run
+        var verdicts: [Bool: Int] = [:]
+        for round in 0..<600 {
+            let pair = try Pair()
+            defer { pair.finish() }
+            let stream = HTTP2StreamID(1)
+            let length = Int(rng.next() % 12)
+            let request = HPACKHeaders([(":method", "POST"), (":scheme", "http"), (":path", "/"), (":authority", "a"),
+                                        ("content-length", String(length))])
+            var frames: [HTTP2Frame.FramePayload] = [.headers(.init(headers: request))]
+            // (Never two empty frames in a row: NIO ends the connection for
+            // that, a verdict of its own.)
+            var sizes: [Int] = []
+            for _ in 0..<Int(rng.next() % 4) { sizes.append(Int(rng.next() % 8) + (sizes.last == 0 ? 1 : 0)) }
+            let ending = rng.next() % 3  // 0: the last DATA frame, 1: trailers, 2: not ended
+            for (i, n) in sizes.enumerated() {
+                let last = i == sizes.count - 1 && ending == 0
+                frames.append(.data(.init(data: .byteBuffer(ByteBuffer(repeating: 120, count: n)), endStream: last)))
+            }
+            if ending == 1 || (ending == 0 && sizes.isEmpty) {
+                frames.append(.headers(.init(headers: HPACKHeaders([("x-t", "1")]), endStream: true)))
+            }
+            var body = DeclaredBody(length: length)
+            var ours = true
+            for frame in frames.dropFirst() where ours { ours = body.hold(frame) }
+            for frame in frames {
+                pair.client.writeAndFlush(HTTP2Frame(streamID: stream, payload: frame), promise: nil)
+            }
+            pair.shuttle()
+            _ = pair.serverGotHeaders(on: stream)
+            var reset = false
+            while let frame = try? pair.client.readInbound(as: HTTP2Frame.self) {
+                if frame.streamID == stream, case .rstStream = frame.payload { reset = true }
+            }
+            #expect(ours == !reset, "round \(round): content-length \(length), DATA \(sizes), ending \(ending): NIO reset \(reset)")
+            verdicts[!reset, default: 0] += 1
+        }
+        #expect((verdicts[true] ?? 0) >= 100 && (verdicts[false] ?? 0) >= 100, "\(verdicts)")
     }
 
     @Test func theFullPathsOutgoingBlocksAreChecked() throws {

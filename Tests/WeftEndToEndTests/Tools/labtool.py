@@ -467,21 +467,28 @@ def h2_window(host, port, path, size, backend_host, backend_port):
                       "exact": bytes(body) == expected, "sent_total": sent() - base}))
 
 
-def _h2_raw(host, port, path, fields=(), until_closed=False):
-    """One h2c GET on stream 1, frames read by hand (python3-h2 stops taking
-    frames once a GOAWAY has come, and refuses to send some of what the
-    tests send). Returns what came back and when, in seconds from the
-    request: GOAWAY, the status, the body, the stream's end or reset, and
-    the connection's end; it waits for that end with `until_closed`."""
+def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunks=None):
+    """One h2c request on stream 1 (GET, or `method` with a body of DATA
+    frames of `chunks` bytes, the last one ending the stream), frames read
+    by hand (python3-h2 stops taking frames once a GOAWAY has come, and
+    refuses to send some of what the tests send). Returns what came back
+    and when, in seconds from the request: GOAWAY, the status, the body,
+    the stream's end or reset, and the connection's end; it waits for that
+    end with `until_closed`."""
     import struct
     import hpack
     s = socket.create_connection((host, int(port)), timeout=10)
-    block = hpack.Encoder().encode([(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", host),
+    block = hpack.Encoder().encode([(":method", method), (":path", path), (":scheme", "http"), (":authority", host),
                                     *fields])
     frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
         struct.pack(">I", stream) + payload
     start = time.monotonic()
-    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 5, 1, block))
+    request = frame(1, 5, 1, block)
+    if chunks is not None:
+        request = frame(1, 4, 1, block)
+        for i, n in enumerate(chunks or [0]):
+            request += frame(0, 1 if i == max(len(chunks), 1) - 1 else 0, 1, b"x" * n)
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + request)
     out = {"goaway": None, "status": None, "body": b"", "ended": None, "closed": None, "reset": None}
     decoder, buf = hpack.Decoder(), b""
     s.settimeout(1.0)
@@ -521,6 +528,17 @@ def _h2_raw(host, port, path, fields=(), until_closed=False):
     return out
 
 
+def h2_body(host, port, path, chunks, *fields):
+    """One h2c POST of PATH whose body is DATA frames of CHUNKS bytes
+    (comma-separated; the last ends the stream), with extra fields
+    NAME=VALUE (content-length among them, true or not): the status, the
+    reset code, and the body as text."""
+    pairs = [(f.split("=", 1)[0], f.split("=", 1)[1]) for f in fields]
+    out = _h2_raw(host, port, path, pairs, method="POST", chunks=[int(n) for n in chunks.split(",") if n])
+    out["body"] = out["body"].decode(errors="replace")
+    print(json.dumps(out))
+
+
 def h2_drain(host, port, path):
     """One h2c GET left in flight while the test drains the proxy: GOAWAY,
     the response, and the connection's end, and when."""
@@ -546,4 +564,4 @@ if __name__ == "__main__":
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "ws-echo": ws_echo,
-     "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request}[command](*args)
+     "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body}[command](*args)
