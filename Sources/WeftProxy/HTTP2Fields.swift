@@ -33,7 +33,8 @@ import NIOHTTP2
 /// too) and holds each request body to its length, and `HTTP2FieldCheck`
 /// every block the full path sends.
 /// `HTTP2FieldTests.http2FieldChecksAgreeWithNIO` holds the two to the same
-/// verdict on 1,500 random blocks.
+/// verdict on 3,000 random blocks, and `declaredBodiesAreHeldAsNIOHoldsThem`
+/// DeclaredBody to its verdict on 600 random bodies.
 enum HTTP2Fields {
     enum Block { case request, response, trailers }
 
