@@ -25,6 +25,19 @@ enum Express {
             serves = ExpressHTTP1Handler.serves(snapshot, frontendKey: frontendKey)
         }
 
+        /// The endpoints of the cluster a request here went to last (most
+        /// routes have one backend): its lookup by name, a String hashed,
+        /// made once per connection and snapshot.
+        private var lastCluster: String?
+        private var lastEndpoints: [EndpointKey]?
+
+        func endpoints(_ cluster: String) -> [EndpointKey]? {
+            if let lastCluster, lastCluster == cluster { return lastEndpoints }
+            lastCluster = cluster
+            lastEndpoints = snapshot.endpoints[cluster]
+            return lastEndpoints
+        }
+
         /// `previous` while the proxy's snapshot is the one it was made
         /// for; a new one otherwise.
         static func current(_ previous: Routing?, frontendKey: String, loop: LoopState, proxy: ProxyContext) -> Routing {
@@ -48,14 +61,15 @@ enum Express {
     /// when the request needs the full path (filters, retries, timeouts,
     /// TrafficPolicy, a non-HTTP/1.1 upstream, AuthorizationPolicy on the
     /// pod, no backend the pod may reach).
-    static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, snapshot: RouteSnapshot,
+    static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
                        loop: LoopState, proxy: ProxyContext, source: IPv4Address) -> Target? {
+        let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
               action.timeouts.request == nil, action.timeouts.backendRequest == nil,
               let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               snapshot.runtimes.isEmpty || snapshot.runtimes[cluster.cluster] == nil,
-              let endpoints = snapshot.endpoints[cluster.cluster], !endpoints.isEmpty else { return nil }
+              let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return nil }
         // A backend the pod may reach (the full path says why when none is).
         let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source)
         guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil else { return nil }

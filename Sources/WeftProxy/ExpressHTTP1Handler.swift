@@ -216,7 +216,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         self.routing = routing
         guard routing.serves, let matcher = routing.matcher else { return handOver() }
         let plan = buffered.withUnsafeReadableBytes {
-            self.plan($0, snapshot: routing.snapshot, matcher: matcher, loop: loop, context: context)
+            self.plan($0, routing: routing, matcher: matcher, loop: loop, context: context)
         }
         switch plan {
         case .needMore:
@@ -235,7 +235,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// Reads one request head in place and decides; builds the request the
     /// backend gets when the express path takes it.
-    private func plan(_ p: UnsafeRawBufferPointer, snapshot: RouteSnapshot, matcher: RouteMatcher, loop: LoopState,
+    private func plan(_ p: UnsafeRawBufferPointer, routing: Express.Routing, matcher: RouteMatcher, loop: LoopState,
                       context: ChannelHandlerContext) -> Plan {
         guard let length = HTTP1Wire.headLength(p) else { return .needMore }
         guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return .handOver }
@@ -297,8 +297,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // (A closure that captures nothing costs no allocation.)
         let request = RouteMatcher.Request(method: method, path: path, query: query,
                                            header: matcher.readsHeaders ? { name in Self.values(p, fields, name) } : { _ in [] })
-        guard let chosen = Express.target(request, matcher: matcher, snapshot: snapshot, loop: loop, proxy: proxy,
+        guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
                                           source: origin.source) else { return .handOver }
+        let snapshot = routing.snapshot
 
         // The request the backend gets: the client's head without its
         // hop-by-hop lines, then the proxy's own headers, then the body.
@@ -591,7 +592,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     }
 
     private func responseEnded(_ exchange: Exchange, extra: Int) {
-        guard let context, let loop else { return }
+        guard let context, loop != nil else { return }
         // Bytes past the response: none was asked for; the connection is out of step.
         if extra > 0 { exchange.reusable = false }
         if let upstream = exchange.upstream {

@@ -347,7 +347,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             if name == "host", let authority { return [authority] }
             return headers[canonicalForm: name]
         })
-        guard let chosen = Express.target(request, matcher: matcher, snapshot: snapshot, loop: loop, proxy: proxy,
+        guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
                                           source: origin.source) else { return nil }
 
         // The request the backend gets: an HTTP/1.1 head from the fields,
@@ -490,7 +490,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// (the frame that made the express path let go, if one did). The full
     /// path takes it from there.
     private func handOver(_ stream: Stream, then: HTTP2Frame? = nil) {
-        guard let context, let loop, streams.removeValue(forKey: stream.id) != nil else { return }
+        guard let context, loop != nil, streams.removeValue(forKey: stream.id) != nil else { return }
         stream.upstream?.close()
         stream.upstream = nil
         stream.state.inFlight -= 1
@@ -674,7 +674,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// pool, the exchange is recorded, and the stream ends with `last` (or
     /// the head held back, or the trailers, or an empty DATA frame).
     private func finish(_ stream: Stream, extra: Int, last: ByteBuffer?, head: HPACKHeaders? = nil) {
-        guard let loop else { return }
+        guard loop != nil else { return }
         if extra > 0 { stream.reusable = false }  // bytes past the response: out of step
         if let upstream = stream.upstream {
             Express.release(upstream, to: stream.state, reusable: stream.reusable, proxy: proxy)
