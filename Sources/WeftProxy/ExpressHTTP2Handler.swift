@@ -353,43 +353,52 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         // The request the backend gets: an HTTP/1.1 head from the fields,
         // cookies joined in one line (RFC 9113, section 8.2.3), then the
         // proxy's own headers.
-        var out: ByteBuffer
-        if cookies > 1 {
-            out = context.channel.allocator.buffer(capacity: 384 + target.utf8.count)
-            Self.writeRequestHead(&out, method, target, authority, headers)
-        } else {
-            // The common case in one copy of each field (a write per piece
-            // costs about 190 instructions in ByteBuffer's checks).
-            var size = method.utf8.count + target.utf8.count + 12 + (authority.map { $0.utf8.count + 8 } ?? 0)
+        // One copy of each piece (a ByteBuffer write per piece costs about
+        // 190 instructions in its checks), into room for all of them: each
+        // field as its own line at most (joined cookies take less).
+        var size = method.utf8.count + target.utf8.count + 12 + (authority.map { $0.utf8.count + 8 } ?? 0)
+        for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
+            size += name.utf8.count + value.utf8.count + 4
+        }
+        var out = context.channel.allocator.buffer(capacity: size + connectionHeaders.withProto.count + 126)
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
+            var i = 0
+            func put(_ s: String) {
+                let n = s.utf8.count
+                if s.utf8.withContiguousStorageIfAvailable({
+                    UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + n)]).copyMemory(from: UnsafeRawBufferPointer($0))
+                }) == nil {
+                    for c in s.utf8 { b[i] = c; i += 1 }
+                    return
+                }
+                i += n
+            }
+            func put(_ s: StaticString) {
+                UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + s.utf8CodeUnitCount)])
+                    .copyMemory(from: UnsafeRawBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
+                i += s.utf8CodeUnitCount
+            }
+            put(method); put(" "); put(target); put(" HTTP/1.1\r\n")
+            if let authority { put("host: "); put(authority); put("\r\n") }
+            var cookieDone = false
             for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
-                size += name.utf8.count + value.utf8.count + 4
-            }
-            out = context.channel.allocator.buffer(capacity: size + connectionHeaders.withProto.count + 126)
-            out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
-                var i = 0
-                func put(_ s: String) {
-                    let n = s.utf8.count
-                    if s.utf8.withContiguousStorageIfAvailable({
-                        UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + n)]).copyMemory(from: UnsafeRawBufferPointer($0))
-                    }) == nil {
-                        for c in s.utf8 { b[i] = c; i += 1 }
-                        return
+                if authority != nil && name == "host" { continue }
+                if cookies > 1 && name == "cookie" {
+                    guard !cookieDone else { continue }
+                    cookieDone = true
+                    put("cookie: ")
+                    var first = true
+                    for (n, v, _) in headers where n == "cookie" {
+                        if !first { put("; ") }
+                        first = false
+                        put(v)
                     }
-                    i += n
+                    put("\r\n")
+                    continue
                 }
-                func put(_ s: StaticString) {
-                    UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + s.utf8CodeUnitCount)])
-                        .copyMemory(from: UnsafeRawBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
-                    i += s.utf8CodeUnitCount
-                }
-                put(method); put(" "); put(target); put(" HTTP/1.1\r\n")
-                if let authority { put("host: "); put(authority); put("\r\n") }
-                for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
-                    if authority != nil && name == "host" { continue }
-                    put(name); put(": "); put(value); put("\r\n")
-                }
-                return i
+                put(name); put(": "); put(value); put("\r\n")
             }
+            return i
         }
         let (requestID, span) = Express.writeProxyHeaders(&out, connectionHeaders, hasProto: hasProto,
                                                           hasRequestID: hasRequestID,
@@ -409,43 +418,6 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                            bytesIn: bodyLength)
         }
         return stream
-    }
-
-    /// The backend's request head (without the proxy's own headers), piece
-    /// by piece: the path for requests with more than one cookie field,
-    /// joined in one line (RFC 9113, section 8.2.3).
-    private static func writeRequestHead(_ out: inout ByteBuffer, _ method: String, _ target: String, _ authority: String?,
-                                         _ headers: HPACKHeaders) {
-        out.writeString(method)
-        out.writeStaticString(" ")
-        out.writeString(target)
-        out.writeStaticString(" HTTP/1.1\r\n")
-        if let authority {
-            out.writeStaticString("host: ")
-            out.writeString(authority)
-            out.writeStaticString("\r\n")
-        }
-        var cookieDone = false
-        for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
-            if name == "host" && authority != nil { continue }
-            if name == "cookie" {
-                guard !cookieDone else { continue }
-                cookieDone = true
-                out.writeStaticString("cookie: ")
-                var first = true
-                for (n, v, _) in headers where n == "cookie" {
-                    if !first { out.writeStaticString("; ") }
-                    first = false
-                    out.writeString(v)
-                }
-                out.writeStaticString("\r\n")
-                continue
-            }
-            out.writeString(name)
-            out.writeStaticString(": ")
-            out.writeString(value)
-            out.writeStaticString("\r\n")
-        }
     }
 
     // MARK: the exchange
