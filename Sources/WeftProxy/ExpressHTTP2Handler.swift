@@ -85,11 +85,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let id: HTTP2StreamID
         /// The request as it came, for a hand-over.
         let request: HTTP2Frame.FramePayload.Headers
-        /// Its body as read so far (a hand-over replays it); `bodyLeft`
-        /// more bytes are due, and the request has not ended while
+        /// Its body as read so far (a hand-over replays it); `declared`
+        /// counts what is still due, and the request has not ended while
         /// `requestOpen`. The exchange starts when it ends.
         var body: ByteBuffer?
-        var bodyLeft = 0
+        var declared = DeclaredBody(length: 0)
         var requestOpen = false
         var created: NIOHTTP2StreamCreatedEvent?
         let snapshot: RouteSnapshot
@@ -190,17 +190,16 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             case .data(let d) where stream.requestOpen:
                 // The request's body, before the exchange starts.
                 guard case .byteBuffer(var bytes) = d.data else { return handOver(stream, then: frame) }
-                guard bytes.readableBytes <= stream.bodyLeft, !d.endStream || bytes.readableBytes == stream.bodyLeft else {
+                guard stream.declared.hold(frame.payload) else {
                     return refuse(id, "a body other than its content-length", context: context)
                 }
-                stream.bodyLeft -= bytes.readableBytes
                 stream.body?.writeBuffer(&bytes)
                 if d.endStream {
                     stream.requestOpen = false
                     start(stream)
                 }
-            case .headers(let h) where stream.requestOpen:
-                guard !h.endStream || stream.bodyLeft == 0 else {
+            case .headers where stream.requestOpen:
+                guard stream.declared.hold(frame.payload) else {
                     return refuse(id, "a body shorter than its content-length", context: context)
                 }
                 handOver(stream, then: frame)  // trailers: the full path carries them
@@ -408,7 +407,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         if !h.endStream {
             stream.requestOpen = true
-            stream.bodyLeft = bodyLength
+            stream.declared = DeclaredBody(length: bodyLength)
             stream.body = context.channel.allocator.buffer(capacity: bodyLength)
         }
         if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
@@ -467,7 +466,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         stream.upstream = nil
         stream.state.inFlight -= 1
         handed.insert(stream.id)
-        if stream.requestOpen { bodies[stream.id] = DeclaredBody(length: stream.bodyLeft) }
+        if stream.requestOpen { bodies[stream.id] = stream.declared }
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
         context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: stream.id, payload: .headers(stream.request))))
         if let created = stream.created { context.fireUserInboundEventTriggered(created) }
