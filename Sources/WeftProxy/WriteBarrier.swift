@@ -8,7 +8,9 @@ import NIOCore
 extension ChannelHandlerContext {
     /// Runs `then` once every write issued from here so far has completed
     /// or failed: an empty, flushed write completes after them. Only for
-    /// handlers whose outbound data is ByteBuffer.
+    /// handlers whose outbound data is ByteBuffer, and only ahead of a
+    /// half-close or close: on a tunnel stream it ends the output
+    /// (TunnelStreamCodec).
     func afterWrites(_ then: @escaping () -> Void) {
         let barrier = eventLoop.makePromise(of: Void.self)
         writeAndFlush(NIOAny(channel.allocator.buffer(capacity: 0)), promise: barrier)

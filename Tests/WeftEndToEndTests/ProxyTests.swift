@@ -733,7 +733,7 @@ struct ProxyTests {
             metadata: {name: mesh}
             spec: {accessLog: {enabled: true, namespaces: [\(ns)]}}
             """)
-        for _ in 0..<300 where ((try? lab.generations(["n1"])["n1"]) ?? -1) ?? -1 <= generation { usleep(10_000) }
+        for _ in 0..<300 where ((try? lab.generations(["n1"])["n1"]) ?? -1) <= generation { usleep(10_000) }
         usleep(300_000)  // the proxy reloads its table after the agent's generation
         let before = try stat("n1", "express_requests_total")
         let logged = try curl(lab, "http://198.19.1.12/logged?q=1", ["-A", "weft-test/1", "-H", "x-request-id: req-express"])
