@@ -60,9 +60,17 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// channel (WriteBarrier.swift).
     private func partnerCloseOutput() {
         guard let context else { return }
-        context.afterWrites {
-            context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
+        context.closeOutputAfterWrites { ended in
+            if !ended { context.close(promise: nil) }
         }
+    }
+
+    /// Closes this channel after the bytes already written to it, its
+    /// output ended first (a tunnel stream's peer then sees END_STREAM, not
+    /// only the reset a close of an open stream sends).
+    private func partnerClose() {
+        guard let context else { return }
+        context.closeOutputAfterWrites { _ in context.close(promise: nil) }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -83,7 +91,7 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
         partner?.splice?.stop()
         let partner = self.partner
         // A reset ends the partner at once; a clean end after its writes.
-        if failed { partner?.context?.close(promise: nil) } else { partner?.context?.closeAfterWrites() }
+        if failed { partner?.context?.close(promise: nil) } else { partner?.partnerClose() }
         onClose?()
         onClose = nil
         finishIfBothClosed(partner)

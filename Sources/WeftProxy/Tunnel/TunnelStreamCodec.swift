@@ -31,7 +31,8 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
     /// A DATA frame has been written (an empty write then has something to
     /// wait for).
     private var wroteData = false
-    /// The END_STREAM frame, once written, for later empty writes to wait on.
+    /// The END_STREAM frame, once written: what comes after it (a barrier,
+    /// another half-close) waits for it.
     private var ended: EventLoopFuture<Void>?
     private var sentConnect = false
     /// Client end: succeeds on the server's 2xx, fails on a refusal or when
@@ -104,24 +105,27 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
         }
         if buffer.readableBytes == 0 {
             // An empty write is a barrier (WriteBarrier.swift): done once
-            // the writes before it are. Here it ends the stream's output:
-            // END_STREAM is the one frame NIO queues behind this stream's
-            // DATA and that tells when they are out, so the DATA frames
-            // themselves go without a promise each (one per frame cost
-            // ~5,000 instructions per request at each end). Every barrier
-            // on a byte channel precedes a half-close or a close, so the
-            // END_STREAM only comes earlier. (An empty DATA frame would not
-            // do: NIO counts those from a peer as abuse, across the whole
-            // connection, and ends every stream of the tunnel past the
-            // first one in a row.)
+            // the writes before it are. DATA frames go without a promise
+            // each (one per frame cost ~5,000 instructions per request at
+            // each end), so there is nothing to wait on but a frame queued
+            // behind them. Weft's own barriers end the stream's output
+            // instead (EndOutputAfterWrites: END_STREAM is that frame);
+            // what is left are NIO's HTTP encoders, which write an empty
+            // buffer for an `.end` sent with a promise (nothing sends one
+            // on a tunnel stream). That goes out as an empty DATA frame:
+            // NIO's peer takes one in a row, and ends the whole tunnel
+            // connection past that, so it must stay rare.
             guard let promise else { return }
             if let ended { return ended.cascade(to: promise) }
             guard wroteData else { return promise.succeed() }
-            closeOutput(context: context, promise: promise)
-            return
         }
         wroteData = true
         context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(buffer)))), promise: promise)
+    }
+
+    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
+        guard event is EndOutputAfterWrites else { return context.triggerUserOutboundEvent(event, promise: promise) }
+        close(context: context, mode: .output, promise: promise)
     }
 
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
