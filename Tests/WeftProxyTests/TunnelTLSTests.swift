@@ -54,7 +54,7 @@ private func server(_ context: NIOSSLContext, group: EventLoopGroup, seen: Seen)
                 try channel.pipeline.syncOperations.addHandler(tls)
                 let done = channel.eventLoop.makePromise(of: Void.self)
                 try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(done))
-                done.futureResult.whenSuccess {
+                done.futureResult.assumeIsolated().whenSuccess {
                     let peer = tls.peerCertificate.flatMap(TunnelTLS.identity(of:))
                     seen.withLock { $0.append(peer?.uri ?? "none") }
                 }
