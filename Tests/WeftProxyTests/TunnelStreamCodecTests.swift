@@ -46,6 +46,32 @@ import Testing
         #expect(sent.map(\.bytes) == ["abc", ""] && sent.map(\.end) == [false, true], "\(sent)")
     }
 
+    /// A client stream whose CONNECT was never answered: a half-close asked
+    /// for meanwhile is held, and fails when the stream closes (a promise
+    /// left hanging would leave the glue waiting for ever).
+    @Test func aHalfCloseHeldBeforeTheAnswerFailsWhenTheStreamCloses() throws {
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandler(TunnelStreamCodec(.client(authority: "198.18.2.20:8080", headers: [])))
+        channel.pipeline.fireChannelActive()
+        let connect = try channel.readOutbound(as: HTTP2Frame.FramePayload.self)
+        guard case .headers(let h) = connect else {
+            Issue.record("no CONNECT: \(String(describing: connect))")
+            return
+        }
+        #expect(h.headers.first(name: ":method") == "CONNECT")
+        let ended = channel.eventLoop.makePromise(of: Void.self)
+        channel.pipeline.triggerUserOutboundEvent(EndOutputAfterWrites(), promise: ended)
+        var outcome: Result<Void, Error>?
+        ended.futureResult.assumeIsolated().whenComplete { outcome = $0 }
+        #expect(outcome == nil, "ended before the stream was answered")
+        #expect(try channel.readOutbound(as: HTTP2Frame.FramePayload.self) == nil, "a frame went out before the answer")
+        _ = try? channel.finish()
+        guard case .failure = outcome else {
+            Issue.record("the held half-close did not fail with the stream: \(String(describing: outcome))")
+            return
+        }
+    }
+
     /// NIO's HTTP encoders write an empty buffer for an `.end` sent with a
     /// promise. On a kept-alive tunnel stream that must not end the stream:
     /// the next response has to follow on it.

@@ -152,6 +152,10 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
         ready?.fail(ChannelError.ioOnClosedChannel)
         for (_, promise) in held { promise?.fail(ChannelError.ioOnClosedChannel) }
         held.removeAll()
+        if let closing = heldClose {
+            heldClose = nil
+            closing?.fail(ChannelError.ioOnClosedChannel)
+        }
         context.fireChannelInactive()
     }
 }
