@@ -231,6 +231,7 @@ enum TunnelServer {
                         telemetry.handshake(role: "server", ok: (try? result.get()) != nil, duration: NIODeadline.now() - started)
                     }
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
+                    try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
                     _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
                         mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
                     ) { stream in

@@ -198,6 +198,7 @@ final class TunnelConnection {
                     let tls = try NIOSSLClientHandler(context: context, serverHostname: TunnelTLS.serverName(for: expected))
                     try channel.pipeline.syncOperations.addHandler(tls)
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
+                    try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
                     _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
                         mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
                     ) { stream in stream.close() }  // the server opens no streams
