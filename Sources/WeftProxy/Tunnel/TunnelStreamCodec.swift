@@ -106,7 +106,7 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
         if buffer.readableBytes == 0 {
             // An empty write is a barrier (WriteBarrier.swift): done once
             // the writes before it are. DATA frames go without a promise
-            // each (one per frame cost ~5,000 instructions per request at
+            // each (one per frame cost ~6,000 instructions per request at
             // each end), so there is nothing to wait on but a frame queued
             // behind them. Weft's own barriers end the stream's output
             // instead (EndOutputAfterWrites: END_STREAM is that frame);
