@@ -9,13 +9,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "docs/benchmarks.md")
 
 
-def revision():
-    """The commit the measured build came from, marked when the sources
-    (not the docs) differ from it."""
+def _revision():
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "Sources", "bpf", "Package.swift", "Package.resolved"],
                            capture_output=True, text=True).stdout.strip()
     return f"{rev} with uncommitted changes" if dirty else rev
+
+
+# Taken when a benchmark starts (scripts/bench has just built it), not when
+# it writes its table minutes later: the sources may have moved meanwhile.
+_REVISION = _revision()
+
+
+def revision():
+    """The commit the measured build came from, marked when the sources
+    (not the docs) differed from it when the benchmark started."""
+    return _REVISION
+
+
 HEADER = """# Benchmarks
 
 Every table here is written by `scripts/bench` (all sections) or `scripts/bench SECTION`; each
