@@ -100,6 +100,8 @@ final class ProxyStats: Sendable {
     let tunnelsIn = Atomic<Int>(0)
     let tunnelsOut = Atomic<Int>(0)
     let tunnelStreamsIn = Atomic<Int>(0)
+    /// Of those, the ones carried at the frame level (TunnelRelay).
+    let tunnelStreamsRelayed = Atomic<Int>(0)
     let tunnelStreamsOut = Atomic<Int>(0)
     let tunnelRefused = Atomic<Int>(0)
     /// Health checks relayed for this node's agent, run for other nodes',
@@ -197,6 +199,7 @@ final class ProxyStats: Sendable {
             ("tunnel_connections_in_total", tunnelsIn.load(ordering: .relaxed)),
             ("tunnel_connections_out_total", tunnelsOut.load(ordering: .relaxed)),
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
+            ("tunnel_streams_relayed_total", tunnelStreamsRelayed.load(ordering: .relaxed)),
             ("tunnel_streams_out_total", tunnelStreamsOut.load(ordering: .relaxed)),
             ("tunnel_streams_refused_total", tunnelRefused.load(ordering: .relaxed)),
             ("tunnel_probes_relayed_total", probesRelayed.load(ordering: .relaxed)),

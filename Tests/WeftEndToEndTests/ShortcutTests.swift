@@ -47,7 +47,7 @@ private func meshConfig(enabled: Bool, splice: Bool = true) -> String {
     """
 }
 
-private let allCases = "sizes,small_writes,writev,sendfile,splice_send,echo,slow_echo,half_close,reset,backpressure,concurrent"
+private let allCases = "sizes,small_writes,writev,sendfile,splice_send,echo,slow_echo,server_first,half_close,reset,backpressure,concurrent"
 
 @Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
 struct ShortcutTests {

@@ -39,9 +39,7 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func refuse(_ context: ChannelHandlerContext, _ status: Int, _ reason: String) {
-        proxy.stats.tunnelRefused.add(1, ordering: .relaxed)
-        proxy.logger.info("tunnel stream refused", metadata: ["status": "\(status)", "reason": "\(reason)"])
-        let headers = HPACKHeaders([(":status", "\(status)"), ("x-weft-reason", reason)])
+        let headers = Self.refusal(proxy, status, reason)
         context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: nil)
         context.close(promise: nil)
     }
@@ -98,38 +96,55 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func open(context: ChannelHandlerContext, headers: HPACKHeaders) {
+    /// What a CONNECT stream gets, decided from its request and the peer's
+    /// identity alone: nothing is written, counted or logged here (both
+    /// this handler and TunnelRelay, which carries plain TCP streams
+    /// without a stream channel, act on it).
+    enum Admission {
+        /// Refused before it counts as a stream: a status and a reason.
+        case refused(Int, String)
+        /// A health check another node's proxy asks for.
+        case probe(peer: SpiffeID, target: IPv4Address, port: UInt16, path: String, snapshot: RouteSnapshot)
+        /// Refused by AuthorizationPolicy whatever it carries.
+        case denied(AuthorizationDecision, EndpointKey)
+        /// HTTP the source proxy wrote, read request by request.
+        case http(http2: Bool, AuthorizationRequest, EndpointKey)
+        /// TCP whose first bytes decide (policies that read HTTP apply).
+        case detect(AuthorizationRequest, EndpointKey)
+        /// TCP to the pod, byte for byte; a decision to record if a policy applied.
+        case tcp(EndpointKey, AuthorizationDecision?)
+    }
+
+    /// Checks, in order, that the target is a pod of this node, that the
+    /// source address the peer names belongs to a pod of the peer's
+    /// identity, that NetworkPolicy lets that pod reach the target, and
+    /// what AuthorizationPolicy makes of it.
+    static func admit(_ proxy: ProxyContext, headers: HPACKHeaders, peer: SpiffeID?, loop: LoopState) -> Admission {
         guard headers.first(name: ":method") == "CONNECT", let authority = headers.first(name: ":authority"),
               let colon = authority.lastIndex(of: ":"), let target = IPv4Address(authority[..<colon]),
               let port = UInt16(authority[authority.index(after: colon)...]) else {
-            return refuse(context, 400, "expected CONNECT to IPV4:PORT")
+            return .refused(400, "expected CONNECT to IPV4:PORT")
         }
         let snapshot = proxy.snapshot
         let node = proxy.configuration.node
-        guard let peerCert = (try? context.channel.parent?.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self))?.peerCertificate,
-              let peer = TunnelTLS.identity(of: peerCert) else {
-            return refuse(context, 403, "the peer's certificate carries no SPIFFE ID")
-        }
+        guard let peer else { return .refused(403, "the peer's certificate carries no SPIFFE ID") }
         guard let destination = snapshot.workloadsByIP[target.value], destination.node == node else {
-            return refuse(context, 404, "\(target) is not a pod of node \(node)")
+            return .refused(404, "\(target) is not a pod of node \(node)")
         }
         if let path = headers.first(name: TunnelProbe.header) {
-            return probe(context, snapshot: snapshot, peer: peer, target: target, port: port, path: path)
+            return .probe(peer: peer, target: target, port: port, path: path, snapshot: snapshot)
         }
         guard let sourceText = headers.first(name: "x-weft-source"), let source = IPv4Address(sourceText),
               let sourcePod = snapshot.workloadsByIP[source.value] else {
-            return refuse(context, 403, "the source address is missing or not a mesh pod")
+            return .refused(403, "the source address is missing or not a mesh pod")
         }
         guard sourcePod.namespace == peer.namespace, sourcePod.serviceAccount == peer.serviceAccount,
               peer.trustDomain == proxy.identities?.trustDomain else {
-            return refuse(context, 403, "\(source) is \(sourcePod.namespace)/\(sourcePod.serviceAccount), not \(peer)")
+            return .refused(403, "\(source) is \(sourcePod.namespace)/\(sourcePod.serviceAccount), not \(peer)")
         }
-        let loop = proxy.loop(context.eventLoop)
         guard loop.allowed(proxy, generation: snapshot.generation, source: source, destination: target, port: port, node: node) else {
-            return refuse(context, 403, "NetworkPolicy does not let \(source) reach \(target):\(port)")
+            return .refused(403, "NetworkPolicy does not let \(source) reach \(target):\(port)")
         }
-        proxy.stats.tunnelStreamsIn.add(1, ordering: .relaxed)
-        let stream = context.channel
         let key = EndpointKey(ip: target, port: port, node: node)
         let request = AuthorizationRequest(principal: peer.principal, namespace: peer.namespace, sourceIP: source, port: port)
         let set = snapshot.authorization[target.value]
@@ -137,34 +152,70 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         // request, under the policies in force at each, whether or not any
         // applies now; refused here only if no request could be allowed.
         if let declared = headers.first(name: "x-weft-protocol"), declared == "http1" || declared == "h2" {
-            if let set, !set.couldAllowHTTP(request) {
-                let decision = set.evaluate(request)
-                Authorize.record(proxy, decision, target: key.description)
-                return refuse(context, 403, decision.reason)
-            }
+            if let set, !set.couldAllowHTTP(request) { return .denied(set.evaluate(request), key) }
+            return .http(http2: declared == "h2", request, key)
+        }
+        guard let set else { return .tcp(key, nil) }
+        // A TCP connection is decided now when no HTTP request could change
+        // the outcome: allowed on what TCP shows (so no DENY rule can match
+        // and an ALLOW rule matches whatever it carries), or denied even if
+        // every HTTP part went its way. Otherwise its first bytes say
+        // whether it is HTTP.
+        let decision = set.evaluate(request)
+        if decision.allowed || !set.needsHTTP || !set.couldAllowHTTP(request) {
+            return decision.allowed ? .tcp(key, decision) : .denied(decision, key)
+        }
+        return .detect(request, key)
+    }
+
+    /// The SPIFFE ID of the tunnel's peer, from the certificate its TLS
+    /// handshake verified (the stream's parent is the tunnel connection).
+    static func peer(of connection: Channel?) -> SpiffeID? {
+        guard let cert = (try? connection?.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self))?.peerCertificate
+        else { return nil }
+        return TunnelTLS.identity(of: cert)
+    }
+
+    /// The answer to a refused CONNECT, counted and logged.
+    static func refusal(_ proxy: ProxyContext, _ status: Int, _ reason: String) -> HPACKHeaders {
+        proxy.stats.tunnelRefused.add(1, ordering: .relaxed)
+        proxy.logger.info("tunnel stream refused", metadata: ["status": "\(status)", "reason": "\(reason)"])
+        return HPACKHeaders([(":status", "\(status)"), ("x-weft-reason", reason)])
+    }
+
+    private func open(context: ChannelHandlerContext, headers: HPACKHeaders) {
+        let admission = Self.admit(proxy, headers: headers, peer: Self.peer(of: context.channel.parent),
+                                   loop: proxy.loop(context.eventLoop))
+        switch admission {
+        case .refused(let status, let reason):
+            return refuse(context, status, reason)
+        case .probe(let peer, let target, let port, let path, let snapshot):
+            return probe(context, snapshot: snapshot, peer: peer, target: target, port: port, path: path)
+        default:
+            break
+        }
+        proxy.stats.tunnelStreamsIn.add(1, ordering: .relaxed)
+        let stream = context.channel
+        switch admission {
+        case .denied(let decision, let key):
+            Authorize.record(proxy, decision, target: key.description)
+            return refuse(context, 403, decision.reason)
+        case .http(let http2, let request, let key):
             return answerAndInstall(context) { pipeline in
-                try InboundHTTP.install(on: pipeline, http2: declared == "h2", proxy: self.proxy, request: request, target: key)
+                try InboundHTTP.install(on: pipeline, http2: http2, proxy: self.proxy, request: request, target: key)
             }
-        }
-        if let set {
-            // A TCP connection is decided now when no HTTP request could
-            // change the outcome: allowed on what TCP shows (so no DENY rule
-            // can match and an ALLOW rule matches whatever it carries), or
-            // denied even if every HTTP part went its way. Otherwise its
-            // first bytes say whether it is HTTP.
-            let decision = set.evaluate(request)
-            if decision.allowed || !set.needsHTTP || !set.couldAllowHTTP(request) {
-                Authorize.record(proxy, decision, target: key.description)
-                guard decision.allowed else { return refuse(context, 403, decision.reason) }
-            } else {
-                return answerAndInstall(context) { pipeline in
-                    try pipeline.addHandler(InboundDetector(proxy: self.proxy, request: request, target: key))
-                }
+        case .detect(let request, let key):
+            return answerAndInstall(context) { pipeline in
+                try pipeline.addHandler(InboundDetector(proxy: self.proxy, request: request, target: key))
             }
+        case .tcp(let key, let decision):
+            if let decision { Authorize.record(proxy, decision, target: key.description) }
+            Self.deliver(stream: stream, to: key, proxy: proxy, early: early, earlyEnd: earlyEnd, replacing: self,
+                         prepare: { [self] in try accept(context) }, onRefusal: { [self] reason in refuse(context, 502, reason) })
+            early.removeAll()
+        case .refused, .probe:
+            break
         }
-        Self.deliver(stream: stream, to: key, proxy: proxy, early: early, earlyEnd: earlyEnd, replacing: self,
-                     prepare: { [self] in try accept(context) }, onRefusal: { [self] reason in refuse(context, 502, reason) })
-        early.removeAll()
     }
 
     /// Connects to the pod and joins the stream (a byte channel, or about to
@@ -232,13 +283,29 @@ enum TunnelServer {
                     }
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
                     try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
-                    _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                        mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
-                    ) { stream in
+                    let inbound: NIOChannelInitializer = { stream in
                         stream.eventLoop.makeCompletedFuture {
                             try stream.pipeline.syncOperations.addHandler(TunnelInbound(proxy: proxy))
                         }
                     }
+                    guard proxy.configuration.express else {
+                        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                            mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream,
+                            inboundStreamInitializer: inbound)
+                        return
+                    }
+                    // Plain TCP streams at the frame level (TunnelRelay);
+                    // the rest get stream channels from the multiplexer
+                    // behind it, with the stream window of the line above.
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: TunnelHTTP2.connection,
+                                                        streamConfiguration: TunnelHTTP2.stream))
+                    try sync.addHandler(TunnelRelay(proxy: proxy))
+                    try sync.addHandler(HTTP2StreamMultiplexer(
+                        mode: .server, channel: channel, targetWindowSize: TunnelHTTP2.stream.targetWindowSize,
+                        outboundBufferSizeHighWatermark: TunnelHTTP2.stream.outboundBufferSizeHighWatermark,
+                        outboundBufferSizeLowWatermark: TunnelHTTP2.stream.outboundBufferSizeLowWatermark,
+                        inboundStreamInitializer: inbound))
                 }
             }
             .bind(host: "0.0.0.0", port: Int(port)).wait()

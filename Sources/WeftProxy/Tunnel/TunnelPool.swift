@@ -52,6 +52,11 @@ final class TunnelIdentities: Sendable {
 /// peer is another node's proxy that proved its identity, so the limits are
 /// set for the load a node carries, not for strangers.
 enum TunnelHTTP2 {
+    /// A stream's receive window, announced at the start.
+    static let streamWindow = 1 << 20
+    /// The connection's receive window, kept open as data arrives.
+    static let connectionWindow = 4 << 20
+
     static var connection: NIOHTTP2Handler.ConnectionConfiguration {
         var c = NIOHTTP2Handler.ConnectionConfiguration()
         // Every pod connection between two identities is a stream of one
@@ -62,10 +67,10 @@ enum TunnelHTTP2 {
             HTTP2Setting(parameter: .maxConcurrentStreams, value: 10_000),
             HTTP2Setting(parameter: .maxHeaderListSize, value: 16_384),
             HTTP2Setting(parameter: .maxFrameSize, value: 1 << 20),
-            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+            HTTP2Setting(parameter: .initialWindowSize, value: streamWindow),
         ]
         c.maximumConnectionGlitches = 1_000_000
-        c.targetWindowSize = 4 << 20
+        c.targetWindowSize = connectionWindow
         c.controlFrameRateLimit.maximumCount = 100_000
         c.controlFrameRateLimit.windowLength = .seconds(1)
         return c
@@ -82,7 +87,7 @@ enum TunnelHTTP2 {
         s.streamResetFrameRateLimit.windowLength = .seconds(1)
         s.streamErrorRateLimit.maximumCount = 100_000
         s.streamErrorRateLimit.windowLength = .seconds(1)
-        s.targetWindowSize = 1 << 20
+        s.targetWindowSize = streamWindow
         return s
     }
 }

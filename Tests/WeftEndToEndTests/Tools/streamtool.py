@@ -6,7 +6,7 @@
       header saying what to do: sink (read to EOF, optionally after a pause,
       with recv or splice, answer the length and sha256), echo (send back
       everything until EOF), reply (read to EOF, then send N bytes and
-      close), result (what a reset connection with that id had read).
+      close), push (send N bytes and close at once), result (what a reset connection with that id had read).
 
   streamtool.py wait HOST PORT
       Until the server answers.
@@ -110,6 +110,8 @@ def handle(conn):
             conn.sendall(json.dumps({"len": n, "sha256": digest}).encode() + b"\n")
             conn.sendall(pattern(hdr["size"], seed=7))
             conn.shutdown(socket.SHUT_WR)
+        elif case == "push":
+            conn.sendall(pattern(hdr["size"], seed=9))   # then close, without waiting for the client's end
         elif case == "reset":
             got = bytearray()
             error = None
@@ -305,6 +307,24 @@ def case_slow_echo(addr, size=4 << 20, **_):
     return {"ok": not err and n == size and h.hexdigest() == hashlib.sha256(data).hexdigest(), "len": n, "errors": err}
 
 
+def case_server_first(addr, size=8 << 20, **_):
+    """The server sends and closes before the client has said anything more
+    or read much: its last bytes, and its end after them, wait in whoever
+    relays them for a slow reader that never half-closes."""
+    s = dial(addr, {"case": "push", "size": size})
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        d = s.recv(16 << 10)
+        if not d:
+            break
+        h.update(d)
+        n += len(d)
+        time.sleep(0.0005)
+    s.close()
+    return {"ok": n == size and h.hexdigest() == hashlib.sha256(pattern(size, seed=9)).hexdigest(), "len": n}
+
+
 def case_half_close(addr, **_):
     data = pattern(1 << 20, seed=31)
     s = dial(addr, {"case": "reply", "size": 3 << 20})
@@ -383,7 +403,7 @@ def case_concurrent(addr, count=1000, **_):
 CASES = {
     "sizes": case_sizes, "small_writes": case_small_writes, "writev": case_writev, "sendfile": case_sendfile,
     "splice_send": case_splice_send, "splice_recv": case_splice_recv, "echo": case_echo,
-    "slow_echo": case_slow_echo,
+    "slow_echo": case_slow_echo, "server_first": case_server_first,
     "half_close": case_half_close, "reset": case_reset, "backpressure": case_backpressure,
     "concurrent": case_concurrent,
 }
