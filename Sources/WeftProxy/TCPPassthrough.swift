@@ -44,13 +44,94 @@ enum TCPPassthrough {
             guard decision.allowed else { return Authorize.reset(context.channel) }
         }
         let downstream = context.channel
-        let detector = context.handler
+        let detector = context.handler as? ProtocolDetector
         let start = NIODeadline.now(), wallStart = AccessLog.now()
         _ = downstream.setOption(ChannelOptions.autoRead, value: false)
         loop.pool.state(endpoint).inFlight += 1
         let pool = loop.pool
-        let connected: (@escaping (Result<Channel, any Error>) -> Void) -> Void
         let tunnel = proxy.tunnel(to: endpoint, from: origin.source, snapshot: snapshot)
+        let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend?.service,
+                               serviceNamespace: frontend?.namespace, upstream: endpoint)
+
+        func failed(_ error: any Error) {
+            proxy.logger.info("passthrough connect failed", metadata: ["endpoint": "\(endpoint)", "error": "\(error)"])
+            pool.state(endpoint).inFlight -= 1
+            pool.recordConnectFailure(endpoint)
+            proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
+            // Refused by the far node's policy: the client sees a reset.
+            if let refused = error as? TunnelRefused, refused.status == 403 { return Authorize.reset(downstream) }
+            downstream.close(promise: nil)
+        }
+
+        /// Counts the connection's bytes and logs it, once it is over.
+        func finished(sent: Int, received: Int, series: ProxyTelemetry.TCPSeries?) {
+            series?.closed.increment()
+            series?.sent.increment(by: Int64(sent))
+            series?.received.increment(by: Int64(received))
+            guard AccessLog.covers(snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
+            var line = JSONLine()
+            line.add("start_time", AccessLog.timestamp(wallStart))
+            line.add("kind", "tcp")
+            line.add("duration_ms", milliseconds: Double((NIODeadline.now() - start).nanoseconds) / 1e6)
+            line.add("bytes_received", sent)
+            line.add("bytes_sent", received)
+            line.add("source_address", origin.source.description)
+            line.add("source_workload", peers.sourceWorkload)
+            line.add("source_namespace", peers.sourceNamespace)
+            line.add("destination_service", peers.destinationService)
+            line.add("upstream_host", endpoint.description)
+            line.add("destination_workload", peers.destinationWorkload)
+            line.add("destination_namespace", peers.destinationWorkloadNamespace)
+            proxy.accessLog.append(line.finish())
+        }
+
+        func opened() -> ProxyTelemetry.TCPSeries? {
+            let series = snapshot.table.requestMetrics == false ? nil : loop.telemetry.tcp(peers, proxy.telemetry)
+            series?.opened.increment()
+            return series
+        }
+
+        /// The client's reads go on, with what the detector held first.
+        func resume() {
+            if let detector { downstream.pipeline.syncOperations.removeHandler(detector, promise: nil) }
+            _ = downstream.setOption(ChannelOptions.autoRead, value: true)
+            downstream.read()
+        }
+
+        if let tunnel, proxy.configuration.express {
+            // To another node, at the frame level: a CONNECT stream of a
+            // relaying tunnel (TunnelRelay) joined to the client's socket.
+            pool.tunnels.relay(tunnel.route, to: endpoint, source: origin.source, identities: tunnel.identities) { result in
+                switch result {
+                case .failure(let error):
+                    failed(error)
+                case .success(let stream):
+                    let series = opened()
+                    stream.onFinish = { sent, received in
+                        pool.state(endpoint).inFlight -= 1
+                        finished(sent: sent, received: received, series: series)
+                    }
+                    let early = detector?.takeBuffered()
+                    do {
+                        // Gone meanwhile: no close of it would end the stream.
+                        guard downstream.isActive else { throw ChannelError.ioOnClosedChannel }
+                        try downstream.pipeline.syncOperations.addHandler(stream)
+                    } catch {
+                        stream.onFinish = nil
+                        pool.state(endpoint).inFlight -= 1
+                        stream.cancel()
+                        return downstream.close(promise: nil)
+                    }
+                    if let early, early.readableBytes > 0 { stream.send(early) }
+                    // The client's FIN came before the tunnel was there: pass it on now.
+                    if detector?.inputClosed ?? false { stream.endOutput() } else { stream.flushTunnel() }
+                    resume()
+                }
+            }
+            return
+        }
+
+        let connected: (@escaping (Result<Channel, any Error>) -> Void) -> Void
         // A pod of this node over the shortcut: the kernel may take the
         // bytes past the proxy (SpliceLeg).
         let spliceMaps = tunnel == nil ? proxy.splice : nil
@@ -72,47 +153,21 @@ enum TCPPassthrough {
         connected { result in
                 switch result {
                 case .failure(let error):
-                    proxy.logger.info("passthrough connect failed", metadata: ["endpoint": "\(endpoint)", "error": "\(error)"])
-                    pool.state(endpoint).inFlight -= 1
-                    pool.recordConnectFailure(endpoint)
-                    proxy.stats.upstreamConnectFailures.add(1, ordering: .relaxed)
-                    // Refused by the far node's policy: the client sees a reset.
-                    if let refused = error as? TunnelRefused, refused.status == 403 { return Authorize.reset(downstream) }
-                    downstream.close(promise: nil)
+                    failed(error)
                 case .success(let upstream):
                     let (a, b) = GlueHandler.pair()
                     (a.splice, b.splice) = SpliceLeg.legs(maps: spliceMaps, downstream: downstream, upstream: upstream)
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
-                    let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend?.service,
-                                           serviceNamespace: frontend?.namespace, upstream: endpoint)
-                    let series = snapshot.table.requestMetrics == false ? nil : loop.telemetry.tcp(peers, proxy.telemetry)
-                    series?.opened.increment()
+                    let series = opened()
                     a.onFinish = { [splices = (a.splice, b.splice)] read, readBack in
                         // Bytes the kernel took past the proxy count as relayed.
                         let sent = read + (splices.0?.finish() ?? 0)
                         let received = readBack + (splices.1?.finish() ?? 0)
-                        series?.closed.increment()
-                        series?.sent.increment(by: Int64(sent))
-                        series?.received.increment(by: Int64(received))
-                        guard AccessLog.covers(snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
-                        var line = JSONLine()
-                        line.add("start_time", AccessLog.timestamp(wallStart))
-                        line.add("kind", "tcp")
-                        line.add("duration_ms", milliseconds: Double((NIODeadline.now() - start).nanoseconds) / 1e6)
-                        line.add("bytes_received", sent)
-                        line.add("bytes_sent", received)
-                        line.add("source_address", origin.source.description)
-                        line.add("source_workload", peers.sourceWorkload)
-                        line.add("source_namespace", peers.sourceNamespace)
-                        line.add("destination_service", peers.destinationService)
-                        line.add("upstream_host", endpoint.description)
-                        line.add("destination_workload", peers.destinationWorkload)
-                        line.add("destination_namespace", peers.destinationWorkloadNamespace)
-                        proxy.accessLog.append(line.finish())
+                        finished(sent: sent, received: received, series: series)
                     }
                     do {
-                        let early = (detector as? ProtocolDetector)?.takeBuffered()
-                        let closedEarly = (detector as? ProtocolDetector)?.inputClosed ?? false
+                        let early = detector?.takeBuffered()
+                        let closedEarly = detector?.inputClosed ?? false
                         try upstream.pipeline.syncOperations.addHandler(b)
                         try downstream.pipeline.syncOperations.addHandler(a)
                         if let early, early.readableBytes > 0 {
@@ -120,11 +175,7 @@ enum TCPPassthrough {
                         }
                         // The client's FIN came before the backend was there: pass it on now.
                         if closedEarly { upstream.close(mode: .output, promise: nil) }
-                        if let detector = detector as? ProtocolDetector {
-                            downstream.pipeline.syncOperations.removeHandler(detector, promise: nil)
-                        }
-                        _ = downstream.setOption(ChannelOptions.autoRead, value: true)
-                        downstream.read()
+                        resume()
                     } catch {
                         upstream.close(promise: nil)
                         downstream.close(promise: nil)

@@ -300,7 +300,7 @@ enum TunnelServer {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: TunnelHTTP2.connection,
                                                         streamConfiguration: TunnelHTTP2.stream))
-                    try sync.addHandler(TunnelRelay(proxy: proxy))
+                    try sync.addHandler(TunnelRelay(.server(proxy)))
                     try sync.addHandler(HTTP2StreamMultiplexer(
                         mode: .server, channel: channel, targetWindowSize: TunnelHTTP2.stream.targetWindowSize,
                         outboundBufferSizeHighWatermark: TunnelHTTP2.stream.outboundBufferSizeHighWatermark,

@@ -108,6 +108,11 @@ final class TunnelPool {
     private let loop: any EventLoop
     private let port: Int
     private var connections: [TunnelRoute: TunnelConnection] = [:]
+    /// Connections whose streams are relayed at the frame level (TunnelRelay):
+    /// plain TCP from local pods. Apart from those above, which give stream
+    /// channels: a relay opens its own stream IDs, and HTTP/2 wants them
+    /// rising in the order they are used on a connection.
+    private var relayConnections: [TunnelRoute: TunnelConnection] = [:]
     /// Where the streams and connections this pool opens, and its
     /// handshakes, are counted (nil in tests that need no counts).
     private let stats: ProxyStats?
@@ -146,28 +151,56 @@ final class TunnelPool {
     func stream(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities, http: String? = nil,
                 extraHeaders: [(String, String)] = [], initialize: @escaping @Sendable (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
         let connection: TunnelConnection
-        if let c = connections[route], c.isUsable {
-            connection = c
-        } else {
-            guard let context = identities.clientContexts[route.source] else {
-                return completion(.failure(TunnelRefused(status: 0, reason: "no certificate for \(route.source)")))
-            }
-            connection = TunnelConnection(route: route, port: port, context: context, loop: loop, onHandshake: onHandshake) { [weak self] dead in
-                if self?.connections[route] === dead { self?.connections[route] = nil }
-            }
-            connections[route] = connection
-            stats?.tunnelsOut.add(1, ordering: .relaxed)
+        switch self.connection(route, identities: identities, relay: false) {
+        case .failure(let error): return completion(.failure(error))
+        case .success(let c): connection = c
         }
-        stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
         var headers = [("x-weft-source", source.description)]
         if let http { headers.append(("x-weft-protocol", http)) }
         headers += extraHeaders
         connection.openStream(authority: "\(target.address):\(target.port)", headers: headers, initialize: initialize, completion)
     }
 
+    /// A CONNECT stream to `target` carried at the frame level, for plain
+    /// TCP (TunnelRelay.open): `completion` gets it once the far end said
+    /// 2xx, to be added to the socket's pipeline.
+    func relay(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities,
+               _ completion: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
+        switch connection(route, identities: identities, relay: true) {
+        case .failure(let error): completion(.failure(error))
+        case .success(let c): c.openRelayed(authority: "\(target.address):\(target.port)", headers: [("x-weft-source", source.description)], completion)
+        }
+    }
+
+    /// The route's usable connection of that kind, or a new one; one more
+    /// stream counted on it.
+    private func connection(_ route: TunnelRoute, identities: TunnelIdentities, relay: Bool) -> Result<TunnelConnection, any Error> {
+        let existing = relay ? relayConnections[route] : connections[route]
+        if let c = existing, c.isUsable {
+            stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
+            return .success(c)
+        }
+        guard let context = identities.clientContexts[route.source] else {
+            return .failure(TunnelRefused(status: 0, reason: "no certificate for \(route.source)"))
+        }
+        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, onHandshake: onHandshake) { [weak self] dead in
+            if relay {
+                if self?.relayConnections[route] === dead { self?.relayConnections[route] = nil }
+            } else if self?.connections[route] === dead {
+                self?.connections[route] = nil
+            }
+        }
+        if relay { relayConnections[route] = c } else { connections[route] = c }
+        stats?.tunnelsOut.add(1, ordering: .relaxed)
+        stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
+        return .success(c)
+    }
+
     func closeAll() {
         for c in connections.values { c.close() }
+        for c in relayConnections.values { c.close() }
         connections.removeAll()
+        relayConnections.removeAll()
     }
 }
 
@@ -175,17 +208,28 @@ final class TunnelPool {
 /// certificate checked to carry the expected SPIFFE ID before any stream is
 /// opened, then HTTP/2.
 final class TunnelConnection {
+    /// What streams are opened with, once the tunnel is up.
+    enum Streams {
+        /// Stream channels (TunnelStreamCodec).
+        case channels(NIOHTTP2Handler.StreamMultiplexer)
+        /// Streams relayed at the frame level.
+        case relayed(TunnelRelay)
+    }
+
     let route: TunnelRoute
-    private var multiplexer: NIOHTTP2Handler.StreamMultiplexer?
+    private var streams: Streams?
     private var channel: Channel?
-    private var waiters: [(Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) -> Void] = []
+    private var waiters: [(Result<Streams, any Error>) -> Void] = []
     private(set) var failed = false
     private let onClose: (TunnelConnection) -> Void
 
-    var isUsable: Bool { !failed && (channel?.isActive ?? true) }
+    var isUsable: Bool {
+        if case .relayed(let relay) = streams, !relay.canOpen { return false }
+        return !failed && (channel?.isActive ?? true)
+    }
 
-    init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, onHandshake: HandshakeObserver? = nil,
-         onClose: @escaping (TunnelConnection) -> Void) {
+    init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, relay: Bool = false,
+         onHandshake: HandshakeObserver? = nil, onClose: @escaping (TunnelConnection) -> Void) {
         self.route = route
         self.onClose = onClose
         let expected = route.destination
@@ -204,6 +248,12 @@ final class TunnelConnection {
                     try channel.pipeline.syncOperations.addHandler(tls)
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
                     try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
+                    if relay {
+                        try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(
+                            mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream))
+                        try channel.pipeline.syncOperations.addHandler(TunnelRelay(.client))
+                        return
+                    }
                     _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
                         mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
                     ) { stream in stream.close() }  // the server opens no streams
@@ -235,9 +285,11 @@ final class TunnelConnection {
                             guard peer == expected else {
                                 throw TunnelRefused(status: 0, reason: "the peer is \(peer), expected \(expected)")
                             }
-                            let mux = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
-                            multiplexer = mux
-                            flush(.success(mux))
+                            let ready: Streams = relay
+                                ? .relayed(try channel.pipeline.syncOperations.handler(type: TunnelRelay.self))
+                                : .channels(try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer())
+                            streams = ready
+                            flush(.success(ready))
                         } catch {
                             fail(error)
                             channel.close(promise: nil)
@@ -253,7 +305,7 @@ final class TunnelConnection {
         flush(.failure(error))
     }
 
-    private func flush(_ result: Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) {
+    private func flush(_ result: Result<Streams, any Error>) {
         let ready = waiters
         waiters = []
         for w in ready { w(result) }
@@ -261,10 +313,11 @@ final class TunnelConnection {
 
     func openStream(authority: String, headers: [(String, String)], initialize: @escaping @Sendable (Channel) throws -> Void,
                     _ completion: @escaping (Result<Channel, any Error>) -> Void) {
-        let open: (Result<NIOHTTP2Handler.StreamMultiplexer, any Error>) -> Void = { result in
+        whenUp { result in
             switch result {
             case .failure(let error): completion(.failure(error))
-            case .success(let mux):
+            case .success(.relayed): completion(.failure(ChannelError.operationUnsupported))
+            case .success(.channels(let mux)):
                 mux.createStreamChannel { stream in
                     stream.eventLoop.makeCompletedFuture {
                         try stream.pipeline.syncOperations.addHandler(
@@ -290,9 +343,24 @@ final class TunnelConnection {
                 }
             }
         }
-        if let multiplexer { return open(.success(multiplexer)) }
-        if failed { return completion(.failure(ChannelError.ioOnClosedChannel)) }
-        waiters.append(open)
+    }
+
+    /// A stream relayed at the frame level (a connection made with `relay`).
+    func openRelayed(authority: String, headers: [(String, String)],
+                     _ completion: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
+        whenUp { result in
+            switch result {
+            case .failure(let error): completion(.failure(error))
+            case .success(.channels): completion(.failure(ChannelError.operationUnsupported))
+            case .success(.relayed(let relay)): relay.open(authority: authority, headers: headers, completion)
+            }
+        }
+    }
+
+    private func whenUp(_ then: @escaping (Result<Streams, any Error>) -> Void) {
+        if let streams { return then(.success(streams)) }
+        if failed { return then(.failure(ChannelError.ioOnClosedChannel)) }
+        waiters.append(then)
     }
 
     func close() { channel?.close(promise: nil) }

@@ -5,48 +5,61 @@ import NIOPosix
 import WeftCore
 import WeftIdentity
 
-/// The destination end of a tunnel, at the frame level, for the streams
-/// that are plain TCP to a pod of this node (TunnelInbound.Admission.tcp:
-/// most of them). It sits between NIOHTTP2Handler and the stream
-/// multiplexer and sees every frame first, as ExpressHTTP2Handler does for
-/// h2c clients: such a stream's DATA frames are written to the pod's socket
-/// as they come and the pod's bytes go back as DATA frames, with no stream
-/// channel, no codec and no glue between them (~3,700 instructions of
-/// window events alone per request at this end went to the stream channel).
-/// Every other stream (a refusal, a health check, HTTP the source proxy
-/// wrote, TCP whose first bytes decide under policies that read HTTP) goes
-/// on to the multiplexer and TunnelInbound, untouched.
+/// Plain TCP carried by a tunnel at the frame level: each CONNECT stream is
+/// joined to a TCP socket with no stream channel, no codec and no glue
+/// between them (NIO's stream channel cost each end ~3,700 instructions of
+/// window events alone per request). It sits right after NIOHTTP2Handler.
 ///
-/// What the stream channel and GlueHandler did, this does per stream:
+/// - As the destination end (`server`) it sees every frame of a tunnel from
+///   another node first, as ExpressHTTP2Handler does for h2c clients, and
+///   takes the streams that are plain TCP to a pod of this node
+///   (TunnelInbound.Admission.tcp: most of them); it connects to the pod.
+///   Every other stream (a refusal, a health check, HTTP the source proxy
+///   wrote, TCP whose first bytes decide under policies that read HTTP)
+///   goes on to the stream multiplexer behind it and TunnelInbound,
+///   untouched.
+/// - As the source end (`client`) it has a tunnel connection to itself and
+///   opens a stream per captured TCP connection (TCPPassthrough); the HTTP
+///   the proxy writes through tunnels, and health checks, use connections
+///   with stream channels (TunnelPool keeps both kinds).
+///
+/// What the stream channel, TunnelStreamCodec and GlueHandler did, this
+/// does per stream:
 /// - flow control: a stream's window (TunnelHTTP2's initial 1 MiB) is given
-///   back once half of it was written to the pod while the pod's socket can
-///   take more, so a slow pod slows the sender instead of filling memory;
-///   the connection's window (4 MiB) is reopened as data arrives, as the
+///   back once half of it was written to the socket while the socket takes
+///   more, so a slow reader slows the sender instead of filling memory; the
+///   connection's window (4 MiB) is reopened as data arrives, as NIO's
 ///   multiplexer did (it gets no connection window events from here).
-/// - backpressure the other way: the pod is read only while the tunnel can
-///   take writes and the stream's and connection's send windows are open.
-/// - ends: END_STREAM half-closes the pod's output after the bytes before
-///   it; the pod's FIN is END_STREAM; a pod that closes whole ends the
-///   stream (END_STREAM, then RST_STREAM if the peer still sends, once the
-///   END_STREAM is out: nothing queued behind it is lost); a reset either
-///   way resets the other side.
+/// - backpressure the other way: the socket is read only while the tunnel
+///   can take writes and the stream's and connection's send windows are open.
+/// - ends: END_STREAM half-closes the socket's output after the bytes
+///   before it; the socket's FIN is END_STREAM; a socket that closes whole
+///   ends the stream (END_STREAM, then RST_STREAM if the peer still sends,
+///   once the END_STREAM is out: nothing queued behind it is lost); a reset
+///   either way resets the other side.
 final class TunnelRelay: ChannelDuplexHandler {
     typealias InboundIn = HTTP2Frame
     typealias InboundOut = HTTP2Frame
     typealias OutboundIn = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
 
-    static let streamWindow = TunnelHTTP2.streamWindow
-    static let connectionWindow = TunnelHTTP2.connectionWindow
+    enum Role {
+        /// The destination end: takes plain TCP streams for local pods.
+        case server(ProxyContext)
+        /// The source end: opens streams (`open`).
+        case client
+    }
 
-    private let proxy: ProxyContext
+    private let role: Role
     private var context: ChannelHandlerContext?
     private var loop: LoopState?
     private var peer: SpiffeID?
     private var peerRead = false
     private var streams: [HTTP2StreamID: Stream] = [:]
     private var lastStreamID = HTTP2StreamID.rootStream
-    /// Streams with bytes written to their pod since the last flush.
+    /// The client end's next stream.
+    private var nextStreamID: Int32 = 1
+    /// Streams with bytes written to their socket since the last flush.
     private var unflushed: [Stream] = []
     /// Frames written to the tunnel since its last flush.
     private var tunnelDirty = false
@@ -54,46 +67,60 @@ final class TunnelRelay: ChannelDuplexHandler {
     /// The connection's send window, as NIOHTTP2Handler last told.
     private var sendWindow = Int.max
 
-    init(proxy: ProxyContext) { self.proxy = proxy }
+    init(_ role: Role) { self.role = role }
 
-    /// One stream relayed to a pod; the handler of the pod's channel.
-    fileprivate final class Stream: ChannelDuplexHandler {
+    /// Whether the client end can open another stream (stream IDs are not
+    /// reused: a connection near the end of them takes no more).
+    var canOpen: Bool { context != nil && nextStreamID < Int32.max - 2 }
+
+    /// One stream relayed to a TCP socket; the handler of the socket's channel.
+    final class Stream: ChannelDuplexHandler {
         typealias InboundIn = ByteBuffer
         typealias OutboundIn = ByteBuffer
         typealias OutboundOut = ByteBuffer
 
         let id: HTTP2StreamID
         /// Nil once the stream closed (or the tunnel did).
-        var relay: TunnelRelay?
-        var pod: ChannelHandlerContext?
-        /// Bytes that came before the pod answered.
-        var early: [ByteBuffer] = []
+        fileprivate var relay: TunnelRelay?
+        fileprivate var socket: ChannelHandlerContext?
+        /// Bytes the peer sent before the socket was there.
+        fileprivate var early: [ByteBuffer] = []
         /// The peer's END_STREAM came.
-        var inputEnded = false
+        fileprivate var inputEnded = false
         /// Our END_STREAM, once written: a reset waits for it.
-        var ended: EventLoopFuture<Void>?
+        fileprivate var ended: EventLoopFuture<Void>?
         /// Bytes taken from the stream's window and not given back yet.
-        var ungranted = 0
-        var sendWindow = Int.max
-        var pendingRead = false
-        var failed = false
-        var dirty = false
+        fileprivate var ungranted = 0
+        fileprivate var sendWindow = Int.max
+        fileprivate var pendingRead = false
+        fileprivate var failed = false
+        fileprivate var dirty = false
+        /// Client end: told of the peer's answer to the CONNECT.
+        fileprivate var answered: ((Result<Stream, any Error>) -> Void)?
+        /// Bytes read from the socket (sent on the stream) and written to it.
+        private(set) var bytesSent = 0
+        private(set) var bytesReceived = 0
+        /// Called once, when the socket's channel closes, with those counts.
+        var onFinish: ((_ sent: Int, _ received: Int) -> Void)?
 
-        init(id: HTTP2StreamID, relay: TunnelRelay) {
+        fileprivate init(id: HTTP2StreamID, relay: TunnelRelay) {
             self.id = id
             self.relay = relay
         }
 
-        func handlerAdded(context: ChannelHandlerContext) { pod = context }
+        func handlerAdded(context: ChannelHandlerContext) {
+            socket = context
+            relay?.attached(self)
+        }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            relay?.podRead(self, Self.unwrapInboundIn(data))
+            send(Self.unwrapInboundIn(data))
         }
 
         func channelReadComplete(context: ChannelHandlerContext) { relay?.flushTunnel() }
 
         func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if let e = event as? ChannelEvent, case .inputClosed = e { relay?.podEnded(self) }
+            if let e = event as? ChannelEvent, case .inputClosed = e { endOutput() }
             context.fireUserInboundEventTriggered(event)
         }
 
@@ -116,21 +143,46 @@ final class TunnelRelay: ChannelDuplexHandler {
         }
 
         func channelInactive(context: ChannelHandlerContext) {
-            relay?.podClosed(self)
+            relay?.socketClosed(self)
+            if let done = onFinish {
+                onFinish = nil
+                done(bytesSent, bytesReceived)
+            }
             context.fireChannelInactive()
         }
 
-        /// The peer ended the stream: the pod's output ends after what was
-        /// written to it (a full close if it cannot be half-closed).
-        func endPodOutput() {
-            guard let pod else { return }
-            pod.closeOutputAfterWrites { ended in if !ended { pod.close(promise: nil) } }
+        /// Bytes for the peer, as a DATA frame (the tunnel is flushed when
+        /// the socket's read completes, or by `endOutput`).
+        func send(_ bytes: ByteBuffer) {
+            bytesSent += bytes.readableBytes
+            relay?.write(self, bytes)
+        }
+
+        /// The socket's end: END_STREAM, behind the DATA before it.
+        func endOutput() { relay?.end(self) }
+
+        /// Sends what `send` wrote.
+        func flushTunnel() { relay?.flushTunnel() }
+
+        /// Given up on before a socket took it: reset.
+        func cancel() { relay?.reset(self) }
+
+        fileprivate func deliver(_ bytes: ByteBuffer) {
+            bytesReceived += bytes.readableBytes
+            socket?.write(NIOAny(bytes), promise: nil)
+        }
+
+        /// The peer ended the stream: the socket's output ends after what
+        /// was written to it (a full close if it cannot be half-closed).
+        fileprivate func endSocketOutput() {
+            guard let socket else { return }
+            socket.closeOutputAfterWrites { ended in if !ended { socket.close(promise: nil) } }
         }
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        loop = proxy.loop(context.eventLoop)
+        if case .server(let proxy) = role { loop = proxy.loop(context.eventLoop) }
         writable = context.channel.isWritable
     }
 
@@ -150,9 +202,9 @@ final class TunnelRelay: ChannelDuplexHandler {
         let frame = unwrapInboundIn(data)
         let id = frame.streamID
         if let stream = streams[id] { return received(frame.payload, on: stream) }
-        if case .headers(let h) = frame.payload, id > lastStreamID {
+        if case .server(let proxy) = role, case .headers(let h) = frame.payload, id > lastStreamID {
             lastStreamID = id
-            if !h.endStream, let stream = take(id, h.headers, context: context) {
+            if !h.endStream, let stream = take(id, h.headers, proxy: proxy, context: context) {
                 streams[id] = stream
                 return
             }
@@ -166,8 +218,8 @@ final class TunnelRelay: ChannelDuplexHandler {
             guard case .byteBuffer(let bytes) = d.data else { return reset(stream) }
             stream.ungranted += bytes.readableBytes + (d.paddingBytes.map { $0 + 1 } ?? 0)
             if bytes.readableBytes > 0 {
-                if let pod = stream.pod {
-                    pod.write(NIOAny(bytes), promise: nil)
+                if stream.socket != nil {
+                    stream.deliver(bytes)
                     if !stream.dirty {
                         stream.dirty = true
                         unflushed.append(stream)
@@ -178,7 +230,18 @@ final class TunnelRelay: ChannelDuplexHandler {
             }
             if d.endStream { peerEnded(stream) }
         case .headers(let h):
-            if h.endStream { peerEnded(stream) }  // trailers carry nothing for a pod
+            if let answered = stream.answered {
+                // The client end: the peer's answer to the CONNECT.
+                stream.answered = nil
+                let status = h.headers.first(name: ":status") ?? ""
+                guard status.hasPrefix("2") else {
+                    let reason = h.headers.first(name: "x-weft-reason") ?? "status \(status)"
+                    reset(stream)
+                    return answered(.failure(TunnelRefused(status: Int(status) ?? 0, reason: reason)))
+                }
+                answered(.success(stream))
+            }
+            if h.endStream { peerEnded(stream) }  // trailers carry nothing for a socket
         case .rstStream:
             stream.inputEnded = true  // the stream-closed event detaches it
         default:
@@ -186,10 +249,10 @@ final class TunnelRelay: ChannelDuplexHandler {
         }
     }
 
-    /// The pod's output ends behind the bytes written to it, flushed or not.
+    /// The socket's output ends behind the bytes written to it, flushed or not.
     private func peerEnded(_ stream: Stream) {
         stream.inputEnded = true
-        stream.endPodOutput()
+        stream.endSocketOutput()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -198,7 +261,7 @@ final class TunnelRelay: ChannelDuplexHandler {
             unflushed.removeAll(keepingCapacity: true)
             for stream in flushed {
                 stream.dirty = false
-                stream.pod?.flush()
+                stream.socket?.flush()
                 grant(stream, flush: false)
             }
         }
@@ -206,11 +269,11 @@ final class TunnelRelay: ChannelDuplexHandler {
         context.fireChannelReadComplete()
     }
 
-    /// Gives the stream's window back once half of it went to the pod, if
-    /// the pod's socket takes more now.
+    /// Gives the stream's window back once half of it went to the socket,
+    /// if the socket takes more now.
     fileprivate func grant(_ stream: Stream, flush: Bool) {
-        guard stream.relay != nil, !stream.inputEnded, stream.ungranted >= Self.streamWindow / 2,
-              let pod = stream.pod, pod.channel.isWritable, let context else { return }
+        guard stream.relay != nil, !stream.inputEnded, stream.ungranted >= TunnelHTTP2.streamWindow / 2,
+              let socket = stream.socket, socket.channel.isWritable, let context else { return }
         let frame = HTTP2Frame(streamID: stream.id, payload: .windowUpdate(windowSizeIncrement: stream.ungranted))
         stream.ungranted = 0
         context.write(wrapOutboundOut(frame), promise: nil)
@@ -220,9 +283,9 @@ final class TunnelRelay: ChannelDuplexHandler {
 
     // MARK: a new stream
 
-    /// Takes a CONNECT stream that is plain TCP to a pod of this node, and
-    /// connects to the pod; nil for every other stream.
-    private func take(_ id: HTTP2StreamID, _ headers: HPACKHeaders, context: ChannelHandlerContext) -> Stream? {
+    /// The destination end: takes a CONNECT stream that is plain TCP to a
+    /// pod of this node, and connects to the pod; nil for every other stream.
+    private func take(_ id: HTTP2StreamID, _ headers: HPACKHeaders, proxy: ProxyContext, context: ChannelHandlerContext) -> Stream? {
         guard let loop else { return nil }
         if !peerRead {
             peerRead = true
@@ -246,32 +309,60 @@ final class TunnelRelay: ChannelDuplexHandler {
                 switch result {
                 case .failure(let error):
                     guard stream.relay != nil else { return }
-                    refuse(stream, 502, "cannot connect to \(key): \(error)")
+                    refuse(stream, 502, "cannot connect to \(key): \(error)", proxy: proxy)
                 case .success(let pod):
+                    // Adding the handler answers the CONNECT (`attached`).
                     guard stream.relay != nil, (try? pod.pipeline.syncOperations.addHandler(stream)) != nil else {
                         return pod.close(promise: nil)
                     }
-                    answer(stream)
                 }
             }
         return stream
     }
 
-    /// The pod answered: 200 to the peer, then what the stream said so far.
-    private func answer(_ stream: Stream) {
-        guard let context, let pod = stream.pod else { return }
-        let ok = HTTP2Frame(streamID: stream.id, payload: .headers(.init(headers: HPACKHeaders([(":status", "200")]))))
-        context.write(wrapOutboundOut(ok), promise: nil)
-        tunnelDirty = true
-        flushTunnel()
-        let early = stream.early
-        stream.early = []
-        for bytes in early { pod.write(NIOAny(bytes), promise: nil) }
-        pod.flush()
-        if stream.inputEnded { stream.endPodOutput() } else { grant(stream, flush: true) }
+    /// The client end: a CONNECT stream for `authority`. `answered` gets
+    /// the stream once the far end said 2xx (add it to the socket's
+    /// pipeline then), or why not: a refusal (`TunnelRefused`), or the
+    /// tunnel closing first.
+    func open(authority: String, headers extra: [(String, String)], _ answered: @escaping (Result<Stream, any Error>) -> Void) {
+        guard case .client = role, let context, canOpen else { return answered(.failure(ChannelError.ioOnClosedChannel)) }
+        let id = HTTP2StreamID(nextStreamID)
+        nextStreamID += 2
+        let stream = Stream(id: id, relay: self)
+        stream.answered = answered
+        streams[id] = stream
+        var headers = HPACKHeaders([(":method", "CONNECT"), (":authority", authority)])
+        for (n, v) in extra { headers.add(name: n, value: v) }
+        let sent = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers)))), promise: sent)
+        sent.futureResult.assumeIsolated().whenFailure { [self] error in
+            // Not opened (a GOAWAY came first, say): nothing to reset.
+            guard let answered = stream.answered else { return }
+            stream.answered = nil
+            streams[id] = nil
+            stream.relay = nil
+            answered(.failure(error))
+        }
     }
 
-    private func refuse(_ stream: Stream, _ status: Int, _ reason: String) {
+    /// The socket is there: the destination end answers the CONNECT; then
+    /// what the peer sent so far goes to the socket.
+    private func attached(_ stream: Stream) {
+        guard let context, let socket = stream.socket else { return }
+        if case .server = role {
+            let ok = HTTP2Frame(streamID: stream.id, payload: .headers(.init(headers: HPACKHeaders([(":status", "200")]))))
+            context.write(wrapOutboundOut(ok), promise: nil)
+            tunnelDirty = true
+            flushTunnel()
+        }
+        let early = stream.early
+        stream.early = []
+        for bytes in early { stream.deliver(bytes) }
+        if !early.isEmpty { socket.flush() }
+        if stream.inputEnded { stream.endSocketOutput() } else { grant(stream, flush: true) }
+    }
+
+    private func refuse(_ stream: Stream, _ status: Int, _ reason: String, proxy: ProxyContext) {
         guard let context else { return }
         let headers = TunnelInbound.refusal(proxy, status, reason)
         context.write(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: .headers(.init(headers: headers, endStream: true)))),
@@ -285,9 +376,9 @@ final class TunnelRelay: ChannelDuplexHandler {
         context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: .rstStream(.cancel))), promise: nil)
     }
 
-    // MARK: the pod's side
+    // MARK: the socket's side
 
-    fileprivate func podRead(_ stream: Stream, _ bytes: ByteBuffer) {
+    fileprivate func write(_ stream: Stream, _ bytes: ByteBuffer) {
         guard let context else { return }
         context.write(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: .data(.init(data: .byteBuffer(bytes))))), promise: nil)
         tunnelDirty = true
@@ -299,8 +390,7 @@ final class TunnelRelay: ChannelDuplexHandler {
         context.flush()
     }
 
-    /// The pod's FIN: END_STREAM, behind the DATA before it.
-    fileprivate func podEnded(_ stream: Stream) {
+    fileprivate func end(_ stream: Stream) {
         guard let context, stream.ended == nil else { return }
         let written = context.eventLoop.makePromise(of: Void.self)
         stream.ended = written.futureResult
@@ -311,13 +401,13 @@ final class TunnelRelay: ChannelDuplexHandler {
         flushTunnel()
     }
 
-    /// The pod's connection closed: reset at once if it failed; else the
+    /// The socket's connection closed: reset at once if it failed; else the
     /// stream ends, and is reset once that END_STREAM is out if the peer
     /// has not ended its side by then.
-    fileprivate func podClosed(_ stream: Stream) {
+    fileprivate func socketClosed(_ stream: Stream) {
         guard stream.relay != nil else { return }
         if stream.failed { return reset(stream) }
-        podEnded(stream)
+        end(stream)
         stream.ended?.assumeIsolated().whenComplete { [self] _ in
             if !stream.inputEnded { reset(stream) }  // else both ends are done: the stream closed
         }
@@ -330,18 +420,22 @@ final class TunnelRelay: ChannelDuplexHandler {
     private func resume(_ stream: Stream) {
         guard stream.pendingRead, mayRead(stream) else { return }
         stream.pendingRead = false
-        stream.pod?.read()
+        stream.socket?.read()
     }
 
     /// The stream closed in NIOHTTP2Handler: both ends sent END_STREAM (the
-    /// pod's output ends after its bytes, and its input had ended), or it
-    /// was reset (the pod is closed at once).
+    /// socket's output ends after its bytes, and its input had ended), or
+    /// it was reset, or the tunnel closed (the socket is closed at once).
     private func detach(_ stream: Stream, reset: Bool) {
         streams[stream.id] = nil
         stream.relay = nil
         stream.early = []
-        guard let pod = stream.pod else { return }
-        if reset { pod.close(promise: nil) } else { pod.closeAfterWrites() }
+        if let answered = stream.answered {
+            stream.answered = nil
+            answered(.failure(ChannelError.ioOnClosedChannel))
+        }
+        guard let socket = stream.socket else { return }
+        if reset { socket.close(promise: nil) } else { socket.closeAfterWrites() }
     }
 
     // MARK: events
@@ -353,9 +447,10 @@ final class TunnelRelay: ChannelDuplexHandler {
         let type = Swift.type(of: event)
         if type == NIOHTTP2WindowUpdatedEvent.self, let updated = event as? NIOHTTP2WindowUpdatedEvent {
             if updated.streamID == .rootStream {
-                if let size = updated.inboundWindowSize, size <= Self.connectionWindow / 2 {
-                    let frame = HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: Self.connectionWindow - size))
-                    context.writeAndFlush(wrapOutboundOut(frame), promise: nil)
+                if let size = updated.inboundWindowSize, size <= TunnelHTTP2.connectionWindow / 2 {
+                    let increment = TunnelHTTP2.connectionWindow - size
+                    context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))),
+                                          promise: nil)
                 }
                 if let size = updated.outboundWindowSize {
                     let reopened = sendWindow <= 0 && size > 0
