@@ -101,8 +101,9 @@ final class ProxyStats: Sendable {
     let tunnelsOut = Atomic<Int>(0)
     let tunnelStreamsIn = Atomic<Int>(0)
     /// Of those, the ones carried at the frame level (TunnelRelay).
-    let tunnelStreamsRelayed = Atomic<Int>(0)
+    let tunnelStreamsInRelayed = Atomic<Int>(0)
     let tunnelStreamsOut = Atomic<Int>(0)
+    let tunnelStreamsOutRelayed = Atomic<Int>(0)
     let tunnelRefused = Atomic<Int>(0)
     /// Health checks relayed for this node's agent, run for other nodes',
     /// and refused (not a node, or not a check the table lists).
@@ -199,8 +200,9 @@ final class ProxyStats: Sendable {
             ("tunnel_connections_in_total", tunnelsIn.load(ordering: .relaxed)),
             ("tunnel_connections_out_total", tunnelsOut.load(ordering: .relaxed)),
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
-            ("tunnel_streams_relayed_total", tunnelStreamsRelayed.load(ordering: .relaxed)),
+            ("tunnel_streams_in_relayed_total", tunnelStreamsInRelayed.load(ordering: .relaxed)),
             ("tunnel_streams_out_total", tunnelStreamsOut.load(ordering: .relaxed)),
+            ("tunnel_streams_out_relayed_total", tunnelStreamsOutRelayed.load(ordering: .relaxed)),
             ("tunnel_streams_refused_total", tunnelRefused.load(ordering: .relaxed)),
             ("tunnel_probes_relayed_total", probesRelayed.load(ordering: .relaxed)),
             ("tunnel_probes_served_total", probesServed.load(ordering: .relaxed)),

@@ -246,11 +246,13 @@ struct MeshTLSTests {
         // be out before the stream ends: TunnelStreamCodec's barrier), a slow
         // reader, a server that sends and closes first to a slow reader, a reset, a paused reader holding the writer back, 1,000
         // connections at once.
-        // n2 carries plain TCP streams at the frame level (TunnelRelay) and
-        // gives the rest stream channels: the HTTP n1 wrote for the L7
+        // Both ends carry plain TCP streams at the frame level (TunnelRelay)
+        // and give the rest stream channels: the HTTP n1 wrote for the L7
         // Services (gRPC's pod is on n2) is not relayed.
-        let relayedBefore = try proxyStat("n2", "tunnel_streams_relayed_total")
+        let relayedBefore = try proxyStat("n2", "tunnel_streams_in_relayed_total")
+        let sentBefore = try proxyStat("n1", "tunnel_streams_out_relayed_total")
         #expect(relayedBefore < (try proxyStat("n2", "tunnel_streams_in_total")), "n2 relayed \(relayedBefore) streams, all it took")
+        #expect(sentBefore < (try proxyStat("n1", "tunnel_streams_out_total")), "n1 relayed \(sentBefore) streams, all it opened")
         let streams = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "170", "python3", streamTool,
                                           "stress", "198.19.5.70", "80", "--cases", "sizes,half_close,slow_echo,server_first,reset,backpressure,concurrent"])
         let stress = (try? JSONSerialization.jsonObject(with: Data((streams.output.split(separator: "\n").last ?? "").utf8))) as? [String: Any]
@@ -259,8 +261,9 @@ struct MeshTLSTests {
         for (name, r) in cases.sorted(by: { $0.key < $1.key }) {
             #expect(r["ok"] as? Bool == true, "across the tunnel, case \(name) failed: \(r)")
         }
-        let relayed = try proxyStat("n2", "tunnel_streams_relayed_total") - relayedBefore
-        #expect(relayed >= 1_000, "n2 relayed the stress connections at the frame level (\(relayed))")
+        let relayed = try proxyStat("n2", "tunnel_streams_in_relayed_total") - relayedBefore
+        let sent = try proxyStat("n1", "tunnel_streams_out_relayed_total") - sentBefore
+        #expect(relayed >= 1_000 && sent >= 1_000, "n1 and n2 relayed the stress connections at the frame level (\(sent), \(relayed))")
     }
 
     @Test func proxiesProveTheirPodsIdentityAndRefuseStrangersAndPlaintext() throws {

@@ -168,7 +168,9 @@ final class TunnelPool {
                _ completion: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
         switch connection(route, identities: identities, relay: true) {
         case .failure(let error): completion(.failure(error))
-        case .success(let c): c.openRelayed(authority: "\(target.address):\(target.port)", headers: [("x-weft-source", source.description)], completion)
+        case .success(let c):
+            stats?.tunnelStreamsOutRelayed.add(1, ordering: .relaxed)
+            c.openRelayed(authority: "\(target.address):\(target.port)", headers: [("x-weft-source", source.description)], completion)
         }
     }
 

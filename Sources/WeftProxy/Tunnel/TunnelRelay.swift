@@ -295,7 +295,7 @@ final class TunnelRelay: ChannelDuplexHandler {
             return nil
         }
         proxy.stats.tunnelStreamsIn.add(1, ordering: .relaxed)
-        proxy.stats.tunnelStreamsRelayed.add(1, ordering: .relaxed)
+        proxy.stats.tunnelStreamsInRelayed.add(1, ordering: .relaxed)
         if let decision { Authorize.record(proxy, decision, target: key.description) }
         let stream = Stream(id: id, relay: self)
         ClientBootstrap(group: context.eventLoop)
