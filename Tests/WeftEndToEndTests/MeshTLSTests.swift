@@ -264,6 +264,27 @@ struct MeshTLSTests {
         let relayed = try proxyStat("n2", "tunnel_streams_in_relayed_total") - relayedBefore
         let sent = try proxyStat("n1", "tunnel_streams_out_relayed_total") - sentBefore
         #expect(relayed >= 1_000 && sent >= 1_000, "n1 and n2 relayed the stress connections at the frame level (\(sent), \(relayed))")
+
+        // The far proxy dies mid-stream: the relayed connection ends at once
+        // (EOF or a reset, not a hang until streamtool's 30 s socket
+        // timeout), and the proxy the agent starts again carries new ones.
+        let run = try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
+                                     "python3", streamTool, "stress", "198.19.5.70", "80", "--cases", "long", "--seconds", "6"])
+        usleep(1_500_000)
+        let crash = try LabHarness.run(["lab", "restart-proxy", "n2", "--kill"])
+        #expect(crash.status == 0, "restart-proxy n2 --kill: \(crash.output)")
+        let long = (try run.finish()["cases"] as? [String: [String: Any]])?["long"] ?? [:]
+        #expect(long["ok"] as? Bool == false, "a stream outlived its far proxy: \(long)")
+        #expect(!"\(long)".contains("timed out"), "the stream hung when its far proxy died: \(long)")
+        var after: [String: Any] = [:]
+        for _ in 0..<40 {
+            let r = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "60", "python3", streamTool,
+                                        "stress", "198.19.5.70", "80", "--cases", "sizes"])
+            after = (try? JSONSerialization.jsonObject(with: Data((r.output.split(separator: "\n").last ?? "").utf8))) as? [String: Any] ?? [:]
+            if after["ok"] as? Bool == true { break }
+            usleep(250_000)
+        }
+        #expect(after["ok"] as? Bool == true, "after n2's proxy came back: \(after)")
     }
 
     @Test func proxiesProveTheirPodsIdentityAndRefuseStrangersAndPlaintext() throws {
