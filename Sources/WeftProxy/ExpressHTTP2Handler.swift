@@ -237,7 +237,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// cast.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         let type = Swift.type(of: event)
-        if type == NIOHTTP2WindowUpdatedEvent.self, let updated = event as? NIOHTTP2WindowUpdatedEvent {
+        if type == NIOHTTP2WindowUpdatedEvent.self, let updated = unbox(event, as: NIOHTTP2WindowUpdatedEvent.self) {
             if updated.streamID == .rootStream {
                 // The multiplexer reads only the inbound size of the
                 // connection's window (to open it); most changes are of the
@@ -247,12 +247,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             } else if handed.isEmpty || !handed.contains(updated.streamID) {
                 return
             }
-        } else if type == NIOHTTP2StreamCreatedEvent.self, let created = event as? NIOHTTP2StreamCreatedEvent {
+        } else if type == NIOHTTP2StreamCreatedEvent.self, let created = unbox(event, as: NIOHTTP2StreamCreatedEvent.self) {
             if let stream = streams[created.streamID] {
                 stream.created = created  // for a hand-over
                 return
             }
-        } else if type == StreamClosedEvent.self, let closed = event as? StreamClosedEvent {
+        } else if type == StreamClosedEvent.self, let closed = unbox(event, as: StreamClosedEvent.self) {
             let wasHanded = !handed.isEmpty && handed.remove(closed.streamID) != nil
             if !ending.isEmpty { ending.remove(closed.streamID) }
             if !bodies.isEmpty { bodies[closed.streamID] = nil }

@@ -445,7 +445,7 @@ final class TunnelRelay: ChannelDuplexHandler {
     /// `as?` is a runtime cast.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         let type = Swift.type(of: event)
-        if type == NIOHTTP2WindowUpdatedEvent.self, let updated = event as? NIOHTTP2WindowUpdatedEvent {
+        if type == NIOHTTP2WindowUpdatedEvent.self, let updated = unbox(event, as: NIOHTTP2WindowUpdatedEvent.self) {
             if updated.streamID == .rootStream {
                 if let size = updated.inboundWindowSize, size <= TunnelHTTP2.connectionWindow / 2 {
                     let increment = TunnelHTTP2.connectionWindow - size
@@ -466,9 +466,9 @@ final class TunnelRelay: ChannelDuplexHandler {
                 }
                 return
             }
-        } else if type == StreamClosedEvent.self, let closed = event as? StreamClosedEvent {
+        } else if type == StreamClosedEvent.self, let closed = unbox(event, as: StreamClosedEvent.self) {
             if let stream = streams[closed.streamID] { return detach(stream, reset: closed.reason != nil) }
-        } else if type == NIOHTTP2StreamCreatedEvent.self, let created = event as? NIOHTTP2StreamCreatedEvent {
+        } else if type == NIOHTTP2StreamCreatedEvent.self, let created = unbox(event, as: NIOHTTP2StreamCreatedEvent.self) {
             if streams[created.streamID] != nil { return }
         } else if let bulk = event as? NIOHTTP2BulkStreamWindowChangeEvent {
             for stream in streams.values where stream.sendWindow != Int.max { stream.sendWindow += bulk.delta }
