@@ -69,9 +69,12 @@ final class TunnelRelay: ChannelDuplexHandler {
 
     init(_ role: Role) { self.role = role }
 
-    /// Whether the client end can open another stream (stream IDs are not
-    /// reused: a connection near the end of them takes no more).
-    var canOpen: Bool { context != nil && nextStreamID < Int32.max - 2 }
+    /// The peer said GOAWAY: it takes no new stream.
+    private var goneAway = false
+
+    /// Whether the client end can open another stream: not after a GOAWAY,
+    /// nor near the end of the stream IDs (they are not reused).
+    var canOpen: Bool { context != nil && !goneAway && nextStreamID < Int32.max - 2 }
 
     /// One stream relayed to a TCP socket; the handler of the socket's channel.
     final class Stream: ChannelDuplexHandler {
@@ -202,6 +205,7 @@ final class TunnelRelay: ChannelDuplexHandler {
         let frame = unwrapInboundIn(data)
         let id = frame.streamID
         if let stream = streams[id] { return received(frame.payload, on: stream) }
+        if case .goAway = frame.payload { goneAway = true }
         if case .server(let proxy) = role, case .headers(let h) = frame.payload, id > lastStreamID {
             lastStreamID = id
             if !h.endStream, let stream = take(id, h.headers, proxy: proxy, context: context) {
