@@ -218,6 +218,16 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
+    /// A connection to a pod of this node, for a tunnel stream's bytes.
+    static func connect(to pod: EndpointKey, on loop: any EventLoop) -> EventLoopFuture<Channel> {
+        ClientBootstrap(group: loop)
+            .connectTimeout(.seconds(2))
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
+            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .connect(host: pod.address, port: Int(pod.port))
+    }
+
     /// Connects to the pod and joins the stream (a byte channel, or about to
     /// be one: `prepare` runs first once the pod answers) to it, sending
     /// what the stream already said and its end if it ended.
@@ -225,12 +235,7 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
                         replacing handler: any RemovableChannelHandler, prepare: @escaping () throws -> Void = {},
                         onRefusal: @escaping (String) -> Void) {
         _ = stream.setOption(ChannelOptions.autoRead, value: false)
-        ClientBootstrap(group: stream.eventLoop)
-            .connectTimeout(.seconds(2))
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
-            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            .connect(host: target.address, port: Int(target.port))
+        connect(to: target, on: stream.eventLoop)
             .assumeIsolated()
             .whenComplete { result in
                 switch result {

@@ -302,12 +302,7 @@ final class TunnelRelay: ChannelDuplexHandler {
         proxy.stats.tunnelStreamsInRelayed.add(1, ordering: .relaxed)
         if let decision { Authorize.record(proxy, decision, target: key.description) }
         let stream = Stream(id: id, relay: self)
-        ClientBootstrap(group: context.eventLoop)
-            .connectTimeout(.seconds(2))
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
-            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            .connect(host: key.address, port: Int(key.port))
+        TunnelInbound.connect(to: key, on: context.eventLoop)
             .assumeIsolated()
             .whenComplete { [self] result in
                 switch result {

@@ -284,6 +284,20 @@ def case_echo(addr, size=16 << 20, pace=0.0, **_):
     return {"ok": not err and n == size and digest == hashlib.sha256(data).hexdigest(), "len": n, "errors": err}
 
 
+def read_slowly(s, pause):
+    """To EOF, 16 KiB at a time with a pause after each: length and sha256."""
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        d = s.recv(16 << 10)
+        if not d:
+            break
+        h.update(d)
+        n += len(d)
+        time.sleep(pause)
+    return n, h.hexdigest()
+
+
 def case_slow_echo(addr, size=4 << 20, **_):
     """Echo to a reader that takes its time: the whole echo is written
     before the client has read most of it, so whoever relays it still holds
@@ -293,18 +307,10 @@ def case_slow_echo(addr, size=4 << 20, **_):
     s = dial(addr, {"case": "echo"})
     err = []
     t = start_writer(s, data, err)
-    h = hashlib.sha256()
-    n = 0
-    while True:
-        d = s.recv(16 << 10)
-        if not d:
-            break
-        h.update(d)
-        n += len(d)
-        time.sleep(0.001)
+    n, digest = read_slowly(s, 0.001)
     t.join()
     s.close()
-    return {"ok": not err and n == size and h.hexdigest() == hashlib.sha256(data).hexdigest(), "len": n, "errors": err}
+    return {"ok": not err and n == size and digest == hashlib.sha256(data).hexdigest(), "len": n, "errors": err}
 
 
 def case_server_first(addr, size=8 << 20, **_):
@@ -312,17 +318,9 @@ def case_server_first(addr, size=8 << 20, **_):
     or read much: its last bytes, and its end after them, wait in whoever
     relays them for a slow reader that never half-closes."""
     s = dial(addr, {"case": "push", "size": size})
-    h = hashlib.sha256()
-    n = 0
-    while True:
-        d = s.recv(16 << 10)
-        if not d:
-            break
-        h.update(d)
-        n += len(d)
-        time.sleep(0.0005)
+    n, digest = read_slowly(s, 0.0005)
     s.close()
-    return {"ok": n == size and h.hexdigest() == hashlib.sha256(pattern(size, seed=9)).hexdigest(), "len": n}
+    return {"ok": n == size and digest == hashlib.sha256(pattern(size, seed=9)).hexdigest(), "len": n}
 
 
 def case_half_close(addr, **_):
