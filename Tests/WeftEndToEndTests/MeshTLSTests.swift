@@ -243,9 +243,10 @@ struct MeshTLSTests {
         // Every byte of opaque TCP across the tunnel, checked by length and
         // SHA-256 both ways: sizes up to 64 MiB, a server that answers 3 MiB
         // after the client's half-close and then closes (its last bytes must
-        // be out before the stream ends: TunnelStreamCodec's barrier), a slow
-        // reader, a server that sends and closes first to a slow reader, a reset, a paused reader holding the writer back, 1,000
-        // connections at once.
+        // be out before the stream ends: TunnelRelay ends it behind them), a
+        // slow reader, a server that sends and closes first to a slow reader,
+        // a reset, a paused reader holding the writer back, 1,000 connections
+        // at once.
         // Both ends carry plain TCP streams at the frame level (TunnelRelay)
         // and give the rest stream channels: the HTTP n1 wrote for the L7
         // Services (gRPC's pod is on n2) is not relayed.
