@@ -27,6 +27,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     /// pipeline behind is set up (connections allow half-closure, so a
     /// request-then-FIN client or a TCP stream's half-close works).
     private(set) var inputClosed = false
+    /// The proxy began to drain before the verdict: the handler set up for
+    /// the connection is told once it has the bytes (it answers what they
+    /// ask and then closes), instead of never.
+    private var quiesced = false
 
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
 
@@ -85,6 +89,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             }
             let verdict = Self.classify(buffered.readableBytesView)
             decide(verdict == .undecided ? .tcp : verdict, context: context)
+            return
+        }
+        if event is ChannelShouldQuiesceEvent, !decided {
+            quiesced = true
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -178,6 +186,11 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         }
         if inputClosed, verdict != .tcp {
             context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
+        // (Opaque TCP has no point at which to stop: it runs until it ends
+        // or the drain times out, as when the verdict came first.)
+        if quiesced, verdict != .tcp {
+            context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
         if verdict != .tcp {
             pipeline.removeHandler(context: context, promise: nil)

@@ -13,10 +13,11 @@ import WeftStatus
 /// `weft proxy`: the node's shared L7 proxy. Started and supervised by
 /// `weft agent`, which hands it the route table as a file
 /// (<run>/proxy-table.json) and a SIGHUP to read it. SIGTERM drains: the
-/// listener closes at once (a successor bound with SO_REUSEPORT takes the
-/// new connections), in-flight requests finish, idle keep-alive
-/// connections close, and the process exits when none are left or the
-/// drain timeout passes.
+/// listener stops accepting and closes (a successor bound with SO_REUSEPORT
+/// takes the new connections), in-flight requests finish, idle keep-alive
+/// connections close, a connection accepted before the drain that has not
+/// sent its request yet is answered and then closed, and the process exits
+/// when none are left or the drain timeout passes.
 public enum ProxyServer {
     /// TrafficPolicy state per cluster: ejections so far, backends out now,
     /// requests in flight per backend.
@@ -95,6 +96,13 @@ public enum ProxyServer {
 
         let connections = ConnectionRegistry()
         let bootstrap = ServerBootstrap(group: group)
+            // Each connection is known to the drain from the moment the
+            // listener accepts it, before its own loop sets it up.
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectionRegistry.Accepted(connections))
+                }
+            }
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
@@ -119,10 +127,8 @@ public enum ProxyServer {
                     }
                     proxy.stats.connections.add(1, ordering: .relaxed)
                     proxy.stats.activeConnections.add(1, ordering: .relaxed)
-                    connections.add(channel)
                     channel.closeFuture.whenComplete { _ in
                         proxy.stats.activeConnections.subtract(1, ordering: .relaxed)
-                        connections.remove(channel)
                     }
                     try channel.pipeline.syncOperations.addHandler(ProtocolDetector(proxy: proxy, origin: origin))
                 }
@@ -184,9 +190,7 @@ public enum ProxyServer {
                     reload()
                 } else if !proxy.draining.exchange(true, ordering: .relaxed) {
                     logger.notice("draining", metadata: ["connections": "\(connections.count)"])
-                    listener.close(promise: nil)
                     tunnelListener.withLock { $0 }?.close(promise: nil)
-                    connections.quiesce()
                     done.signal()
                 }
             }
@@ -194,6 +198,19 @@ public enum ProxyServer {
             sources.append(source)
         }
         done.wait()
+        // The listener stops accepting first and closes only once every
+        // connection it accepted is set up: NIO closes, unread, a connection
+        // whose setup ends after its listener has closed. Those the kernel
+        // still queues for it then move to the successor's listener
+        // (net.ipv4.tcp_migrate_req, set by the agent). Every connection
+        // accepted is in the registry by then (ConnectionRegistry.Accepted)
+        // and set up before the quiesce event reaches it (a loop runs its
+        // tasks in order): none is left out of the drain, or cut unanswered
+        // by the shutdown below.
+        _ = try? listener.setOption(ChannelOptions.autoRead, value: false).wait()
+        connections.waitUntilSetUp(deadline: Date().addingTimeInterval(2))
+        try? listener.close().wait()
+        connections.quiesce()
         // In-flight requests finish; idle connections were told to close.
         let deadline = Date().addingTimeInterval(Double(configuration.drainTimeout.components.seconds))
         while connections.count > 0 && Date() < deadline { usleep(20_000) }
@@ -212,9 +229,33 @@ public enum ProxyServer {
 final class ConnectionRegistry: Sendable {
     private let channels = Mutex<[ObjectIdentifier: any Channel]>([:])
 
+    /// On the listener: each accepted connection goes into the registry
+    /// (and leaves it when it closes) before the listener hands it to its
+    /// loop to be set up.
+    final class Accepted: ChannelInboundHandler {
+        typealias InboundIn = any Channel
+        typealias InboundOut = any Channel
+        let registry: ConnectionRegistry
+
+        init(_ registry: ConnectionRegistry) { self.registry = registry }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let child = unwrapInboundIn(data)
+            registry.add(child)
+            child.closeFuture.whenComplete { [registry] _ in registry.remove(child) }
+            context.fireChannelRead(data)
+        }
+    }
+
     func add(_ c: any Channel) { channels.withLock { $0[ObjectIdentifier(c)] = c } }
     func remove(_ c: any Channel) { _ = channels.withLock { $0.removeValue(forKey: ObjectIdentifier(c)) } }
     var count: Int { channels.withLock { $0.count } }
+
+    /// Waits (polling) until every connection accepted so far is active or
+    /// closed, or `deadline` passes.
+    func waitUntilSetUp(deadline: Date) {
+        while channels.withLock({ $0.values.contains { !$0.isActive } }) && Date() < deadline { usleep(1_000) }
+    }
 
     /// NIO's HTTP/1 pipeline handler closes a connection on this event once
     /// its current response is done (at once if idle); HTTP/2 sends GOAWAY.

@@ -756,13 +756,23 @@ struct ProxyTests {
     @Test func proxyRestartDrainsWithoutFailingARequestAndACrashFailsFast() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let load = try lab.startTool(in: "client", ["http-steady", "198.19.1.11", "80", "4"])
-        usleep(1_000_000)
-        let restart = try LabHarness.run(["lab", "restart-proxy", "n1"])
-        #expect(restart.status == 0, "\(restart.output)\n\(LabHarness.agentLog("n1"))")
-        let result = try load.finish()
-        #expect((result["failures"] as? [Any])?.isEmpty == true, "\(result)")
-        #expect((result["ok"] as? Int ?? 0) > 50, "\(result)")
+        // One client alternating fresh and kept-alive connections, and two
+        // opening fresh ones back to back, so that connections are being
+        // accepted, set up and sent their first request as each drain
+        // begins; three rolling restarts.
+        let loads = try [["http-steady", "198.19.1.11", "80", "6"], ["http-steady", "198.19.1.11", "80", "6", "fresh"],
+                         ["http-steady", "198.19.1.11", "80", "6", "fresh"]].map { try lab.startTool(in: "client", $0) }
+        var restart = (status: Int32(0), output: "")
+        for _ in 0..<3 {
+            usleep(1_200_000)
+            restart = try LabHarness.run(["lab", "restart-proxy", "n1"])
+            #expect(restart.status == 0, "\(restart.output)\n\(LabHarness.agentLog("n1"))")
+        }
+        for load in loads {
+            let result = try load.finish()
+            #expect((result["failures"] as? [Any])?.isEmpty == true, "\(result)")
+            #expect((result["ok"] as? Int ?? 0) > 50, "\(result)")
+        }
         // Once the old proxy has gone, the new one still answers on the
         // status socket (the old one's exit must not remove the path).
         let pids = restart.output.split(whereSeparator: { !$0.isNumber }).compactMap { Int32($0) }
@@ -811,6 +821,27 @@ struct ProxyTests {
         #expect(try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8) == pidBefore)
         #expect(LabHarness.agentLog("n1").contains("adopted running proxy"))
         #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
+
+        // Connections made before a drain that send their request only once
+        // the drain has begun (within the detection timeout), HTTP/1.1 and
+        // h2c: answered, told the connection closes (Connection: close, a
+        // GOAWAY), and closed, not kept until the drain times out (10 s).
+        let files = (ready: ["h1", "h2"].map { "/tmp/weft-drain-\(getpid())-\($0)-ready" }, go: "/tmp/weft-drain-\(getpid())-go")
+        defer { for f in files.ready + [files.go] { try? FileManager.default.removeItem(atPath: f) } }
+        let late = try zip(["h1", "h2"], files.ready).map { proto, ready in
+            try lab.startTool(in: "client", ["late-request", proto, "198.19.1.11", "80", ready, files.go])
+        }
+        for _ in 0..<400 where !files.ready.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) { usleep(5_000) }
+        #expect(files.ready.allSatisfy { FileManager.default.fileExists(atPath: $0) }, "a late client never connected")
+        let current = try #require(Int32(try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)))
+        kill(current, SIGTERM)
+        usleep(100_000)
+        FileManager.default.createFile(atPath: files.go, contents: nil)
+        let h1 = try late[0].finish(), h2 = try late[1].finish()
+        #expect(h1["status"] as? Int == 200 && h1["connection"] as? String == "close" && h1["closed"] as? Bool == true, "\(h1)")
+        #expect(h2["status"] as? Int == 200 && h2["goaway"] is [String: Any] && h2["closed"] as? Bool == true
+                && (h2["closed_at"] as? Double ?? 99) < 5, "\(h2)")
     }
 }
 

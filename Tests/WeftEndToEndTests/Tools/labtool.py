@@ -3,6 +3,7 @@
 prints one JSON line with what it observed; the Swift test decides."""
 import errno
 import json
+import os
 import socket
 import sys
 import threading
@@ -298,9 +299,53 @@ def http_load(host, port, n, path="/", *headers):
                       "seconds": time.monotonic() - start}))
 
 
-def http_steady(host, port, seconds):
+def late_request(proto, host, port, ready, go):
+    """Connects, creates the file `ready`, waits (10 s at most) for the file
+    `go`, then sends one request, HTTP/1.1 or h2c (`proto` h1 or h2), and
+    reads until the server closes: the status, the response's Connection
+    field (h1) or the GOAWAY (h2), and whether and when the server closed
+    (drain tests: a connection made before a drain that speaks only after
+    it began)."""
+    def wait_for_go():
+        waited = time.time() + 10
+        while not os.path.exists(go) and time.time() < waited:
+            time.sleep(0.01)
+
+    def connected():
+        open(ready, "w").close()
+        wait_for_go()
+    if proto == "h2":
+        out = _h2_raw(host, port, "/", until_closed=True, connected=connected)
+        print(json.dumps({"status": int(out["status"] or 0), "goaway": out["goaway"], "closed": out["closed"] is not None,
+                          "closed_at": out["closed"]}))
+        return
+    s = socket.create_connection((host, int(port)), timeout=5)
+    connected()
+    start = time.monotonic()
+    s.sendall(b"GET / HTTP/1.1\r\nHost: late\r\n\r\n")
+    data, closed = b"", False
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+    except socket.timeout:
+        pass
+    s.close()
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+    status = int(head[0].split()[1]) if len(head[0].split()) > 1 else 0
+    print(json.dumps({"status": status, "connection": fields.get("connection", ""), "closed": closed,
+                      "closed_at": round(time.monotonic() - start, 3) if closed else None}))
+
+
+def http_steady(host, port, seconds, mode="mixed"):
     """Requests back to back for a while, half on fresh connections and half
-    on one kept alive: every failure is reported (drain tests)."""
+    on one kept alive (mode "fresh": all on fresh connections, the most
+    connections opened while a drain begins): every failure is reported
+    (drain tests), with the connection's local port."""
     import http.client
     ok, failures = 0, []
     keep = None
@@ -308,8 +353,9 @@ def http_steady(host, port, seconds):
     i = 0
     while time.time() < end:
         i += 1
-        fresh = i % 2 == 0
+        fresh = mode == "fresh" or i % 2 == 0
         for attempt in range(2):
+            c, where = None, "connect"
             try:
                 if fresh:
                     c = http.client.HTTPConnection(host, int(port), timeout=5)
@@ -317,6 +363,9 @@ def http_steady(host, port, seconds):
                     if keep is None:
                         keep = http.client.HTTPConnection(host, int(port), timeout=5)
                     c = keep
+                if c.sock is None:
+                    c.connect()
+                where = ("fresh" if fresh else "kept") + " connection from port %d" % c.sock.getsockname()[1]
                 c.request("GET", "/")
                 r = c.getresponse()
                 r.read()
@@ -330,12 +379,14 @@ def http_steady(host, port, seconds):
                         keep = None
                 break
             except (OSError, http.client.HTTPException) as e:
+                if fresh and c is not None:
+                    c.close()
                 if not fresh and keep is not None:
                     keep.close()
                     keep = None
                     if attempt == 0 and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)):
                         continue  # an idle keep-alive connection closed under us: reconnect, as clients do
-                failures.append(type(e).__name__ + ": " + str(e))
+                failures.append("%s: %s: %s" % (where, type(e).__name__, e))
                 break
     print(json.dumps({"ok": ok, "failures": failures}))
 
@@ -467,17 +518,20 @@ def h2_window(host, port, path, size, backend_host, backend_port):
                       "exact": bytes(body) == expected, "sent_total": sent() - base}))
 
 
-def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunks=None):
+def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunks=None, connected=None):
     """One h2c request on stream 1 (GET, or `method` with a body of DATA
     frames of `chunks` bytes, the last one ending the stream), frames read
     by hand (python3-h2 stops taking frames once a GOAWAY has come, and
     refuses to send some of what the tests send). Returns what came back
     and when, in seconds from the request: GOAWAY, the status, the body,
     the stream's end or reset, and the connection's end; it waits for that
-    end with `until_closed`."""
+    end with `until_closed`. `connected` runs once the connection is made,
+    before anything is sent."""
     import struct
     import hpack
     s = socket.create_connection((host, int(port)), timeout=10)
+    if connected:
+        connected()
     block = hpack.Encoder().encode([(":method", method), (":path", path), (":scheme", "http"), (":authority", host),
                                     *fields])
     frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
@@ -563,5 +617,5 @@ if __name__ == "__main__":
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
-     "http-load": http_load, "http-steady": http_steady, "ws-echo": ws_echo,
+     "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body}[command](*args)
