@@ -226,12 +226,14 @@ enum Express {
 
     /// A connection whose exchange is over: back to the idle list when the
     /// backend keeps it open and the list has room, closed otherwise.
-    static func release(_ upstream: ExpressUpstream, to idle: UpstreamPool.EndpointState, reusable: Bool, proxy: ProxyContext) {
+    static func release(_ upstream: ExpressUpstream, to idle: UpstreamPool.EndpointState, reusable: Bool, proxy: ProxyContext,
+                        pool: UpstreamPool) {
         upstream.owner = nil
         upstream.resume()
         let limit = proxy.configuration.maxIdlePerBackend
         if let source = upstream.tunnelSource {
-            if reusable && upstream.isActive && idle.expressTunnelIdle[source, default: []].count < limit {
+            if reusable && upstream.isActive && pool.keeps(tunnelStream: upstream.channel)
+                && idle.expressTunnelIdle[source, default: []].count < limit {
                 idle.expressTunnelIdle[source, default: []].append(upstream)
             } else {
                 upstream.close()

@@ -592,11 +592,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     }
 
     private func responseEnded(_ exchange: Exchange, extra: Int) {
-        guard let context, loop != nil else { return }
+        guard let context, let loop else { return }
         // Bytes past the response: none was asked for; the connection is out of step.
         if extra > 0 { exchange.reusable = false }
         if let upstream = exchange.upstream {
-            Express.release(upstream, to: exchange.state, reusable: exchange.reusable, proxy: proxy)
+            Express.release(upstream, to: exchange.state, reusable: exchange.reusable, proxy: proxy, pool: loop.pool)
             exchange.upstream = nil
         }
         end(exchange, flags: "-")

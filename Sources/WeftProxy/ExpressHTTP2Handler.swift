@@ -645,10 +645,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// pool, the exchange is recorded, and the stream ends with `last` (or
     /// the head held back, or the trailers, or an empty DATA frame).
     private func finish(_ stream: Stream, extra: Int, last: ByteBuffer?, head: HPACKHeaders? = nil) {
-        guard loop != nil else { return }
+        guard let loop else { return }
         if extra > 0 { stream.reusable = false }  // bytes past the response: out of step
         if let upstream = stream.upstream {
-            Express.release(upstream, to: stream.state, reusable: stream.reusable, proxy: proxy)
+            Express.release(upstream, to: stream.state, reusable: stream.reusable, proxy: proxy, pool: loop.pool)
             stream.upstream = nil
         }
         // (The head's fields are well-formed HTTP/2 by construction: token

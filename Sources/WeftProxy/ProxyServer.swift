@@ -57,6 +57,9 @@ public enum ProxyServer {
         let identityFile = configuration.runDirectory + "/" + IdentityBundle.fileName
         let reloadErrors = Mutex<String?>(nil)
         let tunnelListener = Mutex<Channel?>(nil)
+        // Every accepted connection, captured or a tunnel from another node,
+        // so a drain can reach each of them.
+        let connections = ConnectionRegistry()
         /// The agent's identity bundle: new tunnels use it at once; the
         /// tunnel listener opens with the first one.
         func reloadIdentities() {
@@ -67,7 +70,7 @@ public enum ProxyServer {
                 logger.info("identities installed", metadata: ["trust_domain": "\(bundle.trustDomain)",
                                                                "identities": "\(bundle.workloads.count)"])
                 if tunnelListener.withLock({ $0 }) == nil {
-                    let channel = try TunnelServer.start(proxy: proxy, group: group, port: configuration.tunnelPort)
+                    let channel = try TunnelServer.start(proxy: proxy, group: group, port: configuration.tunnelPort, connections: connections)
                     tunnelListener.withLock { $0 = channel }
                     logger.notice("tunnel listener up", metadata: ["port": "\(configuration.tunnelPort)"])
                 }
@@ -94,7 +97,6 @@ public enum ProxyServer {
         }
         reload()
 
-        let connections = ConnectionRegistry()
         let bootstrap = ServerBootstrap(group: group)
             // Each connection is known to the drain from the moment the
             // listener accepts it, before its own loop sets it up.
@@ -190,7 +192,6 @@ public enum ProxyServer {
                     reload()
                 } else if !proxy.draining.exchange(true, ordering: .relaxed) {
                     logger.notice("draining", metadata: ["connections": "\(connections.count)"])
-                    tunnelListener.withLock { $0 }?.close(promise: nil)
                     done.signal()
                 }
             }
@@ -198,18 +199,22 @@ public enum ProxyServer {
             sources.append(source)
         }
         done.wait()
-        // The listener stops accepting first and closes only once every
-        // connection it accepted is set up: NIO closes, unread, a connection
-        // whose setup ends after its listener has closed. Those the kernel
-        // still queues for it then move to the successor's listener
-        // (net.ipv4.tcp_migrate_req, set by the agent). Every connection
-        // accepted is in the registry by then (ConnectionRegistry.Accepted)
-        // and set up before the quiesce event reaches it (a loop runs its
-        // tasks in order): none is left out of the drain, or cut unanswered
-        // by the shutdown below.
-        _ = try? listener.setOption(ChannelOptions.autoRead, value: false).wait()
+        // The listeners (captured connections, tunnels) stop accepting first
+        // and close only once every connection they accepted is set up: NIO
+        // closes, unread, a connection whose setup ends after its listener
+        // has closed. Those the kernel still queues for them then move to
+        // the successor's listeners (net.ipv4.tcp_migrate_req, set by the
+        // agent). Every connection accepted is in the registry by then
+        // (ConnectionRegistry.Accepted) and set up before the quiesce event
+        // reaches it (a loop runs its tasks in order): none is left out of
+        // the drain, or cut unanswered by the shutdown below. A tunnel from
+        // another node drains too: TunnelRelay (NIO's connection management
+        // handler without the express path) sends GOAWAY and closes it once
+        // its streams are done.
+        let listeners = [listener] + (tunnelListener.withLock { $0 }.map { [$0] } ?? [])
+        for l in listeners { _ = try? l.setOption(ChannelOptions.autoRead, value: false).wait() }
         connections.waitUntilSetUp(deadline: Date().addingTimeInterval(2))
-        try? listener.close().wait()
+        for l in listeners { try? l.close().wait() }
         connections.quiesce()
         // In-flight requests finish; idle connections were told to close.
         let deadline = Date().addingTimeInterval(Double(configuration.drainTimeout.components.seconds))

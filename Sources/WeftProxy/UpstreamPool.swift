@@ -73,6 +73,44 @@ final class UpstreamPool {
         self.configuration = configuration
         tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, stats: stats, telemetry: telemetry)
         random = UInt64.random(in: 1...UInt64.max)
+        tunnels.onGoAway = { [unowned self] tunnel in retire(tunnel: tunnel) }
+    }
+
+    /// Tunnel connections whose far end sent GOAWAY (it drains), while they
+    /// last: their streams are not kept for another exchange.
+    private var goneAway: Set<ObjectIdentifier> = []
+
+    /// The far proxy of a tunnel connection drains: the streams of it kept
+    /// idle for another exchange close now (the far proxy closes the
+    /// connection once none is open), and those in use close after their
+    /// exchange. The next exchange opens a stream on a new connection, to
+    /// the proxy that took over.
+    private func retire(tunnel: Channel) {
+        let id = ObjectIdentifier(tunnel)
+        goneAway.insert(id)
+        tunnel.closeFuture.assumeIsolated().whenComplete { [unowned self] _ in goneAway.remove(id) }
+        func on(_ c: Channel?) -> Bool { c?.parent === tunnel }
+        for s in endpoints.values {
+            for (source, list) in s.tunnelIdle where list.contains(where: { on($0.channel) }) {
+                for h in list where on(h.channel) { h.close() }
+                s.tunnelIdle[source] = list.filter { !on($0.channel) }
+            }
+            for (source, list) in s.expressTunnelIdle where list.contains(where: { on($0.channel) }) {
+                for h in list where on(h.channel) { h.close() }
+                s.expressTunnelIdle[source] = list.filter { !on($0.channel) }
+            }
+            for (id, h2) in s.tunnelH2 where on(h2.transport) {
+                s.tunnelH2[id] = nil
+                h2.retire()
+            }
+        }
+    }
+
+    /// Whether a tunnel stream may be kept for another exchange: not once
+    /// its connection's far end sent GOAWAY.
+    func keeps(tunnelStream channel: Channel?) -> Bool {
+        guard !goneAway.isEmpty, let parent = channel?.parent else { return true }
+        return !goneAway.contains(ObjectIdentifier(parent))
     }
 
     private func nextRandom() -> UInt64 {
@@ -226,7 +264,8 @@ final class UpstreamPool {
         // (Set in place, on this loop: no future per request.)
         if reusable, handler.isActive { try? handler.channel?.syncOptions?.setOption(ChannelOptions.autoRead, value: true) }
         if let source = handler.tunnelSource {
-            guard reusable, handler.isActive, s.tunnelIdle[source, default: []].count < configuration.maxIdlePerBackend else {
+            guard reusable, handler.isActive, keeps(tunnelStream: handler.channel),
+                  s.tunnelIdle[source, default: []].count < configuration.maxIdlePerBackend else {
                 handler.close()
                 return
             }
@@ -298,6 +337,19 @@ final class HTTP2Upstream {
     private var channel: Channel?
     private var waiters: [(Result<UpstreamHandler, any Error>) -> Void] = []
     private(set) var failed = false
+    /// Streams open on it now.
+    private var open = 0
+    /// It takes no new stream, and closes once its last one has.
+    private var retired = false
+
+    /// The connection (a TCP socket, or a tunnel stream) it runs over.
+    var transport: Channel? { channel }
+
+    /// No new stream; closes when none is open.
+    func retire() {
+        retired = true
+        if open == 0 { close() }
+    }
 
     var isUsable: Bool { !failed && (channel?.isActive ?? true) }
 
@@ -346,6 +398,7 @@ final class HTTP2Upstream {
             if failed { completion(.failure(ChannelError.ioOnClosedChannel)) } else { waiters.append(completion) }
             return
         }
+        open += 1
         multiplexer.createStreamChannel { stream in
             stream.eventLoop.makeCompletedFuture {
                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))
@@ -353,7 +406,19 @@ final class HTTP2Upstream {
             }
         }
         .assumeIsolated()
-        .whenComplete { completion(UpstreamPool.upstreamHandler(of: $0)) }
+        .whenComplete { [self] result in
+            if case .success(let stream) = result {
+                stream.closeFuture.assumeIsolated().whenComplete { [self] _ in streamClosed() }
+            } else {
+                streamClosed()
+            }
+            completion(UpstreamPool.upstreamHandler(of: result))
+        }
+    }
+
+    private func streamClosed() {
+        open -= 1
+        if retired && open == 0 { close() }
     }
 
     func close() { channel?.close(promise: nil) }

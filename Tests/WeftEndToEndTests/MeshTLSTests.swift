@@ -397,4 +397,46 @@ struct MeshTLSTests {
         let client = "spiffe://cluster.local/ns/\(ns)/sa/client"
         #expect((after[client] ?? 0) >= (before[client] ?? 0) + 15, "renewed at least once: \(before[client] ?? 0) -> \(after[client] ?? 0)")
     }
+
+    /// Rolling restarts of the destination nodes' proxies under steady
+    /// cross-node traffic, L7 and L4, fail nothing: a draining proxy tells
+    /// each tunnel from another node to go away (GOAWAY, PING, GOAWAY) and
+    /// closes it once its streams are done; the source opens new streams on
+    /// a new tunnel to the proxy that took over, and opens again a stream
+    /// the old one did not take.
+    @Test func rollingRestartsOfDestinationProxiesFailNoCrossNodeRequest() throws {
+        let lab = try startLab(mode: "STRICT")
+        defer { lab.down() }
+        for url in ["http://198.19.5.10/", "http://198.19.5.11/"] {
+            var up = false
+            for _ in 0..<100 where !up {
+                up = (try? curl([url]))?.0 == 0
+                if !up { usleep(50_000) }
+            }
+            #expect(up, "\(url) never answered")
+        }
+        let tunnelsBefore = try proxyStat("n1", "tunnel_connections_out_total")
+        let l7 = try lab.startLoad(in: "\(ns)/client", ["watch-http", "http://198.19.5.10/", "14", "-"])
+        let l4 = try lab.startLoad(in: "\(ns)/client", ["watch-tcp", "198.19.5.11", "80", "14", "-"])
+        for node in ["n2", "n3", "n2", "n3"] {
+            usleep(2_500_000)
+            let restart = try LabHarness.run(["lab", "restart-proxy", node])
+            #expect(restart.status == 0, "\(restart.output)\n\(LabHarness.agentLog(node))")
+        }
+        let h = try l7.finish(), t = try l4.finish()
+        #expect((h["errors"] as? [Any])?.isEmpty == true && (h["codes"] as? [String: Int])?["200"] ?? 0 > 100, "\(h)")
+        #expect((t["failures"] as? [Any])?.isEmpty == true && (t["empty"] as? [Any])?.isEmpty == true
+                && (t["pods"] as? [String: Int] ?? [:]).values.reduce(0, +) > 100, "\(t)")
+        // Each drain sent the source to new tunnels, and each old proxy
+        // exited once its tunnels were done, not at the drain timeout (10 s).
+        let tunnelsAfter = try proxyStat("n1", "tunnel_connections_out_total")
+        #expect(tunnelsAfter > tunnelsBefore + 4, "\(tunnelsBefore) -> \(tunnelsAfter)")
+        func exited(_ node: String) -> Int { LabHarness.agentLog(node, lines: 400).components(separatedBy: "drained proxy exited").count - 1 }
+        let waitUntil = Date().addingTimeInterval(5)
+        while (exited("n2") < 2 || exited("n3") < 2) && Date() < waitUntil { usleep(50_000) }
+        for node in ["n2", "n3"] {
+            let log = LabHarness.agentLog(node, lines: 400)
+            #expect(exited(node) == 2 && !log.contains("drain timeout"), "\(node): \(log)")
+        }
+    }
 }

@@ -265,8 +265,15 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
 /// The tunnel listener: mutual TLS (the client's certificate required and
 /// verified against the mesh root), HTTP/2, CONNECT streams.
 enum TunnelServer {
-    static func start(proxy: ProxyContext, group: any EventLoopGroup, port: UInt16) throws -> Channel {
+    /// `connections`: the proxy's drain reaches each tunnel from another
+    /// node through it (a GOAWAY, then a close once its streams are done).
+    static func start(proxy: ProxyContext, group: any EventLoopGroup, port: UInt16, connections: ConnectionRegistry) throws -> Channel {
         try ServerBootstrap(group: group)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectionRegistry.Accepted(connections))
+                }
+            }
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
@@ -294,9 +301,16 @@ enum TunnelServer {
                         }
                     }
                     guard proxy.configuration.express else {
-                        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                        let sync = channel.pipeline.syncOperations
+                        _ = try sync.configureHTTP2Pipeline(
                             mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream,
                             inboundStreamInitializer: inbound)
+                        // The drain (GOAWAY, PING, GOAWAY, close when no stream
+                        // is open), which TunnelRelay does on the express path.
+                        try sync.addHandler(NIOHTTP2ServerConnectionManagementHandler(
+                            eventLoop: channel.eventLoop,
+                            configuration: .init(maxIdleTime: nil, maxAge: nil, maxGraceTime: nil, keepalive: nil)),
+                                            position: .after(try sync.handler(type: NIOHTTP2Handler.self)))
                         return
                     }
                     // Plain TCP streams at the frame level (TunnelRelay);

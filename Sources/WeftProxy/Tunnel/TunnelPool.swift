@@ -117,6 +117,9 @@ final class TunnelPool {
     /// handshakes, are counted (nil in tests that need no counts).
     private let stats: ProxyStats?
     private let onHandshake: HandshakeObserver?
+    /// Told of a connection (with stream channels) whose far end sent
+    /// GOAWAY: the streams kept for reuse on it are retired.
+    var onGoAway: ((Channel) -> Void)?
 
     init(loop: any EventLoop, port: UInt16, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
         self.loop = loop
@@ -164,13 +167,18 @@ final class TunnelPool {
     /// A CONNECT stream to `target` carried at the frame level, for plain
     /// TCP (TunnelRelay.open): `completion` gets it once the far end said
     /// 2xx, to be added to the socket's pipeline.
-    func relay(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities,
+    /// A stream that could not be opened because its connection went away
+    /// first (TunnelNotOpened) is opened once more, on a new connection.
+    func relay(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities, again: Bool = true,
                _ completion: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
         switch connection(route, identities: identities, relay: true) {
         case .failure(let error): completion(.failure(error))
         case .success(let c):
             stats?.tunnelStreamsOutRelayed.add(1, ordering: .relaxed)
-            c.openRelayed(authority: "\(target.address):\(target.port)", headers: [("x-weft-source", source.description)], completion)
+            c.openRelayed(authority: "\(target.address):\(target.port)", headers: [("x-weft-source", source.description)]) { [self] result in
+                guard again, case .failure(let error) = result, error is TunnelNotOpened else { return completion(result) }
+                relay(route, to: target, source: source, identities: identities, again: false, completion)
+            }
         }
     }
 
@@ -185,7 +193,8 @@ final class TunnelPool {
         guard let context = identities.clientContexts[route.source] else {
             return .failure(TunnelRefused(status: 0, reason: "no certificate for \(route.source)"))
         }
-        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, onHandshake: onHandshake) { [weak self] dead in
+        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, onHandshake: onHandshake,
+                                 onGoAway: { [weak self] channel in self?.onGoAway?(channel) }) { [weak self] dead in
             if relay {
                 if self?.relayConnections[route] === dead { self?.relayConnections[route] = nil }
             } else if self?.connections[route] === dead {
@@ -212,8 +221,9 @@ final class TunnelPool {
 final class TunnelConnection {
     /// What streams are opened with, once the tunnel is up.
     enum Streams {
-        /// Stream channels (TunnelStreamCodec).
-        case channels(NIOHTTP2Handler.StreamMultiplexer)
+        /// Stream channels (TunnelStreamCodec); the watcher says whether the
+        /// peer sent GOAWAY.
+        case channels(NIOHTTP2Handler.StreamMultiplexer, GoAwayWatcher)
         /// Streams relayed at the frame level.
         case relayed(TunnelRelay)
     }
@@ -225,13 +235,18 @@ final class TunnelConnection {
     private(set) var failed = false
     private let onClose: (TunnelConnection) -> Void
 
+    /// Not once the peer sent GOAWAY (it is draining: a new connection
+    /// reaches the proxy that took its place), closed or failed.
     var isUsable: Bool {
-        if case .relayed(let relay) = streams, !relay.canOpen { return false }
-        return !failed && (channel?.isActive ?? true)
+        switch streams {
+        case .relayed(let relay) where !relay.canOpen: return false
+        case .channels(_, let watcher) where watcher.goneAway: return false
+        default: return !failed && (channel?.isActive ?? true)
+        }
     }
 
     init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, relay: Bool = false,
-         onHandshake: HandshakeObserver? = nil, onClose: @escaping (TunnelConnection) -> Void) {
+         onHandshake: HandshakeObserver? = nil, onGoAway: ((Channel) -> Void)? = nil, onClose: @escaping (TunnelConnection) -> Void) {
         self.route = route
         self.onClose = onClose
         let expected = route.destination
@@ -259,6 +274,7 @@ final class TunnelConnection {
                     _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
                         mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
                     ) { stream in stream.close() }  // the server opens no streams
+                    try channel.pipeline.syncOperations.addHandler(GoAwayWatcher())
                 }
             }
             .connect(host: route.node.description, port: port)
@@ -287,9 +303,14 @@ final class TunnelConnection {
                             guard peer == expected else {
                                 throw TunnelRefused(status: 0, reason: "the peer is \(peer), expected \(expected)")
                             }
-                            let ready: Streams = relay
-                                ? .relayed(try channel.pipeline.syncOperations.handler(type: TunnelRelay.self))
-                                : .channels(try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer())
+                            let ready: Streams
+                            if relay {
+                                ready = .relayed(try channel.pipeline.syncOperations.handler(type: TunnelRelay.self))
+                            } else {
+                                let watcher = try channel.pipeline.syncOperations.handler(type: GoAwayWatcher.self)
+                                if let onGoAway { watcher.onGoAway = { onGoAway(channel) } }
+                                ready = .channels(try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer(), watcher)
+                            }
                             streams = ready
                             flush(.success(ready))
                         } catch {
@@ -319,7 +340,7 @@ final class TunnelConnection {
             switch result {
             case .failure(let error): completion(.failure(error))
             case .success(.relayed): completion(.failure(ChannelError.operationUnsupported))
-            case .success(.channels(let mux)):
+            case .success(.channels(let mux, _)):
                 mux.createStreamChannel { stream in
                     stream.eventLoop.makeCompletedFuture {
                         try stream.pipeline.syncOperations.addHandler(
@@ -366,6 +387,25 @@ final class TunnelConnection {
     }
 
     func close() { channel?.close(promise: nil) }
+}
+
+/// After NIOHTTP2Handler on a tunnel with stream channels: notes a GOAWAY
+/// (the connection frames of stream 0 come through here; stream frames go
+/// to their channels).
+final class GoAwayWatcher: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    typealias InboundOut = HTTP2Frame
+    private(set) var goneAway = false
+    /// Called at the first GOAWAY.
+    var onGoAway: (() -> Void)?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .goAway = unwrapInboundIn(data).payload, !goneAway {
+            goneAway = true
+            onGoAway?()
+        }
+        context.fireChannelRead(data)
+    }
 }
 
 /// Told of a TLS handshake's outcome and duration (for the proxy's series).

@@ -37,6 +37,15 @@ import WeftIdentity
 ///   ends the stream (END_STREAM, then RST_STREAM if the peer still sends,
 ///   once the END_STREAM is out: nothing queued behind it is lost); a reset
 ///   either way resets the other side.
+///
+/// The destination end also drains its tunnel when the proxy does
+/// (ChannelShouldQuiesceEvent), for every stream of it, relayed or not: a
+/// GOAWAY naming the highest stream ID and a PING; once the PING comes back,
+/// every stream the source opened before it saw that GOAWAY has arrived, so
+/// a second GOAWAY names the last one, and the connection closes when no
+/// stream is open. The source opens new streams on a new tunnel (to the
+/// proxy that took over the port) meanwhile. What is still open at the
+/// proxy's drain timeout is cut then.
 final class TunnelRelay: ChannelDuplexHandler {
     typealias InboundIn = HTTP2Frame
     typealias InboundOut = HTTP2Frame
@@ -66,6 +75,11 @@ final class TunnelRelay: ChannelDuplexHandler {
     private var writable = true
     /// The connection's send window, as NIOHTTP2Handler last told.
     private var sendWindow = Int.max
+    /// Streams open on the connection, relayed or not.
+    private var openStreams = 0
+    private enum Drain { case none, announced, final }
+    private var drain = Drain.none
+    static let drainPing = HTTP2PingData(withInteger: 0x7765_6674_6472_6e20)  // "weftdrn "
 
     init(_ role: Role) { self.role = role }
 
@@ -206,6 +220,14 @@ final class TunnelRelay: ChannelDuplexHandler {
         let id = frame.streamID
         if let stream = streams[id] { return received(frame.payload, on: stream) }
         if case .goAway = frame.payload { goneAway = true }
+        if drain == .announced, case .ping(let ping, ack: true) = frame.payload, ping == Self.drainPing {
+            // Every stream opened before the source saw the first GOAWAY is here.
+            drain = .final
+            context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .goAway(
+                lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))), promise: nil)
+            if openStreams == 0 { closeDrained(context) }
+            return
+        }
         if case .server(let proxy) = role, case .headers(let h) = frame.payload, id > lastStreamID {
             lastStreamID = id
             if !h.endStream, let stream = take(id, h.headers, proxy: proxy, context: context) {
@@ -324,7 +346,8 @@ final class TunnelRelay: ChannelDuplexHandler {
     /// pipeline then), or why not: a refusal (`TunnelRefused`), or the
     /// tunnel closing first.
     func open(authority: String, headers extra: [(String, String)], _ answered: @escaping (Result<Stream, any Error>) -> Void) {
-        guard case .client = role, let context, canOpen else { return answered(.failure(ChannelError.ioOnClosedChannel)) }
+        guard case .client = role, let context else { return answered(.failure(ChannelError.ioOnClosedChannel)) }
+        guard canOpen else { return answered(.failure(TunnelNotOpened())) }
         let id = HTTP2StreamID(nextStreamID)
         nextStreamID += 2
         let stream = Stream(id: id, relay: self)
@@ -334,13 +357,13 @@ final class TunnelRelay: ChannelDuplexHandler {
         for (n, v) in extra { headers.add(name: n, value: v) }
         let sent = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers)))), promise: sent)
-        sent.futureResult.assumeIsolated().whenFailure { [self] error in
+        sent.futureResult.assumeIsolated().whenFailure { [self] _ in
             // Not opened (a GOAWAY came first, say): nothing to reset.
             guard let answered = stream.answered else { return }
             stream.answered = nil
             streams[id] = nil
             stream.relay = nil
-            answered(.failure(error))
+            answered(.failure(TunnelNotOpened()))
         }
     }
 
@@ -425,13 +448,16 @@ final class TunnelRelay: ChannelDuplexHandler {
     /// The stream closed in NIOHTTP2Handler: both ends sent END_STREAM (the
     /// socket's output ends after its bytes, and its input had ended), or
     /// it was reset, or the tunnel closed (the socket is closed at once).
-    private func detach(_ stream: Stream, reset: Bool) {
+    /// `refused`: the peer did not process the stream (REFUSED_STREAM, or
+    /// above the last stream ID of its GOAWAY): one not yet answered was
+    /// never opened, and may be opened again elsewhere.
+    private func detach(_ stream: Stream, reset: Bool, refused: Bool = false) {
         streams[stream.id] = nil
         stream.relay = nil
         stream.early = []
         if let answered = stream.answered {
             stream.answered = nil
-            answered(.failure(ChannelError.ioOnClosedChannel))
+            answered(.failure(refused ? TunnelNotOpened() : ChannelError.ioOnClosedChannel))
         }
         guard let socket = stream.socket else { return }
         if reset { socket.close(promise: nil) } else { socket.closeAfterWrites() }
@@ -466,14 +492,33 @@ final class TunnelRelay: ChannelDuplexHandler {
                 return
             }
         } else if type == StreamClosedEvent.self, let closed = unbox(event, as: StreamClosedEvent.self) {
-            if let stream = streams[closed.streamID] { return detach(stream, reset: closed.reason != nil) }
+            openStreams -= 1
+            if drain == .final && openStreams == 0 { closeDrained(context) }
+            if let stream = streams[closed.streamID] { return detach(stream, reset: closed.reason != nil, refused: closed.reason == .refusedStream) }
         } else if type == NIOHTTP2StreamCreatedEvent.self, let created = unbox(event, as: NIOHTTP2StreamCreatedEvent.self) {
+            openStreams += 1
             if streams[created.streamID] != nil { return }
+        } else if type == ChannelShouldQuiesceEvent.self {
+            if case .server = role, drain == .none {
+                drain = .announced
+                context.write(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .goAway(
+                    lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .ping(Self.drainPing, ack: false))),
+                                      promise: nil)
+            }
         } else if let bulk = event as? NIOHTTP2BulkStreamWindowChangeEvent {
             for stream in streams.values where stream.sendWindow != Int.max { stream.sendWindow += bulk.delta }
             resumeAll()
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// Closes a drained connection on the loop's next turn: the frame that
+    /// closed its last stream is written but not yet flushed by
+    /// NIOHTTP2Handler when the stream-closed event comes.
+    private func closeDrained(_ context: ChannelHandlerContext) {
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.eventLoop.execute { bound.value.close(promise: nil) }
     }
 
     private func resumeAll() {

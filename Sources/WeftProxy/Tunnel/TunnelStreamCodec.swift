@@ -160,6 +160,13 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
     }
 }
 
+/// A stream that never reached the far end: its connection had gone away
+/// (GOAWAY: the far proxy is draining) before it was sent. Safe to open
+/// again on a new connection.
+struct TunnelNotOpened: Error, CustomStringConvertible {
+    var description: String { "the tunnel connection went away before the stream was opened" }
+}
+
 /// The far end of a tunnel said no to a CONNECT.
 struct TunnelRefused: Error, CustomStringConvertible {
     var status: Int
