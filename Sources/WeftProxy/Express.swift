@@ -8,6 +8,14 @@ import WeftCore
 /// backends, and what is recorded when an exchange ends. Each piece is the
 /// full path's own rule, applied to requests read in place.
 enum Express {
+    /// An HTTP/1.1 keep-alive connection idle when the proxy begins to drain
+    /// stays open this long for a request already on its way, which is
+    /// answered with `Connection: close`; then it closes. Closing it at once
+    /// would race a busy client's next request (it would see the connection
+    /// close under it, unanswered), as HAProxy's close-spread-time and
+    /// Envoy's drain period avoid too.
+    static let drainIdleGrace = TimeAmount.seconds(1)
+
     /// What a connection on an express path keeps of its frontend's routing
     /// for one snapshot, so that a request costs no lookup by name: the
     /// matcher, the retry budget, and whether the express path serves the

@@ -185,9 +185,17 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ChannelShouldQuiesceEvent {
             quiescing = true
-            // Idle: close. A request partly read is answered first (next()
-            // takes it when the rest comes, and closes after it).
-            if exchange == nil && (inbound?.readableBytes ?? 0) == 0 { context.closeAfterWrites() }
+            // Idle: close after a grace for a request on its way (answered
+            // with Connection: close, then closed). A request partly read is
+            // answered first (next() takes it when the rest comes, and
+            // closes after it).
+            if exchange == nil && (inbound?.readableBytes ?? 0) == 0 {
+                context.eventLoop.assumeIsolated().scheduleTask(in: Express.drainIdleGrace) { [weak self] in
+                    guard let self, let context = self.context, !self.handedOver, self.exchange == nil,
+                          (self.inbound?.readableBytes ?? 0) == 0 else { return }
+                    context.closeAfterWrites()
+                }
+            }
             return
         }
         // The client shut its side after its requests: answer those read, then close.

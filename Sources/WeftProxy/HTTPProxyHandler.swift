@@ -186,7 +186,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ChannelShouldQuiesceEvent {
             quiescing = true
-            if request == nil && !receiving && queued.isEmpty { closeAfterLastResponse(context) }
+            guard request == nil && !receiving && queued.isEmpty else { return }
+            // An idle HTTP/1.1 connection closes after a grace for a request
+            // on its way (Express.drainIdleGrace); a stream at once.
+            if isHTTP2 { return closeAfterLastResponse(context) }
+            context.eventLoop.assumeIsolated().scheduleTask(in: Express.drainIdleGrace) { [weak self] in
+                guard let self, let context = self.context, self.request == nil, !self.receiving, self.queued.isEmpty else { return }
+                closeAfterLastResponse(context)
+            }
             return
         }
         // The client shut its side after its requests (HTTP/1 half-close):

@@ -826,9 +826,12 @@ struct ProxyTests {
         // the drain has begun (within the detection timeout), HTTP/1.1 and
         // h2c: answered, told the connection closes (Connection: close, a
         // GOAWAY), and closed, not kept until the drain times out (10 s).
-        let files = (ready: ["h1", "h2"].map { "/tmp/weft-drain-\(getpid())-\($0)-ready" }, go: "/tmp/weft-drain-\(getpid())-go")
+        // And a kept-alive HTTP/1.1 connection, idle when the drain begins,
+        // whose next request is on its way: answered, not closed under it.
+        let protos = ["h1", "h2", "h1-kept"]
+        let files = (ready: protos.map { "/tmp/weft-drain-\(getpid())-\($0)-ready" }, go: "/tmp/weft-drain-\(getpid())-go")
         defer { for f in files.ready + [files.go] { try? FileManager.default.removeItem(atPath: f) } }
-        let late = try zip(["h1", "h2"], files.ready).map { proto, ready in
+        let late = try zip(protos, files.ready).map { proto, ready in
             try lab.startTool(in: "client", ["late-request", proto, "198.19.1.11", "80", ready, files.go])
         }
         for _ in 0..<400 where !files.ready.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) { usleep(5_000) }
@@ -838,8 +841,9 @@ struct ProxyTests {
         kill(current, SIGTERM)
         usleep(100_000)
         FileManager.default.createFile(atPath: files.go, contents: nil)
-        let h1 = try late[0].finish(), h2 = try late[1].finish()
+        let h1 = try late[0].finish(), h2 = try late[1].finish(), kept = try late[2].finish()
         #expect(h1["status"] as? Int == 200 && h1["connection"] as? String == "close" && h1["closed"] as? Bool == true, "\(h1)")
+        #expect(kept["status"] as? Int == 200 && kept["connection"] as? String == "close" && kept["closed"] as? Bool == true, "\(kept)")
         #expect(h2["status"] as? Int == 200 && h2["goaway"] is [String: Any] && h2["closed"] as? Bool == true
                 && (h2["closed_at"] as? Double ?? 99) < 5, "\(h2)")
     }

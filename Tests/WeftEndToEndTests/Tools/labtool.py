@@ -305,7 +305,8 @@ def late_request(proto, host, port, ready, go):
     reads until the server closes: the status, the response's Connection
     field (h1) or the GOAWAY (h2), and whether and when the server closed
     (drain tests: a connection made before a drain that speaks only after
-    it began)."""
+    it began). `proto` h1-kept: one HTTP/1.1 exchange first, then the wait,
+    then the late request on the same kept-alive connection."""
     def wait_for_go():
         waited = time.time() + 10
         while not os.path.exists(go) and time.time() < waited:
@@ -320,6 +321,19 @@ def late_request(proto, host, port, ready, go):
                           "closed_at": out["closed"]}))
         return
     s = socket.create_connection((host, int(port)), timeout=5)
+    if proto == "h1-kept":
+        s.sendall(b"GET / HTTP/1.1\r\nHost: late\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise SystemExit("the first exchange got no answer")
+            first += chunk
+        head, body = first.split(b"\r\n\r\n", 1)
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += s.recv(65536)
     connected()
     start = time.monotonic()
     s.sendall(b"GET / HTTP/1.1\r\nHost: late\r\n\r\n")
