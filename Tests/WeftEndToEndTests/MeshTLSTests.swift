@@ -418,15 +418,19 @@ struct MeshTLSTests {
         let tunnelsBefore = try proxyStat("n1", "tunnel_connections_out_total")
         let l7 = try lab.startLoad(in: "\(ns)/client", ["watch-http", "http://198.19.5.10/", "14", "-"])
         let l4 = try lab.startLoad(in: "\(ns)/client", ["watch-tcp", "198.19.5.11", "80", "14", "-"])
+        // gRPC to the pod on n2: HTTP/2 nested in one tunnel stream.
+        let grpc = try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "/usr/bin/python3", LabHarness.grpcTool,
+                                      "steady", "198.19.5.60", "80", "14"])
         for node in ["n2", "n3", "n2", "n3"] {
             usleep(2_500_000)
             let restart = try LabHarness.run(["lab", "restart-proxy", node])
             #expect(restart.status == 0, "\(restart.output)\n\(LabHarness.agentLog(node))")
         }
-        let h = try l7.finish(), t = try l4.finish()
+        let h = try l7.finish(), t = try l4.finish(), g = try grpc.finish()
         #expect((h["errors"] as? [Any])?.isEmpty == true && (h["codes"] as? [String: Int])?["200"] ?? 0 > 100, "\(h)")
         #expect((t["failures"] as? [Any])?.isEmpty == true && (t["empty"] as? [Any])?.isEmpty == true
                 && (t["pods"] as? [String: Int] ?? [:]).values.reduce(0, +) > 100, "\(t)")
+        #expect((g["failures"] as? [Any])?.isEmpty == true && (g["ok"] as? Int ?? 0) > 100, "\(g)")
         // Each drain sent the source to new tunnels, and each old proxy
         // exited once its tunnels were done, not at the drain timeout (10 s).
         let tunnelsAfter = try proxyStat("n1", "tunnel_connections_out_total")

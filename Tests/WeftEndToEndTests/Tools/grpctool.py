@@ -74,5 +74,23 @@ def call(host, port):
     print(json.dumps(out))
 
 
+def steady(host, port, seconds):
+    """Unary calls on one channel for a while, 10 ms apart: how many were
+    answered and every failure (drain tests)."""
+    import time
+    ok, failures = 0, []
+    end = time.time() + float(seconds)
+    with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
+        say = channel.unary_unary("/weft.Echo/Say")
+        while time.time() < end:
+            try:
+                say(b"hi", timeout=5)
+                ok += 1
+            except grpc.RpcError as e:
+                failures.append("%.3f %s %s" % (time.time(), e.code().name, e.details()))
+            time.sleep(0.01)
+    print(json.dumps({"ok": ok, "failures": failures}))
+
+
 if __name__ == "__main__":
-    {"serve": serve, "call": call}[sys.argv[1]](*sys.argv[2:])
+    {"serve": serve, "call": call, "steady": steady}[sys.argv[1]](*sys.argv[2:])
