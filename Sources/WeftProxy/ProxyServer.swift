@@ -15,7 +15,8 @@ import WeftStatus
 /// (<run>/proxy-table.json) and a SIGHUP to read it. SIGTERM drains: the
 /// listener stops accepting and closes (a successor bound with SO_REUSEPORT
 /// takes the new connections), in-flight requests finish, idle keep-alive
-/// connections close, a connection accepted before the drain that has not
+/// connections close (after a short grace), tunnels from other nodes are
+/// told to go away, a connection accepted before the drain that has not
 /// sent its request yet is answered and then closed, and the process exits
 /// when none are left or the drain timeout passes.
 public enum ProxyServer {
@@ -98,13 +99,7 @@ public enum ProxyServer {
         reload()
 
         let bootstrap = ServerBootstrap(group: group)
-            // Each connection is known to the drain from the moment the
-            // listener accepts it, before its own loop sets it up.
-            .serverChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ConnectionRegistry.Accepted(connections))
-                }
-            }
+            .registering(in: connections)
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
@@ -262,8 +257,10 @@ final class ConnectionRegistry: Sendable {
         while channels.withLock({ $0.values.contains { !$0.isActive } }) && Date() < deadline { usleep(1_000) }
     }
 
-    /// NIO's HTTP/1 pipeline handler closes a connection on this event once
-    /// its current response is done (at once if idle); HTTP/2 sends GOAWAY.
+    /// Each connection's handler takes this event: HTTP/1.1 closes once its
+    /// current response is out (an idle one after Express.drainIdleGrace),
+    /// HTTP/2 sends GOAWAY, a tunnel from another node goes away
+    /// (TunnelRelay); opaque TCP runs on until it ends or the drain times out.
     func quiesce() {
         for c in channels.withLock({ Array($0.values) }) {
             c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent() as any Sendable)
@@ -272,5 +269,17 @@ final class ConnectionRegistry: Sendable {
 
     func closeAll() {
         for c in channels.withLock({ Array($0.values) }) { c.close(promise: nil) }
+    }
+}
+
+extension ServerBootstrap {
+    /// Each connection the listener accepts is known to the drain from that
+    /// moment (ConnectionRegistry.Accepted), before its own loop sets it up.
+    func registering(in connections: ConnectionRegistry) -> ServerBootstrap {
+        serverChannelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(ConnectionRegistry.Accepted(connections))
+            }
+        }
     }
 }

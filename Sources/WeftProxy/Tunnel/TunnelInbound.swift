@@ -269,11 +269,7 @@ enum TunnelServer {
     /// node through it (a GOAWAY, then a close once its streams are done).
     static func start(proxy: ProxyContext, group: any EventLoopGroup, port: UInt16, connections: ConnectionRegistry) throws -> Channel {
         try ServerBootstrap(group: group)
-            .serverChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ConnectionRegistry.Accepted(connections))
-                }
-            }
+            .registering(in: connections)
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
