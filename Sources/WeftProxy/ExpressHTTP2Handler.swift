@@ -776,9 +776,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         guard quiescing, !closing, streams.isEmpty, handed.isEmpty, ending.isEmpty, unwrittenFrames == 0,
               let context else { return }
         closing = true
-        guard let below = try? context.pipeline.syncOperations.context(handlerType: NIOHTTP2Handler.self) else {
+        guard let codec = try? context.pipeline.syncOperations.handler(type: HTTP2ServerCodec.self) else {
             return context.close(promise: nil)
         }
-        below.afterWrites { context.close(promise: nil) }
+        codec.closeAfterWrites()
     }
 }

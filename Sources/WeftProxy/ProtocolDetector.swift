@@ -159,10 +159,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     // each request body to its content-length (DeclaredBody)
                     // in place of NIO's slower checks; HTTP2FieldCheck checks
                     // what the full path sends.
-                    var connection = NIOHTTP2Handler.ConnectionConfiguration()
-                    connection.headerBlockValidation = .disabled
-                    connection.contentLengthValidation = .disabled
-                    try pipeline.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: connection))
+                    try pipeline.addHandler(HTTP2ServerCodec(allocator: context.channel.allocator))
                     try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin))
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
                                                                    inboundStreamInitializer: fullPath(true)))

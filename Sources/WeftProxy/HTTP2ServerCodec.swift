@@ -1,0 +1,780 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+
+/// The server side of an h2c client's connection (RFC 9113), Weft's own, in
+/// place of NIOHTTP2Handler on the connections the express path serves. It
+/// speaks to the handlers above it exactly as NIOHTTP2Handler does (frames
+/// as `HTTP2Frame`, its stream-created, stream-closed and window events, a
+/// promise per frame written), so ExpressHTTP2Handler and NIO's stream
+/// multiplexer, with the full path on its stream channels, run on it
+/// unchanged. What it leaves out is what costs: a per-frame state machine
+/// of enums copied on every change, a flow-control buffer every frame goes
+/// through, an HPACK encoder that hashes every name it sends. Here a frame
+/// is parsed in place from the bytes read, a DATA frame's payload is a
+/// slice of them, a stream is one small object in a table, and frames
+/// written go straight into one output buffer unless their stream's or the
+/// connection's window is shut.
+///
+/// Header blocks are decoded with NIOHPACK's decoder (its dynamic table and
+/// Huffman code). Responses are encoded without the dynamic table (a
+/// status of the static table as one byte, every other field a literal
+/// never indexed and not Huffman-coded), so no state is shared with the
+/// client's decoder beyond a size of zero, announced in the first block.
+///
+/// Limits, as NIOHTTP2Handler's defaults: 100 concurrent streams (a stream
+/// over that is refused), frames of at most 16,384 bytes, header lists of
+/// at most 16,384 bytes (a block over twice that, with its CONTINUATIONs,
+/// ends the connection), the protocol's initial windows of 65,535 bytes.
+/// A client that resets more streams than it lets finish is sent GOAWAY
+/// (ENHANCE_YOUR_CALM) — the "rapid reset" attack.
+final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = HTTP2Frame
+    typealias OutboundIn = HTTP2Frame
+    typealias OutboundOut = ByteBuffer
+
+    static let maxConcurrentStreams = 100
+    static let maxFrameSize = 16_384
+    static let maxHeaderListSize = 16_384
+    static let initialWindow = 65_535
+    static let maxWindow = Int(Int32.max)
+    /// Resets by the client beyond the streams it let finish.
+    static let resetAllowance = 200
+
+    /// One stream, open or half-closed.
+    private final class Stream {
+        let id: HTTP2StreamID
+        /// What we may still send on it, and what the client may.
+        var sendWindow: Int
+        var receiveWindow: Int
+        /// The client ended its side (END_STREAM), and we did ours (the
+        /// frame with END_STREAM is in the output, not waiting on a window).
+        var remoteEnded = false
+        var localEnded = false
+        /// An END_STREAM frame was written to us, perhaps still waiting.
+        var endQueued = false
+        /// Frames waiting for a window to open, in order.
+        var waiting: [(HTTP2Frame.FramePayload, EventLoopPromise<Void>?)] = []
+
+        init(id: HTTP2StreamID, sendWindow: Int) {
+            self.id = id
+            self.sendWindow = sendWindow
+            receiveWindow = HTTP2ServerCodec.initialWindow
+        }
+    }
+
+    private enum ConnectionError: Error {
+        case violation(HTTP2ErrorCode, String)
+    }
+
+    private var context: ChannelHandlerContext?
+    private var decoder: HPACKDecoder
+    private var streams: [HTTP2StreamID: Stream] = [:]
+    /// Streams with frames waiting for a window, oldest first.
+    private var blocked: [Stream] = []
+    /// Bytes read but not yet a whole frame.
+    private var partial: ByteBuffer?
+    private var prefaceRead = false
+    private var settingsRead = false
+    /// A header block still arriving in CONTINUATION frames.
+    private var continuing: (stream: HTTP2StreamID, endStream: Bool, block: ByteBuffer)?
+    /// The newest stream the client opened.
+    private var lastStreamID = HTTP2StreamID.rootStream
+    /// Streams above this one are refused: a GOAWAY was sent.
+    private var goAwayLastStreamID: HTTP2StreamID?
+    private var connectionSendWindow = HTTP2ServerCodec.initialWindow
+    private var connectionReceiveWindow = HTTP2ServerCodec.initialWindow
+    /// The client's settings that bind what we send.
+    private var peerInitialWindow = HTTP2ServerCodec.initialWindow
+    private var peerMaxFrameSize = HTTP2ServerCodec.maxFrameSize
+    /// The next header block starts with a dynamic table size update to 0.
+    private var announceTableSize = true
+    private var resetAllowance = HTTP2ServerCodec.resetAllowance
+    /// Bytes to write, and the promises of the frames whose last bytes are in them.
+    private var output: ByteBuffer
+    private var outputPromises: [EventLoopPromise<Void>] = []
+    /// Something was written to the channel since its last flush.
+    private var unflushed = false
+    private var failed = false
+
+    init(allocator: ByteBufferAllocator) {
+        decoder = HPACKDecoder(allocator: allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
+                               maxHeaderListSize: Self.maxHeaderListSize)
+        output = allocator.buffer(capacity: 4096)
+    }
+
+    // MARK: lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if context.channel.isActive { sendPreface(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        sendPreface(context: context)
+        context.fireChannelActive()
+    }
+
+    private var prefaceSent = false
+
+    /// Our SETTINGS: NIOHTTP2Handler's defaults (the windows and frame size
+    /// the protocol starts with need no entry).
+    private func sendPreface(context: ChannelHandlerContext) {
+        guard !prefaceSent else { return }
+        prefaceSent = true
+        frameHeader(length: 12, type: 0x4, flags: 0, stream: .rootStream)
+        output.writeInteger(UInt16(0x3))
+        output.writeInteger(UInt32(Self.maxConcurrentStreams))
+        output.writeInteger(UInt16(0x6))
+        output.writeInteger(UInt32(Self.maxHeaderListSize))
+        writeOutput(context: context)
+        context.flush()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        dropAll(error: NIOHTTP2Errors.ioOnClosedConnection())
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        dropAll(error: NIOHTTP2Errors.ioOnClosedConnection())
+        self.context = nil
+    }
+
+    /// Fails what waits; the multiplexer closes its stream channels itself
+    /// when the connection goes inactive.
+    private func dropAll(error: Error) {
+        let waiting = blocked
+        blocked.removeAll()
+        streams.removeAll()
+        for stream in waiting {
+            for (_, promise) in stream.waiting { promise?.fail(error) }
+            stream.waiting.removeAll()
+        }
+        let promises = outputPromises
+        outputPromises.removeAll()
+        for promise in promises { promise.fail(error) }
+    }
+
+    // MARK: reading
+
+    private static let preface: StaticString = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
+        var bytes = unwrapInboundIn(data)
+        if var held = partial {
+            partial = nil
+            held.writeBuffer(&bytes)
+            bytes = held
+        }
+        do {
+            if !prefaceRead {
+                let n = Self.preface.utf8CodeUnitCount
+                guard bytes.readableBytes >= n else {
+                    let seen = bytes.readableBytesView
+                    guard seen.elementsEqual(UnsafeRawBufferPointer(start: Self.preface.utf8Start, count: seen.count)) else {
+                        throw ConnectionError.violation(.protocolError, "no client preface")
+                    }
+                    partial = bytes
+                    return
+                }
+                guard bytes.readableBytesView.prefix(n).elementsEqual(UnsafeRawBufferPointer(start: Self.preface.utf8Start, count: n)) else {
+                    throw ConnectionError.violation(.protocolError, "no client preface")
+                }
+                bytes.moveReaderIndex(forwardBy: n)
+                prefaceRead = true
+            }
+            while bytes.readableBytes >= 9 {
+                let start = bytes.readerIndex
+                guard let length24 = bytes.getInteger(at: start, as: UInt32.self) else { break }
+                let length = Int(length24 >> 8)
+                let type = UInt8(truncatingIfNeeded: length24)
+                guard length <= Self.maxFrameSize else {
+                    throw ConnectionError.violation(.frameSizeError, "a frame of \(length) bytes")
+                }
+                guard bytes.readableBytes >= 9 + length,
+                      let flags = bytes.getInteger(at: start + 4, as: UInt8.self),
+                      let rawID = bytes.getInteger(at: start + 5, as: UInt32.self),
+                      let payload = bytes.getSlice(at: start + 9, length: length) else { break }
+                bytes.moveReaderIndex(forwardBy: 9 + length)
+                try frame(type: type, flags: flags, stream: HTTP2StreamID(Int32(bitPattern: rawID & 0x7FFF_FFFF)),
+                          payload: payload, context: context)
+                if failed { return }
+            }
+            if bytes.readableBytes > 0 {
+                bytes.discardReadBytes()
+                partial = bytes
+            }
+        } catch ConnectionError.violation(let code, let what) {
+            connectionError(code, what, context: context)
+        } catch {
+            connectionError(.compressionError, "\(error)", context: context)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        guard !failed else { return }
+        // The connection's window, opened again as it is used: the streams'
+        // windows bound what each may send.
+        if connectionReceiveWindow <= Self.initialWindow / 2 {
+            let increment = Self.initialWindow - connectionReceiveWindow
+            connectionReceiveWindow = Self.initialWindow
+            windowUpdate(.rootStream, increment)
+        }
+        writeOutput(context: context)
+        if unflushed {
+            unflushed = false
+            context.flush()
+        }
+        context.fireChannelReadComplete()
+    }
+
+    private func frame(type: UInt8, flags: UInt8, stream id: HTTP2StreamID, payload: ByteBuffer, context: ChannelHandlerContext) throws {
+        if let continuing, type != 0x9 || id != continuing.stream {
+            throw ConnectionError.violation(.protocolError, "a frame amid a header block")
+        }
+        if !settingsRead && type != 0x4 {
+            throw ConnectionError.violation(.protocolError, "no SETTINGS first")
+        }
+        switch type {
+        case 0x0: try data(flags, id, payload, context: context)
+        case 0x1: try headers(flags, id, payload, context: context)
+        case 0x2:
+            guard id != .rootStream else { throw ConnectionError.violation(.protocolError, "PRIORITY on stream 0") }
+            guard payload.readableBytes == 5 else { return streamError(id, .frameSizeError, context: context) }
+        case 0x3: try rstStream(id, payload, context: context)
+        case 0x4: try settings(flags, id, payload, context: context)
+        case 0x5: throw ConnectionError.violation(.protocolError, "PUSH_PROMISE from a client")
+        case 0x6: try ping(flags, id, payload)
+        case 0x7:
+            guard id == .rootStream else { throw ConnectionError.violation(.protocolError, "GOAWAY on a stream") }
+            guard payload.readableBytes >= 8 else { throw ConnectionError.violation(.frameSizeError, "a short GOAWAY") }
+            // The client opens no more streams; those open finish.
+        case 0x8: try windowUpdate(id, payload, context: context)
+        case 0x9:
+            guard var continuing else { throw ConnectionError.violation(.protocolError, "CONTINUATION without HEADERS") }
+            self.continuing = nil
+            var more = payload
+            guard continuing.block.readableBytes + more.readableBytes <= 2 * Self.maxHeaderListSize else {
+                throw ConnectionError.violation(.enhanceYourCalm, "a header block over \(2 * Self.maxHeaderListSize) bytes")
+            }
+            continuing.block.writeBuffer(&more)
+            if flags & 0x4 != 0 {
+                try headerBlock(id, endStream: continuing.endStream, block: continuing.block, context: context)
+            } else {
+                self.continuing = continuing
+            }
+        default:
+            break  // unknown types are ignored (RFC 9113, section 5.5)
+        }
+    }
+
+    private func data(_ flags: UInt8, _ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
+        guard id != .rootStream else { throw ConnectionError.violation(.protocolError, "DATA on stream 0") }
+        let length = payload.readableBytes
+        connectionReceiveWindow -= length
+        guard connectionReceiveWindow >= 0 else { throw ConnectionError.violation(.flowControlError, "DATA past the connection's window") }
+        var body = payload
+        if flags & 0x8 != 0 { body = try unpadded(body) }
+        guard let stream = streams[id] else {
+            if id > lastStreamID { throw ConnectionError.violation(.protocolError, "DATA on an idle stream") }
+            return  // a stream that was closed or reset: dropped
+        }
+        guard !stream.remoteEnded else { return streamError(id, .streamClosed, context: context) }
+        stream.receiveWindow -= length
+        guard stream.receiveWindow >= 0 else { return streamError(id, .flowControlError, context: context) }
+        let end = flags & 0x1 != 0
+        if end { stream.remoteEnded = true }
+        context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(body), endStream: end)))))
+        // What a stream channel reads to open the stream's window again.
+        context.fireUserInboundEventTriggered(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: stream.receiveWindow,
+                                                                         outboundWindowSize: nil))
+        if end { closeIfEnded(stream, context: context) }
+    }
+
+    /// A payload without its padding (PADDED flag).
+    private func unpadded(_ payload: ByteBuffer) throws -> ByteBuffer {
+        var payload = payload
+        guard let pad = payload.readInteger(as: UInt8.self), Int(pad) <= payload.readableBytes,
+              let body = payload.readSlice(length: payload.readableBytes - Int(pad)) else {
+            throw ConnectionError.violation(.protocolError, "padding longer than its frame")
+        }
+        return body
+    }
+
+    private func headers(_ flags: UInt8, _ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
+        guard id != .rootStream else { throw ConnectionError.violation(.protocolError, "HEADERS on stream 0") }
+        var block = payload
+        if flags & 0x8 != 0 { block = try unpadded(block) }
+        if flags & 0x20 != 0 {
+            guard block.readableBytes >= 5, let dependency = block.readInteger(as: UInt32.self) else {
+                throw ConnectionError.violation(.frameSizeError, "a short HEADERS priority")
+            }
+            block.moveReaderIndex(forwardBy: 1)
+            if Int32(bitPattern: dependency & 0x7FFF_FFFF) == Int32(id) { return streamError(id, .protocolError, context: context) }
+        }
+        let end = flags & 0x1 != 0
+        if flags & 0x4 == 0 {
+            continuing = (id, end, block)
+            return
+        }
+        try headerBlock(id, endStream: end, block: block, context: context)
+    }
+
+    private func headerBlock(_ id: HTTP2StreamID, endStream: Bool, block: ByteBuffer, context: ChannelHandlerContext) throws {
+        // Always decoded: the client's encoder counts on our table.
+        var block = block
+        let fields = try decoder.decodeHeaders(from: &block)
+        let frame = HTTP2Frame(streamID: id, payload: .headers(.init(headers: fields, endStream: endStream)))
+        if let stream = streams[id] {
+            // Trailers.
+            guard !stream.remoteEnded else { return streamError(id, .streamClosed, context: context) }
+            guard endStream else { return streamError(id, .protocolError, context: context) }
+            stream.remoteEnded = true
+            context.fireChannelRead(wrapInboundOut(frame))
+            return closeIfEnded(stream, context: context)
+        }
+        guard id > lastStreamID else {
+            return streamError(id, .streamClosed, context: context)  // closed, or reset by us
+        }
+        guard Int32(id) % 2 == 1 else { throw ConnectionError.violation(.protocolError, "a stream of even id from a client") }
+        lastStreamID = id
+        if let goAwayLastStreamID, id > goAwayLastStreamID {
+            return streamError(id, .refusedStream, context: context)
+        }
+        guard streams.count < Self.maxConcurrentStreams else { return streamError(id, .refusedStream, context: context) }
+        let stream = Stream(id: id, sendWindow: peerInitialWindow)
+        stream.remoteEnded = endStream
+        streams[id] = stream
+        context.fireChannelRead(wrapInboundOut(frame))
+        context.fireUserInboundEventTriggered(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(Self.initialWindow),
+                                                                         remoteInitialWindowSize: UInt32(peerInitialWindow)))
+    }
+
+    private func rstStream(_ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
+        guard id != .rootStream else { throw ConnectionError.violation(.protocolError, "RST_STREAM on stream 0") }
+        guard payload.readableBytes == 4, let code = payload.getInteger(at: payload.readerIndex, as: UInt32.self) else {
+            throw ConnectionError.violation(.frameSizeError, "RST_STREAM of \(payload.readableBytes) bytes")
+        }
+        guard let stream = streams[id] else {
+            if id > lastStreamID { throw ConnectionError.violation(.protocolError, "RST_STREAM on an idle stream") }
+            return
+        }
+        resetAllowance -= 1
+        guard resetAllowance > 0 else {
+            throw ConnectionError.violation(.enhanceYourCalm, "more streams reset than finished")
+        }
+        let reason = HTTP2ErrorCode(networkCode: Int(code))
+        context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: id, payload: .rstStream(reason))))
+        close(stream, reason: reason, context: context)
+    }
+
+    private func settings(_ flags: UInt8, _ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
+        guard id == .rootStream else { throw ConnectionError.violation(.protocolError, "SETTINGS on a stream") }
+        settingsRead = true
+        if flags & 0x1 != 0 {
+            guard payload.readableBytes == 0 else { throw ConnectionError.violation(.frameSizeError, "a SETTINGS ack with a payload") }
+            return
+        }
+        guard payload.readableBytes % 6 == 0 else { throw ConnectionError.violation(.frameSizeError, "SETTINGS of \(payload.readableBytes) bytes") }
+        var payload = payload
+        var windowDelta = 0
+        while let key = payload.readInteger(as: UInt16.self), let value = payload.readInteger(as: UInt32.self) {
+            switch key {
+            case 0x1: announceTableSize = true  // the next block says 0 again
+            case 0x2: guard value <= 1 else { throw ConnectionError.violation(.protocolError, "SETTINGS_ENABLE_PUSH \(value)") }
+            case 0x4:
+                guard value <= UInt32(Self.maxWindow) else { throw ConnectionError.violation(.flowControlError, "SETTINGS_INITIAL_WINDOW_SIZE \(value)") }
+                windowDelta += Int(value) - peerInitialWindow
+                peerInitialWindow = Int(value)
+            case 0x5:
+                guard value >= 16_384 && value <= 16_777_215 else {
+                    throw ConnectionError.violation(.protocolError, "SETTINGS_MAX_FRAME_SIZE \(value)")
+                }
+                peerMaxFrameSize = Int(value)
+            default: break
+            }
+        }
+        frameHeader(length: 0, type: 0x4, flags: 0x1, stream: .rootStream)
+        if windowDelta != 0 {
+            for stream in streams.values {
+                stream.sendWindow += windowDelta
+                guard stream.sendWindow <= Self.maxWindow else {
+                    throw ConnectionError.violation(.flowControlError, "a stream window over 2^31-1")
+                }
+            }
+            if windowDelta > 0 { sendWaiting(context: context) }
+        }
+    }
+
+    private func ping(_ flags: UInt8, _ id: HTTP2StreamID, _ payload: ByteBuffer) throws {
+        guard id == .rootStream else { throw ConnectionError.violation(.protocolError, "PING on a stream") }
+        guard payload.readableBytes == 8 else { throw ConnectionError.violation(.frameSizeError, "PING of \(payload.readableBytes) bytes") }
+        guard flags & 0x1 == 0 else { return }
+        frameHeader(length: 8, type: 0x6, flags: 0x1, stream: .rootStream)
+        var opaque = payload
+        output.writeBuffer(&opaque)
+    }
+
+    private func windowUpdate(_ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
+        guard payload.readableBytes == 4, let raw = payload.getInteger(at: payload.readerIndex, as: UInt32.self) else {
+            throw ConnectionError.violation(.frameSizeError, "WINDOW_UPDATE of \(payload.readableBytes) bytes")
+        }
+        let increment = Int(raw & 0x7FFF_FFFF)
+        if id == .rootStream {
+            guard increment > 0 else { throw ConnectionError.violation(.protocolError, "a WINDOW_UPDATE of 0") }
+            connectionSendWindow += increment
+            guard connectionSendWindow <= Self.maxWindow else { throw ConnectionError.violation(.flowControlError, "a window over 2^31-1") }
+        } else if let stream = streams[id] {
+            guard increment > 0 else { return streamError(id, .protocolError, context: context) }
+            stream.sendWindow += increment
+            guard stream.sendWindow <= Self.maxWindow else { return streamError(id, .flowControlError, context: context) }
+        } else {
+            if id > lastStreamID { throw ConnectionError.violation(.protocolError, "WINDOW_UPDATE on an idle stream") }
+            return
+        }
+        sendWaiting(context: context)
+    }
+
+    // MARK: errors
+
+    /// Resets one stream (RST_STREAM) and tells the handlers above it closed.
+    private func streamError(_ id: HTTP2StreamID, _ code: HTTP2ErrorCode, context: ChannelHandlerContext) {
+        rst(id, code)
+        if let stream = streams[id] { close(stream, reason: code, context: context) }
+    }
+
+    private func rst(_ id: HTTP2StreamID, _ code: HTTP2ErrorCode) {
+        frameHeader(length: 4, type: 0x3, flags: 0, stream: id)
+        output.writeInteger(UInt32(code.networkCode))
+    }
+
+    /// Ends the connection: GOAWAY with the error, then close.
+    private func connectionError(_ code: HTTP2ErrorCode, _ what: String, context: ChannelHandlerContext) {
+        guard !failed else { return }
+        failed = true
+        partial = nil
+        goAway(lastStreamID, code)
+        writeOutput(context: context)
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
+        context.fireErrorCaught(HTTP2ConnectionFailure(code: code, reason: what))
+    }
+
+    private func goAway(_ last: HTTP2StreamID, _ code: HTTP2ErrorCode) {
+        frameHeader(length: 8, type: 0x7, flags: 0, stream: .rootStream)
+        output.writeInteger(UInt32(Int32(last)))
+        output.writeInteger(UInt32(code.networkCode))
+        if goAwayLastStreamID.map({ last < $0 }) ?? true { goAwayLastStreamID = last }
+    }
+
+    // MARK: streams ending
+
+    /// Closed once both sides have ended it.
+    private func closeIfEnded(_ stream: Stream, context: ChannelHandlerContext) {
+        if stream.remoteEnded && stream.localEnded {
+            resetAllowance = min(resetAllowance + 1, Self.resetAllowance)
+            close(stream, reason: nil, context: context)
+        }
+    }
+
+    private func close(_ stream: Stream, reason: HTTP2ErrorCode?, context: ChannelHandlerContext) {
+        guard streams.removeValue(forKey: stream.id) != nil else { return }
+        if !stream.waiting.isEmpty {
+            let waiting = stream.waiting
+            stream.waiting.removeAll()
+            blocked.removeAll { $0 === stream }
+            let error = NIOHTTP2Errors.streamClosed(streamID: stream.id, errorCode: reason ?? .cancel)
+            for (_, promise) in waiting { promise?.fail(error) }
+        }
+        context.fireUserInboundEventTriggered(StreamClosedEvent(streamID: stream.id, reason: reason))
+    }
+
+    // MARK: writing
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let frame = unwrapOutboundIn(data)
+        guard !failed else {
+            promise?.fail(NIOHTTP2Errors.ioOnClosedConnection())
+            return
+        }
+        let id = frame.streamID
+        if id == .rootStream {
+            switch frame.payload {
+            case .goAway(let last, let code, _): goAway(last, code)
+            case .windowUpdate(let increment):
+                connectionReceiveWindow += increment
+                windowUpdate(.rootStream, increment)
+            case .ping(let data, let ack):
+                frameHeader(length: 8, type: 0x6, flags: ack ? 0x1 : 0, stream: .rootStream)
+                output.writeInteger(data.integer)
+            default:
+                promise?.fail(NIOHTTP2Errors.unsupported(info: "\(frame.payload) on the connection"))
+                return
+            }
+            return keep(promise)
+        }
+        guard let stream = streams[id] else {
+            promise?.fail(NIOHTTP2Errors.noSuchStream(streamID: id))
+            return
+        }
+        switch frame.payload {
+        case .rstStream(let code):
+            rst(id, code)
+            keep(promise)
+            close(stream, reason: code, context: context)
+        case .windowUpdate(let increment):
+            stream.receiveWindow += increment
+            windowUpdate(id, increment)
+            keep(promise)
+            context.fireUserInboundEventTriggered(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: stream.receiveWindow,
+                                                                             outboundWindowSize: nil))
+        case .headers, .data:
+            guard !stream.endQueued else {
+                promise?.fail(NIOHTTP2Errors.streamClosed(streamID: id, errorCode: .streamClosed))
+                return
+            }
+            if case .data(let d) = frame.payload, case .fileRegion = d.data {
+                promise?.fail(NIOHTTP2Errors.unsupported(info: "a file region"))
+                return
+            }
+            if frame.payload.endsStream { stream.endQueued = true }
+            // Behind what already waits on a window, or sent now (what the
+            // windows do not take waits, at the front of `waiting`).
+            if !stream.waiting.isEmpty {
+                stream.waiting.append((frame.payload, promise))
+            } else if !send(stream, frame.payload, promise) {
+                blocked.append(stream)
+            }
+        case .priority:
+            keep(promise)  // not ours to say
+        default:
+            promise?.fail(NIOHTTP2Errors.unsupported(info: "\(frame.payload) on a stream"))
+        }
+    }
+
+    func flush(context: ChannelHandlerContext) {
+        writeOutput(context: context)
+        unflushed = false
+        context.flush()
+    }
+
+    /// Sends a stream's frame, as much of a DATA frame as the windows take;
+    /// false if something is left (then `payload` is what is left: the
+    /// caller keeps it waiting).
+    private func send(_ stream: Stream, _ payload: HTTP2Frame.FramePayload, _ promise: EventLoopPromise<Void>?) -> Bool {
+        switch payload {
+        case .headers(let h):
+            headerFrame(stream.id, h.headers, endStream: h.endStream)
+            if h.endStream { stream.localEnded = true }
+        case .data(let d):
+            guard case .byteBuffer(var bytes) = d.data else {
+                promise?.fail(NIOHTTP2Errors.unsupported(info: "a file region"))
+                return true
+            }
+            while true {
+                let room = min(connectionSendWindow, stream.sendWindow, peerMaxFrameSize)
+                let n = bytes.readableBytes
+                if n > room {
+                    guard room > 0, var piece = bytes.readSlice(length: room) else {
+                        stream.waiting.insert((.data(.init(data: .byteBuffer(bytes), endStream: d.endStream)), promise), at: 0)
+                        return false
+                    }
+                    dataFrame(stream, &piece, end: false)
+                    continue
+                }
+                dataFrame(stream, &bytes, end: d.endStream)
+                break
+            }
+            if d.endStream { stream.localEnded = true }
+        default:
+            break
+        }
+        keep(promise)
+        if stream.localEnded, let context { closeIfEnded(stream, context: context) }
+        return true
+    }
+
+    /// Sends what waited on windows that opened, oldest first.
+    private func sendWaiting(context: ChannelHandlerContext) {
+        guard !blocked.isEmpty else { return }
+        let queue = blocked
+        blocked.removeAll()
+        for stream in queue {
+            var waiting = stream.waiting
+            stream.waiting.removeAll()
+            while !waiting.isEmpty {
+                let (payload, promise) = waiting.removeFirst()
+                if !send(stream, payload, promise) {
+                    // (send put what is left at the front of stream.waiting)
+                    stream.waiting.append(contentsOf: waiting)
+                    break
+                }
+            }
+            if !stream.waiting.isEmpty { blocked.append(stream) }
+        }
+    }
+
+    private func dataFrame(_ stream: Stream, _ bytes: inout ByteBuffer, end: Bool) {
+        let n = bytes.readableBytes
+        connectionSendWindow -= n
+        stream.sendWindow -= n
+        frameHeader(length: n, type: 0x0, flags: end ? 0x1 : 0, stream: stream.id)
+        if n <= 4096 {
+            output.writeBuffer(&bytes)
+        } else if let context {
+            // A large payload goes as it is, after what is before it.
+            writeOutput(context: context)
+            context.write(wrapOutboundOut(bytes), promise: nil)
+            unflushed = true
+        }
+    }
+
+    /// A HEADERS frame, and CONTINUATIONs if its block is over the client's
+    /// frame size.
+    private func headerFrame(_ id: HTTP2StreamID, _ fields: HPACKHeaders, endStream: Bool) {
+        let start = output.writerIndex
+        output.moveWriterIndex(forwardBy: 9)
+        if announceTableSize {
+            announceTableSize = false
+            output.writeInteger(UInt8(0x20))  // dynamic table size update: 0
+        }
+        for (name, value, _) in fields { Self.encode(name: name, value: value, into: &output) }
+        let length = output.writerIndex - start - 9
+        let flags: UInt8 = endStream ? 0x1 : 0
+        guard length > peerMaxFrameSize else {
+            setFrameHeader(at: start, length: length, type: 0x1, flags: flags | 0x4, stream: id)
+            return
+        }
+        // Rare: split the block, HEADERS then CONTINUATIONs.
+        guard let block = output.getSlice(at: start + 9, length: length) else { return }
+        output.moveWriterIndex(to: start)
+        var rest = block
+        var first = true
+        while rest.readableBytes > 0 {
+            var piece = rest.readSlice(length: min(rest.readableBytes, peerMaxFrameSize)) ?? ByteBuffer()
+            let last = rest.readableBytes == 0
+            frameHeader(length: piece.readableBytes, type: first ? 0x1 : 0x9,
+                        flags: (first ? flags : 0) | (last ? 0x4 : 0), stream: id)
+            output.writeBuffer(&piece)
+            first = false
+        }
+    }
+
+    private func windowUpdate(_ id: HTTP2StreamID, _ increment: Int) {
+        frameHeader(length: 4, type: 0x8, flags: 0, stream: id)
+        output.writeInteger(UInt32(increment))
+    }
+
+    private func frameHeader(length: Int, type: UInt8, flags: UInt8, stream: HTTP2StreamID) {
+        let start = output.writerIndex
+        output.moveWriterIndex(forwardBy: 9)
+        setFrameHeader(at: start, length: length, type: type, flags: flags, stream: stream)
+    }
+
+    private func setFrameHeader(at index: Int, length: Int, type: UInt8, flags: UInt8, stream: HTTP2StreamID) {
+        output.setInteger(UInt32(length) << 8 | UInt32(type), at: index)
+        output.setInteger(flags, at: index + 4)
+        output.setInteger(UInt32(Int32(stream)), at: index + 5)
+    }
+
+    /// The promise of a frame whose bytes are all in `output`.
+    private func keep(_ promise: EventLoopPromise<Void>?) {
+        if let promise { outputPromises.append(promise) }
+    }
+
+    /// Hands what is in `output` to the channel (unflushed).
+    private func writeOutput(context: ChannelHandlerContext) {
+        guard output.readableBytes > 0 || !outputPromises.isEmpty else { return }
+        let promise: EventLoopPromise<Void>?
+        switch outputPromises.count {
+        case 0: promise = nil
+        case 1: promise = outputPromises[0]
+        default:
+            let all = outputPromises
+            let first = context.eventLoop.makePromise(of: Void.self)
+            first.futureResult.assumeIsolated().whenComplete { result in
+                for p in all { p.completeWith(result) }
+            }
+            promise = first
+        }
+        outputPromises.removeAll(keepingCapacity: true)
+        context.write(wrapOutboundOut(output), promise: promise)
+        unflushed = true
+        // (Storage the channel still holds is not written over: clear
+        // allocates anew unless this buffer is its only holder.)
+        output.clear()
+    }
+
+    /// Closes the connection once what was written to it is out.
+    func closeAfterWrites() {
+        guard let context else { return }
+        writeOutput(context: context)
+        context.closeAfterWrites()
+    }
+
+    // MARK: HPACK, encoding
+
+    /// One field as a literal never indexed, not Huffman-coded; `:status`
+    /// from the static table when it is there.
+    private static func encode(name: String, value: String, into out: inout ByteBuffer) {
+        if name == ":status" {
+            switch value {
+            case "200": out.writeInteger(UInt8(0x88))
+            case "204": out.writeInteger(UInt8(0x89))
+            case "206": out.writeInteger(UInt8(0x8A))
+            case "304": out.writeInteger(UInt8(0x8B))
+            case "400": out.writeInteger(UInt8(0x8C))
+            case "404": out.writeInteger(UInt8(0x8D))
+            case "500": out.writeInteger(UInt8(0x8E))
+            default:
+                out.writeInteger(UInt8(0x18))  // never indexed, name: static entry 8
+                string(value, into: &out)
+            }
+            return
+        }
+        out.writeInteger(UInt8(0x10))  // never indexed, new name
+        string(name, into: &out)
+        string(value, into: &out)
+    }
+
+    private static func string(_ s: String, into out: inout ByteBuffer) {
+        integer(s.utf8.count, prefix: 7, flags: 0, into: &out)
+        out.writeString(s)
+    }
+
+    private static func integer(_ value: Int, prefix: Int, flags: UInt8, into out: inout ByteBuffer) {
+        let max = (1 << prefix) - 1
+        if value < max {
+            out.writeInteger(flags | UInt8(value))
+            return
+        }
+        out.writeInteger(flags | UInt8(max))
+        var rest = value - max
+        while rest >= 128 {
+            out.writeInteger(UInt8(rest & 0x7F | 0x80))
+            rest >>= 7
+        }
+        out.writeInteger(UInt8(rest))
+    }
+}
+
+/// The codec ended a connection whose client broke the protocol.
+struct HTTP2ConnectionFailure: Error, CustomStringConvertible {
+    let code: HTTP2ErrorCode
+    let reason: String
+    var description: String { "HTTP/2 connection error \(code): \(reason)" }
+}
+
+extension HTTP2Frame.FramePayload {
+    fileprivate var endsStream: Bool {
+        switch self {
+        case .headers(let h): return h.endStream
+        case .data(let d): return d.endStream
+        default: return false
+        }
+    }
+}
