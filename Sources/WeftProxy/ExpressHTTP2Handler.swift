@@ -6,15 +6,17 @@ import WeftCore
 import WeftKernel
 
 /// The express path for HTTP/2 (h2c) clients of HTTP/1.1 backends. It sits
-/// between NIOHTTP2Handler (frames, HPACK, flow control, stream states) and
-/// the stream multiplexer, and sees every frame first.
+/// between HTTP2ServerCodec (frames, HPACK, flow control, stream states)
+/// and the stream multiplexer, and sees every frame first: the codec calls
+/// it with frames and stream events, and it calls the codec to send.
 ///
 /// A stream whose request is one HEADERS frame, with or without a body of
 /// a declared length the stream's first window holds (DATA frames, no
 /// trailers), and which needs no more than ExpressHTTP1Handler would do for
 /// it, is answered from here: the request goes out as HTTP/1.1 bytes on a
 /// pooled express connection (Express.idleUpstream, connectUpstream), the
-/// response head comes back as a HEADERS frame and its body as DATA frames
+/// response head comes back as a HEADERS frame (its block encoded straight
+/// from the head's bytes, HPACKLiteral) and its body as DATA frames
 /// (chunks unwrapped, trailers as a final HEADERS frame) as it goes by. No
 /// stream channel, no HTTP codec, no typed HTTP messages.
 ///
@@ -33,7 +35,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     typealias OutboundIn = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
 
-    /// Response bytes handed to NIOHTTP2Handler but not yet written out (the
+    /// Response bytes handed to the codec but not yet written out (the
     /// stream's window is shut, or the client reads slowly) past which a
     /// stream's backend is not read.
     static let highWater = 64 * 1024
@@ -62,21 +64,24 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// only when none is left.
     private var unwrittenFrames = 0
     /// Streams whose last frame was written without a promise, until
-    /// NIOHTTP2Handler says they closed, which it does once that frame has
-    /// left its flow-control buffer. A quiescing connection waits for them.
+    /// the codec says they closed, which it does once that frame no longer
+    /// waits on a window. A quiescing connection waits for them.
     private var ending: Set<HTTP2StreamID> = []
     private var closing = false
-    /// The connection's inbound window size the multiplexer was last told.
-    private var rootInbound: Int?
     private var fields: [HTTP1Wire.Field] = []
     private var chunkData: [Range<Int>] = []
     private var lastSeries: Express.LastSeries?
 
-    init(proxy: ProxyContext, origin: CapturedOrigin) {
+    /// The connection's codec, right below: frames are sent by a call to it.
+    private let codec: HTTP2ServerCodec
+
+    init(proxy: ProxyContext, origin: CapturedOrigin, codec: HTTP2ServerCodec) {
         self.proxy = proxy
         self.origin = origin
+        self.codec = codec
         frontendKey = "\(origin.vip):\(origin.port)"
         connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
+        codec.express = self
     }
 
     /// One request answered on the express path.
@@ -115,7 +120,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var responded = false
         var reusable = true
         var bytesOut = 0
-        /// Response bytes given to NIOHTTP2Handler, not yet written out.
+        /// Response bytes given to the codec, not yet written out.
         var unwritten = 0
         var paused = false
         var logged: Express.Logged?
@@ -157,10 +162,15 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     // MARK: client side
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
+        received(unwrapInboundIn(data))
+    }
+
+    /// A frame from the client (the codec calls this directly).
+    func received(_ frame: HTTP2Frame) {
+        guard let context else { return }
         let id = frame.streamID
-        // NIOHTTP2Handler checks neither field blocks nor content lengths on
-        // this connection: every block is checked here, before either path
+        // The codec checks neither field blocks nor content lengths: every
+        // block is checked here, before either path
         // sees it, and every request body is held to its declared length.
         var declared: Int?
         if case .headers(let h) = frame.payload, id != .rootStream {
@@ -172,7 +182,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 return refuse(id, "a body shorter than its content-length", context: context)
             }
         }
-        if id == .rootStream { return context.fireChannelRead(data) }
+        if id == .rootStream { return context.fireChannelRead(wrapInboundOut(frame)) }
         if !handed.isEmpty && handed.contains(id) {
             if !bodies.isEmpty, var body = bodies[id] {
                 guard body.hold(frame.payload) else {
@@ -181,7 +191,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 }
                 bodies[id] = body
             }
-            return context.fireChannelRead(data)
+            return context.fireChannelRead(wrapInboundOut(frame))
         }
         if let stream = streams[id] {
             switch frame.payload {
@@ -204,7 +214,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 }
                 handOver(stream, then: frame)  // trailers: the full path carries them
             default:
-                break  // a WINDOW_UPDATE or PRIORITY is NIOHTTP2Handler's
+                break  // a WINDOW_UPDATE or PRIORITY is the codec's
             }
             return
         }
@@ -219,48 +229,20 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 handed.insert(id)
                 if let declared, !headers.endStream { bodies[id] = DeclaredBody(length: declared) }
                 proxy.stats.expressHandovers.add(1, ordering: .relaxed)
-                context.fireChannelRead(data)
+                context.fireChannelRead(wrapInboundOut(frame))
             }
         case .priority:
-            context.fireChannelRead(data)
+            context.fireChannelRead(wrapInboundOut(frame))
         default:
             break  // a late frame of an express stream that has ended
         }
     }
 
-    /// Events of streams the multiplexer was not given stop here: per
-    /// express request NIOHTTP2Handler says "created", "closed" and three
-    /// window changes, and the multiplexer, which has no channel for the
-    /// stream, would only look each one up. (The connection's window changes
-    /// go on when its inbound size changed: the multiplexer opens the
-    /// connection's window.) Most frequent first; each `as?` is a runtime
-    /// cast.
+    /// Stream events come from the codec by a call (below); events of
+    /// streams the multiplexer was not given stop here: it has no channel
+    /// for them and would only look each one up.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        let type = Swift.type(of: event)
-        if type == NIOHTTP2WindowUpdatedEvent.self, let updated = unbox(event, as: NIOHTTP2WindowUpdatedEvent.self) {
-            if updated.streamID == .rootStream {
-                // The multiplexer reads only the inbound size of the
-                // connection's window (to open it); most changes are of the
-                // outbound one, a response sent.
-                if updated.inboundWindowSize == rootInbound { return }
-                rootInbound = updated.inboundWindowSize
-            } else if handed.isEmpty || !handed.contains(updated.streamID) {
-                return
-            }
-        } else if type == NIOHTTP2StreamCreatedEvent.self, let created = unbox(event, as: NIOHTTP2StreamCreatedEvent.self) {
-            if let stream = streams[created.streamID] {
-                stream.created = created  // for a hand-over
-                return
-            }
-        } else if type == StreamClosedEvent.self, let closed = unbox(event, as: StreamClosedEvent.self) {
-            let wasHanded = !handed.isEmpty && handed.remove(closed.streamID) != nil
-            if !ending.isEmpty { ending.remove(closed.streamID) }
-            if !bodies.isEmpty { bodies[closed.streamID] = nil }
-            // Reset by the client, or by NIOHTTP2Handler (an error of ours).
-            if let stream = streams[closed.streamID] { abandon(stream) }
-            closeIfDone()
-            if !wasHanded { return }
-        } else if event is ChannelShouldQuiesceEvent, !quiescing {
+        if event is ChannelShouldQuiesceEvent, !quiescing {
             // Drain: no new streams (GOAWAY); close once every stream is answered.
             quiescing = true
             let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))
@@ -270,15 +252,41 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// A stream's inbound window changed (a stream channel reads it to open
+    /// the window again); only handed-over streams have one.
+    func windowUpdated(_ event: NIOHTTP2WindowUpdatedEvent) {
+        guard !handed.isEmpty, handed.contains(event.streamID), let context else { return }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func streamCreated(_ event: NIOHTTP2StreamCreatedEvent) {
+        if let stream = streams[event.streamID] {
+            stream.created = event  // for a hand-over
+            return
+        }
+        context?.fireUserInboundEventTriggered(event)
+    }
+
+    func streamClosed(_ event: StreamClosedEvent) {
+        let wasHanded = !handed.isEmpty && handed.remove(event.streamID) != nil
+        if !ending.isEmpty { ending.remove(event.streamID) }
+        if !bodies.isEmpty { bodies[event.streamID] = nil }
+        // Reset by the client, or by the codec (an error of ours).
+        if let stream = streams[event.streamID] { abandon(stream) }
+        closeIfDone()
+        if wasHanded { context?.fireUserInboundEventTriggered(event) }
+    }
+
     /// A stream whose request or trailers broke RFC 9113's rules for fields
     /// (HTTP2Fields), or whose body is not the length it declared, is reset
-    /// with PROTOCOL_ERROR, as NIOHTTP2Handler's own checks would; nothing
+    /// with PROTOCOL_ERROR, as NIOHTTP2Handler's checks would; nothing
     /// more of it goes to a backend (a full-path stream's channel closes).
     private func refuse(_ id: HTTP2StreamID, _ why: String, context: ChannelHandlerContext) {
         if id > lastStreamID { lastStreamID = id }
         if let stream = streams[id] { abandon(stream) }
         proxy.logger.debug("HTTP/2 stream reset: \(why)", metadata: ["stream": "\(id)"])
-        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .rstStream(.protocolError))), promise: nil)
+        codec.reset(id, .protocolError, promise: nil)
+        codec.flushNow()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -528,12 +536,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// sent at once unless the response ends with it: then it is returned
     /// (`held`) for finish to send with END_STREAM. Returns the bytes after
     /// the head too. Interim responses (1xx) are dropped.
-    private func responseHead(_ stream: Stream) -> (rest: ByteBuffer, held: HPACKHeaders?)? {
+    private func responseHead(_ stream: Stream) -> (rest: ByteBuffer, held: ByteBuffer?)? {
         guard var raw = stream.head else { return nil }
         enum Parsed {
             case incomplete, malformed, refused
             case interim(length: Int)
-            case ready(HPACKHeaders, length: Int, code: Int, body: Express.ResponseBody)
+            case ready(ByteBuffer, length: Int, code: Int, body: Express.ResponseBody)
         }
         let parsed: Parsed = raw.withUnsafeReadableBytes { p in
             guard let length = HTTP1Wire.headLength(p) else { return .incomplete }
@@ -541,16 +549,24 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                   let body = Express.responseBody(p, status, fields, isHEAD: stream.isHEAD) else { return .malformed }
             if stream.tunnel != nil && Express.isRefusal(p, fields) { return .refused }
             if status.code < 200 { return .interim(length: length) }
-            var headers = HPACKHeaders()
-            headers.reserveCapacity(fields.count + 1)
-            headers.add(name: ":status", value: status.code == 200 ? "200" : String(status.code))
-            for f in fields {
-                if Express.isHopByHop(p, f.name) || (!body.named.isEmpty && body.named.lists(p, name: f.name)) {
-                    continue
+            // The HEADERS block, encoded here from the head's bytes (names
+            // lower-cased as they are copied): no field list in between.
+            var size = 5
+            for f in fields { size += HPACKLiteral.bound(name: f.name.count, value: f.value.count) }
+            var block = ByteBufferAllocator().buffer(capacity: size)
+            block.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
+                var i = 0
+                HPACKLiteral.status(status.code, into: b, at: &i)
+                for f in fields {
+                    if Express.isHopByHop(p, f.name) || (!body.named.isEmpty && body.named.lists(p, name: f.name)) {
+                        continue
+                    }
+                    HPACKLiteral.field(name: UnsafeRawBufferPointer(rebasing: p[f.name]), value: UnsafeRawBufferPointer(rebasing: p[f.value]),
+                                       lowercase: true, into: b, at: &i)
                 }
-                headers.add(name: HTTP1Wire.lowercased(p, f.name), value: String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self))
+                return i
             }
-            return .ready(headers, length: length, code: status.code, body: body)
+            return .ready(block, length: length, code: status.code, body: body)
         }
         switch parsed {
         case .incomplete:
@@ -587,50 +603,35 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 return (raw, headers)
             }
             // (Not tracked: the stream's later frames are, and they go out after it.)
-            write(stream, .headers(.init(headers: headers)), tracked: false)
+            write(stream, .block(headers, endStream: false), tracked: false)
             return (raw, nil)
         }
     }
 
     private func writeData(_ stream: Stream, _ data: ByteBuffer, end: Bool = false) {
         stream.bytesOut += data.readableBytes
-        let n = data.readableBytes
-        write(stream, .data(.init(data: .byteBuffer(data), endStream: end)), bytes: n)
+        write(stream, .data(data, endStream: end), bytes: data.readableBytes)
     }
 
-    /// Writes one frame of a stream; counts what is not out yet. Two kinds
-    /// go without a promise and its callback (about 5,000 instructions
-    /// each): a frame that is not `tracked` (a response head more frames of
-    /// the stream follow, which are), and the frame that ends the stream
-    /// (nothing waits on its bytes; a drain waits for NIOHTTP2Handler to
-    /// close the stream, `ending`, then for the socket, closeIfDone).
-    private func write(_ stream: Stream, _ payload: HTTP2Frame.FramePayload, bytes: Int = 0, tracked: Bool = true) {
+    /// Writes one frame of a stream (a call to the codec); counts what is
+    /// not out yet. Two kinds go without a promise and its callback (about
+    /// 5,000 instructions each): a frame that is not `tracked` (a response
+    /// head more frames of the stream follow, which are), and the frame
+    /// that ends the stream (nothing waits on its bytes; a drain waits for
+    /// the codec to close the stream, `ending`, then for the socket,
+    /// closeIfDone).
+    private func write(_ stream: Stream, _ frame: HTTP2ServerCodec.Outgoing, bytes: Int = 0, tracked: Bool = true) {
         guard let context else { return }
-        let ends: Bool
-        switch payload {
-        case .headers(let h): ends = h.endStream
-        case .data(let d): ends = d.endStream
-        case .rstStream: ends = true
-        default: ends = false
-        }
-        // (In the set before the write: NIO may say "closed" during it.)
+        let ends = frame.endsStream
+        // (In the set before the write: the codec may say "closed" during it.)
         if ends { ending.insert(stream.id) }
-        guard tracked && !ends else {
-            return context.write(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: payload)), promise: nil)
-        }
+        guard tracked && !ends else { return codec.send(stream.id, frame, promise: nil) }
         let written = context.eventLoop.makePromise(of: Void.self)
         unwrittenFrames += 1
         stream.unwritten += bytes
-        context.write(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: payload)), promise: written)
-        written.futureResult.assumeIsolated().whenComplete { [weak self] result in
+        codec.send(stream.id, frame, promise: written)
+        written.futureResult.assumeIsolated().whenComplete { [weak self] _ in
             guard let self else { return }
-            // A frame NIOHTTP2Handler refused (a field HTTP/2 forbids, say):
-            // the client must not wait for the rest of the stream.
-            if case .failure(let error) = result, !(error is NIOHTTP2Errors.NoSuchStream), self.context?.channel.isActive == true {
-                self.proxy.logger.debug("express HTTP/2 frame refused", metadata: ["stream": "\(stream.id)", "error": "\(error)"])
-                self.context?.writeAndFlush(self.wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: .rstStream(.internalError))),
-                                            promise: nil)
-            }
             self.unwrittenFrames -= 1
             stream.unwritten -= bytes
             if stream.paused, stream.unwritten < Self.highWater / 2 {
@@ -641,10 +642,16 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
     }
 
+    /// Resets a stream the client was answered on in part.
+    private func reset(_ stream: Stream) {
+        codec.reset(stream.id, .internalError, promise: nil)
+        codec.flushNow()
+    }
+
     /// The response is all read: the backend's connection goes back to the
     /// pool, the exchange is recorded, and the stream ends with `last` (or
     /// the head held back, or the trailers, or an empty DATA frame).
-    private func finish(_ stream: Stream, extra: Int, last: ByteBuffer?, head: HPACKHeaders? = nil) {
+    private func finish(_ stream: Stream, extra: Int, last: ByteBuffer?, head: ByteBuffer? = nil) {
         guard let loop else { return }
         if extra > 0 { stream.reusable = false }  // bytes past the response: out of step
         if let upstream = stream.upstream {
@@ -653,17 +660,18 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
         // (The head's fields are well-formed HTTP/2 by construction: token
         // names lower-cased, values without control bytes, hop-by-hop
-        // fields gone. Trailer lines are checked: NIOHTTP2Handler does not.)
+        // fields gone. Trailer lines are checked: the codec does not.)
         let trailers = stream.trailer.flatMap(Self.trailerFields)
         let malformed = trailers.map { !HTTP2Fields.valid($0, .trailers) } ?? false
         // Out of the table first: the last frame closes the stream, and
-        // NIOHTTP2Handler says so (StreamClosedEvent) as it is written.
+        // the codec says so (StreamClosedEvent) as it is written.
         end(stream, flags: malformed ? "UPE" : "-")
         if let head {
-            write(stream, .headers(.init(headers: head, endStream: true)))
+            write(stream, .block(head, endStream: true))
         } else if let trailers {
             if let last { writeData(stream, last) }
-            write(stream, malformed ? .rstStream(.internalError) : .headers(.init(headers: trailers, endStream: true)))
+            if malformed { return reset(stream) }
+            write(stream, .headers(trailers, endStream: true))
         } else {
             writeData(stream, last ?? ByteBuffer(), end: true)
         }
@@ -694,8 +702,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             // Part of the response went out: the client must see it broken.
             Express.countReset(snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
             end(stream, flags: "UC")
-            write(stream, .rstStream(.internalError))
-            context?.flush()
+            reset(stream)
             return
         }
         if stream.reused && stream.idempotent && stream.head == nil {
@@ -714,8 +721,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         stream.reusable = false
         if stream.responded {
             end(stream, flags: "UPE")
-            write(stream, .rstStream(.internalError))
-            context?.flush()
+            reset(stream)
         } else {
             respondLocally(stream, .badGateway, "weft: upstream \(stream.key) sent \(what)\n", flags: "UPE")
         }
@@ -728,9 +734,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         end(stream, flags: flags)
         let headers = HPACKHeaders([(":status", String(status.code)), ("content-type", "text/plain; charset=utf-8"),
                                     ("content-length", String(body.utf8.count)), ("server", "weft")])
-        write(stream, .headers(.init(headers: headers, endStream: stream.isHEAD)))
+        write(stream, .headers(headers, endStream: stream.isHEAD))
         if !stream.isHEAD { writeData(stream, ByteBuffer(string: body), end: true) }
-        context?.flush()
+        codec.flushNow()
     }
 
     /// The client reset the stream or went away.
@@ -763,22 +769,17 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         context.eventLoop.assumeIsolated().execute { [weak self] in
             guard let self else { return }
             self.flushScheduled = false
-            self.context?.flush()
+            self.codec.flushNow()
         }
     }
 
     /// A draining connection closes once every stream is answered and
-    /// written out: each stream closed by NIOHTTP2Handler (so none of its
-    /// frames is left in its flow-control buffer), then what the socket
-    /// still holds written (an empty write below NIOHTTP2Handler completes
-    /// after it; WriteBarrier.swift).
+    /// written out: each stream closed by the codec (so none of its frames
+    /// waits on a window), then what the socket still holds written (an
+    /// empty write below the codec completes after it; WriteBarrier.swift).
     private func closeIfDone() {
-        guard quiescing, !closing, streams.isEmpty, handed.isEmpty, ending.isEmpty, unwrittenFrames == 0,
-              let context else { return }
+        guard quiescing, !closing, streams.isEmpty, handed.isEmpty, ending.isEmpty, unwrittenFrames == 0 else { return }
         closing = true
-        guard let codec = try? context.pipeline.syncOperations.handler(type: HTTP2ServerCodec.self) else {
-            return context.close(promise: nil)
-        }
         codec.closeAfterWrites()
     }
 }

@@ -55,7 +55,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         /// An END_STREAM frame was written to us, perhaps still waiting.
         var endQueued = false
         /// Frames waiting for a window to open, in order.
-        var waiting: [(HTTP2Frame.FramePayload, EventLoopPromise<Void>?)] = []
+        var waiting: [(Outgoing, EventLoopPromise<Void>?)] = []
 
         init(id: HTTP2StreamID, sendWindow: Int) {
             self.id = id
@@ -287,10 +287,10 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         guard stream.receiveWindow >= 0 else { return streamError(id, .flowControlError, context: context) }
         let end = flags & 0x1 != 0
         if end { stream.remoteEnded = true }
-        context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(body), endStream: end)))))
+        deliver(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(body), endStream: end))), context: context)
         // What a stream channel reads to open the stream's window again.
-        context.fireUserInboundEventTriggered(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: stream.receiveWindow,
-                                                                         outboundWindowSize: nil))
+        deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: stream.receiveWindow, outboundWindowSize: nil),
+                context: context)
         if end { closeIfEnded(stream, context: context) }
     }
 
@@ -333,7 +333,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             guard !stream.remoteEnded else { return streamError(id, .streamClosed, context: context) }
             guard endStream else { return streamError(id, .protocolError, context: context) }
             stream.remoteEnded = true
-            context.fireChannelRead(wrapInboundOut(frame))
+            deliver(frame, context: context)
             return closeIfEnded(stream, context: context)
         }
         guard id > lastStreamID else {
@@ -348,9 +348,10 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         let stream = Stream(id: id, sendWindow: peerInitialWindow)
         stream.remoteEnded = endStream
         streams[id] = stream
-        context.fireChannelRead(wrapInboundOut(frame))
-        context.fireUserInboundEventTriggered(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(Self.initialWindow),
-                                                                         remoteInitialWindowSize: UInt32(peerInitialWindow)))
+        deliver(frame, context: context)
+        guard streams[id] === stream else { return }  // refused above already
+        deliver(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(Self.initialWindow),
+                                           remoteInitialWindowSize: UInt32(peerInitialWindow)), context: context)
     }
 
     private func rstStream(_ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
@@ -367,7 +368,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             throw ConnectionError.violation(.enhanceYourCalm, "more streams reset than finished")
         }
         let reason = HTTP2ErrorCode(networkCode: Int(code))
-        context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: id, payload: .rstStream(reason))))
+        deliver(HTTP2Frame(streamID: id, payload: .rstStream(reason)), context: context)
         close(stream, reason: reason, context: context)
     }
 
@@ -490,10 +491,51 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             let error = NIOHTTP2Errors.streamClosed(streamID: stream.id, errorCode: reason ?? .cancel)
             for (_, promise) in waiting { promise?.fail(error) }
         }
-        context.fireUserInboundEventTriggered(StreamClosedEvent(streamID: stream.id, reason: reason))
+        deliver(StreamClosedEvent(streamID: stream.id, reason: reason), context: context)
+    }
+
+    // MARK: to the handlers above
+
+    /// The express path, when it sits right above: frames and stream
+    /// events go to it by a call, not through the pipeline (a hop, a box
+    /// and a cast each); it passes on to the multiplexer what is not its.
+    weak var express: ExpressHTTP2Handler?
+
+    private func deliver(_ frame: HTTP2Frame, context: ChannelHandlerContext) {
+        if let express { return express.received(frame) }
+        context.fireChannelRead(wrapInboundOut(frame))
+    }
+
+    private func deliver(_ event: NIOHTTP2StreamCreatedEvent, context: ChannelHandlerContext) {
+        if let express { return express.streamCreated(event) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func deliver(_ event: StreamClosedEvent, context: ChannelHandlerContext) {
+        if let express { return express.streamClosed(event) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func deliver(_ event: NIOHTTP2WindowUpdatedEvent, context: ChannelHandlerContext) {
+        if let express { return express.windowUpdated(event) }
+        context.fireUserInboundEventTriggered(event)
     }
 
     // MARK: writing
+
+    /// A frame of a stream, as sent.
+    enum Outgoing {
+        case headers(HPACKHeaders, endStream: Bool)
+        /// A header block already encoded with HPACKLiteral (no dynamic table).
+        case block(ByteBuffer, endStream: Bool)
+        case data(ByteBuffer, endStream: Bool)
+
+        var endsStream: Bool {
+            switch self {
+            case .headers(_, let end), .block(_, let end), .data(_, let end): return end
+            }
+        }
+    }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let frame = unwrapOutboundIn(data)
@@ -517,43 +559,64 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             }
             return keep(promise)
         }
-        guard let stream = streams[id] else {
-            promise?.fail(NIOHTTP2Errors.noSuchStream(streamID: id))
-            return
-        }
         switch frame.payload {
-        case .rstStream(let code):
-            rst(id, code)
-            keep(promise)
-            close(stream, reason: code, context: context)
-        case .windowUpdate(let increment):
-            stream.receiveWindow += increment
-            windowUpdate(id, increment)
-            keep(promise)
-            context.fireUserInboundEventTriggered(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: stream.receiveWindow,
-                                                                             outboundWindowSize: nil))
-        case .headers, .data:
-            guard !stream.endQueued else {
-                promise?.fail(NIOHTTP2Errors.streamClosed(streamID: id, errorCode: .streamClosed))
-                return
-            }
-            if case .data(let d) = frame.payload, case .fileRegion = d.data {
+        case .headers(let h): send(id, .headers(h.headers, endStream: h.endStream), promise: promise)
+        case .data(let d):
+            guard case .byteBuffer(let bytes) = d.data else {
                 promise?.fail(NIOHTTP2Errors.unsupported(info: "a file region"))
                 return
             }
-            if frame.payload.endsStream { stream.endQueued = true }
-            // Behind what already waits on a window, or sent now (what the
-            // windows do not take waits, at the front of `waiting`).
-            if !stream.waiting.isEmpty {
-                stream.waiting.append((frame.payload, promise))
-            } else if !send(stream, frame.payload, promise) {
-                blocked.append(stream)
+            send(id, .data(bytes, endStream: d.endStream), promise: promise)
+        case .rstStream(let code): reset(id, code, promise: promise)
+        case .windowUpdate(let increment):
+            guard let stream = streams[id] else {
+                promise?.fail(NIOHTTP2Errors.noSuchStream(streamID: id))
+                return
             }
+            stream.receiveWindow += increment
+            windowUpdate(id, increment)
+            keep(promise)
+            deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: stream.receiveWindow, outboundWindowSize: nil), context: context)
         case .priority:
             keep(promise)  // not ours to say
         default:
             promise?.fail(NIOHTTP2Errors.unsupported(info: "\(frame.payload) on a stream"))
         }
+    }
+
+    /// Sends a frame of a stream (ExpressHTTP2Handler calls this directly;
+    /// the multiplexer's frames come through `write`): now, or once the
+    /// windows let it, behind what of the stream already waits.
+    func send(_ id: HTTP2StreamID, _ frame: Outgoing, promise: EventLoopPromise<Void>?) {
+        guard !failed else {
+            promise?.fail(NIOHTTP2Errors.ioOnClosedConnection())
+            return
+        }
+        guard let stream = streams[id] else {
+            promise?.fail(NIOHTTP2Errors.noSuchStream(streamID: id))
+            return
+        }
+        guard !stream.endQueued else {
+            promise?.fail(NIOHTTP2Errors.streamClosed(streamID: id, errorCode: .streamClosed))
+            return
+        }
+        if frame.endsStream { stream.endQueued = true }
+        if !stream.waiting.isEmpty {
+            stream.waiting.append((frame, promise))
+        } else if !emit(stream, frame, promise) {
+            blocked.append(stream)  // (emit left what the windows did not take at the front of `waiting`)
+        }
+    }
+
+    /// Resets a stream of ours (RST_STREAM) and says it closed.
+    func reset(_ id: HTTP2StreamID, _ code: HTTP2ErrorCode, promise: EventLoopPromise<Void>?) {
+        guard !failed, let stream = streams[id], let context else {
+            promise?.fail(NIOHTTP2Errors.noSuchStream(streamID: id))
+            return
+        }
+        rst(id, code)
+        keep(promise)
+        close(stream, reason: code, context: context)
     }
 
     func flush(context: ChannelHandlerContext) {
@@ -562,39 +625,34 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         context.flush()
     }
 
-    /// Sends a stream's frame, as much of a DATA frame as the windows take;
-    /// false if something is left (then `payload` is what is left: the
-    /// caller keeps it waiting).
-    private func send(_ stream: Stream, _ payload: HTTP2Frame.FramePayload, _ promise: EventLoopPromise<Void>?) -> Bool {
-        switch payload {
-        case .headers(let h):
-            headerFrame(stream.id, h.headers, endStream: h.endStream)
-            if h.endStream { stream.localEnded = true }
-        case .data(let d):
-            guard case .byteBuffer(var bytes) = d.data else {
-                promise?.fail(NIOHTTP2Errors.unsupported(info: "a file region"))
-                return true
-            }
+    /// Sends a stream's frame, as much of DATA as the windows take; false
+    /// if some is left, which then waits at the front of `waiting`.
+    private func emit(_ stream: Stream, _ frame: Outgoing, _ promise: EventLoopPromise<Void>?) -> Bool {
+        switch frame {
+        case .headers(let fields, let end):
+            headerFrame(stream.id, end) { out in HPACKLiteral.write(fields, into: &out) }
+        case .block(var block, let end):
+            headerFrame(stream.id, end) { out in out.writeBuffer(&block) }
+        case .data(var bytes, let end):
             while true {
                 let room = min(connectionSendWindow, stream.sendWindow, peerMaxFrameSize)
-                let n = bytes.readableBytes
-                if n > room {
+                if bytes.readableBytes > room {
                     guard room > 0, var piece = bytes.readSlice(length: room) else {
-                        stream.waiting.insert((.data(.init(data: .byteBuffer(bytes), endStream: d.endStream)), promise), at: 0)
+                        stream.waiting.insert((.data(bytes, endStream: end), promise), at: 0)
                         return false
                     }
                     dataFrame(stream, &piece, end: false)
                     continue
                 }
-                dataFrame(stream, &bytes, end: d.endStream)
+                dataFrame(stream, &bytes, end: end)
                 break
             }
-            if d.endStream { stream.localEnded = true }
-        default:
-            break
         }
         keep(promise)
-        if stream.localEnded, let context { closeIfEnded(stream, context: context) }
+        if frame.endsStream {
+            stream.localEnded = true
+            if let context { closeIfEnded(stream, context: context) }
+        }
         return true
     }
 
@@ -607,9 +665,8 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             var waiting = stream.waiting
             stream.waiting.removeAll()
             while !waiting.isEmpty {
-                let (payload, promise) = waiting.removeFirst()
-                if !send(stream, payload, promise) {
-                    // (send put what is left at the front of stream.waiting)
+                let (frame, promise) = waiting.removeFirst()
+                if !emit(stream, frame, promise) {
                     stream.waiting.append(contentsOf: waiting)
                     break
                 }
@@ -633,23 +690,24 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    /// A HEADERS frame, and CONTINUATIONs if its block is over the client's
-    /// frame size.
-    private func headerFrame(_ id: HTTP2StreamID, _ fields: HPACKHeaders, endStream: Bool) {
+    /// A HEADERS frame whose block `encode` writes, and CONTINUATIONs if
+    /// the block is over the client's frame size.
+    private func headerFrame(_ id: HTTP2StreamID, _ endStream: Bool, _ encode: (inout ByteBuffer) -> Void) {
         let start = output.writerIndex
-        output.moveWriterIndex(forwardBy: 9)
+        frameHeader(length: 0, type: 0x1, flags: 0, stream: id)
         if announceTableSize {
             announceTableSize = false
             output.writeInteger(UInt8(0x20))  // dynamic table size update: 0
         }
-        for (name, value, _) in fields { Self.encode(name: name, value: value, into: &output) }
+        encode(&output)
         let length = output.writerIndex - start - 9
         let flags: UInt8 = endStream ? 0x1 : 0
         guard length > peerMaxFrameSize else {
-            setFrameHeader(at: start, length: length, type: 0x1, flags: flags | 0x4, stream: id)
+            output.setInteger(UInt32(length) << 8 | 0x1, at: start)
+            output.setInteger(flags | 0x4, at: start + 4)
             return
         }
-        // Rare: split the block, HEADERS then CONTINUATIONs.
+        // Rare: the block split, HEADERS then CONTINUATIONs.
         guard let block = output.getSlice(at: start + 9, length: length) else { return }
         output.moveWriterIndex(to: start)
         var rest = block
@@ -657,8 +715,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         while rest.readableBytes > 0 {
             var piece = rest.readSlice(length: min(rest.readableBytes, peerMaxFrameSize)) ?? ByteBuffer()
             let last = rest.readableBytes == 0
-            frameHeader(length: piece.readableBytes, type: first ? 0x1 : 0x9,
-                        flags: (first ? flags : 0) | (last ? 0x4 : 0), stream: id)
+            frameHeader(length: piece.readableBytes, type: first ? 0x1 : 0x9, flags: (first ? flags : 0) | (last ? 0x4 : 0), stream: id)
             output.writeBuffer(&piece)
             first = false
         }
@@ -670,15 +727,19 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func frameHeader(length: Int, type: UInt8, flags: UInt8, stream: HTTP2StreamID) {
-        let start = output.writerIndex
-        output.moveWriterIndex(forwardBy: 9)
-        setFrameHeader(at: start, length: length, type: type, flags: flags, stream: stream)
-    }
-
-    private func setFrameHeader(at index: Int, length: Int, type: UInt8, flags: UInt8, stream: HTTP2StreamID) {
-        output.setInteger(UInt32(length) << 8 | UInt32(type), at: index)
-        output.setInteger(flags, at: index + 4)
-        output.setInteger(UInt32(Int32(stream)), at: index + 5)
+        let id = UInt32(bitPattern: Int32(stream))
+        output.writeWithUnsafeMutableBytes(minimumWritableBytes: 9) { b in
+            b[0] = UInt8(truncatingIfNeeded: length >> 16)
+            b[1] = UInt8(truncatingIfNeeded: length >> 8)
+            b[2] = UInt8(truncatingIfNeeded: length)
+            b[3] = type
+            b[4] = flags
+            b[5] = UInt8(truncatingIfNeeded: id >> 24)
+            b[6] = UInt8(truncatingIfNeeded: id >> 16)
+            b[7] = UInt8(truncatingIfNeeded: id >> 8)
+            b[8] = UInt8(truncatingIfNeeded: id)
+            return 9
+        }
     }
 
     /// The promise of a frame whose bytes are all in `output`.
@@ -709,56 +770,17 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         output.clear()
     }
 
+    /// Writes and flushes what is held (ExpressHTTP2Handler's flush).
+    func flushNow() {
+        guard let context else { return }
+        flush(context: context)
+    }
+
     /// Closes the connection once what was written to it is out.
     func closeAfterWrites() {
         guard let context else { return }
         writeOutput(context: context)
         context.closeAfterWrites()
-    }
-
-    // MARK: HPACK, encoding
-
-    /// One field as a literal never indexed, not Huffman-coded; `:status`
-    /// from the static table when it is there.
-    private static func encode(name: String, value: String, into out: inout ByteBuffer) {
-        if name == ":status" {
-            switch value {
-            case "200": out.writeInteger(UInt8(0x88))
-            case "204": out.writeInteger(UInt8(0x89))
-            case "206": out.writeInteger(UInt8(0x8A))
-            case "304": out.writeInteger(UInt8(0x8B))
-            case "400": out.writeInteger(UInt8(0x8C))
-            case "404": out.writeInteger(UInt8(0x8D))
-            case "500": out.writeInteger(UInt8(0x8E))
-            default:
-                out.writeInteger(UInt8(0x18))  // never indexed, name: static entry 8
-                string(value, into: &out)
-            }
-            return
-        }
-        out.writeInteger(UInt8(0x10))  // never indexed, new name
-        string(name, into: &out)
-        string(value, into: &out)
-    }
-
-    private static func string(_ s: String, into out: inout ByteBuffer) {
-        integer(s.utf8.count, prefix: 7, flags: 0, into: &out)
-        out.writeString(s)
-    }
-
-    private static func integer(_ value: Int, prefix: Int, flags: UInt8, into out: inout ByteBuffer) {
-        let max = (1 << prefix) - 1
-        if value < max {
-            out.writeInteger(flags | UInt8(value))
-            return
-        }
-        out.writeInteger(flags | UInt8(max))
-        var rest = value - max
-        while rest >= 128 {
-            out.writeInteger(UInt8(rest & 0x7F | 0x80))
-            rest >>= 7
-        }
-        out.writeInteger(UInt8(rest))
     }
 }
 
@@ -769,12 +791,96 @@ struct HTTP2ConnectionFailure: Error, CustomStringConvertible {
     var description: String { "HTTP/2 connection error \(code): \(reason)" }
 }
 
-extension HTTP2Frame.FramePayload {
-    fileprivate var endsStream: Bool {
-        switch self {
-        case .headers(let h): return h.endStream
-        case .data(let d): return d.endStream
-        default: return false
+/// HPACK (RFC 7541) as the codec sends it: no dynamic table; a status of
+/// the static table as one byte; every other field a literal never
+/// indexed, not Huffman-coded (section 6.2.3). Written straight into the
+/// bytes, one capacity check per block or field.
+enum HPACKLiteral {
+    /// The most bytes one field takes: its flags byte, two lengths of at
+    /// most 5 bytes, the name and the value.
+    static func bound(name: Int, value: Int) -> Int { name + value + 11 }
+
+    /// `:status`; `i` moves past what was written (at most 5 bytes).
+    static func status(_ code: Int, into b: UnsafeMutableRawBufferPointer, at i: inout Int) {
+        switch code {
+        case 200: b[i] = 0x88
+        case 204: b[i] = 0x89
+        case 206: b[i] = 0x8A
+        case 304: b[i] = 0x8B
+        case 400: b[i] = 0x8C
+        case 404: b[i] = 0x8D
+        case 500: b[i] = 0x8E
+        default:
+            // Never indexed, name: static entry 8; three digits.
+            b[i] = 0x18
+            b[i + 1] = 3
+            b[i + 2] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 100 % 10)
+            b[i + 3] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 10 % 10)
+            b[i + 4] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code % 10)
+            i += 5
+            return
+        }
+        i += 1
+    }
+
+    /// One field, its name lower-cased as it is copied if `lowercase`.
+    static func field(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer, lowercase: Bool,
+                      into b: UnsafeMutableRawBufferPointer, at i: inout Int) {
+        b[i] = 0x10  // never indexed, new name
+        i += 1
+        integer(name.count, into: b, at: &i)
+        if lowercase {
+            for c in name {
+                b[i] = c &- UInt8(ascii: "A") < 26 ? c | 0x20 : c
+                i += 1
+            }
+        } else {
+            UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + name.count)]).copyMemory(from: name)
+            i += name.count
+        }
+        integer(value.count, into: b, at: &i)
+        UnsafeMutableRawBufferPointer(rebasing: b[i..<(i + value.count)]).copyMemory(from: value)
+        i += value.count
+    }
+
+    /// A string length, 7-bit prefix, no Huffman flag.
+    static func integer(_ value: Int, into b: UnsafeMutableRawBufferPointer, at i: inout Int) {
+        if value < 127 {
+            b[i] = UInt8(value)
+            i += 1
+            return
+        }
+        b[i] = 127
+        i += 1
+        var rest = value - 127
+        while rest >= 128 {
+            b[i] = UInt8(truncatingIfNeeded: rest & 0x7F | 0x80)
+            i += 1
+            rest >>= 7
+        }
+        b[i] = UInt8(rest)
+        i += 1
+    }
+
+    /// A whole field list (the full path's frames, the proxy's own answers).
+    static func write(_ fields: HPACKHeaders, into out: inout ByteBuffer) {
+        var size = 0
+        for (name, value, _) in fields { size += bound(name: name.utf8.count, value: value.utf8.count) }
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
+            var i = 0
+            for (name, value, _) in fields {
+                if name == ":status", value.utf8.count == 3, let code = Int(value) {
+                    status(code, into: b, at: &i)
+                    continue
+                }
+                var name = name, value = value
+                name.withUTF8 { n in
+                    value.withUTF8 { v in
+                        field(name: UnsafeRawBufferPointer(n), value: UnsafeRawBufferPointer(v), lowercase: false, into: b, at: &i)
+                    }
+                }
+            }
+            return i
         }
     }
 }

@@ -159,8 +159,9 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     // each request body to its content-length (DeclaredBody)
                     // in place of NIO's slower checks; HTTP2FieldCheck checks
                     // what the full path sends.
-                    try pipeline.addHandler(HTTP2ServerCodec(allocator: context.channel.allocator))
-                    try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin))
+                    let codec = HTTP2ServerCodec(allocator: context.channel.allocator)
+                    try pipeline.addHandler(codec)
+                    try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec))
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
                                                                    inboundStreamInitializer: fullPath(true)))
                 } else {
