@@ -27,7 +27,9 @@ import NIOHTTP2
 /// at most 16,384 bytes (a block over twice that, with its CONTINUATIONs,
 /// ends the connection), the protocol's initial windows of 65,535 bytes.
 /// A client that resets more streams than it lets finish is sent GOAWAY
-/// (ENHANCE_YOUR_CALM) — the "rapid reset" attack.
+/// (ENHANCE_YOUR_CALM), the "rapid reset" attack; so is one that sends
+/// empty DATA frames over and over, a CONTINUATION flood, or PINGs and
+/// SETTINGS while it does not read their answers.
 final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = HTTP2Frame
@@ -41,6 +43,10 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     static let maxWindow = Int(Int32.max)
     /// Resets by the client beyond the streams it let finish.
     static let resetAllowance = 200
+    /// Empty DATA frames without END_STREAM in a row.
+    static let maxEmptyFrames = 10
+    /// Acknowledgements owed while the client does not read.
+    static let maxUnreadAnswers = 10_000
 
     /// One stream, open or half-closed.
     private final class Stream {
@@ -91,6 +97,8 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     /// The next header block starts with a dynamic table size update to 0.
     private var announceTableSize = true
     private var resetAllowance = HTTP2ServerCodec.resetAllowance
+    private var emptyFrames = 0
+    private var unreadAnswers = 0
     /// Bytes to write, and the promises of the frames whose last bytes are in them.
     private var output: ByteBuffer
     private var outputPromises: [EventLoopPromise<Void>] = []
@@ -247,7 +255,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         case 0x3: try rstStream(id, payload, context: context)
         case 0x4: try settings(flags, id, payload, context: context)
         case 0x5: throw ConnectionError.violation(.protocolError, "PUSH_PROMISE from a client")
-        case 0x6: try ping(flags, id, payload)
+        case 0x6: try ping(flags, id, payload, context: context)
         case 0x7:
             guard id == .rootStream else { throw ConnectionError.violation(.protocolError, "GOAWAY on a stream") }
             guard payload.readableBytes >= 8 else { throw ConnectionError.violation(.frameSizeError, "a short GOAWAY") }
@@ -283,6 +291,15 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             return  // a stream that was closed or reset: dropped
         }
         guard !stream.remoteEnded else { return streamError(id, .streamClosed, context: context) }
+        // Empty DATA frames that end nothing cost us and carry nothing.
+        if body.readableBytes == 0 && flags & 0x1 == 0 {
+            emptyFrames += 1
+            guard emptyFrames <= Self.maxEmptyFrames else {
+                throw ConnectionError.violation(.enhanceYourCalm, "\(emptyFrames) empty DATA frames in a row")
+            }
+        } else {
+            emptyFrames = 0
+        }
         stream.receiveWindow -= length
         guard stream.receiveWindow >= 0 else { return streamError(id, .flowControlError, context: context) }
         let end = flags & 0x1 != 0
@@ -398,6 +415,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             default: break
             }
         }
+        try answering(context: context)
         frameHeader(length: 0, type: 0x4, flags: 0x1, stream: .rootStream)
         if windowDelta != 0 {
             for stream in streams.values {
@@ -410,10 +428,11 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private func ping(_ flags: UInt8, _ id: HTTP2StreamID, _ payload: ByteBuffer) throws {
+    private func ping(_ flags: UInt8, _ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
         guard id == .rootStream else { throw ConnectionError.violation(.protocolError, "PING on a stream") }
         guard payload.readableBytes == 8 else { throw ConnectionError.violation(.frameSizeError, "PING of \(payload.readableBytes) bytes") }
         guard flags & 0x1 == 0 else { return }
+        try answering(context: context)
         frameHeader(length: 8, type: 0x6, flags: 0x1, stream: .rootStream)
         var opaque = payload
         output.writeBuffer(&opaque)
@@ -437,6 +456,20 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         sendWaiting(context: context)
+    }
+
+    /// A PING or SETTINGS to acknowledge. A client that sends them while
+    /// it does not read what we write would pile acknowledgements up in
+    /// the proxy: past `maxUnreadAnswers` of them unwritable, it is sent away.
+    private func answering(context: ChannelHandlerContext) throws {
+        guard !context.channel.isWritable else {
+            unreadAnswers = 0
+            return
+        }
+        unreadAnswers += 1
+        guard unreadAnswers <= Self.maxUnreadAnswers else {
+            throw ConnectionError.violation(.enhanceYourCalm, "\(unreadAnswers) PINGs or SETTINGS unread")
+        }
     }
 
     // MARK: errors

@@ -1,0 +1,381 @@
+import NIOCore
+import NIOEmbedded
+import NIOHPACK
+import NIOHTTP2
+import Testing
+@testable import WeftProxy
+
+/// HTTP2ServerCodec, Weft's HTTP/2 server side, against NIO's client
+/// (NIOHTTP2Handler, which checks what it receives) joined byte for byte,
+/// and against raw frames a client that breaks the protocol would send.
+@Suite struct HTTP2ServerCodecTests {
+    /// Collects what the codec passes up: frames and stream events.
+    final class Above: ChannelInboundHandler {
+        typealias InboundIn = HTTP2Frame
+        var frames: [HTTP2Frame] = []
+        var created: [HTTP2StreamID] = []
+        var closed: [(HTTP2StreamID, HTTP2ErrorCode?)] = []
+        var windows: [(HTTP2StreamID, Int?)] = []
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) { frames.append(unwrapInboundIn(data)) }
+
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            switch event {
+            case let e as NIOHTTP2StreamCreatedEvent: created.append(e.streamID)
+            case let e as StreamClosedEvent: closed.append((e.streamID, e.reason))
+            case let e as NIOHTTP2WindowUpdatedEvent: windows.append((e.streamID, e.inboundWindowSize))
+            default: break
+            }
+        }
+
+        func take() -> [HTTP2Frame] {
+            defer { frames.removeAll() }
+            return frames
+        }
+    }
+
+    /// A NIO client and the codec, joined.
+    struct Pair {
+        let client = EmbeddedChannel(), server = EmbeddedChannel()
+        let above = Above()
+
+        init(clientSettings: HTTP2Settings = nioDefaultSettings) throws {
+            try client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: clientSettings))
+            try server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: server.allocator))
+            try server.pipeline.syncOperations.addHandler(above)
+            let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
+            try client.connect(to: address).wait()
+            try server.connect(to: address).wait()
+            shuttle()
+        }
+
+        func shuttle() {
+            var moved = true
+            while moved {
+                moved = false
+                for (from, to) in [(client, server), (server, client)] {
+                    while let bytes = try? from.readOutbound(as: ByteBuffer.self) {
+                        moved = true
+                        _ = try? to.writeInbound(bytes)
+                    }
+                }
+            }
+        }
+
+        /// Frames the client's NIOHTTP2Handler passed up (it checked them).
+        func clientFrames() -> [HTTP2Frame] {
+            var frames: [HTTP2Frame] = []
+            while let frame = try? client.readInbound(as: HTTP2Frame.self) { frames.append(frame) }
+            return frames
+        }
+
+        func request(_ id: HTTP2StreamID, _ headers: HPACKHeaders, end: Bool = true) throws {
+            try client.writeAndFlush(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: end)))).wait()
+            shuttle()
+        }
+
+        func finish() {
+            _ = try? client.finish()
+            _ = try? server.finish()
+        }
+    }
+
+    static func pairs(_ h: HPACKHeaders) -> [String] { h.map { "\($0.name)=\($0.value)" } }
+
+    static func dataSizes(_ frames: [HTTP2Frame]) -> [Int] {
+        frames.compactMap { frame -> Int? in
+            guard case .data(let d) = frame.payload else { return nil }
+            return d.data.readableBytes
+        }
+    }
+
+    static let get: HPACKHeaders = [":method": "GET", ":scheme": "http", ":path": "/a?b=c", ":authority": "svc.example",
+                                    "user-agent": "test/1.0", "accept": "*/*"]
+
+    @Test func requestsComeUpAsSentAndResponsesGoBackWhole() throws {
+        let pair = try Pair()
+        defer { pair.finish() }
+        // NIO's encoder indexes and Huffman-codes: the second request is
+        // mostly references to the codec's dynamic table.
+        for id in [1, 3] as [HTTP2StreamID] {
+            try pair.request(id, Self.get)
+            let frames = pair.above.take()
+            #expect(frames.count == 1)
+            guard case .headers(let h)? = frames.first?.payload else {
+                Issue.record("no HEADERS: \(frames)")
+                return
+            }
+            #expect(h.endStream && Self.pairs(h.headers) == Self.pairs(Self.get), "\(h.headers)")
+            #expect(pair.above.created.last == id)
+        }
+        // Responses in every shape the codec encodes: static-table statuses
+        // and others, long values (multi-byte lengths), a body over the
+        // frame size, a trailer.
+        let body = ByteBuffer(repeating: 7, count: 40_000)
+        let response: HPACKHeaders = [":status": "200", "content-type": "text/plain", "x-long": String(repeating: "v", count: 300)]
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: response)))).wait()
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(body))))).wait()
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: ["grpc-status": "0"], endStream: true))))
+            .wait()
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: 3, payload: .headers(.init(headers: [":status": "418", "x": ""], endStream: true))))
+            .wait()
+        pair.shuttle()
+        var heads: [HTTP2StreamID: [HPACKHeaders]] = [:], received = 0
+        for frame in pair.clientFrames() {
+            switch frame.payload {
+            case .headers(let h): heads[frame.streamID, default: []].append(h.headers)
+            case .data(let d): received += d.data.readableBytes
+            default: break
+            }
+        }
+        let stream1 = heads[HTTP2StreamID(1)] ?? []
+        #expect(stream1.map { block in block.map { $0.name } } == [[":status", "content-type", "x-long"], ["grpc-status"]])
+        #expect(stream1.first?.first(name: "x-long")?.count == 300)
+        #expect(heads[HTTP2StreamID(3)]?.first?.first(name: ":status") == "418")
+        #expect(received == 40_000)
+        #expect(Set(pair.above.closed.map(\.0)) == [1, 3] && pair.above.closed.allSatisfy { $0.1 == nil })
+    }
+
+    /// What HPACKLiteral writes, NIO's decoder reads back as written, for
+    /// random fields of every length.
+    @Test func literalBlocksDecodeAsWritten() throws {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            var fields = HPACKHeaders()
+            fields.add(name: ":status", value: String(Int.random(in: 100...599, using: &rng)))
+            for _ in 0..<Int.random(in: 0...12, using: &rng) {
+                let name = String((0..<Int.random(in: 1...200, using: &rng)).map { _ in "abcdefghijklmnopqrstuvwxyz-0123456789".randomElement(using: &rng)! })
+                let value = String((0..<Int.random(in: 0...3_000, using: &rng)).map { _ in Character(UnicodeScalar(UInt8.random(in: 0x20...0x7E, using: &rng))) })
+                fields.add(name: name, value: value)
+            }
+            var block = ByteBuffer()
+            HPACKLiteral.write(fields, into: &block)
+            var decoder = HPACKDecoder(allocator: ByteBufferAllocator(), maxDynamicTableSize: 4096, maxHeaderListSize: .max)
+            let decoded = try decoder.decodeHeaders(from: &block)
+            #expect(Self.pairs(decoded) == Self.pairs(fields))
+        }
+    }
+
+    /// The codec sends no more than the client's windows allow, holds the
+    /// rest with its promise, and sends it as the windows open, in order.
+    @Test func flowControlHoldsDataUntilTheWindowsOpen() throws {
+        var settings = nioDefaultSettings
+        settings.append(HTTP2Setting(parameter: .initialWindowSize, value: 1_000))
+        let pair = try Pair(clientSettings: settings)
+        defer { pair.finish() }
+        try pair.request(1, Self.get)
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"])))).wait()
+        let first = ByteBuffer(repeating: 1, count: 3_000), second = ByteBuffer(repeating: 2, count: 500)
+        let sent1 = pair.server.eventLoop.makePromise(of: Void.self), sent2 = pair.server.eventLoop.makePromise(of: Void.self)
+        var done1 = false, done2 = false
+        sent1.futureResult.whenSuccess { done1 = true }
+        sent2.futureResult.whenSuccess { done2 = true }
+        pair.server.write(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(first)))), promise: sent1)
+        pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(second), endStream: true))), promise: sent2)
+        pair.shuttle()
+        pair.server.embeddedEventLoop.run()
+        func bytes(_ frames: [HTTP2Frame]) -> [UInt8] {
+            frames.flatMap { f -> [UInt8] in
+                guard case .data(let d) = f.payload, case .byteBuffer(let b) = d.data else { return [] }
+                return Array(b.readableBytesView)
+            }
+        }
+        var got = bytes(pair.clientFrames())
+        #expect(got.count == 1_000 && !done1 && !done2, "the stream's window is 1,000 bytes")
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .windowUpdate(windowSizeIncrement: 10_000))).wait()
+        pair.shuttle()
+        pair.server.embeddedEventLoop.run()
+        got += bytes(pair.clientFrames())
+        #expect(got == Array(repeating: 1, count: 3_000) + Array(repeating: 2, count: 500))
+        #expect(done1 && done2)
+        #expect(pair.above.closed.map(\.0) == [1])
+    }
+
+    /// Stream channels open their windows with WINDOW_UPDATE frames; the
+    /// codec tells them each window's size as DATA comes and as they do.
+    @Test func inboundWindowsAreReportedAndReopened() throws {
+        let pair = try Pair()
+        defer { pair.finish() }
+        try pair.request(1, [":method": "POST", ":scheme": "http", ":path": "/", ":authority": "a"], end: false)
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 0, count: 16_000)))))).wait()
+        pair.shuttle()
+        #expect(pair.above.windows.last.map { $0.0 == 1 && $0.1 == 65_535 - 16_000 } == true, "\(pair.above.windows)")
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .windowUpdate(windowSizeIncrement: 16_000))).wait()
+        #expect(pair.above.windows.last.map { $0.0 == 1 && $0.1 == 65_535 } == true, "\(pair.above.windows)")
+        pair.shuttle()
+        // The client's handler took the update: 65,535 more bytes go.
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 0, count: 16_384)))))).wait()
+        pair.shuttle()
+        #expect(Self.dataSizes(pair.above.take()) == [16_000, 16_384])
+    }
+
+    @Test func pingsAreAnsweredAndResetsCloseStreams() throws {
+        let pair = try Pair()
+        defer { pair.finish() }
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: 42), ack: false))).wait()
+        pair.shuttle()
+        #expect(pair.clientFrames().contains { frame in
+            guard case .ping(let d, ack: true) = frame.payload else { return false }
+            return d.integer == 42
+        })
+        try pair.request(1, Self.get)
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .rstStream(.cancel))).wait()
+        pair.shuttle()
+        #expect(pair.above.closed.map(\.0) == [1] && pair.above.closed.first?.1 == .cancel)
+        // A frame written for it now fails, as NIO's handler fails it.
+        let late = pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"]))))
+        #expect(throws: NIOHTTP2Errors.NoSuchStream.self) { try late.wait() }
+    }
+
+    // MARK: raw frames from a client that breaks the protocol
+
+    struct Raw {
+        let server = EmbeddedChannel()
+        let above = Above()
+
+        init() throws {
+            try server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: server.allocator))
+            try server.pipeline.syncOperations.addHandler(above)
+            try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            var start = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            Self.frame(&start, type: 0x4, flags: 0, stream: 0, payload: [])
+            send(start)
+        }
+
+        static func frame(_ b: inout ByteBuffer, type: UInt8, flags: UInt8, stream: UInt32, payload: [UInt8]) {
+            b.writeInteger(UInt32(payload.count) << 8 | UInt32(type))
+            b.writeInteger(flags)
+            b.writeInteger(stream)
+            b.writeBytes(payload)
+        }
+
+        func send(_ bytes: ByteBuffer) {
+            _ = try? server.writeInbound(bytes)
+        }
+
+        func send(type: UInt8, flags: UInt8 = 0, stream: UInt32, payload: [UInt8] = []) {
+            var b = ByteBuffer()
+            Self.frame(&b, type: type, flags: flags, stream: stream, payload: payload)
+            send(b)
+        }
+
+        /// A request's HEADERS: GET / as a literal block.
+        func open(_ stream: UInt32, end: Bool = true) {
+            send(type: 0x1, flags: 0x4 | (end ? 0x1 : 0), stream: stream, payload: [0x82, 0x86, 0x84, 0x41, 0x01, 0x61])
+        }
+
+        /// Frames the codec wrote: (type, flags, stream, payload).
+        func written() -> [(UInt8, UInt8, UInt32, [UInt8])] {
+            var all = ByteBuffer()
+            while var b = try? server.readOutbound(as: ByteBuffer.self) { all.writeBuffer(&b) }
+            var frames: [(UInt8, UInt8, UInt32, [UInt8])] = []
+            while let head = all.readInteger(as: UInt32.self), let flags = all.readInteger(as: UInt8.self),
+                  let stream = all.readInteger(as: UInt32.self), let payload = all.readBytes(length: Int(head >> 8)) {
+                frames.append((UInt8(head & 0xFF), flags, stream, payload))
+            }
+            return frames
+        }
+
+        /// The error code of the GOAWAY written, if one was.
+        func goAway() -> UInt32? {
+            guard let g = written().first(where: { $0.0 == 0x7 }) else { return nil }
+            return g.3[4...7].reduce(0) { $0 << 8 | UInt32($1) }
+        }
+    }
+
+    @Test func protocolErrorsEndTheConnectionWithGoAway() throws {
+        let cases: [(String, UInt32, (Raw) -> Void)] = [
+            ("a stream of even id", 0x1, { $0.open(2) }),
+            ("DATA on an idle stream", 0x1, { $0.send(type: 0x0, stream: 5, payload: [1]) }),
+            ("PUSH_PROMISE", 0x1, { $0.send(type: 0x5, flags: 0x4, stream: 1, payload: [0, 0, 0, 2]) }),
+            ("a PING of 7 bytes", 0x6, { $0.send(type: 0x6, stream: 0, payload: [0, 0, 0, 0, 0, 0, 0]) }),
+            ("a window of 0", 0x1, { $0.send(type: 0x8, stream: 0, payload: [0, 0, 0, 0]) }),
+            ("a frame over 16,384 bytes", 0x6, { $0.send(type: 0x0, stream: 1, payload: Array(repeating: 0, count: 16_385)) }),
+            ("DATA past the connection's window", 0x3, { raw in
+                // (In one read: the codec opens the window again after each.)
+                raw.open(1, end: false)
+                var b = ByteBuffer()
+                for _ in 0..<5 { Raw.frame(&b, type: 0x0, flags: 0, stream: 1, payload: Array(repeating: 0, count: 16_384)) }
+                raw.send(b)
+            }),
+            ("a frame amid a header block", 0x1, { raw in
+                raw.send(type: 0x1, flags: 0x1, stream: 1, payload: [0x82])
+                raw.send(type: 0x6, stream: 0, payload: Array(repeating: 0, count: 8))
+            }),
+            ("CONTINUATION without end", 0xB, { raw in
+                raw.send(type: 0x1, flags: 0x1, stream: 1, payload: [0x82])
+                for _ in 0..<3 { raw.send(type: 0x9, stream: 1, payload: Array(repeating: 0x82, count: 16_000)) }
+            }),
+            ("a header block HPACK cannot read", 0x9, { $0.send(type: 0x1, flags: 0x5, stream: 1, payload: [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]) }),
+        ]
+        for (what, code, act) in cases {
+            let raw = try Raw()
+            _ = raw.written()
+            act(raw)
+            #expect(raw.goAway() == code, "\(what)")
+            #expect(!raw.server.isActive, "\(what): still open")
+            _ = try? raw.server.finish()
+        }
+    }
+
+    /// Floods that cost the proxy and carry nothing are sent away
+    /// (ENHANCE_YOUR_CALM): empty DATA frames in a row, and PINGs from a
+    /// client that does not read their answers.
+    @Test func floodsAreSentAway() throws {
+        let empty = try Raw()
+        empty.open(1, end: false)
+        for _ in 0..<10 { empty.send(type: 0x0, stream: 1) }
+        empty.send(type: 0x0, stream: 1, payload: [1])  // the count starts again
+        for _ in 0..<10 { empty.send(type: 0x0, stream: 1) }
+        #expect(empty.goAway() == nil && empty.server.isActive)
+        empty.send(type: 0x0, stream: 1)
+        #expect(empty.goAway() == 0xB && !empty.server.isActive)
+        _ = try? empty.server.finish()
+
+        let pings = try Raw()
+        for _ in 0..<20_000 { pings.send(type: 0x6, stream: 0, payload: Array(repeating: 0, count: 8)) }
+        #expect(pings.goAway() == nil, "answered while the client reads")
+        pings.server.isWritable = false
+        for _ in 0..<10_000 { pings.send(type: 0x6, stream: 0, payload: Array(repeating: 0, count: 8)) }
+        #expect(pings.server.isActive)
+        pings.send(type: 0x6, stream: 0, payload: Array(repeating: 0, count: 8))
+        #expect(pings.goAway() == 0xB && !pings.server.isActive)
+        _ = try? pings.server.finish()
+    }
+
+    /// Over 100 open streams, a new one is refused; a client that resets
+    /// streams faster than it lets them finish is sent away ("rapid reset").
+    @Test func streamLimitsAndRapidResets() throws {
+        let raw = try Raw()
+        _ = raw.written()
+        for i in 0..<101 { raw.open(UInt32(2 * i + 1)) }
+        let refused = raw.written().filter { $0.0 == 0x3 }
+        #expect(refused.count == 1 && refused.first?.2 == 201 && refused.first?.3 == [0, 0, 0, 7], "REFUSED_STREAM on the 101st")
+        #expect(raw.above.created.count == 100)
+        _ = try? raw.server.finish()
+
+        // Streams that finish earn their resets back: 1,000 resets among
+        // 1,000 finished streams are fine.
+        let fair = try Raw()
+        var id: UInt32 = 1
+        for _ in 0..<1_000 {
+            fair.open(id)
+            fair.send(type: 0x3, stream: id, payload: [0, 0, 0, 8])
+            fair.open(id + 2)
+            try fair.server.writeAndFlush(HTTP2Frame(streamID: HTTP2StreamID(Int32(id + 2)),
+                                                     payload: .headers(.init(headers: [":status": "204"], endStream: true)))).wait()
+            id += 4
+        }
+        #expect(fair.goAway() == nil && fair.server.isActive)
+        _ = try? fair.server.finish()
+
+        let rapid = try Raw()
+        for i in 0..<1_000 {
+            rapid.open(UInt32(2 * i + 1))
+            rapid.send(type: 0x3, stream: UInt32(2 * i + 1), payload: [0, 0, 0, 8])
+        }
+        #expect(rapid.goAway() == 0xB && !rapid.server.isActive)
+        #expect(rapid.above.created.count < 250)
+        _ = try? rapid.server.finish()
+    }
+}
