@@ -51,12 +51,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     private var loop: LoopState?
     /// Express streams still being answered.
-    private var streams: [HTTP2StreamID: Stream] = [:]
+    private var streams = StreamTable<Stream>()
     /// Streams given to the multiplexer, until they close.
-    private var handed: Set<HTTP2StreamID> = []
+    private var handed = StreamSet()
     /// The request bodies of streams given to the multiplexer that declared
     /// a length, while they are due.
-    private var bodies: [HTTP2StreamID: DeclaredBody] = [:]
+    private var bodies = StreamTable<DeclaredBody>()
     private var lastStreamID = HTTP2StreamID.rootStream
     private var routing: Express.Routing?
     private var quiescing = false
@@ -66,7 +66,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// Streams whose last frame was written without a promise, until
     /// the codec says they closed, which it does once that frame no longer
     /// waits on a window. A quiescing connection waits for them.
-    private var ending: Set<HTTP2StreamID> = []
+    private var ending = StreamSet()
     private var closing = false
     private var fields: [HTTP1Wire.Field] = []
     private var chunkData: [Range<Int>] = []
@@ -155,7 +155,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        for stream in Array(streams.values) { abandon(stream) }
+        for stream in streams.values { abandon(stream) }
         self.context = nil
     }
 
@@ -290,7 +290,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        for stream in Array(streams.values) { abandon(stream) }
+        for stream in streams.values { abandon(stream) }
         context.fireChannelInactive()
     }
 

@@ -76,7 +76,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
 
     private var context: ChannelHandlerContext?
     private var decoder: HPACKDecoder
-    private var streams: [HTTP2StreamID: Stream] = [:]
+    private var streams = StreamTable<Stream>()
     /// Streams with frames waiting for a window, oldest first.
     private var blocked: [Stream] = []
     /// Bytes read but not yet a whole frame.
