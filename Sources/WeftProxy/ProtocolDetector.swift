@@ -150,15 +150,16 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                         }
                     }
                 }
-                if proxy.configuration.express
-                    && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: "\(origin.vip):\(origin.port)") {
-                    // Frames meet the express path before the multiplexer
-                    // (ExpressHTTP2Handler): streams it does not answer get
-                    // stream channels and the full path, as below. It checks
+                if proxy.configuration.express {
+                    // Weft's HTTP/2 server codec, then the express path
+                    // (ExpressHTTP2Handler), then the multiplexer: streams the
+                    // express path does not answer (all of them while it does
+                    // not serve the frontend: tracing on, a FrontendGuard, no
+                    // route) get stream channels and the full path. It checks
                     // every field block that comes in (HTTP2Fields) and holds
                     // each request body to its content-length (DeclaredBody)
-                    // in place of NIO's slower checks; HTTP2FieldCheck checks
-                    // what the full path sends.
+                    // in place of NIO's checks; HTTP2FieldCheck checks what
+                    // the full path sends.
                     let codec = HTTP2ServerCodec(allocator: context.channel.allocator)
                     try pipeline.addHandler(codec)
                     try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec))

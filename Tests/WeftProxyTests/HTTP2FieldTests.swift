@@ -15,32 +15,18 @@ import Testing
     /// A client NIOHTTP2Handler that checks nothing and a server one that
     /// checks every block, joined byte for byte.
     private struct Pair {
-        let client = EmbeddedChannel(), server = EmbeddedChannel()
+        let link = EmbeddedLink()
+        var client: EmbeddedChannel { link.client }
+        var server: EmbeddedChannel { link.server }
 
         init() throws {
-            try client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, headerBlockValidation: .disabled,
-                                                                          contentLengthValidation: .disabled))
-            try server.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server))
-            let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
-            try client.connect(to: address).wait()
-            try server.connect(to: address).wait()
-            shuttle()
+            try link.client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, headerBlockValidation: .disabled,
+                                                                               contentLengthValidation: .disabled))
+            try link.server.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server))
+            try link.connect()
         }
 
-        /// Moves bytes both ways until neither side has more to say. (A
-        /// stream error NIO raises on the server is the verdict, not a failure.)
-        func shuttle() {
-            var moved = true
-            while moved {
-                moved = false
-                for (from, to) in [(client, server), (server, client)] {
-                    while case .some(.byteBuffer(let bytes)) = try? from.readOutbound(as: IOData.self) {
-                        moved = true
-                        _ = try? to.writeInbound(bytes)
-                    }
-                }
-            }
-        }
+        func shuttle() { link.shuttle() }
 
         /// Whether the server passed a HEADERS frame of `stream` up its pipeline.
         func serverGotHeaders(on stream: HTTP2StreamID) -> Int {
@@ -51,10 +37,7 @@ import Testing
             return count
         }
 
-        func finish() {
-            _ = try? client.finish()
-            _ = try? server.finish()
-        }
+        func finish() { link.finish() }
     }
 
     // (No upper-case spelling of a name HPACK's tables hold, as "User-Agent":

@@ -36,31 +36,19 @@ import Testing
 
     /// A NIO client and the codec, joined.
     struct Pair {
-        let client = EmbeddedChannel(), server = EmbeddedChannel()
+        let link = EmbeddedLink()
+        var client: EmbeddedChannel { link.client }
+        var server: EmbeddedChannel { link.server }
         let above = Above()
 
         init(clientSettings: HTTP2Settings = nioDefaultSettings) throws {
-            try client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: clientSettings))
-            try server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: server.allocator))
-            try server.pipeline.syncOperations.addHandler(above)
-            let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
-            try client.connect(to: address).wait()
-            try server.connect(to: address).wait()
-            shuttle()
+            try link.client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: clientSettings))
+            try link.server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: link.server.allocator))
+            try link.server.pipeline.syncOperations.addHandler(above)
+            try link.connect()
         }
 
-        func shuttle() {
-            var moved = true
-            while moved {
-                moved = false
-                for (from, to) in [(client, server), (server, client)] {
-                    while let bytes = try? from.readOutbound(as: ByteBuffer.self) {
-                        moved = true
-                        _ = try? to.writeInbound(bytes)
-                    }
-                }
-            }
-        }
+        func shuttle() { link.shuttle() }
 
         /// Frames the client's NIOHTTP2Handler passed up (it checked them).
         func clientFrames() -> [HTTP2Frame] {
@@ -74,10 +62,7 @@ import Testing
             shuttle()
         }
 
-        func finish() {
-            _ = try? client.finish()
-            _ = try? server.finish()
-        }
+        func finish() { link.finish() }
     }
 
     static func pairs(_ h: HPACKHeaders) -> [String] { h.map { "\($0.name)=\($0.value)" } }
