@@ -84,7 +84,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var prefaceRead = false
     private var settingsRead = false
     /// A header block still arriving in CONTINUATION frames.
-    private var continuing: (stream: HTTP2StreamID, endStream: Bool, block: ByteBuffer)?
+    private var continuing: (stream: HTTP2StreamID, endStream: Bool, selfDependent: Bool, block: ByteBuffer)?
     /// The newest stream the client opened.
     private var lastStreamID = HTTP2StreamID.rootStream
     /// Streams above this one are refused: a GOAWAY was sent.
@@ -270,7 +270,8 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             }
             continuing.block.writeBuffer(&more)
             if flags & 0x4 != 0 {
-                try headerBlock(id, endStream: continuing.endStream, block: continuing.block, context: context)
+                try headerBlock(id, endStream: continuing.endStream, selfDependent: continuing.selfDependent, block: continuing.block,
+                                context: context)
             } else {
                 self.continuing = continuing
             }
@@ -325,25 +326,33 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         guard id != .rootStream else { throw ConnectionError.violation(.protocolError, "HEADERS on stream 0") }
         var block = payload
         if flags & 0x8 != 0 { block = try unpadded(block) }
+        var selfDependent = false
         if flags & 0x20 != 0 {
             guard block.readableBytes >= 5, let dependency = block.readInteger(as: UInt32.self) else {
                 throw ConnectionError.violation(.frameSizeError, "a short HEADERS priority")
             }
             block.moveReaderIndex(forwardBy: 1)
-            if Int32(bitPattern: dependency & 0x7FFF_FFFF) == Int32(id) { return streamError(id, .protocolError, context: context) }
+            selfDependent = Int32(bitPattern: dependency & 0x7FFF_FFFF) == Int32(id)
         }
         let end = flags & 0x1 != 0
         if flags & 0x4 == 0 {
-            continuing = (id, end, block)
+            continuing = (id, end, selfDependent, block)
             return
         }
-        try headerBlock(id, endStream: end, block: block, context: context)
+        try headerBlock(id, endStream: end, selfDependent: selfDependent, block: block, context: context)
     }
 
-    private func headerBlock(_ id: HTTP2StreamID, endStream: Bool, block: ByteBuffer, context: ChannelHandlerContext) throws {
-        // Always decoded: the client's encoder counts on our table.
+    private func headerBlock(_ id: HTTP2StreamID, endStream: Bool, selfDependent: Bool = false, block: ByteBuffer,
+                             context: ChannelHandlerContext) throws {
+        // Always decoded, also for a stream that is then reset: the
+        // client's encoder counts on our table holding what it added.
         var block = block
         let fields = try decoder.decodeHeaders(from: &block)
+        if selfDependent {
+            // A stream that depends on itself (RFC 9113, section 5.3.1).
+            if id > lastStreamID { lastStreamID = id }
+            return streamError(id, .protocolError, context: context)
+        }
         let frame = HTTP2Frame(streamID: id, payload: .headers(.init(headers: fields, endStream: endStream)))
         if let stream = streams[id] {
             // Trailers.

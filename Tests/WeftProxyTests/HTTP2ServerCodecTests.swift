@@ -303,6 +303,28 @@ import Testing
         }
     }
 
+    /// A stream the codec resets on its HEADERS still has its block
+    /// decoded: what the client's encoder added to the table is there for
+    /// the next stream.
+    @Test func aResetStreamsBlockStillFillsTheTable() throws {
+        let raw = try Raw()
+        _ = raw.written()
+        // Stream 1 depends on itself (PRIORITY flag): reset. Its block adds
+        // ":authority: a" to the dynamic table (literal with indexing).
+        raw.send(type: 0x1, flags: 0x25, stream: 1, payload: [0, 0, 0, 1, 16, 0x82, 0x86, 0x84, 0x41, 0x01, 0x61])
+        // Stream 3 names it by index (62).
+        raw.send(type: 0x1, flags: 0x5, stream: 3, payload: [0x82, 0x86, 0x84, 0xBE])
+        let written = raw.written()
+        #expect(written.contains { $0.0 == 0x3 && $0.2 == 1 && $0.3 == [0, 0, 0, 1] }, "stream 1 reset: \(written)")
+        #expect(!written.contains { $0.0 == 0x7 }, "GOAWAY: \(written)")
+        let heads = raw.above.take().compactMap { frame -> HPACKHeaders? in
+            guard case .headers(let h) = frame.payload else { return nil }
+            return h.headers
+        }
+        #expect(heads.count == 1 && heads.first?.first(name: ":authority") == "a", "\(heads)")
+        _ = try? raw.server.finish()
+    }
+
     /// Floods that cost the proxy and carry nothing are sent away
     /// (ENHANCE_YOUR_CALM): empty DATA frames in a row, and PINGs from a
     /// client that does not read their answers.
