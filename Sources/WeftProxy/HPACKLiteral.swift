@@ -41,7 +41,7 @@ enum HPACKLiteral {
         integer(name.count, into: b, at: &i)
         if lowercase {
             for c in name {
-                b[i] = c &- UInt8(ascii: "A") < 26 ? c | 0x20 : c
+                b[i] = HTTP1Wire.fold(c)
                 i += 1
             }
         } else {

@@ -220,16 +220,9 @@ enum HTTP1Wire {
         }
     }
 
-    private static func fold(_ c: UInt8) -> UInt8 { c >= 65 && c <= 90 ? c | 0x20 : c }
-
-    /// `p[range]` as a String, ASCII upper case folded to lower (a field
-    /// name as HTTP/2 wants it).
-    static func lowercased(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> String {
-        String(unsafeUninitializedCapacity: range.count) { out in
-            for k in 0..<range.count { out[k] = fold(p[range.lowerBound + k]) }
-            return range.count
-        }
-    }
+    /// ASCII upper case folded to lower (field names compared, or written
+    /// as HTTP/2 wants them: HPACKLiteral).
+    static func fold(_ c: UInt8) -> UInt8 { c >= 65 && c <= 90 ? c | 0x20 : c }
 
     /// A decimal Content-Length value; nil if it is not one.
     static func decimal(_ p: UnsafeRawBufferPointer, _ range: Range<Int>) -> Int? {
