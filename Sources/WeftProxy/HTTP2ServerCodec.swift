@@ -2,8 +2,9 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 
-/// The server side of an h2c client's connection (RFC 9113), Weft's own, in
-/// place of NIOHTTP2Handler on the connections the express path serves. It
+/// The server side of an HTTP/2 connection (RFC 9113), Weft's own, in place
+/// of NIOHTTP2Handler on h2c clients' connections (the express path) and on
+/// the mTLS tunnels from other nodes (TunnelRelay; `Settings.tunnel`). It
 /// speaks to the handlers above it exactly as NIOHTTP2Handler does (frames
 /// as `HTTP2Frame`, its stream-created, stream-closed and window events, a
 /// promise per frame written), so ExpressHTTP2Handler and NIO's stream
@@ -22,10 +23,11 @@ import NIOHTTP2
 /// never indexed and not Huffman-coded), so no state is shared with the
 /// client's decoder beyond a size of zero, announced in the first block.
 ///
-/// Limits, as NIOHTTP2Handler's defaults: 100 concurrent streams (a stream
-/// over that is refused), frames of at most 16,384 bytes, header lists of
-/// at most 16,384 bytes (a block over twice that, with its CONTINUATIONs,
-/// ends the connection), the protocol's initial windows of 65,535 bytes.
+/// Limits on an h2c connection, as NIOHTTP2Handler's defaults: 100
+/// concurrent streams (a stream over that is refused), frames of at most
+/// 16,384 bytes, header lists of at most 16,384 bytes (a block over twice
+/// that, with its CONTINUATIONs, ends the connection), the protocol's
+/// initial windows of 65,535 bytes; a tunnel's are TunnelHTTP2's.
 /// A client that resets more streams than it lets finish is sent GOAWAY
 /// (ENHANCE_YOUR_CALM), the "rapid reset" attack; so is one that sends
 /// empty DATA frames over and over, a CONTINUATION flood, or PINGs and
@@ -36,13 +38,34 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundIn = HTTP2Frame
     typealias OutboundOut = ByteBuffer
 
-    static let maxConcurrentStreams = 100
-    static let maxFrameSize = 16_384
-    static let maxHeaderListSize = 16_384
-    static let initialWindow = 65_535
+    /// What the codec offers its peer, and what it takes from it.
+    struct Settings {
+        var maxConcurrentStreams = 100
+        /// The largest frame the peer may send.
+        var maxFrameSize = 16_384
+        var maxHeaderListSize = 16_384
+        /// Each stream's receive window, announced in SETTINGS.
+        var initialWindow = HTTP2ServerCodec.protocolWindow
+        /// The connection's receive window, opened to this at the start
+        /// and opened again as it is used.
+        var connectionWindow = HTTP2ServerCodec.protocolWindow
+        /// Resets by the peer beyond the streams it let finish.
+        var resetAllowance = 200
+        /// Whether the handlers above are told of the send windows, as
+        /// NIOHTTP2Handler tells them (NIOHTTP2WindowUpdatedEvent with an
+        /// outbound size): when a stream's or the connection's runs out and
+        /// when it opens again (TunnelRelay reads the socket only while they
+        /// are open). The express path does not need them.
+        var reportsSendWindows = false
+
+        /// An h2c client's connection: NIOHTTP2Handler's defaults.
+        static let h2c = Settings()
+    }
+
+    /// The windows every connection and stream start with (RFC 9113, 6.9.2).
+    static let protocolWindow = 65_535
+    static let protocolFrameSize = 16_384
     static let maxWindow = Int(Int32.max)
-    /// Resets by the client beyond the streams it let finish.
-    static let resetAllowance = 200
     /// Empty DATA frames without END_STREAM in a row.
     static let maxEmptyFrames = 10
     /// Acknowledgements owed while the client does not read.
@@ -63,10 +86,10 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         /// Frames waiting for a window to open, in order.
         var waiting: [(Outgoing, EventLoopPromise<Void>?)] = []
 
-        init(id: HTTP2StreamID, sendWindow: Int) {
+        init(id: HTTP2StreamID, sendWindow: Int, receiveWindow: Int) {
             self.id = id
             self.sendWindow = sendWindow
-            receiveWindow = HTTP2ServerCodec.initialWindow
+            self.receiveWindow = receiveWindow
         }
     }
 
@@ -89,14 +112,14 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var lastStreamID = HTTP2StreamID.rootStream
     /// Streams above this one are refused: a GOAWAY was sent.
     private var goAwayLastStreamID: HTTP2StreamID?
-    private var connectionSendWindow = HTTP2ServerCodec.initialWindow
-    private var connectionReceiveWindow = HTTP2ServerCodec.initialWindow
+    private var connectionSendWindow = HTTP2ServerCodec.protocolWindow
+    private var connectionReceiveWindow = HTTP2ServerCodec.protocolWindow
     /// The client's settings that bind what we send.
-    private var peerInitialWindow = HTTP2ServerCodec.initialWindow
-    private var peerMaxFrameSize = HTTP2ServerCodec.maxFrameSize
+    private var peerInitialWindow = HTTP2ServerCodec.protocolWindow
+    private var peerMaxFrameSize = HTTP2ServerCodec.protocolFrameSize
     /// The next header block starts with a dynamic table size update to 0.
     private var announceTableSize = true
-    private var resetAllowance = HTTP2ServerCodec.resetAllowance
+    private var resetAllowance: Int
     private var emptyFrames = 0
     private var unreadAnswers = 0
     /// Bytes to write, and the promises of the frames whose last bytes are in them.
@@ -106,9 +129,13 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var unflushed = false
     private var failed = false
 
-    init(allocator: ByteBufferAllocator) {
+    let settings: Settings
+
+    init(allocator: ByteBufferAllocator, settings: Settings = .h2c) {
+        self.settings = settings
+        resetAllowance = settings.resetAllowance
         decoder = HPACKDecoder(allocator: allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
-                               maxHeaderListSize: Self.maxHeaderListSize)
+                               maxHeaderListSize: settings.maxHeaderListSize)
         output = allocator.buffer(capacity: 4096)
     }
 
@@ -126,16 +153,23 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
 
     private var prefaceSent = false
 
-    /// Our SETTINGS: NIOHTTP2Handler's defaults (the windows and frame size
-    /// the protocol starts with need no entry).
+    /// Our SETTINGS (windows and a frame size the protocol starts with need
+    /// no entry), and the connection's window opened to its size.
     private func sendPreface(context: ChannelHandlerContext) {
         guard !prefaceSent else { return }
         prefaceSent = true
-        frameHeader(length: 12, type: 0x4, flags: 0, stream: .rootStream)
-        output.writeInteger(UInt16(0x3))
-        output.writeInteger(UInt32(Self.maxConcurrentStreams))
-        output.writeInteger(UInt16(0x6))
-        output.writeInteger(UInt32(Self.maxHeaderListSize))
+        var entries: [(UInt16, Int)] = [(0x3, settings.maxConcurrentStreams), (0x6, settings.maxHeaderListSize)]
+        if settings.initialWindow != Self.protocolWindow { entries.append((0x4, settings.initialWindow)) }
+        if settings.maxFrameSize != Self.protocolFrameSize { entries.append((0x5, settings.maxFrameSize)) }
+        frameHeader(length: 6 * entries.count, type: 0x4, flags: 0, stream: .rootStream)
+        for (key, value) in entries {
+            output.writeInteger(key)
+            output.writeInteger(UInt32(value))
+        }
+        if settings.connectionWindow > connectionReceiveWindow {
+            windowUpdate(.rootStream, settings.connectionWindow - connectionReceiveWindow)
+            connectionReceiveWindow = settings.connectionWindow
+        }
         writeOutput(context: context)
         context.flush()
     }
@@ -199,7 +233,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
                 guard let length24 = bytes.getInteger(at: start, as: UInt32.self) else { break }
                 let length = Int(length24 >> 8)
                 let type = UInt8(truncatingIfNeeded: length24)
-                guard length <= Self.maxFrameSize else {
+                guard length <= settings.maxFrameSize else {
                     throw ConnectionError.violation(.frameSizeError, "a frame of \(length) bytes")
                 }
                 guard bytes.readableBytes >= 9 + length,
@@ -226,9 +260,9 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         guard !failed else { return }
         // The connection's window, opened again as it is used: the streams'
         // windows bound what each may send.
-        if connectionReceiveWindow <= Self.initialWindow / 2 {
-            let increment = Self.initialWindow - connectionReceiveWindow
-            connectionReceiveWindow = Self.initialWindow
+        if connectionReceiveWindow <= settings.connectionWindow / 2 {
+            let increment = settings.connectionWindow - connectionReceiveWindow
+            connectionReceiveWindow = settings.connectionWindow
             windowUpdate(.rootStream, increment)
         }
         writeOutput(context: context)
@@ -258,15 +292,21 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         case 0x6: try ping(flags, id, payload, context: context)
         case 0x7:
             guard id == .rootStream else { throw ConnectionError.violation(.protocolError, "GOAWAY on a stream") }
-            guard payload.readableBytes >= 8 else { throw ConnectionError.violation(.frameSizeError, "a short GOAWAY") }
+            guard payload.readableBytes >= 8, let last = payload.getInteger(at: payload.readerIndex, as: UInt32.self),
+                  let code = payload.getInteger(at: payload.readerIndex + 4, as: UInt32.self) else {
+                throw ConnectionError.violation(.frameSizeError, "a short GOAWAY")
+            }
             // The client opens no more streams; those open finish.
+            deliver(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: HTTP2StreamID(Int32(bitPattern: last & 0x7FFF_FFFF)),
+                                                                         errorCode: HTTP2ErrorCode(networkCode: Int(code)), opaqueData: nil)),
+                    context: context)
         case 0x8: try windowUpdate(id, payload, context: context)
         case 0x9:
             guard var continuing else { throw ConnectionError.violation(.protocolError, "CONTINUATION without HEADERS") }
             self.continuing = nil
             var more = payload
-            guard continuing.block.readableBytes + more.readableBytes <= 2 * Self.maxHeaderListSize else {
-                throw ConnectionError.violation(.enhanceYourCalm, "a header block over \(2 * Self.maxHeaderListSize) bytes")
+            guard continuing.block.readableBytes + more.readableBytes <= 2 * settings.maxHeaderListSize else {
+                throw ConnectionError.violation(.enhanceYourCalm, "a header block over \(2 * settings.maxHeaderListSize) bytes")
             }
             continuing.block.writeBuffer(&more)
             if flags & 0x4 != 0 {
@@ -370,14 +410,17 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         if let goAwayLastStreamID, id > goAwayLastStreamID {
             return streamError(id, .refusedStream, context: context)
         }
-        guard streams.count < Self.maxConcurrentStreams else { return streamError(id, .refusedStream, context: context) }
-        let stream = Stream(id: id, sendWindow: peerInitialWindow)
+        guard streams.count < settings.maxConcurrentStreams else { return streamError(id, .refusedStream, context: context) }
+        let stream = Stream(id: id, sendWindow: peerInitialWindow, receiveWindow: settings.initialWindow)
         stream.remoteEnded = endStream
         streams[id] = stream
         deliver(frame, context: context)
         guard streams[id] === stream else { return }  // refused above already
-        deliver(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(Self.initialWindow),
-                                           remoteInitialWindowSize: UInt32(peerInitialWindow)), context: context)
+        deliver(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(settings.initialWindow),
+                                           remoteInitialWindowSize: UInt32(max(0, peerInitialWindow))), context: context)
+        if settings.reportsSendWindows && stream.sendWindow <= 0 {
+            deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow), context: context)
+        }
     }
 
     private func rstStream(_ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
@@ -427,10 +470,15 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         try answering(context: context)
         frameHeader(length: 0, type: 0x4, flags: 0x1, stream: .rootStream)
         if windowDelta != 0 {
+            if settings.reportsSendWindows { deliver(NIOHTTP2BulkStreamWindowChangeEvent(delta: windowDelta), context: context) }
             for stream in streams.values {
                 stream.sendWindow += windowDelta
                 guard stream.sendWindow <= Self.maxWindow else {
                     throw ConnectionError.violation(.flowControlError, "a stream window over 2^31-1")
+                }
+                if settings.reportsSendWindows && stream.sendWindow <= 0 && stream.sendWindow - windowDelta > 0 {
+                    deliver(NIOHTTP2WindowUpdatedEvent(streamID: stream.id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
+                            context: context)
                 }
             }
             if windowDelta > 0 { sendWaiting(context: context) }
@@ -440,7 +488,11 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private func ping(_ flags: UInt8, _ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
         guard id == .rootStream else { throw ConnectionError.violation(.protocolError, "PING on a stream") }
         guard payload.readableBytes == 8 else { throw ConnectionError.violation(.frameSizeError, "PING of \(payload.readableBytes) bytes") }
-        guard flags & 0x1 == 0 else { return }
+        guard flags & 0x1 == 0 else {
+            // An answer to a PING of ours (TunnelRelay's drain waits for one).
+            let data = HTTP2PingData(withInteger: payload.getInteger(at: payload.readerIndex, as: UInt64.self) ?? 0)
+            return deliver(HTTP2Frame(streamID: .rootStream, payload: .ping(data, ack: true)), context: context)
+        }
         try answering(context: context)
         frameHeader(length: 8, type: 0x6, flags: 0x1, stream: .rootStream)
         var opaque = payload
@@ -454,12 +506,22 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         let increment = Int(raw & 0x7FFF_FFFF)
         if id == .rootStream {
             guard increment > 0 else { throw ConnectionError.violation(.protocolError, "a WINDOW_UPDATE of 0") }
+            let was = connectionSendWindow
             connectionSendWindow += increment
             guard connectionSendWindow <= Self.maxWindow else { throw ConnectionError.violation(.flowControlError, "a window over 2^31-1") }
+            if settings.reportsSendWindows && was <= 0 && connectionSendWindow > 0 {
+                deliver(NIOHTTP2WindowUpdatedEvent(streamID: .rootStream, inboundWindowSize: nil, outboundWindowSize: connectionSendWindow),
+                        context: context)
+            }
         } else if let stream = streams[id] {
             guard increment > 0 else { return streamError(id, .protocolError, context: context) }
+            let was = stream.sendWindow
             stream.sendWindow += increment
             guard stream.sendWindow <= Self.maxWindow else { return streamError(id, .flowControlError, context: context) }
+            if settings.reportsSendWindows && was <= 0 && stream.sendWindow > 0 {
+                deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
+                        context: context)
+            }
         } else {
             if id > lastStreamID { throw ConnectionError.violation(.protocolError, "WINDOW_UPDATE on an idle stream") }
             return
@@ -519,7 +581,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     /// Closed once both sides have ended it.
     private func closeIfEnded(_ stream: Stream, context: ChannelHandlerContext) {
         if stream.remoteEnded && stream.localEnded {
-            resetAllowance = min(resetAllowance + 1, Self.resetAllowance)
+            resetAllowance = min(resetAllowance + 1, settings.resetAllowance)
             close(stream, reason: nil, context: context)
         }
     }
@@ -560,6 +622,10 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
 
     private func deliver(_ event: NIOHTTP2WindowUpdatedEvent, context: ChannelHandlerContext) {
         if let express { return express.windowUpdated(event) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func deliver(_ event: NIOHTTP2BulkStreamWindowChangeEvent, context: ChannelHandlerContext) {
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -721,6 +787,17 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         let n = bytes.readableBytes
         connectionSendWindow -= n
         stream.sendWindow -= n
+        if settings.reportsSendWindows && n > 0, let context {
+            // A window this frame used up (each is told again once it opens).
+            if stream.sendWindow <= 0 {
+                deliver(NIOHTTP2WindowUpdatedEvent(streamID: stream.id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
+                        context: context)
+            }
+            if connectionSendWindow <= 0 {
+                deliver(NIOHTTP2WindowUpdatedEvent(streamID: .rootStream, inboundWindowSize: nil, outboundWindowSize: connectionSendWindow),
+                        context: context)
+            }
+        }
         frameHeader(length: n, type: 0x0, flags: end ? 0x1 : 0, stream: stream.id)
         if n <= 4096 {
             output.writeBuffer(&bytes)

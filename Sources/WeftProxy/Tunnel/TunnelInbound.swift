@@ -309,12 +309,12 @@ enum TunnelServer {
                                             position: .after(try sync.handler(type: NIOHTTP2Handler.self)))
                         return
                     }
-                    // Plain TCP streams at the frame level (TunnelRelay);
-                    // the rest get stream channels from the multiplexer
-                    // behind it, with the stream window of the line above.
+                    // Weft's own HTTP/2 codec; plain TCP streams at the
+                    // frame level (TunnelRelay); the rest get stream
+                    // channels from the multiplexer behind it, with the
+                    // stream window of the line above.
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: TunnelHTTP2.connection,
-                                                        streamConfiguration: TunnelHTTP2.stream))
+                    try sync.addHandler(HTTP2ServerCodec(allocator: channel.allocator, settings: TunnelHTTP2.serverCodec))
                     try sync.addHandler(TunnelRelay(.server(proxy)))
                     try sync.addHandler(HTTP2StreamMultiplexer(
                         mode: .server, channel: channel, targetWindowSize: TunnelHTTP2.stream.targetWindowSize,

@@ -81,6 +81,13 @@ enum TunnelHTTP2 {
     /// larger frames and TLS writes.
     static let recvAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10)
 
+    /// The same for Weft's own codec, which serves tunnels from other
+    /// nodes on the express path (TunnelInbound). Its peers are mesh
+    /// proxies that proved a node's identity: resets are not rationed.
+    static let serverCodec = HTTP2ServerCodec.Settings(
+        maxConcurrentStreams: 10_000, maxFrameSize: 1 << 20, maxHeaderListSize: 16_384, initialWindow: streamWindow,
+        connectionWindow: connectionWindow, resetAllowance: 1_000_000, reportsSendWindows: true)
+
     static var stream: NIOHTTP2Handler.StreamConfiguration {
         var s = NIOHTTP2Handler.StreamConfiguration()
         s.streamResetFrameRateLimit.maximumCount = 100_000
