@@ -46,8 +46,8 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         var maxHeaderListSize = 16_384
         /// Each stream's receive window, announced in SETTINGS.
         var initialWindow = HTTP2ServerCodec.protocolWindow
-        /// The connection's receive window, opened to this at the start
-        /// and opened again as it is used.
+        /// The connection's receive window, opened to this after the
+        /// client's preface and opened again as it is used.
         var connectionWindow = HTTP2ServerCodec.protocolWindow
         /// Resets by the peer beyond the streams it let finish.
         var resetAllowance = 200
@@ -154,7 +154,8 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var prefaceSent = false
 
     /// Our SETTINGS (windows and a frame size the protocol starts with need
-    /// no entry), and the connection's window opened to its size.
+    /// no entry). The connection's window opens to its size at the end of
+    /// the first read (channelReadComplete), which has the client's preface.
     private func sendPreface(context: ChannelHandlerContext) {
         guard !prefaceSent else { return }
         prefaceSent = true
@@ -165,10 +166,6 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         for (key, value) in entries {
             output.writeInteger(key)
             output.writeInteger(UInt32(value))
-        }
-        if settings.connectionWindow > connectionReceiveWindow {
-            windowUpdate(.rootStream, settings.connectionWindow - connectionReceiveWindow)
-            connectionReceiveWindow = settings.connectionWindow
         }
         writeOutput(context: context)
         context.flush()

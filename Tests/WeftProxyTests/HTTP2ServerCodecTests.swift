@@ -16,6 +16,9 @@ import Testing
         var created: [HTTP2StreamID] = []
         var closed: [(HTTP2StreamID, HTTP2ErrorCode?)] = []
         var windows: [(HTTP2StreamID, Int?)] = []
+        /// Send windows told (outbound sizes), and bulk changes of them.
+        var sendWindows: [(HTTP2StreamID, Int)] = []
+        var bulkChanges: [Int] = []
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) { frames.append(unwrapInboundIn(data)) }
 
@@ -23,7 +26,10 @@ import Testing
             switch event {
             case let e as NIOHTTP2StreamCreatedEvent: created.append(e.streamID)
             case let e as StreamClosedEvent: closed.append((e.streamID, e.reason))
-            case let e as NIOHTTP2WindowUpdatedEvent: windows.append((e.streamID, e.inboundWindowSize))
+            case let e as NIOHTTP2WindowUpdatedEvent:
+                if let outbound = e.outboundWindowSize { sendWindows.append((e.streamID, outbound)) }
+                if e.inboundWindowSize != nil || e.outboundWindowSize == nil { windows.append((e.streamID, e.inboundWindowSize)) }
+            case let e as NIOHTTP2BulkStreamWindowChangeEvent: bulkChanges.append(e.delta)
             default: break
             }
         }
@@ -41,9 +47,9 @@ import Testing
         var server: EmbeddedChannel { link.server }
         let above = Above()
 
-        init(clientSettings: HTTP2Settings = nioDefaultSettings) throws {
+        init(clientSettings: HTTP2Settings = nioDefaultSettings, codec: HTTP2ServerCodec.Settings = .h2c) throws {
             try link.client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: clientSettings))
-            try link.server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: link.server.allocator))
+            try link.server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: link.server.allocator, settings: codec))
             try link.server.pipeline.syncOperations.addHandler(above)
             try link.connect()
         }
@@ -192,6 +198,63 @@ import Testing
         try pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 0, count: 16_384)))))).wait()
         pair.shuttle()
         #expect(Self.dataSizes(pair.above.take()) == [16_000, 16_384])
+    }
+
+    /// With a tunnel's settings (TunnelHTTP2.serverCodec) the codec takes
+    /// 1 MiB frames, a 1 MiB stream window and a 4 MiB connection window
+    /// from the start, and tells the handlers above (TunnelRelay) when a
+    /// send window runs out and when it opens again; PING answers and the
+    /// peer's GOAWAY come up (the relay's drain waits for the one).
+    @Test func tunnelSettingsTakeLargeFramesAndReportSendWindows() throws {
+        var client = nioDefaultSettings
+        client.append(HTTP2Setting(parameter: .initialWindowSize, value: 1_000))
+        let pair = try Pair(clientSettings: client, codec: TunnelHTTP2.serverCodec)
+        defer { pair.finish() }
+        try pair.request(1, [":method": "CONNECT", ":authority": "198.18.2.20:8080"], end: false)
+        for _ in 0..<3 {
+            let piece = ByteBuffer(repeating: 9, count: 300_000)
+            try pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(piece))))).wait()
+        }
+        pair.shuttle()
+        #expect(Self.dataSizes(pair.above.take()) == [300_000, 300_000, 300_000], "one frame each, all within the windows")
+        #expect(!pair.above.windows.contains { $0.0 == .rootStream }, "the connection's window is the codec's own")
+
+        // The peer's stream window is 1,000 bytes: it runs out, and opens.
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"])))).wait()
+        let sent = pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 1, count: 3_000))))))
+        pair.shuttle()
+        #expect(pair.above.sendWindows.map(\.0) == [1] && pair.above.sendWindows.last.map { $0.1 <= 0 } == true,
+                "\(pair.above.sendWindows)")
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .windowUpdate(windowSizeIncrement: 100_000))).wait()
+        pair.shuttle()
+        try sent.wait()
+        // (Told as it opened: the 2,000 bytes that waited went after.)
+        #expect(pair.above.sendWindows.count == 2 && pair.above.sendWindows.last.map { $0.0 == 1 && $0.1 == 100_000 } == true,
+                "\(pair.above.sendWindows)")
+        #expect(pair.clientFrames().reduce(0) { n, f in
+            guard case .data(let d) = f.payload else { return n }
+            return n + d.data.readableBytes
+        } == 3_000)
+        // A new initial window from the peer: a bulk change of every send window.
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .settings(.settings([
+            HTTP2Setting(parameter: .initialWindowSize, value: 5_000)])))).wait()
+        pair.shuttle()
+        // (The first: the peer's first SETTINGS, 65,535 to 1,000.)
+        #expect(pair.above.bulkChanges == [1_000 - 65_535, 4_000])
+
+        try pair.server.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: 7), ack: false))).wait()
+        pair.shuttle()
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: .rootStream, errorCode: .noError,
+                                                                                            opaqueData: nil))).wait()
+        pair.shuttle()
+        let root = pair.above.take().filter { $0.streamID == .rootStream }.map { frame -> String in
+            switch frame.payload {
+            case .ping(let d, ack: true): return "ping-ack \(d.integer)"
+            case .goAway(_, let code, _): return "goaway \(code)"
+            default: return "\(frame.payload)"
+            }
+        }
+        #expect(root == ["ping-ack 7", "goaway \(HTTP2ErrorCode.noError)"])
     }
 
     @Test func pingsAreAnsweredAndResetsCloseStreams() throws {
