@@ -6,7 +6,7 @@ import WeftCore
 import WeftKernel
 
 /// The express path for HTTP/2 (h2c) clients of HTTP/1.1 backends. It sits
-/// between HTTP2ServerCodec (frames, HPACK, flow control, stream states)
+/// between HTTP2Codec (frames, HPACK, flow control, stream states)
 /// and the stream multiplexer, and sees every frame first: the codec calls
 /// it with frames and stream events, and it calls the codec to send.
 ///
@@ -73,9 +73,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private var lastSeries: Express.LastSeries?
 
     /// The connection's codec, right below: frames are sent by a call to it.
-    private let codec: HTTP2ServerCodec
+    private let codec: HTTP2Codec
 
-    init(proxy: ProxyContext, origin: CapturedOrigin, codec: HTTP2ServerCodec) {
+    init(proxy: ProxyContext, origin: CapturedOrigin, codec: HTTP2Codec) {
         self.proxy = proxy
         self.origin = origin
         self.codec = codec
@@ -620,7 +620,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// that ends the stream (nothing waits on its bytes; a drain waits for
     /// the codec to close the stream, `ending`, then for the socket,
     /// closeIfDone).
-    private func write(_ stream: Stream, _ frame: HTTP2ServerCodec.Outgoing, bytes: Int = 0, tracked: Bool = true) {
+    private func write(_ stream: Stream, _ frame: HTTP2Codec.Outgoing, bytes: Int = 0, tracked: Bool = true) {
         guard let context else { return }
         let ends = frame.endsStream
         // (In the set before the write: the codec may say "closed" during it.)

@@ -160,7 +160,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     // each request body to its content-length (DeclaredBody)
                     // in place of NIO's checks; HTTP2FieldCheck checks what
                     // the full path sends.
-                    let codec = HTTP2ServerCodec(allocator: context.channel.allocator)
+                    let codec = HTTP2Codec(allocator: context.channel.allocator)
                     try pipeline.addHandler(codec)
                     try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec))
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,

@@ -314,7 +314,7 @@ enum TunnelServer {
                     // channels from the multiplexer behind it, with the
                     // stream window of the line above.
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(HTTP2ServerCodec(allocator: channel.allocator, settings: TunnelHTTP2.serverCodec))
+                    try sync.addHandler(HTTP2Codec(allocator: channel.allocator, settings: TunnelHTTP2.codec))
                     try sync.addHandler(TunnelRelay(.server(proxy)))
                     try sync.addHandler(HTTP2StreamMultiplexer(
                         mode: .server, channel: channel, targetWindowSize: TunnelHTTP2.stream.targetWindowSize,

@@ -81,10 +81,11 @@ enum TunnelHTTP2 {
     /// larger frames and TLS writes.
     static let recvAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10)
 
-    /// The same for Weft's own codec, which serves tunnels from other
-    /// nodes on the express path (TunnelInbound). Its peers are mesh
-    /// proxies that proved a node's identity: resets are not rationed.
-    static let serverCodec = HTTP2ServerCodec.Settings(
+    /// The same for Weft's own codec, on both ends of the tunnels the
+    /// express path uses (TunnelRelay's: TunnelInbound, and TunnelPool's
+    /// relayed connections). Its peers are mesh proxies that proved a
+    /// node's identity: resets are not rationed.
+    static let codec = HTTP2Codec.Settings(
         maxConcurrentStreams: 10_000, maxFrameSize: 1 << 20, maxHeaderListSize: 16_384, initialWindow: streamWindow,
         connectionWindow: connectionWindow, resetAllowance: 1_000_000, reportsSendWindows: true)
 
@@ -273,8 +274,8 @@ final class TunnelConnection {
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
                     try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
                     if relay {
-                        try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(
-                            mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream))
+                        try channel.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: channel.allocator, role: .client,
+                                                                                  settings: TunnelHTTP2.codec))
                         try channel.pipeline.syncOperations.addHandler(TunnelRelay(.client))
                         return
                     }

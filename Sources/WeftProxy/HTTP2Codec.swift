@@ -32,7 +32,7 @@ import NIOHTTP2
 /// (ENHANCE_YOUR_CALM), the "rapid reset" attack; so is one that sends
 /// empty DATA frames over and over, a CONTINUATION flood, or PINGs and
 /// SETTINGS while it does not read their answers.
-final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
+final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = HTTP2Frame
     typealias OutboundIn = HTTP2Frame
@@ -45,10 +45,10 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         var maxFrameSize = 16_384
         var maxHeaderListSize = 16_384
         /// Each stream's receive window, announced in SETTINGS.
-        var initialWindow = HTTP2ServerCodec.protocolWindow
+        var initialWindow = HTTP2Codec.protocolWindow
         /// The connection's receive window, opened to this after the
         /// client's preface and opened again as it is used.
-        var connectionWindow = HTTP2ServerCodec.protocolWindow
+        var connectionWindow = HTTP2Codec.protocolWindow
         /// Resets by the peer beyond the streams it let finish.
         var resetAllowance = 200
         /// Whether the handlers above are told of the send windows, as
@@ -61,6 +61,12 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         /// An h2c client's connection: NIOHTTP2Handler's defaults.
         static let h2c = Settings()
     }
+
+    /// Which end of the connection the codec is. A client (a tunnel's
+    /// source end, TunnelRelay) sends the preface and opens the streams,
+    /// with a HEADERS frame written for a new odd stream ID; the server
+    /// opens none (push is off).
+    enum Role { case server, client }
 
     /// The windows every connection and stream start with (RFC 9113, 6.9.2).
     static let protocolWindow = 65_535
@@ -83,6 +89,9 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         var localEnded = false
         /// An END_STREAM frame was written to us, perhaps still waiting.
         var endQueued = false
+        /// A client's stream: the response's head came (what follows it
+        /// in HEADERS is trailers).
+        var headersReceived = false
         /// Frames waiting for a window to open, in order.
         var waiting: [(Outgoing, EventLoopPromise<Void>?)] = []
 
@@ -108,15 +117,17 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var settingsRead = false
     /// A header block still arriving in CONTINUATION frames.
     private var continuing: (stream: HTTP2StreamID, endStream: Bool, selfDependent: Bool, block: ByteBuffer)?
-    /// The newest stream the client opened.
+    /// The newest stream the client opened (in either role).
     private var lastStreamID = HTTP2StreamID.rootStream
+    /// A client's: the server sent GOAWAY; no stream is opened after it.
+    private var peerGoneAway = false
     /// Streams above this one are refused: a GOAWAY was sent.
     private var goAwayLastStreamID: HTTP2StreamID?
-    private var connectionSendWindow = HTTP2ServerCodec.protocolWindow
-    private var connectionReceiveWindow = HTTP2ServerCodec.protocolWindow
+    private var connectionSendWindow = HTTP2Codec.protocolWindow
+    private var connectionReceiveWindow = HTTP2Codec.protocolWindow
     /// The client's settings that bind what we send.
-    private var peerInitialWindow = HTTP2ServerCodec.protocolWindow
-    private var peerMaxFrameSize = HTTP2ServerCodec.protocolFrameSize
+    private var peerInitialWindow = HTTP2Codec.protocolWindow
+    private var peerMaxFrameSize = HTTP2Codec.protocolFrameSize
     /// The next header block starts with a dynamic table size update to 0.
     private var announceTableSize = true
     private var resetAllowance: Int
@@ -130,9 +141,12 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private var failed = false
 
     let settings: Settings
+    let role: Role
 
-    init(allocator: ByteBufferAllocator, settings: Settings = .h2c) {
+    init(allocator: ByteBufferAllocator, role: Role = .server, settings: Settings = .h2c) {
         self.settings = settings
+        self.role = role
+        prefaceRead = role == .client  // a server sends none
         resetAllowance = settings.resetAllowance
         decoder = HPACKDecoder(allocator: allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
                                maxHeaderListSize: settings.maxHeaderListSize)
@@ -159,7 +173,9 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
     private func sendPreface(context: ChannelHandlerContext) {
         guard !prefaceSent else { return }
         prefaceSent = true
+        if role == .client { output.writeStaticString(Self.preface) }
         var entries: [(UInt16, Int)] = [(0x3, settings.maxConcurrentStreams), (0x6, settings.maxHeaderListSize)]
+        if role == .client { entries.append((0x2, 0)) }  // no push
         if settings.initialWindow != Self.protocolWindow { entries.append((0x4, settings.initialWindow)) }
         if settings.maxFrameSize != Self.protocolFrameSize { entries.append((0x5, settings.maxFrameSize)) }
         frameHeader(length: 6 * entries.count, type: 0x4, flags: 0, stream: .rootStream)
@@ -293,10 +309,19 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
                   let code = payload.getInteger(at: payload.readerIndex + 4, as: UInt32.self) else {
                 throw ConnectionError.violation(.frameSizeError, "a short GOAWAY")
             }
-            // The client opens no more streams; those open finish.
-            deliver(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: HTTP2StreamID(Int32(bitPattern: last & 0x7FFF_FFFF)),
+            // A client's GOAWAY: it opens no more streams; those open finish.
+            // A server's: no stream opens after it, and ours above its last
+            // stream ID were not processed (refused: they may go elsewhere).
+            let lastProcessed = HTTP2StreamID(Int32(bitPattern: last & 0x7FFF_FFFF))
+            deliver(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastProcessed,
                                                                          errorCode: HTTP2ErrorCode(networkCode: Int(code)), opaqueData: nil)),
                     context: context)
+            if role == .client {
+                peerGoneAway = true
+                for stream in streams.values where stream.id > lastProcessed {
+                    close(stream, reason: .refusedStream, context: context)
+                }
+            }
         case 0x8: try windowUpdate(id, payload, context: context)
         case 0x9:
             guard var continuing else { throw ConnectionError.violation(.protocolError, "CONTINUATION without HEADERS") }
@@ -392,12 +417,27 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         }
         let frame = HTTP2Frame(streamID: id, payload: .headers(.init(headers: fields, endStream: endStream)))
         if let stream = streams[id] {
+            if role == .client && !stream.headersReceived {
+                // The response's head (an interim 1xx one may come first).
+                guard !stream.remoteEnded else { return streamError(id, .streamClosed, context: context) }
+                if fields.first(name: ":status")?.utf8.first != UInt8(ascii: "1") { stream.headersReceived = true }
+                stream.remoteEnded = endStream
+                deliver(frame, context: context)
+                return endStream ? closeIfEnded(stream, context: context) : ()
+            }
             // Trailers.
             guard !stream.remoteEnded else { return streamError(id, .streamClosed, context: context) }
             guard endStream else { return streamError(id, .protocolError, context: context) }
             stream.remoteEnded = true
             deliver(frame, context: context)
             return closeIfEnded(stream, context: context)
+        }
+        if role == .client {
+            // Servers open no streams here: one of ours that ended, or a broken peer.
+            guard id <= lastStreamID, Int32(id) % 2 == 1 else {
+                throw ConnectionError.violation(.protocolError, "HEADERS on stream \(id), which the client did not open")
+            }
+            return streamError(id, .streamClosed, context: context)
         }
         guard id > lastStreamID else {
             return streamError(id, .streamClosed, context: context)  // closed, or reset by us
@@ -558,7 +598,7 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         guard !failed else { return }
         failed = true
         partial = nil
-        goAway(lastStreamID, code)
+        goAway(role == .server ? lastStreamID : .rootStream, code)
         writeOutput(context: context)
         context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
@@ -697,10 +737,11 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
             promise?.fail(NIOHTTP2Errors.ioOnClosedConnection())
             return
         }
-        guard let stream = streams[id] else {
-            promise?.fail(NIOHTTP2Errors.noSuchStream(streamID: id))
-            return
-        }
+        var opened = false
+        guard let stream = streams[id] ?? { () -> Stream? in
+            opened = true
+            return openStream(id, frame, promise: promise)
+        }() else { return }
         guard !stream.endQueued else {
             promise?.fail(NIOHTTP2Errors.streamClosed(streamID: id, errorCode: .streamClosed))
             return
@@ -711,6 +752,37 @@ final class HTTP2ServerCodec: ChannelDuplexHandler, RemovableChannelHandler {
         } else if !emit(stream, frame, promise) {
             blocked.append(stream)  // (emit left what the windows did not take at the front of `waiting`)
         }
+        if opened, let context, streams[id] === stream {
+            deliver(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(settings.initialWindow),
+                                               remoteInitialWindowSize: UInt32(max(0, peerInitialWindow))), context: context)
+            if settings.reportsSendWindows && stream.sendWindow <= 0 {
+                deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
+                        context: context)
+            }
+        }
+    }
+
+    /// A client's new stream, opened by the HEADERS frame written for it:
+    /// the next odd stream ID, and not after the server's GOAWAY. Nil (the
+    /// promise failed) for a stream that is not there and cannot be opened.
+    private func openStream(_ id: HTTP2StreamID, _ frame: Outgoing, promise: EventLoopPromise<Void>?) -> Stream? {
+        let isHeaders: Bool
+        switch frame {
+        case .headers, .block: isHeaders = true
+        case .data: isHeaders = false
+        }
+        guard role == .client, isHeaders, id > lastStreamID, Int32(id) % 2 == 1 else {
+            promise?.fail(NIOHTTP2Errors.noSuchStream(streamID: id))
+            return nil
+        }
+        guard !peerGoneAway else {
+            promise?.fail(NIOHTTP2Errors.createdStreamAfterGoaway())
+            return nil
+        }
+        lastStreamID = id
+        let stream = Stream(id: id, sendWindow: peerInitialWindow, receiveWindow: settings.initialWindow)
+        streams[id] = stream
+        return stream
     }
 
     /// Resets a stream of ours (RST_STREAM) and says it closed.

@@ -5,10 +5,10 @@ import NIOHTTP2
 import Testing
 @testable import WeftProxy
 
-/// HTTP2ServerCodec, Weft's HTTP/2 server side, against NIO's client
+/// HTTP2Codec, Weft's HTTP/2 server side, against NIO's client
 /// (NIOHTTP2Handler, which checks what it receives) joined byte for byte,
 /// and against raw frames a client that breaks the protocol would send.
-@Suite struct HTTP2ServerCodecTests {
+@Suite struct HTTP2CodecTests {
     /// Collects what the codec passes up: frames and stream events.
     final class Above: ChannelInboundHandler {
         typealias InboundIn = HTTP2Frame
@@ -47,9 +47,9 @@ import Testing
         var server: EmbeddedChannel { link.server }
         let above = Above()
 
-        init(clientSettings: HTTP2Settings = nioDefaultSettings, codec: HTTP2ServerCodec.Settings = .h2c) throws {
+        init(clientSettings: HTTP2Settings = nioDefaultSettings, codec: HTTP2Codec.Settings = .h2c) throws {
             try link.client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: clientSettings))
-            try link.server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: link.server.allocator, settings: codec))
+            try link.server.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: link.server.allocator, settings: codec))
             try link.server.pipeline.syncOperations.addHandler(above)
             try link.connect()
         }
@@ -200,7 +200,7 @@ import Testing
         #expect(Self.dataSizes(pair.above.take()) == [16_000, 16_384])
     }
 
-    /// With a tunnel's settings (TunnelHTTP2.serverCodec) the codec takes
+    /// With a tunnel's settings (TunnelHTTP2.codec) the codec takes
     /// 1 MiB frames, a 1 MiB stream window and a 4 MiB connection window
     /// from the start, and tells the handlers above (TunnelRelay) when a
     /// send window runs out and when it opens again; PING answers and the
@@ -208,7 +208,7 @@ import Testing
     @Test func tunnelSettingsTakeLargeFramesAndReportSendWindows() throws {
         var client = nioDefaultSettings
         client.append(HTTP2Setting(parameter: .initialWindowSize, value: 1_000))
-        let pair = try Pair(clientSettings: client, codec: TunnelHTTP2.serverCodec)
+        let pair = try Pair(clientSettings: client, codec: TunnelHTTP2.codec)
         defer { pair.finish() }
         try pair.request(1, [":method": "CONNECT", ":authority": "198.18.2.20:8080"], end: false)
         for _ in 0..<3 {
@@ -282,7 +282,7 @@ import Testing
         let above = Above()
 
         init() throws {
-            try server.pipeline.syncOperations.addHandler(HTTP2ServerCodec(allocator: server.allocator))
+            try server.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: server.allocator))
             try server.pipeline.syncOperations.addHandler(above)
             try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
             var start = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
