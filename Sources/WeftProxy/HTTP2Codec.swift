@@ -2,10 +2,11 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 
-/// The server side of an HTTP/2 connection (RFC 9113), Weft's own, in place
-/// of NIOHTTP2Handler on h2c clients' connections (the express path) and on
-/// the mTLS tunnels from other nodes (TunnelRelay; `Settings.tunnel`). It
-/// speaks to the handlers above it exactly as NIOHTTP2Handler does (frames
+/// HTTP/2 (RFC 9113), Weft's own, in place of NIOHTTP2Handler: the server
+/// side of h2c clients' connections (the express path), and both ends of
+/// the mTLS tunnels between nodes that TunnelRelay uses (TunnelHTTP2.codec;
+/// the source end as a client, `Role.client`). It speaks to the handlers
+/// above it exactly as NIOHTTP2Handler does (frames
 /// as `HTTP2Frame`, its stream-created, stream-closed and window events, a
 /// promise per frame written), so ExpressHTTP2Handler and NIO's stream
 /// multiplexer, with the full path on its stream channels, run on it
@@ -18,10 +19,10 @@ import NIOHTTP2
 /// connection's window is shut.
 ///
 /// Header blocks are decoded with NIOHPACK's decoder (its dynamic table and
-/// Huffman code). Responses are encoded without the dynamic table (a
+/// Huffman code). Blocks sent are encoded without the dynamic table (a
 /// status of the static table as one byte, every other field a literal
 /// never indexed and not Huffman-coded), so no state is shared with the
-/// client's decoder beyond a size of zero, announced in the first block.
+/// peer's decoder beyond a size of zero, announced in the first block.
 ///
 /// Limits on an h2c connection, as NIOHTTP2Handler's defaults: 100
 /// concurrent streams (a stream over that is refused), frames of at most

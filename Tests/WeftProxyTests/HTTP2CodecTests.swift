@@ -257,6 +257,84 @@ import Testing
         #expect(root == ["ping-ack 7", "goaway \(HTTP2ErrorCode.noError)"])
     }
 
+    /// As a tunnel's source end (role client), against NIO's server,
+    /// which checks all it receives: the preface, streams opened by the
+    /// HEADERS written for them, the server's head and body coming up,
+    /// both ends' END_STREAM closing the stream; after the server's GOAWAY,
+    /// the streams above its last ID are refused and no stream opens.
+    @Test func asAClientItOpensStreamsAndHonoursGoAway() throws {
+        let link = EmbeddedLink()
+        defer { link.finish() }
+        let above = Above()
+        try link.client.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: link.client.allocator, role: .client,
+                                                                      settings: TunnelHTTP2.codec))
+        try link.client.pipeline.syncOperations.addHandler(above)
+        try link.server.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: TunnelHTTP2.connection,
+                                                                           streamConfiguration: TunnelHTTP2.stream))
+        try link.connect()
+        func serverFrames() -> [HTTP2Frame] {
+            var frames: [HTTP2Frame] = []
+            while let frame = try? link.server.readInbound(as: HTTP2Frame.self) {
+                if frame.streamID != .rootStream { frames.append(frame) }  // (not SETTINGS, WINDOW_UPDATE)
+            }
+            return frames
+        }
+        func open(_ id: HTTP2StreamID) -> EventLoopFuture<Void> {
+            link.client.writeAndFlush(HTTP2Frame(streamID: id, payload: .headers(.init(headers: [
+                ":method": "CONNECT", ":authority": "198.18.2.20:8080", "x-weft-source": "198.18.1.10"]))))
+        }
+        try open(1).wait()
+        link.shuttle()
+        #expect(above.created == [1])
+        let connect = serverFrames()
+        guard case .headers(let h)? = connect.first?.payload else {
+            Issue.record("no CONNECT at the server: \(connect)")
+            return
+        }
+        #expect(connect.first?.streamID == 1 && h.headers.first(name: ":method") == "CONNECT" && !h.endStream)
+        #expect(h.headers.first(name: "x-weft-source") == "198.18.1.10")
+
+        // Both ways, frames larger than the protocol's 16 KiB; then both ends end it.
+        // (NIO's handler leaves the connection's window to its multiplexer, absent here.)
+        try link.server.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: 4 << 20))).wait()
+        try link.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"])))).wait()
+        link.shuttle()
+        try link.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 1, count: 300_000))))))
+            .wait()
+        link.shuttle()
+        try link.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 2, count: 200_000)),
+                                                                                   endStream: true)))).wait()
+        link.shuttle()
+        #expect(Self.dataSizes(serverFrames()) == [300_000])
+        let got = above.take()
+        #expect(got.first.map { frame in
+            guard case .headers(let head) = frame.payload else { return false }
+            return head.headers.first(name: ":status") == "200"
+        } == true, "\(got)")
+        #expect(Self.dataSizes(got) == [200_000])
+        #expect(above.closed.isEmpty, "closed before the client ended its side")
+        try link.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)))).wait()
+        link.shuttle()
+        #expect(above.closed.map(\.0) == [1] && above.closed.first?.1 == nil)
+
+        // GOAWAY naming stream 3: stream 5 was not processed.
+        try open(3).wait()
+        try open(5).wait()
+        link.shuttle()
+        _ = serverFrames()
+        try link.server.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: 3, errorCode: .noError, opaqueData: nil)))
+            .wait()
+        link.shuttle()
+        #expect(above.take().contains { frame in
+            guard case .goAway(let last, _, _) = frame.payload else { return false }
+            return last == 3
+        })
+        #expect(above.closed.map(\.0) == [1, 5] && above.closed.last?.1 == .refusedStream, "\(above.closed)")
+        #expect(throws: NIOHTTP2Errors.CreatedStreamAfterGoaway.self) { try open(7).wait() }
+        // A stream ID the client may not use: nothing is sent.
+        #expect(throws: NIOHTTP2Errors.NoSuchStream.self) { try open(2).wait() }
+    }
+
     @Test func pingsAreAnsweredAndResetsCloseStreams() throws {
         let pair = try Pair()
         defer { pair.finish() }
