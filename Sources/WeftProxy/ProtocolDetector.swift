@@ -151,7 +151,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     }
                 }
                 if proxy.configuration.express {
-                    // Weft's HTTP/2 server codec, then the express path
+                    // Weft's HTTP/2 codec (server), then the express path
                     // (ExpressHTTP2Handler), then the multiplexer: streams the
                     // express path does not answer (all of them while it does
                     // not serve the frontend: tracing on, a FrontendGuard, no
