@@ -114,6 +114,11 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     private var blocked: [Stream] = []
     /// Bytes read but not yet a whole frame.
     private var partial: ByteBuffer?
+    /// A large DATA frame whose payload is still arriving: its stream,
+    /// what is still to come, its flags (END_STREAM goes with the last
+    /// piece), and whether no piece of it was passed on yet (the first is
+    /// checked as a frame: stream state, a header block in progress).
+    private var dataPiece: (stream: HTTP2StreamID, remaining: Int, flags: UInt8, first: Bool)?
     private var prefaceRead = false
     private var settingsRead = false
     /// A header block still arriving in CONTINUATION frames.
@@ -242,7 +247,22 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
                 bytes.moveReaderIndex(forwardBy: n)
                 prefaceRead = true
             }
-            while bytes.readableBytes >= 9 {
+            while true {
+                if let piece = dataPiece {
+                    // The rest of a large DATA frame, passed on as it comes.
+                    guard bytes.readableBytes > 0, let slice = bytes.readSlice(length: min(piece.remaining, bytes.readableBytes)) else { break }
+                    let last = slice.readableBytes == piece.remaining
+                    dataPiece = last ? nil : (piece.stream, piece.remaining - slice.readableBytes, piece.flags, false)
+                    let flags = last ? piece.flags : piece.flags & ~0x1
+                    if piece.first {
+                        try frame(type: 0x0, flags: flags, stream: piece.stream, payload: slice, context: context)
+                    } else {
+                        try self.data(flags, piece.stream, slice, context: context)
+                    }
+                    if failed { return }
+                    continue
+                }
+                guard bytes.readableBytes >= 9 else { break }
                 let start = bytes.readerIndex
                 guard let length24 = bytes.getInteger(at: start, as: UInt32.self) else { break }
                 let length = Int(length24 >> 8)
@@ -250,13 +270,23 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
                 guard length <= settings.maxFrameSize else {
                     throw ConnectionError.violation(.frameSizeError, "a frame of \(length) bytes")
                 }
-                guard bytes.readableBytes >= 9 + length,
-                      let flags = bytes.getInteger(at: start + 4, as: UInt8.self),
-                      let rawID = bytes.getInteger(at: start + 5, as: UInt32.self),
-                      let payload = bytes.getSlice(at: start + 9, length: length) else { break }
+                guard let flags = bytes.getInteger(at: start + 4, as: UInt8.self),
+                      let rawID = bytes.getInteger(at: start + 5, as: UInt32.self) else { break }
+                let id = HTTP2StreamID(Int32(bitPattern: rawID & 0x7FFF_FFFF))
+                guard bytes.readableBytes >= 9 + length, let payload = bytes.getSlice(at: start + 9, length: length) else {
+                    // A DATA frame over the protocol's frame size (a tunnel's,
+                    // up to 1 MiB, arriving a TLS record at a time) is passed on
+                    // in pieces as its bytes come, not copied until it is whole.
+                    // (Not a padded one: its padding length comes first.)
+                    if type == 0x0 && length > Self.protocolFrameSize && flags & 0x8 == 0 {
+                        bytes.moveReaderIndex(forwardBy: 9)
+                        dataPiece = (id, length, flags, true)
+                        continue
+                    }
+                    break
+                }
                 bytes.moveReaderIndex(forwardBy: 9 + length)
-                try frame(type: type, flags: flags, stream: HTTP2StreamID(Int32(bitPattern: rawID & 0x7FFF_FFFF)),
-                          payload: payload, context: context)
+                try frame(type: type, flags: flags, stream: id, payload: payload, context: context)
                 if failed { return }
             }
             if bytes.readableBytes > 0 {

@@ -359,8 +359,8 @@ import Testing
         let server = EmbeddedChannel()
         let above = Above()
 
-        init() throws {
-            try server.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: server.allocator))
+        init(settings: HTTP2Codec.Settings = .h2c) throws {
+            try server.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: server.allocator, settings: settings))
             try server.pipeline.syncOperations.addHandler(above)
             try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
             var start = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -442,6 +442,41 @@ import Testing
             #expect(!raw.server.isActive, "\(what): still open")
             _ = try? raw.server.finish()
         }
+    }
+
+    /// A tunnel's DATA frame larger than the protocol's frame size is
+    /// passed on in pieces as its bytes come (not held and copied until it
+    /// is whole): END_STREAM with the last piece, every byte counted
+    /// against the windows once. Small frames wait until they are whole.
+    @Test func largeDataFramesGoUpInPiecesAsTheyCome() throws {
+        let raw = try Raw(settings: TunnelHTTP2.codec)
+        _ = raw.written()
+        raw.open(1, end: false)
+        let payload = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        var frame = ByteBuffer()
+        Raw.frame(&frame, type: 0x0, flags: 0x1, stream: 1, payload: payload)
+        // The header and 30,000 bytes, then 50,000, then the rest.
+        for cut in [(0, 9 + 30_000), (9 + 30_000, 50_000), (9 + 80_000, 20_000)] {
+            guard let piece = frame.getSlice(at: cut.0, length: cut.1) else { return }
+            raw.send(piece)
+        }
+        let pieces = raw.above.take().compactMap { f -> (Int, Bool, [UInt8])? in
+            guard case .data(let d) = f.payload, case .byteBuffer(let b) = d.data else { return nil }
+            return (b.readableBytes, d.endStream, Array(b.readableBytesView))
+        }
+        #expect(pieces.map(\.0) == [30_000, 50_000, 20_000] && pieces.map(\.1) == [false, false, true])
+        #expect(pieces.flatMap(\.2) == payload)
+        #expect(raw.above.windows.last.map { $0.0 == 1 && $0.1 == TunnelHTTP2.streamWindow - 100_000 } == true)
+        // A small frame in two reads comes up whole, once.
+        raw.open(3, end: false)
+        _ = raw.above.take()
+        var small = ByteBuffer()
+        Raw.frame(&small, type: 0x0, flags: 0x1, stream: 3, payload: Array(repeating: 5, count: 1_000))
+        raw.send(small.getSlice(at: 0, length: 500) ?? ByteBuffer())
+        #expect(raw.above.take().isEmpty)
+        raw.send(small.getSlice(at: 500, length: 509) ?? ByteBuffer())
+        #expect(Self.dataSizes(raw.above.take()) == [1_000])
+        _ = try? raw.server.finish()
     }
 
     /// A stream the codec resets on its HEADERS still has its block

@@ -134,7 +134,7 @@ final class TunnelRelay: ChannelDuplexHandler {
             send(Self.unwrapInboundIn(data))
         }
 
-        func channelReadComplete(context: ChannelHandlerContext) { relay?.flushTunnel() }
+        func channelReadComplete(context: ChannelHandlerContext) { relay?.flushTunnelSoon() }
 
         func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
             if let e = event as? ChannelEvent, case .inputClosed = e { endOutput() }
@@ -410,6 +410,20 @@ final class TunnelRelay: ChannelDuplexHandler {
         guard tunnelDirty, let context else { return }
         tunnelDirty = false
         context.flush()
+    }
+
+    private var flushScheduled = false
+
+    /// Flushes once the event loop has handled every socket that is ready
+    /// now: what many pod connections sent in one wake-up (a burst of
+    /// requests) leaves in one TLS record and one write, not one each.
+    fileprivate func flushTunnelSoon() {
+        guard tunnelDirty, !flushScheduled, let context else { return }
+        flushScheduled = true
+        context.eventLoop.assumeIsolated().execute { [self] in
+            flushScheduled = false
+            flushTunnel()
+        }
     }
 
     fileprivate func end(_ stream: Stream) {
