@@ -124,8 +124,9 @@ struct ServiceLoadBalancingTests {
         #expect(seen.contains { $0.0 < scaledDown && $0.1 == "web-2" }, "web-2 served before the scale-down")
         let lastWeb3 = seen.filter { $0.1 == "web-3" }.map(\.0).max() ?? 0
         let lastWeb2 = seen.filter { $0.1 == "web-2" }.map(\.0).max() ?? 0
-        // A connection already in flight at the write may still land: count
-        // from the write to the last connection that reached the old backend.
+        // Connections are stamped when they began (connect() picks the
+        // backend): count from the write to the last one that began and
+        // still reached the old backend.
         #expect(lastWeb3 - relabelled < 0.100, "web-3 chosen \(Int((lastWeb3 - relabelled) * 1000)) ms after the relabel")
         #expect(lastWeb2 - scaledDown < 0.100, "web-2 chosen \(Int((lastWeb2 - scaledDown) * 1000)) ms after the scale-down")
         #expect(seen.last?.1 == "web-1")

@@ -41,13 +41,17 @@ def tally(host, port, n):
 
 
 def probe(host, port, seconds):
-    """Back-to-back new connections for a while: (unix time, pod) for each."""
+    """Back-to-back new connections for a while: (unix time, pod) for each,
+    stamped when the connection began (its connect() is when the kernel
+    picks the backend; the exchange after it may take longer, through a
+    tunnel); an error when it happened."""
     seen, errors = [], []
     end = time.time() + float(seconds)
     while time.time() < end:
         try:
+            began = time.time()
             pod = http_get(host, int(port), timeout=1.0)
-            seen.append((time.time(), pod))
+            seen.append((began, pod))
         except OSError as e:
             errors.append((time.time(), errno.errorcode.get(e.errno, str(e))))
     print(json.dumps({"seen": seen, "errors": errors}))
