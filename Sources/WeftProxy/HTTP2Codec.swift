@@ -6,9 +6,9 @@ import NIOHTTP2
 /// side of h2c clients' connections (the express path), and both ends of
 /// the mTLS tunnels between nodes that TunnelRelay uses (TunnelHTTP2.codec;
 /// the source end as a client, `Role.client`). It speaks to the handlers
-/// above it exactly as NIOHTTP2Handler does (frames
-/// as `HTTP2Frame`, its stream-created, stream-closed and window events, a
-/// promise per frame written), so ExpressHTTP2Handler and NIO's stream
+/// above it exactly as NIOHTTP2Handler does (frames as `HTTP2Frame`, its
+/// stream-created, stream-closed and window events, a promise per frame
+/// written), so ExpressHTTP2Handler, TunnelRelay and NIO's stream
 /// multiplexer, with the full path on its stream channels, run on it
 /// unchanged. What it leaves out is what costs: a per-frame state machine
 /// of enums copied on every change, a flow-control buffer every frame goes
@@ -81,10 +81,10 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     /// One stream, open or half-closed.
     private final class Stream {
         let id: HTTP2StreamID
-        /// What we may still send on it, and what the client may.
+        /// What we may still send on it, and what the peer may.
         var sendWindow: Int
         var receiveWindow: Int
-        /// The client ended its side (END_STREAM), and we did ours (the
+        /// The peer ended its side (END_STREAM), and we did ours (the
         /// frame with END_STREAM is in the output, not waiting on a window).
         var remoteEnded = false
         var localEnded = false
@@ -123,7 +123,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     private var settingsRead = false
     /// A header block still arriving in CONTINUATION frames.
     private var continuing: (stream: HTTP2StreamID, endStream: Bool, selfDependent: Bool, block: ByteBuffer)?
-    /// The newest stream the client opened (in either role).
+    /// The newest stream opened (by the client, whichever end that is).
     private var lastStreamID = HTTP2StreamID.rootStream
     /// A client's: the server sent GOAWAY; no stream is opened after it.
     private var peerGoneAway = false
@@ -131,7 +131,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     private var goAwayLastStreamID: HTTP2StreamID?
     private var connectionSendWindow = HTTP2Codec.protocolWindow
     private var connectionReceiveWindow = HTTP2Codec.protocolWindow
-    /// The client's settings that bind what we send.
+    /// The peer's settings that bind what we send.
     private var peerInitialWindow = HTTP2Codec.protocolWindow
     private var peerMaxFrameSize = HTTP2Codec.protocolFrameSize
     /// The next header block starts with a dynamic table size update to 0.

@@ -8,7 +8,8 @@ import WeftIdentity
 /// Plain TCP carried by a tunnel at the frame level: each CONNECT stream is
 /// joined to a TCP socket with no stream channel, no codec and no glue
 /// between them (NIO's stream channel cost each end ~3,700 instructions of
-/// window events alone per request). It sits right after NIOHTTP2Handler.
+/// window events alone per request). It sits right after the HTTP/2 codec
+/// (Weft's HTTP2Codec, which speaks to it as NIOHTTP2Handler would).
 ///
 /// - As the destination end (`server`) it sees every frame of a tunnel from
 ///   another node first, as ExpressHTTP2Handler does for h2c clients, and
@@ -28,8 +29,8 @@ import WeftIdentity
 /// - flow control: a stream's window (TunnelHTTP2's initial 1 MiB) is given
 ///   back once half of it was written to the socket while the socket takes
 ///   more, so a slow reader slows the sender instead of filling memory; the
-///   connection's window (4 MiB) is reopened as data arrives, as NIO's
-///   multiplexer did (it gets no connection window events from here).
+///   connection's window (4 MiB) is reopened as data arrives by the codec
+///   itself.
 /// - backpressure the other way: the socket is read only while the tunnel
 ///   can take writes and the stream's and connection's send windows are open.
 /// - ends: END_STREAM half-closes the socket's output after the bytes
@@ -73,7 +74,7 @@ final class TunnelRelay: ChannelDuplexHandler {
     /// Frames written to the tunnel since its last flush.
     private var tunnelDirty = false
     private var writable = true
-    /// The connection's send window, as NIOHTTP2Handler last told.
+    /// The connection's send window, as the codec last told.
     private var sendWindow = Int.max
     /// Streams open on the connection, relayed or not.
     private var openStreams = 0
@@ -271,7 +272,7 @@ final class TunnelRelay: ChannelDuplexHandler {
         case .rstStream:
             stream.inputEnded = true  // the stream-closed event detaches it
         default:
-            break  // WINDOW_UPDATE and PRIORITY are NIOHTTP2Handler's
+            break  // WINDOW_UPDATE and PRIORITY are the codec's
         }
     }
 
@@ -459,7 +460,7 @@ final class TunnelRelay: ChannelDuplexHandler {
         stream.socket?.read()
     }
 
-    /// The stream closed in NIOHTTP2Handler: both ends sent END_STREAM (the
+    /// The stream closed in the codec: both ends sent END_STREAM (the
     /// socket's output ends after its bytes, and its input had ended), or
     /// it was reset, or the tunnel closed (the socket is closed at once).
     /// `refused`: the peer did not process the stream (REFUSED_STREAM, or
@@ -479,18 +480,14 @@ final class TunnelRelay: ChannelDuplexHandler {
 
     // MARK: events
 
-    /// Events of relayed streams stop here; the connection's window events
-    /// too (this handler keeps that window open). Most frequent first; each
-    /// `as?` is a runtime cast.
+    /// Events of relayed streams stop here; the connection's send-window
+    /// events too (they gate every stream's reads). Most frequent first;
+    /// each `as?` is a runtime cast.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         let type = Swift.type(of: event)
         if type == NIOHTTP2WindowUpdatedEvent.self, let updated = unbox(event, as: NIOHTTP2WindowUpdatedEvent.self) {
             if updated.streamID == .rootStream {
-                if let size = updated.inboundWindowSize, size <= TunnelHTTP2.connectionWindow / 2 {
-                    let increment = TunnelHTTP2.connectionWindow - size
-                    context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))),
-                                          promise: nil)
-                }
+                // (The connection's receive window is the codec's: it keeps it open.)
                 if let size = updated.outboundWindowSize {
                     let reopened = sendWindow <= 0 && size > 0
                     sendWindow = size
@@ -529,7 +526,7 @@ final class TunnelRelay: ChannelDuplexHandler {
 
     /// Closes a drained connection on the loop's next turn: the frame that
     /// closed its last stream is written but not yet flushed by
-    /// NIOHTTP2Handler when the stream-closed event comes.
+    /// the codec when the stream-closed event comes.
     private func closeDrained(_ context: ChannelHandlerContext) {
         let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
         context.eventLoop.execute { bound.value.close(promise: nil) }
