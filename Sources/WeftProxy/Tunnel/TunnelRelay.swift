@@ -219,6 +219,7 @@ final class TunnelRelay: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         let id = frame.streamID
+        if case .headers(let h) = frame.payload, !wellFormed(h.headers, on: id) { return malformed(id, context: context) }
         if let stream = streams[id] { return received(frame.payload, on: stream) }
         if case .goAway = frame.payload { goneAway = true }
         if drain == .announced, case .ping(let ping, ack: true) = frame.payload, ping == Self.drainPing {
@@ -237,6 +238,31 @@ final class TunnelRelay: ChannelDuplexHandler {
             }
         }
         context.fireChannelRead(data)
+    }
+
+    /// RFC 9113's rules for a field block (HTTP2Fields), as NIOHTTP2Handler
+    /// held the tunnel's peer to them: the codec checks none. The
+    /// destination end reads a CONNECT for every new stream, trailers
+    /// after; the source end the answer to its CONNECT, trailers after.
+    private func wellFormed(_ headers: HPACKHeaders, on id: HTTP2StreamID) -> Bool {
+        let block: HTTP2Fields.Block
+        switch role {
+        case .server: block = id > lastStreamID ? .request : .trailers
+        case .client: block = streams[id]?.answered != nil ? .response : .trailers
+        }
+        return HTTP2Fields.valid(headers, block)
+    }
+
+    /// A malformed block: its stream is reset (PROTOCOL_ERROR), relayed or
+    /// not (a stream channel's closes with it), and the block goes nowhere.
+    private func malformed(_ id: HTTP2StreamID, context: ChannelHandlerContext) {
+        if case .server(let proxy) = role {
+            lastStreamID = max(lastStreamID, id)
+            proxy.stats.tunnelRefused.add(1, ordering: .relaxed)
+            proxy.logger.info("tunnel stream reset", metadata: ["stream": "\(id)", "reason": "a malformed field block"])
+        }
+        if let stream = streams[id] { return reset(stream, .protocolError) }
+        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .rstStream(.protocolError))), promise: nil)
     }
 
     private func received(_ payload: HTTP2Frame.FramePayload, on stream: Stream) {
@@ -393,10 +419,10 @@ final class TunnelRelay: ChannelDuplexHandler {
         reset(stream)
     }
 
-    /// RST_STREAM(CANCEL): the stream-closed event that follows detaches it.
-    private func reset(_ stream: Stream) {
+    /// RST_STREAM (CANCEL unless told): the stream-closed event that follows detaches it.
+    private func reset(_ stream: Stream, _ code: HTTP2ErrorCode = .cancel) {
         guard let context, stream.relay != nil else { return }
-        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: .rstStream(.cancel))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: stream.id, payload: .rstStream(code))), promise: nil)
     }
 
     // MARK: the socket's side
