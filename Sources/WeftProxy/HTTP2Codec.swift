@@ -484,11 +484,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         streams[id] = stream
         deliver(frame, context: context)
         guard streams[id] === stream else { return }  // refused above already
-        deliver(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(settings.initialWindow),
-                                           remoteInitialWindowSize: UInt32(max(0, peerInitialWindow))), context: context)
-        if settings.reportsSendWindows && stream.sendWindow <= 0 {
-            deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow), context: context)
-        }
+        created(stream, context: context)
     }
 
     private func rstStream(_ id: HTTP2StreamID, _ payload: ByteBuffer, context: ChannelHandlerContext) throws {
@@ -544,9 +540,8 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
                 guard stream.sendWindow <= Self.maxWindow else {
                     throw ConnectionError.violation(.flowControlError, "a stream window over 2^31-1")
                 }
-                if settings.reportsSendWindows && stream.sendWindow <= 0 && stream.sendWindow - windowDelta > 0 {
-                    deliver(NIOHTTP2WindowUpdatedEvent(streamID: stream.id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
-                            context: context)
+                if stream.sendWindow <= 0 && stream.sendWindow - windowDelta > 0 {
+                    reportSendWindow(stream.id, stream.sendWindow, context: context)
                 }
             }
             if windowDelta > 0 { sendWaiting(context: context) }
@@ -577,19 +572,13 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             let was = connectionSendWindow
             connectionSendWindow += increment
             guard connectionSendWindow <= Self.maxWindow else { throw ConnectionError.violation(.flowControlError, "a window over 2^31-1") }
-            if settings.reportsSendWindows && was <= 0 && connectionSendWindow > 0 {
-                deliver(NIOHTTP2WindowUpdatedEvent(streamID: .rootStream, inboundWindowSize: nil, outboundWindowSize: connectionSendWindow),
-                        context: context)
-            }
+            if was <= 0 && connectionSendWindow > 0 { reportSendWindow(.rootStream, connectionSendWindow, context: context) }
         } else if let stream = streams[id] {
             guard increment > 0 else { return streamError(id, .protocolError, context: context) }
             let was = stream.sendWindow
             stream.sendWindow += increment
             guard stream.sendWindow <= Self.maxWindow else { return streamError(id, .flowControlError, context: context) }
-            if settings.reportsSendWindows && was <= 0 && stream.sendWindow > 0 {
-                deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
-                        context: context)
-            }
+            if was <= 0 && stream.sendWindow > 0 { reportSendWindow(id, stream.sendWindow, context: context) }
         } else {
             if id > lastStreamID { throw ConnectionError.violation(.protocolError, "WINDOW_UPDATE on an idle stream") }
             return
@@ -693,6 +682,22 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// A send window's size, for the handlers above, on connections that
+    /// report them (`Settings.reportsSendWindows`): when one runs out, and
+    /// when it opens again.
+    private func reportSendWindow(_ id: HTTP2StreamID, _ size: Int, context: ChannelHandlerContext) {
+        guard settings.reportsSendWindows else { return }
+        deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: nil, outboundWindowSize: size), context: context)
+    }
+
+    /// A stream opened (by the peer's HEADERS or ours): told above, with its
+    /// send window if the peer's initial one leaves it shut.
+    private func created(_ stream: Stream, context: ChannelHandlerContext) {
+        deliver(NIOHTTP2StreamCreatedEvent(streamID: stream.id, localInitialWindowSize: UInt32(settings.initialWindow),
+                                           remoteInitialWindowSize: UInt32(max(0, peerInitialWindow))), context: context)
+        if stream.sendWindow <= 0 { reportSendWindow(stream.id, stream.sendWindow, context: context) }
+    }
+
     private func deliver(_ event: NIOHTTP2BulkStreamWindowChangeEvent, context: ChannelHandlerContext) {
         context.fireUserInboundEventTriggered(event)
     }
@@ -784,12 +789,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             blocked.append(stream)  // (emit left what the windows did not take at the front of `waiting`)
         }
         if opened, let context, streams[id] === stream {
-            deliver(NIOHTTP2StreamCreatedEvent(streamID: id, localInitialWindowSize: UInt32(settings.initialWindow),
-                                               remoteInitialWindowSize: UInt32(max(0, peerInitialWindow))), context: context)
-            if settings.reportsSendWindows && stream.sendWindow <= 0 {
-                deliver(NIOHTTP2WindowUpdatedEvent(streamID: id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
-                        context: context)
-            }
+            created(stream, context: context)
         }
     }
 
@@ -889,14 +889,8 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         stream.sendWindow -= n
         if settings.reportsSendWindows && n > 0, let context {
             // A window this frame used up (each is told again once it opens).
-            if stream.sendWindow <= 0 {
-                deliver(NIOHTTP2WindowUpdatedEvent(streamID: stream.id, inboundWindowSize: nil, outboundWindowSize: stream.sendWindow),
-                        context: context)
-            }
-            if connectionSendWindow <= 0 {
-                deliver(NIOHTTP2WindowUpdatedEvent(streamID: .rootStream, inboundWindowSize: nil, outboundWindowSize: connectionSendWindow),
-                        context: context)
-            }
+            if stream.sendWindow <= 0 { reportSendWindow(stream.id, stream.sendWindow, context: context) }
+            if connectionSendWindow <= 0 { reportSendWindow(.rootStream, connectionSendWindow, context: context) }
         }
         frameHeader(length: n, type: 0x0, flags: end ? 0x1 : 0, stream: stream.id)
         if n <= 4096 {
