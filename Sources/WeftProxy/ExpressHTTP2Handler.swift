@@ -307,11 +307,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var hasHost = false, hasProto = false, hasRequestID = false, grpc = false, cookies = 0
         for (name, value, _) in h.headers {
             if name.utf8.first == UInt8(ascii: ":") {
-                switch name {
-                case ":method": method = value
-                case ":path": target = value
-                case ":authority": authority = value
-                case ":scheme": break
+                switch name.utf8.count {  // (by length first, as HTTP2Fields.pseudo)
+                case 7 where name == ":method": method = value
+                case 5 where name == ":path": target = value
+                case 10 where name == ":authority": authority = value
+                case 7 where name == ":scheme": break
                 default: return nil
                 }
                 continue

@@ -61,8 +61,8 @@ enum HTTP2Fields {
                 guard !regular, let bit = pseudo(name), bit & allowed(block) != 0, seen & bit == 0,
                       pseudoValue(value) else { return false }
                 seen |= bit
-                if bit == Pseudo.method { connect = value == "CONNECT" }
-                if bit == Pseudo.status { notModified = value == "304" }
+                if bit == Pseudo.method { connect = value.utf8.count == 7 && value == "CONNECT" }
+                if bit == Pseudo.status { notModified = value.utf8.count == 3 && value == "304" }
                 if bit == Pseudo.path && value.utf8.isEmpty { return false }
                 continue
             }
@@ -127,12 +127,14 @@ enum HTTP2Fields {
     }
 
     private static func pseudo(_ name: String) -> UInt8? {
-        switch name {
-        case ":path": return Pseudo.path
-        case ":method": return Pseudo.method
-        case ":scheme": return Pseudo.scheme
-        case ":authority": return Pseudo.authority
-        case ":status": return Pseudo.status
+        // By length first: a String comparison that fails is a call into
+        // the runtime; one that succeeds on the same short text is not.
+        switch name.utf8.count {
+        case 5 where name == ":path": return Pseudo.path
+        case 7 where name == ":method": return Pseudo.method
+        case 7 where name == ":scheme": return Pseudo.scheme
+        case 7 where name == ":status": return Pseudo.status
+        case 10 where name == ":authority": return Pseudo.authority
         default: return nil  // unknown, `:protocol` among them, or not a token
         }
     }
