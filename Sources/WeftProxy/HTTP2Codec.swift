@@ -56,7 +56,11 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         /// NIOHTTP2Handler tells them (NIOHTTP2WindowUpdatedEvent with an
         /// outbound size): when a stream's or the connection's runs out and
         /// when it opens again (TunnelRelay reads the socket only while they
-        /// are open). The express path does not need them.
+        /// are open), and a change of the peer's initial window as a
+        /// NIOHTTP2BulkStreamWindowChangeEvent (which NIO fires for a change
+        /// of its own: not for NIO's stream multiplexer, which would take it
+        /// for a change of the receive windows). The express path does not
+        /// need them.
         var reportsSendWindows = false
 
         /// An h2c client's connection: NIOHTTP2Handler's defaults.

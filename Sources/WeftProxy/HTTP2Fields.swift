@@ -210,10 +210,11 @@ struct DeclaredBody {
     }
 }
 
-/// A block the proxy would send on an HTTP/2 stream broke RFC 9113 (a
-/// backend's field the full path passed on, say).
+/// A field block broke RFC 9113: one the proxy would send on an HTTP/2
+/// stream (a backend's field the full path passed on, say), or one a
+/// tunnel's far end answered with.
 struct MalformedFieldBlock: Error, CustomStringConvertible {
-    var description: String { "an HTTP/2 field block this proxy would send is malformed" }
+    var description: String { "an HTTP/2 field block is malformed" }
 }
 
 /// On a full-path stream channel of a connection whose NIOHTTP2Handler does

@@ -71,7 +71,7 @@ final class UpstreamPool {
     init(eventLoop: any EventLoop, configuration: ProxyConfiguration, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
         self.eventLoop = eventLoop
         self.configuration = configuration
-        tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, stats: stats, telemetry: telemetry)
+        tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, codec: configuration.express, stats: stats, telemetry: telemetry)
         random = UInt64.random(in: 1...UInt64.max)
         tunnels.onGoAway = { [unowned self] tunnel in retire(tunnel: tunnel) }
     }

@@ -335,6 +335,90 @@ import Testing
         #expect(throws: NIOHTTP2Errors.NoSuchStream.self) { try open(2).wait() }
     }
 
+    /// What a stream channel reads.
+    final class StreamAbove: ChannelInboundHandler {
+        typealias InboundIn = HTTP2Frame.FramePayload
+        var payloads: [HTTP2Frame.FramePayload] = []
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) { payloads.append(unwrapInboundIn(data)) }
+    }
+
+    /// As the source end of a tunnel with stream channels (NIO's
+    /// HTTP2StreamMultiplexer right above, TunnelHTTP2.channelCodec),
+    /// against NIO's server: streams open in the order they first write,
+    /// whatever the order they were made in; a stream channel whose send
+    /// window is shut stops being writable once its unsent bytes pass the
+    /// channel's high-water mark (a DATA frame's write completes when it
+    /// went out), and is writable again when the window opens; answers
+    /// reach their channels.
+    @Test func asAClientItCarriesNIOsStreamChannels() throws {
+        let link = EmbeddedLink()
+        defer { link.finish() }
+        let codec = HTTP2Codec(allocator: link.client.allocator, role: .client, settings: TunnelHTTP2.channelCodec)
+        let mux = HTTP2StreamMultiplexer(mode: .client, channel: link.client, targetWindowSize: TunnelHTTP2.stream.targetWindowSize,
+                                         outboundBufferSizeHighWatermark: TunnelHTTP2.stream.outboundBufferSizeHighWatermark,
+                                         outboundBufferSizeLowWatermark: TunnelHTTP2.stream.outboundBufferSizeLowWatermark) { $0.close() }
+        try link.client.pipeline.syncOperations.addHandler(codec)
+        try link.client.pipeline.syncOperations.addHandler(mux)
+        var small = nioDefaultSettings
+        small.append(HTTP2Setting(parameter: .initialWindowSize, value: 1_000))
+        try link.server.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, initialSettings: small))
+        try link.connect()
+        func serverFrames() -> [HTTP2Frame] {
+            var frames: [HTTP2Frame] = []
+            while let frame = try? link.server.readInbound(as: HTTP2Frame.self) {
+                if frame.streamID != .rootStream { frames.append(frame) }
+            }
+            return frames
+        }
+        var channels: [Channel] = [], readers: [StreamAbove] = []
+        for _ in 0..<2 {
+            let made = mux.createStreamChannel { $0.eventLoop.makeSucceededVoidFuture() }
+            link.client.embeddedEventLoop.run()
+            let channel = try made.wait()
+            let reader = StreamAbove()
+            try channel.pipeline.syncOperations.addHandler(reader)
+            channels.append(channel)
+            readers.append(reader)
+        }
+        // The second one made writes first: it is stream 1.
+        let connect: HPACKHeaders = [":method": "CONNECT", ":authority": "198.18.2.20:8080"]
+        for channel in channels.reversed() {
+            try channel.writeAndFlush(HTTP2Frame.FramePayload.headers(.init(headers: connect))).wait()
+        }
+        link.shuttle()
+        #expect(serverFrames().map(\.streamID) == [1, 3])
+
+        // 20,000 bytes into a 1,000-byte window: held, and the channel not
+        // writable, until the window opens.
+        var sent = false
+        channels[1].writeAndFlush(HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer(repeating: 7, count: 20_000)))))
+            .whenSuccess { sent = true }
+        link.shuttle()
+        link.client.embeddedEventLoop.run()
+        #expect(!sent && !channels[1].isWritable && channels[0].isWritable)
+        #expect(Self.dataSizes(serverFrames()).reduce(0, +) == 1_000)
+        try link.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .windowUpdate(windowSizeIncrement: 30_000))).wait()
+        link.shuttle()
+        link.client.embeddedEventLoop.run()
+        #expect(sent && channels[1].isWritable)
+        #expect(Self.dataSizes(serverFrames()).reduce(0, +) == 19_000)
+
+        // The server's answer and bytes reach stream 1's channel only.
+        try link.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"])))).wait()
+        try link.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 1, count: 50_000)),
+                                                                                   endStream: true)))).wait()
+        link.shuttle()
+        link.client.embeddedEventLoop.run()
+        let got = readers[1].payloads
+        #expect(got.count >= 2 && readers[0].payloads.isEmpty)
+        if case .headers(let head)? = got.first { #expect(head.headers.first(name: ":status") == "200") } else { Issue.record("\(got)") }
+        #expect(got.reduce(0) { n, p in
+            guard case .data(let d) = p else { return n }
+            return n + d.data.readableBytes
+        } == 50_000)
+        #expect(link.client.isActive && link.server.isActive)
+    }
+
     @Test func pingsAreAnsweredAndResetsCloseStreams() throws {
         let pair = try Pair()
         defer { pair.finish() }

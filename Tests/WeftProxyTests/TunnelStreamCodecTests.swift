@@ -1,6 +1,7 @@
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import NIOHPACK
 import NIOHTTP2
 import Testing
 @testable import WeftProxy
@@ -69,6 +70,30 @@ import Testing
         guard case .failure = outcome else {
             Issue.record("the held half-close did not fail with the stream: \(String(describing: outcome))")
             return
+        }
+    }
+
+    /// The far proxy's answer to the CONNECT, or trailers after it, that
+    /// break RFC 9113 fail the stream (the codec below does not check them).
+    @Test func aMalformedAnswerOrTrailerFailsTheClientStream() throws {
+        for (blocks, opened) in [([[":status": "200", "Bad Name": "1"]] as [HPACKHeaders], false),
+                                 ([[":status": "200"], [":status": "200"]], true)] {
+            let channel = EmbeddedChannel()
+            defer { _ = try? channel.finish() }
+            let codec = TunnelStreamCodec(.client(authority: "198.18.2.20:8080", headers: []))
+            try channel.pipeline.syncOperations.addHandler(codec)
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            var outcome: Result<Void, Error>?
+            codec.ready?.futureResult.assumeIsolated().whenComplete { outcome = $0 }
+            for headers in blocks {
+                try? channel.writeInbound(HTTP2Frame.FramePayload.headers(.init(headers: headers)))
+            }
+            #expect(!channel.isActive, "\(blocks)")
+            switch outcome {
+            case .success?: #expect(opened, "\(blocks)")
+            case .failure(let error)?: #expect(!opened && error is MalformedFieldBlock, "\(blocks)")
+            case nil: Issue.record("not answered: \(blocks)")
+            }
         }
     }
 

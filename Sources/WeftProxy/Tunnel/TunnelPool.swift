@@ -89,6 +89,19 @@ enum TunnelHTTP2 {
         maxConcurrentStreams: 10_000, maxFrameSize: 1 << 20, maxHeaderListSize: 16_384, initialWindow: streamWindow,
         connectionWindow: connectionWindow, resetAllowance: 1_000_000, reportsSendWindows: true)
 
+    /// The same for the source end's tunnels with stream channels (NIO's
+    /// HTTP2StreamMultiplexer right above the codec), with no send windows
+    /// told: the multiplexer reads NIO's window events as being about
+    /// receive windows. A stream channel is held back by its writes instead:
+    /// the codec completes a DATA frame's write once the frame went out, so
+    /// a stream whose window is shut fills the channel's outbound buffer and
+    /// the channel stops being writable.
+    static let channelCodec = {
+        var s = codec
+        s.reportsSendWindows = false
+        return s
+    }()
+
     static var stream: NIOHTTP2Handler.StreamConfiguration {
         var s = NIOHTTP2Handler.StreamConfiguration()
         s.streamResetFrameRateLimit.maximumCount = 100_000
@@ -129,9 +142,13 @@ final class TunnelPool {
     /// GOAWAY: the streams kept for reuse on it are retired.
     var onGoAway: ((Channel) -> Void)?
 
-    init(loop: any EventLoop, port: UInt16, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
+    /// Whether connections with stream channels run Weft's codec (off with `--no-express`).
+    private let codec: Bool
+
+    init(loop: any EventLoop, port: UInt16, codec: Bool = true, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
         self.loop = loop
         self.port = Int(port)
+        self.codec = codec
         self.stats = stats
         if let telemetry {
             onHandshake = { ok, took in telemetry.handshake(role: "client", ok: ok, duration: took) }
@@ -201,7 +218,7 @@ final class TunnelPool {
         guard let context = identities.clientContexts[route.source] else {
             return .failure(TunnelRefused(status: 0, reason: "no certificate for \(route.source)"))
         }
-        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, onHandshake: onHandshake,
+        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, codec: codec, onHandshake: onHandshake,
                                  onGoAway: { [weak self] channel in self?.onGoAway?(channel) }) { [weak self] dead in
             if relay {
                 if self?.relayConnections[route] === dead { self?.relayConnections[route] = nil }
@@ -231,10 +248,14 @@ final class TunnelConnection {
     enum Streams {
         /// Stream channels (TunnelStreamCodec); the watcher says whether the
         /// peer sent GOAWAY.
-        case channels(NIOHTTP2Handler.StreamMultiplexer, GoAwayWatcher)
+        case channels(StreamOpener, GoAwayWatcher)
         /// Streams relayed at the frame level.
         case relayed(TunnelRelay)
     }
+
+    /// Opens a stream channel: NIO's HTTP2StreamMultiplexer above Weft's
+    /// codec, or NIOHTTP2Handler's own multiplexer (`--no-express`).
+    typealias StreamOpener = (_ initializer: @escaping NIOChannelInitializer) -> EventLoopFuture<Channel>
 
     let route: TunnelRoute
     private var streams: Streams?
@@ -253,7 +274,11 @@ final class TunnelConnection {
         }
     }
 
-    init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, relay: Bool = false,
+    /// `relay`: streams relayed at the frame level (TunnelRelay), else
+    /// stream channels; `codec`: the stream channels' connection speaks
+    /// HTTP/2 through Weft's codec (relayed ones always do), else through
+    /// NIOHTTP2Handler.
+    init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, relay: Bool = false, codec: Bool = true,
          onHandshake: HandshakeObserver? = nil, onGoAway: ((Channel) -> Void)? = nil, onClose: @escaping (TunnelConnection) -> Void) {
         self.route = route
         self.onClose = onClose
@@ -279,10 +304,20 @@ final class TunnelConnection {
                         try channel.pipeline.syncOperations.addHandler(TunnelRelay(.client))
                         return
                     }
-                    _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                        mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
-                    ) { stream in stream.close() }  // the server opens no streams
-                    try channel.pipeline.syncOperations.addHandler(GoAwayWatcher())
+                    let sync = channel.pipeline.syncOperations
+                    if codec {
+                        try sync.addHandler(HTTP2Codec(allocator: channel.allocator, role: .client, settings: TunnelHTTP2.channelCodec))
+                        try sync.addHandler(HTTP2StreamMultiplexer(
+                            mode: .client, channel: channel, targetWindowSize: TunnelHTTP2.stream.targetWindowSize,
+                            outboundBufferSizeHighWatermark: TunnelHTTP2.stream.outboundBufferSizeHighWatermark,
+                            outboundBufferSizeLowWatermark: TunnelHTTP2.stream.outboundBufferSizeLowWatermark
+                        ) { stream in stream.close() })  // the server opens no streams
+                    } else {
+                        _ = try sync.configureHTTP2Pipeline(
+                            mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
+                        ) { stream in stream.close() }
+                    }
+                    try sync.addHandler(GoAwayWatcher())
                 }
             }
             .connect(host: route.node.description, port: port)
@@ -317,7 +352,15 @@ final class TunnelConnection {
                             } else {
                                 let watcher = try channel.pipeline.syncOperations.handler(type: GoAwayWatcher.self)
                                 if let onGoAway { watcher.onGoAway = { onGoAway(channel) } }
-                                ready = .channels(try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer(), watcher)
+                                let open: StreamOpener
+                                if codec {
+                                    let mux = try channel.pipeline.syncOperations.handler(type: HTTP2StreamMultiplexer.self)
+                                    open = { mux.createStreamChannel($0) }
+                                } else {
+                                    let mux = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
+                                    open = { mux.createStreamChannel($0) }
+                                }
+                                ready = .channels(open, watcher)
                             }
                             streams = ready
                             flush(.success(ready))
@@ -348,8 +391,8 @@ final class TunnelConnection {
             switch result {
             case .failure(let error): completion(.failure(error))
             case .success(.relayed): completion(.failure(ChannelError.operationUnsupported))
-            case .success(.channels(let mux, _)):
-                mux.createStreamChannel { stream in
+            case .success(.channels(let open, _)):
+                open { stream in
                     stream.eventLoop.makeCompletedFuture {
                         try stream.pipeline.syncOperations.addHandler(
                             TunnelStreamCodec(.client(authority: authority, headers: headers)))
@@ -397,7 +440,7 @@ final class TunnelConnection {
     func close() { channel?.close(promise: nil) }
 }
 
-/// After NIOHTTP2Handler on a tunnel with stream channels: notes a GOAWAY
+/// After the stream multiplexer on a tunnel with stream channels: notes a GOAWAY
 /// (the connection frames of stream 0 come through here; stream frames go
 /// to their channels).
 final class GoAwayWatcher: ChannelInboundHandler {

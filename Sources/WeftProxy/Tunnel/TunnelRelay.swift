@@ -544,8 +544,11 @@ final class TunnelRelay: ChannelDuplexHandler {
                                       promise: nil)
             }
         } else if let bulk = event as? NIOHTTP2BulkStreamWindowChangeEvent {
+            // The peer's initial window (the codec's meaning, not NIO's: the
+            // multiplexer behind must not take it for its receive windows).
             for stream in streams.values where stream.sendWindow != Int.max { stream.sendWindow += bulk.delta }
             resumeAll()
+            return
         }
         context.fireUserInboundEventTriggered(event)
     }

@@ -64,6 +64,16 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .headers(let h):
+            // The client end's check of what the far proxy answers (Weft's
+            // codec below does not check field blocks; NIOHTTP2Handler, with
+            // `--no-express`, did already). The server end's blocks were
+            // checked by TunnelRelay before the stream had a channel.
+            if case .client = role, !HTTP2Fields.valid(h.headers, established ? .trailers : .response) {
+                ready?.fail(MalformedFieldBlock())
+                context.fireErrorCaught(MalformedFieldBlock())
+                context.close(promise: nil)
+                return
+            }
             if !established {
                 let status = h.headers.first(name: ":status") ?? ""
                 guard status.hasPrefix("2") else {
