@@ -6,7 +6,9 @@ The lab of scripts/bench_mtls.py (client pod on n1, nginx pods on n2), with
 both nodes' proxies started under valgrind's callgrind (WEFT_PROXY_WRAPPER),
 and HAProxy's TLS pair (n1 originating, n2 terminating) under callgrind too.
 For each side, *l4* (the pod's own address: n1's proxy -> HTTP/2 CONNECT
-over mutual TLS 1.3 -> n2's proxy) and *haproxy*:
+over mutual TLS 1.3 -> n2's proxy), *l7* (a Service with appProtocol http
+over the same pod: both proxies do the HTTP work too, and the tunnel
+carries it in stream channels) and *haproxy*:
 
   requests  COUNTED HTTP/1.1 requests over 10 keep-alive connections after a
             warm-up: instructions of both ends per request
@@ -34,7 +36,9 @@ from profile_proxy import WEFT, answers, callgrind_count, under_callgrind  # noq
 
 COUNTED = int(os.environ.get("WEFT_PROFILE_COUNTED_REQUESTS", "3000"))
 BULK = int(os.environ.get("WEFT_PROFILE_BULK_FETCHES", "2"))
-SIDES = ("l4", "haproxy")
+# l7: a Service with appProtocol http over the same pods (both proxies do
+# the HTTP work, and the tunnel carries it on stream channels).
+SIDES = tuple(os.environ.get("WEFT_PROFILE_SIDES", "l4,l7,haproxy").split(","))
 
 
 def requests(url, n):
