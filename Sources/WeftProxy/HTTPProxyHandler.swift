@@ -636,7 +636,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
             record?.bytesOut += buffer.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
-            if !context.channel.isWritable { r.upstream?.channel?.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in } }
+            if !context.channel.isWritable { r.upstream?.pauseReads() }
         case .end(var trailers):
             guard r.responseStarted else { return }
             if var held = r.heldHead {
@@ -700,9 +700,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, let upstream = request?.upstream?.channel {
-            upstream.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-        }
+        if context.channel.isWritable { request?.upstream?.resumeReads() }
         context.fireChannelWritabilityChanged()
     }
 

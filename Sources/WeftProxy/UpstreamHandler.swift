@@ -39,6 +39,34 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     var channel: Channel? { context?.channel }
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
+    /// Reading stopped for a slow client (autoRead off), until
+    /// `resumeReads` or the pool takes the connection back.
+    private(set) var readsPaused = false
+
+    /// Stops reading the response while the client cannot take more.
+    /// (Set in place where the channel allows, on the loop both channels
+    /// share: no future.)
+    func pauseReads() {
+        guard !readsPaused, let channel = context?.channel else { return }
+        readsPaused = true
+        Self.setAutoRead(false, on: channel)
+    }
+
+    /// Reads again; nothing to do (and no option set) unless paused.
+    func resumeReads() {
+        guard readsPaused, let channel = context?.channel else { return }
+        readsPaused = false
+        Self.setAutoRead(true, on: channel)
+    }
+
+    private static func setAutoRead(_ on: Bool, on channel: Channel) {
+        if let options = channel.syncOptions {
+            try? options.setOption(ChannelOptions.autoRead, value: on)
+        } else {
+            channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
+        }
+    }
+
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
