@@ -840,7 +840,7 @@ struct ProxyTests {
             .trimmingCharacters(in: .whitespacesAndNewlines)))
         kill(current, SIGTERM)
         usleep(100_000)
-        FileManager.default.createFile(atPath: files.go, contents: nil)
+        _ = FileManager.default.createFile(atPath: files.go, contents: nil)
         let h1 = try late[0].finish(), h2 = try late[1].finish(), kept = try late[2].finish()
         #expect(h1["status"] as? Int == 200 && h1["connection"] as? String == "close" && h1["closed"] as? Bool == true, "\(h1)")
         #expect(kept["status"] as? Int == 200 && kept["connection"] as? String == "close" && kept["closed"] as? Bool == true, "\(kept)")

@@ -159,8 +159,8 @@ import Testing
         let first = ByteBuffer(repeating: 1, count: 3_000), second = ByteBuffer(repeating: 2, count: 500)
         let sent1 = pair.server.eventLoop.makePromise(of: Void.self), sent2 = pair.server.eventLoop.makePromise(of: Void.self)
         var done1 = false, done2 = false
-        sent1.futureResult.whenSuccess { done1 = true }
-        sent2.futureResult.whenSuccess { done2 = true }
+        sent1.futureResult.assumeIsolated().whenSuccess { done1 = true }
+        sent2.futureResult.assumeIsolated().whenSuccess { done2 = true }
         pair.server.write(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(first)))), promise: sent1)
         pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(second), endStream: true))), promise: sent2)
         pair.shuttle()
@@ -392,7 +392,7 @@ import Testing
         // writable, until the window opens.
         var sent = false
         channels[1].writeAndFlush(HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer(repeating: 7, count: 20_000)))))
-            .whenSuccess { sent = true }
+            .assumeIsolated().whenSuccess { sent = true }
         link.shuttle()
         link.client.embeddedEventLoop.run()
         #expect(!sent && !channels[1].isWritable && channels[0].isWritable)

@@ -86,7 +86,7 @@ import Testing
             var outcome: Result<Void, Error>?
             codec.ready?.futureResult.assumeIsolated().whenComplete { outcome = $0 }
             for headers in blocks {
-                try? channel.writeInbound(HTTP2Frame.FramePayload.headers(.init(headers: headers)))
+                _ = try? channel.writeInbound(HTTP2Frame.FramePayload.headers(.init(headers: headers)))
             }
             #expect(!channel.isActive, "\(blocks)")
             switch outcome {
