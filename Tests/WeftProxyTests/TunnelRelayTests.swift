@@ -91,6 +91,29 @@ import WeftCore
         #expect(d.link.server.isActive && d.link.client.isActive)
     }
 
+    /// A drain (the proxy quiescing) closes the tunnel once no stream is
+    /// open, counting right past streams reset as they opened (a malformed
+    /// CONNECT here; a refused one in the proxy), which the codec reports
+    /// closed but never created: the open stream keeps the connection up
+    /// until it ends.
+    @Test func aDrainWaitsForOpenStreamsPastOnesResetAsTheyOpened() throws {
+        let d = try Destination()
+        defer { d.link.finish() }
+        try d.send(1, [":method": "CONNECT", ":authority": "198.18.2.20:8080", "connection": "close"])
+        #expect(d.resets() == [1: .protocolError])
+        try d.send(3, Self.connect)
+        #expect(d.passed() == [3])
+        d.link.server.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        d.link.shuttle()  // GOAWAY and PING out, NIO's client answers the PING
+        d.link.server.embeddedEventLoop.run()
+        #expect(d.link.server.isActive, "closed with stream 3 open")
+        // Stream 3 ends both ways: nothing is open, the connection closes.
+        try d.link.server.writeAndFlush(HTTP2Frame(streamID: 3, payload: .headers(.init(headers: [":status": "200"], endStream: true)))).wait()
+        try d.send(3, ["x-weft-done": "1"], end: true)
+        d.link.server.embeddedEventLoop.run()
+        #expect(!d.link.server.isActive, "still open with no stream")
+    }
+
     /// As the source end: an answer to its CONNECT that breaks RFC 9113
     /// fails the open and resets the stream (PROTOCOL_ERROR); a well-formed
     /// one opens it.

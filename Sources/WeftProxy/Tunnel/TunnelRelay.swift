@@ -76,8 +76,10 @@ final class TunnelRelay: ChannelDuplexHandler {
     private var writable = true
     /// The connection's send window, as the codec last told.
     private var sendWindow = Int.max
-    /// Streams open on the connection, relayed or not.
-    private var openStreams = 0
+    /// Streams open on the connection, relayed or not: by ID, since the
+    /// codec reports a stream reset while its HEADERS were being read
+    /// (refused, malformed) closed but never created.
+    private var openStreams = Set<HTTP2StreamID>()
     private enum Drain { case none, announced, final }
     private var drain = Drain.none
     static let drainPing = HTTP2PingData(withInteger: 0x7765_6674_6472_6e20)  // "weftdrn "
@@ -227,7 +229,7 @@ final class TunnelRelay: ChannelDuplexHandler {
             drain = .final
             context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .goAway(
                 lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))), promise: nil)
-            if openStreams == 0 { closeDrained(context) }
+            if openStreams.isEmpty { closeDrained(context) }
             return
         }
         if case .server(let proxy) = role, case .headers(let h) = frame.payload, id > lastStreamID {
@@ -529,11 +531,10 @@ final class TunnelRelay: ChannelDuplexHandler {
                 return
             }
         } else if type == StreamClosedEvent.self, let closed = unbox(event, as: StreamClosedEvent.self) {
-            openStreams -= 1
-            if drain == .final && openStreams == 0 { closeDrained(context) }
+            if openStreams.remove(closed.streamID) != nil, drain == .final, openStreams.isEmpty { closeDrained(context) }
             if let stream = streams[closed.streamID] { return detach(stream, reset: closed.reason != nil, refused: closed.reason == .refusedStream) }
         } else if type == NIOHTTP2StreamCreatedEvent.self, let created = unbox(event, as: NIOHTTP2StreamCreatedEvent.self) {
-            openStreams += 1
+            openStreams.insert(created.streamID)
             if streams[created.streamID] != nil { return }
         } else if type == ChannelShouldQuiesceEvent.self {
             if case .server = role, drain == .none {
