@@ -21,6 +21,16 @@ import WeftKernel
 /// failures it is safe to try again (a refused connect, a reused connection
 /// closed under the request), so that the full path's retries and local
 /// answers apply.
+///
+/// The same handler is the destination end of a tunnel stream that carries
+/// HTTP/1.1 another node's proxy wrote (`delivering:`): there the requests
+/// were routed and their headers written at the source, so each goes to
+/// its one pod as it came, byte for byte, once the AuthorizationPolicy in
+/// force when it arrives allows it (403 with the reason when not); the
+/// response is framed as above. What it does not take (an upgrade, Expect,
+/// a chunked or large body, a head HTTP1Wire refuses, a reused connection
+/// closed under an idempotent request) goes to InboundHTTP behind NIO's
+/// codec, as on the full path.
 final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, ExpressUpstream.Owner {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -35,7 +45,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     static let sameWrite = 16 * 1024
 
     private let proxy: ProxyContext
-    private let origin: CapturedOrigin
+    /// Captured from a pod of this node (nil when delivering).
+    private let origin: CapturedOrigin?
+    private let delivery: Delivery?
+    private let source: IPv4Address
     private let frontendKey: String
     private let connectionHeaders: Express.ConnectionHeaders
     private var context: ChannelHandlerContext?
@@ -56,8 +69,27 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
         self.proxy = proxy
         self.origin = origin
+        delivery = nil
+        source = origin.source
         frontendKey = "\(origin.vip):\(origin.port)"
         connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
+    }
+
+    /// A tunnel stream's requests for a pod of this node: `request` is who
+    /// sends them (the peer's identity, the source pod's address).
+    init(proxy: ProxyContext, delivering request: AuthorizationRequest, to key: EndpointKey) {
+        self.proxy = proxy
+        origin = nil
+        delivery = Delivery(request: request, key: key)
+        source = request.sourceIP
+        frontendKey = key.description
+        connectionHeaders = Express.ConnectionHeaders(client: request.sourceIP.description, via: proxy.viaToken)
+    }
+
+    /// Where a tunnel stream's requests go, and who they are from.
+    private struct Delivery {
+        let request: AuthorizationRequest
+        let key: EndpointKey
     }
 
     /// Whether a connection to `frontendKey` starts on the express path: the
@@ -85,7 +117,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         /// copy), for a hand-over; set when the exchange starts.
         var request = ByteBuffer()
         let length: Int
-        /// The request as the backend gets it.
+        /// The request as the backend gets it (nil until the exchange starts
+        /// when that is the request as it came).
         var outgoing: ByteBuffer?
         var upstream: ExpressUpstream?
         /// The connection came from the idle list.
@@ -108,7 +141,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState,
              tunnel: TunnelChoice?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
-             outgoing: ByteBuffer) {
+             outgoing: ByteBuffer?) {
             self.snapshot = snapshot
             self.route = route
             self.service = service
@@ -140,6 +173,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         case needMore
         case handOver
         case forward(Exchange)
+        /// Delivering: AuthorizationPolicy refuses the request (`length`
+        /// bytes with its body).
+        case deny(length: Int, keepAlive: Bool, isHEAD: Bool, reason: String)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -220,11 +256,20 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             if inputClosed || quiescing { context.closeAfterWrites() }
             return
         }
-        let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
-        self.routing = routing
-        guard routing.serves, let matcher = routing.matcher else { return handOver() }
-        let plan = buffered.withUnsafeReadableBytes {
-            self.plan($0, routing: routing, matcher: matcher, loop: loop, context: context)
+        let plan: Plan
+        if let delivery {
+            plan = buffered.withUnsafeReadableBytes { self.plan($0, delivery: delivery, loop: loop) }
+            switch plan {
+            case .forward, .deny: proxy.stats.tunnelRequestsExpress.add(1, ordering: .relaxed)
+            case .needMore, .handOver: break
+            }
+        } else {
+            let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
+            self.routing = routing
+            guard routing.serves, let matcher = routing.matcher else { return handOver() }
+            plan = buffered.withUnsafeReadableBytes {
+                self.plan($0, routing: routing, matcher: matcher, loop: loop, context: context)
+            }
         }
         switch plan {
         case .needMore:
@@ -233,11 +278,89 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             handOver()
         case .forward(let exchange):
             exchange.request = inbound!.readSlice(length: exchange.length)!
-            if readPending && inbound!.readableBytes <= Self.maxRequest {
-                readPending = false
-                context.read()
-            }
+            if exchange.outgoing == nil { exchange.outgoing = exchange.request }
+            readMore(context)
             start(exchange, loop: loop)
+        case .deny(let length, let keepAlive, let isHEAD, let reason):
+            inbound!.moveReaderIndex(forwardBy: length)
+            readMore(context)
+            deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, context: context)
+        }
+    }
+
+    private func readMore(_ context: ChannelHandlerContext) {
+        if readPending && inbound!.readableBytes <= Self.maxRequest {
+            readPending = false
+            context.read()
+        }
+    }
+
+    /// Delivering: reads one request head in place; the pod gets the request
+    /// as it came if the policies in force allow it.
+    private func plan(_ p: UnsafeRawBufferPointer, delivery: Delivery, loop: LoopState) -> Plan {
+        guard let length = HTTP1Wire.headLength(p) else { return .needMore }
+        guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return .handOver }
+        var contentLength: Int?
+        var close = false
+        for f in fields {
+            let n = f.name
+            switch n.count {
+            case 6 where HTTP1Wire.equals(p, n, "expect"), 7 where HTTP1Wire.equals(p, n, "upgrade"),
+                 17 where HTTP1Wire.equals(p, n, "transfer-encoding"):
+                return .handOver
+            case 10 where HTTP1Wire.equals(p, n, "connection"):
+                if HTTP1Wire.listContains(p, f.value, "close") { close = true }
+            case 14 where HTTP1Wire.equals(p, n, "content-length"):
+                guard contentLength == nil, let v = HTTP1Wire.decimal(p, f.value) else { return .handOver }
+                contentLength = v
+            default:
+                break
+            }
+        }
+        let total = length + (contentLength ?? 0)
+        guard total <= Self.maxRequest else { return .handOver }
+        guard p.count >= total else { return .needMore }
+        let method = String(decoding: UnsafeRawBufferPointer(rebasing: p[line.method]), as: UTF8.self)
+        let keepAlive = !close && !proxy.draining.load(ordering: .relaxed)
+        let snapshot = loop.snapshot(proxy)
+        if let set = snapshot.authorization[delivery.key.ip.value] {
+            var request = delivery.request
+            let target = UnsafeRawBufferPointer(rebasing: p[line.target])
+            let path = String(decoding: target.prefix { $0 != UInt8(ascii: "?") }, as: UTF8.self)
+            var host: String?
+            let headers = fields.map { f in
+                let name = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.name]), as: UTF8.self).lowercased()
+                let value = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self)
+                if host == nil && name == "host" { host = value }
+                return (name: name, value: value)
+            }
+            request.http = AuthorizationRequest.HTTP(method: method, path: path, host: host, headers: headers)
+            let decision = set.evaluate(request)
+            Authorize.record(proxy, decision, target: delivery.key.description)
+            guard decision.allowed else {
+                return .deny(length: total, keepAlive: keepAlive, isHEAD: method == "HEAD", reason: decision.reason)
+            }
+        }
+        return .forward(Exchange(snapshot: snapshot, route: "", service: nil, serviceNamespace: nil, key: delivery.key,
+                                 state: loop.pool.state(delivery.key), tunnel: nil, keepAlive: keepAlive,
+                                 isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: false,
+                                 length: total, outgoing: nil))
+    }
+
+    /// Delivering: AuthorizationPolicy's refusal, as InboundHTTP answers it.
+    private func deny(_ reason: String, keepAlive: Bool, isHEAD: Bool, context: ChannelHandlerContext) {
+        let body = Authorize.forbiddenBody(reason)
+        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
+        out.writeString("HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\n")
+        out.writeStaticString("x-weft-authz: denied\r\n")
+        if !keepAlive { out.writeStaticString("connection: close\r\n") }
+        out.writeStaticString("\r\n")
+        if !isHEAD { out.writeString(body) }
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        if keepAlive {
+            next()
+        } else {
+            context.closeAfterWrites()
         }
     }
 
@@ -306,7 +429,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let request = RouteMatcher.Request(method: method, path: path, query: query,
                                            header: matcher.readsHeaders ? { name in Self.values(p, fields, name) } : { _ in [] })
         guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
-                                          source: origin.source) else { return .handOver }
+                                          source: source) else { return .handOver }
         let snapshot = routing.snapshot
 
         // The request the backend gets: the client's head without its
@@ -404,6 +527,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     private func connectFailed(_ error: any Error) {
         guard let exchange, let loop else { return }
+        if delivery != nil {
+            // Nothing reached the pod: the source proxy takes this as a
+            // refused connect and tries another backend.
+            return respondLocally(exchange, .badGateway, "weft: cannot connect to \(exchange.key): \(error)\n", flags: "UF",
+                                  refused: true)
+        }
         Express.countConnectFailure(exchange.key, error, snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop,
                                     proxy: proxy)
         // Nothing was sent: the full path tries another backend or answers 503.
@@ -542,7 +671,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         exchange.responded = true
         exchange.reusable = !close
         exchange.closesClient = closesClient
-        loop?.counters.answered(code)
+        if delivery == nil { loop?.counters.answered(code) }
         routing?.budget?.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())
         return (head, raw)
     }
@@ -571,7 +700,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         if exchange.responded {
             // Part of the response went out: the client must see it broken.
-            Express.countReset(snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
+            countReset(exchange)
             end(exchange, flags: "UC")
             context?.close(promise: nil)
             return
@@ -582,8 +711,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             giveBack(exchange)
             return handOver()
         }
-        Express.countReset(snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
+        countReset(exchange)
         respondLocally(exchange, .badGateway, "weft: upstream \(exchange.key) reset the connection before responding\n", flags: "UC")
+    }
+
+    private func countReset(_ exchange: Exchange) {
+        guard delivery == nil else {
+            proxy.stats.upstreamResets.add(1, ordering: .relaxed)
+            return
+        }
+        Express.countReset(snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
     }
 
     /// The backend's response broke the protocol.
@@ -622,22 +759,26 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         guard self.exchange === exchange, let loop else { return }
         self.exchange = nil
         exchange.state.inFlight -= 1
+        // (Delivered requests are counted where they were routed.)
+        guard delivery == nil else { return }
         Express.record(Express.Outcome(snapshot: exchange.snapshot, service: exchange.service,
                                        serviceNamespace: exchange.serviceNamespace, key: exchange.key, route: exchange.route,
                                        grpc: exchange.grpc, status: exchange.status, flags: flags, start: exchange.start,
                                        bytesOut: exchange.bytesOut, protocolName: "HTTP/1.1", logged: exchange.logged),
-                       source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
+                       source: source, last: &lastSeries, loop: loop, proxy: proxy)
     }
 
     /// An answer of the proxy's own, in place of the backend's.
-    private func respondLocally(_ exchange: Exchange, _ status: HTTPResponseStatus, _ body: String, flags: String) {
+    private func respondLocally(_ exchange: Exchange, _ status: HTTPResponseStatus, _ body: String, flags: String,
+                                refused: Bool = false) {
         guard let context else { return }
-        loop?.counters.answered(Int(status.code))
+        if delivery == nil { loop?.counters.answered(Int(status.code)) }
         exchange.status = Int(status.code)
         end(exchange, flags: flags)
         var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
         out.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\ncontent-type: text/plain; charset=utf-8\r\n")
         out.writeString("content-length: \(body.utf8.count)\r\nserver: weft\r\n")
+        if refused { out.writeString("\(Authorize.refusedHeader): connect\r\n") }
         let close = !exchange.keepAlive || quiescing
         if close { out.writeStaticString("connection: close\r\n") }
         out.writeStaticString("\r\n")
@@ -664,8 +805,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         guard let context, !handedOver, exchange == nil else { return }
         handedOver = true
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
-        let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
-        handler.onUpgrade = Upgrade.splice
+        let handler: any ChannelHandler
+        if let origin {
+            let full = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
+            full.onUpgrade = Upgrade.splice
+            handler = full
+        } else if let delivery {
+            handler = InboundHTTP(proxy: proxy, request: delivery.request, target: delivery.key, isHTTP2: false)
+        } else {
+            return
+        }
         do {
             try context.pipeline.syncOperations.addHandlers(
                 [HTTPResponseEncoder(), ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)),

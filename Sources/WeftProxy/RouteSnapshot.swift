@@ -102,6 +102,9 @@ final class ProxyStats: Sendable {
     let tunnelStreamsIn = Atomic<Int>(0)
     /// Of those, the ones carried at the frame level (TunnelRelay).
     let tunnelStreamsInRelayed = Atomic<Int>(0)
+    /// HTTP/1.1 requests from tunnel streams that the express path judged
+    /// and sent to (or refused for) a pod of this node.
+    let tunnelRequestsExpress = Atomic<Int>(0)
     let tunnelStreamsOut = Atomic<Int>(0)
     let tunnelStreamsOutRelayed = Atomic<Int>(0)
     let tunnelRefused = Atomic<Int>(0)
@@ -201,6 +204,7 @@ final class ProxyStats: Sendable {
             ("tunnel_connections_out_total", tunnelsOut.load(ordering: .relaxed)),
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
             ("tunnel_streams_in_relayed_total", tunnelStreamsInRelayed.load(ordering: .relaxed)),
+            ("tunnel_requests_express_total", tunnelRequestsExpress.load(ordering: .relaxed)),
             ("tunnel_streams_out_total", tunnelStreamsOut.load(ordering: .relaxed)),
             ("tunnel_streams_out_relayed_total", tunnelStreamsOutRelayed.load(ordering: .relaxed)),
             ("tunnel_streams_refused_total", tunnelRefused.load(ordering: .relaxed)),

@@ -191,8 +191,9 @@ struct AuthorizationEndToEnd {
         for c in clients { asks.append(ask(c, port: 9000, nil)) }
         let expected = try referenceDecisions(allowPolicy + "\n---\n" + denyPolicy, asks)
         var i = 0
-        var allowedSeen = 0, deniedSeen = 0
+        var allowedSeen = 0, deniedSeen = 0, allowedFromN1 = 0
         let streamsBefore = counter(try proxyStats("n1"), "weft_proxy_tunnel_streams_out_total")
+        let deliveredBefore = counter(try proxyStats("n2"), "weft_proxy_tunnel_requests_express_total")
         for c in clients {
             let codes = try httpCodes(c)
             #expect(codes.count == requests.count, "\(c.name): \(codes)")
@@ -200,6 +201,7 @@ struct AuthorizationEndToEnd {
                 let want = expected[i] ? "200" : "403"
                 #expect(code == want, "\(c.name) \(r.method) \(r.path): got \(code), the reference says \(want)")
                 if code == "200" { allowedSeen += 1 } else { deniedSeen += 1 }
+                if code == "200" && c.address.hasPrefix("198.18.1.") { allowedFromN1 += 1 }
                 i += 1
             }
         }
@@ -209,6 +211,12 @@ struct AuthorizationEndToEnd {
         let n1Requests = clients.filter { $0.address.hasPrefix("198.18.1.") }.count * requests.count
         let streams = counter(try proxyStats("n1"), "weft_proxy_tunnel_streams_out_total") - streamsBefore
         #expect(streams > 0 && streams < n1Requests, "\(streams) tunnel streams for \(n1Requests) requests from n1")
+        // n2 judged those on streams it took on its express path (HTTP/1.1
+        // to the pod as the source proxy wrote it): every allowed one, and
+        // the denied ones of clients some request of which may be allowed.
+        let delivered = counter(try proxyStats("n2"), "weft_proxy_tunnel_requests_express_total") - deliveredBefore
+        #expect(delivered >= allowedFromN1 && allowedFromN1 > 0 && delivered <= n1Requests,
+                "\(delivered) requests judged on n2's express path; \(allowedFromN1) allowed of \(n1Requests) from n1")
 
         // Raw TCP to the L4 Service: refused across nodes by the far proxy
         // (a reset), on the same node by the kernel (EPERM at connect).

@@ -202,7 +202,12 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
             return refuse(context, 403, decision.reason)
         case .http(let http2, let request, let key):
             return answerAndInstall(context) { pipeline in
-                try InboundHTTP.install(on: pipeline, http2: http2, proxy: self.proxy, request: request, target: key)
+                if !http2 && proxy.configuration.express {
+                    // Bytes to the pod as they came, request by request.
+                    try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, delivering: request, to: key))
+                } else {
+                    try InboundHTTP.install(on: pipeline, http2: http2, proxy: self.proxy, request: request, target: key)
+                }
             }
         case .detect(let request, let key):
             return answerAndInstall(context) { pipeline in
