@@ -192,12 +192,19 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
-        if inbound == nil || inbound!.readableBytes == 0 {
+        let fresh = inbound == nil || inbound!.readableBytes == 0
+        if fresh {
             inbound = bytes
         } else {
             inbound!.writeBuffer(&bytes)
         }
         if exchange == nil { next() }
+        if fresh && delivery != nil, let rest = inbound {
+            // A tunnel stream's bytes are slices of the TLS handler's read
+            // buffer, which it decrypts the next record into: a slice kept
+            // past this read would make it copy the whole buffer (32 KiB).
+            inbound = rest.readableBytes == 0 ? nil : context.channel.allocator.buffer(buffer: rest)
+        }
     }
 
     func read(context: ChannelHandlerContext) {
@@ -278,7 +285,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             handOver()
         case .forward(let exchange):
             exchange.request = inbound!.readSlice(length: exchange.length)!
-            if exchange.outgoing == nil { exchange.outgoing = exchange.request }
+            if exchange.outgoing == nil {
+                // Delivering: the request as it came, in a buffer of its own
+                // (kept for a hand-over; see channelRead).
+                exchange.request = context.channel.allocator.buffer(buffer: exchange.request)
+                exchange.outgoing = exchange.request
+            }
             readMore(context)
             start(exchange, loop: loop)
         case .deny(let length, let keepAlive, let isHEAD, let reason):
