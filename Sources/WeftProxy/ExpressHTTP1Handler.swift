@@ -307,6 +307,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
     }
 
+    /// A request's length with its body, and what to do when it is not all
+    /// read yet or is too large for the express path.
+    private static func extent(_ p: UnsafeRawBufferPointer, head: Int, body: Int?) -> (Int, Plan?) {
+        let total = head + (body ?? 0)
+        if total > maxRequest { return (total, .handOver) }
+        return (total, p.count >= total ? nil : .needMore)
+    }
+
     /// Delivering: reads one request head in place; the pod gets the request
     /// as it came if the policies in force allow it.
     private func plan(_ p: UnsafeRawBufferPointer, delivery: Delivery, loop: LoopState) -> Plan {
@@ -329,9 +337,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 break
             }
         }
-        let total = length + (contentLength ?? 0)
-        guard total <= Self.maxRequest else { return .handOver }
-        guard p.count >= total else { return .needMore }
+        let (total, wait) = Self.extent(p, head: length, body: contentLength)
+        if let wait { return wait }
         let method = String(decoding: UnsafeRawBufferPointer(rebasing: p[line.method]), as: UTF8.self)
         let keepAlive = !close && !proxy.draining.load(ordering: .relaxed)
         let snapshot = loop.snapshot(proxy)
@@ -428,9 +435,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 break
             }
         }
-        let total = length + (contentLength ?? 0)
-        guard total <= Self.maxRequest else { return .handOver }
-        guard p.count >= total else { return .needMore }
+        let (total, wait) = Self.extent(p, head: length, body: contentLength)
+        if let wait { return wait }
 
         // Routing, as the full path does it.
         let method = String(decoding: UnsafeRawBufferPointer(rebasing: p[line.method]), as: UTF8.self)
