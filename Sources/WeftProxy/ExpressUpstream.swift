@@ -18,7 +18,11 @@ final class ExpressUpstream: ChannelInboundHandler {
         func upstreamClosed()
     }
 
-    weak var owner: (any Owner)?
+    /// Held strongly (a weak reference to each exchange's new object cost
+    /// a side table and the slow release path per request); every way an
+    /// exchange lets go of its upstream (`Express.release`, `close`, the
+    /// channel going inactive) clears it.
+    var owner: (any Owner)?
     private var context: ChannelHandlerContext?
     private(set) var isActive = true
     /// Handed out before: a close with no response byte may be the server
