@@ -39,24 +39,25 @@ struct LabHarness {
     /// in parallel, so each test holds this from `init` to `down()`.
     private static let labLock = NSLock()
 
-    /// Writes `files` into a new config directory and brings a lab up on it.
-    init(files: [String: String], nodes: Int = 2, extra: [String] = []) throws {
+    /// Writes `files` into a new config directory and brings a lab up on it;
+    /// `environment` is added to `weft lab up`'s (its agents and proxies inherit it).
+    init(files: [String: String], nodes: Int = 2, extra: [String] = [], environment: [String: String] = [:]) throws {
         try #require(Self.isRoot, "CI=true: end-to-end tests must run as root")
         Self.labLock.lock()
         do {
-            try self.init(locked: files, nodes: nodes, extra: extra)
+            try self.init(locked: files, nodes: nodes, extra: extra, environment: environment)
         } catch {
             Self.labLock.unlock()
             throw error
         }
     }
 
-    private init(locked files: [String: String], nodes: Int, extra: [String]) throws {
+    private init(locked files: [String: String], nodes: Int, extra: [String], environment: [String: String]) throws {
         config = FileManager.default.temporaryDirectory.appendingPathComponent("weft-e2e-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
         for (name, text) in files { try write(name, text) }
         _ = try? Self.run(["lab", "down"])
-        let up = try Self.run(["lab", "up", "--config", config, "--nodes", "\(nodes)"] + extra)
+        let up = try Self.execute(Self.weft, ["lab", "up", "--config", config, "--nodes", "\(nodes)"] + extra, environment: environment)
         guard up.status == 0 else {
             _ = try? Self.run(["lab", "down"])
             throw HarnessError("lab up failed: \(up.output)")
@@ -154,10 +155,14 @@ struct LabHarness {
     }
 
     /// Runs a program to completion: its exit status and its output and errors together.
-    private static func execute(_ program: String, _ args: [String]) throws -> (status: Int32, output: String) {
+    private static func execute(_ program: String, _ args: [String], environment: [String: String] = [:])
+        throws -> (status: Int32, output: String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: program)
         p.arguments = args
+        if !environment.isEmpty {
+            p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         let pipe = Pipe()
         p.standardOutput = pipe
         p.standardError = pipe

@@ -70,9 +70,9 @@ private func peerAuthentication(_ mode: String) -> String {
 private let tunnelProbe = LabHarness.packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/tunnelprobe.py").path
 private let caRoot = "/run/weft/lab/ca"
 
-private func startLab(mode: String, certTTL: String? = nil) throws -> LabHarness {
+private func startLab(mode: String, certTTL: String? = nil, environment: [String: String] = [:]) throws -> LabHarness {
     let lab = try LabHarness(files: ["pods.yaml": pods, "services.yaml": services, "mtls.yaml": peerAuthentication(mode)],
-                             nodes: 3, extra: certTTL.map { ["--cert-ttl", $0] } ?? [])
+                             nodes: 3, extra: certTTL.map { ["--cert-ttl", $0] } ?? [], environment: environment)
     do {
         for address in ["198.18.2.20", "198.18.3.20", "198.18.2.50"] { try waitForServer(address) }
     } catch {
@@ -135,6 +135,41 @@ private func plaintextFromNode(_ target: String) throws -> Bool {
 
 @Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
 struct MeshTLSTests {
+    /// With the express paths off (`WEFT_PROXY_EXPRESS=0`, as `--no-express`):
+    /// NIOHTTP2Handler under every tunnel, stream channels for plain TCP, and
+    /// NIO's HTTP codecs and the full path for HTTP at both ends. The same
+    /// cross-node traffic goes through, and nothing takes an express path.
+    @Test func withTheExpressPathsOffTunnelsCarryTheSameTraffic() throws {
+        let lab = try startLab(mode: "STRICT", environment: ["WEFT_PROXY_EXPRESS": "0"])
+        defer { lab.down() }
+        for _ in 0..<4 {
+            let (rc, out) = try curl(["http://198.19.5.10/no-express-h1"])
+            #expect(rc == 0 && out.contains("\"pod\": \"web-"), "\(out)")
+        }
+        let (rc2, out2) = try curl(["--http2-prior-knowledge", "http://198.19.5.10/no-express-h2"])
+        #expect(rc2 == 0 && out2.contains("\"path\": \"/no-express-h2\""), "\(out2)")
+        let grpc = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.5.60", "80"])
+        #expect(grpc.status == 0 && grpc.output.contains("grpc:hi-0"), "\(grpc.output)")
+        for _ in 0..<4 {
+            let (rc, out) = try curl(["http://198.19.5.11/no-express-l4"])
+            #expect(rc == 0 && out.contains("\"path\": \"/no-express-l4\""), "\(out)")
+        }
+        let banner = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "python3", "-c", """
+            import socket; s = socket.create_connection(("198.19.5.40", 80), timeout=3); hello = s.recv(100); s.sendall(b"no-express\\n"); \
+            echo = s.recv(100); print(hello.decode().strip(), "|", echo.decode().strip()); s.close()
+            """])
+        #expect(banner.output.contains("hello from banner | no-express"), "\(banner.output)")
+        // Tunnels were used (a stream per L4 connection, at least), and no express path was.
+        let streams = try proxyStat("n1", "tunnel_streams_out_total")
+        #expect(streams >= 5, "\(streams) tunnel streams from n1")
+        for node in ["n1", "n2", "n3"] {
+            for stat in ["express_requests_total", "tunnel_streams_out_relayed_total", "tunnel_streams_in_relayed_total",
+                         "tunnel_requests_express_total"] {
+                #expect(try proxyStat(node, stat) == 0, "\(node) \(stat)")
+            }
+        }
+    }
+
     @Test func crossNodeTrafficIsTunnelledAndTheFabricCarriesNoPlaintext() throws {
         let lab = try startLab(mode: "STRICT")
         defer { lab.down() }
