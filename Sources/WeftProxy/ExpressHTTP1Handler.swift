@@ -255,13 +255,20 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         context.fireChannelWritabilityChanged()
     }
 
-    /// Takes the next request read, if it is complete and none is in flight.
+    /// Takes the requests read, one at a time, while none is in flight.
     private func next() {
-        guard exchange == nil, !handedOver, let context, let loop else { return }
+        // (A loop, not recursion, through requests denied one after another.)
+        while takeNext() {}
+    }
+
+    /// Takes the next request read, if it is complete and none is in
+    /// flight; whether to take the one after it at once.
+    private func takeNext() -> Bool {
+        guard exchange == nil, !handedOver, let context, let loop else { return false }
         guard let buffered = inbound, buffered.readableBytes > 0 else {
             // (The last response may still be on its way to a slow reader.)
             if inputClosed || quiescing { context.closeAfterWrites() }
-            return
+            return false
         }
         let plan: Plan
         if let delivery {
@@ -273,7 +280,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         } else {
             let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
             self.routing = routing
-            guard routing.serves, let matcher = routing.matcher else { return handOver() }
+            guard routing.serves, let matcher = routing.matcher else {
+                handOver()
+                return false
+            }
             plan = buffered.withUnsafeReadableBytes {
                 self.plan($0, routing: routing, matcher: matcher, loop: loop, context: context)
             }
@@ -281,8 +291,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         switch plan {
         case .needMore:
             if buffered.readableBytes > Self.maxRequest || inputClosed { handOver() }
+            return false
         case .handOver:
             handOver()
+            return false
         case .forward(let exchange):
             exchange.request = inbound!.readSlice(length: exchange.length)!
             if exchange.outgoing == nil {
@@ -293,10 +305,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             }
             readMore(context)
             start(exchange, loop: loop)
+            return false
         case .deny(let length, let keepAlive, let isHEAD, let reason):
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
-            deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, context: context)
+            return deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, context: context)
         }
     }
 
@@ -367,7 +380,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     }
 
     /// Delivering: AuthorizationPolicy's refusal, as InboundHTTP answers it.
-    private func deny(_ reason: String, keepAlive: Bool, isHEAD: Bool, context: ChannelHandlerContext) {
+    /// Whether the stream stays open for the next request.
+    private func deny(_ reason: String, keepAlive: Bool, isHEAD: Bool, context: ChannelHandlerContext) -> Bool {
         let body = Authorize.forbiddenBody(reason)
         var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
         out.writeString("HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\n")
@@ -376,11 +390,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         out.writeStaticString("\r\n")
         if !isHEAD { out.writeString(body) }
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-        if keepAlive {
-            next()
-        } else {
-            context.closeAfterWrites()
-        }
+        if !keepAlive { context.closeAfterWrites() }
+        return keepAlive
     }
 
     /// Reads one request head in place and decides; builds the request the

@@ -1,0 +1,129 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import Testing
+import WeftCore
+@testable import WeftProxy
+
+/// The destination end's express path for the HTTP/1.1 another node's proxy
+/// wrote into a tunnel stream (ExpressHTTP1Handler, delivering), on an
+/// embedded stream: AuthorizationPolicy judges each request as it comes, the
+/// answers keep the requests' order and the connection lives as they say,
+/// and what the express path does not take goes to InboundHTTP behind NIO's
+/// codec. (An allowed request goes to the pod over a socket; the end-to-end
+/// authorization test covers those.)
+@Suite struct InboundExpressTests {
+    static let config = """
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: api, namespace: shop, labels: {app: api}}
+        spec: {node: n2, address: 198.18.2.10, serviceAccount: api}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: web, namespace: shop, labels: {app: web}}
+        spec: {node: n1, address: 198.18.1.10, serviceAccount: web}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: AuthorizationPolicy
+        metadata: {name: api-allow, namespace: shop}
+        spec:
+          selector: {matchLabels: {app: api}}
+          rules:
+          - to: [{operation: {paths: [/only-this]}}]
+        """
+
+    struct Stream {
+        let channel = EmbeddedChannel()
+        let proxy: ProxyContext
+
+        init() throws {
+            let configuration = ProxyConfiguration(node: "n2", listenAddress: IPv4Address("198.18.2.1")!,
+                                                   pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
+            proxy = ProxyContext(configuration: configuration, logger: Logger(label: "test"), origins: nil, policy: nil,
+                                 eventLoops: [channel.embeddedEventLoop])
+            let (resources, errors) = ManifestReader.parse(Self.config, file: "authz.yaml")
+            guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
+                throw ConfigError("the test's config does not build")
+            }
+            proxy.install(ProxyTable(state))
+            let who = AuthorizationRequest(principal: "cluster.local/ns/shop/sa/web", namespace: "shop",
+                                           sourceIP: IPv4Address("198.18.1.10")!, port: 8080)
+            let pod = EndpointKey(ip: IPv4Address("198.18.2.10")!, port: 8080, node: "n2")
+            try channel.pipeline.syncOperations.addHandler(ExpressHTTP1Handler(proxy: proxy, delivering: who, to: pod))
+            try channel.connect(to: SocketAddress(ipAddress: "198.18.2.10", port: 8080)).wait()
+        }
+
+        static let config = InboundExpressTests.config
+
+        func send(_ text: String) throws {
+            try channel.writeInbound(channel.allocator.buffer(string: text))
+            channel.embeddedEventLoop.run()
+        }
+
+        /// Everything written back so far, as text.
+        func answers() throws -> String {
+            var out = ""
+            // (ByteBuffers from the express path, IOData from NIO's encoder.)
+            while let item = try channel.readOutbound(as: Any.self) {
+                if let b = item as? ByteBuffer { out += String(buffer: b) }
+                if case .byteBuffer(let b)? = item as? IOData { out += String(buffer: b) }
+            }
+            return out
+        }
+
+        var judged: Int { proxy.stats.tunnelRequestsExpress.load(ordering: .relaxed) }
+    }
+
+    struct ConfigError: Error, CustomStringConvertible {
+        let description: String
+        init(_ d: String) { description = d }
+    }
+
+    /// Two requests in one read, then a third: each denied with the reason,
+    /// in order, on a connection that stays open.
+    @Test func deniedRequestsAreAnsweredInOrderAndTheStreamStaysOpen() throws {
+        let s = try Stream()
+        defer { _ = try? s.channel.finish() }
+        try s.send("GET /a HTTP/1.1\r\nhost: api\r\nx-forwarded-for: 198.18.1.10\r\n\r\n"
+                   + "POST /b HTTP/1.1\r\nhost: api\r\ncontent-length: 5\r\n\r\nhello")
+        try s.send("HEAD /c HTTP/1.1\r\nhost: api\r\n\r\n")
+        let out = try s.answers()
+        // (A body ends with "\n", so the next status line follows it directly.)
+        #expect(out.components(separatedBy: "HTTP/1.1 ").count == 4 && out.hasPrefix("HTTP/1.1 403 Forbidden\r\n"), "\(out)")
+        #expect(out.components(separatedBy: "HTTP/1.1 403 Forbidden\r\n").count == 4, "\(out)")
+        #expect(out.contains("x-weft-authz: denied") && out.contains("RBAC: access denied"), "\(out)")
+        // Two bodies, not three: HEAD is answered without one.
+        #expect(out.components(separatedBy: "RBAC: access denied").count == 3, "\(out)")
+        #expect(!out.contains("connection: close"), "\(out)")
+        #expect(s.channel.isActive)
+        #expect(s.judged == 3)
+    }
+
+    /// A request that asks to close: its answer says so and the stream closes.
+    @Test func aRequestThatClosesIsAnsweredThenTheStreamCloses() throws {
+        let s = try Stream()
+        defer { _ = try? s.channel.finish() }
+        try s.send("GET /a HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+        let out = try s.answers()
+        #expect(out.hasPrefix("HTTP/1.1 403 Forbidden\r\n") && out.contains("connection: close\r\n"), "\(out)")
+        #expect(!s.channel.isActive)
+    }
+
+    /// A request half read waits for the rest (no answer yet); a chunked one
+    /// goes to InboundHTTP behind NIO's codec, which judges it the same.
+    @Test func aPartialRequestWaitsAndAChunkedOneGoesToTheFullPath() throws {
+        let s = try Stream()
+        defer { _ = try? s.channel.finish() }
+        try s.send("GET /a HTTP/1.1\r\nhost: ap")
+        #expect(try s.answers().isEmpty)
+        try s.send("i\r\n\r\n")
+        #expect(try s.answers().hasPrefix("HTTP/1.1 403 Forbidden\r\n"))
+        try s.send("POST /b HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        let out = try s.answers()
+        #expect(out.hasPrefix("HTTP/1.1 403 Forbidden\r\n") && out.contains("x-weft-authz: denied"), "\(out)")
+        #expect(s.judged == 1, "the chunked request was judged on the full path")
+        #expect(try s.channel.pipeline.syncOperations.handler(type: InboundHTTP.self) != nil)
+        #expect(s.channel.isActive)
+    }
+}
