@@ -357,16 +357,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let snapshot = loop.snapshot(proxy)
         if let set = snapshot.authorization[delivery.key.ip.value] {
             var request = delivery.request
-            let target = UnsafeRawBufferPointer(rebasing: p[line.target])
-            let path = String(decoding: target.prefix { $0 != UInt8(ascii: "?") }, as: UTF8.self)
-            var host: String?
-            let headers = fields.map { f in
-                let name = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.name]), as: UTF8.self).lowercased()
-                let value = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self)
-                if host == nil && name == "host" { host = value }
-                return (name: name, value: value)
-            }
-            request.http = AuthorizationRequest.HTTP(method: method, path: path, host: host, headers: headers)
+            func text(_ r: Range<Int>) -> String { String(decoding: UnsafeRawBufferPointer(rebasing: p[r]), as: UTF8.self) }
+            request.http = Authorize.http(method: method, target: text(line.target),
+                                          headers: fields.map { (name: text($0.name).lowercased(), value: text($0.value)) })
             let decision = set.evaluate(request)
             Authorize.record(proxy, decision, target: delivery.key.description)
             guard decision.allowed else {

@@ -21,9 +21,15 @@ enum Authorize {
     }
 
     static func http(_ head: HTTPRequestHead) -> AuthorizationRequest.HTTP {
-        let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? head.uri
-        return AuthorizationRequest.HTTP(method: head.method.rawValue, path: path, host: head.headers.first(name: "host"),
-                                         headers: head.headers.map { ($0.name.lowercased(), $0.value) })
+        http(method: head.method.rawValue, target: head.uri, headers: head.headers.map { ($0.name.lowercased(), $0.value) })
+    }
+
+    /// The request as policies read it: the target's path without its
+    /// query, and the header fields by lower-case name.
+    static func http(method: String, target: String, headers: [(name: String, value: String)]) -> AuthorizationRequest.HTTP {
+        let path = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? target
+        return AuthorizationRequest.HTTP(method: method, path: path, host: headers.first { $0.name == "host" }?.value,
+                                         headers: headers)
     }
 
     /// Counts and logs a decision.
