@@ -82,7 +82,7 @@ enum Express {
         let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source)
         guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil else { return nil }
         return Target(route: action.name, key: key, state: loop.pool.state(key),
-                      tunnel: proxy.tunnel(to: key, from: source, snapshot: snapshot))
+                      tunnel: loop.tunnel(proxy, to: key, from: source, snapshot: snapshot))
     }
 
     /// The header lines the proxy adds to every request of one client

@@ -498,7 +498,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
         }
         let proto = r.cluster.upstreamProtocol
-        let tunnel = proxy.tunnel(to: key, from: origin.source, snapshot: r.snapshot)
+        let tunnel = loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot)
         loop.pool.acquire(key, protocol: proto, counters: counters, tunnel: tunnel) { [weak self] result in
             guard let self else {
                 if case .success(let h) = result { h.close() }

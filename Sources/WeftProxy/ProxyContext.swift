@@ -26,7 +26,12 @@ final class ProxyContext: Sendable {
     private let identityState = Mutex<TunnelIdentities?>(nil)
     /// The identities the agent issued for this node's pods (nil: no CA, no tunnels).
     var identities: TunnelIdentities? { identityState.withLock { $0 } }
-    func install(identities: TunnelIdentities) { identityState.withLock { $0 = identities } }
+    func install(identities: TunnelIdentities) {
+        identityState.withLock { $0 = identities }
+        identitiesInstalled.add(1, ordering: .releasing)
+    }
+    /// Counts installed identity bundles (LoopState.tunnel's cache reads it).
+    let identitiesInstalled = Atomic<UInt64>(0)
     let draining = Atomic<Bool>(false)
     private let spliceMaps = Mutex<SpliceMaps?>(nil)
     /// The shortcut's splice maps, once the agent has pinned them.
@@ -135,6 +140,33 @@ final class LoopState: @unchecked Sendable {
     }
 
     private var snapshotSeen: (installed: UInt64, snapshot: RouteSnapshot)?
+
+    /// Tunnel choices already worked out on this loop, by source and
+    /// destination address, for one table generation and identity bundle.
+    /// Working one out (TunnelPool.route) builds both identities, hashes
+    /// their strings and the address's text: about 3,700 instructions, per
+    /// request of the express paths before this cache.
+    private var tunnelChoices: [UInt64: TunnelChoice?] = [:]
+    private var tunnelChoicesFor: (generation: UInt64, identities: UInt64) = (.max, .max)
+
+    /// `proxy.tunnel(to:from:snapshot:)`, remembered.
+    func tunnel(_ proxy: ProxyContext, to endpoint: EndpointKey, from source: IPv4Address,
+                snapshot: RouteSnapshot) -> TunnelChoice? {
+        guard endpoint.node != proxy.configuration.node, snapshot.table.tunnel != nil else { return nil }
+        // Read before the identities themselves: a bundle installed in
+        // between is cached under the older count and worked out again.
+        let installed = proxy.identitiesInstalled.load(ordering: .acquiring)
+        if tunnelChoicesFor != (snapshot.generation, installed) {
+            tunnelChoices.removeAll(keepingCapacity: true)
+            tunnelChoicesFor = (snapshot.generation, installed)
+        }
+        let key = UInt64(source.value) << 32 | UInt64(endpoint.ip.value)
+        if let known = tunnelChoices[key] { return known }
+        let choice = proxy.tunnel(to: endpoint, from: source, snapshot: snapshot)
+        if tunnelChoices.count > 65536 { tunnelChoices.removeAll(keepingCapacity: true) }
+        tunnelChoices[key] = .some(choice)
+        return choice
+    }
 
     /// The proxy's current snapshot, as `proxy.snapshot` gives it, without
     /// taking its lock while no new one was installed: this runs for every

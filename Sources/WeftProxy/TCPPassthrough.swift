@@ -49,7 +49,7 @@ enum TCPPassthrough {
         _ = downstream.setOption(ChannelOptions.autoRead, value: false)
         loop.pool.state(endpoint).inFlight += 1
         let pool = loop.pool
-        let tunnel = proxy.tunnel(to: endpoint, from: origin.source, snapshot: snapshot)
+        let tunnel = loop.tunnel(proxy, to: endpoint, from: origin.source, snapshot: snapshot)
         let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend?.service,
                                serviceNamespace: frontend?.namespace, upstream: endpoint)
 

@@ -124,6 +124,19 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(IPv4Prefix("198.18.0.0/16")?.contains(IPv4Address("198.18.200.1")!) == true)
         #expect(IPv4Prefix("198.18.0.1/16") == nil)
     }
+
+    @Test func ipv4TextRoundTrips() {
+        for text in ["0.0.0.0", "255.255.255.255", "198.19.0.10", "10.9.99.100", "1.20.101.9", "100.0.10.1"] {
+            #expect(IPv4Address(text)?.description == text)
+        }
+        // Every octet value, in every position.
+        for v in 0...255 {
+            let octet = UInt32(v)
+            let a = IPv4Address(octet << 24 | octet << 16 | (255 - octet) << 8 | octet)
+            #expect(a.description == "\(v).\(v).\(255 - v).\(v)")
+            #expect(IPv4Address(a.description) == a)
+        }
+    }
 }
 
 @Suite struct BackendSelection {

@@ -22,6 +22,13 @@ import Testing
         }
     }
 
+    @Test func tokenBytesAreRFC9110s() {
+        let tchar = Set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!#$%&'*+-.^_`|~".utf8)
+        for c in 0...255 {
+            #expect(HTTP1Wire.isToken(UInt8(c)) == tchar.contains(UInt8(c)), "byte \(c)")
+        }
+    }
+
     @Test func headsEndAtTheBlankLine() {
         for (text, length) in [("GET / HTTP/1.1\r\n\r\n", 18), ("GET / HTTP/1.1\r\nA: b\r\n\r\nbody", 24), ("\r\n\r\n", 4)] {
             #expect(Array(text.utf8).withUnsafeBytes { HTTP1Wire.headLength($0) } == length, "\(text.debugDescription)")
