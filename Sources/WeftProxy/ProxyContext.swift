@@ -56,15 +56,16 @@ final class ProxyContext: Sendable {
         self.logger = logger
         self.origins = origins
         self.policy = policy
-        telemetry = ProxyTelemetry(labelLimit: configuration.labelValueLimit)
+        telemetry = ProxyTelemetry(labelLimit: configuration.labelValueLimit, loops: eventLoops.count)
         accessLog = AccessLog(path: configuration.accessLogPath ?? configuration.runDirectory + "/access.log")
         spans = SpanExporter(node: configuration.node, logger: logger)
         current = Mutex(RouteSnapshot(ProxyTable()))
         var loops: [ObjectIdentifier: LoopState] = [:]
-        for loop in eventLoops {
-            loops[ObjectIdentifier(loop)] = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration,
-                                                                         stats: stats, telemetry: telemetry),
-                                                      counters: stats.makeLoopCounters())
+        for (i, loop) in eventLoops.enumerated() {
+            let state = LoopState(pool: UpstreamPool(eventLoop: loop, configuration: configuration, stats: stats, telemetry: telemetry),
+                                  counters: stats.makeLoopCounters())
+            state.telemetry.shard = i
+            loops[ObjectIdentifier(loop)] = state
         }
         self.loops = loops
         viaToken = "weft-\(configuration.node)"

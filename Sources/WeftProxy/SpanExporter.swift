@@ -6,7 +6,8 @@ import WeftCore
 /// OTLP/HTTP span export (JSON encoding, `POST /v1/traces`), off unless
 /// MeshConfig `telemetry.tracing` names a collector. The event loops only
 /// append a span's JSON to a buffer; a background queue posts the buffer
-/// every 200 ms, so a slow or absent collector never holds a request. At
+/// 200 ms after the first span waiting, so a slow or absent collector never
+/// holds a request and a proxy with nothing to send never wakes for it. At
 /// most 20,000 spans wait; past that, spans are dropped and counted.
 final class SpanExporter: Sendable {
     enum Value {
@@ -20,6 +21,8 @@ final class SpanExporter: Sendable {
         var dropped = 0
         var exported = 0
         var failedPosts = 0
+        /// A flush is due (scheduled by the first span after the last one).
+        var scheduled = false
     }
 
     private let state = Mutex(Pending())
@@ -31,14 +34,6 @@ final class SpanExporter: Sendable {
     init(node: String, logger: Logger) {
         self.node = node
         self.logger = logger
-        tick()
-    }
-
-    private func tick() {
-        queue.asyncAfter(deadline: .now() + .milliseconds(200)) { [weak self] in
-            self?.flush()
-            self?.tick()
-        }
     }
 
     var counts: (exported: Int, dropped: Int, failedPosts: Int) {
@@ -61,20 +56,24 @@ final class SpanExporter: Sendable {
             }
         }.joined(separator: ",") + "]"
         json += ",\"status\":{\"code\":\(error ? 2 : 1)}}"
-        state.withLock { s in
+        let schedule = state.withLock { s -> Bool in
             if s.target != target {
                 s.spans.removeAll()  // the collector changed: what was for the old one is not sent
                 s.target = target
             }
-            guard s.spans.count < Self.maxPending else { s.dropped += 1; return }
+            guard s.spans.count < Self.maxPending else { s.dropped += 1; return false }
             s.spans.append(json)
+            defer { s.scheduled = true }
+            return !s.scheduled
         }
+        if schedule { queue.asyncAfter(deadline: .now() + .milliseconds(200)) { [weak self] in self?.flush() } }
     }
 
     private func flush() {
         let (spans, target) = state.withLock { s -> ([String], ProxyTable.TracingTarget?) in
             let out = (s.spans, s.target)
             s.spans.removeAll(keepingCapacity: true)
+            s.scheduled = false
             return out
         }
         guard let target, !spans.isEmpty else { return }

@@ -48,8 +48,16 @@ struct RequestLabels: Hashable {
 /// and bytes per (source, destination), and the proxy's own counters.
 /// Recording goes through a per-event-loop cache of series handles, so the
 /// registry's lock is taken only the first time a label set is seen.
+///
+/// Request durations are recorded in a registry of the event loop's own
+/// (`loopRegistries`): a swift-prometheus histogram takes a lock for every
+/// value, and one histogram shared by the loops made a loop wait on the
+/// other's lock (a futex sleep, in the middle of a burst of responses) a few
+/// times in a thousand requests. The loops' histograms are added together
+/// when the exposition is written (`mergedSeries`).
 final class ProxyTelemetry: Sendable {
     let registry = PrometheusCollectorRegistry()
+    let loopRegistries: [PrometheusCollectorRegistry]
     let cap: LabelCap
     /// Request duration buckets, in seconds: 0.5 ms to 30 s.
     static let buckets: [Duration] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
@@ -57,7 +65,10 @@ final class ProxyTelemetry: Sendable {
     /// Last value of each ProxyStats counter put into the registry.
     private let seen = Mutex<[String: Int]>([:])
 
-    init(labelLimit: Int) { cap = LabelCap(limit: labelLimit) }
+    init(labelLimit: Int, loops: Int = 1) {
+        cap = LabelCap(limit: labelLimit)
+        loopRegistries = (0..<max(1, loops)).map { _ in PrometheusCollectorRegistry() }
+    }
 
     final class RequestSeries {
         let count: Counter
@@ -92,7 +103,8 @@ final class ProxyTelemetry: Sendable {
          ("destination_workload_namespace", cap.admit("destination_workload_namespace", p.destinationWorkloadNamespace))]
     }
 
-    func makeRequestSeries(_ l: RequestLabels) -> RequestSeries {
+    /// The series of `l`, its duration histogram in loop `shard`'s registry.
+    func makeRequestSeries(_ l: RequestLabels, shard: Int = 0) -> RequestSeries {
         let labels = peerLabels(l.peers) + [
             ("route", cap.admit("route", l.route)),
             ("request_protocol", l.requestProtocol),
@@ -103,7 +115,7 @@ final class ProxyTelemetry: Sendable {
             count: registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "requests", unitName: "total",
                                                           helpText: "HTTP requests the node proxy handled, by source, destination, route and response."),
                                         labels: labels),
-            duration: registry.makeDurationHistogram(descriptor: .init(namespace: "weft", metricName: "request_duration", unitName: "seconds",
+            duration: loopRegistries[shard % loopRegistries.count].makeDurationHistogram(descriptor: .init(namespace: "weft", metricName: "request_duration", unitName: "seconds",
                                                                        helpText: "Time from a request's head to the end of its response, as the node proxy saw it."),
                                                      labels: labels, buckets: Self.buckets))
     }
@@ -179,13 +191,53 @@ final class ProxyTelemetry: Sendable {
         }
         registry.makeGauge(descriptor: .init(namespace: "weft_proxy", metricName: "table_generation", unitName: "", helpText: "Route table generation the proxy has in force."))
             .set(Double(generation))
-        return registry.emitToString()
+        return registry.emitToString() + Self.mergedSeries(loopRegistries.map { $0.emitToString() })
+    }
+
+    /// Exposition texts of the same families (the loops' registries) as
+    /// one: each family's HELP and TYPE once, and each series (name and
+    /// labels) once, its values added. Whole numbers stay whole. A series
+    /// first seen in a later text comes after the ones before it, which
+    /// keeps a family's lines together while the registries hold one family.
+    static func mergedSeries(_ texts: [String]) -> String {
+        var order: [Substring] = []
+        var totals: [Substring: (int: Int, double: Double, whole: Bool)] = [:]
+        var comments = Set<Substring>()
+        for text in texts {
+            for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
+                if line.hasPrefix("#") {
+                    if comments.insert(line).inserted { order.append(line) }
+                    continue
+                }
+                guard let space = line.lastIndex(of: " ") else { continue }
+                let key = line[..<space], value = line[line.index(after: space)...]
+                let int = Int(value), double = Double(value) ?? 0
+                if var t = totals[key] {
+                    t.int &+= int ?? 0
+                    t.double += double
+                    t.whole = t.whole && int != nil
+                    totals[key] = t
+                } else {
+                    totals[key] = (int ?? 0, double, int != nil)
+                    order.append(key)
+                }
+            }
+        }
+        var out = ""
+        for key in order {
+            out += key
+            if let t = totals[key] { out += t.whole ? " \(t.int)" : " \(t.double)" }
+            out += "\n"
+        }
+        return out
     }
 }
 
 /// The per-event-loop side of telemetry: series handles by label set.
 /// Only used on its loop.
 struct LoopTelemetry {
+    /// This loop's registry for request durations (ProxyTelemetry.loopRegistries).
+    var shard = 0
     private var requests: [RequestLabels: ProxyTelemetry.RequestSeries] = [:]
     private var tcp: [PeerLabels: ProxyTelemetry.TCPSeries] = [:]
     private var events: [ProxyTelemetry.ServiceEvent: Counter] = [:]
@@ -196,7 +248,7 @@ struct LoopTelemetry {
     mutating func request(_ labels: RequestLabels, _ telemetry: ProxyTelemetry) -> ProxyTelemetry.RequestSeries {
         if let s = requests[labels] { return s }
         if requests.count >= Self.limit { requests.removeAll(keepingCapacity: true) }
-        let s = telemetry.makeRequestSeries(labels)
+        let s = telemetry.makeRequestSeries(labels, shard: shard)
         requests[labels] = s
         return s
     }
@@ -324,13 +376,14 @@ enum TraceContext {
 }
 
 /// The access log: JSON lines, appended from the event loops into one
-/// buffer and written by a background queue every 100 ms (or at 256 KiB),
-/// so a request never waits on the disk. The file is rotated to `.1` at
+/// buffer and written by a background queue 100 ms after the first line
+/// waiting (or at 256 KiB), so a request never waits on the disk and an
+/// idle proxy (or one not logging) never wakes for it. The file is rotated to `.1` at
 /// `rotateBytes`. "-" writes to standard output.
 final class AccessLog: Sendable {
     let path: String
     private let rotateBytes: Int
-    private let state = Mutex<(buffer: [UInt8], fd: Int32, size: Int, dropped: Int)>(([], -1, 0, 0))
+    private let state = Mutex<(buffer: [UInt8], fd: Int32, size: Int, dropped: Int, scheduled: Bool)>(([], -1, 0, 0, false))
     private let queue = DispatchQueue(label: "weft.proxy.access-log")
     private static let flushAt = 256 * 1024
     private static let maxBuffered = 16 * 1024 * 1024
@@ -338,25 +391,20 @@ final class AccessLog: Sendable {
     init(path: String, rotateBytes: Int = 64 * 1024 * 1024) {
         self.path = path
         self.rotateBytes = rotateBytes
-        tick()
-    }
-
-    private func tick() {
-        queue.asyncAfter(deadline: .now() + .milliseconds(100)) { [weak self] in
-            self?.flush()
-            self?.tick()
-        }
     }
 
     func append(_ line: String) {
-        let wake = state.withLock { s -> Bool in
+        let (wake, schedule) = state.withLock { s -> (Bool, Bool) in
             // A disk that cannot keep up loses lines (counted), not memory.
-            guard s.buffer.count < Self.maxBuffered else { s.dropped += 1; return false }
+            guard s.buffer.count < Self.maxBuffered else { s.dropped += 1; return (false, false) }
             s.buffer.append(contentsOf: line.utf8)
             s.buffer.append(UInt8(ascii: "\n"))
-            return s.buffer.count >= Self.flushAt
+            let schedule = !s.scheduled
+            s.scheduled = true
+            return (s.buffer.count >= Self.flushAt, schedule)
         }
         if wake { queue.async { [weak self] in self?.flush() } }
+        if schedule { queue.asyncAfter(deadline: .now() + .milliseconds(100)) { [weak self] in self?.flush() } }
     }
 
     var dropped: Int { state.withLock { $0.dropped } }
@@ -366,6 +414,7 @@ final class AccessLog: Sendable {
         var (data, fd, size) = state.withLock { s -> ([UInt8], Int32, Int) in
             let d = s.buffer
             s.buffer.removeAll(keepingCapacity: true)
+            s.scheduled = false
             return (d, s.fd, s.size)
         }
         guard !data.isEmpty else { return }

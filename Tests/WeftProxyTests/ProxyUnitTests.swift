@@ -240,6 +240,47 @@ import WeftStatus
         #expect(series.contains { $0.contains("response_code=\"overflow\"") && $0.hasSuffix(" 890") })
     }
 
+    /// Durations recorded by two loops (each in its own registry) read as
+    /// if one histogram had recorded them all, label escapes included.
+    @Test func theLoopsDurationHistogramsAddUp() {
+        let telemetry = ProxyTelemetry(labelLimit: 100, loops: 2)
+        let single = ProxyTelemetry(labelLimit: 100, loops: 1)
+        var loops = [LoopTelemetry(), LoopTelemetry()]
+        loops[1].shard = 1
+        var one = LoopTelemetry()
+        let snapshot = RouteSnapshot(ProxyTable())
+        var rng = SystemRandomNumberGenerator()
+        for i in 0..<2_000 {
+            let peers = PeerLabels(snapshot: snapshot, source: IPv4Address(0x0A00_0001), service: nil, serviceNamespace: nil, upstream: nil)
+            // Route names with a quote, a backslash and a line break; some series on one loop only.
+            let route = ["a", "b\"q\\", "c\nd", "only-one"][i % 4]
+            let labels = RequestLabels(peers: peers, route: route, requestProtocol: "http", responseCode: 200 + i % 3, responseFlags: "-")
+            let nanos = Int64.random(in: 1_000...40_000_000_000, using: &rng)
+            let loop = route == "only-one" ? 1 : (i / 4) % 2
+            loops[loop].request(labels, telemetry).duration.record(.nanoseconds(nanos))
+            one.request(labels, single).duration.record(.nanoseconds(nanos))
+        }
+        func samples(_ t: ProxyTelemetry) -> [String: Double] {
+            var out: [String: Double] = [:]
+            let text = t.render(stats: ProxyStats(), generation: 1)
+            for line in text.split(separator: "\n") where line.hasPrefix("weft_request_duration_seconds") {
+                guard let space = line.lastIndex(of: " ") else { continue }
+                #expect(out[String(line[..<space])] == nil, "one line per series: \(line)")
+                out[String(line[..<space])] = Double(line[line.index(after: space)...])
+            }
+            #expect(text.components(separatedBy: "# TYPE weft_request_duration_seconds histogram").count == 2)
+            return out
+        }
+        let merged = samples(telemetry), reference = samples(single)
+        #expect(reference.count == 12 * 18, "12 label sets: 15 buckets, +Inf, sum and count each")
+        #expect(Set(merged.keys) == Set(reference.keys))
+        for (key, value) in reference {
+            let got = merged[key] ?? -1
+            #expect(abs(got - value) <= 1e-6 * max(1, abs(value)), "\(key): \(got) vs \(value)")
+        }
+        #expect(reference.keys.contains { $0.contains("route=\"b\\\"q\\\\\"") }, "escaped as swift-prometheus does")
+    }
+
     @Test func accessLogLinesAreJSONWithEscapes() throws {
         var line = JSONLine()
         line.add("path", "/a\"b\\c\n\u{1}é")
