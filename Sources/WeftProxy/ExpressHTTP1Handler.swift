@@ -552,6 +552,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         if delivery != nil {
             // Nothing reached the pod: the source proxy takes this as a
             // refused connect and tries another backend.
+            proxy.logger.info("tunnelled request could not reach its pod", metadata: ["target": "\(exchange.key)", "error": "\(error)"])
             return respondLocally(exchange, .badGateway, "weft: cannot connect to \(exchange.key): \(error)\n", flags: "UF",
                                   refused: true)
         }

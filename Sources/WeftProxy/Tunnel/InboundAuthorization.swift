@@ -261,6 +261,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                     self.pending.removeAll()
                     // Nothing reached the pod: the source proxy takes this
                     // as a refused connect and tries another backend.
+                    self.proxy.logger.info("tunnelled request could not reach its pod", metadata: ["target": "\(key)", "error": "\(error)"])
                     self.respond(context, .badGateway, "weft: cannot connect to \(key): \(error)\n", refused: true)
                     if self.requestEnded { self.exchangeDone(context) }
                 case .success(let upstream):
