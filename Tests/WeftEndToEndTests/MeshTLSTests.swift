@@ -87,8 +87,10 @@ private func startLab(mode: String, certTTL: String? = nil, environment: [String
 private func waitForServer(_ address: String) throws {
     let node = "weft-n\(address.split(separator: ".")[2])"
     for _ in 0..<200 {
-        if (try? LabHarness.shell(raw: ["ip", "netns", "exec", node, "curl", "-sf", "-o", "/dev/null", "-m", "1",
-                                        "http://\(address):8080/__count"]))?.isEmpty == true,
+        // (`shell(raw:)` returns the output whatever the exit status: the
+        // status code is what says the server answered.)
+        if (try? LabHarness.shell(raw: ["ip", "netns", "exec", node, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                        "-m", "1", "http://\(address):8080/__count"])) == "200",
            (try? LabHarness.run(["lab", "exec", "\(ns)/client", "--", "true"]))?.status == 0 {
             return
         }
