@@ -84,15 +84,6 @@ final class ProxyContext: Sendable {
         installed.add(1, ordering: .releasing)
     }
 
-    /// The tunnel to use from `source` to `endpoint`, if one applies.
-    func tunnel(to endpoint: EndpointKey, from source: IPv4Address, snapshot: RouteSnapshot) -> TunnelChoice? {
-        // Same-node backends never tunnel: decided before the identity lock.
-        guard endpoint.node != configuration.node, snapshot.table.tunnel != nil, let ids = identities,
-              let route = TunnelPool.route(endpoint, source: source, snapshot: snapshot, identities: ids, node: configuration.node)
-        else { return nil }
-        return (route, source, ids)
-    }
-
     /// The state of the loop a handler runs on. Only ever touched from that loop.
     func loop(_ eventLoop: any EventLoop) -> LoopState {
         guard let state = loops[ObjectIdentifier(eventLoop)] else {
@@ -150,9 +141,10 @@ final class LoopState: @unchecked Sendable {
     private var tunnelChoices: [UInt64: TunnelChoice?] = [:]
     private var tunnelChoicesFor: (generation: UInt64, identities: UInt64) = (.max, .max)
 
-    /// `proxy.tunnel(to:from:snapshot:)`, remembered.
+    /// The tunnel to use from `source` to `endpoint`, if one applies.
     func tunnel(_ proxy: ProxyContext, to endpoint: EndpointKey, from source: IPv4Address,
                 snapshot: RouteSnapshot) -> TunnelChoice? {
+        // Same-node backends never tunnel: decided before the cache and the identity lock.
         guard endpoint.node != proxy.configuration.node, snapshot.table.tunnel != nil else { return nil }
         // Read before the identities themselves: a bundle installed in
         // between is cached under the older count and worked out again.
@@ -163,7 +155,10 @@ final class LoopState: @unchecked Sendable {
         }
         let key = UInt64(source.value) << 32 | UInt64(endpoint.ip.value)
         if let known = tunnelChoices[key] { return known }
-        let choice = proxy.tunnel(to: endpoint, from: source, snapshot: snapshot)
+        let choice = proxy.identities.flatMap { ids in
+            TunnelPool.route(endpoint, source: source, snapshot: snapshot, identities: ids, node: proxy.configuration.node)
+                .map { (route: $0, source: source, identities: ids) }
+        }
         if tunnelChoices.count > 65536 { tunnelChoices.removeAll(keepingCapacity: true) }
         tunnelChoices[key] = .some(choice)
         return choice
