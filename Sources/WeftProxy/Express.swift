@@ -301,18 +301,27 @@ enum Express {
         var contentLength: Int?, chunked = false, coded = false, close = status.minor == 0, keepAlive = false
         var named = ConnectionLines()
         for f in fields {
-            if HTTP1Wire.equals(p, f.name, "content-length") {
+            // By length first: most fields are none of these three.
+            switch f.name.count {
+            case 14 where HTTP1Wire.equals(p, f.name, "content-length"):
                 guard let v = HTTP1Wire.decimal(p, f.value), contentLength == nil || contentLength == v else { return nil }
                 contentLength = v
-            } else if HTTP1Wire.equals(p, f.name, "transfer-encoding") {
+            case 17 where HTTP1Wire.equals(p, f.name, "transfer-encoding"):
                 coded = true
                 chunked = HTTP1Wire.lastElement(p, f.value, is: "chunked")
-            } else if HTTP1Wire.equals(p, f.name, "connection") {
+            case 10 where HTTP1Wire.equals(p, f.name, "connection"):
+                // The common line, "keep-alive" alone: nothing more to read.
+                if HTTP1Wire.equals(p, f.value, "keep-alive") {
+                    keepAlive = true
+                    continue
+                }
                 if HTTP1Wire.listContains(p, f.value, "close") { close = true }
                 let lineKeepAlive = HTTP1Wire.listContains(p, f.value, "keep-alive")
                 if lineKeepAlive { keepAlive = true }
                 // ("keep-alive" alone names a field that is hop-by-hop anyway.)
                 if !(lineKeepAlive && HTTP1Wire.count(p, f.value) == 1) { named.append(f.value) }
+            default:
+                break
             }
         }
         if status.minor == 0 && keepAlive { close = false }

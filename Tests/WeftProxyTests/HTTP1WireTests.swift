@@ -191,6 +191,46 @@ import Testing
         #expect(named("HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n") == ["X-A": false], "no Connection line")
     }
 
+    /// How a response's body ends, and whether its connection can be used
+    /// again (RFC 9112 6.3, 9.3): what the express paths read from a head.
+    @Test func responseFramingFromTheHead() {
+        func framing(_ head: String, isHEAD: Bool = false) -> String? {
+            let bytes = Array(head.utf8)
+            return bytes.withUnsafeBytes { p in
+                var fields: [HTTP1Wire.Field] = []
+                guard let length = HTTP1Wire.headLength(p), let status = HTTP1Wire.parseResponse(p, length: length, fields: &fields),
+                      let body = Express.responseBody(p, status, fields, isHEAD: isHEAD) else { return nil }
+                let how: String
+                switch body.framing {
+                case .length(let n): how = "length \(n)"
+                case .chunked: how = "chunked"
+                case .close: how = "close"
+                case .head: how = "head"
+                }
+                return how + (body.close ? ", then close" : "")
+            }
+        }
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n") == "length 3")
+        #expect(framing("HTTP/1.1 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 3\r\n\r\n") == "length 3", "names and tokens fold")
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n") == "length 3, then close")
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive, close\r\n\r\n") == "length 3, then close")
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n")
+                == "length 3, then close", "a later line still counts")
+        #expect(framing("HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n") == "length 3, then close", "HTTP/1.0 closes by default")
+        #expect(framing("HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n") == "length 3")
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n") == "length 3")
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n") == nil, "two lengths")
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\n") == nil)
+        #expect(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n") == "chunked")
+        #expect(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n") == "chunked",
+                "Transfer-Encoding wins over Content-Length")
+        #expect(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n") == "close", "not chunked last: read to the close")
+        #expect(framing("HTTP/1.1 200 OK\r\n\r\n") == "close", "neither: read to the close")
+        #expect(framing("HTTP/1.1 204 No Content\r\n\r\n") == "length 0")
+        #expect(framing("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n") == "length 0")
+        #expect(framing("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", isHEAD: true) == "length 0")
+    }
+
     /// A chunked body's end is found however the bytes are cut.
     @Test func chunkedBodiesEndWhereTheyEnd() {
         let body = Array("5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n".utf8)
