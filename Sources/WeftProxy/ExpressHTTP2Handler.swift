@@ -759,6 +759,13 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     }
 
     private var flushScheduled = false
+    /// The task flushSoon schedules, made once: a closure made per call
+    /// costs an allocation and a weak reference's set-up per response.
+    private lazy var flushTask: () -> Void = { [weak self] in
+        guard let self else { return }
+        self.flushScheduled = false
+        self.codec.flushNow()
+    }
 
     /// Flushes once the event loop has handled every connection that is
     /// ready now: the responses of many streams, read from as many
@@ -766,11 +773,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     fileprivate func flushSoon() {
         guard !flushScheduled, let context else { return }
         flushScheduled = true
-        context.eventLoop.assumeIsolated().execute { [weak self] in
-            guard let self else { return }
-            self.flushScheduled = false
-            self.codec.flushNow()
-        }
+        context.eventLoop.assumeIsolated().execute(flushTask)
     }
 
     /// A draining connection closes once every stream is answered and
