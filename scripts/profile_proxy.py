@@ -237,11 +237,14 @@ def answers(name, url, tries=100, wait=1, load="HTTP/1.1"):
 
 def fixed(url, n, load="HTTP/1.1"):
     """n requests of `load` in bench proxy's shape (HTTP/1.1: 16 connections;
-    HTTP/2: 4 connections of 8 streams), as fast as they go; the number
+    HTTP/2: 4 connections of 8 streams), as fast as they go, or with
+    WEFT_PROFILE_RPS=N at N requests/s per connection (one h2load's
+    connections send together: bench proxy's fixed-load bursts); the number
     answered 2xx."""
     flags, conns, streams = LOADS[load]
+    rate = ["--rps", os.environ["WEFT_PROFILE_RPS"]] if os.environ.get("WEFT_PROFILE_RPS") else []
     r = subprocess.run([WEFT, "lab", "exec", "bench/client", "--", "h2load", *flags, "-c", str(conns), "-m", str(streams),
-                        "-n", str(n), url], capture_output=True, text=True).stdout
+                        *rate, "-n", str(n), url], capture_output=True, text=True).stdout
     line = next((l for l in r.splitlines() if l.startswith("status codes:")), "")
     return int(line.split()[2]) if line else 0
 
