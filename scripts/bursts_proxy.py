@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_proxy as b  # noqa: E402
 from benchdoc import NodeProcesses, sh  # noqa: E402
+from profile_proxy import answers  # noqa: E402
 
 ROUNDS = int(os.environ.get("WEFT_BURSTS_ROUNDS", "3"))
 SECONDS = int(os.environ.get("WEFT_BURSTS_SECONDS", "4"))
@@ -146,14 +147,8 @@ def main():
         node = json.load(open("/run/weft/lab/state.json"))["nodes"][0]
         pids = {"haproxy": processes.start(node, "haproxy", "-f", f"{work}/haproxy.cfg", "-db"),
                 "weft": int(open("/run/weft/n1/proxy.pid").read())}
-        for _ in range(100):
-            if all(sh(b.WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                      "-m", "1", "--http2-prior-knowledge", b.TARGETS[name]["HTTP/2"], check=False) == "200"
-                   for name in pids):
-                break
-            time.sleep(0.1)
-        else:
-            raise SystemExit("the proxies never answered 200")
+        for name in pids:
+            answers(name, b.TARGETS[name]["HTTP/2"], load="HTTP/2")
         for rnd in range(ROUNDS):
             for name in ("weft", "haproxy") if rnd % 2 == 0 else ("haproxy", "weft"):
                 captures, pcaps = [], []
