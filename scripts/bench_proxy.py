@@ -388,10 +388,50 @@ def main():
         for name in ("weft", "haproxy", "nginx"):
             summary[load][name].update(added_over(sides[name]["fixed"], sides["direct"]["fixed"]))
             summary[load][name]["independent"] = added_over(sides[name]["independent"], sides["direct"]["independent"])
+    paired = pairs(results)
     with open(os.path.join(ROOT, "docs/bench-proxy.json"), "w") as f:
-        json.dump({"summary": summary, "rounds": results, "repeated": repeated, "kept_disturbed": kept_disturbed}, f, indent=1)
+        json.dump({"summary": summary, "paired": paired, "rounds": results, "repeated": repeated,
+                   "kept_disturbed": kept_disturbed}, f, indent=1)
     plot(summary)
-    report(summary, repeated, kept_disturbed)
+    report(summary, paired, repeated, kept_disturbed)
+
+
+def pairs(results):
+    """Weft against HAProxy round by round (the two ran minutes apart in one
+    round, on the same host state; medians over rounds can hide that one
+    side won every round, or that the rounds split): per load, the per-core
+    ratio and the added latencies' differences of each round."""
+    out = {}
+    for load, sides in results.items():
+        w, h, d = sides["weft"], sides["haproxy"], sides["direct"]
+        rounds = []
+        for i in range(len(w["max"])):
+            r = {"per_core_ratio": w["max"][i]["per_core"] / h["max"][i]["per_core"]}
+            for kind in ("fixed", "independent"):
+                for p in ("p50_us", "p99_us"):
+                    # Direct's part cancels: (weft - direct) - (haproxy - direct).
+                    r[f"{kind}_{p[:3]}_minus_haproxy_us"] = w[kind][i][p] - h[kind][i][p]
+            rounds.append(r)
+        out[load] = rounds
+    return out
+
+
+def paired_lines(paired):
+    """Round-by-round lines for the report: how many rounds met each part of
+    the target, and the spread."""
+    lines = ["", "Round by round, Weft against HAProxy (each round runs both within minutes; a ratio above 1 or a "
+             "difference below 0 is Weft ahead):", "",
+             "| load | per core, Weft / HAProxy | rounds at or above 1 | fixed added p99, Weft minus HAProxy | rounds at or below 0 "
+             "| fixed added p50, Weft minus HAProxy | rounds at or below 0 |", "|---|---|---|---|---|---|---|"]
+    for load, rounds in paired.items():
+        n = len(rounds)
+        ratios = sorted(r["per_core_ratio"] for r in rounds)
+        p99 = sorted(r["fixed_p99_minus_haproxy_us"] for r in rounds)
+        p50 = sorted(r["fixed_p50_minus_haproxy_us"] for r in rounds)
+        lines.append(f"| {load} | {' '.join(f'{x:.2f}' for x in ratios)} | {sum(x >= 1 for x in ratios)} of {n} | "
+                     f"{' '.join(f'{x:+.0f}' for x in p99)} µs | {sum(x <= 0 for x in p99)} of {n} | "
+                     f"{' '.join(f'{x:+.0f}' for x in p50)} µs | {sum(x <= 0 for x in p50)} of {n} |")
+    return lines
 
 
 def plot(summary):
@@ -419,7 +459,7 @@ def plot(summary):
     fig.savefig(os.path.join(ROOT, "docs/bench-proxy.png"), dpi=110)
 
 
-def report(summary, repeated, kept_disturbed):
+def report(summary, paired, repeated, kept_disturbed):
     h2 = sh("h2load", "--version").split("\n")[0]
     lines = [
         "## L7 proxy: Weft vs HAProxy vs nginx (issue #4)",
@@ -478,6 +518,9 @@ def report(summary, repeated, kept_disturbed):
         f"{hp2['quiet_added_p99_us']:.0f} µs quiet). With independent clients, quiet: HTTP/1.1 "
         f"{w1['independent']['quiet_added_p99_us']:.0f} vs {hp1['independent']['quiet_added_p99_us']:.0f} µs, HTTP/2 "
         f"{w2['independent']['quiet_added_p99_us']:.0f} vs {hp2['independent']['quiet_added_p99_us']:.0f} µs.",
+    ]
+    lines += paired_lines(paired)
+    lines += [
         "",
         "![L7 proxies](bench-proxy.png)",
     ]
