@@ -254,7 +254,7 @@ public enum Agent {
         }
         return ProxySupervisor(node: configuration.node, listen: (address, configuration.proxyPort),
                                pinDirectory: pinDirectory, runDirectory: configuration.resolvedRunDirectory,
-                               accessLog: configuration.accessLog, logger: logger)
+                               accessLog: configuration.accessLog, threads: configuration.proxyThreads, logger: logger)
     }
 
     static func parseAddress(_ text: String) throws(PreflightError) -> (String, Int) {

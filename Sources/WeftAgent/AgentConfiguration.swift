@@ -26,6 +26,10 @@ public struct AgentConfiguration: Sendable {
     /// L7 Service ports are balanced in the kernel like the rest).
     public var proxyAddress = "auto"
     public var proxyPort: UInt16 = 15001
+    /// The proxy's event loops (`weft proxy --threads`); nil: one per core.
+    /// Each loop serves the connections it accepted, and their backends',
+    /// start to end, so this is how many cores the proxy can use.
+    public var proxyThreads: Int?
     /// Where the proxy writes access log lines when MeshConfig turns them
     /// on (a file, or "-" for its stdout); nil: <run directory>/access.log.
     public var accessLog: String?

@@ -38,11 +38,13 @@ final class ProxySupervisor {
     private(set) var lastTable: ProxyTable?
 
     private let accessLog: String?
+    private let threads: Int?
 
     init(node: String, listen: (address: IPv4Address, port: UInt16), pinDirectory: String, runDirectory: String,
-         accessLog: String? = nil, logger: Logger) {
+         accessLog: String? = nil, threads: Int? = nil, logger: Logger) {
         self.node = node
         self.accessLog = accessLog
+        self.threads = threads
         self.listen = listen
         self.pinDirectory = pinDirectory
         self.runDirectory = runDirectory
@@ -105,6 +107,7 @@ final class ProxySupervisor {
         let process = Process()
         let arguments = ["proxy", "--node", node, "--listen", "\(listen.address):\(listen.port)",
                          "--pin-dir", pinDirectory, "--run-dir", runDirectory] + (accessLog.map { ["--access-log", $0] } ?? [])
+            + (threads.map { ["--threads", "\($0)"] } ?? [])
         if let wrapper = Self.wrapper {
             // A tool to run the proxy under (scripts/profile_proxy.py: callgrind),
             // given the proxy's executable and arguments; it must exec it, so

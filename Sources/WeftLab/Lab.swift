@@ -28,7 +28,7 @@ public enum Lab {
 
     /// Builds the lab, starts pods and agents, waits for the agents to serve.
     public static func up(configDirectory: String, nodes: Int, weftBinary: String, certTTL: String? = nil,
-                          mtls: Bool = true, say: (String) -> Void) throws -> LabPlan {
+                          mtls: Bool = true, proxyThreads: Int? = nil, say: (String) -> Void) throws -> LabPlan {
         try Host.preflight()
         try Host.ensureBPFFS()
         guard loadPlan() == nil else { throw LabError("a lab is already up; run `weft lab down` first") }
@@ -42,6 +42,7 @@ public enum Lab {
         var plan = try LabPlan.make(state: state, configDirectory: config, nodeCount: nodes, cgroupMount: mount)
         plan.certTTL = certTTL
         plan.noMTLS = mtls ? nil : true
+        plan.proxyThreads = proxyThreads
         try save(plan)
         do {
             for (netns, lines) in plan.networkBatches() {
@@ -137,6 +138,7 @@ public enum Lab {
         [weft, "agent", "--config", config, "--node", node.name, "--cgroup", node.cgroup, "--proxy-address", node.gateway]
             + (plan.noMTLS == true ? [] : ["--ca", caDirectory + "/" + node.name])
             + (plan.certTTL.map { ["--cert-ttl", $0] } ?? [])
+            + (plan.proxyThreads.map { ["--proxy-threads", "\($0)"] } ?? [])
     }
 
     /// The lab's mesh CA: a root for trust domain `cluster.local` and one

@@ -40,6 +40,8 @@ public struct LabPlan: Codable, Sendable {
     public var certTTL: String?
     /// Agents without a CA: no identities, no tunnels (plaintext between nodes).
     public var noMTLS: Bool?
+    /// The agents' --proxy-threads (nil: their default, one per core).
+    public var proxyThreads: Int?
 
     public static let fabricNetns = "weft-fabric"
     public static let commandAnnotation = "lab.weft.dev/command"

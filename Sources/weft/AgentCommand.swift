@@ -15,6 +15,7 @@ struct AgentCommand: ParsableCommand {
     @Option(name: .customLong("pin-dir"), help: "bpffs directory for pins (default /sys/fs/bpf/weft/<node>).") var pinDir: String?
     @Option(name: .customLong("proxy-address"), help: "Where the node proxy listens for captured L7 connections: an address of this node its pods reach, auto, or none (no proxy).") var proxyAddress = "auto"
     @Option(name: .customLong("proxy-port"), help: "The proxy's outbound capture port.") var proxyPort: UInt16 = 15001
+    @Option(name: .customLong("proxy-threads"), help: "The proxy's event loop threads, 1-256 (default: one per core).") var proxyThreads: Int?
     @Option(name: .customLong("access-log"), help: "Where the proxy writes access log lines when MeshConfig turns them on: a file (rotated to .1 at 64 MiB) or - (default /run/weft/<node>/access.log).") var accessLog: String?
     @Option(name: .customLong("socket-shortcut"), help: "The same-node socket shortcut (sockops + sk_msg): on (after a start-up probe) or off.") var socketShortcut = "on"
     @Option(help: "This node's CA directory (weft ca node): turns on workload identities and mTLS tunnels between nodes.") var ca: String?
@@ -48,6 +49,10 @@ struct AgentCommand: ParsableCommand {
         configuration.proxyAddress = proxyAddress
         guard proxyPort != 0 else { throw ValidationError("--proxy-port must be 1-65535") }
         configuration.proxyPort = proxyPort
+        if let proxyThreads, !(1...256).contains(proxyThreads) {
+            throw ValidationError("--proxy-threads must be 1-256, got \(proxyThreads)")
+        }
+        configuration.proxyThreads = proxyThreads
         if let accessLog, accessLog.isEmpty { throw ValidationError("--access-log must be a path or -") }
         configuration.accessLog = accessLog
         guard ["on", "off"].contains(socketShortcut) else {

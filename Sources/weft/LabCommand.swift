@@ -13,11 +13,16 @@ struct LabCommand: ParsableCommand {
         @Option(help: "Nodes to create (n1..nN), besides those Workloads name.") var nodes = 2
         @Option(name: .customLong("cert-ttl"), help: "The agents' workload certificate lifetime (e.g. 20s to watch rotation).") var certTTL: String?
         @Flag(name: .customLong("no-mtls"), help: "Start the agents without a CA: no identities, plaintext between nodes.") var noMTLS = false
+        @Option(name: .customLong("proxy-threads"), help: "The agents' --proxy-threads: each node proxy's event loops (default: one per core).") var proxyThreads: Int?
 
         func run() throws {
             let weft = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
             if let certTTL, parseDuration(certTTL) == nil { throw ValidationError("--cert-ttl \(certTTL) is not a duration") }
-            _ = try Lab.up(configDirectory: config, nodes: nodes, weftBinary: weft, certTTL: certTTL, mtls: !noMTLS) { print("lab: \($0)") }
+            if let proxyThreads, !(1...256).contains(proxyThreads) {
+                throw ValidationError("--proxy-threads must be 1-256, got \(proxyThreads)")
+            }
+            _ = try Lab.up(configDirectory: config, nodes: nodes, weftBinary: weft, certTTL: certTTL, mtls: !noMTLS,
+                           proxyThreads: proxyThreads) { print("lab: \($0)") }
             print("lab: up. Try `weft lab exec POD -- curl ...`, `weft get services`, `weft status`; `weft lab down` removes it all.")
         }
     }

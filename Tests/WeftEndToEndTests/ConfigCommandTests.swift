@@ -54,6 +54,19 @@ import Testing
         #expect(missing.output.contains("no such file or directory"))
     }
 
+    /// Flags are checked before anything is loaded: a bad one exits with
+    /// the flag named and nothing made in the kernel.
+    @Test func agentRefusesBadProxyThreads() throws {
+        for bad in ["0", "257", "-1"] {
+            let r = try LabHarness.run(["agent", "--config", "/tmp", "--node", "weft-badflag", "--proxy-threads=\(bad)"])
+            #expect(r.status == 64, "\(r.status): \(r.output)")
+            #expect(r.output.contains("--proxy-threads must be 1-256, got \(bad)"), "\(r.output)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: "/sys/fs/bpf/weft/weft-badflag"))
+        let lab = try LabHarness.run(["lab", "up", "--config", "/nonexistent/weft-badflag", "--proxy-threads", "0"])
+        #expect(lab.status == 64 && lab.output.contains("--proxy-threads must be 1-256, got 0"), "\(lab.output)")
+    }
+
     @Test(.enabled(if: LabHarness.canRun, LabHarness.skipReason))
     func agentRefusesWithOneSentenceWithoutPrivilege() throws {
         try #require(LabHarness.isRoot, "CI=true: must run as root to drop privileges")

@@ -137,8 +137,8 @@ private let routes = """
         backendRefs: [{name: slow, port: 80}]
     """
 
-private func startLab() throws -> LabHarness {
-    let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": pods, "routes.yaml": routes])
+private func startLab(extra: [String] = []) throws -> LabHarness {
+    let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": pods, "routes.yaml": routes], extra: extra)
     do {
         try waitForBackends(lab)
     } catch {
@@ -754,8 +754,11 @@ struct ProxyTests {
     }
 
     @Test func proxyRestartDrainsWithoutFailingARequestAndACrashFailsFast() throws {
-        let lab = try startLab()
+        // Three event loops (the default on this 2-core VM is two): every
+        // proxy the agent starts, after a restart or a crash too, has them.
+        let lab = try startLab(extra: ["--proxy-threads", "3"])
         defer { lab.down() }
+        #expect(try proxyEventLoops() == 3)
         // One client alternating fresh and kept-alive connections, and two
         // opening fresh ones back to back, so that connections are being
         // accepted, set up and sent their first request as each drain
@@ -789,6 +792,7 @@ struct ProxyTests {
         let crash = try LabHarness.run(["lab", "restart-proxy", "n1", "--kill"])
         #expect(crash.status == 0, "\(crash.output)\n\(LabHarness.agentLog("n1"))")
         #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
+        #expect(try proxyEventLoops() == 3)
         let status = try LabHarness.run(["status", "--node", "n1"])
         #expect(status.output.contains("restarts 1,"), "\(status.output)")
 
@@ -847,6 +851,15 @@ struct ProxyTests {
         #expect(h2["status"] as? Int == 200 && h2["goaway"] is [String: Any] && h2["closed"] as? Bool == true
                 && (h2["closed_at"] as? Double ?? 99) < 5, "\(h2)")
     }
+}
+
+/// The event loop threads of n1's running proxy (SwiftNIO names them NIO-ELT-*).
+private func proxyEventLoops() throws -> Int {
+    let pid = try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+    let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")
+    return tasks.filter { task in
+        ((try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8)) ?? "").hasPrefix("NIO-ELT-")
+    }.count
 }
 
 @Suite struct HTTPRouteValidationTests {
