@@ -194,17 +194,24 @@ def pin(proxies, lab):
     # The agent alone (its child is Weft's proxy), the pods with all they started.
     for p in [n["agentPid"] for n in lab["nodes"]] + [d for p in lab["pods"] if p.get("pid") for d in descendants(p["pid"])]:
         sh("taskset", "-a", "-p", "-c", LOAD_CPU, str(p))
-    for pid in proxies.values():
-        for p in descendants(pid):
-            sh("taskset", "-a", "-p", "-c", PROXY_CPU, str(p))
-    # Check: no thread of a proxy may run on the load's CPU.
+    # Again until no thread of a proxy may run on the load's CPU (one made
+    # while taskset went through the others keeps its creator's mask).
     mask = f"{1 << int(PROXY_CPU):x}"
-    for pid in proxies.values():
-        for p in descendants(pid):
-            for t in os.listdir(f"/proc/{p}/task"):
-                allowed = sh("taskset", "-p", t).rsplit(":", 1)[1].strip()
-                if allowed != mask:
-                    raise SystemExit(f"thread {t} of proxy {pid} has CPU mask {allowed}, not {mask}")
+    for _ in range(20):
+        loose = []
+        for pid in proxies.values():
+            for p in descendants(pid):
+                sh("taskset", "-a", "-p", "-c", PROXY_CPU, str(p))
+        for pid in proxies.values():
+            for p in descendants(pid):
+                for t in os.listdir(f"/proc/{p}/task"):
+                    allowed = sh("taskset", "-p", t, check=False).rsplit(":", 1)[-1].strip()
+                    if allowed and allowed != mask:
+                        loose.append(f"thread {t} of proxy {pid}: CPU mask {allowed}")
+        if not loose:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"cannot pin the proxies to CPU {PROXY_CPU}: {loose}")
 
 
 def descendants(root):
@@ -370,8 +377,6 @@ def main():
             "nginx": on_node("nginx", "-p", work, "-c", f"{work}/nginx.conf", "-g", "daemon off;"),
             "weft": int(open("/run/weft/n1/proxy.pid").read()),
         }
-        if PINNED:
-            pin(pids, lab)
         for _ in range(100):
             ok = all(sh(WEFT, "lab", "exec", "bench/client", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                         "-m", "1", *(["--http2-prior-knowledge"] if load == "HTTP/2" else []), url, check=False) == "200"
@@ -384,6 +389,8 @@ def main():
                                    *(["--http2-prior-knowledge"] if load == "HTTP/2" else []), url, check=False))
                    for name, t in TARGETS.items() for load, url in t.items()]
             raise SystemExit(f"some side never answered 200: {bad}")
+        if PINNED:
+            pin(pids, lab)   # once every side answers: the pods' processes have started
         results = {load: {name: {"fixed": [], "independent": [], "max": []} for name in TARGETS} for load in LOADS}
         repeated = kept_disturbed = 0
 
