@@ -244,8 +244,11 @@ def rss_mib(pids):
     return total / 1024
 
 
-def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=False):
+def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=False, warmup=1):
     """`load` names a shape in LOADS, or `shape` gives (flags, connections, streams).
+    h2load counts nothing from its first `warmup` seconds; a caller that
+    divides the requests by CPU time taken around the whole call passes
+    warmup=0, or that CPU would include a second of requests not counted.
     With `processes` > 1, that many h2loads run at once, each with the shape
     and `rate` / `processes` requests/s: independent clients, whose request
     timers do not tick together as one h2load's connections do.
@@ -257,7 +260,7 @@ def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=Fal
         log = tempfile.mktemp(prefix="weft-bench-h2load-", dir="/tmp")
         logs.append(log)
         args = [WEFT, "lab", "exec", "bench/client", "--", *(["taskset", "-c", LOAD_CPU] if PINNED else []), "h2load", *flags, "-c", str(conns), "-m", str(streams),
-                "-t", "1", "-D", str(seconds), "--warm-up-time", "1", "--log-file", log]
+                "-t", "1", "-D", str(seconds), "--warm-up-time", str(warmup), "--log-file", log]
         if rate:
             args += ["--rps", str(max(1, rate // processes // conns))]
         runs.append(subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -399,7 +402,7 @@ def main():
             out = {"fixed": h2load_watched(url, load, FIXED_S, RATE),
                    "independent": h2load_watched(url, load, FIXED_S, RATE, shape=(flags, 1, streams), processes=conns)}
             c0 = cpu_seconds(proc)
-            top = h2load(url, load, MAX_S)
+            top = h2load(url, load, MAX_S, warmup=0)
             cpu = cpu_seconds(proc) - c0
             top["cpu_s"] = cpu
             top["per_core"] = top["requests"] / cpu if cpu > 0 else float("nan")
@@ -543,7 +546,8 @@ def report(summary, paired, repeated, kept_disturbed):
         f"{repeated} repeats, and {kept_disturbed} of {ROUNDS * len(LOADS)} rounds kept still over it).",
         "- independent: the same rate and connections, one h2load per connection, so their request timers do not tick "
         "together (the *fixed* load sends a burst of one request per connection every tick).",
-        f"- max: the same connections as fast as they go, {MAX_S} s; *per core* = requests / CPU seconds of the proxy's processes.",
+        f"- max: the same connections as fast as they go, {MAX_S} s with no warm-up (its CPU is taken around the whole run); "
+        "*per core* = requests / CPU seconds of the proxy's processes.",
         ("- The proxy has a core of its own, so *max* is about what one core of it serves (the proxy is the "
          "bottleneck when its core is busy all the run); the latencies include no wait for a core the load or the "
          "backend holds. The unpinned shape, where all share both cores, is the section above."

@@ -273,7 +273,7 @@ def run_lab(work, config, profile, env=None):
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
             c0 = cpu_seconds([pid])
-            top = h2load(f"http://{VIP}/", load, SECONDS)
+            top = h2load(f"http://{VIP}/", load, SECONDS, warmup=0)
             cpu = cpu_seconds([pid]) - c0
             perf.send_signal(2)
             perf.wait()
@@ -322,7 +322,7 @@ def compare(work, weft_pid, processes):
             url, pid = sides[name]
             procs = pids_of(pid)
             c0 = cpu_seconds(procs)
-            top = h2load(url, "HTTP/1.1", SECONDS)
+            top = h2load(url, "HTTP/1.1", SECONDS, warmup=0)
             cpu = cpu_seconds(procs) - c0
             runs[name].append(1e6 * cpu / top["requests"] if top["requests"] else float("nan"))
             print(f"reference round {k + 1} HTTP/1.1 {name}: {runs[name][-1]:.1f} µs of CPU per request", flush=True)
