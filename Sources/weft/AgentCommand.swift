@@ -49,9 +49,7 @@ struct AgentCommand: ParsableCommand {
         configuration.proxyAddress = proxyAddress
         guard proxyPort != 0 else { throw ValidationError("--proxy-port must be 1-65535") }
         configuration.proxyPort = proxyPort
-        if let proxyThreads, !(1...256).contains(proxyThreads) {
-            throw ValidationError("--proxy-threads must be 1-256, got \(proxyThreads)")
-        }
+        try checkProxyThreads(proxyThreads, flag: "--proxy-threads")
         configuration.proxyThreads = proxyThreads
         if let accessLog, accessLog.isEmpty { throw ValidationError("--access-log must be a path or -") }
         configuration.accessLog = accessLog
@@ -70,6 +68,14 @@ struct AgentCommand: ParsableCommand {
             FileHandle.standardError.write(Data("weft agent: \(error)\n".utf8))
             throw ExitCode(2)
         }
+    }
+}
+
+/// The proxy's event loop count, as `weft proxy --threads`, `weft agent
+/// --proxy-threads` and `weft lab up --proxy-threads` take it (nil: one per core).
+func checkProxyThreads(_ threads: Int?, flag: String) throws {
+    if let threads, !(1...256).contains(threads) {
+        throw ValidationError("\(flag) must be 1-256, got \(threads)")
     }
 }
 

@@ -18,9 +18,7 @@ struct LabCommand: ParsableCommand {
         func run() throws {
             let weft = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
             if let certTTL, parseDuration(certTTL) == nil { throw ValidationError("--cert-ttl \(certTTL) is not a duration") }
-            if let proxyThreads, !(1...256).contains(proxyThreads) {
-                throw ValidationError("--proxy-threads must be 1-256, got \(proxyThreads)")
-            }
+            try checkProxyThreads(proxyThreads, flag: "--proxy-threads")
             _ = try Lab.up(configDirectory: config, nodes: nodes, weftBinary: weft, certTTL: certTTL, mtls: !noMTLS,
                            proxyThreads: proxyThreads) { print("lab: \($0)") }
             print("lab: up. Try `weft lab exec POD -- curl ...`, `weft get services`, `weft status`; `weft lab down` removes it all.")

@@ -31,7 +31,7 @@ struct ProxyCommand: ParsableCommand {
         }
         guard (0...3600).contains(drainTimeout) else { throw ValidationError("--drain-timeout must be 0-3600") }
         guard (1...60_000).contains(detectTimeoutMs) else { throw ValidationError("--detect-timeout-ms must be 1-60000") }
-        if let threads, !(1...256).contains(threads) { throw ValidationError("--threads must be 1-256") }
+        try checkProxyThreads(threads, flag: "--threads")
         guard (1...1_000_000).contains(labelLimit) else { throw ValidationError("--label-limit must be 1-1000000") }
         if let accessLog, accessLog.isEmpty { throw ValidationError("--access-log must be a path or -") }
         var configuration = ProxyConfiguration(
