@@ -161,16 +161,20 @@ spec:
 
 
 def pids_of(root):
-    """A process and its children (nginx workers)."""
-    out = [root]
+    """A process and all it started, at any depth (nginx's workers)."""
+    children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == root:
-                    out.append(int(entry))
-            except OSError:
-                pass
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
     return out
 
 
@@ -192,7 +196,7 @@ def pin(proxies, lab):
     h2load is (it is started under taskset). Threads made later inherit
     their creator's CPU."""
     # The agent alone (its child is Weft's proxy), the pods with all they started.
-    for p in [n["agentPid"] for n in lab["nodes"]] + [d for p in lab["pods"] if p.get("pid") for d in descendants(p["pid"])]:
+    for p in [n["agentPid"] for n in lab["nodes"]] + [d for p in lab["pods"] if p.get("pid") for d in pids_of(p["pid"])]:
         sh("taskset", "-a", "-p", "-c", LOAD_CPU, str(p))
     # Again until no thread of a proxy may run on the load's CPU (one made
     # while taskset went through the others keeps its creator's mask).
@@ -200,10 +204,10 @@ def pin(proxies, lab):
     for _ in range(20):
         loose = []
         for pid in proxies.values():
-            for p in descendants(pid):
+            for p in pids_of(pid):
                 sh("taskset", "-a", "-p", "-c", PROXY_CPU, str(p))
         for pid in proxies.values():
-            for p in descendants(pid):
+            for p in pids_of(pid):
                 for t in os.listdir(f"/proc/{p}/task"):
                     allowed = sh("taskset", "-p", t, check=False).rsplit(":", 1)[-1].strip()
                     if allowed and allowed != mask:
@@ -212,24 +216,6 @@ def pin(proxies, lab):
             return
         time.sleep(0.2)
     raise SystemExit(f"cannot pin the proxies to CPU {PROXY_CPU}: {loose}")
-
-
-def descendants(root):
-    """A process and all it started, at any depth."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def rss_mib(pids):
@@ -466,7 +452,7 @@ def pairs(results):
     ratio and the added latencies' differences of each round."""
     out = {}
     for load, sides in results.items():
-        w, h, d = sides["weft"], sides["haproxy"], sides["direct"]
+        w, h = sides["weft"], sides["haproxy"]
         rounds = []
         for i in range(len(w["max"])):
             r = {"per_core_ratio": w["max"][i]["per_core"] / h["max"][i]["per_core"]}
