@@ -15,7 +15,13 @@ adds X-Forwarded-For and a request id, as Weft does. HTTP/2 from the client
 (h2c, prior knowledge) is proxied to HTTP/1.1 by all three.
 
 Two loads per side, from h2load in the client pod, rotating the order of the
-sides each round (medians over rounds):
+sides each round (medians over rounds). Each load of a round runs in slices
+(WEFT_BENCH_PROXY_SLICES, 3): slice by slice every side in turn, the order
+reversed every other slice (A B C D, D C B A, ...), and a side's figures
+pool its slices' requests. The VM's speed drifts by tens of percent over
+tens of seconds (h2load's own time to send a burst moves with it), so sides
+measured seconds apart, in mirrored order, meet the same host; one long run
+per side, a minute from the next, did not.
   fixed    a fixed request rate over fixed connections: latency percentiles
            from h2load's per-request log, minus direct's = latency added.
            One h2load's connections send in step (a burst per tick); the
@@ -51,8 +57,11 @@ SUFFIX = "-pinned" if PINNED else ""
 PROXY_CPU, LOAD_CPU = "1", "0"   # --pinned: the proxies' core, and everything else's
 THREADS = 1 if PINNED else 2
 ROUNDS = int(os.environ.get("WEFT_BENCH_PROXY_ROUNDS", "3"))
+# Seconds per side, load and round, split into SLICES runs.
+SLICES = max(1, int(os.environ.get("WEFT_BENCH_PROXY_SLICES", "3")))
 FIXED_S = int(os.environ.get("WEFT_BENCH_PROXY_SECONDS", "6"))
-MAX_S = int(os.environ.get("WEFT_BENCH_PROXY_MAX_SECONDS", "4"))
+MAX_S = int(os.environ.get("WEFT_BENCH_PROXY_MAX_SECONDS", "6"))
+FIXED_SLICE_S, MAX_SLICE_S = max(1, FIXED_S // SLICES), max(1, MAX_S // SLICES)
 RATE = int(os.environ.get("WEFT_BENCH_PROXY_RATE", "1600"))
 # A round whose latency runs saw the host slow (scripts/hostwatch.py) for more
 # than this share of one run is run again, at most RETRIES times: its p99s
@@ -285,15 +294,18 @@ def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=Fal
     return result
 
 
-def h2load_watched(url, load, seconds, rate=None, shape=None, processes=1):
+def h2load_watched(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=False):
     """h2load under a HostWatch: the result also has `quiet` (p50/p99 of the
     requests in flight during no host slowdown), `left_out` (the share of
     requests that were) and `host_slow` (the share of the measured time in
-    one)."""
+    one). With `keep_rows`, also `rows` and `calm` (the quiet ones), for
+    `pooled`."""
     with HostWatch() as watch:
         r = h2load(url, load, seconds, rate, shape, processes, keep_rows=True)
     rows = r.pop("rows")
     calm = quiet(rows, watch.windows)
+    if keep_rows:
+        r["rows"], r["calm"] = rows, calm
     r["quiet"] = percentiles(calm)
     r["left_out"] = 1 - len(calm) / len(rows) if rows else 0.0
     # The share of the measured time (h2load's warm-up second is not logged)
@@ -304,6 +316,32 @@ def h2load_watched(url, load, seconds, rate=None, shape=None, processes=1):
     else:
         r["host_slow"] = watch.share
     return r
+
+
+def pooled(slices):
+    """One side's slices of a latency load (h2load_watched with keep_rows) as
+    one run: percentiles over all their requests, rates and host-slow shares
+    averaged (the slices are equally long), failures added; each slice's
+    p50/p99 kept under `slices`."""
+    rows = [row for s in slices for row in s["rows"]]
+    calm = [row for s in slices for row in s["calm"]]
+    r = {"requests": sum(s["requests"] for s in slices), "failed": sum(s["failed"] for s in slices),
+         "rate": statistics.mean(s["rate"] for s in slices),
+         "host_slow": statistics.mean(s["host_slow"] for s in slices),
+         "left_out": 1 - len(calm) / len(rows) if rows else 0.0,
+         "slices": [[s["p50_us"], s["p99_us"]] for s in slices]}
+    r.update(percentiles(rows))
+    r["quiet"] = percentiles(calm)
+    return r
+
+
+def pooled_max(slices):
+    """One side's max-load slices (h2load results with `cpu_s`) as one run:
+    requests / CPU seconds over all of them."""
+    requests, cpu = sum(s["requests"] for s in slices), sum(s["cpu_s"] for s in slices)
+    return {"requests": requests, "cpu_s": cpu, "per_core": requests / cpu if cpu > 0 else float("nan"),
+            "rate": statistics.mean(s["rate"] for s in slices), "failed": sum(s["failed"] for s in slices),
+            "slices": [s["requests"] / s["cpu_s"] if s["cpu_s"] > 0 else None for s in slices]}
 
 
 def until_calm(run, label):
@@ -383,26 +421,34 @@ def main():
         results = {load: {name: {"fixed": [], "independent": [], "max": []} for name in TARGETS} for load in LOADS}
         repeated = kept_disturbed = 0
 
-        def run_side(url, load, proc):
+        def run_slices(load, order):
+            """Every side's slices of `load`, interleaved: per slice, each
+            kind of load on every side in turn, mirrored every other slice."""
             flags, conns, streams = LOADS[load]
-            out = {"fixed": h2load_watched(url, load, FIXED_S, RATE),
-                   "independent": h2load_watched(url, load, FIXED_S, RATE, shape=(flags, 1, streams), processes=conns)}
-            c0 = cpu_seconds(proc)
-            top = h2load(url, load, MAX_S, warmup=0)
-            cpu = cpu_seconds(proc) - c0
-            top["cpu_s"] = cpu
-            top["per_core"] = top["requests"] / cpu if cpu > 0 else float("nan")
-            out["max"] = top
-            return out
+            got = {name: {"fixed": [], "independent": [], "max": []} for name in order}
+            for j in range(SLICES):
+                turn = order if j % 2 == 0 else order[::-1]
+                for name in turn:
+                    got[name]["fixed"].append(h2load_watched(TARGETS[name][load], load, FIXED_SLICE_S, RATE, keep_rows=True))
+                for name in turn:
+                    got[name]["independent"].append(h2load_watched(TARGETS[name][load], load, FIXED_SLICE_S, RATE,
+                                                                   shape=(flags, 1, streams), processes=conns, keep_rows=True))
+                for name in turn:
+                    proc = pids_of(pids[name]) if name in pids else []
+                    c0 = cpu_seconds(proc)
+                    top = h2load(TARGETS[name][load], load, MAX_SLICE_S, warmup=0)
+                    top["cpu_s"] = cpu_seconds(proc) - c0
+                    got[name]["max"].append(top)
+            return {name: {"fixed": pooled(g["fixed"]), "independent": pooled(g["independent"]),
+                           "max": pooled_max(g["max"])} for name, g in got.items()}
 
         names = list(TARGETS)
         for k in range(ROUNDS):
             order = names[k % len(names):] + names[:k % len(names)]
             for load in LOADS:
                 def one_round():
-                    got = {}
+                    got = run_slices(load, order)
                     for name in order:
-                        got[name] = run_side(TARGETS[name][load], load, pids_of(pids[name]) if name in pids else [])
                         fixed, independent, top = got[name]["fixed"], got[name]["independent"], got[name]["max"]
                         print(f"round {k + 1} {load} {name}: fixed p50 {fixed['p50_us']}us p99 {fixed['p99_us']}us "
                               f"(quiet {fixed['quiet']['p99_us']}us, host slow {fixed['host_slow']:.1%}); independent p50 "
@@ -525,15 +571,19 @@ def report(summary, paired, repeated, kept_disturbed):
         "through their listen address.",
         "",
         f"- fixed: {RATE} requests/s over fixed connections (HTTP/1.1: 16 connections; HTTP/2: 4 connections x 8 streams), "
-        f"{FIXED_S} s; latency from h2load's per-request log. *added* = side minus direct, per round. *quiet* leaves out "
+        f"{FIXED_SLICE_S * SLICES} s per side and round in {SLICES} slices of {FIXED_SLICE_S} s, interleaved with the other sides' (each slice "
+        "every side in turn, the order mirrored every other slice, so that every side meets the same host speed; this VM's "
+        "drifts by tens of percent over tens of seconds); latency from h2load's per-request log, percentiles over all of a "
+        "side's requests in the round. *added* = side minus direct, per round. *quiet* leaves out "
         "the requests in flight while the VM's host slowed its vCPUs (found by `scripts/hostwatch.py`; see the top of "
         "this page), on every side alike; *host slow* is the share of the run in such windows. A round in which the host "
         f"was slow for more than {DISTURBED:.0%} of one latency run is run again, at most {RETRIES} times (this time: "
         f"{repeated} repeats, and {kept_disturbed} of {ROUNDS * len(LOADS)} rounds kept still over it).",
         "- independent: the same rate and connections, one h2load per connection, so their request timers do not tick "
         "together (the *fixed* load sends a burst of one request per connection every tick).",
-        f"- max: the same connections as fast as they go, {MAX_S} s with no warm-up (its CPU is taken around the whole run); "
-        "*per core* = requests / CPU seconds of the proxy's processes.",
+        f"- max: the same connections as fast as they go, {MAX_SLICE_S * SLICES} s per side and round in {SLICES} interleaved slices with no "
+        "warm-up (CPU is taken around each whole slice); *per core* = requests / CPU seconds of the proxy's processes, over "
+        "the round's slices.",
         ("- The proxy has a core of its own, so *max* is about what one core of it serves (the proxy is the "
          "bottleneck when its core is busy all the run); the latencies include no wait for a core the load or the "
          "backend holds. The unpinned shape, where all share both cores, is the section above."

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Where the HTTP/2 fixed-load time goes, Weft against HAProxy (docs/proxy.md,
+"""Where the fixed-load time goes, Weft against HAProxy (docs/proxy.md,
 "Where the CPU goes"). Prints what it measures; writes no file.
 
 The lab and load of `scripts/bench proxy` (one node, nginx backend, h2load in
-a client pod: 4 connections x 8 streams at 1,600 requests/s from one h2load),
-with the socket shortcut off so that every byte crosses the pods' interfaces.
+a client pod at 1,600 requests/s from one h2load: HTTP/2 4 connections x 8
+streams, or with WEFT_BURSTS_LOAD=HTTP/1.1 16 connections), with the socket
+shortcut off so that every byte crosses the pods' interfaces.
 Per round and proxy, alternating:
   - tcpdump on the client pod's and the backend pod's interface (one clock):
     per burst of requests (events less than 400 µs apart), the client's first
@@ -13,9 +14,11 @@ Per round and proxy, alternating:
     response to the last packet to the client ("out"); the backend's time per
     request (request in to response out on one connection); packets each way
   - h2load's per-request log: p50/p99, and the median latency by finishing
-    rank inside bursts of 12 (one h2load's connections send together)
+    rank (first, middle and last third) inside the bursts of the most
+    common size (one h2load's connections send together)
   - the proxy's threads' CPU ticks (/proc/PID/task/*/stat) over the run
-Environment: WEFT_BURSTS_ROUNDS (3), WEFT_BURSTS_SECONDS (4).
+Environment: WEFT_BURSTS_LOAD (HTTP/2), WEFT_BURSTS_ROUNDS (3),
+WEFT_BURSTS_SECONDS (4).
 """
 import collections
 import json
@@ -33,7 +36,9 @@ from profile_proxy import answers  # noqa: E402
 
 ROUNDS = int(os.environ.get("WEFT_BURSTS_ROUNDS", "3"))
 SECONDS = int(os.environ.get("WEFT_BURSTS_SECONDS", "4"))
-SHAPE = ([], 4, 8)
+LOAD = os.environ.get("WEFT_BURSTS_LOAD", "HTTP/2")
+if LOAD not in b.LOADS:
+    raise SystemExit(f"WEFT_BURSTS_LOAD: {LOAD!r} is not one of {', '.join(b.LOADS)}")
 RATE = 1600
 GAP = 400e-6  # events closer than this belong to one burst
 NO_SHORTCUT = ("apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
@@ -107,7 +112,8 @@ def analyse(events, rows):
             pending[src] = t
         elif kind == "S" and dst in pending:
             service.append((t - pending.pop(dst)) * 1e6)
-    # h2load: latency by finishing rank inside bursts of 12 requests.
+    # h2load: latency by finishing rank inside the bursts of the most common
+    # size, in thirds.
     groups, cur = [], [rows[0]]
     for row in rows[1:]:
         if row[0] - cur[0][0] < 100:
@@ -116,15 +122,16 @@ def analyse(events, rows):
             groups.append(cur)
             cur = [row]
     groups.append(cur)
+    size = collections.Counter(len(g) for g in groups).most_common(1)[0][0]
     ranks = collections.defaultdict(list)
     for g in groups:
-        if len(g) == 12:
+        if len(g) == size:
             for i, row in enumerate(sorted(r[1] for r in g)):
-                ranks[i // 4].append(row)
+                ranks[min(2, i * 3 // size)].append(row)
     count = collections.Counter(e[1] for e in events)
     return {"bursts": len(hops["in"]), **{h: median(v) for h, v in hops.items()},
             "service_p50": median(service), "to_client": count["s"], "from_client": count["q"],
-            "rank": [median(ranks[i]) for i in range(3)]}
+            "size": size, "rank": [median(ranks[i]) for i in range(3)]}
 
 
 def main():
@@ -148,7 +155,7 @@ def main():
         pids = {"haproxy": processes.start(node, "haproxy", "-f", f"{work}/haproxy.cfg", "-db"),
                 "weft": int(open("/run/weft/n1/proxy.pid").read())}
         for name in pids:
-            answers(name, b.TARGETS[name]["HTTP/2"], load="HTTP/2")
+            answers(name, b.TARGETS[name][LOAD], load=LOAD)
         for rnd in range(ROUNDS):
             for name in ("weft", "haproxy") if rnd % 2 == 0 else ("haproxy", "weft"):
                 captures, pcaps = [], []
@@ -160,7 +167,7 @@ def main():
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 time.sleep(1)
                 before = thread_ticks(pids[name])
-                r = b.h2load(b.TARGETS[name]["HTTP/2"], "HTTP/2", SECONDS, RATE, shape=SHAPE, keep_rows=True)
+                r = b.h2load(b.TARGETS[name][LOAD], LOAD, SECONDS, RATE, keep_rows=True)
                 after = thread_ticks(pids[name])
                 time.sleep(0.3)
                 for c in captures:
@@ -176,7 +183,7 @@ def main():
                 results[name].append(a)
                 print(f"round {rnd + 1} {name}: p50 {a['p50']:.0f} µs p99 {a['p99']:.0f} µs | per burst (median of "
                       f"{a['bursts']}): in {a['in']:.0f} µs, backend {a['backend']:.0f} µs, out {a['out']:.0f} µs | "
-                      f"backend per request p50 {a['service_p50']:.0f} µs | by rank in bursts of 12: "
+                      f"backend per request p50 {a['service_p50']:.0f} µs | by rank in bursts of {a['size']}: "
                       + " / ".join(f"{x:.0f}" for x in a["rank"]) + " µs | packets to/from client "
                       f"{a['to_client']}/{a['from_client']} | busiest threads' ticks {a['ticks']} | failed {a['failed']}",
                       flush=True)
@@ -184,8 +191,8 @@ def main():
         processes.stop()
         sh(b.WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
-    print("\nmedians over rounds:")
-    print("| proxy | p50 | p99 | in | backend | out | backend per request p50 | rank 1-4 / 5-8 / 9-12 |")
+    print(f"\n{LOAD}, medians over rounds:")
+    print("| proxy | p50 | p99 | in | backend | out | backend per request p50 | rank: first / middle / last third |")
     print("|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         m = {k: median([r[k] for r in runs]) for k in ("p50", "p99", "in", "backend", "out", "service_p50")}
