@@ -514,8 +514,8 @@ def pairs(results):
 def paired_lines(paired):
     """Round-by-round lines for the report: how many rounds met each part of
     the target, and the spread."""
-    lines = ["", "Round by round, Weft against HAProxy (each round runs both within minutes; a ratio above 1 or a "
-             "difference below 0 is Weft ahead):", "",
+    lines = ["", "Round by round, Weft against HAProxy (in each round their slices alternate seconds apart; a ratio "
+             "above 1 or a difference below 0 is Weft ahead):", "",
              "| load | per core, Weft / HAProxy | rounds at or above 1 | fixed added p99, Weft minus HAProxy | rounds at or below 0 "
              "| fixed added p50, Weft minus HAProxy | rounds at or below 0 |", "|---|---|---|---|---|---|---|"]
     for load, rounds in paired.items():
