@@ -11,8 +11,11 @@ Per round and proxy, alternating:
     per burst of requests (events less than 400 µs apart), the client's first
     request packet to the first request at the backend ("in"), the backend's
     first request to its last response ("backend"), the backend's last
-    response to the last packet to the client ("out"); the backend's time per
-    request (request in to response out on one connection); packets each way
+    response to the last packet to the client ("out"); the client's first to
+    its last request packet ("send", h2load's own time, which no proxy
+    touches but the host's speed moves) and to the last packet to it
+    ("through"), and "through" over "send"; the backend's time per request
+    (request in to response out on one connection); packets each way
   - h2load's per-request log: p50/p99, and the median latency by finishing
     rank (first, middle and last third) inside the bursts of the most
     common size (one h2load's connections send together)
@@ -98,12 +101,14 @@ def analyse(events, rows):
     hops = collections.defaultdict(list)
     for burst in bursts:
         first = {k: next((e[0] for e in burst if e[1] == k), None) for k in "qQ"}
-        last = {k: next((e[0] for e in reversed(burst) if e[1] == k), None) for k in "Ss"}
+        last = {k: next((e[0] for e in reversed(burst) if e[1] == k), None) for k in "qSs"}
         if None in first.values() or None in last.values():
             continue
         hops["in"].append((first["Q"] - first["q"]) * 1e6)
         hops["backend"].append((last["S"] - first["Q"]) * 1e6)
         hops["out"].append((last["s"] - last["S"]) * 1e6)
+        hops["send"].append((last["q"] - first["q"]) * 1e6)
+        hops["through"].append((last["s"] - first["q"]) * 1e6)
     # The backend's time per request: a request in, then the response out
     # on the same connection.
     pending, service = {}, []
@@ -129,7 +134,8 @@ def analyse(events, rows):
             for i, row in enumerate(sorted(r[1] for r in g)):
                 ranks[min(2, i * 3 // size)].append(row)
     count = collections.Counter(e[1] for e in events)
-    return {"bursts": len(hops["in"]), **{h: median(v) for h, v in hops.items()},
+    m = {h: median(v) for h, v in hops.items()}
+    return {"bursts": len(hops["in"]), **m, "scaled": m["through"] / m["send"] if m["send"] > 0 else float("nan"),
             "service_p50": median(service), "to_client": count["s"], "from_client": count["q"],
             "size": size, "rank": [median(ranks[i]) for i in range(3)]}
 
@@ -182,7 +188,8 @@ def main():
                 a.update(p50=r["p50_us"], p99=r["p99_us"], failed=r["failed"], ticks=busy[:2])
                 results[name].append(a)
                 print(f"round {rnd + 1} {name}: p50 {a['p50']:.0f} µs p99 {a['p99']:.0f} µs | per burst (median of "
-                      f"{a['bursts']}): in {a['in']:.0f} µs, backend {a['backend']:.0f} µs, out {a['out']:.0f} µs | "
+                      f"{a['bursts']}): in {a['in']:.0f} µs, backend {a['backend']:.0f} µs, out {a['out']:.0f} µs, send "
+                      f"{a['send']:.0f} µs, through {a['through']:.0f} µs, through / send {a['scaled']:.2f} | "
                       f"backend per request p50 {a['service_p50']:.0f} µs | by rank in bursts of {a['size']}: "
                       + " / ".join(f"{x:.0f}" for x in a["rank"]) + " µs | packets to/from client "
                       f"{a['to_client']}/{a['from_client']} | busiest threads' ticks {a['ticks']} | failed {a['failed']}",
@@ -192,13 +199,16 @@ def main():
         sh(b.WEFT, "lab", "down", check=False)
         subprocess.run(["rm", "-rf", work])
     print(f"\n{LOAD}, medians over rounds:")
-    print("| proxy | p50 | p99 | in | backend | out | backend per request p50 | rank: first / middle / last third |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| proxy | p50 | p99 | in | backend | out | send | through | through / send (each round) "
+          "| backend per request p50 | rank: first / middle / last third |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
-        m = {k: median([r[k] for r in runs]) for k in ("p50", "p99", "in", "backend", "out", "service_p50")}
+        m = {k: median([r[k] for r in runs]) for k in ("p50", "p99", "in", "backend", "out", "send", "through", "service_p50")}
+        scaled = ", ".join(f"{r['scaled']:.2f}" for r in runs)
         rank = " / ".join(f"{median([r['rank'][i] for r in runs]):.0f}" for i in range(3))
         print(f"| {name} | {m['p50']:.0f} µs | {m['p99']:.0f} µs | {m['in']:.0f} µs | {m['backend']:.0f} µs | "
-              f"{m['out']:.0f} µs | {m['service_p50']:.0f} µs | {rank} µs |")
+              f"{m['out']:.0f} µs | {m['send']:.0f} µs | {m['through']:.0f} µs | {scaled} | {m['service_p50']:.0f} µs | "
+              f"{rank} µs |")
 
 
 if __name__ == "__main__":
