@@ -192,6 +192,7 @@ public final class ShortcutMaps: Sendable {
         "flow_tcp_disabled", "fallback_switched_off", "fallback_receiver_queue_full", "messages_redirected",
         "bytes_redirected", "messages_tcp", "bytes_tcp", "flow_tcp_not_receiver", "probe_redirected",
         "resumed_after_queue_full", "messages_spliced", "bytes_spliced", "splice_wait",
+        "socket_receive_only",
     ]
 
     /// Checks, with two loopback sockets of its own, that the kernel really

@@ -146,6 +146,16 @@ struct ShortcutTests {
         expectAllOK(try stress(lab, "198.19.5.12", cases: "splice_recv,sizes"), "into a splice() reader")
         let e3 = try events()
         #expect(e3["flow_tcp_not_receiver", default: 0] > e2["flow_tcp_not_receiver", default: 0])
+        // The client's sockets to that reader can only be given bytes: they
+        // sit in the SOCKHASH no sk_msg program is attached to, so their
+        // sends are plain TCP's (no message of this phase went through the
+        // program to TCP), and the reader's answers were still redirected
+        // into them.
+        #expect(e3["socket_receive_only", default: 0] > e2["socket_receive_only", default: 0])
+        #expect(e3["messages_tcp", default: 0] == e2["messages_tcp", default: 0],
+                "sends of receive-only sockets ran the sk_msg program: \(e2) -> \(e3)")
+        #expect(e3["messages_redirected", default: 0] > e2["messages_redirected", default: 0],
+                "the splice() reader's answers were not redirected into the client's receive-only sockets")
 
         // Entries leave the map as sockets close (closing handshakes of the
         // last connections can take many seconds when the whole suite runs

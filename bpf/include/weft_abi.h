@@ -28,6 +28,7 @@
 #define WEFT_MAP_PROXY_CONFIG "weft_proxy_config"
 #define WEFT_MAP_PROXY_ORIGINS "weft_proxy_origins"
 #define WEFT_MAP_ACCEL_SOCKS  "weft_accel_socks"
+#define WEFT_MAP_ACCEL_RX     "weft_accel_rx"
 #define WEFT_MAP_ACCEL_PEERS  "weft_accel_peers"
 #define WEFT_MAP_ACCEL_LOCAL  "weft_accel_local"
 #define WEFT_MAP_ACCEL_CONFIG "weft_accel_config"
@@ -173,12 +174,19 @@ enum weft_lb_event {
  * sk_msg program attached to that map moves each message a socket sends
  * straight into its peer's receive queue, skipping TCP/IP. Entries leave the
  * SOCKHASH when the socket closes (the kernel does that).
+ * A socket whose own messages can never be redirected (its peer's address
+ * is neither the proxy's nor a receiver's) but that may be given some (it
+ * is a receiver) goes into weft_accel_rx instead: a SOCKHASH with no
+ * program, so its sendmsg() stays TCP's own, without the sk_msg layer's
+ * copy and verdict on every message; a socket that is neither is left out.
  *
  * Correctness rules, enforced per direction of each connection by the
  * sender's weft_accel_sock.mode (socket-local storage):
  *  - a direction is decided on its first message: redirected only if the
  *    peer is in the map then and its address is a receiver (below) (else the bytes already went by TCP, and
- *    redirecting later ones would overtake them);
+ *    redirecting later ones would overtake them); one whose peer's address
+ *    cannot be a receiver is decided for TCP as the handshake completes
+ *    (weft_accel_rx above);
  *  - a redirected direction may fall back to TCP (switched off, or the
  *    receiver's queue is over its limit: TCP's flow control takes over),
  *    because a receiver reads its redirected queue before its TCP queue;
@@ -212,6 +220,9 @@ struct weft_accel_key {
 #define WEFT_ACCEL_LOCAL_POD     0x1
 #define WEFT_ACCEL_LOCAL_PROXY   0x2
 #define WEFT_ACCEL_LOCAL_RECEIVE 0x4
+/* weft_accel_peer.flags only: the socket is in weft_accel_rx, not in
+ * weft_accel_socks (a redirect into it names that map). */
+#define WEFT_ACCEL_PEER_RX_ONLY  0x100
 
 /* weft_accel_config.flags */
 #define WEFT_ACCEL_F_ENABLED   0x01  /* new sockets enter the map; flows may redirect */
@@ -229,7 +240,8 @@ struct weft_accel_peer {
 	__u64 sock;        /* struct sock * */
 	__u64 psock;       /* struct sk_psock * (sk_user_data) */
 	__u32 flags;       /* WEFT_ACCEL_LOCAL_* of this socket's end: RECEIVE set
-	                    * for the proxy's sockets and for receiver pods' */
+	                    * for the proxy's sockets and for receiver pods';
+	                    * and WEFT_ACCEL_PEER_RX_ONLY */
 	__u32 pad0;        /* zero */
 	__u64 cookie;      /* the socket's cookie: unique, never reused, unlike a
 	                    * 4-tuple */
@@ -256,6 +268,9 @@ struct weft_accel_sock {
 	                    * a failed push). Made by sockops before the first
 	                    * byte. May count a byte twice (a redirect the
 	                    * receiver took only in part), never miss one. */
+	__u32 peer_rx_only;/* the peer is in weft_accel_rx: set with the decision
+	                    * to redirect, from its weft_accel_peer */
+	__u32 pad0;        /* zero */
 };
 
 /*
@@ -310,7 +325,8 @@ enum weft_accel_event {
 	WEFT_ACCEL_BYTES_SPLICED   = 16, /* (also in BYTES_REDIRECTED) */
 	WEFT_ACCEL_SPLICE_WAIT     = 17, /* a spliced direction's message sent to the proxy:
 	                                  * it still held bytes, or the far end could not take it */
-	WEFT_ACCEL_EVENT_MAX       = 18,
+	WEFT_ACCEL_SOCK_RECEIVE_ONLY = 18, /* sockops put a socket in weft_accel_rx (also in SOCK_ADDED) */
+	WEFT_ACCEL_EVENT_MAX       = 19,
 };
 
 /*
@@ -505,7 +521,7 @@ _Static_assert(sizeof(struct weft_accel_key) == 36, "weft_accel_key layout");
 _Static_assert(sizeof(struct weft_accel_addr) == 16, "weft_accel_addr layout");
 _Static_assert(sizeof(struct weft_accel_config) == 8, "weft_accel_config layout");
 _Static_assert(sizeof(struct weft_accel_peer) == 32, "weft_accel_peer layout");
-_Static_assert(sizeof(struct weft_accel_sock) == 16, "weft_accel_sock layout");
+_Static_assert(sizeof(struct weft_accel_sock) == 24, "weft_accel_sock layout");
 _Static_assert(sizeof(struct weft_accel_splice) == 96, "weft_accel_splice layout");
 #endif
 

@@ -5,7 +5,9 @@
  * the kernel refuses either, and says so.
  *
  *   sockops  weft_accel_sockops  puts established local mesh sockets of
- *                                pods in weft_accel_socks (pod cgroups)
+ *                                pods in weft_accel_socks, or in
+ *                                weft_accel_rx when they may only be
+ *                                given bytes (pod cgroups)
  *   sockops  weft_accel_sockops_proxy  the same for the node proxy's
  *                                sockets (its own cgroup), marked as
  *                                receivers: the proxy reads with read()
@@ -59,6 +61,16 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_accel_socks SEC(".maps");
+
+/* Receivers whose own messages can never be redirected: no program is
+ * attached to this map, so their sendmsg() is plain TCP's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, WEFT_MAX_ACCEL_SOCKETS);
+	__type(key, struct weft_accel_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_accel_rx SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -197,7 +209,8 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 	struct weft_accel_key key = {};
 	struct weft_accel_peer peer = {};
 	struct weft_accel_sock *state;
-	__u32 op = skops->op, flags;
+	__u32 op = skops->op, flags, remote, mine;
+	int sends;
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
 		/* args[1] is the new state; only sockets we added asked for it. */
@@ -215,12 +228,25 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 	if (is_loopback(key.local) || is_loopback(key.remote))
 		return 1;
 	flags = local_flags(key.local);
-	if (!flags || !local_flags(key.remote))
+	remote = local_flags(key.remote);
+	if (!flags || !remote)
 		return 1;
 	/* A socket both programs see (pods and proxy in one cgroup tree) is
 	 * added once, by the first. */
 	if (bpf_map_lookup_elem(&weft_accel_peers, &key))
 		return 1;
+	mine = proxy ? (flags | WEFT_ACCEL_LOCAL_RECEIVE) : (flags & ~WEFT_ACCEL_LOCAL_PROXY);
+	/* Its messages may only ever be redirected into a receiver: the
+	 * proxy's sockets, or a receiver pod's (sk_msg checks the peer's own
+	 * entry at the first message). A socket that can only be given bytes
+	 * goes where no sk_msg program runs on its sends; one that can do
+	 * neither stays out. */
+	sends = (remote & (WEFT_ACCEL_LOCAL_RECEIVE | WEFT_ACCEL_LOCAL_PROXY)) != 0;
+	if (!sends) {
+		accel_count(WEFT_ACCEL_FLOW_NOT_RECEIVER, 1);
+		if (!(mine & WEFT_ACCEL_LOCAL_RECEIVE))
+			return 1;
+	}
 	/* Data that rode in the handshake (TCP Fast Open) is already in the
 	 * TCP queue; redirected bytes would overtake it. */
 	if (skops->data_segs_in != 0 || skops->data_segs_out != 0)
@@ -237,7 +263,8 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 	/* No data has gone out (checked above): TCP's count starts here. */
 	state->write_seq = skops->snd_nxt;
 	state->sent = 0;
-	if (bpf_sock_hash_update(skops, &weft_accel_socks, &key, BPF_NOEXIST) != 0) {
+	if ((sends ? bpf_sock_hash_update(skops, &weft_accel_socks, &key, BPF_NOEXIST)
+		   : bpf_sock_hash_update(skops, &weft_accel_rx, &key, BPF_NOEXIST)) != 0) {
 		accel_count(WEFT_ACCEL_SOCK_ADD_FAILED, 1);
 		return 1;
 	}
@@ -247,11 +274,13 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 		peer.sock = (__u64)sk;
 		peer.psock = (__u64)sk->sk_user_data & SK_USER_DATA_PTRMASK;
 	}
-	peer.flags = proxy ? (flags | WEFT_ACCEL_LOCAL_RECEIVE) : (flags & ~WEFT_ACCEL_LOCAL_PROXY);
+	peer.flags = mine | (sends ? 0 : WEFT_ACCEL_PEER_RX_ONLY);
 	peer.cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&weft_accel_peers, &key, &peer, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	accel_count(WEFT_ACCEL_SOCK_ADDED, 1);
+	if (!sends)
+		accel_count(WEFT_ACCEL_SOCK_RECEIVE_ONLY, 1);
 	return 1;
 }
 
@@ -291,6 +320,14 @@ static __always_inline int msg_peer_key(struct sk_msg_md *msg, struct weft_accel
 	peer->local_port = (__u16)bpf_ntohl(rport);
 	peer->remote_port = (__u16)lport;
 	return 1;
+}
+
+/* Into the receive queue of the socket at `key`, in whichever SOCKHASH it is. */
+static __always_inline long redirect_into(struct sk_msg_md *msg, struct weft_accel_key *key, int rx_only)
+{
+	if (rx_only)
+		return bpf_msg_redirect_hash(msg, &weft_accel_rx, key, BPF_F_INGRESS);
+	return bpf_msg_redirect_hash(msg, &weft_accel_socks, key, BPF_F_INGRESS);
 }
 
 /* Would this message push the peer's redirected-but-unread bytes over its
@@ -368,7 +405,7 @@ static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_s
 		goto wait;
 	if (peer_queue_full(&sp->target, size, cfg))
 		goto wait;
-	if (bpf_msg_redirect_hash(msg, &weft_accel_socks, &sp->target, BPF_F_INGRESS) != SK_PASS)
+	if (redirect_into(msg, &sp->target, target->flags & WEFT_ACCEL_PEER_RX_ONLY) != SK_PASS)
 		goto wait;
 	spliced = bpf_map_lookup_elem(&weft_accel_spliced, peer);
 	if (spliced)
@@ -436,6 +473,7 @@ int weft_accel_msg(struct sk_msg_md *msg)
 			state->mode = WEFT_ACCEL_PASS;
 			goto pass;
 		}
+		state->peer_rx_only = (p->flags & WEFT_ACCEL_PEER_RX_ONLY) ? 1 : 0;
 	}
 	if (peer_queue_full(&peer, size, cfg)) {
 		if (state->mode != WEFT_ACCEL_PASS_FULL)
@@ -443,7 +481,7 @@ int weft_accel_msg(struct sk_msg_md *msg)
 		state->mode = WEFT_ACCEL_PASS_FULL;
 		goto pass;
 	}
-	if (bpf_msg_redirect_hash(msg, &weft_accel_socks, &peer, BPF_F_INGRESS) != SK_PASS) {
+	if (redirect_into(msg, &peer, state->peer_rx_only) != SK_PASS) {
 		/* Peer not in the map (yet, or any more): TCP from now on. */
 		if (state->mode == WEFT_ACCEL_UNDECIDED)
 			accel_count(WEFT_ACCEL_FLOW_NO_PEER, 1);
