@@ -54,23 +54,19 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 #define AF_INET6 10
 #define TCP_CLOSE 7
 
-struct {
+struct accel_sockhash {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, WEFT_MAX_ACCEL_SOCKETS);
 	__type(key, struct weft_accel_key);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_accel_socks SEC(".maps");
+};
 
+/* The shortcut's sockets; weft_accel_msg is attached to it. */
+struct accel_sockhash weft_accel_socks SEC(".maps");
 /* Receivers whose own messages can never be redirected: no program is
  * attached to this map, so their sendmsg() is plain TCP's. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SOCKHASH);
-	__uint(max_entries, WEFT_MAX_ACCEL_SOCKETS);
-	__type(key, struct weft_accel_key);
-	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_accel_rx SEC(".maps");
+struct accel_sockhash weft_accel_rx SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
