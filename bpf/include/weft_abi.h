@@ -265,7 +265,8 @@ struct weft_accel_sock {
 	                    * program redirects them) plus those TCP took
 	                    * (write_seq's advance: the kernel may pass a
 	                    * message to TCP without running the program, after
-	                    * a failed push). Made by sockops before the first
+	                    * a failed push). Made by sockops (for sockets in
+	                    * weft_accel_socks only) before the first
 	                    * byte. May count a byte twice (a redirect the
 	                    * receiver took only in part), never miss one. */
 	__u32 peer_rx_only;/* the peer is in weft_accel_rx: set with the decision

@@ -247,18 +247,21 @@ static __always_inline int accel_sockops(struct bpf_sock_ops *skops, int proxy)
 	 * TCP queue; redirected bytes would overtake it. */
 	if (skops->data_segs_in != 0 || skops->data_segs_out != 0)
 		return 1;
-	/* The sender's state exists before its first byte, so that its count
-	 * of bytes sent (which splicing relies on) misses none. */
 	if (!skops->sk)
 		return 1;
-	state = bpf_sk_storage_get(&weft_accel_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!state) {
-		accel_count(WEFT_ACCEL_SOCK_ADD_FAILED, 1);
-		return 1;
+	/* The sender's state exists before its first byte, so that its count
+	 * of bytes sent (which splicing relies on) misses none. Only sk_msg
+	 * reads it, so a receive-only socket has none. */
+	if (sends) {
+		state = bpf_sk_storage_get(&weft_accel_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!state) {
+			accel_count(WEFT_ACCEL_SOCK_ADD_FAILED, 1);
+			return 1;
+		}
+		/* No data has gone out (checked above): TCP's count starts here. */
+		state->write_seq = skops->snd_nxt;
+		state->sent = 0;
 	}
-	/* No data has gone out (checked above): TCP's count starts here. */
-	state->write_seq = skops->snd_nxt;
-	state->sent = 0;
 	if ((sends ? bpf_sock_hash_update(skops, &weft_accel_socks, &key, BPF_NOEXIST)
 		   : bpf_sock_hash_update(skops, &weft_accel_rx, &key, BPF_NOEXIST)) != 0) {
 		accel_count(WEFT_ACCEL_SOCK_ADD_FAILED, 1);
