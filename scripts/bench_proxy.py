@@ -592,7 +592,7 @@ def report(summary, paired, repeated, kept_disturbed):
         "Forwarded, Via, a request id and a new W3C traceparent) after the same Via loop check, so the backend reads the "
         "same request from each; HTTP/2 (h2c, prior knowledge) from the "
         "client is proxied to HTTP/1.1. `weft` is reached through the Service clusterIP (captured by connect4), the others "
-        "through their listen address. (Before 2026-12-03 HAProxy and nginx added X-Forwarded-For and a request id only.)",
+        "through their listen address. (Until 51519d9 HAProxy and nginx added X-Forwarded-For and a request id only.)",
         "",
         f"- fixed: {RATE} requests/s over fixed connections (HTTP/1.1: 16 connections; HTTP/2: 4 connections x 8 streams), "
         f"{FIXED_SLICE_S * SLICES} s per side and round in {SLICES} slices of {FIXED_SLICE_S} s, interleaved with the other sides' (each slice "
