@@ -393,9 +393,10 @@ enum Express {
         let flags: String
         let series: ProxyTelemetry.RequestSeries
 
-        func matches(_ o: Outcome) -> Bool {
+        /// The series, if `o` is counted in it.
+        func series(for o: Outcome) -> ProxyTelemetry.RequestSeries? {
             snapshot === o.snapshot && key == o.key && status == o.status && grpc == o.grpc && route == o.route
-                && flags == o.flags
+                && flags == o.flags ? series : nil
         }
     }
 
@@ -409,8 +410,10 @@ enum Express {
         var labelled: PeerLabels?
         if metrics {
             let series: ProxyTelemetry.RequestSeries
-            if let last, last.matches(o) {
-                series = last.series
+            // (Asked in place: `if let last` copied it, five retains and
+            // releases a request.)
+            if let hit = last?.series(for: o) {
+                series = hit
             } else {
                 let p = PeerLabels(snapshot: o.snapshot, source: source, service: o.service,
                                    serviceNamespace: o.serviceNamespace, upstream: o.key)
