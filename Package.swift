@@ -68,7 +68,7 @@ let package = Package(
                                .product(name: "NIOSSL", package: "swift-nio-ssl")],
                 swiftSettings: swiftSettings),
         .target(name: "WeftProxy",
-                dependencies: ["WeftCore", "WeftKernel", "WeftStatus", "WeftIdentity",
+                dependencies: ["WeftCore", "WeftKernel", "WeftStatus", "WeftIdentity", "CWeftSys",
                                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "NIOCore", package: "swift-nio"),

@@ -71,6 +71,14 @@ RATE = int(os.environ.get("WEFT_BENCH_PROXY_RATE", "1600"))
 # would say more about the host than about the proxies.
 DISTURBED = float(os.environ.get("WEFT_BENCH_DISTURBED", "0.25"))
 RETRIES = 2
+# Without --pinned each proxy binds its threads one per core, the same way:
+# Weft the agent's --proxy-pin-threads, HAProxy cpu-map, nginx
+# worker_cpu_affinity auto. Left to float, two threads woken by one burst
+# were often queued on one core while the other idled (docs/proxy.md, "Event
+# loops bound to CPUs"). --pinned puts every thread on PROXY_CPU instead.
+AFFINITY = ({"haproxy_affinity": "", "nginx_affinity": ""} if PINNED else
+            {"haproxy_affinity": f"  cpu-map auto:1/1-{THREADS} 0-{THREADS - 1}\n",
+             "nginx_affinity": "worker_cpu_affinity auto;\n"})
 CLIENT, BACKEND, VIP, GW = "198.18.1.10", "198.18.1.20", "198.19.9.10", "198.18.1.1"
 LOADS = {
     # name: (h2load flags, connections, streams per connection)
@@ -107,7 +115,7 @@ http {{
 """
 
 NGINX_CONF = """worker_processes {threads};
-pid {dir}/nginx.pid;
+{nginx_affinity}pid {dir}/nginx.pid;
 error_log stderr warn;
 events {{ worker_connections 4096; }}
 http {{
@@ -140,7 +148,7 @@ http {{
 
 HAPROXY_CONF = """global
   nbthread {threads}
-  maxconn 8000
+{haproxy_affinity}  maxconn 8000
 defaults
   mode http
   timeout connect 2s
@@ -406,13 +414,14 @@ def main():
     work = tempfile.mkdtemp(prefix="weft-bench-proxy-")
     os.chmod(work, 0o755)
     write(f"{work}/backend.conf", BACKEND_CONF.format(dir=work))
-    write(f"{work}/nginx.conf", NGINX_CONF.format(dir=work, backend=BACKEND, gw=GW, threads=THREADS))
-    write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW, threads=THREADS))
+    write(f"{work}/nginx.conf", NGINX_CONF.format(dir=work, backend=BACKEND, gw=GW, threads=THREADS, **AFFINITY))
+    write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW, threads=THREADS, **AFFINITY))
     config = f"{work}/config"
     os.mkdir(config)
     write(f"{config}/lab.yaml", lab_yaml(work))
     sh(WEFT, "lab", "down", check=False)
-    sh(WEFT, "lab", "up", "--config", config, "--nodes", "1", *(["--proxy-threads", "1"] if PINNED else []))
+    sh(WEFT, "lab", "up", "--config", config, "--nodes", "1",
+       *(["--proxy-threads", "1"] if PINNED else ["--proxy-threads", str(THREADS), "--proxy-pin-threads"]))
     processes = NodeProcesses(WEFT)
     try:
         lab = json.load(open("/run/weft/lab/state.json"))

@@ -254,7 +254,8 @@ public enum Agent {
         }
         return ProxySupervisor(node: configuration.node, listen: (address, configuration.proxyPort),
                                pinDirectory: pinDirectory, runDirectory: configuration.resolvedRunDirectory,
-                               accessLog: configuration.accessLog, threads: configuration.proxyThreads, logger: logger)
+                               accessLog: configuration.accessLog, threads: configuration.proxyThreads,
+                               pinThreads: configuration.proxyPinThreads, logger: logger)
     }
 
     static func parseAddress(_ text: String) throws(PreflightError) -> (String, Int) {

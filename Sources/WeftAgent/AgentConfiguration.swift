@@ -30,6 +30,9 @@ public struct AgentConfiguration: Sendable {
     /// Each loop serves the connections it accepted, and their backends',
     /// start to end, so this is how many cores the proxy can use.
     public var proxyThreads: Int?
+    /// Each of the proxy's event loops bound to one CPU (`weft proxy
+    /// --pin-threads`).
+    public var proxyPinThreads = false
     /// Where the proxy writes access log lines when MeshConfig turns them
     /// on (a file, or "-" for its stdout); nil: <run directory>/access.log.
     public var accessLog: String?

@@ -39,12 +39,14 @@ final class ProxySupervisor {
 
     private let accessLog: String?
     private let threads: Int?
+    private let pinThreads: Bool
 
     init(node: String, listen: (address: IPv4Address, port: UInt16), pinDirectory: String, runDirectory: String,
-         accessLog: String? = nil, threads: Int? = nil, logger: Logger) {
+         accessLog: String? = nil, threads: Int? = nil, pinThreads: Bool = false, logger: Logger) {
         self.node = node
         self.accessLog = accessLog
         self.threads = threads
+        self.pinThreads = pinThreads
         self.listen = listen
         self.pinDirectory = pinDirectory
         self.runDirectory = runDirectory
@@ -107,7 +109,7 @@ final class ProxySupervisor {
         let process = Process()
         let arguments = ["proxy", "--node", node, "--listen", "\(listen.address):\(listen.port)",
                          "--pin-dir", pinDirectory, "--run-dir", runDirectory] + (accessLog.map { ["--access-log", $0] } ?? [])
-            + (threads.map { ["--threads", "\($0)"] } ?? [])
+            + (threads.map { ["--threads", "\($0)"] } ?? []) + (pinThreads ? ["--pin-threads"] : [])
         if let wrapper = Self.wrapper {
             // A tool to run the proxy under (scripts/profile_proxy.py: callgrind),
             // given the proxy's executable and arguments; it must exec it, so

@@ -28,7 +28,7 @@ public enum Lab {
 
     /// Builds the lab, starts pods and agents, waits for the agents to serve.
     public static func up(configDirectory: String, nodes: Int, weftBinary: String, certTTL: String? = nil,
-                          mtls: Bool = true, proxyThreads: Int? = nil, say: (String) -> Void) throws -> LabPlan {
+                          mtls: Bool = true, proxyThreads: Int? = nil, proxyPinThreads: Bool = false, say: (String) -> Void) throws -> LabPlan {
         try Host.preflight()
         try Host.ensureBPFFS()
         guard loadPlan() == nil else { throw LabError("a lab is already up; run `weft lab down` first") }
@@ -43,6 +43,7 @@ public enum Lab {
         plan.certTTL = certTTL
         plan.noMTLS = mtls ? nil : true
         plan.proxyThreads = proxyThreads
+        plan.proxyPinThreads = proxyPinThreads ? true : nil
         try save(plan)
         do {
             for (netns, lines) in plan.networkBatches() {
@@ -139,6 +140,7 @@ public enum Lab {
             + (plan.noMTLS == true ? [] : ["--ca", caDirectory + "/" + node.name])
             + (plan.certTTL.map { ["--cert-ttl", $0] } ?? [])
             + (plan.proxyThreads.map { ["--proxy-threads", "\($0)"] } ?? [])
+            + (plan.proxyPinThreads == true ? ["--proxy-pin-threads"] : [])
     }
 
     /// The lab's mesh CA: a root for trust domain `cluster.local` and one

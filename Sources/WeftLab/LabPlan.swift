@@ -42,6 +42,8 @@ public struct LabPlan: Codable, Sendable {
     public var noMTLS: Bool?
     /// The agents' --proxy-threads (nil: their default, one per core).
     public var proxyThreads: Int?
+    /// The agents' --proxy-pin-threads (nil: off).
+    public var proxyPinThreads: Bool?
 
     public static let fabricNetns = "weft-fabric"
     public static let commandAnnotation = "lab.weft.dev/command"

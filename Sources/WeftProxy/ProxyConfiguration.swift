@@ -26,6 +26,8 @@ public struct ProxyConfiguration: Sendable {
     public var connectTimeout: Duration = .seconds(2)
     /// Event loop threads (default: one per core).
     public var threads: Int?
+    /// Each event loop bound to one CPU (`--pin-threads`, LoopPinning).
+    public var pinThreads = false
     /// Where access log lines go when MeshConfig turns them on: a file
     /// (rotated to .1 at 64 MiB), "-" for standard output; default
     /// <runDirectory>/access.log.

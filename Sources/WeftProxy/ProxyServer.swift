@@ -49,6 +49,15 @@ public enum ProxyServer {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         var loops: [any EventLoop] = []
         for loop in group.makeIterator() { loops.append(loop) }
+        var pinned: [Int32]?
+        if configuration.pinThreads {
+            do {
+                pinned = try LoopPinning.pin(loops, to: LoopPinning.allowedCPUs())
+            } catch {
+                try? group.syncShutdownGracefully()
+                throw error
+            }
+        }
         let origins = try ProxyMaps(pinDirectory: configuration.pinDirectory)
         let policy = try PolicyMaps(pinDirectory: configuration.pinDirectory)
         let proxy = ProxyContext(configuration: configuration, logger: logger, origins: origins, policy: policy,
@@ -168,6 +177,7 @@ public enum ProxyServer {
         }
         logger.notice("proxy listening", metadata: [
             "listen": "\(configuration.listenAddress):\(configuration.listenPort)", "threads": "\(threads)",
+            "cpus": "\(pinned.map { $0.map(String.init).joined(separator: ",") } ?? "any")",
             "status_socket": "\(statusSocket)", "generation": "\(proxy.snapshot.generation)",
         ])
 

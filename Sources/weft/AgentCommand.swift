@@ -16,6 +16,7 @@ struct AgentCommand: ParsableCommand {
     @Option(name: .customLong("proxy-address"), help: "Where the node proxy listens for captured L7 connections: an address of this node its pods reach, auto, or none (no proxy).") var proxyAddress = "auto"
     @Option(name: .customLong("proxy-port"), help: "The proxy's outbound capture port.") var proxyPort: UInt16 = 15001
     @Option(name: .customLong("proxy-threads"), help: "The proxy's event loop threads, 1-256 (default: one per core).") var proxyThreads: Int?
+    @Flag(name: .customLong("proxy-pin-threads"), help: "Bind each of the proxy's event loops to one CPU of those the agent may use, in order.") var proxyPinThreads = false
     @Option(name: .customLong("access-log"), help: "Where the proxy writes access log lines when MeshConfig turns them on: a file (rotated to .1 at 64 MiB) or - (default /run/weft/<node>/access.log).") var accessLog: String?
     @Option(name: .customLong("socket-shortcut"), help: "The same-node socket shortcut (sockops + sk_msg): on (after a start-up probe) or off.") var socketShortcut = "on"
     @Option(help: "This node's CA directory (weft ca node): turns on workload identities and mTLS tunnels between nodes.") var ca: String?
@@ -51,6 +52,7 @@ struct AgentCommand: ParsableCommand {
         configuration.proxyPort = proxyPort
         try checkProxyThreads(proxyThreads, flag: "--proxy-threads")
         configuration.proxyThreads = proxyThreads
+        configuration.proxyPinThreads = proxyPinThreads
         if let accessLog, accessLog.isEmpty { throw ValidationError("--access-log must be a path or -") }
         configuration.accessLog = accessLog
         guard ["on", "off"].contains(socketShortcut) else {

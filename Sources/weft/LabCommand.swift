@@ -14,13 +14,14 @@ struct LabCommand: ParsableCommand {
         @Option(name: .customLong("cert-ttl"), help: "The agents' workload certificate lifetime (e.g. 20s to watch rotation).") var certTTL: String?
         @Flag(name: .customLong("no-mtls"), help: "Start the agents without a CA: no identities, plaintext between nodes.") var noMTLS = false
         @Option(name: .customLong("proxy-threads"), help: "The agents' --proxy-threads: each node proxy's event loops (default: one per core).") var proxyThreads: Int?
+        @Flag(name: .customLong("proxy-pin-threads"), help: "The agents' --proxy-pin-threads: each event loop of a node proxy bound to one CPU.") var proxyPinThreads = false
 
         func run() throws {
             let weft = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
             if let certTTL, parseDuration(certTTL) == nil { throw ValidationError("--cert-ttl \(certTTL) is not a duration") }
             try checkProxyThreads(proxyThreads, flag: "--proxy-threads")
             _ = try Lab.up(configDirectory: config, nodes: nodes, weftBinary: weft, certTTL: certTTL, mtls: !noMTLS,
-                           proxyThreads: proxyThreads) { print("lab: \($0)") }
+                           proxyThreads: proxyThreads, proxyPinThreads: proxyPinThreads) { print("lab: \($0)") }
             print("lab: up. Try `weft lab exec POD -- curl ...`, `weft get services`, `weft status`; `weft lab down` removes it all.")
         }
     }

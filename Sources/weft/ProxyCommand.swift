@@ -15,6 +15,7 @@ struct ProxyCommand: ParsableCommand {
     @Option(name: .customLong("pin-dir"), help: "bpffs directory of the node's pins (default /sys/fs/bpf/weft/<node>).") var pinDir: String?
     @Option(name: .customLong("run-dir"), help: "Directory of the route table and status socket (default /run/weft/<node>).") var runDir: String?
     @Option(help: "Event loop threads (default: one per core).") var threads: Int?
+    @Flag(name: .customLong("pin-threads"), help: "Bind each event loop to one CPU of those the proxy may use, in order.") var pinThreads = false
     @Option(name: .customLong("drain-timeout"), help: "Seconds in-flight requests get to finish on SIGTERM.") var drainTimeout = 10
     @Option(name: .customLong("access-log"), help: "Access log destination when MeshConfig turns it on: a file (rotated to .1 at 64 MiB) or - for stdout (default <run-dir>/access.log).") var accessLog: String?
     @Option(name: .customLong("label-limit"), help: "Distinct values a metric label may take; the rest count as \"overflow\".") var labelLimit = 1000
@@ -40,6 +41,7 @@ struct ProxyCommand: ParsableCommand {
             runDirectory: runDir ?? "/run/weft/\(node)")
         configuration.listenPort = port
         configuration.threads = threads
+        configuration.pinThreads = pinThreads
         configuration.drainTimeout = .seconds(drainTimeout)
         configuration.detectTimeout = .milliseconds(detectTimeoutMs)
         configuration.accessLogPath = accessLog

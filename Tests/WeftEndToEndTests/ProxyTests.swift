@@ -754,11 +754,13 @@ struct ProxyTests {
     }
 
     @Test func proxyRestartDrainsWithoutFailingARequestAndACrashFailsFast() throws {
-        // Three event loops (the default on this 2-core VM is two): every
-        // proxy the agent starts, after a restart or a crash too, has them.
-        let lab = try startLab(extra: ["--proxy-threads", "3"])
+        // Three event loops (the default on this 2-core VM is two), each
+        // bound to one CPU (--proxy-pin-threads): every proxy the agent
+        // starts, after a restart or a crash too, has them.
+        let lab = try startLab(extra: ["--proxy-threads", "3", "--proxy-pin-threads"])
         defer { lab.down() }
         #expect(try proxyEventLoops() == 3)
+        try expectLoopsPinned(3)
         // One client alternating fresh and kept-alive connections, and two
         // opening fresh ones back to back, so that connections are being
         // accepted, set up and sent their first request as each drain
@@ -793,6 +795,7 @@ struct ProxyTests {
         #expect(crash.status == 0, "\(crash.output)\n\(LabHarness.agentLog("n1"))")
         #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
         #expect(try proxyEventLoops() == 3)
+        try expectLoopsPinned(3)
         let status = try LabHarness.run(["status", "--node", "n1"])
         #expect(status.output.contains("restarts 1,"), "\(status.output)")
 
@@ -854,6 +857,33 @@ struct ProxyTests {
 }
 
 /// The event loop threads of n1's running proxy (SwiftNIO names them NIO-ELT-*).
+/// The node proxy's event loops are bound one per CPU, in order, of the
+/// CPUs its process may use (its main thread's set), round again after
+/// the last.
+private func expectLoopsPinned(_ count: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let pid = try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+    func cpus(_ task: String) throws -> [Int] {
+        let status = try String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8)
+        let line = try #require(status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") })
+        return line.dropFirst("Cpus_allowed_list:".count).trimmingCharacters(in: .whitespaces).split(separator: ",").flatMap { part in
+            let ends = part.split(separator: "-").compactMap { Int($0) }
+            return ends.count == 2 ? Array(ends[0]...ends[1]) : ends
+        }
+    }
+    let allowed = try cpus(pid)
+    var loops: [(Int, [Int])] = []
+    for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") {
+        let comm = ((try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8)) ?? "")
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        // NIO names its loop threads NIO-ELT-<group>-#<n>, n from 1 in loop order.
+        guard comm.hasPrefix("NIO-ELT-"), let n = comm.split(separator: "#").last.flatMap({ Int($0) }) else { continue }
+        loops.append((n, try cpus(task)))
+    }
+    loops.sort { $0.0 < $1.0 }
+    #expect(loops.count == count, sourceLocation: sourceLocation)
+    #expect(loops.map(\.1) == (0..<count).map { [allowed[$0 % allowed.count]] }, "allowed \(allowed)", sourceLocation: sourceLocation)
+}
+
 private func proxyEventLoops() throws -> Int {
     let pid = try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
     let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")

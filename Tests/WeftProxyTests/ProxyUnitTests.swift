@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import NIOPosix
 import Testing
 @testable import WeftCore
 @testable import WeftProxy
@@ -304,5 +305,26 @@ import WeftStatus
         #expect(HealthProbe.query("/probe?path=%G1") == nil)
         #expect(HealthProbe.query("/probe?path=%4") == nil)
         #expect(HealthProbe.query("/probe") == [:])
+    }
+}
+
+@Suite struct LoopPinningTests {
+    @Test func eachLoopIsBoundToOneCPUInOrderRoundAgain() throws {
+        let allowed = try LoopPinning.allowedCPUs()
+        #expect(!allowed.isEmpty && allowed == allowed.sorted())
+        // One more loop than CPUs: the last goes round to the first CPU.
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: allowed.count + 1)
+        defer { try? group.syncShutdownGracefully() }
+        let loops = Array(group.makeIterator())
+        let chosen = try LoopPinning.pin(loops, to: allowed)
+        #expect(chosen == allowed + [allowed[0]])
+        for (loop, cpu) in zip(loops, chosen) {
+            #expect(try loop.submit { try LoopPinning.allowedCPUs() }.wait() == [cpu])
+        }
+        // The caller's thread is left as it was.
+        #expect(try LoopPinning.allowedCPUs() == allowed)
+        // A CPU the thread may not use is refused by name.
+        let other = try #require(loops.first)
+        #expect(throws: LoopPinning.Failure.self) { try LoopPinning.pin([other], to: [Int32(4096)]) }
     }
 }
