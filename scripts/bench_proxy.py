@@ -10,7 +10,9 @@ backend, all on the same node:
   haproxy  HAProxy 2.6 on the node, as an equivalent L7 reverse proxy
   nginx    nginx 1.22 on the node, likewise
 Each proxy gets two threads/workers (Weft's default on this 2-core VM: one
-event loop per core), keeps HTTP/1.1 connections to the backend alive, and
+event loop per core), each bound to one core (Weft: the agent's
+--proxy-pin-threads; HAProxy cpu-map; nginx worker_cpu_affinity auto), keeps
+HTTP/1.1 connections to the backend alive, and
 adds what Weft adds to every request (X-Forwarded-For, X-Forwarded-Proto,
 Forwarded, Via, a request id, a new traceparent) after a Via loop check, so
 that all do the same work and the backend reads the same request from each.
@@ -595,7 +597,9 @@ def report(summary, paired, repeated, kept_disturbed):
         f"release build at {revision()} (no run-time exclusivity checks, as `scripts/bench` builds it); {ROUNDS} rounds rotating the order of the sides, medians. Load: {h2} in a client pod; backend: nginx "
         "answering `200 ok` in a pod on the same node. Every proxy runs on the node with "
         + (f"1 thread/worker pinned to CPU {PROXY_CPU} (Weft: the agent's `--proxy-threads 1`), h2load, the backend and the "
-           f"agent pinned to CPU {LOAD_CPU}; each proxy " if PINNED else "2 threads/workers, ")
+           f"agent pinned to CPU {LOAD_CPU}; each proxy " if PINNED else
+           "2 threads/workers bound one per core (Weft: the agent's `--proxy-pin-threads`; HAProxy `cpu-map auto:1/1-2 0-1`; "
+           "nginx `worker_cpu_affinity auto`; since 7f4b0e2, before it they floated), ")
         + "keeps HTTP/1.1 "
         "connections to the backend alive and adds to each request the fields Weft adds (X-Forwarded-For, X-Forwarded-Proto, "
         "Forwarded, Via, a request id and a new W3C traceparent) after the same Via loop check, so the backend reads the "

@@ -147,7 +147,7 @@ def main():
     work = tempfile.mkdtemp(prefix="weft-bursts-")
     os.chmod(work, 0o755)
     b.write(f"{work}/backend.conf", b.BACKEND_CONF.format(dir=work))
-    b.write(f"{work}/haproxy.cfg", b.HAPROXY_CONF.format(backend=b.BACKEND, gw=b.GW, threads=b.THREADS))
+    b.write(f"{work}/haproxy.cfg", b.HAPROXY_CONF.format(backend=b.BACKEND, gw=b.GW, threads=b.THREADS, haproxy_affinity=""))
     config = f"{work}/config"
     os.mkdir(config)
     b.write(f"{config}/lab.yaml", b.lab_yaml(work))

@@ -159,7 +159,7 @@ def count_instructions(work, config):
     out = {}
     try:
         node = json.load(open("/run/weft/lab/state.json"))["nodes"][0]
-        write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW, threads=THREADS))
+        write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW, threads=THREADS, haproxy_affinity=""))
         # (load, side, url): HTTP/2 as bench proxy's HTTP/2 load (h2c from the
         # client, HTTP/1.1 to the backend); the floor speaks HTTP/1.1 only.
         sides = [("HTTP/1.1", "weft", f"http://{VIP}/"), ("HTTP/1.1", "haproxy", f"http://{GW}:16001/"),
@@ -303,7 +303,7 @@ def compare(work, weft_pid, processes):
     and the NIO floor, alternating, medians over REFERENCE_ROUNDS."""
     lab = json.load(open("/run/weft/lab/state.json"))
     node = lab["nodes"][0]
-    write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW, threads=THREADS))
+    write(f"{work}/haproxy.cfg", HAPROXY_CONF.format(backend=BACKEND, gw=GW, threads=THREADS, haproxy_affinity=""))
 
     def on_node(*cmd):
         return processes.start(node, *cmd)
