@@ -856,7 +856,6 @@ struct ProxyTests {
     }
 }
 
-/// The event loop threads of n1's running proxy (SwiftNIO names them NIO-ELT-*).
 /// The node proxy's event loops are bound one per CPU, in order, of the
 /// CPUs its process may use (its main thread's set), round again after
 /// the last.
@@ -884,6 +883,7 @@ private func expectLoopsPinned(_ count: Int, sourceLocation: SourceLocation = #_
     #expect(loops.map(\.1) == (0..<count).map { [allowed[$0 % allowed.count]] }, "allowed \(allowed)", sourceLocation: sourceLocation)
 }
 
+/// The event loop threads of n1's running proxy (SwiftNIO names them NIO-ELT-*).
 private func proxyEventLoops() throws -> Int {
     let pid = try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
     let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")
