@@ -242,6 +242,14 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// streams the multiplexer was not given stop here: it has no channel
     /// for them and would only look each one up.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e {
+            // The client's FIN: no stream comes after it (the codec reset
+            // those it had not ended). What is in flight is answered, then
+            // the connection closes, as in a drain; no GOAWAY: nobody
+            // would read it to stop sending.
+            quiescing = true
+            closeIfDone()
+        }
         if event is ChannelShouldQuiesceEvent, !quiescing {
             // Drain: no new streams (GOAWAY); close once every stream is answered.
             quiescing = true

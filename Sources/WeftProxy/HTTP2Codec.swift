@@ -202,6 +202,26 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
+    /// The peer's FIN, on a channel that allows half-closure (the proxy's
+    /// listeners): no frame comes after it, and HTTP/2 has no half-closed
+    /// connection. Streams the peer had not ended never will be: they are
+    /// reset (CANCEL), and the handlers above drop them. Those it had ended
+    /// (a whole request) are still answered, and the handler above closes
+    /// the connection once nothing is left (ExpressHTTP2Handler,
+    /// HTTP2InputClosedHandler). The event goes on up.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e, !failed {
+            partial = nil
+            dataPiece = nil
+            continuing = nil
+            for stream in streams.values where !stream.remoteEnded {
+                streamError(stream.id, .cancel, context: context)
+            }
+            flush(context: context)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func handlerRemoved(context: ChannelHandlerContext) {
         dropAll(error: NIOHTTP2Errors.ioOnClosedConnection())
         self.context = nil
@@ -1006,4 +1026,21 @@ struct HTTP2ConnectionFailure: Error, CustomStringConvertible {
     let code: HTTP2ErrorCode
     let reason: String
     var description: String { "HTTP/2 connection error \(code): \(reason)" }
+}
+
+/// On the full-path-only pipeline (`--no-express`, NIOHTTP2Handler), first
+/// in it: the client's FIN ends the connection at once, as nginx and Go's
+/// server do (NIOHTTP2Handler does nothing with it, and the connection
+/// would be held open for good). Weft's own codec answers what is in flight
+/// first (HTTP2Codec.userInboundEventTriggered).
+final class HTTP2InputClosedHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
 }

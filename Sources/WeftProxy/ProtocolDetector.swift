@@ -166,6 +166,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
                                                                    inboundStreamInitializer: fullPath(true)))
                 } else {
+                    try pipeline.addHandler(HTTP2InputClosedHandler())
                     _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
                                                             streamConfiguration: .init(), inboundStreamInitializer: fullPath(false))
                 }

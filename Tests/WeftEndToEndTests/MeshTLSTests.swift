@@ -152,6 +152,10 @@ struct MeshTLSTests {
         }
         let (rc2, out2) = try curl(["--http2-prior-knowledge", "http://198.19.5.10/no-express-h2"])
         #expect(rc2 == 0 && out2.contains("\"path\": \"/no-express-h2\""), "\(out2)")
+        // An HTTP/2 client's FIN closes its connection (NIOHTTP2Handler
+        // alone held it open for good).
+        let halfClosed = try lab.tool(in: "\(ns)/client", ["h2-half-close", "198.19.5.10", "80", "/no-express-fin", "0"])
+        #expect((halfClosed["closed"] as? Double ?? .infinity) < 5, "\(halfClosed)")
         let grpc = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.5.60", "80"])
         #expect(grpc.status == 0 && grpc.output.contains("grpc:hi-0"), "\(grpc.output)")
         for _ in 0..<4 {

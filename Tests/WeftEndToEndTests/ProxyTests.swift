@@ -580,6 +580,8 @@ struct ProxyTests {
     /// still gets every byte of the response before the proxy closes, on
     /// the express path and on the full path (NIO fails writes still queued
     /// when a channel closes: both paths once cut such responses short).
+    /// An HTTP/2 client's FIN closes its connection once the streams it
+    /// ended are answered; one it had not is reset.
     @Test func halfClosingSlowReadersGetWholeResponses() throws {
         let lab = try startLab()
         defer { lab.down() }
@@ -626,6 +628,17 @@ struct ProxyTests {
                                            "-m", "5", "-H", "X-Forwarded-For: 198.18.1.99", "http://198.19.1.12/bytes/\(1000 + k)"])
             #expect(next.output == "200", "request \(k) after the slow readers: \(next.output)")
         }
+
+        // HTTP/2: a client's FIN ends the connection once what is in flight
+        // is answered (it was held open for good, one socket in CLOSE-WAIT
+        // per h2load connection); a stream it had not ended is reset (CANCEL).
+        let answered = try lab.tool(in: "client", ["h2-half-close", "198.19.1.12", "80", "/sleep/300", "1"])
+        let ended = answered["ended"] as? Double ?? .infinity, closed = answered["closed"] as? Double ?? .infinity
+        #expect(answered["status"] as? String == "200" && (answered["body"] as? Int ?? 0) > 0 && answered["reset"] is NSNull,
+                "\(answered)")
+        #expect(ended >= 0.3 && closed >= ended && closed - ended < 2, "not closed once answered: \(answered)")
+        let cut = try lab.tool(in: "client", ["h2-half-close", "198.19.1.12", "80", "/sleep/300", "0"])
+        #expect(cut["reset"] as? Int == 8 && cut["status"] is NSNull && (cut["closed"] as? Double ?? .infinity) < 2, "\(cut)")
     }
 
     /// Plain HTTP/1.1 requests take the express path (bytes, no codec): the

@@ -19,6 +19,7 @@ import Testing
         /// Send windows told (outbound sizes), and bulk changes of them.
         var sendWindows: [(HTTP2StreamID, Int)] = []
         var bulkChanges: [Int] = []
+        var inputClosed = false
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) { frames.append(unwrapInboundIn(data)) }
 
@@ -30,6 +31,7 @@ import Testing
                 if let outbound = e.outboundWindowSize { sendWindows.append((e.streamID, outbound)) }
                 if e.inboundWindowSize != nil || e.outboundWindowSize == nil { windows.append((e.streamID, e.inboundWindowSize)) }
             case let e as NIOHTTP2BulkStreamWindowChangeEvent: bulkChanges.append(e.delta)
+            case let e as ChannelEvent where e == .inputClosed: inputClosed = true
             default: break
             }
         }
@@ -491,6 +493,26 @@ import Testing
             guard let g = written().first(where: { $0.0 == 0x7 }) else { return nil }
             return g.3[4...7].reduce(0) { $0 << 8 | UInt32($1) }
         }
+    }
+
+    /// The peer's FIN (half-closure allowed): streams it had not ended are
+    /// reset with CANCEL and closed above; those it had stay open to be
+    /// answered; the event goes on up.
+    @Test func inputClosedResetsStreamsThePeerHadNotEnded() throws {
+        let raw = try Raw()
+        _ = raw.written()
+        raw.open(1)
+        raw.open(3, end: false)
+        raw.server.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        let resets = raw.written().filter { $0.0 == 0x3 }
+        #expect(resets.map(\.2) == [3] && resets.first?.3 == [0, 0, 0, 8], "\(resets)")
+        #expect(raw.above.closed.map(\.0) == [3] && raw.above.closed.first?.1 == .cancel)
+        #expect(raw.above.inputClosed)
+        // Stream 1 is still answered.
+        try raw.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"], endStream: true)))).wait()
+        #expect(raw.written().contains { $0.0 == 0x1 && $0.2 == 1 })
+        #expect(raw.above.closed.map(\.0) == [3, 1])
+        _ = try? raw.server.finish()
     }
 
     @Test func protocolErrorsEndTheConnectionWithGoAway() throws {

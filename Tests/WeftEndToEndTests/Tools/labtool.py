@@ -536,7 +536,8 @@ def h2_window(host, port, path, size, backend_host, backend_port):
                       "exact": bytes(body) == expected, "sent_total": sent() - base}))
 
 
-def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunks=None, connected=None):
+def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunks=None, connected=None, ended=True,
+            half_close=False):
     """One h2c request on stream 1 (GET, or `method` with a body of DATA
     frames of `chunks` bytes, the last one ending the stream), frames read
     by hand (python3-h2 stops taking frames once a GOAWAY has come, and
@@ -544,7 +545,9 @@ def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunk
     and when, in seconds from the request: GOAWAY, the status, the body,
     the stream's end or reset, and the connection's end; it waits for that
     end with `until_closed`. `connected` runs once the connection is made,
-    before anything is sent."""
+    before anything is sent. With `ended` false the request's HEADERS do
+    not end the stream (and no DATA follows); with `half_close` the client
+    shuts its side down (FIN) once the request is sent."""
     import struct
     import hpack
     s = socket.create_connection((host, int(port)), timeout=10)
@@ -560,7 +563,11 @@ def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunk
         request = frame(1, 4, 1, block)
         for i, n in enumerate(chunks or [0]):
             request += frame(0, 1 if i == max(len(chunks), 1) - 1 else 0, 1, b"x" * n)
+    if not ended:
+        request = frame(1, 4, 1, block)
     s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + request)
+    if half_close:
+        s.shutdown(socket.SHUT_WR)
     out = {"goaway": None, "status": None, "body": b"", "ended": None, "closed": None, "reset": None}
     decoder, buf = hpack.Decoder(), b""
     s.settimeout(1.0)
@@ -583,7 +590,7 @@ def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunk
             n, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
             stream = int.from_bytes(buf[5:9], "big") & 0x7fffffff
             payload, buf = buf[9:9 + n], buf[9 + n:]
-            if kind == 4 and not flags & 1:
+            if kind == 4 and not flags & 1 and not half_close:
                 s.sendall(frame(4, 1, 0, b""))  # SETTINGS ACK
             elif kind == 7:
                 last, code = struct.unpack(">II", payload[:8])
@@ -619,6 +626,16 @@ def h2_drain(host, port, path):
     print(json.dumps(out))
 
 
+def h2_half_close(host, port, path, ended):
+    """One h2c GET of PATH, the client's side shut down (FIN) right after
+    it; the stream ended by the HEADERS frame if ENDED is 1, left open if
+    0. What came back, and when the proxy closed the connection."""
+    out = _h2_raw(host, port, path, method="GET" if ended == "1" else "POST", until_closed=True, ended=ended == "1",
+                  half_close=True)
+    out["body"] = len(out["body"])
+    print(json.dumps(out))
+
+
 def h2_request(host, port, path, *fields):
     """One h2c GET of PATH with extra fields NAME=VALUE (PATH and VALUE with
     Python escapes, so \\r\\n can be sent): the status, the reset code, and
@@ -636,4 +653,5 @@ if __name__ == "__main__":
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
-     "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body}[command](*args)
+     "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
+     "h2-half-close": h2_half_close}[command](*args)
