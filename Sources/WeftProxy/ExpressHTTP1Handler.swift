@@ -65,6 +65,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// Written to the client since the last flush.
     private var unflushed = false
     private var lastSeries: Express.LastSeries?
+    private var idle = IdleCount()
 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
         self.proxy = proxy
@@ -191,6 +192,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     // MARK: client side
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        idle.reset()
         var bytes = unwrapInboundIn(data)
         let fresh = inbound == nil || inbound!.readableBytes == 0
         if fresh {
@@ -226,6 +228,15 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let sweep = event as? IdleSweep {
+            // Nothing in flight and nothing read through the sweeps: closed
+            // once the last response is out (a slow reader gets all of it).
+            if idle.expired(sweep, busy: exchange != nil) {
+                proxy.stats.idleClosed.add(1, ordering: .relaxed)
+                context.closeAfterWrites()
+            }
+            return
+        }
         if event is ChannelShouldQuiesceEvent {
             quiescing = true
             // Idle: close after a grace for a request on its way (answered

@@ -71,6 +71,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private var fields: [HTTP1Wire.Field] = []
     private var chunkData: [Range<Int>] = []
     private var lastSeries: Express.LastSeries?
+    private var idle = IdleCount()
 
     /// The connection's codec, right below: frames are sent by a call to it.
     private let codec: HTTP2Codec
@@ -168,6 +169,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// A frame from the client (the codec calls this directly).
     func received(_ frame: HTTP2Frame) {
         guard let context else { return }
+        idle.reset()
         let id = frame.streamID
         // The codec checks neither field blocks nor content lengths: every
         // block is checked here, before either path
@@ -242,6 +244,15 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// streams the multiplexer was not given stop here: it has no channel
     /// for them and would only look each one up.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let sweep = event as? IdleSweep {
+            // No stream open and no frame read through the sweeps: GOAWAY,
+            // and closed once written.
+            if !quiescing, idle.expired(sweep, busy: !streams.isEmpty || !handed.isEmpty) {
+                proxy.stats.idleClosed.add(1, ordering: .relaxed)
+                goAway(context)
+            }
+            return
+        }
         if let e = event as? ChannelEvent, case .inputClosed = e {
             // The client's FIN: no stream comes after it (the codec reset
             // those it had not ended). What is in flight is answered, then
@@ -252,12 +263,18 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
         if event is ChannelShouldQuiesceEvent, !quiescing {
             // Drain: no new streams (GOAWAY); close once every stream is answered.
-            quiescing = true
-            let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))
-            context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
-            closeIfDone()
+            goAway(context)
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// No new streams (GOAWAY with the last one taken); the connection
+    /// closes once every stream is answered.
+    private func goAway(_ context: ChannelHandlerContext) {
+        quiescing = true
+        let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))
+        context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+        closeIfDone()
     }
 
     /// A stream's inbound window changed (a stream channel reads it to open

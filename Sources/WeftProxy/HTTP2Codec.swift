@@ -207,8 +207,8 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     /// connection. Streams the peer had not ended never will be: they are
     /// reset (CANCEL), and the handlers above drop them. Those it had ended
     /// (a whole request) are still answered, and the handler above closes
-    /// the connection once nothing is left (ExpressHTTP2Handler,
-    /// HTTP2InputClosedHandler). The event goes on up.
+    /// the connection once nothing is left (ExpressHTTP2Handler;
+    /// HTTP2ConnectionEnds on NIO's pipeline). The event goes on up.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let e = event as? ChannelEvent, case .inputClosed = e, !failed {
             partial = nil
@@ -1026,21 +1026,4 @@ struct HTTP2ConnectionFailure: Error, CustomStringConvertible {
     let code: HTTP2ErrorCode
     let reason: String
     var description: String { "HTTP/2 connection error \(code): \(reason)" }
-}
-
-/// On the full-path-only pipeline (`--no-express`, NIOHTTP2Handler), first
-/// in it: the client's FIN ends the connection at once, as nginx and Go's
-/// server do (NIOHTTP2Handler does nothing with it, and the connection
-/// would be held open for good). Weft's own codec answers what is in flight
-/// first (HTTP2Codec.userInboundEventTriggered).
-final class HTTP2InputClosedHandler: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = ByteBuffer
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let e = event as? ChannelEvent, case .inputClosed = e {
-            context.close(promise: nil)
-            return
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
 }

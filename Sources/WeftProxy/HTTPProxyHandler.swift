@@ -35,6 +35,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// The last response's final write (closeAfterLastResponse).
     private var lastEnd: EventLoopFuture<Void>?
     private var clientGone: Bool { inputClosed && request == nil && !receiving && queued.isEmpty }
+    private var idle = IdleCount()
 
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
@@ -166,6 +167,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     // MARK: downstream
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        idle.reset()
         let part = unwrapInboundIn(data)
         // A new request while the previous one is still being answered waits.
         if !queued.isEmpty || (!receiving && request != nil) {
@@ -184,6 +186,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // (An HTTP/1.1 connection's; a stream channel gets none.)
+        if let sweep = event as? IdleSweep {
+            if !isHTTP2, idle.expired(sweep, busy: request != nil || receiving || !queued.isEmpty) {
+                proxy.stats.idleClosed.add(1, ordering: .relaxed)
+                closeAfterLastResponse(context)
+            }
+            return
+        }
         if event is ChannelShouldQuiesceEvent {
             quiescing = true
             guard request == nil && !receiving && queued.isEmpty else { return }

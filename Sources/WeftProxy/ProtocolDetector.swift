@@ -166,9 +166,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
                                                                    inboundStreamInitializer: fullPath(true)))
                 } else {
-                    try pipeline.addHandler(HTTP2InputClosedHandler())
-                    _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(),
-                                                            streamConfiguration: .init(), inboundStreamInitializer: fullPath(false))
+                    let ends = HTTP2ConnectionEnds(proxy: proxy, loop: context.eventLoop)
+                    _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(), streamConfiguration: .init(),
+                                                            streamDelegate: ends.streamDelegate, inboundStreamInitializer: fullPath(false))
+                    try pipeline.addHandler(ends)
                 }
             case .tcp, .undecided:
                 proxy.stats.tcpPassthrough.add(1, ordering: .relaxed)

@@ -141,6 +141,8 @@ public enum ProxyServer {
             }
         let listener = try bootstrap.bind(host: configuration.listenAddress.description,
                                           port: Int(configuration.listenPort)).wait()
+        // Idle HTTP connections close (MeshConfig proxy.idleTimeout).
+        connections.sweepIdle(proxy: proxy, on: loops[0])
 
         let admin = StatusServer(group: group)
         let statusSocket = ProxyConfiguration.statusSocket(runDirectory: configuration.runDirectory)
@@ -257,6 +259,9 @@ final class ConnectionRegistry: Sendable {
         }
     }
 
+    /// Every connection open now.
+    var all: [any Channel] { channels.withLock { Array($0.values) } }
+
     func add(_ c: any Channel) { channels.withLock { $0[ObjectIdentifier(c)] = c } }
     func remove(_ c: any Channel) { _ = channels.withLock { $0.removeValue(forKey: ObjectIdentifier(c)) } }
     var count: Int { channels.withLock { $0.count } }
@@ -272,13 +277,13 @@ final class ConnectionRegistry: Sendable {
     /// HTTP/2 sends GOAWAY, a tunnel from another node goes away
     /// (TunnelRelay); opaque TCP runs on until it ends or the drain times out.
     func quiesce() {
-        for c in channels.withLock({ Array($0.values) }) {
+        for c in all {
             c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent() as any Sendable)
         }
     }
 
     func closeAll() {
-        for c in channels.withLock({ Array($0.values) }) { c.close(promise: nil) }
+        for c in all { c.close(promise: nil) }
     }
 }
 

@@ -60,6 +60,10 @@ struct MeshConfigTests {
             (header + "spec: {telemetry: {tracing: {otlpEndpoint: \"http://10.0.0.1:4318\", samplingPercent: 101}}}", "m.yaml:1:spec.telemetry.tracing.samplingPercent: must be a number from 0 to 100"),
             (header + "spec: {telemetry: {tracing: {samplingPercent: 5}}}", "m.yaml:1:spec.telemetry.tracing.otlpEndpoint: required field is missing"),
             (workload("x", "sometimes"), "m.yaml:1:metadata.annotations.weft.dev/socket-shortcut: must be \"receive\" or \"off\""),
+            (header + "spec: {proxy: {idleTimeout: 500ms}}", "m.yaml:1:spec.proxy.idleTimeout: must be at least 1s (or 0s: never)"),
+            (header + "spec: {proxy: {idleTimeout: an hour}}", "m.yaml:1:spec.proxy.idleTimeout: \"an hour\" is not a Gateway API duration"),
+            (header + "spec: {proxy: {idleTimeout: 60}}", "m.yaml:1:spec.proxy.idleTimeout: expected a string, got a number"),
+            (header + "spec: {proxy: {keepAlive: 1m}}", "m.yaml:1:spec.proxy.keepAlive: unknown field"),
         ]
         for (text, want) in cases {
             let (state, errors) = parse(text)
@@ -84,5 +88,12 @@ struct MeshConfigTests {
         #expect(ProxyTable(off).tracing == nil, "no span export by default")
         let traced = try #require(parse(pod + "\n---\n" + header + "spec: {telemetry: {tracing: {otlpEndpoint: \"http://10.0.0.9:4318/\", samplingPercent: 12.5}}}").0)
         #expect(ProxyTable(traced).tracing == .init(host: "10.0.0.9", port: 4318, samplingPercent: 12.5))
+        // proxy.idleTimeout: absent from the table by default (the proxy's
+        // default, an hour, holds), in milliseconds otherwise, 0 for never.
+        #expect(ProxyTable(off).idleTimeoutMilliseconds == nil && off.meshConfig.proxy.idleTimeout == .seconds(3600))
+        let idle = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {idleTimeout: 1m30s}}").0)
+        #expect(ProxyTable(idle).idleTimeoutMilliseconds == 90_000)
+        let never = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {idleTimeout: 0s}}").0)
+        #expect(ProxyTable(never).idleTimeoutMilliseconds == 0)
     }
 }

@@ -156,6 +156,34 @@ struct MeshTLSTests {
         // alone held it open for good).
         let halfClosed = try lab.tool(in: "\(ns)/client", ["h2-half-close", "198.19.5.10", "80", "/no-express-fin", "0"])
         #expect((halfClosed["closed"] as? Double ?? .infinity) < 5, "\(halfClosed)")
+        // MeshConfig proxy.idleTimeout on that pipeline too: GOAWAY naming the
+        // last stream, then the close, a second or so after the answer.
+        let generations = try lab.generations(["n1", "n2", "n3"])
+        try lab.write("mesh.yaml", """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {proxy: {idleTimeout: 1s}}
+            """)
+        try lab.waitForGeneration(after: generations)
+        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        let idle = try lab.tool(in: "\(ns)/client", ["h2-drain", "198.19.5.10", "80", "/no-express-idle"])
+        let answered = idle["ended"] as? Double ?? .infinity, closed = idle["closed"] as? Double ?? .infinity
+        let goAway = idle["goaway"] as? [String: Any] ?? [:]
+        #expect(idle["status"] as? String == "200" && closed - answered >= 0.95 && closed - answered < 2.5, "\(idle)")
+        #expect(goAway["last_stream_id"] as? Int == 1 && goAway["error_code"] as? Int == 0, "\(idle)")
+        // A drain of the far proxies lets a tunnel stream in flight finish
+        // (NIO's connection management handler once saw no streams there,
+        // and closed the tunnel under it).
+        let slow = try lab.startTool(in: "\(ns)/client", ["h1-idle", "198.19.5.10", "80", "/sleep/2000"])
+        usleep(500_000)
+        for node in ["n2", "n3"] {
+            let restart = try LabHarness.run(["lab", "restart-proxy", node])
+            #expect(restart.status == 0, "\(restart.output)")
+        }
+        let drained = try slow.finish()
+        #expect((drained["status"] as? String)?.hasPrefix("HTTP/1.1 200") == true && (drained["answered"] as? Double ?? 0) >= 2,
+                "\(drained)\nn2:\n\(LabHarness.agentLog("n2"))")
         let grpc = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.5.60", "80"])
         #expect(grpc.status == 0 && grpc.output.contains("grpc:hi-0"), "\(grpc.output)")
         for _ in 0..<4 {

@@ -641,6 +641,53 @@ struct ProxyTests {
         #expect(cut["reset"] as? Int == 8 && cut["status"] is NSNull && (cut["closed"] as? Double ?? .infinity) < 2, "\(cut)")
     }
 
+    /// MeshConfig `proxy.idleTimeout`: an HTTP connection with no request in
+    /// flight closes that long after its last one, on the express path and
+    /// the full path, HTTP/1.1 and HTTP/2 (GOAWAY first); a request that
+    /// takes longer than the timeout is answered, not cut.
+    @Test func idleConnectionsCloseAfterTheMeshConfigTimeout() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let generation = try lab.generations(["n1"])["n1"] ?? -1
+        try lab.write("mesh.yaml", """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {proxy: {idleTimeout: 1s}}
+            """)
+        for _ in 0..<300 where ((try? lab.generations(["n1"])["n1"]) ?? -1) <= generation { usleep(10_000) }
+        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        let closed = try stat("n1", "idle_connections_closed_total")
+        let handovers = try stat("n1", "express_handovers_total")
+        // Concurrently: each waits about a second and a half.
+        let runs: [(String, [String])] = [
+            ("h1 express", ["h1-idle", "198.19.1.12", "80", "/idle"]),
+            // (A preset X-Forwarded-For is handed to the full path.)
+            ("h1 full", ["h1-idle", "198.19.1.12", "80", "/idle", "X-Forwarded-For: 198.18.1.99"]),
+            ("h1 slow", ["h1-idle", "198.19.1.12", "80", "/sleep/2500"]),
+            ("h2", ["h2-drain", "198.19.1.12", "80", "/idle"]),
+            ("h2 slow", ["h2-drain", "198.19.1.12", "80", "/sleep/2500"]),
+        ]
+        let started = try runs.map { ($0.0, try lab.startTool(in: "client", $0.1)) }
+        for (name, run) in started {
+            let r = try run.finish()
+            let h2 = name.hasPrefix("h2")
+            let answered = (h2 ? r["ended"] : r["answered"]) as? Double ?? .infinity
+            let end = r["closed"] as? Double ?? .infinity
+            let ok = h2 ? r["status"] as? String == "200" && r["reset"] is NSNull : (r["status"] as? String)?.hasPrefix("HTTP/1.1 200") == true
+            #expect(ok, "\(name): \(r)")
+            if name.hasSuffix("slow") { #expect(answered >= 2.5, "\(name): \(r)") }
+            // Between one and one and a quarter timeouts after the answer (and some slack for a busy machine).
+            #expect(end - answered >= 0.95 && end - answered < 2.5, "\(name): closed \(end - answered) s after the answer: \(r)")
+            if h2 {
+                let goAway = r["goaway"] as? [String: Any] ?? [:]
+                #expect(goAway["last_stream_id"] as? Int == 1 && goAway["error_code"] as? Int == 0, "\(name): \(r)")
+            }
+        }
+        #expect(try stat("n1", "idle_connections_closed_total") - closed == 5)
+        #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
+    }
+
     /// Plain HTTP/1.1 requests take the express path (bytes, no codec): the
     /// backend sees the proxy's headers, pipelined requests are answered in
     /// order, HEAD has no body, Connection: close closes. A chunked request

@@ -20,12 +20,28 @@
 ///     tracing:                 # OTLP/HTTP (JSON) span export from the proxies; off without it
 ///       otlpEndpoint: http://198.18.1.50:4318
 ///       samplingPercent: 100   # new traces sampled; an incoming traceparent's flag is kept
+///   proxy:
+///     idleTimeout: 1h          # default 1h: an HTTP connection to a node proxy with no
+///                              # request in flight that long is closed; "0s": never
 /// ```
 public struct MeshConfig: Hashable, Sendable {
     public var metadata: ObjectMeta
     public var socketShortcut = SocketShortcut()
     public var accessLog = AccessLog()
     public var telemetry = Telemetry()
+    public var proxy = Proxy()
+
+    /// The node proxies' client connections (docs/proxy.md, "Idle
+    /// connections").
+    public struct Proxy: Hashable, Sendable {
+        /// How long an HTTP connection may sit with no request in flight
+        /// and nothing read before the proxy closes it; nil: never. An
+        /// hour, as Envoy's idle_timeout: longer than the keep-alive of
+        /// common client pools, so the proxy is seldom the one to close a
+        /// connection a client is about to reuse.
+        public var idleTimeout: Duration? = .seconds(3600)
+        public init() {}
+    }
 
     /// Metric collection switches (docs/observability.md): both on by default.
     public struct Telemetry: Hashable, Sendable {
@@ -140,6 +156,16 @@ extension MeshConfig {
                 telemetry.tracing = tracing
             }
             try t.finish()
+        }
+        if var p = try spec.mapping("proxy") {
+            if let text = try p.string("idleTimeout") {
+                let timeout = try HTTPRoute.duration(text, field: "spec.proxy.idleTimeout", at: location)
+                if let timeout, timeout < .seconds(1) {
+                    throw p.error("idleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"")
+                }
+                proxy.idleTimeout = timeout
+            }
+            try p.finish()
         }
         try spec.finish()
     }

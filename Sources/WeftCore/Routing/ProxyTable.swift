@@ -17,6 +17,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var accessLog: AccessLogScope?
     /// MeshConfig telemetry.requestMetrics; nil is on.
     public var requestMetrics: Bool?
+    /// MeshConfig proxy.idleTimeout in milliseconds; 0: never; nil: the
+    /// default (MeshConfig.Proxy).
+    public var idleTimeoutMilliseconds: Int?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
     public var tracing: TracingTarget?
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
@@ -189,6 +192,9 @@ extension ProxyTable {
             authorization = sets
         }
         if !state.meshConfig.telemetry.requestMetrics { requestMetrics = false }
+        if state.meshConfig.proxy != MeshConfig.Proxy() {
+            idleTimeoutMilliseconds = state.meshConfig.proxy.idleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
+        }
         if let t = state.meshConfig.telemetry.tracing {
             tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)
         }

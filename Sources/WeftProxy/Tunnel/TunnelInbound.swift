@@ -303,15 +303,18 @@ enum TunnelServer {
                     }
                     guard proxy.configuration.express else {
                         let sync = channel.pipeline.syncOperations
-                        _ = try sync.configureHTTP2Pipeline(
-                            mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream,
-                            inboundStreamInitializer: inbound)
                         // The drain (GOAWAY, PING, GOAWAY, close when no stream
                         // is open), which TunnelRelay does on the express path.
-                        try sync.addHandler(NIOHTTP2ServerConnectionManagementHandler(
+                        // It learns of streams from NIOHTTP2Handler's delegate:
+                        // the inline multiplexer passes no stream events on,
+                        // and without them it would close with streams open.
+                        let management = NIOHTTP2ServerConnectionManagementHandler(
                             eventLoop: channel.eventLoop,
-                            configuration: .init(maxIdleTime: nil, maxAge: nil, maxGraceTime: nil, keepalive: nil)),
-                                            position: .after(try sync.handler(type: NIOHTTP2Handler.self)))
+                            configuration: .init(maxIdleTime: nil, maxAge: nil, maxGraceTime: nil, keepalive: nil))
+                        _ = try sync.configureHTTP2Pipeline(
+                            mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream,
+                            streamDelegate: management.http2StreamDelegate, inboundStreamInitializer: inbound)
+                        try sync.addHandler(management, position: .after(try sync.handler(type: NIOHTTP2Handler.self)))
                         return
                     }
                     // Weft's own HTTP/2 codec; plain TCP streams at the

@@ -619,8 +619,9 @@ def h2_body(host, port, path, chunks, *fields):
 
 
 def h2_drain(host, port, path):
-    """One h2c GET left in flight while the test drains the proxy: GOAWAY,
-    the response, and the connection's end, and when."""
+    """One h2c GET, the connection then held until the proxy closes it
+    (a drain, an idle timeout): GOAWAY, the response, and the
+    connection's end, and when."""
     out = _h2_raw(host, port, path, until_closed=True)
     out["body"] = len(out["body"])
     print(json.dumps(out))
@@ -633,6 +634,38 @@ def h2_half_close(host, port, path, ended):
     out = _h2_raw(host, port, path, method="GET" if ended == "1" else "POST", until_closed=True, ended=ended == "1",
                   half_close=True)
     out["body"] = len(out["body"])
+    print(json.dumps(out))
+
+
+def h1_idle(host, port, path, *headers):
+    """One keep-alive HTTP/1.1 GET of PATH (extra header lines "Name: value"),
+    then the connection left idle until the proxy closes it (30 s at
+    most): the status line, and when (seconds from the request) the
+    response was whole and the connection closed."""
+    start = time.monotonic()
+    s = socket.create_connection((host, int(port)), timeout=30)
+    extra = "".join(h + "\r\n" for h in headers)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path, extra)).encode())
+    out = {"status": None, "answered": None, "closed": None}
+    data = b""
+    while out["closed"] is None:
+        try:
+            chunk = s.recv(65536)
+        except OSError as e:
+            out["error"] = str(e)
+            chunk = b""
+        now = round(time.monotonic() - start, 3)
+        if not chunk:
+            out["closed"] = now
+            break
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep and out["answered"] is None:
+            out["status"] = head.split(b"\r\n")[0].decode()
+            length = next((int(l.split(b":", 1)[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")), 0)
+            if len(body) >= length:
+                out["answered"] = now
+    s.close()
     print(json.dumps(out))
 
 
@@ -654,4 +687,4 @@ if __name__ == "__main__":
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
-     "h2-half-close": h2_half_close}[command](*args)
+     "h2-half-close": h2_half_close, "h1-idle": h1_idle}[command](*args)
