@@ -641,6 +641,37 @@ struct ProxyTests {
         #expect(cut["reset"] as? Int == 8 && cut["status"] is NSNull && (cut["closed"] as? Double ?? .infinity) < 2, "\(cut)")
     }
 
+    /// Clients that go away every way a client can (closed, reset, cut
+    /// short, before or after their answers; HTTP/1.1, h2c, gRPC,
+    /// WebSocket, opaque TCP) leave no connection behind in the proxy: it
+    /// once held every h2c connection a client closed, in CLOSE-WAIT, for
+    /// good.
+    @Test func clientsThatGoAwayLeaveNoConnectionBehind() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let churn = try lab.tool(in: "client", ["churn", "198.19.1.11", "198.19.1.30"])
+        #expect((churn["h1_kept_alive"] as? String)?.hasPrefix("HTTP/1.1 200") == true && churn["h2_answered"] as? String == "200",
+                "\(churn)")
+        #expect(churn["tcp_banner"] as? String == "hello from banner" && churn["tcp_echo"] as? String == "\u{0}\u{1}binary", "\(churn)")
+        let grpc = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.1.60", "80"])
+        #expect(grpc.status == 0, "\(grpc.output)")
+        let ws = try lab.tool(in: "client", ["ws-echo", "198.19.1.11", "80", "bye"])
+        #expect((ws["echoes"] as? [String])?.count == 3, "\(ws)")
+        // The proxy's client-side sockets (its listener's port), whatever
+        // their state, other than the listener: none once the clients are gone.
+        var left: [Substring] = [], listening = false
+        for _ in 0..<50 {
+            let ss = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n1", "ss", "-tanpH", "sport = :15001"])
+            let held = ss.split(separator: "\n").filter { $0.contains("\"weft\"") }
+            listening = held.contains { $0.hasPrefix("LISTEN") }
+            left = held.filter { !$0.hasPrefix("LISTEN") }
+            if listening && left.isEmpty { break }
+            usleep(100_000)
+        }
+        #expect(listening, "the proxy's listener is not in ss's answer")
+        #expect(left.isEmpty, "connections the proxy still holds:\n\(left.joined(separator: "\n"))")
+    }
+
     /// MeshConfig `proxy.idleTimeout`: an HTTP connection with no request in
     /// flight closes that long after its last one, on the express path and
     /// the full path, HTTP/1.1 and HTTP/2 (GOAWAY first); a request that

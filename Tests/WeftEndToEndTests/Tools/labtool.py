@@ -669,6 +669,78 @@ def h1_idle(host, port, path, *headers):
     print(json.dumps(out))
 
 
+def churn(web, banner):
+    """Clients that go away every way a client can, each on its own
+    connection to the proxy: HTTP/1.1 kept alive then closed, reset in the
+    middle of a large response, a head cut short, nothing sent at all;
+    h2c answered then closed, reset with a stream in flight, closed
+    before its answer, a preface cut short; opaque TCP (WEB with binary
+    bytes, BANNER speaking first) closed and reset. Returns what each
+    saw; the proxy should hold none of these connections afterwards."""
+    import struct
+    import hpack
+    out = {}
+
+    def connect(host):
+        return socket.create_connection((host, 80), timeout=5)
+
+    def reset(s):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+    def h1(s, path):
+        s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path).encode())
+
+    s = connect(web)
+    for i in range(3):
+        h1(s, "/churn-%d" % i)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(l.split(b":", 1)[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += s.recv(65536)
+    s.close()
+    out["h1_kept_alive"] = head.split(b"\r\n")[0].decode()
+    s = connect(web)
+    h1(s, "/bytes/20000000")
+    out["h1_reset_mid_response"] = len(s.recv(65536))
+    reset(s)
+    s = connect(web)
+    s.sendall(b"GET /half HTTP/1.1\r\nHost:")
+    s.close()
+    s = connect(web)
+    s.close()
+    out["h2_answered"] = _h2_raw(web, 80, "/churn-h2")["status"]
+    s = connect(web)
+    s.sendall(b"PRI * HTTP/2.0\r\n")
+    s.close()
+    block = hpack.Encoder().encode([(":method", "GET"), (":path", "/sleep/300"), (":scheme", "http"), (":authority", web)])
+    frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
+        struct.pack(">I", stream) + payload
+    for name, end in (("h2_reset_in_flight", reset), ("h2_closed_in_flight", socket.socket.close)):
+        s = connect(web)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 5, 1, block))
+        time.sleep(0.05)
+        end(s)
+        out[name] = True
+    s = connect(web)
+    s.sendall(b"\x00\x01binary\n")
+    time.sleep(0.3)
+    s.close()
+    s = connect(banner)
+    out["tcp_banner"] = s.recv(100).decode().strip()
+    s.sendall(b"\x00\x01binary\n")
+    out["tcp_echo"] = s.recv(100).decode().strip()
+    reset(s)
+    s = connect(banner)
+    s.recv(100)
+    s.close()
+    time.sleep(1.0)  # /sleep/300 answers land on closed connections
+    print(json.dumps(out))
+
+
 def h2_request(host, port, path, *fields):
     """One h2c GET of PATH with extra fields NAME=VALUE (PATH and VALUE with
     Python escapes, so \\r\\n can be sent): the status, the reset code, and
@@ -687,4 +759,4 @@ if __name__ == "__main__":
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
-     "h2-half-close": h2_half_close, "h1-idle": h1_idle}[command](*args)
+     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "churn": churn}[command](*args)
