@@ -536,6 +536,12 @@ def h2_window(host, port, path, size, backend_host, backend_port):
                       "exact": bytes(body) == expected, "sent_total": sent() - base}))
 
 
+def _h2_frame(kind, flags, stream, payload):
+    """An HTTP/2 frame's bytes."""
+    import struct
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
 def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunks=None, connected=None, ended=True,
             half_close=False):
     """One h2c request on stream 1 (GET, or `method` with a body of DATA
@@ -555,8 +561,7 @@ def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunk
         connected()
     block = hpack.Encoder().encode([(":method", method), (":path", path), (":scheme", "http"), (":authority", host),
                                     *fields])
-    frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
-        struct.pack(">I", stream) + payload
+    frame = _h2_frame
     start = time.monotonic()
     request = frame(1, 5, 1, block)
     if chunks is not None:
@@ -717,8 +722,7 @@ def churn(web, banner):
     s.sendall(b"PRI * HTTP/2.0\r\n")
     s.close()
     block = hpack.Encoder().encode([(":method", "GET"), (":path", "/sleep/300"), (":scheme", "http"), (":authority", web)])
-    frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
-        struct.pack(">I", stream) + payload
+    frame = _h2_frame
     for name, end in (("h2_reset_in_flight", reset), ("h2_closed_in_flight", socket.socket.close)):
         s = connect(web)
         s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 5, 1, block))
