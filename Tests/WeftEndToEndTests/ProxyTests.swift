@@ -679,14 +679,14 @@ struct ProxyTests {
     @Test func idleConnectionsCloseAfterTheMeshConfigTimeout() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let generation = try lab.generations(["n1"])["n1"] ?? -1
+        let generations = try lab.generations(["n1"])
         try lab.write("mesh.yaml", """
             apiVersion: weft.dev/v1alpha1
             kind: MeshConfig
             metadata: {name: mesh}
             spec: {proxy: {idleTimeout: 1s}}
             """)
-        for _ in 0..<300 where ((try? lab.generations(["n1"])["n1"]) ?? -1) <= generation { usleep(10_000) }
+        try lab.waitForGeneration(after: generations)
         usleep(300_000)  // the proxy reloads its table after the agent's generation
         let closed = try stat("n1", "idle_connections_closed_total")
         let handovers = try stat("n1", "express_handovers_total")
