@@ -66,6 +66,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private var unflushed = false
     private var lastSeries: Express.LastSeries?
     private var idle = IdleCount()
+    /// The head waited on (captured connections only; a tunnel stream's
+    /// requests were whole when the source proxy wrote them).
+    private var head = HeadClock()
+    /// Answered 408: nothing more is taken.
+    private var headTimedOut = false
 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
         self.proxy = proxy
@@ -171,6 +176,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// What the next request's head says to do.
     private enum Plan {
+        /// The head is not whole yet.
+        case needHead
+        /// The head is, its body is not.
         case needMore
         case handOver
         case forward(Exchange)
@@ -229,6 +237,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let sweep = event as? IdleSweep {
+            // A head begun too long ago and still not whole: 408, closed.
+            if exchange == nil, !handedOver, !headTimedOut, head.expired(sweep) {
+                return timeOutHead(sweep, context: context)
+            }
             // Nothing in flight and nothing read through the sweeps: closed
             // once the last response is out (a slow reader gets all of it).
             if idle.expired(sweep, busy: exchange != nil) {
@@ -275,7 +287,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// Takes the next request read, if it is complete and none is in
     /// flight; whether to take the one after it at once.
     private func takeNext() -> Bool {
-        guard exchange == nil, !handedOver, let context, let loop else { return false }
+        guard exchange == nil, !handedOver, !headTimedOut, let context, let loop else { return false }
         guard let buffered = inbound, buffered.readableBytes > 0 else {
             // (The last response may still be on its way to a slow reader.)
             if inputClosed || quiescing { context.closeAfterWrites() }
@@ -286,7 +298,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             plan = buffered.withUnsafeReadableBytes { self.plan($0, delivery: delivery, loop: loop) }
             switch plan {
             case .forward, .deny: proxy.stats.tunnelRequestsExpress.add(1, ordering: .relaxed)
-            case .needMore, .handOver: break
+            case .needHead, .needMore, .handOver: break
             }
         } else {
             let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
@@ -300,13 +312,22 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             }
         }
         switch plan {
+        case .needHead:
+            if buffered.readableBytes > Self.maxRequest || inputClosed {
+                handOver()
+            } else if origin != nil {
+                head.started()
+            }
+            return false
         case .needMore:
+            head.stop()
             if buffered.readableBytes > Self.maxRequest || inputClosed { handOver() }
             return false
         case .handOver:
             handOver()
             return false
         case .forward(let exchange):
+            head.stop()
             exchange.request = inbound!.readSlice(length: exchange.length)!
             if exchange.outgoing == nil {
                 // Delivering: the request as it came, in a buffer of its own
@@ -342,7 +363,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// Delivering: reads one request head in place; the pod gets the request
     /// as it came if the policies in force allow it.
     private func plan(_ p: UnsafeRawBufferPointer, delivery: Delivery, loop: LoopState) -> Plan {
-        guard let length = HTTP1Wire.headLength(p) else { return .needMore }
+        guard let length = HTTP1Wire.headLength(p) else { return .needHead }
         guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return .handOver }
         var contentLength: Int?
         var close = false
@@ -383,6 +404,24 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                  length: total, outgoing: nil))
     }
 
+    /// MeshConfig proxy.requestHeaderTimeout ran out on the head in
+    /// `inbound`: 408, then the connection closes; what is read after is
+    /// dropped.
+    private func timeOutHead(_ sweep: IdleSweep, context: ChannelHandlerContext) {
+        headTimedOut = true
+        head.stop()
+        inbound = nil
+        proxy.stats.headTimeouts.add(1, ordering: .relaxed)
+        proxy.stats.response(408)
+        let body = HeadClock.body(sweep)
+        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
+        out.writeString("HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n")
+        out.writeStaticString("server: weft\r\nconnection: close\r\n\r\n")
+        out.writeString(body)
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        context.closeAfterWrites()
+    }
+
     /// Delivering: AuthorizationPolicy's refusal, as InboundHTTP answers it.
     /// Whether the stream stays open for the next request.
     private func deny(_ reason: String, keepAlive: Bool, isHEAD: Bool, context: ChannelHandlerContext) -> Bool {
@@ -402,7 +441,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// backend gets when the express path takes it.
     private func plan(_ p: UnsafeRawBufferPointer, routing: Express.Routing, matcher: RouteMatcher, loop: LoopState,
                       context: ChannelHandlerContext) -> Plan {
-        guard let length = HTTP1Wire.headLength(p) else { return .needMore }
+        guard let length = HTTP1Wire.headLength(p) else { return .needHead }
         guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return .handOver }
         var contentLength: Int?
         var close = false, strip = false, hasProto = false, hasRequestID = false, grpc = false

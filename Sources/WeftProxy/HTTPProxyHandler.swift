@@ -36,6 +36,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private var lastEnd: EventLoopFuture<Void>?
     private var clientGone: Bool { inputClosed && request == nil && !receiving && queued.isEmpty }
     private var idle = IdleCount()
+    /// The head waited on (HTTP/1.1): started by a read that gave no part
+    /// while no request was open, so the decoder holds part of a head.
+    private var head = HeadClock()
+    private var partsRead = false
+    /// Answered 408: nothing more is taken.
+    private var headTimedOut = false
 
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
@@ -168,13 +174,22 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         idle.reset()
+        partsRead = true
         let part = unwrapInboundIn(data)
+        if case .head = part { head.stop() }
+        if headTimedOut { return }
         // A new request while the previous one is still being answered waits.
         if !queued.isEmpty || (!receiving && request != nil) {
             queued.append(part)
             return
         }
         process(part, context: context)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if !partsRead && !isHTTP2 && request == nil && !receiving && queued.isEmpty { head.started() }
+        partsRead = false
+        context.fireChannelReadComplete()
     }
 
     func read(context: ChannelHandlerContext) {
@@ -188,7 +203,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         // (An HTTP/1.1 connection's; a stream channel gets none.)
         if let sweep = event as? IdleSweep {
-            if !isHTTP2, idle.expired(sweep, busy: request != nil || receiving || !queued.isEmpty) {
+            let open = request != nil || receiving || !queued.isEmpty
+            if !isHTTP2, !open, !inputClosed, !headTimedOut, head.expired(sweep) {
+                // A head begun too long ago and still not whole: 408, closed.
+                headTimedOut = true
+                head.stop()
+                proxy.stats.headTimeouts.add(1, ordering: .relaxed)
+                let none = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
+                return respondLocally(none, .requestTimeout, HeadClock.body(sweep), keepAlive: false)
+            }
+            if !isHTTP2, idle.expired(sweep, busy: open) {
                 proxy.stats.idleClosed.add(1, ordering: .relaxed)
                 closeAfterLastResponse(context)
             }

@@ -4,15 +4,24 @@ import NIOHTTP2
 /// Idle client connections (MeshConfig `proxy.idleTimeout`, an hour by
 /// default): an HTTP connection with no request in flight that has read
 /// nothing for that long is closed, HTTP/1.1 once its last response is
-/// out, HTTP/2 with GOAWAY. Nothing is timed per read: a sweep goes round
-/// the registry every quarter of the timeout (ConnectionRegistry.sweepIdle)
-/// and each connection's handler counts the sweeps it sat through idle
-/// (IdleCount). Opaque TCP streams and upgraded connections are not timed
-/// (the kernel may move their bytes past the proxy, which would not see
-/// them), nor are tunnels from other nodes.
+/// out, HTTP/2 with GOAWAY. And slow request heads (MeshConfig
+/// `proxy.requestHeaderTimeout`, a minute by default): an HTTP/1.1 request
+/// head still not whole that long after its first byte is answered 408 and
+/// the connection closed; a client trickling a head never looks idle.
+/// Nothing is timed per read: a sweep goes round the registry every
+/// quarter of the shorter timeout (ConnectionRegistry.sweepIdle) and each
+/// connection's handler counts the sweeps it sat through idle (IdleCount)
+/// or compares the sweep's time with when its head began (HeadClock).
+/// Opaque TCP streams and upgraded connections are not timed (the kernel
+/// may move their bytes past the proxy, which would not see them), nor are
+/// tunnels from other nodes.
 struct IdleSweep: Sendable {
-    /// Idle sweeps in a row after which a connection closes.
+    /// Idle sweeps in a row after which a connection closes (Int.max: never).
     let rounds: Int
+    /// When the sweep began.
+    let now: NIODeadline
+    /// How long a request head may take (nil: no limit).
+    let headTimeout: TimeAmount?
 }
 
 /// A connection's count of idle sweeps: reset by what it reads, a sweep
@@ -33,22 +42,55 @@ struct IdleCount {
     }
 }
 
+/// When the request head a connection waits on began to arrive: started
+/// by a read that leaves a head partly read (off the hot path: a head
+/// read whole in one read never starts it), stopped when the head is whole.
+struct HeadClock {
+    private var since: NIODeadline?
+
+    /// Part of a head is read; the clock runs from the first such read.
+    mutating func started() {
+        if since == nil { since = .now() }
+    }
+
+    mutating func stop() { since = nil }
+
+    /// Whether the head has now taken longer than the sweep allows.
+    func expired(_ sweep: IdleSweep) -> Bool {
+        guard let since, let limit = sweep.headTimeout else { return false }
+        return sweep.now - since >= limit
+    }
+
+    /// The 408 body: what ran out.
+    static func body(_ sweep: IdleSweep) -> String {
+        let ms = (sweep.headTimeout ?? .zero).nanoseconds / 1_000_000
+        let limit = ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
+        return "weft: the request head was not received whole within \(limit) (MeshConfig spec.proxy.requestHeaderTimeout)\n"
+    }
+}
+
 extension ConnectionRegistry {
-    /// The default when the route table says nothing (MeshConfig.Proxy).
+    /// The defaults when the route table says nothing (MeshConfig.Proxy).
     static let defaultIdleTimeoutMilliseconds = 3_600_000
+    static let defaultHeadTimeoutMilliseconds = 60_000
 
     /// Sends IdleSweep to every connection every quarter of the route
-    /// table's idle timeout (50 ms to 15 s), on `loop`, for good. It looks
-    /// at the table at least each second, so a reload's new timeout takes
-    /// effect within one. A connection closes between one and one and a
-    /// quarter timeouts after it went idle.
+    /// table's shorter timeout (idle, request head; 50 ms to 15 s), on
+    /// `loop`, for good. It looks at the table at least each second, so a
+    /// reload's new timeouts take effect within one. A connection closes
+    /// between one and one and a quarter timeouts after it went idle (or
+    /// its head began).
     func sweepIdle(proxy: ProxyContext, on loop: any EventLoop, last: NIODeadline = .now()) {
-        let timeout = proxy.snapshot.table.idleTimeoutMilliseconds ?? Self.defaultIdleTimeoutMilliseconds
-        let period = timeout > 0 ? min(max(timeout / 4, 50), 15_000) : 1_000
+        let table = proxy.snapshot.table
+        let idle = table.idleTimeoutMilliseconds ?? Self.defaultIdleTimeoutMilliseconds
+        let head = table.requestHeaderTimeoutMilliseconds ?? Self.defaultHeadTimeoutMilliseconds
+        let shorter = [idle, head].filter { $0 > 0 }.min()
+        let period = shorter.map { min(max($0 / 4, 50), 15_000) } ?? 1_000
         var last = last
         let now = NIODeadline.now()
-        if timeout > 0, now - last >= .milliseconds(Int64(period)) {
-            let sweep = IdleSweep(rounds: (timeout + period - 1) / period + 1)
+        if shorter != nil, now - last >= .milliseconds(Int64(period)) {
+            let sweep = IdleSweep(rounds: idle > 0 ? (idle + period - 1) / period + 1 : .max, now: now,
+                                  headTimeout: head > 0 ? .milliseconds(Int64(head)) : nil)
             for c in all { c.pipeline.fireUserInboundEventTriggered(sweep as any Sendable) }
             last = now
         }

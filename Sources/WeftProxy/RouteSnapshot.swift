@@ -92,6 +92,7 @@ final class ProxyStats: Sendable {
     let tcpPassthrough = Atomic<Int>(0)
     let http2Connections = Atomic<Int>(0)
     let idleClosed = Atomic<Int>(0)
+    let headTimeouts = Atomic<Int>(0)
     let upgrades = Atomic<Int>(0)
     let mirrored = Atomic<Int>(0)
     let overflows = Atomic<Int>(0)
@@ -196,6 +197,7 @@ final class ProxyStats: Sendable {
             ("tcp_passthrough_total", tcpPassthrough.load(ordering: .relaxed)),
             ("http2_connections_total", http2Connections.load(ordering: .relaxed)),
             ("idle_connections_closed_total", idleClosed.load(ordering: .relaxed)),
+            ("request_header_timeouts_total", headTimeouts.load(ordering: .relaxed)),
             ("upgrades_total", upgrades.load(ordering: .relaxed)),
             ("mirrored_total", mirrored.load(ordering: .relaxed)),
             ("circuit_breaker_overflows_total", overflows.load(ordering: .relaxed)),

@@ -63,6 +63,8 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {idleTimeout: 500ms}}", "m.yaml:1:spec.proxy.idleTimeout: must be at least 1s (or 0s: never)"),
             (header + "spec: {proxy: {idleTimeout: an hour}}", "m.yaml:1:spec.proxy.idleTimeout: \"an hour\" is not a Gateway API duration"),
             (header + "spec: {proxy: {idleTimeout: 60}}", "m.yaml:1:spec.proxy.idleTimeout: expected a string, got a number"),
+            (header + "spec: {proxy: {requestHeaderTimeout: 100ms}}", "m.yaml:1:spec.proxy.requestHeaderTimeout: must be at least 1s (or 0s: never)"),
+            (header + "spec: {proxy: {requestHeaderTimeout: [1s]}}", "m.yaml:1:spec.proxy.requestHeaderTimeout: expected a string"),
             (header + "spec: {proxy: {keepAlive: 1m}}", "m.yaml:1:spec.proxy.keepAlive: unknown field"),
         ]
         for (text, want) in cases {
@@ -95,5 +97,13 @@ struct MeshConfigTests {
         #expect(ProxyTable(idle).idleTimeoutMilliseconds == 90_000)
         let never = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {idleTimeout: 0s}}").0)
         #expect(ProxyTable(never).idleTimeoutMilliseconds == 0)
+        // proxy.requestHeaderTimeout likewise (a minute by default), and
+        // each of the two apart from the other.
+        #expect(ProxyTable(off).requestHeaderTimeoutMilliseconds == nil && off.meshConfig.proxy.requestHeaderTimeout == .seconds(60))
+        #expect(ProxyTable(idle).requestHeaderTimeoutMilliseconds == nil)
+        let head = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {requestHeaderTimeout: 10s}}").0)
+        #expect(ProxyTable(head).requestHeaderTimeoutMilliseconds == 10_000 && ProxyTable(head).idleTimeoutMilliseconds == nil)
+        let unlimited = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {requestHeaderTimeout: 0s, idleTimeout: 2m}}").0)
+        #expect(ProxyTable(unlimited).requestHeaderTimeoutMilliseconds == 0 && ProxyTable(unlimited).idleTimeoutMilliseconds == 120_000)
     }
 }

@@ -719,6 +719,58 @@ struct ProxyTests {
         #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
     }
 
+    /// MeshConfig `proxy.requestHeaderTimeout`: an HTTP/1.1 request head
+    /// trickled a line at a time (so never idle) and not whole within the
+    /// timeout is answered 408 and its connection closed, on the express
+    /// path and on the full path (a connection handed to it by a first
+    /// request); a head that ends in time and a body that takes longer than
+    /// the timeout are answered. The idle timeout is off here, so the
+    /// sweeps run for the head timeout alone.
+    @Test func slowRequestHeadsGet408AfterTheMeshConfigTimeout() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let generations = try lab.generations(["n1"])
+        try lab.write("mesh.yaml", """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {proxy: {idleTimeout: 0s, requestHeaderTimeout: 1s}}
+            """)
+        try lab.waitForGeneration(after: generations)
+        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        let timeouts = try stat("n1", "request_header_timeouts_total")
+        let handovers = try stat("n1", "express_handovers_total")
+        // (A preset X-Forwarded-For hands a connection to the full path.)
+        let full = "X-Forwarded-For: 198.18.1.99"
+        let runs: [(String, [String])] = [
+            ("express head", ["h1-slow", "198.19.1.12", "80", "/idle", "200", "head"]),
+            ("full head", ["h1-slow", "198.19.1.12", "80", "/idle", "200", "head", full]),
+            ("express head in time", ["h1-slow", "198.19.1.12", "80", "/idle", "150", "head:3"]),
+            ("express slow body", ["h1-slow", "198.19.1.12", "80", "/idle", "250", "body:8"]),
+            ("full slow body", ["h1-slow", "198.19.1.12", "80", "/idle", "250", "body:8", full]),
+        ]
+        let started = try runs.map { ($0.0, try lab.startTool(in: "client", $0.1)) }
+        for (name, run) in started {
+            let r = try run.finish()
+            let status = r["status"] as? String ?? ""
+            let answered = r["answered"] as? Double ?? .infinity
+            if name.hasPrefix("full") { #expect(r["first"] as? String == "HTTP/1.1 200 OK", "\(name): \(r)") }
+            if name.hasSuffix("head") {
+                #expect(status == "HTTP/1.1 408 Request Timeout", "\(name): \(r)")
+                #expect((r["body"] as? String)?.contains("within 1s (MeshConfig spec.proxy.requestHeaderTimeout)") == true, "\(name): \(r)")
+                // Between one and one and a quarter timeouts after the head began (and slack for a busy machine).
+                #expect(answered >= 0.95 && answered < 2.5, "\(name): answered after \(answered) s: \(r)")
+                #expect((r["closed"] as? Double).map { $0 >= answered } == true, "\(name): not closed after the 408: \(r)")
+                #expect(r["sent"] as? Int ?? 0 >= 4, "\(name): the head was not trickled: \(r)")
+            } else {
+                #expect(status.hasPrefix("HTTP/1.1 200"), "\(name): \(r)")
+                if name.hasSuffix("body") { #expect(answered >= 1.9, "\(name): answered before its body was sent: \(r)") }
+            }
+        }
+        #expect(try stat("n1", "request_header_timeouts_total") - timeouts == 2)
+        #expect(try stat("n1", "express_handovers_total") - handovers == 2, "the full path was not taken")
+    }
+
     /// Plain HTTP/1.1 requests take the express path (bytes, no codec): the
     /// backend sees the proxy's headers, pipelined requests are answered in
     /// order, HEAD has no body, Connection: close closes. A chunked request

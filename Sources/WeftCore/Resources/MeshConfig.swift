@@ -23,6 +23,8 @@
 ///   proxy:
 ///     idleTimeout: 1h          # default 1h: an HTTP connection to a node proxy with no
 ///                              # request in flight that long is closed; "0s": never
+///     requestHeaderTimeout: 60s # default 60s: a request head not whole that long after
+///                              # its first byte gets 408 and the connection closes; "0s": never
 /// ```
 public struct MeshConfig: Hashable, Sendable {
     public var metadata: ObjectMeta
@@ -40,6 +42,12 @@ public struct MeshConfig: Hashable, Sendable {
         /// common client pools, so the proxy is seldom the one to close a
         /// connection a client is about to reuse.
         public var idleTimeout: Duration? = .seconds(3600)
+        /// How long an HTTP/1.1 request head may take to arrive whole, from
+        /// its first byte; nil: no limit. A minute, as nginx's
+        /// client_header_timeout: a shared node proxy must not hold a
+        /// connection (and its buffer) for a pod that trickles a head a
+        /// byte at a time, which the idle timeout never sees as idle.
+        public var requestHeaderTimeout: Duration? = .seconds(60)
         public init() {}
     }
 
@@ -164,6 +172,13 @@ extension MeshConfig {
                     throw p.error("idleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"")
                 }
                 proxy.idleTimeout = timeout
+            }
+            if let text = try p.string("requestHeaderTimeout") {
+                let timeout = try HTTPRoute.duration(text, field: "spec.proxy.requestHeaderTimeout", at: location)
+                if let timeout, timeout < .seconds(1) {
+                    throw p.error("requestHeaderTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"")
+                }
+                proxy.requestHeaderTimeout = timeout
             }
             try p.finish()
         }

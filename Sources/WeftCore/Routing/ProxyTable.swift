@@ -20,6 +20,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// MeshConfig proxy.idleTimeout in milliseconds; 0: never; nil: the
     /// default (MeshConfig.Proxy).
     public var idleTimeoutMilliseconds: Int?
+    /// MeshConfig proxy.requestHeaderTimeout in milliseconds; 0: never;
+    /// nil: the default (MeshConfig.Proxy).
+    public var requestHeaderTimeoutMilliseconds: Int?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
     public var tracing: TracingTarget?
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
@@ -192,8 +195,12 @@ extension ProxyTable {
             authorization = sets
         }
         if !state.meshConfig.telemetry.requestMetrics { requestMetrics = false }
-        if state.meshConfig.proxy != MeshConfig.Proxy() {
-            idleTimeoutMilliseconds = state.meshConfig.proxy.idleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
+        let proxy = state.meshConfig.proxy, defaults = MeshConfig.Proxy()
+        if proxy.idleTimeout != defaults.idleTimeout {
+            idleTimeoutMilliseconds = proxy.idleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
+        }
+        if proxy.requestHeaderTimeout != defaults.requestHeaderTimeout {
+            requestHeaderTimeoutMilliseconds = proxy.requestHeaderTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
         }
         if let t = state.meshConfig.telemetry.tracing {
             tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)

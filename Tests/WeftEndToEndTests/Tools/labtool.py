@@ -4,6 +4,7 @@ prints one JSON line with what it observed; the Swift test decides."""
 import errno
 import json
 import os
+import select
 import socket
 import sys
 import threading
@@ -674,6 +675,81 @@ def h1_idle(host, port, path, *headers):
     print(json.dumps(out))
 
 
+def h1_slow(host, port, path, every_ms, mode, *headers):
+    """One HTTP/1.1 request of PATH sent slowly, a piece every EVERY_MS ms,
+    as MODE says: "head" trickles header lines and never ends the head;
+    "head:N" sends N header lines so, then ends the head; "body:N" sends the
+    head whole with a content-length of N, then the body a byte at a time.
+    With HEADERS ("Name: value"), a whole keep-alive GET with them goes
+    first on the same connection and is answered before the slow one
+    starts. Reads until the slow request's response is whole or the proxy
+    closes (30 s at most): its status line and body, when (seconds from its
+    start) it was answered and the connection closed, and how many pieces
+    were sent."""
+    every = int(every_ms) / 1000
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out = {"status": None, "body": None, "answered": None, "closed": None, "sent": 0}
+
+    def response(data):
+        """(status line, body) once DATA holds a whole response, else None."""
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        length = next((int(l.split(b":", 1)[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")), 0)
+        return (head.split(b"\r\n")[0].decode(), body[:length].decode(errors="replace")) if len(body) >= length else None
+
+    if headers:
+        s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path, "".join(h + "\r\n" for h in headers))).encode())
+        data = b""
+        while response(data) is None:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise SystemExit("the first request was not answered: %r" % data)
+            data += chunk
+        out["first"] = response(data)[0]
+    kind, _, count = mode.partition(":")
+    if kind == "body":
+        pieces = [("POST %s HTTP/1.1\r\nHost: t\r\ncontent-length: %s\r\n\r\n" % (path, count)).encode()]
+        pieces += [b"x"] * int(count)
+    else:
+        lines = [("x-slow-%d: y\r\n" % i).encode() for i in range(int(count) if count else 10_000)]
+        pieces = [("GET %s HTTP/1.1\r\nHost: t\r\n" % path).encode()] + lines + ([b"\r\n"] if count else [])
+    start = time.monotonic()
+    s.setblocking(False)
+    data = b""
+    while out["closed"] is None and time.monotonic() - start < 30:
+        now = time.monotonic() - start
+        if pieces and now >= out["sent"] * every:
+            try:
+                s.send(pieces.pop(0))
+                out["sent"] += 1
+            except OSError as e:
+                out["send_error"] = str(e)
+                pieces = []
+        ready, _, _ = select.select([s], [], [], every / 4)
+        if not ready:
+            continue
+        try:
+            chunk = s.recv(65536)
+        except OSError as e:
+            out["error"] = str(e)
+            chunk = b""
+        now = round(time.monotonic() - start, 3)
+        if not chunk:
+            out["closed"] = now
+            break
+        data += chunk
+        got = response(data)
+        if got and out["answered"] is None:
+            out["status"], out["body"] = got
+            out["answered"] = now
+            if kind != "head" or count:
+                break
+    s.close()
+    print(json.dumps(out))
+
+
 def churn(web, banner):
     """Clients that go away every way a client can, each on its own
     connection to the proxy: HTTP/1.1 kept alive then closed, reset in the
@@ -763,4 +839,5 @@ if __name__ == "__main__":
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
-     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "churn": churn}[command](*args)
+     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow,
+     "churn": churn}[command](*args)
