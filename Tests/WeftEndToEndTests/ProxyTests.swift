@@ -181,6 +181,19 @@ private func json(_ body: String) -> [String: Any] {
     (try? JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]) ?? [:]
 }
 
+/// Writes the lab's MeshConfig with `spec` and waits until n1's proxy runs with it.
+private func applyMeshConfig(_ lab: LabHarness, spec: String) throws {
+    let generations = try lab.generations(["n1"])
+    try lab.write("mesh.yaml", """
+        apiVersion: weft.dev/v1alpha1
+        kind: MeshConfig
+        metadata: {name: mesh}
+        spec: \(spec)
+        """)
+    try lab.waitForGeneration(after: generations)
+    usleep(300_000)  // the proxy reloads its table after the agent's generation
+}
+
 private func stat(_ node: String, _ name: String) throws -> Int {
     let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
     for line in text.split(separator: "\n") where line.hasPrefix("weft_proxy_\(name) ") {
@@ -679,15 +692,7 @@ struct ProxyTests {
     @Test func idleConnectionsCloseAfterTheMeshConfigTimeout() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let generations = try lab.generations(["n1"])
-        try lab.write("mesh.yaml", """
-            apiVersion: weft.dev/v1alpha1
-            kind: MeshConfig
-            metadata: {name: mesh}
-            spec: {proxy: {idleTimeout: 1s}}
-            """)
-        try lab.waitForGeneration(after: generations)
-        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        try applyMeshConfig(lab, spec: "{proxy: {idleTimeout: 1s}}")
         let closed = try stat("n1", "idle_connections_closed_total")
         let handovers = try stat("n1", "express_handovers_total")
         // Concurrently: each waits about a second and a half.
@@ -729,15 +734,7 @@ struct ProxyTests {
     @Test func slowRequestHeadsGet408AfterTheMeshConfigTimeout() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let generations = try lab.generations(["n1"])
-        try lab.write("mesh.yaml", """
-            apiVersion: weft.dev/v1alpha1
-            kind: MeshConfig
-            metadata: {name: mesh}
-            spec: {proxy: {idleTimeout: 0s, requestHeaderTimeout: 1s}}
-            """)
-        try lab.waitForGeneration(after: generations)
-        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        try applyMeshConfig(lab, spec: "{proxy: {idleTimeout: 0s, requestHeaderTimeout: 1s}}")
         let timeouts = try stat("n1", "request_header_timeouts_total")
         let handovers = try stat("n1", "express_handovers_total")
         // (A preset X-Forwarded-For hands a connection to the full path.)
@@ -869,15 +866,7 @@ struct ProxyTests {
         #expect(try stat("n1", "express_handovers_total") == handovers + 1)
 
         // With access logs on, express requests are logged as the full path logs them.
-        let generation = try lab.generations(["n1"])["n1"] ?? -1
-        try lab.write("mesh.yaml", """
-            apiVersion: weft.dev/v1alpha1
-            kind: MeshConfig
-            metadata: {name: mesh}
-            spec: {accessLog: {enabled: true, namespaces: [\(ns)]}}
-            """)
-        for _ in 0..<300 where ((try? lab.generations(["n1"])["n1"]) ?? -1) <= generation { usleep(10_000) }
-        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        try applyMeshConfig(lab, spec: "{accessLog: {enabled: true, namespaces: [\(ns)]}}")
         let before = try stat("n1", "express_requests_total")
         let logged = try curl(lab, "http://198.19.1.12/logged?q=1", ["-A", "weft-test/1", "-H", "x-request-id: req-express"])
         let after = try stat("n1", "express_requests_total")

@@ -643,6 +643,19 @@ def h2_half_close(host, port, path, ended):
     print(json.dumps(out))
 
 
+def _recv_or_closed(s, start, out):
+    """One recv from S: its bytes, or b"" when the peer closed or reset (the
+    error kept in OUT) with OUT["closed"] the seconds since START."""
+    try:
+        chunk = s.recv(65536)
+    except OSError as e:
+        out["error"] = str(e)
+        chunk = b""
+    if not chunk:
+        out["closed"] = round(time.monotonic() - start, 3)
+    return chunk
+
+
 def h1_idle(host, port, path, *headers):
     """One keep-alive HTTP/1.1 GET of PATH (extra header lines "Name: value"),
     then the connection left idle until the proxy closes it (30 s at
@@ -655,15 +668,10 @@ def h1_idle(host, port, path, *headers):
     out = {"status": None, "answered": None, "closed": None}
     data = b""
     while out["closed"] is None:
-        try:
-            chunk = s.recv(65536)
-        except OSError as e:
-            out["error"] = str(e)
-            chunk = b""
-        now = round(time.monotonic() - start, 3)
+        chunk = _recv_or_closed(s, start, out)
         if not chunk:
-            out["closed"] = now
             break
+        now = round(time.monotonic() - start, 3)
         data += chunk
         head, sep, body = data.partition(b"\r\n\r\n")
         if sep and out["answered"] is None:
@@ -730,15 +738,10 @@ def h1_slow(host, port, path, every_ms, mode, *headers):
         ready, _, _ = select.select([s], [], [], every / 4)
         if not ready:
             continue
-        try:
-            chunk = s.recv(65536)
-        except OSError as e:
-            out["error"] = str(e)
-            chunk = b""
-        now = round(time.monotonic() - start, 3)
+        chunk = _recv_or_closed(s, start, out)
         if not chunk:
-            out["closed"] = now
             break
+        now = round(time.monotonic() - start, 3)
         data += chunk
         got = response(data)
         if got and out["answered"] is None:
