@@ -644,6 +644,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 proxy.stats.response(101)
                 complete(101)
                 r.requestTimer?.cancel()
+                OpaqueKeepalive.apply(to: [context.channel] + (upstream.channel.map { [$0] } ?? []), proxy.snapshot.table.tcpKeepalive)
                 onUpgrade(context, upstream, head)
                 return
             }

@@ -1,5 +1,7 @@
+import Glibc
 import NIOCore
 import NIOHTTP2
+import WeftCore
 
 /// Idle client connections (MeshConfig `proxy.idleTimeout`, an hour by
 /// default): an HTTP connection with no request in flight that has read
@@ -155,6 +157,30 @@ final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
             }
         default:
             context.fireUserInboundEventTriggered(event)
+        }
+    }
+}
+
+/// MeshConfig `proxy.tcpKeepalive` on the sockets of an opaque stream (TCP
+/// passthrough, a connection after an HTTP Upgrade): an opaque stream has
+/// no idle timeout, and one whose peer vanished without a FIN (its pod's
+/// network gone) would hold both connections for good. The kernel probes
+/// a socket silent for `time`, then every `interval`, and after `probes`
+/// unanswered ends it with ETIMEDOUT, which closes its partner too
+/// (GlueHandler). Set when the stream is joined; a tunnel stream is no
+/// socket and is left as it is.
+enum OpaqueKeepalive {
+    static let defaults = ProxyTable.TCPKeepaliveSettings(MeshConfig.TCPKeepalive())
+
+    static func apply(to channels: [any Channel], _ settings: ProxyTable.TCPKeepaliveSettings?) {
+        let k = settings ?? defaults
+        guard k.time > 0 else { return }
+        let tcp = SocketOptionLevel(IPPROTO_TCP)
+        for channel in channels where channel is any SocketOptionProvider {
+            channel.setOption(ChannelOptions.socketOption(.so_keepalive), value: 1).whenFailure { _ in }
+            channel.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPIDLE)), value: SocketOptionValue(k.time)).whenFailure { _ in }
+            channel.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPINTVL)), value: SocketOptionValue(k.interval)).whenFailure { _ in }
+            channel.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPCNT)), value: SocketOptionValue(k.probes)).whenFailure { _ in }
         }
     }
 }

@@ -157,6 +157,7 @@ enum TCPPassthrough {
                 case .success(let upstream):
                     let (a, b) = GlueHandler.pair()
                     (a.splice, b.splice) = SpliceLeg.legs(maps: spliceMaps, downstream: downstream, upstream: upstream)
+                    OpaqueKeepalive.apply(to: [downstream, upstream], proxy.snapshot.table.tcpKeepalive)
                     a.onClose = { pool.state(endpoint).inFlight -= 1 }
                     let series = opened()
                     a.onFinish = { [splices = (a.splice, b.splice)] read, readBack in

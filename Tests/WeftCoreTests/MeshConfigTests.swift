@@ -65,6 +65,12 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {idleTimeout: 60}}", "m.yaml:1:spec.proxy.idleTimeout: expected a string, got a number"),
             (header + "spec: {proxy: {requestHeaderTimeout: 100ms}}", "m.yaml:1:spec.proxy.requestHeaderTimeout: must be at least 1s (or 0s: never)"),
             (header + "spec: {proxy: {requestHeaderTimeout: [1s]}}", "m.yaml:1:spec.proxy.requestHeaderTimeout: expected a string"),
+            (header + "spec: {proxy: {tcpKeepalive: {time: 500ms}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s (or 0s: off), got \"500ms\""),
+            (header + "spec: {proxy: {tcpKeepalive: {time: 10h}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s"),
+            (header + "spec: {proxy: {tcpKeepalive: {interval: 0s}}}", "m.yaml:1:spec.proxy.tcpKeepalive.interval: must be whole seconds from 1s to 32767s, got \"0s\""),
+            (header + "spec: {proxy: {tcpKeepalive: {interval: 1500ms}}}", "m.yaml:1:spec.proxy.tcpKeepalive.interval: must be whole seconds"),
+            (header + "spec: {proxy: {tcpKeepalive: {probes: 0}}}", "m.yaml:1:spec.proxy.tcpKeepalive.probes: must be from 1 to 127, got 0"),
+            (header + "spec: {proxy: {tcpKeepalive: {count: 3}}}", "m.yaml:1:spec.proxy.tcpKeepalive.count: unknown field"),
             (header + "spec: {proxy: {keepAlive: 1m}}", "m.yaml:1:spec.proxy.keepAlive: unknown field"),
         ]
         for (text, want) in cases {
@@ -105,5 +111,13 @@ struct MeshConfigTests {
         #expect(ProxyTable(head).requestHeaderTimeoutMilliseconds == 10_000 && ProxyTable(head).idleTimeoutMilliseconds == nil)
         let unlimited = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {requestHeaderTimeout: 0s, idleTimeout: 2m}}").0)
         #expect(ProxyTable(unlimited).requestHeaderTimeoutMilliseconds == 0 && ProxyTable(unlimited).idleTimeoutMilliseconds == 120_000)
+        // proxy.tcpKeepalive: the default (60 s, 10 s, 6) is absent from
+        // the table; otherwise in seconds, what was not given defaulted;
+        // time 0s is off.
+        #expect(ProxyTable(off).tcpKeepalive == nil && off.meshConfig.proxy.tcpKeepalive == MeshConfig.TCPKeepalive())
+        let probing = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {tcpKeepalive: {time: 1m30s, probes: 3}}}").0)
+        #expect(ProxyTable(probing).tcpKeepalive.map { [$0.time, $0.interval, $0.probes] } == [90, 10, 3])
+        let silent = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {tcpKeepalive: {time: 0s}}}").0)
+        #expect(silent.meshConfig.proxy.tcpKeepalive == nil && ProxyTable(silent).tcpKeepalive?.time == 0)
     }
 }

@@ -768,6 +768,49 @@ struct ProxyTests {
         #expect(try stat("n1", "express_handovers_total") - handovers == 2, "the full path was not taken")
     }
 
+    /// MeshConfig `proxy.tcpKeepalive`: both sockets of an opaque stream
+    /// (TCP passthrough, and a WebSocket after its Upgrade) probe a silent
+    /// peer, and when the client's network is gone (its link down: no FIN,
+    /// no RST ever reaches the proxy) the probes go unanswered and the
+    /// proxy closes the streams, their connections to the servers too.
+    /// Without keepalive the proxy held the TCP stream, and the server
+    /// connection behind it, for good (both ESTAB 8 s after the cut).
+    @Test func opaqueStreamsWhosePeerVanishedAreClosedByKeepalive() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        try applyMeshConfig(lab, spec: "{proxy: {tcpKeepalive: {time: 1s, interval: 1s, probes: 2}}}")
+        let tcp = try lab.startTool(in: "client", ["tcp-hold", "198.19.1.30", "80", "10"])
+        let ws = try lab.startTool(in: "client", ["ws-echo", "198.19.1.12", "80", "hold", "10"])
+        // The proxy's sockets to the client, the banner server and the web
+        // pod (v2, on this node): with the keepalive timer, the two streams'.
+        func sockets() throws -> (probed: [Substring], client: [Substring]) {
+            let ss = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n1", "ss", "-tanoH",
+                                                "( dst 198.18.1.10 or dst 198.18.1.40 or dst 198.18.1.21 )"])
+            let open = ss.split(separator: "\n").filter { $0.hasPrefix("ESTAB") }
+            return (open.filter { $0.contains("timer:(keepalive") }, open.filter { $0.contains(" 198.18.1.10:") })
+        }
+        var held = try sockets()
+        for _ in 0..<50 where held.probed.count < 4 {
+            usleep(100_000)
+            held = try sockets()
+        }
+        #expect(held.probed.count == 4 && held.client.count == 2,
+                "two streams, both sockets of each with the keepalive timer:\n\(held.probed.joined(separator: "\n"))")
+        let cut = try LabHarness.run(["lab", "exec", "client", "--", "ip", "link", "set", "weft0", "down"])
+        #expect(cut.status == 0, "\(cut.output)")
+        // 1 s of silence, then two probes 1 s apart: gone after about 3 s.
+        let start = Date()
+        for _ in 0..<80 where !(held.probed.isEmpty && held.client.isEmpty) {
+            usleep(100_000)
+            held = try sockets()
+        }
+        #expect(held.probed.isEmpty && held.client.isEmpty,
+                "the proxy still holds, \(Date().timeIntervalSince(start)) s after the cut:\n\((held.probed + held.client).joined(separator: "\n"))")
+        let t = try tcp.finish(), w = try ws.finish()
+        #expect(t["banner"] as? String == "hello from banner" && t["open"] as? Bool == true, "\(t)")
+        #expect((w["echoes"] as? [String])?.count == 3, "\(w)")
+    }
+
     /// Plain HTTP/1.1 requests take the express path (bytes, no codec): the
     /// backend sees the proxy's headers, pipelined requests are answered in
     /// order, HEAD has no body, Connection: close closes. A chunked request

@@ -25,6 +25,10 @@
 ///                              # request in flight that long is closed; "0s": never
 ///     requestHeaderTimeout: 60s # default 60s: a request head not whole that long after
 ///                              # its first byte gets 408 and the connection closes; "0s": never
+///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
+///       time: 60s              # passthrough, upgraded connections): the first probe after
+///       interval: 10s          # this long without a packet, then one each interval; after
+///       probes: 6              # `probes` unanswered the stream closes. time "0s": off
 /// ```
 public struct MeshConfig: Hashable, Sendable {
     public var metadata: ObjectMeta
@@ -48,6 +52,21 @@ public struct MeshConfig: Hashable, Sendable {
         /// connection (and its buffer) for a pod that trickles a head a
         /// byte at a time, which the idle timeout never sees as idle.
         public var requestHeaderTimeout: Duration? = .seconds(60)
+        /// TCP keepalive on opaque streams; nil: off. HTTP connections have
+        /// the idle timeout; an opaque stream has no such end, and one whose
+        /// peer vanished without a FIN (its pod's network gone) would be
+        /// held for good, with its partner connection.
+        public var tcpKeepalive: TCPKeepalive? = TCPKeepalive()
+        public init() {}
+    }
+
+    /// As Istio's DestinationRule `connectionPool.tcp.tcpKeepalive`; the
+    /// defaults close a stream whose peer is gone within two minutes of
+    /// silence, at one probe a minute on a live idle one.
+    public struct TCPKeepalive: Hashable, Sendable {
+        public var time: Duration = .seconds(60)
+        public var interval: Duration = .seconds(10)
+        public var probes = 6
         public init() {}
     }
 
@@ -166,19 +185,36 @@ extension MeshConfig {
             try t.finish()
         }
         if var p = try spec.mapping("proxy") {
-            if let text = try p.string("idleTimeout") {
-                let timeout = try HTTPRoute.duration(text, field: "spec.proxy.idleTimeout", at: location)
+            for key in ["idleTimeout", "requestHeaderTimeout"] {
+                guard let text = try p.string(key) else { continue }
+                let timeout = try HTTPRoute.duration(text, field: "spec.proxy.\(key)", at: location)
                 if let timeout, timeout < .seconds(1) {
-                    throw p.error("idleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"")
+                    throw p.error(key, "must be at least 1s (or 0s: never), got \"\(text)\"")
                 }
-                proxy.idleTimeout = timeout
+                if key == "idleTimeout" { proxy.idleTimeout = timeout } else { proxy.requestHeaderTimeout = timeout }
             }
-            if let text = try p.string("requestHeaderTimeout") {
-                let timeout = try HTTPRoute.duration(text, field: "spec.proxy.requestHeaderTimeout", at: location)
-                if let timeout, timeout < .seconds(1) {
-                    throw p.error("requestHeaderTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"")
+            if var k = try p.mapping("tcpKeepalive") {
+                var keepalive = MeshConfig.TCPKeepalive()
+                var off = false
+                // Whole seconds from 1 s to 32767 s: what TCP_KEEPIDLE and TCP_KEEPINTVL take.
+                for key in ["time", "interval"] {
+                    guard let text = try k.string(key) else { continue }
+                    let d = try HTTPRoute.duration(text, field: "spec.proxy.tcpKeepalive.\(key)", at: location) ?? .zero
+                    if key == "time" && d == .zero {
+                        off = true
+                        continue
+                    }
+                    guard d >= .seconds(1), d <= .seconds(32767), d == .seconds(d.components.seconds) else {
+                        throw k.error(key, "must be whole seconds from 1s to 32767s\(key == "time" ? " (or 0s: off)" : ""), got \"\(text)\"")
+                    }
+                    if key == "time" { keepalive.time = d } else { keepalive.interval = d }
                 }
-                proxy.requestHeaderTimeout = timeout
+                if let n = try k.int("probes") {
+                    guard (1...127).contains(n) else { throw k.error("probes", "must be from 1 to 127, got \(n)") }
+                    keepalive.probes = n
+                }
+                try k.finish()
+                proxy.tcpKeepalive = off ? nil : keepalive
             }
             try p.finish()
         }

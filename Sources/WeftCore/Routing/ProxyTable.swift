@@ -23,6 +23,8 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// MeshConfig proxy.requestHeaderTimeout in milliseconds; 0: never;
     /// nil: the default (MeshConfig.Proxy).
     public var requestHeaderTimeoutMilliseconds: Int?
+    /// MeshConfig proxy.tcpKeepalive; nil: the default (MeshConfig.Proxy).
+    public var tcpKeepalive: TCPKeepaliveSettings?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
     public var tracing: TracingTarget?
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
@@ -38,6 +40,18 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// probes: what another node's proxy may ask this one to run against
     /// a pod of this node, and nothing else (nil: none configured).
     public var probes: [String: [TrafficPolicy.HealthCheck]]?
+
+    /// TCP keepalive on opaque streams, in seconds; `time` 0: off.
+    public struct TCPKeepaliveSettings: Codable, Hashable, Sendable {
+        public var time: Int
+        public var interval: Int
+        public var probes: Int
+        public init(_ k: MeshConfig.TCPKeepalive?) {
+            time = Int(k?.time.components.seconds ?? 0)
+            interval = Int(k?.interval.components.seconds ?? 0)
+            probes = k?.probes ?? 0
+        }
+    }
 
     public struct TunnelSettings: Codable, Hashable, Sendable {
         /// Pod addresses whose PeerAuthentication mode is DISABLE: sent to
@@ -202,6 +216,7 @@ extension ProxyTable {
         if proxy.requestHeaderTimeout != defaults.requestHeaderTimeout {
             requestHeaderTimeoutMilliseconds = proxy.requestHeaderTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
         }
+        if proxy.tcpKeepalive != defaults.tcpKeepalive { tcpKeepalive = TCPKeepaliveSettings(proxy.tcpKeepalive) }
         if let t = state.meshConfig.telemetry.tracing {
             tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)
         }

@@ -340,6 +340,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                 // stream and the pod connection are joined byte for byte.
                 self.upstream = nil
                 state = .idle
+                OpaqueKeepalive.apply(to: upstream.channel.map { [$0] } ?? [], proxy.snapshot.table.tcpKeepalive)
                 return Upgrade.splice(context, upstream, head)
             }
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers))),

@@ -410,8 +410,9 @@ def http_steady(host, port, seconds, mode="mixed"):
     print(json.dumps({"ok": ok, "failures": failures}))
 
 
-def ws_echo(host, port, message):
-    """A WebSocket client: handshake, one masked text frame, its echo."""
+def ws_echo(host, port, message, hold="0"):
+    """A WebSocket client: handshake, three masked text frames and their
+    echoes, then (after HOLD seconds of silence) a close frame."""
     import base64, hashlib, os
     key = base64.b64encode(os.urandom(16)).decode()
     with socket.create_connection((host, int(port)), timeout=5) as s:
@@ -443,7 +444,11 @@ def ws_echo(host, port, message):
             n = rest[1]
             echoes.append(rest[2:2 + n].decode())
             rest = rest[2 + n:]
-        s.sendall(bytes([0x88, 0x80]) + os.urandom(4))
+        time.sleep(float(hold))
+        try:
+            s.sendall(bytes([0x88, 0x80]) + os.urandom(4))
+        except OSError:
+            pass
         print(json.dumps({"status": lines[0], "accept_ok": headers.get("sec-websocket-accept") == want,
                           "echoes": echoes}))
 
@@ -753,6 +758,24 @@ def h1_slow(host, port, path, every_ms, mode, *headers):
     print(json.dumps(out))
 
 
+def tcp_hold(host, port, seconds):
+    """Connects to a server that speaks first, reads its banner, then holds
+    the connection without a byte either way for SECONDS: the banner, and
+    whether the connection was still open at the end as this side sees it
+    (a peer that cannot reach it never says otherwise)."""
+    s = socket.create_connection((host, int(port)), timeout=5)
+    banner = s.recv(100).decode(errors="replace").strip()
+    time.sleep(float(seconds))
+    s.setblocking(False)
+    try:
+        open_ = s.recv(1) != b""
+    except BlockingIOError:
+        open_ = True
+    except OSError:
+        open_ = False
+    print(json.dumps({"banner": banner, "open": open_}))
+
+
 def churn(web, banner):
     """Clients that go away every way a client can, each on its own
     connection to the proxy: HTTP/1.1 kept alive then closed, reset in the
@@ -842,5 +865,5 @@ if __name__ == "__main__":
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
-     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow,
+     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "tcp-hold": tcp_hold,
      "churn": churn}[command](*args)
