@@ -15,8 +15,8 @@ import WeftCore
 /// connection's handler counts the sweeps it sat through idle (IdleCount)
 /// or compares the sweep's time with when its head began (HeadClock).
 /// Opaque TCP streams and upgraded connections are not timed (the kernel
-/// may move their bytes past the proxy, which would not see them), nor are
-/// tunnels from other nodes.
+/// may move their bytes past the proxy, which would not see them; they get
+/// TCP keepalive instead, OpaqueKeepalive), nor are tunnels from other nodes.
 struct IdleSweep: Sendable {
     /// Idle sweeps in a row after which a connection closes (Int.max: never).
     let rounds: Int
