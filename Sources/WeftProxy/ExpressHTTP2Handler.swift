@@ -245,6 +245,13 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// for them and would only look each one up.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let sweep = event as? IdleSweep {
+            // A header block begun a request-head timeout ago and not
+            // whole: the codec sends GOAWAY and closes; what is in flight
+            // is cut (its client's later frames are stuck behind the block).
+            if codec.timeOutHead(sweep) {
+                proxy.stats.headTimeouts.add(1, ordering: .relaxed)
+                return
+            }
             // No stream open and no frame read through the sweeps: GOAWAY,
             // and closed once written.
             if !quiescing, idle.expired(sweep, busy: !streams.isEmpty || !handed.isEmpty) {

@@ -127,6 +127,12 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     private var settingsRead = false
     /// A header block still arriving in CONTINUATION frames.
     private var continuing: (stream: HTTP2StreamID, endStream: Bool, selfDependent: Bool, block: ByteBuffer)?
+    /// Since when a header block has waited for the rest of its bytes: a
+    /// HEADERS frame or its CONTINUATIONs, the client's preface, or a frame
+    /// whose type is not read yet, cut by the end of a read. Started by the
+    /// first such read, stopped by one that ends the block (clockHead).
+    /// ExpressHTTP2Handler times it on the idle sweeps (timeOutHead).
+    private(set) var headClock = HeadClock()
     /// The newest stream opened (by the client, whichever end that is).
     private var lastStreamID = HTTP2StreamID.rootStream
     /// A client's: the server sent GOAWAY; no stream is opened after it.
@@ -248,6 +254,9 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
+        // Whether a frame ended that left no header block open.
+        var progressed = false
+        defer { clockHead(progressed: progressed) }
         var bytes = unwrapInboundIn(data)
         if var held = partial {
             partial = nil
@@ -270,6 +279,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
                 }
                 bytes.moveReaderIndex(forwardBy: n)
                 prefaceRead = true
+                progressed = true
             }
             while true {
                 if let piece = dataPiece {
@@ -312,6 +322,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
                 bytes.moveReaderIndex(forwardBy: 9 + length)
                 try frame(type: type, flags: flags, stream: id, payload: payload, context: context)
                 if failed { return }
+                if continuing == nil { progressed = true }
             }
             if bytes.readableBytes > 0 {
                 bytes.discardReadBytes()
@@ -322,6 +333,32 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         } catch {
             connectionError(.compressionError, "\(error)", context: context)
         }
+    }
+
+    /// After a read: the head clock runs from the first read that left a
+    /// header block partly read until one that ends it (a CONTINUATION
+    /// that does not end its block does not stop it). A DATA frame cut
+    /// short is a body, not timed, and the other frames are not a head. On
+    /// the hot path (nothing left over) this is one store.
+    private func clockHead(progressed: Bool) {
+        if progressed || (continuing == nil && partial == nil) { headClock.stop() }
+        guard continuing != nil || partial != nil else { return }
+        if continuing != nil || !prefaceRead { return headClock.started() }
+        guard let held = partial, let type = held.getInteger(at: held.readerIndex + 3, as: UInt8.self) else {
+            return headClock.started()  // a frame header cut before its type
+        }
+        if type == 0x1 || type == 0x9 { headClock.started() } else { headClock.stop() }
+    }
+
+    /// MeshConfig proxy.requestHeaderTimeout ran out on the header block the
+    /// connection waits for: GOAWAY (ENHANCE_YOUR_CALM, what ran out as its
+    /// debug data; the last stream is the last whole request's), then the
+    /// connection closes. Whether it did.
+    func timeOutHead(_ sweep: IdleSweep) -> Bool {
+        guard !failed, headClock.expired(sweep), let context else { return false }
+        headClock.stop()
+        connectionError(.enhanceYourCalm, "request head timeout", debug: HeadClock.reason(sweep), context: context)
+        return true
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -638,11 +675,11 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// Ends the connection: GOAWAY with the error, then close.
-    private func connectionError(_ code: HTTP2ErrorCode, _ what: String, context: ChannelHandlerContext) {
+    private func connectionError(_ code: HTTP2ErrorCode, _ what: String, debug: String? = nil, context: ChannelHandlerContext) {
         guard !failed else { return }
         failed = true
         partial = nil
-        goAway(role == .server ? lastStreamID : .rootStream, code)
+        goAway(role == .server ? lastStreamID : .rootStream, code, debug: debug)
         writeOutput(context: context)
         context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
@@ -650,10 +687,11 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         context.fireErrorCaught(HTTP2ConnectionFailure(code: code, reason: what))
     }
 
-    private func goAway(_ last: HTTP2StreamID, _ code: HTTP2ErrorCode) {
-        frameHeader(length: 8, type: 0x7, flags: 0, stream: .rootStream)
+    private func goAway(_ last: HTTP2StreamID, _ code: HTTP2ErrorCode, debug: String? = nil) {
+        frameHeader(length: 8 + (debug?.utf8.count ?? 0), type: 0x7, flags: 0, stream: .rootStream)
         output.writeInteger(UInt32(Int32(last)))
         output.writeInteger(UInt32(code.networkCode))
+        if let debug { output.writeString(debug) }
         if goAwayLastStreamID.map({ last < $0 }) ?? true { goAwayLastStreamID = last }
     }
 

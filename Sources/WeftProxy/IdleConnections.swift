@@ -9,7 +9,9 @@ import WeftCore
 /// out, HTTP/2 with GOAWAY. And slow request heads (MeshConfig
 /// `proxy.requestHeaderTimeout`, a minute by default): an HTTP/1.1 request
 /// head still not whole that long after its first byte is answered 408 and
-/// the connection closed; a client trickling a head never looks idle.
+/// the connection closed; a client trickling a head never looks idle. An
+/// HTTP/2 header block so late (HTTP2Codec.headClock) holds up every frame
+/// behind it: GOAWAY (ENHANCE_YOUR_CALM) and the connection closes.
 /// Nothing is timed per read: a sweep goes round the registry every
 /// quarter of the shorter timeout (ConnectionRegistry.sweepIdle) and each
 /// connection's handler counts the sweeps it sat through idle (IdleCount)
@@ -48,7 +50,7 @@ struct IdleCount {
 /// by a read that leaves a head partly read (off the hot path: a head
 /// read whole in one read never starts it), stopped when the head is whole.
 struct HeadClock {
-    private var since: NIODeadline?
+    private(set) var since: NIODeadline?
 
     /// Part of a head is read; the clock runs from the first such read.
     mutating func started() {
@@ -63,12 +65,15 @@ struct HeadClock {
         return sweep.now - since >= limit
     }
 
-    /// The 408 body: what ran out.
-    static func body(_ sweep: IdleSweep) -> String {
+    /// What ran out: HTTP/2's GOAWAY carries it as debug data.
+    static func reason(_ sweep: IdleSweep) -> String {
         let ms = (sweep.headTimeout ?? .zero).nanoseconds / 1_000_000
         let limit = ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
-        return "weft: the request head was not received whole within \(limit) (MeshConfig spec.proxy.requestHeaderTimeout)\n"
+        return "weft: the request head was not received whole within \(limit) (MeshConfig spec.proxy.requestHeaderTimeout)"
     }
+
+    /// The 408 body.
+    static func body(_ sweep: IdleSweep) -> String { reason(sweep) + "\n" }
 }
 
 extension ConnectionRegistry {

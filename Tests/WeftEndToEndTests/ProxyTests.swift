@@ -728,10 +728,14 @@ struct ProxyTests {
     /// trickled a line at a time (so never idle) and not whole within the
     /// timeout is answered 408 and its connection closed, on the express
     /// path and on the full path (a connection handed to it by a first
-    /// request); a head that ends in time and a body that takes longer than
-    /// the timeout are answered. The idle timeout is off here, so the
-    /// sweeps run for the head timeout alone.
-    @Test func slowRequestHeadsGet408AfterTheMeshConfigTimeout() throws {
+    /// request); an HTTP/2 header block so late, trickled a byte at a time
+    /// or in CONTINUATION frames each whole, gets GOAWAY (ENHANCE_YOUR_CALM,
+    /// the last whole request's stream, the reason as debug data) and the
+    /// close. Heads and blocks that end in time, bodies that take longer
+    /// than the timeout, and an h2load run on busy connections are answered.
+    /// The idle timeout is off here, so the sweeps run for the head timeout
+    /// alone.
+    @Test func slowRequestHeadsAreCutAfterTheMeshConfigTimeout() throws {
         let lab = try startLab()
         defer { lab.down() }
         try applyMeshConfig(lab, spec: "{proxy: {idleTimeout: 0s, requestHeaderTimeout: 1s}}")
@@ -745,14 +749,43 @@ struct ProxyTests {
             ("express head in time", ["h1-slow", "198.19.1.12", "80", "/idle", "150", "head:3"]),
             ("express slow body", ["h1-slow", "198.19.1.12", "80", "/idle", "250", "body:8"]),
             ("full slow body", ["h1-slow", "198.19.1.12", "80", "/idle", "250", "body:8", full]),
+            ("h2 head", ["h2-slow", "198.19.1.12", "80", "/idle", "200", "head"]),
+            ("h2 continued head", ["h2-slow", "198.19.1.12", "80", "/idle", "200", "cont", "first"]),
+            ("h2 head in time", ["h2-slow", "198.19.1.12", "80", "/idle", "100", "head:4"]),
+            ("h2 continued head in time", ["h2-slow", "198.19.1.12", "80", "/idle", "100", "cont:5", "first"]),
         ]
         let started = try runs.map { ($0.0, try lab.startTool(in: "client", $0.1)) }
+        // Busy HTTP/2 connections meanwhile (their reads cut header blocks
+        // at any byte): none is sent away.
+        let load = try LabHarness.run(["lab", "exec", "client", "--", "h2load", "-c", "2", "-m", "16", "-D", "3",
+                                       "--rps", "400", "http://198.19.1.12/idle"])
+        let requests = load.output.split(separator: "\n").first { $0.hasPrefix("requests:") } ?? ""
+        #expect(load.status == 0 && requests.contains(" 0 failed, 0 errored"), "\(load.output.suffix(800))")
         for (name, run) in started {
             let r = try run.finish()
             let status = r["status"] as? String ?? ""
             let answered = r["answered"] as? Double ?? .infinity
+            let cut = !name.hasSuffix("in time") && name.hasSuffix("head")
+            if name.hasPrefix("h2") {
+                let goAway = r["goaway"] as? [String: Any] ?? [:]
+                if name.contains("continued") { #expect(r["first"] as? String == "200", "\(name): \(r)") }
+                if cut {
+                    #expect(goAway["error_code"] as? Int == 0xB, "\(name): \(r)")
+                    #expect(goAway["last_stream_id"] as? Int == (name.contains("continued") ? 1 : 0), "\(name): \(r)")
+                    #expect((goAway["debug"] as? String)?.hasSuffix("within 1s (MeshConfig spec.proxy.requestHeaderTimeout)") == true,
+                            "\(name): \(r)")
+                    // Between one and one and a quarter timeouts after the block began (and slack for a busy machine).
+                    let at = goAway["at"] as? Double ?? .infinity
+                    #expect(at >= 0.95 && at < 2.5, "\(name): GOAWAY after \(at) s: \(r)")
+                    #expect((r["closed"] as? Double).map { $0 >= at } == true, "\(name): not closed after GOAWAY: \(r)")
+                    #expect(r["sent"] as? Int ?? 0 >= 4, "\(name): the block was not trickled: \(r)")
+                } else {
+                    #expect(status == "200" && r["goaway"] is NSNull, "\(name): \(r)")
+                }
+                continue
+            }
             if name.hasPrefix("full") { #expect(r["first"] as? String == "HTTP/1.1 200 OK", "\(name): \(r)") }
-            if name.hasSuffix("head") {
+            if cut {
                 #expect(status == "HTTP/1.1 408 Request Timeout", "\(name): \(r)")
                 #expect((r["body"] as? String)?.contains("within 1s (MeshConfig spec.proxy.requestHeaderTimeout)") == true, "\(name): \(r)")
                 // Between one and one and a quarter timeouts after the head began (and slack for a busy machine).
@@ -764,7 +797,7 @@ struct ProxyTests {
                 if name.hasSuffix("body") { #expect(answered >= 1.9, "\(name): answered before its body was sent: \(r)") }
             }
         }
-        #expect(try stat("n1", "request_header_timeouts_total") - timeouts == 2)
+        #expect(try stat("n1", "request_header_timeouts_total") - timeouts == 4)
         #expect(try stat("n1", "express_handovers_total") - handovers == 2, "the full path was not taken")
     }
 

@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import NIOEmbedded
 import NIOHPACK
@@ -444,9 +445,11 @@ import Testing
     struct Raw {
         let server = EmbeddedChannel()
         let above = Above()
+        let codec: HTTP2Codec
 
         init(settings: HTTP2Codec.Settings = .h2c) throws {
-            try server.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: server.allocator, settings: settings))
+            codec = HTTP2Codec(allocator: server.allocator, settings: settings)
+            try server.pipeline.syncOperations.addHandler(codec)
             try server.pipeline.syncOperations.addHandler(above)
             try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
             var start = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -604,6 +607,91 @@ import Testing
             return h.headers
         }
         #expect(heads.count == 1 && heads.first?.first(name: ":authority") == "a", "\(heads)")
+        _ = try? raw.server.finish()
+    }
+
+    /// MeshConfig proxy.requestHeaderTimeout on HTTP/2: the head clock runs
+    /// from the first read that leaves a header block partly read (a
+    /// HEADERS frame cut short, a block continued, a frame header cut before
+    /// its type) until a read that ends the block. CONTINUATIONs that do not
+    /// end it do not restart it; a DATA frame cut short is a body, not
+    /// timed. Run out (on a sweep), the connection gets GOAWAY
+    /// (ENHANCE_YOUR_CALM, the last whole request's stream, what ran out as
+    /// debug data) and closes.
+    @Test func slowHeaderBlocksRunTheHeadClock() throws {
+        let raw = try Raw()
+        _ = raw.written()
+        func since() -> NIODeadline? { raw.codec.headClock.since }
+        func headers(_ stream: UInt32, flags: UInt8 = 0x5, _ payload: [UInt8] = [0x82, 0x86, 0x84, 0x41, 0x01, 0x61]) -> ByteBuffer {
+            var b = ByteBuffer()
+            Raw.frame(&b, type: 0x1, flags: flags, stream: stream, payload: payload)
+            return b
+        }
+        func cut(_ b: ByteBuffer, _ at: Int) -> (ByteBuffer, ByteBuffer) {
+            (b.getSlice(at: b.readerIndex, length: at) ?? ByteBuffer(), b.getSlice(at: b.readerIndex + at, length: b.readableBytes - at) ?? ByteBuffer())
+        }
+        raw.open(1)
+        #expect(since() == nil, "a block read whole starts no clock")
+        // A HEADERS frame in two reads.
+        let (head3, tail3) = cut(headers(3), 11)
+        raw.send(head3)
+        #expect(since() != nil)
+        raw.send(tail3)
+        #expect(since() == nil)
+        // A frame header cut before its type is timed until its type is read:
+        // DATA (of a stream whose request is still open) is not.
+        raw.open(5, end: false)
+        var data = ByteBuffer()
+        Raw.frame(&data, type: 0x0, flags: 0x1, stream: 5, payload: [1, 2, 3, 4])
+        let (dataHead, dataTail) = cut(data, 2)
+        raw.send(dataHead)
+        #expect(since() != nil)
+        let (dataMiddle, dataEnd) = cut(dataTail, 9)
+        raw.send(dataMiddle)
+        #expect(since() == nil, "a DATA frame cut short is not timed")
+        raw.send(dataEnd)
+        // A block in CONTINUATIONs: the clock runs from the HEADERS frame
+        // through CONTINUATIONs that do not end it.
+        raw.send(headers(7, flags: 0x1, [0x82]))
+        let began = since()
+        #expect(began != nil)
+        usleep(2_000)
+        raw.send(type: 0x9, stream: 7, payload: [0x86])
+        #expect(since() == began, "a CONTINUATION that does not end the block restarted the clock")
+        raw.send(type: 0x9, flags: 0x4, stream: 7, payload: [0x84, 0x41, 0x01, 0x61])
+        #expect(since() == nil)
+        // A read that ends a block and cuts the next restarts the clock.
+        let (head9, tail9) = cut(headers(9), 12)
+        raw.send(head9)
+        let first = since()
+        usleep(2_000)
+        var next = tail9
+        var (head11, _) = cut(headers(11), 12)
+        next.writeBuffer(&head11)
+        raw.send(next)
+        if let first, let now = since() {
+            #expect(now > first, "the clock was not restarted")
+        } else {
+            Issue.record("no clock: \(String(describing: first)) \(String(describing: since()))")
+        }
+        let streams = raw.above.take().compactMap { f -> HTTP2StreamID? in
+            guard case .headers = f.payload else { return nil }
+            return f.streamID
+        }
+        #expect(streams == [1, 3, 5, 7, 9])
+        // The sweeps: not yet, then run out.
+        let start = since() ?? .now()
+        _ = raw.written()
+        #expect(!raw.codec.timeOutHead(IdleSweep(rounds: .max, now: start + .milliseconds(999), headTimeout: .seconds(1))))
+        #expect(!raw.codec.timeOutHead(IdleSweep(rounds: .max, now: start + .seconds(5), headTimeout: nil)))
+        #expect(raw.server.isActive)
+        #expect(raw.codec.timeOutHead(IdleSweep(rounds: .max, now: start + .seconds(1), headTimeout: .seconds(1))))
+        let frames = raw.written()
+        let goAway: [UInt8] = frames.first(where: { $0.0 == 0x7 }).map { $0.3 } ?? []
+        #expect(goAway.count > 8 && goAway[0..<8] == [0, 0, 0, 9, 0, 0, 0, 0xB], "\(goAway)")
+        #expect(String(decoding: goAway.dropFirst(8), as: UTF8.self)
+            == "weft: the request head was not received whole within 1s (MeshConfig spec.proxy.requestHeaderTimeout)")
+        #expect(!raw.server.isActive)
         _ = try? raw.server.finish()
     }
 

@@ -24,7 +24,8 @@
 ///     idleTimeout: 1h          # default 1h: an HTTP connection to a node proxy with no
 ///                              # request in flight that long is closed; "0s": never
 ///     requestHeaderTimeout: 60s # default 60s: a request head not whole that long after
-///                              # its first byte gets 408 and the connection closes; "0s": never
+///                              # its first byte gets 408 and the connection closes (an
+///                              # HTTP/2 header block: GOAWAY and the close); "0s": never
 ///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
 ///       time: 60s              # passthrough, upgraded connections): the first probe after
 ///       interval: 10s          # this long without a packet, then one each interval; after

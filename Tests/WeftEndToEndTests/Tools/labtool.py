@@ -548,6 +548,17 @@ def _h2_frame(kind, flags, stream, payload):
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
 
+def _h2_split(buf):
+    """The whole frames at the start of BUF as (type, flags, stream,
+    payload), and the bytes after them."""
+    frames = []
+    while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+        n = int.from_bytes(buf[:3], "big")
+        frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7fffffff, buf[9:9 + n]))
+        buf = buf[9 + n:]
+    return frames, buf
+
+
 def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunks=None, connected=None, ended=True,
             half_close=False):
     """One h2c request on stream 1 (GET, or `method` with a body of DATA
@@ -596,11 +607,8 @@ def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunk
         if not data:
             out["closed"] = now
             break
-        buf += data
-        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
-            n, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
-            stream = int.from_bytes(buf[5:9], "big") & 0x7fffffff
-            payload, buf = buf[9:9 + n], buf[9 + n:]
+        frames, buf = _h2_split(buf + data)
+        for kind, flags, stream, payload in frames:
             if kind == 4 and not flags & 1 and not half_close:
                 s.sendall(frame(4, 1, 0, b""))  # SETTINGS ACK
             elif kind == 7:
@@ -661,6 +669,24 @@ def _recv_or_closed(s, start, out):
     return chunk
 
 
+def _trickle_step(s, pieces, start, every, out):
+    """One turn of a slow sender on non-blocking S: the next of PIECES if
+    its time has come (one every EVERY s from START; none before START is
+    set), then a wait of a quarter of EVERY for bytes. The bytes read, b""
+    once the peer closed or reset (OUT["closed"] set), None if none came."""
+    if start is not None and pieces and time.monotonic() - start >= out["sent"] * every:
+        try:
+            s.send(pieces.pop(0))
+            out["sent"] += 1
+        except OSError as e:
+            out["send_error"] = str(e)
+            pieces.clear()
+    ready, _, _ = select.select([s], [], [], every / 4)
+    if not ready:
+        return None
+    return _recv_or_closed(s, start if start is not None else time.monotonic(), out)
+
+
 def h1_idle(host, port, path, *headers):
     """One keep-alive HTTP/1.1 GET of PATH (extra header lines "Name: value"),
     then the connection left idle until the proxy closes it (30 s at
@@ -684,6 +710,75 @@ def h1_idle(host, port, path, *headers):
             length = next((int(l.split(b":", 1)[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")), 0)
             if len(body) >= length:
                 out["answered"] = now
+    s.close()
+    print(json.dumps(out))
+
+
+def h2_slow(host, port, path, every_ms, mode, first=""):
+    """An h2c GET of PATH whose header block (40 extra fields) is sent
+    slowly, a piece every EVERY_MS ms, as MODE says: "head" trickles its
+    HEADERS frame a byte at a time; "cont" sends HEADERS without
+    END_HEADERS, then the rest of the block in CONTINUATION frames of 8
+    bytes, each frame whole; "head:N" and "cont:N" end the block in N
+    pieces. With FIRST ("first"), a whole GET on stream 1 is answered
+    before the slow one (stream 3) starts. Reads until the slow request is
+    answered or the proxy closes (35 s at most): GOAWAY (its debug data as
+    text), the status, when (seconds from the slow request's start) it was
+    answered and the connection closed, and how many pieces were sent."""
+    import struct
+    import hpack
+    every = int(every_ms) / 1000
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    frame = _h2_frame
+    encoder = hpack.Encoder()
+    fields = [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", host)]
+    out = {"goaway": None, "status": None, "answered": None, "closed": None, "sent": 0}
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b""))
+    stream, buf = 1, b""
+    if first:
+        s.sendall(frame(1, 5, 1, encoder.encode(fields)))
+        stream = 3
+    block = encoder.encode(fields + [("x-slow-%d" % i, "y") for i in range(40)])
+    kind, _, count = mode.partition(":")
+    if kind == "head":
+        whole = frame(1, 5, stream, block)
+        size = -(-len(whole) // int(count)) if count else 1
+        pieces = [whole[i:i + size] for i in range(0, len(whole), size)]
+    else:
+        size = -(-(len(block) - 8) // (int(count) - 1)) if count else 8
+        rest = [block[i:i + size] for i in range(8, len(block), size)]
+        pieces = [frame(1, 1, stream, block[:8])]
+        pieces += [frame(9, 4 if i == len(rest) - 1 else 0, stream, piece) for i, piece in enumerate(rest)]
+    # The slow block starts once the proxy's SETTINGS are acknowledged (an
+    # ACK sent later would land inside it) and the first request answered.
+    start, deadline, acked = None, time.monotonic() + 35, False
+    s.setblocking(False)
+    while out["closed"] is None and time.monotonic() < deadline:
+        if start is None and acked and (not first or out.get("first")):
+            start = time.monotonic()
+        chunk = _trickle_step(s, pieces, start, every, out)
+        if chunk is None:
+            continue
+        if not chunk:
+            break
+        at = round(time.monotonic() - start, 3) if start is not None else 0
+        frames, buf = _h2_split(buf + chunk)
+        for t, flags, sid, payload in frames:
+            if t == 4 and not flags & 1 and start is None:
+                s.sendall(frame(4, 1, 0, b""))  # SETTINGS ACK
+                acked = True
+            elif t == 7:
+                last, code = struct.unpack(">II", payload[:8])
+                out["goaway"] = {"at": at, "last_stream_id": last & 0x7fffffff, "error_code": code,
+                                 "debug": payload[8:].decode(errors="replace")}
+            elif t == 1 and sid == 1 and first:
+                out["first"] = dict(hpack.Decoder().decode(payload)).get(":status")
+            elif t == 1 and sid == stream:
+                out["status"] = dict(hpack.Decoder().decode(payload)).get(":status")
+                out["answered"] = at
+        if out["answered"] is not None:
+            break
     s.close()
     print(json.dumps(out))
 
@@ -732,18 +827,9 @@ def h1_slow(host, port, path, every_ms, mode, *headers):
     s.setblocking(False)
     data = b""
     while out["closed"] is None and time.monotonic() - start < 30:
-        now = time.monotonic() - start
-        if pieces and now >= out["sent"] * every:
-            try:
-                s.send(pieces.pop(0))
-                out["sent"] += 1
-            except OSError as e:
-                out["send_error"] = str(e)
-                pieces = []
-        ready, _, _ = select.select([s], [], [], every / 4)
-        if not ready:
+        chunk = _trickle_step(s, pieces, start, every, out)
+        if chunk is None:
             continue
-        chunk = _recv_or_closed(s, start, out)
         if not chunk:
             break
         now = round(time.monotonic() - start, 3)
@@ -865,5 +951,5 @@ if __name__ == "__main__":
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
-     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "tcp-hold": tcp_hold,
+     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h2-slow": h2_slow, "tcp-hold": tcp_hold,
      "churn": churn}[command](*args)
