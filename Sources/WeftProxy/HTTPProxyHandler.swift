@@ -704,6 +704,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     func upstreamFailed(_ error: any Error, responded: Bool) {
         guard let r = request else { return }
         if !responded { recordOutcome(.localFailure) }
+        let endpoint = r.endpoint  // (the attempt's end forgets it)
         endAttempt(success: false)
         request!.upstream = nil
         if r.responseStarted || responded {
@@ -719,7 +720,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         countEvent("reset")
         record?.lastFlag = "UC"
         let reusedIdle = r.upstream?.reused ?? false
-        retryOrFail(.badGateway, "weft: upstream \(r.endpoint.map(\.description) ?? "?") reset the connection before responding\n",
+        retryOrFail(.badGateway, "weft: upstream \(endpoint.map(\.description) ?? "?") reset the connection before responding\n",
                     sentNothing: false, free: reusedIdle && r.idempotent)
     }
 
@@ -800,10 +801,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         record?.lastFlag = "UT"
         recordOutcome(.localFailure)
         r.upstream?.close()
+        let endpoint = r.endpoint  // (the attempt's end forgets it)
         endAttempt(success: false)
         request!.upstream = nil
         request!.connecting = false
-        retryOrFail(.gatewayTimeout, "weft: backend \(r.endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { "\($0)" } ?? "")\n",
+        retryOrFail(.gatewayTimeout, "weft: backend \(endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { "\($0)" } ?? "")\n",
                     sentNothing: false)
     }
 
