@@ -704,8 +704,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     func upstreamFailed(_ error: any Error, responded: Bool) {
         guard let r = request else { return }
         if !responded { recordOutcome(.localFailure) }
-        let endpoint = r.endpoint  // (the attempt's end forgets it)
-        endAttempt(success: false)
+        let endpoint = endAttempt(success: false)
         request!.upstream = nil
         if r.responseStarted || responded {
             // Part of a response went out: the client must see it broken.
@@ -801,8 +800,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         record?.lastFlag = "UT"
         recordOutcome(.localFailure)
         r.upstream?.close()
-        let endpoint = r.endpoint  // (the attempt's end forgets it)
-        endAttempt(success: false)
+        let endpoint = endAttempt(success: false)
         request!.upstream = nil
         request!.connecting = false
         retryOrFail(.gatewayTimeout, "weft: backend \(endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { "\($0)" } ?? "")\n",
@@ -825,16 +823,20 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map { "\($0)" } ?? "")\n")
     }
 
-    /// The in-flight count and timers of the current attempt.
-    private func endAttempt(success: Bool) {
-        guard let r = request else { return }
+    /// The in-flight count and timers of the current attempt; the backend
+    /// it went to (which it forgets), for the messages that name it.
+    @discardableResult
+    private func endAttempt(success: Bool) -> EndpointKey? {
+        guard let r = request else { return nil }
+        let endpoint = r.endpoint
         r.attemptTimer?.cancel()
         request!.attemptTimer = nil
-        if let key = r.endpoint, !r.connecting, let loop {
+        if let key = endpoint, !r.connecting, let loop {
             loop.pool.state(key).inFlight -= 1
             request!.endpoint = nil
             releaseBackend()
         }
+        return endpoint
     }
 
     /// The attempt is over: its backend has one request fewer in flight.

@@ -693,6 +693,17 @@ import Testing
             == "weft: the request head was not received whole within 1s (MeshConfig spec.proxy.requestHeaderTimeout)")
         #expect(!raw.server.isActive)
         _ = try? raw.server.finish()
+
+        // A client preface cut short is timed too, until it is whole.
+        let server = EmbeddedChannel()
+        let codec = HTTP2Codec(allocator: server.allocator)
+        try server.pipeline.syncOperations.addHandler(codec)
+        try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try server.writeInbound(ByteBuffer(string: "PRI * HTTP/2.0\r\n"))
+        #expect(codec.headClock.since != nil)
+        try server.writeInbound(ByteBuffer(string: "\r\nSM\r\n\r\n"))
+        #expect(codec.headClock.since == nil)
+        _ = try? server.finish()
     }
 
     /// Floods that cost the proxy and carry nothing are sent away
