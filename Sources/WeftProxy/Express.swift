@@ -15,6 +15,9 @@ enum Express {
     /// close under it, unanswered), as HAProxy's close-spread-time and
     /// Envoy's drain period avoid too.
     static let drainIdleGrace = TimeAmount.seconds(1)
+    /// How long a connection whose request head was refused (408, 431)
+    /// reads and drops what its client still sends before it closes.
+    static let linger = TimeAmount.seconds(2)
 
     /// What a connection on an express path keeps of its frontend's routing
     /// for one snapshot, so that a request costs no lookup by name: the

@@ -69,8 +69,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// The head waited on (captured connections only; a tunnel stream's
     /// requests were whole when the source proxy wrote them).
     private var head = HeadClock()
-    /// Answered 408: nothing more is taken.
-    private var headTimedOut = false
+    /// A head answered 408 or 431: nothing more is taken.
+    private var headRefused = false
 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
         self.proxy = proxy
@@ -181,6 +181,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         /// The head is, its body is not.
         case needMore
         case handOver
+        /// The head is larger than MeshConfig proxy.maxRequestHeaderSize.
+        case tooLarge
         case forward(Exchange)
         /// Delivering: AuthorizationPolicy refuses the request (`length`
         /// bytes with its body).
@@ -201,6 +203,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         idle.reset()
+        if headRefused { return }  // lingering: dropped
         var bytes = unwrapInboundIn(data)
         let fresh = inbound == nil || inbound!.readableBytes == 0
         if fresh {
@@ -238,8 +241,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let sweep = event as? IdleSweep {
             // A head begun too long ago and still not whole: 408, closed.
-            if exchange == nil, !handedOver, !headTimedOut, head.expired(sweep) {
-                return timeOutHead(sweep, context: context)
+            if exchange == nil, !handedOver, !headRefused, head.expired(sweep) {
+                proxy.stats.headTimeouts.add(1, ordering: .relaxed)
+                return refuseHead(408, "Request Timeout", HeadClock.body(sweep), context: context)
             }
             // Nothing in flight and nothing read through the sweeps: closed
             // once the last response is out (a slow reader gets all of it).
@@ -267,6 +271,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // The client shut its side after its requests: answer those read, then close.
         if let e = event as? ChannelEvent, case .inputClosed = e {
             inputClosed = true
+            if headRefused { return context.close(promise: nil) }  // the linger is over
             if exchange == nil { next() }
             return
         }
@@ -287,22 +292,25 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// Takes the next request read, if it is complete and none is in
     /// flight; whether to take the one after it at once.
     private func takeNext() -> Bool {
-        guard exchange == nil, !handedOver, !headTimedOut, let context, let loop else { return false }
+        guard exchange == nil, !handedOver, !headRefused, let context, let loop else { return false }
         guard let buffered = inbound, buffered.readableBytes > 0 else {
             // (The last response may still be on its way to a slow reader.)
             if inputClosed || quiescing { context.closeAfterWrites() }
             return false
         }
         let plan: Plan
+        // (A tunnel stream's heads were held to the limit at the source.)
+        var headLimit = Int.max
         if let delivery {
             plan = buffered.withUnsafeReadableBytes { self.plan($0, delivery: delivery, loop: loop) }
             switch plan {
             case .forward, .deny: proxy.stats.tunnelRequestsExpress.add(1, ordering: .relaxed)
-            case .needHead, .needMore, .handOver: break
+            case .needHead, .needMore, .handOver, .tooLarge: break
             }
         } else {
             let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
             self.routing = routing
+            headLimit = routing.snapshot.maxRequestHead
             guard routing.serves, let matcher = routing.matcher else {
                 handOver()
                 return false
@@ -312,6 +320,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             }
         }
         switch plan {
+        case .needHead where buffered.readableBytes > headLimit, .tooLarge:
+            proxy.stats.headsTooLarge.add(1, ordering: .relaxed)
+            refuseHead(431, "Request Header Fields Too Large", HeadLimit.body(headLimit), context: context)
+            return false
         case .needHead:
             if buffered.readableBytes > Self.maxRequest || inputClosed {
                 handOver()
@@ -404,22 +416,35 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                  length: total, outgoing: nil))
     }
 
-    /// MeshConfig proxy.requestHeaderTimeout ran out on the head in
-    /// `inbound`: 408, then the connection closes; what is read after is
-    /// dropped.
-    private func timeOutHead(_ sweep: IdleSweep, context: ChannelHandlerContext) {
-        headTimedOut = true
+    /// The head in `inbound` is refused: 408 (MeshConfig
+    /// proxy.requestHeaderTimeout ran out on it) or 431 (larger than
+    /// proxy.maxRequestHeaderSize). The answer goes out with Connection:
+    /// close and the proxy's side of the connection ends after it; what
+    /// the client still sends is read and dropped until it closes its side
+    /// or for Express.linger at most. Closing with bytes unread would reset
+    /// the connection, and the client could lose the answer.
+    private func refuseHead(_ code: Int, _ phrase: StaticString, _ body: String, context: ChannelHandlerContext) {
+        headRefused = true
         head.stop()
         inbound = nil
-        proxy.stats.headTimeouts.add(1, ordering: .relaxed)
-        proxy.stats.response(408)
-        let body = HeadClock.body(sweep)
-        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
-        out.writeString("HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n")
+        proxy.stats.response(code)
+        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 160)
+        out.writeString("HTTP/1.1 \(code) ")
+        out.writeStaticString(phrase)
+        out.writeString("\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n")
         out.writeStaticString("server: weft\r\nconnection: close\r\n\r\n")
         out.writeString(body)
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-        context.closeAfterWrites()
+        context.closeOutputAfterWrites { ended in
+            if !ended { context.close(promise: nil) }
+        }
+        if readPending {
+            readPending = false
+            context.read()
+        }
+        context.eventLoop.assumeIsolated().scheduleTask(in: Express.linger) {
+            context.close(promise: nil)
+        }
     }
 
     /// Delivering: AuthorizationPolicy's refusal, as InboundHTTP answers it.
@@ -442,6 +467,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func plan(_ p: UnsafeRawBufferPointer, routing: Express.Routing, matcher: RouteMatcher, loop: LoopState,
                       context: ChannelHandlerContext) -> Plan {
         guard let length = HTTP1Wire.headLength(p) else { return .needHead }
+        if length > routing.snapshot.maxRequestHead { return .tooLarge }
         guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return .handOver }
         var contentLength: Int?
         var close = false, strip = false, hasProto = false, hasRequestID = false, grpc = false

@@ -75,11 +75,15 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
 
     /// The connection's codec, right below: frames are sent by a call to it.
     private let codec: HTTP2Codec
+    /// MeshConfig proxy.maxRequestHeaderSize when the connection opened
+    /// (its SETTINGS announced twice that: HeadLimit).
+    private let headLimit: Int
 
-    init(proxy: ProxyContext, origin: CapturedOrigin, codec: HTTP2Codec) {
+    init(proxy: ProxyContext, origin: CapturedOrigin, codec: HTTP2Codec, headLimit: Int) {
         self.proxy = proxy
         self.origin = origin
         self.codec = codec
+        self.headLimit = headLimit
         frontendKey = "\(origin.vip):\(origin.port)"
         connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
         codec.express = self
@@ -182,6 +186,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             }
             if opening && h.endStream && (declared ?? 0) != 0 {
                 return refuse(id, "a body shorter than its content-length", context: context)
+            }
+            if opening, HeadLimit.listSize(h.headers) > headLimit {
+                return headTooLarge(id, requestOpen: !h.endStream)
             }
         }
         if id == .rootStream { return context.fireChannelRead(wrapInboundOut(frame)) }
@@ -318,6 +325,24 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         if let stream = streams[id] { abandon(stream) }
         proxy.logger.debug("HTTP/2 stream reset: \(why)", metadata: ["stream": "\(id)"])
         codec.reset(id, .protocolError, promise: nil)
+        codec.flushNow()
+    }
+
+    /// A request head over MeshConfig proxy.maxRequestHeaderSize (as it
+    /// was when the connection opened): 431 on its stream, from neither
+    /// path, and RST_STREAM NO_ERROR after it while the request is still
+    /// open (its body is not wanted, RFC 9113 section 8.1). The
+    /// connection goes on.
+    private func headTooLarge(_ id: HTTP2StreamID, requestOpen: Bool) {
+        lastStreamID = id
+        proxy.stats.headsTooLarge.add(1, ordering: .relaxed)
+        loop?.counters.answered(431)
+        let body = HeadLimit.body(headLimit)
+        let head = HPACKHeaders([(":status", "431"), ("content-type", "text/plain; charset=utf-8"),
+                                 ("content-length", String(body.utf8.count)), ("server", "weft")])
+        codec.send(id, .headers(head, endStream: false), promise: nil)
+        codec.send(id, .data(ByteBuffer(string: body), endStream: true), promise: nil)
+        if requestOpen { codec.reset(id, .noError, promise: nil) }
         codec.flushNow()
     }
 

@@ -26,9 +26,12 @@ import NIOHTTP2
 ///
 /// Limits on an h2c connection, as NIOHTTP2Handler's defaults: 100
 /// concurrent streams (a stream over that is refused), frames of at most
-/// 16,384 bytes, header lists of at most 16,384 bytes (a block over twice
-/// that, with its CONTINUATIONs, ends the connection), the protocol's
-/// initial windows of 65,535 bytes; a tunnel's are TunnelHTTP2's.
+/// 16,384 bytes, the protocol's initial windows of 65,535 bytes; a
+/// tunnel's are TunnelHTTP2's. Header lists of at most the size announced
+/// (on an h2c connection twice MeshConfig proxy.maxRequestHeaderSize when
+/// it opened: the express path answers a list over the limit and within
+/// that 431, HeadLimit); a larger list, or a block over that size in bytes
+/// with its CONTINUATIONs, ends the connection.
 /// A client that resets more streams than it lets finish is sent GOAWAY
 /// (ENHANCE_YOUR_CALM), the "rapid reset" attack; so is one that sends
 /// empty DATA frames over and over, a CONTINUATION flood, or PINGs and
@@ -419,8 +422,10 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             guard var continuing else { throw ConnectionError.violation(.protocolError, "CONTINUATION without HEADERS") }
             self.continuing = nil
             var more = payload
-            guard continuing.block.readableBytes + more.readableBytes <= 2 * settings.maxHeaderListSize else {
-                throw ConnectionError.violation(.enhanceYourCalm, "a header block over \(2 * settings.maxHeaderListSize) bytes")
+            // (A block is no larger than the list it decodes to: every
+            // field in it costs less than the 32 bytes a list counts.)
+            guard continuing.block.readableBytes + more.readableBytes <= settings.maxHeaderListSize else {
+                throw ConnectionError.violation(.enhanceYourCalm, "a header block over \(settings.maxHeaderListSize) bytes")
             }
             continuing.block.writeBuffer(&more)
             if flags & 0x4 != 0 {

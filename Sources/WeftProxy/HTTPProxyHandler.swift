@@ -292,6 +292,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let snapshot = proxy.snapshot
         record = Record(start: .now(), wallStart: AccessLog.now(), snapshot: snapshot, head: head)
         let keepAlive = head.isKeepAlive && !proxy.draining.load(ordering: .relaxed)
+        // (An HTTP/2 stream's list was held to the limit by the express
+        // path, or by NIO's HTTP/2 decoder on --no-express, which ends
+        // the connection over it. NIO's HTTP/1.1 decoder has read
+        // this head whole, so the connection can go on after the 431.)
+        if !isHTTP2, HeadLimit.size(head) > snapshot.maxRequestHead {
+            proxy.stats.headsTooLarge.add(1, ordering: .relaxed)
+            return respondLocally(head, .requestHeaderFieldsTooLarge, HeadLimit.body(snapshot.maxRequestHead), keepAlive: keepAlive)
+        }
         if cached?.snapshot !== snapshot {
             cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop?.budget($0.frontend.name)) }
         }

@@ -160,14 +160,24 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                     // each request body to its content-length (DeclaredBody)
                     // in place of NIO's checks; HTTP2FieldCheck checks what
                     // the full path sends.
-                    let codec = HTTP2Codec(allocator: context.channel.allocator)
+                    // Header lists to twice the MeshConfig limit are read, so
+                    // that one over the limit gets 431 (HeadLimit).
+                    let headLimit = proxy.snapshot.maxRequestHead
+                    var settings = HTTP2Codec.Settings.h2c
+                    settings.maxHeaderListSize = 2 * headLimit
+                    let codec = HTTP2Codec(allocator: context.channel.allocator, settings: settings)
                     try pipeline.addHandler(codec)
-                    try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec))
+                    try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec, headLimit: headLimit))
                     try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
                                                                    inboundStreamInitializer: fullPath(true)))
                 } else {
                     let ends = HTTP2ConnectionEnds(proxy: proxy, loop: context.eventLoop)
-                    _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: .init(), streamConfiguration: .init(),
+                    // (NIO's decoder holds header lists to the size
+                    // announced: a larger one ends the connection.)
+                    var connection = NIOHTTP2Handler.ConnectionConfiguration()
+                    connection.initialSettings = [HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
+                                                  HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead)]
+                    _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: connection, streamConfiguration: .init(),
                                                             streamDelegate: ends.streamDelegate, inboundStreamInitializer: fullPath(false))
                     try pipeline.addHandler(ends)
                 }

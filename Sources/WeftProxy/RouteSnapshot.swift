@@ -21,9 +21,13 @@ final class RouteSnapshot: Sendable {
     let identities: [UInt32: String]
     /// AuthorizationPolicies of this node's pods, by address.
     let authorization: [UInt32: AuthorizationSet]
+    /// MeshConfig proxy.maxRequestHeaderSize: a larger request head is
+    /// answered 431 (HeadLimit).
+    let maxRequestHead: Int
 
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
+        maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
         var matchers: [String: RouteMatcher] = [:]
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
         self.matchers = matchers
@@ -93,6 +97,7 @@ final class ProxyStats: Sendable {
     let http2Connections = Atomic<Int>(0)
     let idleClosed = Atomic<Int>(0)
     let headTimeouts = Atomic<Int>(0)
+    let headsTooLarge = Atomic<Int>(0)
     let upgrades = Atomic<Int>(0)
     let mirrored = Atomic<Int>(0)
     let overflows = Atomic<Int>(0)
@@ -198,6 +203,7 @@ final class ProxyStats: Sendable {
             ("http2_connections_total", http2Connections.load(ordering: .relaxed)),
             ("idle_connections_closed_total", idleClosed.load(ordering: .relaxed)),
             ("request_header_timeouts_total", headTimeouts.load(ordering: .relaxed)),
+            ("request_heads_too_large_total", headsTooLarge.load(ordering: .relaxed)),
             ("upgrades_total", upgrades.load(ordering: .relaxed)),
             ("mirrored_total", mirrored.load(ordering: .relaxed)),
             ("circuit_breaker_overflows_total", overflows.load(ordering: .relaxed)),

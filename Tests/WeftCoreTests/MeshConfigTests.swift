@@ -72,6 +72,10 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {tcpKeepalive: {probes: 0}}}", "m.yaml:1:spec.proxy.tcpKeepalive.probes: must be from 1 to 127, got 0"),
             (header + "spec: {proxy: {tcpKeepalive: {count: 3}}}", "m.yaml:1:spec.proxy.tcpKeepalive.count: unknown field"),
             (header + "spec: {proxy: {keepAlive: 1m}}", "m.yaml:1:spec.proxy.keepAlive: unknown field"),
+            (header + "spec: {proxy: {maxRequestHeaderSize: 512}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \"512\""),
+            (header + "spec: {proxy: {maxRequestHeaderSize: 65Ki}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki"),
+            (header + "spec: {proxy: {maxRequestHeaderSize: 8KB}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \"8KB\""),
+            (header + "spec: {proxy: {maxRequestHeaderSize: [8Ki]}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got a list"),
         ]
         for (text, want) in cases {
             let (state, errors) = parse(text)
@@ -111,6 +115,13 @@ struct MeshConfigTests {
         #expect(ProxyTable(head).requestHeaderTimeoutMilliseconds == 10_000 && ProxyTable(head).idleTimeoutMilliseconds == nil)
         let unlimited = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {requestHeaderTimeout: 0s, idleTimeout: 2m}}").0)
         #expect(ProxyTable(unlimited).requestHeaderTimeoutMilliseconds == 0 && ProxyTable(unlimited).idleTimeoutMilliseconds == 120_000)
+        // proxy.maxRequestHeaderSize: 64 KiB by default (absent from the
+        // table), in bytes otherwise, given as bytes or in Ki.
+        #expect(ProxyTable(off).maxRequestHeaderSize == nil && off.meshConfig.proxy.maxRequestHeaderSize == 65536)
+        let small = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {maxRequestHeaderSize: 8Ki}}").0)
+        #expect(ProxyTable(small).maxRequestHeaderSize == 8192)
+        let bytes = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {maxRequestHeaderSize: 20000}}").0)
+        #expect(ProxyTable(bytes).maxRequestHeaderSize == 20000)
         // proxy.tcpKeepalive: the default (60 s, 10 s, 6) is absent from
         // the table; otherwise in seconds, what was not given defaulted;
         // time 0s is off.

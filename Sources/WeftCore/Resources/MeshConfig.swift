@@ -26,6 +26,8 @@
 ///     requestHeaderTimeout: 60s # default 60s: a request head not whole that long after
 ///                              # its first byte gets 408 and the connection closes (an
 ///                              # HTTP/2 header block: GOAWAY and the close); "0s": never
+///     maxRequestHeaderSize: 64Ki # default 64Ki, from 1Ki to 64Ki (bytes, or NKi): a larger
+///                              # request head is answered 431 (docs/proxy.md)
 ///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
 ///       time: 60s              # passthrough, upgraded connections): the first probe after
 ///       interval: 10s          # this long without a packet, then one each interval; after
@@ -53,6 +55,15 @@ public struct MeshConfig: Hashable, Sendable {
         /// connection (and its buffer) for a pod that trickles a head a
         /// byte at a time, which the idle timeout never sees as idle.
         public var requestHeaderTimeout: Duration? = .seconds(60)
+        /// The largest request head the proxy takes, in bytes: an HTTP/1.1
+        /// head as it comes (request line, fields, the blank line), an
+        /// HTTP/2 one as RFC 9113 sizes a header list (each field's name
+        /// and value and 32). A larger one is answered 431. 64 KiB, about
+        /// Envoy's 60 KiB, and no more: the express path reads a head
+        /// whole into a buffer of that size, and NIO's HTTP/1.1 decoder
+        /// stops at 80 KiB.
+        public var maxRequestHeaderSize = Self.headerSizes.upperBound
+        public static let headerSizes = 1024...65536
         /// TCP keepalive on opaque streams; nil: off. HTTP connections have
         /// the idle timeout; an opaque stream has no such end, and one whose
         /// peer vanished without a FIN (its pod's network gone) would be
@@ -194,6 +205,13 @@ extension MeshConfig {
                 }
                 if key == "idleTimeout" { proxy.idleTimeout = timeout } else { proxy.requestHeaderTimeout = timeout }
             }
+            if let node = p.node("maxRequestHeaderSize") {
+                guard let size = Self.byteSize(node), Proxy.headerSizes.contains(size) else {
+                    throw p.error("maxRequestHeaderSize",
+                                  "must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \(Self.shown(node))")
+                }
+                proxy.maxRequestHeaderSize = size
+            }
             if var k = try p.mapping("tcpKeepalive") {
                 var keepalive = MeshConfig.TCPKeepalive()
                 var off = false
@@ -231,6 +249,20 @@ extension MeshConfig {
         let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
         guard parts.count == 2, let ip = IPv4Address(parts[0]), let port = UInt16(parts[1]), port != 0 else { return nil }
         return (ip, port)
+    }
+
+    /// Bytes as a whole number or a Kubernetes quantity in Ki ("16Ki").
+    static func byteSize(_ node: YAMLNode) -> Int? {
+        guard case .scalar(let s) = node else { return nil }
+        if node.tagName == .int { return Int(s.string) }
+        guard s.string.hasSuffix("Ki"), let n = Int(s.string.dropLast(2)), n >= 0 else { return nil }
+        return n.multipliedReportingOverflow(by: 1024).overflow ? nil : n * 1024
+    }
+
+    /// A scalar as written, anything else by its kind.
+    static func shown(_ node: YAMLNode) -> String {
+        if case .scalar(let s) = node { return "\"\(s.string)\"" }
+        return FieldReader.describe(node)
     }
 
     static func percent(_ node: YAMLNode) -> Double? {

@@ -23,6 +23,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// MeshConfig proxy.requestHeaderTimeout in milliseconds; 0: never;
     /// nil: the default (MeshConfig.Proxy).
     public var requestHeaderTimeoutMilliseconds: Int?
+    /// MeshConfig proxy.maxRequestHeaderSize in bytes; nil: the default
+    /// (MeshConfig.Proxy).
+    public var maxRequestHeaderSize: Int?
     /// MeshConfig proxy.tcpKeepalive; nil: the default (MeshConfig.Proxy).
     public var tcpKeepalive: TCPKeepaliveSettings?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
@@ -216,6 +219,7 @@ extension ProxyTable {
         if proxy.requestHeaderTimeout != defaults.requestHeaderTimeout {
             requestHeaderTimeoutMilliseconds = proxy.requestHeaderTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
         }
+        if proxy.maxRequestHeaderSize != defaults.maxRequestHeaderSize { maxRequestHeaderSize = proxy.maxRequestHeaderSize }
         if proxy.tcpKeepalive != defaults.tcpKeepalive { tcpKeepalive = TCPKeepaliveSettings(proxy.tcpKeepalive) }
         if let t = state.meshConfig.telemetry.tracing {
             tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)

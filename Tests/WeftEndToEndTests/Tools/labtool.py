@@ -944,6 +944,70 @@ def h2_request(host, port, path, *fields):
     print(json.dumps(out))
 
 
+def h2_heads(host, port, path, *specs):
+    """h2c requests one after another on one connection, frames by hand
+    (python3-h2 holds a client to the header list size the server
+    announced), one HPACK encoder for all of them as a client has. Each
+    SPEC is the size of an x-big field (0: none), with ":open" a POST whose
+    HEADERS do not end the stream and 1000 bytes of its body follow (more
+    to come). For each: the status, body, reset code and GOAWAY; it stops
+    at the connection's end."""
+    import struct
+    import hpack
+    s = socket.create_connection((host, int(port)), timeout=10)
+    encoder, decoder, buf = hpack.Encoder(), hpack.Decoder(), b""
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b""))
+    results = []
+    for i, spec in enumerate(specs):
+        size, _, mode = spec.partition(":")
+        stream = 2 * i + 1
+        fields = [(":method", "POST" if mode == "open" else "GET"), (":path", path), (":scheme", "http"),
+                  (":authority", host)] + ([("x-big", "a" * int(size))] if int(size) else [])
+        block = encoder.encode(fields)
+        if mode == "open":
+            s.sendall(_h2_frame(1, 4, stream, block) + _h2_frame(0, 0, stream, b"b" * 1000))
+        else:
+            s.sendall(_h2_frame(1, 5, stream, block))
+        out = {"spec": spec, "status": None, "body": b"", "reset": None, "goaway": None, "closed": False}
+        results.append(out)
+        done = False
+        while not done:
+            try:
+                data = s.recv(1 << 16)
+            except socket.timeout:
+                out["timeout"] = True
+                break
+            except OSError:
+                data = b""
+            if not data:
+                out["closed"] = True
+                break
+            frames, buf = _h2_split(buf + data)
+            for kind, flags, sid, payload in frames:
+                if kind == 4 and not flags & 1:
+                    s.sendall(_h2_frame(4, 1, 0, b""))  # SETTINGS ACK
+                elif kind == 7:
+                    last, code = struct.unpack(">II", payload[:8])
+                    out["goaway"] = {"last_stream_id": last & 0x7fffffff, "error_code": code}
+                elif sid == stream and kind == 1:
+                    out["status"] = dict(decoder.decode(payload)).get(":status")
+                elif sid == stream and kind == 0:
+                    out["body"] += payload
+                elif sid == stream and kind == 3:
+                    out["reset"] = struct.unpack(">I", payload[:4])[0]
+                    done = True
+                if sid == stream and kind in (0, 1) and flags & 1 and mode != "open":
+                    done = True
+            if mode == "open" and out["status"] is not None and out["reset"] is None:
+                s.settimeout(1.0)  # the reset follows the answer
+        s.settimeout(10)
+        out["body"] = out["body"].decode(errors="replace")
+        if out["closed"]:
+            break
+    s.close()
+    print(json.dumps({"requests": results}))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
@@ -951,5 +1015,6 @@ if __name__ == "__main__":
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
-     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h2-slow": h2_slow, "tcp-hold": tcp_hold,
+     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h2-slow": h2_slow, "h2-heads": h2_heads,
+     "tcp-hold": tcp_hold,
      "churn": churn}[command](*args)
