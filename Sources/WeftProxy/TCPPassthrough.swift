@@ -155,6 +155,17 @@ enum TCPPassthrough {
                 case .failure(let error):
                     failed(error)
                 case .success(let upstream):
+                    // The client went away meanwhile (a reset, say). Its
+                    // pipeline may not know yet: NIO removes the handlers
+                    // of a closed channel in a later task, and a handler
+                    // added before that would never hear of the close, so
+                    // the backend's connection would be held until the
+                    // backend closed it and keepalive found it gone.
+                    guard downstream.isActive else {
+                        pool.state(endpoint).inFlight -= 1
+                        upstream.close(promise: nil)
+                        return downstream.close(promise: nil)
+                    }
                     let (a, b) = GlueHandler.pair()
                     (a.splice, b.splice) = SpliceLeg.legs(maps: spliceMaps, downstream: downstream, upstream: upstream)
                     OpaqueKeepalive.apply(to: [downstream, upstream], proxy.snapshot.table.tcpKeepalive)
@@ -207,6 +218,13 @@ enum Upgrade {
         context.write(NIOAny(HTTPServerResponsePart.head(response)), promise: nil)
         context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
         context.eventLoop.assumeIsolated().execute {
+            // Either side closed meanwhile: glue added to its pipeline now
+            // would never hear of it (see start), and the other would be held.
+            guard downstream.isActive, upstreamChannel.isActive else {
+                upstreamChannel.close(promise: nil)
+                downstream.close(promise: nil)
+                return
+            }
             let (a, b) = GlueHandler.pair()
             do {
                 // Glue goes last, so that bytes a decoder still holds (sent
