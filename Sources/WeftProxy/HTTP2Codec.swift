@@ -422,8 +422,9 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             guard var continuing else { throw ConnectionError.violation(.protocolError, "CONTINUATION without HEADERS") }
             self.continuing = nil
             var more = payload
-            // (A block is no larger than the list it decodes to: every
-            // field in it costs less than the 32 bytes a list counts.)
+            // (A client's block is smaller than the list it decodes to:
+            // every field in it costs less than the 32 bytes a list
+            // counts. This bounds what a connection buffers.)
             guard continuing.block.readableBytes + more.readableBytes <= settings.maxHeaderListSize else {
                 throw ConnectionError.violation(.enhanceYourCalm, "a header block over \(settings.maxHeaderListSize) bytes")
             }
