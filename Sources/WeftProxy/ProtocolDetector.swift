@@ -172,11 +172,12 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                                                                    inboundStreamInitializer: fullPath(true)))
                 } else {
                     let ends = HTTP2ConnectionEnds(proxy: proxy, loop: context.eventLoop)
-                    // (NIO's decoder holds header lists to the size
-                    // announced: a larger one ends the connection.)
+                    // NIO's settings with the MeshConfig header limit (its
+                    // decoder holds lists to it: a larger one ends the
+                    // connection).
                     var connection = NIOHTTP2Handler.ConnectionConfiguration()
-                    connection.initialSettings = [HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
-                                                  HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead)]
+                    connection.initialSettings = nioDefaultSettings.filter { $0.parameter != .maxHeaderListSize }
+                        + [HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead)]
                     _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: connection, streamConfiguration: .init(),
                                                             streamDelegate: ends.streamDelegate, inboundStreamInitializer: fullPath(false))
                     try pipeline.addHandler(ends)
