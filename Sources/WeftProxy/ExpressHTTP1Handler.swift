@@ -916,8 +916,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         do {
             try context.pipeline.syncOperations.addHandlers(
-                [HTTPResponseEncoder(), ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)),
-                 HTTPServerProtocolErrorHandler(), handler], position: .after(self))
+                HTTP1ServerPipeline.handlers(proxy: proxy, then: handler), position: .after(self))
         } catch {
             proxy.logger.warning("cannot set up the HTTP/1 pipeline: \(error)")
             context.close(promise: nil)

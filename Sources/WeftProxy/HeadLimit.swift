@@ -10,8 +10,10 @@ import NIOHTTP1
 ///   answered then. The connection closes after the answer (the rest of
 ///   the head is not read: the client's next request would start in it).
 /// - HTTP/1.1, full path: the head NIO's decoder parsed, counted as it is
-///   written (request line, each field and its CRLF, the blank line). NIO's
-///   decoder itself refuses a head over 80 KiB with a bare 400.
+///   written (request line, each field and its CRLF, the blank line); the
+///   connection goes on. Past twice the limit (a field, the fields
+///   together, or a head still not whole once that much is read) the head
+///   is not read on: the 431, and the connection closes (HTTP1ServerPipeline).
 /// - HTTP/2: the header list as RFC 9113 sizes it (each field's name and
 ///   value and 32). The stream is answered 431 (and reset with NO_ERROR
 ///   if its body is still coming); the connection goes on. The codec

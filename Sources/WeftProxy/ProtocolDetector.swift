@@ -126,15 +126,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                 && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: "\(origin.vip):\(origin.port)"):
                 try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, origin: origin))
             case .http1:
-                // NIO's configureHTTPServerPipeline, but with the decoder
-                // keeping the bytes after an Upgrade request for the spliced
-                // stream, and pipelining handled by HTTPProxyHandler itself.
-                try pipeline.addHandler(HTTPResponseEncoder())
-                try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
-                try pipeline.addHandler(HTTPServerProtocolErrorHandler())
+                // Pipelining is handled by HTTPProxyHandler itself.
                 let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
                 handler.onUpgrade = Upgrade.splice
-                try pipeline.addHandler(handler)
+                try HTTP1ServerPipeline.add(to: pipeline, proxy: proxy, then: handler)
             case .http2:
                 proxy.stats.http2Connections.add(1, ordering: .relaxed)
                 let proxy = self.proxy, origin = self.origin

@@ -242,9 +242,7 @@ enum Upgrade {
                 let down = downstream.pipeline.syncOperations
                 try down.addHandler(a)
                 down.removeHandler(context: context, promise: nil)  // the HTTP handler that asked
-                try down.removeHandler(down.handler(type: HTTPServerProtocolErrorHandler.self), promise: nil)
-                try down.removeHandler(down.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self), promise: nil)
-                try down.removeHandler(down.handler(type: HTTPResponseEncoder.self), promise: nil)
+                try HTTP1ServerPipeline.remove(from: down)
                 downstream.read()
                 upstreamChannel.read()
             } catch {

@@ -193,11 +193,8 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                 }
             }
         } else {
-            try pipeline.addHandler(HTTPResponseEncoder())
-            // Bytes after an Upgrade request stay for the spliced stream.
-            try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
-            try pipeline.addHandler(HTTPServerProtocolErrorHandler())
-            try pipeline.addHandler(InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: false))
+            try HTTP1ServerPipeline.add(to: pipeline, proxy: proxy,
+                                        then: InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: false))
         }
     }
 
