@@ -594,7 +594,7 @@ def report(summary, paired, repeated, kept_disturbed):
         "## L7 proxy: Weft vs HAProxy vs nginx" + (", one core each" if PINNED else "") + " (issue #4)",
         "",
         f"Made by `scripts/bench proxy{SUFFIX}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build at {revision()} (no run-time exclusivity checks, as `scripts/bench` builds it); {ROUNDS} rounds rotating the order of the sides, medians. Load: {h2} in a client pod; backend: nginx "
+        f"release build at {revision()} (no run-time exclusivity checks, the Swift runtime linked in, as `scripts/bench` builds it); {ROUNDS} rounds rotating the order of the sides, medians. Load: {h2} in a client pod; backend: nginx "
         "answering `200 ok` in a pod on the same node. Every proxy runs on the node with "
         + (f"1 thread/worker pinned to CPU {PROXY_CPU} (Weft: the agent's `--proxy-threads 1`), h2load, the backend and the "
            f"agent pinned to CPU {LOAD_CPU}; each proxy " if PINNED else
