@@ -160,9 +160,8 @@ final class RequestErrors: ChannelDuplexHandler, RemovableChannelHandler {
             open -= 1
         }
         context.write(data, promise: promise)
-        if refusal != nil, open <= 0, !responseStarted {
-            context.eventLoop.assumeIsolated().execute { self.answer(context: context) }
-        }
+        // At once, so that no response the handler writes next goes first.
+        if refusal != nil, open <= 0, !responseStarted { answer(context: context) }
     }
 
     private func answer(context: ChannelHandlerContext) {
