@@ -1,5 +1,8 @@
+import Logging
 import NIOCore
 import NIOEmbedded
+import WeftCore
+@testable import WeftProxy
 
 /// Two embedded channels joined byte for byte: an HTTP/2 client handler on
 /// one, the server side under test on the other.
@@ -33,4 +36,23 @@ struct EmbeddedLink {
         _ = try? client.finish()
         _ = try? server.finish()
     }
+}
+
+/// A proxy context on one embedded channel's loop, with the table built
+/// from `config` (YAML, as the agent reads it) installed.
+func embeddedProxy(node: String, address: String, config: String, on channel: EmbeddedChannel) throws -> ProxyContext {
+    let configuration = ProxyConfiguration(node: node, listenAddress: IPv4Address(address)!,
+                                           pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
+    let proxy = ProxyContext(configuration: configuration, logger: Logger(label: "test"), origins: nil, policy: nil,
+                             eventLoops: [channel.embeddedEventLoop])
+    let (resources, errors) = ManifestReader.parse(config, file: "test.yaml")
+    guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
+        throw EmbeddedProxyConfigError()
+    }
+    proxy.install(ProxyTable(state))
+    return proxy
+}
+
+struct EmbeddedProxyConfigError: Error, CustomStringConvertible {
+    var description: String { "the test's config does not build" }
 }

@@ -55,16 +55,8 @@ import WeftCore
         let proxy: ProxyContext
 
         init() throws {
-            let configuration = ProxyConfiguration(node: "n1", listenAddress: IPv4Address("198.18.1.1")!,
-                                                   pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
-            proxy = ProxyContext(configuration: configuration, logger: Logger(label: "test"), origins: nil, policy: nil,
-                                 eventLoops: [channel.embeddedEventLoop])
             let mesh = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {proxy: {maxRequestHeaderSize: 1Ki}}"
-            let (resources, errors) = ManifestReader.parse(mesh, file: "m.yaml")
-            guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
-                throw ConfigError()
-            }
-            proxy.install(ProxyTable(state))
+            proxy = try embeddedProxy(node: "n1", address: "198.18.1.1", config: mesh, on: channel)
             try channel.pipeline.syncOperations.addHandler(halfClose)
             try HTTP1ServerPipeline.add(to: channel.pipeline.syncOperations, proxy: proxy, then: server)
             try channel.connect(to: SocketAddress(ipAddress: "198.18.1.10", port: 40000)).wait()
@@ -85,8 +77,6 @@ import WeftCore
 
         var refused: Int { proxy.stats.headsTooLarge.load(ordering: .relaxed) }
     }
-
-    struct ConfigError: Error {}
 
     static func request(_ path: String = "/", field: Int = 0) -> String {
         "GET \(path) HTTP/1.1\r\nhost: web\r\n" + (field > 0 ? "x-big: " + String(repeating: "a", count: field) + "\r\n" : "") + "\r\n"

@@ -38,15 +38,7 @@ import WeftCore
         let proxy: ProxyContext
 
         init() throws {
-            let configuration = ProxyConfiguration(node: "n2", listenAddress: IPv4Address("198.18.2.1")!,
-                                                   pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
-            proxy = ProxyContext(configuration: configuration, logger: Logger(label: "test"), origins: nil, policy: nil,
-                                 eventLoops: [channel.embeddedEventLoop])
-            let (resources, errors) = ManifestReader.parse(Self.config, file: "authz.yaml")
-            guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
-                throw ConfigError("the test's config does not build")
-            }
-            proxy.install(ProxyTable(state))
+            proxy = try embeddedProxy(node: "n2", address: "198.18.2.1", config: Self.config, on: channel)
             let who = AuthorizationRequest(principal: "cluster.local/ns/shop/sa/web", namespace: "shop",
                                            sourceIP: IPv4Address("198.18.1.10")!, port: 8080)
             let pod = EndpointKey(ip: IPv4Address("198.18.2.10")!, port: 8080, node: "n2")
@@ -73,11 +65,6 @@ import WeftCore
         }
 
         var judged: Int { proxy.stats.tunnelRequestsExpress.load(ordering: .relaxed) }
-    }
-
-    struct ConfigError: Error, CustomStringConvertible {
-        let description: String
-        init(_ d: String) { description = d }
     }
 
     /// Two requests in one read, then a third: each denied with the reason,
