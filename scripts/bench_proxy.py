@@ -43,6 +43,7 @@ competes with the load and the backend for its core, so *max* is one
 core's worth of each proxy and the latencies say less about the scheduler.
 It writes its own section, json and plot.
 """
+import contextlib
 import json
 import os
 import statistics
@@ -412,7 +413,12 @@ def percentiles(rows):
     return {"p50_us": pct(0.50), "p99_us": pct(0.99)}
 
 
-def main():
+@contextlib.contextmanager
+def proxies_lab():
+    """The benchmark's lab, up: one node with the client pod, the nginx
+    backend pod and its L7 Service (Weft's proxy), HAProxy and nginx on the
+    node, every side answering 200 (and, --pinned, every process on its
+    CPU). Yields each proxy's pid; takes it all down after, also on error."""
     work = tempfile.mkdtemp(prefix="weft-bench-proxy-")
     os.chmod(work, 0o755)
     write(f"{work}/backend.conf", BACKEND_CONF.format(dir=work))
@@ -422,10 +428,10 @@ def main():
     os.mkdir(config)
     write(f"{config}/lab.yaml", lab_yaml(work))
     sh(WEFT, "lab", "down", check=False)
-    sh(WEFT, "lab", "up", "--config", config, "--nodes", "1",
-       *(["--proxy-threads", "1"] if PINNED else ["--proxy-threads", str(THREADS), "--proxy-pin-threads"]))
     processes = NodeProcesses(WEFT)
     try:
+        sh(WEFT, "lab", "up", "--config", config, "--nodes", "1",
+           *(["--proxy-threads", "1"] if PINNED else ["--proxy-threads", str(THREADS), "--proxy-pin-threads"]))
         lab = json.load(open("/run/weft/lab/state.json"))
         node = lab["nodes"][0]
 
@@ -451,6 +457,15 @@ def main():
             raise SystemExit(f"some side never answered 200: {bad}")
         if PINNED:
             pin(pids, lab)   # once every side answers: the pods' processes have started
+        yield pids
+    finally:
+        processes.stop()
+        sh(WEFT, "lab", "down", check=False)
+        subprocess.run(["rm", "-rf", work])
+
+
+def main():
+    with proxies_lab() as pids:
         results = {load: {name: {"fixed": [], "independent": [], "max": []} for name in TARGETS} for load in LOADS}
         repeated = kept_disturbed = 0
 
@@ -496,10 +511,6 @@ def main():
                     for kind, v in r.items():
                         results[load][name][kind].append(v)
         rss = {name: rss_mib(pids_of(pid)) for name, pid in pids.items()}
-    finally:
-        processes.stop()
-        sh(WEFT, "lab", "down", check=False)
-        subprocess.run(["rm", "-rf", work])
 
     summary = {}
     for load, sides in results.items():
