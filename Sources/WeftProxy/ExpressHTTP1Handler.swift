@@ -69,8 +69,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// The head waited on (captured connections only; a tunnel stream's
     /// requests were whole when the source proxy wrote them).
     private var head = HeadClock()
-    /// A head answered 408 or 431: nothing more is taken.
-    private var headRefused = false
+    /// The connection is ending (endAfterWrites): nothing more is taken,
+    /// what comes is dropped.
+    private var lingering = false
 
     init(proxy: ProxyContext, origin: CapturedOrigin) {
         self.proxy = proxy
@@ -203,7 +204,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         idle.reset()
-        if headRefused { return }  // lingering: dropped
+        if lingering { return }  // dropped
         var bytes = unwrapInboundIn(data)
         let fresh = inbound == nil || inbound!.readableBytes == 0
         if fresh {
@@ -241,7 +242,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let sweep = event as? IdleSweep {
             // A head begun too long ago and still not whole: 408, closed.
-            if exchange == nil, !handedOver, !headRefused, head.expired(sweep) {
+            if exchange == nil, !handedOver, !lingering, head.expired(sweep) {
                 proxy.stats.headTimeouts.add(1, ordering: .relaxed)
                 return refuseHead(408, "Request Timeout", HeadClock.body(sweep), context: context)
             }
@@ -271,7 +272,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // The client shut its side after its requests: answer those read, then close.
         if let e = event as? ChannelEvent, case .inputClosed = e {
             inputClosed = true
-            if headRefused { return context.close(promise: nil) }  // the linger is over
+            if lingering { return context.close(promise: nil) }  // the linger is over
             if exchange == nil { next() }
             return
         }
@@ -292,7 +293,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// Takes the next request read, if it is complete and none is in
     /// flight; whether to take the one after it at once.
     private func takeNext() -> Bool {
-        guard exchange == nil, !handedOver, !headRefused, let context, let loop else { return false }
+        guard exchange == nil, !handedOver, !lingering, let context, let loop else { return false }
         guard let buffered = inbound, buffered.readableBytes > 0 else {
             // (The last response may still be on its way to a slow reader.)
             if inputClosed || quiescing { context.closeAfterWrites() }
@@ -419,14 +420,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// The head in `inbound` is refused: 408 (MeshConfig
     /// proxy.requestHeaderTimeout ran out on it) or 431 (larger than
     /// proxy.maxRequestHeaderSize). The answer goes out with Connection:
-    /// close and the proxy's side of the connection ends after it; what
-    /// the client still sends is read and dropped until it closes its side
-    /// or for Express.linger at most. Closing with bytes unread would reset
-    /// the connection, and the client could lose the answer.
+    /// close and the connection ends after it (endAfterWrites).
     private func refuseHead(_ code: Int, _ phrase: StaticString, _ body: String, context: ChannelHandlerContext) {
-        headRefused = true
         head.stop()
-        inbound = nil
         proxy.stats.response(code)
         var out = context.channel.allocator.buffer(capacity: body.utf8.count + 160)
         out.writeString("HTTP/1.1 \(code) ")
@@ -435,6 +431,21 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         out.writeStaticString("server: weft\r\nconnection: close\r\n\r\n")
         out.writeString(body)
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        endAfterWrites(context)
+    }
+
+    /// The connection ends once what was written is out, as RFC 9112
+    /// (section 9.6) asks: the output is shut (the client reads the answer,
+    /// then EOF), and what the client still sends (more of a refused head,
+    /// the rest of a body the answer did not wait for, a request pipelined
+    /// behind `Connection: close`) is read and dropped until it shuts its
+    /// side, or for Express.linger at most. Closing with bytes unread would
+    /// reset the connection, and a client still sending could lose the
+    /// answer. A client that has shut its side already: closed at once.
+    private func endAfterWrites(_ context: ChannelHandlerContext) {
+        lingering = true
+        inbound = nil
+        if inputClosed { return context.closeAfterWrites() }
         context.closeOutputAfterWrites { ended in
             if !ended { context.close(promise: nil) }
         }
@@ -845,8 +856,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         end(exchange, flags: "-")
         if exchange.closesClient || !exchange.keepAlive || quiescing || (inputClosed && (inbound?.readableBytes ?? 0) == 0) {
-            context.closeAfterWrites()
-            return
+            return endAfterWrites(context)
         }
         if unflushed { flush(context) }
         next()
@@ -882,10 +892,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         if close { out.writeStaticString("connection: close\r\n") }
         out.writeStaticString("\r\n")
         if !exchange.isHEAD { out.writeString(body) }
-        context.writeAndFlush(wrapOutboundOut(out)).assumeIsolated().whenComplete { _ in
-            if close { context.close(promise: nil) }
-        }
-        if !close { next() }
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        if close { endAfterWrites(context) } else { next() }
     }
 
     /// The client went away, or the handler left the pipeline mid-exchange.

@@ -25,7 +25,30 @@ import NIOHTTP1
 ///
 /// A head that parses but is over the limit as written is answered by
 /// HTTPProxyHandler, and the connection goes on.
+///
+/// The handler ends a connection after its last response the same way
+/// (`LingeringClose`), unless the client has already shut its side.
 enum HTTP1ServerPipeline {
+    /// Outbound user event from the handler, sent once its last response is
+    /// written: RFC 9112's staged close (section 9.6). The output is shut
+    /// (the client reads the response, then EOF); what the client still
+    /// sends (the rest of a body the answer did not wait for, a request
+    /// pipelined behind `Connection: close`, more of a head that timed out)
+    /// is read and dropped until it shuts its side, or for Express.linger
+    /// at most, then the connection closes. Closed at once instead, the
+    /// kernel answers those bytes with a reset, and a client still sending
+    /// can lose the response. `RequestErrors` takes it; a pipeline without
+    /// one fails its promise, and the sender closes.
+    struct LingeringClose: Sendable {}
+
+    /// Ends the connection of `context`'s handler once its last response is
+    /// written: lingering if RequestErrors is below it, else closed.
+    static func linger(_ context: ChannelHandlerContext) {
+        let done = context.eventLoop.makePromise(of: Void.self)
+        context.triggerUserOutboundEvent(LingeringClose(), promise: done)
+        done.futureResult.assumeIsolated().whenFailure { _ in context.close(promise: nil) }
+    }
+
     /// The handlers to add, `handler` last.
     static func handlers(proxy: ProxyContext, then handler: any ChannelHandler) -> [any ChannelHandler] {
         let limit = proxy.snapshot.maxRequestHead
@@ -143,6 +166,24 @@ final class RequestErrors: ChannelDuplexHandler, RemovableChannelHandler {
         if open <= 0 { answer(context: context) }
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Lingering, the client's EOF ends it.
+        if answered, let e = event as? ChannelEvent, case .inputClosed = e { return context.close(promise: nil) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
+        guard event is HTTP1ServerPipeline.LingeringClose else {
+            return context.triggerUserOutboundEvent(event, promise: promise)
+        }
+        promise?.succeed()
+        guard !answered else { return }
+        answered = true
+        bytes.refused = true
+        Self.shutOutput(context)
+        lingerThenClose(context: context)
+    }
+
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if answered {
             promise?.fail(ChannelError.outputClosed)
@@ -188,8 +229,20 @@ final class RequestErrors: ChannelDuplexHandler, RemovableChannelHandler {
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { result in
             guard case .success = result else { return context.close(promise: nil) }
-            context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
+            Self.shutOutput(context)
         }
+        lingerThenClose(context: context)
+    }
+
+    /// Once what was written is out: the output shut (or, failing that,
+    /// the connection closed).
+    private static func shutOutput(_ context: ChannelHandlerContext) {
+        context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
+    }
+
+    /// Reads on (and drops what comes: `answered`) until the client's EOF,
+    /// or closes after Express.linger.
+    private func lingerThenClose(context: ChannelHandlerContext) {
         context.read()
         context.eventLoop.assumeIsolated().scheduleTask(in: Express.linger) { context.close(promise: nil) }
     }

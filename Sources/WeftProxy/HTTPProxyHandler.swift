@@ -248,6 +248,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         lastEnd.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
+    /// An HTTP/1.1 connection after its last response (written): closed
+    /// at once if the client has shut its side, else RFC 9112's staged
+    /// close (HTTP1ServerPipeline.LingeringClose), so that a client still
+    /// sending (a body the answer did not wait for, a head that timed out)
+    /// reads the response instead of a reset.
+    private func endConnection(_ context: ChannelHandlerContext) {
+        if inputClosed { return context.close(promise: nil) }
+        HTTP1ServerPipeline.linger(context)
+    }
+
     private func responseDone(_ context: ChannelHandlerContext) {
         while !queued.isEmpty && !(request != nil && !receiving) {
             process(queued.removeFirst(), context: context)
@@ -703,7 +713,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             let written = context.writeAndFlush(wrapOutboundOut(.end(trailers)))
             lastEnd = written
             written.assumeIsolated().whenComplete { _ in
-                if (!keepAlive || self.quiescing || self.clientGone) && !self.isHTTP2 { context.close(promise: nil) }
+                if (!keepAlive || self.quiescing || self.clientGone) && !self.isHTTP2 { self.endConnection(context) }
             }
             if keepAlive && !quiescing { responseDone(context) }
         }
@@ -984,7 +994,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         lastEnd = written
         written.assumeIsolated().whenComplete { _ in
-            if (!keepAlive || self.quiescing || self.clientGone) && !isHTTP2 { context.close(promise: nil) }
+            if (!keepAlive || self.quiescing || self.clientGone) && !isHTTP2 { self.endConnection(context) }
         }
         if keepAlive && !quiescing { responseDone(context) }
     }

@@ -655,6 +655,35 @@ struct ProxyTests {
         #expect(cut["reset"] as? Int == 8 && cut["status"] is NSNull && (cut["closed"] as? Double ?? .infinity) < 2, "\(cut)")
     }
 
+    /// A connection the proxy ends after a response (the client's
+    /// `Connection: close`, a local answer, a 408) ends as RFC 9112
+    /// (section 9.6) asks, on both paths: the proxy shuts its side once the
+    /// response is out, then reads and drops what the client still sends
+    /// until the client closes, or for 2 s. Closed at once, it reset a
+    /// client still sending: one that sent more after the response got a
+    /// reset (on both paths, until 2026-12-03). curl uploading a body that
+    /// a local answer does not wait for reads the answer (it did before
+    /// too: Linux hands a client the bytes ahead of a reset; a reset can
+    /// still cost a client the answer where they arrive together).
+    @Test func connectionsTheProxyEndsEndWithAStagedClose() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        let handovers = try stat("n1", "express_handovers_total")
+        for (name, extra) in [("express", [String]()), ("full", ["X-Forwarded-For: 198.18.1.99"])] {
+            let r = try lab.tool(in: "client", ["h1-close-send", "198.19.1.12", "80", "/__count"] + extra)
+            #expect((r["status"] as? String)?.hasPrefix("HTTP/1.1 200") == true && r["connection"] as? String == "close",
+                    "\(name): \(r)")
+            #expect(r["send_error"] is NSNull && r["end"] as? String == "eof", "\(name): a reset, not a staged close: \(r)")
+        }
+        #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
+        // No ready backend: answered 503 at the head, 8 MB of body still
+        // coming; curl reads the answer.
+        let upload = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
+                                         "head -c 8000000 /dev/zero | curl -sS -m 10 -o /dev/null -w '%{http_code}' "
+                                         + "-H 'Connection: close' --data-binary @- http://198.19.1.40/"])
+        #expect(upload.status == 0 && upload.output == "503", "\(upload.status): \(upload.output)")
+    }
+
     /// Clients that go away every way a client can (closed, reset, cut
     /// short, before or after their answers; HTTP/1.1, h2c, gRPC,
     /// WebSocket, opaque TCP) leave no connection behind in the proxy: it

@@ -17,13 +17,18 @@ import WeftCore
         typealias InboundIn = HTTPServerRequestPart
         typealias OutboundOut = HTTPServerResponsePart
         var heads: [String] = []
+        var bodyBytes = 0
         var context: ChannelHandlerContext?
         var lastWrite: EventLoopFuture<Void>?
 
         func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            if case .head(let head) = Self.unwrapInboundIn(data) { heads.append(head.uri) }
+            switch Self.unwrapInboundIn(data) {
+            case .head(let head): heads.append(head.uri)
+            case .body(let body): bodyBytes += body.readableBytes
+            case .end: break
+            }
         }
 
         func answer() {
@@ -122,6 +127,37 @@ import WeftCore
         try c.send(String(repeating: "a", count: 1000))  // 2,505 bytes of a head: past 2 KiB
         let out = try c.answers()
         #expect(out.hasPrefix("HTTP/1.1 431 ") && c.refused == 1 && c.server.heads.isEmpty, "\(out)")
+    }
+
+    /// HTTP1ServerPipeline.linger, as HTTPProxyHandler ends a connection
+    /// after a `Connection: close` response or a 408: the output shut once
+    /// the response is out, what the client still sends (a body's rest, a
+    /// request pipelined behind) dropped, closed after Express.linger or at
+    /// the client's EOF, whichever comes first.
+    @Test func theHandlersLingeringCloseShutsTheOutputDropsWhatFollowsAndCloses() throws {
+        for eof in [false, true] {
+            let c = try Connection()
+            try c.send("POST /a HTTP/1.1\r\nhost: web\r\nconnection: close\r\ncontent-length: 100000\r\n\r\n" + String(repeating: "b", count: 1000))
+            #expect(c.server.heads == ["/a"] && c.server.bodyBytes == 1000)
+            c.server.answer()
+            let context = try #require(c.server.context)
+            c.server.lastWrite?.assumeIsolated().whenComplete { _ in HTTP1ServerPipeline.linger(context) }
+            c.channel.embeddedEventLoop.run()
+            #expect(try c.answers().hasPrefix("HTTP/1.1 200 OK\r\n"))
+            #expect(c.halfClose.outputClosed && c.channel.isActive)
+            try c.send(String(repeating: "b", count: 5000) + Self.request("/b"))
+            #expect(c.server.heads == ["/a"] && c.server.bodyBytes == 1000 && c.channel.isActive, "dropped while lingering")
+            if eof {
+                c.channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+                c.channel.embeddedEventLoop.run()
+                #expect(!c.channel.isActive, "closed at the client's EOF")
+            } else {
+                c.channel.embeddedEventLoop.advanceTime(by: Express.linger - .milliseconds(1))
+                #expect(c.channel.isActive)
+                c.channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
+                #expect(!c.channel.isActive, "closed after the linger")
+            }
+        }
     }
 
     @Test func aHeadNIOCannotParseIsAnswered400NamingTheFault() throws {

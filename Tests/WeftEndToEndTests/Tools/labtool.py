@@ -844,6 +844,49 @@ def h1_slow(host, port, path, every_ms, mode, *headers):
     print(json.dumps(out))
 
 
+def h1_close_send(host, port, path, *headers):
+    """A GET of PATH with `Connection: close` (and HEADERS, "Name: value"),
+    its response read whole; then, as a client with more to send would (the
+    rest of a body, a request pipelined behind), 64 KiB more, twice, 0.3 s
+    apart; then reads to the end. The status line, whether the proxy said
+    `connection: close`, how the connection ended ("eof" or the error) and
+    any send error: a proxy that shuts its side and reads on (RFC 9112's
+    staged close) takes those bytes; one that closed its socket answers
+    them with a reset."""
+    s = socket.create_connection((host, int(port)), timeout=5)
+    extra = "".join(h + "\r\n" for h in headers)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n%s\r\n" % (path, extra)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode(errors="replace").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)}
+    length = int(fields.get("content-length", "0"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    out = {"status": lines[0], "connection": fields.get("connection"), "body": len(body), "send_error": None}
+    try:
+        for _ in range(2):
+            time.sleep(0.3)
+            s.sendall(b"x" * 65536)
+    except OSError as e:
+        out["send_error"] = str(e)
+    try:
+        rest = s.recv(65536)
+        out["end"] = "eof" if rest == b"" else "more: %r" % rest[:80]
+    except OSError as e:
+        out["end"] = str(e)
+    s.close()
+    print(json.dumps(out))
+
+
 def tcp_hold(host, port, seconds):
     """Connects to a server that speaks first, reads its banner, then holds
     the connection without a byte either way for SECONDS: the banner, and
@@ -1016,5 +1059,5 @@ if __name__ == "__main__":
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h2-slow": h2_slow, "h2-heads": h2_heads,
-     "tcp-hold": tcp_hold,
+     "h1-close-send": h1_close_send, "tcp-hold": tcp_hold,
      "churn": churn}[command](*args)
