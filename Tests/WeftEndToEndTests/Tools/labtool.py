@@ -418,15 +418,7 @@ def ws_echo(host, port, message, hold="0"):
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(("GET /ws HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                    "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        headers = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
+        lines, headers, rest = _read_head(s)
         want = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
         echoes = []
         for i in range(3):
@@ -844,6 +836,20 @@ def h1_slow(host, port, path, every_ms, mode, *headers):
     print(json.dumps(out))
 
 
+def _read_head(s):
+    """Reads from S until a response head is whole (or EOF): its lines, its
+    fields (names lower-cased) and the bytes read past it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode(errors="replace").split("\r\n")
+    return lines, {l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}, rest
+
+
 def h1_close_send(host, port, path, *headers):
     """A GET of PATH with `Connection: close` (and HEADERS, "Name: value"),
     its response read whole; then, as a client with more to send would (the
@@ -856,15 +862,7 @@ def h1_close_send(host, port, path, *headers):
     s = socket.create_connection((host, int(port)), timeout=5)
     extra = "".join(h + "\r\n" for h in headers)
     s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n%s\r\n" % (path, extra)).encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode(errors="replace").split("\r\n")
-    fields = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)}
+    lines, fields, body = _read_head(s)
     length = int(fields.get("content-length", "0"))
     while len(body) < length:
         chunk = s.recv(65536)
