@@ -150,7 +150,7 @@ def report(summary, repeated, kept_disturbed, minutes):
         f"{b.FIXED_SLICE_S * b.SLICES} s per side, load and round in {b.SLICES} slices, every side in turn in each slice, "
         "the order rotating by round and mirrored every other slice. A round's p99 is over all of a side's requests in it; "
         "its paired difference is Weft's minus HAProxy's (direct's part cancels). Rounds the host slowed for more than "
-        f"{b.DISTURBED:.0%} of a run were run again ({repeated} repeats, {kept_disturbed} kept still over it).",
+        f"{b.DISTURBED:.0%} of a run were run again (rounds run again: {repeated}; kept still over it: {kept_disturbed}).",
         "",
         "The few rounds of that section cannot tell the proxies' p99s apart from the host's luck: a round's "
         "difference moves by hundreds of µs either way. Here: the sign test (in how many rounds Weft's p99 was the "
