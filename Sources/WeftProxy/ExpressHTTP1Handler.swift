@@ -449,13 +449,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         context.closeOutputAfterWrites { ended in
             if !ended { context.close(promise: nil) }
         }
-        if readPending {
-            readPending = false
-            context.read()
-        }
-        context.eventLoop.assumeIsolated().scheduleTask(in: Express.linger) {
-            context.close(promise: nil)
-        }
+        readPending = false
+        context.closeAfterLinger()
     }
 
     /// Delivering: AuthorizationPolicy's refusal, as InboundHTTP answers it.

@@ -181,7 +181,7 @@ final class RequestErrors: ChannelDuplexHandler, RemovableChannelHandler {
         answered = true
         bytes.refused = true
         Self.shutOutput(context)
-        lingerThenClose(context: context)
+        context.closeAfterLinger()
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
@@ -231,19 +231,12 @@ final class RequestErrors: ChannelDuplexHandler, RemovableChannelHandler {
             guard case .success = result else { return context.close(promise: nil) }
             Self.shutOutput(context)
         }
-        lingerThenClose(context: context)
+        context.closeAfterLinger()
     }
 
     /// Once what was written is out: the output shut (or, failing that,
     /// the connection closed).
     private static func shutOutput(_ context: ChannelHandlerContext) {
         context.close(mode: .output).assumeIsolated().whenFailure { _ in context.close(promise: nil) }
-    }
-
-    /// Reads on (and drops what comes: `answered`) until the client's EOF,
-    /// or closes after Express.linger.
-    private func lingerThenClose(context: ChannelHandlerContext) {
-        context.read()
-        context.eventLoop.assumeIsolated().scheduleTask(in: Express.linger) { context.close(promise: nil) }
     }
 }

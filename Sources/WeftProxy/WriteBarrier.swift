@@ -22,6 +22,16 @@ extension ChannelHandlerContext {
         barrier.futureResult.assumeIsolated().whenComplete { _ in then() }
     }
 
+    /// The rest of RFC 9112's staged close (section 9.6), once the output
+    /// is shut or about to be: reads on, for the handler to drop what the
+    /// client still sends, until the client's EOF (the handler closes then)
+    /// or Express.linger, when it closes. The express path and the full
+    /// path's RequestErrors both end connections so.
+    func closeAfterLinger() {
+        read()
+        eventLoop.assumeIsolated().scheduleTask(in: Express.linger) { self.close(promise: nil) }
+    }
+
     /// Closes the channel once what was written to it is out.
     func closeAfterWrites() {
         afterWrites { self.close(promise: nil) }
