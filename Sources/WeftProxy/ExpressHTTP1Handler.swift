@@ -464,7 +464,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         out.writeStaticString("\r\n")
         if !isHEAD { out.writeString(body) }
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-        if !keepAlive { context.closeAfterWrites() }
+        if !keepAlive { endAfterWrites(context) }
         return keepAlive
     }
 

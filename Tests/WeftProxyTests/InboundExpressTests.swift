@@ -36,9 +36,12 @@ import WeftCore
     struct Stream {
         let channel = EmbeddedChannel()
         let proxy: ProxyContext
+        /// Records a half-close as the tunnel stream takes it (END_STREAM).
+        let halfClose = HTTP1ServerPipelineTests.HalfClose()
 
         init() throws {
             proxy = try embeddedProxy(node: "n2", address: "198.18.2.1", config: Self.config, on: channel)
+            try channel.pipeline.syncOperations.addHandler(halfClose)
             let who = AuthorizationRequest(principal: "cluster.local/ns/shop/sa/web", namespace: "shop",
                                            sourceIP: IPv4Address("198.18.1.10")!, port: 8080)
             let pod = EndpointKey(ip: IPv4Address("198.18.2.10")!, port: 8080, node: "n2")
@@ -87,14 +90,49 @@ import WeftCore
         #expect(s.judged == 3)
     }
 
-    /// A request that asks to close: its answer says so and the stream closes.
+    /// A request that asks to close: its answer says so and the stream
+    /// ends with RFC 9112's staged close (output ended behind the answer,
+    /// what follows dropped, closed after Express.linger).
     @Test func aRequestThatClosesIsAnsweredThenTheStreamCloses() throws {
         let s = try Stream()
         defer { _ = try? s.channel.finish() }
         try s.send("GET /a HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
         let out = try s.answers()
         #expect(out.hasPrefix("HTTP/1.1 403 Forbidden\r\n") && out.contains("connection: close\r\n"), "\(out)")
+        #expect(s.halfClose.outputClosed && s.channel.isActive)
+        try s.send("GET /b HTTP/1.1\r\nhost: api\r\n\r\n")
+        #expect(try s.answers().isEmpty && s.judged == 1, "dropped while lingering")
+        s.channel.embeddedEventLoop.advanceTime(by: Express.linger)
         #expect(!s.channel.isActive)
+    }
+
+    /// On the full path too (InboundHTTP), a request that asks to close
+    /// gets RFC 9112's staged close: its answer, then the stream's output
+    /// ended (END_STREAM behind the answer), what the source still sends
+    /// read and dropped, and the stream closed after Express.linger or at
+    /// the source's end, whichever comes first.
+    @Test func theFullPathEndsAStreamWithAStagedClose() throws {
+        for sourceEnds in [false, true] {
+            let s = try Stream()
+            defer { _ = try? s.channel.finish() }
+            try s.send("POST /b HTTP/1.1\r\nhost: api\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            let out = try s.answers()
+            #expect(out.hasPrefix("HTTP/1.1 403 Forbidden\r\n") && out.contains("connection: close\r\n"), "\(out)")
+            #expect((try? s.channel.pipeline.syncOperations.handler(type: InboundHTTP.self)) != nil, "InboundHTTP answered")
+            #expect(s.halfClose.outputClosed && s.channel.isActive, "output ended, not closed")
+            try s.send("GET /c HTTP/1.1\r\nhost: api\r\n\r\n")
+            #expect(try s.answers().isEmpty && s.channel.isActive, "dropped while lingering")
+            if sourceEnds {
+                s.channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+                s.channel.embeddedEventLoop.run()
+                #expect(!s.channel.isActive, "closed at the source's end")
+            } else {
+                s.channel.embeddedEventLoop.advanceTime(by: Express.linger - .milliseconds(1))
+                #expect(s.channel.isActive)
+                s.channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
+                #expect(!s.channel.isActive, "closed after the linger")
+            }
+        }
     }
 
     /// A request half read waits for the rest (no answer yet); a chunked one

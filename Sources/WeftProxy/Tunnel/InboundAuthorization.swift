@@ -173,6 +173,8 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
     private var pending: [HTTPClientRequestPart] = []
     /// Parts of a pipelined request that came before the previous ended.
     private var queued: [HTTPServerRequestPart] = []
+    /// The source has ended its side (no more requests come).
+    private var inputClosed = false
 
     init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
@@ -210,6 +212,11 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         if state == .connecting || state == .forwarding { upstream?.close() }
         upstream = nil
         context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e { inputClosed = true }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -315,8 +322,12 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         upstream = nil
         if isHTTP2 { return }
         guard keepAlive else {
-            context.close(promise: nil)
-            return
+            // RFC 9112's staged close, as HTTPProxyHandler ends one: on a
+            // tunnel stream the END_STREAM goes behind the response's DATA
+            // (TunnelStreamCodec), where a close at once could reset the
+            // stream over a tail its window still holds back.
+            if inputClosed { return context.close(promise: nil) }
+            return HTTP1ServerPipeline.linger(context)
         }
         // The next request's parts, up to the head of the one after it.
         while let part = queued.first {
