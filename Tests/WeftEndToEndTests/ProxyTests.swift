@@ -1191,7 +1191,11 @@ struct ProxyTests {
         // GOAWAY), and closed, not kept until the drain times out (10 s).
         // And a kept-alive HTTP/1.1 connection, idle when the drain begins,
         // whose next request is on its way: answered, not closed under it.
-        let protos = ["h1", "h2", "h1-kept"]
+        // And a client that ignores `Connection: close` and holds its
+        // socket: the drain's staged close takes what it still sends while
+        // lingering, closes at the linger's end (a later send is reset),
+        // and does not keep the proxy until the drain times out.
+        let protos = ["h1", "h2", "h1-kept", "h1-hold"]
         let files = (ready: protos.map { "/tmp/weft-drain-\(getpid())-\($0)-ready" }, go: "/tmp/weft-drain-\(getpid())-go")
         defer { for f in files.ready + [files.go] { try? FileManager.default.removeItem(atPath: f) } }
         let late = try zip(protos, files.ready).map { proto, ready in
@@ -1201,14 +1205,22 @@ struct ProxyTests {
         #expect(files.ready.allSatisfy { FileManager.default.fileExists(atPath: $0) }, "a late client never connected")
         let current = try #require(Int32(try String(contentsOfFile: "/run/weft/n1/proxy.pid", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)))
+        func drainTimeouts() -> Int { LabHarness.agentLog("n1", lines: .max).components(separatedBy: "drain timeout").count - 1 }
+        let timeoutsBefore = drainTimeouts()
         kill(current, SIGTERM)
         usleep(100_000)
         _ = FileManager.default.createFile(atPath: files.go, contents: nil)
-        let h1 = try late[0].finish(), h2 = try late[1].finish(), kept = try late[2].finish()
+        let h1 = try late[0].finish(), h2 = try late[1].finish(), kept = try late[2].finish(), held = try late[3].finish()
         #expect(h1["status"] as? Int == 200 && h1["connection"] as? String == "close" && h1["closed"] as? Bool == true, "\(h1)")
         #expect(kept["status"] as? Int == 200 && kept["connection"] as? String == "close" && kept["closed"] as? Bool == true, "\(kept)")
         #expect(h2["status"] as? Int == 200 && h2["goaway"] is [String: Any] && h2["closed"] as? Bool == true
                 && (h2["closed_at"] as? Double ?? 99) < 5, "\(h2)")
+        #expect(held["status"] as? Int == 200 && held["connection"] as? String == "close" && held["eof"] as? Bool == true
+                && (held["during"] as? [Any])?.allSatisfy({ $0 is NSNull }) == true && (held["during"] as? [Any])?.count == 2
+                && held["after"] as? String == "reset", "\(held)")
+        for _ in 0..<240 where kill(current, 0) == 0 { usleep(50_000) }
+        #expect(kill(current, 0) != 0, "the drained proxy has not exited")
+        #expect(drainTimeouts() == timeoutsBefore, "\(LabHarness.agentLog("n1"))")
     }
 }
 

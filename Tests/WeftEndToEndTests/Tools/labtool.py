@@ -311,7 +311,12 @@ def late_request(proto, host, port, ready, go):
     field (h1) or the GOAWAY (h2), and whether and when the server closed
     (drain tests: a connection made before a drain that speaks only after
     it began). `proto` h1-kept: one HTTP/1.1 exchange first, then the wait,
-    then the late request on the same kept-alive connection."""
+    then the late request on the same kept-alive connection. `proto`
+    h1-hold: a client that ignores the response's `Connection: close` and
+    holds its socket open: after the response and EOF it sends 64 KiB at
+    0.3 and 0.6 s (taken while the proxy lingers: no error) and again at
+    3 s, past the 2 s linger (the proxy has closed: a reset); it never
+    closes first, so the drain must not wait for it."""
     def wait_for_go():
         waited = time.time() + 10
         while not os.path.exists(go) and time.time() < waited:
@@ -342,6 +347,36 @@ def late_request(proto, host, port, ready, go):
     connected()
     start = time.monotonic()
     s.sendall(b"GET / HTTP/1.1\r\nHost: late\r\n\r\n")
+    if proto == "h1-hold":
+        lines, fields, body = _read_head(s)
+        length = int(fields.get("content-length", "0"))
+        while len(body) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        out = {"status": int(lines[0].split()[1]) if len(lines[0].split()) > 1 else 0,
+               "connection": fields.get("connection", ""), "eof": s.recv(65536) == b"", "during": [], "after": None}
+        answered = time.monotonic()
+        for at, key in ((0.3, "during"), (0.6, "during"), (3.0, "after")):
+            time.sleep(max(0.0, answered + at - time.monotonic()))
+            try:
+                # (After EOF, recv() reports no reset; a second send does.)
+                s.sendall(b"x" * 65536)
+                time.sleep(0.2)
+                s.sendall(b"x")
+                error = None
+            except (BrokenPipeError, ConnectionResetError):
+                error = "reset"  # (EPIPE or ECONNRESET, as the timing falls)
+            except OSError as e:
+                error = str(e)
+            if key == "during":
+                out["during"].append(error)
+            else:
+                out["after"] = error
+        s.close()
+        print(json.dumps(out))
+        return
     data, closed = b"", False
     try:
         while True:
