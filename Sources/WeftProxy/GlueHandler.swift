@@ -34,6 +34,15 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // A channel that closed before its glue was in place told the
+        // handlers it had then, not this one (NIO removes a closed
+        // channel's handlers in a later task, and one added meanwhile
+        // hears nothing more): end the pair now, or the other channel
+        // would be held until its own peer closed.
+        if !context.channel.isActive { return channelInactive(context: context) }
+        if let partner, partner.inactive {
+            return partner.failed ? context.close(promise: nil) : partnerClose()
+        }
         // The partner may have been asked to read before this side was in
         // place (an HTTP/2 stream channel reads as soon as it has a
         // handler): it held the read for want of a writable partner; let it go.
