@@ -147,16 +147,7 @@ import WeftCore
             #expect(c.halfClose.outputClosed && c.channel.isActive)
             try c.send(String(repeating: "b", count: 5000) + Self.request("/b"))
             #expect(c.server.heads == ["/a"] && c.server.bodyBytes == 1000 && c.channel.isActive, "dropped while lingering")
-            if eof {
-                c.channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
-                c.channel.embeddedEventLoop.run()
-                #expect(!c.channel.isActive, "closed at the client's EOF")
-            } else {
-                c.channel.embeddedEventLoop.advanceTime(by: Express.linger - .milliseconds(1))
-                #expect(c.channel.isActive)
-                c.channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
-                #expect(!c.channel.isActive, "closed after the linger")
-            }
+            c.channel.expectLingerEnds(atEOF: eof)
         }
     }
 
@@ -167,5 +158,22 @@ import WeftCore
         #expect(out.hasPrefix("HTTP/1.1 400 Bad Request\r\n") && out.contains("connection: close\r\n")
                 && out.contains("weft: the request is not valid HTTP/1.1 ("), "\(out)")
         #expect(c.refused == 0 && c.server.heads.isEmpty && c.halfClose.outputClosed && c.channel.isActive)
+    }
+}
+
+extension EmbeddedChannel {
+    /// A lingering connection's end (RFC 9112's staged close): closed at
+    /// the peer's EOF (`atEOF`), or after Express.linger and not before.
+    func expectLingerEnds(atEOF eof: Bool, sourceLocation: SourceLocation = #_sourceLocation) {
+        if eof {
+            pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            embeddedEventLoop.run()
+            #expect(!isActive, "not closed at the peer's EOF", sourceLocation: sourceLocation)
+        } else {
+            embeddedEventLoop.advanceTime(by: Express.linger - .milliseconds(1))
+            #expect(isActive, "closed before the linger's end", sourceLocation: sourceLocation)
+            embeddedEventLoop.advanceTime(by: .milliseconds(1))
+            #expect(!isActive, "not closed after the linger", sourceLocation: sourceLocation)
+        }
     }
 }

@@ -122,16 +122,7 @@ import WeftCore
             #expect(s.halfClose.outputClosed && s.channel.isActive, "output ended, not closed")
             try s.send("GET /c HTTP/1.1\r\nhost: api\r\n\r\n")
             #expect(try s.answers().isEmpty && s.channel.isActive, "dropped while lingering")
-            if sourceEnds {
-                s.channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
-                s.channel.embeddedEventLoop.run()
-                #expect(!s.channel.isActive, "closed at the source's end")
-            } else {
-                s.channel.embeddedEventLoop.advanceTime(by: Express.linger - .milliseconds(1))
-                #expect(s.channel.isActive)
-                s.channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
-                #expect(!s.channel.isActive, "closed after the linger")
-            }
+            s.channel.expectLingerEnds(atEOF: sourceEnds)
         }
     }
 

@@ -333,28 +333,13 @@ def late_request(proto, host, port, ready, go):
     s = socket.create_connection((host, int(port)), timeout=5)
     if proto == "h1-kept":
         s.sendall(b"GET / HTTP/1.1\r\nHost: late\r\n\r\n")
-        first = b""
-        while b"\r\n\r\n" not in first:
-            chunk = s.recv(65536)
-            if not chunk:
-                raise SystemExit("the first exchange got no answer")
-            first += chunk
-        head, body = first.split(b"\r\n\r\n", 1)
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(body) < length:
-            body += s.recv(65536)
+        if not _read_response(s)[0][0]:
+            raise SystemExit("the first exchange got no answer")
     connected()
     start = time.monotonic()
     s.sendall(b"GET / HTTP/1.1\r\nHost: late\r\n\r\n")
     if proto == "h1-hold":
-        lines, fields, body = _read_head(s)
-        length = int(fields.get("content-length", "0"))
-        while len(body) < length:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
+        lines, fields, _ = _read_response(s)
         out = {"status": int(lines[0].split()[1]) if len(lines[0].split()) > 1 else 0,
                "connection": fields.get("connection", ""), "eof": s.recv(65536) == b"", "during": [], "after": None}
         answered = time.monotonic()
@@ -885,6 +870,18 @@ def _read_head(s):
     return lines, {l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}, rest
 
 
+def _read_response(s):
+    """_read_head, then the body up to its content-length (or EOF)."""
+    lines, fields, body = _read_head(s)
+    length = int(fields.get("content-length", "0"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return lines, fields, body
+
+
 def h1_close_send(host, port, path, *headers):
     """A GET of PATH with `Connection: close` (and HEADERS, "Name: value"),
     its response read whole; then, as a client with more to send would (the
@@ -897,13 +894,7 @@ def h1_close_send(host, port, path, *headers):
     s = socket.create_connection((host, int(port)), timeout=5)
     extra = "".join(h + "\r\n" for h in headers)
     s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n%s\r\n" % (path, extra)).encode())
-    lines, fields, body = _read_head(s)
-    length = int(fields.get("content-length", "0"))
-    while len(body) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
+    lines, fields, body = _read_response(s)
     out = {"status": lines[0], "connection": fields.get("connection"), "body": len(body), "send_error": None}
     try:
         for _ in range(2):
