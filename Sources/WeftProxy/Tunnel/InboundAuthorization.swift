@@ -173,8 +173,6 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
     private var pending: [HTTPClientRequestPart] = []
     /// Parts of a pipelined request that came before the previous ended.
     private var queued: [HTTPServerRequestPart] = []
-    /// The source has ended its side (no more requests come).
-    private var inputClosed = false
 
     init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
@@ -212,11 +210,6 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         if state == .connecting || state == .forwarding { upstream?.close() }
         upstream = nil
         context.fireChannelInactive()
-    }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let e = event as? ChannelEvent, case .inputClosed = e { inputClosed = true }
-        context.fireUserInboundEventTriggered(event)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -322,11 +315,15 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         upstream = nil
         if isHTTP2 { return }
         guard keepAlive else {
-            // RFC 9112's staged close, as HTTPProxyHandler ends one: on a
-            // tunnel stream the END_STREAM goes behind the response's DATA
-            // (TunnelStreamCodec), where a close at once could reset the
-            // stream over a tail its window still holds back.
-            if inputClosed { return context.close(promise: nil) }
+            // RFC 9112's staged close, as HTTPProxyHandler ends one. The
+            // output's end waits for the response without a promise on its
+            // `.end` (NIO's encoder would send an empty DATA frame for one,
+            // which NIO's HTTP/2 peer allows once in a row): a tunnel
+            // stream's END_STREAM goes behind its DATA (TunnelStreamCodec),
+            // a socket shuts its output once its writes are out (NIO). A
+            // close at once could reset a stream over a tail its window
+            // still holds back. A stream whose source has ended closes at
+            // that END_STREAM; NIO closes a socket whose input has ended.
             return HTTP1ServerPipeline.linger(context)
         }
         // The next request's parts, up to the head of the one after it.
