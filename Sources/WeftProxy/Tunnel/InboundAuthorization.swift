@@ -315,15 +315,13 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         upstream = nil
         if isHTTP2 { return }
         guard keepAlive else {
-            // RFC 9112's staged close, as HTTPProxyHandler ends one. The
-            // output's end waits for the response without a promise on its
-            // `.end` (NIO's encoder would send an empty DATA frame for one,
-            // which NIO's HTTP/2 peer allows once in a row): a tunnel
-            // stream's END_STREAM goes behind its DATA (TunnelStreamCodec),
-            // a socket shuts its output once its writes are out (NIO). A
-            // close at once could reset a stream over a tail its window
-            // still holds back. A stream whose source has ended closes at
-            // that END_STREAM; NIO closes a socket whose input has ended.
+            // RFC 9112's staged close, as HTTPProxyHandler ends one: the
+            // stream's END_STREAM goes behind the response's DATA
+            // (TunnelStreamCodec), where a close at once could reset the
+            // stream over a tail its window still holds back; one whose
+            // source has ended too is then closed. (Not after a promise on
+            // the `.end`: NIO's encoder sends an empty DATA frame for one,
+            // which NIO's HTTP/2 peer takes once in a row.)
             return HTTP1ServerPipeline.linger(context)
         }
         // The next request's parts, up to the head of the one after it.
