@@ -19,6 +19,14 @@ is the round's paired difference (direct's part cancels). Over the rounds:
 The interval below zero says Weft's added p99 is lower; above zero, higher;
 across zero, that this many rounds cannot tell them apart.
 
+WEFT_BENCH_P99_LOADS (comma-separated; default every load) runs only some
+of the loads. Every run's rounds are kept in
+docs/bench-proxy-p99[-pinned]-runs.json, and the section also gives the
+statistics over all runs' rounds together, per load, each run counted
+whatever it said: at 95% and at the stricter level that keeps 95% over as
+many looks as there were runs (Bonferroni: 1 - 0.05 / runs), since
+pooling after each new run looks at the data again.
+
 --pinned: the proxies on one core, everything else on the other, as
 `scripts/bench proxy-pinned`. Writes its own section of docs/benchmarks.md
 and docs/bench-proxy-p99[-pinned].json.
@@ -37,6 +45,10 @@ from benchdoc import revision, sh, write_section  # noqa: E402
 ROUNDS = int(os.environ.get("WEFT_BENCH_P99_ROUNDS", "30"))
 SIDES = ["direct", "weft", "haproxy"]
 LEVEL = 0.95
+LOADS = os.environ.get("WEFT_BENCH_P99_LOADS", ",".join(b.LOADS)).split(",")
+if not LOADS or any(load not in b.LOADS for load in LOADS):
+    raise SystemExit(f"WEFT_BENCH_P99_LOADS: loads from {list(b.LOADS)}, comma-separated; got {LOADS}")
+RUNS = os.path.join(b.ROOT, f"docs/bench-proxy-p99{b.SUFFIX}-runs.json")
 
 
 def binomial_cdf(k, n):
@@ -78,9 +90,9 @@ def verdict(interval):
     return "not told apart"
 
 
-def summarise(rounds, load):
+def summarise(rounds, load, level=LEVEL):
     """Per load: each side's median p99 added over direct, and the paired
-    statistics for p99, quiet p99 and p50."""
+    statistics for p99, quiet p99 and p50 (intervals at `level`)."""
     rs = rounds[load]
     out = {"rounds": len(rs)}
     for name in ("weft", "haproxy"):
@@ -89,7 +101,7 @@ def summarise(rounds, load):
     for key, get in (("p99", lambda s: s["p99_us"]), ("quiet_p99", lambda s: s["quiet"]["p99_us"]),
                      ("p50", lambda s: s["p50_us"])):
         diffs = [get(r["weft"]) - get(r["haproxy"]) for r in rs]
-        out[key] = {"diffs": diffs, "median": statistics.median(diffs), "interval": median_interval(diffs),
+        out[key] = {"diffs": diffs, "median": statistics.median(diffs), "interval": median_interval(diffs, level),
                     **sign_test(diffs)}
         out[key]["verdict"] = verdict(out[key]["interval"])
     out["failed"] = {name: sum(r[name]["failed"] for r in rs) for name in SIDES}
@@ -97,14 +109,35 @@ def summarise(rounds, load):
     return out
 
 
+def compact(got):
+    """A round's sides with what summarise reads, for the runs file."""
+    return {name: {"p99_us": s["p99_us"], "p50_us": s["p50_us"], "quiet": {"p99_us": s["quiet"]["p99_us"]},
+                   "failed": s["failed"], "host_slow": s["host_slow"]} for name, s in got.items()}
+
+
+def pool(runs):
+    """Every run's rounds together, per load: the summary at 95% and at
+    1 - 0.05 / (runs of that load), with the runs' revisions."""
+    out = {}
+    for load in b.LOADS:
+        with_load = [r for r in runs if r["rounds"].get(load)]
+        if not with_load:
+            continue
+        rounds = {load: [x for r in with_load for x in r["rounds"][load]]}
+        strict = 1 - (1 - LEVEL) / len(with_load)
+        out[load] = {"runs": [f"{r['revision']} ({len(r['rounds'][load])})" for r in with_load],
+                     "level": summarise(rounds, load), "strict_level": strict, "strict": summarise(rounds, load, strict)}
+    return out
+
+
 def main():
     started = time.time()
-    rounds = {load: [] for load in b.LOADS}
+    rounds = {load: [] for load in LOADS}
     repeated = kept_disturbed = 0
     with b.proxies_lab():
         for k in range(ROUNDS):
             order = SIDES[k % len(SIDES):] + SIDES[:k % len(SIDES)]
-            for load in b.LOADS:
+            for load in LOADS:
                 def one_round():
                     got = {name: [] for name in order}
                     for j in range(b.SLICES):
@@ -122,11 +155,18 @@ def main():
                       f"(weft - haproxy {w['p99_us'] - h['p99_us']:+d}); p50 {d['p50_us']} / {w['p50_us']} / {h['p50_us']} µs; "
                       f"host slow {max(r['host_slow'] for r in got.values()):.1%} "
                       f"[{(time.time() - started) / 60:.1f} min]", flush=True)
-    summary = {load: summarise(rounds, load) for load in b.LOADS}
+    summary = {load: summarise(rounds, load) for load in LOADS}
+    minutes = (time.time() - started) / 60
     with open(os.path.join(b.ROOT, f"docs/bench-proxy-p99{b.SUFFIX}.json"), "w") as f:
         json.dump({"summary": summary, "rounds": rounds, "repeated": repeated, "kept_disturbed": kept_disturbed,
-                   "minutes": (time.time() - started) / 60}, f, indent=1)
-    report(summary, repeated, kept_disturbed, (time.time() - started) / 60)
+                   "minutes": minutes}, f, indent=1)
+    runs = json.load(open(RUNS)) if os.path.exists(RUNS) else []
+    runs.append({"revision": revision(), "date": time.strftime("%Y-%m-%d"), "minutes": round(minutes),
+                 "rounds": {load: [compact(r) for r in rs] for load, rs in rounds.items()}})
+    with open(RUNS, "w") as f:
+        json.dump(runs, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    report(summary, repeated, kept_disturbed, minutes, pool(runs))
 
 
 def interval_text(s):
@@ -136,7 +176,7 @@ def interval_text(s):
     return f"{lo:+.0f} … {hi:+.0f} µs ({conf:.1%})"
 
 
-def report(summary, repeated, kept_disturbed, minutes):
+def report(summary, repeated, kept_disturbed, minutes, pooled):
     h2 = sh("h2load", "--version").split("\n")[0]
     lines = [
         "## L7 proxy: the fixed-load p99, Weft vs HAProxy, by count" + (", one core each" if b.PINNED else "")
@@ -144,7 +184,7 @@ def report(summary, repeated, kept_disturbed, minutes):
         "",
         f"Made by `WEFT_BENCH_P99_ROUNDS={ROUNDS} scripts/bench proxy-p99{b.SUFFIX}` ({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, kernel {os.uname().release}), release build at {revision()} (as `scripts/bench` builds it); "
-        f"{ROUNDS} rounds, {minutes:.0f} minutes. The lab, proxies, configurations, load ({h2}) and interleaving of "
+        f"{ROUNDS} rounds of {', '.join(LOADS)}, {minutes:.0f} minutes. The lab, proxies, configurations, load ({h2}) and interleaving of "
         f"`scripts/bench proxy{b.SUFFIX}` (its section is above), the fixed load only "
         f"({b.RATE} requests/s; HTTP/1.1 16 connections, HTTP/2 4 connections x 8 streams), on direct, Weft and HAProxy: "
         f"{b.FIXED_SLICE_S * b.SLICES} s per side, load and round in {b.SLICES} slices, every side in turn in each slice, "
@@ -178,6 +218,17 @@ def report(summary, repeated, kept_disturbed, minutes):
     lines += ["", "Every round's p99 difference, Weft minus HAProxy, sorted (µs):", ""]
     for load, s in summary.items():
         lines.append(f"- {load}: {' '.join(f'{d:+d}' for d in sorted(s['p99']['diffs']))}")
+    lines += ["", f"Every run's rounds together (`docs/bench-proxy-p99{b.SUFFIX}-runs.json`; each run counted, whatever it "
+              "said; the stricter interval keeps 95% over as many looks as there were runs):", "",
+              "| load | runs (rounds) | measure | Weft − HAProxy, median | 95% interval | stricter interval | "
+              "rounds Weft lower / higher / tied | p | verdict at 95% / stricter |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for load, s in pooled.items():
+        for key in ("p99", "p50"):
+            t, u = s["level"][key], s["strict"][key]
+            lines.append(f"| {load} | {', '.join(s['runs'])} | added {key} | {t['median']:+.0f} µs | {interval_text(t)} | "
+                         f"{interval_text(u)} | {t['lower']} / {t['higher']} / {t['tied']} | {t['p_two_sided']:.2g} | "
+                         f"{t['verdict']} / {u['verdict']} |")
     write_section("proxy_p99_pinned" if b.PINNED else "proxy_p99", lines)
     print("\n".join(lines))
 
