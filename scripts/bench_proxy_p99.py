@@ -182,7 +182,8 @@ def report(summary, repeated, kept_disturbed, minutes, pooled):
         "## L7 proxy: the fixed-load p99, Weft vs HAProxy, by count" + (", one core each" if b.PINNED else "")
         + " (issue #4)",
         "",
-        f"Made by `WEFT_BENCH_P99_ROUNDS={ROUNDS} scripts/bench proxy-p99{b.SUFFIX}` ({time.strftime('%Y-%m-%d')}, "
+        f"Made by `{'' if LOADS == list(b.LOADS) else 'WEFT_BENCH_P99_LOADS=' + ','.join(LOADS) + ' '}"
+        f"WEFT_BENCH_P99_ROUNDS={ROUNDS} scripts/bench proxy-p99{b.SUFFIX}` ({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, kernel {os.uname().release}), release build at {revision()} (as `scripts/bench` builds it); "
         f"{ROUNDS} rounds of {', '.join(LOADS)}, {minutes:.0f} minutes. The lab, proxies, configurations, load ({h2}) and interleaving of "
         f"`scripts/bench proxy{b.SUFFIX}` (its section is above), the fixed load only "
