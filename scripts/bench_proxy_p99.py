@@ -126,7 +126,7 @@ def pool(runs):
         rounds = {load: [x for r in with_load for x in r["rounds"][load]]}
         strict = 1 - (1 - LEVEL) / len(with_load)
         out[load] = {"runs": [f"{r['revision']} ({len(r['rounds'][load])})" for r in with_load],
-                     "level": summarise(rounds, load), "strict_level": strict, "strict": summarise(rounds, load, strict)}
+                     "level": summarise(rounds, load), "strict": summarise(rounds, load, strict)}
     return out
 
 
