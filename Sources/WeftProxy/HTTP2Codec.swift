@@ -338,19 +338,12 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    /// After a read: the head clock runs from the first read that left a
-    /// header block partly read until one that ends it (a CONTINUATION
-    /// that does not end its block does not stop it). A DATA frame cut
-    /// short is a body, not timed, and the other frames are not a head. On
-    /// the hot path (nothing left over) this is one store.
+    /// After a read: the head clock (HeadClock.afterHTTP2Read). On the hot
+    /// path (nothing left over) this is one store.
     private func clockHead(progressed: Bool) {
-        if progressed || (continuing == nil && partial == nil) { headClock.stop() }
-        guard continuing != nil || partial != nil else { return }
-        if continuing != nil || !prefaceRead { return headClock.started() }
-        guard let held = partial, let type = held.getInteger(at: held.readerIndex + 3, as: UInt8.self) else {
-            return headClock.started()  // a frame header cut before its type
-        }
-        if type == 0x1 || type == 0x9 { headClock.started() } else { headClock.stop() }
+        headClock.afterHTTP2Read(progressed: progressed, blockOpen: continuing != nil, leftover: partial != nil,
+                                 prefaceRead: prefaceRead,
+                                 leftoverType: partial.flatMap { $0.getInteger(at: $0.readerIndex + 3, as: UInt8.self) })
     }
 
     /// MeshConfig proxy.requestHeaderTimeout ran out on the header block the

@@ -65,6 +65,25 @@ struct HeadClock {
         return sweep.now - since >= limit
     }
 
+    /// After a read of an HTTP/2 connection (HTTP2Codec on the express
+    /// path, HTTP2HeadWatch in front of NIOHTTP2Handler): the clock runs
+    /// from the first read that left a header block partly read (a HEADERS
+    /// frame cut short, a block continued, a frame header cut before its
+    /// type, the client's preface) until one that ends it (a CONTINUATION
+    /// that does not end its block does not stop it). `progressed`: a
+    /// frame, or the preface, ended that left no block open; `blockOpen`:
+    /// a block waits for its CONTINUATIONs; `leftover`: part of a frame or
+    /// of the preface is held; `leftoverType`: that frame's type, if its
+    /// header got so far. A DATA frame cut short is a body, not timed, and
+    /// the other frames are not a head.
+    @inline(__always)
+    mutating func afterHTTP2Read(progressed: Bool, blockOpen: Bool, leftover: Bool, prefaceRead: Bool, leftoverType: UInt8?) {
+        if progressed || (!blockOpen && !leftover) { stop() }
+        guard blockOpen || leftover else { return }
+        guard !blockOpen, prefaceRead, let type = leftoverType else { return started() }
+        if type == 0x1 || type == 0x9 { started() } else { stop() }
+    }
+
     /// What ran out: HTTP/2's GOAWAY carries it as debug data.
     static func reason(_ sweep: IdleSweep) -> String {
         let ms = (sweep.headTimeout ?? .zero).nanoseconds / 1_000_000
@@ -114,7 +133,8 @@ extension ConnectionRegistry {
 /// (NIOHTTP2Handler does nothing with it, and the connection would be held
 /// open for good; Weft's own codec answers what is in flight first,
 /// HTTP2Codec.userInboundEventTriggered); an idle one (no stream open
-/// through the sweeps) is sent GOAWAY and closed.
+/// through the sweeps) is sent GOAWAY and closed, and so is one whose
+/// header block HTTP2HeadWatch found late.
 final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTP2Frame
     typealias OutboundIn = HTTP2Frame
@@ -155,14 +175,115 @@ final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
             context.close(promise: nil)
         case let sweep as IdleSweep:
             if !closing, idle.expired(sweep, busy: open > 0) {
-                closing = true
                 proxy.stats.idleClosed.add(1, ordering: .relaxed)
-                let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: .noError, opaqueData: nil))
-                context.writeAndFlush(wrapOutboundOut(goAway)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+                goAway(.noError, debug: nil, context: context)
+            }
+        case let late as HTTP2HeadWatch.Late:
+            // A header block begun a request-head timeout ago and not whole:
+            // what is in flight is cut (the client's later frames are stuck
+            // behind the block), as on the express path.
+            if !closing {
+                proxy.stats.headTimeouts.add(1, ordering: .relaxed)
+                goAway(.enhanceYourCalm, debug: late.reason, context: context)
             }
         default:
             context.fireUserInboundEventTriggered(event)
         }
+    }
+
+    /// GOAWAY naming the last stream opened, then the close once it is written.
+    private func goAway(_ code: HTTP2ErrorCode, debug: String?, context: ChannelHandlerContext) {
+        closing = true
+        let data = debug.map { context.channel.allocator.buffer(string: $0) }
+        let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: code, opaqueData: data))
+        context.writeAndFlush(wrapOutboundOut(goAway)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+    }
+}
+
+/// On the full-path-only pipeline (`--no-express`), in front of
+/// NIOHTTP2Handler: MeshConfig `proxy.requestHeaderTimeout` for HTTP/2
+/// header blocks, which HTTP2Codec keeps on the express path
+/// (NIOHTTP2Handler holds a block cut short and says nothing of it). It
+/// follows the frames' 9-byte headers through the bytes as they pass, each
+/// read passed on as it came, and runs the same clock (HeadClock
+/// .afterHTTP2Read); when a sweep finds the block late it sends `Late` up
+/// in the sweep's place, and HTTP2ConnectionEnds sends GOAWAY
+/// (ENHANCE_YOUR_CALM, the reason as debug data) and closes.
+final class HTTP2HeadWatch: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    /// In place of the IdleSweep that found the header block late.
+    struct Late: Sendable {
+        let reason: String
+    }
+
+    /// The client's preface, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", still to come.
+    private var prefaceLeft = 24
+    /// Bytes of the current frame's header read (0 to 9), and its first
+    /// five (length, type, flags) as they came, last in the low byte.
+    private var headerRead = 0
+    private var header: UInt64 = 0
+    /// Payload bytes of the current frame still to come.
+    private var payloadLeft = 0
+    /// A HEADERS frame's block waits for CONTINUATIONs.
+    private var blockOpen = false
+    private(set) var clock = HeadClock()
+    private var late = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        follow(unwrapInboundIn(data).readableBytesView)
+        context.fireChannelRead(data)
+    }
+
+    /// Follows the frames through one read's bytes, then clocks the head.
+    func follow(_ bytes: ByteBufferView) {
+        var i = bytes.startIndex
+        var progressed = false
+        if prefaceLeft > 0 {
+            let n = min(prefaceLeft, bytes.count)
+            prefaceLeft -= n
+            i += n
+            progressed = prefaceLeft == 0
+        }
+        while i < bytes.endIndex {
+            if headerRead < 9 {
+                if headerRead < 5 { header = header << 8 | UInt64(bytes[i]) }
+                headerRead += 1
+                i += 1
+                if headerRead == 9 {
+                    payloadLeft = Int(header >> 16)
+                    if payloadLeft == 0 { frameEnded(&progressed) }
+                }
+                continue
+            }
+            let n = min(payloadLeft, bytes.endIndex - i)
+            payloadLeft -= n
+            i += n
+            if payloadLeft == 0 { frameEnded(&progressed) }
+        }
+        let type: UInt8? = headerRead >= 5 ? UInt8(truncatingIfNeeded: header >> 8)
+            : headerRead == 4 ? UInt8(truncatingIfNeeded: header) : nil
+        clock.afterHTTP2Read(progressed: progressed, blockOpen: blockOpen, leftover: prefaceLeft > 0 || headerRead > 0,
+                             prefaceRead: prefaceLeft == 0, leftoverType: type)
+    }
+
+    private func frameEnded(_ progressed: inout Bool) {
+        let type = UInt8(truncatingIfNeeded: header >> 8), flags = UInt8(truncatingIfNeeded: header)
+        if type == 0x1 || type == 0x9 { blockOpen = flags & 0x4 == 0 }  // END_HEADERS
+        if !blockOpen { progressed = true }
+        headerRead = 0
+        header = 0
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let sweep = event as? IdleSweep, !late, clock.expired(sweep) {
+            late = true
+            clock.stop()
+            context.fireUserInboundEventTriggered(Late(reason: HeadClock.reason(sweep)))
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }
 

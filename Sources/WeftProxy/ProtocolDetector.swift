@@ -167,6 +167,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                                                                    inboundStreamInitializer: fullPath(true)))
                 } else {
                     let ends = HTTP2ConnectionEnds(proxy: proxy, loop: context.eventLoop)
+                    try pipeline.addHandler(HTTP2HeadWatch())
                     // NIO's settings with the MeshConfig header limit (its
                     // decoder holds lists to it: a larger one ends the
                     // connection).

@@ -225,3 +225,21 @@ final class BackgroundRun: @unchecked Sendable {
         return json
     }
 }
+
+/// What labtool's `h2-slow` saw of a header block the proxy cut after a
+/// MeshConfig `requestHeaderTimeout` of 1s: GOAWAY (ENHANCE_YOUR_CALM, the
+/// last whole request's stream, the reason as debug data) between one and
+/// one and a quarter timeouts after the block began (and slack for a busy
+/// machine), then the close, the block trickled meanwhile.
+func expectHeadCutByGoAway(_ r: [String: Any], _ name: String, lastStream: Int,
+                           sourceLocation: SourceLocation = #_sourceLocation) {
+    let goAway = r["goaway"] as? [String: Any] ?? [:]
+    #expect(goAway["error_code"] as? Int == 0xB, "\(name): \(r)", sourceLocation: sourceLocation)
+    #expect(goAway["last_stream_id"] as? Int == lastStream, "\(name): \(r)", sourceLocation: sourceLocation)
+    #expect((goAway["debug"] as? String)?.hasSuffix("within 1s (MeshConfig spec.proxy.requestHeaderTimeout)") == true,
+            "\(name): \(r)", sourceLocation: sourceLocation)
+    let at = goAway["at"] as? Double ?? .infinity
+    #expect(at >= 0.95 && at < 2.5, "\(name): GOAWAY after \(at) s: \(r)", sourceLocation: sourceLocation)
+    #expect((r["closed"] as? Double).map { $0 >= at } == true, "\(name): not closed after GOAWAY: \(r)", sourceLocation: sourceLocation)
+    #expect(r["sent"] as? Int ?? 0 >= 4, "\(name): the block was not trickled: \(r)", sourceLocation: sourceLocation)
+}

@@ -172,6 +172,34 @@ struct MeshTLSTests {
         let goAway = idle["goaway"] as? [String: Any] ?? [:]
         #expect(idle["status"] as? String == "200" && closed - answered >= 0.95 && closed - answered < 2.5, "\(idle)")
         #expect(goAway["last_stream_id"] as? Int == 1 && goAway["error_code"] as? Int == 0, "\(idle)")
+        // MeshConfig proxy.requestHeaderTimeout there too (HTTP2HeadWatch in
+        // front of NIOHTTP2Handler): a header block trickled a byte at a
+        // time, or in CONTINUATIONs each whole behind a first request, gets
+        // GOAWAY (ENHANCE_YOUR_CALM) and the close; one that ends in time is
+        // answered. (The idle timeout off, so only the head timeout sweeps.)
+        let timeouts = try proxyStat("n1", "request_header_timeouts_total")
+        let beforeHeads = try lab.generations(["n1", "n2", "n3"])
+        try lab.write("mesh.yaml", """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {proxy: {idleTimeout: 0s, requestHeaderTimeout: 1s}}
+            """)
+        try lab.waitForGeneration(after: beforeHeads)
+        usleep(300_000)
+        let slowHeads: [(String, [String])] = [("h2 head", ["200", "head"]), ("h2 continued head", ["200", "cont", "first"]),
+                                               ("h2 head in time", ["100", "head:4"])]
+        let trickled = try slowHeads.map { ($0.0, try lab.startTool(in: "\(ns)/client", ["h2-slow", "198.19.5.10", "80", "/no-express-slow"] + $0.1)) }
+        for (name, run) in trickled {
+            let r = try run.finish()
+            if name.contains("continued") { #expect(r["first"] as? String == "200", "\(name): \(r)") }
+            if name.hasSuffix("in time") {
+                #expect(r["status"] as? String == "200" && r["goaway"] is NSNull, "\(name): \(r)")
+            } else {
+                expectHeadCutByGoAway(r, name, lastStream: name.contains("continued") ? 1 : 0)
+            }
+        }
+        #expect(try proxyStat("n1", "request_header_timeouts_total") - timeouts == 2)
         // A drain of the far proxies lets a tunnel stream in flight finish
         // (NIO's connection management handler once saw no streams there,
         // and closed the tunnel under it).

@@ -446,9 +446,14 @@ import Testing
         let server = EmbeddedChannel()
         let above = Above()
         let codec: HTTP2Codec
+        /// In front of the codec, passing every read on as it came: the
+        /// `--no-express` pipeline's head clock, which follows the same
+        /// bytes (slowHeaderBlocksRunTheHeadClock holds it to the codec's).
+        let watch = HTTP2HeadWatch()
 
         init(settings: HTTP2Codec.Settings = .h2c) throws {
             codec = HTTP2Codec(allocator: server.allocator, settings: settings)
+            try server.pipeline.syncOperations.addHandler(watch)
             try server.pipeline.syncOperations.addHandler(codec)
             try server.pipeline.syncOperations.addHandler(above)
             try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
@@ -617,11 +622,18 @@ import Testing
     /// end it do not restart it; a DATA frame cut short is a body, not
     /// timed. Run out (on a sweep), the connection gets GOAWAY
     /// (ENHANCE_YOUR_CALM, the last whole request's stream, what ran out as
-    /// debug data) and closes.
+    /// debug data) and closes. HTTP2HeadWatch (the `--no-express`
+    /// pipeline's clock, in front of NIOHTTP2Handler) reads the same bytes
+    /// and runs its clock at the same reads.
     @Test func slowHeaderBlocksRunTheHeadClock() throws {
         let raw = try Raw()
         _ = raw.written()
-        func since() -> NIODeadline? { raw.codec.headClock.since }
+        func since(sourceLocation: SourceLocation = #_sourceLocation) -> NIODeadline? {
+            let codec = raw.codec.headClock.since, watch = raw.watch.clock.since
+            #expect((codec == nil) == (watch == nil), "codec \(String(describing: codec)), watch \(String(describing: watch))",
+                    sourceLocation: sourceLocation)
+            return codec
+        }
         func headers(_ stream: UInt32, flags: UInt8 = 0x5, _ payload: [UInt8] = [0x82, 0x86, 0x84, 0x41, 0x01, 0x61]) -> ByteBuffer {
             var b = ByteBuffer()
             Raw.frame(&b, type: 0x1, flags: flags, stream: stream, payload: payload)
@@ -653,24 +665,25 @@ import Testing
         // A block in CONTINUATIONs: the clock runs from the HEADERS frame
         // through CONTINUATIONs that do not end it.
         raw.send(headers(7, flags: 0x1, [0x82]))
-        let began = since()
+        let began = since(), watchBegan = raw.watch.clock.since
         #expect(began != nil)
         usleep(2_000)
         raw.send(type: 0x9, stream: 7, payload: [0x86])
         #expect(since() == began, "a CONTINUATION that does not end the block restarted the clock")
+        #expect(raw.watch.clock.since == watchBegan, "a CONTINUATION that does not end the block restarted the watch's clock")
         raw.send(type: 0x9, flags: 0x4, stream: 7, payload: [0x84, 0x41, 0x01, 0x61])
         #expect(since() == nil)
         // A read that ends a block and cuts the next restarts the clock.
         let (head9, tail9) = cut(headers(9), 12)
         raw.send(head9)
-        let first = since()
+        let first = since(), watchFirst = raw.watch.clock.since
         usleep(2_000)
         var next = tail9
         var (head11, _) = cut(headers(11), 12)
         next.writeBuffer(&head11)
         raw.send(next)
-        if let first, let now = since() {
-            #expect(now > first, "the clock was not restarted")
+        if let first, let now = since(), let watchFirst, let watchNow = raw.watch.clock.since {
+            #expect(now > first && watchNow > watchFirst, "the clock was not restarted")
         } else {
             Issue.record("no clock: \(String(describing: first)) \(String(describing: since()))")
         }
@@ -696,14 +709,55 @@ import Testing
 
         // A client preface cut short is timed too, until it is whole.
         let server = EmbeddedChannel()
-        let codec = HTTP2Codec(allocator: server.allocator)
+        let codec = HTTP2Codec(allocator: server.allocator), watch = HTTP2HeadWatch()
+        try server.pipeline.syncOperations.addHandler(watch)
         try server.pipeline.syncOperations.addHandler(codec)
         try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         try server.writeInbound(ByteBuffer(string: "PRI * HTTP/2.0\r\n"))
-        #expect(codec.headClock.since != nil)
+        #expect(codec.headClock.since != nil && watch.clock.since != nil)
         try server.writeInbound(ByteBuffer(string: "\r\nSM\r\n\r\n"))
-        #expect(codec.headClock.since == nil)
+        #expect(codec.headClock.since == nil && watch.clock.since == nil)
         _ = try? server.finish()
+    }
+
+    /// HTTP2HeadWatch on the sweeps: a sweep before the block is late goes
+    /// on as it was (HTTP2ConnectionEnds counts it for the idle timeout);
+    /// the one that finds it late goes on as `Late`, with the reason, and
+    /// only once. A DATA frame longer than a read is followed to its end.
+    @Test func theHeadWatchTellsOfALateBlockOnce() throws {
+        final class Events: ChannelInboundHandler {
+            typealias InboundIn = ByteBuffer
+            var seen: [Any] = []
+            func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) { seen.append(event) }
+        }
+        let channel = EmbeddedChannel()
+        let watch = HTTP2HeadWatch(), events = Events()
+        try channel.pipeline.syncOperations.addHandler(watch)
+        try channel.pipeline.syncOperations.addHandler(events)
+        var bytes = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        Raw.frame(&bytes, type: 0x4, flags: 0, stream: 0, payload: [])
+        Raw.frame(&bytes, type: 0x0, flags: 0, stream: 1, payload: Array(repeating: 7, count: 3000))
+        try channel.writeInbound(bytes.getSlice(at: 0, length: 1000))
+        #expect(watch.clock.since == nil, "a DATA frame cut short was timed")
+        var rest = bytes.getSlice(at: 1000, length: bytes.readableBytes - 1000) ?? ByteBuffer()
+        Raw.frame(&rest, type: 0x1, flags: 0x4, stream: 3, payload: [0x82, 0x86])
+        try channel.writeInbound(rest.getSlice(at: 0, length: rest.readableBytes - 1))
+        let since = try #require(watch.clock.since, "a HEADERS frame cut short, after the DATA frame's end, was not timed")
+        let early = IdleSweep(rounds: .max, now: since + .milliseconds(999), headTimeout: .seconds(1))
+        let late = IdleSweep(rounds: .max, now: since + .seconds(1), headTimeout: .seconds(1))
+        channel.pipeline.fireUserInboundEventTriggered(early)
+        channel.pipeline.fireUserInboundEventTriggered(late)
+        channel.pipeline.fireUserInboundEventTriggered(late)
+        #expect(events.seen.count == 3)
+        #expect((events.seen.first as? IdleSweep)?.now == early.now)
+        #expect((events.seen.dropFirst().first as? HTTP2HeadWatch.Late)?.reason
+                == "weft: the request head was not received whole within 1s (MeshConfig spec.proxy.requestHeaderTimeout)")
+        #expect((events.seen.last as? IdleSweep)?.now == late.now, "a late block was told of twice")
+        // Every byte went on as it came.
+        var passed = ByteBuffer()
+        while var b = try channel.readInbound(as: ByteBuffer.self) { passed.writeBuffer(&b) }
+        #expect(passed.readableBytes == 1000 + rest.readableBytes - 1)
+        _ = try? channel.finish()
     }
 
     /// Floods that cost the proxy and carry nothing are sent away
