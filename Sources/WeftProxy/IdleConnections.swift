@@ -205,9 +205,9 @@ final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
 /// header blocks, which HTTP2Codec keeps on the express path
 /// (NIOHTTP2Handler holds a block cut short and says nothing of it). It
 /// follows the frames' 9-byte headers through the bytes as they pass, each
-/// read passed on as it came, and runs the same clock (HeadClock
-/// .afterHTTP2Read); when a sweep finds the block late it sends `Late` up
-/// in the sweep's place, and HTTP2ConnectionEnds sends GOAWAY
+/// read passed on as it came, and runs the same clock
+/// (`HeadClock.afterHTTP2Read`); when a sweep finds the block late it sends
+/// `Late` up in the sweep's place, and HTTP2ConnectionEnds sends GOAWAY
 /// (ENHANCE_YOUR_CALM, the reason as debug data) and closes.
 final class HTTP2HeadWatch: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
