@@ -911,6 +911,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         if let origin {
             let full = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
             full.onUpgrade = Upgrade.splice
+            full.acceptsH2CUpgrade = true
             handler = full
         } else if let delivery {
             handler = InboundHTTP(proxy: proxy, request: delivery.request, target: delivery.key, isHTTP2: false)

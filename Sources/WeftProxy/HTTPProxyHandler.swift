@@ -57,6 +57,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private var record: Record?
     /// Set while a websocket (or other Upgrade) exchange waits for its 101.
     var onUpgrade: ((ChannelHandlerContext, UpstreamHandler, HTTPResponseHead) -> Void)?
+    /// A client connection's (not a tunnel stream's): the h2c Upgrade is
+    /// taken (H2CUpgrade).
+    var acceptsH2CUpgrade = false
+    /// An h2c Upgrade request taken, until its end.
+    private var h2cUpgrade: HTTPRequestHead?
 
     init(proxy: ProxyContext, origin: CapturedOrigin, isHTTP2: Bool) {
         self.proxy = proxy
@@ -273,6 +278,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         switch part {
         case .head(let head):
             receiving = true
+            if acceptsH2CUpgrade, !quiescing, !proxy.draining.load(ordering: .relaxed), H2CUpgrade.accepts(head) {
+                h2cUpgrade = head
+                return
+            }
             begin(head, context: context)
         case .body(let buffer):
             record?.bytesIn += buffer.readableBytes
@@ -289,6 +298,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             flushPending()
         case .end(let trailers):
             receiving = false
+            if let upgrade = h2cUpgrade {
+                h2cUpgrade = nil
+                return H2CUpgrade.switchProtocols(context, upgrade, proxy: proxy, origin: origin)
+            }
             guard request != nil else { return }
             request!.ended = true
             request!.trailers = trailers
@@ -301,7 +314,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         proxy.stats.requests.add(1, ordering: .relaxed)
         let snapshot = proxy.snapshot
         record = Record(start: .now(), wallStart: AccessLog.now(), snapshot: snapshot, head: head)
+        // NIO's HTTP/1 decoder parses nothing after a request that asks for
+        // an upgrade: unless the upgrade happens, the connection ends after
+        // the response (a WebSocket refused, an h2c Upgrade declined).
         let keepAlive = head.isKeepAlive && !proxy.draining.load(ordering: .relaxed)
+            && (isHTTP2 || !Self.stopsTheDecoder(head))
         // (An HTTP/2 stream's list was held to the limit by the express
         // path, or by NIO's HTTP/2 decoder on --no-express, which ends
         // the connection over it. NIO's HTTP/1.1 decoder has read
@@ -1132,6 +1149,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         headers.add(name: "via", value: "1.1 \(via)")
         if !headers.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID(using: &random)) }
         return TraceContext.propagate(&headers, random: &random, samplingPercent: samplingPercent)
+    }
+
+    /// Whether NIO's HTTP/1 decoder (llhttp) takes `head` for an upgrade
+    /// and stops parsing after it: an Upgrade field and the upgrade token in
+    /// Connection, or CONNECT.
+    static func stopsTheDecoder(_ head: HTTPRequestHead) -> Bool {
+        head.method == .CONNECT || (head.headers.contains(name: "upgrade")
+            && head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" })
     }
 
     /// An HTTP/1.1 Upgrade the proxy passes through (WebSocket and the

@@ -129,55 +129,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                 // Pipelining is handled by HTTPProxyHandler itself.
                 let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
                 handler.onUpgrade = Upgrade.splice
+                handler.acceptsH2CUpgrade = true
                 try HTTP1ServerPipeline.add(to: pipeline, proxy: proxy, then: handler)
             case .http2:
-                proxy.stats.http2Connections.add(1, ordering: .relaxed)
-                let proxy = self.proxy, origin = self.origin
-                // A stream channel's full path; `checked`: the outgoing
-                // field blocks are checked there (HTTP2FieldCheck).
-                let fullPath = { (checked: Bool) -> NIOChannelInitializer in
-                    { stream in
-                        stream.eventLoop.makeCompletedFuture {
-                            let pipeline = stream.pipeline.syncOperations
-                            if checked { try pipeline.addHandler(HTTP2FieldCheck()) }
-                            try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                            try pipeline.addHandler(HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true))
-                        }
-                    }
-                }
-                if proxy.configuration.express {
-                    // Weft's HTTP/2 codec (server), then the express path
-                    // (ExpressHTTP2Handler), then the multiplexer: streams the
-                    // express path does not answer (all of them while it does
-                    // not serve the frontend: tracing on, a FrontendGuard, no
-                    // route) get stream channels and the full path. It checks
-                    // every field block that comes in (HTTP2Fields) and holds
-                    // each request body to its content-length (DeclaredBody)
-                    // in place of NIO's checks; HTTP2FieldCheck checks what
-                    // the full path sends.
-                    // Header lists to twice the MeshConfig limit are read, so
-                    // that one over the limit gets 431 (HeadLimit).
-                    let headLimit = proxy.snapshot.maxRequestHead
-                    var settings = HTTP2Codec.Settings.h2c
-                    settings.maxHeaderListSize = 2 * headLimit
-                    let codec = HTTP2Codec(allocator: context.channel.allocator, settings: settings)
-                    try pipeline.addHandler(codec)
-                    try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec, headLimit: headLimit))
-                    try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: context.channel,
-                                                                   inboundStreamInitializer: fullPath(true)))
-                } else {
-                    let ends = HTTP2ConnectionEnds(proxy: proxy, loop: context.eventLoop)
-                    try pipeline.addHandler(HTTP2HeadWatch())
-                    // NIO's settings with the MeshConfig header limit (its
-                    // decoder holds lists to it: a larger one ends the
-                    // connection).
-                    var connection = NIOHTTP2Handler.ConnectionConfiguration()
-                    connection.initialSettings = nioDefaultSettings.filter { $0.parameter != .maxHeaderListSize }
-                        + [HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead)]
-                    _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: connection, streamConfiguration: .init(),
-                                                            streamDelegate: ends.streamDelegate, inboundStreamInitializer: fullPath(false))
-                    try pipeline.addHandler(ends)
-                }
+                try HTTP2ServerPipeline.add(to: pipeline, channel: context.channel, proxy: proxy, origin: origin)
             case .tcp, .undecided:
                 proxy.stats.tcpPassthrough.add(1, ordering: .relaxed)
                 TCPPassthrough.start(context: context, proxy: proxy, origin: origin)

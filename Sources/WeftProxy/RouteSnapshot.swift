@@ -99,6 +99,8 @@ final class ProxyStats: Sendable {
     let headTimeouts = Atomic<Int>(0)
     let headsTooLarge = Atomic<Int>(0)
     let upgrades = Atomic<Int>(0)
+    /// HTTP/1.1 connections switched to HTTP/2 by the h2c Upgrade.
+    let h2cUpgrades = Atomic<Int>(0)
     let mirrored = Atomic<Int>(0)
     let overflows = Atomic<Int>(0)
     let rateLimited = Atomic<Int>(0)
@@ -205,6 +207,7 @@ final class ProxyStats: Sendable {
             ("request_header_timeouts_total", headTimeouts.load(ordering: .relaxed)),
             ("request_heads_too_large_total", headsTooLarge.load(ordering: .relaxed)),
             ("upgrades_total", upgrades.load(ordering: .relaxed)),
+            ("h2c_upgrades_total", h2cUpgrades.load(ordering: .relaxed)),
             ("mirrored_total", mirrored.load(ordering: .relaxed)),
             ("circuit_breaker_overflows_total", overflows.load(ordering: .relaxed)),
             ("rate_limited_total", rateLimited.load(ordering: .relaxed)),
