@@ -84,9 +84,9 @@ enum H2CUpgrade {
     /// Whether the proxy takes the upgrade `head` asks for.
     static func accepts(_ head: HTTPRequestHead) -> Bool {
         guard head.version == .http1_1, asks(head), tokens(head.headers, "connection").contains("http2-settings"),
-              head.headers[canonicalForm: "http2-settings"].count == 1,
+              head.headers["http2-settings"].count == 1,
               let settings = head.headers.first(name: "http2-settings"), validSettings(settings),
-              head.headers[canonicalForm: "host"].count == 1, head.uri.hasPrefix("/"),
+              head.headers["host"].count == 1, head.uri.hasPrefix("/"),
               head.method != .CONNECT, !head.headers.contains(name: "transfer-encoding")
         else { return false }
         let lengths = head.headers[canonicalForm: "content-length"]
@@ -114,7 +114,7 @@ enum H2CUpgrade {
             }
         }
         // Four digits carry three bytes; a last group of 2 or 3 digits one or two.
-        guard digits % 4 != 1 else { return false }
+        guard digits > 0, digits % 4 != 1 else { return false }
         let bytes = digits / 4 * 3 + max(0, digits % 4 - 1)
         return bytes % 6 == 0
     }

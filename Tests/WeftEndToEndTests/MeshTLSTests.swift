@@ -152,6 +152,12 @@ struct MeshTLSTests {
         }
         let (rc2, out2) = try curl(["--http2-prior-knowledge", "http://198.19.5.10/no-express-h2"])
         #expect(rc2 == 0 && out2.contains("\"path\": \"/no-express-h2\""), "\(out2)")
+        // The h2c Upgrade onto NIOHTTP2Handler: answered as stream 1, the
+        // next request on the same connection as stream 3.
+        let (rc3, out3) = try curl(["--http2", "-w", "\n[%{http_version} %{num_connects}]\n",
+                                    "http://198.19.5.10/no-express-up1", "http://198.19.5.10/no-express-up2"])
+        #expect(rc3 == 0 && out3.contains("\"path\": \"/no-express-up1\"") && out3.contains("\"path\": \"/no-express-up2\"")
+                && out3.contains("[2 1]") && out3.contains("[2 0]"), "\(out3)")
         // An HTTP/2 client's FIN closes its connection (NIOHTTP2Handler
         // alone held it open for good).
         let halfClosed = try lab.tool(in: "\(ns)/client", ["h2-half-close", "198.19.5.10", "80", "/no-express-fin", "0"])

@@ -185,6 +185,12 @@ struct ObservabilityTests {
         let seen2 = (try? JSONSerialization.jsonObject(with: Data(b2.utf8)) as? [String: Any])?["headers"] as? [String: String] ?? [:]
         let tp2 = (seen2["traceparent"] ?? "").split(separator: "-").map(String.init)
         #expect(tp2.count == 4 && tp2[1].count == 32 && tp2[2].count == 16 && tp2[1] != trace, "\(seen2)")
+        // The h2c Upgrade while tracing is on (the express paths stand
+        // aside): stream 1 takes the full path, with its trace context.
+        let (c4, b4) = try curl("obs/client", "http://198.19.8.10/api/upgraded", ["--http2", "-H", "x-request-id: req-upgraded"])
+        #expect(c4 == 200)
+        let seen4 = (try? JSONSerialization.jsonObject(with: Data(b4.utf8)) as? [String: Any])?["headers"] as? [String: String] ?? [:]
+        #expect((seen4["traceparent"] ?? "").split(separator: "-").count == 4 && seen4["upgrade"] == nil, "\(seen4)")
 
         // Spans went to the OTLP collector: the traced request's span is the
         // hop the backend saw, child of the caller's span; a caller that
@@ -243,18 +249,18 @@ struct ObservabilityTests {
                                   "destination_service_namespace": ns]) { $1 }
         func requests(_ extra: [String: String]) -> Double { scrape.sum("weft_requests_total", web.merging(extra) { $1 }) }
         #expect(requests(["response_code": "200", "route": "obs/web#api", "destination_workload": "web",
-                          "destination_workload_namespace": ns, "response_flags": "-", "request_protocol": "http"]) == 23)
+                          "destination_workload_namespace": ns, "response_flags": "-", "request_protocol": "http"]) == 24)
         #expect(requests(["response_code": "503", "route": "obs/web#api", "response_flags": "-"]) == 7)
         #expect(requests(["response_code": "404", "route": "-", "response_flags": "NR", "destination_workload": "unknown"]) == 5)
         #expect(scrape.sum("weft_requests_total", client.merging(["destination_service_name": "nobody", "response_code": "503",
                                                                    "response_flags": "UH"]) { $1 }) == 4)
         #expect(scrape.sum("weft_requests_total", ["source_workload": "other", "source_workload_namespace": "quiet",
                                                    "response_code": "200"]) == 3)
-        #expect(scrape.sum("weft_requests_total", [:]) == 42)
+        #expect(scrape.sum("weft_requests_total", [:]) == 43)
         // The histogram saw every request once, and its buckets are cumulative.
-        #expect(scrape.sum("weft_request_duration_seconds_count", [:]) == 42)
+        #expect(scrape.sum("weft_request_duration_seconds_count", [:]) == 43)
         #expect(scrape.sum("weft_request_duration_seconds_count", web.merging(["response_code": "503", "route": "obs/web#api"]) { $1 }) == 7)
-        #expect(scrape.sum("weft_request_duration_seconds_bucket", ["le": "+Inf"]) == 42)
+        #expect(scrape.sum("weft_request_duration_seconds_bucket", ["le": "+Inf"]) == 43)
         let buckets = scrape.samples.filter { $0.name == "weft_request_duration_seconds_bucket" && $0.labels["response_code"] == "404" }
             .sorted { (Double($0.labels["le"] ?? "") ?? .infinity) < (Double($1.labels["le"] ?? "") ?? .infinity) }
         #expect(!buckets.isEmpty && zip(buckets, buckets.dropFirst()).allSatisfy { $0.value <= $1.value })
@@ -272,20 +278,20 @@ struct ObservabilityTests {
         // OpenMetrics parser reads the same numbers.
         let om = try Scrape(openMetrics: true)
         #expect(om.contentType.hasPrefix("application/openmetrics-text; version=1.0.0"), "\(om.contentType)")
-        #expect(om.sum("weft_requests_total", [:]) == 42)
-        #expect(om.sum("weft_request_duration_seconds_count", [:]) == 42)
+        #expect(om.sum("weft_requests_total", [:]) == 43)
+        #expect(om.sum("weft_request_duration_seconds_count", [:]) == 43)
         #expect(om.sum("weft_tcp_sent_bytes_total", banner) == 9)
         #expect(om.samples.count >= scrape.samples.count - 5, "\(om.samples.count) vs \(scrape.samples.count)")
 
         // The access log: one line per request and connection from obs,
         // none from quiet; written within 100 ms.
         var log = accessLog()
-        for _ in 0..<50 where log.count < 41 {
+        for _ in 0..<50 where log.count < 42 {
             usleep(50_000)
             log = accessLog()
         }
         let http = log.filter { $0["kind"] as? String == "http" }
-        #expect(http.count == 39, "\(log.count) lines")
+        #expect(http.count == 40, "\(log.count) lines")
         #expect(!log.contains { $0["source_namespace"] as? String == "quiet" })
         let traced = http.first { $0["request_id"] as? String == "req-traced" }
         #expect(traced?["trace_id"] as? String == trace, "\(String(describing: traced))")
@@ -297,6 +303,9 @@ struct ObservabilityTests {
         #expect((traced?["bytes_sent"] as? Int ?? 0) > 0 && traced?["response_code"] as? Int == 200)
         let untraced = http.first { $0["request_id"] as? String == "req-untraced" }
         #expect(untraced?["trace_id"] as? String == tp2.dropFirst().first && untraced?["parent_span_id"] == nil)
+        let upgraded = http.first { $0["request_id"] as? String == "req-upgraded" }
+        #expect(upgraded?["protocol"] as? String == "HTTP/2" && upgraded?["path"] as? String == "/api/upgraded",
+                "\(String(describing: upgraded))")
         #expect(http.filter { $0["response_flags"] as? String == "UH" }.count == 4)
         #expect(http.filter { $0["response_flags"] as? String == "NR" && $0["response_code"] as? Int == 404 }.count == 5)
         let tcpLines = log.filter { $0["kind"] as? String == "tcp" }
@@ -425,7 +434,7 @@ struct ObservabilityTests {
             edges.first { $0["source"] as? String == from && $0["destination"] as? String == to }
         }
         #expect(edges.count == 4, "\(graph.output)")
-        #expect(edge("obs/client", "web.obs.svc")?["requests"] as? Double == 35)
+        #expect(edge("obs/client", "web.obs.svc")?["requests"] as? Double == 36)
         #expect(edge("obs/client", "web.obs.svc")?["failures"] as? Double == 7)
         #expect(edge("obs/client", "nobody.obs.svc")?["failures"] as? Double == 4)
         #expect(edge("quiet/other", "web.obs.svc")?["requests"] as? Double == 3)

@@ -228,7 +228,9 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                 queued.append(part)
                 return
             }
-            keepAlive = head.isKeepAlive
+            // (NIO's decoder parses nothing after an upgrade request: the
+            // stream ends after its answer unless the upgrade happens.)
+            keepAlive = head.isKeepAlive && (isHTTP2 || !HTTPProxyHandler.stopsTheDecoder(head))
             requestEnded = false
             idempotent = [.GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE].contains(head.method)
             isUpgrade = !isHTTP2 && HTTPProxyHandler.isUpgradeRequest(head)
