@@ -151,6 +151,9 @@ enum H2CUpgrade {
                 channel.close(promise: nil)
                 return
             }
+            // A drain begun since the request was read went to the handler
+            // that has left: the HTTP/2 handlers hear of it after stream 1.
+            if proxy.draining.load(ordering: .relaxed) { stream.quiesced = true }
             stream.start()
             channel.read()
         }
@@ -202,7 +205,9 @@ enum H2CUpgrade {
 /// right after the client's preface and first frame, its SETTINGS (a
 /// connection that begins otherwise is the codec's to refuse). Then it
 /// leaves. Until `start`, what it reads waits (the bytes NIO's decoder
-/// held, passed on as the HTTP/1 handlers leave).
+/// held, passed on as the HTTP/1 handlers leave). A drain (quiesce) before
+/// the request is in is passed on after it, so that the GOAWAY the HTTP/2
+/// handlers send counts stream 1 in.
 final class H2CUpgradeStream: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -217,6 +222,8 @@ final class H2CUpgradeStream: ChannelInboundHandler, RemovableChannelHandler {
     /// frame's header is whole.
     private var remaining: Int?
     private static let prefaceLength = 24
+    /// A drain to pass on once the request is in.
+    var quiesced = false
 
     init(request: ByteBuffer) { self.request = request }
 
@@ -241,6 +248,14 @@ final class H2CUpgradeStream: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         if started { context.fireChannelReadComplete() }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelShouldQuiesceEvent {
+            quiesced = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     private func pass(_ incoming: ByteBuffer, context: ChannelHandlerContext) {
@@ -272,6 +287,7 @@ final class H2CUpgradeStream: ChannelInboundHandler, RemovableChannelHandler {
     private func finish(_ rest: ByteBuffer, inject: Bool, context: ChannelHandlerContext) {
         if inject { context.fireChannelRead(wrapInboundOut(request)) }
         if rest.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(rest)) }
+        if quiesced { context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
         context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }

@@ -1160,9 +1160,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     /// An HTTP/1.1 Upgrade the proxy passes through (WebSocket and the
-    /// like). `h2c` is not one of them: the proxy declines it, as RFC 9110
-    /// 7.8 lets a server do, and answers over HTTP/1.1; HTTP/2 clients use
-    /// prior knowledge (RFC 9113 3.1 deprecates the h2c upgrade).
+    /// like). `h2c` is not one of them: the proxy takes that one itself
+    /// (H2CUpgrade) or declines it and answers over HTTP/1.1.
     static func isUpgradeRequest(_ head: HTTPRequestHead) -> Bool {
         guard head.headers[canonicalForm: "connection"].contains(where: { $0.lowercased() == "upgrade" }) else { return false }
         let tokens = head.headers[canonicalForm: "upgrade"]

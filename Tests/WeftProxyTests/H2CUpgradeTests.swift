@@ -140,6 +140,36 @@ import Testing
         #expect(try Self.run([Self.client], held: 1, request: request) == want)
     }
 
+    /// Records the quiesce event and where in the bytes it came.
+    final class Tail: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        var bytes: [UInt8] = []
+        var quiescedAt: Int?
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) { bytes += Self.unwrapInboundIn(data).readableBytesView }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if event is ChannelShouldQuiesceEvent { quiescedAt = bytes.count }
+        }
+    }
+
+    @Test func aDrainBeforeStreamOneIsInIsPassedOnAfterIt() throws {
+        let request: [UInt8] = [0, 0, 1, 0x1, 0x5, 0, 0, 0, 1, 0x82]
+        let channel = EmbeddedChannel()
+        let stream = H2CUpgradeStream(request: ByteBuffer(bytes: request))
+        let tail = Tail()
+        try channel.pipeline.syncOperations.addHandlers([stream, tail])
+        stream.start()
+        try channel.writeInbound(ByteBuffer(bytes: Self.client[..<10]))
+        channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        #expect(tail.quiescedAt == nil, "held until stream 1 is in")
+        try channel.writeInbound(ByteBuffer(bytes: Self.client[10...]))
+        #expect(tail.quiescedAt == Self.client.count + request.count)
+        // Once it has left, events pass straight on.
+        tail.quiescedAt = nil
+        channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        #expect(tail.quiescedAt == Self.client.count + request.count)
+        _ = try channel.finish()
+    }
+
     @Test func aConnectionThatDoesNotBeginWithSettingsPassesAsItCame() throws {
         // HEADERS first: the codec refuses the connection, nothing is added.
         let bad = Self.preface + [0, 0, 3, 0x1, 0x5, 0, 0, 0, 3, 0x82, 0x86, 0x84]
