@@ -83,7 +83,9 @@ enum H2CUpgrade {
 
     /// Whether the proxy takes the upgrade `head` asks for.
     static func accepts(_ head: HTTPRequestHead) -> Bool {
-        guard head.version == .http1_1, asks(head), tokens(head.headers, "connection").contains("http2-settings"),
+        // (The first test, a scan without allocation, is all most requests see.)
+        guard head.headers.contains(name: "http2-settings"), head.version == .http1_1, asks(head),
+              tokens(head.headers, "connection").contains("http2-settings"),
               head.headers["http2-settings"].count == 1,
               let settings = head.headers.first(name: "http2-settings"), validSettings(settings),
               head.headers["host"].count == 1, head.uri.hasPrefix("/"),
