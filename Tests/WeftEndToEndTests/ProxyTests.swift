@@ -164,7 +164,9 @@ private func waitForBackends(_ lab: LabHarness) throws {
 /// curl in the client pod; returns (status, headers lowercased, body).
 private func curl(_ lab: LabHarness, _ url: String, _ extra: [String] = []) throws -> (Int, [String: String], String) {
     let r = try LabHarness.run(["lab", "exec", "client", "--", "curl", "-sS", "-m", "5", "-D", "-", url] + extra)
-    let text = r.output
+    var text = Substring(r.output)
+    // (The 101 of an h2c Upgrade comes first.)
+    while text.hasPrefix("HTTP/1.1 1"), let end = text.range(of: "\r\n\r\n") { text = text[end.upperBound...] }
     guard let split = text.range(of: "\r\n\r\n") else { throw HarnessError("curl \(url): \(text)") }
     let headLines = text[..<split.lowerBound].split(separator: "\r\n")
     let status = Int(headLines.first?.split(separator: " ").dropFirst().first ?? "") ?? 0
@@ -275,6 +277,13 @@ struct ProxyTests {
                     "\(seenHeaders)")
         }
         #expect(try stat("n1", "h2c_upgrades_total") == upgrades + 1)
+        // A head past one frame (stream 1 in HEADERS and CONTINUATIONs), and HEAD.
+        let big = String(repeating: "b", count: 40_000)
+        let large = try curl(lab, "http://198.19.1.10/up-large", ["--http2", "-H", "x-canary: yes", "-H", "x-big: \(big)"])
+        #expect(large.0 == 200 && (json(large.2)["headers"] as? [String: String])?["x-big"] == big, "\(large.0) \(large.2.prefix(300))")
+        let head = try curl(lab, "http://198.19.1.10/up-head", ["--http2", "-I", "-H", "x-canary: yes"])
+        #expect(head.0 == 200 && !head.2.contains("\"pod\""), "no body: \(head)")
+        #expect(try stat("n1", "h2c_upgrades_total") == upgrades + 3)
         // nghttp -u: the same upgrade from nghttp2's client.
         let nghttp = try LabHarness.run(["lab", "exec", "client", "--", "nghttp", "-u", "-v", "-H", "x-canary: yes",
                                          "http://198.19.1.10/nghttp"]).output
