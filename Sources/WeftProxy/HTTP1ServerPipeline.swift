@@ -56,6 +56,7 @@ enum HTTP1ServerPipeline {
         limits.maxHeaderFieldSize = 2 * limit
         limits.maxHeaderListSize = 2 * limit
         let bytes = HeadBytes(limit: 2 * limit)
+        (handler as? HTTPProxyHandler)?.headBytes = bytes
         // Bytes after an Upgrade request stay for the spliced stream.
         let decoder = HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .drop,
                                          limitConfiguration: limits)
@@ -94,6 +95,10 @@ final class HeadBytes: ChannelInboundHandler, RemovableChannelHandler {
     fileprivate var refused = false
 
     init(limit: Int) { self.limit = limit }
+
+    /// Part of a request head is held: read after the last request ended,
+    /// in reads of its own (not the one that ended it), and not yet whole.
+    var headPartlyRead: Bool { headDue && pending > 0 && !refused }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !refused else { return }

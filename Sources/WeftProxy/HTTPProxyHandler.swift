@@ -40,6 +40,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// while no request was open, so the decoder holds part of a head.
     private var head = HeadClock()
     private var partsRead = false
+    /// The HTTP/1.1 pipeline's byte count before the decoder: whether part
+    /// of the next head came while a response was on its way.
+    var headBytes: HeadBytes?
     /// Answered 408: nothing more is taken.
     private var headTimedOut = false
 
@@ -267,6 +270,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         while !queued.isEmpty && !(request != nil && !receiving) {
             process(queued.removeFirst(), context: context)
         }
+        // Part of the next head came while this response was on its way
+        // (pipelined): its clock starts now, not at a read that may never come.
+        if request == nil, !receiving, queued.isEmpty, headBytes?.headPartlyRead == true { head.started() }
 
         if readPending && queued.count < Self.maxQueued {
             readPending = false

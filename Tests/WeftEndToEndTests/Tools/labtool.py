@@ -4,6 +4,7 @@ prints one JSON line with what it observed; the Swift test decides."""
 import errno
 import json
 import os
+import re
 import select
 import socket
 import sys
@@ -726,6 +727,37 @@ def h1_idle(host, port, path, *headers):
     print(json.dumps(out))
 
 
+def h1_behind(host, port, path, *headers):
+    """A keep-alive GET of PATH with HEADERS ("Name: value"), then, 100 ms
+    later while it is still being answered, part of a second request's head
+    in a write of its own, never ended. Reads until the proxy closes (8 s at
+    most): the status lines, and when (seconds from the start) the first
+    answer came and the connection closed (None: still open)."""
+    s = socket.create_connection((host, int(port)), timeout=8)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    start = time.monotonic()
+    s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path, "".join(h + "\r\n" for h in headers))).encode())
+    time.sleep(0.1)
+    s.sendall(b"GET /behind HTTP/1.1\r\nHost: t\r\nx-part: y\r\n")
+    out = {"statuses": [], "answered": None, "closed": None}
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not chunk:
+            out["closed"] = time.monotonic() - start
+            break
+        if out["answered"] is None:
+            out["answered"] = time.monotonic() - start
+        data += chunk
+    # (A body need not end with a line break: the next status line follows it.)
+    out["statuses"] = [m.decode() for m in re.findall(rb"HTTP/1\.1 \d{3} [^\r\n]*", data)]
+    s.close()
+    print(json.dumps(out))
+
+
 def h2_slow(host, port, path, every_ms, mode, first=""):
     """An h2c GET of PATH whose header block (40 extra fields) is sent
     slowly, a piece every EVERY_MS ms, as MODE says: "head" trickles its
@@ -1082,6 +1114,6 @@ if __name__ == "__main__":
      "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
-     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h2-slow": h2_slow, "h2-heads": h2_heads,
+     "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
      "h1-close-send": h1_close_send, "tcp-hold": tcp_hold,
      "churn": churn}[command](*args)
