@@ -121,7 +121,8 @@ enum H2CUpgrade {
         return bytes % 6 == 0
     }
 
-    /// HTTPProxyHandler.onH2CUpgrade: `head` (whole, no body) was accepted.
+    /// From HTTPProxyHandler (acceptsH2CUpgrade) at the end of `head`, a
+    /// request `accepts` took (whole, no body).
     /// The 101 goes out through the HTTP/1 encoder; the pipeline changes
     /// on the next loop turn (the call comes from inside NIO's decoder,
     /// which can leave only once it returns): H2CUpgradeStream goes last
