@@ -384,15 +384,28 @@ def late_request(proto, host, port, ready, go):
 def http_steady(host, port, seconds, mode="mixed"):
     """Requests back to back for a while, half on fresh connections and half
     on one kept alive (mode "fresh": all on fresh connections, the most
-    connections opened while a drain begins): every failure is reported
-    (drain tests), with the connection's local port."""
+    connections opened while a drain begins; mode "upgrade": curl --http2
+    on a fresh connection each, the h2c Upgrade, answered over HTTP/2, or
+    over HTTP/1.1 by a proxy draining, which declines it; "upgraded" counts
+    the former): every failure is reported (drain tests), with the
+    connection's local port."""
     import http.client
-    ok, failures = 0, []
+    import subprocess
+    ok, failures, upgraded = 0, [], 0
     keep = None
     end = time.time() + float(seconds)
     i = 0
     while time.time() < end:
         i += 1
+        if mode == "upgrade":
+            r = subprocess.run(["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+                                "--http2", "http://%s:%s/" % (host, port)], capture_output=True, text=True)
+            if r.stdout in ("200 2", "200 1.1"):
+                ok += 1
+                upgraded += r.stdout == "200 2"
+            else:
+                failures.append("curl --http2: %r %s" % (r.stdout, r.stderr.strip()))
+            continue
         fresh = mode == "fresh" or i % 2 == 0
         for attempt in range(2):
             c, where = None, "connect"
@@ -428,7 +441,7 @@ def http_steady(host, port, seconds, mode="mixed"):
                         continue  # an idle keep-alive connection closed under us: reconnect, as clients do
                 failures.append("%s: %s: %s" % (where, type(e).__name__, e))
                 break
-    print(json.dumps({"ok": ok, "failures": failures}))
+    print(json.dumps({"ok": ok, "failures": failures, "upgraded": upgraded}))
 
 
 def ws_echo(host, port, message, hold="0"):
