@@ -200,36 +200,106 @@ final class ProxyTelemetry: Sendable {
     /// first seen in a later text comes after the ones before it, which
     /// keeps a family's lines together while the registries hold one family.
     static func mergedSeries(_ texts: [String]) -> String {
-        var order: [Substring] = []
-        var totals: [Substring: (int: Int, double: Double, whole: Bool)] = [:]
-        var comments = Set<Substring>()
+        // Read as bytes, the texts one after the other: lines end at "\n" (a
+        // label's line break is escaped) and a sample's value follows its
+        // last space. A line is known by the hash of its key's bytes (the
+        // whole line for a comment), its entry found by comparing bytes.
+        // Walked as Characters with Substring keys, 1,000 Services' series
+        // (8.6 MiB) took about 200 ms a scrape.
+        var all: [UInt8] = []
+        all.reserveCapacity(texts.reduce(0) { $0 + $1.utf8.count + 1 })
         for text in texts {
-            for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
-                if line.hasPrefix("#") {
-                    if comments.insert(line).inserted { order.append(line) }
+            all.append(contentsOf: text.utf8)
+            all.append(UInt8(ascii: "\n"))
+        }
+        let largest = texts.map(\.utf8.count).max() ?? 0
+        return all.withUnsafeBufferPointer { bytes -> String in
+            struct Entry {
+                let start: Int, length: Int, comment: Bool
+                var int = 0, double = 0.0, whole = true
+            }
+            // Most series are in every text: the largest one's lines (most
+            // over 64 bytes) are about how many there will be.
+            var entries: [Entry] = []
+            entries.reserveCapacity(largest / 64)
+            var first: [Int: Int] = [:]  // hash -> first entry with it
+            first.reserveCapacity(largest / 64)
+            var next: [Int] = []  // entry -> next entry with its hash (-1: none)
+            next.reserveCapacity(largest / 64)
+            func find(_ start: Int, _ length: Int, comment: Bool) -> (Int, new: Bool) {
+                var hasher = Hasher()
+                hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: bytes[start..<(start + length)])))
+                let hash = hasher.finalize()
+                var i = first[hash] ?? -1
+                while i >= 0 {
+                    let e = entries[i]
+                    if e.length == length && e.comment == comment
+                        && memcmp(bytes.baseAddress! + e.start, bytes.baseAddress! + start, length) == 0 {
+                        return (i, false)
+                    }
+                    i = next[i]
+                }
+                next.append(first[hash] ?? -1)
+                first[hash] = entries.count
+                entries.append(Entry(start: start, length: length, comment: comment))
+                return (entries.count - 1, true)
+            }
+            var start = 0
+            while start < bytes.count {
+                var end = start
+                while bytes[end] != UInt8(ascii: "\n") { end += 1 }  // (the last byte is one)
+                defer { start = end + 1 }
+                guard end > start else { continue }
+                if bytes[start] == UInt8(ascii: "#") {
+                    _ = find(start, end - start, comment: true)
                     continue
                 }
-                guard let space = line.lastIndex(of: " ") else { continue }
-                let key = line[..<space], value = line[line.index(after: space)...]
-                let int = Int(value), double = Double(value) ?? 0
-                if var t = totals[key] {
-                    t.int &+= int ?? 0
-                    t.double += double
-                    t.whole = t.whole && int != nil
-                    totals[key] = t
+                let line = UnsafeBufferPointer(rebasing: bytes[start..<end])
+                guard let space = line.lastIndex(of: UInt8(ascii: " ")) else { continue }
+                let value = UnsafeBufferPointer(rebasing: line[(space + 1)...])
+                let int = Self.integer(value)
+                let double = int.map(Double.init) ?? Double(String(decoding: value, as: UTF8.self)) ?? 0
+                let (i, new) = find(start, space, comment: false)
+                if new {
+                    entries[i].int = int ?? 0
+                    entries[i].double = double
+                    entries[i].whole = int != nil
                 } else {
-                    totals[key] = (int ?? 0, double, int != nil)
-                    order.append(key)
+                    entries[i].int &+= int ?? 0
+                    entries[i].double += double
+                    entries[i].whole = entries[i].whole && int != nil
                 }
             }
+            var out: [UInt8] = []
+            out.reserveCapacity(largest + largest / 8)
+            for e in entries {
+                out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[e.start..<(e.start + e.length)]))
+                if !e.comment {
+                    out.append(UInt8(ascii: " "))
+                    out.append(contentsOf: (e.whole ? String(e.int) : String(e.double)).utf8)
+                }
+                out.append(UInt8(ascii: "\n"))
+            }
+            return String(decoding: out, as: UTF8.self)
         }
-        var out = ""
-        for key in order {
-            out += key
-            if let t = totals[key] { out += t.whole ? " \(t.int)" : " \(t.double)" }
-            out += "\n"
+    }
+
+    /// A decimal integer (an optional minus, then digits), or nil.
+    private static func integer(_ bytes: UnsafeBufferPointer<UInt8>) -> Int? {
+        var i = 0, negative = false
+        if bytes.first == UInt8(ascii: "-") {
+            negative = true
+            i = 1
         }
-        return out
+        guard i < bytes.count, bytes.count - i <= 18 else { return nil }
+        var value = 0
+        while i < bytes.count {
+            let d = bytes[i] &- UInt8(ascii: "0")
+            guard d < 10 else { return nil }
+            value = value * 10 + Int(d)
+            i += 1
+        }
+        return negative ? -value : value
     }
 }
 
