@@ -428,7 +428,7 @@ enum Express {
                                   flags: o.flags, series: series)
             }
             series.count.increment()
-            series.duration.record(.nanoseconds(elapsed.nanoseconds))
+            series.duration.record(nanoseconds: elapsed.nanoseconds)
         }
         guard let logged = o.logged else { return }
         let peers = labelled ?? PeerLabels(snapshot: o.snapshot, source: source, service: o.service,

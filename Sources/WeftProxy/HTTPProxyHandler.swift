@@ -959,7 +959,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if rec.snapshot.table.requestMetrics != false {
             let series = loop.telemetry.request(labels, proxy.telemetry)
             series.count.increment()
-            series.duration.record(.nanoseconds(elapsed.nanoseconds))
+            series.duration.record(nanoseconds: elapsed.nanoseconds)
         }
         if let target = rec.snapshot.table.tracing, let span = rec.span, span.sampled {
             proxy.spans.export(to: target, span: span, name: "\(rec.head.method.rawValue) \(rec.route)",

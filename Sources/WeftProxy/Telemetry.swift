@@ -49,15 +49,14 @@ struct RequestLabels: Hashable {
 /// Recording goes through a per-event-loop cache of series handles, so the
 /// registry's lock is taken only the first time a label set is seen.
 ///
-/// Request durations are recorded in a registry of the event loop's own
-/// (`loopRegistries`): a swift-prometheus histogram takes a lock for every
-/// value, and one histogram shared by the loops made a loop wait on the
+/// Request durations are recorded per event loop (`loopDurations`,
+/// LoopDurations): one histogram shared by the loops made a loop wait on the
 /// other's lock (a futex sleep, in the middle of a burst of responses) a few
-/// times in a thousand requests. The loops' histograms are added together
-/// when the exposition is written (`mergedSeries`).
+/// times in a thousand requests. The loops' counts are added together when
+/// the exposition is written.
 final class ProxyTelemetry: Sendable {
     let registry = PrometheusCollectorRegistry()
-    let loopRegistries: [PrometheusCollectorRegistry]
+    let loopDurations: [LoopDurations]
     let cap: LabelCap
     /// Request duration buckets, in seconds: 0.5 ms to 30 s.
     static let buckets: [Duration] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
@@ -67,13 +66,13 @@ final class ProxyTelemetry: Sendable {
 
     init(labelLimit: Int, loops: Int = 1) {
         cap = LabelCap(limit: labelLimit)
-        loopRegistries = (0..<max(1, loops)).map { _ in PrometheusCollectorRegistry() }
+        loopDurations = (0..<max(1, loops)).map { _ in LoopDurations() }
     }
 
     final class RequestSeries {
         let count: Counter
-        let duration: DurationHistogram
-        init(count: Counter, duration: DurationHistogram) {
+        let duration: LoopDurations.Series
+        init(count: Counter, duration: LoopDurations.Series) {
             self.count = count
             self.duration = duration
         }
@@ -103,21 +102,24 @@ final class ProxyTelemetry: Sendable {
          ("destination_workload_namespace", cap.admit("destination_workload_namespace", p.destinationWorkloadNamespace))]
     }
 
-    /// The series of `l`, its duration histogram in loop `shard`'s registry.
-    func makeRequestSeries(_ l: RequestLabels, shard: Int = 0) -> RequestSeries {
-        let labels = peerLabels(l.peers) + [
+    /// The label pairs of `l`'s series, values past the cap folded.
+    func requestLabelPairs(_ l: RequestLabels) -> [(String, String)] {
+        peerLabels(l.peers) + [
             ("route", cap.admit("route", l.route)),
             ("request_protocol", l.requestProtocol),
             ("response_code", cap.admit("response_code", String(l.responseCode))),
             ("response_flags", cap.admit("response_flags", l.responseFlags)),
         ]
+    }
+
+    /// The series of `l`, its durations in loop `shard`'s LoopDurations.
+    func makeRequestSeries(_ l: RequestLabels, shard: Int = 0) -> RequestSeries {
+        let labels = requestLabelPairs(l)
         return RequestSeries(
             count: registry.makeCounter(descriptor: .init(namespace: "weft", metricName: "requests", unitName: "total",
                                                           helpText: "HTTP requests the node proxy handled, by source, destination, route and response."),
                                         labels: labels),
-            duration: loopRegistries[shard % loopRegistries.count].makeDurationHistogram(descriptor: .init(namespace: "weft", metricName: "request_duration", unitName: "seconds",
-                                                                       helpText: "Time from a request's head to the end of its response, as the node proxy saw it."),
-                                                     labels: labels, buckets: Self.buckets))
+            duration: loopDurations[shard % loopDurations.count].series(labels))
     }
 
     func makeTCPSeries(_ p: PeerLabels) -> TCPSeries {
@@ -191,122 +193,15 @@ final class ProxyTelemetry: Sendable {
         }
         registry.makeGauge(descriptor: .init(namespace: "weft_proxy", metricName: "table_generation", unitName: "", helpText: "Route table generation the proxy has in force."))
             .set(Double(generation))
-        return registry.emitToString() + Self.mergedSeries(loopRegistries.map { $0.emitToString() })
-    }
-
-    /// Exposition texts of the same families (the loops' registries) as
-    /// one: each family's HELP and TYPE once, and each series (name and
-    /// labels) once, its values added. Whole numbers stay whole. A series
-    /// first seen in a later text comes after the ones before it, which
-    /// keeps a family's lines together while the registries hold one family.
-    static func mergedSeries(_ texts: [String]) -> String {
-        // Read as bytes, the texts one after the other: lines end at "\n" (a
-        // label's line break is escaped) and a sample's value follows its
-        // last space. A line is known by the hash of its key's bytes (the
-        // whole line for a comment), its entry found by comparing bytes.
-        // Walked as Characters with Substring keys, 1,000 Services' series
-        // (8.6 MiB) took about 200 ms a scrape.
-        var all: [UInt8] = []
-        all.reserveCapacity(texts.reduce(0) { $0 + $1.utf8.count + 1 })
-        for text in texts {
-            all.append(contentsOf: text.utf8)
-            all.append(UInt8(ascii: "\n"))
-        }
-        let largest = texts.map(\.utf8.count).max() ?? 0
-        return all.withUnsafeBufferPointer { bytes -> String in
-            struct Entry {
-                let start: Int, length: Int, comment: Bool
-                var int = 0, double = 0.0, whole = true
-            }
-            // Most series are in every text: the largest one's lines (most
-            // over 64 bytes) are about how many there will be.
-            var entries: [Entry] = []
-            entries.reserveCapacity(largest / 64)
-            var first: [Int: Int] = [:]  // hash -> first entry with it
-            first.reserveCapacity(largest / 64)
-            var next: [Int] = []  // entry -> next entry with its hash (-1: none)
-            next.reserveCapacity(largest / 64)
-            func find(_ start: Int, _ length: Int, comment: Bool) -> (Int, new: Bool) {
-                var hasher = Hasher()
-                hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: bytes[start..<(start + length)])))
-                let hash = hasher.finalize()
-                var i = first[hash] ?? -1
-                while i >= 0 {
-                    let e = entries[i]
-                    if e.length == length && e.comment == comment
-                        && memcmp(bytes.baseAddress! + e.start, bytes.baseAddress! + start, length) == 0 {
-                        return (i, false)
-                    }
-                    i = next[i]
-                }
-                next.append(first[hash] ?? -1)
-                first[hash] = entries.count
-                entries.append(Entry(start: start, length: length, comment: comment))
-                return (entries.count - 1, true)
-            }
-            var start = 0
-            while start < bytes.count {
-                var end = start
-                while bytes[end] != UInt8(ascii: "\n") { end += 1 }  // (the last byte is one)
-                defer { start = end + 1 }
-                guard end > start else { continue }
-                if bytes[start] == UInt8(ascii: "#") {
-                    _ = find(start, end - start, comment: true)
-                    continue
-                }
-                let line = UnsafeBufferPointer(rebasing: bytes[start..<end])
-                guard let space = line.lastIndex(of: UInt8(ascii: " ")) else { continue }
-                let value = UnsafeBufferPointer(rebasing: line[(space + 1)...])
-                let int = Self.integer(value)
-                let double = int.map(Double.init) ?? Double(String(decoding: value, as: UTF8.self)) ?? 0
-                let (i, new) = find(start, space, comment: false)
-                if new {
-                    entries[i].int = int ?? 0
-                    entries[i].double = double
-                    entries[i].whole = int != nil
-                } else {
-                    entries[i].int &+= int ?? 0
-                    entries[i].double += double
-                    entries[i].whole = entries[i].whole && int != nil
-                }
-            }
-            var out: [UInt8] = []
-            out.reserveCapacity(largest + largest / 8)
-            for e in entries {
-                out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[e.start..<(e.start + e.length)]))
-                if !e.comment {
-                    out.append(UInt8(ascii: " "))
-                    out.append(contentsOf: (e.whole ? String(e.int) : String(e.double)).utf8)
-                }
-                out.append(UInt8(ascii: "\n"))
-            }
-            return String(decoding: out, as: UTF8.self)
-        }
-    }
-
-    /// A decimal integer (an optional minus, then digits), or nil.
-    private static func integer(_ bytes: UnsafeBufferPointer<UInt8>) -> Int? {
-        var i = 0, negative = false
-        if bytes.first == UInt8(ascii: "-") {
-            negative = true
-            i = 1
-        }
-        guard i < bytes.count, bytes.count - i <= 18 else { return nil }
-        var value = 0
-        while i < bytes.count {
-            let d = bytes[i] &- UInt8(ascii: "0")
-            guard d < 10 else { return nil }
-            value = value * 10 + Int(d)
-            i += 1
-        }
-        return negative ? -value : value
+        return registry.emitToString() + LoopDurations.render(loopDurations, name: "weft_request_duration_seconds",
+                                                              help: "Time from a request's head to the end of its response, as the node proxy saw it.")
     }
 }
 
 /// The per-event-loop side of telemetry: series handles by label set.
 /// Only used on its loop.
 struct LoopTelemetry {
-    /// This loop's registry for request durations (ProxyTelemetry.loopRegistries).
+    /// This loop's request durations (ProxyTelemetry.loopDurations).
     var shard = 0
     private var requests: [RequestLabels: ProxyTelemetry.RequestSeries] = [:]
     private var tcp: [PeerLabels: ProxyTelemetry.TCPSeries] = [:]

@@ -3,6 +3,7 @@ import NIOCore
 import NIOEmbedded
 import NIOHTTP1
 import NIOPosix
+import Prometheus
 import Testing
 @testable import WeftCore
 @testable import WeftProxy
@@ -241,14 +242,14 @@ import WeftStatus
         #expect(series.contains { $0.contains("response_code=\"overflow\"") && $0.hasSuffix(" 890") })
     }
 
-    /// Durations recorded by two loops (each in its own registry) read as
-    /// if one histogram had recorded them all, label escapes included.
+    /// Durations recorded by two loops (each in its own LoopDurations) read
+    /// as if one swift-prometheus histogram had recorded them all, label
+    /// escapes included.
     @Test func theLoopsDurationHistogramsAddUp() {
         let telemetry = ProxyTelemetry(labelLimit: 100, loops: 2)
-        let single = ProxyTelemetry(labelLimit: 100, loops: 1)
+        let reference = PrometheusCollectorRegistry()
         var loops = [LoopTelemetry(), LoopTelemetry()]
         loops[1].shard = 1
-        var one = LoopTelemetry()
         let snapshot = RouteSnapshot(ProxyTable())
         var rng = SystemRandomNumberGenerator()
         for i in 0..<2_000 {
@@ -256,30 +257,40 @@ import WeftStatus
             // Route names with a quote, a backslash and a line break; some series on one loop only.
             let route = ["a", "b\"q\\", "c\nd", "only-one"][i % 4]
             let labels = RequestLabels(peers: peers, route: route, requestProtocol: "http", responseCode: 200 + i % 3, responseFlags: "-")
-            let nanos = Int64.random(in: 1_000...40_000_000_000, using: &rng)
+            // Some exactly on a bucket's bound (counted in it), most anywhere.
+            let nanos = i % 25 == 0 ? LoopDurations.bounds[(i / 25) % LoopDurations.bounds.count]
+                : Int64.random(in: 1_000...40_000_000_000, using: &rng)
             let loop = route == "only-one" ? 1 : (i / 4) % 2
-            loops[loop].request(labels, telemetry).duration.record(.nanoseconds(nanos))
-            one.request(labels, single).duration.record(.nanoseconds(nanos))
+            if i % 2 == 0 {
+                loops[loop].request(labels, telemetry).duration.record(nanoseconds: nanos)
+            } else {
+                loops[loop].request(labels, telemetry).duration.record(.nanoseconds(nanos))
+            }
+            reference.makeDurationHistogram(
+                descriptor: .init(namespace: "weft", metricName: "request_duration", unitName: "seconds",
+                                  helpText: "Time from a request's head to the end of its response, as the node proxy saw it."),
+                labels: telemetry.requestLabelPairs(labels), buckets: ProxyTelemetry.buckets).record(.nanoseconds(nanos))
         }
-        func samples(_ t: ProxyTelemetry) -> [String: Double] {
+        func samples(_ text: String) -> [String: Double] {
             var out: [String: Double] = [:]
-            let text = t.render(stats: ProxyStats(), generation: 1)
             for line in text.split(separator: "\n") where line.hasPrefix("weft_request_duration_seconds") {
                 guard let space = line.lastIndex(of: " ") else { continue }
                 #expect(out[String(line[..<space])] == nil, "one line per series: \(line)")
                 out[String(line[..<space])] = Double(line[line.index(after: space)...])
             }
             #expect(text.components(separatedBy: "# TYPE weft_request_duration_seconds histogram").count == 2)
+            #expect(text.components(separatedBy: "# HELP weft_request_duration_seconds Time from").count == 2)
             return out
         }
-        let merged = samples(telemetry), reference = samples(single)
-        #expect(reference.count == 12 * 18, "12 label sets: 15 buckets, +Inf, sum and count each")
-        #expect(Set(merged.keys) == Set(reference.keys))
-        for (key, value) in reference {
+        let merged = samples(telemetry.render(stats: ProxyStats(), generation: 1))
+        let wanted = samples(reference.emitToString())
+        #expect(wanted.count == 12 * 18, "12 label sets: 15 buckets, +Inf, sum and count each")
+        #expect(Set(merged.keys) == Set(wanted.keys))
+        for (key, value) in wanted {
             let got = merged[key] ?? -1
             #expect(abs(got - value) <= 1e-6 * max(1, abs(value)), "\(key): \(got) vs \(value)")
         }
-        #expect(reference.keys.contains { $0.contains("route=\"b\\\"q\\\\\"") }, "escaped as swift-prometheus does")
+        #expect(wanted.keys.contains { $0.contains("route=\"b\\\"q\\\\\"") }, "escaped as swift-prometheus does")
     }
 
     @Test func accessLogLinesAreJSONWithEscapes() throws {
