@@ -10,7 +10,8 @@ import Synchronization
 /// (docs/benchmarks.md, "Telemetry cost"). The loops' counts are added up
 /// when the exposition is written (`render`), in swift-prometheus's format.
 final class LoopDurations: Sendable {
-    /// Bucket bounds in nanoseconds (ProxyTelemetry.buckets), then +Inf.
+    /// Bucket bounds in nanoseconds (ProxyTelemetry.buckets); a series
+    /// counts one bucket more, +Inf, past the last.
     static let bounds: [Int64] = ProxyTelemetry.buckets.map {
         $0.components.seconds * 1_000_000_000 + $0.components.attoseconds / 1_000_000_000
     }
