@@ -20,7 +20,9 @@ The interval below zero says Weft's added p99 is lower; above zero, higher;
 across zero, that this many rounds cannot tell them apart.
 
 WEFT_BENCH_P99_LOADS (comma-separated; default every load) runs only some
-of the loads. Every run's rounds are kept in
+of the loads. WEFT_BENCH_P99_MINUTES=N starts no round after N minutes
+(the rounds done by then are the run; a stop set by the clock, never by
+what the rounds say, so it leaves the statistics as they are). Every run's rounds are kept in
 docs/bench-proxy-p99[-pinned]-runs.json, and the section also gives the
 statistics over all runs' rounds together, per load, each run counted
 whatever it said: at 95% and at the stricter level that keeps 95% over as
@@ -43,6 +45,7 @@ import bench_proxy as b  # noqa: E402
 from benchdoc import revision, sh, write_section  # noqa: E402
 
 ROUNDS = int(os.environ.get("WEFT_BENCH_P99_ROUNDS", "30"))
+MINUTES = float(os.environ.get("WEFT_BENCH_P99_MINUTES", "0")) or None
 SIDES = ["direct", "weft", "haproxy"]
 LEVEL = 0.95
 LOADS = os.environ.get("WEFT_BENCH_P99_LOADS", ",".join(b.LOADS)).split(",")
@@ -136,6 +139,9 @@ def main():
     repeated = kept_disturbed = 0
     with b.proxies_lab():
         for k in range(ROUNDS):
+            if MINUTES and time.time() - started > 60 * MINUTES:
+                print(f"{MINUTES:g} minutes gone: no more rounds ({k} run)", flush=True)
+                break
             order = SIDES[k % len(SIDES):] + SIDES[:k % len(SIDES)]
             for load in LOADS:
                 def one_round():
@@ -157,6 +163,7 @@ def main():
                       f"[{(time.time() - started) / 60:.1f} min]", flush=True)
     summary = {load: summarise(rounds, load) for load in LOADS}
     minutes = (time.time() - started) / 60
+    done = len(rounds[LOADS[0]])
     with open(os.path.join(b.ROOT, f"docs/bench-proxy-p99{b.SUFFIX}.json"), "w") as f:
         json.dump({"summary": summary, "rounds": rounds, "repeated": repeated, "kept_disturbed": kept_disturbed,
                    "minutes": minutes}, f, indent=1)
@@ -166,7 +173,7 @@ def main():
     with open(RUNS, "w") as f:
         json.dump(runs, f, indent=None, separators=(",", ":"))
         f.write("\n")
-    report(summary, repeated, kept_disturbed, minutes, pool(runs))
+    report(summary, repeated, kept_disturbed, minutes, pool(runs), done)
 
 
 def interval_text(s):
@@ -176,16 +183,17 @@ def interval_text(s):
     return f"{lo:+.0f} … {hi:+.0f} µs ({conf:.1%})"
 
 
-def report(summary, repeated, kept_disturbed, minutes, pooled):
+def report(summary, repeated, kept_disturbed, minutes, pooled, done):
     h2 = sh("h2load", "--version").split("\n")[0]
     lines = [
         "## L7 proxy: the fixed-load p99, Weft vs HAProxy, by count" + (", one core each" if b.PINNED else "")
         + " (issue #4)",
         "",
         f"Made by `{'' if LOADS == list(b.LOADS) else 'WEFT_BENCH_P99_LOADS=' + ','.join(LOADS) + ' '}"
-        f"WEFT_BENCH_P99_ROUNDS={ROUNDS} scripts/bench proxy-p99{b.SUFFIX}` ({time.strftime('%Y-%m-%d')}, "
+        f"WEFT_BENCH_P99_ROUNDS={ROUNDS} {f'WEFT_BENCH_P99_MINUTES={MINUTES:g} ' if MINUTES else ''}"
+        f"scripts/bench proxy-p99{b.SUFFIX}` ({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, kernel {os.uname().release}), release build at {revision()} (as `scripts/bench` builds it); "
-        f"{ROUNDS} rounds of {', '.join(LOADS)}, {minutes:.0f} minutes. The lab, proxies, configurations, load ({h2}) and interleaving of "
+        f"{done} rounds of {', '.join(LOADS)}, {minutes:.0f} minutes. The lab, proxies, configurations, load ({h2}) and interleaving of "
         f"`scripts/bench proxy{b.SUFFIX}` (its section is above), the fixed load only "
         f"({b.RATE} requests/s; HTTP/1.1 16 connections, HTTP/2 4 connections x 8 streams), on direct, Weft and HAProxy: "
         f"{b.FIXED_SLICE_S * b.SLICES} s per side, load and round in {b.SLICES} slices, every side in turn in each slice, "
