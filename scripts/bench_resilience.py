@@ -200,7 +200,14 @@ def feature_cost(work):
     if PIN:
         # The lab's processes inherit this; the proxy is moved off below.
         os.sched_setaffinity(0, set(cpus[:-1]))
-    sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
+    # Every Service on the full path: one with a TrafficPolicy leaves the
+    # express path, so a base Service left on it would charge each feature
+    # the path change too (docs/proxy.md, "Where the CPU goes").
+    os.environ["WEFT_PROXY_EXPRESS"] = "0"
+    try:
+        sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
+    finally:
+        del os.environ["WEFT_PROXY_EXPRESS"]
     runs = {name: [] for name in VARIANTS}
     try:
         wait_up(BACKENDS, 8080)
@@ -239,6 +246,10 @@ def feature_cost(work):
                 runs["base"].append(got["base"])
                 runs[name].append(got[name])
             print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
+        stats = sh("curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats")
+        express = next((l.split()[1] for l in stats.splitlines() if l.startswith("weft_proxy_express_requests_total ")), None)
+        if express != "0":
+            raise SystemExit(f"the base Service was to run the full path, but the express path served {express} requests")
     finally:
         subprocess.run([WEFT, "lab", "down"], capture_output=True)
         os.sched_setaffinity(0, set(cpus))
@@ -492,7 +503,10 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
         "## TrafficPolicy: feature cost and failover (issue #8)",
         "",
         f"Made by `scripts/bench resilience` {made} on {time.strftime('%Y-%m-%d')}. One lab node, a client pod and two "
-        f"nginx backend pods; one Service per variant over the same backends. {ROUNDS} rounds; in each, every variant is "
+        f"nginx backend pods; one Service per variant over the same backends, every one on the proxy's full path (the "
+        "agent under WEFT_PROXY_EXPRESS=0): a Service with any TrafficPolicy leaves the express path, which on its own "
+        "costs about 1.8x the proxy's CPU per request on HTTP/1.1 (docs/proxy.md, \"Where the CPU goes\"); this "
+        f"measures each feature's cost beyond that. {ROUNDS} rounds; in each, every variant is "
         "measured right next to the base Service (which of the two goes first alternates by round): h2load --h1 with 16 "
         f"keep-alive connections as fast as they go for {MAX_S} s, giving requests/s, requests per second of the proxy's "
         "CPU (its requests counter over its threads' run time from schedstat, both over the whole h2load run), and p99 from h2load's per-request log. Each feature is configured to "
