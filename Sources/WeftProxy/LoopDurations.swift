@@ -39,11 +39,6 @@ final class LoopDurations: Sendable {
                 c.sum &+= nanoseconds
             }
         }
-
-        func record(_ value: Duration) {
-            let (seconds, attoseconds) = value.components
-            record(nanoseconds: seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000)
-        }
     }
 
     fileprivate struct Counts {

@@ -261,11 +261,7 @@ import WeftStatus
             let nanos = i % 25 == 0 ? LoopDurations.bounds[(i / 25) % LoopDurations.bounds.count]
                 : Int64.random(in: 1_000...40_000_000_000, using: &rng)
             let loop = route == "only-one" ? 1 : (i / 4) % 2
-            if i % 2 == 0 {
-                loops[loop].request(labels, telemetry).duration.record(nanoseconds: nanos)
-            } else {
-                loops[loop].request(labels, telemetry).duration.record(.nanoseconds(nanos))
-            }
+            loops[loop].request(labels, telemetry).duration.record(nanoseconds: nanos)
             reference.makeDurationHistogram(
                 descriptor: .init(namespace: "weft", metricName: "request_duration", unitName: "seconds",
                                   helpText: "Time from a request's head to the end of its response, as the node proxy saw it."),
