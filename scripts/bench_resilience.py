@@ -17,6 +17,13 @@ backend stops getting traffic (issue #8), side by side in one run.
    Accounting, before the rounds: each variant alone under the same load
    with `perf record -g` on the proxy; the share of its samples with a
    TrafficPolicy frame on the stack is what the policy costs its CPU.
+   With --express (`scripts/bench resilience-express`): the Services as an
+   operator runs them, the express path on (the agent's default), so a
+   variant the express path carries is measured on it and one it cannot
+   carry (rate limit, faults, a connection limit) on the full path; each
+   round pairs every variant with base as above, and the report gives each
+   variant's requests per proxy CPU second against base's and the share of
+   its requests the express path served. No accounting, no failover.
 2. Failover. Pods running Tools/l7server.py behind an L4-only Service and an
    L7 Service, each with a health check every second; one pod is killed
    (its process exits) per trial while a client keeps connecting:
@@ -69,6 +76,7 @@ TRIALS = int(os.environ.get("WEFT_BENCH_RES_TRIALS", "3"))
 # noisier than sharing the cores (its two event loops then contend for one
 # CPU), so it is off by default.
 PIN = os.environ.get("WEFT_BENCH_RES_PIN", "0") == "1" and len(os.sched_getaffinity(0)) >= 2
+EXPRESS = "--express" in sys.argv
 L7SERVER = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/l7server.py")
 LOADTOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/loadtool.py")
 CLIENT = "198.18.1.10"
@@ -154,13 +162,18 @@ def cpu_between(before, after):
     return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
 
 
-def proxy_requests():
-    """Requests the node proxy has taken so far (its own counter)."""
+def proxy_counters():
+    """Requests the node proxy has taken so far, and those its express paths
+    answered (its own counters)."""
     out = sh("curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats")
+    got = {}
     for line in out.splitlines():
-        if line.startswith("weft_proxy_requests_total "):
-            return int(line.split()[1])
-    raise SystemExit(f"no weft_proxy_requests_total in the proxy's /stats: {out[:200]}")
+        for name in ("requests_total", "express_requests_total"):
+            if line.startswith(f"weft_proxy_{name} "):
+                got[name] = int(line.split()[1])
+    if len(got) != 2:
+        raise SystemExit(f"no request counters in the proxy's /stats: {out[:200]}")
+    return got["requests_total"], got["express_requests_total"]
 
 
 def bootstrap_median(values, resamples=2000, seed=7):
@@ -200,14 +213,16 @@ def feature_cost(work):
     if PIN:
         # The lab's processes inherit this; the proxy is moved off below.
         os.sched_setaffinity(0, set(cpus[:-1]))
-    # Every Service on the full path: one with a TrafficPolicy leaves the
-    # express path, so a base Service left on it would charge each feature
-    # the path change too (docs/proxy.md, "Where the CPU goes").
-    os.environ["WEFT_PROXY_EXPRESS"] = "0"
+    # Every Service on the full path (without --express): a feature the
+    # express path cannot carry moves its Service to the full path, so a
+    # base Service left on the express path would charge that feature the
+    # path change too (docs/proxy.md, "Where the CPU goes").
+    if not EXPRESS:
+        os.environ["WEFT_PROXY_EXPRESS"] = "0"
     try:
         sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     finally:
-        del os.environ["WEFT_PROXY_EXPRESS"]
+        os.environ.pop("WEFT_PROXY_EXPRESS", None)
     runs = {name: [] for name in VARIANTS}
     try:
         wait_up(BACKENDS, 8080)
@@ -225,16 +240,16 @@ def feature_cost(work):
             url = f"http://{vip(names.index(name))}/"
             # CPU and requests over the same window, warm-up included (h2load
             # counts only the measured part): the proxy's own counter.
-            cpu0, req0 = cpu_ns(proxy), proxy_requests()
+            cpu0, (req0, ex0) = cpu_ns(proxy), proxy_counters()
             top = h2load(url, "HTTP/1.1", MAX_S)
-            cpu1, req1 = cpu_ns(proxy), proxy_requests()
+            cpu1, (req1, ex1) = cpu_ns(proxy), proxy_counters()
             if top["failed"]:
                 raise SystemExit(f"{name}: requests failed: {top}")
             return {"rps": top["rate"], "per_core": (req1 - req0) / max(cpu_between(cpu0, cpu1), 1e-9),
-                    "p99_us": top["p99_us"], "p50_us": top["p50_us"]}
+                    "p99_us": top["p99_us"], "p50_us": top["p50_us"], "express": (ex1 - ex0) / max(req1 - req0, 1)}
 
         others = names[1:]
-        profile = profile_variants(names, proxy)
+        profile = None if EXPRESS else profile_variants(names, proxy)
         for rnd in range(ROUNDS):
             # Each variant is measured right next to a base run (the order
             # of the two alternating by round), so drift on this shared VM
@@ -246,9 +261,8 @@ def feature_cost(work):
                 runs["base"].append(got["base"])
                 runs[name].append(got[name])
             print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
-        stats = sh("curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats")
-        express = next((l.split()[1] for l in stats.splitlines() if l.startswith("weft_proxy_express_requests_total ")), None)
-        if express != "0":
+        express = proxy_counters()[1]
+        if not EXPRESS and express != 0:
             raise SystemExit(f"the base Service was to run the full path, but the express path served {express} requests")
     finally:
         subprocess.run([WEFT, "lab", "down"], capture_output=True)
@@ -416,6 +430,14 @@ def failover(work):
 
 def main():
     work = tempfile.mkdtemp(prefix="weft-bench-res-")
+    if EXPRESS:
+        try:
+            runs, _ = feature_cost(work)
+        finally:
+            subprocess.run(["rm", "-rf", work])
+        with open(os.path.join(ROOT, "docs/bench-resilience-express.json"), "w") as f:
+            json.dump({"runs": runs, "rounds": ROUNDS, "max_s": MAX_S, "revision": revision()}, f, indent=1)
+        return report_express(runs, revision())
     try:
         if "--failover-only" in sys.argv:
             # Failover again; the feature cost as the last run saved it.
@@ -440,11 +462,9 @@ def revision():
     return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def report(runs, profile, fo, cost_rev, fo_rev=None):
-    rev = fo_rev or revision()
-    made = f"at {rev}" if cost_rev == rev else f"at {cost_rev} (feature cost) and {rev} (failover, `--failover-only`)"
-    # runs["base"][k] was measured next to the k-th variant run of the
-    # round; rebuild the pairs.
+def paired(runs):
+    """The variants but base, and each one's (variant, base) run pairs:
+    runs["base"][k] was measured next to the k-th variant run of the round."""
     names = [n for n in VARIANTS if n != "base"]
     pairs = {n: [] for n in names}
     k = 0
@@ -453,6 +473,45 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
         for name in order:
             pairs[name].append((runs[name][len(pairs[name])], runs["base"][k]))
             k += 1
+    return names, pairs
+
+
+def report_express(runs, rev):
+    names, pairs = paired(runs)
+    base = runs["base"]
+    rows = [f"| base (no TrafficPolicy) | {statistics.median(x['express'] for x in base) * 100:.0f}% | "
+            f"{statistics.median(x['per_core'] for x in base):,.0f} | 1 | |"]
+    for name in names:
+        pr = pairs[name]
+        ratio, lo, hi = bootstrap_median([x["per_core"] / b["per_core"] for x, b in pr])
+        label = "control (no TrafficPolicy, A/A)" if name == "control" else name
+        rows.append(f"| {label} | {statistics.median(x['express'] for x, _ in pr) * 100:.0f}% | "
+                    f"{statistics.median(x['per_core'] for x, _ in pr):,.0f} | {ratio:.3f} | {lo:.3f}..{hi:.3f} |")
+    lines = [
+        "## TrafficPolicy on the express path",
+        "",
+        f"Made by `scripts/bench resilience-express` at {rev} on {time.strftime('%Y-%m-%d')}: the lab, Services, "
+        "TrafficPolicies and load of `scripts/bench resilience` (below), but the agent as an operator runs it, the "
+        "express path on, so each variant runs the path the proxy gives it: the express path carries a Service's "
+        "balancing (every algorithm; a hash on a header or the source), locality, slow start, outlier detection, a "
+        "health check and circuitBreaker.maxRequests/maxRetries; a rate limit, fault injection, a cookie hash or "
+        "circuitBreaker.maxConnections/maxPendingRequests take it to the full path (docs/proxy.md, \"The express "
+        f"path\"). {ROUNDS} rounds, each variant measured right next to base as there; *express* is the share of its "
+        "requests the proxy's express paths answered, *vs base* the median over the round pairs of its requests per "
+        "proxy CPU second over base's, with a 90% bootstrap interval.",
+        "",
+        "| variant | express | requests per proxy CPU second | vs base | 90% interval |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+    write_section("resilience_express", lines)
+    print("\n".join(lines))
+
+
+def report(runs, profile, fo, cost_rev, fo_rev=None):
+    rev = fo_rev or revision()
+    made = f"at {rev}" if cost_rev == rev else f"at {cost_rev} (feature cost) and {rev} (failover, `--failover-only`)"
+    names, pairs = paired(runs)
     base = runs["base"]
     def share(name):
         p = profile[name]
@@ -504,9 +563,10 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
         "",
         f"Made by `scripts/bench resilience` {made} on {time.strftime('%Y-%m-%d')}. One lab node, a client pod and two "
         f"nginx backend pods; one Service per variant over the same backends, every one on the proxy's full path (the "
-        "agent under WEFT_PROXY_EXPRESS=0): a Service with any TrafficPolicy leaves the express path, which on its own "
-        "costs about 1.8x the proxy's CPU per request on HTTP/1.1 (docs/proxy.md, \"Where the CPU goes\"); this "
-        f"measures each feature's cost beyond that. {ROUNDS} rounds; in each, every variant is "
+        "agent under WEFT_PROXY_EXPRESS=0): a feature the express path cannot carry (a rate limit, faults, a cookie "
+        "hash, a connection limit) moves its Service to the full path, which on its own costs about 1.8x the proxy's "
+        "CPU per request on HTTP/1.1 (docs/proxy.md, \"Where the CPU goes\"; `resilience_express` above, each Service "
+        f"on the path it runs); this measures each feature's own cost. {ROUNDS} rounds; in each, every variant is "
         "measured right next to the base Service (which of the two goes first alternates by round): h2load --h1 with 16 "
         f"keep-alive connections as fast as they go for {MAX_S} s, giving requests/s, requests per second of the proxy's "
         "CPU (its requests counter over its threads' run time from schedstat, both over the whole h2load run), and p99 from h2load's per-request log. Each feature is configured to "

@@ -47,6 +47,12 @@ final class ClusterRuntime: Sendable {
     /// Retries in progress for this cluster (circuitBreaker.maxRetries).
     let retries = Atomic<Int>(0)
     let outliers: OutlierDetector?
+    /// Whether the express paths can carry this policy: everything but a
+    /// cookie hash (its first response sets the cookie) and the connection
+    /// limits (maxConnections, maxPendingRequests: the full path's pool
+    /// counts connections). The rest, a pick, a request slot and an
+    /// outcome, is the same on both paths.
+    let express: Bool
 
     init(name: String, policy: ProxyTable.BackendPolicy, endpoints: [EndpointKey], node: String,
          previous: ClusterRuntime?) {
@@ -75,6 +81,9 @@ final class ClusterRuntime: Sendable {
         case .maglev: maglev = ConsistentHash.Maglev(names); ring = nil
         default: ring = nil; maglev = nil
         }
+        var express = policy.circuitBreaker?.maxConnections == nil && policy.circuitBreaker?.maxPendingRequests == nil
+        if case .cookie = policy.loadBalancer.hashOn { express = false }
+        self.express = express
         outliers = policy.outlierDetection.map { OutlierDetector($0, backends: backends.count, previous: previous?.outliers,
                                                                  previousIndex: previous?.index, keys: backends.map(\.key)) }
     }
@@ -107,6 +116,40 @@ final class ClusterRuntime: Sendable {
         if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max { return "maxConnections" }
         if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max { return "maxPendingRequests" }
         return nil
+    }
+
+    /// A request's hold on the backend it was given: its request slot
+    /// (maxRequests, and least-request's count), given back once, and the
+    /// one outcome the outlier detector is told. Kept by an express
+    /// exchange; the full path keeps the same two facts in its RequestState.
+    struct Hold {
+        let runtime: ClusterRuntime
+        let index: Int
+        private var released = false
+        private var recorded = false
+
+        init(_ runtime: ClusterRuntime, _ index: Int) {
+            self.runtime = runtime
+            self.index = index
+        }
+
+        mutating func release() {
+            guard !released else { return }
+            released = true
+            runtime.backends[index].requests.subtract(1, ordering: .relaxed)
+        }
+
+        /// Tells the outlier detector how the request went (once).
+        mutating func record(_ outcome: OutlierDetector.Outcome) {
+            guard !recorded else { return }
+            recorded = true
+            runtime.outliers?.record(index, outcome, runtime: runtime)
+        }
+
+        /// The outcome of a response with `code` (a 1xx is not one).
+        mutating func record(status code: Int) {
+            if code >= 200 { record(code >= 500 ? .serverError(code) : .success) }
+        }
     }
 
     /// Why no backend could be chosen.
@@ -200,16 +243,16 @@ final class ClusterRuntime: Sendable {
     }
 
     /// The hash of a request's key, or nil when it carries none (then the
-    /// request is spread like Random).
+    /// request is spread like Random). `header` gives a field's first value
+    /// (split at commas, as NIO's `headers[canonicalForm:]`), `cookie` a
+    /// cookie's; the express paths read neither from NIO's headers.
     @inline(never)
-    static func requestHash(_ key: TrafficPolicy.LoadBalancer.HashKey, headers: HTTPHeaders, source: IPv4Address) -> UInt64? {
-        switch key {
-        case .header(let name):
-            return headers[canonicalForm: name].first.map { ConsistentHash.stableHash($0.utf8) }
-        case .cookie(let name, _):
-            return cookie(name, in: headers).map { ConsistentHash.stableHash($0.utf8) }
-        case .sourceIP:
-            return ConsistentHash.mix(UInt64(source.value))
+    func requestHash(header: (String) -> Substring?, cookie: (String) -> Substring?, source: IPv4Address) -> UInt64? {
+        switch policy.loadBalancer.hashOn {
+        case nil: return nil
+        case .header(let name): return header(name).map { ConsistentHash.stableHash($0.utf8) }
+        case .cookie(let name, _): return cookie(name).map { ConsistentHash.stableHash($0.utf8) }
+        case .sourceIP: return ConsistentHash.mix(UInt64(source.value))
         }
     }
 

@@ -66,26 +66,50 @@ enum Express {
         /// The backend's pool state on this loop (in-flight count, idle connections).
         var state: UpstreamPool.EndpointState
         var tunnel: TunnelChoice?
+        /// With a TrafficPolicy on the backend's Service: the request's slot
+        /// and outcome, given back and told when the exchange ends.
+        var hold: ClusterRuntime.Hold?
     }
 
     /// Routes `request` as the full path does and picks its backend; nil
-    /// when the request needs the full path (filters, retries, timeouts,
-    /// TrafficPolicy, a non-HTTP/1.1 upstream, AuthorizationPolicy on the
-    /// pod, no backend the pod may reach).
+    /// when the request needs the full path (filters, retries, timeouts, a
+    /// TrafficPolicy the express paths cannot carry, a non-HTTP/1.1
+    /// upstream, AuthorizationPolicy on the pod, no backend the pod may
+    /// reach, every one at its circuit breaker's maxRequests: the full path
+    /// then answers). `header` gives a field's first value, for a policy
+    /// that hashes on one.
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
-                       loop: LoopState, proxy: ProxyContext, source: IPv4Address) -> Target? {
+                       loop: LoopState, proxy: ProxyContext, source: IPv4Address,
+                       header: (String) -> Substring?) -> Target? {
         let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
               action.timeouts.request == nil, action.timeouts.backendRequest == nil,
               let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
-              snapshot.runtimes.isEmpty || snapshot.runtimes[cluster.cluster] == nil,
               let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return nil }
         // A backend the pod may reach (the full path says why when none is).
-        let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source)
-        guard let key = picked, snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil else { return nil }
+        let key: EndpointKey
+        var hold: ClusterRuntime.Hold?
+        if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
+            guard runtime.express else { return nil }
+            let hash = runtime.requestHash(header: header, cookie: { _ in nil }, source: source)
+            guard case .picked(let picked) = loop.pick(runtime, hash: hash, proxy: proxy, generation: snapshot.generation,
+                                                       source: source),
+                  let index = runtime.index[picked] else { return nil }
+            key = picked
+            hold = ClusterRuntime.Hold(runtime, index)
+        } else {
+            guard let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source) else {
+                return nil
+            }
+            key = picked
+        }
+        guard snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil else {
+            hold?.release()
+            return nil
+        }
         return Target(route: action.name, key: key, state: loop.pool.state(key),
-                      tunnel: loop.tunnel(proxy, to: key, from: source, snapshot: snapshot))
+                      tunnel: loop.tunnel(proxy, to: key, from: source, snapshot: snapshot), hold: hold)
     }
 
     /// The header lines the proxy adds to every request of one client

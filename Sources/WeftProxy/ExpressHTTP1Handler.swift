@@ -145,6 +145,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var bytesOut = 0
         /// What the access log line needs, when access logs are on.
         var logged: Express.Logged?
+        /// The backend's slot and outcome under a TrafficPolicy.
+        var hold: ClusterRuntime.Hold?
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState,
              tunnel: TunnelChoice?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
@@ -532,8 +534,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // (A closure that captures nothing costs no allocation.)
         let request = RouteMatcher.Request(method: method, path: path, query: query,
                                            header: matcher.readsHeaders ? { name in Self.values(p, fields, name) } : { _ in [] })
-        guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
-                                          source: source) else { return .handOver }
+        guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: source,
+                                          header: { name in Self.values(p, fields, name).first.map { Substring($0) } })
+        else { return .handOver }
         let snapshot = routing.snapshot
 
         // The request the backend gets: the client's head without its
@@ -558,6 +561,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                 keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
                                 isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc,
                                 length: total, outgoing: out)
+        exchange.hold = chosen.hold
         if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
             func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
             exchange.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
@@ -640,6 +644,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         Express.countConnectFailure(exchange.key, error, snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop,
                                     proxy: proxy)
+        exchange.hold?.record(.localFailure)
         // Nothing was sent: the full path tries another backend or answers 503.
         giveBack(exchange)
         handOver()
@@ -651,6 +656,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         self.exchange = nil
         exchange.upstream?.close()
         exchange.state.inFlight -= 1
+        exchange.hold?.release()
         var request = exchange.request
         if var rest = inbound, rest.readableBytes > 0 { request.writeBuffer(&rest) }
         inbound = request
@@ -773,6 +779,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             exchange.framing = .length(remaining - n)
         }
         exchange.status = code
+        exchange.hold?.record(status: code)
         exchange.responded = true
         exchange.reusable = !close
         exchange.closesClient = closesClient
@@ -799,6 +806,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     func upstreamClosed() {
         guard let exchange else { return }
         exchange.upstream = nil
+        exchange.hold?.record(.localFailure)  // (a response that came was told already)
         if exchange.responded, case .close = exchange.framing {
             exchange.reusable = false
             return responseEnded(exchange, extra: 0)
@@ -830,6 +838,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// The backend's response broke the protocol.
     private func broken(_ exchange: Exchange, _ what: String) {
+        exchange.hold?.record(.localFailure)  // (a response that came was told already)
         exchange.upstream?.close()
         exchange.upstream = nil
         exchange.reusable = false
@@ -863,6 +872,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         guard self.exchange === exchange, let loop else { return }
         self.exchange = nil
         exchange.state.inFlight -= 1
+        exchange.hold?.release()
         // (Delivered requests are counted where they were routed.)
         guard delivery == nil else { return }
         Express.record(Express.Outcome(snapshot: exchange.snapshot, service: exchange.service,

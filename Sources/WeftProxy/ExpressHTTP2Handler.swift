@@ -129,6 +129,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var unwritten = 0
         var paused = false
         var logged: Express.Logged?
+        /// The backend's slot and outcome under a TrafficPolicy.
+        var hold: ClusterRuntime.Hold?
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
              route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState, tunnel: TunnelChoice?,
@@ -412,7 +414,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             return headers[canonicalForm: name]
         })
         guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
-                                          source: origin.source) else { return nil }
+                                          source: origin.source, header: { name in
+            (name == "host" ? authority : nil).map { Substring($0) } ?? headers[canonicalForm: name].first.map { Substring($0) }
+        }) else { return nil }
 
         // The request the backend gets: an HTTP/1.1 head from the fields,
         // cookies joined in one line (RFC 9113, section 8.2.3), then the
@@ -470,6 +474,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let stream = Stream(handler: self, id: id, request: h, snapshot: snapshot, route: chosen.route,
                             service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key, state: chosen.state,
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
+        stream.hold = chosen.hold
         if !h.endStream {
             stream.requestOpen = true
             stream.declared = DeclaredBody(length: bodyLength)
@@ -503,6 +508,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 stream.connecting = false
                 Express.countConnectFailure(stream.key, error, snapshot: stream.snapshot, frontendKey: self.frontendKey,
                                             loop: loop, proxy: self.proxy)
+                stream.hold?.record(.localFailure)
                 // Nothing was sent: the full path tries another backend or answers 503.
                 self.handOver(stream)
             }
@@ -530,6 +536,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         stream.upstream?.close()
         stream.upstream = nil
         stream.state.inFlight -= 1
+        stream.hold?.release()
         handed.insert(stream.id)
         if stream.requestOpen { bodies[stream.id] = stream.declared }
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
@@ -640,6 +647,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 Express.countConnectFailure(stream.key, TunnelRefused(status: 0, reason: "\(stream.key) could not be reached from its node"),
                                             snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
             }
+            stream.hold?.record(.localFailure)
             handOver(stream)
             return nil
         case .interim(let length):
@@ -651,6 +659,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             stream.head = nil
             stream.framing = body.framing
             stream.status = code
+            stream.hold?.record(status: code)
             stream.responded = true
             if case .close = body.framing { stream.reusable = false } else { stream.reusable = !body.close }
             loop?.counters.answered(code)
@@ -752,6 +761,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     fileprivate func upstreamClosed(_ stream: Stream) {
         guard streams[stream.id] === stream, let loop else { return }
         stream.upstream = nil
+        stream.hold?.record(.localFailure)  // (a response that came was told already)
         if stream.responded, case .close = stream.framing {
             return finish(stream, extra: 0, last: nil)
         }
@@ -773,6 +783,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
 
     /// The backend's response broke the protocol.
     private func broken(_ stream: Stream, _ what: String) {
+        stream.hold?.record(.localFailure)  // (a response that came was told already)
         stream.upstream?.close()
         stream.upstream = nil
         stream.reusable = false
@@ -808,6 +819,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func end(_ stream: Stream, flags: String) {
         guard streams.removeValue(forKey: stream.id) != nil, let loop else { return }
         stream.state.inFlight -= 1
+        stream.hold?.release()
         Express.record(Express.Outcome(snapshot: stream.snapshot, service: stream.service,
                                        serviceNamespace: stream.serviceNamespace, key: stream.key, route: stream.route,
                                        grpc: stream.grpc, status: stream.status, flags: flags, start: stream.start,

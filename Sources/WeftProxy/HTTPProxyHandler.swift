@@ -440,7 +440,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
             request!.runtime = runtime
             if let key = runtime.policy.loadBalancer.hashOn {
-                request!.hash = ClusterRuntime.requestHash(key, headers: head.headers, source: origin.source)
+                let headers = head.headers
+                request!.hash = runtime.requestHash(header: { headers[canonicalForm: $0].first },
+                                                    cookie: { ClusterRuntime.cookie($0, in: headers) }, source: origin.source)
                 if request!.hash == nil, case .cookie(let name, let ttl?) = key, let loop {
                     // No cookie yet: mint one, so the client sticks from now on.
                     let value = String(loop.random.next(), radix: 16)
@@ -484,37 +486,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
         if let runtime = r.runtime {
-            var denied = Set<EndpointKey>()
-            var full = false
-            let source = origin.source, generation = r.snapshot.generation
-            while true {
-                let picked = runtime.pick(hash: r.hash, random: &loop.random) { k in
-                    // Usually both are empty: no hashing of the key then.
-                    (!excluded.isEmpty && excluded.contains(k)) || (!denied.isEmpty && denied.contains(k))
-                }
-                switch picked {
-                case .failure(let refusal):
-                    if refusal == .overflow || full {
-                        proxy.stats.overflows.add(1, ordering: .relaxed)
-                        countEvent("overflow")
-                        record?.flags.append("UO")
-                        return fail(.serviceUnavailable, "weft: every backend of \(r.cluster.cluster) is at its circuit breaker's maxRequests\n")
-                    }
-                case .success(let candidate):
-                    if !loop.allowed(proxy, generation: generation, source: source, destination: candidate.ip,
-                                     port: candidate.port, node: candidate.node) {
-                        denied.insert(candidate)
-                        continue
-                    }
-                    // The slot is taken here, atomically; lost to another
-                    // loop in the meantime: that backend is full after all.
-                    if !runtime.reserve(candidate) {
-                        full = true
-                        denied.insert(candidate)
-                        continue
-                    }
-                    key = candidate
-                }
+            switch loop.pick(runtime, hash: r.hash, excluding: excluded, proxy: proxy, generation: r.snapshot.generation,
+                             source: origin.source) {
+            case .picked(let candidate):
+                key = candidate
+            case .overflow:
+                proxy.stats.overflows.add(1, ordering: .relaxed)
+                countEvent("overflow")
+                record?.flags.append("UO")
+                return fail(.serviceUnavailable, "weft: every backend of \(r.cluster.cluster) is at its circuit breaker's maxRequests\n")
+            case .none:
                 break
             }
         } else {

@@ -191,6 +191,44 @@ final class LoopState: @unchecked Sendable {
         return nil
     }
 
+    enum PolicyPick {
+        /// Its request slot is taken (ClusterRuntime.reserve).
+        case picked(EndpointKey)
+        /// Every backend the pod may reach is at its maxRequests.
+        case overflow
+        /// None the pod may reach (or none left past `excluding`).
+        case none
+    }
+
+    /// A backend of a cluster with a TrafficPolicy, by the policy's
+    /// algorithm, that `source` may reach, its request slot taken: one
+    /// another loop took the last slot of meanwhile is passed over.
+    func pick(_ runtime: ClusterRuntime, hash: UInt64?, excluding excluded: Set<EndpointKey> = [], proxy: ProxyContext,
+              generation: UInt64, source: IPv4Address) -> PolicyPick {
+        var denied = Set<EndpointKey>()
+        var full = false
+        while true {
+            let picked = runtime.pick(hash: hash, random: &random) { k in
+                // Usually both are empty: no hashing of the key then.
+                (!excluded.isEmpty && excluded.contains(k)) || (!denied.isEmpty && denied.contains(k))
+            }
+            switch picked {
+            case .failure(let refusal):
+                return refusal == .overflow || full ? .overflow : .none
+            case .success(let candidate):
+                if !allowed(proxy, generation: generation, source: source, destination: candidate.ip, port: candidate.port,
+                            node: candidate.node) {
+                    denied.insert(candidate)
+                } else if runtime.reserve(candidate) {
+                    return .picked(candidate)
+                } else {
+                    full = true
+                    denied.insert(candidate)
+                }
+            }
+        }
+    }
+
     /// Counts an upstream event (retry, reset, ...) against the Service the
     /// request dialed.
     func countEvent(_ event: String, proxy: ProxyContext, snapshot: RouteSnapshot, frontendKey: String) {

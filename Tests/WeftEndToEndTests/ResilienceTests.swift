@@ -109,6 +109,27 @@ private func waitForHealth(_ entry: String, failing: Bool, node: String = "n1", 
     throw HarnessError("\(entry) never \(failing ? "failed" : "passed") its health check on \(node)")
 }
 
+/// One of a node proxy's /stats counters (`weft_proxy_<name>`), -1 when absent.
+private func stat(_ node: String, _ name: String) throws -> Int {
+    let text = try proxyText(node, "/stats")
+    return text.split(separator: "\n").first { $0.hasPrefix("weft_proxy_\(name) ") }
+        .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+}
+
+/// Waits until node `node`'s proxy holds no request slot of any backend
+/// under a TrafficPolicy (`weft_backend_active_requests` all 0): every
+/// path a request took, answered, failed or handed over, gave its slot back.
+private func expectNoSlotHeld(_ comment: Comment, node: String = "n1") throws {
+    var held: [Substring] = []
+    for _ in 0..<100 {
+        held = try proxyText(node, "/metrics").split(separator: "\n")
+            .filter { $0.hasPrefix("weft_backend_active_requests{") && !$0.hasSuffix(" 0") }
+        if held.isEmpty { return }
+        usleep(20_000)
+    }
+    Issue.record("\(comment): request slots still held: \(held)")
+}
+
 private func counts(_ r: [String: Any], _ key: String) -> [String: Int] {
     (r[key] as? [String: Any] ?? [:]).compactMapValues { $0 as? Int }
 }
@@ -134,10 +155,20 @@ struct ResilienceTests {
         let pods = Set(lbPods.map(\.0))
 
         // RoundRobin: one shared counter, so 10,000 requests split exactly.
+        // The express path carries the policy: no request leaves it.
+        let (express, handed) = (try stat("n1", "express_requests_total"), try stat("n1", "express_handovers_total"))
         let rr = try lab.load(in: "client", ["spread", "http://198.19.2.10/", "10000", "8"])
         let rrPods = counts(rr, "pods")
         #expect(counts(rr, "codes") == ["200": 10000], "\(rr)")
         #expect(Set(rrPods.keys) == pods && rrPods.values.allSatisfy { abs($0 - 2500) <= 25 }, "round robin: \(rrPods)")
+        #expect(try stat("n1", "express_requests_total") - express >= 10000 && stat("n1", "express_handovers_total") == handed,
+                "RoundRobin's requests left the express path")
+        // HTTP/2 clients too (h2c, prior knowledge), on the same shared counter.
+        let h2 = try LabHarness.run(["lab", "exec", "client", "--", "timeout", "-s", "KILL", "60", "h2load", "-n", "400", "-c", "2",
+                                     "-m", "4", "http://198.19.2.10/"])
+        #expect(h2.output.contains("400 succeeded") && h2.output.contains("400 2xx"), "\(h2.output)")
+        #expect(try stat("n1", "express_requests_total") - express >= 10400 && stat("n1", "express_handovers_total") == handed,
+                "HTTP/2 requests to RoundRobin left the express path")
 
         // Random: binomial(10,000, 1/4) per backend; 2,500 +- 7% is four sigma.
         let random = counts(try lab.load(in: "client", ["spread", "http://198.19.2.11/", "10000", "8"]), "pods")
@@ -208,6 +239,7 @@ struct ResilienceTests {
             #expect(!after.values.contains("lb-4"), "\(name): lb-4 still owns keys")
         }
         try set("198.18.2.24", "health=200")
+        try expectNoSlotHeld("after every balancer's runs")
     }
 
     @Test func deadBackendsLeaveL7AndL4ServicesWithinTwoIntervalsAndOutliersAreEjectedAndReturn() throws {
@@ -289,6 +321,8 @@ struct ResilienceTests {
             if !kernelBack { usleep(20_000) }
         }
         #expect(kernelBack, "the kernel never put od-3 back")
+        // Refused connects, 503s and ejections: every slot came back.
+        try expectNoSlotHeld("after dead backends and outliers")
     }
 
     /// Pods that take only mutual TLS (STRICT, and an AuthorizationPolicy
@@ -331,11 +365,6 @@ struct ResilienceTests {
                 if !up { usleep(50_000) }
             }
             try #require(up, "\(address) never answered")
-        }
-        func stat(_ node: String, _ name: String) throws -> Int {
-            let text = try proxyText(node, "/stats")
-            return text.split(separator: "\n").first { $0.hasPrefix("weft_proxy_\(name) ") }
-                .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
         }
         // Checks flow: n1 relays them, n2 and n3 run them; nothing fails.
         var flowing = false
@@ -398,11 +427,15 @@ struct ResilienceTests {
         ])
         defer { lab.down() }
 
-        // 20 requests at once against maxRequests 5: exactly 15 shed.
+        // 20 requests at once against maxRequests 5: exactly 15 shed. The
+        // express path takes the 5 slots; a request it finds none for goes
+        // to the full path, which answers 503 (flag UO).
+        let handed = try stat("n1", "express_handovers_total")
         let burst = try lab.load(in: "client", ["burst", "http://198.19.4.10/sleep/1500", "20"])
         #expect(counts(burst, "codes") == ["200": 5, "503": 15], "\(burst)")
-        let overflowLine = try proxyText("n1", "/stats").split(separator: "\n").first { $0.hasPrefix("weft_proxy_circuit_breaker_overflows_total ") }
-        #expect(overflowLine == "weft_proxy_circuit_breaker_overflows_total 15")
+        #expect(try stat("n1", "circuit_breaker_overflows_total") == 15)
+        #expect(try stat("n1", "express_handovers_total") - handed == 15, "only the shed requests left the express path")
+        try expectNoSlotHeld("after the burst")
 
         // 100 a second with a burst of 100, for 10 s: burst + rate x time,
         // within 5%; the rest get 429 with Retry-After.
