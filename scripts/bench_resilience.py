@@ -429,6 +429,7 @@ def failover(work):
 
 
 def main():
+    global ROUNDS, MAX_S, PROFILE_S
     work = tempfile.mkdtemp(prefix="weft-bench-res-")
     if EXPRESS:
         try:
@@ -443,7 +444,6 @@ def main():
             # Failover again; the feature cost as the last run saved it.
             with open(os.path.join(ROOT, "docs/bench-resilience.json")) as f:
                 saved = json.load(f)
-            global ROUNDS, MAX_S, PROFILE_S
             ROUNDS, MAX_S, PROFILE_S = saved["rounds"], saved["max_s"], saved["profile_s"]
             runs, profile, cost_rev = saved["runs"], saved["profile"], saved.get("cost_revision", "?")
         else:

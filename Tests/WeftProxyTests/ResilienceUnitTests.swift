@@ -9,6 +9,12 @@ private func endpoints(_ n: Int, node: String = "n1") -> [EndpointKey] {
     (1...n).map { EndpointKey(ProxyTable.Endpoint(address: "198.18.1.\($0)", port: 8080, workload: "t/p\($0)", node: node)) }
 }
 
+private func breaker(_ set: (inout TrafficPolicy.CircuitBreaker) -> Void) -> TrafficPolicy.CircuitBreaker {
+    var cb = TrafficPolicy.CircuitBreaker()
+    set(&cb)
+    return cb
+}
+
 private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], outliers: TrafficPolicy.OutlierDetection? = nil,
                      previous: ClusterRuntime? = nil) -> ClusterRuntime {
     ClusterRuntime(name: "t/s:80", policy: .init(loadBalancer: lb, outlierDetection: outliers, circuitBreaker: nil, policy: "t/s"),
@@ -83,6 +89,51 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         let now = NIODeadline.now().uptimeNanoseconds
         #expect(rt.backends.count(where: { $0.isEjected(now) }) == 2, "25% of 8")
         #expect(detector.ejectionsTotal.load(ordering: .relaxed) == 2)
+    }
+
+    @Test func anExpressHoldGivesItsSlotBackOnceAndTellsOneOutcome() throws {
+        var od = TrafficPolicy.OutlierDetection()
+        od.consecutive5xx = 2
+        od.maxEjectionPercent = 100
+        let eps = endpoints(2)
+        let rt = ClusterRuntime(name: "t/s:80", policy: .init(loadBalancer: .init(), outlierDetection: od,
+                                                              circuitBreaker: breaker { $0.maxRequests = 1 }, policy: "t/s"),
+                                endpoints: eps, node: "n1", previous: nil)
+        #expect(rt.reserve(eps[0]) && !rt.reserve(eps[0]), "maxRequests 1: one slot")
+        var hold = ClusterRuntime.Hold(rt, 0)
+        // An interim response is no outcome; the final one is, once.
+        hold.record(status: 100)
+        hold.record(status: 503)
+        hold.record(.localFailure)
+        hold.release()
+        hold.release()
+        #expect(rt.backends[0].requests.load(ordering: .relaxed) == 0, "the slot came back once")
+        let now = NIODeadline.now().uptimeNanoseconds
+        #expect(!rt.backends[0].isEjected(now), "one failure told, not two (consecutive5xx 2)")
+        // A second exchange's failure makes two in a row.
+        #expect(rt.reserve(eps[0]))
+        var second = ClusterRuntime.Hold(rt, 0)
+        second.record(.localFailure)
+        second.release()
+        #expect(rt.backends[0].isEjected(NIODeadline.now().uptimeNanoseconds))
+        #expect(rt.backends[0].requests.load(ordering: .relaxed) == 0)
+    }
+
+    @Test func theExpressPathCarriesEveryPolicyButCookiesAndConnectionLimits() {
+        func carried(_ lb: TrafficPolicy.LoadBalancer = .init(), _ cb: TrafficPolicy.CircuitBreaker? = nil) -> Bool {
+            ClusterRuntime(name: "t/s:80", policy: .init(loadBalancer: lb, outlierDetection: .init(), circuitBreaker: cb, policy: "t/s"),
+                           endpoints: endpoints(2), node: "n1", previous: nil).express
+        }
+        var ring = TrafficPolicy.LoadBalancer()
+        ring.algorithm = .ringHash
+        ring.hashOn = .header("x-user")
+        var bySource = ring
+        bySource.hashOn = .sourceIP
+        var byCookie = ring
+        byCookie.hashOn = .cookie(name: "s", ttl: nil)
+        #expect(carried() && carried(ring) && carried(bySource) && carried(.init(), breaker { $0.maxRequests = 5; $0.maxRetries = 2 }))
+        #expect(!carried(byCookie) && !carried(.init(), breaker { $0.maxConnections = 5 })
+                && !carried(.init(), breaker { $0.maxPendingRequests = 5 }))
     }
 
     @Test func consistentHashesMoveOnlyTheKeysOfABackendThatLeaves() {
