@@ -48,10 +48,9 @@ final class ClusterRuntime: Sendable {
     let retries = Atomic<Int>(0)
     let outliers: OutlierDetector?
     /// Whether the express paths can carry this policy: everything but a
-    /// cookie hash (its first response sets the cookie) and the connection
-    /// limits (maxConnections, maxPendingRequests: the full path's pool
-    /// counts connections). The rest, a pick, a request slot and an
-    /// outcome, is the same on both paths.
+    /// cookie hash (its first response sets the cookie). A pick, a request
+    /// slot, the connection limits and an outcome are the same on both
+    /// paths.
     let express: Bool
 
     init(name: String, policy: ProxyTable.BackendPolicy, endpoints: [EndpointKey], node: String,
@@ -81,9 +80,7 @@ final class ClusterRuntime: Sendable {
         case .maglev: maglev = ConsistentHash.Maglev(names); ring = nil
         default: ring = nil; maglev = nil
         }
-        var express = policy.circuitBreaker?.maxConnections == nil && policy.circuitBreaker?.maxPendingRequests == nil
-        if case .cookie = policy.loadBalancer.hashOn { express = false }
-        self.express = express
+        if case .cookie = policy.loadBalancer.hashOn { express = false } else { express = true }
         outliers = policy.outlierDetection.map { OutlierDetector($0, backends: backends.count, previous: previous?.outliers,
                                                                  previousIndex: previous?.index, keys: backends.map(\.key)) }
     }
@@ -132,6 +129,8 @@ final class ClusterRuntime: Sendable {
             self.runtime = runtime
             self.index = index
         }
+
+        var backend: Backend { runtime.backends[index] }
 
         mutating func release() {
             guard !released else { return }

@@ -108,8 +108,21 @@ enum Express {
             hold?.release()
             return nil
         }
-        return Target(route: action.name, key: key, state: loop.pool.state(key),
-                      tunnel: loop.tunnel(proxy, to: key, from: source, snapshot: snapshot), hold: hold)
+        let state = loop.pool.state(key)
+        let tunnel = loop.tunnel(proxy, to: key, from: source, snapshot: snapshot)
+        // circuitBreaker.maxConnections and maxPendingRequests bite where a
+        // new connection is needed: the full path answers 503 (flag UO).
+        if let h = hold, h.runtime.connectionLimit(h.backend, idle: { hasIdle(state, tunnel: tunnel) }) != nil {
+            hold?.release()
+            return nil
+        }
+        return Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold)
+    }
+
+    /// Whether `idleUpstream` would find a connection (none is taken).
+    static func hasIdle(_ state: UpstreamPool.EndpointState, tunnel: TunnelChoice?) -> Bool {
+        if let source = tunnel?.source.value { return state.expressTunnelIdle[source]?.contains { $0.isActive } ?? false }
+        return state.express.contains { $0.isActive }
     }
 
     /// The header lines the proxy adds to every request of one client
@@ -195,7 +208,11 @@ enum Express {
     /// with a `tunnel`, a CONNECT stream of the tunnel to the backend's node
     /// that carries HTTP/1.1 (`x-weft-protocol: http1`: the destination
     /// reads it request by request). The caller counts a failure.
-    static func connectUpstream(to key: EndpointKey, tunnel: TunnelChoice?, loop: LoopState,
+    /// `counters` (a TrafficPolicy cluster's backend) counts a connection of
+    /// its own while it is being made and while it is open, for the circuit
+    /// breaker, as the full path's pool counts its own (a tunnel stream is
+    /// no connection to the backend, on either path).
+    static func connectUpstream(to key: EndpointKey, tunnel: TunnelChoice?, counters: ClusterRuntime.Backend?, loop: LoopState,
                                 _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
         if let tunnel {
             let source = tunnel.source.value
@@ -216,6 +233,7 @@ enum Express {
             }
             return
         }
+        counters?.pending.add(1, ordering: .relaxed)
         loop.pool.bootstrap()
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
@@ -223,6 +241,13 @@ enum Express {
             .connect(host: key.address, port: Int(key.port))
             .assumeIsolated()
             .whenComplete { result in
+                if let counters {
+                    counters.pending.subtract(1, ordering: .relaxed)
+                    if case .success(let channel) = result {
+                        counters.connections.add(1, ordering: .relaxed)
+                        channel.closeFuture.whenComplete { _ in counters.connections.subtract(1, ordering: .relaxed) }
+                    }
+                }
                 switch result {
                 case .success(let channel):
                     guard let upstream = try? channel.pipeline.syncOperations.handler(type: ExpressUpstream.self) else {

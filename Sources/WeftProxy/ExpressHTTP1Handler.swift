@@ -613,7 +613,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         self.exchange = exchange
         exchange.state.inFlight += 1
         if let idle = Express.idleUpstream(from: exchange.state, tunnel: exchange.tunnel) { return attach(idle) }
-        Express.connectUpstream(to: exchange.key, tunnel: exchange.tunnel, loop: loop) { [weak self] result in
+        Express.connectUpstream(to: exchange.key, tunnel: exchange.tunnel, counters: exchange.hold?.backend, loop: loop) { [weak self] result in
             guard let self, self.exchange === exchange, exchange.connecting else {
                 (try? result.get())?.close()
                 return

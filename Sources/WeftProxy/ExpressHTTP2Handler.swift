@@ -496,7 +496,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func start(_ stream: Stream) {
         guard let loop else { return }
         if let idle = Express.idleUpstream(from: stream.state, tunnel: stream.tunnel) { return attach(stream, idle) }
-        Express.connectUpstream(to: stream.key, tunnel: stream.tunnel, loop: loop) { [weak self] result in
+        Express.connectUpstream(to: stream.key, tunnel: stream.tunnel, counters: stream.hold?.backend, loop: loop) { [weak self] result in
             guard let self, self.streams[stream.id] === stream, stream.connecting else {
                 (try? result.get())?.close()
                 return

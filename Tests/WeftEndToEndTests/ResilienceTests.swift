@@ -415,12 +415,14 @@ struct ResilienceTests {
     }
 
     @Test func breakersLimitsAndFaultsShedExactlyWhatTheySay() throws {
-        let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("fi-1", "n2", "198.18.2.61")],
+        let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("cc-1", "n1", "198.18.1.52"), ("fi-1", "n2", "198.18.2.61")],
                                app: { String($0.prefix(while: { $0 != "-" })) }, services: [
-            service("cb", ip: "198.19.4.10", app: "cb"), service("rl", ip: "198.19.4.20", app: "fi"),
+            service("cb", ip: "198.19.4.10", app: "cb"), service("cc", ip: "198.19.4.11", app: "cc"),
+            service("rl", ip: "198.19.4.20", app: "fi"),
             service("fi-abort", ip: "198.19.4.30", app: "fi"), service("fi-delay", ip: "198.19.4.31", app: "fi"),
         ], policies: [
             policy("cb", "circuitBreaker: {maxRequests: 5}"),
+            policy("cc", "circuitBreaker: {maxConnections: 1}"),
             policy("rl", "rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}"),
             policy("fi-abort", "faultInjection: {abort: {httpStatus: 503, percentage: 25}}"),
             policy("fi-delay", "faultInjection: {delay: {fixedDelay: 100ms, percentage: 25}}"),
@@ -436,6 +438,20 @@ struct ResilienceTests {
         #expect(try stat("n1", "circuit_breaker_overflows_total") == 15)
         #expect(try stat("n1", "express_handovers_total") - handed == 15, "only the shed requests left the express path")
         try expectNoSlotHeld("after the burst")
+
+        // maxConnections 1 (a pod of its own: idle connections are kept per
+        // backend, and a request that finds one opens none): while a slow
+        // request holds the one connection, the next, which would need a
+        // second, is shed; the express path counts its connections as the
+        // full path does.
+        let held = try stat("n1", "express_handovers_total")
+        let two = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
+                                      "curl -s -o /dev/null -w 'A:%{http_code}\\n' http://198.19.4.11/sleep/1500 & sleep 0.4; "
+                                      + "curl -s -w 'B:%{http_code}\\n' http://198.19.4.11/; wait"])
+        #expect(two.output.contains("A:200") && two.output.contains("B:503") && two.output.contains("maxConnections"), "\(two.output)")
+        #expect(try stat("n1", "circuit_breaker_overflows_total") == 16)
+        #expect(try stat("n1", "express_handovers_total") - held == 1, "the first request rode the express path")
+        try expectNoSlotHeld("after maxConnections")
 
         // 100 a second with a burst of 100, for 10 s: burst + rate x time,
         // within 5%; the rest get 429 with Retry-After.
