@@ -117,8 +117,9 @@ final class ClusterRuntime: Sendable {
 
     /// A request's hold on the backend it was given: its request slot
     /// (maxRequests, and least-request's count), given back once, and the
-    /// one outcome the outlier detector is told. Kept by an express
-    /// exchange; the full path keeps the same two facts in its RequestState.
+    /// one outcome the outlier detector is told. Kept per attempt by the
+    /// full path (HTTPProxyHandler's RequestState) and per exchange by the
+    /// express paths.
     struct Hold {
         let runtime: ClusterRuntime
         let index: Int

@@ -113,16 +113,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var lastFailure: (status: HTTPResponseStatus, body: String)?
         /// The cluster's TrafficPolicy state, when it has one.
         var runtime: ClusterRuntime?
-        /// The current attempt's backend in `runtime` (its shared counters).
-        var backend: Int?
+        /// The current attempt's backend in `runtime`: its request slot and
+        /// the outcome the outlier detector is told (as an express exchange
+        /// keeps them).
+        var hold: ClusterRuntime.Hold?
         /// Consistent hashing: the request's key hash.
         var hash: UInt64?
         /// A hash cookie minted for this request, set on its response.
         var setCookie: String?
         /// Counted in the cluster's retries in progress (circuitBreaker.maxRetries).
         var retrying = false
-        /// The outlier detector heard this attempt's outcome already.
-        var outcomeRecorded = false
 
         init(head: HTTPRequestHead, upstreamHead: HTTPRequestHead, snapshot: RouteSnapshot, action: ProxyTable.RouteAction,
              cluster: ProxyTable.WeightedCluster, responseModifiers: [HTTPRoute.HeaderModifier], mirrors: [HTTPRoute.Mirror],
@@ -490,6 +490,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                              source: origin.source) {
             case .picked(let candidate):
                 key = candidate
+                request!.hold = runtime.index[candidate].map { ClusterRuntime.Hold(runtime, $0) }
             case .overflow:
                 proxy.stats.overflows.add(1, ordering: .relaxed)
                 countEvent("overflow")
@@ -517,7 +518,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             Authorize.record(proxy, decision, target: key.description)
             if !decision.allowed {
                 // The slot reserved when the key was picked goes back.
-                if let runtime = r.runtime, let i = runtime.index[key] { runtime.backends[i].requests.subtract(1, ordering: .relaxed) }
+                releaseBackend()
                 record?.flags.append("RBAC")
                 return fail(.forbidden, Authorize.forbiddenBody(decision.reason))
             }
@@ -528,17 +529,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         record?.upstream = key
         record?.attempts = r.attempts
         r.connecting = true
-        r.outcomeRecorded = false
         var counters: ClusterRuntime.Backend?
-        if let runtime = r.runtime, let i = runtime.index[key] {
-            let b = runtime.backends[i]
-            r.backend = i
-            counters = b
+        if let hold = r.hold {
+            counters = hold.backend
             // A new connection is needed unless an idle one waits: that is
             // where maxConnections and maxPendingRequests bite.
-            if r.cluster.upstreamProtocol == .http1, let limit = runtime.connectionLimit(b, idle: { loop.pool.hasIdle(key) }) {
-                b.requests.subtract(1, ordering: .relaxed)
-                r.backend = nil
+            if r.cluster.upstreamProtocol == .http1,
+               let limit = hold.runtime.connectionLimit(hold.backend, idle: { loop.pool.hasIdle(key) }) {
+                releaseBackend()
                 r.endpoint = nil
                 r.connecting = false
                 proxy.stats.overflows.add(1, ordering: .relaxed)
@@ -864,18 +862,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// The attempt is over: its backend has one request fewer in flight.
     @inline(never)
     private func releaseBackend() {
-        guard let r = request, let runtime = r.runtime, let i = r.backend else { return }
-        runtime.backends[i].requests.subtract(1, ordering: .relaxed)
-        request!.backend = nil
+        guard let r = request else { return }
+        r.hold?.release()
+        r.hold = nil
     }
 
     /// Tells the cluster's outlier detector how the attempt went (once).
     @inline(never)
     private func recordOutcome(_ outcome: OutlierDetector.Outcome) {
-        guard let r = request, !r.outcomeRecorded, let runtime = r.runtime, let detector = runtime.outliers,
-              let i = r.backend else { return }
-        request!.outcomeRecorded = true
-        detector.record(i, outcome, runtime: runtime)
+        request?.hold?.record(outcome)
     }
 
     /// circuitBreaker.maxRetries: retries in progress for the cluster. A
