@@ -28,12 +28,16 @@ enum Express {
         let matcher: RouteMatcher?
         let budget: LoopState.BudgetBox?
         let serves: Bool
+        /// The frontend's TrafficPolicy rate limit (and faults, which the
+        /// express paths do not serve), if it has one.
+        let guardState: FrontendGuard?
 
         private init(snapshot: RouteSnapshot, frontendKey: String, loop: LoopState) {
             self.snapshot = snapshot
             matcher = snapshot.matchers[frontendKey]
             budget = matcher.map { loop.budget($0.frontend.name) }
             serves = ExpressHTTP1Handler.serves(snapshot, frontendKey: frontendKey)
+            guardState = snapshot.guards.isEmpty ? nil : snapshot.guards[frontendKey]
         }
 
         /// The endpoints of the cluster a request here went to last (most
@@ -71,20 +75,58 @@ enum Express {
         var hold: ClusterRuntime.Hold?
     }
 
+    /// What Express.target decides for a request.
+    enum Choice {
+        case forward(Target)
+        /// Over its Service's rate limit: answered 429 in place, as the
+        /// full path answers it.
+        case limited(Limited)
+        case handOver
+    }
+
+    struct Limited {
+        var route: String
+        var service: String?
+        var serviceNamespace: String?
+        var body: String
+        /// Whole seconds until a token is there (Retry-After).
+        var retryAfter: Int
+    }
     /// Routes `request` as the full path does and picks its backend; nil
     /// when the request needs the full path (filters, retries, timeouts, a
     /// TrafficPolicy the express paths cannot carry, a non-HTTP/1.1
     /// upstream, AuthorizationPolicy on the pod, no backend the pod may
     /// reach, every one at its circuit breaker's maxRequests: the full path
     /// then answers). `header` gives a field's first value, for a policy
-    /// that hashes on one.
+    /// that hashes on one or a rate limit keyed by one. A Service's rate
+    /// limit is judged once the request has its route (`limited`: the
+    /// caller answers); `limits` false (h2c) hands such a request over.
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
-                       loop: LoopState, proxy: ProxyContext, source: IPv4Address,
-                       header: (String) -> Substring?) -> Target? {
+                       loop: LoopState, proxy: ProxyContext, source: IPv4Address, limits: Bool = true,
+                       header: (String) -> Substring?) -> Choice {
+        guard let target = pick(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: source,
+                                limits: limits, header: header) else { return .handOver }
+        return target
+    }
+
+    private static func pick(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
+                             loop: LoopState, proxy: ProxyContext, source: IPv4Address, limits: Bool,
+                             header: (String) -> Substring?) -> Choice? {
         let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
-              action.timeouts.request == nil, action.timeouts.backendRequest == nil,
-              let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
+              action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return nil }
+        if let guardState = routing.guardState {
+            guard limits, guardState.faults == nil else { return nil }
+            // As the full path judges it: the route's name, then a backend.
+            if case .limited(let key, let wait) = guardState.judge(route: action.name, source: source, header: header,
+                                                                   snapshot: snapshot, random: &loop.random) {
+                proxy.stats.rateLimited.add(1, ordering: .relaxed)
+                return .limited(Limited(route: action.name, service: matcher.frontend.service,
+                                        serviceNamespace: matcher.frontend.namespace, body: "weft: rate limit of \(matcher.frontend.name) reached for \(key)\n",
+                                        retryAfter: max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))))
+            }
+        }
+        guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return nil }
         // A backend the pod may reach (the full path says why when none is).
@@ -116,7 +158,7 @@ enum Express {
             hold?.release()
             return nil
         }
-        return Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold)
+        return .forward(Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold))
     }
 
     /// Whether `idleUpstream` would find a connection (none is taken).
@@ -422,7 +464,8 @@ enum Express {
         var snapshot: RouteSnapshot
         var service: String?
         var serviceNamespace: String?
-        var key: EndpointKey
+        /// nil: the proxy answered (a rate limit).
+        var key: EndpointKey?
         var route: String
         var grpc: Bool
         var status: Int
@@ -438,7 +481,7 @@ enum Express {
     /// every label, and then need no label set built and hashed.
     struct LastSeries {
         let snapshot: RouteSnapshot
-        let key: EndpointKey
+        let key: EndpointKey?
         let route: String
         let grpc: Bool
         let status: Int
@@ -486,7 +529,7 @@ enum Express {
             proxy.accessLog.append(HTTPLogLine(
                 start: logged.wallStart, protocolName: o.protocolName, method: logged.method, path: logged.path,
                 authority: logged.authority, code: o.status, flags: o.flags, elapsedNanos: elapsed.nanoseconds,
-                bytesIn: logged.bytesIn, bytesOut: o.bytesOut, attempts: 1, route: o.route, source: source,
+                bytesIn: logged.bytesIn, bytesOut: o.bytesOut, attempts: o.key == nil ? 0 : 1, route: o.route, source: source,
                 peers: peers, upstream: o.key, requestID: logged.requestID, span: logged.span,
                 userAgent: logged.userAgent).render())
         }

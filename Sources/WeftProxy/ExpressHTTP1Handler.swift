@@ -103,9 +103,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// Whether a connection to `frontendKey` starts on the express path: the
     /// snapshot has nothing that makes every request of it need the full one.
+    /// A TrafficPolicy's rate limit is judged here (a request over it is
+    /// answered 429 in place); fault injection is the full path's.
     static func serves(_ snapshot: RouteSnapshot, frontendKey: String) -> Bool {
         snapshot.matchers[frontendKey] != nil && snapshot.table.tracing == nil
-            && (snapshot.guards.isEmpty || snapshot.guards[frontendKey] == nil)
+            && (snapshot.guards.isEmpty || snapshot.guards[frontendKey]?.faults == nil)
     }
 
     /// One request forwarded, from its head to the end of its response.
@@ -192,6 +194,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         /// Delivering: AuthorizationPolicy refuses the request (`length`
         /// bytes with its body).
         case deny(length: Int, keepAlive: Bool, isHEAD: Bool, reason: String)
+        /// Over its Service's rate limit (`length` bytes with its body).
+        case limited(length: Int, keepAlive: Bool, isHEAD: Bool, grpc: Bool, Express.Limited, Express.Logged?)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -310,7 +314,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             plan = buffered.withUnsafeReadableBytes { self.plan($0, delivery: delivery, loop: loop) }
             switch plan {
             case .forward, .deny: proxy.stats.tunnelRequestsExpress.add(1, ordering: .relaxed)
-            case .needHead, .needMore, .handOver, .tooLarge: break
+            case .needHead, .needMore, .handOver, .tooLarge, .limited: break
             }
         } else {
             let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
@@ -359,6 +363,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
             return deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, context: context)
+        case .limited(let length, let keepAlive, let isHEAD, let grpc, let limited, let logged):
+            inbound!.moveReaderIndex(forwardBy: length)
+            readMore(context)
+            return answer(limited, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, grpc: grpc, logged: logged,
+                          context: context)
         }
     }
 
@@ -472,6 +481,29 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         return keepAlive
     }
 
+    /// A request over its Service's rate limit: 429 with Retry-After, counted
+    /// and logged as the full path answers it (flag RL, no upstream). Whether
+    /// the connection stays open for the next request.
+    private func answer(_ limited: Express.Limited, keepAlive: Bool, isHEAD: Bool, grpc: Bool, logged: Express.Logged?,
+                        context: ChannelHandlerContext) -> Bool {
+        guard let loop, let snapshot = routing?.snapshot else { return false }
+        loop.counters.answered(429)
+        let body = limited.body
+        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 160)
+        out.writeString("HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n")
+        out.writeString("content-length: \(body.utf8.count)\r\nserver: weft\r\nretry-after: \(limited.retryAfter)\r\n")
+        if !keepAlive { out.writeStaticString("connection: close\r\n") }
+        out.writeStaticString("\r\n")
+        if !isHEAD { out.writeString(body) }
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        Express.record(Express.Outcome(snapshot: snapshot, service: limited.service, serviceNamespace: limited.serviceNamespace,
+                                       key: nil, route: limited.route, grpc: grpc, status: 429, flags: "RL",
+                                       start: NIODeadline.now(), bytesOut: 0, protocolName: "HTTP/1.1", logged: logged),
+                       source: source, last: &lastSeries, loop: loop, proxy: proxy)
+        if !keepAlive { endAfterWrites(context) }
+        return keepAlive
+    }
+
     /// Reads one request head in place and decides; builds the request the
     /// backend gets when the express path takes it.
     private func plan(_ p: UnsafeRawBufferPointer, routing: Express.Routing, matcher: RouteMatcher, loop: LoopState,
@@ -536,10 +568,31 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // (A closure that captures nothing costs no allocation.)
         let request = RouteMatcher.Request(method: method, path: path, query: query,
                                            header: matcher.readsHeaders ? { name in Self.values(p, fields, name) } : { _ in [] })
-        guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: source,
-                                          header: { name in Self.values(p, fields, name).first.map { Substring($0) } })
-        else { return .handOver }
         let snapshot = routing.snapshot
+        let chosen: Express.Target
+        switch Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: source,
+                              header: { name in Self.values(p, fields, name).first.map { Substring($0) } }) {
+        case .handOver:
+            return .handOver
+        case .forward(let target):
+            chosen = target
+        case .limited(let limited):
+            var logged: Express.Logged?
+            if snapshot.table.accessLog != nil {
+                // The ids the request would have carried, as the full path logs them.
+                var scratch = context.channel.allocator.buffer(capacity: 256)
+                let (requestID, span) = Express.writeProxyHeaders(&scratch, connectionHeaders, hasProto: hasProto,
+                                                                  hasRequestID: hasRequestID, keep: true, loop: loop)
+                func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
+                if let span {
+                    logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
+                                            userAgent: first("user-agent"), requestID: requestID ?? first("x-request-id"),
+                                            span: span, bytesIn: contentLength ?? 0)
+                }
+            }
+            return .limited(length: total, keepAlive: !close && !proxy.draining.load(ordering: .relaxed), isHEAD: method == "HEAD",
+                            grpc: grpc, limited, logged)
+        }
 
         // The request the backend gets: the client's head without its
         // hop-by-hop lines, then the proxy's own headers, then the body.

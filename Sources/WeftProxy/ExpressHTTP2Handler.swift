@@ -413,8 +413,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             if name == "host", let authority { return [authority] }
             return headers[canonicalForm: name]
         })
-        guard let chosen = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
-                                          source: origin.source, header: { name in
+        guard case .forward(let chosen) = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
+                                                         source: origin.source, limits: false, header: { name in
             (name == "host" ? authority : nil).map { Substring($0) } ?? headers[canonicalForm: name].first.map { Substring($0) }
         }) else { return nil }
 

@@ -34,18 +34,19 @@ final class FrontendGuard: Sendable {
     }
 
     /// The rate limit, then the faults, for one request to `route` from
-    /// `source`. Kept out of line (like every per-request TrafficPolicy
+    /// `source`; `header` gives a field's first value (a limit keyed by a
+    /// header). Kept out of line (like every per-request TrafficPolicy
     /// entry point) so a CPU profile charges its cost to the policy:
     /// `scripts/bench resilience` measures it that way.
     @inline(never)
-    func judge(route: String, source: IPv4Address, headers: HTTPHeaders, snapshot: RouteSnapshot,
+    func judge(route: String, source: IPv4Address, header: (String) -> Substring?, snapshot: RouteSnapshot,
                random: inout LoopRandom) -> Decision {
         if let limit = rateLimit {
             let key: String
             switch limit.key {
             case .route: key = route
             case .sourceIdentity: key = snapshot.identities[source.value] ?? source.description
-            case .header(let name): key = headers[canonicalForm: name].first.map(String.init) ?? "-"
+            case .header(let name): key = header(name).map(String.init) ?? "-"
             }
             if let wait = admit(key) {
                 limited.add(1, ordering: .relaxed)

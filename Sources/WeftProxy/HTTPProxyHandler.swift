@@ -410,8 +410,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // The Service's TrafficPolicy, request side: rate limit, then faults.
         var delay: Duration?
         if !snapshot.guards.isEmpty, let guardState = snapshot.guards[frontendKey], let loop {
-            switch guardState.judge(route: action.name, source: origin.source, headers: head.headers, snapshot: snapshot,
-                                    random: &loop.random) {
+            let headers = head.headers
+            switch guardState.judge(route: action.name, source: origin.source, header: { headers[canonicalForm: $0].first },
+                                    snapshot: snapshot, random: &loop.random) {
             case .pass: break
             case .limited(let key, let wait):
                 proxy.stats.rateLimited.add(1, ordering: .relaxed)

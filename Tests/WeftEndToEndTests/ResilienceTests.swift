@@ -455,7 +455,19 @@ struct ResilienceTests {
 
         // 100 a second with a burst of 100, for 10 s: burst + rate x time,
         // within 5%; the rest get 429 with Retry-After.
+        // HTTP/1.1: judged and answered on the express path (nothing handed
+        // over), counted as the full path counts a 429 (flag RL, no upstream).
+        let handedBeforeRate = try stat("n1", "express_handovers_total")
         let rate = try lab.load(in: "client", ["rate", "http://198.19.4.20/", "10", "4"])
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the rate limit left the express path")
+        let limitedSeries = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
+            .split(separator: "\n").filter {
+                $0.hasPrefix("weft_requests_total{") && $0.contains("destination_service_name=\"rl\"")
+                    && $0.contains("response_code=\"429\"") && $0.contains("response_flags=\"RL\"")
+                    && $0.contains("destination_workload=\"unknown\"")
+            }
+        let counted = limitedSeries.compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0, +)
+        #expect(counted == Double(counts(rate, "codes")["429"] ?? -1), "429s counted: \(limitedSeries)")
         let admitted = Double(counts(rate, "codes")["200"] ?? 0)
         let seconds = rate["seconds"] as? Double ?? 10
         let expected = 100 + 100 * seconds

@@ -181,8 +181,9 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         let limit = TrafficPolicy.RateLimit(requests: 1, interval: .seconds(3600), burst: 2, key: .header("x-tenant"))
         let guardState = FrontendGuard(rateLimit: limit, faults: faults)
         func judge(_ source: IPv4Address, tenant: String) -> FrontendGuard.Decision {
-            guardState.judge(route: "shop/web#0", source: source, headers: HTTPHeaders([("x-tenant", tenant)]),
-                             snapshot: snapshot, random: &random)
+            let headers = HTTPHeaders([("x-tenant", tenant)])
+            return guardState.judge(route: "shop/web#0", source: source, header: { headers[canonicalForm: $0].first },
+                                    snapshot: snapshot, random: &random)
         }
         // Two tokens for tenant t1 (aborted by the fault, which comes after
         // the limit), the third is limited; tenant t2 has its own bucket.
