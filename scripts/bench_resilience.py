@@ -20,7 +20,7 @@ backend stops getting traffic (issue #8), side by side in one run.
    With --express (`scripts/bench resilience-express`): the Services as an
    operator runs them, the express path on (the agent's default), so a
    variant the express path carries is measured on it and one it cannot
-   carry (rate limit, faults, a cookie hash) on the full path; each
+   carry (faults, a cookie hash) on the full path; each
    round pairs every variant with base as above, and the report gives each
    variant's requests per proxy CPU second against base's and the share of
    its requests the express path served. No accounting, no failover.
@@ -494,8 +494,8 @@ def report_express(runs, rev):
         "TrafficPolicies and load of `scripts/bench resilience` (below), but the agent as an operator runs it, the "
         "express path on, so each variant runs the path the proxy gives it: the express path carries a Service's "
         "balancing (every algorithm; a hash on a header or the source), locality, slow start, outlier detection, a "
-        "health check and the circuit breaker; a rate limit, fault injection or a cookie hash take it to the full "
-        f"path (docs/proxy.md, \"The express path\"). {ROUNDS} rounds, each variant measured right next to base as there; *express* is the share of its "
+        "health check, the circuit breaker and (HTTP/1.1, as here) a rate limit; fault injection or a cookie hash take "
+        f"it to the full path (docs/proxy.md, \"The express path\"). {ROUNDS} rounds, each variant measured right next to base as there; *express* is the share of its "
         "requests the proxy's express paths answered, *vs base* the median over the round pairs of its requests per "
         "proxy CPU second over base's, with a 90% bootstrap interval.",
         "",
@@ -562,8 +562,8 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
         "",
         f"Made by `scripts/bench resilience` {made} on {time.strftime('%Y-%m-%d')}. One lab node, a client pod and two "
         f"nginx backend pods; one Service per variant over the same backends, every one on the proxy's full path (the "
-        "agent under WEFT_PROXY_EXPRESS=0): a feature the express path cannot carry (a rate limit, faults, a cookie "
-        "hash) moves its Service to the full path, which on its own costs about 1.8x the proxy's "
+        "agent under WEFT_PROXY_EXPRESS=0): a feature the express path cannot carry (faults, a cookie hash; a rate "
+        "limit on h2c) moves its Service to the full path, which on its own costs about 1.8x the proxy's "
         "CPU per request on HTTP/1.1 (docs/proxy.md, \"Where the CPU goes\"; `resilience_express` above, each Service "
         f"on the path it runs); this measures each feature's own cost. {ROUNDS} rounds; in each, every variant is "
         "measured right next to the base Service (which of the two goes first alternates by round): h2load --h1 with 16 "

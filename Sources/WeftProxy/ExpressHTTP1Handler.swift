@@ -14,9 +14,9 @@ import WeftKernel
 /// Everything else goes to the full path (HTTPProxyHandler behind NIO's
 /// codec), which this handler hands the connection to, for good, before it
 /// sends anything of the request that needs it: HTTPRoute filters, retries,
-/// timeouts, a TrafficPolicy the express paths do not carry (a rate limit
-/// or faults: FrontendGuard; a cookie hash: ClusterRuntime.express), a
-/// request its circuit breaker sheds, tracing export, AuthorizationPolicy on a pod of
+/// timeouts, a TrafficPolicy the express paths do not carry (fault
+/// injection; a cookie hash: ClusterRuntime.express), a request its
+/// circuit breaker sheds, tracing export, AuthorizationPolicy on a pod of
 /// this node, upgrades, chunked or large request bodies, a request with
 /// X-Forwarded-For or traceparent already set, a looped
 /// request, anything the strict parser of HTTP1Wire does not accept, and
