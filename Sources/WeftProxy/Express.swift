@@ -99,8 +99,9 @@ enum Express {
     /// reach, every one at its circuit breaker's maxRequests: the full path
     /// then answers). `header` gives a field's first value, for a policy
     /// that hashes on one or a rate limit keyed by one. A Service's rate
-    /// limit is judged once the request has its route (`limited`: the
-    /// caller answers); `limits` false (h2c) hands such a request over.
+    /// limit is judged last, once the request would be forwarded
+    /// (`limited`: the caller answers); `limits` false (h2c) hands a
+    /// request to a rate-limited Service over.
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
                        loop: LoopState, proxy: ProxyContext, source: IPv4Address, limits: Bool = true,
                        header: (String) -> Substring?) -> Choice {
@@ -115,17 +116,7 @@ enum Express {
         let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
               action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return nil }
-        if let guardState = routing.guardState {
-            guard limits, guardState.faults == nil else { return nil }
-            // As the full path judges it: the route's name, then a backend.
-            if case .limited(let key, let wait) = guardState.judge(route: action.name, source: source, header: header,
-                                                                   snapshot: snapshot, random: &loop.random) {
-                proxy.stats.rateLimited.add(1, ordering: .relaxed)
-                return .limited(Limited(route: action.name, service: matcher.frontend.service,
-                                        serviceNamespace: matcher.frontend.namespace, body: "weft: rate limit of \(matcher.frontend.name) reached for \(key)\n",
-                                        retryAfter: max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))))
-            }
-        }
+        if let guardState = routing.guardState, !limits || guardState.faults != nil { return nil }
         guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return nil }
@@ -157,6 +148,19 @@ enum Express {
         if let h = hold, h.runtime.connectionLimit(h.backend, idle: { hasIdle(state, tunnel: tunnel) }) != nil {
             hold?.release()
             return nil
+        }
+        // The rate limit last, once nothing is left that would hand the
+        // request over: the full path would judge it again (a second token).
+        // A request over it gives its backend back and is answered here.
+        if let guardState = routing.guardState,
+           case .limited(let limitKey, let wait) = guardState.judge(route: action.name, source: source, header: header,
+                                                                    snapshot: snapshot, random: &loop.random) {
+            hold?.release()
+            proxy.stats.rateLimited.add(1, ordering: .relaxed)
+            return .limited(Limited(route: action.name, service: matcher.frontend.service,
+                                    serviceNamespace: matcher.frontend.namespace,
+                                    body: "weft: rate limit of \(matcher.frontend.name) reached for \(limitKey)\n",
+                                    retryAfter: max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))))
         }
         return .forward(Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold))
     }
