@@ -470,9 +470,17 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// Whether the stream stays open for the next request.
     private func deny(_ reason: String, keepAlive: Bool, isHEAD: Bool, context: ChannelHandlerContext) -> Bool {
         let body = Authorize.forbiddenBody(reason)
-        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
-        out.writeString("HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\n")
-        out.writeStaticString("x-weft-authz: denied\r\n")
+        return answer("HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\nx-weft-authz: denied\r\n",
+                      body: body, keepAlive: keepAlive, isHEAD: isHEAD, context: context)
+    }
+
+    /// An answer of the proxy's own between exchanges: `head` (the status
+    /// line and fields, each line ended), `connection: close` unless
+    /// `keepAlive`, then `body` (not to HEAD); the connection ends after it
+    /// unless `keepAlive`. Whether it stays open for the next request.
+    private func answer(_ head: String, body: String, keepAlive: Bool, isHEAD: Bool, context: ChannelHandlerContext) -> Bool {
+        var out = context.channel.allocator.buffer(capacity: head.utf8.count + body.utf8.count + 24)
+        out.writeString(head)
         if !keepAlive { out.writeStaticString("connection: close\r\n") }
         out.writeStaticString("\r\n")
         if !isHEAD { out.writeString(body) }
@@ -488,20 +496,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                         context: ChannelHandlerContext) -> Bool {
         guard let loop, let snapshot = routing?.snapshot else { return false }
         loop.counters.answered(429)
-        let body = limited.body
-        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 160)
-        out.writeString("HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n")
-        out.writeString("content-length: \(body.utf8.count)\r\nserver: weft\r\nretry-after: \(limited.retryAfter)\r\n")
-        if !keepAlive { out.writeStaticString("connection: close\r\n") }
-        out.writeStaticString("\r\n")
-        if !isHEAD { out.writeString(body) }
-        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
         Express.record(Express.Outcome(snapshot: snapshot, service: limited.service, serviceNamespace: limited.serviceNamespace,
                                        key: nil, route: limited.route, grpc: grpc, status: 429, flags: "RL",
                                        start: NIODeadline.now(), bytesOut: 0, protocolName: "HTTP/1.1", logged: logged),
                        source: source, last: &lastSeries, loop: loop, proxy: proxy)
-        if !keepAlive { endAfterWrites(context) }
-        return keepAlive
+        let body = limited.body
+        return answer("HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n"
+                      + "server: weft\r\nretry-after: \(limited.retryAfter)\r\n",
+                      body: body, keepAlive: keepAlive, isHEAD: isHEAD, context: context)
     }
 
     /// Reads one request head in place and decides; builds the request the
