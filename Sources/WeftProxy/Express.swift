@@ -105,41 +105,33 @@ enum Express {
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
                        loop: LoopState, proxy: ProxyContext, source: IPv4Address, limits: Bool = true,
                        header: (String) -> Substring?) -> Choice {
-        guard let target = pick(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: source,
-                                limits: limits, header: header) else { return .handOver }
-        return target
-    }
-
-    private static func pick(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
-                             loop: LoopState, proxy: ProxyContext, source: IPv4Address, limits: Bool,
-                             header: (String) -> Substring?) -> Choice? {
         let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
-              action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return nil }
-        if let guardState = routing.guardState, !limits || guardState.faults != nil { return nil }
+              action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return .handOver }
+        if let guardState = routing.guardState, !limits || guardState.faults != nil { return .handOver }
         guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
-              let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return nil }
+              let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return .handOver }
         // A backend the pod may reach (the full path says why when none is).
         let key: EndpointKey
         var hold: ClusterRuntime.Hold?
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
-            guard runtime.express else { return nil }
+            guard runtime.express else { return .handOver }
             let hash = runtime.requestHash(header: header, cookie: { _ in nil }, source: source)
             guard case .picked(let picked) = loop.pick(runtime, hash: hash, proxy: proxy, generation: snapshot.generation,
                                                        source: source),
-                  let index = runtime.index[picked] else { return nil }
+                  let index = runtime.index[picked] else { return .handOver }
             key = picked
             hold = ClusterRuntime.Hold(runtime, index)
         } else {
             guard let picked = loop.pickReachable(endpoints, proxy: proxy, generation: snapshot.generation, source: source) else {
-                return nil
+                return .handOver
             }
             key = picked
         }
         guard snapshot.authorization.isEmpty || snapshot.authorization[key.ip.value] == nil else {
             hold?.release()
-            return nil
+            return .handOver
         }
         let state = loop.pool.state(key)
         let tunnel = loop.tunnel(proxy, to: key, from: source, snapshot: snapshot)
@@ -147,7 +139,7 @@ enum Express {
         // new connection is needed: the full path answers 503 (flag UO).
         if let h = hold, h.runtime.connectionLimit(h.backend, idle: { hasIdle(state, tunnel: tunnel) }) != nil {
             hold?.release()
-            return nil
+            return .handOver
         }
         // The rate limit last, once nothing is left that would hand the
         // request over: the full path would judge it again (a second token).
