@@ -194,6 +194,9 @@ final class Reconciler {
                 throw error
             }
             appliedPolicy = desiredPolicy
+            if try policyMaps.setUDPIdleTimeout(state.meshConfig.policy.udpIdleTimeout) {
+                logger.notice("UDP exchanges are forgotten after \(state.meshConfig.policy.udpIdleTimeout) idle")
+            }
             mark("policy-write")
             let shortcutWrites = try shortcut.apply(state, node: configuration.node, proxyAddress: proxy?.listen.address)
             status.withLock { $0.shortcut = shortcut.status }

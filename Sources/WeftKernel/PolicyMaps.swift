@@ -15,6 +15,7 @@ public final class PolicyMaps: Sendable {
     public let policy: BPFMap<weft_policy_key, weft_policy_value>
     public let ranges: BPFMap<weft_policy_range_key, weft_policy_value>
     public let drops: BPFMap<weft_drop_key, UInt64>
+    private let config: BPFMap<UInt32, weft_policy_config>
     private let cpus: Int
 
     public init(pinDirectory: String) throws(KernelError) {
@@ -25,7 +26,25 @@ public final class PolicyMaps: Sendable {
         policy = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY)")
         ranges = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY_RANGES)")
         drops = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY_DROPS)")
+        config = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_POLICY_CONFIG)")
         cpus = max(Int(libbpf_num_possible_cpus()), 1)
+    }
+
+    /// How long the kernel remembers an allowed UDP exchange after its last
+    /// datagram (MeshConfig policy.udpIdleTimeout).
+    public func udpIdleTimeout() throws(KernelError) -> Duration {
+        let ns = (try config.lookup(0))?.udp_idle_ns ?? 0
+        return .nanoseconds(Int64(clamping: ns == 0 ? UInt64(WEFT_UDP_IDLE_DEFAULT_NS) : ns))
+    }
+
+    /// Sets it for every exchange from now on, remembered ones included;
+    /// returns whether it changed.
+    @discardableResult
+    public func setUDPIdleTimeout(_ timeout: Duration) throws(KernelError) -> Bool {
+        guard try udpIdleTimeout() != timeout else { return false }
+        let ns = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
+        try config.update(0, weft_policy_config(udp_idle_ns: UInt64(max(ns, 1))))
+        return true
     }
 
     // MARK: encoding, in one place

@@ -76,12 +76,28 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {maxRequestHeaderSize: 65Ki}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki"),
             (header + "spec: {proxy: {maxRequestHeaderSize: 8KB}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \"8KB\""),
             (header + "spec: {proxy: {maxRequestHeaderSize: [8Ki]}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got a list"),
+            (header + "spec: {policy: {udpIdleTimeout: 0s}}", "m.yaml:1:spec.policy.udpIdleTimeout: must be from 1s to 24h, got \"0s\""),
+            (header + "spec: {policy: {udpIdleTimeout: 500ms}}", "m.yaml:1:spec.policy.udpIdleTimeout: must be from 1s to 24h, got \"500ms\""),
+            (header + "spec: {policy: {udpIdleTimeout: 25h}}", "m.yaml:1:spec.policy.udpIdleTimeout: must be from 1s to 24h"),
+            (header + "spec: {policy: {udpIdleTimeout: soon}}", "m.yaml:1:spec.policy.udpIdleTimeout: \"soon\" is not a Gateway API duration"),
+            (header + "spec: {policy: {udpIdleTimeout: 30}}", "m.yaml:1:spec.policy.udpIdleTimeout: expected a string, got a number"),
+            (header + "spec: {policy: {tcpIdleTimeout: 1m}}", "m.yaml:1:spec.policy.tcpIdleTimeout: unknown field"),
         ]
         for (text, want) in cases {
             let (state, errors) = parse(text)
             #expect(state == nil)
             #expect(errors.contains { $0.hasPrefix(want) }, "want \(want), got \(errors)")
         }
+    }
+
+    @Test func udpIdleTimeoutDefaultsToAMinute() throws {
+        let header = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+        let pod = workload("a", nil)
+        #expect(try #require(parse(pod).0).meshConfig.policy.udpIdleTimeout == .seconds(60))
+        let short = try #require(parse(pod + "\n---\n" + header + "spec: {policy: {udpIdleTimeout: 1500ms}}").0)
+        #expect(short.meshConfig.policy.udpIdleTimeout == .milliseconds(1500))
+        let day = try #require(parse(pod + "\n---\n" + header + "spec: {policy: {udpIdleTimeout: 24h}}").0)
+        #expect(day.meshConfig.policy.udpIdleTimeout == .seconds(86400))
     }
 
     @Test func accessLogScopeReachesTheProxyTable() throws {

@@ -256,15 +256,23 @@ private func recordEPERM(_ json: [String: Any]) {
 
 /// Runs the matrix from every mesh pod, from a node (no pod at all) and from
 /// a process in a pod's network namespace but outside its cgroup, and
-/// compares each result with the expectation.
-private func truthTable(_ lab: LabHarness, _ policies: [PolicySpec]) throws -> (checked: Int, wrong: [Outcome]) {
+/// compares each result with the expectation. Each phase's UDP attempts go
+/// from source ports no other phase used: a server remembers an allowed
+/// exchange (socket, peer address and port) across a policy change for
+/// MeshConfig's udpIdleTimeout, so a new attempt from a port an earlier
+/// phase's allowed attempt used is rightly not judged again (a flake once,
+/// when an ephemeral port came round again: 1 of 299).
+private func truthTable(_ lab: LabHarness, _ policies: [PolicySpec], phase: Int) throws -> (checked: Int, wrong: [Outcome]) {
     var wrong: [Outcome] = []
     var checked = 0
+    // Below the ephemeral range (32768 up); within a phase, sources differ by
+    // address, except the client and the process outside its cgroup.
+    let portBase = 20000 + phase * 1000
     for src in pods {
         let ts = targets(excluding: src.ip)
         // Itself, by its address and by loopback: never blocked.
         let own = ["tcp:\(src.ip):80", "tcp:127.0.0.1:80"]
-        let raw = try lab.tool(in: src.qualified, ["matrix", (ts.map(\.key) + own).joined(separator: ","), "0.5"])
+        let raw = try lab.tool(in: src.qualified, ["matrix", (ts.map(\.key) + own).joined(separator: ","), "0.5", "\(portBase)"])
         recordEPERM(raw)
         let got = decode(raw)
         for key in own {
@@ -287,7 +295,7 @@ private func truthTable(_ lab: LabHarness, _ policies: [PolicySpec]) throws -> (
     for o in outsiders {
         let ts = targets(excluding: o.pod?.ip)
         let r = try LabHarness.shell(["ip", "netns", "exec", o.netns, "python3", LabHarness.tool, "matrix",
-                                      ts.map(\.key).joined(separator: ","), "0.4"])
+                                      ts.map(\.key).joined(separator: ","), "0.4", "\(portBase + 500)"])
         let got = decode(r)
         for t in ts {
             let allow = Expected.allowed(policies, sourceIP: o.ip(t.pod), sourcePod: o.pod, judgedAtSource: false,
@@ -331,7 +339,7 @@ struct NetworkPolicyEndToEnd {
         var total = 0
         for (i, (name, policies)) in phases.enumerated() {
             if i > 0 { try put(lab, policies) }
-            let (checked, wrong) = try truthTable(lab, policies)
+            let (checked, wrong) = try truthTable(lab, policies, phase: i)
             total += checked
             #expect(wrong.isEmpty, "phase '\(name)': \(wrong.count) of \(checked) differ:\n\(wrong.prefix(20).map(\.description).joined(separator: "\n"))")
         }
@@ -435,6 +443,62 @@ struct NetworkPolicyEndToEnd {
         let after = decode(try lab.tool(in: "default/client", ["matrix", targets, "0.5"]))
         #expect(after == ["tcp:198.18.2.10:5432": "connected", "udp:198.18.2.10:53": "EPERM", "udps:198.18.2.10:53": "EPERM"], "\(after)")
         print("policy swaps: \(attempts) connections during 20 swaps, \(failures.values.reduce(0, +)) failed")
+    }
+
+    /// An allowed UDP exchange outlives a policy change that would deny it
+    /// (its replies keep passing, as an established TCP connection does)
+    /// until it sits idle for MeshConfig's udpIdleTimeout; then its next
+    /// datagram is judged as new. A connected UDP socket is judged at
+    /// connect() and keeps its peer however long it is quiet.
+    @Test func allowedUDPExchangesAreForgottenAfterTheIdleTimeoutButConnectedSocketsKeepTheirPeer() throws {
+        let idle = 5.0
+        let mesh = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {policy: {udpIdleTimeout: \(Int(idle))s}}\n"
+        // The client takes nothing in: its replies pass only as exchanges it began.
+        let clientIn = PolicySpec(ns: "default", name: "client-in", select: ["app": "client"], types: ["Ingress"])
+        let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": render(clientIn), "mesh.yaml": mesh])
+        defer { lab.down() }
+        for _ in 0..<100 {
+            let r = decode(try lab.tool(in: "default/client", ["matrix", "udps:198.18.2.11:53,udps:198.18.2.12:53", "0.5"]))
+            if r.values.allSatisfy({ $0 == "connected" }) && r.count == 2 { break }
+            usleep(100_000)
+        }
+        // Two client sockets that stay quiet longer than the timeout.
+        let connected = try lab.startTool(in: "default/client", ["udp-hold", "udp", "198.18.2.12", "53", "\(idle + 2)"])
+        let unconnected = try lab.startTool(in: "default/client", ["udp-hold", "udps", "198.18.2.12", "53", "\(idle + 2)"])
+        defer {
+            _ = try? connected.finish()
+            _ = try? unconnected.finish()
+        }
+        // A process in the client's namespace but outside its cgroup: judged
+        // only by prod/api's ingress hook, against api's socket's memory.
+        func outsider(from port: Int) throws -> String {
+            let r = try LabHarness.shell(["ip", "netns", "exec", "weft-pod-default-client", "python3", LabHarness.tool,
+                                          "matrix", "udps:198.18.2.11:53", "0.5", "\(port)"])
+            return decode(r)["udps:198.18.2.11:53"] ?? "-"
+        }
+        #expect(try outsider(from: 24001) == "connected")
+        let lastSeen = Date()
+        try put(lab, [clientIn, defaultDenyIngress])
+        let changed = Date().timeIntervalSince(lastSeen)
+        #expect(try outsider(from: 24001) == "connected",
+                "an exchange allowed \(String(format: "%.1f", changed)) s before the change was judged again")
+        let answered = Date()
+        #expect(try outsider(from: 24002) == "timeout", "a new exchange passed after the change")
+        usleep(useconds_t((idle + 0.5 - Date().timeIntervalSince(answered)) * 1_000_000))
+        #expect(try outsider(from: 24001) == "timeout", "an exchange idle past the timeout was still let through")
+
+        let c = try connected.finish(), u = try unconnected.finish()
+        #expect(c["first"] as? String == "connected" && c["after"] as? String == "connected",
+                "a connected socket lost its peer's replies after \(idle + 2) s of silence: \(c)")
+        #expect(u["first"] as? String == "connected" && u["after"] as? String == "connected",
+                "an unconnected socket's new exchange (judged again at sendto) lost its replies: \(u)")
+        // The two denials were counted where api lives.
+        let text = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n2", "curl", "-s", "127.0.0.1:15020/metrics"])
+        let drops = text.split(separator: "\n").filter {
+            $0.hasPrefix("weft_policy_drops_total{") && $0.contains("destination_identity=\"prod{app=api}\"")
+                && $0.contains("reason=\"ingress_denied\"") && $0.contains("destination_port=\"53\"")
+        }.compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0, +)
+        #expect(drops >= 2, "\(drops) UDP drops counted at prod/api")
     }
 
     @Test func policyChangesReachNewConnectionsWithin100msAndBadInputKeepsTheOldPolicy() throws {

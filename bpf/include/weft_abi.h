@@ -25,6 +25,7 @@
 #define WEFT_MAP_POLICY_RANGES "weft_policy_ranges"
 #define WEFT_MAP_POLICY_DROPS "weft_policy_drops"
 #define WEFT_MAP_UDP_FLOWS    "weft_udp_flows"
+#define WEFT_MAP_POLICY_CONFIG "weft_policy_config"
 #define WEFT_MAP_PROXY_CONFIG "weft_proxy_config"
 #define WEFT_MAP_PROXY_ORIGINS "weft_proxy_origins"
 #define WEFT_MAP_ACCEL_SOCKS  "weft_accel_socks"
@@ -56,7 +57,7 @@
 #define WEFT_MAX_ACCEL_SOCKETS  65536   /* same-node mesh sockets on the shortcut */
 #define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
 #define WEFT_MAX_FLOWS          16384   /* connection counters per (client pod, destination, port) (LRU) */
-#define WEFT_ABI_VERSION        6
+#define WEFT_ABI_VERSION        7
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,
@@ -492,7 +493,12 @@ struct weft_drop_key {
  * datagram, and later datagrams of the same exchange, pass without a second
  * verdict — the stateful "replies are allowed" reading of NetworkPolicy that
  * conntrack gives other implementations. Keyed by socket cookie, so sockets
- * in different network namespaces never share an entry.
+ * in different network namespaces never share an entry. The value is when
+ * the exchange was last seen (bpf_ktime_get_ns); an exchange idle longer
+ * than weft_policy_config's udp_idle_ns is forgotten, and its next datagram
+ * is judged as a new one under the policy then in force. A connected UDP
+ * socket needs no entry: connect() was judged, and the datagrams it
+ * receives come from the peer it connected to, as a TCP connection's do.
  */
 struct weft_udp_flow_key {
 	__u64  cookie;     /* bpf_get_socket_cookie() of the local socket */
@@ -501,8 +507,16 @@ struct weft_udp_flow_key {
 	__u16  pad0;       /* zero */
 };
 
+/* weft_policy_config[0], written by the agent from MeshConfig spec.policy.
+ * Zero (a fresh map) means the defaults. */
+struct weft_policy_config {
+	__u64 udp_idle_ns;  /* MeshConfig policy.udpIdleTimeout; 0: WEFT_UDP_IDLE_DEFAULT_NS */
+};
+#define WEFT_UDP_IDLE_DEFAULT_NS (60ULL * 1000000000ULL)  /* Cilium's non-TCP flow lifetime */
+
 #ifndef __cplusplus
 _Static_assert(sizeof(struct weft_udp_flow_key) == 16, "weft_udp_flow_key layout");
+_Static_assert(sizeof(struct weft_policy_config) == 8, "weft_policy_config layout");
 _Static_assert(sizeof(struct weft_endpoint) == 12, "weft_endpoint layout");
 _Static_assert(sizeof(struct weft_cgroup_endpoint) == 8, "weft_cgroup_endpoint layout");
 _Static_assert(sizeof(struct weft_cidr_key) == 8, "weft_cidr_key layout");

@@ -55,8 +55,6 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 			bpf_sk_storage_delete(&weft_sock_origin, ctx->sk);
 		if (policy_connect_verdict(vip, port, proto))
 			return deny(ctx);
-		if (proto == IPPROTO_UDP)
-			udp_flow_remember(bpf_get_socket_cookie(ctx), vip, port);
 		if (proto == IPPROTO_TCP && tunnel_wanted(vip)) {
 			proxy = capture_to_tunnel(ctx, vip, port, 0, 0);
 			if (proxy)
@@ -89,8 +87,6 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 
 	if (policy_connect_verdict(backend->addr, backend->port, proto))
 		return deny(ctx);
-	if (proto == IPPROTO_UDP)
-		udp_flow_remember(bpf_get_socket_cookie(ctx), backend->addr, backend->port);
 
 	if (proto == IPPROTO_TCP && tunnel_wanted(backend->addr)) {
 		proxy = capture_to_tunnel(ctx, vip, port, svc->service_id, backend_id);

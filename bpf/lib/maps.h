@@ -131,9 +131,17 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, WEFT_MAX_UDP_FLOWS);
 	__type(key, struct weft_udp_flow_key);
-	__type(value, __u8);
+	__type(value, __u64);  /* last seen, bpf_ktime_get_ns() */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_udp_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct weft_policy_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_policy_config SEC(".maps");
 
 /* ----- L7 capture (see weft_abi.h) ----- */
 

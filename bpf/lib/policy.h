@@ -153,20 +153,44 @@ static __always_inline void policy_count_drop(__u32 src, __u32 dst, __be16 port,
 		bpf_map_update_elem(&weft_policy_drops, &key, &one, BPF_NOEXIST);
 }
 
-/* UDP exchanges already allowed (see weft_udp_flow_key). */
+/* How long an allowed UDP exchange may sit idle before it is forgotten. */
+static __always_inline __u64 udp_idle_ns(void)
+{
+	__u32 zero = 0;
+	struct weft_policy_config *config = bpf_map_lookup_elem(&weft_policy_config, &zero);
+
+	return config && config->udp_idle_ns ? config->udp_idle_ns : WEFT_UDP_IDLE_DEFAULT_NS;
+}
+
+/* A UDP exchange already allowed and not idle too long (see
+ * weft_udp_flow_key). Seeing it again moves its last-seen time, but only
+ * once an eighth of the idle timeout has passed, so a busy exchange does not
+ * write the shared entry on every datagram: an exchange is forgotten between
+ * 7/8 of the timeout and the timeout after its last datagram. */
 static __always_inline int udp_flow_known(__u64 cookie, __be32 peer, __be16 port)
 {
 	struct weft_udp_flow_key key = { .cookie = cookie, .peer = peer, .port = port };
+	__u64 *seen = bpf_map_lookup_elem(&weft_udp_flows, &key);
+	__u64 now, idle, age;
 
-	return bpf_map_lookup_elem(&weft_udp_flows, &key) != NULL;
+	if (!seen)
+		return 0;
+	now = bpf_ktime_get_ns();
+	idle = udp_idle_ns();
+	age = now > *seen ? now - *seen : 0;
+	if (age >= idle)
+		return 0;
+	if (age >= idle / 8)
+		*seen = now;  /* a racing CPU writes a time as recent: either is right */
+	return 1;
 }
 
 static __always_inline void udp_flow_remember(__u64 cookie, __be32 peer, __be16 port)
 {
 	struct weft_udp_flow_key key = { .cookie = cookie, .peer = peer, .port = port };
-	__u8 one = 1;
+	__u64 now = bpf_ktime_get_ns();
 
-	bpf_map_update_elem(&weft_udp_flows, &key, &one, BPF_ANY);
+	bpf_map_update_elem(&weft_udp_flows, &key, &now, BPF_ANY);
 }
 
 /*

@@ -6,8 +6,10 @@
  * cgroup, addresses outside the cluster.
  *
  * It judges new flows only: a TCP segment that opens a connection (SYN
- * without ACK), and a UDP datagram from a peer the receiving socket has not
- * exchanged allowed datagrams with (weft_udp_flows).
+ * without ACK), and a UDP datagram to an unconnected socket from a peer it
+ * has not exchanged allowed datagrams with lately (weft_udp_flows). A
+ * connected UDP socket only receives from the peer its connect() chose, and
+ * connect4 judged that.
  * Other TCP segments pass after a header read, so an established connection
  * costs two bounds-checked loads per packet and no map lookup; a UDP
  * datagram to a mesh pod costs two hash lookups. Kubernetes
@@ -32,6 +34,7 @@ int weft_ingress(struct __sk_buff *skb)
 	struct iphdr ip;
 	struct weft_endpoint *dst, *src;
 	struct policy_peer peer;
+	struct bpf_sock *sk;
 	__be16 ports[2];
 	__u64 cookie = 0;
 	__u32 l4;
@@ -77,6 +80,11 @@ int weft_ingress(struct __sk_buff *skb)
 		/* Every mesh pod's UDP exchanges are remembered, isolated or
 		 * not, so that its replies (judged at sendmsg) are known. */
 		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+			return SKB_PASS;
+		sk = skb->sk;
+		if (sk)
+			sk = bpf_sk_fullsock(sk);
+		if (sk && sk->dst_ip4 && sk->dst_ip4 == ip.saddr && sk->dst_port == ports[0])
 			return SKB_PASS;
 		cookie = bpf_get_socket_cookie(skb);
 		if (udp_flow_known(cookie, ip.saddr, ports[0]))

@@ -32,6 +32,10 @@
 ///       time: 60s              # passthrough, upgraded connections): the first probe after
 ///       interval: 10s          # this long without a packet, then one each interval; after
 ///       probes: 6              # `probes` unanswered the stream closes. time "0s": off
+///   policy:
+///     udpIdleTimeout: 60s      # default 60s, from 1s to 24h: an allowed UDP exchange
+///                              # idle this long is forgotten, and its next datagram is
+///                              # judged as new under the policy then in force (docs/policy.md)
 /// ```
 public struct MeshConfig: Hashable, Sendable {
     public var metadata: ObjectMeta
@@ -39,6 +43,19 @@ public struct MeshConfig: Hashable, Sendable {
     public var accessLog = AccessLog()
     public var telemetry = Telemetry()
     public var proxy = Proxy()
+    public var policy = Policy()
+
+    /// The kernel's NetworkPolicy state (docs/policy.md, "UDP").
+    public struct Policy: Hashable, Sendable {
+        /// How long an allowed UDP exchange (a socket and a peer) is
+        /// remembered after its last datagram: while remembered, replies and
+        /// later datagrams pass without a verdict, even after a policy
+        /// change that would deny them. A minute, as Cilium's lifetime for
+        /// non-TCP flows; Linux conntrack keeps an answered UDP flow two.
+        public var udpIdleTimeout: Duration = .seconds(60)
+        public static let udpIdleTimeouts = Duration.seconds(1)...Duration.seconds(86400)
+        public init() {}
+    }
 
     /// The node proxies' client connections (docs/proxy.md, "Idle
     /// connections").
@@ -234,6 +251,16 @@ extension MeshConfig {
                 }
                 try k.finish()
                 proxy.tcpKeepalive = off ? nil : keepalive
+            }
+            try p.finish()
+        }
+        if var p = try spec.mapping("policy") {
+            if let text = try p.string("udpIdleTimeout") {
+                let d = try HTTPRoute.duration(text, field: "spec.policy.udpIdleTimeout", at: location) ?? .zero
+                guard Policy.udpIdleTimeouts.contains(d) else {
+                    throw p.error("udpIdleTimeout", "must be from 1s to 24h, got \"\(text)\"")
+                }
+                policy.udpIdleTimeout = d
             }
             try p.finish()
         }

@@ -153,15 +153,19 @@ def listen(*ports):
         time.sleep(3600)
 
 
-def attempt(proto, host, port, timeout):
+def attempt(proto, host, port, timeout, source_port=0):
     """One connection attempt: connected, or the errno name, or timeout. For
     UDP ("udp": connect() then send; "udps": sendto() without connecting),
-    "connected" means a datagram came back from the echo server."""
+    "connected" means a datagram came back from the echo server. A UDP
+    attempt from `source_port` (not 0) is the same exchange as an earlier one
+    from that port, to the server's socket that remembers exchanges."""
     start = time.monotonic()
     udp = proto != "tcp"
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
+        if udp and source_port:
+            s.bind(("0.0.0.0", source_port))
         if proto == "udps":
             # Unconnected UDP: sendto() with an address, judged per datagram.
             s.sendto(b"ping", (host, port))
@@ -181,24 +185,64 @@ def attempt(proto, host, port, timeout):
     return result, (time.monotonic() - start) * 1000
 
 
-def matrix(targets, timeout="0.5"):
+def matrix(targets, timeout="0.5", port_base="0"):
     """Tries every target (comma-separated proto:host:port), in parallel
-    threads, and prints {target: [result, ms]}."""
+    threads, and prints {target: [result, ms]}. With a port base, the UDP
+    attempt to the i-th target goes from source port base + i: a new
+    exchange for the server as long as no earlier run used that port (an
+    ephemeral port may repeat one a server still remembers as allowed)."""
     out = {}
     lock = threading.Lock()
 
-    def one(t):
+    def one(i, t):
         proto, host, port = t.split(":")
-        r = attempt(proto, host, int(port), float(timeout))
+        source = int(port_base) + i if int(port_base) else 0
+        r = attempt(proto, host, int(port), float(timeout), source)
         with lock:
             out[t] = r
 
-    threads = [threading.Thread(target=one, args=(t,)) for t in targets.split(",") if t]
+    threads = [threading.Thread(target=one, args=(i, t)) for i, t in enumerate(t for t in targets.split(",") if t)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     print(json.dumps(out))
+
+
+def udp_hold(proto, host, port, pause, timeout="1.0"):
+    """One UDP socket ("udp": connected; "udps": sendto() each time) echoes a
+    datagram, waits `pause` seconds in silence, and echoes another; prints
+    {"first": result, "after": result}."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(float(timeout))
+    peer = (host, int(port))
+
+    def echo():
+        try:
+            if proto == "udp":
+                s.send(b"ping")
+                s.recv(64)
+            else:
+                s.sendto(b"ping", peer)
+                s.recvfrom(64)
+            return "connected"
+        except socket.timeout:
+            return "timeout"
+        except OSError as e:
+            return errno.errorcode.get(e.errno, str(e))
+
+    try:
+        try:
+            if proto == "udp":
+                s.connect(peer)
+        except OSError as e:
+            print(json.dumps({"first": errno.errorcode.get(e.errno, str(e)), "after": "-"}))
+            return
+        first = echo()
+        time.sleep(float(pause))
+        print(json.dumps({"first": first, "after": echo()}))
+    finally:
+        s.close()
 
 
 def first_change(proto, host, port, want, seconds, timeout="0.05"):
@@ -1124,7 +1168,7 @@ if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
-     "matrix": matrix, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
+     "matrix": matrix, "udp-hold": udp_hold, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
