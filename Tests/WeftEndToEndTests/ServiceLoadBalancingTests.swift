@@ -81,6 +81,69 @@ struct ServiceLoadBalancingTests {
                 get.output.contains("198.18.1.12:8080") && get.output.contains("198.18.2.13:8080"))
     }
 
+    /// A UDP Service, through connect() (translated once, at connect4) and
+    /// through sendto() on one unconnected socket (translated per datagram,
+    /// at sendmsg4): every backend answers, the application sees the
+    /// clusterIP as the answer's source and never a pod, and policy judges
+    /// the pod: the client may send only to the dns pods, not to the
+    /// clusterIP as an address. A UDP Service without backends fails
+    /// sendto() at once.
+    @Test func udpClusterIPReachesEveryBackendConnectedOrNot() throws {
+        func pod(_ name: String, _ node: String, _ address: String) -> String {
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: \(name), namespace: \(ns), labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
+            spec: {node: \(node), address: \(address), ports: [{name: dns, port: 5353, protocol: UDP}]}
+            """
+        }
+        let pods = [client, pod("dns-1", "n1", "198.18.1.20"), pod("dns-2", "n2", "198.18.2.20"),
+                    pod("dns-3", "n2", "198.18.2.21")].joined(separator: "\n---\n")
+        let udpServices = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: dns, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.30, selector: {app: dns}, ports: [{name: dns, port: 53, targetPort: dns, protocol: UDP}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: nodns, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.31, selector: {app: none}, ports: [{port: 53, protocol: UDP}]}
+            ---
+            apiVersion: networking.k8s.io/v1
+            kind: NetworkPolicy
+            metadata: {name: client-to-dns, namespace: \(ns)}
+            spec:
+              podSelector: {matchLabels: {app: client}}
+              policyTypes: [Egress]
+              egress: [{to: [{podSelector: {matchLabels: {app: dns}}}], ports: [{protocol: UDP, port: 5353}]}]
+            """
+        let lab = try LabHarness(files: ["services.yaml": udpServices, "pods.yaml": pods])
+        defer { lab.down() }
+        for address in ["198.18.1.20", "198.18.2.20", "198.18.2.21"] {
+            var ok = false
+            for _ in 0..<100 {
+                if let r = try? lab.tool(in: "client", ["udp-tally", "udps", address, "5353", "1", "0.2"]),
+                   (r["errors"] as? [String: Int])?.isEmpty == true { ok = true; break }
+                usleep(50_000)
+            }
+            try #require(ok, "UDP server at \(address) never answered")
+        }
+        for (mode, n) in [("udps", 300), ("udp", 60)] {
+            let r = try lab.tool(in: "client", ["udp-tally", mode, "198.19.0.30", "53", "\(n)"])
+            let backends = r["backends"] as? [String: Int] ?? [:]
+            #expect((r["errors"] as? [String: Int])?.isEmpty == true, "\(mode): \(r)")
+            #expect(backends.values.reduce(0, +) == n && Set(backends.keys) == ["dns-1", "dns-2", "dns-3"], "\(mode): \(r)")
+            #expect(r["sources"] as? [String] == ["198.19.0.30:53"], "\(mode): answers seen from \(r["sources"] ?? "-")")
+        }
+        let empty = try lab.tool(in: "client", ["udp-tally", "udps", "198.19.0.31", "53", "3"])
+        #expect(empty["errors"] as? [String: Int] == ["ECONNREFUSED": 3], "\(empty)")
+        // The policy allows pods, not addresses: a datagram to a pod's address
+        // on another port is still refused at sendto().
+        let denied = try lab.tool(in: "client", ["udp-tally", "udps", "198.18.2.20", "53", "1"])
+        #expect(denied["errors"] as? [String: Int] == ["EPERM": 1], "\(denied)")
+    }
+
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": client])
         defer { lab.down() }

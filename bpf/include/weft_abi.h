@@ -26,6 +26,7 @@
 #define WEFT_MAP_POLICY_DROPS "weft_policy_drops"
 #define WEFT_MAP_UDP_FLOWS    "weft_udp_flows"
 #define WEFT_MAP_POLICY_CONFIG "weft_policy_config"
+#define WEFT_MAP_UDP_REVNAT   "weft_udp_revnat"
 #define WEFT_MAP_PROXY_CONFIG "weft_proxy_config"
 #define WEFT_MAP_PROXY_ORIGINS "weft_proxy_origins"
 #define WEFT_MAP_ACCEL_SOCKS  "weft_accel_socks"
@@ -52,7 +53,8 @@
 #define WEFT_MAX_POLICY_ENTRIES 1048576 /* compiled (identity, peer, port) allows */
 #define WEFT_MAX_POLICY_RANGES  262144  /* allows for port ranges (endPort) */
 #define WEFT_MAX_DROP_KEYS      65536   /* drop counter tuples (LRU) */
-#define WEFT_MAX_UDP_FLOWS      131072  /* UDP (socket, peer) pairs already allowed (LRU) */
+#define WEFT_MAX_UDP_FLOWS      131072  /* UDP (socket, peer) pairs already allowed (LRU); also
+                                         * (socket, backend) pairs sent to through a clusterIP */
 #define WEFT_MAX_PROXY_ORIGINS  65536   /* captured connections not yet accepted by the proxy (LRU) */
 #define WEFT_MAX_ACCEL_SOCKETS  65536   /* same-node mesh sockets on the shortcut */
 #define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
@@ -109,6 +111,21 @@ struct weft_sock_origin {
 	__u32  pad0;       /* zero */
 };
 
+/*
+ * An unconnected UDP socket has no single peer to keep in socket storage:
+ * sendmsg4 draws a backend for each datagram sent to a clusterIP (as connect4
+ * does for each connection) and rewrites its destination, and
+ * weft_udp_revnat remembers, per (socket, backend address and port) — the
+ * key of weft_udp_flows — which clusterIP and port the application sent to,
+ * so that recvmsg4 reports the backend's replies as coming from there. LRU:
+ * an entry of a closed socket is never looked up again and ages out.
+ */
+struct weft_udp_revnat {
+	__be32 vip;        /* the clusterIP the application sent to */
+	__be16 port;       /* the Service port */
+	__u16  pad0;       /* zero */
+};
+
 /* weft_sock_origin.flags, weft_proxy_origin.flags */
 #define WEFT_ORIGIN_F_PROXY  0x0001  /* sent to the node proxy, not to a backend */
 #define WEFT_ORIGIN_F_TUNNEL 0x0002  /* to a pod on another node, through the mTLS tunnel:
@@ -156,11 +173,11 @@ struct weft_proxy_origin {
 /* Indices into the per-CPU weft_lb_stats array: every outcome of the
  * connect-time load balancer, including every rejection, has a counter. */
 enum weft_lb_event {
-	WEFT_LB_TRANSLATED      = 0, /* connect() to a VIP rewritten to a backend */
+	WEFT_LB_TRANSLATED      = 0, /* connect(), or a sendto() datagram, to a VIP rewritten to a backend */
 	WEFT_LB_NO_BACKEND      = 1, /* VIP has no ready backend: ECONNREFUSED */
 	WEFT_LB_SLOT_MISSING    = 2, /* drawn slot absent (update in flight); fell back to slot 1 */
 	WEFT_LB_BACKEND_MISSING = 3, /* backend id without backend entry: ECONNREFUSED */
-	WEFT_LB_PEER_RESTORED   = 4, /* getpeername()/recvmsg() given back the VIP */
+	WEFT_LB_PEER_RESTORED   = 4, /* getpeername()/recvmsg()/recvfrom() given back the VIP */
 	WEFT_LB_PROXY_CAPTURED  = 5, /* connect() to an L7 Service port sent to the node proxy */
 	WEFT_LB_PROXY_ORIGIN    = 6, /* sockops recorded a captured connection for the proxy */
 	WEFT_LB_EVENT_MAX       = 7,
@@ -517,6 +534,7 @@ struct weft_policy_config {
 #ifndef __cplusplus
 _Static_assert(sizeof(struct weft_udp_flow_key) == 16, "weft_udp_flow_key layout");
 _Static_assert(sizeof(struct weft_policy_config) == 8, "weft_policy_config layout");
+_Static_assert(sizeof(struct weft_udp_revnat) == 8, "weft_udp_revnat layout");
 _Static_assert(sizeof(struct weft_endpoint) == 12, "weft_endpoint layout");
 _Static_assert(sizeof(struct weft_cgroup_endpoint) == 8, "weft_cgroup_endpoint layout");
 _Static_assert(sizeof(struct weft_cidr_key) == 8, "weft_cidr_key layout");

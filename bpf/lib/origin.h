@@ -5,18 +5,20 @@
 
 #include "counters.h"
 
-static __always_inline void origin_restore(struct bpf_sock_addr *ctx)
+/* Returns whether the socket had an origin (it was connected to a clusterIP). */
+static __always_inline int origin_restore(struct bpf_sock_addr *ctx)
 {
 	struct weft_sock_origin *origin;
 
 	if (!ctx->sk)
-		return;
+		return 0;
 	origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, 0);
 	if (!origin)
-		return;
+		return 0;
 	ctx->user_ip4 = origin->vip;
 	ctx->user_port = (__u32)origin->port;
 	lb_count(WEFT_LB_PEER_RESTORED);
+	return 1;
 }
 
 #endif

@@ -153,6 +153,52 @@ def listen(*ports):
         time.sleep(3600)
 
 
+def udp_name(port):
+    """A UDP server answering every datagram with its pod's name."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("0.0.0.0", int(port)))
+    name = os.environ.get("WEFT_POD_NAME", "?").encode()
+    print("listening", flush=True)
+    while True:
+        _, addr = srv.recvfrom(2048)
+        srv.sendto(name, addr)
+
+
+def udp_tally(mode, host, port, n, timeout="1.0"):
+    """n requests to host:port over UDP, each answered by a udp-name server:
+    "udp" connects a new socket per request, "udps" sends them all from one
+    unconnected socket with sendto(). Prints the answers per backend name,
+    the addresses the answers came from (recvfrom, or getpeername for a
+    connected socket) and the errors."""
+    names, sources, errors = {}, set(), {}
+    peer = (host, int(port))
+    one = None if mode == "udp" else socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(int(n)):
+        s = one or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(float(timeout))
+        try:
+            if one is None:
+                s.connect(peer)
+                s.send(b"who")
+                data, source = s.recv(64), s.getpeername()
+            else:
+                s.sendto(b"who", peer)
+                data, source = s.recvfrom(64)
+            names[data.decode()] = names.get(data.decode(), 0) + 1
+            sources.add("%s:%d" % source)
+        except socket.timeout:
+            errors["timeout"] = errors.get("timeout", 0) + 1
+        except OSError as e:
+            name = errno.errorcode.get(e.errno, str(e))
+            errors[name] = errors.get(name, 0) + 1
+        finally:
+            if one is None:
+                s.close()
+    if one is not None:
+        one.close()
+    print(json.dumps({"backends": names, "sources": sorted(sources), "errors": errors}))
+
+
 def attempt(proto, host, port, timeout, source_port=0):
     """One connection attempt: connected, or the errno name, or timeout. For
     UDP ("udp": connect() then send; "udps": sendto() without connecting),
@@ -1168,7 +1214,7 @@ if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
-     "matrix": matrix, "udp-hold": udp_hold, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
+     "matrix": matrix, "udp-hold": udp_hold, "udp-name": udp_name, "udp-tally": udp_tally, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
