@@ -81,10 +81,11 @@ struct ServiceLoadBalancingTests {
                 get.output.contains("198.18.1.12:8080") && get.output.contains("198.18.2.13:8080"))
     }
 
-    /// A UDP Service, through connect() (translated once, at connect4) and
+    /// A UDP Service, through connect() (translated once, at connect4/6) and
     /// through sendto() on one unconnected socket (translated per datagram,
-    /// at sendmsg4): every backend answers, the application sees the
-    /// clusterIP as the answer's source and never a pod, and policy judges
+    /// at sendmsg4), from AF_INET and dual-stack AF_INET6 sockets: every
+    /// backend answers, the application sees the clusterIP as the answer's
+    /// source (recvfrom, getpeername) and never a pod, and policy judges
     /// the pod: the client may send only to the dns pods, not to the
     /// clusterIP as an address. A UDP Service without backends fails
     /// sendto() at once.
@@ -129,19 +130,23 @@ struct ServiceLoadBalancingTests {
             }
             try #require(ok, "UDP server at \(address) never answered")
         }
-        for (mode, n) in [("udps", 300), ("udp", 60)] {
+        // udp6/udp6s: a dual-stack AF_INET6 socket to ::ffff:198.19.0.30.
+        for (mode, n) in [("udps", 300), ("udp", 60), ("udp6s", 300), ("udp6", 60)] {
             let r = try lab.tool(in: "client", ["udp-tally", mode, "198.19.0.30", "53", "\(n)"])
             let backends = r["backends"] as? [String: Int] ?? [:]
+            let vip = mode.hasPrefix("udp6") ? "::ffff:198.19.0.30:53" : "198.19.0.30:53"
             #expect((r["errors"] as? [String: Int])?.isEmpty == true, "\(mode): \(r)")
             #expect(backends.values.reduce(0, +) == n && Set(backends.keys) == ["dns-1", "dns-2", "dns-3"], "\(mode): \(r)")
-            #expect(r["sources"] as? [String] == ["198.19.0.30:53"], "\(mode): answers seen from \(r["sources"] ?? "-")")
+            #expect(r["sources"] as? [String] == [vip], "\(mode): answers seen from \(r["sources"] ?? "-")")
         }
-        let empty = try lab.tool(in: "client", ["udp-tally", "udps", "198.19.0.31", "53", "3"])
-        #expect(empty["errors"] as? [String: Int] == ["ECONNREFUSED": 3], "\(empty)")
-        // The policy allows pods, not addresses: a datagram to a pod's address
-        // on another port is still refused at sendto().
-        let denied = try lab.tool(in: "client", ["udp-tally", "udps", "198.18.2.20", "53", "1"])
-        #expect(denied["errors"] as? [String: Int] == ["EPERM": 1], "\(denied)")
+        for mode in ["udps", "udp6s"] {
+            let empty = try lab.tool(in: "client", ["udp-tally", mode, "198.19.0.31", "53", "3"])
+            #expect(empty["errors"] as? [String: Int] == ["ECONNREFUSED": 3], "\(mode): \(empty)")
+            // The policy allows pods, not addresses: a datagram to a pod's
+            // address on another port is refused at sendto(), from either family.
+            let denied = try lab.tool(in: "client", ["udp-tally", mode, "198.18.2.20", "53", "1"])
+            #expect(denied["errors"] as? [String: Int] == ["EPERM": 1], "\(mode): \(denied)")
+        }
     }
 
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {

@@ -23,7 +23,7 @@ struct DatapathTests {
         }
         let logger = Logger(label: "test")
         let first = try Datapath.attach(pinDirectory: pins, cgroupPath: cgroup, logger: logger)
-        #expect(Set(first.programs.map(\.name)) == ["weft_connect4", "weft_getpeername4", "weft_ingress", "weft_recvmsg4", "weft_sendmsg4", "weft_sockops", "weft_connect6", "weft_getpeername6"])
+        #expect(Set(first.programs.map(\.name)) == ["weft_connect4", "weft_getpeername4", "weft_ingress", "weft_recvmsg4", "weft_sendmsg4", "weft_sockops", "weft_connect6", "weft_getpeername6", "weft_recvmsg6"])
         #expect(first.programs.allSatisfy { $0.state == .attached })
 
         let maps = try ServiceMaps(pinDirectory: pins)

@@ -19,6 +19,13 @@ static __always_inline int deny(struct bpf_sock_addr *ctx)
 	return SYS_REJECT;
 }
 
+/* An AF_INET6 socket's address that is IPv4 reached through it (::ffff:a.b.c.d). */
+static __always_inline int is_v4_mapped(const struct bpf_sock_addr *ctx)
+{
+	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+	       ctx->user_ip6[2] == bpf_htonl(0x0000ffff);
+}
+
 /* Writes the new destination into whichever address field the socket
  * family uses (for AF_INET6 the v4-mapped tail). */
 static __always_inline void set_destination(struct bpf_sock_addr *ctx, int v6, __be32 addr, __be16 port)
@@ -112,6 +119,62 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 	}
 
 	set_destination(ctx, v6, backend->addr, backend->port);
+	lb_count(WEFT_LB_TRANSLATED);
+	return SYS_PROCEED;
+}
+
+/*
+ * sendto()/sendmsg() with an address on a UDP socket (connected sockets send
+ * without one and never get here; a dual-stack socket's datagram to
+ * ::ffff:a.b.c.d arrives as to a.b.c.d): what connect_verdict gives a connection,
+ * for one datagram. A clusterIP:port is rewritten to a backend drawn for
+ * this datagram, and weft_udp_revnat remembers which clusterIP that backend
+ * stands for on this socket, for recvmsg (origin.h); then L4 policy judges
+ * the pod, unless the datagram belongs to an exchange already allowed (a
+ * reply, or more of one: see weft_udp_flow_key).
+ */
+static __always_inline int datagram_send(struct bpf_sock_addr *ctx)
+{
+	__be32 vip = ctx->user_ip4, peer = vip;
+	__be16 vport = (__be16)ctx->user_port, port = vport;
+	enum weft_lb_event event = WEFT_LB_TRANSLATED;
+	struct weft_udp_revnat nat = { .vip = vip, .port = vport };
+	struct weft_udp_flow_key key = {};
+	struct weft_service_value *svc;
+	struct weft_backend *backend;
+	struct weft_udp_revnat *known;
+	__u32 backend_id = 0;
+	__u64 cookie;
+
+	if (ctx->protocol != IPPROTO_UDP)
+		return SYS_PROCEED;
+	cookie = bpf_get_socket_cookie(ctx);
+	svc = service_lookup(vip, vport, IPPROTO_UDP);
+	if (svc) {
+		backend = service_pick_backend(svc, vip, vport, IPPROTO_UDP, &backend_id, &event);
+		if (!backend) {
+			/* As for connect(): the error a closed port gives, at once. */
+			lb_count(event);
+			bpf_set_retval(-ECONNREFUSED);
+			return SYS_REJECT;
+		}
+		peer = backend->addr;
+		port = backend->port;
+	}
+	if (!udp_flow_known(cookie, peer, port)) {
+		if (policy_connect_verdict(peer, port, IPPROTO_UDP))
+			return deny(ctx);
+		udp_flow_remember(cookie, peer, port);
+	}
+	if (!svc)
+		return SYS_PROCEED;
+	key.cookie = cookie;
+	key.peer = peer;
+	key.port = port;
+	known = bpf_map_lookup_elem(&weft_udp_revnat, &key);
+	if (!known || known->vip != vip || known->port != vport)
+		bpf_map_update_elem(&weft_udp_revnat, &key, &nat, BPF_ANY);
+	set_destination(ctx, 0, peer, port);
 	lb_count(WEFT_LB_TRANSLATED);
 	return SYS_PROCEED;
 }

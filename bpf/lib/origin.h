@@ -5,8 +5,20 @@
 
 #include "counters.h"
 
+/* Puts the clusterIP and port back where the socket family reads its peer
+ * (for AF_INET6 the v4-mapped tail). */
+static __always_inline void origin_write(struct bpf_sock_addr *ctx, int v6, __be32 vip, __be16 port)
+{
+	if (v6)
+		ctx->user_ip6[3] = vip;
+	else
+		ctx->user_ip4 = vip;
+	ctx->user_port = (__u32)port;
+	lb_count(WEFT_LB_PEER_RESTORED);
+}
+
 /* Returns whether the socket had an origin (it was connected to a clusterIP). */
-static __always_inline int origin_restore(struct bpf_sock_addr *ctx)
+static __always_inline int origin_restore(struct bpf_sock_addr *ctx, int v6)
 {
 	struct weft_sock_origin *origin;
 
@@ -15,10 +27,26 @@ static __always_inline int origin_restore(struct bpf_sock_addr *ctx)
 	origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, 0);
 	if (!origin)
 		return 0;
-	ctx->user_ip4 = origin->vip;
-	ctx->user_port = (__u32)origin->port;
-	lb_count(WEFT_LB_PEER_RESTORED);
+	origin_write(ctx, v6, origin->vip, origin->port);
 	return 1;
+}
+
+/* recvmsg() on a UDP socket: a datagram from a backend is reported as from
+ * the clusterIP the application addressed, connected (socket storage) or
+ * not (weft_udp_revnat, written by datagram_send). */
+static __always_inline void origin_restore_datagram(struct bpf_sock_addr *ctx, __be32 source, int v6)
+{
+	struct weft_udp_flow_key key = {};
+	struct weft_udp_revnat *nat;
+
+	if (origin_restore(ctx, v6))
+		return;
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.peer = source;
+	key.port = (__be16)ctx->user_port;
+	nat = bpf_map_lookup_elem(&weft_udp_revnat, &key);
+	if (nat)
+		origin_write(ctx, v6, nat->vip, nat->port);
 }
 
 #endif

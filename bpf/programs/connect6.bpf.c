@@ -10,12 +10,6 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-static __always_inline int is_v4_mapped(const struct bpf_sock_addr *ctx)
-{
-	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
-	       ctx->user_ip6[2] == bpf_htonl(0x0000ffff);
-}
-
 SEC("cgroup/connect6")
 int weft_connect6(struct bpf_sock_addr *ctx)
 {

@@ -11,6 +11,6 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 SEC("cgroup/getpeername4")
 int weft_getpeername4(struct bpf_sock_addr *ctx)
 {
-	origin_restore(ctx);
+	origin_restore(ctx, 0);
 	return SYS_PROCEED;
 }

@@ -12,19 +12,6 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 SEC("cgroup/recvmsg4")
 int weft_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	struct weft_udp_flow_key key = {};
-	struct weft_udp_revnat *nat;
-
-	if (origin_restore(ctx))
-		return SYS_PROCEED;
-	key.cookie = bpf_get_socket_cookie(ctx);
-	key.peer = ctx->user_ip4;
-	key.port = (__be16)ctx->user_port;
-	nat = bpf_map_lookup_elem(&weft_udp_revnat, &key);
-	if (nat) {
-		ctx->user_ip4 = nat->vip;
-		ctx->user_port = (__u32)nat->port;
-		lb_count(WEFT_LB_PEER_RESTORED);
-	}
+	origin_restore_datagram(ctx, ctx->user_ip4, 0);
 	return SYS_PROCEED;
 }

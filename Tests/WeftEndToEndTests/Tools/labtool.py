@@ -167,32 +167,36 @@ def udp_name(port):
 def udp_tally(mode, host, port, n, timeout="1.0"):
     """n requests to host:port over UDP, each answered by a udp-name server:
     "udp" connects a new socket per request, "udps" sends them all from one
-    unconnected socket with sendto(). Prints the answers per backend name,
-    the addresses the answers came from (recvfrom, or getpeername for a
-    connected socket) and the errors."""
+    unconnected socket with sendto(); "udp6" and "udp6s" do the same from a
+    dual-stack AF_INET6 socket to ::ffff:host, as Go and Java do. Prints the
+    answers per backend name, the addresses the answers came from (recvfrom,
+    and getpeername for a connected socket) and the errors."""
     names, sources, errors = {}, set(), {}
-    peer = (host, int(port))
-    one = None if mode == "udp" else socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = mode.startswith("udp6")
+    connected = mode in ("udp", "udp6")
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    peer = ("::ffff:" + host, int(port)) if v6 else (host, int(port))
+    one = None if connected else socket.socket(family, socket.SOCK_DGRAM)
     for i in range(int(n)):
-        s = one or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = one or socket.socket(family, socket.SOCK_DGRAM)
         s.settimeout(float(timeout))
         try:
-            if one is None:
+            if connected:
                 s.connect(peer)
                 s.send(b"who")
-                data, source = s.recv(64), s.getpeername()
+                sources.add("%s:%d" % s.getpeername()[:2])
             else:
                 s.sendto(b"who", peer)
-                data, source = s.recvfrom(64)
+            data, source = s.recvfrom(64)
             names[data.decode()] = names.get(data.decode(), 0) + 1
-            sources.add("%s:%d" % source)
+            sources.add("%s:%d" % source[:2])
         except socket.timeout:
             errors["timeout"] = errors.get("timeout", 0) + 1
         except OSError as e:
             name = errno.errorcode.get(e.errno, str(e))
             errors[name] = errors.get(name, 0) + 1
         finally:
-            if one is None:
+            if connected:
                 s.close()
     if one is not None:
         one.close()
