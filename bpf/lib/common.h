@@ -16,4 +16,15 @@
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
 
+/* Writes an address into whichever field the socket family uses (for
+ * AF_INET6 the v4-mapped tail): connect's destination, a peer given back. */
+static __always_inline void set_destination(struct bpf_sock_addr *ctx, int v6, __be32 addr, __be16 port)
+{
+	if (v6)
+		ctx->user_ip6[3] = addr;
+	else
+		ctx->user_ip4 = addr;
+	ctx->user_port = (__u32)port;
+}
+
 #endif

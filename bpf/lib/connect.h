@@ -26,17 +26,6 @@ static __always_inline int is_v4_mapped(const struct bpf_sock_addr *ctx)
 	       ctx->user_ip6[2] == bpf_htonl(0x0000ffff);
 }
 
-/* Writes the new destination into whichever address field the socket
- * family uses (for AF_INET6 the v4-mapped tail). */
-static __always_inline void set_destination(struct bpf_sock_addr *ctx, int v6, __be32 addr, __be16 port)
-{
-	if (v6)
-		ctx->user_ip6[3] = addr;
-	else
-		ctx->user_ip4 = addr;
-	ctx->user_port = (__u32)port;
-}
-
 static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip, int v6)
 {
 	__u8 proto = ctx->protocol;

@@ -5,15 +5,10 @@
 
 #include "counters.h"
 
-/* Puts the clusterIP and port back where the socket family reads its peer
- * (for AF_INET6 the v4-mapped tail). */
+/* Puts the clusterIP and port back where the socket family reads its peer. */
 static __always_inline void origin_write(struct bpf_sock_addr *ctx, int v6, __be32 vip, __be16 port)
 {
-	if (v6)
-		ctx->user_ip6[3] = vip;
-	else
-		ctx->user_ip4 = vip;
-	ctx->user_port = (__u32)port;
+	set_destination(ctx, v6, vip, port);
 	lb_count(WEFT_LB_PEER_RESTORED);
 }
 
