@@ -100,15 +100,14 @@ enum Express {
     /// then answers). `header` gives a field's first value, for a policy
     /// that hashes on one or a rate limit keyed by one. A Service's rate
     /// limit is judged last, once the request would be forwarded
-    /// (`limited`: the caller answers); `limits` false (h2c) hands a
-    /// request to a rate-limited Service over.
+    /// (`limited`: the caller answers, on either path).
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
-                       loop: LoopState, proxy: ProxyContext, source: IPv4Address, limits: Bool = true,
+                       loop: LoopState, proxy: ProxyContext, source: IPv4Address,
                        header: (String) -> Substring?) -> Choice {
         let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
               action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return .handOver }
-        if let guardState = routing.guardState, !limits || guardState.faults != nil { return .handOver }
+        if let guardState = routing.guardState, guardState.faults != nil { return .handOver }
         guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return .handOver }

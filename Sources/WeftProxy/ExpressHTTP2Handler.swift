@@ -232,11 +232,14 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         switch frame.payload {
         case .headers(let headers) where id > lastStreamID:
             lastStreamID = id
-            if let stream = plan(id, headers, context: context) {
+            switch plan(id, headers, context: context) {
+            case .stream(let stream):
                 streams[id] = stream
                 stream.state.inFlight += 1
                 if !stream.requestOpen { start(stream) }
-            } else {
+            case .answered:
+                break  // what more comes of it is dropped (below)
+            case .handOver:
                 handed.insert(id)
                 if let declared, !headers.endStream { bodies[id] = DeclaredBody(length: declared) }
                 proxy.stats.expressHandovers.add(1, ordering: .relaxed)
@@ -338,12 +341,34 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func headTooLarge(_ id: HTTP2StreamID, requestOpen: Bool) {
         lastStreamID = id
         proxy.stats.headsTooLarge.add(1, ordering: .relaxed)
-        loop?.counters.answered(431)
-        let body = HeadLimit.body(headLimit)
-        let head = HPACKHeaders([(":status", "431"), ("content-type", "text/plain; charset=utf-8"),
-                                 ("content-length", String(body.utf8.count)), ("server", "weft")])
-        codec.send(id, .headers(head, endStream: false), promise: nil)
-        codec.send(id, .data(ByteBuffer(string: body), endStream: true), promise: nil)
+        answerAtOnce(id, status: 431, body: HeadLimit.body(headLimit), isHEAD: false, requestOpen: requestOpen)
+    }
+
+    /// A request over its Service's rate limit: 429 with Retry-After,
+    /// counted and logged as the full path answers it (flag RL, no
+    /// upstream), as ExpressHTTP1Handler does.
+    private func limited(_ id: HTTP2StreamID, _ limited: Express.Limited, isHEAD: Bool, grpc: Bool, requestOpen: Bool,
+                         snapshot: RouteSnapshot, logged: Express.Logged?) {
+        guard let loop else { return }
+        Express.record(Express.Outcome(snapshot: snapshot, service: limited.service, serviceNamespace: limited.serviceNamespace,
+                                       key: nil, route: limited.route, grpc: grpc, status: 429, flags: "RL",
+                                       start: NIODeadline.now(), bytesOut: 0, protocolName: "HTTP/2", logged: logged),
+                       source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
+        answerAtOnce(id, status: 429, body: limited.body, extra: [("retry-after", String(limited.retryAfter))],
+                     isHEAD: isHEAD, requestOpen: requestOpen)
+    }
+
+    /// An answer of the proxy's own to a stream it never took: the head,
+    /// the body, and RST_STREAM NO_ERROR after them while the request is
+    /// still open (its body is not wanted, RFC 9113 section 8.1). The
+    /// connection goes on.
+    private func answerAtOnce(_ id: HTTP2StreamID, status: Int, body: String, extra: [(String, String)] = [],
+                              isHEAD: Bool, requestOpen: Bool) {
+        loop?.counters.answered(status)
+        let head = HPACKHeaders([(":status", String(status)), ("content-type", "text/plain; charset=utf-8"),
+                                 ("content-length", String(body.utf8.count)), ("server", "weft")] + extra)
+        codec.send(id, .headers(head, endStream: isHEAD), promise: nil)
+        if !isHEAD { codec.send(id, .data(ByteBuffer(string: body), endStream: true), promise: nil) }
         if requestOpen { codec.reset(id, .noError, promise: nil) }
         codec.flushNow()
     }
@@ -355,12 +380,22 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
 
     /// Reads a request's HEADERS frame and decides; builds the HTTP/1.1
     /// request the backend gets when the express path takes it.
-    private func plan(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers, context: ChannelHandlerContext) -> Stream? {
-        guard !quiescing, let loop else { return nil }
+    /// What became of a new stream's request head.
+    private enum Planned {
+        /// Taken: the exchange goes on from here.
+        case stream(Stream)
+        /// Answered in place (a rate limit), never to be seen again.
+        case answered
+        /// For the multiplexer and the full path.
+        case handOver
+    }
+
+    private func plan(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers, context: ChannelHandlerContext) -> Planned {
+        guard !quiescing, let loop else { return .handOver }
         var bodyLength: Int?
         let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
         self.routing = routing
-        guard routing.serves, let matcher = routing.matcher else { return nil }
+        guard routing.serves, let matcher = routing.matcher else { return .handOver }
         let snapshot = routing.snapshot
         var method: String?, target: String?, authority: String?
         var hasHost = false, hasProto = false, hasRequestID = false, grpc = false, cookies = 0
@@ -371,7 +406,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 case 5 where name == ":path": target = value
                 case 10 where name == ":authority": authority = value
                 case 7 where name == ":scheme": break
-                default: return nil
+                default: return .handOver
                 }
                 continue
             }
@@ -382,9 +417,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                  10 where name == "connection" || name == "keep-alive", 11 where name == "traceparent",
                  15 where name == "x-forwarded-for", 16 where name == "proxy-connection",
                  17 where name == "transfer-encoding":
-                return nil
+                return .handOver
             case 3 where name == "via":
-                if value.contains(proxy.viaToken) { return nil }  // looped: the full path answers 508
+                if value.contains(proxy.viaToken) { return .handOver }  // looped: the full path answers 508
             case 4 where name == "host": hasHost = true
             case 6 where name == "cookie": cookies += 1
             case 12 where name == "x-request-id": hasRequestID = true
@@ -394,17 +429,17 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 // NIO checked the body against (no "+5", no second value).
                 guard bodyLength == nil, !value.isEmpty, value.utf8.count <= 6,
                       value.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }),
-                      let n = Int(value), n <= Self.maxBody else { return nil }
+                      let n = Int(value), n <= Self.maxBody else { return .handOver }
                 bodyLength = n
             case 17 where name == "x-forwarded-proto": hasProto = true
             default: break
             }
         }
         guard let method, let target, method != "CONNECT", target.utf8.first == UInt8(ascii: "/"),
-              authority != nil || hasHost else { return nil }
+              authority != nil || hasHost else { return .handOver }
         // A body: declared, and small enough to be read whole first.
         if h.endStream { bodyLength = 0 }
-        guard let bodyLength else { return nil }
+        guard let bodyLength else { return .handOver }
 
         let (path, query) = HTTPProxyHandler.splitTarget(target)
         let headers = h.headers
@@ -413,10 +448,31 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             if name == "host", let authority { return [authority] }
             return headers[canonicalForm: name]
         })
-        guard case .forward(let chosen) = Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy,
-                                                         source: origin.source, limits: false, header: { name in
+        let chosen: Express.Target
+        switch Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: origin.source,
+                              header: { name in
             (name == "host" ? authority : nil).map { Substring($0) } ?? headers[canonicalForm: name].first.map { Substring($0) }
-        }) else { return nil }
+        }) {
+        case .handOver:
+            return .handOver
+        case .forward(let target):
+            chosen = target
+        case .limited(let over):
+            var logged: Express.Logged?
+            if snapshot.table.accessLog != nil {
+                // The ids the request would have carried, as the full path logs them.
+                var scratch = context.channel.allocator.buffer(capacity: 256)
+                let (requestID, span) = Express.writeProxyHeaders(&scratch, connectionHeaders, hasProto: hasProto,
+                                                                  hasRequestID: hasRequestID, keep: true, loop: loop)
+                if let span {
+                    logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: authority ?? headers.first(name: "host"),
+                                            userAgent: headers.first(name: "user-agent"),
+                                            requestID: requestID ?? headers.first(name: "x-request-id"), span: span, bytesIn: bodyLength)
+                }
+            }
+            limited(id, over, isHEAD: method == "HEAD", grpc: grpc, requestOpen: !h.endStream, snapshot: snapshot, logged: logged)
+            return .answered
+        }
 
         // The request the backend gets: an HTTP/1.1 head from the fields,
         // cookies joined in one line (RFC 9113, section 8.2.3), then the
@@ -486,7 +542,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                            requestID: requestID ?? headers.first(name: "x-request-id"), span: span,
                                            bytesIn: bodyLength)
         }
-        return stream
+        return .stream(stream)
     }
 
     // MARK: the exchange

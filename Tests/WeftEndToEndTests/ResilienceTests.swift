@@ -418,12 +418,13 @@ struct ResilienceTests {
         let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("cc-1", "n1", "198.18.1.52"), ("fi-1", "n2", "198.18.2.61")],
                                app: { String($0.prefix(while: { $0 != "-" })) }, services: [
             service("cb", ip: "198.19.4.10", app: "cb"), service("cc", ip: "198.19.4.11", app: "cc"),
-            service("rl", ip: "198.19.4.20", app: "fi"),
+            service("rl", ip: "198.19.4.20", app: "fi"), service("rl-slow", ip: "198.19.4.21", app: "fi"),
             service("fi-abort", ip: "198.19.4.30", app: "fi"), service("fi-delay", ip: "198.19.4.31", app: "fi"),
         ], policies: [
             policy("cb", "circuitBreaker: {maxRequests: 5}"),
             policy("cc", "circuitBreaker: {maxConnections: 1}"),
             policy("rl", "rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}"),
+            policy("rl-slow", "rateLimit: {requests: 1, interval: 10m, burst: 1, key: Route}"),
             policy("fi-abort", "faultInjection: {abort: {httpStatus: 503, percentage: 25}}"),
             policy("fi-delay", "faultInjection: {delay: {fixedDelay: 100ms, percentage: 25}}"),
         ])
@@ -474,6 +475,40 @@ struct ResilienceTests {
         print("figure: rate limit admitted \(admitted) of expected \(expected) (\(rate["codes"] ?? ""))")
         #expect(abs(admitted - expected) <= 0.05 * expected, "admitted \(admitted), expected \(expected): \(rate)")
         #expect((counts(rate, "codes")["429"] ?? 0) > 0 && counts(rate, "retry_after").keys.allSatisfy { $0 == "1" }, "\(rate)")
+        // h2c too: 300 streams at once through a bucket of at most 100 (it
+        // refills at 100 a second) are judged on the express path, and its
+        // 429s counted the same way; a limited stream whose body is still
+        // open gets its 429 and RST_STREAM NO_ERROR (its body is not wanted).
+        func limitedSoFar() throws -> Double {
+            try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
+                .split(separator: "\n").filter {
+                    $0.hasPrefix("weft_requests_total{") && $0.contains("destination_service_name=\"rl\"")
+                        && $0.contains("response_code=\"429\"") && $0.contains("response_flags=\"RL\"")
+                }.compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0, +)
+        }
+        let limitedBeforeH2 = try limitedSoFar()
+        let h2 = try LabHarness.run(["lab", "exec", "client", "--", "timeout", "-s", "KILL", "60", "h2load", "-n", "300", "-c", "1",
+                                     "-m", "100", "http://198.19.4.20/"])
+        let h2Limited = h2.output.split(separator: "\n").first { $0.contains("status codes:") }
+            .flatMap { line in line.split(separator: ",").first { $0.hasSuffix("4xx") } }
+            .flatMap { Int($0.split(separator: " ").first ?? "") } ?? 0
+        // (h2load counts a 4xx as failed, not as errored.)
+        #expect(h2.output.contains("300 done") && h2.output.contains(" 0 errored") && h2Limited >= 150,
+                "h2c through the rate limit: \(h2.output)")
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the rate limit on h2c streams left the express path")
+        #expect(try limitedSoFar() - limitedBeforeH2 == Double(h2Limited), "h2c 429s counted: \(h2Limited) from h2load")
+        print("figure: h2c through the rate limit: \(h2Limited) of 300 answered 429")
+        // One request in 10 minutes: the first POST passes, the second,
+        // its body sent after its head, is answered before the body ends.
+        var posts: [[String: Any]] = []
+        for _ in 0..<2 {
+            posts.append(try lab.tool(in: "client", ["h2-body", "198.19.4.21", "80", "/", "10,10", "content-length=20"]))
+        }
+        #expect(posts.first?["status"] as? String == "200", "\(posts)")
+        #expect(posts.last?["status"] as? String == "429" && (posts.last?["body"] as? String ?? "").contains("rate limit of")
+                    && (posts.last?["body"] as? String ?? "").contains("rl-slow")
+                    && [nil, 0].contains(posts.last?["reset"] as? Int), "\(posts)")
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the open h2c stream left the express path")
 
         // Faults at 25%: within 3 points over 2,000 requests.
         let aborts = counts(try lab.load(in: "client", ["spread", "http://198.19.4.30/", "2000", "8"]), "codes")
