@@ -47,11 +47,6 @@ final class ClusterRuntime: Sendable {
     /// Retries in progress for this cluster (circuitBreaker.maxRetries).
     let retries = Atomic<Int>(0)
     let outliers: OutlierDetector?
-    /// Whether the express paths can carry this policy: everything but a
-    /// cookie hash (its first response sets the cookie). A pick, a request
-    /// slot, the connection limits and an outcome are the same on both
-    /// paths.
-    let express: Bool
 
     init(name: String, policy: ProxyTable.BackendPolicy, endpoints: [EndpointKey], node: String,
          previous: ClusterRuntime?) {
@@ -80,7 +75,6 @@ final class ClusterRuntime: Sendable {
         case .maglev: maglev = ConsistentHash.Maglev(names); ring = nil
         default: ring = nil; maglev = nil
         }
-        if case .cookie = policy.loadBalancer.hashOn { express = false } else { express = true }
         outliers = policy.outlierDetection.map { OutlierDetector($0, backends: backends.count, previous: previous?.outliers,
                                                                  previousIndex: previous?.index, keys: backends.map(\.key)) }
     }
@@ -256,13 +250,30 @@ final class ClusterRuntime: Sendable {
         }
     }
 
+    /// The request's hash as `requestHash` gives it; for a cookie hash with
+    /// a ttl and a request without the cookie, a cookie minted for it: its
+    /// hash, and the Set-Cookie the response carries, so that the client
+    /// sticks from then on. Both paths call this.
+    func requestKey(header: (String) -> Substring?, cookie: (String) -> Substring?, source: IPv4Address,
+                    random: inout some RandomNumberGenerator) -> (hash: UInt64?, setCookie: String?) {
+        if let hash = requestHash(header: header, cookie: cookie, source: source) { return (hash, nil) }
+        guard case .cookie(let name, let ttl?) = policy.loadBalancer.hashOn else { return (nil, nil) }
+        let value = String(random.next(), radix: 16)
+        return (ConsistentHash.stableHash(value.utf8), "\(name)=\(value); Path=/; Max-Age=\(ttl.components.seconds); HttpOnly")
+    }
+
     /// A cookie's value from the Cookie headers (RFC 6265 "name=value; ...").
     static func cookie(_ name: String, in headers: HTTPHeaders) -> Substring? {
-        for header in headers[canonicalForm: "cookie"] {
+        cookie(name, in: headers[canonicalForm: "cookie"])
+    }
+
+    /// A cookie's value from Cookie header values.
+    static func cookie(_ name: String, in values: some Sequence<some StringProtocol>) -> Substring? {
+        for header in values {
             for pair in header.split(separator: ";") {
                 guard let eq = pair.firstIndex(of: "=") else { continue }
                 if pair[..<eq].trimmingCharacters(in: .whitespaces) == name {
-                    return pair[pair.index(after: eq)...].drop(while: { $0 == " " })
+                    return Substring(pair[pair.index(after: eq)...].drop(while: { $0 == " " }))
                 }
             }
         }

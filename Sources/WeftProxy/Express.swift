@@ -73,6 +73,9 @@ enum Express {
         /// With a TrafficPolicy on the backend's Service: the request's slot
         /// and outcome, given back and told when the exchange ends.
         var hold: ClusterRuntime.Hold?
+        /// A cookie hash's cookie minted for a request without one: the
+        /// response carries it (Set-Cookie), as on the full path.
+        var setCookie: String?
     }
 
     /// What Express.target decides for a request.
@@ -92,18 +95,20 @@ enum Express {
         /// Whole seconds until a token is there (Retry-After).
         var retryAfter: Int
     }
-    /// Routes `request` as the full path does and picks its backend; nil
-    /// when the request needs the full path (filters, retries, timeouts, a
-    /// TrafficPolicy the express paths cannot carry, a non-HTTP/1.1
-    /// upstream, AuthorizationPolicy on the pod, no backend the pod may
-    /// reach, every one at its circuit breaker's maxRequests: the full path
-    /// then answers). `header` gives a field's first value, for a policy
-    /// that hashes on one or a rate limit keyed by one. A Service's rate
-    /// limit is judged last, once the request would be forwarded
-    /// (`limited`: the caller answers, on either path).
+    /// Routes `request` as the full path does and picks its backend;
+    /// `handOver` when the request needs the full path (filters, retries,
+    /// timeouts, fault injection, a non-HTTP/1.1 upstream,
+    /// AuthorizationPolicy on the pod, no backend the pod may reach, every
+    /// one at its circuit breaker's maxRequests: the full path then
+    /// answers). `header` gives a field's first value, for a policy that
+    /// hashes on one or a rate limit keyed by one; `cookie` a cookie's
+    /// value, for a cookie hash (a request without it gets one minted:
+    /// Target.setCookie). A Service's rate limit is judged last, once the
+    /// request would be forwarded (`limited`: the caller answers, on
+    /// either path).
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
                        loop: LoopState, proxy: ProxyContext, source: IPv4Address,
-                       header: (String) -> Substring?) -> Choice {
+                       header: (String) -> Substring?, cookie: (String) -> Substring?) -> Choice {
         let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
               action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return .handOver }
@@ -114,9 +119,10 @@ enum Express {
         // A backend the pod may reach (the full path says why when none is).
         let key: EndpointKey
         var hold: ClusterRuntime.Hold?
+        var setCookie: String?
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
-            guard runtime.express else { return .handOver }
-            let hash = runtime.requestHash(header: header, cookie: { _ in nil }, source: source)
+            let hash: UInt64?
+            (hash, setCookie) = runtime.requestKey(header: header, cookie: cookie, source: source, random: &loop.random)
             guard case .picked(let picked) = loop.pick(runtime, hash: hash, proxy: proxy, generation: snapshot.generation,
                                                        source: source),
                   let index = runtime.index[picked] else { return .handOver }
@@ -153,7 +159,7 @@ enum Express {
                                     body: "weft: rate limit of \(matcher.frontend.name) reached for \(limitKey)\n",
                                     retryAfter: max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))))
         }
-        return .forward(Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold))
+        return .forward(Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie))
     }
 
     /// Whether `idleUpstream` would find a connection (none is taken).
@@ -182,6 +188,22 @@ enum Express {
     /// ends the head; the ids are written straight into `out`. With `keep`
     /// (access logs are on), returns the request id it made, if any, and
     /// the span, read back from what was written.
+    /// The access log's view of a request the proxy answers itself (over a
+    /// rate limit): the ids it would have carried, as the full path logs
+    /// them; nil when access logs are off. `first` gives a field's first
+    /// value as it came.
+    static func answeredLocally(_ snapshot: RouteSnapshot, method: String, path: String, bytesIn: Int, hasProto: Bool,
+                                hasRequestID: Bool, fixed: ConnectionHeaders, allocator: ByteBufferAllocator, loop: LoopState,
+                                first: (String) -> String?) -> Logged? {
+        guard snapshot.table.accessLog != nil else { return nil }
+        var scratch = allocator.buffer(capacity: 256)
+        let (requestID, span) = writeProxyHeaders(&scratch, fixed, hasProto: hasProto, hasRequestID: hasRequestID,
+                                                  keep: true, loop: loop)
+        guard let span else { return nil }
+        return Logged(wallStart: AccessLog.now(), method: method, path: path, authority: first("host"),
+                      userAgent: first("user-agent"), requestID: requestID ?? first("x-request-id"), span: span, bytesIn: bytesIn)
+    }
+
     static func writeProxyHeaders(_ out: inout ByteBuffer, _ fixed: ConnectionHeaders, hasProto: Bool,
                                   hasRequestID: Bool, keep: Bool, loop: LoopState)
         -> (requestID: String?, span: TraceContext.Span?) {

@@ -151,6 +151,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var logged: Express.Logged?
         /// The backend's slot and outcome under a TrafficPolicy.
         var hold: ClusterRuntime.Hold?
+        /// A minted cookie hash cookie, for the response (Set-Cookie).
+        var setCookie: String?
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState,
              tunnel: TunnelChoice?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
@@ -573,24 +575,17 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         let snapshot = routing.snapshot
         let chosen: Express.Target
         switch Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: source,
-                              header: { name in Self.values(p, fields, name).first.map { Substring($0) } }) {
+                              header: { name in Self.values(p, fields, name).first.map { Substring($0) } },
+                              cookie: { name in ClusterRuntime.cookie(name, in: Self.values(p, fields, "cookie", split: false)) }) {
         case .handOver:
             return .handOver
         case .forward(let target):
             chosen = target
         case .limited(let limited):
-            var logged: Express.Logged?
-            if snapshot.table.accessLog != nil {
-                // The ids the request would have carried, as the full path logs them.
-                var scratch = context.channel.allocator.buffer(capacity: 256)
-                let (requestID, span) = Express.writeProxyHeaders(&scratch, connectionHeaders, hasProto: hasProto,
-                                                                  hasRequestID: hasRequestID, keep: true, loop: loop)
-                func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
-                if let span {
-                    logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
-                                            userAgent: first("user-agent"), requestID: requestID ?? first("x-request-id"),
-                                            span: span, bytesIn: contentLength ?? 0)
-                }
+            let logged = Express.answeredLocally(snapshot, method: method, path: target, bytesIn: contentLength ?? 0,
+                                                 hasProto: hasProto, hasRequestID: hasRequestID, fixed: connectionHeaders,
+                                                 allocator: context.channel.allocator, loop: loop) { name in
+                Self.values(p, fields, name, split: false).first
             }
             return .limited(length: total, keepAlive: !close && !proxy.draining.load(ordering: .relaxed), isHEAD: method == "HEAD",
                             grpc: grpc, limited, logged)
@@ -619,6 +614,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                 isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc,
                                 length: total, outgoing: out)
         exchange.hold = chosen.hold
+        exchange.setCookie = chosen.setCookie
         if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
             func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
             exchange.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
@@ -790,6 +786,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             copier.flush(p, into: &out)
             let delimited: Bool
             if case .close = framing { delimited = true } else { delimited = false }
+            if let cookie = exchange.setCookie {
+                out.writeStaticString("set-cookie: ")
+                out.writeString(cookie)
+                out.writeStaticString("\r\n")
+            }
             if closeClient || delimited { out.writeStaticString("connection: close\r\n") }
             out.writeStaticString("\r\n")
             return .ready(head: out, length: length, code: status.code, framing: framing, close: body.close || delimited,

@@ -131,6 +131,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var logged: Express.Logged?
         /// The backend's slot and outcome under a TrafficPolicy.
         var hold: ClusterRuntime.Hold?
+        /// A minted cookie hash cookie, for the response (Set-Cookie).
+        var setCookie: String?
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
              route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState, tunnel: TunnelChoice?,
@@ -452,23 +454,16 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         switch Express.target(request, matcher: matcher, routing: routing, loop: loop, proxy: proxy, source: origin.source,
                               header: { name in
             (name == "host" ? authority : nil).map { Substring($0) } ?? headers[canonicalForm: name].first.map { Substring($0) }
-        }) {
+        }, cookie: { name in ClusterRuntime.cookie(name, in: headers[canonicalForm: "cookie"]) }) {
         case .handOver:
             return .handOver
         case .forward(let target):
             chosen = target
         case .limited(let over):
-            var logged: Express.Logged?
-            if snapshot.table.accessLog != nil {
-                // The ids the request would have carried, as the full path logs them.
-                var scratch = context.channel.allocator.buffer(capacity: 256)
-                let (requestID, span) = Express.writeProxyHeaders(&scratch, connectionHeaders, hasProto: hasProto,
-                                                                  hasRequestID: hasRequestID, keep: true, loop: loop)
-                if let span {
-                    logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: authority ?? headers.first(name: "host"),
-                                            userAgent: headers.first(name: "user-agent"),
-                                            requestID: requestID ?? headers.first(name: "x-request-id"), span: span, bytesIn: bodyLength)
-                }
+            let logged = Express.answeredLocally(snapshot, method: method, path: target, bytesIn: bodyLength, hasProto: hasProto,
+                                                 hasRequestID: hasRequestID, fixed: connectionHeaders,
+                                                 allocator: context.channel.allocator, loop: loop) { name in
+                (name == "host" ? authority : nil) ?? headers.first(name: name)
             }
             limited(id, over, isHEAD: method == "HEAD", grpc: grpc, requestOpen: !h.endStream, snapshot: snapshot, logged: logged)
             return .answered
@@ -531,6 +526,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                             service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key, state: chosen.state,
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         stream.hold = chosen.hold
+        stream.setCookie = chosen.setCookie
         if !h.endStream {
             stream.requestOpen = true
             stream.declared = DeclaredBody(length: bodyLength)
@@ -656,6 +652,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// sent at once unless the response ends with it: then it is returned
     /// (`held`) for finish to send with END_STREAM. Returns the bytes after
     /// the head too. Interim responses (1xx) are dropped.
+    private static let setCookieName: StaticString = "set-cookie"
+
     private func responseHead(_ stream: Stream) -> (rest: ByteBuffer, held: ByteBuffer?)? {
         guard var raw = stream.head else { return nil }
         enum Parsed {
@@ -673,6 +671,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             // lower-cased as they are copied): no field list in between.
             var size = 5
             for f in fields { size += HPACKLiteral.bound(name: f.name.count, value: f.value.count) }
+            let cookie = stream.setCookie
+            if let cookie { size += HPACKLiteral.bound(name: 10, value: cookie.utf8.count) }
             var block = ByteBufferAllocator().buffer(capacity: size)
             block.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
                 var i = 0
@@ -683,6 +683,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                     }
                     HPACKLiteral.field(name: UnsafeRawBufferPointer(rebasing: p[f.name]), value: UnsafeRawBufferPointer(rebasing: p[f.value]),
                                        lowercase: true, into: b, at: &i)
+                }
+                if var cookie {
+                    cookie.withUTF8 { value in
+                        HPACKLiteral.field(name: UnsafeRawBufferPointer(start: Self.setCookieName.utf8Start, count: 10),
+                                           value: UnsafeRawBufferPointer(value), lowercase: false, into: b, at: &i)
+                    }
                 }
                 return i
             }

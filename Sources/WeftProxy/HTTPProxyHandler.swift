@@ -440,16 +440,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                                idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
             request!.runtime = runtime
-            if let key = runtime.policy.loadBalancer.hashOn {
+            if runtime.policy.loadBalancer.hashOn != nil, let loop {
                 let headers = head.headers
-                request!.hash = runtime.requestHash(header: { headers[canonicalForm: $0].first },
-                                                    cookie: { ClusterRuntime.cookie($0, in: headers) }, source: origin.source)
-                if request!.hash == nil, case .cookie(let name, let ttl?) = key, let loop {
-                    // No cookie yet: mint one, so the client sticks from now on.
-                    let value = String(loop.random.next(), radix: 16)
-                    request!.hash = ConsistentHash.stableHash(value.utf8)
-                    request!.setCookie = "\(name)=\(value); Path=/; Max-Age=\(ttl.components.seconds); HttpOnly"
-                }
+                (request!.hash, request!.setCookie) = runtime.requestKey(
+                    header: { headers[canonicalForm: $0].first }, cookie: { ClusterRuntime.cookie($0, in: headers) },
+                    source: origin.source, random: &loop.random)
             }
         }
         cached?.budget?.budget.recordRequest(now: Self.nowSeconds())

@@ -202,12 +202,26 @@ struct ResilienceTests {
             before[name] = map
         }
 
-        // A cookie balancer mints the cookie, and the client then sticks.
+        // A cookie balancer mints the cookie, and the client then sticks,
+        // on the express paths (HTTP/1.1, then h2c) as on the full one.
+        let handedBeforeSticky = try stat("n1", "express_handovers_total")
         let sticky = try lab.load(in: "client", ["cookie", "http://198.19.2.15/", "30", "weft-session"])
-        #expect((sticky["set_cookie"] as? String)?.hasPrefix("weft-session=") == true, "\(sticky)")
+        #expect((sticky["set_cookie"] as? String)?.hasPrefix("weft-session=") == true
+                    && (sticky["set_cookie"] as? String)?.hasSuffix("; Path=/; Max-Age=3600; HttpOnly") == true, "\(sticky)")
         #expect(counts(sticky, "pods").count <= 2, "the first request may land anywhere, then one backend: \(sticky)")
         let stuck = counts(sticky, "pods").values.max() ?? 0
         #expect(stuck >= 29, "\(sticky)")
+        let minted = try lab.tool(in: "client", ["h2-request", "198.19.2.15", "80", "/"])
+        let jar = (minted["set-cookie"] as? String)?.split(separator: ";").first.map(String.init) ?? ""
+        #expect(minted["status"] as? String == "200" && jar.hasPrefix("weft-session="), "h2c: \(minted)")
+        var h2Pods: Set<String> = []
+        for _ in 0..<5 {
+            let again = try lab.tool(in: "client", ["h2-request", "198.19.2.15", "80", "/", "cookie=a=b; \(jar)"])
+            #expect(again["status"] as? String == "200" && again["set-cookie"] == nil, "h2c with the cookie: \(again)")
+            h2Pods.insert(again["x-pod"] as? String ?? "-")
+        }
+        #expect(h2Pods.count == 1 && !h2Pods.contains("-"), "h2c requests with one cookie went to \(h2Pods)")
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeSticky, "the cookie hash left the express path")
 
         // PreferLocal: the client is on n1, so n1's backends only, until
         // they fail their checks; then n2's.

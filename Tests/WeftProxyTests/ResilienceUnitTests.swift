@@ -119,21 +119,32 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         #expect(rt.backends[0].requests.load(ordering: .relaxed) == 0)
     }
 
-    @Test func theExpressPathCarriesEveryPolicyButACookieHash() {
-        func carried(_ lb: TrafficPolicy.LoadBalancer = .init(), _ cb: TrafficPolicy.CircuitBreaker? = nil) -> Bool {
-            ClusterRuntime(name: "t/s:80", policy: .init(loadBalancer: lb, outlierDetection: .init(), circuitBreaker: cb, policy: "t/s"),
-                           endpoints: endpoints(2), node: "n1", previous: nil).express
+    @Test func aCookieHashMintsACookieOnlyForARequestWithoutOne() {
+        func runtime(_ hashOn: TrafficPolicy.LoadBalancer.HashKey?) -> ClusterRuntime {
+            var lb = TrafficPolicy.LoadBalancer()
+            lb.algorithm = .ringHash
+            lb.hashOn = hashOn
+            return ClusterRuntime(name: "t/s:80", policy: .init(loadBalancer: lb, outlierDetection: nil, circuitBreaker: nil, policy: "t/s"),
+                                  endpoints: endpoints(2), node: "n1", previous: nil)
         }
-        var ring = TrafficPolicy.LoadBalancer()
-        ring.algorithm = .ringHash
-        ring.hashOn = .header("x-user")
-        var bySource = ring
-        bySource.hashOn = .sourceIP
-        var byCookie = ring
-        byCookie.hashOn = .cookie(name: "s", ttl: nil)
-        #expect(carried() && carried(ring) && carried(bySource) && carried(.init(), breaker { $0.maxRequests = 5; $0.maxRetries = 2 })
-                && carried(.init(), breaker { $0.maxConnections = 5; $0.maxPendingRequests = 5 }))
-        #expect(!carried(byCookie))
+        var random = SystemRandomNumberGenerator()
+        let source = IPv4Address("198.18.1.9")!
+        let sticky = runtime(.cookie(name: "s", ttl: .seconds(3600)))
+        let fields = ["a=1; s=abc", "s=later"]
+        let cookie: (String) -> Substring? = { ClusterRuntime.cookie($0, in: fields) }
+        #expect(ClusterRuntime.cookie("s", in: fields) == "abc" && ClusterRuntime.cookie("b", in: fields) == nil)
+        let carried = sticky.requestKey(header: { _ in nil }, cookie: cookie, source: source, random: &random)
+        #expect(carried.hash == ConsistentHash.stableHash("abc".utf8) && carried.setCookie == nil)
+        let minted = sticky.requestKey(header: { _ in nil }, cookie: { _ in nil }, source: source, random: &random)
+        let value = minted.setCookie.flatMap { $0.split(separator: ";").first }.map { String($0.dropFirst(2)) } ?? ""
+        #expect(minted.setCookie == "s=\(value); Path=/; Max-Age=3600; HttpOnly" && !value.isEmpty)
+        #expect(minted.hash == ConsistentHash.stableHash(value.utf8), "the minted cookie picks as it will when it comes back")
+        // No ttl: nothing minted, the request is spread.
+        let session = runtime(.cookie(name: "s", ttl: nil)).requestKey(header: { _ in nil }, cookie: { _ in nil }, source: source, random: &random)
+        #expect(session.hash == nil && session.setCookie == nil)
+        let byHeader = runtime(.header("x-user")).requestKey(header: { $0 == "x-user" ? "u1" : nil }, cookie: { _ in nil },
+                                                           source: source, random: &random)
+        #expect(byHeader.hash == ConsistentHash.stableHash("u1".utf8) && byHeader.setCookie == nil)
     }
 
     @Test func consistentHashesMoveOnlyTheKeysOfABackendThatLeaves() {

@@ -735,7 +735,11 @@ def _h2_raw(host, port, path, fields=(), until_closed=False, method="GET", chunk
                 last, code = struct.unpack(">II", payload[:8])
                 out["goaway"] = {"at": now, "last_stream_id": last & 0x7fffffff, "error_code": code}
             elif kind == 1 and stream == 1:
-                out["status"] = dict(decoder.decode(payload)).get(":status")
+                fields = dict(decoder.decode(payload))
+                out["status"] = fields.get(":status")
+                for name in ("set-cookie", "x-pod"):
+                    if name in fields:
+                        out[name] = fields[name]
             elif kind == 0 and stream == 1:
                 out["body"] += payload
             elif kind == 3 and stream == 1:
