@@ -20,7 +20,7 @@ backend stops getting traffic (issue #8), side by side in one run.
    With --express (`scripts/bench resilience-express`): the Services as an
    operator runs them, the express path on (the agent's default), so a
    variant the express path carries is measured on it and one it cannot
-   carry (faults, a cookie hash) on the full path; each
+   carry (fault injection) on the full path; each
    round pairs every variant with base as above, and the report gives each
    variant's requests per proxy CPU second against base's and the share of
    its requests the express path served. No accounting, no failover.
@@ -567,8 +567,9 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
         "",
         f"Made by `scripts/bench resilience` {made} on {time.strftime('%Y-%m-%d')}. One lab node, a client pod and two "
         f"nginx backend pods; one Service per variant over the same backends, every one on the proxy's full path (the "
-        "agent under WEFT_PROXY_EXPRESS=0): a feature the express path cannot carry (faults, a cookie hash; a rate "
-        "limit on h2c) moves its Service to the full path, which on its own costs about 1.8x the proxy's "
+        "agent under WEFT_PROXY_EXPRESS=0): a feature the express path cannot carry (fault injection, since "
+        "8e08c3e) moves its Service to the full path, which on its own "
+        "costs about 1.8x the proxy's "
         "CPU per request on HTTP/1.1 (docs/proxy.md, \"Where the CPU goes\"; `resilience_express` above, each Service "
         f"on the path it runs); this measures each feature's own cost. {ROUNDS} rounds; in each, every variant is "
         "measured right next to the base Service (which of the two goes first alternates by round): h2load --h1 with 16 "
