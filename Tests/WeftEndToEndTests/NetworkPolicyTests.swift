@@ -465,9 +465,11 @@ struct NetworkPolicyEndToEnd {
         // Two client sockets that stay quiet longer than the timeout.
         let connected = try lab.startTool(in: "default/client", ["udp-hold", "udp", "198.18.2.12", "53", "\(idle + 2)"])
         let unconnected = try lab.startTool(in: "default/client", ["udp-hold", "udps", "198.18.2.12", "53", "\(idle + 2)"])
+        let dualStack = try lab.startTool(in: "default/client", ["udp-hold", "udp6", "198.18.2.12", "53", "\(idle + 2)"])
         defer {
             _ = try? connected.finish()
             _ = try? unconnected.finish()
+            _ = try? dualStack.finish()
         }
         // A process in the client's namespace but outside its cgroup: judged
         // only by prod/api's ingress hook, against api's socket's memory.
@@ -487,9 +489,11 @@ struct NetworkPolicyEndToEnd {
         usleep(useconds_t((idle + 0.5 - Date().timeIntervalSince(answered)) * 1_000_000))
         #expect(try outsider(from: 24001) == "timeout", "an exchange idle past the timeout was still let through")
 
-        let c = try connected.finish(), u = try unconnected.finish()
+        let c = try connected.finish(), u = try unconnected.finish(), d = try dualStack.finish()
         #expect(c["first"] as? String == "connected" && c["after"] as? String == "connected",
                 "a connected socket lost its peer's replies after \(idle + 2) s of silence: \(c)")
+        #expect(d["first"] as? String == "connected" && d["after"] as? String == "connected",
+                "a dual-stack socket connected to ::ffff:198.18.2.12 lost its peer's replies: \(d)")
         #expect(u["first"] as? String == "connected" && u["after"] as? String == "connected",
                 "an unconnected socket's new exchange (judged again at sendto) lost its replies: \(u)")
         // The two denials were counted where api lives.

@@ -260,12 +260,15 @@ def matrix(targets, timeout="0.5", port_base="0"):
 
 
 def udp_hold(proto, host, port, pause, timeout="1.0"):
-    """One UDP socket ("udp": connected; "udps": sendto() each time) echoes a
-    datagram, waits `pause` seconds in silence, and echoes another; prints
+    """One UDP socket ("udp": connected; "udp6": a dual-stack AF_INET6 one
+    connected to ::ffff:host; "udps": sendto() each time) echoes a datagram,
+    waits `pause` seconds in silence, and echoes another; prints
     {"first": result, "after": result}."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = proto == "udp6"
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(float(timeout))
-    peer = (host, int(port))
+    peer = ("::ffff:" + host, int(port)) if v6 else (host, int(port))
+    proto = "udp" if v6 else proto
 
     def echo():
         try:
