@@ -133,6 +133,15 @@ final class ClusterRuntime: Sendable {
             runtime.backends[index].requests.subtract(1, ordering: .relaxed)
         }
 
+        /// Takes the backend's slot again after a release (an injected
+        /// delay's wait); false when the backend is at its maxRequests now.
+        mutating func resume() -> Bool {
+            guard released else { return true }
+            guard runtime.reserve(backend.key) else { return false }
+            released = false
+            return true
+        }
+
         /// Tells the outlier detector how the request went (once).
         mutating func record(_ outcome: OutlierDetector.Outcome) {
             guard !recorded else { return }

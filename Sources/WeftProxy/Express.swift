@@ -28,8 +28,8 @@ enum Express {
         let matcher: RouteMatcher?
         let budget: LoopState.BudgetBox?
         let serves: Bool
-        /// The frontend's TrafficPolicy rate limit (and faults, which the
-        /// express paths do not serve), if it has one.
+        /// The request side of the frontend's TrafficPolicy (rate limit,
+        /// fault injection), if it has one.
         let guardState: FrontendGuard?
 
         private init(snapshot: RouteSnapshot, frontendKey: String, loop: LoopState) {
@@ -76,43 +76,60 @@ enum Express {
         /// A cookie hash's cookie minted for a request without one: the
         /// response carries it (Set-Cookie), as on the full path.
         var setCookie: String?
+        /// A delay injected by the Service's TrafficPolicy: the request
+        /// waits this long before it is sent. Its backend's request slot
+        /// (`hold`) is given back for the wait, as the full path picks the
+        /// backend only after it: a delayed request counts against no
+        /// circuit breaker and no least-request choice while it waits.
+        var delay: Duration?
     }
 
     /// What Express.target decides for a request.
     enum Choice {
         case forward(Target)
-        /// Over its Service's rate limit: answered 429 in place, as the
-        /// full path answers it.
-        case limited(Limited)
+        /// Answered in place, as the full path answers it: over its
+        /// Service's rate limit (429), or an injected abort.
+        case answered(LocalAnswer)
         case handOver
     }
 
-    struct Limited {
+    /// An answer of the proxy's own to a request it judged (TrafficPolicy).
+    struct LocalAnswer {
         var route: String
         var service: String?
         var serviceNamespace: String?
+        var status: Int
         var body: String
-        /// Whole seconds until a token is there (Retry-After).
-        var retryAfter: Int
+        /// Fields after the proxy's own (Retry-After).
+        var extra: [(String, String)]
+        /// The response flag: RL (rate limit) or FI (fault abort).
+        var flags: String
+    }
+
+    /// An exchange's response flags, with DI in front when an injected
+    /// delay held it (as the full path records it: "DI", "DI,UC").
+    static func flags(_ flags: String, delayed: Bool) -> String {
+        guard delayed else { return flags }
+        return flags == "-" ? "DI" : "DI," + flags
     }
     /// Routes `request` as the full path does and picks its backend;
     /// `handOver` when the request needs the full path (filters, retries,
-    /// timeouts, fault injection, a non-HTTP/1.1 upstream,
+    /// timeouts, a non-HTTP/1.1 upstream,
     /// AuthorizationPolicy on the pod, no backend the pod may reach, every
     /// one at its circuit breaker's maxRequests: the full path then
     /// answers). `header` gives a field's first value, for a policy that
     /// hashes on one or a rate limit keyed by one; `cookie` a cookie's
     /// value, for a cookie hash (a request without it gets one minted:
-    /// Target.setCookie). A Service's rate limit is judged last, once the
-    /// request would be forwarded (`limited`: the caller answers, on
-    /// either path).
+    /// Target.setCookie). A Service's rate limit and fault injection are
+    /// judged last, once the request would be forwarded, so that no
+    /// request the full path then takes is judged twice (`answered`: the
+    /// caller answers, on either path; a delay: Target.delay).
     static func target(_ request: RouteMatcher.Request, matcher: RouteMatcher, routing: Routing,
                        loop: LoopState, proxy: ProxyContext, source: IPv4Address,
                        header: (String) -> Substring?, cookie: (String) -> Substring?) -> Choice {
         let snapshot = routing.snapshot
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
               action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return .handOver }
-        if let guardState = routing.guardState, guardState.faults != nil { return .handOver }
         guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return .handOver }
@@ -146,20 +163,36 @@ enum Express {
             hold?.release()
             return .handOver
         }
-        // The rate limit last, once nothing is left that would hand the
-        // request over: the full path would judge it again (a second token).
-        // A request over it gives its backend back and is answered here.
-        if let guardState = routing.guardState,
-           case .limited(let limitKey, let wait) = guardState.judge(route: action.name, source: source, header: header,
-                                                                    snapshot: snapshot, random: &loop.random) {
-            hold?.release()
-            proxy.stats.rateLimited.add(1, ordering: .relaxed)
-            return .limited(Limited(route: action.name, service: matcher.frontend.service,
-                                    serviceNamespace: matcher.frontend.namespace,
-                                    body: "weft: rate limit of \(matcher.frontend.name) reached for \(limitKey)\n",
-                                    retryAfter: max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))))
+        // The TrafficPolicy last, once nothing is left that would hand the
+        // request over: the full path would judge it again (a second token,
+        // a second draw). A request answered here gives its backend back.
+        var delay: Duration?
+        if let guardState = routing.guardState {
+            func answer(_ status: Int, _ body: String, _ extra: [(String, String)], _ flags: String) -> Choice {
+                hold?.release()
+                return .answered(LocalAnswer(route: action.name, service: matcher.frontend.service,
+                                             serviceNamespace: matcher.frontend.namespace, status: status, body: body,
+                                             extra: extra, flags: flags))
+            }
+            switch guardState.judge(route: action.name, source: source, header: header, snapshot: snapshot, random: &loop.random) {
+            case .pass:
+                break
+            case .limited(let limitKey, let wait):
+                proxy.stats.rateLimited.add(1, ordering: .relaxed)
+                let seconds = max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))
+                return answer(429, "weft: rate limit of \(matcher.frontend.name) reached for \(limitKey)\n",
+                              [("retry-after", String(seconds))], "RL")
+            case .abort(let status):
+                proxy.stats.faultsAborted.add(1, ordering: .relaxed)
+                return answer(status, HTTPProxyHandler.faultAbortBody, [], "FI")
+            case .delay(let d):
+                proxy.stats.faultsDelayed.add(1, ordering: .relaxed)
+                hold?.release()
+                delay = d
+            }
         }
-        return .forward(Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie))
+        return .forward(Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie,
+                               delay: delay))
     }
 
     /// Whether `idleUpstream` would find a connection (none is taken).

@@ -103,11 +103,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// Whether a connection to `frontendKey` starts on the express path: the
     /// snapshot has nothing that makes every request of it need the full one.
-    /// A TrafficPolicy's rate limit is judged here (a request over it is
-    /// answered 429 in place); fault injection is the full path's.
+    /// A TrafficPolicy's rate limit and fault injection are judged here (a
+    /// request over the limit or aborted is answered in place, a delayed
+    /// one waits here).
     static func serves(_ snapshot: RouteSnapshot, frontendKey: String) -> Bool {
         snapshot.matchers[frontendKey] != nil && snapshot.table.tracing == nil
-            && (snapshot.guards.isEmpty || snapshot.guards[frontendKey]?.faults == nil)
     }
 
     /// One request forwarded, from its head to the end of its response.
@@ -153,6 +153,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
+        /// An injected delay (TrafficPolicy): how long, then its timer.
+        var delay: Duration?
+        var waiting: Scheduled<Void>?
+        var delayed = false
+        /// Counted in its backend's in-flight requests (from the send on).
+        var counted = false
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState,
              tunnel: TunnelChoice?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
@@ -196,8 +202,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         /// Delivering: AuthorizationPolicy refuses the request (`length`
         /// bytes with its body).
         case deny(length: Int, keepAlive: Bool, isHEAD: Bool, reason: String)
-        /// Over its Service's rate limit (`length` bytes with its body).
-        case limited(length: Int, keepAlive: Bool, isHEAD: Bool, grpc: Bool, Express.Limited, Express.Logged?)
+        /// Answered by its Service's TrafficPolicy: over the rate limit, or
+        /// a fault abort (`length` bytes with its body).
+        case answered(length: Int, keepAlive: Bool, isHEAD: Bool, grpc: Bool, Express.LocalAnswer, Express.Logged?)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -316,7 +323,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             plan = buffered.withUnsafeReadableBytes { self.plan($0, delivery: delivery, loop: loop) }
             switch plan {
             case .forward, .deny: proxy.stats.tunnelRequestsExpress.add(1, ordering: .relaxed)
-            case .needHead, .needMore, .handOver, .tooLarge, .limited: break
+            case .needHead, .needMore, .handOver, .tooLarge, .answered: break
             }
         } else {
             let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
@@ -365,10 +372,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
             return deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, context: context)
-        case .limited(let length, let keepAlive, let isHEAD, let grpc, let limited, let logged):
+        case .answered(let length, let keepAlive, let isHEAD, let grpc, let local, let logged):
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
-            return answer(limited, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, grpc: grpc, logged: logged,
+            return answer(local, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, grpc: grpc, logged: logged,
                           context: context)
         }
     }
@@ -491,21 +498,23 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         return keepAlive
     }
 
-    /// A request over its Service's rate limit: 429 with Retry-After, counted
-    /// and logged as the full path answers it (flag RL, no upstream). Whether
-    /// the connection stays open for the next request.
-    private func answer(_ limited: Express.Limited, keepAlive: Bool, isHEAD: Bool, grpc: Bool, logged: Express.Logged?,
+    /// A request its Service's TrafficPolicy answers: 429 with Retry-After
+    /// over the rate limit, a fault abort's status, counted and logged as
+    /// the full path answers them (flag RL or FI, no upstream). Whether the
+    /// connection stays open for the next request.
+    private func answer(_ local: Express.LocalAnswer, keepAlive: Bool, isHEAD: Bool, grpc: Bool, logged: Express.Logged?,
                         context: ChannelHandlerContext) -> Bool {
         guard let loop, let snapshot = routing?.snapshot else { return false }
-        loop.counters.answered(429)
-        Express.record(Express.Outcome(snapshot: snapshot, service: limited.service, serviceNamespace: limited.serviceNamespace,
-                                       key: nil, route: limited.route, grpc: grpc, status: 429, flags: "RL",
+        loop.counters.answered(local.status)
+        Express.record(Express.Outcome(snapshot: snapshot, service: local.service, serviceNamespace: local.serviceNamespace,
+                                       key: nil, route: local.route, grpc: grpc, status: local.status, flags: local.flags,
                                        start: NIODeadline.now(), bytesOut: 0, protocolName: "HTTP/1.1", logged: logged),
                        source: source, last: &lastSeries, loop: loop, proxy: proxy)
-        let body = limited.body
-        return answer("HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n"
-                      + "server: weft\r\nretry-after: \(limited.retryAfter)\r\n",
-                      body: body, keepAlive: keepAlive, isHEAD: isHEAD, context: context)
+        let body = local.body
+        var head = "HTTP/1.1 \(local.status) \(HTTPResponseStatus(statusCode: local.status).reasonPhrase)\r\n"
+            + "content-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\nserver: weft\r\n"
+        for (name, value) in local.extra { head += "\(name): \(value)\r\n" }
+        return answer(head, body: body, keepAlive: keepAlive, isHEAD: isHEAD, context: context)
     }
 
     /// Reads one request head in place and decides; builds the request the
@@ -581,14 +590,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             return .handOver
         case .forward(let target):
             chosen = target
-        case .limited(let limited):
+        case .answered(let local):
             let logged = Express.answeredLocally(snapshot, method: method, path: target, bytesIn: contentLength ?? 0,
                                                  hasProto: hasProto, hasRequestID: hasRequestID, fixed: connectionHeaders,
                                                  allocator: context.channel.allocator, loop: loop) { name in
                 Self.values(p, fields, name, split: false).first
             }
-            return .limited(length: total, keepAlive: !close && !proxy.draining.load(ordering: .relaxed), isHEAD: method == "HEAD",
-                            grpc: grpc, limited, logged)
+            return .answered(length: total, keepAlive: !close && !proxy.draining.load(ordering: .relaxed), isHEAD: method == "HEAD",
+                             grpc: grpc, local, logged)
         }
 
         // The request the backend gets: the client's head without its
@@ -615,6 +624,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                 length: total, outgoing: out)
         exchange.hold = chosen.hold
         exchange.setCookie = chosen.setCookie
+        exchange.delay = chosen.delay
         if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
             func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
             exchange.logged = Express.Logged(wallStart: AccessLog.now(), method: method, path: target, authority: first("host"),
@@ -662,7 +672,26 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     private func start(_ exchange: Exchange, loop: LoopState) {
         self.exchange = exchange
+        if let delay = exchange.delay, let context {
+            // An injected delay: the request waits here (its backend's slot
+            // given back, Express.Target.delay), then goes on.
+            exchange.delay = nil
+            exchange.delayed = true
+            exchange.waiting = context.eventLoop.assumeIsolated().scheduleTask(in: .init(delay)) { [weak self] in
+                guard let self, self.exchange === exchange else { return }
+                exchange.waiting = nil
+                guard exchange.hold?.resume() ?? true else {
+                    // Its backend reached its maxRequests meanwhile: the full
+                    // path picks another one or answers 503.
+                    self.giveBack(exchange)
+                    return self.handOver()
+                }
+                self.start(exchange, loop: loop)
+            }
+            return
+        }
         exchange.state.inFlight += 1
+        exchange.counted = true
         if let idle = Express.idleUpstream(from: exchange.state, tunnel: exchange.tunnel) { return attach(idle) }
         Express.connectUpstream(to: exchange.key, tunnel: exchange.tunnel, counters: exchange.hold?.backend, loop: loop) { [weak self] result in
             guard let self, self.exchange === exchange, exchange.connecting else {
@@ -708,7 +737,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func giveBack(_ exchange: Exchange) {
         self.exchange = nil
         exchange.upstream?.close()
-        exchange.state.inFlight -= 1
+        if exchange.counted { exchange.state.inFlight -= 1 }
         exchange.hold?.release()
         var request = exchange.request
         if var rest = inbound, rest.readableBytes > 0 { request.writeBuffer(&rest) }
@@ -929,13 +958,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func end(_ exchange: Exchange, flags: String) {
         guard self.exchange === exchange, let loop else { return }
         self.exchange = nil
-        exchange.state.inFlight -= 1
+        if exchange.counted { exchange.state.inFlight -= 1 }
         exchange.hold?.release()
         // (Delivered requests are counted where they were routed.)
         guard delivery == nil else { return }
         Express.record(Express.Outcome(snapshot: exchange.snapshot, service: exchange.service,
                                        serviceNamespace: exchange.serviceNamespace, key: exchange.key, route: exchange.route,
-                                       grpc: exchange.grpc, status: exchange.status, flags: flags, start: exchange.start,
+                                       grpc: exchange.grpc, status: exchange.status,
+                                       flags: Express.flags(flags, delayed: exchange.delayed), start: exchange.start,
                                        bytesOut: exchange.bytesOut, protocolName: "HTTP/1.1", logged: exchange.logged),
                        source: source, last: &lastSeries, loop: loop, proxy: proxy)
     }
@@ -962,6 +992,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// The client went away, or the handler left the pipeline mid-exchange.
     private func abandon() {
         guard let exchange else { return }
+        exchange.waiting?.cancel()
         exchange.upstream?.close()
         exchange.upstream = nil
         end(exchange, flags: "DC")

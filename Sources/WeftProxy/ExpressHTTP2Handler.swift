@@ -133,6 +133,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
+        /// An injected delay's timer (TrafficPolicy), while it runs.
+        var waiting: Scheduled<Void>?
+        var delayed = false
+        /// Counted in its backend's in-flight requests (not while delayed).
+        var counted = false
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
              route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState, tunnel: TunnelChoice?,
@@ -219,7 +224,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 stream.body?.writeBuffer(&bytes)
                 if d.endStream {
                     stream.requestOpen = false
-                    start(stream)
+                    if stream.waiting == nil { start(stream) }  // (else when the delay is over)
                 }
             case .headers where stream.requestOpen:
                 guard stream.declared.hold(frame.payload) else {
@@ -237,8 +242,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             switch plan(id, headers, context: context) {
             case .stream(let stream):
                 streams[id] = stream
-                stream.state.inFlight += 1
-                if !stream.requestOpen { start(stream) }
+                if stream.waiting == nil {
+                    stream.state.inFlight += 1
+                    stream.counted = true
+                    if !stream.requestOpen { start(stream) }
+                }
             case .answered:
                 break  // what more comes of it is dropped (below)
             case .handOver:
@@ -346,18 +354,18 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         answerAtOnce(id, status: 431, body: HeadLimit.body(headLimit), isHEAD: false, requestOpen: requestOpen)
     }
 
-    /// A request over its Service's rate limit: 429 with Retry-After,
-    /// counted and logged as the full path answers it (flag RL, no
-    /// upstream), as ExpressHTTP1Handler does.
-    private func limited(_ id: HTTP2StreamID, _ limited: Express.Limited, isHEAD: Bool, grpc: Bool, requestOpen: Bool,
-                         snapshot: RouteSnapshot, logged: Express.Logged?) {
+    /// A request its Service's TrafficPolicy answers (over the rate limit:
+    /// 429 with Retry-After; a fault abort), counted and logged as the full
+    /// path answers it (flag RL or FI, no upstream), as
+    /// ExpressHTTP1Handler does.
+    private func answer(_ id: HTTP2StreamID, _ local: Express.LocalAnswer, isHEAD: Bool, grpc: Bool, requestOpen: Bool,
+                        snapshot: RouteSnapshot, logged: Express.Logged?) {
         guard let loop else { return }
-        Express.record(Express.Outcome(snapshot: snapshot, service: limited.service, serviceNamespace: limited.serviceNamespace,
-                                       key: nil, route: limited.route, grpc: grpc, status: 429, flags: "RL",
+        Express.record(Express.Outcome(snapshot: snapshot, service: local.service, serviceNamespace: local.serviceNamespace,
+                                       key: nil, route: local.route, grpc: grpc, status: local.status, flags: local.flags,
                                        start: NIODeadline.now(), bytesOut: 0, protocolName: "HTTP/2", logged: logged),
                        source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
-        answerAtOnce(id, status: 429, body: limited.body, extra: [("retry-after", String(limited.retryAfter))],
-                     isHEAD: isHEAD, requestOpen: requestOpen)
+        answerAtOnce(id, status: local.status, body: local.body, extra: local.extra, isHEAD: isHEAD, requestOpen: requestOpen)
     }
 
     /// An answer of the proxy's own to a stream it never took: the head,
@@ -459,13 +467,13 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             return .handOver
         case .forward(let target):
             chosen = target
-        case .limited(let over):
+        case .answered(let local):
             let logged = Express.answeredLocally(snapshot, method: method, path: target, bytesIn: bodyLength, hasProto: hasProto,
                                                  hasRequestID: hasRequestID, fixed: connectionHeaders,
                                                  allocator: context.channel.allocator, loop: loop) { name in
                 (name == "host" ? authority : nil) ?? headers.first(name: name)
             }
-            limited(id, over, isHEAD: method == "HEAD", grpc: grpc, requestOpen: !h.endStream, snapshot: snapshot, logged: logged)
+            answer(id, local, isHEAD: method == "HEAD", grpc: grpc, requestOpen: !h.endStream, snapshot: snapshot, logged: logged)
             return .answered
         }
 
@@ -527,6 +535,15 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         stream.hold = chosen.hold
         stream.setCookie = chosen.setCookie
+        if let delay = chosen.delay {
+            // An injected delay: the stream waits (its backend's slot given
+            // back, Express.Target.delay), then starts once its body is in.
+            stream.delayed = true
+            stream.waiting = context.eventLoop.assumeIsolated().scheduleTask(in: .init(delay)) { [weak self, weak stream] in
+                guard let self, let stream else { return }
+                self.delayOver(stream)
+            }
+        }
         if !h.endStream {
             stream.requestOpen = true
             stream.declared = DeclaredBody(length: bodyLength)
@@ -567,6 +584,21 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
     }
 
+    /// An injected delay is over: the stream takes its backend's slot again
+    /// and starts (now, or when its body is in).
+    private func delayOver(_ stream: Stream) {
+        guard streams[stream.id] === stream, stream.waiting != nil else { return }
+        stream.waiting = nil
+        guard stream.hold?.resume() ?? true else {
+            // Its backend reached its maxRequests meanwhile: the full path
+            // picks another one or answers 503.
+            return handOver(stream)
+        }
+        stream.state.inFlight += 1
+        stream.counted = true
+        if !stream.requestOpen { start(stream) }
+    }
+
     private func attach(_ stream: Stream, _ upstream: ExpressUpstream) {
         stream.connecting = false
         stream.upstream = upstream
@@ -585,9 +617,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// path takes it from there.
     private func handOver(_ stream: Stream, then: HTTP2Frame? = nil) {
         guard let context, loop != nil, streams.removeValue(forKey: stream.id) != nil else { return }
+        stream.waiting?.cancel()
         stream.upstream?.close()
         stream.upstream = nil
-        stream.state.inFlight -= 1
+        if stream.counted { stream.state.inFlight -= 1 }
         stream.hold?.release()
         handed.insert(stream.id)
         if stream.requestOpen { bodies[stream.id] = stream.declared }
@@ -871,6 +904,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
 
     /// The client reset the stream or went away.
     private func abandon(_ stream: Stream) {
+        stream.waiting?.cancel()
         stream.upstream?.close()
         stream.upstream = nil
         end(stream, flags: "DC")
@@ -880,11 +914,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// fewer in flight, and it is recorded.
     private func end(_ stream: Stream, flags: String) {
         guard streams.removeValue(forKey: stream.id) != nil, let loop else { return }
-        stream.state.inFlight -= 1
+        if stream.counted { stream.state.inFlight -= 1 }
         stream.hold?.release()
         Express.record(Express.Outcome(snapshot: stream.snapshot, service: stream.service,
                                        serviceNamespace: stream.serviceNamespace, key: stream.key, route: stream.route,
-                                       grpc: stream.grpc, status: stream.status, flags: flags, start: stream.start,
+                                       grpc: stream.grpc, status: stream.status,
+                                       flags: Express.flags(flags, delayed: stream.delayed), start: stream.start,
                                        bytesOut: stream.bytesOut, protocolName: "HTTP/2", logged: stream.logged),
                        source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
     }

@@ -423,8 +423,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             case .abort(let status):
                 proxy.stats.faultsAborted.add(1, ordering: .relaxed)
                 record?.flags.append("FI")
-                return respondLocally(head, HTTPResponseStatus(statusCode: status),
-                                      "weft: fault injected by TrafficPolicy (abort)\n", keepAlive: keepAlive)
+                return respondLocally(head, HTTPResponseStatus(statusCode: status), Self.faultAbortBody, keepAlive: keepAlive)
             case .delay(let d):
                 proxy.stats.faultsDelayed.add(1, ordering: .relaxed)
                 record?.flags.append("DI")
@@ -1032,6 +1031,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     // MARK: header work
+
+    /// The body of an answer a TrafficPolicy fault abort gives (both paths).
+    static let faultAbortBody = "weft: fault injected by TrafficPolicy (abort)\n"
 
     static func splitTarget(_ uri: String) -> (Substring, Substring?) {
         // By UTF-8 code unit: "/" and "?" are ASCII, and Character

@@ -434,6 +434,7 @@ struct ResilienceTests {
             service("cb", ip: "198.19.4.10", app: "cb"), service("cc", ip: "198.19.4.11", app: "cc"),
             service("rl", ip: "198.19.4.20", app: "fi"), service("rl-slow", ip: "198.19.4.21", app: "fi"),
             service("fi-abort", ip: "198.19.4.30", app: "fi"), service("fi-delay", ip: "198.19.4.31", app: "fi"),
+            service("fi-wait", ip: "198.19.4.32", app: "fi"),
         ], policies: [
             policy("cb", "circuitBreaker: {maxRequests: 5}"),
             policy("cc", "circuitBreaker: {maxConnections: 1}"),
@@ -441,6 +442,8 @@ struct ResilienceTests {
             policy("rl-slow", "rateLimit: {requests: 1, interval: 10m, burst: 1, key: Route}"),
             policy("fi-abort", "faultInjection: {abort: {httpStatus: 503, percentage: 25}}"),
             policy("fi-delay", "faultInjection: {delay: {fixedDelay: 100ms, percentage: 25}}"),
+            // (A circuit breaker gives its backends request slots to hold.)
+            policy("fi-wait", "faultInjection: {delay: {fixedDelay: 1500ms, percentage: 100}}\ncircuitBreaker: {maxRequests: 100}"),
         ])
         defer { lab.down() }
 
@@ -524,9 +527,20 @@ struct ResilienceTests {
                     && [nil, 0].contains(posts.last?["reset"] as? Int), "\(posts)")
         #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the open h2c stream left the express path")
 
-        // Faults at 25%: within 3 points over 2,000 requests.
+        // Faults at 25%: within 3 points over 2,000 requests, judged on the
+        // express path (nothing handed over), and counted as the full path
+        // counts them: flag FI (no upstream) for an abort, DI for a delay.
+        func series(_ service: String, flags: String, code: String) throws -> Double {
+            try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
+                .split(separator: "\n").filter {
+                    $0.hasPrefix("weft_requests_total{") && $0.contains("destination_service_name=\"\(service)\"")
+                        && $0.contains("response_code=\"\(code)\"") && $0.contains("response_flags=\"\(flags)\"")
+                }.compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0, +)
+        }
+        let handedBeforeFaults = try stat("n1", "express_handovers_total")
         let aborts = counts(try lab.load(in: "client", ["spread", "http://198.19.4.30/", "2000", "8"]), "codes")
         #expect(aborts.values.reduce(0, +) == 2000 && abs(Double(aborts["503"] ?? 0) / 2000 - 0.25) <= 0.03, "\(aborts)")
+        #expect(try series("fi-abort", flags: "FI", code: "503") == Double(aborts["503"] ?? -1), "aborts counted with flag FI")
         // Delays: the proxy counts the requests it held; the client sees at
         // least that many slow answers (others can be slow on a busy VM).
         func delayedSoFar() throws -> Int {
@@ -539,6 +553,54 @@ struct ResilienceTests {
         let slow = Double(delays["slow"] as? Int ?? 0)
         print("figure: aborts \(aborts), delayed \(delayed) of 2000 (client saw \(slow) slow)")
         #expect(counts(delays, "codes") == ["200": 2000] && abs(delayed / 2000 - 0.25) <= 0.03 && slow >= delayed, "\(delays)")
+        #expect(try series("fi-delay", flags: "DI", code: "200") == delayed, "delays counted with flag DI")
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "HTTP/1.1 faults left the express path")
+        try expectNoSlotHeld("after the delays")
+
+        // h2c streams too, on the express path: 1,000 through the abort, 200
+        // through the delay (h2load counts a 5xx as failed, not errored).
+        func h2Codes(_ url: String, _ n: Int) throws -> (output: String, ok: Int, failed5xx: Int) {
+            let run = try LabHarness.run(["lab", "exec", "client", "--", "timeout", "-s", "KILL", "60", "h2load", "-n", "\(n)",
+                                          "-c", "1", "-m", "50", url])
+            // "status codes: 750 2xx, 0 3xx, 0 4xx, 250 5xx"
+            let line = run.output.split(separator: "\n").first { $0.contains("status codes:") } ?? ""
+            let parts = line.split(separator: ":").last?.split(separator: ",") ?? []
+            func value(_ suffix: String) -> Int {
+                parts.first { $0.hasSuffix(suffix) }.flatMap { Int($0.split(separator: " ").first ?? "") } ?? -1
+            }
+            return (run.output, value("2xx"), value("5xx"))
+        }
+        let abortedBeforeH2 = try series("fi-abort", flags: "FI", code: "503")
+        let h2Aborts = try h2Codes("http://198.19.4.30/", 1000)
+        #expect(h2Aborts.output.contains("1000 done") && h2Aborts.output.contains(" 0 errored")
+                    && h2Aborts.ok + h2Aborts.failed5xx == 1000 && abs(Double(h2Aborts.failed5xx) / 1000 - 0.25) <= 0.05,
+                "h2c through the abort: \(h2Aborts.output)")
+        #expect(try series("fi-abort", flags: "FI", code: "503") - abortedBeforeH2 == Double(h2Aborts.failed5xx), "h2c aborts counted")
+        let delayedBeforeH2 = try delayedSoFar()
+        let h2Delays = try h2Codes("http://198.19.4.31/", 200)
+        let h2Delayed = try delayedSoFar() - delayedBeforeH2
+        #expect(h2Delays.output.contains("200 done") && h2Delays.ok == 200 && h2Delayed > 0 && h2Delayed < 200,
+                "h2c through the delay (\(h2Delayed) delayed): \(h2Delays.output)")
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "h2c faults left the express path")
+        print("figure: h2c aborts \(h2Aborts.failed5xx) of 1000, delayed \(h2Delayed) of 200")
+
+        // A delayed request holds no backend slot while it waits (the full
+        // path picks its backend after the delay); one whose client leaves
+        // during the wait gives nothing back twice. Three HTTP/1.1 requests
+        // and one h2c POST wait 1.5 s, one HTTP/1.1 client gives up at 0.5 s.
+        let waitRun = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
+            "for i in 1 2 3; do curl -s -o /dev/null -w 'W:%{http_code}:%{time_total}\\n' http://198.19.4.32/ & done; "
+            + "curl -s -o /dev/null -m 0.5 -w 'G:%{http_code}\\n' http://198.19.4.32/ & "
+            + "curl -s -o /dev/null --http2-prior-knowledge -d 0123456789 -w 'H:%{http_code}:%{time_total}\\n' http://198.19.4.32/ & "
+            + "sleep 0.8; curl -s --unix-socket /run/weft/n1/proxy.sock http://proxy/metrics "
+            + "| grep '^weft_backend_active_requests{' | grep -v ' 0$' | sed 's/^/HELD:/'; wait"])
+        let lines = waitRun.output.split(separator: "\n")
+        let waited = lines.filter { $0.hasPrefix("W:200:") || $0.hasPrefix("H:200:") }
+        #expect(waited.count == 4 && waited.allSatisfy { Double($0.split(separator: ":").last ?? "") ?? 0 >= 1.5 },
+                "every waiting request answered after its delay: \(waitRun.output)")
+        #expect(lines.contains("G:000") && !lines.contains { $0.hasPrefix("HELD:") }, "no slot held during the wait: \(waitRun.output)")
+        try expectNoSlotHeld("after the waits")
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "the waits left the express path")
 
         // A bad TrafficPolicy is refused whole, with file, document and
         // field; what was in force stays.
