@@ -195,6 +195,22 @@ enum Express {
                                delay: delay))
     }
 
+    /// After an injected delay (Target.delay): takes the backend's request
+    /// slot again and checks its connection limits as `target` did before
+    /// the wait (other requests may have taken the room meanwhile). false,
+    /// with nothing held, when the full path must take the request over
+    /// (it picks another backend or answers 503).
+    static func resume(_ hold: inout ClusterRuntime.Hold?, state: UpstreamPool.EndpointState, tunnel: TunnelChoice?) -> Bool {
+        guard var h = hold else { return true }
+        defer { hold = h }
+        guard h.resume() else { return false }
+        if h.runtime.connectionLimit(h.backend, idle: { hasIdle(state, tunnel: tunnel) }) != nil {
+            h.release()
+            return false
+        }
+        return true
+    }
+
     /// Whether `idleUpstream` would find a connection (none is taken).
     static func hasIdle(_ state: UpstreamPool.EndpointState, tunnel: TunnelChoice?) -> Bool {
         if let source = tunnel?.source.value { return state.expressTunnelIdle[source]?.contains { $0.isActive } ?? false }

@@ -680,9 +680,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             exchange.waiting = context.eventLoop.assumeIsolated().scheduleTask(in: .init(delay)) { [weak self] in
                 guard let self, self.exchange === exchange else { return }
                 exchange.waiting = nil
-                guard exchange.hold?.resume() ?? true else {
-                    // Its backend reached its maxRequests meanwhile: the full
-                    // path picks another one or answers 503.
+                guard Express.resume(&exchange.hold, state: exchange.state, tunnel: exchange.tunnel) else {
                     self.giveBack(exchange)
                     return self.handOver()
                 }

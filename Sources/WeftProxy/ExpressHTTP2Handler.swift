@@ -589,11 +589,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func delayOver(_ stream: Stream) {
         guard streams[stream.id] === stream, stream.waiting != nil else { return }
         stream.waiting = nil
-        guard stream.hold?.resume() ?? true else {
-            // Its backend reached its maxRequests meanwhile: the full path
-            // picks another one or answers 503.
-            return handOver(stream)
-        }
+        guard Express.resume(&stream.hold, state: stream.state, tunnel: stream.tunnel) else { return handOver(stream) }
         stream.state.inFlight += 1
         stream.counted = true
         if !stream.requestOpen { start(stream) }

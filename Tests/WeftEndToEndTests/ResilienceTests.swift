@@ -429,12 +429,13 @@ struct ResilienceTests {
     }
 
     @Test func breakersLimitsAndFaultsShedExactlyWhatTheySay() throws {
-        let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("cc-1", "n1", "198.18.1.52"), ("fi-1", "n2", "198.18.2.61")],
+        let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("cc-1", "n1", "198.18.1.52"), ("fi-1", "n2", "198.18.2.61"),
+                                ("cw-1", "n1", "198.18.1.53")],
                                app: { String($0.prefix(while: { $0 != "-" })) }, services: [
             service("cb", ip: "198.19.4.10", app: "cb"), service("cc", ip: "198.19.4.11", app: "cc"),
             service("rl", ip: "198.19.4.20", app: "fi"), service("rl-slow", ip: "198.19.4.21", app: "fi"),
             service("fi-abort", ip: "198.19.4.30", app: "fi"), service("fi-delay", ip: "198.19.4.31", app: "fi"),
-            service("fi-wait", ip: "198.19.4.32", app: "fi"),
+            service("fi-wait", ip: "198.19.4.32", app: "fi"), service("fi-cc", ip: "198.19.4.33", app: "cw"),
         ], policies: [
             policy("cb", "circuitBreaker: {maxRequests: 5}"),
             policy("cc", "circuitBreaker: {maxConnections: 1}"),
@@ -444,6 +445,7 @@ struct ResilienceTests {
             policy("fi-delay", "faultInjection: {delay: {fixedDelay: 100ms, percentage: 25}}"),
             // (A circuit breaker gives its backends request slots to hold.)
             policy("fi-wait", "faultInjection: {delay: {fixedDelay: 1500ms, percentage: 100}}\ncircuitBreaker: {maxRequests: 100}"),
+            policy("fi-cc", "faultInjection: {delay: {fixedDelay: 1s, percentage: 100}}\ncircuitBreaker: {maxConnections: 1}"),
         ])
         defer { lab.down() }
 
@@ -601,6 +603,20 @@ struct ResilienceTests {
         #expect(lines.contains("G:000") && !lines.contains { $0.hasPrefix("HELD:") }, "no slot held during the wait: \(waitRun.output)")
         try expectNoSlotHeld("after the waits")
         #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "the waits left the express path")
+        // The connection limit is checked again after the wait: two requests
+        // that both found room before a 1 s delay under maxConnections 1
+        // cannot both open a connection. The second is handed to the full
+        // path (which judges it again: another second) and shed there while
+        // the first still holds the one connection.
+        let overflowsBeforeWait = try stat("n1", "circuit_breaker_overflows_total")
+        let twoWaiting = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
+                                             "curl -s -o /dev/null -w 'A:%{http_code}\\n' http://198.19.4.33/sleep/2500 & sleep 0.2; "
+                                             + "curl -s -w 'B:%{http_code}\\n' http://198.19.4.33/; wait"])
+        #expect(twoWaiting.output.contains("A:200") && twoWaiting.output.contains("B:503")
+                    && twoWaiting.output.contains("maxConnections"), "\(twoWaiting.output)")
+        #expect(try stat("n1", "circuit_breaker_overflows_total") == overflowsBeforeWait + 1)
+        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults + 1, "only the second left the express path")
+        try expectNoSlotHeld("after the connection limit")
 
         // A bad TrafficPolicy is refused whole, with file, document and
         // field; what was in force stays.
