@@ -498,9 +498,10 @@ def report_express(runs, rev):
         "TrafficPolicies and load of `scripts/bench resilience` (below), but the agent as an operator runs it, the "
         "express path on, so each variant runs the path the proxy gives it: the express path carries a Service's "
         "balancing (every algorithm; a hash on a header, a cookie or the source), locality, slow start, outlier "
-        "detection, a health check, the circuit breaker and a rate limit; fault injection takes "
-        f"it to the full path (docs/proxy.md, \"The express path\"). *cookieHash*: h2load sends no cookie back, so "
-        "every request has one minted and its response carries the Set-Cookie. {ROUNDS} rounds, each variant measured right next to base as there; *express* is the share of its "
+        "detection, a health check, the circuit breaker, a rate limit and fault injection (since c6bd1db; before it, "
+        "fault injection took the Service to the full path: docs/proxy.md, \"The express path\"). *cookieHash*: h2load "
+        "sends no cookie back, so every request has one minted and its response carries the Set-Cookie. "
+        f"{ROUNDS} rounds, each variant measured right next to base as there; *express* is the share of its "
         "requests the proxy's express paths answered, *vs base* the median over the round pairs of its requests per "
         "proxy CPU second over base's, with a 90% bootstrap interval.",
         "",
@@ -567,8 +568,8 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
         "",
         f"Made by `scripts/bench resilience` {made} on {time.strftime('%Y-%m-%d')}. One lab node, a client pod and two "
         f"nginx backend pods; one Service per variant over the same backends, every one on the proxy's full path (the "
-        "agent under WEFT_PROXY_EXPRESS=0): a feature the express path cannot carry (fault injection, since "
-        "8e08c3e) moves its Service to the full path, which on its own "
+        "agent under WEFT_PROXY_EXPRESS=0): since c6bd1db the express path carries every feature here (fault "
+        "injection last), but a Service whose routes need the full path (filters, retries, timeouts) pays it, which on its own "
         "costs about 1.8x the proxy's "
         "CPU per request on HTTP/1.1 (docs/proxy.md, \"Where the CPU goes\"; `resilience_express` above, each Service "
         f"on the path it runs); this measures each feature's own cost. {ROUNDS} rounds; in each, every variant is "
@@ -626,9 +627,14 @@ def report(runs, profile, fo, cost_rev, fo_rev=None):
 
 
 def rerender():
+    global ROUNDS, MAX_S, PROFILE_S
+    if "--express" in sys.argv:
+        with open(os.path.join(ROOT, "docs/bench-resilience-express.json")) as f:
+            saved = json.load(f)
+        ROUNDS = saved["rounds"]
+        return report_express(saved["runs"], saved["revision"])
     with open(os.path.join(ROOT, "docs/bench-resilience.json")) as f:
         saved = json.load(f)
-    global ROUNDS, MAX_S, PROFILE_S
     ROUNDS, MAX_S, PROFILE_S = saved["rounds"], saved["max_s"], saved["profile_s"]
     report(saved["runs"], saved["profile"], saved["failover"], saved.get("cost_revision", "?"), saved.get("failover_revision"))
 

@@ -203,6 +203,56 @@ def udp_tally(mode, host, port, n, timeout="1.0"):
     print(json.dumps({"backends": names, "sources": sorted(sources), "errors": errors}))
 
 
+def udp_rate(mode, host, port, seconds, window="8"):
+    """UDP echo exchanges from one socket for a while, `window` datagrams of
+    32 bytes in flight: "udp" connects and uses send()/recv(), "udps" uses
+    sendto()/recvfrom() on an unconnected socket. Prints the exchanges (a
+    datagram out, its echo back), their rate, the datagrams lost (not echoed
+    within 0.2 s; each is replaced so the window stays full), the answers
+    whose source was not host:port, and the send errors."""
+    peer = (host, int(port))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    connected = mode == "udp"
+    if connected:
+        s.connect(peer)
+    s.settimeout(0.2)
+    payload = b"x" * 32
+    exchanges = lost = foreign = errors = 0
+
+    def send():
+        nonlocal errors
+        try:
+            if connected:
+                s.send(payload)
+            else:
+                s.sendto(payload, peer)
+        except OSError:
+            errors += 1
+
+    for _ in range(int(window)):
+        send()
+    start = time.monotonic()
+    end = start + float(seconds)
+    now = start
+    while now < end:
+        for _ in range(64):
+            try:
+                if connected:
+                    s.recv(64)
+                else:
+                    _, source = s.recvfrom(64)
+                    if source != peer:
+                        foreign += 1
+                exchanges += 1
+            except socket.timeout:
+                lost += 1
+            send()
+        now = time.monotonic()
+    s.close()
+    print(json.dumps({"exchanges": exchanges, "rate": exchanges / (now - start), "lost": lost, "foreign": foreign,
+                      "errors": errors}))
+
+
 def attempt(proto, host, port, timeout, source_port=0):
     """One connection attempt: connected, or the errno name, or timeout. For
     UDP ("udp": connect() then send; "udps": sendto() without connecting),
@@ -1225,7 +1275,7 @@ if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
-     "matrix": matrix, "udp-hold": udp_hold, "udp-name": udp_name, "udp-tally": udp_tally, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
+     "matrix": matrix, "udp-hold": udp_hold, "udp-name": udp_name, "udp-tally": udp_tally, "udp-rate": udp_rate, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
