@@ -131,6 +131,9 @@ struct weft_udp_revnat {
 #define WEFT_ORIGIN_F_TUNNEL 0x0002  /* to a pod on another node, through the mTLS tunnel:
                                       * the proxy origin names that pod (address and port),
                                       * the socket origin still the clusterIP dialed */
+#define WEFT_ORIGIN_F_DATAGRAMS 0x0004  /* sendto() a clusterIP (weft_sock_origin only): the
+                                         * replies' origins are in weft_udp_revnat; vip is 0
+                                         * unless the socket is also connected to one */
 
 /*
  * ----- L7 capture: connect() to an L7 Service port goes to the node proxy -----

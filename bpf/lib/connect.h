@@ -132,6 +132,7 @@ static __always_inline int datagram_send(struct bpf_sock_addr *ctx)
 	struct weft_service_value *svc;
 	struct weft_backend *backend;
 	struct weft_udp_revnat *known;
+	struct weft_sock_origin *origin;
 	__u32 backend_id = 0;
 	__u64 cookie;
 
@@ -163,6 +164,12 @@ static __always_inline int datagram_send(struct bpf_sock_addr *ctx)
 	known = bpf_map_lookup_elem(&weft_udp_revnat, &key);
 	if (!known || known->vip != vip || known->port != vport)
 		bpf_map_update_elem(&weft_udp_revnat, &key, &nat, BPF_ANY);
+	/* recvmsg looks in weft_udp_revnat only for a socket marked so. */
+	if (ctx->sk) {
+		origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (origin && !(origin->flags & WEFT_ORIGIN_F_DATAGRAMS))
+			origin->flags |= WEFT_ORIGIN_F_DATAGRAMS;
+	}
 	set_destination(ctx, 0, peer, port);
 	lb_count(WEFT_LB_TRANSLATED);
 	return SYS_PROCEED;

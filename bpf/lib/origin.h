@@ -12,29 +12,41 @@ static __always_inline void origin_write(struct bpf_sock_addr *ctx, int v6, __be
 	lb_count(WEFT_LB_PEER_RESTORED);
 }
 
-/* Returns whether the socket had an origin (it was connected to a clusterIP). */
-static __always_inline int origin_restore(struct bpf_sock_addr *ctx, int v6)
+/* The socket's origin record, if it has one. */
+static __always_inline struct weft_sock_origin *origin_of(struct bpf_sock_addr *ctx)
 {
-	struct weft_sock_origin *origin;
-
 	if (!ctx->sk)
 		return 0;
-	origin = bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, 0);
-	if (!origin)
-		return 0;
-	origin_write(ctx, v6, origin->vip, origin->port);
-	return 1;
+	return bpf_sk_storage_get(&weft_sock_origin, ctx->sk, 0, 0);
+}
+
+/* getpeername(): a socket connected to a clusterIP reports it. */
+static __always_inline void origin_restore(struct bpf_sock_addr *ctx, int v6)
+{
+	struct weft_sock_origin *origin = origin_of(ctx);
+
+	if (origin && origin->vip)
+		origin_write(ctx, v6, origin->vip, origin->port);
 }
 
 /* recvmsg() on a UDP socket: a datagram from a backend is reported as from
  * the clusterIP the application addressed, connected (socket storage) or
- * not (weft_udp_revnat, written by datagram_send). */
+ * not (weft_udp_revnat, written by datagram_send). A socket that never
+ * sent to a clusterIP (no record: most servers' sockets) costs one socket
+ * storage lookup, no hash lookup. */
 static __always_inline void origin_restore_datagram(struct bpf_sock_addr *ctx, __be32 source, int v6)
 {
+	struct weft_sock_origin *origin = origin_of(ctx);
 	struct weft_udp_flow_key key = {};
 	struct weft_udp_revnat *nat;
 
-	if (origin_restore(ctx, v6))
+	if (!origin)
+		return;
+	if (origin->vip) {
+		origin_write(ctx, v6, origin->vip, origin->port);
+		return;
+	}
+	if (!(origin->flags & WEFT_ORIGIN_F_DATAGRAMS))
 		return;
 	key.cookie = bpf_get_socket_cookie(ctx);
 	key.peer = source;
