@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import sh, write_section  # noqa: E402
+from benchdoc import agent, generation, sh, write_config as write, write_section  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 TOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/labtool.py")
@@ -36,22 +36,6 @@ IPTABLES = os.environ.get("WEFT_BENCH_IPTABLES", "iptables")
 CLIENT, WEFT_SERVER, IPT_SERVER = "198.18.1.10", "198.18.2.10", "198.18.2.11"
 IPT_NETNS = "weft-pod-bench-server-ipt"
 
-
-
-def agent(node, path):
-    return sh("curl", "-s", "--unix-socket", f"/run/weft/{node}/agent.sock", f"http://agent{path}")
-
-
-def generation(node):
-    out = agent(node, "/generation").split()
-    return int(out[0]) if out else -1
-
-
-def write(config, name, text):
-    tmp = os.path.join(config, "." + name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, os.path.join(config, name))
 
 
 def filler(i):

@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import revision, sh, write_section  # noqa: E402
+from benchdoc import agent, generation, revision, sh, write_config as write, write_section  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 TOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/labtool.py")
@@ -75,22 +75,6 @@ spec:
   policyTypes: [Egress]
   egress: [{to: [{podSelector: {matchLabels: {app: echo}}}], ports: [{protocol: UDP, port: 5353}]}]
 """
-
-
-def agent(node, path):
-    return sh("curl", "-s", "--unix-socket", f"/run/weft/{node}/agent.sock", f"http://agent{path}")
-
-
-def generation(node):
-    out = agent(node, "/generation").split()
-    return int(out[0]) if out else -1
-
-
-def write(config, name, text):
-    tmp = os.path.join(config, "." + name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, os.path.join(config, name))
 
 
 def programs():
@@ -185,25 +169,27 @@ def main():
             f.write(old_stats)
         sh(WEFT, "lab", "down", check=False)
         sh("rm", "-rf", config)
+    saved = {"revision": revision(), "rounds": ROUNDS, "seconds": SECONDS, "window": WINDOW, "phases": results}
     with open(os.path.join(ROOT, "docs/bench-udp.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    report(results)
+        json.dump(saved, f, indent=1)
+    report(saved)
 
 
 def short(name):
     return name.removeprefix("weft_")
 
 
-def report(results):
+def report(saved):
+    results, rounds, seconds, window = saved["phases"], saved["rounds"], saved["seconds"], saved["window"]
     lines = [
         "## UDP: what a datagram costs in the kernel (issues #2 and #3)",
         "",
         f"Made by `scripts/bench udp` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build at {revision()}; {ROUNDS} rounds of {SECONDS:.0f} s per side, the sides' order rotating by round and "
+        f"release build at {saved['revision']}; {rounds} rounds of {seconds:.0f} s per side, the sides' order rotating by round and "
         "reversed every other one; medians.",
         "",
         f"A client pod on n1 and a UDP echo server pod on n2 (cross-node, through the lab fabric); one client socket per side "
-        f"keeps {WINDOW} datagrams of 32 bytes in flight, an *exchange* being one datagram out and its echo back. "
+        f"keeps {window} datagrams of 32 bytes in flight, an *exchange* being one datagram out and its echo back. "
         "`connected`: connect(), then send()/recv(); `sendto`: an unconnected socket, sendto()/recvfrom(). Through the "
         "clusterIP, connect4 picks the backend once for a connected socket, and sendmsg4 picks one for each datagram of an "
         "unconnected one (and remembers it in `weft_udp_revnat`, so that recvmsg4 reports the clusterIP as the source of "

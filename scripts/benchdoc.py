@@ -68,6 +68,25 @@ def write_section(name, lines):
         f.write(head + "\n\n" + "\n\n".join(ordered) + "\n")
 
 
+def agent(node, path):
+    """A lab node's agent, asked over its unix socket."""
+    return sh("curl", "-s", "--unix-socket", f"/run/weft/{node}/agent.sock", f"http://agent{path}")
+
+
+def generation(node):
+    """The config generation a lab node's agent has in force (-1: no answer)."""
+    out = agent(node, "/generation").split()
+    return int(out[0]) if out else -1
+
+
+def write_config(config, name, text):
+    """Writes a config file whole (a rename), as the agent expects."""
+    tmp = os.path.join(config, "." + name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, os.path.join(config, name))
+
+
 def sh(*args, check=True, input=None):
     """Runs a command; its stdout, or exit with what it said."""
     r = subprocess.run(list(args), capture_output=True, text=True, input=input)
