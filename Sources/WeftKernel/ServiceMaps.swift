@@ -99,6 +99,7 @@ public final class ServiceMaps: Sendable {
             (WEFT_LB_PEER_RESTORED, "peer_restored"),
             (WEFT_LB_PROXY_CAPTURED, "proxy_captured"),
             (WEFT_LB_PROXY_ORIGIN, "proxy_origin_recorded"),
+            (WEFT_LB_AFFINITY_KEPT, "affinity_kept"), (WEFT_LB_AFFINITY_NEW, "affinity_new"),
         ]
         return try names.map { (event, name) throws(KernelError) in (name, try lbStats.sum(event.rawValue)) }
     }

@@ -55,9 +55,12 @@ struct GetCommand: ParsableCommand {
                 for f in snapshot.frontends {
                     let backends = f.backends.map { $0?.description ?? "(missing)" }
                     let name = names[f.frontend.description] ?? (status == nil ? "? (agent unreachable)" : "? (not in agent's config)")
-                    rows.append([node, name, f.frontend.description, backends.isEmpty ? "none (connect fails: ECONNREFUSED)" : backends.joined(separator: ", ")])
-                    json.append(["node": node, "service": name, "frontend": f.frontend.description,
-                                 "serviceID": f.serviceID, "backends": backends])
+                    let frontend = f.frontend.description + (f.affinityTimeout.map { " (ClientIP affinity \($0)s)" } ?? "")
+                    rows.append([node, name, frontend, backends.isEmpty ? "none (connect fails: ECONNREFUSED)" : backends.joined(separator: ", ")])
+                    var entry: [String: Any] = ["node": node, "service": name, "frontend": f.frontend.description,
+                                                "serviceID": f.serviceID, "backends": backends]
+                    if let seconds = f.affinityTimeout { entry["sessionAffinityTimeoutSeconds"] = Int(seconds) }
+                    json.append(entry)
                 }
             case .workloads:
                 guard let status else { throw ValidationError("workloads come from the agent, and agent \(node) is not reachable") }

@@ -46,6 +46,19 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(s.metadata.qualifiedName == "shop/web")
     }
 
+    @Test func sessionAffinityClientIPKeepsItsTimeoutOrKubernetesDefault() throws {
+        func affinity(_ spec: String) throws -> UInt32? {
+            let r = parse("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.1\n  ports: [{port: 80}]\n" + spec)
+            #expect(r.errors.isEmpty, "\(r.errors)")
+            guard case .service(let s) = try #require(r.resources.first).resource else { return nil }
+            return s.affinityTimeout
+        }
+        #expect(try affinity("") == nil)
+        #expect(try affinity("  sessionAffinity: None\n") == nil)
+        #expect(try affinity("  sessionAffinity: ClientIP\n") == 10_800)
+        #expect(try affinity("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n") == 30)
+    }
+
     @Test func multiDocumentFilesCountDocumentsFromOne() {
         let r = parse(service + "\n---\n" + workload("w1", "198.18.1.2") + "\n---\n" + workload("w2", "not-an-ip"))
         #expect(r.resources.count == 2)
@@ -72,6 +85,15 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         ("  clusterIP: 198.19.0.10\n  selector: [a]\n  ports: [{port: 80}]", "t.yaml:1:spec.selector: expected a mapping, got a list"),
         ("  clusterIP: 198.19.0.10\n  type: NodePort\n  ports: [{port: 80}]", "t.yaml:1:spec.type: only type ClusterIP is supported"),
         ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, protocol: ICMP}]", "t.yaml:1:spec.ports[0].protocol: protocol must be TCP, UDP or SCTP"),
+        ("  clusterIP: 198.19.0.10\n  sessionAffinity: Cookie", "t.yaml:1:spec.sessionAffinity: must be None or ClientIP, got \"Cookie\""),
+        ("  clusterIP: 198.19.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+         "t.yaml:1:spec.sessionAffinityConfig.clientIP.timeoutSeconds: must be from 1 to 86400 seconds, got 0"),
+        ("  clusterIP: 198.19.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+         "t.yaml:1:spec.sessionAffinityConfig.clientIP.timeoutSeconds: must be from 1 to 86400 seconds, got 86401"),
+        ("  clusterIP: 198.19.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeout: 5}}",
+         "t.yaml:1:spec.sessionAffinityConfig.clientIP.timeout: unknown field"),
+        ("  clusterIP: 198.19.0.10\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+         "t.yaml:1:spec.sessionAffinityConfig: must not be set unless sessionAffinity is ClientIP"),
     ])
     func badServicesNameFileDocumentAndField(patch: String, expected: String) throws {
         var yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n"

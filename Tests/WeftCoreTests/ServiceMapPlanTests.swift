@@ -98,6 +98,25 @@ private func everyIntermediateStateIsConsistent(_ writes: [ServiceMapWrite], fro
         #expect(ServiceMapPlanner.slotOrder(current: [5, 5, 6], desired: [5, 6]) == [5, 6])
     }
 
+    @Test func sessionAffinityRidesOnTheMasterEntryOnly() {
+        var desired = table([frontend(): [backend(2), backend(3)]])
+        desired.entries[frontend()]?.affinityTimeout = 30
+        let (target, _) = ServiceMapPlanner.plan(desired: desired, current: .init())
+        let master = target.slots[.init(frontend(), slot: 0)]
+        #expect(master?.affinityTimeout == 30 && master?.flags == ServiceMapSnapshot.SlotValue.affinityFlag && master?.count == 2)
+        #expect(target.frontends.first?.affinityTimeout == 30)
+        // The timeout in the master's backend id is no backend: both stay
+        // referenced by their slots only, and go when the Service does.
+        #expect(Set(target.backends.keys).count == 2)
+        let (gone, writes) = ServiceMapPlanner.plan(desired: table([:]), current: target)
+        #expect(gone.slots.isEmpty && gone.backends.isEmpty, "\(writes)")
+        // Switched off: the master is rewritten without it.
+        desired.entries[frontend()]?.affinityTimeout = 0
+        let (plain, _) = ServiceMapPlanner.plan(desired: desired, current: target)
+        #expect(plain.slots[.init(frontend(), slot: 0)]?.affinityTimeout == nil
+                    && plain.slots[.init(frontend(), slot: 0)]?.backendID == 0)
+    }
+
     @Test func aServiceWithNoBackendsHasAMasterWithCountZero() {
         let (target, _) = ServiceMapPlanner.plan(desired: table([frontend(): []]), current: .init())
         #expect(target.slots[.init(frontend(), slot: 0)]?.count == 0)

@@ -43,6 +43,22 @@ private func parse(_ text: String) -> (ClusterState?, [String]) {
 }
 
 struct TrafficPolicyTests {
+    @Test func sessionAffinityClientIPBecomesASourceHashOnTheProxyUnlessAPolicyChoosesTheBalancer() throws {
+        let sticky = service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                  with: "spec: {sessionAffinity: ClientIP, clusterIP: 198.19.0.10,")
+        let (state, errors) = parse(sticky)
+        let s = try #require(state, "\(errors)")
+        let balancer = ProxyTable(s).backendPolicies?["shop/web:80"]?.loadBalancer
+        #expect(balancer?.algorithm == .ringHash && balancer?.hashOn == .sourceIP)
+        #expect(ServiceTable(s).entries.values.map(\.affinityTimeout) == [10_800])
+        // A policy's outlier detection rides along; its own balancer wins.
+        let (withOutliers, _) = parse(sticky + "\n---\n" + policy("outlierDetection: {consecutive5xx: 3}"))
+        let kept = try #require(withOutliers.map { ProxyTable($0).backendPolicies?["shop/web:80"] } ?? nil)
+        #expect(kept.loadBalancer.hashOn == .sourceIP && kept.outlierDetection?.consecutive5xx == 3)
+        let (chosen, _) = parse(sticky + "\n---\n" + policy("loadBalancer: {type: RoundRobin}"))
+        #expect(chosen.map { ProxyTable($0).backendPolicies?["shop/web:80"]?.loadBalancer.algorithm } == .roundRobin)
+    }
+
     @Test func everyFeatureParses() throws {
         let (state, errors) = parse(service + "\n---\n" + policy("""
             loadBalancer: {type: RoundRobin, slowStart: {window: 30s, aggression: 2}, locality: PreferLocal}

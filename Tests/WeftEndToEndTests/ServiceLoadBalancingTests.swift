@@ -149,6 +149,155 @@ struct ServiceLoadBalancingTests {
         }
     }
 
+    /// sessionAffinity: ClientIP, in the kernel: each client pod (its
+    /// network namespace) keeps the backend it was given, over TCP
+    /// connections and over UDP datagrams sent with sendto() or from
+    /// connected sockets, while a Service without it spreads the same
+    /// client's connections; after the timeout a client is drawn again; a
+    /// backend that leaves the Service is never reached through an old
+    /// choice, even while it still backs another Service.
+    @Test func sessionAffinityKeepsEachClientOnOneBackendUntilItsTimeout() throws {
+        func dns(_ name: String, _ node: String, _ address: String) -> String {
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: \(name), namespace: \(ns), labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
+            spec: {node: \(node), address: \(address), ports: [{name: dns, port: 5353, protocol: UDP}]}
+            """
+        }
+        let client2 = client.replacingOccurrences(of: "name: client,", with: "name: client2,")
+            .replacingOccurrences(of: "198.18.1.10", with: "198.18.1.11")
+        func pods(_ labels: [String]) -> String {
+            [client, client2,
+             workload("web-1", node: "n1", address: "198.18.1.12", labels: labels[0]),
+             workload("web-2", node: "n2", address: "198.18.2.12", labels: labels[1]),
+             workload("web-3", node: "n2", address: "198.18.2.13", labels: labels[2]),
+             dns("dns-1", "n1", "198.18.1.20"), dns("dns-2", "n2", "198.18.2.20"), dns("dns-3", "n2", "198.18.2.21"),
+            ].joined(separator: "\n---\n")
+        }
+        let everyWeb = Array(repeating: "{app: web, tier: web}", count: 3)
+        let sticky = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: sticky, namespace: \(ns)}
+            spec:
+              clusterIP: 198.19.0.40
+              selector: {app: web}
+              ports: [{name: web, port: 80, targetPort: http}]
+              sessionAffinity: ClientIP
+              sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: sticky-dns, namespace: \(ns)}
+            spec:
+              clusterIP: 198.19.0.41
+              selector: {app: dns}
+              ports: [{name: dns, port: 53, targetPort: dns, protocol: UDP}]
+              sessionAffinity: ClientIP
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: tier, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.42, selector: {tier: web}, ports: [{name: web, port: 80, targetPort: http}]}
+            """
+        let lab = try LabHarness(files: ["services.yaml": sticky, "pods.yaml": pods(everyWeb)])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        for address in ["198.18.1.20", "198.18.2.20", "198.18.2.21"] {
+            var ok = false
+            for _ in 0..<100 {
+                if let r = try? lab.tool(in: "client", ["udp-tally", "udps", address, "5353", "1", "0.2"]),
+                   (r["errors"] as? [String: Int])?.isEmpty == true { ok = true; break }
+                usleep(50_000)
+            }
+            try #require(ok, "UDP server at \(address) never answered")
+        }
+        func events() throws -> [String: Int] {
+            let line = try LabHarness.run(["status", "--node", "n1"]).output.split(separator: "\n")
+                .first { $0.contains("lb events:") } ?? ""
+            var out: [String: Int] = [:]
+            for pair in line.split(separator: " ") where pair.contains("=") {
+                let kv = pair.split(separator: "=")
+                out[String(kv[0])] = Int(kv[1]) ?? -1
+            }
+            return out
+        }
+        func tally(_ pod: String, _ vip: String, _ n: Int) throws -> [String: Int] {
+            let r = try lab.tool(in: pod, ["tally", vip, "80", "\(n)"])
+            #expect((r["errors"] as? [Any])?.isEmpty == true, "\(pod) -> \(vip): \(r)")
+            return r["counts"] as? [String: Int] ?? [:]
+        }
+        let before = try events()
+        let first = try tally("client", "198.19.0.40", 30)
+        #expect(first.count == 1 && first.values.first == 30, "one backend for every connection: \(first)")
+        let other = try tally("client2", "198.19.0.40", 30)
+        #expect(other.count == 1 && other.values.first == 30, "client2 too: \(other)")
+        let spread = try tally("client", "198.19.0.42", 30)
+        #expect(spread.count > 1, "a Service without affinity spreads the same client: \(spread)")
+        // UDP: datagrams sent with sendto() and connected sockets share the
+        // client's one backend, and answers still come from the clusterIP.
+        var udpBackends = Set<String>()
+        for (mode, n) in [("udps", 60), ("udp", 30)] {
+            let r = try lab.tool(in: "client", ["udp-tally", mode, "198.19.0.41", "53", "\(n)"])
+            let backends = r["backends"] as? [String: Int] ?? [:]
+            #expect((r["errors"] as? [String: Int])?.isEmpty == true && backends.count == 1 && backends.values.first == n,
+                    "\(mode): \(r)")
+            #expect(r["sources"] as? [String] == ["198.19.0.41:53"], "\(mode): \(r)")
+            udpBackends.formUnion(backends.keys)
+        }
+        #expect(udpBackends.count == 1, "sendto() and connect() keep one backend: \(udpBackends)")
+        // Three clients-and-ports drawn once each; every other connection
+        // and datagram kept (the kernel counts both).
+        let after = try events()
+        #expect(after["affinity_new", default: 0] - before["affinity_new", default: 0] == 3, "\(before) -> \(after)")
+        #expect(after["affinity_kept", default: 0] - before["affinity_kept", default: 0] == 29 + 29 + 59 + 30, "\(before) -> \(after)")
+        // `weft get services` shows it.
+        #expect(try LabHarness.run(["get", "services", "--node", "n1"]).output.contains("ClientIP affinity 2s"))
+
+        // Past the 2 s timeout the client is drawn again, then kept.
+        usleep(2_500_000)
+        var again = try tally("client", "198.19.0.40", 10)
+        let drawn = try events()
+        #expect(again.count == 1 && drawn["affinity_new", default: 0] - after["affinity_new", default: 0] == 1,
+                "\(again), \(after) -> \(drawn)")
+
+        // The client's backend leaves the Service (it still backs `tier`,
+        // so its backend entry stays): its next connections go elsewhere,
+        // none fails, and it is kept there. (Its slot must not be the last:
+        // that one goes with the count, and the leaving backend's slot is
+        // filled by the last one, which is what the kept choice must see.
+        // The client is drawn again, after the timeout, until it is so.)
+        func slotOrder() throws -> [String] {
+            let text = try LabHarness.run(["get", "services", "--node", "n1", "-o", "json"]).output
+            let rows = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]] ?? []
+            let backends = rows.first { $0["service"] as? String == "\(ns)/sticky:web" }?["backends"] as? [String] ?? []
+            let names = ["198.18.1.12:8080": "web-1", "198.18.2.12:8080": "web-2", "198.18.2.13:8080": "web-3"]
+            return backends.map { names[$0] ?? $0 }
+        }
+        let order = try slotOrder()
+        #expect(order.count == 3, "\(order)")
+        for _ in 0..<10 where again.keys.first == order.last {
+            usleep(2_100_000)
+            again = try tally("client", "198.19.0.40", 1)
+        }
+        let gone = try #require(again.keys.first)
+        try #require(gone != order.last, "the client stayed on the last slot: \(again), \(order)")
+        let index = try #require(["web-1", "web-2", "web-3"].firstIndex(of: gone))
+        var labels = everyWeb
+        labels[index] = "{app: other, tier: web}"
+        let generation = try lab.generations()
+        try lab.write("pods.yaml", pods(labels))
+        for _ in 0..<250 {
+            let now = try lab.generations()
+            if now.allSatisfy({ $0.value > generation[$0.key, default: 0] }) { break }
+            usleep(20_000)
+        }
+        let moved = try tally("client", "198.19.0.40", 20)
+        #expect(moved.count == 1 && moved[gone] == nil, "left \(gone): \(moved)")
+        #expect(try tally("client", "198.19.0.42", 30)[gone] != nil, "\(gone) still backs tier")
+    }
+
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": client])
         defer { lab.down() }

@@ -41,6 +41,7 @@
 #define WEFT_MAP_FLOWS        "weft_flows"
 #define WEFT_MAP_FLOW_SOCK    "weft_flow_sock"
 #define WEFT_MAP_TELEMETRY_CONFIG "weft_telemetry_config"
+#define WEFT_MAP_AFFINITY     "weft_affinity"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
@@ -59,7 +60,8 @@
 #define WEFT_MAX_ACCEL_SOCKETS  65536   /* same-node mesh sockets on the shortcut */
 #define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
 #define WEFT_MAX_FLOWS          16384   /* connection counters per (client pod, destination, port) (LRU) */
-#define WEFT_ABI_VERSION        7
+#define WEFT_MAX_AFFINITY       65536   /* sessionAffinity ClientIP: (client, Service port) -> backend (LRU) */
+#define WEFT_ABI_VERSION        8
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,
@@ -79,7 +81,8 @@ struct weft_service_key {
 };
 
 struct weft_service_value {
-	__u32 backend_id;  /* slot > 0: key into weft_backends; master: 0 */
+	__u32 backend_id;  /* slot > 0: key into weft_backends; master: the sessionAffinity
+	                    * timeout in seconds with WEFT_SVC_F_AFFINITY, else 0 */
 	__u32 service_id;  /* stable id of this Service port, same in every slot */
 	__u16 count;       /* master: number of backend slots; slot > 0: 0 */
 	__u8  flags;       /* WEFT_SVC_F_* */
@@ -88,6 +91,31 @@ struct weft_service_value {
 
 /* Master-entry flags. */
 #define WEFT_SVC_F_L7   0x01  /* needs the node proxy (used by the L7 issue) */
+#define WEFT_SVC_F_AFFINITY 0x02  /* sessionAffinity: ClientIP (timeout in backend_id) */
+
+/*
+ * sessionAffinity: ClientIP. A client keeps the backend it was given for a
+ * Service port while it comes back within the timeout (each new connection,
+ * or datagram sent with sendto(), counts as coming back). At connect() the
+ * source address is not chosen yet, so a client is its network namespace:
+ * one per pod (one pod, one address), one for every process of the host.
+ * The entry names the slot the backend was drawn from: it is used again
+ * only while that slot still holds that backend, so a backend that left the
+ * Service (or an id given to another address since) is never reached
+ * through it. LRU: a client that stops coming ages out.
+ */
+struct weft_affinity_key {
+	__u64 client;      /* bpf_get_netns_cookie() of the connecting socket */
+	__u32 service_id;  /* the Service port's master service_id */
+	__u32 pad0;        /* zero */
+};
+
+struct weft_affinity {
+	__u32 backend_id;  /* the backend given */
+	__u16 slot;        /* the slot it was drawn from */
+	__u16 pad0;        /* zero */
+	__u64 last_ns;     /* last use, bpf_ktime_get_ns() */
+};
 
 struct weft_backend {
 	__be32 addr;       /* backend (pod) address, network order */
@@ -183,7 +211,10 @@ enum weft_lb_event {
 	WEFT_LB_PEER_RESTORED   = 4, /* getpeername()/recvmsg()/recvfrom() given back the VIP */
 	WEFT_LB_PROXY_CAPTURED  = 5, /* connect() to an L7 Service port sent to the node proxy */
 	WEFT_LB_PROXY_ORIGIN    = 6, /* sockops recorded a captured connection for the proxy */
-	WEFT_LB_EVENT_MAX       = 7,
+	WEFT_LB_AFFINITY_KEPT   = 7, /* sessionAffinity: the client's backend given again */
+	WEFT_LB_AFFINITY_NEW    = 8, /* sessionAffinity: a backend drawn and remembered (new,
+	                              * expired, or its backend left the Service) */
+	WEFT_LB_EVENT_MAX       = 9,
 };
 
 /*
@@ -547,6 +578,8 @@ _Static_assert(sizeof(struct weft_drop_key) == 12, "weft_drop_key layout");
 _Static_assert(sizeof(struct weft_service_key) == 12, "weft_service_key layout");
 _Static_assert(sizeof(struct weft_service_value) == 12, "weft_service_value layout");
 _Static_assert(sizeof(struct weft_backend) == 8, "weft_backend layout");
+_Static_assert(sizeof(struct weft_affinity_key) == 16, "weft_affinity_key layout");
+_Static_assert(sizeof(struct weft_affinity) == 16, "weft_affinity layout");
 _Static_assert(sizeof(struct weft_sock_origin) == 24, "weft_sock_origin layout");
 _Static_assert(sizeof(struct weft_flow_key) == 16, "weft_flow_key layout");
 _Static_assert(sizeof(struct weft_flow_stats) == 40, "weft_flow_stats layout");

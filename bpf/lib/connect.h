@@ -19,6 +19,13 @@ static __always_inline int deny(struct bpf_sock_addr *ctx)
 	return SYS_REJECT;
 }
 
+/* The client sessionAffinity keys on (weft_abi.h): the socket's network
+ * namespace, read only for a Service port that has affinity. */
+static __always_inline __u64 affinity_client(struct bpf_sock_addr *ctx, const struct weft_service_value *svc)
+{
+	return (svc->flags & WEFT_SVC_F_AFFINITY) ? bpf_get_netns_cookie(ctx) : 0;
+}
+
 /* An AF_INET6 socket's address that is IPv4 reached through it (::ffff:a.b.c.d). */
 static __always_inline int is_v4_mapped(const struct bpf_sock_addr *ctx)
 {
@@ -69,7 +76,7 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 		}
 	}
 
-	backend = service_pick_backend(svc, vip, port, proto, &backend_id, &event);
+	backend = service_pick_backend(svc, vip, port, proto, affinity_client(ctx, svc), &backend_id, &event);
 	if (!backend) {
 		lb_count(event);
 		if (proto == IPPROTO_TCP)
@@ -141,7 +148,7 @@ static __always_inline int datagram_send(struct bpf_sock_addr *ctx)
 	cookie = bpf_get_socket_cookie(ctx);
 	svc = service_lookup(vip, vport, IPPROTO_UDP);
 	if (svc) {
-		backend = service_pick_backend(svc, vip, vport, IPPROTO_UDP, &backend_id, &event);
+		backend = service_pick_backend(svc, vip, vport, IPPROTO_UDP, affinity_client(ctx, svc), &backend_id, &event);
 		if (!backend) {
 			/* As for connect(): the error a closed port gives, at once. */
 			lb_count(event);

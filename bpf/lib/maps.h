@@ -144,6 +144,14 @@ struct {
 } weft_udp_revnat SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_AFFINITY);
+	__type(key, struct weft_affinity_key);
+	__type(value, struct weft_affinity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_affinity SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);

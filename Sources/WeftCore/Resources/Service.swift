@@ -7,13 +7,25 @@ public struct Service: Hashable, Sendable {
     /// nil: no selector, so no automatic backends (as in Kubernetes).
     public var selector: [String: String]?
     public var ports: [ServicePort]
+    /// `sessionAffinity: ClientIP`: how long, in seconds, a client keeps the
+    /// backend it was given since its last new connection (or datagram) to
+    /// the port (`sessionAffinityConfig.clientIP.timeoutSeconds`, default
+    /// 10800). nil: `None`.
+    public var affinityTimeout: UInt32?
 
-    public init(metadata: ObjectMeta, clusterIP: IPv4Address?, selector: [String: String]?, ports: [ServicePort]) {
+    public init(metadata: ObjectMeta, clusterIP: IPv4Address?, selector: [String: String]?, ports: [ServicePort],
+                affinityTimeout: UInt32? = nil) {
         self.metadata = metadata
         self.clusterIP = clusterIP
         self.selector = selector
         self.ports = ports
+        self.affinityTimeout = affinityTimeout
     }
+
+    /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    public static let defaultAffinityTimeout: UInt32 = 10_800
+    /// Kubernetes' bounds for it (one day at most).
+    public static let affinityTimeouts: ClosedRange<Int> = 1...86_400
 }
 
 public struct ServicePort: Hashable, Sendable {
@@ -100,11 +112,31 @@ extension Service {
         // Accepted for compatibility with exported manifests; they do not change
         // how a ClusterIP Service is load-balanced here.
         spec.ignore("ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy")
-        if let affinity = try spec.string("sessionAffinity"), affinity != "None" {
-            throw spec.error("sessionAffinity", "only None is supported, got \"\(affinity)\"")
+        var affinityTimeout: UInt32?
+        switch try spec.string("sessionAffinity") {
+        case nil, "None"?:
+            if spec.node("sessionAffinityConfig") != nil {
+                throw spec.error("sessionAffinityConfig", "must not be set unless sessionAffinity is ClientIP")
+            }
+        case "ClientIP"?:
+            affinityTimeout = Self.defaultAffinityTimeout
+            if var config = try spec.mapping("sessionAffinityConfig") {
+                if var clientIP = try config.mapping("clientIP") {
+                    if let seconds = try clientIP.int("timeoutSeconds") {
+                        guard Self.affinityTimeouts.contains(seconds) else {
+                            throw clientIP.error("timeoutSeconds", "must be from 1 to 86400 seconds, got \(seconds)")
+                        }
+                        affinityTimeout = UInt32(seconds)
+                    }
+                    try clientIP.finish()
+                }
+                try config.finish()
+            }
+        case let other?:
+            throw spec.error("sessionAffinity", "must be None or ClientIP, got \"\(other)\"")
         }
         try spec.finish()
-        self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports)
+        self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout)
     }
 }
 

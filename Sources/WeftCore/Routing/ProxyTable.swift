@@ -244,6 +244,18 @@ extension ProxyTable {
                 policies[cluster] = BackendPolicy(loadBalancer: policy.loadBalancer, outlierDetection: policy.outlierDetection,
                                                   circuitBreaker: policy.circuitBreaker, policy: policy.metadata.qualifiedName)
             }
+            // sessionAffinity: ClientIP on a port the proxy serves: a hash of
+            // the source address over a ring, so a client stays on one pod
+            // from every node's proxy (with no timeout), unless a
+            // TrafficPolicy chooses the balancer itself.
+            if service.affinityTimeout != nil, policy?.loadBalancer ?? .init() == .init() {
+                var balancer = TrafficPolicy.LoadBalancer()
+                balancer.algorithm = .ringHash
+                balancer.hashOn = .sourceIP
+                policies[cluster] = BackendPolicy(loadBalancer: balancer, outlierDetection: policy?.outlierDetection,
+                                                  circuitBreaker: policy?.circuitBreaker,
+                                                  policy: policy?.metadata.qualifiedName ?? "sessionAffinity: ClientIP")
+            }
             // Backends failing their active health check leave the proxy's
             // table; its own outlier ejections it keeps track of itself.
             guard let failing = health.failing[cluster] else { return all.map(\.0) }

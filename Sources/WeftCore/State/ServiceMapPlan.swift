@@ -14,10 +14,19 @@ public struct ServiceMapSnapshot: Hashable, Sendable {
     }
 
     public struct SlotValue: Hashable, Sendable {
+        /// A slot's backend; in a master entry (slot 0) with
+        /// `affinityFlag`, the sessionAffinity timeout in seconds.
         public var backendID: UInt32
         public var serviceID: UInt32
         public var count: UInt16
         public var flags: UInt8
+
+        /// Master flags (weft_abi.h WEFT_SVC_F_*).
+        public static let l7Flag: UInt8 = 0x01
+        public static let affinityFlag: UInt8 = 0x02
+
+        /// A master entry's sessionAffinity timeout in seconds, if it has one.
+        public var affinityTimeout: UInt32? { flags & Self.affinityFlag != 0 ? backendID : nil }
 
         public init(backendID: UInt32, serviceID: UInt32, count: UInt16, flags: UInt8) {
             self.backendID = backendID
@@ -37,7 +46,8 @@ public struct ServiceMapSnapshot: Hashable, Sendable {
 
     /// Each frontend with its backends in slot order, as the kernel would
     /// draw them: what `weft get services` prints.
-    public var frontends: [(frontend: Frontend, serviceID: UInt32, flags: UInt8, backends: [BackendAddress?])] {
+    public var frontends: [(frontend: Frontend, serviceID: UInt32, flags: UInt8, affinityTimeout: UInt32?,
+                            backends: [BackendAddress?])] {
         slots.filter { $0.key.slot == 0 }
             .sorted { $0.key < $1.key }
             .map { master in
@@ -46,7 +56,7 @@ public struct ServiceMapSnapshot: Hashable, Sendable {
                     guard let id = slots[SlotKey(f, slot: UInt16(i + 1))]?.backendID else { return nil }
                     return self.backends[id]
                 }
-                return (f, master.value.serviceID, master.value.flags, list)
+                return (f, master.value.serviceID, master.value.flags, master.value.affinityTimeout, list)
             }
     }
 }
@@ -233,8 +243,10 @@ public enum ServiceMapPlanner {
                 let value = ServiceMapSnapshot.SlotValue(backendID: id, serviceID: sid, count: 0, flags: 0)
                 if index.snapshot.slots[key] != value { slotWrites.append(.putSlot(key, value)) }
             }
-            let masterValue = ServiceMapSnapshot.SlotValue(backendID: 0, serviceID: sid, count: UInt16(order.count),
-                                                           flags: entry.needsProxy ? 0x01 : 0)
+            let masterValue = ServiceMapSnapshot.SlotValue(
+                backendID: entry.affinityTimeout, serviceID: sid, count: UInt16(order.count),
+                flags: (entry.needsProxy ? ServiceMapSnapshot.SlotValue.l7Flag : 0)
+                    | (entry.affinityTimeout > 0 ? ServiceMapSnapshot.SlotValue.affinityFlag : 0))
             if master != masterValue { slotWrites.append(.putSlot(masterKey, masterValue)) }
             for (slot, id) in existing where Int(slot) > order.count {
                 slotWrites.append(.deleteSlot(.init(frontend, slot: slot)))

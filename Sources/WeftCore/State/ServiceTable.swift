@@ -45,11 +45,14 @@ public struct ServiceTable: Hashable, Sendable {
         public var backends: [BackendAddress]
         /// Set when the port needs the node proxy (see ProxyTable.l7Ports).
         public var needsProxy: Bool
+        /// `sessionAffinity: ClientIP`'s timeout in seconds; 0: none.
+        public var affinityTimeout: UInt32
 
-        public init(name: String, backends: [BackendAddress], needsProxy: Bool) {
+        public init(name: String, backends: [BackendAddress], needsProxy: Bool, affinityTimeout: UInt32 = 0) {
             self.name = name
             self.backends = backends
             self.needsProxy = needsProxy
+            self.affinityTimeout = affinityTimeout
         }
     }
 
@@ -96,7 +99,8 @@ public struct ServiceTable: Hashable, Sendable {
                     if usable.panic { panic.insert(Frontend(vip: vip, port: port.port, transport: port.transport)) }
                 }
                 entries[Frontend(vip: vip, port: port.port, transport: port.transport)] =
-                    Entry(name: service.metadata.qualifiedName + label, backends: backends, needsProxy: needsProxy)
+                    Entry(name: service.metadata.qualifiedName + label, backends: backends, needsProxy: needsProxy,
+                          affinityTimeout: service.affinityTimeout ?? 0)
             }
         }
         self.entries = entries
