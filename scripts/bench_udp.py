@@ -13,6 +13,9 @@ is one client socket keeping WINDOW datagrams in flight for SECONDS
   clusterIP connected   connect(clusterIP:53): connect4 picks the backend once
   clusterIP sendto      sendto(clusterIP:53): sendmsg4 picks a backend for
                         each datagram, recvmsg4 reports the clusterIP back
+  clusterIP sendto, ClientIP affinity
+                        the same to a Service with sessionAffinity: ClientIP:
+                        each datagram finds the client's kept backend
 
 in two phases: no NetworkPolicy, then both pods isolated (the server's
 ingress allows the client on 5353/UDP, the client's egress allows the
@@ -38,9 +41,10 @@ TOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/labtool.py")
 ROUNDS = int(os.environ.get("WEFT_BENCH_UDP_ROUNDS", "7"))
 SECONDS = float(os.environ.get("WEFT_BENCH_UDP_SECONDS", "2"))
 WINDOW = int(os.environ.get("WEFT_BENCH_UDP_WINDOW", "8"))
-CLIENT, SERVER, CLUSTER_IP = "198.18.1.10", "198.18.2.10", "198.19.0.53"
+CLIENT, SERVER, CLUSTER_IP, STICKY_IP = "198.18.1.10", "198.18.2.10", "198.19.0.53", "198.19.0.54"
 SIDES = [("direct connected", "udp", SERVER, 5353), ("direct sendto", "udps", SERVER, 5353),
-         ("clusterIP connected", "udp", CLUSTER_IP, 53), ("clusterIP sendto", "udps", CLUSTER_IP, 53)]
+         ("clusterIP connected", "udp", CLUSTER_IP, 53), ("clusterIP sendto", "udps", CLUSTER_IP, 53),
+         ("clusterIP sendto, ClientIP affinity", "udps", STICKY_IP, 53)]
 BASE = "direct sendto"
 
 PODS = f"""apiVersion: weft.dev/v1alpha1
@@ -57,6 +61,11 @@ apiVersion: v1
 kind: Service
 metadata: {{name: echo, namespace: bench}}
 spec: {{clusterIP: {CLUSTER_IP}, selector: {{app: echo}}, ports: [{{name: echo, port: 53, targetPort: echo, protocol: UDP}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-sticky, namespace: bench}}
+spec: {{clusterIP: {STICKY_IP}, selector: {{app: echo}}, sessionAffinity: ClientIP, ports: [{{name: echo, port: 53, targetPort: echo, protocol: UDP}}]}}
 """
 
 POLICY = """apiVersion: networking.k8s.io/v1
@@ -193,7 +202,8 @@ def report(saved):
         "`connected`: connect(), then send()/recv(); `sendto`: an unconnected socket, sendto()/recvfrom(). Through the "
         "clusterIP, connect4 picks the backend once for a connected socket, and sendmsg4 picks one for each datagram of an "
         "unconnected one (and remembers it in `weft_udp_revnat`, so that recvmsg4 reports the clusterIP as the source of "
-        "the echo). In the second phase both pods are isolated by NetworkPolicy (the server's ingress allows the client on "
+        "the echo); with `sessionAffinity: ClientIP` it finds the client's kept backend instead of drawing one "
+        "(`weft_affinity`, checked against its slot). In the second phase both pods are isolated by NetworkPolicy (the server's ingress allows the client on "
         "5353/UDP, the client's egress the server): each new exchange is judged, and a known one is passed on a "
         "`weft_udp_flows` lookup. *kernel ns* is the run time the kernel accounts to every weft program on both nodes "
         "(`kernel.bpf_stats_enabled`) over the side's run, per exchange; the Python client and echo server set the rates, "
@@ -215,7 +225,9 @@ def report(saved):
             "",
             "What the clusterIP adds per exchange: "
             f"{plain['clusterIP connected']['ns'] - plain['direct connected']['ns']:+.0f} ns connected, "
-            f"{plain['clusterIP sendto']['ns'] - plain['direct sendto']['ns']:+.0f} ns unconnected (no policy); "
+            f"{plain['clusterIP sendto']['ns'] - plain['direct sendto']['ns']:+.0f} ns unconnected (no policy), "
+            f"{plain['clusterIP sendto, ClientIP affinity']['ns'] - plain['clusterIP sendto']['ns']:+.0f} ns more "
+            "with ClientIP affinity; "
             "what the policy adds: "
             f"{iso['direct connected']['ns'] - plain['direct connected']['ns']:+.0f} ns connected, "
             f"{iso['direct sendto']['ns'] - plain['direct sendto']['ns']:+.0f} ns unconnected (direct), "

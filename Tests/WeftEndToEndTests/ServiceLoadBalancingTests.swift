@@ -200,6 +200,15 @@ struct ServiceLoadBalancingTests {
             kind: Service
             metadata: {name: tier, namespace: \(ns)}
             spec: {clusterIP: 198.19.0.42, selector: {tier: web}, ports: [{name: web, port: 80, targetPort: http}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: sticky-http, namespace: \(ns)}
+            spec:
+              clusterIP: 198.19.0.43
+              selector: {app: web}
+              ports: [{name: http, port: 80, targetPort: http}]
+              sessionAffinity: ClientIP
             """
         let lab = try LabHarness(files: ["services.yaml": sticky, "pods.yaml": pods(everyWeb)])
         defer { lab.down() }
@@ -254,6 +263,12 @@ struct ServiceLoadBalancingTests {
         #expect(after["affinity_kept", default: 0] - before["affinity_kept", default: 0] == 29 + 29 + 59 + 30, "\(before) -> \(after)")
         // `weft get services` shows it.
         #expect(try LabHarness.run(["get", "services", "--node", "n1"]).output.contains("ClientIP affinity 2s"))
+        // A port the node proxy serves (named http): a hash of the source
+        // address keeps each client on one pod there too.
+        for pod in ["client", "client2"] {
+            let l7 = try tally(pod, "198.19.0.43", 30)
+            #expect(l7.count == 1 && l7.values.first == 30, "\(pod) through the proxy: \(l7)")
+        }
 
         // Past the 2 s timeout the client is drawn again, then kept.
         usleep(2_500_000)
