@@ -59,6 +59,29 @@ private func waitForServers(_ lab: LabHarness, _ addresses: [String]) throws {
     }
 }
 
+/// A pod answering every UDP datagram on 5353 with its name (labtool udp-name).
+private func dnsPod(_ name: String, _ node: String, _ address: String) -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: \(name), namespace: \(ns), labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
+    spec: {node: \(node), address: \(address), ports: [{name: dns, port: 5353, protocol: UDP}]}
+    """
+}
+
+/// Waits until every UDP name server answers on its own address.
+private func waitForUDPServers(_ lab: LabHarness, _ addresses: [String]) throws {
+    for address in addresses {
+        var ok = false
+        for _ in 0..<100 {
+            if let r = try? lab.tool(in: "client", ["udp-tally", "udps", address, "5353", "1", "0.2"]),
+               (r["errors"] as? [String: Int])?.isEmpty == true { ok = true; break }
+            usleep(50_000)
+        }
+        try #require(ok, "UDP server at \(address) never answered")
+    }
+}
+
 @Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
 struct ServiceLoadBalancingTests {
     @Test func clusterIPReachesEveryBackendOver100Connections() throws {
@@ -90,16 +113,8 @@ struct ServiceLoadBalancingTests {
     /// clusterIP as an address. A UDP Service without backends fails
     /// sendto() at once.
     @Test func udpClusterIPReachesEveryBackendConnectedOrNot() throws {
-        func pod(_ name: String, _ node: String, _ address: String) -> String {
-            """
-            apiVersion: weft.dev/v1alpha1
-            kind: Workload
-            metadata: {name: \(name), namespace: \(ns), labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
-            spec: {node: \(node), address: \(address), ports: [{name: dns, port: 5353, protocol: UDP}]}
-            """
-        }
-        let pods = [client, pod("dns-1", "n1", "198.18.1.20"), pod("dns-2", "n2", "198.18.2.20"),
-                    pod("dns-3", "n2", "198.18.2.21")].joined(separator: "\n---\n")
+        let pods = [client, dnsPod("dns-1", "n1", "198.18.1.20"), dnsPod("dns-2", "n2", "198.18.2.20"),
+                    dnsPod("dns-3", "n2", "198.18.2.21")].joined(separator: "\n---\n")
         let udpServices = """
             apiVersion: v1
             kind: Service
@@ -121,15 +136,7 @@ struct ServiceLoadBalancingTests {
             """
         let lab = try LabHarness(files: ["services.yaml": udpServices, "pods.yaml": pods])
         defer { lab.down() }
-        for address in ["198.18.1.20", "198.18.2.20", "198.18.2.21"] {
-            var ok = false
-            for _ in 0..<100 {
-                if let r = try? lab.tool(in: "client", ["udp-tally", "udps", address, "5353", "1", "0.2"]),
-                   (r["errors"] as? [String: Int])?.isEmpty == true { ok = true; break }
-                usleep(50_000)
-            }
-            try #require(ok, "UDP server at \(address) never answered")
-        }
+        try waitForUDPServers(lab, ["198.18.1.20", "198.18.2.20", "198.18.2.21"])
         // udp6/udp6s: a dual-stack AF_INET6 socket to ::ffff:198.19.0.30.
         for (mode, n) in [("udps", 300), ("udp", 60), ("udp6s", 300), ("udp6", 60)] {
             let r = try lab.tool(in: "client", ["udp-tally", mode, "198.19.0.30", "53", "\(n)"])
@@ -157,14 +164,6 @@ struct ServiceLoadBalancingTests {
     /// backend that leaves the Service is never reached through an old
     /// choice, even while it still backs another Service.
     @Test func sessionAffinityKeepsEachClientOnOneBackendUntilItsTimeout() throws {
-        func dns(_ name: String, _ node: String, _ address: String) -> String {
-            """
-            apiVersion: weft.dev/v1alpha1
-            kind: Workload
-            metadata: {name: \(name), namespace: \(ns), labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
-            spec: {node: \(node), address: \(address), ports: [{name: dns, port: 5353, protocol: UDP}]}
-            """
-        }
         let client2 = client.replacingOccurrences(of: "name: client,", with: "name: client2,")
             .replacingOccurrences(of: "198.18.1.10", with: "198.18.1.11")
         func pods(_ labels: [String]) -> String {
@@ -172,7 +171,7 @@ struct ServiceLoadBalancingTests {
              workload("web-1", node: "n1", address: "198.18.1.12", labels: labels[0]),
              workload("web-2", node: "n2", address: "198.18.2.12", labels: labels[1]),
              workload("web-3", node: "n2", address: "198.18.2.13", labels: labels[2]),
-             dns("dns-1", "n1", "198.18.1.20"), dns("dns-2", "n2", "198.18.2.20"), dns("dns-3", "n2", "198.18.2.21"),
+             dnsPod("dns-1", "n1", "198.18.1.20"), dnsPod("dns-2", "n2", "198.18.2.20"), dnsPod("dns-3", "n2", "198.18.2.21"),
             ].joined(separator: "\n---\n")
         }
         let everyWeb = Array(repeating: "{app: web, tier: web}", count: 3)
@@ -213,15 +212,7 @@ struct ServiceLoadBalancingTests {
         let lab = try LabHarness(files: ["services.yaml": sticky, "pods.yaml": pods(everyWeb)])
         defer { lab.down() }
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
-        for address in ["198.18.1.20", "198.18.2.20", "198.18.2.21"] {
-            var ok = false
-            for _ in 0..<100 {
-                if let r = try? lab.tool(in: "client", ["udp-tally", "udps", address, "5353", "1", "0.2"]),
-                   (r["errors"] as? [String: Int])?.isEmpty == true { ok = true; break }
-                usleep(50_000)
-            }
-            try #require(ok, "UDP server at \(address) never answered")
-        }
+        try waitForUDPServers(lab, ["198.18.1.20", "198.18.2.20", "198.18.2.21"])
         func events() throws -> [String: Int] {
             let line = try LabHarness.run(["status", "--node", "n1"]).output.split(separator: "\n")
                 .first { $0.contains("lb events:") } ?? ""
