@@ -208,7 +208,7 @@ final class Reconciler {
             wantsEjections = proxy != nil && state.trafficPolicies.contains { $0.outlierDetection != nil }
             if !wantsEjections { ejected = [] }
             let health = EndpointHealth(failing: healthChecker?.failing ?? [:], ejected: ejected)
-            let table = ServiceTable(state, health: health)
+            let table = ServiceTable(state, health: health, node: configuration.node)
             mark("table")
             let changed = inForce != state || health != lastHealth
             let generation = UInt64(status.withLock { changed || $0.generation == 0 ? $0.generation + 1 : $0.generation })
@@ -217,7 +217,7 @@ final class Reconciler {
             // maps are written it gets the union of old and new frontends.
             var proxyTable: ProxyTable?
             if let proxy {
-                var desired = ProxyTable(state, generation: generation, health: health)
+                var desired = ProxyTable(state, generation: generation, health: health, node: configuration.node)
                 if identities != nil {
                     desired.tunnel = .init(plaintext: Set(state.workloads.filter {
                         $0.node != configuration.node && state.mtlsMode($0) == .disable

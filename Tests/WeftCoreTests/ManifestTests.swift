@@ -85,6 +85,7 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         ("  clusterIP: 198.19.0.10\n  selector: [a]\n  ports: [{port: 80}]", "t.yaml:1:spec.selector: expected a mapping, got a list"),
         ("  clusterIP: 198.19.0.10\n  type: NodePort\n  ports: [{port: 80}]", "t.yaml:1:spec.type: only type ClusterIP is supported"),
         ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, protocol: ICMP}]", "t.yaml:1:spec.ports[0].protocol: protocol must be TCP, UDP or SCTP"),
+        ("  clusterIP: 198.19.0.10\n  internalTrafficPolicy: Node", "t.yaml:1:spec.internalTrafficPolicy: must be Cluster or Local, got \"Node\""),
         ("  clusterIP: 198.19.0.10\n  sessionAffinity: Cookie", "t.yaml:1:spec.sessionAffinity: must be None or ClientIP, got \"Cookie\""),
         ("  clusterIP: 198.19.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
          "t.yaml:1:spec.sessionAffinityConfig.clientIP.timeoutSeconds: must be from 1 to 86400 seconds, got 0"),

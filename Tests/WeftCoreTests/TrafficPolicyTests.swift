@@ -43,6 +43,24 @@ private func parse(_ text: String) -> (ClusterState?, [String]) {
 }
 
 struct TrafficPolicyTests {
+    @Test func internalTrafficPolicyLocalLeavesEachNodeItsOwnPods() throws {
+        let local = service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                 with: "spec: {internalTrafficPolicy: Local, clusterIP: 198.19.0.10,")
+        let (state, errors) = parse(local)
+        let s = try #require(state, "\(errors)")
+        func addresses(_ node: String?) -> [String] {
+            ServiceTable(s, node: node).entries.values.flatMap { $0.backends.map(\.address.description) }.sorted()
+        }
+        #expect(addresses("n1") == ["198.18.1.10"])
+        #expect(addresses("n2") == ["198.18.2.10", "198.18.2.11"])
+        #expect(addresses("n3") == [], "no pod there: no backend, connect() refused")
+        #expect(addresses(nil).count == 3)
+        #expect(ProxyTable(s, node: "n2").clusters["shop/web:80"]?.map(\.address).sorted() == ["198.18.2.10", "198.18.2.11"])
+        // Cluster (the default) leaves every node every pod.
+        let (plain, _) = parse(service)
+        #expect(plain.map { ServiceTable($0, node: "n1").entries.values.flatMap(\.backends).count } == 3)
+    }
+
     @Test func sessionAffinityClientIPBecomesASourceHashOnTheProxyUnlessAPolicyChoosesTheBalancer() throws {
         let sticky = service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
                                                   with: "spec: {sessionAffinity: ClientIP, clusterIP: 198.19.0.10,")

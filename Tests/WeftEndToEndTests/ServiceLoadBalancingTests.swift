@@ -304,6 +304,56 @@ struct ServiceLoadBalancingTests {
         #expect(try tally("client", "198.19.0.42", 30)[gone] != nil, "\(gone) still backs tier")
     }
 
+    /// internalTrafficPolicy: Local: each node's kernel (and proxy) sends a
+    /// client only to the Service's pods on its own node; with none there,
+    /// connect() is refused at once, while the same Service works from a
+    /// node that has some. A Cluster Service over the same pods spreads.
+    @Test func internalTrafficPolicyLocalKeepsClientsOnTheirNode() throws {
+        let clientN2 = client.replacingOccurrences(of: "name: client,", with: "name: client-n2,")
+            .replacingOccurrences(of: "node: n1, address: 198.18.1.10", with: "node: n2, address: 198.18.2.10")
+        let pods = [client, clientN2,
+                    workload("web-1", node: "n1", address: "198.18.1.12"),
+                    workload("web-2", node: "n2", address: "198.18.2.12", labels: "{app: web, side: n2}"),
+                    workload("web-3", node: "n2", address: "198.18.2.13", labels: "{app: web, side: n2}")].joined(separator: "\n---\n")
+        let local = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: local, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.50, internalTrafficPolicy: Local, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: local-http, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.51, internalTrafficPolicy: Local, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: n2-only, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.52, internalTrafficPolicy: Local, selector: {side: n2}, ports: [{name: web, port: 80, targetPort: http}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: everywhere, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.53, internalTrafficPolicy: Cluster, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}
+            """
+        let lab = try LabHarness(files: ["services.yaml": local, "pods.yaml": pods])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        func tally(_ pod: String, _ vip: String) throws -> Set<String> {
+            let r = try lab.tool(in: pod, ["tally", vip, "80", "30"])
+            #expect((r["errors"] as? [Any])?.isEmpty == true, "\(pod) -> \(vip): \(r)")
+            return Set((r["counts"] as? [String: Int] ?? [:]).keys)
+        }
+        #expect(try tally("client", "198.19.0.50") == ["web-1"])
+        #expect(try tally("client-n2", "198.19.0.50") == ["web-2", "web-3"])
+        #expect(try tally("client", "198.19.0.51") == ["web-1"], "through the node proxy")
+        #expect(try tally("client-n2", "198.19.0.51") == ["web-2", "web-3"], "through the node proxy")
+        #expect(try tally("client", "198.19.0.53") == ["web-1", "web-2", "web-3"])
+        let refused = try lab.tool(in: "client", ["refused", "198.19.0.52", "80"])
+        #expect(refused["result"] as? String == "ECONNREFUSED" && (refused["ms"] as? Double ?? 1e9) < 100, "\(refused)")
+        #expect(try tally("client-n2", "198.19.0.52") == ["web-2", "web-3"])
+    }
+
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": client])
         defer { lab.down() }

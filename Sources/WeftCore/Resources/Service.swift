@@ -12,14 +12,18 @@ public struct Service: Hashable, Sendable {
     /// the port (`sessionAffinityConfig.clientIP.timeoutSeconds`, default
     /// 10800). nil: `None`.
     public var affinityTimeout: UInt32?
+    /// `internalTrafficPolicy: Local`: a client is sent only to backends on
+    /// its own node (none there: the connection is refused).
+    public var nodeLocal: Bool
 
     public init(metadata: ObjectMeta, clusterIP: IPv4Address?, selector: [String: String]?, ports: [ServicePort],
-                affinityTimeout: UInt32? = nil) {
+                affinityTimeout: UInt32? = nil, nodeLocal: Bool = false) {
         self.metadata = metadata
         self.clusterIP = clusterIP
         self.selector = selector
         self.ports = ports
         self.affinityTimeout = affinityTimeout
+        self.nodeLocal = nodeLocal
     }
 
     /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -110,8 +114,14 @@ extension Service {
             ports.append(port)
         }
         // Accepted for compatibility with exported manifests; they do not change
-        // how a ClusterIP Service is load-balanced here.
-        spec.ignore("ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy")
+        // how a ClusterIP Service is load-balanced here (IPv4 single-stack).
+        spec.ignore("ipFamilies", "ipFamilyPolicy")
+        var nodeLocal = false
+        switch try spec.string("internalTrafficPolicy") {
+        case nil, "Cluster"?: break
+        case "Local"?: nodeLocal = true
+        case let other?: throw spec.error("internalTrafficPolicy", "must be Cluster or Local, got \"\(other)\"")
+        }
         var affinityTimeout: UInt32?
         switch try spec.string("sessionAffinity") {
         case nil, "None"?:
@@ -136,7 +146,8 @@ extension Service {
             throw spec.error("sessionAffinity", "must be None or ClientIP, got \"\(other)\"")
         }
         try spec.finish()
-        self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout)
+        self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,
+                  nodeLocal: nodeLocal)
     }
 }
 

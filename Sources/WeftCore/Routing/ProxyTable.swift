@@ -190,7 +190,9 @@ extension ProxyTable {
         "\(namespace)/\(service):\(port)"
     }
 
-    public init(_ state: ClusterState, generation: UInt64 = 0, health: EndpointHealth = .init()) {
+    /// `node`: the node the proxy serves (a Service with
+    /// `internalTrafficPolicy: Local` has only its Workloads there).
+    public init(_ state: ClusterState, generation: UInt64 = 0, health: EndpointHealth = .init(), node: String? = nil) {
         self.init(generation: generation)
         var refs: [String: WorkloadRef] = [:]
         for w in state.workloads {
@@ -233,7 +235,9 @@ extension ProxyTable {
 
         var policies: [String: BackendPolicy] = [:]
         func endpoints(_ service: Service, _ port: ServicePort, cluster: String) -> [Endpoint] {
-            let all = index.select(namespace: service.metadata.namespace, selector: service.selector).compactMap { w in
+            let all = index.select(namespace: service.metadata.namespace, selector: service.selector).filter { w in
+                !service.nodeLocal || node == nil || w.node == node
+            }.compactMap { w in
                 w.resolve(port.targetPort, transport: port.transport).map {
                     (Endpoint(address: w.address.description, port: $0, workload: w.metadata.qualifiedName, node: w.node),
                      BackendAddress(address: w.address, port: $0, transport: .tcp))

@@ -68,8 +68,10 @@ public struct ServiceTable: Hashable, Sendable {
     ///
     /// Kubernetes' endpoints rules: a selected Workload backs a Service port
     /// when it resolves the port's targetPort (a named targetPort is looked up
-    /// per Workload, so replicas may listen on different numbers).
-    public init(_ state: ClusterState, health: EndpointHealth = .init()) {
+    /// per Workload, so replicas may listen on different numbers). On `node`,
+    /// a Service with `internalTrafficPolicy: Local` has only that node's
+    /// Workloads (nil: every node's, as a table for no node in particular).
+    public init(_ state: ClusterState, health: EndpointHealth = .init(), node: String? = nil) {
         var entries: [Frontend: Entry] = [:]
         var panic: Set<Frontend> = []
         let index = SelectorIndex(state.workloads)
@@ -77,7 +79,8 @@ public struct ServiceTable: Hashable, Sendable {
             ? [] : ProxyTable.l7Ports(state)
         for service in state.services {
             guard let vip = service.clusterIP else { continue }
-            let selected = index.select(namespace: service.metadata.namespace, selector: service.selector)
+            var selected = index.select(namespace: service.metadata.namespace, selector: service.selector)
+            if service.nodeLocal, let node { selected = selected.filter { $0.node == node } }
             for port in service.ports {
                 var backends = selected.compactMap { w -> BackendAddress? in
                     guard let target = w.resolve(port.targetPort, transport: port.transport) else { return nil }
