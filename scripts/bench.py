@@ -315,7 +315,7 @@ def scale_one_agent():
         shutil.rmtree(config, ignore_errors=True)
 
 
-PHASES = ["load", "table", "plan", "write", "status"]
+PHASES = ["load", "policy", "policy-write", "table", "plan", "write", "proxy", "status"]
 
 
 def report(r):
@@ -382,8 +382,11 @@ def report(r):
         "| one-Service change | " + " | ".join(f"{s['small_phases'].get(p, 0):.1f}" for p in PHASES) + " |",
         "",
         "load = read, parse (files over 256 KiB are split at document markers and parsed on every core) and validate "
-        "the whole set; table = selectors to backends; plan = map diff, only for frontends whose backends changed "
-        "(a full plan at start); write = batched map updates.",
+        "the whole set; policy = NetworkPolicy compiled to map entries, and policy-write their writes; table = selectors "
+        "to backends; plan = map diff, only for frontends whose backends changed (a full plan at start); write = batched "
+        "map updates; proxy = the node proxy's route table built and handed over, until the proxy confirms its "
+        "generation (a change that leaves the table as it was, as a one-Service L4 change does, hands over only the "
+        "generation: ProxyTable.generationFileName).",
         "",
         "In the lab (both nodes' agents on this 2-core machine, plus the probing client and the servers):",
         "",

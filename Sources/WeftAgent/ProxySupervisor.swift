@@ -169,9 +169,24 @@ final class ProxySupervisor {
     func install(_ table: ProxyTable) {
         guard table != lastTable else { return }
         do {
+            if let last = lastTable, table.generation > last.generation, table.sameContent(as: last) {
+                // Only the generation moved: the proxy keeps the table it
+                // read and takes this generation (ProxyTable.generationFileName).
+                let file = runDirectory + "/" + ProxyTable.generationFileName
+                let temp = runDirectory + "/." + ProxyTable.generationFileName + ".tmp"
+                try "\(table.generation)\n".write(toFile: temp, atomically: false, encoding: .utf8)
+                guard rename(temp, file) == 0 else { throw AgentError("rename \(temp): \(String(cString: strerror(errno)))") }
+                lastTable = table
+                signal(SIGHUP)
+                return
+            }
             let data = try JSONEncoder().encode(table)
             let temp = runDirectory + "/.proxy-table.json.tmp"
             try data.write(to: URL(fileURLWithPath: temp))
+            // A whole table carries its own generation; a generation file
+            // left from before (an agent restarted counts from 1 again)
+            // must not override it.
+            unlink(runDirectory + "/" + ProxyTable.generationFileName)
             guard rename(temp, tableFile) == 0 else { throw AgentError("rename \(temp): \(String(cString: strerror(errno)))") }
             lastTable = table
             signal(SIGHUP)

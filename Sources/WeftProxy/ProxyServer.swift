@@ -88,12 +88,32 @@ public enum ProxyServer {
                 logger.error("cannot use the identities in \(identityFile): \(error); the previous ones stay in force")
             }
         }
+        /// The table file last read, as stat(2) saw it, and its table: a
+        /// reload whose table file is unchanged reads only the generation
+        /// file (ProxyTable.generationFileName).
+        let lastRead = Mutex<(key: [Int], table: ProxyTable)?>(nil)
+        let generationFile = configuration.runDirectory + "/" + ProxyTable.generationFileName
         func reload() {
             reloadIdentities()
             proxy.openSpliceMaps()
             do {
-                let data = try Data(contentsOf: URL(fileURLWithPath: tableFile))
-                let table = try JSONDecoder().decode(ProxyTable.self, from: data)
+                var info = stat()
+                guard stat(tableFile, &info) == 0 else { throw CocoaError(.fileReadNoSuchFile) }
+                // (A rename gives a new inode, which a later file may reuse:
+                // size and the nanosecond mtime tell those apart.)
+                let key = [Int(info.st_dev), Int(info.st_ino), Int(info.st_size), info.st_mtim.tv_sec, info.st_mtim.tv_nsec]
+                var table: ProxyTable
+                if let cached = lastRead.withLock({ $0 }), cached.key == key {
+                    table = cached.table
+                } else {
+                    let data = try Data(contentsOf: URL(fileURLWithPath: tableFile))
+                    table = try JSONDecoder().decode(ProxyTable.self, from: data)
+                    lastRead.withLock { $0 = (key, table) }
+                }
+                if let text = try? String(contentsOfFile: generationFile, encoding: .utf8),
+                   let newer = UInt64(text.trimmingCharacters(in: .whitespacesAndNewlines)), newer > table.generation {
+                    table.generation = newer
+                }
                 proxy.install(table)
                 reloadErrors.withLock { $0 = nil }
                 logger.info("route table installed", metadata: ["generation": "\(table.generation)",

@@ -1321,6 +1321,58 @@ private func proxyEventLoops() throws -> Int {
 }
 
 @Suite struct HTTPRouteValidationTests {
+    /// A change that leaves the proxy's route table as it was (here a
+    /// NetworkPolicy: the proxy asks the kernel's maps) moves the proxy to
+    /// the new generation without the table being written and read again
+    /// whole (ProxyTable.generationFileName), and the proxy's policy
+    /// verdicts, cached per generation, follow it both ways.
+    @Test func aChangeOutsideTheRouteTableMovesTheProxyWithoutRewritingIt() throws {
+        let lab = try LabHarness(files: ["services.yaml": service("web", ip: "198.19.1.10", selector: "{app: web}"),
+                                         "pods.yaml": [pods.components(separatedBy: "\n---\n")[0],
+                                                       pod("v1-a", node: "n1", address: "198.18.1.20", labels: "{app: web, version: v1}")]
+                                            .joined(separator: "\n---\n")])
+        defer { lab.down() }
+        var ok = false
+        for _ in 0..<100 where !ok {
+            ok = (try? curl(lab, "http://198.19.1.10/").0) == 200
+            if !ok { usleep(50_000) }
+        }
+        try #require(ok, "the Service never answered")
+        func inode() throws -> Int {
+            try FileManager.default.attributesOfItem(atPath: "/run/weft/n1/proxy-table.json")[.systemFileNumber] as? Int ?? -1
+        }
+        func inForce(_ comment: Comment) throws {
+            let agent = try lab.generations(["n1"])["n1"] ?? -1
+            for _ in 0..<100 {
+                let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/generation"])
+                if let g = Int(text.split(separator: " ").first ?? ""), g >= agent { return }
+                usleep(10_000)
+            }
+            Issue.record("\(comment): the proxy never reached generation \(agent)")
+        }
+        let table = try inode()
+        let deny = """
+            apiVersion: networking.k8s.io/v1
+            kind: NetworkPolicy
+            metadata: {name: web-closed, namespace: \(ns)}
+            spec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress]}
+            """
+        var before = try lab.generations(["n1"])
+        try lab.write("policy.yaml", deny)
+        try lab.waitForGeneration(after: before)
+        try inForce("after the policy")
+        let denied = try curl(lab, "http://198.19.1.10/")
+        #expect(denied.0 != 200, "the policy in force denies the pod: \(denied)")
+        #expect(try inode() == table, "the route table was rewritten for a change outside it")
+        let generationFile = try String(contentsOfFile: "/run/weft/n1/proxy-generation", encoding: .utf8)
+        #expect(Int(generationFile.trimmingCharacters(in: .whitespacesAndNewlines)) == (try lab.generations(["n1"])["n1"]))
+        before = try lab.generations(["n1"])
+        try lab.write("policy.yaml", "# open again\n")
+        try lab.waitForGeneration(after: before)
+        try inForce("after the policy left")
+        #expect(try curl(lab, "http://198.19.1.10/").0 == 200)
+    }
+
     @Test func badRoutesAreRefusedWithFileDocumentAndField() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("weft-routes-\(getpid())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
