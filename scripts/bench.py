@@ -324,7 +324,7 @@ def scale_one_agent():
         shutil.rmtree(config, ignore_errors=True)
 
 
-PHASES = ["load", "policy", "policy-write", "table", "plan", "write", "proxy", "status"]
+PHASES = ["load", "policy", "policy-write", "table", "proxy-table", "proxy", "plan", "write", "status"]
 
 
 def report(r):
@@ -396,9 +396,10 @@ def report(r):
         "load = read, parse (files over 256 KiB are split at document markers and parsed on every core) and validate "
         "the whole set; policy = NetworkPolicy compiled to map entries, and policy-write their writes; table = selectors "
         "to backends; plan = map diff, only for frontends whose backends changed (a full plan at start); write = batched "
-        "map updates; proxy = the node proxy's route table built and handed over, until the proxy confirms its "
-        "generation (a change that leaves the table as it was, as a one-Service L4 change does, hands over only the "
-        "generation: ProxyTable.generationFileName).",
+        "map updates; proxy-table = the node proxy's route table built and compared with the one it has; proxy = "
+        "handed over, until the proxy confirms its generation (a change that leaves the table as it was, as a "
+        "one-Service L4 change does, hands over only the generation, ProxyTable.generationFileName, and the proxy "
+        "moves the snapshot it has to it without compiling anything again).",
         "",
         "In the lab (both nodes' agents on this 2-core machine, plus the probing client and the servers):",
         "",

@@ -233,6 +233,7 @@ final class Reconciler {
                     }
                     if union.clusters[old.cluster] == nil { union.clusters[old.cluster] = proxy.lastTable?.clusters[old.cluster] }
                 }
+                mark("proxy-table")
                 if union != proxy.lastTable {
                     proxy.install(union)
                     if !proxy.waitForGeneration(generation) {

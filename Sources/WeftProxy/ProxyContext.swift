@@ -84,6 +84,17 @@ final class ProxyContext: Sendable {
         installed.add(1, ordering: .releasing)
     }
 
+    /// Moves the snapshot in force to a newer generation of the same table
+    /// (RouteSnapshot.advanced): per-generation caches (policy verdicts,
+    /// tunnel choices) start over, nothing is compiled again.
+    func advance(to generation: UInt64) {
+        let snapshot = self.snapshot
+        guard generation > snapshot.generation else { return }
+        let next = snapshot.advanced(to: generation)
+        current.withLock { $0 = next }
+        installed.add(1, ordering: .releasing)
+    }
+
     /// The state of the loop a handler runs on. Only ever touched from that loop.
     func loop(_ eventLoop: any EventLoop) -> LoopState {
         guard let state = loops[ObjectIdentifier(eventLoop)] else {

@@ -88,11 +88,16 @@ public enum ProxyServer {
                 logger.error("cannot use the identities in \(identityFile): \(error); the previous ones stay in force")
             }
         }
-        /// The table file last read, as stat(2) saw it, and its table: a
+        /// The table file last read and installed, as stat(2) saw it: a
         /// reload whose table file is unchanged reads only the generation
-        /// file (ProxyTable.generationFileName).
-        let lastRead = Mutex<(key: [Int], table: ProxyTable)?>(nil)
+        /// file (ProxyTable.generationFileName) and moves the snapshot in
+        /// force to it, compiling nothing again.
+        let lastRead = Mutex<[Int]?>(nil)
         let generationFile = configuration.runDirectory + "/" + ProxyTable.generationFileName
+        func writtenGeneration() -> UInt64? {
+            (try? String(contentsOfFile: generationFile, encoding: .utf8))
+                .flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
         func reload() {
             reloadIdentities()
             proxy.openSpliceMaps()
@@ -102,19 +107,21 @@ public enum ProxyServer {
                 // (A rename gives a new inode, which a later file may reuse:
                 // size and the nanosecond mtime tell those apart.)
                 let key = [Int(info.st_dev), Int(info.st_ino), Int(info.st_size), info.st_mtim.tv_sec, info.st_mtim.tv_nsec]
-                var table: ProxyTable
-                if let cached = lastRead.withLock({ $0 }), cached.key == key {
-                    table = cached.table
-                } else {
-                    let data = try Data(contentsOf: URL(fileURLWithPath: tableFile))
-                    table = try JSONDecoder().decode(ProxyTable.self, from: data)
-                    lastRead.withLock { $0 = (key, table) }
+                if lastRead.withLock({ $0 }) == key {
+                    if let newer = writtenGeneration(), newer > proxy.snapshot.generation {
+                        proxy.advance(to: newer)
+                        logger.info("route table generation advanced", metadata: ["generation": "\(newer)"])
+                    }
+                    reloadErrors.withLock { $0 = nil }
+                    return
                 }
-                if let text = try? String(contentsOfFile: generationFile, encoding: .utf8),
-                   let newer = UInt64(text.trimmingCharacters(in: .whitespacesAndNewlines)), newer > table.generation {
+                let data = try Data(contentsOf: URL(fileURLWithPath: tableFile))
+                var table = try JSONDecoder().decode(ProxyTable.self, from: data)
+                if let newer = writtenGeneration(), newer > table.generation {
                     table.generation = newer
                 }
                 proxy.install(table)
+                lastRead.withLock { $0 = key }
                 reloadErrors.withLock { $0 = nil }
                 logger.info("route table installed", metadata: ["generation": "\(table.generation)",
                                                                 "frontends": "\(table.frontends.count)"])

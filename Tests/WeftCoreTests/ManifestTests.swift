@@ -139,9 +139,24 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(lines.contains("t.yaml:5:metadata.name: Workload shop/a is already defined at t.yaml:3"))
     }
 
+    @Test func aWorkloadAtAServiceClusterIPIsRefused() {
+        // Wherever the two stand in the set: the Workload's document is named.
+        for order in [[service, workload("a", "198.19.0.10")], [workload("a", "198.19.0.10"), service]] {
+            let r = parse(order.joined(separator: "\n---\n"))
+            guard case .failure(let errors) = ClusterState.build(r.resources) else { Issue.record("accepted"); continue }
+            let at = order[0] == service ? 2 : 1
+            #expect(errors.errors.map(\.description)
+                    == ["t.yaml:\(at):spec.address: address 198.19.0.10 is the clusterIP of Service shop/web"])
+        }
+    }
+
     @Test func ipv4ParsingIsStrict() {
         #expect(IPv4Address("198.19.0.10")?.value == 0xC613_000A)
-        for bad in ["198.19.0", "198.19.0.010", "198.19.0.256", "a.b.c.d", "1.2.3.4.5", "", " 1.2.3.4"] {
+        #expect(IPv4Address("0.0.0.0")?.value == 0)
+        #expect(IPv4Address("10.0.100.0")?.value == 0x0A00_6400)
+        #expect(IPv4Address("198.19.0.10"[...])?.value == 0xC613_000A)
+        for bad in ["198.19.0", "198.19.0.010", "198.19.0.256", "a.b.c.d", "1.2.3.4.5", "", " 1.2.3.4",
+                    "1.2.3.", ".1.2.3", "1..2.3", "1.2.3.0004", "1.2.3.00", "00.1.2.3", "1.2.3.4 ", "1.2.3.٣", "1.2.3.-1", "999.1.1.1"] {
             #expect(IPv4Address(bad) == nil, "\(bad)")
         }
         #expect(IPv4Prefix("198.18.0.0/16")?.contains(IPv4Address("198.18.200.1")!) == true)

@@ -1,6 +1,8 @@
 import Foundation
 import NIOCore
+import NIOEmbedded
 import NIOHTTP1
+import Synchronization
 import Testing
 @testable import WeftCore
 @testable import WeftProxy
@@ -206,6 +208,54 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         // Another source is not in the fault's scope: it passes.
         guard case .pass = judge(other, tenant: "t2") else { Issue.record("expected other's request to pass"); return }
         #expect(guardState.limited.load(ordering: .relaxed) == 1 && guardState.aborted.load(ordering: .relaxed) == 2)
+    }
+}
+
+extension BalancerUnitTests {
+    /// A change that leaves the route table as it was moves the proxy to
+    /// its generation without compiling anything again: the cluster
+    /// runtimes (their balancing and breaking state), the frontend guards
+    /// (their token buckets) and the matchers are the same objects, and
+    /// the loops see a new snapshot (per-generation caches start over).
+    @Test func aNewerGenerationOfTheSameTableSharesEverythingButItsNumber() throws {
+        let config = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: shop}
+            spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: a, namespace: shop, labels: {app: web}}
+            spec: {node: n1, address: 198.18.1.10}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: web, namespace: shop}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: web}]
+              loadBalancer: {type: RoundRobin}
+              rateLimit: {requests: 5, interval: 1s}
+            """
+        let channel = EmbeddedChannel()
+        let proxy = try embeddedProxy(node: "n1", address: "198.18.1.1", config: config, on: channel)
+        let before = proxy.snapshot
+        let installed = proxy.installed.load(ordering: .acquiring)
+        let runtime = try #require(before.runtimes["shop/web:80"])
+        let guardState = try #require(before.guards["198.19.0.10:80"])
+        proxy.advance(to: before.generation + 5)
+        let after = proxy.snapshot
+        #expect(after !== before && after.generation == before.generation + 5)
+        #expect(proxy.installed.load(ordering: .acquiring) == installed + 1)
+        #expect(after.runtimes["shop/web:80"] === runtime && after.guards["198.19.0.10:80"] === guardState)
+        #expect(after.matchers["198.19.0.10:80"] === before.matchers["198.19.0.10:80"])
+        var table = after.table
+        table.generation = before.generation
+        #expect(table == before.table && after.endpoints == before.endpoints)
+        // An older or equal generation changes nothing.
+        proxy.advance(to: before.generation + 5)
+        proxy.advance(to: before.generation)
+        #expect(proxy.snapshot === after && proxy.installed.load(ordering: .acquiring) == installed + 1)
     }
 }
 

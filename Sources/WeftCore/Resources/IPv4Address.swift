@@ -5,17 +5,32 @@ public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertib
 
     public init(_ value: UInt32) { self.value = value }
 
+    /// Dotted-quad text: four decimal octets, no leading zeros. One pass
+    /// over the UTF-8 bytes (a route table with 10,000 Workloads parses
+    /// tens of thousands of these; splitting into substrings cost ~10x).
     public init?(_ text: some StringProtocol) {
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 4 else { return nil }
-        var value: UInt32 = 0
-        for part in parts {
-            guard (1...3).contains(part.count), part.allSatisfy({ $0.isASCII && $0.isNumber }),
-                  part.count == 1 || part.first != "0",
-                  let octet = UInt8(part) else { return nil }
-            value = value << 8 | UInt32(octet)
+        var value: UInt32 = 0, octet: UInt32 = 0, digits = 0, dots = 0, leadingZero = false
+        for byte in text.utf8 {
+            if byte == UInt8(ascii: ".") {
+                guard digits > 0, dots < 3 else { return nil }
+                value = value << 8 | octet
+                octet = 0
+                digits = 0
+                dots += 1
+            } else if byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") {
+                guard !leadingZero, digits < 3 else { return nil }
+                leadingZero = digits == 0 && byte == UInt8(ascii: "0")
+                octet = octet * 10 + UInt32(byte - UInt8(ascii: "0"))
+                guard octet <= 255 else { return nil }
+                digits += 1
+                continue
+            } else {
+                return nil
+            }
+            leadingZero = false
         }
-        self.value = value
+        guard dots == 3, digits > 0 else { return nil }
+        self.value = value << 8 | octet
     }
 
     /// The address in network byte order, as the kernel stores it.

@@ -211,6 +211,7 @@ extension ProxyTable {
     public init(_ state: ClusterState, generation: UInt64 = 0, health: EndpointHealth = .init(), node: String? = nil) {
         self.init(generation: generation)
         var refs: [String: WorkloadRef] = [:]
+        refs.reserveCapacity(state.workloads.count)
         for w in state.workloads {
             refs[w.address.description] = WorkloadRef(name: w.metadata.name, namespace: w.metadata.namespace,
                                                       serviceAccount: w.serviceAccount, node: w.node)
@@ -245,12 +246,18 @@ extension ProxyTable {
         if state.meshConfig.accessLog.enabled {
             accessLog = AccessLogScope(namespaces: state.meshConfig.accessLog.namespaces.sorted())
         }
-        let index = SelectorIndex(state.workloads)
+        // Built on first use: a table with no HTTP Service selects nothing.
+        var selectorIndex: SelectorIndex?
         var servicesByName: [String: Service] = [:]
-        for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
+        if !state.httpRoutes.isEmpty {
+            servicesByName.reserveCapacity(state.services.count)
+            for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
+        }
 
         var policies: [String: BackendPolicy] = [:]
         func endpoints(_ service: Service, _ port: ServicePort, cluster: String) -> [Endpoint] {
+            let index = selectorIndex ?? SelectorIndex(state.workloads)
+            selectorIndex = index
             let all = index.select(namespace: service.metadata.namespace, selector: service.selector).filter { w in
                 !service.nodeLocal || node == nil || w.node == node
             }.compactMap { w in
@@ -295,9 +302,12 @@ extension ProxyTable {
         for service in state.services {
             guard let vip = service.clusterIP else { continue }
             for port in service.ports where port.transport == .tcp {
+                let declared = Self.declaredProtocol(port)
+                // (No name is made for a port that is neither declared HTTP
+                // nor routed: most of a large table.)
+                guard declared != nil || !attached.isEmpty else { continue }
                 let key = Self.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
                 let routes = attached[key] ?? []
-                let declared = Self.declaredProtocol(port)
                 guard declared != nil || !routes.isEmpty else { continue }
                 let own = cluster(service, port)
                 var actions: [RouteAction] = []
