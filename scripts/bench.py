@@ -324,7 +324,7 @@ def scale_one_agent():
         shutil.rmtree(config, ignore_errors=True)
 
 
-PHASES = ["load", "policy", "policy-write", "table", "proxy-table", "proxy", "plan", "write", "status"]
+PHASES = ["load", "policy", "policy-write", "table", "proxy-table", "proxy", "plan", "write", "proxy-confirm", "status"]
 
 
 def report(r):
@@ -399,7 +399,8 @@ def report(r):
         "map updates; proxy-table = the node proxy's route table built and compared with the one it has; proxy = "
         "handed over, until the proxy confirms its generation (a change that leaves the table as it was, as a "
         "one-Service L4 change does, hands over only the generation, ProxyTable.generationFileName, and the proxy "
-        "moves the snapshot it has to it without compiling anything again).",
+        "moves the snapshot it has to it without compiling anything again; that one is confirmed after the map "
+        "writes: proxy-confirm).",
         "",
         "In the lab (both nodes' agents on this 2-core machine, plus the probing client and the servers):",
         "",

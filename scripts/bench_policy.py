@@ -112,6 +112,11 @@ def main():
         pods.append(f"apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: bench, "
                     f"labels: {{app: {app}}}, annotations: {{lab.weft.dev/command: \"{cmd}\"}}}}\n"
                     f"spec: {{node: {node}, address: {addr}}}\n")
+    # Plaintext across nodes: since cross-node mTLS tunnels became the
+    # default (747c56d, after the 2026-11-30 run of this bench) a meshed
+    # client's connect() would go to its node proxy instead of the server.
+    pods.append("apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: plain, namespace: bench}\n"
+                "spec: {mtls: {mode: DISABLE}}\n")
     write(config, "pods.yaml", "---\n".join(pods))
     write(config, "policy.yaml", policy_yaml(0))
     sh(WEFT, "lab", "down", check=False)

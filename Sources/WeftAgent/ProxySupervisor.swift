@@ -166,8 +166,10 @@ final class ProxySupervisor {
     }
 
     /// Writes the route table where the proxy reads it and tells the proxy.
-    func install(_ table: ProxyTable) {
-        guard table != lastTable else { return }
+    /// true: only the generation moved (the table is as the proxy has it).
+    @discardableResult
+    func install(_ table: ProxyTable) -> Bool {
+        guard table != lastTable else { return false }
         do {
             if let last = lastTable, table.generation > last.generation, table.sameContent(as: last) {
                 // Only the generation moved: the proxy keeps the table it
@@ -178,7 +180,7 @@ final class ProxySupervisor {
                 guard rename(temp, file) == 0 else { throw AgentError("rename \(temp): \(String(cString: strerror(errno)))") }
                 lastTable = table
                 signal(SIGHUP)
-                return
+                return true
             }
             let data = try JSONEncoder().encode(table)
             let temp = runDirectory + "/.proxy-table.json.tmp"
@@ -193,6 +195,7 @@ final class ProxySupervisor {
         } catch {
             logger.error("cannot write the proxy's route table: \(error)")
         }
+        return false
     }
 
     /// Writes the identity bundle (mode 0600) where the proxy reads it and

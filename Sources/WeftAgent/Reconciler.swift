@@ -106,12 +106,17 @@ final class Reconciler {
 
     /// The cgroup id of every local pod whose cgroup exists (the kernel's
     /// bpf_get_current_cgroup_id() is the directory's inode number).
+    /// Relative paths are looked up from the node cgroup's directory, held
+    /// open for the pass: with thousands of local pods, walking the whole
+    /// path from / for each was most of the reconcile's time.
     private func localCgroups(_ state: ClusterState) -> (ids: [UInt64: IPv4Address], missing: [String]) {
         var ids: [UInt64: IPv4Address] = [:]
         var missing: [String] = []
+        let base = Host.CgroupDirectory(nodeCgroup)
         for w in state.workloads where w.node == configuration.node {
-            let path = w.cgroupPath.hasPrefix("/") ? w.cgroupPath : "\(nodeCgroup)/\(w.cgroupPath)"
-            if let id = Host.cgroupID(path) { ids[id] = w.address } else { missing.append(w.metadata.qualifiedName) }
+            let path = w.cgroupPath
+            let id = path.hasPrefix("/") ? Host.cgroupID(path) : base.cgroupID(path)
+            if let id { ids[id] = w.address } else { missing.append(w.metadata.qualifiedName) }
         }
         return (ids, missing)
     }
@@ -216,6 +221,10 @@ final class Reconciler {
             // forgets one only after the kernel stopped: until the service
             // maps are written it gets the union of old and new frontends.
             var proxyTable: ProxyTable?
+            // A generation-only hand-over (the table as the proxy has it)
+            // carries nothing the kernel's new entries depend on: it is
+            // confirmed after the map writes, off the path to them.
+            var confirmAfterWrites = false
             if let proxy {
                 var desired = ProxyTable(state, generation: generation, health: health, node: configuration.node)
                 if identities != nil {
@@ -235,8 +244,9 @@ final class Reconciler {
                 }
                 mark("proxy-table")
                 if union != proxy.lastTable {
-                    proxy.install(union)
-                    if !proxy.waitForGeneration(generation) {
+                    if proxy.install(union) {
+                        confirmAfterWrites = true
+                    } else if !proxy.waitForGeneration(generation) {
                         logger.warning("the proxy has not confirmed route table generation \(generation) within 500 ms")
                     }
                 }
@@ -253,6 +263,12 @@ final class Reconciler {
             do {
                 try maps.apply(writes)
                 mark("write")
+                if confirmAfterWrites, let proxy {
+                    if !proxy.waitForGeneration(generation) {
+                        logger.warning("the proxy has not confirmed route table generation \(generation) within 500 ms")
+                    }
+                    mark("proxy-confirm")
+                }
             } catch {
                 kernelUncertain = true
                 throw error

@@ -37,6 +37,29 @@ public enum Host {
         return UInt64(st.st_ino)
     }
 
+    /// A cgroup directory held open to look up the ids of cgroups
+    /// below it by relative path, without walking from / for each.
+    public final class CgroupDirectory {
+        private let fd: Int32
+        private let path: String
+
+        public init(_ path: String) {
+            self.path = path
+            fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        }
+
+        deinit { if fd >= 0 { close(fd) } }
+
+        /// The id of the cgroup at `relative` below this one; nil when
+        /// there is none (or the directory could not be opened).
+        public func cgroupID(_ relative: String) -> UInt64? {
+            guard fd >= 0 else { return Host.cgroupID(path + "/" + relative) }
+            var st = stat()
+            guard fstatat(fd, relative, &st, 0) == 0 else { return nil }
+            return UInt64(st.st_ino)
+        }
+    }
+
     /// Effective capabilities of this process, from /proc/self/status.
     static func effectiveCapabilities() -> UInt64 {
         guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),

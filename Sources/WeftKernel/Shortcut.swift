@@ -2,6 +2,7 @@ import CLibbpf
 import Foundation
 import Glibc
 import Logging
+import Synchronization
 import WeftABI
 import WeftCore
 
@@ -158,6 +159,12 @@ public final class ShortcutMaps: Sendable {
             if a.receives { flags |= UInt32(WEFT_ACCEL_LOCAL_RECEIVE) }
             want[a.address, default: 0] |= flags
         }
+        // The table this process last wrote whole: the same again needs no
+        // look at the kernel (one lookup per local pod, then every key).
+        // Forgotten before writing, so a write that fails part-way is
+        // checked entry by entry next time.
+        if lastLocal.withLock({ $0 }) == want { return 0 }
+        lastLocal.withLock { $0 = nil }
         var writes = 0
         for (address, flags) in want where try local.lookup(Self.key(address)) != flags {
             try local.update(Self.key(address), flags)
@@ -169,8 +176,10 @@ public final class ShortcutMaps: Sendable {
             try local.delete(key)
             writes += 1
         }
+        lastLocal.withLock { $0 = want }
         return writes
     }
+    private let lastLocal = Mutex<[IPv4Address: UInt32]?>(nil)
 
     static func key(_ a: IPv4Address) -> weft_accel_addr {
         var k = weft_accel_addr()

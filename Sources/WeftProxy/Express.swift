@@ -179,9 +179,8 @@ enum Express {
                 break
             case .limited(let limitKey, let wait):
                 proxy.stats.rateLimited.add(1, ordering: .relaxed)
-                let seconds = max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))
-                return answer(429, "weft: rate limit of \(matcher.frontend.name) reached for \(limitKey)\n",
-                              [("retry-after", String(seconds))], "RL")
+                let limited = FrontendGuard.limitedAnswer(frontend: matcher.frontend.name, key: limitKey, wait: wait)
+                return answer(429, limited.body, [limited.retryAfter], "RL")
             case .abort(let status):
                 proxy.stats.faultsAborted.add(1, ordering: .relaxed)
                 return answer(status, HTTPProxyHandler.faultAbortBody, [], "FI")

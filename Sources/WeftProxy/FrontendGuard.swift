@@ -33,6 +33,14 @@ final class FrontendGuard: Sendable {
         case delay(Duration)
     }
 
+    /// What a request over the rate limit of `key` is answered (429), on
+    /// either path: the body, and Retry-After in whole seconds (at least 1)
+    /// until a token is there.
+    static func limitedAnswer(frontend: String, key: String, wait: Duration) -> (body: String, retryAfter: (String, String)) {
+        let seconds = max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))
+        return ("weft: rate limit of \(frontend) reached for \(key)\n", ("retry-after", String(seconds)))
+    }
+
     /// The rate limit, then the faults, for one request to `route` from
     /// `source`; `header` gives a field's first value (a limit keyed by a
     /// header). Kept out of line (like every per-request TrafficPolicy

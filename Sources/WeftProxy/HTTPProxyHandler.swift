@@ -417,9 +417,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             case .limited(let key, let wait):
                 proxy.stats.rateLimited.add(1, ordering: .relaxed)
                 record?.flags.append("RL")
-                let seconds = max(1, Int((Double(wait.nanoseconds) / 1e9).rounded(.up)))
-                return respondLocally(head, .tooManyRequests, "weft: rate limit of \(matcher.frontend.name) reached for \(key)\n",
-                                      keepAlive: keepAlive, extraHeaders: [("retry-after", "\(seconds)")])
+                let limited = FrontendGuard.limitedAnswer(frontend: matcher.frontend.name, key: key, wait: wait)
+                return respondLocally(head, .tooManyRequests, limited.body, keepAlive: keepAlive, extraHeaders: [limited.retryAfter])
             case .abort(let status):
                 proxy.stats.faultsAborted.add(1, ordering: .relaxed)
                 record?.flags.append("FI")

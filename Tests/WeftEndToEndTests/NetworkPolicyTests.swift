@@ -505,6 +505,60 @@ struct NetworkPolicyEndToEnd {
         #expect(drops >= 2, "\(drops) UDP drops counted at prod/api")
     }
 
+    /// A pod declared before its cgroup exists (a kubelet makes it after
+    /// the pod is scheduled): the agent reports it missing, looks again
+    /// every second, and from when the directory appears the pod's own
+    /// egress policy holds at its connect(). (The directory is looked up
+    /// relative to the node's cgroup, held open: Reconciler.localCgroups.)
+    @Test func aPodWhoseCgroupAppearsLaterIsJudgedFromThenOn() throws {
+        let lateOut = PolicySpec(ns: "default", name: "late-out", select: ["app": "late"], types: ["Egress"])
+        let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": render(lateOut)])
+        let state = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "/run/weft/lab/state.json"))) as? [String: Any]
+        let nodes = state?["nodes"] as? [[String: Any]] ?? []
+        let nodeCgroup = try #require(nodes.first { $0["name"] as? String == "n1" }?["cgroup"] as? String)
+        let directory = nodeCgroup + "/weft-e2e-late"
+        defer {
+            rmdir(directory)
+            lab.down()
+        }
+        let target = "tcp:198.18.2.10:80"
+        for _ in 0..<100 where decode(try lab.tool(in: "default/client", ["matrix", target, "0.5"]))[target] != "connected" {
+            usleep(100_000)
+        }
+        func agentStatus() throws -> [String: Any] {
+            let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/status"])
+            return try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] ?? [:]
+        }
+        let before = try lab.generations()
+        try lab.write("late.yaml", """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: late, namespace: default, labels: {app: late}}
+            spec: {node: n1, address: 198.18.1.13, cgroup: weft-e2e-late}
+            """)
+        try lab.waitForGeneration(after: before)
+        #expect(try agentStatus()["missingCgroups"] as? [String] == ["default/late"])
+        // A process in the client's network namespace, in the late pod's
+        // cgroup once it exists.
+        func fromLatePod() throws -> String {
+            let r = try LabHarness.run(["lab", "run-in", "--netns", "weft-pod-default-client", "--cgroup", directory, "--",
+                                        "/usr/bin/python3", LabHarness.tool, "matrix", target, "0.5"])
+            let line = r.output.split(separator: "\n").last.map(String.init) ?? ""
+            let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] ?? [:]
+            return decode(json)[target] ?? "-"
+        }
+        #expect(mkdir(directory, 0o755) == 0, "mkdir \(directory): \(String(cString: strerror(errno)))")
+        var missing: [String]? = ["default/late"]
+        for _ in 0..<40 where missing?.isEmpty != true {
+            usleep(100_000)
+            missing = try agentStatus()["missingCgroups"] as? [String]
+        }
+        #expect(missing == [], "the agent did not find the new cgroup within 4 s: \(LabHarness.agentLog("n1"))")
+        #expect(try fromLatePod() == "EPERM", "the late pod's egress policy does not hold")
+        // The client itself (no policy) still connects.
+        #expect(decode(try lab.tool(in: "default/client", ["matrix", target, "0.5"]))[target] == "connected")
+    }
+
     @Test func policyChangesReachNewConnectionsWithin100msAndBadInputKeepsTheOldPolicy() throws {
         let lab = try LabHarness(files: ["pods.yaml": podManifests(), "policies.yaml": render(dbFromProd) + "---\n" + render(apiFromBlock)])
         defer { lab.down() }

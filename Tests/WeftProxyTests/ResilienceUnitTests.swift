@@ -208,6 +208,12 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         // Another source is not in the fault's scope: it passes.
         guard case .pass = judge(other, tenant: "t2") else { Issue.record("expected other's request to pass"); return }
         #expect(guardState.limited.load(ordering: .relaxed) == 1 && guardState.aborted.load(ordering: .relaxed) == 2)
+        // The 429 either path answers: whole seconds up, never 0.
+        let answer = FrontendGuard.limitedAnswer(frontend: "shop/web:http", key: "t1", wait: wait)
+        #expect(answer.body == "weft: rate limit of shop/web:http reached for t1\n")
+        #expect(answer.retryAfter.0 == "retry-after" && Int(answer.retryAfter.1).map { $0 > 3000 && $0 <= 3600 } == true)
+        #expect(FrontendGuard.limitedAnswer(frontend: "f", key: "k", wait: .milliseconds(10)).retryAfter.1 == "1")
+        #expect(FrontendGuard.limitedAnswer(frontend: "f", key: "k", wait: .milliseconds(1001)).retryAfter.1 == "2")
     }
 }
 

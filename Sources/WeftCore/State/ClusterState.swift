@@ -45,6 +45,8 @@ public struct ClusterState: Hashable, Sendable {
         // (Sized once: growing these through 20,000 documents rehashed them
         // a dozen times on every reconcile.)
         names.reserveCapacity(resources.count)
+        clusterIPs.reserveCapacity(resources.count)
+        addresses.reserveCapacity(resources.count)
         for located in resources {
             let resource = located.resource
             let key = Name(kind: resource.kind, namespace: resource.metadata.namespace, name: resource.metadata.name)
