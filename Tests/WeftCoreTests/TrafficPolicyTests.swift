@@ -174,4 +174,40 @@ struct TrafficPolicyTests {
         #expect(EndpointHealth.usable([1, 2, 3], panicThreshold: 0) { $0 != 1 } == ([1], false))
         #expect(EndpointHealth.usable([1, 2], panicThreshold: 0) { _ in true } == ([1, 2], true))
     }
+
+    /// UDP is not probed: a pod failing its check on a TCP port of the
+    /// Service leaves the Service's UDP port too, and only that Service's
+    /// (another Service's TCP failures, or a failure on an unrelated port
+    /// number, say nothing about this one's UDP port). A UDP-only Service
+    /// cannot take a health check.
+    @Test func aUDPPortFollowsItsPodsChecksOnTheServicesTCPPorts() throws {
+        let dns = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: dns, namespace: shop}
+            spec: {clusterIP: 198.19.0.53, selector: {app: web}, ports: [{name: udp, port: 53, protocol: UDP, targetPort: 5353}, {name: tcp, port: 53, targetPort: 5353}]}
+            """
+        let (state, errors) = parse(service + "\n---\n" + dns + "\n---\n" + policy("healthCheck: {interval: 1s}", target: "dns"))
+        let s = try #require(state, "\(errors)")
+        func tcp(_ ip: String) -> BackendAddress { BackendAddress(address: IPv4Address(ip)!, port: 5353, transport: .tcp) }
+        func udp(_ ip: String) -> BackendAddress { BackendAddress(address: IPv4Address(ip)!, port: 5353, transport: .udp) }
+        let udpFrontend = Frontend(vip: IPv4Address("198.19.0.53")!, port: 53, transport: .udp)
+        let tcpFrontend = Frontend(vip: IPv4Address("198.19.0.53")!, port: 53, transport: .tcp)
+        let failing = EndpointHealth(failing: ["shop/dns:53": [tcp("198.18.2.11")]])
+        #expect(ServiceTable(s, health: failing).entries[udpFrontend]?.backends == [udp("198.18.1.10"), udp("198.18.2.10")])
+        #expect(ServiceTable(s, health: failing).entries[tcpFrontend]?.backends == [tcp("198.18.1.10"), tcp("198.18.2.10")])
+        // Another Service's failures (web:80, same pods) do not reach dns.
+        let elsewhere = EndpointHealth(failing: ["shop/web:80": [BackendAddress(address: IPv4Address("198.18.2.11")!, port: 8080, transport: .tcp)]])
+        #expect(ServiceTable(s, health: elsewhere).entries[udpFrontend]?.backends.count == 3)
+        // The panic threshold holds for the UDP port as for the TCP one.
+        let most = EndpointHealth(failing: ["shop/dns:53": [tcp("198.18.2.10"), tcp("198.18.2.11")]])
+        #expect(ServiceTable(s, health: most).entries[udpFrontend]?.backends.count == 3)
+        #expect(ServiceTable(s, health: most).panic == [udpFrontend, tcpFrontend])
+
+        let udpOnly = dns.replacingOccurrences(of: ", {name: tcp, port: 53, targetPort: 5353}", with: "")
+        let (_, refused) = parse(service + "\n---\n" + udpOnly + "\n---\n" + policy("healthCheck: {interval: 1s}", target: "dns"))
+        #expect(refused.contains { $0.contains("spec.targetRefs[0].name: Service shop/dns has no TCP port for healthCheck to probe") }, "\(refused)")
+        let (fine, _) = parse(service + "\n---\n" + udpOnly + "\n---\n" + policy("circuitBreaker: {maxRequests: 5}", target: "dns"))
+        #expect(fine != nil, "a UDP-only Service may take a TrafficPolicy without a health check")
+    }
 }

@@ -59,12 +59,13 @@ private func waitForServers(_ lab: LabHarness, _ addresses: [String]) throws {
     }
 }
 
-/// A pod answering every UDP datagram on 5353 with its name (labtool udp-name).
-private func dnsPod(_ name: String, _ node: String, _ address: String) -> String {
+/// A pod answering every UDP datagram on 5353 with its name (labtool
+/// udp-name); with `tcp`, also accepting TCP connections on 5353.
+private func dnsPod(_ name: String, _ node: String, _ address: String, tcp: Bool = false) -> String {
     """
     apiVersion: weft.dev/v1alpha1
     kind: Workload
-    metadata: {name: \(name), namespace: \(ns), labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
+    metadata: {name: \(name), namespace: \(ns), labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353\(tcp ? " 5353" : "")"}}
     spec: {node: \(node), address: \(address), ports: [{name: dns, port: 5353, protocol: UDP}]}
     """
 }
@@ -154,6 +155,56 @@ struct ServiceLoadBalancingTests {
             let denied = try lab.tool(in: "client", ["udp-tally", mode, "198.18.2.20", "53", "1"])
             #expect(denied["errors"] as? [String: Int] == ["EPERM": 1], "\(mode): \(denied)")
         }
+    }
+
+    /// UDP is not probed: a pod failing its TrafficPolicy health check on
+    /// the Service's TCP port leaves the Service's UDP port too, as a
+    /// failed readiness probe takes a pod out of every port. dns-3 answers
+    /// datagrams but takes no TCP connection: the checked Service stops
+    /// sending it datagrams, the same pods' unchecked Service does not.
+    @Test func aUDPPortLeavesWithItsPodsFailedTCPCheck() throws {
+        let pods = [client, dnsPod("dns-1", "n1", "198.18.1.20", tcp: true), dnsPod("dns-2", "n2", "198.18.2.20", tcp: true),
+                    dnsPod("dns-3", "n2", "198.18.2.21")].joined(separator: "\n---\n")
+        let services = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: dns-checked, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.32, selector: {app: dns}, ports: [{name: dns, port: 53, targetPort: 5353, protocol: UDP}, {name: dns-tcp, port: 53, targetPort: 5353}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: dns-plain, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.33, selector: {app: dns}, ports: [{name: dns, port: 53, targetPort: 5353, protocol: UDP}]}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: dns-checked, namespace: \(ns)}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: dns-checked}]
+              healthCheck: {interval: 1s, timeout: 500ms, healthyThreshold: 1}
+            """
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": pods])
+        defer { lab.down() }
+        try waitForUDPServers(lab, ["198.18.1.20", "198.18.2.20", "198.18.2.21"])
+        func tally(_ vip: String, _ n: Int) throws -> [String: Int] {
+            let r = try lab.tool(in: "client", ["udp-tally", "udps", vip, "53", "\(n)"])
+            #expect((r["errors"] as? [String: Int])?.isEmpty == true, "\(vip): \(r)")
+            return r["backends"] as? [String: Int] ?? [:]
+        }
+        // Two intervals and the confirming probe: dns-3 is out by then.
+        var checked: [String: Int] = [:]
+        for _ in 0..<50 {
+            checked = try tally("198.19.0.32", 30)
+            if checked["dns-3"] == nil { break }
+            usleep(100_000)
+        }
+        checked = try tally("198.19.0.32", 300)
+        #expect(Set(checked.keys) == ["dns-1", "dns-2"] && checked.values.reduce(0, +) == 300, "\(checked)")
+        let plain = try tally("198.19.0.33", 300)
+        #expect(Set(plain.keys) == ["dns-1", "dns-2", "dns-3"], "the unchecked Service over the same pods: \(plain)")
+        let table = try LabHarness.run(["get", "services", "--node", "n1"]).output
+        let udpLine = table.split(separator: "\n").first { $0.contains("198.19.0.32:53/UDP") }.map(String.init) ?? ""
+        #expect(udpLine.contains("198.18.2.20") && !udpLine.contains("198.18.2.21"), "\(table)")
     }
 
     /// sessionAffinity: ClientIP, in the kernel: each client pod (its

@@ -152,9 +152,12 @@ extension ClusterState {
     /// A TrafficPolicy must target Services that exist, and a Service takes
     /// at most one: two would leave which one wins to file order.
     static func checkTrafficPolicyTargets(_ resources: [LocatedResource]) -> [ManifestError] {
-        var services: Set<String> = []
+        // Each Service by name: whether it has a TCP port.
+        var services: [String: Bool] = [:]
         for located in resources {
-            if case .service(let s) = located.resource { services.insert(s.metadata.qualifiedName) }
+            if case .service(let s) = located.resource {
+                services[s.metadata.qualifiedName] = s.ports.contains { $0.transport == .tcp }
+            }
         }
         var errors: [ManifestError] = []
         var owner: [String: (String, DocumentLocation)] = [:]
@@ -163,8 +166,15 @@ extension ClusterState {
             for (i, target) in policy.targets.enumerated() {
                 let name = "\(policy.metadata.namespace)/\(target)"
                 let field = "spec.targetRefs[\(i)].name"
-                guard services.contains(name) else {
+                guard let hasTCP = services[name] else {
                     errors.append(ManifestError(located.location, field: field, "no Service \(name) in this config"))
+                    continue
+                }
+                // Checks are TCP (or HTTP over it); a UDP port takes its
+                // pod's result from the Service's TCP ports.
+                if policy.healthCheck != nil, !hasTCP {
+                    errors.append(ManifestError(located.location, field: field,
+                                                "Service \(name) has no TCP port for healthCheck to probe (a UDP port follows its pod's checks on the Service's TCP ports)"))
                     continue
                 }
                 if let (other, at) = owner[name] {

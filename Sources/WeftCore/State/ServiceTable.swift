@@ -83,6 +83,18 @@ public struct ServiceTable: Hashable, Sendable {
             guard let vip = service.clusterIP else { continue }
             var selected = index.selectIndices(namespace: service.metadata.namespace, selector: service.selector)
             if service.nodeLocal, let node { selected = selected.filter { workloads[$0].node == node } }
+            // UDP (and SCTP) is not probed: a pod failing its check on any
+            // of the Service's TCP ports leaves its other ports too (as a
+            // failed readiness probe takes a pod out of every port's endpoints).
+            var failingPods: Set<IPv4Address>?
+            if !health.failing.isEmpty, service.ports.contains(where: { $0.transport != .tcp }) {
+                var pods = Set<IPv4Address>()
+                for port in service.ports where port.transport == .tcp {
+                    let cluster = ProxyTable.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
+                    for b in health.failing[cluster] ?? [] where b.transport == .tcp { pods.insert(b.address) }
+                }
+                if !pods.isEmpty { failingPods = pods }
+            }
             for port in service.ports {
                 var backends = selected.compactMap { i -> BackendAddress? in
                     guard let target = workloads[i].resolve(port.targetPort, transport: port.transport) else { return nil }
@@ -95,12 +107,14 @@ public struct ServiceTable: Hashable, Sendable {
                 let needsProxy = !l7.isEmpty && l7.contains(cluster) && port.transport == .tcp
                 // Health: failing backends leave; so do the proxy's
                 // ejections, for ports the kernel alone serves.
-                let failing = health.failing.isEmpty ? nil : health.failing[cluster]
-                if failing != nil || (!needsProxy && !health.ejected.isEmpty) {
+                let failing = health.failing.isEmpty || port.transport != .tcp ? nil : health.failing[cluster]
+                let failingPod = port.transport != .tcp ? failingPods : nil
+                if failing != nil || failingPod != nil || (!needsProxy && !health.ejected.isEmpty) {
                     let threshold = state.trafficPolicy(forService: service.metadata.qualifiedName)?.healthCheck?.panicThreshold
                         ?? EndpointHealth.defaultPanicThreshold
                     let usable = EndpointHealth.usable(backends, panicThreshold: threshold) { b in
-                        (failing?.contains(b) ?? false) || (!needsProxy && health.ejected.contains(b))
+                        (failing?.contains(b) ?? false) || (failingPod?.contains(b.address) ?? false)
+                            || (!needsProxy && health.ejected.contains(b))
                     }
                     backends = usable.backends
                     if usable.panic { panic.insert(Frontend(vip: vip, port: port.port, transport: port.transport)) }

@@ -153,8 +153,12 @@ def listen(*ports):
         time.sleep(3600)
 
 
-def udp_name(port):
-    """A UDP server answering every datagram with its pod's name."""
+def udp_name(port, tcp_port=None):
+    """A UDP server answering every datagram with its pod's name; with
+    tcp_port, also a TCP listener there that accepts and closes (what a
+    health check connects to)."""
+    if tcp_port is not None:
+        threading.Thread(target=listen, args=("tcp:" + tcp_port,), daemon=True).start()
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.bind(("0.0.0.0", int(port)))
     name = os.environ.get("WEFT_POD_NAME", "?").encode()
