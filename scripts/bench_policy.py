@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import agent, generation, sh, write_config as write, write_section  # noqa: E402
+from benchdoc import agent, generation, revision, sh, write_config as write, write_section  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 TOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/labtool.py")
@@ -233,11 +233,11 @@ def report(results):
         "## L4 policy: connection setup vs. rules in force, Weft vs iptables (issue #3)",
         "",
         f"Made by `scripts/bench policy` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, kernel {os.uname().release}), "
-        f"release build. {ROUNDS} rotating rounds of {SECONDS:.0f} s per row and side; medians. iptables: `{IPTABLES}` "
+        f"release build at {revision()}. {ROUNDS} rotating rounds of {SECONDS:.0f} s per row and side; medians. iptables: `{IPTABLES}` "
         f"({sh(IPTABLES, '-V').strip()}).",
         "",
         "Client pod on n1 opens new TCP connections back to back (connect, then close with RST) to one of two identical "
-        "server pods on n2. `server-weft` is selected by one NetworkPolicy with N ingress rules, each a /32 ipBlock and a "
+        "server pods on n2 (in plaintext, straight across: the bench namespace is under PeerAuthentication DISABLE). `server-weft` is selected by one NetworkPolicy with N ingress rules, each a /32 ipBlock and a "
         "port, the last allowing the client; Weft judges each connection at the client's connect() (the destination's "
         "ingress policy, checked at the source) and again on the SYN at the server (cgroup_skb). `server-ipt` has no "
         "NetworkPolicy and the same N rules as iptables in its network namespace, laid out as kube-proxy and "

@@ -24,24 +24,25 @@ public final class ManifestCache {
         } catch {
             return .failure(ManifestErrors([ManifestError(DocumentLocation(file: directory, document: 0), field: "", "\(error)")]))
         }
-        var resources: [LocatedResource] = []
+        // Each file's resources as the array parsed (not joined into one).
+        var resources: [[LocatedResource]] = []
         var errors: [ManifestError] = []
         var seen: Set<String> = []
         for file in files {
             seen.insert(file)
             guard let stamp = Self.stamp(file) else { continue }  // removed meanwhile
             if let cached = parsed[file], cached.stamp == stamp {
-                resources += cached.resources
+                resources.append(cached.resources)
                 errors += cached.errors
                 continue
             }
             let result = ManifestSource.read(paths: [file])
             parsed[file] = (stamp, result.resources, result.errors)
-            resources += result.resources
+            resources.append(result.resources)
             errors += result.errors
         }
         parsed = parsed.filter { seen.contains($0.key) }
-        return ClusterState.build(resources, parseErrors: errors)
+        return ClusterState.build(chunks: resources, parseErrors: errors)
     }
 
     private static func stamp(_ file: String) -> Stamp? {
