@@ -39,7 +39,6 @@
 #define WEFT_MAP_ACCEL_SPLICE "weft_accel_splice"
 #define WEFT_MAP_ACCEL_SPLICED "weft_accel_spliced"
 #define WEFT_MAP_FLOWS        "weft_flows"
-#define WEFT_MAP_FLOW_SOCK    "weft_flow_sock"
 #define WEFT_MAP_TELEMETRY_CONFIG "weft_telemetry_config"
 #define WEFT_MAP_AFFINITY     "weft_affinity"
 
@@ -61,7 +60,7 @@
 #define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
 #define WEFT_MAX_FLOWS          16384   /* connection counters per (client pod, destination, port) (LRU) */
 #define WEFT_MAX_AFFINITY       65536   /* sessionAffinity ClientIP: (client, Service port) -> backend (LRU) */
-#define WEFT_ABI_VERSION        8
+#define WEFT_ABI_VERSION        9
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,

@@ -117,16 +117,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_telemetry_config SEC(".maps");
 
-/* The flow key of each client socket sockops counts, from its connect to
- * its close (its presence marks the socket as counted). */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct weft_flow_key);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_flow_sock SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, WEFT_MAX_UDP_FLOWS);
