@@ -284,3 +284,34 @@ final class ProxySupervisor {
         return args[i + 1] == node
     }
 }
+
+/// The node proxy's run directory, as `weft agent --uninstall` leaves it.
+public enum ProxyRunDirectory {
+    /// `weft agent --uninstall`: the node's proxy drains and exits (up to
+    /// `drain`), and what the agent wrote for it goes: the route table, its
+    /// generation, the identity bundle (private keys), then the run
+    /// directory, unless something else is left in it (returned: the names
+    /// of what is, such as an access log).
+    public static func remove(node: String, drain: Duration = .seconds(5)) -> [String] {
+        let run = AgentConfiguration.runDirectory(node: node)
+        let pidFile = run + "/proxy.pid"
+        if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+           let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+           case let args = cmdline.split(separator: 0).map({ String(decoding: $0, as: UTF8.self) }),
+           args.contains("proxy"), let i = args.firstIndex(of: "--node"), i + 1 < args.count, args[i + 1] == node {
+            kill(pid, SIGTERM)
+            let deadline = ContinuousClock.now + drain
+            while kill(pid, 0) == 0, ContinuousClock.now < deadline { usleep(20_000) }
+        }
+        for name in ["proxy.pid", "proxy-table.json", ".proxy-table.json.tmp", ProxyTable.generationFileName,
+                     "." + ProxyTable.generationFileName + ".tmp", IdentityBundle.fileName, "." + IdentityBundle.fileName + ".tmp"] {
+            unlink(run + "/" + name)
+        }
+        if rmdir(run) == 0 || errno == ENOENT {
+            rmdir((run as NSString).deletingLastPathComponent)  // /run/weft, if no other node's
+            return []
+        }
+        return ((try? FileManager.default.contentsOfDirectory(atPath: run)) ?? []).sorted()
+    }
+}

@@ -29,14 +29,11 @@ struct AgentCommand: ParsableCommand {
         logger.logLevel = ProcessInfo.processInfo.environment["WEFT_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         if uninstall {
             let dir = pinDir ?? Datapath.defaultPinDirectory(node: node)
-            // The proxy goes with the datapath: it drains and exits.
-            let pidFile = AgentConfiguration.runDirectory(node: node) + "/proxy.pid"
-            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
-               let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
-               String(decoding: cmdline, as: UTF8.self).contains("proxy") {
-                kill(pid, SIGTERM)
-                try? FileManager.default.removeItem(atPath: pidFile)
+            // The proxy goes with the datapath: it drains and exits, and
+            // the files the agent wrote for it (keys included) go too.
+            let left = ProxyRunDirectory.remove(node: node)
+            if !left.isEmpty {
+                print("left in \(AgentConfiguration.runDirectory(node: node)): \(left.joined(separator: ", "))")
             }
             try Datapath.uninstall(pinDirectory: dir)
             print("removed \(dir): programs detached, maps released")

@@ -84,4 +84,68 @@ import Testing
         #expect(out == "weft agent: weft agent needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load eBPF programs; run it as root.\n", "\(out)")
         #expect(!FileManager.default.fileExists(atPath: "/sys/fs/bpf/weft/weft-unprivileged"))
     }
+
+    /// `weft agent --uninstall` takes the node proxy with the datapath: the
+    /// proxy exits, and the files the agent wrote for it (route table, its
+    /// generation, the identity bundle with private keys) go with the run
+    /// directory; anything else there is left and named.
+    @Test(.enabled(if: LabHarness.canRun, LabHarness.skipReason))
+    func agentUninstallRemovesTheProxyAndItsRunState() throws {
+        try #require(LabHarness.isRoot, "CI=true: must run as root")
+        let node = "weft-e2e-uninstall"
+        let run = "/run/weft/\(node)"
+        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+        var cgroup2: String?
+        for line in mounts.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            if fields.count > 2, fields[2] == "cgroup2" { cgroup2 = String(fields[1]); break }
+        }
+        let cgroup = try #require(cgroup2, "no cgroup v2 mount") + "/" + node
+        let config = try file("agent/web.yaml", """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: shop}
+            spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{name: http, port: 80, appProtocol: http}]}
+            """)
+        mkdir(cgroup, 0o755)
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: LabHarness.weft)
+        agent.arguments = ["agent", "--config", (config as NSString).deletingLastPathComponent, "--node", node,
+                           "--cgroup", cgroup, "--metrics-addr", "127.0.0.1:0"]
+        agent.standardOutput = FileHandle.nullDevice
+        agent.standardError = FileHandle.nullDevice
+        try agent.run()
+        defer {
+            if agent.isRunning { agent.terminate(); agent.waitUntilExit() }
+            _ = try? LabHarness.run(["agent", "--node", node, "--uninstall"])
+            try? FileManager.default.removeItem(atPath: run)  // also when the uninstall failed to
+            rmdir(cgroup)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        var proxyPid: Int32?
+        for _ in 0..<100 where proxyPid == nil || !FileManager.default.fileExists(atPath: run + "/proxy-table.json") {
+            usleep(50_000)
+            proxyPid = (try? String(contentsOfFile: run + "/proxy.pid", encoding: .utf8))
+                .flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+        let pid = try #require(proxyPid, "no proxy started")
+        agent.terminate()
+        agent.waitUntilExit()
+        // The agent exits alone; its proxy stays until the uninstall.
+        #expect(kill(pid, 0) == 0, "the proxy went with the agent")
+        // Stand-ins for a bundle the agent would write with a CA, and for a
+        // file that is not the agent's.
+        try "{}".write(toFile: run + "/identities.json", atomically: false, encoding: .utf8)
+        try "kept\n".write(toFile: run + "/notes.txt", atomically: false, encoding: .utf8)
+        let first = try LabHarness.run(["agent", "--node", node, "--uninstall"])
+        #expect(first.status == 0, "\(first.output)")
+        #expect(first.output.contains("left in \(run): notes.txt"), "\(first.output)")
+        #expect(kill(pid, 0) != 0, "the proxy still runs after the uninstall")
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: run)) ?? []
+        #expect(left == ["notes.txt"], "\(left)")
+        unlink(run + "/notes.txt")
+        let again = try LabHarness.run(["agent", "--node", node, "--uninstall"])
+        #expect(!FileManager.default.fileExists(atPath: run), "\(again.output)")
+        #expect(!FileManager.default.fileExists(atPath: "/sys/fs/bpf/weft/\(node)"))
+    }
 }
