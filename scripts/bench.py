@@ -396,7 +396,7 @@ def report(r):
         "load = read, parse (files over 256 KiB are split at document markers and parsed on every core) and validate "
         "the whole set; policy = NetworkPolicy compiled to map entries, and policy-write their writes; table = selectors "
         "to backends; plan = map diff, only for frontends whose backends changed (a full plan at start); write = batched "
-        "map updates; proxy-table = the node proxy's route table built and compared with the one it has; proxy = "
+        "map updates; proxy-table = the node proxy's route table built; proxy = compared with the one the proxy has and "
         "handed over, until the proxy confirms its generation (a change that leaves the table as it was, as a "
         "one-Service L4 change does, hands over only the generation, ProxyTable.generationFileName, and the proxy "
         "moves the snapshot it has to it without compiling anything again; that one is confirmed after the map "

@@ -76,7 +76,7 @@ final class ProxySupervisor {
     /// Adopts the proxy a previous agent left running, or starts one.
     func start() {
         Self.migrateAcceptQueues(logger: logger)
-        if let pid = readPidFile(), isOurProxy(pid) {
+        if let pid = readPidFile(), Self.isProxy(pid, node: node) {
             let fd = weft_pidfd_open(pid)
             if fd >= 0 {
                 current = Instance(pid: pid, pidfd: fd, started: .now, process: nil)
@@ -165,13 +165,23 @@ final class ProxySupervisor {
         if let nextStart, nextStart <= .now { spawn() }
     }
 
-    /// Writes the route table where the proxy reads it and tells the proxy.
-    /// true: only the generation moved (the table is as the proxy has it).
+    /// What `install` handed the proxy.
+    enum Handover {
+        /// Nothing: the proxy has this table and generation (or the write failed, which is logged).
+        case none
+        /// Only a newer generation of the table it has.
+        case generation
+        /// The whole table.
+        case table
+    }
+
+    /// Writes the route table where the proxy reads it and tells the proxy;
+    /// one comparison with the table it has decides how much.
     @discardableResult
-    func install(_ table: ProxyTable) -> Bool {
-        guard table != lastTable else { return false }
+    func install(_ table: ProxyTable) -> Handover {
         do {
-            if let last = lastTable, table.generation > last.generation, table.sameContent(as: last) {
+            if let last = lastTable, table.sameContent(as: last) {
+                guard table.generation > last.generation else { return .none }
                 // Only the generation moved: the proxy keeps the table it
                 // read and takes this generation (ProxyTable.generationFileName).
                 let file = runDirectory + "/" + ProxyTable.generationFileName
@@ -180,7 +190,7 @@ final class ProxySupervisor {
                 guard rename(temp, file) == 0 else { throw AgentError("rename \(temp): \(String(cString: strerror(errno)))") }
                 lastTable = table
                 signal(SIGHUP)
-                return true
+                return .generation
             }
             let data = try JSONEncoder().encode(table)
             let temp = runDirectory + "/.proxy-table.json.tmp"
@@ -192,10 +202,11 @@ final class ProxySupervisor {
             guard rename(temp, tableFile) == 0 else { throw AgentError("rename \(temp): \(String(cString: strerror(errno)))") }
             lastTable = table
             signal(SIGHUP)
+            return .table
         } catch {
             logger.error("cannot write the proxy's route table: \(error)")
+            return .none
         }
-        return false
     }
 
     /// Writes the identity bundle (mode 0600) where the proxy reads it and
@@ -275,9 +286,9 @@ final class ProxySupervisor {
         (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
     }
 
-    /// Is `pid` a `weft proxy --node <this node>`? (A pid file can outlive
+    /// Is `pid` a `weft proxy --node <node>`? (A pid file can outlive
     /// its process, and pids are reused.)
-    private func isOurProxy(_ pid: pid_t) -> Bool {
+    static func isProxy(_ pid: pid_t, node: String) -> Bool {
         guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
         let args = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
         guard args.count > 3, args[1] == "proxy", let i = args.firstIndex(of: "--node"), i + 1 < args.count else { return false }
@@ -296,10 +307,7 @@ public enum ProxyRunDirectory {
         let run = AgentConfiguration.runDirectory(node: node)
         let pidFile = run + "/proxy.pid"
         if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)),
-           let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
-           case let args = cmdline.split(separator: 0).map({ String(decoding: $0, as: UTF8.self) }),
-           args.contains("proxy"), let i = args.firstIndex(of: "--node"), i + 1 < args.count, args[i + 1] == node {
+           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), ProxySupervisor.isProxy(pid, node: node) {
             kill(pid, SIGTERM)
             let deadline = ContinuousClock.now + drain
             while kill(pid, 0) == 0, ContinuousClock.now < deadline { usleep(20_000) }

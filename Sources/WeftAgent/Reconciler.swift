@@ -243,10 +243,11 @@ final class Reconciler {
                     if union.clusters[old.cluster] == nil { union.clusters[old.cluster] = proxy.lastTable?.clusters[old.cluster] }
                 }
                 mark("proxy-table")
-                if union != proxy.lastTable {
-                    if proxy.install(union) {
-                        confirmAfterWrites = true
-                    } else if !proxy.waitForGeneration(generation) {
+                switch proxy.install(union) {
+                case .none: break
+                case .generation: confirmAfterWrites = true
+                case .table:
+                    if !proxy.waitForGeneration(generation) {
                         logger.warning("the proxy has not confirmed route table generation \(generation) within 500 ms")
                     }
                 }
@@ -274,8 +275,8 @@ final class Reconciler {
                 throw error
             }
             lastTable = table
-            if let proxy, let proxyTable, proxyTable != proxy.lastTable {
-                proxy.install(proxyTable)
+            if let proxy, let proxyTable {
+                proxy.install(proxyTable)  // (the frontends the kernel no longer captures leave)
             }
             let seconds = (ContinuousClock.now - start).seconds
             inForce = state
