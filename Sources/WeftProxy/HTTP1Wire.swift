@@ -55,6 +55,8 @@ enum HTTP1Wire {
         var i = 0
         while i < length, i < 16, p[i] >= 65, p[i] <= 90 { i += 1 }  // registered methods are upper-case letters
         guard i > 0, i < length, p[i] == 32 else { return nil }
+        // CONNECT asks for a tunnel; the full path refuses it (405).
+        guard !(i == 7 && exactly(p, at: 0, "CONNECT")) else { return nil }
         let method = 0..<i
         i += 1
         let targetStart = i

@@ -158,6 +158,10 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     /// Something was written to the channel since its last flush.
     private var unflushed = false
     private var failed = false
+    /// The peer's FIN came: no WINDOW_UPDATE can follow it, so frames that
+    /// wait for a window would wait for ever (resetStalled).
+    private var peerFinished = false
+    private var stalledCheckDue = false
 
     let settings: Settings
     let role: Role
@@ -226,9 +230,28 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             for stream in streams.values where !stream.remoteEnded {
                 streamError(stream.id, .cancel, context: context)
             }
+            peerFinished = true
             flush(context: context)
+            resetStalled()
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// After the peer's FIN, a stream whose frames wait for a window (it
+    /// set them to 0, or let them run out) can never send them: it is
+    /// reset (CANCEL) so the handlers above let it go, instead of holding
+    /// it, its backend and the connection open for good. Done on the next
+    /// turn of the loop, not inside the write that found it blocked.
+    private func resetStalled() {
+        guard peerFinished, !blocked.isEmpty, !stalledCheckDue, let context else { return }
+        stalledCheckDue = true
+        context.eventLoop.assumeIsolated().execute { [weak self] in
+            guard let self, let context = self.context else { return }
+            self.stalledCheckDue = false
+            guard !self.failed, !self.blocked.isEmpty else { return }
+            for stream in self.blocked { self.streamError(stream.id, .cancel, context: context) }
+            self.flush(context: context)
+        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -848,6 +871,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             stream.waiting.append((frame, promise))
         } else if !emit(stream, frame, promise) {
             blocked.append(stream)  // (emit left what the windows did not take at the front of `waiting`)
+            resetStalled()
         }
         if opened, let context, streams[id] === stream {
             created(stream, context: context)

@@ -178,6 +178,22 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         context.fireChannelInactive()
     }
 
+    /// On an HTTP/2 stream: NIO's HTTP/2-to-HTTP/1 codec could not make a
+    /// request of the stream's HEADERS (no :authority, which RFC 9113 lets
+    /// a client leave out but NIO's request head needs; a CONNECT without
+    /// :path). Answered 400 naming the fault when nothing else is under way
+    /// on the stream; otherwise the stream ends. Left alone, the stream
+    /// waited for an answer nobody was making.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard isHTTP2 else { return context.fireErrorCaught(error) }
+        if request == nil, !receiving, record == nil {
+            proxy.stats.requests.add(1, ordering: .relaxed)
+            return respondLocally(HTTPRequestHead(version: .http2, method: .GET, uri: "/"), .badRequest,
+                                  "weft: the HTTP/2 request cannot be read: \(error)\n", keepAlive: false)
+        }
+        context.close(promise: nil)
+    }
+
     // MARK: downstream
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -291,14 +307,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             begin(head, context: context)
         case .body(let buffer):
             record?.bytesIn += buffer.readableBytes
-            guard request != nil else { return }
-            request!.pending.append(buffer)
-            if request!.replay != nil {
-                request!.replayBytes += buffer.readableBytes
-                if request!.replayBytes > proxy.configuration.replayBufferLimit {
-                    request!.replay = nil
+            guard let r = request else { return }
+            r.pending.append(buffer)
+            if r.replay != nil {
+                r.replayBytes += buffer.readableBytes
+                if r.replayBytes > proxy.configuration.replayBufferLimit {
+                    r.replay = nil
                 } else {
-                    request!.replay!.append(buffer)
+                    r.replay?.append(buffer)
                 }
             }
             flushPending()
@@ -308,9 +324,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 h2cUpgrade = nil
                 return H2CUpgrade.switchProtocols(context, upgrade, proxy: proxy, origin: origin)
             }
-            guard request != nil else { return }
-            request!.ended = true
-            request!.trailers = trailers
+            guard let r = request else { return }
+            r.ended = true
+            r.trailers = trailers
             flushPending()
             startMirrors()
         }
@@ -332,6 +348,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         if !isHTTP2, HeadLimit.size(head) > snapshot.maxRequestHead {
             proxy.stats.headsTooLarge.add(1, ordering: .relaxed)
             return respondLocally(head, .requestHeaderFieldsTooLarge, HeadLimit.body(snapshot.maxRequestHead), keepAlive: keepAlive)
+        }
+        if head.method == .CONNECT {
+            // A proxy request: a Service's port takes requests for itself.
+            record?.flags.append("NR")
+            return respondLocally(head, .methodNotAllowed, "weft: CONNECT is not taken on \(frontendKey), an HTTP Service's port\n",
+                                  keepAlive: false, extraHeaders: [("allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE")])
         }
         if cached?.snapshot !== snapshot {
             cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop?.budget($0.frontend.name)) }
@@ -433,27 +455,28 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let method = head.method
         let idempotent = method == .GET || method == .HEAD || method == .OPTIONS || method == .TRACE
             || method == .PUT || method == .DELETE
-        request = RequestState(head: head, upstreamHead: upstream, snapshot: snapshot, action: action, cluster: cluster,
-                               responseModifiers: responseModifiers, mirrors: mirrors, keepAlive: keepAlive,
-                               idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
+        let r = RequestState(head: head, upstreamHead: upstream, snapshot: snapshot, action: action, cluster: cluster,
+                             responseModifiers: responseModifiers, mirrors: mirrors, keepAlive: keepAlive,
+                             idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
+        request = r
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
-            request!.runtime = runtime
+            r.runtime = runtime
             if runtime.policy.loadBalancer.hashOn != nil, let loop {
                 let headers = head.headers
-                (request!.hash, request!.setCookie) = runtime.requestKey(
+                (r.hash, r.setCookie) = runtime.requestKey(
                     header: { headers[canonicalForm: $0].first }, cookie: { ClusterRuntime.cookie($0, in: headers) },
                     source: origin.source, random: &loop.random)
             }
         }
         cached?.budget?.budget.recordRequest(now: Self.nowSeconds())
         if let limit = action.timeouts.request {
-            request!.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
+            r.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
                 self?.requestTimedOut()
             }
         }
         if let delay {
             // Injected delay: the request waits here, inside its timeout.
-            request!.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(delay)) { [weak self] in
+            r.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(delay)) { [weak self] in
                 self?.request?.retryTimer = nil
                 self?.startAttempt()
             }
@@ -484,7 +507,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                              source: origin.source) {
             case .picked(let candidate):
                 key = candidate
-                request!.hold = runtime.index[candidate].map { ClusterRuntime.Hold(runtime, $0) }
+                r.hold = runtime.index[candidate].map { ClusterRuntime.Hold(runtime, $0) }
             case .overflow:
                 proxy.stats.overflows.add(1, ordering: .relaxed)
                 countEvent("overflow")
@@ -541,7 +564,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         loop.pool.state(key).inFlight += 1
         if let limit = r.action.timeouts.backendRequest {
-            request!.attemptTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
+            r.attemptTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(limit)) { [weak self] in
                 self?.attemptTimedOut(id)
             }
         }
@@ -557,18 +580,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     private func attached(_ result: Result<UpstreamHandler, any Error>, id: Int, key: EndpointKey) {
-        guard let loop, request?.attemptID == id, request?.endpoint == key else {
+        guard let loop, let r = request, r.attemptID == id, r.endpoint == key else {
             if case .success(let h) = result { h.close() }
             return
         }
-        request!.connecting = false
+        r.connecting = false
         switch result {
         case .failure(let error):
             loop.pool.state(key).inFlight -= 1
             if let refused = error as? TunnelRefused, refused.status == 403 {
                 // The backend's node refused by policy: final, and no fault of the backend's.
                 releaseBackend()
-                request!.endpoint = nil
+                r.endpoint = nil
                 record?.flags.append("RBAC")
                 return fail(.forbidden, Authorize.forbiddenBody("\(refused.reason) (at \(key.node))"))
             }
@@ -579,14 +602,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             countEvent("connect_failure")
             record?.lastFlag = "UF"
             proxy.logger.debug("upstream connect failed", metadata: ["endpoint": "\(key)", "error": "\(error)"])
-            request!.endpoint = nil
+            r.endpoint = nil
             // Nothing reached the backend: safe to retry whatever the method.
-            retryOrFail(.serviceUnavailable, "weft: cannot connect to \(key) for \(request!.cluster.cluster): \(error)\n",
+            retryOrFail(.serviceUnavailable, "weft: cannot connect to \(key) for \(r.cluster.cluster): \(error)\n",
                         sentNothing: true)
         case .success(let upstream):
             let pool = loop.pool
             let reused = upstream.reused
-            let http1 = request!.cluster.upstreamProtocol == .http1
+            let http1 = r.cluster.upstreamProtocol == .http1
             // Set once per upstream connection: it outlives this request.
             if upstream.onResponseEnd == nil {
                 upstream.onResponseEnd = { [weak upstream] reusable in
@@ -595,14 +618,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 }
             }
             if !reused { pool.recordSuccess(key) }
-            request!.upstream = upstream
-            upstream.begin(sink: self, keepAlive: !request!.isUpgrade)
-            upstream.send(.head(request!.upstreamHead), flush: false)
+            r.upstream = upstream
+            upstream.begin(sink: self, keepAlive: !r.isUpgrade)
+            upstream.send(.head(r.upstreamHead), flush: false)
+            // (A write that fails at once may have ended the request.)
+            guard request === r else { return }
             // A retry sends the whole body again; a first attempt sends what
             // has arrived so far.
-            if request!.attempts > 1, let replay = request!.replay {
-                request!.pending = replay
-                request!.endSent = false
+            if r.attempts > 1, let replay = r.replay {
+                r.pending = replay
+                r.endSent = false
             }
             flushPending()
         }
@@ -611,11 +636,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func flushPending() {
         guard let r = request, let upstream = r.upstream, !r.connecting, !r.endSent else { return }
         let pending = r.pending
-        request!.pending.removeAll(keepingCapacity: true)
-        for buffer in pending { upstream.send(.body(.byteBuffer(buffer)), flush: false) }
+        r.pending.removeAll(keepingCapacity: true)
+        // Marked before the writes: one that fails at once calls back
+        // (upstreamFailed) and may end or retry the request there.
+        if r.ended { r.endSent = true }
+        for buffer in pending {
+            upstream.send(.body(.byteBuffer(buffer)), flush: false)
+            guard request === r, r.upstream === upstream else { return }
+        }
         if r.ended {
             upstream.send(.end(r.trailers), flush: true)
-            request!.endSent = true
         } else {
             upstream.flush()
         }
@@ -673,14 +703,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             if isHTTP2 && head.headers.contains(name: "grpc-status") {
                 // Perhaps a gRPC "trailers-only" response (status in the one
                 // HEADERS frame): held until we know whether a body follows.
-                request!.heldHead = head
+                r.heldHead = head
             } else {
                 context.write(wrapOutboundOut(.head(head)), promise: nil)
             }
         case .body(let buffer):
             guard r.responseStarted else { return }
             if let held = r.heldHead {
-                request!.heldHead = nil
+                r.heldHead = nil
                 context.write(wrapOutboundOut(.head(held)), promise: nil)
             }
             record?.bytesOut += buffer.readableBytes
@@ -719,7 +749,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let r = request else { return }
         if !responded { recordOutcome(.localFailure) }
         let endpoint = endAttempt(success: false)
-        request!.upstream = nil
+        r.upstream = nil
         if r.responseStarted || responded {
             // Part of a response went out: the client must see it broken.
             proxy.stats.upstreamResets.add(1, ordering: .relaxed)
@@ -778,7 +808,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // Connect failures are retried even without a retry policy, once per
         // other endpoint: nothing was sent, so nothing can be applied twice.
         let connectRetries = sentNothing ? max(maxAttempts, min(3, (r.snapshot.table.clusters[r.cluster.cluster]?.count ?? 1))) : maxAttempts
-        request!.lastFailure = (status, body)
+        r.lastFailure = (status, body)
         let safe = sentNothing || (r.idempotent && r.replay != nil)
         if safe, r.attempts < connectRetries, !r.isUpgrade || sentNothing {
             if (free || withdrawRetry() ?? true) && retryAllowedByBreaker() {
@@ -801,7 +831,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let ceiling = Double(base.nanoseconds)
         let jitter = loop.map { Double.random(in: 0.5...1.0, using: &$0.random) } ?? 0.75
         let delay = Int64(jitter * ceiling * Double(factor))
-        request!.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(delay)) { [weak self] in
+        r.retryTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(delay)) { [weak self] in
             self?.request?.retryTimer = nil
             self?.startAttempt()
         }
@@ -815,8 +845,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         recordOutcome(.localFailure)
         r.upstream?.close()
         let endpoint = endAttempt(success: false)
-        request!.upstream = nil
-        request!.connecting = false
+        r.upstream = nil
+        r.connecting = false
         retryOrFail(.gatewayTimeout, "weft: backend \(endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { "\($0)" } ?? "")\n",
                     sentNothing: false)
     }
@@ -833,7 +863,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         r.upstream?.close()
         endAttempt(success: false)
-        request!.upstream = nil
+        r.upstream = nil
         fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map { "\($0)" } ?? "")\n")
     }
 
@@ -844,10 +874,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let r = request else { return nil }
         let endpoint = r.endpoint
         r.attemptTimer?.cancel()
-        request!.attemptTimer = nil
+        r.attemptTimer = nil
         if let key = endpoint, !r.connecting, let loop {
             loop.pool.state(key).inFlight -= 1
-            request!.endpoint = nil
+            r.endpoint = nil
             releaseBackend()
         }
         return endpoint
@@ -881,7 +911,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             return false
         }
         runtime.retries.add(1, ordering: .relaxed)
-        request!.retrying = true
+        r.retrying = true
         return true
     }
 

@@ -44,6 +44,17 @@ public enum ProxyServer {
         return (ejections + out + active).joined(separator: "\n") + "\n"
     }
 
+    /// A captured connection whose origin is known: counted, and handed
+    /// to the protocol detector, which sets up the rest.
+    static func adopt(_ channel: any Channel, origin: CapturedOrigin, proxy: ProxyContext) throws {
+        proxy.stats.connections.add(1, ordering: .relaxed)
+        proxy.stats.activeConnections.add(1, ordering: .relaxed)
+        channel.closeFuture.whenComplete { _ in
+            proxy.stats.activeConnections.subtract(1, ordering: .relaxed)
+        }
+        try channel.pipeline.syncOperations.addHandler(ProtocolDetector(proxy: proxy, origin: origin))
+    }
+
     public static func run(_ configuration: ProxyConfiguration, logger: Logger) throws {
         let threads = configuration.threads ?? System.coreCount
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -158,12 +169,7 @@ public enum ProxyServer {
                         channel.close(promise: nil)
                         return
                     }
-                    proxy.stats.connections.add(1, ordering: .relaxed)
-                    proxy.stats.activeConnections.add(1, ordering: .relaxed)
-                    channel.closeFuture.whenComplete { _ in
-                        proxy.stats.activeConnections.subtract(1, ordering: .relaxed)
-                    }
-                    try channel.pipeline.syncOperations.addHandler(ProtocolDetector(proxy: proxy, origin: origin))
+                    try adopt(channel, origin: origin, proxy: proxy)
                 }
             }
         let listener = try bootstrap.bind(host: configuration.listenAddress.description,

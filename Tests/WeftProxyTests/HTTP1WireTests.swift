@@ -129,6 +129,7 @@ import Testing
             "GET / HTTP/1.1\r\nA: b\nB: c\r\n\r\n",      // a bare LF
             "GET / HTTP/1.1\r\n: b\r\n\r\n",             // no name
             "GET /a b HTTP/1.1\r\n\r\n",                 // a space in the target
+            "CONNECT /a HTTP/1.1\r\n\r\n",               // a tunnel asked for (the full path refuses it)
         ] {
             #expect(request(text) == nil, "\(text.debugDescription)")
         }

@@ -1,0 +1,639 @@
+import Foundation
+import Glibc
+import Logging
+import NIOCore
+import NIOHPACK
+import NIOHTTP1
+import NIOHTTP2
+import NIOPosix
+import Synchronization
+import Testing
+import WeftCore
+@testable import WeftKernel
+@testable import WeftProxy
+
+/// The whole captured-connection path of the proxy - protocol detection,
+/// both express paths, NIO's codecs behind them, HTTP/2 (Weft's codec), h2c
+/// upgrades, TCP passthrough, routing and the upstream pools - fed real
+/// requests mangled at random over real sockets, with real backends behind
+/// it (NIO's HTTP/1.1 and HTTP/2 servers on loopback). No BPF: connections
+/// are handed to the proxy as if the kernel had captured them.
+///
+/// What must hold whatever the bytes: the test process does not trap (a
+/// crash of the proxy ends every L7 connection of its node); a client that
+/// has shut its side gets the connection closed within seconds (no hang);
+/// an HTTP/1 connection is answered in HTTP/1, an HTTP/2 one in HTTP/2; no
+/// connection is left open once its client has gone; and afterwards plain
+/// requests are still served on both protocols.
+///
+/// The inputs repeat from run to run (case i is made from seed i); how the
+/// chunks meet the proxy's reads does not. WEFT_FUZZ_CASES runs more cases
+/// (by hand, or under the address sanitizer: docs/proxy.md).
+@Suite(.serialized) struct ProxyFuzzTests {
+    /// Answers every HTTP/1.1 request 200 with its body's length.
+    final class Backend: ChannelInboundHandler, Sendable {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            guard case .end = unwrapInboundIn(data) else { return }
+            var headers = HTTPHeaders()
+            headers.add(name: "content-length", value: "3")
+            headers.add(name: "x-pod", value: "fuzz")
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: "ok\n")))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+    }
+
+    static let vip = "198.19.250.10", h2vip = "198.19.250.11", tcpVIP = "198.19.250.12"
+
+    static func config(http1: Int, http2: Int) -> String {
+        """
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: be-a, namespace: fz, labels: {app: be, track: a}}
+        spec: {node: n1, address: 127.0.0.1, ports: [{name: http, port: \(http1)}, {name: h2, port: \(http2)}]}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: be-b, namespace: fz, labels: {app: be, track: b}}
+        spec: {node: n1, address: 127.0.0.2, ports: [{name: http, port: \(http1)}, {name: h2, port: \(http2)}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: api, namespace: fz}
+        spec:
+          clusterIP: \(vip)
+          selector: {app: be}
+          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: api-b, namespace: fz}
+        spec:
+          clusterIP: 198.19.250.13
+          selector: {app: be, track: b}
+          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: grpc, namespace: fz}
+        spec:
+          clusterIP: \(h2vip)
+          selector: {app: be}
+          ports: [{name: grpc, port: 80, targetPort: h2, appProtocol: kubernetes.io/h2c}]
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: plain, namespace: fz}
+        spec:
+          clusterIP: \(tcpVIP)
+          selector: {app: be}
+          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: api, namespace: fz}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+          rules:
+          - matches: [{headers: [{name: x-canary, value: always}]}]
+            backendRefs: [{name: api-b, port: 80}]
+          - matches: [{path: {type: PathPrefix, value: /old}}]
+            filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]
+          - matches: [{path: {type: RegularExpression, value: "/v[0-9]+/.*"}, method: POST}]
+            filters:
+            - {type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplaceFullPath, replaceFullPath: /rewritten}}}
+            - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-rewritten, value: "yes"}], remove: [x-drop]}}
+            backendRefs: [{name: api, port: 80}]
+          - matches: [{queryParams: [{name: mirror, value: "1"}]}]
+            filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-b, port: 80}}}]
+            backendRefs: [{name: api, port: 80}]
+          - backendRefs:
+            - {name: api, port: 80, weight: 90}
+            - {name: api-b, port: 80, weight: 10}
+            filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-route, value: canary}]}}]
+            timeouts: {request: 2s, backendRequest: 1s}
+            retry: {codes: [503], attempts: 2, backoff: 1ms}
+        """
+    }
+
+    /// The proxy under test: its context on two event loops, a listener on
+    /// loopback that hands every connection in as captured for `origin(of:)`,
+    /// and the two backends.
+    final class Rig: Sendable {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let proxy: ProxyContext
+        let listeners: [(any Channel, CapturedOrigin)]
+        let backends: [any Channel]
+
+        init() throws {
+            let group = self.group
+            let http1 = try ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                        try channel.pipeline.syncOperations.addHandler(Backend())
+                    }
+                }
+                .bind(host: "0.0.0.0", port: 0).wait()
+            let http2 = try ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                            mode: .server, connectionConfiguration: .init(), streamConfiguration: .init()) { stream in
+                            stream.eventLoop.makeCompletedFuture {
+                                try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                                try stream.pipeline.syncOperations.addHandler(Backend())
+                            }
+                        }
+                    }
+                }
+                .bind(host: "0.0.0.0", port: 0).wait()
+            backends = [http1, http2]
+            let configuration = ProxyConfiguration(node: "n1", listenAddress: IPv4Address("127.0.0.1")!,
+                                                   pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
+            var logger = Logger(label: "fuzz")
+            logger.logLevel = ProcessInfo.processInfo.environment["WEFT_FUZZ_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
+            let loops = Array(group.makeIterator())
+            let proxy = ProxyContext(configuration: configuration, logger: logger, origins: nil, policy: nil, eventLoops: loops)
+            let text = ProxyFuzzTests.config(http1: http1.localAddress?.port ?? 0, http2: http2.localAddress?.port ?? 0)
+            let (resources, errors) = ManifestReader.parse(text, file: "fuzz.yaml")
+            guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
+                throw EmbeddedProxyConfigError()
+            }
+            proxy.install(ProxyTable(state))
+            self.proxy = proxy
+            // One listener per origin: what the kernel would have recorded
+            // for a connection to it.
+            let client = IPv4Address("127.0.0.1")!
+            var listeners: [(any Channel, CapturedOrigin)] = []
+            for vip in [ProxyFuzzTests.vip, ProxyFuzzTests.h2vip, ProxyFuzzTests.tcpVIP] {
+                let origin = CapturedOrigin(vip: IPv4Address(vip)!, port: 80, serviceID: 1, source: client)
+                let listener = try ServerBootstrap(group: group)
+                    .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                    .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                    .childChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture { try ProxyServer.adopt(channel, origin: origin, proxy: proxy) }
+                    }
+                    .bind(host: "127.0.0.1", port: 0).wait()
+                listeners.append((listener, origin))
+            }
+            self.listeners = listeners
+        }
+
+        func port(_ i: Int) -> Int { listeners[i % listeners.count].0.localAddress?.port ?? 0 }
+
+        func shutdown() {
+            for (l, _) in listeners { try? l.close().wait() }
+            for b in backends { try? b.close().wait() }
+            try? group.syncShutdownGracefully()
+        }
+    }
+
+    /// What one connection did.
+    struct Outcome {
+        var answer: [UInt8] = []
+        var closedByProxy = false
+        var error: Int32 = 0
+    }
+
+    /// Sends the chunks over a fresh connection (pausing between some),
+    /// shuts the sending side if told, and reads until the proxy closes or
+    /// `wait` has passed since the last write.
+    static func exchange(port: Int, chunks: [[UInt8]], pauses: [Bool], shut: Bool, wait: Duration) -> Outcome {
+        var out = Outcome()
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { out.error = errno; return out }
+        defer { close(fd) }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var tv = timeval(tv_sec: 0, tv_usec: 20_000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { out.error = errno; return out }
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        func drain() -> Bool {
+            while true {
+                let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+                if n > 0 { out.answer += buffer[0..<n]; continue }
+                if n == 0 { out.closedByProxy = true; return false }
+                if errno == EAGAIN || errno == EWOULDBLOCK { return true }
+                out.error = errno
+                return false
+            }
+        }
+        for (chunk, pause) in zip(chunks, pauses) {
+            let sent = chunk.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if sent < 0 { out.error = errno; _ = drain(); return out }
+            if pause { usleep(1_000) }
+            if !drain() { return out }
+        }
+        if shut { shutdown(fd, Int32(SHUT_WR)) }
+        let deadline = ContinuousClock.now + wait
+        while ContinuousClock.now < deadline {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n > 0 { out.answer += buffer[0..<n]; continue }
+            if n == 0 { out.closedByProxy = true; break }
+            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { continue }
+            out.error = errno
+            break
+        }
+        return out
+    }
+
+    @Test func mangledRequestsNeitherCrashNorHangTheProxy() throws {
+        let rig = try Rig()
+        defer { rig.shutdown() }
+        let environment = ProcessInfo.processInfo.environment
+        // WEFT_FUZZ_CASE=i runs case i alone (to look at one that failed).
+        let only = environment["WEFT_FUZZ_CASE"].flatMap(Int.init)
+        let cases = only.map { $0 + 1 } ?? environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_200
+        let next = Atomic<Int>(only ?? 0)
+        let failures = Mutex<[String]>([])
+        let kinds = Mutex<[String: Int]>([:])
+        let workers = 12
+        let done = DispatchGroup()
+        for _ in 0..<workers {
+            done.enter()
+            Thread {
+                defer { done.leave() }
+                while true {
+                    let i = next.add(1, ordering: .relaxed).oldValue
+                    if i >= cases { return }
+                    var rng = LoopRandom(seed: 0xF022_0000 &+ UInt64(i))
+                    var input = FuzzInput.make(&rng)
+                    // WEFT_FUZZ_BYTES=FILE (with WEFT_FUZZ_CASE): that file's bytes instead, to narrow one down.
+                    if let file = environment["WEFT_FUZZ_BYTES"], let data = FileManager.default.contents(atPath: file) {
+                        input.bytes = Array(data)
+                    }
+                    if let dump = environment["WEFT_FUZZ_DUMP"] {
+                        FileManager.default.createFile(atPath: "\(dump)/case-\(i).bin", contents: Data(input.bytes))
+                    }
+                    let chunks = FuzzInput.chunks(input.bytes, &rng)
+                    let pauses = chunks.map { _ in rng.next() % 4 == 0 }
+                    let shut = rng.next() % 3 != 0
+                    let target = Int(rng.next() % 3)
+                    let port = rig.port(target)
+                    let out = Self.exchange(port: port, chunks: chunks, pauses: pauses, shut: shut,
+                                       wait: shut ? .seconds(4) : .milliseconds(60))
+                    kinds.withLock { $0[input.kind, default: 0] += 1 }
+                    if let fault = FuzzInput.fault(of: out, sent: input.bytes, shut: shut) {
+                        failures.withLock {
+                            $0.append("case \(i) (\(input.kind) to \(["api", "grpc", "plain"][target]), \(chunks.count) chunks, shut \(shut)): \(fault); "
+                                      + "sent \(FuzzInput.show(input.bytes)); got \(FuzzInput.show(out.answer))")
+                        }
+                    }
+                }
+            }.start()
+        }
+        done.wait()
+        let seen = kinds.withLock { $0 }
+        #expect(seen.values.reduce(0, +) == cases - (only ?? 0))
+        for failure in failures.withLock({ $0 }).prefix(20) { Issue.record(Comment(rawValue: failure)) }
+
+        // Every connection the clients left is closed by the proxy too.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while rig.proxy.stats.activeConnections.load(ordering: .relaxed) > 0, ContinuousClock.now < deadline {
+            usleep(20_000)
+        }
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
+        #expect(rig.proxy.stats.connections.load(ordering: .relaxed) >= cases - (only ?? 0))
+
+        // And plain requests are served as before, on each protocol.
+        for i in 0..<3 {
+            let get = Self.exchange(port: rig.port(i), chunks: [Array("GET / HTTP/1.1\r\nhost: a\r\n\r\n".utf8)], pauses: [false],
+                               shut: true, wait: .seconds(4))
+            #expect(String(decoding: get.answer, as: UTF8.self).hasPrefix("HTTP/1.1 200"), "\(FuzzInput.show(get.answer))")
+            let h2 = Self.exchange(port: rig.port(i), chunks: [FuzzInput.h2Request()], pauses: [false], shut: true, wait: .seconds(4))
+            #expect(FuzzInput.h2Status(h2.answer) == "200", "\(FuzzInput.show(h2.answer))")
+        }
+    }
+}
+
+/// Inputs: real requests of every kind the proxy reads, then mangled.
+enum FuzzInput {
+    struct Input {
+        var kind: String
+        var bytes: [UInt8]
+    }
+
+    static func pick<T>(_ items: [T], _ rng: inout LoopRandom) -> T { items[Int(rng.next() % UInt64(items.count))] }
+    static func int(_ range: ClosedRange<Int>, _ rng: inout LoopRandom) -> Int {
+        range.lowerBound + Int(rng.next() % UInt64(range.count))
+    }
+
+    static func make(_ rng: inout LoopRandom) -> Input {
+        switch rng.next() % 10 {
+        case 0...3: return Input(kind: "http1", bytes: mangle(http1(&rng), &rng))
+        case 4...6: return Input(kind: "http2", bytes: serialize(mangle(frames: h2(&rng), &rng), &rng))
+        case 7: return Input(kind: "h2c-upgrade", bytes: mangle(h2cUpgrade(&rng), &rng))
+        case 8: return Input(kind: "http1-clean", bytes: http1(&rng))
+        default:
+            // Anything at all, sometimes behind a valid start.
+            let noise = (0..<int(0...600, &rng)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let starts: [[UInt8]] = [[], Array("GET ".utf8), Array("POST /x HTTP/1.1\r\n".utf8), ProtocolDetector.preface, Array("PRI * HTTP/2.0\r\n".utf8)]
+            return Input(kind: "noise", bytes: pick(starts, &rng) + noise)
+        }
+    }
+
+    // MARK: HTTP/1
+
+    static func http1(_ rng: inout LoopRandom) -> [UInt8] {
+        var text = ""
+        for _ in 0..<int(1...3, &rng) {
+            let method = pick(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT"], &rng)
+            let path = pick(["/", "/old/a", "/v1/items", "/q?mirror=1", "/a?b=c&d", "*", "http://api.fz/abs", "api.fz:80", "/%2e%2e/x", "/" + String(repeating: "p", count: 300)], &rng)
+            let version = pick(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.2"], &rng)
+            var fields = [("host", pick(["api.fz", "198.19.250.10", "", "a b"], &rng))]
+            if rng.next() % 3 == 0 { fields.append(("x-canary", "always")) }
+            if rng.next() % 4 == 0 { fields.append(("connection", pick(["close", "keep-alive", "upgrade", "x-drop, close"], &rng))) }
+            if rng.next() % 5 == 0 { fields.append(("upgrade", pick(["websocket", "h2c", "foo/1"], &rng))) }
+            if rng.next() % 5 == 0 { fields.append(("expect", "100-continue")) }
+            if rng.next() % 6 == 0 { fields.append(("via", pick(["1.1 weft-n1", "1.1 other"], &rng))) }
+            if rng.next() % 6 == 0 { fields.append(("x-forwarded-for", "198.18.0.9")) }
+            if rng.next() % 6 == 0 { fields.append(("te", "trailers")) }
+            if rng.next() % 8 == 0 { fields.append(("x-long", String(repeating: "v", count: int(1...20_000, &rng)))) }
+            if rng.next() % 10 == 0 { for k in 0..<int(10...200, &rng) { fields.append(("x-many-\(k)", "\(k)")) } }
+            var body = ""
+            switch rng.next() % 5 {
+            case 0:
+                body = String(repeating: "b", count: int(0...3_000, &rng))
+                fields.append(("content-length", pick(["\(body.utf8.count)", "\(body.utf8.count + 5)", "-1", "99999999999999999999", "1, 2", " \(body.utf8.count)"], &rng)))
+            case 1:
+                fields.append(("transfer-encoding", pick(["chunked", "gzip, chunked", "chunked, gzip", "identity"], &rng)))
+                for _ in 0..<int(0...3, &rng) {
+                    let n = int(0...100, &rng)
+                    body += pick([String(n, radix: 16), "ffffffffffffffffff", "-1", "\(n);ext=1", "0x10"], &rng) + "\r\n"
+                        + String(repeating: "c", count: n) + "\r\n"
+                }
+                body += "0\r\n" + (rng.next() % 2 == 0 ? "x-trailer: t\r\n" : "") + "\r\n"
+            case 2:
+                fields.append(("content-length", "3"))
+                fields.append(("transfer-encoding", "chunked"))
+                body = "3\r\nabc\r\n0\r\n\r\n"
+            default: break
+            }
+            if rng.next() % 3 == 0 { fields.shuffle(using: &rng) }
+            let eol = rng.next() % 12 == 0 ? "\n" : "\r\n"
+            text += "\(method) \(path) \(version)\(eol)" + fields.map { "\($0.0): \($0.1)\(eol)" }.joined() + eol + body
+        }
+        return Array(text.utf8)
+    }
+
+    static func h2cUpgrade(_ rng: inout LoopRandom) -> [UInt8] {
+        let settings = pick(["", "AAMAAABkAARAAAAAAAIAAAAA", "!!!", "AAMAAABk"], &rng)
+        var bytes = Array("GET /up HTTP/1.1\r\nhost: api.fz\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: \(settings)\r\n\r\n".utf8)
+        if rng.next() % 2 == 0 {
+            // What a client sends once it has the 101: the preface and more.
+            bytes += serialize(Array(h2(&rng).dropFirst()), &rng)
+        }
+        return bytes
+    }
+
+    /// Byte-level damage: flips, stray bytes, cuts, repeats, splices.
+    static func mangle(_ input: [UInt8], _ rng: inout LoopRandom) -> [UInt8] {
+        var b = input
+        for _ in 0..<int(0...4, &rng) {
+            guard !b.isEmpty else { break }
+            let at = int(0...(b.count - 1), &rng)
+            switch rng.next() % 9 {
+            case 0: b[at] ^= UInt8(1) << UInt8(rng.next() % 8)
+            case 1: b[at] = UInt8(truncatingIfNeeded: rng.next())
+            case 2: b.insert(contentsOf: (0..<int(1...16, &rng)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }, at: at)
+            case 3: b.removeSubrange(at..<min(b.count, at + int(1...64, &rng)))
+            case 4: b = Array(b[..<at])
+            case 5:
+                let end = min(b.count, at + int(1...200, &rng))
+                b.insert(contentsOf: b[at..<end], at: at)
+            case 6: b.insert(contentsOf: Array(pick(["\r\n", "\n", ":", " ", "\0", "\r\n\r\n", "\u{7f}", "é"], &rng).utf8), at: at)
+            case 7: b.insert(contentsOf: Array(pick(["99999999999999999999", "-1", "0", "4294967296", "18446744073709551616"], &rng).utf8), at: at)
+            default: b.append(contentsOf: b[at...])
+            }
+        }
+        return b
+    }
+
+    // MARK: HTTP/2
+
+    struct Frame {
+        var type: UInt8
+        var flags: UInt8
+        var stream: UInt32
+        var payload: [UInt8]
+        /// The length the header says, when it lies.
+        var length: Int?
+    }
+
+    /// A header block as a client's HPACK encoder might write it: indexed
+    /// pseudo-fields and literals (some to be indexed, some not), sizes
+    /// updates now and then.
+    static func block(_ rng: inout LoopRandom, method: String) -> [UInt8] {
+        var b: [UInt8] = []
+        if rng.next() % 8 == 0 { b += [0x20] }  // a table size update to 0
+        b += method == "POST" ? [0x83] : [0x82]
+        b += rng.next() % 6 == 0 ? [0x87] : [0x86]  // https / http
+        func literal(_ prefix: UInt8, _ value: String) -> [UInt8] {
+            let v = Array(value.utf8)
+            return [prefix] + lengthPrefixed(v)
+        }
+        let path = pick(["/", "/old/a", "/v2/x", "/q?mirror=1", "", "no-slash", "/" + String(repeating: "y", count: 500)], &rng)
+        b += path == "/" ? [0x84] : literal(0x44, path)
+        if rng.next() % 5 != 0 { b += literal(0x41, pick(["api.fz", "198.19.250.11", ""], &rng)) }
+        for _ in 0..<int(0...4, &rng) {
+            let (name, value) = pick([("x-canary", "always"), ("content-type", "application/grpc"), ("te", "trailers"),
+                                      ("connection", "close"), ("Upper", "case"), ("x-drop", "1"), ("grpc-timeout", "1S"),
+                                      ("content-length", "5"), ("x-big", String(repeating: "z", count: 5_000))], &rng)
+            b += [rng.next() % 2 == 0 ? 0x40 : 0x00] + lengthPrefixed(Array(name.utf8)) + lengthPrefixed(Array(value.utf8))
+        }
+        if rng.next() % 5 == 0 { b += [0xBE] }  // the first dynamic entry, if there is one
+        return b
+    }
+
+    /// An HPACK string: 7-bit prefixed length, no Huffman.
+    static func lengthPrefixed(_ s: [UInt8]) -> [UInt8] {
+        var out: [UInt8] = []
+        if s.count < 127 {
+            out.append(UInt8(s.count))
+        } else {
+            out.append(0x7F)
+            var rest = s.count - 127
+            while rest >= 128 { out.append(UInt8(rest & 0x7F) | 0x80); rest >>= 7 }
+            out.append(UInt8(rest))
+        }
+        return out + s
+    }
+
+    static func settings(_ pairs: [(UInt16, UInt32)]) -> [UInt8] {
+        pairs.flatMap { [UInt8($0.0 >> 8), UInt8($0.0 & 0xFF), UInt8($0.1 >> 24), UInt8(($0.1 >> 16) & 0xFF), UInt8(($0.1 >> 8) & 0xFF), UInt8($0.1 & 0xFF)] }
+    }
+
+    static func be32(_ v: UInt32) -> [UInt8] { [UInt8(v >> 24), UInt8((v >> 16) & 0xFF), UInt8((v >> 8) & 0xFF), UInt8(v & 0xFF)] }
+
+    /// A connection's frames (the preface first, as frame type 0xFF).
+    static func h2(_ rng: inout LoopRandom) -> [Frame] {
+        var frames = [Frame(type: 0xFF, flags: 0, stream: 0, payload: ProtocolDetector.preface)]
+        var pairs: [(UInt16, UInt32)] = []
+        if rng.next() % 3 == 0 {
+            pairs = [pick([(0x1, 0), (0x1, 65_536), (0x2, 0), (0x2, 1), (0x3, 0), (0x3, 1_000), (0x4, 0), (0x4, 2_147_483_648),
+                           (0x5, 16_383), (0x5, 16_777_216), (0x5, 65_535), (0x6, 100), (0x8, 1), (0x99, 7)], &rng)]
+        }
+        frames.append(Frame(type: 0x4, flags: 0, stream: 0, payload: settings(pairs)))
+        var stream: UInt32 = 1
+        for _ in 0..<int(1...6, &rng) {
+            let method = rng.next() % 2 == 0 ? "GET" : "POST"
+            var head = block(&rng, method: method)
+            let withBody = method == "POST"
+            var flags: UInt8 = withBody ? 0x4 : 0x5
+            if rng.next() % 6 == 0 { head = [0x80, 0, 0, 0, 16] + head; flags |= 0x20 }  // priority
+            if rng.next() % 6 == 0 {
+                // Padded.
+                let pad = int(0...20, &rng)
+                head = [UInt8(pad)] + head + [UInt8](repeating: 0, count: pad)
+                flags |= 0x8
+            }
+            if rng.next() % 5 == 0, head.count > 4 {
+                // Split into HEADERS + CONTINUATION.
+                let cut = int(1...(head.count - 1), &rng)
+                frames.append(Frame(type: 0x1, flags: flags & ~0x4, stream: stream, payload: Array(head[..<cut])))
+                frames.append(Frame(type: 0x9, flags: 0x4, stream: stream, payload: Array(head[cut...])))
+            } else {
+                frames.append(Frame(type: 0x1, flags: flags, stream: stream, payload: head))
+            }
+            if withBody {
+                for k in 0..<int(1...3, &rng) {
+                    let size = pick([0, 5, 100, 16_384, 20_000], &rng)
+                    var payload = [UInt8](repeating: 0x61, count: size)
+                    var dflags: UInt8 = k == 2 ? 0x1 : 0
+                    if rng.next() % 6 == 0 { payload = [UInt8(min(size, 255))] + payload; dflags |= 0x8 }
+                    frames.append(Frame(type: 0x0, flags: dflags, stream: stream, payload: payload))
+                }
+                if rng.next() % 3 == 0 {
+                    frames.append(Frame(type: 0x1, flags: 0x5, stream: stream, payload: [0x40] + lengthPrefixed(Array("grpc-status".utf8)) + lengthPrefixed([0x30])))
+                } else {
+                    frames.append(Frame(type: 0x0, flags: 0x1, stream: stream, payload: []))
+                }
+            }
+            switch rng.next() % 8 {
+            case 0: frames.append(Frame(type: 0x8, flags: 0, stream: pick([0, stream], &rng), payload: be32(pick([1, 65_535, 0x7FFF_FFFF, 0], &rng))))
+            case 1: frames.append(Frame(type: 0x6, flags: pick([0, 1], &rng), stream: 0, payload: [UInt8](repeating: 7, count: 8)))
+            case 2: frames.append(Frame(type: 0x3, flags: 0, stream: stream, payload: be32(pick([0, 8, 1], &rng))))
+            case 3: frames.append(Frame(type: 0x2, flags: 0, stream: pick([stream, stream + 2], &rng), payload: [0, 0, 0, 0, 16]))
+            case 4: frames.append(Frame(type: 0x4, flags: pick([0, 1], &rng), stream: 0, payload: settings([(0x4, 0)])))
+            case 5: frames.append(Frame(type: pick([0xA, 0xC, 0x10, 0xFE], &rng), flags: 0, stream: stream, payload: [1, 2, 3]))
+            default: break
+            }
+            stream += pick([2, 2, 2, 0, 4], &rng)
+        }
+        if rng.next() % 5 == 0 { frames.append(Frame(type: 0x7, flags: 0, stream: 0, payload: be32(stream) + be32(0))) }
+        return frames
+    }
+
+    /// Frame-level damage, then (sometimes) byte-level damage of a frame.
+    static func mangle(frames input: [Frame], _ rng: inout LoopRandom) -> [Frame] {
+        var frames = input
+        for _ in 0..<int(0...3, &rng) {
+            guard frames.count > 1 else { break }
+            let at = int(1...(frames.count - 1), &rng)  // not the preface
+            switch rng.next() % 9 {
+            case 0: frames[at].type = UInt8(truncatingIfNeeded: rng.next() % 12)
+            case 1: frames[at].flags = UInt8(truncatingIfNeeded: rng.next())
+            case 2: frames[at].stream = pick([0, 1, 2, 3, 0x7FFF_FFFF, 0x8000_0001, frames[at].stream + 2], &rng)
+            case 3: frames[at].length = max(0, frames[at].payload.count + int(-8...8, &rng))
+            case 4: frames[at].length = pick([0, 16_385, 0xFF_FFFF], &rng)
+            case 5: frames.remove(at: at)
+            case 6: frames.insert(frames[at], at: at)
+            case 7: frames.swapAt(at, int(1...(frames.count - 1), &rng))
+            default: frames[at].payload = mangle(frames[at].payload, &rng)
+            }
+        }
+        return frames
+    }
+
+    static func serialize(_ frames: [Frame], _ rng: inout LoopRandom) -> [UInt8] {
+        var out: [UInt8] = []
+        for f in frames {
+            if f.type == 0xFF { out += f.payload; continue }
+            let length = f.length ?? f.payload.count
+            out += [UInt8((length >> 16) & 0xFF), UInt8((length >> 8) & 0xFF), UInt8(length & 0xFF), f.type, f.flags]
+            out += be32(f.stream)
+            out += f.payload
+        }
+        return out
+    }
+
+    // MARK: Sending and judging
+
+    /// The bytes cut into 1 to 8 writes.
+    static func chunks(_ bytes: [UInt8], _ rng: inout LoopRandom) -> [[UInt8]] {
+        guard !bytes.isEmpty else { return [[]] }
+        var cuts = Set<Int>()
+        for _ in 0..<int(0...7, &rng) { cuts.insert(int(0...bytes.count, &rng)) }
+        var out: [[UInt8]] = []
+        var start = 0
+        for cut in cuts.sorted() + [bytes.count] where cut > start {
+            out.append(Array(bytes[start..<cut]))
+            start = cut
+        }
+        return out
+    }
+
+    /// What is wrong with an exchange, if anything.
+    static func fault(of out: ProxyFuzzTests.Outcome, sent: [UInt8], shut: Bool) -> String? {
+        let e = out.error
+        if e != 0 && e != ECONNRESET && e != EPIPE { return "socket error \(e)" }
+        if shut && !out.closedByProxy && e == 0 { return "not closed within 4 s of the client's FIN" }
+        guard !out.answer.isEmpty else { return nil }
+        let verdict = ProtocolDetector.classify(ByteBuffer(bytes: sent).readableBytesView)
+        switch verdict {
+        case .http1:
+            let head = String(decoding: out.answer.prefix(9), as: UTF8.self)
+            if head != "HTTP/1.1 " && head != "HTTP/1.0 " { return "an HTTP/1 client answered with something else" }
+        case .http2:
+            // The server's preface: a SETTINGS frame.
+            if out.answer.count >= 9 && (out.answer[3] != 0x4 || out.answer[4] != 0) { return "an HTTP/2 client answered without SETTINGS first" }
+        case .tcp, .undecided:
+            break  // passed to the backend as it is: its answer, whatever it is
+        }
+        return nil
+    }
+
+    static func show(_ bytes: [UInt8]) -> String {
+        let head = bytes.prefix(160)
+        let text = head.map { $0 >= 0x20 && $0 < 0x7F ? String(UnicodeScalar($0)) : String(format: "\\x%02x", $0) }.joined()
+        return "\(bytes.count) bytes \"\(text)\"" + (bytes.count > 160 ? "..." : "")
+    }
+
+    /// A GET over HTTP/2 with prior knowledge, ending the stream.
+    static func h2Request() -> [UInt8] {
+        var rng = LoopRandom(seed: 1)
+        return serialize([Frame(type: 0xFF, flags: 0, stream: 0, payload: ProtocolDetector.preface),
+                          Frame(type: 0x4, flags: 0, stream: 0, payload: []),
+                          Frame(type: 0x1, flags: 0x5, stream: 1, payload: [0x82, 0x86, 0x84, 0x41, 0x06] + Array("api.fz".utf8))], &rng)
+    }
+
+    /// The :status of the first response on stream 1, decoded with NIO's HPACK.
+    static func h2Status(_ bytes: [UInt8]) -> String? {
+        var b = ByteBuffer(bytes: bytes)
+        var decoder = HPACKDecoder(allocator: ByteBufferAllocator())
+        while let head = b.readBytes(length: 9) {
+            let length = Int(head[0]) << 16 | Int(head[1]) << 8 | Int(head[2])
+            guard var payload = b.readSlice(length: length) else { return nil }
+            let stream = UInt32(head[5] & 0x7F) << 24 | UInt32(head[6]) << 16 | UInt32(head[7]) << 8 | UInt32(head[8])
+            guard head[3] == 0x1, stream == 1 else { continue }
+            if head[4] & 0x8 != 0, let pad = payload.readInteger(as: UInt8.self) { payload = payload.getSlice(at: payload.readerIndex, length: payload.readableBytes - Int(pad)) ?? payload }
+            if head[4] & 0x20 != 0 { payload.moveReaderIndex(forwardBy: 5) }
+            return (try? decoder.decodeHeaders(from: &payload))?.first(name: ":status")
+        }
+        return nil
+    }
+}
