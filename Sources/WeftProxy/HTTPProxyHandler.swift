@@ -875,7 +875,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let endpoint = r.endpoint
         r.attemptTimer?.cancel()
         r.attemptTimer = nil
-        if let key = endpoint, !r.connecting, let loop {
+        // (Also while still connecting: the connection, when it comes, finds
+        // its attempt over and is closed; nothing else would count it off.)
+        if let key = endpoint, let loop {
             loop.pool.state(key).inFlight -= 1
             r.endpoint = nil
             releaseBackend()

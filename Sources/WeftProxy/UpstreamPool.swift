@@ -303,6 +303,15 @@ final class UpstreamPool {
         result.flatMap { channel in Result { try channel.pipeline.syncOperations.handler(type: UpstreamHandler.self) } }
     }
 
+    /// What is taken now over all endpoints: requests in flight and open
+    /// HTTP/2 streams (once every client has gone, none: ProxyFuzzTests).
+    var inUse: (requests: Int, streams: Int) {
+        endpoints.values.reduce(into: (0, 0)) { sum, s in
+            sum.0 += s.inFlight
+            sum.1 += (s.h2?.openStreams ?? 0) + s.tunnelH2.values.reduce(0) { $0 + $1.openStreams }
+        }
+    }
+
     fileprivate func forgetHTTP2(_ key: EndpointKey, _ h2: HTTP2Upstream) {
         guard let s = endpoints[key] else { return }
         if s.h2 === h2 { s.h2 = nil }
@@ -339,6 +348,7 @@ final class HTTP2Upstream {
     private(set) var failed = false
     /// Streams open on it now.
     private var open = 0
+    var openStreams: Int { open }
     /// It takes no new stream, and closes once its last one has.
     private var retired = false
 

@@ -307,6 +307,21 @@ import WeftCore
             usleep(20_000)
         }
         #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
+        // Nor does any request hold a backend: none in flight, no HTTP/2
+        // stream open to a backend.
+        func inUse() throws -> [[Int]] {
+            var all: [[Int]] = []
+            for loop in Array(rig.group.makeIterator()) {
+                all.append(try loop.submit { () -> [Int] in
+                    let pool = rig.proxy.loop(loop).pool.inUse
+                    return [pool.requests, pool.streams]
+                }.wait())
+            }
+            return all
+        }
+        while try inUse().contains(where: { $0 != [0, 0] }), ContinuousClock.now < deadline { usleep(20_000) }
+        let held = try inUse()
+        #expect(held.allSatisfy { $0 == [0, 0] }, "backends still held (requests, streams) per loop: \(held)")
         #expect(rig.proxy.stats.connections.load(ordering: .relaxed) >= cases - (only ?? 0))
 
         // And plain requests are served as before, on each protocol.
