@@ -373,12 +373,16 @@ final class HTTP2Upstream {
             _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
                 mode: .client, connectionConfiguration: .init(), streamConfiguration: .init()
             ) { stream in stream.close() }
+            try channel.pipeline.syncOperations.addHandler(GoAwayWatch())
         }) { [self] result in
             switch result {
             case .success(let channel):
                 do {
                     self.channel = channel
                     multiplexer = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
+                    try channel.pipeline.syncOperations.handler(type: GoAwayWatch.self).received = { [weak self] code in
+                        self?.goAway(code)
+                    }
                     channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
                         failed = true
                         pool.forgetHTTP2(key, self)
@@ -426,10 +430,33 @@ final class HTTP2Upstream {
         }
     }
 
+    /// The backend's GOAWAY: no new stream goes on this connection. One
+    /// with an error ends it at once (RFC 9113 5.4.1 has the sender close
+    /// it; a backend that does not would leave its streams waiting for
+    /// good: NIO's server says GOAWAY(COMPRESSION_ERROR) with the last
+    /// stream 2^31-1 for a field block over its limit, and keeps the
+    /// connection open); the streams fail and their requests are retried
+    /// or answered 502.
+    private func goAway(_ code: HTTP2ErrorCode) {
+        pool?.forgetHTTP2(key, self)
+        if code == .noError { retire() } else { close() }
+    }
+
     private func streamClosed() {
         open -= 1
         if retired && open == 0 { close() }
     }
 
     func close() { channel?.close(promise: nil) }
+}
+
+/// Tells of a GOAWAY on an HTTP/2 upstream connection (NIO's handler
+/// passes the connection's own frames on up the pipeline).
+final class GoAwayWatch: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTP2Frame
+    var received: ((HTTP2ErrorCode) -> Void)?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .goAway(_, let code, _) = unwrapInboundIn(data).payload { received?(code) }
+    }
 }

@@ -652,3 +652,4 @@ enum FuzzInput {
         return nil
     }
 }
+
