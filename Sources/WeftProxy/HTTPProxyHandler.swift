@@ -289,6 +289,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // Part of the next head came while this response was on its way
         // (pipelined): its clock starts now, not at a read that may never come.
         if request == nil, !receiving, queued.isEmpty, headBytes?.headPartlyRead == true { head.started() }
+        // The client had shut its side and the last request it sent was
+        // answered here and now (a redirect, a 404): nothing more comes.
+        // (A response whose write completed before that request's end
+        // was read did not see it gone.)
+        if clientGone && !isHTTP2 { closeAfterLastResponse(context) }
 
         if readPending && queued.count < Self.maxQueued {
             readPending = false

@@ -78,13 +78,32 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
         responseKeepAlive = true
     }
 
+    /// An HTTP/2 stream's: NIO's HTTP/2 client refuses a field block over
+    /// the server's SETTINGS_MAX_HEADER_LIST_SIZE by failing the write
+    /// alone, with the stream left open: the request would wait for a
+    /// response never asked for. So a head's write has a promise there,
+    /// and its failure fails the exchange (one promise per request; HTTP/1.1
+    /// connections go without).
+    var watchesHeadWrites = false
+
     func send(_ part: HTTPClientRequestPart, flush: Bool) {
         guard let context else { return }
-        if flush {
-            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
-        } else {
-            context.write(wrapOutboundOut(part), promise: nil)
+        var promise: EventLoopPromise<Void>?
+        if watchesHeadWrites, case .head = part {
+            let p = context.eventLoop.makePromise(of: Void.self)
+            p.futureResult.assumeIsolated().whenFailure { [weak self] error in self?.writeFailed(error) }
+            promise = p
         }
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(part), promise: promise)
+        } else {
+            context.write(wrapOutboundOut(part), promise: promise)
+        }
+    }
+
+    private func writeFailed(_ error: any Error) {
+        guard let context, sink != nil else { return }
+        errorCaught(context: context, error: error)
     }
 
     func flush() { context?.flush() }

@@ -416,7 +416,9 @@ final class HTTP2Upstream {
         multiplexer.createStreamChannel { stream in
             stream.eventLoop.makeCompletedFuture {
                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))
-                try stream.pipeline.syncOperations.addHandler(UpstreamHandler())
+                let upstream = UpstreamHandler()
+                upstream.watchesHeadWrites = true
+                try stream.pipeline.syncOperations.addHandler(upstream)
             }
         }
         .assumeIsolated()

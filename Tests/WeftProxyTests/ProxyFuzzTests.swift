@@ -653,3 +653,4 @@ enum FuzzInput {
     }
 }
 
+
