@@ -1054,7 +1054,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     // MARK: mirrors
 
     private func startMirrors() {
-        guard let r = request, !r.mirrors.isEmpty, let replay = r.replay, let loop else { return }
+        // Not an Upgrade (WebSocket): its copy would ask the mirror's backend
+        // to switch protocols, and an HTTP/1.1 server's parser stops after
+        // such a request, so the pooled connection the copy went out on
+        // would swallow every request sent on it after.
+        guard let r = request, !r.mirrors.isEmpty, !r.isUpgrade, let replay = r.replay, let loop else { return }
         for m in r.mirrors where Double.random(in: 0..<100, using: &loop.random) < m.percent {
             let cluster = ProxyTable.clusterName(namespace: proxy.snapshot.table.frontends[frontendKey]?.namespace ?? "",
                                                  service: m.name, port: m.port)

@@ -257,8 +257,11 @@ import WeftCore
         let environment = ProcessInfo.processInfo.environment
         // WEFT_FUZZ_CASE=i runs case i alone (to look at one that failed).
         let only = environment["WEFT_FUZZ_CASE"].flatMap(Int.init)
-        let cases = only.map { $0 + 1 } ?? environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_200
-        let next = Atomic<Int>(only ?? 0)
+        // WEFT_FUZZ_REPEAT=n with it: that case n times, on every worker at once (a race).
+        let repeats = only == nil ? 1 : environment["WEFT_FUZZ_REPEAT"].flatMap(Int.init) ?? 1
+        let cases = only.map { $0 + repeats } ?? environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_200
+        let first = only ?? environment["WEFT_FUZZ_FIRST"].flatMap(Int.init) ?? 0
+        let next = Atomic<Int>(first)
         let failures = Mutex<[String]>([])
         let kinds = Mutex<[String: Int]>([:])
         let workers = 12
@@ -270,7 +273,7 @@ import WeftCore
                 while true {
                     let i = next.add(1, ordering: .relaxed).oldValue
                     if i >= cases { return }
-                    var rng = LoopRandom(seed: 0xF022_0000 &+ UInt64(i))
+                    var rng = LoopRandom(seed: 0xF022_0000 &+ UInt64(only ?? i))
                     var input = FuzzInput.make(&rng)
                     // WEFT_FUZZ_BYTES=FILE (with WEFT_FUZZ_CASE): that file's bytes instead, to narrow one down.
                     if let file = environment["WEFT_FUZZ_BYTES"], let data = FileManager.default.contents(atPath: file) {
@@ -298,7 +301,7 @@ import WeftCore
         }
         done.wait()
         let seen = kinds.withLock { $0 }
-        #expect(seen.values.reduce(0, +) == cases - (only ?? 0))
+        #expect(seen.values.reduce(0, +) == cases - first)
         for failure in failures.withLock({ $0 }).prefix(20) { Issue.record(Comment(rawValue: failure)) }
 
         // Every connection the clients left is closed by the proxy too.
@@ -322,7 +325,7 @@ import WeftCore
         while try inUse().contains(where: { $0 != [0, 0] }), ContinuousClock.now < deadline { usleep(20_000) }
         let held = try inUse()
         #expect(held.allSatisfy { $0 == [0, 0] }, "backends still held (requests, streams) per loop: \(held)")
-        #expect(rig.proxy.stats.connections.load(ordering: .relaxed) >= cases - (only ?? 0))
+        #expect(rig.proxy.stats.connections.load(ordering: .relaxed) >= cases - first)
 
         // And plain requests are served as before, on each protocol.
         for i in 0..<3 {
