@@ -523,6 +523,33 @@ import Testing
         _ = try? raw.server.finish()
     }
 
+    /// A stream whose response waits for a window when the peer's FIN
+    /// comes can never send it (no WINDOW_UPDATE can follow a FIN): it is
+    /// reset (CANCEL) and closed above, so the handlers let it and the
+    /// connection go. (Found by ProxyFuzzTests: a client that set its
+    /// windows to 0 and shut its side held a connection for good.)
+    @Test func aStreamStalledOnAWindowAfterThePeersFINIsReset() throws {
+        let raw = try Raw()
+        raw.send(type: 0x4, stream: 0, payload: [0, 4, 0, 0, 0, 0])  // SETTINGS_INITIAL_WINDOW_SIZE 0
+        raw.open(1)
+        raw.open(3)
+        _ = raw.written()
+        try raw.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"])))).wait()
+        raw.server.write(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(string: "ok")), endStream: true))),
+                         promise: nil)
+        raw.server.flush()
+        #expect(!raw.written().contains { $0.0 == 0x0 }, "no DATA while the window is 0")
+        raw.server.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        raw.server.embeddedEventLoop.run()
+        let resets = raw.written().filter { $0.0 == 0x3 }
+        #expect(resets.map(\.2) == [1] && resets.first?.3 == [0, 0, 0, 8], "\(resets)")
+        #expect(raw.above.closed.contains { $0.0 == 1 && $0.1 == .cancel })
+        // Stream 3, answered with no body, is not held back by a window.
+        try raw.server.writeAndFlush(HTTP2Frame(streamID: 3, payload: .headers(.init(headers: [":status": "204"], endStream: true)))).wait()
+        #expect(raw.written().contains { $0.0 == 0x1 && $0.2 == 3 })
+        _ = try? raw.server.finish()
+    }
+
     @Test func protocolErrorsEndTheConnectionWithGoAway() throws {
         let cases: [(String, UInt32, (Raw) -> Void)] = [
             ("a stream of even id", 0x1, { $0.open(2) }),
