@@ -280,7 +280,7 @@ import WeftCore
         let only = environment["WEFT_FUZZ_CASE"].flatMap(Int.init)
         // WEFT_FUZZ_REPEAT=n with it: that case n times, on every worker at once (a race).
         let repeats = only == nil ? 1 : environment["WEFT_FUZZ_REPEAT"].flatMap(Int.init) ?? 1
-        let cases = only.map { $0 + repeats } ?? environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_200
+        let cases = only.map { $0 + repeats } ?? environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 3_000
         let first = only ?? environment["WEFT_FUZZ_FIRST"].flatMap(Int.init) ?? 0
         let next = Atomic<Int>(first)
         let failures = Mutex<[String]>([])
@@ -395,8 +395,17 @@ import WeftCore
         // its backend connection was still being made: the attempt is
         // counted off its backend (it stayed in flight for good, skewing
         // least-request and circuit breakers).
+        // (Over HTTP/2: a request begun, then a frame that ends the
+        // connection, in the same read.)
+        let broken = FuzzInput.serialize([
+            FuzzInput.Frame(type: 0xFF, flags: 0, stream: 0, payload: ProtocolDetector.preface),
+            FuzzInput.Frame(type: 0x4, flags: 0, stream: 0, payload: []),
+            FuzzInput.Frame(type: 0x1, flags: 0x4, stream: 1, payload: [0x83, 0x86, 0x84, 0x41, 0x01, 0x61]),
+            FuzzInput.Frame(type: 0x6, flags: 0, stream: 0, payload: [0, 0, 0, 0, 0, 0, 0]),  // a PING of 7 bytes
+        ], &rng)
         for _ in 0..<4 {
             _ = http1(api, "PUT /a HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nccccc\r\n0x10\r\ncccc\r\n0\r\n\r\n")
+            _ = Self.exchange(port: api, chunks: [broken], pauses: [false], shut: true, wait: .seconds(4))
         }
         try rig.settle()
         let left = try rig.held()
