@@ -225,30 +225,96 @@ enum Upgrade {
                 downstream.close(promise: nil)
                 return
             }
-            let (a, b) = GlueHandler.pair()
             do {
-                // Glue goes last, so that bytes a decoder still holds (sent
-                // right after the handshake) reach it when the decoder leaves.
                 let up = upstreamChannel.pipeline.syncOperations
-                try up.addHandler(b)
                 try up.removeHandler(up.handler(type: UpstreamHandler.self), promise: nil)
-                try up.removeHandler(up.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: nil)
                 try up.removeHandler(up.handler(type: HTTPRequestEncoder.self), promise: nil)
                 // addHTTPClientHandlers also validates outbound headers.
                 if let validator = try? up.handler(type: NIOHTTPRequestHeadersValidator.self) {
                     up.removeHandler(validator, promise: nil)
                 }
-
-                let down = downstream.pipeline.syncOperations
-                try down.addHandler(a)
-                down.removeHandler(context: context, promise: nil)  // the HTTP handler that asked
-                try HTTP1ServerPipeline.remove(from: down)
-                downstream.read()
-                upstreamChannel.read()
+                // The response decoder watches what is written past it
+                // (request heads, for the responses to HEAD) and traps on
+                // anything else, and NIO takes it out on a later turn of the
+                // loop: the glue, which writes bytes, goes in only once it has
+                // left. What it still held, and what comes meanwhile, wait in
+                // `held` (found by ProxyFuzzTests: a backend that sent 101 and
+                // broken bytes after it crashed the proxy).
+                let held = HeldBytes()
+                try up.addHandler(held)
+                let decoderGone = upstreamChannel.eventLoop.makePromise(of: Void.self)
+                try up.removeHandler(up.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: decoderGone)
+                decoderGone.futureResult.assumeIsolated().whenComplete { _ in
+                    join(context, downstream, upstreamChannel, held)
+                }
             } catch {
                 upstreamChannel.close(promise: nil)
                 downstream.close(promise: nil)
             }
         }
+    }
+
+    /// Glue in place of the HTTP handlers on both sides, once the upstream
+    /// has none left; what the upstream read meanwhile goes on through it.
+    private static func join(_ context: ChannelHandlerContext, _ downstream: any Channel, _ upstreamChannel: any Channel,
+                             _ held: HeldBytes) {
+        // (As before the surgery: a side that closed meanwhile ends both.)
+        guard downstream.isActive, upstreamChannel.isActive else {
+            upstreamChannel.close(promise: nil)
+            downstream.close(promise: nil)
+            return
+        }
+        let (a, b) = GlueHandler.pair()
+        do {
+            let down = downstream.pipeline.syncOperations
+            try down.addHandler(a)
+            down.removeHandler(context: context, promise: nil)  // the HTTP handler that asked
+            // (The request decoder passes on the bytes it holds as it goes.)
+            try HTTP1ServerPipeline.remove(from: down)
+            try upstreamChannel.pipeline.syncOperations.addHandler(b)
+            held.release()
+            downstream.read()
+            upstreamChannel.read()
+        } catch {
+            upstreamChannel.close(promise: nil)
+            downstream.close(promise: nil)
+        }
+    }
+}
+
+/// What an upstream connection reads while its HTTP handlers leave after a
+/// 101, kept for the glue that follows it (release) and passed on to it.
+final class HeldBytes: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private var context: ChannelHandlerContext?
+    private var held: [ByteBuffer] = []
+    private var inputClosed = false
+    private var error: (any Error)?
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { held.append(unwrapInboundIn(data)) }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e { inputClosed = true } else { context.fireUserInboundEventTriggered(event) }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if self.error == nil { self.error = error }
+    }
+
+    /// Passes on what was held, in order, to the handler after this one,
+    /// and leaves the pipeline.
+    func release() {
+        guard let context else { return }
+        for buffer in held { context.fireChannelRead(wrapInboundOut(buffer)) }
+        held.removeAll()
+        context.fireChannelReadComplete()
+        if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        if let error { context.fireErrorCaught(error) }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }
