@@ -483,9 +483,9 @@ extension HTTPRoute {
 
     static func checkRegex(_ pattern: String, field: String, at location: DocumentLocation) throws(ManifestError) {
         do {
-            _ = try Regex(pattern)
+            _ = try LinearRegex(pattern)
         } catch {
-            throw ManifestError(location, field: field, "not a valid regular expression: \"\(pattern)\" (\(error))")
+            throw ManifestError(location, field: field, "not a valid regular expression: \"\(pattern)\" (\(error); RE2 syntax, matched in linear time: docs/proxy.md)")
         }
     }
 

@@ -1,8 +1,8 @@
 /// Picks the route action for a request on one frontend: the first entry, in
 /// precedence order, whose path, method, headers and query all match.
-/// Regular expressions are compiled once per table, not per request.
-public final class RouteMatcher: @unchecked Sendable {
-    // @unchecked: Regex is immutable once built; it is not marked Sendable.
+/// Regular expressions are compiled once per table, not per request, and
+/// matched in linear time (LinearRegex).
+public final class RouteMatcher: Sendable {
     public let frontend: ProxyTable.Frontend
     private let compiled: [CompiledMatch]
     /// Whether any match looks at headers: when none does, a caller need
@@ -27,19 +27,19 @@ public final class RouteMatcher: @unchecked Sendable {
 
     private struct CompiledMatch {
         var entry: ProxyTable.RouteMatchEntry
-        var pathRegex: Regex<AnyRegexOutput>?
-        var headerRegexes: [Regex<AnyRegexOutput>?]
-        var queryRegexes: [Regex<AnyRegexOutput>?]
+        var pathRegex: LinearRegex?
+        var headerRegexes: [LinearRegex?]
+        var queryRegexes: [LinearRegex?]
     }
 
     public init(_ frontend: ProxyTable.Frontend) {
         self.frontend = frontend
         compiled = frontend.matches.map { entry in
-            var pathRegex: Regex<AnyRegexOutput>?
-            if case .regularExpression(let p) = entry.match.path { pathRegex = try? Regex(p) }
+            var pathRegex: LinearRegex?
+            if case .regularExpression(let p) = entry.match.path { pathRegex = try? LinearRegex(p) }
             return CompiledMatch(entry: entry, pathRegex: pathRegex,
-                                 headerRegexes: entry.match.headers.map { $0.isRegularExpression ? try? Regex($0.value) : nil },
-                                 queryRegexes: entry.match.queryParams.map { $0.isRegularExpression ? try? Regex($0.value) : nil })
+                                 headerRegexes: entry.match.headers.map { $0.isRegularExpression ? try? LinearRegex($0.value) : nil },
+                                 queryRegexes: entry.match.queryParams.map { $0.isRegularExpression ? try? LinearRegex($0.value) : nil })
         }
         readsHeaders = frontend.matches.contains { !$0.match.headers.isEmpty }
     }
@@ -62,7 +62,7 @@ public final class RouteMatcher: @unchecked Sendable {
         case .prefix(let p):
             guard Self.pathHasPrefix(r.path, p) else { return false }
         case .regularExpression:
-            guard let regex = c.pathRegex, (try? regex.wholeMatch(in: r.path)) != nil else { return false }
+            guard let regex = c.pathRegex, regex.wholeMatch(r.path) else { return false }
         }
         for (i, h) in m.headers.enumerated() {
             // Several values of one header are matched as the comma-joined
@@ -71,7 +71,7 @@ public final class RouteMatcher: @unchecked Sendable {
             guard !values.isEmpty else { return false }
             let value = values.count == 1 ? values[0] : values.joined(separator: ",")
             if let regex = c.headerRegexes[i] {
-                guard (try? regex.wholeMatch(in: value)) != nil else { return false }
+                guard regex.wholeMatch(value) else { return false }
             } else if value != h.value {
                 return false
             }
@@ -82,7 +82,7 @@ public final class RouteMatcher: @unchecked Sendable {
                 // The first value of a repeated parameter counts (Gateway API).
                 guard let value = queryItems?.first(where: { $0.0 == q.name })?.1 else { return false }
                 if let regex = c.queryRegexes[i] {
-                    guard (try? regex.wholeMatch(in: value)) != nil else { return false }
+                    guard regex.wholeMatch(value) else { return false }
                 } else if value != q.value {
                     return false
                 }
