@@ -50,6 +50,19 @@ import WeftCore
 
     static let wildVIP = "198.19.250.20", wildRoutedVIP = "198.19.250.21"
 
+    static func service(_ name: String, _ ip: String, selector: String, port: String = "http", target: String = "http",
+                        protocol: String = "http") -> String {
+        """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: \(name), namespace: fz}
+        spec:
+          clusterIP: \(ip)
+          selector: \(selector)
+          ports: [{name: \(port), port: 80, targetPort: \(target), appProtocol: \(`protocol`)}]
+        """
+    }
+
     static func config(http1: Int, http2: Int, wild: Int) -> String {
         """
         apiVersion: weft.dev/v1alpha1
@@ -57,21 +70,9 @@ import WeftCore
         metadata: {name: be-wild, namespace: fz, labels: {app: wild}}
         spec: {node: n1, address: 127.0.0.3, ports: [{name: http, port: \(wild)}]}
         ---
-        apiVersion: v1
-        kind: Service
-        metadata: {name: wild, namespace: fz}
-        spec:
-          clusterIP: \(wildVIP)
-          selector: {app: wild}
-          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        \(service("wild", wildVIP, selector: "{app: wild}"))
         ---
-        apiVersion: v1
-        kind: Service
-        metadata: {name: wild-routed, namespace: fz}
-        spec:
-          clusterIP: \(wildRoutedVIP)
-          selector: {app: wild}
-          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        \(service("wild-routed", wildRoutedVIP, selector: "{app: wild}"))
         ---
         apiVersion: gateway.networking.k8s.io/v1
         kind: HTTPRoute
@@ -94,37 +95,13 @@ import WeftCore
         metadata: {name: be-b, namespace: fz, labels: {app: be, track: b}}
         spec: {node: n1, address: 127.0.0.2, ports: [{name: http, port: \(http1)}, {name: h2, port: \(http2)}]}
         ---
-        apiVersion: v1
-        kind: Service
-        metadata: {name: api, namespace: fz}
-        spec:
-          clusterIP: \(vip)
-          selector: {app: be}
-          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        \(service("api", vip, selector: "{app: be}"))
         ---
-        apiVersion: v1
-        kind: Service
-        metadata: {name: api-b, namespace: fz}
-        spec:
-          clusterIP: 198.19.250.13
-          selector: {app: be, track: b}
-          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        \(service("api-b", "198.19.250.13", selector: "{app: be, track: b}"))
         ---
-        apiVersion: v1
-        kind: Service
-        metadata: {name: grpc, namespace: fz}
-        spec:
-          clusterIP: \(h2vip)
-          selector: {app: be}
-          ports: [{name: grpc, port: 80, targetPort: h2, appProtocol: kubernetes.io/h2c}]
+        \(service("grpc", h2vip, selector: "{app: be}", port: "grpc", target: "h2", protocol: "kubernetes.io/h2c"))
         ---
-        apiVersion: v1
-        kind: Service
-        metadata: {name: plain, namespace: fz}
-        spec:
-          clusterIP: \(tcpVIP)
-          selector: {app: be}
-          ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+        \(service("plain", tcpVIP, selector: "{app: be}"))
         ---
         apiVersion: gateway.networking.k8s.io/v1
         kind: HTTPRoute
@@ -257,6 +234,26 @@ import WeftCore
         }
     }
 
+    /// Runs `body` for every case, on `workers` threads at once (clients of
+    /// the proxy under test, each blocking on its socket); returns when all
+    /// are done.
+    static func run(_ cases: Range<Int>, workers: Int, _ body: @escaping @Sendable (Int) -> Void) {
+        let next = Atomic<Int>(cases.lowerBound)
+        let done = DispatchGroup()
+        for _ in 0..<workers {
+            done.enter()
+            Thread {
+                defer { done.leave() }
+                while true {
+                    let i = next.add(1, ordering: .relaxed).oldValue
+                    if i >= cases.upperBound { return }
+                    body(i)
+                }
+            }.start()
+        }
+        done.wait()
+    }
+
     /// What one connection did.
     struct Outcome {
         var answer: [UInt8] = []
@@ -324,45 +321,33 @@ import WeftCore
         let repeats = only == nil ? 1 : environment["WEFT_FUZZ_REPEAT"].flatMap(Int.init) ?? 1
         let cases = only.map { $0 + repeats } ?? environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 3_000
         let first = only ?? environment["WEFT_FUZZ_FIRST"].flatMap(Int.init) ?? 0
-        let next = Atomic<Int>(first)
         let failures = Mutex<[String]>([])
         let kinds = Mutex<[String: Int]>([:])
-        let workers = 12
-        let done = DispatchGroup()
-        for _ in 0..<workers {
-            done.enter()
-            Thread {
-                defer { done.leave() }
-                while true {
-                    let i = next.add(1, ordering: .relaxed).oldValue
-                    if i >= cases { return }
-                    var rng = LoopRandom(seed: 0xF022_0000 &+ UInt64(only ?? i))
-                    var input = FuzzInput.make(&rng)
-                    // WEFT_FUZZ_BYTES=FILE (with WEFT_FUZZ_CASE): that file's bytes instead, to narrow one down.
-                    if let file = environment["WEFT_FUZZ_BYTES"], let data = FileManager.default.contents(atPath: file) {
-                        input.bytes = Array(data)
-                    }
-                    if let dump = environment["WEFT_FUZZ_DUMP"] {
-                        FileManager.default.createFile(atPath: "\(dump)/case-\(i).bin", contents: Data(input.bytes))
-                    }
-                    let chunks = FuzzInput.chunks(input.bytes, &rng)
-                    let pauses = chunks.map { _ in rng.next() % 4 == 0 }
-                    let shut = rng.next() % 3 != 0
-                    let target = Int(rng.next() % 3)
-                    let port = rig.port(target)
-                    let out = Self.exchange(port: port, chunks: chunks, pauses: pauses, shut: shut,
-                                       wait: shut ? .seconds(4) : .milliseconds(60))
-                    kinds.withLock { $0[input.kind, default: 0] += 1 }
-                    if let fault = FuzzInput.fault(of: out, sent: input.bytes, shut: shut) {
-                        failures.withLock {
-                            $0.append("case \(i) (\(input.kind) to \(["api", "grpc", "plain"][target]), \(chunks.count) chunks, shut \(shut)): \(fault); "
-                                      + "sent \(FuzzInput.show(input.bytes)); got \(FuzzInput.show(out.answer))")
-                        }
-                    }
+        Self.run(first..<cases, workers: 12) { i in
+            var rng = LoopRandom(seed: 0xF022_0000 &+ UInt64(only ?? i))
+            var input = FuzzInput.make(&rng)
+            // WEFT_FUZZ_BYTES=FILE (with WEFT_FUZZ_CASE): that file's bytes instead, to narrow one down.
+            if let file = environment["WEFT_FUZZ_BYTES"], let data = FileManager.default.contents(atPath: file) {
+                input.bytes = Array(data)
+            }
+            if let dump = environment["WEFT_FUZZ_DUMP"] {
+                FileManager.default.createFile(atPath: "\(dump)/case-\(i).bin", contents: Data(input.bytes))
+            }
+            let chunks = FuzzInput.chunks(input.bytes, &rng)
+            let pauses = chunks.map { _ in rng.next() % 4 == 0 }
+            let shut = rng.next() % 3 != 0
+            let target = Int(rng.next() % 3)
+            let port = rig.port(target)
+            let out = Self.exchange(port: port, chunks: chunks, pauses: pauses, shut: shut,
+                                    wait: shut ? .seconds(4) : .milliseconds(60))
+            kinds.withLock { $0[input.kind, default: 0] += 1 }
+            if let fault = FuzzInput.fault(of: out, sent: input.bytes, shut: shut) {
+                failures.withLock {
+                    $0.append("case \(i) (\(input.kind) to \(["api", "grpc", "plain"][target]), \(chunks.count) chunks, shut \(shut)): \(fault); "
+                              + "sent \(FuzzInput.show(input.bytes)); got \(FuzzInput.show(out.answer))")
                 }
-            }.start()
+            }
         }
-        done.wait()
         let seen = kinds.withLock { $0 }
         #expect(seen.values.reduce(0, +) == cases - first)
         for failure in failures.withLock({ $0 }).prefix(20) { Issue.record(Comment(rawValue: failure)) }
@@ -400,30 +385,19 @@ import WeftCore
         let environment = ProcessInfo.processInfo.environment
         let cases = environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_500
         let servedBefore = MangledBackend.served.load(ordering: .relaxed)
-        let next = Atomic<Int>(0)
         let failures = Mutex<[String]>([])
-        let done = DispatchGroup()
-        for _ in 0..<8 {
-            done.enter()
-            Thread {
-                defer { done.leave() }
-                while true {
-                    let i = next.add(1, ordering: .relaxed).oldValue
-                    if i >= cases { return }
-                    var rng = LoopRandom(seed: 0x0A45_0000 &+ UInt64(i))
-                    let h2 = rng.next() % 3 == 0
-                    let request = h2 ? FuzzInput.h2Request() : FuzzInput.pick(FuzzInput.plainRequests, &rng)
-                    let port = rig.port(3 + Int(rng.next() % 2))
-                    let out = Self.exchange(port: port, chunks: [request], pauses: [false], shut: true, wait: .seconds(4))
-                    if let fault = FuzzInput.fault(of: out, sent: request, shut: true) {
-                        failures.withLock {
-                            $0.append("case \(i) (\(h2 ? "h2" : "http1"), port \(port)): \(fault); got \(FuzzInput.show(out.answer))")
-                        }
-                    }
+        Self.run(0..<cases, workers: 8) { i in
+            var rng = LoopRandom(seed: 0x0A45_0000 &+ UInt64(i))
+            let h2 = rng.next() % 3 == 0
+            let request = h2 ? FuzzInput.h2Request() : FuzzInput.pick(FuzzInput.plainRequests, &rng)
+            let port = rig.port(3 + Int(rng.next() % 2))
+            let out = Self.exchange(port: port, chunks: [request], pauses: [false], shut: true, wait: .seconds(4))
+            if let fault = FuzzInput.fault(of: out, sent: request, shut: true) {
+                failures.withLock {
+                    $0.append("case \(i) (\(h2 ? "h2" : "http1"), port \(port)): \(fault); got \(FuzzInput.show(out.answer))")
                 }
-            }.start()
+            }
         }
-        done.wait()
         for failure in failures.withLock({ $0 }).prefix(20) { Issue.record(Comment(rawValue: failure)) }
         // (Most exchanges reached the backend: some end at the proxy, a
         // request it refuses or a retry's second backend connection.)
