@@ -3,8 +3,9 @@
 /// pattern becomes a Thompson NFA, and the input is read once with the set
 /// of states it may be in, as RE2 (Envoy's engine) does. The node's proxy is
 /// shared, and a backtracking engine (Swift's `Regex`) takes time exponential
-/// in the input for patterns such as `/(a+)+$`: an 18-byte path took it 6 s,
-/// each byte more doubling it, and any pod could send one.
+/// in the input for patterns such as `/(a+)+$`: the 20-byte path
+/// `/aaaaaaaaaaaaaaaaaa!` took it 6 s, each byte more doubling it, and any
+/// pod could send one.
 ///
 /// The syntax is RE2's core: literals; `.` (anything but a newline);
 /// classes `[a-z0-9_]`, `[^/]`, with `\d \w \s` and their negations, also
