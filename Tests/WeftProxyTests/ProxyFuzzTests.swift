@@ -48,7 +48,7 @@ import WeftCore
 
     static let vip = "198.19.250.10", h2vip = "198.19.250.11", tcpVIP = "198.19.250.12"
 
-    static let wildVIP = "198.19.250.20", wildRoutedVIP = "198.19.250.21"
+    static let wildVIP = "198.19.250.20", wildRoutedVIP = "198.19.250.21", wildH2VIP = "198.19.250.22"
 
     static func service(_ name: String, _ ip: String, selector: String, port: String = "http", target: String = "http",
                         protocol: String = "http") -> String {
@@ -63,12 +63,14 @@ import WeftCore
         """
     }
 
-    static func config(http1: Int, http2: Int, wild: Int) -> String {
+    static func config(http1: Int, http2: Int, wild: Int, wildH2: Int) -> String {
         """
         apiVersion: weft.dev/v1alpha1
         kind: Workload
         metadata: {name: be-wild, namespace: fz, labels: {app: wild}}
-        spec: {node: n1, address: 127.0.0.3, ports: [{name: http, port: \(wild)}]}
+        spec: {node: n1, address: 127.0.0.3, ports: [{name: http, port: \(wild)}, {name: h2, port: \(wildH2)}]}
+        ---
+        \(service("wild-h2", wildH2VIP, selector: "{app: wild}", target: "h2", protocol: "kubernetes.io/h2c"))
         ---
         \(service("wild", wildVIP, selector: "{app: wild}"))
         ---
@@ -170,7 +172,13 @@ import WeftCore
                     channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(MangledBackend()) }
                 }
                 .bind(host: "0.0.0.0", port: 0).wait()
-            backends = [http1, http2, wild]
+            let wildH2 = try ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(MangledBackend(http2: true)) }
+                }
+                .bind(host: "0.0.0.0", port: 0).wait()
+            backends = [http1, http2, wild, wildH2]
             let configuration = ProxyConfiguration(node: "n1", listenAddress: IPv4Address("127.0.0.1")!,
                                                    pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
             var logger = Logger(label: "fuzz")
@@ -178,7 +186,7 @@ import WeftCore
             let loops = Array(group.makeIterator())
             let proxy = ProxyContext(configuration: configuration, logger: logger, origins: nil, policy: nil, eventLoops: loops)
             let text = ProxyFuzzTests.config(http1: http1.localAddress?.port ?? 0, http2: http2.localAddress?.port ?? 0,
-                                             wild: wild.localAddress?.port ?? 0)
+                                             wild: wild.localAddress?.port ?? 0, wildH2: wildH2.localAddress?.port ?? 0)
             let (resources, errors) = ManifestReader.parse(text, file: "fuzz.yaml")
             guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
                 throw EmbeddedProxyConfigError()
@@ -190,7 +198,7 @@ import WeftCore
             let client = IPv4Address("127.0.0.1")!
             var listeners: [(any Channel, CapturedOrigin)] = []
             for vip in [ProxyFuzzTests.vip, ProxyFuzzTests.h2vip, ProxyFuzzTests.tcpVIP,
-                        ProxyFuzzTests.wildVIP, ProxyFuzzTests.wildRoutedVIP] {
+                        ProxyFuzzTests.wildVIP, ProxyFuzzTests.wildRoutedVIP, ProxyFuzzTests.wildH2VIP] {
                 let origin = CapturedOrigin(vip: IPv4Address(vip)!, port: 80, serviceID: 1, source: client)
                 let listener = try ServerBootstrap(group: group)
                     .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
@@ -390,7 +398,7 @@ import WeftCore
             var rng = LoopRandom(seed: 0x0A45_0000 &+ UInt64(i))
             let h2 = rng.next() % 3 == 0
             let request = h2 ? FuzzInput.h2Request() : FuzzInput.pick(FuzzInput.plainRequests, &rng)
-            let port = rig.port(3 + Int(rng.next() % 2))
+            let port = rig.port(3 + Int(rng.next() % 3))
             let out = Self.exchange(port: port, chunks: [request], pauses: [false], shut: true, wait: .seconds(4))
             if let fault = FuzzInput.fault(of: out, sent: request, shut: true) {
                 failures.withLock {
@@ -496,6 +504,10 @@ import WeftCore
 /// it, or resets it, or closes it without answering.
 final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
+    /// Speaks HTTP/2 (prior knowledge): answers the first HEADERS frame with
+    /// frames mangled at random (FuzzInput.h2Response).
+    private let http2: Bool
+    init(http2: Bool = false) { self.http2 = http2 }
     /// Requests answered (or refused) so far, by every instance.
     static let served = Atomic<UInt64>(0)
     private var seen: [UInt8] = []
@@ -504,10 +516,17 @@ final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !answered else { return }
         seen += unwrapInboundIn(data).readableBytesView
-        guard seen.count > 4_096 || seen.suffix(seen.count).windows(of: 4).contains(where: { $0 == [13, 10, 13, 10] }) else { return }
+        let stream: UInt32?
+        if http2 {
+            stream = FuzzInput.firstHeadersStream(seen)
+            guard stream != nil || seen.count > 65_536 else { return }
+        } else {
+            stream = nil
+            guard seen.count > 4_096 || seen.windows(of: 4).contains(where: { $0 == [13, 10, 13, 10] }) else { return }
+        }
         answered = true
         var rng = LoopRandom(seed: 0x5E4D_0000 &+ Self.served.add(1, ordering: .relaxed).oldValue)
-        var response = FuzzInput.response(&rng)
+        var response = http2 ? FuzzInput.h2Response(stream: stream ?? 1, &rng) : FuzzInput.response(&rng)
         let channel = context.channel
         if seen.starts(with: Array("GET /101 ".utf8)) {
             // whatTheFuzzingFoundIsAnswered: a 101 (no Upgrade field) with bytes
@@ -553,6 +572,59 @@ enum FuzzInput {
         "GET /ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
         "GET /g HTTP/1.0\r\nhost: a\r\n\r\n",
     ].map { Array($0.utf8) }
+
+    /// The stream of the first whole HEADERS frame after a client's preface.
+    static func firstHeadersStream(_ bytes: [UInt8]) -> UInt32? {
+        guard bytes.starts(with: ProtocolDetector.preface) else { return nil }
+        var i = ProtocolDetector.preface.count
+        while i + 9 <= bytes.count {
+            let length = Int(bytes[i]) << 16 | Int(bytes[i + 1]) << 8 | Int(bytes[i + 2])
+            guard i + 9 + length <= bytes.count else { return nil }
+            if bytes[i + 3] == 0x1 { return be32(Array(bytes[(i + 5)..<(i + 9)])) & 0x7FFF_FFFF }
+            i += 9 + length
+        }
+        return nil
+    }
+
+    static func be32(_ b: [UInt8]) -> UInt32 { b.reduce(0) { $0 << 8 | UInt32($1) } }
+
+    /// An HTTP/2 server's answer on `stream`, as a backend might write it,
+    /// or break it: its SETTINGS, then HEADERS (a status, indexed or
+    /// literal, or not one), DATA, trailers, resets, GOAWAY, PING, window
+    /// updates, frames of other streams and unknown types.
+    static func h2Response(stream: UInt32, _ rng: inout LoopRandom) -> [UInt8] {
+        var frames = [Frame(type: 0x4, flags: 0, stream: 0, payload: rng.next() % 4 == 0 ? settings([(0x4, 0)]) : []),
+                      Frame(type: 0x4, flags: 0x1, stream: 0, payload: [])]
+        let status: [UInt8] = pick([[0x88], [0x88], [0x8D], [0x08] + lengthPrefixed(Array("999".utf8)),
+                                    [0x08] + lengthPrefixed(Array("ab".utf8)), [0x82], [0xBE], [0xFF, 0xFF]], &rng)
+        var block = status
+        if rng.next() % 3 == 0 { block += [0x40] + lengthPrefixed(Array("content-length".utf8)) + lengthPrefixed(Array(pick(["3", "9", "-1", "x"], &rng).utf8)) }
+        if rng.next() % 4 == 0 { block += [0x40] + lengthPrefixed(Array("connection".utf8)) + lengthPrefixed(Array("close".utf8)) }
+        if rng.next() % 5 == 0 { block += [0x40] + lengthPrefixed(Array("x-big".utf8)) + lengthPrefixed([UInt8](repeating: 0x7A, count: 20_000)) }
+        let endAtHead = rng.next() % 4 == 0
+        frames.append(Frame(type: 0x1, flags: 0x4 | (endAtHead ? 0x1 : 0), stream: stream, payload: block))
+        if !endAtHead {
+            for k in 0..<int(0...3, &rng) {
+                frames.append(Frame(type: 0x0, flags: k == 2 ? 0x1 : 0, stream: stream,
+                                    payload: [UInt8](repeating: 0x6F, count: pick([0, 3, 100, 16_384, 70_000], &rng))))
+            }
+            switch rng.next() % 4 {
+            case 0: frames.append(Frame(type: 0x1, flags: 0x5, stream: stream, payload: [0x40] + lengthPrefixed(Array("grpc-status".utf8)) + lengthPrefixed([0x30])))
+            case 1: frames.append(Frame(type: 0x0, flags: 0x1, stream: stream, payload: []))
+            default: break
+            }
+        }
+        switch rng.next() % 8 {
+        case 0: frames.append(Frame(type: 0x3, flags: 0, stream: stream, payload: be32(pick([0, 2, 7, 8], &rng))))
+        case 1: frames.append(Frame(type: 0x7, flags: 0, stream: 0, payload: be32(pick([0, stream, 0x7FFF_FFFF], &rng)) + be32(pick([0, 1, 9, 11], &rng))))
+        case 2: frames.append(Frame(type: 0x6, flags: 0, stream: 0, payload: [UInt8](repeating: 1, count: 8)))
+        case 3: frames.append(Frame(type: 0x8, flags: 0, stream: pick([0, stream], &rng), payload: be32(pick([0, 1, 0x7FFF_FFFF], &rng))))
+        case 4: frames.append(Frame(type: 0x1, flags: 0x5, stream: stream + 2, payload: [0x88]))
+        case 5: frames.append(Frame(type: 0x5, flags: 0x4, stream: stream, payload: be32(stream + 1) + [0x82]))
+        default: break
+        }
+        return serialize(mangle(frames: [Frame(type: 0xFF, flags: 0, stream: 0, payload: [])] + frames, &rng), &rng)
+    }
 
     /// A response as a backend might write it, or break it.
     static func response(_ rng: inout LoopRandom) -> [UInt8] {
