@@ -111,6 +111,7 @@ import Testing
             ("(?i)abc", "not supported"),
             ("[[:alpha:]]", "POSIX"),
             ("a\\", "at the end"),
+            (String(repeating: "(", count: 5_000) + "a" + String(repeating: ")", count: 5_000), "nested more than 100 deep"),
         ] {
             do {
                 _ = try LinearRegex(p)

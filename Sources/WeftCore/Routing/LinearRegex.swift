@@ -195,6 +195,11 @@ public struct LinearRegex: Sendable {
     private struct Parser {
         let s: [Unicode.Scalar]
         var i = 0
+        /// Groups open around the current position: parsing and compiling
+        /// recurse on them, so they are bounded (a crash on a manifest
+        /// field is not an answer).
+        var depth = 0
+        static let maxDepth = 100
         init(_ s: [Unicode.Scalar]) { self.s = s }
 
         func fail(_ what: String) -> Failure { Failure(description: "\(what) at offset \(i)") }
@@ -280,6 +285,9 @@ public struct LinearRegex: Sendable {
             switch c {
             case "(":
                 i += 1
+                depth += 1
+                defer { depth -= 1 }
+                guard depth <= Self.maxDepth else { throw fail("groups nested more than \(Self.maxDepth) deep") }
                 if peek() == "?" {
                     switch (peek(1), peek(2)) {
                     case (":", _):
