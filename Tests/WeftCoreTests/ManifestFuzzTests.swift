@@ -1,0 +1,106 @@
+import Foundation
+import Testing
+@testable import WeftCore
+
+/// The demo's manifests, damaged at random, through everything the agent
+/// does with a set before it writes a map: read, checked as a whole, the
+/// policy compiled, the proxy's route table made (its JSON read back as it
+/// was written) and its routes compiled. Bad input must never crash: each
+/// set is either taken or refused with errors that name file, document and
+/// field.
+@Suite struct ManifestFuzzTests {
+    static let demo: [(String, String)] = {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let dir = root.appendingPathComponent("examples/demo")
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []).filter { $0.hasSuffix(".yaml") }.sorted()
+        return names.compactMap { name in (try? String(contentsOf: dir.appendingPathComponent(name), encoding: .utf8)).map { (name, $0) } }
+    }()
+
+    /// Values a field may be given by mistake or on purpose.
+    static let values = [
+        "-1", "0", "65536", "99999999999999999999", "1e400", "0x10", "1.5", "true", "null", "~", "\"\"", "[]", "{}",
+        "[a, b]", "{a: 1}", "é", "198.19.0.256", "10.0.0.0/33", "::1", "0s", "-5s", "9999999999h", "1ms", "5x",
+        "\"(\"", "\"(a+)+$\"", "\"[z-a]\"", "TCP", "UDP", "SCTP", "ICMP", "http", "h2c", "kubernetes.io/h2c", "grpc",
+        "*", "&a x", "*a", "!!binary aGk=", "'", "\"", "\"\\u0000\"", String(repeating: "x", count: 300),
+        "-2147483649", "4294967296", "\"1/2\"", "/", "/..", "ALL", "Exact", "PathPrefix", "RegularExpression",
+    ]
+
+    static func damage(_ text: String, _ rng: inout LoopRandomForTests) -> String {
+        var lines = text.components(separatedBy: "\n")
+        for _ in 0..<(1 + rng.below(3)) {
+            guard !lines.isEmpty else { break }
+            let at = rng.below(lines.count)
+            switch rng.below(7) {
+            case 0, 1, 2:
+                // A value replaced: after the last ": " of the line, or an item's "- ".
+                var line = lines[at]
+                if let colon = line.range(of: ": ", options: .backwards) {
+                    line = String(line[..<colon.upperBound]) + rng.pick(values)
+                } else if let dash = line.range(of: "- ") {
+                    line = String(line[..<dash.upperBound]) + rng.pick(values)
+                }
+                lines[at] = line
+            case 3: lines.remove(at: at)
+            case 4: lines.insert(lines[at], at: at)
+            case 5: lines[at] = String(repeating: " ", count: rng.below(6)) + lines[at].drop { $0 == " " }
+            default:
+                var bytes = Array(lines[at].utf8)
+                let pos = bytes.isEmpty ? 0 : rng.below(bytes.count)
+                bytes.insert(contentsOf: Array(rng.pick([":", "-", "{", "}", "[", "]", "#", ",", " ", "\t", "'", "\"", "&", "*", "!"]).utf8), at: pos)
+                lines[at] = String(decoding: bytes, as: UTF8.self)
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    @Test func damagedManifestsAreTakenOrRefusedByFieldNeverACrash() throws {
+        try #require(Self.demo.count >= 4, "the demo's manifests (examples/demo/*.yaml)")
+        var rng = LoopRandomForTests(state: 0xC0F1_6000_0000_0001)
+        var taken = 0, refused = 0
+        let sets = ProcessInfo.processInfo.environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_000
+        for _ in 0..<sets {
+            let damaged = rng.below(Self.demo.count)
+            var resources: [LocatedResource] = []
+            var errors: [ManifestError] = []
+            for (k, (name, text)) in Self.demo.enumerated() {
+                let parsed = ManifestReader.parse(k == damaged ? Self.damage(text, &rng) : text, file: name)
+                resources += parsed.resources
+                errors += parsed.errors
+            }
+            switch ClusterState.build(resources, parseErrors: errors) {
+            case .failure(let refusal):
+                refused += 1
+                #expect(!refusal.errors.isEmpty)
+                for e in refusal.errors {
+                    #expect(Self.demo.contains { $0.0 == e.location.file } && e.location.document >= 1 && !e.reason.isEmpty, "\(e)")
+                }
+            case .success(let state):
+                taken += 1
+                var compiler = PolicyCompiler()
+                _ = compiler.compile(state)
+                let table = ProxyTable(state)
+                let back = try JSONDecoder().decode(ProxyTable.self, from: JSONEncoder().encode(table))
+                #expect(back == table, "the route table's JSON reads back as written")
+                for frontend in table.frontends.values {
+                    _ = RouteMatcher(frontend).route(.init(method: "GET", path: "/aaaaaaaaaaaaaaaaaaaaaaaaaaaa!", query: "a=1",
+                                                          header: { _ in ["x"] }))
+                }
+            }
+        }
+        // Both outcomes came up often enough to mean something.
+        #expect(taken > 100 && refused > 100, "taken \(taken), refused \(refused)")
+    }
+}
+
+/// xorshift: the same damage on every run.
+struct LoopRandomForTests {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state ^= state << 13
+        state ^= state >> 7
+        state ^= state << 17
+        return state
+    }
+    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
+    mutating func pick<T>(_ items: [T]) -> T { items[below(items.count)] }
+}
