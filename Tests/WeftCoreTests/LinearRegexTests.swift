@@ -6,20 +6,7 @@ import Testing
 /// linear in the input where Regex takes exponential time, and the syntax
 /// that needs backtracking refused by name.
 @Suite struct LinearRegexTests {
-    /// xorshift, for patterns and inputs that repeat from run to run.
-    struct Random {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state ^= state << 13
-            state ^= state >> 7
-            state ^= state << 17
-            return state
-        }
-        mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
-        mutating func pick<T>(_ items: [T]) -> T { items[below(items.count)] }
-    }
-
-    static func pattern(_ r: inout Random, depth: Int = 0) -> String {
+    static func pattern(_ r: inout LoopRandomForTests, depth: Int = 0) -> String {
         var out = ""
         for _ in 0..<(1 + r.below(4)) {
             var atom: String
@@ -36,7 +23,7 @@ import Testing
     }
 
     @Test func agreesWithSwiftRegexOnTheSyntaxTheyShare() throws {
-        var r = Random(state: 0x9E37_79B9_7F4A_7C15)
+        var r = LoopRandomForTests(state: 0x9E37_79B9_7F4A_7C15)
         var compared = 0, matched = 0
         for _ in 0..<2_500 {
             var p = Self.pattern(&r)

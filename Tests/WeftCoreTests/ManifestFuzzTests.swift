@@ -92,7 +92,8 @@ import Testing
     }
 }
 
-/// xorshift: the same damage on every run.
+/// xorshift: the same sequence on every run (damage here, patterns and
+/// inputs in LinearRegexTests).
 struct LoopRandomForTests {
     var state: UInt64
     mutating func next() -> UInt64 {
