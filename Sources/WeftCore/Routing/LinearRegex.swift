@@ -36,14 +36,7 @@ public struct LinearRegex: Sendable {
         var ranges: [ClosedRange<UInt32>]
         var negated = false
 
-        func contains(_ v: UInt32) -> Bool {
-            var hit = false
-            for r in ranges where r.contains(v) {
-                hit = true
-                break
-            }
-            return hit != negated
-        }
+        func contains(_ v: UInt32) -> Bool { ranges.contains { $0.contains(v) } != negated }
 
         static func of(_ v: UInt32) -> ScalarSet { ScalarSet(ranges: [v...v]) }
         static let digits = ScalarSet(ranges: [48...57])
@@ -320,7 +313,7 @@ public struct LinearRegex: Sendable {
                 return .atEnd
             case "\\":
                 i += 1
-                return .set(try escape(inClass: false))
+                return .set(try escape())
             case "*", "+", "?":
                 throw fail("a '\(c)' with nothing to repeat")
             default:
@@ -330,7 +323,7 @@ public struct LinearRegex: Sendable {
         }
 
         /// After a backslash.
-        mutating func escape(inClass: Bool) throws(Failure) -> ScalarSet {
+        mutating func escape() throws(Failure) -> ScalarSet {
             guard let c = peek() else { throw fail("a '\\' at the end") }
             i += 1
             switch c {
@@ -374,9 +367,9 @@ public struct LinearRegex: Sendable {
                 var lo: UInt32
                 if c == "\\" {
                     i += 1
-                    let e = try escape(inClass: true)
+                    let e = try escape()
                     guard !e.negated, e.ranges.count == 1, e.ranges[0].count == 1 else {
-                        // \d \w \s (and \D \W \S, kept whole)
+                        // \d \w \s join the class; \D \W \S inside one are refused.
                         if e.negated { throw fail("a negated class escape inside [...], which is not supported") }
                         set.ranges += e.ranges
                         continue
@@ -391,7 +384,7 @@ public struct LinearRegex: Sendable {
                     var hi: UInt32
                     if after == "\\" {
                         i += 1
-                        let e = try escape(inClass: true)
+                        let e = try escape()
                         guard !e.negated, e.ranges.count == 1, e.ranges[0].count == 1 else { throw fail("a range ending in a class") }
                         hi = e.ranges[0].lowerBound
                     } else {
