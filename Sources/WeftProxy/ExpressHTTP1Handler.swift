@@ -68,6 +68,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private var unflushed = false
     private var lastSeries: Express.LastSeries?
     private var idle = IdleCount()
+    /// The exchange: sweeps through which nothing came from its backend;
+    /// before it, those through which no byte of a request whose head is
+    /// in and whose body is not (`awaitingBody`) came from the client.
+    private var stall = StallCount()
+    private var awaitingBody = false
     /// The head waited on (captured connections only; a tunnel stream's
     /// requests were whole when the source proxy wrote them).
     private var head = HeadClock()
@@ -221,6 +226,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         idle.reset()
+        if exchange == nil { stall.moved() }  // (during one, a pipelined request's bytes)
         if lingering { return }  // dropped
         var bytes = unwrapInboundIn(data)
         let fresh = inbound == nil || inbound!.readableBytes == 0
@@ -258,6 +264,20 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let sweep = event as? IdleSweep {
+            // Nothing from the exchange's backend for the stream idle
+            // timeout (its request went whole; not while it connects or
+            // waits out an injected delay), or no more of a request's body
+            // from the client: 408, and the connection ends.
+            if let exchange, !exchange.connecting, exchange.waiting == nil {
+                if stall.stalled(sweep) { return stalled(exchange, sweep, context: context) }
+            } else if exchange == nil, awaitingBody, !handedOver, !lingering {
+                if stall.stalled(sweep) {
+                    proxy.stats.streamIdleTimeouts.add(1, ordering: .relaxed)
+                    return refuseHead(408, "Request Timeout", StallCount.body(sweep), context: context)
+                }
+            } else {
+                stall.moved()
+            }
             // A head begun too long ago and still not whole: 408, closed.
             if exchange == nil, !handedOver, !lingering, head.expired(sweep) {
                 proxy.stats.headTimeouts.add(1, ordering: .relaxed)
@@ -311,6 +331,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// flight; whether to take the one after it at once.
     private func takeNext() -> Bool {
         guard exchange == nil, !handedOver, !lingering, let context, let loop else { return false }
+        awaitingBody = false
         guard let buffered = inbound, buffered.readableBytes > 0 else {
             // (The last response may still be on its way to a slow reader.)
             if inputClosed || quiescing { context.closeAfterWrites() }
@@ -351,7 +372,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             return false
         case .needMore:
             head.stop()
-            if buffered.readableBytes > Self.maxRequest || inputClosed { handOver() }
+            if buffered.readableBytes > Self.maxRequest || inputClosed { handOver() } else { awaitingBody = true }
             return false
         case .handOver:
             handOver()
@@ -672,6 +693,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     private func start(_ exchange: Exchange, loop: LoopState) {
         self.exchange = exchange
+        stall.moved()
         if let delay = exchange.delay, let context {
             // An injected delay: the request waits here (its backend's slot
             // given back, Express.Target.delay), then goes on.
@@ -744,6 +766,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     func upstreamRead(_ bytes: ByteBuffer) {
         guard let exchange, let context else { return }
+        stall.moved()
         var bytes = bytes
         while bytes.readableBytes > 0 {
             switch exchange.framing {
@@ -911,6 +934,27 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         countReset(exchange)
         respondLocally(exchange, .badGateway, "weft: upstream \(exchange.key) reset the connection before responding\n", flags: "UC")
+    }
+
+    /// MeshConfig proxy.streamIdleTimeout ran out on the exchange: nothing
+    /// came from its backend that long (a client that does not read stops
+    /// those reads). The backend connection is closed; 504 when nothing of
+    /// the response went out, else the client sees it broken (closed).
+    private func stalled(_ exchange: Exchange, _ sweep: IdleSweep, context: ChannelHandlerContext) {
+        proxy.stats.streamIdleTimeouts.add(1, ordering: .relaxed)
+        if delivery == nil {
+            loop?.countEvent("stream_idle_timeout", proxy: proxy, snapshot: exchange.snapshot, frontendKey: frontendKey)
+        }
+        exchange.upstream?.close()
+        exchange.upstream = nil
+        exchange.reusable = false
+        if exchange.responded {
+            end(exchange, flags: "SI")
+            context.close(promise: nil)
+        } else {
+            exchange.hold?.record(.localFailure)  // a backend that never answered
+            respondLocally(exchange, .gatewayTimeout, StallCount.body(sweep), flags: "SI")
+        }
     }
 
     private func countReset(_ exchange: Exchange) {

@@ -79,11 +79,15 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// (its SETTINGS announced twice that: HeadLimit).
     private let headLimit: Int
 
-    init(proxy: ProxyContext, origin: CapturedOrigin, codec: HTTP2Codec, headLimit: Int) {
+    /// The full path's streams, which the sweep is passed on to.
+    private let streamChannels: StreamChannels
+
+    init(proxy: ProxyContext, origin: CapturedOrigin, codec: HTTP2Codec, headLimit: Int, streamChannels: StreamChannels) {
         self.proxy = proxy
         self.origin = origin
         self.codec = codec
         self.headLimit = headLimit
+        self.streamChannels = streamChannels
         frontendKey = "\(origin.vip):\(origin.port)"
         connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
         codec.express = self
@@ -138,6 +142,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var delayed = false
         /// Counted in its backend's in-flight requests (not while delayed).
         var counted = false
+        /// Sweeps through which nothing of it moved (StallCount).
+        var stall = StallCount()
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
              route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState, tunnel: TunnelChoice?,
@@ -158,7 +164,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             self.outgoing = outgoing
         }
 
-        func upstreamRead(_ bytes: ByteBuffer) { handler?.response(self, bytes) }
+        func upstreamRead(_ bytes: ByteBuffer) {
+            stall.moved()
+            handler?.response(self, bytes)
+        }
         func upstreamReadComplete() { handler?.flushSoon() }
         func upstreamClosed() { handler?.upstreamClosed(self) }
     }
@@ -221,6 +230,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 guard stream.declared.hold(frame.payload) else {
                     return refuse(id, "a body other than its content-length", context: context)
                 }
+                stream.stall.moved()
                 stream.body?.writeBuffer(&bytes)
                 if d.endStream {
                     stream.requestOpen = false
@@ -273,6 +283,14 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             if codec.timeOutHead(sweep) {
                 proxy.stats.headTimeouts.add(1, ordering: .relaxed)
                 return
+            }
+            // Requests on which nothing moved for the stream idle timeout:
+            // the full path's (on stream channels) and the express path's.
+            streamChannels.sweep(sweep)
+            if sweep.streamRounds != .max {
+                for stream in streams.values where stream.waiting == nil && (stream.requestOpen || !stream.connecting) {
+                    if stream.stall.stalled(sweep) { stalled(stream, sweep) }
+                }
             }
             // No stream open and no frame read through the sweeps: GOAWAY,
             // and closed once written.
@@ -796,6 +814,32 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 stream.upstream?.resume()
             }
             self.closeIfDone()
+        }
+    }
+
+    /// MeshConfig proxy.streamIdleTimeout ran out on the stream: its body
+    /// stopped coming from the client (408, then RST_STREAM NO_ERROR: the
+    /// rest is not wanted), or nothing came from its backend (a client that
+    /// does not read stops those reads): 504, or RST_STREAM CANCEL once
+    /// part of the response went out. The backend connection is closed.
+    private func stalled(_ stream: Stream, _ sweep: IdleSweep) {
+        proxy.stats.streamIdleTimeouts.add(1, ordering: .relaxed)
+        loop?.countEvent("stream_idle_timeout", proxy: proxy, snapshot: stream.snapshot, frontendKey: frontendKey)
+        stream.waiting?.cancel()
+        stream.upstream?.close()
+        stream.upstream = nil
+        stream.reusable = false
+        if stream.responded {
+            end(stream, flags: "SI")
+            codec.reset(stream.id, .cancel, promise: nil)
+            codec.flushNow()
+        } else if stream.requestOpen {
+            respondLocally(stream, .requestTimeout, StallCount.body(sweep), flags: "SI")
+            codec.reset(stream.id, .noError, promise: nil)
+            codec.flushNow()
+        } else {
+            stream.hold?.record(.localFailure)  // a backend that never answered
+            respondLocally(stream, .gatewayTimeout, StallCount.body(sweep), flags: "SI")
         }
     }
 

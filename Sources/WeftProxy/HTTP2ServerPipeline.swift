@@ -23,7 +23,10 @@ enum HTTP2ServerPipeline {
                     proxy: ProxyContext, origin: CapturedOrigin) throws {
         proxy.stats.http2Connections.add(1, ordering: .relaxed)
         // A stream channel's full path; `checked`: the outgoing field blocks
-        // are checked there (HTTP2FieldCheck).
+        // are checked there (HTTP2FieldCheck). Each is known to the
+        // connection's handler, which passes the idle sweep on to it.
+        let streamChannels = StreamChannels()
+        let known = NIOLoopBound(streamChannels, eventLoop: channel.eventLoop)
         let fullPath = { (checked: Bool) -> NIOChannelInitializer in
             { stream in
                 stream.eventLoop.makeCompletedFuture {
@@ -31,6 +34,7 @@ enum HTTP2ServerPipeline {
                     if checked { try pipeline.addHandler(HTTP2FieldCheck()) }
                     try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                     try pipeline.addHandler(HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true))
+                    StreamChannels.add(stream, to: known)
                 }
             }
         }
@@ -42,11 +46,12 @@ enum HTTP2ServerPipeline {
             settings.maxHeaderListSize = 2 * headLimit
             let codec = HTTP2Codec(allocator: channel.allocator, settings: settings)
             try pipeline.addHandler(codec)
-            try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec, headLimit: headLimit))
+            try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec, headLimit: headLimit,
+                                                        streamChannels: streamChannels))
             try pipeline.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: channel,
                                                            inboundStreamInitializer: fullPath(true)))
         } else {
-            let ends = HTTP2ConnectionEnds(proxy: proxy, loop: channel.eventLoop)
+            let ends = HTTP2ConnectionEnds(proxy: proxy, loop: channel.eventLoop, streamChannels: streamChannels)
             try pipeline.addHandler(HTTP2HeadWatch())
             // NIO's settings with the MeshConfig header limit (its decoder
             // holds lists to it: a larger one ends the connection).

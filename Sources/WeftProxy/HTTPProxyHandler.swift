@@ -36,6 +36,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private var lastEnd: EventLoopFuture<Void>?
     private var clientGone: Bool { inputClosed && request == nil && !receiving && queued.isEmpty }
     private var idle = IdleCount()
+    /// The request in flight: sweeps through which nothing of it moved.
+    private var stall = StallCount()
     /// The head waited on (HTTP/1.1): started by a read that gave no part
     /// while no request was open, so the decoder holds part of a head.
     private var head = HeadClock()
@@ -198,6 +200,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         idle.reset()
+        if receiving { stall.moved() }  // (the body of the request in flight)
         partsRead = true
         let part = unwrapInboundIn(data)
         if case .head = part { head.stop() }
@@ -225,8 +228,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // (An HTTP/1.1 connection's; a stream channel gets none.)
+        // (An HTTP/1.1 connection's, or passed on to a stream channel by its
+        // connection: StreamChannels.)
         if let sweep = event as? IdleSweep {
+            // Nothing moved on the request in flight for the stream idle
+            // timeout (not while it connects, which connectTimeout bounds,
+            // or waits out a retry's backoff or an injected delay).
+            if let r = request, !r.connecting, r.retryTimer == nil {
+                if stall.stalled(sweep) { return streamIdleTimedOut(sweep) }
+            } else {
+                stall.moved()
+            }
             let open = request != nil || receiving || !queued.isEmpty
             if !isHTTP2, !open, !inputClosed, !headTimedOut, head.expired(sweep) {
                 // A head begun too long ago and still not whole: 408, closed.
@@ -464,6 +476,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                              responseModifiers: responseModifiers, mirrors: mirrors, keepAlive: keepAlive,
                              idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
         request = r
+        stall.moved()
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
             r.runtime = runtime
             if runtime.policy.loadBalancer.hashOn != nil, let loop {
@@ -660,6 +673,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     func upstreamResponse(_ part: HTTPClientResponsePart) {
         guard let context, let r = request else { return }
+        stall.moved()
         switch part {
         case .head(var head):
             if let key = r.endpoint, key.node != proxy.configuration.node, head.headers.contains(name: Authorize.refusedHeader),
@@ -872,6 +886,35 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map { "\($0)" } ?? "")\n")
     }
 
+    /// MeshConfig proxy.streamIdleTimeout ran out on the request in flight:
+    /// nothing came from its backend (a client that does not read stops
+    /// those reads), nor of its body from the client while that was being
+    /// read. Its backend connection is closed. Nothing of the response out
+    /// yet: 504, or 408 while the request is still being read (and then the
+    /// connection, or the stream, ends after the answer: the rest of the
+    /// body is not waited for). Otherwise the client sees the response
+    /// broken: the connection closed (HTTP/1.1) or the stream reset.
+    private func streamIdleTimedOut(_ sweep: IdleSweep) {
+        guard let r = request, let context else { return }
+        proxy.stats.streamIdleTimeouts.add(1, ordering: .relaxed)
+        countEvent("stream_idle_timeout")
+        record?.flags.append("SI")
+        proxy.logger.debug("request ended: nothing moved on it", metadata: [
+            "target": "\(r.endpoint.map(\.description) ?? r.cluster.cluster)", "timeout": "\(StallCount.shown(sweep.streamTimeout ?? .zero))"])
+        if r.responseStarted {
+            abandon()
+            context.close(promise: nil)
+            return
+        }
+        let unread = receiving
+        if !unread { recordOutcome(.localFailure) }  // a backend that never answered
+        r.upstream?.close()
+        endAttempt(success: false)
+        r.upstream = nil
+        fail(unread ? .requestTimeout : .gatewayTimeout, StallCount.body(sweep), keepAlive: unread ? false : nil)
+        if unread && isHTTP2 { closeAfterLastResponse(context) }
+    }
+
     /// The in-flight count and timers of the current attempt; the backend
     /// it went to (which it forgets), for the messages that name it.
     @discardableResult
@@ -995,10 +1038,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     // MARK: local responses
 
-    private func fail(_ status: HTTPResponseStatus, _ body: String) {
+    /// `keepAlive` false: the connection ends after the answer, whatever
+    /// the request asked.
+    private func fail(_ status: HTTPResponseStatus, _ body: String, keepAlive: Bool? = nil) {
         guard let r = request else { return }
         let head = r.head
-        let keepAlive = r.keepAlive
+        let keepAlive = keepAlive ?? r.keepAlive
         r.upstream?.close()
         finish()
         respondLocally(head, status, body, keepAlive: keepAlive)

@@ -11,11 +11,17 @@ import WeftCore
 /// head still not whole that long after its first byte is answered 408 and
 /// the connection closed; a client trickling a head never looks idle. An
 /// HTTP/2 header block so late (HTTP2Codec.headClock) holds up every frame
-/// behind it: GOAWAY (ENHANCE_YOUR_CALM) and the connection closes.
+/// behind it: GOAWAY (ENHANCE_YOUR_CALM) and the connection closes. And
+/// stalled requests (MeshConfig `proxy.streamIdleTimeout`, five minutes by
+/// default): a request in flight on which nothing moved that long is
+/// answered 504 (408 while its request is still being read) or, once its
+/// response began, cut (StallCount).
 /// Nothing is timed per read: a sweep goes round the registry every
-/// quarter of the shorter timeout (ConnectionRegistry.sweepIdle) and each
+/// quarter of the shortest timeout (ConnectionRegistry.sweepIdle) and each
 /// connection's handler counts the sweeps it sat through idle (IdleCount)
-/// or compares the sweep's time with when its head began (HeadClock).
+/// or stalled (StallCount, per request; an HTTP/2 connection passes the
+/// sweep on to its stream channels, StreamChannels), or compares the
+/// sweep's time with when its head began (HeadClock).
 /// Opaque TCP streams and upgraded connections are not timed (the kernel
 /// may move their bytes past the proxy, which would not see them; they get
 /// TCP keepalive instead, OpaqueKeepalive), nor are tunnels from other nodes.
@@ -26,6 +32,10 @@ struct IdleSweep: Sendable {
     let now: NIODeadline
     /// How long a request head may take (nil: no limit).
     let headTimeout: TimeAmount?
+    /// Sweeps in a row with nothing moved on a request after which it is
+    /// ended (Int.max: never); and that timeout, for the answer.
+    var streamRounds = Int.max
+    var streamTimeout: TimeAmount?
 }
 
 /// A connection's count of idle sweeps: reset by what it reads, a sweep
@@ -43,6 +53,60 @@ struct IdleCount {
         }
         sweeps += 1
         return sweeps >= sweep.rounds
+    }
+}
+
+/// A request in flight: the sweeps in a row through which nothing of it
+/// moved (MeshConfig `proxy.streamIdleTimeout`, five minutes by default).
+/// What moves it is a read of its backend's response and, while its
+/// request is still being read, a read of that from the client; a client
+/// that does not read the response stops the proxy reading the backend
+/// (backpressure), so it stalls the request too. `moved` is one store, on
+/// the reads that do it; the sweep counts.
+struct StallCount {
+    private var sweeps = 0
+
+    @inline(__always)
+    mutating func moved() { sweeps = 0 }
+
+    /// Whether the request has now gone the timeout with nothing moved.
+    mutating func stalled(_ sweep: IdleSweep) -> Bool {
+        sweeps += 1
+        return sweeps >= sweep.streamRounds
+    }
+
+    /// What ran out, for the proxy's answer (408 or 504) and its log.
+    static func reason(_ sweep: IdleSweep) -> String {
+        "weft: nothing moved on the request for \(Self.shown(sweep.streamTimeout ?? .zero)) (MeshConfig spec.proxy.streamIdleTimeout)"
+    }
+
+    static func body(_ sweep: IdleSweep) -> String { reason(sweep) + "\n" }
+
+    static func shown(_ t: TimeAmount) -> String {
+        let ms = t.nanoseconds / 1_000_000
+        if ms % 60_000 == 0 && ms > 0 { return "\(ms / 60_000)m" }
+        return ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
+    }
+}
+
+/// An HTTP/2 connection's stream channels (the full path's streams, each
+/// with its HTTPProxyHandler): the sweep reaches the connection's pipeline
+/// only, and its handler (ExpressHTTP2Handler, HTTP2ConnectionEnds) passes
+/// it on to each, for the stream idle timeout. Used on the connection's
+/// event loop only (NIOLoopBound where it is captured).
+final class StreamChannels {
+    private var channels: [ObjectIdentifier: any Channel] = [:]
+
+    /// A stream channel set up; it leaves when it closes.
+    static func add(_ stream: any Channel, to box: NIOLoopBound<StreamChannels>) {
+        let id = ObjectIdentifier(stream)
+        box.value.channels[id] = stream
+        stream.closeFuture.whenComplete { _ in box.value.channels[id] = nil }
+    }
+
+    func sweep(_ sweep: IdleSweep) {
+        guard sweep.streamRounds != .max, !channels.isEmpty else { return }
+        for stream in channels.values { stream.pipeline.fireUserInboundEventTriggered(sweep) }
     }
 }
 
@@ -99,30 +163,43 @@ extension ConnectionRegistry {
     /// The defaults when the route table says nothing (MeshConfig.Proxy).
     static let defaultIdleTimeoutMilliseconds = 3_600_000
     static let defaultHeadTimeoutMilliseconds = 60_000
+    static let defaultStreamIdleTimeoutMilliseconds = 300_000
 
     /// Sends IdleSweep to every connection every quarter of the route
-    /// table's shorter timeout (idle, request head; 50 ms to 15 s), on
-    /// `loop`, for good. It looks at the table at least each second, so a
-    /// reload's new timeouts take effect within one. A connection closes
-    /// between one and one and a quarter timeouts after it went idle (or
-    /// its head began).
+    /// table's shortest timeout (idle, request head, stream idle; 50 ms to
+    /// 15 s), on `loop`, for good. It looks at the table at least each
+    /// second, so a reload's new timeouts take effect within one. A
+    /// connection closes between one and one and a quarter timeouts after
+    /// it went idle (or its head began); a request ends so after the last
+    /// byte moved on it.
     func sweepIdle(proxy: ProxyContext, on loop: any EventLoop, last: NIODeadline = .now()) {
         let table = proxy.snapshot.table
         let idle = table.idleTimeoutMilliseconds ?? Self.defaultIdleTimeoutMilliseconds
         let head = table.requestHeaderTimeoutMilliseconds ?? Self.defaultHeadTimeoutMilliseconds
-        let shorter = [idle, head].filter { $0 > 0 }.min()
+        let stream = table.streamIdleTimeoutMilliseconds ?? Self.defaultStreamIdleTimeoutMilliseconds
+        let shorter = [idle, head, stream].filter { $0 > 0 }.min()
         let period = shorter.map { min(max($0 / 4, 50), 15_000) } ?? 1_000
         var last = last
         let now = NIODeadline.now()
         if shorter != nil, now - last >= .milliseconds(Int64(period)) {
-            let sweep = IdleSweep(rounds: idle > 0 ? (idle + period - 1) / period + 1 : .max, now: now,
+            var sweep = IdleSweep(rounds: Self.rounds(idle, period), now: now,
                                   headTimeout: head > 0 ? .milliseconds(Int64(head)) : nil)
+            if stream > 0 {
+                sweep.streamRounds = Self.rounds(stream, period)
+                sweep.streamTimeout = .milliseconds(Int64(stream))
+            }
             for c in all { c.pipeline.fireUserInboundEventTriggered(sweep as any Sendable) }
             last = now
         }
         loop.scheduleTask(in: .milliseconds(Int64(min(period, 1_000)))) { [weak self, last] in
             self?.sweepIdle(proxy: proxy, on: loop, last: last)
         }
+    }
+
+    /// Sweeps `period` apart that make up `timeout` (0: never), one more
+    /// for the part of a period that had gone when the wait began.
+    private static func rounds(_ timeout: Int, _ period: Int) -> Int {
+        timeout > 0 ? (timeout + period - 1) / period + 1 : .max
     }
 }
 
@@ -146,10 +223,13 @@ final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
     private var lastStreamID = HTTP2StreamID.rootStream
     private var idle = IdleCount()
     private var closing = false
+    /// Every stream's channel, which the sweep is passed on to.
+    private let streamChannels: StreamChannels
 
-    init(proxy: ProxyContext, loop: any EventLoop) {
+    init(proxy: ProxyContext, loop: any EventLoop, streamChannels: StreamChannels) {
         self.proxy = proxy
         self.loop = loop
+        self.streamChannels = streamChannels
     }
 
     /// For NIOHTTP2Handler (configureHTTP2Pipeline's `streamDelegate`); it
@@ -174,6 +254,7 @@ final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
         case let e as ChannelEvent where e == .inputClosed:
             context.close(promise: nil)
         case let sweep as IdleSweep:
+            streamChannels.sweep(sweep)
             if !closing, idle.expired(sweep, busy: open > 0) {
                 proxy.stats.idleClosed.add(1, ordering: .relaxed)
                 goAway(.noError, debug: nil, context: context)

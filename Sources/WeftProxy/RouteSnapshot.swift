@@ -120,6 +120,8 @@ final class ProxyStats: Sendable {
     let http2Connections = Atomic<Int>(0)
     let idleClosed = Atomic<Int>(0)
     let headTimeouts = Atomic<Int>(0)
+    /// Requests ended by MeshConfig proxy.streamIdleTimeout.
+    let streamIdleTimeouts = Atomic<Int>(0)
     let headsTooLarge = Atomic<Int>(0)
     let upgrades = Atomic<Int>(0)
     /// HTTP/1.1 connections switched to HTTP/2 by the h2c Upgrade.
@@ -228,6 +230,7 @@ final class ProxyStats: Sendable {
             ("http2_connections_total", http2Connections.load(ordering: .relaxed)),
             ("idle_connections_closed_total", idleClosed.load(ordering: .relaxed)),
             ("request_header_timeouts_total", headTimeouts.load(ordering: .relaxed)),
+            ("stream_idle_timeouts_total", streamIdleTimeouts.load(ordering: .relaxed)),
             ("request_heads_too_large_total", headsTooLarge.load(ordering: .relaxed)),
             ("upgrades_total", upgrades.load(ordering: .relaxed)),
             ("h2c_upgrades_total", h2cUpgrades.load(ordering: .relaxed)),

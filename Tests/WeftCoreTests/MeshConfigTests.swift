@@ -65,6 +65,8 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {idleTimeout: 60}}", "m.yaml:1:spec.proxy.idleTimeout: expected a string, got a number"),
             (header + "spec: {proxy: {requestHeaderTimeout: 100ms}}", "m.yaml:1:spec.proxy.requestHeaderTimeout: must be at least 1s (or 0s: never)"),
             (header + "spec: {proxy: {requestHeaderTimeout: [1s]}}", "m.yaml:1:spec.proxy.requestHeaderTimeout: expected a string"),
+            (header + "spec: {proxy: {streamIdleTimeout: 999ms}}", "m.yaml:1:spec.proxy.streamIdleTimeout: must be at least 1s (or 0s: never), got \"999ms\""),
+            (header + "spec: {proxy: {streamIdleTimeout: forever}}", "m.yaml:1:spec.proxy.streamIdleTimeout: \"forever\" is not a Gateway API duration"),
             (header + "spec: {proxy: {tcpKeepalive: {time: 500ms}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s (or 0s: off), got \"500ms\""),
             (header + "spec: {proxy: {tcpKeepalive: {time: 10h}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s"),
             (header + "spec: {proxy: {tcpKeepalive: {interval: 0s}}}", "m.yaml:1:spec.proxy.tcpKeepalive.interval: must be whole seconds from 1s to 32767s, got \"0s\""),
@@ -131,6 +133,13 @@ struct MeshConfigTests {
         #expect(ProxyTable(head).requestHeaderTimeoutMilliseconds == 10_000 && ProxyTable(head).idleTimeoutMilliseconds == nil)
         let unlimited = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {requestHeaderTimeout: 0s, idleTimeout: 2m}}").0)
         #expect(ProxyTable(unlimited).requestHeaderTimeoutMilliseconds == 0 && ProxyTable(unlimited).idleTimeoutMilliseconds == 120_000)
+        // proxy.streamIdleTimeout likewise (five minutes by default).
+        #expect(ProxyTable(off).streamIdleTimeoutMilliseconds == nil && off.meshConfig.proxy.streamIdleTimeout == .seconds(300))
+        #expect(ProxyTable(idle).streamIdleTimeoutMilliseconds == nil)
+        let stalled = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {streamIdleTimeout: 30s}}").0)
+        #expect(ProxyTable(stalled).streamIdleTimeoutMilliseconds == 30_000 && ProxyTable(stalled).idleTimeoutMilliseconds == nil)
+        let streams = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {streamIdleTimeout: 0s}}").0)
+        #expect(ProxyTable(streams).streamIdleTimeoutMilliseconds == 0 && streams.meshConfig.proxy.streamIdleTimeout == nil)
         // proxy.maxRequestHeaderSize: 64 KiB by default (absent from the
         // table), in bytes otherwise, given as bytes or in Ki.
         #expect(ProxyTable(off).maxRequestHeaderSize == nil && off.meshConfig.proxy.maxRequestHeaderSize == 65536)

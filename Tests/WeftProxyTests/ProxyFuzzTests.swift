@@ -63,8 +63,28 @@ import WeftCore
         """
     }
 
-    static func config(http1: Int, http2: Int, wild: Int, wildH2: Int) -> String {
+    static let stallVIP = "198.19.250.30", stallFullVIP = "198.19.250.31"
+
+    static func config(http1: Int, http2: Int, wild: Int, wildH2: Int, stall: Int) -> String {
         """
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: be-stall, namespace: fz, labels: {app: stall}}
+        spec: {node: n1, address: 127.0.0.4, ports: [{name: http, port: \(stall)}]}
+        ---
+        \(service("stall", stallVIP, selector: "{app: stall}"))
+        ---
+        \(service("stall-full", stallFullVIP, selector: "{app: stall}"))
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: stall-full, namespace: fz}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: stall-full, port: 80}]
+          rules:
+          - backendRefs: [{name: stall-full, port: 80}]
+            filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-route, value: full}]}}]
+        ---
         apiVersion: weft.dev/v1alpha1
         kind: Workload
         metadata: {name: be-wild, namespace: fz, labels: {app: wild}}
@@ -134,14 +154,18 @@ import WeftCore
 
     /// The proxy under test: its context on two event loops, a listener on
     /// loopback that hands every connection in as captured for `origin(of:)`,
-    /// and the two backends.
+    /// and the backends; the idle sweep runs as in `weft proxy`. `table`
+    /// changes the route table before it is installed.
     final class Rig: Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let proxy: ProxyContext
         let listeners: [(any Channel, CapturedOrigin)]
+        /// The stalling backend's Services: express (no route) and full path.
+        let stallListeners: [any Channel]
         let backends: [any Channel]
+        let registry = ConnectionRegistry()
 
-        init() throws {
+        init(table: (inout ProxyTable) -> Void = { _ in }) throws {
             let group = self.group
             let http1 = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -178,7 +202,13 @@ import WeftCore
                     channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(MangledBackend(http2: true)) }
                 }
                 .bind(host: "0.0.0.0", port: 0).wait()
-            backends = [http1, http2, wild, wildH2]
+            let stall = try ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(StallingBackend()) }
+                }
+                .bind(host: "0.0.0.0", port: 0).wait()
+            backends = [http1, http2, wild, wildH2, stall]
             let configuration = ProxyConfiguration(node: "n1", listenAddress: IPv4Address("127.0.0.1")!,
                                                    pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
             var logger = Logger(label: "fuzz")
@@ -186,21 +216,31 @@ import WeftCore
             let loops = Array(group.makeIterator())
             let proxy = ProxyContext(configuration: configuration, logger: logger, origins: nil, policy: nil, eventLoops: loops)
             let text = ProxyFuzzTests.config(http1: http1.localAddress?.port ?? 0, http2: http2.localAddress?.port ?? 0,
-                                             wild: wild.localAddress?.port ?? 0, wildH2: wildH2.localAddress?.port ?? 0)
+                                             wild: wild.localAddress?.port ?? 0, wildH2: wildH2.localAddress?.port ?? 0,
+                                             stall: stall.localAddress?.port ?? 0)
             let (resources, errors) = ManifestReader.parse(text, file: "fuzz.yaml")
             guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
                 throw EmbeddedProxyConfigError()
             }
-            proxy.install(ProxyTable(state))
+            var routes = ProxyTable(state)
+            table(&routes)
+            proxy.install(routes)
             self.proxy = proxy
+            let registry = self.registry
             // One listener per origin: what the kernel would have recorded
             // for a connection to it.
             let client = IPv4Address("127.0.0.1")!
             var listeners: [(any Channel, CapturedOrigin)] = []
             for vip in [ProxyFuzzTests.vip, ProxyFuzzTests.h2vip, ProxyFuzzTests.tcpVIP,
-                        ProxyFuzzTests.wildVIP, ProxyFuzzTests.wildRoutedVIP, ProxyFuzzTests.wildH2VIP] {
+                        ProxyFuzzTests.wildVIP, ProxyFuzzTests.wildRoutedVIP, ProxyFuzzTests.wildH2VIP,
+                        ProxyFuzzTests.stallVIP, ProxyFuzzTests.stallFullVIP] {
                 let origin = CapturedOrigin(vip: IPv4Address(vip)!, port: 80, serviceID: 1, source: client)
                 let listener = try ServerBootstrap(group: group)
+                    .serverChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(ConnectionRegistry.Accepted(registry))
+                        }
+                    }
                     .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
                     .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                     .childChannelInitializer { channel in
@@ -209,10 +249,16 @@ import WeftCore
                     .bind(host: "127.0.0.1", port: 0).wait()
                 listeners.append((listener, origin))
             }
-            self.listeners = listeners
+            self.listeners = Array(listeners.prefix(6))
+            stallListeners = listeners.suffix(2).map(\.0)
+            registry.sweepIdle(proxy: proxy, on: loops[0])
         }
 
         func port(_ i: Int) -> Int { listeners[i % listeners.count].0.localAddress?.port ?? 0 }
+
+        /// The stalling backend's Service on the express path (no route), or
+        /// on the full path (a route with a filter).
+        func stallPort(full: Bool) -> Int { stallListeners[full ? 1 : 0].localAddress?.port ?? 0 }
 
         /// Per event loop: requests in flight to backends, HTTP/2 streams
         /// open to them.
@@ -237,6 +283,7 @@ import WeftCore
 
         func shutdown() {
             for (l, _) in listeners { try? l.close().wait() }
+            for l in stallListeners { try? l.close().wait() }
             for b in backends { try? b.close().wait() }
             try? group.syncShutdownGracefully()
         }
@@ -339,7 +386,7 @@ import WeftCore
                 input.bytes = Array(data)
             }
             if let dump = environment["WEFT_FUZZ_DUMP"] {
-                FileManager.default.createFile(atPath: "\(dump)/case-\(i).bin", contents: Data(input.bytes))
+                _ = FileManager.default.createFile(atPath: "\(dump)/case-\(i).bin", contents: Data(input.bytes))
             }
             let chunks = FuzzInput.chunks(input.bytes, &rng)
             let pauses = chunks.map { _ in rng.next() % 4 == 0 }

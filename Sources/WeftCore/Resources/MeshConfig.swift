@@ -26,6 +26,10 @@
 ///     requestHeaderTimeout: 60s # default 60s: a request head not whole that long after
 ///                              # its first byte gets 408 and the connection closes (an
 ///                              # HTTP/2 header block: GOAWAY and the close); "0s": never
+///     streamIdleTimeout: 5m    # default 5m: a request in flight on which no byte moves
+///                              # (from its backend, or of its request from the client)
+///                              # that long is ended: 504 (408 while the request is still
+///                              # being read) or, once its response began, cut; "0s": never
 ///     maxRequestHeaderSize: 64Ki # default 64Ki, from 1Ki to 64Ki (bytes, or NKi): a larger
 ///                              # request head is answered 431 (docs/proxy.md)
 ///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
@@ -72,6 +76,16 @@ public struct MeshConfig: Hashable, Sendable {
         /// connection (and its buffer) for a pod that trickles a head a
         /// byte at a time, which the idle timeout never sees as idle.
         public var requestHeaderTimeout: Duration? = .seconds(60)
+        /// How long a request in flight may go with no byte moving on it:
+        /// none from its backend, none of its request from the client
+        /// while that is still being read; nil: no limit. Five minutes, as
+        /// Envoy's stream_idle_timeout: without a route timeout, a backend
+        /// that never answers, or a client that never reads the response
+        /// (which stops the proxy reading the backend), would hold the
+        /// request and a backend connection for as long as the client
+        /// stays. Long-lived streams (gRPC server streams, server-sent
+        /// events) must send something within it.
+        public var streamIdleTimeout: Duration? = .seconds(300)
         /// The largest request head the proxy takes, in bytes: an HTTP/1.1
         /// head as it comes (request line, fields, the blank line), an
         /// HTTP/2 one as RFC 9113 sizes a header list (each field's name
@@ -214,13 +228,17 @@ extension MeshConfig {
             try t.finish()
         }
         if var p = try spec.mapping("proxy") {
-            for key in ["idleTimeout", "requestHeaderTimeout"] {
+            for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout"] {
                 guard let text = try p.string(key) else { continue }
                 let timeout = try HTTPRoute.duration(text, field: "spec.proxy.\(key)", at: location)
                 if let timeout, timeout < .seconds(1) {
                     throw p.error(key, "must be at least 1s (or 0s: never), got \"\(text)\"")
                 }
-                if key == "idleTimeout" { proxy.idleTimeout = timeout } else { proxy.requestHeaderTimeout = timeout }
+                switch key {
+                case "idleTimeout": proxy.idleTimeout = timeout
+                case "requestHeaderTimeout": proxy.requestHeaderTimeout = timeout
+                default: proxy.streamIdleTimeout = timeout
+                }
             }
             if let node = p.node("maxRequestHeaderSize") {
                 guard let size = Self.byteSize(node), Proxy.headerSizes.contains(size) else {

@@ -23,6 +23,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// MeshConfig proxy.requestHeaderTimeout in milliseconds; 0: never;
     /// nil: the default (MeshConfig.Proxy).
     public var requestHeaderTimeoutMilliseconds: Int?
+    /// MeshConfig proxy.streamIdleTimeout in milliseconds; 0: never; nil:
+    /// the default (MeshConfig.Proxy).
+    public var streamIdleTimeoutMilliseconds: Int?
     /// MeshConfig proxy.maxRequestHeaderSize in bytes; nil: the default
     /// (MeshConfig.Proxy).
     public var maxRequestHeaderSize: Int?
@@ -237,6 +240,9 @@ extension ProxyTable {
         }
         if proxy.requestHeaderTimeout != defaults.requestHeaderTimeout {
             requestHeaderTimeoutMilliseconds = proxy.requestHeaderTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
+        }
+        if proxy.streamIdleTimeout != defaults.streamIdleTimeout {
+            streamIdleTimeoutMilliseconds = proxy.streamIdleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
         }
         if proxy.maxRequestHeaderSize != defaults.maxRequestHeaderSize { maxRequestHeaderSize = proxy.maxRequestHeaderSize }
         if proxy.tcpKeepalive != defaults.tcpKeepalive { tcpKeepalive = TCPKeepaliveSettings(proxy.tcpKeepalive) }

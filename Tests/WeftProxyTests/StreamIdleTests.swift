@@ -1,0 +1,372 @@
+import Foundation
+import Glibc
+import NIOCore
+import NIOHPACK
+import NIOPosix
+import Testing
+import WeftCore
+@testable import WeftKernel
+@testable import WeftProxy
+
+/// MeshConfig `proxy.streamIdleTimeout` on the proxy's whole captured-
+/// connection path (ProxyFuzzTests.Rig: real sockets, the idle sweep as in
+/// `weft proxy`), on both express paths and on the full path (a route with
+/// a filter), from HTTP/1.1 and h2c clients, against a backend that stalls
+/// on purpose (StallingBackend). The timeout is 400 ms here (the table's
+/// milliseconds; MeshConfig takes 1 s at least), so the sweep runs every
+/// 100 ms and a request ends 400 to 500 ms after the last byte moved on it.
+@Suite(.serialized) struct StreamIdleTests {
+    static let timeout = 400
+
+    /// The four ways in: HTTP/1.1 or h2c, express path or full path.
+    enum Way: CaseIterable, CustomStringConvertible {
+        case http1Express, http1Full, http2Express, http2Full
+        var http2: Bool { self == .http2Express || self == .http2Full }
+        var full: Bool { self == .http1Full || self == .http2Full }
+        var description: String { "\(http2 ? "h2c" : "HTTP/1.1") \(full ? "full" : "express") path" }
+    }
+
+    static func rig() throws -> ProxyFuzzTests.Rig {
+        try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = timeout }
+    }
+
+    static func stalls(_ rig: ProxyFuzzTests.Rig) -> Int { rig.proxy.stats.streamIdleTimeouts.load(ordering: .relaxed) }
+
+    /// What a client saw.
+    struct Seen {
+        var bytes: [UInt8] = []
+        var closed = false
+        /// From the request's last byte sent to when `done` first held (or
+        /// the connection closed); nil if neither happened in time.
+        var after: Double?
+        var text: String { String(decoding: bytes, as: UTF8.self) }
+    }
+
+    /// Sends `request` (then, if given, `more` after `pause`), reads until
+    /// the proxy closes, or `done` holds of what was read (then 300 ms more,
+    /// for frames behind it), or 4 s pass. `readAfter`: read nothing for
+    /// that long first, with a small receive buffer (a client that does not
+    /// read).
+    static func talk(_ port: Int, _ request: [UInt8], readAfter: Double = 0,
+                     done: ([UInt8]) -> Bool = { _ in false }) -> Seen {
+        var seen = Seen()
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return seen }
+        defer { close(fd) }
+        if readAfter > 0 {
+            var small: Int32 = 4096
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        }
+        var tv = timeval(tv_sec: 0, tv_usec: 20_000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { return seen }
+        _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        let start = ContinuousClock.now
+        if readAfter > 0 { usleep(UInt32(readAfter * 1_000_000)) }
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        var deadline = start + .seconds(4)
+        while ContinuousClock.now < deadline {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n > 0 {
+                seen.bytes += buffer[0..<n]
+                if seen.after == nil, done(seen.bytes) {
+                    seen.after = Self.seconds(ContinuousClock.now - start)
+                    deadline = min(deadline, ContinuousClock.now + .milliseconds(300))
+                }
+                continue
+            }
+            if n == 0 {
+                seen.closed = true
+                if seen.after == nil { seen.after = Self.seconds(ContinuousClock.now - start) }
+                break
+            }
+            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { continue }
+            break
+        }
+        return seen
+    }
+
+    static func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    // MARK: requests
+
+    static func http1(_ path: String, body: (declared: Int, sent: Int)? = nil) -> [UInt8] {
+        var text = "\(body == nil ? "GET" : "POST") \(path) HTTP/1.1\r\nhost: stall.fz\r\nconnection: close\r\n"
+        if let body { text += "content-length: \(body.declared)\r\n\r\n" + String(repeating: "b", count: body.sent) } else { text += "\r\n" }
+        return Array(text.utf8)
+    }
+
+    /// The preface, an empty SETTINGS and stream 1's request (with a body
+    /// declared and begun, its stream left open, when `body` is given).
+    static func http2(_ path: String, body: (declared: Int, sent: Int)? = nil) -> [UInt8] {
+        var block: [UInt8] = [body == nil ? 0x82 : 0x83, 0x86]  // GET or POST, http
+        block += [0x44] + FuzzInput.lengthPrefixed(Array(path.utf8))
+        block += [0x41] + FuzzInput.lengthPrefixed(Array("stall.fz".utf8))
+        if let body {
+            block += [0x00] + FuzzInput.lengthPrefixed(Array("content-length".utf8))
+                + FuzzInput.lengthPrefixed(Array(String(body.declared).utf8))
+        }
+        var frames = [FuzzInput.Frame(type: 0xFF, flags: 0, stream: 0, payload: ProtocolDetector.preface),
+                      FuzzInput.Frame(type: 0x4, flags: 0, stream: 0, payload: []),
+                      FuzzInput.Frame(type: 0x1, flags: body == nil ? 0x5 : 0x4, stream: 1, payload: block)]
+        if let body { frames.append(FuzzInput.Frame(type: 0x0, flags: 0, stream: 1, payload: Array(repeating: 0x62, count: body.sent))) }
+        var rng = LoopRandom(seed: 1)
+        return FuzzInput.serialize(frames, &rng)
+    }
+
+    static func request(_ way: Way, _ path: String, body: (declared: Int, sent: Int)? = nil) -> [UInt8] {
+        way.http2 ? http2(path, body: body) : http1(path, body: body)
+    }
+
+    // MARK: HTTP/2 answers
+
+    struct Frame {
+        let type: UInt8, flags: UInt8, stream: UInt32
+        let payload: [UInt8]
+    }
+
+    static func frames(_ bytes: [UInt8]) -> [Frame] {
+        var out: [Frame] = []
+        var i = 0
+        while i + 9 <= bytes.count {
+            let length = Int(bytes[i]) << 16 | Int(bytes[i + 1]) << 8 | Int(bytes[i + 2])
+            guard i + 9 + length <= bytes.count else { break }
+            let stream = UInt32(bytes[i + 5] & 0x7F) << 24 | UInt32(bytes[i + 6]) << 16 | UInt32(bytes[i + 7]) << 8 | UInt32(bytes[i + 8])
+            out.append(Frame(type: bytes[i + 3], flags: bytes[i + 4], stream: stream, payload: Array(bytes[(i + 9)..<(i + 9 + length)])))
+            i += 9 + length
+        }
+        return out
+    }
+
+    /// Stream 1's DATA, as text.
+    static func data(_ bytes: [UInt8]) -> String {
+        String(decoding: frames(bytes).filter { $0.type == 0x0 && $0.stream == 1 }.flatMap(\.payload), as: UTF8.self)
+    }
+
+    /// Stream 1's RST_STREAM code, if it was reset.
+    static func reset(_ bytes: [UInt8]) -> UInt32? {
+        guard let f = frames(bytes).first(where: { $0.type == 0x3 && $0.stream == 1 }), f.payload.count == 4 else { return nil }
+        return FuzzInput.be32(f.payload)
+    }
+
+    /// Stream 1 is over: ended by a frame with END_STREAM, or reset.
+    static func streamOver(_ bytes: [UInt8]) -> Bool {
+        frames(bytes).contains { $0.stream == 1 && ($0.type == 0x3 || (($0.type == 0x0 || $0.type == 0x1) && $0.flags & 0x1 != 0)) }
+    }
+
+    /// Whatever the answer's protocol: the response's status.
+    static func status(_ way: Way, _ seen: Seen) -> String? {
+        if way.http2 { return FuzzInput.h2Status(seen.bytes) }
+        guard seen.text.hasPrefix("HTTP/1.1 ") else { return nil }
+        return String(seen.text.dropFirst(9).prefix(3))
+    }
+
+    static func body(_ way: Way, _ seen: Seen) -> String {
+        if way.http2 { return data(seen.bytes) }
+        guard let end = seen.text.range(of: "\r\n\r\n") else { return "" }
+        return String(seen.text[end.upperBound...])
+    }
+
+    static func expectNothingHeld(_ rig: ProxyFuzzTests.Rig, _ what: String) throws {
+        try rig.settle()
+        let held = try rig.held()
+        #expect(held.allSatisfy { $0 == 0 }, "\(what): requests in flight and streams per loop: \(held)")
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "\(what): connections left open")
+    }
+
+    static let reason = "weft: nothing moved on the request for 400ms (MeshConfig spec.proxy.streamIdleTimeout)\n"
+
+    // MARK: tests
+
+    /// A backend that takes the request and never answers: 504 naming the
+    /// setting, a timeout after the request went out, not before; the
+    /// backend connection closed, nothing left counted against it.
+    @Test func aBackendThatNeverAnswersGets504() throws {
+        let rig = try Self.rig()
+        defer { rig.shutdown() }
+        for way in Way.allCases {
+            let before = Self.stalls(rig)
+            let seen = Self.talk(rig.stallPort(full: way.full), Self.request(way, "/silent"), done: Self.streamOver)
+            #expect(Self.status(way, seen) == "504", "\(way): \(FuzzInput.show(seen.bytes))")
+            #expect(Self.body(way, seen) == Self.reason, "\(way)")
+            let after = seen.after ?? 99
+            #expect(after >= 0.38 && after < 3, "\(way): answered \(after) s after the request")
+            #expect(Self.stalls(rig) - before == 1, "\(way)")
+            try Self.expectNothingHeld(rig, "\(way)")
+        }
+    }
+
+    /// A response that stops part-way: the client sees it broken (HTTP/1.1:
+    /// the connection closed short of the declared length; HTTP/2: the
+    /// stream reset, CANCEL), and the backend connection is let go.
+    @Test func aResponseThatStopsPartWayIsCut() throws {
+        let rig = try Self.rig()
+        defer { rig.shutdown() }
+        for way in Way.allCases {
+            let before = Self.stalls(rig)
+            let seen = Self.talk(rig.stallPort(full: way.full), Self.request(way, "/half"), done: Self.streamOver)
+            #expect(Self.status(way, seen) == "200", "\(way): \(FuzzInput.show(seen.bytes))")
+            #expect(Self.body(way, seen) == "partial", "\(way)")
+            if way.http2 {
+                #expect(Self.reset(seen.bytes) == 0x8, "\(way): \(FuzzInput.show(seen.bytes))")
+            } else {
+                #expect(seen.closed, "\(way)")
+            }
+            let after = seen.after ?? 99
+            #expect(after >= 0.38 && after < 3, "\(way): cut \(after) s after the request")
+            #expect(Self.stalls(rig) - before == 1, "\(way)")
+            try Self.expectNothingHeld(rig, "\(way)")
+        }
+    }
+
+    /// A response that comes slowly but never stops for the timeout (a byte
+    /// every 150 ms, 1.2 s in all, three timeouts) is answered whole.
+    @Test func slowButSteadyResponsesAreAnsweredWhole() throws {
+        let rig = try Self.rig()
+        defer { rig.shutdown() }
+        for way in Way.allCases {
+            let seen = Self.talk(rig.stallPort(full: way.full), Self.request(way, "/trickle"), done: Self.streamOver)
+            #expect(Self.status(way, seen) == "200", "\(way): \(FuzzInput.show(seen.bytes))")
+            #expect(Self.body(way, seen) == "abcdefgh", "\(way)")
+            if way.http2 { #expect(Self.reset(seen.bytes) == nil, "\(way)") }
+        }
+        #expect(Self.stalls(rig) == 0)
+        try Self.expectNothingHeld(rig, "trickled")
+    }
+
+    /// A request whose body stops coming (100 bytes declared, 10 sent):
+    /// 408 naming the setting, and the rest is not waited for (HTTP/1.1:
+    /// the connection ends; HTTP/2: RST_STREAM after the answer). On the
+    /// express paths no backend saw it yet; on the full path its backend
+    /// connection is closed.
+    @Test func aRequestBodyThatStopsComingGets408() throws {
+        let rig = try Self.rig()
+        defer { rig.shutdown() }
+        for way in Way.allCases {
+            let before = Self.stalls(rig)
+            let seen = Self.talk(rig.stallPort(full: way.full), Self.request(way, "/silent", body: (100, 10)),
+                                 done: Self.streamOver)
+            #expect(Self.status(way, seen) == "408", "\(way): \(FuzzInput.show(seen.bytes))")
+            #expect(Self.body(way, seen) == Self.reason, "\(way)")
+            if way.http2 {
+                #expect(Self.reset(seen.bytes) != nil, "\(way): \(FuzzInput.show(seen.bytes))")
+            } else {
+                #expect(seen.closed, "\(way)")
+            }
+            let after = seen.after ?? 99
+            #expect(after >= 0.38 && after < 3, "\(way): answered \(after) s after the request")
+            #expect(Self.stalls(rig) - before == 1, "\(way)")
+            try Self.expectNothingHeld(rig, "\(way)")
+        }
+    }
+
+    /// A client that never reads its (16 MiB) response stops the proxy
+    /// reading the backend; nothing moves, and after the timeout the
+    /// response is cut and the backend connection let go, instead of both
+    /// being held for as long as the client stays.
+    @Test func aClientThatStopsReadingLetsItsBackendGo() throws {
+        let rig = try Self.rig()
+        defer { rig.shutdown() }
+        for way in Way.allCases {
+            let before = Self.stalls(rig)
+            let seen = Self.talk(rig.stallPort(full: way.full), Self.request(way, "/big"), readAfter: 1.5,
+                                 done: Self.streamOver)
+            #expect(Self.status(way, seen) == "200", "\(way): \(FuzzInput.show(seen.bytes))")
+            #expect(seen.bytes.count < StallingBackend.big, "\(way): \(seen.bytes.count) bytes")
+            if way.http2 {
+                #expect(Self.reset(seen.bytes) == 0x8, "\(way)")
+            } else {
+                #expect(seen.closed, "\(way)")
+            }
+            #expect(Self.stalls(rig) - before == 1, "\(way)")
+            try Self.expectNothingHeld(rig, "\(way)")
+        }
+    }
+
+    /// `0s` (0 in the table): never. A client that sent its request and
+    /// closed its socket while the backend stays silent cannot be told from
+    /// one that half-closed and waits for the answer: without the timeout
+    /// the request and its backend connection are held for good. A table
+    /// with the timeout, installed while it is held, ends it.
+    @Test func zeroTurnsTheTimeoutOff() throws {
+        let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = 0; $0.idleTimeoutMilliseconds = 200 }
+        defer { rig.shutdown() }
+        let seen = Self.talk(rig.stallPort(full: false), Self.http1("/silent"))
+        #expect(seen.bytes.isEmpty && !seen.closed, "\(FuzzInput.show(seen.bytes))")
+        usleep(1_000_000)
+        #expect(try rig.held().reduce(0, +) == 1, "the request is held after its client left")
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 1)
+        #expect(Self.stalls(rig) == 0)
+        var table = rig.proxy.snapshot.table
+        table.streamIdleTimeoutMilliseconds = Self.timeout
+        rig.proxy.install(table)
+        try Self.expectNothingHeld(rig, "after the timeout came in")
+        #expect(Self.stalls(rig) == 1)
+    }
+}
+
+/// An HTTP/1.1 backend that stalls on purpose, by the request's path:
+/// `/silent` never answers; `/half` sends a head declaring 100 bytes and 7
+/// of them ("partial"), then nothing; `/trickle` declares 8 and sends one
+/// each 150 ms; `/big` sends `big` bytes as fast as they are taken; any
+/// other path is answered 200 "ok". Request bodies are not read.
+final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    static let big = 16 * 1024 * 1024
+    private var pending = ByteBuffer()
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        pending.writeBuffer(&bytes)
+        while let end = pending.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) {
+            let head = pending.readString(length: end.upperBound - pending.readerIndex) ?? ""
+            let path = head.split(separator: " ").dropFirst().first.map(String.init) ?? "/"
+            answer(path, context: context)
+        }
+    }
+
+    private func write(_ text: String, _ context: ChannelHandlerContext) {
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(string: text)), promise: nil)
+    }
+
+    private func answer(_ path: String, context: ChannelHandlerContext) {
+        switch path {
+        case "/silent":
+            break
+        case "/half":
+            write("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial", context)
+        case "/trickle":
+            write("HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n", context)
+            trickle(Array("abcdefgh"), context: context)
+        case "/big":
+            write("HTTP/1.1 200 OK\r\ncontent-length: \(Self.big)\r\n\r\n", context)
+            let chunk = context.channel.allocator.buffer(repeating: 0x7A, count: 65_536)
+            for _ in 0..<(Self.big / 65_536) { context.write(wrapOutboundOut(chunk), promise: nil) }
+            context.flush()
+        default:
+            write("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n", context)
+        }
+    }
+
+    private func trickle(_ rest: [Character], context: ChannelHandlerContext) {
+        guard let first = rest.first else { return }
+        context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(150)) {
+            guard context.channel.isActive else { return }
+            self.write(String(first), context)
+            self.trickle(Array(rest.dropFirst()), context: context)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
