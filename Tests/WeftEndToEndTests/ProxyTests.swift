@@ -809,6 +809,43 @@ struct ProxyTests {
         #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
     }
 
+    /// MeshConfig `proxy.streamIdleTimeout`, through the agent to the
+    /// proxy: a backend that takes a request and says nothing for longer
+    /// (l7server's /sleep) gets it answered 504 about a timeout after it
+    /// went out, on the express path and the full path, HTTP/1.1 and h2c;
+    /// one that answers within the timeout is not cut. (StreamIdleTests
+    /// takes every way a request stalls apart on the proxy alone.)
+    @Test func requestsOnWhichNothingMovesEndAfterTheMeshConfigTimeout() throws {
+        let lab = try startLab()
+        defer { lab.down() }
+        try applyMeshConfig(lab, spec: "{proxy: {streamIdleTimeout: 1s, idleTimeout: 1s}}")
+        let stalled = try stat("n1", "stream_idle_timeouts_total")
+        let handovers = try stat("n1", "express_handovers_total")
+        let runs: [(String, [String])] = [
+            ("h1 express", ["h1-idle", "198.19.1.12", "80", "/sleep/4000"]),
+            ("h1 full", ["h1-idle", "198.19.1.12", "80", "/sleep/4000", "X-Forwarded-For: 198.18.1.99"]),
+            ("h1 in time", ["h1-idle", "198.19.1.12", "80", "/sleep/600"]),
+            ("h2", ["h2-drain", "198.19.1.12", "80", "/sleep/4000"]),
+        ]
+        let started = try runs.map { ($0.0, try lab.startTool(in: "client", $0.1)) }
+        for (name, run) in started {
+            let r = try run.finish()
+            let h2 = name.hasPrefix("h2")
+            let answered = (h2 ? r["ended"] : r["answered"]) as? Double ?? .infinity
+            let status = h2 ? r["status"] as? String : (r["status"] as? String).map { String($0.dropFirst(9).prefix(3)) }
+            if name.hasSuffix("in time") {
+                #expect(status == "200" && answered >= 0.6, "\(name): \(r)")
+                continue
+            }
+            #expect(status == "504", "\(name): \(r)")
+            // Between one and one and a quarter timeouts after the request
+            // went out (and some slack for a busy machine).
+            #expect(answered >= 0.95 && answered < 2.5, "\(name): answered \(answered) s after the request: \(r)")
+        }
+        #expect(try stat("n1", "stream_idle_timeouts_total") - stalled == 3)
+        #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
+    }
+
     /// MeshConfig `proxy.requestHeaderTimeout`: an HTTP/1.1 request head
     /// trickled a line at a time (so never idle) and not whole within the
     /// timeout is answered 408 and its connection closed, on the express
