@@ -284,10 +284,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 return refuseHead(408, "Request Timeout", HeadClock.body(sweep), context: context)
             }
             // Nothing in flight and nothing read through the sweeps: closed
-            // once the last response is out (a slow reader gets all of it).
-            if idle.expired(sweep, busy: exchange != nil) {
+            // once the last response is out (a slow reader gets all of it;
+            // one that reads none of it, at the next timeout).
+            switch idle.judge(sweep, busy: exchange != nil) {
+            case .close:
                 proxy.stats.idleClosed.add(1, ordering: .relaxed)
                 context.closeAfterWrites()
+            case .overdue:
+                context.close(promise: nil)
+            case .stay:
+                break
             }
             return
         }

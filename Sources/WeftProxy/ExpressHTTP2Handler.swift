@@ -293,10 +293,16 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 }
             }
             // No stream open and no frame read through the sweeps: GOAWAY,
-            // and closed once written.
-            if !quiescing, idle.expired(sweep, busy: !streams.isEmpty || !handed.isEmpty) {
+            // and closed once written (at the next timeout, if the client
+            // reads none of it).
+            switch idle.judge(sweep, busy: !streams.isEmpty || !handed.isEmpty) {
+            case .close where !quiescing:
                 proxy.stats.idleClosed.add(1, ordering: .relaxed)
                 goAway(context)
+            case .overdue:
+                context.close(promise: nil)
+            case .close, .stay:
+                break
             }
             return
         }

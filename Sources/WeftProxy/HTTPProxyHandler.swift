@@ -248,9 +248,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 let none = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
                 return respondLocally(none, .requestTimeout, HeadClock.body(sweep), keepAlive: false)
             }
-            if !isHTTP2, idle.expired(sweep, busy: open) {
-                proxy.stats.idleClosed.add(1, ordering: .relaxed)
-                closeAfterLastResponse(context)
+            if !isHTTP2 {
+                switch idle.judge(sweep, busy: open) {
+                case .close:
+                    proxy.stats.idleClosed.add(1, ordering: .relaxed)
+                    closeAfterLastResponse(context)
+                case .overdue:
+                    context.close(promise: nil)  // the client read none of the last response
+                case .stay:
+                    break
+                }
             }
             return
         }

@@ -45,14 +45,24 @@ struct IdleCount {
 
     mutating func reset() { sweeps = 0 }
 
-    /// Whether the connection has now been idle for the timeout.
-    mutating func expired(_ sweep: IdleSweep, busy: Bool) -> Bool {
+    /// What the sweep finds: the connection idle for the timeout just now
+    /// (`close`: closed once what was written is out, once), or still
+    /// open a whole timeout after that (`overdue`: its client has read
+    /// nothing of what is left, which would hold the connection and those
+    /// bytes for as long as it stays; closed at once, once).
+    enum Verdict {
+        case stay, close, overdue
+    }
+
+    mutating func judge(_ sweep: IdleSweep, busy: Bool) -> Verdict {
         if busy {
             sweeps = 0
-            return false
+            return .stay
         }
         sweeps += 1
-        return sweeps >= sweep.rounds
+        if sweeps == sweep.rounds { return .close }
+        if sweep.rounds != .max && sweeps == 2 * sweep.rounds { return .overdue }
+        return .stay
     }
 }
 
@@ -255,9 +265,14 @@ final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
             context.close(promise: nil)
         case let sweep as IdleSweep:
             streamChannels.sweep(sweep)
-            if !closing, idle.expired(sweep, busy: open > 0) {
+            switch idle.judge(sweep, busy: open > 0) {
+            case .close where !closing:
                 proxy.stats.idleClosed.add(1, ordering: .relaxed)
                 goAway(.noError, debug: nil, context: context)
+            case .overdue:
+                context.close(promise: nil)
+            case .close, .stay:
+                break
             }
         case let late as HTTP2HeadWatch.Late:
             // A header block begun a request-head timeout ago and not whole:

@@ -292,6 +292,53 @@ import WeftCore
         }
     }
 
+    /// A client that reads nothing at all (a 4 KiB receive buffer, the
+    /// proxy's socket buffer full behind it) of a response it opened every
+    /// window for: the stall cuts the request, and what the proxy still has
+    /// to write (the reset, then GOAWAY) can never go out, so the
+    /// connection's gentle close (once its writes are out) would wait for
+    /// good. A whole idle timeout after that close began, it is closed at
+    /// once: nothing is held while the client stays connected.
+    @Test func aClientThatReadsNothingAtAllIsClosed() throws {
+        let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = Self.timeout; $0.idleTimeoutMilliseconds = 300 }
+        defer { rig.shutdown() }
+        // Every window opened (SETTINGS_INITIAL_WINDOW_SIZE, the connection's by WINDOW_UPDATE).
+        let open: UInt32 = 0x7FFF_FFFF
+        var rng = LoopRandom(seed: 1)
+        let windows = FuzzInput.serialize([
+            FuzzInput.Frame(type: 0x4, flags: 0, stream: 0, payload: FuzzInput.settings([(0x4, open)])),
+            FuzzInput.Frame(type: 0x8, flags: 0, stream: 0, payload: FuzzInput.be32(open - 65_535)),
+        ], &rng)
+        for way in Way.allCases {
+            let before = Self.stalls(rig)
+            var request = Self.request(way, "/big")
+            if way.http2 { request.insert(contentsOf: windows, at: ProtocolDetector.preface.count) }
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            try #require(fd >= 0)
+            defer { close(fd) }
+            var small: Int32 = 4096
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(rig.stallPort(full: way.full)).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            try #require(connected == 0)
+            _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            // The stall (0.4-0.5 s), then two idle timeouts (0.3-0.4 s each), and slack.
+            let deadline = ContinuousClock.now + .seconds(5)
+            while Self.stalls(rig) == before && ContinuousClock.now < deadline { usleep(20_000) }
+            #expect(Self.stalls(rig) - before == 1, "\(way)")
+            while rig.proxy.stats.activeConnections.load(ordering: .relaxed) > 0 && ContinuousClock.now < deadline {
+                usleep(20_000)
+            }
+            #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "\(way): the connection is still open")
+            #expect(try rig.held().allSatisfy { $0 == 0 }, "\(way)")
+        }
+    }
+
     /// `0s` (0 in the table): never. A client that sent its request and
     /// closed its socket while the backend stays silent cannot be told from
     /// one that half-closed and waits for the answer: without the timeout
