@@ -220,11 +220,31 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     func read(context: ChannelHandlerContext) {
-        if queued.count >= Self.maxQueued {
+        if queued.count >= Self.maxQueued || bodyHeld {
             readPending = true
         } else {
             context.read()
         }
+    }
+
+    /// The request's body is read only as fast as its backend takes it:
+    /// not while there is no backend connection to send it on (connecting,
+    /// a retry's backoff) or that connection cannot take more (its socket
+    /// full, or an HTTP/2 stream's window shut). A client's TCP window (or
+    /// the stream's HTTP/2 window, which NIO opens only as frames are read)
+    /// then holds the rest; without this, an upload to a slow backend piled
+    /// up in the proxy, all of it (512 MiB in uploadsGoAtTheirBackendsPace).
+    private var bodyHeld: Bool {
+        guard receiving, let r = request else { return false }
+        guard let upstream = r.upstream, !r.connecting else { return true }
+        return !upstream.isWritable
+    }
+
+    /// Reads again if reading was held and nothing holds it now.
+    private func resumeReads() {
+        guard readPending, queued.count < Self.maxQueued, !bodyHeld, let context else { return }
+        readPending = false
+        context.read()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -314,10 +334,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // was read did not see it gone.)
         if clientGone && !isHTTP2 { closeAfterLastResponse(context) }
 
-        if readPending && queued.count < Self.maxQueued {
-            readPending = false
-            context.read()
-        }
+        resumeReads()
     }
 
     private func process(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
@@ -674,6 +691,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         } else {
             upstream.flush()
         }
+        resumeReads()
     }
 
     // MARK: upstream
@@ -800,8 +818,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {
-        // Request bodies are bounded by the downstream's own flow control;
-        // nothing to pause on the downstream side in this version.
+        // The body's reads wait for the backend (bodyHeld).
+        if writable { resumeReads() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -913,8 +931,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             context.close(promise: nil)
             return
         }
-        let unread = receiving
-        if !unread { recordOutcome(.localFailure) }  // a backend that never answered
+        // The body stopped coming while the proxy was reading it: the
+        // client's. Held for the backend (bodyHeld): the backend's.
+        let unread = receiving && !bodyHeld
+        if !unread { recordOutcome(.localFailure) }  // a backend that never answered, or took no more
         r.upstream?.close()
         endAttempt(success: false)
         r.upstream = nil
@@ -977,6 +997,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         request?.retryTimer?.cancel()
         if let r = request, r.retrying { r.runtime?.retries.subtract(1, ordering: .relaxed) }
         request = nil
+        resumeReads()
     }
 
     /// The downstream went away, or a response broke: drop everything.

@@ -339,6 +339,138 @@ import WeftCore
         }
     }
 
+    /// An upload to a backend that reads none of it (`/deaf`): the proxy
+    /// reads the body only as fast as the backend takes it, so what the
+    /// client gets to send stops at what the sockets on the way hold, and
+    /// the body does not pile up in the proxy. (The stream idle timeout is
+    /// off here, so that only the backpressure stops it.) Then, with the
+    /// timeout, the same upload is answered 504: it is the backend that
+    /// stopped taking it, not the client sending it.
+    @Test func uploadsGoAtTheirBackendsPace() throws {
+        let declared = 512 * 1024 * 1024
+        for timeout in [0, Self.timeout] {
+            let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = timeout }
+            defer { rig.shutdown() }
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            try #require(fd >= 0)
+            defer { close(fd) }
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(rig.stallPort(full: false)).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            try #require(connected == 0)
+            let head = Array("POST /deaf HTTP/1.1\r\nhost: stall.fz\r\ncontent-length: \(declared)\r\n\r\n".utf8)
+            _ = head.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            let chunk = [UInt8](repeating: 0x62, count: 65_536)
+            var sent = 0
+            var lastProgress = ContinuousClock.now
+            while sent < declared && ContinuousClock.now - lastProgress < .milliseconds(1_500) {
+                let n = chunk.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+                if n > 0 {
+                    sent += n
+                    lastProgress = ContinuousClock.now
+                } else if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    usleep(5_000)
+                } else {
+                    break
+                }
+            }
+            if timeout == 0 {
+                // Socket buffers on loopback grow to a few MiB each; the
+                // proxy itself holds about a read and NIO's write watermark.
+                #expect(sent < 48 * 1024 * 1024, "the client sent \(sent / 1024 / 1024) MiB of \(declared / 1024 / 1024) to a backend that reads nothing")
+            } else {
+                var answer = [UInt8](repeating: 0, count: 4096)
+                var tv = timeval(tv_sec: 3, tv_usec: 0)
+                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+                let n = answer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                let text = n > 0 ? String(decoding: answer[0..<n], as: UTF8.self) : ""
+                #expect(text.hasPrefix("HTTP/1.1 504"), "\(text)")
+            }
+        }
+    }
+
+    /// The same over h2c (a body past the first window goes to the full
+    /// path): a client that keeps to HTTP/2's flow control gets to send
+    /// only what the windows the proxy opens allow, and the proxy opens
+    /// them only as the backend takes the body (NIO's stream channel
+    /// updates the window as frames are read, and reading waits).
+    @Test func h2cUploadsGoAtTheirBackendsPace() throws {
+        let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = 0 }
+        defer { rig.shutdown() }
+        let declared = 512 * 1024 * 1024
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(rig.stallPort(full: false)).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        try #require(connected == 0)
+        func write(_ bytes: [UInt8]) -> Bool {
+            var at = 0
+            while at < bytes.count {
+                let n = bytes[at...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                guard n > 0 else { return false }
+                at += n
+            }
+            return true
+        }
+        try #require(write(Self.http2("/deaf", body: (declared, 0)).dropLast(9)))  // (no DATA frame yet)
+        var windows = (connection: 65_535, stream: 65_535)
+        var pending: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        var sent = 0
+        var reset = false
+        var lastProgress = ContinuousClock.now
+        while sent < declared, !reset, ContinuousClock.now - lastProgress < .milliseconds(1_500) {
+            // What the proxy says: its SETTINGS (acknowledged), window updates, a reset.
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n > 0 { pending += buffer[0..<n] }
+            if n == 0 { break }
+            var used = 0
+            for f in Self.frames(pending) {
+                used += 9 + f.payload.count
+                switch f.type {
+                case 0x4 where f.flags & 0x1 == 0:
+                    for i in stride(from: 0, to: f.payload.count - 5, by: 6) where f.payload[i] == 0 && f.payload[i + 1] == 0x4 {
+                        windows.stream += Int(FuzzInput.be32(Array(f.payload[(i + 2)..<(i + 6)]))) - 65_535
+                    }
+                    _ = write([0, 0, 0, 0x4, 0x1, 0, 0, 0, 0])
+                case 0x8 where f.payload.count == 4:
+                    let increment = Int(FuzzInput.be32(f.payload) & 0x7FFF_FFFF)
+                    if f.stream == 0 { windows.connection += increment } else if f.stream == 1 { windows.stream += increment }
+                case 0x3 where f.stream == 1, 0x7:
+                    reset = true
+                default:
+                    break
+                }
+            }
+            pending.removeFirst(used)
+            let size = min(16_384, windows.connection, windows.stream, declared - sent)
+            if size > 0 {
+                let frame = [UInt8(size >> 16), UInt8((size >> 8) & 0xFF), UInt8(size & 0xFF), 0x0, 0x0] + FuzzInput.be32(UInt32(1))
+                    + [UInt8](repeating: 0x62, count: size)
+                guard write(frame) else { break }
+                sent += size
+                windows.connection -= size
+                windows.stream -= size
+                lastProgress = ContinuousClock.now
+            } else {
+                usleep(5_000)
+            }
+        }
+        #expect(!reset, "the stream was reset")
+        #expect(sent > 65_535, "no window was opened past the first: \(sent) bytes")
+        #expect(sent < 48 * 1024 * 1024, "the client sent \(sent / 1024 / 1024) MiB of \(declared / 1024 / 1024) to a backend that reads nothing")
+    }
+
     /// `0s` (0 in the table): never. A client that sent its request and
     /// closed its socket while the backend stays silent cannot be told from
     /// one that half-closed and waits for the answer: without the timeout
@@ -362,7 +494,8 @@ import WeftCore
 }
 
 /// An HTTP/1.1 backend that stalls on purpose, by the request's path:
-/// `/silent` never answers; `/half` sends a head declaring 100 bytes and 7
+/// `/silent` never answers; `/deaf` never answers and reads nothing more
+/// (a backend that does not take the request's body); `/half` sends a head declaring 100 bytes and 7
 /// of them ("partial"), then nothing; `/trickle` declares 8 and sends one
 /// each 150 ms; `/big` sends `big` bytes as fast as they are taken; any
 /// other path is answered 200 "ok". Request bodies are not read.
@@ -391,6 +524,8 @@ final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
         switch path {
         case "/silent":
             break
+        case "/deaf":
+            context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
         case "/half":
             write("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial", context)
         case "/trickle":
