@@ -162,6 +162,10 @@ import WeftCore
         let listeners: [(any Channel, CapturedOrigin)]
         /// The stalling backend's Services: express (no route) and full path.
         let stallListeners: [any Channel]
+        /// Delivers to the stalling backend as the node of a pod delivers a
+        /// tunnel's requests that its express path hands over (InboundHTTP),
+        /// on a plain connection.
+        let inboundListener: any Channel
         let backends: [any Channel]
         let registry = ConnectionRegistry()
 
@@ -251,6 +255,17 @@ import WeftCore
             }
             self.listeners = Array(listeners.prefix(6))
             stallListeners = listeners.suffix(2).map(\.0)
+            let stallKey = EndpointKey(ip: IPv4Address("127.0.0.4")!, port: UInt16(stall.localAddress?.port ?? 0), node: "n1")
+            let sender = AuthorizationRequest(principal: nil, namespace: nil, sourceIP: client, port: 80)
+            inboundListener = try ServerBootstrap(group: group)
+                .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try InboundHTTP.install(on: channel.pipeline.syncOperations, http2: false, proxy: proxy,
+                                                request: sender, target: stallKey)
+                    }
+                }
+                .bind(host: "127.0.0.1", port: 0).wait()
             registry.sweepIdle(proxy: proxy, on: loops[0])
         }
 
@@ -284,6 +299,7 @@ import WeftCore
         func shutdown() {
             for (l, _) in listeners { try? l.close().wait() }
             for l in stallListeners { try? l.close().wait() }
+            try? inboundListener.close().wait()
             for b in backends { try? b.close().wait() }
             try? group.syncShutdownGracefully()
         }

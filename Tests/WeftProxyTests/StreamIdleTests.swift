@@ -3,6 +3,7 @@ import Glibc
 import NIOCore
 import NIOHPACK
 import NIOPosix
+import Synchronization
 import Testing
 import WeftCore
 @testable import WeftKernel
@@ -346,9 +347,11 @@ import WeftCore
     /// off here, so that only the backpressure stops it.) Then, with the
     /// timeout, the same upload is answered 504: it is the backend that
     /// stopped taking it, not the client sending it.
+    /// So does the node that delivers a tunnel's request to its pod
+    /// (InboundHTTP, which takes what its express path hands over).
     @Test func uploadsGoAtTheirBackendsPace() throws {
         let declared = 512 * 1024 * 1024
-        for timeout in [0, Self.timeout] {
+        for (timeout, inbound) in [(0, false), (0, true), (Self.timeout, false)] {
             let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = timeout }
             defer { rig.shutdown() }
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -356,7 +359,8 @@ import WeftCore
             defer { close(fd) }
             var address = sockaddr_in()
             address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = in_port_t(UInt16(rig.stallPort(full: false)).bigEndian)
+            let port = inbound ? rig.inboundListener.localAddress?.port ?? 0 : rig.stallPort(full: false)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
             address.sin_addr.s_addr = inet_addr("127.0.0.1")
             let connected = withUnsafePointer(to: &address) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
@@ -381,7 +385,8 @@ import WeftCore
             if timeout == 0 {
                 // Socket buffers on loopback grow to a few MiB each; the
                 // proxy itself holds about a read and NIO's write watermark.
-                #expect(sent < 48 * 1024 * 1024, "the client sent \(sent / 1024 / 1024) MiB of \(declared / 1024 / 1024) to a backend that reads nothing")
+                #expect(sent < 48 * 1024 * 1024,
+                        "\(inbound ? "delivering" : "captured"): the client sent \(sent / 1024 / 1024) MiB of \(declared / 1024 / 1024) to a backend that reads nothing")
             } else {
                 var answer = [UInt8](repeating: 0, count: 4096)
                 var tv = timeval(tv_sec: 3, tv_usec: 0)
@@ -471,6 +476,57 @@ import WeftCore
         #expect(sent < 48 * 1024 * 1024, "the client sent \(sent / 1024 / 1024) MiB of \(declared / 1024 / 1024) to a backend that reads nothing")
     }
 
+    /// A response as fast as the backend can write it (`/flood`, 512 MiB)
+    /// to a client that reads none of it: the proxy reads the backend only
+    /// as fast as the client takes the response, so what the backend gets
+    /// to write stops at what the sockets on the way hold. Every way in, and
+    /// the node that delivers a tunnel's request to its pod (InboundHTTP).
+    @Test func downloadsGoAtTheirClientsPace() throws {
+        let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = 0 }
+        defer { rig.shutdown() }
+        var windows: [UInt8] = []
+        var rng = LoopRandom(seed: 1)
+        let open: UInt32 = 0x7FFF_FFFF
+        windows = FuzzInput.serialize([
+            FuzzInput.Frame(type: 0x4, flags: 0, stream: 0, payload: FuzzInput.settings([(0x4, open)])),
+            FuzzInput.Frame(type: 0x8, flags: 0, stream: 0, payload: FuzzInput.be32(open - 65_535)),
+        ], &rng)
+        let ways: [(String, Int, [UInt8])] = Way.allCases.map { way in
+            var request = Self.request(way, "/flood")
+            if way.http2 { request.insert(contentsOf: windows, at: ProtocolDetector.preface.count) }
+            return ("\(way)", rig.stallPort(full: way.full), request)
+        } + [("delivering", rig.inboundListener.localAddress?.port ?? 0, Self.http1("/flood"))]
+        for (name, port, request) in ways {
+            let before = StallingBackend.flooded.load(ordering: .relaxed)
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            try #require(fd >= 0)
+            defer { close(fd) }
+            var small: Int32 = 4096
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            try #require(connected == 0)
+            _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            // Until the backend writes no more for half a second (2 s at least, 20 at most).
+            let start = ContinuousClock.now
+            var last = before, lastChange = start
+            while ContinuousClock.now - start < .seconds(20) {
+                usleep(50_000)
+                let now = StallingBackend.flooded.load(ordering: .relaxed)
+                if now != last { (last, lastChange) = (now, ContinuousClock.now) }
+                if ContinuousClock.now - start > .seconds(2) && ContinuousClock.now - lastChange > .milliseconds(500) { break }
+            }
+            let written = last - before
+            #expect(written > 0 && written < 48 * 1024 * 1024,
+                    "\(name): the backend wrote \(written / 1024 / 1024) MiB of \(StallingBackend.flood / 1024 / 1024) to a client that reads nothing")
+        }
+    }
+
     /// `0s` (0 in the table): never. A client that sent its request and
     /// closed its socket while the backend stays silent cannot be told from
     /// one that half-closed and waits for the answer: without the timeout
@@ -497,14 +553,38 @@ import WeftCore
 /// `/silent` never answers; `/deaf` never answers and reads nothing more
 /// (a backend that does not take the request's body); `/half` sends a head declaring 100 bytes and 7
 /// of them ("partial"), then nothing; `/trickle` declares 8 and sends one
-/// each 150 ms; `/big` sends `big` bytes as fast as they are taken; any
+/// each 150 ms; `/big` sends `big` bytes at once (into NIO's buffer);
+/// `/flood` sends `flood` bytes as fast as its socket takes them; any
 /// other path is answered 200 "ok". Request bodies are not read.
 final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     static let big = 16 * 1024 * 1024
+    static let flood = 512 * 1024 * 1024
+    /// Bytes of `/flood` bodies written to the socket (or NIO's buffer,
+    /// which holds a watermark's worth at most), over every connection.
+    static let flooded = Atomic<Int>(0)
     private var pending = ByteBuffer()
+    /// A `/flood` body's bytes written so far, while it is being written.
+    private var flooding: Int?
+
+    /// Writes while the socket takes more (and resumes when it does).
+    private func flood(_ context: ChannelHandlerContext) {
+        guard var done = flooding else { return }
+        let chunk = context.channel.allocator.buffer(repeating: 0x7A, count: 65_536)
+        while context.channel.isWritable && done < Self.flood {
+            context.write(wrapOutboundOut(chunk), promise: nil)
+            done += chunk.readableBytes
+            Self.flooded.add(chunk.readableBytes, ordering: .relaxed)
+        }
+        context.flush()
+        flooding = done < Self.flood ? done : nil
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { flood(context) }
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
@@ -526,6 +606,10 @@ final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
             break
         case "/deaf":
             context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        case "/flood":
+            write("HTTP/1.1 200 OK\r\ncontent-length: \(Self.flood)\r\n\r\n", context)
+            flooding = 0
+            flood(context)
         case "/half":
             write("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial", context)
         case "/trickle":

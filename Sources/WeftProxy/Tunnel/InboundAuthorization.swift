@@ -152,8 +152,9 @@ final class InboundDetector: ChannelInboundHandler, RemovableChannelHandler {
 /// arrives, then sent to the pod over the proxy's pool, or answered 403
 /// with the reason. Requests on an HTTP/1.x connection are handled one at a
 /// time, in order.
-final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, UpstreamSink {
+final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, UpstreamSink {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
     private enum State { case idle, denying, connecting, forwarding }
@@ -173,6 +174,8 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
     private var pending: [HTTPClientRequestPart] = []
     /// Parts of a pipelined request that came before the previous ended.
     private var queued: [HTTPServerRequestPart] = []
+    /// A read held back (bodyHeld), to be made when the pod takes more.
+    private var readPending = false
 
     init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
@@ -258,6 +261,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                 case .failure(let error):
                     self.state = .denying
                     self.pending.removeAll()
+                    self.resumeReads()
                     // Nothing reached the pod: the source proxy takes this
                     // as a refused connect and tries another backend.
                     self.proxy.logger.info("tunnelled request could not reach its pod", metadata: ["target": "\(key)", "error": "\(error)"])
@@ -276,6 +280,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                     for p in self.pending { upstream.send(p, flush: false) }
                     self.pending.removeAll()
                     upstream.flush()
+                    self.resumeReads()
                 }
             }
         case .body(let body):
@@ -300,6 +305,34 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         context.fireChannelReadComplete()
     }
 
+    /// Both ways at the pace of the slower side, as on the source's full
+    /// path (HTTPProxyHandler.bodyHeld): the request's body is read from
+    /// the stream only while the pod's connection takes more (not while it
+    /// is being made), and the pod's response only while the stream does.
+    func read(context: ChannelHandlerContext) {
+        if bodyHeld { readPending = true } else { context.read() }
+    }
+
+    private var bodyHeld: Bool {
+        guard !requestEnded else { return false }
+        switch state {
+        case .connecting: return true
+        case .forwarding: return !(upstream?.isWritable ?? true)
+        case .idle, .denying: return false
+        }
+    }
+
+    private func resumeReads() {
+        guard readPending, !bodyHeld, let context else { return }
+        readPending = false
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { upstream?.resumeReads() }
+        context.fireChannelWritabilityChanged()
+    }
+
     private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, refused: Bool = false) {
         var headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "\(body.utf8.count)")])
         if refused { headers.add(name: Authorize.refusedHeader, value: "connect") }
@@ -315,6 +348,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
     private func exchangeDone(_ context: ChannelHandlerContext) {
         state = .idle
         upstream = nil
+        resumeReads()
         if isHTTP2 { return }
         guard keepAlive else {
             // RFC 9112's staged close, as HTTPProxyHandler ends one: the
@@ -352,6 +386,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
                           promise: nil)
         case .body(let body):
             context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+            if !context.channel.isWritable { upstream?.pauseReads() }
         case .end(let trailers):
             context.writeAndFlush(wrapOutboundOut(.end(trailers)), promise: nil)
             exchangeDone(context)
@@ -366,6 +401,7 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
             context.close(promise: nil)
         } else {
             state = .denying
+            resumeReads()
             // A kept-alive connection the pod had closed: an idempotent
             // request may go elsewhere, as if never sent.
             respond(context, .badGateway, "weft: \(target) closed the connection before responding\n", refused: reused && idempotent)
@@ -373,7 +409,9 @@ final class InboundHTTP: ChannelInboundHandler, RemovableChannelHandler, Upstrea
         }
     }
 
-    func upstreamWritabilityChanged(_ writable: Bool) {}
+    func upstreamWritabilityChanged(_ writable: Bool) {
+        if writable { resumeReads() }
+    }
 
     func upstreamReadComplete() { context?.flush() }
 }
