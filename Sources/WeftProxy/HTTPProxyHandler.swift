@@ -1131,7 +1131,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // to switch protocols, and an HTTP/1.1 server's parser stops after
         // such a request, so the pooled connection the copy went out on
         // would swallow every request sent on it after.
-        guard let r = request, !r.mirrors.isEmpty, !r.isUpgrade, let replay = r.replay, let loop else { return }
+        guard let r = request, !r.mirrors.isEmpty, !r.isUpgrade, let replay = r.replay, let loop, let context else { return }
         for m in r.mirrors where Double.random(in: 0..<100, using: &loop.random) < m.percent {
             let cluster = ProxyTable.clusterName(namespace: proxy.snapshot.table.frontends[frontendKey]?.namespace ?? "",
                                                  service: m.name, port: m.port)
@@ -1139,7 +1139,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                   loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: key.ip, port: key.port, node: key.node)
             else { continue }
             proxy.stats.mirrored.add(1, ordering: .relaxed)
-            MirrorExchange.send(head: r.upstreamHead, body: replay, to: key, pool: loop.pool)
+            let idle = r.snapshot.table.streamIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultStreamIdleTimeoutMilliseconds
+            let limit = r.action.timeouts.request.map { TimeAmount($0) } ?? (idle > 0 ? .milliseconds(Int64(idle)) : nil)
+            MirrorExchange.send(head: r.upstreamHead, body: replay, to: key, pool: loop.pool, limit: limit, on: context.eventLoop)
         }
     }
 

@@ -3,18 +3,28 @@ import NIOHTTP1
 
 /// RequestMirror: a copy of a request sent to another Service, its response
 /// read and dropped. Mirrors never delay, fail or change the real exchange.
+/// A copy lasts `limit` at most (the route's request timeout, or else
+/// MeshConfig proxy.streamIdleTimeout, as a whole): nobody waits on its
+/// answer, so a mirror backend that never gives one would otherwise hold
+/// a connection (and this object) for every copy sent to it, for good.
 final class MirrorExchange: UpstreamSink {
     private var upstream: UpstreamHandler?
     private var keepSelf: MirrorExchange?
+    private var timer: Scheduled<Void>?
 
-    static func send(head: HTTPRequestHead, body: [ByteBuffer], to key: EndpointKey, pool: UpstreamPool) {
+    static func send(head: HTTPRequestHead, body: [ByteBuffer], to key: EndpointKey, pool: UpstreamPool,
+                     limit: TimeAmount?, on loop: any EventLoop) {
         let exchange = MirrorExchange()
         exchange.keepSelf = exchange
         var head = head
         if let host = head.headers.first(name: "host") { head.headers.replaceOrAdd(name: "host", value: host + "-shadow") }
+        if let limit {
+            exchange.timer = loop.assumeIsolated().scheduleTask(in: limit) { exchange.abandon() }
+        }
         pool.acquire(key, protocol: .http1) { result in
-            guard case .success(let upstream) = result else {
-                exchange.keepSelf = nil
+            guard case .success(let upstream) = result, exchange.keepSelf != nil else {
+                if case .success(let upstream) = result { upstream.close() }
+                exchange.done()
                 return
             }
             exchange.upstream = upstream
@@ -28,11 +38,26 @@ final class MirrorExchange: UpstreamSink {
         }
     }
 
-    func upstreamResponse(_ part: HTTPClientResponsePart) {
-        if case .end = part { keepSelf = nil }
+    /// Over: the timer stopped, the cycle that kept it alive broken.
+    private func done() {
+        timer?.cancel()
+        timer = nil
+        upstream = nil
+        keepSelf = nil
     }
 
-    func upstreamFailed(_ error: any Error, responded: Bool) { keepSelf = nil }
+    /// The limit passed with no answer: its connection closed.
+    private func abandon() {
+        timer = nil
+        upstream?.close()
+        done()
+    }
+
+    func upstreamResponse(_ part: HTTPClientResponsePart) {
+        if case .end = part { done() }
+    }
+
+    func upstreamFailed(_ error: any Error, responded: Bool) { done() }
     func upstreamWritabilityChanged(_ writable: Bool) {}
     func upstreamReadComplete() {}
 }

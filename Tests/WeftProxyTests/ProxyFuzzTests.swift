@@ -82,6 +82,9 @@ import WeftCore
         spec:
           parentRefs: [{group: "", kind: Service, name: stall-full, port: 80}]
           rules:
+          - matches: [{path: {type: PathPrefix, value: /mirrored}}]
+            filters: [{type: RequestMirror, requestMirror: {backendRef: {name: stall, port: 80}}}]
+            backendRefs: [{name: stall-full, port: 80}]
           - backendRefs: [{name: stall-full, port: 80}]
             filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-route, value: full}]}}]
         ---

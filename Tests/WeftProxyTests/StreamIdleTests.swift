@@ -527,6 +527,28 @@ import WeftCore
         }
     }
 
+    /// RequestMirror's copies to a backend that never answers them: nobody
+    /// waits on a copy's answer, so each lasts the stream idle timeout at
+    /// most (as a whole; a route's request timeout when it has one), then
+    /// its connection closes. Held for good before, one per copy.
+    @Test func mirrorCopiesThatAreNeverAnsweredAreLetGo() throws {
+        let rig = try Self.rig()
+        defer { rig.shutdown() }
+        let before = StallingBackend.shadowsOpen.load(ordering: .relaxed)
+        let seen = StallingBackend.shadowsSeen.load(ordering: .relaxed)
+        for i in 0..<5 {
+            let seen = Self.talk(rig.stallPort(full: true), Self.http1("/mirrored/\(i)"), done: { _ in false })
+            #expect(seen.text.hasPrefix("HTTP/1.1 200") && seen.text.hasSuffix("ok\n"), "\(seen.text)")
+        }
+        #expect(rig.proxy.stats.mirrored.load(ordering: .relaxed) == 5)
+        let deadline = ContinuousClock.now + .seconds(4)
+        while StallingBackend.shadowsSeen.load(ordering: .relaxed) - seen < 5 && ContinuousClock.now < deadline { usleep(10_000) }
+        #expect(StallingBackend.shadowsSeen.load(ordering: .relaxed) - seen == 5, "the copies did not reach the mirror")
+        while StallingBackend.shadowsOpen.load(ordering: .relaxed) > before && ContinuousClock.now < deadline { usleep(20_000) }
+        #expect(StallingBackend.shadowsOpen.load(ordering: .relaxed) == before, "mirror copies still held")
+        try Self.expectNothingHeld(rig, "mirrored")
+    }
+
     /// `0s` (0 in the table): never. A client that sent its request and
     /// closed its socket while the backend stays silent cannot be told from
     /// one that half-closed and waits for the answer: without the timeout
@@ -555,7 +577,8 @@ import WeftCore
 /// of them ("partial"), then nothing; `/trickle` declares 8 and sends one
 /// each 150 ms; `/big` sends `big` bytes at once (into NIO's buffer);
 /// `/flood` sends `flood` bytes as fast as its socket takes them; any
-/// other path is answered 200 "ok". Request bodies are not read.
+/// other path is answered 200 "ok". Request bodies are not read. A
+/// mirror's copy (its host ends in "-shadow") is never answered.
 final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -591,9 +614,26 @@ final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
         pending.writeBuffer(&bytes)
         while let end = pending.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) {
             let head = pending.readString(length: end.upperBound - pending.readerIndex) ?? ""
+            if head.lowercased().contains("-shadow\r\n") {
+                // A mirror's copy (RequestMirror's host): never answered.
+                if !shadow { Self.shadowsOpen.add(1, ordering: .relaxed) }
+                shadow = true
+                Self.shadowsSeen.add(1, ordering: .relaxed)
+                continue
+            }
             let path = head.split(separator: " ").dropFirst().first.map(String.init) ?? "/"
             answer(path, context: context)
         }
+    }
+
+    /// Connections open that carried a mirror's copy; copies seen.
+    static let shadowsOpen = Atomic<Int>(0)
+    static let shadowsSeen = Atomic<Int>(0)
+    private var shadow = false
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if shadow { Self.shadowsOpen.subtract(1, ordering: .relaxed) }
+        context.fireChannelInactive()
     }
 
     private func write(_ text: String, _ context: ChannelHandlerContext) {
