@@ -338,13 +338,15 @@ import WeftCore
     /// Sends the chunks over a fresh connection (pausing between some),
     /// shuts the sending side if told, and reads until the proxy closes or
     /// `wait` has passed since the last write.
-    static func exchange(port: Int, chunks: [[UInt8]], pauses: [Bool], shut: Bool, wait: Duration) -> Outcome {
-        var out = Outcome()
+    /// A TCP connection to `port` on loopback, no Nagle, reads timing out
+    /// after 20 ms; `receiveBuffer` sets SO_RCVBUF (a client that reads
+    /// little). Nil (errno set) if it could not be made; the caller closes it.
+    static func dial(_ port: Int, receiveBuffer: Int32? = nil) -> Int32? {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { out.error = errno; return out }
-        defer { close(fd) }
+        guard fd >= 0 else { return nil }
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size)) }
         var tv = timeval(tv_sec: 0, tv_usec: 20_000)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var address = sockaddr_in()
@@ -354,7 +356,19 @@ import WeftCore
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
-        guard connected == 0 else { out.error = errno; return out }
+        guard connected == 0 else {
+            let e = errno
+            close(fd)
+            errno = e
+            return nil
+        }
+        return fd
+    }
+
+    static func exchange(port: Int, chunks: [[UInt8]], pauses: [Bool], shut: Bool, wait: Duration) -> Outcome {
+        var out = Outcome()
+        guard let fd = dial(port) else { out.error = errno; return out }
+        defer { close(fd) }
         var buffer = [UInt8](repeating: 0, count: 65_536)
         func drain() -> Bool {
             while true {

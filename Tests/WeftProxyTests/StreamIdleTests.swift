@@ -51,23 +51,8 @@ import WeftCore
     static func talk(_ port: Int, _ request: [UInt8], readAfter: Double = 0,
                      done: ([UInt8]) -> Bool = { _ in false }) -> Seen {
         var seen = Seen()
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return seen }
+        guard let fd = ProxyFuzzTests.dial(port, receiveBuffer: readAfter > 0 ? 4096 : nil) else { return seen }
         defer { close(fd) }
-        if readAfter > 0 {
-            var small: Int32 = 4096
-            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
-        }
-        var tv = timeval(tv_sec: 0, tv_usec: 20_000)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard connected == 0 else { return seen }
         _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         let start = ContinuousClock.now
         if readAfter > 0 { usleep(UInt32(readAfter * 1_000_000)) }
@@ -314,19 +299,8 @@ import WeftCore
             let before = Self.stalls(rig)
             var request = Self.request(way, "/big")
             if way.http2 { request.insert(contentsOf: windows, at: ProtocolDetector.preface.count) }
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            try #require(fd >= 0)
+            let fd = try #require(ProxyFuzzTests.dial(rig.stallPort(full: way.full), receiveBuffer: 4096))
             defer { close(fd) }
-            var small: Int32 = 4096
-            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = in_port_t(UInt16(rig.stallPort(full: way.full)).bigEndian)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            try #require(connected == 0)
             _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             // The stall (0.4-0.5 s), then two idle timeouts (0.3-0.4 s each), and slack.
             let deadline = ContinuousClock.now + .seconds(5)
@@ -354,18 +328,9 @@ import WeftCore
         for (timeout, inbound) in [(0, false), (0, true), (Self.timeout, false)] {
             let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = timeout }
             defer { rig.shutdown() }
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            try #require(fd >= 0)
-            defer { close(fd) }
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
             let port = inbound ? rig.inboundListener.localAddress?.port ?? 0 : rig.stallPort(full: false)
-            address.sin_port = in_port_t(UInt16(port).bigEndian)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            try #require(connected == 0)
+            let fd = try #require(ProxyFuzzTests.dial(port))
+            defer { close(fd) }
             let head = Array("POST /deaf HTTP/1.1\r\nhost: stall.fz\r\ncontent-length: \(declared)\r\n\r\n".utf8)
             _ = head.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             let chunk = [UInt8](repeating: 0x62, count: 65_536)
@@ -407,17 +372,8 @@ import WeftCore
         let rig = try ProxyFuzzTests.Rig { $0.streamIdleTimeoutMilliseconds = 0 }
         defer { rig.shutdown() }
         let declared = 512 * 1024 * 1024
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        try #require(fd >= 0)
+        let fd = try #require(ProxyFuzzTests.dial(rig.stallPort(full: false)))
         defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(rig.stallPort(full: false)).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        try #require(connected == 0)
         func write(_ bytes: [UInt8]) -> Bool {
             var at = 0
             while at < bytes.count {
@@ -498,19 +454,8 @@ import WeftCore
         } + [("delivering", rig.inboundListener.localAddress?.port ?? 0, Self.http1("/flood"))]
         for (name, port, request) in ways {
             let before = StallingBackend.flooded.load(ordering: .relaxed)
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            try #require(fd >= 0)
+            let fd = try #require(ProxyFuzzTests.dial(port, receiveBuffer: 4096))
             defer { close(fd) }
-            var small: Int32 = 4096
-            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = in_port_t(UInt16(port).bigEndian)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            try #require(connected == 0)
             _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             // Until the backend writes no more for half a second (2 s at least, 20 at most).
             let start = ContinuousClock.now
