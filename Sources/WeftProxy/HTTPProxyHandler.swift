@@ -1222,17 +1222,24 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
     }
 
-    @discardableResult
-    static func prepareUpstreamHeaders<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, client: IPv4Address, via: String,
-                                                                 keepUpgrade: Bool, random: inout R,
-                                                                 samplingPercent: Double? = nil) -> TraceContext.Span {
-        // gRPC needs "te: trailers" end to end; it is the one TE value HTTP/2 allows.
+    /// The hop-by-hop fields out of a request going on to a backend (its
+    /// framing is then the encoder's own, from what the body is), but
+    /// "te: trailers": gRPC needs it end to end, and it is the one TE value
+    /// HTTP/2 allows.
+    static func stripForForwarding(_ headers: inout HTTPHeaders, keepUpgrade: Bool) {
         var teTrailers = false
         for (name, value) in headers where name.asciiCaseInsensitiveEquals("te") {
             teTrailers = teTrailers || value.split(separator: ",").contains { $0.trimmingASCIISpaces().asciiCaseInsensitiveEquals("trailers") }
         }
         stripHopByHop(&headers, keepUpgrade: keepUpgrade)
         if teTrailers { headers.add(name: "te", value: "trailers") }
+    }
+
+    @discardableResult
+    static func prepareUpstreamHeaders<R: RandomNumberGenerator>(_ headers: inout HTTPHeaders, client: IPv4Address, via: String,
+                                                                 keepUpgrade: Bool, random: inout R,
+                                                                 samplingPercent: Double? = nil) -> TraceContext.Span {
+        stripForForwarding(&headers, keepUpgrade: keepUpgrade)
         let xff = headers[canonicalForm: "x-forwarded-for"]
         if xff.isEmpty {
             headers.add(name: "x-forwarded-for", value: client.description)

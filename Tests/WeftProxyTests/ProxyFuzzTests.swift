@@ -169,6 +169,16 @@ import WeftCore
         /// tunnel's requests that its express path hands over (InboundHTTP),
         /// on a plain connection.
         let inboundListener: any Channel
+        /// Delivers to the HTTP/1.1 backend as the node of a pod delivers
+        /// what a tunnel stream carries (ExpressHTTP1Handler, delivering,
+        /// which hands what it does not take to InboundHTTP), on a plain
+        /// connection; `deliveriesOpen` counts its connections open.
+        let deliveringListener: any Channel
+        final class Count: Sendable {
+            let value = Atomic<Int>(0)
+        }
+        let deliveries = Count()
+        var deliveriesOpen: Int { deliveries.value.load(ordering: .relaxed) }
         let backends: [any Channel]
         let registry = ConnectionRegistry()
 
@@ -269,6 +279,18 @@ import WeftCore
                     }
                 }
                 .bind(host: "127.0.0.1", port: 0).wait()
+            let pod = EndpointKey(ip: IPv4Address("127.0.0.1")!, port: UInt16(http1.localAddress?.port ?? 0), node: "n1")
+            let open = deliveries
+            deliveringListener = try ServerBootstrap(group: group)
+                .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                .childChannelInitializer { channel in
+                    open.value.add(1, ordering: .relaxed)
+                    channel.closeFuture.whenComplete { _ in open.value.subtract(1, ordering: .relaxed) }
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(ExpressHTTP1Handler(proxy: proxy, delivering: sender, to: pod))
+                    }
+                }
+                .bind(host: "127.0.0.1", port: 0).wait()
             registry.sweepIdle(proxy: proxy, on: loops[0])
         }
 
@@ -303,6 +325,7 @@ import WeftCore
             for (l, _) in listeners { try? l.close().wait() }
             for l in stallListeners { try? l.close().wait() }
             try? inboundListener.close().wait()
+            try? deliveringListener.close().wait()
             for b in backends { try? b.close().wait() }
             try? group.syncShutdownGracefully()
         }
@@ -456,6 +479,65 @@ import WeftCore
             let h2 = Self.exchange(port: rig.port(i), chunks: [FuzzInput.h2Request()], pauses: [false], shut: true, wait: .seconds(4))
             #expect(FuzzInput.h2Status(h2.answer) == "200", "\(FuzzInput.show(h2.answer))")
         }
+    }
+
+    /// The destination node's side: what another node's proxy writes into
+    /// a tunnel stream for a pod of this node (HTTP/1.1 requests, whole),
+    /// mangled at random as a faulty or hostile peer might send it, to the
+    /// delivering express path and the InboundHTTP it hands over to (on a
+    /// plain connection: the tunnel's TLS and stream framing are not part
+    /// of it). The same rules: no crash, HTTP/1 answers, a half-closed
+    /// connection closed within 4 s, nothing left open or held, and plain
+    /// deliveries answered afterwards.
+    @Test func mangledDeliveriesNeitherCrashNorHangTheProxy() throws {
+        let rig = try Rig()
+        defer { rig.shutdown() }
+        let environment = ProcessInfo.processInfo.environment
+        let cases = environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_000
+        let first = environment["WEFT_FUZZ_FIRST"].flatMap(Int.init) ?? 0
+        let port = rig.deliveringListener.localAddress?.port ?? 0
+        let failures = Mutex<[String]>([])
+        Self.run(first..<cases, workers: 12) { i in
+            var rng = LoopRandom(seed: 0xDE11_0000 &+ UInt64(i))
+            let bytes = rng.next() % 5 == 0 ? FuzzInput.http1(&rng) : FuzzInput.mangle(FuzzInput.http1(&rng), &rng)
+            if let dump = environment["WEFT_FUZZ_DUMP"] {
+                _ = FileManager.default.createFile(atPath: "\(dump)/delivery-\(i).bin", contents: Data(bytes))
+            }
+            let chunks = FuzzInput.chunks(bytes, &rng)
+            let pauses = chunks.map { _ in rng.next() % 4 == 0 }
+            let shut = rng.next() % 3 != 0
+            let out = Self.exchange(port: port, chunks: chunks, pauses: pauses, shut: shut,
+                                    wait: shut ? .seconds(4) : .milliseconds(60))
+            let e = out.error
+            var fault: String?
+            if e != 0 && e != ECONNRESET && e != EPIPE {
+                fault = "socket error \(e)"
+            } else if shut && !out.closedByProxy && e == 0 {
+                fault = "not closed within 4 s of the client's FIN"
+            } else if !out.answer.isEmpty, !String(decoding: out.answer.prefix(9), as: UTF8.self).hasPrefix("HTTP/1.") {
+                fault = "answered with something other than HTTP/1"
+            }
+            if let fault {
+                failures.withLock {
+                    $0.append("case \(i) (\(chunks.count) chunks, shut \(shut)): \(fault); sent \(FuzzInput.show(bytes)); got \(FuzzInput.show(out.answer))")
+                }
+            }
+        }
+        for failure in failures.withLock({ $0 }).prefix(20) { Issue.record(Comment(rawValue: failure)) }
+        let handedOver = rig.proxy.stats.expressHandovers.load(ordering: .relaxed)
+        #expect(handedOver > (cases - first) / 20, "InboundHTTP took \(handedOver) of \(cases - first)")
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            let busy = try rig.held().contains { $0 != 0 }
+            if rig.deliveriesOpen == 0 && !busy { break }
+            usleep(20_000)
+        }
+        #expect(rig.deliveriesOpen == 0, "delivering connections left open")
+        let held = try rig.held()
+        #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
+        let get = Self.exchange(port: port, chunks: [Array("GET / HTTP/1.1\r\nhost: a\r\n\r\n".utf8)], pauses: [false],
+                                shut: true, wait: .seconds(4))
+        #expect(String(decoding: get.answer, as: UTF8.self).hasPrefix("HTTP/1.1 200"), "\(FuzzInput.show(get.answer))")
     }
 
     /// The other side: plain requests, and a backend that answers each

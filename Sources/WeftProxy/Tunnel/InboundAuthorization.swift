@@ -176,6 +176,10 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     private var queued: [HTTPServerRequestPart] = []
     /// A read held back (bodyHeld), to be made when the pod takes more.
     private var readPending = false
+    /// The source ended its side (a socket's FIN, a tunnel stream's
+    /// END_STREAM): what it sent is answered, then the stream ends.
+    private var inputClosed = false
+    private var ending = false
 
     init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
@@ -249,7 +253,16 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
                 }
             }
             state = .connecting
-            pending = [.head(head)]
+            // The pod's connection is HTTP/1.1, kept alive, and the body's
+            // framing the encoder's own (as on the full path): an HTTP/1.0
+            // head with a chunked body went out as 1.0, and a
+            // "transfer-encoding: gzip, chunked" one as it came with the
+            // body unframed, and the pod, waiting for the rest, never
+            // answered (mangledDeliveriesNeitherCrashNorHangTheProxy).
+            var outgoing = head
+            outgoing.version = .http1_1
+            HTTPProxyHandler.stripForForwarding(&outgoing.headers, keepUpgrade: isUpgrade)
+            pending = [.head(outgoing)]
             let loop = proxy.loop(context.eventLoop)
             let pool = loop.pool, key = target, http1 = !isHTTP2
             loop.pool.acquire(key, protocol: isHTTP2 ? .http2 : .http1) { [weak self] result in
@@ -333,6 +346,25 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
         context.fireChannelWritabilityChanged()
     }
 
+    /// The source's end (HTTP/1): once nothing is in flight or waiting,
+    /// the stream ends as one with `Connection: close` does, staged
+    /// (HTTP1ServerPipeline.linger: the output shut behind the last
+    /// response, then closed). It stayed half-open for good before, and a
+    /// stream of the tunnel with it (mangledDeliveriesNeitherCrashNorHangTheProxy).
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e, !isHTTP2 {
+            inputClosed = true
+            closeIfDone(context)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func closeIfDone(_ context: ChannelHandlerContext) {
+        guard inputClosed, !ending, state == .idle, queued.isEmpty else { return }
+        ending = true
+        HTTP1ServerPipeline.linger(context)
+    }
+
     private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, refused: Bool = false) {
         var headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "\(body.utf8.count)")])
         if refused { headers.add(name: Authorize.refusedHeader, value: "connect") }
@@ -366,6 +398,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
             queued.removeFirst()
             handle(part, context: context)
         }
+        closeIfDone(context)
     }
 
     // MARK: UpstreamSink
