@@ -180,6 +180,8 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     /// END_STREAM): what it sent is answered, then the stream ends.
     private var inputClosed = false
     private var ending = false
+    /// Switched protocols: the glue takes the stream's end from here.
+    private var upgraded = false
 
     init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
@@ -360,7 +362,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     }
 
     private func closeIfDone(_ context: ChannelHandlerContext) {
-        guard inputClosed, !ending, state == .idle, queued.isEmpty else { return }
+        guard inputClosed, !ending, !upgraded, state == .idle, queued.isEmpty else { return }
         ending = true
         HTTP1ServerPipeline.linger(context)
     }
@@ -412,6 +414,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
                 // stream and the pod connection are joined byte for byte.
                 self.upstream = nil
                 state = .idle
+                upgraded = true
                 OpaqueKeepalive.apply(to: upstream.channel.map { [$0] } ?? [], proxy.snapshot.table.tcpKeepalive)
                 return Upgrade.splice(context, upstream, head)
             }
