@@ -925,7 +925,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         countEvent("stream_idle_timeout")
         record?.flags.append("SI")
         proxy.logger.debug("request ended: nothing moved on it", metadata: [
-            "target": "\(r.endpoint.map(\.description) ?? r.cluster.cluster)", "timeout": "\(StallCount.shown(sweep.streamTimeout ?? .zero))"])
+            "target": "\(r.endpoint.map(\.description) ?? r.cluster.cluster)", "timeout": "\(IdleSweep.shown(sweep.streamTimeout ?? .zero))"])
         if r.responseStarted {
             abandon()
             context.close(promise: nil)

@@ -36,6 +36,14 @@ struct IdleSweep: Sendable {
     /// ended (Int.max: never); and that timeout, for the answer.
     var streamRounds = Int.max
     var streamTimeout: TimeAmount?
+
+    /// A timeout as the answers that name it write it (a Gateway API
+    /// duration: "1m", "30s", "400ms").
+    static func shown(_ t: TimeAmount) -> String {
+        let ms = t.nanoseconds / 1_000_000
+        if ms % 60_000 == 0 && ms > 0 { return "\(ms / 60_000)m" }
+        return ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
+    }
 }
 
 /// A connection's count of idle sweeps: reset by what it reads, a sweep
@@ -87,16 +95,10 @@ struct StallCount {
 
     /// What ran out, for the proxy's answer (408 or 504) and its log.
     static func reason(_ sweep: IdleSweep) -> String {
-        "weft: nothing moved on the request for \(Self.shown(sweep.streamTimeout ?? .zero)) (MeshConfig spec.proxy.streamIdleTimeout)"
+        "weft: nothing moved on the request for \(IdleSweep.shown(sweep.streamTimeout ?? .zero)) (MeshConfig spec.proxy.streamIdleTimeout)"
     }
 
     static func body(_ sweep: IdleSweep) -> String { reason(sweep) + "\n" }
-
-    static func shown(_ t: TimeAmount) -> String {
-        let ms = t.nanoseconds / 1_000_000
-        if ms % 60_000 == 0 && ms > 0 { return "\(ms / 60_000)m" }
-        return ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
-    }
 }
 
 /// An HTTP/2 connection's stream channels (the full path's streams, each
@@ -160,9 +162,7 @@ struct HeadClock {
 
     /// What ran out: HTTP/2's GOAWAY carries it as debug data.
     static func reason(_ sweep: IdleSweep) -> String {
-        let ms = (sweep.headTimeout ?? .zero).nanoseconds / 1_000_000
-        let limit = ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
-        return "weft: the request head was not received whole within \(limit) (MeshConfig spec.proxy.requestHeaderTimeout)"
+        "weft: the request head was not received whole within \(IdleSweep.shown(sweep.headTimeout ?? .zero)) (MeshConfig spec.proxy.requestHeaderTimeout)"
     }
 
     /// The 408 body.
