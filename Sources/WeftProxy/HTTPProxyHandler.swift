@@ -1139,8 +1139,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                   loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: key.ip, port: key.port, node: key.node)
             else { continue }
             proxy.stats.mirrored.add(1, ordering: .relaxed)
-            let idle = r.snapshot.table.streamIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultStreamIdleTimeoutMilliseconds
-            let limit = r.action.timeouts.request.map { TimeAmount($0) } ?? (idle > 0 ? .milliseconds(Int64(idle)) : nil)
+            let limit = r.action.timeouts.request.map { TimeAmount($0) } ?? ConnectionRegistry.streamIdleTimeout(r.snapshot.table)
             MirrorExchange.send(head: r.upstreamHead, body: replay, to: key, pool: loop.pool, limit: limit, on: context.eventLoop)
         }
     }

@@ -175,6 +175,12 @@ extension ConnectionRegistry {
     static let defaultHeadTimeoutMilliseconds = 60_000
     static let defaultStreamIdleTimeoutMilliseconds = 300_000
 
+    /// MeshConfig proxy.streamIdleTimeout in force with `table` (nil: never).
+    static func streamIdleTimeout(_ table: ProxyTable) -> TimeAmount? {
+        let ms = table.streamIdleTimeoutMilliseconds ?? defaultStreamIdleTimeoutMilliseconds
+        return ms > 0 ? .milliseconds(Int64(ms)) : nil
+    }
+
     /// Sends IdleSweep to every connection every quarter of the route
     /// table's shortest timeout (idle, request head, stream idle; 50 ms to
     /// 15 s), on `loop`, for good. It looks at the table at least each
