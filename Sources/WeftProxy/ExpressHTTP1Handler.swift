@@ -285,7 +285,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             }
             // Nothing in flight and nothing read through the sweeps: closed
             // once the last response is out (a slow reader gets all of it;
-            // one that reads none of it, at the next timeout).
+            // one that reads none of it, at the next timeout). Not a tunnel
+            // stream: the source's pool keeps it, as it keeps a connection.
+            guard delivery == nil else { return }
             switch idle.judge(sweep, busy: exchange != nil) {
             case .close:
                 proxy.stats.idleClosed.add(1, ordering: .relaxed)

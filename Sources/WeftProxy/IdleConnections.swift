@@ -24,7 +24,9 @@ import WeftCore
 /// sweep's time with when its head began (HeadClock).
 /// Opaque TCP streams and upgraded connections are not timed (the kernel
 /// may move their bytes past the proxy, which would not see them; they get
-/// TCP keepalive instead, OpaqueKeepalive), nor are tunnels from other nodes.
+/// TCP keepalive instead, OpaqueKeepalive), nor are tunnels from other
+/// nodes and the streams they carry, but for the requests in those
+/// streams' HTTP (the stream idle timeout: SweepToStreams).
 struct IdleSweep: Sendable {
     /// Idle sweeps in a row after which a connection closes (Int.max: never).
     let rounds: Int
@@ -119,6 +121,26 @@ final class StreamChannels {
     func sweep(_ sweep: IdleSweep) {
         guard sweep.streamRounds != .max, !channels.isEmpty else { return }
         for stream in channels.values { stream.pipeline.fireUserInboundEventTriggered(sweep) }
+    }
+}
+
+/// At the end of a connection's pipeline whose own handlers are not timed
+/// and whose streams are channels (a tunnel from another node; the h2c
+/// connection a tunnel stream carries, InboundHTTP): the sweep goes on to
+/// every stream channel added (`streams`, by the stream initializer), for the
+/// requests they carry (MeshConfig `proxy.streamIdleTimeout`), and no
+/// further. At the end, so that no read passes through it.
+final class SweepToStreams: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Never
+
+    /// The stream initializer adds each stream here (StreamChannels.add).
+    let streams: NIOLoopBound<StreamChannels>
+
+    init(loop: any EventLoop) { streams = NIOLoopBound(StreamChannels(), eventLoop: loop) }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let sweep = event as? IdleSweep { return streams.value.sweep(sweep) }
+        context.fireUserInboundEventTriggered(event)
     }
 }
 

@@ -72,6 +72,11 @@ import WeftCore
         metadata: {name: be-stall, namespace: fz, labels: {app: stall}}
         spec: {node: n1, address: 127.0.0.4, ports: [{name: http, port: \(stall)}]}
         ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: far-client, namespace: fz, labels: {app: far-client}}
+        spec: {node: n2, address: 198.18.9.10, serviceAccount: far}
+        ---
         \(service("stall", stallVIP, selector: "{app: stall}"))
         ---
         \(service("stall-full", stallFullVIP, selector: "{app: stall}"))
@@ -158,7 +163,8 @@ import WeftCore
     /// The proxy under test: its context on two event loops, a listener on
     /// loopback that hands every connection in as captured for `origin(of:)`,
     /// and the backends; the idle sweep runs as in `weft proxy`. `table`
-    /// changes the route table before it is installed.
+    /// changes the route table before it is installed, `configure` the
+    /// proxy's configuration.
     final class Rig: Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let proxy: ProxyContext
@@ -182,7 +188,7 @@ import WeftCore
         let backends: [any Channel]
         let registry = ConnectionRegistry()
 
-        init(table: (inout ProxyTable) -> Void = { _ in }) throws {
+        init(table: (inout ProxyTable) -> Void = { _ in }, configure: (inout ProxyConfiguration) -> Void = { _ in }) throws {
             let group = self.group
             let http1 = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -226,8 +232,9 @@ import WeftCore
                 }
                 .bind(host: "0.0.0.0", port: 0).wait()
             backends = [http1, http2, wild, wildH2, stall]
-            let configuration = ProxyConfiguration(node: "n1", listenAddress: IPv4Address("127.0.0.1")!,
+            var configuration = ProxyConfiguration(node: "n1", listenAddress: IPv4Address("127.0.0.1")!,
                                                    pinDirectory: "/nonexistent", runDirectory: "/nonexistent")
+            configure(&configuration)
             var logger = Logger(label: "fuzz")
             logger.logLevel = ProcessInfo.processInfo.environment["WEFT_FUZZ_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
             let loops = Array(group.makeIterator())

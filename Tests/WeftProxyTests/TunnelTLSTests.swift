@@ -11,9 +11,8 @@ import Testing
 @testable import WeftIdentity
 @testable import WeftProxy
 
-/// The tunnel's TLS on loopback, both ends real (BoringSSL): who may open a
-/// tunnel and whom the client accepts.
-private struct Mesh {
+/// A mesh CA (root and one node's intermediate) issuing workload identities.
+struct TestMesh {
     let root: MeshCA
     let node: MeshCA
 
@@ -102,11 +101,13 @@ private final class Answer200: ChannelInboundHandler {
     }
 }
 
+/// The tunnel's TLS on loopback, both ends real (BoringSSL): who may open a
+/// tunnel and whom the client accepts.
 @Suite struct TunnelTLSTests {
     @Test func onlyMeshIdentitiesOpenTunnelsAndTheServerMustBeWhoIsExpected() throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
-        let mesh = try Mesh()
+        let mesh = try TestMesh()
         let web = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/web")!
         let client = SpiffeID(uri: "spiffe://cluster.local/ns/shop/sa/client")!
         let seen = Seen()

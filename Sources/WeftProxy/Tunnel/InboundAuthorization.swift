@@ -182,6 +182,14 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     private var ending = false
     /// Switched protocols: the glue takes the stream's end from here.
     private var upgraded = false
+    /// MeshConfig proxy.streamIdleTimeout, as on the source's paths: the
+    /// sweeps through which nothing moved on the request in flight (no
+    /// part of it from the source while it is read, nothing of its
+    /// response from the pod); the sweep reaches a tunnel stream through
+    /// its connection (SweepToStreams).
+    private var stall = StallCount()
+    /// The current response's head went to the stream.
+    private var responded = false
 
     init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
@@ -194,13 +202,16 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     static func install(on pipeline: ChannelPipeline.SynchronousOperations, http2: Bool, proxy: ProxyContext,
                         request: AuthorizationRequest, target: EndpointKey) throws {
         if http2 {
+            let sweeps = SweepToStreams(loop: pipeline.eventLoop), streams = sweeps.streams
             _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: TunnelHTTP2.connection,
                                                     streamConfiguration: TunnelHTTP2.stream) { stream in
                 stream.eventLoop.makeCompletedFuture {
                     try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                     try stream.pipeline.syncOperations.addHandler(InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: true))
+                    StreamChannels.add(stream, to: streams)
                 }
             }
+            try pipeline.addHandler(sweeps)
         } else {
             try HTTP1ServerPipeline.add(to: pipeline, proxy: proxy,
                                         then: InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: false))
@@ -223,6 +234,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
+        stall.moved()
         if !queued.isEmpty {
             queued.append(part)
             return
@@ -241,6 +253,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
             // stream ends after its answer unless the upgrade happens.)
             keepAlive = head.isKeepAlive && (isHTTP2 || !HTTPProxyHandler.stopsTheDecoder(head))
             requestEnded = false
+            responded = false
             idempotent = [.GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE].contains(head.method)
             isUpgrade = !isHTTP2 && HTTPProxyHandler.isUpgradeRequest(head)
             if let set = proxy.snapshot.authorization[target.ip.value] {
@@ -354,11 +367,46 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     /// response, then closed). It stayed half-open for good before, and a
     /// stream of the tunnel with it (mangledDeliveriesNeitherCrashNorHangTheProxy).
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let sweep = event as? IdleSweep { return self.sweep(sweep, context: context) }
         if let e = event as? ChannelEvent, case .inputClosed = e, !isHTTP2 {
             inputClosed = true
             closeIfDone(context)
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// Nothing moved on the request for the stream idle timeout: from the
+    /// pod (a source that does not read stops those reads too), or of its
+    /// body from the source while that is read, or of the rest of a refused
+    /// request's body. Not while the pod's connection is made (the pool's
+    /// connect timeout bounds that). The pod's connection is closed; 504,
+    /// or 408 when the source's body stopped, if nothing of a response went
+    /// out (then the stream goes on if the request was whole, else ends
+    /// after the answer); otherwise the stream ends at once, and the source
+    /// sees the response broken. A peer that never resets its stream held
+    /// the request and a pod connection for as long as its tunnel stayed.
+    private func sweep(_ sweep: IdleSweep, context: ChannelHandlerContext) {
+        let waiting = state == .forwarding || (state == .denying && !requestEnded)
+        guard waiting else { return stall.moved() }
+        guard stall.stalled(sweep) else { return }
+        proxy.stats.streamIdleTimeouts.add(1, ordering: .relaxed)
+        proxy.logger.debug("tunnelled request ended: nothing moved on it",
+                           metadata: ["target": "\(target)", "timeout": "\(IdleSweep.shown(sweep.streamTimeout ?? .zero))"])
+        let unread = !requestEnded && !bodyHeld  // the source's, not the pod's
+        upstream?.close()
+        upstream = nil
+        if responded || state == .denying { return context.close(promise: nil) }
+        state = .denying
+        keepAlive = keepAlive && requestEnded
+        guard isHTTP2, !requestEnded else {
+            respond(context, unread ? .requestTimeout : .gatewayTimeout, StallCount.body(sweep))
+            return exchangeDone(context)
+        }
+        // The rest of the stream's body is not waited for: RST_STREAM
+        // once the answer is written.
+        let answered = context.eventLoop.makePromise(of: Void.self)
+        respond(context, unread ? .requestTimeout : .gatewayTimeout, StallCount.body(sweep), ended: answered)
+        answered.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     private func closeIfDone(_ context: ChannelHandlerContext) {
@@ -367,14 +415,15 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
         HTTP1ServerPipeline.linger(context)
     }
 
-    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, refused: Bool = false) {
+    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, refused: Bool = false,
+                         ended: EventLoopPromise<Void>? = nil) {
         var headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "\(body.utf8.count)")])
         if refused { headers.add(name: Authorize.refusedHeader, value: "connect") }
         if status == .forbidden { headers.add(name: "x-weft-authz", value: "denied") }
         if !keepAlive && !isHTTP2 { headers.add(name: "connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: ended)
     }
 
     /// The response is over (and the request, unless the pod answered before
@@ -407,6 +456,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
 
     func upstreamResponse(_ part: HTTPClientResponsePart) {
         guard let context else { return }
+        stall.moved()
         switch part {
         case .head(let head):
             if head.status == .switchingProtocols, isUpgrade, let upstream {
@@ -418,6 +468,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
                 OpaqueKeepalive.apply(to: upstream.channel.map { [$0] } ?? [], proxy.snapshot.table.tcpKeepalive)
                 return Upgrade.splice(context, upstream, head)
             }
+            responded = true
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers))),
                           promise: nil)
         case .body(let body):

@@ -296,9 +296,13 @@ enum TunnelServer {
                     }
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
                     try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
+                    // The tunnel is not timed; the requests its streams
+                    // carry are (the stream idle timeout).
+                    let sweeps = SweepToStreams(loop: channel.eventLoop), streams = sweeps.streams
                     let inbound: NIOChannelInitializer = { stream in
                         stream.eventLoop.makeCompletedFuture {
                             try stream.pipeline.syncOperations.addHandler(TunnelInbound(proxy: proxy))
+                            StreamChannels.add(stream, to: streams)
                         }
                     }
                     guard proxy.configuration.express else {
@@ -315,6 +319,7 @@ enum TunnelServer {
                             mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream,
                             streamDelegate: management.http2StreamDelegate, inboundStreamInitializer: inbound)
                         try sync.addHandler(management, position: .after(try sync.handler(type: NIOHTTP2Handler.self)))
+                        try sync.addHandler(sweeps)
                         return
                     }
                     // Weft's own HTTP/2 codec; plain TCP streams at the
@@ -329,6 +334,7 @@ enum TunnelServer {
                         outboundBufferSizeHighWatermark: TunnelHTTP2.stream.outboundBufferSizeHighWatermark,
                         outboundBufferSizeLowWatermark: TunnelHTTP2.stream.outboundBufferSizeLowWatermark,
                         inboundStreamInitializer: inbound))
+                    try sync.addHandler(sweeps)
                 }
             }
             .bind(host: "0.0.0.0", port: Int(port)).wait()
