@@ -190,6 +190,8 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     private var stall = StallCount()
     /// The current response's head went to the stream.
     private var responded = false
+    /// The stream (or connection) ended, or the handler left it.
+    private var gone = false
 
     init(proxy: ProxyContext, request: AuthorizationRequest, target: EndpointKey, isHTTP2: Bool) {
         self.proxy = proxy
@@ -222,6 +224,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        gone = true
         upstream?.close()
         upstream = nil
     }
@@ -229,6 +232,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
     func channelInactive(context: ChannelHandlerContext) {
         if state == .connecting || state == .forwarding { upstream?.close() }
         upstream = nil
+        gone = true
         context.fireChannelInactive()
     }
 
@@ -281,7 +285,10 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
             let loop = proxy.loop(context.eventLoop)
             let pool = loop.pool, key = target, http1 = !isHTTP2
             loop.pool.acquire(key, protocol: isHTTP2 ? .http2 : .http1) { [weak self] result in
-                guard let self, self.state == .connecting else {
+                // (A stream that ended while the pod's connection was
+                // made: a pod that never answered held a stream, or a
+                // connection, for good, past every sweep.)
+                guard let self, self.state == .connecting, !self.gone else {
                     if case .success(let h) = result { h.close() }
                     return
                 }
