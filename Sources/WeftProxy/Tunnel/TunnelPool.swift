@@ -102,6 +102,15 @@ enum TunnelHTTP2 {
         return s
     }()
 
+    /// How long a stream's open may take, from the call to the far end's
+    /// answer: the tunnel's TCP connect (2 s at most), TLS and HTTP/2 setup
+    /// if it is new, and the CONNECT's answer (at once for HTTP; for TCP
+    /// after the far proxy's own connect to the pod, 2 s at most, then 502).
+    /// A peer that accepts the TCP connection and then says nothing (its
+    /// proxy stopped or stuck) held every open on the tunnel, and the
+    /// requests behind them, for good.
+    static let openTimeout = TimeAmount.seconds(5)
+
     static var stream: NIOHTTP2Handler.StreamConfiguration {
         var s = NIOHTTP2Handler.StreamConfiguration()
         s.streamResetFrameRateLimit.maximumCount = 100_000
@@ -263,6 +272,9 @@ final class TunnelConnection {
     private var waiters: [(Result<Streams, any Error>) -> Void] = []
     private(set) var failed = false
     private let onClose: (TunnelConnection) -> Void
+    private let loop: any EventLoop
+    /// TunnelHTTP2.openTimeout, unless a test says otherwise.
+    private let openTimeout: TimeAmount
 
     /// Not once the peer sent GOAWAY (it is draining: a new connection
     /// reaches the proxy that took its place), closed or failed.
@@ -279,9 +291,12 @@ final class TunnelConnection {
     /// HTTP/2 through Weft's codec (relayed ones always do), else through
     /// NIOHTTP2Handler.
     init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, relay: Bool = false, codec: Bool = true,
+         openTimeout: TimeAmount = TunnelHTTP2.openTimeout,
          onHandshake: HandshakeObserver? = nil, onGoAway: ((Channel) -> Void)? = nil, onClose: @escaping (TunnelConnection) -> Void) {
         self.route = route
         self.onClose = onClose
+        self.loop = loop
+        self.openTimeout = openTimeout
         let expected = route.destination
         let handshake = loop.makePromise(of: Void.self)
         if let onHandshake {
@@ -386,7 +401,8 @@ final class TunnelConnection {
     }
 
     func openStream(authority: String, headers: [(String, String)], initialize: @escaping @Sendable (Channel) throws -> Void,
-                    _ completion: @escaping (Result<Channel, any Error>) -> Void) {
+                    _ done: @escaping (Result<Channel, any Error>) -> Void) {
+        let completion = bounded(done) { stream in stream.close(promise: nil) }
         whenUp { result in
             switch result {
             case .failure(let error): completion(.failure(error))
@@ -421,13 +437,41 @@ final class TunnelConnection {
 
     /// A stream relayed at the frame level (a connection made with `relay`).
     func openRelayed(authority: String, headers: [(String, String)],
-                     _ completion: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
+                     _ done: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
+        // (A stream answered after the timeout goes with its connection.)
+        let completion = bounded(done) { _ in }
         whenUp { result in
             switch result {
             case .failure(let error): completion(.failure(error))
             case .success(.channels): completion(.failure(ChannelError.operationUnsupported))
             case .success(.relayed(let relay)): relay.open(authority: authority, headers: headers, completion)
             }
+        }
+    }
+
+    /// `done`, called once: with the open's outcome, or when
+    /// `openTimeout` runs out first with TunnelTimedOut, and then the
+    /// whole connection is closed (a peer that answers no CONNECT in that
+    /// time is taken as stuck; the opens waiting on it fail, and the next
+    /// one makes a new connection). `late` gets what is answered after.
+    private func bounded<T>(_ done: @escaping (Result<T, any Error>) -> Void,
+                            late: @escaping (T) -> Void) -> (Result<T, any Error>) -> Void {
+        let once = OnceCompletion(done)
+        let timeout = openTimeout, target = route.node
+        once.timer = loop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
+            guard let done = once.done else { return }
+            once.done = nil
+            done(.failure(TunnelTimedOut(node: target, timeout: timeout)))
+            self?.close()
+        }
+        return { result in
+            guard let done = once.done else {
+                if case .success(let value) = result { late(value) }
+                return
+            }
+            once.done = nil
+            once.timer?.cancel()
+            done(result)
         }
     }
 
@@ -438,6 +482,13 @@ final class TunnelConnection {
     }
 
     func close() { channel?.close(promise: nil) }
+}
+
+/// A completion still to be called, and the timer that may call it first.
+private final class OnceCompletion<T> {
+    var done: ((Result<T, any Error>) -> Void)?
+    var timer: Scheduled<Void>?
+    init(_ done: @escaping (Result<T, any Error>) -> Void) { self.done = done }
 }
 
 /// After the stream multiplexer on a tunnel with stream channels: notes a GOAWAY

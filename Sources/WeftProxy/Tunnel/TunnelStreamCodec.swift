@@ -1,6 +1,7 @@
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
+import WeftCore
 
 /// Turns one HTTP/2 CONNECT stream of a tunnel into a plain byte channel,
 /// so that whatever runs above it (an HTTP/1.1 client codec, a nested
@@ -175,6 +176,16 @@ final class TunnelStreamCodec: ChannelDuplexHandler, RemovableChannelHandler {
 /// again on a new connection.
 struct TunnelNotOpened: Error, CustomStringConvertible {
     var description: String { "the tunnel connection went away before the stream was opened" }
+}
+
+/// No answer to a CONNECT (nor, for a new tunnel, its setup) within
+/// TunnelHTTP2.openTimeout: the tunnel was closed.
+struct TunnelTimedOut: Error, CustomStringConvertible {
+    var node: IPv4Address
+    var timeout: TimeAmount
+    var description: String {
+        "the tunnel to \(node) answered nothing within \(IdleSweep.shown(timeout)) (its proxy is stuck or gone)"
+    }
 }
 
 /// The far end of a tunnel said no to a CONNECT.
