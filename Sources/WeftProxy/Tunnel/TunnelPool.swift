@@ -461,8 +461,11 @@ final class TunnelConnection {
         once.timer = loop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
             guard let done = once.done else { return }
             once.done = nil
-            done(.failure(TunnelTimedOut(node: target, timeout: timeout)))
-            self?.close()
+            let error = TunnelTimedOut(node: target, timeout: timeout)
+            done(.failure(error))
+            guard let self else { return }
+            if !failed { fail(error) }
+            close()
         }
         return { result in
             guard let done = once.done else {
