@@ -1038,19 +1038,26 @@ enum FuzzInput {
                     frames.append(Frame(type: 0x0, flags: 0x1, stream: stream, payload: []))
                 }
             }
-            switch rng.next() % 8 {
-            case 0: frames.append(Frame(type: 0x8, flags: 0, stream: pick([0, stream], &rng), payload: be32(pick([1, 65_535, 0x7FFF_FFFF, 0], &rng))))
-            case 1: frames.append(Frame(type: 0x6, flags: pick([0, 1], &rng), stream: 0, payload: [UInt8](repeating: 7, count: 8)))
-            case 2: frames.append(Frame(type: 0x3, flags: 0, stream: stream, payload: be32(pick([0, 8, 1], &rng))))
-            case 3: frames.append(Frame(type: 0x2, flags: 0, stream: pick([stream, stream + 2], &rng), payload: [0, 0, 0, 0, 16]))
-            case 4: frames.append(Frame(type: 0x4, flags: pick([0, 1], &rng), stream: 0, payload: settings([(0x4, 0)])))
-            case 5: frames.append(Frame(type: pick([0xA, 0xC, 0x10, 0xFE], &rng), flags: 0, stream: stream, payload: [1, 2, 3]))
-            default: break
-            }
+            if let extra = controlFrame(after: stream, &rng) { frames.append(extra) }
             stream += pick([2, 2, 2, 0, 4], &rng)
         }
         if rng.next() % 5 == 0 { frames.append(Frame(type: 0x7, flags: 0, stream: 0, payload: be32(stream) + be32(0))) }
         return frames
+    }
+
+    /// What a client may send between its streams' frames, three times in
+    /// four: a window update, PING, RST_STREAM, PRIORITY, SETTINGS, an
+    /// unknown type.
+    static func controlFrame(after stream: UInt32, _ rng: inout LoopRandom) -> Frame? {
+        switch rng.next() % 8 {
+        case 0: return Frame(type: 0x8, flags: 0, stream: pick([0, stream], &rng), payload: be32(pick([1, 65_535, 0x7FFF_FFFF, 0], &rng)))
+        case 1: return Frame(type: 0x6, flags: pick([0, 1], &rng), stream: 0, payload: [UInt8](repeating: 7, count: 8))
+        case 2: return Frame(type: 0x3, flags: 0, stream: stream, payload: be32(pick([0, 8, 1], &rng)))
+        case 3: return Frame(type: 0x2, flags: 0, stream: pick([stream, stream + 2], &rng), payload: [0, 0, 0, 0, 16])
+        case 4: return Frame(type: 0x4, flags: pick([0, 1], &rng), stream: 0, payload: settings([(0x4, 0)]))
+        case 5: return Frame(type: pick([0xA, 0xC, 0x10, 0xFE], &rng), flags: 0, stream: stream, payload: [1, 2, 3])
+        default: return nil
+        }
     }
 
     /// Frame-level damage, then (sometimes) byte-level damage of a frame.

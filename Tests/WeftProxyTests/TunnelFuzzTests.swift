@@ -349,15 +349,7 @@ extension FuzzInput {
                 frames.append(Frame(type: 0x0, flags: last ? 0x1 : 0, stream: stream, payload: Array(carried[at..<end])))
                 at = end
             }
-            switch rng.next() % 8 {
-            case 0: frames.append(Frame(type: 0x8, flags: 0, stream: pick([0, stream], &rng), payload: be32(pick([1, 65_535, 0x7FFF_FFFF, 0], &rng))))
-            case 1: frames.append(Frame(type: 0x6, flags: pick([0, 1], &rng), stream: 0, payload: [UInt8](repeating: 7, count: 8)))
-            case 2: frames.append(Frame(type: 0x3, flags: 0, stream: stream, payload: be32(pick([0, 8, 1], &rng))))
-            case 3: frames.append(Frame(type: 0x2, flags: 0, stream: pick([stream, stream + 2], &rng), payload: [0, 0, 0, 0, 16]))
-            case 4: frames.append(Frame(type: 0x4, flags: pick([0, 1], &rng), stream: 0, payload: settings([(0x4, 0)])))
-            case 5: frames.append(Frame(type: pick([0xA, 0xC, 0x10, 0xFE], &rng), flags: 0, stream: stream, payload: [1, 2, 3]))
-            default: break
-            }
+            if let extra = controlFrame(after: stream, &rng) { frames.append(extra) }
             stream += pick([2, 2, 2, 0, 4], &rng)
         }
         if rng.next() % 6 == 0 { frames.append(Frame(type: 0x7, flags: 0, stream: 0, payload: be32(stream) + be32(0))) }

@@ -196,21 +196,32 @@ import Testing
         }
     }
 
+    /// Sends `way`'s request for /silent (with `body` declared and begun, if
+    /// given) and checks what every stalled request gets: `status` with the
+    /// body naming the setting, a timeout after the request and not before,
+    /// one stall counted, and the pod's connection let go after.
+    @discardableResult
+    static func expectStalled(_ node: Node, _ way: Way, body: (declared: Int, sent: Int)? = nil, status: String,
+                              done: @escaping ([UInt8]) -> Bool) throws -> StreamIdleTests.Seen {
+        let what = "\(way)\(node.express ? "" : ", --no-express")"
+        let before = node.stalls
+        let seen = try node.talk(way.http2 ? "h2" : "http1", port: Self.port(way, node),
+                                 Self.request(way, node, "/silent", body: body), done: done)
+        #expect(Self.status(way, seen) == status, "\(what): \(FuzzInput.show(seen.bytes))")
+        #expect(Self.body(way, seen) == StreamIdleTests.reason, "\(what)")
+        let after = seen.after ?? 99
+        #expect(after >= 0.38 && after < 3, "\(what): answered \(after) s after the request")
+        #expect(node.stalls - before == 1, "\(what)")
+        try Self.expectNothingHeld(node, what)
+        return seen
+    }
+
     /// A pod that takes the request and never answers: 504 naming the
     /// setting, a timeout after the request, the pod's connection let go.
     @Test func requestsThePodNeverAnswersGet504() throws {
         try Self.nodes { node in
             for way in Self.ways(node) {
-                let what = "\(way)\(node.express ? "" : ", --no-express")"
-                let before = node.stalls
-                let seen = try node.talk(way.http2 ? "h2" : "http1", port: Self.port(way, node),
-                                         Self.request(way, node, "/silent"), done: Self.answered(way))
-                #expect(Self.status(way, seen) == "504", "\(what): \(FuzzInput.show(seen.bytes))")
-                #expect(Self.body(way, seen) == StreamIdleTests.reason, "\(what)")
-                let after = seen.after ?? 99
-                #expect(after >= 0.38 && after < 3, "\(what): answered \(after) s after the request")
-                #expect(node.stalls - before == 1, "\(what)")
-                try Self.expectNothingHeld(node, what)
+                try Self.expectStalled(node, way, status: "504", done: Self.answered(way))
             }
         }
     }
@@ -221,22 +232,13 @@ import Testing
     @Test func requestBodiesThatStopComingGet408() throws {
         try Self.nodes { node in
             for way in Self.ways(node) {
-                let what = "\(way)\(node.express ? "" : ", --no-express")"
-                let before = node.stalls
-                let seen = try node.talk(way.http2 ? "h2" : "http1", port: Self.port(way, node),
-                                         Self.request(way, node, "/silent", body: (100, 10)),
-                                         done: { way.http2 ? StreamIdleTests.reset($0) != nil : false })
-                #expect(Self.status(way, seen) == "408", "\(what): \(FuzzInput.show(seen.bytes))")
-                #expect(Self.body(way, seen) == StreamIdleTests.reason, "\(what)")
+                let seen = try Self.expectStalled(node, way, body: (100, 10), status: "408",
+                                                  done: { way.http2 && StreamIdleTests.reset($0) != nil })
                 if way.http2 {
-                    #expect(StreamIdleTests.reset(seen.bytes) != nil, "\(what): \(FuzzInput.show(seen.bytes))")
+                    #expect(StreamIdleTests.reset(seen.bytes) != nil, "\(way): \(FuzzInput.show(seen.bytes))")
                 } else {
-                    #expect(seen.closed, "\(what): the stream stayed open")
+                    #expect(seen.closed, "\(way)\(node.express ? "" : ", --no-express"): the stream stayed open")
                 }
-                let after = seen.after ?? 99
-                #expect(after >= 0.38 && after < 3, "\(what): answered \(after) s after the request")
-                #expect(node.stalls - before == 1, "\(what)")
-                try Self.expectNothingHeld(node, what)
             }
         }
     }
