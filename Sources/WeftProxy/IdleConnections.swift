@@ -418,7 +418,10 @@ final class HTTP2HeadWatch: ChannelInboundHandler, RemovableChannelHandler {
 /// a socket silent for `time`, then every `interval`, and after `probes`
 /// unanswered ends it with ETIMEDOUT, which closes its partner too
 /// (GlueHandler). Set when the stream is joined; a tunnel stream is no
-/// socket and is left as it is.
+/// socket and is left as it is, but the tunnel's own socket gets it at
+/// both ends when the tunnel is made (`tunnel`: TunnelConnection,
+/// TunnelServer): a node gone without a FIN ends the tunnel, and so every
+/// stream in it.
 enum OpaqueKeepalive {
     static let defaults = ProxyTable.TCPKeepaliveSettings(MeshConfig.TCPKeepalive())
 
@@ -432,5 +435,23 @@ enum OpaqueKeepalive {
             channel.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPINTVL)), value: SocketOptionValue(k.interval)).whenFailure { _ in }
             channel.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPCNT)), value: SocketOptionValue(k.probes)).whenFailure { _ in }
         }
+    }
+
+    /// A tunnel's socket: the keepalive above, and TCP_USER_TIMEOUT at the
+    /// same deadline (`time` + `interval` x `probes`), as gRPC pairs them.
+    /// Keepalive probes only a silent socket: one with bytes in flight when
+    /// its peer vanished (a window update, a PING, a stream's data) is
+    /// retransmitted instead, for some fifteen minutes before the kernel
+    /// gives up; the user timeout ends it at the deadline all the same. Not
+    /// on pods' sockets: a pod may keep its receive window shut for as long
+    /// as it likes, which the user timeout would take for a dead peer; the
+    /// far proxy always reads its tunnel.
+    static func tunnel(_ channel: any Channel, _ settings: ProxyTable.TCPKeepaliveSettings?) {
+        let k = settings ?? defaults
+        guard k.time > 0, channel is any SocketOptionProvider else { return }
+        apply(to: [channel], k)
+        let deadline = (k.time + k.interval * k.probes) * 1000
+        channel.setOption(ChannelOptions.socket(SocketOptionLevel(IPPROTO_TCP), SocketOptionName(TCP_USER_TIMEOUT)),
+                          value: SocketOptionValue(deadline)).whenFailure { _ in }
     }
 }

@@ -70,9 +70,10 @@ private func peerAuthentication(_ mode: String) -> String {
 private let tunnelProbe = LabHarness.packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/tunnelprobe.py").path
 private let caRoot = "/run/weft/lab/ca"
 
-private func startLab(mode: String, certTTL: String? = nil, environment: [String: String] = [:]) throws -> LabHarness {
-    let lab = try LabHarness(files: ["pods.yaml": pods, "services.yaml": services, "mtls.yaml": peerAuthentication(mode)],
-                             nodes: 3, extra: certTTL.map { ["--cert-ttl", $0] } ?? [], environment: environment)
+private func startLab(mode: String, certTTL: String? = nil, environment: [String: String] = [:],
+                      files: [String: String] = [:]) throws -> LabHarness {
+    let all = ["pods.yaml": pods, "services.yaml": services, "mtls.yaml": peerAuthentication(mode)].merging(files) { $1 }
+    let lab = try LabHarness(files: all, nodes: 3, extra: certTTL.map { ["--cert-ttl", $0] } ?? [], environment: environment)
     do {
         for address in ["198.18.2.20", "198.18.3.20", "198.18.2.50"] { try waitForServer(address) }
     } catch {
@@ -501,6 +502,57 @@ struct MeshTLSTests {
         let after = try identities()
         let client = "spiffe://cluster.local/ns/\(ns)/sa/client"
         #expect((after[client] ?? 0) >= (before[client] ?? 0) + 15, "renewed at least once: \(before[client] ?? 0) -> \(after[client] ?? 0)")
+    }
+
+    /// MeshConfig `proxy.tcpKeepalive` on the tunnels' own sockets: a node
+    /// that vanishes (its uplink down: no FIN or RST ever reaches the other
+    /// nodes) leaves the source node's tunnel to it silent; the probes go
+    /// unanswered, the tunnel closes, and with it every stream it carried,
+    /// so a client's idle TCP connection through it to a pod there is
+    /// closed within seconds. Before (2026-12-05) the tunnel's socket had no
+    /// keepalive: the tunnel, the stream and the client's connection were
+    /// held for good (the client's own socket to its proxy is answered by
+    /// its own node). A second client sends a line just after the cut, so
+    /// the tunnel has bytes in flight, which keepalive does not probe (the
+    /// kernel retransmits them for some fifteen minutes): TCP_USER_TIMEOUT,
+    /// at the same deadline, ends it all the same.
+    @Test func tunnelsToANodeThatVanishedAreClosedByKeepalive() throws {
+        let mesh = """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {proxy: {tcpKeepalive: {time: 1s, interval: 1s, probes: 2}}}
+            """
+        let lab = try startLab(mode: "STRICT", files: ["mesh.yaml": mesh])
+        defer { lab.down() }
+        let hold = try lab.startTool(in: "\(ns)/client", ["tcp-hold", "198.19.5.40", "80", "10"])
+        let late = try lab.startTool(in: "\(ns)/client", ["tcp-hold", "198.19.5.40", "80", "10", "2"])
+        // n1's tunnels to n3 (198.18.0.3:15008), with the keepalive timer.
+        func tunnels() throws -> [Substring] {
+            let ss = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n1", "ss", "-tanoH", "( dst 198.18.0.3:15008 )"])
+            return ss.split(separator: "\n").filter { $0.hasPrefix("ESTAB") }
+        }
+        var open = try tunnels()
+        for _ in 0..<50 where open.isEmpty {
+            usleep(100_000)
+            open = try tunnels()
+        }
+        #expect(!open.isEmpty && open.allSatisfy { $0.contains("timer:(keepalive") }, "n1's tunnels to n3:\n\(open.joined(separator: "\n"))")
+        usleep(300_000)  // the banners read through the tunnel
+        _ = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n3", "ip", "link", "set", "weftup0", "down"])
+        // 1 s of silence, then two probes 1 s apart: gone after about 3 s
+        // (the user timeout: 3 s after the late line went unanswered).
+        let start = Date()
+        for _ in 0..<80 where !open.isEmpty {
+            usleep(100_000)
+            open = try tunnels()
+        }
+        #expect(open.isEmpty, "n1 still holds, \(Date().timeIntervalSince(start)) s after the cut:\n\(open.joined(separator: "\n"))")
+        for (what, run) in [("idle", hold), ("late", late)] {
+            let t = try run.finish()
+            #expect(t["banner"] as? String == "hello from banner" && t["open"] as? Bool == false,
+                    "the \(what) client's connection through the tunnel: \(t)")
+        }
     }
 
     /// Rolling restarts of the destination nodes' proxies under steady

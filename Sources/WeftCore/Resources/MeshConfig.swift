@@ -33,9 +33,10 @@
 ///     maxRequestHeaderSize: 64Ki # default 64Ki, from 1Ki to 64Ki (bytes, or NKi): a larger
 ///                              # request head is answered 431 (docs/proxy.md)
 ///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
-///       time: 60s              # passthrough, upgraded connections): the first probe after
-///       interval: 10s          # this long without a packet, then one each interval; after
-///       probes: 6              # `probes` unanswered the stream closes. time "0s": off
+///       time: 60s              # passthrough, upgraded connections) and on tunnels between
+///       interval: 10s          # nodes: the first probe after this long without a packet,
+///       probes: 6              # then one each interval; after `probes` unanswered the
+///                              # stream (the tunnel, and all it carries) closes. "0s": off
 ///   policy:
 ///     udpIdleTimeout: 60s      # default 60s, from 1s to 24h: an allowed UDP exchange
 ///                              # idle this long is forgotten, and its next datagram is

@@ -288,6 +288,7 @@ enum TunnelServer {
                         return
                     }
                     proxy.stats.tunnelsIn.add(1, ordering: .relaxed)
+                    OpaqueKeepalive.tunnel(channel, proxy.snapshot.table.tcpKeepalive)
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
                     let handshake = channel.eventLoop.makePromise(of: Void.self), started = NIODeadline.now()
                     let telemetry = proxy.telemetry

@@ -150,6 +150,9 @@ final class TunnelPool {
     /// Told of a connection (with stream channels) whose far end sent
     /// GOAWAY: the streams kept for reuse on it are retired.
     var onGoAway: ((Channel) -> Void)?
+    /// MeshConfig `proxy.tcpKeepalive` in force (nil: its defaults), for
+    /// each new connection's socket (ProxyContext sets it).
+    var keepalive: () -> ProxyTable.TCPKeepaliveSettings? = { nil }
 
     /// Whether connections with stream channels run Weft's codec (off with `--no-express`).
     private let codec: Bool
@@ -227,7 +230,8 @@ final class TunnelPool {
         guard let context = identities.clientContexts[route.source] else {
             return .failure(TunnelRefused(status: 0, reason: "no certificate for \(route.source)"))
         }
-        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, codec: codec, onHandshake: onHandshake,
+        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, codec: codec,
+                                 keepalive: keepalive(), onHandshake: onHandshake,
                                  onGoAway: { [weak self] channel in self?.onGoAway?(channel) }) { [weak self] dead in
             if relay {
                 if self?.relayConnections[route] === dead { self?.relayConnections[route] = nil }
@@ -290,8 +294,10 @@ final class TunnelConnection {
     /// stream channels; `codec`: the stream channels' connection speaks
     /// HTTP/2 through Weft's codec (relayed ones always do), else through
     /// NIOHTTP2Handler.
+    /// `keepalive`: TCP keepalive for its socket (OpaqueKeepalive; nil:
+    /// MeshConfig's defaults).
     init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, relay: Bool = false, codec: Bool = true,
-         openTimeout: TimeAmount = TunnelHTTP2.openTimeout,
+         openTimeout: TimeAmount = TunnelHTTP2.openTimeout, keepalive: ProxyTable.TCPKeepaliveSettings? = nil,
          onHandshake: HandshakeObserver? = nil, onGoAway: ((Channel) -> Void)? = nil, onClose: @escaping (TunnelConnection) -> Void) {
         self.route = route
         self.onClose = onClose
@@ -344,6 +350,7 @@ final class TunnelConnection {
                     fail(error)
                 case .success(let channel):
                     self.channel = channel
+                    OpaqueKeepalive.tunnel(channel, keepalive)
                     channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
                         failed = true
                         onClose(self)
@@ -485,6 +492,9 @@ final class TunnelConnection {
     }
 
     func close() { channel?.close(promise: nil) }
+
+    /// Its socket's channel, once connected (for tests).
+    var transport: Channel? { channel }
 }
 
 /// A completion still to be called, and the timer that may call it first.

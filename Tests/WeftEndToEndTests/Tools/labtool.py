@@ -1111,13 +1111,21 @@ def h1_close_send(host, port, path, *headers):
     print(json.dumps(out))
 
 
-def tcp_hold(host, port, seconds):
+def tcp_hold(host, port, seconds, send_after=None):
     """Connects to a server that speaks first, reads its banner, then holds
-    the connection without a byte either way for SECONDS: the banner, and
-    whether the connection was still open at the end as this side sees it
-    (a peer that cannot reach it never says otherwise)."""
+    the connection without a byte either way for SECONDS (but one line sent
+    SEND_AFTER seconds in, if given): the banner, and whether the
+    connection was still open at the end as this side sees it (a peer that
+    cannot reach it never says otherwise)."""
     s = socket.create_connection((host, int(port)), timeout=5)
     banner = s.recv(100).decode(errors="replace").strip()
+    if send_after is not None:
+        time.sleep(float(send_after))
+        try:
+            s.sendall(b"late\n")
+        except OSError:
+            pass
+        seconds = float(seconds) - float(send_after)
     time.sleep(float(seconds))
     s.setblocking(False)
     try:
