@@ -69,7 +69,7 @@ final class ProxyContext: Sendable {
         }
         self.loops = loops
         viaToken = "weft-\(configuration.node)"
-        for state in loops.values { state.pool.tunnels.keepalive = { [unowned self] in snapshot.table.tcpKeepalive } }
+        for state in loops.values { state.pool.tunnels.keepalive = { [weak self] in self?.snapshot.table.tcpKeepalive } }
     }
 
     var snapshot: RouteSnapshot { current.withLock { $0 } }
