@@ -1016,14 +1016,7 @@ enum FuzzInput {
                 head = [UInt8(pad)] + head + [UInt8](repeating: 0, count: pad)
                 flags |= 0x8
             }
-            if rng.next() % 5 == 0, head.count > 4 {
-                // Split into HEADERS + CONTINUATION.
-                let cut = int(1...(head.count - 1), &rng)
-                frames.append(Frame(type: 0x1, flags: flags & ~0x4, stream: stream, payload: Array(head[..<cut])))
-                frames.append(Frame(type: 0x9, flags: 0x4, stream: stream, payload: Array(head[cut...])))
-            } else {
-                frames.append(Frame(type: 0x1, flags: flags, stream: stream, payload: head))
-            }
+            frames += headers(head, flags: flags, stream: stream, splitOneIn: 5, &rng)
             if withBody {
                 for k in 0..<int(1...3, &rng) {
                     let size = pick([0, 5, 100, 16_384, 20_000], &rng)
@@ -1043,6 +1036,16 @@ enum FuzzInput {
         }
         if rng.next() % 5 == 0 { frames.append(Frame(type: 0x7, flags: 0, stream: 0, payload: be32(stream) + be32(0))) }
         return frames
+    }
+
+    /// A header block as HEADERS (`flags`, END_HEADERS among them), or one
+    /// time in `splitOneIn` cut in two: HEADERS, then a CONTINUATION that
+    /// ends it.
+    static func headers(_ block: [UInt8], flags: UInt8, stream: UInt32, splitOneIn n: UInt64, _ rng: inout LoopRandom) -> [Frame] {
+        guard rng.next() % n == 0, block.count > 4 else { return [Frame(type: 0x1, flags: flags, stream: stream, payload: block)] }
+        let cut = int(1...(block.count - 1), &rng)
+        return [Frame(type: 0x1, flags: flags & ~0x4, stream: stream, payload: Array(block[..<cut])),
+                Frame(type: 0x9, flags: 0x4, stream: stream, payload: Array(block[cut...]))]
     }
 
     /// What a client may send between its streams' frames, three times in

@@ -327,13 +327,7 @@ extension FuzzInput {
             if rng.next() % 12 == 0 { block += literal(TunnelProbe.header, pick(["/healthz", "", "/" + String(repeating: "p", count: 5_000)], &rng)) }
             var flags: UInt8 = 0x4
             if rng.next() % 8 == 0 { flags |= 0x1 }  // END_STREAM with the CONNECT
-            if rng.next() % 6 == 0, block.count > 4 {
-                let cut = int(1...(block.count - 1), &rng)
-                frames.append(Frame(type: 0x1, flags: flags & ~0x4, stream: stream, payload: Array(block[..<cut])))
-                frames.append(Frame(type: 0x9, flags: 0x4, stream: stream, payload: Array(block[cut...])))
-            } else {
-                frames.append(Frame(type: 0x1, flags: flags, stream: stream, payload: block))
-            }
+            frames += headers(block, flags: flags, stream: stream, splitOneIn: 6, &rng)
             // What the stream carries.
             var carried: [UInt8]
             switch declared {
