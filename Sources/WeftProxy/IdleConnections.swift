@@ -26,7 +26,9 @@ import WeftCore
 /// may move their bytes past the proxy, which would not see them; they get
 /// TCP keepalive instead, OpaqueKeepalive), nor are tunnels from other
 /// nodes and the streams they carry, but for the requests in those
-/// streams' HTTP (the stream idle timeout: SweepToStreams).
+/// streams' HTTP (the stream idle timeout: SweepToStreams). Tunnels to
+/// other nodes have a sweep of their own (TunnelPool, MeshConfig
+/// `proxy.tunnelIdleTimeout`).
 struct IdleSweep: Sendable {
     /// Idle sweeps in a row after which a connection closes (Int.max: never).
     let rounds: Int
@@ -196,6 +198,7 @@ extension ConnectionRegistry {
     static let defaultIdleTimeoutMilliseconds = 3_600_000
     static let defaultHeadTimeoutMilliseconds = 60_000
     static let defaultStreamIdleTimeoutMilliseconds = 300_000
+    static let defaultTunnelIdleTimeoutMilliseconds = 300_000
 
     /// MeshConfig proxy.streamIdleTimeout in force with `table` (nil: never).
     static func streamIdleTimeout(_ table: ProxyTable) -> TimeAmount? {
@@ -216,7 +219,7 @@ extension ConnectionRegistry {
         let head = table.requestHeaderTimeoutMilliseconds ?? Self.defaultHeadTimeoutMilliseconds
         let stream = table.streamIdleTimeoutMilliseconds ?? Self.defaultStreamIdleTimeoutMilliseconds
         let shorter = [idle, head, stream].filter { $0 > 0 }.min()
-        let period = shorter.map { min(max($0 / 4, 50), 15_000) } ?? 1_000
+        let period = shorter.map(Self.period) ?? 1_000
         var last = last
         let now = NIODeadline.now()
         if shorter != nil, now - last >= .milliseconds(Int64(period)) {
@@ -234,9 +237,13 @@ extension ConnectionRegistry {
         }
     }
 
+    /// How far apart sweeps for a timeout go, in milliseconds: a quarter
+    /// of it, 50 ms to 15 s.
+    static func period(_ timeout: Int) -> Int { min(max(timeout / 4, 50), 15_000) }
+
     /// Sweeps `period` apart that make up `timeout` (0: never), one more
     /// for the part of a period that had gone when the wait began.
-    private static func rounds(_ timeout: Int, _ period: Int) -> Int {
+    static func rounds(_ timeout: Int, _ period: Int) -> Int {
         timeout > 0 ? (timeout + period - 1) / period + 1 : .max
     }
 }

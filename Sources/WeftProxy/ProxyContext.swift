@@ -69,7 +69,12 @@ final class ProxyContext: Sendable {
         }
         self.loops = loops
         viaToken = "weft-\(configuration.node)"
-        for state in loops.values { state.pool.tunnels.keepalive = { [weak self] in self?.snapshot.table.tcpKeepalive } }
+        for state in loops.values {
+            state.pool.tunnels.keepalive = { [weak self] in self?.snapshot.table.tcpKeepalive }
+            state.pool.tunnels.unusedTimeout = { [weak self] in
+                self?.snapshot.table.tunnelIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultTunnelIdleTimeoutMilliseconds
+            }
+        }
     }
 
     var snapshot: RouteSnapshot { current.withLock { $0 } }

@@ -133,6 +133,9 @@ final class ProxyStats: Sendable {
     let faultsDelayed = Atomic<Int>(0)
     let tunnelsIn = Atomic<Int>(0)
     let tunnelsOut = Atomic<Int>(0)
+    /// Tunnels this node opened and closed for going unused (MeshConfig
+    /// proxy.tunnelIdleTimeout).
+    let tunnelsReleased = Atomic<Int>(0)
     let tunnelStreamsIn = Atomic<Int>(0)
     /// Of those, the ones carried at the frame level (TunnelRelay).
     let tunnelStreamsInRelayed = Atomic<Int>(0)
@@ -241,6 +244,7 @@ final class ProxyStats: Sendable {
             ("faults_delayed_total", faultsDelayed.load(ordering: .relaxed)),
             ("tunnel_connections_in_total", tunnelsIn.load(ordering: .relaxed)),
             ("tunnel_connections_out_total", tunnelsOut.load(ordering: .relaxed)),
+            ("tunnel_connections_released_total", tunnelsReleased.load(ordering: .relaxed)),
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
             ("tunnel_streams_in_relayed_total", tunnelStreamsInRelayed.load(ordering: .relaxed)),
             ("tunnel_requests_express_total", tunnelRequestsExpress.load(ordering: .relaxed)),

@@ -74,6 +74,21 @@ final class UpstreamPool {
         tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, codec: configuration.express, stats: stats, telemetry: telemetry)
         random = UInt64.random(in: 1...UInt64.max)
         tunnels.onGoAway = { [unowned self] tunnel in retire(tunnel: tunnel) }
+        tunnels.idleStreams = { [unowned self] in idleTunnelStreams }
+    }
+
+    /// The tunnel stream channels kept here for another exchange, and
+    /// those of HTTP/2 connections in tunnel streams with no stream open:
+    /// what a tunnel may carry and still be unused (TunnelPool).
+    private var idleTunnelStreams: Set<ObjectIdentifier> {
+        var idle = Set<ObjectIdentifier>()
+        func add(_ c: Channel?) { if let c { idle.insert(ObjectIdentifier(c)) } }
+        for s in endpoints.values {
+            for h in s.tunnelIdle.values.joined() { add(h.channel) }
+            for h in s.expressTunnelIdle.values.joined() { add(h.channel) }
+            for h2 in s.tunnelH2.values where h2.openStreams == 0 { add(h2.transport) }
+        }
+        return idle
     }
 
     /// Tunnel connections whose far end sent GOAWAY (it drains), while they

@@ -67,6 +67,8 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {requestHeaderTimeout: [1s]}}", "m.yaml:1:spec.proxy.requestHeaderTimeout: expected a string"),
             (header + "spec: {proxy: {streamIdleTimeout: 999ms}}", "m.yaml:1:spec.proxy.streamIdleTimeout: must be at least 1s (or 0s: never), got \"999ms\""),
             (header + "spec: {proxy: {streamIdleTimeout: forever}}", "m.yaml:1:spec.proxy.streamIdleTimeout: \"forever\" is not a Gateway API duration"),
+            (header + "spec: {proxy: {tunnelIdleTimeout: 200ms}}", "m.yaml:1:spec.proxy.tunnelIdleTimeout: must be at least 1s (or 0s: never), got \"200ms\""),
+            (header + "spec: {proxy: {tunnelIdleTimeout: 5}}", "m.yaml:1:spec.proxy.tunnelIdleTimeout: expected a string, got a number"),
             (header + "spec: {proxy: {tcpKeepalive: {time: 500ms}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s (or 0s: off), got \"500ms\""),
             (header + "spec: {proxy: {tcpKeepalive: {time: 10h}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s"),
             (header + "spec: {proxy: {tcpKeepalive: {interval: 0s}}}", "m.yaml:1:spec.proxy.tcpKeepalive.interval: must be whole seconds from 1s to 32767s, got \"0s\""),
@@ -140,6 +142,12 @@ struct MeshConfigTests {
         #expect(ProxyTable(stalled).streamIdleTimeoutMilliseconds == 30_000 && ProxyTable(stalled).idleTimeoutMilliseconds == nil)
         let streams = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {streamIdleTimeout: 0s}}").0)
         #expect(ProxyTable(streams).streamIdleTimeoutMilliseconds == 0 && streams.meshConfig.proxy.streamIdleTimeout == nil)
+        // proxy.tunnelIdleTimeout likewise (five minutes by default).
+        #expect(ProxyTable(off).tunnelIdleTimeoutMilliseconds == nil && off.meshConfig.proxy.tunnelIdleTimeout == .seconds(300))
+        let tunnels = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {tunnelIdleTimeout: 90s}}").0)
+        #expect(ProxyTable(tunnels).tunnelIdleTimeoutMilliseconds == 90_000 && ProxyTable(tunnels).streamIdleTimeoutMilliseconds == nil)
+        let kept = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {tunnelIdleTimeout: 0s}}").0)
+        #expect(ProxyTable(kept).tunnelIdleTimeoutMilliseconds == 0 && kept.meshConfig.proxy.tunnelIdleTimeout == nil)
         // proxy.maxRequestHeaderSize: 64 KiB by default (absent from the
         // table), in bytes otherwise, given as bytes or in Ki.
         #expect(ProxyTable(off).maxRequestHeaderSize == nil && off.meshConfig.proxy.maxRequestHeaderSize == 65536)

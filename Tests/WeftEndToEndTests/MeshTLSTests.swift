@@ -555,6 +555,61 @@ struct MeshTLSTests {
         }
     }
 
+    /// MeshConfig `proxy.tunnelIdleTimeout` (1 s here): n1's proxy closes
+    /// each tunnel nothing used for that long, HTTP/1.1's and gRPC's once
+    /// their streams are only kept idle for the next exchange, and keeps
+    /// the tunnel of an opaque TCP connection held open with not a byte
+    /// either way (6 s) until that connection ends. The next requests go
+    /// on new tunnels.
+    @Test func unusedTunnelsAreReleasedAndTunnelsInUseKept() throws {
+        let mesh = """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {proxy: {tunnelIdleTimeout: 1s}}
+            """
+        let lab = try startLab(mode: "STRICT", files: ["mesh.yaml": mesh])
+        defer { lab.down() }
+        // n1's tunnels to a node (198.18.0.N:15008).
+        func tunnels(_ node: Int) throws -> Int {
+            let ss = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n1", "ss", "-tanH", "( dst 198.18.0.\(node):15008 )"])
+            return ss.split(separator: "\n").filter { $0.hasPrefix("ESTAB") }.count
+        }
+        func grpc() throws -> [String: Any] {
+            try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "/usr/bin/python3", LabHarness.grpcTool,
+                               "steady", "198.19.5.60", "80", "0.5"]).finish()
+        }
+        let hold = try lab.startTool(in: "\(ns)/client", ["tcp-hold", "198.19.5.40", "80", "6"])
+        let held = Date()
+        let g = try grpc()
+        #expect((g["failures"] as? [Any])?.isEmpty == true && (g["ok"] as? Int ?? 0) > 0, "\(g)")
+        for _ in 0..<4 { #expect(try curl(["http://198.19.5.10/"]).0 == 0) }
+        #expect(try tunnels(2) >= 1, "gRPC and HTTP to n2's pods went through no tunnel")
+        // Unused for the timeout: closed between 1 and 1.25 s after last use.
+        var n2 = try tunnels(2), n3 = try tunnels(3)
+        for _ in 0..<40 where n2 > 0 || n3 > 1 {
+            usleep(100_000)
+            (n2, n3) = (try tunnels(2), try tunnels(3))
+        }
+        #expect(n2 == 0 && n3 == 1, "n1's tunnels to n2: \(n2), to n3: \(n3) (only the opaque connection's should stay)")
+        #expect(try proxyStat("n1", "tunnel_connections_released_total") >= 2)
+        #expect(Date().timeIntervalSince(held) < 5.5, "checked too late to tell the held tunnel was kept")
+        // The held connection ends; then its tunnel is unused too.
+        let t = try hold.finish()
+        #expect(t["banner"] as? String == "hello from banner" && t["open"] as? Bool == true, "the held connection: \(t)")
+        for _ in 0..<40 where n3 > 0 {
+            usleep(100_000)
+            n3 = try tunnels(3)
+        }
+        #expect(n3 == 0, "n1 still holds \(n3) tunnels to n3 after the held connection ended")
+        // New requests make new tunnels.
+        let opened = try proxyStat("n1", "tunnel_connections_out_total")
+        let again = try grpc()
+        #expect((again["failures"] as? [Any])?.isEmpty == true && (again["ok"] as? Int ?? 0) > 0, "\(again)")
+        #expect(try curl(["http://198.19.5.10/"]).0 == 0)
+        #expect(try proxyStat("n1", "tunnel_connections_out_total") > opened)
+    }
+
     /// Rolling restarts of the destination nodes' proxies under steady
     /// cross-node traffic, L7 and L4, fail nothing: a draining proxy tells
     /// each tunnel from another node to go away (GOAWAY, PING, GOAWAY) and

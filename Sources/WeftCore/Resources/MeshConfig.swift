@@ -30,6 +30,10 @@
 ///                              # (from its backend, or of its request from the client)
 ///                              # that long is ended: 504 (408 while the request is still
 ///                              # being read) or, once its response began, cut; "0s": never
+///     tunnelIdleTimeout: 5m    # default 5m: a tunnel to another node's proxy that carried
+///                              # nothing for that long (no opaque stream, no exchange in
+///                              # flight, no byte read) is closed; the next stream makes a
+///                              # new one; "0s": never
 ///     maxRequestHeaderSize: 64Ki # default 64Ki, from 1Ki to 64Ki (bytes, or NKi): a larger
 ///                              # request head is answered 431 (docs/proxy.md)
 ///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
@@ -87,6 +91,16 @@ public struct MeshConfig: Hashable, Sendable {
         /// stays. Long-lived streams (gRPC server streams, server-sent
         /// events) must send something within it.
         public var streamIdleTimeout: Duration? = .seconds(300)
+        /// How long a tunnel to another node's proxy may go unused before
+        /// its source closes it; nil: never. Unused: no opaque stream in
+        /// it, no HTTP exchange in flight (HTTP streams kept idle for the
+        /// next exchange do not count), no stream being opened and
+        /// nothing read from it. Five minutes, as ztunnel's
+        /// pool_unused_release_timeout: a node proxy makes one tunnel per
+        /// (source identity, destination identity, node) it ever sends to,
+        /// and without this kept every one, and its TLS state at both
+        /// ends, for as long as both nodes ran.
+        public var tunnelIdleTimeout: Duration? = .seconds(300)
         /// The largest request head the proxy takes, in bytes: an HTTP/1.1
         /// head as it comes (request line, fields, the blank line), an
         /// HTTP/2 one as RFC 9113 sizes a header list (each field's name
@@ -229,7 +243,7 @@ extension MeshConfig {
             try t.finish()
         }
         if var p = try spec.mapping("proxy") {
-            for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout"] {
+            for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout", "tunnelIdleTimeout"] {
                 guard let text = try p.string(key) else { continue }
                 let timeout = try HTTPRoute.duration(text, field: "spec.proxy.\(key)", at: location)
                 if let timeout, timeout < .seconds(1) {
@@ -238,7 +252,8 @@ extension MeshConfig {
                 switch key {
                 case "idleTimeout": proxy.idleTimeout = timeout
                 case "requestHeaderTimeout": proxy.requestHeaderTimeout = timeout
-                default: proxy.streamIdleTimeout = timeout
+                case "streamIdleTimeout": proxy.streamIdleTimeout = timeout
+                default: proxy.tunnelIdleTimeout = timeout
                 }
             }
             if let node = p.node("maxRequestHeaderSize") {

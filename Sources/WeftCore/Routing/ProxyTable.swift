@@ -26,6 +26,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// MeshConfig proxy.streamIdleTimeout in milliseconds; 0: never; nil:
     /// the default (MeshConfig.Proxy).
     public var streamIdleTimeoutMilliseconds: Int?
+    /// MeshConfig proxy.tunnelIdleTimeout in milliseconds; 0: never; nil:
+    /// the default (MeshConfig.Proxy).
+    public var tunnelIdleTimeoutMilliseconds: Int?
     /// MeshConfig proxy.maxRequestHeaderSize in bytes; nil: the default
     /// (MeshConfig.Proxy).
     public var maxRequestHeaderSize: Int?
@@ -243,6 +246,9 @@ extension ProxyTable {
         }
         if proxy.streamIdleTimeout != defaults.streamIdleTimeout {
             streamIdleTimeoutMilliseconds = proxy.streamIdleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
+        }
+        if proxy.tunnelIdleTimeout != defaults.tunnelIdleTimeout {
+            tunnelIdleTimeoutMilliseconds = proxy.tunnelIdleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
         }
         if proxy.maxRequestHeaderSize != defaults.maxRequestHeaderSize { maxRequestHeaderSize = proxy.maxRequestHeaderSize }
         if proxy.tcpKeepalive != defaults.tcpKeepalive { tcpKeepalive = TCPKeepaliveSettings(proxy.tcpKeepalive) }

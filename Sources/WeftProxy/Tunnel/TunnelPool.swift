@@ -153,6 +153,16 @@ final class TunnelPool {
     /// MeshConfig `proxy.tcpKeepalive` in force (nil: its defaults), for
     /// each new connection's socket (ProxyContext sets it).
     var keepalive: () -> ProxyTable.TCPKeepaliveSettings? = { nil }
+    /// MeshConfig `proxy.tunnelIdleTimeout` in force, in milliseconds (0:
+    /// never); ProxyContext sets it.
+    var unusedTimeout: () -> Int = { ConnectionRegistry.defaultTunnelIdleTimeoutMilliseconds }
+    /// The tunnel stream channels the upstream pool holds idle for their
+    /// next exchange (UpstreamPool sets it): a tunnel carrying only those
+    /// is unused.
+    var idleStreams: () -> Set<ObjectIdentifier> = { [] }
+    /// Whether the sweep for unused tunnels is scheduled, and when it last ran.
+    private var sweeping = false
+    private var lastSweep = NIODeadline.now()
 
     /// Whether connections with stream channels run Weft's codec (off with `--no-express`).
     private let codec: Bool
@@ -198,7 +208,8 @@ final class TunnelPool {
         var headers = [("x-weft-source", source.description)]
         if let http { headers.append(("x-weft-protocol", http)) }
         headers += extraHeaders
-        connection.openStream(authority: "\(target.address):\(target.port)", headers: headers, initialize: initialize, completion)
+        connection.openStream(authority: "\(target.address):\(target.port)", headers: headers, http: http != nil,
+                              initialize: initialize, completion)
     }
 
     /// A CONNECT stream to `target` carried at the frame level, for plain
@@ -240,9 +251,56 @@ final class TunnelPool {
             }
         }
         if relay { relayConnections[route] = c } else { connections[route] = c }
+        if !sweeping {
+            sweeping = true
+            lastSweep = .now()
+            scheduleSweep(for: unusedTimeout())
+        }
         stats?.tunnelsOut.add(1, ordering: .relaxed)
         stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
         return .success(c)
+    }
+
+    /// Closes the tunnels unused for MeshConfig `proxy.tunnelIdleTimeout`
+    /// (TunnelConnection.unused), as the idle sweep of client connections
+    /// does (ConnectionRegistry.sweepIdle): every quarter of the timeout,
+    /// each tunnel counting the sweeps it sat through unused, so one closes
+    /// between one and one and a quarter timeouts after its last use. It
+    /// reads the timeout each second, and stops while the pool holds no
+    /// tunnel (the next one starts it again).
+    private func sweepUnused() {
+        guard !connections.isEmpty || !relayConnections.isEmpty else {
+            sweeping = false
+            return
+        }
+        let timeout = unusedTimeout()
+        let period = ConnectionRegistry.period(timeout)
+        let now = NIODeadline.now()
+        if timeout > 0, now - lastSweep >= .milliseconds(Int64(period)) {
+            let sweep = IdleSweep(rounds: ConnectionRegistry.rounds(timeout, period), now: now, headTimeout: nil)
+            let idle = idleStreams()
+            for (route, c) in connections where c.unused(sweep, idle: idle) {
+                connections[route] = nil
+                release(c)
+            }
+            for (route, c) in relayConnections where c.unused(sweep, idle: idle) {
+                relayConnections[route] = nil
+                release(c)
+            }
+            lastSweep = now
+        }
+        scheduleSweep(for: timeout)
+    }
+
+    private func release(_ c: TunnelConnection) {
+        c.release()
+        stats?.tunnelsReleased.add(1, ordering: .relaxed)
+    }
+
+    /// The next look: a sweep's period away, or a second at most.
+    private func scheduleSweep(for timeout: Int) {
+        let next = timeout > 0 ? min(ConnectionRegistry.period(timeout), 1_000) : 1_000
+        loop.assumeIsolated().scheduleTask(in: .milliseconds(Int64(next))) { [weak self] in self?.sweepUnused() }
     }
 
     func closeAll() {
@@ -279,6 +337,15 @@ final class TunnelConnection {
     private let loop: any EventLoop
     /// TunnelHTTP2.openTimeout, unless a test says otherwise.
     private let openTimeout: TimeAmount
+    /// What keeps it from being released as unused (TunnelPool's sweep):
+    /// opens not yet answered, opaque streams open on it (TCP, upgraded
+    /// connections; a relayed connection's are its relay's), HTTP streams
+    /// open on it (unless the upstream pool holds them idle), and reads.
+    private var opening = 0
+    private var opaque = 0
+    private var httpStreams = Set<ObjectIdentifier>()
+    private var reads: TunnelReads?
+    private var unused = IdleCount()
 
     /// Not once the peer sent GOAWAY (it is draining: a new connection
     /// reaches the proxy that took its place), closed or failed.
@@ -318,6 +385,7 @@ final class TunnelConnection {
                     let tls = try NIOSSLClientHandler(context: context, serverHostname: TunnelTLS.serverName(for: expected))
                     try channel.pipeline.syncOperations.addHandler(tls)
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
+                    try channel.pipeline.syncOperations.addHandler(TunnelReads())
                     try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
                     if relay {
                         try channel.pipeline.syncOperations.addHandler(HTTP2Codec(allocator: channel.allocator, role: .client,
@@ -350,6 +418,7 @@ final class TunnelConnection {
                     fail(error)
                 case .success(let channel):
                     self.channel = channel
+                    reads = try? channel.pipeline.syncOperations.handler(type: TunnelReads.self)
                     OpaqueKeepalive.tunnel(channel, keepalive)
                     channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
                         failed = true
@@ -407,9 +476,16 @@ final class TunnelConnection {
         for w in ready { w(result) }
     }
 
-    func openStream(authority: String, headers: [(String, String)], initialize: @escaping @Sendable (Channel) throws -> Void,
-                    _ done: @escaping (Result<Channel, any Error>) -> Void) {
-        let completion = bounded(done) { stream in stream.close(promise: nil) }
+    /// `http`: the stream carries HTTP exchanges (kept idle between them
+    /// by the upstream pool), else an opaque stream.
+    func openStream(authority: String, headers: [(String, String)], http: Bool = false,
+                    initialize: @escaping @Sendable (Channel) throws -> Void, _ done: @escaping (Result<Channel, any Error>) -> Void) {
+        opening += 1
+        let completion = bounded({ [self] (result: Result<Channel, any Error>) in
+            opening -= 1
+            if case .success(let stream) = result { carry(stream, http: http) }
+            done(result)
+        }) { stream in stream.close(promise: nil) }
         whenUp { result in
             switch result {
             case .failure(let error): completion(.failure(error))
@@ -446,7 +522,11 @@ final class TunnelConnection {
     func openRelayed(authority: String, headers: [(String, String)],
                      _ done: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
         // (A stream answered after the timeout goes with its connection.)
-        let completion = bounded(done) { _ in }
+        opening += 1
+        let completion = bounded({ [self] (result: Result<TunnelRelay.Stream, any Error>) in
+            opening -= 1
+            done(result)
+        }) { _ in }
         whenUp { result in
             switch result {
             case .failure(let error): completion(.failure(error))
@@ -493,6 +573,37 @@ final class TunnelConnection {
 
     func close() { channel?.close(promise: nil) }
 
+    /// A stream open on it, counted until it closes.
+    private func carry(_ stream: Channel, http: Bool) {
+        let id = ObjectIdentifier(stream)
+        if http { httpStreams.insert(id) } else { opaque += 1 }
+        stream.closeFuture.assumeIsolated().whenComplete { [self] _ in
+            if http { httpStreams.remove(id) } else { opaque -= 1 }
+        }
+    }
+
+    /// One sweep for unused tunnels (TunnelPool): whether it has now gone
+    /// the sweep's rounds in a row unused, with nothing opening, no
+    /// opaque stream, no HTTP stream but those in `idle` (the stream
+    /// channels the upstream pool holds for the next exchange) and
+    /// nothing read since the sweep before.
+    func unused(_ sweep: IdleSweep, idle: Set<ObjectIdentifier>) -> Bool {
+        var busy = opening > 0 || !waiters.isEmpty || reads?.moved == true
+        reads?.moved = false
+        switch streams {
+        case .none: busy = true
+        case .relayed(let relay): busy = busy || relay.carriesStreams
+        case .channels: busy = busy || opaque > 0 || !httpStreams.isSubset(of: idle)
+        }
+        return unused.judge(sweep, busy: busy) == .close
+    }
+
+    /// Closed as unused: no open takes it from now on.
+    func release() {
+        failed = true
+        close()
+    }
+
     /// Its socket's channel, once connected (for tests).
     var transport: Channel? { channel }
 }
@@ -519,6 +630,18 @@ final class GoAwayWatcher: ChannelInboundHandler {
             goneAway = true
             onGoAway?()
         }
+        context.fireChannelRead(data)
+    }
+}
+
+/// Right after TLS on a source's tunnel: notes a read since the last
+/// sweep for unused tunnels (TunnelConnection.unused), one store a read.
+final class TunnelReads: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    var moved = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        moved = true
         context.fireChannelRead(data)
     }
 }

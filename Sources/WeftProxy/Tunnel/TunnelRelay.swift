@@ -93,6 +93,9 @@ final class TunnelRelay: ChannelDuplexHandler {
     /// nor near the end of the stream IDs (they are not reused).
     var canOpen: Bool { context != nil && !goneAway && nextStreamID < Int32.max - 2 }
 
+    /// Whether any stream is relayed or open on the connection now.
+    var carriesStreams: Bool { !streams.isEmpty || !openStreams.isEmpty }
+
     /// One stream relayed to a TCP socket; the handler of the socket's channel.
     final class Stream: ChannelDuplexHandler {
         typealias InboundIn = ByteBuffer
