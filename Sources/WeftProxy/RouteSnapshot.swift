@@ -133,6 +133,9 @@ final class ProxyStats: Sendable {
     let faultsDelayed = Atomic<Int>(0)
     let tunnelsIn = Atomic<Int>(0)
     let tunnelsOut = Atomic<Int>(0)
+    /// Tunnels open now, from other nodes and to them.
+    let tunnelsInActive = Atomic<Int>(0)
+    let tunnelsOutActive = Atomic<Int>(0)
     /// Tunnels this node opened and closed for going unused (MeshConfig
     /// proxy.tunnelIdleTimeout).
     let tunnelsReleased = Atomic<Int>(0)
@@ -244,6 +247,8 @@ final class ProxyStats: Sendable {
             ("faults_delayed_total", faultsDelayed.load(ordering: .relaxed)),
             ("tunnel_connections_in_total", tunnelsIn.load(ordering: .relaxed)),
             ("tunnel_connections_out_total", tunnelsOut.load(ordering: .relaxed)),
+            ("tunnel_connections_in_active", tunnelsInActive.load(ordering: .relaxed)),
+            ("tunnel_connections_out_active", tunnelsOutActive.load(ordering: .relaxed)),
             ("tunnel_connections_released_total", tunnelsReleased.load(ordering: .relaxed)),
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
             ("tunnel_streams_in_relayed_total", tunnelStreamsInRelayed.load(ordering: .relaxed)),

@@ -593,6 +593,8 @@ struct MeshTLSTests {
         }
         #expect(n2 == 0 && n3 == 1, "n1's tunnels to n2: \(n2), to n3: \(n3) (only the opaque connection's should stay)")
         #expect(try proxyStat("n1", "tunnel_connections_released_total") >= 2)
+        #expect(try proxyStat("n1", "tunnel_connections_out_active") == 1 && proxyStat("n2", "tunnel_connections_in_active") == 0,
+                "the gauges of tunnels open now disagree with the sockets")
         #expect(Date().timeIntervalSince(held) < 5.5, "checked too late to tell the held tunnel was kept")
         // The held connection ends; then its tunnel is unused too.
         let t = try hold.finish()
@@ -602,6 +604,8 @@ struct MeshTLSTests {
             n3 = try tunnels(3)
         }
         #expect(n3 == 0, "n1 still holds \(n3) tunnels to n3 after the held connection ended")
+        usleep(200_000)  // n3's proxy sees the close
+        #expect(try proxyStat("n1", "tunnel_connections_out_active") == 0 && proxyStat("n3", "tunnel_connections_in_active") == 0)
         // New requests make new tunnels.
         let opened = try proxyStat("n1", "tunnel_connections_out_total")
         let again = try grpc()

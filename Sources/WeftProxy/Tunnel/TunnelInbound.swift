@@ -288,6 +288,9 @@ enum TunnelServer {
                         return
                     }
                     proxy.stats.tunnelsIn.add(1, ordering: .relaxed)
+                    proxy.stats.tunnelsInActive.add(1, ordering: .relaxed)
+                    let stats = proxy.stats
+                    channel.closeFuture.whenComplete { _ in stats.tunnelsInActive.subtract(1, ordering: .relaxed) }
                     OpaqueKeepalive.tunnel(channel, proxy.snapshot.table.tcpKeepalive)
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
                     let handshake = channel.eventLoop.makePromise(of: Void.self), started = NIODeadline.now()

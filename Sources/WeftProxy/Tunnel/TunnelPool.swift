@@ -243,7 +243,8 @@ final class TunnelPool {
         }
         let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: relay, codec: codec,
                                  keepalive: keepalive(), onHandshake: onHandshake,
-                                 onGoAway: { [weak self] channel in self?.onGoAway?(channel) }) { [weak self] dead in
+                                 onGoAway: { [weak self] channel in self?.onGoAway?(channel) }) { [weak self, stats] dead in
+            stats?.tunnelsOutActive.subtract(1, ordering: .relaxed)
             if relay {
                 if self?.relayConnections[route] === dead { self?.relayConnections[route] = nil }
             } else if self?.connections[route] === dead {
@@ -257,6 +258,7 @@ final class TunnelPool {
             scheduleSweep(for: unusedTimeout())
         }
         stats?.tunnelsOut.add(1, ordering: .relaxed)
+        stats?.tunnelsOutActive.add(1, ordering: .relaxed)
         stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
         return .success(c)
     }
@@ -333,7 +335,8 @@ final class TunnelConnection {
     private var channel: Channel?
     private var waiters: [(Result<Streams, any Error>) -> Void] = []
     private(set) var failed = false
-    private let onClose: (TunnelConnection) -> Void
+    /// Told once, when the connection failed or closed.
+    private var onClose: ((TunnelConnection) -> Void)?
     private let loop: any EventLoop
     /// TunnelHTTP2.openTimeout, unless a test says otherwise.
     private let openTimeout: TimeAmount
@@ -422,7 +425,7 @@ final class TunnelConnection {
                     OpaqueKeepalive.tunnel(channel, keepalive)
                     channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
                         failed = true
-                        onClose(self)
+                        ended()
                         flush(.failure(ChannelError.ioOnClosedChannel))
                     }
                     handshake.futureResult.assumeIsolated().whenComplete { [self] outcome in
@@ -466,8 +469,14 @@ final class TunnelConnection {
 
     private func fail(_ error: any Error) {
         failed = true
-        onClose(self)
+        ended()
         flush(.failure(error))
+    }
+
+    private func ended() {
+        guard let onClose else { return }
+        self.onClose = nil
+        onClose(self)
     }
 
     private func flush(_ result: Result<Streams, any Error>) {
