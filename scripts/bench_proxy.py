@@ -181,8 +181,19 @@ backend be
 
 
 def lab_yaml(work):
-    """One node: the client pod, the nginx backend pod and its L7 Service."""
+    """One node: the client pod, the nginx backend pod and its L7 Service.
+    The rounds leave each proxy idle for about 4 s while the other sides
+    run, longer than Weft's default upstreamIdleTimeout (3 s): Weft would
+    reconnect to the backend at the start of each of its slices, which
+    HAProxy (pool-purge-delay 5 s) and nginx (upstream keepalive_timeout
+    60 s) do not. So the lab keeps idle backend connections for 60 s, as
+    nginx does."""
     return f"""apiVersion: weft.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh}}
+spec: {{proxy: {{upstreamIdleTimeout: 60s}}}}
+---
+apiVersion: weft.dev/v1alpha1
 kind: Workload
 metadata: {{name: client, namespace: bench, labels: {{app: client}}, annotations: {{lab.weft.dev/command: "sleep infinity"}}}}
 spec: {{node: n1, address: {CLIENT}}}

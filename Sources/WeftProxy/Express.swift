@@ -401,12 +401,16 @@ enum Express {
         if let source = upstream.tunnelSource {
             if reusable && upstream.isActive && pool.keeps(tunnelStream: upstream.channel)
                 && idle.expressTunnelIdle[source, default: []].count < limit {
+                upstream.keptSweeps = 0
                 idle.expressTunnelIdle[source, default: []].append(upstream)
+                pool.kept()
             } else {
                 upstream.close()
             }
         } else if reusable && upstream.isActive && idle.express.count < limit {
+            upstream.keptSweeps = 0
             idle.express.append(upstream)
+            pool.kept()
         } else {
             upstream.close()
         }

@@ -28,6 +28,8 @@ final class ExpressUpstream: ChannelInboundHandler {
     /// Handed out before: a close with no response byte may be the server
     /// closing an idle connection, which makes a resend safe.
     var reused = false
+    /// Sweeps it sat through kept idle in the pool (UpstreamPool.closeIdle).
+    var keptSweeps = 0
     /// A tunnel stream's source pod (its CONNECT named it): only that pod's
     /// exchanges may reuse it. Nil for a TCP connection.
     let tunnelSource: UInt32?

@@ -199,6 +199,7 @@ extension ConnectionRegistry {
     static let defaultHeadTimeoutMilliseconds = 60_000
     static let defaultStreamIdleTimeoutMilliseconds = 300_000
     static let defaultTunnelIdleTimeoutMilliseconds = 300_000
+    static let defaultUpstreamIdleTimeoutMilliseconds = 3_000
 
     /// MeshConfig proxy.streamIdleTimeout in force with `table` (nil: never).
     static func streamIdleTimeout(_ table: ProxyTable) -> TimeAmount? {
@@ -460,5 +461,62 @@ enum OpaqueKeepalive {
         let deadline = (k.time + k.interval * k.probes) * 1000
         channel.setOption(ChannelOptions.socket(SocketOptionLevel(IPPROTO_TCP), SocketOptionName(TCP_USER_TIMEOUT)),
                           value: SocketOptionValue(deadline)).whenFailure { _ in }
+    }
+}
+
+/// A pool's sweep of what it keeps for later use (TunnelPool's tunnels,
+/// UpstreamPool's idle connections), as ConnectionRegistry.sweepIdle sweeps
+/// client connections: every quarter of the timeout (50 ms to 15 s), while
+/// the pool keeps anything, each kept thing counting the sweeps it sat
+/// through unused, so that it goes between one and one and a quarter
+/// timeouts after its last use. No timer per thing kept, none while the
+/// pool keeps nothing (`start` when it keeps something again); the timeout
+/// is read each second, so a reload's takes effect within one.
+/// Loop-confined, like its pool.
+final class KeptSweep {
+    private let loop: any EventLoop
+    /// The timeout in force, in milliseconds (0: never).
+    private let timeout: () -> Int
+    /// Whether the pool keeps anything now.
+    private let keeps: () -> Bool
+    /// One sweep, with the rounds of `timeout`.
+    private let sweep: (IdleSweep) -> Void
+    private var running = false
+    private var last = NIODeadline.now()
+
+    init(loop: any EventLoop, timeout: @escaping () -> Int, keeps: @escaping () -> Bool, sweep: @escaping (IdleSweep) -> Void) {
+        self.loop = loop
+        self.timeout = timeout
+        self.keeps = keeps
+        self.sweep = sweep
+    }
+
+    /// The pool keeps something: sweeps from now on, if not already.
+    func start() {
+        guard !running else { return }
+        running = true
+        last = .now()
+        schedule(timeout())
+    }
+
+    private func tick() {
+        guard keeps() else {
+            running = false
+            return
+        }
+        let t = timeout()
+        let period = ConnectionRegistry.period(t)
+        let now = NIODeadline.now()
+        if t > 0, now - last >= .milliseconds(Int64(period)) {
+            sweep(IdleSweep(rounds: ConnectionRegistry.rounds(t, period), now: now, headTimeout: nil))
+            last = now
+        }
+        schedule(t)
+    }
+
+    /// The next look: a sweep's period away, or a second at most.
+    private func schedule(_ t: Int) {
+        let next = t > 0 ? min(ConnectionRegistry.period(t), 1_000) : 1_000
+        loop.assumeIsolated().scheduleTask(in: .milliseconds(Int64(next))) { [weak self] in self?.tick() }
     }
 }

@@ -113,6 +113,9 @@ final class ProxyStats: Sendable {
     let retriesBudgetExhausted = Atomic<Int>(0)
     let upstreamConnectFailures = Atomic<Int>(0)
     let upstreamResets = Atomic<Int>(0)
+    /// Connections to backends closed after waiting unused for MeshConfig
+    /// proxy.upstreamIdleTimeout.
+    let upstreamIdleClosed = Atomic<Int>(0)
     let timeouts = Atomic<Int>(0)
     let policyDenied = Atomic<Int>(0)
     let noOrigin = Atomic<Int>(0)
@@ -229,6 +232,7 @@ final class ProxyStats: Sendable {
             ("retries_budget_exhausted_total", retriesBudgetExhausted.load(ordering: .relaxed)),
             ("upstream_connect_failures_total", upstreamConnectFailures.load(ordering: .relaxed)),
             ("upstream_resets_total", upstreamResets.load(ordering: .relaxed)),
+            ("upstream_idle_closed_total", upstreamIdleClosed.load(ordering: .relaxed)),
             ("timeouts_total", timeouts.load(ordering: .relaxed)),
             ("policy_denied_total", policyDenied.load(ordering: .relaxed)),
             ("no_origin_total", noOrigin.load(ordering: .relaxed)),

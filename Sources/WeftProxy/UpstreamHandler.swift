@@ -35,6 +35,8 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     var onResponseEnd: ((Bool) -> Void)?
     private var requestKeepAlive = true
     private var responseKeepAlive = true
+    /// Sweeps it sat through kept idle in the pool (UpstreamPool.closeIdle).
+    var keptSweeps = 0
 
     var channel: Channel? { context?.channel }
     var isWritable: Bool { context?.channel.isWritable ?? false }

@@ -35,6 +35,17 @@ struct EndpointKey: Hashable, CustomStringConvertible {
     }
 }
 
+/// A connection the pool keeps for the next request.
+protocol KeptUpstream: AnyObject {
+    var isActive: Bool { get }
+    /// Sweeps it sat through kept (UpstreamPool.closeIdle), 0 when kept.
+    var keptSweeps: Int { get set }
+    func close()
+}
+
+extension UpstreamHandler: KeptUpstream {}
+extension ExpressUpstream: KeptUpstream {}
+
 /// Upstream connections and load state for one event loop. Every downstream
 /// connection is served on one loop, and its upstream connections are made
 /// on the same loop, so nothing here is shared between threads and nothing
@@ -67,10 +78,17 @@ final class UpstreamPool {
     private var random: UInt64
 
     let tunnels: TunnelPool
+    private let stats: ProxyStats?
+    /// MeshConfig `proxy.upstreamIdleTimeout` in force, in milliseconds (0:
+    /// never); ProxyContext sets it.
+    var idleTimeout: () -> Int = { ConnectionRegistry.defaultUpstreamIdleTimeoutMilliseconds }
+    private lazy var idleSweep = KeptSweep(loop: eventLoop, timeout: { [unowned self] in idleTimeout() },
+                                           keeps: { [unowned self] in keepsAny }, sweep: { [unowned self] in closeIdle(after: $0) })
 
     init(eventLoop: any EventLoop, configuration: ProxyConfiguration, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
         self.eventLoop = eventLoop
         self.configuration = configuration
+        self.stats = stats
         tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, codec: configuration.express, stats: stats, telemetry: telemetry)
         random = UInt64.random(in: 1...UInt64.max)
         tunnels.onGoAway = { [unowned self] tunnel in retire(tunnel: tunnel) }
@@ -230,6 +248,7 @@ final class UpstreamPool {
                                    initialize: initializer, done)
                 }
                 s.tunnelH2[tunnel.route.source] = h2
+                kept()
                 h2.openStream(completion)
             }
             return
@@ -266,6 +285,7 @@ final class UpstreamPool {
                     .whenComplete(done)
             }
             s.h2 = h2
+            kept()
             h2.openStream(completion)
         }
     }
@@ -284,14 +304,78 @@ final class UpstreamPool {
                 handler.close()
                 return
             }
+            handler.keptSweeps = 0
             s.tunnelIdle[source, default: []].append(handler)
+            kept()
             return
         }
         guard reusable, handler.isActive, s.idle.count < configuration.maxIdlePerBackend else {
             handler.close()
             return
         }
+        handler.keptSweeps = 0
         s.idle.append(handler)
+        kept()
+    }
+
+    /// The connections kept for the next request now (for tests).
+    var keptConnections: Int {
+        endpoints.values.reduce(0) { n, s in
+            n + s.idle.count + s.express.count + (s.h2 == nil ? 0 : 1) + s.tunnelH2.count
+                + s.tunnelIdle.values.reduce(0) { $0 + $1.count } + s.expressTunnelIdle.values.reduce(0) { $0 + $1.count }
+        }
+    }
+
+    /// A connection was kept for the next request: the idle sweep runs.
+    func kept() { idleSweep.start() }
+
+    /// Whether any connection is kept for the next request.
+    private var keepsAny: Bool {
+        endpoints.values.contains { s in
+            !s.idle.isEmpty || !s.express.isEmpty || s.h2 != nil || !s.tunnelH2.isEmpty || !s.tunnelIdle.isEmpty
+                || !s.expressTunnelIdle.isEmpty
+        }
+    }
+
+    /// One sweep for MeshConfig `proxy.upstreamIdleTimeout` (KeptSweep):
+    /// the connections kept idle for the whole timeout, and HTTP/2 ones
+    /// with no stream open or opened that long, are closed; the other kept
+    /// ones count the sweep.
+    private func closeIdle(after sweep: IdleSweep) {
+        var closed = 0
+        func aged<T: KeptUpstream>(_ list: [T]) -> [T] {
+            list.filter { c in
+                guard c.isActive else { return false }
+                c.keptSweeps += 1
+                guard c.keptSweeps >= sweep.rounds else { return true }
+                c.close()
+                closed += 1
+                return false
+            }
+        }
+        for s in endpoints.values {
+            if !s.idle.isEmpty { s.idle = aged(s.idle) }
+            if !s.express.isEmpty { s.express = aged(s.express) }
+            for (source, list) in s.tunnelIdle {
+                let left = aged(list)
+                s.tunnelIdle[source] = left.isEmpty ? nil : left
+            }
+            for (source, list) in s.expressTunnelIdle {
+                let left = aged(list)
+                s.expressTunnelIdle[source] = left.isEmpty ? nil : left
+            }
+            if let h2 = s.h2, h2.unused(sweep) {
+                s.h2 = nil
+                h2.close()
+                closed += 1
+            }
+            for (id, h2) in s.tunnelH2 where h2.unused(sweep) {
+                s.tunnelH2[id] = nil
+                h2.close()
+                closed += 1
+            }
+        }
+        if closed > 0 { stats?.upstreamIdleClosed.add(closed, ordering: .relaxed) }
     }
 
     func bootstrap() -> ClientBootstrap {
@@ -423,6 +507,7 @@ final class HTTP2Upstream {
     }
 
     func openStream(_ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+        used = true
         guard let multiplexer else {
             if failed { completion(.failure(ChannelError.ioOnClosedChannel)) } else { waiters.append(completion) }
             return
@@ -462,6 +547,17 @@ final class HTTP2Upstream {
     private func streamClosed() {
         open -= 1
         if retired && open == 0 { close() }
+    }
+
+    /// A stream opened since the sweep before (UpstreamPool.closeIdle).
+    private var used = false
+    private var idle = IdleCount()
+
+    /// One sweep: whether it has now gone the timeout with no stream open
+    /// and none opened (nor is it still connecting).
+    func unused(_ sweep: IdleSweep) -> Bool {
+        defer { used = false }
+        return idle.judge(sweep, busy: open > 0 || used || multiplexer == nil) == .close
     }
 
     func close() { channel?.close(promise: nil) }

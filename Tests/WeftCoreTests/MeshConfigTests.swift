@@ -69,6 +69,7 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {streamIdleTimeout: forever}}", "m.yaml:1:spec.proxy.streamIdleTimeout: \"forever\" is not a Gateway API duration"),
             (header + "spec: {proxy: {tunnelIdleTimeout: 200ms}}", "m.yaml:1:spec.proxy.tunnelIdleTimeout: must be at least 1s (or 0s: never), got \"200ms\""),
             (header + "spec: {proxy: {tunnelIdleTimeout: 5}}", "m.yaml:1:spec.proxy.tunnelIdleTimeout: expected a string, got a number"),
+            (header + "spec: {proxy: {upstreamIdleTimeout: 10ms}}", "m.yaml:1:spec.proxy.upstreamIdleTimeout: must be at least 1s (or 0s: never), got \"10ms\""),
             (header + "spec: {proxy: {tcpKeepalive: {time: 500ms}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s (or 0s: off), got \"500ms\""),
             (header + "spec: {proxy: {tcpKeepalive: {time: 10h}}}", "m.yaml:1:spec.proxy.tcpKeepalive.time: must be whole seconds from 1s to 32767s"),
             (header + "spec: {proxy: {tcpKeepalive: {interval: 0s}}}", "m.yaml:1:spec.proxy.tcpKeepalive.interval: must be whole seconds from 1s to 32767s, got \"0s\""),
@@ -142,6 +143,12 @@ struct MeshConfigTests {
         #expect(ProxyTable(stalled).streamIdleTimeoutMilliseconds == 30_000 && ProxyTable(stalled).idleTimeoutMilliseconds == nil)
         let streams = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {streamIdleTimeout: 0s}}").0)
         #expect(ProxyTable(streams).streamIdleTimeoutMilliseconds == 0 && streams.meshConfig.proxy.streamIdleTimeout == nil)
+        // proxy.upstreamIdleTimeout likewise (three seconds by default).
+        #expect(ProxyTable(off).upstreamIdleTimeoutMilliseconds == nil && off.meshConfig.proxy.upstreamIdleTimeout == .seconds(3))
+        let upstream = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {upstreamIdleTimeout: 1m}}").0)
+        #expect(ProxyTable(upstream).upstreamIdleTimeoutMilliseconds == 60_000 && ProxyTable(upstream).tunnelIdleTimeoutMilliseconds == nil)
+        let forever = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {upstreamIdleTimeout: 0s}}").0)
+        #expect(ProxyTable(forever).upstreamIdleTimeoutMilliseconds == 0 && forever.meshConfig.proxy.upstreamIdleTimeout == nil)
         // proxy.tunnelIdleTimeout likewise (five minutes by default).
         #expect(ProxyTable(off).tunnelIdleTimeoutMilliseconds == nil && off.meshConfig.proxy.tunnelIdleTimeout == .seconds(300))
         let tunnels = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {tunnelIdleTimeout: 90s}}").0)

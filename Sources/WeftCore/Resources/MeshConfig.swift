@@ -30,6 +30,9 @@
 ///                              # (from its backend, or of its request from the client)
 ///                              # that long is ended: 504 (408 while the request is still
 ///                              # being read) or, once its response began, cut; "0s": never
+///     upstreamIdleTimeout: 3s  # default 3s: a connection to a backend kept for the next
+///                              # request, with none in flight that long, is closed (shorter
+///                              # than servers' keep-alive, which a reuse would race); "0s": never
 ///     tunnelIdleTimeout: 5m    # default 5m: a tunnel to another node's proxy that carried
 ///                              # nothing for that long (no opaque stream, no exchange in
 ///                              # flight, no byte read) is closed; the next stream makes a
@@ -91,6 +94,16 @@ public struct MeshConfig: Hashable, Sendable {
         /// stays. Long-lived streams (gRPC server streams, server-sent
         /// events) must send something within it.
         public var streamIdleTimeout: Duration? = .seconds(300)
+        /// How long a connection to a backend that the proxy keeps for the
+        /// next request (HTTP/1.1 idle between exchanges, HTTP/2 with no
+        /// stream open; a tunnel stream kept the same way) may wait unused
+        /// before the proxy closes it; nil: never. Three seconds, as
+        /// Linkerd's proxies: shorter than the keep-alive of common servers
+        /// (Node.js closes an idle connection after 5 s), which a pool that
+        /// keeps connections longer races: a request written as the server
+        /// closes is lost, and one that is not safe to send again (a POST)
+        /// is answered 502.
+        public var upstreamIdleTimeout: Duration? = .seconds(3)
         /// How long a tunnel to another node's proxy may go unused before
         /// its source closes it; nil: never. Unused: no opaque stream in
         /// it, no HTTP exchange in flight (HTTP streams kept idle for the
@@ -243,7 +256,7 @@ extension MeshConfig {
             try t.finish()
         }
         if var p = try spec.mapping("proxy") {
-            for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout", "tunnelIdleTimeout"] {
+            for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout", "tunnelIdleTimeout", "upstreamIdleTimeout"] {
                 guard let text = try p.string(key) else { continue }
                 let timeout = try HTTPRoute.duration(text, field: "spec.proxy.\(key)", at: location)
                 if let timeout, timeout < .seconds(1) {
@@ -253,7 +266,8 @@ extension MeshConfig {
                 case "idleTimeout": proxy.idleTimeout = timeout
                 case "requestHeaderTimeout": proxy.requestHeaderTimeout = timeout
                 case "streamIdleTimeout": proxy.streamIdleTimeout = timeout
-                default: proxy.tunnelIdleTimeout = timeout
+                case "tunnelIdleTimeout": proxy.tunnelIdleTimeout = timeout
+                default: proxy.upstreamIdleTimeout = timeout
                 }
             }
             if let node = p.node("maxRequestHeaderSize") {

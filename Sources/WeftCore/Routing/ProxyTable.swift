@@ -26,6 +26,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// MeshConfig proxy.streamIdleTimeout in milliseconds; 0: never; nil:
     /// the default (MeshConfig.Proxy).
     public var streamIdleTimeoutMilliseconds: Int?
+    /// MeshConfig proxy.upstreamIdleTimeout in milliseconds; 0: never; nil:
+    /// the default (MeshConfig.Proxy).
+    public var upstreamIdleTimeoutMilliseconds: Int?
     /// MeshConfig proxy.tunnelIdleTimeout in milliseconds; 0: never; nil:
     /// the default (MeshConfig.Proxy).
     public var tunnelIdleTimeoutMilliseconds: Int?
@@ -246,6 +249,9 @@ extension ProxyTable {
         }
         if proxy.streamIdleTimeout != defaults.streamIdleTimeout {
             streamIdleTimeoutMilliseconds = proxy.streamIdleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
+        }
+        if proxy.upstreamIdleTimeout != defaults.upstreamIdleTimeout {
+            upstreamIdleTimeoutMilliseconds = proxy.upstreamIdleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
         }
         if proxy.tunnelIdleTimeout != defaults.tunnelIdleTimeout {
             tunnelIdleTimeoutMilliseconds = proxy.tunnelIdleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0

@@ -160,9 +160,12 @@ final class TunnelPool {
     /// next exchange (UpstreamPool sets it): a tunnel carrying only those
     /// is unused.
     var idleStreams: () -> Set<ObjectIdentifier> = { [] }
-    /// Whether the sweep for unused tunnels is scheduled, and when it last ran.
-    private var sweeping = false
-    private var lastSweep = NIODeadline.now()
+    /// Closes the tunnels unused for MeshConfig `proxy.tunnelIdleTimeout`
+    /// (TunnelConnection.unused).
+    private lazy var unusedSweep = KeptSweep(
+        loop: loop, timeout: { [unowned self] in unusedTimeout() },
+        keeps: { [unowned self] in !connections.isEmpty || !relayConnections.isEmpty },
+        sweep: { [unowned self] in release(unusedFor: $0) })
 
     /// Whether connections with stream channels run Weft's codec (off with `--no-express`).
     private let codec: Bool
@@ -252,57 +255,30 @@ final class TunnelPool {
             }
         }
         if relay { relayConnections[route] = c } else { connections[route] = c }
-        if !sweeping {
-            sweeping = true
-            lastSweep = .now()
-            scheduleSweep(for: unusedTimeout())
-        }
+        unusedSweep.start()
         stats?.tunnelsOut.add(1, ordering: .relaxed)
         stats?.tunnelsOutActive.add(1, ordering: .relaxed)
         stats?.tunnelStreamsOut.add(1, ordering: .relaxed)
         return .success(c)
     }
 
-    /// Closes the tunnels unused for MeshConfig `proxy.tunnelIdleTimeout`
-    /// (TunnelConnection.unused), as the idle sweep of client connections
-    /// does (ConnectionRegistry.sweepIdle): every quarter of the timeout,
-    /// each tunnel counting the sweeps it sat through unused, so one closes
-    /// between one and one and a quarter timeouts after its last use. It
-    /// reads the timeout each second, and stops while the pool holds no
-    /// tunnel (the next one starts it again).
-    private func sweepUnused() {
-        guard !connections.isEmpty || !relayConnections.isEmpty else {
-            sweeping = false
-            return
+    /// One sweep for unused tunnels: each counts it, and those unused for
+    /// the whole timeout close.
+    private func release(unusedFor sweep: IdleSweep) {
+        let idle = idleStreams()
+        for (route, c) in connections where c.unused(sweep, idle: idle) {
+            connections[route] = nil
+            release(c)
         }
-        let timeout = unusedTimeout()
-        let period = ConnectionRegistry.period(timeout)
-        let now = NIODeadline.now()
-        if timeout > 0, now - lastSweep >= .milliseconds(Int64(period)) {
-            let sweep = IdleSweep(rounds: ConnectionRegistry.rounds(timeout, period), now: now, headTimeout: nil)
-            let idle = idleStreams()
-            for (route, c) in connections where c.unused(sweep, idle: idle) {
-                connections[route] = nil
-                release(c)
-            }
-            for (route, c) in relayConnections where c.unused(sweep, idle: idle) {
-                relayConnections[route] = nil
-                release(c)
-            }
-            lastSweep = now
+        for (route, c) in relayConnections where c.unused(sweep, idle: idle) {
+            relayConnections[route] = nil
+            release(c)
         }
-        scheduleSweep(for: timeout)
     }
 
     private func release(_ c: TunnelConnection) {
         c.release()
         stats?.tunnelsReleased.add(1, ordering: .relaxed)
-    }
-
-    /// The next look: a sweep's period away, or a second at most.
-    private func scheduleSweep(for timeout: Int) {
-        let next = timeout > 0 ? min(ConnectionRegistry.period(timeout), 1_000) : 1_000
-        loop.assumeIsolated().scheduleTask(in: .milliseconds(Int64(next))) { [weak self] in self?.sweepUnused() }
     }
 
     func closeAll() {
