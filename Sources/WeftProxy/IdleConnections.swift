@@ -476,22 +476,26 @@ enum OpaqueKeepalive {
 final class KeptSweep {
     private let loop: any EventLoop
     /// The timeout in force, in milliseconds (0: never).
-    private let timeout: () -> Int
+    private var timeout: () -> Int = { 0 }
     /// Whether the pool keeps anything now.
-    private let keeps: () -> Bool
+    private var keeps: () -> Bool = { false }
     /// One sweep, with the rounds of `timeout`.
-    private let sweep: (IdleSweep) -> Void
-    private var running = false
+    private var sweep: (IdleSweep) -> Void = { _ in }
+    /// Whether sweeps are scheduled.
+    private(set) var running = false
     private var last = NIODeadline.now()
 
-    init(loop: any EventLoop, timeout: @escaping () -> Int, keeps: @escaping () -> Bool, sweep: @escaping (IdleSweep) -> Void) {
-        self.loop = loop
+    init(loop: any EventLoop) { self.loop = loop }
+
+    /// What it sweeps (set once, by the pool's init).
+    func bind(timeout: @escaping () -> Int, keeps: @escaping () -> Bool, sweep: @escaping (IdleSweep) -> Void) {
         self.timeout = timeout
         self.keeps = keeps
         self.sweep = sweep
     }
 
-    /// The pool keeps something: sweeps from now on, if not already.
+    /// The pool keeps something: sweeps from now on, if not already (the
+    /// pool checks `running` first, inline, where it keeps per request).
     func start() {
         guard !running else { return }
         running = true

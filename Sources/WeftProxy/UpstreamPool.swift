@@ -82,17 +82,19 @@ final class UpstreamPool {
     /// MeshConfig `proxy.upstreamIdleTimeout` in force, in milliseconds (0:
     /// never); ProxyContext sets it.
     var idleTimeout: () -> Int = { ConnectionRegistry.defaultUpstreamIdleTimeoutMilliseconds }
-    private lazy var idleSweep = KeptSweep(loop: eventLoop, timeout: { [unowned self] in idleTimeout() },
-                                           keeps: { [unowned self] in keepsAny }, sweep: { [unowned self] in closeIdle(after: $0) })
+    private let idleSweep: KeptSweep
 
     init(eventLoop: any EventLoop, configuration: ProxyConfiguration, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
         self.eventLoop = eventLoop
         self.configuration = configuration
         self.stats = stats
+        idleSweep = KeptSweep(loop: eventLoop)
         tunnels = TunnelPool(loop: eventLoop, port: configuration.tunnelPort, codec: configuration.express, stats: stats, telemetry: telemetry)
         random = UInt64.random(in: 1...UInt64.max)
         tunnels.onGoAway = { [unowned self] tunnel in retire(tunnel: tunnel) }
         tunnels.idleStreams = { [unowned self] in idleTunnelStreams }
+        idleSweep.bind(timeout: { [unowned self] in idleTimeout() }, keeps: { [unowned self] in keepsAny },
+                       sweep: { [unowned self] in closeIdle(after: $0) })
     }
 
     /// The tunnel stream channels kept here for another exchange, and
@@ -327,7 +329,8 @@ final class UpstreamPool {
     }
 
     /// A connection was kept for the next request: the idle sweep runs.
-    func kept() { idleSweep.start() }
+    @inline(__always)
+    func kept() { if !idleSweep.running { idleSweep.start() } }
 
     /// Whether any connection is kept for the next request.
     private var keepsAny: Bool {

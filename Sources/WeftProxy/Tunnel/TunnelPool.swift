@@ -162,10 +162,7 @@ final class TunnelPool {
     var idleStreams: () -> Set<ObjectIdentifier> = { [] }
     /// Closes the tunnels unused for MeshConfig `proxy.tunnelIdleTimeout`
     /// (TunnelConnection.unused).
-    private lazy var unusedSweep = KeptSweep(
-        loop: loop, timeout: { [unowned self] in unusedTimeout() },
-        keeps: { [unowned self] in !connections.isEmpty || !relayConnections.isEmpty },
-        sweep: { [unowned self] in release(unusedFor: $0) })
+    private let unusedSweep: KeptSweep
 
     /// Whether connections with stream channels run Weft's codec (off with `--no-express`).
     private let codec: Bool
@@ -174,12 +171,16 @@ final class TunnelPool {
         self.loop = loop
         self.port = Int(port)
         self.codec = codec
+        unusedSweep = KeptSweep(loop: loop)
         self.stats = stats
         if let telemetry {
             onHandshake = { ok, took in telemetry.handshake(role: "client", ok: ok, duration: took) }
         } else {
             onHandshake = nil
         }
+        unusedSweep.bind(timeout: { [unowned self] in unusedTimeout() },
+                         keeps: { [unowned self] in !connections.isEmpty || !relayConnections.isEmpty },
+                         sweep: { [unowned self] in release(unusedFor: $0) })
     }
 
     /// Whether a connection from `source` to `endpoint` goes through a
