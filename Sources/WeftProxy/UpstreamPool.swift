@@ -93,7 +93,7 @@ final class UpstreamPool {
         random = UInt64.random(in: 1...UInt64.max)
         tunnels.onGoAway = { [unowned self] tunnel in retire(tunnel: tunnel) }
         tunnels.idleStreams = { [unowned self] in idleTunnelStreams }
-        idleSweep.bind(timeout: { [unowned self] in idleTimeout() }, keeps: { [unowned self] in keepsAny },
+        idleSweep.bind(timeout: { [unowned self] in idleTimeout() }, keeps: { [unowned self] in keptConnections > 0 },
                        sweep: { [unowned self] in closeIdle(after: $0) })
     }
 
@@ -320,7 +320,7 @@ final class UpstreamPool {
         kept()
     }
 
-    /// The connections kept for the next request now (for tests).
+    /// The connections kept for the next request now.
     var keptConnections: Int {
         endpoints.values.reduce(0) { n, s in
             n + s.idle.count + s.express.count + (s.h2 == nil ? 0 : 1) + s.tunnelH2.count
@@ -331,14 +331,6 @@ final class UpstreamPool {
     /// A connection was kept for the next request: the idle sweep runs.
     @inline(__always)
     func kept() { if !idleSweep.running { idleSweep.start() } }
-
-    /// Whether any connection is kept for the next request.
-    private var keepsAny: Bool {
-        endpoints.values.contains { s in
-            !s.idle.isEmpty || !s.express.isEmpty || s.h2 != nil || !s.tunnelH2.isEmpty || !s.tunnelIdle.isEmpty
-                || !s.expressTunnelIdle.isEmpty
-        }
-    }
 
     /// One sweep for MeshConfig `proxy.upstreamIdleTimeout` (KeptSweep):
     /// the connections kept idle for the whole timeout, and HTTP/2 ones

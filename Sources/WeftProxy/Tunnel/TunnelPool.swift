@@ -574,12 +574,12 @@ final class TunnelConnection {
     /// channels the upstream pool holds for the next exchange) and
     /// nothing read since the sweep before.
     func unused(_ sweep: IdleSweep, idle: Set<ObjectIdentifier>) -> Bool {
-        var busy = opening > 0 || !waiters.isEmpty || reads?.moved == true
+        var busy = opening > 0 || reads?.moved == true
         reads?.moved = false
         switch streams {
-        case .none: busy = true
         case .relayed(let relay): busy = busy || relay.carriesStreams
         case .channels: busy = busy || opaque > 0 || !httpStreams.isSubset(of: idle)
+        case .none: break  // not up yet: the open that made it is waiting (`opening`), or it failed
         }
         return unused.judge(sweep, busy: busy) == .close
     }
