@@ -98,8 +98,9 @@ public struct MeshConfig: Hashable, Sendable {
         /// next request (HTTP/1.1 idle between exchanges, HTTP/2 with no
         /// stream open; a tunnel stream kept the same way) may wait unused
         /// before the proxy closes it; nil: never. Three seconds, as
-        /// Linkerd's proxies: shorter than the keep-alive of common servers
-        /// (Node.js closes an idle connection after 5 s), which a pool that
+        /// Linkerd's proxies: shorter than the keep-alive of most servers
+        /// (Node.js and Apache close an idle connection after 5 s; gunicorn,
+        /// after 2 s, needs a shorter setting), which a pool that
         /// keeps connections longer races: a request written as the server
         /// closes is lost, and one that is not safe to send again (a POST)
         /// is answered 502.
