@@ -24,11 +24,14 @@ import WeftCore
 /// sweep's time with when its head began (HeadClock).
 /// Opaque TCP streams and upgraded connections are not timed (the kernel
 /// may move their bytes past the proxy, which would not see them; they get
-/// TCP keepalive instead, OpaqueKeepalive), nor are tunnels from other
-/// nodes and the streams they carry, but for the requests in those
-/// streams' HTTP (the stream idle timeout: SweepToStreams). Tunnels to
-/// other nodes have a sweep of their own (TunnelPool, MeshConfig
-/// `proxy.tunnelIdleTimeout`).
+/// TCP keepalive instead, OpaqueKeepalive), nor are the streams tunnels
+/// from other nodes carry, but for the requests in those streams' HTTP
+/// (the stream idle timeout: SweepToStreams). A tunnel from another node
+/// is closed with no stream open for twice MeshConfig
+/// `proxy.tunnelIdleTimeout` (IdleSweep.tunnelRounds: TunnelRelay,
+/// InboundTunnelIdle), and with its TLS handshake not done within the
+/// request-head timeout (HandshakeWatcher). Tunnels to other nodes have a
+/// sweep of their own (TunnelPool, `proxy.tunnelIdleTimeout`).
 struct IdleSweep: Sendable {
     /// Idle sweeps in a row after which a connection closes (Int.max: never).
     let rounds: Int
@@ -40,6 +43,11 @@ struct IdleSweep: Sendable {
     /// ended (Int.max: never); and that timeout, for the answer.
     var streamRounds = Int.max
     var streamTimeout: TimeAmount?
+    /// Sweeps in a row with no stream open after which a tunnel from
+    /// another node is closed (Int.max: never): twice MeshConfig
+    /// `proxy.tunnelIdleTimeout`, so that a Weft source, which closes an
+    /// unused tunnel after one, always goes first (InboundTunnelIdle).
+    var tunnelRounds = Int.max
 
     /// A timeout as the answers that name it write it (a Gateway API
     /// duration: "1m", "30s", "400ms").
@@ -66,14 +74,17 @@ struct IdleCount {
         case stay, close, overdue
     }
 
-    mutating func judge(_ sweep: IdleSweep, busy: Bool) -> Verdict {
+    mutating func judge(_ sweep: IdleSweep, busy: Bool) -> Verdict { judge(rounds: sweep.rounds, busy: busy) }
+
+    /// The same with another timeout's rounds (Int.max: never).
+    mutating func judge(rounds: Int, busy: Bool) -> Verdict {
         if busy {
             sweeps = 0
             return .stay
         }
         sweeps += 1
-        if sweeps == sweep.rounds { return .close }
-        if sweep.rounds != .max && sweeps == 2 * sweep.rounds { return .overdue }
+        if sweeps == rounds { return .close }
+        if rounds != .max && sweeps == 2 * rounds { return .overdue }
         return .stay
     }
 }
@@ -208,7 +219,8 @@ extension ConnectionRegistry {
     }
 
     /// Sends IdleSweep to every connection every quarter of the route
-    /// table's shortest timeout (idle, request head, stream idle; 50 ms to
+    /// table's shortest timeout (idle, request head, stream idle, tunnels
+    /// from other nodes; 50 ms to
     /// 15 s), on `loop`, for good. It looks at the table at least each
     /// second, so a reload's new timeouts take effect within one. A
     /// connection closes between one and one and a quarter timeouts after
@@ -219,7 +231,8 @@ extension ConnectionRegistry {
         let idle = table.idleTimeoutMilliseconds ?? Self.defaultIdleTimeoutMilliseconds
         let head = table.requestHeaderTimeoutMilliseconds ?? Self.defaultHeadTimeoutMilliseconds
         let stream = table.streamIdleTimeoutMilliseconds ?? Self.defaultStreamIdleTimeoutMilliseconds
-        let shorter = [idle, head, stream].filter { $0 > 0 }.min()
+        let tunnel = Self.inboundTunnelIdleTimeout(table)
+        let shorter = [idle, head, stream, tunnel].filter { $0 > 0 }.min()
         let period = shorter.map(Self.period) ?? 1_000
         var last = last
         let now = NIODeadline.now()
@@ -230,12 +243,20 @@ extension ConnectionRegistry {
                 sweep.streamRounds = Self.rounds(stream, period)
                 sweep.streamTimeout = .milliseconds(Int64(stream))
             }
+            sweep.tunnelRounds = Self.rounds(tunnel, period)
             for c in all { c.pipeline.fireUserInboundEventTriggered(sweep as any Sendable) }
             last = now
         }
         loop.scheduleTask(in: .milliseconds(Int64(min(period, 1_000)))) { [weak self, last] in
             self?.sweepIdle(proxy: proxy, on: loop, last: last)
         }
+    }
+
+    /// How long a tunnel from another node may go with no stream open
+    /// before this node closes it, in milliseconds (0: never): twice the
+    /// source's MeshConfig proxy.tunnelIdleTimeout.
+    static func inboundTunnelIdleTimeout(_ table: ProxyTable) -> Int {
+        2 * (table.tunnelIdleTimeoutMilliseconds ?? defaultTunnelIdleTimeoutMilliseconds)
     }
 
     /// How far apart sweeps for a timeout go, in milliseconds: a quarter

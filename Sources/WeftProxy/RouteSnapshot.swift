@@ -142,6 +142,13 @@ final class ProxyStats: Sendable {
     /// Tunnels this node opened and closed for going unused (MeshConfig
     /// proxy.tunnelIdleTimeout).
     let tunnelsReleased = Atomic<Int>(0)
+    /// Tunnels from other nodes this node drained for having no stream
+    /// open for twice proxy.tunnelIdleTimeout (a source that did not close
+    /// them).
+    let tunnelsInIdleClosed = Atomic<Int>(0)
+    /// Connections to the tunnel listener closed with their TLS handshake
+    /// not done within proxy.requestHeaderTimeout.
+    let tunnelHandshakeTimeouts = Atomic<Int>(0)
     let tunnelStreamsIn = Atomic<Int>(0)
     /// Of those, the ones carried at the frame level (TunnelRelay).
     let tunnelStreamsInRelayed = Atomic<Int>(0)
@@ -254,6 +261,8 @@ final class ProxyStats: Sendable {
             ("tunnel_connections_in_active", tunnelsInActive.load(ordering: .relaxed)),
             ("tunnel_connections_out_active", tunnelsOutActive.load(ordering: .relaxed)),
             ("tunnel_connections_released_total", tunnelsReleased.load(ordering: .relaxed)),
+            ("tunnel_connections_in_idle_closed_total", tunnelsInIdleClosed.load(ordering: .relaxed)),
+            ("tunnel_handshake_timeouts_total", tunnelHandshakeTimeouts.load(ordering: .relaxed)),
             ("tunnel_streams_in_total", tunnelStreamsIn.load(ordering: .relaxed)),
             ("tunnel_streams_in_relayed_total", tunnelStreamsInRelayed.load(ordering: .relaxed)),
             ("tunnel_requests_express_total", tunnelRequestsExpress.load(ordering: .relaxed)),

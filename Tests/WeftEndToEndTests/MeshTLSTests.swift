@@ -560,13 +560,16 @@ struct MeshTLSTests {
     /// their streams are only kept idle for the next exchange, and keeps
     /// the tunnel of an opaque TCP connection held open with not a byte
     /// either way (6 s) until that connection ends. The next requests go
-    /// on new tunnels.
+    /// on new tunnels. The delivering nodes, which close a tunnel with no
+    /// stream open for twice that, never had to: the source went first.
+    /// And a connection to n2's tunnel port that never starts its TLS
+    /// handshake is closed by n2 after `proxy.requestHeaderTimeout` (1 s).
     @Test func unusedTunnelsAreReleasedAndTunnelsInUseKept() throws {
         let mesh = """
             apiVersion: weft.dev/v1alpha1
             kind: MeshConfig
             metadata: {name: mesh}
-            spec: {proxy: {tunnelIdleTimeout: 1s}}
+            spec: {proxy: {tunnelIdleTimeout: 1s, requestHeaderTimeout: 1s}}
             """
         let lab = try startLab(mode: "STRICT", files: ["mesh.yaml": mesh])
         defer { lab.down() }
@@ -612,6 +615,20 @@ struct MeshTLSTests {
         #expect((again["failures"] as? [Any])?.isEmpty == true && (again["ok"] as? Int ?? 0) > 0, "\(again)")
         #expect(try curl(["http://198.19.5.10/"]).0 == 0)
         #expect(try proxyStat("n1", "tunnel_connections_out_total") > opened)
+        #expect(try proxyStat("n2", "tunnel_connections_in_idle_closed_total") == 0
+                && proxyStat("n3", "tunnel_connections_in_idle_closed_total") == 0, "a delivering node closed a Weft source's tunnel")
+
+        // Not a TLS client: n2 closes the connection 1 to 1.25 s after taking it.
+        let silent = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n1", "python3", "-c", """
+            import socket, time
+            s = socket.create_connection(("198.18.0.2", 15008), timeout=5)
+            t = time.monotonic()
+            print(s.recv(1) == b"", round(time.monotonic() - t, 2))
+            """])
+        let words = silent.split(separator: " ")
+        let after = Double(words.last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? -1
+        #expect(words.first == "True" && after >= 0.9 && after < 2.5, "n2's tunnel port and a client that never said hello: \(silent)")
+        #expect(try proxyStat("n2", "tunnel_handshake_timeouts_total") == 1)
     }
 
     /// Rolling restarts of the destination nodes' proxies under steady

@@ -35,9 +35,11 @@ import Testing
         let client: TunnelIdentities
         let express: Bool
 
-        init(express: Bool) throws {
+        /// `table`: what the test sets in the route table beyond the
+        /// stream idle timeout.
+        init(express: Bool, table: @escaping (inout ProxyTable) -> Void = { _ in }) throws {
             self.express = express
-            rig = try ProxyFuzzTests.Rig(table: { $0.streamIdleTimeoutMilliseconds = StreamIdleTests.timeout },
+            rig = try ProxyFuzzTests.Rig(table: { $0.streamIdleTimeoutMilliseconds = StreamIdleTests.timeout; table(&$0) },
                                          configure: { $0.express = express })
             let mesh = try TestMesh()
             rig.proxy.install(identities: try mesh.bundle([try mesh.identity("fz", "default")]))

@@ -25,7 +25,9 @@
 ///                              # request in flight that long is closed; "0s": never
 ///     requestHeaderTimeout: 60s # default 60s: a request head not whole that long after
 ///                              # its first byte gets 408 and the connection closes (an
-///                              # HTTP/2 header block: GOAWAY and the close); "0s": never
+///                              # HTTP/2 header block: GOAWAY and the close); a connection
+///                              # to the tunnel port with its TLS handshake not done that
+///                              # long after its accept is closed; "0s": never
 ///     streamIdleTimeout: 5m    # default 5m: a request in flight on which no byte moves
 ///                              # (from its backend, or of its request from the client)
 ///                              # that long is ended: 504 (408 while the request is still
@@ -36,7 +38,8 @@
 ///     tunnelIdleTimeout: 5m    # default 5m: a tunnel to another node's proxy that carried
 ///                              # nothing for that long (no opaque stream, no exchange in
 ///                              # flight, no byte read) is closed; the next stream makes a
-///                              # new one; "0s": never
+///                              # new one; the delivering node closes one with no stream
+///                              # open for twice this, whatever its source does; "0s": never
 ///     maxRequestHeaderSize: 64Ki # default 64Ki, from 1Ki to 64Ki (bytes, or NKi): a larger
 ///                              # request head is answered 431 (docs/proxy.md)
 ///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
@@ -82,7 +85,9 @@ public struct MeshConfig: Hashable, Sendable {
         /// its first byte; nil: no limit. A minute, as nginx's
         /// client_header_timeout: a shared node proxy must not hold a
         /// connection (and its buffer) for a pod that trickles a head a
-        /// byte at a time, which the idle timeout never sees as idle.
+        /// byte at a time, which the idle timeout never sees as idle. It
+        /// also bounds the TLS handshake of a connection to the tunnel
+        /// port (nginx's ssl_handshake_timeout, a minute too).
         public var requestHeaderTimeout: Duration? = .seconds(60)
         /// How long a request in flight may go with no byte moving on it:
         /// none from its backend, none of its request from the client
@@ -113,7 +118,9 @@ public struct MeshConfig: Hashable, Sendable {
         /// pool_unused_release_timeout: a node proxy makes one tunnel per
         /// (source identity, destination identity, node) it ever sends to,
         /// and without this kept every one, and its TLS state at both
-        /// ends, for as long as both nodes ran.
+        /// ends, for as long as both nodes ran. The delivering node closes
+        /// a tunnel with no stream open for twice this, whatever its
+        /// source does (a Weft source goes first).
         public var tunnelIdleTimeout: Duration? = .seconds(300)
         /// The largest request head the proxy takes, in bytes: an HTTP/1.1
         /// head as it comes (request line, fields, the blank line), an

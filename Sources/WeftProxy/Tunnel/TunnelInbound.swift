@@ -298,7 +298,7 @@ enum TunnelServer {
                     handshake.futureResult.whenComplete { result in
                         telemetry.handshake(role: "server", ok: (try? result.get()) != nil, duration: NIODeadline.now() - started)
                     }
-                    try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
+                    try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake, accepted: started, stats: proxy.stats))
                     try channel.pipeline.syncOperations.addHandler(TLSRecordCoalescer())
                     // The tunnel is not timed; the requests its streams
                     // carry are (the stream idle timeout).
@@ -319,10 +319,12 @@ enum TunnelServer {
                         let management = NIOHTTP2ServerConnectionManagementHandler(
                             eventLoop: channel.eventLoop,
                             configuration: .init(maxIdleTime: nil, maxAge: nil, maxGraceTime: nil, keepalive: nil))
+                        let idle = InboundTunnelIdle(proxy: proxy, passing: management.http2StreamDelegate)
                         _ = try sync.configureHTTP2Pipeline(
                             mode: .server, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream,
-                            streamDelegate: management.http2StreamDelegate, inboundStreamInitializer: inbound)
+                            streamDelegate: idle.streamDelegate(on: channel.eventLoop), inboundStreamInitializer: inbound)
                         try sync.addHandler(management, position: .after(try sync.handler(type: NIOHTTP2Handler.self)))
+                        try sync.addHandler(idle)
                         try sync.addHandler(sweeps)
                         return
                     }
@@ -342,5 +344,70 @@ enum TunnelServer {
                 }
             }
             .bind(host: "0.0.0.0", port: Int(port)).wait()
+    }
+}
+
+/// A tunnel from another node with no stream open for twice the source's
+/// MeshConfig `proxy.tunnelIdleTimeout` (IdleSweep.tunnelRounds, ten
+/// minutes by default) is drained: GOAWAY, PING, GOAWAY, closed with no
+/// stream open, as at the proxy's own drain; once more that long, closed
+/// at once (a peer that never answers). Weft's sources close a tunnel
+/// unused for one timeout themselves (TunnelPool), so this ends only the
+/// tunnels of a source that does not: without it a peer with a mesh
+/// identity could hold any number of them, and their TLS state, for as
+/// long as the node ran. Twice, so that a Weft source always goes first
+/// and never races the GOAWAY with a new stream (one that did would have
+/// it refused, and open it on a new tunnel). The express path does this in
+/// TunnelRelay; this is `--no-express`'s, in front of NIO's connection
+/// management handler (which drains on ChannelShouldQuiesceEvent), told of
+/// streams by NIOHTTP2Handler's delegate, which it passes on.
+final class InboundTunnelIdle: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Never
+
+    private let proxy: ProxyContext
+    private let passing: NIOHTTP2ServerConnectionManagementHandler.HTTP2StreamDelegate
+    private var open = 0
+    private var idle = IdleCount()
+    private var draining = false
+
+    init(proxy: ProxyContext, passing: NIOHTTP2ServerConnectionManagementHandler.HTTP2StreamDelegate) {
+        self.proxy = proxy
+        self.passing = passing
+    }
+
+    func streamDelegate(on loop: any EventLoop) -> Delegate { Delegate(handler: NIOLoopBound(self, eventLoop: loop)) }
+
+    struct Delegate: NIOHTTP2StreamDelegate {
+        let handler: NIOLoopBound<InboundTunnelIdle>
+
+        func streamCreated(_ id: HTTP2StreamID, channel: any Channel) {
+            let h = handler.value
+            h.passing.streamCreated(id, channel: channel)
+            h.open += 1
+            h.idle.reset()
+        }
+
+        func streamClosed(_ id: HTTP2StreamID, channel: any Channel) {
+            let h = handler.value
+            h.passing.streamClosed(id, channel: channel)
+            h.open -= 1
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelShouldQuiesceEvent { draining = true }
+        if let sweep = event as? IdleSweep {
+            switch idle.judge(rounds: sweep.tunnelRounds, busy: open > 0) {
+            case .close where !draining:
+                proxy.stats.tunnelsInIdleClosed.add(1, ordering: .relaxed)
+                // From the front, so that the management handler sees it.
+                context.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+            case .overdue:
+                return context.close(promise: nil)
+            case .close, .stay:
+                break
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }

@@ -637,13 +637,42 @@ typealias HandshakeObserver = @Sendable (_ ok: Bool, _ duration: TimeAmount) -> 
 
 /// Completes a promise when the TLS handshake is done (or fails it), then
 /// leaves the pipeline.
+///
+/// At the tunnel listener (`accepted`: when the connection was taken) it
+/// also bounds the handshake: a connection the registry's sweep finds
+/// with its handshake not done MeshConfig `proxy.requestHeaderTimeout`
+/// after it was taken (a minute by default, as nginx's
+/// ssl_handshake_timeout) is closed. Without it anyone who can reach the
+/// port could hold connections there for good by never finishing a
+/// handshake (TCP keepalive ends only a peer that is gone). A source's own
+/// opens have their own bound (TunnelConnection).
 final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
     private let promise: EventLoopPromise<Void>
+    private let accepted: NIODeadline?
+    private let stats: ProxyStats?
 
-    init(_ promise: EventLoopPromise<Void>) { self.promise = promise }
+    init(_ promise: EventLoopPromise<Void>, accepted: NIODeadline? = nil, stats: ProxyStats? = nil) {
+        self.promise = promise
+        self.accepted = accepted
+        self.stats = stats
+    }
+
+    /// The handshake was not done in time.
+    struct TimedOut: Error, CustomStringConvertible {
+        let limit: TimeAmount
+        var description: String {
+            "the TLS handshake was not done within \(IdleSweep.shown(limit)) (MeshConfig spec.proxy.requestHeaderTimeout)"
+        }
+    }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let sweep = event as? IdleSweep {
+            guard let accepted, let limit = sweep.headTimeout, sweep.now - accepted >= limit else { return }
+            stats?.tunnelHandshakeTimeouts.add(1, ordering: .relaxed)
+            promise.fail(TimedOut(limit: limit))
+            return context.close(promise: nil)
+        }
         guard let e = event as? TLSUserEvent, case .handshakeCompleted = e else {
             return context.fireUserInboundEventTriggered(event)
         }

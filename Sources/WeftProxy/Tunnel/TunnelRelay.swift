@@ -82,6 +82,9 @@ final class TunnelRelay: ChannelDuplexHandler {
     private var openStreams = Set<HTTP2StreamID>()
     private enum Drain { case none, announced, final }
     private var drain = Drain.none
+    /// The destination end's sweeps in a row with no stream open
+    /// (IdleSweep.tunnelRounds).
+    private var idle = IdleCount()
     static let drainPing = HTTP2PingData(withInteger: 0x7765_6674_6472_6e20)  // "weftdrn "
 
     init(_ role: Role) { self.role = role }
@@ -538,14 +541,23 @@ final class TunnelRelay: ChannelDuplexHandler {
             if let stream = streams[closed.streamID] { return detach(stream, reset: closed.reason != nil, refused: closed.reason == .refusedStream) }
         } else if type == NIOHTTP2StreamCreatedEvent.self, let created = unbox(event, as: NIOHTTP2StreamCreatedEvent.self) {
             openStreams.insert(created.streamID)
+            idle.reset()
             if streams[created.streamID] != nil { return }
         } else if type == ChannelShouldQuiesceEvent.self {
-            if case .server = role, drain == .none {
-                drain = .announced
-                context.write(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .goAway(
-                    lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))), promise: nil)
-                context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .ping(Self.drainPing, ack: false))),
-                                      promise: nil)
+            if case .server = role { startDrain(context) }
+        } else if case .server(let proxy) = role, let sweep = event as? IdleSweep {
+            // A tunnel from another node with no stream open for twice the
+            // source's unused timeout: drained as at the proxy's own drain
+            // (once more that long with no stream, closed at once: a peer
+            // that never answers the PING).
+            switch idle.judge(rounds: sweep.tunnelRounds, busy: !openStreams.isEmpty) {
+            case .close where drain == .none:
+                proxy.stats.tunnelsInIdleClosed.add(1, ordering: .relaxed)
+                startDrain(context)
+            case .overdue:
+                context.close(promise: nil)
+            case .close, .stay:
+                break
             }
         } else if let bulk = event as? NIOHTTP2BulkStreamWindowChangeEvent {
             // The peer's initial window (the codec's meaning, not NIO's: the
@@ -555,6 +567,17 @@ final class TunnelRelay: ChannelDuplexHandler {
             return
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// The destination end's drain: a GOAWAY naming the highest stream ID
+    /// and the PING whose answer ends it (`channelRead`).
+    private func startDrain(_ context: ChannelHandlerContext) {
+        guard drain == .none else { return }
+        drain = .announced
+        context.write(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .goAway(
+            lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .ping(Self.drainPing, ack: false))),
+                              promise: nil)
     }
 
     /// Closes a drained connection on the loop's next turn: the frame that
