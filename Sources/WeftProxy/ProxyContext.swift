@@ -71,9 +71,7 @@ final class ProxyContext: Sendable {
         viaToken = "weft-\(configuration.node)"
         for state in loops.values {
             state.pool.tunnels.keepalive = { [weak self] in self?.snapshot.table.tcpKeepalive }
-            state.pool.idleTimeout = { [weak self] in
-                self?.snapshot.table.upstreamIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultUpstreamIdleTimeoutMilliseconds
-            }
+            state.pool.idleTimeouts = { [weak self] in self?.snapshot.upstreamIdle ?? UpstreamIdleTimeouts(ProxyTable()) }
             state.pool.tunnels.unusedTimeout = { [weak self] in
                 self?.snapshot.table.tunnelIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultTunnelIdleTimeoutMilliseconds
             }

@@ -24,10 +24,14 @@ final class RouteSnapshot: Sendable {
     /// MeshConfig proxy.maxRequestHeaderSize: a larger request head is
     /// answered 431 (HeadLimit).
     let maxRequestHead: Int
+    /// MeshConfig proxy.upstreamIdleTimeout and the TrafficPolicies'
+    /// connectionIdleTimeout, as the pools' sweeps read them.
+    let upstreamIdle: UpstreamIdleTimeouts
 
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
         maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
+        upstreamIdle = UpstreamIdleTimeouts(table)
         var matchers: [String: RouteMatcher] = [:]
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
         self.matchers = matchers
@@ -86,6 +90,7 @@ final class RouteSnapshot: Sendable {
         identities = other.identities
         authorization = other.authorization
         maxRequestHead = other.maxRequestHead
+        upstreamIdle = other.upstreamIdle
     }
 
     /// Backends ejected by outlier detection now, "ip:port" once each

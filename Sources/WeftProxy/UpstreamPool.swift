@@ -35,6 +35,29 @@ struct EndpointKey: Hashable, CustomStringConvertible {
     }
 }
 
+/// How long the pools keep a backend connection unused, in milliseconds
+/// (0: for good): MeshConfig proxy.upstreamIdleTimeout, and TrafficPolicy
+/// `timeout.http.connectionIdleTimeout` for the backends of the Services
+/// that set it (ProxyTable.upstreamIdleTimeouts).
+struct UpstreamIdleTimeouts: Sendable {
+    let mesh: Int
+    let byBackend: [EndpointKey: Int]
+    /// The shortest above 0 (0: none), which sets how often the sweep goes.
+    let shortest: Int
+
+    init(_ table: ProxyTable) {
+        mesh = table.upstreamIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultUpstreamIdleTimeoutMilliseconds
+        var byBackend: [EndpointKey: Int] = [:]
+        for (address, ms) in table.upstreamIdleTimeouts ?? [:] {
+            guard let colon = address.lastIndex(of: ":"), let ip = IPv4Address(String(address[..<colon])),
+                  let port = UInt16(address[address.index(after: colon)...]) else { continue }
+            byBackend[EndpointKey(ip: ip, port: port, node: "")] = ms
+        }
+        self.byBackend = byBackend
+        shortest = byBackend.values.reduce(mesh) { ProxyTable.shorterIdleTimeout($0, $1) }
+    }
+}
+
 /// A connection the pool keeps for the next request.
 protocol KeptUpstream: AnyObject {
     var isActive: Bool { get }
@@ -79,9 +102,8 @@ final class UpstreamPool {
 
     let tunnels: TunnelPool
     private let stats: ProxyStats?
-    /// MeshConfig `proxy.upstreamIdleTimeout` in force, in milliseconds (0:
-    /// never); ProxyContext sets it.
-    var idleTimeout: () -> Int = { ConnectionRegistry.defaultUpstreamIdleTimeoutMilliseconds }
+    /// The idle timeouts in force (the route snapshot's); ProxyContext sets it.
+    var idleTimeouts: () -> UpstreamIdleTimeouts = { UpstreamIdleTimeouts(ProxyTable()) }
     private let idleSweep: KeptSweep
 
     init(eventLoop: any EventLoop, configuration: ProxyConfiguration, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
@@ -93,7 +115,7 @@ final class UpstreamPool {
         random = UInt64.random(in: 1...UInt64.max)
         tunnels.onGoAway = { [unowned self] tunnel in retire(tunnel: tunnel) }
         tunnels.idleStreams = { [unowned self] in idleTunnelStreams }
-        idleSweep.bind(timeout: { [unowned self] in idleTimeout() }, keeps: { [unowned self] in keptConnections > 0 },
+        idleSweep.bind(timeout: { [unowned self] in idleTimeouts().shortest }, keeps: { [unowned self] in keptConnections > 0 },
                        sweep: { [unowned self] in closeIdle(after: $0) })
     }
 
@@ -332,23 +354,31 @@ final class UpstreamPool {
     @inline(__always)
     func kept() { if !idleSweep.running { idleSweep.start() } }
 
-    /// One sweep for MeshConfig `proxy.upstreamIdleTimeout` (KeptSweep):
-    /// the connections kept idle for the whole timeout, and HTTP/2 ones
-    /// with no stream open or opened that long, are closed; the other kept
-    /// ones count the sweep.
+    /// One sweep for MeshConfig `proxy.upstreamIdleTimeout` (KeptSweep,
+    /// every quarter of the shortest timeout in force): the connections
+    /// kept idle for their backend's whole timeout (a TrafficPolicy's
+    /// connectionIdleTimeout, or the mesh's), and HTTP/2 ones with no
+    /// stream open or opened that long, are closed; the other kept ones
+    /// count the sweep.
     private func closeIdle(after sweep: IdleSweep) {
         var closed = 0
+        let timeouts = idleTimeouts()
+        let period = ConnectionRegistry.period(timeouts.shortest)
+        let meshRounds = ConnectionRegistry.rounds(timeouts.mesh, period)
+        var rounds = meshRounds
         func aged<T: KeptUpstream>(_ list: [T]) -> [T] {
             list.filter { c in
                 guard c.isActive else { return false }
                 c.keptSweeps += 1
-                guard c.keptSweeps >= sweep.rounds else { return true }
+                guard c.keptSweeps >= rounds else { return true }
                 c.close()
                 closed += 1
                 return false
             }
         }
-        for s in endpoints.values {
+        for (key, s) in endpoints {
+            rounds = timeouts.byBackend.isEmpty ? meshRounds
+                : timeouts.byBackend[key].map { ConnectionRegistry.rounds($0, period) } ?? meshRounds
             if !s.idle.isEmpty { s.idle = aged(s.idle) }
             if !s.express.isEmpty { s.express = aged(s.express) }
             for (source, list) in s.tunnelIdle {
@@ -359,12 +389,12 @@ final class UpstreamPool {
                 let left = aged(list)
                 s.expressTunnelIdle[source] = left.isEmpty ? nil : left
             }
-            if let h2 = s.h2, h2.unused(sweep) {
+            if let h2 = s.h2, h2.unused(rounds: rounds) {
                 s.h2 = nil
                 h2.close()
                 closed += 1
             }
-            for (id, h2) in s.tunnelH2 where h2.unused(sweep) {
+            for (id, h2) in s.tunnelH2 where h2.unused(rounds: rounds) {
                 s.tunnelH2[id] = nil
                 h2.close()
                 closed += 1
@@ -546,13 +576,15 @@ final class HTTP2Upstream {
 
     /// A stream opened since the sweep before (UpstreamPool.closeIdle).
     private var used = false
-    private var idle = IdleCount()
+    private var idleSweeps = 0
 
-    /// One sweep: whether it has now gone the timeout with no stream open
-    /// and none opened (nor is it still connecting).
-    func unused(_ sweep: IdleSweep) -> Bool {
+    /// One sweep: whether it has now gone `rounds` sweeps (its backend's
+    /// timeout) with no stream open and none opened (nor is it still
+    /// connecting).
+    func unused(rounds: Int) -> Bool {
         defer { used = false }
-        return idle.judge(sweep, busy: open > 0 || used || multiplexer == nil) == .close
+        idleSweeps = open > 0 || used || multiplexer == nil ? 0 : idleSweeps + 1
+        return idleSweeps >= rounds
     }
 
     func close() { channel?.close(promise: nil) }

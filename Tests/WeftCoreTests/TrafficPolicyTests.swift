@@ -111,6 +111,37 @@ struct TrafficPolicyTests {
         #expect(table.frontends["198.19.0.10:80"]?.rateLimit?.requests == 50)
     }
 
+    /// `timeout.http.connectionIdleTimeout` reaches the proxy's table by
+    /// backend address; a backend of two Services with their own settings
+    /// takes the shorter, `0s` (never) the longest; a Service without one
+    /// leaves its backends to MeshConfig's.
+    @Test func aConnectionIdleTimeoutReachesEveryBackendOfItsServices() throws {
+        let alt = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: alt, namespace: shop}
+            spec: {clusterIP: 198.19.0.11, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+            """
+        func table(web: String?, alt altTimeout: String?) throws -> [String: Int]? {
+            var text = service + "\n---\n" + alt
+            if let web { text += "\n---\n" + policy("timeout: {http: {connectionIdleTimeout: \(web)}}") }
+            if let altTimeout { text += "\n---\n" + policy("timeout: {http: {connectionIdleTimeout: \(altTimeout)}}", name: "q", target: "alt") }
+            let (state, errors) = parse(text)
+            let s = try #require(state, "\(errors)")
+            if let web {
+                #expect(s.trafficPolicy(forService: "shop/web")?.connectionIdleTimeout == (web == "0s" ? .zero : .seconds(Int64(web.dropLast()) ?? -1)))
+            }
+            return ProxyTable(s).upstreamIdleTimeouts
+        }
+        let backends = ["198.18.1.10:8080", "198.18.2.10:8080", "198.18.2.11:8080"]
+        func every(_ ms: Int) -> [String: Int] { Dictionary(uniqueKeysWithValues: backends.map { ($0, ms) }) }
+        #expect(try table(web: "5s", alt: nil) == every(5000))
+        #expect(try table(web: "5s", alt: "2s") == every(2000))
+        #expect(try table(web: "5s", alt: "0s") == every(5000))
+        #expect(try table(web: "0s", alt: nil) == every(0))
+        #expect(try table(web: nil, alt: nil) == nil)
+    }
+
     @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
         let cases: [(String, String)] = [
             ("healthCheck: {interval: -1s}", "tp.yaml:5:spec.healthCheck.interval: must be positive"),
@@ -132,6 +163,12 @@ struct TrafficPolicyTests {
             ("rateLimit: {requests: 10, key: Header}", "spec.rateLimit.header: key Header needs the header's name"),
             ("rateLimit: {requests: -3}", "spec.rateLimit.requests: must be at least 1, got -3"),
             ("retries: 3", "spec.retries: unknown field"),
+            ("timeout: {http: {connectionIdleTimeout: 500ms}}",
+             "tp.yaml:5:spec.timeout.http.connectionIdleTimeout: must be at least 1s (or 0s: never), got \"500ms\""),
+            ("timeout: {http: {connectionIdleTimeout: -1s}}", "spec.timeout.http.connectionIdleTimeout: must be at least 1s"),
+            ("timeout: {http: {connectionIdleTimeout: 3}}", "spec.timeout.http.connectionIdleTimeout"),
+            ("timeout: {http: {requestTimeout: 1s}}", "spec.timeout.http.requestTimeout: unknown field"),
+            ("timeout: {tcp: {connectTimeout: 1s}}", "spec.timeout.tcp: unknown field"),
         ]
         for (spec, expected) in cases {
             let (state, errors) = parse(service + "\n---\n" + policy(spec))

@@ -100,6 +100,35 @@ import Testing
         #expect(try Self.waitKept(rig, 0) == 0 && Self.closed(rig) >= 1, "\(path) path")
     }
 
+    /// A Service's own timeout (TrafficPolicy
+    /// `timeout.http.connectionIdleTimeout`, ProxyTable.upstreamIdleTimeouts:
+    /// set here for every backend, in milliseconds under the 1 s a policy
+    /// may say) over the mesh's: it closes kept HTTP/1.1 and HTTP/2
+    /// connections where MeshConfig's `0s` would keep them, and keeps them
+    /// (`0s`) where MeshConfig's 400 ms would close them.
+    @Test func aServicesOwnTimeoutOverridesTheMeshs() throws {
+        for (mesh, service) in [(0, 400), (400, 0)] {
+            let rig = try ProxyFuzzTests.Rig { table in
+                table.upstreamIdleTimeoutMilliseconds = mesh
+                var own: [String: Int] = [:]
+                for e in table.clusters.values.joined() { own["\(e.address):\(e.port)"] = service }
+                table.upstreamIdleTimeouts = own
+            }
+            defer { rig.shutdown() }
+            #expect(Self.request(rig, http2: false) && Self.request(rig, http2: true))
+            if service > 0 {
+                let start = Date()
+                let left = try Self.waitKept(rig, 0)
+                let took = Date().timeIntervalSince(start)
+                #expect(left == 0 && took >= 0.3 && Self.closed(rig) >= 2,
+                        "the Service's 400 ms over the mesh's 0s: \(left) kept after \(took) s, \(Self.closed(rig)) closed")
+            } else {
+                usleep(1_200_000)
+                #expect(try Self.kept(rig) >= 2 && Self.closed(rig) == 0, "the Service's 0s over the mesh's 400 ms")
+            }
+        }
+    }
+
     @Test func withNoTimeoutKeptConnectionsStay() throws {
         let rig = try ProxyFuzzTests.Rig { $0.upstreamIdleTimeoutMilliseconds = 0 }
         defer { rig.shutdown() }

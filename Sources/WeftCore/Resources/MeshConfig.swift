@@ -34,7 +34,9 @@
 ///                              # being read) or, once its response began, cut; "0s": never
 ///     upstreamIdleTimeout: 3s  # default 3s: a connection to a backend kept for the next
 ///                              # request, with none in flight that long, is closed (shorter
-///                              # than servers' keep-alive, which a reuse would race); "0s": never
+///                              # than servers' keep-alive, which a reuse would race; a
+///                              # TrafficPolicy's timeout.http.connectionIdleTimeout
+///                              # overrides it for its Services); "0s": never
 ///     tunnelIdleTimeout: 5m    # default 5m: a tunnel to another node's proxy that carried
 ///                              # nothing for that long (no opaque stream, no exchange in
 ///                              # flight, no byte read) is closed; the next stream makes a

@@ -29,6 +29,10 @@
 ///     maxEjectionPercent: 10
 ///     successRate: {minimumHosts: 5, requestVolume: 100, stdevFactor: 1900}
 ///   circuitBreaker: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024, maxRetries: 3}
+///   timeout:
+///     http: {connectionIdleTimeout: 1s}   # a backend connection kept for the next request,
+///                               # unused that long, is closed ("0s": never); MeshConfig
+///                               # spec.proxy.upstreamIdleTimeout (3s) where absent
 ///   rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}   # Route | SourceIdentity | Header (+ header: NAME)
 ///   faultInjection:
 ///     delay: {fixedDelay: 100ms, percentage: 10}
@@ -46,6 +50,14 @@ public struct TrafficPolicy: Hashable, Sendable {
     public var circuitBreaker: CircuitBreaker?
     public var rateLimit: RateLimit?
     public var faultInjection: FaultInjection?
+    /// `timeout.http.connectionIdleTimeout` (Envoy Gateway's
+    /// BackendTrafficPolicy field; Istio's DestinationRule
+    /// connectionPool.http.idleTimeout): how long the node proxies keep a
+    /// connection to one of the Services' backends unused for the next
+    /// request; `.zero`: for good; nil: MeshConfig proxy.upstreamIdleTimeout.
+    /// For a server whose own keep-alive is shorter than the mesh's
+    /// setting (gunicorn's 2 s), which a kept connection would race.
+    public var connectionIdleTimeout: Duration?
 
     public init(metadata: ObjectMeta, targets: [String]) {
         self.metadata = metadata
@@ -215,6 +227,20 @@ extension TrafficPolicy {
         }
         if var rl = try spec.mapping("rateLimit") { rateLimit = try Self.rateLimit(&rl, at: location) }
         if var fi = try spec.mapping("faultInjection") { faultInjection = try Self.faultInjection(&fi, at: location) }
+        if var t = try spec.mapping("timeout") {
+            if var http = try t.mapping("http") {
+                if let text = try http.string("connectionIdleTimeout") {
+                    if text.hasPrefix("-") { throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"") }
+                    let d = try HTTPRoute.duration(text, field: http.field("connectionIdleTimeout"), at: location)
+                    if let d, d < .seconds(1) {
+                        throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"")
+                    }
+                    connectionIdleTimeout = d ?? .zero
+                }
+                try http.finish()
+            }
+            try t.finish()
+        }
         try spec.finish()
     }
 

@@ -39,6 +39,11 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var tcpKeepalive: TCPKeepaliveSettings?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
     public var tracing: TracingTarget?
+    /// TrafficPolicy `timeout.http.connectionIdleTimeout` in milliseconds
+    /// (0: never), by backend "ip:port", for the backends of the Services
+    /// that set it; the others keep MeshConfig proxy.upstreamIdleTimeout. A
+    /// backend of two such Services takes the shorter (0 the longest).
+    public var upstreamIdleTimeouts: [String: Int]?
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
     /// a cluster without one balances by least request and breaks nothing.
     public var backendPolicies: [String: BackendPolicy]?
@@ -211,6 +216,11 @@ extension ProxyTable {
         return nil
     }
 
+    /// The shorter of two idle timeouts in milliseconds, 0 (never) the longest.
+    public static func shorterIdleTimeout(_ a: Int, _ b: Int) -> Int {
+        a == 0 ? b : b == 0 ? a : min(a, b)
+    }
+
     public static func clusterName(namespace: String, service: String, port: UInt16) -> String {
         "\(namespace)/\(service):\(port)"
     }
@@ -273,6 +283,7 @@ extension ProxyTable {
         }
 
         var policies: [String: BackendPolicy] = [:]
+        var idleTimeouts: [String: Int] = [:]
         func endpoints(_ service: Service, _ port: ServicePort, cluster: String) -> [Endpoint] {
             let index = selectorIndex ?? SelectorIndex(state.workloads)
             selectorIndex = index
@@ -285,6 +296,13 @@ extension ProxyTable {
                 }
             }
             let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)
+            if let idle = policy?.connectionIdleTimeout {
+                let ms = Int(idle / .milliseconds(1))
+                for (_, backend) in all {
+                    let key = backend.description
+                    idleTimeouts[key] = idleTimeouts[key].map { Self.shorterIdleTimeout($0, ms) } ?? ms
+                }
+            }
             if let policy, policy.loadBalancer != .init() || policy.outlierDetection != nil || policy.circuitBreaker != nil {
                 policies[cluster] = BackendPolicy(loadBalancer: policy.loadBalancer, outlierDetection: policy.outlierDetection,
                                                   circuitBreaker: policy.circuitBreaker, policy: policy.metadata.qualifiedName)
@@ -375,6 +393,7 @@ extension ProxyTable {
             }
         }
         if !policies.isEmpty { backendPolicies = policies }
+        if !idleTimeouts.isEmpty { upstreamIdleTimeouts = idleTimeouts }
     }
 
     /// Routes by the Service port ("namespace/service:port") they attach to.
