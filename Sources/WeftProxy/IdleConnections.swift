@@ -353,6 +353,74 @@ final class HTTP2ConnectionEnds: ChannelDuplexHandler, RemovableChannelHandler {
     }
 }
 
+/// Follows HTTP/2 frames through a connection's bytes one way as they
+/// pass, without holding any: the client's 24-byte preface first
+/// (`preface`), then each frame's 9-byte header and its payload, told of
+/// each frame as its last byte passes. For handlers beside NIOHTTP2Handler
+/// that must know of frames it says nothing of (HTTP2HeadWatch: a header
+/// block cut short; GoAwaySentCloses: a GOAWAY it wrote).
+struct HTTP2FrameWalk {
+    /// Bytes of the client's preface still to come.
+    private(set) var prefaceLeft: Int
+    /// Bytes of the current frame's header read (0 to 9), and its first
+    /// five (length, type, flags) as they came, last in the low byte.
+    private var headerRead = 0
+    private var header: UInt64 = 0
+    /// Payload bytes of the current frame still to come.
+    private var payloadLeft = 0
+    /// The preface's last byte passed in the last walk.
+    private(set) var prefaceEnded = false
+
+    init(preface: Bool) { prefaceLeft = preface ? 24 : 0 }
+
+    /// Walks one read's (or write's) bytes; `frameEnded(type, flags)` for
+    /// each frame whose last byte is among them. Whether any of those
+    /// calls returned true.
+    mutating func walk(_ bytes: ByteBufferView, frameEnded: (_ type: UInt8, _ flags: UInt8) -> Bool) -> Bool {
+        var i = bytes.startIndex
+        var any = false
+        prefaceEnded = false
+        if prefaceLeft > 0 {
+            let n = min(prefaceLeft, bytes.count)
+            prefaceLeft -= n
+            i += n
+            prefaceEnded = prefaceLeft == 0
+        }
+        while i < bytes.endIndex {
+            if headerRead < 9 {
+                if headerRead < 5 { header = header << 8 | UInt64(bytes[i]) }
+                headerRead += 1
+                i += 1
+                if headerRead == 9 {
+                    payloadLeft = Int(header >> 16)
+                    if payloadLeft == 0 { any = ended(frameEnded) || any }
+                }
+                continue
+            }
+            let n = min(payloadLeft, bytes.endIndex - i)
+            payloadLeft -= n
+            i += n
+            if payloadLeft == 0 { any = ended(frameEnded) || any }
+        }
+        return any
+    }
+
+    private mutating func ended(_ frameEnded: (UInt8, UInt8) -> Bool) -> Bool {
+        let type = UInt8(truncatingIfNeeded: header >> 8), flags = UInt8(truncatingIfNeeded: header)
+        headerRead = 0
+        header = 0
+        return frameEnded(type, flags)
+    }
+
+    /// Part of a frame, or of the preface, has passed and the rest not.
+    var leftover: Bool { prefaceLeft > 0 || headerRead > 0 }
+
+    /// The type of the frame part-passed, if its header got so far.
+    var leftoverType: UInt8? {
+        headerRead >= 5 ? UInt8(truncatingIfNeeded: header >> 8) : headerRead == 4 ? UInt8(truncatingIfNeeded: header) : nil
+    }
+}
+
 /// On the full-path-only pipeline (`--no-express`), in front of
 /// NIOHTTP2Handler: MeshConfig `proxy.requestHeaderTimeout` for HTTP/2
 /// header blocks, which HTTP2Codec keeps on the express path
@@ -371,14 +439,8 @@ final class HTTP2HeadWatch: ChannelInboundHandler, RemovableChannelHandler {
         let reason: String
     }
 
-    /// The client's preface, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", still to come.
-    private var prefaceLeft = 24
-    /// Bytes of the current frame's header read (0 to 9), and its first
-    /// five (length, type, flags) as they came, last in the low byte.
-    private var headerRead = 0
-    private var header: UInt64 = 0
-    /// Payload bytes of the current frame still to come.
-    private var payloadLeft = 0
+    /// The frames, from the client's preface on.
+    private var frames = HTTP2FrameWalk(preface: true)
     /// A HEADERS frame's block waits for CONTINUATIONs.
     private var blockOpen = false
     private(set) var clock = HeadClock()
@@ -391,42 +453,13 @@ final class HTTP2HeadWatch: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Follows the frames through one read's bytes, then clocks the head.
     func follow(_ bytes: ByteBufferView) {
-        var i = bytes.startIndex
-        var progressed = false
-        if prefaceLeft > 0 {
-            let n = min(prefaceLeft, bytes.count)
-            prefaceLeft -= n
-            i += n
-            progressed = prefaceLeft == 0
+        var progressed = frames.walk(bytes) { type, flags in
+            if type == 0x1 || type == 0x9 { blockOpen = flags & 0x4 == 0 }  // END_HEADERS
+            return !blockOpen
         }
-        while i < bytes.endIndex {
-            if headerRead < 9 {
-                if headerRead < 5 { header = header << 8 | UInt64(bytes[i]) }
-                headerRead += 1
-                i += 1
-                if headerRead == 9 {
-                    payloadLeft = Int(header >> 16)
-                    if payloadLeft == 0 { frameEnded(&progressed) }
-                }
-                continue
-            }
-            let n = min(payloadLeft, bytes.endIndex - i)
-            payloadLeft -= n
-            i += n
-            if payloadLeft == 0 { frameEnded(&progressed) }
-        }
-        let type: UInt8? = headerRead >= 5 ? UInt8(truncatingIfNeeded: header >> 8)
-            : headerRead == 4 ? UInt8(truncatingIfNeeded: header) : nil
-        clock.afterHTTP2Read(progressed: progressed, blockOpen: blockOpen, leftover: prefaceLeft > 0 || headerRead > 0,
-                             prefaceRead: prefaceLeft == 0, leftoverType: type)
-    }
-
-    private func frameEnded(_ progressed: inout Bool) {
-        let type = UInt8(truncatingIfNeeded: header >> 8), flags = UInt8(truncatingIfNeeded: header)
-        if type == 0x1 || type == 0x9 { blockOpen = flags & 0x4 == 0 }  // END_HEADERS
-        if !blockOpen { progressed = true }
-        headerRead = 0
-        header = 0
+        if frames.prefaceEnded { progressed = true }
+        clock.afterHTTP2Read(progressed: progressed, blockOpen: blockOpen, leftover: frames.leftover,
+                             prefaceRead: frames.prefaceLeft == 0, leftoverType: frames.leftoverType)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -382,6 +382,7 @@ final class TunnelConnection {
                             outboundBufferSizeLowWatermark: TunnelHTTP2.stream.outboundBufferSizeLowWatermark
                         ) { stream in stream.close() })  // the server opens no streams
                     } else {
+                        try sync.addHandler(GoAwaySentCloses())
                         _ = try sync.configureHTTP2Pipeline(
                             mode: .client, connectionConfiguration: TunnelHTTP2.connection, streamConfiguration: TunnelHTTP2.stream
                         ) { stream in stream.close() }
@@ -617,6 +618,35 @@ final class GoAwayWatcher: ChannelInboundHandler {
             onGoAway?()
         }
         context.fireChannelRead(data)
+    }
+}
+
+/// On a source's tunnel with `--no-express` (NIO's HTTP/2), below
+/// NIOHTTP2Handler: NIO answers a connection error of the peer's (an HPACK
+/// block it cannot decode, a PUSH_PROMISE, a flood of resets) with a
+/// GOAWAY but leaves the connection open, so an open waiting on it would
+/// end only at the open timeout, and the pool would keep offering the
+/// tunnel. The source writes a GOAWAY for nothing else (it closes a tunnel
+/// it is done with without one), so one passing here closes the connection
+/// once it is written: every open on it fails at once, and the next goes
+/// on a new tunnel. (Weft's own codec closes on its connection errors
+/// itself.)
+final class GoAwaySentCloses: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = IOData
+    typealias OutboundOut = IOData
+    private var frames = HTTP2FrameWalk(preface: true)
+    private var closing = false
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard !closing, case .byteBuffer(let bytes) = unwrapOutboundIn(data),
+              frames.walk(bytes.readableBytesView, frameEnded: { type, _ in type == 0x7 }) else {
+            return context.write(data, promise: promise)
+        }
+        closing = true
+        let written = context.eventLoop.makePromise(of: Void.self)
+        if let promise { written.futureResult.cascade(to: promise) }
+        context.write(data, promise: written)
+        written.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 }
 
