@@ -341,7 +341,7 @@ enum Express {
             return
         }
         counters?.pending.add(1, ordering: .relaxed)
-        loop.pool.bootstrap()
+        loop.pool.bootstrap(for: key)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
             }

@@ -72,6 +72,7 @@ final class ProxyContext: Sendable {
         for state in loops.values {
             state.pool.tunnels.keepalive = { [weak self] in self?.snapshot.table.tcpKeepalive }
             state.pool.idleTimeouts = { [weak self] in self?.snapshot.upstreamIdle ?? UpstreamIdleTimeouts(ProxyTable()) }
+            state.pool.connectTimeouts = { [weak self] in self?.snapshot.connectTimeouts ?? [:] }
             state.pool.tunnels.unusedTimeout = { [weak self] in
                 self?.snapshot.table.tunnelIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultTunnelIdleTimeoutMilliseconds
             }

@@ -27,11 +27,18 @@ final class RouteSnapshot: Sendable {
     /// MeshConfig proxy.upstreamIdleTimeout and the TrafficPolicies'
     /// connectionIdleTimeout, as the pools' sweeps read them.
     let upstreamIdle: UpstreamIdleTimeouts
+    /// TrafficPolicy connect timeouts by backend (empty: none set).
+    let connectTimeouts: [EndpointKey: TimeAmount]
 
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
         maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
         upstreamIdle = UpstreamIdleTimeouts(table)
+        var connects: [EndpointKey: TimeAmount] = [:]
+        for (address, ms) in table.connectTimeouts ?? [:] {
+            if let key = EndpointKey(backend: address) { connects[key] = .milliseconds(Int64(ms)) }
+        }
+        connectTimeouts = connects
         var matchers: [String: RouteMatcher] = [:]
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
         self.matchers = matchers
@@ -91,6 +98,7 @@ final class RouteSnapshot: Sendable {
         authorization = other.authorization
         maxRequestHead = other.maxRequestHead
         upstreamIdle = other.upstreamIdle
+        connectTimeouts = other.connectTimeouts
     }
 
     /// Backends ejected by outlier detection now, "ip:port" once each

@@ -143,7 +143,7 @@ enum TCPPassthrough {
             }
         } else {
             connected = { done in
-                pool.bootstrap()
+                pool.bootstrap(for: endpoint)
                     .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                     .connect(host: endpoint.address, port: Int(endpoint.port))
                     .assumeIsolated()

@@ -25,6 +25,13 @@ struct EndpointKey: Hashable, CustomStringConvertible {
         node = e.node
     }
 
+    /// From the route table's "ip:port" (node unknown, not part of the key).
+    init?(backend: String) {
+        guard let colon = backend.lastIndex(of: ":"), let ip = IPv4Address(String(backend[..<colon])),
+              let port = UInt16(backend[backend.index(after: colon)...]) else { return nil }
+        self.init(ip: ip, port: port, node: "")
+    }
+
     var address: String { ip.description }
     var description: String { "\(ip):\(port)" }
 
@@ -49,9 +56,7 @@ struct UpstreamIdleTimeouts: Sendable {
         mesh = table.upstreamIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultUpstreamIdleTimeoutMilliseconds
         var byBackend: [EndpointKey: Int] = [:]
         for (address, ms) in table.upstreamIdleTimeouts ?? [:] {
-            guard let colon = address.lastIndex(of: ":"), let ip = IPv4Address(String(address[..<colon])),
-                  let port = UInt16(address[address.index(after: colon)...]) else { continue }
-            byBackend[EndpointKey(ip: ip, port: port, node: "")] = ms
+            if let key = EndpointKey(backend: address) { byBackend[key] = ms }
         }
         self.byBackend = byBackend
         shortest = byBackend.values.reduce(mesh) { ProxyTable.shorterIdleTimeout($0, $1) }
@@ -102,6 +107,9 @@ final class UpstreamPool {
 
     let tunnels: TunnelPool
     private let stats: ProxyStats?
+    /// TrafficPolicy connect timeouts by backend in force (the route
+    /// snapshot's); ProxyContext sets it.
+    var connectTimeouts: () -> [EndpointKey: TimeAmount] = { [:] }
     /// The idle timeouts in force (the route snapshot's); ProxyContext sets it.
     var idleTimeouts: () -> UpstreamIdleTimeouts = { UpstreamIdleTimeouts(ProxyTable()) }
     private let idleSweep: KeptSweep
@@ -301,7 +309,7 @@ final class UpstreamPool {
                 h2.openStream(completion)
                 return
             }
-            let bootstrap = self.bootstrap()
+            let bootstrap = self.bootstrap(for: key)
             let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
                 bootstrap.channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try initializer(channel) } }
                     .connect(host: key.address, port: Int(key.port))
@@ -403,14 +411,22 @@ final class UpstreamPool {
         if closed > 0 { stats?.upstreamIdleClosed.add(closed, ordering: .relaxed) }
     }
 
-    func bootstrap() -> ClientBootstrap {
+    /// How long a connect to `key` may take: its Service's TrafficPolicy
+    /// `timeout.tcp.connectTimeout`, or the proxy's own.
+    func connectTimeout(for key: EndpointKey) -> TimeAmount {
+        let own = connectTimeouts()
+        return own.isEmpty ? .nanoseconds(configuration.connectTimeout.nanoseconds)
+            : own[key] ?? .nanoseconds(configuration.connectTimeout.nanoseconds)
+    }
+
+    func bootstrap(for key: EndpointKey) -> ClientBootstrap {
         ClientBootstrap(group: eventLoop)
-            .connectTimeout(.nanoseconds(configuration.connectTimeout.nanoseconds))
+            .connectTimeout(connectTimeout(for: key))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
     }
 
     private func connectHTTP1(_ key: EndpointKey, _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
-        bootstrap()
+        bootstrap(for: key)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)

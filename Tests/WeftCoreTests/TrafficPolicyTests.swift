@@ -142,6 +142,30 @@ struct TrafficPolicyTests {
         #expect(try table(web: nil, alt: nil) == nil)
     }
 
+    /// `timeout.tcp.connectTimeout` reaches the proxy's table by backend
+    /// address; a backend of two Services with their own takes the longer.
+    @Test func aConnectTimeoutReachesEveryBackendOfItsServicesTheLongerWins() throws {
+        let alt = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: alt, namespace: shop}
+            spec: {clusterIP: 198.19.0.11, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+            """
+        func table(web: String?, alt altTimeout: String?) throws -> [String: Int]? {
+            var text = service + "\n---\n" + alt
+            if let web { text += "\n---\n" + policy("timeout: {tcp: {connectTimeout: \(web)}}") }
+            if let altTimeout { text += "\n---\n" + policy("timeout: {tcp: {connectTimeout: \(altTimeout)}}", name: "q", target: "alt") }
+            let (state, errors) = parse(text)
+            return ProxyTable(try #require(state, "\(errors)")).connectTimeouts
+        }
+        let backends = ["198.18.1.10:8080", "198.18.2.10:8080", "198.18.2.11:8080"]
+        func every(_ ms: Int) -> [String: Int] { Dictionary(uniqueKeysWithValues: backends.map { ($0, ms) }) }
+        #expect(try table(web: "250ms", alt: nil) == every(250))
+        #expect(try table(web: "250ms", alt: "5s") == every(5000))
+        #expect(try table(web: "1m", alt: "5s") == every(60000))
+        #expect(try table(web: nil, alt: nil) == nil)
+    }
+
     @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
         let cases: [(String, String)] = [
             ("healthCheck: {interval: -1s}", "tp.yaml:5:spec.healthCheck.interval: must be positive"),
@@ -168,7 +192,11 @@ struct TrafficPolicyTests {
             ("timeout: {http: {connectionIdleTimeout: -1s}}", "spec.timeout.http.connectionIdleTimeout: must be at least 1s"),
             ("timeout: {http: {connectionIdleTimeout: 3}}", "spec.timeout.http.connectionIdleTimeout"),
             ("timeout: {http: {requestTimeout: 1s}}", "spec.timeout.http.requestTimeout: unknown field"),
-            ("timeout: {tcp: {connectTimeout: 1s}}", "spec.timeout.tcp: unknown field"),
+            ("timeout: {tcp: {idleTimeout: 1s}}", "spec.timeout.tcp.idleTimeout: unknown field"),
+            ("timeout: {tcp: {connectTimeout: 0s}}", "tp.yaml:5:spec.timeout.tcp.connectTimeout: must be longer than 0s"),
+            ("timeout: {tcp: {connectTimeout: -2s}}", "spec.timeout.tcp.connectTimeout: must be positive"),
+            ("timeout: {tcp: {connectTimeout: soon}}", "spec.timeout.tcp.connectTimeout"),
+            ("timeout: {udp: {}}", "spec.timeout.udp: unknown field"),
         ]
         for (spec, expected) in cases {
             let (state, errors) = parse(service + "\n---\n" + policy(spec))

@@ -66,10 +66,10 @@ import Testing
             }.wait()
         }
 
-        /// An opaque stream to the node's HTTP/1.1 pod.
-        func open(_ node: TunnelStreamIdleTests.Node) throws -> any Channel {
+        /// An opaque stream to the node's HTTP/1.1 pod (or to 127.0.0.4:`port`).
+        func open(_ node: TunnelStreamIdleTests.Node, port: Int? = nil) throws -> any Channel {
             let opened = loop.makePromise(of: Channel.self)
-            let port = node.rig.backends[0].localAddress?.port ?? 0, connection = connection
+            let port = port ?? node.rig.backends[0].localAddress?.port ?? 0, connection = connection
             try loop.submit {
                 connection.value.openStream(authority: "127.0.0.4:\(port)", headers: [("x-weft-source", "198.18.9.10")],
                                             initialize: { _ in }) { opened.completeWith($0) }

@@ -30,6 +30,8 @@
 ///     successRate: {minimumHosts: 5, requestVolume: 100, stdevFactor: 1900}
 ///   circuitBreaker: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024, maxRetries: 3}
 ///   timeout:
+///     tcp: {connectTimeout: 500ms}        # a connection to a backend not made in that long
+///                               # fails (and the request tries another, or gets 503); 2s where absent
 ///     http: {connectionIdleTimeout: 1s}   # a backend connection kept for the next request,
 ///                               # unused that long, is closed ("0s": never); MeshConfig
 ///                               # spec.proxy.upstreamIdleTimeout (3s) where absent
@@ -58,6 +60,11 @@ public struct TrafficPolicy: Hashable, Sendable {
     /// For a server whose own keep-alive is shorter than the mesh's
     /// setting (gunicorn's 2 s), which a kept connection would race.
     public var connectionIdleTimeout: Duration?
+    /// `timeout.tcp.connectTimeout` (Envoy Gateway's BackendTrafficPolicy;
+    /// Istio's DestinationRule connectionPool.tcp.connectTimeout): how long
+    /// the node proxies wait for a connection to one of the Services'
+    /// backends; nil: the proxy's own (2 s).
+    public var connectTimeout: Duration?
 
     public init(metadata: ObjectMeta, targets: [String]) {
         self.metadata = metadata
@@ -228,6 +235,10 @@ extension TrafficPolicy {
         if var rl = try spec.mapping("rateLimit") { rateLimit = try Self.rateLimit(&rl, at: location) }
         if var fi = try spec.mapping("faultInjection") { faultInjection = try Self.faultInjection(&fi, at: location) }
         if var t = try spec.mapping("timeout") {
+            if var tcp = try t.mapping("tcp") {
+                connectTimeout = try Self.positiveDuration(&tcp, "connectTimeout", at: location)
+                try tcp.finish()
+            }
             if var http = try t.mapping("http") {
                 if let text = try http.string("connectionIdleTimeout") {
                     if text.hasPrefix("-") { throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"") }

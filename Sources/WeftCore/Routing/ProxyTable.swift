@@ -44,6 +44,12 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// that set it; the others keep MeshConfig proxy.upstreamIdleTimeout. A
     /// backend of two such Services takes the shorter (0 the longest).
     public var upstreamIdleTimeouts: [String: Int]?
+    /// TrafficPolicy `timeout.tcp.connectTimeout` in milliseconds, by
+    /// backend "ip:port", for the backends of the Services that set it
+    /// (the others: the proxy's own). A backend of two such Services takes
+    /// the longer: a connect for either waits as long as the more patient
+    /// asks.
+    public var connectTimeouts: [String: Int]?
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
     /// a cluster without one balances by least request and breaks nothing.
     public var backendPolicies: [String: BackendPolicy]?
@@ -284,6 +290,7 @@ extension ProxyTable {
 
         var policies: [String: BackendPolicy] = [:]
         var idleTimeouts: [String: Int] = [:]
+        var connectTimeouts: [String: Int] = [:]
         func endpoints(_ service: Service, _ port: ServicePort, cluster: String) -> [Endpoint] {
             let index = selectorIndex ?? SelectorIndex(state.workloads)
             selectorIndex = index
@@ -302,6 +309,10 @@ extension ProxyTable {
                     let key = backend.description
                     idleTimeouts[key] = idleTimeouts[key].map { Self.shorterIdleTimeout($0, ms) } ?? ms
                 }
+            }
+            if let connect = policy?.connectTimeout {
+                let ms = max(1, Int(connect / .milliseconds(1)))
+                for (_, backend) in all { connectTimeouts[backend.description] = max(connectTimeouts[backend.description] ?? 0, ms) }
             }
             if let policy, policy.loadBalancer != .init() || policy.outlierDetection != nil || policy.circuitBreaker != nil {
                 policies[cluster] = BackendPolicy(loadBalancer: policy.loadBalancer, outlierDetection: policy.outlierDetection,
@@ -394,6 +405,7 @@ extension ProxyTable {
         }
         if !policies.isEmpty { backendPolicies = policies }
         if !idleTimeouts.isEmpty { upstreamIdleTimeouts = idleTimeouts }
+        if !connectTimeouts.isEmpty { self.connectTimeouts = connectTimeouts }
     }
 
     /// Routes by the Service port ("namespace/service:port") they attach to.

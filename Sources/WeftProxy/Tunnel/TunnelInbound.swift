@@ -223,10 +223,11 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// A connection to a pod of this node, for a tunnel stream's bytes.
-    static func connect(to pod: EndpointKey, on loop: any EventLoop) -> EventLoopFuture<Channel> {
+    /// A connection to a pod of this node, for a tunnel stream's bytes
+    /// (`timeout`: the pod's Service's connect timeout, UpstreamPool.connectTimeout).
+    static func connect(to pod: EndpointKey, on loop: any EventLoop, timeout: TimeAmount) -> EventLoopFuture<Channel> {
         ClientBootstrap(group: loop)
-            .connectTimeout(.seconds(2))
+            .connectTimeout(timeout)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
@@ -240,7 +241,7 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
                         replacing handler: any RemovableChannelHandler, prepare: @escaping () throws -> Void = {},
                         onRefusal: @escaping (String) -> Void) {
         _ = stream.setOption(ChannelOptions.autoRead, value: false)
-        connect(to: target, on: stream.eventLoop)
+        connect(to: target, on: stream.eventLoop, timeout: proxy.loop(stream.eventLoop).pool.connectTimeout(for: target))
             .assumeIsolated()
             .whenComplete { result in
                 switch result {

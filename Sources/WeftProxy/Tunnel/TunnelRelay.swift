@@ -359,7 +359,7 @@ final class TunnelRelay: ChannelDuplexHandler {
         proxy.stats.tunnelStreamsInRelayed.add(1, ordering: .relaxed)
         if let decision { Authorize.record(proxy, decision, target: key.description) }
         let stream = Stream(id: id, relay: self)
-        TunnelInbound.connect(to: key, on: context.eventLoop)
+        TunnelInbound.connect(to: key, on: context.eventLoop, timeout: loop.pool.connectTimeout(for: key))
             .assumeIsolated()
             .whenComplete { [self] result in
                 switch result {
