@@ -85,6 +85,7 @@ struct TrafficPolicyTests {
             circuitBreaker: {maxConnections: 10, maxPendingRequests: 0, maxRequests: 20, maxRetries: 2}
             rateLimit: {requests: 50, interval: 1s, burst: 60, key: Header, header: X-Tenant}
             faultInjection: {delay: {fixedDelay: 100ms, percentage: 10}, abort: {httpStatus: 503, percentage: 2.5}, routes: [shop/web], sources: [{namespace: shop, serviceAccount: client}]}
+            timeout: {tcp: {connectTimeout: 250ms}, http: {connectionIdleTimeout: 0s}}
             """))
         let s = try #require(state, "\(errors)")
         let p = try #require(s.trafficPolicy(forService: "shop/web"))
@@ -96,6 +97,7 @@ struct TrafficPolicyTests {
         #expect(p.circuitBreaker?.maxPendingRequests == 0 && p.circuitBreaker?.maxRequests == 20)
         #expect(p.rateLimit?.key == .header("x-tenant") && p.rateLimit?.burst == 60)
         #expect(p.faultInjection?.abort?.percentage == 2.5 && p.faultInjection?.delay?.fixedDelay == .milliseconds(100))
+        #expect(p.connectTimeout == .milliseconds(250) && p.connectionIdleTimeout == .zero)
         let f = try #require(p.faultInjection)
         #expect(f.applies(route: "shop/web#0", sourceNamespace: "shop", serviceAccount: "client"))
         #expect(!f.applies(route: "shop/other#0", sourceNamespace: "shop", serviceAccount: "client"))
@@ -111,58 +113,53 @@ struct TrafficPolicyTests {
         #expect(table.frontends["198.19.0.10:80"]?.rateLimit?.requests == 50)
     }
 
-    /// `timeout.http.connectionIdleTimeout` reaches the proxy's table by
-    /// backend address; a backend of two Services with their own settings
-    /// takes the shorter, `0s` (never) the longest; a Service without one
-    /// leaves its backends to MeshConfig's.
-    @Test func aConnectionIdleTimeoutReachesEveryBackendOfItsServices() throws {
-        let alt = """
+    /// The route table's per-backend timeouts from `timeout.<spec>` set on
+    /// the Service `web` and on `alt` (the same pods) as given (nil: no
+    /// policy): what `read` takes from the table.
+    private static func backendTimeouts(_ spec: (String) -> String, web: String?, alt timeout: String?,
+                                        _ read: (ProxyTable) -> [String: Int]?) throws -> [String: Int]? {
+        var text = service + """
+
+            ---
             apiVersion: v1
             kind: Service
             metadata: {name: alt, namespace: shop}
             spec: {clusterIP: 198.19.0.11, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
             """
-        func table(web: String?, alt altTimeout: String?) throws -> [String: Int]? {
-            var text = service + "\n---\n" + alt
-            if let web { text += "\n---\n" + policy("timeout: {http: {connectionIdleTimeout: \(web)}}") }
-            if let altTimeout { text += "\n---\n" + policy("timeout: {http: {connectionIdleTimeout: \(altTimeout)}}", name: "q", target: "alt") }
-            let (state, errors) = parse(text)
-            let s = try #require(state, "\(errors)")
-            if let web {
-                #expect(s.trafficPolicy(forService: "shop/web")?.connectionIdleTimeout == (web == "0s" ? .zero : .seconds(Int64(web.dropLast()) ?? -1)))
-            }
-            return ProxyTable(s).upstreamIdleTimeouts
+        if let web { text += "\n---\n" + policy("timeout: " + spec(web)) }
+        if let timeout { text += "\n---\n" + policy("timeout: " + spec(timeout), name: "q", target: "alt") }
+        let (state, errors) = parse(text)
+        return read(ProxyTable(try #require(state, "\(errors)")))
+    }
+
+    private static func everyBackend(_ ms: Int) -> [String: Int] {
+        Dictionary(uniqueKeysWithValues: ["198.18.1.10:8080", "198.18.2.10:8080", "198.18.2.11:8080"].map { ($0, ms) })
+    }
+
+    /// `timeout.http.connectionIdleTimeout` reaches the proxy's table by
+    /// backend address; a backend of two Services with their own settings
+    /// takes the shorter, `0s` (never) the longest; a Service without one
+    /// leaves its backends to MeshConfig's.
+    @Test func aConnectionIdleTimeoutReachesEveryBackendOfItsServices() throws {
+        func table(web: String?, alt: String?) throws -> [String: Int]? {
+            try Self.backendTimeouts({ "{http: {connectionIdleTimeout: \($0)}}" }, web: web, alt: alt) { $0.upstreamIdleTimeouts }
         }
-        let backends = ["198.18.1.10:8080", "198.18.2.10:8080", "198.18.2.11:8080"]
-        func every(_ ms: Int) -> [String: Int] { Dictionary(uniqueKeysWithValues: backends.map { ($0, ms) }) }
-        #expect(try table(web: "5s", alt: nil) == every(5000))
-        #expect(try table(web: "5s", alt: "2s") == every(2000))
-        #expect(try table(web: "5s", alt: "0s") == every(5000))
-        #expect(try table(web: "0s", alt: nil) == every(0))
+        #expect(try table(web: "5s", alt: nil) == Self.everyBackend(5000))
+        #expect(try table(web: "5s", alt: "2s") == Self.everyBackend(2000))
+        #expect(try table(web: "5s", alt: "0s") == Self.everyBackend(5000))
+        #expect(try table(web: "0s", alt: nil) == Self.everyBackend(0))
         #expect(try table(web: nil, alt: nil) == nil)
     }
 
     /// `timeout.tcp.connectTimeout` reaches the proxy's table by backend
     /// address; a backend of two Services with their own takes the longer.
     @Test func aConnectTimeoutReachesEveryBackendOfItsServicesTheLongerWins() throws {
-        let alt = """
-            apiVersion: v1
-            kind: Service
-            metadata: {name: alt, namespace: shop}
-            spec: {clusterIP: 198.19.0.11, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
-            """
-        func table(web: String?, alt altTimeout: String?) throws -> [String: Int]? {
-            var text = service + "\n---\n" + alt
-            if let web { text += "\n---\n" + policy("timeout: {tcp: {connectTimeout: \(web)}}") }
-            if let altTimeout { text += "\n---\n" + policy("timeout: {tcp: {connectTimeout: \(altTimeout)}}", name: "q", target: "alt") }
-            let (state, errors) = parse(text)
-            return ProxyTable(try #require(state, "\(errors)")).connectTimeouts
+        func table(web: String?, alt: String?) throws -> [String: Int]? {
+            try Self.backendTimeouts({ "{tcp: {connectTimeout: \($0)}}" }, web: web, alt: alt) { $0.connectTimeouts }
         }
-        let backends = ["198.18.1.10:8080", "198.18.2.10:8080", "198.18.2.11:8080"]
-        func every(_ ms: Int) -> [String: Int] { Dictionary(uniqueKeysWithValues: backends.map { ($0, ms) }) }
-        #expect(try table(web: "250ms", alt: nil) == every(250))
-        #expect(try table(web: "250ms", alt: "5s") == every(5000))
-        #expect(try table(web: "1m", alt: "5s") == every(60000))
+        #expect(try table(web: "250ms", alt: nil) == Self.everyBackend(250))
+        #expect(try table(web: "250ms", alt: "5s") == Self.everyBackend(5000))
+        #expect(try table(web: "1m", alt: "5s") == Self.everyBackend(60000))
         #expect(try table(web: nil, alt: nil) == nil)
     }
 
