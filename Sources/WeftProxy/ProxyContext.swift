@@ -72,7 +72,11 @@ final class ProxyContext: Sendable {
         for state in loops.values {
             state.pool.tunnels.keepalive = { [weak self] in self?.snapshot.table.tcpKeepalive }
             state.pool.idleTimeouts = { [weak self] in self?.snapshot.upstreamIdle ?? UpstreamIdleTimeouts(ProxyTable()) }
-            state.pool.connectTimeouts = { [weak self] in self?.snapshot.connectTimeouts ?? [:] }
+            // Per new backend connection: the loop's snapshot, without the lock.
+            state.pool.connectTimeouts = { [weak self, unowned state] in
+                guard let self else { return [:] }
+                return state.snapshot(self).connectTimeouts
+            }
             state.pool.tunnels.unusedTimeout = { [weak self] in
                 self?.snapshot.table.tunnelIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultTunnelIdleTimeoutMilliseconds
             }
