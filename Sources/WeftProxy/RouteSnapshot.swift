@@ -34,11 +34,7 @@ final class RouteSnapshot: Sendable {
         self.table = table
         maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
         upstreamIdle = UpstreamIdleTimeouts(table)
-        var connects: [EndpointKey: TimeAmount] = [:]
-        for (address, ms) in table.connectTimeouts ?? [:] {
-            if let key = EndpointKey(backend: address) { connects[key] = .milliseconds(Int64(ms)) }
-        }
-        connectTimeouts = connects
+        connectTimeouts = EndpointKey.keyed(table.connectTimeouts).mapValues { .milliseconds(Int64($0)) }
         var matchers: [String: RouteMatcher] = [:]
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
         self.matchers = matchers

@@ -32,6 +32,16 @@ struct EndpointKey: Hashable, CustomStringConvertible {
         self.init(ip: ip, port: port, node: "")
     }
 
+    /// A route table map by "ip:port" (ProxyTable.upstreamIdleTimeouts,
+    /// connectTimeouts), by key; entries that do not parse are left out.
+    static func keyed<V>(_ map: [String: V]?) -> [EndpointKey: V] {
+        var out: [EndpointKey: V] = [:]
+        for (address, value) in map ?? [:] {
+            if let key = EndpointKey(backend: address) { out[key] = value }
+        }
+        return out
+    }
+
     var address: String { ip.description }
     var description: String { "\(ip):\(port)" }
 
@@ -54,11 +64,7 @@ struct UpstreamIdleTimeouts: Sendable {
 
     init(_ table: ProxyTable) {
         mesh = table.upstreamIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultUpstreamIdleTimeoutMilliseconds
-        var byBackend: [EndpointKey: Int] = [:]
-        for (address, ms) in table.upstreamIdleTimeouts ?? [:] {
-            if let key = EndpointKey(backend: address) { byBackend[key] = ms }
-        }
-        self.byBackend = byBackend
+        byBackend = EndpointKey.keyed(table.upstreamIdleTimeouts)
         shortest = byBackend.values.reduce(mesh) { ProxyTable.shorterIdleTimeout($0, $1) }
     }
 }
@@ -368,7 +374,7 @@ final class UpstreamPool {
     /// connectionIdleTimeout, or the mesh's), and HTTP/2 ones with no
     /// stream open or opened that long, are closed; the other kept ones
     /// count the sweep.
-    private func closeIdle(after sweep: IdleSweep) {
+    private func closeIdle(after _: IdleSweep) {
         var closed = 0
         let timeouts = idleTimeouts()
         let period = ConnectionRegistry.period(timeouts.shortest)

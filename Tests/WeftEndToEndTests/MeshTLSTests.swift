@@ -629,6 +629,8 @@ struct MeshTLSTests {
         let after = Double(words.last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? -1
         #expect(words.first == "True" && after >= 0.9 && after < 2.5, "n2's tunnel port and a client that never said hello: \(silent)")
         #expect(try proxyStat("n2", "tunnel_handshake_timeouts_total") == 1)
+        #expect(try metric("n2", "weft_tls_handshakes_total{", ["role=\"server\"", "result=\"failed\""]) >= 1,
+                "the cut handshake is not counted as a failed one")
     }
 
     /// Rolling restarts of the destination nodes' proxies under steady

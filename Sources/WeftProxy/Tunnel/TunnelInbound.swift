@@ -359,9 +359,10 @@ enum TunnelServer {
 /// long as the node ran. Twice, so that a Weft source always goes first
 /// and never races the GOAWAY with a new stream (one that did would have
 /// it refused, and open it on a new tunnel). The express path does this in
-/// TunnelRelay; this is `--no-express`'s, in front of NIO's connection
-/// management handler (which drains on ChannelShouldQuiesceEvent), told of
-/// streams by NIOHTTP2Handler's delegate, which it passes on.
+/// TunnelRelay; this is `--no-express`'s, behind NIO's connection
+/// management handler, which it has drain by sending ChannelShouldQuiesceEvent
+/// from the pipeline's front; told of streams by NIOHTTP2Handler's
+/// delegate, which it passes on to the management handler's.
 final class InboundTunnelIdle: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = Never
 
