@@ -529,9 +529,13 @@ struct ResilienceTests {
                     && [nil, 0].contains(posts.last?["reset"] as? Int), "\(posts)")
         #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the open h2c stream left the express path")
 
-        // Faults at 25%: within 3 points over 2,000 requests, judged on the
-        // express path (nothing handed over), and counted as the full path
-        // counts them: flag FI (no upstream) for an abort, DI for a delay.
+        // Faults at 25%: within 4.5 points over 2,000 requests (a binomial's
+        // standard deviation here is 0.97 points: 3 points, 3.1 of them,
+        // failed by chance about once in 500 runs; 4.5 points, 4.6 of them,
+        // once in 250,000), judged on the express path (nothing handed
+        // over), and counted as the full path counts them: flag FI (no
+        // upstream) for an abort, DI for a delay. A fault at any other
+        // percentage (0, 50, every request) is outside it.
         func series(_ service: String, flags: String, code: String) throws -> Double {
             try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
                 .split(separator: "\n").filter {
@@ -541,7 +545,7 @@ struct ResilienceTests {
         }
         let handedBeforeFaults = try stat("n1", "express_handovers_total")
         let aborts = counts(try lab.load(in: "client", ["spread", "http://198.19.4.30/", "2000", "8"]), "codes")
-        #expect(aborts.values.reduce(0, +) == 2000 && abs(Double(aborts["503"] ?? 0) / 2000 - 0.25) <= 0.03, "\(aborts)")
+        #expect(aborts.values.reduce(0, +) == 2000 && abs(Double(aborts["503"] ?? 0) / 2000 - 0.25) <= 0.045, "\(aborts)")
         #expect(try series("fi-abort", flags: "FI", code: "503") == Double(aborts["503"] ?? -1), "aborts counted with flag FI")
         // Delays: the proxy counts the requests it held; the client sees at
         // least that many slow answers (others can be slow on a busy VM).
@@ -554,13 +558,14 @@ struct ResilienceTests {
         let delayed = Double(try delayedSoFar() - delayedBefore)
         let slow = Double(delays["slow"] as? Int ?? 0)
         print("figure: aborts \(aborts), delayed \(delayed) of 2000 (client saw \(slow) slow)")
-        #expect(counts(delays, "codes") == ["200": 2000] && abs(delayed / 2000 - 0.25) <= 0.03 && slow >= delayed, "\(delays)")
+        #expect(counts(delays, "codes") == ["200": 2000] && abs(delayed / 2000 - 0.25) <= 0.045 && slow >= delayed, "\(delays)")
         #expect(try series("fi-delay", flags: "DI", code: "200") == delayed, "delays counted with flag DI")
         #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "HTTP/1.1 faults left the express path")
         try expectNoSlotHeld("after the delays")
 
-        // h2c streams too, on the express path: 1,000 through the abort, 200
-        // through the delay (h2load counts a 5xx as failed, not errored).
+        // h2c streams too, on the express path: 1,000 through the abort
+        // (within 6.5 points: 4.7 standard deviations), 200 through the
+        // delay (h2load counts a 5xx as failed, not errored).
         func h2Codes(_ url: String, _ n: Int) throws -> (output: String, ok: Int, failed5xx: Int) {
             let run = try LabHarness.run(["lab", "exec", "client", "--", "timeout", "-s", "KILL", "60", "h2load", "-n", "\(n)",
                                           "-c", "1", "-m", "50", url])
@@ -575,7 +580,7 @@ struct ResilienceTests {
         let abortedBeforeH2 = try series("fi-abort", flags: "FI", code: "503")
         let h2Aborts = try h2Codes("http://198.19.4.30/", 1000)
         #expect(h2Aborts.output.contains("1000 done") && h2Aborts.output.contains(" 0 errored")
-                    && h2Aborts.ok + h2Aborts.failed5xx == 1000 && abs(Double(h2Aborts.failed5xx) / 1000 - 0.25) <= 0.05,
+                    && h2Aborts.ok + h2Aborts.failed5xx == 1000 && abs(Double(h2Aborts.failed5xx) / 1000 - 0.25) <= 0.065,
                 "h2c through the abort: \(h2Aborts.output)")
         #expect(try series("fi-abort", flags: "FI", code: "503") - abortedBeforeH2 == Double(h2Aborts.failed5xx), "h2c aborts counted")
         let delayedBeforeH2 = try delayedSoFar()
