@@ -66,6 +66,8 @@ enum Express {
     /// tunnel to the backend's node when it is on another one.
     struct Target {
         var route: String
+        /// The backend of the route's split drawn (its cluster's name).
+        var cluster: String
         var key: EndpointKey
         /// The backend's pool state on this loop (in-flight count, idle connections).
         var state: UpstreamPool.EndpointState
@@ -82,6 +84,28 @@ enum Express {
         /// backend only after it: a delayed request counts against no
         /// circuit breaker and no least-request choice while it waits.
         var delay: Duration?
+    }
+
+    /// What the express path did for a request it chose a backend for
+    /// (Target) and then hands to the full path: the full path goes on
+    /// from there, as if it had done it, rather than starting over. Its
+    /// split's draw stands (`cluster`); the Service's TrafficPolicy was
+    /// judged once (a rate limit's token taken, a fault drawn) and is not
+    /// judged again; and a connect that failed is the full path's first
+    /// attempt (`failedConnect`), so that the full path tries another
+    /// backend, or answers 503 at once when it would not try again (one
+    /// backend): a connect timeout costs one timeout, not two.
+    struct Handed {
+        var cluster: String
+        /// An injected delay drawn: served, or still to be served (handed
+        /// over during the wait: the full path waits it out from the start).
+        enum Delay { case none, served, pending(Duration) }
+        var delay = Delay.none
+        struct FailedConnect {
+            var key: EndpointKey
+            var reason: String
+        }
+        var failedConnect: FailedConnect?
     }
 
     /// What Express.target decides for a request.
@@ -190,7 +214,7 @@ enum Express {
                 delay = d
             }
         }
-        return .forward(Target(route: action.name, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie,
+        return .forward(Target(route: action.name, cluster: cluster.cluster, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie,
                                delay: delay))
     }
 

@@ -158,6 +158,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
+        /// The backend of the route's split drawn (captured connections).
+        var cluster = ""
         /// An injected delay (TrafficPolicy): how long, then its timer.
         var delay: Duration?
         var waiting: Scheduled<Void>?
@@ -653,6 +655,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                 length: total, outgoing: out)
         exchange.hold = chosen.hold
         exchange.setCookie = chosen.setCookie
+        exchange.cluster = chosen.cluster
         exchange.delay = chosen.delay
         if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
             func first(_ name: String) -> String? { Self.values(p, fields, name, split: false).first }
@@ -712,7 +715,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 exchange.waiting = nil
                 guard Express.resume(&exchange.hold, state: exchange.state, tunnel: exchange.tunnel) else {
                     self.giveBack(exchange)
-                    return self.handOver()
+                    return self.handOver(Self.handed(exchange))
                 }
                 self.start(exchange, loop: loop)
             }
@@ -755,9 +758,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         Express.countConnectFailure(exchange.key, error, snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop,
                                     proxy: proxy)
         exchange.hold?.record(.localFailure)
-        // Nothing was sent: the full path tries another backend or answers 503.
+        // Nothing was sent: the full path tries another backend or answers
+        // 503, this connect counted as its first attempt.
         giveBack(exchange)
-        handOver()
+        handOver(Self.handed(exchange, failed: .init(key: exchange.key, reason: "\(error)")))
+    }
+
+    /// What the full path takes over with an exchange's request (captured
+    /// connections; a delivering node's InboundHTTP starts over).
+    private static func handed(_ exchange: Exchange, failed: Express.Handed.FailedConnect? = nil) -> Express.Handed {
+        Express.Handed(cluster: exchange.cluster, delay: exchange.delayed ? .served : .none, failedConnect: failed)
     }
 
     /// Ends the exchange without an answer of its own and puts its request
@@ -938,7 +948,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             // Perhaps the server closed an idle connection as the request
             // went out: the full path sends it again.
             giveBack(exchange)
-            return handOver()
+            return handOver(Self.handed(exchange))
         }
         countReset(exchange)
         respondLocally(exchange, .badGateway, "weft: upstream \(exchange.key) reset the connection before responding\n", flags: "UC")
@@ -1052,7 +1062,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// Puts the full HTTP/1 path behind this handler, gives it every byte
     /// not yet sent on, and leaves. Only between exchanges.
-    private func handOver() {
+    /// `handed`: what was done for the request in front of `inbound`, an
+    /// exchange given back (Express.Handed).
+    private func handOver(_ handed: Express.Handed? = nil) {
         guard let context, !handedOver, exchange == nil else { return }
         handedOver = true
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
@@ -1061,6 +1073,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             let full = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
             full.onUpgrade = Upgrade.splice
             full.acceptsH2CUpgrade = true
+            full.handed = handed
             handler = full
         } else if let delivery {
             handler = InboundHTTP(proxy: proxy, request: delivery.request, target: delivery.key, isHTTP2: false)

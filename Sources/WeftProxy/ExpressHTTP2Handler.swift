@@ -137,7 +137,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
-        /// An injected delay's timer (TrafficPolicy), while it runs.
+        /// The backend of the route's split drawn.
+        var cluster = ""
+        /// An injected delay (TrafficPolicy), and its timer while it runs.
+        var delay: Duration?
         var waiting: Scheduled<Void>?
         var delayed = false
         /// Counted in its backend's in-flight requests (not while delayed).
@@ -559,7 +562,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         stream.hold = chosen.hold
         stream.setCookie = chosen.setCookie
+        stream.cluster = chosen.cluster
         if let delay = chosen.delay {
+            stream.delay = delay
             // An injected delay: the stream waits (its backend's slot given
             // back, Express.Target.delay), then starts once its body is in.
             stream.delayed = true
@@ -602,8 +607,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 Express.countConnectFailure(stream.key, error, snapshot: stream.snapshot, frontendKey: self.frontendKey,
                                             loop: loop, proxy: self.proxy)
                 stream.hold?.record(.localFailure)
-                // Nothing was sent: the full path tries another backend or answers 503.
-                self.handOver(stream)
+                // Nothing was sent: the full path tries another backend or
+                // answers 503, this connect counted as its first attempt.
+                self.handOver(stream, failed: .init(key: stream.key, reason: "\(error)"))
             }
         }
     }
@@ -634,9 +640,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// Gives a stream nothing was answered on to the multiplexer, as if its
     /// frames had just come: its HEADERS, the body read so far, then `then`
     /// (the frame that made the express path let go, if one did). The full
-    /// path takes it from there.
-    private func handOver(_ stream: Stream, then: HTTP2Frame? = nil) {
+    /// path takes it from there, told what was done for the request
+    /// (Express.Handed; `failed`: its connect failed).
+    private func handOver(_ stream: Stream, then: HTTP2Frame? = nil, failed: Express.Handed.FailedConnect? = nil) {
         guard let context, loop != nil, streams.removeValue(forKey: stream.id) != nil else { return }
+        let delay: Express.Handed.Delay = stream.delay.map { stream.waiting == nil ? .served : .pending($0) } ?? .none
         stream.waiting?.cancel()
         stream.upstream?.close()
         stream.upstream = nil
@@ -645,7 +653,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         handed.insert(stream.id)
         if stream.requestOpen { bodies[stream.id] = stream.declared }
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
+        // The multiplexer sets up the stream's channel as it reads the
+        // HEADERS; its full path takes what was done from streamChannels.
+        streamChannels.handing = (stream.id, Express.Handed(cluster: stream.cluster, delay: delay, failedConnect: failed))
         context.fireChannelRead(wrapInboundOut(HTTP2Frame(streamID: stream.id, payload: .headers(stream.request))))
+        streamChannels.handing = nil
         if let created = stream.created { context.fireUserInboundEventTriggered(created) }
         if let body = stream.body, body.readableBytes > 0 || !stream.requestOpen {
             // All of it if the request had ended (a late hand-over), else what came.
@@ -758,12 +770,13 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             // From a tunnel: the backend's node could not reach the pod.
             // Nothing went to the client: the full path tries another
             // backend or answers 503, as for a refused connect.
+            let refused = TunnelRefused(status: 0, reason: "\(stream.key) could not be reached from its node")
             if let loop {
-                Express.countConnectFailure(stream.key, TunnelRefused(status: 0, reason: "\(stream.key) could not be reached from its node"),
-                                            snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
+                Express.countConnectFailure(stream.key, refused, snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop,
+                                            proxy: proxy)
             }
             stream.hold?.record(.localFailure)
-            handOver(stream)
+            handOver(stream, failed: .init(key: stream.key, reason: "\(refused)"))
             return nil
         case .interim(let length):
             raw.moveReaderIndex(forwardBy: length)

@@ -33,7 +33,9 @@ enum HTTP2ServerPipeline {
                     let pipeline = stream.pipeline.syncOperations
                     if checked { try pipeline.addHandler(HTTP2FieldCheck()) }
                     try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                    try pipeline.addHandler(HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true))
+                    let full = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true)
+                    full.handed = known.value.handed(to: stream)
+                    try pipeline.addHandler(full)
                     StreamChannels.add(stream, to: known)
                 }
             }

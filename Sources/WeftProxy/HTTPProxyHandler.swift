@@ -67,6 +67,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     var acceptsH2CUpgrade = false
     /// An h2c Upgrade request taken, until its end.
     private var h2cUpgrade: HTTPRequestHead?
+    /// Set by the express path that hands this connection or stream over
+    /// with a request it chose a backend for: what it did (its split's
+    /// draw, the TrafficPolicy judged, a failed connect as the first
+    /// attempt), for the first request read (Express.Handed).
+    var handed: Express.Handed?
 
     init(proxy: ProxyContext, origin: CapturedOrigin, isHTTP2: Bool) {
         self.proxy = proxy
@@ -376,6 +381,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func begin(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         proxy.stats.requests.add(1, ordering: .relaxed)
         let snapshot = proxy.snapshot
+        let handed = self.handed
+        self.handed = nil
         record = Record(start: .now(), wallStart: AccessLog.now(), snapshot: snapshot, head: head)
         // NIO's HTTP/1 decoder parses nothing after a request that asks for
         // an upgrade: unless the upgrade happens, the connection ends after
@@ -439,7 +446,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 mirrors.append(m)
             }
         }
-        guard let cluster = loop.flatMap({ Self.pickCluster(action.backends, using: &$0.random) }) else {
+        // (The express path's draw stands for a request it hands over.)
+        let drawn = handed.flatMap { h in action.backends.first { $0.cluster == h.cluster && $0.weight > 0 } }
+        guard let cluster = drawn ?? loop.flatMap({ Self.pickCluster(action.backends, using: &$0.random) }) else {
             let reason = action.backends.isEmpty ? "has no backendRefs" : "has only backends of weight 0"
             record?.flags.append("NR")
             return respondLocally(head, .internalServerError, "weft: route \(action.name) \(reason)\n", keepAlive: keepAlive)
@@ -470,9 +479,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         record?.span = span
         record?.requestID = upstream.headers.first(name: "x-request-id")
 
-        // The Service's TrafficPolicy, request side: rate limit, then faults.
+        // The Service's TrafficPolicy, request side: rate limit, then faults
+        // (judged once: the express path judged a request it hands over).
         var delay: Duration?
-        if !snapshot.guards.isEmpty, let guardState = snapshot.guards[frontendKey], let loop {
+        if let handed {
+            switch handed.delay {
+            case .none: break
+            case .served: record?.flags.append("DI")
+            case .pending(let d):
+                record?.flags.append("DI")
+                delay = d
+            }
+        } else if !snapshot.guards.isEmpty, let guardState = snapshot.guards[frontendKey], let loop {
             let headers = head.headers
             switch guardState.judge(route: action.name, source: origin.source, header: { headers[canonicalForm: $0].first },
                                     snapshot: snapshot, random: &loop.random) {
@@ -524,7 +542,23 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
             return
         }
+        if let failed = handed?.failedConnect { return failedOnTheExpressPath(failed) }
         startAttempt()
+    }
+
+    /// The express path's connect for this request failed (nothing was
+    /// sent): that was its first attempt, so the request goes on as after a
+    /// failed connect of its own: another backend, or 503 when it would
+    /// not try again.
+    private func failedOnTheExpressPath(_ failed: Express.Handed.FailedConnect) {
+        guard let r = request else { return }
+        r.attempts = 1
+        r.tried.insert(failed.key)
+        record?.upstream = failed.key
+        record?.attempts = 1
+        record?.lastFlag = "UF"
+        retryOrFail(.serviceUnavailable, "weft: cannot connect to \(failed.key) for \(r.cluster.cluster): \(failed.reason)\n",
+                    sentNothing: true)
     }
 
     // MARK: attempts

@@ -123,6 +123,18 @@ struct StallCount {
 /// event loop only (NIOLoopBound where it is captured).
 final class StreamChannels {
     private var channels: [ObjectIdentifier: any Channel] = [:]
+    /// A stream the express path hands to the full path, while the
+    /// multiplexer reads its HEADERS and sets up its channel: what was done
+    /// for its request, for the stream's full path (`handed(to:)`).
+    var handing: (id: HTTP2StreamID, handed: Express.Handed)?
+
+    /// What the express path did for the request of `stream`, a stream
+    /// channel being set up, if it handed it over (ExpressHTTP2Handler).
+    func handed(to stream: any Channel) -> Express.Handed? {
+        guard let handing, (try? stream.syncOptions?.getOption(HTTP2StreamChannelOptions.streamID)) == handing.id else { return nil }
+        self.handing = nil
+        return handing.handed
+    }
 
     /// A stream channel set up; it leaves when it closes.
     static func add(_ stream: any Channel, to box: NIOLoopBound<StreamChannels>) {

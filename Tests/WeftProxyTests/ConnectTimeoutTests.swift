@@ -10,11 +10,11 @@ import Testing
 /// the rig's `stall` Service (the express path) and `stall-full` (a route
 /// with filters: the full path) are pointed at a backend that never
 /// answers a SYN (a listener whose accept queue is full), and a request is
-/// answered 503 once the connect gives up: after the Service's 300 ms on
-/// the full path, and twice that on the express path (which hands a failed
-/// connect over to the full path, which tries once more: one backend
-/// here); after the proxy's own 2 s where no policy sets one (the full
-/// path only: the express path's twice that is past the client's 4 s).
+/// answered 503 once the connect gives up: after the Service's 300 ms, or
+/// the proxy's own 2 s where no policy sets one, over HTTP/1.1 and h2c, on
+/// the full path and on the express path (which hands a failed connect
+/// over to the full path as its first attempt: with one backend, the full
+/// path answers at once rather than trying it again).
 @Suite(.serialized) struct ConnectTimeoutTests {
     /// A listener on 127.0.0.4 whose accept queue (backlog 0) is filled by
     /// one connection nobody accepts: the kernel drops every later SYN.
@@ -54,36 +54,83 @@ import Testing
     }
 
     /// One request on a client connection of its own to the rig's listener
-    /// `port`: the status line, and how long the answer took.
-    static func request(_ port: Int) -> (status: String, seconds: Double) {
+    /// `port`, HTTP/1.1 or h2c with prior knowledge: the status code, and
+    /// how long the answer took.
+    static func request(_ port: Int, h2: Bool = false) -> (status: String, seconds: Double) {
         let start = ContinuousClock.now
+        if h2 {
+            let seen = StreamIdleTests.talk(port, FuzzInput.h2Request(), done: { FuzzInput.h2Status($0) != nil })
+            return (FuzzInput.h2Status(seen.bytes) ?? "none", seen.after ?? StreamIdleTests.seconds(ContinuousClock.now - start))
+        }
         let seen = StreamIdleTests.talk(port, Array("GET / HTTP/1.1\r\nhost: stall.fz\r\nconnection: close\r\n\r\n".utf8))
-        let status = seen.text.split(separator: "\r\n").first.map(String.init) ?? ""
+        let line = seen.text.split(separator: "\r\n").first ?? ""
+        let status = line.hasPrefix("HTTP/1.1 ") ? String(line.dropFirst(9).prefix(3)) : "none: \(line)"
         return (status, StreamIdleTests.seconds(ContinuousClock.now - start))
+    }
+
+    /// The rig with its stalling backend's address in the route table
+    /// pointed at `hole`; `table` changes the table after that.
+    static func rig(_ hole: BlackHole, table: @escaping (inout ProxyTable) -> Void) throws -> ProxyFuzzTests.Rig {
+        let port = hole.port
+        return try ProxyFuzzTests.Rig { t in
+            for (name, endpoints) in t.clusters {
+                t.clusters[name] = endpoints.map { e in
+                    var e = e
+                    if e.address == "127.0.0.4" { e.port = port }
+                    return e
+                }
+            }
+            table(&t)
+        }
     }
 
     @Test(arguments: [true, false])
     func aServicesConnectTimeoutEndsAConnectNobodyAnswers(own: Bool) throws {
         let hole = try BlackHole()
         let port = hole.port
-        let rig = try ProxyFuzzTests.Rig { table in
-            for (name, endpoints) in table.clusters {
-                table.clusters[name] = endpoints.map { e in
-                    var e = e
-                    if e.address == "127.0.0.4" { e.port = port }
-                    return e
-                }
-            }
+        let rig = try Self.rig(hole) { table in
             if own { table.connectTimeouts = ["127.0.0.4:\(port)": 300] }
         }
         defer { rig.shutdown() }
         defer { withExtendedLifetime(hole) {} }
-        for full in own ? [false, true] : [true] {
-            let (status, seconds) = Self.request(rig.stallPort(full: full))
-            let what = "\(full ? "full" : "express") path, \(own ? "the Service's 300 ms" : "the proxy's 2 s")"
-            #expect(status.hasPrefix("HTTP/1.1 503"), "\(what): \(status)")
-            let bounds = own ? (full ? 0.28...0.9 : 0.56...1.4) : 1.9...3.0
-            #expect(bounds.contains(seconds), "\(what): answered after \(seconds) s")
+        for full in [false, true] {
+            for h2 in [false, true] {
+                let (status, seconds) = Self.request(rig.stallPort(full: full), h2: h2)
+                let what = "\(full ? "full" : "express") path, \(h2 ? "h2c" : "HTTP/1.1"), "
+                    + (own ? "the Service's 300 ms" : "the proxy's 2 s")
+                #expect(status == "503", "\(what): \(status)")
+                let bounds = own ? 0.28...0.55 : 1.9...2.6
+                #expect(bounds.contains(seconds), "\(what): answered after \(seconds) s")
+            }
+        }
+    }
+
+    /// A request the express path delayed (fault injection, every request,
+    /// 300 ms) and whose connect then failed (the Service's 300 ms) is
+    /// handed over judged: the full path neither draws the fault again nor
+    /// tries the one backend again, so the answer comes after one delay and
+    /// one connect timeout, HTTP/1.1 and h2c.
+    @Test func aHandedOverRequestIsJudgedOnce() throws {
+        let hole = try BlackHole()
+        let port = hole.port
+        let rig = try Self.rig(hole) { table in
+            table.connectTimeouts = ["127.0.0.4:\(port)": 300]
+            var faults = TrafficPolicy.FaultInjection()
+            faults.delay = .init(fixedDelay: .milliseconds(300), percentage: 100)
+            table.frontends["\(ProxyFuzzTests.stallVIP):80"]?.faultInjection = faults
+        }
+        defer { rig.shutdown() }
+        defer { withExtendedLifetime(hole) {} }
+        #expect(rig.proxy.snapshot.guards["\(ProxyFuzzTests.stallVIP):80"] != nil, "the fault is in force")
+        for h2 in [false, true] {
+            let delayedBefore = rig.proxy.stats.faultsDelayed.load(ordering: .relaxed)
+            let handedBefore = rig.proxy.stats.expressHandovers.load(ordering: .relaxed)
+            let (status, seconds) = Self.request(rig.stallPort(full: false), h2: h2)
+            let what = h2 ? "h2c" : "HTTP/1.1"
+            #expect(status == "503", "\(what): \(status)")
+            #expect((0.58...0.9).contains(seconds), "\(what): answered after \(seconds) s")
+            #expect(rig.proxy.stats.faultsDelayed.load(ordering: .relaxed) - delayedBefore == 1, "\(what): one delay drawn")
+            #expect(rig.proxy.stats.expressHandovers.load(ordering: .relaxed) - handedBefore == 1, "\(what): handed over")
         }
     }
 
