@@ -19,8 +19,10 @@ final class ClusterRuntime: Sendable {
         let requests = Atomic<Int>(0)
         /// Open upstream connections to it.
         let connections = Atomic<Int>(0)
-        /// Requests waiting for a new connection to it.
+        /// Requests waiting for a new connection to it: connecting, or
+        /// queued at maxConnections (`waiting`, UpstreamPool.wait).
         let pending = Atomic<Int>(0)
+        let waiting = Atomic<Int>(0)
         /// Ejected until this uptime (ns); 0: not ejected.
         let ejectedUntil = Atomic<UInt64>(0)
         /// When it joined the cluster (uptime ns), for slow start.
@@ -107,6 +109,14 @@ final class ClusterRuntime: Sendable {
         if let max = cb.maxConnections, b.connections.load(ordering: .relaxed) >= max { return "maxConnections" }
         if let max = cb.maxPendingRequests, b.pending.load(ordering: .relaxed) >= max { return "maxPendingRequests" }
         return nil
+    }
+
+    /// Whether a request that finds `b` at maxConnections may wait for a
+    /// connection: fewer than maxPendingRequests are pending (connecting
+    /// or waiting) for it.
+    func roomToWait(_ b: Backend) -> Bool {
+        guard let max = policy.circuitBreaker?.maxPendingRequests else { return true }
+        return b.pending.load(ordering: .relaxed) < max
     }
 
     /// A request's hold on the backend it was given: its request slot

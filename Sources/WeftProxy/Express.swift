@@ -374,10 +374,7 @@ enum Express {
             .whenComplete { result in
                 if let counters {
                     counters.pending.subtract(1, ordering: .relaxed)
-                    if case .success(let channel) = result {
-                        counters.connections.add(1, ordering: .relaxed)
-                        channel.closeFuture.whenComplete { _ in counters.connections.subtract(1, ordering: .relaxed) }
-                    }
+                    if case .success(let channel) = result { loop.pool.count(channel, to: key, counters: counters) }
                 }
                 switch result {
                 case .success(let channel):
@@ -431,11 +428,13 @@ enum Express {
             } else {
                 upstream.close()
             }
-        } else if reusable && upstream.isActive && idle.express.count < limit {
+        } else if reusable && upstream.isActive && idle.express.count < limit && !idle.wanted {
             upstream.keptSweeps = 0
             idle.express.append(upstream)
             pool.kept()
         } else {
+            // (Also where full-path requests wait for a connection to the
+            // backend at its maxConnections, on any loop: the room is theirs.)
             upstream.close()
         }
     }

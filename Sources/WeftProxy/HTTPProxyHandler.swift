@@ -113,6 +113,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var requestTimer: Scheduled<Void>?
         var attemptTimer: Scheduled<Void>?
         var retryTimer: Scheduled<Void>?
+        /// Waiting for a connection to the attempt's backend at its
+        /// circuit breaker's maxConnections (UpstreamPool.wait).
+        var waiting: UpstreamPool.ConnectionWait?
         /// Bumped by every attempt; callbacks of an abandoned attempt see a
         /// different number and do nothing.
         var attemptID = 0
@@ -623,19 +626,28 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         record?.attempts = r.attempts
         r.connecting = true
         var counters: ClusterRuntime.Backend?
+        var queue = false
         if let hold = r.hold {
             counters = hold.backend
             // A new connection is needed unless an idle one waits: that is
-            // where maxConnections and maxPendingRequests bite.
+            // where maxConnections and maxPendingRequests bite. At
+            // maxConnections the request waits for one (counted pending)
+            // while fewer than maxPendingRequests do; it is shed otherwise.
             if r.cluster.upstreamProtocol == .http1,
                let limit = hold.runtime.connectionLimit(hold.backend, idle: { loop.pool.hasIdle(key) }) {
-                releaseBackend()
-                r.endpoint = nil
-                r.connecting = false
-                proxy.stats.overflows.add(1, ordering: .relaxed)
-                countEvent("overflow")
-                record?.flags.append("UO")
-                return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's \(limit)\n")
+                if limit == "maxConnections", hold.runtime.roomToWait(hold.backend) {
+                    queue = true
+                } else {
+                    releaseBackend()
+                    r.endpoint = nil
+                    r.connecting = false
+                    proxy.stats.overflows.add(1, ordering: .relaxed)
+                    countEvent("overflow")
+                    record?.flags.append("UO")
+                    // (At maxConnections with maxPendingRequests waiting: named as such.)
+                    let which = limit == "maxConnections" ? "maxConnections and maxPendingRequests" : limit
+                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's \(which)\n")
+                }
             }
         }
         loop.pool.state(key).inFlight += 1
@@ -644,14 +656,60 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 self?.attemptTimedOut(id)
             }
         }
-        let proto = r.cluster.upstreamProtocol
+        if queue, let counters {
+            proxy.stats.connectionWaits.add(1, ordering: .relaxed)
+            let timeout = loop.pool.connectTimeout(for: key)
+            return waitForConnection(id: id, key: key, counters: counters, deadline: .now() + timeout, timeout: timeout)
+        }
+        connect(id: id, key: key, counters: counters)
+    }
+
+    private func connect(id: Int, key: EndpointKey, counters: ClusterRuntime.Backend?) {
+        guard let loop, let r = request else { return }
         let tunnel = loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot)
-        loop.pool.acquire(key, protocol: proto, counters: counters, tunnel: tunnel) { [weak self] result in
+        loop.pool.acquire(key, protocol: r.cluster.upstreamProtocol, counters: counters, tunnel: tunnel) { [weak self] result in
             guard let self else {
                 if case .success(let h) = result { h.close() }
                 return
             }
             self.attached(result, id: id, key: key)
+        }
+    }
+
+    /// The attempt's backend has every connection its circuit breaker
+    /// allows open (maxConnections): the request waits, up to the
+    /// backend's connect timeout from when it began to, for one to come
+    /// free on this loop or for room to open its own (UpstreamPool.wait),
+    /// and is answered 503 (flag UO) if neither comes.
+    private func waitForConnection(id: Int, key: EndpointKey, counters: ClusterRuntime.Backend, deadline: NIODeadline,
+                                   timeout: TimeAmount) {
+        guard let loop, let r = request else { return }
+        r.waiting = loop.pool.wait(for: key, counters: counters, timeout: deadline - .now()) { [weak self] outcome in
+            guard let self, let loop = self.loop, let r = self.request, r.attemptID == id, r.endpoint == key else {
+                if case .connection(let h) = outcome { h.close() }
+                return
+            }
+            r.waiting = nil
+            switch outcome {
+            case .connection(let handler):
+                self.attached(.success(handler), id: id, key: key)
+            case .room:
+                // Another request may have taken the room meanwhile.
+                if let hold = r.hold, hold.runtime.connectionLimit(counters, idle: { loop.pool.hasIdle(key) }) == "maxConnections" {
+                    return self.waitForConnection(id: id, key: key, counters: counters, deadline: deadline, timeout: timeout)
+                }
+                self.connect(id: id, key: key, counters: counters)
+            case .timedOut:
+                loop.pool.state(key).inFlight -= 1
+                self.releaseBackend()
+                r.endpoint = nil
+                r.connecting = false
+                self.proxy.stats.overflows.add(1, ordering: .relaxed)
+                self.countEvent("overflow")
+                self.record?.flags.append("UO")
+                self.fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's maxConnections,"
+                          + " and no connection to it came free in \(IdleSweep.shown(timeout))\n")
+            }
         }
     }
 
@@ -984,6 +1042,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let endpoint = r.endpoint
         r.attemptTimer?.cancel()
         r.attemptTimer = nil
+        r.waiting?.cancel()
+        r.waiting = nil
         // (Also while still connecting: the connection, when it comes, finds
         // its attempt over and is closed; nothing else would count it off.)
         if let key = endpoint, let loop {

@@ -69,6 +69,12 @@ final class ProxyContext: Sendable {
         }
         self.loops = loops
         viaToken = "weft-\(configuration.node)"
+        // Each pool knows the others, to tell them a backend has room for a
+        // connection that requests wait for (UpstreamPool.wait).
+        let pools = eventLoops.compactMap { loop in loops[ObjectIdentifier(loop)].map { (loop, $0.pool) } }
+        for (loop, pool) in pools {
+            pool.peers = pools.filter { $0.0 !== loop }.map { UpstreamPool.Peer(loop: $0.0, pool: $0.1) }
+        }
         for state in loops.values {
             state.pool.tunnels.keepalive = { [weak self] in self?.snapshot.table.tcpKeepalive }
             state.pool.idleTimeouts = { [weak self] in self?.snapshot.upstreamIdle ?? UpstreamIdleTimeouts(ProxyTable()) }

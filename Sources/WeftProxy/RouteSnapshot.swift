@@ -140,6 +140,8 @@ final class ProxyStats: Sendable {
     let h2cUpgrades = Atomic<Int>(0)
     let mirrored = Atomic<Int>(0)
     let overflows = Atomic<Int>(0)
+    /// Requests that waited for a connection at a backend's maxConnections.
+    let connectionWaits = Atomic<Int>(0)
     let rateLimited = Atomic<Int>(0)
     let faultsAborted = Atomic<Int>(0)
     let faultsDelayed = Atomic<Int>(0)
@@ -262,6 +264,7 @@ final class ProxyStats: Sendable {
             ("h2c_upgrades_total", h2cUpgrades.load(ordering: .relaxed)),
             ("mirrored_total", mirrored.load(ordering: .relaxed)),
             ("circuit_breaker_overflows_total", overflows.load(ordering: .relaxed)),
+            ("circuit_breaker_waits_total", connectionWaits.load(ordering: .relaxed)),
             ("rate_limited_total", rateLimited.load(ordering: .relaxed)),
             ("faults_aborted_total", faultsAborted.load(ordering: .relaxed)),
             ("faults_delayed_total", faultsDelayed.load(ordering: .relaxed)),

@@ -103,6 +103,62 @@ final class UpstreamPool {
         var tunnelIdle: [UInt32: [UpstreamHandler]] = [:]
         /// Idle express tunnel streams, by source pod, for the same reason.
         var expressTunnelIdle: [UInt32: [ExpressUpstream]] = [:]
+        /// Full-path requests waiting for an HTTP/1.1 connection to the
+        /// backend at its circuit breaker's maxConnections, first first;
+        /// and how many wait on the proxy's other loops (told by them).
+        var waiting: [ConnectionWait] = []
+        var waitingElsewhere = 0
+        /// Whether requests wait for a connection to the backend, here or
+        /// on another loop: a connection freed is not kept idle then.
+        var wanted: Bool { !waiting.isEmpty || waitingElsewhere > 0 }
+    }
+
+    /// A request waiting for a connection to a backend at its circuit
+    /// breaker's maxConnections (`wait(for:)`), counted in the backend's
+    /// pending requests (maxPendingRequests) while it waits, as Envoy
+    /// queues it. It ends once: given an HTTP/1.1 connection to the backend
+    /// freed on this loop, told there is room for a new one (one closed, on
+    /// any loop), or timed out.
+    final class ConnectionWait {
+        enum Outcome {
+            case connection(UpstreamHandler)
+            case room
+            case timedOut
+        }
+        fileprivate let key: EndpointKey
+        fileprivate let counters: ClusterRuntime.Backend
+        fileprivate var done: ((Outcome) -> Void)?
+        fileprivate var timer: Scheduled<Void>?
+        fileprivate weak var pool: UpstreamPool?
+
+        fileprivate init(key: EndpointKey, counters: ClusterRuntime.Backend, done: @escaping (Outcome) -> Void) {
+            self.key = key
+            self.counters = counters
+            self.done = done
+        }
+
+        /// The request went (its client left, its timeout): nothing is told.
+        func cancel() {
+            done = nil
+            pool?.leave(self)
+        }
+    }
+
+    /// The pools of the proxy's other loops, told when a backend's counted
+    /// connection closes while requests wait for one (ProxyContext sets it).
+    var peers: [Peer] = []
+
+    /// Another loop's pool, touched only in a task on that loop.
+    struct Peer: @unchecked Sendable {
+        let loop: any EventLoop
+        weak var pool: UpstreamPool?
+
+        /// Runs `body` with the pool on its own loop.
+        func run(_ body: @escaping @Sendable (UpstreamPool) -> Void) {
+            loop.execute { [self] in
+                if let pool { body(pool) }
+            }
+        }
     }
 
     let eventLoop: any EventLoop
@@ -302,11 +358,10 @@ final class UpstreamPool {
             }
             guard let counters else { return connectHTTP1(key, completion) }
             counters.pending.add(1, ordering: .relaxed)
-            connectHTTP1(key) { result in
+            connectHTTP1(key) { [self] result in
                 counters.pending.subtract(1, ordering: .relaxed)
                 if case .success(let handler) = result, let channel = handler.channel {
-                    counters.connections.add(1, ordering: .relaxed)
-                    channel.closeFuture.whenComplete { _ in counters.connections.subtract(1, ordering: .relaxed) }
+                    count(channel, to: key, counters: counters)
                 }
                 completion(result)
             }
@@ -347,13 +402,106 @@ final class UpstreamPool {
             kept()
             return
         }
-        guard reusable, handler.isActive, s.idle.count < configuration.maxIdlePerBackend else {
+        if reusable, handler.isActive, !s.waiting.isEmpty {
+            // A request waits for a connection to this backend: it takes it.
+            handler.reused = true
+            return finish(s.waiting[0], .connection(handler))
+        }
+        // (One waits on another loop: the room is its.)
+        guard reusable, handler.isActive, s.idle.count < configuration.maxIdlePerBackend, s.waitingElsewhere == 0 else {
             handler.close()
             return
         }
         handler.keptSweeps = 0
         s.idle.append(handler)
         kept()
+    }
+
+    // MARK: waiting for a connection (circuitBreaker.maxConnections)
+
+    /// A connection to `key` counted against its circuit breaker
+    /// (`counters`) while open; when it closes and requests wait for one,
+    /// every loop's pool is told there is room (`roomFreed`).
+    func count(_ channel: any Channel, to key: EndpointKey, counters: ClusterRuntime.Backend) {
+        counters.connections.add(1, ordering: .relaxed)
+        channel.closeFuture.assumeIsolated().whenComplete { [weak self] _ in
+            counters.connections.subtract(1, ordering: .relaxed)
+            guard counters.waiting.load(ordering: .relaxed) > 0, let self else { return }
+            roomFreed(key)
+            for peer in peers { peer.run { $0.roomFreed(key) } }
+        }
+    }
+
+    /// Waits, up to `timeout`, for a connection to `key`, whose every
+    /// connection allowed is open (HTTPProxyHandler). Where another loop
+    /// keeps one of them idle, or the express path does on this one, it is
+    /// closed, so that the room comes free; and while it waits, the other
+    /// loops keep none idle (`EndpointState.wanted`).
+    func wait(for key: EndpointKey, counters: ClusterRuntime.Backend, timeout: TimeAmount,
+              _ done: @escaping (ConnectionWait.Outcome) -> Void) -> ConnectionWait {
+        let s = state(key)
+        let wait = ConnectionWait(key: key, counters: counters, done: done)
+        wait.pool = self
+        counters.pending.add(1, ordering: .relaxed)
+        counters.waiting.add(1, ordering: .relaxed)
+        s.waiting.append(wait)
+        wait.timer = eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self, weak wait] in
+            guard let self, let wait else { return }
+            finish(wait, .timedOut)
+        }
+        closeOneIdle(key)
+        for peer in peers {
+            peer.run { pool in
+                pool.state(key).waitingElsewhere += 1
+                pool.closeOneIdle(key)
+            }
+        }
+        return wait
+    }
+
+    /// A connection to `key` closed somewhere: the first request waiting
+    /// here for one goes to open its own (it checks the limit again).
+    func roomFreed(_ key: EndpointKey) {
+        guard let first = endpoints[key]?.waiting.first else { return }
+        finish(first, .room)
+    }
+
+    /// Closes one connection to `key` kept idle here (the full path's or
+    /// the express path's); whether there was one.
+    @discardableResult
+    func closeOneIdle(_ key: EndpointKey) -> Bool {
+        guard let s = endpoints[key] else { return false }
+        if let c = s.idle.popLast() {
+            c.close()
+            return true
+        }
+        if let c = s.express.popLast() {
+            c.close()
+            return true
+        }
+        return false
+    }
+
+
+    private func finish(_ wait: ConnectionWait, _ outcome: ConnectionWait.Outcome) {
+        leave(wait)
+        guard let done = wait.done else {
+            if case .connection(let handler) = outcome { release(handler, to: wait.key, reusable: true) }
+            return
+        }
+        wait.done = nil
+        done(outcome)
+    }
+
+    fileprivate func leave(_ wait: ConnectionWait) {
+        guard let s = endpoints[wait.key], let i = s.waiting.firstIndex(where: { $0 === wait }) else { return }
+        s.waiting.remove(at: i)
+        wait.timer?.cancel()
+        wait.timer = nil
+        wait.counters.pending.subtract(1, ordering: .relaxed)
+        wait.counters.waiting.subtract(1, ordering: .relaxed)
+        let key = wait.key
+        for peer in peers { peer.run { $0.state(key).waitingElsewhere -= 1 } }
     }
 
     /// The connections kept for the next request now.

@@ -438,7 +438,7 @@ struct ResilienceTests {
             service("fi-wait", ip: "198.19.4.32", app: "fi"), service("fi-cc", ip: "198.19.4.33", app: "cw"),
         ], policies: [
             policy("cb", "circuitBreaker: {maxRequests: 5}"),
-            policy("cc", "circuitBreaker: {maxConnections: 1}"),
+            policy("cc", "circuitBreaker: {maxConnections: 1, maxPendingRequests: 1}"),
             policy("rl", "rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}"),
             policy("rl-slow", "rateLimit: {requests: 1, interval: 10m, burst: 1, key: Route}"),
             policy("fi-abort", "faultInjection: {abort: {httpStatus: 503, percentage: 25}}"),
@@ -459,18 +459,30 @@ struct ResilienceTests {
         #expect(try stat("n1", "express_handovers_total") - handed == 15, "only the shed requests left the express path")
         try expectNoSlotHeld("after the burst")
 
-        // maxConnections 1 (a pod of its own: idle connections are kept per
-        // backend, and a request that finds one opens none): while a slow
-        // request holds the one connection, the next, which would need a
-        // second, is shed; the express path counts its connections as the
-        // full path does.
+        // maxConnections 1, maxPendingRequests 1 (a pod of its own: idle
+        // connections are kept per backend, and a request that finds one
+        // opens none): while a slow request holds the one connection, of
+        // the next two, which would each need a second, one waits for it
+        // (as Envoy queues it) and is answered once the first is done; the
+        // other would be a second waiting and is shed. The express path
+        // counts its connections as the full path does, and hands both to
+        // the full path, which queues.
         let held = try stat("n1", "express_handovers_total")
-        let two = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
-                                      "curl -s -o /dev/null -w 'A:%{http_code}\\n' http://198.19.4.11/sleep/1500 & sleep 0.4; "
-                                      + "curl -s -w 'B:%{http_code}\\n' http://198.19.4.11/; wait"])
-        #expect(two.output.contains("A:200") && two.output.contains("B:503") && two.output.contains("maxConnections"), "\(two.output)")
+        let waitsBefore = try stat("n1", "circuit_breaker_waits_total")
+        let three = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
+                                        "curl -s -o /dev/null -w 'A:%{http_code}:%{time_total}\\n' http://198.19.4.11/sleep/1500 & sleep 0.4; "
+                                        + "for n in B C; do curl -s -w \"$n:%{http_code}:%{time_total}\\n\" http://198.19.4.11/ & done; wait"])
+        let ends = three.output.split(separator: "\n").filter { $0.hasPrefix("A:") || $0.hasPrefix("B:") || $0.hasPrefix("C:") }
+        let waitedFor = ends.filter { !$0.hasPrefix("A:") && $0.contains(":200:") }
+        let shedOne = ends.filter { $0.contains(":503:") }
+        #expect(ends.contains { $0.hasPrefix("A:200:") } && waitedFor.count == 1 && shedOne.count == 1
+                    && three.output.contains("at its circuit breaker's maxConnections and maxPendingRequests"), "\(three.output)")
+        // (It waited for the first's 1.1 s left, not the 2 s connect timeout.)
+        let waitedSeconds = waitedFor.first.flatMap { Double($0.split(separator: ":").last ?? "") } ?? 0
+        #expect(waitedSeconds >= 0.8 && waitedSeconds < 1.9, "\(three.output)")
         #expect(try stat("n1", "circuit_breaker_overflows_total") == 16)
-        #expect(try stat("n1", "express_handovers_total") - held == 1, "the first request rode the express path")
+        #expect(try stat("n1", "circuit_breaker_waits_total") - waitsBefore == 1)
+        #expect(try stat("n1", "express_handovers_total") - held == 2, "the first request rode the express path")
         try expectNoSlotHeld("after maxConnections")
 
         // 100 a second with a burst of 100, for 10 s: burst + rate x time,
@@ -611,14 +623,17 @@ struct ResilienceTests {
         // The connection limit is checked again after the wait: two requests
         // that both found room before a 1 s delay under maxConnections 1
         // cannot both open a connection. The second is handed to the full
-        // path (which judges it again: another second) and shed there while
-        // the first still holds the one connection.
+        // path (which does not judge it again), waits there for the one
+        // connection the first holds for 3.5 s, and is shed once the
+        // backend's connect timeout (2 s) has passed without it.
         let overflowsBeforeWait = try stat("n1", "circuit_breaker_overflows_total")
         let twoWaiting = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
-                                             "curl -s -o /dev/null -w 'A:%{http_code}\\n' http://198.19.4.33/sleep/2500 & sleep 0.2; "
-                                             + "curl -s -w 'B:%{http_code}\\n' http://198.19.4.33/; wait"])
-        #expect(twoWaiting.output.contains("A:200") && twoWaiting.output.contains("B:503")
-                    && twoWaiting.output.contains("maxConnections"), "\(twoWaiting.output)")
+                                             "curl -s -o /dev/null -w 'A:%{http_code}\\n' http://198.19.4.33/sleep/3500 & sleep 0.2; "
+                                             + "curl -s -w 'B:%{http_code}:%{time_total}\\n' http://198.19.4.33/; wait"])
+        let bLine = twoWaiting.output.split(separator: "\n").first { $0.hasPrefix("B:") } ?? ""
+        let bSeconds = Double(bLine.split(separator: ":").last ?? "") ?? 0
+        #expect(twoWaiting.output.contains("A:200") && bLine.hasPrefix("B:503") && bSeconds >= 2.9 && bSeconds < 3.6
+                    && twoWaiting.output.contains("maxConnections, and no connection to it came free in 2s"), "\(twoWaiting.output)")
         #expect(try stat("n1", "circuit_breaker_overflows_total") == overflowsBeforeWait + 1)
         #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults + 1, "only the second left the express path")
         try expectNoSlotHeld("after the connection limit")

@@ -597,6 +597,12 @@ final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
             flood(context)
         case "/half":
             write("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial", context)
+        case "/slow":
+            // A whole answer, 600 ms late.
+            context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(600)) {
+                guard context.channel.isActive else { return }
+                self.write("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n", context)
+            }
         case "/trickle":
             write("HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n", context)
             trickle(Array("abcdefgh"), context: context)
