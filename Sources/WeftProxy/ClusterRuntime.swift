@@ -23,6 +23,9 @@ final class ClusterRuntime: Sendable {
         /// queued at maxConnections (`waiting`, UpstreamPool.wait).
         let pending = Atomic<Int>(0)
         let waiting = Atomic<Int>(0)
+        /// Connections to it closed while requests waited, not yet taken
+        /// by one (one wake per connection closed, over every loop).
+        let freed = Atomic<Int>(0)
         /// Ejected until this uptime (ns); 0: not ejected.
         let ejectedUntil = Atomic<UInt64>(0)
         /// When it joined the cluster (uptime ns), for slow start.
@@ -111,12 +114,17 @@ final class ClusterRuntime: Sendable {
         return nil
     }
 
-    /// Whether a request that finds `b` at maxConnections may wait for a
-    /// connection: fewer than maxPendingRequests are pending (connecting
-    /// or waiting) for it.
-    func roomToWait(_ b: Backend) -> Bool {
-        guard let max = policy.circuitBreaker?.maxPendingRequests else { return true }
-        return b.pending.load(ordering: .relaxed) < max
+    /// Takes a place among `b`'s pending requests for a request that finds
+    /// it at maxConnections and will wait for a connection, atomically (two
+    /// loops that both saw room cannot both take the last place); false
+    /// when maxPendingRequests are pending (connecting or waiting) already.
+    func reserveWait(_ b: Backend) -> Bool {
+        let old = b.pending.wrappingAdd(1, ordering: .relaxed).oldValue
+        if let max = policy.circuitBreaker?.maxPendingRequests, old >= max {
+            b.pending.subtract(1, ordering: .relaxed)
+            return false
+        }
+        return true
     }
 
     /// A request's hold on the backend it was given: its request slot

@@ -103,7 +103,9 @@ enum Express {
         var delay = Delay.none
         struct FailedConnect {
             var key: EndpointKey
-            var reason: String
+            /// (A TunnelRefused 403: the backend's node refused the stream
+            /// by policy; the full path answers 403, as for its own.)
+            var error: any Error
         }
         var failedConnect: FailedConnect?
     }
@@ -316,10 +318,14 @@ enum Express {
     /// An idle express connection to `key` from this loop's pool, marked
     /// reused; nil when there is none (then `connectUpstream`). The common
     /// case, answered with no callback.
-    static func idleUpstream(from state: UpstreamPool.EndpointState, tunnel: TunnelChoice?) -> ExpressUpstream? {
+    /// (One past its TrafficPolicy's maxConnectionDuration, `lifetimes`
+    /// of the request's snapshot, is closed and passed over.)
+    static func idleUpstream(from state: UpstreamPool.EndpointState, tunnel: TunnelChoice?, key: EndpointKey,
+                             lifetimes: [EndpointKey: UpstreamLifetime]) -> ExpressUpstream? {
+        let lifetime = lifetimes.isEmpty ? nil : lifetimes[key]
         if let source = tunnel?.source.value {
             while let idle = state.expressTunnelIdle[source]?.popLast() {
-                if idle.isActive {
+                if UpstreamPool.usable(idle, lifetime) {
                     idle.reused = true
                     return idle
                 }
@@ -327,7 +333,7 @@ enum Express {
             return nil
         }
         while let idle = state.express.popLast() {
-            if idle.isActive {
+            if UpstreamPool.usable(idle, lifetime) {
                 idle.reused = true
                 return idle
             }
@@ -392,6 +398,13 @@ enum Express {
 
     /// A connect that failed: the endpoint's ejection count, the counters,
     /// and a debug line.
+    /// Whether a failed connect is the backend's node refusing the tunnel
+    /// stream by policy (403): final, and no fault of the backend's (not
+    /// counted as a connect failure, nor told to the outlier detector).
+    static func refusedByPolicy(_ error: any Error) -> Bool {
+        (error as? TunnelRefused)?.status == 403
+    }
+
     static func countConnectFailure(_ key: EndpointKey, _ error: any Error, snapshot: RouteSnapshot, frontendKey: String,
                                     loop: LoopState, proxy: ProxyContext) {
         loop.pool.recordConnectFailure(key)
@@ -414,10 +427,12 @@ enum Express {
 
     /// A connection whose exchange is over: back to the idle list when the
     /// backend keeps it open and the list has room, closed otherwise.
-    static func release(_ upstream: ExpressUpstream, to idle: UpstreamPool.EndpointState, reusable: Bool, proxy: ProxyContext,
-                        pool: UpstreamPool) {
+    static func release(_ upstream: ExpressUpstream, to idle: UpstreamPool.EndpointState, key: EndpointKey, reusable: Bool,
+                        snapshot: RouteSnapshot, proxy: ProxyContext, pool: UpstreamPool) {
         upstream.owner = nil
         upstream.resume()
+        // (Spent by its Service's TrafficPolicy lifetime: closed.)
+        let reusable = reusable && !UpstreamPool.spent(upstream, key: key, snapshot.lifetimes)
         let limit = proxy.configuration.maxIdlePerBackend
         if let source = upstream.tunnelSource {
             if reusable && upstream.isActive && pool.keeps(tunnelStream: upstream.channel)

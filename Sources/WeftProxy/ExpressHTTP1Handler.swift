@@ -723,7 +723,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         exchange.state.inFlight += 1
         exchange.counted = true
-        if let idle = Express.idleUpstream(from: exchange.state, tunnel: exchange.tunnel) { return attach(idle) }
+        if let idle = Express.idleUpstream(from: exchange.state, tunnel: exchange.tunnel, key: exchange.key,
+                                           lifetimes: exchange.snapshot.lifetimes) {
+            return attach(idle)
+        }
         Express.connectUpstream(to: exchange.key, tunnel: exchange.tunnel, counters: exchange.hold?.backend, loop: loop) { [weak self] result in
             guard let self, self.exchange === exchange, exchange.connecting else {
                 (try? result.get())?.close()
@@ -755,13 +758,15 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             return respondLocally(exchange, .badGateway, "weft: cannot connect to \(exchange.key): \(error)\n", flags: "UF",
                                   refused: true)
         }
-        Express.countConnectFailure(exchange.key, error, snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop,
-                                    proxy: proxy)
-        exchange.hold?.record(.localFailure)
+        if !Express.refusedByPolicy(error) {
+            Express.countConnectFailure(exchange.key, error, snapshot: exchange.snapshot, frontendKey: frontendKey, loop: loop,
+                                        proxy: proxy)
+            exchange.hold?.record(.localFailure)
+        }
         // Nothing was sent: the full path tries another backend or answers
-        // 503, this connect counted as its first attempt.
+        // 503 (403 for a policy's refusal), this connect its first attempt.
         giveBack(exchange)
-        handOver(Self.handed(exchange, failed: .init(key: exchange.key, reason: "\(error)")))
+        handOver(Self.handed(exchange, failed: .init(key: exchange.key, error: error)))
     }
 
     /// What the full path takes over with an exchange's request (captured
@@ -1002,7 +1007,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         // Bytes past the response: none was asked for; the connection is out of step.
         if extra > 0 { exchange.reusable = false }
         if let upstream = exchange.upstream {
-            Express.release(upstream, to: exchange.state, reusable: exchange.reusable, proxy: proxy, pool: loop.pool)
+            Express.release(upstream, to: exchange.state, key: exchange.key, reusable: exchange.reusable,
+                            snapshot: exchange.snapshot, proxy: proxy, pool: loop.pool)
             exchange.upstream = nil
         }
         end(exchange, flags: "-")

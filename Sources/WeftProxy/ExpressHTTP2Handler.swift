@@ -593,7 +593,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// stream was taken).
     private func start(_ stream: Stream) {
         guard let loop else { return }
-        if let idle = Express.idleUpstream(from: stream.state, tunnel: stream.tunnel) { return attach(stream, idle) }
+        if let idle = Express.idleUpstream(from: stream.state, tunnel: stream.tunnel, key: stream.key,
+                                           lifetimes: stream.snapshot.lifetimes) {
+            return attach(stream, idle)
+        }
         Express.connectUpstream(to: stream.key, tunnel: stream.tunnel, counters: stream.hold?.backend, loop: loop) { [weak self] result in
             guard let self, self.streams[stream.id] === stream, stream.connecting else {
                 (try? result.get())?.close()
@@ -604,12 +607,15 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 self.attach(stream, upstream)
             case .failure(let error):
                 stream.connecting = false
-                Express.countConnectFailure(stream.key, error, snapshot: stream.snapshot, frontendKey: self.frontendKey,
-                                            loop: loop, proxy: self.proxy)
-                stream.hold?.record(.localFailure)
+                if !Express.refusedByPolicy(error) {
+                    Express.countConnectFailure(stream.key, error, snapshot: stream.snapshot, frontendKey: self.frontendKey,
+                                                loop: loop, proxy: self.proxy)
+                    stream.hold?.record(.localFailure)
+                }
                 // Nothing was sent: the full path tries another backend or
-                // answers 503, this connect counted as its first attempt.
-                self.handOver(stream, failed: .init(key: stream.key, reason: "\(error)"))
+                // answers 503 (403 for a policy's refusal), this connect
+                // its first attempt.
+                self.handOver(stream, failed: .init(key: stream.key, error: error))
             }
         }
     }
@@ -776,7 +782,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                             proxy: proxy)
             }
             stream.hold?.record(.localFailure)
-            handOver(stream, failed: .init(key: stream.key, reason: "\(refused)"))
+            handOver(stream, failed: .init(key: stream.key, error: refused))
             return nil
         case .interim(let length):
             raw.moveReaderIndex(forwardBy: length)
@@ -875,7 +881,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         guard let loop else { return }
         if extra > 0 { stream.reusable = false }  // bytes past the response: out of step
         if let upstream = stream.upstream {
-            Express.release(upstream, to: stream.state, reusable: stream.reusable, proxy: proxy, pool: loop.pool)
+            Express.release(upstream, to: stream.state, key: stream.key, reusable: stream.reusable, snapshot: stream.snapshot,
+                            proxy: proxy, pool: loop.pool)
             stream.upstream = nil
         }
         // (The head's fields are well-formed HTTP/2 by construction: token

@@ -30,6 +30,9 @@ final class ExpressUpstream: ChannelInboundHandler {
     var reused = false
     /// Sweeps it sat through kept idle in the pool (UpstreamPool.closeIdle).
     var keptSweeps = 0
+    /// Exchanges it carried, and when it was made (UpstreamLifetime).
+    var uses = 0
+    let opened = NIODeadline.now()
     /// A tunnel stream's source pod (its CONNECT named it): only that pod's
     /// exchanges may reuse it. Nil for a TCP connection.
     let tunnelSource: UInt32?

@@ -552,15 +552,19 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// The express path's connect for this request failed (nothing was
     /// sent): that was its first attempt, so the request goes on as after a
     /// failed connect of its own: another backend, or 503 when it would
-    /// not try again.
+    /// not try again; 403 when the backend's node refused it by policy.
     private func failedOnTheExpressPath(_ failed: Express.Handed.FailedConnect) {
         guard let r = request else { return }
         r.attempts = 1
         r.tried.insert(failed.key)
         record?.upstream = failed.key
         record?.attempts = 1
+        if let refused = failed.error as? TunnelRefused, Express.refusedByPolicy(refused) {
+            record?.flags.append("RBAC")
+            return fail(.forbidden, Authorize.forbiddenBody("\(refused.reason) (at \(failed.key.node))"))
+        }
         record?.lastFlag = "UF"
-        retryOrFail(.serviceUnavailable, "weft: cannot connect to \(failed.key) for \(r.cluster.cluster): \(failed.reason)\n",
+        retryOrFail(.serviceUnavailable, "weft: cannot connect to \(failed.key) for \(r.cluster.cluster): \(failed.error)\n",
                     sentNothing: true)
     }
 
@@ -635,18 +639,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             // while fewer than maxPendingRequests do; it is shed otherwise.
             if r.cluster.upstreamProtocol == .http1,
                let limit = hold.runtime.connectionLimit(hold.backend, idle: { loop.pool.hasIdle(key) }) {
-                if limit == "maxConnections", hold.runtime.roomToWait(hold.backend) {
+                if limit == "maxConnections", hold.runtime.reserveWait(hold.backend) {
                     queue = true
                 } else {
-                    releaseBackend()
-                    r.endpoint = nil
-                    r.connecting = false
-                    proxy.stats.overflows.add(1, ordering: .relaxed)
-                    countEvent("overflow")
-                    record?.flags.append("UO")
                     // (At maxConnections with maxPendingRequests waiting: named as such.)
                     let which = limit == "maxConnections" ? "maxConnections and maxPendingRequests" : limit
-                    return fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's \(which)\n")
+                    return shed(key, "is at its circuit breaker's \(which)", inFlight: false)
                 }
             }
         }
@@ -676,6 +674,20 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
     }
 
+    /// The attempt's backend is at a circuit breaker limit: 503 (flag UO),
+    /// its slot given back (and its in-flight count, once taken).
+    private func shed(_ key: EndpointKey, _ why: String, inFlight: Bool) {
+        guard let r = request else { return }
+        if inFlight, let loop { loop.pool.state(key).inFlight -= 1 }
+        releaseBackend()
+        r.endpoint = nil
+        r.connecting = false
+        proxy.stats.overflows.add(1, ordering: .relaxed)
+        countEvent("overflow")
+        record?.flags.append("UO")
+        fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) \(why)\n")
+    }
+
     /// The attempt's backend has every connection its circuit breaker
     /// allows open (maxConnections): the request waits, up to the
     /// backend's connect timeout from when it began to, for one to come
@@ -696,19 +708,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             case .room:
                 // Another request may have taken the room meanwhile.
                 if let hold = r.hold, hold.runtime.connectionLimit(counters, idle: { loop.pool.hasIdle(key) }) == "maxConnections" {
+                    guard hold.runtime.reserveWait(counters) else {
+                        return self.shed(key, "is at its circuit breaker's maxConnections and maxPendingRequests", inFlight: true)
+                    }
                     return self.waitForConnection(id: id, key: key, counters: counters, deadline: deadline, timeout: timeout)
                 }
                 self.connect(id: id, key: key, counters: counters)
             case .timedOut:
-                loop.pool.state(key).inFlight -= 1
-                self.releaseBackend()
-                r.endpoint = nil
-                r.connecting = false
-                self.proxy.stats.overflows.add(1, ordering: .relaxed)
-                self.countEvent("overflow")
-                self.record?.flags.append("UO")
-                self.fail(.serviceUnavailable, "weft: \(key) of \(r.cluster.cluster) is at its circuit breaker's maxConnections,"
-                          + " and no connection to it came free in \(IdleSweep.shown(timeout))\n")
+                self.shed(key, "is at its circuit breaker's maxConnections, and no connection to it came free in "
+                          + IdleSweep.shown(timeout), inFlight: true)
             }
         }
     }

@@ -83,6 +83,10 @@ final class ProxyContext: Sendable {
                 guard let self else { return [:] }
                 return state.snapshot(self).connectTimeouts
             }
+            state.pool.lifetimes = { [weak self, unowned state] in
+                guard let self else { return [:] }
+                return state.snapshot(self).lifetimes
+            }
             state.pool.tunnels.unusedTimeout = { [weak self] in
                 self?.snapshot.table.tunnelIdleTimeoutMilliseconds ?? ConnectionRegistry.defaultTunnelIdleTimeoutMilliseconds
             }

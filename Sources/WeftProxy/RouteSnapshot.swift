@@ -29,12 +29,16 @@ final class RouteSnapshot: Sendable {
     let upstreamIdle: UpstreamIdleTimeouts
     /// TrafficPolicy connect timeouts by backend (empty: none set).
     let connectTimeouts: [EndpointKey: TimeAmount]
+    /// TrafficPolicy bounds on a backend connection's use, by backend
+    /// (empty: none set).
+    let lifetimes: [EndpointKey: UpstreamLifetime]
 
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
         maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
         upstreamIdle = UpstreamIdleTimeouts(table)
         connectTimeouts = EndpointKey.keyed(table.connectTimeouts).mapValues { .milliseconds(Int64($0)) }
+        lifetimes = EndpointKey.keyed(table.connectionLifetimes).mapValues(UpstreamLifetime.init)
         var matchers: [String: RouteMatcher] = [:]
         for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
         self.matchers = matchers
@@ -95,6 +99,7 @@ final class RouteSnapshot: Sendable {
         maxRequestHead = other.maxRequestHead
         upstreamIdle = other.upstreamIdle
         connectTimeouts = other.connectTimeouts
+        lifetimes = other.lifetimes
     }
 
     /// Backends ejected by outlier detection now, "ip:port" once each

@@ -37,6 +37,9 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var responseKeepAlive = true
     /// Sweeps it sat through kept idle in the pool (UpstreamPool.closeIdle).
     var keptSweeps = 0
+    /// Exchanges it carried, and when it was made (UpstreamLifetime).
+    var uses = 0
+    let opened = NIODeadline.now()
 
     var channel: Channel? { context?.channel }
     var isWritable: Bool { context?.channel.isWritable ?? false }

@@ -74,7 +74,29 @@ protocol KeptUpstream: AnyObject {
     var isActive: Bool { get }
     /// Sweeps it sat through kept (UpstreamPool.closeIdle), 0 when kept.
     var keptSweeps: Int { get set }
+    /// Exchanges it carried, and when it was made (UpstreamLifetime).
+    var uses: Int { get set }
+    var opened: NIODeadline { get }
     func close()
+}
+
+/// TrafficPolicy bounds on how long and for how many requests the proxy
+/// uses one connection to a backend (circuitBreaker.maxRequestsPerConnection,
+/// timeout.http.maxConnectionDuration; ProxyTable.connectionLifetimes).
+struct UpstreamLifetime: Sendable {
+    let maxRequests: Int
+    let maxAge: TimeAmount
+
+    init(_ l: ProxyTable.ConnectionLifetime) {
+        maxRequests = l.maxRequests ?? .max
+        maxAge = l.maxMilliseconds.map { .milliseconds(Int64($0)) } ?? .nanoseconds(.max)
+    }
+
+    /// Whether a connection made at `opened` that carried `uses`
+    /// exchanges takes no more.
+    func spent(uses: Int, opened: NIODeadline, now: NIODeadline = .now()) -> Bool {
+        uses >= maxRequests || (maxAge.nanoseconds != .max && now - opened >= maxAge)
+    }
 }
 
 extension UpstreamHandler: KeptUpstream {}
@@ -172,6 +194,9 @@ final class UpstreamPool {
     /// TrafficPolicy connect timeouts by backend in force (the route
     /// snapshot's); ProxyContext sets it.
     var connectTimeouts: () -> [EndpointKey: TimeAmount] = { [:] }
+    /// TrafficPolicy connection lifetimes by backend in force (the route
+    /// snapshot's); ProxyContext sets it.
+    var lifetimes: () -> [EndpointKey: UpstreamLifetime] = { [:] }
     /// The idle timeouts in force (the route snapshot's); ProxyContext sets it.
     var idleTimeouts: () -> UpstreamIdleTimeouts = { UpstreamIdleTimeouts(ProxyTable()) }
     private let idleSweep: KeptSweep
@@ -316,13 +341,15 @@ final class UpstreamPool {
                  tunnel: TunnelChoice? = nil,
                  _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
         let s = state(key)
+        let lifetimes = self.lifetimes()
+        let lifetime = lifetimes.isEmpty ? nil : lifetimes[key]
         if let tunnel {
             switch proto {
             case .http1:
                 // A stream is one source pod's: kept alive for that pod's
                 // next exchange with this backend, never anyone else's.
                 while let handler = s.tunnelIdle[tunnel.source.value]?.popLast() {
-                    if handler.isActive {
+                    if Self.usable(handler, lifetime) {
                         handler.reused = true
                         return completion(.success(handler))
                     }
@@ -335,7 +362,7 @@ final class UpstreamPool {
                     try stream.pipeline.syncOperations.addHandler(handler)
                 }) { completion(Self.upstreamHandler(of: $0)) }
             case .http2:
-                if let h2 = s.tunnelH2[tunnel.route.source], h2.isUsable { return h2.openStream(completion) }
+                if let h2 = s.tunnelH2[tunnel.route.source], Self.takesStreams(h2, lifetime) { return h2.openStream(completion) }
                 let tunnels = self.tunnels
                 let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
                     tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "h2",
@@ -350,7 +377,7 @@ final class UpstreamPool {
         switch proto {
         case .http1:
             while let handler = s.idle.popLast() {
-                if handler.isActive {
+                if Self.usable(handler, lifetime) {
                     handler.reused = true
                     completion(.success(handler))
                     return
@@ -366,7 +393,7 @@ final class UpstreamPool {
                 completion(result)
             }
         case .http2:
-            if let h2 = s.h2, h2.isUsable {
+            if let h2 = s.h2, Self.takesStreams(h2, lifetime) {
                 h2.openStream(completion)
                 return
             }
@@ -383,8 +410,40 @@ final class UpstreamPool {
         }
     }
 
+    /// Whether a connection to `key` that has just carried an exchange
+    /// (counted here) is spent by its TrafficPolicy's lifetime (the
+    /// snapshot's `lifetimes`): closed rather than kept.
+    static func spent(_ c: some KeptUpstream, key: EndpointKey, _ lifetimes: [EndpointKey: UpstreamLifetime]) -> Bool {
+        c.uses += 1
+        guard !lifetimes.isEmpty, let l = lifetimes[key] else { return false }
+        return l.spent(uses: c.uses, opened: c.opened)
+    }
+
+    /// Whether a kept connection may carry the next exchange: open, and
+    /// not past its `lifetime`'s maxConnectionDuration (then it is closed).
+    static func usable(_ c: some KeptUpstream, _ lifetime: UpstreamLifetime?) -> Bool {
+        guard c.isActive else { return false }
+        guard let lifetime, lifetime.spent(uses: c.uses, opened: c.opened) else { return true }
+        c.close()
+        return false
+    }
+
+    /// Whether the HTTP/2 connection `h2` takes a new stream (its
+    /// `lifetime` not spent); when not, it is retired (it closes once its
+    /// streams have) and the caller makes another.
+    private static func takesStreams(_ h2: HTTP2Upstream, _ lifetime: UpstreamLifetime?) -> Bool {
+        guard h2.isUsable else { return false }
+        guard let lifetime, lifetime.spent(uses: h2.streamsOpened, opened: h2.opened) else { return true }
+        h2.retire()
+        return false
+    }
+
     /// Returns an HTTP/1.1 connection after a complete exchange.
     func release(_ handler: UpstreamHandler, to key: EndpointKey, reusable: Bool) {
+        give(handler, to: key, reusable: reusable && !Self.spent(handler, key: key, lifetimes()))
+    }
+
+    private func give(_ handler: UpstreamHandler, to key: EndpointKey, reusable: Bool) {
         let s = state(key)
         // The exchange may have paused reading for a slow client as its
         // response ended: an idle connection reads (a server's close is
@@ -427,13 +486,16 @@ final class UpstreamPool {
         channel.closeFuture.assumeIsolated().whenComplete { [weak self] _ in
             counters.connections.subtract(1, ordering: .relaxed)
             guard counters.waiting.load(ordering: .relaxed) > 0, let self else { return }
-            roomFreed(key)
-            for peer in peers { peer.run { $0.roomFreed(key) } }
+            counters.freed.add(1, ordering: .relaxed)
+            roomFreed(key, counters)
+            for peer in peers { peer.run { $0.roomFreed(key, counters) } }
         }
     }
 
     /// Waits, up to `timeout`, for a connection to `key`, whose every
-    /// connection allowed is open (HTTPProxyHandler). Where another loop
+    /// connection allowed is open (HTTPProxyHandler), its place among the
+    /// backend's pending requests taken (ClusterRuntime.reserveWait; given
+    /// back when the wait ends). Where another loop
     /// keeps one of them idle, or the express path does on this one, it is
     /// closed, so that the room comes free; and while it waits, the other
     /// loops keep none idle (`EndpointState.wanted`).
@@ -442,7 +504,6 @@ final class UpstreamPool {
         let s = state(key)
         let wait = ConnectionWait(key: key, counters: counters, done: done)
         wait.pool = self
-        counters.pending.add(1, ordering: .relaxed)
         counters.waiting.add(1, ordering: .relaxed)
         s.waiting.append(wait)
         wait.timer = eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self, weak wait] in
@@ -460,10 +521,16 @@ final class UpstreamPool {
     }
 
     /// A connection to `key` closed somewhere: the first request waiting
-    /// here for one goes to open its own (it checks the limit again).
-    func roomFreed(_ key: EndpointKey) {
+    /// here for one goes to open its own (it checks the limit again), if
+    /// no request on another loop took the room first.
+    func roomFreed(_ key: EndpointKey, _ counters: ClusterRuntime.Backend) {
         guard let first = endpoints[key]?.waiting.first else { return }
-        finish(first, .room)
+        var left = counters.freed.load(ordering: .relaxed)
+        while left > 0 {
+            let (taken, now) = counters.freed.compareExchange(expected: left, desired: left - 1, ordering: .relaxed)
+            if taken { return finish(first, .room) }
+            left = now
+        }
     }
 
     /// Closes one connection to `key` kept idle here (the full path's or
@@ -482,11 +549,12 @@ final class UpstreamPool {
         return false
     }
 
-
+    /// Ends `wait` with `outcome` (a connection given to a request that
+    /// went meanwhile goes back to the pool).
     private func finish(_ wait: ConnectionWait, _ outcome: ConnectionWait.Outcome) {
         leave(wait)
         guard let done = wait.done else {
-            if case .connection(let handler) = outcome { release(handler, to: wait.key, reusable: true) }
+            if case .connection(let handler) = outcome { give(handler, to: wait.key, reusable: true) }
             return
         }
         wait.done = nil
@@ -499,7 +567,8 @@ final class UpstreamPool {
         wait.timer?.cancel()
         wait.timer = nil
         wait.counters.pending.subtract(1, ordering: .relaxed)
-        wait.counters.waiting.subtract(1, ordering: .relaxed)
+        // (The last request waiting gone: room freed and not taken lapses.)
+        if wait.counters.waiting.subtract(1, ordering: .relaxed).newValue == 0 { wait.counters.freed.store(0, ordering: .relaxed) }
         let key = wait.key
         for peer in peers { peer.run { $0.state(key).waitingElsewhere -= 1 } }
     }
@@ -528,11 +597,15 @@ final class UpstreamPool {
         let period = ConnectionRegistry.period(timeouts.shortest)
         let meshRounds = ConnectionRegistry.rounds(timeouts.mesh, period)
         var rounds = meshRounds
+        let lifetimes = self.lifetimes()
+        var lifetime: UpstreamLifetime?
+        let now = NIODeadline.now()
         func aged<T: KeptUpstream>(_ list: [T]) -> [T] {
             list.filter { c in
                 guard c.isActive else { return false }
                 c.keptSweeps += 1
-                guard c.keptSweeps >= rounds else { return true }
+                // (Kept past its maxConnectionDuration: closed too.)
+                guard c.keptSweeps >= rounds || lifetime?.spent(uses: c.uses, opened: c.opened, now: now) == true else { return true }
                 c.close()
                 closed += 1
                 return false
@@ -541,6 +614,7 @@ final class UpstreamPool {
         for (key, s) in endpoints {
             rounds = timeouts.byBackend.isEmpty ? meshRounds
                 : timeouts.byBackend[key].map { ConnectionRegistry.rounds($0, period) } ?? meshRounds
+            lifetime = lifetimes.isEmpty ? nil : lifetimes[key]
             if !s.idle.isEmpty { s.idle = aged(s.idle) }
             if !s.express.isEmpty { s.express = aged(s.express) }
             for (source, list) in s.tunnelIdle {
@@ -640,9 +714,12 @@ final class HTTP2Upstream {
     private var channel: Channel?
     private var waiters: [(Result<UpstreamHandler, any Error>) -> Void] = []
     private(set) var failed = false
-    /// Streams open on it now.
+    /// Streams open on it now, and opened on it in all.
     private var open = 0
     var openStreams: Int { open }
+    private(set) var streamsOpened = 0
+    /// When it was made (UpstreamLifetime).
+    let opened = NIODeadline.now()
     /// It takes no new stream, and closes once its last one has.
     private var retired = false
 
@@ -708,6 +785,7 @@ final class HTTP2Upstream {
             return
         }
         open += 1
+        streamsOpened += 1
         multiplexer.createStreamChannel { stream in
             stream.eventLoop.makeCompletedFuture {
                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))

@@ -118,6 +118,12 @@ struct TrafficPolicyTests {
     /// policy): what `read` takes from the table.
     private static func backendTimeouts(_ spec: (String) -> String, web: String?, alt timeout: String?,
                                         _ read: (ProxyTable) -> [String: Int]?) throws -> [String: Int]? {
+        try backendTable(web: web.map { "timeout: " + spec($0) }, alt: timeout.map { "timeout: " + spec($0) }, read)
+    }
+
+    /// The proxy's table for `web` and a second Service `alt` over the same
+    /// pods, each with a TrafficPolicy of `spec` if given; what `read` takes of it.
+    private static func backendTable<T>(web: String?, alt: String?, _ read: (ProxyTable) -> T) throws -> T {
         var text = service + """
 
             ---
@@ -126,8 +132,8 @@ struct TrafficPolicyTests {
             metadata: {name: alt, namespace: shop}
             spec: {clusterIP: 198.19.0.11, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
             """
-        if let web { text += "\n---\n" + policy("timeout: " + spec(web)) }
-        if let timeout { text += "\n---\n" + policy("timeout: " + spec(timeout), name: "q", target: "alt") }
+        if let web { text += "\n---\n" + policy(web) }
+        if let alt { text += "\n---\n" + policy(alt, name: "q", target: "alt") }
         let (state, errors) = parse(text)
         return read(ProxyTable(try #require(state, "\(errors)")))
     }
@@ -163,6 +169,26 @@ struct TrafficPolicyTests {
         #expect(try table(web: nil, alt: nil) == nil)
     }
 
+    /// `circuitBreaker.maxRequestsPerConnection` and
+    /// `timeout.http.maxConnectionDuration` reach the proxy's table by
+    /// backend address; a backend of two Services with their own takes the
+    /// lower of each; a circuit breaker without it sets none.
+    @Test func connectionLifetimesReachEveryBackendTheLowerOfEachWins() throws {
+        func table(web: String?, alt: String?) throws -> [String: ProxyTable.ConnectionLifetime]? {
+            try Self.backendTable(web: web, alt: alt) { $0.connectionLifetimes }
+        }
+        func every(_ l: ProxyTable.ConnectionLifetime) -> [String: ProxyTable.ConnectionLifetime] {
+            Self.everyBackend(0).mapValues { _ in l }
+        }
+        #expect(try table(web: "circuitBreaker: {maxRequestsPerConnection: 100}", alt: nil) == every(.init(maxRequests: 100)))
+        #expect(try table(web: "timeout: {http: {maxConnectionDuration: 10m}}",
+                          alt: "circuitBreaker: {maxRequestsPerConnection: 5}\ntimeout: {http: {maxConnectionDuration: 1m}}")
+                    == every(.init(maxRequests: 5, maxMilliseconds: 60_000)))
+        #expect(try table(web: "timeout: {http: {maxConnectionDuration: 250ms}}", alt: "timeout: {http: {maxConnectionDuration: 1s}}")
+                    == every(.init(maxMilliseconds: 250)))
+        #expect(try table(web: "circuitBreaker: {maxRequests: 5}", alt: nil) == nil)
+    }
+
     @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
         let cases: [(String, String)] = [
             ("healthCheck: {interval: -1s}", "tp.yaml:5:spec.healthCheck.interval: must be positive"),
@@ -181,6 +207,11 @@ struct TrafficPolicyTests {
             ("loadBalancer: {type: Maglev, hashOn: {header: x-a, sourceIP: true}}", "spec.loadBalancer.hashOn: give exactly one"),
             ("loadBalancer: {hashOn: {sourceIP: true}}", "spec.loadBalancer.hashOn: applies only to type RingHash or Maglev"),
             ("circuitBreaker: {maxRequests: 0}", "spec.circuitBreaker.maxRequests: must be at least 1, got 0"),
+            ("circuitBreaker: {maxRequestsPerConnection: 0}",
+             "tp.yaml:5:spec.circuitBreaker.maxRequestsPerConnection: must be at least 1, got 0"),
+            ("timeout: {http: {maxConnectionDuration: 0s}}", "spec.timeout.http.maxConnectionDuration: must be longer than 0s"),
+            ("timeout: {http: {maxConnectionDuration: -1m}}", "spec.timeout.http.maxConnectionDuration: must be positive"),
+            ("timeout: {http: {maxConnectionDuration: forever}}", "spec.timeout.http.maxConnectionDuration"),
             ("rateLimit: {requests: 10, key: Header}", "spec.rateLimit.header: key Header needs the header's name"),
             ("rateLimit: {requests: -3}", "spec.rateLimit.requests: must be at least 1, got -3"),
             ("retries: 3", "spec.retries: unknown field"),

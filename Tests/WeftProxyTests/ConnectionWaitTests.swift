@@ -36,8 +36,13 @@ import Testing
     /// Listeners for the stalling backend's Service (`full`: stall-full)
     /// whose connections go to the rig's loop 0 and loop 1: their ports.
     static func pinnedPorts(_ rig: ProxyFuzzTests.Rig, full: Bool) throws -> (ports: [Int], close: () -> Void) {
-        let origin = CapturedOrigin(vip: IPv4Address(full ? ProxyFuzzTests.stallFullVIP : ProxyFuzzTests.stallVIP)!, port: 80,
-                                    serviceID: 1, source: IPv4Address("127.0.0.1")!)
+        try pinnedPorts(rig, vip: full ? ProxyFuzzTests.stallFullVIP : ProxyFuzzTests.stallVIP)
+    }
+
+    /// Listeners for the rig's Service at `vip` (port 80) whose
+    /// connections go to the rig's loop 0 and loop 1: their ports.
+    static func pinnedPorts(_ rig: ProxyFuzzTests.Rig, vip: String) throws -> (ports: [Int], close: () -> Void) {
+        let origin = CapturedOrigin(vip: IPv4Address(vip)!, port: 80, serviceID: 1, source: IPv4Address("127.0.0.1")!)
         let proxy = rig.proxy
         var listeners: [any Channel] = []
         for loop in Array(rig.group.makeIterator()) {

@@ -30,7 +30,8 @@ import WeftCore
 /// chunks meet the proxy's reads does not. WEFT_FUZZ_CASES runs more cases
 /// (by hand, or under the address sanitizer: docs/proxy.md).
 @Suite(.serialized) struct ProxyFuzzTests {
-    /// Answers every HTTP/1.1 request 200 with its body's length.
+    /// Answers every HTTP/1.1 request 200 with its body's length, and
+    /// `x-conn`: the connection it came on (the proxy's port on it).
     final class Backend: ChannelInboundHandler, Sendable {
         typealias InboundIn = HTTPServerRequestPart
         typealias OutboundOut = HTTPServerResponsePart
@@ -40,6 +41,9 @@ import WeftCore
             var headers = HTTPHeaders()
             headers.add(name: "content-length", value: "3")
             headers.add(name: "x-pod", value: "fuzz")
+            // (An HTTP/2 stream's channel tells its connection's address.)
+            let peer = context.channel.remoteAddress ?? context.channel.parent?.remoteAddress
+            headers.add(name: "x-conn", value: "\(peer?.port ?? 0)")
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: "ok\n")))), promise: nil)
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)

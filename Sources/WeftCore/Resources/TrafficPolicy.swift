@@ -36,7 +36,10 @@
 ///                               # fails (and the request tries another, or gets 503); 2s where absent
 ///     http: {connectionIdleTimeout: 1s}   # a backend connection kept for the next request,
 ///                               # unused that long, is closed ("0s": never); MeshConfig
-///                               # spec.proxy.upstreamIdleTimeout (3s) where absent
+///                               # spec.proxy.upstreamIdleTimeout (3s) where absent;
+///                               # maxConnectionDuration: 10m: a backend connection that old takes
+///                               # no new request (with circuitBreaker.maxRequestsPerConnection: N,
+///                               # one that carried N); both close once what they carry is done
 ///   rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}   # Route | SourceIdentity | Header (+ header: NAME)
 ///   faultInjection:
 ///     delay: {fixedDelay: 100ms, percentage: 10}
@@ -67,6 +70,14 @@ public struct TrafficPolicy: Hashable, Sendable {
     /// the node proxies wait for a connection to one of the Services'
     /// backends; nil: the proxy's own (2 s).
     public var connectTimeout: Duration?
+    /// `timeout.http.maxConnectionDuration` (Envoy Gateway's
+    /// BackendTrafficPolicy; Istio's DestinationRule
+    /// connectionPool.tcp.maxConnectionDuration): a connection to one of
+    /// the Services' backends takes no new request once it is this old,
+    /// and is closed once the one it carries is done (HTTP/2: once its
+    /// streams are); nil: no bound. So that clients of a backend behind a
+    /// load balancer, or one scaled out, move over in time.
+    public var maxConnectionDuration: Duration?
 
     public init(metadata: ObjectMeta, targets: [String]) {
         self.metadata = metadata
@@ -142,6 +153,11 @@ public struct TrafficPolicy: Hashable, Sendable {
         public var maxPendingRequests: Int?
         public var maxRequests: Int?
         public var maxRetries: Int?
+        /// Requests one upstream connection carries before it is closed
+        /// (HTTP/2: streams opened on it); nil: no bound. Envoy Gateway's
+        /// circuitBreaker.maxRequestsPerConnection, Istio's
+        /// connectionPool.http.maxRequestsPerConnection.
+        public var maxRequestsPerConnection: Int?
         public init() {}
     }
 
@@ -231,6 +247,7 @@ extension TrafficPolicy {
             out.maxPendingRequests = try Self.positive(&cb, "maxPendingRequests", allowZero: true)
             out.maxRequests = try Self.positive(&cb, "maxRequests", allowZero: false)
             out.maxRetries = try Self.positive(&cb, "maxRetries", allowZero: true)
+            out.maxRequestsPerConnection = try Self.positive(&cb, "maxRequestsPerConnection", allowZero: false)
             try cb.finish()
             circuitBreaker = out
         }
@@ -250,6 +267,7 @@ extension TrafficPolicy {
                     }
                     connectionIdleTimeout = d ?? .zero
                 }
+                maxConnectionDuration = try Self.positiveDuration(&http, "maxConnectionDuration", at: location)
                 try http.finish()
             }
             try t.finish()

@@ -50,6 +50,29 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// the longer: a connect for either waits as long as the more patient
     /// asks.
     public var connectTimeouts: [String: Int]?
+    /// How many requests, and for how long, the proxies use a connection
+    /// to a backend (TrafficPolicy circuitBreaker.maxRequestsPerConnection,
+    /// timeout.http.maxConnectionDuration), by backend "ip:port"; nil: no
+    /// bound. A backend of two Services with their own takes the lower of
+    /// each.
+    public var connectionLifetimes: [String: ConnectionLifetime]?
+
+    public struct ConnectionLifetime: Codable, Hashable, Sendable {
+        public var maxRequests: Int?
+        public var maxMilliseconds: Int?
+
+        public init(maxRequests: Int? = nil, maxMilliseconds: Int? = nil) {
+            self.maxRequests = maxRequests
+            self.maxMilliseconds = maxMilliseconds
+        }
+
+        /// The lower of each bound.
+        public func lower(_ other: ConnectionLifetime) -> ConnectionLifetime {
+            func least(_ a: Int?, _ b: Int?) -> Int? { a.map { x in b.map { min(x, $0) } ?? x } ?? b }
+            return ConnectionLifetime(maxRequests: least(maxRequests, other.maxRequests),
+                                      maxMilliseconds: least(maxMilliseconds, other.maxMilliseconds))
+        }
+    }
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
     /// a cluster without one balances by least request and breaks nothing.
     public var backendPolicies: [String: BackendPolicy]?
@@ -291,6 +314,7 @@ extension ProxyTable {
         var policies: [String: BackendPolicy] = [:]
         var idleTimeouts: [String: Int] = [:]
         var connectTimeouts: [String: Int] = [:]
+        var lifetimes: [String: ConnectionLifetime] = [:]
         func endpoints(_ service: Service, _ port: ServicePort, cluster: String) -> [Endpoint] {
             let index = selectorIndex ?? SelectorIndex(state.workloads)
             selectorIndex = index
@@ -313,6 +337,14 @@ extension ProxyTable {
             if let connect = policy?.connectTimeout {
                 let ms = max(1, Int(connect / .milliseconds(1)))
                 for (_, backend) in all { connectTimeouts[backend.description] = max(connectTimeouts[backend.description] ?? 0, ms) }
+            }
+            let lifetime = ConnectionLifetime(maxRequests: policy?.circuitBreaker?.maxRequestsPerConnection,
+                                              maxMilliseconds: policy?.maxConnectionDuration.map { max(1, Int($0 / .milliseconds(1))) })
+            if lifetime != ConnectionLifetime() {
+                for (_, backend) in all {
+                    let key = backend.description
+                    lifetimes[key] = lifetimes[key].map { $0.lower(lifetime) } ?? lifetime
+                }
             }
             if let policy, policy.loadBalancer != .init() || policy.outlierDetection != nil || policy.circuitBreaker != nil {
                 policies[cluster] = BackendPolicy(loadBalancer: policy.loadBalancer, outlierDetection: policy.outlierDetection,
@@ -406,6 +438,7 @@ extension ProxyTable {
         if !policies.isEmpty { backendPolicies = policies }
         if !idleTimeouts.isEmpty { upstreamIdleTimeouts = idleTimeouts }
         if !connectTimeouts.isEmpty { self.connectTimeouts = connectTimeouts }
+        if !lifetimes.isEmpty { connectionLifetimes = lifetimes }
     }
 
     /// Routes by the Service port ("namespace/service:port") they attach to.
