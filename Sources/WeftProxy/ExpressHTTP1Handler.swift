@@ -160,6 +160,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var setCookie: String?
         /// The backend of the route's split drawn (captured connections).
         var cluster = ""
+        /// Delivering: the request went to the pod as it came, with
+        /// `Connection: close`, so the pod's connection is not reused
+        /// (the pod may close it, or read nothing more on it, whatever its
+        /// response says).
+        var closesUpstream = false
         /// An injected delay (TrafficPolicy): how long, then its timer.
         var delay: Duration?
         var waiting: Scheduled<Void>?
@@ -464,10 +469,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 return .deny(length: total, keepAlive: keepAlive, isHEAD: method == "HEAD", reason: decision.reason)
             }
         }
-        return .forward(Exchange(snapshot: snapshot, route: "", service: nil, serviceNamespace: nil, key: delivery.key,
-                                 state: loop.pool.state(delivery.key), tunnel: nil, keepAlive: keepAlive,
-                                 isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: false,
-                                 length: total, outgoing: nil))
+        let exchange = Exchange(snapshot: snapshot, route: "", service: nil, serviceNamespace: nil, key: delivery.key,
+                                state: loop.pool.state(delivery.key), tunnel: nil, keepAlive: keepAlive,
+                                isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: false,
+                                length: total, outgoing: nil)
+        exchange.closesUpstream = close
+        return .forward(exchange)
     }
 
     /// The head in `inbound` is refused: 408 (MeshConfig
@@ -912,7 +919,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         exchange.status = code
         exchange.hold?.record(status: code)
         exchange.responded = true
-        exchange.reusable = !close
+        exchange.reusable = !close && !exchange.closesUpstream
         exchange.closesClient = closesClient
         if delivery == nil { loop?.counters.answered(code) }
         routing?.budget?.budget.recordRequest(now: HTTPProxyHandler.nowSeconds())

@@ -101,7 +101,8 @@ enum TCPPassthrough {
         if let tunnel, proxy.configuration.express {
             // To another node, at the frame level: a CONNECT stream of a
             // relaying tunnel (TunnelRelay) joined to the client's socket.
-            pool.tunnels.relay(tunnel.route, to: endpoint, source: origin.source, identities: tunnel.identities) { result in
+            pool.tunnels.relay(tunnel.route, to: endpoint, source: origin.source, identities: tunnel.identities,
+                               podConnect: pool.connectTimeout(for: endpoint)) { result in
                 switch result {
                 case .failure(let error):
                     failed(error)
@@ -139,7 +140,7 @@ enum TCPPassthrough {
             // To another node: a CONNECT stream of the mutual-TLS tunnel.
             connected = { done in
                 pool.tunnels.stream(tunnel.route, to: endpoint, source: origin.source, identities: tunnel.identities,
-                                    initialize: { _ in }, done)
+                                    podConnect: pool.connectTimeout(for: endpoint), initialize: { _ in }, done)
             }
         } else {
             connected = { done in

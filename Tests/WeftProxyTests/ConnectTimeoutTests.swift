@@ -134,6 +134,39 @@ import Testing
         }
     }
 
+    /// A pod whose Service's connect timeout (600 ms) is longer than the
+    /// source's open timeout (300 ms here, 5 s in the proxy): told of it
+    /// (`podConnect`, as TCPPassthrough tells it), the source waits for the
+    /// delivering node's answer, a refusal after 600 ms, and the tunnel
+    /// stays open for the next stream; not told, it takes the tunnel as
+    /// stuck after 300 ms and closes it, and every stream it carried.
+    @Test(arguments: [true, false])
+    func anOpaqueStreamWaitsOutItsPodsConnectTimeout(told: Bool) throws {
+        let hole = try BlackHole()
+        defer { withExtendedLifetime(hole) {} }
+        let port = Int(hole.port)
+        let node = try TunnelStreamIdleTests.Node(express: true) { $0.connectTimeouts = ["127.0.0.4:\(port)": 600] }
+        defer { node.shutdown() }
+        let source = try TunnelInboundLimitsTests.Source(node, openTimeout: .milliseconds(300))
+        defer { source.close() }
+        let start = ContinuousClock.now
+        let opened = Result { try source.open(node, port: port, podConnect: told ? .milliseconds(600) : nil) }
+        let seconds = StreamIdleTests.seconds(ContinuousClock.now - start)
+        let what = told ? "told" : "not told"
+        switch opened {
+        case .success: Issue.record("\(what): a stream to a pod that never answers opened")
+        case .failure(let error):
+            #expect((error is TunnelTimedOut) == !told, "\(what): \(error)")
+        }
+        #expect((told ? 0.55...1.2 : 0.28...0.55).contains(seconds), "\(what): the open failed after \(seconds) s")
+        if told {
+            #expect(source.closed.instant == nil, "the tunnel was closed")
+            #expect((try? source.open(node)) != nil, "the next stream on the same tunnel")
+        } else {
+            #expect(source.closed.wait(from: start, within: 1) != nil, "the tunnel taken as stuck stays open")
+        }
+    }
+
     /// The delivering node's connect to its pod, for a stream that came
     /// through a tunnel from another node (the source is a bare
     /// TunnelConnection here): the open fails once the pod's Service's

@@ -665,6 +665,18 @@ import WeftCore
             _ = http1(api, "PUT /a HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nccccc\r\n0x10\r\ncccc\r\n0\r\n\r\n")
             _ = Self.exchange(port: api, chunks: [broken], pauses: [false], shut: true, wait: .seconds(4))
         }
+        // A delivery with `Connection: close` (a peer's proxy strips it; a
+        // faulty or hostile one may not): it goes to the pod as it came, so
+        // the pod's connection is not kept for the next request (NIO's
+        // server reads nothing more on it but answers 400 to what comes,
+        // and that stale answer went to the next client of the pod).
+        let delivering = rig.deliveringListener.localAddress?.port ?? 0
+        for _ in 0..<3 {
+            let closing = http1(delivering, "PATCH /x HTTP/1.1\r\nhost: a\r\nconnection: x-drop, close\r\n\r\n")
+            #expect(closing.hasPrefix("HTTP/1.1 200"), "\(closing.prefix(200))")
+            let next = http1(delivering, "GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            #expect(next.hasPrefix("HTTP/1.1 200"), "the next delivery: \(next.prefix(200))")
+        }
         try rig.settle()
         let left = try rig.held()
         #expect(left.allSatisfy { $0 == 0 }, "requests in flight and streams per loop: \(left)")

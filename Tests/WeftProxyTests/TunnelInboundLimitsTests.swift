@@ -55,24 +55,29 @@ import Testing
         let connection: NIOLoopBound<TunnelConnection>
         let closed = Closed()
 
-        init(_ node: TunnelStreamIdleTests.Node) throws {
+        /// `openTimeout`: how long an open waits for the node (beyond
+        /// `podConnect`) before it takes the tunnel as stuck.
+        init(_ node: TunnelStreamIdleTests.Node, openTimeout: TimeAmount = TunnelHTTP2.openTimeout) throws {
             loop = node.rig.group.next()
             let route = TunnelRoute(source: TunnelStreamIdleTests.source, destination: TunnelStreamIdleTests.pod,
                                     node: IPv4Address("127.0.0.1")!)
             let context = try #require(node.client.clientContexts[TunnelStreamIdleTests.source])
             let port = node.tunnel.localAddress?.port ?? 0, closed = closed, loop = loop
             connection = try loop.submit {
-                NIOLoopBound(TunnelConnection(route: route, port: port, context: context, loop: loop) { _ in closed.now() }, eventLoop: loop)
+                NIOLoopBound(TunnelConnection(route: route, port: port, context: context, loop: loop, openTimeout: openTimeout) { _ in
+                    closed.now()
+                }, eventLoop: loop)
             }.wait()
         }
 
-        /// An opaque stream to the node's HTTP/1.1 pod (or to 127.0.0.4:`port`).
-        func open(_ node: TunnelStreamIdleTests.Node, port: Int? = nil) throws -> any Channel {
+        /// An opaque stream to the node's HTTP/1.1 pod (or to 127.0.0.4:`port`),
+        /// the node's connect to it allowed `podConnect` (TunnelConnection.openStream).
+        func open(_ node: TunnelStreamIdleTests.Node, port: Int? = nil, podConnect: TimeAmount? = nil) throws -> any Channel {
             let opened = loop.makePromise(of: Channel.self)
             let port = port ?? node.rig.backends[0].localAddress?.port ?? 0, connection = connection
             try loop.submit {
                 connection.value.openStream(authority: "127.0.0.4:\(port)", headers: [("x-weft-source", "198.18.9.10")],
-                                            initialize: { _ in }) { opened.completeWith($0) }
+                                            podConnect: podConnect, initialize: { _ in }) { opened.completeWith($0) }
             }.wait()
             loop.scheduleTask(in: .seconds(5)) { opened.fail(ChannelError.connectTimeout(.seconds(5))) }
             return try opened.futureResult.wait()

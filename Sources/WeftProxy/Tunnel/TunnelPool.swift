@@ -108,7 +108,11 @@ enum TunnelHTTP2 {
     /// after the far proxy's own connect to the pod, 2 s at most, then 502).
     /// A peer that accepts the TCP connection and then says nothing (its
     /// proxy stopped or stuck) held every open on the tunnel, and the
-    /// requests behind them, for good.
+    /// requests behind them, for good. An opaque stream to a pod whose
+    /// Service sets its own connect timeout waits that long beyond it
+    /// (TunnelConnection.openStream's `podConnect`): the far proxy may
+    /// take all of it, and a tunnel taken as stuck is closed for every
+    /// stream it carries.
     static let openTimeout = TimeAmount.seconds(5)
 
     static var stream: NIOHTTP2Handler.StreamConfiguration {
@@ -202,8 +206,11 @@ final class TunnelPool {
     /// `initialize` building the byte-channel pipeline above the codec.
     /// `http`: the stream carries HTTP the proxy wrote itself ("http1" or
     /// "h2"), sent as `x-weft-protocol` so the far proxy reads it as such.
+    /// `podConnect`: an opaque stream's, the far proxy's connect to the pod
+    /// may take this long (the pod's Service's connect timeout).
     func stream(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities, http: String? = nil,
-                extraHeaders: [(String, String)] = [], initialize: @escaping @Sendable (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
+                extraHeaders: [(String, String)] = [], podConnect: TimeAmount? = nil,
+                initialize: @escaping @Sendable (Channel) throws -> Void, _ completion: @escaping (Result<Channel, any Error>) -> Void) {
         let connection: TunnelConnection
         switch self.connection(route, identities: identities, relay: false) {
         case .failure(let error): return completion(.failure(error))
@@ -213,7 +220,7 @@ final class TunnelPool {
         if let http { headers.append(("x-weft-protocol", http)) }
         headers += extraHeaders
         connection.openStream(authority: "\(target.address):\(target.port)", headers: headers, http: http != nil,
-                              initialize: initialize, completion)
+                              podConnect: podConnect, initialize: initialize, completion)
     }
 
     /// A CONNECT stream to `target` carried at the frame level, for plain
@@ -222,14 +229,15 @@ final class TunnelPool {
     /// A stream that could not be opened because its connection went away
     /// first (TunnelNotOpened) is opened once more, on a new connection.
     func relay(_ route: TunnelRoute, to target: EndpointKey, source: IPv4Address, identities: TunnelIdentities, again: Bool = true,
-               _ completion: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
+               podConnect: TimeAmount? = nil, _ completion: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
         switch connection(route, identities: identities, relay: true) {
         case .failure(let error): completion(.failure(error))
         case .success(let c):
             stats?.tunnelStreamsOutRelayed.add(1, ordering: .relaxed)
-            c.openRelayed(authority: "\(target.address):\(target.port)", headers: [("x-weft-source", source.description)]) { [self] result in
+            c.openRelayed(authority: "\(target.address):\(target.port)", headers: [("x-weft-source", source.description)],
+                          podConnect: podConnect) { [self] result in
                 guard again, case .failure(let error) = result, error is TunnelNotOpened else { return completion(result) }
-                relay(route, to: target, source: source, identities: identities, again: false, completion)
+                relay(route, to: target, source: source, identities: identities, again: false, podConnect: podConnect, completion)
             }
         }
     }
@@ -464,11 +472,14 @@ final class TunnelConnection {
     }
 
     /// `http`: the stream carries HTTP exchanges (kept idle between them
-    /// by the upstream pool), else an opaque stream.
-    func openStream(authority: String, headers: [(String, String)], http: Bool = false,
+    /// by the upstream pool), else an opaque stream. `podConnect`: the far
+    /// proxy answers only once its connect to the pod is made, which may
+    /// take this long (its Service's connect timeout): the open waits that
+    /// much beyond `openTimeout` before it takes the peer as stuck.
+    func openStream(authority: String, headers: [(String, String)], http: Bool = false, podConnect: TimeAmount? = nil,
                     initialize: @escaping @Sendable (Channel) throws -> Void, _ done: @escaping (Result<Channel, any Error>) -> Void) {
         opening += 1
-        let completion = bounded({ [self] (result: Result<Channel, any Error>) in
+        let completion = bounded(podConnect: podConnect, { [self] (result: Result<Channel, any Error>) in
             opening -= 1
             if case .success(let stream) = result { carry(stream, http: http) }
             done(result)
@@ -506,11 +517,11 @@ final class TunnelConnection {
     }
 
     /// A stream relayed at the frame level (a connection made with `relay`).
-    func openRelayed(authority: String, headers: [(String, String)],
+    func openRelayed(authority: String, headers: [(String, String)], podConnect: TimeAmount? = nil,
                      _ done: @escaping (Result<TunnelRelay.Stream, any Error>) -> Void) {
         // (A stream answered after the timeout goes with its connection.)
         opening += 1
-        let completion = bounded({ [self] (result: Result<TunnelRelay.Stream, any Error>) in
+        let completion = bounded(podConnect: podConnect, { [self] (result: Result<TunnelRelay.Stream, any Error>) in
             opening -= 1
             done(result)
         }) { _ in }
@@ -524,14 +535,15 @@ final class TunnelConnection {
     }
 
     /// `done`, called once: with the open's outcome, or when
-    /// `openTimeout` runs out first with TunnelTimedOut, and then the
-    /// whole connection is closed (a peer that answers no CONNECT in that
-    /// time is taken as stuck; the opens waiting on it fail, and the next
-    /// one makes a new connection). `late` gets what is answered after.
-    private func bounded<T>(_ done: @escaping (Result<T, any Error>) -> Void,
+    /// `openTimeout` (and `podConnect` beyond it) runs out first with
+    /// TunnelTimedOut, and then the whole connection is closed (a peer that
+    /// answers no CONNECT in that time is taken as stuck; the opens waiting
+    /// on it fail, and the next one makes a new connection). `late` gets
+    /// what is answered after.
+    private func bounded<T>(podConnect: TimeAmount? = nil, _ done: @escaping (Result<T, any Error>) -> Void,
                             late: @escaping (T) -> Void) -> (Result<T, any Error>) -> Void {
         let once = OnceCompletion(done)
-        let timeout = openTimeout, target = route.node
+        let timeout = openTimeout + (podConnect ?? .zero), target = route.node
         once.timer = loop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
             guard let done = once.done else { return }
             once.done = nil
