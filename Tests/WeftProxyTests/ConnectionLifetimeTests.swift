@@ -41,15 +41,7 @@ import Testing
         var seen: [String] = []
         for pause in pauses {
             usleep(UInt32(pause * 1_000_000))
-            let request = Array("GET / HTTP/1.1\r\nhost: api.fz\r\n\r\n".utf8)
-            _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            var got: [UInt8] = [], buffer = [UInt8](repeating: 0, count: 4096)
-            let deadline = Date().addingTimeInterval(2)
-            while Date() < deadline, !String(decoding: got, as: UTF8.self).hasSuffix("ok\n") {
-                let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-                if n > 0 { got += buffer[0..<n] } else if n == 0 { break }
-            }
-            let text = String(decoding: got, as: UTF8.self)
+            let text = UpstreamIdleTests.get(on: fd)
             let conn = text.split(separator: "\r\n").first { $0.lowercased().hasPrefix("x-conn:") }
                 .map { $0.dropFirst(7).trimmingCharacters(in: .whitespaces) }
             seen.append(text.hasPrefix("HTTP/1.1 200") && conn != "0" ? conn ?? "?" : "")

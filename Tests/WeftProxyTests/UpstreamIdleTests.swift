@@ -33,6 +33,20 @@ import Testing
         return seen.text.hasPrefix("HTTP/1.1 200")
     }
 
+    /// A GET of `/` on the kept-alive client connection `fd`, read until
+    /// the backends' `ok` body ends (2 s at most): what came back.
+    static func get(on fd: Int32) -> String {
+        let request = Array("GET / HTTP/1.1\r\nhost: api.fz\r\n\r\n".utf8)
+        _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        var got: [UInt8] = [], buffer = [UInt8](repeating: 0, count: 4096)
+        let deadline = Date().addingTimeInterval(2)
+        while Date() < deadline, !String(decoding: got, as: UTF8.self).hasSuffix("ok\n") {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n > 0 { got += buffer[0..<n] } else if n == 0 { break }
+        }
+        return String(decoding: got, as: UTF8.self)
+    }
+
     /// Waits up to 2 s for the rig's pools to keep `count` connections.
     static func waitKept(_ rig: ProxyFuzzTests.Rig, _ count: Int) throws -> Int {
         var now = try kept(rig)
@@ -84,15 +98,7 @@ import Testing
         defer { close(fd) }
         var answered = 0
         for _ in 0..<8 {
-            let request = Array("GET / HTTP/1.1\r\nhost: api.fz\r\n\r\n".utf8)
-            _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            var got: [UInt8] = [], buffer = [UInt8](repeating: 0, count: 4096)
-            let deadline = Date().addingTimeInterval(2)
-            while Date() < deadline, !String(decoding: got, as: UTF8.self).hasSuffix("ok\n") {
-                let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-                if n > 0 { got += buffer[0..<n] } else if n == 0 { break }
-            }
-            if String(decoding: got, as: UTF8.self).hasPrefix("HTTP/1.1 200") { answered += 1 }
+            if Self.get(on: fd).hasPrefix("HTTP/1.1 200") { answered += 1 }
             usleep(150_000)
         }
         #expect(answered == 8, "\(path) path")
