@@ -61,6 +61,12 @@ import Testing
             #expect(!seen.contains("") && seen[0] == seen[1] && seen[2] == seen[3] && seen[4] == seen[5]
                         && Set(seen).count == 3, "\(way): \(seen)")
         }
+        // The delivering node's connections to its pod, for requests that
+        // came through a tunnel (the rig's delivering listener: the same
+        // express path, delivering, on a plain connection).
+        let delivered = try Self.connections(rig.deliveringListener.localAddress?.port ?? 0, pauses: Array(repeating: 0, count: 6))
+        #expect(!delivered.contains("") && delivered[0] == delivered[1] && delivered[2] == delivered[3]
+                    && delivered[4] == delivered[5] && Set(delivered).count == 3, "delivering: \(delivered)")
     }
 
     /// maxConnectionDuration 300 ms: a request 100 ms after the first goes
