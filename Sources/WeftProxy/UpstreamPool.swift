@@ -533,20 +533,12 @@ final class UpstreamPool {
         }
     }
 
-    /// Closes one connection to `key` kept idle here (the full path's or
-    /// the express path's); whether there was one.
-    @discardableResult
-    func closeOneIdle(_ key: EndpointKey) -> Bool {
-        guard let s = endpoints[key] else { return false }
-        if let c = s.idle.popLast() {
-            c.close()
-            return true
-        }
-        if let c = s.express.popLast() {
-            c.close()
-            return true
-        }
-        return false
+    /// Closes one connection to `key` kept idle here, the full path's or
+    /// else the express path's, if there is one.
+    func closeOneIdle(_ key: EndpointKey) {
+        guard let s = endpoints[key] else { return }
+        if let c = s.idle.popLast() { return c.close() }
+        s.express.popLast()?.close()
     }
 
     /// Ends `wait` with `outcome` (a connection given to a request that
