@@ -299,7 +299,7 @@ final class Reconciler {
                         name: r.metadata.qualifiedName,
                         parents: r.parentRefs.map { "\($0.namespace)/\($0.name)" + ($0.port.map { ":\($0)" } ?? "") },
                         rules: r.rules.count,
-                        backends: r.rules.flatMap { $0.backendRefs.map { "\($0.name):\($0.port) weight \($0.weight)" } })
+                        backends: r.rules.flatMap { $0.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" } })
                 }
             }
             publishProxyStatus()

@@ -32,9 +32,9 @@ enum Express {
         /// fault injection), if it has one.
         let guardState: FrontendGuard?
 
-        private init(snapshot: RouteSnapshot, frontendKey: String, loop: LoopState) {
+        private init(snapshot: RouteSnapshot, frontendKey: String, source: IPv4Address?, loop: LoopState) {
             self.snapshot = snapshot
-            matcher = snapshot.matchers[frontendKey]
+            matcher = snapshot.matcher(frontendKey, source: source)
             budget = matcher.map { loop.budget($0.frontend.name) }
             serves = ExpressHTTP1Handler.serves(snapshot, frontendKey: frontendKey)
             guardState = snapshot.guards.isEmpty ? nil : snapshot.guards[frontendKey]
@@ -54,11 +54,13 @@ enum Express {
         }
 
         /// `previous` while the proxy's snapshot is the one it was made
-        /// for; a new one otherwise.
-        static func current(_ previous: Routing?, frontendKey: String, loop: LoopState, proxy: ProxyContext) -> Routing {
+        /// for; a new one otherwise. `source`: the connection's client (its
+        /// namespace may have consumer routes of the frontend).
+        static func current(_ previous: Routing?, frontendKey: String, source: IPv4Address?, loop: LoopState,
+                            proxy: ProxyContext) -> Routing {
             let snapshot = loop.snapshot(proxy)
             if let previous, previous.snapshot === snapshot { return previous }
-            return Routing(snapshot: snapshot, frontendKey: frontendKey, loop: loop)
+            return Routing(snapshot: snapshot, frontendKey: frontendKey, source: source, loop: loop)
         }
     }
 

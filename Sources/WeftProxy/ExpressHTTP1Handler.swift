@@ -362,7 +362,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             case .needHead, .needMore, .handOver, .tooLarge, .answered: break
             }
         } else {
-            let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
+            let routing = Express.Routing.current(routing, frontendKey: frontendKey, source: origin?.source, loop: loop, proxy: proxy)
             self.routing = routing
             headLimit = routing.snapshot.maxRequestHead
             guard routing.serves, let matcher = routing.matcher else {

@@ -430,7 +430,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     private func plan(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers, context: ChannelHandlerContext) -> Planned {
         guard !quiescing, let loop else { return .handOver }
         var bodyLength: Int?
-        let routing = Express.Routing.current(routing, frontendKey: frontendKey, loop: loop, proxy: proxy)
+        let routing = Express.Routing.current(routing, frontendKey: frontendKey, source: origin.source, loop: loop, proxy: proxy)
         self.routing = routing
         guard routing.serves, let matcher = routing.matcher else { return .handOver }
         let snapshot = routing.snapshot

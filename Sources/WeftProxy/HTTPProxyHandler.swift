@@ -407,7 +407,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                                   keepAlive: false, extraHeaders: [("allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE")])
         }
         if cached?.snapshot !== snapshot {
-            cached = snapshot.matchers[frontendKey].map { (snapshot, $0, loop?.budget($0.frontend.name)) }
+            cached = snapshot.matcher(frontendKey, source: origin.source).map { (snapshot, $0, loop?.budget($0.frontend.name)) }
         }
         record?.service = cached?.matcher.frontend.service
         record?.serviceNamespace = cached?.matcher.frontend.namespace
@@ -991,7 +991,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let endpoint = endAttempt(success: false)
         r.upstream = nil
         r.connecting = false
-        retryOrFail(.gatewayTimeout, "weft: backend \(endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { "\($0)" } ?? "")\n",
+        retryOrFail(.gatewayTimeout, "weft: backend \(endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { IdleSweep.shown(.init($0)) } ?? "")\n",
                     sentNothing: false)
     }
 
@@ -1008,7 +1008,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         r.upstream?.close()
         endAttempt(success: false)
         r.upstream = nil
-        fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map { "\($0)" } ?? "")\n")
+        fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map { IdleSweep.shown(.init($0)) } ?? "")\n")
     }
 
     /// MeshConfig proxy.streamIdleTimeout ran out on the request in flight:
@@ -1235,7 +1235,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // would swallow every request sent on it after.
         guard let r = request, !r.mirrors.isEmpty, !r.isUpgrade, let replay = r.replay, let loop, let context else { return }
         for m in r.mirrors where Double.random(in: 0..<100, using: &loop.random) < m.percent {
-            let cluster = ProxyTable.clusterName(namespace: proxy.snapshot.table.frontends[frontendKey]?.namespace ?? "",
+            let cluster = ProxyTable.clusterName(namespace: m.namespace ?? r.snapshot.table.frontends[frontendKey]?.namespace ?? "",
                                                  service: m.name, port: m.port)
             guard let endpoints = r.snapshot.endpoints[cluster], let key = loop.pool.pick(endpoints, excluding: []),
                   loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: key.ip, port: key.port, node: key.node)

@@ -8,6 +8,9 @@ import WeftCore
 final class RouteSnapshot: Sendable {
     let table: ProxyTable
     let matchers: [String: RouteMatcher]
+    /// GAMMA consumer routes' matchers: by frontend, then by the namespace
+    /// whose clients they route (empty: no consumer route anywhere).
+    let consumerMatchers: [String: [String: RouteMatcher]]
     /// Each cluster's endpoints, parsed once.
     let endpoints: [String: [EndpointKey]]
     /// Workloads by address, for metrics and access logs.
@@ -40,8 +43,15 @@ final class RouteSnapshot: Sendable {
         connectTimeouts = EndpointKey.keyed(table.connectTimeouts).mapValues { .milliseconds(Int64($0)) }
         lifetimes = EndpointKey.keyed(table.connectionLifetimes).mapValues(UpstreamLifetime.init)
         var matchers: [String: RouteMatcher] = [:]
-        for (key, frontend) in table.frontends { matchers[key] = RouteMatcher(frontend) }
+        var consumerMatchers: [String: [String: RouteMatcher]] = [:]
+        for (key, frontend) in table.frontends {
+            matchers[key] = RouteMatcher(frontend)
+            if let consumers = frontend.consumers {
+                consumerMatchers[key] = consumers.mapValues { RouteMatcher($0.applied(to: frontend)) }
+            }
+        }
         self.matchers = matchers
+        self.consumerMatchers = consumerMatchers
         endpoints = table.clusters.mapValues { $0.map(EndpointKey.init) }
         var refs: [UInt32: ProxyTable.WorkloadRef] = [:]
         for (address, ref) in table.workloads ?? [:] {
@@ -90,6 +100,7 @@ final class RouteSnapshot: Sendable {
         table.generation = generation
         self.table = table
         matchers = other.matchers
+        consumerMatchers = other.consumerMatchers
         endpoints = other.endpoints
         workloadsByIP = other.workloadsByIP
         runtimes = other.runtimes
@@ -114,6 +125,17 @@ final class RouteSnapshot: Sendable {
     }
 
     var generation: UInt64 { table.generation }
+
+    /// The routes of `frontendKey` a client at `source` is routed by: its
+    /// namespace's consumer routes of that Service if there are any, else
+    /// the Service's own (GEP-1294).
+    func matcher(_ frontendKey: String, source: IPv4Address?) -> RouteMatcher? {
+        if !consumerMatchers.isEmpty, let source, let byNamespace = consumerMatchers[frontendKey],
+           let namespace = workloadsByIP[source.value]?.namespace, let consumer = byNamespace[namespace] {
+            return consumer
+        }
+        return matchers[frontendKey]
+    }
 }
 
 /// Request counters for `weft proxy`'s /stats (and the agent's /metrics).

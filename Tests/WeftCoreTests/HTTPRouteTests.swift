@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import WeftCore
 
@@ -87,6 +88,113 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         #expect(services.entries[Frontend(vip: IPv4Address("198.19.0.12")!, port: 5432, transport: .tcp)]?.needsProxy == false)
         #expect(table.clusters["shop/canary:80"]?.map(\.address) == ["198.18.2.12"])
         #expect(table.clusters["shop/canary:80"]?.first?.node == "n2")
+    }
+
+    /// GAMMA consumer routes (GEP-1294): a route in another namespace than
+    /// its parent Service's routes that namespace's clients only, in place of
+    /// the Service's producer routes (a request none of its rules matches:
+    /// 404); its backendRefs and mirrors name their namespace or are in the
+    /// route's; two namespaces' consumer routes stay apart; a Service only
+    /// a consumer route targets is captured, and every other client gets it
+    /// as if no route were attached.
+    @Test func consumerRoutesRouteTheirOwnNamespaceOnly() throws {
+        let s = try state("""
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: shopper, namespace: front, labels: {app: shopper}}
+            spec: {node: n1, address: 198.18.1.40}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: cache, namespace: front}
+            spec: {clusterIP: 198.19.0.20, selector: {app: shopper}, ports: [{name: http, port: 80, targetPort: 8080}]}
+            ---
+            \(webRoute("""
+                  - backendRefs: [{name: web, port: 80, weight: 9}, {name: canary, port: 80, weight: 1}]
+                """))
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: mine, namespace: front}
+            spec:
+              parentRefs: [{group: "", kind: Service, namespace: shop, name: web, port: 80}]
+              rules:
+              - matches: [{path: {type: PathPrefix, value: /cart}}]
+                filters: [{type: RequestMirror, requestMirror: {backendRef: {name: cache, port: 80}}}]
+                backendRefs: [{name: canary, namespace: shop, port: 80}]
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: theirs, namespace: back}
+            spec:
+              parentRefs: [{group: "", kind: Service, namespace: shop, name: web}]
+              rules: [{backendRefs: [{name: web, namespace: shop, port: 80}]}]
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: db, namespace: front}
+            spec:
+              parentRefs: [{group: "", kind: Service, namespace: shop, name: db}]
+              rules: [{backendRefs: [{name: db, namespace: shop, port: 5432}]}]
+            """)
+        let table = ProxyTable(s)
+        let web = try #require(table.frontends["198.19.0.10:80"])
+        #expect(web.actions.map(\.name) == ["shop/r#0"], "the producer route stays every other client's")
+        #expect(web.actions.first?.backends.map(\.cluster) == ["shop/web:80", "shop/canary:80"])
+        #expect(Set(web.consumers?.keys ?? [:].keys) == ["front", "back"])
+        let front = try #require(web.consumers?["front"])
+        #expect(front.actions.map(\.name) == ["front/mine#0"])
+        #expect(front.actions.first?.backends.map(\.cluster) == ["shop/canary:80"])
+        #expect(front.actions.first?.filters == [.requestMirror(.init(name: "cache", port: 80, percent: 100, namespace: "front"))],
+                "a mirror without a namespace is in its route's")
+        #expect(table.clusters["front/cache:80"]?.map(\.address) == ["198.18.1.40"])
+        let matcher = RouteMatcher(front.applied(to: web))
+        #expect(matcher.route(request("GET", "/cart/1"))?.action.name == "front/mine#0")
+        #expect(matcher.route(request("GET", "/other")) == nil, "no fallback to the producer routes: 404")
+        #expect(web.consumers?["back"]?.actions.first?.backends.map(\.cluster) == ["shop/web:80"])
+        // db declares no HTTP and only a consumer route targets it: captured,
+        // and a client elsewhere gets the Service itself.
+        let db = try #require(table.frontends["198.19.0.12:5432"])
+        #expect(db.fallback != nil && db.actions.map(\.name) == ["shop/db"] && db.consumers?.keys.first == "front")
+        #expect(ServiceTable(s).entries[Frontend(vip: IPv4Address("198.19.0.12")!, port: 5432, transport: .tcp)]?.needsProxy == true)
+        // The table says it the same way after a round trip (the proxy reads JSON).
+        let decoded = try JSONDecoder().decode(ProxyTable.self, from: JSONEncoder().encode(table))
+        #expect(decoded.frontends["198.19.0.10:80"]?.consumers == web.consumers)
+    }
+
+    /// A consumer route's references are checked where they point.
+    @Test func consumerRouteReferencesAreChecked() {
+        func errors(_ spec: String) -> String {
+            let route = """
+                apiVersion: gateway.networking.k8s.io/v1
+                kind: HTTPRoute
+                metadata: {name: mine, namespace: front}
+                spec:
+                \(spec.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
+                """
+            let (resources, parseErrors) = ManifestReader.parse(base + "\n---\n" + route, file: "t.yaml")
+            guard case .failure(let e) = ClusterState.build(resources, parseErrors: parseErrors) else { return "accepted" }
+            return e.errors.map(\.description).joined(separator: "\n")
+        }
+        let cases: [(String, String)] = [
+            ("parentRefs: [{group: \"\", kind: Service, namespace: shop, name: nope}]",
+             "t.yaml:6:spec.parentRefs[0].name: no Service shop/nope in this config"),
+            ("parentRefs: [{group: \"\", kind: Service, namespace: Shop_1, name: web}]", "t.yaml:6:spec.parentRefs[0].namespace"),
+            ("parentRefs: [{group: \"\", kind: Service, namespace: shop, name: web}]\nrules: [{backendRefs: [{name: web, port: 80}]}]",
+             "t.yaml:6:spec.rules[0].backendRefs[0].name: no Service front/web in this config"),
+            ("parentRefs: [{group: \"\", kind: Service, namespace: shop, name: web}]\nrules: [{backendRefs: [{name: web, namespace: shop, port: 81}]}]",
+             "t.yaml:6:spec.rules[0].backendRefs[0].port: Service shop/web has no TCP port 81"),
+            ("parentRefs: [{group: \"\", kind: Service, namespace: shop, name: web}]\nrules: [{backendRefs: [{name: web, namespace: \"a b\", port: 80}]}]",
+             "t.yaml:6:spec.rules[0].backendRefs[0].namespace"),
+            ("parentRefs: [{group: \"\", kind: Service, namespace: shop, name: web}]\nrules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: gone, namespace: shop, port: 80}}}], backendRefs: [{name: web, namespace: shop, port: 80}]}]",
+             "t.yaml:6:spec.rules[0].filters[0].requestMirror.backendRef.name: no Service shop/gone in this config"),
+        ]
+        for (spec, expected) in cases {
+            let text = errors(spec)
+            #expect(text.contains(expected), "\(spec): \(text)")
+        }
+        #expect(errors("parentRefs: [{group: \"\", kind: Service, namespace: shop, name: web}]\nrules: [{backendRefs: [{name: web, namespace: shop, port: 80}]}]")
+                    == "accepted")
     }
 
     @Test func precedenceFollowsTheGatewayAPI() throws {

@@ -122,8 +122,9 @@ struct TrafficPolicyTests {
     }
 
     /// The proxy's table for `web` and a second Service `alt` over the same
-    /// pods, each with a TrafficPolicy of `spec` if given; what `read` takes of it.
-    private static func backendTable<T>(web: String?, alt: String?, _ read: (ProxyTable) -> T) throws -> T {
+    /// pods, each with a TrafficPolicy of `spec` if given, and `extra`
+    /// documents; what `read` takes of it.
+    private static func backendTable<T>(web: String?, alt: String?, extra: String? = nil, _ read: (ProxyTable) -> T) throws -> T {
         var text = service + """
 
             ---
@@ -134,6 +135,7 @@ struct TrafficPolicyTests {
             """
         if let web { text += "\n---\n" + policy(web) }
         if let alt { text += "\n---\n" + policy(alt, name: "q", target: "alt") }
+        if let extra { text += "\n---\n" + extra }
         let (state, errors) = parse(text)
         return read(ProxyTable(try #require(state, "\(errors)")))
     }
@@ -189,6 +191,39 @@ struct TrafficPolicyTests {
         #expect(try table(web: "circuitBreaker: {maxRequests: 5}", alt: nil) == nil)
     }
 
+    /// `timeout.http.requestTimeout` bounds the requests to its Service:
+    /// the Service's own action where no route is attached, and each rule
+    /// of an attached route that sets no `timeouts.request` (a rule's own
+    /// wins, its backendRequest stays); another Service's requests, over
+    /// the same pods, are not bound by it.
+    @Test func aRequestTimeoutBoundsEveryRuleOfItsServiceThatSetsNone() throws {
+        let route = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+              rules:
+              - matches: [{path: {type: PathPrefix, value: /report}}]
+                backendRefs: [{name: web, port: 80}]
+                timeouts: {request: 30s, backendRequest: 10s}
+              - backendRefs: [{name: web, port: 80}]
+                timeouts: {backendRequest: 1s}
+            """
+        func timeouts(_ policy: String?, route: String? = nil) throws -> [String: [HTTPRoute.Timeouts]] {
+            try Self.backendTable(web: policy, alt: nil, extra: route) { table in
+                table.frontends.mapValues { $0.actions.map(\.timeouts) }
+            }
+        }
+        let bound = "timeout: {http: {requestTimeout: 5s}}"
+        #expect(try timeouts(bound) == ["198.19.0.10:80": [.init(request: .seconds(5))], "198.19.0.11:80": [.init()]])
+        #expect(try timeouts(bound, route: route)["198.19.0.10:80"]
+                    == [.init(request: .seconds(30), backendRequest: .seconds(10)), .init(request: .seconds(5), backendRequest: .seconds(1))])
+        #expect(try timeouts(nil, route: route)["198.19.0.10:80"]
+                    == [.init(request: .seconds(30), backendRequest: .seconds(10)), .init(backendRequest: .seconds(1))])
+        #expect(try timeouts("timeout: {http: {requestTimeout: 1500ms}}")["198.19.0.10:80"] == [.init(request: .milliseconds(1500))])
+    }
+
     @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
         let cases: [(String, String)] = [
             ("healthCheck: {interval: -1s}", "tp.yaml:5:spec.healthCheck.interval: must be positive"),
@@ -219,7 +254,10 @@ struct TrafficPolicyTests {
              "tp.yaml:5:spec.timeout.http.connectionIdleTimeout: must be at least 1s (or 0s: never), got \"500ms\""),
             ("timeout: {http: {connectionIdleTimeout: -1s}}", "spec.timeout.http.connectionIdleTimeout: must be at least 1s"),
             ("timeout: {http: {connectionIdleTimeout: 3}}", "spec.timeout.http.connectionIdleTimeout"),
-            ("timeout: {http: {requestTimeout: 1s}}", "spec.timeout.http.requestTimeout: unknown field"),
+            ("timeout: {http: {requestTimeout: 0s}}", "tp.yaml:5:spec.timeout.http.requestTimeout: must be longer than 0s"),
+            ("timeout: {http: {requestTimeout: -5s}}", "spec.timeout.http.requestTimeout: must be positive"),
+            ("timeout: {http: {requestTimeout: 5}}", "spec.timeout.http.requestTimeout"),
+            ("timeout: {http: {streamTimeout: 1s}}", "spec.timeout.http.streamTimeout: unknown field"),
             ("timeout: {tcp: {idleTimeout: 1s}}", "spec.timeout.tcp.idleTimeout: unknown field"),
             ("timeout: {tcp: {connectTimeout: 0s}}", "tp.yaml:5:spec.timeout.tcp.connectTimeout: must be longer than 0s"),
             ("timeout: {tcp: {connectTimeout: -2s}}", "spec.timeout.tcp.connectTimeout: must be positive"),

@@ -137,8 +137,9 @@ private let routes = """
         backendRefs: [{name: slow, port: 80}]
     """
 
-private func startLab(extra: [String] = []) throws -> LabHarness {
-    let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": pods, "routes.yaml": routes], extra: extra)
+private func startLab(extra: [String] = [], files: [String: String] = [:]) throws -> LabHarness {
+    let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": pods, "routes.yaml": routes].merging(files) { $1 },
+                             extra: extra)
     do {
         try waitForBackends(lab)
     } catch {
@@ -161,9 +162,10 @@ private func waitForBackends(_ lab: LabHarness) throws {
     }
 }
 
-/// curl in the client pod; returns (status, headers lowercased, body).
-private func curl(_ lab: LabHarness, _ url: String, _ extra: [String] = []) throws -> (Int, [String: String], String) {
-    let r = try LabHarness.run(["lab", "exec", "client", "--", "curl", "-sS", "-m", "5", "-D", "-", url] + extra)
+/// curl in the client pod (or `pod`); returns (status, headers lowercased, body).
+private func curl(_ lab: LabHarness, _ url: String, _ extra: [String] = [],
+                  from pod: String = "client") throws -> (Int, [String: String], String) {
+    let r = try LabHarness.run(["lab", "exec", pod, "--", "curl", "-sS", "-m", "5", "-D", "-", url] + extra)
     var text = Substring(r.output)
     // (The 101 of an h2c Upgrade comes first.)
     while text.hasPrefix("HTTP/1.1 1"), let end = text.range(of: "\r\n\r\n") { text = text[end.upperBound...] }
@@ -369,6 +371,68 @@ struct ProxyTests {
         #expect(metrics.split(separator: "\n").contains { $0.hasPrefix("weft_proxy_requests_total ") && (Int($0.split(separator: " ")[1]) ?? 0) >= 2000 })
         let get = try LabHarness.run(["get", "routes", "--node", "n1"])
         #expect(get.output.contains("l7/web") && get.output.contains("web-v2:80 weight 10"), "\(get.output)")
+    }
+
+    /// GAMMA consumer routes: a route in namespace l7-app attached to
+    /// l7/web routes l7-app's clients only, in place of web's producer
+    /// route: every request to web-v2 (a backendRef in l7), on the express
+    /// paths (HTTP/1.1 and h2c, a rule without filters) and on the full
+    /// path (a rule with a filter); the producer route's redirect and split
+    /// are not theirs, and a path no consumer rule matches is 404. A client
+    /// in l7 keeps web's own routes.
+    @Test func consumerRoutesRouteOnlyTheirNamespacesClients() throws {
+        let consumer = """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: app-client, namespace: l7-app, labels: {app: client}, annotations: {lab.weft.dev/command: "sleep infinity"}}
+            spec: {node: n1, address: 198.18.1.11}
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: pinned, namespace: l7-app}
+            spec:
+              parentRefs: [{group: "", kind: Service, namespace: \(ns), name: web, port: 80}]
+              rules:
+              - matches: [{path: {type: PathPrefix, value: /tagged}}]
+                filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-consumer, value: l7-app}]}}]
+                backendRefs: [{name: web-v2, namespace: \(ns), port: 80}]
+              - matches: [{path: {type: PathPrefix, value: /plain}}, {path: {type: Exact, value: /old}}]
+                backendRefs: [{name: web-v2, namespace: \(ns), port: 80}]
+            """
+        let lab = try startLab(files: ["consumer.yaml": consumer])
+        defer { lab.down() }
+        var pods: [String: Int] = [:]
+        let express = try stat("n1", "express_requests_total")
+        for i in 0..<10 {
+            for (path, extra) in [("/plain/\(i)", []), ("/plain/h2/\(i)", ["--http2-prior-knowledge"]), ("/tagged/\(i)", [])] {
+                let (status, headers, body) = try curl(lab, "http://198.19.1.10\(path)", extra, from: "app-client")
+                #expect(status == 200, "\(path): \(body)")
+                pods[json(body)["pod"] as? String ?? "?", default: 0] += 1
+                #expect(headers["x-split"] == nil, "\(path): the producer route's filter: \(headers)")
+                #expect((headers["x-consumer"] == "l7-app") == path.hasPrefix("/tagged"), "\(path): \(headers)")
+            }
+        }
+        #expect(pods == ["v2": 30], "every request of l7-app to web-v2: \(pods)")
+        #expect(try stat("n1", "express_requests_total") - express >= 20, "the rule without filters on the express paths")
+        for extra in [[], ["--http2-prior-knowledge"]] {
+            // The producer's /re/N rule would be served on the express path.
+            let re = try curl(lab, "http://198.19.1.10/re/5", extra, from: "app-client")
+            #expect(re.0 == 404, "\(extra): the producer's rules are not l7-app's: \(re)")
+        }
+        let old = try curl(lab, "http://198.19.1.10/old", from: "app-client")
+        #expect(old.0 == 200 && json(old.2)["pod"] as? String == "v2", "the producer's redirect is not l7-app's: \(old)")
+        let unmatched = try curl(lab, "http://198.19.1.10/elsewhere", from: "app-client")
+        #expect(unmatched.0 == 404, "no consumer rule matches, and the producer's are not l7-app's: \(unmatched)")
+        // The client in l7: web's own routes.
+        var theirs: [String: Int] = [:]
+        for i in 0..<20 {
+            let (status, headers, body) = try curl(lab, "http://198.19.1.10/plain/\(i)")
+            #expect(status == 200 && headers["x-split"] == "canary" && headers["x-consumer"] == nil, "\(headers) \(body)")
+            theirs[json(body)["pod"] as? String ?? "?", default: 0] += 1
+        }
+        #expect((theirs["v1-a"] ?? 0) + (theirs["v1-b"] ?? 0) > 0, "l7's client is split 90/10 as before: \(theirs)")
+        let redirect = try curl(lab, "http://198.19.1.10/old")
+        #expect(redirect.0 == 301, "\(redirect)")
     }
 
     @Test func grpcStreamsAndWebSocketsGoThroughTheProxy() throws {

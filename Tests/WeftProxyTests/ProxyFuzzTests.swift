@@ -166,9 +166,10 @@ import WeftCore
 
     /// The proxy under test: its context on two event loops, a listener on
     /// loopback that hands every connection in as captured for `origin(of:)`,
-    /// and the backends; the idle sweep runs as in `weft proxy`. `table`
-    /// changes the route table before it is installed, `configure` the
-    /// proxy's configuration.
+    /// and the backends; the idle sweep runs as in `weft proxy`. `manifests`
+    /// (YAML documents) are read with the rig's own, `table` changes the
+    /// route table before it is installed, `configure` the proxy's
+    /// configuration.
     final class Rig: Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let proxy: ProxyContext
@@ -192,7 +193,8 @@ import WeftCore
         let backends: [any Channel]
         let registry = ConnectionRegistry()
 
-        init(table: (inout ProxyTable) -> Void = { _ in }, configure: (inout ProxyConfiguration) -> Void = { _ in }) throws {
+        init(manifests: String = "", table: (inout ProxyTable) -> Void = { _ in },
+             configure: (inout ProxyConfiguration) -> Void = { _ in }) throws {
             let group = self.group
             let http1 = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -246,6 +248,7 @@ import WeftCore
             let text = ProxyFuzzTests.config(http1: http1.localAddress?.port ?? 0, http2: http2.localAddress?.port ?? 0,
                                              wild: wild.localAddress?.port ?? 0, wildH2: wildH2.localAddress?.port ?? 0,
                                              stall: stall.localAddress?.port ?? 0)
+                + (manifests.isEmpty ? "" : "\n---\n" + manifests)
             let (resources, errors) = ManifestReader.parse(text, file: "fuzz.yaml")
             guard case .success(let state) = ClusterState.build(resources, parseErrors: errors) else {
                 throw EmbeddedProxyConfigError()

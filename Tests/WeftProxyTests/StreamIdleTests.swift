@@ -191,6 +191,34 @@ import WeftCore
         }
     }
 
+    /// TrafficPolicy `timeout.http.requestTimeout` (300 ms) on both of the
+    /// stalling backend's Services, read from YAML as `weft proxy` reads
+    /// it: a request nothing answers gets 504 naming the timeout once it
+    /// runs out, long before the stream idle timeout (five minutes here),
+    /// on every way in (the express paths hand such a request over); the
+    /// backend connection is let go.
+    @Test func aServicesRequestTimeoutAnswers504() throws {
+        let rig = try ProxyFuzzTests.Rig(manifests: """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: bounded, namespace: fz}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: stall}, {group: "", kind: Service, name: stall-full}]
+              timeout: {http: {requestTimeout: 300ms}}
+            """)
+        defer { rig.shutdown() }
+        for way in Way.allCases {
+            let before = rig.proxy.stats.timeouts.load(ordering: .relaxed)
+            let seen = Self.talk(rig.stallPort(full: way.full), Self.request(way, "/silent"), done: Self.streamOver)
+            #expect(Self.status(way, seen) == "504", "\(way): \(FuzzInput.show(seen.bytes))")
+            #expect(Self.body(way, seen) == "weft: request timed out after 300ms\n", "\(way)")
+            let after = seen.after ?? 99
+            #expect(after >= 0.28 && after < 0.6, "\(way): answered \(after) s after the request")
+            #expect(rig.proxy.stats.timeouts.load(ordering: .relaxed) - before == 1, "\(way)")
+            try Self.expectNothingHeld(rig, "\(way)")
+        }
+    }
+
     /// A response that stops part-way: the client sees it broken (HTTP/1.1:
     /// the connection closed short of the declared length; HTTP/2: the
     /// stream reset, CANCEL), and the backend connection is let go.

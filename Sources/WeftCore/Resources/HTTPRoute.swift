@@ -10,6 +10,10 @@ public struct HTTPRoute: Hashable, Sendable {
     public var rules: [Rule]
 
     /// The Service (and optionally one of its ports) a route attaches to.
+    /// In the route's namespace it is a producer route, for every client of
+    /// the Service; in another, a consumer route (GAMMA), for the clients in
+    /// the route's namespace only, which it routes instead of the Service's
+    /// producer routes.
     public struct ParentRef: Hashable, Sendable {
         public var namespace: String
         public var name: String
@@ -53,6 +57,10 @@ public struct HTTPRoute: Hashable, Sendable {
         public var weight: UInt32
         /// Filters that apply only to requests sent to this backend.
         public var filters: [Filter]
+        /// The Service's namespace; nil: the route's. A mesh route may send
+        /// to any namespace without a ReferenceGrant (GEP-1294: it reaches
+        /// nothing its clients could not dial; their policies still apply).
+        public var namespace: String?
     }
 
     public enum Filter: Hashable, Sendable, Codable {
@@ -97,6 +105,9 @@ public struct HTTPRoute: Hashable, Sendable {
         public var port: UInt16
         /// Share of requests mirrored, in percent (0...100).
         public var percent: Double
+        /// The Service's namespace; nil: the route's (the proxy's table
+        /// always has it filled in).
+        public var namespace: String?
     }
 
     /// Gateway API durations; nil means no limit.
@@ -136,10 +147,10 @@ extension HTTPRoute {
                                     "Weft routes mesh traffic: a parentRef must be a Service (group \"\", kind Service), got \(group.isEmpty ? "core" : group)/\(kind)")
             }
             let name = try r.requiredString("name")
+            // A Service in another namespace: a consumer route (GAMMA), for
+            // this namespace's clients only.
             let namespace = try r.string("namespace") ?? metadata.namespace
-            guard namespace == metadata.namespace else {
-                throw r.error("namespace", "a route for a Service in another namespace (a GAMMA consumer route) is not supported; put the route in \(namespace)")
-            }
+            try Validation.dnsLabel(namespace, field: r.field("namespace"), at: location)
             var port: UInt16?
             if let p = try r.int("port") { port = try Validation.port(p, field: r.field("port"), at: location) }
             if try r.string("sectionName") != nil {
@@ -306,9 +317,8 @@ extension HTTPRoute.BackendRef {
             throw r.error("kind", "a backendRef must be a Service, got \(group.isEmpty ? "core" : group)/\(kind)")
         }
         name = try r.requiredString("name")
-        if try r.string("namespace") != nil {
-            throw r.error("namespace", "backendRefs to another namespace need a ReferenceGrant, which Weft does not read; use a Service in the route's namespace")
-        }
+        namespace = try r.string("namespace")
+        if let namespace { try Validation.dnsLabel(namespace, field: r.field("namespace"), at: location) }
         guard let p = try r.int("port") else { throw r.error("port", "required for a Service backendRef") }
         port = try Validation.port(p, field: r.field("port"), at: location)
         let w = try r.int("weight") ?? 1
@@ -362,7 +372,8 @@ extension HTTPRoute.Filter {
                 guard kind == "Service" else { throw ref.error("kind", "must be Service") }
                 ref.ignore("group")
                 let name = try ref.requiredString("name")
-                if try ref.string("namespace") != nil { throw ref.error("namespace", "must be the route's namespace") }
+                let namespace = try ref.string("namespace")
+                if let namespace { try Validation.dnsLabel(namespace, field: ref.field("namespace"), at: location) }
                 guard let p = try ref.int("port") else { throw ref.error("port", "required for a Service backendRef") }
                 let port = try Validation.port(p, field: ref.field("port"), at: location)
                 try ref.finish()
@@ -379,7 +390,7 @@ extension HTTPRoute.Filter {
                     percent = 100.0 * Double(num) / Double(den)
                 }
                 try b.finish()
-                out.append(.requestMirror(.init(name: name, port: port, percent: percent)))
+                out.append(.requestMirror(.init(name: name, port: port, percent: percent, namespace: namespace)))
             case "ExtensionRef", "CORS", "ExternalAuth":
                 throw f.error("type", "\(type) is not supported by Weft")
             default:

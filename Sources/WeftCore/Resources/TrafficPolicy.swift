@@ -39,7 +39,10 @@
 ///                               # spec.proxy.upstreamIdleTimeout (3s) where absent;
 ///                               # maxConnectionDuration: 10m: a backend connection that old takes
 ///                               # no new request (with circuitBreaker.maxRequestsPerConnection: N,
-///                               # one that carried N); both close once what they carry is done
+///                               # one that carried N); both close once what they carry is done;
+///                               # requestTimeout: 5s: a request to the Service not answered in
+///                               # that long, retries included, gets 504 (an HTTPRoute rule's
+///                               # timeouts.request wins)
 ///   rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}   # Route | SourceIdentity | Header (+ header: NAME)
 ///   faultInjection:
 ///     delay: {fixedDelay: 100ms, percentage: 10}
@@ -78,6 +81,13 @@ public struct TrafficPolicy: Hashable, Sendable {
     /// streams are); nil: no bound. So that clients of a backend behind a
     /// load balancer, or one scaled out, move over in time.
     public var maxConnectionDuration: Duration?
+    /// `timeout.http.requestTimeout` (Envoy Gateway's
+    /// BackendTrafficPolicy): how long a request to the Service may take
+    /// as its client sees it, retries included, where the HTTPRoute rule
+    /// that routes it sets no `timeouts.request` (the rule's own wins), and
+    /// for every request where no route is attached; past it the client is
+    /// answered 504. nil: no bound but the rule's.
+    public var requestTimeout: Duration?
 
     public init(metadata: ObjectMeta, targets: [String]) {
         self.metadata = metadata
@@ -268,6 +278,7 @@ extension TrafficPolicy {
                     connectionIdleTimeout = d ?? .zero
                 }
                 maxConnectionDuration = try Self.positiveDuration(&http, "maxConnectionDuration", at: location)
+                requestTimeout = try Self.positiveDuration(&http, "requestTimeout", at: location)
                 try http.finish()
             }
             try t.finish()

@@ -191,6 +191,26 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         /// The Service's TrafficPolicy rate limit and injected faults.
         public var rateLimit: TrafficPolicy.RateLimit?
         public var faultInjection: TrafficPolicy.FaultInjection?
+        /// GAMMA consumer routes, by the namespace they are in: a client in
+        /// that namespace is routed by them instead of `matches` (a request
+        /// none of them matches: 404); nil: none.
+        public var consumers: [String: Consumers]? = nil
+    }
+
+    /// One namespace's consumer routes of a frontend.
+    public struct Consumers: Codable, Hashable, Sendable {
+        public var matches: [RouteMatchEntry]
+        public var actions: [RouteAction]
+
+        /// The frontend as a client in that namespace sees it.
+        public func applied(to frontend: Frontend) -> Frontend {
+            var f = frontend
+            f.matches = matches
+            f.actions = actions
+            f.fallback = nil
+            f.consumers = nil
+            return f
+        }
     }
 
     public struct RouteMatchEntry: Codable, Hashable, Sendable {
@@ -376,6 +396,50 @@ extension ProxyTable {
                                    upstreamProtocol: Self.declaredProtocol(port) ?? .http1)
         }
 
+        /// One group's routes (a Service's producer routes, or one
+        /// namespace's consumer routes of it) as matches, most specific
+        /// first (Gateway API precedence), and the rules' actions; a
+        /// backendRef or mirror without a namespace is in its route's.
+        func routeSet(_ routes: [HTTPRoute], timeouts: (HTTPRoute.Timeouts) -> HTTPRoute.Timeouts)
+            -> (matches: [RouteMatchEntry], actions: [RouteAction]) {
+            var actions: [RouteAction] = []
+            var entries: [(entry: RouteMatchEntry, order: RouteOrder)] = []
+            // Gateway API: oldest route first among equals; Weft has no
+            // creation times, so namespace/name order stands in for age.
+            for route in routes.sorted(by: { $0.metadata.qualifiedName < $1.metadata.qualifiedName }) {
+                let home = route.metadata.namespace
+                func resolved(_ filters: [HTTPRoute.Filter]) -> [HTTPRoute.Filter] {
+                    filters.map { filter in
+                        guard case .requestMirror(var m) = filter else { return filter }
+                        m.namespace = m.namespace ?? home
+                        if let target = servicesByName["\(m.namespace ?? home)/\(m.name)"],
+                           let tport = target.ports.first(where: { $0.port == m.port && $0.transport == .tcp }) {
+                            _ = cluster(target, tport)
+                        }
+                        return .requestMirror(m)
+                    }
+                }
+                for (r, rule) in route.rules.enumerated() {
+                    let backends: [WeightedCluster] = rule.backendRefs.compactMap { ref in
+                        guard let target = servicesByName["\(ref.namespace ?? home)/\(ref.name)"],
+                              let tport = target.ports.first(where: { $0.port == ref.port && $0.transport == .tcp }) else { return nil }
+                        var c = cluster(target, tport)
+                        c.weight = ref.weight
+                        c.filters = resolved(ref.filters)
+                        return c
+                    }
+                    let label = rule.name.map { "\(route.metadata.qualifiedName)#\($0)" } ?? "\(route.metadata.qualifiedName)#\(r)"
+                    actions.append(RouteAction(name: label, filters: resolved(rule.filters), backends: backends,
+                                               timeouts: timeouts(rule.timeouts), retry: rule.retry))
+                    for (m, match) in rule.matches.enumerated() {
+                        entries.append((RouteMatchEntry(match: match, action: actions.count - 1),
+                                        RouteOrder(match, route: route.metadata.qualifiedName, rule: r, index: m)))
+                    }
+                }
+            }
+            return (entries.sorted { $0.order < $1.order }.map(\.entry), actions)
+        }
+
         let attached = Self.routesByPort(state, servicesByName)
 
         for service in state.services {
@@ -389,50 +453,38 @@ extension ProxyTable {
                 let routes = attached[key] ?? []
                 guard declared != nil || !routes.isEmpty else { continue }
                 let own = cluster(service, port)
-                var actions: [RouteAction] = []
-                var entries: [(entry: RouteMatchEntry, order: RouteOrder)] = []
-                // Gateway API: oldest route first among equals; Weft has no
-                // creation times, so namespace/name order stands in for age.
-                for route in routes.sorted(by: { $0.metadata.qualifiedName < $1.metadata.qualifiedName }) {
-                    for (r, rule) in route.rules.enumerated() {
-                        let backends: [WeightedCluster] = rule.backendRefs.compactMap { ref in
-                            guard let target = servicesByName["\(route.metadata.namespace)/\(ref.name)"],
-                                  let tport = target.ports.first(where: { $0.port == ref.port && $0.transport == .tcp }) else { return nil }
-                            var c = cluster(target, tport)
-                            c.weight = ref.weight
-                            c.filters = ref.filters
-                            return c
-                        }
-                        for filter in rule.filters {
-                            if case .requestMirror(let m) = filter,
-                               let target = servicesByName["\(route.metadata.namespace)/\(m.name)"],
-                               let tport = target.ports.first(where: { $0.port == m.port && $0.transport == .tcp }) {
-                                _ = cluster(target, tport)
-                            }
-                        }
-                        let label = rule.name.map { "\(route.metadata.qualifiedName)#\($0)" } ?? "\(route.metadata.qualifiedName)#\(r)"
-                        actions.append(RouteAction(name: label, filters: rule.filters, backends: backends,
-                                                   timeouts: rule.timeouts, retry: rule.retry))
-                        for (m, match) in rule.matches.enumerated() {
-                            entries.append((RouteMatchEntry(match: match, action: actions.count - 1),
-                                            RouteOrder(match, route: route.metadata.qualifiedName, rule: r, index: m)))
-                        }
-                    }
+                let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)
+                // The Service's TrafficPolicy bounds every request to it that
+                // its route rule does not bound itself.
+                func timeouts(_ own: HTTPRoute.Timeouts) -> HTTPRoute.Timeouts {
+                    var t = own
+                    if t.request == nil { t.request = policy?.requestTimeout }
+                    return t
+                }
+                // Producer routes (in the Service's namespace) route every
+                // client; a namespace's consumer routes, its own clients.
+                let ns = service.metadata.namespace
+                let producers = routeSet(routes.filter { $0.metadata.namespace == ns }, timeouts: timeouts)
+                let matches = producers.matches
+                var actions = producers.actions
+                var consumers: [String: Consumers] = [:]
+                for (consumer, its) in Dictionary(grouping: routes.filter { $0.metadata.namespace != ns }, by: \.metadata.namespace) {
+                    let set = routeSet(its, timeouts: timeouts)
+                    consumers[consumer] = Consumers(matches: set.matches, actions: set.actions)
                 }
                 var fallback: Int?
-                if routes.isEmpty {
+                if actions.isEmpty {
                     actions.append(RouteAction(name: service.metadata.qualifiedName, filters: [], backends: [own],
-                                               timeouts: .init(), retry: nil))
+                                               timeouts: timeouts(.init()), retry: nil))
                     fallback = actions.count - 1
                 }
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
-                let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)
                 frontends["\(vip):\(port.port)"] = Frontend(
                     name: service.metadata.qualifiedName + label, namespace: service.metadata.namespace,
                     service: service.metadata.name, cluster: own.cluster, upstreamProtocol: declared ?? .http1,
-                    matches: entries.sorted { $0.order < $1.order }.map(\.entry),
-                    actions: actions, fallback: fallback,
-                    rateLimit: policy?.rateLimit, faultInjection: policy?.faultInjection)
+                    matches: matches, actions: actions, fallback: fallback,
+                    rateLimit: policy?.rateLimit, faultInjection: policy?.faultInjection,
+                    consumers: consumers.isEmpty ? nil : consumers)
             }
         }
         if !policies.isEmpty { backendPolicies = policies }

@@ -230,21 +230,22 @@ extension ClusterState {
                 }
             }
             for (r, rule) in route.rules.enumerated() {
-                var refs: [(String, String, UInt16)] = rule.backendRefs.enumerated().map {
-                    ("spec.rules[\(r)].backendRefs[\($0.offset)]", $0.element.name, $0.element.port)
+                var refs: [(String, String, String, UInt16)] = rule.backendRefs.enumerated().map {
+                    ("spec.rules[\(r)].backendRefs[\($0.offset)]", $0.element.namespace ?? ns, $0.element.name, $0.element.port)
                 }
                 for (f, filter) in rule.filters.enumerated() {
                     if case .requestMirror(let m) = filter {
-                        refs.append(("spec.rules[\(r)].filters[\(f)].requestMirror.backendRef", m.name, m.port))
+                        refs.append(("spec.rules[\(r)].filters[\(f)].requestMirror.backendRef", m.namespace ?? ns, m.name, m.port))
                     }
                 }
-                for (field, name, port) in refs {
-                    guard let service = services["\(ns)/\(name)"] else {
-                        errors.append(ManifestError(located.location, field: field + ".name", "no Service \(ns)/\(name) in this config"))
+                for (field, namespace, name, port) in refs {
+                    guard let service = services["\(namespace)/\(name)"] else {
+                        errors.append(ManifestError(located.location, field: field + ".name", "no Service \(namespace)/\(name) in this config"))
                         continue
                     }
                     if !service.ports.contains(where: { $0.port == port && $0.transport == .tcp }) {
-                        errors.append(ManifestError(located.location, field: field + ".port", "Service \(ns)/\(name) has no TCP port \(port)"))
+                        errors.append(ManifestError(located.location, field: field + ".port",
+                                                    "Service \(namespace)/\(name) has no TCP port \(port)"))
                     }
                 }
             }
