@@ -23,6 +23,8 @@ final class Reconciler {
     private var lastPolicyInputs: (workloads: [Workload], policies: [NetworkPolicy], namespaces: [String: Namespace],
                                    authorization: [AuthorizationPolicy])?
     private var lastPolicyTable = PolicyTable()
+    /// HTTPRoutes a GRPCRoute displaced, as last logged (logged on change).
+    private var loggedConflicts: [String: [String]] = [:]
     /// Local pods whose cgroup directory is missing; see AgentStatus.missingCgroups.
     private(set) var missingCgroups: [String] = []
     private let cache = ManifestCache()
@@ -293,13 +295,22 @@ final class Reconciler {
                 s.lastReconcileSeconds = seconds
             }
             status.setInForce(table: table, config: state, policy: policyTable)
+            let conflicted = state.httpRoutes.contains { $0.kind == .grpc } ? ProxyTable.conflictedRoutes(state) : [:]
+            if conflicted != loggedConflicts {
+                for (route, ports) in conflicted.sorted(by: { $0.key < $1.key }) {
+                    logger.warning("\(route) is ignored on \(ports.joined(separator: ", ")): a GRPCRoute attaches there (one route type per Service port, GRPCRoute first)")
+                }
+                loggedConflicts = conflicted
+            }
             status.withLock { s in
                 s.routes = state.httpRoutes.map { r in
                     AgentStatus.RouteStatus(
                         name: r.metadata.qualifiedName,
                         parents: r.parentRefs.map { "\($0.namespace)/\($0.name)" + ($0.port.map { ":\($0)" } ?? "") },
                         rules: r.rules.count,
-                        backends: r.rules.flatMap { $0.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" } })
+                        backends: r.rules.flatMap { $0.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" } },
+                        kind: r.kind.rawValue,
+                        conflicted: conflicted["\(r.kind.rawValue) \(r.metadata.qualifiedName)"])
                 }
             }
             publishProxyStatus()

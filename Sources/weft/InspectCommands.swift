@@ -93,10 +93,13 @@ struct GetCommand: ParsableCommand {
                 }
             case .routes:
                 guard let status else { throw ValidationError("routes come from the agent, and agent \(node) is not reachable") }
-                if rows.isEmpty { rows.append(["NODE", "HTTPROUTE", "PARENTS", "RULES", "BACKENDS"]) }
+                if rows.isEmpty { rows.append(["NODE", "KIND", "ROUTE", "PARENTS", "RULES", "BACKENDS"]) }
                 for r in status.routes {
-                    rows.append([node, r.name, r.parents.joined(separator: ","), "\(r.rules)", r.backends.joined(separator: ", ")])
-                    json.append(["node": node, "route": r.name, "parents": r.parents, "rules": r.rules, "backends": r.backends])
+                    let kind = r.kind ?? "HTTPRoute"
+                    let ignored = r.conflicted.map { " (IGNORED on \($0.joined(separator: ",")): a GRPCRoute attaches there)" } ?? ""
+                    rows.append([node, kind, r.name, r.parents.joined(separator: ","), "\(r.rules)", r.backends.joined(separator: ", ") + ignored])
+                    json.append(["node": node, "kind": kind, "route": r.name, "parents": r.parents, "rules": r.rules, "backends": r.backends,
+                                 "conflicted": r.conflicted ?? []])
                 }
             }
         }

@@ -373,6 +373,66 @@ struct ProxyTests {
         #expect(get.output.contains("l7/web") && get.output.contains("web-v2:80 weight 10"), "\(get.output)")
     }
 
+    /// GRPCRoute (GAMMA): on the gRPC Service, calls go by their method and
+    /// metadata: weft.Echo/Say carrying `x-track: canary`, and every Chat,
+    /// to a second server (grpc-canary), the rest to the Service's own; an
+    /// HTTPRoute on the same Service port (which would send Say, by an
+    /// Exact path match that outranks the GRPCRoute's catch-all, to an
+    /// HTTP/1.1 server) is ignored, and `weft get routes` says so.
+    @Test func grpcRoutesRouteCallsByMethodAndMetadata() throws {
+        let routes = """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: grpc-canary, namespace: \(ns), labels: {app: grpc-canary}, annotations: {lab.weft.dev/command: "/usr/bin/python3 \(LabHarness.grpcTool) serve 8080"}}
+            spec: {serviceAccount: grpc, node: n1, address: 198.18.1.61, ports: [{name: http, port: 8080}]}
+            ---
+            \(service("grpc-canary", ip: "198.19.1.61", selector: "{app: grpc-canary}", portName: "rpc", appProtocol: "grpc"))
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: GRPCRoute
+            metadata: {name: grpc, namespace: \(ns)}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: grpc, port: 80}]
+              rules:
+              - matches: [{method: {service: weft.Echo, method: Say}, headers: [{name: x-track, value: canary}]}]
+                backendRefs: [{name: grpc-canary, port: 80}]
+              - matches: [{method: {service: weft.Echo, method: Chat}}]
+                backendRefs: [{name: grpc-canary, port: 80}]
+              - backendRefs: [{name: grpc, port: 80}]
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: grpc-as-http, namespace: \(ns)}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: grpc, port: 80}]
+              rules: [{matches: [{path: {type: Exact, value: /weft.Echo/Say}}], backendRefs: [{name: web-v2, port: 80}]}]
+            """
+        let lab = try startLab(files: ["grpc-routes.yaml": routes])
+        defer { lab.down() }
+        func call(_ metadata: [String]) throws -> [String: Any] {
+            var g: [String: Any] = [:]
+            for _ in 0..<50 {
+                let r = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.1.60", "80"]
+                                           + metadata)
+                g = (try? JSONSerialization.jsonObject(with: Data((r.output.split(separator: "\n").last ?? "").utf8)) as? [String: Any])
+                    ?? ["output": String(r.output.suffix(400))]
+                if g["say"] != nil { break }
+                usleep(100_000)  // the servers may still be starting
+            }
+            return g
+        }
+        let plain = try call([])
+        #expect(plain["say"] as? [String] == (0..<10).map { "grpc:hi-\($0)" }, "\(plain)")
+        #expect(plain["chat"] as? [String] == ["grpc-canary:a", "grpc-canary:b", "grpc-canary:c"], "\(plain)")
+        #expect(plain["count"] as? [String] == ["0", "1", "2", "3", "4"] && plain["count_trailer"] as? String == "grpc", "\(plain)")
+        #expect(plain["fail"] as? String == "UNAVAILABLE on purpose", "\(plain)")
+        let tagged = try call(["x-track=canary"])
+        #expect(tagged["say"] as? [String] == (0..<10).map { "grpc-canary:hi-\($0)" }, "\(tagged)")
+        #expect(tagged["count_trailer"] as? String == "grpc", "the header alone does not match Count: \(tagged)")
+        let get = try LabHarness.run(["get", "routes", "--node", "n1"])
+        #expect(get.output.contains("GRPCRoute") && get.output.contains("IGNORED on l7/grpc:80"), "\(get.output)")
+    }
+
     /// GAMMA consumer routes: a route in namespace l7-app attached to
     /// l7/web routes l7-app's clients only, in place of web's producer
     /// route: every request to web-v2 (a backendRef in l7), on the express

@@ -9,6 +9,8 @@ public enum Resource: Hashable, Sendable {
     case namespace(Namespace, ObjectMeta)
     case networkPolicy(NetworkPolicy)
     case httpRoute(HTTPRoute)
+    /// A GRPCRoute, read into the HTTPRoute model (`kind` .grpc).
+    case grpcRoute(HTTPRoute)
     case meshConfig(MeshConfig)
     case trafficPolicy(TrafficPolicy)
     case peerAuthentication(PeerAuthentication)
@@ -21,6 +23,7 @@ public enum Resource: Hashable, Sendable {
         case .namespace: "Namespace"
         case .networkPolicy: "NetworkPolicy"
         case .httpRoute: "HTTPRoute"
+        case .grpcRoute: "GRPCRoute"
         case .meshConfig: "MeshConfig"
         case .trafficPolicy: "TrafficPolicy"
         case .peerAuthentication: "PeerAuthentication"
@@ -34,7 +37,7 @@ public enum Resource: Hashable, Sendable {
         case .workload(let w): w.metadata
         case .namespace(_, let m): m
         case .networkPolicy(let p): p.metadata
-        case .httpRoute(let r): r.metadata
+        case .httpRoute(let r), .grpcRoute(let r): r.metadata
         case .meshConfig(let m): m.metadata
         case .trafficPolicy(let p): p.metadata
         case .peerAuthentication(let p): p.metadata
@@ -47,7 +50,7 @@ public enum Resource: Hashable, Sendable {
         "v1": ["Service", "Namespace"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
         "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy"],
-        "gateway.networking.k8s.io/v1": ["HTTPRoute"],
+        "gateway.networking.k8s.io/v1": ["HTTPRoute", "GRPCRoute"],
     ]
 
     init(document node: YAMLNode, at location: DocumentLocation) throws(ManifestError) {
@@ -82,6 +85,7 @@ public enum Resource: Hashable, Sendable {
         case "Service": self = .service(try Service(spec: spec, metadata: metadata, at: location))
         case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
         case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
+        case "GRPCRoute": self = .grpcRoute(try HTTPRoute(grpcSpec: spec, metadata: metadata, at: location))
         case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
         case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
         case "PeerAuthentication": self = .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))

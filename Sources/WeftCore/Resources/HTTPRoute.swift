@@ -8,6 +8,13 @@ public struct HTTPRoute: Hashable, Sendable {
     public var metadata: ObjectMeta
     public var parentRefs: [ParentRef]
     public var rules: [Rule]
+    /// What the document was: an HTTPRoute, or a GRPCRoute read into this
+    /// model (GRPCRoute.swift).
+    public var kind = Kind.http
+
+    public enum Kind: String, Hashable, Sendable {
+        case http = "HTTPRoute", grpc = "GRPCRoute"
+    }
 
     /// The Service (and optionally one of its ports) a route attaches to.
     /// In the route's namespace it is a producer route, for every client of
@@ -36,6 +43,14 @@ public struct HTTPRoute: Hashable, Sendable {
         public var headers: [ValueMatch]
         public var queryParams: [ValueMatch]
         public var method: String?
+        /// A GRPCRoute's method match, which `path` carries out; kept for
+        /// GRPCRoute precedence (the longer service, then method, wins).
+        public var grpc: GRPCMethod? = nil
+    }
+
+    public struct GRPCMethod: Hashable, Sendable, Codable {
+        public var service: String
+        public var method: String
     }
 
     public enum PathMatch: Hashable, Sendable, Codable {
@@ -134,8 +149,29 @@ extension HTTPRoute {
 
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
+        let parents = try Self.parents(&spec, kind: .http, metadata: metadata, at: location)
+        spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
+        var rules: [Rule] = []
+        if let ruleNodes = try spec.list("rules") {
+            for (path, node) in ruleNodes { rules.append(try Rule(node, path: path, at: location)) }
+        }
+        if rules.isEmpty {
+            // The API's default: one rule matching everything, no backends.
+            rules = [Rule(name: nil, matches: [Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)],
+                          filters: [], backendRefs: [], timeouts: Timeouts(), retry: nil)]
+        }
+        try spec.finish()
+        self.init(metadata: metadata, parentRefs: parents, rules: rules)
+    }
+}
+
+extension HTTPRoute {
+    /// `spec.parentRefs`: Services, in the route's namespace (a producer
+    /// route) or another (a consumer route).
+    static func parents(_ spec: inout FieldReader, kind: Kind, metadata: ObjectMeta,
+                        at location: DocumentLocation) throws(ManifestError) -> [ParentRef] {
         guard let parentNodes = try spec.list("parentRefs"), !parentNodes.isEmpty else {
-            throw spec.error("parentRefs", "a mesh HTTPRoute needs at least one parentRef (a Service)")
+            throw spec.error("parentRefs", "a mesh \(kind.rawValue) needs at least one parentRef (a Service)")
         }
         var parents: [ParentRef] = []
         for (path, node) in parentNodes {
@@ -159,18 +195,7 @@ extension HTTPRoute {
             try r.finish()
             parents.append(ParentRef(namespace: namespace, name: name, port: port))
         }
-        spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
-        var rules: [Rule] = []
-        if let ruleNodes = try spec.list("rules") {
-            for (path, node) in ruleNodes { rules.append(try Rule(node, path: path, at: location)) }
-        }
-        if rules.isEmpty {
-            // The API's default: one rule matching everything, no backends.
-            rules = [Rule(name: nil, matches: [Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)],
-                          filters: [], backendRefs: [], timeouts: Timeouts(), retry: nil)]
-        }
-        try spec.finish()
-        self.init(metadata: metadata, parentRefs: parents, rules: rules)
+        return parents
     }
 }
 

@@ -494,6 +494,8 @@ extension ProxyTable {
     }
 
     /// Routes by the Service port ("namespace/service:port") they attach to.
+    /// Where GRPCRoutes and HTTPRoutes attach to one port, the GRPCRoutes
+    /// (GEP-1294: one route type per Service port, GRPCRoute first).
     static func routesByPort(_ state: ClusterState, _ servicesByName: [String: Service]) -> [String: [HTTPRoute]] {
         var attached: [String: [HTTPRoute]] = [:]
         for route in state.httpRoutes {
@@ -505,7 +507,32 @@ extension ProxyTable {
                 }
             }
         }
+        for (key, routes) in attached where routes.contains(where: { $0.kind == .grpc }) && routes.contains(where: { $0.kind == .http }) {
+            attached[key] = routes.filter { $0.kind == .grpc }
+        }
         return attached
+    }
+
+    /// HTTPRoutes that a GRPCRoute on the same Service port displaces there
+    /// ("kind namespace/name" to the ports, "namespace/service:port"): what
+    /// `weft get routes` and the agent's log report as conflicted.
+    public static func conflictedRoutes(_ state: ClusterState) -> [String: [String]] {
+        var servicesByName: [String: Service] = [:]
+        for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
+        let kept = routesByPort(state, servicesByName)
+        var out: [String: [String]] = [:]
+        for route in state.httpRoutes where route.kind == .http {
+            for parent in route.parentRefs {
+                guard let service = servicesByName["\(parent.namespace)/\(parent.name)"] else { continue }
+                for port in service.ports where port.transport == .tcp && (parent.port == nil || parent.port == port.port) {
+                    let key = Self.clusterName(namespace: parent.namespace, service: parent.name, port: port.port)
+                    if kept[key]?.contains(route) != true {
+                        out["\(route.kind.rawValue) \(route.metadata.qualifiedName)", default: []].append(key)
+                    }
+                }
+            }
+        }
+        return out
     }
 
     /// Service ports ("namespace/service:port") that need the proxy: an
@@ -527,17 +554,26 @@ extension ProxyTable {
 /// method, then the most header matches, then the most query matches, then
 /// the oldest route and its rule order. Regular expressions are
 /// implementation-specific: Weft ranks them after Exact and before prefixes.
+/// Gateway API match precedence. A Service port's routes are all HTTPRoutes
+/// or all GRPCRoutes (`routesByPort`); a GRPCRoute's matches go by the
+/// length of their service, then of their method, then their header count.
 struct RouteOrder: Comparable {
     var pathRank: Int
     var pathLength: Int
     var hasMethod: Int
     var headers: Int
     var queries: Int
+    var grpcService = 0
+    var grpcMethod = 0
     var route: String
     var rule: Int
     var index: Int
 
     init(_ m: HTTPRoute.Match, route: String, rule: Int, index: Int) {
+        if let g = m.grpc {
+            grpcService = g.service.utf8.count
+            grpcMethod = g.method.utf8.count
+        }
         switch m.path {
         case .exact(let p): pathRank = 3; pathLength = p.utf8.count
         case .regularExpression(let p): pathRank = 2; pathLength = p.utf8.count
@@ -552,6 +588,13 @@ struct RouteOrder: Comparable {
     }
 
     static func < (a: RouteOrder, b: RouteOrder) -> Bool {
+        if a.grpcService != b.grpcService { return a.grpcService > b.grpcService }
+        if a.grpcMethod != b.grpcMethod { return a.grpcMethod > b.grpcMethod }
+        if a.grpcService + a.grpcMethod > 0 || b.grpcService + b.grpcMethod > 0 {
+            // (Both gRPC method matches of the same lengths: headers next.)
+            if a.headers != b.headers { return a.headers > b.headers }
+            return (a.route, a.rule, a.index) < (b.route, b.rule, b.index)
+        }
         if a.pathRank != b.pathRank { return a.pathRank > b.pathRank }
         if a.pathLength != b.pathLength { return a.pathLength > b.pathLength }
         if a.hasMethod != b.hasMethod { return a.hasMethod > b.hasMethod }

@@ -171,11 +171,19 @@ public struct AgentStatus: Codable, Sendable {
         public var parents: [String]
         public var rules: Int
         public var backends: [String]
-        public init(name: String, parents: [String], rules: Int, backends: [String]) {
+        /// "HTTPRoute" or "GRPCRoute" (nil: an agent from before GRPCRoute).
+        public var kind: String?
+        /// Service ports ("namespace/service:port") where a GRPCRoute
+        /// displaces this HTTPRoute (GEP-1294); nil: none.
+        public var conflicted: [String]?
+        public init(name: String, parents: [String], rules: Int, backends: [String], kind: String? = nil,
+                    conflicted: [String]? = nil) {
             self.name = name
             self.parents = parents
             self.rules = rules
             self.backends = backends
+            self.kind = kind
+            self.conflicted = conflicted
         }
     }
 

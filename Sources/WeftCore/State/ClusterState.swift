@@ -8,6 +8,7 @@ public struct ClusterState: Hashable, Sendable {
     /// Namespaces with a manifest; others exist implicitly (see `namespace(_:)`).
     public private(set) var namespaces: [String: Namespace]
     public private(set) var networkPolicies: [NetworkPolicy]
+    /// HTTPRoutes and GRPCRoutes (`kind`), by namespace and name.
     public private(set) var httpRoutes: [HTTPRoute]
     public private(set) var trafficPolicies: [TrafficPolicy]
     public private(set) var peerAuthentications: [PeerAuthentication]
@@ -88,7 +89,7 @@ public struct ClusterState: Hashable, Sendable {
                 state.namespaces[namespace.name] = namespace
             case .networkPolicy(let policy):
                 state.networkPolicies.append(policy)
-            case .httpRoute(let route):
+            case .httpRoute(let route), .grpcRoute(let route):
                 state.httpRoutes.append(route)
             case .trafficPolicy(let policy):
                 state.trafficPolicies.append(policy)
@@ -119,7 +120,9 @@ public struct ClusterState: Hashable, Sendable {
         guard errors.isEmpty else { return .failure(ManifestErrors(errors)) }
         state.services.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.workloads.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
-        state.httpRoutes.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
+        state.httpRoutes.sort {
+            ($0.metadata.namespace, $0.metadata.name, $0.kind.rawValue) < ($1.metadata.namespace, $1.metadata.name, $1.kind.rawValue)
+        }
         state.peerAuthentications.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.authorizationPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.trafficPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
@@ -211,7 +214,11 @@ extension ClusterState {
         }
         var errors: [ManifestError] = []
         for located in resources {
-            guard case .httpRoute(let route) = located.resource else { continue }
+            let route: HTTPRoute
+            switch located.resource {
+            case .httpRoute(let r), .grpcRoute(let r): route = r
+            default: continue
+            }
             let ns = route.metadata.namespace
             for (i, parent) in route.parentRefs.enumerated() {
                 let field = "spec.parentRefs[\(i)]"

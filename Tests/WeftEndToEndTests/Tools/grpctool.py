@@ -7,7 +7,8 @@ test needs no protoc. Service weft.Echo:
   Chat   bidi stream    -> each message echoed as b"<pod>:<message>"
   Fail   unary          -> status UNAVAILABLE, details "on purpose"
 Every call ends with trailing metadata x-pod: <pod>.
-Usage: grpctool.py serve PORT | grpctool.py call HOST PORT
+Usage: grpctool.py serve PORT | grpctool.py call HOST PORT [NAME=VALUE...]
+(call: every call carries the NAME=VALUE pairs as metadata)
 """
 import json
 import os
@@ -51,23 +52,25 @@ def serve(port):
     server.wait_for_termination()
 
 
-def call(host, port):
+def call(host, port, *pairs):
     out = {}
+    md = tuple(tuple(p.split("=", 1)) for p in pairs)
     with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
         say = channel.unary_unary("/weft.Echo/Say")
         replies = []
         for i in range(10):
-            reply, c = say.with_call(b"hi-%d" % i, timeout=5)
+            reply, c = say.with_call(b"hi-%d" % i, timeout=5, metadata=md)
             replies.append(reply.decode())
             out["say_trailer"] = dict(c.trailing_metadata()).get("x-pod")
         out["say"] = replies
-        stream = channel.unary_stream("/weft.Echo/Count")(b"5", timeout=5)
+        stream = channel.unary_stream("/weft.Echo/Count")(b"5", timeout=5, metadata=md)
         out["count"] = [m.decode() for m in stream]
         out["count_code"] = stream.code().name
-        chat = channel.stream_stream("/weft.Echo/Chat")(iter([b"a", b"b", b"c"]), timeout=5)
+        out["count_trailer"] = dict(stream.trailing_metadata() or ()).get("x-pod")
+        chat = channel.stream_stream("/weft.Echo/Chat")(iter([b"a", b"b", b"c"]), timeout=5, metadata=md)
         out["chat"] = [m.decode() for m in chat]
         try:
-            channel.unary_unary("/weft.Echo/Fail")(b"x", timeout=5)
+            channel.unary_unary("/weft.Echo/Fail")(b"x", timeout=5, metadata=md)
             out["fail"] = "no error"
         except grpc.RpcError as e:
             out["fail"] = "%s %s" % (e.code().name, e.details())
