@@ -181,6 +181,21 @@ private func curl(_ lab: LabHarness, _ url: String, _ extra: [String] = [],
     return (status, headers, String(text[split.upperBound...]))
 }
 
+/// `grpctool call` from the client pod to the grpc Service, every call
+/// carrying `metadata` ("name=value"): its JSON once a run got through (the
+/// servers may still be starting), else the output of the last of 50 runs.
+private func grpcCall(_ metadata: [String] = []) throws -> [String: Any] {
+    var g: [String: Any] = [:]
+    for _ in 0..<50 {
+        let r = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.1.60", "80"] + metadata)
+        g = (try? JSONSerialization.jsonObject(with: Data((r.output.split(separator: "\n").last ?? "").utf8)) as? [String: Any])
+            ?? ["output": String(r.output.suffix(400))]
+        if g["say"] != nil { break }
+        usleep(100_000)
+    }
+    return g
+}
+
 private func json(_ body: String) -> [String: Any] {
     (try? JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]) ?? [:]
 }
@@ -409,24 +424,12 @@ struct ProxyTests {
             """
         let lab = try startLab(files: ["grpc-routes.yaml": routes])
         defer { lab.down() }
-        func call(_ metadata: [String]) throws -> [String: Any] {
-            var g: [String: Any] = [:]
-            for _ in 0..<50 {
-                let r = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.1.60", "80"]
-                                           + metadata)
-                g = (try? JSONSerialization.jsonObject(with: Data((r.output.split(separator: "\n").last ?? "").utf8)) as? [String: Any])
-                    ?? ["output": String(r.output.suffix(400))]
-                if g["say"] != nil { break }
-                usleep(100_000)  // the servers may still be starting
-            }
-            return g
-        }
-        let plain = try call([])
+        let plain = try grpcCall()
         #expect(plain["say"] as? [String] == (0..<10).map { "grpc:hi-\($0)" }, "\(plain)")
         #expect(plain["chat"] as? [String] == ["grpc-canary:a", "grpc-canary:b", "grpc-canary:c"], "\(plain)")
         #expect(plain["count"] as? [String] == ["0", "1", "2", "3", "4"] && plain["count_trailer"] as? String == "grpc", "\(plain)")
         #expect(plain["fail"] as? String == "UNAVAILABLE on purpose", "\(plain)")
-        let tagged = try call(["x-track=canary"])
+        let tagged = try grpcCall(["x-track=canary"])
         #expect(tagged["say"] as? [String] == (0..<10).map { "grpc-canary:hi-\($0)" }, "\(tagged)")
         #expect(tagged["count_trailer"] as? String == "grpc", "the header alone does not match Count: \(tagged)")
         let get = try LabHarness.run(["get", "routes", "--node", "n1"])
@@ -501,13 +504,7 @@ struct ProxyTests {
         // gRPC over HTTP/2 both ways (the Service says appProtocol: grpc),
         // to a pod on the other node: unary, server stream, bidi stream,
         // an error status, and trailers end to end.
-        var g: [String: Any] = [:]
-        for _ in 0..<50 {
-            let r = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.1.60", "80"])
-            g = (try? JSONSerialization.jsonObject(with: Data((r.output.split(separator: "\n").last ?? "").utf8)) as? [String: Any]) ?? ["output": String(r.output.suffix(400))]
-            if g["say"] != nil { break }
-            usleep(100_000)  // the server may still be starting
-        }
+        let g = try grpcCall()
         #expect(g["say"] as? [String] == (0..<10).map { "grpc:hi-\($0)" }, "\(g)")
         #expect(g["say_trailer"] as? String == "grpc", "\(g)")
         #expect(g["count"] as? [String] == ["0", "1", "2", "3", "4"], "\(g)")

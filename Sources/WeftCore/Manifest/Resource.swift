@@ -85,7 +85,7 @@ public enum Resource: Hashable, Sendable {
         case "Service": self = .service(try Service(spec: spec, metadata: metadata, at: location))
         case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
         case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
-        case "GRPCRoute": self = .grpcRoute(try HTTPRoute(grpcSpec: spec, metadata: metadata, at: location))
+        case "GRPCRoute": self = .grpcRoute(try HTTPRoute(spec: spec, metadata: metadata, kind: .grpc, at: location))
         case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
         case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
         case "PeerAuthentication": self = .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))

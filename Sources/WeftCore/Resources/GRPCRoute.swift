@@ -18,26 +18,8 @@
 /// the Standard channel; a TrafficPolicy's `timeout.http.requestTimeout`
 /// bounds its calls. Where a GRPCRoute and an HTTPRoute attach to the same
 /// Service port, the GRPCRoute applies and the HTTPRoutes there are ignored
-/// (GEP-1294, "Route types").
-extension HTTPRoute {
-    init(grpcSpec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
-        var spec = try FieldReader(node, at: location, path: "spec")
-        let parents = try Self.parents(&spec, kind: .grpc, metadata: metadata, at: location)
-        spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
-        var rules: [Rule] = []
-        if let ruleNodes = try spec.list("rules") {
-            for (path, node) in ruleNodes { rules.append(try Rule(grpc: node, path: path, at: location)) }
-        }
-        if rules.isEmpty {
-            // The API's default: one rule matching every call, no backends.
-            rules = [Rule(name: nil, matches: [Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)],
-                          filters: [], backendRefs: [], timeouts: Timeouts(), retry: nil)]
-        }
-        try spec.finish()
-        self.init(metadata: metadata, parentRefs: parents, rules: rules, kind: .grpc)
-    }
-}
-
+/// (GEP-1294, "Route types"). The route itself is read by
+/// `HTTPRoute(spec:metadata:kind:at:)` with `.grpc`.
 extension HTTPRoute.Rule {
     init(grpc node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)

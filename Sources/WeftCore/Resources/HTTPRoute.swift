@@ -147,13 +147,17 @@ extension HTTPRoute {
     static let defaultRetryAttempts = 2
     static let defaultRetryBackoff = Duration.milliseconds(25)
 
-    init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+    /// An HTTPRoute's spec, or a GRPCRoute's (`kind` .grpc: its rules are
+    /// read by `Rule(grpc:)`, GRPCRoute.swift).
+    init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind = .http, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        let parents = try Self.parents(&spec, kind: .http, metadata: metadata, at: location)
+        let parents = try Self.parents(&spec, kind: kind, metadata: metadata, at: location)
         spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
         var rules: [Rule] = []
         if let ruleNodes = try spec.list("rules") {
-            for (path, node) in ruleNodes { rules.append(try Rule(node, path: path, at: location)) }
+            for (path, node) in ruleNodes {
+                rules.append(kind == .grpc ? try Rule(grpc: node, path: path, at: location) : try Rule(node, path: path, at: location))
+            }
         }
         if rules.isEmpty {
             // The API's default: one rule matching everything, no backends.
@@ -161,7 +165,7 @@ extension HTTPRoute {
                           filters: [], backendRefs: [], timeouts: Timeouts(), retry: nil)]
         }
         try spec.finish()
-        self.init(metadata: metadata, parentRefs: parents, rules: rules)
+        self.init(metadata: metadata, parentRefs: parents, rules: rules, kind: kind)
     }
 }
 
