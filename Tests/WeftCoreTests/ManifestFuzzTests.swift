@@ -16,6 +16,34 @@ import Testing
         return names.compactMap { name in (try? String(contentsOf: dir.appendingPathComponent(name), encoding: .utf8)).map { (name, $0) } }
     }()
 
+    /// What the demo has no example of: a GRPCRoute, and a consumer route
+    /// (in namespace lab, on shop's Service) with backendRefs named by
+    /// namespace.
+    static let routes = """
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: GRPCRoute
+        metadata: {name: checkout-rpc, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: checkout, port: 80}]
+          rules:
+          - matches: [{method: {service: shop.Checkout, method: Pay}, headers: [{name: x-track, value: canary}]}]
+            filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
+            backendRefs: [{name: api-v2, port: 80, weight: 1}]
+          - matches: [{method: {type: RegularExpression, service: "shop[.].*"}}, {method: {method: Refund}}]
+            backendRefs: [{name: checkout, port: 80}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: scanner-view, namespace: lab}
+        spec:
+          parentRefs: [{group: "", kind: Service, namespace: shop, name: api, port: 80}]
+          rules:
+          - matches: [{path: {type: PathPrefix, value: /scan}}]
+            backendRefs: [{name: api-v1, namespace: shop, port: 80}]
+        """
+
+    static let seeds = demo + [("fuzz-routes.yaml", routes)]
+
     /// Values a field may be given by mistake or on purpose.
     static let values = [
         "-1", "0", "65536", "99999999999999999999", "1e400", "0x10", "1.5", "true", "null", "~", "\"\"", "[]", "{}",
@@ -53,26 +81,34 @@ import Testing
         return lines.joined(separator: "\n")
     }
 
+    /// The state `files` (name, text) make, or their refusal.
+    static func build(_ files: [(String, String)]) -> Result<ClusterState, ManifestErrors> {
+        var resources: [LocatedResource] = []
+        var errors: [ManifestError] = []
+        for (name, text) in files {
+            let parsed = ManifestReader.parse(text, file: name)
+            resources += parsed.resources
+            errors += parsed.errors
+        }
+        return ClusterState.build(resources, parseErrors: errors)
+    }
+
     @Test func damagedManifestsAreTakenOrRefusedByFieldNeverACrash() throws {
         try #require(Self.demo.count >= 4, "the demo's manifests (examples/demo/*.yaml)")
+        try #require((try? Self.build(Self.seeds).get()) != nil, "the seeds are taken as they are")
         var rng = LoopRandomForTests(state: 0xC0F1_6000_0000_0001)
         var taken = 0, refused = 0
         let sets = ProcessInfo.processInfo.environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_000
         for _ in 0..<sets {
-            let damaged = rng.below(Self.demo.count)
-            var resources: [LocatedResource] = []
-            var errors: [ManifestError] = []
-            for (k, (name, text)) in Self.demo.enumerated() {
-                let parsed = ManifestReader.parse(k == damaged ? Self.damage(text, &rng) : text, file: name)
-                resources += parsed.resources
-                errors += parsed.errors
-            }
-            switch ClusterState.build(resources, parseErrors: errors) {
+            let damaged = rng.below(Self.seeds.count)
+            var files = Self.seeds
+            files[damaged].1 = Self.damage(files[damaged].1, &rng)
+            switch Self.build(files) {
             case .failure(let refusal):
                 refused += 1
                 #expect(!refusal.errors.isEmpty)
                 for e in refusal.errors {
-                    #expect(Self.demo.contains { $0.0 == e.location.file } && e.location.document >= 1 && !e.reason.isEmpty, "\(e)")
+                    #expect(Self.seeds.contains { $0.0 == e.location.file } && e.location.document >= 1 && !e.reason.isEmpty, "\(e)")
                 }
             case .success(let state):
                 taken += 1
@@ -82,8 +118,11 @@ import Testing
                 let back = try JSONDecoder().decode(ProxyTable.self, from: JSONEncoder().encode(table))
                 #expect(back == table, "the route table's JSON reads back as written")
                 for frontend in table.frontends.values {
-                    _ = RouteMatcher(frontend).route(.init(method: "GET", path: "/aaaaaaaaaaaaaaaaaaaaaaaaaaaa!", query: "a=1",
-                                                          header: { _ in ["x"] }))
+                    for f in [frontend] + (frontend.consumers?.values.map { $0.applied(to: frontend) } ?? []) {
+                        for path in ["/aaaaaaaaaaaaaaaaaaaaaaaaaaaa!", "/shop.Checkout/Pay"] {
+                            _ = RouteMatcher(f).route(.init(method: "GET", path: Substring(path), query: "a=1", header: { _ in ["x"] }))
+                        }
+                    }
                 }
             }
         }
