@@ -306,7 +306,7 @@ final class Reconciler {
                 s.routes = state.httpRoutes.map { r in
                     AgentStatus.RouteStatus(
                         name: r.metadata.qualifiedName,
-                        parents: r.parentRefs.map { "\($0.namespace)/\($0.name)" + ($0.port.map { ":\($0)" } ?? "") },
+                        parents: r.parentRefs.map(\.description),
                         rules: r.rules.count,
                         backends: r.rules.flatMap { $0.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" } },
                         kind: r.kind.rawValue,

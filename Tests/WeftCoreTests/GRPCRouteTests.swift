@@ -109,6 +109,45 @@ private func call(_ path: String, _ headers: [String: String] = [:]) -> RouteMat
         #expect(ProxyTable.conflictedRoutes(state) == ["HTTPRoute shop/g": ["shop/rpc:80"]])
     }
 
+    /// A Service parent's `sectionName` is one of its ports by name (the
+    /// Gateway API's meaning for a Service), for either route kind; with
+    /// `port`, the port must have both; a name the Service lacks is refused.
+    @Test func sectionNameSelectsAServicePortByName() throws {
+        let state = try read("""
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: GRPCRoute
+            metadata: {name: rpc, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: rpc, sectionName: grpc}]
+              rules: [{backendRefs: [{name: rpc-canary, port: 80}]}]
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: admin, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: rpc, sectionName: http-admin, port: 81}]
+              rules: [{backendRefs: [{name: rpc, port: 81}]}]
+            """).get()
+        let table = ProxyTable(state)
+        #expect(table.frontends["198.19.0.20:80"]?.actions.map(\.name) == ["shop/rpc#0"])
+        #expect(table.frontends["198.19.0.20:81"]?.actions.map(\.name) == ["shop/admin#0"])
+        #expect(ProxyTable.conflictedRoutes(state).isEmpty, "on different ports they do not meet")
+        for (parent, expected) in [
+            ("{group: \"\", kind: Service, name: rpc, sectionName: metrics}",
+             "g.yaml:3:spec.parentRefs[0].sectionName: Service shop/rpc has no TCP port named metrics"),
+            ("{group: \"\", kind: Service, name: rpc, sectionName: grpc, port: 81}",
+             "spec.parentRefs[0].sectionName: Service shop/rpc has no TCP port named grpc that is port 81"),
+            ("{group: \"\", kind: Service, name: rpc, sectionName: Bad_Name}", "spec.parentRefs[0].sectionName: \"Bad_Name\" is not a valid port name"),
+        ] {
+            let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: x, namespace: shop}\nspec:\n  parentRefs: [\(parent)]"
+            guard case .failure(let e) = read(route) else {
+                Issue.record("accepted: \(parent)")
+                continue
+            }
+            #expect(e.errors.map(\.description).joined(separator: "\n").contains(expected), "\(parent): \(e)")
+        }
+    }
+
     @Test func badGRPCRoutesAreRejectedWithFileDocumentAndField() {
         let cases: [(String, String)] = [
             ("  - matches: [{method: {service: \"shop catalog\"}}]", "g.yaml:3:spec.rules[0].matches[0].method.service: not a gRPC service name"),

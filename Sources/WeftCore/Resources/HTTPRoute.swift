@@ -26,6 +26,19 @@ public struct HTTPRoute: Hashable, Sendable {
         public var name: String
         /// nil: every port of the Service.
         public var port: UInt16?
+        /// `sectionName`: a Service port's name (nil: any); with `port`,
+        /// the port must have both.
+        public var sectionName: String? = nil
+
+        /// Whether the route attaches to this port of its Service.
+        public func selects(_ p: ServicePort) -> Bool {
+            p.transport == .tcp && (port == nil || port == p.port) && (sectionName == nil || sectionName == p.name)
+        }
+
+        /// "namespace/name", then ":port" and "/sectionName" as given.
+        public var description: String {
+            "\(namespace)/\(name)" + (port.map { ":\($0)" } ?? "") + (sectionName.map { "/\($0)" } ?? "")
+        }
     }
 
     public struct Rule: Hashable, Sendable, Codable {
@@ -193,11 +206,11 @@ extension HTTPRoute {
             try Validation.dnsLabel(namespace, field: r.field("namespace"), at: location)
             var port: UInt16?
             if let p = try r.int("port") { port = try Validation.port(p, field: r.field("port"), at: location) }
-            if try r.string("sectionName") != nil {
-                throw r.error("sectionName", "not supported for Service parents; use port")
-            }
+            // For a Service, the Gateway API's sectionName is a port's name.
+            let section = try r.string("sectionName")
+            if let section { try Validation.portName(section, field: r.field("sectionName"), at: location) }
             try r.finish()
-            parents.append(ParentRef(namespace: namespace, name: name, port: port))
+            parents.append(ParentRef(namespace: namespace, name: name, port: port, sectionName: section))
         }
         return parents
     }

@@ -501,7 +501,7 @@ extension ProxyTable {
         for route in state.httpRoutes {
             for parent in route.parentRefs {
                 guard let service = servicesByName["\(parent.namespace)/\(parent.name)"] else { continue }
-                for port in service.ports where port.transport == .tcp && (parent.port == nil || parent.port == port.port) {
+                for port in service.ports where parent.selects(port) {
                     let key = Self.clusterName(namespace: parent.namespace, service: parent.name, port: port.port)
                     if !(attached[key]?.contains(route) ?? false) { attached[key, default: []].append(route) }
                 }
@@ -524,7 +524,7 @@ extension ProxyTable {
         for route in state.httpRoutes where route.kind == .http {
             for parent in route.parentRefs {
                 guard let service = servicesByName["\(parent.namespace)/\(parent.name)"] else { continue }
-                for port in service.ports where port.transport == .tcp && (parent.port == nil || parent.port == port.port) {
+                for port in service.ports where parent.selects(port) {
                     let key = Self.clusterName(namespace: parent.namespace, service: parent.name, port: port.port)
                     if kept[key]?.contains(route) != true {
                         out["\(route.kind.rawValue) \(route.metadata.qualifiedName)", default: []].append(key)

@@ -234,6 +234,10 @@ extension ClusterState {
                 if let port = parent.port, !service.ports.contains(where: { $0.port == port && $0.transport == .tcp }) {
                     errors.append(ManifestError(located.location, field: field + ".port",
                                                 "Service \(parent.namespace)/\(parent.name) has no TCP port \(port)"))
+                } else if let section = parent.sectionName, !service.ports.contains(where: parent.selects) {
+                    errors.append(ManifestError(located.location, field: field + ".sectionName",
+                                                "Service \(parent.namespace)/\(parent.name) has no TCP port named \(section)"
+                                                    + (parent.port.map { " that is port \($0)" } ?? "")))
                 }
             }
             for (r, rule) in route.rules.enumerated() {
