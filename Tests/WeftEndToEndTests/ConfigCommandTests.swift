@@ -41,6 +41,96 @@ import Testing
         #expect(validate.output.contains("valid: 2 Service(s), 0 Workload(s)"))
     }
 
+    /// `weft route check` over a table made from manifests: the rule, the
+    /// split's shares and endpoints, the routes a client's namespace sees
+    /// (a consumer route's), a GRPCRoute's method match, 404 with exit 3,
+    /// JSON, and a destination the proxy does not handle named as such.
+    @Test func routeCheckSaysWhereARequestGoes() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = try file("routes/all.yaml", """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: shop}
+            spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web-v2, namespace: shop}
+            spec: {clusterIP: 198.19.0.11, selector: {app: web, track: v2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: db, namespace: shop}
+            spec: {clusterIP: 198.19.0.12, selector: {app: db}, ports: [{port: 5432}]}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: w1, namespace: shop, labels: {app: web}}
+            spec: {node: n1, address: 198.18.1.20}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: w2, namespace: shop, labels: {app: web, track: v2}}
+            spec: {node: n2, address: 198.18.2.20}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: app, namespace: front}
+            spec: {node: n1, address: 198.18.1.30}
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: split, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web}]
+              rules:
+              - backendRefs: [{name: web, port: 80, weight: 3}, {name: web-v2, port: 80, weight: 1}]
+                timeouts: {request: 1500ms}
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: pinned, namespace: front}
+            spec:
+              parentRefs: [{group: "", kind: Service, namespace: shop, name: web}]
+              rules:
+              - matches: [{path: {type: PathPrefix, value: /v2}, headers: [{name: x-team, value: front}]}]
+                backendRefs: [{name: web-v2, namespace: shop, port: 80}]
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: GRPCRoute
+            metadata: {name: rpc, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web-v2}]
+              rules:
+              - matches: [{method: {service: shop.Catalog, method: List}}]
+                backendRefs: [{name: web, port: 80}]
+            """)
+        func check(_ args: [String]) throws -> (status: Int32, output: String) {
+            let r = try LabHarness.run(["route", "check", "-f", config] + args)
+            return (r.status, r.output)
+        }
+        let producer = try check(["--to", "shop/web", "--from", "shop/w1", "--path", "/v2/x"])
+        #expect(producer.status == 0, "\(producer.output)")
+        #expect(producer.output.contains("rule:     shop/split#0") && producer.output.contains("the Service's own routes"), "\(producer.output)")
+        #expect(producer.output.contains("shop/web:80 weight 3 (75.0%): 198.18.1.20:8080 (n1), 198.18.2.20:8080 (n2)")
+                && producer.output.contains("shop/web-v2:80 weight 1 (25.0%): 198.18.2.20:8080 (n2)")
+                && producer.output.contains("timeouts: request 1500ms"), "\(producer.output)")
+        let consumer = try check(["--to", "198.19.0.10:80", "--from", "front/app", "--path", "/v2/x", "-H", "X-Team: front"])
+        #expect(consumer.status == 0 && consumer.output.contains("rule:     front/pinned#0")
+                && consumer.output.contains("the consumer routes of namespace front")
+                && consumer.output.contains("match:    PathPrefix /v2, header x-team = front"), "\(consumer.output)")
+        let unmatched = try check(["--to", "shop/web", "--from", "front/app", "--path", "/v2/x"])
+        #expect(unmatched.status == 3 && unmatched.output.contains("none matches: the proxy answers 404"), "\(unmatched.output)")
+        let grpc = try check(["--to", "shop/web-v2:80", "--method", "POST", "--path", "/shop.Catalog/List", "-o", "json"])
+        let json = try JSONSerialization.jsonObject(with: Data(grpc.output.utf8)) as? [String: Any]
+        #expect(grpc.status == 0 && json?["rule"] as? String == "shop/rpc#0" && json?["match"] as? String == "gRPC shop.Catalog/List",
+                "\(grpc.output)")
+        let l4 = try check(["--to", "shop/db"])
+        #expect(l4.status != 0 && l4.output.contains("no Service port the proxy handles"), "\(l4.output)")
+        let nobody = try check(["--to", "shop/web", "--from", "shop/ghost"])
+        #expect(nobody.status != 0 && nobody.output.contains("--from shop/ghost: no such pod"), "\(nobody.output)")
+    }
+
     @Test func validateListsEveryErrorAndExitsNonZero() throws {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let bad = try file("bad.yaml", Self.service.replacingOccurrences(of: "port: 80", with: "port: 99999")

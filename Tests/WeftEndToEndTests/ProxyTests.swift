@@ -496,6 +496,10 @@ struct ProxyTests {
         #expect((theirs["v1-a"] ?? 0) + (theirs["v1-b"] ?? 0) > 0, "l7's client is split 90/10 as before: \(theirs)")
         let redirect = try curl(lab, "http://198.19.1.10/old")
         #expect(redirect.0 == 301, "\(redirect)")
+        // `weft route check` reads the table the agent has in force.
+        let check = try LabHarness.run(["route", "check", "--node", "n1", "--to", "l7/web", "--from", "l7-app/app-client", "--path", "/plain/1"])
+        #expect(check.status == 0 && check.output.contains("rule:     l7-app/pinned#1")
+                && check.output.contains("the consumer routes of namespace l7-app"), "\(check.output)")
     }
 
     @Test func grpcStreamsAndWebSocketsGoThroughTheProxy() throws {

@@ -1,0 +1,183 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftProxy
+
+struct RouteCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "route", abstract: "Ask the proxy's route table where a request would go.",
+        subcommands: [Check.self])
+
+    /// `weft route check`: the route rule a request would take, matched by
+    /// the proxy's own RouteMatcher over the table an agent has in force (or
+    /// one made from manifests), with the routes its client's namespace
+    /// sees (a GAMMA consumer route's, or the Service's own): the rule, its
+    /// filters, backends with their share and endpoints, timeouts and retry.
+    /// Exit status 0: routed (or answered by a redirect); 3: no rule matches
+    /// (the proxy answers 404).
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Which route rule, filters and backends a request gets (exit 0 routed, 3 no route: 404).")
+
+        @Option(help: "Destination: a Service as namespace/name[:port], or clusterIP:port.") var to: String
+        @Option(help: "Client: a pod as namespace/name (its namespace's consumer routes apply).") var from: String?
+        @Option(help: "Request path, with an optional ?query.") var path = "/"
+        @Option(help: "Request method.") var method = "GET"
+        @Option(name: .customShort("H"), help: "A request header, \"Name: value\" (repeatable).") var header: [String] = []
+        @Option(name: .shortAndLong, help: "Make the table from these manifests (file or directory, repeatable) instead of reading an agent's.")
+        var file: [String] = []
+        @Option(help: "Node whose table to read (default: the first agent on this machine).") var node: String?
+        @Option(name: .shortAndLong, help: "Output: text or json.") var output = "text"
+
+        func validate() throws {
+            guard path.hasPrefix("/") else { throw ValidationError("--path must start with \"/\", got \(path)") }
+            guard ["text", "json"].contains(output) else { throw ValidationError("--output must be text or json, got \(output)") }
+            for h in header where !h.contains(":") { throw ValidationError("-H \(h): give \"Name: value\"") }
+        }
+
+        func run() throws {
+            let table = try loadTable()
+            let (key, frontend) = try destination(in: table)
+            var routes = frontend
+            var scope = "the Service's own routes"
+            var client = "-"
+            if let from {
+                guard let ref = table.workloads?.values.first(where: { "\($0.namespace)/\($0.name)" == from }) else {
+                    throw ValidationError("--from \(from): no such pod (namespace/name, as `weft get workloads` shows)")
+                }
+                client = from
+                if let consumers = frontend.consumers?[ref.namespace] {
+                    routes = consumers.applied(to: frontend)
+                    scope = "the consumer routes of namespace \(ref.namespace)"
+                }
+            }
+            let parts = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+            var headers: [String: [String]] = [:]
+            for h in header {
+                let colon = h.firstIndex(of: ":") ?? h.endIndex
+                headers[h[..<colon].trimmingCharacters(in: .whitespaces).lowercased(), default: []]
+                    .append(h[h.index(after: colon)...].trimmingCharacters(in: .whitespaces))
+            }
+            let request = RouteMatcher.Request(method: method.uppercased(), path: parts[0], query: parts.count > 1 ? parts[1] : nil,
+                                               header: { headers[$0] ?? [] })
+            let what = "\(method.uppercased()) \(path) from \(client) to \(key) (\(frontend.name))"
+            guard let (action, match) = RouteMatcher(routes).route(request) else {
+                report(["request": what, "routes": scope, "rule": NSNull(), "answer": "404: no rule matches"],
+                       text: ["request:  \(what)", "routes:   \(scope)", "rule:     none matches: the proxy answers 404"])
+                throw ExitCode(3)
+            }
+            let total = action.backends.reduce(0) { $0 + Double($1.weight) }
+            var backendRows: [String] = []
+            var backendJSON: [[String: Any]] = []
+            for b in action.backends {
+                let share = total > 0 ? Double(b.weight) / total * 100 : 0
+                let endpoints = (table.clusters[b.cluster] ?? []).map { "\($0.address):\($0.port) (\($0.node))" }
+                let shown = endpoints.prefix(4).joined(separator: ", ") + (endpoints.count > 4 ? ", +\(endpoints.count - 4) more" : "")
+                backendRows.append("\(b.cluster) weight \(b.weight) (\(String(format: "%.1f", share))%): "
+                                   + (endpoints.isEmpty ? "no endpoint ready (503)" : shown))
+                backendJSON.append(["cluster": b.cluster, "weight": Int(b.weight), "percent": share, "endpoints": endpoints])
+            }
+            let filters = (action.filters.map(Self.describe) + action.backends.flatMap { b in b.filters.map { "\(Self.describe($0)) (\(b.cluster) only)" } })
+            let timeouts = [action.timeouts.request.map { "request \(Self.shown($0))" },
+                            action.timeouts.backendRequest.map { "backendRequest \(Self.shown($0))" }].compactMap { $0 }
+            let retry = action.retry.map {
+                "codes \($0.codes.map(String.init).joined(separator: ",")), \($0.attempts) attempts, backoff \(Self.shown($0.backoff))"
+            }
+            var lines = ["request:  \(what)", "routes:   \(scope)", "rule:     \(action.name)",
+                         "match:    \(match.map(Self.describe) ?? "none (the Service itself: no route attached)")"]
+            if !filters.isEmpty { lines.append("filters:  " + filters.joined(separator: "; ")) }
+            lines += backendRows.enumerated().map { ($0.offset == 0 ? "backends: " : "          ") + $0.element }
+            let redirects = action.filters.contains { if case .requestRedirect = $0 { true } else { false } }
+            if total == 0 && !redirects {
+                lines.append("backends: \(action.backends.isEmpty ? "none" : "only weight 0"): the proxy answers 500")
+            }
+            lines.append("timeouts: " + (timeouts.isEmpty ? "none" : timeouts.joined(separator: ", ")))
+            if let retry { lines.append("retry:    " + retry) }
+            report(["request": what, "routes": scope, "rule": action.name, "match": match.map(Self.describe) ?? NSNull(),
+                    "filters": filters, "backends": backendJSON, "timeouts": timeouts, "retry": retry ?? NSNull()], text: lines)
+        }
+
+        private func report(_ json: [String: Any], text: [String]) {
+            if output == "json",
+               let data = try? JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]) {
+                print(String(decoding: data, as: UTF8.self))
+            } else {
+                print(text.joined(separator: "\n"))
+            }
+        }
+
+        private func loadTable() throws -> ProxyTable {
+            if !file.isEmpty {
+                switch ManifestSource.load(paths: file) {
+                case .success(let state): return ProxyTable(state)
+                case .failure(let errors):
+                    FileHandle.standardError.write(Data((errors.description + "\n").utf8))
+                    throw ExitCode(1)
+                }
+            }
+            for n in try nodes(node) {
+                let path = ProxyConfiguration.tableFile(runDirectory: "/run/weft/\(n)")
+                guard let data = FileManager.default.contents(atPath: path) else { continue }
+                do {
+                    return try JSONDecoder().decode(ProxyTable.self, from: data)
+                } catch {
+                    throw ValidationError("\(path): not a route table this weft reads: \(error)")
+                }
+            }
+            throw ValidationError("no agent on this machine has a proxy route table (/run/weft/NODE/proxy-table.json); give -f with manifests")
+        }
+
+        /// The frontend `--to` names: "clusterIP:port" or a Service's
+        /// "namespace/name[:port]".
+        private func destination(in table: ProxyTable) throws -> (String, ProxyTable.Frontend) {
+            if let f = table.frontends[to] { return (to, f) }
+            let (name, port) = to.split(separator: ":").count == 2
+                ? (String(to.split(separator: ":")[0]), String(to.split(separator: ":")[1])) : (to, nil)
+            let found = table.frontends.filter { key, f in
+                "\(f.namespace)/\(f.service ?? "")" == name && (port == nil || key.hasSuffix(":\(port ?? "")"))
+            }.sorted { $0.key < $1.key }
+            guard let first = found.first else {
+                throw ValidationError("--to \(to): no Service port the proxy handles by that name or address"
+                                      + " (one with no HTTP protocol declared and no route attached is the kernel's alone)")
+            }
+            guard found.count == 1 else {
+                throw ValidationError("--to \(to): the Service has ports \(found.map { String($0.key.split(separator: ":").last ?? "") }.joined(separator: ", ")); give one as \(name):PORT")
+            }
+            return (first.key, first.value)
+        }
+
+        /// A duration as a manifest gives it: 250ms, 2s, 1m.
+        static func shown(_ d: Duration) -> String {
+            let ms = Int(d / .milliseconds(1))
+            if ms > 0 && ms % 60_000 == 0 { return "\(ms / 60_000)m" }
+            return ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
+        }
+
+        static func describe(_ m: HTTPRoute.Match) -> String {
+            var parts: [String] = []
+            if let g = m.grpc {
+                parts.append("gRPC " + (g.service.isEmpty ? "*" : g.service) + "/" + (g.method.isEmpty ? "*" : g.method))
+            } else {
+                switch m.path {
+                case .exact(let p): parts.append("Exact \(p)")
+                case .prefix(let p): parts.append("PathPrefix \(p)")
+                case .regularExpression(let p): parts.append("RegularExpression \(p)")
+                }
+            }
+            if let method = m.method { parts.append("method \(method)") }
+            parts += m.headers.map { "header \($0.name)\($0.isRegularExpression ? " ~ " : " = ")\($0.value)" }
+            parts += m.queryParams.map { "query \($0.name)\($0.isRegularExpression ? " ~ " : " = ")\($0.value)" }
+            return parts.joined(separator: ", ")
+        }
+
+        static func describe(_ f: HTTPRoute.Filter) -> String {
+            switch f {
+            case .requestHeaderModifier: "RequestHeaderModifier"
+            case .responseHeaderModifier: "ResponseHeaderModifier"
+            case .requestRedirect(let r): "RequestRedirect \(r.statusCode) (answered by the proxy)"
+            case .urlRewrite: "URLRewrite"
+            case .requestMirror(let m): "RequestMirror to \(m.namespace.map { "\($0)/" } ?? "")\(m.name):\(m.port) (\(m.percent)%)"
+            }
+        }
+    }
+}
