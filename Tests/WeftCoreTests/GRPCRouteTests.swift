@@ -17,7 +17,7 @@ private let base = """
     spec:
       clusterIP: 198.19.0.21
       selector: {app: rpc-canary}
-      ports: [{name: grpc, port: 80, targetPort: 8080}]
+      ports: [{name: rpc, port: 80, targetPort: 8080}]
     """
 
 /// The GRPCRoute `g` on Service `rpc` with `rules` (a YAML list indented by
@@ -107,6 +107,11 @@ private func call(_ path: String, _ headers: [String: String] = [:]) -> RouteMat
         #expect(table.frontends["198.19.0.20:80"]?.actions.first?.backends.map(\.cluster) == ["shop/rpc-canary:80"])
         #expect(table.frontends["198.19.0.20:81"]?.actions.first?.backends.map(\.cluster) == ["shop/rpc:81"])
         #expect(ProxyTable.conflictedRoutes(state) == ["HTTPRoute shop/g": ["shop/rpc:80"]])
+        // A GRPCRoute's backend (rpc-canary: port named rpc, no
+        // appProtocol) is spoken to over HTTP/2 though its port declares
+        // nothing; an HTTPRoute's is not.
+        #expect(table.frontends["198.19.0.20:80"]?.actions.first?.backends.map(\.upstreamProtocol) == [.http2])
+        #expect(table.frontends["198.19.0.20:81"]?.actions.first?.backends.map(\.upstreamProtocol) == [.http1])
     }
 
     /// A Service parent's `sectionName` is one of its ports by name (the

@@ -224,6 +224,32 @@ struct TrafficPolicyTests {
         #expect(try timeouts("timeout: {http: {requestTimeout: 1500ms}}")["198.19.0.10:80"] == [.init(request: .milliseconds(1500))])
     }
 
+    /// `retry` is the retry policy of every rule of the Service that sets
+    /// none (a rule's own wins) and of the Service's own requests.
+    @Test func aRetryPolicyGoesToEveryRuleOfItsServiceThatSetsNone() throws {
+        let route = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+              rules:
+              - matches: [{path: {type: PathPrefix, value: /pay}}]
+                backendRefs: [{name: web, port: 80}]
+                retry: {codes: [502], attempts: 1}
+              - backendRefs: [{name: web, port: 80}]
+            """
+        func retries(_ policy: String?, route: String? = nil) throws -> [HTTPRoute.Retry?]? {
+            try Self.backendTable(web: policy, alt: nil, extra: route) { $0.frontends["198.19.0.10:80"]?.actions.map(\.retry) }
+        }
+        let mine = HTTPRoute.Retry(codes: [503, 504], attempts: 3, backoff: .milliseconds(5))
+        let policy = "retry: {codes: [503, 504], attempts: 3, backoff: 5ms}"
+        #expect(try retries(policy) == [mine])
+        #expect(try retries(policy, route: route) == [HTTPRoute.Retry(codes: [502], attempts: 1, backoff: .milliseconds(25)), mine])
+        #expect(try retries(nil, route: route) == [HTTPRoute.Retry(codes: [502], attempts: 1, backoff: .milliseconds(25)), nil])
+        #expect(try retries("retry: {}") == [HTTPRoute.Retry(codes: [], attempts: 2, backoff: .milliseconds(25))], "the API's defaults")
+    }
+
     @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
         let cases: [(String, String)] = [
             ("healthCheck: {interval: -1s}", "tp.yaml:5:spec.healthCheck.interval: must be positive"),
@@ -258,6 +284,10 @@ struct TrafficPolicyTests {
             ("timeout: {http: {requestTimeout: -5s}}", "spec.timeout.http.requestTimeout: must be positive"),
             ("timeout: {http: {requestTimeout: 5}}", "spec.timeout.http.requestTimeout"),
             ("timeout: {http: {streamTimeout: 1s}}", "spec.timeout.http.streamTimeout: unknown field"),
+            ("retry: {attempts: 11}", "tp.yaml:5:spec.retry.attempts: must be 0-10, got 11"),
+            ("retry: {codes: [200]}", "spec.retry.codes[0]: a retry code must be 400-599, got 200"),
+            ("retry: {backoff: soon}", "spec.retry.backoff"),
+            ("retry: {perTryTimeout: 1s}", "spec.retry.perTryTimeout: unknown field"),
             ("timeout: {tcp: {idleTimeout: 1s}}", "spec.timeout.tcp.idleTimeout: unknown field"),
             ("timeout: {tcp: {connectTimeout: 0s}}", "tp.yaml:5:spec.timeout.tcp.connectTimeout: must be longer than 0s"),
             ("timeout: {tcp: {connectTimeout: -2s}}", "spec.timeout.tcp.connectTimeout: must be positive"),

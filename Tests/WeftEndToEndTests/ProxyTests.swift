@@ -394,6 +394,8 @@ struct ProxyTests {
     /// HTTPRoute on the same Service port (which would send Say, by an
     /// Exact path match that outranks the GRPCRoute's catch-all, to an
     /// HTTP/1.1 server) is ignored, and `weft get routes` says so.
+    /// grpc-canary's Service declares no protocol: the GRPCRoute's backends
+    /// are spoken to over HTTP/2 all the same.
     @Test func grpcRoutesRouteCallsByMethodAndMetadata() throws {
         let routes = """
             apiVersion: weft.dev/v1alpha1
@@ -401,7 +403,7 @@ struct ProxyTests {
             metadata: {name: grpc-canary, namespace: \(ns), labels: {app: grpc-canary}, annotations: {lab.weft.dev/command: "/usr/bin/python3 \(LabHarness.grpcTool) serve 8080"}}
             spec: {serviceAccount: grpc, node: n1, address: 198.18.1.61, ports: [{name: http, port: 8080}]}
             ---
-            \(service("grpc-canary", ip: "198.19.1.61", selector: "{app: grpc-canary}", portName: "rpc", appProtocol: "grpc"))
+            \(service("grpc-canary", ip: "198.19.1.61", selector: "{app: grpc-canary}", portName: "rpc"))
             ---
             apiVersion: gateway.networking.k8s.io/v1
             kind: GRPCRoute
@@ -527,7 +529,18 @@ struct ProxyTests {
     }
 
     @Test func retriesMaskAFlakyBackendAndBudgetsCapAnOutage() throws {
-        let lab = try startLab()
+        // retry-plain: the retry Service's pods with no route, retried by
+        // its TrafficPolicy's `retry`.
+        let lab = try startLab(files: ["retry-policy.yaml": service("retry-plain", ip: "198.19.1.24", selector: "{app: retry}") + """
+
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: retry-plain, namespace: \(ns)}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: retry-plain}]
+              retry: {codes: [503], attempts: 3, backoff: 1ms}
+            """])
         defer { lab.down() }
         // One backend of two answers 503 half the time: retries (to another
         // endpoint) hide it.
@@ -539,6 +552,13 @@ struct ProxyTests {
         #expect(retries > 0)
         // The same retries, per destination Service, Istio-labelled.
         #expect(try upstreamEvents("n1", "retry", service: "retry") == retries, "every retry so far was the retry Service's")
+        // The same pods through a Service with no route: its TrafficPolicy's
+        // retry hides the failures the same way (without it, about 1 in 4
+        // requests would fail).
+        let plain = try lab.tool(in: "client", ["http-load", "198.19.1.24", "80", "1000", "/"])
+        let plainStatuses = plain["statuses"] as? [String: Int] ?? [:]
+        #expect(Double(plainStatuses["200"] ?? 0) / 1000 >= 0.99, "\(plainStatuses) \(plain["errors"] ?? [])")
+        #expect(try upstreamEvents("n1", "retry", service: "retry-plain") > 0)
 
         // Every backend fails: retries stop at the budget (20% of requests
         // plus 10 a second), so the outage is not multiplied by 4 attempts.
@@ -554,6 +574,7 @@ struct ProxyTests {
         let exhausted = try upstreamEvents("n1", "retry_budget_exhausted", service: "broken")
         #expect(try exhausted == stat("n1", "retries_budget_exhausted_total"))
         let perService = try upstreamEvents("n1", "retry", service: "broken") + upstreamEvents("n1", "retry", service: "retry")
+            + upstreamEvents("n1", "retry", service: "retry-plain")
         #expect(try perService == stat("n1", "retries_total"))
     }
 

@@ -12,7 +12,8 @@
 ///
 /// Header matches, the RequestHeaderModifier, ResponseHeaderModifier and
 /// RequestMirror filters, weighted backendRefs (in any namespace), producer
-/// and consumer routes are the HTTPRoute's. Rules are ordered by GRPCRoute
+/// and consumer routes are the HTTPRoute's; its backends are spoken to over
+/// HTTP/2 whatever their Service ports declare (gRPC needs it). Rules are ordered by GRPCRoute
 /// precedence (the longer service, then the longer method, then more
 /// header matches), not HTTPRoute's. GRPCRoute has no timeouts or retry in
 /// the Standard channel; a TrafficPolicy's `timeout.http.requestTimeout`

@@ -240,24 +240,7 @@ extension HTTPRoute.Rule {
                                     "must not be longer than timeouts.request (\(backend) > \(request))")
             }
         }
-        retry = nil
-        if var t = try r.mapping("retry") {
-            var codes: [Int] = []
-            if let list = try t.list("codes") {
-                for (p, n) in list {
-                    let code = try FieldReader.int(n, at: location, path: p)
-                    guard (400...599).contains(code) else {
-                        throw ManifestError(location, field: p, "a retry code must be 400-599, got \(code)")
-                    }
-                    codes.append(code)
-                }
-            }
-            let attempts = try t.int("attempts") ?? HTTPRoute.defaultRetryAttempts
-            guard (0...10).contains(attempts) else { throw t.error("attempts", "must be 0-10, got \(attempts)") }
-            let backoff = try t.string("backoff").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backoff"), at: location) } ?? nil
-            try t.finish()
-            retry = HTTPRoute.Retry(codes: codes, attempts: attempts, backoff: backoff ?? HTTPRoute.defaultRetryBackoff)
-        }
+        retry = try r.mapping("retry").map { t throws(ManifestError) in try HTTPRoute.Retry(t, at: location) }
         if try r.mapping("sessionPersistence") != nil {
             throw r.error("sessionPersistence", "not supported by Weft")
         }
@@ -280,6 +263,29 @@ extension HTTPRoute.Rule {
                 }
             }
         }
+    }
+}
+
+extension HTTPRoute.Retry {
+    /// `retry: {codes, attempts, backoff}`, an HTTPRoute rule's (GEP-1731)
+    /// or a TrafficPolicy's.
+    init(_ reader: FieldReader, at location: DocumentLocation) throws(ManifestError) {
+        var t = reader
+        codes = []
+        if let list = try t.list("codes") {
+            for (p, n) in list {
+                let code = try FieldReader.int(n, at: location, path: p)
+                guard (400...599).contains(code) else {
+                    throw ManifestError(location, field: p, "a retry code must be 400-599, got \(code)")
+                }
+                codes.append(code)
+            }
+        }
+        attempts = try t.int("attempts") ?? HTTPRoute.defaultRetryAttempts
+        guard (0...10).contains(attempts) else { throw t.error("attempts", "must be 0-10, got \(attempts)") }
+        let backoff = try t.string("backoff").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backoff"), at: location) } ?? nil
+        try t.finish()
+        self.backoff = backoff ?? HTTPRoute.defaultRetryBackoff
     }
 }
 

@@ -43,6 +43,7 @@
 ///                               # requestTimeout: 5s: a request to the Service not answered in
 ///                               # that long, retries included, gets 504 (an HTTPRoute rule's
 ///                               # timeouts.request wins)
+///   retry: {codes: [503], attempts: 2, backoff: 25ms}   # for requests whose route rule sets no retry
 ///   rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}   # Route | SourceIdentity | Header (+ header: NAME)
 ///   faultInjection:
 ///     delay: {fixedDelay: 100ms, percentage: 10}
@@ -88,6 +89,13 @@ public struct TrafficPolicy: Hashable, Sendable {
     /// for every request where no route is attached; past it the client is
     /// answered 504. nil: no bound but the rule's.
     public var requestTimeout: Duration?
+    /// `retry` (as an HTTPRoute rule's: codes, attempts, backoff; Envoy
+    /// Gateway's BackendTrafficPolicy has one): the retry policy of every
+    /// request to the Service whose route rule sets none, and of every
+    /// request where no route is attached (GRPCRoutes have no retry of
+    /// their own). Idempotent requests only, within the retry budget, as a
+    /// rule's.
+    public var retry: HTTPRoute.Retry?
 
     public init(metadata: ObjectMeta, targets: [String]) {
         self.metadata = metadata
@@ -263,6 +271,7 @@ extension TrafficPolicy {
         }
         if var rl = try spec.mapping("rateLimit") { rateLimit = try Self.rateLimit(&rl, at: location) }
         if var fi = try spec.mapping("faultInjection") { faultInjection = try Self.faultInjection(&fi, at: location) }
+        if let r = try spec.mapping("retry") { retry = try HTTPRoute.Retry(r, at: location) }
         if var t = try spec.mapping("timeout") {
             if var tcp = try t.mapping("tcp") {
                 connectTimeout = try Self.positiveDuration(&tcp, "connectTimeout", at: location)

@@ -400,7 +400,7 @@ extension ProxyTable {
         /// namespace's consumer routes of it) as matches, most specific
         /// first (Gateway API precedence), and the rules' actions; a
         /// backendRef or mirror without a namespace is in its route's.
-        func routeSet(_ routes: [HTTPRoute], timeouts: (HTTPRoute.Timeouts) -> HTTPRoute.Timeouts)
+        func routeSet(_ routes: [HTTPRoute], policy: TrafficPolicy?)
             -> (matches: [RouteMatchEntry], actions: [RouteAction]) {
             var actions: [RouteAction] = []
             var entries: [(entry: RouteMatchEntry, order: RouteOrder)] = []
@@ -426,11 +426,13 @@ extension ProxyTable {
                         var c = cluster(target, tport)
                         c.weight = ref.weight
                         c.filters = resolved(ref.filters)
+                        // gRPC is HTTP/2, whatever the backend's port declares.
+                        if route.kind == .grpc { c.upstreamProtocol = .http2 }
                         return c
                     }
                     let label = rule.name.map { "\(route.metadata.qualifiedName)#\($0)" } ?? "\(route.metadata.qualifiedName)#\(r)"
                     actions.append(RouteAction(name: label, filters: resolved(rule.filters), backends: backends,
-                                               timeouts: timeouts(rule.timeouts), retry: rule.retry))
+                                               timeouts: policy.bound(rule.timeouts), retry: rule.retry ?? policy?.retry))
                     for (m, match) in rule.matches.enumerated() {
                         entries.append((RouteMatchEntry(match: match, action: actions.count - 1),
                                         RouteOrder(match, route: route.metadata.qualifiedName, rule: r, index: m)))
@@ -454,28 +456,21 @@ extension ProxyTable {
                 guard declared != nil || !routes.isEmpty else { continue }
                 let own = cluster(service, port)
                 let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)
-                // The Service's TrafficPolicy bounds every request to it that
-                // its route rule does not bound itself.
-                func timeouts(_ own: HTTPRoute.Timeouts) -> HTTPRoute.Timeouts {
-                    var t = own
-                    if t.request == nil { t.request = policy?.requestTimeout }
-                    return t
-                }
                 // Producer routes (in the Service's namespace) route every
                 // client; a namespace's consumer routes, its own clients.
                 let ns = service.metadata.namespace
-                let producers = routeSet(routes.filter { $0.metadata.namespace == ns }, timeouts: timeouts)
+                let producers = routeSet(routes.filter { $0.metadata.namespace == ns }, policy: policy)
                 let matches = producers.matches
                 var actions = producers.actions
                 var consumers: [String: Consumers] = [:]
                 for (consumer, its) in Dictionary(grouping: routes.filter { $0.metadata.namespace != ns }, by: \.metadata.namespace) {
-                    let set = routeSet(its, timeouts: timeouts)
+                    let set = routeSet(its, policy: policy)
                     consumers[consumer] = Consumers(matches: set.matches, actions: set.actions)
                 }
                 var fallback: Int?
                 if actions.isEmpty {
                     actions.append(RouteAction(name: service.metadata.qualifiedName, filters: [], backends: [own],
-                                               timeouts: timeouts(.init()), retry: nil))
+                                               timeouts: policy.bound(.init()), retry: policy?.retry))
                     fallback = actions.count - 1
                 }
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
@@ -601,5 +596,15 @@ struct RouteOrder: Comparable {
         if a.headers != b.headers { return a.headers > b.headers }
         if a.queries != b.queries { return a.queries > b.queries }
         return (a.route, a.rule, a.index) < (b.route, b.rule, b.index)
+    }
+}
+
+extension TrafficPolicy? {
+    /// A rule's timeouts with the Service's TrafficPolicy `requestTimeout`
+    /// where the rule sets no `timeouts.request` of its own.
+    func bound(_ own: HTTPRoute.Timeouts) -> HTTPRoute.Timeouts {
+        var t = own
+        if t.request == nil { t.request = self?.requestTimeout }
+        return t
     }
 }
