@@ -92,9 +92,9 @@ public struct TrafficPolicy: Hashable, Sendable {
     /// `retry` (as an HTTPRoute rule's: codes, attempts, backoff; Envoy
     /// Gateway's BackendTrafficPolicy has one): the retry policy of every
     /// request to the Service whose route rule sets none, and of every
-    /// request where no route is attached (GRPCRoutes have no retry of
-    /// their own). Idempotent requests only, within the retry budget, as a
-    /// rule's.
+    /// request where no route is attached. Idempotent requests only (a
+    /// gRPC call, a POST, gets only more tries of a failed connect), within
+    /// the retry budget, as a rule's.
     public var retry: HTTPRoute.Retry?
 
     public init(metadata: ObjectMeta, targets: [String]) {
