@@ -194,7 +194,7 @@ struct TrafficPolicyTests {
     /// `timeout.http.requestTimeout` bounds the requests to its Service:
     /// the Service's own action where no route is attached, and each rule
     /// of an attached route that sets no `timeouts.request` (a rule's own
-    /// wins, its backendRequest stays); another Service's requests, over
+    /// wins, its "0s" keeps it off, its backendRequest stays); another Service's requests, over
     /// the same pods, are not bound by it.
     @Test func aRequestTimeoutBoundsEveryRuleOfItsServiceThatSetsNone() throws {
         let route = """
@@ -209,6 +209,9 @@ struct TrafficPolicyTests {
                 timeouts: {request: 30s, backendRequest: 10s}
               - backendRefs: [{name: web, port: 80}]
                 timeouts: {backendRequest: 1s}
+              - matches: [{path: {type: PathPrefix, value: /stream}}]
+                backendRefs: [{name: web, port: 80}]
+                timeouts: {request: 0s, backendRequest: 2s}
             """
         func timeouts(_ policy: String?, route: String? = nil) throws -> [String: [HTTPRoute.Timeouts]] {
             try Self.backendTable(web: policy, alt: nil, extra: route) { table in
@@ -218,9 +221,11 @@ struct TrafficPolicyTests {
         let bound = "timeout: {http: {requestTimeout: 5s}}"
         #expect(try timeouts(bound) == ["198.19.0.10:80": [.init(request: .seconds(5))], "198.19.0.11:80": [.init()]])
         #expect(try timeouts(bound, route: route)["198.19.0.10:80"]
-                    == [.init(request: .seconds(30), backendRequest: .seconds(10)), .init(request: .seconds(5), backendRequest: .seconds(1))])
+                    == [.init(request: .seconds(30), backendRequest: .seconds(10)), .init(request: .seconds(5), backendRequest: .seconds(1)),
+                        .init(backendRequest: .seconds(2))], "a rule's 0s keeps the request timeout off")
         #expect(try timeouts(nil, route: route)["198.19.0.10:80"]
-                    == [.init(request: .seconds(30), backendRequest: .seconds(10)), .init(backendRequest: .seconds(1))])
+                    == [.init(request: .seconds(30), backendRequest: .seconds(10)), .init(backendRequest: .seconds(1)),
+                        .init(backendRequest: .seconds(2))])
         #expect(try timeouts("timeout: {http: {requestTimeout: 1500ms}}")["198.19.0.10:80"] == [.init(request: .milliseconds(1500))])
     }
 

@@ -140,7 +140,9 @@ public struct HTTPRoute: Hashable, Sendable {
 
     /// Gateway API durations; nil means no limit.
     public struct Timeouts: Hashable, Sendable, Codable {
-        /// The whole request as the client sees it, retries included.
+        /// The whole request as the client sees it, retries included. In a
+        /// route rule, zero: turned off ("0s"); the proxy's table has nil
+        /// for that (ProxyTable: a TrafficPolicy's bound fills in only nil).
         public var request: Duration?
         /// One attempt to one backend.
         public var backendRequest: Duration?
@@ -232,10 +234,15 @@ extension HTTPRoute.Rule {
         }
         timeouts = HTTPRoute.Timeouts()
         if var t = try r.mapping("timeouts") {
-            timeouts.request = try t.string("request").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("request"), at: location) } ?? nil
+            // "0s" turns the request timeout off (Gateway API); kept as zero
+            // so that a Service's TrafficPolicy requestTimeout does not
+            // fill it in (ProxyTable takes zero for none).
+            timeouts.request = try t.string("request").map { s throws(ManifestError) in
+                try HTTPRoute.duration(s, field: t.field("request"), at: location) ?? .zero
+            }
             timeouts.backendRequest = try t.string("backendRequest").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backendRequest"), at: location) } ?? nil
             try t.finish()
-            if let request = timeouts.request, let backend = timeouts.backendRequest, backend > request {
+            if let request = timeouts.request, request > .zero, let backend = timeouts.backendRequest, backend > request {
                 throw ManifestError(location, field: "\(path).timeouts.backendRequest",
                                     "must not be longer than timeouts.request (\(backend) > \(request))")
             }

@@ -601,10 +601,12 @@ struct RouteOrder: Comparable {
 
 extension TrafficPolicy? {
     /// A rule's timeouts with the Service's TrafficPolicy `requestTimeout`
-    /// where the rule sets no `timeouts.request` of its own.
+    /// where the rule sets no `timeouts.request` of its own; one the rule
+    /// turned off ("0s") stays off.
     func bound(_ own: HTTPRoute.Timeouts) -> HTTPRoute.Timeouts {
         var t = own
         if t.request == nil { t.request = self?.requestTimeout }
+        if t.request == .zero { t.request = nil }
         return t
     }
 }
