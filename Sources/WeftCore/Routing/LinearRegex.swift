@@ -285,13 +285,13 @@ public struct LinearRegex: Sendable {
                     switch (peek(1), peek(2)) {
                     case (":", _):
                         i += 2
-                    case ("P", "<"), ("<", _) where peek(2) != "=" && peek(2) != "!":
+                    case ("=", _), ("!", _), ("<", "="), ("<", "!"):
+                        throw fail("a lookaround (it needs backtracking; not RE2 syntax)")
+                    case ("P", "<"), ("<", _):
                         // A named group: skip the name.
                         while let d = peek(), d != ">" { i += 1 }
                         guard peek() == ">" else { throw fail("an unterminated group name") }
                         i += 1
-                    case ("=", _), ("!", _), ("<", _):
-                        throw fail("a lookaround (it needs backtracking; not RE2 syntax)")
                     default:
                         throw fail("a group flag or form that is not supported")
                     }
