@@ -110,6 +110,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var connecting = false
         var responseStarted = false
         var heldHead: HTTPResponseHead?
+        /// A gRPC response whose status comes in its trailers: the outlier
+        /// detector is told at its end, not at its head.
+        var grpcOutcomePending = false
         var requestTimer: Scheduled<Void>?
         var attemptTimer: Scheduled<Void>?
         var retryTimer: Scheduled<Void>?
@@ -815,7 +818,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 return retryOrFail(.serviceUnavailable, "weft: \(key) could not be reached from its node\n", sentNothing: true)
             }
             let code = Int(head.status.code)
-            recordOutcome(code >= 500 ? .serverError(code) : .success)
+            if let grpc = Self.grpcOutcome(head.headers) {
+                recordOutcome(grpc)  // trailers-only: the status is in the head
+            } else if code < 300, head.headers.first(name: "content-type")?.hasPrefix("application/grpc") == true {
+                r.grpcOutcomePending = true
+            } else {
+                recordOutcome(code >= 500 ? .serverError(code) : .success)
+            }
             if shouldRetry(status: head.status), let budgetOK = withdrawRetry(), budgetOK, retryAllowedByBreaker() {
                 r.upstream?.close()
                 r.upstream = nil
@@ -877,6 +886,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 context.write(wrapOutboundOut(.head(held)), promise: nil)
             }
             let keepAlive = r.keepAlive
+            if r.grpcOutcomePending {
+                r.grpcOutcomePending = false
+                recordOutcome(trailers.flatMap(Self.grpcOutcome) ?? .success)
+            }
             endAttempt(success: true)
             complete(record?.status ?? 0)
             finish()
@@ -891,7 +904,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     func upstreamFailed(_ error: any Error, responded: Bool) {
         guard let r = request else { return }
-        if !responded { recordOutcome(.localFailure) }
+        if !responded || r.grpcOutcomePending { recordOutcome(.localFailure) }
         let endpoint = endAttempt(success: false)
         r.upstream = nil
         if r.responseStarted || responded {
@@ -1247,6 +1260,23 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     // MARK: header work
+
+    /// A gRPC status (`grpc-status` in a response's head or trailers) as
+    /// the outlier detector counts it, by Envoy's mapping to HTTP: UNKNOWN,
+    /// INTERNAL and DATA_LOSS 500, UNIMPLEMENTED 501, UNAVAILABLE 503,
+    /// DEADLINE_EXCEEDED 504 (a gateway error too); the rest are the
+    /// caller's or the call's own outcome, not the backend's failure. nil
+    /// when there is no status.
+    static func grpcOutcome(_ headers: HTTPHeaders) -> OutlierDetector.Outcome? {
+        guard let text = headers.first(name: "grpc-status"), let status = Int(text) else { return nil }
+        switch status {
+        case 2, 13, 15: return .serverError(500)
+        case 12: return .serverError(501)
+        case 14: return .serverError(503)
+        case 4: return .serverError(504)
+        default: return .success
+        }
+    }
 
     /// The body of an answer a TrafficPolicy fault abort gives (both paths).
     static let faultAbortBody = "weft: fault injected by TrafficPolicy (abort)\n"

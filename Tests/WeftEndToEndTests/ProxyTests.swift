@@ -413,9 +413,16 @@ struct ProxyTests {
               rules:
               - matches: [{method: {service: weft.Echo, method: Say}, headers: [{name: x-track, value: canary}]}]
                 backendRefs: [{name: grpc-canary, port: 80}]
-              - matches: [{method: {service: weft.Echo, method: Chat}}]
+              - matches: [{method: {service: weft.Echo, method: Chat}}, {method: {service: weft.Echo, method: Drop}}]
                 backendRefs: [{name: grpc-canary, port: 80}]
               - backendRefs: [{name: grpc, port: 80}]
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: grpc, namespace: \(ns)}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: grpc}, {group: "", kind: Service, name: grpc-canary}]
+              outlierDetection: {consecutive5xx: 3, interval: 10s, baseEjectionTime: 60s}
             ---
             apiVersion: gateway.networking.k8s.io/v1
             kind: HTTPRoute
@@ -436,6 +443,17 @@ struct ProxyTests {
         #expect(tagged["count_trailer"] as? String == "grpc", "the header alone does not match Count: \(tagged)")
         let get = try LabHarness.run(["get", "routes", "--node", "n1"])
         #expect(get.output.contains("GRPCRoute") && get.output.contains("IGNORED on l7/grpc:80"), "\(get.output)")
+        // A gRPC error is a backend failure to outlier detection though its
+        // HTTP status is 200: three UNAVAILABLEs in a row eject the server,
+        // whether the status came alone (Fail, to grpc) or in trailers
+        // after a message (Drop, to grpc-canary).
+        for (method, pod) in [("Fail", "198.18.2.60:8080"), ("Drop", "198.18.1.61:8080")] {
+            let failed = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "fail", "198.19.1.60", "80",
+                                             "3", method])
+            #expect(failed.output.contains("\"UNAVAILABLE\": 3"), "\(method): \(failed.output)")
+            let ejections = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/ejections"])
+            #expect(ejections.contains(pod), "\(method): \(ejections)")
+        }
     }
 
     /// GAMMA consumer routes: a route in namespace l7-app attached to

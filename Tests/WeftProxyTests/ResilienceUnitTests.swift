@@ -93,6 +93,34 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         #expect(detector.ejectionsTotal.load(ordering: .relaxed) == 2)
     }
 
+    /// A gRPC status counts as Envoy maps it to HTTP: the backend's own
+    /// failures (UNKNOWN, INTERNAL, DATA_LOSS, UNIMPLEMENTED, UNAVAILABLE,
+    /// DEADLINE_EXCEEDED) are server errors, the three gateway ones among
+    /// them; OK and the caller's errors are not; no status, no outcome.
+    @Test func grpcStatusesAreOutcomesAsEnvoyMapsThem() throws {
+        func outcome(_ status: String?) -> String {
+            var h = HTTPHeaders([("content-type", "application/grpc")])
+            if let status { h.add(name: "grpc-status", value: status) }
+            switch HTTPProxyHandler.grpcOutcome(h) {
+            case nil: return "none"
+            case .success?: return "success"
+            case .serverError(let code)?: return "\(code)"
+            case .localFailure?: return "local"
+            }
+        }
+        #expect(["0", "1", "3", "5", "7", "8", "16"].map(outcome) == Array(repeating: "success", count: 7))
+        #expect(["2", "4", "12", "13", "14", "15"].map(outcome) == ["500", "504", "501", "500", "503", "500"])
+        #expect(outcome(nil) == "none" && outcome("x") == "none")
+        // Three UNAVAILABLEs in a row eject, as three 503s do.
+        var od = TrafficPolicy.OutlierDetection()
+        od.consecutive5xx = 3
+        let rt = runtime(TrafficPolicy.LoadBalancer(), endpoints(2), outliers: od)
+        let detector = try #require(rt.outliers)
+        let unavailable = try #require(HTTPProxyHandler.grpcOutcome(HTTPHeaders([("grpc-status", "14")])))
+        for _ in 0..<3 { detector.record(0, unavailable, runtime: rt) }
+        #expect(rt.backends.first?.isEjected(NIODeadline.now().uptimeNanoseconds) == true)
+    }
+
     @Test func anExpressHoldGivesItsSlotBackOnceAndTellsOneOutcome() throws {
         var od = TrafficPolicy.OutlierDetection()
         od.consecutive5xx = 2

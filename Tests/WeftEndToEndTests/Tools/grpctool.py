@@ -6,8 +6,10 @@ test needs no protoc. Service weft.Echo:
   Count  server stream  -> n messages for request b"n"
   Chat   bidi stream    -> each message echoed as b"<pod>:<message>"
   Fail   unary          -> status UNAVAILABLE, details "on purpose"
+  Drop   server stream  -> one message, then status UNAVAILABLE (in trailers)
 Every call ends with trailing metadata x-pod: <pod>.
 Usage: grpctool.py serve PORT | grpctool.py call HOST PORT [NAME=VALUE...]
+       | grpctool.py fail HOST PORT N [Fail|Drop] (N calls, one channel: their codes)
 (call: every call carries the NAME=VALUE pairs as metadata)
 """
 import json
@@ -39,11 +41,17 @@ def serve(port):
         context.set_trailing_metadata((("x-pod", POD),))
         context.abort(grpc.StatusCode.UNAVAILABLE, "on purpose")
 
+    def drop(request, context):
+        context.set_trailing_metadata((("x-pod", POD),))
+        yield b"first"
+        context.abort(grpc.StatusCode.UNAVAILABLE, "after a message")
+
     handler = grpc.method_handlers_generic_handler("weft.Echo", {
         "Say": grpc.unary_unary_rpc_method_handler(say),
         "Count": grpc.unary_stream_rpc_method_handler(count),
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Drop": grpc.unary_stream_rpc_method_handler(drop),
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((handler,))
@@ -95,5 +103,23 @@ def steady(host, port, seconds):
     print(json.dumps({"ok": ok, "failures": failures}))
 
 
+def fail(host, port, n, method="Fail"):
+    codes = {}
+    with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
+        if method == "Drop":
+            stream = channel.unary_stream("/weft.Echo/Drop")
+            call = lambda body, timeout: list(stream(body, timeout=timeout))
+        else:
+            call = channel.unary_unary("/weft.Echo/" + method)
+        for _ in range(int(n)):
+            try:
+                call(b"x", timeout=5)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            codes[code] = codes.get(code, 0) + 1
+    print(json.dumps({"codes": codes}))
+
+
 if __name__ == "__main__":
-    {"serve": serve, "call": call, "steady": steady}[sys.argv[1]](*sys.argv[2:])
+    {"serve": serve, "call": call, "steady": steady, "fail": fail}[sys.argv[1]](*sys.argv[2:])
