@@ -825,7 +825,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             } else {
                 recordOutcome(code >= 500 ? .serverError(code) : .success)
             }
-            if shouldRetry(status: head.status), let budgetOK = withdrawRetry(), budgetOK, retryAllowedByBreaker() {
+            if shouldRetry(status: head.status) || shouldRetry(grpc: head.headers), let budgetOK = withdrawRetry(), budgetOK,
+               retryAllowedByBreaker() {
                 r.upstream?.close()
                 r.upstream = nil
                 endAttempt(success: false)
@@ -946,6 +947,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         guard let r = request, let retry = r.action.retry, r.idempotent, r.attempts <= retry.attempts,
               r.replay != nil else { return false }
         return retry.codes.contains(Int(status.code))
+    }
+
+    /// A gRPC call answered with a status alone (trailers-only: the status
+    /// in the head, no message sent back) that the retry policy names:
+    /// tried again whatever the method, as gRPC's own retry does before a
+    /// call is committed, once the request was received, and kept, whole.
+    private func shouldRetry(grpc headers: HTTPHeaders) -> Bool {
+        guard let r = request, let retry = r.action.retry, let statuses = retry.grpcStatuses, !statuses.isEmpty,
+              r.attempts <= retry.attempts, r.ended, r.replay != nil,
+              let text = headers.first(name: "grpc-status"), let status = Int(text) else { return false }
+        return statuses.contains(status)
     }
 
     /// nil when no retry policy applies; false when the budget is spent.

@@ -253,6 +253,12 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
                 retry: {codes: [200], attempts: 2}
             """)
         #expect(errors.first?.description.contains("t.yaml:6:spec.rules[0].retry.codes[0]") == true, "\(errors)")
+        // grpcStatuses is a TrafficPolicy's: not a Gateway API route field.
+        let grpc = routeErrors("""
+              - backendRefs: [{name: web, port: 80}]
+                retry: {grpcStatuses: [UNAVAILABLE]}
+            """)
+        #expect(grpc.first?.description.contains("t.yaml:6:spec.rules[0].retry.grpcStatuses: unknown field") == true, "\(grpc)")
     }
 }
 

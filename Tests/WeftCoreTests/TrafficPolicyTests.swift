@@ -253,6 +253,7 @@ struct TrafficPolicyTests {
         #expect(try retries(policy, route: route) == [HTTPRoute.Retry(codes: [502], attempts: 1, backoff: .milliseconds(25)), mine])
         #expect(try retries(nil, route: route) == [HTTPRoute.Retry(codes: [502], attempts: 1, backoff: .milliseconds(25)), nil])
         #expect(try retries("retry: {}") == [HTTPRoute.Retry(codes: [], attempts: 2, backoff: .milliseconds(25))], "the API's defaults")
+        #expect(try retries("retry: {grpcStatuses: [UNAVAILABLE, DEADLINE_EXCEEDED]}")?.first??.grpcStatuses == [14, 4])
     }
 
     @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
@@ -293,6 +294,8 @@ struct TrafficPolicyTests {
             ("retry: {codes: [200]}", "spec.retry.codes[0]: a retry code must be 400-599, got 200"),
             ("retry: {backoff: soon}", "spec.retry.backoff"),
             ("retry: {perTryTimeout: 1s}", "spec.retry.perTryTimeout: unknown field"),
+            ("retry: {grpcStatuses: [NOT_FOUND]}",
+             "spec.retry.grpcStatuses[0]: must be one of CANCELLED, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, got \"NOT_FOUND\""),
             ("timeout: {tcp: {idleTimeout: 1s}}", "spec.timeout.tcp.idleTimeout: unknown field"),
             ("timeout: {tcp: {connectTimeout: 0s}}", "tp.yaml:5:spec.timeout.tcp.connectTimeout: must be longer than 0s"),
             ("timeout: {tcp: {connectTimeout: -2s}}", "spec.timeout.tcp.connectTimeout: must be positive"),

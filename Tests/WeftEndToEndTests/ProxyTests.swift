@@ -596,6 +596,37 @@ struct ProxyTests {
         #expect(try perService == stat("n1", "retries_total"))
     }
 
+    /// A TrafficPolicy retry naming gRPC statuses: a call answered
+    /// UNAVAILABLE alone (trailers-only: nothing was sent back) is tried
+    /// again though it is a POST. Maybe fails every other call its server
+    /// gets, so without the retry half the calls would fail, with it none
+    /// does; a status after a message (Drop) is not retried.
+    @Test func grpcCallsAnsweredUnavailableAloneAreRetried() throws {
+        let lab = try startLab(files: ["grpc-retry.yaml": """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: grpc, namespace: \(ns)}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: grpc}]
+              retry: {attempts: 2, backoff: 1ms, grpcStatuses: [UNAVAILABLE]}
+            """])
+        defer { lab.down() }
+        let up = try grpcCall()  // (the server is up; its Fail is retried and fails)
+        #expect(up["fail"] as? String == "UNAVAILABLE on purpose", "\(up)")
+        func calls(_ n: Int, _ method: String) throws -> String {
+            try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "fail", "198.19.1.60", "80",
+                                "\(n)", method]).output
+        }
+        let before = try upstreamEvents("n1", "retry", service: "grpc")
+        let maybe = try calls(20, "Maybe")
+        #expect(maybe.contains("{\"OK\": 20}"), "\(maybe)")
+        let retried = try upstreamEvents("n1", "retry", service: "grpc") - before
+        #expect(retried == 20, "one retry per call: \(retried)")
+        let drop = try calls(2, "Drop")
+        #expect(drop.contains("{\"UNAVAILABLE\": 2}"), "\(drop)")
+        #expect(try upstreamEvents("n1", "retry", service: "grpc") - before == 20, "a status after a message is not retried")
+    }
+
     @Test func timeoutsAnswer504() throws {
         let lab = try startLab()
         defer { lab.down() }

@@ -17,7 +17,7 @@
 /// precedence (the longer service, then the longer method, then more
 /// header matches), not HTTPRoute's. GRPCRoute has no timeouts or retry in
 /// the Standard channel; a TrafficPolicy's `timeout.http.requestTimeout`
-/// bounds its calls (and its `retry` the tries of a failed connect). Where a GRPCRoute and an HTTPRoute attach to the same
+/// bounds its calls, and its `retry.grpcStatuses` retries them. Where a GRPCRoute and an HTTPRoute attach to the same
 /// Service port, the GRPCRoute applies and the HTTPRoutes there are ignored
 /// (GEP-1294, "Route types"). The route itself is read by
 /// `HTTPRoute(spec:metadata:kind:at:)` with `.grpc`.

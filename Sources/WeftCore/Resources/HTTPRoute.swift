@@ -155,6 +155,11 @@ public struct HTTPRoute: Hashable, Sendable {
         public var attempts: Int
         /// Wait before the first retry, doubled each time (with jitter).
         public var backoff: Duration
+        /// gRPC statuses that cause a retry when a call's answer is that
+        /// status alone (trailers-only: no message was sent back), gRPC's
+        /// own retry rule, for any call whose request was kept whole; a
+        /// TrafficPolicy's only (Gateway API routes have no such field).
+        public var grpcStatuses: [Int]? = nil
     }
 }
 
@@ -274,10 +279,25 @@ extension HTTPRoute.Rule {
 }
 
 extension HTTPRoute.Retry {
+    /// The gRPC statuses a retry may name (Envoy's retry_on for gRPC).
+    static let retryableGRPC: [String: Int] = ["CANCELLED": 1, "DEADLINE_EXCEEDED": 4, "RESOURCE_EXHAUSTED": 8,
+                                               "INTERNAL": 13, "UNAVAILABLE": 14]
+
     /// `retry: {codes, attempts, backoff}`, an HTTPRoute rule's (GEP-1731)
-    /// or a TrafficPolicy's.
-    init(_ reader: FieldReader, at location: DocumentLocation) throws(ManifestError) {
+    /// or a TrafficPolicy's (`grpc`: with `grpcStatuses` by name).
+    init(_ reader: FieldReader, grpc: Bool = false, at location: DocumentLocation) throws(ManifestError) {
         var t = reader
+        if grpc, let list = try t.list("grpcStatuses") {
+            var statuses: [Int] = []
+            for (p, n) in list {
+                let name = try FieldReader.string(n, at: location, path: p)
+                guard let status = Self.retryableGRPC[name] else {
+                    throw ManifestError(location, field: p, "must be one of \(Self.retryableGRPC.keys.sorted().joined(separator: ", ")), got \"\(name)\"")
+                }
+                statuses.append(status)
+            }
+            grpcStatuses = statuses
+        }
         codes = []
         if let list = try t.list("codes") {
             for (p, n) in list {

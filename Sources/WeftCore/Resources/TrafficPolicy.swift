@@ -44,6 +44,7 @@
 ///                               # that long, retries included, gets 504 (an HTTPRoute rule's
 ///                               # timeouts.request wins)
 ///   retry: {codes: [503], attempts: 2, backoff: 25ms}   # for requests whose route rule sets no retry
+///                               # (+ grpcStatuses: [UNAVAILABLE]: a gRPC call answered with that status alone)
 ///   rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}   # Route | SourceIdentity | Header (+ header: NAME)
 ///   faultInjection:
 ///     delay: {fixedDelay: 100ms, percentage: 10}
@@ -92,9 +93,10 @@ public struct TrafficPolicy: Hashable, Sendable {
     /// `retry` (as an HTTPRoute rule's: codes, attempts, backoff; Envoy
     /// Gateway's BackendTrafficPolicy has one): the retry policy of every
     /// request to the Service whose route rule sets none, and of every
-    /// request where no route is attached. Idempotent requests only (a
-    /// gRPC call, a POST, gets only more tries of a failed connect), within
-    /// the retry budget, as a rule's.
+    /// request where no route is attached. Idempotent requests only, within
+    /// the retry budget, as a rule's; `grpcStatuses` (this policy's own
+    /// field) retries a gRPC call, a POST, answered with such a status
+    /// alone.
     public var retry: HTTPRoute.Retry?
 
     public init(metadata: ObjectMeta, targets: [String]) {
@@ -271,7 +273,7 @@ extension TrafficPolicy {
         }
         if var rl = try spec.mapping("rateLimit") { rateLimit = try Self.rateLimit(&rl, at: location) }
         if var fi = try spec.mapping("faultInjection") { faultInjection = try Self.faultInjection(&fi, at: location) }
-        if let r = try spec.mapping("retry") { retry = try HTTPRoute.Retry(r, at: location) }
+        if let r = try spec.mapping("retry") { retry = try HTTPRoute.Retry(r, grpc: true, at: location) }
         if var t = try spec.mapping("timeout") {
             if var tcp = try t.mapping("tcp") {
                 connectTimeout = try Self.positiveDuration(&tcp, "connectTimeout", at: location)

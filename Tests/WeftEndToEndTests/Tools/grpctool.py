@@ -7,14 +7,16 @@ test needs no protoc. Service weft.Echo:
   Chat   bidi stream    -> each message echoed as b"<pod>:<message>"
   Fail   unary          -> status UNAVAILABLE, details "on purpose"
   Drop   server stream  -> one message, then status UNAVAILABLE (in trailers)
+  Maybe  unary          -> every other call of the server UNAVAILABLE (the first fails)
 Every call ends with trailing metadata x-pod: <pod>.
 Usage: grpctool.py serve PORT | grpctool.py call HOST PORT [NAME=VALUE...]
-       | grpctool.py fail HOST PORT N [Fail|Drop] (N calls, one channel: their codes)
+       | grpctool.py fail HOST PORT N [Fail|Drop|Maybe] (N calls, one channel: their codes)
 (call: every call carries the NAME=VALUE pairs as metadata)
 """
 import json
 import os
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -41,6 +43,18 @@ def serve(port):
         context.set_trailing_metadata((("x-pod", POD),))
         context.abort(grpc.StatusCode.UNAVAILABLE, "on purpose")
 
+    maybe_calls = [0]
+    maybe_lock = threading.Lock()
+
+    def maybe(request, context):
+        context.set_trailing_metadata((("x-pod", POD),))
+        with maybe_lock:
+            maybe_calls[0] += 1
+            odd = maybe_calls[0] % 2 == 1
+        if odd:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "every other call")
+        return POD.encode()
+
     def drop(request, context):
         context.set_trailing_metadata((("x-pod", POD),))
         yield b"first"
@@ -52,6 +66,7 @@ def serve(port):
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Drop": grpc.unary_stream_rpc_method_handler(drop),
+        "Maybe": grpc.unary_unary_rpc_method_handler(maybe),
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((handler,))
