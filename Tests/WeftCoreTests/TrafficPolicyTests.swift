@@ -121,6 +121,20 @@ struct TrafficPolicyTests {
         try backendTable(web: web.map { "timeout: " + spec($0) }, alt: timeout.map { "timeout: " + spec($0) }, read)
     }
 
+    /// An HTTPRoute `r` on web's port 80 with `rules` (a YAML list indented
+    /// by two spaces, as in a spec's `rules:`).
+    private static func webRoute(_ rules: String) -> String {
+        """
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: r, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+        \(rules)
+        """
+    }
+
     /// The proxy's table for `web` and a second Service `alt` over the same
     /// pods, each with a TrafficPolicy of `spec` if given, and `extra`
     /// documents; what `read` takes of it.
@@ -194,16 +208,10 @@ struct TrafficPolicyTests {
     /// `timeout.http.requestTimeout` bounds the requests to its Service:
     /// the Service's own action where no route is attached, and each rule
     /// of an attached route that sets no `timeouts.request` (a rule's own
-    /// wins, its "0s" keeps it off, its backendRequest stays); another Service's requests, over
-    /// the same pods, are not bound by it.
+    /// wins, its "0s" keeps it off, its backendRequest stays); another
+    /// Service's requests, over the same pods, are not bound by it.
     @Test func aRequestTimeoutBoundsEveryRuleOfItsServiceThatSetsNone() throws {
-        let route = """
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: r, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
-              rules:
+        let route = Self.webRoute("""
               - matches: [{path: {type: PathPrefix, value: /report}}]
                 backendRefs: [{name: web, port: 80}]
                 timeouts: {request: 30s, backendRequest: 10s}
@@ -212,7 +220,7 @@ struct TrafficPolicyTests {
               - matches: [{path: {type: PathPrefix, value: /stream}}]
                 backendRefs: [{name: web, port: 80}]
                 timeouts: {request: 0s, backendRequest: 2s}
-            """
+            """)
         func timeouts(_ policy: String?, route: String? = nil) throws -> [String: [HTTPRoute.Timeouts]] {
             try Self.backendTable(web: policy, alt: nil, extra: route) { table in
                 table.frontends.mapValues { $0.actions.map(\.timeouts) }
@@ -232,18 +240,12 @@ struct TrafficPolicyTests {
     /// `retry` is the retry policy of every rule of the Service that sets
     /// none (a rule's own wins) and of the Service's own requests.
     @Test func aRetryPolicyGoesToEveryRuleOfItsServiceThatSetsNone() throws {
-        let route = """
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: r, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
-              rules:
+        let route = Self.webRoute("""
               - matches: [{path: {type: PathPrefix, value: /pay}}]
                 backendRefs: [{name: web, port: 80}]
                 retry: {codes: [502], attempts: 1}
               - backendRefs: [{name: web, port: 80}]
-            """
+            """)
         func retries(_ policy: String?, route: String? = nil) throws -> [HTTPRoute.Retry?]? {
             try Self.backendTable(web: policy, alt: nil, extra: route) { $0.frontends["198.19.0.10:80"]?.actions.map(\.retry) }
         }
