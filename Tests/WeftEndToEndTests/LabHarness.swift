@@ -60,6 +60,7 @@ struct LabHarness {
         let up = try Self.execute(Self.weft, ["lab", "up", "--config", config, "--nodes", "\(nodes)"] + extra, environment: environment)
         guard up.status == 0 else {
             _ = try? Self.run(["lab", "down"])
+            try? FileManager.default.removeItem(atPath: config)
             throw HarnessError("lab up failed: \(up.output)")
         }
     }
