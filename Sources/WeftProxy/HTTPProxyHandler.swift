@@ -1016,7 +1016,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let endpoint = endAttempt(success: false)
         r.upstream = nil
         r.connecting = false
-        retryOrFail(.gatewayTimeout, "weft: backend \(endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map { IdleSweep.shown(.init($0)) } ?? "")\n",
+        retryOrFail(.gatewayTimeout, "weft: backend \(endpoint.map(\.description) ?? "?") did not answer within \(r.action.timeouts.backendRequest.map(\.manifestText) ?? "")\n",
                     sentNothing: false)
     }
 
@@ -1033,7 +1033,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         r.upstream?.close()
         endAttempt(success: false)
         r.upstream = nil
-        fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map { IdleSweep.shown(.init($0)) } ?? "")\n")
+        fail(.gatewayTimeout, "weft: request timed out after \(r.action.timeouts.request.map(\.manifestText) ?? "")\n")
     }
 
     /// MeshConfig proxy.streamIdleTimeout ran out on the request in flight:

@@ -52,9 +52,7 @@ struct IdleSweep: Sendable {
     /// A timeout as the answers that name it write it (a Gateway API
     /// duration: "1m", "30s", "400ms").
     static func shown(_ t: TimeAmount) -> String {
-        let ms = t.nanoseconds / 1_000_000
-        if ms % 60_000 == 0 && ms > 0 { return "\(ms / 60_000)m" }
-        return ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
+        Duration.nanoseconds(t.nanoseconds).manifestText
     }
 }
 

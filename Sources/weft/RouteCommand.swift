@@ -78,10 +78,10 @@ struct RouteCommand: ParsableCommand {
                 backendJSON.append(["cluster": b.cluster, "weight": Int(b.weight), "percent": share, "endpoints": endpoints])
             }
             let filters = (action.filters.map(Self.describe) + action.backends.flatMap { b in b.filters.map { "\(Self.describe($0)) (\(b.cluster) only)" } })
-            let timeouts = [action.timeouts.request.map { "request \(Self.shown($0))" },
-                            action.timeouts.backendRequest.map { "backendRequest \(Self.shown($0))" }].compactMap { $0 }
+            let timeouts = [action.timeouts.request.map { "request \($0.manifestText)" },
+                            action.timeouts.backendRequest.map { "backendRequest \($0.manifestText)" }].compactMap { $0 }
             let retry = action.retry.map {
-                "codes \($0.codes.map(String.init).joined(separator: ",")), \($0.attempts) attempts, backoff \(Self.shown($0.backoff))"
+                "codes \($0.codes.map(String.init).joined(separator: ",")), \($0.attempts) attempts, backoff \($0.backoff.manifestText)"
             }
             var lines = ["request:  \(what)", "routes:   \(scope)", "rule:     \(action.name)",
                          "match:    \(match.map(Self.describe) ?? "none (the Service itself: no route attached)")"]
@@ -144,13 +144,6 @@ struct RouteCommand: ParsableCommand {
                 throw ValidationError("--to \(to): the Service has ports \(found.map { String($0.key.split(separator: ":").last ?? "") }.joined(separator: ", ")); give one as \(name):PORT")
             }
             return (first.key, first.value)
-        }
-
-        /// A duration as a manifest gives it: 250ms, 2s, 1m.
-        static func shown(_ d: Duration) -> String {
-            let ms = Int(d / .milliseconds(1))
-            if ms > 0 && ms % 60_000 == 0 { return "\(ms / 60_000)m" }
-            return ms % 1000 == 0 ? "\(ms / 1000)s" : "\(ms)ms"
         }
 
         static func describe(_ m: HTTPRoute.Match) -> String {
