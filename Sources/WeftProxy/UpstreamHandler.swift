@@ -16,7 +16,11 @@ protocol UpstreamSink: AnyObject {
 /// The last handler of an upstream connection (HTTP/1.1) or stream (HTTP/2):
 /// hands response parts to the exchange that owns it and sends its request
 /// parts. One exchange at a time; an HTTP/1.1 connection goes back to the
-/// pool when its response ends with keep-alive on both sides.
+/// pool when its response ends with keep-alive on both sides and the whole
+/// request sent. A backend may answer before it has read the request (a
+/// 401 or 413 to an upload): the rest of that request is never sent (the
+/// exchange is over), so the connection is not reused, or the next
+/// request on it would be read as the first one's body.
 final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPClientResponsePart
     typealias OutboundOut = HTTPClientRequestPart
@@ -35,6 +39,8 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     var onResponseEnd: ((Bool) -> Void)?
     private var requestKeepAlive = true
     private var responseKeepAlive = true
+    /// The exchange's request `.end` went out.
+    private var requestSent = true
     /// Sweeps it sat through kept idle in the pool (UpstreamPool.closeIdle).
     var keptSweeps = 0
     /// Exchanges it carried, and when it was made (UpstreamLifetime).
@@ -79,6 +85,7 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     func begin(sink: any UpstreamSink, keepAlive: Bool) {
         self.sink = sink
         responded = false
+        requestSent = false
         requestKeepAlive = keepAlive
         responseKeepAlive = true
     }
@@ -93,6 +100,7 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func send(_ part: HTTPClientRequestPart, flush: Bool) {
         guard let context else { return }
+        if case .end = part { requestSent = true }
         var promise: EventLoopPromise<Void>?
         if watchesHeadWrites, case .head = part {
             let p = context.eventLoop.makePromise(of: Void.self)
@@ -131,7 +139,7 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
             let sink = self.sink
             self.sink = nil
             sink?.upstreamResponse(part)
-            onResponseEnd?(requestKeepAlive && responseKeepAlive && isActive)
+            onResponseEnd?(requestSent && requestKeepAlive && responseKeepAlive && isActive)
             return
         }
         sink?.upstreamResponse(part)

@@ -30,14 +30,29 @@ import WeftCore
 /// chunks meet the proxy's reads does not. WEFT_FUZZ_CASES runs more cases
 /// (by hand, or under the address sanitizer: docs/proxy.md).
 @Suite(.serialized) struct ProxyFuzzTests {
-    /// Answers every HTTP/1.1 request 200 with its body's length, and
-    /// `x-conn`: the connection it came on (the proxy's port on it).
-    final class Backend: ChannelInboundHandler, Sendable {
+    /// Answers every HTTP/1.1 request 200 `ok` once it has read it, and
+    /// `x-conn`: the connection it came on (the proxy's port on it); a
+    /// request for `/early` as soon as its head is read, whatever of its
+    /// body is still to come (as a server refusing an upload does).
+    final class Backend: ChannelInboundHandler {
         typealias InboundIn = HTTPServerRequestPart
         typealias OutboundOut = HTTPServerResponsePart
+        private var answered = false
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            guard case .end = unwrapInboundIn(data) else { return }
+            switch unwrapInboundIn(data) {
+            case .head(let head) where head.uri == "/early":
+                answered = true
+                answer(context)
+            case .end:
+                if !answered { answer(context) }
+                answered = false
+            default:
+                break
+            }
+        }
+
+        private func answer(_ context: ChannelHandlerContext) {
             var headers = HTTPHeaders()
             headers.add(name: "content-length", value: "3")
             headers.add(name: "x-pod", value: "fuzz")

@@ -36,7 +36,13 @@ import Testing
     /// A GET of `/` on the kept-alive client connection `fd`, read until
     /// the backends' `ok` body ends (2 s at most): what came back.
     static func get(on fd: Int32) -> String {
-        let request = Array("GET / HTTP/1.1\r\nhost: api.fz\r\n\r\n".utf8)
+        exchange(on: fd, "GET / HTTP/1.1\r\nhost: api.fz\r\n\r\n")
+    }
+
+    /// `text` sent on the kept-alive client connection `fd`, then read
+    /// until the backends' `ok` body ends (2 s at most): what came back.
+    static func exchange(on fd: Int32, _ text: String) -> String {
+        let request = Array(text.utf8)
         _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         var got: [UInt8] = [], buffer = [UInt8](repeating: 0, count: 4096)
         let deadline = Date().addingTimeInterval(2)

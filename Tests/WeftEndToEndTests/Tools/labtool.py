@@ -823,6 +823,8 @@ def h2_drain(host, port, path):
     (a drain, an idle timeout): GOAWAY, the response, and the
     connection's end, and when."""
     out = _h2_raw(host, port, path, until_closed=True)
+    if out["status"] != "200":
+        out["text"] = out["body"][:300].decode("utf-8", "replace")  # (what answered, when it was not the pod)
     out["body"] = len(out["body"])
     print(json.dumps(out))
 
