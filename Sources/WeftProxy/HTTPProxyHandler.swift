@@ -174,6 +174,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var flags: [String] = []
         /// Why the last attempt failed; a flag if the request fails with it.
         var lastFlag: String?
+        /// The gRPC status the backend sent back (the response head's, for
+        /// a trailers-only answer, or its trailers').
+        var grpcStatus: Substring?
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -848,6 +851,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
             r.responseStarted = true
             record?.status = Int(head.status.code)
+            if let status = head.headers.first(name: "grpc-status") { record?.grpcStatus = Substring(status) }
             Self.stripHopByHop(&head.headers, keepUpgrade: false)
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
             if let cookie = r.setCookie { head.headers.add(name: "set-cookie", value: cookie) }
@@ -887,6 +891,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 context.write(wrapOutboundOut(.head(held)), promise: nil)
             }
             let keepAlive = r.keepAlive
+            if let status = trailers?.first(name: "grpc-status") { record?.grpcStatus = Substring(status) }
             if r.grpcOutcomePending {
                 r.grpcOutcomePending = false
                 recordOutcome(trailers.flatMap(Self.grpcOutcome) ?? .success)
@@ -1156,10 +1161,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             || rec.snapshot.table.tracing != nil else { return }
         let peers = PeerLabels(snapshot: rec.snapshot, source: origin.source, service: rec.service,
                                serviceNamespace: rec.serviceNamespace, upstream: rec.upstream)
-        let grpc = rec.head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
+        let contentType = rec.head.headers.first(name: "content-type")
+        let grpc = contentType?.hasPrefix("application/grpc") ?? false
         let flags = rec.flags.isEmpty ? "-" : rec.flags.joined(separator: ",")
+        let grpcStatus = grpc ? GRPCStatus.reported(rec.grpcStatus, httpCode: code,
+                                                    web: contentType?.hasPrefix("application/grpc-web") ?? false) : ""
         let labels = RequestLabels(peers: peers, route: rec.route, requestProtocol: grpc ? "grpc" : "http",
-                                   responseCode: code, responseFlags: flags)
+                                   responseCode: code, responseFlags: flags, grpcResponseStatus: grpcStatus)
         let elapsed = NIODeadline.now() - rec.start
         if rec.snapshot.table.requestMetrics != false {
             let series = loop.telemetry.request(labels, proxy.telemetry)
@@ -1179,7 +1187,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                                    ("weft.destination_service", .string(peers.destinationService)),
                                    ("weft.upstream", .string(rec.upstream?.description ?? "")),
                                    ("weft.attempts", .int(rec.attempts)),
-                               ], error: code >= 500 || code == 0)
+                               ] + (Int(grpcStatus).map { [("rpc.grpc.status_code", .int($0))] } ?? []),
+                               error: code >= 500 || code == 0)
         }
         guard AccessLog.covers(rec.snapshot.table.accessLog, namespace: peers.sourceNamespace) else { return }
         let line = HTTPLogLine(
@@ -1187,7 +1196,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             method: rec.head.method.rawValue, path: rec.head.uri, authority: rec.head.headers.first(name: "host"), code: code,
             flags: flags, elapsedNanos: elapsed.nanoseconds, bytesIn: rec.bytesIn, bytesOut: rec.bytesOut, attempts: rec.attempts,
             route: rec.route, source: origin.source, peers: peers, upstream: rec.upstream, requestID: rec.requestID,
-            span: rec.span, userAgent: rec.head.headers.first(name: "user-agent"))
+            span: rec.span, userAgent: rec.head.headers.first(name: "user-agent"), grpcStatus: grpc ? grpcStatus : nil)
         proxy.accessLog.append(line.render())
     }
 

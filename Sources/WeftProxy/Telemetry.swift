@@ -41,6 +41,36 @@ struct RequestLabels: Hashable {
     var requestProtocol: String
     var responseCode: Int
     var responseFlags: String
+    /// A gRPC call's status (GRPCStatus.reported); "" for plain HTTP.
+    var grpcResponseStatus: String = ""
+}
+
+/// The gRPC status a call ended with, as Istio's `grpc_response_status`
+/// reports it (Envoy's `Grpc::Common::getGrpcStatus`): the one the backend
+/// sent (in the trailers, or the head of a trailers-only answer); without
+/// one, the HTTP status mapped as gRPC's own clients map it
+/// (doc/http-grpc-status-mapping.md: 400 INTERNAL, 401 UNAUTHENTICATED, 403
+/// PERMISSION_DENIED, 404 UNIMPLEMENTED, 429/502/503/504 UNAVAILABLE, any
+/// other UNKNOWN, a 200 without a status too); "" when no response came.
+/// gRPC-Web (`web`) sends its trailers in the body, which the proxy does
+/// not read: a 200 without a status in the head is "" there.
+enum GRPCStatus {
+    static func reported(_ sent: Substring?, httpCode: Int, web: Bool = false) -> String {
+        if let sent, !sent.isEmpty, sent.utf8.count <= 3, sent.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
+            return String(sent)
+        }
+        if sent != nil { return "2" }  // a status that is not one: UNKNOWN
+        switch httpCode {
+        case 0: return ""
+        case 200 where web: return ""
+        case 400: return "13"
+        case 401: return "16"
+        case 403: return "7"
+        case 404: return "12"
+        case 429, 502, 503, 504: return "14"
+        default: return "2"
+        }
+    }
 }
 
 /// The proxy's Prometheus series, built with swift-prometheus: requests and
@@ -109,6 +139,7 @@ final class ProxyTelemetry: Sendable {
             ("request_protocol", l.requestProtocol),
             ("response_code", cap.admit("response_code", String(l.responseCode))),
             ("response_flags", cap.admit("response_flags", l.responseFlags)),
+            ("grpc_response_status", cap.admit("grpc_response_status", l.grpcResponseStatus)),
         ]
     }
 
@@ -498,6 +529,8 @@ struct HTTPLogLine {
     var requestID: String?
     var span: TraceContext.Span?
     var userAgent: String?
+    /// A gRPC call's status (GRPCStatus.reported); nil for plain HTTP.
+    var grpcStatus: String?
 
     func render() -> String {
         var line = JSONLine()
@@ -509,6 +542,7 @@ struct HTTPLogLine {
         line.add("authority", authority)
         line.add("response_code", code)
         line.add("response_flags", flags)
+        line.add("grpc_status", grpcStatus)
         line.add("duration_ms", milliseconds: Double(elapsedNanos) / 1e6)
         line.add("bytes_received", bytesIn)
         line.add("bytes_sent", bytesOut)

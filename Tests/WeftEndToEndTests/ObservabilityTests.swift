@@ -249,7 +249,8 @@ struct ObservabilityTests {
                                   "destination_service_namespace": ns]) { $1 }
         func requests(_ extra: [String: String]) -> Double { scrape.sum("weft_requests_total", web.merging(extra) { $1 }) }
         #expect(requests(["response_code": "200", "route": "obs/web#api", "destination_workload": "web",
-                          "destination_workload_namespace": ns, "response_flags": "-", "request_protocol": "http"]) == 24)
+                          "destination_workload_namespace": ns, "response_flags": "-", "request_protocol": "http",
+                          "grpc_response_status": ""]) == 24)
         #expect(requests(["response_code": "503", "route": "obs/web#api", "response_flags": "-"]) == 7)
         #expect(requests(["response_code": "404", "route": "-", "response_flags": "NR", "destination_workload": "unknown"]) == 5)
         #expect(scrape.sum("weft_requests_total", client.merging(["destination_service_name": "nobody", "response_code": "503",

@@ -223,9 +223,16 @@ private func stat(_ node: String, _ name: String) throws -> Int {
 
 /// weft_upstream_events_total for one event and destination Service, from the proxy's /metrics.
 private func upstreamEvents(_ node: String, _ event: String, service: String) throws -> Int {
+    try series(node, "weft_upstream_events_total", service: service, ["event=\"\(event)\""])
+}
+
+/// The sum of a node proxy's series `name` whose labels name `service`
+/// (of the lab's namespace) and contain each of `labels`.
+private func series(_ node: String, _ name: String, service: String, _ labels: [String]) throws -> Int {
     let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/metrics"])
     let want = "destination_service=\"\(service).\(ns).svc\""
-    return text.split(separator: "\n").filter { $0.hasPrefix("weft_upstream_events_total{") && $0.contains(want) && $0.contains("event=\"\(event)\"") }
+    return text.split(separator: "\n")
+        .filter { line in line.hasPrefix("\(name){") && line.contains(want) && labels.allSatisfy { line.contains($0) } }
         .compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0) { $0 + Int($1) }
 }
 
@@ -625,6 +632,13 @@ struct ProxyTests {
         let drop = try calls(2, "Drop")
         #expect(drop.contains("{\"UNAVAILABLE\": 2}"), "\(drop)")
         #expect(try upstreamEvents("n1", "retry", service: "grpc") - before == 20, "a status after a message is not retried")
+        // Each call counted once, by the status it ended with (Istio's
+        // grpc_response_status): the 20 retried calls OK (0); the first
+        // call's Fails and the two Drops UNAVAILABLE (14), all with HTTP 200.
+        let grpc = ["request_protocol=\"grpc\"", "response_code=\"200\""]
+        let ok = try series("n1", "weft_requests_total", service: "grpc", grpc + ["grpc_response_status=\"0\""])
+        let unavailable = try series("n1", "weft_requests_total", service: "grpc", grpc + ["grpc_response_status=\"14\""])
+        #expect(ok >= 20 && unavailable == 3, "OK \(ok), UNAVAILABLE \(unavailable)")
     }
 
     @Test func timeoutsAnswer504() throws {

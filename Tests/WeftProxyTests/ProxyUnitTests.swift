@@ -289,6 +289,33 @@ import WeftStatus
         #expect(wanted.keys.contains { $0.contains("route=\"b\\\"q\\\\\"") }, "escaped as swift-prometheus does")
     }
 
+    /// grpc_response_status as Envoy reports it for Istio: the status the
+    /// backend sent, else the HTTP status as gRPC's clients map it.
+    @Test func grpcResponseStatusIsTheSentOneOrTheMappedHTTPStatus() {
+        #expect(GRPCStatus.reported("0", httpCode: 200) == "0" && GRPCStatus.reported("14", httpCode: 200) == "14")
+        #expect(GRPCStatus.reported("7", httpCode: 503) == "7", "a sent status wins over the HTTP status")
+        #expect(GRPCStatus.reported("abc", httpCode: 200) == "2" && GRPCStatus.reported("12345", httpCode: 200) == "2",
+                "a status that is not one is UNKNOWN")
+        let mapped = [200, 400, 401, 403, 404, 429, 500, 502, 503, 504].map { GRPCStatus.reported(nil, httpCode: $0) }
+        #expect(mapped == ["2", "13", "16", "7", "12", "14", "2", "14", "14", "14"])
+        #expect(GRPCStatus.reported(nil, httpCode: 0) == "", "no response: no status")
+        #expect(GRPCStatus.reported(nil, httpCode: 200, web: true) == "" && GRPCStatus.reported(nil, httpCode: 503, web: true) == "14",
+                "gRPC-Web's trailers are in its body")
+        let telemetry = ProxyTelemetry(labelLimit: 10)
+        let peers = PeerLabels(snapshot: RouteSnapshot(ProxyTable()), source: IPv4Address(0x0A00_0001), service: nil,
+                               serviceNamespace: nil, upstream: nil)
+        let pairs = telemetry.requestLabelPairs(RequestLabels(peers: peers, route: "-", requestProtocol: "grpc", responseCode: 200,
+                                                              responseFlags: "-", grpcResponseStatus: "14"))
+        #expect(pairs.contains { $0 == ("grpc_response_status", "14") })
+        var line = HTTPLogLine(start: timespec(), protocolName: "HTTP/2", method: "POST", path: "/a.B/C", authority: nil, code: 200,
+                               flags: "-", elapsedNanos: 0, bytesIn: 0, bytesOut: 0, attempts: 1, route: "-",
+                               source: IPv4Address(0x0A00_0001), peers: peers, upstream: nil, requestID: nil, span: nil, userAgent: nil,
+                               grpcStatus: "14")
+        #expect(line.render().contains("\"grpc_status\":\"14\""))
+        line.grpcStatus = nil
+        #expect(!line.render().contains("grpc_status"), "plain HTTP has no gRPC status")
+    }
+
     @Test func accessLogLinesAreJSONWithEscapes() throws {
         var line = JSONLine()
         line.add("path", "/a\"b\\c\n\u{1}é")
