@@ -12,7 +12,8 @@ import PackageDescription
 //   Sources/WeftIdentity SPIFFE identities, the mesh CA, certificates and TLS settings.
 //   Sources/WeftProxy    the node's L7 proxy (SwiftNIO): capture listener, HTTP/1.1, HTTP/2,
 //                        gRPC, TCP passthrough, upstream pools, retries, timeouts.
-//   Sources/WeftStatus   the small HTTP server both daemons answer /status and /metrics with.
+//   Sources/WeftStatus   the small HTTP server both daemons answer /status and /metrics with,
+//                        and the active health probes (TCP, HTTP, gRPC).
 //   Sources/WeftAgent    the node daemon: config watch, reconcile loop, proxy supervision.
 //   Sources/WeftLab      the network-namespace sandbox the demo, tests and benches run in.
 //   Sources/weft         the one executable: argument parsing only.
@@ -57,7 +58,8 @@ let package = Package(
         .target(name: "WeftStatus",
                 dependencies: [.product(name: "NIOCore", package: "swift-nio"),
                                .product(name: "NIOPosix", package: "swift-nio"),
-                               .product(name: "NIOHTTP1", package: "swift-nio")],
+                               .product(name: "NIOHTTP1", package: "swift-nio"),
+                               .product(name: "NIOHTTP2", package: "swift-nio-http2")],
                 swiftSettings: swiftSettings),
         // Workload identity: SPIFFE IDs, the mesh CA, leaf issuance and the
         // TLS settings both ends of a tunnel use.

@@ -125,15 +125,23 @@ final class HealthChecker: Sendable {
         let result: EventLoopFuture<Int>
         if let node = probe.target.via {
             guard let proxySocket else { return done(nil, "no proxy to probe through") }
+            let key = check.probeKey
             result = HealthProbe.throughProxy(on: loop, socket: proxySocket, node: node, host: address.address.description,
-                                              port: Int(address.port), path: check.http?.path, timeout: timeout)
+                                              port: Int(address.port), path: key.isEmpty ? nil : key, timeout: timeout)
+        } else if let grpc = check.grpc {
+            result = HealthProbe.grpc(on: loop, host: address.address.description, port: Int(address.port),
+                                      service: grpc.service, timeout: timeout)
         } else {
             result = HealthProbe.run(on: loop, host: address.address.description, port: Int(address.port),
                                      path: check.http?.path, timeout: timeout)
         }
         result.assumeIsolated().whenComplete { outcome in
             switch outcome {
-            case .success(let status) where check.http == nil || probe.target.via != nil:
+            case .success where probe.target.via != nil:
+                done(true, "passed at \(probe.target.via ?? "")")
+            case .success(let serving) where check.grpc != nil:
+                done(serving == HealthProbe.ServingStatus.serving, HealthProbe.ServingStatus.name(serving))
+            case .success(let status) where check.http == nil:
                 done(true, status == 0 ? "connected" : "HTTP \(status)")
             case .success(let status):
                 done(check.http?.expects(status) ?? true, "HTTP \(status)")

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import WeftCore
 
@@ -258,6 +259,24 @@ struct TrafficPolicyTests {
         #expect(try retries("retry: {grpcStatuses: [UNAVAILABLE, DEADLINE_EXCEEDED]}")?.first??.grpcStatuses == [14, 4])
     }
 
+    /// `healthCheck.grpc`: the gRPC Health Checking Protocol, for a service
+    /// name or the server as a whole, named to the node proxy that runs it
+    /// for another node by `grpc:` and the name; HTTP by its path, TCP by "".
+    @Test func grpcHealthChecksParse() throws {
+        func check(_ text: String) throws -> TrafficPolicy.HealthCheck? {
+            let (state, errors) = parse(service + "\n---\n" + policy(text))
+            return try #require(state, "\(errors)").trafficPolicy(forService: "shop/web")?.healthCheck
+        }
+        let named = try check("healthCheck: {interval: 1s, grpc: {service: shop.Cart}}")
+        #expect(named?.grpc == .init(service: "shop.Cart") && named?.http == nil && named?.probeKey == "grpc:shop.Cart")
+        #expect(try check("healthCheck: {grpc: {}}")?.probeKey == "grpc:")
+        #expect(try check("healthCheck: {http: {path: /ready}}")?.probeKey == "/ready")
+        #expect(try check("healthCheck: {tcp: {}}")?.probeKey == "")
+        // Through the proxy's table (JSON) unchanged.
+        let decoded = try JSONDecoder().decode(TrafficPolicy.HealthCheck.self, from: JSONEncoder().encode(try #require(named)))
+        #expect(decoded == named)
+    }
+
     @Test func badPoliciesAreRejectedWithFileDocumentAndField() {
         let cases: [(String, String)] = [
             ("healthCheck: {interval: -1s}", "tp.yaml:5:spec.healthCheck.interval: must be positive"),
@@ -265,6 +284,10 @@ struct TrafficPolicyTests {
             ("healthCheck: {interval: 1s, timeout: 2s}", "spec.healthCheck.timeout: must not be longer than interval"),
             ("healthCheck: {unhealthyThreshold: 0}", "spec.healthCheck.unhealthyThreshold: must be at least 1"),
             ("healthCheck: {http: {expectedStatuses: [700]}}", "spec.healthCheck.http.expectedStatuses[0]: must be an HTTP status"),
+            ("healthCheck: {http: {path: /h}, grpc: {}}", "spec.healthCheck.grpc: a health check is one of http, grpc and tcp, not several"),
+            ("healthCheck: {grpc: {}, tcp: {}}", "spec.healthCheck.tcp: a health check is one of http, grpc and tcp, not several"),
+            ("healthCheck: {grpc: {service: shop/Cart}}", "spec.healthCheck.grpc.service: must be a gRPC service name such as shop.Cart"),
+            ("healthCheck: {grpc: {name: x}}", "spec.healthCheck.grpc.name: unknown field"),
             ("outlierDetection: {maxEjectionPercent: 150}", "spec.outlierDetection.maxEjectionPercent: must be from 0 to 100, got 150"),
             ("outlierDetection: {consecutive5xx: 0}", "spec.outlierDetection: every check is off"),
             ("faultInjection: {abort: {httpStatus: 503, percentage: 101}}", "spec.faultInjection.abort.percentage: must be from 0 to 100"),

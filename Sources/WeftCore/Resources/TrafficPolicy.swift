@@ -20,6 +20,8 @@
 ///     healthyThreshold: 1
 ///     unhealthyThreshold: 2
 ///     http: {path: /healthz, expectedStatuses: [200]}   # absent: a TCP connect probe
+///     # or grpc: {service: shop.Cart}: the gRPC Health Checking Protocol over h2c
+///     # (grpc.health.v1.Health/Check; service "" by default): passes when SERVING
 ///     panicThreshold: 50        # % healthy below which every backend is used again
 ///   outlierDetection:           # passive, in the node proxy
 ///     consecutive5xx: 5
@@ -134,8 +136,14 @@ public struct TrafficPolicy: Hashable, Sendable {
         public var timeout = Duration.seconds(1)
         public var healthyThreshold = 1
         public var unhealthyThreshold = 2
-        /// nil: a TCP connect probe.
+        /// nil (and `grpc` nil): a TCP connect probe.
         public var http: HTTPProbe?
+        /// The gRPC Health Checking Protocol (Envoy Gateway's
+        /// `healthCheck.active.grpc`, Kubernetes' gRPC probe): one
+        /// `grpc.health.v1.Health/Check` call over h2c for this service
+        /// name ("" asks for the server as a whole); it passes when the
+        /// answer is SERVING.
+        public var grpc: GRPCProbe?
         /// Percent of healthy backends below which all are used (Envoy's panic mode).
         public var panicThreshold = 50.0
         public init() {}
@@ -145,6 +153,19 @@ public struct TrafficPolicy: Hashable, Sendable {
             public var expectedStatuses: [ClosedRange<Int>] = [200...299]
             public init() {}
             public func expects(_ status: Int) -> Bool { expectedStatuses.contains { $0.contains(status) } }
+        }
+
+        public struct GRPCProbe: Hashable, Sendable, Codable {
+            public var service = ""
+            public init(service: String = "") { self.service = service }
+        }
+
+        /// What names this check to the node proxy that runs it for
+        /// another node (TunnelProbe): the HTTP path, `grpc:` and the
+        /// service for a gRPC check, "" for a TCP connect.
+        public var probeKey: String {
+            if let grpc { return "grpc:" + grpc.service }
+            return http?.path ?? ""
         }
     }
 
@@ -391,7 +412,25 @@ extension TrafficPolicy {
             try h.finish()
             out.http = probe
         }
-        if let t = try hc.mapping("tcp") { try t.finish() }
+        if var g = try hc.mapping("grpc") {
+            guard out.http == nil else { throw hc.error("grpc", "a health check is one of http, grpc and tcp, not several") }
+            var probe = HealthCheck.GRPCProbe()
+            if let service = try g.string("service") {
+                // A fully qualified service name, as gRPC names them (or "").
+                guard service.isEmpty || HTTPRoute.Match.isGRPCService(service) else {
+                    throw g.error("service", "must be a gRPC service name such as shop.Cart (letters, digits, _ and dots), got \"\(service)\"")
+                }
+                probe.service = service
+            }
+            try g.finish()
+            out.grpc = probe
+        }
+        if let t = try hc.mapping("tcp") {
+            guard out.http == nil && out.grpc == nil else {
+                throw hc.error("tcp", "a health check is one of http, grpc and tcp, not several")
+            }
+            try t.finish()
+        }
         try hc.finish()
         return out
     }

@@ -87,9 +87,9 @@ enum TunnelProbe {
         guard peer.nodeName != nil, peer.trustDomain == proxy.identities?.trustDomain else {
             return .failure(TunnelRefused(status: 403, reason: "\(peer) is not a node of this mesh: only nodes run health checks"))
         }
-        let wanted = path.isEmpty ? nil : path
-        guard let check = snapshot.table.probes?["\(target):\(port)"]?.first(where: { $0.http?.path == wanted }) else {
-            let what = wanted.map { "HTTP GET \($0)" } ?? "TCP"
+        // (The check's probeKey: an HTTP path, grpc:SERVICE, or "" for TCP.)
+        guard let check = snapshot.table.probes?["\(target):\(port)"]?.first(where: { $0.probeKey == path }) else {
+            let what = path.isEmpty ? "TCP" : path.hasPrefix("grpc:") ? "gRPC health of \"\(path.dropFirst(5))\"" : "HTTP GET \(path)"
             return .failure(TunnelRefused(status: 403, reason: "no TrafficPolicy health check of \(target):\(port) is \(what)"))
         }
         return .success(check)
@@ -98,8 +98,16 @@ enum TunnelProbe {
     /// Runs `check` against the pod; 200 if it passed, else 503 and why.
     static func run(_ check: TrafficPolicy.HealthCheck, target: IPv4Address, port: UInt16,
                     on loop: any EventLoop) -> EventLoopFuture<Result<Int, TunnelRefused>> {
-        HealthProbe.run(on: loop, host: target.description, port: Int(port), path: check.http?.path,
-                        timeout: .nanoseconds(check.timeout.nanoseconds))
+        let timeout = TimeAmount.nanoseconds(check.timeout.nanoseconds)
+        if let grpc = check.grpc {
+            return HealthProbe.grpc(on: loop, host: target.description, port: Int(port), service: grpc.service, timeout: timeout)
+                .map { serving -> Result<Int, TunnelRefused> in
+                    serving == HealthProbe.ServingStatus.serving ? .success(200)
+                        : .failure(TunnelRefused(status: 503, reason: "gRPC health \(HealthProbe.ServingStatus.name(serving))"))
+                }
+                .recover { .failure(TunnelRefused(status: 503, reason: "\($0)")) }
+        }
+        return HealthProbe.run(on: loop, host: target.description, port: Int(port), path: check.http?.path, timeout: timeout)
             .map { status -> Result<Int, TunnelRefused> in
                 if let http = check.http, !http.expects(status) {
                     return .failure(TunnelRefused(status: 503, reason: "HTTP \(status)"))

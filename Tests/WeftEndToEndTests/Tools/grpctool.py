@@ -8,9 +8,15 @@ test needs no protoc. Service weft.Echo:
   Fail   unary          -> status UNAVAILABLE, details "on purpose"
   Drop   server stream  -> one message, then status UNAVAILABLE (in trailers)
   Maybe  unary          -> every other call of the server UNAVAILABLE (the first fails)
-Every call ends with trailing metadata x-pod: <pod>.
+  SetHealth unary        b"NAME=SERVING|NOT_SERVING": what Health/Check says for NAME
+and grpc.health.v1.Health/Check (the gRPC Health Checking Protocol, its
+protobuf messages written by hand): SERVING for "" and "weft.Echo" until
+SetHealth says otherwise, NOT_FOUND for a service it does not know.
+Every weft.Echo call ends with trailing metadata x-pod: <pod>.
 Usage: grpctool.py serve PORT | grpctool.py call HOST PORT [NAME=VALUE...]
        | grpctool.py fail HOST PORT N [Fail|Drop|Maybe] (N calls, one channel: their codes)
+       | grpctool.py spread HOST PORT N (N Says, one channel: the pods that answered, and errors)
+       | grpctool.py sethealth HOST PORT NAME=SERVING|NOT_SERVING
 (call: every call carries the NAME=VALUE pairs as metadata)
 """
 import json
@@ -60,7 +66,25 @@ def serve(port):
         yield b"first"
         context.abort(grpc.StatusCode.UNAVAILABLE, "after a message")
 
+    health = {"": 1, "weft.Echo": 1}
+
+    def health_check(request, context):
+        # HealthCheckRequest: field 1 (tag 0x0a), a name shorter than 128 bytes.
+        name = request[2:2 + request[1]].decode() if request[:1] == b"\x0a" else ""
+        if name not in health:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return bytes([0x08, health[name]])  # HealthCheckResponse{status}
+
+    def set_health(request, context):
+        name, _, status = request.decode().partition("=")
+        health[name] = {"SERVING": 1, "NOT_SERVING": 2}[status]
+        return b"ok"
+
+    health_handler = grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+        "Check": grpc.unary_unary_rpc_method_handler(health_check),
+    })
     handler = grpc.method_handlers_generic_handler("weft.Echo", {
+        "SetHealth": grpc.unary_unary_rpc_method_handler(set_health),
         "Say": grpc.unary_unary_rpc_method_handler(say),
         "Count": grpc.unary_stream_rpc_method_handler(count),
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
@@ -69,7 +93,7 @@ def serve(port):
         "Maybe": grpc.unary_unary_rpc_method_handler(maybe),
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((handler, health_handler))
     server.add_insecure_port("0.0.0.0:%d" % int(port))
     server.start()
     server.wait_for_termination()
@@ -136,5 +160,24 @@ def fail(host, port, n, method="Fail"):
     print(json.dumps({"codes": codes}))
 
 
+def spread(host, port, n):
+    pods, errors = {}, []
+    with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
+        say = channel.unary_unary("/weft.Echo/Say")
+        for _ in range(int(n)):
+            try:
+                pod = say(b"x", timeout=5).decode().split(":")[0]
+                pods[pod] = pods.get(pod, 0) + 1
+            except grpc.RpcError as e:
+                errors.append("%s %s" % (e.code().name, e.details()))
+    print(json.dumps({"pods": pods, "errors": errors}))
+
+
+def sethealth(host, port, pair):
+    with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
+        print(channel.unary_unary("/weft.Echo/SetHealth")(pair.encode(), timeout=5).decode())
+
+
 if __name__ == "__main__":
-    {"serve": serve, "call": call, "steady": steady, "fail": fail}[sys.argv[1]](*sys.argv[2:])
+    {"serve": serve, "call": call, "steady": steady, "fail": fail, "spread": spread,
+     "sethealth": sethealth}[sys.argv[1]](*sys.argv[2:])
