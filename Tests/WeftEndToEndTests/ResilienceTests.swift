@@ -428,6 +428,79 @@ struct ResilienceTests {
         #expect(try onNode(sp2, "/__count").isEmpty == false, "sp-2 is still up")
     }
 
+    /// healthCheck.grpc (the gRPC Health Checking Protocol) under STRICT
+    /// mutual TLS: n1's agent asks gh-1, on its own node, itself, and gh-2,
+    /// on n2, through the proxies (n2's runs the call); a server that says
+    /// NOT_SERVING for the checked service leaves the Service's calls, and
+    /// comes back when it says SERVING again.
+    @Test func grpcHealthChecksFollowEachServersServingStatus() throws {
+        let gh1 = "198.18.1.61", gh2 = "198.18.2.62"
+        func grpcPod(_ name: String, node: String, address: String) -> String {
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: \(name), namespace: \(ns), labels: {app: gh}, annotations: {lab.weft.dev/command: "/usr/bin/python3 \(LabHarness.grpcTool) serve 8080"}}
+            spec: {serviceAccount: \(name), node: \(node), address: \(address), ports: [{name: grpc, port: 8080}]}
+            """
+        }
+        let lab = try LabHarness(files: [
+            "pods.yaml": [client, grpcPod("gh-1", node: "n1", address: gh1), grpcPod("gh-2", node: "n2", address: gh2)]
+                .joined(separator: "\n---\n"),
+            "services.yaml": service("gh", ip: "198.19.3.60", app: "gh", portName: "grpc"),
+            "policies.yaml": policy("gh", "healthCheck: {interval: 500ms, timeout: 400ms, unhealthyThreshold: 2, healthyThreshold: 1, grpc: {service: weft.Echo}}"),
+            "mesh.yaml": """
+                apiVersion: weft.dev/v1alpha1
+                kind: PeerAuthentication
+                metadata: {name: default, namespace: weft-system}
+                spec: {mtls: {mode: STRICT}}
+                """,
+        ])
+        defer { lab.down() }
+        func spread(_ n: Int) throws -> (pods: [String: Int], errors: [String]) {
+            let out = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "spread",
+                                          "198.19.3.60", "80", "\(n)"]).output
+            let json = (try? JSONSerialization.jsonObject(with: Data((out.split(separator: "\n").last ?? "").utf8))) as? [String: Any]
+            return (json?["pods"] as? [String: Int] ?? [:], json?["errors"] as? [String] ?? ["no answer: \(out.suffix(300))"])
+        }
+        func setHealth(_ pod: String, _ status: String) throws {
+            let r = try LabHarness.run(["lab", "exec", "\(ns)/\(pod)", "--", "/usr/bin/python3", LabHarness.grpcTool, "sethealth",
+                                        "127.0.0.1", "8080", "weft.Echo=\(status)"])
+            guard r.output.contains("ok") else { throw HarnessError("sethealth on \(pod): \(r.output)") }
+        }
+        var both = try spread(20)
+        for _ in 0..<100 where both.pods.count < 2 {
+            usleep(100_000)
+            both = try spread(20)
+        }
+        try #require(both.pods.keys.sorted() == ["gh-1", "gh-2"], "\(both)")
+        // Both checks pass: gh-2's through the tunnel (n1 relays, n2 runs it).
+        var relayed = false
+        for _ in 0..<100 where !relayed {
+            relayed = try stat("n1", "tunnel_probes_relayed_total") >= 2 && stat("n2", "tunnel_probes_served_total") >= 2
+            if !relayed { usleep(100_000) }
+        }
+        let n1Stats = try proxyText("n1", "/stats")
+        #expect(relayed, "n1: \(n1Stats)")
+        let failing = (try agentStatus("n1")["health"] as? [String: Any])?["failing"] as? [String] ?? ["?"]
+        #expect(failing.isEmpty, "\(failing)")
+
+        for (pod, address) in [("gh-2", gh2), ("gh-1", gh1)] {
+            let entry = "\(ns)/gh:80 \(address):8080"
+            try setHealth(pod, "NOT_SERVING")
+            try waitForHealth(entry, failing: true)
+            let other = pod == "gh-1" ? "gh-2" : "gh-1"
+            let without = try spread(40)
+            #expect(without.pods == [other: 40] && without.errors.isEmpty, "\(pod) NOT_SERVING: \(without)")
+            try setHealth(pod, "SERVING")
+            try waitForHealth(entry, failing: false)
+            let back = try spread(40)
+            #expect(back.pods[pod] ?? 0 > 0 && back.errors.isEmpty, "\(pod) SERVING again: \(back)")
+        }
+        // Why, in the agent's log: the far proxy's reason, and its own probe's.
+        let log = LabHarness.agentLog("n1", lines: 400)
+        #expect(log.contains("gRPC health NOT_SERVING") && log.contains("probe=NOT_SERVING"), "\(log.suffix(3000))")
+    }
+
     @Test func breakersLimitsAndFaultsShedExactlyWhatTheySay() throws {
         let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("cc-1", "n1", "198.18.1.52"), ("fi-1", "n2", "198.18.2.61"),
                                 ("cw-1", "n1", "198.18.1.53")],
