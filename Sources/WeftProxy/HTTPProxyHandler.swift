@@ -662,7 +662,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         if queue, let counters {
             proxy.stats.connectionWaits.add(1, ordering: .relaxed)
-            let timeout = loop.pool.connectTimeout(for: key)
+            // As Envoy's pending requests: a request with a timeout of its
+            // own (timeouts.request or backendRequest, or the Service's
+            // requestTimeout) waits until a connection comes or that timeout
+            // answers it (504); one without waits at most its backend's
+            // connect timeout, so that nothing queues for good.
+            let timeout = r.requestTimer != nil || r.attemptTimer != nil ? Self.queuedUntilTimedOut : loop.pool.connectTimeout(for: key)
             return waitForConnection(id: id, key: key, counters: counters, deadline: .now() + timeout, timeout: timeout)
         }
         connect(id: id, key: key, counters: counters)
@@ -1298,6 +1303,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         default: return .success
         }
     }
+
+    /// How long a request queued at maxConnections may wait when its own
+    /// timeout will end the wait first (a bound all the same).
+    static let queuedUntilTimedOut = TimeAmount.hours(1)
 
     /// The body of an answer a TrafficPolicy fault abort gives (both paths).
     static let faultAbortBody = "weft: fault injected by TrafficPolicy (abort)\n"

@@ -18,11 +18,12 @@ import Testing
 @Suite(.serialized) struct ConnectionWaitTests {
     /// The rig with a circuit breaker on the stalling backend's Services
     /// (and `connectTimeout` ms for connects to it, if given).
-    static func rig(connections: Int, pending: Int? = nil, connectTimeout: Int? = nil) throws -> ProxyFuzzTests.Rig {
+    static func rig(connections: Int, pending: Int? = nil, connectTimeout: Int? = nil,
+                    manifests: String = "") throws -> ProxyFuzzTests.Rig {
         var breaker = TrafficPolicy.CircuitBreaker()
         breaker.maxConnections = connections
         breaker.maxPendingRequests = pending
-        return try ProxyFuzzTests.Rig { table in
+        return try ProxyFuzzTests.Rig(manifests: manifests) { table in
             var policies = table.backendPolicies ?? [:]
             for (name, endpoints) in table.clusters where endpoints.contains(where: { $0.address == "127.0.0.4" }) {
                 policies[name] = ProxyTable.BackendPolicy(loadBalancer: TrafficPolicy.LoadBalancer(), outlierDetection: nil,
@@ -156,5 +157,31 @@ import Testing
         #expect(shed.status.hasPrefix("HTTP/1.1 503") && (0.28...0.45).contains(shed.seconds)
                     && shed.text.contains("no connection to it came free in 300ms"), "\(shed.text) after \(shed.seconds) s")
         #expect(held.wait().ok)
+    }
+
+    /// A request with a timeout of its own (here the Service's
+    /// requestTimeout, 2 s) waits for a connection past the connect timeout
+    /// (300 ms), as Envoy's pending requests do, and is answered when the
+    /// slow request (600 ms) lets the connection go. (Its timeout ends the
+    /// wait as it ends any attempt: endAttempt cancels it.)
+    @Test func aRequestWithATimeoutWaitsUntilItRatherThanTheConnectTimeout() throws {
+        let policy = """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: stall-full, namespace: fz}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: stall-full}]
+              timeout: {http: {requestTimeout: 2s}}
+            """
+        let rig = try Self.rig(connections: 1, connectTimeout: 300, manifests: policy)
+        defer { rig.shutdown() }
+        let (ports, close) = try Self.pinnedPorts(rig, full: true)
+        defer { close() }
+        let held = Asked(ports[0], "/slow")
+        usleep(150_000)
+        let waited = Asked(ports[1], "/").wait()
+        #expect(waited.ok && (0.35...1.5).contains(waited.seconds), "\(waited.text) after \(waited.seconds) s")
+        #expect(held.wait().ok)
+        #expect(rig.proxy.stats.overflows.load(ordering: .relaxed) == 0, "nothing shed by the breaker")
     }
 }

@@ -31,8 +31,9 @@
 ///     maxEjectionPercent: 10
 ///     successRate: {minimumHosts: 5, requestVolume: 100, stdevFactor: 1900}
 ///   circuitBreaker: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024, maxRetries: 3}
-///                               # past maxConnections a request waits for a connection (up to the
-///                               # connect timeout) while fewer than maxPendingRequests wait
+///                               # past maxConnections a request waits for a connection (up to its
+///                               # own timeout, else the connect timeout) while fewer than
+///                               # maxPendingRequests wait
 ///   timeout:
 ///     tcp: {connectTimeout: 500ms}        # a connection to a backend not made in that long
 ///                               # fails (and the request tries another, or gets 503); 2s where absent
