@@ -353,11 +353,21 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     private func process(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         switch part {
-        case .head(let head):
+        case .head(var head):
             receiving = true
             if acceptsH2CUpgrade, !quiescing, !proxy.draining.load(ordering: .relaxed), H2CUpgrade.accepts(head) {
                 h2cUpgrade = head
                 return
+            }
+            if !isHTTP2, Self.expectsContinue(head) {
+                // As Envoy does by default (proxy_100_continue off): the
+                // client is told to go on at once and the backend is not
+                // asked. Forwarded, the backend's 100 was dropped by the
+                // response decoder, and a client waited for it (curl 1 s,
+                // on every upload over 1 MiB) before sending its body.
+                head.headers.remove(name: "expect")
+                context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))),
+                                      promise: nil)
             }
             begin(head, context: context)
         case .body(let buffer):
@@ -1302,6 +1312,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         case 4: return .serverError(504)
         default: return .success
         }
+    }
+
+    /// An HTTP/1.1 request with `Expect: 100-continue` (RFC 9110 10.1.1: not
+    /// an HTTP/1.0 one, which cannot be sent a 1xx).
+    static func expectsContinue(_ head: HTTPRequestHead) -> Bool {
+        guard head.version.major == 1, head.version.minor >= 1 else { return false }
+        return head.headers["expect"].contains { $0.lowercased().filter { $0 != " " && $0 != "\t" } == "100-continue" }
     }
 
     /// How long a request queued at maxConnections may wait when its own

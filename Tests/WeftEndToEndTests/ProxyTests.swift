@@ -1391,6 +1391,17 @@ struct ProxyTests {
                 "the full path forwarded the chunked body: \(chunked)")
         #expect(try stat("n1", "express_handovers_total") == handovers + 1)
 
+        // curl uploads over 1 MiB with Expect: 100-continue and waits up to
+        // 1 s for the 100 before sending the body: the proxy says it at
+        // once, and the backend gets the body whole, without the Expect.
+        let upload = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
+                                         "head -c 2097152 /dev/zero | curl -sS -m 5 -w '\\n%{http_code} %{time_total}' "
+                                         + "--data-binary @- http://198.19.1.12/upload"]).output
+        let tail = upload.split(separator: "\n").last?.split(separator: " ") ?? []
+        let uploaded = json(String(upload.split(separator: "\n").dropLast().last ?? ""))
+        #expect(tail.first == "200" && (Double(tail.last ?? "") ?? 9) < 0.8 && uploaded["body"] as? Int == 2_097_152
+                && (uploaded["headers"] as? [String: String])?["expect"] == nil, "\(upload.suffix(600))")
+
         // With access logs on, express requests are logged as the full path logs them.
         try applyMeshConfig(lab, spec: "{accessLog: {enabled: true, namespaces: [\(ns)]}}")
         let before = try stat("n1", "express_requests_total")

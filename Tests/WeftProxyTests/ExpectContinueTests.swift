@@ -1,0 +1,54 @@
+import Foundation
+import Glibc
+import Testing
+@testable import WeftProxy
+
+/// `Expect: 100-continue` on the full path (the express path hands such a
+/// request over), over real sockets (the fuzz rig: `api`, whose route sends
+/// it down the full path, on NIO's HTTP/1.1 backend): the proxy answers
+/// `100 Continue` at once, as Envoy does by default, so a client that waits
+/// for it (curl, for any upload over 1 MiB) sends its body without waiting
+/// out its own timeout (curl's 1 s); the final answer follows on the same
+/// connection. An HTTP/1.0 request is not sent a 1xx.
+@Suite(.serialized) struct ExpectContinueTests {
+    /// Bytes read from `fd` until `done` holds of them or `seconds` pass.
+    static func read(_ fd: Int32, seconds: Double, until done: (String) -> Bool) -> String {
+        var got: [UInt8] = [], buffer = [UInt8](repeating: 0, count: 4096)
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline, !done(String(decoding: got, as: UTF8.self)) {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n > 0 { got += buffer[0..<n] } else if n == 0 { break }
+        }
+        return String(decoding: got, as: UTF8.self)
+    }
+
+    static func send(_ fd: Int32, _ text: String) {
+        _ = Array(text.utf8).withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    @Test func aClientThatExpectsContinueIsToldAtOnce() throws {
+        let rig = try ProxyFuzzTests.Rig()
+        defer { rig.shutdown() }
+        let fd = try #require(ProxyFuzzTests.dial(rig.port(0)))
+        defer { close(fd) }
+        for i in 0..<2 {
+            let start = Date()
+            Self.send(fd, "POST /upload HTTP/1.1\r\nhost: api.fz\r\ncontent-length: 5\r\nExpect: 100-Continue\r\n\r\n")
+            let interim = Self.read(fd, seconds: 2) { $0.contains("\r\n\r\n") }
+            let took = Date().timeIntervalSince(start)
+            #expect(interim.hasPrefix("HTTP/1.1 100 Continue\r\n") && took < 0.5, "request \(i): \(interim) after \(took) s")
+            Self.send(fd, "hello")
+            let final = Self.read(fd, seconds: 2) { $0.hasSuffix("ok\n") }
+            #expect(final.hasPrefix("HTTP/1.1 200") && final.hasSuffix("ok\n"), "request \(i): \(final)")
+        }
+        // HTTP/1.0: no 1xx; the final answer once the body has come.
+        let old = try #require(ProxyFuzzTests.dial(rig.port(0)))
+        defer { close(old) }
+        Self.send(old, "POST /upload HTTP/1.0\r\nhost: api.fz\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+        let nothing = Self.read(old, seconds: 0.3) { !$0.isEmpty }
+        #expect(nothing.isEmpty, "\(nothing)")
+        Self.send(old, "hello")
+        let answer = Self.read(old, seconds: 2) { $0.hasSuffix("ok\n") }
+        #expect(answer.hasPrefix("HTTP/1.0 200"), "\(answer)")
+    }
+}
