@@ -153,16 +153,12 @@ extension HealthProbe {
 
     /// Reads the call's answer: its status (HTTP, then gRPC's, in the head
     /// of a trailers-only answer or in the trailers) and its message.
-    private final class CallReader: ChannelInboundHandler {
-        typealias InboundIn = HTTPClientResponsePart
-        private let promise: EventLoopPromise<Int>
+    private final class CallReader: PromisedAnswer<Int> {
         private var body: [UInt8] = []
         private var grpcStatus: String?
         private var grpcMessage: String?
 
-        init(_ promise: EventLoopPromise<Int>) { self.promise = promise }
-
-        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        override func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             switch unwrapInboundIn(data) {
             case .head(let head):
                 guard head.status == .ok else {
@@ -190,16 +186,6 @@ extension HealthProbe {
         private func take(_ headers: HTTPHeaders) {
             if let s = headers.first(name: "grpc-status") { grpcStatus = s }
             if let m = headers.first(name: "grpc-message") { grpcMessage = String(m.prefix(200)) }
-        }
-
-        func channelInactive(context: ChannelHandlerContext) {
-            promise.fail(ChannelError.eof)
-            context.fireChannelInactive()
-        }
-
-        func errorCaught(context: ChannelHandlerContext, error: any Error) {
-            promise.fail(error)
-            context.close(promise: nil)
         }
     }
 }

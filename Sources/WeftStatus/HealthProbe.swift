@@ -148,15 +148,33 @@ public enum HealthProbe {
         }
     }
 
-    /// Takes the first response's status, `x-weft-probe-status` and body.
-    private final class AnswerReader: ChannelInboundHandler {
+    /// Reads one response into `promise`, which fails if the connection (or
+    /// stream) ends or errs first; a promise already kept stays as it is.
+    /// The probes' readers say what they make of the response.
+    class PromisedAnswer<Value>: ChannelInboundHandler {
         typealias InboundIn = HTTPClientResponsePart
-        private let promise: EventLoopPromise<Answer>
+        let promise: EventLoopPromise<Value>
+
+        init(_ promise: EventLoopPromise<Value>) { self.promise = promise }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+
+        func channelInactive(context: ChannelHandlerContext) {
+            promise.fail(ChannelError.eof)
+            context.fireChannelInactive()
+        }
+
+        func errorCaught(context: ChannelHandlerContext, error: any Error) {
+            promise.fail(error)
+            context.close(promise: nil)
+        }
+    }
+
+    /// Takes the first response's status, `x-weft-probe-status` and body.
+    private final class AnswerReader: PromisedAnswer<Answer> {
         private var answer: Answer?
 
-        init(_ promise: EventLoopPromise<Answer>) { self.promise = promise }
-
-        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        override func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             switch unwrapInboundIn(data) {
             case .head(let head):
                 answer = Answer(status: Int(head.status.code), probeStatus: head.headers.first(name: "x-weft-probe-status"), body: "")
@@ -170,16 +188,6 @@ public enum HealthProbe {
                     promise.succeed(a)
                 }
             }
-        }
-
-        func channelInactive(context: ChannelHandlerContext) {
-            promise.fail(ChannelError.eof)
-            context.fireChannelInactive()
-        }
-
-        func errorCaught(context: ChannelHandlerContext, error: any Error) {
-            promise.fail(error)
-            context.close(promise: nil)
         }
     }
 }
