@@ -369,6 +369,19 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))),
                                       promise: nil)
             }
+            // Routes and policies judge the path in normal form, and the
+            // backend is sent that form (Envoy's normalize_path, Istio's
+            // default): no spelling of a path dodges a rule.
+            switch RequestPath.normalize(target: head.uri) {
+            case .normal:
+                break
+            case .changed(let uri):
+                head.uri = uri
+            case .malformed:
+                proxy.stats.requests.add(1, ordering: .relaxed)
+                return respondLocally(head, .badRequest, "weft: the request path has a malformed percent-encoding\n",
+                                      keepAlive: head.isKeepAlive)
+            }
             begin(head, context: context)
         case .body(let buffer):
             record?.bytesIn += buffer.readableBytes

@@ -51,7 +51,14 @@ struct RouteCommand: ParsableCommand {
                     scope = "the consumer routes of namespace \(ref.namespace)"
                 }
             }
-            let parts = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+            // As the proxy does first: the path in normal form (RequestPath).
+            var target = path
+            switch RequestPath.normalize(target: path) {
+            case .normal: break
+            case .changed(let normal): target = normal
+            case .malformed: throw ValidationError("--path \(path): a malformed percent-encoding (the proxy answers 400)")
+            }
+            let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
             var headers: [String: [String]] = [:]
             for h in header {
                 let colon = h.firstIndex(of: ":") ?? h.endIndex
@@ -60,7 +67,7 @@ struct RouteCommand: ParsableCommand {
             }
             let request = RouteMatcher.Request(method: method.uppercased(), path: parts[0], query: parts.count > 1 ? parts[1] : nil,
                                                header: { headers[$0] ?? [] })
-            let what = "\(method.uppercased()) \(path) from \(client) to \(key) (\(frontend.name))"
+            let what = "\(method.uppercased()) \(target == path ? path : "\(path) (as \(target))") from \(client) to \(key) (\(frontend.name))"
             guard let (action, match) = RouteMatcher(routes).route(request) else {
                 report(["request": what, "routes": scope, "rule": NSNull(), "answer": "404: no rule matches"],
                        text: ["request:  \(what)", "routes:   \(scope)", "rule:     none matches: the proxy answers 404"])

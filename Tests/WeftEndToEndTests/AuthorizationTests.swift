@@ -239,6 +239,28 @@ struct AuthorizationEndToEnd {
                                      "-o", "/dev/null", "-w", "%{http_code}", "http://198.19.6.10/public/a"])
         #expect(ok.output == "200", "\(ok.output)")
 
+        // No spelling of a path dodges a rule: the DENY of /public/secret
+        // holds for every way of writing it (curl --path-as-is sends them as
+        // written), from n1 through the tunnel and from n2 on its own node,
+        // over HTTP/1.1 and HTTP/2; the pod is sent the normal form.
+        for client in ["web", "web-local"] {
+            for extra in [[], ["--http2-prior-knowledge"]] {
+                for spelling in ["/public/./secret", "/public/x/../secret", "/public/%73ecret", "/public/%2e/secret", "/x/..%2Fpublic/secret"] {
+                    let r = try LabHarness.run(["lab", "exec", "\(ns)/\(client)", "--", "curl", "-s", "-m", "5", "--path-as-is", "-o", "/dev/null",
+                                                "-w", "%{http_code}"] + extra + ["http://198.19.6.10\(spelling)"])
+                    // (..%2F is no dot segment: %2F stays encoded, so that
+                    // path is /x/..%2Fpublic/secret, which no ALLOW rule names.)
+                    #expect(r.output == "403", "\(client) \(extra) \(spelling): \(r.output)")
+                }
+                let seen = try LabHarness.run(["lab", "exec", "\(ns)/\(client)", "--", "curl", "-s", "-m", "5", "--path-as-is"] + extra
+                                              + ["http://198.19.6.10/public/x/.././%61?q=%2e"]).output
+                #expect(seen.contains("\"path\": \"/public/a?q=%2e\""), "\(client) \(extra): the pod saw \(seen.prefix(300))")
+            }
+        }
+        let malformed = try LabHarness.run(["lab", "exec", "\(ns)/web", "--", "curl", "-s", "-m", "5", "--path-as-is",
+                                            "-w", "\n%{http_code}", "http://198.19.6.10/public/%zz"]).output
+        #expect(malformed.hasSuffix("400") && malformed.contains("malformed percent-encoding"), "\(malformed)")
+
         // gRPC (HTTP/2 to the pod, inspected at n2): methods by path.
         let grpcWeb = try LabHarness.run(["lab", "exec", "\(ns)/web", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.6.60", "80"])
         #expect(grpcWeb.status == 0 && grpcWeb.output.contains("grpc:hi-9") && grpcWeb.output.contains("\"fail\": \"PERMISSION_DENIED"),

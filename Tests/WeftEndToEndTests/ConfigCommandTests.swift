@@ -119,6 +119,12 @@ import Testing
         #expect(consumer.status == 0 && consumer.output.contains("rule:     front/pinned#0")
                 && consumer.output.contains("the consumer routes of namespace front")
                 && consumer.output.contains("match:    PathPrefix /v2, header x-team = front"), "\(consumer.output)")
+        // The path as the proxy reads it: in normal form (/x/../v2 is /v2).
+        let spelled = try check(["--to", "198.19.0.10:80", "--from", "front/app", "--path", "/x/../%76%32/y", "-H", "X-Team: front"])
+        #expect(spelled.status == 0 && spelled.output.contains("/x/../%76%32/y (as /v2/y)")
+                && spelled.output.contains("rule:     front/pinned#0"), "\(spelled.output)")
+        let malformed = try check(["--to", "shop/web", "--path", "/a%zz"])
+        #expect(malformed.status != 0 && malformed.output.contains("malformed percent-encoding"), "\(malformed.output)")
         let unmatched = try check(["--to", "shop/web", "--from", "front/app", "--path", "/v2/x"])
         #expect(unmatched.status == 3 && unmatched.output.contains("none matches: the proxy answers 404"), "\(unmatched.output)")
         let grpc = try check(["--to", "shop/web-v2:80", "--method", "POST", "--path", "/shop.Catalog/List", "-o", "json"])

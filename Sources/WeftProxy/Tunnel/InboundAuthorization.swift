@@ -25,9 +25,13 @@ enum Authorize {
     }
 
     /// The request as policies read it: the target's path without its
-    /// query, and the header fields by lower-case name.
+    /// query, in normal form (RequestPath: `/./admin`, `/x/../admin` and
+    /// `/%61dmin` are all `/admin` to a rule), and the header fields by
+    /// lower-case name.
     static func http(method: String, target: String, headers: [(name: String, value: String)]) -> AuthorizationRequest.HTTP {
-        let path = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? target
+        let raw = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? target[...]
+        var path = String(raw)
+        if case .changed(let normal) = RequestPath.normalize(raw, lenient: true) { path = normal }
         return AuthorizationRequest.HTTP(method: method, path: path, host: headers.first { $0.name == "host" }?.value,
                                          headers: headers)
     }
