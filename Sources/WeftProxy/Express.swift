@@ -157,7 +157,7 @@ enum Express {
                        header: (String) -> Substring?, cookie: (String) -> Substring?) -> Choice {
         let snapshot = routing.snapshot
         // A path that is not plain is normalized on the full path (RequestPath).
-        guard RequestPath.isPlain(request.path) else { return .handOver }
+        guard RequestPath.isPlain(request.path, mode: snapshot.table.pathNormalization ?? .base) else { return .handOver }
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
               action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return .handOver }
         guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),

@@ -462,7 +462,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             var request = delivery.request
             func text(_ r: Range<Int>) -> String { String(decoding: UnsafeRawBufferPointer(rebasing: p[r]), as: UTF8.self) }
             request.http = Authorize.http(method: method, target: text(line.target),
-                                          headers: fields.map { (name: text($0.name).lowercased(), value: text($0.value)) })
+                                          headers: fields.map { (name: text($0.name).lowercased(), value: text($0.value)) },
+                                          paths: snapshot.table.pathNormalization ?? .base)
             let decision = set.evaluate(request)
             Authorize.record(proxy, decision, target: delivery.key.description)
             guard decision.allowed else {

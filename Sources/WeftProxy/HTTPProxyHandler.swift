@@ -371,8 +371,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
             // Routes and policies judge the path in normal form, and the
             // backend is sent that form (Envoy's normalize_path, Istio's
-            // default): no spelling of a path dodges a rule.
-            switch RequestPath.normalize(target: head.uri) {
+            // default; MeshConfig proxy.pathNormalization): no spelling of
+            // a path dodges a rule.
+            switch RequestPath.normalize(target: head.uri, mode: proxy.snapshot.table.pathNormalization ?? .base) {
             case .normal:
                 break
             case .changed(let uri):
@@ -642,7 +643,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // apply (another node's proxy applies its own pods').
         if !r.snapshot.authorization.isEmpty, let set = r.snapshot.authorization[key.ip.value] {
             var ask = Authorize.local(proxy, r.snapshot, source: origin.source, port: key.port)
-            ask.http = Authorize.http(r.upstreamHead)
+            ask.http = Authorize.http(r.upstreamHead, paths: r.snapshot.table.pathNormalization ?? .base)
             let decision = set.evaluate(ask)
             Authorize.record(proxy, decision, target: key.description)
             if !decision.allowed {

@@ -53,7 +53,7 @@ struct RouteCommand: ParsableCommand {
             }
             // As the proxy does first: the path in normal form (RequestPath).
             var target = path
-            switch RequestPath.normalize(target: path) {
+            switch RequestPath.normalize(target: path, mode: table.pathNormalization ?? .base) {
             case .normal: break
             case .changed(let normal): target = normal
             case .malformed: throw ValidationError("--path \(path): a malformed percent-encoding (the proxy answers 400)")

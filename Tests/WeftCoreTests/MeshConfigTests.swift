@@ -77,6 +77,8 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {tcpKeepalive: {probes: 0}}}", "m.yaml:1:spec.proxy.tcpKeepalive.probes: must be from 1 to 127, got 0"),
             (header + "spec: {proxy: {tcpKeepalive: {count: 3}}}", "m.yaml:1:spec.proxy.tcpKeepalive.count: unknown field"),
             (header + "spec: {proxy: {keepAlive: 1m}}", "m.yaml:1:spec.proxy.keepAlive: unknown field"),
+            (header + "spec: {proxy: {pathNormalization: {normalization: LOOSE}}}", "m.yaml:1:spec.proxy.pathNormalization.normalization: must be one of NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES, got \"LOOSE\""),
+            (header + "spec: {proxy: {pathNormalization: {mode: BASE}}}", "m.yaml:1:spec.proxy.pathNormalization.mode: unknown field"),
             (header + "spec: {proxy: {maxRequestHeaderSize: 512}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \"512\""),
             (header + "spec: {proxy: {maxRequestHeaderSize: 65Ki}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki"),
             (header + "spec: {proxy: {maxRequestHeaderSize: 8KB}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \"8KB\""),
@@ -158,6 +160,10 @@ struct MeshConfigTests {
         // proxy.maxRequestHeaderSize: 64 KiB by default (absent from the
         // table), in bytes otherwise, given as bytes or in Ki.
         #expect(ProxyTable(off).maxRequestHeaderSize == nil && off.meshConfig.proxy.maxRequestHeaderSize == 65536)
+        // proxy.pathNormalization: BASE by default (absent from the table).
+        #expect(ProxyTable(off).pathNormalization == nil && off.meshConfig.proxy.pathNormalization == .base)
+        let merging = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {pathNormalization: {normalization: MERGE_SLASHES}}}").0)
+        #expect(ProxyTable(merging).pathNormalization == .mergeSlashes)
         let small = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {maxRequestHeaderSize: 8Ki}}").0)
         #expect(ProxyTable(small).maxRequestHeaderSize == 8192)
         let bytes = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {maxRequestHeaderSize: 20000}}").0)

@@ -34,6 +34,24 @@ import Testing
                 "lenient: the escape as it came, the rest normalized")
     }
 
+    /// MeshConfig proxy.pathNormalization's other modes, as Istio's.
+    @Test func theOtherModesAreIstios() {
+        func form(_ path: String, _ mode: RequestPath.Mode) -> String {
+            if case .changed(let p) = RequestPath.normalize(path[...], mode: mode) { return p }
+            return path
+        }
+        #expect(form("//a//b/", .base) == "//a//b/" && form("//a//b/", .mergeSlashes) == "/a/b/")
+        #expect(form("/a/.//../b", .mergeSlashes) == "/a/b" && form("/a%2Fb", .mergeSlashes) == "/a%2Fb")
+        // (Dot segments before slashes are merged, as Envoy orders them: the
+        // empty segment is the one `..` takes.)
+        #expect(form("/a%2fb%5C%5c../c", .decodeAndMergeSlashes) == "/a/b/c" && form("/a%2F..%2Fb", .decodeAndMergeSlashes) == "/b",
+                "escaped slashes are separators there")
+        #expect(form("/x/../%61//b", .none) == "/x/../%61//b" && RequestPath.isPlain("/x/../a%zz", mode: .none),
+                "NONE: the path as sent")
+        #expect(RequestPath.normalize("/a%zz"[...], mode: .none) == .normal)
+        #expect(!RequestPath.isPlain("/a//b", mode: .mergeSlashes) && RequestPath.isPlain("/a//b", mode: .base))
+    }
+
     @Test func whatIsAlreadyNormalIsLeftAlone() {
         for path in ["/", "/a/b", "/a/b/", "/api/v1/users?x=1", "*", "", "/A%2F", "/%C3%A9"] {
             #expect(RequestPath.normalize(path[...]) == .normal, "\(path)")

@@ -260,6 +260,34 @@ struct AuthorizationEndToEnd {
         let malformed = try LabHarness.run(["lab", "exec", "\(ns)/web", "--", "curl", "-s", "-m", "5", "--path-as-is",
                                             "-w", "\n%{http_code}", "http://198.19.6.10/public/%zz"]).output
         #expect(malformed.hasSuffix("400") && malformed.contains("malformed percent-encoding"), "\(malformed)")
+        // MeshConfig proxy.pathNormalization, live: MERGE_SLASHES makes
+        // //public//a the allowed /public/a (under BASE no ALLOW rule names
+        // it: 403); NONE judges and sends the path as it came.
+        func pathMode(_ mode: String) throws {
+            let before = try lab.generations(["n1", "n2", "n3"])
+            try lab.write("mesh.yaml", """
+                apiVersion: weft.dev/v1alpha1
+                kind: MeshConfig
+                metadata: {name: mesh}
+                spec: {proxy: {pathNormalization: {normalization: \(mode)}}}
+                """)
+            try lab.waitForGeneration(after: before)
+            usleep(300_000)  // the proxies reload their tables after the agents' generation
+        }
+        func fetch(_ path: String) throws -> String {
+            try LabHarness.run(["lab", "exec", "\(ns)/web", "--", "curl", "-s", "-m", "5", "--path-as-is", "-w", "\n%{http_code}",
+                                "http://198.19.6.10\(path)"]).output
+        }
+        let slashesUnderBase = try fetch("//public//a")
+        #expect(slashesUnderBase.hasSuffix("403"), "\(slashesUnderBase)")
+        try pathMode("MERGE_SLASHES")
+        let merged = try fetch("//public//a")
+        #expect(merged.hasSuffix("200") && merged.contains("\"path\": \"/public/a\""), "\(merged)")
+        #expect(try fetch("//public/./secret").hasSuffix("403"))
+        try pathMode("NONE")
+        let raw = try fetch("/public/x/../a")
+        #expect(raw.hasSuffix("200") && raw.contains("\"path\": \"/public/x/../a\""), "NONE: the path as sent: \(raw)")
+        try pathMode("BASE")
 
         // gRPC (HTTP/2 to the pod, inspected at n2): methods by path.
         let grpcWeb = try LabHarness.run(["lab", "exec", "\(ns)/web", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.6.60", "80"])

@@ -44,6 +44,10 @@
 ///                              # open for twice this, whatever its source does; "0s": never
 ///     maxRequestHeaderSize: 64Ki # default 64Ki, from 1Ki to 64Ki (bytes, or NKi): a larger
 ///                              # request head is answered 431 (docs/proxy.md)
+///     pathNormalization: {normalization: BASE}  # as Istio's: BASE (default: RFC 3986,
+///                              # `/x/../a` is `/a`, `%61` is `a`), MERGE_SLASHES (also `//`
+///                              # is `/`), DECODE_AND_MERGE_SLASHES (also `%2F` is `/`), or NONE
+///                              # (the path as sent: a rule can be dodged by spelling)
 ///     tcpKeepalive:            # TCP keepalive on both sockets of an opaque stream (TCP
 ///       time: 60s              # passthrough, upgraded connections) and on tunnels between
 ///       interval: 10s          # nodes: the first probe after this long without a packet,
@@ -138,6 +142,11 @@ public struct MeshConfig: Hashable, Sendable {
         /// peer vanished without a FIN (its pod's network gone) would be
         /// held for good, with its partner connection.
         public var tcpKeepalive: TCPKeepalive? = TCPKeepalive()
+        /// How request paths are put in normal form before routes and
+        /// AuthorizationPolicy judge them and the backend gets them
+        /// (RequestPath): Istio's `pathNormalization.normalization`, BASE
+        /// by default as there.
+        public var pathNormalization = RequestPath.Mode.base
         public init() {}
     }
 
@@ -286,6 +295,15 @@ extension MeshConfig {
                                   "must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \(Self.shown(node))")
                 }
                 proxy.maxRequestHeaderSize = size
+            }
+            if var n = try p.mapping("pathNormalization") {
+                if let text = try n.string("normalization") {
+                    guard let mode = RequestPath.Mode(rawValue: text) else {
+                        throw n.error("normalization", "must be one of \(RequestPath.Mode.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(text)\"")
+                    }
+                    proxy.pathNormalization = mode
+                }
+                try n.finish()
             }
             if var k = try p.mapping("tcpKeepalive") {
                 var keepalive = MeshConfig.TCPKeepalive()

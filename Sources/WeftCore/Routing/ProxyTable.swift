@@ -37,6 +37,8 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var maxRequestHeaderSize: Int?
     /// MeshConfig proxy.tcpKeepalive; nil: the default (MeshConfig.Proxy).
     public var tcpKeepalive: TCPKeepaliveSettings?
+    /// MeshConfig proxy.pathNormalization; nil: BASE, the default.
+    public var pathNormalization: RequestPath.Mode?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
     public var tracing: TracingTarget?
     /// TrafficPolicy `timeout.http.connectionIdleTimeout` in milliseconds
@@ -317,6 +319,7 @@ extension ProxyTable {
         }
         if proxy.maxRequestHeaderSize != defaults.maxRequestHeaderSize { maxRequestHeaderSize = proxy.maxRequestHeaderSize }
         if proxy.tcpKeepalive != defaults.tcpKeepalive { tcpKeepalive = TCPKeepaliveSettings(proxy.tcpKeepalive) }
+        if proxy.pathNormalization != defaults.pathNormalization { pathNormalization = proxy.pathNormalization }
         if let t = state.meshConfig.telemetry.tracing {
             tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)
         }

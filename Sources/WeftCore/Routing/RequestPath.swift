@@ -11,7 +11,22 @@
 /// `/admin*` let `/./admin`, `/x/../admin` and `/%61dmin` through, and the
 /// backend, which normalizes, served `/admin`; an HTTPRoute's PathPrefix
 /// `/api` took `/api/../admin` to the api backend.
+///
+/// MeshConfig `proxy.pathNormalization` picks another of Istio's modes:
+/// `NONE` (the path as sent), `MERGE_SLASHES` (also `//` made `/`),
+/// `DECODE_AND_MERGE_SLASHES` (also `%2F` and `%5C` decoded to slashes
+/// first).
 public enum RequestPath {
+    /// Istio's `meshConfig.pathNormalization.normalization` values.
+    public enum Mode: String, Codable, Hashable, Sendable, CaseIterable {
+        case none = "NONE"
+        case base = "BASE"
+        case mergeSlashes = "MERGE_SLASHES"
+        case decodeAndMergeSlashes = "DECODE_AND_MERGE_SLASHES"
+
+        var mergesSlashes: Bool { self == .mergeSlashes || self == .decodeAndMergeSlashes }
+    }
+
     public enum Form: Equatable, Sendable {
         /// Already normal: nothing to change.
         case normal
@@ -25,11 +40,17 @@ public enum RequestPath {
     /// no backslash, no segment that begins with a dot. The express paths
     /// take only such paths (one pass over the bytes); the rest go to the
     /// full path, which normalizes.
+    /// (Under `MERGE_SLASHES` and `DECODE_AND_MERGE_SLASHES`, no `//`
+    /// either; under `NONE` every path is plain.)
     @inlinable
-    public static func isPlain(_ path: Substring) -> Bool {
+    public static func isPlain(_ path: Substring, mode: Mode = .base) -> Bool {
+        guard mode != .none else { return true }
+        let merging = mode == .mergeSlashes || mode == .decodeAndMergeSlashes
         var afterSlash = false
         for c in path.utf8 {
-            if c == UInt8(ascii: "%") || c == UInt8(ascii: "\\") || (afterSlash && c == UInt8(ascii: ".")) { return false }
+            if c == UInt8(ascii: "%") || c == UInt8(ascii: "\\") || (afterSlash && (c == UInt8(ascii: ".") || (merging && c == UInt8(ascii: "/")))) {
+                return false
+            }
             afterSlash = c == UInt8(ascii: "/")
         }
         return true
@@ -40,8 +61,8 @@ public enum RequestPath {
     /// malformed escape is kept as it came and the rest normalized all the
     /// same (AuthorizationPolicy judges such a path by its normal form too,
     /// where a request reaches it without the full path's 400).
-    public static func normalize(_ path: Substring, lenient: Bool = false) -> Form {
-        guard path.utf8.first == UInt8(ascii: "/"), !isPlain(path) else { return .normal }
+    public static func normalize(_ path: Substring, mode: Mode = .base, lenient: Bool = false) -> Form {
+        guard path.utf8.first == UInt8(ascii: "/"), !isPlain(path, mode: mode) else { return .normal }
         var decoded: [UInt8] = []
         decoded.reserveCapacity(path.utf8.count)
         var it = path.utf8.makeIterator()
@@ -56,7 +77,9 @@ public enum RequestPath {
                 }
                 it = copy
                 let v = hi << 4 | lo
-                if isUnreserved(v) {
+                if mode == .decodeAndMergeSlashes, v == UInt8(ascii: "/") || v == UInt8(ascii: "\\") {
+                    decoded.append(UInt8(ascii: "/"))
+                } else if isUnreserved(v) {
                     decoded.append(v)
                 } else {
                     decoded += [UInt8(ascii: "%"), upperHex(hi), upperHex(lo)]
@@ -67,14 +90,20 @@ public enum RequestPath {
                 decoded.append(c)
             }
         }
-        let out = removingDotSegments(decoded)
+        var out = removingDotSegments(decoded)
+        if mode.mergesSlashes {
+            var merged: [UInt8] = []
+            merged.reserveCapacity(out.count)
+            for c in out where !(c == UInt8(ascii: "/") && merged.last == UInt8(ascii: "/")) { merged.append(c) }
+            out = merged
+        }
         return out.elementsEqual(path.utf8) ? .normal : .changed(String(decoding: out, as: UTF8.self))
     }
 
     /// A request target (path and query) with its path in normal form.
-    public static func normalize(target: String) -> Form {
-        guard let q = target.utf8.firstIndex(of: UInt8(ascii: "?")) else { return normalize(target[...]) }
-        switch normalize(target[..<q]) {
+    public static func normalize(target: String, mode: Mode = .base) -> Form {
+        guard let q = target.utf8.firstIndex(of: UInt8(ascii: "?")) else { return normalize(target[...], mode: mode) }
+        switch normalize(target[..<q], mode: mode) {
         case .changed(let path): return .changed(path + target[q...])
         case let other: return other
         }

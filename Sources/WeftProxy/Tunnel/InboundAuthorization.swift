@@ -20,18 +20,20 @@ enum Authorize {
         return AuthorizationRequest(principal: principal, namespace: ref?.namespace, sourceIP: source, port: port)
     }
 
-    static func http(_ head: HTTPRequestHead) -> AuthorizationRequest.HTTP {
-        http(method: head.method.rawValue, target: head.uri, headers: head.headers.map { ($0.name.lowercased(), $0.value) })
+    static func http(_ head: HTTPRequestHead, paths mode: RequestPath.Mode) -> AuthorizationRequest.HTTP {
+        http(method: head.method.rawValue, target: head.uri, headers: head.headers.map { ($0.name.lowercased(), $0.value) },
+             paths: mode)
     }
 
     /// The request as policies read it: the target's path without its
-    /// query, in normal form (RequestPath: `/./admin`, `/x/../admin` and
-    /// `/%61dmin` are all `/admin` to a rule), and the header fields by
-    /// lower-case name.
-    static func http(method: String, target: String, headers: [(name: String, value: String)]) -> AuthorizationRequest.HTTP {
+    /// query, in normal form by MeshConfig's `mode` (RequestPath: under
+    /// BASE, `/./admin`, `/x/../admin` and `/%61dmin` are all `/admin` to a
+    /// rule), and the header fields by lower-case name.
+    static func http(method: String, target: String, headers: [(name: String, value: String)],
+                     paths mode: RequestPath.Mode) -> AuthorizationRequest.HTTP {
         let raw = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? target[...]
         var path = String(raw)
-        if case .changed(let normal) = RequestPath.normalize(raw, lenient: true) { path = normal }
+        if case .changed(let normal) = RequestPath.normalize(raw, mode: mode, lenient: true) { path = normal }
         return AuthorizationRequest.HTTP(method: method, path: path, host: headers.first { $0.name == "host" }?.value,
                                          headers: headers)
     }
@@ -266,7 +268,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
             isUpgrade = !isHTTP2 && HTTPProxyHandler.isUpgradeRequest(head)
             if let set = proxy.snapshot.authorization[target.ip.value] {
                 var request = base
-                request.http = Authorize.http(head)
+                request.http = Authorize.http(head, paths: proxy.snapshot.table.pathNormalization ?? .base)
                 let decision = set.evaluate(request)
                 Authorize.record(proxy, decision, target: target.description)
                 guard decision.allowed else {
