@@ -199,12 +199,21 @@ struct ObservabilityTests {
         let (c3, _) = try curl("obs/client", "http://198.19.8.10/api/unsampled", [
             "-H", "traceparent: 00-\(unsampledTrace)-b7ad6b7169203331-00"])
         #expect(c3 == 200)
+        // A call that says it is gRPC (content-type) answered 200 with no
+        // grpc-status (an HTTP/1.1 backend): UNKNOWN, 2, as gRPC's clients
+        // read it, on its span, its series and its log line.
+        let grpcTrace = "5bf92f3577b34da6a3ce929d0e0e4737"
+        let (c5, _) = try curl("obs/client", "http://198.19.8.10/api/weft.Echo/Say", [
+            "-X", "POST", "-H", "content-type: application/grpc", "-H", "x-request-id: req-grpc",
+            "-H", "traceparent: 00-\(grpcTrace)-b7ad6b7169203331-01", "--data-binary", "x"])
+        #expect(c5 == 200)
         var spans: [[String: Any]] = []
         for _ in 0..<50 {
             let r = try LabHarness.run(["lab", "exec", "obs/client", "--", "curl", "-s", "-m", "2", "http://198.18.1.50:4318/spans"])
             spans = (try? JSONSerialization.jsonObject(with: Data(r.output.utf8)) as? [[String: Any]]) ?? []
             if spans.contains(where: { $0["traceId"] as? String == trace })
-                && spans.contains(where: { $0["traceId"] as? String == tp2.dropFirst().first }) { break }
+                && spans.contains(where: { $0["traceId"] as? String == tp2.dropFirst().first })
+                && spans.contains(where: { $0["traceId"] as? String == grpcTrace }) { break }
             usleep(100_000)
         }
         usleep(500_000)  // one more export period for the unsampled one, were it (wrongly) sent
@@ -219,6 +228,10 @@ struct ObservabilityTests {
             return (k, (v["stringValue"] as? String) ?? (v["intValue"] as? String) ?? "")
         }, uniquingKeysWith: { a, _ in a })
         #expect(attributes["http.response.status_code"] == "200" && attributes["weft.upstream"] == "198.18.1.20:8080", "\(attributes)")
+        #expect(attributes["rpc.grpc.status_code"] == nil, "plain HTTP: no gRPC status")
+        let grpcSpan = spans.first { $0["traceId"] as? String == grpcTrace }
+        let grpcStatus = ((grpcSpan?["attributes"] as? [[String: Any]]) ?? []).first { $0["key"] as? String == "rpc.grpc.status_code" }
+        #expect((grpcStatus?["value"] as? [String: Any])?["intValue"] as? String == "2", "\(String(describing: grpcSpan))")
         #expect((span?["resource"] as? [String: [String: String]])?["service.name"]?["stringValue"] == "weft-proxy")
         #expect(spans.contains { $0["traceId"] as? String == tp2.dropFirst().first && $0["parentSpanId"] == nil })
         #expect(!spans.contains { $0["traceId"] as? String == unsampledTrace }, "not sampled: not exported")
@@ -257,11 +270,13 @@ struct ObservabilityTests {
                                                                    "response_flags": "UH"]) { $1 }) == 4)
         #expect(scrape.sum("weft_requests_total", ["source_workload": "other", "source_workload_namespace": "quiet",
                                                    "response_code": "200"]) == 3)
-        #expect(scrape.sum("weft_requests_total", [:]) == 43)
+        #expect(scrape.sum("weft_requests_total", [:]) == 44)
+        #expect(scrape.sum("weft_requests_total", web.merging(["request_protocol": "grpc", "grpc_response_status": "2",
+                                                               "response_code": "200"]) { $1 }) == 1)
         // The histogram saw every request once, and its buckets are cumulative.
-        #expect(scrape.sum("weft_request_duration_seconds_count", [:]) == 43)
+        #expect(scrape.sum("weft_request_duration_seconds_count", [:]) == 44)
         #expect(scrape.sum("weft_request_duration_seconds_count", web.merging(["response_code": "503", "route": "obs/web#api"]) { $1 }) == 7)
-        #expect(scrape.sum("weft_request_duration_seconds_bucket", ["le": "+Inf"]) == 43)
+        #expect(scrape.sum("weft_request_duration_seconds_bucket", ["le": "+Inf"]) == 44)
         let buckets = scrape.samples.filter { $0.name == "weft_request_duration_seconds_bucket" && $0.labels["response_code"] == "404" }
             .sorted { (Double($0.labels["le"] ?? "") ?? .infinity) < (Double($1.labels["le"] ?? "") ?? .infinity) }
         #expect(!buckets.isEmpty && zip(buckets, buckets.dropFirst()).allSatisfy { $0.value <= $1.value })
@@ -279,20 +294,23 @@ struct ObservabilityTests {
         // OpenMetrics parser reads the same numbers.
         let om = try Scrape(openMetrics: true)
         #expect(om.contentType.hasPrefix("application/openmetrics-text; version=1.0.0"), "\(om.contentType)")
-        #expect(om.sum("weft_requests_total", [:]) == 43)
-        #expect(om.sum("weft_request_duration_seconds_count", [:]) == 43)
+        #expect(om.sum("weft_requests_total", [:]) == 44)
+        #expect(om.sum("weft_request_duration_seconds_count", [:]) == 44)
         #expect(om.sum("weft_tcp_sent_bytes_total", banner) == 9)
         #expect(om.samples.count >= scrape.samples.count - 5, "\(om.samples.count) vs \(scrape.samples.count)")
 
         // The access log: one line per request and connection from obs,
         // none from quiet; written within 100 ms.
         var log = accessLog()
-        for _ in 0..<50 where log.count < 42 {
+        for _ in 0..<50 where log.count < 43 {
             usleep(50_000)
             log = accessLog()
         }
         let http = log.filter { $0["kind"] as? String == "http" }
-        #expect(http.count == 40, "\(log.count) lines")
+        #expect(http.count == 41, "\(log.count) lines")
+        let grpcLine = http.first { $0["request_id"] as? String == "req-grpc" }
+        #expect(grpcLine?["grpc_status"] as? String == "2" && http.filter { $0["grpc_status"] != nil }.count == 1,
+                "\(String(describing: grpcLine))")
         #expect(!log.contains { $0["source_namespace"] as? String == "quiet" })
         let traced = http.first { $0["request_id"] as? String == "req-traced" }
         #expect(traced?["trace_id"] as? String == trace, "\(String(describing: traced))")
@@ -435,7 +453,7 @@ struct ObservabilityTests {
             edges.first { $0["source"] as? String == from && $0["destination"] as? String == to }
         }
         #expect(edges.count == 4, "\(graph.output)")
-        #expect(edge("obs/client", "web.obs.svc")?["requests"] as? Double == 36)
+        #expect(edge("obs/client", "web.obs.svc")?["requests"] as? Double == 37)
         #expect(edge("obs/client", "web.obs.svc")?["failures"] as? Double == 7)
         #expect(edge("obs/client", "nobody.obs.svc")?["failures"] as? Double == 4)
         #expect(edge("quiet/other", "web.obs.svc")?["requests"] as? Double == 3)
