@@ -373,7 +373,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             // backend is sent that form (Envoy's normalize_path, Istio's
             // default; MeshConfig proxy.pathNormalization): no spelling of
             // a path dodges a rule.
-            switch RequestPath.normalize(target: head.uri, mode: proxy.snapshot.table.pathNormalization ?? .base) {
+            // (The loop's cached snapshot: no lock per request for this.)
+            let paths = (loop?.snapshot(proxy) ?? proxy.snapshot).table.pathNormalization ?? .base
+            switch RequestPath.normalize(target: head.uri, mode: paths) {
             case .normal:
                 break
             case .changed(let uri):

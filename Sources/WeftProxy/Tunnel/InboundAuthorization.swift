@@ -266,9 +266,10 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
             responded = false
             idempotent = [.GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE].contains(head.method)
             isUpgrade = !isHTTP2 && HTTPProxyHandler.isUpgradeRequest(head)
-            if let set = proxy.snapshot.authorization[target.ip.value] {
+            let snapshot = proxy.snapshot
+            if let set = snapshot.authorization[target.ip.value] {
                 var request = base
-                request.http = Authorize.http(head, paths: proxy.snapshot.table.pathNormalization ?? .base)
+                request.http = Authorize.http(head, paths: snapshot.table.pathNormalization ?? .base)
                 let decision = set.evaluate(request)
                 Authorize.record(proxy, decision, target: target.description)
                 guard decision.allowed else {
