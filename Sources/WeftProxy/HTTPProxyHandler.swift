@@ -852,14 +852,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 return retryOrFail(.serviceUnavailable, "weft: \(key) could not be reached from its node\n", sentNothing: true)
             }
             let code = Int(head.status.code)
-            if let grpc = Self.grpcOutcome(head.headers) {
+            // (Read once: the outcome, a gRPC retry and the metrics label use it.)
+            let grpcStatus = head.headers.first(name: "grpc-status")
+            if let grpc = grpcStatus.flatMap(Self.grpcOutcome(status:)) {
                 recordOutcome(grpc)  // trailers-only: the status is in the head
             } else if code < 300, head.headers.first(name: "content-type")?.hasPrefix("application/grpc") == true {
                 r.grpcOutcomePending = true
             } else {
                 recordOutcome(code >= 500 ? .serverError(code) : .success)
             }
-            if shouldRetry(status: head.status) || shouldRetry(grpc: head.headers), let budgetOK = withdrawRetry(), budgetOK,
+            if shouldRetry(status: head.status) || shouldRetry(grpc: grpcStatus), let budgetOK = withdrawRetry(), budgetOK,
                retryAllowedByBreaker() {
                 r.upstream?.close()
                 r.upstream = nil
@@ -882,7 +884,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
             r.responseStarted = true
             record?.status = Int(head.status.code)
-            if let status = head.headers.first(name: "grpc-status") { record?.grpcStatus = Substring(status) }
+            if let grpcStatus { record?.grpcStatus = Substring(grpcStatus) }
             Self.stripHopByHop(&head.headers, keepUpgrade: false)
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
             if let cookie = r.setCookie { head.headers.add(name: "set-cookie", value: cookie) }
@@ -922,10 +924,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 context.write(wrapOutboundOut(.head(held)), promise: nil)
             }
             let keepAlive = r.keepAlive
-            if let status = trailers?.first(name: "grpc-status") { record?.grpcStatus = Substring(status) }
+            let trailerStatus = trailers?.first(name: "grpc-status")
+            if let trailerStatus { record?.grpcStatus = Substring(trailerStatus) }
             if r.grpcOutcomePending {
                 r.grpcOutcomePending = false
-                recordOutcome(trailers.flatMap(Self.grpcOutcome) ?? .success)
+                recordOutcome(trailerStatus.flatMap(Self.grpcOutcome(status:)) ?? .success)
             }
             endAttempt(success: true)
             complete(record?.status ?? 0)
@@ -989,10 +992,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// in the head, no message sent back) that the retry policy names:
     /// tried again whatever the method, as gRPC's own retry does before a
     /// call is committed, once the request was received, and kept, whole.
-    private func shouldRetry(grpc headers: HTTPHeaders) -> Bool {
+    private func shouldRetry(grpc text: String?) -> Bool {
         guard let r = request, let retry = r.action.retry, let statuses = retry.grpcStatuses, !statuses.isEmpty,
-              r.attempts <= retry.attempts, r.ended, r.replay != nil,
-              let text = headers.first(name: "grpc-status"), let status = Int(text) else { return false }
+              r.attempts <= retry.attempts, r.ended, r.replay != nil, let text, let status = Int(text) else { return false }
         return statuses.contains(status)
     }
 
@@ -1320,7 +1322,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// caller's or the call's own outcome, not the backend's failure. nil
     /// when there is no status.
     static func grpcOutcome(_ headers: HTTPHeaders) -> OutlierDetector.Outcome? {
-        guard let text = headers.first(name: "grpc-status"), let status = Int(text) else { return nil }
+        headers.first(name: "grpc-status").flatMap(grpcOutcome(status:))
+    }
+
+    /// The same for a `grpc-status` value already read.
+    static func grpcOutcome(status text: String) -> OutlierDetector.Outcome? {
+        guard let status = Int(text) else { return nil }
         switch status {
         case 2, 13, 15: return .serverError(500)
         case 12: return .serverError(501)
