@@ -142,7 +142,7 @@ enum Express {
     }
     /// Routes `request` as the full path does and picks its backend;
     /// `handOver` when the request needs the full path (filters, retries,
-    /// timeouts, a non-HTTP/1.1 upstream,
+    /// timeouts, a persistent session, a non-HTTP/1.1 upstream,
     /// AuthorizationPolicy on the pod, no backend the pod may reach, every
     /// one at its circuit breaker's maxRequests: the full path then
     /// answers). `header` gives a field's first value, for a policy that
@@ -159,7 +159,8 @@ enum Express {
         // A path that is not plain is normalized on the full path (RequestPath).
         guard RequestPath.isPlain(request.path, mode: snapshot.table.pathNormalization ?? .base) else { return .handOver }
         guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
-              action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return .handOver }
+              action.timeouts.request == nil, action.timeouts.backendRequest == nil, action.session == nil
+        else { return .handOver }
         guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return .handOver }

@@ -134,6 +134,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         var hash: UInt64?
         /// A hash cookie minted for this request, set on its response.
         var setCookie: String?
+        /// The rule's persistent session (sessionPersistence).
+        var session: StickySession?
         /// Counted in the cluster's retries in progress (circuitBreaker.maxRetries).
         var retrying = false
 
@@ -481,9 +483,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 mirrors.append(m)
             }
         }
-        // (The express path's draw stands for a request it hands over.)
+        // A persistent session's backend, whatever the weights say; else
+        // the express path's draw stands for a request it hands over.
+        var session = action.session.map { StickySession(rule: $0, headers: head.headers, match: match, now: StickySession.now()) }
+        let pinned = session?.pin(action.backends, endpoints: snapshot.endpoints)
         let drawn = handed.flatMap { h in action.backends.first { $0.cluster == h.cluster && $0.weight > 0 } }
-        guard let cluster = drawn ?? loop.flatMap({ Self.pickCluster(action.backends, using: &$0.random) }) else {
+        guard let cluster = pinned ?? drawn ?? loop.flatMap({ Self.pickCluster(action.backends, using: &$0.random) }) else {
             let reason = action.backends.isEmpty ? "has no backendRefs" : "has only backends of weight 0"
             record?.flags.append("NR")
             return respondLocally(head, .internalServerError, "weft: route \(action.name) \(reason)\n", keepAlive: keepAlive)
@@ -552,6 +557,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let r = RequestState(head: head, upstreamHead: upstream, snapshot: snapshot, action: action, cluster: cluster,
                              responseModifiers: responseModifiers, mirrors: mirrors, keepAlive: keepAlive,
                              idempotent: idempotent && !isUpgrade, isUpgrade: isUpgrade)
+        r.session = session
         request = r
         stall.moved()
         if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
@@ -617,7 +623,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
-        if let runtime = r.runtime {
+        if r.tried.isEmpty, let pinned = r.session?.pinned, sessionBackend(pinned, r, loop) {
+            // (Its slot taken, when the cluster has a TrafficPolicy.)
+            key = pinned
+            r.hold = r.runtime.flatMap { rt in rt.index[pinned].map { ClusterRuntime.Hold(rt, $0) } }
+        } else if let runtime = r.runtime {
             switch loop.pick(runtime, hash: r.hash, excluding: excluded, proxy: proxy, generation: r.snapshot.generation,
                              source: origin.source) {
             case .picked(let candidate):
@@ -697,6 +707,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             return waitForConnection(id: id, key: key, counters: counters, deadline: .now() + timeout, timeout: timeout)
         }
         connect(id: id, key: key, counters: counters)
+    }
+
+    /// Whether a persistent session's backend takes this first attempt:
+    /// the client may reach it, and under a TrafficPolicy it is not ejected
+    /// and its slot is free (then taken). Else the request is balanced as
+    /// usual, and its response begins a new session.
+    private func sessionBackend(_ key: EndpointKey, _ r: RequestState, _ loop: LoopState) -> Bool {
+        guard loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: key.ip,
+                           port: key.port, node: key.node) else { return false }
+        guard let runtime = r.runtime else { return true }
+        guard let i = runtime.index[key], !runtime.backends[i].isEjected(NIODeadline.now().uptimeNanoseconds) else { return false }
+        return runtime.reserve(key)
     }
 
     private func connect(id: Int, key: EndpointKey, counters: ClusterRuntime.Backend?) {
@@ -888,6 +910,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             Self.stripHopByHop(&head.headers, keepUpgrade: false)
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
             if let cookie = r.setCookie { head.headers.add(name: "set-cookie", value: cookie) }
+            if let session = r.session, let endpoint = r.endpoint,
+               let field = session.responseField(endpoint: endpoint, now: StickySession.now()) {
+                head.headers.add(name: field.name, value: field.value)
+            }
             head.version = r.head.version
             if !isHTTP2 && !r.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "close") }
             proxy.stats.response(Int(head.status.code))

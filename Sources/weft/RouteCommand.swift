@@ -100,8 +100,15 @@ struct RouteCommand: ParsableCommand {
             }
             lines.append("timeouts: " + (timeouts.isEmpty ? "none" : timeouts.joined(separator: ", ")))
             if let retry { lines.append("retry:    " + retry) }
+            let session = action.session.map { s in
+                ["\(s.kind == .cookie ? "cookie" : "header") \(s.name)",
+                 s.absoluteSeconds.map { "absoluteTimeout \($0)s" }, s.idleSeconds.map { "idleTimeout \($0)s" },
+                 s.permanent ? "Permanent" : nil].compactMap { $0 }.joined(separator: ", ")
+            }
+            if let session { lines.append("session:  " + session + " (a client's session goes to its backend first)") }
             report(["request": what, "routes": scope, "rule": action.name, "match": match.map(Self.describe) ?? NSNull(),
-                    "filters": filters, "backends": backendJSON, "timeouts": timeouts, "retry": retry ?? NSNull()], text: lines)
+                    "filters": filters, "backends": backendJSON, "timeouts": timeouts, "retry": retry ?? NSNull(),
+                    "session": session ?? NSNull()], text: lines)
         }
 
         private func report(_ json: [String: Any], text: [String]) {

@@ -298,3 +298,81 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         #expect(rewrite.hostname == "api.shop.svc")
     }
 }
+
+/// `sessionPersistence` on a route rule (GEP-1619): read into the rule, made
+/// a SessionRule of the proxy's table with a name of the rule's own when it
+/// gives none, and every bad value refused naming its field.
+@Suite struct SessionPersistenceTests {
+    @Test func rulesKeepTheirOwnSessions() throws {
+        let s = try state(webRoute("""
+              - matches: [{path: {type: PathPrefix, value: /cart}}]
+                backendRefs: [{name: web, port: 80, weight: 0}, {name: canary, port: 80}]
+                sessionPersistence: {sessionName: cart, absoluteTimeout: 1h, idleTimeout: 90s, cookieConfig: {lifetimeType: Permanent}}
+              - matches: [{path: {type: PathPrefix, value: /a}}]
+                backendRefs: [{name: web, port: 80}]
+                sessionPersistence: {}
+              - matches: [{path: {type: PathPrefix, value: /b}}]
+                backendRefs: [{name: web, port: 80}]
+                sessionPersistence: {type: Header}
+              - backendRefs: [{name: web, port: 80}]
+            """))
+        let table = ProxyTable(s)
+        let actions = table.frontends["198.19.0.10:80"]?.actions ?? []
+        let sessions = Dictionary(uniqueKeysWithValues: actions.map { ($0.name, $0.session) })
+        let cart = try #require(sessions["shop/r#0"] ?? nil)
+        #expect(cart.name == "cart" && cart.kind == .cookie && cart.absoluteSeconds == 3600 && cart.idleSeconds == 90 && cart.permanent)
+        let a = try #require(sessions["shop/r#1"] ?? nil), b = try #require(sessions["shop/r#2"] ?? nil)
+        #expect(a.name.hasPrefix("weft-session-") && a.name.count == 21 && a.kind == .cookie && !a.permanent, "\(a)")
+        #expect(b.name.hasPrefix("x-weft-session-") && b.kind == .header && a.tag != b.tag && a.tag != cart.tag, "\(a) \(b)")
+        #expect(a.absoluteSeconds == nil && a.idleSeconds == nil)
+        #expect(sessions["shop/r#3"] == .some(nil), "a rule without sessionPersistence has none")
+        // The same route read again (another node, a restarted agent) gives the same names and tags.
+        #expect(ProxyTable(try state(webRoute("""
+              - matches: [{path: {type: PathPrefix, value: /cart}}]
+                backendRefs: [{name: web, port: 80}]
+              - matches: [{path: {type: PathPrefix, value: /a}}]
+                backendRefs: [{name: web, port: 80}]
+                sessionPersistence: {}
+            """))).frontends["198.19.0.10:80"]?.actions.first { $0.name == "shop/r#1" }?.session == a)
+    }
+
+    @Test(arguments: [
+        ("{type: Sticky}", "sessionPersistence.type", "must be Cookie or Header"),
+        ("{sessionName: \"my session\"}", "sessionPersistence.sessionName", "not a valid header name"),
+        ("{sessionName: \(String(repeating: "s", count: 129))}", "sessionPersistence.sessionName", "at most 128"),
+        ("{absoluteTimeout: 1d}", "sessionPersistence.absoluteTimeout", "not a Gateway API duration"),
+        ("{idleTimeout: 500ms}", "sessionPersistence.idleTimeout", "at least 1s"),
+        ("{absoluteTimeout: 0s}", "sessionPersistence.absoluteTimeout", "at least 1s"),
+        ("{cookieConfig: {lifetimeType: Permanent}}", "sessionPersistence.cookieConfig.lifetimeType", "Permanent needs absoluteTimeout"),
+        ("{cookieConfig: {lifetimeType: Forever}}", "sessionPersistence.cookieConfig.lifetimeType", "must be Session or Permanent"),
+        ("{type: Header, absoluteTimeout: 1h, cookieConfig: {lifetimeType: Permanent}}", "sessionPersistence.cookieConfig", "applies to type Cookie"),
+        ("{sessionName: a, stickiness: true}", "sessionPersistence.stickiness", "unknown field"),
+    ])
+    func badValuesNameTheirField(value: String, field: String, reason: String) {
+        let text = routeErrors("""
+              - backendRefs: [{name: web, port: 80}]
+                sessionPersistence: \(value)
+            """).map(\.description).joined(separator: "\n")
+        #expect(text.contains("t.yaml:6:spec.rules[0].\(field)") && text.contains(reason), "\(text)")
+    }
+
+    @Test func aRedirectKeepsNoSessionAndGRPCRoutesTakeOne() throws {
+        let redirect = routeErrors("""
+              - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301, hostname: b.shop}}]
+                sessionPersistence: {}
+            """).map(\.description).joined(separator: "\n")
+        #expect(redirect.contains("t.yaml:6:spec.rules[0].sessionPersistence: a rule with a RequestRedirect"), "\(redirect)")
+        let s = try state("""
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: GRPCRoute
+            metadata: {name: g, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web}]
+              rules:
+              - backendRefs: [{name: web, port: 80}]
+                sessionPersistence: {type: Header, sessionName: x-user-session}
+            """)
+        let session = ProxyTable(s).frontends["198.19.0.10:80"]?.actions.first?.session
+        #expect(session?.name == "x-user-session" && session?.kind == .header, "\(String(describing: session))")
+    }
+}

@@ -86,6 +86,7 @@ import Testing
               rules:
               - backendRefs: [{name: web, port: 80, weight: 3}, {name: web-v2, port: 80, weight: 1}]
                 timeouts: {request: 1500ms}
+                sessionPersistence: {sessionName: cart, absoluteTimeout: 1h}
             ---
             apiVersion: gateway.networking.k8s.io/v1
             kind: HTTPRoute
@@ -104,6 +105,7 @@ import Testing
               rules:
               - matches: [{method: {service: shop.Catalog, method: List}}]
                 backendRefs: [{name: web, port: 80}]
+                sessionPersistence: {type: Header, idleTimeout: 10m}
             """)
         func check(_ args: [String]) throws -> (status: Int32, output: String) {
             let r = try LabHarness.run(["route", "check", "-f", config] + args)
@@ -114,7 +116,8 @@ import Testing
         #expect(producer.output.contains("rule:     shop/split#0") && producer.output.contains("the Service's own routes"), "\(producer.output)")
         #expect(producer.output.contains("shop/web:80 weight 3 (75.0%): 198.18.1.20:8080 (n1), 198.18.2.20:8080 (n2)")
                 && producer.output.contains("shop/web-v2:80 weight 1 (25.0%): 198.18.2.20:8080 (n2)")
-                && producer.output.contains("timeouts: request 1500ms"), "\(producer.output)")
+                && producer.output.contains("timeouts: request 1500ms")
+                && producer.output.contains("session:  cookie cart, absoluteTimeout 3600s (a client's session"), "\(producer.output)")
         let consumer = try check(["--to", "198.19.0.10:80", "--from", "front/app", "--path", "/v2/x", "-H", "X-Team: front"])
         #expect(consumer.status == 0 && consumer.output.contains("rule:     front/pinned#0")
                 && consumer.output.contains("the consumer routes of namespace front")
@@ -131,6 +134,10 @@ import Testing
         let json = try JSONSerialization.jsonObject(with: Data(grpc.output.utf8)) as? [String: Any]
         #expect(grpc.status == 0 && json?["rule"] as? String == "shop/rpc#0" && json?["match"] as? String == "gRPC shop.Catalog/List",
                 "\(grpc.output)")
+        // (A rule's own header name when it gives none: no two rules share one.)
+        let session = json?["session"] as? String ?? ""
+        #expect(session.hasPrefix("header x-weft-session-") && session.hasSuffix(", idleTimeout 600s"), "\(grpc.output)")
+        #expect(!(consumer.output.contains("session:")), "\(consumer.output)")
         let l4 = try check(["--to", "shop/db"])
         #expect(l4.status != 0 && l4.output.contains("no Service port the proxy handles"), "\(l4.output)")
         let nobody = try check(["--to", "shop/web", "--from", "shop/ghost"])

@@ -42,8 +42,8 @@ extension HTTPRoute.Rule {
         }
         timeouts = HTTPRoute.Timeouts()
         retry = nil
-        if try r.mapping("sessionPersistence") != nil {
-            throw r.error("sessionPersistence", "not supported by Weft")
+        sessionPersistence = try r.mapping("sessionPersistence").map { s throws(ManifestError) in
+            try SessionPersistence(s, at: location)
         }
         try r.finish()
     }

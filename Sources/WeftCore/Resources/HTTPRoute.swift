@@ -49,6 +49,7 @@ public struct HTTPRoute: Hashable, Sendable {
         public var backendRefs: [BackendRef]
         public var timeouts: Timeouts
         public var retry: Retry?
+        public var sessionPersistence: SessionPersistence? = nil
     }
 
     public struct Match: Hashable, Sendable, Codable {
@@ -253,14 +254,17 @@ extension HTTPRoute.Rule {
             }
         }
         retry = try r.mapping("retry").map { t throws(ManifestError) in try HTTPRoute.Retry(t, at: location) }
-        if try r.mapping("sessionPersistence") != nil {
-            throw r.error("sessionPersistence", "not supported by Weft")
+        sessionPersistence = try r.mapping("sessionPersistence").map { s throws(ManifestError) in
+            try SessionPersistence(s, at: location)
         }
         try r.finish()
         let redirects = filters.filter { if case .requestRedirect = $0 { true } else { false } }.count
         let rewrites = filters.filter { if case .urlRewrite = $0 { true } else { false } }.count
         if redirects > 0 && rewrites > 0 {
             throw ManifestError(location, field: "\(path).filters", "RequestRedirect and URLRewrite cannot be used together")
+        }
+        if redirects > 0 && sessionPersistence != nil {
+            throw ManifestError(location, field: "\(path).sessionPersistence", "a rule with a RequestRedirect filter sends no request upstream to keep a session with")
         }
         if redirects > 0 && !backendRefs.isEmpty {
             throw ManifestError(location, field: "\(path).backendRefs", "a rule with a RequestRedirect filter sends no request upstream; remove its backendRefs")

@@ -227,6 +227,36 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         public var backends: [WeightedCluster]
         public var timeouts: HTTPRoute.Timeouts
         public var retry: HTTPRoute.Retry?
+        /// The rule's sessionPersistence.
+        public var session: SessionRule? = nil
+    }
+
+    /// A rule's `sessionPersistence` as the proxy applies it: the name of
+    /// its cookie or header (the rule's own when it gives none, so that no
+    /// two rules share a session), timeouts in whole seconds, and a tag
+    /// that tells the rule's tokens from any other rule's.
+    public struct SessionRule: Codable, Hashable, Sendable {
+        public var name: String
+        public var kind: SessionPersistence.Kind
+        public var absoluteSeconds: UInt64?
+        public var idleSeconds: UInt64?
+        public var permanent: Bool
+        public var tag: UInt32
+
+        /// For the rule named `label` ("namespace/route#rule").
+        public init(_ s: SessionPersistence, label: String) {
+            // FNV-1a: stable across processes and nodes, as a token must be.
+            var h: UInt32 = 0x811c_9dc5
+            for b in label.utf8 { h = (h ^ UInt32(b)) &* 0x0100_0193 }
+            tag = h
+            let hex = String(h, radix: 16)
+            let suffix = String(repeating: "0", count: 8 - hex.count) + hex
+            name = s.sessionName ?? (s.kind == .cookie ? "weft-session-\(suffix)" : "x-weft-session-\(suffix)")
+            kind = s.kind
+            absoluteSeconds = s.absoluteTimeout.map { UInt64($0.components.seconds) }
+            idleSeconds = s.idleTimeout.map { UInt64($0.components.seconds) }
+            permanent = s.permanent
+        }
     }
 
     public struct WeightedCluster: Codable, Hashable, Sendable {
@@ -435,7 +465,8 @@ extension ProxyTable {
                     }
                     let label = rule.name.map { "\(route.metadata.qualifiedName)#\($0)" } ?? "\(route.metadata.qualifiedName)#\(r)"
                     actions.append(RouteAction(name: label, filters: resolved(rule.filters), backends: backends,
-                                               timeouts: policy.bound(rule.timeouts), retry: rule.retry ?? policy?.retry))
+                                               timeouts: policy.bound(rule.timeouts), retry: rule.retry ?? policy?.retry,
+                                               session: rule.sessionPersistence.map { SessionRule($0, label: label) }))
                     for (m, match) in rule.matches.enumerated() {
                         entries.append((RouteMatchEntry(match: match, action: actions.count - 1),
                                         RouteOrder(match, route: route.metadata.qualifiedName, rule: r, index: m)))

@@ -1,0 +1,129 @@
+import Glibc
+import NIOHTTP1
+import WeftCore
+import WeftKernel
+
+/// A route rule's persistent session (`sessionPersistence`, GEP-1619) for
+/// one request, on the full path (the express paths hand such rules over).
+///
+/// The session is a token the client keeps, in a cookie or a header, that
+/// names the backend (pod address and port) it began on, the rule it
+/// belongs to, when it began and when it was last used: the proxy keeps no
+/// table, so any node's proxy, a restarted one included, honours it. A
+/// request with a valid token goes to that backend, whatever the rule's
+/// weights say (a backendRef of weight 0 included), as long as the backend
+/// is ready, the client may reach it and it is not ejected or at its
+/// circuit breaker's maxRequests; otherwise the request is balanced as
+/// usual and the response begins a new session. A token only ever picks
+/// among the rule's own ready backends, so a forged one gains nothing a
+/// client could not get by retrying.
+struct StickySession {
+    let rule: ProxyTable.SessionRule
+    /// The token the request carried, when it is this rule's and neither
+    /// timeout has passed.
+    let token: Token?
+    /// The backend the token names, when it is one of the rule's ready ones.
+    var pinned: EndpointKey?
+    /// The cookie's Path: the path the rule matched, to its literal part.
+    let path: String
+
+    struct Token: Equatable {
+        var tag: UInt32
+        var ip: UInt32
+        var port: UInt16
+        /// Wall-clock seconds: when the session began, when it was last used.
+        var started: UInt64
+        var seen: UInt64
+    }
+
+    init(rule: ProxyTable.SessionRule, headers: HTTPHeaders, match: HTTPRoute.Match?, now: UInt64) {
+        self.rule = rule
+        let value: Substring? = switch rule.kind {
+        case .cookie: ClusterRuntime.cookie(rule.name, in: headers)
+        case .header: headers.first(name: rule.name).map { Substring($0) }
+        }
+        token = value.flatMap(Self.decode).flatMap { Self.valid($0, rule, now: now) ? $0 : nil }
+        path = Self.cookiePath(match)
+    }
+
+    /// The rule's backend its token names, looked up in the clusters of
+    /// `backends` (weight 0 too): the backend and its cluster.
+    mutating func pin(_ backends: [ProxyTable.WeightedCluster],
+                      endpoints: [String: [EndpointKey]]) -> ProxyTable.WeightedCluster? {
+        guard let t = token else { return nil }
+        for cluster in backends {
+            if let key = endpoints[cluster.cluster]?.first(where: { $0.ip.value == t.ip && $0.port == t.port }) {
+                pinned = key
+                return cluster
+            }
+        }
+        return nil
+    }
+
+    static func valid(_ t: Token, _ rule: ProxyTable.SessionRule, now: UInt64) -> Bool {
+        guard t.tag == rule.tag, t.started <= t.seen, t.seen <= now + 60 else { return false }
+        if let limit = rule.absoluteSeconds, now >= t.started &+ limit { return false }
+        if let limit = rule.idleSeconds, now >= t.seen &+ limit { return false }
+        return true
+    }
+
+    /// The field the response carries for a request answered by
+    /// `endpoint`: a new session when the request had none or went
+    /// elsewhere, the same one touched when an idle timeout needs its
+    /// last use; nil when the client's token stands as it is.
+    func responseField(endpoint: EndpointKey, now: UInt64) -> (name: String, value: String)? {
+        let same = token.map { $0.ip == endpoint.ip.value && $0.port == endpoint.port } ?? false
+        if same && rule.idleSeconds == nil { return nil }
+        let started = same ? token?.started ?? now : now
+        let value = Self.encode(Token(tag: rule.tag, ip: endpoint.ip.value, port: endpoint.port, started: started, seen: now))
+        switch rule.kind {
+        case .header:
+            return (rule.name, value)
+        case .cookie:
+            var cookie = "\(rule.name)=\(value); Path=\(path); HttpOnly"
+            if rule.permanent, let limit = rule.absoluteSeconds {
+                let age = now > started ? now - started : 0
+                cookie += "; Max-Age=\(age < limit ? limit - age : 1)"
+            }
+            return ("set-cookie", cookie)
+        }
+    }
+
+    /// Five lower-case hex numbers joined by dots: safe in a cookie and a
+    /// header value as they are.
+    static func encode(_ t: Token) -> String {
+        "\(String(t.tag, radix: 16)).\(String(t.ip, radix: 16)).\(String(t.port, radix: 16))."
+            + "\(String(t.started, radix: 16)).\(String(t.seen, radix: 16))"
+    }
+
+    static func decode(_ text: Substring) -> Token? {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 5, parts.allSatisfy({ (1...16).contains($0.count) }),
+              let tag = UInt32(parts[0], radix: 16), let ip = UInt32(parts[1], radix: 16),
+              let port = UInt16(parts[2], radix: 16), let started = UInt64(parts[3], radix: 16),
+              let seen = UInt64(parts[4], radix: 16) else { return nil }
+        return Token(tag: tag, ip: ip, port: port, started: started, seen: seen)
+    }
+
+    /// GEP-1619's cookie Path for the match the request took: a prefix or
+    /// exact path as it is; a regular expression's literal beginning, up to
+    /// its last "/" ("/p1/p2/.*/p3" gives "/p1/p2"); "/" for everything
+    /// else, and for a path a cookie attribute could not carry.
+    static func cookiePath(_ match: HTTPRoute.Match?) -> String {
+        let path: Substring
+        switch match?.path {
+        case .exact(let p)?, .prefix(let p)?:
+            path = Substring(p)
+        case .regularExpression(let re)?:
+            let literal = re.prefix { !"\\.^$*+?()[]{}|".contains($0) }
+            path = literal.lastIndex(of: "/").map { literal[..<$0] } ?? ""
+        case nil:
+            path = "/"
+        }
+        guard path.hasPrefix("/"), path.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ";") }) else { return "/" }
+        return String(path)
+    }
+
+    /// Wall-clock seconds, as tokens count time (they outlive the process).
+    static func now() -> UInt64 { UInt64(max(0, time(nil))) }
+}
