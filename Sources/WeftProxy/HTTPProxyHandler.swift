@@ -623,7 +623,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
-        if r.tried.isEmpty, let pinned = r.session?.pinned, sessionBackend(pinned, r, loop) {
+        if r.tried.isEmpty, let pinned = r.session?.pinned, endpoints.contains(pinned), sessionBackend(pinned, r, loop) {
             // (Its slot taken, when the cluster has a TrafficPolicy.)
             key = pinned
             r.hold = r.runtime.flatMap { rt in rt.index[pinned].map { ClusterRuntime.Hold(rt, $0) } }

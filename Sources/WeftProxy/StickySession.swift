@@ -31,7 +31,7 @@ struct StickySession {
         var tag: UInt32
         var ip: UInt32
         var port: UInt16
-        /// Wall-clock seconds: when the session began, when it was last used.
+        /// Wall-clock milliseconds: when the session began, when it was last used.
         var started: UInt64
         var seen: UInt64
     }
@@ -61,9 +61,9 @@ struct StickySession {
     }
 
     static func valid(_ t: Token, _ rule: ProxyTable.SessionRule, now: UInt64) -> Bool {
-        guard t.tag == rule.tag, t.started <= t.seen, t.seen <= now + 60 else { return false }
-        if let limit = rule.absoluteSeconds, now >= t.started &+ limit { return false }
-        if let limit = rule.idleSeconds, now >= t.seen &+ limit { return false }
+        guard t.tag == rule.tag, t.started <= t.seen, t.seen <= now + 60_000 else { return false }
+        if let limit = rule.absoluteSeconds, now >= t.started &+ limit * 1000 { return false }
+        if let limit = rule.idleSeconds, now >= t.seen &+ limit * 1000 { return false }
         return true
     }
 
@@ -82,7 +82,7 @@ struct StickySession {
         case .cookie:
             var cookie = "\(rule.name)=\(value); Path=\(path); HttpOnly"
             if rule.permanent, let limit = rule.absoluteSeconds {
-                let age = now > started ? now - started : 0
+                let age = now > started ? (now - started) / 1000 : 0
                 cookie += "; Max-Age=\(age < limit ? limit - age : 1)"
             }
             return ("set-cookie", cookie)
@@ -124,6 +124,10 @@ struct StickySession {
         return String(path)
     }
 
-    /// Wall-clock seconds, as tokens count time (they outlive the process).
-    static func now() -> UInt64 { UInt64(max(0, time(nil))) }
+    /// Wall-clock milliseconds, as tokens count time (they outlive the process).
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(max(0, ts.tv_sec)) * 1000 + UInt64(max(0, ts.tv_nsec)) / 1_000_000
+    }
 }

@@ -31,7 +31,8 @@ import WeftCore
 /// (by hand, or under the address sanitizer: docs/proxy.md).
 @Suite(.serialized) struct ProxyFuzzTests {
     /// Answers every HTTP/1.1 request 200 `ok` once it has read it, and
-    /// `x-conn`: the connection it came on (the proxy's port on it); a
+    /// `x-conn`: the connection it came on (the proxy's port on it), and
+    /// `x-addr`: the address it was reached at (the pod: 127.0.0.1, .2); a
     /// request for `/early` as soon as its head is read, whatever of its
     /// body is still to come (as a server refusing an upload does).
     final class Backend: ChannelInboundHandler {
@@ -59,6 +60,9 @@ import WeftCore
             // (An HTTP/2 stream's channel tells its connection's address.)
             let peer = context.channel.remoteAddress ?? context.channel.parent?.remoteAddress
             headers.add(name: "x-conn", value: "\(peer?.port ?? 0)")
+            // The address it was reached at: which of the rig's pods answered.
+            let local = context.channel.localAddress ?? context.channel.parent?.localAddress
+            headers.add(name: "x-addr", value: local?.ipAddress ?? "-")
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: "ok\n")))), promise: nil)
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
