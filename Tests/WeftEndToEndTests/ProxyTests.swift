@@ -1298,6 +1298,70 @@ struct ProxyTests {
     /// backend sees the proxy's headers, pipelined requests are answered in
     /// order, HEAD has no body, Connection: close closes. A chunked request
     /// body is handed to the full path, and still answered.
+    /// HTTPRoute sessionPersistence through the real capture: a client's
+    /// session cookie keeps it on one pod, on this node or the other one
+    /// (through the mTLS tunnel), over HTTP/1.1 and h2c; then the route
+    /// switches blue to green (weights 100/0 to 0/100): a client in a
+    /// session stays on its blue pod, new ones go green. A Header session
+    /// works the same way.
+    @Test func sessionsKeepAClientOnItsPodAcrossNodesAndABlueGreenSwitch() throws {
+        func sessions(blue: Int, green: Int) -> String {
+            """
+            \(service("shop", ip: "198.19.1.70", selector: "{app: web}"))
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: shop, namespace: \(ns)}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: shop}]
+              rules:
+              - matches: [{path: {type: PathPrefix, value: /cart}}]
+                backendRefs: [{name: web-v1, port: 80, weight: \(blue)}, {name: web-v2, port: 80, weight: \(green)}]
+                sessionPersistence: {sessionName: cart, absoluteTimeout: 1h}
+              - matches: [{path: {type: PathPrefix, value: /api}}]
+                backendRefs: [{name: shop, port: 80}]
+                sessionPersistence: {type: Header, sessionName: x-shop-session}
+            """
+        }
+        let lab = try startLab(files: ["sessions.yaml": sessions(blue: 100, green: 0)])
+        defer { lab.down() }
+        // New sessions until one begins on n2's blue pod (each lands on
+        // v1-a or v1-b); every session's 12 requests go to its first pod.
+        var remote: String?
+        for _ in 0..<24 where remote == nil {
+            let run = try lab.load(in: "client", ["cookie", "http://198.19.1.70/cart/items", "12", "cart"])
+            let pods = (run["pods"] as? [String: Int]) ?? [:]
+            let setCookie = run["set_cookie"] as? String ?? ""
+            #expect(pods.count == 1 && pods.values.first == 12 && ["v1-a", "v1-b"].contains(pods.keys.first ?? ""), "\(run)")
+            #expect(setCookie.hasPrefix("cart=") && setCookie.hasSuffix("; Path=/cart; HttpOnly"), "\(run)")
+            if pods.keys.first == "v1-b" { remote = setCookie.split(separator: ";").first.map(String.init) }
+        }
+        let jar = try #require(remote, "no session began on v1-b (n2) in 24")
+        // The same session over h2c, and as HTTP/1.1 from curl.
+        for _ in 0..<4 {
+            let h2 = try lab.tool(in: "client", ["h2-request", "198.19.1.70", "80", "/cart/h2", "cookie=\(jar)"])
+            #expect(h2["status"] as? String == "200" && h2["x-pod"] as? String == "v1-b" && h2["set-cookie"] == nil, "h2c: \(h2)")
+        }
+        // Blue to green: the session stays on blue, new clients go green.
+        let before = try lab.generations()
+        try lab.write("sessions.yaml", sessions(blue: 0, green: 100))
+        try lab.waitForGeneration(after: before)
+        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        for _ in 0..<6 {
+            let kept = try curl(lab, "http://198.19.1.70/cart/pay", ["-H", "cookie: theme=dark; \(jar)"])
+            #expect(kept.0 == 200 && kept.1["x-pod"] == "v1-b" && kept.1["set-cookie"] == nil, "in a session: \(kept.1)")
+            let new = try curl(lab, "http://198.19.1.70/cart/pay")
+            #expect(new.0 == 200 && new.1["x-pod"] == "v2" && new.1["set-cookie"]?.hasPrefix("cart=") == true, "new: \(new.1)")
+        }
+        // A Header session: the answer names it, the client sends it back.
+        let first = try curl(lab, "http://198.19.1.70/api/a", ["--http2-prior-knowledge"])
+        let token = try #require(first.1["x-shop-session"], "\(first.1)")
+        for _ in 0..<6 {
+            let next = try curl(lab, "http://198.19.1.70/api/b", ["-H", "x-shop-session: \(token)"])
+            #expect(next.0 == 200 && next.1["x-pod"] == first.1["x-pod"] && next.1["x-shop-session"] == nil, "\(next.1) after \(first.1)")
+        }
+    }
+
     @Test func expressPathForwardsPlainRequestsAndHandsOverTheRest() throws {
         let lab = try startLab()
         defer { lab.down() }
