@@ -1,6 +1,7 @@
 import Glibc
 import NIOCore
 import NIOHTTP1
+import NIOHTTP2
 import WeftCore
 import WeftKernel
 
@@ -961,6 +962,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             finish()
             let written = context.writeAndFlush(wrapOutboundOut(.end(trailers)))
             lastEnd = written
+            stopRequestBody(context)
             written.assumeIsolated().whenComplete { _ in
                 if (!keepAlive || self.quiescing || self.clientGone) && !self.isHTTP2 { self.endConnection(context) }
             }
@@ -1272,6 +1274,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         respondLocally(head, status, body, keepAlive: keepAlive)
     }
 
+    /// RFC 9113 8.1: an HTTP/2 stream answered whole while its request is
+    /// still coming (a backend that answered an upload at its head, a
+    /// local answer) is reset NO_ERROR after the response's end, so that
+    /// the client stops sending what nobody will read. (Written past the
+    /// HTTP/1 translation, as the frame it is.)
+    private func stopRequestBody(_ context: ChannelHandlerContext) {
+        guard isHTTP2, receiving,
+              let codec = try? context.pipeline.syncOperations.context(handlerType: HTTP2FramePayloadToHTTP1ServerCodec.self)
+        else { return }
+        codec.writeAndFlush(NIOAny(HTTP2Frame.FramePayload.rstStream(.noError)), promise: nil)
+    }
+
     private func respondLocally(_ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
                                 keepAlive: Bool, extraHeaders: [(String, String)] = []) {
         guard let context else { return }
@@ -1291,6 +1305,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let isHTTP2 = self.isHTTP2
         let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         lastEnd = written
+        stopRequestBody(context)
         written.assumeIsolated().whenComplete { _ in
             if (!keepAlive || self.quiescing || self.clientGone) && !isHTTP2 { self.endConnection(context) }
         }
