@@ -40,6 +40,12 @@ import Testing
           rules:
           - matches: [{path: {type: PathPrefix, value: /scan}}]
             backendRefs: [{name: api-v1, namespace: shop, port: 80}]
+            sessionPersistence:
+              sessionName: scan
+              type: Cookie
+              absoluteTimeout: 1h
+              idleTimeout: 10m
+              cookieConfig: {lifetimeType: Permanent}
         """
 
     static let seeds = demo + [("fuzz-routes.yaml", routes)]
@@ -49,7 +55,7 @@ import Testing
         "-1", "0", "65536", "99999999999999999999", "1e400", "0x10", "1.5", "true", "null", "~", "\"\"", "[]", "{}",
         "[a, b]", "{a: 1}", "é", "198.19.0.256", "10.0.0.0/33", "::1", "0s", "-5s", "9999999999h", "1ms", "5x",
         "\"(\"", "\"(a+)+$\"", "\"[z-a]\"", "TCP", "UDP", "SCTP", "ICMP", "http", "h2c", "kubernetes.io/h2c", "grpc",
-        "*", "&a x", "*a", "!!binary aGk=", "'", "\"", "\"\\u0000\"", String(repeating: "x", count: 300),
+        "*", "&a x", "*a", "Cookie", "Header", "Permanent", "Session", "!!binary aGk=", "'", "\"", "\"\\u0000\"", String(repeating: "x", count: 300),
         "-2147483649", "4294967296", "\"1/2\"", "/", "/..", "ALL", "Exact", "PathPrefix", "RegularExpression",
     ]
 
