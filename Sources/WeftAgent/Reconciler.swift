@@ -311,6 +311,11 @@ final class Reconciler {
                         backends: r.rules.flatMap { $0.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" } },
                         kind: r.kind.rawValue,
                         conflicted: conflicted["\(r.kind.rawValue) \(r.metadata.qualifiedName)"])
+                } + state.l4Routes.map { r in
+                    AgentStatus.RouteStatus(
+                        name: r.metadata.qualifiedName, parents: r.parentRefs.map(\.description), rules: 1,
+                        backends: r.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" },
+                        kind: r.kind.rawValue)
                 }
             }
             publishProxyStatus()

@@ -56,7 +56,15 @@ struct GetCommand: ParsableCommand {
                     let backends = f.backends.map { $0?.description ?? "(missing)" }
                     let name = names[f.frontend.description] ?? (status == nil ? "? (agent unreachable)" : "? (not in agent's config)")
                     let frontend = f.frontend.description + (f.affinityTimeout.map { " (ClientIP affinity \($0)s)" } ?? "")
-                    rows.append([node, name, frontend, backends.isEmpty ? "none (connect fails: ECONNREFUSED)" : backends.joined(separator: ", ")])
+                    // A TCPRoute's split gives a backend a slot per share: "x N" of the slots.
+                    var order: [String] = []
+                    var slots: [String: Int] = [:]
+                    for b in backends {
+                        if slots[b] == nil { order.append(b) }
+                        slots[b, default: 0] += 1
+                    }
+                    let shown = order.map { b in slots[b, default: 1] > 1 ? "\(b) x\(slots[b, default: 1])/\(backends.count)" : b }
+                    rows.append([node, name, frontend, backends.isEmpty ? "none (connect fails: ECONNREFUSED)" : shown.joined(separator: ", ")])
                     var entry: [String: Any] = ["node": node, "service": name, "frontend": f.frontend.description,
                                                 "serviceID": f.serviceID, "backends": backends]
                     if let seconds = f.affinityTimeout { entry["sessionAffinityTimeoutSeconds"] = Int(seconds) }

@@ -117,6 +117,37 @@ private func everyIntermediateStateIsConsistent(_ writes: [ServiceMapWrite], fro
                     && plain.slots[.init(frontend(), slot: 0)]?.backendID == 0)
     }
 
+    /// A TCPRoute's split names a backend in several slots: each keeps as
+    /// many as it is to have where it sat, and plans stay consistent and
+    /// agree with full plans as the shares change.
+    @Test func weightedSlotsKeepTheirPlacesAndCounts() {
+        #expect(ServiceMapPlanner.slotOrder(current: [1, 1, 2, 2], desired: [1, 2, 2, 2]) == [1, 2, 2, 2])
+        #expect(ServiceMapPlanner.slotOrder(current: [1, 1, 1, 2], desired: [1, 2]) == [1, 2])
+        #expect(ServiceMapPlanner.slotOrder(current: [1, 2], desired: [1, 1, 2, 3, 3]) == [1, 2, 1, 3, 3])
+        var rng = SystemRandomNumberGenerator()
+        var index = ServiceMapIndex()
+        var previous = ServiceTable()
+        for _ in 0..<200 {
+            var entries = previous.entries.mapValues(\.backends)
+            let f = frontend(UInt16.random(in: 80...83, using: &rng))
+            entries[f] = (2...UInt32.random(in: 2...5, using: &rng)).flatMap { b in
+                Array(repeating: backend(b), count: Int.random(in: 0...9, using: &rng))
+            }.shuffled(using: &rng)
+            let desired = table(entries)
+            let before = index.snapshot
+            let writes = ServiceMapPlanner.plan(desired: desired, index: &index, only: desired.changedFrontends(since: previous))
+            #expect(everyIntermediateStateIsConsistent(writes, from: before))
+            #expect(apply(writes, to: before) == index.snapshot)
+            #expect(ServiceMapPlanner.plan(desired: desired, current: index.snapshot).writes.isEmpty)
+            for fe in index.snapshot.frontends {
+                let have = Dictionary(fe.backends.compactMap { $0 }.map { ($0, 1) }, uniquingKeysWith: +)
+                let want = Dictionary((desired.entries[fe.frontend]?.backends ?? []).map { ($0, 1) }, uniquingKeysWith: +)
+                #expect(have == want)
+            }
+            previous = desired
+        }
+    }
+
     @Test func aServiceWithNoBackendsHasAMasterWithCountZero() {
         let (target, _) = ServiceMapPlanner.plan(desired: table([frontend(): []]), current: .init())
         #expect(target.slots[.init(frontend(), slot: 0)]?.count == 0)

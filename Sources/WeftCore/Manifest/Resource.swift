@@ -11,6 +11,8 @@ public enum Resource: Hashable, Sendable {
     case httpRoute(HTTPRoute)
     /// A GRPCRoute, read into the HTTPRoute model (`kind` .grpc).
     case grpcRoute(HTTPRoute)
+    /// A TCPRoute or UDPRoute (`kind`), carried out in the kernel.
+    case l4Route(L4Route)
     case meshConfig(MeshConfig)
     case trafficPolicy(TrafficPolicy)
     case peerAuthentication(PeerAuthentication)
@@ -24,6 +26,7 @@ public enum Resource: Hashable, Sendable {
         case .networkPolicy: "NetworkPolicy"
         case .httpRoute: "HTTPRoute"
         case .grpcRoute: "GRPCRoute"
+        case .l4Route(let r): r.kind.rawValue
         case .meshConfig: "MeshConfig"
         case .trafficPolicy: "TrafficPolicy"
         case .peerAuthentication: "PeerAuthentication"
@@ -38,6 +41,7 @@ public enum Resource: Hashable, Sendable {
         case .namespace(_, let m): m
         case .networkPolicy(let p): p.metadata
         case .httpRoute(let r), .grpcRoute(let r): r.metadata
+        case .l4Route(let r): r.metadata
         case .meshConfig(let m): m.metadata
         case .trafficPolicy(let p): p.metadata
         case .peerAuthentication(let p): p.metadata
@@ -51,6 +55,7 @@ public enum Resource: Hashable, Sendable {
         "networking.k8s.io/v1": ["NetworkPolicy"],
         "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy"],
         "gateway.networking.k8s.io/v1": ["HTTPRoute", "GRPCRoute"],
+        "gateway.networking.k8s.io/v1alpha2": ["TCPRoute", "UDPRoute"],
     ]
 
     init(document node: YAMLNode, at location: DocumentLocation) throws(ManifestError) {
@@ -86,6 +91,8 @@ public enum Resource: Hashable, Sendable {
         case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
         case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
         case "GRPCRoute": self = .grpcRoute(try HTTPRoute(spec: spec, metadata: metadata, kind: .grpc, at: location))
+        case "TCPRoute": self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .tcp, at: location))
+        case "UDPRoute": self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .udp, at: location))
         case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
         case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
         case "PeerAuthentication": self = .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))

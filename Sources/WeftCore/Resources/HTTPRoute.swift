@@ -172,7 +172,7 @@ extension HTTPRoute {
     /// read by `Rule(grpc:)`, GRPCRoute.swift).
     init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind = .http, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        let parents = try Self.parents(&spec, kind: kind, metadata: metadata, at: location)
+        let parents = try Self.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
         spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
         var rules: [Rule] = []
         if let ruleNodes = try spec.list("rules") {
@@ -193,10 +193,10 @@ extension HTTPRoute {
 extension HTTPRoute {
     /// `spec.parentRefs`: Services, in the route's namespace (a producer
     /// route) or another (a consumer route).
-    static func parents(_ spec: inout FieldReader, kind: Kind, metadata: ObjectMeta,
+    static func parents(_ spec: inout FieldReader, kind: String, metadata: ObjectMeta,
                         at location: DocumentLocation) throws(ManifestError) -> [ParentRef] {
         guard let parentNodes = try spec.list("parentRefs"), !parentNodes.isEmpty else {
-            throw spec.error("parentRefs", "a mesh \(kind.rawValue) needs at least one parentRef (a Service)")
+            throw spec.error("parentRefs", "a mesh \(kind) needs at least one parentRef (a Service)")
         }
         var parents: [ParentRef] = []
         for (path, node) in parentNodes {

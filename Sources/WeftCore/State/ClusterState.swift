@@ -10,6 +10,8 @@ public struct ClusterState: Hashable, Sendable {
     public private(set) var networkPolicies: [NetworkPolicy]
     /// HTTPRoutes and GRPCRoutes (`kind`), by namespace and name.
     public private(set) var httpRoutes: [HTTPRoute]
+    /// TCPRoutes and UDPRoutes (the kernel carries them out: ServiceTable).
+    public private(set) var l4Routes: [L4Route] = []
     public private(set) var trafficPolicies: [TrafficPolicy]
     public private(set) var peerAuthentications: [PeerAuthentication]
     public private(set) var authorizationPolicies: [AuthorizationPolicy]
@@ -91,6 +93,8 @@ public struct ClusterState: Hashable, Sendable {
                 state.networkPolicies.append(policy)
             case .httpRoute(let route), .grpcRoute(let route):
                 state.httpRoutes.append(route)
+            case .l4Route(let route):
+                state.l4Routes.append(route)
             case .trafficPolicy(let policy):
                 state.trafficPolicies.append(policy)
             case .peerAuthentication(let policy):
@@ -108,6 +112,7 @@ public struct ClusterState: Hashable, Sendable {
             }
         } }
         if !state.httpRoutes.isEmpty { errors += checkRouteReferences(resources) }
+        if !state.l4Routes.isEmpty { errors += checkL4Routes(resources) }
         if !state.trafficPolicies.isEmpty { errors += checkTrafficPolicyTargets(resources) }
         // A Workload address may not be a Service clusterIP: connect() would be
         // load-balanced away from the pod.
@@ -123,6 +128,7 @@ public struct ClusterState: Hashable, Sendable {
         state.httpRoutes.sort {
             ($0.metadata.namespace, $0.metadata.name, $0.kind.rawValue) < ($1.metadata.namespace, $1.metadata.name, $1.kind.rawValue)
         }
+        state.l4Routes.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.peerAuthentications.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.authorizationPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
         state.trafficPolicies.sort { ($0.metadata.namespace, $0.metadata.name) < ($1.metadata.namespace, $1.metadata.name) }
@@ -258,6 +264,106 @@ extension ClusterState {
                         errors.append(ManifestError(located.location, field: field + ".port",
                                                     "Service \(namespace)/\(name) has no TCP port \(port)"))
                     }
+                }
+            }
+        }
+        return errors
+    }
+
+    /// A TCPRoute or UDPRoute may name only Services and ports of its
+    /// protocol that exist; its parent ports may not declare HTTP (the node
+    /// proxy routes those: an HTTPRoute's job); and a Service port takes one
+    /// such route, or which one splits it would be left to file order.
+    static func checkL4Routes(_ resources: some Sequence<LocatedResource>) -> [ManifestError] {
+        var services: [String: Service] = [:]
+        for located in resources {
+            if case .service(let s) = located.resource { services[s.metadata.qualifiedName] = s }
+        }
+        var errors: [ManifestError] = []
+        var owners: [String: (String, DocumentLocation)] = [:]
+        // Ports an HTTPRoute or GRPCRoute attaches to: the node proxy's.
+        for located in resources {
+            switch located.resource {
+            case .httpRoute(let r), .grpcRoute(let r):
+                for parent in r.parentRefs {
+                    guard let service = services["\(parent.namespace)/\(parent.name)"] else { continue }
+                    for p in service.ports where parent.selects(p) {
+                        owners["\(service.metadata.qualifiedName):\(p.port)/TCP"] =
+                            ("\(r.kind.rawValue) \(r.metadata.qualifiedName), which the node proxy carries out,", located.location)
+                    }
+                }
+            default:
+                continue
+            }
+        }
+        for located in resources {
+            guard case .l4Route(let route) = located.resource else { continue }
+            let ns = route.metadata.namespace
+            let proto = route.kind.transport.rawValue
+            for (i, parent) in route.parentRefs.enumerated() {
+                let field = "spec.parentRefs[\(i)]"
+                guard let service = services["\(parent.namespace)/\(parent.name)"] else {
+                    errors.append(ManifestError(located.location, field: field + ".name",
+                                                "no Service \(parent.namespace)/\(parent.name) in this config"))
+                    continue
+                }
+                if service.clusterIP == nil {
+                    errors.append(ManifestError(located.location, field: field + ".name",
+                                                "Service \(service.metadata.qualifiedName) is headless: there is no clusterIP to route"))
+                    continue
+                }
+                let selected = service.ports.filter { p in
+                    p.transport == route.kind.transport && (parent.port == nil || parent.port == p.port)
+                        && (parent.sectionName == nil || parent.sectionName == p.name)
+                }
+                guard !selected.isEmpty else {
+                    let which = [parent.port.map { " \($0)" }, parent.sectionName.map { " named \($0)" }].compactMap { $0 }.joined()
+                    let key = parent.port != nil ? ".port" : parent.sectionName != nil ? ".sectionName" : ".name"
+                    errors.append(ManifestError(located.location, field: field + key,
+                                                "Service \(service.metadata.qualifiedName) has no \(proto) port\(which)"))
+                    continue
+                }
+                // A parentRef naming no port takes the ports the node proxy
+                // does not serve; one naming a port the proxy serves is refused.
+                let explicit = parent.port != nil || parent.sectionName != nil
+                var taken = 0
+                for p in selected {
+                    let key = "\(service.metadata.qualifiedName):\(p.port)/\(proto)"
+                    let proxied = owners[key].map { $0.0.hasSuffix("carries out,") } ?? false
+                    if route.kind == .tcp, let declared = ProxyTable.declaredProtocol(p) {
+                        if explicit {
+                            errors.append(ManifestError(located.location, field: field,
+                                                        "port \(p.port) of Service \(service.metadata.qualifiedName) declares \(declared == .http2 ? "HTTP/2" : "HTTP"): the node proxy routes it, by HTTPRoute or GRPCRoute"))
+                        }
+                        continue
+                    }
+                    if proxied && !explicit { continue }
+                    taken += 1
+                    if let (other, at) = owners[key] {
+                        errors.append(ManifestError(located.location, field: field,
+                                                    "\(key) is already split by \(other) (at \(at)); a Service port takes one \(route.kind.rawValue)"))
+                        continue
+                    }
+                    owners[key] = ("\(route.kind.rawValue) \(route.metadata.qualifiedName)", located.location)
+                }
+                if taken == 0 && !explicit {
+                    errors.append(ManifestError(located.location, field: field + ".name",
+                                                "every \(proto) port of Service \(service.metadata.qualifiedName) is the node proxy's (HTTP): nothing for a \(route.kind.rawValue) to split"))
+                }
+            }
+            for (b, ref) in route.backendRefs.enumerated() {
+                let field = "spec.rules[0].backendRefs[\(b)]"
+                let namespace = ref.namespace ?? ns
+                guard let service = services["\(namespace)/\(ref.name)"] else {
+                    errors.append(ManifestError(located.location, field: field + ".name", "no Service \(namespace)/\(ref.name) in this config"))
+                    continue
+                }
+                if service.clusterIP == nil {
+                    errors.append(ManifestError(located.location, field: field + ".name",
+                                                "Service \(service.metadata.qualifiedName) is headless: it has no port table to take backends from"))
+                } else if !service.ports.contains(where: { $0.port == ref.port && $0.transport == route.kind.transport }) {
+                    errors.append(ManifestError(located.location, field: field + ".port",
+                                                "Service \(service.metadata.qualifiedName) has no \(proto) port \(ref.port)"))
                 }
             }
         }

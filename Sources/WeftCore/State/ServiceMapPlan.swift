@@ -271,9 +271,15 @@ public enum ServiceMapPlanner {
     /// their slot, a removed one's slot is filled by the last survivor (so no
     /// slot ever points at a removed backend), new backends are appended.
     static func slotOrder(current: [UInt32], desired: [UInt32]) -> [UInt32] {
-        let keep = Set(desired)
-        var seen: Set<UInt32> = []
-        var slots: [UInt32?] = current.map { id in keep.contains(id) && seen.insert(id).inserted ? id : nil }
+        // How many slots each backend is to have: one, or (a TCPRoute's
+        // split) as many as its weight gives it.
+        var wanted: [UInt32: Int] = [:]
+        for id in desired { wanted[id, default: 0] += 1 }
+        var slots: [UInt32?] = current.map { id in
+            guard let n = wanted[id], n > 0 else { return nil }
+            wanted[id] = n - 1
+            return id
+        }
         var i = 0
         while i < slots.count {
             if slots[i] == nil {
@@ -283,9 +289,11 @@ public enum ServiceMapPlanner {
             i += 1
         }
         var order = slots.compactMap { $0 }
-        let present = Set(order)
-        var added: Set<UInt32> = []
-        order += desired.filter { !present.contains($0) && added.insert($0).inserted }
+        for id in desired {
+            guard let n = wanted[id], n > 0 else { continue }
+            wanted[id] = n - 1
+            order.append(id)
+        }
         return order
     }
 }

@@ -124,8 +124,40 @@ public struct ServiceTable: Hashable, Sendable {
                           affinityTimeout: service.affinityTimeout ?? 0)
             }
         }
+        if !state.l4Routes.isEmpty { Self.split(&entries, by: state) }
         self.entries = entries
         self.panic = panic
+    }
+
+    /// TCPRoutes and UDPRoutes: each parent port's slots become its route's
+    /// backends' (their Services' ready backends, as computed above), in
+    /// proportion to the weights (L4Route.slots). A port the node proxy
+    /// serves is left to it; a split with no ready backend at all leaves
+    /// the port with none (connect fails at once, as for an empty Service).
+    static func split(_ entries: inout [Frontend: Entry], by state: ClusterState) {
+        let own = entries
+        var services: [String: Service] = [:]
+        for s in state.services { services[s.metadata.qualifiedName] = s }
+        for route in state.l4Routes {
+            let ns = route.metadata.namespace
+            let groups = route.backendRefs.map { ref -> (weight: UInt32, backends: [BackendAddress]) in
+                let frontend = services["\(ref.namespace ?? ns)/\(ref.name)"]?.clusterIP
+                    .map { Frontend(vip: $0, port: ref.port, transport: route.kind.transport) }
+                return (ref.weight, frontend.flatMap { own[$0]?.backends } ?? [])
+            }
+            let slots = L4Route.slots(groups)
+            for parent in route.parentRefs {
+                guard let service = services["\(parent.namespace)/\(parent.name)"], let vip = service.clusterIP else { continue }
+                for p in service.ports where p.transport == route.kind.transport
+                    && (parent.port == nil || parent.port == p.port) && (parent.sectionName == nil || parent.sectionName == p.name) {
+                    let frontend = Frontend(vip: vip, port: p.port, transport: p.transport)
+                    guard var entry = entries[frontend], !entry.needsProxy else { continue }
+                    entry.backends = slots
+                    entry.name = own[frontend].map(\.name).map { "\($0) (\(route.kind.rawValue) \(route.metadata.qualifiedName))" } ?? entry.name
+                    entries[frontend] = entry
+                }
+            }
+        }
     }
 }
 

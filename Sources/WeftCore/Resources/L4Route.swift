@@ -1,0 +1,110 @@
+/// A `gateway.networking.k8s.io/v1alpha2 TCPRoute` or `UDPRoute` bound to a
+/// Service the mesh way (GAMMA): its one rule's weighted backendRefs split
+/// the connections (TCP) or datagrams and connected UDP sockets (UDP) sent
+/// to the parent Service's ports of that protocol. Weft carries it out in
+/// the kernel, with no proxy: the parent port's backend slots are filled
+/// with the backends' pods in proportion to the weights (ServiceTable), and
+/// connect() (sendmsg() for unconnected UDP) draws one slot as it draws
+/// one for any Service.
+///
+/// What the kernel cannot do per client is refused by name: a parentRef in
+/// another namespace (a consumer route: the kernel's table is one for
+/// every client) and more than one rule (rules have no matches to choose
+/// between them).
+public struct L4Route: Hashable, Sendable {
+    public enum Kind: String, Hashable, Sendable {
+        case tcp = "TCPRoute", udp = "UDPRoute"
+
+        public var transport: TransportProtocol { self == .tcp ? .tcp : .udp }
+    }
+
+    public var metadata: ObjectMeta
+    public var kind: Kind
+    public var parentRefs: [HTTPRoute.ParentRef]
+    /// The rule's backendRefs (no filters: TCPRoute and UDPRoute have none).
+    public var backendRefs: [HTTPRoute.BackendRef]
+
+    /// Whether the route attaches to this port of its parent Service.
+    public func selects(_ p: ServicePort) -> Bool {
+        parentRefs.contains { parent in
+            p.transport == kind.transport && (parent.port == nil || parent.port == p.port)
+                && (parent.sectionName == nil || parent.sectionName == p.name)
+        }
+    }
+
+    init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind, at location: DocumentLocation) throws(ManifestError) {
+        var spec = try FieldReader(node, at: location, path: "spec")
+        parentRefs = try HTTPRoute.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
+        for (i, parent) in parentRefs.enumerated() where parent.namespace != metadata.namespace {
+            throw ManifestError(location, field: "spec.parentRefs[\(i)].namespace",
+                                "a \(kind.rawValue) is carried out in the kernel, for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table), got \(parent.namespace)")
+        }
+        guard let rules = try spec.list("rules"), !rules.isEmpty else {
+            throw spec.error("rules", "a \(kind.rawValue) needs one rule with backendRefs")
+        }
+        guard rules.count == 1, let (path, ruleNode) = rules.first else {
+            throw spec.error("rules", "Weft takes one rule per \(kind.rawValue) (its rules have no matches to choose between them), got \(rules.count)")
+        }
+        var rule = try FieldReader(ruleNode, at: location, path: path)
+        _ = try rule.string("name")
+        var refs: [HTTPRoute.BackendRef] = []
+        if let list = try rule.list("backendRefs") {
+            for (p, n) in list {
+                let ref = try HTTPRoute.BackendRef(n, path: p, at: location)
+                if !ref.filters.isEmpty {
+                    throw ManifestError(location, field: "\(p).filters", "a \(kind.rawValue)'s backendRefs take no filters")
+                }
+                refs.append(ref)
+            }
+        }
+        guard !refs.isEmpty else { throw rule.error("backendRefs", "a \(kind.rawValue) rule needs at least one backendRef") }
+        guard refs.contains(where: { $0.weight > 0 }) else {
+            throw rule.error("backendRefs", "every backendRef has weight 0: the route would send nothing anywhere")
+        }
+        try rule.finish()
+        try spec.finish()
+        self.metadata = metadata
+        self.kind = kind
+        backendRefs = refs
+    }
+
+    /// The slots of a port the route splits: each group's backends (the
+    /// ready pods of one backendRef's Service port) in proportion to its
+    /// weight, shared evenly among them. Exact when that takes at most
+    /// `maxSlots` slots (each backend gets weight x L / n slots, L the
+    /// least common multiple of the groups' sizes, all divided by their
+    /// greatest common divisor); otherwise `maxSlots` slots shared by
+    /// largest remainder, each backend of a weighted group at least one.
+    /// A group with no ready backend gets none: its share goes to the
+    /// others. A backend in two groups gets both shares.
+    public static func slots(_ groups: [(weight: UInt32, backends: [BackendAddress])], maxSlots: Int = 1000) -> [BackendAddress] {
+        let live = groups.filter { $0.weight > 0 && !$0.backends.isEmpty }
+        guard live.count > 1 else { return live.first?.backends ?? [] }
+        func gcd(_ a: Int, _ b: Int) -> Int { b == 0 ? a : gcd(b, a % b) }
+        var l = 1
+        for g in live {
+            l = l / gcd(l, g.backends.count) * g.backends.count
+            if l > maxSlots { break }
+        }
+        var counts = live.map { l <= maxSlots ? Int($0.weight) * (l / $0.backends.count) : 0 }
+        let divisor = counts.reduce(0, gcd)
+        if divisor > 0 { counts = counts.map { $0 / divisor } }
+        let exact = zip(live, counts).reduce(0) { $0 + $1.0.backends.count * $1.1 }
+        if l <= maxSlots, exact > 0, exact <= maxSlots {
+            return zip(live, counts).flatMap { g, c in g.backends.flatMap { Array(repeating: $0, count: c) } }
+        }
+        // Largest remainder over maxSlots.
+        let total = live.reduce(0.0) { $0 + Double($1.weight) }
+        var shares: [(backend: BackendAddress, whole: Int, rest: Double)] = []
+        for g in live {
+            let each = Double(g.weight) / total / Double(g.backends.count) * Double(maxSlots)
+            for b in g.backends { shares.append((b, max(1, Int(each)), each - Double(Int(each)))) }
+        }
+        var left = maxSlots - shares.reduce(0) { $0 + $1.whole }
+        for i in shares.indices.sorted(by: { shares[$0].rest > shares[$1].rest }) where left > 0 {
+            shares[i].whole += 1
+            left -= 1
+        }
+        return shares.flatMap { Array(repeating: $0.backend, count: $0.whole) }
+    }
+}
