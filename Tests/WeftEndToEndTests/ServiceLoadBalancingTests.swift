@@ -157,6 +157,95 @@ struct ServiceLoadBalancingTests {
         }
     }
 
+    /// TCPRoute and UDPRoute split a Service's L4 ports in the kernel: 2,000
+    /// new connections to web (TCPRoute: web-v1 90, web-v2 10) land 90/10
+    /// within 3 points, each v1 pod half of v1's share, drawn by connect4
+    /// from the slots `weft get services` reads back; the weights change
+    /// live (0/100: every connection to v2), and without the route the
+    /// Service's own pods share evenly again. 4,000 datagrams to dns
+    /// (UDPRoute: dns-v1 1, dns-v2 3) from one unconnected socket, judged
+    /// per datagram, and 400 connected sockets split 25/75.
+    @Test func tcpAndUDPRoutesSplitServicePortsInTheKernel() throws {
+        func pod(_ name: String, _ node: String, _ address: String, _ labels: String, udp: Bool = false) -> String {
+            udp ? """
+                apiVersion: weft.dev/v1alpha1
+                kind: Workload
+                metadata: {name: \(name), namespace: \(ns), labels: \(labels), annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
+                spec: {node: \(node), address: \(address), ports: [{name: dns, port: 5353, protocol: UDP}]}
+                """ : workload(name, node: node, address: address, labels: labels)
+        }
+        let pods = [client,
+                    pod("web-1", "n1", "198.18.1.12", "{app: web, track: v1}"), pod("web-2", "n2", "198.18.2.12", "{app: web, track: v1}"),
+                    pod("web-3", "n2", "198.18.2.13", "{app: web, track: v2}"),
+                    pod("dns-1", "n1", "198.18.1.20", "{app: dns, track: v1}", udp: true),
+                    pod("dns-2", "n2", "198.18.2.20", "{app: dns, track: v2}", udp: true)].joined(separator: "\n---\n")
+        func svc(_ name: String, _ ip: String, _ selector: String, udp: Bool = false) -> String {
+            """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: \(name), namespace: \(ns)}
+            spec: {clusterIP: \(ip), selector: \(selector), ports: [\(udp ? "{name: dns, port: 53, targetPort: dns, protocol: UDP}" : "{name: web, port: 80, targetPort: http}")]}
+            """
+        }
+        let l4Services = [svc("web", "198.19.0.10", "{app: web}"), svc("web-v1", "198.19.0.11", "{app: web, track: v1}"),
+                          svc("web-v2", "198.19.0.12", "{app: web, track: v2}"),
+                          svc("dns", "198.19.0.30", "{app: dns}", udp: true), svc("dns-v1", "198.19.0.31", "{app: dns, track: v1}", udp: true),
+                          svc("dns-v2", "198.19.0.32", "{app: dns, track: v2}", udp: true)].joined(separator: "\n---\n")
+        func routes(v1: Int, v2: Int) -> String {
+            """
+            apiVersion: gateway.networking.k8s.io/v1alpha2
+            kind: TCPRoute
+            metadata: {name: web-split, namespace: \(ns)}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web}]
+              rules: [{backendRefs: [{name: web-v1, port: 80, weight: \(v1)}, {name: web-v2, port: 80, weight: \(v2)}]}]
+            ---
+            apiVersion: gateway.networking.k8s.io/v1alpha2
+            kind: UDPRoute
+            metadata: {name: dns-split, namespace: \(ns)}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: dns, port: 53}]
+              rules: [{backendRefs: [{name: dns-v1, port: 53, weight: 1}, {name: dns-v2, port: 53, weight: 3}]}]
+            """
+        }
+        let lab = try LabHarness(files: ["services.yaml": l4Services, "pods.yaml": pods, "routes.yaml": routes(v1: 90, v2: 10)])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        try waitForUDPServers(lab, ["198.18.1.20", "198.18.2.20"])
+        let r = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "2000"])
+        let counts = r["counts"] as? [String: Int] ?? [:]
+        let v2Share = Double(counts["web-3"] ?? 0) / 2000
+        print("figure: TCPRoute 90/10 over 2,000 connections: \(counts)")
+        #expect((r["errors"] as? [Any])?.isEmpty == true && counts.values.reduce(0, +) == 2000, "\(r)")
+        #expect(abs(v2Share - 0.10) <= 0.03, "web-v2 got \(v2Share * 100)% of 2,000 connections: \(counts)")
+        #expect(abs(Double(counts["web-1"] ?? 0) - Double(counts["web-2"] ?? 0)) / 2000 <= 0.06, "v1's pods share alike: \(counts)")
+        let get = try LabHarness.run(["get", "services", "--node", "n1"])
+        #expect(get.output.contains("e2e/web:web (TCPRoute e2e/web-split)") && get.output.contains("198.18.2.13:8080 x2/20"), "\(get.output)")
+
+        // UDP, unconnected (each datagram judged at sendmsg4) and connected.
+        for (mode, n) in [("udps", 4000), ("udp", 400)] {
+            let u = try lab.tool(in: "client", ["udp-tally", mode, "198.19.0.30", "53", "\(n)"])
+            let backends = u["backends"] as? [String: Int] ?? [:]
+            let share = Double(backends["dns-2"] ?? 0) / Double(n)
+            print("figure: UDPRoute 1/3 over \(n) \(mode) exchanges: \(backends)")
+            #expect((u["errors"] as? [String: Int])?.isEmpty == true && backends.values.reduce(0, +) == n, "\(mode): \(u)")
+            #expect(abs(share - 0.75) <= (mode == "udps" ? 0.03 : 0.08), "\(mode): dns-v2 got \(share * 100)%: \(backends)")
+        }
+
+        // Live: all to v2; then no route, and web's own three pods again.
+        var before = try lab.generations()
+        try lab.write("routes.yaml", routes(v1: 0, v2: 100))
+        try lab.waitForGeneration(after: before)
+        let all = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "200"])
+        #expect(all["counts"] as? [String: Int] == ["web-3": 200], "\(all)")
+        before = try lab.generations()
+        try lab.write("routes.yaml", "")
+        try lab.waitForGeneration(after: before)
+        let even = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "300"])
+        let evenCounts = even["counts"] as? [String: Int] ?? [:]
+        #expect(Set(evenCounts.keys) == ["web-1", "web-2", "web-3"] && evenCounts.values.allSatisfy { $0 >= 60 }, "\(even)")
+    }
+
     /// UDP is not probed: a pod failing its TrafficPolicy health check on
     /// the Service's TCP port leaves the Service's UDP port too, as a
     /// failed readiness probe takes a pod out of every port. dns-3 answers
