@@ -210,6 +210,22 @@ extension ClusterState {
         return errors
     }
 
+    /// A route's parentRef's Service, when it exists and has a clusterIP to
+    /// route; else nil, and the error naming `field`.
+    static func parentService(_ parent: HTTPRoute.ParentRef, field: String, _ services: [String: Service],
+                              _ location: DocumentLocation, _ errors: inout [ManifestError]) -> Service? {
+        let name = "\(parent.namespace)/\(parent.name)"
+        guard let service = services[name] else {
+            errors.append(ManifestError(location, field: field + ".name", "no Service \(name) in this config"))
+            return nil
+        }
+        guard service.clusterIP != nil else {
+            errors.append(ManifestError(location, field: field + ".name", "Service \(name) is headless: there is no clusterIP to route"))
+            return nil
+        }
+        return service
+    }
+
     /// An HTTPRoute may name only Services (and ports) that exist: a route
     /// that points nowhere is refused with the rest of its set, so it cannot
     /// silently send traffic into a 500.
@@ -228,15 +244,7 @@ extension ClusterState {
             let ns = route.metadata.namespace
             for (i, parent) in route.parentRefs.enumerated() {
                 let field = "spec.parentRefs[\(i)]"
-                guard let service = services["\(parent.namespace)/\(parent.name)"] else {
-                    errors.append(ManifestError(located.location, field: field + ".name",
-                                                "no Service \(parent.namespace)/\(parent.name) in this config"))
-                    continue
-                }
-                if service.clusterIP == nil {
-                    errors.append(ManifestError(located.location, field: field + ".name",
-                                                "Service \(parent.namespace)/\(parent.name) is headless: there is no clusterIP to route"))
-                }
+                guard let service = parentService(parent, field: field, services, located.location, &errors) else { continue }
                 if let port = parent.port, !service.ports.contains(where: { $0.port == port && $0.transport == .tcp }) {
                     errors.append(ManifestError(located.location, field: field + ".port",
                                                 "Service \(parent.namespace)/\(parent.name) has no TCP port \(port)"))
@@ -302,16 +310,7 @@ extension ClusterState {
             let proto = route.kind.transport.rawValue
             for (i, parent) in route.parentRefs.enumerated() {
                 let field = "spec.parentRefs[\(i)]"
-                guard let service = services["\(parent.namespace)/\(parent.name)"] else {
-                    errors.append(ManifestError(located.location, field: field + ".name",
-                                                "no Service \(parent.namespace)/\(parent.name) in this config"))
-                    continue
-                }
-                if service.clusterIP == nil {
-                    errors.append(ManifestError(located.location, field: field + ".name",
-                                                "Service \(service.metadata.qualifiedName) is headless: there is no clusterIP to route"))
-                    continue
-                }
+                guard let service = parentService(parent, field: field, services, located.location, &errors) else { continue }
                 let selected = service.ports.filter { p in
                     p.transport == route.kind.transport && (parent.port == nil || parent.port == p.port)
                         && (parent.sectionName == nil || parent.sectionName == p.name)
