@@ -446,7 +446,15 @@ struct ResilienceTests {
         let lab = try LabHarness(files: [
             "pods.yaml": [client, grpcPod("gh-1", node: "n1", address: gh1), grpcPod("gh-2", node: "n2", address: gh2)]
                 .joined(separator: "\n---\n"),
-            "services.yaml": service("gh", ip: "198.19.3.60", app: "gh", portName: "grpc"),
+            "services.yaml": [service("gh", ip: "198.19.3.60", app: "gh", portName: "grpc"),
+                              service("gs", ip: "198.19.3.61", app: "gh", portName: "grpc"), """
+                apiVersion: gateway.networking.k8s.io/v1
+                kind: GRPCRoute
+                metadata: {name: gs, namespace: \(ns)}
+                spec:
+                  parentRefs: [{group: "", kind: Service, name: gs}]
+                  rules: [{backendRefs: [{name: gs, port: 80}], sessionPersistence: {type: Header, sessionName: x-echo-session}}]
+                """].joined(separator: "\n---\n"),
             "policies.yaml": policy("gh", "healthCheck: {interval: 500ms, timeout: 400ms, unhealthyThreshold: 2, healthyThreshold: 1, grpc: {service: weft.Echo}}"),
             "mesh.yaml": """
                 apiVersion: weft.dev/v1alpha1
@@ -499,6 +507,21 @@ struct ResilienceTests {
         // Why, in the agent's log: the far proxy's reason, and its own probe's.
         let log = LabHarness.agentLog("n1", lines: 400)
         #expect(log.contains("gRPC health NOT_SERVING") && log.contains("probe=NOT_SERVING"), "\(log.suffix(3000))")
+
+        // A GRPCRoute's Header session (sessionPersistence): the first
+        // answer names it, and every call that carries it goes to that
+        // server, across nodes through the tunnel; sessions begin on both.
+        var began: Set<String> = []
+        for _ in 0..<12 where began.count < 2 {
+            let out = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "sticky",
+                                          "198.19.3.61", "80", "15", "x-echo-session"]).output
+            let json = (try? JSONSerialization.jsonObject(with: Data((out.split(separator: "\n").last ?? "").utf8))) as? [String: Any]
+            let pods = json?["pods"] as? [String: Int] ?? [:]
+            #expect(pods.count == 1 && pods.values.first == 15 && (json?["session"] as? String)?.isEmpty == false
+                        && (json?["errors"] as? [String])?.isEmpty == true, "\(out.suffix(400))")
+            began.formUnion(pods.keys)
+        }
+        #expect(began == ["gh-1", "gh-2"], "sessions began on \(began) only")
     }
 
     @Test func breakersLimitsAndFaultsShedExactlyWhatTheySay() throws {

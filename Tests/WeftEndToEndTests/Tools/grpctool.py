@@ -17,6 +17,7 @@ Usage: grpctool.py serve PORT | grpctool.py call HOST PORT [NAME=VALUE...]
        | grpctool.py fail HOST PORT N [Fail|Drop|Maybe] (N calls, one channel: their codes)
        | grpctool.py spread HOST PORT N (N Says, one channel: the pods that answered, and errors)
        | grpctool.py sethealth HOST PORT NAME=SERVING|NOT_SERVING
+       | grpctool.py sticky HOST PORT N NAME (N Says in a Header session named NAME: the pods, the session)
 (call: every call carries the NAME=VALUE pairs as metadata)
 """
 import json
@@ -173,6 +174,25 @@ def spread(host, port, n):
     print(json.dumps({"pods": pods, "errors": errors}))
 
 
+def sticky(host, port, n, name):
+    """N Says on one channel in a GRPCRoute's Header session: the first call
+    without it, every later one carrying the value the first answer's
+    headers gave in NAME. The pods that answered, and the session value."""
+    pods, token, errors = {}, None, []
+    with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
+        say = channel.unary_unary("/weft.Echo/Say")
+        for _ in range(int(n)):
+            try:
+                reply, c = say.with_call(b"x", timeout=5, metadata=((name, token),) if token else ())
+                pod = reply.decode().split(":")[0]
+                pods[pod] = pods.get(pod, 0) + 1
+                if token is None:
+                    token = dict(c.initial_metadata()).get(name)
+            except grpc.RpcError as e:
+                errors.append("%s %s" % (e.code().name, e.details()))
+    print(json.dumps({"pods": pods, "session": token, "errors": errors}))
+
+
 def sethealth(host, port, pair):
     with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
         print(channel.unary_unary("/weft.Echo/SetHealth")(pair.encode(), timeout=5).decode())
@@ -180,4 +200,4 @@ def sethealth(host, port, pair):
 
 if __name__ == "__main__":
     {"serve": serve, "call": call, "steady": steady, "fail": fail, "spread": spread,
-     "sethealth": sethealth}[sys.argv[1]](*sys.argv[2:])
+     "sethealth": sethealth, "sticky": sticky}[sys.argv[1]](*sys.argv[2:])
