@@ -29,6 +29,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private var readPending = false
     /// Between a request's head and its end, as the client sends them.
     private var receiving = false
+    /// The request asked `Expect: 100-continue` and has not been told to go
+    /// on: the 100 goes out once it is sure to be forwarded (sendContinue).
+    private var continuePending: HTTPVersion?
     /// Told to wind down (drain): close once the current response is done.
     private var quiescing = false
     private var inputClosed = false
@@ -362,15 +365,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 h2cUpgrade = head
                 return
             }
+            continuePending = nil
             if !isHTTP2, Self.expectsContinue(head) {
-                // As Envoy does by default (proxy_100_continue off): the
-                // client is told to go on at once and the backend is not
-                // asked. Forwarded, the backend's 100 was dropped by the
-                // response decoder, and a client waited for it (curl 1 s,
-                // on every upload over 1 MiB) before sending its body.
+                // The proxy answers it, not the backend: forwarded, the
+                // backend's 100 was dropped by the response decoder, and a
+                // client waited for it (curl 1 s, on every upload over 1
+                // MiB) before sending its body. Told once the request is
+                // sure to go upstream (sendContinue), so that a request the
+                // proxy answers itself (403, 404, 429, 503...) is answered
+                // before its body is sent at all.
                 head.headers.remove(name: "expect")
-                context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))),
-                                      promise: nil)
+                continuePending = head.version
             }
             // Routes and policies judge the path in normal form, and the
             // backend is sent that form (Envoy's normalize_path, Istio's
@@ -666,6 +671,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 return fail(.forbidden, Authorize.forbiddenBody(decision.reason))
             }
         }
+        sendContinue()
         r.attempts += 1
         r.tried.insert(key)
         r.endpoint = key
@@ -1274,6 +1280,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         respondLocally(head, status, body, keepAlive: keepAlive)
     }
 
+    /// `100 Continue` for a request that asked for it, now that it goes to
+    /// a backend (its first attempt; once).
+    private func sendContinue() {
+        guard let version = continuePending, let context else { return }
+        continuePending = nil
+        context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: version, status: .continue))), promise: nil)
+    }
+
     /// RFC 9113 8.1: an HTTP/2 stream answered whole while its request is
     /// still coming (a backend that answered an upload at its head, a
     /// local answer) is reset NO_ERROR after the response's end, so that
@@ -1289,6 +1303,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func respondLocally(_ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
                                 keepAlive: Bool, extraHeaders: [(String, String)] = []) {
         guard let context else { return }
+        // Answered before the client was told to send its body: it may
+        // send it or not (RFC 9110 10.1.1), so the connection cannot carry
+        // another request in step; it ends (staged, reading what comes).
+        let keepAlive = keepAlive && continuePending == nil
+        continuePending = nil
         proxy.stats.response(Int(status.code))
         complete(Int(status.code))
         var headers = HTTPHeaders()

@@ -6,7 +6,7 @@ import Testing
 /// `Expect: 100-continue` on the full path (the express path hands such a
 /// request over), over real sockets (the fuzz rig: `api`, whose route sends
 /// it down the full path, on NIO's HTTP/1.1 backend): the proxy answers
-/// `100 Continue` at once, as Envoy does by default, so a client that waits
+/// `100 Continue` itself, as soon as the request goes to a backend, so a client that waits
 /// for it (curl, for any upload over 1 MiB) sends its body without waiting
 /// out its own timeout (curl's 1 s); the final answer follows on the same
 /// connection. An HTTP/1.0 request is not sent a 1xx.
@@ -50,5 +50,24 @@ import Testing
         Self.send(old, "hello")
         let answer = Self.read(old, seconds: 2) { $0.hasSuffix("ok\n") }
         #expect(answer.hasPrefix("HTTP/1.0 200"), "\(answer)")
+    }
+
+    /// A request the proxy answers itself (a RequestRedirect's 301, a
+    /// malformed path's 400) is answered before its body is asked for: no
+    /// 100, so the client sends no body, and `connection: close`, since the
+    /// client may send the body or not and the connection can carry no
+    /// other request in step. The 100 is sent only to a request going to
+    /// a backend.
+    @Test func aRequestTheProxyAnswersItselfIsNotToldToSendItsBody() throws {
+        let rig = try ProxyFuzzTests.Rig()
+        defer { rig.shutdown() }
+        for (path, status) in [("/old/x", "301"), ("/a%zz", "400")] {
+            let fd = try #require(ProxyFuzzTests.dial(rig.port(0)))
+            defer { close(fd) }
+            Self.send(fd, "POST \(path) HTTP/1.1\r\nhost: api.fz\r\ncontent-length: 5000000\r\nexpect: 100-continue\r\n\r\n")
+            let answer = Self.read(fd, seconds: 2) { $0.contains("\r\n\r\n") }
+            #expect(answer.hasPrefix("HTTP/1.1 \(status)") && !answer.contains("100 Continue")
+                    && answer.lowercased().contains("connection: close"), "\(path): \(answer)")
+        }
     }
 }
