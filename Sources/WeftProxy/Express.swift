@@ -80,6 +80,9 @@ enum Express {
         /// A cookie hash's cookie minted for a request without one: the
         /// response carries it (Set-Cookie), as on the full path.
         var setCookie: String?
+        /// A persistent session's field (sessionPersistence): Set-Cookie, or
+        /// the rule's header, when the response begins or renews a session.
+        var sessionField: (name: String, value: String)?
         /// A delay injected by the Service's TrafficPolicy: the request
         /// waits this long before it is sent. Its backend's request slot
         /// (`hold`) is given back for the wait, as the full path picks the
@@ -142,7 +145,7 @@ enum Express {
     }
     /// Routes `request` as the full path does and picks its backend;
     /// `handOver` when the request needs the full path (filters, retries,
-    /// timeouts, a persistent session, a non-HTTP/1.1 upstream,
+    /// timeouts, a non-HTTP/1.1 upstream,
     /// AuthorizationPolicy on the pod, no backend the pod may reach, every
     /// one at its circuit breaker's maxRequests: the full path then
     /// answers). `header` gives a field's first value, for a policy that
@@ -158,17 +161,27 @@ enum Express {
         let snapshot = routing.snapshot
         // A path that is not plain is normalized on the full path (RequestPath).
         guard RequestPath.isPlain(request.path, mode: snapshot.table.pathNormalization ?? .base) else { return .handOver }
-        guard let (action, _) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
-              action.timeouts.request == nil, action.timeouts.backendRequest == nil, action.session == nil
-        else { return .handOver }
-        guard let cluster = HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
+        guard let (action, match) = matcher.route(request), action.filters.isEmpty, action.retry == nil,
+              action.timeouts.request == nil, action.timeouts.backendRequest == nil else { return .handOver }
+        // A persistent session's backend comes first, whatever the weights.
+        var session = action.session.map { rule in
+            StickySession(rule: rule, value: rule.kind == .cookie ? cookie(rule.name) : header(rule.name), match: match,
+                          now: StickySession.now())
+        }
+        let pinned = session?.pin(action.backends) { routing.endpoints($0) }
+        guard let cluster = pinned ?? HTTPProxyHandler.pickCluster(action.backends, using: &loop.random),
               cluster.filters.isEmpty, cluster.upstreamProtocol == .http1,
               let endpoints = routing.endpoints(cluster.cluster), !endpoints.isEmpty else { return .handOver }
         // A backend the pod may reach (the full path says why when none is).
         let key: EndpointKey
         var hold: ClusterRuntime.Hold?
         var setCookie: String?
-        if !snapshot.runtimes.isEmpty, let runtime = snapshot.runtimes[cluster.cluster] {
+        let runtime = snapshot.runtimes.isEmpty ? nil : snapshot.runtimes[cluster.cluster]
+        if let session, let pin = session.pinned, endpoints.contains(pin),
+           session.takes(pin, runtime: runtime, loop: loop, proxy: proxy, generation: snapshot.generation, source: source) {
+            key = pin
+            hold = runtime.flatMap { rt in rt.index[pin].map { ClusterRuntime.Hold(rt, $0) } }
+        } else if let runtime {
             let hash: UInt64?
             (hash, setCookie) = runtime.requestKey(header: header, cookie: cookie, source: source, random: &loop.random)
             guard case .picked(let picked) = loop.pick(runtime, hash: hash, proxy: proxy, generation: snapshot.generation,
@@ -222,7 +235,7 @@ enum Express {
             }
         }
         return .forward(Target(route: action.name, cluster: cluster.cluster, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie,
-                               delay: delay))
+                               sessionField: session?.responseField(endpoint: key, now: StickySession.now()), delay: delay))
     }
 
     /// After an injected delay (Target.delay): takes the backend's request

@@ -158,6 +158,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
+        /// A persistent session's response field (sessionPersistence).
+        var sessionField: (name: String, value: String)?
         /// The backend of the route's split drawn (captured connections).
         var cluster = ""
         /// Delivering: the request went to the pod as it came, with
@@ -663,6 +665,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                 length: total, outgoing: out)
         exchange.hold = chosen.hold
         exchange.setCookie = chosen.setCookie
+        exchange.sessionField = chosen.sessionField
         exchange.cluster = chosen.cluster
         exchange.delay = chosen.delay
         if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
@@ -870,6 +873,12 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             if let cookie = exchange.setCookie {
                 out.writeStaticString("set-cookie: ")
                 out.writeString(cookie)
+                out.writeStaticString("\r\n")
+            }
+            if let field = exchange.sessionField {
+                out.writeString(field.name)
+                out.writeStaticString(": ")
+                out.writeString(field.value)
                 out.writeStaticString("\r\n")
             }
             if closeClient || delimited { out.writeStaticString("connection: close\r\n") }

@@ -137,6 +137,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
+        /// A persistent session's response field (sessionPersistence).
+        var sessionField: (name: String, value: String)?
         /// The backend of the route's split drawn.
         var cluster = ""
         /// An injected delay (TrafficPolicy), and its timer while it runs.
@@ -562,6 +564,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         stream.hold = chosen.hold
         stream.setCookie = chosen.setCookie
+        stream.sessionField = chosen.sessionField
         stream.cluster = chosen.cluster
         if let delay = chosen.delay {
             stream.delay = delay
@@ -744,6 +747,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             for f in fields { size += HPACKLiteral.bound(name: f.name.count, value: f.value.count) }
             let cookie = stream.setCookie
             if let cookie { size += HPACKLiteral.bound(name: 10, value: cookie.utf8.count) }
+            let session = stream.sessionField
+            if let session { size += HPACKLiteral.bound(name: session.name.utf8.count, value: session.value.utf8.count) }
             var block = ByteBufferAllocator().buffer(capacity: size)
             block.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
                 var i = 0
@@ -759,6 +764,15 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                     cookie.withUTF8 { value in
                         HPACKLiteral.field(name: UnsafeRawBufferPointer(start: Self.setCookieName.utf8Start, count: 10),
                                            value: UnsafeRawBufferPointer(value), lowercase: false, into: b, at: &i)
+                    }
+                }
+                if var name = session?.name, var value = session?.value {
+                    // (A header session's name as the route gave it: lower-cased, as HTTP/2 has names.)
+                    name.withUTF8 { n in
+                        value.withUTF8 { v in
+                            HPACKLiteral.field(name: UnsafeRawBufferPointer(n), value: UnsafeRawBufferPointer(v), lowercase: true,
+                                               into: b, at: &i)
+                        }
                     }
                 }
                 return i

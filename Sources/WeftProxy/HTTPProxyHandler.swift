@@ -492,7 +492,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // A persistent session's backend, whatever the weights say; else
         // the express path's draw stands for a request it hands over.
         var session = action.session.map { StickySession(rule: $0, headers: head.headers, match: match, now: StickySession.now()) }
-        let pinned = session?.pin(action.backends, endpoints: snapshot.endpoints)
+        let pinned = session?.pin(action.backends) { snapshot.endpoints[$0] }
         let drawn = handed.flatMap { h in action.backends.first { $0.cluster == h.cluster && $0.weight > 0 } }
         guard let cluster = pinned ?? drawn ?? loop.flatMap({ Self.pickCluster(action.backends, using: &$0.random) }) else {
             let reason = action.backends.isEmpty ? "has no backendRefs" : "has only backends of weight 0"
@@ -629,7 +629,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
-        if r.tried.isEmpty, let pinned = r.session?.pinned, endpoints.contains(pinned), sessionBackend(pinned, r, loop) {
+        if r.tried.isEmpty, let session = r.session, let pinned = session.pinned, endpoints.contains(pinned),
+           session.takes(pinned, runtime: r.runtime, loop: loop, proxy: proxy, generation: r.snapshot.generation, source: origin.source) {
             // (Its slot taken, when the cluster has a TrafficPolicy.)
             key = pinned
             r.hold = r.runtime.flatMap { rt in rt.index[pinned].map { ClusterRuntime.Hold(rt, $0) } }
@@ -714,18 +715,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             return waitForConnection(id: id, key: key, counters: counters, deadline: .now() + timeout, timeout: timeout)
         }
         connect(id: id, key: key, counters: counters)
-    }
-
-    /// Whether a persistent session's backend takes this first attempt:
-    /// the client may reach it, and under a TrafficPolicy it is not ejected
-    /// and its slot is free (then taken). Else the request is balanced as
-    /// usual, and its response begins a new session.
-    private func sessionBackend(_ key: EndpointKey, _ r: RequestState, _ loop: LoopState) -> Bool {
-        guard loop.allowed(proxy, generation: r.snapshot.generation, source: origin.source, destination: key.ip,
-                           port: key.port, node: key.node) else { return false }
-        guard let runtime = r.runtime else { return true }
-        guard let i = runtime.index[key], !runtime.backends[i].isEjected(NIODeadline.now().uptimeNanoseconds) else { return false }
-        return runtime.reserve(key)
     }
 
     private func connect(id: Int, key: EndpointKey, counters: ClusterRuntime.Backend?) {

@@ -1,10 +1,11 @@
 import Glibc
+import NIOCore
 import NIOHTTP1
 import WeftCore
 import WeftKernel
 
 /// A route rule's persistent session (`sessionPersistence`, GEP-1619) for
-/// one request, on the full path (the express paths hand such rules over).
+/// one request, on either path (Express.target, HTTPProxyHandler).
 ///
 /// The session is a token the client keeps, in a cookie or a header, that
 /// names the backend (pod address and port) it began on, the rule it
@@ -36,23 +37,28 @@ struct StickySession {
         var seen: UInt64
     }
 
-    init(rule: ProxyTable.SessionRule, headers: HTTPHeaders, match: HTTPRoute.Match?, now: UInt64) {
+    /// `value`: the rule's cookie's or header's value in the request, if any.
+    init(rule: ProxyTable.SessionRule, value: Substring?, match: HTTPRoute.Match?, now: UInt64) {
         self.rule = rule
+        token = value.flatMap(Self.decode).flatMap { Self.valid($0, rule, now: now) ? $0 : nil }
+        path = Self.cookiePath(match)
+    }
+
+    init(rule: ProxyTable.SessionRule, headers: HTTPHeaders, match: HTTPRoute.Match?, now: UInt64) {
         let value: Substring? = switch rule.kind {
         case .cookie: ClusterRuntime.cookie(rule.name, in: headers)
         case .header: headers.first(name: rule.name).map { Substring($0) }
         }
-        token = value.flatMap(Self.decode).flatMap { Self.valid($0, rule, now: now) ? $0 : nil }
-        path = Self.cookiePath(match)
+        self.init(rule: rule, value: value, match: match, now: now)
     }
 
     /// The rule's backend its token names, looked up in the clusters of
     /// `backends` (weight 0 too): the backend and its cluster.
     mutating func pin(_ backends: [ProxyTable.WeightedCluster],
-                      endpoints: [String: [EndpointKey]]) -> ProxyTable.WeightedCluster? {
+                      endpoints: (String) -> [EndpointKey]?) -> ProxyTable.WeightedCluster? {
         guard let t = token else { return nil }
         for cluster in backends {
-            if let key = endpoints[cluster.cluster]?.first(where: { $0.ip.value == t.ip && $0.port == t.port }) {
+            if let key = endpoints(cluster.cluster)?.first(where: { $0.ip.value == t.ip && $0.port == t.port }) {
                 pinned = key
                 return cluster
             }
@@ -122,6 +128,19 @@ struct StickySession {
         }
         guard path.hasPrefix("/"), path.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ";") }) else { return "/" }
         return String(path)
+    }
+
+    /// Whether the pinned backend takes the request: the client may reach
+    /// it, and under a TrafficPolicy (`runtime`) it is not ejected and its
+    /// request slot is free (then taken). Else the request is balanced as
+    /// usual, and its response begins a new session. Both paths ask this.
+    func takes(_ key: EndpointKey, runtime: ClusterRuntime?, loop: LoopState, proxy: ProxyContext, generation: UInt64,
+               source: IPv4Address) -> Bool {
+        guard loop.allowed(proxy, generation: generation, source: source, destination: key.ip, port: key.port,
+                           node: key.node) else { return false }
+        guard let runtime else { return true }
+        guard let i = runtime.index[key], !runtime.backends[i].isEjected(NIODeadline.now().uptimeNanoseconds) else { return false }
+        return runtime.reserve(key)
     }
 
     /// Wall-clock milliseconds, as tokens count time (they outlive the process).

@@ -1309,7 +1309,7 @@ struct ProxyTests {
     /// (through the mTLS tunnel), over HTTP/1.1 and h2c; then the route
     /// switches blue to green (weights 100/0 to 0/100): a client in a
     /// session stays on its blue pod, new ones go green. A Header session
-    /// works the same way.
+    /// works the same way. The express paths carry all of it.
     @Test func sessionsKeepAClientOnItsPodAcrossNodesAndABlueGreenSwitch() throws {
         func sessions(blue: Int, green: Int) -> String {
             """
@@ -1333,6 +1333,8 @@ struct ProxyTests {
         defer { lab.down() }
         // New sessions until one begins on n2's blue pod (each lands on
         // v1-a or v1-b); every session's 12 requests go to its first pod.
+        // The express paths carry them: none is handed over.
+        let handovers = try stat("n1", "express_handovers_total")
         var remote: String?
         for _ in 0..<24 where remote == nil {
             let run = try lab.load(in: "client", ["cookie", "http://198.19.1.70/cart/items", "12", "cart"])
@@ -1348,6 +1350,7 @@ struct ProxyTests {
             let h2 = try lab.tool(in: "client", ["h2-request", "198.19.1.70", "80", "/cart/h2", "cookie=\(jar)"])
             #expect(h2["status"] as? String == "200" && h2["x-pod"] as? String == "v1-b" && h2["set-cookie"] == nil, "h2c: \(h2)")
         }
+        #expect(try stat("n1", "express_handovers_total") == handovers, "a session request left the express path")
         // Blue to green: the session stays on blue, new clients go green.
         let before = try lab.generations()
         try lab.write("sessions.yaml", sessions(blue: 0, green: 100))

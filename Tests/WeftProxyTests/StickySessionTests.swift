@@ -8,9 +8,9 @@ import Testing
 
 /// HTTPRoute `sessionPersistence` (GEP-1619) on the proxy's whole captured
 /// path over real sockets (the fuzz rig's proxy and its two pods, 127.0.0.1
-/// and 127.0.0.2, which say which of them answered in `x-addr`). A rule
-/// with a session leaves the express paths: these requests would otherwise
-/// be taken there, and no session would begin.
+/// and 127.0.0.2, which say which of them answered in `x-addr`), on the
+/// express path (a rule with a session and nothing else) and the full path
+/// (one with a filter too).
 @Suite(.serialized) struct StickySessionTests {
     static let vip = "198.19.250.14"
 
@@ -35,6 +35,10 @@ import Testing
           - matches: [{path: {type: PathPrefix, value: /b}}]
             backendRefs: [{name: sticky, port: 80}]
             sessionPersistence: {}
+          - matches: [{path: {type: PathPrefix, value: /f}}]
+            backendRefs: [{name: sticky, port: 80}]
+            filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-route, value: full}]}}]
+            sessionPersistence: {sessionName: s-f}
           - matches: [{path: {type: PathPrefix, value: /h}}]
             backendRefs: [{name: sticky, port: 80}]
             sessionPersistence: {type: Header, sessionName: x-session}
@@ -106,24 +110,26 @@ import Testing
             spread.insert(plain.addr)
         }
         #expect(spread == ["127.0.0.1", "127.0.0.2"], "requests without a session spread: \(spread)")
-        for round in 0..<4 {
-            let first = Self.get(ports[round % 2], "/a/cart")
+        // /a on the express path, /f (a rule with a filter) on the full path.
+        for round in 0..<6 {
+            let (prefix, name) = round % 2 == 0 ? ("/a", "s-a") : ("/f", "s-f")
+            let first = Self.get(ports[round % 2], "\(prefix)/cart")
             let setCookie = first.fields["set-cookie"] ?? ""
-            #expect(first.status.hasPrefix("HTTP/1.1 200") && setCookie.hasPrefix("s-a=")
-                    && setCookie.hasSuffix("; Path=/a; HttpOnly") && !setCookie.contains("Max-Age"), "\(first)")
+            #expect(first.status.hasPrefix("HTTP/1.1 200") && setCookie.hasPrefix("\(name)=")
+                    && setCookie.hasSuffix("; Path=\(prefix); HttpOnly") && !setCookie.contains("Max-Age"), "\(first)")
             guard let cookie = first.cookie else { continue }
             var seen: Set<String> = []
             for i in 0..<25 {
-                let next = Self.get(ports[i % 2], "/a/item/\(i)", ["cookie: theme=dark; \(cookie)"])
+                let next = Self.get(ports[i % 2], "\(prefix)/item/\(i)", ["cookie: theme=dark; \(cookie)"])
                 #expect(next.status.hasPrefix("HTTP/1.1 200") && next.fields["set-cookie"] == nil, "\(next)")
                 seen.insert(next.addr)
             }
-            #expect(seen == [first.addr], "session \(round) began on \(first.addr), then went to \(seen)")
+            #expect(seen == [first.addr], "session \(round) (\(prefix)) began on \(first.addr), then went to \(seen)")
         }
         // A regular expression's rule: the cookie's Path is its literal part up to its last "/".
         #expect(Self.get(ports[0], "/re/v2/x").fields["set-cookie"]?.hasSuffix("; Path=/re; HttpOnly") == true)
-        // 4 x 26 + 1 requests with a session rule, each on a connection of its own.
-        #expect(rig.proxy.stats.expressHandovers.load(ordering: .relaxed) == 105, "every request of a session rule, and only those, left the express path")
+        // Only /f's 3 x 26 requests, each on a connection of its own, left the express path.
+        #expect(rig.proxy.stats.expressHandovers.load(ordering: .relaxed) == 78, "the express path carries sessions; filters take the full path")
     }
 
     /// A rule's session is its own: another rule's token, one naming a pod
