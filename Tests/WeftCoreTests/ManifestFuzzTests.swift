@@ -4,7 +4,8 @@ import Testing
 
 /// The demo's manifests, damaged at random, through everything the agent
 /// does with a set before it writes a map: read, checked as a whole, the
-/// policy compiled, the proxy's route table made (its JSON read back as it
+/// policy compiled, the service table made and planned into map writes,
+/// the proxy's route table made (its JSON read back as it
 /// was written) and its routes compiled. Bad input must never crash: each
 /// set is either taken or refused with errors that name file, document and
 /// field.
@@ -16,9 +17,9 @@ import Testing
         return names.compactMap { name in (try? String(contentsOf: dir.appendingPathComponent(name), encoding: .utf8)).map { (name, $0) } }
     }()
 
-    /// What the demo has no example of: a GRPCRoute, and a consumer route
+    /// What the demo has no example of: a GRPCRoute, a consumer route
     /// (in namespace lab, on shop's Service) with backendRefs named by
-    /// namespace.
+    /// namespace and a session, and a TCPRoute.
     static let routes = """
         apiVersion: gateway.networking.k8s.io/v1
         kind: GRPCRoute
@@ -46,6 +47,14 @@ import Testing
               absoluteTimeout: 1h
               idleTimeout: 10m
               cookieConfig: {lifetimeType: Permanent}
+        ---
+        apiVersion: gateway.networking.k8s.io/v1alpha2
+        kind: TCPRoute
+        metadata: {name: web-split, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+          - backendRefs: [{name: web, port: 80, weight: 9}, {name: checkout, port: 80, weight: 1}]
         """
 
     static let seeds = demo + [("fuzz-routes.yaml", routes)]
@@ -55,7 +64,7 @@ import Testing
         "-1", "0", "65536", "99999999999999999999", "1e400", "0x10", "1.5", "true", "null", "~", "\"\"", "[]", "{}",
         "[a, b]", "{a: 1}", "é", "198.19.0.256", "10.0.0.0/33", "::1", "0s", "-5s", "9999999999h", "1ms", "5x",
         "\"(\"", "\"(a+)+$\"", "\"[z-a]\"", "TCP", "UDP", "SCTP", "ICMP", "http", "h2c", "kubernetes.io/h2c", "grpc",
-        "*", "&a x", "*a", "Cookie", "Header", "Permanent", "Session", "!!binary aGk=", "'", "\"", "\"\\u0000\"", String(repeating: "x", count: 300),
+        "*", "&a x", "*a", "Cookie", "Header", "Permanent", "Session", "TCPRoute", "UDPRoute", "v1alpha2", "!!binary aGk=", "'", "\"", "\"\\u0000\"", String(repeating: "x", count: 300),
         "-2147483649", "4294967296", "\"1/2\"", "/", "/..", "ALL", "Exact", "PathPrefix", "RegularExpression",
     ]
 
@@ -120,6 +129,10 @@ import Testing
                 taken += 1
                 var compiler = PolicyCompiler()
                 _ = compiler.compile(state)
+                // The kernel's service table (TCPRoute splits included) and its map plan.
+                let services = ServiceTable(state)
+                let plan = ServiceMapPlanner.plan(desired: services, current: .init())
+                #expect(plan.target.frontends.count == services.entries.count)
                 let table = ProxyTable(state)
                 let back = try JSONDecoder().decode(ProxyTable.self, from: JSONEncoder().encode(table))
                 #expect(back == table, "the route table's JSON reads back as written")
