@@ -235,7 +235,7 @@ enum Express {
             }
         }
         return .forward(Target(route: action.name, cluster: cluster.cluster, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie,
-                               sessionField: session?.responseField(endpoint: key, now: StickySession.now()), delay: delay))
+                               sessionField: session?.responseField(endpoint: key, now: StickySession.now(), stats: proxy.stats), delay: delay))
     }
 
     /// After an injected delay (Target.delay): takes the backend's request

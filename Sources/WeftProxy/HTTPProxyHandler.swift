@@ -907,7 +907,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
             if let cookie = r.setCookie { head.headers.add(name: "set-cookie", value: cookie) }
             if let session = r.session, let endpoint = r.endpoint,
-               let field = session.responseField(endpoint: endpoint, now: StickySession.now()) {
+               let field = session.responseField(endpoint: endpoint, now: StickySession.now(), stats: proxy.stats) {
                 head.headers.add(name: field.name, value: field.value)
             }
             head.version = r.head.version

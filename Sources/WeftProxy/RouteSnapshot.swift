@@ -170,6 +170,12 @@ final class ProxyStats: Sendable {
     /// Requests that waited for a connection at a backend's maxConnections.
     let connectionWaits = Atomic<Int>(0)
     let rateLimited = Atomic<Int>(0)
+    /// Requests of a rule with sessionPersistence: sent to their session's
+    /// pod; that began a session (none, or an expired or foreign token);
+    /// whose session's pod could not take them (gone, ejected, full).
+    let sessionsKept = Atomic<Int>(0)
+    let sessionsStarted = Atomic<Int>(0)
+    let sessionsMoved = Atomic<Int>(0)
     let faultsAborted = Atomic<Int>(0)
     let faultsDelayed = Atomic<Int>(0)
     let tunnelsIn = Atomic<Int>(0)
@@ -314,6 +320,9 @@ final class ProxyStats: Sendable {
             ("authz_allowed_total", authzAllowed.load(ordering: .relaxed)),
             ("authz_denied_total", authzDenied.load(ordering: .relaxed)),
             ("authz_audited_total", authzAudited.load(ordering: .relaxed)),
+            ("sessions_kept_total", sessionsKept.load(ordering: .relaxed)),
+            ("sessions_started_total", sessionsStarted.load(ordering: .relaxed)),
+            ("sessions_moved_total", sessionsMoved.load(ordering: .relaxed)),
             ("express_requests_total", express),
             ("express_handovers_total", expressHandovers.load(ordering: .relaxed)),
         ]

@@ -76,9 +76,17 @@ struct StickySession {
     /// The field the response carries for a request answered by
     /// `endpoint`: a new session when the request had none or went
     /// elsewhere, the same one touched when an idle timeout needs its
-    /// last use; nil when the client's token stands as it is.
-    func responseField(endpoint: EndpointKey, now: UInt64) -> (name: String, value: String)? {
+    /// last use; nil when the client's token stands as it is. Counted in
+    /// `stats` (sessions kept, started, moved).
+    func responseField(endpoint: EndpointKey, now: UInt64, stats: ProxyStats) -> (name: String, value: String)? {
         let same = token.map { $0.ip == endpoint.ip.value && $0.port == endpoint.port } ?? false
+        if same {
+            stats.sessionsKept.add(1, ordering: .relaxed)
+        } else if token == nil {
+            stats.sessionsStarted.add(1, ordering: .relaxed)
+        } else {
+            stats.sessionsMoved.add(1, ordering: .relaxed)
+        }
         if same && rule.idleSeconds == nil { return nil }
         let started = same ? token?.started ?? now : now
         let value = Self.encode(Token(tag: rule.tag, ip: endpoint.ip.value, port: endpoint.port, started: started, seen: now))

@@ -128,6 +128,11 @@ import Testing
         }
         // A regular expression's rule: the cookie's Path is its literal part up to its last "/".
         #expect(Self.get(ports[0], "/re/v2/x").fields["set-cookie"]?.hasSuffix("; Path=/re; HttpOnly") == true)
+        // Counted: 7 sessions begun (6 rounds and the regex rule's), 150 requests kept in theirs.
+        let stats = rig.proxy.stats
+        let counted = [stats.sessionsStarted.load(ordering: .relaxed), stats.sessionsKept.load(ordering: .relaxed),
+                       stats.sessionsMoved.load(ordering: .relaxed)]
+        #expect(counted == [7, 150, 0], "started, kept, moved: \(counted)")
         // Only /f's 3 x 26 requests, each on a connection of its own, left the express path.
         #expect(rig.proxy.stats.expressHandovers.load(ordering: .relaxed) == 78, "the express path carries sessions; filters take the full path")
     }
@@ -221,6 +226,7 @@ import Testing
                 && moved.cookie != onA.cookie, "\(moved)")
         let after = Self.get(ports[0], "/a/", ["cookie: \(moved.cookie ?? "")"])
         #expect(after.addr == "127.0.0.2" && after.fields["set-cookie"] == nil, "\(after)")
+        #expect(rig.proxy.stats.sessionsMoved.load(ordering: .relaxed) == 1, "one session moved off the pod that left")
     }
 
     /// A session begun on pod 127.0.0.1 (new sessions until one lands there).
