@@ -308,13 +308,13 @@ final class Reconciler {
                         name: r.metadata.qualifiedName,
                         parents: r.parentRefs.map(\.description),
                         rules: r.rules.count,
-                        backends: r.rules.flatMap { $0.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" } },
+                        backends: r.rules.flatMap { $0.backendRefs.map(\.shown) },
                         kind: r.kind.rawValue,
                         conflicted: conflicted["\(r.kind.rawValue) \(r.metadata.qualifiedName)"])
                 } + state.l4Routes.map { r in
                     AgentStatus.RouteStatus(
                         name: r.metadata.qualifiedName, parents: r.parentRefs.map(\.description), rules: 1,
-                        backends: r.backendRefs.map { "\($0.namespace.map { "\($0)/" } ?? "")\($0.name):\($0.port) weight \($0.weight)" },
+                        backends: r.backendRefs.map(\.shown),
                         kind: r.kind.rawValue)
                 }
             }
@@ -405,4 +405,9 @@ extension Duration {
         let (s, attos) = components
         return Double(s) + Double(attos) / 1e18
     }
+}
+
+extension HTTPRoute.BackendRef {
+    /// As `weft get routes` lists a backendRef: "[namespace/]name:port weight N".
+    var shown: String { "\(namespace.map { "\($0)/" } ?? "")\(name):\(port) weight \(weight)" }
 }

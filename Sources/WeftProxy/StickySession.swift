@@ -25,8 +25,9 @@ struct StickySession {
     let token: Token?
     /// The backend the token names, when it is one of the rule's ready ones.
     var pinned: EndpointKey?
-    /// The cookie's Path: the path the rule matched, to its literal part.
-    let path: String
+    /// The match the request took: a cookie's Path is made from it, only
+    /// when a response carries one.
+    let match: HTTPRoute.Match?
 
     struct Token: Equatable {
         var tag: UInt32
@@ -41,7 +42,7 @@ struct StickySession {
     init(rule: ProxyTable.SessionRule, value: Substring?, match: HTTPRoute.Match?, now: UInt64) {
         self.rule = rule
         token = value.flatMap(Self.decode).flatMap { Self.valid($0, rule, now: now) ? $0 : nil }
-        path = Self.cookiePath(match)
+        self.match = match
     }
 
     init(rule: ProxyTable.SessionRule, headers: HTTPHeaders, match: HTTPRoute.Match?, now: UInt64) {
@@ -94,7 +95,7 @@ struct StickySession {
         case .header:
             return (rule.name, value)
         case .cookie:
-            var cookie = "\(rule.name)=\(value); Path=\(path); HttpOnly"
+            var cookie = "\(rule.name)=\(value); Path=\(Self.cookiePath(match)); HttpOnly"
             if rule.permanent, let limit = rule.absoluteSeconds {
                 let age = now > started ? (now - started) / 1000 : 0
                 cookie += "; Max-Age=\(age < limit ? limit - age : 1)"

@@ -289,6 +289,8 @@ extension ClusterState {
         }
         var errors: [ManifestError] = []
         var owners: [String: (String, DocumentLocation)] = [:]
+        // Of those, the ports an HTTPRoute or GRPCRoute holds (the proxy's).
+        var proxied: Set<String> = []
         // Ports an HTTPRoute or GRPCRoute attaches to: the node proxy's.
         for located in resources {
             switch located.resource {
@@ -296,8 +298,9 @@ extension ClusterState {
                 for parent in r.parentRefs {
                     guard let service = services["\(parent.namespace)/\(parent.name)"] else { continue }
                     for p in service.ports where parent.selects(p) {
-                        owners["\(service.metadata.qualifiedName):\(p.port)/TCP"] =
-                            ("\(r.kind.rawValue) \(r.metadata.qualifiedName), which the node proxy carries out,", located.location)
+                        let key = "\(service.metadata.qualifiedName):\(p.port)/TCP"
+                        owners[key] = ("\(r.kind.rawValue) \(r.metadata.qualifiedName), which the node proxy carries out,", located.location)
+                        proxied.insert(key)
                     }
                 }
             default:
@@ -328,7 +331,6 @@ extension ClusterState {
                 var taken = 0
                 for p in selected {
                     let key = "\(service.metadata.qualifiedName):\(p.port)/\(proto)"
-                    let proxied = owners[key].map { $0.0.hasSuffix("carries out,") } ?? false
                     if route.kind == .tcp, let declared = ProxyTable.declaredProtocol(p) {
                         if explicit {
                             errors.append(ManifestError(located.location, field: field,
@@ -336,7 +338,7 @@ extension ClusterState {
                         }
                         continue
                     }
-                    if proxied && !explicit { continue }
+                    if proxied.contains(key) && !explicit { continue }
                     taken += 1
                     if let (other, at) = owners[key] {
                         errors.append(ManifestError(located.location, field: field,

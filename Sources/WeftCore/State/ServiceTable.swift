@@ -153,7 +153,7 @@ public struct ServiceTable: Hashable, Sendable {
                     let frontend = Frontend(vip: vip, port: p.port, transport: p.transport)
                     guard var entry = entries[frontend], !entry.needsProxy else { continue }
                     entry.backends = slots
-                    entry.name = own[frontend].map(\.name).map { "\($0) (\(route.kind.rawValue) \(route.metadata.qualifiedName))" } ?? entry.name
+                    entry.name += " (\(route.kind.rawValue) \(route.metadata.qualifiedName))"
                     entries[frontend] = entry
                 }
             }
