@@ -673,6 +673,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             }
         }
         sendContinue()
+        guard request === r else {
+            // The 100's write failed and closed the connection under this
+            // attempt (abandon ran): nothing else gives back the slot taken.
+            r.hold?.release()
+            r.hold = nil
+            return
+        }
         r.attempts += 1
         r.tried.insert(key)
         r.endpoint = key

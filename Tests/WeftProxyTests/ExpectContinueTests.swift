@@ -70,4 +70,27 @@ import Testing
                     && answer.lowercased().contains("connection: close"), "\(path): \(answer)")
         }
     }
+
+    /// A client that resets its connection as soon as it has sent the head
+    /// (the 100's write fails, and the connection closes while the proxy
+    /// is still starting the attempt): nothing stays held, neither the
+    /// backend's in-flight count nor a connection (a write that closed the
+    /// channel under the attempt once left the count up, seen by the fuzz
+    /// test in CI).
+    @Test func aClientThatResetsWhileToldToGoOnLeavesNothingHeld() throws {
+        let rig = try ProxyFuzzTests.Rig()
+        defer { rig.shutdown() }
+        for i in 0..<300 {
+            let fd = try #require(ProxyFuzzTests.dial(rig.port(i % 3)))
+            var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+            Self.send(fd, "POST /upload HTTP/1.1\r\nhost: api.fz\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+            if i % 2 == 1 { usleep(UInt32(i % 7) * 100) }
+            close(fd)
+        }
+        try rig.settle()
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
+        let held = try rig.held()
+        #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
+    }
 }
