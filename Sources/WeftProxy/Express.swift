@@ -80,9 +80,10 @@ enum Express {
         /// A cookie hash's cookie minted for a request without one: the
         /// response carries it (Set-Cookie), as on the full path.
         var setCookie: String?
-        /// A persistent session's field (sessionPersistence): Set-Cookie, or
-        /// the rule's header, when the response begins or renews a session.
-        var sessionField: (name: String, value: String)?
+        /// A persistent session (sessionPersistence): what the response does
+        /// to it, and its field (Set-Cookie, or the rule's header) when it
+        /// begins or renews one.
+        var session: StickySession.Answer?
         /// A delay injected by the Service's TrafficPolicy: the request
         /// waits this long before it is sent. Its backend's request slot
         /// (`hold`) is given back for the wait, as the full path picks the
@@ -235,7 +236,7 @@ enum Express {
             }
         }
         return .forward(Target(route: action.name, cluster: cluster.cluster, key: key, state: state, tunnel: tunnel, hold: hold, setCookie: setCookie,
-                               sessionField: session?.responseField(endpoint: key, now: StickySession.now(), stats: proxy.stats), delay: delay))
+                               session: session?.response(endpoint: key, now: StickySession.now()), delay: delay))
     }
 
     /// After an injected delay (Target.delay): takes the backend's request

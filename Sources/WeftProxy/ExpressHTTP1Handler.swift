@@ -158,8 +158,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
-        /// A persistent session's response field (sessionPersistence).
-        var sessionField: (name: String, value: String)?
+        /// A persistent session's answer (sessionPersistence), counted when
+        /// the response head is written.
+        var session: StickySession.Answer?
         /// The backend of the route's split drawn (captured connections).
         var cluster = ""
         /// Delivering: the request went to the pod as it came, with
@@ -665,7 +666,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                 length: total, outgoing: out)
         exchange.hold = chosen.hold
         exchange.setCookie = chosen.setCookie
-        exchange.sessionField = chosen.sessionField
+        exchange.session = chosen.session
         exchange.cluster = chosen.cluster
         exchange.delay = chosen.delay
         if snapshot.table.accessLog != nil, let span {  // (span: written with `keep`)
@@ -870,12 +871,17 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             copier.flush(p, into: &out)
             let delimited: Bool
             if case .close = framing { delimited = true } else { delimited = false }
-            if let cookie = exchange.setCookie {
+            // (The final head's: an interim one carries neither cookie nor session.)
+            let final = status.code >= 200
+            if final, let cookie = exchange.setCookie {
                 out.writeStaticString("set-cookie: ")
                 out.writeString(cookie)
                 out.writeStaticString("\r\n")
             }
-            if let field = exchange.sessionField {
+            if final, let session = exchange.session {
+                session.outcome.count(proxy.stats)
+            }
+            if final, let field = exchange.session?.field {
                 out.writeString(field.name)
                 out.writeStaticString(": ")
                 out.writeString(field.value)

@@ -137,8 +137,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var hold: ClusterRuntime.Hold?
         /// A minted cookie hash cookie, for the response (Set-Cookie).
         var setCookie: String?
-        /// A persistent session's response field (sessionPersistence).
-        var sessionField: (name: String, value: String)?
+        /// A persistent session's answer (sessionPersistence), counted when
+        /// the response head is written.
+        var session: StickySession.Answer?
         /// The backend of the route's split drawn.
         var cluster = ""
         /// An injected delay (TrafficPolicy), and its timer while it runs.
@@ -564,7 +565,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
         stream.hold = chosen.hold
         stream.setCookie = chosen.setCookie
-        stream.sessionField = chosen.sessionField
+        stream.session = chosen.session
         stream.cluster = chosen.cluster
         if let delay = chosen.delay {
             stream.delay = delay
@@ -747,7 +748,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             for f in fields { size += HPACKLiteral.bound(name: f.name.count, value: f.value.count) }
             let cookie = stream.setCookie
             if let cookie { size += HPACKLiteral.bound(name: 10, value: cookie.utf8.count) }
-            let session = stream.sessionField
+            stream.session?.outcome.count(proxy.stats)
+            let session = stream.session?.field
             if let session { size += HPACKLiteral.bound(name: session.name.utf8.count, value: session.value.utf8.count) }
             var block = ByteBufferAllocator().buffer(capacity: size)
             block.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in

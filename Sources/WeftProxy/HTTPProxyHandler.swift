@@ -913,9 +913,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             Self.stripHopByHop(&head.headers, keepUpgrade: false)
             for m in r.responseModifiers { Self.modify(&head.headers, m) }
             if let cookie = r.setCookie { head.headers.add(name: "set-cookie", value: cookie) }
-            if let session = r.session, let endpoint = r.endpoint,
-               let field = session.responseField(endpoint: endpoint, now: StickySession.now(), stats: proxy.stats) {
-                head.headers.add(name: field.name, value: field.value)
+            if let session = r.session, let endpoint = r.endpoint {
+                let answer = session.response(endpoint: endpoint, now: StickySession.now())
+                answer.outcome.count(proxy.stats)
+                if let field = answer.field { head.headers.add(name: field.name, value: field.value) }
             }
             head.version = r.head.version
             if !isHTTP2 && !r.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "close") }

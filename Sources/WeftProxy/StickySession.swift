@@ -74,20 +74,39 @@ struct StickySession {
         return true
     }
 
-    /// The field the response carries for a request answered by
-    /// `endpoint`: a new session when the request had none or went
-    /// elsewhere, the same one touched when an idle timeout needs its
-    /// last use; nil when the client's token stands as it is. Counted in
-    /// `stats` (sessions kept, started, moved).
-    func responseField(endpoint: EndpointKey, now: UInt64, stats: ProxyStats) -> (name: String, value: String)? {
-        let same = token.map { $0.ip == endpoint.ip.value && $0.port == endpoint.port } ?? false
-        if same {
-            stats.sessionsKept.add(1, ordering: .relaxed)
-        } else if token == nil {
-            stats.sessionsStarted.add(1, ordering: .relaxed)
-        } else {
-            stats.sessionsMoved.add(1, ordering: .relaxed)
+    /// What a response does to the session: keeps the client's, begins
+    /// one, or moves it to another backend. Counted (`count`) once the
+    /// response carrying it is written, not when the request is routed: a
+    /// request the express path routes and hands over (its connect failed)
+    /// is answered, and counted, once, by the full path.
+    enum Outcome {
+        case kept, started, moved
+
+        func count(_ stats: ProxyStats) {
+            switch self {
+            case .kept: stats.sessionsKept.add(1, ordering: .relaxed)
+            case .started: stats.sessionsStarted.add(1, ordering: .relaxed)
+            case .moved: stats.sessionsMoved.add(1, ordering: .relaxed)
+            }
         }
+    }
+
+    /// For a request answered by `endpoint`: what it does to the session,
+    /// and the field its response carries (a new session when the request
+    /// had none or went elsewhere, the same one touched when an idle
+    /// timeout needs its last use; nil when the client's token stands as
+    /// it is).
+    func response(endpoint: EndpointKey, now: UInt64) -> Answer {
+        let same = token.map { $0.ip == endpoint.ip.value && $0.port == endpoint.port } ?? false
+        return Answer(outcome: same ? .kept : token == nil ? .started : .moved, field: field(endpoint: endpoint, same: same, now: now))
+    }
+
+    struct Answer {
+        let outcome: Outcome
+        let field: (name: String, value: String)?
+    }
+
+    private func field(endpoint: EndpointKey, same: Bool, now: UInt64) -> (name: String, value: String)? {
         if same && rule.idleSeconds == nil { return nil }
         let started = same ? token?.started ?? now : now
         let value = Self.encode(Token(tag: rule.tag, ip: endpoint.ip.value, port: endpoint.port, started: started, seen: now))

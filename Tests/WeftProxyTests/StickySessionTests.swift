@@ -229,6 +229,53 @@ import Testing
         #expect(rig.proxy.stats.sessionsMoved.load(ordering: .relaxed) == 1, "one session moved off the pod that left")
     }
 
+    /// A session whose pod refuses connections: the express path routes the
+    /// request to it, its connect fails and it hands the request over; the
+    /// full path sends it to the other pod, and its answer moves the
+    /// session. Each request is counted once, as moved (the express path
+    /// counted its routing too, once, as kept).
+    @Test func aSessionWhosePodRefusesMovesAndIsCountedOnce() throws {
+        let rig = try ProxyFuzzTests.Rig(manifests: Self.manifests())
+        defer { rig.shutdown() }
+        let (ports, close) = try ConnectionWaitTests.pinnedPorts(rig, vip: Self.vip)
+        defer { close() }
+        // A port nothing listens on: bound, then let go.
+        let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(probe, $0, length); return getsockname(probe, $0, &length) }
+        }
+        Glibc.close(probe)
+        let dead = UInt16(bigEndian: address.sin_port)
+        let begun = try #require(Self.get(ports[0], "/a/").cookie)
+        var token = try #require(StickySession.decode(begun.dropFirst("s-a=".count)))
+        try Self.install(rig, Self.manifests()) { table in
+            let name = ProxyTable.clusterName(namespace: "fz", service: "sticky", port: 80)
+            for i in table.clusters[name]?.indices ?? 0..<0 where table.clusters[name]?[i].address == "127.0.0.1" {
+                table.clusters[name]?[i].port = dead
+            }
+        }
+        token.ip = IPv4Address("127.0.0.1")!.value
+        token.port = dead
+        token.seen = StickySession.now()
+        let stats = rig.proxy.stats
+        func counted() -> [Int] {
+            [stats.sessionsStarted.load(ordering: .relaxed), stats.sessionsKept.load(ordering: .relaxed),
+             stats.sessionsMoved.load(ordering: .relaxed), stats.expressHandovers.load(ordering: .relaxed)]
+        }
+        let before = counted()
+        for i in 0..<4 {
+            let moved = Self.get(ports[i % 2], "/a/", ["cookie: s-a=\(StickySession.encode(token))"])
+            #expect(moved.status.hasPrefix("HTTP/1.1 200") && moved.addr == "127.0.0.2" && moved.cookie?.hasPrefix("s-a=") == true,
+                    "\(moved)")
+        }
+        let after = counted()
+        #expect(zip(after, before).map { $0 - $1 } == [0, 0, 4, 4], "started, kept, moved, express hand-overs: \(before) -> \(after)")
+    }
+
     /// A session begun on pod 127.0.0.1 (new sessions until one lands there).
     static func firstOn(_ addr: String, _ port: Int) -> Answer {
         for _ in 0..<64 {
