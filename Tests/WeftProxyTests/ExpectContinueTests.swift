@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import NIOCore
 import Testing
 @testable import WeftProxy
 
@@ -92,5 +93,51 @@ import Testing
         #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
         let held = try rig.held()
         #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
+    }
+
+    /// Pipelined behind a request the proxy answers itself (a redirect),
+    /// a request to a backend that never answers; the answer's write fails
+    /// and closes the connection (as a client's reset makes it: NIO tells
+    /// the handlers it is gone during the write, and the request behind is
+    /// read after). Whatever the request behind began is ended when the
+    /// handlers leave the closed pipeline, on either path: no timeout
+    /// sweeps a closed connection, and its backend would stay held.
+    @Test func aRequestReadAfterItsConnectionClosedHoldsNothing() throws {
+        let redirect = ["stall", "stall-full"].map { name in """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: \(name)-go, namespace: fz}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: \(name), port: 80}]
+              rules:
+              - matches: [{path: {type: Exact, value: /go}}]
+                filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /gone}, statusCode: 302}}]
+            """ }.joined(separator: "\n---\n")
+        let rig = try ProxyFuzzTests.Rig(manifests: redirect, front: { CloseOnFlush() })
+        defer { rig.shutdown() }
+        for full in [false, true] {
+            for _ in 0..<10 {
+                let fd = try #require(ProxyFuzzTests.dial(rig.stallPort(full: full)))
+                defer { close(fd) }
+                Self.send(fd, "GET /go HTTP/1.1\r\nhost: a\r\n\r\nGET /wait HTTP/1.1\r\nhost: a\r\n\r\n")
+                let answer = Self.read(fd, seconds: 2) { _ in false }
+                #expect(answer.isEmpty, "the connection closed as the answer was written: \(answer)")
+            }
+        }
+        try rig.settle()
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
+        let held = try rig.held()
+        #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
+        let redirects = rig.proxy.stats.all.first { $0.0 == "responses_3xx" }?.1
+        #expect(redirects == 20, "each connection's redirect was made: \(redirects ?? 0)")
+    }
+
+    /// Closes the connection at its first flush instead, as a write that
+    /// fails (EPIPE, ECONNRESET) does.
+    final class CloseOnFlush: ChannelOutboundHandler {
+        typealias OutboundIn = NIOAny
+        func flush(context: ChannelHandlerContext) {
+            context.close(promise: nil)
+        }
     }
 }

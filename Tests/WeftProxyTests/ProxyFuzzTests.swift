@@ -212,8 +212,11 @@ import WeftCore
         let backends: [any Channel]
         let registry = ConnectionRegistry()
 
+        /// `front`: a handler put in front of the proxy's on every captured
+        /// connection (nearest the socket), made anew for each.
         init(manifests: String = "", table: (inout ProxyTable) -> Void = { _ in },
-             configure: (inout ProxyConfiguration) -> Void = { _ in }) throws {
+             configure: (inout ProxyConfiguration) -> Void = { _ in },
+             front: (@Sendable () -> any ChannelHandler)? = nil) throws {
             let group = self.group
             let http1 = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -294,7 +297,10 @@ import WeftCore
                     .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
                     .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                     .childChannelInitializer { channel in
-                        channel.eventLoop.makeCompletedFuture { try ProxyServer.adopt(channel, origin: origin, proxy: proxy) }
+                        channel.eventLoop.makeCompletedFuture {
+                            if let front { try channel.pipeline.syncOperations.addHandler(front()) }
+                            try ProxyServer.adopt(channel, origin: origin, proxy: proxy)
+                        }
                     }
                     .bind(host: "127.0.0.1", port: 0).wait()
                 listeners.append((listener, origin))
