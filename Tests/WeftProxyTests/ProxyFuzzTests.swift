@@ -520,6 +520,64 @@ import WeftCore
         }
     }
 
+    /// The fuzz test's requests again, on connections that close under the
+    /// proxy at one of its first five flushes (as a write fails when the
+    /// client has reset): NIO tells the handlers the connection is gone in
+    /// the middle of what they were doing. Whatever they were doing, no
+    /// backend stays held and no connection stays open (a 100 Continue's
+    /// failed write once left its attempt's in-flight count up).
+    @Test func connectionsClosedAtAnyWriteHoldNothing() throws {
+        let flushes = Atomic<Int>(0)
+        let rig = try Rig(front: {
+            CloseAtFlush(flushes.add(1, ordering: .relaxed).newValue % 5 + 1)
+        })
+        defer { rig.shutdown() }
+        let cases = ProcessInfo.processInfo.environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 1_500
+        Self.run(0..<cases, workers: 12) { i in
+            var rng = LoopRandom(seed: 0xC105_0000 &+ UInt64(i))
+            let input = FuzzInput.make(&rng)
+            let chunks = FuzzInput.chunks(input.bytes, &rng)
+            let pauses = chunks.map { _ in rng.next() % 4 == 0 }
+            _ = Self.exchange(port: rig.port(Int(rng.next() % 6)), chunks: chunks, pauses: pauses, shut: rng.next() % 2 == 0,
+                              wait: .milliseconds(60))
+        }
+        try rig.settle()
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
+        let held = try rig.held()
+        #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
+        #expect(rig.proxy.stats.connections.load(ordering: .relaxed) >= cases)
+    }
+
+    /// Closes the connection at its `n`th flush instead of flushing, as a
+    /// write that fails (EPIPE, ECONNRESET) does: at once, in the middle of
+    /// what the handler that flushed was doing. (Not in a read-complete:
+    /// NIO, built for debugging, asserts when a channel is closed there as
+    /// it reads the peer's EOF, which it then goes on to handle; the close
+    /// comes right after instead.)
+    final class CloseAtFlush: ChannelDuplexHandler {
+        typealias InboundIn = NIOAny
+        typealias OutboundIn = NIOAny
+        private var left: Int
+        private var completingRead = false
+        init(_ n: Int) { left = n }
+
+        func channelReadComplete(context: ChannelHandlerContext) {
+            completingRead = true
+            context.fireChannelReadComplete()
+            completingRead = false
+        }
+
+        func flush(context: ChannelHandlerContext) {
+            left -= 1
+            guard left == 0 else { return context.flush() }
+            if completingRead {
+                context.eventLoop.assumeIsolated().execute { context.close(promise: nil) }
+            } else {
+                context.close(promise: nil)
+            }
+        }
+    }
+
     /// The destination node's side: what another node's proxy writes into
     /// a tunnel stream for a pod of this node (HTTP/1.1 requests, whole),
     /// mangled at random as a faulty or hostile peer might send it, to the
