@@ -22,6 +22,38 @@ func agentStatus(node: String) -> Result<AgentStatus, UnixHTTP.Failure> {
     }
 }
 
+/// A frontend's slots as shown: each backend once, with "xN/total" when a
+/// TCPRoute's or UDPRoute's split gives it N of the slots.
+func shownSlots(_ backends: [String]) -> [String] {
+    var order: [String] = []
+    var slots: [String: Int] = [:]
+    for b in backends {
+        if slots[b] == nil { order.append(b) }
+        slots[b, default: 0] += 1
+    }
+    return order.map { b in slots[b, default: 1] > 1 ? "\(b) x\(slots[b, default: 1])/\(backends.count)" : b }
+}
+
+/// A Service port as the kernel serves it: its frontend ("vip:port/proto"),
+/// the agent's name for it ("namespace/name:port", a split's route after
+/// it) and its slots' backends.
+struct KernelPort {
+    var frontend: String
+    var name: String
+    var backends: [String]
+}
+
+/// The Service ports in `node`'s pinned maps, named by its agent.
+func kernelPorts(node: String) throws -> [KernelPort] {
+    let snapshot = try ServiceMaps(pinDirectory: Datapath.defaultPinDirectory(node: node)).snapshot()
+    let status = try agentStatus(node: node).get()
+    let names = Dictionary(status.services.map { ($0.frontend, $0.name) }, uniquingKeysWith: { a, _ in a })
+    return snapshot.frontends.map { f in
+        KernelPort(frontend: f.frontend.description, name: names[f.frontend.description] ?? "?",
+                   backends: f.backends.map { $0?.description ?? "(missing)" })
+    }
+}
+
 func table(_ rows: [[String]]) -> String {
     guard let header = rows.first else { return "" }
     let widths = header.indices.map { i in rows.map { $0.count > i ? $0[i].count : 0 }.max() ?? 0 }
@@ -56,14 +88,7 @@ struct GetCommand: ParsableCommand {
                     let backends = f.backends.map { $0?.description ?? "(missing)" }
                     let name = names[f.frontend.description] ?? (status == nil ? "? (agent unreachable)" : "? (not in agent's config)")
                     let frontend = f.frontend.description + (f.affinityTimeout.map { " (ClientIP affinity \($0)s)" } ?? "")
-                    // A TCPRoute's split gives a backend a slot per share: "x N" of the slots.
-                    var order: [String] = []
-                    var slots: [String: Int] = [:]
-                    for b in backends {
-                        if slots[b] == nil { order.append(b) }
-                        slots[b, default: 0] += 1
-                    }
-                    let shown = order.map { b in slots[b, default: 1] > 1 ? "\(b) x\(slots[b, default: 1])/\(backends.count)" : b }
+                    let shown = shownSlots(backends)
                     rows.append([node, name, frontend, backends.isEmpty ? "none (connect fails: ECONNREFUSED)" : shown.joined(separator: ", ")])
                     var entry: [String: Any] = ["node": node, "service": name, "frontend": f.frontend.description,
                                                 "serviceID": f.serviceID, "backends": backends]

@@ -14,7 +14,9 @@ struct RouteCommand: ParsableCommand {
     /// sees (a GAMMA consumer route's, or the Service's own): the rule, its
     /// filters, backends with their share and endpoints, timeouts and retry.
     /// Exit status 0: routed (or answered by a redirect); 3: no rule matches
-    /// (the proxy answers 404).
+    /// (the proxy answers 404). A port the kernel alone serves (no HTTP
+    /// declared, no HTTPRoute) is shown as the kernel has it: its slots'
+    /// backends, a TCPRoute's or UDPRoute's split with them.
     struct Check: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Which route rule, filters and backends a request gets (exit 0 routed, 3 no route: 404).")
@@ -36,8 +38,8 @@ struct RouteCommand: ParsableCommand {
         }
 
         func run() throws {
-            let table = try loadTable()
-            let (key, frontend) = try destination(in: table)
+            let (table, kernel) = try loadTable()
+            guard let (key, frontend) = try destination(in: table) else { return try reportKernel(kernel()) }
             var routes = frontend
             var scope = "the Service's own routes"
             var client = "-"
@@ -120,10 +122,18 @@ struct RouteCommand: ParsableCommand {
             }
         }
 
-        private func loadTable() throws -> ProxyTable {
+        /// The proxy's route table, and a way to the kernel's Service ports
+        /// (asked only for a port the proxy does not serve): made from the
+        /// manifests given, or an agent's.
+        private func loadTable() throws -> (ProxyTable, () throws -> [KernelPort]) {
             if !file.isEmpty {
                 switch ManifestSource.load(paths: file) {
-                case .success(let state): return ProxyTable(state)
+                case .success(let state):
+                    return (ProxyTable(state), {
+                        ServiceTable(state).entries.sorted { $0.key < $1.key }.map { frontend, entry in
+                            KernelPort(frontend: frontend.description, name: entry.name, backends: entry.backends.map(\.description))
+                        }
+                    })
                 case .failure(let errors):
                     FileHandle.standardError.write(Data((errors.description + "\n").utf8))
                     throw ExitCode(1)
@@ -133,7 +143,7 @@ struct RouteCommand: ParsableCommand {
                 let path = ProxyConfiguration.tableFile(runDirectory: "/run/weft/\(n)")
                 guard let data = FileManager.default.contents(atPath: path) else { continue }
                 do {
-                    return try JSONDecoder().decode(ProxyTable.self, from: data)
+                    return (try JSONDecoder().decode(ProxyTable.self, from: data), { try kernelPorts(node: n) })
                 } catch {
                     throw ValidationError("\(path): not a route table this weft reads: \(error)")
                 }
@@ -141,23 +151,65 @@ struct RouteCommand: ParsableCommand {
             throw ValidationError("no agent on this machine has a proxy route table (/run/weft/NODE/proxy-table.json); give -f with manifests")
         }
 
-        /// The frontend `--to` names: "clusterIP:port" or a Service's
-        /// "namespace/name[:port]".
-        private func destination(in table: ProxyTable) throws -> (String, ProxyTable.Frontend) {
+        /// `--to` as "namespace/name" and a port, if it names a Service.
+        private var named: (name: String, port: String?) {
+            let parts = to.split(separator: ":")
+            return parts.count == 2 ? (String(parts[0]), String(parts[1])) : (to, nil)
+        }
+
+        /// The proxy's frontend `--to` names: "clusterIP:port" or a
+        /// Service's "namespace/name[:port]"; nil when the proxy serves no
+        /// such port.
+        private func destination(in table: ProxyTable) throws -> (String, ProxyTable.Frontend)? {
             if let f = table.frontends[to] { return (to, f) }
-            let (name, port) = to.split(separator: ":").count == 2
-                ? (String(to.split(separator: ":")[0]), String(to.split(separator: ":")[1])) : (to, nil)
+            let (name, port) = named
             let found = table.frontends.filter { key, f in
                 "\(f.namespace)/\(f.service ?? "")" == name && (port == nil || key.hasSuffix(":\(port ?? "")"))
             }.sorted { $0.key < $1.key }
-            guard let first = found.first else {
-                throw ValidationError("--to \(to): no Service port the proxy handles by that name or address"
-                                      + " (one with no HTTP protocol declared and no route attached is the kernel's alone)")
-            }
-            guard found.count == 1 else {
-                throw ValidationError("--to \(to): the Service has ports \(found.map { String($0.key.split(separator: ":").last ?? "") }.joined(separator: ", ")); give one as \(name):PORT")
-            }
+            guard let first = found.first else { return nil }
+            guard found.count == 1 else { throw Self.ambiguous(to, name, found.map(\.key)) }
             return (first.key, first.value)
+        }
+
+        static func ambiguous(_ to: String, _ name: String, _ frontends: [String]) -> ValidationError {
+            let ports = frontends.map { String($0.split(separator: ":").last?.split(separator: "/").first ?? "") }
+            return ValidationError("--to \(to): the Service has ports \(Array(Set(ports)).sorted().joined(separator: ", ")); give one as \(name):PORT")
+        }
+
+        /// A port the kernel alone serves: connect() (a UDP socket's, or
+        /// each datagram's sendmsg) draws one of its slots; a TCPRoute's or
+        /// UDPRoute's split fills the slots by weight. Both protocols'
+        /// frontends, when the port has both.
+        private func reportKernel(_ ports: [KernelPort]) throws {
+            let (name, port) = named
+            func portOf(_ frontend: String) -> String {
+                String(frontend.split(separator: "/").first?.split(separator: ":").last ?? "")
+            }
+            let found = ports.filter { p in
+                p.frontend.hasPrefix("\(to)/") || (p.name.hasPrefix("\(name):") && (port == nil || portOf(p.frontend) == port))
+            }
+            guard !found.isEmpty else {
+                throw ValidationError("--to \(to): no Service port by that name or address (namespace/name[:port], or clusterIP:port)")
+            }
+            guard Set(found.map { portOf($0.frontend) }).count == 1 else { throw Self.ambiguous(to, name, found.map(\.frontend)) }
+            var lines: [String] = []
+            var json: [[String: Any]] = []
+            for p in found {
+                // ("namespace/name:port (TCPRoute namespace/route)" when a route splits it.)
+                let route = p.name.firstIndex(of: "(").map { String(p.name[p.name.index(after: $0)...].dropLast()) }
+                let service = route == nil ? p.name : String(p.name[..<(p.name.firstIndex(of: " ") ?? p.name.endIndex)])
+                let udp = p.frontend.lowercased().hasSuffix("/udp")
+                lines += ["connect:  \(service) (\(p.frontend))",
+                          "path:     the kernel alone (no HTTP declared, no HTTPRoute): "
+                          + (udp ? "each datagram's sendmsg(), or a socket's connect(), draws" : "each connect() draws")
+                          + " a backend from the slots; the proxy never sees it"]
+                if let route { lines.append("route:    \(route) splits the slots by weight") }
+                let shown = shownSlots(p.backends)
+                lines.append("backends: " + (shown.isEmpty ? "none: connect() fails at once (ECONNREFUSED)" : shown.joined(separator: ", ")))
+                json.append(["service": service, "frontend": p.frontend, "path": "kernel", "route": route ?? NSNull(),
+                             "slots": p.backends.count, "backends": shown])
+            }
+            report(["request": "connect() to \(to)", "kernel": json], text: lines)
         }
 
         static func describe(_ m: HTTPRoute.Match) -> String {

@@ -138,8 +138,12 @@ import Testing
         let session = json?["session"] as? String ?? ""
         #expect(session.hasPrefix("header x-weft-session-") && session.hasSuffix(", idleTimeout 600s"), "\(grpc.output)")
         #expect(!(consumer.output.contains("session:")), "\(consumer.output)")
+        // A port the kernel alone serves: its slots as the kernel has them.
         let l4 = try check(["--to", "shop/db"])
-        #expect(l4.status != 0 && l4.output.contains("no Service port the proxy handles"), "\(l4.output)")
+        #expect(l4.status == 0 && l4.output.contains("connect:  shop/db:5432 (198.19.0.12:5432/TCP)")
+                && l4.output.contains("the kernel alone") && l4.output.contains("backends: none: connect() fails at once"), "\(l4.output)")
+        let nothing = try check(["--to", "shop/nope"])
+        #expect(nothing.status != 0 && nothing.output.contains("--to shop/nope: no Service port by that name or address"), "\(nothing.output)")
         let nobody = try check(["--to", "shop/web", "--from", "shop/ghost"])
         #expect(nobody.status != 0 && nobody.output.contains("--from shop/ghost: no such pod"), "\(nobody.output)")
     }

@@ -221,6 +221,10 @@ struct ServiceLoadBalancingTests {
         #expect(abs(Double(counts["web-1"] ?? 0) - Double(counts["web-2"] ?? 0)) / 2000 <= 0.06, "v1's pods share alike: \(counts)")
         let get = try LabHarness.run(["get", "services", "--node", "n1"])
         #expect(get.output.contains("e2e/web:web (TCPRoute e2e/web-split)") && get.output.contains("198.18.2.13:8080 x2/20"), "\(get.output)")
+        // `weft route check` on a port the kernel alone serves: the agent's slots, and the route that split them.
+        let check = try LabHarness.run(["route", "check", "--node", "n1", "--to", "e2e/web"])
+        #expect(check.status == 0 && check.output.contains("route:    TCPRoute e2e/web-split splits the slots by weight")
+                && check.output.contains("198.18.2.13:8080 x2/20") && check.output.contains("the kernel alone"), "\(check.output)")
 
         // UDP, unconnected (each datagram judged at sendmsg4) and connected.
         for (mode, n) in [("udps", 4000), ("udp", 400)] {
