@@ -130,7 +130,8 @@ struct RouteCommand: ParsableCommand {
                 switch ManifestSource.load(paths: file) {
                 case .success(let state):
                     return (ProxyTable(state), {
-                        ServiceTable(state).entries.sorted { $0.key < $1.key }.map { frontend, entry in
+                        // (internalTrafficPolicy Local: the pods of --node, when given.)
+                        ServiceTable(state, node: node).entries.sorted { $0.key < $1.key }.map { frontend, entry in
                             KernelPort(frontend: frontend.description, name: entry.name, backends: entry.backends.map(\.description))
                         }
                     })
