@@ -11,6 +11,19 @@ public struct CapturedOrigin: Sendable, Hashable {
     /// To a pod on another node, through the tunnel: `vip`/`port` name the
     /// pod itself (the kernel chose it), not a Service.
     public var tunnel = false
+    /// Through the tunnel to a pod the kernel chose for a Service: the
+    /// clusterIP and port the client dialed ("vip:port"; nil when it
+    /// dialed the pod), for the Service its metrics name.
+    public var dialed: String?
+
+    public init(vip: IPv4Address, port: UInt16, serviceID: UInt32, source: IPv4Address, tunnel: Bool = false, dialed: String? = nil) {
+        self.vip = vip
+        self.port = port
+        self.serviceID = serviceID
+        self.source = source
+        self.tunnel = tunnel
+        self.dialed = dialed
+    }
 }
 
 /// The two capture maps (see weft_abi.h, "L7 capture"): where the proxy
@@ -52,7 +65,8 @@ public final class ProxyMaps: Sendable {
         _ = try origins.delete(key)
         return CapturedOrigin(vip: IPv4Address(networkOrder: v.vip), port: UInt16(bigEndian: v.port),
                               serviceID: v.service_id, source: IPv4Address(networkOrder: v.source),
-                              tunnel: v.flags & UInt16(WEFT_ORIGIN_F_TUNNEL) != 0)
+                              tunnel: v.flags & UInt16(WEFT_ORIGIN_F_TUNNEL) != 0,
+                              dialed: v.dialed == 0 ? nil : "\(IPv4Address(networkOrder: v.dialed)):\(UInt16(bigEndian: v.dialed_port))")
     }
 
     /// Origins written but never taken (the proxy was down when they came).

@@ -50,8 +50,10 @@ enum TCPPassthrough {
         loop.pool.state(endpoint).inFlight += 1
         let pool = loop.pool
         let tunnel = loop.tunnel(proxy, to: endpoint, from: origin.source, snapshot: snapshot)
-        let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend?.service,
-                               serviceNamespace: frontend?.namespace, upstream: endpoint)
+        // (A tunnel the kernel balanced: the Service the client dialed.)
+        let dialed = origin.dialed.flatMap { snapshot.table.services?[$0] }
+        let peers = PeerLabels(snapshot: snapshot, source: origin.source, service: frontend?.service ?? dialed?.name,
+                               serviceNamespace: frontend?.namespace ?? dialed?.namespace, upstream: endpoint)
 
         func failed(_ error: any Error) {
             proxy.logger.info("passthrough connect failed", metadata: ["endpoint": "\(endpoint)", "error": "\(error)"])

@@ -318,6 +318,12 @@ struct MeshTLSTests {
             echo = s.recv(100); print(hello.decode().strip(), "|", echo.decode().strip()); s.close()
             """])
         #expect(banner.output.contains("hello from banner | \(marker)-tcp"), "\(banner.output)")
+        // n1's TCP series name the Service each tunnelled connection was
+        // dialed for, though the kernel chose its pod: none is "unknown".
+        let tcpSeries = try metric("n1", "weft_tcp_connections_opened_total{", ["destination_service=\"web-tcp.\(ns).svc\""])
+        let bannerSeries = try metric("n1", "weft_tcp_connections_opened_total{", ["destination_service=\"banner.\(ns).svc\""])
+        let unnamed = try metric("n1", "weft_tcp_connections_opened_total{", ["destination_service=\"unknown\""])
+        #expect(tcpSeries >= 4 && bannerSeries == 1 && unnamed == 0, "web-tcp \(tcpSeries), banner \(bannerSeries), unknown \(unnamed)")
         // Control: a DISABLE pod is spoken to in plaintext, so the capture sees it.
         let (rc3, out3) = try curl(["http://198.19.5.50/\(marker)-plain"])
         #expect(rc3 == 0 && out3.contains("plain"), "\(out3)")

@@ -198,6 +198,9 @@ struct weft_proxy_origin {
 	__u16  flags;      /* WEFT_ORIGIN_F_* */
 	__u32  service_id; /* the Service port's stable id */
 	__be32 source;     /* the client pod's address (from its cgroup) */
+	__be32 dialed;     /* with F_TUNNEL through a Service: the clusterIP dialed (0: the pod was dialed) */
+	__be16 dialed_port; /* with it, the Service port dialed, network order */
+	__u16  pad0;
 };
 
 /* Indices into the per-CPU weft_lb_stats array: every outcome of the
@@ -584,7 +587,7 @@ _Static_assert(sizeof(struct weft_flow_key) == 16, "weft_flow_key layout");
 _Static_assert(sizeof(struct weft_flow_stats) == 40, "weft_flow_stats layout");
 _Static_assert(sizeof(struct weft_proxy_config) == 8, "weft_proxy_config layout");
 _Static_assert(sizeof(struct weft_proxy_origin_key) == 8, "weft_proxy_origin_key layout");
-_Static_assert(sizeof(struct weft_proxy_origin) == 16, "weft_proxy_origin layout");
+_Static_assert(sizeof(struct weft_proxy_origin) == 24, "weft_proxy_origin layout");
 _Static_assert(sizeof(struct weft_accel_key) == 36, "weft_accel_key layout");
 _Static_assert(sizeof(struct weft_accel_addr) == 16, "weft_accel_addr layout");
 _Static_assert(sizeof(struct weft_accel_config) == 8, "weft_accel_config layout");

@@ -99,6 +99,9 @@ static __always_inline void publish_proxy_origin(struct bpf_sock_ops *skops, str
 
 		if (!b)
 			return;
+		/* (and what was dialed, for the Service its metrics name) */
+		value.dialed = origin->vip;
+		value.dialed_port = origin->port;
 		value.vip = b->addr;
 		value.port = b->port;
 	}

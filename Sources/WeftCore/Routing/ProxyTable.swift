@@ -13,6 +13,10 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// Every Workload of the cluster by address: who a source or an
     /// upstream is, for metrics and access logs.
     public var workloads: [String: WorkloadRef]?
+    /// Every Service's TCP ports by "clusterIP:port": the Service a
+    /// connection the kernel balanced and the proxy tunnels to another
+    /// node was dialed for (CapturedOrigin.dialed), for its metrics.
+    public var services: [String: ServiceRef]?
     /// Access logging (MeshConfig accessLog): nil is off.
     public var accessLog: AccessLogScope?
     /// MeshConfig telemetry.requestMetrics; nil is on.
@@ -148,6 +152,15 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         self.generation = generation
         self.frontends = frontends
         self.clusters = clusters
+    }
+
+    public struct ServiceRef: Codable, Hashable, Sendable {
+        public var name: String
+        public var namespace: String
+        public init(name: String, namespace: String) {
+            self.name = name
+            self.namespace = namespace
+        }
     }
 
     public struct WorkloadRef: Codable, Hashable, Sendable {
@@ -317,6 +330,14 @@ extension ProxyTable {
                                                       serviceAccount: w.serviceAccount, node: w.node)
         }
         workloads = refs
+        var named: [String: ServiceRef] = [:]
+        for s in state.services {
+            guard let vip = s.clusterIP else { continue }
+            for p in s.ports where p.transport == .tcp {
+                named["\(vip):\(p.port)"] = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
+            }
+        }
+        if !named.isEmpty { services = named }
         var checks: [String: [TrafficPolicy.HealthCheck]] = [:]
         for probe in state.healthChecks() where !(checks["\(probe.backend)"]?.contains(probe.check) ?? false) {
             checks["\(probe.backend)", default: []].append(probe.check)
