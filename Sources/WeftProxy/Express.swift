@@ -392,7 +392,7 @@ enum Express {
         counters?.pending.add(1, ordering: .relaxed)
         loop.pool.bootstrap(for: key)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ExpressUpstream()) }
+                loop.pool.initialize(channel) { try $0.addHandler(ExpressUpstream()) }
             }
             .connect(host: key.address, port: Int(key.port))
             .assumeIsolated()

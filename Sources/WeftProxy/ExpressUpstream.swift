@@ -42,7 +42,15 @@ final class ExpressUpstream: ChannelInboundHandler {
     var channel: Channel? { context?.channel }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
-    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        // Closed as its connect completed: never told inactive (see
+        // UpstreamHandler.handlerRemoved); its exchange hears of it here.
+        guard let owner else { return }
+        self.owner = nil
+        isActive = false
+        owner.upstreamClosed()
+    }
 
     func send(_ bytes: ByteBuffer) {
         context?.writeAndFlush(wrapOutboundOut(bytes), promise: nil)

@@ -50,6 +50,9 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        // Closed as its connect completed (the first write failed): never
+        // told inactive (UpstreamHandler.handlerRemoved); end the pair now.
+        if !inactive, !context.channel.isActive { channelInactive(context: context) }
         self.context = nil
         partner = nil
     }

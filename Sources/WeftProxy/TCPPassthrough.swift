@@ -148,6 +148,7 @@ enum TCPPassthrough {
             connected = { done in
                 pool.bootstrap(for: endpoint)
                     .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                    .channelInitializer { pool.initialize($0) { _ in } }
                     .connect(host: endpoint.address, port: Int(endpoint.port))
                     .assumeIsolated()
                     .whenComplete(done)

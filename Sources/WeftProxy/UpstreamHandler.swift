@@ -79,7 +79,18 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
-    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        // A connection closed as its connect completed (a first write that
+        // failed, the pod having reset) is never told inactive: NIO
+        // completes the connect before it calls the channel active, and a
+        // close in between only removes the handlers. The exchange hears of
+        // it here, or it would wait for its timeout with its backend held.
+        guard let sink else { return }
+        self.sink = nil
+        isActive = false
+        sink.upstreamFailed(ChannelError.eof, responded: responded)
+    }
 
     /// Begins an exchange.
     func begin(sink: any UpstreamSink, keepAlive: Bool) {

@@ -185,6 +185,9 @@ final class UpstreamPool {
 
     let eventLoop: any EventLoop
     let configuration: ProxyConfiguration
+    /// For tests: a handler put first on every plain connection to a pod
+    /// (ProxyFuzzTests closes them at a write, as a pod's reset does).
+    var front: (() -> any ChannelHandler)?
     private var endpoints: [EndpointKey: EndpointState] = [:]
     /// xorshift state for the two random choices.
     private var random: UInt64
@@ -399,7 +402,7 @@ final class UpstreamPool {
             }
             let bootstrap = self.bootstrap(for: key)
             let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
-                bootstrap.channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try initializer(channel) } }
+                bootstrap.channelInitializer { channel in self.initialize(channel) { _ in try initializer(channel) } }
                     .connect(host: key.address, port: Int(key.port))
                     .assumeIsolated()
                     .whenComplete(done)
@@ -645,12 +648,21 @@ final class UpstreamPool {
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
     }
 
+    /// A plain connection's handlers, after the test's `front` if one is set.
+    func initialize(_ channel: any Channel, _ handlers: (ChannelPipeline.SynchronousOperations) throws -> Void) -> EventLoopFuture<Void> {
+        let front = self.front
+        return channel.eventLoop.makeCompletedFuture {
+            if let front { try channel.pipeline.syncOperations.addHandler(front()) }
+            try handlers(channel.pipeline.syncOperations)
+        }
+    }
+
     private func connectHTTP1(_ key: EndpointKey, _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
         bootstrap(for: key)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
-                    try channel.pipeline.syncOperations.addHandler(UpstreamHandler())
+                self.initialize(channel) { pipeline in
+                    try pipeline.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
+                    try pipeline.addHandler(UpstreamHandler())
                 }
             }
             .connect(host: key.address, port: Int(key.port))
