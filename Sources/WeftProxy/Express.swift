@@ -178,10 +178,9 @@ enum Express {
         var hold: ClusterRuntime.Hold?
         var setCookie: String?
         let runtime = snapshot.runtimes.isEmpty ? nil : snapshot.runtimes[cluster.cluster]
-        if let session, let pin = session.pinned, endpoints.contains(pin),
-           session.takes(pin, runtime: runtime, loop: loop, proxy: proxy, generation: snapshot.generation, source: source) {
-            key = pin
-            hold = runtime.flatMap { rt in rt.index[pin].map { ClusterRuntime.Hold(rt, $0) } }
+        if let claimed = session?.claim(among: endpoints, runtime: runtime, loop: loop, proxy: proxy,
+                                        generation: snapshot.generation, source: source) {
+            (key, hold) = claimed
         } else if let runtime {
             let hash: UInt64?
             (hash, setCookie) = runtime.requestKey(header: header, cookie: cookie, source: source, random: &loop.random)

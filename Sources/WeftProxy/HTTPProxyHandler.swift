@@ -629,11 +629,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         let excluded = r.tried.isEmpty || endpoints.allSatisfy({ r.tried.contains($0) }) ? [] : r.tried
         // The proxy connects on the pod's behalf: it may reach only what the
         // pod itself could (its egress policy and the backend's ingress).
-        if r.tried.isEmpty, let session = r.session, let pinned = session.pinned, endpoints.contains(pinned),
-           session.takes(pinned, runtime: r.runtime, loop: loop, proxy: proxy, generation: r.snapshot.generation, source: origin.source) {
-            // (Its slot taken, when the cluster has a TrafficPolicy.)
-            key = pinned
-            r.hold = r.runtime.flatMap { rt in rt.index[pinned].map { ClusterRuntime.Hold(rt, $0) } }
+        if r.tried.isEmpty, let claimed = r.session?.claim(among: endpoints, runtime: r.runtime, loop: loop, proxy: proxy,
+                                                           generation: r.snapshot.generation, source: origin.source) {
+            (key, r.hold) = claimed
         } else if let runtime = r.runtime {
             switch loop.pick(runtime, hash: r.hash, excluding: excluded, proxy: proxy, generation: r.snapshot.generation,
                              source: origin.source) {

@@ -170,9 +170,10 @@ final class ProxyStats: Sendable {
     /// Requests that waited for a connection at a backend's maxConnections.
     let connectionWaits = Atomic<Int>(0)
     let rateLimited = Atomic<Int>(0)
-    /// Requests of a rule with sessionPersistence: sent to their session's
-    /// pod; that began a session (none, or an expired or foreign token);
-    /// whose session's pod could not take them (gone, ejected, full).
+    /// Responses to requests of a rule with sessionPersistence (counted as
+    /// their head is written): sent to their session's pod; that began a
+    /// session (none, or an expired or foreign token); whose session's pod
+    /// could not take them (gone, ejected, full, refused).
     let sessionsKept = Atomic<Int>(0)
     let sessionsStarted = Atomic<Int>(0)
     let sessionsMoved = Atomic<Int>(0)

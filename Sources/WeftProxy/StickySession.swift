@@ -158,17 +158,20 @@ struct StickySession {
         return String(path)
     }
 
-    /// Whether the pinned backend takes the request: the client may reach
-    /// it, and under a TrafficPolicy (`runtime`) it is not ejected and its
-    /// request slot is free (then taken). Else the request is balanced as
+    /// The pinned backend, when it is among `endpoints` and takes the
+    /// request: the client may reach it, and under a TrafficPolicy
+    /// (`runtime`) it is not ejected and its request slot is free (then
+    /// taken: the hold gives it back). Else nil: the request is balanced as
     /// usual, and its response begins a new session. Both paths ask this.
-    func takes(_ key: EndpointKey, runtime: ClusterRuntime?, loop: LoopState, proxy: ProxyContext, generation: UInt64,
-               source: IPv4Address) -> Bool {
-        guard loop.allowed(proxy, generation: generation, source: source, destination: key.ip, port: key.port,
-                           node: key.node) else { return false }
-        guard let runtime else { return true }
-        guard let i = runtime.index[key], !runtime.backends[i].isEjected(NIODeadline.now().uptimeNanoseconds) else { return false }
-        return runtime.reserve(key)
+    func claim(among endpoints: [EndpointKey], runtime: ClusterRuntime?, loop: LoopState, proxy: ProxyContext,
+               generation: UInt64, source: IPv4Address) -> (key: EndpointKey, hold: ClusterRuntime.Hold?)? {
+        guard let key = pinned, endpoints.contains(key),
+              loop.allowed(proxy, generation: generation, source: source, destination: key.ip, port: key.port, node: key.node)
+        else { return nil }
+        guard let runtime else { return (key, nil) }
+        guard let i = runtime.index[key], !runtime.backends[i].isEjected(NIODeadline.now().uptimeNanoseconds),
+              runtime.reserve(key) else { return nil }
+        return (key, ClusterRuntime.Hold(runtime, i))
     }
 
     /// Wall-clock milliseconds, as tokens count time (they outlive the process).
