@@ -69,12 +69,44 @@ import Testing
     }
 
     @Test func mangledTunnelsNeitherCrashNorHangTheProxy() throws {
+        try Self.fuzz(cases: 600)
+    }
+
+    /// The same tunnels, closed under the node's proxy at one of their
+    /// first five flushes (the TLS handshake's included), as a write fails
+    /// when the peer has reset; and every third of the proxy's connections
+    /// to the pods closed at its first write, as when a pod resets at once.
+    /// NIO tells the handlers in the middle of what they were doing; once
+    /// the clients have gone, nothing is open or held all the same.
+    @Test func tunnelsClosedAtAnyWriteHoldNothing() throws {
+        try Self.fuzz(cases: 600, closing: true)
+    }
+
+    /// `cases` fuzz cases (WEFT_FUZZ_CASES, WEFT_FUZZ_FIRST), on the express
+    /// path and with `--no-express`; `closing`: with closes injected.
+    static func fuzz(cases defaultCases: Int, closing: Bool = false) throws {
         let environment = ProcessInfo.processInfo.environment
-        let cases = environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 600
+        let cases = environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? defaultCases
         let first = environment["WEFT_FUZZ_FIRST"].flatMap(Int.init) ?? 0
         for express in [true, false] {
-            let node = try TunnelStreamIdleTests.Node(express: express)
+            let flushes = Atomic<Int>(0), injecting = Atomic<Bool>(closing)
+            let node = try TunnelStreamIdleTests.Node(express: express, front: { () -> any ChannelHandler in
+                guard injecting.load(ordering: .relaxed) else { return ProxyFuzzTests.CloseAtFlush(Int.max) }
+                return ProxyFuzzTests.CloseAtFlush(flushes.add(1, ordering: .relaxed).newValue % 5 + 1)
+            })
             defer { node.shutdown() }
+            if closing {
+                for loop in Array(node.rig.group.makeIterator()) {
+                    let proxy = node.rig.proxy
+                    try loop.submit {
+                        var made = 0
+                        proxy.loop(loop).pool.front = {
+                            made += 1
+                            return ProxyFuzzTests.CloseAtFlush(made % 3 == 0 ? 1 : Int.max)
+                        }
+                    }.wait()
+                }
+            }
             let ports = FuzzInput.TunnelPorts(stall: node.stallPort, http1: node.rig.backends[0].localAddress?.port ?? 0,
                                               silentH2: node.silentH2Port)
             let failures = Mutex<[String]>([])
@@ -89,7 +121,9 @@ import Testing
                 let chunks = FuzzInput.chunks(bytes, &rng)
                 let out = Self.exchange(node, chunks: chunks, wait: rng.next() % 4 == 0 ? .milliseconds(600) : .milliseconds(60))
                 var fault: String?
-                if !out.handshake {
+                if closing {
+                    // (Any answer: the close can come at any write.)
+                } else if !out.handshake {
                     fault = "the TLS handshake failed"
                 } else if out.answer.count >= 9 && (out.answer[3] != 0x4 || out.answer[4] != 0) {
                     fault = "answered without SETTINGS first"
@@ -103,7 +137,8 @@ import Testing
             }
             for failure in failures.withLock({ $0 }).prefix(20) { Issue.record(Comment(rawValue: failure)) }
             let streams = node.rig.proxy.stats.tunnelStreamsIn.load(ordering: .relaxed)
-            #expect(streams > (cases - first) / 4, "streams admitted: \(streams) of \(cases - first) connections")
+            // (Closed at a flush, a fifth of them in the handshake: fewer.)
+            #expect(streams > (cases - first) / (closing ? 8 : 4), "streams admitted: \(streams) of \(cases - first) connections")
 
             // Every tunnel its client closed is closed here too, and nothing
             // holds a pod: no request in flight, no stream open to one.
@@ -115,8 +150,16 @@ import Testing
             #expect(node.rig.registry.count == 0, "\(node.rig.registry.count) tunnels left open")
             let held = try node.rig.held()
             #expect(held.allSatisfy { $0 == 0 }, "pods still held (requests, streams per loop): \(held)")
+            #expect(node.rig.proxy.stats.tunnelsInActive.load(ordering: .relaxed) == 0, "tunnels counted open")
 
             // And a well-formed stream is answered.
+            injecting.store(false, ordering: .relaxed)
+            if closing {
+                for loop in Array(node.rig.group.makeIterator()) {
+                    let proxy = node.rig.proxy
+                    try loop.submit { proxy.loop(loop).pool.front = nil }.wait()
+                }
+            }
             let seen = try node.talk("http1", port: ports.http1, Array("GET / HTTP/1.1\r\nhost: a\r\n\r\n".utf8),
                                      done: { String(decoding: $0, as: UTF8.self).hasSuffix("ok\n") })
             #expect(seen.text.hasPrefix("HTTP/1.1 200"), "\(express ? "express" : "--no-express"): \(FuzzInput.show(seen.bytes))")

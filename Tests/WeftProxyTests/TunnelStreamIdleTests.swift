@@ -37,14 +37,17 @@ import Testing
 
         /// `table`: what the test sets in the route table beyond the
         /// stream idle timeout.
-        init(express: Bool, table: @escaping (inout ProxyTable) -> Void = { _ in }) throws {
+        /// `front`: a handler put nearest the socket of each tunnel the
+        /// node accepts (TunnelServer.start).
+        init(express: Bool, table: @escaping (inout ProxyTable) -> Void = { _ in },
+             front: (@Sendable () -> any ChannelHandler)? = nil) throws {
             self.express = express
             rig = try ProxyFuzzTests.Rig(table: { $0.streamIdleTimeoutMilliseconds = StreamIdleTests.timeout; table(&$0) },
                                          configure: { $0.express = express })
             let mesh = try TestMesh()
             rig.proxy.install(identities: try mesh.bundle([try mesh.identity("fz", "default")]))
             client = try mesh.bundle([try mesh.identity("fz", "far")])
-            tunnel = try TunnelServer.start(proxy: rig.proxy, group: rig.group, port: 0, connections: rig.registry)
+            tunnel = try TunnelServer.start(proxy: rig.proxy, group: rig.group, port: 0, connections: rig.registry, front: front)
             silentH2 = try ServerBootstrap(group: rig.group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in

@@ -273,7 +273,10 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
 enum TunnelServer {
     /// `connections`: the proxy's drain reaches each tunnel from another
     /// node through it (a GOAWAY, then a close once its streams are done).
-    static func start(proxy: ProxyContext, group: any EventLoopGroup, port: UInt16, connections: ConnectionRegistry) throws -> Channel {
+    /// `front` (tests): a handler made for each tunnel, put nearest its
+    /// socket.
+    static func start(proxy: ProxyContext, group: any EventLoopGroup, port: UInt16, connections: ConnectionRegistry,
+                      front: (@Sendable () -> any ChannelHandler)? = nil) throws -> Channel {
         try ServerBootstrap(group: group)
             .registering(in: connections)
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
@@ -293,6 +296,7 @@ enum TunnelServer {
                     let stats = proxy.stats
                     channel.closeFuture.whenComplete { _ in stats.tunnelsInActive.subtract(1, ordering: .relaxed) }
                     OpaqueKeepalive.tunnel(channel, proxy.snapshot.table.tcpKeepalive)
+                    if let front { try channel.pipeline.syncOperations.addHandler(front()) }
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
                     let handshake = channel.eventLoop.makePromise(of: Void.self), started = NIODeadline.now()
                     let telemetry = proxy.telemetry
