@@ -584,6 +584,25 @@ enum Express {
         var bytesIn: Int
     }
 
+    /// A gRPC call's final response head, as read: the `grpc-status` it
+    /// carries (a trailers-only answer); else, for a 2xx gRPC response,
+    /// that the outlier detector waits for the status, and where it comes
+    /// from: a gRPC-Web body's trailer frame, or (`trailerLines`: a chunked
+    /// body read as it is) its trailer lines.
+    static func grpcHead(_ p: UnsafeRawBufferPointer, _ fields: [HTTP1Wire.Field], code: Int, trailerLines: Bool)
+        -> (status: String?, pending: Bool, reader: GRPCStatusReader?) {
+        var type: String?
+        for f in fields {
+            if HTTP1Wire.equals(p, f.name, "grpc-status") {
+                return (String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self), false, nil)
+            } else if HTTP1Wire.equals(p, f.name, "content-type") {
+                type = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.value]), as: UTF8.self)
+            }
+        }
+        guard code < 300, let type, type.hasPrefix("application/grpc") else { return (nil, false, nil) }
+        return (nil, true, GRPCStatusReader.reading(contentType: type) ?? (trailerLines ? GRPCStatusReader(.trailerLines) : nil))
+    }
+
     /// One ended exchange, as the metrics and the access log see it.
     struct Outcome {
         var snapshot: RouteSnapshot
@@ -599,6 +618,16 @@ enum Express {
         var bytesOut: Int
         var protocolName: String
         var logged: Logged?
+        /// A gRPC call's status as the backend sent it (the response head's,
+        /// its trailers', a gRPC-Web body's trailer frame's); `web`: the call
+        /// is gRPC-Web's (GRPCStatus.reported).
+        var grpcStatus: String? = nil
+        var web = false
+
+        /// The call's `grpc_response_status` ("" for plain HTTP).
+        var grpcLabel: String {
+            grpc ? GRPCStatus.reported(grpcStatus.map { Substring($0) }, httpCode: status, web: web) : ""
+        }
     }
 
     /// The request series a connection's last exchange was counted in, and
@@ -611,12 +640,14 @@ enum Express {
         let grpc: Bool
         let status: Int
         let flags: String
+        let grpcLabel: String
         let series: ProxyTelemetry.RequestSeries
 
-        /// The series, if `o` is counted in it.
-        func series(for o: Outcome) -> ProxyTelemetry.RequestSeries? {
+        /// The series, if `o` (whose gRPC status label is `grpcLabel`) is
+        /// counted in it.
+        func series(for o: Outcome, grpcLabel: String) -> ProxyTelemetry.RequestSeries? {
             snapshot === o.snapshot && key == o.key && status == o.status && grpc == o.grpc && route == o.route
-                && flags == o.flags ? series : nil
+                && flags == o.flags && self.grpcLabel == grpcLabel ? series : nil
         }
     }
 
@@ -628,21 +659,22 @@ enum Express {
         guard metrics || o.logged != nil else { return }
         let elapsed = NIODeadline.now() - o.start
         var labelled: PeerLabels?
+        let grpcLabel = o.grpcLabel
         if metrics {
             let series: ProxyTelemetry.RequestSeries
             // (Asked in place: `if let last` copied it, five retains and
             // releases a request.)
-            if let hit = last?.series(for: o) {
+            if let hit = last?.series(for: o, grpcLabel: grpcLabel) {
                 series = hit
             } else {
                 let p = PeerLabels(snapshot: o.snapshot, source: source, service: o.service,
                                    serviceNamespace: o.serviceNamespace, upstream: o.key)
                 labelled = p
                 let labels = RequestLabels(peers: p, route: o.route, requestProtocol: o.grpc ? "grpc" : "http",
-                                           responseCode: o.status, responseFlags: o.flags)
+                                           responseCode: o.status, responseFlags: o.flags, grpcResponseStatus: grpcLabel)
                 series = loop.telemetry.request(labels, proxy.telemetry)
                 last = LastSeries(snapshot: o.snapshot, key: o.key, route: o.route, grpc: o.grpc, status: o.status,
-                                  flags: o.flags, series: series)
+                                  flags: o.flags, grpcLabel: grpcLabel, series: series)
             }
             series.count.increment()
             series.duration.record(nanoseconds: elapsed.nanoseconds)
@@ -656,7 +688,7 @@ enum Express {
                 authority: logged.authority, code: o.status, flags: o.flags, elapsedNanos: elapsed.nanoseconds,
                 bytesIn: logged.bytesIn, bytesOut: o.bytesOut, attempts: o.key == nil ? 0 : 1, route: o.route, source: source,
                 peers: peers, upstream: o.key, requestID: logged.requestID, span: logged.span,
-                userAgent: logged.userAgent).render())
+                userAgent: logged.userAgent, grpcStatus: o.grpc ? grpcLabel : nil).render())
         }
     }
 }

@@ -174,6 +174,14 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var delayed = false
         /// Counted in its backend's in-flight requests (from the send on).
         var counted = false
+        /// A gRPC-Web call (`grpc` too).
+        var web = false
+        /// A gRPC call's status from its response head; the reader of its
+        /// trailers (chunked) or gRPC-Web trailer frame; whether the outlier
+        /// detector waits for the status (a 2xx head without one).
+        var grpcStatus: String?
+        var grpcReader: GRPCStatusReader?
+        var grpcOutcomePending = false
 
         init(snapshot: RouteSnapshot, route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState,
              tunnel: TunnelChoice?, keepAlive: Bool, isHEAD: Bool, idempotent: Bool, grpc: Bool, length: Int,
@@ -567,7 +575,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         if length > routing.snapshot.maxRequestHead { return .tooLarge }
         guard let line = HTTP1Wire.parseRequest(p, length: length, fields: &fields) else { return .handOver }
         var contentLength: Int?
-        var close = false, strip = false, hasProto = false, hasRequestID = false, grpc = false
+        var close = false, strip = false, hasProto = false, hasRequestID = false, grpc = false, web = false
         for f in fields {
             let n = f.name
             switch n.count {
@@ -595,6 +603,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 hasRequestID = true
             case 12 where HTTP1Wire.equals(p, n, "content-type"):
                 grpc = HTTP1Wire.hasPrefix(p, f.value, "application/grpc")
+                web = HTTP1Wire.hasPrefix(p, f.value, "application/grpc-web")
             case 14 where HTTP1Wire.equals(p, n, "content-length"):
                 guard contentLength == nil, let v = HTTP1Wire.decimal(p, f.value) else { return .handOver }
                 contentLength = v
@@ -664,6 +673,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                 keepAlive: !close && !proxy.draining.load(ordering: .relaxed),
                                 isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc,
                                 length: total, outgoing: out)
+        exchange.web = web
         exchange.hold = chosen.hold
         exchange.setCookie = chosen.setCookie
         exchange.session = chosen.session
@@ -816,11 +826,22 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             case .length(let remaining):
                 let n = min(remaining, bytes.readableBytes)
                 exchange.bytesOut += n
-                send(bytes.readSlice(length: n)!, context)
+                let body = bytes.readSlice(length: n)!
+                if exchange.grpcReader != nil { body.withUnsafeReadableBytes { exchange.grpcReader?.body($0) } }
+                send(body, context)
                 exchange.framing = .length(remaining - n)
                 if remaining == n { return responseEnded(exchange, extra: bytes.readableBytes) }
             case .chunked(var framer):
-                let used = bytes.withUnsafeReadableBytes { framer.consume($0) }
+                let used: Int?
+                if var reader = exchange.grpcReader {
+                    used = bytes.withUnsafeReadableBytes { p in
+                        framer.consume(p, data: { reader.body(UnsafeRawBufferPointer(rebasing: p[$0])) },
+                                       trailer: { reader.trailer(UnsafeRawBufferPointer(rebasing: p[$0])) })
+                    }
+                    exchange.grpcReader = reader
+                } else {
+                    used = bytes.withUnsafeReadableBytes { framer.consume($0) }
+                }
                 guard let used else { return broken(exchange, "a malformed chunked body") }
                 exchange.bytesOut += used
                 send(bytes.readSlice(length: used)!, context)
@@ -828,6 +849,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 if framer.isDone { return responseEnded(exchange, extra: bytes.readableBytes) }
             case .close:
                 exchange.bytesOut += bytes.readableBytes
+                if exchange.grpcReader != nil { bytes.withUnsafeReadableBytes { exchange.grpcReader?.body($0) } }
                 send(bytes, context)
                 bytes.moveReaderIndex(to: bytes.writerIndex)
             }
@@ -887,6 +909,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 out.writeString(field.value)
                 out.writeStaticString("\r\n")
             }
+            if final && exchange.grpc {
+                (exchange.grpcStatus, exchange.grpcOutcomePending, exchange.grpcReader)
+                    = Express.grpcHead(p, fields, code: status.code, trailerLines: chunked)
+            }
             if closeClient || delimited { out.writeStaticString("connection: close\r\n") }
             out.writeStaticString("\r\n")
             return .ready(head: out, length: length, code: status.code, framing: framing, close: body.close || delimited,
@@ -928,12 +954,17 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
            min(remaining, raw.readableBytes) <= Self.sameWrite {
             let n = min(remaining, raw.readableBytes)
             var body = raw.readSlice(length: n)!
+            if exchange.grpcReader != nil { body.withUnsafeReadableBytes { exchange.grpcReader?.body($0) } }
             head.writeBuffer(&body)
             exchange.bytesOut += n
             exchange.framing = .length(remaining - n)
         }
         exchange.status = code
-        exchange.hold?.record(status: code)
+        if let grpc = exchange.grpcStatus.flatMap(HTTPProxyHandler.grpcOutcome(status:)) {
+            exchange.hold?.record(grpc)  // trailers-only: the status is in the head
+        } else if !exchange.grpcOutcomePending {
+            exchange.hold?.record(status: code)
+        }
         exchange.responded = true
         exchange.reusable = !close && !exchange.closesUpstream
         exchange.closesClient = closesClient
@@ -960,11 +991,11 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     func upstreamClosed() {
         guard let exchange else { return }
         exchange.upstream = nil
-        exchange.hold?.record(.localFailure)  // (a response that came was told already)
         if exchange.responded, case .close = exchange.framing {
             exchange.reusable = false
             return responseEnded(exchange, extra: 0)
         }
+        exchange.hold?.record(.localFailure)  // (a response that came was told already)
         if exchange.responded {
             // Part of the response went out: the client must see it broken.
             countReset(exchange)
@@ -1027,6 +1058,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     private func responseEnded(_ exchange: Exchange, extra: Int) {
         guard let context, let loop else { return }
+        if exchange.grpcOutcomePending {
+            exchange.grpcOutcomePending = false
+            exchange.hold?.record(exchange.grpcReader?.status.flatMap(HTTPProxyHandler.grpcOutcome(status:)) ?? .success)
+        }
         // Bytes past the response: none was asked for; the connection is out of step.
         if extra > 0 { exchange.reusable = false }
         if let upstream = exchange.upstream {
@@ -1055,7 +1090,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                                        serviceNamespace: exchange.serviceNamespace, key: exchange.key, route: exchange.route,
                                        grpc: exchange.grpc, status: exchange.status,
                                        flags: Express.flags(flags, delayed: exchange.delayed), start: exchange.start,
-                                       bytesOut: exchange.bytesOut, protocolName: "HTTP/1.1", logged: exchange.logged),
+                                       bytesOut: exchange.bytesOut, protocolName: "HTTP/1.1", logged: exchange.logged,
+                                       grpcStatus: exchange.grpcStatus ?? exchange.grpcReader?.status, web: exchange.web),
                        source: source, last: &lastSeries, loop: loop, proxy: proxy)
     }
 

@@ -150,6 +150,14 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var counted = false
         /// Sweeps through which nothing of it moved (StallCount).
         var stall = StallCount()
+        /// A gRPC-Web call (`grpc` too); a gRPC call's status from its
+        /// response head (or, at the end, its trailers); the reader of a
+        /// gRPC-Web body's trailer frame; whether the outlier detector
+        /// waits for the status (a 2xx head without one).
+        var web = false
+        var grpcStatus: String?
+        var grpcReader: GRPCStatusReader?
+        var grpcOutcomePending = false
 
         init(handler: ExpressHTTP2Handler, id: HTTP2StreamID, request: HTTP2Frame.FramePayload.Headers, snapshot: RouteSnapshot,
              route: String, service: String?, serviceNamespace: String?, key: EndpointKey, state: UpstreamPool.EndpointState, tunnel: TunnelChoice?,
@@ -438,7 +446,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         guard routing.serves, let matcher = routing.matcher else { return .handOver }
         let snapshot = routing.snapshot
         var method: String?, target: String?, authority: String?
-        var hasHost = false, hasProto = false, hasRequestID = false, grpc = false, cookies = 0
+        var hasHost = false, hasProto = false, hasRequestID = false, grpc = false, web = false, cookies = 0
         for (name, value, _) in h.headers {
             if name.utf8.first == UInt8(ascii: ":") {
                 switch name.utf8.count {  // (by length first, as HTTP2Fields.pseudo)
@@ -463,7 +471,9 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             case 4 where name == "host": hasHost = true
             case 6 where name == "cookie": cookies += 1
             case 12 where name == "x-request-id": hasRequestID = true
-            case 12 where name == "content-type": grpc = value.hasPrefix("application/grpc")
+            case 12 where name == "content-type":
+                grpc = value.hasPrefix("application/grpc")
+                web = value.hasPrefix("application/grpc-web")
             case 14 where name == "content-length":
                 // One field, digits only: the backend must read the length
                 // NIO checked the body against (no "+5", no second value).
@@ -563,6 +573,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let stream = Stream(handler: self, id: id, request: h, snapshot: snapshot, route: chosen.route,
                             service: matcher.frontend.service, serviceNamespace: matcher.frontend.namespace, key: chosen.key, state: chosen.state,
                             tunnel: chosen.tunnel, isHEAD: method == "HEAD", idempotent: Express.isIdempotent(method), grpc: grpc, outgoing: out)
+        stream.web = web
         stream.hold = chosen.hold
         stream.setCookie = chosen.setCookie
         stream.session = chosen.session
@@ -693,6 +704,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 let n = min(remaining, bytes.readableBytes)
                 stream.framing = .length(remaining - n)
                 let data = bytes.readSlice(length: n)!
+                if stream.grpcReader != nil { data.withUnsafeReadableBytes { stream.grpcReader?.body($0) } }
                 if remaining == n { return finish(stream, extra: bytes.readableBytes, last: data) }
                 writeData(stream, data)
             case .chunked(var framer):
@@ -708,11 +720,14 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                 guard let used else { return broken(stream, "a malformed chunked body") }
                 stream.framing = .chunked(framer)
                 for range in chunkData {
-                    writeData(stream, bytes.getSlice(at: bytes.readerIndex + range.lowerBound, length: range.count)!)
+                    let data = bytes.getSlice(at: bytes.readerIndex + range.lowerBound, length: range.count)!
+                    if stream.grpcReader != nil { data.withUnsafeReadableBytes { stream.grpcReader?.body($0) } }
+                    writeData(stream, data)
                 }
                 bytes.moveReaderIndex(forwardBy: used)
                 if framer.isDone { return finish(stream, extra: bytes.readableBytes, last: nil) }
             case .close:
+                if stream.grpcReader != nil { bytes.withUnsafeReadableBytes { stream.grpcReader?.body($0) } }
                 writeData(stream, bytes)
                 bytes.moveReaderIndex(to: bytes.writerIndex)
             }
@@ -742,6 +757,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                   let body = Express.responseBody(p, status, fields, isHEAD: stream.isHEAD) else { return .malformed }
             if stream.tunnel != nil && Express.isRefusal(p, fields) { return .refused }
             if status.code < 200 { return .interim(length: length) }
+            if stream.grpc {
+                (stream.grpcStatus, stream.grpcOutcomePending, stream.grpcReader)
+                    = Express.grpcHead(p, fields, code: status.code, trailerLines: false)
+            }
             // The HEADERS block, encoded here from the head's bytes (names
             // lower-cased as they are copied): no field list in between.
             var size = 5
@@ -809,7 +828,11 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             stream.head = nil
             stream.framing = body.framing
             stream.status = code
-            stream.hold?.record(status: code)
+            if let grpc = stream.grpcStatus.flatMap(HTTPProxyHandler.grpcOutcome(status:)) {
+                stream.hold?.record(grpc)  // trailers-only: the status is in the head
+            } else if !stream.grpcOutcomePending {
+                stream.hold?.record(status: code)
+            }
             stream.responded = true
             if case .close = body.framing { stream.reusable = false } else { stream.reusable = !body.close }
             loop?.counters.answered(code)
@@ -906,6 +929,13 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         // fields gone. Trailer lines are checked: the codec does not.)
         let trailers = stream.trailer.flatMap(Self.trailerFields)
         let malformed = trailers.map { !HTTP2Fields.valid($0, .trailers) } ?? false
+        if stream.grpc && stream.grpcStatus == nil {
+            stream.grpcStatus = trailers?.first(name: "grpc-status") ?? stream.grpcReader?.status
+        }
+        if stream.grpcOutcomePending {
+            stream.grpcOutcomePending = false
+            stream.hold?.record(stream.grpcStatus.flatMap(HTTPProxyHandler.grpcOutcome(status:)) ?? .success)
+        }
         // Out of the table first: the last frame closes the stream, and
         // the codec says so (StreamClosedEvent) as it is written.
         end(stream, flags: malformed ? "UPE" : "-")
@@ -938,10 +968,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     fileprivate func upstreamClosed(_ stream: Stream) {
         guard streams[stream.id] === stream, let loop else { return }
         stream.upstream = nil
-        stream.hold?.record(.localFailure)  // (a response that came was told already)
         if stream.responded, case .close = stream.framing {
             return finish(stream, extra: 0, last: nil)
         }
+        stream.hold?.record(.localFailure)  // (a response that came was told already)
         if stream.responded {
             // Part of the response went out: the client must see it broken.
             Express.countReset(snapshot: stream.snapshot, frontendKey: frontendKey, loop: loop, proxy: proxy)
@@ -1002,7 +1032,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                        serviceNamespace: stream.serviceNamespace, key: stream.key, route: stream.route,
                                        grpc: stream.grpc, status: stream.status,
                                        flags: Express.flags(flags, delayed: stream.delayed), start: stream.start,
-                                       bytesOut: stream.bytesOut, protocolName: "HTTP/2", logged: stream.logged),
+                                       bytesOut: stream.bytesOut, protocolName: "HTTP/2", logged: stream.logged,
+                                       grpcStatus: stream.grpcStatus, web: stream.web),
                        source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
     }
 

@@ -117,6 +117,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         /// A gRPC response whose status comes in its trailers: the outlier
         /// detector is told at its end, not at its head.
         var grpcOutcomePending = false
+        /// A gRPC-Web response's status, read from its body's trailer frame
+        /// (nil for any other response).
+        var grpcWeb: GRPCStatusReader?
         var requestTimer: Scheduled<Void>?
         var attemptTimer: Scheduled<Void>?
         var retryTimer: Scheduled<Void>?
@@ -877,10 +880,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             let code = Int(head.status.code)
             // (Read once: the outcome, a gRPC retry and the metrics label use it.)
             let grpcStatus = head.headers.first(name: "grpc-status")
+            r.grpcWeb = nil
             if let grpc = grpcStatus.flatMap(Self.grpcOutcome(status:)) {
                 recordOutcome(grpc)  // trailers-only: the status is in the head
-            } else if code < 300, head.headers.first(name: "content-type")?.hasPrefix("application/grpc") == true {
+            } else if code < 300, let type = head.headers.first(name: "content-type"), type.hasPrefix("application/grpc") {
                 r.grpcOutcomePending = true
+                r.grpcWeb = GRPCStatusReader.reading(contentType: type)
             } else {
                 recordOutcome(code >= 500 ? .serverError(code) : .success)
             }
@@ -933,6 +938,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 context.write(wrapOutboundOut(.head(held)), promise: nil)
             }
             record?.bytesOut += buffer.readableBytes
+            if r.grpcWeb != nil { buffer.withUnsafeReadableBytes { r.grpcWeb?.body($0) } }
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
             if !context.channel.isWritable { r.upstream?.pauseReads() }
         case .end(var trailers):
@@ -952,7 +958,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 context.write(wrapOutboundOut(.head(held)), promise: nil)
             }
             let keepAlive = r.keepAlive
-            let trailerStatus = trailers?.first(name: "grpc-status")
+            let trailerStatus = trailers?.first(name: "grpc-status") ?? r.grpcWeb?.status
             if let trailerStatus { record?.grpcStatus = Substring(trailerStatus) }
             if r.grpcOutcomePending {
                 r.grpcOutcomePending = false

@@ -52,8 +52,8 @@ struct RequestLabels: Hashable {
 /// (doc/http-grpc-status-mapping.md: 400 INTERNAL, 401 UNAUTHENTICATED, 403
 /// PERMISSION_DENIED, 404 UNIMPLEMENTED, 429/502/503/504 UNAVAILABLE, any
 /// other UNKNOWN, a 200 without a status too); "" when no response came.
-/// gRPC-Web (`web`) sends its trailers in the body, which the proxy does
-/// not read: a 200 without a status in the head is "" there.
+/// gRPC-Web (`web`) sends its trailers in the body (GRPCStatusReader finds
+/// the status there): a 200 with none, no trailer frame, is "" there.
 enum GRPCStatus {
     static func reported(_ sent: Substring?, httpCode: Int, web: Bool = false) -> String {
         if let sent, !sent.isEmpty, sent.utf8.count <= 3, sent.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {

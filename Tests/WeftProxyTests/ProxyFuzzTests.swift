@@ -39,13 +39,23 @@ import WeftCore
         typealias InboundIn = HTTPServerRequestPart
         typealias OutboundOut = HTTPServerResponsePart
         private var answered = false
+        /// A request for `/grpc/...`: answered as GRPCStatusTests.answer says.
+        private var grpcAnswer: String?
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             switch unwrapInboundIn(data) {
             case .head(let head) where head.uri == "/early":
                 answered = true
                 answer(context)
+            case .head(let head) where head.uri.hasPrefix("/grpc/"):
+                grpcAnswer = head.uri
             case .end:
+                if let uri = grpcAnswer {
+                    grpcAnswer = nil
+                    for part in GRPCStatusTests.answer(uri) { context.write(wrapOutboundOut(part), promise: nil) }
+                    context.flush()
+                    return
+                }
                 if !answered { answer(context) }
                 answered = false
             default:
