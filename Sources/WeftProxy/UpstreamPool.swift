@@ -115,10 +115,10 @@ final class UpstreamPool {
         var idle: [UpstreamHandler] = []
         /// Idle connections of the express path (no codec).
         var express: [ExpressUpstream] = []
-        var h2: HTTP2Upstream?
-        /// HTTP/2 connections nested in tunnels, one per source identity
-        /// (a tunnel speaks for one identity).
-        var tunnelH2: [SpiffeID: HTTP2Upstream] = [:]
+        var h2 = HTTP2Connections()
+        /// HTTP/2 connections nested in tunnels, by source identity (a
+        /// tunnel speaks for one identity).
+        var tunnelH2: [SpiffeID: HTTP2Connections] = [:]
         /// Idle HTTP/1.1 tunnel streams, by the source pod they carry (a
         /// stream names its source in its CONNECT, so only that pod's
         /// exchanges may reuse it).
@@ -226,7 +226,7 @@ final class UpstreamPool {
         for s in endpoints.values {
             for h in s.tunnelIdle.values.joined() { add(h.channel) }
             for h in s.expressTunnelIdle.values.joined() { add(h.channel) }
-            for h2 in s.tunnelH2.values where h2.openStreams == 0 { add(h2.transport) }
+            for h2 in s.tunnelH2.values.flatMap(\.list) where h2.openStreams == 0 { add(h2.transport) }
         }
         return idle
     }
@@ -254,9 +254,12 @@ final class UpstreamPool {
                 for h in list where on(h.channel) { h.close() }
                 s.expressTunnelIdle[source] = list.filter { !on($0.channel) }
             }
-            for (id, h2) in s.tunnelH2 where on(h2.transport) {
-                s.tunnelH2[id] = nil
-                h2.retire()
+            for (id, set) in s.tunnelH2 {
+                for h2 in set.list where on(h2.transport) {
+                    s.tunnelH2[id]?.remove(h2)
+                    h2.retire()
+                }
+                if s.tunnelH2[id]?.isEmpty == true { s.tunnelH2[id] = nil }
             }
         }
     }
@@ -365,13 +368,13 @@ final class UpstreamPool {
                     try stream.pipeline.syncOperations.addHandler(handler)
                 }) { completion(Self.upstreamHandler(of: $0)) }
             case .http2:
-                if let h2 = s.tunnelH2[tunnel.route.source], Self.takesStreams(h2, lifetime) { return h2.openStream(completion) }
+                if let h2 = s.tunnelH2[tunnel.route.source]?.take(lifetime) { return h2.openStream(completion) }
                 let tunnels = self.tunnels
                 let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
                     tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "h2",
                                    initialize: initializer, done)
                 }
-                s.tunnelH2[tunnel.route.source] = h2
+                s.tunnelH2[tunnel.route.source, default: HTTP2Connections()].add(h2)
                 kept()
                 h2.openStream(completion)
             }
@@ -396,7 +399,7 @@ final class UpstreamPool {
                 completion(result)
             }
         case .http2:
-            if let h2 = s.h2, Self.takesStreams(h2, lifetime) {
+            if let h2 = s.h2.take(lifetime) {
                 h2.openStream(completion)
                 return
             }
@@ -407,7 +410,7 @@ final class UpstreamPool {
                     .assumeIsolated()
                     .whenComplete(done)
             }
-            s.h2 = h2
+            s.h2.add(h2)
             kept()
             h2.openStream(completion)
         }
@@ -434,7 +437,7 @@ final class UpstreamPool {
     /// Whether the HTTP/2 connection `h2` takes a new stream (its
     /// `lifetime` not spent); when not, it is retired (it closes once its
     /// streams have) and the caller makes another.
-    private static func takesStreams(_ h2: HTTP2Upstream, _ lifetime: UpstreamLifetime?) -> Bool {
+    fileprivate static func takesStreams(_ h2: HTTP2Upstream, _ lifetime: UpstreamLifetime?) -> Bool {
         guard h2.isUsable else { return false }
         guard let lifetime, lifetime.spent(uses: h2.streamsOpened, opened: h2.opened) else { return true }
         h2.retire()
@@ -571,7 +574,7 @@ final class UpstreamPool {
     /// The connections kept for the next request now.
     var keptConnections: Int {
         endpoints.values.reduce(0) { n, s in
-            n + s.idle.count + s.express.count + (s.h2 == nil ? 0 : 1) + s.tunnelH2.count
+            n + s.idle.count + s.express.count + s.h2.list.count + s.tunnelH2.values.reduce(0) { $0 + $1.list.count }
                 + s.tunnelIdle.values.reduce(0) { $0 + $1.count } + s.expressTunnelIdle.values.reduce(0) { $0 + $1.count }
         }
     }
@@ -620,15 +623,10 @@ final class UpstreamPool {
                 let left = aged(list)
                 s.expressTunnelIdle[source] = left.isEmpty ? nil : left
             }
-            if let h2 = s.h2, h2.unused(rounds: rounds) {
-                s.h2 = nil
-                h2.close()
-                closed += 1
-            }
-            for (id, h2) in s.tunnelH2 where h2.unused(rounds: rounds) {
-                s.tunnelH2[id] = nil
-                h2.close()
-                closed += 1
+            if !s.h2.isEmpty { closed += s.h2.closeUnused(rounds: rounds) }
+            for id in s.tunnelH2.keys {
+                closed += s.tunnelH2[id]?.closeUnused(rounds: rounds) ?? 0
+                if s.tunnelH2[id]?.isEmpty == true { s.tunnelH2[id] = nil }
             }
         }
         if closed > 0 { stats?.upstreamIdleClosed.add(closed, ordering: .relaxed) }
@@ -680,14 +678,17 @@ final class UpstreamPool {
     var inUse: (requests: Int, streams: Int) {
         endpoints.values.reduce(into: (0, 0)) { sum, s in
             sum.0 += s.inFlight
-            sum.1 += (s.h2?.openStreams ?? 0) + s.tunnelH2.values.reduce(0) { $0 + $1.openStreams }
+            sum.1 += s.h2.openStreams + s.tunnelH2.values.reduce(0) { $0 + $1.openStreams }
         }
     }
 
     fileprivate func forgetHTTP2(_ key: EndpointKey, _ h2: HTTP2Upstream) {
         guard let s = endpoints[key] else { return }
-        if s.h2 === h2 { s.h2 = nil }
-        for (id, t) in s.tunnelH2 where t === h2 { s.tunnelH2[id] = nil }
+        s.h2.remove(h2)
+        for id in s.tunnelH2.keys {
+            s.tunnelH2[id]?.remove(h2)
+            if s.tunnelH2[id]?.isEmpty == true { s.tunnelH2[id] = nil }
+        }
     }
 
     /// Closes idle connections (drain, or a table without the endpoint).
@@ -697,9 +698,9 @@ final class UpstreamPool {
             s.idle.removeAll()
             for h in s.express { h.close() }
             s.express.removeAll()
-            s.h2?.close()
-            s.h2 = nil
-            for t in s.tunnelH2.values { t.close() }
+            for h2 in s.h2.list { h2.close() }
+            s.h2 = HTTP2Connections()
+            for h2 in s.tunnelH2.values.flatMap(\.list) { h2.close() }
             s.tunnelH2.removeAll()
             for h in s.tunnelIdle.values.joined() { h.close() }
             s.tunnelIdle.removeAll()
@@ -726,6 +727,15 @@ final class HTTP2Upstream {
     let opened = NIODeadline.now()
     /// It takes no new stream, and closes once its last one has.
     private var retired = false
+    /// The backend's SETTINGS_MAX_CONCURRENT_STREAMS: 100 until its first
+    /// SETTINGS says (RFC 9113 6.5.2 recommends at least that; NIO's and
+    /// grpc-swift's servers say 100, nginx 128, Go's 250), unbounded if
+    /// that does not name it. Past it the HTTP/2 layer would hold a new
+    /// stream until another ends.
+    private(set) var maxStreams = 100
+    private var settingsSeen = false
+    /// It takes another stream now.
+    var hasRoom: Bool { open < maxStreams }
 
     /// The connection (a TCP socket, or a tunnel stream) it runs over.
     var transport: Channel? { channel }
@@ -748,16 +758,16 @@ final class HTTP2Upstream {
             _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
                 mode: .client, connectionConfiguration: .init(), streamConfiguration: .init()
             ) { stream in stream.close() }
-            try channel.pipeline.syncOperations.addHandler(GoAwayWatch())
+            try channel.pipeline.syncOperations.addHandler(ConnectionFramesWatch())
         }) { [self] result in
             switch result {
             case .success(let channel):
                 do {
                     self.channel = channel
                     multiplexer = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
-                    try channel.pipeline.syncOperations.handler(type: GoAwayWatch.self).received = { [weak self] code in
-                        self?.goAway(code)
-                    }
+                    let watch = try channel.pipeline.syncOperations.handler(type: ConnectionFramesWatch.self)
+                    watch.goAway = { [weak self] code in self?.goAway(code) }
+                    watch.settings = { [weak self] limit in self?.settings(maxStreams: limit) }
                     channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
                         failed = true
                         pool.forgetHTTP2(key, self)
@@ -826,6 +836,17 @@ final class HTTP2Upstream {
         if retired && open == 0 { close() }
     }
 
+    /// The backend's SETTINGS (`limit`: the maximum of concurrent streams
+    /// it names, if it does).
+    private func settings(maxStreams limit: Int?) {
+        if let limit {
+            maxStreams = limit
+        } else if !settingsSeen {
+            maxStreams = .max
+        }
+        settingsSeen = true
+    }
+
     /// A stream opened since the sweep before (UpstreamPool.closeIdle).
     private var used = false
     private var idleSweeps = 0
@@ -842,13 +863,63 @@ final class HTTP2Upstream {
     func close() { channel?.close(promise: nil) }
 }
 
-/// Tells of a GOAWAY on an HTTP/2 upstream connection (NIO's handler
-/// passes the connection's own frames on up the pipeline).
-final class GoAwayWatch: ChannelInboundHandler, RemovableChannelHandler {
+/// Tells of a GOAWAY and of SETTINGS on an HTTP/2 upstream connection
+/// (NIO's handler passes the connection's own frames on up the pipeline).
+final class ConnectionFramesWatch: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTP2Frame
-    var received: ((HTTP2ErrorCode) -> Void)?
+    var goAway: ((HTTP2ErrorCode) -> Void)?
+    /// SETTINGS (not an acknowledgement): its SETTINGS_MAX_CONCURRENT_STREAMS, if named.
+    var settings: ((Int?) -> Void)?
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .goAway(_, let code, _) = unwrapInboundIn(data).payload { received?(code) }
+        switch unwrapInboundIn(data).payload {
+        case .goAway(_, let code, _):
+            goAway?(code)
+        case .settings(.settings(let list)):
+            settings?(list.last { $0.parameter == .maxConcurrentStreams }.map(\.value))
+        default:
+            break
+        }
+    }
+}
+
+/// A backend's HTTP/2 connections on one event loop (or those of one source
+/// identity through tunnels): a request takes a stream on the first with
+/// room under the backend's SETTINGS_MAX_CONCURRENT_STREAMS; when all are
+/// full the pool makes another, as Envoy and Linkerd do. (One connection
+/// alone would hold the next stream until another ended, which a
+/// long-lived gRPC stream never does.)
+struct HTTP2Connections {
+    private(set) var list: [HTTP2Upstream] = []
+
+    var isEmpty: Bool { list.isEmpty }
+    var openStreams: Int { list.reduce(0) { $0 + $1.openStreams } }
+
+    /// A connection that takes a stream now; those that take none again
+    /// (failed, or retired past their `lifetime`) leave the set.
+    mutating func take(_ lifetime: UpstreamLifetime?) -> HTTP2Upstream? {
+        var found: HTTP2Upstream?
+        list.removeAll { h2 in
+            guard UpstreamPool.takesStreams(h2, lifetime) else { return true }
+            if found == nil && h2.hasRoom { found = h2 }
+            return false
+        }
+        return found
+    }
+
+    mutating func add(_ h2: HTTP2Upstream) { list.append(h2) }
+
+    mutating func remove(_ h2: HTTP2Upstream) { list.removeAll { $0 === h2 } }
+
+    /// Closes those unused for `rounds` sweeps (HTTP2Upstream.unused); how many.
+    mutating func closeUnused(rounds: Int) -> Int {
+        var closed = 0
+        list.removeAll { h2 in
+            guard h2.unused(rounds: rounds) else { return false }
+            h2.close()
+            closed += 1
+            return true
+        }
+        return closed
     }
 }

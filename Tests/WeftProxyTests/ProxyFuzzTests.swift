@@ -224,10 +224,11 @@ import WeftCore
 
         /// `front`: a handler put in front of the proxy's on every connection
         /// it is given, captured or delivering (nearest the socket), made
-        /// anew for each.
+        /// anew for each. `http2Streams`: the HTTP/2 backend's
+        /// SETTINGS_MAX_CONCURRENT_STREAMS (NIO's default, 100).
         init(manifests: String = "", table: (inout ProxyTable) -> Void = { _ in },
              configure: (inout ProxyConfiguration) -> Void = { _ in },
-             front: (@Sendable () -> any ChannelHandler)? = nil) throws {
+             front: (@Sendable () -> any ChannelHandler)? = nil, http2Streams: Int = 100) throws {
             let group = self.group
             let http1 = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -242,8 +243,11 @@ import WeftCore
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        var settings = NIOHTTP2Handler.ConnectionConfiguration()
+                        settings.initialSettings = [HTTP2Setting(parameter: .maxConcurrentStreams, value: http2Streams),
+                                                    HTTP2Setting(parameter: .maxHeaderListSize, value: HPACKDecoder.defaultMaxHeaderListSize)]
                         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                            mode: .server, connectionConfiguration: .init(), streamConfiguration: .init()) { stream in
+                            mode: .server, connectionConfiguration: settings, streamConfiguration: .init()) { stream in
                             stream.eventLoop.makeCompletedFuture {
                                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                                 try stream.pipeline.syncOperations.addHandler(Backend())
