@@ -46,6 +46,7 @@ enum HTTP2ServerPipeline {
             let headLimit = proxy.snapshot.maxRequestHead
             var settings = HTTP2Codec.Settings.h2c
             settings.maxHeaderListSize = 2 * headLimit
+            settings.maxConcurrentStreams = proxy.snapshot.http2Streams
             let codec = HTTP2Codec(allocator: channel.allocator, settings: settings)
             try pipeline.addHandler(codec)
             try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec, headLimit: headLimit,
@@ -56,10 +57,11 @@ enum HTTP2ServerPipeline {
             let ends = HTTP2ConnectionEnds(proxy: proxy, loop: channel.eventLoop, streamChannels: streamChannels)
             try pipeline.addHandler(HTTP2HeadWatch())
             // NIO's settings with the MeshConfig header limit (its decoder
-            // holds lists to it: a larger one ends the connection).
+            // holds lists to it: a larger one ends the connection) and
+            // streams.
             var connection = NIOHTTP2Handler.ConnectionConfiguration()
-            connection.initialSettings = nioDefaultSettings.filter { $0.parameter != .maxHeaderListSize }
-                + [HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead)]
+            connection.initialSettings = [HTTP2Setting(parameter: .maxConcurrentStreams, value: proxy.snapshot.http2Streams),
+                                          HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead)]
             _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: connection, streamConfiguration: .init(),
                                                     streamDelegate: ends.streamDelegate, inboundStreamInitializer: fullPath(false))
             try pipeline.addHandler(ends)

@@ -27,6 +27,9 @@ final class RouteSnapshot: Sendable {
     /// MeshConfig proxy.maxRequestHeaderSize: a larger request head is
     /// answered 431 (HeadLimit).
     let maxRequestHead: Int
+    /// MeshConfig proxy.http2MaxConcurrentStreams: what an HTTP/2 client
+    /// connection is offered.
+    let http2Streams: Int
     /// MeshConfig proxy.upstreamIdleTimeout and the TrafficPolicies'
     /// connectionIdleTimeout, as the pools' sweeps read them.
     let upstreamIdle: UpstreamIdleTimeouts
@@ -39,6 +42,7 @@ final class RouteSnapshot: Sendable {
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
         maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
+        http2Streams = table.http2MaxConcurrentStreams ?? MeshConfig.Proxy().http2MaxConcurrentStreams
         upstreamIdle = UpstreamIdleTimeouts(table)
         connectTimeouts = EndpointKey.keyed(table.connectTimeouts).mapValues { .milliseconds(Int64($0)) }
         lifetimes = EndpointKey.keyed(table.connectionLifetimes).mapValues(UpstreamLifetime.init)
@@ -108,6 +112,7 @@ final class RouteSnapshot: Sendable {
         identities = other.identities
         authorization = other.authorization
         maxRequestHead = other.maxRequestHead
+        http2Streams = other.http2Streams
         upstreamIdle = other.upstreamIdle
         connectTimeouts = other.connectTimeouts
         lifetimes = other.lifetimes

@@ -79,6 +79,9 @@ struct MeshConfigTests {
             (header + "spec: {proxy: {keepAlive: 1m}}", "m.yaml:1:spec.proxy.keepAlive: unknown field"),
             (header + "spec: {proxy: {pathNormalization: {normalization: LOOSE}}}", "m.yaml:1:spec.proxy.pathNormalization.normalization: must be one of NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES, got \"LOOSE\""),
             (header + "spec: {proxy: {pathNormalization: {mode: BASE}}}", "m.yaml:1:spec.proxy.pathNormalization.mode: unknown field"),
+            (header + "spec: {proxy: {http2MaxConcurrentStreams: 0}}", "m.yaml:1:spec.proxy.http2MaxConcurrentStreams: must be from 1 to 2147483647, got 0"),
+            (header + "spec: {proxy: {http2MaxConcurrentStreams: 2147483648}}", "m.yaml:1:spec.proxy.http2MaxConcurrentStreams: must be from 1 to 2147483647, got 2147483648"),
+            (header + "spec: {proxy: {http2MaxConcurrentStreams: many}}", "m.yaml:1:spec.proxy.http2MaxConcurrentStreams: expected an integer"),
             (header + "spec: {proxy: {maxRequestHeaderSize: 512}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \"512\""),
             (header + "spec: {proxy: {maxRequestHeaderSize: 65Ki}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki"),
             (header + "spec: {proxy: {maxRequestHeaderSize: 8KB}}", "m.yaml:1:spec.proxy.maxRequestHeaderSize: must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \"8KB\""),
@@ -168,6 +171,10 @@ struct MeshConfigTests {
         #expect(ProxyTable(small).maxRequestHeaderSize == 8192)
         let bytes = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {maxRequestHeaderSize: 20000}}").0)
         #expect(ProxyTable(bytes).maxRequestHeaderSize == 20000)
+        // proxy.http2MaxConcurrentStreams: 1000 by default (absent from the table).
+        #expect(ProxyTable(off).http2MaxConcurrentStreams == nil && off.meshConfig.proxy.http2MaxConcurrentStreams == 1000)
+        let fewStreams = try #require(parse(pod + "\n---\n" + header + "spec: {proxy: {http2MaxConcurrentStreams: 64}}").0)
+        #expect(ProxyTable(fewStreams).http2MaxConcurrentStreams == 64)
         // proxy.tcpKeepalive: the default (60 s, 10 s, 6) is absent from
         // the table; otherwise in seconds, what was not given defaulted;
         // time 0s is off.

@@ -44,6 +44,9 @@
 ///                              # open for twice this, whatever its source does; "0s": never
 ///     maxRequestHeaderSize: 64Ki # default 64Ki, from 1Ki to 64Ki (bytes, or NKi): a larger
 ///                              # request head is answered 431 (docs/proxy.md)
+///     http2MaxConcurrentStreams: 1000  # default 1000, from 1 to 2147483647: the streams an
+///                              # HTTP/2 client may have open at once on a connection to the
+///                              # proxy (its SETTINGS_MAX_CONCURRENT_STREAMS)
 ///     pathNormalization: {normalization: BASE}  # as Istio's: BASE (default: RFC 3986,
 ///                              # `/x/../a` is `/a`, `%61` is `a`), MERGE_SLASHES (also `//`
 ///                              # is `/`), DECODE_AND_MERGE_SLASHES (also `%2F` is `/`), or NONE
@@ -137,6 +140,15 @@ public struct MeshConfig: Hashable, Sendable {
         /// stops at 80 KiB.
         public var maxRequestHeaderSize = Self.headerSizes.upperBound
         public static let headerSizes = 1024...65536
+        /// The SETTINGS_MAX_CONCURRENT_STREAMS the proxy offers its HTTP/2
+        /// clients. 1000: above the servers' own (Go's 250, hyper's 200,
+        /// nginx's 128, NIO's 100; gRPC's C core and Java none), so that
+        /// the proxy is not the tighter limit a client meets (its gRPC
+        /// library would hold the 101st long-lived stream for good), and
+        /// bounded, so that the request bodies one connection can have in
+        /// the proxy's buffers (a stream window, 64 KiB, each) stay bounded.
+        public var http2MaxConcurrentStreams = 1000
+        public static let http2Streams = 1...2_147_483_647
         /// TCP keepalive on opaque streams; nil: off. HTTP connections have
         /// the idle timeout; an opaque stream has no such end, and one whose
         /// peer vanished without a FIN (its pod's network gone) would be
@@ -295,6 +307,12 @@ extension MeshConfig {
                                   "must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \(Self.shown(node))")
                 }
                 proxy.maxRequestHeaderSize = size
+            }
+            if let n = try p.int("http2MaxConcurrentStreams") {
+                guard Proxy.http2Streams.contains(n) else {
+                    throw p.error("http2MaxConcurrentStreams", "must be from 1 to 2147483647, got \(n)")
+                }
+                proxy.http2MaxConcurrentStreams = n
             }
             if var n = try p.mapping("pathNormalization") {
                 if let text = try n.string("normalization") {

@@ -39,6 +39,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// MeshConfig proxy.maxRequestHeaderSize in bytes; nil: the default
     /// (MeshConfig.Proxy).
     public var maxRequestHeaderSize: Int?
+    /// MeshConfig proxy.http2MaxConcurrentStreams; nil: the default
+    /// (MeshConfig.Proxy).
+    public var http2MaxConcurrentStreams: Int?
     /// MeshConfig proxy.tcpKeepalive; nil: the default (MeshConfig.Proxy).
     public var tcpKeepalive: TCPKeepaliveSettings?
     /// MeshConfig proxy.pathNormalization; nil: BASE, the default.
@@ -369,6 +372,9 @@ extension ProxyTable {
             tunnelIdleTimeoutMilliseconds = proxy.tunnelIdleTimeout.map { Int($0 / .milliseconds(1)) } ?? 0
         }
         if proxy.maxRequestHeaderSize != defaults.maxRequestHeaderSize { maxRequestHeaderSize = proxy.maxRequestHeaderSize }
+        if proxy.http2MaxConcurrentStreams != defaults.http2MaxConcurrentStreams {
+            http2MaxConcurrentStreams = proxy.http2MaxConcurrentStreams
+        }
         if proxy.tcpKeepalive != defaults.tcpKeepalive { tcpKeepalive = TCPKeepaliveSettings(proxy.tcpKeepalive) }
         if proxy.pathNormalization != defaults.pathNormalization { pathNormalization = proxy.pathNormalization }
         if let t = state.meshConfig.telemetry.tracing {
