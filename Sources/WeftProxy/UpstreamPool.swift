@@ -727,15 +727,17 @@ final class HTTP2Upstream {
     let opened = NIODeadline.now()
     /// It takes no new stream, and closes once its last one has.
     private var retired = false
-    /// The backend's SETTINGS_MAX_CONCURRENT_STREAMS: 100 until its first
-    /// SETTINGS says (RFC 9113 6.5.2 recommends at least that; NIO's and
-    /// grpc-swift's servers say 100, nginx 128, Go's 250), unbounded if
-    /// that does not name it. Past it the HTTP/2 layer would hold a new
-    /// stream until another ends.
+    /// The backend's SETTINGS_MAX_CONCURRENT_STREAMS (NIO's and
+    /// grpc-swift's servers say 100, nginx 128, Go's 250): 100 until its
+    /// SETTINGS name one, as NIO's client takes it (RFC 9113 has it
+    /// unbounded until then, and a server that never names one, as gRPC's
+    /// C core, unbounded for good; NIO keeps to 100 all the same, and
+    /// holds the next stream until another ends). Past it, NIO's HTTP/2
+    /// layer would hold a new stream until another ended.
     private(set) var maxStreams = 100
-    private var settingsSeen = false
-    /// It takes another stream now.
-    var hasRoom: Bool { open < maxStreams }
+    /// It takes another stream now (those waiting for the connection to
+    /// come up count: they all open as it does).
+    var hasRoom: Bool { open + waiters.count < maxStreams }
 
     /// The connection (a TCP socket, or a tunnel stream) it runs over.
     var transport: Channel? { channel }
@@ -839,12 +841,7 @@ final class HTTP2Upstream {
     /// The backend's SETTINGS (`limit`: the maximum of concurrent streams
     /// it names, if it does).
     private func settings(maxStreams limit: Int?) {
-        if let limit {
-            maxStreams = limit
-        } else if !settingsSeen {
-            maxStreams = .max
-        }
-        settingsSeen = true
+        if let limit { maxStreams = limit }
     }
 
     /// A stream opened since the sweep before (UpstreamPool.closeIdle).

@@ -544,6 +544,16 @@ struct ProxyTests {
         #expect(g["fail"] as? String == "UNAVAILABLE on purpose", "\(g)")
         #expect(try stat("n1", "http2_connections_total") >= 1)
 
+        // 150 long-lived streams at once on one channel (watches), across
+        // nodes: every one is echoed while all are open (the proxy offers
+        // 1000 streams, and opens another connection to the pod past 100;
+        // with one, NIO held the 101st until another stream ended).
+        let w = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool,
+                                    "watches", "198.19.1.60", "80", "150"])
+        let watches = (try? JSONSerialization.jsonObject(with: Data((w.output.split(separator: "\n").last ?? "").utf8))
+                       as? [String: Any]) ?? ["output": String(w.output.suffix(400))]
+        #expect(watches["echoed"] as? Int == 150 && watches["codes"] as? [String: Int] == ["OK": 150], "\(watches)")
+
         // WebSocket: the Upgrade goes through, then bytes flow both ways.
         let ws = try lab.tool(in: "client", ["ws-echo", "198.19.1.11", "80", "hello"])
         #expect((ws["status"] as? String ?? "").contains("101"), "\(ws)")

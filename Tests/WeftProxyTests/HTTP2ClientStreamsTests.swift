@@ -26,13 +26,13 @@ import Testing
     /// Opens `streams` streams on one h2c connection to `port` (POST to
     /// `plain`, bodies not ended), waits `hold`, ends them all, reads for
     /// 5 s or until every stream is answered or reset.
-    static func run(port: Int, streams: Int, hold: Duration = .milliseconds(300)) throws -> Seen {
+    static func run(port: Int, streams: Int, hold: Duration = .milliseconds(300), authority: String = "plain.fz") throws -> Seen {
         let fd = try #require(ProxyFuzzTests.dial(port))
         defer { close(fd) }
         var rng = LoopRandom(seed: 7)
         typealias Frame = FuzzInput.Frame
         let ids = (0..<streams).map { UInt32(2 * $0 + 1) }
-        let block: [UInt8] = [0x83, 0x86, 0x84, 0x41] + FuzzInput.lengthPrefixed(Array("plain.fz".utf8))
+        let block: [UInt8] = [0x83, 0x86, 0x84, 0x41] + FuzzInput.lengthPrefixed(Array(authority.utf8))
         send(fd, FuzzInput.serialize([Frame(type: 0xFF, flags: 0, stream: 0, payload: ProtocolDetector.preface),
                                       Frame(type: 0x4, flags: 0, stream: 0, payload: [])], &rng))
         var seen = Seen()

@@ -68,4 +68,26 @@ import Testing
         try rig.settle()
         #expect(try Self.streamsOpen(rig) == 0)
     }
+
+    /// Requests that came while the connection was still being made count
+    /// against its limit (100 until the backend's SETTINGS), as they all
+    /// open when it is up: the 101st makes another connection instead of
+    /// waiting behind them in NIO's HTTP/2 layer.
+    @Test func streamsWaitingForTheConnectionCountAgainstItsLimit() throws {
+        let rig = try ProxyFuzzTests.Rig()
+        defer { rig.shutdown() }
+        let loop = rig.group.next(), proxy = rig.proxy
+        let key = EndpointKey(ip: IPv4Address("127.0.0.9")!, port: 9, node: "n1")
+        let (before, after, taken) = try loop.submit {
+            // A connection that never comes up.
+            let h2 = HTTP2Upstream(key: key, pool: proxy.loop(loop).pool) { _, _ in }
+            var set = HTTP2Connections()
+            set.add(h2)
+            for _ in 0..<99 { h2.openStream { _ in } }
+            let before = h2.hasRoom
+            h2.openStream { _ in }
+            return (before, h2.hasRoom, set.take(nil) != nil)
+        }.wait()
+        #expect(before && !after && !taken)
+    }
 }

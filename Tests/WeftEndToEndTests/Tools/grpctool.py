@@ -18,6 +18,7 @@ Usage: grpctool.py serve PORT | grpctool.py call HOST PORT [NAME=VALUE...]
        | grpctool.py spread HOST PORT N (N Says, one channel: the pods that answered, and errors)
        | grpctool.py sethealth HOST PORT NAME=SERVING|NOT_SERVING
        | grpctool.py sticky HOST PORT N NAME (N Says in a Header session named NAME: the pods, the session)
+       | grpctool.py watches HOST PORT N (N Chat streams open at once on one channel: how many echoed)
 (call: every call carries the NAME=VALUE pairs as metadata)
 """
 import json
@@ -93,7 +94,9 @@ def serve(port):
         "Drop": grpc.unary_stream_rpc_method_handler(drop),
         "Maybe": grpc.unary_unary_rpc_method_handler(maybe),
     })
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    # (A stream's handler holds a worker while it is open: room for the
+    # watches test's 150 at once.)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=200))
     server.add_generic_rpc_handlers((handler, health_handler))
     server.add_insecure_port("0.0.0.0:%d" % int(port))
     server.start()
@@ -193,6 +196,57 @@ def sticky(host, port, n, name):
     print(json.dumps({"pods": pods, "session": token, "errors": errors}))
 
 
+def watches(host, port, n):
+    """N Chat streams open at once on one channel (one HTTP/2 connection),
+    as long-lived watches are: each sends a message and waits for its echo,
+    and all stay open until every one has had its echo (or 20 s pass).
+    How many were echoed, then how the streams ended."""
+    import time
+    n = int(n)
+    release = threading.Event()
+
+    def requests(i):
+        yield b"w%d" % i
+        release.wait(40)
+
+    results = [None] * n
+    with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
+        chat = channel.stream_stream("/weft.Echo/Chat")
+        calls = [chat(requests(i), timeout=60) for i in range(n)]
+
+        def first(i):
+            try:
+                results[i] = next(calls[i]).decode()
+            except Exception as e:  # noqa: BLE001 (reported)
+                results[i] = "error %s" % e
+
+        threads = [threading.Thread(target=first, args=(i,), daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        for t in threads:
+            t.join(max(0.0, deadline - time.time()))
+        echoed = sum(1 for r in results if r is not None and not r.startswith("error"))
+        release.set()
+        codes = {}
+        for t, c in zip(threads, calls):
+            if t.is_alive():
+                # Still waiting for its echo (a second reader would be an
+                # error): given up.
+                c.cancel()
+                codes["NO_ECHO"] = codes.get("NO_ECHO", 0) + 1
+                continue
+            try:
+                for _ in c:
+                    pass
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            codes[code] = codes.get(code, 0) + 1
+    errors = [r for r in results if r is not None and r.startswith("error")][:5]
+    print(json.dumps({"echoed": echoed, "codes": codes, "errors": errors}))
+
+
 def sethealth(host, port, pair):
     with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
         print(channel.unary_unary("/weft.Echo/SetHealth")(pair.encode(), timeout=5).decode())
@@ -200,4 +254,4 @@ def sethealth(host, port, pair):
 
 if __name__ == "__main__":
     {"serve": serve, "call": call, "steady": steady, "fail": fail, "spread": spread,
-     "sethealth": sethealth, "sticky": sticky}[sys.argv[1]](*sys.argv[2:])
+     "sethealth": sethealth, "sticky": sticky, "watches": watches}[sys.argv[1]](*sys.argv[2:])
