@@ -728,12 +728,11 @@ final class HTTP2Upstream {
     /// It takes no new stream, and closes once its last one has.
     private var retired = false
     /// The backend's SETTINGS_MAX_CONCURRENT_STREAMS (NIO's and
-    /// grpc-swift's servers say 100, nginx 128, Go's 250): 100 until its
+    /// grpc-swift's servers say 100, nginx 128, Go's 250); 100 until its
     /// SETTINGS name one, as NIO's client takes it (RFC 9113 has it
-    /// unbounded until then, and a server that never names one, as gRPC's
-    /// C core, unbounded for good; NIO keeps to 100 all the same, and
-    /// holds the next stream until another ends). Past it, NIO's HTTP/2
-    /// layer would hold a new stream until another ended.
+    /// unbounded until then, and for good for a server that never names
+    /// one, as gRPC's C core; NIO keeps to 100 all the same). Past it,
+    /// NIO's HTTP/2 layer would hold a new stream until another ended.
     private(set) var maxStreams = 100
     /// It takes another stream now (those waiting for the connection to
     /// come up count: they all open as it does).
