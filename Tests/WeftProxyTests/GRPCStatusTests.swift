@@ -185,6 +185,19 @@ import Testing
         #expect(read(.trailerLines, web, cut: 4) == nil && read(.web, web, trailer: true, cut: 4) == nil,
                 "each source reads what it is fed for")
         #expect(GRPCStatusReader.reading(contentType: "application/grpc") == nil)
+        // Noise, and valid bodies mangled, cut at random: no crash, and a
+        // status only from a trailer block (at most the limit).
+        var rng = LoopRandom(seed: 0x6E5)
+        for i in 0..<3_000 {
+            var bytes = i % 2 == 0 ? web : text
+            for _ in 0..<FuzzInput.int(0...4, &rng) where !bytes.isEmpty {
+                bytes[Int(rng.next() % UInt64(bytes.count))] = UInt8(truncatingIfNeeded: rng.next())
+            }
+            if i % 3 == 0 { bytes = (0..<FuzzInput.int(0...300, &rng)).map { _ in UInt8(truncatingIfNeeded: rng.next()) } }
+            let source = FuzzInput.pick([GRPCStatusReader.Source.web, .webText, .trailerLines], &rng)
+            let status = read(source, bytes, trailer: source == .trailerLines, cut: FuzzInput.int(1...40, &rng))
+            #expect((status?.utf8.count ?? 0) <= GRPCStatusReader.limit)
+        }
         #expect(GRPCStatusReader.field("grpc-status", in: Array("grpc-statusx: 1\r\ngrpc-status:0".utf8)) == "0")
     }
 }
