@@ -338,6 +338,96 @@ import Testing
     }
 }
 
+/// The source end of a tunnel closed under it at one of its first six
+/// flushes (the TLS handshake's included), as a write fails when the far
+/// node resets: for each kind of tunnel (stream channels over Weft's codec,
+/// over NIO's, relayed), to a real destination node (TunnelServer, express
+/// and not), 150 opens of a stream that writes a request. The rules: no
+/// crash; every open gets its outcome within the open timeout and a
+/// second; a stream that opened is closed within 2 s of the tunnel; the
+/// tunnel is told closed (its pool forgets it) once its socket is.
+@Suite(.serialized) struct TunnelSourceClosingTests {
+    @Test func tunnelsClosedUnderTheSourceAtAnyWriteLeaveNothingOpen() throws {
+        let cases = ProcessInfo.processInfo.environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 150
+        for express in [true, false] {
+            let node = try TunnelStreamIdleTests.Node(express: express)
+            defer { node.shutdown() }
+            let context = try #require(node.client.clientContexts[TunnelStreamIdleTests.source])
+            let route = TunnelRoute(source: TunnelStreamIdleTests.source, destination: TunnelStreamIdleTests.pod,
+                                    node: IPv4Address("127.0.0.1")!)
+            let port = node.tunnel.localAddress?.port ?? 0
+            let http1 = node.rig.backends[0].localAddress?.port ?? 0
+            let failures = Mutex<[String]>([])
+            let opened = Atomic<Int>(0)
+            ProxyFuzzTests.run(0..<cases, workers: 12) { i in
+                let kind = TunnelOpenTests.Kind.allCases[i % 3]
+                let at = i / 3 % 6 + 1
+                let what = "\(express ? "express" : "--no-express"), case \(i) (\(kind), closed at flush \(at))"
+                let loop = node.rig.group.next()
+                let outcome = loop.makePromise(of: Channel?.self)
+                let tunnelClosed = loop.makePromise(of: Void.self)
+                do {
+                    let connection = try loop.submit {
+                        let c = TunnelConnection(route: route, port: port, context: context, loop: loop, relay: kind == .relayed,
+                                                 codec: kind != .nio, openTimeout: TunnelAnswerFuzzTests.timeout,
+                                                 front: { ProxyFuzzTests.CloseAtFlush(at) }) { _ in tunnelClosed.succeed() }
+                        let headers = [("x-weft-source", "198.18.9.10"), ("x-weft-protocol", "http1")]
+                        if kind == .relayed {
+                            c.openRelayed(authority: "127.0.0.1:\(http1)", headers: headers) { outcome.completeWith($0.map { _ in nil }) }
+                        } else {
+                            c.openStream(authority: "127.0.0.1:\(http1)", headers: headers, initialize: { _ in }) { result in
+                                outcome.completeWith(result.map { Optional($0) })
+                            }
+                        }
+                        return NIOLoopBound(c, eventLoop: loop)
+                    }.wait()
+                    let bound = loop.makePromise(of: Result<Channel?, any Error>?.self)
+                    loop.scheduleTask(in: TunnelAnswerFuzzTests.timeout + .seconds(1)) { bound.succeed(nil) }
+                    outcome.futureResult.whenComplete { bound.succeed($0) }
+                    var fault: String?
+                    switch try bound.futureResult.wait() {
+                    case nil:
+                        fault = "no outcome"
+                    case .success(let channel)?:
+                        opened.add(1, ordering: .relaxed)
+                        if let channel {
+                            channel.writeAndFlush(ByteBuffer(string: "GET / HTTP/1.1\r\nhost: pod\r\n\r\n"), promise: nil)
+                            usleep(20_000)
+                        }
+                        // The tunnel closes (at its flush, or here), and its stream with it.
+                        try loop.submit { connection.value.close() }.wait()
+                        if let channel {
+                            let closed = loop.makePromise(of: Void.self)
+                            loop.scheduleTask(in: .seconds(2)) { closed.fail(ChannelError.connectTimeout(.seconds(2))) }
+                            channel.closeFuture.cascade(to: closed)
+                            if (try? closed.futureResult.wait()) == nil { fault = "the stream was left open" }
+                        }
+                    case .failure?:
+                        try loop.submit { connection.value.close() }.wait()
+                    }
+                    let gone = loop.makePromise(of: Void.self)
+                    loop.scheduleTask(in: .seconds(2)) { gone.fail(ChannelError.connectTimeout(.seconds(2))) }
+                    tunnelClosed.futureResult.cascade(to: gone)
+                    if fault == nil, (try? gone.futureResult.wait()) == nil { fault = "the tunnel was not told closed" }
+                    if let fault { failures.withLock { $0.append(what + ": " + fault) } }
+                } catch {
+                    failures.withLock { $0.append(what + ": \(error)") }
+                }
+            }
+            for failure in failures.withLock({ $0 }).prefix(20) { Issue.record(Comment(rawValue: failure)) }
+            #expect(opened.load(ordering: .relaxed) > cases / 10, "opens that succeeded: \(opened.load(ordering: .relaxed))")
+            // The destination let go of every tunnel and pod as well.
+            let deadline = ContinuousClock.now + .seconds(10)
+            while ContinuousClock.now < deadline {
+                if try node.rig.registry.count == 0 && !node.rig.held().contains(where: { $0 != 0 }) { break }
+                usleep(20_000)
+            }
+            #expect(node.rig.registry.count == 0, "\(node.rig.registry.count) tunnels left open at the destination")
+            #expect(try node.rig.held().allSatisfy { $0 == 0 }, "pods still held at the destination")
+        }
+    }
+}
+
 extension FuzzInput {
     /// The pods' ports on the node under test.
     struct TunnelPorts {

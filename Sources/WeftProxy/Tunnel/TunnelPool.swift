@@ -350,10 +350,12 @@ final class TunnelConnection {
     /// HTTP/2 through Weft's codec (relayed ones always do), else through
     /// NIOHTTP2Handler.
     /// `keepalive`: TCP keepalive for its socket (OpaqueKeepalive; nil:
-    /// MeshConfig's defaults).
+    /// MeshConfig's defaults). `front` (tests): a handler put nearest its
+    /// socket.
     init(route: TunnelRoute, port: Int, context: NIOSSLContext, loop: any EventLoop, relay: Bool = false, codec: Bool = true,
          openTimeout: TimeAmount = TunnelHTTP2.openTimeout, keepalive: ProxyTable.TCPKeepaliveSettings? = nil,
-         onHandshake: HandshakeObserver? = nil, onGoAway: ((Channel) -> Void)? = nil, onClose: @escaping (TunnelConnection) -> Void) {
+         onHandshake: HandshakeObserver? = nil, onGoAway: ((Channel) -> Void)? = nil,
+         front: (@Sendable () -> any ChannelHandler)? = nil, onClose: @escaping (TunnelConnection) -> Void) {
         self.route = route
         self.onClose = onClose
         self.loop = loop
@@ -370,6 +372,7 @@ final class TunnelConnection {
             .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let front { try channel.pipeline.syncOperations.addHandler(front()) }
                     let tls = try NIOSSLClientHandler(context: context, serverHostname: TunnelTLS.serverName(for: expected))
                     try channel.pipeline.syncOperations.addHandler(tls)
                     try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(handshake))
