@@ -21,6 +21,38 @@ public enum Host {
 
     public static let bpffsRoot = "/sys/fs/bpf"
 
+    /// The open-file limit (RLIMIT_NOFILE) before and after raising the
+    /// soft one to the hard one.
+    public struct OpenFileLimit: Equatable, Sendable {
+        public var before: Int
+        public var now: Int
+
+        /// For the log: "open files: at most N (raised from M)".
+        public var summary: String {
+            "open files: at most \(now)" + (before < now ? " (raised from \(before))" : "")
+        }
+    }
+
+    /// Raises this process's soft limit on open files to its hard limit,
+    /// as Go's runtime and Istio's ztunnel do at start: the node proxy holds
+    /// two sockets for every connection of every pod of the node (and the
+    /// agent a probe's each), and systemd starts services with a soft
+    /// limit of 1024 (the hard one 524288), which a busy node passes; then
+    /// accepts and connects fail with EMFILE. nil if the limit cannot be
+    /// read or set.
+    public static func raiseOpenFileLimit() -> OpenFileLimit? {
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        var limit = rlimit()
+        guard getrlimit(resource, &limit) == 0 else { return nil }
+        let before = limit.rlim_cur
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            guard setrlimit(resource, &limit) == 0 else { return nil }
+        }
+        func count(_ v: rlim_t) -> Int { v > rlim_t(Int.max) ? Int.max : Int(v) }  // (RLIM_INFINITY: all ones)
+        return OpenFileLimit(before: count(before), now: count(limit.rlim_cur))
+    }
+
     /// Mounts bpffs at /sys/fs/bpf when nothing of type bpf is mounted there.
     public static func ensureBPFFS() throws(PreflightError) {
         let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""

@@ -19,6 +19,26 @@ import Testing
         spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{port: 80}]}
         """
 
+    /// `weft proxy` (and the agent, the same way) raises its soft limit on
+    /// open files to the hard one as it starts: systemd starts services at
+    /// 1024, which a node's connections pass. Here under 512 of 4096 (then
+    /// it stops: no pinned maps at the path given).
+    @Test func theProxyRaisesItsOpenFileLimit() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
+        process.arguments = ["--nofile=512:4096", LabHarness.weft, "proxy", "--node", "weft-limit", "--listen", "127.0.0.1:15999",
+                             "--pin-dir", "\(dir)/no-pins", "--run-dir", "\(dir)/run"]
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = out
+        try process.run()
+        process.waitUntilExit()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(text.contains("open files: at most 4096 (raised from 512)"), "\(text)")
+        #expect(process.terminationStatus == 2, "\(text)")
+    }
+
     @Test func applyValidatesAgainstTheWholeConfigAndWritesNothingOnError() throws {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let config = "\(dir)/config"
