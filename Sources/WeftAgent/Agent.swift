@@ -14,14 +14,15 @@ import WeftKernel
 /// only reads a Mutex-guarded snapshot and the pinned maps.
 public enum Agent {
     public static func run(_ configuration: AgentConfiguration, logger: Logger) throws {
-        // (Its proxy inherits the raised limit, and raises its own too.)
+        try Host.preflight()
+        try Host.ensureBPFFS()
+        // (Said once it is sure to run: a refusal is one sentence. Its
+        // proxy inherits the raised limit, and raises its own too.)
         if let files = Host.raiseOpenFileLimit() {
             logger.info("\(files.summary)")
         } else {
             logger.warning("open files: the limit could not be read or raised")
         }
-        try Host.preflight()
-        try Host.ensureBPFFS()
         guard let cgroupMount = Host.cgroup2Mount() else { throw PreflightError("no cgroup v2 mount") }
         let cgroup = configuration.cgroupPath ?? cgroupMount
         guard cgroup.hasPrefix(cgroupMount) else {
