@@ -728,7 +728,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func connect(id: Int, key: EndpointKey, counters: ClusterRuntime.Backend?) {
         guard let loop, let r = request else { return }
         let tunnel = loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot)
-        loop.pool.acquire(key, protocol: r.cluster.upstreamProtocol, counters: counters, tunnel: tunnel) { [weak self] result in
+        let maxConnections = r.hold?.runtime.policy.circuitBreaker?.maxConnections
+        loop.pool.acquire(key, protocol: r.cluster.upstreamProtocol, counters: counters, maxConnections: maxConnections,
+                          tunnel: tunnel) { [weak self] result in
             guard let self else {
                 if case .success(let h) = result { h.close() }
                 return

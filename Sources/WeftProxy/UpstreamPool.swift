@@ -343,8 +343,14 @@ final class UpstreamPool {
     /// and the requests waiting for one, for its circuit breaker. With a
     /// `tunnel`, the exchange runs in a CONNECT stream of the tunnel to the
     /// backend's node instead of a TCP connection of its own.
+    /// HTTP/2: `maxConnections` (its circuit breaker's) bounds the
+    /// connections to the backend, counted in `counters` as HTTP/1.1 ones
+    /// are: at it, with every connection of this loop full, the stream
+    /// goes on the least loaded one and waits there (in NIO's HTTP/2
+    /// layer) for one of its streams to end, as Envoy's pending requests
+    /// do; a loop with none makes one.
     func acquire(_ key: EndpointKey, protocol proto: ProxyTable.UpstreamProtocol, counters: ClusterRuntime.Backend? = nil,
-                 tunnel: TunnelChoice? = nil,
+                 maxConnections: Int? = nil, tunnel: TunnelChoice? = nil,
                  _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
         let s = state(key)
         let lifetimes = self.lifetimes()
@@ -369,10 +375,11 @@ final class UpstreamPool {
                 }) { completion(Self.upstreamHandler(of: $0)) }
             case .http2:
                 if let h2 = s.tunnelH2[tunnel.route.source]?.take(lifetime) { return h2.openStream(completion) }
+                if let h2 = s.tunnelH2[tunnel.route.source]?.atLimit(counters, maxConnections) { return h2.openStream(completion) }
                 let tunnels = self.tunnels
-                let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
+                let h2 = HTTP2Upstream(key: key, pool: self) { [self] initializer, done in
                     tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "h2",
-                                   initialize: initializer, done)
+                                   initialize: initializer, counted(key, counters, done))
                 }
                 s.tunnelH2[tunnel.route.source, default: HTTP2Connections()].add(h2)
                 kept()
@@ -399,20 +406,31 @@ final class UpstreamPool {
                 completion(result)
             }
         case .http2:
-            if let h2 = s.h2.take(lifetime) {
+            if let h2 = s.h2.take(lifetime) ?? s.h2.atLimit(counters, maxConnections) {
                 h2.openStream(completion)
                 return
             }
             let bootstrap = self.bootstrap(for: key)
-            let h2 = HTTP2Upstream(key: key, pool: self) { initializer, done in
+            let h2 = HTTP2Upstream(key: key, pool: self) { [self] initializer, done in
                 bootstrap.channelInitializer { channel in self.initialize(channel) { _ in try initializer(channel) } }
                     .connect(host: key.address, port: Int(key.port))
                     .assumeIsolated()
-                    .whenComplete(done)
+                    .whenComplete(counted(key, counters, done))
             }
             s.h2.add(h2)
             kept()
             h2.openStream(completion)
+        }
+    }
+
+    /// `done`, after counting the connection it is given in `counters`
+    /// (ClusterRuntime's, for circuitBreaker.maxConnections) while it is open.
+    private func counted(_ key: EndpointKey, _ counters: ClusterRuntime.Backend?,
+                         _ done: @escaping (Result<Channel, any Error>) -> Void) -> (Result<Channel, any Error>) -> Void {
+        guard let counters else { return done }
+        return { [self] result in
+            if case .success(let channel) = result { count(channel, to: key, counters: counters) }
+            done(result)
         }
     }
 
@@ -901,6 +919,14 @@ struct HTTP2Connections {
             return false
         }
         return found
+    }
+
+    /// The connection with the fewest streams, when the backend's
+    /// connections (`counters`, over every loop) are at `max`: the next
+    /// stream waits on it rather than open another.
+    func atLimit(_ counters: ClusterRuntime.Backend?, _ max: Int?) -> HTTP2Upstream? {
+        guard let counters, let max, counters.connections.load(ordering: .relaxed) >= max else { return nil }
+        return list.filter(\.isUsable).min { $0.openStreams < $1.openStreams }
     }
 
     mutating func add(_ h2: HTTP2Upstream) { list.append(h2) }

@@ -69,6 +69,41 @@ import Testing
         #expect(try Self.streamsOpen(rig) == 0)
     }
 
+    /// Under a TrafficPolicy's circuitBreaker.maxConnections the proxy
+    /// opens no more than that (one per event loop at least): at it, a
+    /// stream past the backend's limit waits on the least loaded
+    /// connection for one of its streams to end, as Envoy's pending
+    /// requests do, and every request is answered in the end.
+    @Test func maxConnectionsBoundsTheConnectionsAndTheRestWait() throws {
+        let policy = """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: grpc, namespace: fz}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: grpc}]
+              circuitBreaker: {maxConnections: 2}
+            """
+        let rig = try ProxyFuzzTests.Rig(manifests: policy, http2Streams: 4)
+        defer { rig.shutdown() }
+        let held = try Self.hold(rig, 24)
+        defer { for fd in held { close(fd) } }
+        let deadline = ContinuousClock.now + .seconds(5)
+        while try Self.streamsOpen(rig) < 24, ContinuousClock.now < deadline { usleep(10_000) }
+        #expect(try Self.streamsOpen(rig) == 24, "every held request has its stream (some waiting)")
+        let proxy = rig.proxy
+        let connections = try Array(rig.group.makeIterator()).reduce(0) { n, loop in
+            n + (try loop.submit { proxy.loop(loop).pool.keptConnections }.wait())
+        }
+        // (Two loops: one each at least, and the limit's two at most
+        // beyond what a loop made before it heard of the other's.)
+        #expect(connections >= 2 && connections <= 4, "\(connections) connections")
+        for fd in held { ExpectContinueTests.send(fd, "0\r\n\r\n") }
+        for (i, fd) in held.enumerated() {
+            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
+            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(i): \(got)")
+        }
+    }
+
     /// Requests that came while the connection was still being made count
     /// against its limit (100 until the backend's SETTINGS), as they all
     /// open when it is up: the 101st makes another connection instead of
