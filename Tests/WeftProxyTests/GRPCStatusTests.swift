@@ -127,14 +127,8 @@ import Testing
     /// a pod eject it; OK (0) is a success. Before, the express paths told
     /// the detector the 200 head, a success, whatever status followed.
     @Test func aStatusInTheTrailersIsTheOutlierDetectorsOutcome() throws {
-        let policy = """
-            apiVersion: weft.dev/v1alpha1
-            kind: TrafficPolicy
-            metadata: {name: plain, namespace: fz}
-            spec:
-              targetRefs: [{group: "", kind: Service, name: plain}]
-              outlierDetection: {consecutive5xx: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
-            """
+        let policy = ProxyFuzzTests.trafficPolicy(
+            "plain", "outlierDetection: {consecutive5xx: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}")
         for (kind, web) in [("web", true), ("web-chunked", true), ("text", true), ("trailers", false)] {
             for http2 in [false, true] {
                 let rig = try ProxyFuzzTests.Rig(manifests: policy)

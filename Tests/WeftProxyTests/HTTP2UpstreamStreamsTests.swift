@@ -29,8 +29,23 @@ import Testing
         return fds
     }
 
-    static func streamsOpen(_ rig: ProxyFuzzTests.Rig) throws -> Int {
-        try rig.held().enumerated().filter { $0.offset % 2 == 1 }.reduce(0) { $0 + $1.element }
+    /// HTTP/2 streams open to the pods, over the loops (once `awaiting`
+    /// are, or 5 s have passed).
+    static func streamsOpen(_ rig: ProxyFuzzTests.Rig, awaiting: Int = 0) throws -> Int {
+        let deadline = ContinuousClock.now + .seconds(5)
+        while true {
+            let open = try rig.held().enumerated().filter { $0.offset % 2 == 1 }.reduce(0) { $0 + $1.element }
+            guard open < awaiting, ContinuousClock.now < deadline else { return open }
+            usleep(10_000)
+        }
+    }
+
+    /// The connections the proxy keeps to the pods, over the loops.
+    static func connections(_ rig: ProxyFuzzTests.Rig) throws -> Int {
+        let proxy = rig.proxy
+        return try Array(rig.group.makeIterator()).reduce(0) { n, loop in
+            n + (try loop.submit { proxy.loop(loop).pool.keptConnections }.wait())
+        }
     }
 
     @Test func requestsPastABackendsStreamLimitOpenAnotherConnection() throws {
@@ -40,14 +55,9 @@ import Testing
         defer { rig.shutdown() }
         let held = try Self.hold(rig, 40)
         defer { for fd in held { close(fd) } }
-        let deadline = ContinuousClock.now + .seconds(5)
-        while try Self.streamsOpen(rig) < 40, ContinuousClock.now < deadline { usleep(10_000) }
-        #expect(try Self.streamsOpen(rig) == 40, "every held request has its stream")
+        #expect(try Self.streamsOpen(rig, awaiting: 40) == 40, "every held request has its stream")
         // Ten connections at least carry them (4 streams each).
-        let proxy = rig.proxy
-        let connections = try Array(rig.group.makeIterator()).reduce(0) { n, loop in
-            n + (try loop.submit { proxy.loop(loop).pool.keptConnections }.wait())
-        }
+        let connections = try Self.connections(rig)
         #expect(connections >= 10, "\(connections) connections")
         // New requests are answered at once, on new connections.
         for i in 0..<8 {
@@ -75,25 +85,13 @@ import Testing
     /// connection for one of its streams to end, as Envoy's pending
     /// requests do, and every request is answered in the end.
     @Test func maxConnectionsBoundsTheConnectionsAndTheRestWait() throws {
-        let policy = """
-            apiVersion: weft.dev/v1alpha1
-            kind: TrafficPolicy
-            metadata: {name: grpc, namespace: fz}
-            spec:
-              targetRefs: [{group: "", kind: Service, name: grpc}]
-              circuitBreaker: {maxConnections: 2}
-            """
-        let rig = try ProxyFuzzTests.Rig(manifests: policy, http2Streams: 4)
+        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", "circuitBreaker: {maxConnections: 2}"),
+                                         http2Streams: 4)
         defer { rig.shutdown() }
         let held = try Self.hold(rig, 24)
         defer { for fd in held { close(fd) } }
-        let deadline = ContinuousClock.now + .seconds(5)
-        while try Self.streamsOpen(rig) < 24, ContinuousClock.now < deadline { usleep(10_000) }
-        #expect(try Self.streamsOpen(rig) == 24, "every held request has its stream (some waiting)")
-        let proxy = rig.proxy
-        let connections = try Array(rig.group.makeIterator()).reduce(0) { n, loop in
-            n + (try loop.submit { proxy.loop(loop).pool.keptConnections }.wait())
-        }
+        #expect(try Self.streamsOpen(rig, awaiting: 24) == 24, "every held request has its stream (some waiting)")
+        let connections = try Self.connections(rig)
         // (Two loops: one each at least, and the limit's two at most
         // beyond what a loop made before it heard of the other's.)
         #expect(connections >= 2 && connections <= 4, "\(connections) connections")

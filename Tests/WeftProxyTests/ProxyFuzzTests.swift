@@ -98,6 +98,19 @@ import WeftCore
 
     static let stallVIP = "198.19.250.30", stallFullVIP = "198.19.250.31"
 
+    /// A TrafficPolicy on the rig's Service `name`, with `spec` lines
+    /// (YAML, at the spec's indentation) besides its targetRefs.
+    static func trafficPolicy(_ name: String, _ spec: String) -> String {
+        """
+        apiVersion: weft.dev/v1alpha1
+        kind: TrafficPolicy
+        metadata: {name: \(name), namespace: fz}
+        spec:
+          targetRefs: [{group: "", kind: Service, name: \(name)}]
+          \(spec)
+        """
+    }
+
     static func config(http1: Int, http2: Int, wild: Int, wildH2: Int, stall: Int) -> String {
         """
         apiVersion: weft.dev/v1alpha1

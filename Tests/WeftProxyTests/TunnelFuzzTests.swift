@@ -235,6 +235,14 @@ import Testing
 
     static let timeout = TimeAmount.milliseconds(400)
 
+    /// Whether `future` completes within 2 s (waited for off `loop`).
+    static func within2s(_ future: EventLoopFuture<Void>, on loop: any EventLoop) -> Bool {
+        let done = loop.makePromise(of: Void.self)
+        loop.scheduleTask(in: .seconds(2)) { done.fail(ChannelError.connectTimeout(.seconds(2))) }
+        future.cascade(to: done)
+        return (try? done.futureResult.wait()) != nil
+    }
+
     @Test func mangledAnswersNeitherCrashNorHangTheSource() throws {
         let environment = ProcessInfo.processInfo.environment
         let cases = environment["WEFT_FUZZ_CASES"].flatMap(Int.init) ?? 600
@@ -311,12 +319,7 @@ import Testing
                     opened.add(1, ordering: .relaxed)
                     if let channel { channel.writeAndFlush(ByteBuffer(string: "GET / HTTP/1.1\r\n\r\n"), promise: nil) }
                     peer.close()
-                    if let channel {
-                        let closed = loop.makePromise(of: Void.self)
-                        loop.scheduleTask(in: .seconds(2)) { closed.fail(ChannelError.connectTimeout(.seconds(2))) }
-                        channel.closeFuture.cascade(to: closed)
-                        if (try? closed.futureResult.wait()) == nil { fault = "the stream was left open" }
-                    }
+                    if let channel, !Self.within2s(channel.closeFuture, on: loop) { fault = "the stream was left open" }
                 case .failure(let error)?:
                     if environment["WEFT_FUZZ_SLOW"] != nil, error is TunnelTimedOut, !answer.isEmpty {
                         fault = "timed out (\(seconds) s)"
@@ -324,10 +327,7 @@ import Testing
                     peer.close()
                 }
                 // The peer gone, the tunnel closes (2 s at most).
-                let gone = loop.makePromise(of: Void.self)
-                loop.scheduleTask(in: .seconds(2)) { gone.fail(ChannelError.connectTimeout(.seconds(2))) }
-                tunnelClosed.futureResult.cascade(to: gone)
-                if fault == nil, (try? gone.futureResult.wait()) == nil { fault = "the tunnel was left open" }
+                if fault == nil, !Self.within2s(tunnelClosed.futureResult, on: loop) { fault = "the tunnel was left open" }
                 if let fault { failures.withLock { $0.append(what + ": " + fault) } }
             } catch {
                 failures.withLock { $0.append(what + ": \(error)") }
@@ -396,19 +396,15 @@ import Testing
                         }
                         // The tunnel closes (at its flush, or here), and its stream with it.
                         try loop.submit { connection.value.close() }.wait()
-                        if let channel {
-                            let closed = loop.makePromise(of: Void.self)
-                            loop.scheduleTask(in: .seconds(2)) { closed.fail(ChannelError.connectTimeout(.seconds(2))) }
-                            channel.closeFuture.cascade(to: closed)
-                            if (try? closed.futureResult.wait()) == nil { fault = "the stream was left open" }
+                        if let channel, !TunnelAnswerFuzzTests.within2s(channel.closeFuture, on: loop) {
+                            fault = "the stream was left open"
                         }
                     case .failure?:
                         try loop.submit { connection.value.close() }.wait()
                     }
-                    let gone = loop.makePromise(of: Void.self)
-                    loop.scheduleTask(in: .seconds(2)) { gone.fail(ChannelError.connectTimeout(.seconds(2))) }
-                    tunnelClosed.futureResult.cascade(to: gone)
-                    if fault == nil, (try? gone.futureResult.wait()) == nil { fault = "the tunnel was not told closed" }
+                    if fault == nil, !TunnelAnswerFuzzTests.within2s(tunnelClosed.futureResult, on: loop) {
+                        fault = "the tunnel was not told closed"
+                    }
                     if let fault { failures.withLock { $0.append(what + ": " + fault) } }
                 } catch {
                     failures.withLock { $0.append(what + ": \(error)") }
