@@ -18,11 +18,7 @@ public enum Agent {
         try Host.ensureBPFFS()
         // (Said once it is sure to run: a refusal is one sentence. Its
         // proxy inherits the raised limit, and raises its own too.)
-        if let files = Host.raiseOpenFileLimit() {
-            logger.info("\(files.summary)")
-        } else {
-            logger.warning("open files: the limit could not be read or raised")
-        }
+        Host.raiseOpenFileLimit(logger: logger)
         guard let cgroupMount = Host.cgroup2Mount() else { throw PreflightError("no cgroup v2 mount") }
         let cgroup = configuration.cgroupPath ?? cgroupMount
         guard cgroup.hasPrefix(cgroupMount) else {

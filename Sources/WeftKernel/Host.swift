@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Logging
 import WeftCore
 
 /// Facts about the host the datapath depends on, read from /proc and /sys.
@@ -31,6 +32,17 @@ public enum Host {
         public var summary: String {
             "open files: at most \(now)" + (before < now ? " (raised from \(before))" : "")
         }
+    }
+
+    /// raiseOpenFileLimit(), and the outcome in `logger`'s log.
+    @discardableResult
+    public static func raiseOpenFileLimit(logger: Logger) -> OpenFileLimit? {
+        guard let files = raiseOpenFileLimit() else {
+            logger.warning("open files: the limit could not be read or raised")
+            return nil
+        }
+        logger.info("\(files.summary)")
+        return files
     }
 
     /// Raises this process's soft limit on open files to its hard limit,

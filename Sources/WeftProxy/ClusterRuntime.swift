@@ -171,6 +171,24 @@ final class ClusterRuntime: Sendable {
         mutating func record(status code: Int) {
             if code >= 200 { record(code >= 500 ? .serverError(code) : .success) }
         }
+
+        /// A final response head's outcome on the express paths: a gRPC
+        /// status in it (a trailers-only answer) decides, as the full path
+        /// has it; a gRPC call whose status is still to come (`pending`)
+        /// is told at its end (`record(grpcEnd:)`); else its `code`.
+        mutating func record(head code: Int, grpcStatus: String?, pending: Bool) {
+            if let grpc = grpcStatus.flatMap(HTTPProxyHandler.grpcOutcome(status:)) {
+                record(grpc)
+            } else if !pending {
+                record(status: code)
+            }
+        }
+
+        /// A gRPC call's outcome at its end: the status its trailers gave,
+        /// a success without one.
+        mutating func record(grpcEnd status: String?) {
+            record(status.flatMap(HTTPProxyHandler.grpcOutcome(status:)) ?? .success)
+        }
     }
 
     /// Why no backend could be chosen.

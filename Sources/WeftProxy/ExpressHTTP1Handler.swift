@@ -834,6 +834,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             case .chunked(var framer):
                 let used: Int?
                 if var reader = exchange.grpcReader {
+                    exchange.grpcReader = nil  // (mutated alone, not copied)
                     used = bytes.withUnsafeReadableBytes { p in
                         framer.consume(p, data: { reader.body(UnsafeRawBufferPointer(rebasing: p[$0])) },
                                        trailer: { reader.trailer(UnsafeRawBufferPointer(rebasing: p[$0])) })
@@ -960,11 +961,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             exchange.framing = .length(remaining - n)
         }
         exchange.status = code
-        if let grpc = exchange.grpcStatus.flatMap(HTTPProxyHandler.grpcOutcome(status:)) {
-            exchange.hold?.record(grpc)  // trailers-only: the status is in the head
-        } else if !exchange.grpcOutcomePending {
-            exchange.hold?.record(status: code)
-        }
+        exchange.hold?.record(head: code, grpcStatus: exchange.grpcStatus, pending: exchange.grpcOutcomePending)
         exchange.responded = true
         exchange.reusable = !close && !exchange.closesUpstream
         exchange.closesClient = closesClient
@@ -1060,7 +1057,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         guard let context, let loop else { return }
         if exchange.grpcOutcomePending {
             exchange.grpcOutcomePending = false
-            exchange.hold?.record(exchange.grpcReader?.status.flatMap(HTTPProxyHandler.grpcOutcome(status:)) ?? .success)
+            exchange.hold?.record(grpcEnd: exchange.grpcReader?.status)
         }
         // Bytes past the response: none was asked for; the connection is out of step.
         if extra > 0 { exchange.reusable = false }

@@ -828,11 +828,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             stream.head = nil
             stream.framing = body.framing
             stream.status = code
-            if let grpc = stream.grpcStatus.flatMap(HTTPProxyHandler.grpcOutcome(status:)) {
-                stream.hold?.record(grpc)  // trailers-only: the status is in the head
-            } else if !stream.grpcOutcomePending {
-                stream.hold?.record(status: code)
-            }
+            stream.hold?.record(head: code, grpcStatus: stream.grpcStatus, pending: stream.grpcOutcomePending)
             stream.responded = true
             if case .close = body.framing { stream.reusable = false } else { stream.reusable = !body.close }
             loop?.counters.answered(code)
@@ -934,7 +930,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         }
         if stream.grpcOutcomePending {
             stream.grpcOutcomePending = false
-            stream.hold?.record(stream.grpcStatus.flatMap(HTTPProxyHandler.grpcOutcome(status:)) ?? .success)
+            stream.hold?.record(grpcEnd: stream.grpcStatus)
         }
         // Out of the table first: the last frame closes the stream, and
         // the codec says so (StreamClosedEvent) as it is written.

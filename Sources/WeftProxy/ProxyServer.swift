@@ -56,11 +56,7 @@ public enum ProxyServer {
     }
 
     public static func run(_ configuration: ProxyConfiguration, logger: Logger) throws {
-        if let files = Host.raiseOpenFileLimit() {
-            logger.info("\(files.summary)")
-        } else {
-            logger.warning("open files: the limit could not be read or raised")
-        }
+        Host.raiseOpenFileLimit(logger: logger)
         let threads = configuration.threads ?? System.coreCount
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         var loops: [any EventLoop] = []
