@@ -728,8 +728,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     private func connect(id: Int, key: EndpointKey, counters: ClusterRuntime.Backend?) {
         guard let loop, let r = request else { return }
         let tunnel = loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot)
-        let maxConnections = r.hold?.runtime.policy.circuitBreaker?.maxConnections
-        loop.pool.acquire(key, protocol: r.cluster.upstreamProtocol, counters: counters, maxConnections: maxConnections,
+        loop.pool.acquire(key, protocol: r.cluster.upstreamProtocol, counters: counters, breaker: r.hold?.runtime,
                           tunnel: tunnel) { [weak self] result in
             guard let self else {
                 if case .success(let h) = result { h.close() }
@@ -786,6 +785,26 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
     }
 
+    /// The attempt's HTTP/2 stream waits, at its backend's maxConnections,
+    /// for a stream of a full connection to end (UpstreamPool.acquire): as
+    /// a request waiting for an HTTP/1.1 connection, it waits until its own
+    /// timeout if it has one, else at most its backend's connect timeout,
+    /// and is answered 503 (flag UO) if its stream has not gone out by then.
+    private func waitForStream(id: Int, key: EndpointKey, on upstream: UpstreamHandler) {
+        guard let context, let loop, let r = request else { return }
+        proxy.stats.connectionWaits.add(1, ordering: .relaxed)
+        guard r.requestTimer == nil && r.attemptTimer == nil else { return }
+        let timeout = loop.pool.connectTimeout(for: key)
+        context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self, weak upstream] in
+            guard let self, let upstream, let r = self.request, r.attemptID == id, r.upstream === upstream,
+                  upstream.waiting?.isHeld == true else { return }
+            upstream.close()
+            r.upstream = nil
+            self.shed(key, "is at its circuit breaker's maxConnections, and no stream to it came free in " + IdleSweep.shown(timeout),
+                      inFlight: true)
+        }
+    }
+
     private func attached(_ result: Result<UpstreamHandler, any Error>, id: Int, key: EndpointKey) {
         guard let loop, let r = request, r.attemptID == id, r.endpoint == key else {
             if case .success(let h) = result { h.close() }
@@ -793,6 +812,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         r.connecting = false
         switch result {
+        case .failure(is StreamsInUse):
+            shed(key, "is at its circuit breaker's maxConnections and maxPendingRequests (every stream of its connections in use)",
+                 inFlight: true)
         case .failure(let error):
             loop.pool.state(key).inFlight -= 1
             if let refused = error as? TunnelRefused, refused.status == 403 {
@@ -827,6 +849,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             if !reused { pool.recordSuccess(key) }
             r.upstream = upstream
             upstream.begin(sink: self, keepAlive: !r.isUpgrade)
+            if upstream.waiting != nil { waitForStream(id: id, key: key, on: upstream) }
             upstream.send(.head(r.upstreamHead), flush: false)
             // (A write that fails at once may have ended the request.)
             guard request === r else { return }

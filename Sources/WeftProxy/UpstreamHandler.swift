@@ -108,6 +108,10 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// and its failure fails the exchange (one promise per request; HTTP/1.1
     /// connections go without).
     var watchesHeadWrites = false
+    /// An HTTP/2 stream's place among its backend's pending requests while
+    /// NIO holds its head (the connection at the backend's stream limit),
+    /// given back as the head goes out.
+    var waiting: PendingPlace?
 
     func send(_ part: HTTPClientRequestPart, flush: Bool) {
         guard let context else { return }
@@ -115,7 +119,10 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
         var promise: EventLoopPromise<Void>?
         if watchesHeadWrites, case .head = part {
             let p = context.eventLoop.makePromise(of: Void.self)
-            p.futureResult.assumeIsolated().whenFailure { [weak self] error in self?.writeFailed(error) }
+            p.futureResult.assumeIsolated().whenComplete { [weak self] result in
+                self?.waiting?.release()
+                if case .failure(let error) = result { self?.writeFailed(error) }
+            }
             promise = p
         }
         if flush {

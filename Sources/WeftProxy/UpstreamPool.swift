@@ -2,6 +2,7 @@ import NIOCore
 import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
+import Synchronization
 import WeftCore
 import WeftIdentity
 
@@ -343,15 +344,19 @@ final class UpstreamPool {
     /// and the requests waiting for one, for its circuit breaker. With a
     /// `tunnel`, the exchange runs in a CONNECT stream of the tunnel to the
     /// backend's node instead of a TCP connection of its own.
-    /// HTTP/2: `maxConnections` (its circuit breaker's) bounds the
-    /// connections to the backend, counted in `counters` as HTTP/1.1 ones
-    /// are: at it, with every connection of this loop full, the stream
-    /// goes on the least loaded one and waits there (in NIO's HTTP/2
-    /// layer) for one of its streams to end, as Envoy's pending requests
-    /// do; a loop with none makes one.
+    /// HTTP/2: `breaker`'s (the cluster's) circuitBreaker.maxConnections
+    /// bounds the connections to the backend, counted in `counters` as
+    /// HTTP/1.1 ones are: at it, with every connection of this loop full,
+    /// the stream goes on the least loaded one and waits there (in NIO's
+    /// HTTP/2 layer) for one of its streams to end, counted among the
+    /// backend's pending requests meanwhile, as Envoy's pending requests
+    /// are; past maxPendingRequests it fails at once (`StreamsInUse`). A
+    /// loop with none makes one, as Envoy's pools do (each of its workers
+    /// may open a first connection past the limit).
     func acquire(_ key: EndpointKey, protocol proto: ProxyTable.UpstreamProtocol, counters: ClusterRuntime.Backend? = nil,
-                 maxConnections: Int? = nil, tunnel: TunnelChoice? = nil,
+                 breaker: ClusterRuntime? = nil, tunnel: TunnelChoice? = nil,
                  _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+        let maxConnections = breaker?.policy.circuitBreaker?.maxConnections
         let s = state(key)
         let lifetimes = self.lifetimes()
         let lifetime = lifetimes.isEmpty ? nil : lifetimes[key]
@@ -375,7 +380,9 @@ final class UpstreamPool {
                 }) { completion(Self.upstreamHandler(of: $0)) }
             case .http2:
                 if let h2 = s.tunnelH2[tunnel.route.source]?.take(lifetime) { return h2.openStream(completion) }
-                if let h2 = s.tunnelH2[tunnel.route.source]?.atLimit(counters, maxConnections) { return h2.openStream(completion) }
+                if let h2 = s.tunnelH2[tunnel.route.source]?.atLimit(counters, maxConnections) {
+                    return Self.waitForStream(on: h2, counters, breaker, completion)
+                }
                 let tunnels = self.tunnels
                 let h2 = HTTP2Upstream(key: key, pool: self) { [self] initializer, done in
                     tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "h2",
@@ -406,10 +413,8 @@ final class UpstreamPool {
                 completion(result)
             }
         case .http2:
-            if let h2 = s.h2.take(lifetime) ?? s.h2.atLimit(counters, maxConnections) {
-                h2.openStream(completion)
-                return
-            }
+            if let h2 = s.h2.take(lifetime) { return h2.openStream(completion) }
+            if let h2 = s.h2.atLimit(counters, maxConnections) { return Self.waitForStream(on: h2, counters, breaker, completion) }
             let bootstrap = self.bootstrap(for: key)
             let h2 = HTTP2Upstream(key: key, pool: self) { [self] initializer, done in
                 bootstrap.channelInitializer { channel in self.initialize(channel) { _ in try initializer(channel) } }
@@ -421,6 +426,17 @@ final class UpstreamPool {
             kept()
             h2.openStream(completion)
         }
+    }
+
+    /// A stream on `h2`, whose every stream is in use, at its backend's
+    /// maxConnections: it waits there for one to end, holding a place among
+    /// the backend's pending requests (`breaker`'s maxPendingRequests)
+    /// until its head goes out or it ends; with none left it fails at once.
+    private static func waitForStream(on h2: HTTP2Upstream, _ counters: ClusterRuntime.Backend?, _ breaker: ClusterRuntime?,
+                                      _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+        guard let counters, let breaker else { return h2.openStream(completion) }
+        guard breaker.reserveWait(counters) else { return completion(.failure(StreamsInUse())) }
+        h2.openStream(completion, waiting: PendingPlace(counters))
     }
 
     /// `done`, after counting the connection it is given in `counters`
@@ -700,6 +716,14 @@ final class UpstreamPool {
         }
     }
 
+    /// HTTP/2 streams past their connection's stream limit, over all
+    /// endpoints: those NIO holds until another ends (HTTP2UpstreamStreamsTests).
+    var streamsWaiting: Int {
+        endpoints.values.reduce(0) { n, s in
+            (s.h2.list + s.tunnelH2.values.flatMap(\.list)).reduce(n) { $0 + max(0, $1.openStreams - $1.maxStreams) }
+        }
+    }
+
     fileprivate func forgetHTTP2(_ key: EndpointKey, _ h2: HTTP2Upstream) {
         guard let s = endpoints[key] else { return }
         s.h2.remove(h2)
@@ -735,7 +759,7 @@ final class HTTP2Upstream {
     private weak var pool: UpstreamPool?
     private var multiplexer: NIOHTTP2Handler.StreamMultiplexer?
     private var channel: Channel?
-    private var waiters: [(Result<UpstreamHandler, any Error>) -> Void] = []
+    private var waiters: [(completion: (Result<UpstreamHandler, any Error>) -> Void, place: PendingPlace?)] = []
     private(set) var failed = false
     /// Streams open on it now, and opened on it in all.
     private var open = 0
@@ -793,7 +817,7 @@ final class HTTP2Upstream {
                     }
                     let ready = waiters
                     waiters = []
-                    for w in ready { openStream(w) }
+                    for w in ready { openStream(w.completion, waiting: w.place) }
                 } catch {
                     fail(error)
                 }
@@ -808,13 +832,26 @@ final class HTTP2Upstream {
         pool?.forgetHTTP2(key, self)
         let ready = waiters
         waiters = []
-        for w in ready { w(.failure(error)) }
+        for w in ready {
+            w.place?.release()
+            w.completion(.failure(error))
+        }
     }
 
-    func openStream(_ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+    /// A new stream for one exchange. One that `waiting` (its place among
+    /// the backend's pending requests) gives the place back once its head
+    /// goes out (NIO's HTTP/2 layer holds the head of a stream past the
+    /// backend's limit, and completes its write as the stream opens) or it
+    /// ends, whichever is first.
+    func openStream(_ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void, waiting place: PendingPlace? = nil) {
         used = true
         guard let multiplexer else {
-            if failed { completion(.failure(ChannelError.ioOnClosedChannel)) } else { waiters.append(completion) }
+            if failed {
+                place?.release()
+                completion(.failure(ChannelError.ioOnClosedChannel))
+            } else {
+                waiters.append((completion, place))
+            }
             return
         }
         open += 1
@@ -824,14 +861,19 @@ final class HTTP2Upstream {
                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))
                 let upstream = UpstreamHandler()
                 upstream.watchesHeadWrites = true
+                upstream.waiting = place
                 try stream.pipeline.syncOperations.addHandler(upstream)
             }
         }
         .assumeIsolated()
         .whenComplete { [self] result in
             if case .success(let stream) = result {
-                stream.closeFuture.assumeIsolated().whenComplete { [self] _ in streamClosed() }
+                stream.closeFuture.assumeIsolated().whenComplete { [self] _ in
+                    place?.release()
+                    streamClosed()
+                }
             } else {
+                place?.release()
                 streamClosed()
             }
             completion(UpstreamPool.upstreamHandler(of: result))
@@ -876,6 +918,25 @@ final class HTTP2Upstream {
 
     func close() { channel?.close(promise: nil) }
 }
+
+/// An HTTP/2 stream's place among its backend's pending requests
+/// (circuitBreaker.maxPendingRequests) while it waits at maxConnections for
+/// a stream of a full connection to end: given back once.
+final class PendingPlace: Sendable {
+    private let counters: ClusterRuntime.Backend
+    private let held = Atomic<Bool>(true)
+    init(_ counters: ClusterRuntime.Backend) { self.counters = counters }
+    /// Whether it is still held (the stream has not gone out).
+    var isHeld: Bool { held.load(ordering: .relaxed) }
+    func release() {
+        guard held.exchange(false, ordering: .relaxed) else { return }
+        counters.pending.subtract(1, ordering: .relaxed)
+    }
+}
+
+/// A stream would wait at its backend's circuitBreaker.maxConnections,
+/// and maxPendingRequests wait already.
+struct StreamsInUse: Error {}
 
 /// Tells of a GOAWAY and of SETTINGS on an HTTP/2 upstream connection
 /// (NIO's handler passes the connection's own frames on up the pipeline).

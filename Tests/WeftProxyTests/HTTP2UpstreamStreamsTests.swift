@@ -102,6 +102,109 @@ import Testing
         }
     }
 
+    /// Of `held`, those answered after `seconds`: their indexes, and the
+    /// answers.
+    static func answered(_ held: [Int32], after seconds: Double) -> [(Int, String)] {
+        usleep(UInt32(seconds * 1_000_000))
+        return held.enumerated().compactMap { i, fd in
+            let got = ExpectContinueTests.read(fd, seconds: 0.05) { $0.contains("\r\n\r\n") && $0.hasSuffix("\n") }
+            return got.isEmpty ? nil : (i, got)
+        }
+    }
+
+    /// The Service's backends' pending requests (circuitBreaker), summed.
+    static func pending(_ rig: ProxyFuzzTests.Rig) throws -> Int {
+        let runtime = try #require(rig.proxy.snapshot.runtimes.values.first { $0.policy.circuitBreaker != nil })
+        return runtime.backends.reduce(0) { $0 + $1.pending.load(ordering: .relaxed) }
+    }
+
+    /// Streams NIO holds past their connections' limits, over the loops.
+    static func waiting(_ rig: ProxyFuzzTests.Rig) throws -> Int {
+        let proxy = rig.proxy
+        return try Array(rig.group.makeIterator()).reduce(0) { n, loop in
+            n + (try loop.submit { proxy.loop(loop).pool.streamsWaiting }.wait())
+        }
+    }
+
+    /// Streams that wait at maxConnections count among their backend's
+    /// pending requests, as Envoy's do: at most maxPendingRequests wait per
+    /// backend, the rest are answered 503 at once; a waiting stream goes
+    /// out when a stream of its connection ends, and gives its place back.
+    /// (Without the bound every one of the 30 waits.)
+    @Test func maxPendingRequestsBoundsTheStreamsThatWait() throws {
+        // maxConnections 1: one connection per pod and loop (each loop
+        // makes a first), 4 streams each: 16 open, at most 2 waiting per pod.
+        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
+            circuitBreaker: {maxConnections: 1, maxPendingRequests: 2}
+              timeout: {tcp: {connectTimeout: 30s}}
+            """), http2Streams: 4)
+        defer { rig.shutdown() }
+        let held = try Self.hold(rig, 30)
+        defer { for fd in held { close(fd) } }
+        let streams = try Self.streamsOpen(rig, awaiting: 20)
+        let shed = Self.answered(held, after: 0.5)
+        #expect(streams >= 16 && streams <= 20, "\(streams) streams: 16 open, at most 4 waiting")
+        #expect(shed.count == 30 - streams, "\(shed.count) answered at once, \(streams) streams")
+        for (i, got) in shed {
+            #expect(got.hasPrefix("HTTP/1.1 503") && got.contains("maxConnections and maxPendingRequests"), "request \(i): \(got)")
+        }
+        #expect(try Self.waiting(rig) == streams - 16)
+        #expect(try Self.pending(rig) == streams - 16, "the waiting streams hold their places")
+        // The first 16 end: streams that waited go out (and stay open, their
+        // bodies not ended) and give their places back as they do.
+        let shedIndexes = Set(shed.map(\.0))
+        let rest = held.enumerated().filter { !shedIndexes.contains($0.offset) }.map(\.element)
+        for fd in rest.prefix(16) { ExpectContinueTests.send(fd, "0\r\n\r\n") }
+        for (i, fd) in rest.prefix(16).enumerated() {
+            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
+            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(i): \(got)")
+        }
+        usleep(200_000)
+        let stillWaiting = try Self.waiting(rig)
+        #expect(stillWaiting < streams - 16, "streams that waited went out")
+        #expect(try Self.pending(rig) == stillWaiting, "places held only while waiting")
+        // The rest end: every one is answered, those that waited too.
+        for fd in rest.dropFirst(16) { ExpectContinueTests.send(fd, "0\r\n\r\n") }
+        for (i, fd) in rest.dropFirst(16).enumerated() {
+            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
+            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(16 + i): \(got)")
+        }
+        #expect(try Self.pending(rig) == 0, "every place given back")
+        for fd in held { shutdown(fd, Int32(SHUT_RDWR)) }
+        try rig.settle()
+        #expect(try Self.streamsOpen(rig) == 0)
+    }
+
+    /// A stream waiting at maxConnections with no timeout of its own waits
+    /// at most its backend's connect timeout, as a request waiting for an
+    /// HTTP/1.1 connection does, then is answered 503; its place comes back.
+    @Test func aWaitingStreamWaitsAtMostTheConnectTimeout() throws {
+        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
+            circuitBreaker: {maxConnections: 1, maxPendingRequests: 100}
+              timeout: {tcp: {connectTimeout: 500ms}}
+            """), http2Streams: 4)
+        defer { rig.shutdown() }
+        let held = try Self.hold(rig, 24)
+        defer { for fd in held { close(fd) } }
+        let streams = try Self.streamsOpen(rig, awaiting: 24)
+        #expect(streams == 24)
+        // 16 open on the 4 connections; 8 wait, and are let go after 500 ms.
+        let timedOut = Self.answered(held, after: 1.5)
+        #expect(timedOut.count == 8, "\(timedOut.count) answered")
+        for (i, got) in timedOut {
+            #expect(got.hasPrefix("HTTP/1.1 503") && got.contains("no stream to it came free in 500ms"), "request \(i): \(got)")
+        }
+        #expect(try Self.pending(rig) == 0)
+        #expect(try Self.streamsOpen(rig, awaiting: 0) == 16)
+        let gone = Set(timedOut.map(\.0))
+        let rest = held.enumerated().filter { !gone.contains($0.offset) }.map(\.element)
+        for fd in rest { ExpectContinueTests.send(fd, "0\r\n\r\n") }
+        for (i, fd) in rest.enumerated() {
+            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
+            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(i): \(got)")
+        }
+    }
+
     /// Requests that came while the connection was still being made count
     /// against its limit (100 until the backend's SETTINGS), as they all
     /// open when it is up: the 101st makes another connection instead of
