@@ -692,3 +692,20 @@ enum Express {
         }
     }
 }
+
+extension Express.Outcome {
+    /// An answer of the proxy's own, as it goes out: to a gRPC call
+    /// (`grpcType`, its content-type), a 200 with the gRPC status
+    /// (GRPCLocalAnswer).
+    init(answered local: Express.LocalAnswer, snapshot: RouteSnapshot, grpcType: String?, protocolName: String,
+         logged: Express.Logged?) {
+        self.init(snapshot: snapshot, service: local.service, serviceNamespace: local.serviceNamespace, key: nil,
+                  route: local.route, grpc: grpcType != nil, status: local.status, flags: local.flags,
+                  start: NIODeadline.now(), bytesOut: 0, protocolName: protocolName, logged: logged)
+        if let type = GRPCLocalAnswer.contentType(grpcType, status: local.status) {
+            status = 200
+            grpcStatus = GRPCLocalAnswer.fields(httpCode: local.status, body: local.body).first?.1
+            web = type.hasPrefix("application/grpc-web")
+        }
+    }
+}

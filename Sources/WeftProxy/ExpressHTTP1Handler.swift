@@ -227,7 +227,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         case deny(length: Int, keepAlive: Bool, isHEAD: Bool, reason: String)
         /// Answered by its Service's TrafficPolicy: over the rate limit, or
         /// a fault abort (`length` bytes with its body).
-        case answered(length: Int, keepAlive: Bool, isHEAD: Bool, grpc: Bool, Express.LocalAnswer, Express.Logged?)
+        /// (`grpcType`: a gRPC call's content-type.)
+        case answered(length: Int, keepAlive: Bool, isHEAD: Bool, grpcType: String?, Express.LocalAnswer, Express.Logged?)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -419,10 +420,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
             return deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, context: context)
-        case .answered(let length, let keepAlive, let isHEAD, let grpc, let local, let logged):
+        case .answered(let length, let keepAlive, let isHEAD, let grpcType, let local, let logged):
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
-            return answer(local, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, grpc: grpc, logged: logged,
+            return answer(local, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, grpcType: grpcType, logged: logged,
                           context: context)
         }
     }
@@ -552,17 +553,23 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// over the rate limit, a fault abort's status, counted and logged as
     /// the full path answers them (flag RL or FI, no upstream). Whether the
     /// connection stays open for the next request.
-    private func answer(_ local: Express.LocalAnswer, keepAlive: Bool, isHEAD: Bool, grpc: Bool, logged: Express.Logged?,
+    private func answer(_ local: Express.LocalAnswer, keepAlive: Bool, isHEAD: Bool, grpcType: String?, logged: Express.Logged?,
                         context: ChannelHandlerContext) -> Bool {
         guard let loop, let snapshot = routing?.snapshot else { return false }
-        loop.counters.answered(local.status)
-        Express.record(Express.Outcome(snapshot: snapshot, service: local.service, serviceNamespace: local.serviceNamespace,
-                                       key: nil, route: local.route, grpc: grpc, status: local.status, flags: local.flags,
-                                       start: NIODeadline.now(), bytesOut: 0, protocolName: "HTTP/1.1", logged: logged),
-                       source: source, last: &lastSeries, loop: loop, proxy: proxy)
-        let body = local.body
-        var head = "HTTP/1.1 \(local.status) \(HTTPResponseStatus(statusCode: local.status).reasonPhrase)\r\n"
-            + "content-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\nserver: weft\r\n"
+        let outcome = Express.Outcome(answered: local, snapshot: snapshot, grpcType: grpcType, protocolName: "HTTP/1.1", logged: logged)
+        loop.counters.answered(outcome.status)
+        Express.record(outcome, source: source, last: &lastSeries, loop: loop, proxy: proxy)
+        var body = local.body
+        var head = "HTTP/1.1 \(outcome.status) \(HTTPResponseStatus(statusCode: outcome.status).reasonPhrase)\r\n"
+        if let grpc = GRPCLocalAnswer.contentType(grpcType, status: local.status) {
+            // A gRPC(-Web) call: its status and the reason in the head (GRPCLocalAnswer).
+            head += "content-type: \(grpc)\r\n"
+            for (name, value) in GRPCLocalAnswer.fields(httpCode: local.status, body: body) { head += "\(name): \(value)\r\n" }
+            body = ""
+        } else {
+            head += "content-type: text/plain; charset=utf-8\r\n"
+        }
+        head += "content-length: \(body.utf8.count)\r\nserver: weft\r\n"
         for (name, value) in local.extra { head += "\(name): \(value)\r\n" }
         return answer(head, body: body, keepAlive: keepAlive, isHEAD: isHEAD, context: context)
     }
@@ -648,7 +655,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 Self.values(p, fields, name, split: false).first
             }
             return .answered(length: total, keepAlive: !close && !proxy.draining.load(ordering: .relaxed), isHEAD: method == "HEAD",
-                             grpc: grpc, local, logged)
+                             grpcType: grpc ? Self.values(p, fields, "content-type", split: false).first : nil, local, logged)
         }
 
         // The request the backend gets: the client's head without its

@@ -396,22 +396,31 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// 429 with Retry-After; a fault abort), counted and logged as the full
     /// path answers it (flag RL or FI, no upstream), as
     /// ExpressHTTP1Handler does.
-    private func answer(_ id: HTTP2StreamID, _ local: Express.LocalAnswer, isHEAD: Bool, grpc: Bool, requestOpen: Bool,
+    private func answer(_ id: HTTP2StreamID, _ local: Express.LocalAnswer, isHEAD: Bool, grpcType: String?, requestOpen: Bool,
                         snapshot: RouteSnapshot, logged: Express.Logged?) {
         guard let loop else { return }
-        Express.record(Express.Outcome(snapshot: snapshot, service: local.service, serviceNamespace: local.serviceNamespace,
-                                       key: nil, route: local.route, grpc: grpc, status: local.status, flags: local.flags,
-                                       start: NIODeadline.now(), bytesOut: 0, protocolName: "HTTP/2", logged: logged),
-                       source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
-        answerAtOnce(id, status: local.status, body: local.body, extra: local.extra, isHEAD: isHEAD, requestOpen: requestOpen)
+        let outcome = Express.Outcome(answered: local, snapshot: snapshot, grpcType: grpcType, protocolName: "HTTP/2", logged: logged)
+        Express.record(outcome, source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
+        answerAtOnce(id, status: local.status, body: local.body, extra: local.extra, isHEAD: isHEAD, requestOpen: requestOpen,
+                     grpc: GRPCLocalAnswer.contentType(grpcType, status: local.status))
     }
 
     /// An answer of the proxy's own to a stream it never took: the head,
     /// the body, and RST_STREAM NO_ERROR after them while the request is
     /// still open (its body is not wanted, RFC 9113 section 8.1). The
-    /// connection goes on.
+    /// connection goes on. To a gRPC call (`grpc`, its content-type) the
+    /// status and reason as gRPC's, in the head alone (trailers-only).
     private func answerAtOnce(_ id: HTTP2StreamID, status: Int, body: String, extra: [(String, String)] = [],
-                              isHEAD: Bool, requestOpen: Bool) {
+                              isHEAD: Bool, requestOpen: Bool, grpc: String? = nil) {
+        if let grpc {
+            loop?.counters.answered(200)
+            let head = HPACKHeaders([(":status", "200"), ("content-type", grpc)]
+                                    + GRPCLocalAnswer.fields(httpCode: status, body: body) + [("server", "weft")] + extra)
+            codec.send(id, .headers(head, endStream: true), promise: nil)
+            if requestOpen { codec.reset(id, .noError, promise: nil) }
+            codec.flushNow()
+            return
+        }
         loop?.counters.answered(status)
         let head = HPACKHeaders([(":status", String(status)), ("content-type", "text/plain; charset=utf-8"),
                                  ("content-length", String(body.utf8.count)), ("server", "weft")] + extra)
@@ -513,7 +522,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                                                  allocator: context.channel.allocator, loop: loop) { name in
                 (name == "host" ? authority : nil) ?? headers.first(name: name)
             }
-            answer(id, local, isHEAD: method == "HEAD", grpc: grpc, requestOpen: !h.endStream, snapshot: snapshot, logged: logged)
+            answer(id, local, isHEAD: method == "HEAD", grpcType: grpc ? headers.first(name: "content-type") : nil,
+                   requestOpen: !h.endStream, snapshot: snapshot, logged: logged)
             return .answered
         }
 

@@ -1334,21 +1334,40 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         // another request in step; it ends (staged, reading what comes).
         let keepAlive = keepAlive && continuePending == nil
         continuePending = nil
-        proxy.stats.response(Int(status.code))
-        complete(Int(status.code))
         var headers = HTTPHeaders()
-        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
-        headers.add(name: "content-length", value: "\(body.utf8.count)")
+        var trailers: HTTPHeaders?
+        var sent = status
+        let grpc = GRPCLocalAnswer.contentType(request.headers.first(name: "content-type"), status: Int(status.code))
+        if let grpc {
+            // A gRPC call: its status and the reason (GRPCLocalAnswer), in
+            // the head or, to an HTTP/2 gRPC client, in trailers (NIO's
+            // HTTP/1 translation sends no HEADERS with END_STREAM).
+            let fields = GRPCLocalAnswer.fields(httpCode: Int(status.code), body: body)
+            record?.grpcStatus = fields.first.map { Substring($0.1) }
+            sent = .ok
+            headers.add(name: "content-type", value: grpc)
+            if GRPCLocalAnswer.inHead(grpc, http2: isHTTP2) {
+                headers.add(contentsOf: fields)
+                headers.add(name: "content-length", value: "0")
+            } else {
+                trailers = HTTPHeaders(fields)
+            }
+        } else {
+            headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+            headers.add(name: "content-length", value: "\(body.utf8.count)")
+        }
+        proxy.stats.response(Int(sent.code))
+        complete(Int(sent.code))
         headers.add(name: "server", value: "weft")
         for (n, v) in extraHeaders { headers.add(name: n, value: v) }
         if !isHTTP2 && !keepAlive { headers.add(name: "connection", value: "close") }
-        let head = HTTPResponseHead(version: request.version, status: status, headers: headers)
+        let head = HTTPResponseHead(version: request.version, status: sent, headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
-        if request.method != .HEAD {
+        if request.method != .HEAD && grpc == nil {
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         }
         let isHTTP2 = self.isHTTP2
-        let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        let written = context.writeAndFlush(wrapOutboundOut(.end(trailers)))
         lastEnd = written
         stopRequestBody(context)
         written.assumeIsolated().whenComplete { _ in

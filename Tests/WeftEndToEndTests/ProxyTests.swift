@@ -437,6 +437,17 @@ struct ProxyTests {
             spec:
               parentRefs: [{group: "", kind: Service, name: grpc, port: 80}]
               rules: [{matches: [{path: {type: Exact, value: /weft.Echo/Say}}], backendRefs: [{name: web-v2, port: 80}]}]
+            ---
+            \(service("grpc-none", ip: "198.19.1.62", selector: "{app: nobody}", portName: "rpc", appProtocol: "grpc"))
+            ---
+            \(service("grpc-slow", ip: "198.19.1.63", selector: "{app: grpc}", portName: "rpc", appProtocol: "grpc"))
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: grpc-slow, namespace: \(ns)}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: grpc-slow}]
+              timeout: {http: {requestTimeout: 300ms}}
             """
         let lab = try startLab(files: ["grpc-routes.yaml": routes])
         defer { lab.down() }
@@ -450,6 +461,22 @@ struct ProxyTests {
         #expect(tagged["count_trailer"] as? String == "grpc", "the header alone does not match Count: \(tagged)")
         let get = try LabHarness.run(["get", "routes", "--node", "n1"])
         #expect(get.output.contains("GRPCRoute") && get.output.contains("IGNORED on l7/grpc:80"), "\(get.output)")
+        // The proxy's own answers reach grpcio as gRPC statuses with the
+        // proxy's reason (GRPCLocalAnswer): no pod behind the Service is
+        // UNAVAILABLE, the Service's requestTimeout DEADLINE_EXCEEDED (an
+        // HTTP 503 or 504 would read as UNAVAILABLE "Received http2 header
+        // with status", the reason lost).
+        for (ip, method, code, word) in [("198.19.1.62", "Say", "UNAVAILABLE", "grpc-none"),
+                                         ("198.19.1.63", "Slow", "DEADLINE_EXCEEDED", "300ms")] {
+            let out = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "fail", ip, "80",
+                                          "2", method]).output
+            // (Its last line: grpcio may log to stderr before it.)
+            let last = out.split(separator: "\n").last.map(String.init) ?? ""
+            let json = (try? JSONSerialization.jsonObject(with: Data(last.utf8))) as? [String: Any]
+            #expect((json?["codes"] as? [String: Int]) == [code: 2], "\(method) to \(ip): \(out)")
+            let details = json?["details"] as? [String] ?? []
+            #expect(details.count == 1 && details[0].hasPrefix("weft: ") && details[0].contains(word), "\(method) to \(ip): \(out)")
+        }
         // A gRPC error is a backend failure to outlier detection though its
         // HTTP status is 200: three UNAVAILABLEs in a row eject the server,
         // whether the status came alone (Fail, to grpc) or in trailers

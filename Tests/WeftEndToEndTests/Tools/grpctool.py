@@ -8,13 +8,15 @@ test needs no protoc. Service weft.Echo:
   Fail   unary          -> status UNAVAILABLE, details "on purpose"
   Drop   server stream  -> one message, then status UNAVAILABLE (in trailers)
   Maybe  unary          -> every other call of the server UNAVAILABLE (the first fails)
+  Slow   unary          -> b"slow", 2 s late
   SetHealth unary        b"NAME=SERVING|NOT_SERVING": what Health/Check says for NAME
 and grpc.health.v1.Health/Check (the gRPC Health Checking Protocol, its
 protobuf messages written by hand): SERVING for "" and "weft.Echo" until
 SetHealth says otherwise, NOT_FOUND for a service it does not know.
 Every weft.Echo call ends with trailing metadata x-pod: <pod>.
 Usage: grpctool.py serve PORT | grpctool.py call HOST PORT [NAME=VALUE...]
-       | grpctool.py fail HOST PORT N [Fail|Drop|Maybe] (N calls, one channel: their codes)
+       | grpctool.py fail HOST PORT N [Fail|Drop|Maybe|Slow|Say] (N calls, one channel: their codes and
+         the distinct details of the failures)
        | grpctool.py spread HOST PORT N (N Says, one channel: the pods that answered, and errors)
        | grpctool.py sethealth HOST PORT NAME=SERVING|NOT_SERVING
        | grpctool.py sticky HOST PORT N NAME (N Says in a Header session named NAME: the pods, the session)
@@ -63,6 +65,11 @@ def serve(port):
             context.abort(grpc.StatusCode.UNAVAILABLE, "every other call")
         return POD.encode()
 
+    def slow(request, context):
+        import time
+        time.sleep(2)
+        return b"slow"
+
     def drop(request, context):
         context.set_trailing_metadata((("x-pod", POD),))
         yield b"first"
@@ -93,6 +100,7 @@ def serve(port):
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Drop": grpc.unary_stream_rpc_method_handler(drop),
         "Maybe": grpc.unary_unary_rpc_method_handler(maybe),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
     })
     # (A stream's handler holds a worker while it is open: room for the
     # watches test's 150 at once.)
@@ -147,7 +155,7 @@ def steady(host, port, seconds):
 
 
 def fail(host, port, n, method="Fail"):
-    codes = {}
+    codes, details = {}, []
     with grpc.insecure_channel("%s:%s" % (host, port)) as channel:
         if method == "Drop":
             stream = channel.unary_stream("/weft.Echo/Drop")
@@ -160,8 +168,10 @@ def fail(host, port, n, method="Fail"):
                 code = "OK"
             except grpc.RpcError as e:
                 code = e.code().name
+                if e.details() not in details:
+                    details.append(e.details())
             codes[code] = codes.get(code, 0) + 1
-    print(json.dumps({"codes": codes}))
+    print(json.dumps({"codes": codes, "details": details}))
 
 
 def spread(host, port, n):
