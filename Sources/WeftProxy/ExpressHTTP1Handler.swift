@@ -224,7 +224,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         case forward(Exchange)
         /// Delivering: AuthorizationPolicy refuses the request (`length`
         /// bytes with its body).
-        case deny(length: Int, keepAlive: Bool, isHEAD: Bool, reason: String)
+        case deny(length: Int, keepAlive: Bool, isHEAD: Bool, reason: String, grpcType: String?)
         /// Answered by its Service's TrafficPolicy: over the rate limit, or
         /// a fault abort (`length` bytes with its body).
         /// (`grpcType`: a gRPC call's content-type.)
@@ -416,10 +416,10 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             readMore(context)
             start(exchange, loop: loop)
             return false
-        case .deny(let length, let keepAlive, let isHEAD, let reason):
+        case .deny(let length, let keepAlive, let isHEAD, let reason, let grpcType):
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
-            return deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, context: context)
+            return deny(reason, keepAlive: keepAlive && !quiescing, isHEAD: isHEAD, grpcType: grpcType, context: context)
         case .answered(let length, let keepAlive, let isHEAD, let grpcType, let local, let logged):
             inbound!.moveReaderIndex(forwardBy: length)
             readMore(context)
@@ -479,7 +479,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             let decision = set.evaluate(request)
             Authorize.record(proxy, decision, target: delivery.key.description)
             guard decision.allowed else {
-                return .deny(length: total, keepAlive: keepAlive, isHEAD: method == "HEAD", reason: decision.reason)
+                return .deny(length: total, keepAlive: keepAlive, isHEAD: method == "HEAD", reason: decision.reason,
+                             grpcType: Self.values(p, fields, "content-type", split: false).first)
             }
         }
         let exchange = Exchange(snapshot: snapshot, route: "", service: nil, serviceNamespace: nil, key: delivery.key,
@@ -528,8 +529,13 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
     /// Delivering: AuthorizationPolicy's refusal, as InboundHTTP answers it.
     /// Whether the stream stays open for the next request.
-    private func deny(_ reason: String, keepAlive: Bool, isHEAD: Bool, context: ChannelHandlerContext) -> Bool {
+    /// A gRPC call (`grpcType`) is told PERMISSION_DENIED (GRPCLocalAnswer).
+    private func deny(_ reason: String, keepAlive: Bool, isHEAD: Bool, grpcType: String?, context: ChannelHandlerContext) -> Bool {
         let body = Authorize.forbiddenBody(reason)
+        if let grpc = GRPCLocalAnswer.contentType(grpcType, status: 403) {
+            return answer(GRPCLocalAnswer.http1Head(contentType: grpc, httpCode: 403, body: body) + "x-weft-authz: denied\r\n",
+                          body: "", keepAlive: keepAlive, isHEAD: isHEAD, context: context)
+        }
         return answer("HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: \(body.utf8.count)\r\nx-weft-authz: denied\r\n",
                       body: body, keepAlive: keepAlive, isHEAD: isHEAD, context: context)
     }
@@ -560,16 +566,16 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         loop.counters.answered(outcome.status)
         Express.record(outcome, source: source, last: &lastSeries, loop: loop, proxy: proxy)
         var body = local.body
-        var head = "HTTP/1.1 \(outcome.status) \(HTTPResponseStatus(statusCode: outcome.status).reasonPhrase)\r\n"
+        var head: String
         if let grpc = GRPCLocalAnswer.contentType(grpcType, status: local.status) {
-            // A gRPC(-Web) call: its status and the reason in the head (GRPCLocalAnswer).
-            head += "content-type: \(grpc)\r\n"
-            for (name, value) in GRPCLocalAnswer.fields(httpCode: local.status, body: body) { head += "\(name): \(value)\r\n" }
+            // A gRPC(-Web) call: its status and the reason in the head.
+            head = GRPCLocalAnswer.http1Head(contentType: grpc, httpCode: local.status, body: body)
             body = ""
         } else {
-            head += "content-type: text/plain; charset=utf-8\r\n"
+            head = "HTTP/1.1 \(local.status) \(HTTPResponseStatus(statusCode: local.status).reasonPhrase)\r\n"
+                + "content-type: text/plain; charset=utf-8\r\ncontent-length: \(body.utf8.count)\r\n"
         }
-        head += "content-length: \(body.utf8.count)\r\nserver: weft\r\n"
+        head += "server: weft\r\n"
         for (name, value) in local.extra { head += "\(name): \(value)\r\n" }
         return answer(head, body: body, keepAlive: keepAlive, isHEAD: isHEAD, context: context)
     }
@@ -1103,17 +1109,27 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private func respondLocally(_ exchange: Exchange, _ status: HTTPResponseStatus, _ body: String, flags: String,
                                 refused: Bool = false) {
         guard let context else { return }
-        if delivery == nil { loop?.counters.answered(Int(status.code)) }
-        exchange.status = Int(status.code)
-        end(exchange, flags: flags)
+        // A gRPC call's client (not another node's proxy, which reads the
+        // status) is told a gRPC status (GRPCLocalAnswer).
+        let grpc = exchange.grpc && delivery == nil
+            ? GRPCLocalAnswer.contentType(GRPCLocalAnswer.expressType(web: exchange.web), status: Int(status.code)) : nil
+        exchange.status = grpc == nil ? Int(status.code) : 200
+        if delivery == nil { loop?.counters.answered(exchange.status) }
         var out = context.channel.allocator.buffer(capacity: body.utf8.count + 128)
-        out.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\ncontent-type: text/plain; charset=utf-8\r\n")
-        out.writeString("content-length: \(body.utf8.count)\r\nserver: weft\r\n")
+        if let grpc {
+            exchange.grpcStatus = GRPCLocalAnswer.fields(httpCode: Int(status.code), body: body).first?.1
+            out.writeString(GRPCLocalAnswer.http1Head(contentType: grpc, httpCode: Int(status.code), body: body))
+        } else {
+            out.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\ncontent-type: text/plain; charset=utf-8\r\n")
+            out.writeString("content-length: \(body.utf8.count)\r\n")
+        }
+        end(exchange, flags: flags)
+        out.writeString("server: weft\r\n")
         if refused { out.writeString("\(Authorize.refusedHeader): connect\r\n") }
         let close = !exchange.keepAlive || quiescing
         if close { out.writeStaticString("connection: close\r\n") }
         out.writeStaticString("\r\n")
-        if !exchange.isHEAD { out.writeString(body) }
+        if !exchange.isHEAD && grpc == nil { out.writeString(body) }
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
         if close { endAfterWrites(context) } else { next() }
     }

@@ -1010,6 +1010,18 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
 
     /// An answer of the proxy's own, in place of the backend's.
     private func respondLocally(_ stream: Stream, _ status: HTTPResponseStatus, _ body: String, flags: String) {
+        if stream.grpc, let grpc = GRPCLocalAnswer.contentType(GRPCLocalAnswer.expressType(web: stream.web), status: Int(status.code)) {
+            // A gRPC call: its status and the reason, trailers-only (GRPCLocalAnswer).
+            loop?.counters.answered(200)
+            stream.status = 200
+            let fields = GRPCLocalAnswer.fields(httpCode: Int(status.code), body: body)
+            stream.grpcStatus = fields.first?.1
+            end(stream, flags: flags)
+            write(stream, .headers(HPACKHeaders([(":status", "200"), ("content-type", grpc)] + fields + [("server", "weft")]),
+                                   endStream: true))
+            codec.flushNow()
+            return
+        }
         loop?.counters.answered(Int(status.code))
         stream.status = Int(status.code)
         end(stream, flags: flags)

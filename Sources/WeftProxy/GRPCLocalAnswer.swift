@@ -43,4 +43,16 @@ enum GRPCLocalAnswer {
         }
         return [("grpc-status", String(status(httpCode: httpCode))), ("grpc-message", message)]
     }
+
+    /// The head of such an answer on an HTTP/1.1 connection, up to its
+    /// last field (the caller adds its own and the blank line).
+    static func http1Head(contentType: String, httpCode: Int, body: String) -> String {
+        var head = "HTTP/1.1 200 OK\r\ncontent-type: \(contentType)\r\n"
+        for (name, value) in fields(httpCode: httpCode, body: body) { head += "\(name): \(value)\r\n" }
+        return head + "content-length: 0\r\n"
+    }
+
+    /// The content-type of the express paths' answer to a call they know
+    /// only by flags (gRPC, gRPC-Web).
+    static func expressType(web: Bool) -> String { web ? "application/grpc-web" : "application/grpc" }
 }

@@ -291,7 +291,9 @@ struct AuthorizationEndToEnd {
 
         // gRPC (HTTP/2 to the pod, inspected at n2): methods by path.
         let grpcWeb = try LabHarness.run(["lab", "exec", "\(ns)/web", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.6.60", "80"])
-        #expect(grpcWeb.status == 0 && grpcWeb.output.contains("grpc:hi-9") && grpcWeb.output.contains("\"fail\": \"PERMISSION_DENIED"),
+        // (The refusal is a gRPC status with the reason: GRPCLocalAnswer.)
+        #expect(grpcWeb.status == 0 && grpcWeb.output.contains("grpc:hi-9")
+                && grpcWeb.output.contains("\"fail\": \"PERMISSION_DENIED weft: RBAC: access denied"),
                 "Say/Count/Chat allowed, Fail denied: \(grpcWeb.output)")
         let grpcOther = try LabHarness.run(["lab", "exec", "\(ns)/other", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.6.60", "80"])
         #expect(grpcOther.status != 0 && grpcOther.output.contains("PERMISSION_DENIED"), "\(grpcOther.output)")

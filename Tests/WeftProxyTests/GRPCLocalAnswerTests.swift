@@ -84,6 +84,29 @@ import Testing
         }
     }
 
+    /// The express paths' answers in place of a backend's (here MeshConfig
+    /// streamIdleTimeout's, a 504) are gRPC statuses to a gRPC call too.
+    @Test func theExpressPathsAnswersInPlaceOfABackendAreGRPCStatuses() throws {
+        let rig = try ProxyFuzzTests.Rig(table: { $0.streamIdleTimeoutMilliseconds = 300 })
+        defer { rig.shutdown() }
+        let stall = try #require(rig.stallListeners.first?.localAddress?.port)
+        for http2 in [false, true] {
+            for type in ["application/grpc", "application/grpc-web+proto"] {
+                let (lines, body) = try Self.call(port: stall, path: "/silent", contentType: type, http2: http2)
+                let context = "\(type), http2 \(http2): \(lines) \(body)"
+                #expect(lines.first?.hasPrefix(http2 ? "HTTP/2 200" : "HTTP/1.1 200") == true, "\(context)")
+                #expect(Self.field("content-type", lines) == GRPCLocalAnswer.expressType(web: type.contains("web")), "\(context)")
+                #expect(Self.field("grpc-status", lines) == "4", "\(context)")
+                #expect(Self.field("grpc-message", lines)?.hasPrefix("weft: nothing moved") == true && body.isEmpty, "\(context)")
+            }
+            let (lines, body) = try Self.call(port: stall, path: "/silent", contentType: nil, http2: http2)
+            #expect(lines.first?.contains(" 504") == true && body.hasPrefix("weft: nothing moved"), "plain HTTP: \(lines) \(body)")
+        }
+        let proxy = rig.proxy
+        let express = Array(rig.group.makeIterator()).reduce(0) { $0 + proxy.loop($1).counters.answered.load(ordering: .relaxed) }
+        #expect(express == 6, "all answered on the express paths")
+    }
+
     @Test func statusesAndMessages() {
         let expected: [(Int, String)] = [(400, "13"), (401, "16"), (403, "7"), (404, "12"), (429, "14"), (502, "14"), (503, "14"),
                                          (504, "4"), (500, "2"), (431, "2"), (508, "2")]

@@ -274,7 +274,8 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
                 Authorize.record(proxy, decision, target: target.description)
                 guard decision.allowed else {
                     state = .denying
-                    respond(context, .forbidden, Authorize.forbiddenBody(decision.reason))
+                    respond(context, .forbidden, Authorize.forbiddenBody(decision.reason),
+                            grpcType: head.headers.first(name: "content-type"))
                     return
                 }
             }
@@ -429,14 +430,23 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
         HTTP1ServerPipeline.linger(context)
     }
 
+    /// (A gRPC call, `grpcType`, refused by policy is told PERMISSION_DENIED
+    /// in the head: GRPCLocalAnswer. A refused connect stays an HTTP 503:
+    /// the source node's proxy reads it.)
     private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, refused: Bool = false,
-                         ended: EventLoopPromise<Void>? = nil) {
-        var headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", "\(body.utf8.count)")])
+                         grpcType: String? = nil, ended: EventLoopPromise<Void>? = nil) {
+        let grpc = GRPCLocalAnswer.contentType(grpcType, status: Int(status.code))
+        var headers = grpc.map { HTTPHeaders([("content-type", $0)] + GRPCLocalAnswer.fields(httpCode: Int(status.code), body: body)
+                                             + [("content-length", "0")]) }
+            ?? HTTPHeaders([("content-type", "text/plain"), ("content-length", "\(body.utf8.count)")])
         if refused { headers.add(name: Authorize.refusedHeader, value: "connect") }
         if status == .forbidden { headers.add(name: "x-weft-authz", value: "denied") }
         if !keepAlive && !isHTTP2 { headers.add(name: "connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: grpc == nil ? status : .ok, headers: headers))),
+                      promise: nil)
+        if grpc == nil {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        }
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: ended)
     }
 
