@@ -205,6 +205,28 @@ import Testing
         }
     }
 
+    /// Clients that go (reset) while their streams wait: every place and
+    /// stream is given back.
+    @Test func waitingStreamsWhoseClientsGoGiveTheirPlacesBack() throws {
+        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
+            circuitBreaker: {maxConnections: 1, maxPendingRequests: 100}
+              timeout: {tcp: {connectTimeout: 30s}}
+            """), http2Streams: 4)
+        defer { rig.shutdown() }
+        let held = try Self.hold(rig, 24)
+        #expect(try Self.streamsOpen(rig, awaiting: 24) == 24)
+        #expect(try Self.pending(rig) == 8 && Self.waiting(rig) == 8, "16 open, 8 waiting")
+        // The last held go first (the waiting among them), then the rest.
+        for fd in held.reversed() {
+            var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+            close(fd)
+        }
+        try rig.settle()
+        #expect(try Self.streamsOpen(rig) == 0)
+        #expect(try Self.pending(rig) == 0, "no place kept")
+    }
+
     /// Requests that came while the connection was still being made count
     /// against its limit (100 until the backend's SETTINGS), as they all
     /// open when it is up: the 101st makes another connection instead of
