@@ -136,6 +136,9 @@ enum Express {
         var extra: [(String, String)]
         /// The response flag: RL (rate limit) or FI (fault abort).
         var flags: String
+        /// The gRPC status a gRPC call gets (a fault abort's grpcStatus);
+        /// nil: the one `status` maps to (GRPCLocalAnswer).
+        var grpcStatus: Int? = nil
     }
 
     /// An exchange's response flags, with DI in front when an injected
@@ -212,11 +215,11 @@ enum Express {
         // a second draw). A request answered here gives its backend back.
         var delay: Duration?
         if let guardState = routing.guardState {
-            func answer(_ status: Int, _ body: String, _ extra: [(String, String)], _ flags: String) -> Choice {
+            func answer(_ status: Int, _ body: String, _ extra: [(String, String)], _ flags: String, _ grpc: Int? = nil) -> Choice {
                 hold?.release()
                 return .answered(LocalAnswer(route: action.name, service: matcher.frontend.service,
                                              serviceNamespace: matcher.frontend.namespace, status: status, body: body,
-                                             extra: extra, flags: flags))
+                                             extra: extra, flags: flags, grpcStatus: grpc))
             }
             switch guardState.judge(route: action.name, source: source, header: header, snapshot: snapshot, random: &loop.random) {
             case .pass:
@@ -225,9 +228,9 @@ enum Express {
                 proxy.stats.rateLimited.add(1, ordering: .relaxed)
                 let limited = FrontendGuard.limitedAnswer(frontend: matcher.frontend.name, key: limitKey, wait: wait)
                 return answer(429, limited.body, [limited.retryAfter], "RL")
-            case .abort(let status):
+            case .abort(let status, let grpc):
                 proxy.stats.faultsAborted.add(1, ordering: .relaxed)
-                return answer(status, HTTPProxyHandler.faultAbortBody, [], "FI")
+                return answer(status, HTTPProxyHandler.faultAbortBody, [], "FI", grpc)
             case .delay(let d):
                 proxy.stats.faultsDelayed.add(1, ordering: .relaxed)
                 hold?.release()
@@ -704,7 +707,7 @@ extension Express.Outcome {
                   start: NIODeadline.now(), bytesOut: 0, protocolName: protocolName, logged: logged)
         if let type = GRPCLocalAnswer.contentType(grpcType, status: local.status) {
             status = 200
-            grpcStatus = GRPCLocalAnswer.fields(httpCode: local.status, body: local.body).first?.1
+            grpcStatus = GRPCLocalAnswer.fields(httpCode: local.status, body: local.body, grpcStatus: local.grpcStatus).first?.1
             web = type.hasPrefix("application/grpc-web")
         }
     }

@@ -569,7 +569,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         var head: String
         if let grpc = GRPCLocalAnswer.contentType(grpcType, status: local.status) {
             // A gRPC(-Web) call: its status and the reason in the head.
-            head = GRPCLocalAnswer.http1Head(contentType: grpc, httpCode: local.status, body: body)
+            head = GRPCLocalAnswer.http1Head(contentType: grpc, httpCode: local.status, body: body, grpcStatus: local.grpcStatus)
             body = ""
         } else {
             head = "HTTP/1.1 \(local.status) \(HTTPResponseStatus(statusCode: local.status).reasonPhrase)\r\n"

@@ -402,7 +402,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         let outcome = Express.Outcome(answered: local, snapshot: snapshot, grpcType: grpcType, protocolName: "HTTP/2", logged: logged)
         Express.record(outcome, source: origin.source, last: &lastSeries, loop: loop, proxy: proxy)
         answerAtOnce(id, status: local.status, body: local.body, extra: local.extra, isHEAD: isHEAD, requestOpen: requestOpen,
-                     grpc: GRPCLocalAnswer.contentType(grpcType, status: local.status))
+                     grpc: GRPCLocalAnswer.contentType(grpcType, status: local.status), grpcStatus: local.grpcStatus)
     }
 
     /// An answer of the proxy's own to a stream it never took: the head,
@@ -411,11 +411,12 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
     /// connection goes on. To a gRPC call (`grpc`, its content-type) the
     /// status and reason as gRPC's, in the head alone (trailers-only).
     private func answerAtOnce(_ id: HTTP2StreamID, status: Int, body: String, extra: [(String, String)] = [],
-                              isHEAD: Bool, requestOpen: Bool, grpc: String? = nil) {
+                              isHEAD: Bool, requestOpen: Bool, grpc: String? = nil, grpcStatus: Int? = nil) {
         if let grpc {
             loop?.counters.answered(200)
             let head = HPACKHeaders([(":status", "200"), ("content-type", grpc)]
-                                    + GRPCLocalAnswer.fields(httpCode: status, body: body) + [("server", "weft")] + extra)
+                                    + GRPCLocalAnswer.fields(httpCode: status, body: body, grpcStatus: grpcStatus)
+                                    + [("server", "weft")] + extra)
             codec.send(id, .headers(head, endStream: true), promise: nil)
             if requestOpen { codec.reset(id, .noError, promise: nil) }
             codec.flushNow()

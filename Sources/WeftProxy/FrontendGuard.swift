@@ -29,7 +29,8 @@ final class FrontendGuard: Sendable {
         case pass
         /// Over the rate limit of `key`; a token is there in `retryAfter`.
         case limited(key: String, retryAfter: Duration)
-        case abort(status: Int)
+        /// (`grpc`: the gRPC status a gRPC call gets, if the policy names one.)
+        case abort(status: Int, grpc: Int?)
         case delay(Duration)
     }
 
@@ -68,7 +69,7 @@ final class FrontendGuard: Sendable {
         }
         if let abort = faults.abort, Double.random(in: 0..<100, using: &random) < abort.percentage {
             aborted.add(1, ordering: .relaxed)
-            return .abort(status: abort.httpStatus)
+            return .abort(status: abort.httpStatus, grpc: abort.grpcStatus)
         }
         if let d = faults.delay, Double.random(in: 0..<100, using: &random) < d.percentage {
             delayed.add(1, ordering: .relaxed)

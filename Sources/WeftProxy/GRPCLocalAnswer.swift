@@ -29,10 +29,10 @@ enum GRPCLocalAnswer {
     }
 
     /// grpc-status and grpc-message for the proxy's answer `body` with
-    /// `httpCode`: the message is the body's text without its line end,
+    /// `httpCode` (or `grpcStatus`, one a fault abort names): the message is the body's text without its line end,
     /// percent-encoded as gRPC's PROTOCOL-HTTP2 asks (every byte outside
     /// 0x20-0x7E, and '%').
-    static func fields(httpCode: Int, body: String) -> [(String, String)] {
+    static func fields(httpCode: Int, body: String, grpcStatus: Int? = nil) -> [(String, String)] {
         var message = ""
         for byte in body.utf8.reversed().drop(while: { $0 == 0x0A || $0 == 0x0D }).reversed() {
             if byte >= 0x20 && byte <= 0x7E && byte != 0x25 {
@@ -41,14 +41,14 @@ enum GRPCLocalAnswer {
                 message += "%" + (byte < 16 ? "0" : "") + String(byte, radix: 16, uppercase: true)
             }
         }
-        return [("grpc-status", String(status(httpCode: httpCode))), ("grpc-message", message)]
+        return [("grpc-status", String(grpcStatus ?? status(httpCode: httpCode))), ("grpc-message", message)]
     }
 
     /// The head of such an answer on an HTTP/1.1 connection, up to its
     /// last field (the caller adds its own and the blank line).
-    static func http1Head(contentType: String, httpCode: Int, body: String) -> String {
+    static func http1Head(contentType: String, httpCode: Int, body: String, grpcStatus: Int? = nil) -> String {
         var head = "HTTP/1.1 200 OK\r\ncontent-type: \(contentType)\r\n"
-        for (name, value) in fields(httpCode: httpCode, body: body) { head += "\(name): \(value)\r\n" }
+        for (name, value) in fields(httpCode: httpCode, body: body, grpcStatus: grpcStatus) { head += "\(name): \(value)\r\n" }
         return head + "content-length: 0\r\n"
     }
 

@@ -549,10 +549,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 record?.flags.append("RL")
                 let limited = FrontendGuard.limitedAnswer(frontend: matcher.frontend.name, key: key, wait: wait)
                 return respondLocally(head, .tooManyRequests, limited.body, keepAlive: keepAlive, extraHeaders: [limited.retryAfter])
-            case .abort(let status):
+            case .abort(let status, let grpc):
                 proxy.stats.faultsAborted.add(1, ordering: .relaxed)
                 record?.flags.append("FI")
-                return respondLocally(head, HTTPResponseStatus(statusCode: status), Self.faultAbortBody, keepAlive: keepAlive)
+                return respondLocally(head, HTTPResponseStatus(statusCode: status), Self.faultAbortBody, keepAlive: keepAlive,
+                                      grpcStatus: grpc)
             case .delay(let d):
                 proxy.stats.faultsDelayed.add(1, ordering: .relaxed)
                 record?.flags.append("DI")
@@ -1327,7 +1328,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     private func respondLocally(_ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
-                                keepAlive: Bool, extraHeaders: [(String, String)] = []) {
+                                keepAlive: Bool, extraHeaders: [(String, String)] = [], grpcStatus: Int? = nil) {
         guard let context else { return }
         // Answered before the client was told to send its body: it may
         // send it or not (RFC 9110 10.1.1), so the connection cannot carry
@@ -1342,7 +1343,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             // A gRPC call: its status and the reason (GRPCLocalAnswer), in
             // the head or, to an HTTP/2 gRPC client, in trailers (NIO's
             // HTTP/1 translation sends no HEADERS with END_STREAM).
-            let fields = GRPCLocalAnswer.fields(httpCode: Int(status.code), body: body)
+            let fields = GRPCLocalAnswer.fields(httpCode: Int(status.code), body: body, grpcStatus: grpcStatus)
             record?.grpcStatus = fields.first.map { Substring($0.1) }
             sent = .ok
             headers.add(name: "content-type", value: grpc)

@@ -78,6 +78,17 @@ struct TrafficPolicyTests {
         #expect(chosen.map { ProxyTable($0).backendPolicies?["shop/web:80"]?.loadBalancer.algorithm } == .roundRobin)
     }
 
+    /// A fault abort with Envoy Gateway's grpcStatus: gRPC calls get it,
+    /// other requests the HTTP status it maps to.
+    @Test func aGRPCStatusAbortParses() throws {
+        for (grpc, http) in [(1, 499), (4, 504), (7, 403), (8, 429), (12, 501), (14, 503), (16, 401)] {
+            let (state, errors) = parse(service + "\n---\n" + policy("faultInjection: {abort: {grpcStatus: \(grpc), percentage: 100}}"))
+            let s = try #require(state, "\(errors)")
+            let abort = try #require(s.trafficPolicy(forService: "shop/web")?.faultInjection?.abort)
+            #expect(abort.grpcStatus == grpc && abort.httpStatus == http && abort.percentage == 100)
+        }
+    }
+
     @Test func everyFeatureParses() throws {
         let (state, errors) = parse(service + "\n---\n" + policy("""
             loadBalancer: {type: RoundRobin, slowStart: {window: 30s, aggression: 2}, locality: PreferLocal}
@@ -293,6 +304,12 @@ struct TrafficPolicyTests {
             ("faultInjection: {abort: {httpStatus: 503, percentage: 101}}", "spec.faultInjection.abort.percentage: must be from 0 to 100"),
             ("faultInjection: {delay: {fixedDelay: 1s, percentage: -5}}", "spec.faultInjection.delay.percentage: must be from 0 to 100"),
             ("faultInjection: {abort: {httpStatus: 42, percentage: 1}}", "spec.faultInjection.abort.httpStatus: must be an HTTP status"),
+            ("faultInjection: {abort: {httpStatus: 503, grpcStatus: 14, percentage: 1}}",
+             "tp.yaml:5:spec.faultInjection.abort.grpcStatus: give httpStatus or grpcStatus, not both"),
+            ("faultInjection: {abort: {grpcStatus: 0, percentage: 1}}",
+             "spec.faultInjection.abort.grpcStatus: must be a gRPC status code from 1 (CANCELLED) to 16 (UNAUTHENTICATED), got 0"),
+            ("faultInjection: {abort: {grpcStatus: 17, percentage: 1}}", "spec.faultInjection.abort.grpcStatus: must be a gRPC status code"),
+            ("faultInjection: {abort: {percentage: 1}}", "spec.faultInjection.abort.httpStatus: required field is missing (or grpcStatus)"),
             ("faultInjection: {}", "spec.faultInjection: give delay, abort or both"),
             ("loadBalancer: {type: Fastest}", "spec.loadBalancer.type: must be one of RoundRobin, LeastRequest, Random, RingHash, Maglev"),
             ("loadBalancer: {type: RingHash}", "spec.loadBalancer.hashOn: RingHash needs hashOn"),

@@ -15,6 +15,19 @@ struct LabHarness {
     static let tool = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/labtool.py").path
     static let echoServer = packageRoot.appendingPathComponent("examples/demo/echo_server.py").path
     static let grpcTool = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/grpctool.py").path
+
+    /// A TrafficPolicy named as the Service it targets, its spec's lines
+    /// after the targetRefs.
+    static func trafficPolicy(_ name: String, namespace: String, _ spec: String) -> String {
+        """
+        apiVersion: weft.dev/v1alpha1
+        kind: TrafficPolicy
+        metadata: {name: \(name), namespace: \(namespace)}
+        spec:
+          targetRefs: [{group: "", kind: Service, name: \(name)}]
+        \(spec.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
+        """
+    }
     static let l7Server = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/l7server.py").path
     static let promParse = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/promparse.py").path
     static let pixels = packageRoot.appendingPathComponent("Tests/WeftEndToEndTests/Tools/pixels.py").path

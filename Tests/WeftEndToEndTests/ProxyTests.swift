@@ -442,12 +442,7 @@ struct ProxyTests {
             ---
             \(service("grpc-slow", ip: "198.19.1.63", selector: "{app: grpc}", portName: "rpc", appProtocol: "grpc"))
             ---
-            apiVersion: weft.dev/v1alpha1
-            kind: TrafficPolicy
-            metadata: {name: grpc-slow, namespace: \(ns)}
-            spec:
-              targetRefs: [{group: "", kind: Service, name: grpc-slow}]
-              timeout: {http: {requestTimeout: 300ms}}
+            \(LabHarness.trafficPolicy("grpc-slow", namespace: ns, "timeout: {http: {requestTimeout: 300ms}}"))
             """
         let lab = try startLab(files: ["grpc-routes.yaml": routes])
         defer { lab.down() }
@@ -596,12 +591,7 @@ struct ProxyTests {
         let lab = try startLab(files: ["retry-policy.yaml": service("retry-plain", ip: "198.19.1.24", selector: "{app: retry}") + """
 
             ---
-            apiVersion: weft.dev/v1alpha1
-            kind: TrafficPolicy
-            metadata: {name: retry-plain, namespace: \(ns)}
-            spec:
-              targetRefs: [{group: "", kind: Service, name: retry-plain}]
-              retry: {codes: [503], attempts: 3, backoff: 1ms}
+            \(LabHarness.trafficPolicy("retry-plain", namespace: ns, "retry: {codes: [503], attempts: 3, backoff: 1ms}"))
             """])
         defer { lab.down() }
         // One backend of two answers 503 half the time: retries (to another
@@ -651,14 +641,8 @@ struct ProxyTests {
     /// gets, so without the retry half the calls would fail, with it none
     /// does; a status after a message (Drop) is not retried.
     @Test func grpcCallsAnsweredUnavailableAloneAreRetried() throws {
-        let lab = try startLab(files: ["grpc-retry.yaml": """
-            apiVersion: weft.dev/v1alpha1
-            kind: TrafficPolicy
-            metadata: {name: grpc, namespace: \(ns)}
-            spec:
-              targetRefs: [{group: "", kind: Service, name: grpc}]
-              retry: {attempts: 2, backoff: 1ms, grpcStatuses: [UNAVAILABLE]}
-            """])
+        let lab = try startLab(files: ["grpc-retry.yaml": LabHarness.trafficPolicy(
+            "grpc", namespace: ns, "retry: {attempts: 2, backoff: 1ms, grpcStatuses: [UNAVAILABLE]}")])
         defer { lab.down() }
         let up = try grpcCall()  // (the server is up; its Fail is retried and fails)
         #expect(up["fail"] as? String == "UNAVAILABLE on purpose", "\(up)")

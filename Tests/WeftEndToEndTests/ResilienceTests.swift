@@ -26,16 +26,7 @@ private func service(_ name: String, ip: String, app: String, port: Int = 80, po
     """
 }
 
-private func policy(_ name: String, _ spec: String) -> String {
-    """
-    apiVersion: weft.dev/v1alpha1
-    kind: TrafficPolicy
-    metadata: {name: \(name), namespace: \(ns)}
-    spec:
-      targetRefs: [{group: "", kind: Service, name: \(name)}]
-    \(spec.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
-    """
-}
+private func policy(_ name: String, _ spec: String) -> String { LabHarness.trafficPolicy(name, namespace: ns, spec) }
 
 private let client = """
     apiVersion: weft.dev/v1alpha1

@@ -69,11 +69,7 @@ import Testing
             #expect(got.hasPrefix("HTTP/1.1 200"), "request \(i) after \(ContinuousClock.now - start): \(got)")
         }
         // Each held request's body ends: every one is answered.
-        for fd in held { ExpectContinueTests.send(fd, "0\r\n\r\n") }
-        for (i, fd) in held.enumerated() {
-            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
-            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(i): \(got)")
-        }
+        Self.endAndRead(held)
         for fd in held { shutdown(fd, Int32(SHUT_RDWR)) }
         try rig.settle()
         #expect(try Self.streamsOpen(rig) == 0)
@@ -95,11 +91,7 @@ import Testing
         // (Two loops: one each at least, and the limit's two at most
         // beyond what a loop made before it heard of the other's.)
         #expect(connections >= 2 && connections <= 4, "\(connections) connections")
-        for fd in held { ExpectContinueTests.send(fd, "0\r\n\r\n") }
-        for (i, fd) in held.enumerated() {
-            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
-            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(i): \(got)")
-        }
+        Self.endAndRead(held)
     }
 
     /// Of `held`, those answered after `seconds`: their indexes, and the
@@ -110,6 +102,22 @@ import Testing
             let got = ExpectContinueTests.read(fd, seconds: 0.05) { $0.contains("\r\n\r\n") && $0.hasSuffix("\n") }
             return got.isEmpty ? nil : (i, got)
         }
+    }
+
+    /// Ends the held requests' bodies: each is answered 200 (`first`: the
+    /// index of the first, for the messages).
+    static func endAndRead(_ fds: some Collection<Int32>, first: Int = 0) {
+        for fd in fds { ExpectContinueTests.send(fd, "0\r\n\r\n") }
+        for (i, fd) in fds.enumerated() {
+            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
+            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(first + i): \(got)")
+        }
+    }
+
+    /// `held` but those `answered`.
+    static func except(_ held: [Int32], _ answered: [(Int, String)]) -> [Int32] {
+        let gone = Set(answered.map(\.0))
+        return held.enumerated().filter { !gone.contains($0.offset) }.map(\.element)
     }
 
     /// The Service's backends' pending requests (circuitBreaker), summed.
@@ -152,23 +160,14 @@ import Testing
         #expect(try Self.pending(rig) == streams - 16, "the waiting streams hold their places")
         // The first 16 end: streams that waited go out (and stay open, their
         // bodies not ended) and give their places back as they do.
-        let shedIndexes = Set(shed.map(\.0))
-        let rest = held.enumerated().filter { !shedIndexes.contains($0.offset) }.map(\.element)
-        for fd in rest.prefix(16) { ExpectContinueTests.send(fd, "0\r\n\r\n") }
-        for (i, fd) in rest.prefix(16).enumerated() {
-            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
-            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(i): \(got)")
-        }
+        let rest = Self.except(held, shed)
+        Self.endAndRead(rest.prefix(16))
         usleep(200_000)
         let stillWaiting = try Self.waiting(rig)
         #expect(stillWaiting < streams - 16, "streams that waited went out")
         #expect(try Self.pending(rig) == stillWaiting, "places held only while waiting")
         // The rest end: every one is answered, those that waited too.
-        for fd in rest.dropFirst(16) { ExpectContinueTests.send(fd, "0\r\n\r\n") }
-        for (i, fd) in rest.dropFirst(16).enumerated() {
-            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
-            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(16 + i): \(got)")
-        }
+        Self.endAndRead(rest.dropFirst(16), first: 16)
         #expect(try Self.pending(rig) == 0, "every place given back")
         for fd in held { shutdown(fd, Int32(SHUT_RDWR)) }
         try rig.settle()
@@ -196,13 +195,7 @@ import Testing
         }
         #expect(try Self.pending(rig) == 0)
         #expect(try Self.streamsOpen(rig, awaiting: 0) == 16)
-        let gone = Set(timedOut.map(\.0))
-        let rest = held.enumerated().filter { !gone.contains($0.offset) }.map(\.element)
-        for fd in rest { ExpectContinueTests.send(fd, "0\r\n\r\n") }
-        for (i, fd) in rest.enumerated() {
-            let got = ExpectContinueTests.read(fd, seconds: 4) { $0.hasSuffix("ok\n") }
-            #expect(got.hasPrefix("HTTP/1.1 200"), "held request \(i): \(got)")
-        }
+        Self.endAndRead(Self.except(held, timedOut))
     }
 
     /// Clients that go (reset) while their streams wait: every place and

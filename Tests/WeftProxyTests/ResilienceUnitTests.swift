@@ -229,7 +229,7 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         // Two tokens for tenant t1 (aborted by the fault, which comes after
         // the limit), the third is limited; tenant t2 has its own bucket.
         for _ in 0..<2 {
-            guard case .abort(418) = judge(client, tenant: "t1") else { Issue.record("expected the injected abort"); return }
+            guard case .abort(418, nil) = judge(client, tenant: "t1") else { Issue.record("expected the injected abort"); return }
         }
         guard case .limited("t1", let wait) = judge(client, tenant: "t1") else { Issue.record("expected t1 limited"); return }
         #expect(wait > .seconds(3000) && wait <= .seconds(3600), "one token per hour: \(wait)")

@@ -51,7 +51,7 @@
 ///   rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}   # Route | SourceIdentity | Header (+ header: NAME)
 ///   faultInjection:
 ///     delay: {fixedDelay: 100ms, percentage: 10}
-///     abort: {httpStatus: 503, percentage: 5}
+///     abort: {httpStatus: 503, percentage: 5}   # or grpcStatus: 14 (a gRPC call gets it; others its HTTP status)
 ///     routes: [shop/web-route]  # HTTPRoute names (or name#rule); absent: every request
 ///     sources: [{namespace: shop, serviceAccount: client}]   # absent: every source
 /// ```
@@ -230,9 +230,25 @@ public struct TrafficPolicy: Hashable, Sendable {
             public var fixedDelay: Duration
             public var percentage: Double
         }
+        /// `httpStatus`, or `grpcStatus` (Envoy Gateway's, one of the two):
+        /// a gRPC call is then answered that status, any other request the
+        /// HTTP status it maps to (`httpStatus`, as Envoy maps one).
         public struct Abort: Hashable, Sendable, Codable {
             public var httpStatus: Int
+            public var grpcStatus: Int? = nil
             public var percentage: Double
+
+            /// The HTTP status a gRPC status stands for (google.rpc.Code's,
+            /// as Envoy's grpcToHttpStatus): 1 CANCELLED 499, 2 UNKNOWN 500,
+            /// 3 INVALID_ARGUMENT 400, 4 DEADLINE_EXCEEDED 504, 5 NOT_FOUND
+            /// 404, 6 ALREADY_EXISTS 409, 7 PERMISSION_DENIED 403, 8
+            /// RESOURCE_EXHAUSTED 429, 9 FAILED_PRECONDITION 400, 10 ABORTED
+            /// 409, 11 OUT_OF_RANGE 400, 12 UNIMPLEMENTED 501, 13 INTERNAL 500,
+            /// 14 UNAVAILABLE 503, 15 DATA_LOSS 500, 16 UNAUTHENTICATED 401.
+            public static func httpStatus(grpc: Int) -> Int {
+                [0: 200, 1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,
+                 12: 501, 13: 500, 14: 503, 15: 500, 16: 401][grpc] ?? 500
+            }
         }
         public struct Source: Hashable, Sendable, Codable {
             public var namespace: String
@@ -494,11 +510,20 @@ extension TrafficPolicy {
             out.delay = .init(fixedDelay: delay, percentage: p)
         }
         if var a = try fi.mapping("abort") {
-            guard let code = try a.int("httpStatus") else { throw a.error("httpStatus", "required field is missing") }
-            guard (200...599).contains(code) else { throw a.error("httpStatus", "must be an HTTP status from 200 to 599, got \(code)") }
+            let code = try a.int("httpStatus"), grpc = try a.int("grpcStatus")
+            if code != nil && grpc != nil { throw a.error("grpcStatus", "give httpStatus or grpcStatus, not both") }
+            if let code, !(200...599).contains(code) {
+                throw a.error("httpStatus", "must be an HTTP status from 200 to 599, got \(code)")
+            }
+            if let grpc, !(1...16).contains(grpc) {
+                throw a.error("grpcStatus", "must be a gRPC status code from 1 (CANCELLED) to 16 (UNAUTHENTICATED), got \(grpc)")
+            }
+            guard let status = code ?? grpc.map({ FaultInjection.Abort.httpStatus(grpc: $0) }) else {
+                throw a.error("httpStatus", "required field is missing (or grpcStatus)")
+            }
             guard let p = try percent(&a, "percentage") else { throw a.error("percentage", "required field is missing") }
             try a.finish()
-            out.abort = .init(httpStatus: code, percentage: p)
+            out.abort = .init(httpStatus: status, grpcStatus: grpc, percentage: p)
         }
         guard out.delay != nil || out.abort != nil else {
             throw ManifestError(location, field: fi.path, "give delay, abort or both")
