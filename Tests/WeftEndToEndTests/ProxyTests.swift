@@ -443,6 +443,10 @@ struct ProxyTests {
             \(service("grpc-slow", ip: "198.19.1.63", selector: "{app: grpc}", portName: "rpc", appProtocol: "grpc"))
             ---
             \(LabHarness.trafficPolicy("grpc-slow", namespace: ns, "timeout: {http: {requestTimeout: 300ms}}"))
+            ---
+            \(service("grpc-fault", ip: "198.19.1.64", selector: "{app: grpc}", portName: "rpc", appProtocol: "grpc"))
+            ---
+            \(LabHarness.trafficPolicy("grpc-fault", namespace: ns, "faultInjection: {abort: {grpcStatus: 8, percentage: 100}}"))
             """
         let lab = try startLab(files: ["grpc-routes.yaml": routes])
         defer { lab.down() }
@@ -460,9 +464,11 @@ struct ProxyTests {
         // proxy's reason (GRPCLocalAnswer): no pod behind the Service is
         // UNAVAILABLE, the Service's requestTimeout DEADLINE_EXCEEDED (an
         // HTTP 503 or 504 would read as UNAVAILABLE "Received http2 header
-        // with status", the reason lost).
+        // with status", the reason lost), a fault abort's grpcStatus that
+        // status.
         for (ip, method, code, word) in [("198.19.1.62", "Say", "UNAVAILABLE", "grpc-none"),
-                                         ("198.19.1.63", "Slow", "DEADLINE_EXCEEDED", "300ms")] {
+                                         ("198.19.1.63", "Slow", "DEADLINE_EXCEEDED", "300ms"),
+                                         ("198.19.1.64", "Say", "RESOURCE_EXHAUSTED", "fault injected")] {
             let out = try LabHarness.run(["lab", "exec", "client", "--", "/usr/bin/python3", LabHarness.grpcTool, "fail", ip, "80",
                                           "2", method]).output
             // (Its last line: grpcio may log to stderr before it.)
