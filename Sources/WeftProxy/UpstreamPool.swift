@@ -716,6 +716,11 @@ final class UpstreamPool {
         }
     }
 
+    /// HTTP/2 connections whose backend has not sent its SETTINGS yet.
+    var http2AwaitingSettings: Int {
+        endpoints.values.reduce(0) { n, s in (s.h2.list + s.tunnelH2.values.flatMap(\.list)).reduce(n) { $0 + ($1.settingsSeen ? 0 : 1) } }
+    }
+
     /// HTTP/2 streams past their connection's stream limit, over all
     /// endpoints: those NIO holds until another ends (HTTP2UpstreamStreamsTests).
     var streamsWaiting: Int {
@@ -900,8 +905,12 @@ final class HTTP2Upstream {
     /// The backend's SETTINGS (`limit`: the maximum of concurrent streams
     /// it names, if it does).
     private func settings(maxStreams limit: Int?) {
+        settingsSeen = true
         if let limit { maxStreams = limit }
     }
+
+    /// The backend's first SETTINGS came.
+    private(set) var settingsSeen = false
 
     /// A stream opened since the sweep before (UpstreamPool.closeIdle).
     private var used = false

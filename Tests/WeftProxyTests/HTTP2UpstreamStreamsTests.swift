@@ -17,16 +17,30 @@ import Testing
     /// In waves of 8, 50 ms apart: the first makes the connections (2 per
     /// pod and loop), the rest come once the pods' SETTINGS have (before
     /// them a connection is taken to allow 100 streams, as gRPC's Go client
-    /// takes it).
+    /// takes it, and NIO's server, the rig's pods, would end a connection
+    /// that opened a stream past its limit before they came).
     static func hold(_ rig: ProxyFuzzTests.Rig, _ n: Int) throws -> [Int32] {
         var fds: [Int32] = []
         for i in 0..<n {
             if i > 0 && i % 8 == 0 { usleep(50_000) }
+            if i == 8 { try settingsCame(rig) }
             let fd = try #require(ProxyFuzzTests.dial(rig.port(1)))
             ExpectContinueTests.send(fd, "POST /hold HTTP/1.1\r\nhost: grpc.fz\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
             fds.append(fd)
         }
         return fds
+    }
+
+    /// Waits (2 s at most) until every connection to the pods has its
+    /// SETTINGS.
+    static func settingsCame(_ rig: ProxyFuzzTests.Rig) throws {
+        let proxy = rig.proxy
+        let deadline = ContinuousClock.now + .seconds(2)
+        while ContinuousClock.now < deadline, try Array(rig.group.makeIterator()).reduce(0, { n, loop in
+            n + (try loop.submit { proxy.loop(loop).pool.http2AwaitingSettings }.wait())
+        }) > 0 {
+            usleep(5_000)
+        }
     }
 
     /// HTTP/2 streams open to the pods, over the loops (once `awaiting`
@@ -104,6 +118,16 @@ import Testing
         }
     }
 
+    /// The rig under circuitBreaker maxConnections 1 (one connection per
+    /// pod and loop: each loop makes a first) with `maxPendingRequests`, its
+    /// pods allowing 4 streams a connection.
+    static func breakerRig(maxPendingRequests: Int, connectTimeout: String) throws -> ProxyFuzzTests.Rig {
+        try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
+            circuitBreaker: {maxConnections: 1, maxPendingRequests: \(maxPendingRequests)}
+              timeout: {tcp: {connectTimeout: \(connectTimeout)}}
+            """), http2Streams: 4)
+    }
+
     /// Ends the held requests' bodies: each is answered 200 (`first`: the
     /// index of the first, for the messages).
     static func endAndRead(_ fds: some Collection<Int32>, first: Int = 0) {
@@ -142,10 +166,7 @@ import Testing
     @Test func maxPendingRequestsBoundsTheStreamsThatWait() throws {
         // maxConnections 1: one connection per pod and loop (each loop
         // makes a first), 4 streams each: 16 open, at most 2 waiting per pod.
-        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
-            circuitBreaker: {maxConnections: 1, maxPendingRequests: 2}
-              timeout: {tcp: {connectTimeout: 30s}}
-            """), http2Streams: 4)
+        let rig = try Self.breakerRig(maxPendingRequests: 2, connectTimeout: "30s")
         defer { rig.shutdown() }
         let held = try Self.hold(rig, 30)
         defer { for fd in held { close(fd) } }
@@ -178,10 +199,7 @@ import Testing
     /// at most its backend's connect timeout, as a request waiting for an
     /// HTTP/1.1 connection does, then is answered 503; its place comes back.
     @Test func aWaitingStreamWaitsAtMostTheConnectTimeout() throws {
-        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
-            circuitBreaker: {maxConnections: 1, maxPendingRequests: 100}
-              timeout: {tcp: {connectTimeout: 500ms}}
-            """), http2Streams: 4)
+        let rig = try Self.breakerRig(maxPendingRequests: 100, connectTimeout: "500ms")
         defer { rig.shutdown() }
         let held = try Self.hold(rig, 24)
         defer { for fd in held { close(fd) } }
@@ -201,10 +219,7 @@ import Testing
     /// Clients that go (reset) while their streams wait: every place and
     /// stream is given back.
     @Test func waitingStreamsWhoseClientsGoGiveTheirPlacesBack() throws {
-        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
-            circuitBreaker: {maxConnections: 1, maxPendingRequests: 100}
-              timeout: {tcp: {connectTimeout: 30s}}
-            """), http2Streams: 4)
+        let rig = try Self.breakerRig(maxPendingRequests: 100, connectTimeout: "30s")
         defer { rig.shutdown() }
         let held = try Self.hold(rig, 24)
         #expect(try Self.streamsOpen(rig, awaiting: 24) == 24)
