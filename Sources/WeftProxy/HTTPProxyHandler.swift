@@ -1020,9 +1020,24 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         proxy.stats.upstreamResets.add(1, ordering: .relaxed)
         countEvent("reset")
         record?.lastFlag = "UC"
+        if Self.refused(error), r.replay != nil {
+            // An HTTP/2 backend refused the stream (REFUSED_STREAM: past its
+            // stream limit, or shedding load): RFC 9113 8.7 has such a
+            // request unprocessed, safe to send again whatever its method,
+            // as gRPC's clients retry one transparently. Once, unbudgeted,
+            // the whole request sent again from what was kept of it.
+            return retryOrFail(.serviceUnavailable, "weft: upstream \(endpoint.map(\.description) ?? "?") refused the stream (REFUSED_STREAM)\n",
+                               sentNothing: true, free: true)
+        }
         let reusedIdle = r.upstream?.reused ?? false
         retryOrFail(.badGateway, "weft: upstream \(endpoint.map(\.description) ?? "?") reset the connection before responding\n",
                     sentNothing: false, free: reusedIdle && r.idempotent)
+    }
+
+    /// Whether an upstream failure is its HTTP/2 stream's RST_STREAM
+    /// REFUSED_STREAM.
+    static func refused(_ error: any Error) -> Bool {
+        (error as? NIOHTTP2Errors.StreamClosed)?.errorCode == .refusedStream
     }
 
     func upstreamReadComplete() {

@@ -49,6 +49,12 @@ import WeftCore
                 answer(context)
             case .head(let head) where head.uri.hasPrefix("/grpc/"):
                 grpcAnswer = head.uri
+            case .head(let head) where head.uri.hasPrefix("/refuse/") && RefusedStreamTests.refuses(head.uri):
+                // An HTTP/2 stream refused unprocessed (RST_STREAM REFUSED_STREAM).
+                answered = true
+                if let codec = try? context.pipeline.syncOperations.context(handlerType: HTTP2FramePayloadToHTTP1ServerCodec.self) {
+                    codec.writeAndFlush(NIOAny(HTTP2Frame.FramePayload.rstStream(.refusedStream)), promise: nil)
+                }
             case .end:
                 if let uri = grpcAnswer {
                     grpcAnswer = nil
