@@ -1005,6 +1005,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
 
     func upstreamFailed(_ error: any Error, responded: Bool) {
         guard let r = request else { return }
+        let unprocessed = Self.unprocessed(error, on: r.upstream)
         if !responded || r.grpcOutcomePending { recordOutcome(.localFailure) }
         let endpoint = endAttempt(success: false)
         r.upstream = nil
@@ -1020,13 +1021,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         proxy.stats.upstreamResets.add(1, ordering: .relaxed)
         countEvent("reset")
         record?.lastFlag = "UC"
-        if Self.refused(error), r.replay != nil {
+        if let unprocessed, r.replay != nil {
             // An HTTP/2 backend refused the stream (REFUSED_STREAM: past its
-            // stream limit, or shedding load): RFC 9113 8.7 has such a
-            // request unprocessed, safe to send again whatever its method,
-            // as gRPC's clients retry one transparently. Once, unbudgeted,
-            // the whole request sent again from what was kept of it.
-            return retryOrFail(.serviceUnavailable, "weft: upstream \(endpoint.map(\.description) ?? "?") refused the stream (REFUSED_STREAM)\n",
+            // stream limit, or shedding load) or its GOAWAY left it out (a
+            // graceful shutdown): RFC 9113 8.7 has such a request
+            // unprocessed, safe to send again whatever its method, as gRPC's
+            // clients retry one transparently. Once, unbudgeted, the whole
+            // request sent again from what was kept of it.
+            return retryOrFail(.serviceUnavailable, "weft: upstream \(endpoint.map(\.description) ?? "?") \(unprocessed)\n",
                                sentNothing: true, free: true)
         }
         let reusedIdle = r.upstream?.reused ?? false
@@ -1034,10 +1036,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                     sentNothing: false, free: reusedIdle && r.idempotent)
     }
 
-    /// Whether an upstream failure is its HTTP/2 stream's RST_STREAM
-    /// REFUSED_STREAM.
-    static func refused(_ error: any Error) -> Bool {
-        (error as? NIOHTTP2Errors.StreamClosed)?.errorCode == .refusedStream
+    /// How the backend left an upstream HTTP/2 stream unprocessed, if it
+    /// did: RST_STREAM REFUSED_STREAM, or a GOAWAY whose last processed
+    /// stream came before it (NIO closes such a stream with CANCEL).
+    static func unprocessed(_ error: any Error, on upstream: UpstreamHandler?) -> String? {
+        guard let closed = error as? NIOHTTP2Errors.StreamClosed else { return nil }
+        if closed.errorCode == .refusedStream { return "refused the stream (REFUSED_STREAM)" }
+        if closed.errorCode == .cancel, upstream?.http2?.unprocessed(closed.streamID) == true {
+            return "went away before the stream (GOAWAY)"
+        }
+        return nil
     }
 
     func upstreamReadComplete() {

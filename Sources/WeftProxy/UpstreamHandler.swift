@@ -112,6 +112,8 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// NIO holds its head (the connection at the backend's stream limit),
     /// given back as the head goes out.
     var waiting: PendingPlace?
+    /// An HTTP/2 stream's connection.
+    weak var http2: HTTP2Upstream?
 
     func send(_ part: HTTPClientRequestPart, flush: Bool) {
         guard let context else { return }

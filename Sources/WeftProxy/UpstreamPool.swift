@@ -814,7 +814,7 @@ final class HTTP2Upstream {
                     self.channel = channel
                     multiplexer = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self).syncMultiplexer()
                     let watch = try channel.pipeline.syncOperations.handler(type: ConnectionFramesWatch.self)
-                    watch.goAway = { [weak self] code in self?.goAway(code) }
+                    watch.goAway = { [weak self] last, code in self?.goAway(last, code) }
                     watch.settings = { [weak self] limit in self?.settings(maxStreams: limit) }
                     channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
                         failed = true
@@ -881,7 +881,9 @@ final class HTTP2Upstream {
                 place?.release()
                 streamClosed()
             }
-            completion(UpstreamPool.upstreamHandler(of: result))
+            let handler = UpstreamPool.upstreamHandler(of: result)
+            if case .success(let upstream) = handler { upstream.http2 = self }
+            completion(handler)
         }
     }
 
@@ -892,7 +894,8 @@ final class HTTP2Upstream {
     /// stream 2^31-1 for a field block over its limit, and keeps the
     /// connection open); the streams fail and their requests are retried
     /// or answered 502.
-    private func goAway(_ code: HTTP2ErrorCode) {
+    private func goAway(_ last: HTTP2StreamID, _ code: HTTP2ErrorCode) {
+        lastProcessed = min(lastProcessed ?? last, last)
         pool?.forgetHTTP2(key, self)
         if code == .noError { retire() } else { close() }
     }
@@ -911,6 +914,17 @@ final class HTTP2Upstream {
 
     /// The backend's first SETTINGS came.
     private(set) var settingsSeen = false
+
+    /// The last stream the backend's GOAWAY says it processed (or may):
+    /// those after it it never saw (RFC 9113 6.8).
+    private var lastProcessed: HTTP2StreamID?
+
+    /// Whether the backend's GOAWAY left stream `id` unprocessed: NIO then
+    /// closes it with CANCEL, as if the backend had reset it.
+    func unprocessed(_ id: HTTP2StreamID) -> Bool {
+        guard let lastProcessed else { return false }
+        return id > lastProcessed
+    }
 
     /// A stream opened since the sweep before (UpstreamPool.closeIdle).
     private var used = false
@@ -951,14 +965,15 @@ struct StreamsInUse: Error {}
 /// (NIO's handler passes the connection's own frames on up the pipeline).
 final class ConnectionFramesWatch: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTP2Frame
-    var goAway: ((HTTP2ErrorCode) -> Void)?
+    /// (The last stream it processed, and the code.)
+    var goAway: ((HTTP2StreamID, HTTP2ErrorCode) -> Void)?
     /// SETTINGS (not an acknowledgement): its SETTINGS_MAX_CONCURRENT_STREAMS, if named.
     var settings: ((Int?) -> Void)?
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data).payload {
-        case .goAway(_, let code, _):
-            goAway?(code)
+        case .goAway(let last, let code, _):
+            goAway?(last, code)
         case .settings(.settings(let list)):
             settings?(list.last { $0.parameter == .maxConcurrentStreams }.map(\.value))
         default:

@@ -49,6 +49,16 @@ import WeftCore
                 answer(context)
             case .head(let head) where head.uri.hasPrefix("/grpc/"):
                 grpcAnswer = head.uri
+            case .head(let head) where head.uri.hasPrefix("/goaway/") && RefusedStreamTests.refuses(head.uri):
+                // An HTTP/2 connection's graceful end (GOAWAY NO_ERROR) whose
+                // last processed stream is the one before this.
+                answered = true
+                if let id = try? context.channel.syncOptions?.getOption(HTTP2StreamChannelOptions.streamID),
+                   let parent = context.channel.parent {
+                    let last = HTTP2StreamID(max(0, Int(id) - 2))
+                    parent.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: last, errorCode: .noError,
+                                                                                            opaqueData: nil)), promise: nil)
+                }
             case .head(let head) where head.uri.hasPrefix("/refuse/") && RefusedStreamTests.refuses(head.uri):
                 // An HTTP/2 stream refused unprocessed (RST_STREAM REFUSED_STREAM).
                 answered = true

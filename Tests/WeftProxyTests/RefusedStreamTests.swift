@@ -6,12 +6,14 @@ import Testing
 @testable import WeftProxy
 
 /// An HTTP/2 backend's RST_STREAM REFUSED_STREAM (a stream past its limit,
-/// or load shed): RFC 9113 8.7 has the request unprocessed, so the proxy
-/// sends it again, once, whatever its method, as gRPC's clients do; a
-/// backend that refuses it again is answered 503.
+/// or load shed), or its GOAWAY whose last processed stream came before
+/// the request's (a graceful shutdown): RFC 9113 8.7 has the request
+/// unprocessed, so the proxy sends it again, once, whatever its method, as
+/// gRPC's clients do; a backend that refuses it again is answered 503.
 @Suite(.serialized) struct RefusedStreamTests {
-    /// Streams refused so far, per `/refuse/KEY/N` request: the rig's pods
-    /// refuse the first N streams of KEY (over both pods).
+    /// Streams refused so far, per `/refuse/KEY/N` (or `/goaway/KEY/N`)
+    /// request: the rig's pods refuse (or go away before) the first N
+    /// streams of KEY (over both pods).
     static let refused = Mutex<[String: Int]>([:])
 
     static func refuses(_ uri: String) -> Bool {
@@ -48,6 +50,22 @@ import Testing
         #expect(always.hasPrefix("HTTP/1.1 503") && always.contains("refused the stream (REFUSED_STREAM)"), "\(always)")
         #expect(Self.refused.withLock { $0["\(id)-b"] } == 2, "sent twice in all")
         #expect(rig.proxy.stats.retries.load(ordering: .relaxed) == retries + 2)
+        try rig.settle()
+    }
+
+    /// A backend going away (GOAWAY NO_ERROR) before the request's stream:
+    /// the request goes again on a new connection, once.
+    @Test func aStreamAGoawayLeftOutIsSentAgainOnce() throws {
+        let rig = try ProxyFuzzTests.Rig()
+        defer { rig.shutdown() }
+        let id = UUID().uuidString.prefix(8)
+        // A first request opens the connections (so the next is not stream 1).
+        #expect(try Self.post(rig, "/warm").hasPrefix("HTTP/1.1 200"))
+        let once = try Self.post(rig, "/goaway/\(id)-a/1")
+        #expect(once.hasPrefix("HTTP/1.1 200") && once.hasSuffix("ok\n"), "\(once)")
+        let always = try Self.post(rig, "/goaway/\(id)-b/1000")
+        #expect(always.hasPrefix("HTTP/1.1 503") && always.contains("went away before the stream (GOAWAY)"), "\(always)")
+        #expect(Self.refused.withLock { $0["\(id)-b"] } == 2, "sent twice in all")
         try rig.settle()
     }
 }
