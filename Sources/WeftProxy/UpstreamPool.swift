@@ -716,18 +716,17 @@ final class UpstreamPool {
         }
     }
 
-    /// HTTP/2 connections whose backend has not sent its SETTINGS yet.
-    var http2AwaitingSettings: Int {
-        endpoints.values.reduce(0) { n, s in (s.h2.list + s.tunnelH2.values.flatMap(\.list)).reduce(n) { $0 + ($1.settingsSeen ? 0 : 1) } }
+    /// Every HTTP/2 connection, over all endpoints (direct and in tunnels).
+    private var http2Connections: [HTTP2Upstream] {
+        endpoints.values.flatMap { $0.h2.list + $0.tunnelH2.values.flatMap(\.list) }
     }
 
-    /// HTTP/2 streams past their connection's stream limit, over all
-    /// endpoints: those NIO holds until another ends (HTTP2UpstreamStreamsTests).
-    var streamsWaiting: Int {
-        endpoints.values.reduce(0) { n, s in
-            (s.h2.list + s.tunnelH2.values.flatMap(\.list)).reduce(n) { $0 + max(0, $1.openStreams - $1.maxStreams) }
-        }
-    }
+    /// HTTP/2 connections whose backend has not sent its SETTINGS yet.
+    var http2AwaitingSettings: Int { http2Connections.filter { !$0.settingsSeen }.count }
+
+    /// HTTP/2 streams past their connection's stream limit: those NIO holds
+    /// until another ends (HTTP2UpstreamStreamsTests).
+    var streamsWaiting: Int { http2Connections.reduce(0) { $0 + max(0, $1.openStreams - $1.maxStreams) } }
 
     fileprivate func forgetHTTP2(_ key: EndpointKey, _ h2: HTTP2Upstream) {
         guard let s = endpoints[key] else { return }
