@@ -179,6 +179,9 @@ import Testing
         }
         #expect(try Self.waiting(rig) == streams - 16)
         #expect(try Self.pending(rig) == streams - 16, "the waiting streams hold their places")
+        // Counted as Envoy counts them: the waits, and what was shed.
+        #expect(rig.proxy.stats.connectionWaits.load(ordering: .relaxed) == streams - 16)
+        #expect(rig.proxy.stats.overflows.load(ordering: .relaxed) == shed.count)
         // The first 16 end: streams that waited go out (and stay open, their
         // bodies not ended) and give their places back as they do.
         let rest = Self.except(held, shed)
