@@ -56,6 +56,27 @@ struct TrafficViewTests {
         #expect(reset.first?.requests == 5)
     }
 
+    /// gRPC calls fail by their status, as Linkerd counts them: a 200 whose
+    /// grpc_response_status is not 0 (the proxy's own answers to a call are
+    /// 200s too); an OK call, or a 404 to plain HTTP, does not.
+    @Test func grpcCallsFailByTheirStatus() {
+        let base = ["source_workload": "c", "source_workload_namespace": "ns", "destination_service": "rpc.ns.svc",
+                    "response_code": "200", "request_protocol": "grpc"]
+        func with(_ status: String, code: String = "200") -> [String: String] {
+            var l = base
+            l["grpc_response_status"] = status
+            l["response_code"] = code
+            return l
+        }
+        let after = MetricSamples([sample("weft_requests_total", with("0"), 6), sample("weft_requests_total", with("14"), 2),
+                                   sample("weft_requests_total", with("5"), 1), sample("weft_requests_total", with("4"), 1),
+                                   sample("weft_requests_total", with("", code: "404"), 2)])
+        let rows = TrafficView.services(before: nil, after: after, seconds: nil)
+        #expect(rows.first?.requests == 12)
+        #expect(abs((rows.first?.successRate ?? 0) - 8.0 / 12) < 1e-9, "\(rows)")
+        #expect(TrafficView.edges(before: nil, after: after, seconds: nil).first?.failures == 4)
+    }
+
     @Test func thePageEscapesNamesAndColoursFailingEdges() {
         let edges = [TrafficView.Edge(source: "ns/<script>", destination: "a.ns.svc", requests: 10, failures: 5, rps: nil, tcpConnections: 0)]
         let html = TopologyPage.html(edges, title: "t & t")

@@ -88,7 +88,8 @@ public enum TrafficView {
         public var requests: Double
         /// Requests a second; nil from a single scrape.
         public var rps: Double?
-        /// Share of responses that are not 5xx (nil without requests).
+        /// Share of responses that are not failures (isFailure: not 5xx, and
+        /// for gRPC calls, status OK; nil without requests).
         public var successRate: Double?
         public var p50Seconds: Double?
         public var p99Seconds: Double?
@@ -108,7 +109,12 @@ public enum TrafficView {
         public var successRate: Double? { requests > 0 ? (requests - failures) / requests : nil }
     }
 
+    /// A failure, as Linkerd classifies a response: a gRPC call whose
+    /// status is not OK (`grpc_response_status`; its HTTP status is 200
+    /// whether it failed or not, the proxy's own answers too), else a 5xx or
+    /// no response.
     static func isFailure(_ labels: [String: String]) -> Bool {
+        if let grpc = labels["grpc_response_status"], !grpc.isEmpty { return grpc != "0" }
         let code = Int(labels["response_code"] ?? "") ?? 0
         return code >= 500 || code == 0
     }
