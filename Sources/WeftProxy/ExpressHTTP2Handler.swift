@@ -414,9 +414,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
                               isHEAD: Bool, requestOpen: Bool, grpc: String? = nil, grpcStatus: Int? = nil) {
         if let grpc {
             loop?.counters.answered(200)
-            let head = HPACKHeaders([(":status", "200"), ("content-type", grpc)]
-                                    + GRPCLocalAnswer.fields(httpCode: status, body: body, grpcStatus: grpcStatus)
-                                    + [("server", "weft")] + extra)
+            let head = GRPCLocalAnswer.http2Head(contentType: grpc, httpCode: status, body: body, grpcStatus: grpcStatus, extra: extra)
             codec.send(id, .headers(head, endStream: true), promise: nil)
             if requestOpen { codec.reset(id, .noError, promise: nil) }
             codec.flushNow()
@@ -1015,11 +1013,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             // A gRPC call: its status and the reason, trailers-only (GRPCLocalAnswer).
             loop?.counters.answered(200)
             stream.status = 200
-            let fields = GRPCLocalAnswer.fields(httpCode: Int(status.code), body: body)
-            stream.grpcStatus = fields.first?.1
+            let head = GRPCLocalAnswer.http2Head(contentType: grpc, httpCode: Int(status.code), body: body)
+            stream.grpcStatus = head.first(name: "grpc-status")
             end(stream, flags: flags)
-            write(stream, .headers(HPACKHeaders([(":status", "200"), ("content-type", grpc)] + fields + [("server", "weft")]),
-                                   endStream: true))
+            write(stream, .headers(head, endStream: true))
             codec.flushNow()
             return
         }

@@ -1,3 +1,5 @@
+import NIOHPACK
+
 /// A gRPC call the proxy answers itself (no backend ready, a timeout, a
 /// circuit breaker or rate limit, a fault abort, a refusal by policy): as
 /// Envoy and Linkerd answer one, with a gRPC status and the reason as its
@@ -50,6 +52,14 @@ enum GRPCLocalAnswer {
         var head = "HTTP/1.1 200 OK\r\ncontent-type: \(contentType)\r\n"
         for (name, value) in fields(httpCode: httpCode, body: body, grpcStatus: grpcStatus) { head += "\(name): \(value)\r\n" }
         return head + "content-length: 0\r\n"
+    }
+
+    /// The head of such an answer on an HTTP/2 stream, trailers-only
+    /// (the caller sends it with END_STREAM); `extra` after the proxy's own.
+    static func http2Head(contentType: String, httpCode: Int, body: String, grpcStatus: Int? = nil,
+                          extra: [(String, String)] = []) -> HPACKHeaders {
+        HPACKHeaders([(":status", "200"), ("content-type", contentType)]
+                     + fields(httpCode: httpCode, body: body, grpcStatus: grpcStatus) + [("server", "weft")] + extra)
     }
 
     /// The content-type of the express paths' answer to a call they know
