@@ -177,10 +177,13 @@ import Testing
         for (i, got) in shed {
             #expect(got.hasPrefix("HTTP/1.1 503") && got.contains("maxConnections and maxPendingRequests"), "request \(i): \(got)")
         }
-        #expect(try Self.waiting(rig) == streams - 16)
-        #expect(try Self.pending(rig) == streams - 16, "the waiting streams hold their places")
+        // (How many wait depends on how the requests fell over the loops
+        // and pods: 4 at most, one pair's 4 open each.)
+        let waiting = try Self.waiting(rig)
+        #expect(waiting >= 1 && waiting <= 4 && streams - waiting <= 16, "\(waiting) waiting of \(streams)")
+        #expect(try Self.pending(rig) == waiting, "the waiting streams hold their places")
         // Counted as Envoy counts them: the waits, and what was shed.
-        #expect(rig.proxy.stats.connectionWaits.load(ordering: .relaxed) == streams - 16)
+        #expect(rig.proxy.stats.connectionWaits.load(ordering: .relaxed) == waiting)
         #expect(rig.proxy.stats.overflows.load(ordering: .relaxed) == shed.count)
         // The first 16 end: streams that waited go out (and stay open, their
         // bodies not ended) and give their places back as they do.
@@ -188,7 +191,7 @@ import Testing
         Self.endAndRead(rest.prefix(16))
         usleep(200_000)
         let stillWaiting = try Self.waiting(rig)
-        #expect(stillWaiting < streams - 16, "streams that waited went out")
+        #expect(stillWaiting < waiting, "streams that waited went out")
         #expect(try Self.pending(rig) == stillWaiting, "places held only while waiting")
         // The rest end: every one is answered, those that waited too.
         Self.endAndRead(rest.dropFirst(16), first: 16)
@@ -208,14 +211,17 @@ import Testing
         defer { for fd in held { close(fd) } }
         let streams = try Self.streamsOpen(rig, awaiting: 24)
         #expect(streams == 24)
-        // 16 open on the 4 connections; 8 wait, and are let go after 500 ms.
+        // 16 open on the 4 connections at most (as the requests fell over
+        // the loops and pods); the rest wait, and are let go after 500 ms.
+        let waiting = try Self.waiting(rig)
+        #expect(waiting >= 8, "\(waiting) waiting")
         let timedOut = Self.answered(held, after: 1.5)
-        #expect(timedOut.count == 8, "\(timedOut.count) answered")
+        #expect(timedOut.count == waiting, "\(timedOut.count) answered")
         for (i, got) in timedOut {
             #expect(got.hasPrefix("HTTP/1.1 503") && got.contains("no stream to it came free in 500ms"), "request \(i): \(got)")
         }
         #expect(try Self.pending(rig) == 0)
-        #expect(try Self.streamsOpen(rig, awaiting: 0) == 16)
+        #expect(try Self.streamsOpen(rig, awaiting: 0) == 24 - waiting)
         Self.endAndRead(Self.except(held, timedOut))
     }
 
@@ -226,7 +232,8 @@ import Testing
         defer { rig.shutdown() }
         let held = try Self.hold(rig, 24)
         #expect(try Self.streamsOpen(rig, awaiting: 24) == 24)
-        #expect(try Self.pending(rig) == 8 && Self.waiting(rig) == 8, "16 open, 8 waiting")
+        let waiting = try Self.waiting(rig), pending = try Self.pending(rig)
+        #expect(waiting >= 8 && pending == waiting, "\(waiting) waiting, \(pending) pending, 16 open at most")
         // The last held go first (the waiting among them), then the rest.
         for fd in held.reversed() {
             var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
