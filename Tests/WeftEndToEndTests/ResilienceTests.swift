@@ -480,6 +480,10 @@ struct ResilienceTests {
         }
         let n1Stats = try proxyText("n1", "/stats")
         #expect(relayed, "n1: \(n1Stats)")
+        // Servers still starting fail their first probes, and while every
+        // backend fails, calls go to all (the panic rule) — so the spread
+        // above can come before the first passing probe; wait for it.
+        for address in [gh1, gh2] { _ = try waitForHealth("\(ns)/gh:80 \(address):8080", failing: false) }
         let failing = (try agentStatus("n1")["health"] as? [String: Any])?["failing"] as? [String] ?? ["?"]
         #expect(failing.isEmpty, "\(failing)")
 
