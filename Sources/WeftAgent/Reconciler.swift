@@ -315,7 +315,7 @@ final class Reconciler {
                     AgentStatus.RouteStatus(
                         name: r.metadata.qualifiedName, parents: r.parentRefs.map(\.description), rules: 1,
                         backends: r.backendRefs.map(\.shown),
-                        kind: r.kind.rawValue)
+                        kind: r.kind.rawValue, hostnames: r.hostnames.isEmpty ? nil : r.hostnames)
                 }
             }
             publishProxyStatus()

@@ -10,6 +10,12 @@ import WeftKernel
 ///     the server speaks first): opaque TCP to a backend of the Service.
 /// Linkerd does the same; the timeout is what a server-first protocol pays
 /// once per connection.
+///
+/// On a TLSRoute's port it waits for the TLS ClientHello instead and
+/// passes the connection, ClientHello first, to a backend of the route its
+/// server name matches (`routeBySNI`); a connection that sends anything
+/// else, names no route's host, or sends nothing within `detectTimeout`
+/// is closed.
 final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -29,6 +35,8 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     /// the connection is told once it has the bytes (it answers what they
     /// ask and then closes), instead of never.
     private var quiesced = false
+    /// The port has TLSRoutes: the ClientHello's server name routes it.
+    private var sniRouted = false
 
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
 
@@ -42,9 +50,13 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         // kernel already balanced): bytes pass as they are, whatever they
         // are, from when the connection is active (see channelActive).
         if origin.tunnel { return }
+        let snapshot = proxy.snapshot
+        sniRouted = !snapshot.tlsRouted.isEmpty && snapshot.tlsRouted.contains(RouteSnapshot.sniKey(origin.vip.value, origin.port))
         let timeout = proxy.configuration.detectTimeout
         timer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(timeout)) { [weak self] in
-            self?.decide(.tcp, context: context)
+            guard let self else { return }
+            if self.sniRouted { return self.refuse("no ClientHello in time", context: context) }
+            self.decide(.tcp, context: context)
         }
     }
 
@@ -55,6 +67,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         } else {
             buffered!.writeBuffer(&incoming)
         }
+        if sniRouted { return routeBySNI(context: context, final: false) }
         let verdict = Self.classify(buffered!.readableBytesView)
         if verdict != .undecided { decide(verdict, context: context) }
     }
@@ -77,6 +90,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             // once joined (this handler leaves the pipeline then).
             inputClosed = true
             return
+        }
+        if let e = event as? ChannelEvent, case .inputClosed = e, !decided, sniRouted {
+            inputClosed = true
+            return routeBySNI(context: context, final: true)
         }
         if let e = event as? ChannelEvent, case .inputClosed = e, !decided {
             inputClosed = true
@@ -156,6 +173,54 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         if verdict != .tcp {
             pipeline.removeHandler(context: context, promise: nil)
         }
+    }
+
+    /// A TLSRoute's port: once the ClientHello is whole, its server name
+    /// picks the route (ProxyTable.SNIMatch), the route's weights a
+    /// backendRef among those with a ready backend, and the connection
+    /// goes there as opaque TCP, the ClientHello first. `final`: no more
+    /// bytes will come.
+    private func routeBySNI(context: ChannelHandlerContext, final: Bool) {
+        guard !decided, let bytes = buffered?.readableBytesView else {
+            if final, !decided { refuse("closed before a ClientHello", context: context) }
+            return
+        }
+        let name: String?
+        switch ClientHello.read(bytes) {
+        case .more:
+            if final || bytes.count > ClientHello.maxHandshake + 1024 {
+                refuse("closed before a whole ClientHello", context: context)
+            }
+            return
+        case .notTLS:
+            return refuse("not a TLS ClientHello", context: context)
+        case .serverName(let sent):
+            name = sent
+        }
+        let snapshot = proxy.snapshot
+        let frontend = snapshot.table.frontends["\(origin.vip):\(origin.port)"]
+        guard let frontend, let action = frontend.sniAction(name) else {
+            return refuse("server name \(name ?? "(none)") matches no TLSRoute", context: context)
+        }
+        let ready = action.backends.filter { !(snapshot.endpoints[$0.cluster]?.isEmpty ?? true) }
+        let loop = proxy.loop(context.eventLoop)
+        guard let chosen = HTTPProxyHandler.pickCluster(ready, using: &loop.random) else {
+            return refuse("TLSRoute \(action.name) has no ready backend", context: context)
+        }
+        decided = true
+        timer?.cancel()
+        proxy.stats.tlsRouted.add(1, ordering: .relaxed)
+        TCPPassthrough.start(context: context, proxy: proxy, origin: origin, cluster: chosen.cluster)
+    }
+
+    private func refuse(_ reason: String, context: ChannelHandlerContext) {
+        guard !decided else { return }
+        decided = true
+        timer?.cancel()
+        buffered = nil
+        proxy.stats.tlsRefused.add(1, ordering: .relaxed)
+        proxy.logger.debug("TLS connection closed", metadata: ["to": "\(origin.vip):\(origin.port)", "reason": "\(reason)"])
+        context.close(promise: nil)
     }
 
     /// Bytes read before passthrough was decided, for TCPPassthrough to send first.

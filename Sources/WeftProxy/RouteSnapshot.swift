@@ -38,6 +38,11 @@ final class RouteSnapshot: Sendable {
     /// TrafficPolicy bounds on a backend connection's use, by backend
     /// (empty: none set).
     let lifetimes: [EndpointKey: UpstreamLifetime]
+    /// Frontends with TLSRoutes (routed by SNI), by `sniKey(vip, port)`:
+    /// told apart per connection without making a "vip:port" string.
+    let tlsRouted: Set<UInt64>
+
+    static func sniKey(_ vip: UInt32, _ port: UInt16) -> UInt64 { UInt64(vip) << 16 | UInt64(port) }
 
     init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
         self.table = table
@@ -56,6 +61,14 @@ final class RouteSnapshot: Sendable {
         }
         self.matchers = matchers
         self.consumerMatchers = consumerMatchers
+        var tlsRouted: Set<UInt64> = []
+        for (key, frontend) in table.frontends where frontend.sni != nil {
+            let parts = key.split(separator: ":")
+            if parts.count == 2, let vip = IPv4Address(String(parts[0])), let port = UInt16(parts[1]) {
+                tlsRouted.insert(Self.sniKey(vip.value, port))
+            }
+        }
+        self.tlsRouted = tlsRouted
         endpoints = table.clusters.mapValues { $0.map(EndpointKey.init) }
         var refs: [UInt32: ProxyTable.WorkloadRef] = [:]
         for (address, ref) in table.workloads ?? [:] {
@@ -116,6 +129,7 @@ final class RouteSnapshot: Sendable {
         upstreamIdle = other.upstreamIdle
         connectTimeouts = other.connectTimeouts
         lifetimes = other.lifetimes
+        tlsRouted = other.tlsRouted
     }
 
     /// Backends ejected by outlier detection now, "ip:port" once each
@@ -161,6 +175,11 @@ final class ProxyStats: Sendable {
     let policyDenied = Atomic<Int>(0)
     let noOrigin = Atomic<Int>(0)
     let tcpPassthrough = Atomic<Int>(0)
+    /// Connections to a TLSRoute's port: passed to a backend by their
+    /// ClientHello's server name; closed for naming no route's hostname,
+    /// or for sending no ClientHello (other bytes, or none in time).
+    let tlsRouted = Atomic<Int>(0)
+    let tlsRefused = Atomic<Int>(0)
     let http2Connections = Atomic<Int>(0)
     let idleClosed = Atomic<Int>(0)
     let headTimeouts = Atomic<Int>(0)
@@ -294,6 +313,8 @@ final class ProxyStats: Sendable {
             ("policy_denied_total", policyDenied.load(ordering: .relaxed)),
             ("no_origin_total", noOrigin.load(ordering: .relaxed)),
             ("tcp_passthrough_total", tcpPassthrough.load(ordering: .relaxed)),
+            ("tls_routed_total", tlsRouted.load(ordering: .relaxed)),
+            ("tls_refused_total", tlsRefused.load(ordering: .relaxed)),
             ("http2_connections_total", http2Connections.load(ordering: .relaxed)),
             ("idle_connections_closed_total", idleClosed.load(ordering: .relaxed)),
             ("request_header_timeouts_total", headTimeouts.load(ordering: .relaxed)),

@@ -9,7 +9,9 @@ import WeftKernel
 /// backend of the Service it dialed, chosen the same way as for requests
 /// (least-request, policy-checked), and bytes flow both ways untouched.
 enum TCPPassthrough {
-    static func start(context: ChannelHandlerContext, proxy: ProxyContext, origin: CapturedOrigin) {
+    /// `cluster`: where a TLSRoute sends the connection (nil: the dialed
+    /// Service port's own backends).
+    static func start(context: ChannelHandlerContext, proxy: ProxyContext, origin: CapturedOrigin, cluster: String? = nil) {
         let loop = proxy.loop(context.eventLoop)
         let snapshot = proxy.snapshot
         let key = "\(origin.vip):\(origin.port)"
@@ -23,7 +25,7 @@ enum TCPPassthrough {
             }
             chosen = EndpointKey(ip: origin.vip, port: origin.port, node: node)
         }
-        let endpoints = frontend.flatMap { snapshot.endpoints[$0.cluster] } ?? []
+        let endpoints = (cluster ?? frontend?.cluster).flatMap { snapshot.endpoints[$0] } ?? []
         guard chosen != nil || !endpoints.isEmpty else {
             context.close(promise: nil)
             return

@@ -13,7 +13,7 @@ struct ValidateCommand: ParsableCommand {
         case .success(let state):
             print("valid: \(state.services.count) Service(s), \(state.workloads.count) Workload(s), \(state.namespaces.count) Namespace(s), \(state.networkPolicies.count) NetworkPolicy(s), \(state.httpRoutes.filter { $0.kind == .http }.count) HTTPRoute(s)"
                   + (state.httpRoutes.contains { $0.kind == .grpc } ? ", \(state.httpRoutes.filter { $0.kind == .grpc }.count) GRPCRoute(s)" : "")
-                  + (state.l4Routes.isEmpty ? "" : ", \(state.l4Routes.count) TCPRoute/UDPRoute(s)"))
+                  + (state.l4Routes.isEmpty ? "" : ", \(state.l4Routes.count) TCPRoute/UDPRoute/TLSRoute(s)"))
         case .failure(let errors):
             FileHandle.standardError.write(Data((errors.description + "\n").utf8))
             throw ExitCode(1)

@@ -130,9 +130,11 @@ struct GetCommand: ParsableCommand {
                 for r in status.routes {
                     let kind = r.kind ?? "HTTPRoute"
                     let ignored = r.conflicted.map { " (IGNORED on \($0.joined(separator: ",")): a GRPCRoute attaches there)" } ?? ""
-                    rows.append([node, kind, r.name, r.parents.joined(separator: ","), "\(r.rules)", r.backends.joined(separator: ", ") + ignored])
+                    // (A TLSRoute's server names follow its parents: "ns/svc for a.example,*.b.example".)
+                    let names = r.hostnames.map { " for " + $0.joined(separator: ",") } ?? ""
+                    rows.append([node, kind, r.name, r.parents.joined(separator: ",") + names, "\(r.rules)", r.backends.joined(separator: ", ") + ignored])
                     json.append(["node": node, "kind": kind, "route": r.name, "parents": r.parents, "rules": r.rules, "backends": r.backends,
-                                 "conflicted": r.conflicted ?? []])
+                                 "conflicted": r.conflicted ?? [], "hostnames": r.hostnames ?? []])
                 }
             }
         }

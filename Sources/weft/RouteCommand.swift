@@ -16,7 +16,9 @@ struct RouteCommand: ParsableCommand {
     /// Exit status 0: routed (or answered by a redirect); 3: no rule matches
     /// (the proxy answers 404). A port the kernel alone serves (no HTTP
     /// declared, no HTTPRoute) is shown as the kernel has it: its slots'
-    /// backends, a TCPRoute's or UDPRoute's split with them.
+    /// backends, a TCPRoute's or UDPRoute's split with them. A TLSRoute's
+    /// port is asked with `--sni` (the server name a ClientHello sends):
+    /// the route it matches and its split, exit 3 when none (closed).
     struct Check: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Which route rule, filters and backends a request gets (exit 0 routed, 3 no route: 404).")
@@ -26,6 +28,8 @@ struct RouteCommand: ParsableCommand {
         @Option(help: "Request path, with an optional ?query.") var path = "/"
         @Option(help: "Request method.") var method = "GET"
         @Option(name: .customShort("H"), help: "A request header, \"Name: value\" (repeatable).") var header: [String] = []
+        @Option(help: "TLS server name (SNI) a client sends, for a port TLSRoutes route (none: a ClientHello without one).")
+        var sni: String?
         @Option(name: .shortAndLong, help: "Make the table from these manifests (file or directory, repeatable) instead of reading an agent's.")
         var file: [String] = []
         @Option(help: "Node whose table to read (default: the first agent on this machine).") var node: String?
@@ -40,6 +44,7 @@ struct RouteCommand: ParsableCommand {
         func run() throws {
             let (table, kernel) = try loadTable()
             guard let (key, frontend) = try destination(in: table) else { return try reportKernel(kernel()) }
+            if let matches = frontend.sni { return try reportTLS(key, frontend, matches, table) }
             var routes = frontend
             var scope = "the Service's own routes"
             var client = "-"
@@ -75,17 +80,7 @@ struct RouteCommand: ParsableCommand {
                        text: ["request:  \(what)", "routes:   \(scope)", "rule:     none matches: the proxy answers 404"])
                 throw ExitCode(3)
             }
-            let total = action.backends.reduce(0) { $0 + Double($1.weight) }
-            var backendRows: [String] = []
-            var backendJSON: [[String: Any]] = []
-            for b in action.backends {
-                let share = total > 0 ? Double(b.weight) / total * 100 : 0
-                let endpoints = (table.clusters[b.cluster] ?? []).map { "\($0.address):\($0.port) (\($0.node))" }
-                let shown = endpoints.prefix(4).joined(separator: ", ") + (endpoints.count > 4 ? ", +\(endpoints.count - 4) more" : "")
-                backendRows.append("\(b.cluster) weight \(b.weight) (\(String(format: "%.1f", share))%): "
-                                   + (endpoints.isEmpty ? "no endpoint ready (503)" : shown))
-                backendJSON.append(["cluster": b.cluster, "weight": Int(b.weight), "percent": share, "endpoints": endpoints])
-            }
+            let (total, backendRows, backendJSON) = Self.backends(action, table, empty: "no endpoint ready (503)")
             let filters = (action.filters.map(Self.describe) + action.backends.flatMap { b in b.filters.map { "\(Self.describe($0)) (\(b.cluster) only)" } })
             let timeouts = [action.timeouts.request.map { "request \($0.manifestText)" },
                             action.timeouts.backendRequest.map { "backendRequest \($0.manifestText)" }].compactMap { $0 }
@@ -111,6 +106,43 @@ struct RouteCommand: ParsableCommand {
             report(["request": what, "routes": scope, "rule": action.name, "match": match.map(Self.describe) ?? NSNull(),
                     "filters": filters, "backends": backendJSON, "timeouts": timeouts, "retry": retry ?? NSNull(),
                     "session": session ?? NSNull()], text: lines)
+        }
+
+        /// A rule's backends as shown: each with its weight, share and ready endpoints.
+        static func backends(_ action: ProxyTable.RouteAction, _ table: ProxyTable, empty: String)
+            -> (total: Double, rows: [String], json: [[String: Any]]) {
+            let total = action.backends.reduce(0) { $0 + Double($1.weight) }
+            var rows: [String] = []
+            var json: [[String: Any]] = []
+            for b in action.backends {
+                let share = total > 0 ? Double(b.weight) / total * 100 : 0
+                let endpoints = (table.clusters[b.cluster] ?? []).map { "\($0.address):\($0.port) (\($0.node))" }
+                let shown = endpoints.prefix(4).joined(separator: ", ") + (endpoints.count > 4 ? ", +\(endpoints.count - 4) more" : "")
+                rows.append("\(b.cluster) weight \(b.weight) (\(String(format: "%.1f", share))%): " + (endpoints.isEmpty ? empty : shown))
+                json.append(["cluster": b.cluster, "weight": Int(b.weight), "percent": share, "endpoints": endpoints])
+            }
+            return (total, rows, json)
+        }
+
+        /// A TLSRoute's port: the route the server name matches, as the
+        /// proxy picks it (ProxyTable.SNIMatch), and its split.
+        private func reportTLS(_ key: String, _ frontend: ProxyTable.Frontend, _ matches: [ProxyTable.SNIMatch],
+                               _ table: ProxyTable) throws {
+            let name = sni?.lowercased()
+            let what = "TLS ClientHello with server name \(name ?? "(none)") to \(key) (\(frontend.name))"
+            guard let match = matches.first(where: { $0.matches(name) }), frontend.actions.indices.contains(match.action) else {
+                report(["request": what, "rule": NSNull(), "answer": "closed: no TLSRoute hostname matches"],
+                       text: ["request:  \(what)", "rule:     none matches: the proxy closes the connection"])
+                throw ExitCode(3)
+            }
+            let action = frontend.actions[match.action]
+            let (_, rows, json) = Self.backends(action, table, empty: "no endpoint ready")
+            var lines = ["request:  \(what)", "rule:     TLSRoute \(action.name)",
+                         "match:    hostname \(match.hostname ?? "(any: the route names none)")",
+                         "path:     TLS passthrough: the encrypted bytes go to the backend untouched"]
+            lines += rows.enumerated().map { ($0.offset == 0 ? "backends: " : "          ") + $0.element }
+            report(["request": what, "rule": action.name, "match": match.hostname ?? NSNull(), "path": "tls-passthrough",
+                    "backends": json], text: lines)
         }
 
         private func report(_ json: [String: Any], text: [String]) {

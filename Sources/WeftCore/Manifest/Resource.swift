@@ -11,7 +11,8 @@ public enum Resource: Hashable, Sendable {
     case httpRoute(HTTPRoute)
     /// A GRPCRoute, read into the HTTPRoute model (`kind` .grpc).
     case grpcRoute(HTTPRoute)
-    /// A TCPRoute or UDPRoute (`kind`), carried out in the kernel.
+    /// A TCPRoute or UDPRoute (`kind`), carried out in the kernel, or a
+    /// TLSRoute, by the node proxy.
     case l4Route(L4Route)
     case meshConfig(MeshConfig)
     case trafficPolicy(TrafficPolicy)
@@ -54,8 +55,8 @@ public enum Resource: Hashable, Sendable {
         "v1": ["Service", "Namespace"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
         "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy"],
-        "gateway.networking.k8s.io/v1": ["HTTPRoute", "GRPCRoute"],
-        "gateway.networking.k8s.io/v1alpha2": ["TCPRoute", "UDPRoute"],
+        "gateway.networking.k8s.io/v1": ["HTTPRoute", "GRPCRoute", "TLSRoute"],
+        "gateway.networking.k8s.io/v1alpha2": ["TCPRoute", "UDPRoute", "TLSRoute"],
     ]
 
     init(document node: YAMLNode, at location: DocumentLocation) throws(ManifestError) {
@@ -93,6 +94,9 @@ public enum Resource: Hashable, Sendable {
         case "GRPCRoute": self = .grpcRoute(try HTTPRoute(spec: spec, metadata: metadata, kind: .grpc, at: location))
         case "TCPRoute": self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .tcp, at: location))
         case "UDPRoute": self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .udp, at: location))
+        case "TLSRoute":
+            self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .tls,
+                                        hostnamesRequired: apiVersion == "gateway.networking.k8s.io/v1", at: location))
         case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
         case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
         case "PeerAuthentication": self = .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))

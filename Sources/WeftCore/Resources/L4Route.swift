@@ -7,15 +7,22 @@
 /// connect() (sendmsg() for unconnected UDP) draws one slot as it draws
 /// one for any Service.
 ///
+/// A `TLSRoute` (`gateway.networking.k8s.io/v1`, or `v1alpha2`) is the same
+/// shape with `hostnames`: TLS passthrough by SNI. The kernel cannot read a
+/// ClientHello, so its parent ports go to the node proxy, which reads the
+/// server name the client sends, picks the route whose hostnames match it
+/// (ProxyTable.SNIMatch) and splits the connection by weight among that
+/// route's backends, passing the encrypted bytes through untouched.
+///
 /// What the kernel cannot do per client is refused by name: a parentRef in
 /// another namespace (a consumer route: the kernel's table is one for
 /// every client) and more than one rule (rules have no matches to choose
 /// between them).
 public struct L4Route: Hashable, Sendable {
     public enum Kind: String, Hashable, Sendable {
-        case tcp = "TCPRoute", udp = "UDPRoute"
+        case tcp = "TCPRoute", udp = "UDPRoute", tls = "TLSRoute"
 
-        public var transport: TransportProtocol { self == .tcp ? .tcp : .udp }
+        public var transport: TransportProtocol { self == .udp ? .udp : .tcp }
     }
 
     public var metadata: ObjectMeta
@@ -23,6 +30,10 @@ public struct L4Route: Hashable, Sendable {
     public var parentRefs: [HTTPRoute.ParentRef]
     /// The rule's backendRefs (no filters: TCPRoute and UDPRoute have none).
     public var backendRefs: [HTTPRoute.BackendRef]
+    /// A TLSRoute's SNI names, lowercase, each exact or a wildcard
+    /// (`*.example.com`: any name ending in `.example.com`, one label or
+    /// more before it); empty: every ClientHello, with a name or without.
+    public var hostnames: [String] = []
 
     /// Whether the route attaches to this port of its parent Service.
     public func selects(_ p: ServicePort) -> Bool {
@@ -32,12 +43,31 @@ public struct L4Route: Hashable, Sendable {
         }
     }
 
-    init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind, at location: DocumentLocation) throws(ManifestError) {
+    /// `hostnamesRequired`: TLSRoute v1 (the standard channel) needs at
+    /// least one; v1alpha2 may leave them out.
+    init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind, hostnamesRequired: Bool = false,
+         at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
         parentRefs = try HTTPRoute.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
         for (i, parent) in parentRefs.enumerated() where parent.namespace != metadata.namespace {
+            let carrier = kind == .tls ? "by every node's proxy" : "in the kernel"
             throw ManifestError(location, field: "spec.parentRefs[\(i)].namespace",
-                                "a \(kind.rawValue) is carried out in the kernel, for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table), got \(parent.namespace)")
+                                "a \(kind.rawValue) is carried out \(carrier), for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table), got \(parent.namespace)")
+        }
+        if kind == .tls {
+            var names: [String] = []
+            if let list = try spec.list("hostnames") {
+                guard list.count <= 16 else { throw spec.error("hostnames", "a TLSRoute takes at most 16 hostnames, got \(list.count)") }
+                for (p, n) in list {
+                    let name = try FieldReader.string(n, at: location, path: p)
+                    try Self.checkHostname(name, field: p, at: location)
+                    if !names.contains(name) { names.append(name) }
+                }
+            }
+            if names.isEmpty && hostnamesRequired {
+                throw spec.error("hostnames", "a TLSRoute (gateway.networking.k8s.io/v1) needs at least one hostname: the SNI names it routes")
+            }
+            hostnames = names
         }
         guard let rules = try spec.list("rules"), !rules.isEmpty else {
             throw spec.error("rules", "a \(kind.rawValue) needs one rule with backendRefs")
@@ -66,6 +96,28 @@ public struct L4Route: Hashable, Sendable {
         self.metadata = metadata
         self.kind = kind
         backendRefs = refs
+    }
+
+    /// A Gateway API Hostname as a TLSRoute takes it: RFC 1123, lowercase,
+    /// at most 253 characters, labels of 1-63; a leading `*.` label is a
+    /// wildcard; no IP address (RFC 6066: SNI carries no address).
+    static func checkHostname(_ name: String, field: String, at location: DocumentLocation) throws(ManifestError) {
+        let rest = name.hasPrefix("*.") ? String(name.dropFirst(2)) : name
+        let labels = rest.utf8.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
+        guard name.utf8.count <= 253, Validation.dnsSubdomain(rest), labels.allSatisfy({ $0.count <= 63 }) else {
+            throw ManifestError(location, field: field,
+                                "\"\(name)\" is not a hostname: use lowercase letters, digits, '-' and '.', labels of 1-63 characters, optionally \"*.\" first for a wildcard")
+        }
+        if labels.count == 4, labels.allSatisfy({ $0.allSatisfy { $0 >= 0x30 && $0 <= 0x39 } }) {
+            throw ManifestError(location, field: field, "\"\(name)\" is an IP address: SNI names a host, never an address (RFC 6066)")
+        }
+    }
+
+    /// Whether a TLSRoute hostname matches the server name a client sent.
+    public static func hostname(_ pattern: String, matches serverName: String) -> Bool {
+        guard pattern.hasPrefix("*.") else { return pattern == serverName }
+        let suffix = pattern.utf8.dropFirst(1) // ".example.com"
+        return serverName.utf8.count > suffix.count && serverName.utf8.suffix(suffix.count).elementsEqual(suffix)
     }
 
     /// The slots of a port the route splits: each group's backends (the

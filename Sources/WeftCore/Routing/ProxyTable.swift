@@ -213,6 +213,34 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         /// that namespace is routed by them instead of `matches` (a request
         /// none of them matches: 404); nil: none.
         public var consumers: [String: Consumers]? = nil
+        /// TLSRoutes on the port (TLS passthrough): a connection's
+        /// ClientHello server name against these, first match wins, and the
+        /// matched entry's action (in `actions`) splits it among backends; a
+        /// name none matches, or bytes that are no ClientHello, are closed.
+        /// nil: the port is HTTP (`matches`).
+        public var sni: [SNIMatch]? = nil
+    }
+
+    /// One TLSRoute hostname of a frontend: exact names first, then
+    /// wildcards, longest suffix first, then routes with no hostnames
+    /// (`hostname` nil: any name, or none); among equals, routes in
+    /// namespace/name order (the Gateway API's oldest first).
+    public struct SNIMatch: Codable, Hashable, Sendable {
+        public var hostname: String?
+        public var action: Int
+
+        /// Whether a ClientHello's server name (lowercase; nil: it sent none) matches.
+        public func matches(_ serverName: String?) -> Bool {
+            guard let hostname else { return true }
+            guard let serverName else { return false }
+            return L4Route.hostname(hostname, matches: serverName)
+        }
+
+        /// Precedence: lower first.
+        var rank: (Int, Int) {
+            guard let hostname else { return (2, 0) }
+            return (hostname.hasPrefix("*.") ? 1 : 0, -hostname.utf8.count)
+        }
     }
 
     /// One namespace's consumer routes of a frontend.
@@ -386,7 +414,7 @@ extension ProxyTable {
         // Built on first use: a table with no HTTP Service selects nothing.
         var selectorIndex: SelectorIndex?
         var servicesByName: [String: Service] = [:]
-        if !state.httpRoutes.isEmpty {
+        if !state.httpRoutes.isEmpty || state.l4Routes.contains(where: { $0.kind == .tls }) {
             servicesByName.reserveCapacity(state.services.count)
             for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
         }
@@ -504,6 +532,7 @@ extension ProxyTable {
         }
 
         let attached = Self.routesByPort(state, servicesByName)
+        let tlsAttached = Self.tlsRoutesByPort(state, servicesByName, attached: attached)
 
         for service in state.services {
             guard let vip = service.clusterIP else { continue }
@@ -511,11 +540,38 @@ extension ProxyTable {
                 let declared = Self.declaredProtocol(port)
                 // (No name is made for a port that is neither declared HTTP
                 // nor routed: most of a large table.)
-                guard declared != nil || !attached.isEmpty else { continue }
+                guard declared != nil || !attached.isEmpty || !tlsAttached.isEmpty else { continue }
                 let key = Self.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
                 let routes = attached[key] ?? []
-                guard declared != nil || !routes.isEmpty else { continue }
+                let tlsRoutes = tlsAttached[key] ?? []
+                guard declared != nil || !routes.isEmpty || !tlsRoutes.isEmpty else { continue }
                 let own = cluster(service, port)
+                let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
+                if !tlsRoutes.isEmpty {
+                    var actions: [RouteAction] = []
+                    var sni: [(match: SNIMatch, order: Int)] = []
+                    for route in tlsRoutes {
+                        let home = route.metadata.namespace
+                        let backends: [WeightedCluster] = route.backendRefs.compactMap { ref in
+                            guard let target = servicesByName["\(ref.namespace ?? home)/\(ref.name)"],
+                                  let tport = target.ports.first(where: { $0.port == ref.port && $0.transport == .tcp }) else { return nil }
+                            var c = cluster(target, tport)
+                            c.weight = ref.weight
+                            return c
+                        }
+                        actions.append(RouteAction(name: route.metadata.qualifiedName, filters: [], backends: backends,
+                                                   timeouts: .init(), retry: nil))
+                        let names: [String?] = route.hostnames.isEmpty ? [nil] : route.hostnames
+                        for name in names { sni.append((SNIMatch(hostname: name, action: actions.count - 1), sni.count)) }
+                    }
+                    sni.sort { ($0.match.rank.0, $0.match.rank.1, $0.order) < ($1.match.rank.0, $1.match.rank.1, $1.order) }
+                    frontends["\(vip):\(port.port)"] = Frontend(
+                        name: service.metadata.qualifiedName + label, namespace: service.metadata.namespace,
+                        service: service.metadata.name, cluster: own.cluster, upstreamProtocol: .http1,
+                        matches: [], actions: actions, fallback: nil, rateLimit: nil, faultInjection: nil,
+                        sni: sni.map(\.match))
+                    continue
+                }
                 let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)
                 // Producer routes (in the Service's namespace) route every
                 // client; a namespace's consumer routes, its own clients.
@@ -534,7 +590,6 @@ extension ProxyTable {
                                                timeouts: policy.bound(.init()), retry: policy?.retry))
                     fallback = actions.count - 1
                 }
-                let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
                 frontends["\(vip):\(port.port)"] = Frontend(
                     name: service.metadata.qualifiedName + label, namespace: service.metadata.namespace,
                     service: service.metadata.name, cluster: own.cluster, upstreamProtocol: declared ?? .http1,
@@ -569,6 +624,25 @@ extension ProxyTable {
         return attached
     }
 
+    /// TLSRoutes by the Service port ("namespace/service:port") they
+    /// attach to, in namespace/name order: TCP ports that declare no HTTP
+    /// and that no HTTPRoute or GRPCRoute holds (ClusterState refuses a
+    /// TLSRoute naming such a port; one naming none leaves them be).
+    static func tlsRoutesByPort(_ state: ClusterState, _ servicesByName: [String: Service],
+                                attached: [String: [HTTPRoute]]) -> [String: [L4Route]] {
+        var out: [String: [L4Route]] = [:]
+        for route in state.l4Routes where route.kind == .tls {
+            for parent in route.parentRefs {
+                guard let service = servicesByName["\(parent.namespace)/\(parent.name)"] else { continue }
+                for port in service.ports where route.selects(port) && declaredProtocol(port) == nil {
+                    let key = clusterName(namespace: parent.namespace, service: parent.name, port: port.port)
+                    if attached[key] == nil && !(out[key]?.contains(route) ?? false) { out[key, default: []].append(route) }
+                }
+            }
+        }
+        return out
+    }
+
     /// HTTPRoutes that a GRPCRoute on the same Service port displaces there
     /// ("kind namespace/name" to the ports, "namespace/service:port"): what
     /// `weft get routes` and the agent's log report as conflicted.
@@ -592,11 +666,16 @@ extension ProxyTable {
     }
 
     /// Service ports ("namespace/service:port") that need the proxy: an
-    /// HTTP-family protocol declared, or a route attached.
+    /// HTTP-family protocol declared, or an HTTPRoute, GRPCRoute or
+    /// TLSRoute attached.
     public static func l7Ports(_ state: ClusterState) -> Set<String> {
         var servicesByName: [String: Service] = [:]
         for s in state.services { servicesByName[s.metadata.qualifiedName] = s }
-        var out = Set(routesByPort(state, servicesByName).keys)
+        let attached = routesByPort(state, servicesByName)
+        var out = Set(attached.keys)
+        if state.l4Routes.contains(where: { $0.kind == .tls }) {
+            out.formUnion(tlsRoutesByPort(state, servicesByName, attached: attached).keys)
+        }
         for service in state.services {
             for port in service.ports where port.transport == .tcp && declaredProtocol(port) != nil {
                 out.insert(clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port))

@@ -171,19 +171,23 @@ public struct AgentStatus: Codable, Sendable {
         public var parents: [String]
         public var rules: Int
         public var backends: [String]
-        /// "HTTPRoute" or "GRPCRoute" (nil: an agent from before GRPCRoute).
+        /// "HTTPRoute", "GRPCRoute", "TCPRoute", "UDPRoute" or "TLSRoute"
+        /// (nil: an agent from before GRPCRoute).
         public var kind: String?
         /// Service ports ("namespace/service:port") where a GRPCRoute
         /// displaces this HTTPRoute (GEP-1294); nil: none.
         public var conflicted: [String]?
+        /// A TLSRoute's SNI hostnames (nil: another kind, or none: any name).
+        public var hostnames: [String]?
         public init(name: String, parents: [String], rules: Int, backends: [String], kind: String? = nil,
-                    conflicted: [String]? = nil) {
+                    conflicted: [String]? = nil, hostnames: [String]? = nil) {
             self.name = name
             self.parents = parents
             self.rules = rules
             self.backends = backends
             self.kind = kind
             self.conflicted = conflicted
+            self.hostnames = hostnames
         }
     }
 

@@ -278,17 +278,19 @@ extension ClusterState {
         return errors
     }
 
-    /// A TCPRoute or UDPRoute may name only Services and ports of its
-    /// protocol that exist; its parent ports may not declare HTTP (the node
-    /// proxy routes those: an HTTPRoute's job); and a Service port takes one
-    /// such route, or which one splits it would be left to file order.
+    /// A TCPRoute, UDPRoute or TLSRoute may name only Services and ports
+    /// of its protocol that exist; its parent ports may not declare HTTP
+    /// (the node proxy routes those: an HTTPRoute's job); and a Service
+    /// port takes one TCPRoute or UDPRoute, or which one splits it would be
+    /// left to file order, or any number of TLSRoutes (their hostnames tell
+    /// them apart), never both kinds.
     static func checkL4Routes(_ resources: some Sequence<LocatedResource>) -> [ManifestError] {
         var services: [String: Service] = [:]
         for located in resources {
             if case .service(let s) = located.resource { services[s.metadata.qualifiedName] = s }
         }
         var errors: [ManifestError] = []
-        var owners: [String: (String, DocumentLocation)] = [:]
+        var owners: [String: (name: String, at: DocumentLocation, tls: Bool)] = [:]
         // Of those, the ports an HTTPRoute or GRPCRoute holds (the proxy's).
         var proxied: Set<String> = []
         // Ports an HTTPRoute or GRPCRoute attaches to: the node proxy's.
@@ -299,7 +301,7 @@ extension ClusterState {
                     guard let service = services["\(parent.namespace)/\(parent.name)"] else { continue }
                     for p in service.ports where parent.selects(p) {
                         let key = "\(service.metadata.qualifiedName):\(p.port)/TCP"
-                        owners[key] = ("\(r.kind.rawValue) \(r.metadata.qualifiedName), which the node proxy carries out,", located.location)
+                        owners[key] = ("\(r.kind.rawValue) \(r.metadata.qualifiedName), which the node proxy carries out,", located.location, false)
                         proxied.insert(key)
                     }
                 }
@@ -331,7 +333,7 @@ extension ClusterState {
                 var taken = 0
                 for p in selected {
                     let key = "\(service.metadata.qualifiedName):\(p.port)/\(proto)"
-                    if route.kind == .tcp, let declared = ProxyTable.declaredProtocol(p) {
+                    if route.kind != .udp, let declared = ProxyTable.declaredProtocol(p) {
                         if explicit {
                             errors.append(ManifestError(located.location, field: field,
                                                         "port \(p.port) of Service \(service.metadata.qualifiedName) declares \(declared == .http2 ? "HTTP/2" : "HTTP"): the node proxy routes it, by HTTPRoute or GRPCRoute"))
@@ -340,12 +342,14 @@ extension ClusterState {
                     }
                     if proxied.contains(key) && !explicit { continue }
                     taken += 1
-                    if let (other, at) = owners[key] {
+                    if let owner = owners[key] {
+                        if owner.tls && route.kind == .tls { continue }
+                        let rule = route.kind == .tls || owner.tls ? "TLSRoutes or one TCPRoute, never both" : "one \(route.kind.rawValue)"
                         errors.append(ManifestError(located.location, field: field,
-                                                    "\(key) is already split by \(other) (at \(at)); a Service port takes one \(route.kind.rawValue)"))
+                                                    "\(key) is already split by \(owner.name) (at \(owner.at)); a Service port takes \(rule)"))
                         continue
                     }
-                    owners[key] = ("\(route.kind.rawValue) \(route.metadata.qualifiedName)", located.location)
+                    owners[key] = ("\(route.kind.rawValue) \(route.metadata.qualifiedName)", located.location, route.kind == .tls)
                 }
                 if taken == 0 && !explicit {
                     errors.append(ManifestError(located.location, field: field + ".name",

@@ -76,7 +76,8 @@ public struct ServiceTable: Hashable, Sendable {
         entries.reserveCapacity(state.services.count)
         var panic: Set<Frontend> = []
         let index = SelectorIndex(state.workloads)
-        let l7 = state.httpRoutes.isEmpty && !state.services.contains(where: { $0.ports.contains { ProxyTable.declaredProtocol($0) != nil } })
+        let l7 = state.httpRoutes.isEmpty && !state.l4Routes.contains(where: { $0.kind == .tls })
+            && !state.services.contains(where: { $0.ports.contains { ProxyTable.declaredProtocol($0) != nil } })
             ? [] : ProxyTable.l7Ports(state)
         let workloads = state.workloads
         for service in state.services {
@@ -138,7 +139,8 @@ public struct ServiceTable: Hashable, Sendable {
         let own = entries
         var services: [String: Service] = [:]
         for s in state.services { services[s.metadata.qualifiedName] = s }
-        for route in state.l4Routes {
+        // (A TLSRoute's ports are the node proxy's: needsProxy.)
+        for route in state.l4Routes where route.kind != .tls {
             let ns = route.metadata.namespace
             let groups = route.backendRefs.map { ref -> (weight: UInt32, backends: [BackendAddress]) in
                 let frontend = services["\(ref.namespace ?? ns)/\(ref.name)"]?.clusterIP

@@ -1285,6 +1285,82 @@ def h2_heads(host, port, path, *specs):
     print(json.dumps({"requests": results}))
 
 
+def tls_server(port, name):
+    """A TLS server (a fresh self-signed certificate, made with openssl): on
+    each connection it finishes the handshake, writes one JSON line naming
+    itself and the server name (SNI) the client's ClientHello carried, and
+    closes. A TLSRoute passes the ClientHello through untouched, so the
+    name the server saw is the name the client sent."""
+    import shutil
+    import ssl
+    import subprocess
+    import tempfile
+    where = tempfile.mkdtemp(prefix="weft-tls-")
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                        "-keyout", where + "/key.pem", "-out", where + "/cert.pem", "-days", "1", "-subj", "/CN=" + name],
+                       check=True, capture_output=True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(where + "/cert.pem", where + "/key.pem")
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    seen = {}
+
+    def remember(sock, server_name, _context):
+        seen[id(sock)] = server_name
+
+    context.sni_callback = remember
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(128)
+
+    def serve(conn):
+        try:
+            conn.settimeout(5)
+            with context.wrap_socket(conn, server_side=True) as tls:
+                line = json.dumps({"pod": name, "sni": seen.pop(id(tls), None)}) + "\n"
+                tls.sendall(line.encode())
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def tls_tally(host, port, n, server_name="-"):
+    """n TLS connections, each sending `server_name` as SNI ("-": none):
+    how many each server answered, what went wrong on the others (by
+    kind), and how many answers saw another name than the one sent."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sni = None if server_name == "-" else server_name
+    pods, errors, mismatched = {}, {}, 0
+    for _ in range(int(n)):
+        try:
+            with socket.create_connection((host, int(port)), timeout=3) as raw:
+                with context.wrap_socket(raw, server_hostname=sni) as tls:
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = tls.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+            answer = json.loads(data)
+            pods[answer["pod"]] = pods.get(answer["pod"], 0) + 1
+            if answer["sni"] != sni:
+                mismatched += 1
+        except (OSError, ValueError) as e:
+            kind = type(e).__name__
+            errors[kind] = errors.get(kind, 0) + 1
+    print(json.dumps({"pods": pods, "errors": errors, "mismatched": mismatched}))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
@@ -1294,4 +1370,4 @@ if __name__ == "__main__":
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
      "h1-close-send": h1_close_send, "tcp-hold": tcp_hold,
-     "churn": churn}[command](*args)
+     "churn": churn, "tls-server": tls_server, "tls-tally": tls_tally}[command](*args)

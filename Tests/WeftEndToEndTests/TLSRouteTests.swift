@@ -1,0 +1,134 @@
+import Foundation
+import Testing
+
+// TLSRoute end to end: a client pod's TLS connections to a Service port
+// that TLSRoutes route are captured to the node proxy, which reads the
+// ClientHello's server name and passes the encrypted bytes, untouched, to a
+// backend of the matching route (across nodes through the mutual-TLS
+// tunnel). Real TLS servers (Tools/labtool.py tls-server) say which pod
+// answered and which server name they saw.
+
+private let ns = "tr"
+private let vip = "198.19.6.10"
+private let backends: [(name: String, node: String, address: String)] = [
+    ("tls-a", "n1", "198.18.1.41"), ("tls-b", "n2", "198.18.2.42"), ("tls-c", "n2", "198.18.2.43"),
+]
+
+private func tlsRoute(_ name: String, _ hostnames: String, _ refs: String) -> String {
+    """
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: TLSRoute
+    metadata: {name: \(name), namespace: \(ns)}
+    spec:
+      parentRefs: [{group: "", kind: Service, name: tls}]
+      hostnames: \(hostnames)
+      rules: [{backendRefs: \(refs)}]
+    """
+}
+
+private let routes = [
+    tlsRoute("exact", "[a.tls.example]", "[{name: tls-a, port: 443}]"),
+    tlsRoute("split", "[split.tls.example]", "[{name: tls-a, port: 443, weight: 3}, {name: tls-b, port: 443, weight: 1}]"),
+    tlsRoute("wild", "[\"*.wild.example\"]", "[{name: tls-c, port: 443}]"),
+].joined(separator: "\n---\n")
+
+private func service(_ name: String, ip: String, selector: String) -> String {
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: \(name), namespace: \(ns)}
+    spec: {clusterIP: \(ip), selector: \(selector), ports: [{name: https, port: 443, targetPort: https}]}
+    """
+}
+
+/// `labtool.py tls-tally` from the client pod: answers by pod, errors by kind, SNI mismatches.
+private func tally(_ lab: LabHarness, _ host: String, _ port: Int, _ n: Int, sni: String?)
+    throws -> (pods: [String: Int], errors: [String: Int], mismatched: Int) {
+    let r = try lab.tool(in: "client", ["tls-tally", host, "\(port)", "\(n)", sni ?? "-"])
+    return (r["pods"] as? [String: Int] ?? [:], r["errors"] as? [String: Int] ?? [:], r["mismatched"] as? Int ?? -1)
+}
+
+private func stat(_ node: String, _ name: String) throws -> Int {
+    let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
+    return text.split(separator: "\n").first { $0.hasPrefix("weft_proxy_\(name) ") }
+        .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+}
+
+@Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
+struct TLSRoutePassthroughTests {
+    @Test func tlsConnectionsAreRoutedByServerNameAndPassedThroughUntouched() throws {
+        let pods = [
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: client, namespace: \(ns), annotations: {lab.weft.dev/command: "sleep infinity"}}
+            spec: {serviceAccount: client, node: n1, address: 198.18.1.10}
+            """,
+        ] + backends.map { b in
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: \(b.name), namespace: \(ns), labels: {app: tls, one: \(b.name)}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) tls-server 8443 \(b.name)"}}
+            spec: {serviceAccount: \(b.name), node: \(b.node), address: \(b.address), ports: [{name: https, port: 8443}]}
+            """
+        }
+        let services = [service("tls", ip: vip, selector: "{app: tls}")]
+            + backends.enumerated().map { service($1.name, ip: "198.19.6.\(11 + $0)", selector: "{one: \($1.name)}") }
+        let lab = try LabHarness(files: ["pods.yaml": pods.joined(separator: "\n---\n"),
+                                         "services.yaml": services.joined(separator: "\n---\n"), "routes.yaml": routes])
+        defer { lab.down() }
+        // The servers make their certificates first: wait until each answers on its own address.
+        for b in backends {
+            var up = false
+            for _ in 0..<100 where !up {
+                up = try tally(lab, b.address, 8443, 1, sni: "probe").pods == [b.name: 1]
+                if !up { usleep(100_000) }
+            }
+            try #require(up, "\(b.name) never answered")
+        }
+        let routedBefore = try stat("n1", "tls_routed_total"), refusedBefore = try stat("n1", "tls_refused_total")
+
+        // An exact name, on this node; a wildcard, across nodes (one label or more before the suffix).
+        let exact = try tally(lab, vip, 443, 30, sni: "a.tls.example")
+        #expect(exact.pods == ["tls-a": 30] && exact.errors.isEmpty && exact.mismatched == 0, "\(exact)")
+        let wild = try tally(lab, vip, 443, 20, sni: "x.wild.example")
+        #expect(wild.pods == ["tls-c": 20] && wild.errors.isEmpty && wild.mismatched == 0, "\(wild)")
+        let deep = try tally(lab, vip, 443, 10, sni: "Deep.X.wild.example")
+        #expect(deep.pods == ["tls-c": 10] && deep.errors.isEmpty, "names are matched without case: \(deep)")
+        // A 3:1 split over 400 connections: 300 expected, 3.5 standard deviations (30) either way.
+        let split = try tally(lab, vip, 443, 400, sni: "split.tls.example")
+        let a = split.pods["tls-a"] ?? 0, b = split.pods["tls-b"] ?? 0
+        #expect(a + b == 400 && (270...330).contains(a) && split.errors.isEmpty && split.mismatched == 0, "\(split)")
+
+        // No route's name, no name at all, no TLS: closed, no server reached.
+        let stranger = try tally(lab, vip, 443, 10, sni: "other.example")
+        #expect(stranger.pods.isEmpty && stranger.errors.values.reduce(0, +) == 10, "\(stranger)")
+        let nameless = try tally(lab, vip, 443, 5, sni: nil)
+        #expect(nameless.pods.isEmpty && nameless.errors.values.reduce(0, +) == 5, "\(nameless)")
+        let plain = try lab.tool(in: "client", ["tally", vip, "443", "5"])
+        #expect((plain["counts"] as? [String: Int])?.isEmpty == true && (plain["errors"] as? [String])?.count == 5, "\(plain)")
+        #expect(try stat("n1", "tls_routed_total") - routedBefore == 460)
+        #expect(try stat("n1", "tls_refused_total") - refusedBefore == 20)
+
+        // weft route check shows the route a name takes, and none for a stranger.
+        let check = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "split.tls.example"])
+        #expect(check.status == 0 && check.output.contains("TLSRoute tr/split") && check.output.contains("tr/tls-b:443 weight 1 (25.0%)")
+                    && check.output.contains("198.18.2.42:8443 (n2)"), "\(check.output)")
+        let none = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "other.example"])
+        #expect(none.status == 3 && none.output.contains("closes the connection"), "\(none.output)")
+
+        let listed = try LabHarness.run(["get", "routes", "--node", "n1"])
+        #expect(listed.output.contains("TLSRoute") && listed.output.contains("tr/tls for *.wild.example"), "\(listed.output)")
+
+        // A changed route is in force for the next connection.
+        let generations = try lab.generations(["n1"])
+        try lab.write("routes.yaml", routes.replacingOccurrences(of: "[{name: tls-a, port: 443}]", with: "[{name: tls-b, port: 443}]"))
+        try lab.waitForGeneration(after: generations)
+        var moved = try tally(lab, vip, 443, 10, sni: "a.tls.example")
+        for _ in 0..<20 where moved.pods != ["tls-b": 10] {
+            usleep(100_000) // the proxy reloads its table after the agent's generation
+            moved = try tally(lab, vip, 443, 10, sni: "a.tls.example")
+        }
+        #expect(moved.pods == ["tls-b": 10] && moved.errors.isEmpty, "\(moved)")
+    }
+}
