@@ -80,7 +80,7 @@ struct TLSRoutePassthroughTests {
         // The servers make their certificates first: wait until each answers on its own address.
         for b in backends {
             var up = false
-            for _ in 0..<100 where !up {
+            for _ in 0..<300 where !up {
                 up = try tally(lab, b.address, 8443, 1, sni: "probe").pods == [b.name: 1]
                 if !up { usleep(100_000) }
             }
@@ -125,7 +125,7 @@ struct TLSRoutePassthroughTests {
         try lab.write("routes.yaml", routes.replacingOccurrences(of: "[{name: tls-a, port: 443}]", with: "[{name: tls-b, port: 443}]"))
         try lab.waitForGeneration(after: generations)
         var moved = try tally(lab, vip, 443, 10, sni: "a.tls.example")
-        for _ in 0..<20 where moved.pods != ["tls-b": 10] {
+        for _ in 0..<50 where moved.pods != ["tls-b": 10] {
             usleep(100_000) // the proxy reloads its table after the agent's generation
             moved = try tally(lab, vip, 443, 10, sni: "a.tls.example")
         }
