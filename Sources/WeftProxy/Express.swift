@@ -396,7 +396,7 @@ enum Express {
             .channelInitializer { channel in
                 loop.pool.initialize(channel) { try $0.addHandler(ExpressUpstream()) }
             }
-            .connect(host: key.address, port: Int(key.port))
+            .connect(key)
             .assumeIsolated()
             .whenComplete { result in
                 if let counters {

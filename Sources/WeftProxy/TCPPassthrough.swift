@@ -151,7 +151,7 @@ enum TCPPassthrough {
                 pool.bootstrap(for: endpoint)
                     .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                     .channelInitializer { pool.initialize($0) { _ in } }
-                    .connect(host: endpoint.address, port: Int(endpoint.port))
+                    .connect(endpoint)
                     .assumeIsolated()
                     .whenComplete(done)
             }

@@ -231,7 +231,7 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            .connect(host: pod.address, port: Int(pod.port))
+            .connect(pod)
     }
 
     /// Connects to the pod and joins the stream (a byte channel, or about to

@@ -401,7 +401,7 @@ final class TunnelConnection {
                     try sync.addHandler(GoAwayWatcher())
                 }
             }
-            .connect(host: route.node.description, port: port)
+            .connect(address: route.node, port: UInt16(port))
             .assumeIsolated()
             .whenComplete { [self] result in
                 switch result {
