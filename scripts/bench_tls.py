@@ -93,7 +93,8 @@ backend be
   server s1 {backend}:8443
 """
 
-NGINX_CONF = """worker_processes {threads};
+NGINX_CONF = """load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes {threads};
 worker_cpu_affinity auto;
 pid {dir}/nginx.pid;
 error_log stderr warn;
@@ -203,7 +204,7 @@ def new_connections(target, proxy_pids):
     per_tenth = max(1, NEW_RATE // 10)
     c0 = cpu_seconds(proxy_pids)
     out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", f"--connect-to={target}", "-r", str(per_tenth),
-             "--rate-period", "0.1s", "-c", str(total), "-n", str(total), "-t", "1", URL)
+             "--rate-period", "100ms", "-c", str(total), "-n", str(total), "-t", "1", URL)
     cpu = cpu_seconds(proxy_pids) - c0
     done = 0
     ttfb = None

@@ -151,7 +151,9 @@ public enum ProxyServer {
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
-            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            // (tcpOption: socketOption(.tcp_nodelay) is SOL_SOCKET's option
+            // 1, SO_DEBUG, which is what the proxy set here until 2026-12.)
+            .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
             // A client's FIN is a half-close: TCP streams pass it on, and
             // HTTP answers what is in flight before closing.
             .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)

@@ -696,7 +696,7 @@ final class UpstreamPool {
     func bootstrap(for key: EndpointKey) -> ClientBootstrap {
         ClientBootstrap(group: eventLoop)
             .connectTimeout(connectTimeout(for: key))
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
     }
 
     /// A plain connection's handlers, after the test's `front` if one is set.

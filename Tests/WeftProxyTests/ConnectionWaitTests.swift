@@ -48,7 +48,7 @@ import Testing
         var listeners: [any Channel] = []
         for loop in Array(rig.group.makeIterator()) {
             listeners.append(try ServerBootstrap(group: loop, childGroup: loop)
-                .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
                 .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture { try ProxyServer.adopt(channel, origin: origin, proxy: proxy) }

@@ -338,7 +338,7 @@ import WeftCore
                             try channel.pipeline.syncOperations.addHandler(ConnectionRegistry.Accepted(registry))
                         }
                     }
-                    .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                    .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
                     .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                     .childChannelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {

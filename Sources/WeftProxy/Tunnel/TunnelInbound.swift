@@ -228,7 +228,7 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
     static func connect(to pod: EndpointKey, on loop: any EventLoop, timeout: TimeAmount) -> EventLoopFuture<Channel> {
         ClientBootstrap(group: loop)
             .connectTimeout(timeout)
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             .connect(pod)
@@ -282,7 +282,7 @@ enum TunnelServer {
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
-            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

@@ -368,7 +368,7 @@ final class TunnelConnection {
         }
         ClientBootstrap(group: loop)
             .connectTimeout(.seconds(2))
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
