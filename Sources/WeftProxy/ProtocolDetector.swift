@@ -210,7 +210,8 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         decided = true
         timer?.cancel()
         proxy.stats.tlsRouted.add(1, ordering: .relaxed)
-        TCPPassthrough.start(context: context, proxy: proxy, origin: origin, cluster: chosen.cluster)
+        TCPPassthrough.start(context: context, proxy: proxy, origin: origin,
+                             tls: .init(serverName: name, route: action.name, cluster: chosen.cluster))
     }
 
     private func refuse(_ reason: String, context: ChannelHandlerContext) {

@@ -9,9 +9,16 @@ import WeftKernel
 /// backend of the Service it dialed, chosen the same way as for requests
 /// (least-request, policy-checked), and bytes flow both ways untouched.
 enum TCPPassthrough {
-    /// `cluster`: where a TLSRoute sends the connection (nil: the dialed
-    /// Service port's own backends).
-    static func start(context: ChannelHandlerContext, proxy: ProxyContext, origin: CapturedOrigin, cluster: String? = nil) {
+    /// A connection a TLSRoute routed: the ClientHello's server name, the
+    /// route (for the access log) and the backendRef's cluster it drew.
+    struct TLSRouted {
+        var serverName: String?
+        var route: String
+        var cluster: String
+    }
+
+    /// `tls`: a TLSRoute's choice (nil: the dialed Service port's own backends).
+    static func start(context: ChannelHandlerContext, proxy: ProxyContext, origin: CapturedOrigin, tls: TLSRouted? = nil) {
         let loop = proxy.loop(context.eventLoop)
         let snapshot = proxy.snapshot
         let key = "\(origin.vip):\(origin.port)"
@@ -25,7 +32,7 @@ enum TCPPassthrough {
             }
             chosen = EndpointKey(ip: origin.vip, port: origin.port, node: node)
         }
-        let endpoints = (cluster ?? frontend?.cluster).flatMap { snapshot.endpoints[$0] } ?? []
+        let endpoints = (tls?.cluster ?? frontend?.cluster).flatMap { snapshot.endpoints[$0] } ?? []
         guard chosen != nil || !endpoints.isEmpty else {
             context.close(promise: nil)
             return
@@ -76,6 +83,10 @@ enum TCPPassthrough {
             var line = JSONLine()
             line.add("start_time", AccessLog.timestamp(wallStart))
             line.add("kind", "tcp")
+            if let tls {
+                line.add("requested_server_name", tls.serverName ?? "")
+                line.add("route", tls.route)
+            }
             line.add("duration_ms", milliseconds: Double((NIODeadline.now() - start).nanoseconds) / 1e6)
             line.add("bytes_received", sent)
             line.add("bytes_sent", received)

@@ -74,7 +74,13 @@ struct TLSRoutePassthroughTests {
         }
         let services = [service("tls", ip: vip, selector: "{app: tls}")]
             + backends.enumerated().map { service($1.name, ip: "198.19.6.\(11 + $0)", selector: "{one: \($1.name)}") }
-        let lab = try LabHarness(files: ["pods.yaml": pods.joined(separator: "\n---\n"),
+        let mesh = """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh}
+            spec: {accessLog: {enabled: true, namespaces: [\(ns)]}}
+            """
+        let lab = try LabHarness(files: ["pods.yaml": pods.joined(separator: "\n---\n"), "mesh.yaml": mesh,
                                          "services.yaml": services.joined(separator: "\n---\n"), "routes.yaml": routes])
         defer { lab.down() }
         // The servers make their certificates first: wait until each answers on its own address.
@@ -91,6 +97,16 @@ struct TLSRoutePassthroughTests {
         // An exact name, on this node; a wildcard, across nodes (one label or more before the suffix).
         let exact = try tally(lab, vip, 443, 30, sni: "a.tls.example")
         #expect(exact.pods == ["tls-a": 30] && exact.errors.isEmpty && exact.mismatched == 0, "\(exact)")
+        // The access log names the server name and the route of each.
+        var logged: [String] = []
+        for _ in 0..<50 where logged.count < 30 {
+            usleep(100_000)
+            logged = ((try? String(contentsOfFile: "/run/weft/n1/access.log", encoding: .utf8)) ?? "").split(separator: "\n")
+                .map(String.init).filter { $0.contains("\"requested_server_name\":\"a.tls.example\"") }
+        }
+        #expect(logged.count == 30 && logged.allSatisfy { $0.contains("\"kind\":\"tcp\"") && $0.contains("\"route\":\"tr/exact\"")
+                                                           && $0.contains("\"upstream_host\":\"198.18.1.41:8443\"") },
+                "\(logged.count) lines: \(logged.first ?? "none")")
         let wild = try tally(lab, vip, 443, 20, sni: "x.wild.example")
         #expect(wild.pods == ["tls-c": 20] && wild.errors.isEmpty && wild.mismatched == 0, "\(wild)")
         let deep = try tally(lab, vip, 443, 10, sni: "Deep.X.wild.example")
