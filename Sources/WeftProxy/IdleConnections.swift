@@ -502,6 +502,15 @@ enum OpaqueKeepalive {
         guard k.time > 0 else { return }
         let tcp = SocketOptionLevel(IPPROTO_TCP)
         for channel in channels where channel is any SocketOptionProvider {
+            // On the channel's loop (a joined stream's two sockets are):
+            // set at once, with no future and callback made per option.
+            if channel.eventLoop.inEventLoop, let sync = channel.syncOptions {
+                try? sync.setOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
+                try? sync.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPIDLE)), value: SocketOptionValue(k.time))
+                try? sync.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPINTVL)), value: SocketOptionValue(k.interval))
+                try? sync.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPCNT)), value: SocketOptionValue(k.probes))
+                continue
+            }
             channel.setOption(ChannelOptions.socketOption(.so_keepalive), value: 1).whenFailure { _ in }
             channel.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPIDLE)), value: SocketOptionValue(k.time)).whenFailure { _ in }
             channel.setOption(ChannelOptions.socket(tcp, SocketOptionName(TCP_KEEPINTVL)), value: SocketOptionValue(k.interval)).whenFailure { _ in }
