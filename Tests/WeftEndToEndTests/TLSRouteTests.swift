@@ -116,6 +116,16 @@ struct TLSRoutePassthroughTests {
         let a = split.pods["tls-a"] ?? 0, b = split.pods["tls-b"] ?? 0
         #expect(a + b == 400 && (270...330).contains(a) && split.errors.isEmpty && split.mismatched == 0, "\(split)")
 
+        // A ClientHello that comes in pieces of 64 bytes, 20 ms apart, is
+        // gathered across reads; a connection that says nothing is closed
+        // when the detect timeout (500 ms) passes, with nothing sent back.
+        let pieces = try lab.tool(in: "client", ["tls-pieces", vip, "443", "x.wild.example", "64"])
+        let answer = pieces["answer"] as? [String: Any]
+        #expect(answer?["pod"] as? String == "tls-c" && answer?["sni"] as? String == "x.wild.example"
+                    && (pieces["hello_bytes"] as? Int ?? 0) > 128, "\(pieces)")
+        let silentFor = pieces["silent_closed_after"] as? Double ?? -1
+        #expect((0.4...3).contains(silentFor) && (pieces["silent_got"] as? String)?.isEmpty == true, "\(pieces)")
+
         // No route's name, no name at all, no TLS: closed, no server reached.
         let stranger = try tally(lab, vip, 443, 10, sni: "other.example")
         #expect(stranger.pods.isEmpty && stranger.errors.values.reduce(0, +) == 10, "\(stranger)")
@@ -123,8 +133,8 @@ struct TLSRoutePassthroughTests {
         #expect(nameless.pods.isEmpty && nameless.errors.values.reduce(0, +) == 5, "\(nameless)")
         let plain = try lab.tool(in: "client", ["tally", vip, "443", "5"])
         #expect((plain["counts"] as? [String: Int])?.isEmpty == true && (plain["errors"] as? [String])?.count == 5, "\(plain)")
-        #expect(try stat("n1", "tls_routed_total") - routedBefore == 460)
-        #expect(try stat("n1", "tls_refused_total") - refusedBefore == 20)
+        #expect(try stat("n1", "tls_routed_total") - routedBefore == 461)
+        #expect(try stat("n1", "tls_refused_total") - refusedBefore == 21)
 
         // weft route check shows the route a name takes, and none for a stranger.
         let check = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "split.tls.example"])

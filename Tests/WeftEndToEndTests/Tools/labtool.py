@@ -1361,6 +1361,61 @@ def tls_tally(host, port, n, server_name="-"):
     print(json.dumps({"pods": pods, "errors": errors, "mismatched": mismatched}))
 
 
+def tls_pieces(host, port, server_name, size, pause_ms="20"):
+    """One TLS connection whose ClientHello goes out in pieces of `size`
+    bytes, `pause_ms` apart (a proxy must gather it across reads), then the
+    handshake and the server's answer as usual; and one connection that
+    sends nothing: how long until the other end closes it."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    raw = socket.create_connection((host, int(port)), timeout=5)
+
+    def pump():
+        if outgoing.pending:
+            raw.sendall(outgoing.read())
+        data = raw.recv(65536)
+        if not data:
+            raise ConnectionAbortedError(errno.ECONNABORTED, "closed during the handshake")
+        incoming.write(data)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    for i in range(0, len(hello), int(size)):
+        raw.sendall(hello[i:i + int(size)])
+        time.sleep(int(pause_ms) / 1000)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pump()
+    answer = b""
+    while not answer.endswith(b"\n"):
+        try:
+            answer += tls.read(4096)
+        except ssl.SSLWantReadError:
+            pump()
+        except ssl.SSLZeroReturnError:
+            break
+    raw.close()
+    silent = socket.create_connection((host, int(port)), timeout=5)
+    began = time.time()
+    try:
+        got = silent.recv(100)
+    except OSError as e:
+        got = repr(e).encode()
+    closed_after = time.time() - began
+    silent.close()
+    print(json.dumps({"hello_bytes": len(hello), "answer": json.loads(answer), "silent_closed_after": closed_after,
+                      "silent_got": got.decode(errors="replace")}))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
@@ -1370,4 +1425,5 @@ if __name__ == "__main__":
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
      "h1-close-send": h1_close_send, "tcp-hold": tcp_hold,
-     "churn": churn, "tls-server": tls_server, "tls-tally": tls_tally}[command](*args)
+     "churn": churn, "tls-server": tls_server, "tls-tally": tls_tally,
+     "tls-pieces": tls_pieces}[command](*args)
