@@ -42,7 +42,7 @@ extension HealthProbe {
                     ) { stream in stream.close() }
                 }
             }
-            .connect(host: host, port: port)
+            .connect(literal: host, port: port)
             .whenComplete { result in
                 switch result {
                 case .failure(let error):

@@ -12,12 +12,12 @@ public enum HealthProbe {
                            timeout: TimeAmount) -> EventLoopFuture<Int> {
         let bootstrap = ClientBootstrap(group: loop).connectTimeout(timeout)
         guard let path else {
-            return bootstrap.connect(host: host, port: port).map { channel in
+            return bootstrap.connect(literal: host, port: port).map { channel in
                 channel.close(promise: nil)
                 return 0
             }
         }
-        return get(bootstrap.connect(host: host, port: port), on: loop, path: path, host: "\(host):\(port)", timeout: timeout)
+        return get(bootstrap.connect(literal: host, port: port), on: loop, path: path, host: "\(host):\(port)", timeout: timeout)
     }
 
     /// The same check run by this node's proxy through the mutual-TLS tunnel
@@ -197,5 +197,16 @@ private extension String {
         var s = self[...]
         while let last = s.last, drop(last) { s = s.dropLast() }
         return s
+    }
+}
+
+extension ClientBootstrap {
+    /// An address literal (what a probe's backend always is) connected to
+    /// as it is: NIO's `connect(host:port:)` takes even a literal through
+    /// getaddrinfo on a dispatch queue and Happy Eyeballs, a thread hop per
+    /// probe. A host name still goes that way.
+    func connect(literal host: String, port: Int) -> EventLoopFuture<Channel> {
+        guard let address = try? SocketAddress(ipAddress: host, port: port) else { return connect(host: host, port: port) }
+        return connect(to: address)
     }
 }
