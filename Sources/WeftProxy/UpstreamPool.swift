@@ -5,6 +5,7 @@ import NIOPosix
 import Synchronization
 import WeftCore
 import WeftIdentity
+import WeftStatus
 
 /// A backend as the pool knows it: address and port (the identity), and
 /// the node it runs on (carried along for policy, not part of the key).
@@ -54,22 +55,8 @@ struct EndpointKey: Hashable, CustomStringConvertible {
 }
 
 extension ClientBootstrap {
-    /// Connects to an IPv4 address and port as they are. NIO's
-    /// `connect(host:port:)` takes every host, an address literal too,
-    /// through getaddrinfo on a dispatch queue (a hop to another thread
-    /// and back, with futex wake-ups) and a Happy Eyeballs state machine
-    /// with its timers: about 40% of the proxy's CPU per new TLS-routed
-    /// connection (`scripts/bench tls`, perf). The connect timeout is the
-    /// bootstrap's, as there.
-    func connect(address ip: IPv4Address, port: UInt16) -> EventLoopFuture<Channel> {
-        var sin = sockaddr_in()
-        sin.sin_family = sa_family_t(AF_INET)
-        sin.sin_port = port.bigEndian
-        sin.sin_addr.s_addr = ip.value.bigEndian
-        return connect(to: SocketAddress(sin, host: ip.description))
-    }
-
-    func connect(_ key: EndpointKey) -> EventLoopFuture<Channel> { connect(address: key.ip, port: key.port) }
+    /// A backend, pod or node by its address, with no resolver (WeftStatus).
+    func connect(_ key: EndpointKey) -> EventLoopFuture<Channel> { connect(literal: key.address, port: Int(key.port)) }
 }
 
 /// How long the pools keep a backend connection unused, in milliseconds

@@ -7,6 +7,7 @@ import NIOTLS
 import Synchronization
 import WeftCore
 import WeftIdentity
+import WeftStatus
 
 /// The TLS material of the agent's identity bundle, parsed once per bundle:
 /// every local identity's credential, a client context per identity, and
@@ -401,7 +402,7 @@ final class TunnelConnection {
                     try sync.addHandler(GoAwayWatcher())
                 }
             }
-            .connect(address: route.node, port: UInt16(port))
+            .connect(literal: route.node.description, port: port)
             .assumeIsolated()
             .whenComplete { [self] result in
                 switch result {
