@@ -80,6 +80,7 @@ let package = Package(
                                .product(name: "NIOHPACK", package: "swift-nio-http2"),
                                .product(name: "NIOTLS", package: "swift-nio"),
                                .product(name: "Prometheus", package: "swift-prometheus")],
+                exclude: ["README.md"],
                 // The request path is single-threaded per event loop: the
                 // runtime exclusivity checks cost ~2% of its CPU for nothing.
                 swiftSettings: swiftSettings + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]),
