@@ -44,7 +44,6 @@ struct RouteCommand: ParsableCommand {
         func run() throws {
             let (table, kernel) = try loadTable()
             guard let (key, frontend) = try destination(in: table) else { return try reportKernel(kernel()) }
-            if let matches = frontend.sni { return try reportTLS(key, frontend, matches, table) }
             var routes = frontend
             var scope = "the Service's own routes"
             var client = "-"
@@ -58,6 +57,7 @@ struct RouteCommand: ParsableCommand {
                     scope = "the consumer routes of namespace \(ref.namespace)"
                 }
             }
+            if let matches = routes.sni { return try reportTLS(key, routes, matches, table, client: client, scope: scope) }
             // As the proxy does first: the path in normal form (RequestPath).
             var target = path
             switch RequestPath.normalize(target: path, mode: table.pathNormalization ?? .base) {
@@ -111,10 +111,15 @@ struct RouteCommand: ParsableCommand {
         /// A rule's backends as shown: each with its weight, share and ready endpoints.
         static func backends(_ action: ProxyTable.RouteAction, _ table: ProxyTable, empty: String)
             -> (total: Double, rows: [String], json: [[String: Any]]) {
-            let total = action.backends.reduce(0) { $0 + Double($1.weight) }
+            backends(action.backends.map { ($0.cluster, $0.weight) }, table, empty: empty)
+        }
+
+        static func backends(_ split: [(cluster: String, weight: UInt32)], _ table: ProxyTable, empty: String)
+            -> (total: Double, rows: [String], json: [[String: Any]]) {
+            let total = split.reduce(0) { $0 + Double($1.weight) }
             var rows: [String] = []
             var json: [[String: Any]] = []
-            for b in action.backends {
+            for b in split {
                 let share = total > 0 ? Double(b.weight) / total * 100 : 0
                 let endpoints = (table.clusters[b.cluster] ?? []).map { "\($0.address):\($0.port) (\($0.node))" }
                 let shown = endpoints.prefix(4).joined(separator: ", ") + (endpoints.count > 4 ? ", +\(endpoints.count - 4) more" : "")
@@ -127,21 +132,30 @@ struct RouteCommand: ParsableCommand {
         /// A TLSRoute's port: the route the server name matches, as the
         /// proxy picks it (ProxyTable.SNIMatch), and its split.
         private func reportTLS(_ key: String, _ frontend: ProxyTable.Frontend, _ matches: [ProxyTable.SNIMatch],
-                               _ table: ProxyTable) throws {
+                               _ table: ProxyTable, client: String, scope: String) throws {
             let name = sni?.lowercased()
-            let what = "TLS ClientHello with server name \(name ?? "(none)") to \(key) (\(frontend.name))"
+            let what = "TLS ClientHello with server name \(name ?? "(none)") from \(client) to \(key) (\(frontend.name))"
+            if matches.isEmpty {
+                // Only other namespaces' consumer TLSRoutes attach here.
+                let (_, rows, json) = Self.backends([(frontend.cluster, 1)], table, empty: "no endpoint ready")
+                var lines = ["request:  \(what)", "routes:   none for this client (only other namespaces' consumer TLSRoutes attach)",
+                             "path:     TCP passthrough to the Service itself, whatever the client sends"]
+                lines += rows.enumerated().map { ($0.offset == 0 ? "backends: " : "          ") + $0.element }
+                report(["request": what, "routes": "none", "rule": NSNull(), "path": "tcp-passthrough", "backends": json], text: lines)
+                return
+            }
             guard let match = matches.first(where: { $0.matches(name) }), frontend.actions.indices.contains(match.action) else {
-                report(["request": what, "rule": NSNull(), "answer": "closed: no TLSRoute hostname matches"],
-                       text: ["request:  \(what)", "rule:     none matches: the proxy closes the connection"])
+                report(["request": what, "routes": scope, "rule": NSNull(), "answer": "closed: no TLSRoute hostname matches"],
+                       text: ["request:  \(what)", "routes:   \(scope)", "rule:     none matches: the proxy closes the connection"])
                 throw ExitCode(3)
             }
             let action = frontend.actions[match.action]
             let (_, rows, json) = Self.backends(action, table, empty: "no endpoint ready")
-            var lines = ["request:  \(what)", "rule:     TLSRoute \(action.name)",
+            var lines = ["request:  \(what)", "routes:   \(scope)", "rule:     TLSRoute \(action.name)",
                          "match:    hostname \(match.hostname ?? "(any: the route names none)")",
                          "path:     TLS passthrough: the encrypted bytes go to the backend untouched"]
             lines += rows.enumerated().map { ($0.offset == 0 ? "backends: " : "          ") + $0.element }
-            report(["request": what, "rule": action.name, "match": match.hostname ?? NSNull(), "path": "tls-passthrough",
+            report(["request": what, "routes": scope, "rule": action.name, "match": match.hostname ?? NSNull(), "path": "tls-passthrough",
                     "backends": json], text: lines)
         }
 

@@ -30,11 +30,12 @@ private let services = """
     """
 
 private func tlsRoute(_ name: String, hostnames: String?, backends: String = "[{name: tls-a, port: 443}]",
-                      parent: String = "{group: \"\", kind: Service, name: tls}", version: String = "v1") -> String {
+                      parent: String = "{group: \"\", kind: Service, name: tls}", version: String = "v1",
+                      namespace: String = "shop") -> String {
     """
     apiVersion: gateway.networking.k8s.io/\(version)
     kind: TLSRoute
-    metadata: {name: \(name), namespace: shop}
+    metadata: {name: \(name), namespace: \(namespace)}
     spec:
       parentRefs: [\(parent)]
     \(hostnames.map { "  hostnames: \($0)\n" } ?? "")  rules:
@@ -99,6 +100,36 @@ private func errors(_ extra: String...) -> String {
         #expect(table.frontends["198.19.0.30:80"]?.sni == nil && table.frontends["198.19.0.30:80"]?.fallback != nil)
     }
 
+    /// GAMMA consumer routes (GEP-1294): a TLSRoute in another namespace
+    /// than its parent Service routes that namespace's clients only, in
+    /// place of the Service's own TLSRoutes; other clients keep those, or,
+    /// where the Service has none, reach the Service itself.
+    @Test func consumerTLSRoutesRouteOnlyTheirOwnNamespacesClients() throws {
+        let consumer = tlsRoute("mine", hostnames: "[a.example.com]", backends: "[{name: tls-b, namespace: shop, port: 443}]",
+                                parent: "{group: \"\", kind: Service, name: tls, namespace: shop}", namespace: "lab")
+        // Only a consumer route: the port goes to the proxy for every client.
+        let alone = try build([consumer]).get()
+        #expect(ProxyTable.l7Ports(alone).contains("shop/tls:443"))
+        let entry = try #require(ServiceTable(alone).entries[Frontend(vip: IPv4Address("198.19.0.30")!, port: 443, transport: .tcp)])
+        #expect(entry.needsProxy, "\(entry)")
+        let frontend = try #require(ProxyTable(alone).frontends["198.19.0.30:443"])
+        #expect(frontend.sni == [] && frontend.actions.isEmpty && frontend.cluster == "shop/tls:443",
+                "no route of the Service's own: other clients go to the Service itself")
+        let lab = try #require(frontend.consumers?["lab"]).applied(to: frontend)
+        #expect(lab.sni?.map(\.hostname) == ["a.example.com"])
+        #expect(lab.sniAction("a.example.com").map { $0.backends.map(\.cluster) } == ["shop/tls-b:443"])
+        #expect(lab.sniAction("b.example.com") == nil, "a name the namespace's routes do not have is closed for its clients")
+
+        // Beside the Service's own routes: those still route everyone else.
+        let both = try build([consumer, tlsRoute("own", hostnames: "[\"*.example.com\"]")]).get()
+        let shared = try #require(ProxyTable(both).frontends["198.19.0.30:443"])
+        #expect(shared.sni?.map(\.hostname) == ["*.example.com"])
+        #expect(shared.sniAction("a.example.com")?.name == "shop/own")
+        let labView = try #require(shared.consumers?["lab"]).applied(to: shared)
+        #expect(labView.sniAction("a.example.com")?.name == "lab/mine")
+        #expect(labView.sniAction("z.example.com") == nil, "the consumer routes replace the Service's own for their namespace")
+    }
+
     @Test(arguments: [
         (tlsRoute("r", hostnames: nil), "spec.hostnames", "needs at least one hostname"),
         (tlsRoute("r", hostnames: "[]"), "spec.hostnames", "needs at least one hostname"),
@@ -115,7 +146,7 @@ private func errors(_ extra: String...) -> String {
         (tlsRoute("r", hostnames: "[a.example.com]", parent: "{group: \"\", kind: Service, name: tls, port: 80}"),
          "spec.parentRefs[0]", "declares HTTP: the node proxy routes it"),
         (tlsRoute("r", hostnames: "[a.example.com]", parent: "{group: \"\", kind: Service, name: tls, namespace: other}"),
-         "spec.parentRefs[0].namespace", "carried out by every node's proxy"),
+         "spec.parentRefs[0].name", "no Service other/tls"),
     ])
     func badRoutesNameTheirField(text: String, field: String, reason: String) {
         let e = errors(text)

@@ -14,10 +14,13 @@
 /// (ProxyTable.SNIMatch) and splits the connection by weight among that
 /// route's backends, passing the encrypted bytes through untouched.
 ///
-/// What the kernel cannot do per client is refused by name: a parentRef in
-/// another namespace (a consumer route: the kernel's table is one for
-/// every client) and more than one rule (rules have no matches to choose
-/// between them).
+/// A TLSRoute whose parent is a Service of another namespace is a consumer
+/// route (GAMMA, GEP-1294): it routes only the clients in the route's own
+/// namespace, who are routed by their namespace's TLSRoutes of that port
+/// instead of the Service's own (ProxyTable.Consumers). The proxy tells
+/// clients apart; the kernel's table is one for every client, so a TCPRoute
+/// or UDPRoute in another namespace than its parent is refused by name, as
+/// is more than one rule (rules have no matches to choose between them).
 public struct L4Route: Hashable, Sendable {
     public enum Kind: String, Hashable, Sendable {
         case tcp = "TCPRoute", udp = "UDPRoute", tls = "TLSRoute"
@@ -49,10 +52,9 @@ public struct L4Route: Hashable, Sendable {
          at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
         parentRefs = try HTTPRoute.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
-        for (i, parent) in parentRefs.enumerated() where parent.namespace != metadata.namespace {
-            let carrier = kind == .tls ? "by every node's proxy" : "in the kernel"
+        for (i, parent) in parentRefs.enumerated() where parent.namespace != metadata.namespace && kind != .tls {
             throw ManifestError(location, field: "spec.parentRefs[\(i)].namespace",
-                                "a \(kind.rawValue) is carried out \(carrier), for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table), got \(parent.namespace)")
+                                "a \(kind.rawValue) is carried out in the kernel, for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table; a TLSRoute, which the node proxy carries out, may be one), got \(parent.namespace)")
         }
         if kind == .tls {
             var names: [String] = []

@@ -217,8 +217,16 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         /// ClientHello server name against these, first match wins, and the
         /// matched entry's action (in `actions`) splits it among backends; a
         /// name none matches, or bytes that are no ClientHello, are closed.
-        /// nil: the port is HTTP (`matches`).
+        /// Empty: only consumer TLSRoutes attach here, and a client that none
+        /// of them routes goes to the Service itself (`cluster`), its bytes
+        /// passed on as they come. nil: the port is HTTP (`matches`).
         public var sni: [SNIMatch]? = nil
+
+        /// The TLSRoute action a ClientHello's server name is routed by, if any.
+        public func sniAction(_ serverName: String?) -> RouteAction? {
+            guard let match = sni?.first(where: { $0.matches(serverName) }), actions.indices.contains(match.action) else { return nil }
+            return actions[match.action]
+        }
     }
 
     /// One TLSRoute hostname of a frontend: exact names first, then
@@ -243,10 +251,13 @@ public struct ProxyTable: Codable, Hashable, Sendable {
         }
     }
 
-    /// One namespace's consumer routes of a frontend.
+    /// One namespace's consumer routes of a frontend: HTTPRoutes and
+    /// GRPCRoutes (`matches`), or TLSRoutes (`sni`), their actions indexed
+    /// from `actions`.
     public struct Consumers: Codable, Hashable, Sendable {
         public var matches: [RouteMatchEntry]
         public var actions: [RouteAction]
+        public var sni: [SNIMatch]? = nil
 
         /// The frontend as a client in that namespace sees it.
         public func applied(to frontend: Frontend) -> Frontend {
@@ -255,6 +266,7 @@ public struct ProxyTable: Codable, Hashable, Sendable {
             f.actions = actions
             f.fallback = nil
             f.consumers = nil
+            if let sni { f.sni = sni }
             return f
         }
     }
@@ -531,6 +543,29 @@ extension ProxyTable {
             return (entries.sorted { $0.order < $1.order }.map(\.entry), actions)
         }
 
+        // TLSRoutes (in namespace/name order) as SNI matches in precedence
+        // order and the actions they index.
+        func sniSet(_ routes: [L4Route]) -> (sni: [SNIMatch], actions: [RouteAction]) {
+            var actions: [RouteAction] = []
+            var sni: [(match: SNIMatch, order: Int)] = []
+            for route in routes {
+                let home = route.metadata.namespace
+                let backends: [WeightedCluster] = route.backendRefs.compactMap { ref in
+                    guard let target = servicesByName["\(ref.namespace ?? home)/\(ref.name)"],
+                          let tport = target.ports.first(where: { $0.port == ref.port && $0.transport == .tcp }) else { return nil }
+                    var c = cluster(target, tport)
+                    c.weight = ref.weight
+                    return c
+                }
+                actions.append(RouteAction(name: route.metadata.qualifiedName, filters: [], backends: backends,
+                                           timeouts: .init(), retry: nil))
+                let names: [String?] = route.hostnames.isEmpty ? [nil] : route.hostnames
+                for name in names { sni.append((SNIMatch(hostname: name, action: actions.count - 1), sni.count)) }
+            }
+            sni.sort { ($0.match.rank.0, $0.match.rank.1, $0.order) < ($1.match.rank.0, $1.match.rank.1, $1.order) }
+            return (sni.map(\.match), actions)
+        }
+
         let attached = Self.routesByPort(state, servicesByName)
         let tlsAttached = Self.tlsRoutesByPort(state, servicesByName, attached: attached)
 
@@ -548,28 +583,20 @@ extension ProxyTable {
                 let own = cluster(service, port)
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
                 if !tlsRoutes.isEmpty {
-                    var actions: [RouteAction] = []
-                    var sni: [(match: SNIMatch, order: Int)] = []
-                    for route in tlsRoutes {
-                        let home = route.metadata.namespace
-                        let backends: [WeightedCluster] = route.backendRefs.compactMap { ref in
-                            guard let target = servicesByName["\(ref.namespace ?? home)/\(ref.name)"],
-                                  let tport = target.ports.first(where: { $0.port == ref.port && $0.transport == .tcp }) else { return nil }
-                            var c = cluster(target, tport)
-                            c.weight = ref.weight
-                            return c
-                        }
-                        actions.append(RouteAction(name: route.metadata.qualifiedName, filters: [], backends: backends,
-                                                   timeouts: .init(), retry: nil))
-                        let names: [String?] = route.hostnames.isEmpty ? [nil] : route.hostnames
-                        for name in names { sni.append((SNIMatch(hostname: name, action: actions.count - 1), sni.count)) }
+                    // Producer routes (in the Service's namespace) route
+                    // every client; a namespace's consumer routes, its own.
+                    let ns = service.metadata.namespace
+                    let producers = sniSet(tlsRoutes.filter { $0.metadata.namespace == ns })
+                    var consumers: [String: Consumers] = [:]
+                    for (consumer, its) in Dictionary(grouping: tlsRoutes.filter { $0.metadata.namespace != ns }, by: \.metadata.namespace) {
+                        let set = sniSet(its)
+                        consumers[consumer] = Consumers(matches: [], actions: set.actions, sni: set.sni)
                     }
-                    sni.sort { ($0.match.rank.0, $0.match.rank.1, $0.order) < ($1.match.rank.0, $1.match.rank.1, $1.order) }
                     frontends["\(vip):\(port.port)"] = Frontend(
                         name: service.metadata.qualifiedName + label, namespace: service.metadata.namespace,
                         service: service.metadata.name, cluster: own.cluster, upstreamProtocol: .http1,
-                        matches: [], actions: actions, fallback: nil, rateLimit: nil, faultInjection: nil,
-                        sni: sni.map(\.match))
+                        matches: [], actions: producers.actions, fallback: nil, rateLimit: nil, faultInjection: nil,
+                        consumers: consumers.isEmpty ? nil : consumers, sni: producers.sni)
                     continue
                 }
                 let policy = state.trafficPolicy(forService: service.metadata.qualifiedName)

@@ -111,11 +111,3 @@ enum ClientHello {
         mutating func skip(_ n: Int) -> Bool { take(n) != nil }
     }
 }
-
-extension ProxyTable.Frontend {
-    /// The TLSRoute action a ClientHello's server name is routed by, if any.
-    func sniAction(_ serverName: String?) -> ProxyTable.RouteAction? {
-        guard let match = sni?.first(where: { $0.matches(serverName) }), actions.indices.contains(match.action) else { return nil }
-        return actions[match.action]
-    }
-}

@@ -15,7 +15,10 @@ import WeftKernel
 /// passes the connection, ClientHello first, to a backend of the route its
 /// server name matches (`routeBySNI`); a connection that sends anything
 /// else, names no route's host, or sends nothing within `detectTimeout`
-/// is closed.
+/// is closed. A client whose namespace has consumer TLSRoutes of the port
+/// is routed by those; one that no TLSRoute routes (the port has only
+/// other namespaces' consumer routes) goes to the Service itself as opaque
+/// TCP, at once, as the kernel would have sent it.
 final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -37,6 +40,9 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private var quiesced = false
     /// The port has TLSRoutes: the ClientHello's server name routes it.
     private var sniRouted = false
+    /// The port has TLSRoutes, none of them this client's: opaque TCP to
+    /// the Service, decided once the connection is active.
+    private var opaque = false
 
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
 
@@ -52,6 +58,11 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         if origin.tunnel { return }
         let snapshot = proxy.snapshot
         sniRouted = !snapshot.tlsRouted.isEmpty && snapshot.tlsRouted.contains(RouteSnapshot.sniKey(origin.vip.value, origin.port))
+        if sniRouted, snapshot.tlsFrontend("\(origin.vip):\(origin.port)", source: origin.source)?.sni?.isEmpty ?? false {
+            sniRouted = false
+            opaque = true
+            return
+        }
         let timeout = proxy.configuration.detectTimeout
         timer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(timeout)) { [weak self] in
             guard let self else { return }
@@ -76,7 +87,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelActive()
         // Not before: joining the connection to a tunnel stream that is
         // already open would otherwise happen before the channel is registered.
-        if origin.tunnel { decide(.tcp, context: context) }
+        if origin.tunnel || opaque { decide(.tcp, context: context) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -198,7 +209,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             name = sent
         }
         let snapshot = proxy.snapshot
-        let frontend = snapshot.table.frontends["\(origin.vip):\(origin.port)"]
+        let frontend = snapshot.tlsFrontend("\(origin.vip):\(origin.port)", source: origin.source)
         guard let frontend, let action = frontend.sniAction(name) else {
             return refuse("server name \(name ?? "(none)") matches no TLSRoute", context: context)
         }

@@ -145,6 +145,18 @@ final class RouteSnapshot: Sendable {
 
     var generation: UInt64 { table.generation }
 
+    /// A TLSRoute port's frontend as a client at `source` sees it: with its
+    /// namespace's consumer TLSRoutes of the port in place of the Service's
+    /// own, if there are any (GEP-1294).
+    func tlsFrontend(_ frontendKey: String, source: IPv4Address) -> ProxyTable.Frontend? {
+        guard let frontend = table.frontends[frontendKey] else { return nil }
+        if let consumers = frontend.consumers, let namespace = workloadsByIP[source.value]?.namespace,
+           let consumer = consumers[namespace] {
+            return consumer.applied(to: frontend)
+        }
+        return frontend
+    }
+
     /// The routes of `frontendKey` a client at `source` is routed by: its
     /// namespace's consumer routes of that Service if there are any, else
     /// the Service's own (GEP-1294).
