@@ -157,4 +157,88 @@ struct TLSRoutePassthroughTests {
         }
         #expect(moved.pods == ["tls-b": 10] && moved.errors.isEmpty, "\(moved)")
     }
+
+    /// GAMMA consumer routes: a TLSRoute in namespace tc whose parent is
+    /// tr's Service routes tc's clients only. tr's own clients reach the
+    /// Service itself while tr has no TLSRoute of its own, and by tr's
+    /// routes once it has one, which tc's clients then still do not see.
+    @Test func consumerTLSRoutesRouteOnlyTheirOwnNamespacesClients() throws {
+        let pods = [("tr", "client", "198.18.1.10"), ("tc", "client", "198.18.1.11")].map { pod in
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: \(pod.1), namespace: \(pod.0), annotations: {lab.weft.dev/command: "sleep infinity"}}
+            spec: {serviceAccount: client, node: n1, address: \(pod.2)}
+            """
+        } + backends.prefix(2).map { b in
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: \(b.name), namespace: \(ns), labels: {app: tls, one: \(b.name)}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) tls-server 8443 \(b.name)"}}
+            spec: {serviceAccount: \(b.name), node: \(b.node), address: \(b.address), ports: [{name: https, port: 8443}]}
+            """
+        }
+        let services = [service("tls", ip: vip, selector: "{app: tls}")]
+            + backends.prefix(2).enumerated().map { service($1.name, ip: "198.19.6.\(11 + $0)", selector: "{one: \($1.name)}") }
+        let consumer = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: TLSRoute
+            metadata: {name: mine, namespace: tc}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: tls, namespace: \(ns)}]
+              hostnames: [a.tls.example]
+              rules: [{backendRefs: [{name: tls-b, namespace: \(ns), port: 443}]}]
+            """
+        let lab = try LabHarness(files: ["pods.yaml": pods.joined(separator: "\n---\n"),
+                                         "services.yaml": services.joined(separator: "\n---\n"), "routes.yaml": consumer])
+        defer { lab.down() }
+        let mine = "tc/client", theirs = "\(ns)/client"
+        for b in backends.prefix(2) {
+            var up = false
+            for _ in 0..<300 where !up {
+                up = try lab.tool(in: theirs, ["tls-tally", b.address, "8443", "1", "probe"])["pods"] as? [String: Int] == [b.name: 1]
+                if !up { usleep(100_000) }
+            }
+            try #require(up, "\(b.name) never answered")
+        }
+        func fromPod(_ pod: String, _ n: Int, sni: String?) throws -> (pods: [String: Int], errors: [String: Int]) {
+            let r = try lab.tool(in: pod, ["tls-tally", vip, "443", "\(n)", sni ?? "-"])
+            return (r["pods"] as? [String: Int] ?? [:], r["errors"] as? [String: Int] ?? [:])
+        }
+        let routedBefore = try stat("n1", "tls_routed_total"), passedBefore = try stat("n1", "tcp_passthrough_total")
+
+        // Only tc's route: tc's clients by it, a name it lacks closed for them;
+        // tr's clients to the Service itself, both pods, whatever the name.
+        let routed = try fromPod(mine, 20, sni: "a.tls.example")
+        #expect(routed.pods == ["tls-b": 20] && routed.errors.isEmpty, "\(routed)")
+        let unnamed = try fromPod(mine, 5, sni: "b.tls.example")
+        #expect(unnamed.pods.isEmpty && unnamed.errors.values.reduce(0, +) == 5, "\(unnamed)")
+        let own = try fromPod(theirs, 40, sni: "a.tls.example")
+        #expect((own.pods["tls-a"] ?? 0) > 0 && (own.pods["tls-b"] ?? 0) > 0 && own.pods.values.reduce(0, +) == 40 && own.errors.isEmpty,
+                "\(own)")
+        #expect(try stat("n1", "tls_routed_total") - routedBefore == 20)
+        #expect(try stat("n1", "tcp_passthrough_total") - passedBefore == 40)
+        let check = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "a.tls.example", "--from", mine])
+        #expect(check.status == 0 && check.output.contains("consumer routes of namespace tc") && check.output.contains("TLSRoute tc/mine"),
+                "\(check.output)")
+        let other = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "a.tls.example", "--from", theirs])
+        #expect(other.status == 0 && other.output.contains("TCP passthrough to the Service itself"), "\(other.output)")
+
+        // tr's own route for every name under tls.example: tr's clients by
+        // it now; tc's still by theirs alone.
+        let generations = try lab.generations(["n1"])
+        try lab.write("routes.yaml", consumer + "\n---\n" + tlsRoute("own", "[\"*.tls.example\"]", "[{name: tls-a, port: 443}]"))
+        try lab.waitForGeneration(after: generations)
+        var now = try fromPod(theirs, 10, sni: "a.tls.example")
+        for _ in 0..<50 where now.pods != ["tls-a": 10] {
+            usleep(100_000) // the proxy reloads its table after the agent's generation
+            now = try fromPod(theirs, 10, sni: "a.tls.example")
+        }
+        #expect(now.pods == ["tls-a": 10] && now.errors.isEmpty, "\(now)")
+        let still = try fromPod(mine, 10, sni: "a.tls.example")
+        #expect(still.pods == ["tls-b": 10] && still.errors.isEmpty, "\(still)")
+        let notTheirs = try fromPod(mine, 5, sni: "b.tls.example")
+        #expect(notTheirs.pods.isEmpty && notTheirs.errors.values.reduce(0, +) == 5,
+                "tr's wildcard is not tc's: its clients keep their own routes only: \(notTheirs)")
+    }
 }
