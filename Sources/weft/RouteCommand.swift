@@ -74,7 +74,7 @@ struct RouteCommand: ParsableCommand {
             }
             let request = RouteMatcher.Request(method: method.uppercased(), path: parts[0], query: parts.count > 1 ? parts[1] : nil,
                                                header: { headers[$0] ?? [] })
-            let what = "\(method.uppercased()) \(target == path ? path : "\(path) (as \(target))") from \(client) to \(key) (\(frontend.name))"
+            let what = "\(method.uppercased()) \(target == path ? path : "\(path) (as \(target))")\(client == "-" ? "" : " from \(client)") to \(key) (\(frontend.name))"
             guard let (action, match) = RouteMatcher(routes).route(request) else {
                 report(["request": what, "routes": scope, "rule": NSNull(), "answer": "404: no rule matches"],
                        text: ["request:  \(what)", "routes:   \(scope)", "rule:     none matches: the proxy answers 404"])
@@ -134,7 +134,7 @@ struct RouteCommand: ParsableCommand {
         private func reportTLS(_ key: String, _ frontend: ProxyTable.Frontend, _ matches: [ProxyTable.SNIMatch],
                                _ table: ProxyTable, client: String, scope: String) throws {
             let name = sni?.lowercased()
-            let what = "TLS ClientHello with server name \(name ?? "(none)") from \(client) to \(key) (\(frontend.name))"
+            let what = "TLS ClientHello with server name \(name ?? "(none)")\(client == "-" ? "" : " from \(client)") to \(key) (\(frontend.name))"
             if matches.isEmpty {
                 // Only other namespaces' consumer TLSRoutes attach here.
                 let (_, rows, json) = Self.backends([(frontend.cluster, 1)], table, empty: "no endpoint ready")
