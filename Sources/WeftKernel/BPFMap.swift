@@ -67,6 +67,23 @@ public final class BPFMap<Key: BitwiseCopyable, Value: BitwiseCopyable>: @unchec
         }
     }
 
+    /// Removes `key` and returns its value, in one BPF_MAP_LOOKUP_AND_DELETE_ELEM
+    /// (hash and LRU hash maps since Linux 5.14); a kernel or map type
+    /// without it gets a lookup and a delete.
+    public func take(_ key: Key) throws(KernelError) -> Value? {
+        var key = key
+        var value = zeroed(Value.self)
+        let rc = bpf_map_lookup_and_delete_elem(fd, &key, &value)
+        if rc == -ENOENT { return nil }
+        if rc == -EINVAL || rc == -ENOTSUP || rc == -EOPNOTSUPP {
+            guard let found = try lookup(key) else { return nil }
+            _ = try delete(key)
+            return found
+        }
+        try KernelError.check(rc, "lookup and delete in \(path)")
+        return value
+    }
+
     /// Deletes `key`; true if it was there.
     @discardableResult
     public func delete(_ key: Key) throws(KernelError) -> Bool {

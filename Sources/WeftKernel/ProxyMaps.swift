@@ -61,8 +61,7 @@ public final class ProxyMaps: Sendable {
         var key = weft_proxy_origin_key()
         key.client_addr = client.networkOrder
         key.client_port = port.bigEndian
-        guard let v = try origins.lookup(key) else { return nil }
-        _ = try origins.delete(key)
+        guard let v = try origins.take(key) else { return nil }
         return CapturedOrigin(vip: IPv4Address(networkOrder: v.vip), port: UInt16(bigEndian: v.port),
                               serviceID: v.service_id, source: IPv4Address(networkOrder: v.source),
                               tunnel: v.flags & UInt16(WEFT_ORIGIN_F_TUNNEL) != 0,

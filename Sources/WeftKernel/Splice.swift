@@ -72,10 +72,11 @@ public final class SpliceMaps: Sendable {
     /// sender talks to) into `target` past `via` (the proxy's socket joined
     /// to it), if the kernel could splice them: all three are on the
     /// shortcut and the target is a receiver. Otherwise arming would only
-    /// cost map writes.
+    /// cost map writes. The target is looked up first: most are no
+    /// receiver, and then one lookup (a system call) decides, not three.
     public func path(_ proxySide: Socket, target: Socket, via: Socket) -> Path? {
-        guard (try? peers.lookup(proxySide.key)) ?? nil != nil, let v = (try? peers.lookup(via.key)) ?? nil,
-              let t = (try? peers.lookup(target.key)) ?? nil, t.flags & UInt32(WEFT_ACCEL_LOCAL_RECEIVE) != 0
+        guard let t = (try? peers.lookup(target.key)) ?? nil, t.flags & UInt32(WEFT_ACCEL_LOCAL_RECEIVE) != 0,
+              (try? peers.lookup(proxySide.key)) ?? nil != nil, let v = (try? peers.lookup(via.key)) ?? nil
         else { return nil }
         return Path(proxySide: proxySide, target: target, via: via, targetCookie: t.cookie, viaCookie: v.cookie)
     }

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Logging
 import Testing
+import WeftABI
 import WeftCore
 @testable import WeftKernel
 
@@ -40,6 +41,22 @@ struct DatapathTests {
         #expect(second.programs.allSatisfy { $0.state == .adopted })
         #expect(second.programs.map(\.programID).sorted() == first.programs.map(\.programID).sorted())
         #expect(try ServiceMaps(pinDirectory: pins).snapshot() == target)
+
+        // The proxy takes a connection's origin once, in one system call
+        // (lookup and delete): a second take finds nothing.
+        let proxyMaps = try ProxyMaps(pinDirectory: pins)
+        var key = weft_proxy_origin_key()
+        key.client_addr = IPv4Address("198.18.7.3")!.networkOrder
+        key.client_port = UInt16(40_000).bigEndian
+        var origin = weft_proxy_origin()
+        origin.vip = vip.networkOrder
+        origin.port = UInt16(80).bigEndian
+        origin.source = IPv4Address("198.18.7.3")!.networkOrder
+        try proxyMaps.origins.update(key, origin)
+        let taken = try proxyMaps.take(client: IPv4Address("198.18.7.3")!, port: 40_000)
+        #expect(taken?.vip == vip && taken?.port == 80 && taken?.source == IPv4Address("198.18.7.3")!)
+        #expect(try proxyMaps.take(client: IPv4Address("198.18.7.3")!, port: 40_000) == nil)
+        #expect(try proxyMaps.pendingOrigins() == 0)
 
         try Datapath.uninstall(pinDirectory: pins)
         #expect(!FileManager.default.fileExists(atPath: pins))
