@@ -23,8 +23,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchdoc import revision, sh, write_section  # noqa: E402
-from bench_proxy import TARGETS, WEFT, cpu_seconds, pids_of, proxies_lab  # noqa: E402
-from bench_tls import duration_us  # noqa: E402
+from bench_proxy import TARGETS, pids_of, proxies_lab  # noqa: E402
+from bench_tls import h2load_new  # noqa: E402
 
 ROUNDS = int(os.environ.get("WEFT_BENCH_NEW_ROUNDS", "5"))
 NEW_S = int(os.environ.get("WEFT_BENCH_NEW_SECONDS", "4"))
@@ -33,22 +33,7 @@ SIDES = ["direct", "weft", "haproxy", "nginx"]
 
 
 def new_connections(url, proxy_pids):
-    total = NEW_RATE * NEW_S
-    c0 = cpu_seconds(proxy_pids)
-    out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", "-r", str(max(1, NEW_RATE // 10)),
-             "--rate-period", "100ms", "-c", str(total), "-n", str(total), "-t", "1", url)
-    cpu = cpu_seconds(proxy_pids) - c0
-    done, ttfb = 0, None
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            words = line.replace(",", "").split()
-            done = int(words[words.index("succeeded") - 1])
-        if line.startswith("time to 1st byte:"):
-            ttfb = duration_us(line.split(":", 1)[1].split()[2])
-    if ttfb is None or done == 0:
-        raise SystemExit(f"h2load to {url} made no connection: {out[-1500:]}")
-    return {"connections": done, "failed": total - done, "ttfb_us": ttfb,
-            "cpu_us_per_conn": cpu / done * 1e6 if proxy_pids else None}
+    return h2load_new([], url, proxy_pids, NEW_RATE, NEW_S)
 
 
 def main():

@@ -200,11 +200,18 @@ def duration_us(text):
 def new_connections(target, proxy_pids):
     """NEW_RATE new connections a second for NEW_S, one request each: the
     proxy's CPU µs per connection and h2load's mean time to first byte."""
-    total = NEW_RATE * NEW_S
-    per_tenth = max(1, NEW_RATE // 10)
+    return h2load_new([f"--connect-to={target}"], URL, proxy_pids, NEW_RATE, NEW_S)
+
+
+def h2load_new(extra, url, proxy_pids, rate, seconds):
+    """h2load --h1 from the client pod opening `rate` new connections a
+    second for `seconds`, one request on each: connections answered, failed,
+    mean time to first byte, and the CPU µs of `proxy_pids` per connection."""
+    total = rate * seconds
+    per_tenth = max(1, rate // 10)
     c0 = cpu_seconds(proxy_pids)
-    out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", f"--connect-to={target}", "-r", str(per_tenth),
-             "--rate-period", "100ms", "-c", str(total), "-n", str(total), "-t", "1", URL)
+    out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", *extra, "-r", str(per_tenth),
+             "--rate-period", "100ms", "-c", str(total), "-n", str(total), "-t", "1", url)
     cpu = cpu_seconds(proxy_pids) - c0
     done = 0
     ttfb = None
@@ -215,7 +222,7 @@ def new_connections(target, proxy_pids):
         if line.startswith("time to 1st byte:"):
             ttfb = duration_us(line.split(":", 1)[1].split()[2])
     if ttfb is None or done == 0:
-        raise SystemExit(f"h2load to {target} made no connection: {out[-1500:]}")
+        raise SystemExit(f"h2load to {url} made no connection: {out[-1500:]}")
     # (Failed, errored and never made alike: every connection not answered 2xx.)
     return {"connections": done, "failed": total - done, "ttfb_us": ttfb,
             "cpu_us_per_conn": cpu / done * 1e6 if proxy_pids else None}
