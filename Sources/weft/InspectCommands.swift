@@ -132,9 +132,13 @@ struct GetCommand: ParsableCommand {
                     let ignored = r.conflicted.map { " (IGNORED on \($0.joined(separator: ",")): a GRPCRoute attaches there)" } ?? ""
                     // (A TLSRoute's server names follow its parents: "ns/svc for a.example,*.b.example".)
                     let names = r.hostnames.map { " for " + $0.joined(separator: ",") } ?? ""
-                    rows.append([node, kind, r.name, r.parents.joined(separator: ",") + names, "\(r.rules)", r.backends.joined(separator: ", ") + ignored])
+                    // A parent in another namespace: a consumer route, for its own namespace's clients (GEP-1294).
+                    let home = r.name.split(separator: "/").first.map(String.init) ?? ""
+                    let consumer = r.parents.contains { !$0.hasPrefix(home + "/") }
+                    rows.append([node, kind, r.name + (consumer ? " (consumer)" : ""), r.parents.joined(separator: ",") + names, "\(r.rules)",
+                                 r.backends.joined(separator: ", ") + ignored])
                     json.append(["node": node, "kind": kind, "route": r.name, "parents": r.parents, "rules": r.rules, "backends": r.backends,
-                                 "conflicted": r.conflicted ?? [], "hostnames": r.hostnames ?? []])
+                                 "conflicted": r.conflicted ?? [], "hostnames": r.hostnames ?? [], "consumer": consumer])
                 }
             }
         }

@@ -56,6 +56,10 @@ struct RouteCommand: ParsableCommand {
                     routes = consumers.applied(to: frontend)
                     scope = "the consumer routes of namespace \(ref.namespace)"
                 }
+            } else if let consumers = frontend.consumers, !consumers.isEmpty {
+                // Some clients are routed otherwise: say by whom.
+                scope += " (namespace\(consumers.count == 1 ? "" : "s") \(consumers.keys.sorted().joined(separator: ", ")) "
+                    + "route\(consumers.count == 1 ? "s" : "") its own clients by consumer routes: --from NS/POD shows theirs)"
             }
             if let matches = routes.sni { return try reportTLS(key, routes, matches, table, client: client, scope: scope) }
             // As the proxy does first: the path in normal form (RequestPath).
@@ -138,10 +142,11 @@ struct RouteCommand: ParsableCommand {
             if matches.isEmpty {
                 // Only other namespaces' consumer TLSRoutes attach here.
                 let (_, rows, json) = Self.backends([(frontend.cluster, 1)], table, empty: "no endpoint ready")
-                var lines = ["request:  \(what)", "routes:   none for this client (only other namespaces' consumer TLSRoutes attach)",
+                var lines = ["request:  \(what)", "routes:   \(scope)",
+                             "rule:     none (only consumer TLSRoutes of other namespaces attach here)",
                              "path:     TCP passthrough to the Service itself, whatever the client sends"]
                 lines += rows.enumerated().map { ($0.offset == 0 ? "backends: " : "          ") + $0.element }
-                report(["request": what, "routes": "none", "rule": NSNull(), "path": "tcp-passthrough", "backends": json], text: lines)
+                report(["request": what, "routes": scope, "rule": NSNull(), "path": "tcp-passthrough", "backends": json], text: lines)
                 return
             }
             guard let match = matches.first(where: { $0.matches(name) }), frontend.actions.indices.contains(match.action) else {

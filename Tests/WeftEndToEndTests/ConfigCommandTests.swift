@@ -146,6 +146,11 @@ import Testing
         let spelled = try check(["--to", "198.19.0.10:80", "--from", "front/app", "--path", "/x/../%76%32/y", "-H", "X-Team: front"])
         #expect(spelled.status == 0 && spelled.output.contains("/x/../%76%32/y (as /v2/y)")
                 && spelled.output.contains("rule:     front/pinned#0"), "\(spelled.output)")
+        // Without --from: the Service's own routes, and who is routed otherwise.
+        let anyone = try check(["--to", "shop/web", "--path", "/v2/x"])
+        #expect(anyone.status == 0 && anyone.output.contains("rule:     shop/split#0")
+                && anyone.output.contains("the Service's own routes (namespace front routes its own clients by consumer routes"),
+                "\(anyone.output)")
         let malformed = try check(["--to", "shop/web", "--path", "/a%zz"])
         #expect(malformed.status != 0 && malformed.output.contains("malformed percent-encoding"), "\(malformed.output)")
         let unmatched = try check(["--to", "shop/web", "--from", "front/app", "--path", "/v2/x"])

@@ -223,6 +223,11 @@ struct TLSRoutePassthroughTests {
                 "\(check.output)")
         let other = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "a.tls.example", "--from", theirs])
         #expect(other.status == 0 && other.output.contains("TCP passthrough to the Service itself"), "\(other.output)")
+        let listed = try LabHarness.run(["get", "routes", "--node", "n1"])
+        #expect(listed.output.contains("tc/mine (consumer)") && listed.output.contains("tr/tls for a.tls.example"), "\(listed.output)")
+        let anyone = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "a.tls.example"])
+        #expect(anyone.status == 0 && anyone.output.contains("TCP passthrough to the Service itself")
+                    && anyone.output.contains("namespace tc routes its own clients by consumer routes"), "\(anyone.output)")
 
         // tr's own route for every name under tls.example: tr's clients by
         // it now; tc's still by theirs alone.
