@@ -61,7 +61,7 @@ struct RouteCommand: ParsableCommand {
                 scope += " (namespace\(consumers.count == 1 ? "" : "s") \(consumers.keys.sorted().joined(separator: ", ")) "
                     + "route\(consumers.count == 1 ? "s" : "") its own clients by consumer routes: --from NS/POD shows theirs)"
             }
-            if let matches = routes.sni { return try reportTLS(key, routes, matches, table, client: client, scope: scope) }
+            if routes.sni != nil { return try reportTLS(key, routes, table, client: client, scope: scope) }
             // As the proxy does first: the path in normal form (RequestPath).
             var target = path
             switch RequestPath.normalize(target: path, mode: table.pathNormalization ?? .base) {
@@ -135,8 +135,8 @@ struct RouteCommand: ParsableCommand {
 
         /// A TLSRoute's port: the route the server name matches, as the
         /// proxy picks it (ProxyTable.SNIMatch), and its split.
-        private func reportTLS(_ key: String, _ frontend: ProxyTable.Frontend, _ matches: [ProxyTable.SNIMatch],
-                               _ table: ProxyTable, client: String, scope: String) throws {
+        private func reportTLS(_ key: String, _ frontend: ProxyTable.Frontend, _ table: ProxyTable, client: String, scope: String) throws {
+            let matches = frontend.sni ?? []
             let name = sni?.lowercased()
             let what = "TLS ClientHello with server name \(name ?? "(none)")\(client == "-" ? "" : " from \(client)") to \(key) (\(frontend.name))"
             if matches.isEmpty {

@@ -42,10 +42,40 @@ private func service(_ name: String, ip: String, selector: String) -> String {
 }
 
 /// `labtool.py tls-tally` from the client pod: answers by pod, errors by kind, SNI mismatches.
-private func tally(_ lab: LabHarness, _ host: String, _ port: Int, _ n: Int, sni: String?)
+private func tally(_ lab: LabHarness, _ host: String, _ port: Int, _ n: Int, sni: String?, from pod: String = "client")
     throws -> (pods: [String: Int], errors: [String: Int], mismatched: Int) {
-    let r = try lab.tool(in: "client", ["tls-tally", host, "\(port)", "\(n)", sni ?? "-"])
+    let r = try lab.tool(in: pod, ["tls-tally", host, "\(port)", "\(n)", sni ?? "-"])
     return (r["pods"] as? [String: Int] ?? [:], r["errors"] as? [String: Int] ?? [:], r["mismatched"] as? Int ?? -1)
+}
+
+/// A TLS server pod (labtool.py tls-server: its answer names the pod and the SNI it saw).
+private func serverPod(_ b: (name: String, node: String, address: String)) -> String {
+    """
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: \(b.name), namespace: \(ns), labels: {app: tls, one: \(b.name)}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) tls-server 8443 \(b.name)"}}
+    spec: {serviceAccount: \(b.name), node: \(b.node), address: \(b.address), ports: [{name: https, port: 8443}]}
+    """
+}
+
+/// The Service `tls` over every server, and one Service per server.
+private func services(_ servers: some Collection<(name: String, node: String, address: String)>) -> String {
+    ([service("tls", ip: vip, selector: "{app: tls}")]
+        + servers.enumerated().map { service($1.name, ip: "198.19.6.\(11 + $0)", selector: "{one: \($1.name)}") })
+        .joined(separator: "\n---\n")
+}
+
+/// The servers make their certificates first: waits until each answers on its own address.
+private func waitUntilServing(_ lab: LabHarness, _ servers: some Collection<(name: String, node: String, address: String)>,
+                              from pod: String = "client") throws {
+    for b in servers {
+        var up = false
+        for _ in 0..<300 where !up {
+            up = try tally(lab, b.address, 8443, 1, sni: "probe", from: pod).pods == [b.name: 1]
+            if !up { usleep(100_000) }
+        }
+        try #require(up, "\(b.name) never answered")
+    }
 }
 
 private func stat(_ node: String, _ name: String) throws -> Int {
@@ -64,16 +94,7 @@ struct TLSRoutePassthroughTests {
             metadata: {name: client, namespace: \(ns), annotations: {lab.weft.dev/command: "sleep infinity"}}
             spec: {serviceAccount: client, node: n1, address: 198.18.1.10}
             """,
-        ] + backends.map { b in
-            """
-            apiVersion: weft.dev/v1alpha1
-            kind: Workload
-            metadata: {name: \(b.name), namespace: \(ns), labels: {app: tls, one: \(b.name)}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) tls-server 8443 \(b.name)"}}
-            spec: {serviceAccount: \(b.name), node: \(b.node), address: \(b.address), ports: [{name: https, port: 8443}]}
-            """
-        }
-        let services = [service("tls", ip: vip, selector: "{app: tls}")]
-            + backends.enumerated().map { service($1.name, ip: "198.19.6.\(11 + $0)", selector: "{one: \($1.name)}") }
+        ] + backends.map(serverPod)
         let mesh = """
             apiVersion: weft.dev/v1alpha1
             kind: MeshConfig
@@ -81,17 +102,9 @@ struct TLSRoutePassthroughTests {
             spec: {accessLog: {enabled: true, namespaces: [\(ns)]}}
             """
         let lab = try LabHarness(files: ["pods.yaml": pods.joined(separator: "\n---\n"), "mesh.yaml": mesh,
-                                         "services.yaml": services.joined(separator: "\n---\n"), "routes.yaml": routes])
+                                         "services.yaml": services(backends), "routes.yaml": routes])
         defer { lab.down() }
-        // The servers make their certificates first: wait until each answers on its own address.
-        for b in backends {
-            var up = false
-            for _ in 0..<300 where !up {
-                up = try tally(lab, b.address, 8443, 1, sni: "probe").pods == [b.name: 1]
-                if !up { usleep(100_000) }
-            }
-            try #require(up, "\(b.name) never answered")
-        }
+        try waitUntilServing(lab, backends)
         let routedBefore = try stat("n1", "tls_routed_total"), refusedBefore = try stat("n1", "tls_refused_total")
 
         // An exact name, on this node; a wildcard, across nodes (one label or more before the suffix).
@@ -170,16 +183,7 @@ struct TLSRoutePassthroughTests {
             metadata: {name: \(pod.1), namespace: \(pod.0), annotations: {lab.weft.dev/command: "sleep infinity"}}
             spec: {serviceAccount: client, node: n1, address: \(pod.2)}
             """
-        } + backends.prefix(2).map { b in
-            """
-            apiVersion: weft.dev/v1alpha1
-            kind: Workload
-            metadata: {name: \(b.name), namespace: \(ns), labels: {app: tls, one: \(b.name)}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) tls-server 8443 \(b.name)"}}
-            spec: {serviceAccount: \(b.name), node: \(b.node), address: \(b.address), ports: [{name: https, port: 8443}]}
-            """
-        }
-        let services = [service("tls", ip: vip, selector: "{app: tls}")]
-            + backends.prefix(2).enumerated().map { service($1.name, ip: "198.19.6.\(11 + $0)", selector: "{one: \($1.name)}") }
+        } + backends.prefix(2).map(serverPod)
         let consumer = """
             apiVersion: gateway.networking.k8s.io/v1
             kind: TLSRoute
@@ -190,20 +194,13 @@ struct TLSRoutePassthroughTests {
               rules: [{backendRefs: [{name: tls-b, namespace: \(ns), port: 443}]}]
             """
         let lab = try LabHarness(files: ["pods.yaml": pods.joined(separator: "\n---\n"),
-                                         "services.yaml": services.joined(separator: "\n---\n"), "routes.yaml": consumer])
+                                         "services.yaml": services(backends.prefix(2)), "routes.yaml": consumer])
         defer { lab.down() }
         let mine = "tc/client", theirs = "\(ns)/client"
-        for b in backends.prefix(2) {
-            var up = false
-            for _ in 0..<300 where !up {
-                up = try lab.tool(in: theirs, ["tls-tally", b.address, "8443", "1", "probe"])["pods"] as? [String: Int] == [b.name: 1]
-                if !up { usleep(100_000) }
-            }
-            try #require(up, "\(b.name) never answered")
-        }
+        try waitUntilServing(lab, backends.prefix(2), from: theirs)
         func fromPod(_ pod: String, _ n: Int, sni: String?) throws -> (pods: [String: Int], errors: [String: Int]) {
-            let r = try lab.tool(in: pod, ["tls-tally", vip, "443", "\(n)", sni ?? "-"])
-            return (r["pods"] as? [String: Int] ?? [:], r["errors"] as? [String: Int] ?? [:])
+            let r = try tally(lab, vip, 443, n, sni: sni, from: pod)
+            return (r.pods, r.errors)
         }
         let routedBefore = try stat("n1", "tls_routed_total"), passedBefore = try stat("n1", "tcp_passthrough_total")
 
