@@ -268,13 +268,40 @@ enum Express {
     /// (X-Forwarded-For, X-Forwarded-Proto, Forwarded, Via), made once per
     /// connection, with and without X-Forwarded-Proto.
     struct ConnectionHeaders {
+        /// "x-forwarded-for: C\r\nx-forwarded-proto: http\r\nforwarded:
+        /// for=C;proto=http\r\nvia: 1.1 V", made once per connection in one
+        /// allocation (interpolated, it took ten).
         let withProto: [UInt8]
-        let withoutProto: [UInt8]
+        /// Where "\r\nx-forwarded-proto: http" is in `withProto`: a request
+        /// that names its own proto gets the lines around it.
+        let protoLine: Range<Int>
 
         init(client: String, via: String) {
-            let tail = "\r\nforwarded: for=\(client);proto=http\r\nvia: 1.1 \(via)"
-            withProto = Array("x-forwarded-for: \(client)\r\nx-forwarded-proto: http\(tail)".utf8)
-            withoutProto = Array("x-forwarded-for: \(client)\(tail)".utf8)
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(2 * client.utf8.count + via.utf8.count + 90)
+            bytes.append(contentsOf: "x-forwarded-for: ".utf8)
+            bytes.append(contentsOf: client.utf8)
+            let start = bytes.count
+            bytes.append(contentsOf: "\r\nx-forwarded-proto: http".utf8)
+            protoLine = start..<bytes.count
+            bytes.append(contentsOf: "\r\nforwarded: for=".utf8)
+            bytes.append(contentsOf: client.utf8)
+            bytes.append(contentsOf: ";proto=http\r\nvia: 1.1 ".utf8)
+            bytes.append(contentsOf: via.utf8)
+            withProto = bytes
+        }
+
+        /// The lines for a request: without x-forwarded-proto when it
+        /// carries its own.
+        func write(into out: inout ByteBuffer, hasProto: Bool) {
+            guard hasProto else {
+                out.writeBytes(withProto)
+                return
+            }
+            withProto.withUnsafeBytes { b in
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: b[..<protoLine.lowerBound]))
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: b[protoLine.upperBound...]))
+            }
         }
     }
 
@@ -302,7 +329,7 @@ enum Express {
     static func writeProxyHeaders(_ out: inout ByteBuffer, _ fixed: ConnectionHeaders, hasProto: Bool,
                                   hasRequestID: Bool, keep: Bool, loop: LoopState)
         -> (requestID: String?, span: TraceContext.Span?) {
-        out.writeBytes(hasProto ? fixed.withoutProto : fixed.withProto)
+        fixed.write(into: &out, hasProto: hasProto)
         // The rest in one write: "\r\nx-request-id: " + 36, "\r\ntraceparent: " + 55, "\r\n\r\n".
         let id = hasRequestID ? nil : Optional(HTTPProxyHandler.requestIDBits(using: &loop.random))
         let trace = TraceContext.freshIDs(random: &loop.random)

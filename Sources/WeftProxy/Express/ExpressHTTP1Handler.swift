@@ -933,7 +933,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                           closesClient: closeClient || delimited)
         }
         var head: ByteBuffer, length: Int, code: Int, framing: Express.Framing, close: Bool, closesClient: Bool
-        switch parsed {
+        // (Consumed: `head` is then the buffer's only holder, and the body
+        // read with it is written in place, not into a copy.)
+        switch consume parsed {
         case .incomplete:
             if raw.readableBytes > Self.maxRequest { broken(exchange, "a response head over \(Self.maxRequest) bytes") }
             return nil

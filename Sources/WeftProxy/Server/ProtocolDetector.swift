@@ -19,7 +19,7 @@ import WeftKernel
 /// is routed by those; one that no TLSRoute routes (the port has only
 /// other namespaces' consumer routes) goes to the Service itself as opaque
 /// TCP, at once, as the kernel would have sent it.
-final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
+final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler, NIOScheduledCallbackHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
 
@@ -28,7 +28,11 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private let proxy: ProxyContext
     private let origin: CapturedOrigin
     private var buffered: ByteBuffer?
-    private var timer: Scheduled<Void>?
+    /// The detect timeout: this handler is its callback (no closure,
+    /// promise or Scheduled made per connection for it).
+    private var timer: NIOScheduledCallback?
+    /// Set while the timer runs, for its callback.
+    private var timedContext: ChannelHandlerContext?
     private var decided = false
     /// The client shut its side (FIN) before the verdict: passed on once the
     /// pipeline behind is set up (connections allow half-closure, so a
@@ -64,11 +68,23 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         let timeout = proxy.configuration.detectTimeout
-        timer = context.eventLoop.assumeIsolated().scheduleTask(in: .init(timeout)) { [weak self] in
-            guard let self else { return }
-            if self.sniRouted { return self.refuse("no ClientHello in time", context: context) }
-            self.decide(.tcp, context: context)
-        }
+        timedContext = context
+        timer = try? context.eventLoop.assumeIsolated().scheduleCallback(in: .init(timeout), handler: self)
+    }
+
+    func handleScheduledCallback(eventLoop: some EventLoop) {
+        timer = nil
+        guard let context = timedContext else { return }
+        timedContext = nil
+        if sniRouted { return refuse("no ClientHello in time", context: context) }
+        decide(.tcp, context: context)
+    }
+
+    /// Stops the detect timeout: decided, refused or closed.
+    private func stopTimer() {
+        timer?.cancel()
+        timer = nil
+        timedContext = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -91,7 +107,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        timer?.cancel()
+        stopTimer()
         context.fireChannelInactive()
     }
 
@@ -144,7 +160,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private func decide(_ verdict: Verdict, context: ChannelHandlerContext) {
         guard !decided else { return }
         decided = true
-        timer?.cancel()
+        stopTimer()
         let pipeline = context.pipeline.syncOperations
         do {
             switch verdict {
@@ -219,7 +235,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             return refuse("TLSRoute \(action.name) has no ready backend", context: context)
         }
         decided = true
-        timer?.cancel()
+        stopTimer()
         proxy.stats.tlsRouted.add(1, ordering: .relaxed)
         TCPPassthrough.start(context: context, proxy: proxy, origin: origin,
                              tls: .init(serverName: name, route: action.name, cluster: chosen.cluster))
@@ -228,7 +244,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private func refuse(_ reason: String, context: ChannelHandlerContext) {
         guard !decided else { return }
         decided = true
-        timer?.cancel()
+        stopTimer()
         buffered = nil
         proxy.stats.tlsRefused.add(1, ordering: .relaxed)
         proxy.logger.debug("TLS connection closed", metadata: ["to": "\(origin.vip):\(origin.port)", "reason": "\(reason)"])

@@ -151,27 +151,33 @@ public enum ProxyServer {
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
-            // (tcpOption: socketOption(.tcp_nodelay) is SOL_SOCKET's option
-            // 1, SO_DEBUG, which is what the proxy set here until 2026-12.)
-            .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
-            // A client's FIN is a half-close: TCP streams pass it on, and
-            // HTTP answers what is in flight before closing.
-            .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    guard let remote = channel.remoteAddress, let ip = remote.ipAddress, let client = IPv4Address(ip),
-                          let port = remote.port else {
+                    // (The address as the kernel gave it: no text made and parsed again.)
+                    guard case .v4(let remote)? = channel.remoteAddress else {
                         channel.close(promise: nil)
                         return
                     }
+                    let client = IPv4Address(networkOrder: remote.address.sin_addr.s_addr)
+                    let port = UInt16(bigEndian: remote.address.sin_port)
                     // Who dialed what: written by sockops before the handshake
                     // finished, so it is there now. No entry: the connection was
                     // not captured (someone dialed :15001 directly).
-                    guard let origin = try? origins.take(client: client, port: UInt16(port)) else {
+                    guard let origin = try? origins.take(client: client, port: port) else {
                         proxy.stats.noOrigin.add(1, ordering: .relaxed)
                         channel.close(promise: nil)
                         return
                     }
+                    // Set here, on the channel's own loop, rather than as the
+                    // bootstrap's child options, which NIO applies through a
+                    // chain of futures (16 allocations a connection).
+                    // (tcpOption: socketOption(.tcp_nodelay) is SOL_SOCKET's
+                    // option 1, SO_DEBUG, which the proxy set until 2026-12.)
+                    let options = channel.syncOptions
+                    try options?.setOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
+                    // A client's FIN is a half-close: TCP streams pass it on, and
+                    // HTTP answers what is in flight before closing.
+                    try options?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                     try adopt(channel, origin: origin, proxy: proxy)
                 }
             }
