@@ -47,7 +47,7 @@ It sees slowdowns of 3x or more: on a busy afternoon the host also slows the VM 
 longer, and that still shows in the quiet figures, which is why rounds disturbed for more than
 a quarter of a run are run again.
 """
-ORDER = ["datapath", "policy", "udp", "proxy", "proxy_pinned", "proxy_p99", "proxy_p99_pinned", "proxy_new", "shortcut", "observability", "resilience_express", "resilience", "mtls", "tls"]
+ORDER = ["datapath", "policy", "udp", "proxy", "proxy_pinned", "proxy_p99", "proxy_p99_pinned", "proxy_new", "proxy_alloc", "shortcut", "observability", "resilience_express", "resilience", "mtls", "tls"]
 
 
 def write_section(name, lines):
