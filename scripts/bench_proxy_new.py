@@ -62,7 +62,8 @@ def report(rounds):
         f"release build at {revision()}; {ROUNDS} rounds rotating the order of the sides, medians. The lab, proxies and "
         "configurations of `scripts/bench proxy` (its section is above), HTTP/1.1: each proxy keeps its connections to the "
         f"backend alive. Load: {h2}, {NEW_RATE} new connections a second for {NEW_S} s, one request on each, closed after "
-        "its answer (a client without keep-alive). *CPU per connection*: the proxy's processes' CPU time over the "
+        "its answer (a client without keep-alive). *CPU per connection*: the proxy's processes' CPU time (the scheduler's "
+        "count in ns, every thread; until 2026-12-06 whole 10 ms clock ticks, a dozen or so a run) over the "
         "connections answered; *time to first byte*: h2load's mean, connect to the answer's first byte, and that minus "
         "direct's in the same round.",
         "",
