@@ -72,6 +72,12 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler, NI
         timer = try? context.eventLoop.assumeIsolated().scheduleCallback(in: .init(timeout), handler: self)
     }
 
+    /// Out of the pipeline (decided, or the channel torn down before it
+    /// was ever active): the timer, which holds this handler, goes too.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        stopTimer()
+    }
+
     func handleScheduledCallback(eventLoop: some EventLoop) {
         timer = nil
         guard let context = timedContext else { return }
