@@ -119,6 +119,37 @@ import WeftStatus
         try loop.syncShutdownGracefully()
     }
 
+    @Test func headScratchWritesOverItsStorageOnlyOnceNothingElseHoldsIt() {
+        var scratch = LoopState.Scratch()
+        // (Told apart by capacity: kept storage keeps the 4 KiB it was
+        // first given; new storage has the few bytes asked for.)
+        /// A head written and handed on, as the express paths do; `held`
+        /// keeps a copy, as NIO's pending write does until it is out.
+        func head(_ text: String, asking: Int = 16, held: inout [ByteBuffer]) -> Int {
+            var buffer = scratch.take(capacity: asking)
+            buffer.writeString(text)
+            held.append(buffer)
+            scratch.giveBack(buffer)
+            return buffer.capacity
+        }
+        var pending: [ByteBuffer] = []
+        #expect(head("first head", asking: 4096, held: &pending) >= 4096)
+        // The first is not written out yet: the second gets storage of its
+        // own, and the first's bytes stay as they were.
+        #expect(head("second head", held: &pending) < 4096)
+        #expect(pending.map { String(buffer: $0) } == ["first head", "second head"])
+        // Written out: the next head is written over the kept storage.
+        pending.removeAll()
+        #expect(head("third", asking: 4096, held: &pending) >= 4096)
+        pending.removeAll()
+        #expect(head("fourth", held: &pending) >= 4096)
+        pending.removeAll()
+        // Storage grown past the limit is not kept.
+        #expect(head("fifth", asking: LoopState.Scratch.largest + 1, held: &pending) > LoopState.Scratch.largest)
+        pending.removeAll()
+        #expect(head("sixth", held: &pending) < 4096)
+    }
+
     @Test func idsWrittenInPlaceAreTheSameAsTheirStrings() {
         // Known bits, known text: the express paths write these straight into the request.
         var out = ByteBuffer()

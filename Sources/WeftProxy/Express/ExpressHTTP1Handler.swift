@@ -666,7 +666,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
 
         // The request the backend gets: the client's head without its
         // hop-by-hop lines, then the proxy's own headers, then the body.
-        var out = context.channel.allocator.buffer(capacity: total + 256)
+        var out = loop.requestHeads.take(capacity: total + 256)
         if strip {
             let firstField = fields.first?.name.lowerBound ?? (length - 2)
             var copier = RunCopier()
@@ -782,6 +782,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         exchange.outgoing = nil
         upstream.owner = self
         upstream.send(outgoing)
+        loop?.requestHeads.giveBack(outgoing)
     }
 
     private func connectFailed(_ error: any Error) {
@@ -833,6 +834,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
                 bytes.moveReaderIndex(to: bytes.writerIndex)
                 guard let (head, rest) = responseHead(exchange, context: context) else { return }
                 send(head, context)
+                loop?.responseHeads.giveBack(head)
                 bytes = rest
                 if case .length(0) = exchange.framing { responseEnded(exchange, extra: bytes.readableBytes) }
                 if self.exchange !== exchange { return }
@@ -883,7 +885,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             let framing = body.framing, chunked = body.chunked, named = body.named
             let closeClient = !exchange.keepAlive || quiescing
             // Room for the body read with the head, when it goes out in the same write.
-            var out = context.channel.allocator.buffer(capacity: length + 32 + min(p.count - length, Self.sameWrite))
+            var out = loop?.responseHeads.take(capacity: length + 32 + min(p.count - length, Self.sameWrite))
+                ?? context.channel.allocator.buffer(capacity: length + 32 + min(p.count - length, Self.sameWrite))
             var lineEnd = 8
             while p[lineEnd] != 13 { lineEnd += 1 }
             var copier = RunCopier()
@@ -957,6 +960,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             exchange.head = raw.readableBytes > 0 ? raw : nil
             exchange.framing = .head
             send(head, context)
+            loop?.responseHeads.giveBack(head)
             if let more = exchange.head {
                 exchange.head = nil
                 upstreamRead(more)

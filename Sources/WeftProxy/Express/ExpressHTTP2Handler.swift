@@ -536,7 +536,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
             size += name.utf8.count + value.utf8.count + 4
         }
-        var out = context.channel.allocator.buffer(capacity: size + connectionHeaders.withProto.count + 126)
+        var out = loop.requestHeads.take(capacity: size + connectionHeaders.withProto.count + 126)
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
             var i = 0
             func put(_ s: String) {
@@ -664,6 +664,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             stream.outgoing = nil
             if var body = stream.body { outgoing.writeBuffer(&body) }
             upstream.send(outgoing)
+            loop?.requestHeads.giveBack(outgoing)
         }
     }
 
@@ -779,7 +780,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             stream.session?.outcome.count(proxy.stats)
             let session = stream.session?.field
             if let session { size += HPACKLiteral.bound(name: session.name.utf8.count, value: session.value.utf8.count) }
-            var block = ByteBufferAllocator().buffer(capacity: size)
+            var block = loop?.responseHeads.take(capacity: size) ?? ByteBufferAllocator().buffer(capacity: size)
             block.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { b in
                 var i = 0
                 HPACKLiteral.status(status.code, into: b, at: &i)
@@ -848,6 +849,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             }
             // (Not tracked: the stream's later frames are, and they go out after it.)
             write(stream, .block(headers, endStream: false), tracked: false)
+            loop?.responseHeads.giveBack(headers)
             return (raw, nil)
         }
     }
@@ -946,6 +948,7 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         end(stream, flags: malformed ? "UPE" : "-")
         if let head {
             write(stream, .block(head, endStream: true))
+            loop.responseHeads.giveBack(head)
         } else if let trailers {
             if let last { writeData(stream, last) }
             if malformed { return reset(stream) }

@@ -159,6 +159,36 @@ final class LoopState: @unchecked Sendable {
     /// This loop's share of the proxy's request counters (ProxyStats.LoopCounters).
     let counters: ProxyStats.LoopCounters
 
+    /// Storage the express paths write whole heads into, kept between
+    /// requests: a head is built in it, handed to NIO and the buffer given
+    /// back (`Scratch`); the next head on this loop writes over the same
+    /// storage if NIO has written the last one out by then (it usually has:
+    /// writes go out within the loop's turn), and gets new storage if not.
+    /// A head so costs no allocation, where a buffer of its own cost two.
+    var requestHeads = Scratch()
+    var responseHeads = Scratch()
+
+    struct Scratch {
+        private var kept = ByteBuffer()
+
+        /// An empty buffer of at least `capacity`: the kept storage when
+        /// nothing else holds it any more, new storage otherwise.
+        mutating func take(capacity: Int) -> ByteBuffer {
+            var buffer = kept
+            kept = ByteBuffer()
+            buffer.clear(minimumCapacity: capacity)
+            return buffer
+        }
+
+        /// The buffer back, once it is handed on; storage grown past
+        /// `Scratch.largest` is let go rather than kept.
+        mutating func giveBack(_ buffer: ByteBuffer) {
+            if buffer.capacity <= Self.largest { kept = buffer }
+        }
+
+        static let largest = 64 * 1024
+    }
+
     init(pool: UpstreamPool, counters: ProxyStats.LoopCounters) {
         self.pool = pool
         self.counters = counters
