@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import sh, write_section  # noqa: E402
+from benchdoc import h2load_requests, sh, write_section  # noqa: E402
 from bench_proxy import BACKEND_CONF  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -112,12 +112,8 @@ def pingpong(tool, mode, host):
 def h2load_rps():
     out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", "-c", "16", "-m", "1", "-t", "1",
              "-D", str(int(SECONDS)), "--warm-up-time", "1", f"http://{L7_VIP}/")
-    done = failed = 0
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            words = line.replace(",", "").split()
-            done = int(words[words.index("succeeded") - 1])
-            failed = int(words[words.index("failed") - 1]) + int(words[words.index("errored") - 1])
+    counts = h2load_requests(out)
+    done, failed = counts["succeeded"], counts["failed"] + counts["errored"]
     if failed or not done:
         raise SystemExit(f"h2load failed: {out}")
     return done / int(SECONDS)
@@ -164,11 +160,7 @@ def l7_accounting(rate):
     out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", "-c", "16", "-m", "1", "-t", "1",
              "-D", str(int(SECONDS)), "--rps", str(rate // 16), f"http://{L7_VIP}/")
     cpu1 = process_cpu_seconds(pid)
-    done = 0
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            words = line.replace(",", "").split()
-            done = int(words[words.index("succeeded") - 1])
+    done = h2load_requests(out)["succeeded"]
     return {"requests": done, "proxy_us_per_req": (cpu1 - cpu0) * 1e6 / max(done, 1)}
 
 

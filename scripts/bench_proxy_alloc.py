@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import revision, sh, write_section  # noqa: E402
+from benchdoc import h2load_requests, revision, sh, write_section  # noqa: E402
 from bench_proxy import TARGETS, WEFT, pids_of, proxies_lab  # noqa: E402
 
 ROUNDS = int(os.environ.get("WEFT_BENCH_ALLOC_ROUNDS", "3"))
@@ -63,11 +63,7 @@ def counted(pids, flags, count, url):
     finally:
         perf.send_signal(2)
         perf.wait()
-    done = 0
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            words = line.replace(",", "").split()
-            done = int(words[words.index("succeeded") - 1])
+    done = h2load_requests(out)["succeeded"]
     if done == 0:
         raise SystemExit(f"h2load to {url} answered nothing: {out[-1500:]}")
     got = {}

@@ -39,7 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import NodeProcesses, revision, sh, write_section  # noqa: E402
+from benchdoc import NodeProcesses, h2load_requests, revision, sh, write_section  # noqa: E402
 from bench_proxy import DISTURBED, RETRIES, added_over, cpu_seconds, h2load, h2load_watched, pids_of, rss_mib, until_calm  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -213,12 +213,9 @@ def h2load_new(extra, url, proxy_pids, rate, seconds):
     out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", *extra, "-r", str(per_tenth),
              "--rate-period", "100ms", "-c", str(total), "-n", str(total), "-t", "1", url)
     cpu = cpu_seconds(proxy_pids) - c0
-    done = 0
+    done = h2load_requests(out)["succeeded"]
     ttfb = None
     for line in out.splitlines():
-        if line.startswith("requests:"):
-            words = line.replace(",", "").split()
-            done = int(words[words.index("succeeded") - 1])
         if line.startswith("time to 1st byte:"):
             ttfb = duration_us(line.split(":", 1)[1].split()[2])
     if ttfb is None or done == 0:

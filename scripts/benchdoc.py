@@ -87,6 +87,19 @@ def write_config(config, name, text):
     os.rename(tmp, os.path.join(config, name))
 
 
+def h2load_requests(out):
+    """The counts on h2load's "requests:" line (total, started, done,
+    succeeded, failed, errored, timeout), by name; zeros if it has none."""
+    counts = dict.fromkeys(["total", "started", "done", "succeeded", "failed", "errored", "timeout"], 0)
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            words = line.replace(",", "").split()
+            for name in counts:
+                if name in words:
+                    counts[name] = int(words[words.index(name) - 1])
+    return counts
+
+
 def sh(*args, check=True, input=None):
     """Runs a command; its stdout, or exit with what it said."""
     r = subprocess.run(list(args), capture_output=True, text=True, input=input)

@@ -46,12 +46,10 @@ struct RouteCommand: ParsableCommand {
             guard let (key, frontend) = try destination(in: table) else { return try reportKernel(kernel()) }
             var routes = frontend
             var scope = "the Service's own routes"
-            var client = "-"
             if let from {
                 guard let ref = table.workloads?.values.first(where: { "\($0.namespace)/\($0.name)" == from }) else {
                     throw ValidationError("--from \(from): no such pod (namespace/name, as `weft get workloads` shows)")
                 }
-                client = from
                 if let consumers = frontend.consumers?[ref.namespace] {
                     routes = consumers.applied(to: frontend)
                     scope = "the consumer routes of namespace \(ref.namespace)"
@@ -61,7 +59,7 @@ struct RouteCommand: ParsableCommand {
                 scope += " (namespace\(consumers.count == 1 ? "" : "s") \(consumers.keys.sorted().joined(separator: ", ")) "
                     + "route\(consumers.count == 1 ? "s" : "") its own clients by consumer routes: --from NS/POD shows theirs)"
             }
-            if routes.sni != nil { return try reportTLS(key, routes, table, client: client, scope: scope) }
+            if routes.sni != nil { return try reportTLS(key, routes, table, scope: scope) }
             // As the proxy does first: the path in normal form (RequestPath).
             var target = path
             switch RequestPath.normalize(target: path, mode: table.pathNormalization ?? .base) {
@@ -78,7 +76,7 @@ struct RouteCommand: ParsableCommand {
             }
             let request = RouteMatcher.Request(method: method.uppercased(), path: parts[0], query: parts.count > 1 ? parts[1] : nil,
                                                header: { headers[$0] ?? [] })
-            let what = "\(method.uppercased()) \(target == path ? path : "\(path) (as \(target))")\(client == "-" ? "" : " from \(client)") to \(key) (\(frontend.name))"
+            let what = "\(method.uppercased()) \(target == path ? path : "\(path) (as \(target))")\(sender) to \(key) (\(frontend.name))"
             guard let (action, match) = RouteMatcher(routes).route(request) else {
                 report(["request": what, "routes": scope, "rule": NSNull(), "answer": "404: no rule matches"],
                        text: ["request:  \(what)", "routes:   \(scope)", "rule:     none matches: the proxy answers 404"])
@@ -133,12 +131,15 @@ struct RouteCommand: ParsableCommand {
             return (total, rows, json)
         }
 
+        /// " from NS/POD" when --from names the client, for the report's first line.
+        private var sender: String { from.map { " from \($0)" } ?? "" }
+
         /// A TLSRoute's port: the route the server name matches, as the
         /// proxy picks it (ProxyTable.SNIMatch), and its split.
-        private func reportTLS(_ key: String, _ frontend: ProxyTable.Frontend, _ table: ProxyTable, client: String, scope: String) throws {
+        private func reportTLS(_ key: String, _ frontend: ProxyTable.Frontend, _ table: ProxyTable, scope: String) throws {
             let matches = frontend.sni ?? []
             let name = sni?.lowercased()
-            let what = "TLS ClientHello with server name \(name ?? "(none)")\(client == "-" ? "" : " from \(client)") to \(key) (\(frontend.name))"
+            let what = "TLS ClientHello with server name \(name ?? "(none)")\(sender) to \(key) (\(frontend.name))"
             if matches.isEmpty {
                 // Only other namespaces' consumer TLSRoutes attach here.
                 let (_, rows, json) = Self.backends([(frontend.cluster, 1)], table, empty: "no endpoint ready")

@@ -885,8 +885,8 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             let framing = body.framing, chunked = body.chunked, named = body.named
             let closeClient = !exchange.keepAlive || quiescing
             // Room for the body read with the head, when it goes out in the same write.
-            var out = loop?.responseHeads.take(capacity: length + 32 + min(p.count - length, Self.sameWrite))
-                ?? context.channel.allocator.buffer(capacity: length + 32 + min(p.count - length, Self.sameWrite))
+            let room = length + 32 + min(p.count - length, Self.sameWrite)
+            var out = loop?.responseHeads.take(capacity: room) ?? context.channel.allocator.buffer(capacity: room)
             var lineEnd = 8
             while p[lineEnd] != 13 { lineEnd += 1 }
             var copier = RunCopier()
