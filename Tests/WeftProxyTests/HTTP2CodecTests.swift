@@ -185,6 +185,38 @@ import Testing
         #expect(pair.above.closed.map(\.0) == [1])
     }
 
+    /// A closed stream's object is taken again for the next stream
+    /// (HTTP2Codec.newStream): the next one starts as new all the same,
+    /// with the whole send window and neither side ended.
+    @Test func aStreamAfterAClosedOneStartsAfresh() throws {
+        var settings = nioDefaultSettings
+        settings.append(HTTP2Setting(parameter: .initialWindowSize, value: 1_000))
+        let pair = try Pair(clientSettings: settings)
+        defer { pair.finish() }
+        func answer(_ id: HTTP2StreamID) throws -> [Int] {
+            try pair.server.writeAndFlush(HTTP2Frame(streamID: id, payload: .headers(.init(headers: [":status": "200"])))).wait()
+            let body = ByteBuffer(repeating: 1, count: 1_000)
+            pair.server.writeAndFlush(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(body), endStream: true))),
+                                      promise: nil)
+            pair.shuttle()
+            pair.server.embeddedEventLoop.run()
+            return Self.dataSizes(pair.clientFrames())
+        }
+        try pair.request(1, Self.get)
+        #expect(try answer(1) == [1_000], "stream 1 takes its whole window")
+        #expect(pair.above.closed.map(\.0) == [1])
+        _ = pair.above.take()
+        // Stream 3: its body comes after its HEADERS (not ended by the
+        // stream before it), then the whole window goes again.
+        try pair.request(3, [":method": "POST", ":scheme": "http", ":path": "/", ":authority": "a"], end: false)
+        try pair.client.writeAndFlush(HTTP2Frame(streamID: 3, payload: .data(.init(data: .byteBuffer(ByteBuffer(string: "hello")),
+                                                                                   endStream: true)))).wait()
+        pair.shuttle()
+        #expect(Self.dataSizes(pair.above.take()) == [5])
+        #expect(try answer(3) == [1_000], "stream 3 has a window of its own")
+        #expect(pair.above.closed.map(\.0) == [1, 3])
+    }
+
     /// Stream channels open their windows with WINDOW_UPDATE frames; the
     /// codec tells them each window's size as DATA comes and as they do.
     @Test func inboundWindowsAreReportedAndReopened() throws {

@@ -453,14 +453,14 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         self.routing = routing
         guard routing.serves, let matcher = routing.matcher else { return .handOver }
         let snapshot = routing.snapshot
-        var method: String?, target: String?, authority: String?
+        var method: String?, target: String?, authorityField: String?
         var hasHost = false, hasProto = false, hasRequestID = false, grpc = false, web = false, cookies = 0
         for (name, value, _) in h.headers {
             if name.utf8.first == UInt8(ascii: ":") {
                 switch name.utf8.count {  // (by length first, as HTTP2Fields.pseudo)
                 case 7 where name == ":method": method = value
                 case 5 where name == ":path": target = value
-                case 10 where name == ":authority": authority = value
+                case 10 where name == ":authority": authorityField = value
                 case 7 where name == ":scheme": break
                 default: return .handOver
                 }
@@ -494,7 +494,10 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
             }
         }
         guard let method, let target, method != "CONNECT", target.utf8.first == UInt8(ascii: "/"),
-              authority != nil || hasHost else { return .handOver }
+              authorityField != nil || hasHost else { return .handOver }
+        // A constant for the closures below: a variable an escaping closure
+        // captures is boxed on the heap, an allocation per request.
+        let authority = authorityField
         // A body: declared, and small enough to be read whole first.
         if h.endStream { bodyLength = 0 }
         guard let bodyLength else { return .handOver }

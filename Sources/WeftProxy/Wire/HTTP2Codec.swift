@@ -87,10 +87,10 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// One stream, open or half-closed.
     private final class Stream {
-        let id: HTTP2StreamID
+        private(set) var id = HTTP2StreamID.rootStream
         /// What we may still send on it, and what the peer may.
-        var sendWindow: Int
-        var receiveWindow: Int
+        var sendWindow = 0
+        var receiveWindow = 0
         /// The peer ended its side (END_STREAM), and we did ours (the
         /// frame with END_STREAM is in the output, not waiting on a window).
         var remoteEnded = false
@@ -104,10 +104,40 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         var waiting: [(Outgoing, EventLoopPromise<Void>?)] = []
 
         init(id: HTTP2StreamID, sendWindow: Int, receiveWindow: Int) {
+            reopen(id: id, sendWindow: sendWindow, receiveWindow: receiveWindow)
+        }
+
+        /// Every field as a new stream has it (init, and a closed stream's
+        /// object taken again: a field added above is set here too).
+        func reopen(id: HTTP2StreamID, sendWindow: Int, receiveWindow: Int) {
             self.id = id
             self.sendWindow = sendWindow
             self.receiveWindow = receiveWindow
+            remoteEnded = false
+            localEnded = false
+            endQueued = false
+            headersReceived = false
+            waiting.removeAll(keepingCapacity: true)
         }
+    }
+
+    /// Closed streams' objects, taken again for new streams (an allocation
+    /// and a free a request saved): only one nothing else still holds
+    /// (isKnownUniquelyReferenced), so no reference kept to a stream that
+    /// closed ever sees a new one in its place.
+    private var spare: [Stream] = []
+    private static let maxSpare = 4
+
+    private func newStream(_ id: HTTP2StreamID) -> Stream {
+        if !spare.isEmpty {
+            if isKnownUniquelyReferenced(&spare[spare.count - 1]) {
+                let stream = spare.removeLast()
+                stream.reopen(id: id, sendWindow: peerInitialWindow, receiveWindow: settings.initialWindow)
+                return stream
+            }
+            spare.removeLast()
+        }
+        return Stream(id: id, sendWindow: peerInitialWindow, receiveWindow: settings.initialWindow)
     }
 
     private enum ConnectionError: Error {
@@ -562,7 +592,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             return streamError(id, .refusedStream, context: context)
         }
         guard streams.count < settings.maxConcurrentStreams else { return streamError(id, .refusedStream, context: context) }
-        let stream = Stream(id: id, sendWindow: peerInitialWindow, receiveWindow: settings.initialWindow)
+        let stream = newStream(id)
         stream.remoteEnded = endStream
         streams[id] = stream
         deliver(frame, context: context)
@@ -737,6 +767,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             for (_, promise) in waiting { promise?.fail(error) }
         }
         deliver(StreamClosedEvent(streamID: stream.id, reason: reason), context: context)
+        if spare.count < Self.maxSpare { spare.append(stream) }
     }
 
     // MARK: to the handlers above
@@ -896,7 +927,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
             return nil
         }
         lastStreamID = id
-        let stream = Stream(id: id, sendWindow: peerInitialWindow, receiveWindow: settings.initialWindow)
+        let stream = newStream(id)
         streams[id] = stream
         return stream
     }
