@@ -126,7 +126,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
     /// (isKnownUniquelyReferenced), so no reference kept to a stream that
     /// closed ever sees a new one in its place.
     private var spare: [Stream] = []
-    private static let maxSpare = 4
+    private static let maxSpare = 16
 
     private func newStream(_ id: HTTP2StreamID) -> Stream {
         if !spare.isEmpty {
