@@ -12,8 +12,13 @@ processes while h2load sends a fixed number of requests:
   kept-alive HTTP/1.1  16 connections, one request at a time on each
   HTTP/2               4 connections x 8 streams (h2c, prior knowledge)
   new connections      HTTP/1.1, one request on each, closed after it
-Each count is divided by the requests (or connections) answered; medians of
-ROUNDS rounds. Counts, not times: they hardly move from run to run, which is
+For Weft also the Swift runtime's reference counting (swift_retain and
+swift_release, and their _n forms, uprobes on the weft binary's own copies:
+the runtime is linked in): each call an atomic instruction on the object's
+count, the cost of Swift's memory model that C proxies do not pay, and
+where most of Weft's per-request CPU above the kernel's goes that malloc
+does not show. Each count is divided by the requests (or connections)
+answered; medians of ROUNDS rounds. Counts, not times: they hardly move from run to run, which is
 what makes them a check on a change to the proxy. Results: the `proxy_alloc`
 section of docs/benchmarks.md.
 """
@@ -40,6 +45,8 @@ LOADS = {
 }
 WARM = {"HTTP/1.1": LOADS["kept-alive HTTP/1.1"][1], "HTTP/2": LOADS["HTTP/2"][1]}
 EVENTS = ["probe_libc:malloc", "raw_syscalls:sys_enter"]
+# Swift's reference counting, in the weft binary (its runtime linked in).
+REFCOUNT = ["swift_retain", "swift_release", "swift_retain_n", "swift_release_n"]
 
 
 def libc_of(pid):
@@ -51,11 +58,27 @@ def libc_of(pid):
     raise SystemExit(f"process {pid} maps no C library")
 
 
-def counted(pids, flags, count, url):
+def refcount_probes(exe):
+    """Uprobes on the Swift runtime's reference counting in `exe` (by address:
+    the binary has no debug information for perf to find them by name)."""
+    symbols = {}
+    for line in sh("nm", exe).splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] in REFCOUNT:
+            symbols[parts[2]] = int(parts[0], 16)
+    missing = [name for name in REFCOUNT if name not in symbols]
+    if missing:
+        raise SystemExit(f"{exe} has no {', '.join(missing)} (is the Swift runtime linked in?)")
+    for name in REFCOUNT:
+        subprocess.run(["perf", "probe", "-q", "-x", exe, "-a", f"{name}=0x{symbols[name]:x}"], check=True)
+    return [f"probe_weft:{name}" for name in REFCOUNT]
+
+
+def counted(pids, flags, count, url, extra=()):
     """h2load's run with `perf stat` on `pids`: each event per request (or
     connection) answered."""
     out_file = f"/tmp/weft-bench-alloc-{os.getpid()}.stat"
-    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join(EVENTS), "-o", out_file,
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join([*EVENTS, *extra]), "-o", out_file,
                              "-p", ",".join(map(str, pids))], stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)  # (perf attached to every thread)
@@ -73,7 +96,9 @@ def counted(pids, flags, count, url):
             if len(parts) > 3 and parts[0].strip().isdigit():
                 got[parts[2]] = int(parts[0]) / done
     os.unlink(out_file)
-    return {"malloc": got["probe_libc:malloc"], "syscalls": got["raw_syscalls:sys_enter"], "failed": count - done}
+    refcount = sum(got[e] for e in extra) if extra else None
+    return {"malloc": got["probe_libc:malloc"], "syscalls": got["raw_syscalls:sys_enter"], "refcount": refcount,
+            "failed": count - done}
 
 
 def main():
@@ -81,6 +106,9 @@ def main():
     probes = []
     try:
         with proxies_lab() as pids:
+            subprocess.run(["perf", "probe", "-q", "-d", "probe_weft:*"], stderr=subprocess.DEVNULL)
+            weft_exe = os.path.realpath(f"/proc/{pids['weft']}/exe")
+            refcount = refcount_probes(weft_exe)
             for side in SIDES:
                 lib = libc_of(pids_of(pids[side])[0])
                 if lib not in probes:
@@ -95,12 +123,14 @@ def main():
                         url = TARGETS[side][proto]
                         # Warm: pools filled, connections to the backend open.
                         sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", *WARM[proto], "-n", "2000", "-t", "1", url)
-                        r = counted(proc, flags, count, url)
+                        r = counted(proc, flags, count, url, extra=refcount if side == "weft" else ())
                         rounds[(side, load)].append(r)
-                        print(f"round {k + 1} {side} {load}: {r['malloc']:.2f} malloc, {r['syscalls']:.2f} syscalls, "
+                        rc = f", {r['refcount']:.1f} retain/release" if r["refcount"] is not None else ""
+                        print(f"round {k + 1} {side} {load}: {r['malloc']:.2f} malloc, {r['syscalls']:.2f} syscalls{rc}, "
                               f"failed {r['failed']}", flush=True)
     finally:
         subprocess.run(["perf", "probe", "-q", "-d", "probe_libc:malloc"], stderr=subprocess.DEVNULL)
+        subprocess.run(["perf", "probe", "-q", "-d", "probe_weft:*"], stderr=subprocess.DEVNULL)
     report(rounds)
 
 
@@ -116,16 +146,20 @@ def report(rounds):
         "library's malloc (a uprobe) and system calls, over what h2load "
         f"({h2}) had answered: {REQUESTS} requests on 16 kept-alive HTTP/1.1 connections, {REQUESTS} on 4 HTTP/2 "
         f"connections x 8 streams, and {CONNECTIONS} new HTTP/1.1 connections with one request each. Weft's Swift objects "
-        "are malloc's; HAProxy and nginx take most of theirs from pools of their own, which this does not see.",
+        "are malloc's; HAProxy and nginx take most of theirs from pools of their own, which this does not see. "
+        "*retain/release*: Weft's calls to the Swift runtime's swift_retain and swift_release (and their _n forms; "
+        "uprobes on the weft binary), each an atomic update of an object's reference count; C has none.",
         "",
-        "| load | per | side | malloc | system calls | failed |",
-        "|---|---|---|---|---|---|",
+        "| load | per | side | malloc | system calls | retain/release | failed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for load, (_, _, _, unit) in LOADS.items():
         for side in SIDES:
             runs = rounds[(side, load)]
+            counts = [r["refcount"] for r in runs if r["refcount"] is not None]
+            refcount = f"{median(counts):.0f}" if counts else "–"
             lines.append(f"| {load} | {unit} | {side} | {median(r['malloc'] for r in runs):.1f} | "
-                         f"{median(r['syscalls'] for r in runs):.1f} | {sum(r['failed'] for r in runs)} |")
+                         f"{median(r['syscalls'] for r in runs):.1f} | {refcount} | {sum(r['failed'] for r in runs)} |")
     write_section("proxy_alloc", lines)
     print("\n".join(lines))
 
