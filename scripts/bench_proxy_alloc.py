@@ -15,10 +15,11 @@ processes while h2load sends a fixed number of requests:
 For Weft also the Swift runtime's reference counting (swift_retain and
 swift_release, and their _n forms, uprobes on the weft binary's own copies:
 the runtime is linked in): each call an atomic instruction on the object's
-count, the cost of Swift's memory model that C proxies do not pay, and
-where most of Weft's per-request CPU above the kernel's goes that malloc
-does not show. Each count is divided by the requests (or connections)
-answered; medians of ROUNDS rounds. Counts, not times: they hardly move from run to run, which is
+count, a cost of Swift's memory model that C proxies do not pay and malloc
+does not show (the two functions took about a fifth of the proxy's CPU
+samples under the HTTP/2 load in a perf profile, 2026-12-06). Each count
+is divided by the requests (or connections) answered; medians of ROUNDS
+rounds. Counts, not times: they hardly move from run to run, which is
 what makes them a check on a change to the proxy. Results: the `proxy_alloc`
 section of docs/benchmarks.md.
 """
