@@ -54,7 +54,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import revision, NodeProcesses, sh, write_section  # noqa: E402
+from benchdoc import NodeProcesses, h2load_requests, revision, sh, write_section  # noqa: E402
 from hostwatch import HostWatch, quiet  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -333,11 +333,8 @@ def h2load(url, load, seconds, rate=None, shape=None, processes=1, keep_rows=Fal
     done = sum(statuses.values())
     failed = done - statuses.get("200", 0)
     for out in outs:
-        for line in out.splitlines():
-            if line.startswith("requests:"):
-                # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
-                words = line.replace(",", "").split()
-                failed += int(words[words.index("failed") - 1]) + int(words[words.index("errored") - 1])
+        counts = h2load_requests(out)
+        failed += counts["failed"] + counts["errored"]
     rows.sort()
     result = {"requests": done, "rate": done / seconds, "failed": failed}
     result.update(percentiles(rows))
