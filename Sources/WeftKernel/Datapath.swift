@@ -47,8 +47,9 @@ public struct Datapath: Sendable {
         guard let cgroupID = Host.cgroupID(cgroupPath) else { throw KernelError.fromErrno("stat cgroup \(cgroupPath)") }
 
         var programs: [Program] = []
-        // The shortcut's object is optional and attached apart (Shortcut.swift).
-        for embedded in EmbeddedBPFObject.all where embedded.name != Shortcut.objectName {
+        // The shortcut's object is optional and attached apart (Shortcut.swift);
+        // the listeners' is the proxy's own (ListenerSpread.swift).
+        for embedded in EmbeddedBPFObject.all where embedded.name != Shortcut.objectName && embedded.name != ListenerSpread.objectName {
             programs += try attachObject(embedded, pinDirectory: pinDirectory, cgroupFD: cgroupFD,
                                          cgroupID: cgroupID, logger: logger)
         }

@@ -1535,6 +1535,7 @@ struct ProxyTests {
         defer { lab.down() }
         #expect(try proxyEventLoops() == 3)
         try expectLoopsPinned(3)
+        try expectListenersInTurn(3)
         // One client alternating fresh and kept-alive connections, and two
         // opening fresh ones back to back, so that connections are being
         // accepted, set up and sent their first request as each drain
@@ -1574,6 +1575,7 @@ struct ProxyTests {
         #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
         #expect(try proxyEventLoops() == 3)
         try expectLoopsPinned(3)
+        try expectListenersInTurn(3)
         let status = try LabHarness.run(["status", "--node", "n1"])
         #expect(status.output.contains("restarts 1,"), "\(status.output)")
 
@@ -1671,6 +1673,14 @@ private func expectLoopsPinned(_ count: Int, sourceLocation: SourceLocation = #_
     loops.sort { $0.0 < $1.0 }
     #expect(loops.count == count, sourceLocation: sourceLocation)
     #expect(loops.map(\.1) == (0..<count).map { [allowed[$0 % allowed.count]] }, "allowed \(allowed)", sourceLocation: sourceLocation)
+}
+
+/// n1's running proxy listens once per event loop, and weft_listen_pick
+/// deals new connections out over its listeners in turn.
+private func expectListenersInTurn(_ count: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let stats = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats"])
+    #expect(stats.contains("weft_proxy_listeners \(count)\n"), "\(stats)", sourceLocation: sourceLocation)
+    #expect(stats.contains("weft_proxy_listeners_in_turn 1\n"), "\(stats)", sourceLocation: sourceLocation)
 }
 
 /// The event loop threads of n1's running proxy (SwiftNIO names them NIO-ELT-*).

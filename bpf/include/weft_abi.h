@@ -41,6 +41,9 @@
 #define WEFT_MAP_FLOWS        "weft_flows"
 #define WEFT_MAP_TELEMETRY_CONFIG "weft_telemetry_config"
 #define WEFT_MAP_AFFINITY     "weft_affinity"
+/* The node proxy's own (not pinned; they live as long as its listeners). */
+#define WEFT_MAP_LISTEN_SOCKS "weft_listen_socks"
+#define WEFT_MAP_LISTEN_TURN  "weft_listen_turn"
 
 /* Capacities. Changing one changes the map definition, which an agent cannot
  * adopt over an existing pin set: bump WEFT_ABI_VERSION with it. */
@@ -285,6 +288,16 @@ struct weft_accel_key {
 struct weft_accel_config {
 	__u32 flags;       /* WEFT_ACCEL_F_* */
 	__u32 queue_floor; /* a receiver may hold max(its rcvbuf, this) redirected bytes */
+};
+
+/* The node proxy's listeners, one per event loop, share its port through
+ * SO_REUSEPORT; weft_listen_pick (bpf/programs/listen.bpf.c) hands each new
+ * connection to the next of them in turn. */
+#define WEFT_MAX_LISTENERS 64
+
+struct weft_listen_turn {
+	__u32 listeners; /* slots 0..listeners-1 of weft_listen_socks are in use */
+	__u32 next;      /* connections handed out so far (wraps) */
 };
 
 /* What sockops learned about a socket it put in the map, for its peer's
@@ -591,6 +604,7 @@ _Static_assert(sizeof(struct weft_proxy_origin) == 24, "weft_proxy_origin layout
 _Static_assert(sizeof(struct weft_accel_key) == 36, "weft_accel_key layout");
 _Static_assert(sizeof(struct weft_accel_addr) == 16, "weft_accel_addr layout");
 _Static_assert(sizeof(struct weft_accel_config) == 8, "weft_accel_config layout");
+_Static_assert(sizeof(struct weft_listen_turn) == 8, "weft_listen_turn layout");
 _Static_assert(sizeof(struct weft_accel_peer) == 32, "weft_accel_peer layout");
 _Static_assert(sizeof(struct weft_accel_sock) == 24, "weft_accel_sock layout");
 _Static_assert(sizeof(struct weft_accel_splice) == 96, "weft_accel_splice layout");

@@ -55,6 +55,38 @@ public enum ProxyServer {
         try channel.pipeline.syncOperations.addHandler(ProtocolDetector(proxy: proxy, origin: origin))
     }
 
+    /// The listeners of captured connections, one per event loop on the
+    /// listen port, and whether weft_listen_pick deals new connections out
+    /// over them in turn (ListenerSpread). When the kernel refuses the
+    /// program, its hash of each connection's addresses picks the listener:
+    /// the proxy serves as before, with a warning.
+    static func listen(_ configuration: ProxyConfiguration, loops: [any EventLoop],
+                       bootstrap: (any EventLoop) -> ServerBootstrap, logger: Logger) throws -> ([any Channel], Bool) {
+        let fds = try ListenerSpread.listen(address: configuration.listenAddress, port: configuration.listenPort,
+                                            count: loops.count, backlog: 1024)
+        var channels: [any Channel] = []
+        do {
+            for (loop, fd) in zip(loops, fds) {
+                channels.append(try bootstrap(loop).withBoundSocket(fd).wait())
+            }
+        } catch {
+            // NIO owns (and closed, on failure) those it took; the rest are ours.
+            for fd in fds.dropFirst(channels.count + 1) { close(fd) }
+            for c in channels { try? c.close().wait() }
+            throw error
+        }
+        guard fds.count > 1 else { return (channels, false) }
+        // Last, once every listener accepts: from here the group's new
+        // connections go to these listeners only, none to a predecessor's.
+        do {
+            try ListenerSpread.attach(listeners: fds)
+            return (channels, true)
+        } catch {
+            logger.warning("the kernel's hash spreads new connections over the \(fds.count) listeners: cannot attach weft_listen_pick: \(error)")
+            return (channels, false)
+        }
+    }
+
     public static func run(_ configuration: ProxyConfiguration, logger: Logger) throws {
         Host.raiseOpenFileLimit(logger: logger)
         let threads = configuration.threads ?? System.coreCount
@@ -146,11 +178,12 @@ public enum ProxyServer {
         }
         reload()
 
-        let bootstrap = ServerBootstrap(group: group)
+        // One listener per event loop, each accepting for its own loop (a
+        // connection is never handed from one thread to another), all on the
+        // listen port through SO_REUSEPORT.
+        func bootstrap(_ loop: any EventLoop) -> ServerBootstrap {
+            ServerBootstrap(group: loop, childGroup: loop)
             .registering(in: connections)
-            .serverChannelOption(ChannelOptions.backlog, value: 1024)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     // (The address as the kernel gave it: no text made and parsed again.)
@@ -181,8 +214,8 @@ public enum ProxyServer {
                     try adopt(channel, origin: origin, proxy: proxy)
                 }
             }
-        let listener = try bootstrap.bind(host: configuration.listenAddress.description,
-                                          port: Int(configuration.listenPort)).wait()
+        }
+        let (mainListeners, inTurn) = try listen(configuration, loops: loops, bootstrap: bootstrap, logger: logger)
         // Idle HTTP connections close (MeshConfig proxy.idleTimeout).
         connections.sweepIdle(proxy: proxy, on: loops[0])
 
@@ -201,6 +234,8 @@ public enum ProxyServer {
             case "/stats":
                 var lines = proxy.stats.all.map { "weft_proxy_\($0.0) \($0.1)" }
                 lines.append("weft_proxy_table_generation \(proxy.snapshot.generation)")
+                lines.append("weft_proxy_listeners \(mainListeners.count)")
+                lines.append("weft_proxy_listeners_in_turn \(inTurn ? 1 : 0)")
                 lines.append("weft_proxy_uptime_seconds \(Int(Date().timeIntervalSince(started)))")
                 return (.ok, "text/plain", lines.joined(separator: "\n") + "\n")
             case "/metrics":
@@ -221,6 +256,7 @@ public enum ProxyServer {
         }
         logger.notice("proxy listening", metadata: [
             "listen": "\(configuration.listenAddress):\(configuration.listenPort)", "threads": "\(threads)",
+            "listeners": "\(mainListeners.count) (\(inTurn || mainListeners.count == 1 ? "in turn" : "by the kernel's hash"))",
             "cpus": "\(pinned.map { $0.map(String.init).joined(separator: ",") } ?? "any")",
             "status_socket": "\(statusSocket)", "generation": "\(proxy.snapshot.generation)",
         ])
@@ -260,7 +296,7 @@ public enum ProxyServer {
         // another node drains too: TunnelRelay (NIO's connection management
         // handler without the express path) sends GOAWAY and closes it once
         // its streams are done.
-        let listeners = [listener] + (tunnelListener.withLock { $0 }.map { [$0] } ?? [])
+        let listeners = mainListeners + (tunnelListener.withLock { $0 }.map { [$0] } ?? [])
         for l in listeners { _ = try? l.setOption(ChannelOptions.autoRead, value: false).wait() }
         connections.waitUntilSetUp(deadline: Date().addingTimeInterval(2))
         for l in listeners { try? l.close().wait() }
