@@ -88,6 +88,11 @@ public enum ProxyServer {
     }
 
     public static func run(_ configuration: ProxyConfiguration, logger: Logger) throws {
+        // The agent sends SIGHUP whenever it writes the route table or the
+        // identities, from the moment it has started the proxy: until the
+        // handler below is in place, one must not end the process (its
+        // default action), and what it announced is read after (reload()).
+        signal(SIGHUP, SIG_IGN)
         Host.raiseOpenFileLimit(logger: logger)
         let threads = configuration.threads ?? System.coreCount
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -283,6 +288,9 @@ public enum ProxyServer {
             source.resume()
             sources.append(source)
         }
+        // Whatever the agent wrote while SIGHUP was ignored (a table, the
+        // identities) is taken now; nothing changed, nothing is compiled again.
+        queue.sync { reload() }
         done.wait()
         // The listeners (captured connections, tunnels) stop accepting first
         // and close only once every connection they accepted is set up: NIO
