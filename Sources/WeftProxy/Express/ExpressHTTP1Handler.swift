@@ -80,12 +80,13 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// what comes is dropped.
     private var lingering = false
 
-    init(proxy: ProxyContext, origin: CapturedOrigin) {
+    /// `frontendKey`: "vip:port" of `origin`, as ProtocolDetector made it.
+    init(proxy: ProxyContext, origin: CapturedOrigin, frontendKey: String) {
         self.proxy = proxy
         self.origin = origin
         delivery = nil
         source = origin.source
-        frontendKey = "\(origin.vip):\(origin.port)"
+        self.frontendKey = frontendKey
         connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
     }
 

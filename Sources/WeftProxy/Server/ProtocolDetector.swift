@@ -168,11 +168,13 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler, NI
         decided = true
         stopTimer()
         let pipeline = context.pipeline.syncOperations
+        // (Made once: the express handler keeps it.)
+        let frontendKey = verdict == .http1 ? "\(origin.vip):\(origin.port)" : ""
         do {
             switch verdict {
             case .http1 where proxy.configuration.express
-                && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: "\(origin.vip):\(origin.port)"):
-                try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, origin: origin))
+                && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: frontendKey):
+                try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, origin: origin, frontendKey: frontendKey))
             case .http1:
                 // Pipelining is handled by HTTPProxyHandler itself.
                 let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)

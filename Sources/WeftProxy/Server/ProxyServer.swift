@@ -261,7 +261,7 @@ public enum ProxyServer {
         }
         logger.notice("proxy listening", metadata: [
             "listen": "\(configuration.listenAddress):\(configuration.listenPort)", "threads": "\(threads)",
-            "listeners": "\(mainListeners.count) (\(inTurn || mainListeners.count == 1 ? "in turn" : "by the kernel's hash"))",
+            "listeners": "\(mainListeners.count)\(mainListeners.count == 1 ? "" : inTurn ? " (in turn)" : " (by the kernel's hash)")",
             "cpus": "\(pinned.map { $0.map(String.init).joined(separator: ",") } ?? "any")",
             "status_socket": "\(statusSocket)", "generation": "\(proxy.snapshot.generation)",
         ])
