@@ -88,10 +88,10 @@ final class ProxySupervisor {
         spawn()
     }
 
-    /// A restarted proxy's new listener joins the old one's SO_REUSEPORT
-    /// group; when the old one closes to drain, connections still in its
-    /// accept queue would be reset. With tcp_migrate_req (Linux 5.14, per
-    /// network namespace) the kernel hands them to the new listener.
+    /// A restarted proxy's new listeners join the old one's SO_REUSEPORT
+    /// group; when the old ones close to drain, connections still in their
+    /// accept queues would be reset. With tcp_migrate_req (Linux 5.14, per
+    /// network namespace) the kernel hands them to the listeners left.
     static func migrateAcceptQueues(logger: Logger) {
         let path = "/proc/sys/net/ipv4/tcp_migrate_req"
         guard FileManager.default.fileExists(atPath: path) else {
@@ -247,8 +247,8 @@ final class ProxySupervisor {
 
     /// Starts a successor, waits until it serves, then drains the old one:
     /// the successor binds the same port (SO_REUSEPORT) before the old
-    /// listener closes, and net.ipv4.tcp_migrate_req moves connections still
-    /// in the old accept queue over, so no connect() is refused.
+    /// listeners close, and net.ipv4.tcp_migrate_req moves connections still
+    /// in the old accept queues over, so no connect() is refused.
     func rollingRestart() {
         guard let old = current else { spawn(); return }
         current = nil

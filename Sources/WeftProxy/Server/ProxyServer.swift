@@ -13,8 +13,8 @@ import WeftStatus
 /// `weft proxy`: the node's shared L7 proxy. Started and supervised by
 /// `weft agent`, which hands it the route table as a file
 /// (<run>/proxy-table.json) and a SIGHUP to read it. SIGTERM drains: the
-/// listener stops accepting and closes (a successor bound with SO_REUSEPORT
-/// takes the new connections), in-flight requests finish, idle keep-alive
+/// listeners (one per event loop) stop accepting and close (a successor's,
+/// bound with SO_REUSEPORT, take the new connections), in-flight requests finish, idle keep-alive
 /// connections close (after a short grace), tunnels from other nodes are
 /// told to go away, a connection accepted before the drain that has not
 /// sent its request yet is answered and then closed, and the process exits
