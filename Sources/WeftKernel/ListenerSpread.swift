@@ -14,6 +14,9 @@ public enum ListenerSpread {
     /// `count` TCP sockets listening on `address`:`port`, all in one
     /// SO_REUSEPORT group (port 0: the first one's port, as the kernel
     /// chose it). Non-blocking and close-on-exec; the caller owns them.
+    /// TCP_NODELAY is set on each: a connection accepted from it has it
+    /// already (the kernel copies the listener's options into the new
+    /// socket), so no accepted connection needs a setsockopt for it.
     public static func listen(address: IPv4Address, port: UInt16, count: Int, backlog: Int32) throws(KernelError) -> [Int32] {
         var fds: [Int32] = []
         var bound = port
@@ -25,6 +28,9 @@ public enum ListenerSpread {
                 var one: Int32 = 1
                 for option in [SO_REUSEADDR, SO_REUSEPORT] where setsockopt(fd, SOL_SOCKET, option, &one, 4) != 0 {
                     throw KernelError.fromErrno("set SO_REUSEADDR / SO_REUSEPORT on a listening socket")
+                }
+                guard setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4) == 0 else {
+                    throw KernelError.fromErrno("set TCP_NODELAY on a listening socket")
                 }
                 var sin = sockaddr_in()
                 sin.sin_family = sa_family_t(AF_INET)

@@ -1675,12 +1675,22 @@ private func expectLoopsPinned(_ count: Int, sourceLocation: SourceLocation = #_
     #expect(loops.map(\.1) == (0..<count).map { [allowed[$0 % allowed.count]] }, "allowed \(allowed)", sourceLocation: sourceLocation)
 }
 
-/// n1's running proxy listens once per event loop, and weft_listen_pick
-/// deals new connections out over its listeners in turn.
+/// n1's running proxy listens once per event loop, on the capture port
+/// and on the tunnel port, and weft_listen_pick deals new connections out
+/// over each port's listeners in turn. (The tunnel listeners open with the
+/// first identities the agent writes: waited for, up to 5 s.)
 private func expectListenersInTurn(_ count: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
-    let stats = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats"])
-    #expect(stats.contains("weft_proxy_listeners \(count)\n"), "\(stats)", sourceLocation: sourceLocation)
-    #expect(stats.contains("weft_proxy_listeners_in_turn 1\n"), "\(stats)", sourceLocation: sourceLocation)
+    var stats = ""
+    let expected = ["weft_proxy_listeners \(count)\n", "weft_proxy_listeners_in_turn 1\n",
+                    "weft_proxy_tunnel_listeners \(count)\n", "weft_proxy_tunnel_listeners_in_turn 1\n"]
+    for _ in 0..<100 {
+        stats = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/proxy.sock", "http://proxy/stats"])
+        if expected.allSatisfy(stats.contains) { break }
+        usleep(50_000)
+    }
+    for line in expected {
+        #expect(stats.contains(line), "\(stats)", sourceLocation: sourceLocation)
+    }
 }
 
 /// The event loop threads of n1's running proxy (SwiftNIO names them NIO-ELT-*).

@@ -80,6 +80,34 @@ struct ListenerSpreadTests {
         #expect(after[0].count >= 3 && after[1].count >= 3)
     }
 
+    /// The proxy sets no TCP_NODELAY on a connection it accepts: the
+    /// kernel gives the new socket its listener's. If it did not, every
+    /// response would wait on Nagle's algorithm for the client's ACK.
+    @Test func anAcceptedConnectionHasNoDelayFromItsListener() throws {
+        let listeners = try ListenerSpread.listen(address: IPv4Address(0x7f00_0001), port: 0, count: 1, backlog: 8)
+        defer { for fd in listeners { close(fd) } }
+        let listener = try #require(listeners.first)
+        let client = try connect(port: port(of: listener))
+        defer { close(client.fd) }
+        var accepted: Int32 = -1
+        for _ in 0..<100 where accepted < 0 {
+            accepted = accept(listener, nil, nil)
+            if accepted < 0 { usleep(10_000) }
+        }
+        try #require(accepted >= 0, "accept: errno \(errno)")
+        defer { close(accepted) }
+        func noDelay(_ fd: Int32) -> Int32 {
+            var value: Int32 = -1
+            var size = socklen_t(4)
+            _ = getsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &value, &size)
+            return value
+        }
+        #expect(noDelay(listener) == 1)
+        #expect(noDelay(accepted) == 1)
+        // (The client socket, made by hand, has not: the option is the listener's.)
+        #expect(noDelay(client.fd) == 0)
+    }
+
     @Test(.enabled(if: Privilege.canRun, Privilege.skipReason))
     func aListenerOutsideTheGroupOrTooManyAreRefused() throws {
         try #require(Privilege.isRoot, "CI=true: this test must run as root")

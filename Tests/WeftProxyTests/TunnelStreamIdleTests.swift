@@ -30,7 +30,9 @@ import Testing
     /// the identity of the far pod (fz/far, 198.18.9.10, on node n2).
     final class Node: Sendable {
         let rig: ProxyFuzzTests.Rig
-        let tunnel: any Channel
+        /// The tunnel listeners, one per event loop, on one port.
+        let tunnels: [any Channel]
+        var tunnel: any Channel { tunnels[0] }
         let silentH2: any Channel
         let client: TunnelIdentities
         let express: Bool
@@ -47,7 +49,9 @@ import Testing
             let mesh = try TestMesh()
             rig.proxy.install(identities: try mesh.bundle([try mesh.identity("fz", "default")]))
             client = try mesh.bundle([try mesh.identity("fz", "far")])
-            tunnel = try TunnelServer.start(proxy: rig.proxy, group: rig.group, port: 0, connections: rig.registry, front: front)
+            var loops: [any EventLoop] = []
+            for loop in rig.group.makeIterator() { loops.append(loop) }
+            tunnels = try TunnelServer.start(proxy: rig.proxy, loops: loops, port: 0, connections: rig.registry, front: front).0
             silentH2 = try ServerBootstrap(group: rig.group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
@@ -107,7 +111,7 @@ import Testing
         }
 
         func shutdown() {
-            try? tunnel.close().wait()
+            for listener in tunnels { try? listener.close().wait() }
             try? silentH2.close().wait()
             rig.shutdown()
         }

@@ -55,15 +55,16 @@ public enum ProxyServer {
         try channel.pipeline.syncOperations.addHandler(ProtocolDetector(proxy: proxy, origin: origin))
     }
 
-    /// The listeners of captured connections, one per event loop on the
-    /// listen port, and whether weft_listen_pick deals new connections out
+    /// Listeners on `address`:`port`, one per event loop (each accepting
+    /// for its own loop: a connection is never handed from one thread to
+    /// another), and whether weft_listen_pick deals new connections out
     /// over them in turn (ListenerSpread). When the kernel refuses the
     /// program, its hash of each connection's addresses picks the listener:
-    /// the proxy serves as before, with a warning.
-    static func listen(_ configuration: ProxyConfiguration, loops: [any EventLoop],
+    /// the proxy serves as before, with a warning. The captured
+    /// connections' port and the tunnel port each have theirs.
+    static func listen(address: IPv4Address, port: UInt16, loops: [any EventLoop],
                        bootstrap: (any EventLoop) -> ServerBootstrap, logger: Logger) throws -> ([any Channel], Bool) {
-        let fds = try ListenerSpread.listen(address: configuration.listenAddress, port: configuration.listenPort,
-                                            count: loops.count, backlog: 1024)
+        let fds = try ListenerSpread.listen(address: address, port: port, count: loops.count, backlog: 1024)
         var channels: [any Channel] = []
         do {
             for (loop, fd) in zip(loops, fds) {
@@ -82,7 +83,7 @@ public enum ProxyServer {
             try ListenerSpread.attach(listeners: fds)
             return (channels, true)
         } catch {
-            logger.warning("the kernel's hash spreads new connections over the \(fds.count) listeners: cannot attach weft_listen_pick: \(error)")
+            logger.warning("the kernel's hash spreads new connections to port \(port) over the \(fds.count) listeners: cannot attach weft_listen_pick: \(error)")
             return (channels, false)
         }
     }
@@ -115,7 +116,9 @@ public enum ProxyServer {
         let tableFile = ProxyConfiguration.tableFile(runDirectory: configuration.runDirectory)
         let identityFile = configuration.runDirectory + "/" + IdentityBundle.fileName
         let reloadErrors = Mutex<String?>(nil)
-        let tunnelListener = Mutex<Channel?>(nil)
+        /// The tunnel port's listeners, once open, and whether they take
+        /// new tunnels in turn.
+        let tunnelListeners = Mutex<([any Channel], Bool)?>(nil)
         // Every accepted connection, captured or a tunnel from another node,
         // so a drain can reach each of them.
         let connections = ConnectionRegistry()
@@ -128,10 +131,10 @@ public enum ProxyServer {
                 proxy.install(identities: try TunnelIdentities(bundle))
                 logger.info("identities installed", metadata: ["trust_domain": "\(bundle.trustDomain)",
                                                                "identities": "\(bundle.workloads.count)"])
-                if tunnelListener.withLock({ $0 }) == nil {
-                    let channel = try TunnelServer.start(proxy: proxy, group: group, port: configuration.tunnelPort, connections: connections)
-                    tunnelListener.withLock { $0 = channel }
-                    logger.notice("tunnel listener up", metadata: ["port": "\(configuration.tunnelPort)"])
+                if tunnelListeners.withLock({ $0 }) == nil {
+                    let opened = try TunnelServer.start(proxy: proxy, loops: loops, port: configuration.tunnelPort, connections: connections)
+                    tunnelListeners.withLock { $0 = opened }
+                    logger.notice("tunnel listeners up", metadata: ["port": "\(configuration.tunnelPort)", "listeners": "\(opened.0.count)"])
                 }
             } catch {
                 logger.error("cannot use the identities in \(identityFile): \(error); the previous ones stay in force")
@@ -208,19 +211,20 @@ public enum ProxyServer {
                     }
                     // Set here, on the channel's own loop, rather than as the
                     // bootstrap's child options, which NIO applies through a
-                    // chain of futures (16 allocations a connection).
-                    // (tcpOption: socketOption(.tcp_nodelay) is SOL_SOCKET's
-                    // option 1, SO_DEBUG, which the proxy set until 2026-12.)
-                    let options = channel.syncOptions
-                    try options?.setOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
+                    // chain of futures (16 allocations a connection). The
+                    // socket has TCP_NODELAY from its listener
+                    // (ListenerSpread.listen): NIO's setOption for it would
+                    // cost a setsockopt, a getsockname and an address made
+                    // as text, for each connection.
                     // A client's FIN is a half-close: TCP streams pass it on, and
                     // HTTP answers what is in flight before closing.
-                    try options?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                    try channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                     try adopt(channel, origin: origin, proxy: proxy)
                 }
             }
         }
-        let (mainListeners, inTurn) = try listen(configuration, loops: loops, bootstrap: bootstrap, logger: logger)
+        let (mainListeners, inTurn) = try listen(address: configuration.listenAddress, port: configuration.listenPort, loops: loops,
+                                                 bootstrap: bootstrap, logger: logger)
         // Idle HTTP connections close (MeshConfig proxy.idleTimeout).
         connections.sweepIdle(proxy: proxy, on: loops[0])
 
@@ -241,6 +245,9 @@ public enum ProxyServer {
                 lines.append("weft_proxy_table_generation \(proxy.snapshot.generation)")
                 lines.append("weft_proxy_listeners \(mainListeners.count)")
                 lines.append("weft_proxy_listeners_in_turn \(inTurn ? 1 : 0)")
+                let tunnel = tunnelListeners.withLock { $0 }
+                lines.append("weft_proxy_tunnel_listeners \(tunnel?.0.count ?? 0)")
+                lines.append("weft_proxy_tunnel_listeners_in_turn \(tunnel?.1 == true ? 1 : 0)")
                 lines.append("weft_proxy_uptime_seconds \(Int(Date().timeIntervalSince(started)))")
                 return (.ok, "text/plain", lines.joined(separator: "\n") + "\n")
             case "/metrics":
@@ -304,7 +311,7 @@ public enum ProxyServer {
         // another node drains too: TunnelRelay (NIO's connection management
         // handler without the express path) sends GOAWAY and closes it once
         // its streams are done.
-        let listeners = mainListeners + (tunnelListener.withLock { $0 }.map { [$0] } ?? [])
+        let listeners = mainListeners + (tunnelListeners.withLock { $0 }?.0 ?? [])
         for l in listeners { _ = try? l.setOption(ChannelOptions.autoRead, value: false).wait() }
         connections.waitUntilSetUp(deadline: Date().addingTimeInterval(2))
         for l in listeners { try? l.close().wait() }

@@ -268,24 +268,35 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
     }
 }
 
-/// The tunnel listener: mutual TLS (the client's certificate required and
+/// The tunnel listeners: mutual TLS (the client's certificate required and
 /// verified against the mesh root), HTTP/2, CONNECT streams.
 enum TunnelServer {
+    /// One listener per event loop on `port` of every address, as the
+    /// captured connections have (ProxyServer.listen): a tunnel from another
+    /// node is accepted, and served, by one loop, and new tunnels go to the
+    /// loops in turn. The listeners and whether weft_listen_pick deals them out.
     /// `connections`: the proxy's drain reaches each tunnel from another
     /// node through it (a GOAWAY, then a close once its streams are done).
     /// `front` (tests): a handler made for each tunnel, put nearest its
     /// socket.
-    static func start(proxy: ProxyContext, group: any EventLoopGroup, port: UInt16, connections: ConnectionRegistry,
-                      front: (@Sendable () -> any ChannelHandler)? = nil) throws -> Channel {
-        try ServerBootstrap(group: group)
+    static func start(proxy: ProxyContext, loops: [any EventLoop], port: UInt16, connections: ConnectionRegistry,
+                      front: (@Sendable () -> any ChannelHandler)? = nil) throws -> ([any Channel], Bool) {
+        try ProxyServer.listen(address: IPv4Address(0), port: port, loops: loops,
+                               bootstrap: { bootstrap(proxy: proxy, loop: $0, connections: connections, front: front) },
+                               logger: proxy.logger)
+    }
+
+    /// One loop's listener: its connections stay on that loop. (TCP_NODELAY
+    /// comes with each socket from its listener.)
+    private static func bootstrap(proxy: ProxyContext, loop: any EventLoop, connections: ConnectionRegistry,
+                                  front: (@Sendable () -> any ChannelHandler)?) -> ServerBootstrap {
+        ServerBootstrap(group: loop, childGroup: loop)
             .registering(in: connections)
-            .serverChannelOption(ChannelOptions.backlog, value: 1024)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SocketOptionName(SO_REUSEPORT)), value: 1)
-            .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
-            .childChannelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    // (On the channel's own loop: no chain of futures, as a
+                    // bootstrap's child option would make.)
+                    try channel.syncOptions?.setOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
                     // The bundle in force now: a renewed one serves new tunnels.
                     guard let context = proxy.identities?.serverContext else {
                         channel.close(promise: nil)
@@ -348,7 +359,6 @@ enum TunnelServer {
                     try sync.addHandler(sweeps)
                 }
             }
-            .bind(host: "0.0.0.0", port: Int(port)).wait()
     }
 }
 
