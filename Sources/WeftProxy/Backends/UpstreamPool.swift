@@ -689,7 +689,7 @@ final class UpstreamPool {
     /// A plain connection's handlers, after the test's `front` if one is set.
     func initialize(_ channel: any Channel, _ handlers: (ChannelPipeline.SynchronousOperations) throws -> Void) -> EventLoopFuture<Void> {
         let front = self.front
-        return channel.eventLoop.makeCompletedFuture {
+        return channel.eventLoop.settingUp {
             if let front { try channel.pipeline.syncOperations.addHandler(front()) }
             try handlers(channel.pipeline.syncOperations)
         }
@@ -867,7 +867,7 @@ final class HTTP2Upstream {
         open += 1
         streamsOpened += 1
         multiplexer.createStreamChannel { stream in
-            stream.eventLoop.makeCompletedFuture {
+            stream.eventLoop.settingUp {
                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))
                 let upstream = UpstreamHandler()
                 upstream.watchesHeadWrites = true

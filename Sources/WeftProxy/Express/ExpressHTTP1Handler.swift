@@ -80,13 +80,15 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     /// what comes is dropped.
     private var lingering = false
 
-    /// `frontendKey`: "vip:port" of `origin`, as ProtocolDetector made it.
-    init(proxy: ProxyContext, origin: CapturedOrigin, frontendKey: String) {
+    /// `routing`: the frontend's, for "vip:port" of `origin`, as
+    /// ProtocolDetector looked it up to choose this path.
+    init(proxy: ProxyContext, origin: CapturedOrigin, routing: Express.Routing) {
         self.proxy = proxy
         self.origin = origin
         delivery = nil
         source = origin.source
-        self.frontendKey = frontendKey
+        frontendKey = routing.frontendKey
+        self.routing = routing
         connectionHeaders = Express.ConnectionHeaders(client: origin.source.description, via: proxy.viaToken)
     }
 

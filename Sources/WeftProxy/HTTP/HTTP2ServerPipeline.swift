@@ -29,7 +29,7 @@ enum HTTP2ServerPipeline {
         let known = NIOLoopBound(streamChannels, eventLoop: channel.eventLoop)
         let fullPath = { (checked: Bool) -> NIOChannelInitializer in
             { stream in
-                stream.eventLoop.makeCompletedFuture {
+                stream.eventLoop.settingUp {
                     let pipeline = stream.pipeline.syncOperations
                     if checked { try pipeline.addHandler(HTTP2FieldCheck()) }
                     try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())

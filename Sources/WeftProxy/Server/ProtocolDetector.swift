@@ -168,22 +168,24 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler, NI
         decided = true
         stopTimer()
         let pipeline = context.pipeline.syncOperations
-        // (Made once: the express handler keeps it.)
-        let frontendKey = verdict == .http1 ? "\(origin.vip):\(origin.port)" : ""
+        // (Looked up once: the express handler keeps it.)
+        let express = verdict == .http1 && proxy.configuration.express
+            ? Express.Routing.current(nil, frontendKey: "\(origin.vip):\(origin.port)", source: origin.source,
+                                      loop: proxy.loop(context.eventLoop), proxy: proxy)
+            : nil
         do {
-            switch verdict {
-            case .http1 where proxy.configuration.express
-                && ExpressHTTP1Handler.serves(proxy.snapshot, frontendKey: frontendKey):
-                try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, origin: origin, frontendKey: frontendKey))
-            case .http1:
+            switch (verdict, express) {
+            case (.http1, let routing?) where routing.serves:
+                try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, origin: origin, routing: routing))
+            case (.http1, _):
                 // Pipelining is handled by HTTPProxyHandler itself.
                 let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
                 handler.onUpgrade = Upgrade.splice
                 handler.acceptsH2CUpgrade = true
                 try HTTP1ServerPipeline.add(to: pipeline, proxy: proxy, then: handler)
-            case .http2:
+            case (.http2, _):
                 try HTTP2ServerPipeline.add(to: pipeline, channel: context.channel, proxy: proxy, origin: origin)
-            case .tcp, .undecided:
+            case (.tcp, _), (.undecided, _):
                 proxy.stats.tcpPassthrough.add(1, ordering: .relaxed)
                 TCPPassthrough.start(context: context, proxy: proxy, origin: origin)
             }

@@ -137,6 +137,11 @@ final class LoopState: @unchecked Sendable {
     var random = LoopRandom()
     /// Metric series handles by label set.
     var telemetry = LoopTelemetry()
+    /// The express routing this loop's last new connection took
+    /// (Express.Routing.current).
+    var lastRouting: Express.Routing?
+    /// The request series this loop last built labels for (Express.record).
+    var lastSeries: Express.LoopSeries?
 
     final class BudgetBox { var budget = RetryBudget() }
 

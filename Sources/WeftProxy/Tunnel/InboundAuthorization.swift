@@ -213,7 +213,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
             let sweeps = SweepToStreams(loop: pipeline.eventLoop), streams = sweeps.streams
             _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: TunnelHTTP2.connection,
                                                     streamConfiguration: TunnelHTTP2.stream) { stream in
-                stream.eventLoop.makeCompletedFuture {
+                stream.eventLoop.settingUp {
                     try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                     try stream.pipeline.syncOperations.addHandler(InboundHTTP(proxy: proxy, request: request, target: target, isHTTP2: true))
                     StreamChannels.add(stream, to: streams)

@@ -293,7 +293,7 @@ enum TunnelServer {
         ServerBootstrap(group: loop, childGroup: loop)
             .registering(in: connections)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                channel.eventLoop.settingUp {
                     // (On the channel's own loop: no chain of futures, as a
                     // bootstrap's child option would make.)
                     try channel.syncOptions?.setOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
@@ -320,7 +320,7 @@ enum TunnelServer {
                     // carry are (the stream idle timeout).
                     let sweeps = SweepToStreams(loop: channel.eventLoop), streams = sweeps.streams
                     let inbound: NIOChannelInitializer = { stream in
-                        stream.eventLoop.makeCompletedFuture {
+                        stream.eventLoop.settingUp {
                             try stream.pipeline.syncOperations.addHandler(TunnelInbound(proxy: proxy))
                             StreamChannels.add(stream, to: streams)
                         }

@@ -372,7 +372,7 @@ final class TunnelConnection {
             .channelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                channel.eventLoop.settingUp {
                     if let front { try channel.pipeline.syncOperations.addHandler(front()) }
                     let tls = try NIOSSLClientHandler(context: context, serverHostname: TunnelTLS.serverName(for: expected))
                     try channel.pipeline.syncOperations.addHandler(tls)
@@ -494,7 +494,7 @@ final class TunnelConnection {
             case .success(.relayed): completion(.failure(ChannelError.operationUnsupported))
             case .success(.channels(let open, _)):
                 open { stream in
-                    stream.eventLoop.makeCompletedFuture {
+                    stream.eventLoop.settingUp {
                         try stream.pipeline.syncOperations.addHandler(
                             TunnelStreamCodec(.client(authority: authority, headers: headers)))
                         try initialize(stream)
