@@ -680,10 +680,9 @@ final class UpstreamPool {
             : own[key] ?? .nanoseconds(configuration.connectTimeout.nanoseconds)
     }
 
+    /// (TCP_NODELAY is a ClientBootstrap's own default option.)
     func bootstrap(for key: EndpointKey) -> ClientBootstrap {
-        ClientBootstrap(group: eventLoop)
-            .connectTimeout(connectTimeout(for: key))
-            .channelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
+        ClientBootstrap(group: eventLoop).connectTimeout(connectTimeout(for: key))
     }
 
     /// A plain connection's handlers, after the test's `front` if one is set.

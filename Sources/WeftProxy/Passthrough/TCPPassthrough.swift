@@ -160,8 +160,10 @@ enum TCPPassthrough {
         } else {
             connected = { done in
                 pool.bootstrap(for: endpoint)
-                    .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-                    .channelInitializer { pool.initialize($0) { _ in } }
+                    .channelInitializer { channel in
+                        // (Set on the loop: no future chained for it.)
+                        pool.initialize(channel) { _ in try channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true) }
+                    }
                     .connect(endpoint)
                     .assumeIsolated()
                     .whenComplete(done)

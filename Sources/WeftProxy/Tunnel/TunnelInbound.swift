@@ -226,11 +226,16 @@ final class TunnelInbound: ChannelInboundHandler, RemovableChannelHandler {
     /// A connection to a pod of this node, for a tunnel stream's bytes
     /// (`timeout`: the pod's Service's connect timeout, UpstreamPool.connectTimeout).
     static func connect(to pod: EndpointKey, on loop: any EventLoop, timeout: TimeAmount) -> EventLoopFuture<Channel> {
+        // (NIO's own options for a client, TCP_NODELAY; the rest set in the
+        // initializer, on the loop, with no future chained for each.)
         ClientBootstrap(group: loop)
             .connectTimeout(timeout)
-            .channelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
-            .channelOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
-            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.settingUp {
+                    try channel.syncOptions?.setOption(ChannelOptions.recvAllocator, value: TunnelHTTP2.recvAllocator)
+                    try channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                }
+            }
             .connect(pod)
     }
 
