@@ -142,6 +142,8 @@ final class LoopState: @unchecked Sendable {
     var lastRouting: Express.Routing?
     /// The request series this loop last built labels for (Express.record).
     var lastSeries: Express.LoopSeries?
+    /// The detect timeouts of this loop's new connections (ProtocolDetector).
+    let detectWatch = DetectWatch()
 
     final class BudgetBox { var budget = RetryBudget() }
 
