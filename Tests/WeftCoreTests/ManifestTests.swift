@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import WeftCore
 
@@ -126,6 +127,42 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(r.resources.isEmpty)
         #expect(r.errors.first?.description.hasPrefix("t.yaml:1:-: not valid YAML") == true)
         #expect(parse("- just\n- a list\n").errors.first?.description == "t.yaml:1:-: expected a mapping, got a list (line 1)")
+    }
+
+    @Test func aHugeValueIsNamedNotEchoedWhole() throws {
+        // A value pasted into the wrong field: the error says where, what is
+        // wrong and how long it was, in a line a terminal can show.
+        let big = String(repeating: "k", count: 100_000)
+        let quotedLine = try #require(errorLine(service.replacingOccurrences(of: "198.19.0.10", with: big)))
+        #expect(quotedLine == "t.yaml:1:spec.clusterIP: \"\(String(repeating: "k", count: 160))…\" (100000 characters) is not an IPv4 address (line 5)")
+        #expect(try #require(errorLine(service.replacingOccurrences(of: "198.19.0.10", with: "1.2.3"))) == "t.yaml:1:spec.clusterIP: \"1.2.3\" is not an IPv4 address (line 5)")
+        // Shown plainly (a reference to what is not there): the start and
+        // the end, the explanation with it.
+        let route = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: r, namespace: shop}
+            spec:
+              parentRefs: [{kind: Service, group: "", name: \(big), port: 80}]
+            """
+        let plain = try #require(errorLine(service + "\n---\n" + route))
+        #expect(plain.hasPrefix("t.yaml:2:spec.parentRefs[0].name: no Service shop/kkk"), "\(plain.prefix(200))")
+        #expect(plain.hasSuffix("kkk in this config"), "\(plain.suffix(200))")
+        #expect(plain.contains("…[99031 characters left out]…"), "\(plain.count)")
+        #expect(plain.count < 1_100)
+    }
+
+    @Test func deepNestingAliasesAndOtherEncodingsAreRefusedByName() throws {
+        let deep = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: " + String(repeating: "[", count: 100_000) + "\n"
+        #expect(try #require(errorLine(deep)).hasPrefix("t.yaml:1:-: not valid YAML: Maximum nesting level reached"))
+        let alias = "apiVersion: v1\nkind: Service\nmetadata: &m {name: a}\nspec: {clusterIP: 198.19.0.9, ports: [{port: 80}], selector: *m}\n"
+        #expect(errorLine(alias) == "t.yaml:1:spec.selector: expected a mapping, got an alias (line 4)")
+        let path = NSTemporaryDirectory() + "weft-utf16-\(getpid()).yaml"
+        defer { unlink(path) }
+        #expect(FileManager.default.createFile(atPath: path, contents: "apiVersion: v1\nkind: Service\n".data(using: .utf16)))
+        let read = ManifestSource.read(paths: [path])
+        #expect(read.resources.isEmpty)
+        #expect(read.errors.map(\.description) == ["\(path):0:-: file is not UTF-8"])
     }
 
     @Test func duplicateClusterIPsNamesAndAddressesAreRefusedWhole() {

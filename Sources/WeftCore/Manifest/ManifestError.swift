@@ -24,12 +24,18 @@ public struct ManifestError: Error, Hashable, Sendable, CustomStringConvertible 
     /// Line in the file, when the YAML parser gave one.
     public var line: Int?
 
+    /// A reason longer than `maxReason` characters (a value pasted into
+    /// the wrong field, say) keeps its start and its end, where the
+    /// explanation is: an error names the problem, it does not echo a
+    /// megabyte back.
     public init(_ location: DocumentLocation, field: String, _ reason: String, line: Int? = nil) {
         self.location = location
         self.field = field
-        self.reason = reason
+        self.reason = elided(reason, keeping: Self.maxReason)
         self.line = line
     }
+
+    public static let maxReason = 1_000
 
     public var description: String {
         let lineNote = line.map { " (line \($0))" } ?? ""
@@ -45,4 +51,21 @@ public struct ManifestErrors: Error, Sendable, CustomStringConvertible {
     public init(_ errors: [ManifestError]) { self.errors = errors }
 
     public var description: String { errors.map(\.description).joined(separator: "\n") }
+}
+
+/// `value` in double quotes, as error messages show what a manifest said;
+/// one over 200 characters shows its first 160 and its length instead.
+func quoted(_ value: some StringProtocol) -> String {
+    let count = value.count
+    guard count > 200 else { return "\"\(value)\"" }
+    return "\"\(value.prefix(160))…\" (\(count) characters)"
+}
+
+/// `text` itself, or its first and last parts with what lies between
+/// left out, so that it is at most about `keeping` characters.
+func elided(_ text: String, keeping: Int) -> String {
+    let count = text.count
+    guard count > keeping else { return text }
+    let tail = keeping / 2, head = keeping - tail
+    return "\(text.prefix(head))…[\(count - head - tail) characters left out]…\(text.suffix(tail))"
 }

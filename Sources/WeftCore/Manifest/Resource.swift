@@ -64,10 +64,10 @@ public enum Resource: Hashable, Sendable {
         let apiVersion = try doc.requiredString("apiVersion")
         let kind = try doc.requiredString("kind")
         guard let kinds = Self.known[apiVersion] else {
-            throw doc.error("apiVersion", "unknown apiVersion \"\(apiVersion)\" (known: \(Self.known.keys.sorted().joined(separator: ", ")))")
+            throw doc.error("apiVersion", "unknown apiVersion \(quoted(apiVersion)) (known: \(Self.known.keys.sorted().joined(separator: ", ")))")
         }
         guard kinds.contains(kind) else {
-            throw doc.error("kind", "unknown kind \"\(kind)\" for \(apiVersion) (known: \(kinds.sorted().joined(separator: ", ")))")
+            throw doc.error("kind", "unknown kind \(quoted(kind)) for \(apiVersion) (known: \(kinds.sorted().joined(separator: ", ")))")
         }
         guard let metaReader = try doc.mapping("metadata") else {
             throw doc.error("metadata", "required field is missing")

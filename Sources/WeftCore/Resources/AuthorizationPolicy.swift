@@ -174,7 +174,7 @@ extension AuthorizationPolicy {
         var action = Action.allow
         if let text = try spec.string("action") {
             guard let a = Action(rawValue: text) else {
-                throw spec.error("action", "must be one of ALLOW, DENY, AUDIT, got \"\(text)\"")
+                throw spec.error("action", "must be one of ALLOW, DENY, AUDIT, got \(quoted(text))")
             }
             action = a
         }
@@ -250,7 +250,7 @@ extension AuthorizationPolicy {
         var r = try FieldReader(node, at: location, path: path)
         let text = try r.requiredString("key")
         guard let key = Condition.Key(text) else {
-            throw r.error("key", "unsupported key \"\(text)\" (supported: request.headers[NAME], source.ip, source.namespace, "
+            throw r.error("key", "unsupported key \(quoted(text)) (supported: request.headers[NAME], source.ip, source.namespace, "
                 + "source.principal, destination.port)")
         }
         var c = Condition(key: key)
@@ -282,10 +282,10 @@ extension AuthorizationPolicy {
             guard !s.isEmpty else { throw ManifestError(r.location, field: p, "must not be empty") }
             let stars = s.filter { $0 == "*" }.count
             if stars > 1 || (stars == 1 && s.first != "*" && s.last != "*") {
-                throw ManifestError(r.location, field: p, "\"\(s)\": a wildcard may only be the first or the last character")
+                throw ManifestError(r.location, field: p, "\(quoted(s)): a wildcard may only be the first or the last character")
             }
             if path && s.first != "/" && s.first != "*" {
-                throw ManifestError(r.location, field: p, "\"\(s)\": a path starts with / (or is a * pattern)")
+                throw ManifestError(r.location, field: p, "\(quoted(s)): a path starts with / (or is a * pattern)")
             }
             out.append(s)
         }
@@ -299,7 +299,7 @@ extension AuthorizationPolicy {
         for (p, n) in items {
             let s = try FieldReader.string(n, at: r.location, path: p)
             guard let prefix = AuthorizationSet.prefix(s) else {
-                throw ManifestError(r.location, field: p, "\"\(s)\" is not an IPv4 address or CIDR (with no host bits set)")
+                throw ManifestError(r.location, field: p, "\(quoted(s)) is not an IPv4 address or CIDR (with no host bits set)")
             }
             out.append(prefix.description)
         }
@@ -315,7 +315,7 @@ extension AuthorizationPolicy {
             let text: String
             if case .scalar(let scalar) = n { text = scalar.string } else { text = "" }
             guard let port = Int(text), (1...65535).contains(port) else {
-                throw ManifestError(r.location, field: p, "\"\(text)\" is not a port number (1-65535)")
+                throw ManifestError(r.location, field: p, "\(quoted(text)) is not a port number (1-65535)")
             }
             out.append(UInt16(port))
         }

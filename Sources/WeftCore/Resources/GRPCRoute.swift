@@ -92,10 +92,10 @@ extension HTTPRoute.Match {
             switch type {
             case "Exact":
                 if let service, !Self.isGRPCService(service) {
-                    throw m.error("service", "not a gRPC service name (e.g. helloworld.Greeter), got \"\(service)\"")
+                    throw m.error("service", "not a gRPC service name (e.g. helloworld.Greeter), got \(quoted(service))")
                 }
                 if let method, !Self.isGRPCIdentifier(Substring(method)) {
-                    throw m.error("method", "not a gRPC method name (e.g. SayHello), got \"\(method)\"")
+                    throw m.error("method", "not a gRPC method name (e.g. SayHello), got \(quoted(method))")
                 }
                 switch (service, method) {
                 case (let s?, let m?): self.path = .exact("/\(s)/\(m)")
@@ -108,7 +108,7 @@ extension HTTPRoute.Match {
                 if let method { try HTTPRoute.checkRegex(method, field: m.field("method"), at: location) }
                 self.path = .regularExpression("/(\(service ?? "[^/]+"))/(\(method ?? "[^/]+"))")
             default:
-                throw m.error("type", "must be Exact or RegularExpression, got \"\(type)\"")
+                throw m.error("type", "must be Exact or RegularExpression, got \(quoted(type))")
             }
             try m.finish()
             grpc = HTTPRoute.GRPCMethod(service: service ?? "", method: method ?? "")

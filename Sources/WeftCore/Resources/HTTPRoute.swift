@@ -296,7 +296,7 @@ extension HTTPRoute.Retry {
             for (p, n) in list {
                 let name = try FieldReader.string(n, at: location, path: p)
                 guard let status = Self.retryableGRPC[name] else {
-                    throw ManifestError(location, field: p, "must be one of \(Self.retryableGRPC.keys.sorted().joined(separator: ", ")), got \"\(name)\"")
+                    throw ManifestError(location, field: p, "must be one of \(Self.retryableGRPC.keys.sorted().joined(separator: ", ")), got \(quoted(name))")
                 }
                 statuses.append(status)
             }
@@ -347,7 +347,7 @@ extension HTTPRoute.Match {
                 try HTTPRoute.checkRegex(value, field: p.field("value"), at: location)
                 self.path = .regularExpression(value)
             default:
-                throw p.error("type", "must be Exact, PathPrefix or RegularExpression, got \"\(type)\"")
+                throw p.error("type", "must be Exact, PathPrefix or RegularExpression, got \(quoted(type))")
             }
             try p.finish()
         }
@@ -355,7 +355,7 @@ extension HTTPRoute.Match {
         queryParams = try HTTPRoute.ValueMatch.list(&r, "queryParams", header: false, at: location)
         method = try r.string("method")
         if let m = method, !Self.methods.contains(m) {
-            throw r.error("method", "must be one of \(Self.methods.sorted().joined(separator: ", ")), got \"\(m)\"")
+            throw r.error("method", "must be one of \(Self.methods.sorted().joined(separator: ", ")), got \(quoted(m))")
         }
         try r.finish()
     }
@@ -374,12 +374,12 @@ extension HTTPRoute.ValueMatch {
             switch type {
             case "Exact": break
             case "RegularExpression": try HTTPRoute.checkRegex(value, field: m.field("value"), at: location)
-            default: throw m.error("type", "must be Exact or RegularExpression, got \"\(type)\"")
+            default: throw m.error("type", "must be Exact or RegularExpression, got \(quoted(type))")
             }
             try m.finish()
             let folded = header ? name.lowercased() : name
             if out.contains(where: { $0.name == folded }) {
-                throw ManifestError(location, field: "\(path).name", "\"\(name)\" is matched twice in one match")
+                throw ManifestError(location, field: "\(path).name", "\(quoted(name)) is matched twice in one match")
             }
             out.append(Self(name: folded, value: value, isRegularExpression: type == "RegularExpression"))
         }
@@ -473,7 +473,7 @@ extension HTTPRoute.Filter {
             case "ExtensionRef", "CORS", "ExternalAuth":
                 throw f.error("type", "\(type) is not supported by Weft")
             default:
-                throw f.error("type", "unknown filter type \"\(type)\" (known: RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror)")
+                throw f.error("type", "unknown filter type \(quoted(type)) (known: RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror)")
             }
             try f.finish()
         }
@@ -523,7 +523,7 @@ extension HTTPRoute.PathModifier {
             guard let v = try p.string("replacePrefixMatch"), v.hasPrefix("/") else { throw p.error("replacePrefixMatch", "required, and must start with \"/\"") }
             out = .replacePrefixMatch(v)
         default:
-            throw p.error("type", "must be ReplaceFullPath or ReplacePrefixMatch, got \"\(type)\"")
+            throw p.error("type", "must be ReplaceFullPath or ReplacePrefixMatch, got \(quoted(type))")
         }
         try p.finish()
         return out
@@ -541,7 +541,7 @@ extension HTTPRoute {
         guard !chars.isEmpty else { throw ManifestError(location, field: field, "empty duration") }
         var i = 0
         func fail() -> ManifestError {
-            ManifestError(location, field: field, "\"\(text)\" is not a Gateway API duration (e.g. 500ms, 10s, 1m30s)")
+            ManifestError(location, field: field, "\(quoted(text)) is not a Gateway API duration (e.g. 500ms, 10s, 1m30s)")
         }
         while i < chars.count {
             let c = chars[i]
@@ -575,7 +575,7 @@ extension HTTPRoute {
         do {
             _ = try LinearRegex(pattern)
         } catch {
-            throw ManifestError(location, field: field, "not a valid regular expression: \"\(pattern)\" (\(error); RE2 syntax, matched in linear time: docs/proxy.md)")
+            throw ManifestError(location, field: field, "not a valid regular expression: \(quoted(pattern)) (\(error); RE2 syntax, matched in linear time: docs/proxy.md)")
         }
     }
 
@@ -585,7 +585,7 @@ extension HTTPRoute {
             (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a)
                 || "!#$%&'*+-.^_`|~".utf8.contains(c)
         }
-        guard ok else { throw ManifestError(location, field: field, "\"\(name)\" is not a valid header name") }
+        guard ok else { throw ManifestError(location, field: field, "\(quoted(name)) is not a valid header name") }
     }
 
     /// A filter's `hostname`: a precise DNS name (RFC 1123 subdomain, lower

@@ -108,10 +108,10 @@ public struct L4Route: Hashable, Sendable {
         let labels = rest.utf8.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
         guard name.utf8.count <= 253, Validation.dnsSubdomain(rest), labels.allSatisfy({ $0.count <= 63 }) else {
             throw ManifestError(location, field: field,
-                                "\"\(name)\" is not a hostname: use lowercase letters, digits, '-' and '.', labels of 1-63 characters, optionally \"*.\" first for a wildcard")
+                                "\(quoted(name)) is not a hostname: use lowercase letters, digits, '-' and '.', labels of 1-63 characters, optionally \"*.\" first for a wildcard")
         }
         if labels.count == 4, labels.allSatisfy({ $0.allSatisfy { $0 >= 0x30 && $0 <= 0x39 } }) {
-            throw ManifestError(location, field: field, "\"\(name)\" is an IP address: SNI names a host, never an address (RFC 6066)")
+            throw ManifestError(location, field: field, "\(quoted(name)) is an IP address: SNI names a host, never an address (RFC 6066)")
         }
     }
 

@@ -73,7 +73,7 @@ extension LabelSelector {
             try Validation.labelKey(key, field: itemPath, at: location)
             let opText = try e.requiredString("operator")
             guard let op = Operator(rawValue: opText) else {
-                throw e.error("operator", "operator must be In, NotIn, Exists or DoesNotExist, got \"\(opText)\"")
+                throw e.error("operator", "operator must be In, NotIn, Exists or DoesNotExist, got \(quoted(opText))")
             }
             var values: [String] = []
             for (valuePath, valueNode) in try e.list("values") ?? [] {

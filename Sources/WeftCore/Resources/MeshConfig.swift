@@ -249,7 +249,7 @@ extension MeshConfig {
             if let splice = try shortcut.bool("splice") { socketShortcut.splice = splice }
             if let receivers = try shortcut.string("podReceivers") {
                 guard let value = SocketShortcut.PodReceivers(rawValue: receivers) else {
-                    throw shortcut.error("podReceivers", "must be one of \(SocketShortcut.PodReceivers.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(receivers)\"")
+                    throw shortcut.error("podReceivers", "must be one of \(SocketShortcut.PodReceivers.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(receivers))")
                 }
                 socketShortcut.podReceivers = value
             }
@@ -260,7 +260,7 @@ extension MeshConfig {
             for (path, item) in try log.list("namespaces") ?? [] {
                 let name = try FieldReader.string(item, at: location, path: path)
                 guard Self.isDNSLabel(name) else {
-                    throw ManifestError(location, field: path, "\"\(name)\" is not a namespace name (a DNS label: a-z, 0-9 and -, at most 63)")
+                    throw ManifestError(location, field: path, "\(quoted(name)) is not a namespace name (a DNS label: a-z, 0-9 and -, at most 63)")
                 }
                 accessLog.namespaces.append(name)
             }
@@ -272,7 +272,7 @@ extension MeshConfig {
             if var tr = try t.mapping("tracing") {
                 let url = try tr.requiredString("otlpEndpoint")
                 guard let endpoint = Self.parseEndpoint(url) else {
-                    throw tr.error("otlpEndpoint", "must be http://IPV4:PORT (an OTLP/HTTP collector), got \"\(url)\"")
+                    throw tr.error("otlpEndpoint", "must be http://IPV4:PORT (an OTLP/HTTP collector), got \(quoted(url))")
                 }
                 var tracing = Tracing(host: endpoint.0, port: endpoint.1)
                 if let p = tr.node("samplingPercent") {
@@ -291,7 +291,7 @@ extension MeshConfig {
                 guard let text = try p.string(key) else { continue }
                 let timeout = try HTTPRoute.duration(text, field: "spec.proxy.\(key)", at: location)
                 if let timeout, timeout < .seconds(1) {
-                    throw p.error(key, "must be at least 1s (or 0s: never), got \"\(text)\"")
+                    throw p.error(key, "must be at least 1s (or 0s: never), got \(quoted(text))")
                 }
                 switch key {
                 case "idleTimeout": proxy.idleTimeout = timeout
@@ -317,7 +317,7 @@ extension MeshConfig {
             if var n = try p.mapping("pathNormalization") {
                 if let text = try n.string("normalization") {
                     guard let mode = RequestPath.Mode(rawValue: text) else {
-                        throw n.error("normalization", "must be one of \(RequestPath.Mode.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(text)\"")
+                        throw n.error("normalization", "must be one of \(RequestPath.Mode.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(text))")
                     }
                     proxy.pathNormalization = mode
                 }
@@ -335,7 +335,7 @@ extension MeshConfig {
                         continue
                     }
                     guard d >= .seconds(1), d <= .seconds(32767), d == .seconds(d.components.seconds) else {
-                        throw k.error(key, "must be whole seconds from 1s to 32767s\(key == "time" ? " (or 0s: off)" : ""), got \"\(text)\"")
+                        throw k.error(key, "must be whole seconds from 1s to 32767s\(key == "time" ? " (or 0s: off)" : ""), got \(quoted(text))")
                     }
                     if key == "time" { keepalive.time = d } else { keepalive.interval = d }
                 }
@@ -352,7 +352,7 @@ extension MeshConfig {
             if let text = try p.string("udpIdleTimeout") {
                 let d = try HTTPRoute.duration(text, field: "spec.policy.udpIdleTimeout", at: location) ?? .zero
                 guard Policy.udpIdleTimeouts.contains(d) else {
-                    throw p.error("udpIdleTimeout", "must be from 1s to 24h, got \"\(text)\"")
+                    throw p.error("udpIdleTimeout", "must be from 1s to 24h, got \(quoted(text))")
                 }
                 policy.udpIdleTimeout = d
             }
@@ -382,7 +382,7 @@ extension MeshConfig {
 
     /// A scalar as written, anything else by its kind.
     static func shown(_ node: YAMLNode) -> String {
-        if case .scalar(let s) = node { return "\"\(s.string)\"" }
+        if case .scalar(let s) = node { return quoted(s.string) }
         return FieldReader.describe(node)
     }
 
@@ -404,7 +404,7 @@ extension Workload {
         guard let value = metadata.annotations[MeshConfig.receiverAnnotation] else { return }
         guard value == "receive" || value == "off" else {
             throw ManifestError(location, field: "metadata.annotations.\(MeshConfig.receiverAnnotation)",
-                                "must be \"receive\" or \"off\", got \"\(value)\"")
+                                "must be \"receive\" or \"off\", got \(quoted(value))")
         }
     }
 }

@@ -25,7 +25,7 @@ extension Namespace {
         }
         if let given = metadata.labels[Self.nameLabel], given != metadata.name {
             throw ManifestError(location, field: "metadata.labels.\(Self.nameLabel)",
-                                "must equal the namespace's name \"\(metadata.name)\", got \"\(given)\"")
+                                "must equal the namespace's name \(quoted(metadata.name)), got \(quoted(given))")
         }
         self.init(name: metadata.name, labels: metadata.labels)
     }

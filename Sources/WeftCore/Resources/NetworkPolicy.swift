@@ -98,7 +98,7 @@ extension NetworkPolicy {
             for (path, typeNode) in types {
                 let text = try FieldReader.string(typeNode, at: location, path: path)
                 guard let direction = Direction(rawValue: text) else {
-                    throw ManifestError(location, field: path, "policyTypes entries must be Ingress or Egress, got \"\(text)\"",
+                    throw ManifestError(location, field: path, "policyTypes entries must be Ingress or Egress, got \(quoted(text))",
                                         line: typeNode.line)
                 }
                 guard set.insert(direction).inserted else {
@@ -162,7 +162,7 @@ extension NetworkPolicy {
         let parts = text.split(separator: "/", omittingEmptySubsequences: false)
         guard parts.count == 2, let address = IPv4Address(parts[0]), !parts[1].isEmpty,
               parts[1].allSatisfy({ $0.isASCII && $0.isNumber }), let length = Int(parts[1]), (0...32).contains(length) else {
-            throw ManifestError(location, field: path, "\"\(text)\" is not an IPv4 CIDR such as 10.0.0.0/8", line: line)
+            throw ManifestError(location, field: path, "\(quoted(text)) is not an IPv4 CIDR such as 10.0.0.0/8", line: line)
         }
         return IPv4Prefix(address: address, length: length)
     }

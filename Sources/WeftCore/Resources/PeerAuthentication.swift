@@ -41,7 +41,7 @@ extension PeerAuthentication {
         guard var mtls = try spec.mapping("mtls") else { throw spec.error("mtls", "required field is missing") }
         let text = try mtls.requiredString("mode")
         guard let mode = Mode(rawValue: text) else {
-            throw mtls.error("mode", "must be one of STRICT, PERMISSIVE, DISABLE, got \"\(text)\"")
+            throw mtls.error("mode", "must be one of STRICT, PERMISSIVE, DISABLE, got \(quoted(text))")
         }
         try mtls.finish()
         spec.ignore("portLevelMtls")

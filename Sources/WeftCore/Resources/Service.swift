@@ -66,7 +66,7 @@ extension Service {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
         if let type = try spec.string("type"), type != "ClusterIP" {
-            throw spec.error("type", "only type ClusterIP is supported, got \"\(type)\"")
+            throw spec.error("type", "only type ClusterIP is supported, got \(quoted(type))")
         }
         var clusterIP: IPv4Address?
         let ipText = try spec.string("clusterIP")
@@ -77,7 +77,7 @@ extension Service {
             clusterIP = nil
         case let text?:
             guard let ip = IPv4Address(text) else {
-                throw spec.error("clusterIP", "\"\(text)\" is not an IPv4 address")
+                throw spec.error("clusterIP", "\(quoted(text)) is not an IPv4 address")
             }
             clusterIP = ip
         }
@@ -106,7 +106,7 @@ extension Service {
                 throw ManifestError(location, field: "\(path).name", "required when a Service has more than one port")
             }
             if let name = port.name, ports.contains(where: { $0.name == name }) {
-                throw ManifestError(location, field: "\(path).name", "duplicate port name \"\(name)\"")
+                throw ManifestError(location, field: "\(path).name", "duplicate port name \(quoted(name))")
             }
             if ports.contains(where: { $0.port == port.port && $0.transport == port.transport }) {
                 throw ManifestError(location, field: "\(path).port", "duplicate port \(port.port)/\(port.transport.rawValue)")
@@ -120,7 +120,7 @@ extension Service {
         switch try spec.string("internalTrafficPolicy") {
         case nil, "Cluster"?: break
         case "Local"?: nodeLocal = true
-        case let other?: throw spec.error("internalTrafficPolicy", "must be Cluster or Local, got \"\(other)\"")
+        case let other?: throw spec.error("internalTrafficPolicy", "must be Cluster or Local, got \(quoted(other))")
         }
         var affinityTimeout: UInt32?
         switch try spec.string("sessionAffinity") {
@@ -143,7 +143,7 @@ extension Service {
                 try config.finish()
             }
         case let other?:
-            throw spec.error("sessionAffinity", "must be None or ClientIP, got \"\(other)\"")
+            throw spec.error("sessionAffinity", "must be None or ClientIP, got \(quoted(other))")
         }
         try spec.finish()
         self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,

@@ -32,7 +32,7 @@ public struct SessionPersistence: Hashable, Sendable, Codable {
     init(_ reader: FieldReader, at location: DocumentLocation) throws(ManifestError) {
         var r = reader
         let type = try r.string("type") ?? "Cookie"
-        guard let kind = Kind(rawValue: type) else { throw r.error("type", "must be Cookie or Header, got \"\(type)\"") }
+        guard let kind = Kind(rawValue: type) else { throw r.error("type", "must be Cookie or Header, got \(quoted(type))") }
         self.kind = kind
         sessionName = try r.string("sessionName")
         if let name = sessionName {
@@ -45,7 +45,7 @@ public struct SessionPersistence: Hashable, Sendable, Codable {
         func timeout(_ key: String) throws(ManifestError) -> Duration? {
             guard let text = try r.string(key) else { return nil }
             guard let d = try HTTPRoute.duration(text, field: r.field(key), at: location), d >= .seconds(1) else {
-                throw r.error(key, "must be at least 1s (a session is timed in whole seconds), got \"\(text)\"")
+                throw r.error(key, "must be at least 1s (a session is timed in whole seconds), got \(quoted(text))")
             }
             return d
         }
@@ -57,7 +57,7 @@ public struct SessionPersistence: Hashable, Sendable, Codable {
             switch lifetime {
             case "Session": permanent = false
             case "Permanent": permanent = true
-            default: throw c.error("lifetimeType", "must be Session or Permanent, got \"\(lifetime)\"")
+            default: throw c.error("lifetimeType", "must be Session or Permanent, got \(quoted(lifetime))")
             }
             try c.finish()
             if permanent && kind == .header {

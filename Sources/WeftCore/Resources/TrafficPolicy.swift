@@ -319,10 +319,10 @@ extension TrafficPolicy {
             }
             if var http = try t.mapping("http") {
                 if let text = try http.string("connectionIdleTimeout") {
-                    if text.hasPrefix("-") { throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"") }
+                    if text.hasPrefix("-") { throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \(quoted(text))") }
                     let d = try HTTPRoute.duration(text, field: http.field("connectionIdleTimeout"), at: location)
                     if let d, d < .seconds(1) {
-                        throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \"\(text)\"")
+                        throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \(quoted(text))")
                     }
                     connectionIdleTimeout = d ?? .zero
                 }
@@ -339,7 +339,7 @@ extension TrafficPolicy {
         var out = LoadBalancer()
         if let type = try lb.string("type") {
             guard let a = LoadBalancer.Algorithm(rawValue: type) else {
-                throw lb.error("type", "must be one of \(LoadBalancer.Algorithm.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(type)\"")
+                throw lb.error("type", "must be one of \(LoadBalancer.Algorithm.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(type))")
             }
             out.algorithm = a
         }
@@ -389,7 +389,7 @@ extension TrafficPolicy {
         }
         if let l = try lb.string("locality") {
             guard let v = LoadBalancer.Locality(rawValue: l) else {
-                throw lb.error("locality", "must be one of \(LoadBalancer.Locality.allCases.map(\.rawValue).joined(separator: ", ")), got \"\(l)\"")
+                throw lb.error("locality", "must be one of \(LoadBalancer.Locality.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(l))")
             }
             out.locality = v
         }
@@ -435,7 +435,7 @@ extension TrafficPolicy {
             if let service = try g.string("service") {
                 // A fully qualified service name, as gRPC names them (or "").
                 guard service.isEmpty || HTTPRoute.Match.isGRPCService(service) else {
-                    throw g.error("service", "must be a gRPC service name such as shop.Cart (letters, digits, _ and dots), got \"\(service)\"")
+                    throw g.error("service", "must be a gRPC service name such as shop.Cart (letters, digits, _ and dots), got \(quoted(service))")
                 }
                 probe.service = service
             }
@@ -491,7 +491,7 @@ extension TrafficPolicy {
             try HTTPRoute.headerName(header, field: rl.field("header"), at: location)
             key = .header(header.lowercased())
         default:
-            throw rl.error("key", "must be one of Route, SourceIdentity, Header, got \"\(keyName)\"")
+            throw rl.error("key", "must be one of Route, SourceIdentity, Header, got \(quoted(keyName))")
         }
         if header != nil, keyName != "Header" { throw rl.error("header", "applies only to key Header") }
         try rl.finish()
@@ -533,7 +533,7 @@ extension TrafficPolicy {
             let base = name.split(separator: "#", maxSplits: 1).first.map(String.init) ?? name
             let parts = base.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, parts.allSatisfy({ MeshConfig.isDNSLabel(String($0)) || Validation.dnsSubdomain(String($0)) }) else {
-                throw ManifestError(location, field: path, "must name an HTTPRoute as namespace/name (or namespace/name#rule), got \"\(name)\"")
+                throw ManifestError(location, field: path, "must name an HTTPRoute as namespace/name (or namespace/name#rule), got \(quoted(name))")
             }
             out.routes.append(name)
         }
@@ -558,7 +558,7 @@ extension TrafficPolicy {
     /// A Gateway API duration above zero ("-1s" and "0s" are refused).
     static func positiveDuration(_ r: inout FieldReader, _ key: String, at location: DocumentLocation) throws(ManifestError) -> Duration? {
         guard let text = try r.string(key) else { return nil }
-        if text.hasPrefix("-") { throw r.error(key, "must be positive, got \"\(text)\"") }
+        if text.hasPrefix("-") { throw r.error(key, "must be positive, got \(quoted(text))") }
         guard let d = try HTTPRoute.duration(text, field: r.field(key), at: location) else {
             throw r.error(key, "must be longer than 0s")
         }

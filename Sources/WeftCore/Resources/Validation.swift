@@ -16,7 +16,7 @@ enum Validation {
               isLowerAlnum(first), isLowerAlnum(last),
               b.allSatisfy({ isLowerAlnum($0) || $0 == dash }) else {
             throw ManifestError(location, field: field,
-                                "\"\(s)\" is not a valid name: use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit")
+                                "\(quoted(s)) is not a valid name: use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit")
         }
     }
 
@@ -47,14 +47,14 @@ enum Validation {
         default: ok = false
         }
         guard ok else {
-            throw ManifestError(location, field: "\(field).\(key)", "\"\(key)\" is not a valid label key")
+            throw ManifestError(location, field: "\(field).\(key)", "\(quoted(key)) is not a valid label key")
         }
     }
 
     static func labelValue(_ value: String, field: String, at location: DocumentLocation) throws(ManifestError) {
         guard value.isEmpty || qualifiedNamePart(Substring(value)) else {
             throw ManifestError(location, field: field,
-                                "\"\(value)\" is not a valid label value: at most 63 alphanumerics, '-', '_' or '.', alphanumeric at both ends")
+                                "\(quoted(value)) is not a valid label value: at most 63 alphanumerics, '-', '_' or '.', alphanumeric at both ends")
         }
     }
 
@@ -66,7 +66,7 @@ enum Validation {
               b.allSatisfy({ isLowerAlnum($0) || $0 == dash }),
               b.contains(where: isLetter) else {
             throw ManifestError(location, field: field,
-                                "\"\(s)\" is not a valid port name: 1-15 lowercase letters, digits or '-', with at least one letter")
+                                "\(quoted(s)) is not a valid port name: 1-15 lowercase letters, digits or '-', with at least one letter")
         }
     }
 
@@ -81,7 +81,7 @@ enum Validation {
                                   at location: DocumentLocation) throws(ManifestError) -> TransportProtocol {
         guard let text else { return .tcp }
         guard let proto = TransportProtocol(rawValue: text) else {
-            throw ManifestError(location, field: field, "protocol must be TCP, UDP or SCTP, got \"\(text)\"")
+            throw ManifestError(location, field: field, "protocol must be TCP, UDP or SCTP, got \(quoted(text))")
         }
         return proto
     }

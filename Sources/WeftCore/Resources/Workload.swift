@@ -54,7 +54,7 @@ extension Workload {
         try Validation.dnsLabel(nodeName, field: spec.field("node"), at: location)
         let addressText = try spec.requiredString("address")
         guard let address = IPv4Address(addressText) else {
-            throw spec.error("address", "\"\(addressText)\" is not an IPv4 address")
+            throw spec.error("address", "\(quoted(addressText)) is not an IPv4 address")
         }
         var ports: [WorkloadPort] = []
         for (path, portNode) in try spec.list("ports") ?? [] {
@@ -66,7 +66,7 @@ extension Workload {
             let transport = try Validation.transportProtocol(try r.string("protocol"), field: r.field("protocol"), at: location)
             try r.finish()
             if let name, ports.contains(where: { $0.name == name }) {
-                throw ManifestError(location, field: "\(path).name", "duplicate port name \"\(name)\"")
+                throw ManifestError(location, field: "\(path).name", "duplicate port name \(quoted(name))")
             }
             ports.append(WorkloadPort(name: name, port: port, transport: transport))
         }
@@ -74,7 +74,7 @@ extension Workload {
         if let cgroup {
             let parts = cgroup.split(separator: "/")
             if cgroup.isEmpty || parts.contains("..") || parts.contains(".") {
-                throw spec.error("cgroup", "\"\(cgroup)\" is not a usable cgroup path (no '.' or '..' parts)")
+                throw spec.error("cgroup", "\(quoted(cgroup)) is not a usable cgroup path (no '.' or '..' parts)")
             }
         }
         try spec.finish()
