@@ -299,6 +299,62 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
     }
 }
 
+/// What a Kubernetes API server would refuse by the Gateway API's own
+/// schema (its list and length limits and its CEL rules), Weft refuses when
+/// it reads the file, naming the field: no API server stands in front of it.
+@Suite struct HTTPRouteSchemaTests {
+    static func many(_ n: Int, _ item: (Int) -> String) -> String { (0..<n).map(item).joined(separator: ", ") }
+
+    @Test(arguments: [
+        ("  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}, {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: c, value: d}]}}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].filters[1].type", "a second RequestHeaderModifier filter"),
+        ("  - backendRefs: [{name: web, port: 80, filters: [{type: URLRewrite, urlRewrite: {hostname: a}}, {type: URLRewrite, urlRewrite: {hostname: b}}]}]",
+         "spec.rules[0].backendRefs[0].filters[1].type", "a second URLRewrite filter"),
+        ("  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: b}, {name: X-A, value: c}]}}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].filters[0].requestHeaderModifier.set[1].name", "\"X-A\" is in set already"),
+        ("  - name: one\n    backendRefs: [{name: web, port: 80}]\n  - name: one\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[1].name", "\"one\" names another rule of this route already"),
+        ("  - name: Rule_1\n    backendRefs: [{name: web, port: 80}]", "spec.rules[0].name", "not a valid rule name"),
+        ("  - matches: [{path: {type: PathPrefix, value: /\(String(repeating: "p", count: 1024))}}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].matches[0].path.value", "at most 1024 characters, got 1025"),
+        ("  - matches: [{headers: [{name: x-a, value: \(String(repeating: "v", count: 4097))}]}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].matches[0].headers[0].value", "at most 4096 characters, got 4097"),
+        ("  - matches: [{queryParams: [{name: q, value: \(String(repeating: "v", count: 1025))}]}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].matches[0].queryParams[0].value", "at most 1024 characters, got 1025"),
+        ("  - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: \(String(repeating: "h", count: 257)), value: v}]}}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].filters[0].responseHeaderModifier.add[0].name", "at most 256 characters, got 257"),
+        ("  - matches: [{headers: [\(many(17) { "{name: h\($0), value: v}" })]}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].matches[0].headers", "at most 16 entries, got 17"),
+        ("  - backendRefs: [\(many(17) { _ in "{name: web, port: 80}" })]", "spec.rules[0].backendRefs", "at most 16 entries, got 17"),
+        ("  - matches: [\(many(65) { "{path: {type: Exact, value: /m\($0)}}" })]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].matches", "at most 64 entries, got 65"),
+        ((0..<17).map { _ in "  - backendRefs: [{name: web, port: 80}]" }.joined(separator: "\n"), "spec.rules", "at most 16 entries, got 17"),
+        ((0..<3).map { r in "  - matches: [\(many(43) { "{path: {type: Exact, value: /r\(r)m\($0)}}" })]\n    backendRefs: [{name: web, port: 80}]" }.joined(separator: "\n"),
+         "spec.rules", "at most 128 matches in all the rules together, got 129"),
+    ])
+    func overTheSchemaNamesTheField(rules: String, field: String, reason: String) {
+        let text = routeErrors(rules).map(\.description).joined(separator: "\n")
+        #expect(text.hasPrefix("t.yaml:6:\(field):") && text.contains(reason), "\(text.prefix(300))")
+    }
+
+    @Test func atTheSchemasLimitsARouteIsTaken() throws {
+        let rules = """
+              - name: all-of-it
+                matches: [\(Self.many(64) { "{path: {type: Exact, value: /m\($0)}, headers: [\(Self.many(16) { "{name: h\($0), value: v}" })]}" })]
+                filters:
+                - {type: RequestHeaderModifier, requestHeaderModifier: {set: [\(Self.many(16) { "{name: s\($0), value: \(String(repeating: "v", count: 4096))}" })]}}
+                - {type: RequestMirror, requestMirror: {backendRef: {name: web, port: 80}}}
+                - {type: RequestMirror, requestMirror: {backendRef: {name: canary, port: 80}}}
+                backendRefs: [\(Self.many(16) { _ in "{name: web, port: 80}" })]
+              - name: the-rest
+                matches: [\(Self.many(64) { "{path: {type: PathPrefix, value: /\(String(repeating: "p", count: 1000))\($0)}}" })]
+                backendRefs: [{name: web, port: 80}]
+            """
+        let s = try state(webRoute(rules))
+        #expect(s.httpRoutes.first?.rules.map(\.matches.count) == [64, 64])
+    }
+}
+
 /// `sessionPersistence` on a route rule (GEP-1619): read into the rule, made
 /// a SessionRule of the proxy's table with a name of the rule's own when it
 /// gives none, and every bad value refused naming its field.

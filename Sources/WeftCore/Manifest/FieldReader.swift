@@ -108,6 +108,14 @@ struct FieldReader {
         return sequence.enumerated().map { ("\(field(key))[\($0.offset)]", $0.element) }
     }
 
+    /// `list(key)`, refused over `maxItems` entries (a limit of the API's
+    /// own schema, which a Kubernetes API server would enforce).
+    mutating func list(_ key: String, maxItems: Int) throws(ManifestError) -> [(path: String, node: YAMLNode)]? {
+        guard let items = try list(key) else { return nil }
+        guard items.count <= maxItems else { throw error(key, "at most \(maxItems) entries, got \(items.count)") }
+        return items
+    }
+
     /// A `map[string]string`, as labels, annotations and selectors are.
     mutating func stringMap(_ key: String) throws(ManifestError) -> [String: String]? {
         guard let node = node(key) else { return nil }

@@ -24,16 +24,16 @@
 extension HTTPRoute.Rule {
     init(grpc node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        name = try r.string("name")
+        name = try HTTPRoute.ruleName(&r, at: location)
         matches = []
-        if let list = try r.list("matches") {
+        if let list = try r.list("matches", maxItems: 64) {
             for (p, n) in list { matches.append(try HTTPRoute.Match(grpc: n, path: p, at: location)) }
         }
         if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
         filters = try HTTPRoute.Filter.list(&r, at: location)
         try Self.grpcFilters(filters, field: "\(path).filters", at: location)
         backendRefs = []
-        if let list = try r.list("backendRefs") {
+        if let list = try r.list("backendRefs", maxItems: 16) {
             for (p, n) in list {
                 let ref = try HTTPRoute.BackendRef(n, path: p, at: location)
                 try Self.grpcFilters(ref.filters, field: "\(p).filters", at: location)

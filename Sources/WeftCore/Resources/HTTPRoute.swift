@@ -175,9 +175,19 @@ extension HTTPRoute {
         let parents = try Self.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
         spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
         var rules: [Rule] = []
-        if let ruleNodes = try spec.list("rules") {
+        if let ruleNodes = try spec.list("rules", maxItems: 16) {
+            var named: Set<String> = []
             for (path, node) in ruleNodes {
-                rules.append(kind == .grpc ? try Rule(grpc: node, path: path, at: location) : try Rule(node, path: path, at: location))
+                let rule = kind == .grpc ? try Rule(grpc: node, path: path, at: location) : try Rule(node, path: path, at: location)
+                // A TrafficPolicy names a rule as namespace/route#rule.
+                if let name = rule.name, !named.insert(name).inserted {
+                    throw ManifestError(location, field: "\(path).name", "\(quoted(name)) names another rule of this route already")
+                }
+                rules.append(rule)
+            }
+            let matches = rules.reduce(0) { $0 + $1.matches.count }
+            guard matches <= 128 else {
+                throw spec.error("rules", "at most 128 matches in all the rules together, got \(matches)")
             }
         }
         if rules.isEmpty {
@@ -195,7 +205,7 @@ extension HTTPRoute {
     /// route) or another (a consumer route).
     static func parents(_ spec: inout FieldReader, kind: String, metadata: ObjectMeta,
                         at location: DocumentLocation) throws(ManifestError) -> [ParentRef] {
-        guard let parentNodes = try spec.list("parentRefs"), !parentNodes.isEmpty else {
+        guard let parentNodes = try spec.list("parentRefs", maxItems: 32), !parentNodes.isEmpty else {
             throw spec.error("parentRefs", "a mesh \(kind) needs at least one parentRef (a Service)")
         }
         var parents: [ParentRef] = []
@@ -227,15 +237,15 @@ extension HTTPRoute {
 extension HTTPRoute.Rule {
     init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        name = try r.string("name")
+        name = try HTTPRoute.ruleName(&r, at: location)
         matches = []
-        if let list = try r.list("matches") {
+        if let list = try r.list("matches", maxItems: 64) {
             for (p, n) in list { matches.append(try HTTPRoute.Match(n, path: p, at: location)) }
         }
         if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
         filters = try HTTPRoute.Filter.list(&r, at: location)
         backendRefs = []
-        if let list = try r.list("backendRefs") {
+        if let list = try r.list("backendRefs", maxItems: 16) {
             for (p, n) in list { backendRefs.append(try HTTPRoute.BackendRef(n, path: p, at: location)) }
         }
         timeouts = HTTPRoute.Timeouts()
@@ -333,6 +343,7 @@ extension HTTPRoute.Match {
         if var p = try r.mapping("path") {
             let type = try p.string("type") ?? "PathPrefix"
             let value = try p.string("value") ?? "/"
+            try Validation.maxLength(value, 1024, field: p.field("value"), at: location)
             switch type {
             case "Exact", "PathPrefix":
                 guard value.hasPrefix("/") else { throw p.error("value", "must start with \"/\"") }
@@ -363,7 +374,7 @@ extension HTTPRoute.Match {
 
 extension HTTPRoute.ValueMatch {
     static func list(_ r: inout FieldReader, _ key: String, header: Bool, at location: DocumentLocation) throws(ManifestError) -> [Self] {
-        guard let list = try r.list(key) else { return [] }
+        guard let list = try r.list(key, maxItems: 16) else { return [] }
         var out: [Self] = []
         for (path, node) in list {
             var m = try FieldReader(node, at: location, path: path)
@@ -371,6 +382,8 @@ extension HTTPRoute.ValueMatch {
             let name = try m.requiredString("name")
             guard let value = try m.string("value") else { throw m.error("value", "required field is missing") }
             if header { try HTTPRoute.headerName(name, field: m.field("name"), at: location) }
+            try Validation.maxLength(name, 256, field: m.field("name"), at: location)
+            try Validation.maxLength(value, header ? 4096 : 1024, field: m.field("value"), at: location)
             switch type {
             case "Exact": break
             case "RegularExpression": try HTTPRoute.checkRegex(value, field: m.field("value"), at: location)
@@ -413,11 +426,17 @@ extension HTTPRoute.BackendRef {
 
 extension HTTPRoute.Filter {
     static func list(_ r: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> [Self] {
-        guard let list = try r.list("filters") else { return [] }
+        guard let list = try r.list("filters", maxItems: 16) else { return [] }
         var out: [Self] = []
+        var seen: Set<String> = []
         for (path, node) in list {
             var f = try FieldReader(node, at: location, path: path)
             let type = try f.requiredString("type")
+            // Only RequestMirror may come twice (the API's rule: a second
+            // header modifier, redirect or rewrite would contradict the first).
+            if type != "RequestMirror", !seen.insert(type).inserted {
+                throw f.error("type", "a second \(type) filter in one list: give it once")
+            }
             func body(_ key: String) throws(ManifestError) -> FieldReader {
                 guard let m = try f.mapping(key) else { throw f.error(key, "required when type is \(type)") }
                 return m
@@ -486,23 +505,29 @@ extension HTTPRoute.HeaderModifier {
         var r = reader
         for key in ["set", "add"] {
             var headers: [HTTPRoute.Header] = []
-            if let list = try r.list(key) {
+            if let list = try r.list(key, maxItems: 16) {
                 for (path, node) in list {
                     var h = try FieldReader(node, at: location, path: path)
                     let name = try h.requiredString("name")
                     try HTTPRoute.headerName(name, field: h.field("name"), at: location)
+                    try Validation.maxLength(name, 256, field: h.field("name"), at: location)
                     guard let value = try h.string("value") else { throw h.error("value", "required field is missing") }
                     try HTTPRoute.headerValue(value, field: h.field("value"), at: location)
+                    try Validation.maxLength(value, 4096, field: h.field("value"), at: location)
                     try h.finish()
+                    if headers.contains(where: { $0.name.lowercased() == name.lowercased() }) {
+                        throw h.error("name", "\(quoted(name)) is in \(key) already")
+                    }
                     headers.append(.init(name: name, value: value))
                 }
             }
             if key == "set" { set = headers } else { add = headers }
         }
-        if let list = try r.list("remove") {
+        if let list = try r.list("remove", maxItems: 16) {
             for (path, node) in list {
                 let name = try FieldReader.string(node, at: location, path: path)
                 try HTTPRoute.headerName(name, field: path, at: location)
+                try Validation.maxLength(name, 256, field: path, at: location)
                 remove.append(name)
             }
         }
@@ -577,6 +602,16 @@ extension HTTPRoute {
         } catch {
             throw ManifestError(location, field: field, "not a valid regular expression: \(quoted(pattern)) (\(error); RE2 syntax, matched in linear time: docs/proxy.md)")
         }
+    }
+
+    /// A rule's `name` (the API's SectionName: a lower-case DNS name), by
+    /// which a TrafficPolicy may target it.
+    static func ruleName(_ r: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> String? {
+        guard let name = try r.string("name") else { return nil }
+        guard Validation.dnsSubdomain(name) else {
+            throw r.error("name", "\(quoted(name)) is not a valid rule name (lower-case DNS name, RFC 1123)")
+        }
+        return name
     }
 
     /// RFC 7230 token.

@@ -21,6 +21,13 @@ enum Validation {
     }
 
     /// RFC 1123 subdomain (label key prefixes).
+    /// A string field's `maxLength` in the API's schema (characters, as
+    /// OpenAPI counts them).
+    static func maxLength(_ s: String, _ max: Int, field: String, at location: DocumentLocation) throws(ManifestError) {
+        let count = s.unicodeScalars.count
+        guard count <= max else { throw ManifestError(location, field: field, "at most \(max) characters, got \(count)") }
+    }
+
     static func dnsSubdomain(_ s: String) -> Bool {
         guard (1...253).contains(s.utf8.count) else { return false }
         return s.utf8.split(separator: dot, omittingEmptySubsequences: false).allSatisfy { part in
