@@ -131,6 +131,9 @@ private func b(_ address: String, _ port: UInt16 = 5432, _ t: TransportProtocol 
          "spec.parentRefs[0].port", "has no TCP port 9"),
         (route("  - backendRefs: [{name: db-v1, port: 5432}]", parent: "{group: \"\", kind: Service, name: db, port: 80}"),
          "spec.parentRefs[0]", "declares HTTP: the node proxy routes it"),
+        (route("  - backendRefs: [\((0..<17).map { _ in "{name: db-v1, port: 5432}" }.joined(separator: ", "))]"),
+         "spec.rules[0].backendRefs", "at most 16 entries, got 17"),
+        (route("  - name: Main\n    backendRefs: [{name: db-v1, port: 5432}]"), "spec.rules[0].name", "not a valid rule name"),
     ])
     func badRoutesNameTheirField(text: String, field: String, reason: String) {
         let e = errors(text)

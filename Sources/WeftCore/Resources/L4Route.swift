@@ -78,9 +78,9 @@ public struct L4Route: Hashable, Sendable {
             throw spec.error("rules", "Weft takes one rule per \(kind.rawValue) (its rules have no matches to choose between them), got \(rules.count)")
         }
         var rule = try FieldReader(ruleNode, at: location, path: path)
-        _ = try rule.string("name")
+        _ = try HTTPRoute.ruleName(&rule, at: location)
         var refs: [HTTPRoute.BackendRef] = []
-        if let list = try rule.list("backendRefs") {
+        if let list = try rule.list("backendRefs", maxItems: 16) {
             for (p, n) in list {
                 let ref = try HTTPRoute.BackendRef(n, path: p, at: location)
                 if !ref.filters.isEmpty {
