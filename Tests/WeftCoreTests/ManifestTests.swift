@@ -82,6 +82,8 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, targetPort: 0}]", "t.yaml:1:spec.ports[0].targetPort: port must be between 1 and 65535, got 0"),
         ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, targetPort: Http_1}]", "t.yaml:1:spec.ports[0].targetPort: \"Http_1\" is not a valid port name"),
         ("  clusterIP: 198.19.0.10\n  ports: [{port: 80}, {port: 81}]", "t.yaml:1:spec.ports[0].name: required when a Service has more than one port"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, appProtocol: \"my http\"}]", "t.yaml:1:spec.ports[0].appProtocol: \"my http\" is not a valid appProtocol"),
+        ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, appProtocol: \"kubernetes.io/\"}]", "t.yaml:1:spec.ports[0].appProtocol: \"kubernetes.io/\" is not a valid appProtocol"),
         ("  clusterIP: 198.19.0.10\n  ports: []", "t.yaml:1:spec.ports: a Service needs at least one port"),
         ("  clusterIP: 198.19.0.10\n  selector: [a]\n  ports: [{port: 80}]", "t.yaml:1:spec.selector: expected a mapping, got a list"),
         ("  clusterIP: 198.19.0.10\n  type: NodePort\n  ports: [{port: 80}]", "t.yaml:1:spec.type: only type ClusterIP is supported"),

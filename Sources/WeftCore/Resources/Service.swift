@@ -174,6 +174,9 @@ extension ServicePort {
             throw r.error("protocol", "SCTP Services are not load-balanced by Weft; use TCP or UDP")
         }
         let appProtocol = try r.string("appProtocol")
+        if let appProtocol, !Validation.isQualifiedName(appProtocol) {
+            throw r.error("appProtocol", "\(quoted(appProtocol)) is not a valid appProtocol: a name such as http, grpc or kubernetes.io/h2c")
+        }
         r.ignore("nodePort")
         try r.finish()
         self.init(name: name, port: port, targetPort: target, transport: transport, appProtocol: appProtocol)

@@ -45,15 +45,19 @@ enum Validation {
         return b.allSatisfy { isAlnum($0) || $0 == dash || $0 == underscore || $0 == dot }
     }
 
-    static func labelKey(_ key: String, field: String, at location: DocumentLocation) throws(ManifestError) {
-        let parts = key.split(separator: "/", omittingEmptySubsequences: false)
-        let ok: Bool
+    /// Kubernetes' qualified name: a name part, after an optional DNS
+    /// subdomain and '/' (label keys, a port's appProtocol).
+    static func isQualifiedName(_ s: String) -> Bool {
+        let parts = s.split(separator: "/", omittingEmptySubsequences: false)
         switch parts.count {
-        case 1: ok = qualifiedNamePart(parts[0])
-        case 2: ok = dnsSubdomain(String(parts[0])) && qualifiedNamePart(parts[1])
-        default: ok = false
+        case 1: return qualifiedNamePart(parts[0])
+        case 2: return dnsSubdomain(String(parts[0])) && qualifiedNamePart(parts[1])
+        default: return false
         }
-        guard ok else {
+    }
+
+    static func labelKey(_ key: String, field: String, at location: DocumentLocation) throws(ManifestError) {
+        guard isQualifiedName(key) else {
             throw ManifestError(location, field: "\(field).\(key)", "\(quoted(key)) is not a valid label key")
         }
     }
