@@ -250,6 +250,9 @@ import WeftCore
         var deliveriesOpen: Int { deliveries.value.load(ordering: .relaxed) }
         let backends: [any Channel]
         let registry = ConnectionRegistry()
+        /// The bytes the HTTP/1.1 backend read, connection by connection,
+        /// as they came off its sockets (SmugglingTests).
+        let http1Log = RawLog()
 
         /// `front`: a handler put in front of the proxy's on every connection
         /// it is given, captured or delivering (nearest the socket), made
@@ -259,10 +262,12 @@ import WeftCore
              configure: (inout ProxyConfiguration) -> Void = { _ in },
              front: (@Sendable () -> any ChannelHandler)? = nil, http2Streams: Int = 100) throws {
             let group = self.group
+            let log = http1Log
             let http1 = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(RawLog.Tap(log))
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                         try channel.pipeline.syncOperations.addHandler(Backend())
                     }
