@@ -337,6 +337,19 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         #expect(text.hasPrefix("t.yaml:6:\(field):") && text.contains(reason), "\(text.prefix(300))")
     }
 
+    @Test func hostnamesAreCheckedThoughMeshRoutesIgnoreThem() throws {
+        func errors(_ hostnames: String) -> String {
+            let route = webRoute("  - backendRefs: [{name: web, port: 80}]")
+                .replacingOccurrences(of: "spec:\n", with: "spec:\n  hostnames: \(hostnames)\n")
+            return ManifestReader.parse(base + "\n---\n" + route, file: "t.yaml").errors.map(\.description).joined(separator: "\n")
+        }
+        #expect(errors("[web.shop.svc.cluster.local, \"*.shop.example\"]").isEmpty)
+        #expect(errors("[Web_Shop]").hasPrefix("t.yaml:6:spec.hostnames[0]: \"Web_Shop\" is not a hostname"), "\(errors("[Web_Shop]"))")
+        #expect(errors("[a.example, 10.0.0.1]").hasPrefix("t.yaml:6:spec.hostnames[1]: \"10.0.0.1\" is an IP address"))
+        let seventeen = "[" + Self.many(17) { "h\($0).example" } + "]"
+        #expect(errors(seventeen).hasPrefix("t.yaml:6:spec.hostnames: at most 16 entries, got 17"), "\(errors(seventeen))")
+    }
+
     @Test func atTheSchemasLimitsARouteIsTaken() throws {
         let rules = """
               - name: all-of-it

@@ -173,7 +173,11 @@ extension HTTPRoute {
     init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind = .http, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
         let parents = try Self.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
-        spec.ignore("hostnames") // GAMMA: hostnames do not apply to mesh routes.
+        // GAMMA: hostnames do not apply to mesh routes; they are checked as
+        // the API's schema checks them, and otherwise left alone.
+        for (path, node) in try spec.list("hostnames", maxItems: 16) ?? [] {
+            try L4Route.checkHostname(try FieldReader.string(node, at: location, path: path), field: path, at: location)
+        }
         var rules: [Rule] = []
         if let ruleNodes = try spec.list("rules", maxItems: 16) {
             var named: Set<String> = []

@@ -111,7 +111,7 @@ public struct L4Route: Hashable, Sendable {
                                 "\(quoted(name)) is not a hostname: use lowercase letters, digits, '-' and '.', labels of 1-63 characters, optionally \"*.\" first for a wildcard")
         }
         if labels.count == 4, labels.allSatisfy({ $0.allSatisfy { $0 >= 0x30 && $0 <= 0x39 } }) {
-            throw ManifestError(location, field: field, "\(quoted(name)) is an IP address: SNI names a host, never an address (RFC 6066)")
+            throw ManifestError(location, field: field, "\(quoted(name)) is an IP address: a route's hostname names a host, never an address (RFC 6066 for SNI; the Gateway API's Hostname)")
         }
     }
 
