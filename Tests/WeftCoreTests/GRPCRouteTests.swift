@@ -168,6 +168,11 @@ private func call(_ path: String, _ headers: [String: String] = [:]) -> RouteMat
              "spec.rules[0].backendRefs[0].filters[0].type: a GRPCRoute takes"),
             ("  - timeouts: {request: 1s}", "spec.rules[0].timeouts: unknown field"),
             ("  - backendRefs: [{name: nowhere, port: 80}]", "spec.rules[0].backendRefs[0].name: no Service shop/nowhere"),
+            ("  - matches: [{method: {type: RegularExpression, service: \"\(String(repeating: "s", count: 1025))\"}}]",
+             "spec.rules[0].matches[0].method.service: at most 1024 characters, got 1025"),
+            ("  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}, {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: c, value: d}]}}]",
+             "spec.rules[0].filters[1].type: a second RequestHeaderModifier filter"),
+            ("  - name: one\n  - name: one", "spec.rules[1].name: \"one\" names another rule of this route already"),
         ]
         for (rules, expected) in cases {
             guard case .failure(let e) = read(grpcRoute(rules)) else {

@@ -331,6 +331,8 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         ((0..<17).map { _ in "  - backendRefs: [{name: web, port: 80}]" }.joined(separator: "\n"), "spec.rules", "at most 16 entries, got 17"),
         ((0..<3).map { r in "  - matches: [\(many(43) { "{path: {type: Exact, value: /r\(r)m\($0)}}" })]\n    backendRefs: [{name: web, port: 80}]" }.joined(separator: "\n"),
          "spec.rules", "at most 128 matches in all the rules together, got 129"),
+        ("  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {remove: [x-a, X-A]}}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].filters[0].requestHeaderModifier.remove[1]", "\"X-A\" is in remove already"),
     ])
     func overTheSchemaNamesTheField(rules: String, field: String, reason: String) {
         let text = routeErrors(rules).map(\.description).joined(separator: "\n")

@@ -89,6 +89,8 @@ extension HTTPRoute.Match {
             guard service != nil || method != nil else {
                 throw ManifestError(location, field: "\(path).method", "give service, method or both")
             }
+            if let service { try Validation.maxLength(service, 1024, field: m.field("service"), at: location) }
+            if let method { try Validation.maxLength(method, 1024, field: m.field("method"), at: location) }
             switch type {
             case "Exact":
                 if let service, !Self.isGRPCService(service) {

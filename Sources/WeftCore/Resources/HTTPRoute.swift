@@ -532,6 +532,9 @@ extension HTTPRoute.HeaderModifier {
                 let name = try FieldReader.string(node, at: location, path: path)
                 try HTTPRoute.headerName(name, field: path, at: location)
                 try Validation.maxLength(name, 256, field: path, at: location)
+                if remove.contains(where: { $0.lowercased() == name.lowercased() }) {
+                    throw ManifestError(location, field: path, "\(quoted(name)) is in remove already")
+                }
                 remove.append(name)
             }
         }
