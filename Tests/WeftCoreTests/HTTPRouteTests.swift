@@ -349,7 +349,7 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         #expect(errors("[Web_Shop]").hasPrefix("t.yaml:6:spec.hostnames[0]: \"Web_Shop\" is not a hostname"), "\(errors("[Web_Shop]"))")
         #expect(errors("[a.example, 10.0.0.1]").hasPrefix("t.yaml:6:spec.hostnames[1]: \"10.0.0.1\" is an IP address"))
         let seventeen = "[" + Self.many(17) { "h\($0).example" } + "]"
-        #expect(errors(seventeen).hasPrefix("t.yaml:6:spec.hostnames: at most 16 entries, got 17"), "\(errors(seventeen))")
+        #expect(errors(seventeen).hasPrefix("t.yaml:6:spec.hostnames: at most 16 hostnames, got 17"), "\(errors(seventeen))")
     }
 
     @Test func atTheSchemasLimitsARouteIsTaken() throws {

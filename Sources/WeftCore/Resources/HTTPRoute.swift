@@ -175,9 +175,7 @@ extension HTTPRoute {
         let parents = try Self.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
         // GAMMA: hostnames do not apply to mesh routes; they are checked as
         // the API's schema checks them, and otherwise left alone.
-        for (path, node) in try spec.list("hostnames", maxItems: 16) ?? [] {
-            try L4Route.checkHostname(try FieldReader.string(node, at: location, path: path), field: path, at: location)
-        }
+        _ = try L4Route.hostnames(&spec, at: location)
         var rules: [Rule] = []
         if let ruleNodes = try spec.list("rules", maxItems: 16) {
             var named: Set<String> = []

@@ -57,15 +57,7 @@ public struct L4Route: Hashable, Sendable {
                                 "a \(kind.rawValue) is carried out in the kernel, for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table; a TLSRoute, which the node proxy carries out, may be one), got \(parent.namespace)")
         }
         if kind == .tls {
-            var names: [String] = []
-            if let list = try spec.list("hostnames") {
-                guard list.count <= 16 else { throw spec.error("hostnames", "a TLSRoute takes at most 16 hostnames, got \(list.count)") }
-                for (p, n) in list {
-                    let name = try FieldReader.string(n, at: location, path: p)
-                    try Self.checkHostname(name, field: p, at: location)
-                    if !names.contains(name) { names.append(name) }
-                }
-            }
+            let names = try Self.hostnames(&spec, at: location)
             if names.isEmpty && hostnamesRequired {
                 throw spec.error("hostnames", "a TLSRoute (gateway.networking.k8s.io/v1) needs at least one hostname: the SNI names it routes")
             }
@@ -103,6 +95,21 @@ public struct L4Route: Hashable, Sendable {
     /// A Gateway API Hostname as a TLSRoute takes it: RFC 1123, lowercase,
     /// at most 253 characters, labels of 1-63; a leading `*.` label is a
     /// wildcard; no IP address (RFC 6066: SNI carries no address).
+    /// A route's `spec.hostnames` (TLSRoute, HTTPRoute), checked as the
+    /// Gateway API's schema checks them: at most 16, each a Hostname.
+    /// Repeats are dropped.
+    static func hostnames(_ spec: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> [String] {
+        guard let list = try spec.list("hostnames") else { return [] }
+        guard list.count <= 16 else { throw spec.error("hostnames", "at most 16 hostnames, got \(list.count)") }
+        var names: [String] = []
+        for (p, n) in list {
+            let name = try FieldReader.string(n, at: location, path: p)
+            try checkHostname(name, field: p, at: location)
+            if !names.contains(name) { names.append(name) }
+        }
+        return names
+    }
+
     static func checkHostname(_ name: String, field: String, at location: DocumentLocation) throws(ManifestError) {
         let rest = name.hasPrefix("*.") ? String(name.dropFirst(2)) : name
         let labels = rest.utf8.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
