@@ -333,10 +333,28 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
          "spec.rules", "at most 128 matches in all the rules together, got 129"),
         ("  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {remove: [x-a, X-A]}}]\n    backendRefs: [{name: web, port: 80}]",
          "spec.rules[0].filters[0].requestHeaderModifier.remove[1]", "\"X-A\" is in remove already"),
+        ("  - matches: [{path: {type: PathPrefix, value: /a}}, {path: {type: PathPrefix, value: /b}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /c}}}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].matches", "ReplacePrefixMatch needs exactly one match, a PathPrefix one; this rule has 2"),
+        ("  - matches: [{path: {type: Exact, value: /a}}]\n    backendRefs: [{name: web, port: 80, filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /c}}}]}]",
+         "spec.rules[0].matches[0].path", "ReplacePrefixMatch needs a PathPrefix match"),
+        ("  - matches: [{path: {type: RegularExpression, value: /a.*}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /c}}}]",
+         "spec.rules[0].matches[0].path", "ReplacePrefixMatch needs a PathPrefix match"),
     ])
     func overTheSchemaNamesTheField(rules: String, field: String, reason: String) {
         let text = routeErrors(rules).map(\.description).joined(separator: "\n")
         #expect(text.hasPrefix("t.yaml:6:\(field):") && text.contains(reason), "\(text.prefix(300))")
+    }
+
+    @Test func replacePrefixMatchTakesOnePrefixMatchOrTheDefault() throws {
+        for rules in [
+            "  - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]\n    backendRefs: [{name: web, port: 80}]",
+            "  - matches: [{headers: [{name: x-a, value: b}]}]\n    backendRefs: [{name: web, port: 80, filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]}]",
+            "  - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]",
+            "  - matches: [{path: {type: Exact, value: /a}}, {path: {type: PathPrefix, value: /b}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /c}}}]\n    backendRefs: [{name: web, port: 80}]",
+        ] {
+            let errors = routeErrors(rules)
+            #expect(errors.isEmpty, "\(rules): \(errors)")
+        }
     }
 
     @Test func hostnamesAreCheckedThoughMeshRoutesIgnoreThem() throws {

@@ -281,15 +281,17 @@ extension HTTPRoute.Rule {
         if redirects > 0 && !backendRefs.isEmpty {
             throw ManifestError(location, field: "\(path).backendRefs", "a rule with a RequestRedirect filter sends no request upstream; remove its backendRefs")
         }
-        for (i, match) in matches.enumerated() {
-            for f in filters {
-                if case .urlRewrite(let w) = f, case .replacePrefixMatch = w.path, !match.path.isPrefix {
-                    throw ManifestError(location, field: "\(path).matches[\(i)].path", "ReplacePrefixMatch needs a PathPrefix match")
-                }
-                if case .requestRedirect(let w) = f, case .replacePrefixMatch = w.path, !match.path.isPrefix {
-                    throw ManifestError(location, field: "\(path).matches[\(i)].path", "ReplacePrefixMatch needs a PathPrefix match")
-                }
-            }
+        // The Gateway API's rule, for the rule's filters and its
+        // backendRefs' alike: ReplacePrefixMatch replaces the prefix that
+        // matched, so a rule that uses it has exactly one match, a PathPrefix
+        // one (none means PathPrefix "/").
+        let replacesPrefix = (filters + backendRefs.flatMap(\.filters)).contains { $0.replacesPrefixMatch }
+        if replacesPrefix, matches.count != 1 {
+            throw ManifestError(location, field: "\(path).matches",
+                                "ReplacePrefixMatch needs exactly one match, a PathPrefix one; this rule has \(matches.count) (give each prefix a rule of its own)")
+        }
+        if replacesPrefix, let match = matches.first, !match.path.isPrefix {
+            throw ManifestError(location, field: "\(path).matches[0].path", "ReplacePrefixMatch needs a PathPrefix match")
         }
     }
 }
@@ -427,6 +429,15 @@ extension HTTPRoute.BackendRef {
 }
 
 extension HTTPRoute.Filter {
+    /// A URLRewrite or RequestRedirect that replaces the matched prefix.
+    var replacesPrefixMatch: Bool {
+        switch self {
+        case .urlRewrite(let w): if case .replacePrefixMatch = w.path { true } else { false }
+        case .requestRedirect(let w): if case .replacePrefixMatch = w.path { true } else { false }
+        default: false
+        }
+    }
+
     static func list(_ r: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> [Self] {
         guard let list = try r.list("filters", maxItems: 16) else { return [] }
         var out: [Self] = []
