@@ -135,9 +135,12 @@ struct FieldReader {
         for (i, pair) in pairs.enumerated() where keys.contains(pair.key) { read[i] = true }
     }
 
-    /// Fails on the first key that no reader asked for.
+    /// Fails on the keys that no reader asked for, naming each.
     func finish() throws(ManifestError) {
-        if let i = read.firstIndex(of: false) { throw error(pairs[i].key, "unknown field") }
+        guard read.contains(false) else { return }
+        var found = ErrorList()
+        for (i, pair) in pairs.enumerated() where !read[i] { found.append(error(pair.key, "unknown field")) }
+        try found.check()
     }
 
     static func string(_ node: YAMLNode, at location: DocumentLocation, path: String) throws(ManifestError) -> String {
@@ -154,5 +157,60 @@ struct FieldReader {
                                 line: node.line)
         }
         return value
+    }
+}
+
+/// The errors found so far in one document, so that one wrong field does not
+/// hide the next: a reader goes on to a list's next item, or to an item's
+/// next field where the two do not depend on each other, and `check()` throws
+/// them together (the first, with the others as its `further`), as an API
+/// server lists every invalid field of an object it refuses. Checks that join
+/// fields together come after `check()`, on fields read whole.
+struct ErrorList {
+    private(set) var errors: [ManifestError] = []
+    /// A document's errors listed at most; past it one more line says how
+    /// many were left out (a generated file can be wrong everywhere).
+    static let limit = 50
+
+    var isEmpty: Bool { errors.isEmpty }
+
+    mutating func append(_ error: ManifestError) { errors.append(contentsOf: error.all) }
+
+    /// `body`'s value, or nil with its error kept.
+    mutating func attempt<T>(_ body: () throws(ManifestError) -> T) -> T? {
+        do { return try body() } catch {
+            append(error)
+            return nil
+        }
+    }
+
+    /// Every item of a list read by `read`; an item that fails is left out
+    /// and its error kept.
+    mutating func each<T>(_ items: [(path: String, node: YAMLNode)]?,
+                          _ read: (_ path: String, _ node: YAMLNode) throws(ManifestError) -> T) -> [T] {
+        var out: [T] = []
+        for (path, node) in items ?? [] {
+            if let value = attempt({ () throws(ManifestError) in try read(path, node) }) { out.append(value) }
+        }
+        return out
+    }
+
+    /// `reader.list(key, maxItems:)`, each item read by `read` as `each` does.
+    mutating func each<T>(_ reader: inout FieldReader, _ key: String, maxItems: Int = .max,
+                          _ read: (_ path: String, _ node: YAMLNode) throws(ManifestError) -> T) -> [T] {
+        let items = attempt { () throws(ManifestError) in try reader.list(key, maxItems: maxItems) } ?? nil
+        return each(items, read)
+    }
+
+    /// Throws the errors kept, if any: the first, carrying the rest.
+    func check() throws(ManifestError) {
+        guard var first = errors.first else { return }
+        var rest = Array(errors.dropFirst().prefix(Self.limit - 1))
+        if errors.count > Self.limit {
+            rest.append(ManifestError(first.location, field: "",
+                                      "\(errors.count - Self.limit) more problems in this document not listed"))
+        }
+        first.further = rest
+        throw first
     }
 }

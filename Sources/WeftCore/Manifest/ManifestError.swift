@@ -23,6 +23,11 @@ public struct ManifestError: Error, Hashable, Sendable, CustomStringConvertible 
     public var reason: String
     /// Line in the file, when the YAML parser gave one.
     public var line: Int?
+    /// Further problems found in the same document after this one, where
+    /// its reader could go on past it (the next item of a list, the next
+    /// field of an item; `ErrorList`). Not part of `description`:
+    /// `ManifestReader` lists each on a line of its own (`all`).
+    public var further: [ManifestError] = []
 
     /// A reason longer than `maxReason` characters (a value pasted into
     /// the wrong field, say) keeps its start and its end, where the
@@ -36,6 +41,14 @@ public struct ManifestError: Error, Hashable, Sendable, CustomStringConvertible 
     }
 
     public static let maxReason = 1_000
+
+    /// This error and every further one, flat, in the order they were found.
+    public var all: [ManifestError] {
+        guard !further.isEmpty else { return [self] }
+        var first = self
+        first.further = []
+        return [first] + further.flatMap(\.all)
+    }
 
     public var description: String {
         let lineNote = line.map { " (line \($0))" } ?? ""

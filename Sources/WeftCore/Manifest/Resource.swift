@@ -116,7 +116,9 @@ public struct LocatedResource: Hashable, Sendable {
 }
 
 /// Reads YAML files into resources. Collects every error it can find rather
-/// than stopping at the first, so one `weft validate` run lists them all.
+/// than stopping at the first, so one `weft validate` run lists them all:
+/// every document's, and within a document those its reader found past the
+/// first (`ManifestError.further`).
 public enum ManifestReader {
     /// Files above this size are split at document markers and parsed on
     /// every core, in 4 pieces per core so that pieces of uneven cost
@@ -214,7 +216,7 @@ public enum ManifestReader {
             do throws(ManifestError) {
                 resources.append(LocatedResource(resource: try Resource(document: root, at: location), location: location))
             } catch {
-                errors.append(error)
+                errors.append(contentsOf: error.all)
             }
         }
         if let syntaxError {

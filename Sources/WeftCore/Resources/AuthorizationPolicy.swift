@@ -182,33 +182,32 @@ extension AuthorizationPolicy {
             let key = spec.keys.first { ["provider", "targetRef", "targetRefs"].contains($0) } ?? "provider"
             throw spec.error(key, "not supported: Weft enforces policies itself, on the workloads a selector picks")
         }
-        var rules: [Rule] = []
-        for (path, ruleNode) in try spec.list("rules") ?? [] {
-            rules.append(try Self.rule(ruleNode, at: location, path: path))
-        }
-        try spec.finish()
+        var found = ErrorList()
+        let rules = found.each(&spec, "rules") { path, ruleNode throws(ManifestError) in try Self.rule(ruleNode, at: location, path: path) }
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
         self.init(metadata: metadata, selector: selector, action: action, rules: rules)
     }
 
     private static func rule(_ node: YAMLNode, at location: DocumentLocation, path: String) throws(ManifestError) -> Rule {
         var r = try FieldReader(node, at: location, path: path)
         var rule = Rule()
-        for (p, n) in try r.list("from") ?? [] {
+        var found = ErrorList()
+        rule.from = found.each(&r, "from") { p, n throws(ManifestError) in
             var wrapper = try FieldReader(n, at: location, path: p)
             guard let s = try wrapper.mapping("source") else { throw wrapper.error("source", "required field is missing") }
             try wrapper.finish()
-            rule.from.append(try source(s))
+            return try source(s)
         }
-        for (p, n) in try r.list("to") ?? [] {
+        rule.to = found.each(&r, "to") { p, n throws(ManifestError) in
             var wrapper = try FieldReader(n, at: location, path: p)
             guard let o = try wrapper.mapping("operation") else { throw wrapper.error("operation", "required field is missing") }
             try wrapper.finish()
-            rule.to.append(try operation(o))
+            return try operation(o)
         }
-        for (p, n) in try r.list("when") ?? [] {
-            rule.when.append(try condition(n, at: location, path: p))
-        }
-        try r.finish()
+        rule.when = found.each(&r, "when") { p, n throws(ManifestError) in try condition(n, at: location, path: p) }
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
         return rule
     }
 

@@ -24,28 +24,27 @@
 extension HTTPRoute.Rule {
     init(grpc node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        name = try HTTPRoute.ruleName(&r, at: location)
-        matches = []
-        if let list = try r.list("matches", maxItems: 64) {
-            for (p, n) in list { matches.append(try HTTPRoute.Match(grpc: n, path: p, at: location)) }
-        }
-        if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
-        filters = try HTTPRoute.Filter.list(&r, at: location)
-        try Self.grpcFilters(filters, field: "\(path).filters", at: location)
-        backendRefs = []
-        if let list = try r.list("backendRefs", maxItems: 16) {
-            for (p, n) in list {
-                let ref = try HTTPRoute.BackendRef(n, path: p, at: location)
-                try Self.grpcFilters(ref.filters, field: "\(p).filters", at: location)
-                backendRefs.append(ref)
-            }
+        var found = ErrorList()
+        name = found.attempt { () throws(ManifestError) in try HTTPRoute.ruleName(&r, at: location) } ?? nil
+        matches = found.each(&r, "matches", maxItems: 64) { p, n throws(ManifestError) in try HTTPRoute.Match(grpc: n, path: p, at: location) }
+        filters = found.attempt { () throws(ManifestError) in
+            let filters = try HTTPRoute.Filter.list(&r, at: location)
+            try Self.grpcFilters(filters, field: "\(path).filters", at: location)
+            return filters
+        } ?? []
+        backendRefs = found.each(&r, "backendRefs", maxItems: 16) { p, n throws(ManifestError) in
+            let ref = try HTTPRoute.BackendRef(n, path: p, at: location)
+            try Self.grpcFilters(ref.filters, field: "\(p).filters", at: location)
+            return ref
         }
         timeouts = HTTPRoute.Timeouts()
         retry = nil
-        sessionPersistence = try r.mapping("sessionPersistence").map { s throws(ManifestError) in
-            try SessionPersistence(s, at: location)
-        }
-        try r.finish()
+        sessionPersistence = found.attempt { () throws(ManifestError) in
+            try r.mapping("sessionPersistence").map { s throws(ManifestError) in try SessionPersistence(s, at: location) }
+        } ?? nil
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
+        if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
     }
 
     /// GRPCRoute's filters are the header modifiers and RequestMirror.

@@ -172,32 +172,33 @@ extension HTTPRoute {
     /// read by `Rule(grpc:)`, GRPCRoute.swift).
     init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind = .http, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        let parents = try Self.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
+        var found = ErrorList()
+        let parents = found.attempt { () throws(ManifestError) in
+            try Self.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
+        } ?? []
         // GAMMA: hostnames do not apply to mesh routes; they are checked as
         // the API's schema checks them, and otherwise left alone.
-        _ = try L4Route.hostnames(&spec, at: location)
-        var rules: [Rule] = []
-        if let ruleNodes = try spec.list("rules", maxItems: 16) {
-            var named: Set<String> = []
-            for (path, node) in ruleNodes {
-                let rule = kind == .grpc ? try Rule(grpc: node, path: path, at: location) : try Rule(node, path: path, at: location)
-                // A TrafficPolicy names a rule as namespace/route#rule.
-                if let name = rule.name, !named.insert(name).inserted {
-                    throw ManifestError(location, field: "\(path).name", "\(quoted(name)) names another rule of this route already")
-                }
-                rules.append(rule)
+        _ = found.attempt { () throws(ManifestError) in try L4Route.hostnames(&spec, at: location) }
+        var named: Set<String> = []
+        var rules = found.each(&spec, "rules", maxItems: 16) { path, node throws(ManifestError) in
+            let rule = kind == .grpc ? try Rule(grpc: node, path: path, at: location) : try Rule(node, path: path, at: location)
+            // A TrafficPolicy names a rule as namespace/route#rule.
+            if let name = rule.name, !named.insert(name).inserted {
+                throw ManifestError(location, field: "\(path).name", "\(quoted(name)) names another rule of this route already")
             }
-            let matches = rules.reduce(0) { $0 + $1.matches.count }
-            guard matches <= 128 else {
-                throw spec.error("rules", "at most 128 matches in all the rules together, got \(matches)")
-            }
+            return rule
+        }
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
+        let matches = rules.reduce(0) { $0 + $1.matches.count }
+        guard matches <= 128 else {
+            throw spec.error("rules", "at most 128 matches in all the rules together, got \(matches)")
         }
         if rules.isEmpty {
             // The API's default: one rule matching everything, no backends.
             rules = [Rule(name: nil, matches: [Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)],
                           filters: [], backendRefs: [], timeouts: Timeouts(), retry: nil)]
         }
-        try spec.finish()
         self.init(metadata: metadata, parentRefs: parents, rules: rules, kind: kind)
     }
 }
@@ -239,37 +240,21 @@ extension HTTPRoute {
 extension HTTPRoute.Rule {
     init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        name = try HTTPRoute.ruleName(&r, at: location)
-        matches = []
-        if let list = try r.list("matches", maxItems: 64) {
-            for (p, n) in list { matches.append(try HTTPRoute.Match(n, path: p, at: location)) }
-        }
+        var found = ErrorList()
+        name = found.attempt { () throws(ManifestError) in try HTTPRoute.ruleName(&r, at: location) } ?? nil
+        matches = found.each(&r, "matches", maxItems: 64) { p, n throws(ManifestError) in try HTTPRoute.Match(n, path: p, at: location) }
+        filters = found.attempt { () throws(ManifestError) in try HTTPRoute.Filter.list(&r, at: location) } ?? []
+        backendRefs = found.each(&r, "backendRefs", maxItems: 16) { p, n throws(ManifestError) in try HTTPRoute.BackendRef(n, path: p, at: location) }
+        timeouts = found.attempt { () throws(ManifestError) in try HTTPRoute.Timeouts(&r, rule: path, at: location) } ?? HTTPRoute.Timeouts()
+        retry = found.attempt { () throws(ManifestError) in
+            try r.mapping("retry").map { t throws(ManifestError) in try HTTPRoute.Retry(t, at: location) }
+        } ?? nil
+        sessionPersistence = found.attempt { () throws(ManifestError) in
+            try r.mapping("sessionPersistence").map { s throws(ManifestError) in try SessionPersistence(s, at: location) }
+        } ?? nil
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
         if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
-        filters = try HTTPRoute.Filter.list(&r, at: location)
-        backendRefs = []
-        if let list = try r.list("backendRefs", maxItems: 16) {
-            for (p, n) in list { backendRefs.append(try HTTPRoute.BackendRef(n, path: p, at: location)) }
-        }
-        timeouts = HTTPRoute.Timeouts()
-        if var t = try r.mapping("timeouts") {
-            // "0s" turns the request timeout off (Gateway API); kept as zero
-            // so that a Service's TrafficPolicy requestTimeout does not
-            // fill it in (ProxyTable takes zero for none).
-            timeouts.request = try t.string("request").map { s throws(ManifestError) in
-                try HTTPRoute.duration(s, field: t.field("request"), at: location) ?? .zero
-            }
-            timeouts.backendRequest = try t.string("backendRequest").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backendRequest"), at: location) } ?? nil
-            try t.finish()
-            if let request = timeouts.request, request > .zero, let backend = timeouts.backendRequest, backend > request {
-                throw ManifestError(location, field: "\(path).timeouts.backendRequest",
-                                    "must not be longer than timeouts.request (\(backend) > \(request))")
-            }
-        }
-        retry = try r.mapping("retry").map { t throws(ManifestError) in try HTTPRoute.Retry(t, at: location) }
-        sessionPersistence = try r.mapping("sessionPersistence").map { s throws(ManifestError) in
-            try SessionPersistence(s, at: location)
-        }
-        try r.finish()
         let redirects = filters.filter { if case .requestRedirect = $0 { true } else { false } }.count
         let rewrites = filters.filter { if case .urlRewrite = $0 { true } else { false } }.count
         if redirects > 0 && rewrites > 0 {
@@ -292,6 +277,26 @@ extension HTTPRoute.Rule {
         }
         if replacesPrefix, let match = matches.first, !match.path.isPrefix {
             throw ManifestError(location, field: "\(path).matches[0].path", "ReplacePrefixMatch needs a PathPrefix match")
+        }
+    }
+}
+
+extension HTTPRoute.Timeouts {
+    /// A rule's `timeouts`, none if it has none.
+    init(_ r: inout FieldReader, rule path: String, at location: DocumentLocation) throws(ManifestError) {
+        self.init()
+        guard var t = try r.mapping("timeouts") else { return }
+        // "0s" turns the request timeout off (Gateway API); kept as zero
+        // so that a Service's TrafficPolicy requestTimeout does not
+        // fill it in (ProxyTable takes zero for none).
+        request = try t.string("request").map { s throws(ManifestError) in
+            try HTTPRoute.duration(s, field: t.field("request"), at: location) ?? .zero
+        }
+        backendRequest = try t.string("backendRequest").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backendRequest"), at: location) } ?? nil
+        try t.finish()
+        if let request, request > .zero, let backendRequest, backendRequest > request {
+            throw ManifestError(location, field: "\(path).timeouts.backendRequest",
+                                "must not be longer than timeouts.request (\(backendRequest) > \(request))")
         }
     }
 }
@@ -442,7 +447,8 @@ extension HTTPRoute.Filter {
         guard let list = try r.list("filters", maxItems: 16) else { return [] }
         var out: [Self] = []
         var seen: Set<String> = []
-        for (path, node) in list {
+        var found = ErrorList()
+        _ = found.each(list) { path, node throws(ManifestError) in
             var f = try FieldReader(node, at: location, path: path)
             let type = try f.requiredString("type")
             // Only RequestMirror may come twice (the API's rule: a second
@@ -509,6 +515,7 @@ extension HTTPRoute.Filter {
             }
             try f.finish()
         }
+        try found.check()
         return out
     }
 }

@@ -108,29 +108,28 @@ extension NetworkPolicy {
             // An empty list is defaulted like an absent one, as the API server does.
             policyTypes = set.isEmpty ? nil : set
         }
-        let ingress = try Self.rules(&spec, "ingress", peerKey: "from", at: location)
-        let egress = try Self.rules(&spec, "egress", peerKey: "to", at: location)
-        try spec.finish()
+        var found = ErrorList()
+        let ingress = found.attempt { () throws(ManifestError) in try Self.rules(&spec, "ingress", peerKey: "from", at: location) } ?? []
+        let egress = found.attempt { () throws(ManifestError) in try Self.rules(&spec, "egress", peerKey: "to", at: location) } ?? []
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
         self.init(metadata: metadata, podSelector: podSelector, policyTypes: policyTypes,
                   ingress: ingress, egress: egress)
     }
 
     private static func rules(_ spec: inout FieldReader, _ key: String, peerKey: String,
                               at location: DocumentLocation) throws(ManifestError) -> [Rule] {
-        var rules: [Rule] = []
-        for (rulePath, ruleNode) in try spec.list(key) ?? [] {
+        var found = ErrorList()
+        let rules = found.each(&spec, key) { rulePath, ruleNode throws(ManifestError) in
             var r = try FieldReader(ruleNode, at: location, path: rulePath)
-            var peers: [Peer] = []
-            for (peerPath, peerNode) in try r.list(peerKey) ?? [] {
-                peers.append(try peer(peerNode, at: location, path: peerPath))
-            }
-            var ports: [Port] = []
-            for (portPath, portNode) in try r.list("ports") ?? [] {
-                ports.append(try port(portNode, at: location, path: portPath))
-            }
-            try r.finish()
-            rules.append(Rule(peers: peers, ports: ports))
+            var inRule = ErrorList()
+            let peers = inRule.each(&r, peerKey) { p, n throws(ManifestError) in try peer(n, at: location, path: p) }
+            let ports = inRule.each(&r, "ports") { p, n throws(ManifestError) in try port(n, at: location, path: p) }
+            inRule.attempt { () throws(ManifestError) in try r.finish() }
+            try inRule.check()
+            return Rule(peers: peers, ports: ports)
         }
+        try found.check()
         return rules
     }
 

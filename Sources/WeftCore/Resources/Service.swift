@@ -100,7 +100,8 @@ extension Service {
             throw spec.error("ports", "a Service needs at least one port")
         }
         var ports: [ServicePort] = []
-        for (path, node) in portNodes {
+        var found = ErrorList()
+        _ = found.each(portNodes) { path, node throws(ManifestError) in
             let port = try ServicePort(node, path: path, at: location)
             if portNodes.count > 1, port.name == nil {
                 throw ManifestError(location, field: "\(path).name", "required when a Service has more than one port")
@@ -113,6 +114,7 @@ extension Service {
             }
             ports.append(port)
         }
+        try found.check()
         // Accepted for compatibility with exported manifests; they do not change
         // how a ClusterIP Service is load-balanced here (IPv4 single-stack).
         spec.ignore("ipFamilies", "ipFamilyPolicy")

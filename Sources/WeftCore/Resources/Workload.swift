@@ -57,7 +57,8 @@ extension Workload {
             throw spec.error("address", "\(quoted(addressText)) is not an IPv4 address")
         }
         var ports: [WorkloadPort] = []
-        for (path, portNode) in try spec.list("ports") ?? [] {
+        var found = ErrorList()
+        _ = found.each(&spec, "ports") { path, portNode throws(ManifestError) in
             var r = try FieldReader(portNode, at: location, path: path)
             let name = try r.string("name")
             if let name { try Validation.portName(name, field: r.field("name"), at: location) }
@@ -70,6 +71,7 @@ extension Workload {
             }
             ports.append(WorkloadPort(name: name, port: port, transport: transport))
         }
+        try found.check()
         let cgroup = try spec.string("cgroup")
         if let cgroup {
             let parts = cgroup.split(separator: "/")

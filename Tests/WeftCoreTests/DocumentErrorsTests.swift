@@ -1,0 +1,105 @@
+import Testing
+@testable import WeftCore
+
+/// One wrong field does not hide the next: within a document the reader goes
+/// on to a list's next item and an item's next field, and lists them all
+/// (as an API server lists every invalid field of an object it refuses);
+/// the document is still refused whole.
+@Suite struct DocumentErrorsTests {
+    static let service = """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: web, namespace: shop}
+        spec:
+          clusterIP: 198.19.0.10
+          selector: {app: web}
+          ports: [{name: http, port: 80}]
+        """
+
+    static func lines(_ yaml: String) -> [String] {
+        let r = ManifestReader.parse(yaml, file: "t.yaml")
+        return r.errors.map(\.description)
+    }
+
+    @Test func everyWrongFieldOfARouteIsListedInDocumentOrder() {
+        let route = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: web, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+              rules:
+              - matches: [{path: {type: RegularExpression, value: "(a"}}, {path: {type: PathPrefix, value: /ok}}, {method: FETCH}]
+                backendRefs: [{name: web, port: 80}, {name: web, port: 80, weight: -1}]
+              - backendRefs: [{name: web, port: 80}]
+                timeout: {request: 1s}
+              - filters: [{type: Rewrite}]
+                backendRefs: [{name: web, port: 80}]
+            """
+        let got = Self.lines(Self.service + "\n---\n" + route)
+        let fields = got.map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == [
+            "t.yaml:2:spec.rules[0].matches[0].path.value",
+            "t.yaml:2:spec.rules[0].matches[2].method",
+            "t.yaml:2:spec.rules[0].backendRefs[1].weight",
+            "t.yaml:2:spec.rules[1].timeout",
+            "t.yaml:2:spec.rules[2].filters[0].type",
+        ], "\(got.joined(separator: "\n"))")
+        #expect(got.count > 3 && got[3].contains("unknown field"))
+        #expect(ManifestReader.parse(Self.service + "\n---\n" + route, file: "t.yaml").resources.count == 1,
+                "the route is refused whole; the Service stands")
+    }
+
+    @Test func everyBadPortTypoAndPolicyRuleIsNamed() {
+        let service = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: shop}
+            spec:
+              clusterIP: 198.19.0.10
+              ports: [{name: a, port: 0}, {name: b, port: 80, protocl: TCP, targetPrt: 8080}, {name: c, port: 81}, {name: d, port: 70000}]
+            """
+        #expect(Self.lines(service) == [
+            "t.yaml:1:spec.ports[0].port: port must be between 1 and 65535, got 0",
+            "t.yaml:1:spec.ports[1].protocl: unknown field (line 6)",
+            "t.yaml:1:spec.ports[1].targetPrt: unknown field (line 6)",
+            "t.yaml:1:spec.ports[3].port: port must be between 1 and 65535, got 70000",
+        ], "\(Self.lines(service).joined(separator: "\n"))")
+
+        let policy = """
+            apiVersion: networking.k8s.io/v1
+            kind: NetworkPolicy
+            metadata: {name: p, namespace: shop}
+            spec:
+              podSelector: {}
+              ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}], ports: [{port: 99999}]}]
+              egress: [{to: [{podSelector: {matchLabels: {"bad key!": x}}}]}]
+            """
+        let fields = Self.lines(policy).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:1:spec.ingress[0].from[0].ipBlock.cidr", "t.yaml:1:spec.ingress[0].ports[0].port",
+                           "t.yaml:1:spec.egress[0].to[0].podSelector.matchLabels.bad key!"], "\(Self.lines(policy))")
+
+        let authz = """
+            apiVersion: weft.dev/v1alpha1
+            kind: AuthorizationPolicy
+            metadata: {name: a, namespace: shop}
+            spec:
+              rules:
+              - from: [{source: {principal: [x]}}]
+                to: [{operation: {methods: []}}]
+              - when: [{key: nope, values: [x]}]
+            """
+        let authzFields = Self.lines(authz).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(authzFields == ["t.yaml:1:spec.rules[0].from[0].source.principal", "t.yaml:1:spec.rules[0].to[0].operation.methods",
+                                "t.yaml:1:spec.rules[1].when[0].key"], "\(Self.lines(authz))")
+    }
+
+    @Test func aDocumentWrongEverywhereListsFiftyAndCountsTheRest() {
+        let ports = (0..<60).map { "{name: p\($0), port: 0}" }.joined(separator: ", ")
+        let got = Self.lines("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [\(ports)]\n")
+        #expect(got.count == 51, "\(got.count)")
+        #expect(got.first?.hasPrefix("t.yaml:1:spec.ports[0].port: port must be between 1 and 65535") == true)
+        #expect(got.dropLast().last?.hasPrefix("t.yaml:1:spec.ports[49].port:") == true)
+        #expect(got.last == "t.yaml:1:-: 10 more problems in this document not listed", "\(got.last ?? "")")
+    }
+}
