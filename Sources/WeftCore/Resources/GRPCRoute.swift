@@ -39,12 +39,10 @@ extension HTTPRoute.Rule {
         }
         timeouts = HTTPRoute.Timeouts()
         retry = nil
-        sessionPersistence = found.attempt { () throws(ManifestError) in
-            try r.mapping("sessionPersistence").map { s throws(ManifestError) in try SessionPersistence(s, at: location) }
-        } ?? nil
+        sessionPersistence = Self.sessionPersistence(&r, &found, at: location)
         found.attempt { () throws(ManifestError) in try r.finish() }
         try found.check()
-        if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
+        if matches.isEmpty { matches = [.everything] }
     }
 
     /// GRPCRoute's filters are the header modifiers and RequestMirror.

@@ -196,7 +196,7 @@ extension HTTPRoute {
         }
         if rules.isEmpty {
             // The API's default: one rule matching everything, no backends.
-            rules = [Rule(name: nil, matches: [Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)],
+            rules = [Rule(name: nil, matches: [.everything],
                           filters: [], backendRefs: [], timeouts: Timeouts(), retry: nil)]
         }
         self.init(metadata: metadata, parentRefs: parents, rules: rules, kind: kind)
@@ -249,12 +249,10 @@ extension HTTPRoute.Rule {
         retry = found.attempt { () throws(ManifestError) in
             try r.mapping("retry").map { t throws(ManifestError) in try HTTPRoute.Retry(t, at: location) }
         } ?? nil
-        sessionPersistence = found.attempt { () throws(ManifestError) in
-            try r.mapping("sessionPersistence").map { s throws(ManifestError) in try SessionPersistence(s, at: location) }
-        } ?? nil
+        sessionPersistence = Self.sessionPersistence(&r, &found, at: location)
         found.attempt { () throws(ManifestError) in try r.finish() }
         try found.check()
-        if matches.isEmpty { matches = [HTTPRoute.Match(path: .prefix("/"), headers: [], queryParams: [], method: nil)] }
+        if matches.isEmpty { matches = [.everything] }
         let redirects = filters.filter { if case .requestRedirect = $0 { true } else { false } }.count
         let rewrites = filters.filter { if case .urlRewrite = $0 { true } else { false } }.count
         if redirects > 0 && rewrites > 0 {
@@ -279,6 +277,22 @@ extension HTTPRoute.Rule {
             throw ManifestError(location, field: "\(path).matches[0].path", "ReplacePrefixMatch needs a PathPrefix match")
         }
     }
+}
+
+extension HTTPRoute.Rule {
+    /// A rule's `sessionPersistence` (HTTPRoute's and GRPCRoute's), its
+    /// error kept in `found`.
+    static func sessionPersistence(_ r: inout FieldReader, _ found: inout ErrorList,
+                                   at location: DocumentLocation) -> SessionPersistence? {
+        found.attempt { () throws(ManifestError) in
+            try r.mapping("sessionPersistence").map { s throws(ManifestError) in try SessionPersistence(s, at: location) }
+        } ?? nil
+    }
+}
+
+extension HTTPRoute.Match {
+    /// The match of a rule that gives none: every request (PathPrefix "/").
+    static let everything = Self(path: .prefix("/"), headers: [], queryParams: [], method: nil)
 }
 
 extension HTTPRoute.Timeouts {
