@@ -94,6 +94,24 @@ import Testing
                                 "t.yaml:1:spec.rules[1].when[0].key"], "\(Self.lines(authz))")
     }
 
+    @Test func everyWrongSectionOfATrafficPolicyIsNamed() {
+        let policy = """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: p, namespace: shop}
+            spec:
+              targetRefs: [{kind: Deployment, name: web}, {name: web}, {name: web}]
+              loadBalancer: {type: Fastest}
+              circuitBreaker: {maxConnections: 0}
+              timeout: {http: {requestTimeout: -1s}}
+              retries: {attempts: 3}
+            """
+        let fields = Self.lines(policy).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:1:spec.targetRefs[0].kind", "t.yaml:1:spec.targetRefs[2].name",
+                           "t.yaml:1:spec.loadBalancer.type", "t.yaml:1:spec.circuitBreaker.maxConnections",
+                           "t.yaml:1:spec.timeout.http.requestTimeout", "t.yaml:1:spec.retries"], "\(Self.lines(policy))")
+    }
+
     @Test func aDocumentWrongEverywhereListsFiftyAndCountsTheRest() {
         let ports = (0..<60).map { "{name: p\($0), port: 0}" }.joined(separator: ", ")
         let got = Self.lines("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [\(ports)]\n")

@@ -202,6 +202,15 @@ struct ErrorList {
         return each(items, read)
     }
 
+    /// `read` on the mapping under `key`, if there is one; its error kept.
+    mutating func section(_ reader: inout FieldReader, _ key: String,
+                          _ read: (inout FieldReader) throws(ManifestError) -> Void) {
+        attempt { () throws(ManifestError) in
+            guard var section = try reader.mapping(key) else { return }
+            try read(&section)
+        }
+    }
+
     /// Throws the errors kept, if any: the first, carrying the rest.
     func check() throws(ManifestError) {
         guard var first = errors.first else { return }

@@ -279,7 +279,8 @@ extension TrafficPolicy {
             throw spec.error("targetRefs", "a TrafficPolicy needs at least one targetRef (a Service)")
         }
         var targets: [String] = []
-        for (path, node) in refs {
+        var found = ErrorList()
+        _ = found.each(refs) { path, node throws(ManifestError) in
             var r = try FieldReader(node, at: location, path: path)
             let group = try r.string("group") ?? ""
             let kind = try r.string("kind") ?? "Service"
@@ -296,10 +297,12 @@ extension TrafficPolicy {
             targets.append(name)
         }
         self.init(metadata: metadata, targets: targets)
-        if var lb = try spec.mapping("loadBalancer") { loadBalancer = try Self.loadBalancer(&lb, at: location) }
-        if var hc = try spec.mapping("healthCheck") { healthCheck = try Self.healthCheck(&hc, at: location) }
-        if var od = try spec.mapping("outlierDetection") { outlierDetection = try Self.outlierDetection(&od, at: location) }
-        if var cb = try spec.mapping("circuitBreaker") {
+        // Each section is read on its own, so that a mistake in one does
+        // not hide another's.
+        found.section(&spec, "loadBalancer") { lb throws(ManifestError) in loadBalancer = try Self.loadBalancer(&lb, at: location) }
+        found.section(&spec, "healthCheck") { hc throws(ManifestError) in healthCheck = try Self.healthCheck(&hc, at: location) }
+        found.section(&spec, "outlierDetection") { od throws(ManifestError) in outlierDetection = try Self.outlierDetection(&od, at: location) }
+        found.section(&spec, "circuitBreaker") { cb throws(ManifestError) in
             var out = CircuitBreaker()
             out.maxConnections = try Self.positive(&cb, "maxConnections", allowZero: false)
             out.maxPendingRequests = try Self.positive(&cb, "maxPendingRequests", allowZero: true)
@@ -309,10 +312,10 @@ extension TrafficPolicy {
             try cb.finish()
             circuitBreaker = out
         }
-        if var rl = try spec.mapping("rateLimit") { rateLimit = try Self.rateLimit(&rl, at: location) }
-        if var fi = try spec.mapping("faultInjection") { faultInjection = try Self.faultInjection(&fi, at: location) }
-        if let r = try spec.mapping("retry") { retry = try HTTPRoute.Retry(r, grpc: true, at: location) }
-        if var t = try spec.mapping("timeout") {
+        found.section(&spec, "rateLimit") { rl throws(ManifestError) in rateLimit = try Self.rateLimit(&rl, at: location) }
+        found.section(&spec, "faultInjection") { fi throws(ManifestError) in faultInjection = try Self.faultInjection(&fi, at: location) }
+        found.section(&spec, "retry") { r throws(ManifestError) in retry = try HTTPRoute.Retry(r, grpc: true, at: location) }
+        found.section(&spec, "timeout") { t throws(ManifestError) in
             if var tcp = try t.mapping("tcp") {
                 connectTimeout = try Self.positiveDuration(&tcp, "connectTimeout", at: location)
                 try tcp.finish()
@@ -332,7 +335,8 @@ extension TrafficPolicy {
             }
             try t.finish()
         }
-        try spec.finish()
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
     }
 
     static func loadBalancer(_ lb: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> LoadBalancer {
