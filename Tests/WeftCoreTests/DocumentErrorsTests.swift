@@ -112,6 +112,24 @@ import Testing
                            "t.yaml:1:spec.timeout.http.requestTimeout", "t.yaml:1:spec.retries"], "\(Self.lines(policy))")
     }
 
+    @Test func everyWrongSectionOfAMeshConfigIsNamed() {
+        let mesh = """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh, namespace: weft-system}
+            spec:
+              socketShortcut: {enabled: maybe}
+              accessLog: {namespaces: [Shop]}
+              proxy: {idleTimeout: 10ms}
+              policy: {udpIdleTimeout: 2d}
+              telemtry: {}
+            """
+        let fields = Self.lines(mesh).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:1:spec.socketShortcut.enabled", "t.yaml:1:spec.accessLog.namespaces[0]",
+                           "t.yaml:1:spec.proxy.idleTimeout", "t.yaml:1:spec.policy.udpIdleTimeout", "t.yaml:1:spec.telemtry"],
+                "\(Self.lines(mesh))")
+    }
+
     @Test func aDocumentWrongEverywhereListsFiftyAndCountsTheRest() {
         let ports = (0..<60).map { "{name: p\($0), port: 0}" }.joined(separator: ", ")
         let got = Self.lines("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [\(ports)]\n")

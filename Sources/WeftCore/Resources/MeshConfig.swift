@@ -244,7 +244,10 @@ extension MeshConfig {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         self.init(metadata: metadata)
         var spec = try FieldReader(node, at: location, path: "spec")
-        if var shortcut = try spec.mapping("socketShortcut") {
+        // Each section is read on its own, so that a mistake in one does
+        // not hide another's.
+        var found = ErrorList()
+        found.section(&spec, "socketShortcut") { shortcut throws(ManifestError) in
             if let enabled = try shortcut.bool("enabled") { socketShortcut.enabled = enabled }
             if let splice = try shortcut.bool("splice") { socketShortcut.splice = splice }
             if let receivers = try shortcut.string("podReceivers") {
@@ -255,7 +258,7 @@ extension MeshConfig {
             }
             try shortcut.finish()
         }
-        if var log = try spec.mapping("accessLog") {
+        found.section(&spec, "accessLog") { log throws(ManifestError) in
             if let enabled = try log.bool("enabled") { accessLog.enabled = enabled }
             for (path, item) in try log.list("namespaces") ?? [] {
                 let name = try FieldReader.string(item, at: location, path: path)
@@ -266,7 +269,7 @@ extension MeshConfig {
             }
             try log.finish()
         }
-        if var t = try spec.mapping("telemetry") {
+        found.section(&spec, "telemetry") { t throws(ManifestError) in
             if let v = try t.bool("connectionCounters") { telemetry.connectionCounters = v }
             if let v = try t.bool("requestMetrics") { telemetry.requestMetrics = v }
             if var tr = try t.mapping("tracing") {
@@ -286,7 +289,7 @@ extension MeshConfig {
             }
             try t.finish()
         }
-        if var p = try spec.mapping("proxy") {
+        found.section(&spec, "proxy") { p throws(ManifestError) in
             for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout", "tunnelIdleTimeout", "upstreamIdleTimeout"] {
                 guard let text = try p.string(key) else { continue }
                 let timeout = try HTTPRoute.duration(text, field: "spec.proxy.\(key)", at: location)
@@ -348,7 +351,7 @@ extension MeshConfig {
             }
             try p.finish()
         }
-        if var p = try spec.mapping("policy") {
+        found.section(&spec, "policy") { p throws(ManifestError) in
             if let text = try p.string("udpIdleTimeout") {
                 let d = try HTTPRoute.duration(text, field: "spec.policy.udpIdleTimeout", at: location) ?? .zero
                 guard Policy.udpIdleTimeouts.contains(d) else {
@@ -358,7 +361,8 @@ extension MeshConfig {
             }
             try p.finish()
         }
-        try spec.finish()
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
     }
 }
 
