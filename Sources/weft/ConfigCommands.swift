@@ -9,11 +9,21 @@ struct ValidateCommand: ParsableCommand {
     @Option(name: .shortAndLong, help: "A manifest file or directory (repeatable).") var file: [String]
 
     func run() throws {
+        // Checking nothing is a mistake (a directory of *.yml.txt, a wrong
+        // path), not a valid configuration.
+        for path in file where ((try? ManifestSource.files(at: path)) ?? [path]).isEmpty {
+            FileHandle.standardError.write(Data("\(path): holds no manifest files (*.yaml, *.yml, *.json)\n".utf8))
+            throw ExitCode(1)
+        }
         switch ManifestSource.load(paths: file) {
         case .success(let state):
-            print("valid: \(state.services.count) Service(s), \(state.workloads.count) Workload(s), \(state.namespaces.count) Namespace(s), \(state.networkPolicies.count) NetworkPolicy(s), \(state.httpRoutes.filter { $0.kind == .http }.count) HTTPRoute(s)"
-                  + (state.httpRoutes.contains { $0.kind == .grpc } ? ", \(state.httpRoutes.filter { $0.kind == .grpc }.count) GRPCRoute(s)" : "")
-                  + (state.l4Routes.isEmpty ? "" : ", \(state.l4Routes.count) TCPRoute/UDPRoute/TLSRoute(s)"))
+            let grpc = state.httpRoutes.filter { $0.kind == .grpc }.count
+            // The first five always, the rest when there are any.
+            let more = [(grpc, "GRPCRoute"), (state.l4Routes.count, "TCPRoute/UDPRoute/TLSRoute"),
+                        (state.trafficPolicies.count, "TrafficPolicy"), (state.peerAuthentications.count, "PeerAuthentication"),
+                        (state.authorizationPolicies.count, "AuthorizationPolicy")]
+                .filter { $0.0 > 0 }.map { ", \($0.0) \($0.1)(s)" }.joined()
+            print("valid: \(state.services.count) Service(s), \(state.workloads.count) Workload(s), \(state.namespaces.count) Namespace(s), \(state.networkPolicies.count) NetworkPolicy(s), \(state.httpRoutes.count - grpc) HTTPRoute(s)" + more)
         case .failure(let errors):
             FileHandle.standardError.write(Data((errors.description + "\n").utf8))
             throw ExitCode(1)

@@ -61,6 +61,29 @@ import Testing
         #expect(validate.output.contains("valid: 2 Service(s), 0 Workload(s)"))
     }
 
+    /// A path that holds no manifest (a wrong directory, files named
+    /// *.yaml.txt) is an error, not a valid empty set; a valid set is
+    /// counted by kind, every kind it has.
+    @Test func validateRefusesNothingAndCountsEveryKind() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        _ = try file("empty/notes.yaml.txt", Self.service)
+        let nothing = try LabHarness.run(["validate", "-f", "\(dir)/empty"])
+        #expect(nothing.status == 1)
+        #expect(nothing.output.contains("\(dir)/empty: holds no manifest files (*.yaml, *.yml, *.json)"), "\(nothing.output)")
+        let policy = try file("set/policy.yaml", Self.service + """
+
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: web, namespace: shop}
+            spec: {targetRefs: [{name: web}], loadBalancer: {type: RoundRobin}}
+            """)
+        let counted = try LabHarness.run(["validate", "-f", policy])
+        #expect(counted.status == 0, "\(counted.output)")
+        #expect(counted.output.contains("valid: 1 Service(s), 0 Workload(s), 0 Namespace(s), 0 NetworkPolicy(s), 0 HTTPRoute(s), 1 TrafficPolicy(s)"),
+                "\(counted.output)")
+    }
+
     /// `weft route check` over a table made from manifests: the rule, the
     /// split's shares and endpoints, the routes a client's namespace sees
     /// (a consumer route's), a GRPCRoute's method match, 404 with exit 3,
