@@ -94,6 +94,28 @@ import Testing
                                 "t.yaml:1:spec.rules[1].when[0].key"], "\(Self.lines(authz))")
     }
 
+    @Test func everyWrongFieldOfAServiceIsNamedAndNoKnownOneCalledUnknown() {
+        let service = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: shop}
+            spec:
+              type: NodePort
+              clusterIP: 198.19.0.300
+              clusterIPs: [198.19.0.300]
+              selector: {app: web}
+              ports: [{name: http, port: 80, targetPort: -1}]
+              internalTrafficPolicy: Nearest
+              sessionAffinity: Sticky
+              sessionAffinityConfig: {clientIP: {timeoutSeconds: 10}}
+              clusterIp: 198.19.0.1
+            """
+        let fields = Self.lines(service).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:1:spec.type", "t.yaml:1:spec.clusterIP", "t.yaml:1:spec.ports[0].targetPort",
+                           "t.yaml:1:spec.internalTrafficPolicy", "t.yaml:1:spec.sessionAffinity", "t.yaml:1:spec.clusterIp"],
+                "\(Self.lines(service))")
+    }
+
     @Test func everyWrongSectionOfATrafficPolicyIsNamed() {
         let policy = """
             apiVersion: weft.dev/v1alpha1

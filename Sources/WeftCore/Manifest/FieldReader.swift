@@ -165,7 +165,10 @@ struct FieldReader {
 /// next field where the two do not depend on each other, and `check()` throws
 /// them together (the first, with the others as its `further`), as an API
 /// server lists every invalid field of an object it refuses. Checks that join
-/// fields together come after `check()`, on fields read whole.
+/// fields together come after `check()`, on fields read whole. A group that
+/// reads several keys of one reader marks the later ones known first
+/// (`ignore`), or a failure before it reads them would have `finish()` call
+/// them unknown.
 struct ErrorList {
     private(set) var errors: [ManifestError] = []
     /// A document's errors listed at most; past it one more line says how

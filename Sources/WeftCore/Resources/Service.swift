@@ -63,11 +63,48 @@ public enum TargetPort: Hashable, Sendable, CustomStringConvertible {
 }
 
 extension Service {
+    /// Its fields are read each on its own, so that a bad clusterIP does not
+    /// hide a bad port.
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        if let type = try spec.string("type"), type != "ClusterIP" {
-            throw spec.error("type", "only type ClusterIP is supported, got \(quoted(type))")
+        // Keys a group below reads after its first: known even when the
+        // group fails before it reads them (finish() names unknown keys).
+        spec.ignore("clusterIPs", "sessionAffinityConfig")
+        var found = ErrorList()
+        found.attempt { () throws(ManifestError) in
+            if let type = try spec.string("type"), type != "ClusterIP" {
+                throw spec.error("type", "only type ClusterIP is supported, got \(quoted(type))")
+            }
         }
+        let clusterIP = found.attempt { () throws(ManifestError) in try Self.clusterIP(&spec, at: location) } ?? nil
+        let selector = found.attempt { () throws(ManifestError) in
+            let selector = try spec.stringMap("selector")
+            for (key, value) in selector ?? [:] {
+                try Validation.labelKey(key, field: spec.field("selector"), at: location)
+                try Validation.labelValue(value, field: "\(spec.field("selector")).\(key)", at: location)
+            }
+            return selector
+        } ?? nil
+        let ports = Self.ports(&spec, &found, at: location)
+        // Accepted for compatibility with exported manifests; they do not change
+        // how a ClusterIP Service is load-balanced here (IPv4 single-stack).
+        spec.ignore("ipFamilies", "ipFamilyPolicy")
+        let nodeLocal = found.attempt { () throws(ManifestError) in
+            switch try spec.string("internalTrafficPolicy") {
+            case nil, "Cluster"?: return false
+            case "Local"?: return true
+            case let other?: throw spec.error("internalTrafficPolicy", "must be Cluster or Local, got \(quoted(other))")
+            }
+        } ?? false
+        let affinityTimeout = found.attempt { () throws(ManifestError) in try Self.affinityTimeout(&spec) } ?? nil
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
+        self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,
+                  nodeLocal: nodeLocal)
+    }
+
+    /// `clusterIP` (nil for None), and `clusterIPs` if given, which must say the same.
+    private static func clusterIP(_ spec: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> IPv4Address? {
         var clusterIP: IPv4Address?
         let ipText = try spec.string("clusterIP")
         switch ipText {
@@ -89,18 +126,18 @@ extension Service {
                 throw spec.error("clusterIPs", "must equal [clusterIP] (IPv4 single-stack only)")
             }
         }
-        let selector = try spec.stringMap("selector")
-        if let selector {
-            for (key, value) in selector {
-                try Validation.labelKey(key, field: spec.field("selector"), at: location)
-                try Validation.labelValue(value, field: "\(spec.field("selector")).\(key)", at: location)
+        return clusterIP
+    }
+
+    /// `ports`, every bad one's error kept in `found`.
+    private static func ports(_ spec: inout FieldReader, _ found: inout ErrorList, at location: DocumentLocation) -> [ServicePort] {
+        guard let portNodes = found.attempt({ () throws(ManifestError) in
+            guard let nodes = try spec.list("ports"), !nodes.isEmpty else {
+                throw spec.error("ports", "a Service needs at least one port")
             }
-        }
-        guard let portNodes = try spec.list("ports"), !portNodes.isEmpty else {
-            throw spec.error("ports", "a Service needs at least one port")
-        }
+            return nodes
+        }) else { return [] }
         var ports: [ServicePort] = []
-        var found = ErrorList()
         _ = found.each(portNodes) { path, node throws(ManifestError) in
             let port = try ServicePort(node, path: path, at: location)
             if portNodes.count > 1, port.name == nil {
@@ -114,16 +151,11 @@ extension Service {
             }
             ports.append(port)
         }
-        try found.check()
-        // Accepted for compatibility with exported manifests; they do not change
-        // how a ClusterIP Service is load-balanced here (IPv4 single-stack).
-        spec.ignore("ipFamilies", "ipFamilyPolicy")
-        var nodeLocal = false
-        switch try spec.string("internalTrafficPolicy") {
-        case nil, "Cluster"?: break
-        case "Local"?: nodeLocal = true
-        case let other?: throw spec.error("internalTrafficPolicy", "must be Cluster or Local, got \(quoted(other))")
-        }
+        return ports
+    }
+
+    /// The ClientIP affinity's timeout in seconds, nil for sessionAffinity None.
+    private static func affinityTimeout(_ spec: inout FieldReader) throws(ManifestError) -> UInt32? {
         var affinityTimeout: UInt32?
         switch try spec.string("sessionAffinity") {
         case nil, "None"?:
@@ -147,9 +179,7 @@ extension Service {
         case let other?:
             throw spec.error("sessionAffinity", "must be None or ClientIP, got \(quoted(other))")
         }
-        try spec.finish()
-        self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,
-                  nodeLocal: nodeLocal)
+        return affinityTimeout
     }
 }
 
