@@ -116,6 +116,18 @@ import Testing
                 "\(Self.lines(service))")
     }
 
+    @Test func everyWrongFieldOfAWorkloadIsNamed() {
+        let workload = """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: w, namespace: shop}
+            spec: {serviceAccount: Web, address: 198.18.1.300, ports: [{port: 0}], cgroup: ../escape, labels: {}}
+            """
+        let fields = Self.lines(workload).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:1:spec.serviceAccount", "t.yaml:1:spec.node", "t.yaml:1:spec.address",
+                           "t.yaml:1:spec.ports[0].port", "t.yaml:1:spec.cgroup", "t.yaml:1:spec.labels"], "\(Self.lines(workload))")
+    }
+
     @Test func everyWrongSectionOfATrafficPolicyIsNamed() {
         let policy = """
             apiVersion: weft.dev/v1alpha1

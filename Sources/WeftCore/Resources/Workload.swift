@@ -48,16 +48,25 @@ public struct WorkloadPort: Hashable, Sendable {
 extension Workload {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        let serviceAccount = try spec.string("serviceAccount") ?? "default"
-        try Validation.dnsLabel(serviceAccount, field: spec.field("serviceAccount"), at: location)
-        let nodeName = try spec.requiredString("node")
-        try Validation.dnsLabel(nodeName, field: spec.field("node"), at: location)
-        let addressText = try spec.requiredString("address")
-        guard let address = IPv4Address(addressText) else {
-            throw spec.error("address", "\(quoted(addressText)) is not an IPv4 address")
-        }
-        var ports: [WorkloadPort] = []
+        // Each field is read on its own, so that one mistake does not hide
+        // the next.
         var found = ErrorList()
+        let serviceAccount = found.attempt { () throws(ManifestError) in
+            let name = try spec.string("serviceAccount") ?? "default"
+            try Validation.dnsLabel(name, field: spec.field("serviceAccount"), at: location)
+            return name
+        } ?? "default"
+        let nodeName = found.attempt { () throws(ManifestError) in
+            let name = try spec.requiredString("node")
+            try Validation.dnsLabel(name, field: spec.field("node"), at: location)
+            return name
+        } ?? ""
+        let address = found.attempt { () throws(ManifestError) in
+            let text = try spec.requiredString("address")
+            guard let address = IPv4Address(text) else { throw spec.error("address", "\(quoted(text)) is not an IPv4 address") }
+            return address
+        } ?? IPv4Address(0)  // (only when check() below throws)
+        var ports: [WorkloadPort] = []
         _ = found.each(&spec, "ports") { path, portNode throws(ManifestError) in
             var r = try FieldReader(portNode, at: location, path: path)
             let name = try r.string("name")
@@ -71,15 +80,18 @@ extension Workload {
             }
             ports.append(WorkloadPort(name: name, port: port, transport: transport))
         }
-        try found.check()
-        let cgroup = try spec.string("cgroup")
-        if let cgroup {
-            let parts = cgroup.split(separator: "/")
-            if cgroup.isEmpty || parts.contains("..") || parts.contains(".") {
-                throw spec.error("cgroup", "\(quoted(cgroup)) is not a usable cgroup path (no '.' or '..' parts)")
+        let cgroup = found.attempt { () throws(ManifestError) in
+            let cgroup = try spec.string("cgroup")
+            if let cgroup {
+                let parts = cgroup.split(separator: "/")
+                if cgroup.isEmpty || parts.contains("..") || parts.contains(".") {
+                    throw spec.error("cgroup", "\(quoted(cgroup)) is not a usable cgroup path (no '.' or '..' parts)")
+                }
             }
-        }
-        try spec.finish()
+            return cgroup
+        } ?? nil
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
         self.init(metadata: metadata, serviceAccount: serviceAccount, node: nodeName, address: address,
                   ports: ports, cgroup: cgroup)
     }
