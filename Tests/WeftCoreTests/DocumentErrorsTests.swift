@@ -72,11 +72,12 @@ import Testing
             metadata: {name: p, namespace: shop}
             spec:
               podSelector: {}
+              policyTypes: [Sideways]
               ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}], ports: [{port: 99999}]}]
               egress: [{to: [{podSelector: {matchLabels: {"bad key!": x}}}]}]
             """
         let fields = Self.lines(policy).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
-        #expect(fields == ["t.yaml:1:spec.ingress[0].from[0].ipBlock.cidr", "t.yaml:1:spec.ingress[0].ports[0].port",
+        #expect(fields == ["t.yaml:1:spec.policyTypes[0]", "t.yaml:1:spec.ingress[0].from[0].ipBlock.cidr", "t.yaml:1:spec.ingress[0].ports[0].port",
                            "t.yaml:1:spec.egress[0].to[0].podSelector.matchLabels.bad key!"], "\(Self.lines(policy))")
 
         let authz = """

@@ -89,32 +89,37 @@ public struct NetworkPolicy: Hashable, Sendable {
 extension NetworkPolicy {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        // podSelector is required by the API (an empty one selects every pod).
-        let podSelector = try LabelSelector(reading: try spec.required("podSelector"), at: location,
-                                            path: spec.field("podSelector"))
-        var policyTypes: Set<Direction>?
-        if let types = try spec.list("policyTypes") {
-            var set = Set<Direction>()
-            for (path, typeNode) in types {
-                let text = try FieldReader.string(typeNode, at: location, path: path)
-                guard let direction = Direction(rawValue: text) else {
-                    throw ManifestError(location, field: path, "policyTypes entries must be Ingress or Egress, got \(quoted(text))",
-                                        line: typeNode.line)
-                }
-                guard set.insert(direction).inserted else {
-                    throw ManifestError(location, field: path, "duplicate policy type \(text)", line: typeNode.line)
-                }
-            }
-            // An empty list is defaulted like an absent one, as the API server does.
-            policyTypes = set.isEmpty ? nil : set
-        }
+        // Each field is read on its own, so that one mistake does not hide
+        // the next.
         var found = ErrorList()
+        // podSelector is required by the API (an empty one selects every pod).
+        let podSelector = found.attempt { () throws(ManifestError) in
+            try LabelSelector(reading: try spec.required("podSelector"), at: location, path: spec.field("podSelector"))
+        } ?? .everything  // (only when check() below throws)
+        let policyTypes = found.attempt { () throws(ManifestError) in try Self.policyTypes(&spec, at: location) } ?? nil
         let ingress = found.attempt { () throws(ManifestError) in try Self.rules(&spec, "ingress", peerKey: "from", at: location) } ?? []
         let egress = found.attempt { () throws(ManifestError) in try Self.rules(&spec, "egress", peerKey: "to", at: location) } ?? []
         found.attempt { () throws(ManifestError) in try spec.finish() }
         try found.check()
         self.init(metadata: metadata, podSelector: podSelector, policyTypes: policyTypes,
                   ingress: ingress, egress: egress)
+    }
+
+    /// `policyTypes`, nil when absent or empty (defaulted as the API server does).
+    private static func policyTypes(_ spec: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> Set<Direction>? {
+        guard let types = try spec.list("policyTypes") else { return nil }
+        var set = Set<Direction>()
+        for (path, typeNode) in types {
+            let text = try FieldReader.string(typeNode, at: location, path: path)
+            guard let direction = Direction(rawValue: text) else {
+                throw ManifestError(location, field: path, "policyTypes entries must be Ingress or Egress, got \(quoted(text))",
+                                    line: typeNode.line)
+            }
+            guard set.insert(direction).inserted else {
+                throw ManifestError(location, field: path, "duplicate policy type \(text)", line: typeNode.line)
+            }
+        }
+        return set.isEmpty ? nil : set
     }
 
     private static func rules(_ spec: inout FieldReader, _ key: String, peerKey: String,
