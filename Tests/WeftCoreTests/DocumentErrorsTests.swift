@@ -85,13 +85,15 @@ import Testing
             kind: AuthorizationPolicy
             metadata: {name: a, namespace: shop}
             spec:
+              action: MAYBE
+              targetRef: {kind: Service, name: web}
               rules:
               - from: [{source: {principal: [x]}}]
                 to: [{operation: {methods: []}}]
               - when: [{key: nope, values: [x]}]
             """
         let authzFields = Self.lines(authz).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
-        #expect(authzFields == ["t.yaml:1:spec.rules[0].from[0].source.principal", "t.yaml:1:spec.rules[0].to[0].operation.methods",
+        #expect(authzFields == ["t.yaml:1:spec.action", "t.yaml:1:spec.targetRef", "t.yaml:1:spec.rules[0].from[0].source.principal", "t.yaml:1:spec.rules[0].to[0].operation.methods",
                                 "t.yaml:1:spec.rules[1].when[0].key"], "\(Self.lines(authz))")
     }
 
@@ -163,6 +165,21 @@ import Testing
         #expect(fields == ["t.yaml:1:spec.socketShortcut.enabled", "t.yaml:1:spec.accessLog.namespaces[0]",
                            "t.yaml:1:spec.proxy.idleTimeout", "t.yaml:1:spec.policy.udpIdleTimeout", "t.yaml:1:spec.telemtry"],
                 "\(Self.lines(mesh))")
+    }
+
+    @Test func everyWrongFieldOfAPeerAuthenticationIsNamed() {
+        let peer = """
+            apiVersion: weft.dev/v1alpha1
+            kind: PeerAuthentication
+            metadata: {name: p, namespace: shop}
+            spec:
+              selector: {matchLabels: {"a b": c}}
+              mtls: {mode: SOMETIMES}
+              portLevelMtls: {8080: {mode: DISABLE}}
+            """
+        let fields = Self.lines(peer).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:1:spec.selector.matchLabels.a b", "t.yaml:1:spec.mtls.mode", "t.yaml:1:spec.portLevelMtls"],
+                "\(Self.lines(peer))")
     }
 
     @Test func aDocumentWrongEverywhereListsFiftyAndCountsTheRest() {

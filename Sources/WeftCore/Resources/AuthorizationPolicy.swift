@@ -170,19 +170,21 @@ public struct AuthorizationPolicy: Hashable, Sendable {
 extension AuthorizationPolicy {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        let selector = try spec.optionalSelector()
-        var action = Action.allow
-        if let text = try spec.string("action") {
+        // Each field is read on its own, so that one mistake does not hide
+        // the next.
+        var found = ErrorList()
+        let selector = found.attempt { () throws(ManifestError) in try spec.optionalSelector() } ?? nil
+        let action = found.attempt { () throws(ManifestError) in
+            guard let text = try spec.string("action") else { return Action.allow }
             guard let a = Action(rawValue: text) else {
                 throw spec.error("action", "must be one of ALLOW, DENY, AUDIT, got \(quoted(text))")
             }
-            action = a
+            return a
+        } ?? .allow
+        for key in spec.keys where ["provider", "targetRef", "targetRefs"].contains(key) {
+            spec.ignore(key)
+            found.append(spec.error(key, "not supported: Weft enforces policies itself, on the workloads a selector picks"))
         }
-        if spec.keys.contains("provider") || spec.keys.contains("targetRef") || spec.keys.contains("targetRefs") {
-            let key = spec.keys.first { ["provider", "targetRef", "targetRefs"].contains($0) } ?? "provider"
-            throw spec.error(key, "not supported: Weft enforces policies itself, on the workloads a selector picks")
-        }
-        var found = ErrorList()
         let rules = found.each(&spec, "rules") { path, ruleNode throws(ManifestError) in try Self.rule(ruleNode, at: location, path: path) }
         found.attempt { () throws(ManifestError) in try spec.finish() }
         try found.check()

@@ -37,18 +37,25 @@ public struct PeerAuthentication: Hashable, Sendable {
 extension PeerAuthentication {
     init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        let selector = try spec.optionalSelector()
-        guard var mtls = try spec.mapping("mtls") else { throw spec.error("mtls", "required field is missing") }
-        let text = try mtls.requiredString("mode")
-        guard let mode = Mode(rawValue: text) else {
-            throw mtls.error("mode", "must be one of STRICT, PERMISSIVE, DISABLE, got \(quoted(text))")
-        }
-        try mtls.finish()
+        // Each field is read on its own, so that one mistake does not hide
+        // the next.
+        var found = ErrorList()
+        let selector = found.attempt { () throws(ManifestError) in try spec.optionalSelector() } ?? nil
+        let mode = found.attempt { () throws(ManifestError) in
+            guard var mtls = try spec.mapping("mtls") else { throw spec.error("mtls", "required field is missing") }
+            let text = try mtls.requiredString("mode")
+            guard let mode = Mode(rawValue: text) else {
+                throw mtls.error("mode", "must be one of STRICT, PERMISSIVE, DISABLE, got \(quoted(text))")
+            }
+            try mtls.finish()
+            return mode
+        } ?? .strict  // (only when check() below throws)
         spec.ignore("portLevelMtls")
         if spec.keys.contains("portLevelMtls") {
-            throw spec.error("portLevelMtls", "not supported: set the mode per workload with a selector")
+            found.append(spec.error("portLevelMtls", "not supported: set the mode per workload with a selector"))
         }
-        try spec.finish()
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
         self.init(metadata: metadata, selector: selector, mode: mode)
     }
 }
