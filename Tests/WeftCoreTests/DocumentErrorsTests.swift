@@ -182,6 +182,22 @@ import Testing
                 "\(Self.lines(peer))")
     }
 
+    @Test func everyWrongFieldOfATLSRouteIsNamed() {
+        let route = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: TLSRoute
+            metadata: {name: t, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web, port: 99999}]
+              hostnames: [Bad_Name]
+              rules: [{name: R, backendRefs: [{name: web, port: 443, filters: [{type: URLRewrite, urlRewrite: {hostname: a}}]}, {name: web}]}]
+            """
+        let fields = Self.lines(Self.service + "\n---\n" + route).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:2:spec.parentRefs[0].port", "t.yaml:2:spec.hostnames[0]", "t.yaml:2:spec.rules[0].name",
+                           "t.yaml:2:spec.rules[0].backendRefs[0].filters", "t.yaml:2:spec.rules[0].backendRefs[1].port"],
+                "\(Self.lines(Self.service + "\n---\n" + route))")
+    }
+
     @Test func aDocumentWrongEverywhereListsFiftyAndCountsTheRest() {
         let ports = (0..<60).map { "{name: p\($0), port: 0}" }.joined(separator: ", ")
         let got = Self.lines("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [\(ports)]\n")

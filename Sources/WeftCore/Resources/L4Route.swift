@@ -51,18 +51,36 @@ public struct L4Route: Hashable, Sendable {
     init(spec node: YAMLNode, metadata: ObjectMeta, kind: Kind, hostnamesRequired: Bool = false,
          at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
-        parentRefs = try HTTPRoute.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
-        for (i, parent) in parentRefs.enumerated() where parent.namespace != metadata.namespace && kind != .tls {
-            throw ManifestError(location, field: "spec.parentRefs[\(i)].namespace",
-                                "a \(kind.rawValue) is carried out in the kernel, for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table; a TLSRoute, which the node proxy carries out, may be one), got \(parent.namespace)")
-        }
-        if kind == .tls {
-            let names = try Self.hostnames(&spec, at: location)
-            if names.isEmpty && hostnamesRequired {
-                throw spec.error("hostnames", "a TLSRoute (gateway.networking.k8s.io/v1) needs at least one hostname: the SNI names it routes")
+        // Parents, hostnames and the rule are read each on its own, so that
+        // one mistake does not hide the next.
+        var found = ErrorList()
+        parentRefs = found.attempt { () throws(ManifestError) in
+            let parents = try HTTPRoute.parents(&spec, kind: kind.rawValue, metadata: metadata, at: location)
+            for (i, parent) in parents.enumerated() where parent.namespace != metadata.namespace && kind != .tls {
+                throw ManifestError(location, field: "spec.parentRefs[\(i)].namespace",
+                                    "a \(kind.rawValue) is carried out in the kernel, for every client of the Service: its parent must be in its own namespace \(metadata.namespace) (a consumer route needs a per-client table; a TLSRoute, which the node proxy carries out, may be one), got \(parent.namespace)")
             }
-            hostnames = names
+            return parents
+        } ?? []
+        if kind == .tls {
+            hostnames = found.attempt { () throws(ManifestError) in
+                let names = try Self.hostnames(&spec, at: location)
+                if names.isEmpty && hostnamesRequired {
+                    throw spec.error("hostnames", "a TLSRoute (gateway.networking.k8s.io/v1) needs at least one hostname: the SNI names it routes")
+                }
+                return names
+            } ?? []
         }
+        backendRefs = found.attempt { () throws(ManifestError) in try Self.rule(&spec, kind: kind, at: location) } ?? []
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
+        self.metadata = metadata
+        self.kind = kind
+    }
+
+    /// The one rule's backendRefs; its name, each backendRef and unknown
+    /// fields are checked each on its own.
+    private static func rule(_ spec: inout FieldReader, kind: Kind, at location: DocumentLocation) throws(ManifestError) -> [HTTPRoute.BackendRef] {
         guard let rules = try spec.list("rules"), !rules.isEmpty else {
             throw spec.error("rules", "a \(kind.rawValue) needs one rule with backendRefs")
         }
@@ -70,26 +88,22 @@ public struct L4Route: Hashable, Sendable {
             throw spec.error("rules", "Weft takes one rule per \(kind.rawValue) (its rules have no matches to choose between them), got \(rules.count)")
         }
         var rule = try FieldReader(ruleNode, at: location, path: path)
-        _ = try HTTPRoute.ruleName(&rule, at: location)
-        var refs: [HTTPRoute.BackendRef] = []
-        if let list = try rule.list("backendRefs", maxItems: 16) {
-            for (p, n) in list {
-                let ref = try HTTPRoute.BackendRef(n, path: p, at: location)
-                if !ref.filters.isEmpty {
-                    throw ManifestError(location, field: "\(p).filters", "a \(kind.rawValue)'s backendRefs take no filters")
-                }
-                refs.append(ref)
+        var found = ErrorList()
+        _ = found.attempt { () throws(ManifestError) in try HTTPRoute.ruleName(&rule, at: location) }
+        let refs = found.each(&rule, "backendRefs", maxItems: 16) { p, n throws(ManifestError) in
+            let ref = try HTTPRoute.BackendRef(n, path: p, at: location)
+            if !ref.filters.isEmpty {
+                throw ManifestError(location, field: "\(p).filters", "a \(kind.rawValue)'s backendRefs take no filters")
             }
+            return ref
         }
+        found.attempt { () throws(ManifestError) in try rule.finish() }
+        try found.check()
         guard !refs.isEmpty else { throw rule.error("backendRefs", "a \(kind.rawValue) rule needs at least one backendRef") }
         guard refs.contains(where: { $0.weight > 0 }) else {
             throw rule.error("backendRefs", "every backendRef has weight 0: the route would send nothing anywhere")
         }
-        try rule.finish()
-        try spec.finish()
-        self.metadata = metadata
-        self.kind = kind
-        backendRefs = refs
+        return refs
     }
 
     /// A Gateway API Hostname as a TLSRoute takes it: RFC 1123, lowercase,
