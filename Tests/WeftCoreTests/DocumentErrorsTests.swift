@@ -198,6 +198,19 @@ import Testing
                 "\(Self.lines(Self.service + "\n---\n" + route))")
     }
 
+    @Test func aBadNameDoesNotHideTheSpecsMistakes() {
+        let service = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: Web_1, namespace: shop, labels: {"x y": z}}
+            spec: {clusterIP: 198.19.0.10, ports: [{port: 0}]}
+            """
+        let fields = Self.lines(service).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == ["t.yaml:1:metadata.name", "t.yaml:1:spec.ports[0].port"], "\(Self.lines(service))")
+        // The document's own fields still come first, and stop it.
+        #expect(Self.lines("apiVersion: v1\nkind: Servce\nmetadata: {name: Web_1}\nspec: {}\n").count == 1)
+    }
+
     @Test func aDocumentWrongEverywhereListsFiftyAndCountsTheRest() {
         let ports = (0..<60).map { "{name: p\($0), port: 0}" }.joined(separator: ", ")
         let got = Self.lines("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [\(ports)]\n")

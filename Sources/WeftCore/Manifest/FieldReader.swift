@@ -171,9 +171,6 @@ struct FieldReader {
 /// them unknown.
 struct ErrorList {
     private(set) var errors: [ManifestError] = []
-    /// A document's errors listed at most; past it one more line says how
-    /// many were left out (a generated file can be wrong everywhere).
-    static let limit = 50
 
     var isEmpty: Bool { errors.isEmpty }
 
@@ -217,12 +214,7 @@ struct ErrorList {
     /// Throws the errors kept, if any: the first, carrying the rest.
     func check() throws(ManifestError) {
         guard var first = errors.first else { return }
-        var rest = Array(errors.dropFirst().prefix(Self.limit - 1))
-        if errors.count > Self.limit {
-            rest.append(ManifestError(first.location, field: "",
-                                      "\(errors.count - Self.limit) more problems in this document not listed"))
-        }
-        first.further = rest
+        first.further = Array(errors.dropFirst())
         throw first
     }
 }

@@ -50,6 +50,18 @@ public struct ManifestError: Error, Hashable, Sendable, CustomStringConvertible 
         return [first] + further.flatMap(\.all)
     }
 
+    /// A document's errors listed at most; past it one more line says how
+    /// many were left out (a generated file can be wrong everywhere).
+    public static let maxPerDocument = 50
+
+    /// `all`, cut to `maxPerDocument` lines and a last one counting the rest.
+    public var listed: [ManifestError] {
+        let all = self.all
+        guard all.count > Self.maxPerDocument else { return all }
+        return Array(all.prefix(Self.maxPerDocument))
+            + [ManifestError(location, field: "", "\(all.count - Self.maxPerDocument) more problems in this document not listed")]
+    }
+
     public var description: String {
         let lineNote = line.map { " (line \($0))" } ?? ""
         return "\(location.file):\(location.document):\(field.isEmpty ? "-" : field): \(reason)\(lineNote)"

@@ -72,8 +72,25 @@ public enum Resource: Hashable, Sendable {
         guard let metaReader = try doc.mapping("metadata") else {
             throw doc.error("metadata", "required field is missing")
         }
-        var metadata = try ObjectMeta(reading: metaReader)
         doc.ignore("status")
+        // A bad metadata field does not hide the spec's mistakes: the spec is
+        // read too, under the name and namespace as written, and the errors
+        // of both are listed.
+        var found = ErrorList()
+        let metadata = found.attempt { () throws(ManifestError) in try ObjectMeta(reading: metaReader) }
+            ?? ObjectMeta.asWritten(metaReader)
+        let resource = found.attempt { () throws(ManifestError) in
+            try Self.read(kind: kind, apiVersion: apiVersion, doc: &doc, metadata: metadata, metaReader: metaReader, at: location)
+        }
+        try found.check()
+        guard let resource else { throw doc.error("spec", "not read") }  // (check() threw already)
+        self = resource
+    }
+
+    /// The document's spec (and a Namespace's own checks), its metadata read.
+    private static func read(kind: String, apiVersion: String, doc: inout FieldReader, metadata: ObjectMeta,
+                             metaReader: FieldReader, at location: DocumentLocation) throws(ManifestError) -> Resource {
+        var metadata = metadata
         if kind == "Namespace" {
             // Cluster-scoped: no metadata.namespace, and spec is optional.
             if metaReader.keys.contains("namespace") {
@@ -82,29 +99,28 @@ public enum Resource: Hashable, Sendable {
             metadata.namespace = ""
             let spec = doc.node("spec")
             try doc.finish()
-            self = .namespace(try Namespace(spec: spec, metadata: metadata, at: location), metadata)
-            return
+            return .namespace(try Namespace(spec: spec, metadata: metadata, at: location), metadata)
         }
         let spec = try doc.required("spec")
         try doc.finish()
         switch kind {
-        case "Service": self = .service(try Service(spec: spec, metadata: metadata, at: location))
-        case "NetworkPolicy": self = .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
-        case "HTTPRoute": self = .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
-        case "GRPCRoute": self = .grpcRoute(try HTTPRoute(spec: spec, metadata: metadata, kind: .grpc, at: location))
-        case "TCPRoute": self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .tcp, at: location))
-        case "UDPRoute": self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .udp, at: location))
+        case "Service": return .service(try Service(spec: spec, metadata: metadata, at: location))
+        case "NetworkPolicy": return .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
+        case "HTTPRoute": return .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
+        case "GRPCRoute": return .grpcRoute(try HTTPRoute(spec: spec, metadata: metadata, kind: .grpc, at: location))
+        case "TCPRoute": return .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .tcp, at: location))
+        case "UDPRoute": return .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .udp, at: location))
         case "TLSRoute":
-            self = .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .tls,
+            return .l4Route(try L4Route(spec: spec, metadata: metadata, kind: .tls,
                                         hostnamesRequired: apiVersion == "gateway.networking.k8s.io/v1", at: location))
-        case "MeshConfig": self = .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
-        case "TrafficPolicy": self = .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
-        case "PeerAuthentication": self = .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))
+        case "MeshConfig": return .meshConfig(try MeshConfig(spec: spec, metadata: metadata, at: location))
+        case "TrafficPolicy": return .trafficPolicy(try TrafficPolicy(spec: spec, metadata: metadata, at: location))
+        case "PeerAuthentication": return .peerAuthentication(try PeerAuthentication(spec: spec, metadata: metadata, at: location))
         case "AuthorizationPolicy":
-            self = .authorizationPolicy(try AuthorizationPolicy(spec: spec, metadata: metadata, at: location))
+            return .authorizationPolicy(try AuthorizationPolicy(spec: spec, metadata: metadata, at: location))
         default:
             try Workload.checkShortcutAnnotation(metadata, at: location)
-            self = .workload(try Workload(spec: spec, metadata: metadata, at: location))
+            return .workload(try Workload(spec: spec, metadata: metadata, at: location))
         }
     }
 }
@@ -216,7 +232,7 @@ public enum ManifestReader {
             do throws(ManifestError) {
                 resources.append(LocatedResource(resource: try Resource(document: root, at: location), location: location))
             } catch {
-                errors.append(contentsOf: error.all)
+                errors.append(contentsOf: error.listed)
             }
         }
         if let syntaxError {

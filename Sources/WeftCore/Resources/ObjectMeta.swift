@@ -21,6 +21,16 @@ public struct ObjectMeta: Hashable, Sendable {
     static let serverSetFields = ["uid", "resourceVersion", "generation", "creationTimestamp",
                                   "managedFields", "ownerReferences", "finalizers", "generateName"]
 
+    /// The name and namespace as a document wrote them, whatever they are:
+    /// what its spec is read under when its metadata has an error, so that
+    /// the spec's errors are found too (the document is refused either way).
+    static func asWritten(_ reader: FieldReader) -> ObjectMeta {
+        var r = reader
+        let name = (try? r.string("name")) ?? nil
+        let namespace = (try? r.string("namespace")) ?? nil
+        return ObjectMeta(name: name ?? "", namespace: namespace ?? "default")
+    }
+
     init(reading reader: FieldReader) throws(ManifestError) {
         var r = reader
         let name = try r.requiredString("name")
