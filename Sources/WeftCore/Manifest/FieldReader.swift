@@ -172,8 +172,6 @@ struct FieldReader {
 struct ErrorList {
     private(set) var errors: [ManifestError] = []
 
-    var isEmpty: Bool { errors.isEmpty }
-
     mutating func append(_ error: ManifestError) { errors.append(contentsOf: error.all) }
 
     /// `body`'s value, or nil with its error kept.

@@ -26,7 +26,7 @@ public struct ManifestError: Error, Hashable, Sendable, CustomStringConvertible 
     /// Further problems found in the same document after this one, where
     /// its reader could go on past it (the next item of a list, the next
     /// field of an item; `ErrorList`). Not part of `description`:
-    /// `ManifestReader` lists each on a line of its own (`all`).
+    /// `ManifestReader` lists each on a line of its own (`listed`).
     public var further: [ManifestError] = []
 
     /// A reason longer than `maxReason` characters (a value pasted into
