@@ -50,6 +50,31 @@ import Testing
                 "the route is refused whole; the Service stands")
     }
 
+    @Test func everyWrongPartOfAMatchAndAHeaderFilterIsNamed() {
+        let route = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: web, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+              rules:
+              - matches: [{path: {type: Prefix, value: /a}, headers: [{name: "a b", value: x}, {name: ok, value: x}, {name: c, type: Glob, value: x}], queryParams: [{name: q}], method: FETCH}]
+                filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: "x y", value: v}, {name: z}], remove: ["a:b"]}}]
+                backendRefs: [{name: web, port: 80}]
+            """
+        let fields = Self.lines(Self.service + "\n---\n" + route).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        #expect(fields == [
+            "t.yaml:2:spec.rules[0].matches[0].path.type",
+            "t.yaml:2:spec.rules[0].matches[0].headers[0].name",
+            "t.yaml:2:spec.rules[0].matches[0].headers[2].type",
+            "t.yaml:2:spec.rules[0].matches[0].queryParams[0].value",
+            "t.yaml:2:spec.rules[0].matches[0].method",
+            "t.yaml:2:spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+            "t.yaml:2:spec.rules[0].filters[0].requestHeaderModifier.set[1].value",
+            "t.yaml:2:spec.rules[0].filters[0].requestHeaderModifier.remove[0]",
+        ], "\(Self.lines(Self.service + "\n---\n" + route).joined(separator: "\n"))")
+    }
+
     @Test func everyBadPortTypoAndPolicyRuleIsNamed() {
         let service = """
             apiVersion: v1

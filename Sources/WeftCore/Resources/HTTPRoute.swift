@@ -362,7 +362,31 @@ extension HTTPRoute.Match {
 
     init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        self.path = .prefix("/")
+        // Path, headers, query parameters and method are read each on its
+        // own, so that one mistake does not hide the next.
+        var found = ErrorList()
+        self.path = found.attempt { () throws(ManifestError) in try Self.path(&r) } ?? .prefix("/")
+        headers = found.attempt { () throws(ManifestError) in
+            try HTTPRoute.ValueMatch.list(&r, "headers", header: true, at: location)
+        } ?? []
+        queryParams = found.attempt { () throws(ManifestError) in
+            try HTTPRoute.ValueMatch.list(&r, "queryParams", header: false, at: location)
+        } ?? []
+        method = found.attempt { () throws(ManifestError) in
+            let method = try r.string("method")
+            if let m = method, !Self.methods.contains(m) {
+                throw r.error("method", "must be one of \(Self.methods.sorted().joined(separator: ", ")), got \(quoted(m))")
+            }
+            return method
+        } ?? nil
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
+    }
+
+    /// A match's `path`, PathPrefix "/" when it gives none.
+    private static func path(_ r: inout FieldReader) throws(ManifestError) -> HTTPRoute.PathMatch {
+        let location = r.location
+        var path = HTTPRoute.PathMatch.prefix("/")
         if var p = try r.mapping("path") {
             let type = try p.string("type") ?? "PathPrefix"
             let value = try p.string("value") ?? "/"
@@ -376,22 +400,16 @@ extension HTTPRoute.Match {
                 if type == "PathPrefix", value.count > 1, value.hasSuffix("/") {
                     throw p.error("value", "a PathPrefix must not end with \"/\" (except \"/\" itself)")
                 }
-                self.path = type == "Exact" ? .exact(value) : .prefix(value)
+                path = type == "Exact" ? .exact(value) : .prefix(value)
             case "RegularExpression":
                 try HTTPRoute.checkRegex(value, field: p.field("value"), at: location)
-                self.path = .regularExpression(value)
+                path = .regularExpression(value)
             default:
                 throw p.error("type", "must be Exact, PathPrefix or RegularExpression, got \(quoted(type))")
             }
             try p.finish()
         }
-        headers = try HTTPRoute.ValueMatch.list(&r, "headers", header: true, at: location)
-        queryParams = try HTTPRoute.ValueMatch.list(&r, "queryParams", header: false, at: location)
-        method = try r.string("method")
-        if let m = method, !Self.methods.contains(m) {
-            throw r.error("method", "must be one of \(Self.methods.sorted().joined(separator: ", ")), got \(quoted(m))")
-        }
-        try r.finish()
+        return path
     }
 }
 
@@ -399,7 +417,8 @@ extension HTTPRoute.ValueMatch {
     static func list(_ r: inout FieldReader, _ key: String, header: Bool, at location: DocumentLocation) throws(ManifestError) -> [Self] {
         guard let list = try r.list(key, maxItems: 16) else { return [] }
         var out: [Self] = []
-        for (path, node) in list {
+        var found = ErrorList()
+        _ = found.each(list) { path, node throws(ManifestError) in
             var m = try FieldReader(node, at: location, path: path)
             let type = try m.string("type") ?? "Exact"
             let name = try m.requiredString("name")
@@ -419,6 +438,7 @@ extension HTTPRoute.ValueMatch {
             }
             out.append(Self(name: folded, value: value, isRegularExpression: type == "RegularExpression"))
         }
+        try found.check()
         return out
     }
 }
@@ -537,38 +557,38 @@ extension HTTPRoute.Filter {
 extension HTTPRoute.HeaderModifier {
     init(_ reader: FieldReader, at location: DocumentLocation) throws(ManifestError) {
         var r = reader
+        var found = ErrorList()
         for key in ["set", "add"] {
             var headers: [HTTPRoute.Header] = []
-            if let list = try r.list(key, maxItems: 16) {
-                for (path, node) in list {
-                    var h = try FieldReader(node, at: location, path: path)
-                    let name = try h.requiredString("name")
-                    try HTTPRoute.headerName(name, field: h.field("name"), at: location)
-                    try Validation.maxLength(name, 256, field: h.field("name"), at: location)
-                    guard let value = try h.string("value") else { throw h.error("value", "required field is missing") }
-                    try HTTPRoute.headerValue(value, field: h.field("value"), at: location)
-                    try Validation.maxLength(value, 4096, field: h.field("value"), at: location)
-                    try h.finish()
-                    if headers.contains(where: { $0.name.lowercased() == name.lowercased() }) {
-                        throw h.error("name", "\(quoted(name)) is in \(key) already")
-                    }
-                    headers.append(.init(name: name, value: value))
+            _ = found.each(&r, key, maxItems: 16) { path, node throws(ManifestError) in
+                var h = try FieldReader(node, at: location, path: path)
+                let name = try h.requiredString("name")
+                try HTTPRoute.headerName(name, field: h.field("name"), at: location)
+                try Validation.maxLength(name, 256, field: h.field("name"), at: location)
+                guard let value = try h.string("value") else { throw h.error("value", "required field is missing") }
+                try HTTPRoute.headerValue(value, field: h.field("value"), at: location)
+                try Validation.maxLength(value, 4096, field: h.field("value"), at: location)
+                try h.finish()
+                if headers.contains(where: { $0.name.lowercased() == name.lowercased() }) {
+                    throw h.error("name", "\(quoted(name)) is in \(key) already")
                 }
+                headers.append(.init(name: name, value: value))
             }
             if key == "set" { set = headers } else { add = headers }
         }
-        if let list = try r.list("remove", maxItems: 16) {
-            for (path, node) in list {
-                let name = try FieldReader.string(node, at: location, path: path)
-                try HTTPRoute.headerName(name, field: path, at: location)
-                try Validation.maxLength(name, 256, field: path, at: location)
-                if remove.contains(where: { $0.lowercased() == name.lowercased() }) {
-                    throw ManifestError(location, field: path, "\(quoted(name)) is in remove already")
-                }
-                remove.append(name)
+        var removed: [String] = []
+        _ = found.each(&r, "remove", maxItems: 16) { path, node throws(ManifestError) in
+            let name = try FieldReader.string(node, at: location, path: path)
+            try HTTPRoute.headerName(name, field: path, at: location)
+            try Validation.maxLength(name, 256, field: path, at: location)
+            if removed.contains(where: { $0.lowercased() == name.lowercased() }) {
+                throw ManifestError(location, field: path, "\(quoted(name)) is in remove already")
             }
+            removed.append(name)
         }
-        try r.finish()
+        remove = removed
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
     }
 }
 
