@@ -446,24 +446,41 @@ extension HTTPRoute.ValueMatch {
 extension HTTPRoute.BackendRef {
     init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        let group = try r.string("group") ?? ""
-        let kind = try r.string("kind") ?? "Service"
-        guard group == "" || group == "core", kind == "Service" else {
-            throw r.error("kind", "a backendRef must be a Service, got \(group.isEmpty ? "core" : group)/\(kind)")
+        // Its fields are read each on its own, so that one mistake does not
+        // hide the next (group with kind, which it qualifies).
+        r.ignore("kind")
+        var found = ErrorList()
+        found.attempt { () throws(ManifestError) in
+            let group = try r.string("group") ?? ""
+            let kind = try r.string("kind") ?? "Service"
+            guard group == "" || group == "core", kind == "Service" else {
+                throw r.error("kind", "a backendRef must be a Service, got \(group.isEmpty ? "core" : group)/\(kind)")
+            }
         }
-        name = try r.requiredString("name")
-        namespace = try r.string("namespace")
-        if let namespace { try Validation.dnsLabel(namespace, field: r.field("namespace"), at: location) }
-        guard let p = try r.int("port") else { throw r.error("port", "required for a Service backendRef") }
-        port = try Validation.port(p, field: r.field("port"), at: location)
-        let w = try r.int("weight") ?? 1
-        guard (0...1_000_000).contains(w) else { throw r.error("weight", "must be 0-1000000, got \(w)") }
-        weight = UInt32(w)
-        filters = try HTTPRoute.Filter.list(&r, at: location)
-        for f in filters {
-            if case .requestRedirect = f { throw r.error("filters", "RequestRedirect is a rule filter, not a backendRef filter") }
-        }
-        try r.finish()
+        name = found.attempt { () throws(ManifestError) in try r.requiredString("name") } ?? ""
+        namespace = found.attempt { () throws(ManifestError) in
+            let namespace = try r.string("namespace")
+            if let namespace { try Validation.dnsLabel(namespace, field: r.field("namespace"), at: location) }
+            return namespace
+        } ?? nil
+        port = found.attempt { () throws(ManifestError) in
+            guard let p = try r.int("port") else { throw r.error("port", "required for a Service backendRef") }
+            return try Validation.port(p, field: r.field("port"), at: location)
+        } ?? 0
+        weight = found.attempt { () throws(ManifestError) in
+            let w = try r.int("weight") ?? 1
+            guard (0...1_000_000).contains(w) else { throw r.error("weight", "must be 0-1000000, got \(w)") }
+            return UInt32(w)
+        } ?? 0
+        filters = found.attempt { () throws(ManifestError) in
+            let filters = try HTTPRoute.Filter.list(&r, at: location)
+            for f in filters {
+                if case .requestRedirect = f { throw r.error("filters", "RequestRedirect is a rule filter, not a backendRef filter") }
+            }
+            return filters
+        } ?? []
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
     }
 }
 
