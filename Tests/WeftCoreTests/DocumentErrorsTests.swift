@@ -21,6 +21,12 @@ import Testing
         return r.errors.map(\.description)
     }
 
+    /// `file:doc:field` of an error line.
+    static func field(_ line: String) -> String { line.split(separator: ":").prefix(3).joined(separator: ":") }
+
+    /// `file:doc:field` of each error of `yaml`.
+    static func fields(_ yaml: String) -> [String] { lines(yaml).map(field) }
+
     @Test func everyWrongFieldOfARouteIsListedInDocumentOrder() {
         let route = """
             apiVersion: gateway.networking.k8s.io/v1
@@ -37,7 +43,7 @@ import Testing
                 backendRefs: [{name: web, port: 80}]
             """
         let got = Self.lines(Self.service + "\n---\n" + route)
-        let fields = got.map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = got.map(Self.field)
         #expect(fields == [
             "t.yaml:2:spec.rules[0].matches[0].path.value",
             "t.yaml:2:spec.rules[0].matches[2].method",
@@ -63,7 +69,7 @@ import Testing
                 filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: "x y", value: v}, {name: z}], remove: ["a:b"]}}]
                 backendRefs: [{name: web, port: 80}]
             """
-        let fields = Self.lines(Self.service + "\n---\n" + route).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(Self.service + "\n---\n" + route)
         #expect(fields == [
             "t.yaml:2:spec.rules[0].matches[0].path.type",
             "t.yaml:2:spec.rules[0].matches[0].headers[0].name",
@@ -102,7 +108,7 @@ import Testing
               ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}], ports: [{port: 99999}]}]
               egress: [{to: [{podSelector: {matchLabels: {"bad key!": x}}}]}]
             """
-        let fields = Self.lines(policy).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(policy)
         #expect(fields == ["t.yaml:1:spec.policyTypes[0]", "t.yaml:1:spec.ingress[0].from[0].ipBlock.cidr", "t.yaml:1:spec.ingress[0].ports[0].port",
                            "t.yaml:1:spec.egress[0].to[0].podSelector.matchLabels.bad key!"], "\(Self.lines(policy))")
 
@@ -118,7 +124,7 @@ import Testing
                 to: [{operation: {methods: []}}]
               - when: [{key: nope, values: [x]}]
             """
-        let authzFields = Self.lines(authz).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let authzFields = Self.fields(authz)
         #expect(authzFields == ["t.yaml:1:spec.action", "t.yaml:1:spec.targetRef", "t.yaml:1:spec.rules[0].from[0].source.principal", "t.yaml:1:spec.rules[0].to[0].operation.methods",
                                 "t.yaml:1:spec.rules[1].when[0].key"], "\(Self.lines(authz))")
     }
@@ -139,7 +145,7 @@ import Testing
               sessionAffinityConfig: {clientIP: {timeoutSeconds: 10}}
               clusterIp: 198.19.0.1
             """
-        let fields = Self.lines(service).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(service)
         #expect(fields == ["t.yaml:1:spec.type", "t.yaml:1:spec.clusterIP", "t.yaml:1:spec.ports[0].targetPort",
                            "t.yaml:1:spec.internalTrafficPolicy", "t.yaml:1:spec.sessionAffinity", "t.yaml:1:spec.clusterIp"],
                 "\(Self.lines(service))")
@@ -152,7 +158,7 @@ import Testing
             metadata: {name: w, namespace: shop}
             spec: {serviceAccount: Web, address: 198.18.1.300, ports: [{port: 0}], cgroup: ../escape, labels: {}}
             """
-        let fields = Self.lines(workload).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(workload)
         #expect(fields == ["t.yaml:1:spec.serviceAccount", "t.yaml:1:spec.node", "t.yaml:1:spec.address",
                            "t.yaml:1:spec.ports[0].port", "t.yaml:1:spec.cgroup", "t.yaml:1:spec.labels"], "\(Self.lines(workload))")
     }
@@ -169,7 +175,7 @@ import Testing
               timeout: {http: {requestTimeout: -1s}}
               retries: {attempts: 3}
             """
-        let fields = Self.lines(policy).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(policy)
         #expect(fields == ["t.yaml:1:spec.targetRefs[0].kind", "t.yaml:1:spec.targetRefs[2].name",
                            "t.yaml:1:spec.loadBalancer.type", "t.yaml:1:spec.circuitBreaker.maxConnections",
                            "t.yaml:1:spec.timeout.http.requestTimeout", "t.yaml:1:spec.retries"], "\(Self.lines(policy))")
@@ -187,7 +193,7 @@ import Testing
               policy: {udpIdleTimeout: 2d}
               telemtry: {}
             """
-        let fields = Self.lines(mesh).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(mesh)
         #expect(fields == ["t.yaml:1:spec.socketShortcut.enabled", "t.yaml:1:spec.accessLog.namespaces[0]",
                            "t.yaml:1:spec.proxy.idleTimeout", "t.yaml:1:spec.policy.udpIdleTimeout", "t.yaml:1:spec.telemtry"],
                 "\(Self.lines(mesh))")
@@ -203,7 +209,7 @@ import Testing
               mtls: {mode: SOMETIMES}
               portLevelMtls: {8080: {mode: DISABLE}}
             """
-        let fields = Self.lines(peer).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(peer)
         #expect(fields == ["t.yaml:1:spec.selector.matchLabels.a b", "t.yaml:1:spec.mtls.mode", "t.yaml:1:spec.portLevelMtls"],
                 "\(Self.lines(peer))")
     }
@@ -218,7 +224,7 @@ import Testing
               hostnames: [Bad_Name]
               rules: [{name: R, backendRefs: [{name: web, port: 443, filters: [{type: URLRewrite, urlRewrite: {hostname: a}}]}, {name: web}]}]
             """
-        let fields = Self.lines(Self.service + "\n---\n" + route).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(Self.service + "\n---\n" + route)
         #expect(fields == ["t.yaml:2:spec.parentRefs[0].port", "t.yaml:2:spec.hostnames[0]", "t.yaml:2:spec.rules[0].name",
                            "t.yaml:2:spec.rules[0].backendRefs[0].filters", "t.yaml:2:spec.rules[0].backendRefs[1].port"],
                 "\(Self.lines(Self.service + "\n---\n" + route))")
@@ -231,7 +237,7 @@ import Testing
             metadata: {name: Web_1, namespace: shop, labels: {"x y": z}}
             spec: {clusterIP: 198.19.0.10, ports: [{port: 0}]}
             """
-        let fields = Self.lines(service).map { $0.split(separator: ":").prefix(3).joined(separator: ":") }
+        let fields = Self.fields(service)
         #expect(fields == ["t.yaml:1:metadata.name", "t.yaml:1:spec.ports[0].port"], "\(Self.lines(service))")
         // The document's own fields still come first, and stop it.
         #expect(Self.lines("apiVersion: v1\nkind: Servce\nmetadata: {name: Web_1}\nspec: {}\n").count == 1)
