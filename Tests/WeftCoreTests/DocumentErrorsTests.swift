@@ -103,13 +103,14 @@ import Testing
             kind: NetworkPolicy
             metadata: {name: p, namespace: shop}
             spec:
-              podSelector: {}
+              podSelector: {matchLabels: {app: "a b"}, matchExpressions: [{key: tier, operator: Near}, {key: x, operator: In, values: []}]}
               policyTypes: [Sideways]
               ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}], ports: [{port: 99999}]}]
               egress: [{to: [{podSelector: {matchLabels: {"bad key!": x}}}]}]
             """
         let fields = Self.fields(policy)
-        #expect(fields == ["t.yaml:1:spec.policyTypes[0]", "t.yaml:1:spec.ingress[0].from[0].ipBlock.cidr", "t.yaml:1:spec.ingress[0].ports[0].port",
+        #expect(fields == ["t.yaml:1:spec.podSelector.matchLabels.app", "t.yaml:1:spec.podSelector.matchExpressions[0].operator",
+                           "t.yaml:1:spec.podSelector.matchExpressions[1].values", "t.yaml:1:spec.policyTypes[0]", "t.yaml:1:spec.ingress[0].from[0].ipBlock.cidr", "t.yaml:1:spec.ingress[0].ports[0].port",
                            "t.yaml:1:spec.egress[0].to[0].podSelector.matchLabels.bad key!"], "\(Self.lines(policy))")
 
         let authz = """

@@ -61,13 +61,18 @@ public struct LabelSelector: Hashable, Sendable {
 extension LabelSelector {
     init(reading node: YAMLNode, at location: DocumentLocation, path: String) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        let labels = try r.stringMap("matchLabels") ?? [:]
-        for (key, value) in labels {
-            try Validation.labelKey(key, field: r.field("matchLabels"), at: location)
-            try Validation.labelValue(value, field: "\(r.field("matchLabels")).\(key)", at: location)
-        }
-        var requirements: [Requirement] = []
-        for (itemPath, item) in try r.list("matchExpressions") ?? [] {
+        // Labels and each expression are read on their own, so that one
+        // mistake does not hide the next.
+        var found = ErrorList()
+        let labels: [String: String] = found.attempt { () throws(ManifestError) in
+            let labels = try r.stringMap("matchLabels") ?? [:]
+            for (key, value) in labels {
+                try Validation.labelKey(key, field: r.field("matchLabels"), at: location)
+                try Validation.labelValue(value, field: "\(r.field("matchLabels")).\(key)", at: location)
+            }
+            return labels
+        } ?? [:]
+        let requirements = found.each(&r, "matchExpressions") { itemPath, item throws(ManifestError) in
             var e = try FieldReader(item, at: location, path: itemPath)
             let key = try e.requiredString("key")
             try Validation.labelKey(key, field: itemPath, at: location)
@@ -89,9 +94,10 @@ extension LabelSelector {
                 throw e.error("values", "must be empty for operator \(op.rawValue)")
             }
             try e.finish()
-            requirements.append(Requirement(key: key, op: op, values: values))
+            return Requirement(key: key, op: op, values: values)
         }
-        try r.finish()
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
         self.init(matchLabels: labels, matchExpressions: requirements)
     }
 }
