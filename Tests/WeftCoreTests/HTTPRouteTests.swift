@@ -345,6 +345,36 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         #expect(text.hasPrefix("t.yaml:6:\(field):") && text.contains(reason), "\(text.prefix(300))")
     }
 
+    /// The API's path rules (CEL on HTTPPathMatch): a path that would
+    /// normalize to another, or holds what a path cannot, is refused; a
+    /// PathPrefix's trailing "/" is ignored ("/api/" is "/api").
+    @Test(arguments: [
+        ("/a/./b", "must not contain \"/./\""), ("/a/../b", "must not contain \"/../\""), ("/a/..", "must not end with"),
+        ("/a/.", "must not end with"), ("/a%2Fb", "must not contain \"%2F\""), ("/a%2fb", "must not contain \"%2f\""),
+        ("/a b", "\" \" is not allowed in a path"), ("/caf\u{e9}", "\"\u{e9}\" is not allowed in a path"), ("/a%zz", "two hex digits"),
+        ("/a%4", "two hex digits"), ("/a?b=1", "a query is matched by queryParams"), ("/a#b", "must not contain \"#\""),
+        ("/a//b", "must not contain \"//\""), ("a", "must start with"),
+    ])
+    func pathValuesTheAPIWouldRefuse(value: String, reason: String) {
+        for type in ["Exact", "PathPrefix"] {
+            let text = routeErrors("  - matches: [{path: {type: \(type), value: \"\(value)\"}}]\n    backendRefs: [{name: web, port: 80}]")
+                .map(\.description).joined(separator: "\n")
+            #expect(text.hasPrefix("t.yaml:6:spec.rules[0].matches[0].path.value:") && text.contains(reason), "\(type) \(value): \(text)")
+        }
+    }
+
+    @Test func aPathPrefixsTrailingSlashIsIgnored() throws {
+        let parsed = ManifestReader.parse(base + "\n---\n" + webRoute("""
+              - matches: [{path: {type: PathPrefix, value: /api/}}, {path: {type: Exact, value: /exact/}}, {path: {type: PathPrefix, value: "/a-z_~!$&'()*+,;=:@%41"}}]
+                backendRefs: [{name: web, port: 80}]
+            """), file: "t.yaml")
+        #expect(parsed.errors.isEmpty, "\(parsed.errors)")
+        let route = try #require(parsed.resources.compactMap { if case .httpRoute(let r) = $0.resource { r } else { nil } }.first)
+        #expect(route.rules[0].matches.map(\.path) == [.prefix("/api"), .exact("/exact/"), .prefix("/a-z_~!$&'()*+,;=:@%41")])
+        #expect(RouteMatcher.pathHasPrefix("/api/items", "/api") && RouteMatcher.pathHasPrefix("/api", "/api")
+                && !RouteMatcher.pathHasPrefix("/apix", "/api"))
+    }
+
     @Test func replacePrefixMatchTakesOnePrefixMatchOrTheDefault() throws {
         for rules in [
             "  - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]\n    backendRefs: [{name: web, port: 80}]",

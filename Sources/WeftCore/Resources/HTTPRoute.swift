@@ -383,6 +383,38 @@ extension HTTPRoute.Match {
         try found.check()
     }
 
+    /// An Exact or PathPrefix value as the Gateway API's schema takes it: an
+    /// absolute path of RFC 3986 path characters and %-escapes, with no
+    /// empty, "." or ".." segment and no escaped "/" (paths that normalize
+    /// to another are refused, not matched by surprise).
+    static func checkPathValue(_ value: String, _ p: FieldReader) throws(ManifestError) {
+        guard value.hasPrefix("/") else { throw p.error("value", "must start with \"/\"") }
+        if value.contains("?") { throw p.error("value", "must not contain \"?\" (a query is matched by queryParams)") }
+        for part in ["//", "/./", "/../", "%2f", "%2F", "#"] where value.contains(part) {
+            throw p.error("value", "must not contain \(quoted(part))")
+        }
+        if value.hasSuffix("/.") || value.hasSuffix("/..") { throw p.error("value", "must not end with \"/.\" or \"/..\"") }
+        let scalars = Array(value.unicodeScalars)
+        var i = 0
+        while i < scalars.count {
+            if scalars[i] == "%" {
+                guard i + 2 < scalars.count, scalars[i + 1].properties.isASCIIHexDigit,
+                      scalars[i + 2].properties.isASCIIHexDigit else {
+                    throw p.error("value", "\"%\" must begin an escape of two hex digits")
+                }
+                i += 3
+                continue
+            }
+            guard Self.pathCharacters.contains(scalars[i]) else {
+                throw p.error("value", "\(quoted(String(scalars[i]))) is not allowed in a path (escape it as %XX)")
+            }
+            i += 1
+        }
+    }
+
+    /// RFC 3986 pchar and "/", as the Gateway API's path pattern lists them.
+    static let pathCharacters = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-/._~!$&'()*+,;=:@".unicodeScalars)
+
     /// A match's `path`, PathPrefix "/" when it gives none.
     private static func path(_ r: inout FieldReader) throws(ManifestError) -> HTTPRoute.PathMatch {
         let location = r.location
@@ -393,14 +425,11 @@ extension HTTPRoute.Match {
             try Validation.maxLength(value, 1024, field: p.field("value"), at: location)
             switch type {
             case "Exact", "PathPrefix":
-                guard value.hasPrefix("/") else { throw p.error("value", "must start with \"/\"") }
-                guard !value.contains("//"), !value.contains("?"), !value.contains("#") else {
-                    throw p.error("value", "must not contain \"//\", \"?\" or \"#\"")
-                }
-                if type == "PathPrefix", value.count > 1, value.hasSuffix("/") {
-                    throw p.error("value", "a PathPrefix must not end with \"/\" (except \"/\" itself)")
-                }
-                path = type == "Exact" ? .exact(value) : .prefix(value)
+                try Self.checkPathValue(value, p)
+                // "When specified, a trailing `/` is ignored" (PathPrefix):
+                // "/api/" is "/api".
+                let prefix = value.count > 1 && value.hasSuffix("/") ? String(value.dropLast()) : value
+                path = type == "Exact" ? .exact(value) : .prefix(prefix)
             case "RegularExpression":
                 try HTTPRoute.checkRegex(value, field: p.field("value"), at: location)
                 path = .regularExpression(value)
