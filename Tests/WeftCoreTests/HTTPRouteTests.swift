@@ -333,6 +333,8 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
          "spec.rules", "at most 128 matches in all the rules together, got 129"),
         ("  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {remove: [x-a, X-A]}}]\n    backendRefs: [{name: web, port: 80}]",
          "spec.rules[0].filters[0].requestHeaderModifier.remove[1]", "\"X-A\" is in remove already"),
+        ("  - matches: [{queryParams: [{name: \"a b\", value: x}]}]\n    backendRefs: [{name: web, port: 80}]",
+         "spec.rules[0].matches[0].queryParams[0].name", "\"a b\" is not a valid query parameter name"),
         ("  - matches: [{path: {type: PathPrefix, value: /a}}, {path: {type: PathPrefix, value: /b}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /c}}}]\n    backendRefs: [{name: web, port: 80}]",
          "spec.rules[0].matches", "ReplacePrefixMatch needs exactly one match, a PathPrefix one; this rule has 2"),
         ("  - matches: [{path: {type: Exact, value: /a}}]\n    backendRefs: [{name: web, port: 80, filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /c}}}]}]",

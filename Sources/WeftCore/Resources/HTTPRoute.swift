@@ -452,7 +452,10 @@ extension HTTPRoute.ValueMatch {
             let type = try m.string("type") ?? "Exact"
             let name = try m.requiredString("name")
             guard let value = try m.string("value") else { throw m.error("value", "required field is missing") }
-            if header { try HTTPRoute.headerName(name, field: m.field("name"), at: location) }
+            // A query parameter's name is the same token as a header's
+            // (the API's HTTPQueryParamMatch.name is an HTTPHeaderName).
+            try HTTPRoute.headerName(name, field: m.field("name"), at: location,
+                                     what: header ? "header name" : "query parameter name")
             try Validation.maxLength(name, 256, field: m.field("name"), at: location)
             try Validation.maxLength(value, header ? 4096 : 1024, field: m.field("value"), at: location)
             switch type {
@@ -718,12 +721,13 @@ extension HTTPRoute {
     }
 
     /// RFC 7230 token.
-    static func headerName(_ name: String, field: String, at location: DocumentLocation) throws(ManifestError) {
+    static func headerName(_ name: String, field: String, at location: DocumentLocation,
+                           what: String = "header name") throws(ManifestError) {
         let ok = !name.isEmpty && name.utf8.allSatisfy { c in
             (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a)
                 || "!#$%&'*+-.^_`|~".utf8.contains(c)
         }
-        guard ok else { throw ManifestError(location, field: field, "\(quoted(name)) is not a valid header name") }
+        guard ok else { throw ManifestError(location, field: field, "\(quoted(name)) is not a valid \(what)") }
     }
 
     /// A filter's `hostname`: a precise DNS name (RFC 1123 subdomain, lower
