@@ -240,6 +240,32 @@ private func request(_ method: String, _ target: String, _ headers: [String: Str
         #expect(RouteMatcher.rewrite(path: "/anything", with: .replaceFullPath("/fixed"), match: nil) == "/fixed")
     }
 
+    /// The Gateway API's ReplacePrefixMatch table, row by row, with the
+    /// prefix and replacement read from a route as a manifest gives them
+    /// (a trailing "/" on either, an empty replacement).
+    @Test(arguments: [
+        ("/foo/bar", "/foo", "/xyz", "/xyz/bar"), ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
+        ("/foo/bar", "/foo/", "/xyz", "/xyz/bar"), ("/foo/bar", "/foo/", "/xyz/", "/xyz/bar"),
+        ("/foo", "/foo", "/xyz", "/xyz"), ("/foo/", "/foo", "/xyz", "/xyz/"),
+        ("/foo/bar", "/foo", "", "/bar"), ("/foo/", "/foo", "", "/"), ("/foo", "/foo", "", "/"),
+        ("/foo/", "/foo", "/", "/"), ("/foo", "/foo", "/", "/"),
+    ])
+    func replacePrefixMatchAsTheAPIsTableSays(request: String, prefix: String, replacement: String, rewritten: String) throws {
+        let parsed = ManifestReader.parse(base + "\n---\n" + webRoute("""
+              - matches: [{path: {type: PathPrefix, value: "\(prefix)"}}]
+                filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: "\(replacement)"}}}]
+                backendRefs: [{name: web, port: 80}]
+            """), file: "t.yaml")
+        #expect(parsed.errors.isEmpty, "\(parsed.errors)")
+        let route = try #require(parsed.resources.compactMap { if case .httpRoute(let r) = $0.resource { r } else { nil } }.first)
+        let rule = try #require(route.rules.first)
+        guard case .urlRewrite(let w) = try #require(rule.filters.first), let modifier = w.path else {
+            Issue.record("no URLRewrite path")
+            return
+        }
+        #expect(RouteMatcher.rewrite(path: Substring(request), with: modifier, match: rule.matches.first) == rewritten)
+    }
+
     @Test func durationsAndBadInput() throws {
         let l = DocumentLocation(file: "f", document: 1)
         #expect(try HTTPRoute.duration("1m30s", field: "x", at: l) == .seconds(90))

@@ -649,10 +649,16 @@ extension HTTPRoute.PathModifier {
         switch type {
         case "ReplaceFullPath":
             guard let v = try p.string("replaceFullPath"), v.hasPrefix("/") else { throw p.error("replaceFullPath", "required, and must start with \"/\"") }
+            try Validation.maxLength(v, 1024, field: p.field("replaceFullPath"), at: r.location)
             out = .replaceFullPath(v)
         case "ReplacePrefixMatch":
-            guard let v = try p.string("replacePrefixMatch"), v.hasPrefix("/") else { throw p.error("replacePrefixMatch", "required, and must start with \"/\"") }
-            out = .replacePrefixMatch(v)
+            // The API's table takes an empty replacement: the prefix removed,
+            // as "/" removes it.
+            guard let v = try p.string("replacePrefixMatch"), v.isEmpty || v.hasPrefix("/") else {
+                throw p.error("replacePrefixMatch", "required, and must be empty or start with \"/\"")
+            }
+            try Validation.maxLength(v, 1024, field: p.field("replacePrefixMatch"), at: r.location)
+            out = .replacePrefixMatch(v.isEmpty ? "/" : v)
         default:
             throw p.error("type", "must be ReplaceFullPath or ReplacePrefixMatch, got \(quoted(type))")
         }
