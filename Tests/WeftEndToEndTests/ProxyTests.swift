@@ -86,9 +86,10 @@ private let routes = """
       rules:
       - matches: [{headers: [{name: x-canary, value: "yes"}]}]
         backendRefs: [{name: web-v2, port: 80}]
-      - matches: [{path: {type: PathPrefix, value: /api}, method: GET}]
+      # Trailing slashes, which the API ignores on a prefix and its replacement.
+      - matches: [{path: {type: PathPrefix, value: /api/}, method: GET}]
         filters:
-        - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2api}}}
+        - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2api/}}}
         - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: api}], remove: [x-drop-me]}}
         backendRefs: [{name: web-v2, port: 80}]
       - matches: [{path: {type: Exact, value: /old}}]
@@ -340,7 +341,8 @@ struct ProxyTests {
             """]).output
         #expect(declined.contains("['HTTP/1.1 200 OK True True', 'HTTP/1.1 200 OK True True']"), "\(declined)")
 
-        // Path prefix + method, URL rewrite, request header modifier.
+        // Path prefix + method, URL rewrite, request header modifier (the
+        // prefix and its replacement written with a trailing "/").
         let api = json(try curl(lab, "http://198.19.1.10/api/items?x=1", ["-H", "x-drop-me: 1"]).2)
         let apiHeaders = api["headers"] as? [String: String] ?? [:]
         #expect(api["pod"] as? String == "v2")
