@@ -152,6 +152,27 @@ import Testing
                 "\(Self.lines(service))")
     }
 
+    @Test func everyWrongFieldOfAServicePortIsNamed() {
+        let service = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: shop}
+            spec: {clusterIP: 198.19.0.10, ports: [{name: HTTP, port: 0, targetPort: "no such", protocol: SCTP, appProtocol: "a b"}]}
+            """
+        #expect(Self.fields(service) == ["t.yaml:1:spec.ports[0].name", "t.yaml:1:spec.ports[0].port", "t.yaml:1:spec.ports[0].targetPort",
+                                         "t.yaml:1:spec.ports[0].protocol", "t.yaml:1:spec.ports[0].appProtocol"], "\(Self.lines(service))")
+    }
+
+    @Test func aWorkloadsAnnotationErrorStandsBesideItsSpecs() {
+        let workload = """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: w, namespace: shop, annotations: {weft.dev/socket-shortcut: maybe}}
+            spec: {node: n1, address: 198.18.1.300}
+            """
+        #expect(Self.fields(workload).count == 2 && Self.fields(workload).last == "t.yaml:1:spec.address", "\(Self.lines(workload))")
+    }
+
     @Test func everyWrongFieldOfAWorkloadIsNamed() {
         let workload = """
             apiVersion: weft.dev/v1alpha1

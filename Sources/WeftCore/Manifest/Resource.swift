@@ -119,8 +119,13 @@ public enum Resource: Hashable, Sendable {
         case "AuthorizationPolicy":
             return .authorizationPolicy(try AuthorizationPolicy(spec: spec, metadata: metadata, at: location))
         default:
-            try Workload.checkShortcutAnnotation(metadata, at: location)
-            return .workload(try Workload(spec: spec, metadata: metadata, at: location))
+            // The annotation's error beside the spec's, not instead of them.
+            var found = ErrorList()
+            found.attempt { () throws(ManifestError) in try Workload.checkShortcutAnnotation(metadata, at: location) }
+            let workload = found.attempt { () throws(ManifestError) in try Workload(spec: spec, metadata: metadata, at: location) }
+            try found.check()
+            guard let workload else { throw doc.error("spec", "not read") }  // (check() threw already)
+            return .workload(workload)
         }
     }
 }

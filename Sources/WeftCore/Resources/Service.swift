@@ -184,33 +184,47 @@ extension Service {
 }
 
 extension ServicePort {
+    /// Its fields are read each on its own, so that one mistake does not
+    /// hide the next.
     init(_ node: YAMLNode, path: String, at location: DocumentLocation) throws(ManifestError) {
         var r = try FieldReader(node, at: location, path: path)
-        let name = try r.string("name")
-        if let name { try Validation.portName(name, field: r.field("name"), at: location) }
-        guard let number = try r.int("port") else { throw r.error("port", "required field is missing") }
-        let port = try Validation.port(number, field: r.field("port"), at: location)
-        var target: TargetPort?
-        if let targetNode = r.node("targetPort") {
+        var found = ErrorList()
+        let name = found.attempt { () throws(ManifestError) in
+            let name = try r.string("name")
+            if let name { try Validation.portName(name, field: r.field("name"), at: location) }
+            return name
+        } ?? nil
+        let port: UInt16 = found.attempt { () throws(ManifestError) in
+            guard let number = try r.int("port") else { throw r.error("port", "required field is missing") }
+            return try Validation.port(number, field: r.field("port"), at: location)
+        } ?? 0  // (only when check() below throws)
+        let target = found.attempt { () throws(ManifestError) in
+            guard let targetNode = r.node("targetPort") else { return TargetPort?.none }
             if targetNode.tagName == .int {
                 let n = try FieldReader.int(targetNode, at: location, path: r.field("targetPort"))
-                target = .number(try Validation.port(n, field: r.field("targetPort"), at: location))
-            } else {
-                let s = try FieldReader.string(targetNode, at: location, path: r.field("targetPort"))
-                try Validation.portName(s, field: r.field("targetPort"), at: location)
-                target = .name(s)
+                return .number(try Validation.port(n, field: r.field("targetPort"), at: location))
             }
-        }
-        let transport = try Validation.transportProtocol(try r.string("protocol"), field: r.field("protocol"), at: location)
-        if transport == .sctp {
-            throw r.error("protocol", "SCTP Services are not load-balanced by Weft; use TCP or UDP")
-        }
-        let appProtocol = try r.string("appProtocol")
-        if let appProtocol, !Validation.isQualifiedName(appProtocol) {
-            throw r.error("appProtocol", "\(quoted(appProtocol)) is not a valid appProtocol: a name such as http, grpc or kubernetes.io/h2c")
-        }
+            let s = try FieldReader.string(targetNode, at: location, path: r.field("targetPort"))
+            try Validation.portName(s, field: r.field("targetPort"), at: location)
+            return .name(s)
+        } ?? nil
+        let transport = found.attempt { () throws(ManifestError) in
+            let transport = try Validation.transportProtocol(try r.string("protocol"), field: r.field("protocol"), at: location)
+            if transport == .sctp {
+                throw r.error("protocol", "SCTP Services are not load-balanced by Weft; use TCP or UDP")
+            }
+            return transport
+        } ?? .tcp
+        let appProtocol = found.attempt { () throws(ManifestError) in
+            let appProtocol = try r.string("appProtocol")
+            if let appProtocol, !Validation.isQualifiedName(appProtocol) {
+                throw r.error("appProtocol", "\(quoted(appProtocol)) is not a valid appProtocol: a name such as http, grpc or kubernetes.io/h2c")
+            }
+            return appProtocol
+        } ?? nil
         r.ignore("nodePort")
-        try r.finish()
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
         self.init(name: name, port: port, targetPort: target, transport: transport, appProtocol: appProtocol)
     }
 }
