@@ -27,14 +27,19 @@ import Testing
     /// `file:doc:field` of each error of `yaml`.
     static func fields(_ yaml: String) -> [String] { lines(yaml).map(field) }
 
+    /// An HTTPRoute on `service` up to its `rules:`, the rules to follow.
+    static let routeOnWeb = """
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: web, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+
+        """
+
     @Test func everyWrongFieldOfARouteIsListedInDocumentOrder() {
-        let route = """
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: web, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
-              rules:
+        let route = Self.routeOnWeb + """
               - matches: [{path: {type: RegularExpression, value: "(a"}}, {path: {type: PathPrefix, value: /ok}}, {method: FETCH}]
                 backendRefs: [{name: web, port: 80}, {name: web, port: 0, weight: -1}]
               - backendRefs: [{name: web, port: 80}]
@@ -58,13 +63,7 @@ import Testing
     }
 
     @Test func everyWrongPartOfAMatchAndAHeaderFilterIsNamed() {
-        let route = """
-            apiVersion: gateway.networking.k8s.io/v1
-            kind: HTTPRoute
-            metadata: {name: web, namespace: shop}
-            spec:
-              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
-              rules:
+        let route = Self.routeOnWeb + """
               - matches: [{path: {type: Prefix, value: /a}, headers: [{name: "a b", value: x}, {name: ok, value: x}, {name: c, type: Glob, value: x}], queryParams: [{name: q}], method: FETCH}]
                 filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: "x y", value: v}, {name: z}], remove: ["a:b"]}}]
                 backendRefs: [{name: web, port: 80}]

@@ -26,9 +26,9 @@ public struct ObjectMeta: Hashable, Sendable {
     /// the spec's errors are found too (the document is refused either way).
     static func asWritten(_ reader: FieldReader) -> ObjectMeta {
         var r = reader
-        let name = (try? r.string("name")) ?? nil
-        let namespace = (try? r.string("namespace")) ?? nil
-        return ObjectMeta(name: name ?? "", namespace: namespace ?? "default")
+        let name = (try? r.string("name")) ?? ""
+        let namespace = (try? r.string("namespace")) ?? "default"
+        return ObjectMeta(name: name, namespace: namespace)
     }
 
     init(reading reader: FieldReader) throws(ManifestError) {
