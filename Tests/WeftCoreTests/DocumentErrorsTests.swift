@@ -202,6 +202,124 @@ import Testing
                            "t.yaml:1:spec.timeout.http.requestTimeout", "t.yaml:1:spec.retries"], "\(Self.lines(policy))")
     }
 
+    @Test func everyWrongFieldInsideATrafficPolicysSectionsIsNamed() {
+        let policy = """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: p, namespace: shop}
+            spec:
+              targetRefs: [{kind: Deployment, name: "", namespace: other, extra: 1}]
+              loadBalancer: {type: RingHash, hashOn: {header: "a b", cookie: {name: "", ttl: soon, path: /}}, locality: Near}
+              healthCheck: {interval: 1s, timeout: 2s, healthyThreshold: 0, panicThreshold: 120, http: {path: x, expectedStatuses: [200, 99, 700]}, grpc: {service: "a b"}}
+              outlierDetection: {consecutive5xx: -1, interval: 0s, successRate: {minimumHosts: 0, stdevFactor: 0}}
+              circuitBreaker: {maxConnections: 0, maxPendingRequests: -1, maxRequests: x, maxRetries: 1, maxRequestsPerConnection: 0}
+              rateLimit: {requests: 0, interval: -1s, burst: 0, key: Caller, header: "a:b"}
+              faultInjection: {delay: {fixedDelay: 0s, percentage: 200}, abort: {httpStatus: 100, percentage: x}, routes: [shop/a, bad, "a/b/c"], sources: [{serviceAccount: x}, {namespace: shop, who: me}]}
+              retry: {codes: [503, 200, x, 600], attempts: 11, backoff: soon, grpcStatuses: [UNAVAILABLE, OK]}
+              timeout: {tcp: {connectTimeout: 0s, idle: 1s}, http: {connectionIdleTimeout: 10ms, maxConnectionDuration: -1s, requestTimeout: x}}
+            """
+        let fields = Self.fields(policy)
+        #expect(fields == [
+            "t.yaml:1:spec.targetRefs[0].kind", "t.yaml:1:spec.targetRefs[0].name",
+            "t.yaml:1:spec.targetRefs[0].namespace", "t.yaml:1:spec.targetRefs[0].extra",
+            "t.yaml:1:spec.loadBalancer.hashOn.header", "t.yaml:1:spec.loadBalancer.hashOn.cookie.name",
+            "t.yaml:1:spec.loadBalancer.hashOn.cookie.ttl", "t.yaml:1:spec.loadBalancer.hashOn.cookie.path",
+            "t.yaml:1:spec.loadBalancer.locality",
+            "t.yaml:1:spec.healthCheck.timeout", "t.yaml:1:spec.healthCheck.healthyThreshold",
+            "t.yaml:1:spec.healthCheck.panicThreshold", "t.yaml:1:spec.healthCheck.http.path",
+            "t.yaml:1:spec.healthCheck.http.expectedStatuses[1]", "t.yaml:1:spec.healthCheck.http.expectedStatuses[2]",
+            "t.yaml:1:spec.healthCheck.grpc.service", "t.yaml:1:spec.healthCheck.grpc",
+            "t.yaml:1:spec.outlierDetection.consecutive5xx", "t.yaml:1:spec.outlierDetection.interval",
+            "t.yaml:1:spec.outlierDetection.successRate.minimumHosts", "t.yaml:1:spec.outlierDetection.successRate.stdevFactor",
+            "t.yaml:1:spec.circuitBreaker.maxConnections", "t.yaml:1:spec.circuitBreaker.maxPendingRequests",
+            "t.yaml:1:spec.circuitBreaker.maxRequests", "t.yaml:1:spec.circuitBreaker.maxRequestsPerConnection",
+            "t.yaml:1:spec.rateLimit.requests", "t.yaml:1:spec.rateLimit.interval", "t.yaml:1:spec.rateLimit.burst",
+            "t.yaml:1:spec.rateLimit.key", "t.yaml:1:spec.rateLimit.header",
+            "t.yaml:1:spec.faultInjection.delay.fixedDelay", "t.yaml:1:spec.faultInjection.delay.percentage",
+            "t.yaml:1:spec.faultInjection.abort.httpStatus", "t.yaml:1:spec.faultInjection.abort.percentage",
+            "t.yaml:1:spec.faultInjection.routes[1]", "t.yaml:1:spec.faultInjection.routes[2]",
+            "t.yaml:1:spec.faultInjection.sources[0].namespace", "t.yaml:1:spec.faultInjection.sources[1].who",
+            "t.yaml:1:spec.retry.grpcStatuses[1]", "t.yaml:1:spec.retry.codes[1]", "t.yaml:1:spec.retry.codes[2]",
+            "t.yaml:1:spec.retry.codes[3]", "t.yaml:1:spec.retry.attempts", "t.yaml:1:spec.retry.backoff",
+            "t.yaml:1:spec.timeout.tcp.connectTimeout", "t.yaml:1:spec.timeout.tcp.idle",
+            "t.yaml:1:spec.timeout.http.connectionIdleTimeout", "t.yaml:1:spec.timeout.http.maxConnectionDuration",
+            "t.yaml:1:spec.timeout.http.requestTimeout",
+        ], "\(Self.lines(policy).joined(separator: "\n"))")
+    }
+
+    @Test func aSectionsJoinedChecksWaitForItsFieldsToReadClean() {
+        // A wrong type says nothing of whether hashOn fits; a wrong interval
+        // nothing of the timeout's length; a wrong key nothing of header.
+        let policy = """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: p, namespace: shop}
+            spec:
+              targetRefs: [{name: web}]
+              loadBalancer: {type: Fastest, hashOn: {sourceIP: true}, slowStart: {window: 1s}}
+              healthCheck: {interval: soon, timeout: 10s}
+              rateLimit: {requests: 10, key: Caller, header: x-user}
+            """
+        #expect(Self.fields(policy) == ["t.yaml:1:spec.loadBalancer.type", "t.yaml:1:spec.healthCheck.interval",
+                                        "t.yaml:1:spec.rateLimit.key"], "\(Self.lines(policy))")
+        // Read clean, the joined checks speak.
+        let joined = """
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: p, namespace: shop}
+            spec:
+              targetRefs: [{name: web}]
+              loadBalancer: {type: RoundRobin, hashOn: {sourceIP: true}}
+              healthCheck: {interval: 1s, timeout: 10s, http: {}, tcp: {}}
+              rateLimit: {requests: 10, header: x-user}
+              faultInjection: {routes: [shop/web]}
+            """
+        let lines = Self.lines(joined)
+        #expect(lines.map(Self.field) == ["t.yaml:1:spec.loadBalancer.hashOn", "t.yaml:1:spec.healthCheck.timeout",
+                                          "t.yaml:1:spec.healthCheck.tcp", "t.yaml:1:spec.rateLimit.header",
+                                          "t.yaml:1:spec.faultInjection"], "\(lines)")
+        #expect(lines.count == 5 && lines[3].contains("applies only to key Header") && lines[4].contains("give delay, abort or both"))
+    }
+
+    @Test func everyWrongFieldOfARouteRulesRetryIsNamed() {
+        let route = Self.routeOnWeb + """
+              - backendRefs: [{name: web, port: 80}]
+                retry: {codes: [500, 302, x], attempts: -1, backoff: 1x, grpcStatuses: [UNAVAILABLE]}
+            """
+        #expect(Self.fields(Self.service + "\n---\n" + route) == [
+            "t.yaml:2:spec.rules[0].retry.codes[1]", "t.yaml:2:spec.rules[0].retry.codes[2]",
+            "t.yaml:2:spec.rules[0].retry.attempts", "t.yaml:2:spec.rules[0].retry.backoff",
+            "t.yaml:2:spec.rules[0].retry.grpcStatuses",
+        ], "\(Self.lines(Self.service + "\n---\n" + route))")
+    }
+
+    @Test func everyWrongFieldInsideAMeshConfigsSectionsIsNamed() {
+        let mesh = """
+            apiVersion: weft.dev/v1alpha1
+            kind: MeshConfig
+            metadata: {name: mesh, namespace: weft-system}
+            spec:
+              socketShortcut: {enabled: maybe, splice: 1, podReceivers: Some}
+              accessLog: {enabled: true, namespaces: [Shop, ok, "a b"]}
+              telemetry: {connectionCounters: 1, requestMetrics: true, tracing: {otlpEndpoint: "grpc://x", samplingPercent: 101}}
+              proxy: {idleTimeout: 10ms, streamIdleTimeout: x, maxRequestHeaderSize: 1Mi, http2MaxConcurrentStreams: 0, pathNormalization: {normalization: Wild}, tcpKeepalive: {time: 1ms, interval: 40000s, probes: 200}}
+              policy: {udpIdleTimeout: 2d, idle: 1s}
+            """
+        let fields = Self.fields(mesh)
+        #expect(fields == [
+            "t.yaml:1:spec.socketShortcut.enabled", "t.yaml:1:spec.socketShortcut.splice",
+            "t.yaml:1:spec.socketShortcut.podReceivers",
+            "t.yaml:1:spec.accessLog.namespaces[0]", "t.yaml:1:spec.accessLog.namespaces[2]",
+            "t.yaml:1:spec.telemetry.connectionCounters", "t.yaml:1:spec.telemetry.tracing.otlpEndpoint",
+            "t.yaml:1:spec.telemetry.tracing.samplingPercent",
+            "t.yaml:1:spec.proxy.idleTimeout", "t.yaml:1:spec.proxy.streamIdleTimeout",
+            "t.yaml:1:spec.proxy.maxRequestHeaderSize", "t.yaml:1:spec.proxy.http2MaxConcurrentStreams",
+            "t.yaml:1:spec.proxy.pathNormalization.normalization", "t.yaml:1:spec.proxy.tcpKeepalive.time",
+            "t.yaml:1:spec.proxy.tcpKeepalive.interval", "t.yaml:1:spec.proxy.tcpKeepalive.probes",
+            "t.yaml:1:spec.policy.udpIdleTimeout", "t.yaml:1:spec.policy.idle",
+        ], "\(Self.lines(mesh).joined(separator: "\n"))")
+    }
+
     @Test func everyWrongSectionOfAMeshConfigIsNamed() {
         let mesh = """
             apiVersion: weft.dev/v1alpha1

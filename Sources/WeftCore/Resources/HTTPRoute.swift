@@ -324,32 +324,36 @@ extension HTTPRoute.Retry {
     /// or a TrafficPolicy's (`grpc`: with `grpcStatuses` by name).
     init(_ reader: FieldReader, grpc: Bool = false, at location: DocumentLocation) throws(ManifestError) {
         var t = reader
-        if grpc, let list = try t.list("grpcStatuses") {
-            var statuses: [Int] = []
-            for (p, n) in list {
+        // Every status, code and field on its own, so one mistake does not
+        // hide the next.
+        var found = ErrorList()
+        if grpc, t.keys.contains("grpcStatuses") {
+            grpcStatuses = found.each(&t, "grpcStatuses") { p, n throws(ManifestError) in
                 let name = try FieldReader.string(n, at: location, path: p)
                 guard let status = Self.retryableGRPC[name] else {
                     throw ManifestError(location, field: p, "must be one of \(Self.retryableGRPC.keys.sorted().joined(separator: ", ")), got \(quoted(name))")
                 }
-                statuses.append(status)
-            }
-            grpcStatuses = statuses
-        }
-        codes = []
-        if let list = try t.list("codes") {
-            for (p, n) in list {
-                let code = try FieldReader.int(n, at: location, path: p)
-                guard (400...599).contains(code) else {
-                    throw ManifestError(location, field: p, "a retry code must be 400-599, got \(code)")
-                }
-                codes.append(code)
+                return status
             }
         }
-        attempts = try t.int("attempts") ?? HTTPRoute.defaultRetryAttempts
-        guard (0...10).contains(attempts) else { throw t.error("attempts", "must be 0-10, got \(attempts)") }
-        let backoff = try t.string("backoff").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backoff"), at: location) } ?? nil
-        try t.finish()
+        codes = found.each(&t, "codes") { p, n throws(ManifestError) in
+            let code = try FieldReader.int(n, at: location, path: p)
+            guard (400...599).contains(code) else {
+                throw ManifestError(location, field: p, "a retry code must be 400-599, got \(code)")
+            }
+            return code
+        }
+        attempts = found.attempt { () throws(ManifestError) in
+            let attempts = try t.int("attempts") ?? HTTPRoute.defaultRetryAttempts
+            guard (0...10).contains(attempts) else { throw t.error("attempts", "must be 0-10, got \(attempts)") }
+            return attempts
+        } ?? HTTPRoute.defaultRetryAttempts
+        let backoff = found.attempt { () throws(ManifestError) in
+            try t.string("backoff").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backoff"), at: location) } ?? nil
+        } ?? nil
         self.backoff = backoff ?? HTTPRoute.defaultRetryBackoff
+        found.attempt { () throws(ManifestError) in try t.finish() }
+        try found.check()
     }
 }
 

@@ -248,50 +248,98 @@ extension MeshConfig {
         // not hide another's.
         var found = ErrorList()
         found.section(&spec, "socketShortcut") { shortcut throws(ManifestError) in
-            if let enabled = try shortcut.bool("enabled") { socketShortcut.enabled = enabled }
-            if let splice = try shortcut.bool("splice") { socketShortcut.splice = splice }
-            if let receivers = try shortcut.string("podReceivers") {
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                if let enabled = try shortcut.bool("enabled") { socketShortcut.enabled = enabled }
+            }
+            inner.attempt { () throws(ManifestError) in
+                if let splice = try shortcut.bool("splice") { socketShortcut.splice = splice }
+            }
+            inner.attempt { () throws(ManifestError) in
+                guard let receivers = try shortcut.string("podReceivers") else { return }
                 guard let value = SocketShortcut.PodReceivers(rawValue: receivers) else {
                     throw shortcut.error("podReceivers", "must be one of \(SocketShortcut.PodReceivers.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(receivers))")
                 }
                 socketShortcut.podReceivers = value
             }
-            try shortcut.finish()
+            inner.attempt { () throws(ManifestError) in try shortcut.finish() }
+            try inner.check()
         }
         found.section(&spec, "accessLog") { log throws(ManifestError) in
-            if let enabled = try log.bool("enabled") { accessLog.enabled = enabled }
-            for (path, item) in try log.list("namespaces") ?? [] {
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                if let enabled = try log.bool("enabled") { accessLog.enabled = enabled }
+            }
+            accessLog.namespaces += inner.each(&log, "namespaces") { path, item throws(ManifestError) in
                 let name = try FieldReader.string(item, at: location, path: path)
                 guard Self.isDNSLabel(name) else {
                     throw ManifestError(location, field: path, "\(quoted(name)) is not a namespace name (a DNS label: a-z, 0-9 and -, at most 63)")
                 }
-                accessLog.namespaces.append(name)
+                return name
             }
-            try log.finish()
+            inner.attempt { () throws(ManifestError) in try log.finish() }
+            try inner.check()
         }
         found.section(&spec, "telemetry") { t throws(ManifestError) in
-            if let v = try t.bool("connectionCounters") { telemetry.connectionCounters = v }
-            if let v = try t.bool("requestMetrics") { telemetry.requestMetrics = v }
-            if var tr = try t.mapping("tracing") {
-                let url = try tr.requiredString("otlpEndpoint")
-                guard let endpoint = Self.parseEndpoint(url) else {
-                    throw tr.error("otlpEndpoint", "must be http://IPV4:PORT (an OTLP/HTTP collector), got \(quoted(url))")
-                }
-                var tracing = Tracing(host: endpoint.0, port: endpoint.1)
-                if let p = tr.node("samplingPercent") {
-                    guard let v = Self.percent(p), (0...100).contains(v) else {
-                        throw tr.error("samplingPercent", "must be a number from 0 to 100")
-                    }
-                    tracing.samplingPercent = v
-                }
-                try tr.finish()
-                telemetry.tracing = tracing
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                if let v = try t.bool("connectionCounters") { telemetry.connectionCounters = v }
             }
-            try t.finish()
+            inner.attempt { () throws(ManifestError) in
+                if let v = try t.bool("requestMetrics") { telemetry.requestMetrics = v }
+            }
+            inner.section(&t, "tracing") { tr throws(ManifestError) in telemetry.tracing = try Self.tracing(&tr) }
+            inner.attempt { () throws(ManifestError) in try t.finish() }
+            try inner.check()
         }
-        found.section(&spec, "proxy") { p throws(ManifestError) in
-            for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout", "tunnelIdleTimeout", "upstreamIdleTimeout"] {
-                guard let text = try p.string(key) else { continue }
+        found.section(&spec, "proxy") { p throws(ManifestError) in try Self.proxy(&p, into: &proxy, at: location) }
+        found.section(&spec, "policy") { p throws(ManifestError) in
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                guard let text = try p.string("udpIdleTimeout") else { return }
+                let d = try HTTPRoute.duration(text, field: "spec.policy.udpIdleTimeout", at: location) ?? .zero
+                guard Policy.udpIdleTimeouts.contains(d) else {
+                    throw p.error("udpIdleTimeout", "must be from 1s to 24h, got \(quoted(text))")
+                }
+                policy.udpIdleTimeout = d
+            }
+            inner.attempt { () throws(ManifestError) in try p.finish() }
+            try inner.check()
+        }
+        found.attempt { () throws(ManifestError) in try spec.finish() }
+        try found.check()
+    }
+
+    /// `telemetry.tracing`: the collector and the share of requests traced.
+    static func tracing(_ tr: inout FieldReader) throws(ManifestError) -> Tracing {
+        var found = ErrorList()
+        let endpoint = found.attempt { () throws(ManifestError) in
+            let url = try tr.requiredString("otlpEndpoint")
+            guard let endpoint = Self.parseEndpoint(url) else {
+                throw tr.error("otlpEndpoint", "must be http://IPV4:PORT (an OTLP/HTTP collector), got \(quoted(url))")
+            }
+            return endpoint
+        }
+        let sampling = found.attempt { () throws(ManifestError) -> Double? in
+            guard let p = tr.node("samplingPercent") else { return nil }
+            guard let v = Self.percent(p), (0...100).contains(v) else {
+                throw tr.error("samplingPercent", "must be a number from 0 to 100")
+            }
+            return v
+        } ?? nil
+        found.attempt { () throws(ManifestError) in try tr.finish() }
+        try found.check()
+        var tracing = Tracing(host: endpoint?.0 ?? IPv4Address(0), port: endpoint?.1 ?? 0)
+        if let sampling { tracing.samplingPercent = sampling }
+        return tracing
+    }
+
+    /// `proxy`: the node proxy's timeouts and limits, each field on its own.
+    static func proxy(_ p: inout FieldReader, into proxy: inout Proxy, at location: DocumentLocation) throws(ManifestError) {
+        var found = ErrorList()
+        for key in ["idleTimeout", "requestHeaderTimeout", "streamIdleTimeout", "tunnelIdleTimeout", "upstreamIdleTimeout"] {
+            found.attempt { () throws(ManifestError) in
+                guard let text = try p.string(key) else { return }
                 let timeout = try HTTPRoute.duration(text, field: "spec.proxy.\(key)", at: location)
                 if let timeout, timeout < .seconds(1) {
                     throw p.error(key, "must be at least 1s (or 0s: never), got \(quoted(text))")
@@ -304,65 +352,69 @@ extension MeshConfig {
                 default: proxy.upstreamIdleTimeout = timeout
                 }
             }
-            if let node = p.node("maxRequestHeaderSize") {
-                guard let size = Self.byteSize(node), Proxy.headerSizes.contains(size) else {
-                    throw p.error("maxRequestHeaderSize",
-                                  "must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \(Self.shown(node))")
-                }
-                proxy.maxRequestHeaderSize = size
-            }
-            if let n = try p.int("http2MaxConcurrentStreams") {
-                guard Proxy.http2Streams.contains(n) else {
-                    throw p.error("http2MaxConcurrentStreams", "must be from 1 to 2147483647, got \(n)")
-                }
-                proxy.http2MaxConcurrentStreams = n
-            }
-            if var n = try p.mapping("pathNormalization") {
-                if let text = try n.string("normalization") {
-                    guard let mode = RequestPath.Mode(rawValue: text) else {
-                        throw n.error("normalization", "must be one of \(RequestPath.Mode.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(text))")
-                    }
-                    proxy.pathNormalization = mode
-                }
-                try n.finish()
-            }
-            if var k = try p.mapping("tcpKeepalive") {
-                var keepalive = MeshConfig.TCPKeepalive()
-                var off = false
-                // Whole seconds from 1 s to 32767 s: what TCP_KEEPIDLE and TCP_KEEPINTVL take.
-                for key in ["time", "interval"] {
-                    guard let text = try k.string(key) else { continue }
-                    let d = try HTTPRoute.duration(text, field: "spec.proxy.tcpKeepalive.\(key)", at: location) ?? .zero
-                    if key == "time" && d == .zero {
-                        off = true
-                        continue
-                    }
-                    guard d >= .seconds(1), d <= .seconds(32767), d == .seconds(d.components.seconds) else {
-                        throw k.error(key, "must be whole seconds from 1s to 32767s\(key == "time" ? " (or 0s: off)" : ""), got \(quoted(text))")
-                    }
-                    if key == "time" { keepalive.time = d } else { keepalive.interval = d }
-                }
-                if let n = try k.int("probes") {
-                    guard (1...127).contains(n) else { throw k.error("probes", "must be from 1 to 127, got \(n)") }
-                    keepalive.probes = n
-                }
-                try k.finish()
-                proxy.tcpKeepalive = off ? nil : keepalive
-            }
-            try p.finish()
         }
-        found.section(&spec, "policy") { p throws(ManifestError) in
-            if let text = try p.string("udpIdleTimeout") {
-                let d = try HTTPRoute.duration(text, field: "spec.policy.udpIdleTimeout", at: location) ?? .zero
-                guard Policy.udpIdleTimeouts.contains(d) else {
-                    throw p.error("udpIdleTimeout", "must be from 1s to 24h, got \(quoted(text))")
-                }
-                policy.udpIdleTimeout = d
+        found.attempt { () throws(ManifestError) in
+            guard let node = p.node("maxRequestHeaderSize") else { return }
+            guard let size = Self.byteSize(node), Proxy.headerSizes.contains(size) else {
+                throw p.error("maxRequestHeaderSize",
+                              "must be a size from 1Ki to 64Ki (bytes, or a number and Ki), got \(Self.shown(node))")
             }
-            try p.finish()
+            proxy.maxRequestHeaderSize = size
         }
-        found.attempt { () throws(ManifestError) in try spec.finish() }
+        found.attempt { () throws(ManifestError) in
+            guard let n = try p.int("http2MaxConcurrentStreams") else { return }
+            guard Proxy.http2Streams.contains(n) else {
+                throw p.error("http2MaxConcurrentStreams", "must be from 1 to 2147483647, got \(n)")
+            }
+            proxy.http2MaxConcurrentStreams = n
+        }
+        found.section(&p, "pathNormalization") { n throws(ManifestError) in
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                guard let text = try n.string("normalization") else { return }
+                guard let mode = RequestPath.Mode(rawValue: text) else {
+                    throw n.error("normalization", "must be one of \(RequestPath.Mode.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(text))")
+                }
+                proxy.pathNormalization = mode
+            }
+            inner.attempt { () throws(ManifestError) in try n.finish() }
+            try inner.check()
+        }
+        found.section(&p, "tcpKeepalive") { k throws(ManifestError) in
+            proxy.tcpKeepalive = try Self.tcpKeepalive(&k, at: location)
+        }
+        found.attempt { () throws(ManifestError) in try p.finish() }
         try found.check()
+    }
+
+    /// `proxy.tcpKeepalive`; nil: `time: 0s`, off.
+    static func tcpKeepalive(_ k: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> TCPKeepalive? {
+        var keepalive = MeshConfig.TCPKeepalive()
+        var off = false
+        var found = ErrorList()
+        // Whole seconds from 1 s to 32767 s: what TCP_KEEPIDLE and TCP_KEEPINTVL take.
+        for key in ["time", "interval"] {
+            found.attempt { () throws(ManifestError) in
+                guard let text = try k.string(key) else { return }
+                let d = try HTTPRoute.duration(text, field: "spec.proxy.tcpKeepalive.\(key)", at: location) ?? .zero
+                if key == "time" && d == .zero {
+                    off = true
+                    return
+                }
+                guard d >= .seconds(1), d <= .seconds(32767), d == .seconds(d.components.seconds) else {
+                    throw k.error(key, "must be whole seconds from 1s to 32767s\(key == "time" ? " (or 0s: off)" : ""), got \(quoted(text))")
+                }
+                if key == "time" { keepalive.time = d } else { keepalive.interval = d }
+            }
+        }
+        found.attempt { () throws(ManifestError) in
+            guard let n = try k.int("probes") else { return }
+            guard (1...127).contains(n) else { throw k.error("probes", "must be from 1 to 127, got \(n)") }
+            keepalive.probes = n
+        }
+        found.attempt { () throws(ManifestError) in try k.finish() }
+        try found.check()
+        return off ? nil : keepalive
     }
 }
 

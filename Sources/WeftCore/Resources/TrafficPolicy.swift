@@ -282,18 +282,26 @@ extension TrafficPolicy {
         var found = ErrorList()
         _ = found.each(refs) { path, node throws(ManifestError) in
             var r = try FieldReader(node, at: location, path: path)
-            let group = try r.string("group") ?? ""
-            let kind = try r.string("kind") ?? "Service"
-            guard group == "" || group == "core", kind == "Service" else {
-                throw ManifestError(location, field: "\(path).kind",
-                                    "a TrafficPolicy targets a Service (group \"\", kind Service), got \(group.isEmpty ? "core" : group)/\(kind)")
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                let group = try r.string("group") ?? ""
+                let kind = try r.string("kind") ?? "Service"
+                guard group == "" || group == "core", kind == "Service" else {
+                    throw ManifestError(location, field: "\(path).kind",
+                                        "a TrafficPolicy targets a Service (group \"\", kind Service), got \(group.isEmpty ? "core" : group)/\(kind)")
+                }
             }
-            let name = try r.requiredString("name")
-            if let ns = try r.string("namespace"), ns != metadata.namespace {
-                throw r.error("namespace", "a TrafficPolicy applies to Services of its own namespace (\(metadata.namespace))")
+            let name = inner.attempt { () throws(ManifestError) in try r.requiredString("name") } ?? ""
+            inner.attempt { () throws(ManifestError) in
+                if let ns = try r.string("namespace"), ns != metadata.namespace {
+                    throw r.error("namespace", "a TrafficPolicy applies to Services of its own namespace (\(metadata.namespace))")
+                }
             }
-            try r.finish()
-            guard !targets.contains(name) else { throw ManifestError(location, field: "\(path).name", "Service \(name) is targeted twice") }
+            inner.attempt { () throws(ManifestError) in try r.finish() }
+            try inner.check()
+            guard !targets.contains(name) else {
+                throw ManifestError(location, field: "\(path).name", "Service \(name) is targeted twice")
+            }
             targets.append(name)
         }
         self.init(metadata: metadata, targets: targets)
@@ -302,254 +310,405 @@ extension TrafficPolicy {
         found.section(&spec, "loadBalancer") { lb throws(ManifestError) in loadBalancer = try Self.loadBalancer(&lb, at: location) }
         found.section(&spec, "healthCheck") { hc throws(ManifestError) in healthCheck = try Self.healthCheck(&hc, at: location) }
         found.section(&spec, "outlierDetection") { od throws(ManifestError) in outlierDetection = try Self.outlierDetection(&od, at: location) }
-        found.section(&spec, "circuitBreaker") { cb throws(ManifestError) in
-            var out = CircuitBreaker()
-            out.maxConnections = try Self.positive(&cb, "maxConnections", allowZero: false)
-            out.maxPendingRequests = try Self.positive(&cb, "maxPendingRequests", allowZero: true)
-            out.maxRequests = try Self.positive(&cb, "maxRequests", allowZero: false)
-            out.maxRetries = try Self.positive(&cb, "maxRetries", allowZero: true)
-            out.maxRequestsPerConnection = try Self.positive(&cb, "maxRequestsPerConnection", allowZero: false)
-            try cb.finish()
-            circuitBreaker = out
-        }
+        found.section(&spec, "circuitBreaker") { cb throws(ManifestError) in circuitBreaker = try Self.circuitBreaker(&cb) }
         found.section(&spec, "rateLimit") { rl throws(ManifestError) in rateLimit = try Self.rateLimit(&rl, at: location) }
         found.section(&spec, "faultInjection") { fi throws(ManifestError) in faultInjection = try Self.faultInjection(&fi, at: location) }
         found.section(&spec, "retry") { r throws(ManifestError) in retry = try HTTPRoute.Retry(r, grpc: true, at: location) }
-        found.section(&spec, "timeout") { t throws(ManifestError) in
-            if var tcp = try t.mapping("tcp") {
-                connectTimeout = try Self.positiveDuration(&tcp, "connectTimeout", at: location)
-                try tcp.finish()
-            }
-            if var http = try t.mapping("http") {
-                if let text = try http.string("connectionIdleTimeout") {
-                    if text.hasPrefix("-") { throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \(quoted(text))") }
-                    let d = try HTTPRoute.duration(text, field: http.field("connectionIdleTimeout"), at: location)
-                    if let d, d < .seconds(1) {
-                        throw http.error("connectionIdleTimeout", "must be at least 1s (or 0s: never), got \(quoted(text))")
-                    }
-                    connectionIdleTimeout = d ?? .zero
-                }
-                maxConnectionDuration = try Self.positiveDuration(&http, "maxConnectionDuration", at: location)
-                requestTimeout = try Self.positiveDuration(&http, "requestTimeout", at: location)
-                try http.finish()
-            }
-            try t.finish()
-        }
+        found.section(&spec, "timeout") { t throws(ManifestError) in try Self.timeouts(&t, into: &self, at: location) }
         found.attempt { () throws(ManifestError) in try spec.finish() }
         try found.check()
     }
 
+    // Each section below reads its fields each on its own (ErrorList), so
+    // one mistake does not hide the next; checks that join fields come
+    // after they read clean.
+
     static func loadBalancer(_ lb: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> LoadBalancer {
         var out = LoadBalancer()
-        if let type = try lb.string("type") {
+        var found = ErrorList()
+        let algorithm = found.attempt { () throws(ManifestError) -> LoadBalancer.Algorithm? in
+            guard let type = try lb.string("type") else { return nil }
             guard let a = LoadBalancer.Algorithm(rawValue: type) else {
                 throw lb.error("type", "must be one of \(LoadBalancer.Algorithm.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(type))")
             }
-            out.algorithm = a
+            return a
         }
-        if var h = try lb.mapping("hashOn") {
-            guard out.algorithm.isConsistentHash else {
-                throw lb.error("hashOn", "applies only to type RingHash or Maglev")
-            }
-            var keys: [LoadBalancer.HashKey] = []
-            if let name = try h.string("header") {
-                try HTTPRoute.headerName(name, field: h.field("header"), at: location)
-                keys.append(.header(name.lowercased()))
-            }
-            if var c = try h.mapping("cookie") {
-                let name = try c.requiredString("name")
-                try HTTPRoute.headerName(name, field: c.field("name"), at: location)
-                let ttl = try c.string("ttl").flatMap { (t: String) throws(ManifestError) -> Duration? in
-                    try HTTPRoute.duration(t, field: c.field("ttl"), at: location)
+        if let algorithm {
+            out.algorithm = algorithm ?? out.algorithm
+            out.hashOn = found.attempt { () throws(ManifestError) in try Self.hashOn(&lb, for: out.algorithm, at: location) } ?? nil
+            found.attempt { () throws(ManifestError) in
+                guard var s = try lb.mapping("slowStart") else { return }
+                guard !out.algorithm.isConsistentHash else {
+                    throw lb.error("slowStart", "slow start applies to RoundRobin, LeastRequest and Random, not to consistent hashing")
                 }
-                try c.finish()
-                keys.append(.cookie(name: name, ttl: ttl))
-            }
-            if let ip = try h.bool("sourceIP"), ip { keys.append(.sourceIP) }
-            try h.finish()
-            guard keys.count == 1 else {
-                throw ManifestError(location, field: h.path, "give exactly one of header, cookie or sourceIP: true")
-            }
-            out.hashOn = keys[0]
-        } else if out.algorithm.isConsistentHash {
-            throw lb.error("hashOn", "\(out.algorithm.rawValue) needs hashOn (header, cookie or sourceIP)")
-        }
-        if var s = try lb.mapping("slowStart") {
-            guard !out.algorithm.isConsistentHash else {
-                throw lb.error("slowStart", "slow start applies to RoundRobin, LeastRequest and Random, not to consistent hashing")
-            }
-            let window = try s.requiredString("window")
-            guard let w = try HTTPRoute.duration(window, field: s.field("window"), at: location) else {
-                throw s.error("window", "must be longer than 0s")
-            }
-            out.slowStartWindow = w
-            if let a = s.node("aggression") {
-                guard let v = MeshConfig.percent(a), v > 0, v <= 10 else {
-                    throw s.error("aggression", "must be a number above 0 and at most 10")
+                var inner = ErrorList()
+                out.slowStartWindow = inner.attempt { () throws(ManifestError) in
+                    let window = try s.requiredString("window")
+                    guard let w = try HTTPRoute.duration(window, field: s.field("window"), at: location) else {
+                        throw s.error("window", "must be longer than 0s")
+                    }
+                    return w
                 }
-                out.slowStartAggression = v
+                inner.attempt { () throws(ManifestError) in
+                    guard let a = s.node("aggression") else { return }
+                    guard let v = MeshConfig.percent(a), v > 0, v <= 10 else {
+                        throw s.error("aggression", "must be a number above 0 and at most 10")
+                    }
+                    out.slowStartAggression = v
+                }
+                inner.attempt { () throws(ManifestError) in try s.finish() }
+                try inner.check()
             }
-            try s.finish()
+        } else {
+            // Whether these fit depends on the type, which is wrong already.
+            lb.ignore("hashOn", "slowStart")
         }
-        if let l = try lb.string("locality") {
+        found.attempt { () throws(ManifestError) in
+            guard let l = try lb.string("locality") else { return }
             guard let v = LoadBalancer.Locality(rawValue: l) else {
                 throw lb.error("locality", "must be one of \(LoadBalancer.Locality.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(l))")
             }
             out.locality = v
         }
-        try lb.finish()
+        found.attempt { () throws(ManifestError) in try lb.finish() }
+        try found.check()
         return out
+    }
+
+    /// `loadBalancer.hashOn`: exactly one key, for the consistent-hashing
+    /// types only (which need it).
+    static func hashOn(_ lb: inout FieldReader, for algorithm: LoadBalancer.Algorithm,
+                       at location: DocumentLocation) throws(ManifestError) -> LoadBalancer.HashKey? {
+        guard var h = try lb.mapping("hashOn") else {
+            guard !algorithm.isConsistentHash else {
+                throw lb.error("hashOn", "\(algorithm.rawValue) needs hashOn (header, cookie or sourceIP)")
+            }
+            return nil
+        }
+        guard algorithm.isConsistentHash else {
+            throw lb.error("hashOn", "applies only to type RingHash or Maglev")
+        }
+        var found = ErrorList()
+        var keys: [LoadBalancer.HashKey] = []
+        found.attempt { () throws(ManifestError) in
+            guard let name = try h.string("header") else { return }
+            try HTTPRoute.headerName(name, field: h.field("header"), at: location)
+            keys.append(.header(name.lowercased()))
+        }
+        found.attempt { () throws(ManifestError) in
+            guard var c = try h.mapping("cookie") else { return }
+            var inner = ErrorList()
+            let name = inner.attempt { () throws(ManifestError) in
+                let name = try c.requiredString("name")
+                try HTTPRoute.headerName(name, field: c.field("name"), at: location)
+                return name
+            }
+            let ttl = inner.attempt { () throws(ManifestError) in
+                try c.string("ttl").flatMap { (t: String) throws(ManifestError) -> Duration? in
+                    try HTTPRoute.duration(t, field: c.field("ttl"), at: location)
+                }
+            } ?? nil
+            inner.attempt { () throws(ManifestError) in try c.finish() }
+            try inner.check()
+            keys.append(.cookie(name: name ?? "", ttl: ttl))
+        }
+        found.attempt { () throws(ManifestError) in
+            if let ip = try h.bool("sourceIP"), ip { keys.append(.sourceIP) }
+        }
+        found.attempt { () throws(ManifestError) in try h.finish() }
+        try found.check()
+        guard keys.count == 1 else {
+            throw ManifestError(location, field: h.path, "give exactly one of header, cookie or sourceIP: true")
+        }
+        return keys[0]
     }
 
     static func healthCheck(_ hc: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> HealthCheck {
         var out = HealthCheck()
-        if let d = try positiveDuration(&hc, "interval", at: location) { out.interval = d }
-        if let d = try positiveDuration(&hc, "timeout", at: location) { out.timeout = d }
-        guard out.timeout <= out.interval else {
-            throw hc.error("timeout", "must not be longer than interval (\(out.interval))")
-        }
-        if let v = try positive(&hc, "healthyThreshold", allowZero: false) { out.healthyThreshold = v }
-        if let v = try positive(&hc, "unhealthyThreshold", allowZero: false) { out.unhealthyThreshold = v }
-        if let p = try percent(&hc, "panicThreshold") { out.panicThreshold = p }
-        if var h = try hc.mapping("http") {
-            var probe = HealthCheck.HTTPProbe()
-            if let path = try h.string("path") {
-                guard path.hasPrefix("/"), !path.utf8.contains(where: { $0 <= 0x20 || $0 >= 0x7f }) else {
-                    throw h.error("path", "must start with \"/\" and hold no spaces or control characters")
-                }
-                probe.path = path
+        var found = ErrorList()
+        let interval = found.attempt { () throws(ManifestError) in try positiveDuration(&hc, "interval", at: location) }
+        let timeout = found.attempt { () throws(ManifestError) in try positiveDuration(&hc, "timeout", at: location) }
+        if let interval, let timeout {
+            out.interval = interval ?? out.interval
+            out.timeout = timeout ?? out.timeout
+            if out.timeout > out.interval {
+                found.append(hc.error("timeout", "must not be longer than interval (\(out.interval))"))
             }
-            if let statuses = try h.list("expectedStatuses") {
-                probe.expectedStatuses = []
-                for (path, node) in statuses {
-                    let code = try FieldReader.int(node, at: location, path: path)
-                    guard (100...599).contains(code) else {
-                        throw ManifestError(location, field: path, "must be an HTTP status from 100 to 599, got \(code)")
-                    }
-                    probe.expectedStatuses.append(code...code)
-                }
-                guard !probe.expectedStatuses.isEmpty else { throw h.error("expectedStatuses", "must not be empty") }
-            }
-            try h.finish()
-            out.http = probe
         }
-        if var g = try hc.mapping("grpc") {
-            guard out.http == nil else { throw hc.error("grpc", "a health check is one of http, grpc and tcp, not several") }
+        found.attempt { () throws(ManifestError) in
+            if let v = try positive(&hc, "healthyThreshold", allowZero: false) { out.healthyThreshold = v }
+        }
+        found.attempt { () throws(ManifestError) in
+            if let v = try positive(&hc, "unhealthyThreshold", allowZero: false) { out.unhealthyThreshold = v }
+        }
+        found.attempt { () throws(ManifestError) in
+            if let p = try percent(&hc, "panicThreshold") { out.panicThreshold = p }
+        }
+        // One probe kind: the first given is the check, a second is an error.
+        var kinds: [String] = []
+        found.section(&hc, "http") { h throws(ManifestError) in
+            kinds.append("http")
+            out.http = try Self.httpProbe(&h, at: location)
+        }
+        found.section(&hc, "grpc") { g throws(ManifestError) in
+            kinds.append("grpc")
             var probe = HealthCheck.GRPCProbe()
-            if let service = try g.string("service") {
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                guard let service = try g.string("service") else { return }
                 // A fully qualified service name, as gRPC names them (or "").
                 guard service.isEmpty || HTTPRoute.Match.isGRPCService(service) else {
                     throw g.error("service", "must be a gRPC service name such as shop.Cart (letters, digits, _ and dots), got \(quoted(service))")
                 }
                 probe.service = service
             }
-            try g.finish()
+            inner.attempt { () throws(ManifestError) in try g.finish() }
+            try inner.check()
             out.grpc = probe
         }
-        if let t = try hc.mapping("tcp") {
-            guard out.http == nil && out.grpc == nil else {
-                throw hc.error("tcp", "a health check is one of http, grpc and tcp, not several")
-            }
+        found.section(&hc, "tcp") { t throws(ManifestError) in
+            kinds.append("tcp")
             try t.finish()
         }
-        try hc.finish()
+        for kind in kinds.dropFirst() {
+            found.append(hc.error(kind, "a health check is one of http, grpc and tcp, not several"))
+        }
+        found.attempt { () throws(ManifestError) in try hc.finish() }
+        try found.check()
         return out
+    }
+
+    /// `healthCheck.http`: the path probed and the statuses that pass.
+    static func httpProbe(_ h: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> HealthCheck.HTTPProbe {
+        var probe = HealthCheck.HTTPProbe()
+        var found = ErrorList()
+        found.attempt { () throws(ManifestError) in
+            guard let path = try h.string("path") else { return }
+            guard path.hasPrefix("/"), !path.utf8.contains(where: { $0 <= 0x20 || $0 >= 0x7f }) else {
+                throw h.error("path", "must start with \"/\" and hold no spaces or control characters")
+            }
+            probe.path = path
+        }
+        if let statuses = found.attempt({ () throws(ManifestError) in try h.list("expectedStatuses") }) ?? nil {
+            if statuses.isEmpty { found.append(h.error("expectedStatuses", "must not be empty")) }
+            probe.expectedStatuses = found.each(statuses) { path, node throws(ManifestError) in
+                let code = try FieldReader.int(node, at: location, path: path)
+                guard (100...599).contains(code) else {
+                    throw ManifestError(location, field: path, "must be an HTTP status from 100 to 599, got \(code)")
+                }
+                return code...code
+            }
+        }
+        found.attempt { () throws(ManifestError) in try h.finish() }
+        try found.check()
+        return probe
     }
 
     static func outlierDetection(_ od: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> OutlierDetection {
         var out = OutlierDetection()
-        if let v = try positive(&od, "consecutive5xx", allowZero: true) { out.consecutive5xx = v }
-        if let v = try positive(&od, "consecutiveGatewayErrors", allowZero: true) { out.consecutiveGatewayErrors = v }
-        if let d = try positiveDuration(&od, "interval", at: location) { out.interval = d }
-        if let d = try positiveDuration(&od, "baseEjectionTime", at: location) { out.baseEjectionTime = d }
-        if let p = try percent(&od, "maxEjectionPercent") { out.maxEjectionPercent = p }
-        if var sr = try od.mapping("successRate") {
+        var found = ErrorList()
+        found.attempt { () throws(ManifestError) in
+            if let v = try positive(&od, "consecutive5xx", allowZero: true) { out.consecutive5xx = v }
+        }
+        found.attempt { () throws(ManifestError) in
+            if let v = try positive(&od, "consecutiveGatewayErrors", allowZero: true) { out.consecutiveGatewayErrors = v }
+        }
+        found.attempt { () throws(ManifestError) in
+            if let d = try positiveDuration(&od, "interval", at: location) { out.interval = d }
+        }
+        found.attempt { () throws(ManifestError) in
+            if let d = try positiveDuration(&od, "baseEjectionTime", at: location) { out.baseEjectionTime = d }
+        }
+        found.attempt { () throws(ManifestError) in
+            if let p = try percent(&od, "maxEjectionPercent") { out.maxEjectionPercent = p }
+        }
+        found.section(&od, "successRate") { sr throws(ManifestError) in
             var s = OutlierDetection.SuccessRate()
-            if let v = try positive(&sr, "minimumHosts", allowZero: false) { s.minimumHosts = v }
-            if let v = try positive(&sr, "requestVolume", allowZero: false) { s.requestVolume = v }
-            if let v = try positive(&sr, "stdevFactor", allowZero: false) { s.stdevFactor = v }
-            try sr.finish()
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                if let v = try positive(&sr, "minimumHosts", allowZero: false) { s.minimumHosts = v }
+            }
+            inner.attempt { () throws(ManifestError) in
+                if let v = try positive(&sr, "requestVolume", allowZero: false) { s.requestVolume = v }
+            }
+            inner.attempt { () throws(ManifestError) in
+                if let v = try positive(&sr, "stdevFactor", allowZero: false) { s.stdevFactor = v }
+            }
+            inner.attempt { () throws(ManifestError) in try sr.finish() }
+            try inner.check()
             out.successRate = s
         }
-        try od.finish()
+        found.attempt { () throws(ManifestError) in try od.finish() }
+        try found.check()
         guard out.consecutive5xx > 0 || out.consecutiveGatewayErrors > 0 || out.successRate != nil else {
             throw ManifestError(location, field: od.path, "every check is off: set consecutive5xx, consecutiveGatewayErrors or successRate")
         }
         return out
     }
 
+    static func circuitBreaker(_ cb: inout FieldReader) throws(ManifestError) -> CircuitBreaker {
+        var out = CircuitBreaker()
+        var found = ErrorList()
+        out.maxConnections = found.attempt { () throws(ManifestError) in
+            try Self.positive(&cb, "maxConnections", allowZero: false)
+        } ?? nil
+        out.maxPendingRequests = found.attempt { () throws(ManifestError) in
+            try Self.positive(&cb, "maxPendingRequests", allowZero: true)
+        } ?? nil
+        out.maxRequests = found.attempt { () throws(ManifestError) in
+            try Self.positive(&cb, "maxRequests", allowZero: false)
+        } ?? nil
+        out.maxRetries = found.attempt { () throws(ManifestError) in
+            try Self.positive(&cb, "maxRetries", allowZero: true)
+        } ?? nil
+        out.maxRequestsPerConnection = found.attempt { () throws(ManifestError) in
+            try Self.positive(&cb, "maxRequestsPerConnection", allowZero: false)
+        } ?? nil
+        found.attempt { () throws(ManifestError) in try cb.finish() }
+        try found.check()
+        return out
+    }
+
     static func rateLimit(_ rl: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> RateLimit {
-        guard let requests = try positive(&rl, "requests", allowZero: false) else {
-            throw rl.error("requests", "required field is missing")
+        var found = ErrorList()
+        let requests = found.attempt { () throws(ManifestError) in
+            guard let requests = try positive(&rl, "requests", allowZero: false) else {
+                throw rl.error("requests", "required field is missing")
+            }
+            return requests
         }
-        let interval = try positiveDuration(&rl, "interval", at: location) ?? .seconds(1)
-        let burst = try positive(&rl, "burst", allowZero: false) ?? requests
-        let keyName = try rl.string("key") ?? "Route"
-        let header = try rl.string("header")
+        let interval = found.attempt { () throws(ManifestError) in try positiveDuration(&rl, "interval", at: location) } ?? nil
+        let burst = found.attempt { () throws(ManifestError) in try positive(&rl, "burst", allowZero: false) } ?? nil
+        let keyName = found.attempt { () throws(ManifestError) in
+            let keyName = try rl.string("key") ?? "Route"
+            guard ["Route", "SourceIdentity", "Header"].contains(keyName) else {
+                throw rl.error("key", "must be one of Route, SourceIdentity, Header, got \(quoted(keyName))")
+            }
+            return keyName
+        }
+        let header = found.attempt { () throws(ManifestError) in
+            let header = try rl.string("header")
+            if let header { try HTTPRoute.headerName(header, field: rl.field("header"), at: location) }
+            return header
+        }
+        found.attempt { () throws(ManifestError) in try rl.finish() }
+        try found.check()
+        // (Every field read clean: the values stand in for the compiler only.)
         let key: RateLimit.Key
-        switch keyName {
-        case "Route": key = .route
-        case "SourceIdentity": key = .sourceIdentity
-        case "Header":
-            guard let header else { throw rl.error("header", "key Header needs the header's name") }
-            try HTTPRoute.headerName(header, field: rl.field("header"), at: location)
-            key = .header(header.lowercased())
-        default:
-            throw rl.error("key", "must be one of Route, SourceIdentity, Header, got \(quoted(keyName))")
+        switch (keyName ?? "Route", header ?? nil) {
+        case ("Header", let name?): key = .header(name.lowercased())
+        case ("Header", nil): throw rl.error("header", "key Header needs the header's name")
+        case (_, .some): throw rl.error("header", "applies only to key Header")
+        case ("SourceIdentity", nil): key = .sourceIdentity
+        default: key = .route
         }
-        if header != nil, keyName != "Header" { throw rl.error("header", "applies only to key Header") }
-        try rl.finish()
-        return RateLimit(requests: requests, interval: interval, burst: burst, key: key)
+        let limit = requests ?? 1
+        return RateLimit(requests: limit, interval: interval ?? .seconds(1), burst: burst ?? limit, key: key)
     }
 
     static func faultInjection(_ fi: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> FaultInjection {
         var out = FaultInjection()
-        if var d = try fi.mapping("delay") {
-            let text = try d.requiredString("fixedDelay")
-            guard let delay = try HTTPRoute.duration(text, field: d.field("fixedDelay"), at: location) else {
-                throw d.error("fixedDelay", "must be longer than 0s")
+        var found = ErrorList()
+        found.section(&fi, "delay") { d throws(ManifestError) in
+            var inner = ErrorList()
+            let delay = inner.attempt { () throws(ManifestError) in
+                let text = try d.requiredString("fixedDelay")
+                guard let delay = try HTTPRoute.duration(text, field: d.field("fixedDelay"), at: location) else {
+                    throw d.error("fixedDelay", "must be longer than 0s")
+                }
+                return delay
             }
-            guard let p = try percent(&d, "percentage") else { throw d.error("percentage", "required field is missing") }
-            try d.finish()
-            out.delay = .init(fixedDelay: delay, percentage: p)
+            let p = inner.attempt { () throws(ManifestError) in try required(percent(&d, "percentage"), d, "percentage") }
+            inner.attempt { () throws(ManifestError) in try d.finish() }
+            try inner.check()
+            if let delay, let p { out.delay = .init(fixedDelay: delay, percentage: p) }
         }
-        if var a = try fi.mapping("abort") {
-            let code = try a.int("httpStatus"), grpc = try a.int("grpcStatus")
-            if code != nil && grpc != nil { throw a.error("grpcStatus", "give httpStatus or grpcStatus, not both") }
-            if let code, !(200...599).contains(code) {
-                throw a.error("httpStatus", "must be an HTTP status from 200 to 599, got \(code)")
+        found.section(&fi, "abort") { a throws(ManifestError) in
+            var inner = ErrorList()
+            let status = inner.attempt { () throws(ManifestError) -> (http: Int, grpc: Int?) in
+                let code = try a.int("httpStatus"), grpc = try a.int("grpcStatus")
+                if code != nil && grpc != nil { throw a.error("grpcStatus", "give httpStatus or grpcStatus, not both") }
+                if let code, !(200...599).contains(code) {
+                    throw a.error("httpStatus", "must be an HTTP status from 200 to 599, got \(code)")
+                }
+                if let grpc, !(1...16).contains(grpc) {
+                    throw a.error("grpcStatus", "must be a gRPC status code from 1 (CANCELLED) to 16 (UNAUTHENTICATED), got \(grpc)")
+                }
+                guard let status = code ?? grpc.map({ FaultInjection.Abort.httpStatus(grpc: $0) }) else {
+                    throw a.error("httpStatus", "required field is missing (or grpcStatus)")
+                }
+                return (status, grpc)
             }
-            if let grpc, !(1...16).contains(grpc) {
-                throw a.error("grpcStatus", "must be a gRPC status code from 1 (CANCELLED) to 16 (UNAUTHENTICATED), got \(grpc)")
-            }
-            guard let status = code ?? grpc.map({ FaultInjection.Abort.httpStatus(grpc: $0) }) else {
-                throw a.error("httpStatus", "required field is missing (or grpcStatus)")
-            }
-            guard let p = try percent(&a, "percentage") else { throw a.error("percentage", "required field is missing") }
-            try a.finish()
-            out.abort = .init(httpStatus: status, grpcStatus: grpc, percentage: p)
+            let p = inner.attempt { () throws(ManifestError) in try required(percent(&a, "percentage"), a, "percentage") }
+            inner.attempt { () throws(ManifestError) in try a.finish() }
+            try inner.check()
+            if let status, let p { out.abort = .init(httpStatus: status.http, grpcStatus: status.grpc, percentage: p) }
         }
-        guard out.delay != nil || out.abort != nil else {
-            throw ManifestError(location, field: fi.path, "give delay, abort or both")
-        }
-        for (path, node) in try fi.list("routes") ?? [] {
+        out.routes = found.each(&fi, "routes") { path, node throws(ManifestError) in
             let name = try FieldReader.string(node, at: location, path: path)
             let base = name.split(separator: "#", maxSplits: 1).first.map(String.init) ?? name
             let parts = base.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, parts.allSatisfy({ MeshConfig.isDNSLabel(String($0)) || Validation.dnsSubdomain(String($0)) }) else {
                 throw ManifestError(location, field: path, "must name an HTTPRoute as namespace/name (or namespace/name#rule), got \(quoted(name))")
             }
-            out.routes.append(name)
+            return name
         }
-        for (path, node) in try fi.list("sources") ?? [] {
+        out.sources = found.each(&fi, "sources") { path, node throws(ManifestError) in
             var s = try FieldReader(node, at: location, path: path)
-            let ns = try s.requiredString("namespace")
-            let sa = try s.string("serviceAccount")
-            try s.finish()
-            out.sources.append(.init(namespace: ns, serviceAccount: sa))
+            var inner = ErrorList()
+            let ns = inner.attempt { () throws(ManifestError) in try s.requiredString("namespace") }
+            let sa = inner.attempt { () throws(ManifestError) in try s.string("serviceAccount") } ?? nil
+            inner.attempt { () throws(ManifestError) in try s.finish() }
+            try inner.check()
+            return .init(namespace: ns ?? "", serviceAccount: sa)
         }
-        try fi.finish()
+        found.attempt { () throws(ManifestError) in try fi.finish() }
+        try found.check()
+        guard out.delay != nil || out.abort != nil else {
+            throw ManifestError(location, field: fi.path, "give delay, abort or both")
+        }
         return out
+    }
+
+    /// `timeout: {tcp: {connectTimeout}, http: {connectionIdleTimeout,
+    /// maxConnectionDuration, requestTimeout}}`, into `policy`.
+    static func timeouts(_ t: inout FieldReader, into policy: inout TrafficPolicy, at location: DocumentLocation) throws(ManifestError) {
+        var found = ErrorList()
+        found.section(&t, "tcp") { tcp throws(ManifestError) in
+            var inner = ErrorList()
+            policy.connectTimeout = inner.attempt { () throws(ManifestError) in
+                try Self.positiveDuration(&tcp, "connectTimeout", at: location)
+            } ?? nil
+            inner.attempt { () throws(ManifestError) in try tcp.finish() }
+            try inner.check()
+        }
+        found.section(&t, "http") { http throws(ManifestError) in
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                guard let text = try http.string("connectionIdleTimeout") else { return }
+                let never = "must be at least 1s (or 0s: never), got \(quoted(text))"
+                if text.hasPrefix("-") { throw http.error("connectionIdleTimeout", never) }
+                let d = try HTTPRoute.duration(text, field: http.field("connectionIdleTimeout"), at: location)
+                if let d, d < .seconds(1) { throw http.error("connectionIdleTimeout", never) }
+                policy.connectionIdleTimeout = d ?? .zero
+            }
+            policy.maxConnectionDuration = inner.attempt { () throws(ManifestError) in
+                try Self.positiveDuration(&http, "maxConnectionDuration", at: location)
+            } ?? nil
+            policy.requestTimeout = inner.attempt { () throws(ManifestError) in
+                try Self.positiveDuration(&http, "requestTimeout", at: location)
+            } ?? nil
+            inner.attempt { () throws(ManifestError) in try http.finish() }
+            try inner.check()
+        }
+        found.attempt { () throws(ManifestError) in try t.finish() }
+        try found.check()
+    }
+
+    /// A field that must be given.
+    static func required<T>(_ value: T?, _ r: FieldReader, _ key: String) throws(ManifestError) -> T {
+        guard let value else { throw r.error(key, "required field is missing") }
+        return value
     }
 
     /// An integer >= 1 (or >= 0).
