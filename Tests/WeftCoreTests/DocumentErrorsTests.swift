@@ -320,6 +320,60 @@ import Testing
         ], "\(Self.lines(mesh).joined(separator: "\n"))")
     }
 
+    @Test func everyItemOfAValueListAndEachFieldAroundItIsNamed() {
+        let route = """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: web, namespace: shop}
+            spec:
+              parentRefs: [{kind: Gateway, name: "", port: 0, sectionName: "A B"}, {group: "", kind: Service, name: web, namespace: "Bad NS"}]
+              hostnames: [ok.example, "1.2.3.4", "a..b"]
+              rules: [{backendRefs: [{name: web, port: 80}]}]
+            """
+        #expect(Self.fields(route) == [
+            "t.yaml:1:spec.parentRefs[0].kind", "t.yaml:1:spec.parentRefs[0].name", "t.yaml:1:spec.parentRefs[0].port",
+            "t.yaml:1:spec.parentRefs[0].sectionName", "t.yaml:1:spec.parentRefs[1].namespace",
+            "t.yaml:1:spec.hostnames[1]", "t.yaml:1:spec.hostnames[2]",
+        ], "\(Self.lines(route).joined(separator: "\n"))")
+
+        let policy = """
+            apiVersion: networking.k8s.io/v1
+            kind: NetworkPolicy
+            metadata: {name: p, namespace: shop}
+            spec:
+              podSelector: {matchExpressions: [{key: "bad key!", operator: In, values: [ok, "a b", "-x"], extra: 1}]}
+              ingress:
+              - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 11.0.0.0/16, 10.2.0.0/40, 10.0.0.0/8]}}, {ipBlock: {cidr: nope, except: [nope]}}]
+            """
+        #expect(Self.fields(policy) == [
+            "t.yaml:1:spec.podSelector.matchExpressions[0].bad key!", "t.yaml:1:spec.podSelector.matchExpressions[0].values[1]",
+            "t.yaml:1:spec.podSelector.matchExpressions[0].values[2]", "t.yaml:1:spec.podSelector.matchExpressions[0].extra",
+            "t.yaml:1:spec.ingress[0].from[0].ipBlock.except[1]", "t.yaml:1:spec.ingress[0].from[0].ipBlock.except[2]",
+            "t.yaml:1:spec.ingress[0].from[0].ipBlock.except[3]",
+            "t.yaml:1:spec.ingress[1].from[1].ipBlock.cidr", "t.yaml:1:spec.ingress[1].from[1].ipBlock.except[0]",
+        ].map { $0.replacingOccurrences(of: "ingress[1]", with: "ingress[0]") }, "\(Self.lines(policy).joined(separator: "\n"))")
+
+        let authz = """
+            apiVersion: weft.dev/v1alpha1
+            kind: AuthorizationPolicy
+            metadata: {name: a, namespace: shop}
+            spec:
+              selector: {matchLabels: {app: web}}
+              rules:
+              - from: [{source: {principals: ["", "a*b*"], ipBlocks: [10.0.0.1/8, 10.0.0.0/8, x], requestPrincipals: [u]}}]
+                to: [{operation: {ports: ["0", "80", "http"], paths: [api, /ok], methods: []}}]
+                when: [{key: source.ip, values: [x], notValues: [10.0.0.0/33]}]
+            """
+        #expect(Self.fields(authz) == [
+            "t.yaml:1:spec.rules[0].from[0].source.principals[0]", "t.yaml:1:spec.rules[0].from[0].source.principals[1]",
+            "t.yaml:1:spec.rules[0].from[0].source.ipBlocks[0]", "t.yaml:1:spec.rules[0].from[0].source.ipBlocks[2]",
+            "t.yaml:1:spec.rules[0].from[0].source.requestPrincipals",
+            "t.yaml:1:spec.rules[0].to[0].operation.ports[0]", "t.yaml:1:spec.rules[0].to[0].operation.ports[2]",
+            "t.yaml:1:spec.rules[0].to[0].operation.methods", "t.yaml:1:spec.rules[0].to[0].operation.paths[0]",
+            "t.yaml:1:spec.rules[0].when[0].values[0]", "t.yaml:1:spec.rules[0].when[0].notValues[0]",
+        ], "\(Self.lines(authz).joined(separator: "\n"))")
+    }
+
     @Test func everyWrongSectionOfAMeshConfigIsNamed() {
         let mesh = """
             apiVersion: weft.dev/v1alpha1

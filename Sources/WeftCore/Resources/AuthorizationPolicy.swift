@@ -216,17 +216,20 @@ extension AuthorizationPolicy {
     private static func source(_ reader: FieldReader) throws(ManifestError) -> Source {
         var r = reader
         var s = Source()
-        s.principals = try patterns(&r, "principals", principal: true)
-        s.notPrincipals = try patterns(&r, "notPrincipals", principal: true)
-        s.namespaces = try patterns(&r, "namespaces")
-        s.notNamespaces = try patterns(&r, "notNamespaces")
-        s.ipBlocks = try blocks(&r, "ipBlocks")
-        s.notIpBlocks = try blocks(&r, "notIpBlocks")
-        if r.keys.contains("requestPrincipals") || r.keys.contains("remoteIpBlocks") {
-            let key = r.keys.first { $0 == "requestPrincipals" || $0 == "remoteIpBlocks" } ?? "requestPrincipals"
-            throw r.error(key, "not supported: Weft authenticates peers, not end users")
+        // Each field, and each of its items, on its own.
+        var found = ErrorList()
+        s.principals = found.attempt { () throws(ManifestError) in try patterns(&r, "principals", principal: true) } ?? nil
+        s.notPrincipals = found.attempt { () throws(ManifestError) in try patterns(&r, "notPrincipals", principal: true) } ?? nil
+        s.namespaces = found.attempt { () throws(ManifestError) in try patterns(&r, "namespaces") } ?? nil
+        s.notNamespaces = found.attempt { () throws(ManifestError) in try patterns(&r, "notNamespaces") } ?? nil
+        s.ipBlocks = found.attempt { () throws(ManifestError) in try blocks(&r, "ipBlocks") } ?? nil
+        s.notIpBlocks = found.attempt { () throws(ManifestError) in try blocks(&r, "notIpBlocks") } ?? nil
+        for key in ["requestPrincipals", "remoteIpBlocks"] where r.keys.contains(key) {
+            r.ignore(key)
+            found.append(r.error(key, "not supported: Weft authenticates peers, not end users"))
         }
-        try r.finish()
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
         if s == Source() { throw ManifestError(reader.location, field: reader.path, "a source needs at least one field") }
         return s
     }
@@ -234,15 +237,17 @@ extension AuthorizationPolicy {
     private static func operation(_ reader: FieldReader) throws(ManifestError) -> Operation {
         var r = reader
         var o = Operation()
-        o.hosts = try patterns(&r, "hosts")
-        o.notHosts = try patterns(&r, "notHosts")
-        o.ports = try ports(&r, "ports")
-        o.notPorts = try ports(&r, "notPorts")
-        o.methods = try patterns(&r, "methods")
-        o.notMethods = try patterns(&r, "notMethods")
-        o.paths = try patterns(&r, "paths", path: true)
-        o.notPaths = try patterns(&r, "notPaths", path: true)
-        try r.finish()
+        var found = ErrorList()
+        o.hosts = found.attempt { () throws(ManifestError) in try patterns(&r, "hosts") } ?? nil
+        o.notHosts = found.attempt { () throws(ManifestError) in try patterns(&r, "notHosts") } ?? nil
+        o.ports = found.attempt { () throws(ManifestError) in try ports(&r, "ports") } ?? nil
+        o.notPorts = found.attempt { () throws(ManifestError) in try ports(&r, "notPorts") } ?? nil
+        o.methods = found.attempt { () throws(ManifestError) in try patterns(&r, "methods") } ?? nil
+        o.notMethods = found.attempt { () throws(ManifestError) in try patterns(&r, "notMethods") } ?? nil
+        o.paths = found.attempt { () throws(ManifestError) in try patterns(&r, "paths", path: true) } ?? nil
+        o.notPaths = found.attempt { () throws(ManifestError) in try patterns(&r, "notPaths", path: true) } ?? nil
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
         if o == Operation() { throw ManifestError(reader.location, field: reader.path, "an operation needs at least one field") }
         return o
     }
@@ -255,18 +260,19 @@ extension AuthorizationPolicy {
                 + "source.principal, destination.port)")
         }
         var c = Condition(key: key)
-        switch key {
-        case .sourceIP:
-            c.values = try blocks(&r, "values")
-            c.notValues = try blocks(&r, "notValues")
-        case .destinationPort:
-            c.values = try ports(&r, "values")?.map(String.init)
-            c.notValues = try ports(&r, "notValues")?.map(String.init)
-        default:
-            c.values = try patterns(&r, "values", principal: key == .sourcePrincipal)
-            c.notValues = try patterns(&r, "notValues", principal: key == .sourcePrincipal)
+        var found = ErrorList()
+        for field in ["values", "notValues"] {
+            let read = found.attempt { () throws(ManifestError) -> [String]? in
+                switch key {
+                case .sourceIP: try blocks(&r, field)
+                case .destinationPort: try ports(&r, field)?.map(String.init)
+                default: try patterns(&r, field, principal: key == .sourcePrincipal)
+                }
+            } ?? nil
+            if field == "values" { c.values = read } else { c.notValues = read }
         }
-        try r.finish()
+        found.attempt { () throws(ManifestError) in try r.finish() }
+        try found.check()
         if c.values == nil && c.notValues == nil { throw r.error("values", "a condition needs values or notValues") }
         return c
     }
@@ -276,50 +282,56 @@ extension AuthorizationPolicy {
                                  path: Bool = false) throws(ManifestError) -> [String]? {
         guard let items = try r.list(key) else { return nil }
         guard !items.isEmpty else { throw r.error(key, "must not be empty (leave the field out to match anything)") }
-        var out: [String] = []
-        for (p, n) in items {
-            var s = try FieldReader.string(n, at: r.location, path: p)
+        var found = ErrorList()
+        let location = r.location
+        let out = found.each(items) { p, n throws(ManifestError) in
+            var s = try FieldReader.string(n, at: location, path: p)
             if principal && s.hasPrefix("spiffe://") { s.removeFirst("spiffe://".count) }
-            guard !s.isEmpty else { throw ManifestError(r.location, field: p, "must not be empty") }
+            guard !s.isEmpty else { throw ManifestError(location, field: p, "must not be empty") }
             let stars = s.filter { $0 == "*" }.count
             if stars > 1 || (stars == 1 && s.first != "*" && s.last != "*") {
-                throw ManifestError(r.location, field: p, "\(quoted(s)): a wildcard may only be the first or the last character")
+                throw ManifestError(location, field: p, "\(quoted(s)): a wildcard may only be the first or the last character")
             }
             if path && s.first != "/" && s.first != "*" {
-                throw ManifestError(r.location, field: p, "\(quoted(s)): a path starts with / (or is a * pattern)")
+                throw ManifestError(location, field: p, "\(quoted(s)): a path starts with / (or is a * pattern)")
             }
-            out.append(s)
+            return s
         }
+        try found.check()
         return out
     }
 
     private static func blocks(_ r: inout FieldReader, _ key: String) throws(ManifestError) -> [String]? {
         guard let items = try r.list(key) else { return nil }
         guard !items.isEmpty else { throw r.error(key, "must not be empty (leave the field out to match anything)") }
-        var out: [String] = []
-        for (p, n) in items {
-            let s = try FieldReader.string(n, at: r.location, path: p)
+        var found = ErrorList()
+        let location = r.location
+        let out = found.each(items) { p, n throws(ManifestError) in
+            let s = try FieldReader.string(n, at: location, path: p)
             guard let prefix = AuthorizationSet.prefix(s) else {
-                throw ManifestError(r.location, field: p, "\(quoted(s)) is not an IPv4 address or CIDR (with no host bits set)")
+                throw ManifestError(location, field: p, "\(quoted(s)) is not an IPv4 address or CIDR (with no host bits set)")
             }
-            out.append(prefix.description)
+            return prefix.description
         }
+        try found.check()
         return out
     }
 
     private static func ports(_ r: inout FieldReader, _ key: String) throws(ManifestError) -> [UInt16]? {
         guard let items = try r.list(key) else { return nil }
         guard !items.isEmpty else { throw r.error(key, "must not be empty (leave the field out to match anything)") }
-        var out: [UInt16] = []
-        for (p, n) in items {
+        var found = ErrorList()
+        let location = r.location
+        let out = found.each(items) { p, n throws(ManifestError) in
             // Istio writes ports as strings; a YAML number is accepted too.
             let text: String
             if case .scalar(let scalar) = n { text = scalar.string } else { text = "" }
             guard let port = Int(text), (1...65535).contains(port) else {
-                throw ManifestError(r.location, field: p, "\(quoted(text)) is not a port number (1-65535)")
+                throw ManifestError(location, field: p, "\(quoted(text)) is not a port number (1-65535)")
             }
-            out.append(UInt16(port))
+            return UInt16(port)
         }
+        try found.check()
         return out
     }
 }

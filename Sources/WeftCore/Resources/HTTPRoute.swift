@@ -211,28 +211,41 @@ extension HTTPRoute {
         guard let parentNodes = try spec.list("parentRefs", maxItems: 32), !parentNodes.isEmpty else {
             throw spec.error("parentRefs", "a mesh \(kind) needs at least one parentRef (a Service)")
         }
-        var parents: [ParentRef] = []
-        for (path, node) in parentNodes {
+        // Every parentRef and each of its fields on its own.
+        var found = ErrorList()
+        let parents = found.each(parentNodes) { path, node throws(ManifestError) in
             var r = try FieldReader(node, at: location, path: path)
-            let group = try r.string("group") ?? "gateway.networking.k8s.io"
-            let kind = try r.string("kind") ?? "Gateway"
-            guard (group == "" || group == "core"), kind == "Service" else {
-                throw ManifestError(location, field: "\(path).kind",
-                                    "Weft routes mesh traffic: a parentRef must be a Service (group \"\", kind Service), got \(group.isEmpty ? "core" : group)/\(kind)")
+            var inner = ErrorList()
+            inner.attempt { () throws(ManifestError) in
+                let group = try r.string("group") ?? "gateway.networking.k8s.io"
+                let kind = try r.string("kind") ?? "Gateway"
+                guard (group == "" || group == "core"), kind == "Service" else {
+                    throw ManifestError(location, field: "\(path).kind",
+                                        "Weft routes mesh traffic: a parentRef must be a Service (group \"\", kind Service), got \(group.isEmpty ? "core" : group)/\(kind)")
+                }
             }
-            let name = try r.requiredString("name")
+            let name = inner.attempt { () throws(ManifestError) in try r.requiredString("name") }
             // A Service in another namespace: a consumer route (GAMMA), for
             // this namespace's clients only.
-            let namespace = try r.string("namespace") ?? metadata.namespace
-            try Validation.dnsLabel(namespace, field: r.field("namespace"), at: location)
-            var port: UInt16?
-            if let p = try r.int("port") { port = try Validation.port(p, field: r.field("port"), at: location) }
+            let namespace = inner.attempt { () throws(ManifestError) in
+                let namespace = try r.string("namespace") ?? metadata.namespace
+                try Validation.dnsLabel(namespace, field: r.field("namespace"), at: location)
+                return namespace
+            }
+            let port = inner.attempt { () throws(ManifestError) in
+                try r.int("port").map { (p: Int) throws(ManifestError) in try Validation.port(p, field: r.field("port"), at: location) }
+            } ?? nil
             // For a Service, the Gateway API's sectionName is a port's name.
-            let section = try r.string("sectionName")
-            if let section { try Validation.portName(section, field: r.field("sectionName"), at: location) }
-            try r.finish()
-            parents.append(ParentRef(namespace: namespace, name: name, port: port, sectionName: section))
+            let section = inner.attempt { () throws(ManifestError) in
+                let section = try r.string("sectionName")
+                if let section { try Validation.portName(section, field: r.field("sectionName"), at: location) }
+                return section
+            } ?? nil
+            inner.attempt { () throws(ManifestError) in try r.finish() }
+            try inner.check()
+            return ParentRef(namespace: namespace ?? metadata.namespace, name: name ?? "", port: port, sectionName: section)
         }
+        try found.check()
         return parents
     }
 }

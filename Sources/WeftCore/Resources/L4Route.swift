@@ -115,12 +115,14 @@ public struct L4Route: Hashable, Sendable {
     static func hostnames(_ spec: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> [String] {
         guard let list = try spec.list("hostnames") else { return [] }
         guard list.count <= 16 else { throw spec.error("hostnames", "at most 16 hostnames, got \(list.count)") }
+        var found = ErrorList()
         var names: [String] = []
-        for (p, n) in list {
+        for name in found.each(list, { p, n throws(ManifestError) in
             let name = try FieldReader.string(n, at: location, path: p)
             try checkHostname(name, field: p, at: location)
-            if !names.contains(name) { names.append(name) }
-        }
+            return name
+        }) where !names.contains(name) { names.append(name) }
+        try found.check()
         return names
     }
 

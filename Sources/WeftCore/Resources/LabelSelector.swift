@@ -74,18 +74,29 @@ extension LabelSelector {
         } ?? [:]
         let requirements = found.each(&r, "matchExpressions") { itemPath, item throws(ManifestError) in
             var e = try FieldReader(item, at: location, path: itemPath)
-            let key = try e.requiredString("key")
-            try Validation.labelKey(key, field: itemPath, at: location)
-            let opText = try e.requiredString("operator")
-            guard let op = Operator(rawValue: opText) else {
-                throw e.error("operator", "operator must be In, NotIn, Exists or DoesNotExist, got \(quoted(opText))")
+            // Key, operator and every value on its own; whether values fit
+            // the operator is checked once both read clean.
+            var inner = ErrorList()
+            let key = inner.attempt { () throws(ManifestError) in
+                let key = try e.requiredString("key")
+                try Validation.labelKey(key, field: itemPath, at: location)
+                return key
             }
-            var values: [String] = []
-            for (valuePath, valueNode) in try e.list("values") ?? [] {
+            let op = inner.attempt { () throws(ManifestError) in
+                let opText = try e.requiredString("operator")
+                guard let op = Operator(rawValue: opText) else {
+                    throw e.error("operator", "operator must be In, NotIn, Exists or DoesNotExist, got \(quoted(opText))")
+                }
+                return op
+            }
+            let values = inner.each(&e, "values") { valuePath, valueNode throws(ManifestError) in
                 let value = try FieldReader.string(valueNode, at: location, path: valuePath)
                 try Validation.labelValue(value, field: valuePath, at: location)
-                values.append(value)
+                return value
             }
+            inner.attempt { () throws(ManifestError) in try e.finish() }
+            try inner.check()
+            guard let key, let op else { throw e.error("operator", "required field is missing") }
             let needsValues = op == .in || op == .notIn
             if needsValues && values.isEmpty {
                 throw e.error("values", "must not be empty for operator \(op.rawValue)")
@@ -93,7 +104,6 @@ extension LabelSelector {
             if !needsValues && !values.isEmpty {
                 throw e.error("values", "must be empty for operator \(op.rawValue)")
             }
-            try e.finish()
             return Requirement(key: key, op: op, values: values)
         }
         found.attempt { () throws(ManifestError) in try r.finish() }

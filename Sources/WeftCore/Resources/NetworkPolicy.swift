@@ -173,18 +173,24 @@ extension NetworkPolicy {
 
     private static func ipBlock(_ node: YAMLNode, at location: DocumentLocation, path: String) throws(ManifestError) -> IPBlock {
         var b = try FieldReader(node, at: location, path: path)
-        let cidr = try prefix(try b.requiredString("cidr"), at: location, path: b.field("cidr"), line: node.line)
-        var except: [IPv4Prefix] = []
-        for (exceptPath, exceptNode) in try b.list("except") ?? [] {
+        // The cidr and every except on its own; an except is checked
+        // against the cidr only when the cidr reads clean.
+        var found = ErrorList()
+        let cidr = found.attempt { () throws(ManifestError) in
+            try prefix(try b.requiredString("cidr"), at: location, path: b.field("cidr"), line: node.line)
+        }
+        let except = found.each(&b, "except") { exceptPath, exceptNode throws(ManifestError) in
             let text = try FieldReader.string(exceptNode, at: location, path: exceptPath)
             let e = try prefix(text, at: location, path: exceptPath, line: exceptNode.line)
-            guard e.length > cidr.length, cidr.contains(e.address) else {
+            if let cidr, !(e.length > cidr.length && cidr.contains(e.address)) {
                 throw ManifestError(location, field: exceptPath, "\(text) must be a strict subset of cidr \(cidr)",
                                     line: exceptNode.line)
             }
-            except.append(e)
+            return e
         }
-        try b.finish()
+        found.attempt { () throws(ManifestError) in try b.finish() }
+        try found.check()
+        guard let cidr else { throw b.error("cidr", "required field is missing") }
         return IPBlock(cidr: cidr, except: except)
     }
 
