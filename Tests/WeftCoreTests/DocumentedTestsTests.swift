@@ -63,7 +63,8 @@ import Testing
             for file in files where file.hasSuffix(".swift") { known.insert(String(file.dropLast(6))) }
         }
         let docsDir = Self.root.appendingPathComponent("docs")
-        let docs = ["README.md"] + (try FileManager.default.contentsOfDirectory(atPath: docsDir.path))
+        let docs = ["README.md", "deploy/README.md", "Sources/WeftProxy/README.md"]
+            + (try FileManager.default.contentsOfDirectory(atPath: docsDir.path))
             .filter { $0.hasSuffix(".md") }.sorted().map { "docs/" + $0 }
         var named = 0
         for doc in docs {

@@ -209,6 +209,57 @@ import Testing
         #expect(missing.output.contains("no such file or directory"))
     }
 
+    /// deploy/systemd/weft-agent.service, as systemd would take it: no
+    /// warning from `systemd-analyze verify` (the binary's path pointed at
+    /// this build), only the agent signalled on stop (the proxy, its child
+    /// in the unit's cgroup, must outlive it to be adopted), and its
+    /// command line, the host name and an extra flag filled in as systemd
+    /// would, one the agent takes: it runs to the agent's own first refusal
+    /// (a --cgroup outside the cgroup v2 mount; as non-root, the root check),
+    /// never to a usage error, and leaves nothing in the kernel.
+    @Test func theSystemdUnitIsValidAndRunsACommandTheAgentTakes() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let unitPath = LabHarness.packageRoot.appendingPathComponent("deploy/systemd/weft-agent.service").path
+        let unit = try String(contentsOfFile: unitPath, encoding: .utf8)
+        let settings = unit.split(separator: "\n").filter { !$0.hasPrefix("#") && $0.contains("=") }
+        func value(_ key: String) -> [String] {
+            settings.filter { $0.hasPrefix("\(key)=") }.map { String($0.dropFirst(key.count + 1)) }
+        }
+        #expect(value("KillMode") == ["process"])
+        #expect(value("Restart") == ["always"])
+        let execStart = try #require(value("ExecStart").first)
+        let installed = "/usr/local/bin/weft"
+        #expect(execStart.hasPrefix(installed + " agent "), "\(execStart)")
+
+        // systemd-analyze checks the unit's syntax and that ExecStart's
+        // program exists; here, this build's.
+        let copy = try file("weft-agent.service", unit.replacingOccurrences(of: installed, with: LabHarness.weft))
+        let verify = try LabHarness.execute("/usr/bin/systemd-analyze", ["verify", copy])
+        #expect(verify.status == 0 && verify.output.isEmpty, "\(verify.status): \(verify.output)")
+
+        // %l: the short host name; $WEFT_AGENT_ARGS: the defaults file's flags.
+        let defaults = try String(contentsOfFile: LabHarness.packageRoot.appendingPathComponent("deploy/weft-agent.default").path,
+                                  encoding: .utf8)
+        #expect(defaults.contains("\nWEFT_AGENT_ARGS=\"\""), "\(defaults)")
+        let node = "weft-deploy-\(getpid())"
+        let extra = ["--cgroup", "/weft-deploy-not-a-cgroup"]
+        let args = execStart.split(separator: " ").dropFirst().flatMap { word -> [String] in
+            switch word {
+            case "%l": [node]
+            case "$WEFT_AGENT_ARGS": extra
+            default: [String(word)]
+            }
+        }
+        let run = try LabHarness.execute(LabHarness.weft, args)
+        #expect(run.status == 2, "\(run.status): \(run.output)")
+        #expect(!run.output.contains("Error:") && !run.output.contains("Usage:"), "\(run.output)")
+        let refusal = LabHarness.isRoot ? "weft agent: --cgroup /weft-deploy-not-a-cgroup is not inside the cgroup v2 mount"
+                                        : "weft agent: weft agent needs root"
+        #expect(run.output.contains(refusal), "\(run.output)")
+        #expect(!FileManager.default.fileExists(atPath: "/sys/fs/bpf/weft/\(node)"))
+        #expect(!FileManager.default.fileExists(atPath: "/run/weft/\(node)"))
+    }
+
     /// Flags are checked before anything is loaded: a bad one exits with
     /// the flag named and nothing made in the kernel.
     @Test func agentRefusesBadProxyThreads() throws {

@@ -169,7 +169,7 @@ struct LabHarness {
     }
 
     /// Runs a program to completion: its exit status and its output and errors together.
-    private static func execute(_ program: String, _ args: [String], environment: [String: String] = [:])
+    static func execute(_ program: String, _ args: [String], environment: [String: String] = [:])
         throws -> (status: Int32, output: String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: program)
