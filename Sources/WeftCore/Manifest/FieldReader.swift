@@ -82,6 +82,16 @@ struct FieldReader {
         return value
     }
 
+    /// A string naming one of `E`'s cases by its raw value.
+    mutating func oneOf<E: CaseIterable & RawRepresentable>(_ key: String, _: E.Type) throws(ManifestError) -> E?
+        where E.RawValue == String {
+        guard let text = try string(key) else { return nil }
+        guard let value = E(rawValue: text) else {
+            throw error(key, "must be one of \(E.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(text))")
+        }
+        return value
+    }
+
     mutating func int(_ key: String) throws(ManifestError) -> Int? {
         guard let node = node(key) else { return nil }
         return try Self.int(node, at: location, path: field(key))
@@ -180,6 +190,13 @@ struct ErrorList {
             append(error)
             return nil
         }
+    }
+
+    /// `body`'s value, when it gives one, written to `target`'s `field`
+    /// (left as it was when absent); its error kept.
+    mutating func set<Root, Value>(_ target: inout Root, _ field: WritableKeyPath<Root, Value>,
+                                   _ body: () throws(ManifestError) -> Value?) {
+        if let value = attempt(body) ?? nil { target[keyPath: field] = value }
     }
 
     /// Every item of a list read by `read`; an item that fails is left out

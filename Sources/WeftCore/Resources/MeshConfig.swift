@@ -249,27 +249,17 @@ extension MeshConfig {
         var found = ErrorList()
         found.section(&spec, "socketShortcut") { shortcut throws(ManifestError) in
             var inner = ErrorList()
-            inner.attempt { () throws(ManifestError) in
-                if let enabled = try shortcut.bool("enabled") { socketShortcut.enabled = enabled }
-            }
-            inner.attempt { () throws(ManifestError) in
-                if let splice = try shortcut.bool("splice") { socketShortcut.splice = splice }
-            }
-            inner.attempt { () throws(ManifestError) in
-                guard let receivers = try shortcut.string("podReceivers") else { return }
-                guard let value = SocketShortcut.PodReceivers(rawValue: receivers) else {
-                    throw shortcut.error("podReceivers", "must be one of \(SocketShortcut.PodReceivers.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(receivers))")
-                }
-                socketShortcut.podReceivers = value
+            inner.set(&socketShortcut, \.enabled) { () throws(ManifestError) in try shortcut.bool("enabled") }
+            inner.set(&socketShortcut, \.splice) { () throws(ManifestError) in try shortcut.bool("splice") }
+            inner.set(&socketShortcut, \.podReceivers) { () throws(ManifestError) in
+                try shortcut.oneOf("podReceivers", SocketShortcut.PodReceivers.self)
             }
             inner.attempt { () throws(ManifestError) in try shortcut.finish() }
             try inner.check()
         }
         found.section(&spec, "accessLog") { log throws(ManifestError) in
             var inner = ErrorList()
-            inner.attempt { () throws(ManifestError) in
-                if let enabled = try log.bool("enabled") { accessLog.enabled = enabled }
-            }
+            inner.set(&accessLog, \.enabled) { () throws(ManifestError) in try log.bool("enabled") }
             accessLog.namespaces += inner.each(&log, "namespaces") { path, item throws(ManifestError) in
                 let name = try FieldReader.string(item, at: location, path: path)
                 guard Self.isDNSLabel(name) else {
@@ -282,12 +272,8 @@ extension MeshConfig {
         }
         found.section(&spec, "telemetry") { t throws(ManifestError) in
             var inner = ErrorList()
-            inner.attempt { () throws(ManifestError) in
-                if let v = try t.bool("connectionCounters") { telemetry.connectionCounters = v }
-            }
-            inner.attempt { () throws(ManifestError) in
-                if let v = try t.bool("requestMetrics") { telemetry.requestMetrics = v }
-            }
+            inner.set(&telemetry, \.connectionCounters) { () throws(ManifestError) in try t.bool("connectionCounters") }
+            inner.set(&telemetry, \.requestMetrics) { () throws(ManifestError) in try t.bool("requestMetrics") }
             inner.section(&t, "tracing") { tr throws(ManifestError) in telemetry.tracing = try Self.tracing(&tr) }
             inner.attempt { () throws(ManifestError) in try t.finish() }
             try inner.check()
@@ -370,13 +356,7 @@ extension MeshConfig {
         }
         found.section(&p, "pathNormalization") { n throws(ManifestError) in
             var inner = ErrorList()
-            inner.attempt { () throws(ManifestError) in
-                guard let text = try n.string("normalization") else { return }
-                guard let mode = RequestPath.Mode(rawValue: text) else {
-                    throw n.error("normalization", "must be one of \(RequestPath.Mode.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(text))")
-                }
-                proxy.pathNormalization = mode
-            }
+            inner.set(&proxy, \.pathNormalization) { () throws(ManifestError) in try n.oneOf("normalization", RequestPath.Mode.self) }
             inner.attempt { () throws(ManifestError) in try n.finish() }
             try inner.check()
         }

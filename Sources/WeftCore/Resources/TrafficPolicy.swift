@@ -326,13 +326,7 @@ extension TrafficPolicy {
     static func loadBalancer(_ lb: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> LoadBalancer {
         var out = LoadBalancer()
         var found = ErrorList()
-        let algorithm = found.attempt { () throws(ManifestError) -> LoadBalancer.Algorithm? in
-            guard let type = try lb.string("type") else { return nil }
-            guard let a = LoadBalancer.Algorithm(rawValue: type) else {
-                throw lb.error("type", "must be one of \(LoadBalancer.Algorithm.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(type))")
-            }
-            return a
-        }
+        let algorithm = found.attempt { () throws(ManifestError) in try lb.oneOf("type", LoadBalancer.Algorithm.self) }
         if let algorithm {
             out.algorithm = algorithm ?? out.algorithm
             out.hashOn = found.attempt { () throws(ManifestError) in try Self.hashOn(&lb, for: out.algorithm, at: location) } ?? nil
@@ -363,13 +357,7 @@ extension TrafficPolicy {
             // Whether these fit depends on the type, which is wrong already.
             lb.ignore("hashOn", "slowStart")
         }
-        found.attempt { () throws(ManifestError) in
-            guard let l = try lb.string("locality") else { return }
-            guard let v = LoadBalancer.Locality(rawValue: l) else {
-                throw lb.error("locality", "must be one of \(LoadBalancer.Locality.allCases.map(\.rawValue).joined(separator: ", ")), got \(quoted(l))")
-            }
-            out.locality = v
-        }
+        found.set(&out, \.locality) { () throws(ManifestError) in try lb.oneOf("locality", LoadBalancer.Locality.self) }
         found.attempt { () throws(ManifestError) in try lb.finish() }
         try found.check()
         return out
@@ -435,15 +423,9 @@ extension TrafficPolicy {
                 found.append(hc.error("timeout", "must not be longer than interval (\(out.interval))"))
             }
         }
-        found.attempt { () throws(ManifestError) in
-            if let v = try positive(&hc, "healthyThreshold", allowZero: false) { out.healthyThreshold = v }
-        }
-        found.attempt { () throws(ManifestError) in
-            if let v = try positive(&hc, "unhealthyThreshold", allowZero: false) { out.unhealthyThreshold = v }
-        }
-        found.attempt { () throws(ManifestError) in
-            if let p = try percent(&hc, "panicThreshold") { out.panicThreshold = p }
-        }
+        found.set(&out, \.healthyThreshold) { () throws(ManifestError) in try positive(&hc, "healthyThreshold", allowZero: false) }
+        found.set(&out, \.unhealthyThreshold) { () throws(ManifestError) in try positive(&hc, "unhealthyThreshold", allowZero: false) }
+        found.set(&out, \.panicThreshold) { () throws(ManifestError) in try percent(&hc, "panicThreshold") }
         // One probe kind: the first given is the check, a second is an error.
         var kinds: [String] = []
         found.section(&hc, "http") { h throws(ManifestError) in
@@ -507,33 +489,17 @@ extension TrafficPolicy {
     static func outlierDetection(_ od: inout FieldReader, at location: DocumentLocation) throws(ManifestError) -> OutlierDetection {
         var out = OutlierDetection()
         var found = ErrorList()
-        found.attempt { () throws(ManifestError) in
-            if let v = try positive(&od, "consecutive5xx", allowZero: true) { out.consecutive5xx = v }
-        }
-        found.attempt { () throws(ManifestError) in
-            if let v = try positive(&od, "consecutiveGatewayErrors", allowZero: true) { out.consecutiveGatewayErrors = v }
-        }
-        found.attempt { () throws(ManifestError) in
-            if let d = try positiveDuration(&od, "interval", at: location) { out.interval = d }
-        }
-        found.attempt { () throws(ManifestError) in
-            if let d = try positiveDuration(&od, "baseEjectionTime", at: location) { out.baseEjectionTime = d }
-        }
-        found.attempt { () throws(ManifestError) in
-            if let p = try percent(&od, "maxEjectionPercent") { out.maxEjectionPercent = p }
-        }
+        found.set(&out, \.consecutive5xx) { () throws(ManifestError) in try positive(&od, "consecutive5xx", allowZero: true) }
+        found.set(&out, \.consecutiveGatewayErrors) { () throws(ManifestError) in try positive(&od, "consecutiveGatewayErrors", allowZero: true) }
+        found.set(&out, \.interval) { () throws(ManifestError) in try positiveDuration(&od, "interval", at: location) }
+        found.set(&out, \.baseEjectionTime) { () throws(ManifestError) in try positiveDuration(&od, "baseEjectionTime", at: location) }
+        found.set(&out, \.maxEjectionPercent) { () throws(ManifestError) in try percent(&od, "maxEjectionPercent") }
         found.section(&od, "successRate") { sr throws(ManifestError) in
             var s = OutlierDetection.SuccessRate()
             var inner = ErrorList()
-            inner.attempt { () throws(ManifestError) in
-                if let v = try positive(&sr, "minimumHosts", allowZero: false) { s.minimumHosts = v }
-            }
-            inner.attempt { () throws(ManifestError) in
-                if let v = try positive(&sr, "requestVolume", allowZero: false) { s.requestVolume = v }
-            }
-            inner.attempt { () throws(ManifestError) in
-                if let v = try positive(&sr, "stdevFactor", allowZero: false) { s.stdevFactor = v }
-            }
+            inner.set(&s, \.minimumHosts) { () throws(ManifestError) in try positive(&sr, "minimumHosts", allowZero: false) }
+            inner.set(&s, \.requestVolume) { () throws(ManifestError) in try positive(&sr, "requestVolume", allowZero: false) }
+            inner.set(&s, \.stdevFactor) { () throws(ManifestError) in try positive(&sr, "stdevFactor", allowZero: false) }
             inner.attempt { () throws(ManifestError) in try sr.finish() }
             try inner.check()
             out.successRate = s
@@ -549,21 +515,14 @@ extension TrafficPolicy {
     static func circuitBreaker(_ cb: inout FieldReader) throws(ManifestError) -> CircuitBreaker {
         var out = CircuitBreaker()
         var found = ErrorList()
-        out.maxConnections = found.attempt { () throws(ManifestError) in
-            try Self.positive(&cb, "maxConnections", allowZero: false)
-        } ?? nil
-        out.maxPendingRequests = found.attempt { () throws(ManifestError) in
-            try Self.positive(&cb, "maxPendingRequests", allowZero: true)
-        } ?? nil
-        out.maxRequests = found.attempt { () throws(ManifestError) in
-            try Self.positive(&cb, "maxRequests", allowZero: false)
-        } ?? nil
-        out.maxRetries = found.attempt { () throws(ManifestError) in
-            try Self.positive(&cb, "maxRetries", allowZero: true)
-        } ?? nil
-        out.maxRequestsPerConnection = found.attempt { () throws(ManifestError) in
-            try Self.positive(&cb, "maxRequestsPerConnection", allowZero: false)
-        } ?? nil
+        let limits: [(key: String, field: WritableKeyPath<CircuitBreaker, Int?>, allowZero: Bool)] = [
+            ("maxConnections", \.maxConnections, false), ("maxPendingRequests", \.maxPendingRequests, true),
+            ("maxRequests", \.maxRequests, false), ("maxRetries", \.maxRetries, true),
+            ("maxRequestsPerConnection", \.maxRequestsPerConnection, false),
+        ]
+        for limit in limits {
+            found.set(&out, limit.field) { () throws(ManifestError) in try Self.positive(&cb, limit.key, allowZero: limit.allowZero) }
+        }
         found.attempt { () throws(ManifestError) in try cb.finish() }
         try found.check()
         return out
