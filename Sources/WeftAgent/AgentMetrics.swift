@@ -56,6 +56,11 @@ final class AgentMetrics: Sendable {
 
     func render() -> String {
         let s = status.withLock { $0 }
+        registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "build_info", unitName: "", helpText: "1, labelled with the agent's release."),
+                           labels: [("version", Build.version)])
+            .set(1.0)
+        registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "proxy_other_build", unitName: "", helpText: "1 when the node proxy runs another executable than the agent (one from before an upgrade in place; SIGUSR2 to the agent replaces it)."))
+            .set(s.proxy?.sameBuild == false ? 1.0 : 0.0)
         registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "config_generation", unitName: "", helpText: "Config generation in force; increments on every accepted change."))
             .set(Double(s.generation))
         registry.makeGauge(descriptor: .init(namespace: "weft", metricName: "config_errors", unitName: "", helpText: "Errors in the last refused config change (0: the files on disk are in force)."))

@@ -28,7 +28,6 @@ final class ProxySupervisor {
     let pinDirectory: String
     let runDirectory: String
     private let logger: Logger
-    private let executable: String
     private(set) var current: Instance?
     /// Proxies told to drain; watched until they exit.
     private var draining: [Instance] = []
@@ -51,7 +50,6 @@ final class ProxySupervisor {
         self.pinDirectory = pinDirectory
         self.runDirectory = runDirectory
         self.logger = logger
-        executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     }
 
     /// WEFT_PROXY_WRAPPER: an executable the proxy is started through, for profiling.
@@ -107,6 +105,13 @@ final class ProxySupervisor {
     private func spawn() {
         nextStart = nil
         let process = Process()
+        // The agent's own build, also once its file was replaced by an
+        // upgrade in place (the proxy reads the table this agent writes):
+        // the new build runs once the agent is restarted.
+        let (executable, replaced) = Build.ownExecutablePath()
+        if replaced {
+            logger.warning("this agent's executable was replaced since it started; the proxy starts from the agent's own build (restart the agent to run the new one)")
+        }
         let arguments = ["proxy", "--node", node, "--listen", "\(listen.address):\(listen.port)",
                          "--pin-dir", pinDirectory, "--run-dir", runDirectory] + (accessLog.map { ["--access-log", $0] } ?? [])
             + (threads.map { ["--threads", "\($0)"] } ?? []) + (pinThreads ? ["--pin-threads"] : [])

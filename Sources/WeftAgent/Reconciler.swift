@@ -137,9 +137,15 @@ final class Reconciler {
         guard let proxy else { return }
         let generation = try? proxy.reportedGeneration()
         let frontends = (proxy.lastTable?.frontends.keys).map { Array($0).sorted() } ?? []
+        // Whether it runs this agent's executable (an adopted proxy may run
+        // the build before an upgrade); unknown under a profiling wrapper.
+        let sameBuild = proxy.current.flatMap { current in
+            ProxySupervisor.wrapper == nil ? Build.executable(of: current.pid).map { $0 == Build.executable() } : nil
+        }
         status.withLock {
             $0.proxy = AgentStatus.ProxyStatus(pid: proxy.current?.pid, listen: "\(proxy.listen.address):\(proxy.listen.port)",
                                                restarts: proxy.restarts, generation: generation ?? nil, frontends: frontends)
+            $0.proxy?.sameBuild = sameBuild
         }
     }
 

@@ -176,7 +176,7 @@ struct StatusCommand: ParsableCommand {
                 healthy = false
                 print("  agent:      NOT RUNNING (\(error)); the pinned datapath stays in force")
             case .success(let s):
-                print("  agent:      running, pid \(s.pid), config \(s.configDirectory), cgroup \(s.cgroup)")
+                print("  agent:      running, pid \(s.pid), version \(s.version ?? "unknown"), config \(s.configDirectory), cgroup \(s.cgroup)")
                 let when = Date(timeIntervalSince1970: s.appliedAt).formatted(.iso8601)
                 print("  generation: \(s.generation), in force since \(when); last reconcile \(s.lastWrites) map write(s) in \(String(format: "%.1f", s.lastReconcileSeconds * 1000)) ms")
                 if !s.lastReconcilePhases.isEmpty {
@@ -187,6 +187,9 @@ struct StatusCommand: ParsableCommand {
                 if let p = s.proxy {
                     let gen = p.generation.map { "\($0)" } ?? "unknown"
                     print("  proxy:      \(p.pid.map { "pid \($0)" } ?? "NOT RUNNING"), listening on \(p.listen), restarts \(p.restarts), route table generation \(gen), \(p.frontends.count) captured service port(s)")
+                    if p.sameBuild == false {
+                        print("              runs another build of weft than this agent (one from before an upgrade): replace it with SIGUSR2 to the agent (a rolling restart)")
+                    }
                 } else {
                     print("  proxy:      none (--proxy-address none): every Service port is balanced in the kernel")
                 }

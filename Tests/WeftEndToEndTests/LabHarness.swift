@@ -53,24 +53,27 @@ struct LabHarness {
     private static let labLock = NSLock()
 
     /// Writes `files` into a new config directory and brings a lab up on it;
-    /// `environment` is added to `weft lab up`'s (its agents and proxies inherit it).
-    init(files: [String: String], nodes: Int = 2, extra: [String] = [], environment: [String: String] = [:]) throws {
+    /// `environment` is added to `weft lab up`'s (its agents and proxies
+    /// inherit it); `binary`: the weft that runs it (and its agents), if not this build's.
+    init(files: [String: String], nodes: Int = 2, extra: [String] = [], environment: [String: String] = [:],
+         binary: String? = nil) throws {
         try #require(Self.isRoot, "CI=true: end-to-end tests must run as root")
         Self.labLock.lock()
         do {
-            try self.init(locked: files, nodes: nodes, extra: extra, environment: environment)
+            try self.init(locked: files, nodes: nodes, extra: extra, environment: environment, binary: binary ?? Self.weft)
         } catch {
             Self.labLock.unlock()
             throw error
         }
     }
 
-    private init(locked files: [String: String], nodes: Int, extra: [String], environment: [String: String]) throws {
+    private init(locked files: [String: String], nodes: Int, extra: [String], environment: [String: String],
+                 binary: String) throws {
         config = FileManager.default.temporaryDirectory.appendingPathComponent("weft-e2e-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
         for (name, text) in files { try write(name, text) }
         _ = try? Self.run(["lab", "down"])
-        let up = try Self.execute(Self.weft, ["lab", "up", "--config", config, "--nodes", "\(nodes)"] + extra, environment: environment)
+        let up = try Self.execute(binary, ["lab", "up", "--config", config, "--nodes", "\(nodes)"] + extra, environment: environment)
         guard up.status == 0 else {
             _ = try? Self.run(["lab", "down"])
             try? FileManager.default.removeItem(atPath: config)

@@ -138,9 +138,9 @@ private let routes = """
         backendRefs: [{name: slow, port: 80}]
     """
 
-private func startLab(extra: [String] = [], files: [String: String] = [:]) throws -> LabHarness {
+private func startLab(extra: [String] = [], files: [String: String] = [:], binary: String? = nil) throws -> LabHarness {
     let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": pods, "routes.yaml": routes].merging(files) { $1 },
-                             extra: extra)
+                             extra: extra, binary: binary)
     do {
         try waitForBackends(lab)
     } catch {
@@ -1527,6 +1527,75 @@ struct ProxyTests {
         #expect(entry["response_code"] as? Int == 200 && entry["response_flags"] as? String == "-" && entry["attempts"] as? Int == 1, "\(entry)")
         #expect(entry["upstream_host"] as? String == "198.18.1.21:8080" && entry["source_workload"] as? String == "client", "\(entry)")
         #expect((entry["bytes_sent"] as? Int ?? 0) == logged.2.utf8.count && (entry["trace_id"] as? String)?.count == 32, "\(entry)")
+    }
+
+    /// An upgrade in place, as install(1) or a package does it: a new file
+    /// renamed over the running one. The old agent, its file gone, still
+    /// restarts a crashed proxy (from its own build, which reads the table
+    /// it writes); an agent restarted on the new build adopts the old build's
+    /// proxy and says so in /status, `weft status` and
+    /// `weft_proxy_other_build`; a rolling restart (SIGUSR2) replaces it.
+    @Test func anUpgradeInPlaceKeepsServingAndStatusTellsWhichBuildTheProxyRuns() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("weft-upgrade-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let installed = "\(dir)/weft"
+        try FileManager.default.copyItem(atPath: LabHarness.weft, toPath: installed)
+        let lab = try startLab(binary: installed)
+        defer { lab.down() }
+        let version = try LabHarness.execute(installed, ["--version"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(version.hasPrefix("weft ") && version.count > 5, "\(version)")
+
+        func agent(_ path: String) throws -> String {
+            try LabHarness.shell(raw: ["curl", "-sS", "-m", "5", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent\(path)"])
+        }
+        func proxyBuild() throws -> (same: Bool?, pid: Int32?, version: String?) {
+            let json = try JSONSerialization.jsonObject(with: Data(try agent("/status").utf8)) as? [String: Any]
+            let proxy = json?["proxy"] as? [String: Any]
+            return (proxy?["sameBuild"] as? Bool, (proxy?["pid"] as? Int).map(Int32.init), json?["version"] as? String)
+        }
+        /// Waits for the agent to publish `same` for a proxy other than `notPid`.
+        func waitForBuild(_ same: Bool, notPid: Int32?) throws -> Int32? {
+            var last = try proxyBuild()
+            let until = Date().addingTimeInterval(10)
+            while (last.same != same || last.pid == notPid) && Date() < until {
+                usleep(100_000)
+                last = try proxyBuild()
+            }
+            #expect(last.same == same && last.pid != notPid, "\(last)\n\(LabHarness.agentLog("n1"))")
+            return last.pid
+        }
+        let first = try waitForBuild(true, notPid: nil)
+        #expect(try proxyBuild().version.map { "weft \($0)" } == version)
+        #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
+
+        // The upgrade: a new file renamed over the one every process runs.
+        try FileManager.default.copyItem(atPath: LabHarness.weft, toPath: "\(dir)/.weft.new")
+        #expect(rename("\(dir)/.weft.new", installed) == 0)
+
+        // The proxy crashes: the old agent starts another from its own build.
+        let crash = try LabHarness.execute(installed, ["lab", "restart-proxy", "n1", "--kill"])
+        #expect(crash.status == 0, "\(crash.output)\n\(LabHarness.agentLog("n1"))")
+        let restarted = try waitForBuild(true, notPid: first)
+        #expect(LabHarness.agentLog("n1", lines: 200).contains("this agent's executable was replaced since it started"),
+                "\(LabHarness.agentLog("n1"))")
+        #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
+
+        // The agent restarts on the new build and adopts that proxy.
+        let restart = try LabHarness.execute(installed, ["lab", "restart-agent", "n1"])
+        #expect(restart.status == 0, "\(restart.output)")
+        #expect(try waitForBuild(false, notPid: nil) == restarted)
+        #expect(try agent("/metrics").contains("weft_proxy_other_build 1"))
+        let shown = try LabHarness.execute(installed, ["status", "--node", "n1"])
+        #expect(shown.output.contains("runs another build of weft than this agent"), "\(shown.output)")
+        #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
+
+        // A rolling restart brings the proxy onto the agent's build.
+        let roll = try LabHarness.execute(installed, ["lab", "restart-proxy", "n1"])
+        #expect(roll.status == 0, "\(roll.output)\n\(LabHarness.agentLog("n1"))")
+        _ = try waitForBuild(true, notPid: restarted)
+        #expect(try agent("/metrics").contains("weft_proxy_other_build 0"))
+        #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
     }
 
     @Test func proxyRestartDrainsWithoutFailingARequestAndACrashFailsFast() throws {

@@ -69,6 +69,8 @@ public struct AgentStatus: Codable, Sendable {
 
     public var node: String
     public var pid: Int32
+    /// The agent's release (`Build.version`); nil from an agent before 0.1.0.
+    public var version: String?
     public var configDirectory: String
     public var cgroup: String
     public var pinDirectory: String
@@ -157,6 +159,10 @@ public struct AgentStatus: Codable, Sendable {
         public var generation: UInt64?
         /// Service ports (vip:port) captured to the proxy.
         public var frontends: [String]
+        /// Whether the proxy runs the agent's own executable (false: another
+        /// build, such as the one before an upgrade in place, adopted by a
+        /// new agent; nil: not known).
+        public var sameBuild: Bool?
         public init(pid: Int32?, listen: String, restarts: Int, generation: UInt64?, frontends: [String]) {
             self.pid = pid
             self.listen = listen
@@ -197,6 +203,7 @@ public struct AgentStatus: Codable, Sendable {
         self.configDirectory = configDirectory
         self.cgroup = cgroup
         self.pinDirectory = pinDirectory
+        version = Build.version
         generation = 0
         appliedAt = 0
         configErrors = []
