@@ -131,7 +131,7 @@ public enum Agent {
             }
         }
         logger.notice("agent running", metadata: [
-            "node": "\(configuration.node)", "cgroup": "\(cgroup)", "pins": "\(pinDirectory)",
+            "version": "\(Build.version)", "node": "\(configuration.node)", "cgroup": "\(cgroup)", "pins": "\(pinDirectory)",
             "metrics": "\(configuration.metricsAddress)", "status_socket": "\(socketPath)",
         ])
 
