@@ -39,7 +39,8 @@ struct ApplyCommand: ParsableCommand {
             The new files are checked together with everything already in DIR; on any error nothing \
             is written. Files are written beside their destination under a hidden name, synced, \
             then renamed into place, so a watching agent never reads a partial file and sees the \
-            whole set within one debounce window.
+            whole set within one debounce window. Applies to one directory take turns (a lock on \
+            it), so each validates against what the one before it wrote.
             """)
 
     @Option(name: .shortAndLong, help: "A manifest file or directory.") var file: String
@@ -50,6 +51,12 @@ struct ApplyCommand: ParsableCommand {
         guard !incoming.isEmpty else { throw ValidationError("\(file) holds no manifest files") }
         let names = incoming.map { ($0 as NSString).lastPathComponent }
         guard Set(names).count == names.count else { throw ValidationError("two files named alike in \(file)") }
+        _ = try ManifestSource.files(at: config)
+        // From reading what is there to the last rename, no other apply to
+        // this directory runs: two at once would each pass against the set
+        // without the other's files, and together could be refused.
+        let lock = try Self.lock(config)
+        defer { close(lock) }
         let kept = try ManifestSource.files(at: config).filter { !names.contains(($0 as NSString).lastPathComponent) }
         if case .failure(let errors) = ManifestSource.load(paths: kept + incoming) {
             FileHandle.standardError.write(Data((errors.description + "\nnothing applied\n").utf8))
@@ -73,5 +80,29 @@ struct ApplyCommand: ParsableCommand {
         }
         staged = []
         print("applied \(names.count) file(s) to \(config): \(names.joined(separator: ", "))")
+    }
+
+    /// An exclusive lock on the directory itself (flock, so a process that
+    /// dies lets go at once; no lock file for the agent to see), waited for
+    /// up to `patience`. Returns the descriptor that holds it.
+    static func lock(_ config: String, patience: Duration = .seconds(30)) throws -> Int32 {
+        let fd = open(config, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw ValidationError("cannot open \(config): \(String(cString: strerror(errno)))") }
+        let deadline = ContinuousClock.now + patience
+        var said = false
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let busy = errno == EWOULDBLOCK
+            guard busy, ContinuousClock.now < deadline else {
+                close(fd)
+                throw ValidationError(busy ? "another weft apply to \(config) held it for \(patience); nothing applied"
+                                           : "cannot lock \(config): \(String(cString: strerror(errno)))")
+            }
+            if !said {
+                FileHandle.standardError.write(Data("waiting for another weft apply to \(config)\n".utf8))
+                said = true
+            }
+            usleep(20_000)
+        }
+        return fd
     }
 }

@@ -61,6 +61,41 @@ import Testing
         #expect(validate.output.contains("valid: 2 Service(s), 0 Workload(s)"))
     }
 
+    /// Two applies to one directory take turns: the second waits for the
+    /// first (here, the test holding the lock as an apply would) and then
+    /// validates against what it wrote, so two changes that pass alone but
+    /// clash together are never both written.
+    @Test func appliesToOneConfigTakeTurnsAndEachValidatesWhatTheOtherWrote() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = "\(dir)/config"
+        _ = try file("config/services.yaml", Self.service)
+        let api = try file("incoming/api.yaml", Self.service.replacingOccurrences(of: "name: web,", with: "name: api,")
+                               .replacingOccurrences(of: "198.19.0.10", with: "198.19.0.11"))
+        let held = open(config, O_RDONLY | O_DIRECTORY)
+        try #require(held >= 0 && flock(held, LOCK_EX) == 0)
+        let apply = Process()
+        apply.executableURL = URL(fileURLWithPath: LabHarness.weft)
+        apply.arguments = ["apply", "-f", api, "--config", config]
+        let out = Pipe()
+        apply.standardOutput = out
+        apply.standardError = out
+        try apply.run()
+        usleep(400_000)
+        #expect(apply.isRunning, "it did not wait for the lock")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config) == ["services.yaml"])
+        // What the other apply wrote meanwhile: the same clusterIP.
+        _ = try file("config/other.yaml", Self.service.replacingOccurrences(of: "name: web,", with: "name: other,")
+                         .replacingOccurrences(of: "198.19.0.10", with: "198.19.0.11"))
+        close(held)
+        apply.waitUntilExit()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(apply.terminationStatus == 1, "\(text)")
+        #expect(text.contains("waiting for another weft apply to \(config)"), "\(text)")
+        #expect(text.contains("api.yaml:1:spec.clusterIP: clusterIP 198.19.0.11 is already used by Service shop/other"), "\(text)")
+        #expect(text.contains("nothing applied"), "\(text)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config).sorted() == ["other.yaml", "services.yaml"])
+    }
+
     /// A path that holds no manifest (a wrong directory, files named
     /// *.yaml.txt) is an error, not a valid empty set; a valid set is
     /// counted by kind, every kind it has.
