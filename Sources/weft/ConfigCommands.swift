@@ -106,3 +106,43 @@ struct ApplyCommand: ParsableCommand {
         return fd
     }
 }
+
+struct DeleteCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "delete",
+        abstract: "Remove manifest files from --config, once what is left validates.",
+        discussion: """
+            The files of DIR named like -f's (as `weft apply -f` installed them; a bare name works \
+            too) are removed if the set left is valid: a Service a route still names cannot go \
+            before the route. On any error nothing is removed. Takes its turn with `weft apply` \
+            (the same lock on DIR).
+            """)
+
+    @Option(name: .shortAndLong, help: "A manifest file or directory, or a file name in --config (repeatable).") var file: [String]
+    @Option(help: "The config directory the agents watch.") var config: String
+
+    func run() throws {
+        let names = file.flatMap { path in
+            ((try? ManifestSource.files(at: path)) ?? [path]).map { ($0 as NSString).lastPathComponent }
+        }
+        guard !names.isEmpty else { throw ValidationError("\(file.joined(separator: ", ")) names no manifest files") }
+        _ = try ManifestSource.files(at: config)
+        let lock = try ApplyCommand.lock(config)
+        defer { close(lock) }
+        let present = try ManifestSource.files(at: config)
+        let missing = names.filter { name in !present.contains { ($0 as NSString).lastPathComponent == name } }
+        guard missing.isEmpty else {
+            FileHandle.standardError.write(Data("not in \(config): \(missing.joined(separator: ", "))\nnothing removed\n".utf8))
+            throw ExitCode(1)
+        }
+        let left = present.filter { !names.contains(($0 as NSString).lastPathComponent) }
+        if case .failure(let errors) = ManifestSource.load(paths: left) {
+            FileHandle.standardError.write(Data((errors.description + "\nnothing removed\n").utf8))
+            throw ExitCode(1)
+        }
+        for name in names where unlink((config as NSString).appendingPathComponent(name)) != 0 {
+            throw ValidationError("remove \(name) from \(config): \(String(cString: strerror(errno)))")
+        }
+        print("removed \(names.count) file(s) from \(config): \(names.joined(separator: ", "))")
+    }
+}

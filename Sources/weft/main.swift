@@ -9,7 +9,7 @@ struct Weft: ParsableCommand {
         commandName: "weft",
         abstract: "A sidecarless service mesh: eBPF in the kernel, one Swift proxy per node.",
         version: "weft \(Build.version)",
-        subcommands: [AgentCommand.self, ValidateCommand.self, ApplyCommand.self, GetCommand.self,
+        subcommands: [AgentCommand.self, ValidateCommand.self, ApplyCommand.self, DeleteCommand.self, GetCommand.self,
                       StatusCommand.self, TopCommand.self, GraphCommand.self, PolicyCommand.self, RouteCommand.self, ProxyCommand.self,
                       CACommand.self, LabCommand.self])
 }

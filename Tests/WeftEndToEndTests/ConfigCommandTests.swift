@@ -96,6 +96,38 @@ import Testing
         #expect(try FileManager.default.contentsOfDirectory(atPath: config).sorted() == ["other.yaml", "services.yaml"])
     }
 
+    /// `weft delete` removes files only when the set left validates: a
+    /// Service a route still names stays until the route goes.
+    @Test func deleteRemovesFilesOnlyWhenWhatIsLeftIsValid() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = "\(dir)/config"
+        _ = try file("config/services.yaml", Self.service)
+        _ = try file("config/route.yaml", """
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: HTTPRoute
+            metadata: {name: web, namespace: shop}
+            spec:
+              parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+              rules: [{backendRefs: [{name: web, port: 80}]}]
+            """)
+        let refused = try LabHarness.run(["delete", "-f", "services.yaml", "--config", config])
+        #expect(refused.status == 1, "\(refused.output)")
+        #expect(refused.output.contains("route.yaml:1:spec.parentRefs[0].name: no Service shop/web in this config"), "\(refused.output)")
+        #expect(refused.output.contains("nothing removed"))
+        let absent = try LabHarness.run(["delete", "-f", "services.yaml", "-f", "gone.yaml", "--config", config])
+        #expect(absent.status == 1 && absent.output.contains("not in \(config): gone.yaml"), "\(absent.output)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config).sorted() == ["route.yaml", "services.yaml"])
+
+        // The route first (by the path it was applied from), then the Service.
+        let route = try file("incoming/route.yaml", "")
+        let first = try LabHarness.run(["delete", "-f", route, "--config", config])
+        #expect(first.status == 0, "\(first.output)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config) == ["services.yaml"])
+        let second = try LabHarness.run(["delete", "-f", "services.yaml", "--config", config])
+        #expect(second.status == 0 && second.output.contains("removed 1 file(s)"), "\(second.output)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config).isEmpty)
+    }
+
     /// A path that holds no manifest (a wrong directory, files named
     /// *.yaml.txt) is an error, not a valid empty set; a valid set is
     /// counted by kind, every kind it has.
