@@ -34,7 +34,13 @@ final class ConfigWatcher {
                     let nameStart = offset + MemoryLayout<inotify_event>.size
                     let nameBytes = raw[nameStart..<(nameStart + Int(event.len))].prefix { $0 != 0 }
                     let name = String(decoding: nameBytes, as: UTF8.self)
-                    if event.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0 || (!name.hasPrefix(".") && !name.isEmpty) {
+                    // Hidden names are staging files (weft apply's, editors'),
+                    // except `..data`: a Kubernetes ConfigMap or Secret
+                    // volume publishes an update by renaming a new `..data`
+                    // symlink into place, and its visible files, symlinks
+                    // through it, are not touched at all.
+                    if event.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0 || (!name.hasPrefix(".") && !name.isEmpty)
+                        || name == "..data" {
                         relevant = true
                     }
                     offset = nameStart + Int(event.len)

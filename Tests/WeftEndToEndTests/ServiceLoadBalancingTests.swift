@@ -549,6 +549,48 @@ struct ServiceLoadBalancingTests {
         #expect(seen.last?.1 == "web-1")
     }
 
+    /// The config directory as a Kubernetes ConfigMap volume lays it out:
+    /// each file a symlink through `..data` to a timestamped directory,
+    /// and an update published by renaming a new `..data` symlink into
+    /// place (the kubelet's AtomicWriter), which touches no visible name.
+    @Test func aConfigMapVolumesAtomicSwapIsApplied() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        let fm = FileManager.default
+        func publish(_ version: String, pods: String) throws {
+            let data = "\(lab.config)/..\(version)"
+            try fm.createDirectory(atPath: data, withIntermediateDirectories: false)
+            try services.write(toFile: "\(data)/services.yaml", atomically: false, encoding: .utf8)
+            try pods.write(toFile: "\(data)/pods.yaml", atomically: false, encoding: .utf8)
+            try fm.createSymbolicLink(atPath: "\(lab.config)/..data_tmp", withDestinationPath: "..\(version)")
+            #expect(rename("\(lab.config)/..data_tmp", "\(lab.config)/..data") == 0)
+        }
+        // The layout, taken over from the plain files (the same content).
+        try publish("v1", pods: webPods())
+        for name in ["services.yaml", "pods.yaml"] {
+            try fm.createSymbolicLink(atPath: "\(lab.config)/.\(name).link", withDestinationPath: "..data/\(name)")
+            #expect(rename("\(lab.config)/.\(name).link", "\(lab.config)/\(name)") == 0)
+        }
+        usleep(500_000)
+        let before = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "30"])
+        #expect(Set((before["counts"] as? [String: Int])?.keys ?? [:].keys) == ["web-1", "web-2", "web-3"], "\(before)")
+
+        // The update: web-1 relabelled out of the Service; then the old
+        // data directory goes, as the kubelet removes it.
+        try publish("v2", pods: webPods(["{app: gone}", "{app: web}", "{app: web}"]))
+        try fm.removeItem(atPath: "\(lab.config)/..v1")
+        var counts: [String: Int] = [:]
+        for _ in 0..<40 {
+            usleep(50_000)
+            counts = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
+            if counts["web-1"] == nil { break }
+        }
+        let status = try LabHarness.run(["status", "--node", "n1"]).output
+        #expect(counts["web-1"] == nil && !counts.isEmpty, "\(counts)\n\(status)")
+        #expect(status.contains("config:     ok"), "\(status)")
+    }
+
     @Test func badManifestIsRefusedWholeAndPreviousServicesKeepServing() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
         defer { lab.down() }
