@@ -2,31 +2,56 @@ import Glibc
 
 /// Watches the config directory with inotify. Any create, write-close, move
 /// or delete of a manifest file counts; hidden files (temporaries) do not.
+///
+/// It follows the path, not only the directory the path first led to: the
+/// path's parent is watched for the path's own name, so a directory moved
+/// into its place or a symlink swapped to another (git-sync, a release
+/// directory per version) is watched from then on, as is the directory again
+/// after it was removed and made anew.
 final class ConfigWatcher {
     let fd: Int32
+    private let directory: String
+    private let name: String
+    /// The directory's watch (-1: none, while nothing is at the path).
+    private var directoryWatch: Int32 = -1
+    private var parentWatch: Int32 = -1
     private var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+
+    private static let directoryMask = UInt32(IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE
+        | IN_DELETE_SELF | IN_MOVE_SELF)
+    private static let parentMask = UInt32(IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE)
 
     init(directory: String) throws(AgentError) {
         let fd = inotify_init1(Int32(IN_CLOEXEC | IN_NONBLOCK))
         guard fd >= 0 else { throw AgentError("inotify_init1: \(String(cString: strerror(errno)))") }
-        let mask = UInt32(IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE
-            | IN_DELETE_SELF | IN_MOVE_SELF)
-        guard inotify_add_watch(fd, directory, mask) >= 0 else {
+        self.fd = fd
+        var path = directory
+        while path.count > 1 && path.hasSuffix("/") { path.removeLast() }
+        self.directory = path
+        let slash = path.lastIndex(of: "/")
+        name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        let parent = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        directoryWatch = inotify_add_watch(fd, path, Self.directoryMask)
+        guard directoryWatch >= 0 else {
             let reason = String(cString: strerror(errno))
             close(fd)
             throw AgentError("cannot watch \(directory): \(reason)")
         }
-        self.fd = fd
+        // (The root has no parent to watch for it; nor does a path whose
+        // parent cannot be read: then only the directory is watched.)
+        if !name.isEmpty { parentWatch = inotify_add_watch(fd, parent, Self.parentMask) }
     }
 
     deinit { close(fd) }
 
-    /// Drains pending events; true if any concerned a manifest file.
+    /// Drains pending events; true if any concerned a manifest file, or
+    /// what the path leads to.
     func drain() -> Bool {
         var relevant = false
+        var rearm = false
         while true {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            guard n > 0 else { return relevant }
+            guard n > 0 else { break }
             var offset = 0
             buffer.withUnsafeBytes { raw in
                 while offset + MemoryLayout<inotify_event>.size <= n {
@@ -34,19 +59,36 @@ final class ConfigWatcher {
                     let nameStart = offset + MemoryLayout<inotify_event>.size
                     let nameBytes = raw[nameStart..<(nameStart + Int(event.len))].prefix { $0 != 0 }
                     let name = String(decoding: nameBytes, as: UTF8.self)
+                    offset = nameStart + Int(event.len)
+                    if event.wd == parentWatch {
+                        // The path itself made, moved or removed.
+                        if name == self.name { relevant = true; rearm = true }
+                        continue
+                    }
+                    guard event.wd == directoryWatch else { continue }
+                    if event.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED) != 0 {
+                        relevant = true
+                        rearm = true
+                    }
                     // Hidden names are staging files (weft apply's, editors'),
                     // except `..data`: a Kubernetes ConfigMap or Secret
                     // volume publishes an update by renaming a new `..data`
                     // symlink into place, and its visible files, symlinks
                     // through it, are not touched at all.
-                    if event.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0 || (!name.hasPrefix(".") && !name.isEmpty)
-                        || name == "..data" {
-                        relevant = true
-                    }
-                    offset = nameStart + Int(event.len)
+                    if (!name.hasPrefix(".") && !name.isEmpty) || name == "..data" { relevant = true }
                 }
             }
         }
+        if rearm { watchPath() }
+        return relevant
+    }
+
+    /// Watches whatever directory the path leads to now (inotify gives the
+    /// same watch again for the same directory; another replaces it).
+    private func watchPath() {
+        let watch = inotify_add_watch(fd, directory, Self.directoryMask)
+        if watch != directoryWatch, directoryWatch >= 0 { inotify_rm_watch(fd, directoryWatch) }
+        directoryWatch = watch
     }
 }
 

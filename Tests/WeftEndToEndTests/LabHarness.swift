@@ -47,6 +47,8 @@ struct LabHarness {
     }
 
     let config: String
+    /// With `linkedConfig`: the symlink the agents are given as --config, to `config`.
+    let configLink: String?
 
     /// One lab exists at a time on a machine; suites in different files run
     /// in parallel, so each test holds this from `init` to `down()`.
@@ -54,13 +56,15 @@ struct LabHarness {
 
     /// Writes `files` into a new config directory and brings a lab up on it;
     /// `environment` is added to `weft lab up`'s (its agents and proxies
-    /// inherit it); `binary`: the weft that runs it (and its agents), if not this build's.
+    /// inherit it); `binary`: the weft that runs it (and its agents), if not
+    /// this build's; `linkedConfig`: --config is a symlink to the directory.
     init(files: [String: String], nodes: Int = 2, extra: [String] = [], environment: [String: String] = [:],
-         binary: String? = nil) throws {
+         binary: String? = nil, linkedConfig: Bool = false) throws {
         try #require(Self.isRoot, "CI=true: end-to-end tests must run as root")
         Self.labLock.lock()
         do {
-            try self.init(locked: files, nodes: nodes, extra: extra, environment: environment, binary: binary ?? Self.weft)
+            try self.init(locked: files, nodes: nodes, extra: extra, environment: environment, binary: binary ?? Self.weft,
+                          linkedConfig: linkedConfig)
         } catch {
             Self.labLock.unlock()
             throw error
@@ -68,15 +72,18 @@ struct LabHarness {
     }
 
     private init(locked files: [String: String], nodes: Int, extra: [String], environment: [String: String],
-                 binary: String) throws {
+                 binary: String, linkedConfig: Bool) throws {
         config = FileManager.default.temporaryDirectory.appendingPathComponent("weft-e2e-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
+        configLink = linkedConfig ? config + ".link" : nil
+        if let configLink { try FileManager.default.createSymbolicLink(atPath: configLink, withDestinationPath: config) }
         for (name, text) in files { try write(name, text) }
         _ = try? Self.run(["lab", "down"])
-        let up = try Self.execute(binary, ["lab", "up", "--config", config, "--nodes", "\(nodes)"] + extra, environment: environment)
+        let up = try Self.execute(binary, ["lab", "up", "--config", configLink ?? config, "--nodes", "\(nodes)"] + extra, environment: environment)
         guard up.status == 0 else {
             _ = try? Self.run(["lab", "down"])
             try? FileManager.default.removeItem(atPath: config)
+            if let configLink { try? FileManager.default.removeItem(atPath: configLink) }
             throw HarnessError("lab up failed: \(up.output)")
         }
     }
@@ -91,6 +98,7 @@ struct LabHarness {
     func down(_ afterwards: () -> Void = {}) {
         _ = try? Self.run(["lab", "down"])
         try? FileManager.default.removeItem(atPath: config)
+        if let configLink { try? FileManager.default.removeItem(atPath: configLink) }
         afterwards()
         Self.labLock.unlock()
     }

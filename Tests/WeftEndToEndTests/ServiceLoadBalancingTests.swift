@@ -591,6 +591,43 @@ struct ServiceLoadBalancingTests {
         #expect(status.contains("config:     ok"), "\(status)")
     }
 
+    /// --config as a symlink swapped to another directory (git-sync's way,
+    /// or a directory per release): the agent follows the swap, although
+    /// nothing in the directory it watched changed, and then watches the new
+    /// directory, so a change made inside it applies too.
+    @Test func aConfigPathSwappedToAnotherDirectoryIsFollowed() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()], linkedConfig: true)
+        defer { lab.down { try? FileManager.default.removeItem(atPath: lab.config + "-v2") } }
+        let link = try #require(lab.configLink)
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        func served(without pod: String) throws -> [String: Int] {
+            var counts: [String: Int] = [:]
+            for _ in 0..<40 {
+                usleep(50_000)
+                counts = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
+                if counts[pod] == nil { break }
+            }
+            return counts
+        }
+        // Release 2: web-1 relabelled out, in a directory of its own; the
+        // link swapped to it in one rename.
+        let v2 = lab.config + "-v2"
+        try FileManager.default.createDirectory(atPath: v2, withIntermediateDirectories: false)
+        try services.write(toFile: "\(v2)/services.yaml", atomically: false, encoding: .utf8)
+        try webPods(["{app: gone}", "{app: web}", "{app: web}"]).write(toFile: "\(v2)/pods.yaml", atomically: false, encoding: .utf8)
+        try FileManager.default.createSymbolicLink(atPath: link + ".tmp", withDestinationPath: v2)
+        #expect(rename(link + ".tmp", link) == 0)
+        let afterSwap = try served(without: "web-1")
+        let status = try LabHarness.run(["status", "--node", "n1"]).output
+        #expect(afterSwap["web-1"] == nil && !afterSwap.isEmpty, "\(afterSwap)\n\(status)")
+
+        // A change inside the new directory: web-1 back, web-2 out.
+        try webPods(["{app: web}", "{app: gone}", "{app: web}"]).write(toFile: "\(v2)/.pods.tmp", atomically: false, encoding: .utf8)
+        #expect(rename("\(v2)/.pods.tmp", "\(v2)/pods.yaml") == 0)
+        let afterEdit = try served(without: "web-2")
+        #expect(afterEdit["web-2"] == nil && afterEdit["web-1"] != nil, "\(afterEdit)")
+    }
+
     @Test func badManifestIsRefusedWholeAndPreviousServicesKeepServing() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
         defer { lab.down() }
