@@ -597,7 +597,11 @@ struct ServiceLoadBalancingTests {
     /// directory, so a change made inside it applies too.
     @Test func aConfigPathSwappedToAnotherDirectoryIsFollowed() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()], linkedConfig: true)
-        defer { lab.down { try? FileManager.default.removeItem(atPath: lab.config + "-v2") } }
+        defer {
+            lab.down {
+                for leftover in ["-v2", "-v3"] { try? FileManager.default.removeItem(atPath: lab.config + leftover) }
+            }
+        }
         let link = try #require(lab.configLink)
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
         func served(without pod: String) throws -> [String: Int] {
@@ -626,6 +630,20 @@ struct ServiceLoadBalancingTests {
         #expect(rename("\(v2)/.pods.tmp", "\(v2)/pods.yaml") == 0)
         let afterEdit = try served(without: "web-2")
         #expect(afterEdit["web-2"] == nil && afterEdit["web-1"] != nil, "\(afterEdit)")
+
+        // The link removed, and a directory renamed into its place (web-3
+        // out); then a change inside it (web-3 back, web-1 out).
+        let v3 = lab.config + "-v3"
+        try FileManager.default.createDirectory(atPath: v3, withIntermediateDirectories: false)
+        try services.write(toFile: "\(v3)/services.yaml", atomically: false, encoding: .utf8)
+        try webPods(["{app: web}", "{app: web}", "{app: gone}"]).write(toFile: "\(v3)/pods.yaml", atomically: false, encoding: .utf8)
+        #expect(unlink(link) == 0 && rename(v3, link) == 0)
+        let afterRename = try served(without: "web-3")
+        #expect(afterRename["web-3"] == nil && afterRename["web-2"] != nil, "\(afterRename)")
+        try webPods(["{app: gone}", "{app: web}", "{app: web}"]).write(toFile: "\(link)/.pods.tmp", atomically: false, encoding: .utf8)
+        #expect(rename("\(link)/.pods.tmp", "\(link)/pods.yaml") == 0)
+        let afterSecondEdit = try served(without: "web-1")
+        #expect(afterSecondEdit["web-1"] == nil && afterSecondEdit["web-3"] != nil, "\(afterSecondEdit)")
     }
 
     @Test func badManifestIsRefusedWholeAndPreviousServicesKeepServing() throws {
