@@ -182,6 +182,15 @@ public enum Agent {
                     reconciler.publishProxyStatus()
                     continue
                 }
+                if signal == SIGHUP {
+                    // A daemon's reload: read the config again now, for a
+                    // change no inotify event told of (a file that is a
+                    // symlink to one outside the directory, a network
+                    // filesystem).
+                    logger.notice("SIGHUP: reading the config again")
+                    deadline = .now
+                    continue
+                }
                 logger.notice("signal \(signal): exiting; pinned programs and maps stay in force, and so does the proxy")
                 break loop
             }
@@ -270,7 +279,7 @@ public enum Agent {
     }
 }
 
-/// Turns SIGTERM/SIGINT/SIGHUP into a readable fd for the poll loop (the
+/// Turns SIGTERM/SIGINT/SIGHUP/SIGUSR2 into a readable fd for the poll loop (the
 /// self-pipe trick: write() is async-signal-safe).
 final class SignalPipe {
     let readFD: Int32

@@ -294,6 +294,7 @@ import Testing
         }
         #expect(value("KillMode") == ["process"])
         #expect(value("Restart") == ["always"])
+        #expect(value("ExecReload") == ["/bin/kill -HUP $MAINPID"])
         let execStart = try #require(value("ExecStart").first)
         let installed = "/usr/local/bin/weft"
         #expect(execStart.hasPrefix(installed + " agent "), "\(execStart)")

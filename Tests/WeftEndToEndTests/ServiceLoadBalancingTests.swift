@@ -646,6 +646,45 @@ struct ServiceLoadBalancingTests {
         #expect(afterSecondEdit["web-1"] == nil && afterSecondEdit["web-3"] != nil, "\(afterSecondEdit)")
     }
 
+    /// SIGHUP, a daemon's reload (`systemctl reload`), reads the config
+    /// again at once, for a change no file event tells of (here a manifest
+    /// that is a symlink to a file outside the directory, edited there), and
+    /// the agent goes on running.
+    @Test func sighupReadsTheConfigAgainAndTheAgentGoesOn() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
+        let outside = lab.config + "-outside"
+        defer { lab.down { try? FileManager.default.removeItem(atPath: outside) } }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: false)
+        try webPods().write(toFile: "\(outside)/pods.yaml", atomically: false, encoding: .utf8)
+        try FileManager.default.createSymbolicLink(atPath: "\(lab.config)/.pods.link", withDestinationPath: "\(outside)/pods.yaml")
+        #expect(rename("\(lab.config)/.pods.link", "\(lab.config)/pods.yaml") == 0)
+        func agentPid() throws -> Int32? {
+            let text = try LabHarness.shell(raw: ["curl", "-sS", "-m", "5", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/status"])
+            return ((try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])?["pid"] as? Int).map(Int32.init)
+        }
+        let pid = try #require(try agentPid())
+        func tally() throws -> [String: Int] {
+            try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
+        }
+
+        // Edited where the directory's watch cannot see it: not applied.
+        try webPods(["{app: gone}", "{app: web}", "{app: web}"]).write(toFile: "\(outside)/pods.yaml", atomically: true, encoding: .utf8)
+        usleep(500_000)
+        #expect(try tally()["web-1"] != nil)
+
+        #expect(kill(pid, SIGHUP) == 0)
+        var counts: [String: Int] = [:]
+        for _ in 0..<40 {
+            usleep(50_000)
+            counts = try tally()
+            if counts["web-1"] == nil { break }
+        }
+        #expect(counts["web-1"] == nil && !counts.isEmpty, "\(counts)\n\(LabHarness.agentLog("n1"))")
+        #expect(try agentPid() == pid && kill(pid, 0) == 0, "the agent exited on SIGHUP")
+        #expect(LabHarness.agentLog("n1", lines: 200).contains("SIGHUP: reading the config again"))
+    }
+
     @Test func badManifestIsRefusedWholeAndPreviousServicesKeepServing() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
         defer { lab.down() }
