@@ -32,6 +32,9 @@ public enum Agent {
             throw PreflightError("--config \(configuration.configDirectory) is not a directory")
         }
         let (host, port) = try parseAddress(configuration.metricsAddress)
+        let runDirectory = configuration.resolvedRunDirectory
+        let lock = try AgentLock.take(node: configuration.node, runDirectory: runDirectory)
+        defer { close(lock) }
         let signals = try SignalPipe([SIGTERM, SIGINT, SIGHUP, SIGUSR2])
 
         let pinDirectory = configuration.resolvedPinDirectory
@@ -42,9 +45,6 @@ public enum Agent {
         let shortcut = ShortcutController(configuration: configuration, pinDirectory: pinDirectory, podCgroup: cgroup,
                                           cgroupMount: cgroupMount, logger: logger)
         let shortcutMaps = shortcut.maps
-        let runDirectory = configuration.resolvedRunDirectory
-        try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true,
-                                                attributes: [.posixPermissions: 0o700])
         let supervisor = try proxySupervisor(configuration, pinDirectory: pinDirectory, logger: logger)
         if let supervisor {
             // Connections still queued on a draining proxy's listener move to

@@ -28,6 +28,13 @@ struct AgentCommand: ParsableCommand {
         var logger = Logger(label: "weft.agent")
         logger.logLevel = ProcessInfo.processInfo.environment["WEFT_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         if uninstall {
+            // Not from under a running agent, which would go on writing
+            // the maps it holds and restart the proxy.
+            guard !AgentLock.held(runDirectory: AgentConfiguration.runDirectory(node: node)) else {
+                FileHandle.standardError.write(Data(
+                    "weft agent: the agent for node \(node) is running; stop it first (systemctl stop weft-agent), then uninstall\n".utf8))
+                throw ExitCode(2)
+            }
             let dir = pinDir ?? Datapath.defaultPinDirectory(node: node)
             // The proxy goes with the datapath: it drains and exits, and
             // the files the agent wrote for it (keys included) go too.

@@ -685,6 +685,35 @@ struct ServiceLoadBalancingTests {
         #expect(LabHarness.agentLog("n1", lines: 200).contains("SIGHUP: reading the config again"))
     }
 
+    /// One agent per node: a second one for a node whose agent runs stops
+    /// before it touches the kernel, and `weft agent --uninstall` refuses
+    /// to pull the datapath from under a running agent; the first agent
+    /// and its Services go on as before. Once it is gone, another may start.
+    @Test func aSecondAgentForANodeAndAnUninstallUnderARunningAgentAreRefused() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        let links = try FileManager.default.contentsOfDirectory(atPath: "/sys/fs/bpf/weft/n1/links").sorted()
+        // (Under a time limit: were it not refused, it would run on.)
+        let second = try LabHarness.execute("/usr/bin/timeout", ["10", LabHarness.weft, "agent", "--config", lab.config,
+                                                                 "--node", "n1", "--metrics-addr", "127.0.0.1:0"])
+        #expect(second.status == 2, "\(second.output)")
+        #expect(second.output.contains("weft agent: another weft agent runs for node n1 (it holds /run/weft/n1); stop it first"),
+                "\(second.output)")
+        let uninstall = try LabHarness.run(["agent", "--node", "n1", "--uninstall"])
+        #expect(uninstall.status == 2 && uninstall.output.contains("the agent for node n1 is running; stop it first"),
+                "\(uninstall.output)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: "/sys/fs/bpf/weft/n1/links").sorted() == links)
+        let r = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "30"])
+        #expect(Set((r["counts"] as? [String: Int])?.keys ?? [:].keys) == ["web-1", "web-2", "web-3"], "\(r)")
+        #expect(try LabHarness.run(["status", "--node", "n1"]).output.contains("agent:      running"))
+        // A restarted agent (the old one gone first) takes the node again.
+        let restart = try LabHarness.run(["lab", "restart-agent", "n1", "--kill"])
+        #expect(restart.status == 0, "\(restart.output)\n\(LabHarness.agentLog("n1"))")
+        let after = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "30"])
+        #expect(Set((after["counts"] as? [String: Int])?.keys ?? [:].keys) == ["web-1", "web-2", "web-3"], "\(after)")
+    }
+
     @Test func badManifestIsRefusedWholeAndPreviousServicesKeepServing() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
         defer { lab.down() }
