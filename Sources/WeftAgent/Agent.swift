@@ -34,7 +34,14 @@ public enum Agent {
         let (host, port) = try parseAddress(configuration.metricsAddress)
         let runDirectory = configuration.resolvedRunDirectory
         let lock = try AgentLock.take(node: configuration.node, runDirectory: runDirectory)
-        defer { close(lock) }
+        defer {
+            // Without a proxy the run directory held only the status socket
+            // (or, when the start failed, nothing): leave nothing behind.
+            // With one, the proxy's files stay with the proxy.
+            rmdir(runDirectory)
+            rmdir((runDirectory as NSString).deletingLastPathComponent)
+            close(lock)
+        }
         let signals = try SignalPipe([SIGTERM, SIGINT, SIGHUP, SIGUSR2])
 
         let pinDirectory = configuration.resolvedPinDirectory
@@ -231,11 +238,8 @@ public enum Agent {
         server.stop()
         healthChecker.update([])
         try? probeGroup.syncShutdownGracefully()
-        // server.stop() removed the socket. Without a proxy the run directory
-        // held only that: leave nothing behind. With one, the proxy's files
-        // stay with the proxy.
-        rmdir(runDirectory)
-        rmdir((runDirectory as NSString).deletingLastPathComponent)
+        // (server.stop() removed the socket; the run directory goes on the
+        // way out, if nothing else is in it.)
         try? group.syncShutdownGracefully()
     }
 
