@@ -88,6 +88,13 @@ struct LabHarness {
         }
     }
 
+    /// A node agent's answer on its status socket (/status, /metrics, ...):
+    /// the text, and the text as a JSON object when it is one.
+    static func agent(_ node: String, _ path: String) throws -> (text: String, json: [String: Any]?) {
+        let text = try shell(raw: ["curl", "-sS", "-m", "5", "--unix-socket", "/run/weft/\(node)/agent.sock", "http://agent\(path)"])
+        return (text, (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any])
+    }
+
     /// The last lines of a node agent's log (with its proxy's), for failure messages.
     static func agentLog(_ node: String, lines: Int = 30) -> String {
         let text = (try? String(contentsOfFile: "/run/weft/lab/logs/agent-\(node).log", encoding: .utf8)) ?? ""

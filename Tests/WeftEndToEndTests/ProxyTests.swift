@@ -1546,11 +1546,8 @@ struct ProxyTests {
         let version = try LabHarness.execute(installed, ["--version"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(version.hasPrefix("weft ") && version.count > 5, "\(version)")
 
-        func agent(_ path: String) throws -> String {
-            try LabHarness.shell(raw: ["curl", "-sS", "-m", "5", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent\(path)"])
-        }
         func proxyBuild() throws -> (same: Bool?, pid: Int32?, version: String?) {
-            let json = try JSONSerialization.jsonObject(with: Data(try agent("/status").utf8)) as? [String: Any]
+            let json = try LabHarness.agent("n1", "/status").json
             let proxy = json?["proxy"] as? [String: Any]
             return (proxy?["sameBuild"] as? Bool, (proxy?["pid"] as? Int).map(Int32.init), json?["version"] as? String)
         }
@@ -1585,7 +1582,7 @@ struct ProxyTests {
         let restart = try LabHarness.execute(installed, ["lab", "restart-agent", "n1"])
         #expect(restart.status == 0, "\(restart.output)")
         #expect(try waitForBuild(false, notPid: nil) == restarted)
-        #expect(try agent("/metrics").contains("weft_proxy_other_build 1"))
+        #expect(try LabHarness.agent("n1", "/metrics").text.contains("weft_proxy_other_build 1"))
         let shown = try LabHarness.execute(installed, ["status", "--node", "n1"])
         #expect(shown.output.contains("runs another build of weft than this agent"), "\(shown.output)")
         #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
@@ -1594,7 +1591,7 @@ struct ProxyTests {
         let roll = try LabHarness.execute(installed, ["lab", "restart-proxy", "n1"])
         #expect(roll.status == 0, "\(roll.output)\n\(LabHarness.agentLog("n1"))")
         _ = try waitForBuild(true, notPid: restarted)
-        #expect(try agent("/metrics").contains("weft_proxy_other_build 0"))
+        #expect(try LabHarness.agent("n1", "/metrics").text.contains("weft_proxy_other_build 0"))
         #expect(try curl(lab, "http://198.19.1.11/").0 == 200)
     }
 

@@ -59,6 +59,19 @@ private func waitForServers(_ lab: LabHarness, _ addresses: [String]) throws {
     }
 }
 
+/// Who answers 12 connections to the web Service, asked again every 50 ms
+/// (up to 2 s) until `pod` is not among them: how a config change that
+/// takes a pod out is seen to apply.
+private func served(_ lab: LabHarness, without pod: String) throws -> [String: Int] {
+    var counts: [String: Int] = [:]
+    for _ in 0..<40 {
+        usleep(50_000)
+        counts = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
+        if counts[pod] == nil { break }
+    }
+    return counts
+}
+
 /// A pod answering every UDP datagram on 5353 with its name (labtool
 /// udp-name); with `tcp`, also accepting TCP connections on 5353.
 private func dnsPod(_ name: String, _ node: String, _ address: String, tcp: Bool = false) -> String {
@@ -580,12 +593,7 @@ struct ServiceLoadBalancingTests {
         // data directory goes, as the kubelet removes it.
         try publish("v2", pods: webPods(["{app: gone}", "{app: web}", "{app: web}"]))
         try fm.removeItem(atPath: "\(lab.config)/..v1")
-        var counts: [String: Int] = [:]
-        for _ in 0..<40 {
-            usleep(50_000)
-            counts = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
-            if counts["web-1"] == nil { break }
-        }
+        let counts = try served(lab, without: "web-1")
         let status = try LabHarness.run(["status", "--node", "n1"]).output
         #expect(counts["web-1"] == nil && !counts.isEmpty, "\(counts)\n\(status)")
         #expect(status.contains("config:     ok"), "\(status)")
@@ -604,15 +612,6 @@ struct ServiceLoadBalancingTests {
         }
         let link = try #require(lab.configLink)
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
-        func served(without pod: String) throws -> [String: Int] {
-            var counts: [String: Int] = [:]
-            for _ in 0..<40 {
-                usleep(50_000)
-                counts = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
-                if counts[pod] == nil { break }
-            }
-            return counts
-        }
         // Release 2: web-1 relabelled out, in a directory of its own; the
         // link swapped to it in one rename.
         let v2 = lab.config + "-v2"
@@ -621,14 +620,14 @@ struct ServiceLoadBalancingTests {
         try webPods(["{app: gone}", "{app: web}", "{app: web}"]).write(toFile: "\(v2)/pods.yaml", atomically: false, encoding: .utf8)
         try FileManager.default.createSymbolicLink(atPath: link + ".tmp", withDestinationPath: v2)
         #expect(rename(link + ".tmp", link) == 0)
-        let afterSwap = try served(without: "web-1")
+        let afterSwap = try served(lab, without: "web-1")
         let status = try LabHarness.run(["status", "--node", "n1"]).output
         #expect(afterSwap["web-1"] == nil && !afterSwap.isEmpty, "\(afterSwap)\n\(status)")
 
         // A change inside the new directory: web-1 back, web-2 out.
         try webPods(["{app: web}", "{app: gone}", "{app: web}"]).write(toFile: "\(v2)/.pods.tmp", atomically: false, encoding: .utf8)
         #expect(rename("\(v2)/.pods.tmp", "\(v2)/pods.yaml") == 0)
-        let afterEdit = try served(without: "web-2")
+        let afterEdit = try served(lab, without: "web-2")
         #expect(afterEdit["web-2"] == nil && afterEdit["web-1"] != nil, "\(afterEdit)")
 
         // The link removed, and a directory renamed into its place (web-3
@@ -638,11 +637,11 @@ struct ServiceLoadBalancingTests {
         try services.write(toFile: "\(v3)/services.yaml", atomically: false, encoding: .utf8)
         try webPods(["{app: web}", "{app: web}", "{app: gone}"]).write(toFile: "\(v3)/pods.yaml", atomically: false, encoding: .utf8)
         #expect(unlink(link) == 0 && rename(v3, link) == 0)
-        let afterRename = try served(without: "web-3")
+        let afterRename = try served(lab, without: "web-3")
         #expect(afterRename["web-3"] == nil && afterRename["web-2"] != nil, "\(afterRename)")
         try webPods(["{app: gone}", "{app: web}", "{app: web}"]).write(toFile: "\(link)/.pods.tmp", atomically: false, encoding: .utf8)
         #expect(rename("\(link)/.pods.tmp", "\(link)/pods.yaml") == 0)
-        let afterSecondEdit = try served(without: "web-1")
+        let afterSecondEdit = try served(lab, without: "web-1")
         #expect(afterSecondEdit["web-1"] == nil && afterSecondEdit["web-3"] != nil, "\(afterSecondEdit)")
     }
 
@@ -659,27 +658,17 @@ struct ServiceLoadBalancingTests {
         try webPods().write(toFile: "\(outside)/pods.yaml", atomically: false, encoding: .utf8)
         try FileManager.default.createSymbolicLink(atPath: "\(lab.config)/.pods.link", withDestinationPath: "\(outside)/pods.yaml")
         #expect(rename("\(lab.config)/.pods.link", "\(lab.config)/pods.yaml") == 0)
-        func agentPid() throws -> Int32? {
-            let text = try LabHarness.shell(raw: ["curl", "-sS", "-m", "5", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/status"])
-            return ((try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])?["pid"] as? Int).map(Int32.init)
-        }
+        func agentPid() throws -> Int32? { (try LabHarness.agent("n1", "/status").json?["pid"] as? Int).map(Int32.init) }
         let pid = try #require(try agentPid())
-        func tally() throws -> [String: Int] {
-            try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
-        }
 
         // Edited where the directory's watch cannot see it: not applied.
         try webPods(["{app: gone}", "{app: web}", "{app: web}"]).write(toFile: "\(outside)/pods.yaml", atomically: true, encoding: .utf8)
         usleep(500_000)
-        #expect(try tally()["web-1"] != nil)
+        let unchanged = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
+        #expect(unchanged["web-1"] != nil, "\(unchanged)")
 
         #expect(kill(pid, SIGHUP) == 0)
-        var counts: [String: Int] = [:]
-        for _ in 0..<40 {
-            usleep(50_000)
-            counts = try tally()
-            if counts["web-1"] == nil { break }
-        }
+        let counts = try served(lab, without: "web-1")
         #expect(counts["web-1"] == nil && !counts.isEmpty, "\(counts)\n\(LabHarness.agentLog("n1"))")
         #expect(try agentPid() == pid && kill(pid, 0) == 0, "the agent exited on SIGHUP")
         #expect(LabHarness.agentLog("n1", lines: 200).contains("SIGHUP: reading the config again"))
