@@ -42,6 +42,14 @@ public enum Agent {
             rmdir((runDirectory as NSString).deletingLastPathComponent)
             close(lock)
         }
+        // The metrics address is taken now, before the kernel is touched:
+        // one in use stops the agent here, not after its first reconcile.
+        let metricsSocket: Int32
+        do {
+            metricsSocket = try StatusServer.listenTCP(host: host, port: port)
+        } catch {
+            throw PreflightError("--metrics-addr \(configuration.metricsAddress): \(error)")
+        }
         let signals = try SignalPipe([SIGTERM, SIGINT, SIGHUP, SIGUSR2])
 
         let pinDirectory = configuration.resolvedPinDirectory
@@ -106,7 +114,7 @@ public enum Agent {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let socketPath = AgentConfiguration.statusSocket(runDirectory: runDirectory)
-        try server.start(host: host, port: port, unixSocket: socketPath) { path, accept in
+        try server.start(host: host, port: port, listening: metricsSocket, unixSocket: socketPath) { path, accept in
             switch path {
             case "/metrics":
                 let text = metrics.render() + proxyMetrics(runDirectory)

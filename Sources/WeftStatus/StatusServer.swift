@@ -27,7 +27,10 @@ public final class StatusServer {
 
     public init(group: MultiThreadedEventLoopGroup) { self.group = group }
 
-    public func start(host: String?, port: Int, unixSocket: String, deferred: Deferred? = nil, render: @escaping Render) throws {
+    /// `listening`: a TCP socket already listening (`listenTCP`), served
+    /// instead of binding `host`:`port` now.
+    public func start(host: String?, port: Int, listening: Int32? = nil, unixSocket: String, deferred: Deferred? = nil,
+                      render: @escaping Render) throws {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
@@ -37,7 +40,11 @@ public final class StatusServer {
                     try channel.pipeline.syncOperations.addHandler(StatusHandler(render: render, deferred: deferred))
                 }
             }
-        if let host { channels.append(try bootstrap.bind(host: host, port: port).wait()) }
+        if let listening {
+            channels.append(try bootstrap.withBoundSocket(listening).wait())
+        } else if let host {
+            channels.append(try bootstrap.bind(host: host, port: port).wait())
+        }
         let (fd, file) = try Self.listen(unixSocket)
         do {
             channels.append(try bootstrap.withBoundSocket(fd).wait())
@@ -58,6 +65,24 @@ public final class StatusServer {
             unlink(file.path)
         }
         unixFile = nil
+    }
+
+    /// A TCP socket listening on `host`:`port` now, to be served by `start`
+    /// later: a daemon learns that its address is taken (or not its to
+    /// take) before it does anything else.
+    public static func listenTCP(host: String, port: Int) throws -> Int32 {
+        let address = try SocketAddress.makeAddressResolvingHost(host, port: port)
+        let fd = socket(address.protocol.rawValue, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw StatusServerError("socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        let bound = address.withSockAddr { bind(fd, $0, socklen_t($1)) }
+        guard bound == 0, Glibc.listen(fd, 128) == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw StatusServerError("cannot listen: \(reason)")
+        }
+        return fd
     }
 
     /// A listening unix socket at `path`, mode 0600, put there in one

@@ -363,18 +363,56 @@ import Testing
     /// proxy exits, and the files the agent wrote for it (route table, its
     /// generation, the identity bundle with private keys) go with the run
     /// directory; anything else there is left and named.
+    /// A cgroup of a test's own, `name` under the cgroup v2 mount (made by the test).
+    static func cgroup(_ name: String) throws -> String {
+        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+        let mount = mounts.split(separator: "\n").map { $0.split(separator: " ") }.first { $0.count > 2 && $0[2] == "cgroup2" }
+        return try #require(mount.map { String($0[1]) }, "no cgroup v2 mount") + "/" + name
+    }
+
+    /// An agent whose --metrics-addr is taken stops before it touches the
+    /// kernel, saying so, rather than after loading, attaching and writing
+    /// the maps and starting a proxy. (Its own empty cgroup, and a time
+    /// limit, in case it did not.)
+    @Test(.enabled(if: LabHarness.canRun, LabHarness.skipReason))
+    func anAgentWhoseMetricsAddressIsTakenStopsBeforeTheKernel() throws {
+        try #require(LabHarness.isRoot, "CI=true: must run as root")
+        let node = "weft-e2e-metrics"
+        let cgroup = try Self.cgroup(node)
+        let config = try file("agent/web.yaml", Self.service)
+        let taken = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in(sin_family: sa_family_t(AF_INET), sin_port: 0, sin_addr: in_addr(s_addr: UInt32(0x7f00_0001).bigEndian),
+                                  sin_zero: (0, 0, 0, 0, 0, 0, 0, 0))
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let listening = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(taken, $0, length) == 0 && listen(taken, 1) == 0 && getsockname(taken, $0, &length) == 0
+            }
+        }
+        try #require(listening)
+        let port = UInt16(bigEndian: address.sin_port)
+        mkdir(cgroup, 0o755)
+        defer {
+            close(taken)
+            _ = try? LabHarness.run(["agent", "--node", node, "--uninstall"])
+            rmdir(cgroup)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        let r = try LabHarness.execute("/usr/bin/timeout", ["10", LabHarness.weft, "agent", "--config", (config as NSString).deletingLastPathComponent,
+                                                            "--node", node, "--cgroup", cgroup, "--metrics-addr", "127.0.0.1:\(port)",
+                                                            "--proxy-address", "none"])
+        #expect(r.status == 2, "\(r.output)")
+        #expect(r.output.contains("weft agent: --metrics-addr 127.0.0.1:\(port): cannot listen: Address already in use"), "\(r.output)")
+        #expect(!FileManager.default.fileExists(atPath: "/sys/fs/bpf/weft/\(node)"))
+        #expect(!FileManager.default.fileExists(atPath: "/run/weft/\(node)"))
+    }
+
     @Test(.enabled(if: LabHarness.canRun, LabHarness.skipReason))
     func agentUninstallRemovesTheProxyAndItsRunState() throws {
         try #require(LabHarness.isRoot, "CI=true: must run as root")
         let node = "weft-e2e-uninstall"
         let run = "/run/weft/\(node)"
-        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
-        var cgroup2: String?
-        for line in mounts.split(separator: "\n") {
-            let fields = line.split(separator: " ")
-            if fields.count > 2, fields[2] == "cgroup2" { cgroup2 = String(fields[1]); break }
-        }
-        let cgroup = try #require(cgroup2, "no cgroup v2 mount") + "/" + node
+        let cgroup = try Self.cgroup(node)
         let config = try file("agent/web.yaml", """
             apiVersion: v1
             kind: Service
