@@ -228,6 +228,9 @@ public enum Agent {
                 fill.withLock { $0 = reconciler.mapFill }
             }
             if fds[0].revents != 0, watcher.drain() {
+                if watcher.lostEvents {
+                    logger.notice("config watch: file events were lost (the inotify queue was full); reading the whole config again")
+                }
                 deadline = .now + configuration.debounce
                 continue
             }

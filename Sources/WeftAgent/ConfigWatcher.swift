@@ -16,6 +16,8 @@ final class ConfigWatcher {
     private var directoryWatch: Int32 = -1
     private var parentWatch: Int32 = -1
     private var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+    /// Whether the last `drain` found events lost to a full queue.
+    private(set) var lostEvents = false
 
     private static let directoryMask = UInt32(IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CREATE
         | IN_DELETE_SELF | IN_MOVE_SELF)
@@ -49,6 +51,7 @@ final class ConfigWatcher {
     func drain() -> Bool {
         var relevant = false
         var rearm = false
+        lostEvents = false
         while true {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             guard n > 0 else { break }
@@ -60,6 +63,13 @@ final class ConfigWatcher {
                     let nameBytes = raw[nameStart..<(nameStart + Int(event.len))].prefix { $0 != 0 }
                     let name = String(decoding: nameBytes, as: UTF8.self)
                     offset = nameStart + Int(event.len)
+                    // Events were lost (the queue was full): any file may
+                    // have changed, so the whole directory is read again.
+                    if event.mask & UInt32(IN_Q_OVERFLOW) != 0 {
+                        relevant = true
+                        lostEvents = true
+                        continue
+                    }
                     if event.wd == parentWatch {
                         // The path itself made, moved or removed.
                         if name == self.name { relevant = true; rearm = true }

@@ -703,6 +703,34 @@ struct ServiceLoadBalancingTests {
         #expect(Set((after["counts"] as? [String: Int])?.keys ?? [:].keys) == ["web-1", "web-2", "web-3"], "\(after)")
     }
 
+    /// The watch's event queue overflowing (thousands of file events while
+    /// the agent could not read them, as a large checkout makes): the kernel
+    /// drops events and says so, and the agent reads the whole directory
+    /// again, so a change whose own event was dropped still applies.
+    @Test func aChangeWhoseEventWasLostToAFullQueueStillApplies() throws {
+        let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        let pid = try #require((try LabHarness.agent("n1", "/status").json?["pid"] as? Int).map(Int32.init))
+        #expect(kill(pid, SIGSTOP) == 0)
+        defer { kill(pid, SIGCONT) }
+        // 27,000 events on a hidden name (create, close, delete), past the
+        // queue's 16,384 (fs.inotify.max_queued_events); then the change.
+        let junk = "\(lab.config)/.junk"
+        for _ in 0..<9_000 {
+            close(open(junk, O_CREAT | O_WRONLY, 0o600))
+            unlink(junk)
+        }
+        try lab.write("pods.yaml", webPods(["{app: gone}", "{app: web}", "{app: web}"]))
+        #expect(kill(pid, SIGCONT) == 0)
+        let counts = try served(lab, without: "web-1")
+        #expect(counts["web-1"] == nil && !counts.isEmpty, "\(counts)\n\(LabHarness.agentLog("n1"))")
+        // (Said so: another pass of the agent's, a pod's cgroup showing up
+        // late, could read the files too, and make the above hold anyway.)
+        #expect(LabHarness.agentLog("n1", lines: 400).contains("file events were lost (the inotify queue was full)"),
+                "\(LabHarness.agentLog("n1"))")
+    }
+
     @Test func badManifestIsRefusedWholeAndPreviousServicesKeepServing() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": webPods()])
         defer { lab.down() }
