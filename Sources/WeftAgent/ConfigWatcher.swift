@@ -1,7 +1,9 @@
 import Glibc
 
 /// Watches the config directory with inotify. Any create, write-close, move
-/// or delete of a manifest file counts; hidden files (temporaries) do not.
+/// or delete of a manifest file counts; hidden files (temporaries) do not,
+/// except a ConfigMap volume's `..data`; events the kernel dropped from a
+/// full queue count as a change to every file.
 ///
 /// It follows the path, not only the directory the path first led to: the
 /// path's parent is watched for the path's own name, so a directory moved

@@ -1529,8 +1529,9 @@ struct ProxyTests {
         #expect((entry["bytes_sent"] as? Int ?? 0) == logged.2.utf8.count && (entry["trace_id"] as? String)?.count == 32, "\(entry)")
     }
 
-    /// An upgrade in place, as install(1) or a package does it: a new file
-    /// renamed over the running one. The old agent, its file gone, still
+    /// An upgrade in place, as a package does it: a new file renamed over
+    /// the running one (install(1) removes the old file first; the same to
+    /// the running processes, which keep the old file, nameless). The old agent, its file gone, still
     /// restarts a crashed proxy (from its own build, which reads the table
     /// it writes); an agent restarted on the new build adopts the old build's
     /// proxy and says so in /status, `weft status` and
