@@ -1,6 +1,8 @@
 import Foundation
 import Glibc
+import WeftCore
 import WeftKernel
+import WeftStatus
 
 /// One agent per node. Two would each load and write the node's pinned maps
 /// and both adopt its proxy: the agent holds an exclusive lock on the node's
@@ -22,7 +24,11 @@ public enum AgentLock {
         guard fd >= 0 else { throw PreflightError("cannot open \(runDirectory): \(String(cString: strerror(errno)))") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             close(fd)
-            throw PreflightError("another weft agent runs for node \(node) (it holds \(runDirectory)); stop it first")
+            // Which one, if it answers on its status socket yet.
+            let status = try? UnixHTTP.get(socket: AgentConfiguration.statusSocket(runDirectory: runDirectory), path: "/status",
+                                           timeoutSeconds: 1)
+            let pid = status.flatMap { try? JSONDecoder().decode(AgentStatus.self, from: Data($0.utf8)) }.map { ", pid \($0.pid)" } ?? ""
+            throw PreflightError("another weft agent runs for node \(node) (it holds \(runDirectory)\(pid)); stop it first")
         }
         return fd
     }

@@ -687,7 +687,8 @@ struct ServiceLoadBalancingTests {
         let second = try LabHarness.execute("/usr/bin/timeout", ["10", LabHarness.weft, "agent", "--config", lab.config,
                                                                  "--node", "n1", "--metrics-addr", "127.0.0.1:0"])
         #expect(second.status == 2, "\(second.output)")
-        #expect(second.output.contains("weft agent: another weft agent runs for node n1 (it holds /run/weft/n1); stop it first"),
+        let pid = try #require(try LabHarness.agent("n1", "/status").json?["pid"] as? Int)
+        #expect(second.output.contains("weft agent: another weft agent runs for node n1 (it holds /run/weft/n1, pid \(pid)); stop it first"),
                 "\(second.output)")
         let uninstall = try LabHarness.run(["agent", "--node", "n1", "--uninstall"])
         #expect(uninstall.status == 2 && uninstall.output.contains("the agent for node n1 is running; stop it first"),
