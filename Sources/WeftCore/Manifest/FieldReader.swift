@@ -175,7 +175,8 @@ struct FieldReader {
 /// next field where the two do not depend on each other, and `check()` throws
 /// them together (the first, with the others as its `further`), as an API
 /// server lists every invalid field of an object it refuses. Checks that join
-/// fields together come after `check()`, on fields read whole. A group that
+/// fields together come after `check()`, on fields read whole; a mapping read
+/// field by field ends with `check(finishing:)`. A group that
 /// reads several keys of one reader marks the later ones known first
 /// (`ignore`), or a failure before it reads them would have `finish()` call
 /// them unknown.
@@ -224,6 +225,13 @@ struct ErrorList {
             guard var section = try reader.mapping(key) else { return }
             try read(&section)
         }
+    }
+
+    /// The mapping `reader` read finished (each field nobody read named as
+    /// unknown), then `check()`: how a mapping read field by field ends.
+    mutating func check(finishing reader: FieldReader) throws(ManifestError) {
+        attempt { () throws(ManifestError) in try reader.finish() }
+        try check()
     }
 
     /// Throws the errors kept, if any: the first, carrying the rest.

@@ -186,8 +186,7 @@ extension AuthorizationPolicy {
             found.append(spec.error(key, "not supported: Weft enforces policies itself, on the workloads a selector picks"))
         }
         let rules = found.each(&spec, "rules") { path, ruleNode throws(ManifestError) in try Self.rule(ruleNode, at: location, path: path) }
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
         self.init(metadata: metadata, selector: selector, action: action, rules: rules)
     }
 
@@ -208,8 +207,7 @@ extension AuthorizationPolicy {
             return try operation(o)
         }
         rule.when = found.each(&r, "when") { p, n throws(ManifestError) in try condition(n, at: location, path: p) }
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         return rule
     }
 
@@ -228,8 +226,7 @@ extension AuthorizationPolicy {
             r.ignore(key)
             found.append(r.error(key, "not supported: Weft authenticates peers, not end users"))
         }
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         if s == Source() { throw ManifestError(reader.location, field: reader.path, "a source needs at least one field") }
         return s
     }
@@ -246,8 +243,7 @@ extension AuthorizationPolicy {
         o.notMethods = found.attempt { () throws(ManifestError) in try patterns(&r, "notMethods") } ?? nil
         o.paths = found.attempt { () throws(ManifestError) in try patterns(&r, "paths", path: true) } ?? nil
         o.notPaths = found.attempt { () throws(ManifestError) in try patterns(&r, "notPaths", path: true) } ?? nil
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         if o == Operation() { throw ManifestError(reader.location, field: reader.path, "an operation needs at least one field") }
         return o
     }
@@ -271,8 +267,7 @@ extension AuthorizationPolicy {
             } ?? nil
             if field == "values" { c.values = read } else { c.notValues = read }
         }
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         if c.values == nil && c.notValues == nil { throw r.error("values", "a condition needs values or notValues") }
         return c
     }

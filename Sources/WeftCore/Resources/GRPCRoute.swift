@@ -40,8 +40,7 @@ extension HTTPRoute.Rule {
         timeouts = HTTPRoute.Timeouts()
         retry = nil
         sessionPersistence = Self.sessionPersistence(&r, &found, at: location)
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         if matches.isEmpty { matches = [.everything] }
     }
 

@@ -188,8 +188,7 @@ extension HTTPRoute {
             }
             return rule
         }
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
         let matches = rules.reduce(0) { $0 + $1.matches.count }
         guard matches <= 128 else {
             throw spec.error("rules", "at most 128 matches in all the rules together, got \(matches)")
@@ -241,8 +240,7 @@ extension HTTPRoute {
                 if let section { try Validation.portName(section, field: r.field("sectionName"), at: location) }
                 return section
             } ?? nil
-            inner.attempt { () throws(ManifestError) in try r.finish() }
-            try inner.check()
+            try inner.check(finishing: r)
             return ParentRef(namespace: namespace ?? metadata.namespace, name: name ?? "", port: port, sectionName: section)
         }
         try found.check()
@@ -263,8 +261,7 @@ extension HTTPRoute.Rule {
             try r.mapping("retry").map { t throws(ManifestError) in try HTTPRoute.Retry(t, at: location) }
         } ?? nil
         sessionPersistence = Self.sessionPersistence(&r, &found, at: location)
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         if matches.isEmpty { matches = [.everything] }
         let redirects = filters.filter { if case .requestRedirect = $0 { true } else { false } }.count
         let rewrites = filters.filter { if case .urlRewrite = $0 { true } else { false } }.count
@@ -365,8 +362,7 @@ extension HTTPRoute.Retry {
             try t.string("backoff").map { s throws(ManifestError) in try HTTPRoute.duration(s, field: t.field("backoff"), at: location) } ?? nil
         } ?? nil
         self.backoff = backoff ?? HTTPRoute.defaultRetryBackoff
-        found.attempt { () throws(ManifestError) in try t.finish() }
-        try found.check()
+        try found.check(finishing: t)
     }
 }
 
@@ -396,8 +392,7 @@ extension HTTPRoute.Match {
             }
             return method
         } ?? nil
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
     }
 
     /// An Exact or PathPrefix value as the Gateway API's schema takes it: an
@@ -528,8 +523,7 @@ extension HTTPRoute.BackendRef {
             }
             return filters
         } ?? []
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
     }
 }
 
@@ -653,8 +647,7 @@ extension HTTPRoute.HeaderModifier {
             removed.append(name)
         }
         remove = removed
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
     }
 }
 

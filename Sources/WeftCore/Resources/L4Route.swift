@@ -72,8 +72,7 @@ public struct L4Route: Hashable, Sendable {
             } ?? []
         }
         backendRefs = found.attempt { () throws(ManifestError) in try Self.rule(&spec, kind: kind, at: location) } ?? []
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
         self.metadata = metadata
         self.kind = kind
     }
@@ -97,8 +96,7 @@ public struct L4Route: Hashable, Sendable {
             }
             return ref
         }
-        found.attempt { () throws(ManifestError) in try rule.finish() }
-        try found.check()
+        try found.check(finishing: rule)
         guard !refs.isEmpty else { throw rule.error("backendRefs", "a \(kind.rawValue) rule needs at least one backendRef") }
         guard refs.contains(where: { $0.weight > 0 }) else {
             throw rule.error("backendRefs", "every backendRef has weight 0: the route would send nothing anywhere")

@@ -94,8 +94,7 @@ extension LabelSelector {
                 try Validation.labelValue(value, field: valuePath, at: location)
                 return value
             }
-            inner.attempt { () throws(ManifestError) in try e.finish() }
-            try inner.check()
+            try inner.check(finishing: e)
             guard let key, let op else { throw e.error("operator", "required field is missing") }
             let needsValues = op == .in || op == .notIn
             if needsValues && values.isEmpty {
@@ -106,8 +105,7 @@ extension LabelSelector {
             }
             return Requirement(key: key, op: op, values: values)
         }
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         self.init(matchLabels: labels, matchExpressions: requirements)
     }
 }

@@ -254,8 +254,7 @@ extension MeshConfig {
             inner.set(&socketShortcut, \.podReceivers) { () throws(ManifestError) in
                 try shortcut.oneOf("podReceivers", SocketShortcut.PodReceivers.self)
             }
-            inner.attempt { () throws(ManifestError) in try shortcut.finish() }
-            try inner.check()
+            try inner.check(finishing: shortcut)
         }
         found.section(&spec, "accessLog") { log throws(ManifestError) in
             var inner = ErrorList()
@@ -267,16 +266,14 @@ extension MeshConfig {
                 }
                 return name
             }
-            inner.attempt { () throws(ManifestError) in try log.finish() }
-            try inner.check()
+            try inner.check(finishing: log)
         }
         found.section(&spec, "telemetry") { t throws(ManifestError) in
             var inner = ErrorList()
             inner.set(&telemetry, \.connectionCounters) { () throws(ManifestError) in try t.bool("connectionCounters") }
             inner.set(&telemetry, \.requestMetrics) { () throws(ManifestError) in try t.bool("requestMetrics") }
             inner.section(&t, "tracing") { tr throws(ManifestError) in telemetry.tracing = try Self.tracing(&tr) }
-            inner.attempt { () throws(ManifestError) in try t.finish() }
-            try inner.check()
+            try inner.check(finishing: t)
         }
         found.section(&spec, "proxy") { p throws(ManifestError) in try Self.proxy(&p, into: &proxy, at: location) }
         found.section(&spec, "policy") { p throws(ManifestError) in
@@ -289,11 +286,9 @@ extension MeshConfig {
                 }
                 policy.udpIdleTimeout = d
             }
-            inner.attempt { () throws(ManifestError) in try p.finish() }
-            try inner.check()
+            try inner.check(finishing: p)
         }
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
     }
 
     /// `telemetry.tracing`: the collector and the share of requests traced.
@@ -313,8 +308,7 @@ extension MeshConfig {
             }
             return v
         } ?? nil
-        found.attempt { () throws(ManifestError) in try tr.finish() }
-        try found.check()
+        try found.check(finishing: tr)
         var tracing = Tracing(host: endpoint?.0 ?? IPv4Address(0), port: endpoint?.1 ?? 0)
         if let sampling { tracing.samplingPercent = sampling }
         return tracing
@@ -357,14 +351,12 @@ extension MeshConfig {
         found.section(&p, "pathNormalization") { n throws(ManifestError) in
             var inner = ErrorList()
             inner.set(&proxy, \.pathNormalization) { () throws(ManifestError) in try n.oneOf("normalization", RequestPath.Mode.self) }
-            inner.attempt { () throws(ManifestError) in try n.finish() }
-            try inner.check()
+            try inner.check(finishing: n)
         }
         found.section(&p, "tcpKeepalive") { k throws(ManifestError) in
             proxy.tcpKeepalive = try Self.tcpKeepalive(&k, at: location)
         }
-        found.attempt { () throws(ManifestError) in try p.finish() }
-        try found.check()
+        try found.check(finishing: p)
     }
 
     /// `proxy.tcpKeepalive`; nil: `time: 0s`, off.
@@ -392,8 +384,7 @@ extension MeshConfig {
             guard (1...127).contains(n) else { throw k.error("probes", "must be from 1 to 127, got \(n)") }
             keepalive.probes = n
         }
-        found.attempt { () throws(ManifestError) in try k.finish() }
-        try found.check()
+        try found.check(finishing: k)
         return off ? nil : keepalive
     }
 }

@@ -99,8 +99,7 @@ extension NetworkPolicy {
         let policyTypes = found.attempt { () throws(ManifestError) in try Self.policyTypes(&spec, at: location) } ?? nil
         let ingress = found.attempt { () throws(ManifestError) in try Self.rules(&spec, "ingress", peerKey: "from", at: location) } ?? []
         let egress = found.attempt { () throws(ManifestError) in try Self.rules(&spec, "egress", peerKey: "to", at: location) } ?? []
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
         self.init(metadata: metadata, podSelector: podSelector, policyTypes: policyTypes,
                   ingress: ingress, egress: egress)
     }
@@ -130,8 +129,7 @@ extension NetworkPolicy {
             var inRule = ErrorList()
             let peers = inRule.each(&r, peerKey) { p, n throws(ManifestError) in try peer(n, at: location, path: p) }
             let ports = inRule.each(&r, "ports") { p, n throws(ManifestError) in try port(n, at: location, path: p) }
-            inRule.attempt { () throws(ManifestError) in try r.finish() }
-            try inRule.check()
+            try inRule.check(finishing: r)
             return Rule(peers: peers, ports: ports)
         }
         try found.check()
@@ -188,8 +186,7 @@ extension NetworkPolicy {
             }
             return e
         }
-        found.attempt { () throws(ManifestError) in try b.finish() }
-        try found.check()
+        try found.check(finishing: b)
         guard let cidr else { throw b.error("cidr", "required field is missing") }
         return IPBlock(cidr: cidr, except: except)
     }

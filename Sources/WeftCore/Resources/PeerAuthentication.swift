@@ -54,8 +54,7 @@ extension PeerAuthentication {
         if spec.keys.contains("portLevelMtls") {
             found.append(spec.error("portLevelMtls", "not supported: set the mode per workload with a selector"))
         }
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
         self.init(metadata: metadata, selector: selector, mode: mode)
     }
 }

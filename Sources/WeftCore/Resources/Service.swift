@@ -97,8 +97,7 @@ extension Service {
             }
         } ?? false
         let affinityTimeout = found.attempt { () throws(ManifestError) in try Self.affinityTimeout(&spec) } ?? nil
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
         self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,
                   nodeLocal: nodeLocal)
     }
@@ -223,8 +222,7 @@ extension ServicePort {
             return appProtocol
         } ?? nil
         r.ignore("nodePort")
-        found.attempt { () throws(ManifestError) in try r.finish() }
-        try found.check()
+        try found.check(finishing: r)
         self.init(name: name, port: port, targetPort: target, transport: transport, appProtocol: appProtocol)
     }
 }

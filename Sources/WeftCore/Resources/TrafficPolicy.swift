@@ -297,8 +297,7 @@ extension TrafficPolicy {
                     throw r.error("namespace", "a TrafficPolicy applies to Services of its own namespace (\(metadata.namespace))")
                 }
             }
-            inner.attempt { () throws(ManifestError) in try r.finish() }
-            try inner.check()
+            try inner.check(finishing: r)
             guard !targets.contains(name) else {
                 throw ManifestError(location, field: "\(path).name", "Service \(name) is targeted twice")
             }
@@ -315,8 +314,7 @@ extension TrafficPolicy {
         found.section(&spec, "faultInjection") { fi throws(ManifestError) in faultInjection = try Self.faultInjection(&fi, at: location) }
         found.section(&spec, "retry") { r throws(ManifestError) in retry = try HTTPRoute.Retry(r, grpc: true, at: location) }
         found.section(&spec, "timeout") { t throws(ManifestError) in try Self.timeouts(&t, into: &self, at: location) }
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
     }
 
     // Each section below reads its fields each on its own (ErrorList), so
@@ -350,16 +348,14 @@ extension TrafficPolicy {
                     }
                     out.slowStartAggression = v
                 }
-                inner.attempt { () throws(ManifestError) in try s.finish() }
-                try inner.check()
+                try inner.check(finishing: s)
             }
         } else {
             // Whether these fit depends on the type, which is wrong already.
             lb.ignore("hashOn", "slowStart")
         }
         found.set(&out, \.locality) { () throws(ManifestError) in try lb.oneOf("locality", LoadBalancer.Locality.self) }
-        found.attempt { () throws(ManifestError) in try lb.finish() }
-        try found.check()
+        try found.check(finishing: lb)
         return out
     }
 
@@ -396,15 +392,13 @@ extension TrafficPolicy {
                     try HTTPRoute.duration(t, field: c.field("ttl"), at: location)
                 }
             } ?? nil
-            inner.attempt { () throws(ManifestError) in try c.finish() }
-            try inner.check()
+            try inner.check(finishing: c)
             keys.append(.cookie(name: name ?? "", ttl: ttl))
         }
         found.attempt { () throws(ManifestError) in
             if let ip = try h.bool("sourceIP"), ip { keys.append(.sourceIP) }
         }
-        found.attempt { () throws(ManifestError) in try h.finish() }
-        try found.check()
+        try found.check(finishing: h)
         guard keys.count == 1 else {
             throw ManifestError(location, field: h.path, "give exactly one of header, cookie or sourceIP: true")
         }
@@ -444,8 +438,7 @@ extension TrafficPolicy {
                 }
                 probe.service = service
             }
-            inner.attempt { () throws(ManifestError) in try g.finish() }
-            try inner.check()
+            try inner.check(finishing: g)
             out.grpc = probe
         }
         found.section(&hc, "tcp") { t throws(ManifestError) in
@@ -455,8 +448,7 @@ extension TrafficPolicy {
         for kind in kinds.dropFirst() {
             found.append(hc.error(kind, "a health check is one of http, grpc and tcp, not several"))
         }
-        found.attempt { () throws(ManifestError) in try hc.finish() }
-        try found.check()
+        try found.check(finishing: hc)
         return out
     }
 
@@ -481,8 +473,7 @@ extension TrafficPolicy {
                 return code...code
             }
         }
-        found.attempt { () throws(ManifestError) in try h.finish() }
-        try found.check()
+        try found.check(finishing: h)
         return probe
     }
 
@@ -500,12 +491,10 @@ extension TrafficPolicy {
             inner.set(&s, \.minimumHosts) { () throws(ManifestError) in try positive(&sr, "minimumHosts", allowZero: false) }
             inner.set(&s, \.requestVolume) { () throws(ManifestError) in try positive(&sr, "requestVolume", allowZero: false) }
             inner.set(&s, \.stdevFactor) { () throws(ManifestError) in try positive(&sr, "stdevFactor", allowZero: false) }
-            inner.attempt { () throws(ManifestError) in try sr.finish() }
-            try inner.check()
+            try inner.check(finishing: sr)
             out.successRate = s
         }
-        found.attempt { () throws(ManifestError) in try od.finish() }
-        try found.check()
+        try found.check(finishing: od)
         guard out.consecutive5xx > 0 || out.consecutiveGatewayErrors > 0 || out.successRate != nil else {
             throw ManifestError(location, field: od.path, "every check is off: set consecutive5xx, consecutiveGatewayErrors or successRate")
         }
@@ -523,8 +512,7 @@ extension TrafficPolicy {
         for limit in limits {
             found.set(&out, limit.field) { () throws(ManifestError) in try Self.positive(&cb, limit.key, allowZero: limit.allowZero) }
         }
-        found.attempt { () throws(ManifestError) in try cb.finish() }
-        try found.check()
+        try found.check(finishing: cb)
         return out
     }
 
@@ -550,8 +538,7 @@ extension TrafficPolicy {
             if let header { try HTTPRoute.headerName(header, field: rl.field("header"), at: location) }
             return header
         }
-        found.attempt { () throws(ManifestError) in try rl.finish() }
-        try found.check()
+        try found.check(finishing: rl)
         // (Every field read clean: the values stand in for the compiler only.)
         let key: RateLimit.Key
         switch (keyName ?? "Route", header ?? nil) {
@@ -578,8 +565,7 @@ extension TrafficPolicy {
                 return delay
             }
             let p = inner.attempt { () throws(ManifestError) in try required(percent(&d, "percentage"), d, "percentage") }
-            inner.attempt { () throws(ManifestError) in try d.finish() }
-            try inner.check()
+            try inner.check(finishing: d)
             if let delay, let p { out.delay = .init(fixedDelay: delay, percentage: p) }
         }
         found.section(&fi, "abort") { a throws(ManifestError) in
@@ -599,8 +585,7 @@ extension TrafficPolicy {
                 return (status, grpc)
             }
             let p = inner.attempt { () throws(ManifestError) in try required(percent(&a, "percentage"), a, "percentage") }
-            inner.attempt { () throws(ManifestError) in try a.finish() }
-            try inner.check()
+            try inner.check(finishing: a)
             if let status, let p { out.abort = .init(httpStatus: status.http, grpcStatus: status.grpc, percentage: p) }
         }
         out.routes = found.each(&fi, "routes") { path, node throws(ManifestError) in
@@ -617,12 +602,10 @@ extension TrafficPolicy {
             var inner = ErrorList()
             let ns = inner.attempt { () throws(ManifestError) in try s.requiredString("namespace") }
             let sa = inner.attempt { () throws(ManifestError) in try s.string("serviceAccount") } ?? nil
-            inner.attempt { () throws(ManifestError) in try s.finish() }
-            try inner.check()
+            try inner.check(finishing: s)
             return .init(namespace: ns ?? "", serviceAccount: sa)
         }
-        found.attempt { () throws(ManifestError) in try fi.finish() }
-        try found.check()
+        try found.check(finishing: fi)
         guard out.delay != nil || out.abort != nil else {
             throw ManifestError(location, field: fi.path, "give delay, abort or both")
         }
@@ -638,8 +621,7 @@ extension TrafficPolicy {
             policy.connectTimeout = inner.attempt { () throws(ManifestError) in
                 try Self.positiveDuration(&tcp, "connectTimeout", at: location)
             } ?? nil
-            inner.attempt { () throws(ManifestError) in try tcp.finish() }
-            try inner.check()
+            try inner.check(finishing: tcp)
         }
         found.section(&t, "http") { http throws(ManifestError) in
             var inner = ErrorList()
@@ -657,11 +639,9 @@ extension TrafficPolicy {
             policy.requestTimeout = inner.attempt { () throws(ManifestError) in
                 try Self.positiveDuration(&http, "requestTimeout", at: location)
             } ?? nil
-            inner.attempt { () throws(ManifestError) in try http.finish() }
-            try inner.check()
+            try inner.check(finishing: http)
         }
-        found.attempt { () throws(ManifestError) in try t.finish() }
-        try found.check()
+        try found.check(finishing: t)
     }
 
     /// A field that must be given.

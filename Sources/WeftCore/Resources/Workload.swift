@@ -90,8 +90,7 @@ extension Workload {
             }
             return cgroup
         } ?? nil
-        found.attempt { () throws(ManifestError) in try spec.finish() }
-        try found.check()
+        try found.check(finishing: spec)
         self.init(metadata: metadata, serviceAccount: serviceAccount, node: nodeName, address: address,
                   ports: ports, cgroup: cgroup)
     }
