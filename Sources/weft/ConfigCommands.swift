@@ -94,11 +94,11 @@ struct ApplyCommand: ParsableCommand {
             let busy = errno == EWOULDBLOCK
             guard busy, ContinuousClock.now < deadline else {
                 close(fd)
-                throw ValidationError(busy ? "another weft apply to \(config) held it for \(patience); nothing applied"
+                throw ValidationError(busy ? "another weft apply or delete held \(config) for \(patience); nothing done"
                                            : "cannot lock \(config): \(String(cString: strerror(errno)))")
             }
             if !said {
-                FileHandle.standardError.write(Data("waiting for another weft apply to \(config)\n".utf8))
+                FileHandle.standardError.write(Data("waiting for another weft apply or delete on \(config)\n".utf8))
                 said = true
             }
             usleep(20_000)

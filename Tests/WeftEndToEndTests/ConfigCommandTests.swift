@@ -90,7 +90,7 @@ import Testing
         apply.waitUntilExit()
         let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(apply.terminationStatus == 1, "\(text)")
-        #expect(text.contains("waiting for another weft apply to \(config)"), "\(text)")
+        #expect(text.contains("waiting for another weft apply or delete on \(config)"), "\(text)")
         #expect(text.contains("api.yaml:1:spec.clusterIP: clusterIP 198.19.0.11 is already used by Service shop/other"), "\(text)")
         #expect(text.contains("nothing applied"), "\(text)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: config).sorted() == ["other.yaml", "services.yaml"])

@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 
 /// Which build of weft a process runs: the release version, and the
@@ -27,10 +28,9 @@ public enum Build {
     /// upgrade in place), `/proc/self/exe`, which still leads to the file
     /// it runs. `replaced` says which.
     public static func ownExecutablePath() -> (path: String, replaced: Bool) {
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard n > 0 else { return (CommandLine.arguments.first ?? "/proc/self/exe", false) }
-        let path = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard let path = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") else {
+            return (CommandLine.arguments.first ?? "/proc/self/exe", false)
+        }
         // The kernel marks a removed file so; a file renamed over it has
         // another inode than the one this process runs.
         if path.hasSuffix(" (deleted)") || executable(ofPath: path) != executable() {
