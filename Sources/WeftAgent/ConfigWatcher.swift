@@ -42,8 +42,12 @@ final class ConfigWatcher {
             throw AgentError("cannot watch \(directory): \(reason)")
         }
         // (The root has no parent to watch for it; nor does a path whose
-        // parent cannot be read: then only the directory is watched.)
-        if !name.isEmpty { parentWatch = inotify_add_watch(fd, parent, Self.parentMask) }
+        // parent cannot be read: then only the directory is watched. Nor
+        // does "." or "..": its "parent" may be the directory itself, and a
+        // second watch of one directory would replace the first one's mask.)
+        if !name.isEmpty && name != "." && name != ".." && !Self.sameDirectory(parent, path) {
+            parentWatch = inotify_add_watch(fd, parent, Self.parentMask)
+        }
     }
 
     deinit { close(fd) }
@@ -93,6 +97,11 @@ final class ConfigWatcher {
         }
         if rearm { watchPath() }
         return relevant
+    }
+
+    private static func sameDirectory(_ a: String, _ b: String) -> Bool {
+        var x = stat(), y = stat()
+        return stat(a, &x) == 0 && stat(b, &y) == 0 && x.st_dev == y.st_dev && x.st_ino == y.st_ino
     }
 
     /// Watches whatever directory the path leads to now (inotify gives the

@@ -370,6 +370,46 @@ import Testing
         return try #require(mount.map { String($0[1]) }, "no cgroup v2 mount") + "/" + name
     }
 
+    /// --config written as "DIR/.": the path's last part is the directory
+    /// itself, which has no parent of its own to watch (a second watch on
+    /// it would replace the first's events); a change in it still applies.
+    @Test(.enabled(if: LabHarness.canRun, LabHarness.skipReason))
+    func aConfigPathEndingInDotIsWatched() throws {
+        try #require(LabHarness.isRoot, "CI=true: must run as root")
+        let node = "weft-e2e-dotconfig"
+        let cgroup = try Self.cgroup(node)
+        let config = (try file("agent/web.yaml", Self.service) as NSString).deletingLastPathComponent
+        mkdir(cgroup, 0o755)
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: LabHarness.weft)
+        agent.arguments = ["agent", "--config", config + "/.", "--node", node, "--cgroup", cgroup,
+                           "--metrics-addr", "127.0.0.1:0", "--proxy-address", "none"]
+        agent.standardOutput = FileHandle.nullDevice
+        agent.standardError = FileHandle.nullDevice
+        try agent.run()
+        defer {
+            if agent.isRunning { agent.terminate(); agent.waitUntilExit() }
+            _ = try? LabHarness.run(["agent", "--node", node, "--uninstall"])
+            rmdir(cgroup)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        func generation() -> Int? { (try? LabHarness.agent(node, "/status"))?.json?["generation"] as? Int }
+        var before: Int?
+        for _ in 0..<100 where before == nil {
+            usleep(50_000)
+            before = generation()
+        }
+        let first = try #require(before, "the agent never answered")
+        _ = try file("agent/api.yaml", Self.service.replacingOccurrences(of: "name: web,", with: "name: api,")
+                         .replacingOccurrences(of: "198.19.0.10", with: "198.19.0.11"))
+        var after = first
+        for _ in 0..<40 where after == first {
+            usleep(50_000)
+            after = generation() ?? first
+        }
+        #expect(after > first, "generation \(first) -> \(after)")
+    }
+
     /// An agent whose --metrics-addr is taken stops before it touches the
     /// kernel, saying so, rather than after loading, attaching and writing
     /// the maps and starting a proxy. (Its own empty cgroup, and a time
