@@ -363,6 +363,26 @@ import Testing
     /// proxy exits, and the files the agent wrote for it (route table, its
     /// generation, the identity bundle with private keys) go with the run
     /// directory; anything else there is left and named.
+    /// `weft agent` for `node` on `config`, in `cgroup` (made here), its
+    /// output dropped; stop it with `stopAgent`.
+    static func startAgent(node: String, config: String, cgroup: String, _ extra: [String] = []) throws -> Process {
+        mkdir(cgroup, 0o755)
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: LabHarness.weft)
+        agent.arguments = ["agent", "--config", config, "--node", node, "--cgroup", cgroup, "--metrics-addr", "127.0.0.1:0"] + extra
+        agent.standardOutput = FileHandle.nullDevice
+        agent.standardError = FileHandle.nullDevice
+        try agent.run()
+        return agent
+    }
+
+    /// Stops a `startAgent` agent, uninstalls its node and removes its cgroup.
+    static func stopAgent(_ agent: Process, node: String, cgroup: String) {
+        if agent.isRunning { agent.terminate(); agent.waitUntilExit() }
+        _ = try? LabHarness.run(["agent", "--node", node, "--uninstall"])
+        rmdir(cgroup)
+    }
+
     /// A cgroup of a test's own, `name` under the cgroup v2 mount (made by the test).
     static func cgroup(_ name: String) throws -> String {
         let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
@@ -379,18 +399,9 @@ import Testing
         let node = "weft-e2e-dotconfig"
         let cgroup = try Self.cgroup(node)
         let config = (try file("agent/web.yaml", Self.service) as NSString).deletingLastPathComponent
-        mkdir(cgroup, 0o755)
-        let agent = Process()
-        agent.executableURL = URL(fileURLWithPath: LabHarness.weft)
-        agent.arguments = ["agent", "--config", config + "/.", "--node", node, "--cgroup", cgroup,
-                           "--metrics-addr", "127.0.0.1:0", "--proxy-address", "none"]
-        agent.standardOutput = FileHandle.nullDevice
-        agent.standardError = FileHandle.nullDevice
-        try agent.run()
+        let agent = try Self.startAgent(node: node, config: config + "/.", cgroup: cgroup, ["--proxy-address", "none"])
         defer {
-            if agent.isRunning { agent.terminate(); agent.waitUntilExit() }
-            _ = try? LabHarness.run(["agent", "--node", node, "--uninstall"])
-            rmdir(cgroup)
+            Self.stopAgent(agent, node: node, cgroup: cgroup)
             try? FileManager.default.removeItem(atPath: dir)
         }
         func generation() -> Int? { (try? LabHarness.agent(node, "/status"))?.json?["generation"] as? Int }
@@ -459,19 +470,10 @@ import Testing
             metadata: {name: web, namespace: shop}
             spec: {clusterIP: 198.19.0.10, selector: {app: web}, ports: [{name: http, port: 80, appProtocol: http}]}
             """)
-        mkdir(cgroup, 0o755)
-        let agent = Process()
-        agent.executableURL = URL(fileURLWithPath: LabHarness.weft)
-        agent.arguments = ["agent", "--config", (config as NSString).deletingLastPathComponent, "--node", node,
-                           "--cgroup", cgroup, "--metrics-addr", "127.0.0.1:0"]
-        agent.standardOutput = FileHandle.nullDevice
-        agent.standardError = FileHandle.nullDevice
-        try agent.run()
+        let agent = try Self.startAgent(node: node, config: (config as NSString).deletingLastPathComponent, cgroup: cgroup)
         defer {
-            if agent.isRunning { agent.terminate(); agent.waitUntilExit() }
-            _ = try? LabHarness.run(["agent", "--node", node, "--uninstall"])
+            Self.stopAgent(agent, node: node, cgroup: cgroup)
             try? FileManager.default.removeItem(atPath: run)  // also when the uninstall failed to
-            rmdir(cgroup)
             try? FileManager.default.removeItem(atPath: dir)
         }
         var proxyPid: Int32?
