@@ -5,7 +5,8 @@ import WeftABI
 /// TCP connection it joins between two sockets of the same-node shortcut,
 /// the proxy tells the kernel how far it has passed each direction on, and
 /// the sender's sk_msg program puts later messages straight into the far
-/// end's queue whenever the proxy holds none of that direction's bytes.
+/// end's queue (a receiver), or out of the proxy's socket to it (any other
+/// pod), whenever the proxy holds none of that direction's bytes.
 public final class SpliceMaps: Sendable {
     let splice: BPFMap<weft_accel_key, weft_accel_splice>
     let spliced: BPFMap<weft_accel_key, UInt64>
@@ -71,12 +72,15 @@ public final class SpliceMaps: Sendable {
     /// The path for bytes sent to `proxySide` (the proxy's socket the
     /// sender talks to) into `target` past `via` (the proxy's socket joined
     /// to it), if the kernel could splice them: all three are on the
-    /// shortcut and the target is a receiver. Otherwise arming would only
-    /// cost map writes. The target is looked up first: most are no
-    /// receiver, and then one lookup (a system call) decides, not three.
+    /// shortcut, and either the target is a receiver (the bytes go into its
+    /// queue) or `via` is receive-only (they go out of it by TCP, as the
+    /// proxy's own writes do). Otherwise arming would only cost map writes.
+    /// The target is looked up first: a socket off the shortcut (most
+    /// between nodes) is decided by one lookup (a system call), not three.
     public func path(_ proxySide: Socket, target: Socket, via: Socket) -> Path? {
-        guard let t = (try? peers.lookup(target.key)) ?? nil, t.flags & UInt32(WEFT_ACCEL_LOCAL_RECEIVE) != 0,
-              (try? peers.lookup(proxySide.key)) ?? nil != nil, let v = (try? peers.lookup(via.key)) ?? nil
+        guard let t = (try? peers.lookup(target.key)) ?? nil,
+              (try? peers.lookup(proxySide.key)) ?? nil != nil, let v = (try? peers.lookup(via.key)) ?? nil,
+              t.flags & UInt32(WEFT_ACCEL_LOCAL_RECEIVE) != 0 || v.flags & UInt32(WEFT_ACCEL_PEER_RX_ONLY) != 0
         else { return nil }
         return Path(proxySide: proxySide, target: target, via: via, targetCookie: t.cookie, viaCookie: v.cookie)
     }

@@ -30,12 +30,14 @@ private func service(_ name: String, ip: String, app: String, appProtocol: Strin
 
 private let manifests = [
     workload("client", address: "198.18.1.10", command: "sleep infinity", receiver: true),
+    workload("loner", address: "198.18.1.11", command: "sleep infinity", receiver: false),
     workload("sink", address: "198.18.1.20", command: "python3 \(streamTool) serve 9000", receiver: true),
     // Not a receiver: it reads with splice(), which never sees redirected bytes.
     workload("plain", address: "198.18.1.21", command: "python3 \(streamTool) serve 9000", receiver: false),
     service("direct", ip: "198.19.5.10", app: "sink"),
     service("viaproxy", ip: "198.19.5.11", app: "sink", appProtocol: "http"),
     service("plain", ip: "198.19.5.12", app: "plain"),
+    service("plainviaproxy", ip: "198.19.5.13", app: "plain", appProtocol: "http"),
 ].joined(separator: "\n---\n")
 
 private func meshConfig(enabled: Bool, splice: Bool = true) -> String {
@@ -74,8 +76,9 @@ struct ShortcutTests {
         return Int(total)
     }
 
-    private func stress(_ lab: LabHarness, _ target: String, cases: String, seconds: Double = 3) throws -> [String: Any] {
-        let r = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "170",
+    private func stress(_ lab: LabHarness, _ target: String, cases: String, seconds: Double = 3,
+                        from client: String = "client") throws -> [String: Any] {
+        let r = try LabHarness.run(["lab", "exec", "\(ns)/\(client)", "--", "timeout", "-s", "KILL", "170",
                                     "python3", streamTool, "stress", target, "9000", "--cases", cases,
                                     "--seconds", "\(seconds)"])
         guard let line = r.output.split(separator: "\n").last,
@@ -181,6 +184,42 @@ struct ShortcutTests {
         let metrics = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
         #expect(metrics.contains("weft_shortcut_enabled 1"))
         #expect(metrics.contains("weft_shortcut_events_total{event=\"bytes_redirected\"}"))
+    }
+
+    /// Neither end is a receiver (the server reads with splice() in one
+    /// case): the kernel still takes the bytes past the proxy, out of the
+    /// proxy's own socket to the far end by TCP (weft_abi.h, "Splice"), so
+    /// each end reads plain TCP.
+    @Test func opaqueTCPBetweenPodsThatAreNoReceiversIsSplicedPastTheProxyByTCP() throws {
+        let lab = try LabHarness(files: ["all.yaml": manifests, "mesh.yaml": meshConfig(enabled: true)], nodes: 1)
+        defer { lab.down() }
+        try waitForServers(lab)
+        let target = "198.19.5.13"
+        let relayedBefore = try proxyTCPBytes()
+
+        // Request and answer, 2,000 times 200 bytes each way: all but the
+        // first exchanges skip the proxy in both directions (each direction
+        // alone is 400,000 bytes, so over 720,000 spliced takes both).
+        let e0 = try events()
+        expectAllOK(try stress(lab, target, cases: "pingpong", from: "loner"), "request and answer")
+        let e1 = try events()
+        #expect(e1["bytes_spliced", default: 0] - e0["bytes_spliced", default: 0] >= 720_000,
+                "request and answer were not spliced past the proxy both ways: \(e0) -> \(e1)")
+
+        // Every case, both ends on plain TCP, through the proxy and past it;
+        // the splice() reader gets every byte.
+        expectAllOK(try stress(lab, target, cases: allCases + ",splice_recv,long", from: "loner"), "no receiver at either end")
+        let e2 = try events()
+        #expect(e2["bytes_spliced", default: 0] - e1["bytes_spliced", default: 0] >= 1 << 20,
+                "the other cases spliced (almost) nothing: \(e1) -> \(e2)")
+        let spliced = e2["bytes_spliced", default: 0] - e0["bytes_spliced", default: 0]
+        var relayed = 0
+        for _ in 0..<100 {
+            relayed = try proxyTCPBytes() - relayedBefore
+            if relayed >= spliced { break }
+            usleep(50_000)
+        }
+        #expect(relayed >= spliced, "the proxy's byte counters miss spliced bytes: \(relayed) < \(spliced)")
     }
 
     @Test func agentRestartAndSwitchingOffMidStreamLoseNothing() throws {

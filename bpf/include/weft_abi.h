@@ -346,16 +346,22 @@ struct weft_accel_sock {
  * byte (client C -- D proxy U -- S server, opaque TCP to a pod of this
  * node), it writes one weft_accel_splice per direction, keyed by its own
  * socket that the sender talks to (D for C's bytes, U for S's). The
- * sender's sk_msg program then puts a message straight into the far end's
- * receive queue (C -> S), skipping the proxy, but only while that cannot
- * reorder a byte:
+ * sender's sk_msg program then moves a message past the proxy, but only
+ * while that cannot reorder a byte:
  *  - forwarded == the sender's weft_accel_sock.sent: the proxy has read
  *    every byte the sender ever gave it and written all of them on (the
  *    proxy raises `forwarded` only once a write has completed, so it lags,
  *    never leads; a count that could be off stops splicing, never starts it);
+ *  - `target` and `via` are the very sockets the proxy joined (cookies).
+ * A target that is a receiver is given the message in its receive queue
+ * (C -> S, no TCP at all) when also
  *  - nothing of the proxy's writes is still in TCP between `via` and
  *    `target` (via snd_una == write_seq, target copied_seq == rcv_nxt);
- *  - the target is a receiver, on the shortcut, with room in its queue.
+ *  - the target has room in its queue.
+ * Any other target gets it by TCP, sent out of `via` (C -> U -> S, as the
+ * proxy's own write would go, behind the proxy's writes already queued
+ * there), when `via` is receive-only (weft_accel_rx: no sk_msg program, so
+ * every byte it sends is TCP's) and has room in its send buffer.
  * Otherwise the message goes to the proxy as before, which forwards it in
  * order behind the spliced bytes already queued. FIN and RST still travel
  * through the proxy, after every byte. sockops deletes an entry when its

@@ -13,8 +13,9 @@
  *                                receivers: the proxy reads with read()
  *   sk_msg   weft_accel_msg      redirects a message into the peer's
  *                                receive queue, or past the node proxy
- *                                into the far end's (splice), or lets TCP
- *                                carry it
+ *                                into the far end's queue or out of the
+ *                                proxy's socket to it (splice), or lets
+ *                                TCP carry it
  *
  * The few kernel structs read below are declared with preserve_access_index
  * (CO-RE): libbpf relocates the field offsets against the running kernel's
@@ -35,6 +36,8 @@ struct sk_psock {
 
 struct sock {
 	int sk_rcvbuf;
+	int sk_sndbuf;
+	int sk_wmem_queued;
 	void *sk_user_data;
 } __attribute__((preserve_access_index));
 
@@ -350,6 +353,19 @@ static __always_inline int peer_queue_full(const struct weft_accel_key *peer_key
 	return queued + size > limit;
 }
 
+/* Would `size` more bytes take the socket at `sock` over its send buffer?
+ * (TCP checks for room only as it starts each new buffer, so a message
+ * that fits is taken whole.) */
+static __always_inline int send_buffer_full(__u64 sock, __u32 size)
+{
+	struct sock *sk;
+
+	if (!sock)
+		return 1;
+	sk = bpf_rdonly_cast((void *)sock, bpf_core_type_id_kernel(struct sock));
+	return sk->sk_sndbuf <= 0 || (__u64)(__u32)sk->sk_wmem_queued + size > (__u64)sk->sk_sndbuf;
+}
+
 /* True when TCP holds none of the bytes `sender` sent to the socket at
  * `receiver`: all acknowledged and all read by the receiver's application.
  * Then a redirected byte cannot overtake one sent by TCP. */
@@ -374,7 +390,8 @@ static __always_inline int tcp_drained(struct bpf_sock *self, const struct weft_
 }
 
 /* Splice (weft_abi.h): put this message straight into the far end's queue,
- * past the node proxy, when the rules there allow. 1 if it was redirected. */
+ * or out of the proxy's socket joined to it, past the node proxy, when the
+ * rules there allow. 1 if it was redirected. */
 static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_sock *state,
 				      const struct weft_accel_key *peer, __u32 size,
 				      const struct weft_accel_config *cfg)
@@ -393,19 +410,34 @@ static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_s
 		goto wait;
 	target = bpf_map_lookup_elem(&weft_accel_peers, &sp->target);
 	via = bpf_map_lookup_elem(&weft_accel_peers, &sp->via);
-	if (!target || !via || !(target->flags & WEFT_ACCEL_LOCAL_RECEIVE))
+	if (!target || !via)
 		goto wait;
 	/* The very sockets the proxy joined, not others on the same 4-tuples. */
 	if (target->cookie != sp->target_cookie || via->cookie != sp->via_cookie)
 		goto wait;
-	/* The proxy's last writes are out of TCP (the proxy writes no more of
-	 * this direction until we send it more, so `via` holds still too). */
-	if (!tcp_quiet((void *)via->sock, target->sock))
-		goto wait;
-	if (peer_queue_full(&sp->target, size, cfg))
-		goto wait;
-	if (redirect_into(msg, &sp->target, target->flags & WEFT_ACCEL_PEER_RX_ONLY) != SK_PASS)
-		goto wait;
+	if (target->flags & WEFT_ACCEL_LOCAL_RECEIVE) {
+		/* Into the far end's receive queue. The proxy's last writes are
+		 * out of TCP (the proxy writes no more of this direction until
+		 * we send it more, so `via` holds still too). */
+		if (!tcp_quiet((void *)via->sock, target->sock))
+			goto wait;
+		if (peer_queue_full(&sp->target, size, cfg))
+			goto wait;
+		if (redirect_into(msg, &sp->target, target->flags & WEFT_ACCEL_PEER_RX_ONLY) != SK_PASS)
+			goto wait;
+	} else {
+		/* A far end that is no receiver: out of `via` by its TCP, as
+		 * the proxy's own write would go, queued behind the proxy's
+		 * writes already there. Only a `via` that no sk_msg program
+		 * sends through (a receive-only socket: all its bytes are TCP's),
+		 * and only with room in its send buffer: a push that finds
+		 * none fails the sender's sendmsg (EAGAIN) though its own
+		 * socket is writable. */
+		if (!(via->flags & WEFT_ACCEL_PEER_RX_ONLY) || send_buffer_full(via->sock, size))
+			goto wait;
+		if (bpf_msg_redirect_hash(msg, &weft_accel_rx, &sp->via, 0) != SK_PASS)
+			goto wait;
+	}
 	spliced = bpf_map_lookup_elem(&weft_accel_spliced, peer);
 	if (spliced)
 		__sync_fetch_and_add(spliced, size);

@@ -284,6 +284,27 @@ def case_echo(addr, size=16 << 20, pace=0.0, **_):
     return {"ok": not err and n == size and digest == hashlib.sha256(data).hexdigest(), "len": n, "errors": err}
 
 
+def case_pingpong(addr, rounds=2000, size=200, **_):
+    """Request and answer, one at a time: `rounds` messages of `size` bytes
+    each echoed back whole before the next goes."""
+    s = dial(addr, {"case": "echo"})
+    bad = 0
+    for i in range(rounds):
+        p = pattern(size, seed=i % 251)
+        s.sendall(p)
+        got = bytearray()
+        while len(got) < size:
+            d = s.recv(size - len(got))
+            if not d:
+                break
+            got += d
+        bad += bytes(got) != p
+    s.shutdown(socket.SHUT_WR)
+    rest = s.recv(16)
+    s.close()
+    return {"ok": bad == 0 and rest == b"", "rounds": rounds, "bad": bad}
+
+
 def read_slowly(s, pause):
     """To EOF, 16 KiB at a time with a pause after each: length and sha256."""
     h = hashlib.sha256()
@@ -403,7 +424,7 @@ CASES = {
     "splice_send": case_splice_send, "splice_recv": case_splice_recv, "echo": case_echo,
     "slow_echo": case_slow_echo, "server_first": case_server_first,
     "half_close": case_half_close, "reset": case_reset, "backpressure": case_backpressure,
-    "concurrent": case_concurrent,
+    "concurrent": case_concurrent, "pingpong": case_pingpong,
 }
 
 
