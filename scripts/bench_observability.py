@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import h2load_requests, sh, write_section  # noqa: E402
+from benchdoc import machine_cpu_seconds, h2load_requests, sh, write_section  # noqa: E402
 from bench_proxy import BACKEND_CONF  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -127,13 +127,6 @@ def prog_stats(names):
             t, c = out.get(p["name"], (0, 0))
             out[p["name"]] = (t + p.get("run_time_ns", 0), c + p.get("run_cnt", 0))
     return out
-
-
-def machine_cpu_seconds():
-    """All CPU time the machine spent (every core, every mode but idle)."""
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # less idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pid):

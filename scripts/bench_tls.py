@@ -39,7 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import NodeProcesses, h2load_requests, revision, sh, write_section  # noqa: E402
+from benchdoc import NodeProcesses, h2load_requests, machine_cpu_seconds, revision, sh, write_section  # noqa: E402
 from bench_proxy import DISTURBED, RETRIES, added_over, cpu_seconds, h2load, h2load_watched, pids_of, rss_mib, until_calm  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
@@ -209,10 +209,10 @@ def h2load_new(extra, url, proxy_pids, rate, seconds):
     mean time to first byte, and the CPU µs of `proxy_pids` per connection."""
     total = rate * seconds
     per_tenth = max(1, rate // 10)
-    c0 = cpu_seconds(proxy_pids)
+    c0, m0 = cpu_seconds(proxy_pids), machine_cpu_seconds()
     out = sh(WEFT, "lab", "exec", "bench/client", "--", "h2load", "--h1", *extra, "-r", str(per_tenth),
              "--rate-period", "100ms", "-c", str(total), "-n", str(total), "-t", "1", url)
-    cpu = cpu_seconds(proxy_pids) - c0
+    cpu, machine = cpu_seconds(proxy_pids) - c0, machine_cpu_seconds() - m0
     done = h2load_requests(out)["succeeded"]
     ttfb = None
     for line in out.splitlines():
@@ -222,7 +222,8 @@ def h2load_new(extra, url, proxy_pids, rate, seconds):
         raise SystemExit(f"h2load to {url} made no connection: {out[-1500:]}")
     # (Failed, errored and never made alike: every connection not answered 2xx.)
     return {"connections": done, "failed": total - done, "ttfb_us": ttfb,
-            "cpu_us_per_conn": cpu / done * 1e6 if proxy_pids else None}
+            "cpu_us_per_conn": cpu / done * 1e6 if proxy_pids else None,
+            "machine_us_per_conn": machine / done * 1e6}
 
 
 def main():
@@ -239,9 +240,10 @@ def main():
                 for name in order:
                     proc = pids_of(pids[name]) if name in pids else []
                     fixed = h2load_watched(URL, None, FIXED_S, RATE, shape=shape(TARGETS[name]))
-                    c0 = cpu_seconds(proc)
+                    c0, m0 = cpu_seconds(proc), machine_cpu_seconds()
                     top = h2load(URL, None, MAX_S, shape=shape(TARGETS[name]), warmup=0)
                     top["cpu_s"] = cpu_seconds(proc) - c0
+                    top["machine_us_per_req"] = (machine_cpu_seconds() - m0) / top["requests"] * 1e6
                     top["per_core"] = top["requests"] / top["cpu_s"] if top["cpu_s"] > 0 else None
                     new = new_connections(TARGETS[name], proc)
                     got[name] = {"fixed": fixed, "max": top, "new": new}
@@ -266,12 +268,19 @@ def main():
              "host_slow": statistics.median(r["host_slow"] for r in runs["fixed"]),
              "max_rate": statistics.median(r["rate"] for r in runs["max"]),
              "ttfb_us": statistics.median(r["ttfb_us"] for r in runs["new"]),
+             "machine_us_per_req": statistics.median(r["machine_us_per_req"] for r in runs["max"]),
+             "machine_us_per_conn": statistics.median(r["machine_us_per_conn"] for r in runs["new"]),
              "failed": sum(r["failed"] for kind in ("fixed", "max", "new") for r in runs[kind])}
         if name != "direct":
             s.update(added_over(runs["fixed"], rounds["direct"]["fixed"]))
-            s["per_core"] = statistics.median(r["per_core"] for r in runs["max"])
+            cores = [r["per_core"] for r in runs["max"] if r["per_core"]]
+            s["per_core"] = statistics.median(cores) if cores else None
             s["cpu_us_per_conn"] = statistics.median(r["cpu_us_per_conn"] for r in runs["new"])
             s["added_ttfb_us"] = statistics.median(a["ttfb_us"] - b["ttfb_us"] for a, b in zip(runs["new"], rounds["direct"]["new"]))
+            s["added_machine_us_per_req"] = statistics.median(
+                a["machine_us_per_req"] - b["machine_us_per_req"] for a, b in zip(runs["max"], rounds["direct"]["max"]))
+            s["added_machine_us_per_conn"] = statistics.median(
+                a["machine_us_per_conn"] - b["machine_us_per_conn"] for a, b in zip(runs["new"], rounds["direct"]["new"]))
             s["rss_mib"] = rss[name]
         summary[name] = s
     for runs in rounds.values():
@@ -300,31 +309,42 @@ def report(summary, repeated, kept_disturbed):
         "",
         f"- kept: {h2}, HTTP/1.1 over TLS, {CONNS} kept connections at {RATE} requests/s for {FIXED_S} s (*added* = side minus "
         "direct, per round; *quiet* leaves out the requests in flight while the host slowed the VM, top of this page), then as "
-        f"fast as they go for {MAX_S} s: *per core* = requests / CPU seconds of the proxy.",
+        f"fast as they go for {MAX_S} s: *per core* = requests / CPU seconds of the proxy's processes; *node CPU* = the CPU "
+        "time the whole VM spent per request in that run (every process and the kernel's work, /proc/stat), and *added* that "
+        "minus direct's in the same round: what a side costs wherever its work runs. Weft's splice (docs/shortcut.md, rule 7) "
+        "moves a passed-through connection's bytes past the proxy, in the senders' own system calls, so its proxy's CPU no "
+        "longer says what it costs; the node's does.",
         f"- new: {NEW_RATE} new connections a second for {NEW_S} s, each a full handshake with the backend and one request: "
-        "*CPU per connection* of the proxy, and h2load's mean time to the first byte (connect, handshake, request) added over "
-        "direct.",
+        "*CPU per connection* of the proxy, the node's CPU per connection added over direct's, and h2load's mean time to the "
+        "first byte (connect, handshake, request) added over direct.",
         f"- A round in which the host was slow for more than {DISTURBED:.0%} of a kept run is run again, at most {RETRIES} times "
         f"(this time: {repeated} repeats, {kept_disturbed} of {ROUNDS} rounds kept still over it).",
         "",
-        "| side | kept: added p50 | added p99 | quiet added p99 | req/s per core | max req/s | new: CPU per connection | "
-        "added time to first byte | RSS | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| side | kept: added p50 | added p99 | quiet added p99 | req/s per core | node CPU per request (added) | max req/s | "
+        "new: CPU per connection | node CPU per connection (added) | added time to first byte | RSS | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    us1 = "{:.1f} µs".format
     for name in TARGETS:
         s = summary[name]
         if name == "direct":
-            lines.append(f"| direct | – | – | – | – | {s['max_rate']:.0f} | – | – ({us(s['ttfb_us'])}) | – | {s['failed']} |")
+            lines.append(f"| direct | – | – | – | – | {us1(s['machine_us_per_req'])} | {s['max_rate']:.0f} | – | "
+                         f"{us(s['machine_us_per_conn'])} | – ({us(s['ttfb_us'])}) | – | {s['failed']} |")
             continue
+        per_core = f"{s['per_core']:,.0f}" if s["per_core"] else "–"
         lines.append(f"| {name} | {us(s['added_p50_us'])} | {us(s['added_p99_us'])} | {us(s['quiet_added_p99_us'])} | "
-                     f"{s['per_core']:,.0f} | {s['max_rate']:.0f} | {us(s['cpu_us_per_conn'])} | {us(s['added_ttfb_us'])} | "
-                     f"{s['rss_mib']:.0f} MiB | {s['failed']} |")
+                     f"{per_core} | {us1(s['machine_us_per_req'])} ({s['added_machine_us_per_req']:+.1f}) | {s['max_rate']:.0f} | "
+                     f"{us(s['cpu_us_per_conn'])} | {us(s['machine_us_per_conn'])} ({s['added_machine_us_per_conn']:+.0f}) | "
+                     f"{us(s['added_ttfb_us'])} | {s['rss_mib']:.0f} MiB | {s['failed']} |")
     w, h = summary["weft"], summary["haproxy"]
+    ratio = f"{w['per_core'] / h['per_core']:.2f}x" if w["per_core"] and h["per_core"] else "–"
     lines += [
         "",
-        f"Weft against HAProxy: kept requests per core {w['per_core'] / h['per_core']:.2f}x, added p99 {us(w['added_p99_us'])} "
-        f"vs {us(h['added_p99_us'])}; CPU per new connection {w['cpu_us_per_conn'] / h['cpu_us_per_conn']:.2f}x "
-        f"({us(w['cpu_us_per_conn'])} vs {us(h['cpu_us_per_conn'])}).",
+        f"Weft against HAProxy: node CPU added per kept request {w['added_machine_us_per_req']:+.1f} µs vs "
+        f"{h['added_machine_us_per_req']:+.1f} µs (the proxy's own requests per core {ratio}), added p99 "
+        f"{us(w['added_p99_us'])} vs {us(h['added_p99_us'])}; per new connection, node CPU added "
+        f"{w['added_machine_us_per_conn']:+.0f} µs vs {h['added_machine_us_per_conn']:+.0f} µs, the proxy's own CPU "
+        f"{w['cpu_us_per_conn'] / h['cpu_us_per_conn']:.2f}x ({us(w['cpu_us_per_conn'])} vs {us(h['cpu_us_per_conn'])}).",
     ]
     write_section("tls", lines)
     print("\n".join(lines))

@@ -87,6 +87,15 @@ def write_config(config, name, text):
     os.rename(tmp, os.path.join(config, name))
 
 
+def machine_cpu_seconds():
+    """All CPU time the machine spent (every core, every mode but idle):
+    what a side costs wherever it runs, in its own process, in the sender's
+    system calls or in softirq."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # less idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def h2load_requests(out):
     """The counts on h2load's "requests:" line (total, started, done,
     succeeded, failed, errored, timeout), by name; zeros if it has none."""
