@@ -12,6 +12,9 @@ to keep both cores busy (throughput: requests/s, i.e. CPU cost per request).
   pod       client -> a kernel-only Service -> server (pod -> pod)
   proxy     client -> an L7 Service -> `weft proxy` (opaque TCP) -> server
             (pod -> proxy -> pod)
+  plain     the same as proxy between two other pods that are no receivers
+            (the default for a pod): the proxy's sockets to them only send
+            by TCP, and a spliced message leaves the proxy's socket by TCP
 pod and proxy run with the shortcut off and on (MeshConfig, switched live),
 the order rotating each round; medians over rounds. proxy runs in three
 modes: off; "hops" (shortcut on, splicing off: only the pod -> proxy and
@@ -37,6 +40,7 @@ SECONDS = float(os.environ.get("WEFT_BENCH_SHORTCUT_SECONDS", "2"))
 CONNS = int(os.environ.get("WEFT_BENCH_SHORTCUT_CONNS", "8"))
 SIZES = [64, 1024, 4096, 16384, 65536, 1 << 20]
 CLIENT, SERVER, POD_VIP, PROXY_VIP = "198.18.1.10", "198.18.1.20", "198.19.6.10", "198.19.6.11"
+PLAIN_CLIENT, PLAIN_SERVER, PLAIN_VIP = "198.18.1.11", "198.18.1.21", "198.19.6.12"
 
 
 def manifests(tool):
@@ -60,6 +64,21 @@ apiVersion: v1
 kind: Service
 metadata: {{name: proxy, namespace: bench}}
 spec: {{clusterIP: {PROXY_VIP}, selector: {{app: server}}, ports: [{{name: tcp, port: 9000, targetPort: tcp, appProtocol: http}}]}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: plainclient, namespace: bench, labels: {{app: plainclient}}, annotations: {{lab.weft.dev/command: "sleep infinity"}}}}
+spec: {{node: n1, address: {PLAIN_CLIENT}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: plainserver, namespace: bench, labels: {{app: plainserver}}, annotations: {{lab.weft.dev/command: "{tool} serve 9000"}}}}
+spec: {{node: n1, address: {PLAIN_SERVER}, ports: [{{name: tcp, port: 9000}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: plain, namespace: bench}}
+spec: {{clusterIP: {PLAIN_VIP}, selector: {{app: plainserver}}, ports: [{{name: tcp, port: 9000, targetPort: tcp, appProtocol: http}}]}}
 """
 
 
@@ -133,11 +152,12 @@ def main():
                 results.setdefault((path, mode, size, kind), []).append(pingpong(tool, pod, host, size, conns))
 
     try:
-        for _ in range(100):
-            if subprocess.run([WEFT, "lab", "exec", "bench/client", "--", tool, "run", SERVER, "9000", "64", "0.05", "1"],
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
+        for pod, server in [("bench/client", SERVER), ("bench/plainclient", PLAIN_SERVER)]:
+            for _ in range(100):
+                if subprocess.run([WEFT, "lab", "exec", pod, "--", tool, "run", server, "9000", "64", "0.05", "1"],
+                                  capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.05)
         if status()["shortcut"]["state"] != "on":
             raise SystemExit(f"the shortcut is not available here: {status()['shortcut']}")
         for rnd in range(ROUNDS):
@@ -149,6 +169,7 @@ def main():
                 if mode != "hops":   # splicing changes nothing pod -> pod
                     measure("pod", "on" if mode == "splice" else "off", "bench/client", POD_VIP)
                 measure("proxy", "on" if mode == "splice" else mode, "bench/client", PROXY_VIP)
+                measure("plain", "on" if mode == "splice" else mode, "bench/plainclient", PLAIN_VIP)
             print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
         events = status()["shortcut"].get("events", {})
     finally:
@@ -178,11 +199,11 @@ def plot(summary):
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, path in zip(axes, ["pod", "proxy"]):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for ax, path in zip(axes, ["pod", "proxy", "plain"]):
         xs = range(len(SIZES))
         modes = [("off", "o-", "shortcut off"), ("on", "s-", "shortcut on")]
-        if path == "proxy":
+        if path != "pod":
             modes = [("off", "o-", "shortcut off"), ("hops", "d-", "on, splicing off (hops only)"),
                      ("on", "s-", "on (default: splice past the proxy)")]
         for mode, style, label in modes:
@@ -191,7 +212,8 @@ def plot(summary):
         ax.plot(xs, [get(summary, "unix", "-", s)["rps"] for s in SIZES], "v:", label="Unix socket (ceiling)")
         ax.set_xticks(list(xs), [human(s) for s in SIZES])
         ax.set_yscale("log")
-        ax.set_title({"pod": "pod -> pod", "proxy": "pod -> proxy -> pod"}[path])
+        ax.set_title({"pod": "pod -> pod", "proxy": "pod -> proxy -> pod (receivers)",
+                      "plain": "pod -> proxy -> pod (no receivers)"}[path])
         ax.set_xlabel("message size (request and response)")
         ax.set_ylabel(f"requests/s, {CONNS} connections")
         ax.grid(alpha=0.3)
@@ -217,14 +239,16 @@ def report(summary, events):
         "",
         "- unix: client and server in one pod over a Unix socket: what skipping TCP/IP can gain at most.",
         "- loopback: client and server in one pod over 127.0.0.1, no mesh in the way.",
-        "- pod: client pod -> kernel-only Service -> server pod. proxy: client pod -> L7 Service -> `weft proxy` (opaque TCP) -> server pod.",
+        "- pod: client pod -> kernel-only Service -> server pod. proxy: client pod -> L7 Service -> `weft proxy` (opaque TCP) -> server pod, "
+        "both pods receivers (a spliced message goes into the server's queue). plain: the same between two pods that are no receivers, "
+        "the default for a pod (a spliced message leaves the proxy's socket to the far pod by TCP).",
         "- The client, the server and the proxy share the VM's 2 cores; ratios are what compare.",
         "",
         f"| path | size | unix req/s | loopback req/s | off req/s | hops only req/s | on req/s | on / off | hops only / off | 1 conn on / off | 1 conn p50 off -> on | 1 conn p99 off -> on | on MB/s each way |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     small_ok, never_worse = True, True
-    for path in ["pod", "proxy"]:
+    for path in ["pod", "proxy", "plain"]:
         for size in SIZES:
             ux, lo = get(summary, "unix", "-", size), get(summary, "loopback", "-", size)
             off, on = get(summary, path, "off", size), get(summary, path, "on", size)
@@ -234,8 +258,8 @@ def report(summary, events):
                 small_ok = False
             if ratio < 0.95:
                 never_worse = False
-            hops = f"{get(summary, path, 'hops', size)['rps']:,.0f}" if path == "proxy" else "–"
-            hops_ratio = f"{get(summary, path, 'hops', size)['rps'] / off['rps']:.2f}x" if path == "proxy" else "–"
+            hops = f"{get(summary, path, 'hops', size)['rps']:,.0f}" if path != "pod" else "–"
+            hops_ratio = f"{get(summary, path, 'hops', size)['rps'] / off['rps']:.2f}x" if path != "pod" else "–"
             lines.append(f"| {path} | {human(size)} | {ux['rps']:,.0f} | {lo['rps']:,.0f} | {off['rps']:,.0f} | {hops} | {on['rps']:,.0f} | "
                          f"**{ratio:.2f}x** | {hops_ratio} | {on1['rps'] / off1['rps']:.2f}x | {off1['p50_us']:.0f} -> {on1['p50_us']:.0f} µs | "
                          f"{off1['p99_us']:.0f} -> {on1['p99_us']:.0f} µs | {on['mbps']:.1f} |")

@@ -102,9 +102,7 @@ public final class SpliceMaps: Sendable {
     @discardableResult
     public func finish(_ proxySide: Socket) -> UInt64 {
         _ = try? splice.delete(proxySide.key)
-        let bytes = ((try? spliced.lookup(proxySide.key)) ?? nil) ?? 0
-        _ = try? spliced.delete(proxySide.key)
-        return bytes
+        return ((try? spliced.take(proxySide.key)) ?? nil) ?? 0
     }
 
     /// Removes every entry: a proxy starting afresh holds no connection

@@ -126,6 +126,12 @@ struct MeshConfigTests {
         #expect(ProxyTable(off).tracing == nil, "no span export by default")
         let traced = try #require(parse(pod + "\n---\n" + header + "spec: {telemetry: {tracing: {otlpEndpoint: \"http://10.0.0.9:4318/\", samplingPercent: 12.5}}}").0)
         #expect(ProxyTable(traced).tracing == .init(host: "10.0.0.9", port: 4318, samplingPercent: 12.5))
+        // Splicing: on unless MeshConfig switches it, or the shortcut, off.
+        #expect(ProxyTable(off).spliceOff == nil)
+        let noSplice = try #require(parse(pod + "\n---\n" + header + "spec: {socketShortcut: {splice: false}}").0)
+        #expect(ProxyTable(noSplice).spliceOff == true)
+        let noShortcut = try #require(parse(pod + "\n---\n" + header + "spec: {socketShortcut: {enabled: false}}").0)
+        #expect(ProxyTable(noShortcut).spliceOff == true)
         // proxy.idleTimeout: absent from the table by default (the proxy's
         // default, an hour, holds), in milliseconds otherwise, 0 for never.
         #expect(ProxyTable(off).idleTimeoutMilliseconds == nil && off.meshConfig.proxy.idleTimeout == .seconds(3600))

@@ -34,7 +34,12 @@ struct sk_psock {
 	__u32 msg_tot_len;  /* bytes redirected into this socket, not yet read */
 } __attribute__((preserve_access_index));
 
+struct sock_common {
+	unsigned char skc_state;
+} __attribute__((preserve_access_index));
+
 struct sock {
+	struct sock_common __sk_common;
 	int sk_rcvbuf;
 	int sk_sndbuf;
 	int sk_wmem_queued;
@@ -55,7 +60,9 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 #define SK_USER_DATA_PTRMASK (~7UL)
 #define AF_INET  2
 #define AF_INET6 10
+#define TCP_ESTABLISHED 1
 #define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
 
 struct accel_sockhash {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -353,17 +360,23 @@ static __always_inline int peer_queue_full(const struct weft_accel_key *peer_key
 	return queued + size > limit;
 }
 
-/* Would `size` more bytes take the socket at `sock` over its send buffer?
- * (TCP checks for room only as it starts each new buffer, so a message
- * that fits is taken whole.) */
-static __always_inline int send_buffer_full(__u64 sock, __u32 size)
+/* Can the socket at `sock` send `size` more bytes now, all of them? It is
+ * connected with its sending side open (the proxy has not ended it, no
+ * reset came: otherwise the proxy, not the sender's sendmsg(), hears of
+ * it), and the bytes fit in its send buffer (TCP checks for room only as it
+ * starts each new buffer, so a message that fits is taken whole). */
+static __always_inline int can_send_out(__u64 sock, __u32 size)
 {
 	struct sock *sk;
+	unsigned char state;
 
 	if (!sock)
-		return 1;
+		return 0;
 	sk = bpf_rdonly_cast((void *)sock, bpf_core_type_id_kernel(struct sock));
-	return sk->sk_sndbuf <= 0 || (__u64)(__u32)sk->sk_wmem_queued + size > (__u64)sk->sk_sndbuf;
+	state = sk->__sk_common.skc_state;
+	if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT)
+		return 0;
+	return sk->sk_sndbuf > 0 && (__u64)(__u32)sk->sk_wmem_queued + size <= (__u64)sk->sk_sndbuf;
 }
 
 /* True when TCP holds none of the bytes `sender` sent to the socket at
@@ -430,10 +443,10 @@ static __always_inline int try_splice(struct sk_msg_md *msg, struct weft_accel_s
 		 * the proxy's own write would go, queued behind the proxy's
 		 * writes already there. Only a `via` that no sk_msg program
 		 * sends through (a receive-only socket: all its bytes are TCP's),
-		 * and only with room in its send buffer: a push that finds
-		 * none fails the sender's sendmsg (EAGAIN) though its own
-		 * socket is writable. */
-		if (!(via->flags & WEFT_ACCEL_PEER_RX_ONLY) || send_buffer_full(via->sock, size))
+		 * and only while it can take the whole message: a push that
+		 * finds no room fails the sender's sendmsg (EAGAIN) though its
+		 * own socket is writable. */
+		if (!(via->flags & WEFT_ACCEL_PEER_RX_ONLY) || !can_send_out(via->sock, size))
 			goto wait;
 		if (bpf_msg_redirect_hash(msg, &weft_accel_rx, &sp->via, 0) != SK_PASS)
 			goto wait;

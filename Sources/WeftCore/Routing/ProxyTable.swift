@@ -48,6 +48,11 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     public var pathNormalization: RequestPath.Mode?
     /// MeshConfig telemetry.tracing: where spans go; nil is no export.
     public var tracing: TracingTarget?
+    /// True when MeshConfig switches splicing (or the whole socket
+    /// shortcut) off: the proxy then arms no splice for the opaque
+    /// connections it joins, so their writes cost no report to the kernel.
+    /// nil: on, the default.
+    public var spliceOff: Bool?
     /// TrafficPolicy `timeout.http.connectionIdleTimeout` in milliseconds
     /// (0: never), by backend "ip:port", for the backends of the Services
     /// that set it; the others keep MeshConfig proxy.upstreamIdleTimeout. A
@@ -417,6 +422,7 @@ extension ProxyTable {
         }
         if proxy.tcpKeepalive != defaults.tcpKeepalive { tcpKeepalive = TCPKeepaliveSettings(proxy.tcpKeepalive) }
         if proxy.pathNormalization != defaults.pathNormalization { pathNormalization = proxy.pathNormalization }
+        if !state.meshConfig.socketShortcut.enabled || !state.meshConfig.socketShortcut.splice { spliceOff = true }
         if let t = state.meshConfig.telemetry.tracing {
             tracing = TracingTarget(host: t.host.description, port: t.port, samplingPercent: t.samplingPercent)
         }

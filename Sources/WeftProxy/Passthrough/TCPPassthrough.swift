@@ -149,8 +149,9 @@ enum TCPPassthrough {
 
         let connected: (@escaping (Result<Channel, any Error>) -> Void) -> Void
         // A pod of this node over the shortcut: the kernel may take the
-        // bytes past the proxy (SpliceLeg).
-        let spliceMaps = tunnel == nil ? proxy.splice : nil
+        // bytes past the proxy (SpliceLeg), unless MeshConfig switched
+        // splicing off (then arming would only cost a report per write).
+        let spliceMaps = tunnel == nil && proxy.snapshot.table.spliceOff != true ? proxy.splice : nil
         if let tunnel {
             // To another node: a CONNECT stream of the mutual-TLS tunnel.
             connected = { done in
