@@ -82,6 +82,18 @@ struct ShortcutTests {
         return Int(total)
     }
 
+    /// The proxy's byte counters take in the bytes spliced past it (they
+    /// are added as each connection ends, so wait a little for the last).
+    private func expectProxyCounts(_ spliced: Int, since relayedBefore: Int) throws {
+        var relayed = 0
+        for _ in 0..<100 {
+            relayed = try proxyTCPBytes() - relayedBefore
+            if relayed >= spliced { break }
+            usleep(50_000)
+        }
+        #expect(relayed >= spliced, "the proxy's byte counters miss spliced bytes: \(relayed) < \(spliced)")
+    }
+
     private func stress(_ lab: LabHarness, _ target: String, cases: String, seconds: Double = 3,
                         from client: String = "client") throws -> [String: Any] {
         let r = try LabHarness.run(["lab", "exec", "\(ns)/\(client)", "--", "timeout", "-s", "KILL", "170",
@@ -142,13 +154,7 @@ struct ShortcutTests {
         #expect(spliced >= 16 << 20, "no bytes were spliced past the proxy: \(e2)")
         #expect(e2["splice_wait", default: 0] > e1["splice_wait", default: 0],
                 "no spliced direction ever waited for the proxy (the backpressure case must make it)")
-        var relayed = 0
-        for _ in 0..<100 {
-            relayed = try proxyTCPBytes() - relayedBefore
-            if relayed >= spliced { break }
-            usleep(50_000)
-        }
-        #expect(relayed >= spliced, "the proxy's byte counters miss spliced bytes: \(relayed) < \(spliced)")
+        try expectProxyCounts(spliced, since: relayedBefore)
 
         // A reader using splice() is not a receiver: its direction stays on
         // TCP (splice would never see redirected bytes), and it gets them all.
@@ -219,13 +225,7 @@ struct ShortcutTests {
         #expect(e2["bytes_spliced", default: 0] - e1["bytes_spliced", default: 0] >= 1 << 20,
                 "the other cases spliced (almost) nothing: \(e1) -> \(e2)")
         let spliced = e2["bytes_spliced", default: 0] - e0["bytes_spliced", default: 0]
-        var relayed = 0
-        for _ in 0..<100 {
-            relayed = try proxyTCPBytes() - relayedBefore
-            if relayed >= spliced { break }
-            usleep(50_000)
-        }
-        #expect(relayed >= spliced, "the proxy's byte counters miss spliced bytes: \(relayed) < \(spliced)")
+        try expectProxyCounts(spliced, since: relayedBefore)
     }
 
     @Test func agentRestartAndSwitchingOffMidStreamLoseNothing() throws {
