@@ -18,10 +18,11 @@ No side terminates TLS; an unknown name is refused by each. Every proxy has 2
 threads/workers bound one per core, as in `scripts/bench proxy`.
 Measured, per round, the sides in rotating order:
   kept   h2load --h1 over TLS, 16 kept connections: RATE requests/s for
-         FIXED_S (p50/p99 added over direct, per round; the quiet columns
-         leave out requests in flight during a host slowdown, as in
-         `scripts/bench proxy`), then as fast as they go for MAX_S: requests
-         per CPU second of the proxy
+         FIXED_S in SLICES slices interleaved with the other sides', as
+         `scripts/bench proxy` does (p50/p99 added over direct, per round;
+         the quiet columns leave out requests in flight during a host
+         slowdown), then as fast as they go for MAX_S: requests per CPU
+         second of the proxy, and the whole node's CPU per request
   new    h2load --h1, NEW_RATE new connections a second for NEW_S, each a full
          handshake and one request: CPU µs of the proxy per connection, and
          h2load's mean time to the first byte (connect, handshake, request)
@@ -40,11 +41,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchdoc import NodeProcesses, h2load_requests, machine_cpu_seconds, revision, sh, write_section  # noqa: E402
-from bench_proxy import DISTURBED, RETRIES, added_over, cpu_seconds, h2load, h2load_watched, pids_of, rss_mib, until_calm  # noqa: E402
+from bench_proxy import (DISTURBED, RETRIES, SLICES, added_over, cpu_seconds, h2load, h2load_watched, pids_of,  # noqa: E402
+                         pooled, rss_mib, until_calm)
 
 WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_TLS_ROUNDS", "3"))
 FIXED_S = int(os.environ.get("WEFT_BENCH_TLS_SECONDS", "6"))
+FIXED_SLICE_S = max(1, FIXED_S // SLICES)
 MAX_S = int(os.environ.get("WEFT_BENCH_TLS_MAX_SECONDS", "4"))
 NEW_S = int(os.environ.get("WEFT_BENCH_TLS_NEW_SECONDS", "4"))
 RATE = int(os.environ.get("WEFT_BENCH_TLS_RATE", "1600"))
@@ -236,10 +239,18 @@ def main():
             order = names[k % len(names):] + names[:k % len(names)]
 
             def one_round():
+                # The kept load's latency in slices, every side in turn in each,
+                # the order mirrored every other slice (as `scripts/bench proxy`
+                # does), so that the sides meet the same host speed.
+                slices = {name: [] for name in order}
+                for j in range(SLICES):
+                    for name in (order if j % 2 == 0 else order[::-1]):
+                        slices[name].append(h2load_watched(URL, None, FIXED_SLICE_S, RATE, shape=shape(TARGETS[name]),
+                                                           keep_rows=True))
                 got = {}
                 for name in order:
                     proc = pids_of(pids[name]) if name in pids else []
-                    fixed = h2load_watched(URL, None, FIXED_S, RATE, shape=shape(TARGETS[name]))
+                    fixed = pooled(slices[name])
                     c0, m0 = cpu_seconds(proc), machine_cpu_seconds()
                     top = h2load(URL, None, MAX_S, shape=shape(TARGETS[name]), warmup=0)
                     top["cpu_s"] = cpu_seconds(proc) - c0
@@ -310,8 +321,11 @@ def report(summary, repeated, kept_disturbed):
         "refuses a name it has no route for (checked before the rounds). Every proxy has 2 threads/workers bound one per core; "
         "all share the VM's 2 cores with h2load and the backend.",
         "",
-        f"- kept: {h2}, HTTP/1.1 over TLS, {CONNS} kept connections at {RATE} requests/s for {FIXED_S} s (*added* = side minus "
-        "direct, per round; *quiet* leaves out the requests in flight while the host slowed the VM, top of this page), then as "
+        f"- kept: {h2}, HTTP/1.1 over TLS, {CONNS} kept connections at {RATE} requests/s, {FIXED_SLICE_S * SLICES} s per side "
+        f"and round in {SLICES} slices of {FIXED_SLICE_S} s interleaved with the other sides' (each slice every side in turn, "
+        "the order mirrored every other slice; since e6fd9e3, before it one side after another), percentiles over all of a "
+        "side's requests in the round (*added* = side minus direct, per round; *quiet* leaves out the requests in flight while "
+        "the host slowed the VM, top of this page), then, side by side, as "
         f"fast as they go for {MAX_S} s: *per core* = requests / CPU seconds of the proxy's processes; *node CPU* = the CPU "
         "time the whole VM spent per request in that run (every process and the kernel's work, /proc/stat), and *added* that "
         "minus direct's in the same round: what a side costs wherever its work runs. Weft's splice (docs/shortcut.md, rule 7) "
