@@ -291,6 +291,7 @@ def main():
             s["per_core"] = statistics.median(cores) if cores else None
             s["cpu_us_per_conn"] = statistics.median(r["cpu_us_per_conn"] for r in runs["new"])
             s["added_ttfb_us"] = statistics.median(a["ttfb_us"] - b["ttfb_us"] for a, b in zip(runs["new"], rounds["direct"]["new"]))
+            s["added_p99_rounds"] = [round(a["p99_us"] - b["p99_us"]) for a, b in zip(runs["fixed"], rounds["direct"]["fixed"])]
             s["added_machine_us_per_req"] = statistics.median(
                 a["machine_us_per_req"] - b["machine_us_per_req"] for a, b in zip(runs["max"], rounds["direct"]["max"]))
             s["added_machine_us_per_conn"] = statistics.median(
@@ -363,6 +364,11 @@ def report(summary, repeated, kept_disturbed):
         f"{us(w['added_p99_us'])} vs {us(h['added_p99_us'])}; per new connection, node CPU added "
         f"{w['added_machine_us_per_conn']:+.0f} µs vs {h['added_machine_us_per_conn']:+.0f} µs, the proxy's own CPU "
         f"{w['cpu_us_per_conn'] / h['cpu_us_per_conn']:.2f}x ({us(w['cpu_us_per_conn'])} vs {us(h['cpu_us_per_conn'])}).",
+        "",
+        "Added p99 round by round (µs; a round's sides alternate slice by slice): "
+        + "; ".join(f"{name} {' '.join(f'{v:+d}' for v in summary[name]['added_p99_rounds'])}" for name in TARGETS if name != "direct")
+        + f"; Weft's the lower of Weft's and HAProxy's in "
+        f"{sum(a < b for a, b in zip(w['added_p99_rounds'], h['added_p99_rounds']))} of {len(w['added_p99_rounds'])} rounds.",
     ]
     write_section("tls", lines)
     print("\n".join(lines))
