@@ -226,6 +226,19 @@ struct ShortcutTests {
                 "the other cases spliced (almost) nothing: \(e1) -> \(e2)")
         let spliced = e2["bytes_spliced", default: 0] - e0["bytes_spliced", default: 0]
         try expectProxyCounts(spliced, since: relayedBefore)
+
+        // The proxy rolled under a spliced stream: the new proxy clears
+        // every splice entry as it starts, the old one goes on relaying
+        // (arming again as it writes) until the stream ends, in order.
+        let e3 = try events()
+        let rolling = try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/loner", "--", "timeout", "-s", "KILL", "120",
+                                         "python3", streamTool, "stress", target, "9000", "--cases", "long,pingpong", "--seconds", "3"])
+        usleep(1_000_000)
+        let roll = try LabHarness.run(["lab", "restart-proxy", "n1"])
+        #expect(roll.status == 0, "restart-proxy: \(roll.output)")
+        let rolled = try rolling.finish()
+        #expect(rolled["ok"] as? Bool == true, "a spliced stream across a proxy roll: \(rolled)")
+        #expect(try events()["bytes_spliced", default: 0] > e3["bytes_spliced", default: 0])
     }
 
     @Test func agentRestartAndSwitchingOffMidStreamLoseNothing() throws {
