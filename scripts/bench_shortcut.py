@@ -174,6 +174,7 @@ def main():
         events = status()["shortcut"].get("events", {})
     finally:
         subprocess.run([WEFT, "lab", "down"], capture_output=True)
+        subprocess.run(["rm", "-rf", work])
     summary = {}
     for key, runs in results.items():
         summary["|".join(map(str, key))] = {f: statistics.median(r[f] for r in runs) for f in ["rps", "p50_us", "p99_us", "mbps"]}
