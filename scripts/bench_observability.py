@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchdoc import machine_cpu_seconds, h2load_requests, sh, write_section  # noqa: E402
+from benchdoc import h2load_requests, machine_cpu_seconds, sh, write_section  # noqa: E402
 from bench_proxy import BACKEND_CONF  # noqa: E402
 
 WEFT = os.path.join(ROOT, ".build/release/weft")

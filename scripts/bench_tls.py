@@ -324,7 +324,7 @@ def report(summary, repeated, kept_disturbed):
         "",
         f"- kept: {h2}, HTTP/1.1 over TLS, {CONNS} kept connections at {RATE} requests/s, {FIXED_SLICE_S * SLICES} s per side "
         f"and round in {SLICES} slices of {FIXED_SLICE_S} s interleaved with the other sides' (each slice every side in turn, "
-        "the order mirrored every other slice; since e6fd9e3, before it one side after another), percentiles over all of a "
+        "the order mirrored every other slice; since 2200f42, before it one side after another), percentiles over all of a "
         "side's requests in the round (*added* = side minus direct, per round; *quiet* leaves out the requests in flight while "
         "the host slowed the VM, top of this page), then, side by side, as "
         f"fast as they go for {MAX_S} s: *per core* = requests / CPU seconds of the proxy's processes; *node CPU* = the CPU "

@@ -75,8 +75,8 @@ public final class SpliceMaps: Sendable {
     /// shortcut, and either the target is a receiver (the bytes go into its
     /// queue) or `via` is receive-only (they go out of it by TCP, as the
     /// proxy's own writes do). Otherwise arming would only cost map writes.
-    /// The target is looked up first: a socket off the shortcut (most
-    /// between nodes) is decided by one lookup (a system call), not three.
+    /// The target is looked up first: a socket off the shortcut (a host
+    /// process's, say) is decided by one lookup (a system call), not three.
     public func path(_ proxySide: Socket, target: Socket, via: Socket) -> Path? {
         guard let t = (try? peers.lookup(target.key)) ?? nil,
               (try? peers.lookup(proxySide.key)) ?? nil != nil, let v = (try? peers.lookup(via.key)) ?? nil,

@@ -94,6 +94,13 @@ struct ShortcutTests {
         #expect(relayed >= spliced, "the proxy's byte counters miss spliced bytes: \(relayed) < \(spliced)")
     }
 
+    /// streamtool's cases run meanwhile, for disturbances mid-flow (a hang
+    /// is killed after 120 s); `finish()` gives its JSON line.
+    private func backgroundStress(_ target: String, cases: String, seconds: Int, from client: String = "client") throws -> BackgroundRun {
+        try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/\(client)", "--", "timeout", "-s", "KILL", "120",
+                           "python3", streamTool, "stress", target, "9000", "--cases", cases, "--seconds", "\(seconds)"])
+    }
+
     private func stress(_ lab: LabHarness, _ target: String, cases: String, seconds: Double = 3,
                         from client: String = "client") throws -> [String: Any] {
         let r = try LabHarness.run(["lab", "exec", "\(ns)/\(client)", "--", "timeout", "-s", "KILL", "170",
@@ -231,8 +238,7 @@ struct ShortcutTests {
         // every splice entry as it starts, the old one goes on relaying
         // (arming again as it writes) until the stream ends, in order.
         let e3 = try events()
-        let rolling = try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/loner", "--", "timeout", "-s", "KILL", "120",
-                                         "python3", streamTool, "stress", target, "9000", "--cases", "long,pingpong", "--seconds", "3"])
+        let rolling = try backgroundStress(target, cases: "long,pingpong", seconds: 3, from: "loner")
         usleep(1_000_000)
         let roll = try LabHarness.run(["lab", "restart-proxy", "n1"])
         #expect(roll.status == 0, "restart-proxy: \(roll.output)")
@@ -248,8 +254,7 @@ struct ShortcutTests {
 
         // A paced echo stream (~4 s) over each path while the agent restarts.
         let runs = try ["198.19.5.10", "198.19.5.11"].map { target in
-            try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
-                               "python3", streamTool, "stress", target, "9000", "--cases", "long", "--seconds", "4"])
+            try backgroundStress(target, cases: "long", seconds: 4)
         }
         usleep(1_000_000)
         let restart = try LabHarness.run(["lab", "restart-agent", "n1"])
@@ -264,8 +269,7 @@ struct ShortcutTests {
         // Splicing switched off in the middle of a stream through the proxy:
         // spliced directions go back through the proxy, behind the bytes
         // already spliced; then no byte is spliced, the rest still redirected.
-        let spliceRun = try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
-                                           "python3", streamTool, "stress", "198.19.5.11", "9000", "--cases", "long", "--seconds", "4"])
+        let spliceRun = try backgroundStress("198.19.5.11", cases: "long", seconds: 4)
         usleep(1_500_000)
         // (Armed: an entry each way while splicing is on.)
         #expect(try spliceEntries() >= 2)
@@ -284,8 +288,7 @@ struct ShortcutTests {
         // Nor does the proxy arm a splice for a new connection then (each
         // write of it would cost a report to the kernel for nothing): no
         // entry in the map while a stream runs through it.
-        let unarmed = try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
-                                         "python3", streamTool, "stress", "198.19.5.11", "9000", "--cases", "long", "--seconds", "2"])
+        let unarmed = try backgroundStress("198.19.5.11", cases: "long", seconds: 2)
         usleep(1_000_000)
         let armed = try spliceEntries()
         #expect(try unarmed.finish()["ok"] as? Bool == true)
@@ -298,8 +301,7 @@ struct ShortcutTests {
         // directions move to TCP mid-stream, in order.
         let before = try events()
         let more = try ["198.19.5.10", "198.19.5.11"].map { target in
-            try BackgroundRun([LabHarness.weft, "lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "120",
-                               "python3", streamTool, "stress", target, "9000", "--cases", "long", "--seconds", "4"])
+            try backgroundStress(target, cases: "long", seconds: 4)
         }
         usleep(1_500_000)
         generations = try lab.generations().filter { $0.key == "n1" }
