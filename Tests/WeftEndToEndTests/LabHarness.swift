@@ -161,6 +161,13 @@ struct LabHarness {
         try execute("/usr/bin/env", argv).output
     }
 
+    /// One of a node proxy's /stats counters (`weft_proxy_<name>`), -1 when absent.
+    static func proxyStat(_ node: String, _ name: String) throws -> Int {
+        let text = try shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
+        return text.split(separator: "\n").first { $0.hasPrefix("weft_proxy_\(name) ") }
+            .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+    }
+
     /// Each node agent's config generation, from its status socket.
     func generations(_ nodes: [String] = ["n1", "n2"]) throws -> [String: Int] {
         var out: [String: Int] = [:]

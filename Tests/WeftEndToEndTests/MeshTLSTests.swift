@@ -105,14 +105,6 @@ private func curl(_ args: [String]) throws -> (Int32, String) {
     return (r.status, r.output)
 }
 
-private func proxyStat(_ node: String, _ name: String) throws -> Int {
-    let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
-    for line in text.split(separator: "\n") where line.hasPrefix("weft_proxy_\(name) ") {
-        return Int(line.split(separator: " ").last ?? "") ?? -1
-    }
-    return -1
-}
-
 private func proxyText(_ node: String) throws -> String {
     try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
 }
@@ -184,7 +176,7 @@ struct MeshTLSTests {
         // time, or in CONTINUATIONs each whole behind a first request, gets
         // GOAWAY (ENHANCE_YOUR_CALM) and the close; one that ends in time is
         // answered. (The idle timeout off, so only the head timeout sweeps.)
-        let timeouts = try proxyStat("n1", "request_header_timeouts_total")
+        let timeouts = try LabHarness.proxyStat("n1", "request_header_timeouts_total")
         let beforeHeads = try lab.generations(["n1", "n2", "n3"])
         try lab.write("mesh.yaml", """
             apiVersion: weft.dev/v1alpha1
@@ -206,7 +198,7 @@ struct MeshTLSTests {
                 expectHeadCutByGoAway(r, name, lastStream: name.contains("continued") ? 1 : 0)
             }
         }
-        #expect(try proxyStat("n1", "request_header_timeouts_total") - timeouts == 2)
+        #expect(try LabHarness.proxyStat("n1", "request_header_timeouts_total") - timeouts == 2)
         // A drain of the far proxies lets a tunnel stream in flight finish
         // (NIO's connection management handler once saw no streams there,
         // and closed the tunnel under it).
@@ -231,12 +223,12 @@ struct MeshTLSTests {
             """])
         #expect(banner.output.contains("hello from banner | no-express"), "\(banner.output)")
         // Tunnels were used (a stream per L4 connection, at least), and no express path was.
-        let streams = try proxyStat("n1", "tunnel_streams_out_total")
+        let streams = try LabHarness.proxyStat("n1", "tunnel_streams_out_total")
         #expect(streams >= 5, "\(streams) tunnel streams from n1")
         for node in ["n1", "n2", "n3"] {
             for stat in ["express_requests_total", "tunnel_streams_out_relayed_total", "tunnel_streams_in_relayed_total",
                          "tunnel_requests_express_total"] {
-                #expect(try proxyStat(node, stat) == 0, "\(node) \(stat)")
+                #expect(try LabHarness.proxyStat(node, stat) == 0, "\(node) \(stat)")
             }
         }
     }
@@ -265,26 +257,26 @@ struct MeshTLSTests {
 
         // HTTP/1.1 and HTTP/2 through an L7 Service: every answer comes from n2
         // or n3, on the express path (HTTP/1.1 to the pod in a tunnel stream).
-        let express = try proxyStat("n1", "express_requests_total")
+        let express = try LabHarness.proxyStat("n1", "express_requests_total")
         for _ in 0..<6 {
             let (rc, out) = try curl(["http://198.19.5.10/\(marker)-h1"])
             #expect(rc == 0 && out.contains("\"pod\": \"web-"), "\(out)")
         }
         let (rc2, out2) = try curl(["--http2-prior-knowledge", "http://198.19.5.10/\(marker)-h2"])
         #expect(rc2 == 0 && out2.contains("\"path\": \"/\(marker)-h2\""), "\(out2)")
-        #expect(try proxyStat("n1", "express_requests_total") - express >= 7, "cross-node requests left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_requests_total") - express >= 7, "cross-node requests left the express path")
         // A pod its node cannot reach: the destination says so (x-weft-refused)
         // and the express path hands the request to the full path, which
         // counts a refused connect and answers 503 (no other backend).
-        let handovers = try proxyStat("n1", "express_handovers_total")
-        let failures = try proxyStat("n1", "upstream_connect_failures_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
+        let failures = try LabHarness.proxyStat("n1", "upstream_connect_failures_total")
         for extra in [[], ["--http2-prior-knowledge"]] {
             let r = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "curl", "-sS", "-m", "5", "-w", "\n%{http_code}"]
                                        + extra + ["http://198.19.5.13/\(marker)-dead"])
             #expect(r.output.hasSuffix("\n503") && r.output.contains("could not be reached from its node"), "\(extra): \(r.output)")
         }
-        #expect(try proxyStat("n1", "express_handovers_total") - handovers >= 2, "the refusals were not handed over")
-        #expect(try proxyStat("n1", "upstream_connect_failures_total") - failures >= 2)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers >= 2, "the refusals were not handed over")
+        #expect(try LabHarness.proxyStat("n1", "upstream_connect_failures_total") - failures >= 2)
         // gRPC (unary and streams, trailers) to n2.
         let grpc = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "/usr/bin/python3", LabHarness.grpcTool, "call", "198.19.5.60", "80"])
         #expect(grpc.status == 0 && grpc.output.contains("grpc:hi-0"), "\(grpc.output)")
@@ -331,9 +323,9 @@ struct MeshTLSTests {
         // Streams n1 opened: one per L4 connection (4 + the banner's), and
         // for the L7 Services at least one each (HTTP/1.1 streams are kept
         // alive per source pod and backend, gRPC nests in one).
-        let opened = try proxyStat("n1", "tunnel_streams_out_total")
+        let opened = try LabHarness.proxyStat("n1", "tunnel_streams_out_total")
         #expect(opened >= 7, "\(opened) streams")
-        #expect(try proxyStat("n2", "tunnel_streams_in_total") > 0 && proxyStat("n3", "tunnel_streams_in_total") > 0)
+        #expect(try LabHarness.proxyStat("n2", "tunnel_streams_in_total") > 0 && LabHarness.proxyStat("n3", "tunnel_streams_in_total") > 0)
         // Every tunnel's handshake is counted and timed, at both ends.
         let dialed = try metric("n1", "weft_tls_handshakes_total{", ["role=\"client\"", "result=\"ok\""])
         let timed = try metric("n1", "weft_tls_handshake_duration_seconds_count{", ["role=\"client\""])
@@ -362,10 +354,10 @@ struct MeshTLSTests {
         // Both ends carry plain TCP streams at the frame level (TunnelRelay)
         // and give the rest stream channels: the HTTP n1 wrote for the L7
         // Services (gRPC's pod is on n2) is not relayed.
-        let relayedBefore = try proxyStat("n2", "tunnel_streams_in_relayed_total")
-        let sentBefore = try proxyStat("n1", "tunnel_streams_out_relayed_total")
-        #expect(relayedBefore < (try proxyStat("n2", "tunnel_streams_in_total")), "n2 relayed \(relayedBefore) streams, all it took")
-        #expect(sentBefore < (try proxyStat("n1", "tunnel_streams_out_total")), "n1 relayed \(sentBefore) streams, all it opened")
+        let relayedBefore = try LabHarness.proxyStat("n2", "tunnel_streams_in_relayed_total")
+        let sentBefore = try LabHarness.proxyStat("n1", "tunnel_streams_out_relayed_total")
+        #expect(relayedBefore < (try LabHarness.proxyStat("n2", "tunnel_streams_in_total")), "n2 relayed \(relayedBefore) streams, all it took")
+        #expect(sentBefore < (try LabHarness.proxyStat("n1", "tunnel_streams_out_total")), "n1 relayed \(sentBefore) streams, all it opened")
         let streams = try LabHarness.run(["lab", "exec", "\(ns)/client", "--", "timeout", "-s", "KILL", "170", "python3", streamTool,
                                           "stress", "198.19.5.70", "80", "--cases", "sizes,half_close,slow_echo,server_first,reset,backpressure,concurrent"])
         let stress = (try? JSONSerialization.jsonObject(with: Data((streams.output.split(separator: "\n").last ?? "").utf8))) as? [String: Any]
@@ -374,8 +366,8 @@ struct MeshTLSTests {
         for (name, r) in cases.sorted(by: { $0.key < $1.key }) {
             #expect(r["ok"] as? Bool == true, "across the tunnel, case \(name) failed: \(r)")
         }
-        let relayed = try proxyStat("n2", "tunnel_streams_in_relayed_total") - relayedBefore
-        let sent = try proxyStat("n1", "tunnel_streams_out_relayed_total") - sentBefore
+        let relayed = try LabHarness.proxyStat("n2", "tunnel_streams_in_relayed_total") - relayedBefore
+        let sent = try LabHarness.proxyStat("n1", "tunnel_streams_out_relayed_total") - sentBefore
         #expect(relayed >= 1_000 && sent >= 1_000, "n1 and n2 relayed the stress connections at the frame level (\(sent), \(relayed))")
 
         // The far proxy dies mid-stream: the relayed connection ends at once
@@ -455,7 +447,7 @@ struct MeshTLSTests {
         let intruder = try probe("intruder")
         #expect(intruder["status"] as? Int == 403 && (intruder["reason"] as? String ?? "").contains("198.18.1.10 is \(ns)/client"),
                 "\(intruder)")
-        #expect(try proxyStat("n2", "tunnel_streams_refused_total") >= 1)
+        #expect(try LabHarness.proxyStat("n2", "tunnel_streams_refused_total") >= 1)
 
         // Plaintext from another node to a STRICT pod: dropped in the kernel.
         let before = try plaintextDrops("n2")
@@ -603,8 +595,8 @@ struct MeshTLSTests {
             (n2, n3) = (try tunnels(2), try tunnels(3))
         }
         #expect(n2 == 0 && n3 == 1, "n1's tunnels to n2: \(n2), to n3: \(n3) (only the opaque connection's should stay)")
-        #expect(try proxyStat("n1", "tunnel_connections_released_total") >= 2)
-        #expect(try proxyStat("n1", "tunnel_connections_out_active") == 1 && proxyStat("n2", "tunnel_connections_in_active") == 0,
+        #expect(try LabHarness.proxyStat("n1", "tunnel_connections_released_total") >= 2)
+        #expect(try LabHarness.proxyStat("n1", "tunnel_connections_out_active") == 1 && LabHarness.proxyStat("n2", "tunnel_connections_in_active") == 0,
                 "the gauges of tunnels open now disagree with the sockets")
         #expect(Date().timeIntervalSince(held) < 5.5, "checked too late to tell the held tunnel was kept")
         // The held connection ends; then its tunnel is unused too.
@@ -616,15 +608,15 @@ struct MeshTLSTests {
         }
         #expect(n3 == 0, "n1 still holds \(n3) tunnels to n3 after the held connection ended")
         usleep(200_000)  // n3's proxy sees the close
-        #expect(try proxyStat("n1", "tunnel_connections_out_active") == 0 && proxyStat("n3", "tunnel_connections_in_active") == 0)
+        #expect(try LabHarness.proxyStat("n1", "tunnel_connections_out_active") == 0 && LabHarness.proxyStat("n3", "tunnel_connections_in_active") == 0)
         // New requests make new tunnels.
-        let opened = try proxyStat("n1", "tunnel_connections_out_total")
+        let opened = try LabHarness.proxyStat("n1", "tunnel_connections_out_total")
         let again = try grpc()
         #expect((again["failures"] as? [Any])?.isEmpty == true && (again["ok"] as? Int ?? 0) > 0, "\(again)")
         #expect(try curl(["http://198.19.5.10/"]).0 == 0)
-        #expect(try proxyStat("n1", "tunnel_connections_out_total") > opened)
-        #expect(try proxyStat("n2", "tunnel_connections_in_idle_closed_total") == 0
-                && proxyStat("n3", "tunnel_connections_in_idle_closed_total") == 0, "a delivering node closed a Weft source's tunnel")
+        #expect(try LabHarness.proxyStat("n1", "tunnel_connections_out_total") > opened)
+        #expect(try LabHarness.proxyStat("n2", "tunnel_connections_in_idle_closed_total") == 0
+                && LabHarness.proxyStat("n3", "tunnel_connections_in_idle_closed_total") == 0, "a delivering node closed a Weft source's tunnel")
 
         // Not a TLS client: n2 closes the connection 1 to 1.25 s after taking it.
         let silent = try LabHarness.shell(raw: ["ip", "netns", "exec", "weft-n1", "python3", "-c", """
@@ -636,7 +628,7 @@ struct MeshTLSTests {
         let words = silent.split(separator: " ")
         let after = Double(words.last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? -1
         #expect(words.first == "True" && after >= 0.9 && after < 2.5, "n2's tunnel port and a client that never said hello: \(silent)")
-        #expect(try proxyStat("n2", "tunnel_handshake_timeouts_total") == 1)
+        #expect(try LabHarness.proxyStat("n2", "tunnel_handshake_timeouts_total") == 1)
         #expect(try metric("n2", "weft_tls_handshakes_total{", ["role=\"server\"", "result=\"failed\""]) >= 1,
                 "the cut handshake is not counted as a failed one")
     }
@@ -658,7 +650,7 @@ struct MeshTLSTests {
             }
             #expect(up, "\(url) never answered")
         }
-        let tunnelsBefore = try proxyStat("n1", "tunnel_connections_out_total")
+        let tunnelsBefore = try LabHarness.proxyStat("n1", "tunnel_connections_out_total")
         let l7 = try lab.startLoad(in: "\(ns)/client", ["watch-http", "http://198.19.5.10/", "14", "-"])
         let l4 = try lab.startLoad(in: "\(ns)/client", ["watch-tcp", "198.19.5.11", "80", "14", "-"])
         // gRPC to the pod on n2: HTTP/2 nested in one tunnel stream.
@@ -676,7 +668,7 @@ struct MeshTLSTests {
         #expect((g["failures"] as? [Any])?.isEmpty == true && (g["ok"] as? Int ?? 0) > 100, "\(g)")
         // Each drain sent the source to new tunnels, and each old proxy
         // exited once its tunnels were done, not at the drain timeout (10 s).
-        let tunnelsAfter = try proxyStat("n1", "tunnel_connections_out_total")
+        let tunnelsAfter = try LabHarness.proxyStat("n1", "tunnel_connections_out_total")
         #expect(tunnelsAfter > tunnelsBefore + 4, "\(tunnelsBefore) -> \(tunnelsAfter)")
         func exited(_ node: String) -> Int { LabHarness.agentLog(node, lines: 400).components(separatedBy: "drained proxy exited").count - 1 }
         let waitUntil = Date().addingTimeInterval(5)

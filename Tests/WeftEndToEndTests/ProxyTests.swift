@@ -214,14 +214,6 @@ private func applyMeshConfig(_ lab: LabHarness, spec: String) throws {
     usleep(300_000)  // the proxy reloads its table after the agent's generation
 }
 
-private func stat(_ node: String, _ name: String) throws -> Int {
-    let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
-    for line in text.split(separator: "\n") where line.hasPrefix("weft_proxy_\(name) ") {
-        return Int(line.split(separator: " ").last ?? "") ?? -1
-    }
-    return -1
-}
-
 /// weft_upstream_events_total for one event and destination Service, from the proxy's /metrics.
 private func upstreamEvents(_ node: String, _ event: String, service: String) throws -> Int {
     try series(node, "weft_upstream_events_total", service: service, ["event=\"\(event)\""])
@@ -283,7 +275,7 @@ struct ProxyTests {
         // curl --http2 asks for the h2c Upgrade: 101, the request answered
         // over HTTP/2 as stream 1, the next one on the same connection as
         // stream 3; nothing h2c-specific reaches the backend.
-        let upgrades = try stat("n1", "h2c_upgrades_total")
+        let upgrades = try LabHarness.proxyStat("n1", "h2c_upgrades_total")
         let both = try LabHarness.run(["lab", "exec", "client", "--", "curl", "-sS", "-m", "5", "--http2", "-D", "-",
                                        "-w", "\n[%{http_version} %{num_connects}]\n", "-H", "x-canary: yes",
                                        "http://198.19.1.10/up1", "http://198.19.1.10/up2"]).output
@@ -301,14 +293,14 @@ struct ProxyTests {
             #expect(seenHeaders["upgrade"] == nil && seenHeaders["http2-settings"] == nil && seenHeaders["connection"] == nil,
                     "\(seenHeaders)")
         }
-        #expect(try stat("n1", "h2c_upgrades_total") == upgrades + 1)
+        #expect(try LabHarness.proxyStat("n1", "h2c_upgrades_total") == upgrades + 1)
         // A head past one frame (stream 1 in HEADERS and CONTINUATIONs), and HEAD.
         let big = String(repeating: "b", count: 40_000)
         let large = try curl(lab, "http://198.19.1.10/up-large", ["--http2", "-H", "x-canary: yes", "-H", "x-big: \(big)"])
         #expect(large.0 == 200 && (json(large.2)["headers"] as? [String: String])?["x-big"] == big, "\(large.0) \(large.2.prefix(300))")
         let head = try curl(lab, "http://198.19.1.10/up-head", ["--http2", "-I", "-H", "x-canary: yes"])
         #expect(head.0 == 200 && !head.2.contains("\"pod\""), "no body: \(head)")
-        #expect(try stat("n1", "h2c_upgrades_total") == upgrades + 3)
+        #expect(try LabHarness.proxyStat("n1", "h2c_upgrades_total") == upgrades + 3)
         // nghttp -u: the same upgrade from nghttp2's client.
         let nghttp = try LabHarness.run(["lab", "exec", "client", "--", "nghttp", "-u", "-v", "-H", "x-canary: yes",
                                          "http://198.19.1.10/nghttp"]).output
@@ -376,11 +368,11 @@ struct ProxyTests {
         #expect(none.0 == 503 && none.2.contains("no ready backend for l7/nobody:80"), "\(none)")
 
         // Not declared as HTTP and no route: the kernel balances it, no proxy hop.
-        let before = try stat("n1", "requests_total")
+        let before = try LabHarness.proxyStat("n1", "requests_total")
         let plain = json(try curl(lab, "http://198.19.1.50/").2)
         #expect(plain["pod"] as? String == "v2")
         #expect((plain["headers"] as? [String: String])?["via"] == nil)
-        #expect(try stat("n1", "requests_total") == before)
+        #expect(try LabHarness.proxyStat("n1", "requests_total") == before)
 
         // The application still sees the clusterIP as its peer.
         let peer = try lab.tool(in: "client", ["peer", "198.19.1.10", "80"])
@@ -522,7 +514,7 @@ struct ProxyTests {
         let lab = try startLab(files: ["consumer.yaml": consumer])
         defer { lab.down() }
         var pods: [String: Int] = [:]
-        let express = try stat("n1", "express_requests_total")
+        let express = try LabHarness.proxyStat("n1", "express_requests_total")
         for i in 0..<10 {
             for (path, extra) in [("/plain/\(i)", []), ("/plain/h2/\(i)", ["--http2-prior-knowledge"]), ("/tagged/\(i)", [])] {
                 let (status, headers, body) = try curl(lab, "http://198.19.1.10\(path)", extra, from: "app-client")
@@ -533,7 +525,7 @@ struct ProxyTests {
             }
         }
         #expect(pods == ["v2": 30], "every request of l7-app to web-v2: \(pods)")
-        #expect(try stat("n1", "express_requests_total") - express >= 20, "the rule without filters on the express paths")
+        #expect(try LabHarness.proxyStat("n1", "express_requests_total") - express >= 20, "the rule without filters on the express paths")
         for extra in [[], ["--http2-prior-knowledge"]] {
             // The producer's /re/N rule would be served on the express path.
             let re = try curl(lab, "http://198.19.1.10/re/5", extra, from: "app-client")
@@ -572,7 +564,7 @@ struct ProxyTests {
         #expect(g["count_code"] as? String == "OK", "\(g)")
         #expect(g["chat"] as? [String] == ["grpc:a", "grpc:b", "grpc:c"], "\(g)")
         #expect(g["fail"] as? String == "UNAVAILABLE on purpose", "\(g)")
-        #expect(try stat("n1", "http2_connections_total") >= 1)
+        #expect(try LabHarness.proxyStat("n1", "http2_connections_total") >= 1)
 
         // 150 long-lived streams at once on one channel (watches), across
         // nodes: every one is echoed while all are open (the proxy offers
@@ -590,7 +582,7 @@ struct ProxyTests {
         #expect(ws["accept_ok"] as? Bool == true, "\(ws)")
         let echoes = ws["echoes"] as? [String] ?? []
         #expect(echoes.count == 3 && echoes.allSatisfy { $0.hasPrefix("v1-") && $0.contains(":hello-") }, "\(ws)")
-        #expect(try stat("n1", "upgrades_total") >= 1)
+        #expect(try LabHarness.proxyStat("n1", "upgrades_total") >= 1)
     }
 
     @Test func retriesMaskAFlakyBackendAndBudgetsCapAnOutage() throws {
@@ -608,7 +600,7 @@ struct ProxyTests {
         let statuses = r["statuses"] as? [String: Int] ?? [:]
         let ok = Double(statuses["200"] ?? 0) / 1000
         #expect(ok >= 0.99, "success \(ok): \(statuses) \(r["errors"] ?? [])")
-        let retries = try stat("n1", "retries_total")
+        let retries = try LabHarness.proxyStat("n1", "retries_total")
         #expect(retries > 0)
         // The same retries, per destination Service, Istio-labelled.
         #expect(try upstreamEvents("n1", "retry", service: "retry") == retries, "every retry so far was the retry Service's")
@@ -630,17 +622,17 @@ struct ProxyTests {
         let seconds = outage["seconds"] as? Double ?? 0
         let bound = Int(Double(n) * 1.2 + 10 * max(seconds, 10) + 10)
         #expect(seenByBackend > n && seenByBackend <= bound, "backend saw \(seenByBackend) for \(n) requests (bound \(bound))")
-        #expect(try stat("n1", "retries_budget_exhausted_total") > 0)
+        #expect(try LabHarness.proxyStat("n1", "retries_budget_exhausted_total") > 0)
         // (Per Service: the flaky phases may spend the budget too, now and
         // then: a quarter of their requests want a retry, over its 20%.)
         let exhausted = try upstreamEvents("n1", "retry_budget_exhausted", service: "broken")
         #expect(exhausted > 0)
         let everyExhausted = try exhausted + upstreamEvents("n1", "retry_budget_exhausted", service: "retry")
             + upstreamEvents("n1", "retry_budget_exhausted", service: "retry-plain")
-        #expect(try everyExhausted == stat("n1", "retries_budget_exhausted_total"))
+        #expect(try everyExhausted == LabHarness.proxyStat("n1", "retries_budget_exhausted_total"))
         let perService = try upstreamEvents("n1", "retry", service: "broken") + upstreamEvents("n1", "retry", service: "retry")
             + upstreamEvents("n1", "retry", service: "retry-plain")
-        #expect(try perService == stat("n1", "retries_total"))
+        #expect(try perService == LabHarness.proxyStat("n1", "retries_total"))
     }
 
     /// A TrafficPolicy retry naming gRPC statuses: a call answered
@@ -687,7 +679,7 @@ struct ProxyTests {
         let backend = try curl(lab, "http://198.19.1.22/backend")
         // (It names the backend the last attempt went to.)
         #expect(backend.0 == 504 && backend.2.contains(":8080 did not answer within"), "\(backend)")
-        let timeouts = try stat("n1", "timeouts_total")
+        let timeouts = try LabHarness.proxyStat("n1", "timeouts_total")
         let perService = try upstreamEvents("n1", "timeout", service: "slow")
         #expect(timeouts >= 2 && perService == timeouts, "per Service: the same timeouts (\(perService) of \(timeouts))")
     }
@@ -707,7 +699,7 @@ struct ProxyTests {
             print(banner.decode().strip() + "|" + repr(echo))
             """])
         #expect(out.output.contains("hello from banner|b'\\x00\\x01binary\\n'"), "\(out.output)")
-        #expect(try stat("n1", "tcp_passthrough_total") >= 1)
+        #expect(try LabHarness.proxyStat("n1", "tcp_passthrough_total") >= 1)
     }
 
     /// HTTP/2 (h2c) streams that need no more than the HTTP/1.1 express
@@ -720,7 +712,7 @@ struct ProxyTests {
     @Test func http2ExpressPathAnswersPlainStreamsAndHandsOverTheRest() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let express = try stat("n1", "express_requests_total"), handovers = try stat("n1", "express_handovers_total")
+        let express = try LabHarness.proxyStat("n1", "express_requests_total"), handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
             import hashlib, json, os, subprocess, tempfile
             tmp = tempfile.mkdtemp()
@@ -807,8 +799,8 @@ struct ProxyTests {
         // Plain, head, bytes, chunked, unframed, the two smaller POSTs and
         // the load went express; the 100 kB POST and the refused stream
         // were handed over.
-        #expect(try stat("n1", "express_requests_total") - express >= 407, "express requests")
-        #expect(try stat("n1", "express_handovers_total") - handovers >= 2, "hand-overs")
+        #expect(try LabHarness.proxyStat("n1", "express_requests_total") - express >= 407, "express requests")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers >= 2, "hand-overs")
 
         // The express path writes HTTP/2 fields into HTTP/1.1 bytes: a CR, LF
         // or NUL in a value, a bad name or a bad :path must never reach the
@@ -862,7 +854,7 @@ struct ProxyTests {
     @Test func http2ExpressPathHoldsBackForSlowReadersAndDrainsWithGoAway() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let express = try stat("n1", "express_requests_total"), handovers = try stat("n1", "express_handovers_total")
+        let express = try LabHarness.proxyStat("n1", "express_requests_total"), handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         let size = 64 << 20
         let window = try lab.tool(in: "client", ["h2-window", "198.19.1.12", "80", "/bytes/\(size)", "\(size)", "198.18.1.21", "8080"])
         let shut = window["shut"] as? [String: Any] ?? [:]
@@ -872,8 +864,8 @@ struct ProxyTests {
         #expect((shut["sent"] as? Int ?? .max) < 20 << 20 && (shut["sent"] as? Int ?? 0) > 0, "the backend was not held back: \(window)")
         #expect(window["ended"] as? Bool == true && window["length"] as? Int == size && window["exact"] as? Bool == true, "\(window)")
         #expect(window["sent_total"] as? Int == size, "\(window)")
-        #expect(try stat("n1", "express_requests_total") - express >= 1, "not on the express path")
-        #expect(try stat("n1", "express_handovers_total") == handovers, "handed over")
+        #expect(try LabHarness.proxyStat("n1", "express_requests_total") - express >= 1, "not on the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handovers, "handed over")
 
         let inFlight = try lab.startTool(in: "client", ["h2-drain", "198.19.1.12", "80", "/sleep/2000"])
         usleep(500_000)
@@ -897,7 +889,7 @@ struct ProxyTests {
     @Test func halfClosingSlowReadersGetWholeResponses() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let handovers = try stat("n1", "express_handovers_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
             import json, socket, threading, time
             results = {}
@@ -931,7 +923,7 @@ struct ProxyTests {
         for (name, r) in results.sorted(by: { $0.key < $1.key }) {
             #expect((r as? [String: Any])?["ok"] as? Bool == true, "\(name): \(r)")
         }
-        #expect(try stat("n1", "express_handovers_total") - handovers >= 3, "the full path was not taken")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers >= 3, "the full path was not taken")
         // The full path's backend connections, paused for those slow readers
         // as their responses ended, went back to the pool: the next requests
         // on them get their answers (they once waited for ever).
@@ -967,14 +959,14 @@ struct ProxyTests {
     @Test func connectionsTheProxyEndsEndWithAStagedClose() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let handovers = try stat("n1", "express_handovers_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         for (name, extra) in [("express", [String]()), ("full", ["X-Forwarded-For: 198.18.1.99"])] {
             let r = try lab.tool(in: "client", ["h1-close-send", "198.19.1.12", "80", "/__count"] + extra)
             #expect((r["status"] as? String)?.hasPrefix("HTTP/1.1 200") == true && r["connection"] as? String == "close",
                     "\(name): \(r)")
             #expect(r["send_error"] is NSNull && r["end"] as? String == "eof", "\(name): a reset, not a staged close: \(r)")
         }
-        #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
         // No ready backend: answered 503 at the head, 8 MB of body still
         // coming; curl reads the answer. With curl's Expect: 100-continue
         // the 503 comes before the 100 would: the body is never sent.
@@ -1027,8 +1019,8 @@ struct ProxyTests {
         let lab = try startLab()
         defer { lab.down() }
         try applyMeshConfig(lab, spec: "{proxy: {idleTimeout: 1s}}")
-        let closed = try stat("n1", "idle_connections_closed_total")
-        let handovers = try stat("n1", "express_handovers_total")
+        let closed = try LabHarness.proxyStat("n1", "idle_connections_closed_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         // Concurrently: each waits about a second and a half.
         let runs: [(String, [String])] = [
             ("h1 express", ["h1-idle", "198.19.1.12", "80", "/idle"]),
@@ -1054,8 +1046,8 @@ struct ProxyTests {
                 #expect(goAway["last_stream_id"] as? Int == 1 && goAway["error_code"] as? Int == 0, "\(name): \(r)")
             }
         }
-        #expect(try stat("n1", "idle_connections_closed_total") - closed == 5)
-        #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
+        #expect(try LabHarness.proxyStat("n1", "idle_connections_closed_total") - closed == 5)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
     }
 
     /// MeshConfig `proxy.streamIdleTimeout`, through the agent to the
@@ -1068,8 +1060,8 @@ struct ProxyTests {
         let lab = try startLab()
         defer { lab.down() }
         try applyMeshConfig(lab, spec: "{proxy: {streamIdleTimeout: 1s, idleTimeout: 1s}}")
-        let stalled = try stat("n1", "stream_idle_timeouts_total")
-        let handovers = try stat("n1", "express_handovers_total")
+        let stalled = try LabHarness.proxyStat("n1", "stream_idle_timeouts_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         let runs: [(String, [String])] = [
             ("h1 express", ["h1-idle", "198.19.1.12", "80", "/sleep/4000"]),
             ("h1 full", ["h1-idle", "198.19.1.12", "80", "/sleep/4000", "X-Forwarded-For: 198.18.1.99"]),
@@ -1091,8 +1083,8 @@ struct ProxyTests {
             // went out (and some slack for a busy machine).
             #expect(answered >= 0.95 && answered < 2.5, "\(name): answered \(answered) s after the request: \(r)")
         }
-        #expect(try stat("n1", "stream_idle_timeouts_total") - stalled == 3)
-        #expect(try stat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
+        #expect(try LabHarness.proxyStat("n1", "stream_idle_timeouts_total") - stalled == 3)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers == 1, "the full path was not taken")
     }
 
     /// MeshConfig `proxy.requestHeaderTimeout`: an HTTP/1.1 request head
@@ -1111,8 +1103,8 @@ struct ProxyTests {
         let lab = try startLab()
         defer { lab.down() }
         try applyMeshConfig(lab, spec: "{proxy: {idleTimeout: 0s, requestHeaderTimeout: 1s}}")
-        let timeouts = try stat("n1", "request_header_timeouts_total")
-        let handovers = try stat("n1", "express_handovers_total")
+        let timeouts = try LabHarness.proxyStat("n1", "request_header_timeouts_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         // (A preset X-Forwarded-For hands a connection to the full path.)
         let full = "X-Forwarded-For: 198.18.1.99"
         let runs: [(String, [String])] = [
@@ -1169,8 +1161,8 @@ struct ProxyTests {
                 if name.hasSuffix("body") { #expect(answered >= 1.9, "\(name): answered before its body was sent: \(r)") }
             }
         }
-        #expect(try stat("n1", "request_header_timeouts_total") - timeouts == 5)
-        #expect(try stat("n1", "express_handovers_total") - handovers == 3, "the full path was not taken")
+        #expect(try LabHarness.proxyStat("n1", "request_header_timeouts_total") - timeouts == 5)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers == 3, "the full path was not taken")
     }
 
     /// MeshConfig `proxy.maxRequestHeaderSize`: a request head over it is
@@ -1189,8 +1181,8 @@ struct ProxyTests {
         let lab = try startLab()
         defer { lab.down() }
         try applyMeshConfig(lab, spec: "{proxy: {maxRequestHeaderSize: 8Ki}}")
-        let refused = try stat("n1", "request_heads_too_large_total")
-        let handovers = try stat("n1", "express_handovers_total")
+        let refused = try LabHarness.proxyStat("n1", "request_heads_too_large_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
             import json, socket
             def head(big, extra=b""):
@@ -1269,7 +1261,7 @@ struct ProxyTests {
                 #expect(headers["connection"] == "close" && r["end"] as? String == "eof", "\(name): \(r)")
             }
         }
-        #expect(try stat("n1", "express_handovers_total") - handovers == 5, "the full path was not taken")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handovers == 5, "the full path was not taken")
 
         // HTTP/2, on one connection (frames by hand: curl holds itself to
         // the list size the proxy announces, twice the limit): 431 on the
@@ -1288,7 +1280,7 @@ struct ProxyTests {
         #expect(requests.dropFirst(2).first?["status"] as? String == "200", "\(requests)")
         let last = requests.last ?? [:], goAway = last["goaway"] as? [String: Any] ?? [:]
         #expect(last["status"] is NSNull && last["closed"] as? Bool == true && goAway["last_stream_id"] as? Int == 5, "\(last)")
-        #expect(try stat("n1", "request_heads_too_large_total") - refused == 8)
+        #expect(try LabHarness.proxyStat("n1", "request_heads_too_large_total") - refused == 8)
     }
 
     /// MeshConfig `proxy.tcpKeepalive`: both sockets of an opaque stream
@@ -1368,7 +1360,7 @@ struct ProxyTests {
         // New sessions until one begins on n2's blue pod (each lands on
         // v1-a or v1-b); every session's 12 requests go to its first pod.
         // The express paths carry them: none is handed over.
-        let handovers = try stat("n1", "express_handovers_total")
+        let handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         var remote: String?
         for _ in 0..<24 where remote == nil {
             let run = try lab.load(in: "client", ["cookie", "http://198.19.1.70/cart/items", "12", "cart"])
@@ -1384,7 +1376,7 @@ struct ProxyTests {
             let h2 = try lab.tool(in: "client", ["h2-request", "198.19.1.70", "80", "/cart/h2", "cookie=\(jar)"])
             #expect(h2["status"] as? String == "200" && h2["x-pod"] as? String == "v1-b" && h2["set-cookie"] == nil, "h2c: \(h2)")
         }
-        #expect(try stat("n1", "express_handovers_total") == handovers, "a session request left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handovers, "a session request left the express path")
         // Blue to green: the session stays on blue, new clients go green.
         let before = try lab.generations()
         try lab.write("sessions.yaml", sessions(blue: 0, green: 100))
@@ -1408,7 +1400,7 @@ struct ProxyTests {
     @Test func expressPathForwardsPlainRequestsAndHandsOverTheRest() throws {
         let lab = try startLab()
         defer { lab.down() }
-        let express = try stat("n1", "express_requests_total"), handovers = try stat("n1", "express_handovers_total")
+        let express = try LabHarness.proxyStat("n1", "express_requests_total"), handovers = try LabHarness.proxyStat("n1", "express_handovers_total")
         let out = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
             import json, socket
             def read_all(raw):
@@ -1488,7 +1480,7 @@ struct ProxyTests {
                 "a chunked response goes through whole, its trailer too: \(framed)")
         #expect((framed["second"] as? String)?.contains("connection: close") == true
                 && (framed["second_body"] as? [String: Any])?["path"] as? String == "/unframed", "\(framed)")
-        #expect(try stat("n1", "express_requests_total") >= express + 6)
+        #expect(try LabHarness.proxyStat("n1", "express_requests_total") >= express + 6)
 
         let chunked = try #require(result["chunked"] as? [String: Any])
         let answer = (chunked["responses"] as? [[String: Any]])?.first
@@ -1496,7 +1488,7 @@ struct ProxyTests {
         #expect((answer?["status"] as? String)?.hasPrefix("HTTP/1.1 200") == true && forwarded["path"] as? String == "/e"
                 && (forwarded["headers"] as? [String: String])?["transfer-encoding"] == "chunked",
                 "the full path forwarded the chunked body: \(chunked)")
-        #expect(try stat("n1", "express_handovers_total") == handovers + 1)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handovers + 1)
 
         // curl uploads over 1 MiB with Expect: 100-continue and waits up to
         // 1 s for the 100 before sending the body: the proxy says it at
@@ -1511,9 +1503,9 @@ struct ProxyTests {
 
         // With access logs on, express requests are logged as the full path logs them.
         try applyMeshConfig(lab, spec: "{accessLog: {enabled: true, namespaces: [\(ns)]}}")
-        let before = try stat("n1", "express_requests_total")
+        let before = try LabHarness.proxyStat("n1", "express_requests_total")
         let logged = try curl(lab, "http://198.19.1.12/logged?q=1", ["-A", "weft-test/1", "-H", "x-request-id: req-express"])
-        let after = try stat("n1", "express_requests_total")
+        let after = try LabHarness.proxyStat("n1", "express_requests_total")
         #expect(logged.0 == 200 && after == before + 1, "\(logged)")
         var line: [String: Any]?
         for _ in 0..<50 where line == nil {

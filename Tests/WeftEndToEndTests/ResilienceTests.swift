@@ -100,13 +100,6 @@ private func waitForHealth(_ entry: String, failing: Bool, node: String = "n1", 
     throw HarnessError("\(entry) never \(failing ? "failed" : "passed") its health check on \(node)")
 }
 
-/// One of a node proxy's /stats counters (`weft_proxy_<name>`), -1 when absent.
-private func stat(_ node: String, _ name: String) throws -> Int {
-    let text = try proxyText(node, "/stats")
-    return text.split(separator: "\n").first { $0.hasPrefix("weft_proxy_\(name) ") }
-        .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
-}
-
 /// Waits until node `node`'s proxy holds no request slot of any backend
 /// under a TrafficPolicy (`weft_backend_active_requests` all 0): every
 /// path a request took, answered, failed or handed over, gave its slot back.
@@ -147,18 +140,18 @@ struct ResilienceTests {
 
         // RoundRobin: one shared counter, so 10,000 requests split exactly.
         // The express path carries the policy: no request leaves it.
-        let (express, handed) = (try stat("n1", "express_requests_total"), try stat("n1", "express_handovers_total"))
+        let (express, handed) = (try LabHarness.proxyStat("n1", "express_requests_total"), try LabHarness.proxyStat("n1", "express_handovers_total"))
         let rr = try lab.load(in: "client", ["spread", "http://198.19.2.10/", "10000", "8"])
         let rrPods = counts(rr, "pods")
         #expect(counts(rr, "codes") == ["200": 10000], "\(rr)")
         #expect(Set(rrPods.keys) == pods && rrPods.values.allSatisfy { abs($0 - 2500) <= 25 }, "round robin: \(rrPods)")
-        #expect(try stat("n1", "express_requests_total") - express >= 10000 && stat("n1", "express_handovers_total") == handed,
+        #expect(try LabHarness.proxyStat("n1", "express_requests_total") - express >= 10000 && LabHarness.proxyStat("n1", "express_handovers_total") == handed,
                 "RoundRobin's requests left the express path")
         // HTTP/2 clients too (h2c, prior knowledge), on the same shared counter.
         let h2 = try LabHarness.run(["lab", "exec", "client", "--", "timeout", "-s", "KILL", "60", "h2load", "-n", "400", "-c", "2",
                                      "-m", "4", "http://198.19.2.10/"])
         #expect(h2.output.contains("400 succeeded") && h2.output.contains("400 2xx"), "\(h2.output)")
-        #expect(try stat("n1", "express_requests_total") - express >= 10400 && stat("n1", "express_handovers_total") == handed,
+        #expect(try LabHarness.proxyStat("n1", "express_requests_total") - express >= 10400 && LabHarness.proxyStat("n1", "express_handovers_total") == handed,
                 "HTTP/2 requests to RoundRobin left the express path")
 
         // Random: binomial(10,000, 1/4) per backend; 2,500 +- 7% is four sigma.
@@ -195,7 +188,7 @@ struct ResilienceTests {
 
         // A cookie balancer mints the cookie, and the client then sticks,
         // on the express paths (HTTP/1.1, then h2c) as on the full one.
-        let handedBeforeSticky = try stat("n1", "express_handovers_total")
+        let handedBeforeSticky = try LabHarness.proxyStat("n1", "express_handovers_total")
         let sticky = try lab.load(in: "client", ["cookie", "http://198.19.2.15/", "30", "weft-session"])
         #expect((sticky["set_cookie"] as? String)?.hasPrefix("weft-session=") == true
                     && (sticky["set_cookie"] as? String)?.hasSuffix("; Path=/; Max-Age=3600; HttpOnly") == true, "\(sticky)")
@@ -212,7 +205,7 @@ struct ResilienceTests {
             h2Pods.insert(again["x-pod"] as? String ?? "-")
         }
         #expect(h2Pods.count == 1 && !h2Pods.contains("-"), "h2c requests with one cookie went to \(h2Pods)")
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeSticky, "the cookie hash left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeSticky, "the cookie hash left the express path")
 
         // PreferLocal: the client is on n1, so n1's backends only, until
         // they fail their checks; then n2's.
@@ -374,8 +367,8 @@ struct ResilienceTests {
         // Checks flow: n1 relays them, n2 and n3 run them; nothing fails.
         var flowing = false
         for _ in 0..<100 where !flowing {
-            flowing = try stat("n1", "tunnel_probes_relayed_total") >= 4 && stat("n2", "tunnel_probes_served_total") >= 1
-                && stat("n3", "tunnel_probes_served_total") >= 1
+            flowing = try LabHarness.proxyStat("n1", "tunnel_probes_relayed_total") >= 4 && LabHarness.proxyStat("n2", "tunnel_probes_served_total") >= 1
+                && LabHarness.proxyStat("n3", "tunnel_probes_served_total") >= 1
             if !flowing { usleep(100_000) }
         }
         let n1Stats = try proxyText("n1", "/stats")
@@ -411,11 +404,11 @@ struct ResilienceTests {
         #expect(counts(t, "pods")["sp-3"] ?? 0 > 0 && counts(t, "pods")["sp-2"] ?? 0 > 0, "both served before: \(t)")
 
         // The far proxy runs only the checks its table lists.
-        let refusedBefore = try stat("n2", "tunnel_probes_refused_total")
+        let refusedBefore = try LabHarness.proxyStat("n2", "tunnel_probes_refused_total")
         let asked = try LabHarness.shell(raw: ["curl", "-s", "-w", " %{http_code}", "--unix-socket", "/run/weft/n1/proxy.sock",
                                                "http://proxy/probe?node=n2&target=\(sp2):8080&path=/__exit"])
         #expect(asked.hasSuffix(" 409") && asked.contains("no TrafficPolicy health check"), "\(asked)")
-        #expect(try stat("n2", "tunnel_probes_refused_total") == refusedBefore + 1)
+        #expect(try LabHarness.proxyStat("n2", "tunnel_probes_refused_total") == refusedBefore + 1)
         #expect(try onNode(sp2, "/__count").isEmpty == false, "sp-2 is still up")
     }
 
@@ -475,7 +468,7 @@ struct ResilienceTests {
         // Both checks pass: gh-2's through the tunnel (n1 relays, n2 runs it).
         var relayed = false
         for _ in 0..<100 where !relayed {
-            relayed = try stat("n1", "tunnel_probes_relayed_total") >= 2 && stat("n2", "tunnel_probes_served_total") >= 2
+            relayed = try LabHarness.proxyStat("n1", "tunnel_probes_relayed_total") >= 2 && LabHarness.proxyStat("n2", "tunnel_probes_served_total") >= 2
             if !relayed { usleep(100_000) }
         }
         let n1Stats = try proxyText("n1", "/stats")
@@ -543,11 +536,11 @@ struct ResilienceTests {
         // 20 requests at once against maxRequests 5: exactly 15 shed. The
         // express path takes the 5 slots; a request it finds none for goes
         // to the full path, which answers 503 (flag UO).
-        let handed = try stat("n1", "express_handovers_total")
+        let handed = try LabHarness.proxyStat("n1", "express_handovers_total")
         let burst = try lab.load(in: "client", ["burst", "http://198.19.4.10/sleep/1500", "20"])
         #expect(counts(burst, "codes") == ["200": 5, "503": 15], "\(burst)")
-        #expect(try stat("n1", "circuit_breaker_overflows_total") == 15)
-        #expect(try stat("n1", "express_handovers_total") - handed == 15, "only the shed requests left the express path")
+        #expect(try LabHarness.proxyStat("n1", "circuit_breaker_overflows_total") == 15)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - handed == 15, "only the shed requests left the express path")
         try expectNoSlotHeld("after the burst")
 
         // maxConnections 1, maxPendingRequests 1 (a pod of its own: idle
@@ -558,8 +551,8 @@ struct ResilienceTests {
         // other would be a second waiting and is shed. The express path
         // counts its connections as the full path does, and hands both to
         // the full path, which queues.
-        let held = try stat("n1", "express_handovers_total")
-        let waitsBefore = try stat("n1", "circuit_breaker_waits_total")
+        let held = try LabHarness.proxyStat("n1", "express_handovers_total")
+        let waitsBefore = try LabHarness.proxyStat("n1", "circuit_breaker_waits_total")
         let three = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
                                         "curl -s -o /dev/null -w 'A:%{http_code}:%{time_total}\\n' http://198.19.4.11/sleep/1500 & sleep 0.4; "
                                         + "for n in B C; do curl -s -w \"$n:%{http_code}:%{time_total}\\n\" http://198.19.4.11/ & done; wait"])
@@ -571,18 +564,18 @@ struct ResilienceTests {
         // (It waited for the first's 1.1 s left, not the 2 s connect timeout.)
         let waitedSeconds = waitedFor.first.flatMap { Double($0.split(separator: ":").last ?? "") } ?? 0
         #expect(waitedSeconds >= 0.8 && waitedSeconds < 1.9, "\(three.output)")
-        #expect(try stat("n1", "circuit_breaker_overflows_total") == 16)
-        #expect(try stat("n1", "circuit_breaker_waits_total") - waitsBefore == 1)
-        #expect(try stat("n1", "express_handovers_total") - held == 2, "the first request rode the express path")
+        #expect(try LabHarness.proxyStat("n1", "circuit_breaker_overflows_total") == 16)
+        #expect(try LabHarness.proxyStat("n1", "circuit_breaker_waits_total") - waitsBefore == 1)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - held == 2, "the first request rode the express path")
         try expectNoSlotHeld("after maxConnections")
 
         // 100 a second with a burst of 100, for 10 s: burst + rate x time,
         // within 5%; the rest get 429 with Retry-After.
         // HTTP/1.1: judged and answered on the express path (nothing handed
         // over), counted as the full path counts a 429 (flag RL, no upstream).
-        let handedBeforeRate = try stat("n1", "express_handovers_total")
+        let handedBeforeRate = try LabHarness.proxyStat("n1", "express_handovers_total")
         let rate = try lab.load(in: "client", ["rate", "http://198.19.4.20/", "10", "4"])
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the rate limit left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeRate, "the rate limit left the express path")
         let limitedSeries = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
             .split(separator: "\n").filter {
                 $0.hasPrefix("weft_requests_total{") && $0.contains("destination_service_name=\"rl\"")
@@ -617,7 +610,7 @@ struct ResilienceTests {
         // (h2load counts a 4xx as failed, not as errored.)
         #expect(h2.output.contains("300 done") && h2.output.contains(" 0 errored") && h2Limited >= 150,
                 "h2c through the rate limit: \(h2.output)")
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the rate limit on h2c streams left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeRate, "the rate limit on h2c streams left the express path")
         #expect(try limitedSoFar() - limitedBeforeH2 == Double(h2Limited), "h2c 429s counted: \(h2Limited) from h2load")
         print("figure: h2c through the rate limit: \(h2Limited) of 300 answered 429")
         // One request in 10 minutes: the first POST passes, the second,
@@ -630,7 +623,7 @@ struct ResilienceTests {
         #expect(posts.last?["status"] as? String == "429" && (posts.last?["body"] as? String ?? "").contains("rate limit of")
                     && (posts.last?["body"] as? String ?? "").contains("rl-slow")
                     && [nil, 0].contains(posts.last?["reset"] as? Int), "\(posts)")
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeRate, "the open h2c stream left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeRate, "the open h2c stream left the express path")
 
         // Faults at 25%: within 4.5 points over 2,000 requests (a binomial's
         // standard deviation here is 0.97 points: 3 points, 3.1 of them,
@@ -646,7 +639,7 @@ struct ResilienceTests {
                         && $0.contains("response_code=\"\(code)\"") && $0.contains("response_flags=\"\(flags)\"")
                 }.compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0, +)
         }
-        let handedBeforeFaults = try stat("n1", "express_handovers_total")
+        let handedBeforeFaults = try LabHarness.proxyStat("n1", "express_handovers_total")
         let aborts = counts(try lab.load(in: "client", ["spread", "http://198.19.4.30/", "2000", "8"]), "codes")
         #expect(aborts.values.reduce(0, +) == 2000 && abs(Double(aborts["503"] ?? 0) / 2000 - 0.25) <= 0.045, "\(aborts)")
         #expect(try series("fi-abort", flags: "FI", code: "503") == Double(aborts["503"] ?? -1), "aborts counted with flag FI")
@@ -663,7 +656,7 @@ struct ResilienceTests {
         print("figure: aborts \(aborts), delayed \(delayed) of 2000 (client saw \(slow) slow)")
         #expect(counts(delays, "codes") == ["200": 2000] && abs(delayed / 2000 - 0.25) <= 0.045 && slow >= delayed, "\(delays)")
         #expect(try series("fi-delay", flags: "DI", code: "200") == delayed, "delays counted with flag DI")
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "HTTP/1.1 faults left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeFaults, "HTTP/1.1 faults left the express path")
         try expectNoSlotHeld("after the delays")
 
         // h2c streams too, on the express path: 1,000 through the abort
@@ -691,7 +684,7 @@ struct ResilienceTests {
         let h2Delayed = try delayedSoFar() - delayedBeforeH2
         #expect(h2Delays.output.contains("200 done") && h2Delays.ok == 200 && h2Delayed > 0 && h2Delayed < 200,
                 "h2c through the delay (\(h2Delayed) delayed): \(h2Delays.output)")
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "h2c faults left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeFaults, "h2c faults left the express path")
         print("figure: h2c aborts \(h2Aborts.failed5xx) of 1000, delayed \(h2Delayed) of 200")
 
         // A delayed request holds no backend slot while it waits (the full
@@ -710,14 +703,14 @@ struct ResilienceTests {
                 "every waiting request answered after its delay: \(waitRun.output)")
         #expect(lines.contains("G:000") && !lines.contains { $0.hasPrefix("HELD:") }, "no slot held during the wait: \(waitRun.output)")
         try expectNoSlotHeld("after the waits")
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults, "the waits left the express path")
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeFaults, "the waits left the express path")
         // The connection limit is checked again after the wait: two requests
         // that both found room before a 1 s delay under maxConnections 1
         // cannot both open a connection. The second is handed to the full
         // path (which does not judge it again), waits there for the one
         // connection the first holds for 3.5 s, and is shed once the
         // backend's connect timeout (2 s) has passed without it.
-        let overflowsBeforeWait = try stat("n1", "circuit_breaker_overflows_total")
+        let overflowsBeforeWait = try LabHarness.proxyStat("n1", "circuit_breaker_overflows_total")
         let twoWaiting = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
                                              "curl -s -o /dev/null -w 'A:%{http_code}\\n' http://198.19.4.33/sleep/3500 & sleep 0.2; "
                                              + "curl -s -w 'B:%{http_code}:%{time_total}\\n' http://198.19.4.33/; wait"])
@@ -725,8 +718,8 @@ struct ResilienceTests {
         let bSeconds = Double(bLine.split(separator: ":").last ?? "") ?? 0
         #expect(twoWaiting.output.contains("A:200") && bLine.hasPrefix("B:503") && bSeconds >= 2.9 && bSeconds < 3.6
                     && twoWaiting.output.contains("maxConnections, and no connection to it came free in 2s"), "\(twoWaiting.output)")
-        #expect(try stat("n1", "circuit_breaker_overflows_total") == overflowsBeforeWait + 1)
-        #expect(try stat("n1", "express_handovers_total") == handedBeforeFaults + 1, "only the second left the express path")
+        #expect(try LabHarness.proxyStat("n1", "circuit_breaker_overflows_total") == overflowsBeforeWait + 1)
+        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") == handedBeforeFaults + 1, "only the second left the express path")
         try expectNoSlotHeld("after the connection limit")
 
         // A bad TrafficPolicy is refused whole, with file, document and

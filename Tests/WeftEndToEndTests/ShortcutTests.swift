@@ -102,10 +102,10 @@ struct ShortcutTests {
     }
 
     private func stress(_ lab: LabHarness, _ target: String, cases: String, seconds: Double = 3,
-                        from client: String = "client") throws -> [String: Any] {
+                        from client: String = "client", upgrade: Bool = false) throws -> [String: Any] {
         let r = try LabHarness.run(["lab", "exec", "\(ns)/\(client)", "--", "timeout", "-s", "KILL", "170",
                                     "python3", streamTool, "stress", target, "9000", "--cases", cases,
-                                    "--seconds", "\(seconds)"])
+                                    "--seconds", "\(seconds)"] + (upgrade ? ["--upgrade"] : []))
         guard let line = r.output.split(separator: "\n").last,
               let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
             throw HarnessError("streamtool to \(target) failed (a hang is killed after 170 s): \(r.output.suffix(600))")
@@ -245,6 +245,67 @@ struct ShortcutTests {
         let rolled = try rolling.finish()
         #expect(rolled["ok"] as? Bool == true, "a spliced stream across a proxy roll: \(rolled)")
         #expect(try events()["bytes_spliced", default: 0] > e3["bytes_spliced", default: 0])
+    }
+
+    /// `express`: the Upgrade request reaches the express path, which hands
+    /// the connection over to the full path, or (`WEFT_PROXY_EXPRESS=0`)
+    /// the full path from the first byte; each counts the bytes its own way.
+    @Test(arguments: [true, false])
+    func upgradedConnectionsBetweenPodsAreSplicedPastTheProxyAfterTheirHTTP(express: Bool) throws {
+        let lab = try LabHarness(files: ["all.yaml": manifests, "mesh.yaml": meshConfig(enabled: true)], nodes: 1,
+                                 environment: express ? [:] : ["WEFT_PROXY_EXPRESS": "0"])
+        defer { lab.down() }
+        try waitForServers(lab)
+        // Every connection starts as an HTTP/1.1 Upgrade (as a WebSocket
+        // does), with the case's first bytes sent right behind the request,
+        // before the 101; the proxy routes it as HTTP, then joins the two
+        // connections. The first exchange, answered while the proxy holds
+        // bytes, goes through it; the rest skip it both ways, counted from
+        // each peer's first byte, its HTTP ones included.
+        for (target, client, what) in [("198.19.5.13", "loner", "no receiver at either end"),
+                                       ("198.19.5.11", "client", "receivers at both ends")] {
+            let e0 = try events()
+            let up0 = try LabHarness.proxyStat("n1", "upgrades_total")
+            let (b0, s0) = (try LabHarness.proxyStat("n1", "upgraded_bytes_total"),
+                            try LabHarness.proxyStat("n1", "upgraded_bytes_spliced_total"))
+            expectAllOK(try stress(lab, target, cases: "pingpong", from: client, upgrade: true), "upgraded, \(what)")
+            let e1 = try events()
+            let spliced = e1["bytes_spliced", default: 0] - e0["bytes_spliced", default: 0]
+            #expect(spliced >= 720_000, "\(what): request and answer after the Upgrade were not spliced both ways: \(e0) -> \(e1)")
+            #expect(try LabHarness.proxyStat("n1", "upgrades_total") == up0 + 1)
+            // (The express path hands an Upgrade over; off, it never ran.)
+            #expect((try LabHarness.proxyStat("n1", "express_handovers_total") > 0) == express)
+            // The proxy's own counts take in what went around it (added as
+            // the connection ends).
+            var (b1, s1) = (b0, s0)
+            for _ in 0..<100 {
+                (b1, s1) = (try LabHarness.proxyStat("n1", "upgraded_bytes_total"),
+                            try LabHarness.proxyStat("n1", "upgraded_bytes_spliced_total"))
+                if s1 - s0 >= spliced { break }
+                usleep(50_000)
+            }
+            #expect(s1 - s0 == spliced && b1 - b0 >= 800_000, "\(what): the proxy counted \(b1 - b0) bytes, \(s1 - s0) spliced; the kernel spliced \(spliced)")
+
+            // Every case over upgraded connections: each byte in order,
+            // whichever way it went.
+            expectAllOK(try stress(lab, target, cases: allCases + (client == "loner" ? ",splice_recv" : ""), from: client,
+                                   upgrade: true), "every case upgraded, \(what)")
+            #expect(try events()["bytes_spliced", default: 0] - e1["bytes_spliced", default: 0] >= 1 << 20,
+                    "\(what): the other upgraded cases spliced (almost) nothing")
+        }
+
+        // Splicing off: the proxy relays upgraded connections itself, and
+        // what a client sends behind its request goes on at once, though
+        // the client then waits (server_first: the server says nothing
+        // until it has read it; those bytes once waited in the proxy for
+        // the client's next read).
+        let generations = try lab.generations().filter { $0.key == "n1" }
+        try lab.write("mesh.yaml", meshConfig(enabled: true, splice: false))
+        try lab.waitForGeneration(after: generations)
+        let off = try events()
+        expectAllOK(try stress(lab, "198.19.5.13", cases: "server_first,pingpong,half_close", from: "loner", upgrade: true),
+                    "upgraded, splicing off")
+        #expect(try events()["bytes_spliced", default: 0] == off["bytes_spliced", default: 0], "bytes were spliced with splicing off")
     }
 
     @Test func agentRestartAndSwitchingOffMidStreamLoseNothing() throws {

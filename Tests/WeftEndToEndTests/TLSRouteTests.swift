@@ -78,12 +78,6 @@ private func waitUntilServing(_ lab: LabHarness, _ servers: some Collection<(nam
     }
 }
 
-private func stat(_ node: String, _ name: String) throws -> Int {
-    let text = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/\(node)/proxy.sock", "http://proxy/stats"])
-    return text.split(separator: "\n").first { $0.hasPrefix("weft_proxy_\(name) ") }
-        .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
-}
-
 @Suite(.serialized, .enabled(if: LabHarness.canRun, LabHarness.skipReason))
 struct TLSRoutePassthroughTests {
     @Test func tlsConnectionsAreRoutedByServerNameAndPassedThroughUntouched() throws {
@@ -105,7 +99,7 @@ struct TLSRoutePassthroughTests {
                                          "services.yaml": services(backends), "routes.yaml": routes])
         defer { lab.down() }
         try waitUntilServing(lab, backends)
-        let routedBefore = try stat("n1", "tls_routed_total"), refusedBefore = try stat("n1", "tls_refused_total")
+        let routedBefore = try LabHarness.proxyStat("n1", "tls_routed_total"), refusedBefore = try LabHarness.proxyStat("n1", "tls_refused_total")
 
         // An exact name, on this node; a wildcard, across nodes (one label or more before the suffix).
         let exact = try tally(lab, vip, 443, 30, sni: "a.tls.example")
@@ -146,8 +140,8 @@ struct TLSRoutePassthroughTests {
         #expect(nameless.pods.isEmpty && nameless.errors.values.reduce(0, +) == 5, "\(nameless)")
         let plain = try lab.tool(in: "client", ["tally", vip, "443", "5"])
         #expect((plain["counts"] as? [String: Int])?.isEmpty == true && (plain["errors"] as? [String])?.count == 5, "\(plain)")
-        #expect(try stat("n1", "tls_routed_total") - routedBefore == 461)
-        #expect(try stat("n1", "tls_refused_total") - refusedBefore == 21)
+        #expect(try LabHarness.proxyStat("n1", "tls_routed_total") - routedBefore == 461)
+        #expect(try LabHarness.proxyStat("n1", "tls_refused_total") - refusedBefore == 21)
 
         // weft route check shows the route a name takes, and none for a stranger.
         let check = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "split.tls.example"])
@@ -202,7 +196,7 @@ struct TLSRoutePassthroughTests {
             let r = try tally(lab, vip, 443, n, sni: sni, from: pod)
             return (r.pods, r.errors)
         }
-        let routedBefore = try stat("n1", "tls_routed_total"), passedBefore = try stat("n1", "tcp_passthrough_total")
+        let routedBefore = try LabHarness.proxyStat("n1", "tls_routed_total"), passedBefore = try LabHarness.proxyStat("n1", "tcp_passthrough_total")
 
         // Only tc's route: tc's clients by it, a name it lacks closed for them;
         // tr's clients to the Service itself, both pods, whatever the name.
@@ -213,8 +207,8 @@ struct TLSRoutePassthroughTests {
         let own = try fromPod(theirs, 40, sni: "a.tls.example")
         #expect((own.pods["tls-a"] ?? 0) > 0 && (own.pods["tls-b"] ?? 0) > 0 && own.pods.values.reduce(0, +) == 40 && own.errors.isEmpty,
                 "\(own)")
-        #expect(try stat("n1", "tls_routed_total") - routedBefore == 20)
-        #expect(try stat("n1", "tcp_passthrough_total") - passedBefore == 40)
+        #expect(try LabHarness.proxyStat("n1", "tls_routed_total") - routedBefore == 20)
+        #expect(try LabHarness.proxyStat("n1", "tcp_passthrough_total") - passedBefore == 40)
         let check = try LabHarness.run(["route", "check", "--node", "n1", "--to", "\(ns)/tls:443", "--sni", "a.tls.example", "--from", mine])
         #expect(check.status == 0 && check.output.contains("consumer routes of namespace tc") && check.output.contains("TLSRoute tc/mine"),
                 "\(check.output)")

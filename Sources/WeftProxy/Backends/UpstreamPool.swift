@@ -5,6 +5,7 @@ import NIOPosix
 import Synchronization
 import WeftCore
 import WeftIdentity
+import WeftKernel
 import WeftStatus
 
 /// A backend as the pool knows it: address and port (the identity), and
@@ -209,6 +210,9 @@ final class UpstreamPool {
     var lifetimes: () -> [EndpointKey: UpstreamLifetime] = { [:] }
     /// The idle timeouts in force (the route snapshot's); ProxyContext sets it.
     var idleTimeouts: () -> UpstreamIdleTimeouts = { UpstreamIdleTimeouts(ProxyTable()) }
+    /// The shortcut's splice maps while splicing is on, else nil;
+    /// ProxyContext sets it.
+    var spliceMaps: () -> SpliceMaps? = { nil }
     private let idleSweep: KeptSweep
 
     init(eventLoop: any EventLoop, configuration: ProxyConfiguration, stats: ProxyStats? = nil, telemetry: ProxyTelemetry? = nil) {
@@ -695,9 +699,13 @@ final class UpstreamPool {
     }
 
     private func connectHTTP1(_ key: EndpointKey, _ completion: @escaping (Result<UpstreamHandler, any Error>) -> Void) {
+        // To a pod of this node, while splicing is on: counted, in case an
+        // Upgrade joins it to a client byte for byte (Upgrade.join).
+        let maps = key.node == configuration.node ? spliceMaps() : nil
         bootstrap(for: key)
             .channelInitializer { channel in
                 self.initialize(channel) { pipeline in
+                    if let maps { try pipeline.addHandler(ReadTally(maps: maps)) }
                     try pipeline.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
                     try pipeline.addHandler(UpstreamHandler())
                 }

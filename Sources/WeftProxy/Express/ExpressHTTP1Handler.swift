@@ -64,6 +64,9 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
     private var inputClosed = false
     private var readPending = false
     private var handedOver = false
+    /// Every byte read from the client, for the count an upgraded
+    /// connection is spliced by (ReadTally, put in at the handover).
+    private var bytesRead: UInt64 = 0
     /// Written to the client since the last flush.
     private var unflushed = false
     private var lastSeries: Express.LastSeries?
@@ -251,6 +254,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         if exchange == nil { stall.moved() }  // (during one, a pipelined request's bytes)
         if lingering { return }  // dropped
         var bytes = unwrapInboundIn(data)
+        bytesRead &+= UInt64(bytes.readableBytes)
         let fresh = inbound == nil || inbound!.readableBytes == 0
         if fresh {
             inbound = bytes
@@ -1163,12 +1167,20 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         handedOver = true
         proxy.stats.expressHandovers.add(1, ordering: .relaxed)
         let handler: any ChannelHandler
+        var front: [any ChannelHandler] = []
         if let origin {
             let full = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
             full.onUpgrade = Upgrade.splice
             full.acceptsH2CUpgrade = true
             full.handed = handed
             handler = full
+            // The bytes this handler took in count as read: the rest, in
+            // `inbound`, the tally counts as they go on to the full path.
+            let held = UInt64(inbound?.readableBytes ?? 0)
+            if bytesRead >= held, let tally = ReadTally.spliceable(origin, proxy: proxy) {
+                tally.count = bytesRead - held
+                front.append(tally)
+            }
         } else if let delivery {
             handler = InboundHTTP(proxy: proxy, request: delivery.request, target: delivery.key, isHTTP2: false)
         } else {
@@ -1176,7 +1188,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
         }
         do {
             try context.pipeline.syncOperations.addHandlers(
-                HTTP1ServerPipeline.handlers(proxy: proxy, then: handler), position: .after(self))
+                front + HTTP1ServerPipeline.handlers(proxy: proxy, then: handler), position: .after(self))
         } catch {
             proxy.logger.warning("cannot set up the HTTP/1 pipeline: \(error)")
             context.close(promise: nil)

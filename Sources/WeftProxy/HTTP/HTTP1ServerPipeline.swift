@@ -71,10 +71,12 @@ enum HTTP1ServerPipeline {
     }
 
     /// After an Upgrade: takes out all but the last handler (the decoder
-    /// passes on the bytes it holds as it goes).
-    static func remove(from pipeline: ChannelPipeline.SynchronousOperations) throws {
+    /// passes on the bytes it holds as it goes, on a later turn of the
+    /// loop; `decoderGone` completes once it has).
+    static func remove(from pipeline: ChannelPipeline.SynchronousOperations,
+                       decoderGone: EventLoopPromise<Void>? = nil) throws {
         try pipeline.removeHandler(pipeline.handler(type: RequestErrors.self), promise: nil)
-        try pipeline.removeHandler(pipeline.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self), promise: nil)
+        try pipeline.removeHandler(pipeline.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self), promise: decoderGone)
         try pipeline.removeHandler(pipeline.handler(type: HeadBytes.self), promise: nil)
         try pipeline.removeHandler(pipeline.handler(type: HTTPResponseEncoder.self), promise: nil)
     }

@@ -65,7 +65,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// from its head until its response ends (or breaks).
     private var record: Record?
     /// Set while a websocket (or other Upgrade) exchange waits for its 101.
-    var onUpgrade: ((ChannelHandlerContext, UpstreamHandler, HTTPResponseHead) -> Void)?
+    var onUpgrade: ((ChannelHandlerContext, UpstreamHandler, HTTPResponseHead, ProxyStats) -> Void)?
     /// A client connection's (not a tunnel stream's): the h2c Upgrade is
     /// taken (H2CUpgrade).
     var acceptsH2CUpgrade = false
@@ -933,7 +933,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 complete(101)
                 r.requestTimer?.cancel()
                 OpaqueKeepalive.apply(to: [context.channel] + (upstream.channel.map { [$0] } ?? []), proxy.snapshot.table.tcpKeepalive)
-                onUpgrade(context, upstream, head)
+                onUpgrade(context, upstream, head, proxy.stats)
                 return
             }
             r.responseStarted = true

@@ -11,6 +11,7 @@ final class SpliceLeg {
     private let maps: SpliceMaps
     private let path: SpliceMaps.Path
     private var total: UInt64 = 0
+    private var armed = false
     private var broken = false
 
     init(maps: SpliceMaps, path: SpliceMaps.Path) {
@@ -18,11 +19,18 @@ final class SpliceLeg {
         self.path = path
     }
 
-    /// Writes the entry with nothing passed on yet; false if the kernel
-    /// would not take it (the direction then simply stays on the proxy).
-    func arm() -> Bool {
+    /// Writes the entry: the proxy has dealt with `base` bytes of the
+    /// direction before the writes reported here (an upgraded connection's
+    /// HTTP bytes; none for opaque TCP). False if the kernel would not take
+    /// it, or a socket has closed meanwhile (the direction then simply
+    /// stays on the proxy). Writes reported before it count from then on.
+    @discardableResult
+    func arm(base: UInt64 = 0) -> Bool {
+        guard !broken else { return false }
+        total += base
         do {
-            try maps.arm(path, forwarded: 0)
+            try maps.arm(path, forwarded: total)
+            armed = true
             return true
         } catch {
             broken = true
@@ -42,6 +50,7 @@ final class SpliceLeg {
     private func forwarded(_ count: Int) {
         guard !broken else { return }
         total += UInt64(count)
+        guard armed else { return }
         do {
             try maps.arm(path, forwarded: total)
         } catch {
@@ -61,15 +70,21 @@ final class SpliceLeg {
         return Int(maps.finish(path.proxySide))
     }
 
-    /// Both directions of a connection joined by the proxy, or nil when the
-    /// kernel could splice neither (not both ends on the shortcut, a peer
-    /// that is not a receiver, no shortcut on this node).
+    /// Both directions of a connection joined by the proxy, armed, or nil
+    /// when the kernel could splice neither (not both ends on the
+    /// shortcut, a peer that is not a receiver, no shortcut on this node).
     static func legs(maps: SpliceMaps?, downstream: Channel, upstream: Channel) -> (SpliceLeg?, SpliceLeg?) {
+        let (toServer, toClient) = unarmed(maps: maps, downstream: downstream, upstream: upstream)
+        return (toServer.flatMap { $0.arm() ? $0 : nil }, toClient.flatMap { $0.arm() ? $0 : nil })
+    }
+
+    /// The same, not armed yet (Upgrade arms them once the HTTP handlers
+    /// have left and it knows how many bytes they took).
+    static func unarmed(maps: SpliceMaps?, downstream: Channel, upstream: Channel) -> (SpliceLeg?, SpliceLeg?) {
         guard let maps, let d = socket(downstream), let u = socket(upstream) else { return (nil, nil) }
         let client = d.peer, server = u.peer
-        let toServer = maps.path(d, target: server, via: u).map { SpliceLeg(maps: maps, path: $0) }
-        let toClient = maps.path(u, target: client, via: d).map { SpliceLeg(maps: maps, path: $0) }
-        return (toServer.flatMap { $0.arm() ? $0 : nil }, toClient.flatMap { $0.arm() ? $0 : nil })
+        return (maps.path(d, target: server, via: u).map { SpliceLeg(maps: maps, path: $0) },
+                maps.path(u, target: client, via: d).map { SpliceLeg(maps: maps, path: $0) })
     }
 
     private static func socket(_ channel: Channel) -> SpliceMaps.Socket? {
@@ -88,5 +103,41 @@ final class SpliceLeg {
         case .unixDomainSocket:
             return nil
         }
+    }
+}
+
+/// Counts the bytes a connection reads, from its first on. After an HTTP
+/// Upgrade the proxy joins the two connections byte for byte, and the
+/// kernel may then splice them past it (Upgrade.join); to arm that it must
+/// tell how many of each peer's bytes it has dealt with, the HTTP ones
+/// included. Put in front of a client's HTTP/1 connection on the full path
+/// (the express path counts for itself until it hands over) and of a
+/// pooled connection to a pod of this node (the full path's; the express
+/// path's own are never upgraded), only while splicing is on; `maps` is
+/// what arming will use.
+final class ReadTally: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    let maps: SpliceMaps
+    var count: UInt64 = 0
+
+    init(maps: SpliceMaps) { self.maps = maps }
+
+    /// A tally for a client's connection that could be spliced: from a pod
+    /// of this node (not through a tunnel), while splicing is on.
+    static func spliceable(_ origin: CapturedOrigin, proxy: ProxyContext) -> ReadTally? {
+        guard !origin.tunnel, proxy.snapshot.table.spliceOff != true, let maps = proxy.splice else { return nil }
+        return ReadTally(maps: maps)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        count &+= UInt64(unwrapInboundIn(data).readableBytes)
+        context.fireChannelRead(data)
+    }
+
+    /// The tally of `channel`'s pipeline, if it has one.
+    static func of(_ channel: any Channel) -> ReadTally? {
+        try? channel.pipeline.syncOperations.handler(type: ReadTally.self)
     }
 }

@@ -222,7 +222,8 @@ enum TCPPassthrough {
 /// `context` is the downstream HTTP handler's (HTTPProxyHandler, or
 /// InboundHTTP at the far end of a tunnel); it leaves with the codecs.
 enum Upgrade {
-    static func splice(_ context: ChannelHandlerContext, _ upstream: UpstreamHandler, _ head: HTTPResponseHead) {
+    static func splice(_ context: ChannelHandlerContext, _ upstream: UpstreamHandler, _ head: HTTPResponseHead,
+                       stats: ProxyStats) {
         guard let upstreamChannel = upstream.channel else {
             context.close(promise: nil)
             return
@@ -265,7 +266,7 @@ enum Upgrade {
                 let decoderGone = upstreamChannel.eventLoop.makePromise(of: Void.self)
                 try up.removeHandler(up.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: decoderGone)
                 decoderGone.futureResult.assumeIsolated().whenComplete { _ in
-                    join(context, downstream, upstreamChannel, held)
+                    join(context, downstream, upstreamChannel, held, stats)
                 }
             } catch {
                 upstreamChannel.close(promise: nil)
@@ -276,8 +277,18 @@ enum Upgrade {
 
     /// Glue in place of the HTTP handlers on both sides, once the upstream
     /// has none left; what the upstream read meanwhile goes on through it.
+    ///
+    /// Between two pods of this node on the shortcut, the kernel may then
+    /// splice the connection past the proxy as it does opaque TCP
+    /// (docs/shortcut.md, rule 7). Each peer has sent HTTP bytes the proxy
+    /// took in (requests before the Upgrade on a kept-alive connection, the
+    /// backend's earlier responses), so each direction is armed with what
+    /// its connection's ReadTally counted, less what went on to the glue
+    /// (whose writes report themselves), and only once every write queued
+    /// before the glue has left: the 101 to the client, the request (and a
+    /// body, if any) to the backend.
     private static func join(_ context: ChannelHandlerContext, _ downstream: any Channel, _ upstreamChannel: any Channel,
-                             _ held: HeldBytes) {
+                             _ held: HeldBytes, _ stats: ProxyStats) {
         // (As before the surgery: a side that closed meanwhile ends both.)
         guard downstream.isActive, upstreamChannel.isActive else {
             upstreamChannel.close(promise: nil)
@@ -285,14 +296,43 @@ enum Upgrade {
             return
         }
         let (a, b) = GlueHandler.pair()
+        let tallies = ReadTally.of(downstream).flatMap { d in ReadTally.of(upstreamChannel).map { (d, $0) } }
+        let legs = tallies.map { SpliceLeg.unarmed(maps: $0.0.maps, downstream: downstream, upstream: upstreamChannel) }
+            ?? (nil, nil)
+        (a.splice, b.splice) = legs
+        a.onFinish = { read, readBack in
+            let spliced = (legs.0?.finish() ?? 0) + (legs.1?.finish() ?? 0)
+            stats.upgradedBytes.add(read + readBack + spliced, ordering: .relaxed)
+            stats.upgradedBytesSpliced.add(spliced, ordering: .relaxed)
+        }
         do {
             let down = downstream.pipeline.syncOperations
             try down.addHandler(a)
             down.removeHandler(context: context, promise: nil)  // the HTTP handler that asked
-            // (The request decoder passes on the bytes it holds as it goes.)
-            try HTTP1ServerPipeline.remove(from: down)
+            // (The request decoder passes on the bytes it holds as it
+            // goes, a turn of the loop later.)
+            let decoderGone = downstream.eventLoop.makePromise(of: Void.self)
+            try HTTP1ServerPipeline.remove(from: down, decoderGone: decoderGone)
             try upstreamChannel.pipeline.syncOperations.addHandler(b)
             held.release()
+            decoderGone.futureResult.assumeIsolated().whenSuccess {
+                // What the client sent behind its request, before the 101,
+                // goes on now, though the client may send nothing more (the
+                // decoder's bytes come without a read's end, which flushes).
+                upstreamChannel.flush()
+                guard let (d, u) = tallies, legs.0 != nil || legs.1 != nil else { return }
+                // Empty writes complete in order, after those before them.
+                let sentDown = downstream.eventLoop.makePromise(of: Void.self)
+                let sentUp = upstreamChannel.eventLoop.makePromise(of: Void.self)
+                downstream.writeAndFlush(ByteBuffer(), promise: sentDown)
+                upstreamChannel.writeAndFlush(ByteBuffer(), promise: sentUp)
+                sentDown.futureResult.and(sentUp.futureResult).assumeIsolated().whenSuccess { _ in
+                    // (Glue reads only what the tally counted first.)
+                    let (taken, takenBack) = (UInt64(a.bytesRead), UInt64(b.bytesRead))
+                    if d.count >= taken { legs.0?.arm(base: d.count - taken) }
+                    if u.count >= takenBack { legs.1?.arm(base: u.count - takenBack) }
+                }
+            }
             downstream.read()
             upstreamChannel.read()
         } catch {
@@ -338,3 +378,4 @@ final class HeldBytes: ChannelInboundHandler, RemovableChannelHandler {
         context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }
+

@@ -177,8 +177,14 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         do {
             switch (verdict, express) {
             case (.http1, let routing?) where routing.serves:
+                // (It counts what it reads, and puts a tally in front of
+                // the full path if it hands the connection over.)
                 try pipeline.addHandler(ExpressHTTP1Handler(proxy: proxy, origin: origin, routing: routing))
             case (.http1, _):
+                // An HTTP/1 connection from a pod may be upgraded
+                // (WebSocket) and then spliced past the proxy: its bytes
+                // are counted from here (the detector's go on through it).
+                if let tally = ReadTally.spliceable(origin, proxy: proxy) { try pipeline.addHandler(tally) }
                 // Pipelining is handled by HTTPProxyHandler itself.
                 let handler = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: false)
                 handler.onUpgrade = Upgrade.splice

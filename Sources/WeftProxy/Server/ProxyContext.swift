@@ -83,6 +83,10 @@ final class ProxyContext: Sendable {
                 guard let self else { return [:] }
                 return state.snapshot(self).connectTimeouts
             }
+            state.pool.spliceMaps = { [weak self, unowned state] in
+                guard let self, state.snapshot(self).table.spliceOff != true else { return nil }
+                return self.splice
+            }
             state.pool.lifetimes = { [weak self, unowned state] in
                 guard let self else { return [:] }
                 return state.snapshot(self).lifetimes

@@ -199,6 +199,10 @@ final class ProxyStats: Sendable {
     let streamIdleTimeouts = Atomic<Int>(0)
     let headsTooLarge = Atomic<Int>(0)
     let upgrades = Atomic<Int>(0)
+    /// Bytes relayed both ways after Upgrades, spliced ones included
+    /// (added as each connection ends), and those the kernel spliced.
+    let upgradedBytes = Atomic<Int>(0)
+    let upgradedBytesSpliced = Atomic<Int>(0)
     /// HTTP/1.1 connections switched to HTTP/2 by the h2c Upgrade.
     let h2cUpgrades = Atomic<Int>(0)
     let mirrored = Atomic<Int>(0)
@@ -333,6 +337,8 @@ final class ProxyStats: Sendable {
             ("stream_idle_timeouts_total", streamIdleTimeouts.load(ordering: .relaxed)),
             ("request_heads_too_large_total", headsTooLarge.load(ordering: .relaxed)),
             ("upgrades_total", upgrades.load(ordering: .relaxed)),
+            ("upgraded_bytes_total", upgradedBytes.load(ordering: .relaxed)),
+            ("upgraded_bytes_spliced_total", upgradedBytesSpliced.load(ordering: .relaxed)),
             ("h2c_upgrades_total", h2cUpgrades.load(ordering: .relaxed)),
             ("mirrored_total", mirrored.load(ordering: .relaxed)),
             ("circuit_breaker_overflows_total", overflows.load(ordering: .relaxed)),

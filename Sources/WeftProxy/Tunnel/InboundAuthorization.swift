@@ -490,7 +490,7 @@ final class InboundHTTP: ChannelDuplexHandler, RemovableChannelHandler, Upstream
                 state = .idle
                 upgraded = true
                 OpaqueKeepalive.apply(to: upstream.channel.map { [$0] } ?? [], proxy.snapshot.table.tcpKeepalive)
-                return Upgrade.splice(context, upstream, head)
+                return Upgrade.splice(context, upstream, head, stats: proxy.stats)
             }
             responded = true
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers))),

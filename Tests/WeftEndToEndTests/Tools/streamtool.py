@@ -11,10 +11,13 @@
   streamtool.py wait HOST PORT
       Until the server answers.
 
-  streamtool.py stress HOST PORT [--cases a,b,...] [--seconds S]
+  streamtool.py stress HOST PORT [--cases a,b,...] [--seconds S] [--upgrade]
       Runs the named cases against a server and prints one JSON line:
       {"ok": bool, "cases": {name: {"ok": bool, ...}}}. Every socket has a
       timeout, so a stuck connection fails its case instead of hanging.
+      With --upgrade every connection starts as an HTTP/1.1 Upgrade (as a
+      WebSocket does): the request, the JSON header right behind it before
+      any answer, then the server's 101; the case runs on what follows.
 
 Every byte is checked: lengths and SHA-256 digests on both sides.
 """
@@ -41,14 +44,34 @@ def pattern(n, seed=0):
     return block * reps + block[:rest]
 
 
-def read_line(sock):
+UPGRADE_REQUEST = (b"GET /stream HTTP/1.1\r\nHost: stream\r\nConnection: Upgrade\r\n"
+                   b"Upgrade: weft-stream\r\n\r\n")
+UPGRADED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: weft-stream\r\n\r\n"
+upgrade = False         # stress --upgrade
+
+
+def read_until(sock, end, what):
     buf = bytearray()
-    while not buf.endswith(b"\n"):
+    while not buf.endswith(end):
         b = sock.recv(1)
         if not b:
-            raise ConnectionError("EOF before the header line")
+            raise ConnectionError("EOF before " + what)
         buf += b
-    return json.loads(buf)
+    return bytes(buf)
+
+
+def read_line(sock):
+    return json.loads(read_until(sock, b"\n", "the header line"))
+
+
+def read_header(sock):
+    """The client's JSON header; an Upgrade request before it is answered 101."""
+    line = read_until(sock, b"\n", "the header line")
+    if line.startswith(b"GET "):
+        read_until(sock, b"\r\n\r\n", "the end of the Upgrade request")
+        sock.sendall(UPGRADED)
+        line = read_until(sock, b"\n", "the header line")
+    return json.loads(line)
 
 
 def read_to_eof(sock, method="recv"):
@@ -90,7 +113,7 @@ def read_to_eof(sock, method="recv"):
 def handle(conn):
     conn.settimeout(TIMEOUT)
     try:
-        hdr = read_line(conn)
+        hdr = read_header(conn)
         case = hdr["case"]
         if case == "sink":
             if hdr.get("pause"):
@@ -159,7 +182,13 @@ def serve(port):
 def dial(addr, header):
     s = socket.create_connection(addr, timeout=TIMEOUT)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(json.dumps(header).encode() + b"\n")
+    if upgrade:
+        s.sendall(UPGRADE_REQUEST + json.dumps(header).encode() + b"\n")
+        head = read_until(s, b"\r\n\r\n", "the answer to the Upgrade")
+        if not head.startswith(b"HTTP/1.1 101 "):
+            raise ConnectionError("the Upgrade was answered %r" % head[:60])
+    else:
+        s.sendall(json.dumps(header).encode() + b"\n")
     return s
 
 
@@ -467,10 +496,15 @@ def main():
                 sys.exit(1)
             time.sleep(0.05)
     elif sys.argv[1] == "stress":
+        global upgrade
         names = list(CASES)
         seconds = 3.0
         args = sys.argv[4:]
         while args:
+            if args[0] == "--upgrade":
+                upgrade = True
+                args = args[1:]
+                continue
             if args[0] == "--cases":
                 names = args[1].split(",")
             elif args[0] == "--seconds":
