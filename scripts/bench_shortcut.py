@@ -15,6 +15,9 @@ to keep both cores busy (throughput: requests/s, i.e. CPU cost per request).
   plain     the same as proxy between two other pods that are no receivers
             (the default for a pod): the proxy's sockets to them only send
             by TCP, and a spliced message leaves the proxy's socket by TCP
+  websocket the plain pods again, each connection first an HTTP/1.1 Upgrade
+            the server answers 101 (as a WebSocket starts): the proxy
+            routes it as HTTP, then joins the connections byte for byte
 pod and proxy run with the shortcut off and on (MeshConfig, switched live),
 the order rotating each round; medians over rounds. proxy runs in three
 modes: off; "hops" (shortcut on, splicing off: only the pod -> proxy and
@@ -119,8 +122,8 @@ def set_shortcut(config, mode):
     raise SystemExit(f"the agent did not switch the shortcut to {mode}: {s['shortcut']}")
 
 
-def pingpong(tool, pod, host, size, conns):
-    out = sh(WEFT, "lab", "exec", pod, "--", tool, "run", host, "9000", str(size), str(SECONDS), str(conns))
+def pingpong(tool, pod, host, size, conns, verb="run"):
+    out = sh(WEFT, "lab", "exec", pod, "--", tool, verb, host, "9000", str(size), str(SECONDS), str(conns))
     r = json.loads(out.strip().splitlines()[-1])
     if r["failed"] or r["requests"] == 0:
         raise SystemExit(f"pingpong {pod} -> {host} size {size} failed: {r}")
@@ -146,10 +149,10 @@ def main():
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     results = {}   # (path, mode, size, kind) -> [run]; kind "lat" (1 connection) or "tput" (CONNS)
 
-    def measure(path, mode, pod, host):
+    def measure(path, mode, pod, host, verb="run"):
         for size in SIZES:
             for kind, conns in [("lat", 1), ("tput", CONNS)]:
-                results.setdefault((path, mode, size, kind), []).append(pingpong(tool, pod, host, size, conns))
+                results.setdefault((path, mode, size, kind), []).append(pingpong(tool, pod, host, size, conns, verb))
 
     try:
         for pod, server in [("bench/client", SERVER), ("bench/plainclient", PLAIN_SERVER)]:
@@ -170,6 +173,7 @@ def main():
                     measure("pod", "on" if mode == "splice" else "off", "bench/client", POD_VIP)
                 measure("proxy", "on" if mode == "splice" else mode, "bench/client", PROXY_VIP)
                 measure("plain", "on" if mode == "splice" else mode, "bench/plainclient", PLAIN_VIP)
+                measure("websocket", "on" if mode == "splice" else mode, "bench/plainclient", PLAIN_VIP, "upgrade")
             print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
         events = status()["shortcut"].get("events", {})
     finally:
@@ -200,8 +204,8 @@ def plot(summary):
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    for ax, path in zip(axes, ["pod", "proxy", "plain"]):
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4))
+    for ax, path in zip(axes, ["pod", "proxy", "plain", "websocket"]):
         xs = range(len(SIZES))
         modes = [("off", "o-", "shortcut off"), ("on", "s-", "shortcut on")]
         if path != "pod":
@@ -214,7 +218,8 @@ def plot(summary):
         ax.set_xticks(list(xs), [human(s) for s in SIZES])
         ax.set_yscale("log")
         ax.set_title({"pod": "pod -> pod", "proxy": "pod -> proxy -> pod (receivers)",
-                      "plain": "pod -> proxy -> pod (no receivers)"}[path])
+                      "plain": "pod -> proxy -> pod (no receivers)",
+                      "websocket": "after an Upgrade (no receivers)"}[path])
         ax.set_xlabel("message size (request and response)")
         ax.set_ylabel(f"requests/s, {CONNS} connections")
         ax.grid(alpha=0.3)
@@ -242,14 +247,16 @@ def report(summary, events):
         "- loopback: client and server in one pod over 127.0.0.1, no mesh in the way.",
         "- pod: client pod -> kernel-only Service -> server pod. proxy: client pod -> L7 Service -> `weft proxy` (opaque TCP) -> server pod, "
         "both pods receivers (a spliced message goes into the server's queue). plain: the same between two pods that are no receivers, "
-        "the default for a pod (a spliced message leaves the proxy's socket to the far pod by TCP).",
+        "the default for a pod (a spliced message leaves the proxy's socket to the far pod by TCP). websocket: the plain pods "
+        "again, each connection first an HTTP/1.1 Upgrade the server answers 101, as a WebSocket starts (the proxy routes it "
+        "as HTTP, then joins the two connections byte for byte; request/response after it).",
         "- The client, the server and the proxy share the VM's 2 cores; ratios are what compare.",
         "",
         f"| path | size | unix req/s | loopback req/s | off req/s | hops only req/s | on req/s | on / off | hops only / off | 1 conn on / off | 1 conn p50 off -> on | 1 conn p99 off -> on | on MB/s each way |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     small_ok, never_worse = True, True
-    for path in ["pod", "proxy", "plain"]:
+    for path in ["pod", "proxy", "plain", "websocket"]:
         for size in SIZES:
             ux, lo = get(summary, "unix", "-", size), get(summary, "loopback", "-", size)
             off, on = get(summary, path, "off", size), get(summary, path, "on", size)

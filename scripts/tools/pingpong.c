@@ -7,6 +7,9 @@
 //                                               HOST "unix" means the Unix socket
 //   pingpong connect HOST PORT SIZE SECONDS CONNS  the same, but a new connection for
 //                                               every request (connection setup cost)
+//   pingpong upgrade HOST PORT SIZE SECONDS CONNS  as run, each connection first an
+//                                               HTTP/1.1 Upgrade answered 101 (a WebSocket's
+//                                               start), request/response after it
 // Prints one JSON line: requests/s, latency p50/p99 (us), payload MB/s each way.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -35,11 +38,36 @@ static int full(int fd, char *buf, size_t n, int writing)
 	return 0;
 }
 
+static const char upgrade_request[] =
+	"GET /pingpong HTTP/1.1\r\nHost: pingpong\r\nConnection: Upgrade\r\nUpgrade: weft-pingpong\r\n\r\n";
+static const char upgraded[] = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: weft-pingpong\r\n\r\n";
+
+/* Reads to the end of an HTTP head ("\r\n\r\n"); 0 if it starts with
+ * `prefix` (what is already read counts: `seen` bytes of it). */
+static int read_head(int fd, const char *prefix, const char *seen)
+{
+	char head[4096];
+	size_t n = strlen(seen);
+	memcpy(head, seen, n);
+	while (n < 4 || memcmp(head + n - 4, "\r\n\r\n", 4)) {
+		if (n == sizeof(head) || read(fd, head + n, 1) != 1)
+			return -1;
+		n++;
+	}
+	return strncmp(head, prefix, strlen(prefix)) ? -1 : 0;
+}
+
 static void *serve_one(void *arg)
 {
 	int fd = (int)(intptr_t)arg;
 	uint32_t size;
-	if (full(fd, (char *)&size, 4, 0) == 0 && size > 0 && size <= (64u << 20)) {
+	int ok = full(fd, (char *)&size, 4, 0) == 0;
+	if (ok && !memcmp(&size, "GET ", 4)) {
+		/* An Upgrade first: answer 101, then the size. */
+		ok = read_head(fd, "GET ", "GET ") == 0 && full(fd, (char *)upgraded, strlen(upgraded), 1) == 0 &&
+		     full(fd, (char *)&size, 4, 0) == 0;
+	}
+	if (ok && size > 0 && size <= (64u << 20)) {
 		char *buf = malloc(size);
 		while (buf && full(fd, buf, size, 0) == 0 && full(fd, buf, size, 1) == 0)
 			;
@@ -88,6 +116,7 @@ static void *accept_loop(void *arg)
 
 struct job {
 	int fresh;  /* a new connection per request */
+	int upgrade;  /* each connection an Upgrade first */
 	const char *host;
 	int port;
 	uint32_t size;
@@ -108,6 +137,8 @@ static int dial(struct job *j)
 	if (!unix_socket)
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	if (connect(fd, unix_socket ? (struct sockaddr *)&su : (struct sockaddr *)&sa, unix_socket ? len : sizeof(sa)) != 0 ||
+	    (j->upgrade && (full(fd, (char *)upgrade_request, strlen(upgrade_request), 1) != 0 ||
+			    read_head(fd, "HTTP/1.1 101 ", "") != 0)) ||
 	    full(fd, (char *)&j->size, 4, 1) != 0) {
 		close(fd);
 		return -1;
@@ -179,7 +210,7 @@ int main(int argc, char **argv)
 		pthread_create(&t, NULL, accept_loop, (void *)(intptr_t)us);
 		accept_loop((void *)(intptr_t)ls);
 	}
-	if (argc != 7 || (strcmp(argv[1], "run") && strcmp(argv[1], "connect"))) {
+	if (argc != 7 || (strcmp(argv[1], "run") && strcmp(argv[1], "connect") && strcmp(argv[1], "upgrade"))) {
 		fprintf(stderr, "usage: pingpong serve PORT | pingpong run|connect HOST PORT SIZE SECONDS CONNS\n");
 		return 2;
 	}
@@ -187,7 +218,7 @@ int main(int argc, char **argv)
 	struct job *jobs = calloc(conns, sizeof(*jobs));
 	pthread_t *threads = calloc(conns, sizeof(*threads));
 	for (int i = 0; i < conns; i++) {
-		jobs[i] = (struct job){.fresh = !strcmp(argv[1], "connect"), .host = argv[2], .port = atoi(argv[3]), .size = (uint32_t)atol(argv[4]), .seconds = atof(argv[5])};
+		jobs[i] = (struct job){.fresh = !strcmp(argv[1], "connect"), .upgrade = !strcmp(argv[1], "upgrade"), .host = argv[2], .port = atoi(argv[3]), .size = (uint32_t)atol(argv[4]), .seconds = atof(argv[5])};
 		pthread_create(&threads[i], NULL, run_one, &jobs[i]);
 	}
 	size_t total = 0;
