@@ -344,12 +344,14 @@ struct weft_accel_sock {
 /*
  * Splice: when the node proxy joins two sockets of the shortcut byte for
  * byte (client C -- D proxy U -- S server, opaque TCP to a pod of this
- * node), it writes one weft_accel_splice per direction, keyed by its own
+ * node, or an HTTP/1.1 connection once its Upgrade is answered 101), it
+ * writes one weft_accel_splice per direction, keyed by its own
  * socket that the sender talks to (D for C's bytes, U for S's). The
  * sender's sk_msg program then moves a message past the proxy, but only
  * while that cannot reorder a byte:
  *  - forwarded == the sender's weft_accel_sock.sent: the proxy has read
- *    every byte the sender ever gave it and written all of them on (the
+ *    every byte the sender ever gave it and written all of them on (an
+ *    upgraded connection's HTTP bytes: dealt with, as HTTP) (the
  *    proxy raises `forwarded` only once a write has completed, so it lags,
  *    never leads; a count that could be off stops splicing, never starts it);
  *  - `target` and `via` are the very sockets the proxy joined (cookies).
