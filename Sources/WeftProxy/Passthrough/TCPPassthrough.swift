@@ -378,4 +378,3 @@ final class HeldBytes: ChannelInboundHandler, RemovableChannelHandler {
         context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }
-
