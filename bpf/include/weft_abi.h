@@ -350,8 +350,8 @@ struct weft_accel_sock {
  * sender's sk_msg program then moves a message past the proxy, but only
  * while that cannot reorder a byte:
  *  - forwarded == the sender's weft_accel_sock.sent: the proxy has read
- *    every byte the sender ever gave it and written all of them on (an
- *    upgraded connection's HTTP bytes: dealt with, as HTTP) (the
+ *    every byte the sender ever gave it and written all of them on, or,
+ *    for an upgraded connection's HTTP bytes, handled them as HTTP (the
  *    proxy raises `forwarded` only once a write has completed, so it lags,
  *    never leads; a count that could be off stops splicing, never starts it);
  *  - `target` and `via` are the very sockets the proxy joined (cookies).

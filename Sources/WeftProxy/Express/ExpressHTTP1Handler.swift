@@ -1177,8 +1177,7 @@ final class ExpressHTTP1Handler: ChannelDuplexHandler, RemovableChannelHandler, 
             // The bytes this handler took in count as read: the rest, in
             // `inbound`, the tally counts as they go on to the full path.
             let held = UInt64(inbound?.readableBytes ?? 0)
-            if bytesRead >= held, let tally = ReadTally.spliceable(origin, proxy: proxy) {
-                tally.count = bytesRead - held
+            if bytesRead >= held, let tally = ReadTally.spliceable(origin, proxy: proxy, already: bytesRead - held) {
                 front.append(tally)
             }
         } else if let delivery {

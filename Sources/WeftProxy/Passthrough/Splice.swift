@@ -120,15 +120,20 @@ final class ReadTally: ChannelInboundHandler {
     typealias InboundOut = ByteBuffer
 
     let maps: SpliceMaps
-    var count: UInt64 = 0
+    private(set) var count: UInt64
 
-    init(maps: SpliceMaps) { self.maps = maps }
+    /// `already`: bytes read before the tally was put in (by the express
+    /// path, which counts its own).
+    init(maps: SpliceMaps, already: UInt64 = 0) {
+        self.maps = maps
+        count = already
+    }
 
     /// A tally for a client's connection that could be spliced: from a pod
     /// of this node (not through a tunnel), while splicing is on.
-    static func spliceable(_ origin: CapturedOrigin, proxy: ProxyContext) -> ReadTally? {
+    static func spliceable(_ origin: CapturedOrigin, proxy: ProxyContext, already: UInt64 = 0) -> ReadTally? {
         guard !origin.tunnel, proxy.snapshot.table.spliceOff != true, let maps = proxy.splice else { return nil }
-        return ReadTally(maps: maps)
+        return ReadTally(maps: maps, already: already)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
