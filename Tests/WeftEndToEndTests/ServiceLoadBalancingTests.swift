@@ -685,7 +685,8 @@ struct ServiceLoadBalancingTests {
         // Edited where the directory's watch cannot see it: not applied.
         try webPods(["{app: gone}", "{app: web}", "{app: web}"]).write(toFile: "\(outside)/pods.yaml", atomically: true, encoding: .utf8)
         usleep(500_000)
-        let unchanged = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "12"])["counts"] as? [String: Int] ?? [:]
+        // (60 connections: 12 missed one of three pods once in 130 runs.)
+        let unchanged = try lab.tool(in: "client", ["tally", "198.19.0.10", "80", "60"])["counts"] as? [String: Int] ?? [:]
         #expect(unchanged["web-1"] != nil, "\(unchanged)")
 
         #expect(kill(pid, SIGHUP) == 0)
