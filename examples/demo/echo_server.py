@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """A tiny HTTP server for lab pods: answers every GET with the pod's identity,
-so a client can see which replica a Service sent it to. With `--tls PORT` it
-also serves HTTPS there, with a self-signed certificate naming the pod (made
-with openssl at start; the files are removed once loaded)."""
+so a client can see which replica a Service sent it to. A GET that asks to
+upgrade to WebSocket is answered 101 (naming the pod in X-Pod), then every
+message is echoed back until the client closes (ws_client.py). With
+`--tls PORT` it also serves HTTPS there, with a self-signed certificate naming
+the pod (made with openssl at start; the files are removed once loaded)."""
+import base64
+import hashlib
 import http.server
 import os
 import sys
@@ -17,6 +21,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            return self.websocket()
         size = 0
         if self.path.startswith("/bytes/"):
             size = int(self.path.split("/")[2])
@@ -29,6 +35,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Pod", POD)
         self.end_headers()
         self.wfile.write(body)
+
+    def websocket(self):
+        """RFC 6455: the handshake, then each frame's payload sent back in an
+        unmasked frame of the same type, until a close frame or EOF."""
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept.decode())
+        self.send_header("X-Pod", POD)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        while True:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                return
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length >= 126:
+                length = int.from_bytes(self.rfile.read(2 if length == 126 else 8), "big")
+            mask = self.rfile.read(4) if head[1] & 0x80 else bytes(4)
+            data = self.rfile.read(length)
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+            if opcode == 8:
+                self.wfile.write(b"\x88\x00")
+                return
+            size = bytes([len(payload)]) if len(payload) < 126 else bytes([126]) + len(payload).to_bytes(2, "big")
+            self.wfile.write(bytes([0x80 | opcode]) + size + payload)
+            self.wfile.flush()
 
     def log_message(self, *args):
         pass

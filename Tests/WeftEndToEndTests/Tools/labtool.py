@@ -615,7 +615,7 @@ def ws_echo(host, port, message, hold="0"):
                 if not chunk:
                     print(json.dumps({"status": lines[0], "accept_ok": headers.get("sec-websocket-accept") == want,
                                       "echoes": echoes, "error": "closed after %d echo(es)" % len(echoes),
-                                      "head": head.decode(errors="replace")}))
+                                      "head": lines}))
                     return
                 rest += chunk
             n = rest[1]
