@@ -252,7 +252,10 @@ struct ServiceLoadBalancingTests {
         print("figure: TCPRoute 90/10 over 2,000 connections: \(counts)")
         #expect((r["errors"] as? [Any])?.isEmpty == true && counts.values.reduce(0, +) == 2000, "\(r)")
         #expect(abs(v2Share - 0.10) <= 0.03, "web-v2 got \(v2Share * 100)% of 2,000 connections: \(counts)")
-        #expect(abs(Double(counts["web-1"] ?? 0) - Double(counts["web-2"] ?? 0)) / 2000 <= 0.06, "v1's pods share alike: \(counts)")
+        // (Their difference has a standard deviation of 42 of 2,000 (the
+        // square root of 2,000 x 0.9): 0.06 was 2.8 of them, missed once in
+        // 200 runs; 0.09 is 4.2, once in 40,000.)
+        #expect(abs(Double(counts["web-1"] ?? 0) - Double(counts["web-2"] ?? 0)) / 2000 <= 0.09, "v1's pods share alike: \(counts)")
         let get = try LabHarness.run(["get", "services", "--node", "n1"])
         #expect(get.output.contains("e2e/web:web (TCPRoute e2e/web-split)") && get.output.contains("198.18.2.13:8080 x2/20"), "\(get.output)")
         // `weft route check` on a port the kernel alone serves: the agent's slots, and the route that split them.
