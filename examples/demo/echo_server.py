@@ -17,6 +17,17 @@ IP = os.environ.get("WEFT_POD_IP", "0.0.0.0")
 PORT = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
 
 
+def frames(stream):
+    """Each WebSocket frame read from STREAM, as (opcode, unmasked payload),
+    until EOF."""
+    while len(head := stream.read(2)) == 2:
+        length = head[1] & 0x7F
+        if length >= 126:
+            length = int.from_bytes(stream.read(2 if length == 126 else 8), "big")
+        mask = stream.read(4) if head[1] & 0x80 else bytes(4)
+        yield head[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(stream.read(length)))
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -49,16 +60,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         self.close_connection = True
-        while True:
-            head = self.rfile.read(2)
-            if len(head) < 2:
-                return
-            opcode, length = head[0] & 0x0F, head[1] & 0x7F
-            if length >= 126:
-                length = int.from_bytes(self.rfile.read(2 if length == 126 else 8), "big")
-            mask = self.rfile.read(4) if head[1] & 0x80 else bytes(4)
-            data = self.rfile.read(length)
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        for opcode, payload in frames(self.rfile):
             if opcode == 8:
                 self.wfile.write(b"\x88\x00")
                 return
