@@ -165,7 +165,8 @@ final class AgentMetrics: Sendable {
             var live = Set<FlowID>()
             live.reserveCapacity(all.count)
             for f in all {
-                let id = FlowID(source: f.source.value, destination: f.destination?.value ?? 0, vip: f.vip?.value ?? 0, port: f.port)
+                let id = FlowID(source: f.source.value, destination: f.destination?.value ?? 0, vip: f.vip?.value ?? 0, port: f.port,
+                                udp: f.udp)
                 live.insert(id)
                 let counters: [Counter]
                 if let cached = state.series[id] {
@@ -175,9 +176,9 @@ final class AgentMetrics: Sendable {
                     counters = makeFlowCounters(f, names: names!, proxyAddress: proxyAddress)
                     state.series[id] = counters
                 }
-                let now = [f.opened, f.failed, f.closed, f.bytesSent, f.bytesReceived]
-                let last = state.last[id] ?? [0, 0, 0, 0, 0]
-                for i in 0..<5 {
+                let now = f.udp ? [f.opened, f.failed] : [f.opened, f.failed, f.closed, f.bytesSent, f.bytesReceived]
+                let last = state.last[id] ?? Array(repeating: 0, count: now.count)
+                for i in now.indices {
                     // A value below the last one: the key was evicted and came back.
                     let delta = Self.delta(from: last[i], to: now[i])
                     if delta > 0 { counters[i].increment(by: delta) }
@@ -211,7 +212,7 @@ final class AgentMetrics: Sendable {
             ("destination_workload_namespace", cap.admit("destination_workload_namespace", dstWorkload.0)),
             ("destination_port", cap.admit("destination_port", String(f.port))),
         ]
-        return Self.flowMetrics.map { metric, help in
+        return (f.udp ? Self.udpFlowMetrics : Self.flowMetrics).map { metric, help in
             registry.makeCounter(descriptor: .init(namespace: "weft", metricName: metric, unitName: "total", helpText: help), labels: labels)
         }
     }
@@ -224,11 +225,20 @@ final class AgentMetrics: Sendable {
         ("l4_received_bytes", "Bytes pods received on TCP connections, counted when they close (shortcut-redirected bytes excluded)."),
     ]
 
+    /// A UDP exchange: a UDP socket's connect(), or the first datagram an
+    /// unconnected socket sends to a peer (again after policy.udpIdleTimeout
+    /// idle). UDP has no handshake and no close to count.
+    static let udpFlowMetrics: [(String, String)] = [
+        ("l4_udp_exchanges_opened", "UDP exchanges pods began (a connect(), or a socket's first datagram to a peer), from the kernel's per-CPU map."),
+        ("l4_udp_exchanges_failed", "UDP connects and sends of pods refused for want of a backend."),
+    ]
+
     struct FlowID: Hashable {
         var source: UInt32
         var destination: UInt32
         var vip: UInt32
         var port: UInt16
+        var udp: Bool
     }
 
     struct FlowState {

@@ -4,7 +4,8 @@ import WeftABI
 import WeftCore
 
 /// The kernel's connection counters (weft_flows): per (client pod,
-/// destination, dialed address and port), summed over CPUs when read.
+/// destination, dialed address and port, TCP or UDP), summed over CPUs when
+/// read.
 public final class FlowMaps: @unchecked Sendable {
     // @unchecked: immutable after init; the kernel serialises map operations.
     public let flows: BPFMap<weft_flow_key, weft_flow_stats>
@@ -18,6 +19,9 @@ public final class FlowMaps: @unchecked Sendable {
         /// The clusterIP dialed; nil for a direct connection.
         public var vip: IPv4Address?
         public var port: UInt16
+        /// A UDP exchange's counters (opened and failed only), not a TCP
+        /// connection's.
+        public var udp: Bool
         public var opened: UInt64
         public var failed: UInt64
         public var closed: UInt64
@@ -96,7 +100,7 @@ public final class FlowMaps: @unchecked Sendable {
         var f = Flow(source: IPv4Address(networkOrder: key.src_addr),
                      destination: key.dst_addr == 0 ? nil : IPv4Address(networkOrder: key.dst_addr),
                      vip: key.vip == 0 ? nil : IPv4Address(networkOrder: key.vip), port: UInt16(bigEndian: key.port),
-                     opened: 0, failed: 0, closed: 0, bytesSent: 0, bytesReceived: 0)
+                     udp: key.proto == UInt8(IPPROTO_UDP), opened: 0, failed: 0, closed: 0, bytesSent: 0, bytesReceived: 0)
         for v in perCPU {
             f.opened &+= v.opened
             f.failed &+= v.failed

@@ -34,6 +34,11 @@ private let files: [String: String] = [
         kind: Workload
         metadata: {name: collector, namespace: tracing, annotations: {lab.weft.dev/command: "python3 \(LabHarness.otlpCollector) 4318"}}
         spec: {node: n1, address: 198.18.1.50}
+        ---
+        apiVersion: weft.dev/v1alpha1
+        kind: Workload
+        metadata: {name: dns, namespace: obs, labels: {app: dns}, annotations: {lab.weft.dev/command: "python3 \(LabHarness.tool) udp-name 5353"}}
+        spec: {node: n1, address: 198.18.1.60, ports: [{name: dns, port: 5353, protocol: UDP}]}
         """,
     "services.yaml": """
         apiVersion: v1
@@ -61,6 +66,16 @@ private let files: [String: String] = [
         kind: Service
         metadata: {name: ghost, namespace: obs}
         spec: {clusterIP: 198.19.8.21, selector: {app: ghost}, ports: [{name: tcp, port: 9000, targetPort: 9000}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: dns, namespace: obs}
+        spec: {clusterIP: 198.19.8.30, selector: {app: dns}, ports: [{name: dns, port: 53, targetPort: dns, protocol: UDP}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: mute, namespace: obs}
+        spec: {clusterIP: 198.19.8.31, selector: {app: ghost}, ports: [{name: dns, port: 53, targetPort: 5353, protocol: UDP}]}
         ---
         apiVersion: gateway.networking.k8s.io/v1
         kind: HTTPRoute
@@ -358,7 +373,9 @@ struct ObservabilityTests {
         let logged = accessLog().count
         #expect(try curlMany("obs/client", "http://198.19.8.10/api/ok", count: 5) == Array(repeating: 200, count: 5))
         let run = try LabHarness.run(["lab", "exec", "obs/client", "--", "python3", "-c",
-                                      "import socket\nfor _ in range(4): socket.create_connection(('198.19.8.20', 9000), timeout=5).close()"])
+                                      "import socket\nfor _ in range(4): socket.create_connection(('198.19.8.20', 9000), timeout=5).close()\n"
+                                      + "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.settimeout(5)\nu.connect(('198.19.8.30', 53))\n"
+                                      + "u.send(b'q')\nu.recv(64)"])
         #expect(run.status == 0, "\(run.output)")
         usleep(300_000)
         let after = try Scrape()
@@ -366,6 +383,9 @@ struct ObservabilityTests {
         #expect(after.sum("weft_l4_connections_opened_total", plain) == before.sum("weft_l4_connections_opened_total", plain),
                 "connection counters off")
         #expect(after.sum("weft_l4_connections_opened_total", plain) == 6, "what was counted stays")
+        let dns = ["destination_service": "dns.obs.svc"]
+        #expect(after.sum("weft_l4_udp_exchanges_opened_total", dns) == before.sum("weft_l4_udp_exchanges_opened_total", dns)
+                && after.sum("weft_l4_udp_exchanges_opened_total", dns) == 6, "UDP counters off too")
         #expect(accessLog().count == logged + 5, "the access log does not depend on the metrics switch")
     }
 
@@ -397,10 +417,38 @@ struct ObservabilityTests {
                     socket.create_connection(("198.18.1.20", port), timeout=5).close()
                 except ConnectionRefusedError:
                     scanned += 1
-            print(json.dumps({"sent": 6 * len(request), "received": received, "refused": refused, "scanned": scanned}))
+            # UDP: 5 connected sockets to the dns Service; an unconnected
+            # socket sending it 4 datagrams (one exchange: the Service has
+            # one pod) and another sending 2 straight to the pod (one more);
+            # 3 tries at a Service with no backend.
+            answered = 0
+            for _ in range(5):
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                u.settimeout(5)
+                u.connect(("198.19.8.30", 53))
+                u.send(b"q")
+                answered += len(u.recv(64)) > 0
+                u.close()
+            direct = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for s, peer in [(u, ("198.19.8.30", 53))] * 4 + [(direct, ("198.18.1.60", 5353))] * 2:
+                s.settimeout(5)
+                s.sendto(b"q", peer)
+                answered += len(s.recvfrom(64)[0]) > 0
+            direct.close()
+            udp_refused = 0
+            for connected in (False, False, True):
+                try:
+                    u.connect(("198.19.8.31", 53)) if connected else u.sendto(b"q", ("198.19.8.31", 53))
+                except ConnectionRefusedError:
+                    udp_refused += 1
+            u.close()
+            print(json.dumps({"sent": 6 * len(request), "received": received, "refused": refused, "scanned": scanned,
+                              "answered": answered, "udp_refused": udp_refused}))
             """])
         let facts = (try? JSONSerialization.jsonObject(with: Data((run.output.split(separator: "\n").last ?? "").utf8)) as? [String: Double]) ?? [:]
-        #expect(facts["refused"] == 3 && facts["scanned"] == 1201, "\(run.output)")
+        #expect(facts["refused"] == 3 && facts["scanned"] == 1201 && facts["answered"] == 11 && facts["udp_refused"] == 3,
+                "\(run.output)")
         var scrape = try Scrape()
         for _ in 0..<50 where scrape.sum("weft_l4_connections_closed_total", ["destination_service_name": "plain"]) < 6 {
             usleep(20_000)
@@ -427,6 +475,18 @@ struct ObservabilityTests {
         let ports = Set(scrape.samples.filter { $0.name.hasPrefix("weft_l4_") }.compactMap { $0.labels["destination_port"] })
         #expect(ports.count <= 1001 && ports.contains("overflow"), "\(ports.count) port values")
         #expect(scrape.sum("weft_l4_connections_failed_total", scan.merging(["destination_port": "overflow"]) { $1 }) >= 200)
+        // UDP exchanges: each connect(), each unconnected socket's first
+        // datagram to a peer; refusals for want of a backend. Not in the
+        // TCP series.
+        let dns = ["source_workload": "client", "destination_service": "dns.obs.svc", "destination_workload": "dns",
+                   "destination_port": "53"]
+        #expect(scrape.sum("weft_l4_udp_exchanges_opened_total", dns) == 6)
+        // (Its port, 5353, may be past the cap the scan filled: "overflow".)
+        #expect(scrape.sum("weft_l4_udp_exchanges_opened_total", ["source_workload": "client", "destination_service": "unknown",
+                                                                   "destination_workload": "dns"]) == 1)
+        #expect(scrape.sum("weft_l4_udp_exchanges_failed_total", ["destination_service": "mute.obs.svc", "destination_workload": "none"]) == 3)
+        #expect(scrape.sum("weft_l4_udp_exchanges_failed_total", dns) == 0)
+        #expect(scrape.sum("weft_l4_connections_opened_total", ["destination_workload": "dns"]) == 0)
         // Connections captured to the node proxy show as reaching it.
         #expect(scrape.sum("weft_l4_connections_opened_total", ["destination_service": "web.obs.svc", "destination_workload": "node-proxy"]) >= 1)
 
@@ -441,6 +501,7 @@ struct ObservabilityTests {
         }
         #expect(again?.sum("weft_l4_connections_opened_total", plain) == 6)
         #expect(again?.sum("weft_l4_sent_bytes_total", plain) == facts["sent"])
+        #expect(again?.sum("weft_l4_udp_exchanges_opened_total", dns) == 6)
         #expect(scanned(again) == 1201)
     }
 

@@ -415,13 +415,19 @@ enum weft_accel_event {
  * a scan of many ports or addresses evicts old keys instead of growing.
  * Bytes the same-node shortcut redirects bypass TCP and are not in
  * bytes_sent/bytes_received (weft_accel_stats counts them).
+ * UDP exchanges of local pods go in the same map under proto IPPROTO_UDP,
+ * counted by the sock_addr hooks: opened is each connect() of a UDP socket
+ * and each exchange an unconnected socket begins (its first datagram to a
+ * peer, or the first after the exchange went idle: weft_udp_flow_key, so a
+ * DNS lookup from a fresh socket is one); failed, each connect() or
+ * sendto() refused for want of a backend. No bytes or closes for UDP.
  */
 struct weft_flow_key {
 	__be32 src_addr;   /* the client pod */
 	__be32 dst_addr;   /* the address it reached (a backend, the node proxy, a pod), 0: none */
 	__be32 vip;        /* the clusterIP it dialed; 0 for a direct connection */
 	__be16 port;       /* the port it dialed */
-	__u8   proto;      /* IPPROTO_TCP */
+	__u8   proto;      /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8   pad0;       /* zero */
 };
 
@@ -429,8 +435,8 @@ struct weft_flow_key {
 #define WEFT_TELEMETRY_F_NO_FLOWS 0x1  /* MeshConfig telemetry.connectionCounters: false */
 
 struct weft_flow_stats {
-	__u64 opened;          /* handshakes completed */
-	__u64 failed;          /* connects that never completed: refused, reset, timed out, no backend */
+	__u64 opened;          /* handshakes completed (UDP: exchanges begun) */
+	__u64 failed;          /* connects that never completed: refused, reset, timed out, no backend (UDP: no backend) */
 	__u64 closed;          /* established connections that ended */
 	__u64 bytes_sent;      /* at close: bytes the peer acknowledged */
 	__u64 bytes_received;  /* at close: bytes received */

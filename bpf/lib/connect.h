@@ -58,6 +58,8 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 			bpf_sk_storage_delete(&weft_sock_origin, ctx->sk);
 		if (policy_connect_verdict(vip, port, proto))
 			return deny(ctx);
+		if (proto == IPPROTO_UDP)
+			flow_count_dialed(vip, 0, port, proto);
 		if (proto == IPPROTO_TCP && tunnel_wanted(vip)) {
 			proxy = capture_to_tunnel(ctx, vip, port, 0, 0);
 			if (proxy)
@@ -79,8 +81,7 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 	backend = service_pick_backend(svc, vip, port, proto, affinity_client(ctx, svc), &backend_id, &event);
 	if (!backend) {
 		lb_count(event);
-		if (proto == IPPROTO_TCP)
-			flow_count_refused(vip, port, proto);
+		flow_count_dialed(0, vip, port, proto);
 		/* Fail at connect() with the error a closed port gives, so the
 		 * client tries elsewhere at once instead of waiting for a SYN
 		 * timeout (bpf_set_retval: cgroup hooks, Linux 5.18+). */
@@ -114,6 +115,8 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 		}
 	}
 
+	if (proto == IPPROTO_UDP)
+		flow_count_dialed(backend->addr, vip, port, proto);
 	set_destination(ctx, v6, backend->addr, backend->port);
 	lb_count(WEFT_LB_TRANSLATED);
 	return SYS_PROCEED;
@@ -152,6 +155,7 @@ static __always_inline int datagram_send(struct bpf_sock_addr *ctx)
 		if (!backend) {
 			/* As for connect(): the error a closed port gives, at once. */
 			lb_count(event);
+			flow_count_dialed(0, vip, vport, IPPROTO_UDP);
 			bpf_set_retval(-ECONNREFUSED);
 			return SYS_REJECT;
 		}
@@ -162,6 +166,7 @@ static __always_inline int datagram_send(struct bpf_sock_addr *ctx)
 		if (policy_connect_verdict(peer, port, IPPROTO_UDP))
 			return deny(ctx);
 		udp_flow_remember(cookie, peer, port);
+		flow_count_dialed(peer, svc ? vip : 0, vport, IPPROTO_UDP);
 	}
 	if (!svc)
 		return SYS_PROCEED;

@@ -27,8 +27,13 @@ static __always_inline struct weft_flow_stats *flow_stats(const struct weft_flow
 	return bpf_map_lookup_elem(&weft_flows, key);
 }
 
-/* connect4 refused a mesh pod's connect (no backend). */
-static __always_inline void flow_count_refused(__be32 vip, __be16 port, __u8 proto)
+/* A mesh pod's connect, or UDP exchange, that the sock_addr hooks decide:
+ * failed (a Service with no backend: dst 0), or, for UDP, begun: a UDP
+ * socket's connect(), or the first datagram an unconnected socket sends to
+ * a peer (again once the exchange went idle: weft_udp_flow_key). A TCP
+ * connection's opening is sockops' to count, when its handshake completes.
+ * `vip` 0 for a direct address; `port` the port dialed. */
+static __always_inline void flow_count_dialed(__be32 dst, __be32 vip, __be16 port, __u8 proto)
 {
 	__u64 cgroup = bpf_get_current_cgroup_id();
 	struct weft_cgroup_endpoint *local = bpf_map_lookup_elem(&weft_cgroups, &cgroup);
@@ -38,11 +43,16 @@ static __always_inline void flow_count_refused(__be32 vip, __be16 port, __u8 pro
 	if (!local || !flows_enabled())
 		return;
 	key.src_addr = local->addr;
+	key.dst_addr = dst;
 	key.vip = vip;
 	key.port = port;
 	key.proto = proto;
 	stats = flow_stats(&key);
-	if (stats)
+	if (!stats)
+		return;
+	if (dst)
+		stats->opened += 1;
+	else
 		stats->failed += 1;
 }
 
