@@ -15,7 +15,7 @@
 ///     enabled: false           # default false: JSON lines from the node proxies
 ///     namespaces: [shop]       # source namespaces to log; absent or empty: all
 ///   telemetry:
-///     connectionCounters: true # the kernel's per-connection counters (weft_l4_*)
+///     connectionCounters: true # the kernel's TCP connection and UDP exchange counters (weft_l4_*)
 ///     requestMetrics: true     # the proxies' per-request series (weft_requests_total, ...)
 ///     tracing:                 # OTLP/HTTP (JSON) span export from the proxies; off without it
 ///       otlpEndpoint: http://198.18.1.50:4318
