@@ -13,6 +13,10 @@
                            (nothing is counted per message: a control)
      L7 requests/s         h2load --h1, 16 keep-alive connections through
                            the node proxy (the proxy's per-request series)
+   and by the kernel's accounting (bpf_stats): its programs' run time per new
+   L4 connection, and per new UDP exchange (a DNS-like query: a fresh socket
+   each, connected or sendto() in turn, to a UDP Service; what the UDP
+   exchange counters cost), and the proxy's CPU per L7 request.
    The ratio is the median over rounds of on / off.
 2. Scrape at scale. One agent alone (as on a node) with 1,000 Services x 10
    pods in its config and 10,000 active connection-counter keys (one per
@@ -38,8 +42,9 @@ WEFT = os.path.join(ROOT, ".build/release/weft")
 ROUNDS = int(os.environ.get("WEFT_BENCH_OBS_ROUNDS", "9"))
 SECONDS = float(os.environ.get("WEFT_BENCH_OBS_SECONDS", "3"))
 SCRAPES = int(os.environ.get("WEFT_BENCH_OBS_SCRAPES", "20"))
-CLIENT, SERVER, BACKEND = "198.18.1.10", "198.18.1.20", "198.18.1.21"
-L4_VIP, L7_VIP = "198.19.10.10", "198.19.10.11"
+CLIENT, SERVER, BACKEND, NAMES = "198.18.1.10", "198.18.1.20", "198.18.1.21", "198.18.1.22"
+L4_VIP, L7_VIP, UDP_VIP = "198.19.10.10", "198.19.10.11", "198.19.10.12"
+LABTOOL = os.path.join(ROOT, "Tests/WeftEndToEndTests/Tools/labtool.py")
 L7_RATE = int(os.environ.get("WEFT_BENCH_OBS_L7_RATE", "8000"))
 CLANG = next((c for c in ["clang", "/opt/swift/usr/bin/clang"] if shutil.which(c)), "cc")
 
@@ -60,6 +65,16 @@ apiVersion: weft.dev/v1alpha1
 kind: Workload
 metadata: {{name: backend, namespace: bench, labels: {{app: backend}}, annotations: {{lab.weft.dev/command: "nginx -p {work} -c {work}/backend.conf -g 'daemon off;'"}}}}
 spec: {{node: n1, address: {BACKEND}, ports: [{{name: http, port: 8080}}]}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: names, namespace: bench, labels: {{app: names}}, annotations: {{lab.weft.dev/command: "python3 {LABTOOL} udp-name 5353"}}}}
+spec: {{node: n1, address: {NAMES}, ports: [{{name: dns, port: 5353, protocol: UDP}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: names, namespace: bench}}
+spec: {{clusterIP: {UDP_VIP}, selector: {{app: names}}, ports: [{{name: dns, port: 53, targetPort: dns, protocol: UDP}}]}}
 ---
 apiVersion: v1
 kind: Service
@@ -146,6 +161,40 @@ def l4_accounting(tool):
     return {"conns": conns, "bpf_ns_per_conn": ns / conns, "cpu_ns_per_conn": (cpu1 - cpu0) * 1e9 / conns}
 
 
+# A fresh UDP socket per query, connected and sendto() in turn, each
+# answered by the names pod: every query is a new exchange.
+UDP_QUERIES = """
+import json, socket, time
+end, n = time.time() + {seconds}, 0
+while time.time() < end:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    if n % 2:
+        s.connect(("{vip}", 53))
+        s.send(b"q")
+        s.recv(64)
+    else:
+        s.sendto(b"q", ("{vip}", 53))
+        s.recvfrom(64)
+    s.close()
+    n += 1
+print(json.dumps({{"exchanges": n}}))
+"""
+
+
+def udp_accounting():
+    """Per new UDP exchange: the ns the client's hooks ran (connect4 and
+    sendmsg4; the server's answers pass sendmsg4 too, a known exchange each)
+    and all the CPU the machine spent."""
+    progs = ["weft_connect4", "weft_sendmsg4"]
+    before, cpu0 = prog_stats(progs), machine_cpu_seconds()
+    out = sh(WEFT, "lab", "exec", "bench/client", "--", "python3", "-c", UDP_QUERIES.format(seconds=SECONDS, vip=UDP_VIP))
+    after, cpu1 = prog_stats(progs), machine_cpu_seconds()
+    n = json.loads(out.strip().splitlines()[-1])["exchanges"]
+    ns = sum(after[p][0] - before.get(p, (0, 0))[0] for p in after)
+    return {"exchanges": n, "bpf_ns_per_exchange": ns / n, "cpu_ns_per_exchange": (cpu1 - cpu0) * 1e9 / n}
+
+
 def l7_accounting(rate):
     """Proxy CPU per request at a fixed request rate."""
     pid = agent_status()["proxy"]["pid"]
@@ -206,7 +255,7 @@ def datapath_cost(work, tool):
     subprocess.run([WEFT, "lab", "down"], capture_output=True)
     sh(WEFT, "lab", "up", "--config", config, "--nodes", "1")
     runs = {"l4_connect": {"on": [], "off": []}, "l4_rr": {"on": [], "off": []}, "l7": {"on": [], "off": []},
-            "l4_acct": {"on": [], "off": []}, "l7_acct": {"on": [], "off": []}}
+            "l4_acct": {"on": [], "off": []}, "l7_acct": {"on": [], "off": []}, "udp_acct": {"on": [], "off": []}}
     stats_was = open("/proc/sys/kernel/bpf_stats_enabled").read().strip()
     try:
         for _ in range(100):
@@ -214,6 +263,8 @@ def datapath_cost(work, tool):
                                 capture_output=True).returncode == 0
             ok = ok and subprocess.run([WEFT, "lab", "exec", "bench/client", "--", "curl", "-sf", "-o", "/dev/null",
                                         f"http://{BACKEND}:8080/"], capture_output=True).returncode == 0
+            ok = ok and subprocess.run([WEFT, "lab", "exec", "bench/client", "--", "python3", "-c",
+                                        UDP_QUERIES.format(seconds=0.05, vip=UDP_VIP)], capture_output=True).returncode == 0
             if ok:
                 break
             time.sleep(0.1)
@@ -227,12 +278,15 @@ def datapath_cost(work, tool):
                 runs["l7"][mode].append(h2load_rps())
                 runs["l4_acct"][mode].append(l4_accounting(tool))
                 runs["l7_acct"][mode].append(l7_accounting(L7_RATE))
+                runs["udp_acct"][mode].append(udp_accounting())
             print(f"round {rnd + 1}/{ROUNDS} done", flush=True)
         metrics = sh("curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics")
         set_mode(config, True)  # the last round may have ended with telemetry off
         runs["proxy_scale"] = proxy_series_at_scale(config)
-        counted = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
-                      if l.startswith("weft_l4_connections_opened_total{") and 'destination_service_name="l4"' in l)
+        counted = {series: sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
+                               if l.startswith(series + "{") and f'destination_service_name="{service}"' in l)
+                   for series, service in [("weft_l4_connections_opened_total", "l4"),
+                                           ("weft_l4_udp_exchanges_opened_total", "names")]}
     finally:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(stats_was)
@@ -363,6 +417,14 @@ def report(runs, scale, counted):
     acct_rows.append(f"| L4, kernel programs per connection | {statistics.median(off):,.0f} ns | {statistics.median(on):,.0f} ns | "
                      f"{added:+,.0f} ns | {added / cpu * 100:.2f}% of {cpu / 1000:,.1f} µs of CPU per connection | "
                      f"{'met' if added / cpu <= 0.01 else 'NOT met'} (under 1%) |")
+    if "udp_acct" in runs:
+        on = [r["bpf_ns_per_exchange"] for r in runs["udp_acct"]["on"]]
+        off = [r["bpf_ns_per_exchange"] for r in runs["udp_acct"]["off"]]
+        cpu = statistics.median(r["cpu_ns_per_exchange"] for r in runs["udp_acct"]["on"] + runs["udp_acct"]["off"])
+        added = statistics.median(on) - statistics.median(off)
+        acct_rows.append(f"| UDP, kernel programs per new exchange (a fresh socket per query) | {statistics.median(off):,.0f} ns | "
+                         f"{statistics.median(on):,.0f} ns | {added:+,.0f} ns | {added / cpu * 100:.2f}% of {cpu / 1000:,.1f} µs "
+                         "of CPU per exchange | none (L4's: under 1%) |")
     on = [r["proxy_us_per_req"] for r in runs["l7_acct"]["on"]]
     off = [r["proxy_us_per_req"] for r in runs["l7_acct"]["off"]]
     ratio = statistics.median(a / b for a, b in zip(on, off))
@@ -381,12 +443,16 @@ def report(runs, scale, counted):
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"The kernel counted {counted:,.0f} connections through the L4 Service while telemetry was on.",
+        (f"The kernel counted {counted:,.0f} connections through the L4 Service while telemetry was on." if not isinstance(counted, dict)
+         else f"The kernel counted {counted['weft_l4_connections_opened_total']:,.0f} connections through the L4 Service and "
+              f"{counted['weft_l4_udp_exchanges_opened_total']:,.0f} UDP exchanges with the names Service while telemetry was on."),
         "",
         "Throughput on this shared VM swings by more than the targets from one run to the next (see the per-round range, and "
         "the control, which counts nothing per message). The costs are therefore also measured by accounting, which the noise "
         "does not move much: for L4, the time the kernel ran Weft's sockops and connect4 programs per connection "
-        "(`kernel.bpf_stats_enabled`) against all the CPU the machine spent per connection in the same run; for L7, the "
+        "(`kernel.bpf_stats_enabled`) against all the CPU the machine spent per connection in the same run; for UDP, its "
+        "connect4 and sendmsg4 programs per new exchange (Python's DNS-like queries from a fresh socket each, connected and "
+        "`sendto()` in turn, answered by a pod behind a UDP Service), the same way; for L7, the "
         f"proxy's CPU time per request at a fixed {L7_RATE:,} requests/s. Medians over the {ROUNDS} rounds:",
         "",
         "| path | off | on | added by telemetry | share of the cost of the operation | target |",
