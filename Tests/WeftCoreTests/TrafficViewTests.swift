@@ -56,6 +56,35 @@ struct TrafficViewTests {
         #expect(reset.first?.requests == 5)
     }
 
+    /// The kernel's counters make edges to the Service ports it serves
+    /// alone: not for connections it captured to the node proxy (the
+    /// proxy reports those), nor to a pod's own address (no Service).
+    @Test func kernelCountedConnectionsAndUDPExchangesMakeEdges() {
+        func l4(_ name: String, service: String, workload: String, _ v: Double) -> MetricSamples.Sample {
+            sample(name, ["source_workload": "c", "source_workload_namespace": "ns", "destination_service": service,
+                          "destination_workload": workload], v)
+        }
+        let after = MetricSamples([
+            l4("weft_l4_connections_opened_total", service: "db.ns.svc", workload: "db", 6),
+            l4("weft_l4_connections_failed_total", service: "db.ns.svc", workload: "db", 1),
+            l4("weft_l4_connections_failed_total", service: "gone.ns.svc", workload: "none", 3),
+            l4("weft_l4_udp_exchanges_opened_total", service: "dns.ns.svc", workload: "dns", 40),
+            l4("weft_l4_udp_exchanges_failed_total", service: "dns.ns.svc", workload: "none", 1),
+            l4("weft_l4_connections_opened_total", service: "web.ns.svc", workload: "node-proxy", 9),
+            l4("weft_l4_connections_opened_total", service: "unknown", workload: "db", 5),
+        ])
+        let before = MetricSamples([l4("weft_l4_udp_exchanges_opened_total", service: "dns.ns.svc", workload: "dns", 10)])
+        let edges = TrafficView.edges(before: before, after: after, seconds: 1)
+        #expect(edges.map(\.destination) == ["db.ns.svc", "dns.ns.svc", "gone.ns.svc"], "\(edges)")
+        #expect(edges[0].tcpConnections == 6 && edges[0].connectionFailures == 1 && edges[0].requests == 0 && edges[0].successRate == nil)
+        #expect(edges[1].udpExchanges == 30 && edges[1].connectionFailures == 1)
+        #expect(edges[2].connectionFailures == 3 && edges[2].connectionSuccessRate == 0)
+        let html = TopologyPage.html(edges, title: "t")
+        #expect(html.contains("6 tcp, 1 failed") && html.contains("30 udp, 1 failed"), "\(html)")
+        #expect(html.components(separatedBy: "stroke=\"\(TopologyPage.failingEdge)\"").count == 3, "db (1 of 7) and gone fail, dns (1 of 31) not")
+        #expect(TopologyPage.text(edges).contains("ns/c    ->  gone.ns.svc  0         -        0.0  0    0    3"), "\(TopologyPage.text(edges))")
+    }
+
     /// gRPC calls fail by their status, as Linkerd counts them: a 200 whose
     /// grpc_response_status is not 0 (the proxy's own answers to a call are
     /// 200s too); an OK call, or a 404 to plain HTTP, does not.

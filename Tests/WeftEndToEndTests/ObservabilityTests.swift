@@ -489,6 +489,20 @@ struct ObservabilityTests {
         #expect(scrape.sum("weft_l4_connections_opened_total", ["destination_workload": "dns"]) == 0)
         // (The server's answers continue the exchanges the client began.)
         #expect(scrape.sum("weft_l4_udp_exchanges_opened_total", ["source_workload": "dns"]) == 0)
+        // `weft graph` draws the kernel-only Services' edges from these
+        // counters (the proxied ones it has from the proxy).
+        let graph = try LabHarness.run(["graph", "-o", "json"])
+        let edges = (try? JSONSerialization.jsonObject(with: Data(graph.output.utf8)) as? [[String: Any]]) ?? []
+        func edge(_ to: String) -> [String: Double] {
+            (edges.first { $0["source"] as? String == "obs/client" && $0["destination"] as? String == to } ?? [:])
+                .compactMapValues { $0 as? Double }
+        }
+        #expect(edge("plain.obs.svc")["tcpConnections"] == 6 && edge("plain.obs.svc")["connectionFailures"] == 0, "\(graph.output)")
+        #expect(edge("ghost.obs.svc")["connectionFailures"] == 3, "\(graph.output)")
+        #expect(edge("dns.obs.svc")["udpExchanges"] == 6 && edge("mute.obs.svc")["connectionFailures"] == 3, "\(graph.output)")
+        // (The client's connections to web went to the node proxy: its
+        // requests are the edge, not those connections again.)
+        #expect((edge("web.obs.svc")["requests"] ?? 0) > 37 && edge("web.obs.svc")["tcpConnections"] == 0, "\(graph.output)")
         // Connections captured to the node proxy show as reaching it.
         #expect(scrape.sum("weft_l4_connections_opened_total", ["destination_service": "web.obs.svc", "destination_workload": "node-proxy"]) >= 1)
 

@@ -11,12 +11,13 @@ public enum TopologyPage {
     public static let failingEdge = "#cf222e"
 
     public static func text(_ edges: [TrafficView.Edge]) -> String {
-        guard !edges.isEmpty else { return "no traffic through the node proxies yet\n" }
-        var rows = [["SOURCE", "", "DESTINATION", "REQUESTS", "SUCCESS", "RPS", "TCP"]]
+        guard !edges.isEmpty else { return "no traffic seen yet\n" }
+        var rows = [["SOURCE", "", "DESTINATION", "REQUESTS", "SUCCESS", "RPS", "TCP", "UDP", "FAILED"]]
         for e in edges {
             rows.append([e.source, "->", e.destination, format(e.requests),
                          e.successRate.map { String(format: "%.1f%%", $0 * 100) } ?? "-",
-                         e.rps.map { String(format: "%.1f", $0) } ?? "-", format(e.tcpConnections)])
+                         e.rps.map { String(format: "%.1f", $0) } ?? "-", format(e.tcpConnections), format(e.udpExchanges),
+                         format(e.connectionFailures)])
         }
         let widths = rows[0].indices.map { i in rows.map { $0[i].count }.max() ?? 0 }
         return rows.map { row in
@@ -57,7 +58,7 @@ public enum TopologyPage {
             font-family="DejaVu Sans, Arial, sans-serif" font-size="13">
             <rect width="100%" height="100%" fill="#ffffff"/>
             <text x="\(left)" y="36" font-size="20" font-weight="bold" fill="#1f2328">\(escape(title))</text>
-            <text x="\(left)" y="60" fill="#57606a">workloads (left) call Services (right); edge label: requests, success rate, TCP connections</text>
+            <text x="\(left)" y="60" fill="#57606a">workloads (left) call Services (right); edge label: requests, success rate, TCP connections, UDP exchanges, failed connects</text>
 
             """
         var sourceY: [String: Double] = [:], destY: [String: Double] = [:]
@@ -67,10 +68,12 @@ public enum TopologyPage {
         for e in edges {
             guard let y1 = sourceY[e.source].map({ $0 + boxH / 2 }), let y2 = destY[e.destination].map({ $0 + boxH / 2 }) else { continue }
             let x1 = left + boxW, x2 = right
-            let failing = (e.successRate ?? 1) < 0.95
+            let failing = (e.successRate ?? 1) < 0.95 || (e.connectionSuccessRate ?? 1) < 0.95
             let width = 2 + 6 * e.requests / maxRequests
             let label = [e.requests > 0 ? "\(format(e.requests)) req, \(String(format: "%.1f%%", (e.successRate ?? 0) * 100)) ok" : nil,
-                         e.tcpConnections > 0 ? "\(format(e.tcpConnections)) tcp" : nil].compactMap { $0 }.joined(separator: ", ")
+                         e.tcpConnections > 0 ? "\(format(e.tcpConnections)) tcp" : nil,
+                         e.udpExchanges > 0 ? "\(format(e.udpExchanges)) udp" : nil,
+                         e.connectionFailures > 0 ? "\(format(e.connectionFailures)) failed" : nil].compactMap { $0 }.joined(separator: ", ")
             svg += """
                 <path d="M\(x1),\(y1) C\((x1 + x2) / 2),\(y1) \((x1 + x2) / 2),\(y2) \(x2),\(y2)" fill="none" \
                 stroke="\(failing ? failingEdge : healthyEdge)" stroke-width="\(String(format: "%.1f", width))"/>

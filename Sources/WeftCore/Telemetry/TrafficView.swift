@@ -80,8 +80,10 @@ public struct MetricSamples: Sendable {
 
 /// Per-Service and per-edge traffic from the proxies' series: the numbers
 /// Linkerd's viz shows (request rate, success rate, latency quantiles,
-/// connections). With two scrapes the figures cover the time between them;
-/// with one, everything since the proxies started.
+/// connections); the edges also from the kernel's connection and UDP
+/// exchange counters, for Service ports no proxy serves. With two scrapes
+/// the figures cover the time between them; with one, everything since the
+/// proxies started (and the kernel's counters were made).
 public enum TrafficView {
     public struct ServiceRow: Codable, Sendable, Equatable {
         public var service: String
@@ -105,8 +107,22 @@ public enum TrafficView {
         public var requests: Double
         public var failures: Double
         public var rps: Double?
+        /// TCP connections: opaque ones through the proxies, and those the
+        /// kernel alone balanced to a Service port that needs no proxy.
         public var tcpConnections: Double
+        /// UDP exchanges the kernel counted (a connect(), or a socket's first
+        /// datagram to a backend).
+        public var udpExchanges: Double = 0
+        /// TCP connects and UDP sends to a Service port that no backend
+        /// took (refused for want of one, reset, timed out), as the kernel
+        /// counted them.
+        public var connectionFailures: Double = 0
         public var successRate: Double? { requests > 0 ? (requests - failures) / requests : nil }
+        /// Share of connections and exchanges that did not fail (nil without any).
+        public var connectionSuccessRate: Double? {
+            let all = tcpConnections + udpExchanges + connectionFailures
+            return all > 0 ? (all - connectionFailures) / all : nil
+        }
     }
 
     /// A failure, as Linkerd classifies a response: a gRPC call whose
@@ -196,11 +212,28 @@ public enum TrafficView {
             e.tcpConnections += value
             edges[k] = e
         }
+        // The kernel's counters (weft_l4_*), for the Service ports it
+        // serves alone: a connection it captured to the node proxy is the
+        // proxy's to report (as requests or opaque TCP above), and one to a
+        // pod's own address names no Service.
+        let kernel: [(String, WritableKeyPath<Edge, Double>)] = [
+            ("weft_l4_connections_opened_total", \.tcpConnections), ("weft_l4_connections_failed_total", \.connectionFailures),
+            ("weft_l4_udp_exchanges_opened_total", \.udpExchanges), ("weft_l4_udp_exchanges_failed_total", \.connectionFailures),
+        ]
+        for (name, field) in kernel {
+            for (labels, value) in deltas(name, before: before, after: after)
+            where labels["destination_workload"] != "node-proxy" && (labels["destination_service"] ?? "unknown") != "unknown" {
+                let k = key(labels)
+                var e = edge(k)
+                e[keyPath: field] += value
+                edges[k] = e
+            }
+        }
         return edges.values.map { e in
             var e = e
             if let seconds, seconds > 0 { e.rps = e.requests / seconds }
             return e
-        }.filter { $0.requests > 0 || $0.tcpConnections > 0 }
+        }.filter { $0.requests > 0 || $0.tcpConnections > 0 || $0.udpExchanges > 0 || $0.connectionFailures > 0 }
             .sorted { ($0.source, $0.destination) < ($1.source, $1.destination) }
     }
 
