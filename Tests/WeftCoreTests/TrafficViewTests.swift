@@ -83,6 +83,13 @@ struct TrafficViewTests {
         #expect(html.contains("6 tcp, 1 failed") && html.contains("30 udp, 1 failed"), "\(html)")
         #expect(html.components(separatedBy: "stroke=\"\(TopologyPage.failingEdge)\"").count == 3, "db (1 of 7) and gone fail, dns (1 of 31) not")
         #expect(TopologyPage.text(edges).contains("ns/c    ->  gone.ns.svc  0         -        0.0  0    0    3"), "\(TopologyPage.text(edges))")
+        // weft top: the kernel-only Service's connections open now (6
+        // opened, 4 of them closed); the captured ones are the proxy's.
+        let top = TrafficView.services(before: nil, after: MetricSamples(after.samples + [
+            l4("weft_l4_connections_closed_total", service: "db.ns.svc", workload: "db", 4),
+            l4("weft_l4_connections_closed_total", service: "web.ns.svc", workload: "node-proxy", 2),
+        ]), seconds: nil)
+        #expect(top.first { $0.service == "db.ns.svc" }?.tcpOpen == 2 && !top.contains { $0.service == "web.ns.svc" }, "\(top)")
     }
 
     /// gRPC calls fail by their status, as Linkerd counts them: a 200 whose

@@ -95,7 +95,8 @@ public enum TrafficView {
         public var successRate: Double?
         public var p50Seconds: Double?
         public var p99Seconds: Double?
-        /// Opaque TCP connections open through the proxies.
+        /// TCP connections open now: opaque ones through the proxies, and
+        /// those the kernel alone balanced to this Service (weft_l4_*).
         public var tcpOpen: Double
     }
 
@@ -147,6 +148,14 @@ public enum TrafficView {
         }
     }
 
+    /// A series of the kernel's counters (weft_l4_*) that is a kernel-only
+    /// Service's: a connection it captured to the node proxy is the proxy's
+    /// to report (as requests or opaque TCP), and one to a pod's own address
+    /// names no Service.
+    static func kernelOnly(_ labels: [String: String]) -> Bool {
+        labels["destination_workload"] != "node-proxy" && (labels["destination_service"] ?? "unknown") != "unknown"
+    }
+
     public static func services(before: MetricSamples?, after: MetricSamples, seconds: Double?) -> [ServiceRow] {
         var rows: [String: ServiceRow] = [:]
         func row(_ service: String) -> ServiceRow {
@@ -177,6 +186,14 @@ public enum TrafficView {
         for (labels, value) in closed {
             let service = labels["destination_service"] ?? "unknown"
             rows[service]?.tcpOpen -= value
+        }
+        for (name, sign) in [("weft_l4_connections_opened_total", 1.0), ("weft_l4_connections_closed_total", -1.0)] {
+            for (labels, value) in deltas(name, before: nil, after: after) where kernelOnly(labels) {
+                let service = labels["destination_service"] ?? "unknown"
+                var r = row(service)
+                r.tcpOpen += sign * value
+                rows[service] = r
+            }
         }
         for (service, var r) in rows {
             if let seconds, seconds > 0 { r.rps = r.requests / seconds }
@@ -212,17 +229,13 @@ public enum TrafficView {
             e.tcpConnections += value
             edges[k] = e
         }
-        // The kernel's counters (weft_l4_*), for the Service ports it
-        // serves alone: a connection it captured to the node proxy is the
-        // proxy's to report (as requests or opaque TCP above), and one to a
-        // pod's own address names no Service.
+        // The kernel's counters, for the Service ports it serves alone.
         let kernel: [(String, WritableKeyPath<Edge, Double>)] = [
             ("weft_l4_connections_opened_total", \.tcpConnections), ("weft_l4_connections_failed_total", \.connectionFailures),
             ("weft_l4_udp_exchanges_opened_total", \.udpExchanges), ("weft_l4_udp_exchanges_failed_total", \.connectionFailures),
         ]
         for (name, field) in kernel {
-            for (labels, value) in deltas(name, before: before, after: after)
-            where labels["destination_workload"] != "node-proxy" && (labels["destination_service"] ?? "unknown") != "unknown" {
+            for (labels, value) in deltas(name, before: before, after: after) where kernelOnly(labels) {
                 let k = key(labels)
                 var e = edge(k)
                 e[keyPath: field] += value
