@@ -347,7 +347,7 @@ struct ObservabilityTests {
                 && Double(tcpLines.first?["bytes_sent"] as? Int ?? -1) == tcpReceived, "\(tcpLines)")
 
         try topologyAndTop(lab)
-        try kernelConnectionCounters()
+        try kernelConnectionCounters(lab)
         try switchingTelemetryOff(lab)
     }
 
@@ -382,7 +382,7 @@ struct ObservabilityTests {
         #expect(after.sum("weft_requests_total", web) == before.sum("weft_requests_total", web), "request metrics off")
         #expect(after.sum("weft_l4_connections_opened_total", plain) == before.sum("weft_l4_connections_opened_total", plain),
                 "connection counters off")
-        #expect(after.sum("weft_l4_connections_opened_total", plain) == 6, "what was counted stays")
+        #expect(after.sum("weft_l4_connections_opened_total", plain) == 7, "what was counted stays (the 6 and the one held open)")
         let dns = ["destination_service": "dns.obs.svc"]
         #expect(after.sum("weft_l4_udp_exchanges_opened_total", dns) == before.sum("weft_l4_udp_exchanges_opened_total", dns)
                 && after.sum("weft_l4_udp_exchanges_opened_total", dns) == 6, "UDP counters off too")
@@ -391,7 +391,7 @@ struct ObservabilityTests {
 
     /// The kernel's per-connection counters: exact for a known set of
     /// connections, and capped per label under a port scan.
-    private func kernelConnectionCounters() throws {
+    private func kernelConnectionCounters(_ lab: LabHarness) throws {
         let run = try LabHarness.run(["lab", "exec", "obs/client", "--", "python3", "-c", """
             import json, socket
             request = b"GET /ok HTTP/1.1\\r\\nHost: plain\\r\\nConnection: close\\r\\n\\r\\n"
@@ -503,6 +503,14 @@ struct ObservabilityTests {
         // (The client's connections to web went to the node proxy: its
         // requests are the edge, not those connections again.)
         #expect((edge("web.obs.svc")["requests"] ?? 0) > 37 && edge("web.obs.svc")["tcpConnections"] == 0, "\(graph.output)")
+        // `weft top`: a connection held open to the kernel-only Service is
+        // open there (opened less closed: the 6 above ended).
+        let held = try lab.startTool(in: "obs/client", ["hold", "198.19.8.20", "9000", "4"])
+        usleep(1_000_000)
+        let top = try LabHarness.run(["top", "--once", "--interval", "0.5", "-o", "json"])
+        _ = try? held.finish()
+        let rows = (try? JSONSerialization.jsonObject(with: Data(top.output.utf8)) as? [[String: Any]]) ?? []
+        #expect(rows.first { $0["service"] as? String == "plain.obs.svc" }?["tcpOpen"] as? Double == 1, "\(top.output)")
         // Connections captured to the node proxy show as reaching it.
         #expect(scrape.sum("weft_l4_connections_opened_total", ["destination_service": "web.obs.svc", "destination_workload": "node-proxy"]) >= 1)
 
@@ -515,7 +523,7 @@ struct ObservabilityTests {
             usleep(50_000)
             again = try? Scrape()
         }
-        #expect(again?.sum("weft_l4_connections_opened_total", plain) == 6)
+        #expect(again?.sum("weft_l4_connections_opened_total", plain) == 7, "the 6 and the one held open")
         #expect(again?.sum("weft_l4_sent_bytes_total", plain) == facts["sent"])
         #expect(again?.sum("weft_l4_udp_exchanges_opened_total", dns) == 6)
         #expect(scanned(again) == 1201)

@@ -1113,6 +1113,13 @@ def h1_close_send(host, port, path, *headers):
     print(json.dumps(out))
 
 
+def hold(host, port, seconds):
+    """Opens a TCP connection and holds it, saying nothing, for SECONDS."""
+    with socket.create_connection((host, int(port)), timeout=5):
+        time.sleep(float(seconds))
+    print(json.dumps({"held": float(seconds)}))
+
+
 def tcp_hold(host, port, seconds, send_after=None):
     """Connects to a server that speaks first, reads its banner, then holds
     the connection without a byte either way for SECONDS (but one line sent
@@ -1424,6 +1431,6 @@ if __name__ == "__main__":
      "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
-     "h1-close-send": h1_close_send, "tcp-hold": tcp_hold,
+     "h1-close-send": h1_close_send, "tcp-hold": tcp_hold, "hold": hold,
      "churn": churn, "tls-server": tls_server, "tls-tally": tls_tally,
      "tls-pieces": tls_pieces}[command](*args)
