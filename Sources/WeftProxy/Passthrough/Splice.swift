@@ -132,7 +132,7 @@ final class ReadTally: ChannelInboundHandler {
     /// A tally for a client's connection that could be spliced: from a pod
     /// of this node (not through a tunnel), while splicing is on.
     static func spliceable(_ origin: CapturedOrigin, proxy: ProxyContext, already: UInt64 = 0) -> ReadTally? {
-        guard !origin.tunnel, proxy.snapshot.table.spliceOff != true, let maps = proxy.splice else { return nil }
+        guard !origin.tunnel, let maps = proxy.splice(under: proxy.snapshot) else { return nil }
         return ReadTally(maps: maps, already: already)
     }
 

@@ -151,7 +151,7 @@ enum TCPPassthrough {
         // A pod of this node over the shortcut: the kernel may take the
         // bytes past the proxy (SpliceLeg), unless MeshConfig switched
         // splicing off (then arming would only cost a report per write).
-        let spliceMaps = tunnel == nil && proxy.snapshot.table.spliceOff != true ? proxy.splice : nil
+        let spliceMaps = tunnel == nil ? proxy.splice(under: proxy.snapshot) : nil
         if let tunnel {
             // To another node: a CONNECT stream of the mutual-TLS tunnel.
             connected = { done in

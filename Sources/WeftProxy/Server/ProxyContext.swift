@@ -37,6 +37,13 @@ final class ProxyContext: Sendable {
     /// The shortcut's splice maps, once the agent has pinned them.
     var splice: SpliceMaps? { spliceMaps.withLock { $0 } }
 
+    /// The splice maps while `snapshot` lets the kernel splice (MeshConfig
+    /// socketShortcut.splice), else nil: what a connection joined now is
+    /// armed, or counted, with.
+    func splice(under snapshot: RouteSnapshot) -> SpliceMaps? {
+        snapshot.table.spliceOff == true ? nil : splice
+    }
+
     /// Opens the splice maps if the agent has pinned them and they are not
     /// open yet (the proxy may start before the shortcut, or without it),
     /// and clears what a previous proxy left there.
@@ -84,8 +91,8 @@ final class ProxyContext: Sendable {
                 return state.snapshot(self).connectTimeouts
             }
             state.pool.spliceMaps = { [weak self, unowned state] in
-                guard let self, state.snapshot(self).table.spliceOff != true else { return nil }
-                return self.splice
+                guard let self else { return nil }
+                return self.splice(under: state.snapshot(self))
             }
             state.pool.lifetimes = { [weak self, unowned state] in
                 guard let self else { return [:] }
