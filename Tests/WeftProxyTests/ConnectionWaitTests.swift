@@ -109,6 +109,36 @@ import Testing
         #expect(rig.proxy.stats.overflows.load(ordering: .relaxed) == 0)
     }
 
+    /// A burst of requests that come before any connection to the backend
+    /// is made opens maxConnections (2) and no more: a connection counts
+    /// from its connect's start, so those behind it wait, and each is
+    /// answered in turn. Both paths, the burst on one event loop (across
+    /// loops the check and the count are a few instructions apart, as in
+    /// Envoy's resource manager).
+    @Test func aBurstOpensNoMoreThanMaxConnections() throws {
+        for full in [false, true] {
+            // (A rig each: no connection kept from before.)
+            let rig = try Self.rig(connections: 2)
+            defer { rig.shutdown() }
+            let (ports, close) = try Self.pinnedPorts(rig, full: full)
+            defer { close() }
+            let waitsBefore = rig.proxy.stats.connectionWaits.load(ordering: .relaxed)
+            let asked = (0..<6).map { _ in Asked(ports[0], "/slow") }
+            // (Before the first answer, 600 ms on: later, the backend may
+            // see a connection the proxy closed for a waiting request as
+            // open still, beside the one opened in its place.)
+            usleep(400_000)
+            let most = rig.stalled.most.load(ordering: .relaxed)
+            let burst = asked.map { $0.wait() }
+            let what = full ? "full path" : "express path"
+            let answered = burst.filter(\.ok).count
+            #expect(answered == 6, "\(what): \(burst.map(\.status))")
+            #expect(most == 2, "\(what): \(most) connections open at once")
+            #expect(rig.proxy.stats.connectionWaits.load(ordering: .relaxed) - waitsBefore >= 4, "\(what): those past the two waited")
+            #expect(rig.proxy.stats.overflows.load(ordering: .relaxed) == 0)
+        }
+    }
+
     /// A connection kept idle on one loop is the backend's one allowed: a
     /// request on the other loop has it closed and opens its own at once,
     /// rather than waiting out the connect timeout (the idle timeout, 3 s,

@@ -90,21 +90,32 @@ import Testing
     }
 
     /// Under a TrafficPolicy's circuitBreaker.maxConnections the proxy
-    /// opens no more than that (one per event loop at least): at it, a
-    /// stream past the backend's limit waits on the least loaded
-    /// connection for one of its streams to end, as Envoy's pending
-    /// requests do, and every request is answered in the end.
+    /// opens no more than that to a backend (counted from each connect's
+    /// start), but for one per event loop at least: at it, a stream past
+    /// the backend's limit waits on the least loaded connection for one of
+    /// its streams to end, as Envoy's pending requests do, and every
+    /// request is answered in the end.
     @Test func maxConnectionsBoundsTheConnectionsAndTheRestWait() throws {
-        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", "circuitBreaker: {maxConnections: 2}"),
-                                         http2Streams: 4)
+        // (A connect timeout past the test's length: a stream with no
+        // timeout of its own waits no longer than that.)
+        let rig = try ProxyFuzzTests.Rig(manifests: ProxyFuzzTests.trafficPolicy("grpc", """
+            circuitBreaker: {maxConnections: 2}
+              timeout: {tcp: {connectTimeout: 30s}}
+            """), http2Streams: 4)
         defer { rig.shutdown() }
-        let held = try Self.hold(rig, 24)
+        // 40 held streams over two pods: 5 connections a pod without the
+        // limit.
+        let held = try Self.hold(rig, 40)
         defer { for fd in held { close(fd) } }
-        #expect(try Self.streamsOpen(rig, awaiting: 24) == 24, "every held request has its stream (some waiting)")
-        let connections = try Self.connections(rig)
-        // (Two loops: one each at least, and the limit's two at most
-        // beyond what a loop made before it heard of the other's.)
-        #expect(connections >= 2 && connections <= 4, "\(connections) connections")
+        #expect(try Self.streamsOpen(rig, awaiting: 40) == 40, "every held request has its stream (some waiting)")
+        let runtime = try #require(rig.proxy.snapshot.runtimes.values.first { $0.policy.circuitBreaker != nil })
+        let perPod = runtime.backends.map { $0.connections.load(ordering: .relaxed) }
+        // Each pod: the limit's two, and one more at most where a loop that
+        // had none made its first after the other loop had made two (two
+        // loops, as Envoy's workers).
+        #expect(perPod.count == 2 && perPod.allSatisfy { (1...3).contains($0) }, "connections per pod: \(perPod)")
+        #expect(try Self.connections(rig) == perPod.reduce(0, +), "the pools keep what the breaker counts")
+        #expect(try Self.waiting(rig) >= 40 - 4 * perPod.reduce(0, +), "the streams past them wait")
         Self.endAndRead(held)
     }
 

@@ -248,6 +248,15 @@ import WeftCore
         }
         let deliveries = Count()
         var deliveriesOpen: Int { deliveries.value.load(ordering: .relaxed) }
+        /// Connections open to the stalling backend now, and the most open
+        /// at once.
+        final class Peak: Sendable {
+            let now = Atomic<Int>(0)
+            let most = Atomic<Int>(0)
+            func opened() { most.max(now.add(1, ordering: .relaxed).newValue, ordering: .relaxed) }
+            func closed() { now.subtract(1, ordering: .relaxed) }
+        }
+        let stalled = Peak()
         let backends: [any Channel]
         let registry = ConnectionRegistry()
         /// The bytes the HTTP/1.1 backend read, connection by connection,
@@ -263,6 +272,7 @@ import WeftCore
              front: (@Sendable () -> any ChannelHandler)? = nil, http2Streams: Int = 100) throws {
             let group = self.group
             let log = http1Log
+            let stalled = self.stalled
             let http1 = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
@@ -305,7 +315,9 @@ import WeftCore
             let stall = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(StallingBackend()) }
+                    stalled.opened()
+                    channel.closeFuture.whenComplete { _ in stalled.closed() }
+                    return channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(StallingBackend()) }
                 }
                 .bind(host: "0.0.0.0", port: 0).wait()
             backends = [http1, http2, wild, wildH2, stall]

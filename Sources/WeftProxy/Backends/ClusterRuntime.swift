@@ -17,7 +17,7 @@ final class ClusterRuntime: Sendable {
         let local: Bool
         /// Requests in flight to it, from every loop.
         let requests = Atomic<Int>(0)
-        /// Open upstream connections to it.
+        /// Upstream connections to it, open or being made (UpstreamPool.counting).
         let connections = Atomic<Int>(0)
         /// Requests waiting for a new connection to it: connecting, or
         /// queued at maxConnections (`waiting`, UpstreamPool.wait).

@@ -415,11 +415,10 @@ final class UpstreamPool {
             }
             guard let counters else { return connectHTTP1(key, completion) }
             counters.pending.add(1, ordering: .relaxed)
-            connectHTTP1(key) { [self] result in
+            let opened = counting(key, counters)
+            connectHTTP1(key) { result in
                 counters.pending.subtract(1, ordering: .relaxed)
-                if case .success(let handler) = result, let channel = handler.channel {
-                    count(channel, to: key, counters: counters)
-                }
+                opened((try? result.get())?.channel)
                 completion(result)
             }
         case .http2:
@@ -449,13 +448,15 @@ final class UpstreamPool {
         h2.openStream(completion, waiting: PendingPlace(counters))
     }
 
-    /// `done`, after counting the connection it is given in `counters`
-    /// (ClusterRuntime's, for circuitBreaker.maxConnections) while it is open.
+    /// `done` for a connect beginning now, the connection counted in
+    /// `counters` (ClusterRuntime's, for circuitBreaker.maxConnections)
+    /// from now on (`counting`).
     private func counted(_ key: EndpointKey, _ counters: ClusterRuntime.Backend?,
                          _ done: @escaping (Result<Channel, any Error>) -> Void) -> (Result<Channel, any Error>) -> Void {
         guard let counters else { return done }
-        return { [self] result in
-            if case .success(let channel) = result { count(channel, to: key, counters: counters) }
+        let opened = counting(key, counters)
+        return { result in
+            opened(try? result.get())
             done(result)
         }
     }
@@ -528,18 +529,28 @@ final class UpstreamPool {
 
     // MARK: waiting for a connection (circuitBreaker.maxConnections)
 
-    /// A connection to `key` counted against its circuit breaker
-    /// (`counters`) while open; when it closes and requests wait for one,
-    /// every loop's pool is told there is room (`roomFreed`).
-    func count(_ channel: any Channel, to key: EndpointKey, counters: ClusterRuntime.Backend) {
+    /// A connection to `key` about to be made, counted against its circuit
+    /// breaker (`counters`) from now on, while it is being made as while it
+    /// is open (Envoy counts one connecting too): requests that come before
+    /// its connect is done see it, so a burst opens no more than
+    /// maxConnections. Call what is returned with the connection made, or
+    /// nil if the connect failed: the count is given back then, or when the
+    /// connection closes; and while requests wait for one, every loop's
+    /// pool is told there is room (`roomFreed`).
+    func counting(_ key: EndpointKey, _ counters: ClusterRuntime.Backend) -> ((any Channel)?) -> Void {
         counters.connections.add(1, ordering: .relaxed)
-        channel.closeFuture.assumeIsolated().whenComplete { [weak self] _ in
-            counters.connections.subtract(1, ordering: .relaxed)
-            guard counters.waiting.load(ordering: .relaxed) > 0, let self else { return }
-            counters.freed.add(1, ordering: .relaxed)
-            roomFreed(key, counters)
-            for peer in peers { peer.run { $0.roomFreed(key, counters) } }
+        return { [weak self] channel in
+            guard let channel else { return Self.released(key, counters, self) }
+            channel.closeFuture.assumeIsolated().whenComplete { [weak self] _ in Self.released(key, counters, self) }
         }
+    }
+
+    private static func released(_ key: EndpointKey, _ counters: ClusterRuntime.Backend, _ pool: UpstreamPool?) {
+        counters.connections.subtract(1, ordering: .relaxed)
+        guard counters.waiting.load(ordering: .relaxed) > 0, let pool else { return }
+        counters.freed.add(1, ordering: .relaxed)
+        pool.roomFreed(key, counters)
+        for peer in pool.peers { peer.run { $0.roomFreed(key, counters) } }
     }
 
     /// Waits, up to `timeout`, for a connection to `key`, whose every

@@ -433,6 +433,7 @@ enum Express {
             return
         }
         counters?.pending.add(1, ordering: .relaxed)
+        let opened = counters.map { loop.pool.counting(key, $0) }
         loop.pool.bootstrap(for: key)
             .channelInitializer { channel in
                 loop.pool.initialize(channel) { try $0.addHandler(ExpressUpstream()) }
@@ -442,7 +443,7 @@ enum Express {
             .whenComplete { result in
                 if let counters {
                     counters.pending.subtract(1, ordering: .relaxed)
-                    if case .success(let channel) = result { loop.pool.count(channel, to: key, counters: counters) }
+                    opened?(try? result.get())
                 }
                 switch result {
                 case .success(let channel):
