@@ -23,9 +23,8 @@ struct ProxyListenersTests {
             get { metadata[key] }
             set { metadata[key] = newValue }
         }
-        func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String,
-                 file: String, function: String, line: UInt) {
-            lines.withLockedValue { $0.append("\(level): \(message)") }
+        func log(event: LogEvent) {
+            lines.withLockedValue { $0.append("\(event.level): \(event.message)") }
         }
     }
 
@@ -38,7 +37,7 @@ struct ProxyListenersTests {
         func channelActive(context: ChannelHandlerContext) {
             var buffer = context.channel.allocator.buffer(capacity: 1)
             buffer.writeInteger(index)
-            context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
         }
     }
 

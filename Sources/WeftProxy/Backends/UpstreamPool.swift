@@ -425,8 +425,9 @@ final class UpstreamPool {
             if let h2 = s.h2.take(lifetime) { return h2.openStream(completion) }
             if let h2 = s.h2.atLimit(counters, maxConnections) { return Self.waitForStream(on: h2, counters, breaker, completion) }
             let bootstrap = self.bootstrap(for: key)
+            let pool = onLoop
             let h2 = HTTP2Upstream(key: key, pool: self) { [self] initializer, done in
-                bootstrap.channelInitializer { channel in self.initialize(channel) { _ in try initializer(channel) } }
+                bootstrap.channelInitializer { channel in pool.value.initialize(channel) { _ in try initializer(channel) } }
                     .connect(key)
                     .assumeIsolated()
                     .whenComplete(counted(key, counters, done))
@@ -700,6 +701,10 @@ final class UpstreamPool {
         ClientBootstrap(group: eventLoop).connectTimeout(connectTimeout(for: key))
     }
 
+    /// The pool, for a channel initializer (run on the pool's loop, as the
+    /// pool's bootstraps make their channels there).
+    var onLoop: NIOLoopBound<UpstreamPool> { NIOLoopBound(self, eventLoop: eventLoop) }
+
     /// A plain connection's handlers, after the test's `front` if one is set.
     func initialize(_ channel: any Channel, _ handlers: (ChannelPipeline.SynchronousOperations) throws -> Void) -> EventLoopFuture<Void> {
         let front = self.front
@@ -713,9 +718,10 @@ final class UpstreamPool {
         // To a pod of this node, while splicing is on: counted, in case an
         // Upgrade joins it to a client byte for byte (Upgrade.join).
         let maps = key.node == configuration.node ? spliceMaps() : nil
+        let pool = onLoop
         bootstrap(for: key)
             .channelInitializer { channel in
-                self.initialize(channel) { pipeline in
+                pool.value.initialize(channel) { pipeline in
                     if let maps { try pipeline.addHandler(ReadTally(maps: maps)) }
                     try pipeline.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
                     try pipeline.addHandler(UpstreamHandler())

@@ -159,11 +159,12 @@ enum TCPPassthrough {
                                     podConnect: pool.connectTimeout(for: endpoint), initialize: { _ in }, done)
             }
         } else {
+            let bound = pool.onLoop
             connected = { done in
                 pool.bootstrap(for: endpoint)
                     .channelInitializer { channel in
                         // (Set on the loop: no future chained for it.)
-                        pool.initialize(channel) { _ in try channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true) }
+                        bound.value.initialize(channel) { _ in try channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true) }
                     }
                     .connect(endpoint)
                     .assumeIsolated()
