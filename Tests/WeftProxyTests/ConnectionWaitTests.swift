@@ -123,14 +123,20 @@ import Testing
             let (ports, close) = try Self.pinnedPorts(rig, full: full)
             defer { close() }
             let waitsBefore = rig.proxy.stats.connectionWaits.load(ordering: .relaxed)
+            let what = full ? "full path" : "express path"
             let asked = (0..<6).map { _ in Asked(ports[0], "/slow") }
             // (Before the first answer, 600 ms on: later, the backend may
             // see a connection the proxy closed for a waiting request as
             // open still, beside the one opened in its place.)
             usleep(400_000)
             let most = rig.stalled.most.load(ordering: .relaxed)
+            // What /metrics says meanwhile: the two connections, the four
+            // requests waiting for one.
+            let metrics = ProxyServer.resilienceMetrics(rig.proxy.snapshot).split(separator: "\n")
+            let cluster = "{cluster=\"fz/\(full ? "stall-full" : "stall"):80\""
+            let gauges = metrics.filter { $0.hasPrefix("weft_backend_connections" + cluster) || $0.hasPrefix("weft_backend_pending_requests" + cluster) }
+            #expect(gauges.count == 2 && gauges[0].hasSuffix(" 2") && gauges[1].hasSuffix(" 4"), "\(what): \(gauges)")
             let burst = asked.map { $0.wait() }
-            let what = full ? "full path" : "express path"
             let answered = burst.filter(\.ok).count
             #expect(answered == 6, "\(what): \(burst.map(\.status))")
             #expect(most == 2, "\(what): \(most) connections open at once")

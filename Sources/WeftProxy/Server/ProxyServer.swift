@@ -20,8 +20,11 @@ import WeftStatus
 /// sent its request yet is answered and then closed, and the process exits
 /// when none are left or the drain timeout passes.
 public enum ProxyServer {
-    /// TrafficPolicy state per cluster: ejections so far, backends out now,
-    /// requests in flight per backend.
+    /// TrafficPolicy state per cluster: ejections so far, backends out now;
+    /// per backend, requests in flight (what maxRequests bounds),
+    /// connections open or being made (maxConnections) and requests waiting
+    /// for one, connecting or queued (maxPendingRequests), as Envoy's
+    /// upstream_rq_active, upstream_cx_active and upstream_rq_pending_active.
     static func resilienceMetrics(_ snapshot: RouteSnapshot) -> String {
         guard !snapshot.runtimes.isEmpty else { return "" }
         let now = NIODeadline.now().uptimeNanoseconds
@@ -31,6 +34,10 @@ public enum ProxyServer {
                    "# TYPE weft_backend_ejected gauge"]
         var active = ["# HELP weft_backend_active_requests Requests in flight to the backend, from this proxy.",
                       "# TYPE weft_backend_active_requests gauge"]
+        var connections = ["# HELP weft_backend_connections Connections from this proxy to the backend, open or being made (what circuitBreaker.maxConnections bounds).",
+                           "# TYPE weft_backend_connections gauge"]
+        var pending = ["# HELP weft_backend_pending_requests Requests waiting for a connection to the backend, connecting or queued (what circuitBreaker.maxPendingRequests bounds).",
+                       "# TYPE weft_backend_pending_requests gauge"]
         for (name, runtime) in snapshot.runtimes.sorted(by: { $0.key < $1.key }) {
             if let o = runtime.outliers {
                 ejections.append("weft_outlier_ejections_total{cluster=\"\(name)\"} \(o.ejectionsTotal.load(ordering: .relaxed))")
@@ -39,9 +46,11 @@ public enum ProxyServer {
                 let labels = "cluster=\"\(name)\",backend=\"\(b.key)\""
                 out.append("weft_backend_ejected{\(labels)} \(b.isEjected(now) ? 1 : 0)")
                 active.append("weft_backend_active_requests{\(labels)} \(b.requests.load(ordering: .relaxed))")
+                connections.append("weft_backend_connections{\(labels)} \(b.connections.load(ordering: .relaxed))")
+                pending.append("weft_backend_pending_requests{\(labels)} \(b.pending.load(ordering: .relaxed))")
             }
         }
-        return (ejections + out + active).joined(separator: "\n") + "\n"
+        return (ejections + out + active + connections + pending).joined(separator: "\n") + "\n"
     }
 
     /// A captured connection whose origin is known: counted, and handed
