@@ -599,6 +599,9 @@ final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
+    /// Requests for `/fail` seen, over every connection.
+    static let failed = Atomic<Int>(0)
+
     /// Connections open that carried a mirror's copy; copies seen.
     static let shadowsOpen = Atomic<Int>(0)
     static let shadowsSeen = Atomic<Int>(0)
@@ -630,6 +633,13 @@ final class StallingBackend: ChannelInboundHandler, @unchecked Sendable {
             context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(600)) {
                 guard context.channel.isActive else { return }
                 self.write("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n", context)
+            }
+        case "/fail":
+            // A 503, 300 ms late (counted: RetryBreakerTests).
+            Self.failed.add(1, ordering: .relaxed)
+            context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(300)) {
+                guard context.channel.isActive else { return }
+                self.write("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\n\r\nfail\n", context)
             }
         case "/trickle":
             write("HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n", context)

@@ -1224,19 +1224,21 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     }
 
     /// circuitBreaker.maxRetries: retries in progress for the cluster. A
-    /// request counts once from its first retry until it finishes.
+    /// request counts once from its first retry until it finishes; the
+    /// place is taken atomically, as maxRequests' slots are (two loops that
+    /// both saw room cannot both take the last).
     @inline(never)
     private func retryAllowedByBreaker() -> Bool {
         guard let r = request, let runtime = r.runtime else { return true }
         if r.retrying { return true }
         guard let max = runtime.policy.circuitBreaker?.maxRetries else { return true }
-        if runtime.retries.load(ordering: .relaxed) >= max {
+        if runtime.retries.wrappingAdd(1, ordering: .relaxed).oldValue >= max {
+            runtime.retries.subtract(1, ordering: .relaxed)
             proxy.stats.overflows.add(1, ordering: .relaxed)
             countEvent("overflow")
             record?.lastFlag = "UO"
             return false
         }
-        runtime.retries.add(1, ordering: .relaxed)
         r.retrying = true
         return true
     }
