@@ -93,6 +93,37 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         #expect(detector.ejectionsTotal.load(ordering: .relaxed) == 2)
     }
 
+    /// consecutiveGatewayErrors counts 502, 503, 504 and the proxy's own
+    /// failures to get an answer (connect failure, reset, timeout) in a
+    /// row, as Envoy's consecutive_gateway_failure: any other answer, a 500
+    /// as a success, ends the run.
+    @Test func consecutiveGatewayErrorsCountOnlyGatewayFailuresInARow() throws {
+        var od = TrafficPolicy.OutlierDetection()
+        od.consecutive5xx = 0
+        od.consecutiveGatewayErrors = 3
+        od.maxEjectionPercent = 100
+        let rt = runtime(TrafficPolicy.LoadBalancer(), endpoints(3), outliers: od)
+        let detector = try #require(rt.outliers)
+        let runs: [[OutlierDetector.Outcome]] = [
+            // Two, a 500 ends the run, then 502, a local failure and 503: three in a row.
+            [.serverError(503), .serverError(504), .serverError(500), .serverError(502), .localFailure, .serverError(503)],
+            // Only 500s: no gateway error at all (and consecutive5xx is off).
+            Array(repeating: .serverError(500), count: 6),
+            // A success ends the run: two, then one.
+            [.serverError(502), .serverError(503), .success, .serverError(504)],
+        ]
+        let now = NIODeadline.now().uptimeNanoseconds
+        for (i, run) in runs.enumerated() {
+            for (k, outcome) in run.enumerated() {
+                detector.record(i, outcome, runtime: rt)
+                let ejected = rt.backends[i].isEjected(NIODeadline.now().uptimeNanoseconds)
+                #expect(ejected == (i == 0 && k == run.count - 1), "backend \(i) after outcome \(k): ejected \(ejected)")
+            }
+        }
+        #expect(rt.backends.map { $0.isEjected(now) } == [true, false, false])
+        #expect(detector.ejectionsTotal.load(ordering: .relaxed) == 1)
+    }
+
     /// A gRPC status counts as Envoy maps it to HTTP: the backend's own
     /// failures (UNKNOWN, INTERNAL, DATA_LOSS, UNIMPLEMENTED, UNAVAILABLE,
     /// DEADLINE_EXCEEDED) are server errors, the three gateway ones among
