@@ -240,6 +240,43 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         #expect(admitted == 5)
     }
 
+    /// rateLimit key SourceIdentity: one bucket per client identity
+    /// (namespace/serviceAccount), shared by that identity's pods; a
+    /// source that is no pod of the mesh has its address's own. Read from
+    /// manifests as `weft proxy` reads them.
+    @Test func aSourceIdentityRateLimitSharesABucketPerServiceAccount() throws {
+        func pod(_ name: String, _ address: String, _ account: String) -> String {
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata: {name: \(name), namespace: fz, labels: {app: client}}
+            spec: {node: n1, address: \(address), serviceAccount: \(account)}
+            """
+        }
+        let rig = try ProxyFuzzTests.Rig(manifests: [
+            ProxyFuzzTests.trafficPolicy("api", "rateLimit: {requests: 1, interval: 1h, burst: 1, key: SourceIdentity}"),
+            pod("c1", "198.18.7.1", "client"), pod("c2", "198.18.7.2", "client"), pod("o", "198.18.7.3", "other"),
+        ].joined(separator: "\n---\n"))
+        defer { rig.shutdown() }
+        let snapshot = rig.proxy.snapshot
+        let guardState = try #require(snapshot.guards["\(ProxyFuzzTests.vip):80"])
+        #expect(guardState.rateLimit?.key == .sourceIdentity)
+        var random = LoopRandom()
+        func judge(_ address: String) -> String {
+            switch guardState.judge(route: "fz/api#0", source: IPv4Address(address)!, header: { _ in nil }, snapshot: snapshot,
+                                    random: &random) {
+            case .pass: return "pass"
+            case .limited(let key, _): return "limited \(key)"
+            default: return "other"
+            }
+        }
+        #expect(judge("198.18.7.1") == "pass")
+        #expect(judge("198.18.7.2") == "limited fz/client", "c2 shares c1's identity, and its bucket")
+        #expect(judge("198.18.7.3") == "pass", "another identity, another bucket")
+        #expect(judge("198.18.9.9") == "pass")
+        #expect(judge("198.18.9.9") == "limited 198.18.9.9", "no pod: keyed by its address")
+    }
+
     @Test func frontendGuardLimitsPerKeyThenInjectsFaultsOnlyForItsSources() {
         var table = ProxyTable()
         table.workloads = ["198.18.1.10": .init(name: "a", namespace: "shop", serviceAccount: "client", node: "n1"),
