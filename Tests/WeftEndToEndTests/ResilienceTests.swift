@@ -514,15 +514,17 @@ struct ResilienceTests {
 
     @Test func breakersLimitsAndFaultsShedExactlyWhatTheySay() throws {
         let lab = try startLab([("cb-1", "n1", "198.18.1.51"), ("cc-1", "n1", "198.18.1.52"), ("fi-1", "n2", "198.18.2.61"),
-                                ("cw-1", "n1", "198.18.1.53")],
+                                ("cw-1", "n1", "198.18.1.53"), ("cr-1", "n2", "198.18.2.62")],
                                app: { String($0.prefix(while: { $0 != "-" })) }, services: [
             service("cb", ip: "198.19.4.10", app: "cb"), service("cc", ip: "198.19.4.11", app: "cc"),
+            service("cr", ip: "198.19.4.12", app: "cr"),
             service("rl", ip: "198.19.4.20", app: "fi"), service("rl-slow", ip: "198.19.4.21", app: "fi"),
             service("fi-abort", ip: "198.19.4.30", app: "fi"), service("fi-delay", ip: "198.19.4.31", app: "fi"),
             service("fi-wait", ip: "198.19.4.32", app: "fi"), service("fi-cc", ip: "198.19.4.33", app: "cw"),
         ], policies: [
             policy("cb", "circuitBreaker: {maxRequests: 5}"),
             policy("cc", "circuitBreaker: {maxConnections: 1, maxPendingRequests: 1}"),
+            policy("cr", "circuitBreaker: {maxConnections: 1, maxPendingRequests: 1}"),
             policy("rl", "rateLimit: {requests: 100, interval: 1s, burst: 100, key: Route}"),
             policy("rl-slow", "rateLimit: {requests: 1, interval: 10m, burst: 1, key: Route}"),
             policy("fi-abort", "faultInjection: {abort: {httpStatus: 503, percentage: 25}}"),
@@ -550,24 +552,31 @@ struct ResilienceTests {
         // (as Envoy queues it) and is answered once the first is done; the
         // other would be a second waiting and is shed. The express path
         // counts its connections as the full path does, and hands both to
-        // the full path, which queues.
-        let held = try LabHarness.proxyStat("n1", "express_handovers_total")
-        let waitsBefore = try LabHarness.proxyStat("n1", "circuit_breaker_waits_total")
-        let three = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
-                                        "curl -s -o /dev/null -w 'A:%{http_code}:%{time_total}\\n' http://198.19.4.11/sleep/1500 & sleep 0.4; "
-                                        + "for n in B C; do curl -s -w \"$n:%{http_code}:%{time_total}\\n\" http://198.19.4.11/ & done; wait"])
-        let ends = three.output.split(separator: "\n").filter { $0.hasPrefix("A:") || $0.hasPrefix("B:") || $0.hasPrefix("C:") }
-        let waitedFor = ends.filter { !$0.hasPrefix("A:") && $0.contains(":200:") }
-        let shedOne = ends.filter { $0.contains(":503:") }
-        #expect(ends.contains { $0.hasPrefix("A:200:") } && waitedFor.count == 1 && shedOne.count == 1
-                    && three.output.contains("at its circuit breaker's maxConnections and maxPendingRequests"), "\(three.output)")
-        // (It waited for the first's 1.1 s left, not the 2 s connect timeout.)
-        let waitedSeconds = waitedFor.first.flatMap { Double($0.split(separator: ":").last ?? "") } ?? 0
-        #expect(waitedSeconds >= 0.8 && waitedSeconds < 1.9, "\(three.output)")
-        #expect(try LabHarness.proxyStat("n1", "circuit_breaker_overflows_total") == 16)
-        #expect(try LabHarness.proxyStat("n1", "circuit_breaker_waits_total") - waitsBefore == 1)
-        #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - held == 2, "the first request rode the express path")
-        try expectNoSlotHeld("after maxConnections")
+        // the full path, which queues. The same for a pod on n2 (cr-1):
+        // a stream of the tunnel to it is the source's connection to it,
+        // kept per source pod as a connection is, and counted as one.
+        func threeAgainstOneConnection(_ vip: String, _ what: String) throws {
+            let held = try LabHarness.proxyStat("n1", "express_handovers_total")
+            let waitsBefore = try LabHarness.proxyStat("n1", "circuit_breaker_waits_total")
+            let overflowsBefore = try LabHarness.proxyStat("n1", "circuit_breaker_overflows_total")
+            let three = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c",
+                                            "curl -s -o /dev/null -w 'A:%{http_code}:%{time_total}\\n' http://\(vip)/sleep/1500 & sleep 0.4; "
+                                            + "for n in B C; do curl -s -w \"$n:%{http_code}:%{time_total}\\n\" http://\(vip)/ & done; wait"])
+            let ends = three.output.split(separator: "\n").filter { $0.hasPrefix("A:") || $0.hasPrefix("B:") || $0.hasPrefix("C:") }
+            let waitedFor = ends.filter { !$0.hasPrefix("A:") && $0.contains(":200:") }
+            let shedOne = ends.filter { $0.contains(":503:") }
+            #expect(ends.contains { $0.hasPrefix("A:200:") } && waitedFor.count == 1 && shedOne.count == 1
+                        && three.output.contains("at its circuit breaker's maxConnections and maxPendingRequests"), "\(what): \(three.output)")
+            // (It waited for the first's 1.1 s left, not the 2 s connect timeout.)
+            let waitedSeconds = waitedFor.first.flatMap { Double($0.split(separator: ":").last ?? "") } ?? 0
+            #expect(waitedSeconds >= 0.8 && waitedSeconds < 1.9, "\(what): \(three.output)")
+            #expect(try LabHarness.proxyStat("n1", "circuit_breaker_overflows_total") - overflowsBefore == 1, "\(what)")
+            #expect(try LabHarness.proxyStat("n1", "circuit_breaker_waits_total") - waitsBefore == 1, "\(what)")
+            #expect(try LabHarness.proxyStat("n1", "express_handovers_total") - held == 2, "\(what): the first request rode the express path")
+            try expectNoSlotHeld("after maxConnections, \(what)")
+        }
+        try threeAgainstOneConnection("198.19.4.11", "a pod on the client's node")
+        try threeAgainstOneConnection("198.19.4.12", "a pod on n2, through the tunnel")
 
         // 100 a second with a burst of 100, for 10 s: burst + rate x time,
         // within 5%; the rest get 429 with Retry-After.

@@ -345,8 +345,10 @@ final class UpstreamPool {
     }
 
     /// Whether an idle HTTP/1.1 connection to `key` waits on this loop.
-    func hasIdle(_ key: EndpointKey) -> Bool {
-        endpoints[key]?.idle.contains { $0.isActive } ?? false
+    func hasIdle(_ key: EndpointKey, tunnel: TunnelChoice? = nil) -> Bool {
+        guard let s = endpoints[key] else { return false }
+        if let source = tunnel?.source.value { return s.tunnelIdle[source]?.contains { $0.isActive } ?? false }
+        return s.idle.contains { $0.isActive }
     }
 
     /// An upstream handler ready for one exchange with `key`. `counters`
@@ -382,12 +384,22 @@ final class UpstreamPool {
                     }
                 }
                 let source = tunnel.source.value
+                // (The stream is the source's connection to the backend,
+                // kept as one: counted as one for its circuit breaker.)
+                counters?.pending.add(1, ordering: .relaxed)
+                let opened = counters.map { counting(key, $0) }
                 tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "http1", initialize: { stream in
                     try stream.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
                     let handler = UpstreamHandler()
                     handler.tunnelSource = source
                     try stream.pipeline.syncOperations.addHandler(handler)
-                }) { completion(Self.upstreamHandler(of: $0)) }
+                }) { result in
+                    if let counters {
+                        counters.pending.subtract(1, ordering: .relaxed)
+                        opened?(try? result.get())
+                    }
+                    completion(Self.upstreamHandler(of: result))
+                }
             case .http2:
                 if let h2 = s.tunnelH2[tunnel.route.source]?.take(lifetime) { return h2.openStream(completion) }
                 if let h2 = s.tunnelH2[tunnel.route.source]?.atLimit(counters, maxConnections) {
@@ -503,7 +515,10 @@ final class UpstreamPool {
         // setting an option costs some 2,000 instructions of casts.)
         if reusable, handler.isActive { handler.resumeReads() }
         if let source = handler.tunnelSource {
-            guard reusable, handler.isActive, keeps(tunnelStream: handler.channel),
+            // (A stream is one source pod's: never handed to a request
+            // waiting for a connection. While one waits, it is closed, so
+            // that the room comes free.)
+            guard reusable, handler.isActive, keeps(tunnelStream: handler.channel), !s.wanted,
                   s.tunnelIdle[source, default: []].count < configuration.maxIdlePerBackend else {
                 handler.close()
                 return
@@ -596,11 +611,18 @@ final class UpstreamPool {
     }
 
     /// Closes one connection to `key` kept idle here, the full path's or
-    /// else the express path's, if there is one.
+    /// else the express path's, else a tunnel stream to it either path
+    /// keeps for some source pod, if there is one.
     func closeOneIdle(_ key: EndpointKey) {
         guard let s = endpoints[key] else { return }
         if let c = s.idle.popLast() { return c.close() }
-        s.express.popLast()?.close()
+        if let c = s.express.popLast() { return c.close() }
+        if let source = s.tunnelIdle.first(where: { !$0.value.isEmpty })?.key, let c = s.tunnelIdle[source]?.popLast() {
+            return c.close()
+        }
+        if let source = s.expressTunnelIdle.first(where: { !$0.value.isEmpty })?.key {
+            s.expressTunnelIdle[source]?.popLast()?.close()
+        }
     }
 
     /// Ends `wait` with `outcome` (a connection given to a request that

@@ -409,16 +409,22 @@ enum Express {
     /// reads it request by request). The caller counts a failure.
     /// `counters` (a TrafficPolicy cluster's backend) counts a connection of
     /// its own while it is being made and while it is open, for the circuit
-    /// breaker, as the full path's pool counts its own (a tunnel stream is
-    /// no connection to the backend, on either path).
+    /// breaker, as the full path's pool counts its own (a tunnel stream
+    /// too: it is the source's connection to the backend, kept as one).
     static func connectUpstream(to key: EndpointKey, tunnel: TunnelChoice?, counters: ClusterRuntime.Backend?, loop: LoopState,
                                 _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
+        counters?.pending.add(1, ordering: .relaxed)
+        let opened = counters.map { loop.pool.counting(key, $0) }
         if let tunnel {
             let source = tunnel.source.value
             loop.pool.tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "http1",
                                      initialize: { stream in
                 try stream.pipeline.syncOperations.addHandler(ExpressUpstream(tunnelSource: source))
             }) { result in
+                if let counters {
+                    counters.pending.subtract(1, ordering: .relaxed)
+                    opened?(try? result.get())
+                }
                 switch result {
                 case .success(let stream):
                     guard let upstream = try? stream.pipeline.syncOperations.handler(type: ExpressUpstream.self) else {
@@ -432,8 +438,6 @@ enum Express {
             }
             return
         }
-        counters?.pending.add(1, ordering: .relaxed)
-        let opened = counters.map { loop.pool.counting(key, $0) }
         loop.pool.bootstrap(for: key)
             .channelInitializer { channel in
                 loop.pool.initialize(channel) { try $0.addHandler(ExpressUpstream()) }
@@ -498,7 +502,7 @@ enum Express {
         let reusable = reusable && !UpstreamPool.spent(upstream, key: key, snapshot.lifetimes)
         let limit = proxy.configuration.maxIdlePerBackend
         if let source = upstream.tunnelSource {
-            if reusable && upstream.isActive && pool.keeps(tunnelStream: upstream.channel)
+            if reusable && upstream.isActive && pool.keeps(tunnelStream: upstream.channel) && !idle.wanted
                 && idle.expressTunnelIdle[source, default: []].count < limit {
                 upstream.keptSweeps = 0
                 idle.expressTunnelIdle[source, default: []].append(upstream)

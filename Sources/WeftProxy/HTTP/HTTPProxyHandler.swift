@@ -697,7 +697,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             // maxConnections the request waits for one (counted pending)
             // while fewer than maxPendingRequests do; it is shed otherwise.
             if r.cluster.upstreamProtocol == .http1,
-               let limit = hold.runtime.connectionLimit(hold.backend, idle: { loop.pool.hasIdle(key) }) {
+               let limit = hold.runtime.connectionLimit(hold.backend, idle: {
+                   loop.pool.hasIdle(key, tunnel: loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot))
+               }) {
                 if limit == "maxConnections", hold.runtime.reserveWait(hold.backend) {
                     queue = true
                 } else {
@@ -772,7 +774,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 self.attached(.success(handler), id: id, key: key)
             case .room:
                 // Another request may have taken the room meanwhile.
-                if let hold = r.hold, hold.runtime.connectionLimit(counters, idle: { loop.pool.hasIdle(key) }) == "maxConnections" {
+                if let hold = r.hold, hold.runtime.connectionLimit(counters, idle: {
+                    loop.pool.hasIdle(key, tunnel: loop.tunnel(self.proxy, to: key, from: self.origin.source, snapshot: r.snapshot))
+                }) == "maxConnections" {
                     guard hold.runtime.reserveWait(counters) else {
                         return self.shed(key, "is at its circuit breaker's maxConnections and maxPendingRequests", inFlight: true)
                     }
