@@ -39,6 +39,8 @@ private let pods = [
     pod("v1-a", node: "n1", address: "198.18.1.20", labels: "{app: web, version: v1}"),
     pod("v1-b", node: "n2", address: "198.18.2.20", labels: "{app: web, version: v1}"),
     pod("v2", node: "n1", address: "198.18.1.21", labels: "{app: web, version: v2}"),
+    // RequestMirror's target, on the other node than the client.
+    pod("shadow", node: "n2", address: "198.18.2.21", labels: "{app: shadow}"),
     pod("flaky", node: "n1", address: "198.18.1.30", labels: "{app: retry}", args: "--fail-rate 0.5"),
     pod("steady", node: "n2", address: "198.18.2.30", labels: "{app: retry}"),
     pod("broken", node: "n1", address: "198.18.1.31", labels: "{app: broken}", args: "--fail-rate 1.0"),
@@ -59,13 +61,14 @@ private let pods = [
     """,
 ].joined(separator: "\n---\n")
 
-private let allPodAddresses = ["198.18.1.20", "198.18.2.20", "198.18.1.21", "198.18.1.30", "198.18.2.30",
+private let allPodAddresses = ["198.18.1.20", "198.18.2.20", "198.18.1.21", "198.18.2.21", "198.18.1.30", "198.18.2.30",
                                "198.18.1.31", "198.18.1.32"]  // the gRPC server is waited for by its test
 
 private let services = [
     service("web", ip: "198.19.1.10", selector: "{app: web}"),
     service("web-v1", ip: "198.19.1.11", selector: "{app: web, version: v1}"),
     service("web-v2", ip: "198.19.1.12", selector: "{app: web, version: v2}"),
+    service("shadow", ip: "198.19.1.13", selector: "{app: shadow}"),
     service("retry", ip: "198.19.1.20", selector: "{app: retry}"),
     service("broken", ip: "198.19.1.21", selector: "{app: broken}"),
     service("slow", ip: "198.19.1.22", selector: "{app: slow}"),
@@ -99,6 +102,9 @@ private let routes = """
         backendRefs: [{name: web-v2, port: 80}]
       - matches: [{path: {type: RegularExpression, value: "/re/[0-9]+"}}]
         backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /mirrored}}]
+        filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}]
+        backendRefs: [{name: web-v2, port: 80}]
       - matches: [{path: {type: PathPrefix, value: /}}]
         filters:
         - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-split, value: canary}]}}
@@ -378,9 +384,32 @@ struct ProxyTests {
         let peer = try lab.tool(in: "client", ["peer", "198.19.1.10", "80"])
         #expect((peer["peer"] as? [Any])?.first as? String == "198.19.1.10")
 
+        // RequestMirror to a Service whose one pod is on n2: each copy
+        // reaches it through the tunnel to n2, as requests to n2 go (a
+        // connection of its own from the proxy would leave the node in
+        // plaintext, or be dropped there), and the client gets web-v2's
+        // answers alone.
+        func shadowCount() throws -> Int { json(try curl(lab, "http://198.18.2.21:8080/__count").2)["count"] as? Int ?? -1 }
+        let shadowBefore = try shadowCount()
+        let streamsBefore = try LabHarness.proxyStat("n1", "tunnel_streams_out_total")
+        for i in 0..<10 {
+            let mirrored = try curl(lab, "http://198.19.1.10/mirrored/\(i)")
+            #expect(mirrored.0 == 200 && json(mirrored.2)["pod"] as? String == "v2", "\(mirrored)")
+        }
+        // (Before anything else goes to n2: the real requests stay on n1.)
+        usleep(300_000)
+        let copyStreams = try LabHarness.proxyStat("n1", "tunnel_streams_out_total") - streamsBefore
+        var copies = try shadowCount() - shadowBefore
+        for _ in 0..<40 where copies < 10 {
+            usleep(50_000)
+            copies = try shadowCount() - shadowBefore
+        }
+        #expect(copies == 10, "\(copies) copies reached the mirror's pod on n2")
+        #expect(copyStreams >= 1, "the copies went through the tunnel (\(copyStreams) streams opened to n2)")
+
         // weft status names the proxy and what it captures.
         let st = try LabHarness.run(["status", "--node", "n1"])
-        #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 10 captured service port(s)"), "\(st.output)")
+        #expect(st.output.contains("listening on 198.18.1.1:15001, restarts 0, route table generation 1, 11 captured service port(s)"), "\(st.output)")
         #expect(st.output.contains("proxy_captured="), "\(st.output)")
         let metrics = try LabHarness.shell(raw: ["curl", "-s", "--unix-socket", "/run/weft/n1/agent.sock", "http://agent/metrics"])
         #expect(metrics.contains("# TYPE weft_proxy_requests_total counter"), "\(metrics)")

@@ -1444,7 +1444,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             else { continue }
             proxy.stats.mirrored.add(1, ordering: .relaxed)
             let limit = r.action.timeouts.request.map { TimeAmount($0) } ?? ConnectionRegistry.streamIdleTimeout(r.snapshot.table)
-            MirrorExchange.send(head: r.upstreamHead, body: replay, to: key, pool: loop.pool, limit: limit, on: context.eventLoop)
+            MirrorExchange.send(head: r.upstreamHead, body: replay, to: key,
+                                tunnel: loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot),
+                                pool: loop.pool, limit: limit, on: context.eventLoop)
         }
     }
 

@@ -12,7 +12,10 @@ final class MirrorExchange: UpstreamSink {
     private var keepSelf: MirrorExchange?
     private var timer: Scheduled<Void>?
 
-    static func send(head: HTTPRequestHead, body: [ByteBuffer], to key: EndpointKey, pool: UpstreamPool,
+    /// A copy to a pod on another node goes through the mutual-TLS tunnel
+    /// to that node (`tunnel`), as the request itself would: a stream of
+    /// the source pod's, judged by the destination's policy.
+    static func send(head: HTTPRequestHead, body: [ByteBuffer], to key: EndpointKey, tunnel: TunnelChoice?, pool: UpstreamPool,
                      limit: TimeAmount?, on loop: any EventLoop) {
         let exchange = MirrorExchange()
         exchange.keepSelf = exchange
@@ -21,7 +24,7 @@ final class MirrorExchange: UpstreamSink {
         if let limit {
             exchange.timer = loop.assumeIsolated().scheduleTask(in: limit) { exchange.abandon() }
         }
-        pool.acquire(key, protocol: .http1) { result in
+        pool.acquire(key, protocol: .http1, tunnel: tunnel) { result in
             guard case .success(let upstream) = result, exchange.keepSelf != nil else {
                 if case .success(let upstream) = result { upstream.close() }
                 exchange.done()
