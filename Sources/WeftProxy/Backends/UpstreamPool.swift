@@ -386,18 +386,14 @@ final class UpstreamPool {
                 let source = tunnel.source.value
                 // (The stream is the source's connection to the backend,
                 // kept as one: counted as one for its circuit breaker.)
-                counters?.pending.add(1, ordering: .relaxed)
-                let opened = counters.map { counting(key, $0) }
+                let opened = connecting(key, counters)
                 tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "http1", initialize: { stream in
                     try stream.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
                     let handler = UpstreamHandler()
                     handler.tunnelSource = source
                     try stream.pipeline.syncOperations.addHandler(handler)
                 }) { result in
-                    if let counters {
-                        counters.pending.subtract(1, ordering: .relaxed)
-                        opened?(try? result.get())
-                    }
+                    opened(try? result.get())
                     completion(Self.upstreamHandler(of: result))
                 }
             case .http2:
@@ -426,10 +422,8 @@ final class UpstreamPool {
                 }
             }
             guard let counters else { return connectHTTP1(key, completion) }
-            counters.pending.add(1, ordering: .relaxed)
-            let opened = counting(key, counters)
+            let opened = connecting(key, counters)
             connectHTTP1(key) { result in
-                counters.pending.subtract(1, ordering: .relaxed)
                 opened((try? result.get())?.channel)
                 completion(result)
             }
@@ -553,11 +547,25 @@ final class UpstreamPool {
     /// nil if the connect failed: the count is given back then, or when the
     /// connection closes; and while requests wait for one, every loop's
     /// pool is told there is room (`roomFreed`).
-    func counting(_ key: EndpointKey, _ counters: ClusterRuntime.Backend) -> ((any Channel)?) -> Void {
+    private func counting(_ key: EndpointKey, _ counters: ClusterRuntime.Backend) -> ((any Channel)?) -> Void {
         counters.connections.add(1, ordering: .relaxed)
         return { [weak self] channel in
             guard let channel else { return Self.released(key, counters, self) }
             channel.closeFuture.assumeIsolated().whenComplete { [weak self] _ in Self.released(key, counters, self) }
+        }
+    }
+
+    /// A connect one request waits on, to `key`: with `counters`, the
+    /// request counted pending (maxPendingRequests) and the connection
+    /// counted (`counting`) until what is returned is called with the
+    /// connection made, or nil.
+    func connecting(_ key: EndpointKey, _ counters: ClusterRuntime.Backend?) -> ((any Channel)?) -> Void {
+        guard let counters else { return { _ in } }
+        counters.pending.add(1, ordering: .relaxed)
+        let opened = counting(key, counters)
+        return { channel in
+            counters.pending.subtract(1, ordering: .relaxed)
+            opened(channel)
         }
     }
 

@@ -413,18 +413,14 @@ enum Express {
     /// too: it is the source's connection to the backend, kept as one).
     static func connectUpstream(to key: EndpointKey, tunnel: TunnelChoice?, counters: ClusterRuntime.Backend?, loop: LoopState,
                                 _ done: @escaping (Result<ExpressUpstream, any Error>) -> Void) {
-        counters?.pending.add(1, ordering: .relaxed)
-        let opened = counters.map { loop.pool.counting(key, $0) }
+        let opened = loop.pool.connecting(key, counters)
         if let tunnel {
             let source = tunnel.source.value
             loop.pool.tunnels.stream(tunnel.route, to: key, source: tunnel.source, identities: tunnel.identities, http: "http1",
                                      initialize: { stream in
                 try stream.pipeline.syncOperations.addHandler(ExpressUpstream(tunnelSource: source))
             }) { result in
-                if let counters {
-                    counters.pending.subtract(1, ordering: .relaxed)
-                    opened?(try? result.get())
-                }
+                opened(try? result.get())
                 switch result {
                 case .success(let stream):
                     guard let upstream = try? stream.pipeline.syncOperations.handler(type: ExpressUpstream.self) else {
@@ -445,10 +441,7 @@ enum Express {
             .connect(key)
             .assumeIsolated()
             .whenComplete { result in
-                if let counters {
-                    counters.pending.subtract(1, ordering: .relaxed)
-                    opened?(try? result.get())
-                }
+                opened(try? result.get())
                 switch result {
                 case .success(let channel):
                     guard let upstream = try? channel.pipeline.syncOperations.handler(type: ExpressUpstream.self) else {
