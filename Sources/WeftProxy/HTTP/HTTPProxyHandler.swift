@@ -697,9 +697,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             // maxConnections the request waits for one (counted pending)
             // while fewer than maxPendingRequests do; it is shed otherwise.
             if r.cluster.upstreamProtocol == .http1,
-               let limit = hold.runtime.connectionLimit(hold.backend, idle: {
-                   loop.pool.hasIdle(key, tunnel: loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot))
-               }) {
+               let limit = hold.runtime.connectionLimit(hold.backend, idle: { hasIdle(key, loop, r) }) {
                 if limit == "maxConnections", hold.runtime.reserveWait(hold.backend) {
                     queue = true
                 } else {
@@ -728,9 +726,21 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         connect(id: id, key: key, counters: counters)
     }
 
+    /// The tunnel this request's exchanges with `key` go through (a pod on
+    /// another node), or nil.
+    private func tunnel(to key: EndpointKey, _ loop: LoopState, _ r: RequestState) -> TunnelChoice? {
+        loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot)
+    }
+
+    /// Whether a connection to `key` this request may take waits idle (a
+    /// tunnel stream of its own source pod's, to a pod on another node).
+    private func hasIdle(_ key: EndpointKey, _ loop: LoopState, _ r: RequestState) -> Bool {
+        loop.pool.hasIdle(key, tunnel: tunnel(to: key, loop, r))
+    }
+
     private func connect(id: Int, key: EndpointKey, counters: ClusterRuntime.Backend?) {
         guard let loop, let r = request else { return }
-        let tunnel = loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot)
+        let tunnel = tunnel(to: key, loop, r)
         loop.pool.acquire(key, protocol: r.cluster.upstreamProtocol, counters: counters, breaker: r.hold?.runtime,
                           tunnel: tunnel) { [weak self] result in
             guard let self else {
@@ -774,9 +784,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 self.attached(.success(handler), id: id, key: key)
             case .room:
                 // Another request may have taken the room meanwhile.
-                if let hold = r.hold, hold.runtime.connectionLimit(counters, idle: {
-                    loop.pool.hasIdle(key, tunnel: loop.tunnel(self.proxy, to: key, from: self.origin.source, snapshot: r.snapshot))
-                }) == "maxConnections" {
+                if let hold = r.hold, hold.runtime.connectionLimit(counters, idle: { self.hasIdle(key, loop, r) }) == "maxConnections" {
                     guard hold.runtime.reserveWait(counters) else {
                         return self.shed(key, "is at its circuit breaker's maxConnections and maxPendingRequests", inFlight: true)
                     }
@@ -1445,7 +1453,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
             proxy.stats.mirrored.add(1, ordering: .relaxed)
             let limit = r.action.timeouts.request.map { TimeAmount($0) } ?? ConnectionRegistry.streamIdleTimeout(r.snapshot.table)
             MirrorExchange.send(head: r.upstreamHead, body: replay, to: key,
-                                tunnel: loop.tunnel(proxy, to: key, from: origin.source, snapshot: r.snapshot),
+                                tunnel: tunnel(to: key, loop, r),
                                 pool: loop.pool, limit: limit, on: context.eventLoop)
         }
     }
