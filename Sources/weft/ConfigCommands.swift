@@ -40,11 +40,14 @@ struct ApplyCommand: ParsableCommand {
             is written. Files are written beside their destination under a hidden name, synced, \
             then renamed into place, so a watching agent never reads a partial file and sees the \
             whole set within one debounce window. Applies to one directory take turns (a lock on \
-            it), so each validates against what the one before it wrote.
+            it), so each validates against what the one before it wrote. Prints each object of the \
+            files as created, configured or unchanged, and each object a replaced file held that \
+            is gone, as deleted; --dry-run prints the same and writes nothing.
             """)
 
     @Option(name: .shortAndLong, help: "A manifest file or directory.") var file: String
     @Option(help: "The config directory the agents watch.") var config: String
+    @Flag(help: "Validate and print what would change; write nothing.") var dryRun = false
 
     func run() throws {
         let incoming = try ManifestSource.files(at: file)
@@ -57,10 +60,18 @@ struct ApplyCommand: ParsableCommand {
         // without the other's files, and together could be refused.
         let lock = try Self.lock(config)
         defer { close(lock) }
-        let kept = try ManifestSource.files(at: config).filter { !names.contains(($0 as NSString).lastPathComponent) }
+        let present = try ManifestSource.files(at: config)
+        let kept = present.filter { !names.contains(($0 as NSString).lastPathComponent) }
         if case .failure(let errors) = ManifestSource.load(paths: kept + incoming) {
             FileHandle.standardError.write(Data((errors.description + "\nnothing applied\n").utf8))
             throw ExitCode(1)
+        }
+        let changes = ResourceChange.between(before: Self.objects(present), after: Self.objects(kept + incoming),
+                                             written: Self.objects(incoming))
+        for change in changes { print(change) }
+        guard !dryRun else {
+            print("dry run: nothing written to \(config) (\(ResourceChange.summary(changes)))")
+            return
         }
         var staged: [(String, String)] = []
         defer { for (tmp, _) in staged { try? FileManager.default.removeItem(atPath: tmp) } }
@@ -79,7 +90,14 @@ struct ApplyCommand: ParsableCommand {
             throw ValidationError("rename to \(destination): \(String(cString: strerror(errno)))")
         }
         staged = []
-        print("applied \(names.count) file(s) to \(config): \(names.joined(separator: ", "))")
+        print("applied \(names.count) file(s) to \(config): \(names.joined(separator: ", ")) (\(ResourceChange.summary(changes)))")
+    }
+
+    /// The objects `paths` define, for the report of what changed (files
+    /// that validated a moment before, or the directory as it was, which
+    /// is reported as far as it reads).
+    static func objects(_ paths: [String]) -> [Resource] {
+        ManifestSource.read(paths: paths).resources.map(\.resource)
     }
 
     /// An exclusive lock on the directory itself (flock, so a process that
@@ -115,11 +133,13 @@ struct DeleteCommand: ParsableCommand {
             The files of DIR named like -f's (as `weft apply -f` installed them; a bare name works \
             too) are removed if the set left is valid: a Service a route still names cannot go \
             before the route. On any error nothing is removed. Takes its turn with `weft apply` \
-            (the same lock on DIR).
+            (the same lock on DIR). Prints each object the files held as deleted; --dry-run prints \
+            the same and removes nothing.
             """)
 
     @Option(name: .shortAndLong, help: "A manifest file or directory, or a file name in --config (repeatable).") var file: [String]
     @Option(help: "The config directory the agents watch.") var config: String
+    @Flag(help: "Validate what would be left and print what would go; remove nothing.") var dryRun = false
 
     func run() throws {
         let names = file.flatMap { path in
@@ -140,9 +160,16 @@ struct DeleteCommand: ParsableCommand {
             FileHandle.standardError.write(Data((errors.description + "\nnothing removed\n").utf8))
             throw ExitCode(1)
         }
+        let changes = ResourceChange.between(before: ApplyCommand.objects(present), after: ApplyCommand.objects(left),
+                                             written: [])
+        for change in changes { print(change) }
+        guard !dryRun else {
+            print("dry run: nothing removed from \(config) (\(ResourceChange.summary(changes)))")
+            return
+        }
         for name in names where unlink((config as NSString).appendingPathComponent(name)) != 0 {
             throw ValidationError("remove \(name) from \(config): \(String(cString: strerror(errno)))")
         }
-        print("removed \(names.count) file(s) from \(config): \(names.joined(separator: ", "))")
+        print("removed \(names.count) file(s) from \(config): \(names.joined(separator: ", ")) (\(ResourceChange.summary(changes)))")
     }
 }

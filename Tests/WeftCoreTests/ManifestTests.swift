@@ -284,3 +284,53 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(pieces == ["a: |\n  --- not a marker\n  x\n", "---\nb: 1\n", "--- \nc: 2\n---x: 3\n"])
     }
 }
+
+/// What `weft apply` and `weft delete` print: each object by kind and name,
+/// created, configured, unchanged or deleted.
+@Suite struct ResourceChanges {
+    private func objects(_ yaml: String) -> [Resource] { parse(yaml).resources.map(\.resource) }
+
+    @Test func eachObjectOfTheFilesIsReportedAndWhatTheyNoLongerHoldIsDeleted() throws {
+        let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n"
+        let before = objects([namespace, service, workload("web-1", "198.18.1.10"), workload("web-2", "198.18.1.11")]
+                                .joined(separator: "\n---\n"))
+        // A file rewritten: web-1 the same (laid out otherwise), the Service's
+        // port changed, web-2 gone, web-3 new; the Namespace's label changed
+        // in a file of its own.
+        let rewritten = objects([
+            workload("web-3", "198.18.1.12"),
+            """
+            apiVersion: weft.dev/v1alpha1
+            kind: Workload
+            metadata:
+              namespace: shop
+              labels: {app: web}
+              name: web-1
+            spec: {node: n1, serviceAccount: web, ports: [{port: 8080, name: http}], address: 198.18.1.10}
+            """,
+            service.replacingOccurrences(of: "port: 80,", with: "port: 81,"),
+        ].joined(separator: "\n---\n"))
+        let relabelled = objects(namespace.replacingOccurrences(of: "team: a", with: "team: b"))
+        try #require(before.count == 4 && rewritten.count == 3 && relabelled.count == 1)
+        let after = relabelled + rewritten
+        let changes = ResourceChange.between(before: before, after: after, written: rewritten + relabelled)
+        #expect(changes.map(\.description) == [
+            "Workload shop/web-3 created",
+            "Workload shop/web-1 unchanged",
+            "Service shop/web configured",
+            "Namespace shop configured",
+            "Workload shop/web-2 deleted",
+        ])
+        #expect(ResourceChange.summary(changes) == "1 created, 2 configured, 1 unchanged, 1 deleted")
+        // Nothing written, nothing changed: an empty report.
+        #expect(ResourceChange.between(before: before, after: before, written: []).isEmpty)
+        // Files removed: each of their objects deleted, in kind and name order.
+        let removed = ResourceChange.between(before: before, after: Array(before.prefix(1)), written: [])
+        #expect(removed.map(\.description) == ["Service shop/web deleted", "Workload shop/web-1 deleted",
+                                                "Workload shop/web-2 deleted"])
+        // A change to an object outside the files written (which whole files
+        // cannot make) is still reported, never hidden as unchanged.
+        let elsewhere = ResourceChange.between(before: before, after: relabelled + before.dropFirst(), written: [])
+        #expect(elsewhere.map(\.description) == ["Namespace shop configured"])
+    }
+}

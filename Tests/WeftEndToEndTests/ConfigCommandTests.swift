@@ -96,6 +96,57 @@ import Testing
         #expect(try FileManager.default.contentsOfDirectory(atPath: config).sorted() == ["other.yaml", "services.yaml"])
     }
 
+    /// `weft apply` and `weft delete` say what they do object by object
+    /// (created, configured, unchanged; deleted for what a replaced or
+    /// removed file held), and with `--dry-run` say the same and write
+    /// nothing.
+    @Test func applyAndDeleteReportEachObjectAndDryRunWritesNothing() throws {
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = "\(dir)/config"
+        let api = Self.service.replacingOccurrences(of: "name: web,", with: "name: api,")
+            .replacingOccurrences(of: "198.19.0.10", with: "198.19.0.11")
+        let original = Self.service + "\n---\n" + api
+        _ = try file("config/services.yaml", original)
+        // The same file name: web's port changed, api gone, cart new.
+        let cart = Self.service.replacingOccurrences(of: "name: web,", with: "name: cart,")
+            .replacingOccurrences(of: "198.19.0.10", with: "198.19.0.12")
+        let changed = try file("incoming/services.yaml",
+                               Self.service.replacingOccurrences(of: "port: 80", with: "port: 81") + "\n---\n" + cart)
+        let dry = try LabHarness.run(["apply", "--dry-run", "-f", changed, "--config", config])
+        #expect(dry.status == 0, "\(dry.output)")
+        #expect(dry.output.contains("""
+            Service shop/web configured
+            Service shop/cart created
+            Service shop/api deleted
+            dry run: nothing written to \(config) (1 created, 1 configured, 0 unchanged, 1 deleted)
+            """), "\(dry.output)")
+        #expect(try String(contentsOfFile: "\(config)/services.yaml", encoding: .utf8) == original)
+
+        let applied = try LabHarness.run(["apply", "-f", changed, "--config", config])
+        #expect(applied.status == 0, "\(applied.output)")
+        #expect(applied.output.contains("Service shop/api deleted\napplied 1 file(s) to \(config): services.yaml "
+                                        + "(1 created, 1 configured, 0 unchanged, 1 deleted)"), "\(applied.output)")
+        let again = try LabHarness.run(["apply", "-f", changed, "--config", config])
+        #expect(again.output.contains("Service shop/web unchanged\nService shop/cart unchanged\napplied"), "\(again.output)")
+
+        let dryDelete = try LabHarness.run(["delete", "--dry-run", "-f", "services.yaml", "--config", config])
+        #expect(dryDelete.status == 0, "\(dryDelete.output)")
+        #expect(dryDelete.output.contains("""
+            Service shop/cart deleted
+            Service shop/web deleted
+            dry run: nothing removed from \(config) (0 created, 0 configured, 0 unchanged, 2 deleted)
+            """), "\(dryDelete.output)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config) == ["services.yaml"])
+        // A dry run is refused as the real one would be.
+        let bad = try file("incoming/bad.yaml", Self.service.replacingOccurrences(of: "name: web,", with: "name: dup,"))
+        let refused = try LabHarness.run(["apply", "--dry-run", "-f", bad, "--config", config])
+        #expect(refused.status == 1 && refused.output.contains("nothing applied"), "\(refused.output)")
+        let deleted = try LabHarness.run(["delete", "-f", "services.yaml", "--config", config])
+        #expect(deleted.output.contains("removed 1 file(s) from \(config): services.yaml (0 created, 0 configured, 0 unchanged, "
+                                        + "2 deleted)"), "\(deleted.output)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: config).isEmpty)
+    }
+
     /// `weft delete` removes files only when the set left validates: a
     /// Service a route still names stays until the route goes.
     @Test func deleteRemovesFilesOnlyWhenWhatIsLeftIsValid() throws {
