@@ -151,6 +151,13 @@ struct MeshTLSTests {
                                     "http://198.19.5.10/no-express-up1", "http://198.19.5.10/no-express-up2"])
         #expect(rc3 == 0 && out3.contains("\"path\": \"/no-express-up1\"") && out3.contains("\"path\": \"/no-express-up2\"")
                 && out3.contains("[2 1]") && out3.contains("[2 0]"), "\(out3)")
+        // With a body as large as the upgrade takes (a stream's first
+        // window, H2CUpgrade.maxBody): stream 1's DATA within the flow
+        // control NIOHTTP2Handler holds the client to.
+        let (rc4, out4) = try curl(["--http2", "-D", "-", "-H", "content-type: application/octet-stream",
+                                    "--data-binary", String(repeating: "w", count: 65_535), "http://198.19.5.10/no-express-post"])
+        #expect(rc4 == 0 && out4.contains("HTTP/1.1 101") && out4.contains("HTTP/2 200") && out4.contains("\"body\": 65535,")
+                && out4.contains("\"method\": \"POST\""), "\(out4.suffix(800))")
         // An HTTP/2 client's FIN closes its connection (NIOHTTP2Handler
         // alone held it open for good).
         let halfClosed = try lab.tool(in: "\(ns)/client", ["h2-half-close", "198.19.5.10", "80", "/no-express-fin", "0"])

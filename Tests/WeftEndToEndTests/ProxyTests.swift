@@ -312,18 +312,31 @@ struct ProxyTests {
                                          "http://198.19.1.10/nghttp"]).output
         #expect(nghttp.contains("HTTP Upgrade success") && nghttp.contains(":status: 200") && nghttp.contains("\"/nghttp\""),
                 "\(nghttp.suffix(1500))")
-        // Declined: an upgrade request with a body is answered over
-        // HTTP/1.1 (RFC 7540 3.2 has a body read whole first), and so is a
-        // refused WebSocket upgrade; NIO's decoder reads nothing after a
-        // request that asks for an upgrade, so each answer says close and
-        // the connection ends, where a request sent behind it would hang.
+        // A body (curl --http2 -d) is read whole, then goes on stream 1 as
+        // DATA (RFC 7540 3.2): 40,000 bytes, in three frames, whole.
+        let upload = try LabHarness.run(["lab", "exec", "client", "--", "sh", "-c", """
+            head -c 40000 /dev/urandom > /tmp/weft-h2c-body && sha256sum /tmp/weft-h2c-body && \
+            curl -sS -m 5 --http2 -D - -H 'x-canary: yes' -H 'content-type: application/octet-stream' \
+              --data-binary @/tmp/weft-h2c-body http://198.19.1.10/up-post; rm -f /tmp/weft-h2c-body
+            """]).output
+        let sent = String(upload.prefix(64))
+        #expect(upload.contains("HTTP/1.1 101 Switching Protocols") && upload.contains("HTTP/2 200"), "\(upload)")
+        let posted = upload.range(of: "{\"pod\"").map { json(String(upload[$0.lowerBound...])) } ?? [:]
+        #expect(posted["method"] as? String == "POST" && posted["body"] as? Int == 40_000
+                && posted["body_sha256"] as? String == sent, "\(upload.suffix(600))")
+        #expect(try LabHarness.proxyStat("n1", "h2c_upgrades_total") == upgrades + 5)
+        // Declined: an upgrade request with a body it cannot hold to a
+        // length (chunked) is answered over HTTP/1.1, and so is a refused
+        // WebSocket upgrade; NIO's decoder reads nothing after a request
+        // that asks for an upgrade, so each answer says close and the
+        // connection ends, where a request sent behind it would hang.
         let declined = try LabHarness.run(["lab", "exec", "client", "--", "python3", "-c", """
             import socket
             out = []
-            for up in (b"Connection: Upgrade, HTTP2-Settings\\r\\nUpgrade: h2c\\r\\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\\r\\nContent-Length: 2\\r\\n",
-                       b"Connection: Upgrade\\r\\nUpgrade: not-websocket\\r\\nContent-Length: 2\\r\\n"):
+            for up in (b"Connection: Upgrade, HTTP2-Settings\\r\\nUpgrade: h2c\\r\\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n2\\r\\nhi\\r\\n0\\r\\n\\r\\n",
+                       b"Connection: Upgrade\\r\\nUpgrade: not-websocket\\r\\nContent-Length: 2\\r\\n\\r\\nhi"):
                 s = socket.create_connection(("198.19.1.10", 80), timeout=5)
-                s.sendall(b"POST /declined HTTP/1.1\\r\\nHost: a\\r\\nx-canary: yes\\r\\n" + up + b"\\r\\nhi")
+                s.sendall(b"POST /declined HTTP/1.1\\r\\nHost: a\\r\\nx-canary: yes\\r\\n" + up)
                 s.sendall(b"GET /behind HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n")
                 data = b""
                 try:

@@ -28,8 +28,15 @@ import Testing
             h.headers.remove(name: name)
             return h
         }
+        // A body of a content-length up to a stream's first window (curl --http2 -d).
+        #expect(H2CUpgrade.accepts(Self.curlHead([("Content-Length", "2")])))
+        #expect(H2CUpgrade.accepts(Self.curlHead([("Content-Length", "65535")])))
         var declined: [(String, HTTPRequestHead)] = [
-            ("a body", Self.curlHead([("Content-Length", "2")])),
+            ("a body over a stream's first window", Self.curlHead([("Content-Length", "65536")])),
+            ("a body far over it", Self.curlHead([("Content-Length", "99999999999999999999999")])),
+            ("two lengths", Self.curlHead([("Content-Length", "2"), ("Content-Length", "2")])),
+            ("a length not of digits alone", Self.curlHead([("Content-Length", "+2")])),
+            ("a body waiting for 100 Continue", Self.curlHead([("Content-Length", "2"), ("Expect", "100-continue")])),
             ("a chunked body", Self.curlHead([("Transfer-Encoding", "chunked")])),
             ("no HTTP2-Settings", without("http2-settings")),
             ("two HTTP2-Settings", Self.curlHead([("HTTP2-Settings", "AAMAAABkAAQCAAAAAAIAAAAA")])),
@@ -97,6 +104,28 @@ import Testing
         var block = ByteBuffer()
         for f in frames { block.writeImmutableBuffer(f.3) }
         #expect(try Self.decode(block).last == ["x-big", big])
+    }
+
+    /// A body goes on after the head as DATA frames of 16,384 bytes at
+    /// most, END_STREAM on the last (and not on HEADERS).
+    @Test func aBodyFollowsInDataFrames() throws {
+        let body = ByteBuffer(bytes: (0..<40_000).map { UInt8(truncatingIfNeeded: $0 * 7) })
+        let head = Self.curlHead([("Content-Length", "40000"), ("Content-Type", "application/octet-stream")])
+        var post = head
+        post.method = .POST
+        let frames = Self.frames(H2CUpgrade.requestFrames(post, body: body, allocator: ByteBufferAllocator()))
+        #expect(frames.map(\.0) == [0x1, 0x0, 0x0, 0x0], "HEADERS, then DATA x 3")
+        #expect(frames.map(\.1) == [0x4, 0x0, 0x0, 0x1], "END_HEADERS alone on HEADERS, END_STREAM on the last DATA")
+        #expect(frames.map { $0.3.readableBytes }.dropFirst() == [16_384, 16_384, 7_232])
+        #expect(frames.allSatisfy { $0.2 == 1 })
+        var data = ByteBuffer()
+        for f in frames.dropFirst() { data.writeImmutableBuffer(f.3) }
+        #expect(data == body)
+        #expect(try Self.decode(frames[0].3).contains(["content-length", "40000"]))
+        #expect(try Self.decode(frames[0].3).first == [":method", "POST"])
+        // An empty body is none: END_STREAM on HEADERS, no DATA.
+        let empty = Self.frames(H2CUpgrade.requestFrames(head, body: ByteBuffer(), allocator: ByteBufferAllocator()))
+        #expect(empty.map(\.0) == [0x1] && empty.map(\.1) == [0x5])
     }
 
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)

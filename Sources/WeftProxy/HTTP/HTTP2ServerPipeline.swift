@@ -78,12 +78,23 @@ enum HTTP2ServerPipeline {
 /// stream 1. The proxy does it itself: the backend sees an HTTP/2 stream's
 /// request, never the upgrade.
 ///
-/// Declined (the request answered over HTTP/1.1, as RFC 9110 7.8 lets a
-/// server do, and the connection closed after it, since NIO's decoder
-/// parses nothing after a request that asked for an upgrade) when the
-/// request has a body (RFC 7540 has it read whole before the switch),
-/// is not in origin form, has no Host, or the proxy is draining.
+/// A request with a body (curl `--http2 -d`) is read whole first, as RFC
+/// 7540 3.2 has it, and its body goes on stream 1 as DATA, up to
+/// `maxBody` bytes with a content-length. Declined (the request answered
+/// over HTTP/1.1, as RFC 9110 7.8 lets a server do, and the connection
+/// closed after it, since NIO's decoder parses nothing after a request
+/// that asked for an upgrade) when its body is larger, chunked or waits
+/// for `100 Continue`, when it is not in origin form, has no Host, or the
+/// proxy is draining.
 enum H2CUpgrade {
+    /// The largest body an upgrade takes: the window every HTTP/2 receiver
+    /// opens before settings change it (RFC 9113 6.9.2), so that stream 1's
+    /// DATA fits whatever window the codec (or NIOHTTP2Handler on
+    /// `--no-express`) holds the client to, though the client never sent
+    /// it as HTTP/2. A body is held in memory until the switch, so this is
+    /// also what one upgrading connection can make the proxy hold.
+    static let maxBody = 65_535
+
     /// Whether `head` asks for the h2c Upgrade at all (the Upgrade field
     /// names h2c and Connection names upgrade).
     static func asks(_ head: HTTPRequestHead) -> Bool {
@@ -98,10 +109,15 @@ enum H2CUpgrade {
               head.headers["http2-settings"].count == 1,
               let settings = head.headers.first(name: "http2-settings"), validSettings(settings),
               head.headers["host"].count == 1, head.uri.hasPrefix("/"),
-              head.method != .CONNECT, !head.headers.contains(name: "transfer-encoding")
+              head.method != .CONNECT, !head.headers.contains(name: "transfer-encoding"),
+              !head.headers.contains(name: "expect")
         else { return false }
         let lengths = head.headers[canonicalForm: "content-length"]
-        return lengths.isEmpty || lengths.allSatisfy { $0 == "0" }
+        guard let length = lengths.first else { return true }
+        // One length of digits alone (NIO's decoder has refused any other
+        // spelling before this is asked), no larger than a stream's window.
+        return lengths.count == 1 && length.utf8.count <= 5 && length.utf8.allSatisfy { $0 >= 0x30 && $0 <= 0x39 }
+            && Int(length).map { $0 <= maxBody } == true
     }
 
     /// The comma-separated tokens of the fields named `name`, lower-cased.
@@ -131,15 +147,15 @@ enum H2CUpgrade {
     }
 
     /// From HTTPProxyHandler (acceptsH2CUpgrade) at the end of `head`, a
-    /// request `accepts` took (whole, no body).
+    /// request `accepts` took, with its `body` (whole; nil or empty: none).
     /// The 101 goes out through the HTTP/1 encoder; the pipeline changes
     /// on the next loop turn (the call comes from inside NIO's decoder,
     /// which can leave only once it returns): H2CUpgradeStream goes last
     /// and the HTTP/1 handlers leave (the bytes the decoder still holds, if
     /// the client sent any after the request, reach it), then the HTTP/2
     /// handlers go behind it, the codec's SETTINGS following the 101.
-    static func switchProtocols(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, proxy: ProxyContext,
-                                origin: CapturedOrigin) {
+    static func switchProtocols(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, body: ByteBuffer?,
+                                proxy: ProxyContext, origin: CapturedOrigin) {
         var headers = HTTPHeaders()
         headers.add(name: "connection", value: "Upgrade")
         headers.add(name: "upgrade", value: "h2c")
@@ -148,7 +164,7 @@ enum H2CUpgrade {
         context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
         proxy.stats.h2cUpgrades.add(1, ordering: .relaxed)
         let channel = context.channel
-        let streamOne = requestFrames(head, allocator: channel.allocator)
+        let streamOne = requestFrames(head, body: body, allocator: channel.allocator)
         context.eventLoop.assumeIsolated().execute {
             guard channel.isActive else { return }
             let pipeline = channel.pipeline.syncOperations
@@ -176,12 +192,14 @@ enum H2CUpgrade {
     private static let dropped: Set<String> = ["connection", "upgrade", "http2-settings", "host", "keep-alive",
                                                "proxy-connection", "transfer-encoding"]
 
-    /// `head` as the client would have sent it on stream 1: HEADERS (and
-    /// CONTINUATIONs past 16,384 bytes, the frame size every HTTP/2
-    /// endpoint takes) with END_STREAM, every field a literal never
-    /// indexed, so that the HPACK state the client's own blocks build on
-    /// stays as it is.
-    static func requestFrames(_ head: HTTPRequestHead, allocator: ByteBufferAllocator) -> ByteBuffer {
+    /// `head` and `body` as the client would have sent them on stream 1:
+    /// HEADERS (and CONTINUATIONs past 16,384 bytes, the frame size every
+    /// HTTP/2 endpoint takes), every field a literal never indexed, so that
+    /// the HPACK state the client's own blocks build on stays as it is;
+    /// then the body in DATA frames of that size at most. END_STREAM on the
+    /// last DATA frame, or on HEADERS when there is no body.
+    static func requestFrames(_ head: HTTPRequestHead, body: ByteBuffer? = nil,
+                              allocator: ByteBufferAllocator) -> ByteBuffer {
         var fields = HPACKHeaders()
         fields.add(name: ":method", value: head.method.rawValue)
         fields.add(name: ":scheme", value: "http")
@@ -194,21 +212,33 @@ enum H2CUpgrade {
         }
         var block = allocator.buffer(capacity: 256)
         HPACKLiteral.write(fields, into: &block)
+        var data = body ?? ByteBuffer()
+        let ended = data.readableBytes == 0
         let frameSize = 16_384
-        var out = allocator.buffer(capacity: block.readableBytes + 9 * (1 + block.readableBytes / frameSize))
+        let bytes = block.readableBytes + data.readableBytes
+        var out = allocator.buffer(capacity: bytes + 9 * (2 + bytes / frameSize))
         var first = true
         repeat {
             let piece = block.readSlice(length: min(frameSize, block.readableBytes)) ?? ByteBuffer()
             let last = block.readableBytes == 0
-            // HEADERS: END_STREAM (0x1), END_HEADERS (0x4) on the last frame.
-            let flags: UInt8 = (first ? 0x1 : 0) | (last ? 0x4 : 0)
-            out.writeInteger(UInt32(piece.readableBytes) << 8 | UInt32(first ? 0x1 : 0x9))
-            out.writeInteger(flags)
-            out.writeInteger(UInt32(1))
-            out.writeImmutableBuffer(piece)
+            // HEADERS: END_STREAM (0x1) with no body, END_HEADERS (0x4) on the last frame.
+            let flags: UInt8 = (first && ended ? 0x1 : 0) | (last ? 0x4 : 0)
+            frame(piece, type: first ? 0x1 : 0x9, flags: flags, into: &out)
             first = false
         } while block.readableBytes > 0
+        while data.readableBytes > 0, let piece = data.readSlice(length: min(frameSize, data.readableBytes)) {
+            // DATA: END_STREAM (0x1) on the last.
+            frame(piece, type: 0x0, flags: data.readableBytes == 0 ? 0x1 : 0, into: &out)
+        }
         return out
+    }
+
+    /// One frame of stream 1.
+    private static func frame(_ payload: ByteBuffer, type: UInt32, flags: UInt8, into out: inout ByteBuffer) {
+        out.writeInteger(UInt32(payload.readableBytes) << 8 | type)
+        out.writeInteger(flags)
+        out.writeInteger(UInt32(1))
+        out.writeImmutableBuffer(payload)
     }
 }
 

@@ -69,8 +69,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// A client connection's (not a tunnel stream's): the h2c Upgrade is
     /// taken (H2CUpgrade).
     var acceptsH2CUpgrade = false
-    /// An h2c Upgrade request taken, until its end.
+    /// An h2c Upgrade request taken, until its end, and its body so far.
     private var h2cUpgrade: HTTPRequestHead?
+    private var h2cBody: ByteBuffer?
     /// Set by the express path that hands this connection or stream over
     /// with a request it chose a backend for: what it did (its split's
     /// draw, the TrafficPolicy judged, a failed connect as the first
@@ -397,7 +398,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                                       keepAlive: head.isKeepAlive)
             }
             begin(head, context: context)
-        case .body(let buffer):
+        case .body(var buffer):
+            if h2cUpgrade != nil {
+                // (At most H2CUpgrade.maxBody: the content-length it took.)
+                if h2cBody == nil { h2cBody = buffer } else { h2cBody?.writeBuffer(&buffer) }
+                return
+            }
             record?.bytesIn += buffer.readableBytes
             guard let r = request else { return }
             r.pending.append(buffer)
@@ -413,8 +419,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         case .end(let trailers):
             receiving = false
             if let upgrade = h2cUpgrade {
+                let body = h2cBody
                 h2cUpgrade = nil
-                return H2CUpgrade.switchProtocols(context, upgrade, proxy: proxy, origin: origin)
+                h2cBody = nil
+                return H2CUpgrade.switchProtocols(context, upgrade, body: body, proxy: proxy, origin: origin)
             }
             guard let r = request else { return }
             r.ended = true
