@@ -62,6 +62,52 @@ struct TrafficPolicyTests {
         #expect(plain.map { ServiceTable($0, node: "n1").entries.values.flatMap(\.backends).count } == 3)
     }
 
+    /// trafficDistribution: PreferSameNode: each node's ready pods while it
+    /// has any, else every ready pod; the proxy's balancer PreferLocal.
+    /// PreferSameZone and PreferClose, with no zones, change nothing.
+    @Test func trafficDistributionPreferSameNodeKeepsClientsOnTheirNodeWhileItHasAReadyPod() throws {
+        let near = service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                with: "spec: {trafficDistribution: PreferSameNode, clusterIP: 198.19.0.10,")
+        let (state, errors) = parse(near)
+        let s = try #require(state, "\(errors)")
+        func addresses(_ node: String?, _ health: EndpointHealth = .init()) -> [String] {
+            ServiceTable(s, health: health, node: node).entries.values.flatMap { $0.backends.map(\.address.description) }.sorted()
+        }
+        #expect(addresses("n1") == ["198.18.1.10"])
+        #expect(addresses("n2") == ["198.18.2.10", "198.18.2.11"])
+        #expect(addresses("n3") == ["198.18.1.10", "198.18.2.10", "198.18.2.11"], "no pod there: every pod, never refused")
+        #expect(addresses(nil).count == 3)
+        // n1's one pod failing its check: n1's clients go to n2's pods; one
+        // of n2's failing leaves n2 its other.
+        let a = BackendAddress(address: try #require(IPv4Address("198.18.1.10")), port: 8080, transport: .tcp)
+        let b = BackendAddress(address: try #require(IPv4Address("198.18.2.10")), port: 8080, transport: .tcp)
+        #expect(addresses("n1", EndpointHealth(failing: ["shop/web:80": [a]])) == ["198.18.2.10", "198.18.2.11"])
+        #expect(addresses("n2", EndpointHealth(failing: ["shop/web:80": [b]])) == ["198.18.2.11"])
+        // On the proxy: the balancer's PreferLocal (every node's pods in the
+        // cluster, this node's picked first), with a policy's algorithm.
+        #expect(ProxyTable(s, node: "n2").clusters["shop/web:80"]?.count == 3)
+        #expect(ProxyTable(s).backendPolicies?["shop/web:80"]?.loadBalancer.locality == .preferLocal)
+        #expect(ProxyTable(s).backendPolicies?["shop/web:80"]?.policy == "trafficDistribution: PreferSameNode")
+        let (withPolicy, _) = parse(near + "\n---\n" + policy("loadBalancer: {type: RoundRobin}"))
+        let kept = try #require(withPolicy.map { ProxyTable($0).backendPolicies?["shop/web:80"] } ?? nil)
+        #expect(kept.loadBalancer.algorithm == .roundRobin && kept.loadBalancer.locality == .preferLocal && kept.policy == "shop/p")
+        // internalTrafficPolicy: Local is the stricter, and wins.
+        let (both, _) = parse(near.replacingOccurrences(of: "trafficDistribution: PreferSameNode,",
+                                                        with: "trafficDistribution: PreferSameNode, internalTrafficPolicy: Local,"))
+        #expect(both.map { ServiceTable($0, node: "n3").entries.values.flatMap(\.backends).count } == 0)
+        for zone in ["PreferSameZone", "PreferClose"] {
+            let (z, zErrors) = parse(service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                                  with: "spec: {trafficDistribution: \(zone), clusterIP: 198.19.0.10,"))
+            let zs = try #require(z, "\(zErrors)")
+            #expect(zs.services.first?.trafficDistribution?.rawValue == zone)
+            #expect(ServiceTable(zs, node: "n1").entries.values.flatMap(\.backends).count == 3, "\(zone)")
+            #expect(ProxyTable(zs).backendPolicies?["shop/web:80"] == nil, "\(zone)")
+        }
+        let (_, bad) = parse(service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                          with: "spec: {trafficDistribution: Nearest, clusterIP: 198.19.0.10,"))
+        #expect(bad == ["tp.yaml:1:spec.trafficDistribution: must be one of PreferSameNode, PreferSameZone, PreferClose, got \"Nearest\" (line 4)"])
+    }
+
     @Test func sessionAffinityClientIPBecomesASourceHashOnTheProxyUnlessAPolicyChoosesTheBalancer() throws {
         let sticky = service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
                                                   with: "spec: {sessionAffinity: ClientIP, clusterIP: 198.19.0.10,")

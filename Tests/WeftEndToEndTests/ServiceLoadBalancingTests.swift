@@ -489,6 +489,9 @@ struct ServiceLoadBalancingTests {
     /// client only to the Service's pods on its own node; with none there,
     /// connect() is refused at once, while the same Service works from a
     /// node that has some. A Cluster Service over the same pods spreads.
+    /// trafficDistribution: PreferSameNode keeps clients on their node's
+    /// pods the same way while it has any, and sends them to the other
+    /// nodes' pods when it has none, never refused.
     @Test func internalTrafficPolicyLocalKeepsClientsOnTheirNode() throws {
         let clientN2 = client.replacingOccurrences(of: "name: client,", with: "name: client-n2,")
             .replacingOccurrences(of: "node: n1, address: 198.18.1.10", with: "node: n2, address: 198.18.2.10")
@@ -516,6 +519,21 @@ struct ServiceLoadBalancingTests {
             kind: Service
             metadata: {name: everywhere, namespace: \(ns)}
             spec: {clusterIP: 198.19.0.53, internalTrafficPolicy: Cluster, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: near, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.54, trafficDistribution: PreferSameNode, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: near-http, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.55, trafficDistribution: PreferSameNode, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: near-n2, namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.56, trafficDistribution: PreferSameNode, selector: {side: n2}, ports: [{name: web, port: 80, targetPort: http}]}
             """
         let lab = try LabHarness(files: ["services.yaml": local, "pods.yaml": pods])
         defer { lab.down() }
@@ -533,6 +551,11 @@ struct ServiceLoadBalancingTests {
         let refused = try lab.tool(in: "client", ["refused", "198.19.0.52", "80"])
         #expect(refused["result"] as? String == "ECONNREFUSED" && (refused["ms"] as? Double ?? 1e9) < 100, "\(refused)")
         #expect(try tally("client-n2", "198.19.0.52") == ["web-2", "web-3"])
+        #expect(try tally("client", "198.19.0.54") == ["web-1"])
+        #expect(try tally("client-n2", "198.19.0.54") == ["web-2", "web-3"])
+        #expect(try tally("client", "198.19.0.55") == ["web-1"], "through the node proxy")
+        #expect(try tally("client-n2", "198.19.0.55") == ["web-2", "web-3"], "through the node proxy")
+        #expect(try tally("client", "198.19.0.56") == ["web-2", "web-3"], "none on n1: n2's, not refused")
     }
 
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {

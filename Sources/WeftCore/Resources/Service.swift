@@ -15,15 +15,35 @@ public struct Service: Hashable, Sendable {
     /// `internalTrafficPolicy: Local`: a client is sent only to backends on
     /// its own node (none there: the connection is refused).
     public var nodeLocal: Bool
+    /// `trafficDistribution` (Kubernetes 1.31+): a preference, not a limit.
+    public var trafficDistribution: TrafficDistribution?
+
+    /// `spec.trafficDistribution`'s values.
+    public enum TrafficDistribution: String, Hashable, Sendable, CaseIterable {
+        /// A client is sent to the ready backends on its own node while
+        /// there are any, else to every ready backend.
+        case preferSameNode = "PreferSameNode"
+        /// Same zone first. Weft's nodes carry no zone, so, as in a
+        /// Kubernetes cluster whose nodes have no
+        /// `topology.kubernetes.io/zone` label (the EndpointSlice
+        /// controller then sets no hints), every ready backend serves.
+        case preferSameZone = "PreferSameZone"
+        /// The older name of PreferSameZone.
+        case preferClose = "PreferClose"
+    }
+
+    /// Whether a client's own node's ready backends go first.
+    public var prefersSameNode: Bool { trafficDistribution == .preferSameNode }
 
     public init(metadata: ObjectMeta, clusterIP: IPv4Address?, selector: [String: String]?, ports: [ServicePort],
-                affinityTimeout: UInt32? = nil, nodeLocal: Bool = false) {
+                affinityTimeout: UInt32? = nil, nodeLocal: Bool = false, trafficDistribution: TrafficDistribution? = nil) {
         self.metadata = metadata
         self.clusterIP = clusterIP
         self.selector = selector
         self.ports = ports
         self.affinityTimeout = affinityTimeout
         self.nodeLocal = nodeLocal
+        self.trafficDistribution = trafficDistribution
     }
 
     /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -96,10 +116,13 @@ extension Service {
             case let other?: throw spec.error("internalTrafficPolicy", "must be Cluster or Local, got \(quoted(other))")
             }
         } ?? false
+        let distribution = found.attempt { () throws(ManifestError) in
+            try spec.oneOf("trafficDistribution", TrafficDistribution.self)
+        } ?? nil
         let affinityTimeout = found.attempt { () throws(ManifestError) in try Self.affinityTimeout(&spec) } ?? nil
         try found.check(finishing: spec)
         self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,
-                  nodeLocal: nodeLocal)
+                  nodeLocal: nodeLocal, trafficDistribution: distribution)
     }
 
     /// `clusterIP` (nil for None), and `clusterIPs` if given, which must say the same.

@@ -472,21 +472,28 @@ extension ProxyTable {
                     lifetimes[key] = lifetimes[key].map { $0.lower(lifetime) } ?? lifetime
                 }
             }
-            if let policy, policy.loadBalancer != .init() || policy.outlierDetection != nil || policy.circuitBreaker != nil {
-                policies[cluster] = BackendPolicy(loadBalancer: policy.loadBalancer, outlierDetection: policy.outlierDetection,
-                                                  circuitBreaker: policy.circuitBreaker, policy: policy.metadata.qualifiedName)
-            }
+            var balancer = policy?.loadBalancer ?? .init()
+            var from = policy?.metadata.qualifiedName
             // sessionAffinity: ClientIP on a port the proxy serves: a hash of
             // the source address over a ring, so a client stays on one pod
             // from every node's proxy (with no timeout), unless a
             // TrafficPolicy chooses the balancer itself.
-            if service.affinityTimeout != nil, policy?.loadBalancer ?? .init() == .init() {
-                var balancer = TrafficPolicy.LoadBalancer()
+            if service.affinityTimeout != nil, balancer == .init() {
                 balancer.algorithm = .ringHash
                 balancer.hashOn = .sourceIP
+                from = from ?? "sessionAffinity: ClientIP"
+            }
+            // trafficDistribution: PreferSameNode is the balancer's
+            // PreferLocal, whatever algorithm picks among those backends (a
+            // TrafficPolicy's locality None is its default, so a Service's
+            // preference is not overruled by a policy that never spoke of it).
+            if service.prefersSameNode, balancer.locality == .none {
+                balancer.locality = .preferLocal
+                from = from ?? "trafficDistribution: PreferSameNode"
+            }
+            if balancer != .init() || policy?.outlierDetection != nil || policy?.circuitBreaker != nil, let from {
                 policies[cluster] = BackendPolicy(loadBalancer: balancer, outlierDetection: policy?.outlierDetection,
-                                                  circuitBreaker: policy?.circuitBreaker,
-                                                  policy: policy?.metadata.qualifiedName ?? "sessionAffinity: ClientIP")
+                                                  circuitBreaker: policy?.circuitBreaker, policy: from)
             }
             // Backends failing their active health check leave the proxy's
             // table; its own outlier ejections it keeps track of itself.

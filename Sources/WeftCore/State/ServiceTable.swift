@@ -70,7 +70,9 @@ public struct ServiceTable: Hashable, Sendable {
     /// when it resolves the port's targetPort (a named targetPort is looked up
     /// per Workload, so replicas may listen on different numbers). On `node`,
     /// a Service with `internalTrafficPolicy: Local` has only that node's
-    /// Workloads (nil: every node's, as a table for no node in particular).
+    /// Workloads, and one with `trafficDistribution: PreferSameNode` only
+    /// that node's while any of them is ready (nil: every node's, as a table
+    /// for no node in particular).
     public init(_ state: ClusterState, health: EndpointHealth = .init(), node: String? = nil) {
         var entries: [Frontend: Entry] = [:]
         entries.reserveCapacity(state.services.count)
@@ -119,6 +121,13 @@ public struct ServiceTable: Hashable, Sendable {
                     }
                     backends = usable.backends
                     if usable.panic { panic.insert(Frontend(vip: vip, port: port.port, transport: port.transport)) }
+                }
+                if service.prefersSameNode, let node, !service.nodeLocal {
+                    // (Of the ready ones: a node whose pods all fail their
+                    // checks sends its clients to the other nodes' pods.)
+                    let own = Set(selected.lazy.filter { workloads[$0].node == node }.map { workloads[$0].address })
+                    let near = backends.filter { own.contains($0.address) }
+                    if !near.isEmpty { backends = near }
                 }
                 entries[Frontend(vip: vip, port: port.port, transport: port.transport)] =
                     Entry(name: service.metadata.qualifiedName + label, backends: backends, needsProxy: needsProxy,
