@@ -90,7 +90,8 @@ struct ApplyCommand: ParsableCommand {
             throw ValidationError("rename to \(destination): \(String(cString: strerror(errno)))")
         }
         staged = []
-        print("applied \(names.count) file(s) to \(config): \(names.joined(separator: ", ")) (\(ResourceChange.summary(changes)))")
+        // (The line of the user contract, as it was before the objects were listed.)
+        print("applied \(names.count) file(s) to \(config): \(names.joined(separator: ", "))")
     }
 
     /// The objects `paths` define, for the report of what changed (files
@@ -170,6 +171,6 @@ struct DeleteCommand: ParsableCommand {
         for name in names where unlink((config as NSString).appendingPathComponent(name)) != 0 {
             throw ValidationError("remove \(name) from \(config): \(String(cString: strerror(errno)))")
         }
-        print("removed \(names.count) file(s) from \(config): \(names.joined(separator: ", ")) (\(ResourceChange.summary(changes)))")
+        print("removed \(names.count) file(s) from \(config): \(names.joined(separator: ", "))")
     }
 }
