@@ -430,6 +430,23 @@ struct TrafficPolicyTests {
         #expect(ServiceTable(d, health: EndpointHealth(ejected: [c])).entries[db]?.backends == [a, b])
         #expect(EndpointHealth.usable([1, 2, 3], panicThreshold: 0) { $0 != 1 } == ([1], false))
         #expect(EndpointHealth.usable([1, 2], panicThreshold: 0) { _ in true } == ([1, 2], true))
+        // publishNotReadyAddresses: failed checks leave every pod in, in
+        // both tables, on TCP and UDP ports; the proxy's ejections still
+        // reach a port the kernel alone serves.
+        let published = service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                     with: "spec: {publishNotReadyAddresses: true, clusterIP: 198.19.0.10,")
+            .replacingOccurrences(of: "ports: [{name: http, port: 80, targetPort: 8080}]",
+                                  with: "ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, protocol: UDP, targetPort: 8080}]")
+        let (pub, pubErrors) = parse(published + "\n---\n" + policy("healthCheck: {interval: 1s}"))
+        let p = try #require(pub, "\(pubErrors)")
+        #expect(p.services.first?.publishNotReadyAddresses == true)
+        let udp = Frontend(vip: IPv4Address("198.19.0.10")!, port: 53, transport: .udp)
+        #expect(ServiceTable(p, health: one).entries[frontend]?.backends == [a, b, c])
+        #expect(ServiceTable(p, health: one).entries[udp]?.backends.map(\.address) == [a, b, c].map(\.address))
+        #expect(ProxyTable(p, health: one).clusters["shop/web:80"]?.count == 3)
+        let (_, notBool) = parse(service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                              with: "spec: {publishNotReadyAddresses: yes-please, clusterIP: 198.19.0.10,"))
+        #expect(notBool.first?.hasPrefix("tp.yaml:1:spec.publishNotReadyAddresses: ") == true, "\(notBool)")
     }
 
     /// UDP is not probed: a pod failing its check on a TCP port of the

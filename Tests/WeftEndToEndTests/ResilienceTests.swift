@@ -17,12 +17,13 @@ private func pod(_ name: String, node: String, address: String, app: String) -> 
     """
 }
 
-private func service(_ name: String, ip: String, app: String, port: Int = 80, portName: String = "http") -> String {
+private func service(_ name: String, ip: String, app: String, port: Int = 80, portName: String = "http",
+                     extra: String = "") -> String {
     """
     apiVersion: v1
     kind: Service
     metadata: {name: \(name), namespace: \(ns)}
-    spec: {clusterIP: \(ip), selector: {app: \(app)}, ports: [{name: \(portName), port: \(port), targetPort: 8080}]}
+    spec: {\(extra)clusterIP: \(ip), selector: {app: \(app)}, ports: [{name: \(portName), port: \(port), targetPort: 8080}]}
     """
 }
 
@@ -250,10 +251,11 @@ struct ResilienceTests {
         let lab = try startLab(dead + od, app: { String($0.prefix(while: { $0 != "-" })) }, services: [
             service("dead-http", ip: "198.19.3.10", app: "dead"),
             service("dead-tcp", ip: "198.19.3.11", app: "dead", port: 9000, portName: "tcp"),
+            service("dead-published", ip: "198.19.3.12", app: "dead", port: 9000, portName: "tcp", extra: "publishNotReadyAddresses: true, "),
             service("od", ip: "198.19.3.20", app: "od"),
             service("od-tcp", ip: "198.19.3.21", app: "od", port: 9000, portName: "tcp"),
         ], policies: [
-            policy("dead-http", check), policy("dead-tcp", tcpCheck),
+            policy("dead-http", check), policy("dead-tcp", tcpCheck), policy("dead-published", tcpCheck),
             policy("od", "outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 6s, maxEjectionPercent: 50}"),
         ])
         defer { lab.down() }
@@ -283,7 +285,14 @@ struct ResilienceTests {
         #expect((h["last_seen"] as? Double ?? 0) <= killed, "\(h)")
         let agent = try agentStatus("n1")
         let kernelMap = try LabHarness.run(["get", "services", "--node", "n1"]).output
-        #expect(!kernelMap.contains("198.18.2.33"), "the kernel still lists dead-3: \(kernelMap)\n\(agent)")
+        #expect(!kernelMap.split(separator: "\n").contains { !$0.contains("198.19.3.12:9000") && $0.contains("198.18.2.33") },
+                "the kernel still lists dead-3: \(kernelMap)\n\(agent)")
+        // publishNotReadyAddresses over the same pods: found failing, and
+        // still a backend (as Kubernetes lists a pod that is not ready).
+        _ = try waitForHealth("rs/dead-published:9000 198.18.2.33:8080", failing: true)
+        let published = try LabHarness.run(["get", "services", "--node", "n1"]).output
+        #expect(published.split(separator: "\n").contains { $0.contains("198.19.3.12:9000") && $0.contains("198.18.2.33") },
+                "\(published)")
 
         // Outlier detection: od-3 answers 503 to everything; after 3 in a
         // row it is ejected, and the rest go to od-1 and od-2.

@@ -34,9 +34,16 @@ public struct Service: Hashable, Sendable {
 
     /// Whether a client's own node's ready backends go first.
     public var prefersSameNode: Bool { trafficDistribution == .preferSameNode }
+    /// `publishNotReadyAddresses: true`: every selected pod backs the
+    /// Service whether or not it is ready, as Kubernetes' endpoints then
+    /// list it; here, a pod failing a TrafficPolicy's health check stays a
+    /// backend (the proxy's outlier ejections, which Kubernetes has no part
+    /// in, still apply).
+    public var publishNotReadyAddresses: Bool
 
     public init(metadata: ObjectMeta, clusterIP: IPv4Address?, selector: [String: String]?, ports: [ServicePort],
-                affinityTimeout: UInt32? = nil, nodeLocal: Bool = false, trafficDistribution: TrafficDistribution? = nil) {
+                affinityTimeout: UInt32? = nil, nodeLocal: Bool = false, trafficDistribution: TrafficDistribution? = nil,
+                publishNotReadyAddresses: Bool = false) {
         self.metadata = metadata
         self.clusterIP = clusterIP
         self.selector = selector
@@ -44,6 +51,7 @@ public struct Service: Hashable, Sendable {
         self.affinityTimeout = affinityTimeout
         self.nodeLocal = nodeLocal
         self.trafficDistribution = trafficDistribution
+        self.publishNotReadyAddresses = publishNotReadyAddresses
     }
 
     /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -119,10 +127,11 @@ extension Service {
         let distribution = found.attempt { () throws(ManifestError) in
             try spec.oneOf("trafficDistribution", TrafficDistribution.self)
         } ?? nil
+        let notReady = found.attempt { () throws(ManifestError) in try spec.bool("publishNotReadyAddresses") } ?? nil
         let affinityTimeout = found.attempt { () throws(ManifestError) in try Self.affinityTimeout(&spec) } ?? nil
         try found.check(finishing: spec)
         self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,
-                  nodeLocal: nodeLocal, trafficDistribution: distribution)
+                  nodeLocal: nodeLocal, trafficDistribution: distribution, publishNotReadyAddresses: notReady ?? false)
     }
 
     /// `clusterIP` (nil for None), and `clusterIPs` if given, which must say the same.

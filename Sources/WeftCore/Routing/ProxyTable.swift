@@ -496,8 +496,9 @@ extension ProxyTable {
                                                   circuitBreaker: policy?.circuitBreaker, policy: from)
             }
             // Backends failing their active health check leave the proxy's
-            // table; its own outlier ejections it keeps track of itself.
-            guard let failing = health.failing[cluster] else { return all.map(\.0) }
+            // table (unless the Service publishes pods that are not ready);
+            // its own outlier ejections it keeps track of itself.
+            guard !service.publishNotReadyAddresses, let failing = health.failing[cluster] else { return all.map(\.0) }
             return EndpointHealth.usable(all, panicThreshold: policy?.healthCheck?.panicThreshold ?? EndpointHealth.defaultPanicThreshold) {
                 failing.contains($0.1)
             }.backends.map(\.0)

@@ -86,15 +86,18 @@ public struct ServiceTable: Hashable, Sendable {
             guard let vip = service.clusterIP else { continue }
             var selected = index.selectIndices(namespace: service.metadata.namespace, selector: service.selector)
             if service.nodeLocal, let node { selected = selected.filter { workloads[$0].node == node } }
+            // Failed checks, as failed readiness probes, leave the endpoints
+            // unless the Service publishes pods that are not ready.
+            let checks = service.publishNotReadyAddresses ? [:] : health.failing
             // UDP (and SCTP) is not probed: a pod failing its check on any
             // of the Service's TCP ports leaves its other ports too (as a
             // failed readiness probe takes a pod out of every port's endpoints).
             var failingPods: Set<IPv4Address>?
-            if !health.failing.isEmpty, service.ports.contains(where: { $0.transport != .tcp }) {
+            if !checks.isEmpty, service.ports.contains(where: { $0.transport != .tcp }) {
                 var pods = Set<IPv4Address>()
                 for port in service.ports where port.transport == .tcp {
                     let cluster = ProxyTable.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
-                    for b in health.failing[cluster] ?? [] where b.transport == .tcp { pods.insert(b.address) }
+                    for b in checks[cluster] ?? [] where b.transport == .tcp { pods.insert(b.address) }
                 }
                 if !pods.isEmpty { failingPods = pods }
             }
@@ -105,12 +108,12 @@ public struct ServiceTable: Hashable, Sendable {
                 }
                 let label = port.name.map { ":\($0)" } ?? ":\(port.port)"
                 // (The cluster name is made only when something is keyed by it.)
-                let cluster = l7.isEmpty && health.failing.isEmpty
+                let cluster = l7.isEmpty && checks.isEmpty
                     ? "" : ProxyTable.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
                 let needsProxy = !l7.isEmpty && l7.contains(cluster) && port.transport == .tcp
                 // Health: failing backends leave; so do the proxy's
                 // ejections, for ports the kernel alone serves.
-                let failing = health.failing.isEmpty || port.transport != .tcp ? nil : health.failing[cluster]
+                let failing = checks.isEmpty || port.transport != .tcp ? nil : checks[cluster]
                 let failingPod = port.transport != .tcp ? failingPods : nil
                 if failing != nil || failingPod != nil || (!needsProxy && !health.ejected.isEmpty) {
                     let threshold = state.trafficPolicy(forService: service.metadata.qualifiedName)?.healthCheck?.panicThreshold
