@@ -499,42 +499,24 @@ struct ServiceLoadBalancingTests {
                     workload("web-1", node: "n1", address: "198.18.1.12"),
                     workload("web-2", node: "n2", address: "198.18.2.12", labels: "{app: web, side: n2}"),
                     workload("web-3", node: "n2", address: "198.18.2.13", labels: "{app: web, side: n2}")].joined(separator: "\n---\n")
-        let local = """
-            apiVersion: v1
-            kind: Service
-            metadata: {name: local, namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.50, internalTrafficPolicy: Local, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: local-http, namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.51, internalTrafficPolicy: Local, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: n2-only, namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.52, internalTrafficPolicy: Local, selector: {side: n2}, ports: [{name: web, port: 80, targetPort: http}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: everywhere, namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.53, internalTrafficPolicy: Cluster, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: near, namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.54, trafficDistribution: PreferSameNode, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: near-http, namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.55, trafficDistribution: PreferSameNode, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: near-n2, namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.56, trafficDistribution: PreferSameNode, selector: {side: n2}, ports: [{name: web, port: 80, targetPort: http}]}
+        // name, last byte of the clusterIP, the preference, selector, port name.
+        let services: [(String, Int, String, String, String)] = [
+            ("local", 50, "internalTrafficPolicy: Local", "app: web", "web"),
+            ("local-http", 51, "internalTrafficPolicy: Local", "app: web", "http"),
+            ("n2-only", 52, "internalTrafficPolicy: Local", "side: n2", "web"),
+            ("everywhere", 53, "internalTrafficPolicy: Cluster", "app: web", "web"),
+            ("near", 54, "trafficDistribution: PreferSameNode", "app: web", "web"),
+            ("near-http", 55, "trafficDistribution: PreferSameNode", "app: web", "http"),
+            ("near-n2", 56, "trafficDistribution: PreferSameNode", "side: n2", "web"),
+        ]
+        let local = services.map { name, ip, preference, selector, port in
             """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: \(name), namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.\(ip), \(preference), selector: {\(selector)}, ports: [{name: \(port), port: 80, targetPort: http}]}
+            """
+        }.joined(separator: "\n---\n")
         let lab = try LabHarness(files: ["services.yaml": local, "pods.yaml": pods])
         defer { lab.down() }
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
