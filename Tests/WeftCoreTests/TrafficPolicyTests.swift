@@ -91,6 +91,12 @@ struct TrafficPolicyTests {
         let (withPolicy, _) = parse(near + "\n---\n" + policy("loadBalancer: {type: RoundRobin}"))
         let kept = try #require(withPolicy.map { ProxyTable($0).backendPolicies?["shop/web:80"] } ?? nil)
         #expect(kept.loadBalancer.algorithm == .roundRobin && kept.loadBalancer.locality == .preferLocal && kept.policy == "shop/p")
+        // A TrafficPolicy's locality PreferLocal does the same in the
+        // kernel's table (and is the proxy's own).
+        let (local, localErrors) = parse(service + "\n---\n" + policy("loadBalancer: {locality: PreferLocal}"))
+        let l = try #require(local, "\(localErrors)")
+        #expect(ServiceTable(l, node: "n1").entries.values.flatMap { $0.backends.map(\.address.description) } == ["198.18.1.10"])
+        #expect(ServiceTable(l, node: "n3").entries.values.flatMap(\.backends).count == 3)
         // internalTrafficPolicy: Local is the stricter, and wins.
         let (both, _) = parse(near.replacingOccurrences(of: "trafficDistribution: PreferSameNode,",
                                                         with: "trafficDistribution: PreferSameNode, internalTrafficPolicy: Local,"))

@@ -508,6 +508,7 @@ struct ServiceLoadBalancingTests {
             ("near", 54, "trafficDistribution: PreferSameNode", "app: web", "web"),
             ("near-http", 55, "trafficDistribution: PreferSameNode", "app: web", "http"),
             ("near-n2", 56, "trafficDistribution: PreferSameNode", "side: n2", "web"),
+            ("near-policy", 57, "internalTrafficPolicy: Cluster", "app: web", "web"),
         ]
         let local = services.map { name, ip, preference, selector, port in
             """
@@ -516,7 +517,7 @@ struct ServiceLoadBalancingTests {
             metadata: {name: \(name), namespace: \(ns)}
             spec: {clusterIP: 198.19.0.\(ip), \(preference), selector: {\(selector)}, ports: [{name: \(port), port: 80, targetPort: http}]}
             """
-        }.joined(separator: "\n---\n")
+        }.joined(separator: "\n---\n") + "\n---\n" + LabHarness.trafficPolicy("near-policy", namespace: ns, "loadBalancer: {locality: PreferLocal}")
         let lab = try LabHarness(files: ["services.yaml": local, "pods.yaml": pods])
         defer { lab.down() }
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
@@ -538,6 +539,9 @@ struct ServiceLoadBalancingTests {
         #expect(try tally("client", "198.19.0.55") == ["web-1"], "through the node proxy")
         #expect(try tally("client-n2", "198.19.0.55") == ["web-2", "web-3"], "through the node proxy")
         #expect(try tally("client", "198.19.0.56") == ["web-2", "web-3"], "none on n1: n2's, not refused")
+        // A TrafficPolicy's locality PreferLocal, on a port only the kernel serves.
+        #expect(try tally("client", "198.19.0.57") == ["web-1"])
+        #expect(try tally("client-n2", "198.19.0.57") == ["web-2", "web-3"])
     }
 
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {

@@ -70,9 +70,10 @@ public struct ServiceTable: Hashable, Sendable {
     /// when it resolves the port's targetPort (a named targetPort is looked up
     /// per Workload, so replicas may listen on different numbers). On `node`,
     /// a Service with `internalTrafficPolicy: Local` has only that node's
-    /// Workloads, and one with `trafficDistribution: PreferSameNode` only
-    /// that node's while any of them is ready (nil: every node's, as a table
-    /// for no node in particular).
+    /// Workloads, and one with `trafficDistribution: PreferSameNode` (or a
+    /// TrafficPolicy's `locality: PreferLocal`) only that node's while any
+    /// of them is ready (nil: every node's, as a table for no node in
+    /// particular).
     public init(_ state: ClusterState, health: EndpointHealth = .init(), node: String? = nil) {
         var entries: [Frontend: Entry] = [:]
         entries.reserveCapacity(state.services.count)
@@ -82,6 +83,12 @@ public struct ServiceTable: Hashable, Sendable {
             && !state.services.contains(where: { $0.ports.contains { ProxyTable.declaredProtocol($0) != nil } })
             ? [] : ProxyTable.l7Ports(state)
         let workloads = state.workloads
+        // Services whose TrafficPolicy has locality PreferLocal: it holds
+        // for the ports the kernel serves as well as the proxy's.
+        var preferLocal = Set<String>()
+        for p in state.trafficPolicies where p.loadBalancer.locality == .preferLocal {
+            for target in p.targets { preferLocal.insert("\(p.metadata.namespace)/\(target)") }
+        }
         for service in state.services {
             guard let vip = service.clusterIP else { continue }
             var selected = index.selectIndices(namespace: service.metadata.namespace, selector: service.selector)
@@ -125,7 +132,8 @@ public struct ServiceTable: Hashable, Sendable {
                     backends = usable.backends
                     if usable.panic { panic.insert(Frontend(vip: vip, port: port.port, transport: port.transport)) }
                 }
-                if service.prefersSameNode, let node, !service.nodeLocal {
+                if service.prefersSameNode || (!preferLocal.isEmpty && preferLocal.contains(service.metadata.qualifiedName)),
+                   let node, !service.nodeLocal {
                     // (Of the ready ones: a node whose pods all fail their
                     // checks sends its clients to the other nodes' pods.)
                     let own = Set(selected.lazy.filter { workloads[$0].node == node }.map { workloads[$0].address })
