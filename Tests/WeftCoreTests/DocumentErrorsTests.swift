@@ -135,7 +135,7 @@ import Testing
             kind: Service
             metadata: {name: web, namespace: shop}
             spec:
-              type: NodePort
+              type: NodePorts
               clusterIP: 198.19.0.300
               clusterIPs: [198.19.0.300]
               selector: {app: web}

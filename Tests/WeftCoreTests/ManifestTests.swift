@@ -60,6 +60,30 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         #expect(try affinity("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n") == 30)
     }
 
+    /// NodePort and LoadBalancer Services (as exported from a cluster) are
+    /// served for their clusterIP like a ClusterIP one; their outside-facing
+    /// fields are taken and change nothing.
+    @Test func nodePortAndLoadBalancerServicesServeTheirClusterIP() throws {
+        for type in ["NodePort", "LoadBalancer"] {
+            let yaml = service.replacingOccurrences(of: "  clusterIP: 198.19.0.10\n", with: """
+                  clusterIP: 198.19.0.10
+                  type: \(type)
+                  externalTrafficPolicy: Local
+                  healthCheckNodePort: 31000
+                  allocateLoadBalancerNodePorts: true
+                  loadBalancerClass: example.com/lb
+                  loadBalancerSourceRanges: [203.0.113.0/24]
+
+                """).replacingOccurrences(of: "appProtocol: http}", with: "appProtocol: http, nodePort: 30080}")
+            let r = parse(yaml)
+            #expect(r.errors.isEmpty, "\(type): \(r.errors)")
+            let state = try #require(try? ClusterState.build(r.resources).get(), "\(type)")
+            let plain = try #require(try? ClusterState.build(parse(service).resources).get())
+            #expect(state.services == plain.services, "\(type) reads as the ClusterIP Service")
+            #expect(ServiceTable(state) == ServiceTable(plain))
+        }
+    }
+
     @Test func multiDocumentFilesCountDocumentsFromOne() {
         let r = parse(service + "\n---\n" + workload("w1", "198.18.1.2") + "\n---\n" + workload("w2", "not-an-ip"))
         #expect(r.resources.count == 2)
@@ -86,7 +110,12 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
         ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, appProtocol: \"kubernetes.io/\"}]", "t.yaml:1:spec.ports[0].appProtocol: \"kubernetes.io/\" is not a valid appProtocol"),
         ("  clusterIP: 198.19.0.10\n  ports: []", "t.yaml:1:spec.ports: a Service needs at least one port"),
         ("  clusterIP: 198.19.0.10\n  selector: [a]\n  ports: [{port: 80}]", "t.yaml:1:spec.selector: expected a mapping, got a list"),
-        ("  clusterIP: 198.19.0.10\n  type: NodePort\n  ports: [{port: 80}]", "t.yaml:1:spec.type: only type ClusterIP is supported"),
+        ("  clusterIP: 198.19.0.10\n  type: ExternalName\n  ports: [{port: 80}]", "t.yaml:1:spec.type: an ExternalName Service is a DNS alias"),
+        ("  clusterIP: 198.19.0.10\n  type: Headless\n  ports: [{port: 80}]", "t.yaml:1:spec.type: must be ClusterIP, NodePort or LoadBalancer, got \"Headless\""),
+        ("  clusterIP: 198.19.0.10\n  type: NodePort\n  externalTrafficPolicy: Nearest\n  ports: [{port: 80}]",
+         "t.yaml:1:spec.externalTrafficPolicy: must be Cluster or Local, got \"Nearest\""),
+        ("  clusterIP: 198.19.0.10\n  externalTrafficPolicy: Local\n  ports: [{port: 80}]", "t.yaml:1:spec.externalTrafficPolicy: unknown field"),
+        ("  clusterIP: 198.19.0.10\n  loadBalancerIP: 203.0.113.7\n  ports: [{port: 80}]", "t.yaml:1:spec.loadBalancerIP: unknown field"),
         ("  clusterIP: 198.19.0.10\n  ports: [{port: 80, protocol: ICMP}]", "t.yaml:1:spec.ports[0].protocol: protocol must be TCP, UDP or SCTP"),
         ("  clusterIP: 198.19.0.10\n  internalTrafficPolicy: Node", "t.yaml:1:spec.internalTrafficPolicy: must be Cluster or Local, got \"Node\""),
         ("  clusterIP: 198.19.0.10\n  sessionAffinity: Cookie", "t.yaml:1:spec.sessionAffinity: must be None or ClientIP, got \"Cookie\""),

@@ -1,5 +1,7 @@
 /// A `v1 Service` of type ClusterIP: a virtual address whose ports the kernel
-/// load-balances over the Workloads its selector picks.
+/// load-balances over the Workloads its selector picks. (Type NodePort and
+/// LoadBalancer are taken for the same clusterIP; their node ports and
+/// external addresses are for traffic from outside, not the mesh's.)
 public struct Service: Hashable, Sendable {
     public var metadata: ObjectMeta
     /// nil for a headless Service (`clusterIP: None`): no virtual address.
@@ -100,8 +102,24 @@ extension Service {
         spec.ignore("clusterIPs", "sessionAffinityConfig")
         var found = ErrorList()
         found.attempt { () throws(ManifestError) in
-            if let type = try spec.string("type"), type != "ClusterIP" {
-                throw spec.error("type", "only type ClusterIP is supported, got \(quoted(type))")
+            switch try spec.string("type") {
+            case nil, "ClusterIP"?:
+                break
+            case "NodePort"?, "LoadBalancer"?:
+                // Served for their clusterIP, which is what pods dial; node
+                // ports and a load balancer's address take traffic from
+                // outside the cluster, which is not the mesh's to carry.
+                // Their fields are read (and checked where Kubernetes
+                // checks them) and change nothing here.
+                spec.ignore("healthCheckNodePort", "loadBalancerIP", "loadBalancerSourceRanges", "loadBalancerClass",
+                            "allocateLoadBalancerNodePorts")
+                if let policy = try spec.string("externalTrafficPolicy"), policy != "Cluster", policy != "Local" {
+                    throw spec.error("externalTrafficPolicy", "must be Cluster or Local, got \(quoted(policy))")
+                }
+            case "ExternalName"?:
+                throw spec.error("type", "an ExternalName Service is a DNS alias with no address for Weft to serve: leave it out")
+            case let other?:
+                throw spec.error("type", "must be ClusterIP, NodePort or LoadBalancer, got \(quoted(other))")
             }
         }
         let clusterIP = found.attempt { () throws(ManifestError) in try Self.clusterIP(&spec, at: location) } ?? nil
