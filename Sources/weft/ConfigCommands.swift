@@ -61,13 +61,17 @@ struct ApplyCommand: ParsableCommand {
         let lock = try Self.lock(config)
         defer { close(lock) }
         let present = try ManifestSource.files(at: config)
-        let kept = present.filter { !names.contains(($0 as NSString).lastPathComponent) }
-        if case .failure(let errors) = ManifestSource.load(paths: kept + incoming) {
+        let replacing = { (path: String) in names.contains((path as NSString).lastPathComponent) }
+        // Each file read and parsed once, for the check and the report.
+        let kept = ManifestSource.read(paths: present.filter { !replacing($0) })
+        let new = ManifestSource.read(paths: incoming)
+        if case .failure(let errors) = ClusterState.build(kept.resources + new.resources, parseErrors: kept.errors + new.errors) {
             FileHandle.standardError.write(Data((errors.description + "\nnothing applied\n").utf8))
             throw ExitCode(1)
         }
-        let changes = ResourceChange.between(before: Self.objects(present), after: Self.objects(kept + incoming),
-                                             written: Self.objects(incoming))
+        let replaced = ManifestSource.read(paths: present.filter(replacing))
+        let changes = ResourceChange.between(before: Self.objects(kept, replaced), after: Self.objects(kept, new),
+                                             written: Self.objects(new))
         for change in changes { print(change) }
         guard !dryRun else {
             print("dry run: nothing written to \(config) (\(ResourceChange.summary(changes)))")
@@ -94,11 +98,11 @@ struct ApplyCommand: ParsableCommand {
         print("applied \(names.count) file(s) to \(config): \(names.joined(separator: ", "))")
     }
 
-    /// The objects `paths` define, for the report of what changed (files
-    /// that validated a moment before, or the directory as it was, which
-    /// is reported as far as it reads).
-    static func objects(_ paths: [String]) -> [Resource] {
-        ManifestSource.read(paths: paths).resources.map(\.resource)
+    /// The objects of files read, for the report of what changed (files
+    /// that validate together, or the directory as it was, which is
+    /// reported as far as it reads).
+    static func objects(_ sets: (resources: [LocatedResource], errors: [ManifestError])...) -> [Resource] {
+        sets.flatMap { $0.resources.map(\.resource) }
     }
 
     /// An exclusive lock on the directory itself (flock, so a process that
@@ -156,12 +160,15 @@ struct DeleteCommand: ParsableCommand {
             FileHandle.standardError.write(Data("not in \(config): \(missing.joined(separator: ", "))\nnothing removed\n".utf8))
             throw ExitCode(1)
         }
-        let left = present.filter { !names.contains(($0 as NSString).lastPathComponent) }
-        if case .failure(let errors) = ManifestSource.load(paths: left) {
+        let removing = { (path: String) in names.contains((path as NSString).lastPathComponent) }
+        // Each file read and parsed once, for the check and the report.
+        let left = ManifestSource.read(paths: present.filter { !removing($0) })
+        if case .failure(let errors) = ClusterState.build(left.resources, parseErrors: left.errors) {
             FileHandle.standardError.write(Data((errors.description + "\nnothing removed\n").utf8))
             throw ExitCode(1)
         }
-        let changes = ResourceChange.between(before: ApplyCommand.objects(present), after: ApplyCommand.objects(left),
+        let removed = ManifestSource.read(paths: present.filter(removing))
+        let changes = ResourceChange.between(before: ApplyCommand.objects(left, removed), after: ApplyCommand.objects(left),
                                              written: [])
         for change in changes { print(change) }
         guard !dryRun else {
