@@ -71,6 +71,7 @@ let package = Package(
                 swiftSettings: swiftSettings),
         .target(name: "WeftProxy",
                 dependencies: ["WeftCore", "WeftKernel", "WeftStatus", "WeftIdentity", "CWeftSys",
+                               .product(name: "Crypto", package: "swift-crypto"),
                                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "NIOCore", package: "swift-nio"),

@@ -282,3 +282,33 @@ func expectHeadCutByGoAway(_ r: [String: Any], _ name: String, lastStream: Int,
     #expect((r["closed"] as? Double).map { $0 >= at } == true, "\(name): not closed after GOAWAY: \(r)", sourceLocation: sourceLocation)
     #expect(r["sent"] as? Int ?? 0 >= 4, "\(name): the block was not trickled: \(r)", sourceLocation: sourceLocation)
 }
+
+/// WebSocket over HTTP/2 (RFC 8441, ExtendedConnect) from `pod` to the
+/// WebSocket echo behind `service` port 80 (l7server.py): labtool's
+/// `h2-ws-echo` finds extended CONNECT announced, gets each of two
+/// WebSockets opened on one h2c connection (200, the backend's fields but
+/// none of the HTTP/1.1 handshake's), three frames echoed by a pod of
+/// `podPrefix` and the close answered on each, the stream ended, and a GET
+/// on a third stream answered meanwhile; the proxy of `node` counts both
+/// upgrades.
+func expectWebSocketsOverHTTP2(_ lab: LabHarness, in pod: String, to service: String, node: String = "n1",
+                               podPrefix: String = "v1-", sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let before = try LabHarness.proxyStat(node, "upgrades_total")
+    let r = try lab.tool(in: pod, ["h2-ws-echo", service, "80", "hi", "2"])
+    #expect(r["announced"] as? Bool == true, "\(r)", sourceLocation: sourceLocation)
+    #expect(r["get_status"] as? String == "200" && r["get_path"] as? String == "/beside-websockets", "\(r)",
+            sourceLocation: sourceLocation)
+    let streams = r["streams"] as? [[String: Any]] ?? []
+    #expect(streams.count == 2, "\(r)", sourceLocation: sourceLocation)
+    for stream in streams {
+        let headers = stream["headers"] as? [String: String] ?? [:]
+        let pod = headers["x-pod"] ?? ""
+        #expect(stream["status"] as? String == "200" && pod.hasPrefix(podPrefix), "\(stream)", sourceLocation: sourceLocation)
+        #expect(headers["sec-websocket-accept"] == nil && headers["upgrade"] == nil && headers["connection"] == nil,
+                "\(stream)", sourceLocation: sourceLocation)
+        let echoes = stream["echoes"] as? [String] ?? []
+        #expect(echoes.count == 3 && echoes.allSatisfy { $0.hasPrefix("\(pod):hi-") }, "\(stream)", sourceLocation: sourceLocation)
+        #expect(stream["close"] is String && stream["ended"] as? Bool == true, "\(stream)", sourceLocation: sourceLocation)
+    }
+    #expect(try LabHarness.proxyStat(node, "upgrades_total") - before == 2, sourceLocation: sourceLocation)
+}

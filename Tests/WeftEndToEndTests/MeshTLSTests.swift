@@ -158,6 +158,9 @@ struct MeshTLSTests {
                                     "--data-binary", String(repeating: "w", count: 65_535), "http://198.19.5.10/no-express-post"])
         #expect(rc4 == 0 && out4.contains("HTTP/1.1 101") && out4.contains("HTTP/2 200") && out4.contains("\"body\": 65535,")
                 && out4.contains("\"method\": \"POST\""), "\(out4.suffix(800))")
+        // WebSocket over HTTP/2 on NIOHTTP2Handler, across the tunnel to
+        // the far nodes' pods.
+        try expectWebSocketsOverHTTP2(lab, in: "\(ns)/client", to: "198.19.5.10", podPrefix: "web-")
         // An HTTP/2 client's FIN closes its connection (NIOHTTP2Handler
         // alone held it open for good).
         let halfClosed = try lab.tool(in: "\(ns)/client", ["h2-half-close", "198.19.5.10", "80", "/no-express-fin", "0"])

@@ -625,6 +625,7 @@ struct ProxyTests {
         let echoes = ws["echoes"] as? [String] ?? []
         #expect(echoes.count == 3 && echoes.allSatisfy { $0.hasPrefix("v1-") && $0.contains(":hello-") }, "\(ws)")
         #expect(try LabHarness.proxyStat("n1", "upgrades_total") >= 1)
+        try expectWebSocketsOverHTTP2(lab, in: "client", to: "198.19.1.11")
     }
 
     @Test func retriesMaskAFlakyBackendAndBudgetsCapAnOutage() throws {

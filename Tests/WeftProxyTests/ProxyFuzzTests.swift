@@ -763,7 +763,8 @@ import WeftCore
         Self.run(0..<cases, workers: 8) { i in
             var rng = LoopRandom(seed: 0x0A45_0000 &+ UInt64(i))
             let h2 = rng.next() % 3 == 0
-            let request = h2 ? FuzzInput.h2Request() : FuzzInput.pick(FuzzInput.plainRequests, &rng)
+            let request = h2 ? (rng.next() % 4 == 0 ? FuzzInput.h2ExtendedConnect(path: "/ws") : FuzzInput.h2Request())
+                : FuzzInput.pick(FuzzInput.plainRequests, &rng)
             let port = rig.port(3 + Int(rng.next() % 3))
             let out = Self.exchange(port: port, chunks: [request], pauses: [false], shut: true, wait: .seconds(4))
             if let fault = FuzzInput.fault(of: out, sent: request, shut: true) {
@@ -784,6 +785,51 @@ import WeftCore
         let get = Self.exchange(port: rig.port(0), chunks: [Array("GET / HTTP/1.1\r\nhost: a\r\n\r\n".utf8)], pauses: [false],
                                 shut: true, wait: .seconds(4))
         #expect(String(decoding: get.answer, as: UTF8.self).hasPrefix("HTTP/1.1 200"), "\(FuzzInput.show(get.answer))")
+    }
+
+    /// WebSocket over HTTP/2 (ExtendedConnect) to a backend that answers
+    /// 101 with bytes right behind it, then closes: the client's stream
+    /// gets 200, the bytes as DATA, and END_STREAM when the backend is
+    /// gone. A 101 without the accept the proxy's key asks for opens no
+    /// tunnel: the stream is reset. A `:protocol` that is no token is a
+    /// CONNECT, refused. Nothing is held after any of them.
+    @Test func extendedConnectTunnelsEndWithTheirBackend() throws {
+        let rig = try Rig()
+        defer { rig.shutdown() }
+        func exchange(_ path: String, protocol name: String = "websocket") -> [FuzzInput.Frame] {
+            let out = Self.exchange(port: rig.port(3), chunks: [FuzzInput.h2ExtendedConnect(path: path, protocol: name)],
+                                    pauses: [false], shut: false, wait: .seconds(1))
+            return FuzzInput.h2Frames(out.answer)
+        }
+        let settings = exchange("/101").first { $0.type == 0x4 && $0.flags & 0x1 == 0 }?.payload ?? []
+        #expect(stride(from: 0, to: settings.count - 5, by: 6).contains { settings[$0] == 0 && settings[$0 + 1] == 8
+            && FuzzInput.be32(Array(settings[($0 + 2)..<($0 + 6)])) == 1 }, "SETTINGS_ENABLE_CONNECT_PROTOCOL: \(settings)")
+        let said = Array(repeating: UInt8(ascii: "d"), count: 300)
+        for path in ["/101-linger", "/101"] {
+            for _ in 0..<4 {
+                let frames = exchange(path).filter { $0.stream == 1 }
+                let heads = frames.filter { $0.type == 0x1 }
+                let data = frames.filter { $0.type == 0x0 }
+                let shown = "\(path): \(frames.map { ($0.type, $0.flags, $0.payload.count) })"
+                #expect(heads.count == 1 && heads.first.map { $0.flags & 0x1 == 0 } == true, "\(shown)")
+                #expect(FuzzInput.h2Status(FuzzInput.serializeFrames(heads)) == "200", "\(shown)")
+                // The stream ends when the backend has closed. A backend
+                // that closes as it writes may lose what it wrote behind its
+                // 101: NIO's HTTP/1 decoder, on its way out, drops what it
+                // holds once it has seen the connection's end.
+                #expect(data.last.map { $0.flags & 0x1 != 0 } == true, "\(shown)")
+                let got = data.flatMap(\.payload)
+                #expect(path == "/101" ? (got.isEmpty || got == said) : got == said, "\(shown)")
+            }
+        }
+        let bare = exchange("/101-bare").filter { $0.stream == 1 }
+        #expect(!bare.contains { $0.type == 0x1 || $0.type == 0x0 } && bare.contains { $0.type == 0x3 }, "\(bare.map { ($0.type, $0.flags) })")
+        let refused = exchange("/101", protocol: "")
+        #expect(FuzzInput.h2Status(FuzzInput.serializeFrames(refused)) == "405")
+        try rig.settle()
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
+        let held = try rig.held()
+        #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
     }
 
     /// What the fuzzing found, each as a plain case: the answer the proxy
@@ -906,11 +952,28 @@ final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
         var rng = LoopRandom(seed: 0x5E4D_0000 &+ Self.served.add(1, ordering: .relaxed).oldValue)
         var response = http2 ? FuzzInput.h2Response(stream: stream ?? 1, &rng) : FuzzInput.response(&rng)
         let channel = context.channel
-        if seen.starts(with: Array("GET /101 ".utf8)) {
+        let lingering = seen.starts(with: Array("GET /101-linger ".utf8))
+        if seen.starts(with: Array("GET /101 ".utf8)) || seen.starts(with: Array("GET /101-bare ".utf8)) || lingering {
             // whatTheFuzzingFoundIsAnswered: a 101 (no Upgrade field) with bytes
-            // right behind it, then the end.
-            response = Array(("HTTP/1.1 101 Switching Protocols\r\n\r\n" + String(repeating: "d", count: 300)).utf8)
-            context.writeAndFlush(NIOAny(channel.allocator.buffer(bytes: response))).whenComplete { _ in channel.close(promise: nil) }
+            // right behind it, then the end (on /101-linger 300 ms later).
+            // With the accept a WebSocket key asks for, but on /101-bare
+            // (extendedConnectTunnelsEndWithTheirBackend).
+            let text = String(decoding: seen, as: UTF8.self)
+            let key = text.split(separator: "\r\n").first { $0.lowercased().hasPrefix("sec-websocket-key:") }
+                .map { $0.dropFirst("sec-websocket-key:".count).trimmingCharacters(in: .whitespaces) }
+            let bare = seen.starts(with: Array("GET /101-bare ".utf8))
+            // (A WebSocket's 101 names the upgrade, or NIO's decoder reads
+            // on past it.)
+            let accept = key.flatMap {
+                "upgrade: websocket\r\nconnection: Upgrade\r\n" + (bare ? "" : "sec-websocket-accept: \(ExtendedConnect.accept($0))\r\n")
+            } ?? ""
+            response = Array(("HTTP/1.1 101 Switching Protocols\r\n\(accept)\r\n" + String(repeating: "d", count: 300)).utf8)
+            let wrote = context.writeAndFlush(NIOAny(channel.allocator.buffer(bytes: response)))
+            if lingering {
+                channel.eventLoop.scheduleTask(in: .milliseconds(300)) { channel.close(promise: nil) }
+            } else {
+                wrote.whenComplete { _ in channel.close(promise: nil) }
+            }
             return
         }
         switch rng.next() % 10 {
@@ -1293,6 +1356,12 @@ enum FuzzInput {
         return frames
     }
 
+    /// Frames as bytes, as they are (h2Frames' inverse).
+    static func serializeFrames(_ frames: [Frame]) -> [UInt8] {
+        var rng = LoopRandom(seed: 1)
+        return serialize(frames, &rng)
+    }
+
     static func serialize(_ frames: [Frame], _ rng: inout LoopRandom) -> [UInt8] {
         var out: [UInt8] = []
         for f in frames {
@@ -1353,6 +1422,34 @@ enum FuzzInput {
         return serialize([Frame(type: 0xFF, flags: 0, stream: 0, payload: ProtocolDetector.preface),
                           Frame(type: 0x4, flags: 0, stream: 0, payload: []),
                           Frame(type: 0x1, flags: 0x5, stream: 1, payload: [0x82, 0x86, 0x84, 0x41, 0x06] + Array("api.fz".utf8))], &rng)
+    }
+
+    /// An extended CONNECT (RFC 8441) on stream 1 over HTTP/2 with prior
+    /// knowledge, the stream left open for the tunnel.
+    static func h2ExtendedConnect(path: String, protocol name: String = "websocket") -> [UInt8] {
+        var rng = LoopRandom(seed: 1)
+        var encoder = HPACKEncoder(allocator: ByteBufferAllocator())
+        var block = ByteBuffer()
+        try? encoder.encode(headers: HPACKHeaders([(":method", "CONNECT"), (":protocol", name), (":scheme", "http"),
+                                                   (":path", path), (":authority", "api.fz"), ("sec-websocket-version", "13")]),
+                            to: &block)
+        return serialize([Frame(type: 0xFF, flags: 0, stream: 0, payload: ProtocolDetector.preface),
+                          Frame(type: 0x4, flags: 0, stream: 0, payload: []),
+                          Frame(type: 0x1, flags: 0x4, stream: 1, payload: Array(block.readableBytesView))], &rng)
+    }
+
+    /// The frames of an HTTP/2 server's answer, as far as they are whole.
+    static func h2Frames(_ bytes: [UInt8]) -> [Frame] {
+        var frames: [Frame] = []
+        var i = 0
+        while i + 9 <= bytes.count {
+            let length = Int(bytes[i]) << 16 | Int(bytes[i + 1]) << 8 | Int(bytes[i + 2])
+            guard i + 9 + length <= bytes.count else { break }
+            frames.append(Frame(type: bytes[i + 3], flags: bytes[i + 4], stream: be32(Array(bytes[(i + 5)..<(i + 9)])) & 0x7FFF_FFFF,
+                                payload: Array(bytes[(i + 9)..<(i + 9 + length)])))
+            i += 9 + length
+        }
+        return frames
     }
 
     /// The :status of the first response on stream 1, decoded with NIO's HPACK.

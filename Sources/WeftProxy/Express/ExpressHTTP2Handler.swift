@@ -213,7 +213,8 @@ final class ExpressHTTP2Handler: ChannelDuplexHandler {
         var declared: Int?
         if case .headers(let h) = frame.payload, id != .rootStream {
             let opening = id > lastStreamID
-            guard HTTP2Fields.valid(h.headers, opening ? .request : .trailers, contentLength: &declared) else {
+            guard HTTP2Fields.valid(h.headers, opening ? .request : .trailers, contentLength: &declared,
+                                    extendedConnect: true) else {
                 return refuse(id, "a malformed field block", context: context)
             }
             if opening && h.endStream && (declared ?? 0) != 0 {

@@ -32,9 +32,11 @@ enum HTTP2ServerPipeline {
                 stream.eventLoop.settingUp {
                     let pipeline = stream.pipeline.syncOperations
                     if checked { try pipeline.addHandler(HTTP2FieldCheck()) }
-                    try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                     let full = HTTPProxyHandler(proxy: proxy, origin: origin, isHTTP2: true)
                     full.handed = known.value.handed(to: stream)
+                    full.onUpgrade = ExtendedConnect.tunnel
+                    try pipeline.addHandler(ExtendedConnect.Stream(full: full))
+                    try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                     try pipeline.addHandler(full)
                     StreamChannels.add(stream, to: known)
                 }
@@ -47,6 +49,7 @@ enum HTTP2ServerPipeline {
             var settings = HTTP2Codec.Settings.h2c
             settings.maxHeaderListSize = 2 * headLimit
             settings.maxConcurrentStreams = proxy.snapshot.http2Streams
+            settings.enableConnectProtocol = true
             let codec = HTTP2Codec(allocator: channel.allocator, settings: settings)
             try pipeline.addHandler(codec)
             try pipeline.addHandler(ExpressHTTP2Handler(proxy: proxy, origin: origin, codec: codec, headLimit: headLimit,
@@ -61,7 +64,8 @@ enum HTTP2ServerPipeline {
             // streams.
             var connection = NIOHTTP2Handler.ConnectionConfiguration()
             connection.initialSettings = [HTTP2Setting(parameter: .maxConcurrentStreams, value: proxy.snapshot.http2Streams),
-                                          HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead)]
+                                          HTTP2Setting(parameter: .maxHeaderListSize, value: proxy.snapshot.maxRequestHead),
+                                          HTTP2Setting(parameter: .enableConnectProtocol, value: 1)]
             _ = try pipeline.configureHTTP2Pipeline(mode: .server, connectionConfiguration: connection, streamConfiguration: .init(),
                                                     streamDelegate: ends.streamDelegate, inboundStreamInitializer: fullPath(false))
             try pipeline.addHandler(ends)

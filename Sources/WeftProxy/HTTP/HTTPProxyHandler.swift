@@ -64,6 +64,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
     /// The request being answered, for its metrics and access log line:
     /// from its head until its response ends (or breaks).
     private var record: Record?
+    /// On an HTTP/2 stream: its request is an extended CONNECT
+    /// (ExtendedConnect.Stream made it an HTTP/1.1 Upgrade to pass on).
+    var extendedConnect = false
     /// Set while a websocket (or other Upgrade) exchange waits for its 101.
     var onUpgrade: ((ChannelHandlerContext, UpstreamHandler, HTTPResponseHead, ProxyStats) -> Void)?
     /// A client connection's (not a tunnel stream's): the h2c Upgrade is
@@ -523,7 +526,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
         }
         if let newPath { upstream.uri = query.map { "\(newPath)?\($0)" } ?? newPath }
         if let newHost { upstream.headers.replaceOrAdd(name: "host", value: newHost) }
-        let isUpgrade = !isHTTP2 && Self.isUpgradeRequest(head)
+        let isUpgrade = (!isHTTP2 || extendedConnect) && Self.isUpgradeRequest(head)
         let span: TraceContext.Span
         if let loop {
             span = Self.prepareUpstreamHeaders(&upstream.headers, client: origin.source, via: proxy.viaToken, keepUpgrade: isUpgrade,

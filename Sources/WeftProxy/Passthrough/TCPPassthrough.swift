@@ -240,39 +240,50 @@ enum Upgrade {
         context.write(NIOAny(HTTPServerResponsePart.head(response)), promise: nil)
         context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
         context.eventLoop.assumeIsolated().execute {
-            // Either side closed meanwhile: glue added to its pipeline now
-            // would never hear of it (see start), and the other would be held.
-            guard downstream.isActive, upstreamChannel.isActive else {
-                upstreamChannel.close(promise: nil)
-                downstream.close(promise: nil)
-                return
+            detach(upstreamChannel, downstream: downstream) { held in
+                join(context, downstream, upstreamChannel, held, stats)
             }
-            do {
-                let up = upstreamChannel.pipeline.syncOperations
-                try up.removeHandler(up.handler(type: UpstreamHandler.self), promise: nil)
-                try up.removeHandler(up.handler(type: HTTPRequestEncoder.self), promise: nil)
-                // addHTTPClientHandlers also validates outbound headers.
-                if let validator = try? up.handler(type: NIOHTTPRequestHeadersValidator.self) {
-                    up.removeHandler(validator, promise: nil)
-                }
-                // The response decoder watches what is written past it
-                // (request heads, for the responses to HEAD) and traps on
-                // anything else, and NIO takes it out on a later turn of the
-                // loop: the glue, which writes bytes, goes in only once it has
-                // left. What it still held, and what comes meanwhile, wait in
-                // `held` (found by ProxyFuzzTests: a backend that sent 101 and
-                // broken bytes after it crashed the proxy).
-                let held = HeldBytes()
-                try up.addHandler(held)
-                let decoderGone = upstreamChannel.eventLoop.makePromise(of: Void.self)
-                try up.removeHandler(up.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: decoderGone)
-                decoderGone.futureResult.assumeIsolated().whenComplete { _ in
-                    join(context, downstream, upstreamChannel, held, stats)
-                }
-            } catch {
-                upstreamChannel.close(promise: nil)
-                downstream.close(promise: nil)
+        }
+    }
+
+    /// Takes the HTTP handlers out of an upstream connection whose backend
+    /// answered 101 (or, for ExtendedConnect, of the connection behind a
+    /// stream), then calls `then` with what the connection read meanwhile.
+    /// Either channel closed first: both are closed, `then` is not called.
+    /// `evenIfClosed`: `then` is called whatever closed meanwhile, and
+    /// sees to it. Runs once NIO's decoder has passed on the 101's end.
+    static func detach(_ upstreamChannel: any Channel, downstream: any Channel, evenIfClosed: Bool = false,
+                       then: @escaping (HeldBytes) -> Void) {
+        // Either side closed meanwhile: glue added to its pipeline now
+        // would never hear of it (see start), and the other would be held.
+        guard evenIfClosed || (downstream.isActive && upstreamChannel.isActive) else {
+            upstreamChannel.close(promise: nil)
+            downstream.close(promise: nil)
+            return
+        }
+        do {
+            let up = upstreamChannel.pipeline.syncOperations
+            try up.removeHandler(up.handler(type: UpstreamHandler.self), promise: nil)
+            try up.removeHandler(up.handler(type: HTTPRequestEncoder.self), promise: nil)
+            // addHTTPClientHandlers also validates outbound headers.
+            if let validator = try? up.handler(type: NIOHTTPRequestHeadersValidator.self) {
+                up.removeHandler(validator, promise: nil)
             }
+            // The response decoder watches what is written past it
+            // (request heads, for the responses to HEAD) and traps on
+            // anything else, and NIO takes it out on a later turn of the
+            // loop: the glue, which writes bytes, goes in only once it has
+            // left. What it still held, and what comes meanwhile, wait in
+            // `held` (found by ProxyFuzzTests: a backend that sent 101 and
+            // broken bytes after it crashed the proxy).
+            let held = HeldBytes()
+            try up.addHandler(held)
+            let decoderGone = upstreamChannel.eventLoop.makePromise(of: Void.self)
+            try up.removeHandler(up.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: decoderGone)
+            decoderGone.futureResult.assumeIsolated().whenComplete { _ in then(held) }
+        } catch {
+            upstreamChannel.close(promise: nil)
+            downstream.close(promise: nil)
         }
     }
 
@@ -365,6 +376,13 @@ final class HeldBytes: ChannelInboundHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if self.error == nil { self.error = error }
+    }
+
+    /// What was held, no longer held (its channel closed: there is no one
+    /// to pass it on to).
+    func take() -> [ByteBuffer] {
+        defer { held.removeAll() }
+        return held
     }
 
     /// Passes on what was held, in order, to the handler after this one,

@@ -65,6 +65,10 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         /// for a change of the receive windows). The express path does not
         /// need them.
         var reportsSendWindows = false
+        /// SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441): the peer may open
+        /// a stream with an extended CONNECT (`:protocol`). A client-facing
+        /// connection announces it (ExtendedConnect); a tunnel does not.
+        var enableConnectProtocol = false
 
         /// An h2c client's connection: NIOHTTP2Handler's defaults.
         static let h2c = Settings()
@@ -231,6 +235,7 @@ final class HTTP2Codec: ChannelDuplexHandler, RemovableChannelHandler {
         if role == .client { entries.append((0x2, 0)) }  // no push
         if settings.initialWindow != Self.protocolWindow { entries.append((0x4, settings.initialWindow)) }
         if settings.maxFrameSize != Self.protocolFrameSize { entries.append((0x5, settings.maxFrameSize)) }
+        if settings.enableConnectProtocol { entries.append((0x8, 1)) }
         frameHeader(length: 6 * entries.count, type: 0x4, flags: 0, stream: .rootStream)
         for (key, value) in entries {
             output.writeInteger(key)

@@ -11,8 +11,9 @@ import NIOHTTP2
 /// - pseudo-headers come first, are known, appear once, and a block has the
 ///   ones it must: a request `:method`, `:scheme` and `:path` (a CONNECT
 ///   `:method` and `:authority` only), a response `:status`, trailers none;
-///   `:path` is not empty; `:protocol` is refused (this proxy does not offer
-///   extended CONNECT);
+///   `:path` is not empty; `:protocol` only where the connection announced
+///   extended CONNECT (`extendedConnect`, RFC 8441 section 4), on a CONNECT,
+///   which then needs `:scheme` and `:path` as any other request;
 /// - no connection-specific field (`connection`, `keep-alive`,
 ///   `proxy-connection`, `transfer-encoding`, `upgrade`); in a request `te`
 ///   is `trailers` or absent;
@@ -46,8 +47,10 @@ enum HTTP2Fields {
 
     /// Whether `headers` is a well-formed block of kind `block`; if so,
     /// `contentLength` is the length a request or response declares (nil
-    /// when it declares none).
-    static func valid(_ headers: HPACKHeaders, _ block: Block, contentLength: inout Int?) -> Bool {
+    /// when it declares none). `extendedConnect`: this end announced
+    /// SETTINGS_ENABLE_CONNECT_PROTOCOL, so a request may carry `:protocol`.
+    static func valid(_ headers: HPACKHeaders, _ block: Block, contentLength: inout Int?,
+                      extendedConnect: Bool = false) -> Bool {
         var seen: UInt8 = 0  // pseudo-headers, bits as in `pseudo`
         var regular = false
         var connect = false
@@ -58,7 +61,7 @@ enum HTTP2Fields {
             let n = name.utf8
             guard let first = n.first else { return false }
             if first == UInt8(ascii: ":") {
-                guard !regular, let bit = pseudo(name), bit & allowed(block) != 0, seen & bit == 0,
+                guard !regular, let bit = pseudo(name), bit & allowed(block, extendedConnect) != 0, seen & bit == 0,
                       pseudoValue(value) else { return false }
                 seen |= bit
                 if bit == Pseudo.method { connect = value.utf8.count == 7 && value == "CONNECT" }
@@ -84,11 +87,13 @@ enum HTTP2Fields {
             guard let n = Int(length, radix: 10), n >= 0 else { return false }
             contentLength = n
         }
+        let mandatory = Pseudo.method | Pseudo.scheme | Pseudo.path
         switch block {
+        case .request where seen & Pseudo.protocol != 0:
+            return connect && seen & mandatory == mandatory  // an extended CONNECT
         case .request where connect:
             return seen == Pseudo.method | Pseudo.authority
         case .request:
-            let mandatory = Pseudo.method | Pseudo.scheme | Pseudo.path
             return seen & mandatory == mandatory
         case .response:
             return seen == Pseudo.status
@@ -116,11 +121,13 @@ enum HTTP2Fields {
 
     private enum Pseudo {
         static let path: UInt8 = 1, method: UInt8 = 2, scheme: UInt8 = 4, authority: UInt8 = 8, status: UInt8 = 16
+        static let `protocol`: UInt8 = 32
     }
 
-    private static func allowed(_ block: Block) -> UInt8 {
+    private static func allowed(_ block: Block, _ extendedConnect: Bool) -> UInt8 {
         switch block {
-        case .request: return Pseudo.path | Pseudo.method | Pseudo.scheme | Pseudo.authority
+        case .request:
+            return Pseudo.path | Pseudo.method | Pseudo.scheme | Pseudo.authority | (extendedConnect ? Pseudo.protocol : 0)
         case .response: return Pseudo.status
         case .trailers: return 0
         }
@@ -134,8 +141,9 @@ enum HTTP2Fields {
         case 7 where name == ":method": return Pseudo.method
         case 7 where name == ":scheme": return Pseudo.scheme
         case 7 where name == ":status": return Pseudo.status
+        case 9 where name == ":protocol": return Pseudo.protocol
         case 10 where name == ":authority": return Pseudo.authority
-        default: return nil  // unknown, `:protocol` among them, or not a token
+        default: return nil  // unknown, or not a token
         }
     }
 

@@ -630,6 +630,98 @@ def ws_echo(host, port, message, hold="0"):
                           "echoes": echoes}))
 
 
+def h2_ws_echo(host, port, message, streams="2"):
+    """WebSocket over HTTP/2 (RFC 8441) on one h2c connection: waits for
+    the server's SETTINGS (does it announce ENABLE_CONNECT_PROTOCOL?), opens
+    STREAMS extended CONNECT streams to /ws at once and a GET beside them,
+    sends three masked text frames on each and reads their echoes, then a
+    close frame on each and reads the close and the stream's end."""
+    import h2.events
+    import h2.settings
+    conn, s = _h2_client(host, port)
+    announced, deadline = None, time.monotonic() + 5
+    while announced is None and time.monotonic() < deadline:
+        events, closed = _h2_pump(conn, s, 0.5)
+        if closed:
+            break
+        for e in events:
+            if isinstance(e, h2.events.RemoteSettingsChanged):
+                c = e.changed_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL)
+                announced = bool(c and c.new_value == 1)
+    ids = [1 + 2 * i for i in range(int(streams))]
+    get_id = ids[-1] + 2
+    for sid in ids:
+        conn.send_headers(sid, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+                                (":path", "/ws"), (":authority", "ws"), ("sec-websocket-version", "13")])
+    _h2_get(conn, s, get_id, host, "/beside-websockets")
+    s.sendall(conn.data_to_send())
+    state = {sid: {"status": None, "headers": {}, "rest": b"", "echoes": [], "close": None, "ended": False,
+                   "reset": None, "sent": 0} for sid in ids}
+    got = {"status": None, "body": b""}
+
+    def frame(opcode, payload):
+        mask = os.urandom(4)
+        return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[j % 4] for j, b in enumerate(payload))
+
+    def send_next(sid):
+        st = state[sid]
+        if st["sent"] < 3:
+            conn.send_data(sid, frame(1, ("%s-%d-%d" % (message, sid, st["sent"])).encode()))
+        elif st["sent"] == 3:
+            conn.send_data(sid, frame(8, b""))
+        st["sent"] += 1
+
+    closed, deadline = False, time.monotonic() + 15
+    while not closed and time.monotonic() < deadline:
+        if all(st["ended"] or st["reset"] is not None for st in state.values()) and got["status"] and got.get("done"):
+            break
+        events, closed = _h2_pump(conn, s, 1.0)
+        for e in events:
+            sid = getattr(e, "stream_id", None)
+            if sid == get_id:
+                if isinstance(e, h2.events.ResponseReceived):
+                    got["status"] = dict(e.headers).get(":status")
+                elif isinstance(e, h2.events.DataReceived):
+                    got["body"] += e.data
+                    conn.acknowledge_received_data(e.flow_controlled_length, sid)
+                elif isinstance(e, h2.events.StreamEnded):
+                    got["done"] = True
+                continue
+            st = state.get(sid)
+            if st is None:
+                if isinstance(e, h2.events.ConnectionTerminated):
+                    closed = True
+                continue
+            if isinstance(e, h2.events.ResponseReceived):
+                st["headers"] = dict(e.headers)
+                st["status"] = st["headers"].pop(":status", None)
+                if st["status"] == "200":
+                    send_next(sid)
+            elif isinstance(e, h2.events.DataReceived):
+                conn.acknowledge_received_data(e.flow_controlled_length, sid)
+                st["rest"] += e.data
+                while len(st["rest"]) >= 2 and len(st["rest"]) >= 2 + (st["rest"][1] & 0x7F):
+                    opcode, n = st["rest"][0] & 0x0F, st["rest"][1] & 0x7F
+                    payload, st["rest"] = st["rest"][2:2 + n], st["rest"][2 + n:]
+                    if opcode == 8:
+                        st["close"] = payload.hex()
+                        conn.end_stream(sid)
+                    else:
+                        st["echoes"].append(payload.decode())
+                        send_next(sid)
+            elif isinstance(e, h2.events.StreamEnded):
+                st["ended"] = True
+            elif isinstance(e, h2.events.StreamReset):
+                st["reset"] = e.error_code
+        out = conn.data_to_send()
+        if out:
+            s.sendall(out)
+    s.close()
+    beside = json.loads(got["body"] or b"{}").get("path") if got["status"] == "200" else None
+    print(json.dumps({"announced": announced, "get_status": got["status"], "get_path": beside,
+                      "streams": [{k: v for k, v in st.items() if k not in ("rest", "sent")} for st in state.values()]}))
+
+
 def _h2_client(host, port):
     """An h2c (prior knowledge) client connection, python3-h2 on a socket;
     it sends WINDOW_UPDATE only when asked."""
@@ -1428,7 +1520,7 @@ if __name__ == "__main__":
     {"tally": tally, "probe": probe, "refused": refused, "peer": peer,
      "stream-server": stream_server, "stream-client": stream_client, "listen": listen,
      "matrix": matrix, "udp-hold": udp_hold, "udp-name": udp_name, "udp-tally": udp_tally, "udp-rate": udp_rate, "first-change": first_change, "connect-rate": connect_rate, "steady": steady,
-     "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo,
+     "http-load": http_load, "http-steady": http_steady, "late-request": late_request, "ws-echo": ws_echo, "h2-ws-echo": h2_ws_echo,
      "h2-window": h2_window, "h2-drain": h2_drain, "h2-request": h2_request, "h2-body": h2_body,
      "h2-half-close": h2_half_close, "h1-idle": h1_idle, "h1-slow": h1_slow, "h1-behind": h1_behind, "h2-slow": h2_slow, "h2-heads": h2_heads,
      "h1-close-send": h1_close_send, "tcp-hold": tcp_hold, "hold": hold,
