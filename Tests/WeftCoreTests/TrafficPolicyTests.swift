@@ -106,12 +106,59 @@ struct TrafficPolicyTests {
                                                                   with: "spec: {trafficDistribution: \(zone), clusterIP: 198.19.0.10,"))
             let zs = try #require(z, "\(zErrors)")
             #expect(zs.services.first?.trafficDistribution?.rawValue == zone)
+            // No Node manifests, so no zones: every pod.
             #expect(ServiceTable(zs, node: "n1").entries.values.flatMap(\.backends).count == 3, "\(zone)")
-            #expect(ProxyTable(zs).backendPolicies?["shop/web:80"] == nil, "\(zone)")
+            #expect(ProxyTable(zs).backendPolicies?["shop/web:80"]?.loadBalancer.locality == .preferSameZone, "\(zone)")
+            #expect(ProxyTable(zs).zones == nil, "\(zone)")
         }
         let (_, bad) = parse(service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
                                                           with: "spec: {trafficDistribution: Nearest, clusterIP: 198.19.0.10,"))
         #expect(bad == ["tp.yaml:1:spec.trafficDistribution: must be one of PreferSameNode, PreferSameZone, PreferClose, got \"Nearest\" (line 4)"])
+    }
+
+    /// Zones come from Node manifests (`topology.kubernetes.io/zone`):
+    /// PreferSameZone keeps a node's clients on the ready pods of its
+    /// zone's nodes while there are any; a node in no zone prefers nothing.
+    @Test func trafficDistributionPreferSameZoneUsesTheNodesZones() throws {
+        let zoned = service.replacingOccurrences(of: "spec: {clusterIP: 198.19.0.10,",
+                                                 with: "spec: {trafficDistribution: PreferSameZone, clusterIP: 198.19.0.10,")
+        func node(_ name: String, _ labels: String, spec: String = "") -> String {
+            "apiVersion: v1\nkind: Node\nmetadata: {name: \(name), labels: {\(labels)}}\n\(spec)"
+        }
+        let nodes = [node("n1", "topology.kubernetes.io/zone: a"), node("n2", "topology.kubernetes.io/zone: b"),
+                     node("n3", "topology.kubernetes.io/zone: a", spec: "spec: {taints: [{key: k, effect: NoSchedule}], unschedulable: true}"),
+                     node("n4", "kubernetes.io/hostname: n4")]
+        let (state, errors) = parse(([zoned] + nodes).joined(separator: "\n---\n"))
+        let s = try #require(state, "\(errors)")
+        #expect(s.zone(ofNode: "n3") == "a" && s.zone(ofNode: "n4") == nil && s.zone(ofNode: "n9") == nil)
+        func addresses(_ node: String?, _ health: EndpointHealth = .init()) -> [String] {
+            ServiceTable(s, health: health, node: node).entries.values.flatMap { $0.backends.map(\.address.description) }.sorted()
+        }
+        #expect(addresses("n1") == ["198.18.1.10"])
+        #expect(addresses("n3") == ["198.18.1.10"], "n3 shares zone a with n1, whose pod it gets")
+        #expect(addresses("n2") == ["198.18.2.10", "198.18.2.11"])
+        #expect(addresses("n4") == ["198.18.1.10", "198.18.2.10", "198.18.2.11"], "no zone: every pod")
+        // Zone a's one pod failing its check: its clients go to zone b's.
+        let a = BackendAddress(address: try #require(IPv4Address("198.18.1.10")), port: 8080, transport: .tcp)
+        #expect(addresses("n3", EndpointHealth(failing: ["shop/web:80": [a]])) == ["198.18.2.10", "198.18.2.11"])
+        // The proxy: the balancer's PreferSameZone and each node's zone.
+        let table = ProxyTable(s)
+        #expect(table.backendPolicies?["shop/web:80"]?.loadBalancer.locality == .preferSameZone)
+        #expect(table.zones == ["n1": "a", "n2": "b", "n3": "a"])
+        // A TrafficPolicy's locality PreferSameZone, in the kernel too.
+        let (viaPolicy, policyErrors) = parse(([service, policy("loadBalancer: {locality: PreferSameZone}")] + nodes)
+            .joined(separator: "\n---\n"))
+        let p = try #require(viaPolicy, "\(policyErrors)")
+        #expect(ServiceTable(p, node: "n2").entries.values.flatMap(\.backends).count == 2)
+        #expect(ProxyTable(p).zones?["n2"] == "b")
+        // Bad Node documents: namespaced, an unknown spec field, a duplicate.
+        let (_, bad) = parse([node("n1", "a: b").replacingOccurrences(of: "{name: n1,", with: "{name: n1, namespace: x,"),
+                              node("n2", "a: b", spec: "spec: {zone: a}"), node("n5", "a: b"), node("n5", "a: c")]
+            .joined(separator: "\n---\n"))
+        #expect(bad.count == 3, "\(bad)")
+        #expect(bad.contains { $0.contains("metadata.namespace: a Node is not namespaced") }, "\(bad)")
+        #expect(bad.contains { $0.contains("spec.zone") }, "\(bad)")
+        #expect(bad.contains { $0.contains("Node n5 is already defined") }, "\(bad)")
     }
 
     @Test func sessionAffinityClientIPBecomesASourceHashOnTheProxyUnlessAPolicyChoosesTheBalancer() throws {

@@ -544,6 +544,72 @@ struct ServiceLoadBalancingTests {
         #expect(try tally("client-n2", "198.19.0.57") == ["web-2", "web-3"])
     }
 
+    /// trafficDistribution: PreferSameZone (and its older name PreferClose)
+    /// and TrafficPolicy locality PreferSameZone, with zones from Node
+    /// manifests (n1 and n2 in zone a, n3 in zone b): a client is sent to
+    /// the ready pods of its zone's nodes, on ports the kernel serves and
+    /// on the proxy's; to the other zones' when its own has none, never
+    /// refused; and to every pod once the nodes carry no zone.
+    @Test func trafficDistributionPreferSameZoneKeepsClientsInTheirZone() throws {
+        let clientN3 = client.replacingOccurrences(of: "name: client,", with: "name: client-n3,")
+            .replacingOccurrences(of: "node: n1, address: 198.18.1.10", with: "node: n3, address: 198.18.3.10")
+        let pods = [client, clientN3,
+                    workload("web-1", node: "n1", address: "198.18.1.12"),
+                    workload("web-2", node: "n2", address: "198.18.2.12"),
+                    workload("web-3", node: "n3", address: "198.18.3.12", labels: "{app: web, zone: b}")].joined(separator: "\n---\n")
+        // name, last byte of the clusterIP, the preference, selector, port name.
+        let services: [(String, Int, String, String, String)] = [
+            ("zone", 60, "trafficDistribution: PreferSameZone", "app: web", "web"),
+            ("zone-http", 61, "trafficDistribution: PreferSameZone", "app: web", "http"),
+            ("close", 62, "trafficDistribution: PreferClose", "app: web", "web"),
+            ("zone-b", 63, "trafficDistribution: PreferSameZone", "zone: b", "web"),
+            ("zone-policy", 64, "internalTrafficPolicy: Cluster", "app: web", "web"),
+            ("zone-policy-http", 65, "internalTrafficPolicy: Cluster", "app: web", "http"),
+        ]
+        let manifests = services.map { name, ip, preference, selector, port in
+            """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: \(name), namespace: \(ns)}
+            spec: {clusterIP: 198.19.0.\(ip), \(preference), selector: {\(selector)}, ports: [{name: \(port), port: 80, targetPort: http}]}
+            """
+        } + ["zone-policy", "zone-policy-http"].map {
+            LabHarness.trafficPolicy($0, namespace: ns, "loadBalancer: {locality: PreferSameZone}")
+        }
+        func nodes(_ zones: [String]) -> String {
+            zip(["n1", "n2", "n3"], zones).map { node, zone in
+                """
+                apiVersion: v1
+                kind: Node
+                metadata: {name: \(node), labels: {topology.kubernetes.io/zone: "\(zone)", kubernetes.io/hostname: \(node)}}
+                spec: {podCIDR: 10.0.0.0/24, providerID: "lab://\(node)"}
+                """
+            }.joined(separator: "\n---\n")
+        }
+        let lab = try LabHarness(files: ["services.yaml": manifests.joined(separator: "\n---\n"), "pods.yaml": pods,
+                                         "nodes.yaml": nodes(["a", "a", "b"])], nodes: 3)
+        defer { lab.down() }
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.3.12"])
+        func tally(_ pod: String, _ vip: Int) throws -> Set<String> {
+            let r = try lab.tool(in: pod, ["tally", "198.19.0.\(vip)", "80", "30"])
+            #expect((r["errors"] as? [Any])?.isEmpty == true, "\(pod) -> .\(vip): \(r)")
+            return Set((r["counts"] as? [String: Int] ?? [:]).keys)
+        }
+        for vip in [60, 61, 62, 64, 65] {
+            #expect(try tally("client", vip) == ["web-1", "web-2"], ".\(vip) from zone a")
+            #expect(try tally("client-n3", vip) == ["web-3"], ".\(vip) from zone b")
+        }
+        #expect(try tally("client", 63) == ["web-3"], "none in zone a: zone b's, not refused")
+        // The nodes lose their zones: no preference left.
+        let before = try lab.generations(["n1", "n2", "n3"])
+        _ = try lab.write("nodes.yaml", nodes(["", "", ""]))
+        try lab.waitForGeneration(after: before)
+        usleep(300_000)  // the proxy reloads its table after the agent's generation
+        for vip in [60, 61, 64, 65] {
+            #expect(try tally("client-n3", vip) == ["web-1", "web-2", "web-3"], ".\(vip) with no zones")
+        }
+    }
+
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {
         let lab = try LabHarness(files: ["services.yaml": services, "pods.yaml": client])
         defer { lab.down() }

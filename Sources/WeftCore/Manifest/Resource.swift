@@ -7,6 +7,7 @@ public enum Resource: Hashable, Sendable {
     case service(Service)
     case workload(Workload)
     case namespace(Namespace, ObjectMeta)
+    case node(Node, ObjectMeta)
     case networkPolicy(NetworkPolicy)
     case httpRoute(HTTPRoute)
     /// A GRPCRoute, read into the HTTPRoute model (`kind` .grpc).
@@ -24,6 +25,7 @@ public enum Resource: Hashable, Sendable {
         case .service: "Service"
         case .workload: "Workload"
         case .namespace: "Namespace"
+        case .node: "Node"
         case .networkPolicy: "NetworkPolicy"
         case .httpRoute: "HTTPRoute"
         case .grpcRoute: "GRPCRoute"
@@ -39,7 +41,7 @@ public enum Resource: Hashable, Sendable {
         switch self {
         case .service(let s): s.metadata
         case .workload(let w): w.metadata
-        case .namespace(_, let m): m
+        case .namespace(_, let m), .node(_, let m): m
         case .networkPolicy(let p): p.metadata
         case .httpRoute(let r), .grpcRoute(let r): r.metadata
         case .l4Route(let r): r.metadata
@@ -52,7 +54,7 @@ public enum Resource: Hashable, Sendable {
 
     /// The kinds Weft reads, by apiVersion and kind.
     static let known: [String: Set<String>] = [
-        "v1": ["Service", "Namespace"],
+        "v1": ["Service", "Namespace", "Node"],
         "networking.k8s.io/v1": ["NetworkPolicy"],
         "weft.dev/v1alpha1": ["Workload", "MeshConfig", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy"],
         "gateway.networking.k8s.io/v1": ["HTTPRoute", "GRPCRoute", "TLSRoute"],
@@ -91,14 +93,15 @@ public enum Resource: Hashable, Sendable {
     private static func read(kind: String, apiVersion: String, doc: inout FieldReader, metadata: ObjectMeta,
                              metaReader: FieldReader, at location: DocumentLocation) throws(ManifestError) -> Resource {
         var metadata = metadata
-        if kind == "Namespace" {
+        if kind == "Namespace" || kind == "Node" {
             // Cluster-scoped: no metadata.namespace, and spec is optional.
             if metaReader.keys.contains("namespace") {
-                throw ManifestError(location, field: "metadata.namespace", "a Namespace is not namespaced")
+                throw ManifestError(location, field: "metadata.namespace", "a \(kind) is not namespaced")
             }
             metadata.namespace = ""
             let spec = doc.node("spec")
             try doc.finish()
+            if kind == "Node" { return .node(try Node(spec: spec, metadata: metadata, at: location), metadata) }
             return .namespace(try Namespace(spec: spec, metadata: metadata, at: location), metadata)
         }
         let spec = try doc.required("spec")

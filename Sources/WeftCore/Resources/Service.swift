@@ -25,10 +25,11 @@ public struct Service: Hashable, Sendable {
         /// A client is sent to the ready backends on its own node while
         /// there are any, else to every ready backend.
         case preferSameNode = "PreferSameNode"
-        /// Same zone first. Weft's nodes carry no zone, so, as in a
-        /// Kubernetes cluster whose nodes have no
-        /// `topology.kubernetes.io/zone` label (the EndpointSlice
-        /// controller then sets no hints), every ready backend serves.
+        /// A client is sent to the ready backends on the nodes of its own
+        /// node's zone (Node manifests' `topology.kubernetes.io/zone`)
+        /// while there are any, else to every ready backend. A client on
+        /// a node with no zone: every ready backend, as Kubernetes sets no
+        /// hints when nodes carry no zone label.
         case preferSameZone = "PreferSameZone"
         /// The older name of PreferSameZone.
         case preferClose = "PreferClose"
@@ -36,6 +37,8 @@ public struct Service: Hashable, Sendable {
 
     /// Whether a client's own node's ready backends go first.
     public var prefersSameNode: Bool { trafficDistribution == .preferSameNode }
+    /// Whether the ready backends in a client's own zone go first.
+    public var prefersSameZone: Bool { trafficDistribution == .preferSameZone || trafficDistribution == .preferClose }
     /// `publishNotReadyAddresses: true`: every selected pod backs the
     /// Service whether or not it is ready, as Kubernetes' endpoints then
     /// list it; here, a pod failing a TrafficPolicy's health check stays a

@@ -121,7 +121,9 @@ public struct TrafficPolicy: Hashable, Sendable {
             case sourceIP
         }
         public enum Locality: String, Hashable, Sendable, Codable, CaseIterable {
-            case none = "None", preferLocal = "PreferLocal"
+            /// PreferLocal: the client's node's backends first;
+            /// PreferSameZone: those in its node's zone (Node).
+            case none = "None", preferLocal = "PreferLocal", preferSameZone = "PreferSameZone"
         }
         public var algorithm = Algorithm.leastRequest
         public var hashOn: HashKey?

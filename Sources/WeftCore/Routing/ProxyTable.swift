@@ -90,6 +90,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// TrafficPolicy settings for sending to a cluster, by cluster name;
     /// a cluster without one balances by least request and breaks nothing.
     public var backendPolicies: [String: BackendPolicy]?
+    /// Each node's zone (Node manifests), when a backend policy prefers
+    /// its client's zone; nodes in no zone are absent.
+    public var zones: [String: String]?
     /// Mutual-TLS tunnels between node proxies; nil: the agent has no CA.
     public var tunnel: TunnelSettings?
     /// The AuthorizationPolicies that apply to a pod, by its address (pods
@@ -491,6 +494,11 @@ extension ProxyTable {
                 balancer.locality = .preferLocal
                 from = from ?? "trafficDistribution: PreferSameNode"
             }
+            // PreferSameZone (PreferClose) is its PreferSameZone the same way.
+            if service.prefersSameZone, balancer.locality == .none {
+                balancer.locality = .preferSameZone
+                from = from ?? "trafficDistribution: \(service.trafficDistribution?.rawValue ?? "PreferSameZone")"
+            }
             if balancer != .init() || policy?.outlierDetection != nil || policy?.circuitBreaker != nil, let from {
                 policies[cluster] = BackendPolicy(loadBalancer: balancer, outlierDetection: policy?.outlierDetection,
                                                   circuitBreaker: policy?.circuitBreaker, policy: from)
@@ -640,6 +648,10 @@ extension ProxyTable {
             }
         }
         if !policies.isEmpty { backendPolicies = policies }
+        if policies.values.contains(where: { $0.loadBalancer.locality == .preferSameZone }) {
+            let zoned = state.nodes.compactMapValues(\.zone)
+            if !zoned.isEmpty { zones = zoned }
+        }
         if !idleTimeouts.isEmpty { upstreamIdleTimeouts = idleTimeouts }
         if !connectTimeouts.isEmpty { self.connectTimeouts = connectTimeouts }
         if !lifetimes.isEmpty { connectionLifetimes = lifetimes }

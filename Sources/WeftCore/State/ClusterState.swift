@@ -7,6 +7,8 @@ public struct ClusterState: Hashable, Sendable {
     public private(set) var workloads: [Workload]
     /// Namespaces with a manifest; others exist implicitly (see `namespace(_:)`).
     public private(set) var namespaces: [String: Namespace]
+    /// Nodes with a manifest, by name: their zones.
+    public private(set) var nodes: [String: Node] = [:]
     public private(set) var networkPolicies: [NetworkPolicy]
     /// HTTPRoutes and GRPCRoutes (`kind`), by namespace and name.
     public private(set) var httpRoutes: [HTTPRoute]
@@ -29,6 +31,9 @@ public struct ClusterState: Hashable, Sendable {
         namespaces = [:]
         networkPolicies = []
     }
+
+    /// A node's zone (Node.zone): nil without a manifest or a zone label.
+    public func zone(ofNode name: String) -> String? { nodes.isEmpty ? nil : nodes[name]?.zone }
 
     /// A namespace's labels: its manifest's, or only the standard name label.
     public func namespace(_ name: String) -> Namespace { namespaces[name] ?? Namespace(name: name) }
@@ -63,8 +68,10 @@ public struct ClusterState: Hashable, Sendable {
             let resource = located.resource
             let key = Name(kind: resource.kind, namespace: resource.metadata.namespace, name: resource.metadata.name)
             if let first = names[key] {
+                // (Cluster-scoped kinds, Namespace and Node, by name alone.)
+                let shown = key.namespace.isEmpty ? key.name : resource.metadata.qualifiedName
                 errors.append(ManifestError(located.location, field: "metadata.name",
-                                            "\(resource.kind) \(resource.metadata.qualifiedName) is already defined at \(first)"))
+                                            "\(resource.kind) \(shown) is already defined at \(first)"))
                 continue
             }
             names[key] = located.location
@@ -89,6 +96,8 @@ public struct ClusterState: Hashable, Sendable {
                 state.workloads.append(workload)
             case .namespace(let namespace, _):
                 state.namespaces[namespace.name] = namespace
+            case .node(let node, _):
+                state.nodes[node.name] = node
             case .networkPolicy(let policy):
                 state.networkPolicies.append(policy)
             case .httpRoute(let route), .grpcRoute(let route):

@@ -83,12 +83,21 @@ public struct ServiceTable: Hashable, Sendable {
             && !state.services.contains(where: { $0.ports.contains { ProxyTable.declaredProtocol($0) != nil } })
             ? [] : ProxyTable.l7Ports(state)
         let workloads = state.workloads
-        // Services whose TrafficPolicy has locality PreferLocal: it holds
-        // for the ports the kernel serves as well as the proxy's.
-        var preferLocal = Set<String>()
-        for p in state.trafficPolicies where p.loadBalancer.locality == .preferLocal {
-            for target in p.targets { preferLocal.insert("\(p.metadata.namespace)/\(target)") }
+        // Services whose TrafficPolicy has locality PreferLocal or
+        // PreferSameZone: it holds for the ports the kernel serves as well
+        // as the proxy's.
+        var preferLocal = Set<String>(), preferZone = Set<String>()
+        for p in state.trafficPolicies where p.loadBalancer.locality != .none {
+            for target in p.targets {
+                if p.loadBalancer.locality == .preferLocal {
+                    preferLocal.insert("\(p.metadata.namespace)/\(target)")
+                } else {
+                    preferZone.insert("\(p.metadata.namespace)/\(target)")
+                }
+            }
         }
+        // This node's zone, for PreferSameZone (none: no preference).
+        let zone = node.flatMap { state.zone(ofNode: $0) }
         for service in state.services {
             guard let vip = service.clusterIP else { continue }
             var selected = index.selectIndices(namespace: service.metadata.namespace, selector: service.selector)
@@ -137,6 +146,12 @@ public struct ServiceTable: Hashable, Sendable {
                     // (Of the ready ones: a node whose pods all fail their
                     // checks sends its clients to the other nodes' pods.)
                     let own = Set(selected.lazy.filter { workloads[$0].node == node }.map { workloads[$0].address })
+                    let near = backends.filter { own.contains($0.address) }
+                    if !near.isEmpty { backends = near }
+                } else if let zone, service.prefersSameZone || (!preferZone.isEmpty && preferZone.contains(service.metadata.qualifiedName)),
+                          !service.nodeLocal {
+                    // The same, over the nodes of this node's zone.
+                    let own = Set(selected.lazy.filter { state.zone(ofNode: workloads[$0].node) == zone }.map { workloads[$0].address })
                     let near = backends.filter { own.contains($0.address) }
                     if !near.isEmpty { backends = near }
                 }

@@ -44,7 +44,8 @@ final class ClusterRuntime: Sendable {
     let policy: ProxyTable.BackendPolicy
     let backends: [Backend]
     let index: [EndpointKey: Int]
-    /// Indexes of this node's backends (locality PreferLocal).
+    /// Indexes of the backends a client of this node prefers: this
+    /// node's (locality PreferLocal), or those in its zone (PreferSameZone).
     let localIndexes: [Int]
     private let ring: ConsistentHash.Ring?
     private let maglev: ConsistentHash.Maglev?
@@ -54,13 +55,19 @@ final class ClusterRuntime: Sendable {
     let outliers: OutlierDetector?
 
     init(name: String, policy: ProxyTable.BackendPolicy, endpoints: [EndpointKey], node: String,
-         previous: ClusterRuntime?) {
+         zones: [String: String]? = nil, previous: ClusterRuntime?) {
         self.name = name
         self.policy = policy
         let now = NIODeadline.now().uptimeNanoseconds
         // A proxy that starts finds its backends already serving: only those
         // that join later ramp up.
         let joined = previous == nil ? 0 : now
+        // Near: on this node, or with PreferSameZone in its zone (a node
+        // in no zone prefers nothing).
+        let zone = policy.loadBalancer.locality == .preferSameZone ? zones?[node] : nil
+        func near(_ other: String) -> Bool {
+            policy.loadBalancer.locality == .preferSameZone ? zone != nil && zones?[other] == zone : other == node
+        }
         var index: [EndpointKey: Int] = [:]
         var backends: [Backend] = []
         for e in endpoints where index[e] == nil {
@@ -68,7 +75,7 @@ final class ClusterRuntime: Sendable {
             if let old = previous?.index[e].map({ previous!.backends[$0] }) {
                 backends.append(old)
             } else {
-                backends.append(Backend(key: e, local: e.node == node, since: joined))
+                backends.append(Backend(key: e, local: near(e.node), since: joined))
             }
         }
         self.backends = backends
@@ -215,7 +222,7 @@ final class ClusterRuntime: Sendable {
             let b = backends[i]
             return !b.isEjected(now) && !excluded(b.key) && !full(b)
         }
-        let localOnly = policy.loadBalancer.locality == .preferLocal && !localIndexes.isEmpty
+        let localOnly = policy.loadBalancer.locality != .none && !localIndexes.isEmpty
             && localIndexes.contains(where: open)
         let chosen: Int?
         if let hash, let ring {

@@ -77,9 +77,11 @@ final class RouteSnapshot: Sendable {
         workloadsByIP = refs
         var runtimes: [String: ClusterRuntime] = [:]
         for (name, policy) in table.backendPolicies ?? [:] {
-            let old = previous?.runtimes[name].flatMap { $0.policy == policy ? $0 : nil }
+            // (A backend's nearness is kept with it: zones that moved make
+            // the runtime anew.)
+            let old = previous?.runtimes[name].flatMap { $0.policy == policy && previous?.table.zones == table.zones ? $0 : nil }
             runtimes[name] = ClusterRuntime(name: name, policy: policy, endpoints: endpoints[name] ?? [], node: node,
-                                            previous: old)
+                                            zones: table.zones, previous: old)
         }
         self.runtimes = runtimes
         var guards: [String: FrontendGuard] = [:]
