@@ -21,6 +21,26 @@ private let client = """
     spec: {node: n1, address: 198.18.1.10}
     """
 
+/// The client pod again, under another name on another node.
+private func client(_ name: String, node: String, address: String) -> String {
+    client.replacingOccurrences(of: "name: client,", with: "name: \(name),")
+        .replacingOccurrences(of: "node: n1, address: 198.18.1.10", with: "node: \(node), address: \(address)")
+}
+
+/// Services on port 80 to the pods' `http` port, for the node and zone
+/// preference tests: name, last byte of the clusterIP (198.19.0.x), the
+/// preference field, selector, port name (`http` goes through the proxy).
+private func preferenceServices(_ rows: [(String, Int, String, String, String)]) -> [String] {
+    rows.map { name, ip, preference, selector, port in
+        """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: \(name), namespace: \(ns)}
+        spec: {clusterIP: 198.19.0.\(ip), \(preference), selector: {\(selector)}, ports: [{name: \(port), port: 80, targetPort: http}]}
+        """
+    }
+}
+
 private let services = """
     apiVersion: v1
     kind: Service
@@ -493,14 +513,11 @@ struct ServiceLoadBalancingTests {
     /// pods the same way while it has any, and sends them to the other
     /// nodes' pods when it has none, never refused.
     @Test func internalTrafficPolicyLocalKeepsClientsOnTheirNode() throws {
-        let clientN2 = client.replacingOccurrences(of: "name: client,", with: "name: client-n2,")
-            .replacingOccurrences(of: "node: n1, address: 198.18.1.10", with: "node: n2, address: 198.18.2.10")
-        let pods = [client, clientN2,
+        let pods = [client, client("client-n2", node: "n2", address: "198.18.2.10"),
                     workload("web-1", node: "n1", address: "198.18.1.12"),
                     workload("web-2", node: "n2", address: "198.18.2.12", labels: "{app: web, side: n2}"),
                     workload("web-3", node: "n2", address: "198.18.2.13", labels: "{app: web, side: n2}")].joined(separator: "\n---\n")
-        // name, last byte of the clusterIP, the preference, selector, port name.
-        let services: [(String, Int, String, String, String)] = [
+        let local = preferenceServices([
             ("local", 50, "internalTrafficPolicy: Local", "app: web", "web"),
             ("local-http", 51, "internalTrafficPolicy: Local", "app: web", "http"),
             ("n2-only", 52, "internalTrafficPolicy: Local", "side: n2", "web"),
@@ -509,15 +526,7 @@ struct ServiceLoadBalancingTests {
             ("near-http", 55, "trafficDistribution: PreferSameNode", "app: web", "http"),
             ("near-n2", 56, "trafficDistribution: PreferSameNode", "side: n2", "web"),
             ("near-policy", 57, "internalTrafficPolicy: Cluster", "app: web", "web"),
-        ]
-        let local = services.map { name, ip, preference, selector, port in
-            """
-            apiVersion: v1
-            kind: Service
-            metadata: {name: \(name), namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.\(ip), \(preference), selector: {\(selector)}, ports: [{name: \(port), port: 80, targetPort: http}]}
-            """
-        }.joined(separator: "\n---\n") + "\n---\n" + LabHarness.trafficPolicy("near-policy", namespace: ns, "loadBalancer: {locality: PreferLocal}")
+        ]).joined(separator: "\n---\n") + "\n---\n" + LabHarness.trafficPolicy("near-policy", namespace: ns, "loadBalancer: {locality: PreferLocal}")
         let lab = try LabHarness(files: ["services.yaml": local, "pods.yaml": pods])
         defer { lab.down() }
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
@@ -551,29 +560,18 @@ struct ServiceLoadBalancingTests {
     /// on the proxy's; to the other zones' when its own has none, never
     /// refused; and to every pod once the nodes carry no zone.
     @Test func trafficDistributionPreferSameZoneKeepsClientsInTheirZone() throws {
-        let clientN3 = client.replacingOccurrences(of: "name: client,", with: "name: client-n3,")
-            .replacingOccurrences(of: "node: n1, address: 198.18.1.10", with: "node: n3, address: 198.18.3.10")
-        let pods = [client, clientN3,
+        let pods = [client, client("client-n3", node: "n3", address: "198.18.3.10"),
                     workload("web-1", node: "n1", address: "198.18.1.12"),
                     workload("web-2", node: "n2", address: "198.18.2.12"),
                     workload("web-3", node: "n3", address: "198.18.3.12", labels: "{app: web, zone: b}")].joined(separator: "\n---\n")
-        // name, last byte of the clusterIP, the preference, selector, port name.
-        let services: [(String, Int, String, String, String)] = [
+        let manifests = preferenceServices([
             ("zone", 60, "trafficDistribution: PreferSameZone", "app: web", "web"),
             ("zone-http", 61, "trafficDistribution: PreferSameZone", "app: web", "http"),
             ("close", 62, "trafficDistribution: PreferClose", "app: web", "web"),
             ("zone-b", 63, "trafficDistribution: PreferSameZone", "zone: b", "web"),
             ("zone-policy", 64, "internalTrafficPolicy: Cluster", "app: web", "web"),
             ("zone-policy-http", 65, "internalTrafficPolicy: Cluster", "app: web", "http"),
-        ]
-        let manifests = services.map { name, ip, preference, selector, port in
-            """
-            apiVersion: v1
-            kind: Service
-            metadata: {name: \(name), namespace: \(ns)}
-            spec: {clusterIP: 198.19.0.\(ip), \(preference), selector: {\(selector)}, ports: [{name: \(port), port: 80, targetPort: http}]}
-            """
-        } + ["zone-policy", "zone-policy-http"].map {
+        ]) + ["zone-policy", "zone-policy-http"].map {
             LabHarness.trafficPolicy($0, namespace: ns, "loadBalancer: {locality: PreferSameZone}")
         }
         func nodes(_ zones: [String]) -> String {
