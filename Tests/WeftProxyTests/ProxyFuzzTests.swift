@@ -814,13 +814,13 @@ import WeftCore
                 let shown = "\(path): \(frames.map { ($0.type, $0.flags, $0.payload.count) })"
                 #expect(heads.count == 1 && heads.first.map { $0.flags & 0x1 == 0 } == true, "\(shown)")
                 #expect(status == "200", "\(shown)")
-                // The stream ends when the backend has closed. A backend
-                // that closes as it writes may lose what it wrote behind its
-                // 101: NIO's HTTP/1 decoder, on its way out, drops what it
-                // holds once it has seen the connection's end.
+                // What the backend said, then END_STREAM when it has
+                // closed. (A backend that closes as it writes may lose what
+                // it wrote behind its 101 when its FIN comes in the same
+                // read: Upgrade.afterResponseEnd.)
                 #expect(data.last.map { $0.flags & 0x1 != 0 } == true, "\(shown)")
                 let got = data.flatMap(\.payload)
-                #expect(path == "/101" ? (got.isEmpty || got == said) : got == said, "\(shown)")
+                #expect(got == said || (path == "/101" && got.isEmpty), "\(shown)")
             }
         }
         let bare = exchange("/101-bare").frames.filter { $0.stream == 1 }
@@ -830,6 +830,32 @@ import WeftCore
         #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
         let held = try rig.held()
         #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
+    }
+
+    /// An HTTP/1.1 WebSocket to a backend that answers 101 with bytes right
+    /// behind it, then closes 300 ms later: the client gets the 101, the
+    /// bytes, then the close. A backend that closes at once: the 101, its
+    /// bytes or none of them (they are lost when its FIN comes in the same
+    /// read, Upgrade.afterResponseEnd; on this machine 24 of 24 such runs
+    /// got them, against 0 of 4 before 2026-12-07, when they were lost
+    /// whenever the FIN came before the next turn of the loop), the close.
+    @Test func http1UpgradesPassOnWhatTheBackendSaidBehindIts101() throws {
+        let rig = try Rig()
+        defer { rig.shutdown() }
+        let said = String(repeating: "d", count: 300)
+        for path in ["/101", "/101-linger"] {
+            for i in 0..<8 {
+                let out = Self.exchange(port: rig.port(3), chunks: [Array(("GET \(path) HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\n"
+                    + "upgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n").utf8)],
+                                        pauses: [false], shut: false, wait: .seconds(1))
+                let text = String(decoding: out.answer, as: UTF8.self)
+                let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
+                #expect(text.hasPrefix("HTTP/1.1 101") && (body == said || (path == "/101" && body.isEmpty)) && out.closedByProxy,
+                        "\(path) \(i): \(FuzzInput.show(out.answer))")
+            }
+        }
+        try rig.settle()
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
     }
 
     /// What the fuzzing found, each as a plain case: the answer the proxy

@@ -163,18 +163,10 @@ enum ExtendedConnect {
             return
         }
         // The backend's connection: its HTTP handlers leave once NIO's
-        // decoder has passed on the 101's end (in this same read; then
-        // what the backend sent behind its 101 is handed on when the
-        // decoder leaves, before a later read can see the backend close),
-        // or at the latest on the next turn of the loop.
-        var detached = false
-        let detach = {
-            guard !detached else { return }
-            detached = true
+        // decoder has passed on the 101's end.
+        Upgrade.afterResponseEnd(upstream, on: stream.eventLoop) {
             join(stream, upstreamChannel, bytes, adapter, stats)
         }
-        upstream.onResponseEnd = { _ in detach() }
-        stream.eventLoop.assumeIsolated().execute { detach() }
     }
 
     /// The HTTP handlers out of the backend's connection, then the glue

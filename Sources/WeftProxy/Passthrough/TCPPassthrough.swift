@@ -230,20 +230,39 @@ enum Upgrade {
             return
         }
         upstream.sink = nil
-        upstream.onResponseEnd = nil
         let downstream = context.channel
         var response = head
         response.headers.remove(name: "keep-alive")
         // The 101 goes out through the HTTP encoder; once it is written,
-        // the HTTP handlers leave both pipelines. The surgery waits for the
-        // next loop turn: we are inside the upstream decoder's read.
+        // the HTTP handlers leave both pipelines (afterResponseEnd: we are
+        // inside the upstream decoder's read).
         context.write(NIOAny(HTTPServerResponsePart.head(response)), promise: nil)
         context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
-        context.eventLoop.assumeIsolated().execute {
-            detach(upstreamChannel, downstream: downstream) { held in
+        afterResponseEnd(upstream, on: context.eventLoop) {
+            detach(upstreamChannel, downstream: downstream, evenIfClosed: true) { held in
                 join(context, downstream, upstreamChannel, held, stats)
             }
         }
+    }
+
+    /// Runs `body` once NIO's response decoder has passed on the end of
+    /// the 101 `upstream` is reading, or at the latest on the next turn of
+    /// the loop. The decoder, asked to leave then, hands on what the
+    /// backend sent behind its 101 a turn later, unless it has seen the
+    /// backend's close by then: it drops what it holds on EOF. A backend
+    /// that writes and closes at once may so lose its last bytes when its
+    /// FIN comes in the same read (NIO reads to the EOF then); asked to
+    /// leave a turn later, as until 2026-12-07, the decoder lost them
+    /// whenever the FIN came before that turn.
+    static func afterResponseEnd(_ upstream: UpstreamHandler, on loop: any EventLoop, _ body: @escaping () -> Void) {
+        var done = false
+        let once = {
+            guard !done else { return }
+            done = true
+            body()
+        }
+        upstream.onResponseEnd = { _ in once() }
+        loop.assumeIsolated().execute { once() }
     }
 
     /// Takes the HTTP handlers out of an upstream connection whose backend
@@ -301,16 +320,17 @@ enum Upgrade {
     /// body, if any) to the backend.
     private static func join(_ context: ChannelHandlerContext, _ downstream: any Channel, _ upstreamChannel: any Channel,
                              _ held: HeldBytes, _ stats: ProxyStats) {
-        // (As before the surgery: a side that closed meanwhile ends both.)
-        guard downstream.isActive, upstreamChannel.isActive else {
+        // (As before the surgery: a client that went meanwhile ends both.)
+        guard downstream.isActive else {
             upstreamChannel.close(promise: nil)
-            downstream.close(promise: nil)
             return
         }
         let (a, b) = GlueHandler.pair()
         let tallies = ReadTally.of(downstream).flatMap { d in ReadTally.of(upstreamChannel).map { (d, $0) } }
-        let legs = tallies.map { SpliceLeg.unarmed(maps: $0.0.maps, downstream: downstream, upstream: upstreamChannel) }
-            ?? (nil, nil)
+        // (No splicing for a backend that is gone already.)
+        let legs = upstreamChannel.isActive
+            ? tallies.map { SpliceLeg.unarmed(maps: $0.0.maps, downstream: downstream, upstream: upstreamChannel) } ?? (nil, nil)
+            : (nil, nil)
         (a.splice, b.splice) = legs
         a.onFinish = { read, readBack in
             let spliced = (legs.0?.finish() ?? 0) + (legs.1?.finish() ?? 0)
@@ -325,6 +345,16 @@ enum Upgrade {
             // goes, a turn of the loop later.)
             let decoderGone = downstream.eventLoop.makePromise(of: Void.self)
             try HTTP1ServerPipeline.remove(from: down, decoderGone: decoderGone)
+            guard upstreamChannel.isActive else {
+                // The backend had its say and closed before its decoder
+                // left: what it said goes to the client, then the close.
+                let glue = try down.context(handler: a)
+                let said = held.take()
+                stats.upgradedBytes.add(said.reduce(0) { $0 + $1.readableBytes }, ordering: .relaxed)
+                for buffer in said { glue.write(NIOAny(buffer), promise: nil) }
+                glue.closeAfterWrites()
+                return
+            }
             try upstreamChannel.pipeline.syncOperations.addHandler(b)
             held.release()
             decoderGone.futureResult.assumeIsolated().whenSuccess {
