@@ -51,6 +51,7 @@ final class SharedStatus: Sendable {
         var s = status
         s.services = (table?.entries ?? [:]).sorted { $0.key < $1.key }
             .map { AgentStatus.ServiceName(frontend: $0.key.description, name: $0.value.name) }
+        s.zone = config?.zone(ofNode: s.node)
         s.workloads = (config?.workloads ?? []).map {
             AgentStatus.WorkloadStatus(name: $0.metadata.qualifiedName, node: $0.node, address: $0.address.description,
                                        serviceAccount: $0.serviceAccount, labels: $0.metadata.labels)

@@ -184,6 +184,8 @@ struct StatusCommand: ParsableCommand {
                     print("  phases:     " + order.compactMap { k in s.lastReconcilePhases[k].map { "\(k) \(String(format: "%.1f", $0)) ms" } }
                         .joined(separator: ", "))
                 }
+                print("  zone:       " + (s.zone.map { "\($0) (its Node manifest's topology.kubernetes.io/zone)" }
+                    ?? "none (no Node manifest with a zone label): PreferSameZone prefers nothing here"))
                 if let p = s.proxy {
                     let gen = p.generation.map { "\($0)" } ?? "unknown"
                     print("  proxy:      \(p.pid.map { "pid \($0)" } ?? "NOT RUNNING"), listening on \(p.listen), restarts \(p.restarts), route table generation \(gen), \(p.frontends.count) captured service port(s)")

@@ -598,6 +598,8 @@ struct ServiceLoadBalancingTests {
             #expect(try tally("client-n3", vip) == ["web-3"], ".\(vip) from zone b")
         }
         #expect(try tally("client", 63) == ["web-3"], "none in zone a: zone b's, not refused")
+        let status = try LabHarness.run(["status", "--node", "n3"])
+        #expect(status.output.contains("zone:       b (its Node manifest's topology.kubernetes.io/zone)"), "\(status.output)")
         // The nodes lose their zones: no preference left.
         let before = try lab.generations(["n1", "n2", "n3"])
         _ = try lab.write("nodes.yaml", nodes(["", "", ""]))
@@ -606,6 +608,7 @@ struct ServiceLoadBalancingTests {
         for vip in [60, 61, 64, 65] {
             #expect(try tally("client-n3", vip) == ["web-1", "web-2", "web-3"], ".\(vip) with no zones")
         }
+        #expect(try LabHarness.run(["status", "--node", "n3"]).output.contains("zone:       none"))
     }
 
     @Test func serviceWithoutBackendsFailsConnectAtOnceWithECONNREFUSED() throws {

@@ -138,6 +138,9 @@ public struct AgentStatus: Codable, Sendable {
 
     /// Backend health (TrafficPolicy healthCheck and outlier ejections).
     public var health: HealthStatus?
+    /// This node's zone (its Node manifest's `topology.kubernetes.io/zone`),
+    /// for PreferSameZone; nil: in no zone.
+    public var zone: String?
 
     public struct HealthStatus: Codable, Sendable, Equatable {
         /// Backends failing their active health check, "cluster backend".
