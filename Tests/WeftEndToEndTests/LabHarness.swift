@@ -290,10 +290,11 @@ func expectHeadCutByGoAway(_ r: [String: Any], _ name: String, lastStream: Int,
 /// none of the HTTP/1.1 handshake's), three frames echoed by a pod of
 /// `podPrefix` and the close answered on each, the stream ended, and a GET
 /// on a third stream answered meanwhile; the proxy of `node` counts both
-/// upgrades.
+/// upgrades, and each as the 200 its client got.
 func expectWebSocketsOverHTTP2(_ lab: LabHarness, in pod: String, to service: String, node: String = "n1",
                                podPrefix: String = "v1-", sourceLocation: SourceLocation = #_sourceLocation) throws {
     let before = try LabHarness.proxyStat(node, "upgrades_total")
+    let informational = try LabHarness.proxyStat(node, "responses_1xx")
     let r = try lab.tool(in: pod, ["h2-ws-echo", service, "80", "hi", "2"])
     #expect(r["announced"] as? Bool == true, "\(r)", sourceLocation: sourceLocation)
     #expect(r["get_status"] as? String == "200" && r["get_path"] as? String == "/beside-websockets", "\(r)",
@@ -311,4 +312,6 @@ func expectWebSocketsOverHTTP2(_ lab: LabHarness, in pod: String, to service: St
         #expect(stream["close"] is String && stream["ended"] as? Bool == true, "\(stream)", sourceLocation: sourceLocation)
     }
     #expect(try LabHarness.proxyStat(node, "upgrades_total") - before == 2, sourceLocation: sourceLocation)
+    // Counted with the status the client got (200), not the backend's 101.
+    #expect(try LabHarness.proxyStat(node, "responses_1xx") == informational, sourceLocation: sourceLocation)
 }

@@ -952,8 +952,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Ups
                 endAttempt(success: true)
                 request = nil
                 proxy.stats.upgrades.add(1, ordering: .relaxed)
-                proxy.stats.response(101)
-                complete(101)
+                // (An extended CONNECT's client is answered 200: ExtendedConnect.)
+                let answered = extendedConnect ? 200 : 101
+                proxy.stats.response(answered)
+                complete(answered)
                 r.requestTimer?.cancel()
                 OpaqueKeepalive.apply(to: [context.channel] + (upstream.channel.map { [$0] } ?? []), proxy.snapshot.table.tcpKeepalive)
                 onUpgrade(context, upstream, head, proxy.stats)
