@@ -21,7 +21,7 @@ struct ValidateCommand: ParsableCommand {
             // The first five always, the rest when there are any.
             let more = [(grpc, "GRPCRoute"), (state.l4Routes.count, "TCPRoute/UDPRoute/TLSRoute"),
                         (state.trafficPolicies.count, "TrafficPolicy"), (state.peerAuthentications.count, "PeerAuthentication"),
-                        (state.authorizationPolicies.count, "AuthorizationPolicy")]
+                        (state.authorizationPolicies.count, "AuthorizationPolicy"), (state.nodes.count, "Node")]
                 .filter { $0.0 > 0 }.map { ", \($0.0) \($0.1)(s)" }.joined()
             print("valid: \(state.services.count) Service(s), \(state.workloads.count) Workload(s), \(state.namespaces.count) Namespace(s), \(state.networkPolicies.count) NetworkPolicy(s), \(state.httpRoutes.count - grpc) HTTPRoute(s)" + more)
         case .failure(let errors):

@@ -195,10 +195,14 @@ import Testing
             kind: TrafficPolicy
             metadata: {name: web, namespace: shop}
             spec: {targetRefs: [{name: web}], loadBalancer: {type: RoundRobin}}
+            ---
+            apiVersion: v1
+            kind: Node
+            metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}
             """)
         let counted = try LabHarness.run(["validate", "-f", policy])
         #expect(counted.status == 0, "\(counted.output)")
-        #expect(counted.output.contains("valid: 1 Service(s), 0 Workload(s), 0 Namespace(s), 0 NetworkPolicy(s), 0 HTTPRoute(s), 1 TrafficPolicy(s)"),
+        #expect(counted.output.contains("valid: 1 Service(s), 0 Workload(s), 0 Namespace(s), 0 NetworkPolicy(s), 0 HTTPRoute(s), 1 TrafficPolicy(s), 1 Node(s)"),
                 "\(counted.output)")
     }
 
