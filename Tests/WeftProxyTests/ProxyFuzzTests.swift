@@ -1253,7 +1253,15 @@ enum FuzzInput {
     static func block(_ rng: inout LoopRandom, method: String) -> [UInt8] {
         var b: [UInt8] = []
         if rng.next() % 8 == 0 { b += [0x20] }  // a table size update to 0
-        b += method == "POST" ? [0x83] : [0x82]
+        switch method {
+        case "POST": b += [0x83]
+        case "CONNECT":
+            // An extended CONNECT (RFC 8441): :method CONNECT, :protocol.
+            b += [0x02] + lengthPrefixed(Array("CONNECT".utf8))
+            b += [0x00] + lengthPrefixed(Array(":protocol".utf8))
+                + lengthPrefixed(Array(pick(["websocket", "websocket", "x-other", ""], &rng).utf8))
+        default: b += [0x82]
+        }
         b += rng.next() % 6 == 0 ? [0x87] : [0x86]  // https / http
         func literal(_ prefix: UInt8, _ value: String) -> [UInt8] {
             let v = Array(value.utf8)
@@ -1303,9 +1311,10 @@ enum FuzzInput {
         frames.append(Frame(type: 0x4, flags: 0, stream: 0, payload: settings(pairs)))
         var stream: UInt32 = 1
         for _ in 0..<int(1...6, &rng) {
-            let method = rng.next() % 2 == 0 ? "GET" : "POST"
+            // (Now and then an extended CONNECT, whose DATA is a tunnel's.)
+            let method = rng.next() % 6 == 0 ? "CONNECT" : rng.next() % 2 == 0 ? "GET" : "POST"
             var head = block(&rng, method: method)
-            let withBody = method == "POST"
+            let withBody = method != "GET"
             var flags: UInt8 = withBody ? 0x4 : 0x5
             if rng.next() % 6 == 0 { head = [0x80, 0, 0, 0, 16] + head; flags |= 0x20 }  // priority
             if rng.next() % 6 == 0 {
