@@ -65,11 +65,11 @@ func table(_ rows: [[String]]) -> String {
 
 struct GetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "get", abstract: "Show what is in force: services (from the pinned maps), workloads, policies or routes.")
+        commandName: "get", abstract: "Show what is in force: services (from the pinned maps), workloads, policies, routes or nodes.")
 
-    enum Kind: String, ExpressibleByArgument, CaseIterable { case services, workloads, policies, routes }
+    enum Kind: String, ExpressibleByArgument, CaseIterable { case services, workloads, policies, routes, nodes }
 
-    @Argument(help: "services | workloads | policies | routes") var kind: Kind
+    @Argument(help: "services | workloads | policies | routes | nodes") var kind: Kind
     @Option(help: "Node to read (default: every node pinned on this machine).") var node: String?
     @Option(name: .shortAndLong, help: "Output: table or json.") var output = "table"
 
@@ -124,6 +124,16 @@ struct GetCommand: ParsableCommand {
                 if output != "json" && !status.policies.isEmpty {
                     rows.append(["", "", "", "", "", "kernel total:", "\(kernel.entries.count) allow(s), \(kernel.endpoints.count) endpoint(s), \(kernel.cidrClasses.count) ipBlock region(s)"])
                 }
+            case .nodes:
+                // Each node with an agent here: its zone (PreferSameZone) and its pods.
+                if rows.isEmpty { rows.append(["NODE", "AGENT", "ZONE", "WORKLOADS"]) }
+                let on = status.map { s in s.workloads.filter { $0.node == node }.count }
+                rows.append([node, status.map { "running, pid \($0.pid)" } ?? "not reachable", status?.zone ?? "-",
+                             on.map { "\($0)" } ?? "?"])
+                var entry: [String: Any] = ["node": node, "agent": status != nil]
+                if let zone = status?.zone { entry["zone"] = zone }
+                if let on { entry["workloads"] = on }
+                json.append(entry)
             case .routes:
                 guard let status else { throw ValidationError("routes come from the agent, and agent \(node) is not reachable") }
                 if rows.isEmpty { rows.append(["NODE", "KIND", "ROUTE", "PARENTS", "RULES", "BACKENDS"]) }

@@ -600,6 +600,10 @@ struct ServiceLoadBalancingTests {
         #expect(try tally("client", 63) == ["web-3"], "none in zone a: zone b's, not refused")
         let status = try LabHarness.run(["status", "--node", "n3"])
         #expect(status.output.contains("zone:       b (its Node manifest's topology.kubernetes.io/zone)"), "\(status.output)")
+        let listing = try LabHarness.run(["get", "nodes", "-o", "json"])
+        let listed = (try? JSONSerialization.jsonObject(with: Data(listing.output.utf8)) as? [[String: Any]]) ?? []
+        #expect(listed.map { "\($0["node"] ?? "") \($0["zone"] ?? "-") \($0["workloads"] ?? "?")" } == ["n1 a 2", "n2 a 1", "n3 b 2"],
+                "\(listing.output)")
         // The nodes lose their zones: no preference left.
         let before = try lab.generations(["n1", "n2", "n3"])
         _ = try lab.write("nodes.yaml", nodes(["", "", ""]))
