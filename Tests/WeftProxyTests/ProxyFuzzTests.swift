@@ -792,7 +792,8 @@ import WeftCore
     /// gets 200, the bytes as DATA, and END_STREAM when the backend is
     /// gone. A 101 without the accept the proxy's key asks for opens no
     /// tunnel: the stream is reset. A `:protocol` that is no token is a
-    /// CONNECT, refused. Nothing is held after any of them.
+    /// CONNECT, refused. A backend's ordinary answer goes to the client
+    /// whole and ends the stream. Nothing is held after any of them.
     @Test func extendedConnectTunnelsEndWithTheirBackend() throws {
         let rig = try Rig()
         defer { rig.shutdown() }
@@ -826,6 +827,16 @@ import WeftCore
         let bare = exchange("/101-bare").frames.filter { $0.stream == 1 }
         #expect(!bare.contains { $0.type == 0x1 || $0.type == 0x0 } && bare.contains { $0.type == 0x3 }, "\(bare.map { ($0.type, $0.flags) })")
         #expect(exchange("/101", protocol: "").status == "405")
+        // A backend that answers the upgrade with an ordinary response (the
+        // well-behaved one: 200 and a body): that answer, whole, and the
+        // stream's end; no tunnel.
+        let upgrades = rig.proxy.stats.upgrades.load(ordering: .relaxed)
+        let plain = Self.exchange(port: rig.port(0), chunks: [FuzzInput.h2ExtendedConnect(path: "/ws")], pauses: [false],
+                                  shut: false, wait: .seconds(1))
+        let plainFrames = StreamIdleTests.frames(plain.answer).filter { $0.stream == 1 && ($0.type == 0x0 || $0.type == 0x1) }
+        #expect(FuzzInput.h2Status(plain.answer) == "200" && plainFrames.last.map { $0.flags & 0x1 != 0 } == true,
+                "\(plainFrames.map { ($0.type, $0.flags, $0.payload.count) })")
+        #expect(rig.proxy.stats.upgrades.load(ordering: .relaxed) == upgrades)
         try rig.settle()
         #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
         let held = try rig.held()
