@@ -843,6 +843,41 @@ import WeftCore
         #expect(held.allSatisfy { $0 == 0 }, "backends still held (requests, streams per loop): \(held)")
     }
 
+    /// A WebSocket over HTTP/2 whose client goes away, by RST_STREAM or by
+    /// closing its connection, once the tunnel is up: the proxy closes the
+    /// backend's connection (which would otherwise stay 10 s).
+    @Test func extendedConnectTunnelsEndWhenTheirClientGoes() throws {
+        let rig = try Rig()
+        defer { rig.shutdown() }
+        let said = Array(repeating: UInt8(ascii: "d"), count: 300)
+        for ending in ["RST_STREAM", "close"] {
+            let fd = try #require(Self.dial(rig.port(3)))
+            let request = FuzzInput.h2ExtendedConnect(path: "/101-hold")
+            _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            var answer: [UInt8] = [], buffer = [UInt8](repeating: 0, count: 65_536)
+            let deadline = ContinuousClock.now + .seconds(3)
+            func data() -> [UInt8] { StreamIdleTests.frames(answer).filter { $0.stream == 1 && $0.type == 0x0 }.flatMap(\.payload) }
+            while ContinuousClock.now < deadline, data().count < said.count {
+                let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                if n > 0 { answer += buffer[0..<n] } else if n == 0 { break }
+            }
+            #expect(FuzzInput.h2Status(answer) == "200" && data() == said, "\(ending): \(FuzzInput.show(answer))")
+            #expect(MangledBackend.held.load(ordering: .relaxed) == 1, "\(ending): the backend's connection is open")
+            if ending == "close" {
+                close(fd)
+            } else {
+                let reset: [UInt8] = [0, 0, 4, 0x3, 0, 0, 0, 0, 1, 0, 0, 0, 0x8]  // RST_STREAM(1, CANCEL)
+                _ = reset.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            }
+            let gone = ContinuousClock.now + .seconds(2)
+            while ContinuousClock.now < gone, MangledBackend.held.load(ordering: .relaxed) > 0 { usleep(10_000) }
+            #expect(MangledBackend.held.load(ordering: .relaxed) == 0, "\(ending): the backend's connection is still open")
+            if ending != "close" { close(fd) }
+        }
+        try rig.settle()
+        #expect(rig.proxy.stats.activeConnections.load(ordering: .relaxed) == 0, "connections left open")
+    }
+
     /// An HTTP/1.1 WebSocket to a backend that answers 101 with bytes right
     /// behind it, then closes 300 ms later: the client gets the 101, the
     /// bytes, then the close. A backend that closes at once: the 101, its
@@ -971,6 +1006,17 @@ final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
     init(http2: Bool = false) { self.http2 = http2 }
     /// Requests answered (or refused) so far, by every instance.
     static let served = Atomic<UInt64>(0)
+    /// /101-hold connections still open.
+    static let held = Atomic<Int>(0)
+    private var holding = false
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if holding {
+            holding = false
+            Self.held.subtract(1, ordering: .relaxed)
+        }
+        context.fireChannelInactive()
+    }
     private var seen: [UInt8] = []
     private var answered = false
 
@@ -990,9 +1036,11 @@ final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
         var response = http2 ? FuzzInput.h2Response(stream: stream ?? 1, &rng) : FuzzInput.response(&rng)
         let channel = context.channel
         let lingering = seen.starts(with: Array("GET /101-linger ".utf8))
-        if seen.starts(with: Array("GET /101 ".utf8)) || seen.starts(with: Array("GET /101-bare ".utf8)) || lingering {
+        let holding = seen.starts(with: Array("GET /101-hold ".utf8))
+        if seen.starts(with: Array("GET /101 ".utf8)) || seen.starts(with: Array("GET /101-bare ".utf8)) || lingering || holding {
             // whatTheFuzzingFoundIsAnswered: a 101 (no Upgrade field) with bytes
-            // right behind it, then the end (on /101-linger 300 ms later).
+            // right behind it, then the end (on /101-linger 300 ms later; on
+            // /101-hold 10 s later, unless the proxy closes first: `held`).
             // With the accept a WebSocket key asks for, but on /101-bare
             // (extendedConnectTunnelsEndWithTheirBackend).
             let text = String(decoding: seen, as: UTF8.self)
@@ -1006,8 +1054,12 @@ final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
             } ?? ""
             response = Array(("HTTP/1.1 101 Switching Protocols\r\n\(accept)\r\n" + String(repeating: "d", count: 300)).utf8)
             let wrote = context.writeAndFlush(NIOAny(channel.allocator.buffer(bytes: response)))
-            if lingering {
-                channel.eventLoop.scheduleTask(in: .milliseconds(300)) { channel.close(promise: nil) }
+            if lingering || holding {
+                if holding {
+                    self.holding = true
+                    Self.held.add(1, ordering: .relaxed)
+                }
+                channel.eventLoop.scheduleTask(in: .milliseconds(holding ? 10_000 : 300)) { channel.close(promise: nil) }
             } else {
                 wrote.whenComplete { _ in channel.close(promise: nil) }
             }
