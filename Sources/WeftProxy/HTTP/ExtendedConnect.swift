@@ -174,7 +174,7 @@ enum ExtendedConnect {
     /// either side let go.
     private static func join(_ stream: any Channel, _ upstreamChannel: any Channel, _ bytes: TunnelStreamCodec,
                              _ adapter: Stream, _ stats: ProxyStats) {
-        Upgrade.detach(upstreamChannel, downstream: stream, evenIfClosed: true) { held in
+        Upgrade.detach(upstreamChannel, downstream: stream) { held in
             guard stream.isActive else {
                 upstreamChannel.close(promise: nil)
                 return
@@ -188,9 +188,7 @@ enum ExtendedConnect {
                     // left (a refusal after the handshake, say): what it
                     // said goes on, then END_STREAM.
                     let context = try stream.pipeline.syncOperations.context(handler: a)
-                    let said = held.take()
-                    stats.upgradedBytes.add(said.reduce(0) { $0 + $1.readableBytes }, ordering: .relaxed)
-                    for buffer in said { context.write(NIOAny(buffer), promise: nil) }
+                    held.passOn(through: context, stats)
                     context.closeOutputAfterWrites { _ in context.close(promise: nil) }
                     return
                 }

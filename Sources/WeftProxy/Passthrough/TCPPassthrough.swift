@@ -239,7 +239,7 @@ enum Upgrade {
         context.write(NIOAny(HTTPServerResponsePart.head(response)), promise: nil)
         context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: nil)
         afterResponseEnd(upstream, on: context.eventLoop) {
-            detach(upstreamChannel, downstream: downstream, evenIfClosed: true) { held in
+            detach(upstreamChannel, downstream: downstream) { held in
                 join(context, downstream, upstreamChannel, held, stats)
             }
         }
@@ -267,19 +267,11 @@ enum Upgrade {
 
     /// Takes the HTTP handlers out of an upstream connection whose backend
     /// answered 101 (or, for ExtendedConnect, of the connection behind a
-    /// stream), then calls `then` with what the connection read meanwhile.
-    /// Either channel closed first: both are closed, `then` is not called.
-    /// `evenIfClosed`: `then` is called whatever closed meanwhile, and
-    /// sees to it. Runs once NIO's decoder has passed on the 101's end.
-    static func detach(_ upstreamChannel: any Channel, downstream: any Channel, evenIfClosed: Bool = false,
-                       then: @escaping (HeldBytes) -> Void) {
-        // Either side closed meanwhile: glue added to its pipeline now
-        // would never hear of it (see start), and the other would be held.
-        guard evenIfClosed || (downstream.isActive && upstreamChannel.isActive) else {
-            upstreamChannel.close(promise: nil)
-            downstream.close(promise: nil)
-            return
-        }
+    /// stream), then calls `then` with what the connection read meanwhile,
+    /// whatever closed meanwhile: `then` sees to that (a backend gone may
+    /// have had its say first: HeldBytes.passOn). Runs once NIO's decoder
+    /// has passed on the 101's end (afterResponseEnd).
+    static func detach(_ upstreamChannel: any Channel, downstream: any Channel, then: @escaping (HeldBytes) -> Void) {
         do {
             let up = upstreamChannel.pipeline.syncOperations
             try up.removeHandler(up.handler(type: UpstreamHandler.self), promise: nil)
@@ -349,9 +341,7 @@ enum Upgrade {
                 // The backend had its say and closed before its decoder
                 // left: what it said goes to the client, then the close.
                 let glue = try down.context(handler: a)
-                let said = held.take()
-                stats.upgradedBytes.add(said.reduce(0) { $0 + $1.readableBytes }, ordering: .relaxed)
-                for buffer in said { glue.write(NIOAny(buffer), promise: nil) }
+                held.passOn(through: glue, stats)
                 glue.closeAfterWrites()
                 return
             }
@@ -408,11 +398,14 @@ final class HeldBytes: ChannelInboundHandler, RemovableChannelHandler {
         if self.error == nil { self.error = error }
     }
 
-    /// What was held, no longer held (its channel closed: there is no one
-    /// to pass it on to).
-    func take() -> [ByteBuffer] {
-        defer { held.removeAll() }
-        return held
+    /// What was held, written out through `context` (the client's side of
+    /// an upgrade whose backend has closed: this channel has no one left
+    /// to read it) and counted as upgraded bytes; no longer held. The
+    /// caller flushes, by the close that follows.
+    func passOn(through context: ChannelHandlerContext, _ stats: ProxyStats) {
+        stats.upgradedBytes.add(held.reduce(0) { $0 + $1.readableBytes }, ordering: .relaxed)
+        for buffer in held { context.write(NIOAny(buffer), promise: nil) }
+        held.removeAll()
     }
 
     /// Passes on what was held, in order, to the handler after this one,
