@@ -807,7 +807,7 @@ import WeftCore
             && FuzzInput.be32(Array(settings[($0 + 2)..<($0 + 6)])) == 1 }, "SETTINGS_ENABLE_CONNECT_PROTOCOL: \(settings)")
         let said = Array(repeating: UInt8(ascii: "d"), count: 300)
         for path in ["/101-linger", "/101"] {
-            for _ in 0..<4 {
+            for _ in 0..<8 {
                 let (status, all) = exchange(path)
                 let frames = all.filter { $0.stream == 1 }
                 let heads = frames.filter { $0.type == 0x1 }
@@ -815,13 +815,12 @@ import WeftCore
                 let shown = "\(path): \(frames.map { ($0.type, $0.flags, $0.payload.count) })"
                 #expect(heads.count == 1 && heads.first.map { $0.flags & 0x1 == 0 } == true, "\(shown)")
                 #expect(status == "200", "\(shown)")
-                // What the backend said, then END_STREAM when it has
-                // closed. (A backend that closes as it writes may lose what
-                // it wrote behind its 101 when its FIN comes in the same
-                // read: Upgrade.afterResponseEnd.)
+                // What the backend said, whole, then END_STREAM when it
+                // has closed, also when it closed as it wrote (its FIN in
+                // the same read: EOFGate).
                 #expect(data.last.map { $0.flags & 0x1 != 0 } == true, "\(shown)")
                 let got = data.flatMap(\.payload)
-                #expect(got == said || (path == "/101" && got.isEmpty), "\(shown)")
+                #expect(got == said, "\(shown)")
             }
         }
         let bare = exchange("/101-bare").frames.filter { $0.stream == 1 }
@@ -879,12 +878,11 @@ import WeftCore
     }
 
     /// An HTTP/1.1 WebSocket to a backend that answers 101 with bytes right
-    /// behind it, then closes 300 ms later: the client gets the 101, the
-    /// bytes, then the close. A backend that closes at once: the 101, its
-    /// bytes or none of them (they are lost when its FIN comes in the same
-    /// read, Upgrade.afterResponseEnd; on this machine 24 of 24 such runs
-    /// got them, against 0 of 4 before 2026-12-07, when they were lost
-    /// whenever the FIN came before the next turn of the loop), the close.
+    /// behind it, then closes 300 ms later, or at once (its FIN most often
+    /// in the proxy's same read): the client gets the 101, the bytes, then
+    /// the close. (Without EOFGate, which holds the close back from NIO's
+    /// decoder until it has handed the bytes on, 4 of 8 such cases lost
+    /// them in one run on this machine and 0 in another.)
     @Test func http1UpgradesPassOnWhatTheBackendSaidBehindIts101() throws {
         let rig = try Rig()
         defer { rig.shutdown() }
@@ -896,7 +894,7 @@ import WeftCore
                                         pauses: [false], shut: false, wait: .seconds(1))
                 let text = String(decoding: out.answer, as: UTF8.self)
                 let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
-                #expect(text.hasPrefix("HTTP/1.1 101") && (body == said || (path == "/101" && body.isEmpty)) && out.closedByProxy,
+                #expect(text.hasPrefix("HTTP/1.1 101") && body == said && out.closedByProxy,
                         "\(path) \(i): \(FuzzInput.show(out.answer))")
             }
         }
@@ -1053,7 +1051,7 @@ final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
                 "upgrade: websocket\r\nconnection: Upgrade\r\n" + (bare ? "" : "sec-websocket-accept: \(ExtendedConnect.accept($0))\r\n")
             } ?? ""
             response = Array(("HTTP/1.1 101 Switching Protocols\r\n\(accept)\r\n" + String(repeating: "d", count: 300)).utf8)
-            let wrote = context.writeAndFlush(NIOAny(channel.allocator.buffer(bytes: response)))
+            context.writeAndFlush(NIOAny(channel.allocator.buffer(bytes: response)), promise: nil)
             if lingering || holding {
                 if holding {
                     self.holding = true
@@ -1061,7 +1059,9 @@ final class MangledBackend: ChannelInboundHandler, @unchecked Sendable {
                 }
                 channel.eventLoop.scheduleTask(in: .milliseconds(holding ? 10_000 : 300)) { channel.close(promise: nil) }
             } else {
-                wrote.whenComplete { _ in channel.close(promise: nil) }
+                // The FIN right behind the bytes, most often in the
+                // proxy's same read.
+                channel.close(promise: nil)
             }
             return
         }

@@ -248,13 +248,17 @@ enum Upgrade {
     /// Runs `body` once NIO's response decoder has passed on the end of
     /// the 101 `upstream` is reading, or at the latest on the next turn of
     /// the loop. The decoder, asked to leave then, hands on what the
-    /// backend sent behind its 101 a turn later, unless it has seen the
-    /// backend's close by then: it drops what it holds on EOF. A backend
-    /// that writes and closes at once may so lose its last bytes when its
-    /// FIN comes in the same read (NIO reads to the EOF then); asked to
-    /// leave a turn later, as until 2026-12-07, the decoder lost them
-    /// whenever the FIN came before that turn.
+    /// backend sent behind its 101 a turn later, but drops what it holds
+    /// if it sees the backend's close first; so from here the close waits
+    /// in front of it (EOFGate) until it has left. (Until 2026-12-07 the
+    /// decoder left a turn later with no gate, and a backend that wrote
+    /// and closed at once lost its last bytes whenever its FIN came before
+    /// that turn; until 2026-12-08, when it came in the same read.)
     static func afterResponseEnd(_ upstream: UpstreamHandler, on loop: any EventLoop, _ body: @escaping () -> Void) {
+        if let ops = upstream.channel?.pipeline.syncOperations,
+           let decoder = try? ops.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self) {
+            try? ops.addHandler(EOFGate(), position: .before(decoder))
+        }
         var done = false
         let once = {
             guard !done else { return }
@@ -291,8 +295,14 @@ enum Upgrade {
             try up.addHandler(held)
             let decoderGone = upstreamChannel.eventLoop.makePromise(of: Void.self)
             try up.removeHandler(up.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: decoderGone)
-            decoderGone.futureResult.assumeIsolated().whenComplete { _ in then(held) }
+            decoderGone.futureResult.assumeIsolated().whenComplete { _ in
+                // (The backend's close, if it came meanwhile, now reaches
+                // `held` behind what the decoder handed on.)
+                EOFGate.open(on: upstreamChannel)
+                then(held)
+            }
         } catch {
+            EOFGate.open(on: upstreamChannel)
             upstreamChannel.close(promise: nil)
             downstream.close(promise: nil)
         }
@@ -371,6 +381,34 @@ enum Upgrade {
             upstreamChannel.close(promise: nil)
             downstream.close(promise: nil)
         }
+    }
+}
+
+/// In front of an upstream connection's response decoder while it leaves
+/// after a 101 (Upgrade.afterResponseEnd): holds back the backend's close,
+/// on which NIO's decoder would drop the bytes it still holds (its
+/// decodeLast forwards left-over bytes only when it has seen no EOF), and
+/// lets it through once the decoder has handed them on (open).
+final class EOFGate: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private var inactive = false
+    private var inputClosed = false
+
+    func channelInactive(context: ChannelHandlerContext) { inactive = true }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, case .inputClosed = e { inputClosed = true } else { context.fireUserInboundEventTriggered(event) }
+    }
+
+    /// Passes on what was held back and leaves `channel`'s pipeline, if
+    /// there is a gate in it.
+    static func open(on channel: any Channel) {
+        let ops = channel.pipeline.syncOperations
+        guard let gate = try? ops.handler(type: EOFGate.self), let context = try? ops.context(handler: gate) else { return }
+        if gate.inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        if gate.inactive { context.fireChannelInactive() }
+        ops.removeHandler(context: context, promise: nil)
     }
 }
 
