@@ -253,7 +253,7 @@ enum Upgrade {
     /// in front of it (EOFGate) until it has left. (Until 2026-12-07 the
     /// decoder left a turn later with no gate, and a backend that wrote
     /// and closed at once lost its last bytes whenever its FIN came before
-    /// that turn; until 2026-12-08, when it came in the same read.)
+    /// that turn; then, until the gate, when it came in the same read.)
     static func afterResponseEnd(_ upstream: UpstreamHandler, on loop: any EventLoop, _ body: @escaping () -> Void) {
         if let ops = upstream.channel?.pipeline.syncOperations,
            let decoder = try? ops.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self) {
