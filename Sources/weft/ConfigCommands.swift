@@ -24,6 +24,7 @@ struct ValidateCommand: ParsableCommand {
                         (state.authorizationPolicies.count, "AuthorizationPolicy"), (state.nodes.count, "Node")]
                 .filter { $0.0 > 0 }.map { ", \($0.0) \($0.1)(s)" }.joined()
             print("valid: \(state.services.count) Service(s), \(state.workloads.count) Workload(s), \(state.namespaces.count) Namespace(s), \(state.networkPolicies.count) NetworkPolicy(s), \(state.httpRoutes.count - grpc) HTTPRoute(s)" + more)
+            for line in TopologyHints.summary(state) { print("  " + line) }
         case .failure(let errors):
             FileHandle.standardError.write(Data((errors.description + "\n").utf8))
             throw ExitCode(1)

@@ -100,8 +100,9 @@ public enum Resource: Hashable, Sendable {
             }
             metadata.namespace = ""
             let spec = doc.node("spec")
+            let status = doc.node("status")
             try doc.finish()
-            if kind == "Node" { return .node(try Node(spec: spec, metadata: metadata, at: location), metadata) }
+            if kind == "Node" { return .node(try Node(spec: spec, status: status, metadata: metadata, at: location), metadata) }
             return .namespace(try Namespace(spec: spec, metadata: metadata, at: location), metadata)
         }
         let spec = try doc.required("spec")

@@ -8,16 +8,25 @@
 public struct Node: Hashable, Sendable {
     public var name: String
     public var labels: [String: String]
+    /// `status.allocatable.cpu` in thousandths of a core, if the manifest
+    /// gives it: a zone's share of the endpoints under topology-aware
+    /// routing (TopologyHints) follows its share of these.
+    public var allocatableMilliCPU: Int?
 
     /// The well-known zone label.
     public static let zoneLabel = "topology.kubernetes.io/zone"
+    /// Labels of control-plane nodes, whose cores topology-aware routing
+    /// leaves out (as Kubernetes' EndpointSlice controller does).
+    public static let controlPlaneLabels = ["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"]
 
     /// The node's zone; nil when it has none (no label, or an empty one).
     public var zone: String? { labels[Self.zoneLabel].flatMap { $0.isEmpty ? nil : $0 } }
+    public var isControlPlane: Bool { Self.controlPlaneLabels.contains { labels[$0] != nil } }
 
-    public init(name: String, labels: [String: String] = [:]) {
+    public init(name: String, labels: [String: String] = [:], allocatableMilliCPU: Int? = nil) {
         self.name = name
         self.labels = labels
+        self.allocatableMilliCPU = allocatableMilliCPU
     }
 }
 
@@ -26,12 +35,44 @@ extension Node {
     /// left alone (they are kubelet's and the scheduler's business).
     static let ignoredSpec = ["podCIDR", "podCIDRs", "providerID", "taints", "unschedulable", "configSource", "externalID"]
 
-    init(spec node: YAMLNode?, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+    init(spec node: YAMLNode?, status: YAMLNode?, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         if let node {
             var spec = try FieldReader(node, at: location, path: "spec")
             for field in Self.ignoredSpec { spec.ignore(field) }
             try spec.finish()
         }
-        self.init(name: metadata.name, labels: metadata.labels)
+        // Of the status (kubelet's report), only the allocatable CPU is
+        // read; the rest is left alone.
+        var cpu: Int?
+        if let status, case .mapping = status {
+            var reader = try FieldReader(status, at: location, path: "status")
+            if var allocatable = try reader.mapping("allocatable"), let quantity = allocatable.node("cpu") {
+                // (A scalar as written: 4, 0.5 and "3500m" alike.)
+                guard case .scalar(let scalar) = quantity, let milli = Self.milliCPU(scalar.string) else {
+                    throw ManifestError(location, field: "status.allocatable.cpu",
+                                        "not a CPU quantity (such as 4, 0.5 or 3500m): \(FieldReader.describe(quantity))")
+                }
+                cpu = milli
+            }
+        }
+        self.init(name: metadata.name, labels: metadata.labels, allocatableMilliCPU: cpu)
     }
+
+    /// A Kubernetes CPU quantity in thousandths of a core: whole or
+    /// decimal cores ("4", "1.5") or thousandths ("3500m"); nil otherwise.
+    static func milliCPU(_ text: String) -> Int? {
+        if text.hasSuffix("m") {
+            guard let m = Int(text.dropLast()), m >= 0, text.dropLast().allSatisfy(\.isASCIIDigit) else { return nil }
+            return m
+        }
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy(\.isASCIIDigit) }),
+              parts[0].count <= 9, let whole = Int(parts[0]) else { return nil }
+        let fraction = parts.count == 2 ? String(parts[1].prefix(3)).padding(toLength: 3, withPad: "0", startingAt: 0) : "000"
+        return whole * 1000 + (Int(fraction) ?? 0)
+    }
+}
+
+private extension Character {
+    var isASCIIDigit: Bool { isASCII && isNumber }
 }

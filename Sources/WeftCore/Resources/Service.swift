@@ -39,6 +39,14 @@ public struct Service: Hashable, Sendable {
     public var prefersSameNode: Bool { trafficDistribution == .preferSameNode }
     /// Whether the ready backends in a client's own zone go first.
     public var prefersSameZone: Bool { trafficDistribution == .preferSameZone || trafficDistribution == .preferClose }
+    /// Kubernetes' topology-aware routing: the annotation
+    /// `service.kubernetes.io/topology-mode: Auto`, or its older name
+    /// `service.kubernetes.io/topology-aware-hints: auto` (any other value
+    /// is "disabled", as in Kubernetes). Where it holds (TopologyHints), it
+    /// goes before `trafficDistribution`, as Kubernetes has it.
+    public var topologyAware: Bool {
+        TopologyHints.annotations.contains { metadata.annotations[$0]?.lowercased() == "auto" }
+    }
     /// `publishNotReadyAddresses: true`: every selected pod backs the
     /// Service whether or not it is ready, as Kubernetes' endpoints then
     /// list it; here, a pod failing a TrafficPolicy's health check stays a

@@ -93,6 +93,10 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// Each node's zone (Node manifests), when a backend policy prefers
     /// its client's zone; nodes in no zone are absent.
     public var zones: [String: String]?
+    /// For clusters under topology-aware routing (TopologyHints) that have
+    /// hints: the addresses of the ready endpoints given to this node's
+    /// zone, which its clients prefer in place of those in its zone.
+    public var zoneHints: [String: [String]]?
     /// Mutual-TLS tunnels between node proxies; nil: the agent has no CA.
     public var tunnel: TunnelSettings?
     /// The AuthorizationPolicies that apply to a pod, by its address (pods
@@ -444,6 +448,7 @@ extension ProxyTable {
         var idleTimeouts: [String: Int] = [:]
         var connectTimeouts: [String: Int] = [:]
         var lifetimes: [String: ConnectionLifetime] = [:]
+        var hinted: [String: [String]] = [:]
         func endpoints(_ service: Service, _ port: ServicePort, cluster: String) -> [Endpoint] {
             let index = selectorIndex ?? SelectorIndex(state.workloads)
             selectorIndex = index
@@ -490,12 +495,33 @@ extension ProxyTable {
             // PreferLocal, whatever algorithm picks among those backends (a
             // TrafficPolicy's locality None is its default, so a Service's
             // preference is not overruled by a policy that never spoke of it).
-            if service.prefersSameNode, balancer.locality == .none {
+            if service.prefersSameNode, !service.topologyAware, balancer.locality == .none {
                 balancer.locality = .preferLocal
                 from = from ?? "trafficDistribution: PreferSameNode"
             }
-            // PreferSameZone (PreferClose) is its PreferSameZone the same way.
-            if service.prefersSameZone, balancer.locality == .none {
+            // Backends failing their active health check leave the proxy's
+            // table (unless the Service publishes pods that are not ready);
+            // its own outlier ejections it keeps track of itself.
+            var ready = all.map(\.0)
+            if !service.publishNotReadyAddresses, let failing = health.failing[cluster] {
+                ready = EndpointHealth.usable(all, panicThreshold: policy?.healthCheck?.panicThreshold ?? EndpointHealth.defaultPanicThreshold) {
+                    failing.contains($0.1)
+                }.backends.map(\.0)
+            }
+            // The topology annotation goes before trafficDistribution (as in
+            // Kubernetes), a TrafficPolicy's locality before both: the ready
+            // endpoints the hints give this node's zone go first (the
+            // ServiceTable does the same for the kernel's picks).
+            if service.topologyAware, balancer.locality == .none {
+                if !service.nodeLocal, let zone = node.flatMap({ state.zone(ofNode: $0) }),
+                   case .success(let hints) = TopologyHints.assign(
+                       ready.compactMap { e in IPv4Address(e.address).map { ($0, e.node) } }, in: state) {
+                    balancer.locality = .preferSameZone
+                    from = from ?? "\(TopologyHints.annotations[0]): Auto"
+                    hinted[cluster] = ready.compactMap { e in IPv4Address(e.address).flatMap { hints[$0] } == zone ? e.address : nil }
+                }
+            } else if service.prefersSameZone, balancer.locality == .none {
+                // PreferSameZone (PreferClose) is its PreferSameZone the same way.
                 balancer.locality = .preferSameZone
                 from = from ?? "trafficDistribution: \(service.trafficDistribution?.rawValue ?? "PreferSameZone")"
             }
@@ -503,13 +529,7 @@ extension ProxyTable {
                 policies[cluster] = BackendPolicy(loadBalancer: balancer, outlierDetection: policy?.outlierDetection,
                                                   circuitBreaker: policy?.circuitBreaker, policy: from)
             }
-            // Backends failing their active health check leave the proxy's
-            // table (unless the Service publishes pods that are not ready);
-            // its own outlier ejections it keeps track of itself.
-            guard !service.publishNotReadyAddresses, let failing = health.failing[cluster] else { return all.map(\.0) }
-            return EndpointHealth.usable(all, panicThreshold: policy?.healthCheck?.panicThreshold ?? EndpointHealth.defaultPanicThreshold) {
-                failing.contains($0.1)
-            }.backends.map(\.0)
+            return ready
         }
         func cluster(_ service: Service, _ port: ServicePort) -> WeightedCluster {
             let name = Self.clusterName(namespace: service.metadata.namespace, service: service.metadata.name, port: port.port)
@@ -652,6 +672,7 @@ extension ProxyTable {
             let zoned = state.nodes.compactMapValues(\.zone)
             if !zoned.isEmpty { zones = zoned }
         }
+        if !hinted.isEmpty { zoneHints = hinted }
         if !idleTimeouts.isEmpty { upstreamIdleTimeouts = idleTimeouts }
         if !connectTimeouts.isEmpty { self.connectTimeouts = connectTimeouts }
         if !lifetimes.isEmpty { connectionLifetimes = lifetimes }

@@ -141,19 +141,34 @@ public struct ServiceTable: Hashable, Sendable {
                     backends = usable.backends
                     if usable.panic { panic.insert(Frontend(vip: vip, port: port.port, transport: port.transport)) }
                 }
-                if service.prefersSameNode || (!preferLocal.isEmpty && preferLocal.contains(service.metadata.qualifiedName)),
-                   let node, !service.nodeLocal {
+                // Which of the ready backends this node's clients prefer
+                // (internalTrafficPolicy Local has chosen already): a
+                // TrafficPolicy's locality, else the topology annotation,
+                // else trafficDistribution (Kubernetes puts the annotation
+                // first).
+                let name = service.metadata.qualifiedName
+                let policyNear = !preferLocal.isEmpty && preferLocal.contains(name)
+                let policyZone = !policyNear && !preferZone.isEmpty && preferZone.contains(name)
+                let hinted = !policyNear && !policyZone && service.topologyAware
+                if let node, !service.nodeLocal, policyNear || (!policyZone && !hinted && service.prefersSameNode) {
                     // (Of the ready ones: a node whose pods all fail their
                     // checks sends its clients to the other nodes' pods.)
                     let own = Set(selected.lazy.filter { workloads[$0].node == node }.map { workloads[$0].address })
                     let near = backends.filter { own.contains($0.address) }
                     if !near.isEmpty { backends = near }
-                } else if let zone, service.prefersSameZone || (!preferZone.isEmpty && preferZone.contains(service.metadata.qualifiedName)),
-                          !service.nodeLocal {
+                } else if let zone, !service.nodeLocal, policyZone || (!hinted && service.prefersSameZone) {
                     // The same, over the nodes of this node's zone.
                     let own = Set(selected.lazy.filter { state.zone(ofNode: workloads[$0].node) == zone }.map { workloads[$0].address })
                     let near = backends.filter { own.contains($0.address) }
                     if !near.isEmpty { backends = near }
+                } else if let zone, !service.nodeLocal, hinted {
+                    // Topology-aware routing: the ready backends given to
+                    // this zone (none given to it, or no hints: every one).
+                    let nodes = Dictionary(selected.map { (workloads[$0].address, workloads[$0].node) }) { a, _ in a }
+                    if case .success(let hints) = TopologyHints.assign(backends.map { ($0.address, nodes[$0.address] ?? "") }, in: state) {
+                        let near = backends.filter { hints[$0.address] == zone }
+                        if !near.isEmpty { backends = near }
+                    }
                 }
                 entries[Frontend(vip: vip, port: port.port, transport: port.transport)] =
                     Entry(name: service.metadata.qualifiedName + label, backends: backends, needsProxy: needsProxy,

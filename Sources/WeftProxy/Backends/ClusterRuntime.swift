@@ -55,7 +55,7 @@ final class ClusterRuntime: Sendable {
     let outliers: OutlierDetector?
 
     init(name: String, policy: ProxyTable.BackendPolicy, endpoints: [EndpointKey], node: String,
-         zones: [String: String]? = nil, previous: ClusterRuntime?) {
+         zones: [String: String]? = nil, hinted: [String]? = nil, previous: ClusterRuntime?) {
         self.name = name
         self.policy = policy
         let now = NIODeadline.now().uptimeNanoseconds
@@ -63,10 +63,13 @@ final class ClusterRuntime: Sendable {
         // that join later ramp up.
         let joined = previous == nil ? 0 : now
         // Near: on this node, or with PreferSameZone in its zone (a node
-        // in no zone prefers nothing).
+        // in no zone prefers nothing), or, under topology-aware routing,
+        // given to its zone (ProxyTable.zoneHints).
         let zone = policy.loadBalancer.locality == .preferSameZone ? zones?[node] : nil
-        func near(_ other: String) -> Bool {
-            policy.loadBalancer.locality == .preferSameZone ? zone != nil && zones?[other] == zone : other == node
+        let given = hinted.map { Set($0.compactMap(IPv4Address.init)) }
+        func near(_ e: EndpointKey) -> Bool {
+            if let given { return given.contains(e.ip) }
+            return policy.loadBalancer.locality == .preferSameZone ? zone != nil && zones?[e.node] == zone : e.node == node
         }
         var index: [EndpointKey: Int] = [:]
         var backends: [Backend] = []
@@ -75,7 +78,7 @@ final class ClusterRuntime: Sendable {
             if let old = previous?.index[e].map({ previous!.backends[$0] }) {
                 backends.append(old)
             } else {
-                backends.append(Backend(key: e, local: near(e.node), since: joined))
+                backends.append(Backend(key: e, local: near(e), since: joined))
             }
         }
         self.backends = backends

@@ -77,11 +77,14 @@ final class RouteSnapshot: Sendable {
         workloadsByIP = refs
         var runtimes: [String: ClusterRuntime] = [:]
         for (name, policy) in table.backendPolicies ?? [:] {
-            // (A backend's nearness is kept with it: zones that moved make
-            // the runtime anew.)
-            let old = previous?.runtimes[name].flatMap { $0.policy == policy && previous?.table.zones == table.zones ? $0 : nil }
+            // (A backend's nearness is kept with it: zones or hints that
+            // moved make the runtime anew.)
+            let hinted = table.zoneHints?[name]
+            let old = previous?.runtimes[name].flatMap {
+                $0.policy == policy && previous?.table.zones == table.zones && previous?.table.zoneHints?[name] == hinted ? $0 : nil
+            }
             runtimes[name] = ClusterRuntime(name: name, policy: policy, endpoints: endpoints[name] ?? [], node: node,
-                                            zones: table.zones, previous: old)
+                                            zones: table.zones, hinted: hinted, previous: old)
         }
         self.runtimes = runtimes
         var guards: [String: FrontendGuard] = [:]
