@@ -47,7 +47,7 @@ struct TopologyHintsTests {
     /// rounded one way or the other (and never less than it over 1.2), and
     /// as many endpoints as can stay in their own zone do.
     @Test func hintsKeepEveryZoneNearItsShareAndEndpointsAtHome() {
-        var rng = SystemRandomNumberGenerator()
+        var rng = SplitMix(seed: 0x7090_1061)  // (seeded: a failure can be run again)
         var hinted = 0
         for _ in 0..<2_000 {
             let zones = (0..<Int.random(in: 1...5, using: &rng)).map { "z\($0)" }
@@ -200,3 +200,6 @@ struct TopologyHintsTests {
         #expect(state?.nodes["n1"]?.allocatableMilliCPU == nil && errors.isEmpty, "\(errors)")
     }
 }
+
+
+extension SplitMix: RandomNumberGenerator {}

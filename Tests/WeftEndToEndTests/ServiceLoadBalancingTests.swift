@@ -559,11 +559,15 @@ struct ServiceLoadBalancingTests {
     /// the ready pods of its zone's nodes, on ports the kernel serves and
     /// on the proxy's; to the other zones' when its own has none, never
     /// refused; and to every pod once the nodes carry no zone.
+    /// Topology-aware routing (`topology-mode: Auto`) over web-1 (zone a),
+    /// web-3 and web-4 (zone b): zone a has 2 of the 3 cores, so it is
+    /// given 2 of the pods, web-4 lent from zone b, which keeps web-3.
     @Test func trafficDistributionPreferSameZoneKeepsClientsInTheirZone() throws {
         let pods = [client, client("client-n3", node: "n3", address: "198.18.3.10"),
-                    workload("web-1", node: "n1", address: "198.18.1.12"),
+                    workload("web-1", node: "n1", address: "198.18.1.12", labels: "{app: web, auto: x}"),
                     workload("web-2", node: "n2", address: "198.18.2.12"),
-                    workload("web-3", node: "n3", address: "198.18.3.12", labels: "{app: web, zone: b}")].joined(separator: "\n---\n")
+                    workload("web-3", node: "n3", address: "198.18.3.12", labels: "{app: web, zone: b, auto: x}"),
+                    workload("web-4", node: "n3", address: "198.18.3.13", labels: "{auto: x}")].joined(separator: "\n---\n")
         let manifests = preferenceServices([
             ("zone", 60, "trafficDistribution: PreferSameZone", "app: web", "web"),
             ("zone-http", 61, "trafficDistribution: PreferSameZone", "app: web", "http"),
@@ -573,7 +577,10 @@ struct ServiceLoadBalancingTests {
             ("zone-policy-http", 65, "internalTrafficPolicy: Cluster", "app: web", "http"),
         ]) + ["zone-policy", "zone-policy-http"].map {
             LabHarness.trafficPolicy($0, namespace: ns, "loadBalancer: {locality: PreferSameZone}")
-        }
+        } + preferenceServices([
+            ("auto", 66, "trafficDistribution: PreferSameZone", "auto: x", "web"),
+            ("auto-http", 67, "internalTrafficPolicy: Cluster", "auto: x", "http"),
+        ]).map { $0.replacingOccurrences(of: "namespace: \(ns)}", with: "namespace: \(ns), annotations: {service.kubernetes.io/topology-mode: Auto}}") }
         func nodes(_ zones: [String]) -> String {
             zip(["n1", "n2", "n3"], zones).map { node, zone in
                 """
@@ -587,7 +594,7 @@ struct ServiceLoadBalancingTests {
         let lab = try LabHarness(files: ["services.yaml": manifests.joined(separator: "\n---\n"), "pods.yaml": pods,
                                          "nodes.yaml": nodes(["a", "a", "b"])], nodes: 3)
         defer { lab.down() }
-        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.3.12"])
+        try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.3.12", "198.18.3.13"])
         func tally(_ pod: String, _ vip: Int) throws -> Set<String> {
             let r = try lab.tool(in: pod, ["tally", "198.19.0.\(vip)", "80", "30"])
             #expect((r["errors"] as? [Any])?.isEmpty == true, "\(pod) -> .\(vip): \(r)")
@@ -598,11 +605,19 @@ struct ServiceLoadBalancingTests {
             #expect(try tally("client-n3", vip) == ["web-3"], ".\(vip) from zone b")
         }
         #expect(try tally("client", 63) == ["web-3"], "none in zone a: zone b's, not refused")
+        // The hints, in the kernel (.66, whose PreferSameZone they
+        // overrule) and on the proxy (.67).
+        for vip in [66, 67] {
+            #expect(try tally("client", vip) == ["web-1", "web-4"], ".\(vip) from zone a")
+            #expect(try tally("client-n3", vip) == ["web-3"], ".\(vip) from zone b")
+        }
+        let validated = try LabHarness.run(["validate", "-f", lab.config])
+        #expect(validated.output.contains("\(ns)/auto: topology-aware routing: zone a 2 (1 of b's), zone b 1"), "\(validated.output)")
         let status = try LabHarness.run(["status", "--node", "n3"])
         #expect(status.output.contains("zone:       b (its Node manifest's topology.kubernetes.io/zone)"), "\(status.output)")
         let listing = try LabHarness.run(["get", "nodes", "-o", "json"])
         let listed = (try? JSONSerialization.jsonObject(with: Data(listing.output.utf8)) as? [[String: Any]]) ?? []
-        #expect(listed.map { "\($0["node"] ?? "") \($0["zone"] ?? "-") \($0["workloads"] ?? "?")" } == ["n1 a 2", "n2 a 1", "n3 b 2"],
+        #expect(listed.map { "\($0["node"] ?? "") \($0["zone"] ?? "-") \($0["workloads"] ?? "?")" } == ["n1 a 2", "n2 a 1", "n3 b 3"],
                 "\(listing.output)")
         // The nodes lose their zones: no preference left.
         let before = try lab.generations(["n1", "n2", "n3"])
@@ -611,6 +626,9 @@ struct ServiceLoadBalancingTests {
         usleep(300_000)  // the proxy reloads its table after the agent's generation
         for vip in [60, 61, 64, 65] {
             #expect(try tally("client-n3", vip) == ["web-1", "web-2", "web-3"], ".\(vip) with no zones")
+        }
+        for vip in [66, 67] {
+            #expect(try tally("client-n3", vip) == ["web-1", "web-3", "web-4"], ".\(vip) with no zones: no hints")
         }
         #expect(try LabHarness.run(["status", "--node", "n3"]).output.contains("zone:       none"))
     }
