@@ -1,7 +1,8 @@
 /// A `v1 Node`: here only its zone matters (the `topology.kubernetes.io/zone`
 /// label, as kubelet and cloud providers set it), for Services'
 /// `trafficDistribution: PreferSameZone` and TrafficPolicy locality
-/// `PreferSameZone`. A node with no manifest, or no zone label, is in no
+/// `PreferSameZone`, and, for topology-aware routing (TopologyHints), its
+/// allocatable CPU and whether it is a control-plane node. A node with no manifest, or no zone label, is in no
 /// zone: a client there is sent to every ready backend, as Kubernetes sets
 /// no hints when nodes carry no zone. A node is the name Workloads give in
 /// `spec.node` and the agent is started with.
