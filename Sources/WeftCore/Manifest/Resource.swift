@@ -106,9 +106,10 @@ public enum Resource: Hashable, Sendable {
             return .namespace(try Namespace(spec: spec, metadata: metadata, at: location), metadata)
         }
         let spec = try doc.required("spec")
+        let status = doc.node("status")
         try doc.finish()
         switch kind {
-        case "Service": return .service(try Service(spec: spec, metadata: metadata, at: location))
+        case "Service": return .service(try Service(spec: spec, status: status, metadata: metadata, at: location))
         case "NetworkPolicy": return .networkPolicy(try NetworkPolicy(spec: spec, metadata: metadata, at: location))
         case "HTTPRoute": return .httpRoute(try HTTPRoute(spec: spec, metadata: metadata, at: location))
         case "GRPCRoute": return .grpcRoute(try HTTPRoute(spec: spec, metadata: metadata, kind: .grpc, at: location))

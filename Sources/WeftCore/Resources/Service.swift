@@ -53,10 +53,30 @@ public struct Service: Hashable, Sendable {
     /// backend (the proxy's outlier ejections, which Kubernetes has no part
     /// in, still apply).
     public var publishNotReadyAddresses: Bool
+    /// Addresses outside the Service range that pods of the mesh may dial
+    /// for this Service, served like its clusterIP (as kube-proxy sends
+    /// in-cluster traffic for them straight to the endpoints): `externalIPs`,
+    /// and for type LoadBalancer `loadBalancerIP` and the load balancer's
+    /// `status.loadBalancer.ingress[].ip` (but those with `ipMode: Proxy`,
+    /// whose traffic must go through the load balancer). Each with the
+    /// field it came from, for errors.
+    public var externalAddresses: [ExternalAddress]
+
+    /// The clusterIP (if any), then the external addresses.
+    public var addresses: [IPv4Address] { (clusterIP.map { [$0] } ?? []) + externalAddresses.map(\.address) }
+
+    public struct ExternalAddress: Hashable, Sendable {
+        public var address: IPv4Address
+        public var field: String
+        public init(address: IPv4Address, field: String) {
+            self.address = address
+            self.field = field
+        }
+    }
 
     public init(metadata: ObjectMeta, clusterIP: IPv4Address?, selector: [String: String]?, ports: [ServicePort],
                 affinityTimeout: UInt32? = nil, nodeLocal: Bool = false, trafficDistribution: TrafficDistribution? = nil,
-                publishNotReadyAddresses: Bool = false) {
+                publishNotReadyAddresses: Bool = false, externalAddresses: [ExternalAddress] = []) {
         self.metadata = metadata
         self.clusterIP = clusterIP
         self.selector = selector
@@ -65,6 +85,7 @@ public struct Service: Hashable, Sendable {
         self.nodeLocal = nodeLocal
         self.trafficDistribution = trafficDistribution
         self.publishNotReadyAddresses = publishNotReadyAddresses
+        self.externalAddresses = externalAddresses
     }
 
     /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -106,23 +127,25 @@ public enum TargetPort: Hashable, Sendable, CustomStringConvertible {
 extension Service {
     /// Its fields are read each on its own, so that a bad clusterIP does not
     /// hide a bad port.
-    init(spec node: YAMLNode, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
+    init(spec node: YAMLNode, status: YAMLNode? = nil, metadata: ObjectMeta, at location: DocumentLocation) throws(ManifestError) {
         var spec = try FieldReader(node, at: location, path: "spec")
         // Keys a group below reads after its first: known even when the
         // group fails before it reads them (finish() names unknown keys).
-        spec.ignore("clusterIPs", "sessionAffinityConfig")
+        spec.ignore("clusterIPs", "sessionAffinityConfig", "loadBalancerIP")
         var found = ErrorList()
+        var loadBalancer = false
         found.attempt { () throws(ManifestError) in
             switch try spec.string("type") {
             case nil, "ClusterIP"?:
                 break
-            case "NodePort"?, "LoadBalancer"?:
-                // Served for their clusterIP, which is what pods dial; node
-                // ports and a load balancer's address take traffic from
-                // outside the cluster, which is not the mesh's to carry.
-                // Their fields are read (and checked where Kubernetes
-                // checks them) and change nothing here.
-                spec.ignore("healthCheckNodePort", "loadBalancerIP", "loadBalancerSourceRanges", "loadBalancerClass",
+            case let type? where type == "NodePort" || type == "LoadBalancer":
+                // Served for their clusterIP, which is what pods dial, and a
+                // load balancer's addresses (externalAddresses); node ports
+                // take traffic from outside the cluster, which is not the
+                // mesh's to carry. Their fields are read (and checked where
+                // Kubernetes checks them) and change nothing here.
+                loadBalancer = type == "LoadBalancer"
+                spec.ignore("healthCheckNodePort", "loadBalancerSourceRanges", "loadBalancerClass",
                             "allocateLoadBalancerNodePorts")
                 if let policy = try spec.string("externalTrafficPolicy"), policy != "Cluster", policy != "Local" {
                     throw spec.error("externalTrafficPolicy", "must be Cluster or Local, got \(quoted(policy))")
@@ -158,9 +181,46 @@ extension Service {
         } ?? nil
         let notReady = found.attempt { () throws(ManifestError) in try spec.bool("publishNotReadyAddresses") } ?? nil
         let affinityTimeout = found.attempt { () throws(ManifestError) in try Self.affinityTimeout(&spec) } ?? nil
+        let external = found.attempt { () throws(ManifestError) in
+            try Self.externalAddresses(&spec, status: status, loadBalancer: loadBalancer, at: location)
+        } ?? []
         try found.check(finishing: spec)
         self.init(metadata: metadata, clusterIP: clusterIP, selector: selector, ports: ports, affinityTimeout: affinityTimeout,
-                  nodeLocal: nodeLocal, trafficDistribution: distribution, publishNotReadyAddresses: notReady ?? false)
+                  nodeLocal: nodeLocal, trafficDistribution: distribution, publishNotReadyAddresses: notReady ?? false,
+                  externalAddresses: external)
+    }
+
+    /// `externalIPs`; for a LoadBalancer, `loadBalancerIP` and the status's
+    /// ingress addresses. IPv6 addresses are left out (IPv4 single-stack,
+    /// as for clusterIPs); anything else that is not an IPv4 address is
+    /// refused. The rest of the status is the cluster's and left alone.
+    private static func externalAddresses(_ spec: inout FieldReader, status: YAMLNode?, loadBalancer: Bool,
+                                          at location: DocumentLocation) throws(ManifestError) -> [ExternalAddress] {
+        var found: [ExternalAddress] = []
+        func take(_ text: String, _ field: String) throws(ManifestError) {
+            if text.contains(":") { return }
+            guard let ip = IPv4Address(text) else {
+                throw ManifestError(location, field: field, "\(quoted(text)) is not an IP address")
+            }
+            if !found.contains(where: { $0.address == ip }) { found.append(ExternalAddress(address: ip, field: field)) }
+        }
+        for (path, node) in try spec.list("externalIPs") ?? [] {
+            try take(try FieldReader.string(node, at: location, path: path), path)
+        }
+        if let text = try spec.string("loadBalancerIP"), !text.isEmpty, loadBalancer {
+            try take(text, spec.field("loadBalancerIP"))
+        }
+        if loadBalancer, let status, case .mapping = status {
+            var reader = try FieldReader(status, at: location, path: "status")
+            if var balancer = try reader.mapping("loadBalancer") {
+                for (path, node) in try balancer.list("ingress") ?? [] {
+                    var ingress = try FieldReader(node, at: location, path: path)
+                    guard try ingress.string("ipMode") != "Proxy", let ip = try ingress.string("ip") else { continue }
+                    try take(ip, ingress.field("ip"))
+                }
+            }
+        }
+        return found
     }
 
     /// `clusterIP` (nil for None), and `clusterIPs` if given, which must say the same.

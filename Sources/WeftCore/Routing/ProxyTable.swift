@@ -387,9 +387,11 @@ extension ProxyTable {
         workloads = refs
         var named: [String: ServiceRef] = [:]
         for s in state.services {
-            guard let vip = s.clusterIP else { continue }
-            for p in s.ports where p.transport == .tcp {
-                named["\(vip):\(p.port)"] = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
+            guard s.clusterIP != nil else { continue }
+            for vip in s.addresses {
+                for p in s.ports where p.transport == .tcp {
+                    named["\(vip):\(p.port)"] = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
+                }
             }
         }
         if !named.isEmpty { services = named }
@@ -665,6 +667,14 @@ extension ProxyTable {
                     matches: matches, actions: actions, fallback: fallback,
                     rateLimit: policy?.rateLimit, faultInjection: policy?.faultInjection,
                     consumers: consumers.isEmpty ? nil : consumers)
+            }
+        }
+        // A Service's external addresses are served as its clusterIP is.
+        for service in state.services where !service.externalAddresses.isEmpty {
+            guard let vip = service.clusterIP else { continue }
+            for port in service.ports {
+                guard let frontend = frontends["\(vip):\(port.port)"] else { continue }
+                for external in service.externalAddresses { frontends["\(external.address):\(port.port)"] = frontend }
             }
         }
         if !policies.isEmpty { backendPolicies = policies }

@@ -58,6 +58,8 @@ public struct ClusterState: Hashable, Sendable {
         var names: [Name: DocumentLocation] = [:]
         var clusterIPs: [IPv4Address: (String, DocumentLocation)] = [:]
         var addresses: [IPv4Address: (String, DocumentLocation)] = [:]
+        var externalFrontends: [Frontend: (String, DocumentLocation)] = [:]
+        var externalAt: [IPv4Address: (String, DocumentLocation, String)] = [:]
         var meshConfigAt: DocumentLocation?
         // (Sized once: growing these through 20,000 documents rehashed them
         // a dozen times on every reconcile.)
@@ -84,6 +86,28 @@ public struct ClusterState: Hashable, Sendable {
                         continue
                     }
                     clusterIPs[ip] = (service.metadata.qualifiedName, located.location)
+                }
+                // An external address serves one Service per port (Services
+                // may share an address on different ports, as load
+                // balancers let them).
+                var taken = false
+                for external in service.externalAddresses {
+                    for port in service.ports {
+                        let key = Frontend(vip: external.address, port: port.port, transport: port.transport)
+                        if let (other, at) = externalFrontends[key] {
+                            errors.append(ManifestError(located.location, field: external.field,
+                                                        "\(key) is already served for Service \(other) at \(at)"))
+                            taken = true
+                        }
+                    }
+                }
+                if taken { continue }
+                for external in service.externalAddresses {
+                    externalAt[external.address] = externalAt[external.address] ?? (service.metadata.qualifiedName, located.location, external.field)
+                    for port in service.ports {
+                        externalFrontends[Frontend(vip: external.address, port: port.port, transport: port.transport)] =
+                            (service.metadata.qualifiedName, located.location)
+                    }
                 }
                 state.services.append(service)
             case .workload(let workload):
@@ -129,6 +153,16 @@ public struct ClusterState: Hashable, Sendable {
             if let (svc, _) = clusterIPs[w.address], let (_, at) = addresses[w.address] {
                 errors.append(ManifestError(at, field: "spec.address",
                                             "address \(w.address) is the clusterIP of Service \(svc)"))
+            }
+            if let (svc, _, field) = externalAt[w.address], let (_, at) = addresses[w.address] {
+                errors.append(ManifestError(at, field: "spec.address",
+                                            "address \(w.address) is an external address of Service \(svc) (its \(field))"))
+            }
+        }
+        // Nor may an external address be a clusterIP.
+        for (ip, (_, at, field)) in externalAt.sorted(by: { $0.key < $1.key }) {
+            if let (other, _) = clusterIPs[ip] {
+                errors.append(ManifestError(at, field: field, "\(ip) is the clusterIP of Service \(other)"))
             }
         }
         guard errors.isEmpty else { return .failure(ManifestErrors(errors)) }
