@@ -1,7 +1,8 @@
 /// A `v1 Service` of type ClusterIP: a virtual address whose ports the kernel
 /// load-balances over the Workloads its selector picks. (Type NodePort and
-/// LoadBalancer are taken for the same clusterIP; their node ports and
-/// external addresses are for traffic from outside, not the mesh's.)
+/// LoadBalancer are taken for the same clusterIP, and their external
+/// addresses are served like it for pods of the mesh; node ports are for
+/// traffic from outside, not the mesh's.)
 public struct Service: Hashable, Sendable {
     public var metadata: ObjectMeta
     /// nil for a headless Service (`clusterIP: None`): no virtual address.
