@@ -26,7 +26,7 @@ struct ExternalAddressTests {
         apiVersion: v1
         kind: Service
         metadata: {name: plain, namespace: shop}
-        spec: {clusterIP: 198.19.0.11, loadBalancerIP: 198.19.5.9, selector: {app: web}, ports: [{name: tcp, port: 9000}]}
+        spec: {type: NodePort, clusterIP: 198.19.0.11, loadBalancerIP: 198.19.5.9, selector: {app: web}, ports: [{name: tcp, port: 9000}]}
         ---
         apiVersion: weft.dev/v1alpha1
         kind: Workload

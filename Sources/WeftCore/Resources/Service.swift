@@ -132,7 +132,7 @@ extension Service {
         var spec = try FieldReader(node, at: location, path: "spec")
         // Keys a group below reads after its first: known even when the
         // group fails before it reads them (finish() names unknown keys).
-        spec.ignore("clusterIPs", "sessionAffinityConfig", "loadBalancerIP")
+        spec.ignore("clusterIPs", "sessionAffinityConfig")
         var found = ErrorList()
         var loadBalancer = false
         found.attempt { () throws(ManifestError) in
@@ -146,7 +146,7 @@ extension Service {
                 // mesh's to carry. Their fields are read (and checked where
                 // Kubernetes checks them) and change nothing here.
                 loadBalancer = type == "LoadBalancer"
-                spec.ignore("healthCheckNodePort", "loadBalancerSourceRanges", "loadBalancerClass",
+                spec.ignore("healthCheckNodePort", "loadBalancerIP", "loadBalancerSourceRanges", "loadBalancerClass",
                             "allocateLoadBalancerNodePorts")
                 if let policy = try spec.string("externalTrafficPolicy"), policy != "Cluster", policy != "Local" {
                     throw spec.error("externalTrafficPolicy", "must be Cluster or Local, got \(quoted(policy))")
@@ -208,7 +208,7 @@ extension Service {
         for (path, node) in try spec.list("externalIPs") ?? [] {
             try take(try FieldReader.string(node, at: location, path: path), path)
         }
-        if let text = try spec.string("loadBalancerIP"), !text.isEmpty, loadBalancer {
+        if loadBalancer, let text = try spec.string("loadBalancerIP"), !text.isEmpty {
             try take(text, spec.field("loadBalancerIP"))
         }
         if loadBalancer, let status, case .mapping = status {
