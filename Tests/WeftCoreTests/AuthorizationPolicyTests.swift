@@ -38,13 +38,7 @@ private func policy(_ spec: String, name: String = "p", namespace: String = "sho
     """
 }
 
-private func parse(_ text: String) -> (ClusterState?, [String]) {
-    let (resources, errors) = ManifestReader.parse(text, file: "authz.yaml")
-    switch ClusterState.build(resources, parseErrors: errors) {
-    case .success(let s): return (s, [])
-    case .failure(let e): return (nil, e.errors.map(\.description))
-    }
-}
+private func parse(_ text: String) -> (ClusterState?, [String]) { buildState(text, file: "authz.yaml") }
 
 private func request(_ principal: String?, ns: String?, ip: String = "198.18.1.11", port: UInt16 = 8080,
                      _ method: String? = nil, _ path: String = "/", host: String? = nil,

@@ -34,13 +34,7 @@ struct ExternalAddressTests {
         spec: {node: n1, address: 198.18.1.10}
         """
 
-    private func parse(_ text: String) -> (ClusterState?, [String]) {
-        let (resources, errors) = ManifestReader.parse(text, file: "lb.yaml")
-        switch ClusterState.build(resources, parseErrors: errors) {
-        case .success(let s): return (s, [])
-        case .failure(let e): return (nil, e.errors.map(\.description))
-        }
-    }
+    private func parse(_ text: String) -> (ClusterState?, [String]) { buildState(text, file: "lb.yaml") }
 
     @Test func externalAndLoadBalancerAddressesAreServedLikeTheClusterIP() throws {
         let (state, errors) = parse(Self.manifests)

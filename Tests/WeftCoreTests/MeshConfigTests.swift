@@ -10,13 +10,7 @@ private func workload(_ name: String, _ annotation: String?) -> String {
     """
 }
 
-private func parse(_ text: String) -> (ClusterState?, [String]) {
-    let (resources, errors) = ManifestReader.parse(text, file: "m.yaml")
-    switch ClusterState.build(resources, parseErrors: errors) {
-    case .success(let s): return (s, [])
-    case .failure(let e): return (nil, e.errors.map(\.description))
-    }
-}
+private func parse(_ text: String) -> (ClusterState?, [String]) { buildState(text, file: "m.yaml") }
 
 struct MeshConfigTests {
     @Test func receiversFollowPodReceiversAndTheAnnotation() throws {

@@ -111,13 +111,7 @@ struct TopologyHintsTests {
         status: {allocatable: {cpu: 64}}
         """
 
-    private func parse(_ text: String) -> (ClusterState?, [String]) {
-        let (resources, errors) = ManifestReader.parse(text, file: "zones.yaml")
-        switch ClusterState.build(resources, parseErrors: errors) {
-        case .success(let s): return (s, [])
-        case .failure(let e): return (nil, e.errors.map(\.description))
-        }
-    }
+    private func parse(_ text: String) -> (ClusterState?, [String]) { buildState(text, file: "zones.yaml") }
 
     /// Zone a has 2 of the 3 cores counted (the control-plane node's are
     /// not) but 1 of the 3 pods: one of zone b's is lent to it. The kernel's

@@ -35,13 +35,7 @@ private func policy(_ spec: String, name: String = "p", target: String = "web") 
     """
 }
 
-private func parse(_ text: String) -> (ClusterState?, [String]) {
-    let (resources, errors) = ManifestReader.parse(text, file: "tp.yaml")
-    switch ClusterState.build(resources, parseErrors: errors) {
-    case .success(let s): return (s, [])
-    case .failure(let e): return (nil, e.errors.map(\.description))
-    }
-}
+private func parse(_ text: String) -> (ClusterState?, [String]) { buildState(text, file: "tp.yaml") }
 
 struct TrafficPolicyTests {
     @Test func internalTrafficPolicyLocalLeavesEachNodeItsOwnPods() throws {
