@@ -32,16 +32,20 @@ final class SharedStatus: Sendable {
     func identityNames() -> [UInt32: IdentityKey] { mutex.withLock { $0.policy?.identities ?? [:] } }
 
     /// Names for the kernel's flow counters: workloads by address and
-    /// Services by (clusterIP or external address, port), from the config
-    /// in force.
+    /// Services by (clusterIP, port) and by the other addresses and ports
+    /// served as it (ClusterState.aliases), from the config in force.
     func flowNames() -> (workloads: [UInt32: (namespace: String, name: String)], services: [UInt64: (namespace: String, name: String)]) {
         guard let config = mutex.withLock({ $0.config }) else { return ([:], [:]) }
         var workloads: [UInt32: (String, String)] = [:]
         for w in config.workloads { workloads[w.address.value] = (w.metadata.namespace, w.metadata.name) }
         var services: [UInt64: (String, String)] = [:]
-        for s in config.services where s.clusterIP != nil {
-            for vip in s.addresses {
-                for p in s.ports { services[UInt64(vip.value) << 16 | UInt64(p.port)] = (s.metadata.namespace, s.metadata.name) }
+        for s in config.services {
+            guard let vip = s.clusterIP else { continue }
+            for p in s.ports {
+                services[UInt64(vip.value) << 16 | UInt64(p.port)] = (s.metadata.namespace, s.metadata.name)
+                for (address, port) in config.aliases(of: s, p) {
+                    services[UInt64(address.value) << 16 | UInt64(port)] = (s.metadata.namespace, s.metadata.name)
+                }
             }
         }
         return (workloads, services)

@@ -15,7 +15,7 @@ struct ExternalAddressTests {
           type: LoadBalancer
           clusterIP: 198.19.0.10
           selector: {app: web}
-          ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp, port: 9000}]
+          ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: tcp, port: 9000}]
           externalIPs: [198.19.5.1, "2001:db8::1"]
           loadBalancerIP: 198.19.5.2
           externalTrafficPolicy: Local
@@ -32,6 +32,16 @@ struct ExternalAddressTests {
         kind: Workload
         metadata: {name: a, namespace: shop, labels: {app: web}}
         spec: {node: n1, address: 198.18.1.10}
+        ---
+        apiVersion: v1
+        kind: Node
+        metadata: {name: n1}
+        status: {addresses: [{type: InternalIP, address: 198.18.0.1}, {type: Hostname, address: n1}, {type: InternalIP, address: "fd00::1"}]}
+        ---
+        apiVersion: v1
+        kind: Node
+        metadata: {name: n2}
+        status: {addresses: [{type: InternalIP, address: 198.18.0.2}, {type: ExternalIP, address: 198.19.6.2}]}
         """
 
     private func parse(_ text: String) -> (ClusterState?, [String]) { buildState(text, file: "lb.yaml") }
@@ -55,6 +65,12 @@ struct ExternalAddressTests {
             }
         }
         #expect(!shown.contains { $0.hasPrefix("198.19.5.4:") || $0.hasPrefix("198.19.5.9:") }, "\(shown)")
+        // The node port, on every node's addresses, for its port only.
+        #expect(s.nodes["n2"]?.addresses.map(\.description) == ["198.18.0.2", "198.19.6.2"])
+        for ip in ["198.18.0.1", "198.18.0.2", "198.19.6.2"] {
+            #expect(table.entries.first { $0.key.description == "\(ip):30080/TCP" }?.value.backends.map(\.address.description) == ["198.18.1.10"], "\(ip)")
+        }
+        #expect(shown.filter { $0.hasPrefix("198.18.0.") }.count == 2, "\(shown)")
         // The proxy: the HTTP port's frontend under each address, and the
         // Service's name for every address's ports.
         let proxy = ProxyTable(s, node: "n1")
@@ -64,6 +80,7 @@ struct ExternalAddressTests {
             #expect(proxy.services?["\(ip):9000"]?.name == "web", "\(ip)")
         }
         #expect(proxy.frontends["198.19.5.4:80"] == nil)
+        #expect(proxy.frontends["198.18.0.2:30080"] == frontend && proxy.services?["198.18.0.1:30080"]?.name == "web")
     }
 
     @Test func badOrTakenExternalAddressesAreRefused() throws {
@@ -85,9 +102,19 @@ struct ExternalAddressTests {
             spec: {clusterIP: 198.19.0.12, externalIPs: [198.19.5.1], selector: {app: web}, ports: [{name: tcp, port: PORT}]}
             """
         let shared = errors(Self.manifests + other.replacingOccurrences(of: "PORT", with: "9000"))
-        #expect(shared.count == 1 && shared.first?.hasPrefix("lb.yaml:4:spec.externalIPs[0]: 198.19.5.1:9000/TCP is already served for Service shop/web at lb.yaml:1") == true,
+        #expect(shared.count == 1 && shared.first?.hasPrefix("lb.yaml:6:spec.externalIPs[0]: 198.19.5.1:9000/TCP is already served for Service shop/web at lb.yaml:1") == true,
                 "\(shared)")
         #expect(errors(Self.manifests + other.replacingOccurrences(of: "PORT", with: "9001")) == [])
+        // Node ports: not on a ClusterIP Service, one Service's each, a
+        // node address that is an IP address.
+        let clusterIPType = errors(Self.manifests.replacingOccurrences(of: "{name: tcp, port: 9000}]}", with: "{name: tcp, port: 9000, nodePort: 30900}]}")
+            .replacingOccurrences(of: "type: NodePort, clusterIP: 198.19.0.11, loadBalancerIP: 198.19.5.9,", with: "clusterIP: 198.19.0.11,"))
+        #expect(clusterIPType == ["lb.yaml:2:spec.ports[0].nodePort: may not be used when type is ClusterIP"], "\(clusterIPType)")
+        let twice = errors(Self.manifests.replacingOccurrences(of: "{name: tcp, port: 9000}]}", with: "{name: tcp, port: 9000, nodePort: 30080}]}"))
+        #expect(twice.count == 1 && twice.first?.hasPrefix("lb.yaml:2:spec.ports[0].nodePort: node port 30080/TCP is already allocated to Service shop/web at lb.yaml:1") == true,
+                "\(twice)")
+        let badNode = errors(Self.manifests.replacingOccurrences(of: "address: 198.18.0.2}", with: "address: 198.18.0.256}"))
+        #expect(badNode == ["lb.yaml:5:status.addresses[0].address: \"198.18.0.256\" is not an IP address"], "\(badNode)")
         // A pod's own address.
         let pod = errors(Self.manifests.replacingOccurrences(of: "externalIPs: [198.19.5.1,", with: "externalIPs: [198.18.1.10,"))
         #expect(pod == ["lb.yaml:3:spec.address: address 198.18.1.10 is an external address of Service shop/web (its spec.externalIPs[0])"], "\(pod)")

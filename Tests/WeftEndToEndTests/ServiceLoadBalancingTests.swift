@@ -160,11 +160,12 @@ struct ServiceLoadBalancingTests {
     }
 
     /// A LoadBalancer Service's addresses (externalIPs, loadBalancerIP, the
-    /// status's ingress IP) reach its pods from a pod of the mesh as its
+    /// status's ingress IP) and its node ports on the nodes' addresses
+    /// (Node status.addresses) reach its pods from a pod of the mesh as its
     /// clusterIP does: on a port the kernel alone serves and on one the node
     /// proxy serves (its requests counted there); the application sees the
     /// address it dialed.
-    @Test func externalAndLoadBalancerAddressesReachTheServicesPods() throws {
+    @Test func externalAddressesAndNodePortsReachTheServicesPods() throws {
         let lb = """
             apiVersion: v1
             kind: Service
@@ -175,27 +176,31 @@ struct ServiceLoadBalancingTests {
               externalIPs: [198.19.30.1]
               loadBalancerIP: 198.19.30.2
               selector: {app: web}
-              ports: [{name: web, port: 80, targetPort: http}, {name: http, port: 8080, targetPort: http}]
+              ports: [{name: web, port: 80, targetPort: http, nodePort: 30080}, {name: http, port: 8080, targetPort: http, nodePort: 30808}]
             status:
               loadBalancer: {ingress: [{ip: 198.19.30.3, ipMode: VIP}]}
             """
-        let lab = try LabHarness(files: ["services.yaml": lb, "pods.yaml": webPods()])
+        let nodes = ["n1", "n2"].enumerated().map { i, node in
+            "apiVersion: v1\nkind: Node\nmetadata: {name: \(node)}\nstatus: {addresses: [{type: InternalIP, address: 198.18.0.\(i + 1)}]}"
+        }.joined(separator: "\n---\n")
+        let lab = try LabHarness(files: ["services.yaml": lb, "pods.yaml": webPods(), "nodes.yaml": nodes])
         defer { lab.down() }
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
-        for ip in ["198.19.30.1", "198.19.30.2", "198.19.30.3"] {
-            let r = try lab.tool(in: "client", ["tally", ip, "80", "30"])
+        for (ip, port, httpPort) in [("198.19.30.1", 80, 8080), ("198.19.30.2", 80, 8080), ("198.19.30.3", 80, 8080),
+                                     ("198.18.0.2", 30080, 30808), ("198.18.0.1", 30080, 30808)] {
+            let r = try lab.tool(in: "client", ["tally", ip, "\(port)", "30"])
             #expect((r["errors"] as? [Any])?.isEmpty == true, "\(ip): \(r)")
             #expect(Set((r["counts"] as? [String: Int] ?? [:]).keys) == ["web-1", "web-2", "web-3"], "\(ip): \(r)")
             let before = try LabHarness.proxyStat("n1", "requests_total")
-            let http = try lab.tool(in: "client", ["tally", ip, "8080", "30"])
+            let http = try lab.tool(in: "client", ["tally", ip, "\(httpPort)", "30"])
             #expect((http["errors"] as? [Any])?.isEmpty == true && (http["counts"] as? [String: Int] ?? [:]).values.reduce(0, +) == 30,
                     "\(ip): \(http)")
-            #expect(try LabHarness.proxyStat("n1", "requests_total") - before >= 30, "\(ip):8080 through the node proxy")
+            #expect(try LabHarness.proxyStat("n1", "requests_total") - before >= 30, "\(ip):\(httpPort) through the node proxy")
         }
         let peer = try lab.tool(in: "client", ["peer", "198.19.30.3", "80"])
         #expect((peer["peer"] as? [Any])?.first as? String == "198.19.30.3", "\(peer)")
         let get = try LabHarness.run(["get", "services", "--node", "n1"])
-        #expect(get.output.contains("198.19.30.2:80/TCP"), "\(get.output)")
+        #expect(get.output.contains("198.19.30.2:80/TCP") && get.output.contains("198.18.0.2:30808/TCP"), "\(get.output)")
     }
 
     /// A UDP Service, through connect() (translated once, at connect4/6) and

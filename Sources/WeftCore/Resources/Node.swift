@@ -13,6 +13,9 @@ public struct Node: Hashable, Sendable {
     /// gives it: a zone's share of the endpoints under topology-aware
     /// routing (TopologyHints) follows its share of these.
     public var allocatableMilliCPU: Int?
+    /// Its IPv4 addresses from `status.addresses` (types InternalIP and
+    /// ExternalIP), where pods of the mesh may dial a Service's node port.
+    public var addresses: [IPv4Address] = []
 
     /// The well-known zone label.
     public static let zoneLabel = "topology.kubernetes.io/zone"
@@ -45,8 +48,18 @@ extension Node {
         // Of the status (kubelet's report), only the allocatable CPU is
         // read; the rest is left alone.
         var cpu: Int?
+        var addresses: [IPv4Address] = []
         if let status, case .mapping = status {
             var reader = try FieldReader(status, at: location, path: "status")
+            for (path, item) in try reader.list("addresses") ?? [] {
+                var address = try FieldReader(item, at: location, path: path)
+                guard let type = try address.string("type"), type == "InternalIP" || type == "ExternalIP",
+                      let text = try address.string("address"), !text.contains(":") else { continue }
+                guard let ip = IPv4Address(text) else {
+                    throw ManifestError(location, field: address.field("address"), "\(quoted(text)) is not an IP address")
+                }
+                if !addresses.contains(ip) { addresses.append(ip) }
+            }
             if var allocatable = try reader.mapping("allocatable"), let quantity = allocatable.node("cpu") {
                 // (A scalar as written: 4, 0.5 and "3500m" alike.)
                 guard case .scalar(let scalar) = quantity, let milli = Self.milliCPU(scalar.string) else {
@@ -57,6 +70,7 @@ extension Node {
             }
         }
         self.init(name: metadata.name, labels: metadata.labels, allocatableMilliCPU: cpu)
+        self.addresses = addresses
     }
 
     /// A Kubernetes CPU quantity in thousandths of a core: whole or

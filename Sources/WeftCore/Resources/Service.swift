@@ -1,8 +1,8 @@
 /// A `v1 Service` of type ClusterIP: a virtual address whose ports the kernel
 /// load-balances over the Workloads its selector picks. (Type NodePort and
 /// LoadBalancer are taken for the same clusterIP, and their external
-/// addresses are served like it for pods of the mesh; node ports are for
-/// traffic from outside, not the mesh's.)
+/// addresses and node ports are served like it for pods of the mesh that
+/// dial them; traffic from outside is not the mesh's.)
 public struct Service: Hashable, Sendable {
     public var metadata: ObjectMeta
     /// nil for a headless Service (`clusterIP: None`): no virtual address.
@@ -63,9 +63,6 @@ public struct Service: Hashable, Sendable {
     /// field it came from, for errors.
     public var externalAddresses: [ExternalAddress]
 
-    /// The clusterIP (if any), then the external addresses.
-    public var addresses: [IPv4Address] { (clusterIP.map { [$0] } ?? []) + externalAddresses.map(\.address) }
-
     public struct ExternalAddress: Hashable, Sendable {
         public var address: IPv4Address
         public var field: String
@@ -101,14 +98,19 @@ public struct ServicePort: Hashable, Sendable {
     public var targetPort: TargetPort
     public var transport: TransportProtocol
     public var appProtocol: String?
+    /// A NodePort or LoadBalancer Service's node port: pods of the mesh
+    /// that dial it on a node's address (Node `status.addresses`) reach the
+    /// Service as through its clusterIP.
+    public var nodePort: UInt16?
 
     public init(name: String? = nil, port: UInt16, targetPort: TargetPort? = nil,
-                transport: TransportProtocol = .tcp, appProtocol: String? = nil) {
+                transport: TransportProtocol = .tcp, appProtocol: String? = nil, nodePort: UInt16? = nil) {
         self.name = name
         self.port = port
         self.targetPort = targetPort ?? .number(port)
         self.transport = transport
         self.appProtocol = appProtocol
+        self.nodePort = nodePort
     }
 }
 
@@ -135,16 +137,18 @@ extension Service {
         spec.ignore("clusterIPs", "sessionAffinityConfig")
         var found = ErrorList()
         var loadBalancer = false
+        var clusterIPType = false
         found.attempt { () throws(ManifestError) in
             switch try spec.string("type") {
             case nil, "ClusterIP"?:
-                break
+                clusterIPType = true
             case let type? where type == "NodePort" || type == "LoadBalancer":
-                // Served for their clusterIP, which is what pods dial, and a
-                // load balancer's addresses (externalAddresses); node ports
-                // take traffic from outside the cluster, which is not the
-                // mesh's to carry. Their fields are read (and checked where
-                // Kubernetes checks them) and change nothing here.
+                // Served for their clusterIP, which is what pods dial, a
+                // load balancer's addresses (externalAddresses) and node
+                // ports (ClusterState.aliases). Traffic from outside the
+                // cluster is not the mesh's to carry: the fields for it are
+                // read (and checked where Kubernetes checks them) and
+                // change nothing here.
                 loadBalancer = type == "LoadBalancer"
                 spec.ignore("healthCheckNodePort", "loadBalancerIP", "loadBalancerSourceRanges", "loadBalancerClass",
                             "allocateLoadBalancerNodePorts")
@@ -167,6 +171,9 @@ extension Service {
             return selector
         } ?? nil
         let ports = Self.ports(&spec, &found, at: location)
+        for (i, port) in ports.enumerated() where clusterIPType && port.nodePort != nil {
+            found.append(ManifestError(location, field: "spec.ports[\(i)].nodePort", "may not be used when type is ClusterIP"))
+        }
         // Accepted for compatibility with exported manifests; they do not change
         // how a ClusterIP Service is load-balanced here (IPv4 single-stack).
         spec.ignore("ipFamilies", "ipFamilyPolicy")
@@ -343,8 +350,10 @@ extension ServicePort {
             }
             return appProtocol
         } ?? nil
-        r.ignore("nodePort")
+        let nodePort = found.attempt { () throws(ManifestError) in
+            try r.int("nodePort").map { n throws(ManifestError) in try Validation.port(n, field: r.field("nodePort"), at: location) }
+        } ?? nil
         try found.check(finishing: r)
-        self.init(name: name, port: port, targetPort: target, transport: transport, appProtocol: appProtocol)
+        self.init(name: name, port: port, targetPort: target, transport: transport, appProtocol: appProtocol, nodePort: nodePort)
     }
 }

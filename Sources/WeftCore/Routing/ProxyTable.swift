@@ -387,11 +387,11 @@ extension ProxyTable {
         workloads = refs
         var named: [String: ServiceRef] = [:]
         for s in state.services {
-            guard s.clusterIP != nil else { continue }
-            for vip in s.addresses {
-                for p in s.ports where p.transport == .tcp {
-                    named["\(vip):\(p.port)"] = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
-                }
+            guard let vip = s.clusterIP else { continue }
+            for p in s.ports where p.transport == .tcp {
+                let ref = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
+                named["\(vip):\(p.port)"] = ref
+                for (address, port) in state.aliases(of: s, p) { named["\(address):\(port)"] = ref }
             }
         }
         if !named.isEmpty { services = named }
@@ -669,12 +669,13 @@ extension ProxyTable {
                     consumers: consumers.isEmpty ? nil : consumers)
             }
         }
-        // A Service's external addresses are served as its clusterIP is.
-        for service in state.services where !service.externalAddresses.isEmpty {
+        // A Service's external addresses and node ports are served as its
+        // clusterIP is.
+        for service in state.services where !service.externalAddresses.isEmpty || service.ports.contains(where: { $0.nodePort != nil }) {
             guard let vip = service.clusterIP else { continue }
             for port in service.ports {
                 guard let frontend = frontends["\(vip):\(port.port)"] else { continue }
-                for external in service.externalAddresses { frontends["\(external.address):\(port.port)"] = frontend }
+                for (address, aliasPort) in state.aliases(of: service, port) { frontends["\(address):\(aliasPort)"] = frontend }
             }
         }
         if !policies.isEmpty { backendPolicies = policies }

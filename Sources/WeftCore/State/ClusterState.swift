@@ -32,6 +32,18 @@ public struct ClusterState: Hashable, Sendable {
         networkPolicies = []
     }
 
+    /// The addresses and ports, besides its clusterIP and port, that pods
+    /// of the mesh may dial for a Service port and that are served as it
+    /// is: each external address with the port, and each node's address
+    /// with its node port.
+    public func aliases(of service: Service, _ port: ServicePort) -> [(address: IPv4Address, port: UInt16)] {
+        var out = service.externalAddresses.map { ($0.address, port.port) }
+        if let nodePort = port.nodePort {
+            for address in Set(nodes.values.flatMap(\.addresses)).sorted() { out.append((address, nodePort)) }
+        }
+        return out
+    }
+
     /// A node's zone (Node.zone): nil without a manifest or a zone label.
     public func zone(ofNode name: String) -> String? { nodes.isEmpty ? nil : nodes[name]?.zone }
 
@@ -60,6 +72,7 @@ public struct ClusterState: Hashable, Sendable {
         var addresses: [IPv4Address: (String, DocumentLocation)] = [:]
         var externalFrontends: [Frontend: (String, DocumentLocation)] = [:]
         var externalAt: [IPv4Address: (String, DocumentLocation, String)] = [:]
+        var nodePorts: [String: (String, DocumentLocation)] = [:]
         var meshConfigAt: DocumentLocation?
         // (Sized once: growing these through 20,000 documents rehashed them
         // a dozen times on every reconcile.)
@@ -101,7 +114,22 @@ public struct ClusterState: Hashable, Sendable {
                         }
                     }
                 }
+                // A node port is one Service's on every node.
+                for (i, port) in service.ports.enumerated() {
+                    guard let nodePort = port.nodePort else { continue }
+                    let key = "\(nodePort)/\(port.transport.rawValue)"
+                    if let (other, at) = nodePorts[key] {
+                        errors.append(ManifestError(located.location, field: "spec.ports[\(i)].nodePort",
+                                                    "node port \(key) is already allocated to Service \(other) at \(at)"))
+                        taken = true
+                    }
+                }
                 if taken { continue }
+                for port in service.ports {
+                    if let nodePort = port.nodePort {
+                        nodePorts["\(nodePort)/\(port.transport.rawValue)"] = (service.metadata.qualifiedName, located.location)
+                    }
+                }
                 for external in service.externalAddresses {
                     externalAt[external.address] = externalAt[external.address] ?? (service.metadata.qualifiedName, located.location, external.field)
                     for port in service.ports {

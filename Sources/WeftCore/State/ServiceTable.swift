@@ -177,14 +177,15 @@ public struct ServiceTable: Hashable, Sendable {
         }
         if !state.l4Routes.isEmpty { Self.split(&entries, by: state) }
         // A Service's external addresses (externalIPs, a load balancer's)
-        // are served as its clusterIP is, for the pods that dial them.
-        for service in state.services where !service.externalAddresses.isEmpty {
+        // and node ports are served as its clusterIP is, for the pods that
+        // dial them (ClusterState.aliases).
+        for service in state.services where !service.externalAddresses.isEmpty || service.ports.contains(where: { $0.nodePort != nil }) {
             guard let vip = service.clusterIP else { continue }
             for port in service.ports {
                 let frontend = Frontend(vip: vip, port: port.port, transport: port.transport)
                 guard let entry = entries[frontend] else { continue }
-                for external in service.externalAddresses {
-                    let alias = Frontend(vip: external.address, port: port.port, transport: port.transport)
+                for (address, aliasPort) in state.aliases(of: service, port) {
+                    let alias = Frontend(vip: address, port: aliasPort, transport: port.transport)
                     entries[alias] = entry
                     if panic.contains(frontend) { panic.insert(alias) }
                 }
