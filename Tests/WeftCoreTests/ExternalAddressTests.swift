@@ -73,7 +73,9 @@ struct ExternalAddressTests {
         #expect(shown.filter { $0.hasPrefix("198.18.0.") }.count == 2, "\(shown)")
         // The proxy: the HTTP port's frontend under each address, and the
         // Service's name for every address's ports.
-        let proxy = ProxyTable(s, node: "n1")
+        let proxy = ProxyTable(s, node: "n1").expandingAliases()
+        #expect(ProxyTable(s, node: "n1").frontendAliases?["198.18.0.2:30080"] == "198.19.0.10:80", "shipped as aliases")
+        #expect(ProxyTable(s, node: "n1").frontends["198.18.0.2:30080"] == nil, "not as copies")
         let frontend = try #require(proxy.frontends["198.19.0.10:80"])
         for ip in ["198.19.5.1", "198.19.5.2", "198.19.5.3"] {
             #expect(proxy.frontends["\(ip):80"] == frontend, "\(ip)")

@@ -277,6 +277,47 @@ private func runtime(_ lb: TrafficPolicy.LoadBalancer, _ eps: [EndpointKey], out
         #expect(judge("198.18.9.9") == "limited 198.18.9.9", "no pod: keyed by its address")
     }
 
+    /// A Service's external address and node port are shipped as aliases
+    /// and served with its clusterIP port's frontend, route matchers and
+    /// guard, one guard for all: a rate limit holds over every address.
+    @Test func aliasesShareTheirFrontendsMatchersAndGuard() throws {
+        let text = """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: shop}
+            spec: {type: NodePort, clusterIP: 198.19.0.10, externalIPs: [198.19.5.1], selector: {app: web},
+                   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]}
+            ---
+            apiVersion: v1
+            kind: Node
+            metadata: {name: n1}
+            status: {addresses: [{type: InternalIP, address: 198.18.0.1}]}
+            ---
+            apiVersion: weft.dev/v1alpha1
+            kind: TrafficPolicy
+            metadata: {name: p, namespace: shop}
+            spec:
+              targetRefs: [{group: "", kind: Service, name: web}]
+              rateLimit: {requests: 1, interval: 1h, burst: 1}
+            """
+        let (resources, errors) = ManifestReader.parse(text, file: "a.yaml")
+        let state = try ClusterState.build(resources, parseErrors: errors).get()
+        let snapshot = RouteSnapshot(ProxyTable(state, node: "n1"))
+        let guardState = try #require(snapshot.guards["198.19.0.10:80"])
+        for alias in ["198.19.5.1:80", "198.18.0.1:30080"] {
+            #expect(snapshot.guards[alias] === guardState, "\(alias)")
+            #expect(snapshot.matchers[alias] != nil && snapshot.table.frontends[alias] == snapshot.table.frontends["198.19.0.10:80"], "\(alias)")
+            #expect(snapshot.table.services?[alias]?.name == "web", "\(alias)")
+        }
+        var random = LoopRandom()
+        func judge() -> Bool {
+            if case .pass = guardState.judge(route: "shop/web#0", source: IPv4Address(0xC612_010A), header: { _ in nil },
+                                             snapshot: snapshot, random: &random) { return true }
+            return false
+        }
+        #expect(judge() && !judge(), "one token an hour, whichever address was dialed")
+    }
+
     @Test func frontendGuardLimitsPerKeyThenInjectsFaultsOnlyForItsSources() {
         var table = ProxyTable()
         table.workloads = ["198.18.1.10": .init(name: "a", namespace: "shop", serviceAccount: "client", node: "n1"),

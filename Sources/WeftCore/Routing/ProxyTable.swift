@@ -97,6 +97,12 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// hints: the addresses of the ready endpoints given to this node's
     /// zone, which its clients prefer in place of those in its zone.
     public var zoneHints: [String: [String]]?
+    /// The other "address:port"s of Services' TCP ports (external
+    /// addresses, node ports on the nodes' addresses: ClusterState.aliases),
+    /// each to the "clusterIP:port" it is served as. The proxy takes each
+    /// as that port's frontend and Service (expandingAliases); shipped as
+    /// this map, not as copies, since node ports multiply by the nodes.
+    public var frontendAliases: [String: String]?
     /// Mutual-TLS tunnels between node proxies; nil: the agent has no CA.
     public var tunnel: TunnelSettings?
     /// The AuthorizationPolicies that apply to a pod, by its address (pods
@@ -155,6 +161,18 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// not be written and read again whole (with 10,000 Workloads, about
     /// 1 MB of JSON each way).
     public static let generationFileName = "proxy-generation"
+
+    /// This table with each alias (frontendAliases) given its target's
+    /// frontend and Service, as the proxy looks them up.
+    public func expandingAliases() -> ProxyTable {
+        guard let aliases = frontendAliases else { return self }
+        var table = self
+        for (alias, target) in aliases {
+            if let frontend = frontends[target] { table.frontends[alias] = frontend }
+            if let service = services?[target] { table.services?[alias] = service }
+        }
+        return table
+    }
 
     /// Whether `other` is this table but for its generation.
     public func sameContent(as other: ProxyTable) -> Bool {
@@ -386,15 +404,16 @@ extension ProxyTable {
         }
         workloads = refs
         var named: [String: ServiceRef] = [:]
+        var aliases: [String: String] = [:]
         for s in state.services {
             guard let vip = s.clusterIP else { continue }
             for p in s.ports where p.transport == .tcp {
-                let ref = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
-                named["\(vip):\(p.port)"] = ref
-                for (address, port) in state.aliases(of: s, p) { named["\(address):\(port)"] = ref }
+                named["\(vip):\(p.port)"] = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
+                for (address, port) in state.aliases(of: s, p) { aliases["\(address):\(port)"] = "\(vip):\(p.port)" }
             }
         }
         if !named.isEmpty { services = named }
+        if !aliases.isEmpty { frontendAliases = aliases }
         var checks: [String: [TrafficPolicy.HealthCheck]] = [:]
         for probe in state.healthChecks() where !(checks["\(probe.backend)"]?.contains(probe.check) ?? false) {
             checks["\(probe.backend)", default: []].append(probe.check)
@@ -667,15 +686,6 @@ extension ProxyTable {
                     matches: matches, actions: actions, fallback: fallback,
                     rateLimit: policy?.rateLimit, faultInjection: policy?.faultInjection,
                     consumers: consumers.isEmpty ? nil : consumers)
-            }
-        }
-        // A Service's external addresses and node ports are served as its
-        // clusterIP is.
-        for service in state.services where !service.externalAddresses.isEmpty || service.ports.contains(where: { $0.nodePort != nil }) {
-            guard let vip = service.clusterIP else { continue }
-            for port in service.ports {
-                guard let frontend = frontends["\(vip):\(port.port)"] else { continue }
-                for (address, aliasPort) in state.aliases(of: service, port) { frontends["\(address):\(aliasPort)"] = frontend }
             }
         }
         if !policies.isEmpty { backendPolicies = policies }

@@ -44,7 +44,12 @@ final class RouteSnapshot: Sendable {
 
     static func sniKey(_ vip: UInt32, _ port: UInt16) -> UInt64 { UInt64(vip) << 16 | UInt64(port) }
 
-    init(_ table: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
+    init(_ shipped: ProxyTable, node: String = "", previous: RouteSnapshot? = nil) {
+        // External addresses and node ports take their clusterIP port's
+        // frontend, matchers and guard (one guard: a rate limit holds over
+        // every address of the port).
+        let aliases = shipped.frontendAliases ?? [:]
+        let table = shipped.expandingAliases()
         self.table = table
         maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
         http2Streams = table.http2MaxConcurrentStreams ?? MeshConfig.Proxy().http2MaxConcurrentStreams
@@ -53,11 +58,15 @@ final class RouteSnapshot: Sendable {
         lifetimes = EndpointKey.keyed(table.connectionLifetimes).mapValues(UpstreamLifetime.init)
         var matchers: [String: RouteMatcher] = [:]
         var consumerMatchers: [String: [String: RouteMatcher]] = [:]
-        for (key, frontend) in table.frontends {
+        for (key, frontend) in table.frontends where aliases[key] == nil {
             matchers[key] = RouteMatcher(frontend)
             if let consumers = frontend.consumers {
                 consumerMatchers[key] = consumers.mapValues { RouteMatcher($0.applied(to: frontend)) }
             }
+        }
+        for (alias, target) in aliases {
+            matchers[alias] = matchers[target]
+            consumerMatchers[alias] = consumerMatchers[target]
         }
         self.matchers = matchers
         self.consumerMatchers = consumerMatchers
@@ -88,13 +97,14 @@ final class RouteSnapshot: Sendable {
         }
         self.runtimes = runtimes
         var guards: [String: FrontendGuard] = [:]
-        for (key, frontend) in table.frontends where frontend.rateLimit != nil || frontend.faultInjection != nil {
+        for (key, frontend) in table.frontends where aliases[key] == nil && (frontend.rateLimit != nil || frontend.faultInjection != nil) {
             if let old = previous?.guards[key], old.sameSettings(frontend.rateLimit, frontend.faultInjection) {
                 guards[key] = old
             } else {
                 guards[key] = FrontendGuard(rateLimit: frontend.rateLimit, faults: frontend.faultInjection)
             }
         }
+        for (alias, target) in aliases { guards[alias] = guards[target] }
         self.guards = guards
         var identities: [UInt32: String] = [:]
         if guards.values.contains(where: { $0.rateLimit?.key == .sourceIdentity }) {
