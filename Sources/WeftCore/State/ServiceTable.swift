@@ -186,7 +186,10 @@ public struct ServiceTable: Hashable, Sendable {
                 guard let entry = entries[frontend] else { continue }
                 for (address, aliasPort) in state.aliases(of: service, port) {
                     let alias = Frontend(vip: address, port: aliasPort, transport: port.transport)
-                    entries[alias] = entry
+                    var named = entry
+                    named.name += service.externalAddresses.contains { $0.address == address } && aliasPort == port.port
+                        ? " (external address)" : " (node port)"
+                    entries[alias] = named
                     if panic.contains(frontend) { panic.insert(alias) }
                 }
             }
