@@ -171,6 +171,9 @@ struct TopologyHintsTests {
         let (off, _) = parse(Self.manifests.replacingOccurrences(of: "topology-mode: Auto", with: "topology-mode: Disabled"))
         #expect(off.map { addresses("n1", $0) }?.count == 3)
         #expect(off.map { TopologyHints.summary($0) } == [])
+        let (slip, _) = parse(Self.manifests.replacingOccurrences(of: "topology-mode: Auto", with: "topology-mode: Atuo"))
+        #expect(slip.map { addresses("n1", $0) }?.count == 3)
+        #expect(slip.map { TopologyHints.summary($0) } == ["shop/web: service.kubernetes.io/topology-mode: \"Atuo\" is not Auto: topology-aware routing is off"])
         // No Node manifests: no zones, so no hints, and the summary says why.
         let (bare, _) = parse(Self.manifests.components(separatedBy: "\n---\napiVersion: v1\nkind: Node").first ?? "")
         #expect(bare.map { addresses("n1", $0) }?.count == 3)

@@ -109,8 +109,15 @@ extension TopologyHints {
     /// selects taken as ready, and the hints that gives or why there are
     /// none ("shop/api: zone a 2 (1 of b's), zone b 1").
     public static func summary(_ state: ClusterState) -> [String] {
+        // A value Kubernetes takes as off but that is neither Auto nor an
+        // off word is most likely a slip of the pen: said, not refused.
+        let slips = state.services.compactMap { service -> String? in
+            guard let (name, value) = annotations.lazy.compactMap({ n in service.metadata.annotations[n].map { (n, $0) } }).first,
+                  !["auto", "disabled", "none", ""].contains(value.lowercased()) else { return nil }
+            return "\(service.metadata.qualifiedName): \(name): \(quoted(value)) is not Auto: topology-aware routing is off"
+        }
         let aware = state.services.filter(\.topologyAware)
-        guard !aware.isEmpty else { return [] }
+        guard !aware.isEmpty else { return slips }
         let index = SelectorIndex(state.workloads)
         let shares = zoneShares(state.nodes)
         return aware.map { service in
@@ -127,6 +134,6 @@ extension TopologyHints {
                 }
                 return "\(service.metadata.qualifiedName): topology-aware routing: " + zones.joined(separator: ", ")
             }
-        }
+        } + slips
     }
 }
