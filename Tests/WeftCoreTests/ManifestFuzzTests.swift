@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import WeftCore
 
-/// The demo's manifests, damaged at random, through everything the agent
+/// The demo's manifests (and a few of what it has no example of), damaged at random, through everything the agent
 /// does with a set before it writes a map: read, checked as a whole, the
 /// policy compiled, the service table made and planned into map writes,
 /// the proxy's route table made (its JSON read back as it
@@ -57,7 +57,43 @@ import Testing
           - backendRefs: [{name: web, port: 80, weight: 9}, {name: checkout, port: 80, weight: 1}]
         """
 
-    static let seeds = demo + [("fuzz-routes.yaml", routes)]
+    /// Nodes with zones, cores and addresses, and a topology-aware
+    /// LoadBalancer Service with external addresses and a node port.
+    static let zones = """
+        apiVersion: v1
+        kind: Node
+        metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}
+        status:
+          allocatable: {cpu: 3500m}
+          addresses: [{type: InternalIP, address: 198.18.0.1}, {type: Hostname, address: n1}]
+        ---
+        apiVersion: v1
+        kind: Node
+        metadata: {name: n2, labels: {topology.kubernetes.io/zone: b}}
+        status: {allocatable: {cpu: "2"}, addresses: [{type: InternalIP, address: 198.18.0.2}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata:
+          name: zoned
+          namespace: shop
+          annotations: {service.kubernetes.io/topology-mode: Auto}
+        spec:
+          type: LoadBalancer
+          clusterIP: 198.19.0.90
+          externalIPs: [198.19.90.1]
+          loadBalancerIP: 198.19.90.2
+          selector: {app: web}
+          ports:
+          - {name: http, port: 80, targetPort: 8080, nodePort: 30090}
+          - {name: udp, port: 53, protocol: UDP, nodePort: 30053}
+        status:
+          loadBalancer:
+            ingress:
+            - {ip: 198.19.90.3, ipMode: VIP}
+        """
+
+    static let seeds = demo + [("fuzz-routes.yaml", routes), ("fuzz-zones.yaml", zones)]
 
     /// Values a field may be given by mistake or on purpose.
     static let values = [
@@ -130,10 +166,12 @@ import Testing
                 var compiler = PolicyCompiler()
                 _ = compiler.compile(state)
                 // The kernel's service table (TCPRoute splits included) and its map plan.
-                let services = ServiceTable(state)
+                // (On node n1, whose zone topology-aware routing reads.)
+                let services = ServiceTable(state, node: "n1")
                 let plan = ServiceMapPlanner.plan(desired: services, current: .init())
                 #expect(plan.target.frontends.count == services.entries.count)
-                let table = ProxyTable(state)
+                let table = ProxyTable(state, node: "n1")
+                _ = TopologyHints.summary(state)
                 let back = try JSONDecoder().decode(ProxyTable.self, from: JSONEncoder().encode(table))
                 #expect(back == table, "the route table's JSON reads back as written")
                 for frontend in table.frontends.values {
