@@ -163,8 +163,9 @@ struct ServiceLoadBalancingTests {
     /// status's ingress IP) and its node ports on the nodes' addresses
     /// (Node status.addresses) reach its pods from a pod of the mesh as its
     /// clusterIP does: on a port the kernel alone serves and on one the node
-    /// proxy serves (its requests counted there); the application sees the
-    /// address it dialed.
+    /// proxy serves (its requests counted there), and on a UDP port,
+    /// connected and per datagram; the application sees the address it
+    /// dialed (getpeername, and the source of UDP answers).
     @Test func externalAddressesAndNodePortsReachTheServicesPods() throws {
         let lb = """
             apiVersion: v1
@@ -179,13 +180,31 @@ struct ServiceLoadBalancingTests {
               ports: [{name: web, port: 80, targetPort: http, nodePort: 30080}, {name: http, port: 8080, targetPort: http, nodePort: 30808}]
             status:
               loadBalancer: {ingress: [{ip: 198.19.30.3, ipMode: VIP}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: lbdns, namespace: \(ns)}
+            spec: {type: NodePort, clusterIP: 198.19.0.31, externalIPs: [198.19.31.1], selector: {app: dns},
+                   ports: [{name: dns, port: 53, targetPort: dns, protocol: UDP, nodePort: 30053}]}
             """
         let nodes = ["n1", "n2"].enumerated().map { i, node in
             "apiVersion: v1\nkind: Node\nmetadata: {name: \(node)}\nstatus: {addresses: [{type: InternalIP, address: 198.18.0.\(i + 1)}]}"
         }.joined(separator: "\n---\n")
-        let lab = try LabHarness(files: ["services.yaml": lb, "pods.yaml": webPods(), "nodes.yaml": nodes])
+        let dns = [dnsPod("dns-1", "n1", "198.18.1.20"), dnsPod("dns-2", "n2", "198.18.2.20")].joined(separator: "\n---\n")
+        let lab = try LabHarness(files: ["services.yaml": lb, "pods.yaml": webPods() + "\n---\n" + dns, "nodes.yaml": nodes])
         defer { lab.down() }
         try waitForServers(lab, ["198.18.1.12", "198.18.2.12", "198.18.2.13"])
+        try waitForUDPServers(lab, ["198.18.1.20", "198.18.2.20"])
+        // UDP too, connected and per datagram: answers come back from the
+        // address and port dialed.
+        for (ip, port) in [("198.19.31.1", 53), ("198.18.0.2", 30053)] {
+            for mode in ["udps", "udp"] {
+                let r = try lab.tool(in: "client", ["udp-tally", mode, ip, "\(port)", "40"])
+                #expect((r["errors"] as? [String: Int])?.isEmpty == true, "\(ip) \(mode): \(r)")
+                #expect(Set((r["backends"] as? [String: Int] ?? [:]).keys) == ["dns-1", "dns-2"], "\(ip) \(mode): \(r)")
+                #expect(r["sources"] as? [String] == ["\(ip):\(port)"], "\(ip) \(mode): answers seen from \(r["sources"] ?? "-")")
+            }
+        }
         for (ip, port, httpPort) in [("198.19.30.1", 80, 8080), ("198.19.30.2", 80, 8080), ("198.19.30.3", 80, 8080),
                                      ("198.18.0.2", 30080, 30808), ("198.18.0.1", 30080, 30808)] {
             let r = try lab.tool(in: "client", ["tally", ip, "\(port)", "30"])
