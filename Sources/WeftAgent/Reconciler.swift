@@ -271,6 +271,8 @@ final class Reconciler {
             mark("plan")
             do {
                 try maps.apply(writes)
+                // (Where node ports are dialed: a few entries, read each time.)
+                try maps.setNodeAddresses(table.nodeAddresses)
                 mark("write")
                 if confirmAfterWrites, let proxy {
                     if !proxy.waitForGeneration(generation) {

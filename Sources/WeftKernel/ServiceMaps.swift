@@ -8,12 +8,26 @@ public final class ServiceMaps: Sendable {
     public let services: BPFMap<weft_service_key, weft_service_value>
     public let backends: BPFMap<UInt32, weft_backend>
     public let lbStats: PerCPUCounters
+    /// The nodes' addresses, where node ports are dialed (ServiceTable.nodeAddresses).
+    public let nodeAddresses: BPFMap<UInt32, UInt32>
 
     public init(pinDirectory: String) throws(KernelError) {
         let dir = Datapath.mapDirectory(pinDirectory)
         services = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_SERVICES)")
         backends = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_BACKENDS)")
         lbStats = try PerCPUCounters(pinned: "\(dir)/\(WEFT_MAP_LB_STATS)")
+        nodeAddresses = try BPFMap(pinned: "\(dir)/\(WEFT_MAP_NODE_ADDRS)")
+    }
+
+    /// Makes weft_node_addrs hold `addresses` and nothing else; returns the
+    /// writes it took (none when it held them already).
+    @discardableResult
+    public func setNodeAddresses(_ addresses: [IPv4Address]) throws(KernelError) -> Int {
+        let want = Set(addresses.map(\.networkOrder))
+        let have = Set(try nodeAddresses.entries().map(\.key))
+        for gone in have.subtracting(want) { _ = try nodeAddresses.delete(gone) }
+        for new in want.subtracting(have) { try nodeAddresses.update(new, 1) }
+        return have.symmetricDifference(want).count
     }
 
     /// What the kernel holds now. Entries that do not decode (a protocol we

@@ -65,17 +65,24 @@ struct ExternalAddressTests {
             }
         }
         #expect(!shown.contains { $0.hasPrefix("198.19.5.4:") || $0.hasPrefix("198.19.5.9:") }, "\(shown)")
-        // The node port, on every node's addresses, for its port only.
+        // The node port: one entry, under 0.0.0.0, for its port only, and
+        // every node's addresses, where it is dialed.
         #expect(s.nodes["n2"]?.addresses.map(\.description) == ["198.18.0.2", "198.19.6.2"])
-        for ip in ["198.18.0.1", "198.18.0.2", "198.19.6.2"] {
-            #expect(table.entries.first { $0.key.description == "\(ip):30080/TCP" }?.value.backends.map(\.address.description) == ["198.18.1.10"], "\(ip)")
-        }
-        #expect(shown.filter { $0.hasPrefix("198.18.0.") }.count == 2, "\(shown)")
+        #expect(table.entries.first { $0.key.description == "0.0.0.0:30080/TCP" }?.value.backends.map(\.address.description) == ["198.18.1.10"])
+        #expect(table.entries.first { $0.key.description == "0.0.0.0:30080/TCP" }?.value.name == "shop/web:http (node port)")
+        #expect(table.nodeAddresses.map(\.description) == ["198.18.0.1", "198.18.0.2", "198.19.6.2"])
+        #expect(!shown.contains { $0.hasPrefix("198.18.0.") } && shown.filter { $0.hasPrefix("0.0.0.0:") }.count == 1, "\(shown)")
+        #expect(ServiceTable(try #require(parse(Self.manifests.replacingOccurrences(of: ", nodePort: 30080}", with: "}")).0)).nodeAddresses == [],
+                "no node port: no node addresses")
         // The proxy: the HTTP port's frontend under each address, and the
         // Service's name for every address's ports.
         let proxy = ProxyTable(s, node: "n1").expandingAliases()
-        #expect(ProxyTable(s, node: "n1").frontendAliases?["198.18.0.2:30080"] == "198.19.0.10:80", "shipped as aliases")
-        #expect(ProxyTable(s, node: "n1").frontends["198.18.0.2:30080"] == nil, "not as copies")
+        let shipped = ProxyTable(s, node: "n1")
+        #expect(shipped.frontendAliases?["0.0.0.0:30080"] == "198.19.0.10:80" && shipped.frontendAliases?["198.19.5.1:80"] == "198.19.0.10:80",
+                "shipped as aliases, a node port once")
+        #expect(shipped.nodeAddresses == ["198.18.0.1", "198.18.0.2", "198.19.6.2"])
+        #expect(shipped.frontends["198.18.0.2:30080"] == nil && shipped.frontendAliases?["198.18.0.2:30080"] == nil, "not as copies")
+        #expect(shipped.resolvedAliases()["198.19.6.2:30080"] == "198.19.0.10:80")
         let frontend = try #require(proxy.frontends["198.19.0.10:80"])
         for ip in ["198.19.5.1", "198.19.5.2", "198.19.5.3"] {
             #expect(proxy.frontends["\(ip):80"] == frontend, "\(ip)")

@@ -83,7 +83,7 @@ private func workload(_ name: String, _ address: String, labels: String = "{app:
             var unported = state.services
             for i in unported.indices { for j in unported[i].ports.indices { unported[i].ports[j].nodePort = nil } }
             #expect(unported == plain.services, "\(type) reads as the ClusterIP Service but for its node port")
-            // (With no Node manifests, no node address to serve it on.)
+            // (With no Node manifests, no node address to serve it on: no entry.)
             #expect(ServiceTable(state) == ServiceTable(plain))
         }
     }

@@ -41,6 +41,7 @@
 #define WEFT_MAP_FLOWS        "weft_flows"
 #define WEFT_MAP_TELEMETRY_CONFIG "weft_telemetry_config"
 #define WEFT_MAP_AFFINITY     "weft_affinity"
+#define WEFT_MAP_NODE_ADDRS   "weft_node_addrs"
 /* The node proxy's own (not pinned; they live as long as its listeners). */
 #define WEFT_MAP_LISTEN_SOCKS "weft_listen_socks"
 #define WEFT_MAP_LISTEN_TURN  "weft_listen_turn"
@@ -63,7 +64,16 @@
 #define WEFT_MAX_ACCEL_LOCAL    65536   /* this node's pod and proxy addresses */
 #define WEFT_MAX_FLOWS          16384   /* connection counters per (client pod, destination, port) (LRU) */
 #define WEFT_MAX_AFFINITY       65536   /* sessionAffinity ClientIP: (client, Service port) -> backend (LRU) */
-#define WEFT_ABI_VERSION        9
+#define WEFT_MAX_NODE_ADDRS     16384   /* the cluster's nodes' addresses, where node ports are dialed */
+#define WEFT_ABI_VERSION        10
+
+/*
+ * Node ports: a NodePort Service's port is one entry in weft_services under
+ * vip 0 (WEFT_NODE_PORT_VIP), whichever node's address a pod dials it on;
+ * weft_node_addrs holds the nodes' addresses (key: address, network order;
+ * value: 1), looked up only when a dialed address:port is no Service's.
+ */
+#define WEFT_NODE_PORT_VIP      0
 
 /*
  * Service table, keyed like Cilium's lb4_service: slot 0 of a (vip, port,

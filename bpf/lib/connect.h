@@ -44,13 +44,14 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 	struct weft_sock_origin *origin;
 	struct weft_proxy_config *proxy;
 	__u32 backend_id = 0;
+	__be32 lookup_vip;
 
 	if (proto == IPPROTO_SCTP)
 		return policy_connect_verdict(vip, port, proto) ? deny(ctx) : SYS_PROCEED;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SYS_PROCEED;
 
-	svc = service_lookup(vip, port, proto);
+	svc = service_lookup_dialed(vip, port, proto, &lookup_vip);
 	if (!svc) {
 		/* A UDP socket may be re-connected from a VIP to a plain
 		 * address: forget the old origin so recvmsg stops rewriting. */
@@ -78,7 +79,7 @@ static __always_inline int connect_verdict(struct bpf_sock_addr *ctx, __be32 vip
 		}
 	}
 
-	backend = service_pick_backend(svc, vip, port, proto, affinity_client(ctx, svc), &backend_id, &event);
+	backend = service_pick_backend(svc, lookup_vip, port, proto, affinity_client(ctx, svc), &backend_id, &event);
 	if (!backend) {
 		lb_count(event);
 		flow_count_dialed(0, vip, port, proto);
@@ -144,14 +145,15 @@ static __always_inline int datagram_send(struct bpf_sock_addr *ctx)
 	struct weft_udp_revnat *known;
 	struct weft_sock_origin *origin;
 	__u32 backend_id = 0;
+	__be32 lookup_vip;
 	__u64 cookie;
 
 	if (ctx->protocol != IPPROTO_UDP)
 		return SYS_PROCEED;
 	cookie = bpf_get_socket_cookie(ctx);
-	svc = service_lookup(vip, vport, IPPROTO_UDP);
+	svc = service_lookup_dialed(vip, vport, IPPROTO_UDP, &lookup_vip);
 	if (svc) {
-		backend = service_pick_backend(svc, vip, vport, IPPROTO_UDP, affinity_client(ctx, svc), &backend_id, &event);
+		backend = service_pick_backend(svc, lookup_vip, vport, IPPROTO_UDP, affinity_client(ctx, svc), &backend_id, &event);
 		if (!backend) {
 			/* As for connect(): the error a closed port gives, at once. */
 			lb_count(event);

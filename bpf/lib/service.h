@@ -22,6 +22,22 @@ service_lookup(__be32 vip, __be16 port, __u8 proto)
 	return bpf_map_lookup_elem(&weft_services, &key);
 }
 
+/* The Service port a pod dialed at vip:port: a clusterIP's (or an external
+ * address's), or else, when vip is a node's address, a node port's, whose
+ * entries are under WEFT_NODE_PORT_VIP whatever node was dialed. *lookup_vip
+ * is the vip its slots are keyed by. One more lookup, only on a miss. */
+static __always_inline struct weft_service_value *
+service_lookup_dialed(__be32 vip, __be16 port, __u8 proto, __be32 *lookup_vip)
+{
+	struct weft_service_value *svc = service_lookup(vip, port, proto);
+
+	*lookup_vip = vip;
+	if (svc || !bpf_map_lookup_elem(&weft_node_addrs, &vip))
+		return svc;
+	*lookup_vip = WEFT_NODE_PORT_VIP;
+	return service_lookup(WEFT_NODE_PORT_VIP, port, proto);
+}
+
 #define NSEC_PER_SEC 1000000000ULL
 
 /* sessionAffinity: ClientIP (weft_abi.h): the backend `client` was given for

@@ -103,6 +103,9 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// as that port's frontend and Service (expandingAliases); shipped as
     /// this map, not as copies, since node ports multiply by the nodes.
     public var frontendAliases: [String: String]?
+    /// The nodes' addresses, where a node port alias ("0.0.0.0:port" in
+    /// frontendAliases) is dialed; nil without node ports.
+    public var nodeAddresses: [String]?
     /// Mutual-TLS tunnels between node proxies; nil: the agent has no CA.
     public var tunnel: TunnelSettings?
     /// The AuthorizationPolicies that apply to a pod, by its address (pods
@@ -162,10 +165,29 @@ public struct ProxyTable: Codable, Hashable, Sendable {
     /// 1 MB of JSON each way).
     public static let generationFileName = "proxy-generation"
 
-    /// This table with each alias (frontendAliases) given its target's
+    static let nodePortPrefix = "\(ClusterState.nodePortVIP):"
+
+    /// frontendAliases with each node port's on every node's address, as
+    /// the proxy finds them dialed.
+    public func resolvedAliases() -> [String: String] {
+        guard let aliases = frontendAliases else { return [:] }
+        var resolved: [String: String] = [:]
+        for (alias, target) in aliases {
+            guard alias.hasPrefix(Self.nodePortPrefix) else {
+                resolved[alias] = target
+                continue
+            }
+            let port = alias.dropFirst(Self.nodePortPrefix.count)
+            for address in nodeAddresses ?? [] { resolved["\(address):\(port)"] = target }
+        }
+        return resolved
+    }
+
+    /// This table with each alias (resolvedAliases) given its target's
     /// frontend and Service, as the proxy looks them up.
     public func expandingAliases() -> ProxyTable {
-        guard let aliases = frontendAliases else { return self }
+        let aliases = resolvedAliases()
+        guard !aliases.isEmpty else { return self }
         var table = self
         for (alias, target) in aliases {
             if let frontend = frontends[target] { table.frontends[alias] = frontend }
@@ -409,11 +431,14 @@ extension ProxyTable {
             guard let vip = s.clusterIP else { continue }
             for p in s.ports where p.transport == .tcp {
                 named["\(vip):\(p.port)"] = ServiceRef(name: s.metadata.name, namespace: s.metadata.namespace)
-                for (address, port) in state.aliases(of: s, p) { aliases["\(address):\(port)"] = "\(vip):\(p.port)" }
+                for (address, port) in state.aliases(of: s, p, nodesAsOne: true) { aliases["\(address):\(port)"] = "\(vip):\(p.port)" }
             }
         }
         if !named.isEmpty { services = named }
         if !aliases.isEmpty { frontendAliases = aliases }
+        if aliases.keys.contains(where: { $0.hasPrefix(Self.nodePortPrefix) }) {
+            nodeAddresses = state.nodeAddresses.map(\.description)
+        }
         var checks: [String: [TrafficPolicy.HealthCheck]] = [:]
         for probe in state.healthChecks() where !(checks["\(probe.backend)"]?.contains(probe.check) ?? false) {
             checks["\(probe.backend)", default: []].append(probe.check)

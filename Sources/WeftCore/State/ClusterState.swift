@@ -35,14 +35,25 @@ public struct ClusterState: Hashable, Sendable {
     /// The addresses and ports, besides its clusterIP and port, that pods
     /// of the mesh may dial for a Service port and that are served as it
     /// is: each external address with the port, and each node's address
-    /// with its node port.
-    public func aliases(of service: Service, _ port: ServicePort) -> [(address: IPv4Address, port: UInt16)] {
+    /// (nodeAddresses) with its node port, or, `nodesAsOne`, the node port
+    /// once under WEFT_NODE_PORT_VIP, 0.0.0.0 (the kernel's and the proxy's
+    /// tables: one entry whatever node is dialed); a node port only when
+    /// some Node manifest gives an address.
+    public func aliases(of service: Service, _ port: ServicePort, nodesAsOne: Bool = false) -> [(address: IPv4Address, port: UInt16)] {
         var out = service.externalAddresses.map { ($0.address, port.port) }
-        if let nodePort = port.nodePort {
-            for address in Set(nodes.values.flatMap(\.addresses)).sorted() { out.append((address, nodePort)) }
+        // (No node address: a node port nowhere to be dialed.)
+        if let nodePort = port.nodePort, case let addresses = nodeAddresses, !addresses.isEmpty {
+            for address in nodesAsOne ? [Self.nodePortVIP] : addresses { out.append((address, nodePort)) }
         }
         return out
     }
+
+    /// Where a node port is kept whatever node's address is dialed
+    /// (WEFT_NODE_PORT_VIP).
+    public static let nodePortVIP = IPv4Address(UInt32(0))
+
+    /// Every node's addresses (Node status.addresses), once each, in order.
+    public var nodeAddresses: [IPv4Address] { Set(nodes.values.flatMap(\.addresses)).sorted() }
 
     /// A node's zone (Node.zone): nil without a manifest or a zone label.
     public func zone(ofNode name: String) -> String? { nodes.isEmpty ? nil : nodes[name]?.zone }

@@ -60,6 +60,10 @@ public struct ServiceTable: Hashable, Sendable {
     /// Frontends using every backend because too few passed their checks
     /// (EndpointHealth.usable's panic mode).
     public var panic: Set<Frontend> = []
+    /// The nodes' addresses, where a pod may dial a node port (its entry is
+    /// under ClusterState.nodePortVIP): weft_node_addrs. Empty without
+    /// node ports.
+    public var nodeAddresses: [IPv4Address] = []
 
     public init(entries: [Frontend: Entry] = [:]) { self.entries = entries }
 
@@ -178,13 +182,16 @@ public struct ServiceTable: Hashable, Sendable {
         if !state.l4Routes.isEmpty { Self.split(&entries, by: state) }
         // A Service's external addresses (externalIPs, a load balancer's)
         // and node ports are served as its clusterIP is, for the pods that
-        // dial them (ClusterState.aliases).
+        // dial them (ClusterState.aliases): a node port once, under
+        // 0.0.0.0, looked up when a node's address is dialed (nodeAddresses).
+        var nodePorts = false
         for service in state.services where !service.externalAddresses.isEmpty || service.ports.contains(where: { $0.nodePort != nil }) {
             guard let vip = service.clusterIP else { continue }
             for port in service.ports {
                 let frontend = Frontend(vip: vip, port: port.port, transport: port.transport)
                 guard let entry = entries[frontend] else { continue }
-                for (address, aliasPort) in state.aliases(of: service, port) {
+                nodePorts = nodePorts || port.nodePort != nil
+                for (address, aliasPort) in state.aliases(of: service, port, nodesAsOne: true) {
                     let alias = Frontend(vip: address, port: aliasPort, transport: port.transport)
                     var named = entry
                     named.name += service.externalAddresses.contains { $0.address == address } && aliasPort == port.port
@@ -196,6 +203,7 @@ public struct ServiceTable: Hashable, Sendable {
         }
         self.entries = entries
         self.panic = panic
+        nodeAddresses = nodePorts ? state.nodeAddresses : []
     }
 
     /// TCPRoutes and UDPRoutes: each parent port's slots become its route's

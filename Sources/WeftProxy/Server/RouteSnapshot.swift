@@ -48,7 +48,7 @@ final class RouteSnapshot: Sendable {
         // External addresses and node ports take their clusterIP port's
         // frontend, matchers and guard (one guard: a rate limit holds over
         // every address of the port).
-        let aliases = shipped.frontendAliases ?? [:]
+        let aliases = shipped.resolvedAliases()
         let table = shipped.expandingAliases()
         self.table = table
         maxRequestHead = table.maxRequestHeaderSize ?? MeshConfig.Proxy.headerSizes.upperBound
