@@ -150,9 +150,9 @@ public struct ServiceTable: Hashable, Sendable {
                 // TrafficPolicy's locality, else the topology annotation,
                 // else trafficDistribution (Kubernetes puts the annotation
                 // first).
-                let name = service.metadata.qualifiedName
-                let policyNear = !preferLocal.isEmpty && preferLocal.contains(name)
-                let policyZone = !policyNear && !preferZone.isEmpty && preferZone.contains(name)
+                // (The name is made only when a policy set is there to ask.)
+                let policyNear = !preferLocal.isEmpty && preferLocal.contains(service.metadata.qualifiedName)
+                let policyZone = !policyNear && !preferZone.isEmpty && preferZone.contains(service.metadata.qualifiedName)
                 let hinted = !policyNear && !policyZone && service.topologyAware
                 if let node, !service.nodeLocal, policyNear || (!policyZone && !hinted && service.prefersSameNode) {
                     // (Of the ready ones: a node whose pods all fail their
